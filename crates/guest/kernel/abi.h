@@ -1,0 +1,30 @@
+/*
+ * The I/O ports through which the workload guest talks to its VMM. The Rust side mirrors these
+ * in guest::abi; a unit test keeps the two in step.
+ */
+#ifndef LIVEMIG_GUEST_ABI_H
+#define LIVEMIG_GUEST_ABI_H
+
+/* out32: heartbeat counter, a few times a second. */
+#define PORT_HEARTBEAT 0x510
+/* in8: pending VMM command (CMD_*); 0 or 0xff means none. */
+#define PORT_COMMAND 0x511
+/* out32: result status (RESULT_*), written after its payload. */
+#define PORT_RESULT 0x512
+/* out32: result payload, low and high halves. */
+#define PORT_RESULT_LO 0x513
+#define PORT_RESULT_HI 0x514
+
+#define CMD_NONE 0
+#define CMD_VERIFY 1
+
+/* payload: pages verified */
+#define RESULT_VERIFY_OK 1
+/* payload: first bad guest-physical address */
+#define RESULT_VERIFY_BAD 2
+/* payload: faulting rip */
+#define RESULT_PANIC 3
+/* payload: pages in the working set; sent once the workers run */
+#define RESULT_READY 4
+
+#endif

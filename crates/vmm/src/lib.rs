@@ -1,0 +1,15 @@
+//! livemig's VMM: one KVM VM per process on rust-vmm crates.
+//!
+//! Data flows guest RAM ([`memory`]) ← boot ([`boot`], [`profile`]) ← vCPUs ([`vcpu`]) and
+//! devices ([`devices`]); [`vm`] ties them together, [`state`] and [`snapshot`] save and load
+//! them, [`api`] serves control over a unix socket.
+pub mod boot;
+pub mod devices;
+pub mod memory;
+pub mod profile;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
+
+pub use state::{VmConfig, VmState};
+pub use vm::{BootSpec, Console, Kernel, RunState, Vm, VmError, VmStatus};

@@ -1,0 +1,581 @@
+//! One VM: KVM VM fd, guest RAM, devices and vCPU threads; boot, pause/resume, capture/restore.
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest::WorkloadSpec;
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::Serialize;
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{load_pvh, BootError};
+use crate::devices::{GuestReport, IoBus, IrqTrigger, SerialDevice, VerifyResult, COM1_GSI};
+use crate::memory::{layout, GuestRam, MemoryError};
+use crate::profile::{FillStats, MemoryProfile, ProfileError, ProfileFiller};
+use crate::state::{Skipped, VmConfig, VmState};
+use crate::vcpu::{self, Caps, StopReason, VcpuError, VcpuEvent, VcpuRequest, VcpuThread};
+
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_VCPUS: u8 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("opening /dev/kvm failed: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("a VM needs 1..={MAX_VCPUS} vCPUs, not {0}")]
+    VcpuCount(u8),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("opening console {path}: {source}")]
+    Console { path: PathBuf, source: std::io::Error },
+    #[error("creating the COM1 interrupt eventfd failed: {0}")]
+    EventFd(std::io::Error),
+    #[error("restoring the UART state failed: {0}")]
+    Uart(String),
+    #[error("spawning the vCPU {id} thread failed: {source}")]
+    Spawn { id: u8, source: std::io::Error },
+    #[error("vCPU {0} did not answer within {PAUSE_TIMEOUT:?} (wanted: {1})")]
+    VcpuTimeout(u8, &'static str),
+    #[error("the VM is {0}, it must be paused for this")]
+    NotPaused(RunState),
+    #[error("the VM has stopped: {0}")]
+    Stopped(String),
+    #[error("snapshot is for {want:?} but this VM is {have:?}")]
+    ConfigMismatch { want: VmConfig, have: VmConfig },
+}
+
+fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Stopped => "stopped",
+        })
+    }
+}
+
+/// Where COM1 output goes.
+#[derive(Clone, Debug)]
+pub enum Console {
+    Stdout,
+    File(PathBuf),
+    Discard,
+}
+
+impl Console {
+    fn open(&self) -> Result<Box<dyn Write + Send>, VmError> {
+        Ok(match self {
+            Console::Stdout => Box::new(std::io::stdout()),
+            Console::Discard => Box::new(std::io::sink()),
+            Console::File(p) => Box::new(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| VmError::Console {
+                        path: p.clone(),
+                        source,
+                    })?,
+            )),
+        })
+    }
+}
+
+/// What runs in the VM.
+#[derive(Clone, Debug)]
+pub enum Kernel {
+    /// Our workload guest; its command line is rendered from the spec.
+    Workload(WorkloadSpec),
+    /// Any PVH ELF with its own command line.
+    Elf { image: Vec<u8>, cmdline: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct BootSpec {
+    pub kernel: Kernel,
+    pub profile: MemoryProfile,
+    pub seed: u64,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct VmStatus {
+    pub state: RunState,
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    pub resident_bytes: u64,
+    pub heartbeat: u64,
+    pub last_verify: Option<VerifyResult>,
+    pub guest: GuestReport,
+    pub stop_reason: Option<String>,
+}
+
+struct VcpuHandle {
+    id: u8,
+    requests: Sender<VcpuRequest>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub struct Vm {
+    _kvm: Kvm,
+    fd: Arc<VmFd>,
+    ram: GuestRam,
+    config: VmConfig,
+    io: Arc<IoBus>,
+    caps: Arc<Caps>,
+    msr_list: Arc<Vec<u32>>,
+    skipped: Vec<Skipped>,
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<VcpuEvent>,
+    state: RunState,
+    stop_reason: Option<String>,
+    _serial_irq: EventFd,
+    pub fill: Option<FillStats>,
+}
+
+/// KVM objects built before any state goes in.
+struct Parts {
+    kvm: Kvm,
+    fd: VmFd,
+    ram: GuestRam,
+    caps: Caps,
+    vcpu_fds: Vec<VcpuFd>,
+    msr_list: Vec<u32>,
+    skipped: Vec<Skipped>,
+    serial_irq: EventFd,
+}
+
+fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(VmError::VcpuCount(config.vcpus));
+    }
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let fd = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
+    fd.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
+    fd.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
+    fd.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_op("KVM_CREATE_PIT2"))?;
+    let ram = GuestRam::new(config.memory)?;
+    for (slot, (r, host)) in ram.ranges().iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.guest,
+            memory_size: r.len,
+            userspace_addr: host.as_ptr() as u64,
+        };
+        // SAFETY: the host range is a live mapping owned by `ram`, which outlives the VM fd
+        // (both live in the same Vm; the fd is dropped first, see Vm's field order).
+        unsafe { fd.set_user_memory_region(region) }.map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    fd.register_irqfd(&serial_irq, COM1_GSI)
+        .map_err(kvm_op("KVM_IRQFD"))?;
+    let caps = Caps::probe(&kvm, &fd).map_err(kvm_op("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut skipped = Vec::new();
+    if !caps.nested_state {
+        skipped.push(Skipped::new(
+            "nested state",
+            "KVM_CAP_NESTED_STATE not offered by this host's KVM; guests get no VMX/SVM, so there is none to lose",
+        ));
+    } else {
+        skipped.push(Skipped::new(
+            "nested state",
+            "guests get no VMX/SVM in CPUID, so there is no nested state to capture",
+        ));
+    }
+    if caps.xsave_bytes == 0 {
+        skipped.push(Skipped::new("xsave", "KVM_CAP_XSAVE missing: legacy FPU state (KVM_GET_FPU) captured instead"));
+    }
+    if !caps.xcrs {
+        skipped.push(Skipped::new("xcrs", "KVM_CAP_XCRS missing"));
+    }
+    if !caps.debugregs {
+        skipped.push(Skipped::new("debug registers", "KVM_CAP_DEBUGREGS missing"));
+    }
+    if !caps.vcpu_events {
+        skipped.push(Skipped::new("vcpu events", "KVM_CAP_VCPU_EVENTS missing"));
+    }
+    let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        vcpu_fds.push(fd.create_vcpu(id as u64).map_err(kvm_op("KVM_CREATE_VCPU"))?);
+    }
+    let msr_list = vcpu::saveable_msrs(&vcpu_fds[0], &caps, &mut skipped);
+    Ok(Parts {
+        kvm,
+        fd,
+        ram,
+        caps,
+        vcpu_fds,
+        msr_list,
+        skipped,
+        serial_irq,
+    })
+}
+
+fn strip_virtualization(cpuid: &mut kvm_bindings::CpuId) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => e.ecx &= !(1 << 5),           // VMX
+            0x8000_0001 => e.ecx &= !(1 << 2), // SVM
+            _ => {}
+        }
+    }
+}
+
+fn register_kick_handler() -> Result<(), VmError> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        res = vmm_sys_util::signal::register_signal_handler(vcpu::kick_signal(), vcpu::kick_handler)
+            .map_err(|e| VmError::Kvm {
+                op: "registering the vCPU kick signal",
+                source: kvm_ioctls::Error::new(e.errno()),
+            });
+    });
+    res
+}
+
+impl Vm {
+    /// Builds and boots a VM with fresh memory.
+    pub fn boot(config: VmConfig, spec: &BootSpec, console: &Console) -> Result<Vm, VmError> {
+        let mut p = build_parts(&config)?;
+        let filler = ProfileFiller::new(spec.profile, spec.seed)?;
+        let mut fill = FillStats::default();
+        for (r, host) in p.ram.ranges_mut() {
+            let st = filler.fill(r.guest, host);
+            fill.zero += st.zero;
+            fill.code += st.code;
+            fill.text += st.text;
+            fill.random += st.random;
+        }
+        let tsc_khz = p.vcpu_fds[0].get_tsc_khz().ok();
+        let (image, cmdline): (&[u8], String) = match &spec.kernel {
+            Kernel::Workload(w) => (guest::WORKLOAD_ELF, w.cmdline(config.vcpus as u32, tsc_khz)),
+            Kernel::Elf { image, cmdline } => (image, cmdline.clone()),
+        };
+        let entry = load_pvh(&p.ram, image, &cmdline)?;
+        tracing::info!(entry = format_args!("{:#x}", entry.entry), %cmdline, "kernel loaded");
+        let mut base = vcpu::supported_cpuid(&p.kvm).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+        strip_virtualization(&mut base);
+        for (id, fd) in p.vcpu_fds.iter().enumerate() {
+            let cpuid = vcpu::cpuid_for(&base, id as u8, config.vcpus);
+            vcpu::configure(fd, id as u8, &cpuid, &p.ram, (id == 0).then_some(entry))?;
+        }
+        let serial = Serial::new(
+            IrqTrigger(p.serial_irq.try_clone().map_err(VmError::EventFd)?),
+            console.open()?,
+        );
+        let fds = std::mem::take(&mut p.vcpu_fds);
+        let mut vm = Self::assemble(p, config, serial)?;
+        vm.fill = Some(fill);
+        vm.start_vcpus(fds, false)?;
+        Ok(vm)
+    }
+
+    /// Builds a VM from captured state; `load_memory` fills its RAM before any vCPU exists.
+    pub fn restore(
+        state: &VmState,
+        console: &Console,
+        start_paused: bool,
+        load_memory: impl FnOnce(&GuestRam) -> Result<(), VmError>,
+    ) -> Result<Vm, VmError> {
+        let mut p = build_parts(&state.config)?;
+        load_memory(&p.ram)?;
+        p.fd.set_pit2(&state.pit).map_err(kvm_op("KVM_SET_PIT2"))?;
+        p.fd.set_clock(&state.clock).map_err(kvm_op("KVM_SET_CLOCK"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            p.fd.set_irqchip(chip).map_err(kvm_op("KVM_SET_IRQCHIP"))?;
+        }
+        if state.vcpus.len() != state.config.vcpus as usize {
+            return Err(VmError::VcpuCount(state.vcpus.len() as u8));
+        }
+        for (fd, vs) in p.vcpu_fds.iter().zip(&state.vcpus) {
+            vcpu::restore(fd, vs, &p.caps)?;
+        }
+        let trigger = IrqTrigger(p.serial_irq.try_clone().map_err(VmError::EventFd)?);
+        let serial = Serial::from_state(&(&state.uart).into(), trigger, NoEvents, console.open()?)
+            .map_err(|e| VmError::Uart(format!("{e:?}")))?;
+        let fds = std::mem::take(&mut p.vcpu_fds);
+        let vm = Self::assemble(p, state.config.clone(), serial)?;
+        vm.io.status.load(state.guest);
+        let mut vm = vm;
+        vm.start_vcpus(fds, start_paused)?;
+        Ok(vm)
+    }
+
+    fn assemble(p: Parts, config: VmConfig, serial: SerialDevice) -> Result<Vm, VmError> {
+        register_kick_handler()?;
+        let (_, events) = channel();
+        Ok(Vm {
+            _kvm: p.kvm,
+            fd: Arc::new(p.fd),
+            ram: p.ram,
+            config,
+            io: Arc::new(IoBus::new(serial)),
+            caps: Arc::new(p.caps),
+            msr_list: Arc::new(p.msr_list),
+            skipped: p.skipped,
+            vcpus: Vec::new(),
+            events,
+            state: RunState::Paused,
+            stop_reason: None,
+            _serial_irq: p.serial_irq,
+            fill: None,
+        })
+    }
+
+    fn start_vcpus(&mut self, fds: Vec<VcpuFd>, paused: bool) -> Result<(), VmError> {
+        let (etx, erx) = channel();
+        self.events = erx;
+        for (id, fd) in fds.into_iter().enumerate() {
+            let id = id as u8;
+            let (tx, rx) = channel();
+            let t = VcpuThread {
+                id,
+                fd,
+                io: self.io.clone(),
+                requests: rx,
+                events: etx.clone(),
+                caps: self.caps.clone(),
+                msr_list: self.msr_list.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || t.run(paused))
+                .map_err(|source| VmError::Spawn { id, source })?;
+            self.vcpus.push(VcpuHandle {
+                id,
+                requests: tx,
+                thread: Some(thread),
+            });
+        }
+        self.state = if paused {
+            self.wait_all(|e| matches!(e, VcpuEvent::Paused(_)), "start paused")?;
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        Ok(())
+    }
+
+    /// Waits for one matching event from every vCPU.
+    fn wait_all(&mut self, want: impl Fn(&VcpuEvent) -> bool, what: &'static str) -> Result<(), VmError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut seen = HashSet::new();
+        while seen.len() < self.vcpus.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(e) if want(&e) => {
+                    let id = match e {
+                        VcpuEvent::Paused(id) | VcpuEvent::Resumed(id) => id,
+                        VcpuEvent::Stopped { id, .. } => id,
+                    };
+                    seen.insert(id);
+                }
+                Ok(VcpuEvent::Stopped { id, reason }) => {
+                    self.note_stop(id, reason);
+                    return Err(VmError::Stopped(self.stop_reason.clone().unwrap_or_default()));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let missing = self
+                        .vcpus
+                        .iter()
+                        .map(|v| v.id)
+                        .find(|id| !seen.contains(id))
+                        .unwrap_or(0);
+                    return Err(VmError::VcpuTimeout(missing, what));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn note_stop(&mut self, id: u8, reason: StopReason) {
+        self.state = RunState::Stopped;
+        if self.stop_reason.is_none() {
+            self.stop_reason = Some(match reason {
+                StopReason::Requested => format!("vCPU {id} stopped on request"),
+                StopReason::GuestShutdown => match self.io.status.exit_code() {
+                    Some(c) => format!("guest requested exit with code {c}"),
+                    None => format!("guest shut down (vCPU {id})"),
+                },
+                StopReason::Failed(why) => format!("vCPU {id} failed: {why}"),
+            });
+        }
+    }
+
+    /// Picks up vCPU threads that stopped on their own (guest shutdown, KVM failure).
+    pub fn poll(&mut self) -> RunState {
+        while let Ok(e) = self.events.try_recv() {
+            if let VcpuEvent::Stopped { id, reason } = e {
+                self.note_stop(id, reason);
+            }
+        }
+        self.state
+    }
+
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        match self.poll() {
+            RunState::Paused => return Ok(()),
+            RunState::Stopped => return Err(VmError::Stopped(self.stop_reason.clone().unwrap_or_default())),
+            RunState::Running => {}
+        }
+        for v in &self.vcpus {
+            let _ = v.requests.send(VcpuRequest::Pause);
+            if let Some(t) = &v.thread {
+                let _ = t.kill(vcpu::kick_signal());
+            }
+        }
+        self.wait_all(|e| matches!(e, VcpuEvent::Paused(_)), "pause")?;
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        match self.poll() {
+            RunState::Running => return Ok(()),
+            RunState::Stopped => return Err(VmError::Stopped(self.stop_reason.clone().unwrap_or_default())),
+            RunState::Paused => {}
+        }
+        for v in &self.vcpus {
+            let _ = v.requests.send(VcpuRequest::Resume);
+        }
+        self.wait_all(|e| matches!(e, VcpuEvent::Resumed(_)), "resume")?;
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// Captures everything but RAM. The VM must be paused.
+    pub fn capture(&mut self) -> Result<VmState, VmError> {
+        if self.poll() != RunState::Paused {
+            return Err(VmError::NotPaused(self.state));
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let (tx, rx) = channel();
+            let _ = v.requests.send(VcpuRequest::Capture(tx));
+            let s = rx
+                .recv_timeout(PAUSE_TIMEOUT)
+                .map_err(|_| VmError::VcpuTimeout(v.id, "capture"))??;
+            vcpus.push(s);
+        }
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd.get_irqchip(&mut c).map_err(kvm_op("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            config: self.config.clone(),
+            vcpus,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_op("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(kvm_op("KVM_GET_CLOCK"))?,
+            uart: self.io.uart_state(),
+            guest: self.io.status.report(),
+            skipped: self.skipped.clone(),
+        })
+    }
+
+    pub fn status(&mut self) -> VmStatus {
+        let state = self.poll();
+        let guest = self.io.status.report();
+        VmStatus {
+            state,
+            vcpus: self.config.vcpus,
+            memory_bytes: self.config.memory,
+            resident_bytes: self.ram.resident_bytes().unwrap_or(0),
+            heartbeat: guest.heartbeat,
+            last_verify: guest.last_verify,
+            guest,
+            stop_reason: self.stop_reason.clone(),
+        }
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    pub fn io(&self) -> &Arc<IoBus> {
+        &self.io
+    }
+
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+
+    pub fn memory_layout(&self) -> Vec<crate::memory::RamRange> {
+        layout(self.config.memory)
+    }
+
+    /// Stops every vCPU thread and waits for them.
+    pub fn shutdown(&mut self) {
+        for v in &self.vcpus {
+            let _ = v.requests.send(VcpuRequest::Exit);
+            if let Some(t) = &v.thread {
+                let _ = t.kill(vcpu::kick_signal());
+            }
+        }
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.state = RunState::Stopped;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -5,7 +5,8 @@ use std::process::Command;
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let kernel = dir.join("kernel");
     for f in ["entry.S", "main.c", "abi.h", "link.ld"] {
         println!("cargo:rerun-if-changed=kernel/{f}");
@@ -50,5 +51,8 @@ fn main() {
         .arg(kernel.join("main.c"))
         .status()
         .expect("the host C compiler runs (install gcc)");
-    assert!(status.success(), "building the workload guest kernel failed");
+    assert!(
+        status.success(),
+        "building the workload guest kernel failed"
+    );
 }

@@ -131,7 +131,11 @@ impl WorkloadSpec {
 
     /// `PRESET`, `PRESET,key=value,...` or `key=value,...` (defaults from `sql`).
     pub fn parse(s: &str, memory: u64) -> Result<Self, WorkloadError> {
-        let mut items = s.split(',').map(str::trim).filter(|i| !i.is_empty()).peekable();
+        let mut items = s
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .peekable();
         let mut spec = match items.peek() {
             Some(first) if !first.contains('=') => {
                 let p = Self::preset(first, memory)?;
@@ -159,7 +163,8 @@ impl WorkloadSpec {
             value: value.to_string(),
             why,
         };
-        let num = || parse_size(value).ok_or_else(|| bad("expected a number (K/M/G suffix allowed)"));
+        let num =
+            || parse_size(value).ok_or_else(|| bad("expected a number (K/M/G suffix allowed)"));
         let pct = || -> Result<u32, WorkloadError> {
             match value.parse::<u32>() {
                 Ok(n) if n <= 100 => Ok(n),
@@ -340,11 +345,26 @@ mod tests {
 
     #[test]
     fn parse_rejects_bad_input() {
-        assert!(matches!(WorkloadSpec::parse("sql,foo=1", GIB), Err(WorkloadError::UnknownKey(_))));
-        assert!(matches!(WorkloadSpec::parse("sql,rate=fast", GIB), Err(WorkloadError::BadValue { .. })));
-        assert!(matches!(WorkloadSpec::parse("sql,hot=150", GIB), Err(WorkloadError::BadValue { .. })));
-        assert!(matches!(WorkloadSpec::parse("sql,stress", GIB), Err(WorkloadError::BadItem(_))));
-        assert!(matches!(WorkloadSpec::parse("sql,burst=0", GIB), Err(WorkloadError::BadValue { .. })));
+        assert!(matches!(
+            WorkloadSpec::parse("sql,foo=1", GIB),
+            Err(WorkloadError::UnknownKey(_))
+        ));
+        assert!(matches!(
+            WorkloadSpec::parse("sql,rate=fast", GIB),
+            Err(WorkloadError::BadValue { .. })
+        ));
+        assert!(matches!(
+            WorkloadSpec::parse("sql,hot=150", GIB),
+            Err(WorkloadError::BadValue { .. })
+        ));
+        assert!(matches!(
+            WorkloadSpec::parse("sql,stress", GIB),
+            Err(WorkloadError::BadItem(_))
+        ));
+        assert!(matches!(
+            WorkloadSpec::parse("sql,burst=0", GIB),
+            Err(WorkloadError::BadValue { .. })
+        ));
     }
 
     #[test]
@@ -362,7 +382,13 @@ mod tests {
         let back: String = c
             .split(' ')
             .filter(|kv| !kv.starts_with("vcpus=") && !kv.starts_with("tsc_khz="))
-            .map(|kv| if kv.starts_with("workers=") { "workers=8" } else { kv })
+            .map(|kv| {
+                if kv.starts_with("workers=") {
+                    "workers=8"
+                } else {
+                    kv
+                }
+            })
             .collect::<Vec<_>>()
             .join(",");
         let mut again = WorkloadSpec::parse(&back, GIB).unwrap();

@@ -4,11 +4,20 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use guest::WorkloadSpec;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmm::api::{ApiServer, Client};
+use vmm::devices::VerifyResult;
 use vmm::profile::{MemoryProfile, ProfileFiller};
-use vmm::{BootSpec, Console, Kernel, RunState, Vm, VmConfig};
+use vmm::snapshot;
+use vmm::{BootSpec, Console, Kernel, RunState, Vm, VmConfig, VmError};
 
 #[derive(Parser)]
-#[command(name = "livemig", version, about = "Live migration of running KVM virtual machines")]
+#[command(
+    name = "livemig",
+    version,
+    about = "Live migration of running KVM virtual machines"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -37,12 +46,57 @@ struct VmArgs {
     /// COM1 output file (default: stdout).
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Serve the control API (HTTP/JSON) on this unix socket.
+    #[arg(long)]
+    api: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ApiArg {
+    /// The VM's API socket.
+    #[arg(long)]
+    api: PathBuf,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a VM and run it until the guest stops or the process is killed.
     Run(VmArgs),
+    /// Print a VM's status as JSON.
+    Status(ApiArg),
+    /// Pause a VM's vCPUs.
+    Pause(ApiArg),
+    /// Resume a paused VM.
+    Resume(ApiArg),
+    /// Ask the workload guest to verify its memory; exits non-zero unless it reports OK.
+    Verify {
+        #[command(flatten)]
+        api: ApiArg,
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
+    /// Stop a VM and its process.
+    Shutdown(ApiArg),
+    /// Write a VM's complete state and memory into a directory.
+    Snapshot {
+        #[command(flatten)]
+        api: ApiArg,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Start a new VM process from a snapshot; the guest continues where it stopped.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        api: Option<PathBuf>,
+        /// COM1 output file (default: stdout).
+        #[arg(long)]
+        console: Option<PathBuf>,
+        /// Leave the restored VM paused.
+        #[arg(long)]
+        paused: bool,
+    },
     /// Write the workload guest's PVH ELF.
     GuestImage {
         #[arg(long)]
@@ -61,6 +115,48 @@ enum Cmd {
     },
 }
 
+fn console(path: Option<PathBuf>) -> Console {
+    path.map(Console::File).unwrap_or(Console::Stdout)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("answers serialise")
+    );
+}
+
+/// Runs the VM (and its API) until the guest stops or a client asks for shutdown.
+fn serve(vm: Vm, api: Option<&std::path::Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let vm = Arc::new(Mutex::new(vm));
+    let server = api.map(|p| ApiServer::start(p, vm.clone())).transpose()?;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if server.as_ref().is_some_and(|s| s.shutdown_requested()) {
+            break;
+        }
+        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+        if g.poll() == RunState::Stopped {
+            let st = g.status();
+            eprintln!(
+                "livemig: VM stopped: {}",
+                st.stop_reason.unwrap_or_default()
+            );
+            let code = g.io().status.exit_code();
+            drop(g);
+            drop(server);
+            // isa-debug-exit convention: the guest's value v exits with (v << 1) | 1.
+            return Ok(match code {
+                Some(c) => ExitCode::from((c << 1) | 1),
+                None => ExitCode::SUCCESS,
+            });
+        }
+    }
+    drop(server);
+    vm.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     guest::parse_size(s).ok_or_else(|| format!("{s:?} is not a size (e.g. 512M, 1G)"))
 }
@@ -68,7 +164,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -86,28 +183,79 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.cmd {
         Cmd::GuestImage { out } => {
             std::fs::write(&out, guest::WORKLOAD_ELF)?;
-            println!("wrote {} ({} bytes)", out.display(), guest::WORKLOAD_ELF.len());
+            println!(
+                "wrote {} ({} bytes)",
+                out.display(),
+                guest::WORKLOAD_ELF.len()
+            );
         }
-        Cmd::MemoryImage { profile, size, seed, out } => {
+        Cmd::MemoryImage {
+            profile,
+            size,
+            seed,
+            out,
+        } => {
             let st = ProfileFiller::new(profile, seed)?.write_image(size, &out)?;
             println!("wrote {} ({size} bytes): {st:?}", out.display());
         }
         Cmd::Run(a) => {
             let kernel = match &a.kernel {
-                Some(p) => Kernel::Elf { image: std::fs::read(p)?, cmdline: a.cmdline.clone() },
+                Some(p) => Kernel::Elf {
+                    image: std::fs::read(p)
+                        .map_err(|e| format!("reading kernel {}: {e}", p.display()))?,
+                    cmdline: a.cmdline.clone(),
+                },
                 None => Kernel::Workload(WorkloadSpec::parse(&a.workload, a.memory)?),
             };
-            let console = a.console.clone().map(Console::File).unwrap_or(Console::Stdout);
-            let spec = BootSpec { kernel, profile: a.memory_profile, seed: a.seed };
-            let mut vm = Vm::boot(VmConfig { memory: a.memory, vcpus: a.vcpus }, &spec, &console)?;
-            loop {
-                std::thread::sleep(Duration::from_millis(100));
-                if vm.poll() == RunState::Stopped {
-                    let st = vm.status();
-                    eprintln!("livemig: VM stopped: {}", st.stop_reason.unwrap_or_default());
-                    break;
-                }
+            let console = console(a.console);
+            let spec = BootSpec {
+                kernel,
+                profile: a.memory_profile,
+                seed: a.seed,
+            };
+            let vm = Vm::boot(
+                VmConfig {
+                    memory: a.memory,
+                    vcpus: a.vcpus,
+                },
+                &spec,
+                &console,
+            )?;
+            return serve(vm, a.api.as_deref());
+        }
+        Cmd::Restore {
+            from,
+            api,
+            console: con,
+            paused,
+        } => {
+            let t0 = Instant::now();
+            let manifest = snapshot::read_manifest(&from)?;
+            let vm = Vm::restore(&manifest.state, &console(con), paused, |ram| {
+                snapshot::load_memory(&from, &manifest.memory, ram)
+                    .map_err(|e| VmError::Restore(e.to_string()))
+            })?;
+            eprintln!(
+                "livemig: restored {} in {} ms",
+                from.display(),
+                t0.elapsed().as_millis()
+            );
+            return serve(vm, api.as_deref());
+        }
+        Cmd::Status(a) => print_json(&Client::new(a.api).status()?),
+        Cmd::Pause(a) => print_json(&Client::new(a.api).pause()?),
+        Cmd::Resume(a) => print_json(&Client::new(a.api).resume()?),
+        Cmd::Shutdown(a) => print_json(&Client::new(a.api).shutdown()?),
+        Cmd::Verify { api, timeout_ms } => {
+            let r = Client::new(api.api).verify(Duration::from_millis(timeout_ms))?;
+            print_json(&r);
+            if !matches!(r.last_verify, Some(VerifyResult::Ok { .. })) {
+                return Ok(ExitCode::FAILURE);
             }
+        }
+        Cmd::Snapshot { api, out } => {
+            let out = std::path::absolute(&out)?;
+            print_json(&Client::new(api.api).snapshot(&out)?);
         }
     }
     Ok(ExitCode::SUCCESS)

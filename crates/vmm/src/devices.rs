@@ -122,11 +122,16 @@ impl GuestStatus {
 
     /// Asks the guest to verify its memory at its next heartbeat.
     pub fn request_verify(&self) {
-        self.pending_command.store(abi::CMD_VERIFY, Ordering::SeqCst);
+        self.pending_command
+            .store(abi::CMD_VERIFY, Ordering::SeqCst);
     }
 
     /// Waits until `pred` holds for the report, or the timeout passes.
-    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&GuestReport) -> bool) -> Option<GuestReport> {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&GuestReport) -> bool,
+    ) -> Option<GuestReport> {
         let deadline = Instant::now() + timeout;
         let mut g = self.report.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -174,7 +179,13 @@ impl IoBus {
     }
 
     pub fn uart_state(&self) -> UartState {
-        UartState::from(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).state())
+        UartState::from(
+            &self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+        )
     }
 
     pub fn stop_requested(&self) -> bool {
@@ -237,7 +248,11 @@ impl IoBus {
                 }
             }
             EXIT_PORT => {
-                *self.status.exit_code.lock().unwrap_or_else(|e| e.into_inner()) = Some(data[0]);
+                *self
+                    .status
+                    .exit_code
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(data[0]);
                 self.status.stop.store(true, Ordering::SeqCst);
             }
             _ => tracing::trace!("write to unclaimed port {port:#x}"),
@@ -253,7 +268,12 @@ impl IoBus {
                     .unwrap_or_else(|e| e.into_inner())
                     .read((port - COM1_BASE) as u8);
             }
-            abi::PORT_COMMAND => data[0] = self.status.pending_command.swap(abi::CMD_NONE, Ordering::SeqCst),
+            abi::PORT_COMMAND => {
+                data[0] = self
+                    .status
+                    .pending_command
+                    .swap(abi::CMD_NONE, Ordering::SeqCst)
+            }
             _ => data.fill(0xff),
         }
     }

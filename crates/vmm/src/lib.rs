@@ -3,10 +3,12 @@
 //! Data flows guest RAM ([`memory`]) ← boot ([`boot`], [`profile`]) ← vCPUs ([`vcpu`]) and
 //! devices ([`devices`]); [`vm`] ties them together, [`state`] and [`snapshot`] save and load
 //! them, [`api`] serves control over a unix socket.
+pub mod api;
 pub mod boot;
 pub mod devices;
 pub mod memory;
 pub mod profile;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -84,7 +84,8 @@ impl GuestRam {
         }
         // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).map_err(|source| MemoryError::Memfd { size, source })?;
+        file.set_len(size)
+            .map_err(|source| MemoryError::Memfd { size, source })?;
         let file = std::sync::Arc::new(file);
         let mut regions = Vec::new();
         for r in layout(size) {
@@ -155,6 +156,11 @@ impl GuestRam {
             .collect()
     }
 
+    /// The memfd behind guest RAM, in [`RamRange::file_offset`] order.
+    pub fn backing_file(&self) -> &File {
+        &self.file
+    }
+
     pub fn last_addr(&self) -> u64 {
         self.mem.last_addr().raw_value()
     }
@@ -187,7 +193,13 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused() {
-        assert!(matches!(GuestRam::new(1 << 20), Err(MemoryError::BadSize(_))));
-        assert!(matches!(GuestRam::new((64 << 20) + 4096), Err(MemoryError::BadSize(_))));
+        assert!(matches!(
+            GuestRam::new(1 << 20),
+            Err(MemoryError::BadSize(_))
+        ));
+        assert!(matches!(
+            GuestRam::new((64 << 20) + 4096),
+            Err(MemoryError::BadSize(_))
+        ));
     }
 }

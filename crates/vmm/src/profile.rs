@@ -59,7 +59,10 @@ pub enum ProfileError {
     #[error("no {what} found under {dir} to sample memory content from")]
     EmptyPool { what: &'static str, dir: String },
     #[error("writing memory image {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,7 +139,10 @@ fn build_pool(dir: &Path, limit: usize, min_size: u64, accept: impl Fn(&[u8]) ->
         if !accept(&head[..n]) || f.seek(SeekFrom::Start(0)).is_err() {
             continue;
         }
-        let take = meta.len().min(MAX_BYTES_PER_FILE).min((limit - pool.len()) as u64);
+        let take = meta
+            .len()
+            .min(MAX_BYTES_PER_FILE)
+            .min((limit - pool.len()) as u64);
         let start = pool.len();
         if f.take(take).read_to_end(&mut pool).is_err() {
             pool.truncate(start);
@@ -161,7 +167,12 @@ fn pools() -> Result<&'static Pools, ProfileError> {
             dir: "/usr/lib".into(),
         });
     }
-    let text = build_pool(Path::new("/usr/share"), TEXT_POOL_BYTES, 8 << 10, looks_like_text);
+    let text = build_pool(
+        Path::new("/usr/share"),
+        TEXT_POOL_BYTES,
+        8 << 10,
+        looks_like_text,
+    );
     if text.is_empty() {
         return Err(ProfileError::EmptyPool {
             what: "text files",
@@ -220,7 +231,11 @@ impl ProfileFiller {
     /// zeroed memory and untouched RAM stays unbacked.
     pub fn fill_page(&self, page: u64, out: &mut [u8]) -> PageClass {
         let class = self.class(page);
-        let h = mix64(self.seed.wrapping_add(page).wrapping_mul(0x9e3779b97f4a7c15));
+        let h = mix64(
+            self.seed
+                .wrapping_add(page)
+                .wrapping_mul(0x9e3779b97f4a7c15),
+        );
         let sample = |pool: &[u8], out: &mut [u8]| {
             let pages = (pool.len() / PAGE) as u64;
             let off = (h % pages) as usize * PAGE;
@@ -308,7 +323,11 @@ mod tests {
 
     #[test]
     fn same_seed_same_bytes() {
-        for p in [MemoryProfile::Server, MemoryProfile::Random, MemoryProfile::Text] {
+        for p in [
+            MemoryProfile::Server,
+            MemoryProfile::Random,
+            MemoryProfile::Text,
+        ] {
             let (a, sa) = fill(p, 7);
             let (b, sb) = fill(p, 7);
             assert_eq!(sa, sb);
@@ -330,7 +349,10 @@ mod tests {
         assert!((20.0..40.0).contains(&pct(st.code)), "{st:?}");
         assert!((12.0..28.0).contains(&pct(st.text)), "{st:?}");
         assert!((8.0..22.0).contains(&pct(st.random)), "{st:?}");
-        let zero_pages = mem.chunks(PAGE).filter(|p| p.iter().all(|&b| b == 0)).count() as u64;
+        let zero_pages = mem
+            .chunks(PAGE)
+            .filter(|p| p.iter().all(|&b| b == 0))
+            .count() as u64;
         assert!(zero_pages >= st.zero);
     }
 

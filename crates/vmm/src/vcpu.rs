@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -26,9 +25,17 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     #[error("vCPU {id}: KVM set only {set} of {total} MSRs; MSR {msr:#x} was refused")]
-    MsrsPartial { id: u8, set: usize, total: usize, msr: u32 },
+    MsrsPartial {
+        id: u8,
+        set: usize,
+        total: usize,
+        msr: u32,
+    },
     #[error("vCPU {id}: writing the boot GDT into guest memory failed: {source}")]
-    BootGdt { id: u8, source: vm_memory::GuestMemoryError },
+    BootGdt {
+        id: u8,
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("vCPU {id}: state has {got} bytes of xsave, this host needs {want}")]
     XsaveSize { id: u8, got: usize, want: usize },
     #[error("vCPU {id}: building {what} for KVM failed: {source}")]
@@ -170,14 +177,16 @@ pub fn configure(
     boot: Option<BootEntry>,
 ) -> Result<(), VcpuError> {
     use vm_memory::{Bytes, GuestAddress};
-    vcpu.set_cpuid2(cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(cpuid)
+        .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
 
     let mut lapic = vcpu.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let v = lapic_reg(&lapic, reg);
         set_lapic_reg(&mut lapic, reg, (v & !0x700) | (mode << 8));
     }
-    vcpu.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
 
     let fpu = kvm_fpu {
         fcw: 0x37f,
@@ -237,7 +246,8 @@ pub fn configure(
     sregs.cr0 = 0x1 | 0x10; // PE | ET
     sregs.cr4 = 0;
     sregs.efer = 0;
-    vcpu.set_sregs(&sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
     let regs = kvm_regs {
         rflags: 0x2,
         rip: boot.entry,
@@ -282,8 +292,15 @@ pub fn saveable_msrs(vcpu: &VcpuFd, caps: &Caps, skipped: &mut Vec<Skipped>) -> 
     ok
 }
 
-pub fn capture(vcpu: &VcpuFd, id: u8, caps: &Caps, msr_list: &[u32]) -> Result<VcpuState, VcpuError> {
-    let mp_state = vcpu.get_mp_state().map_err(kvm_err(id, "KVM_GET_MP_STATE"))?;
+pub fn capture(
+    vcpu: &VcpuFd,
+    id: u8,
+    caps: &Caps,
+    msr_list: &[u32],
+) -> Result<VcpuState, VcpuError> {
+    let mp_state = vcpu
+        .get_mp_state()
+        .map_err(kvm_err(id, "KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(kvm_err(id, "KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
     let (xsave, fpu) = if caps.xsave_bytes > std::mem::size_of::<kvm_xsave>() {
@@ -318,7 +335,10 @@ pub fn capture(vcpu: &VcpuFd, id: u8, caps: &Caps, msr_list: &[u32]) -> Result<V
         None
     };
     let debug_regs = if caps.debugregs {
-        Some(vcpu.get_debug_regs().map_err(kvm_err(id, "KVM_GET_DEBUGREGS"))?)
+        Some(
+            vcpu.get_debug_regs()
+                .map_err(kvm_err(id, "KVM_GET_DEBUGREGS"))?,
+        )
     } else {
         None
     };
@@ -341,7 +361,9 @@ pub fn capture(vcpu: &VcpuFd, id: u8, caps: &Caps, msr_list: &[u32]) -> Result<V
         what: "MSR list",
         source,
     })?;
-    let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err(id, "KVM_GET_MSRS"))?;
+    let n = vcpu
+        .get_msrs(&mut msrs)
+        .map_err(kvm_err(id, "KVM_GET_MSRS"))?;
     if n != entries.len() {
         return Err(VcpuError::MsrsPartial {
             id,
@@ -351,7 +373,10 @@ pub fn capture(vcpu: &VcpuFd, id: u8, caps: &Caps, msr_list: &[u32]) -> Result<V
         });
     }
     let vcpu_events = if caps.vcpu_events {
-        Some(vcpu.get_vcpu_events().map_err(kvm_err(id, "KVM_GET_VCPU_EVENTS"))?)
+        Some(
+            vcpu.get_vcpu_events()
+                .map_err(kvm_err(id, "KVM_GET_VCPU_EVENTS"))?,
+        )
     } else {
         None
     };
@@ -377,7 +402,8 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState, caps: &Caps) -> Result<(), VcpuErro
     let id = s.id;
     if let (Some(khz), true) = (s.tsc_khz, caps.tsc_control) {
         if vcpu.get_tsc_khz().ok() != Some(khz) {
-            vcpu.set_tsc_khz(khz).map_err(kvm_err(id, "KVM_SET_TSC_KHZ"))?;
+            vcpu.set_tsc_khz(khz)
+                .map_err(kvm_err(id, "KVM_SET_TSC_KHZ"))?;
         }
     }
     let cpuid = CpuId::from_entries(&s.cpuid).map_err(|source| VcpuError::Fam {
@@ -385,10 +411,14 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState, caps: &Caps) -> Result<(), VcpuErro
         what: "CPUID",
         source,
     })?;
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
-    vcpu.set_mp_state(s.mp_state).map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
-    vcpu.set_regs(&s.regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
-    vcpu.set_sregs(&s.sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
+    vcpu.set_regs(&s.regs)
+        .map_err(kvm_err(id, "KVM_SET_REGS"))?;
+    vcpu.set_sregs(&s.sregs)
+        .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
     if !s.xsave.is_empty() {
         let base = std::mem::size_of::<kvm_xsave>() / 4;
         if s.xsave.len() * 4 > caps.xsave_bytes.max(base * 4) || s.xsave.len() < base {
@@ -429,9 +459,11 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState, caps: &Caps) -> Result<(), VcpuErro
         vcpu.set_xcrs(x).map_err(kvm_err(id, "KVM_SET_XCRS"))?;
     }
     if let Some(d) = &s.debug_regs {
-        vcpu.set_debug_regs(d).map_err(kvm_err(id, "KVM_SET_DEBUGREGS"))?;
+        vcpu.set_debug_regs(d)
+            .map_err(kvm_err(id, "KVM_SET_DEBUGREGS"))?;
     }
-    vcpu.set_lapic(&s.lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&s.lapic)
+        .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
     let msrs = Msrs::from_entries(&s.msrs).map_err(|source| VcpuError::Fam {
         id,
         what: "MSR list",
@@ -447,7 +479,8 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState, caps: &Caps) -> Result<(), VcpuErro
         });
     }
     if let Some(e) = &s.vcpu_events {
-        vcpu.set_vcpu_events(e).map_err(kvm_err(id, "KVM_SET_VCPU_EVENTS"))?;
+        vcpu.set_vcpu_events(e)
+            .map_err(kvm_err(id, "KVM_SET_VCPU_EVENTS"))?;
     }
     Ok(())
 }
@@ -468,7 +501,10 @@ pub enum VcpuEvent {
     Paused(u8),
     Resumed(u8),
     /// The thread ended: guest shutdown, guest exit request, or a KVM failure.
-    Stopped { id: u8, reason: StopReason },
+    Stopped {
+        id: u8,
+        reason: StopReason,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -593,7 +629,10 @@ mod tests {
     fn flat_code_segment_decodes() {
         let s = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), 1);
         assert_eq!(s.limit, 0xffff_ffff);
-        assert_eq!((s.selector, s.type_, s.present, s.db, s.s, s.g), (8, 0xb, 1, 1, 1, 1));
+        assert_eq!(
+            (s.selector, s.type_, s.present, s.db, s.s, s.g),
+            (8, 0xb, 1, 1, 1, 1)
+        );
         let tss = segment_from_gdt(gdt_entry(0x008b, 0, 0x67), 3);
         assert_eq!((tss.limit, tss.g, tss.type_, tss.s), (0x67, 0, 0xb, 0));
     }

@@ -50,7 +50,10 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("opening console {path}: {source}")]
-    Console { path: PathBuf, source: std::io::Error },
+    Console {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("creating the COM1 interrupt eventfd failed: {0}")]
     EventFd(std::io::Error),
     #[error("restoring the UART state failed: {0}")]
@@ -63,8 +66,8 @@ pub enum VmError {
     NotPaused(RunState),
     #[error("the VM has stopped: {0}")]
     Stopped(String),
-    #[error("snapshot is for {want:?} but this VM is {have:?}")]
-    ConfigMismatch { want: VmConfig, have: VmConfig },
+    #[error("loading saved memory failed: {0}")]
+    Restore(String),
 }
 
 fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -205,7 +208,8 @@ fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
         };
         // SAFETY: the host range is a live mapping owned by `ram`, which outlives the VM fd
         // (both live in the same Vm; the fd is dropped first, see Vm's field order).
-        unsafe { fd.set_user_memory_region(region) }.map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { fd.set_user_memory_region(region) }
+            .map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
     }
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     fd.register_irqfd(&serial_irq, COM1_GSI)
@@ -224,7 +228,10 @@ fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
         ));
     }
     if caps.xsave_bytes == 0 {
-        skipped.push(Skipped::new("xsave", "KVM_CAP_XSAVE missing: legacy FPU state (KVM_GET_FPU) captured instead"));
+        skipped.push(Skipped::new(
+            "xsave",
+            "KVM_CAP_XSAVE missing: legacy FPU state (KVM_GET_FPU) captured instead",
+        ));
     }
     if !caps.xcrs {
         skipped.push(Skipped::new("xcrs", "KVM_CAP_XCRS missing"));
@@ -237,7 +244,10 @@ fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
     }
     let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
-        vcpu_fds.push(fd.create_vcpu(id as u64).map_err(kvm_op("KVM_CREATE_VCPU"))?);
+        vcpu_fds.push(
+            fd.create_vcpu(id as u64)
+                .map_err(kvm_op("KVM_CREATE_VCPU"))?,
+        );
     }
     let msr_list = vcpu::saveable_msrs(&vcpu_fds[0], &caps, &mut skipped);
     Ok(Parts {
@@ -266,11 +276,12 @@ fn register_kick_handler() -> Result<(), VmError> {
     static ONCE: Once = Once::new();
     let mut res = Ok(());
     ONCE.call_once(|| {
-        res = vmm_sys_util::signal::register_signal_handler(vcpu::kick_signal(), vcpu::kick_handler)
-            .map_err(|e| VmError::Kvm {
-                op: "registering the vCPU kick signal",
-                source: kvm_ioctls::Error::new(e.errno()),
-            });
+        res =
+            vmm_sys_util::signal::register_signal_handler(vcpu::kick_signal(), vcpu::kick_handler)
+                .map_err(|e| VmError::Kvm {
+                    op: "registering the vCPU kick signal",
+                    source: kvm_ioctls::Error::new(e.errno()),
+                });
     });
     res
 }
@@ -322,7 +333,8 @@ impl Vm {
         let mut p = build_parts(&state.config)?;
         load_memory(&p.ram)?;
         p.fd.set_pit2(&state.pit).map_err(kvm_op("KVM_SET_PIT2"))?;
-        p.fd.set_clock(&state.clock).map_err(kvm_op("KVM_SET_CLOCK"))?;
+        p.fd.set_clock(&state.clock)
+            .map_err(kvm_op("KVM_SET_CLOCK"))?;
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             p.fd.set_irqchip(chip).map_err(kvm_op("KVM_SET_IRQCHIP"))?;
         }
@@ -399,7 +411,11 @@ impl Vm {
     }
 
     /// Waits for one matching event from every vCPU.
-    fn wait_all(&mut self, want: impl Fn(&VcpuEvent) -> bool, what: &'static str) -> Result<(), VmError> {
+    fn wait_all(
+        &mut self,
+        want: impl Fn(&VcpuEvent) -> bool,
+        what: &'static str,
+    ) -> Result<(), VmError> {
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut seen = HashSet::new();
         while seen.len() < self.vcpus.len() {
@@ -414,7 +430,9 @@ impl Vm {
                 }
                 Ok(VcpuEvent::Stopped { id, reason }) => {
                     self.note_stop(id, reason);
-                    return Err(VmError::Stopped(self.stop_reason.clone().unwrap_or_default()));
+                    return Err(VmError::Stopped(
+                        self.stop_reason.clone().unwrap_or_default(),
+                    ));
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -458,7 +476,11 @@ impl Vm {
     pub fn pause(&mut self) -> Result<(), VmError> {
         match self.poll() {
             RunState::Paused => return Ok(()),
-            RunState::Stopped => return Err(VmError::Stopped(self.stop_reason.clone().unwrap_or_default())),
+            RunState::Stopped => {
+                return Err(VmError::Stopped(
+                    self.stop_reason.clone().unwrap_or_default(),
+                ))
+            }
             RunState::Running => {}
         }
         for v in &self.vcpus {
@@ -475,7 +497,11 @@ impl Vm {
     pub fn resume(&mut self) -> Result<(), VmError> {
         match self.poll() {
             RunState::Running => return Ok(()),
-            RunState::Stopped => return Err(VmError::Stopped(self.stop_reason.clone().unwrap_or_default())),
+            RunState::Stopped => {
+                return Err(VmError::Stopped(
+                    self.stop_reason.clone().unwrap_or_default(),
+                ))
+            }
             RunState::Paused => {}
         }
         for v in &self.vcpus {
@@ -505,7 +531,9 @@ impl Vm {
                 chip_id: id,
                 ..Default::default()
             };
-            self.fd.get_irqchip(&mut c).map_err(kvm_op("KVM_GET_IRQCHIP"))?;
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_op("KVM_GET_IRQCHIP"))?;
             Ok(c)
         };
         Ok(VmState {

@@ -1,0 +1,345 @@
+//! Snapshots on disk: `state.bin` (magic, format version, length, JSON manifest, xxh3 of all
+//! of it) and `memory.raw` (guest RAM in memfd order, sparse: zero pages are holes). Every
+//! 2 MiB chunk of RAM has its hash in the manifest, so a flipped or truncated byte anywhere is
+//! refused before a vCPU runs.
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::state::VmState;
+
+pub const MAGIC: &[u8; 8] = b"LIVEMIGS";
+pub const FORMAT_VERSION: u32 = 1;
+pub const CHUNK: u64 = 2 << 20;
+const STATE_FILE: &str = "state.bin";
+const MEMORY_FILE: &str = "memory.raw";
+/// A manifest larger than this is not ours (64 GiB of RAM needs ~1 MiB).
+const MAX_MANIFEST: u64 = 64 << 20;
+const HEADER_LEN: usize = 8 + 4 + 4 + 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a livemig snapshot (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error(
+        "{path}: snapshot format version {found}, this livemig reads version {FORMAT_VERSION}"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: manifest length {len} is out of bounds (file has {file} bytes)")]
+    Length { path: PathBuf, len: u64, file: u64 },
+    #[error("{path}: checksum mismatch (stored {stored:#018x}, computed {computed:#018x}): the file is corrupt")]
+    Checksum {
+        path: PathBuf,
+        stored: u64,
+        computed: u64,
+    },
+    #[error("{path}: manifest does not parse: {source}")]
+    Manifest {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: memory file is {found} bytes, the manifest says {want}")]
+    MemorySize {
+        path: PathBuf,
+        found: u64,
+        want: u64,
+    },
+    #[error("{path}: memory chunk at offset {offset:#x} is corrupt (hash mismatch)")]
+    ChunkHash { path: PathBuf, offset: u64 },
+    #[error("{path}: memory chunk at offset {offset:#x} should be all zero but holds data")]
+    ChunkNotZero { path: PathBuf, offset: u64 },
+    #[error("manifest lists {found} memory chunks, a {size}-byte VM has {want}")]
+    ChunkCount {
+        found: usize,
+        want: usize,
+        size: u64,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemoryManifest {
+    pub file: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    /// xxh3 of each chunk in memfd order; None = all zero (a hole in the file).
+    pub chunks: Vec<Option<u64>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub created_unix_ms: u64,
+    pub state: VmState,
+    pub memory: MemoryManifest,
+}
+
+/// What writing a snapshot cost.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotStats {
+    pub dir: PathBuf,
+    pub memory_bytes: u64,
+    pub data_bytes_written: u64,
+    pub zero_chunks: usize,
+    pub ms: u64,
+}
+
+/// Offsets in `f` that hold data, as [start, end) extents (SEEK_DATA / SEEK_HOLE).
+fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on a valid fd; errors are checked.
+        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        out.push((start as u64, (end as u64).min(size)));
+        pos = end;
+    }
+    Ok(out)
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to splits at alignment boundaries.
+        unsafe { b.align_to::<u64>() }
+    };
+    pre.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&x| x == 0)
+}
+
+/// Writes a paused VM's state and RAM into `dir`.
+pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStats, SnapshotError> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mem_path = dir.join(MEMORY_FILE);
+    let mem_file = File::create(&mem_path).map_err(io(&mem_path))?;
+    mem_file.set_len(ram.size).map_err(io(&mem_path))?;
+    let backing = ram.backing_file();
+    let extents = data_extents(backing, ram.size).map_err(io(&mem_path))?;
+    let nchunks = ram.size.div_ceil(CHUNK) as usize;
+    let mut has_data = vec![false; nchunks];
+    for (s, e) in &extents {
+        for c in (s / CHUNK)..e.div_ceil(CHUNK) {
+            has_data[c as usize] = true;
+        }
+    }
+    // Host view of RAM by memfd offset.
+    let ranges = ram.ranges();
+    let view = |off: u64, len: u64| -> &[u8] {
+        let (r, s) = ranges
+            .iter()
+            .find(|(r, _)| off >= r.file_offset && off < r.file_offset + r.len)
+            .expect("offset is inside guest RAM");
+        let start = (off - r.file_offset) as usize;
+        &s[start..start + len as usize]
+    };
+    let mut chunks = Vec::with_capacity(nchunks);
+    let mut written = 0u64;
+    for (c, data) in has_data.iter().enumerate() {
+        let off = c as u64 * CHUNK;
+        let len = CHUNK.min(ram.size - off);
+        if !*data {
+            chunks.push(None);
+            continue;
+        }
+        let bytes = view(off, len);
+        if is_zero(bytes) {
+            chunks.push(None);
+            continue;
+        }
+        chunks.push(Some(xxh3_64(bytes)));
+        // Runs of non-zero pages go out in one write; zero pages stay holes.
+        let mut p = 0usize;
+        let page = PAGE_SIZE as usize;
+        while p < bytes.len() {
+            if is_zero(&bytes[p..p + page]) {
+                p += page;
+                continue;
+            }
+            let start = p;
+            while p < bytes.len() && !is_zero(&bytes[p..p + page]) {
+                p += page;
+            }
+            mem_file
+                .write_all_at(&bytes[start..p], off + start as u64)
+                .map_err(io(&mem_path))?;
+            written += (p - start) as u64;
+        }
+    }
+    mem_file.sync_data().map_err(io(&mem_path))?;
+    let zero_chunks = chunks.iter().filter(|c| c.is_none()).count();
+    let manifest = Manifest {
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        state: state.clone(),
+        memory: MemoryManifest {
+            file: MEMORY_FILE.into(),
+            size: ram.size,
+            chunk_size: CHUNK,
+            chunks,
+        },
+    };
+    let body = serde_json::to_vec(&manifest).expect("the manifest is plain data");
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + 8);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    let sum = xxh3_64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    let state_path = dir.join(STATE_FILE);
+    let mut f = File::create(&state_path).map_err(io(&state_path))?;
+    f.write_all(&out).map_err(io(&state_path))?;
+    f.sync_all().map_err(io(&state_path))?;
+    Ok(SnapshotStats {
+        dir: dir.to_path_buf(),
+        memory_bytes: ram.size,
+        data_bytes_written: written,
+        zero_chunks,
+        ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+/// Reads and checks `state.bin`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let mut f = File::open(&path).map_err(io(&path))?;
+    let file_len = f.metadata().map_err(io(&path))?.len();
+    let mut header = [0u8; HEADER_LEN];
+    f.read_exact(&mut header).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            SnapshotError::Length {
+                path: path.clone(),
+                len: 0,
+                file: file_len,
+            }
+        } else {
+            SnapshotError::Io {
+                path: path.clone(),
+                source: e,
+            }
+        }
+    })?;
+    if &header[..8] != MAGIC {
+        return Err(SnapshotError::BadMagic { path });
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+    if len > MAX_MANIFEST || HEADER_LEN as u64 + len + 8 != file_len {
+        return Err(SnapshotError::Length {
+            path,
+            len,
+            file: file_len,
+        });
+    }
+    let mut rest = vec![0u8; len as usize + 8];
+    f.read_exact(&mut rest).map_err(io(&path))?;
+    let stored = u64::from_le_bytes(rest[len as usize..].try_into().expect("8 bytes"));
+    let mut all = header.to_vec();
+    all.extend_from_slice(&rest[..len as usize]);
+    let computed = xxh3_64(&all);
+    if stored != computed {
+        return Err(SnapshotError::Checksum {
+            path,
+            stored,
+            computed,
+        });
+    }
+    // Checked after the checksum so a flipped version byte reads as corruption, not as a
+    // snapshot from another livemig.
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path,
+            found: version,
+        });
+    }
+    serde_json::from_slice(&rest[..len as usize])
+        .map_err(|source| SnapshotError::Manifest { path, source })
+}
+
+/// Loads `memory.raw` into fresh guest RAM, checking every chunk.
+pub fn load_memory(dir: &Path, m: &MemoryManifest, ram: &GuestRam) -> Result<(), SnapshotError> {
+    let path = dir.join(&m.file);
+    let f = File::open(&path).map_err(io(&path))?;
+    let found = f.metadata().map_err(io(&path))?.len();
+    if found != m.size || m.size != ram.size {
+        return Err(SnapshotError::MemorySize {
+            path,
+            found,
+            want: m.size,
+        });
+    }
+    let want = m.size.div_ceil(m.chunk_size) as usize;
+    if m.chunks.len() != want || m.chunk_size != CHUNK {
+        return Err(SnapshotError::ChunkCount {
+            found: m.chunks.len(),
+            want,
+            size: m.size,
+        });
+    }
+    let extents = data_extents(&f, m.size).map_err(io(&path))?;
+    let mut ranges = ram.ranges_mut();
+    let mut scratch = Vec::new();
+    for (c, hash) in m.chunks.iter().enumerate() {
+        let off = c as u64 * CHUNK;
+        let len = CHUNK.min(m.size - off);
+        match hash {
+            Some(h) => {
+                let (r, s) = ranges
+                    .iter_mut()
+                    .find(|(r, _)| off >= r.file_offset && off < r.file_offset + r.len)
+                    .expect("offset is inside guest RAM");
+                let start = (off - r.file_offset) as usize;
+                let dst = &mut s[start..start + len as usize];
+                f.read_exact_at(dst, off).map_err(io(&path))?;
+                if xxh3_64(dst) != *h {
+                    return Err(SnapshotError::ChunkHash { path, offset: off });
+                }
+            }
+            None => {
+                // A zero chunk must be a hole, or hold only zeros.
+                for &(s, e) in &extents {
+                    let (a, b) = (s.max(off), e.min(off + len));
+                    if a < b {
+                        scratch.resize((b - a) as usize, 0);
+                        f.read_exact_at(&mut scratch, a).map_err(io(&path))?;
+                        if !is_zero(&scratch) {
+                            return Err(SnapshotError::ChunkNotZero { path, offset: off });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -3,6 +3,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+mod demo;
 use guest::WorkloadSpec;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -62,6 +64,9 @@ struct ApiArg {
 enum Cmd {
     /// Boot a VM and run it until the guest stops or the process is killed.
     Run(VmArgs),
+    /// The main job on an embedded default: boot the workload guest, snapshot it while it
+    /// runs, restore it into a fresh VM; exits 0 only if the guest verifies its memory.
+    Demo(demo::DemoArgs),
     /// Print a VM's status as JSON.
     Status(ApiArg),
     /// Pause a VM's vCPUs.
@@ -241,6 +246,17 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 t0.elapsed().as_millis()
             );
             return serve(vm, api.as_deref());
+        }
+        Cmd::Demo(a) => {
+            let report_path = a.report.clone();
+            let r = demo::run(a)?;
+            if let Some(p) = report_path {
+                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
+            }
+            println!("{}", if r.ok { "demo OK" } else { "demo FAILED" });
+            if !r.ok {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Cmd::Status(a) => print_json(&Client::new(a.api).status()?),
         Cmd::Pause(a) => print_json(&Client::new(a.api).pause()?),

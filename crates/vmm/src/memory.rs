@@ -70,7 +70,7 @@ pub struct GuestRam {
 
 impl GuestRam {
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size < MIN_MEMORY || size % (2 << 20) != 0 {
+        if size < MIN_MEMORY || !size.is_multiple_of(2 << 20) {
             return Err(MemoryError::BadSize(size));
         }
         // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked below

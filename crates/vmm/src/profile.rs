@@ -217,7 +217,7 @@ impl ProfileFiller {
             MemoryProfile::Random => PageClass::Random,
             MemoryProfile::Text => PageClass::Text,
             MemoryProfile::Server => {
-                match mix64(self.seed ^ mix64(page / EXTENT_PAGES ^ 0x5e7e)) % 100 {
+                match mix64(self.seed ^ mix64((page / EXTENT_PAGES) ^ 0x5e7e)) % 100 {
                     0..35 => PageClass::Zero,
                     35..65 => PageClass::Code,
                     65..85 => PageClass::Text,

@@ -343,3 +343,203 @@ pub fn load_memory(dir: &Path, m: &MemoryManifest, ram: &GuestRam) -> Result<(),
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::{GuestReport, UartState, VerifyResult};
+    use crate::state::{Skipped, VmConfig};
+    use crate::vcpu::VcpuState;
+
+    /// A VmState with distinctive values in every kind of field.
+    pub(crate) fn sample_state(memory: u64) -> VmState {
+        let mut regs = kvm_bindings::kvm_regs {
+            rip: 0x10_0042,
+            rsp: 0x8000,
+            ..Default::default()
+        };
+        regs.rflags = 0x202;
+        let mut lapic = kvm_bindings::kvm_lapic_state::default();
+        lapic.regs[0x20] = 7;
+        let vcpu = VcpuState {
+            id: 0,
+            cpuid: vec![kvm_bindings::kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806e9,
+                ..Default::default()
+            }],
+            mp_state: kvm_bindings::kvm_mp_state { mp_state: 0 },
+            regs,
+            sregs: kvm_bindings::kvm_sregs {
+                cr0: 0x8000_0011,
+                efer: 0x500,
+                ..Default::default()
+            },
+            xsave: (0..1024).collect(),
+            fpu: Vec::new(),
+            xcrs: Some(kvm_bindings::kvm_xcrs::default()),
+            debug_regs: None,
+            lapic,
+            msrs: vec![kvm_bindings::kvm_msr_entry {
+                index: 0x10,
+                data: 123_456_789,
+                ..Default::default()
+            }],
+            vcpu_events: Some(kvm_bindings::kvm_vcpu_events::default()),
+            tsc_khz: Some(2_600_000),
+        };
+        VmState {
+            config: VmConfig { memory, vcpus: 1 },
+            vcpus: vec![vcpu],
+            pic_master: Default::default(),
+            pic_slave: kvm_bindings::kvm_irqchip {
+                chip_id: 1,
+                ..Default::default()
+            },
+            ioapic: kvm_bindings::kvm_irqchip {
+                chip_id: 2,
+                ..Default::default()
+            },
+            pit: Default::default(),
+            clock: kvm_bindings::kvm_clock_data {
+                clock: 987_654_321,
+                ..Default::default()
+            },
+            uart: UartState {
+                line_control: 3,
+                in_buffer: vec![b'x'],
+                ..Default::default()
+            },
+            guest: GuestReport {
+                heartbeat: 42,
+                ready_pages: Some(100),
+                last_verify: Some(VerifyResult::Ok { pages: 99 }),
+                verify_count: 1,
+                panic_rip: None,
+            },
+            skipped: vec![Skipped::new("nested state", "not offered")],
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_bytes() {
+        let s = sample_state(64 << 20);
+        let back = VmState::from_bytes(&s.to_bytes()).unwrap();
+        assert_eq!(back.to_bytes(), s.to_bytes());
+        assert_eq!(back.vcpus[0].regs.rip, 0x10_0042);
+        assert_eq!(back.vcpus[0].msrs[0].data, 123_456_789);
+        assert_eq!(back.vcpus[0].lapic.regs[0x20], 7);
+        assert_eq!(back.clock.clock, 987_654_321);
+        assert_eq!(back.guest.heartbeat, 42);
+        assert_eq!(back.uart.in_buffer, vec![b'x']);
+    }
+
+    fn ram_with_data(size: u64) -> GuestRam {
+        let ram = GuestRam::new(size).unwrap();
+        for (r, s) in ram.ranges_mut() {
+            // Data in the first 3 MiB and one page at 20 MiB; the rest stays untouched.
+            for (i, b) in s[..3 << 20].iter_mut().enumerate() {
+                *b = (i as u64 ^ r.guest) as u8 | 1;
+            }
+            s[20 << 20] = 0xaa;
+        }
+        ram
+    }
+
+    fn snapshot(dir: &Path) -> (GuestRam, SnapshotStats) {
+        let ram = ram_with_data(64 << 20);
+        let st = write(dir, &sample_state(64 << 20), &ram).unwrap();
+        (ram, st)
+    }
+
+    #[test]
+    fn round_trip_restores_every_byte_and_stays_sparse() {
+        let d = tempfile::tempdir().unwrap();
+        let (ram, st) = snapshot(d.path());
+        assert_eq!(st.data_bytes_written, (3 << 20) + 4096);
+        let on_disk = std::fs::metadata(d.path().join(MEMORY_FILE)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(on_disk.blocks() * 512 < 8 << 20, "zero memory must not cost disk");
+        let m = read_manifest(d.path()).unwrap();
+        assert_eq!(m.state.to_bytes(), sample_state(64 << 20).to_bytes());
+        let fresh = GuestRam::new(64 << 20).unwrap();
+        load_memory(d.path(), &m.memory, &fresh).unwrap();
+        assert!(fresh.ranges()[0].1 == ram.ranges()[0].1);
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_in_state_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        snapshot(d.path());
+        let path = d.path().join(STATE_FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let orig = std::fs::read(&path).unwrap();
+        for at in [0, 9, 17, 30, len / 2, len - 9, len - 1] {
+            std::fs::write(&path, &orig).unwrap();
+            flip(&path, at);
+            let e = read_manifest(d.path()).expect_err("corrupt state must be refused");
+            assert!(
+                matches!(
+                    e,
+                    SnapshotError::BadMagic { .. } | SnapshotError::Checksum { .. } | SnapshotError::Length { .. }
+                ),
+                "byte {at}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_or_foreign_state_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        snapshot(d.path());
+        let path = d.path().join(STATE_FILE);
+        let orig = std::fs::read(&path).unwrap();
+        for n in [0, 5, HEADER_LEN, orig.len() / 2, orig.len() - 1] {
+            std::fs::write(&path, &orig[..n]).unwrap();
+            assert!(matches!(read_manifest(d.path()), Err(SnapshotError::Length { .. })), "cut at {n}");
+        }
+        // A well-formed file from a future format version.
+        let mut v2 = orig.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let body_end = v2.len() - 8;
+        let sum = xxh3_64(&v2[..body_end]);
+        v2[body_end..].copy_from_slice(&sum.to_le_bytes());
+        std::fs::write(&path, &v2).unwrap();
+        let e = read_manifest(d.path()).unwrap_err();
+        assert!(matches!(e, SnapshotError::Version { found: 2, .. }), "{e}");
+        // An oversized length field.
+        let mut big = orig.clone();
+        big[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &big).unwrap();
+        assert!(matches!(read_manifest(d.path()), Err(SnapshotError::Length { .. })));
+    }
+
+    #[test]
+    fn corrupt_memory_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        snapshot(d.path());
+        let m = read_manifest(d.path()).unwrap();
+        let mem = d.path().join(MEMORY_FILE);
+        let orig = std::fs::read(&mem).unwrap();
+        // A flipped byte in a data chunk.
+        flip(&mem, (1 << 20) + 17);
+        let e = load_memory(d.path(), &m.memory, &GuestRam::new(64 << 20).unwrap()).unwrap_err();
+        assert!(matches!(e, SnapshotError::ChunkHash { offset: 0, .. }), "{e}");
+        // Data where the manifest says the chunk is all zero.
+        std::fs::write(&mem, &orig).unwrap();
+        flip(&mem, 40 << 20);
+        let e = load_memory(d.path(), &m.memory, &GuestRam::new(64 << 20).unwrap()).unwrap_err();
+        assert!(matches!(e, SnapshotError::ChunkNotZero { .. }), "{e}");
+        // Truncated.
+        std::fs::write(&mem, &orig[..orig.len() / 2]).unwrap();
+        let e = load_memory(d.path(), &m.memory, &GuestRam::new(64 << 20).unwrap()).unwrap_err();
+        assert!(matches!(e, SnapshotError::MemorySize { .. }), "{e}");
+    }
+}

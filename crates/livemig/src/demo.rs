@@ -60,7 +60,11 @@ fn verify(vm: &mut Vm) -> Option<VerifyResult> {
 
 pub fn run(a: DemoArgs) -> Result<DemoReport, Box<dyn std::error::Error>> {
     let spec = WorkloadSpec::parse(&a.workload, a.memory)?;
-    let console = a.console.clone().map(Console::File).unwrap_or(Console::Discard);
+    let console = a
+        .console
+        .clone()
+        .map(Console::File)
+        .unwrap_or(Console::Discard);
     let config = VmConfig {
         memory: a.memory,
         vcpus: a.vcpus,
@@ -84,7 +88,10 @@ pub fn run(a: DemoArgs) -> Result<DemoReport, Box<dyn std::error::Error>> {
         .wait_for(Duration::from_secs(30), |r| r.heartbeat >= 1)
         .ok_or("the guest never sent a heartbeat")?;
     let boot_ms = t0.elapsed().as_millis() as u64;
-    println!("first heartbeat after {boot_ms} ms; running for {} ms", a.run_ms);
+    println!(
+        "first heartbeat after {boot_ms} ms; running for {} ms",
+        a.run_ms
+    );
     std::thread::sleep(Duration::from_millis(a.run_ms));
     let verify_before = verify(&mut vm);
     println!("guest verify: {verify_before:?}");
@@ -97,7 +104,11 @@ pub fn run(a: DemoArgs) -> Result<DemoReport, Box<dyn std::error::Error>> {
     let snap = snapshot::write(&dir, &state, vm.ram())?;
     let snapshot_ms = t1.elapsed().as_millis() as u64;
     let hb_at_snapshot = state.guest.heartbeat;
-    let skipped: Vec<String> = state.skipped.iter().map(|s| format!("{}: {}", s.what, s.why)).collect();
+    let skipped: Vec<String> = state
+        .skipped
+        .iter()
+        .map(|s| format!("{}: {}", s.what, s.why))
+        .collect();
     vm.shutdown();
     drop(vm);
     println!(
@@ -109,7 +120,8 @@ pub fn run(a: DemoArgs) -> Result<DemoReport, Box<dyn std::error::Error>> {
     let t2 = Instant::now();
     let manifest = snapshot::read_manifest(&dir)?;
     let mut restored = Vm::restore(&manifest.state, &console, false, |ram| {
-        snapshot::load_memory(&dir, &manifest.memory, ram).map_err(|e| VmError::Restore(e.to_string()))
+        snapshot::load_memory(&dir, &manifest.memory, ram)
+            .map_err(|e| VmError::Restore(e.to_string()))
     })?;
     let restore_ms = t2.elapsed().as_millis() as u64;
     let hb_after = restored

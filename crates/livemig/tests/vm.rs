@@ -8,7 +8,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 
 /// KVM tests run only where /dev/kvm opens; otherwise they say so (never a silent pass).
 fn kvm_or_skip(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if !ok {
         println!("SKIPPED {test}: /dev/kvm is not available");
         eprintln!("SKIPPED {test}: /dev/kvm is not available");
@@ -35,7 +39,11 @@ impl Vm {
             .stdout(Stdio::null())
             .spawn()
             .expect("livemig starts");
-        Vm { child, api, console }
+        Vm {
+            child,
+            api,
+            console,
+        }
     }
 
     fn cli(&self, cmd: &str) -> Output {
@@ -44,7 +52,11 @@ impl Vm {
 
     fn json(&self, cmd: &str) -> serde_json::Value {
         let out = self.cli(cmd);
-        assert!(out.status.success(), "livemig {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "livemig {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("JSON answer")
     }
 
@@ -79,7 +91,10 @@ fn heartbeats(console: &Path) -> Vec<u64> {
 fn wait(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -96,10 +111,15 @@ fn kvm_sql_workload_boots_reports_status_pauses_and_verifies() {
         "vm",
         &["run", "--memory", "1G", "--vcpus", "2", "--workload", "sql"],
     );
-    wait(Duration::from_secs(30), "a rising heartbeat", || vm.heartbeats().len() >= 2);
+    wait(Duration::from_secs(30), "a rising heartbeat", || {
+        vm.heartbeats().len() >= 2
+    });
     println!("rising heartbeat after {:?}", t0.elapsed());
     let hb = vm.heartbeats();
-    assert!(hb.windows(2).all(|w| w[1] == w[0] + 1), "heartbeat must count up by one: {hb:?}");
+    assert!(
+        hb.windows(2).all(|w| w[1] == w[0] + 1),
+        "heartbeat must count up by one: {hb:?}"
+    );
 
     vm.wait_api();
     let st = vm.json("status");
@@ -108,32 +128,56 @@ fn kvm_sql_workload_boots_reports_status_pauses_and_verifies() {
     assert_eq!(st["memory_bytes"], 1u64 << 30);
     assert!(st["heartbeat"].as_u64().unwrap() >= 1, "{st}");
     let resident = st["resident_bytes"].as_u64().unwrap();
-    assert!(resident > 0 && resident < 1 << 30, "server profile leaves zero pages unbacked: {resident}");
+    assert!(
+        resident > 0 && resident < 1 << 30,
+        "server profile leaves zero pages unbacked: {resident}"
+    );
 
     let v = vm.json("verify");
     assert_eq!(v["last_verify"]["result"], "ok", "{v}");
-    assert!(v["last_verify"]["pages"].as_u64().unwrap() > 0, "the sql workload wrote pages: {v}");
+    assert!(
+        v["last_verify"]["pages"].as_u64().unwrap() > 0,
+        "the sql workload wrote pages: {v}"
+    );
 
     let p = vm.json("pause");
     assert_eq!(p["state"], "paused");
     let frozen = vm.json("status")["heartbeat"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(vm.json("status")["heartbeat"].as_u64().unwrap(), frozen, "a paused guest must not beat");
+    assert_eq!(
+        vm.json("status")["heartbeat"].as_u64().unwrap(),
+        frozen,
+        "a paused guest must not beat"
+    );
     assert_eq!(vm.json("resume")["state"], "running");
     wait(Duration::from_secs(10), "heartbeat after resume", || {
         vm.json("status")["heartbeat"].as_u64().unwrap() > frozen
     });
     let st = vm.json("status");
-    assert_eq!(st["last_verify"]["result"], "ok", "status carries the last verify: {st}");
-    assert!(livemig(&["shutdown", "--api", vm.api.to_str().unwrap()]).status.success());
+    assert_eq!(
+        st["last_verify"]["result"], "ok",
+        "status carries the last verify: {st}"
+    );
+    assert!(livemig(&["shutdown", "--api", vm.api.to_str().unwrap()])
+        .status
+        .success());
 }
 
 fn build_foreign_kernel(dir: &Path) -> PathBuf {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let out = dir.join("hello.elf");
     let st = Command::new("cc")
-        .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments"])
-        .arg(format!("-Wl,-T,{}", fixtures.join("hello_pvh.ld").display()))
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,--build-id=none",
+            "-Wl,--no-warn-rwx-segments",
+        ])
+        .arg(format!(
+            "-Wl,-T,{}",
+            fixtures.join("hello_pvh.ld").display()
+        ))
         .arg("-o")
         .arg(&out)
         .arg(fixtures.join("hello_pvh.S"))
@@ -153,15 +197,27 @@ fn kvm_boots_a_foreign_pvh_kernel() {
     let vm = Vm::spawn(
         d.path(),
         "hello",
-        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--vcpus", "1"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--vcpus",
+            "1",
+        ],
     );
-    wait(Duration::from_secs(30), "the foreign guest's output", || {
-        std::fs::read_to_string(&vm.console)
-            .unwrap_or_default()
-            .matches("hello from a foreign PVH guest")
-            .count()
-            >= 2
-    });
+    wait(
+        Duration::from_secs(30),
+        "the foreign guest's output",
+        || {
+            std::fs::read_to_string(&vm.console)
+                .unwrap_or_default()
+                .matches("hello from a foreign PVH guest")
+                .count()
+                >= 2
+        },
+    );
     vm.wait_api();
     assert_eq!(vm.json("status")["state"], "running");
 }
@@ -171,7 +227,15 @@ fn kvm_non_pvh_kernel_is_refused_clearly() {
     if !kvm_or_skip("kvm_non_pvh_kernel_is_refused_clearly") {
         return;
     }
-    let out = livemig(&["run", "--kernel", "/bin/true", "--memory", "64M", "--vcpus", "1"]);
+    let out = livemig(&[
+        "run",
+        "--kernel",
+        "/bin/true",
+        "--memory",
+        "64M",
+        "--vcpus",
+        "1",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("PVH") || err.contains("ELF"), "{err}");
@@ -189,20 +253,50 @@ fn kvm_snapshot_restore_continues_in_a_fresh_process() {
         let vm = Vm::spawn(
             d.path(),
             "src",
-            &["run", "--memory", "256M", "--vcpus", "2", "--workload", "sql"],
+            &[
+                "run",
+                "--memory",
+                "256M",
+                "--vcpus",
+                "2",
+                "--workload",
+                "sql",
+            ],
         );
-        wait(Duration::from_secs(30), "heartbeats", || vm.heartbeats().len() >= 3);
+        wait(Duration::from_secs(30), "heartbeats", || {
+            vm.heartbeats().len() >= 3
+        });
         vm.wait_api();
         assert_eq!(vm.json("pause")["state"], "paused");
-        let out = livemig(&["snapshot", "--api", vm.api.to_str().unwrap(), "--out", snap.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = livemig(&[
+            "snapshot",
+            "--api",
+            vm.api.to_str().unwrap(),
+            "--out",
+            snap.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         last = *vm.heartbeats().last().unwrap();
         assert_eq!(vm.json("status")["heartbeat"].as_u64().unwrap(), last);
     }
-    let vm = Vm::spawn(d.path(), "dst", &["restore", "--from", snap.to_str().unwrap()]);
-    wait(Duration::from_secs(60), "heartbeats after restore", || vm.heartbeats().len() >= 2);
+    let vm = Vm::spawn(
+        d.path(),
+        "dst",
+        &["restore", "--from", snap.to_str().unwrap()],
+    );
+    wait(Duration::from_secs(60), "heartbeats after restore", || {
+        vm.heartbeats().len() >= 2
+    });
     let hb = vm.heartbeats();
-    assert_eq!(hb[0], last + 1, "the heartbeat continues where it stopped: before {last}, after {hb:?}");
+    assert_eq!(
+        hb[0],
+        last + 1,
+        "the heartbeat continues where it stopped: before {last}, after {hb:?}"
+    );
     vm.wait_api();
     let v = vm.json("verify");
     assert_eq!(v["last_verify"]["result"], "ok", "{v}");
@@ -220,16 +314,39 @@ fn kvm_corrupt_snapshots_are_refused() {
         let vm = Vm::spawn(
             d.path(),
             "src",
-            &["run", "--memory", "64M", "--vcpus", "1", "--workload", "web"],
+            &[
+                "run",
+                "--memory",
+                "64M",
+                "--vcpus",
+                "1",
+                "--workload",
+                "web",
+            ],
         );
-        wait(Duration::from_secs(30), "heartbeats", || vm.heartbeats().len() >= 2);
+        wait(Duration::from_secs(30), "heartbeats", || {
+            vm.heartbeats().len() >= 2
+        });
         vm.wait_api();
-        let out = livemig(&["snapshot", "--api", vm.api.to_str().unwrap(), "--out", snap.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = livemig(&[
+            "snapshot",
+            "--api",
+            vm.api.to_str().unwrap(),
+            "--out",
+            snap.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let state = std::fs::read(snap.join("state.bin")).unwrap();
     let memory = std::fs::read(snap.join("memory.raw")).unwrap();
-    let first_data = memory.iter().position(|&b| b != 0).expect("memory has data");
+    let first_data = memory
+        .iter()
+        .position(|&b| b != 0)
+        .expect("memory has data");
     let mut cases: Vec<(&str, Vec<u8>, Vec<u8>, &str)> = Vec::new();
     let mut s = state.clone();
     s[state.len() / 2] ^= 0x40;
@@ -237,17 +354,36 @@ fn kvm_corrupt_snapshots_are_refused() {
     let mut m = memory.clone();
     m[first_data + 100] ^= 0x01;
     cases.push(("flipped memory byte", state.clone(), m, "corrupt"));
-    cases.push(("truncated state", state[..state.len() - 3].to_vec(), memory.clone(), "length"));
-    cases.push(("truncated memory", state.clone(), memory[..memory.len() / 2].to_vec(), "bytes"));
+    cases.push((
+        "truncated state",
+        state[..state.len() - 3].to_vec(),
+        memory.clone(),
+        "length",
+    ));
+    cases.push((
+        "truncated memory",
+        state.clone(),
+        memory[..memory.len() / 2].to_vec(),
+        "bytes",
+    ));
     for (what, st, mem, word) in cases {
         let bad = d.path().join("bad");
         let _ = std::fs::remove_dir_all(&bad);
         std::fs::create_dir_all(&bad).unwrap();
         std::fs::write(bad.join("state.bin"), st).unwrap();
         std::fs::write(bad.join("memory.raw"), mem).unwrap();
-        let out = livemig(&["restore", "--from", bad.to_str().unwrap(), "--console", "/dev/null"]);
+        let out = livemig(&[
+            "restore",
+            "--from",
+            bad.to_str().unwrap(),
+            "--console",
+            "/dev/null",
+        ]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: restore must fail");
-        assert!(err.contains(word), "{what}: error should mention {word:?}: {err}");
+        assert!(
+            err.contains(word),
+            "{what}: error should mention {word:?}: {err}"
+        );
     }
 }

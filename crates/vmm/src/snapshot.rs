@@ -459,7 +459,10 @@ mod tests {
         assert_eq!(st.data_bytes_written, (3 << 20) + 4096);
         let on_disk = std::fs::metadata(d.path().join(MEMORY_FILE)).unwrap();
         use std::os::unix::fs::MetadataExt;
-        assert!(on_disk.blocks() * 512 < 8 << 20, "zero memory must not cost disk");
+        assert!(
+            on_disk.blocks() * 512 < 8 << 20,
+            "zero memory must not cost disk"
+        );
         let m = read_manifest(d.path()).unwrap();
         assert_eq!(m.state.to_bytes(), sample_state(64 << 20).to_bytes());
         let fresh = GuestRam::new(64 << 20).unwrap();
@@ -468,7 +471,11 @@ mod tests {
     }
 
     fn flip(path: &Path, at: u64) {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
         let mut b = [0u8];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
@@ -488,7 +495,9 @@ mod tests {
             assert!(
                 matches!(
                     e,
-                    SnapshotError::BadMagic { .. } | SnapshotError::Checksum { .. } | SnapshotError::Length { .. }
+                    SnapshotError::BadMagic { .. }
+                        | SnapshotError::Checksum { .. }
+                        | SnapshotError::Length { .. }
                 ),
                 "byte {at}: {e}"
             );
@@ -503,7 +512,10 @@ mod tests {
         let orig = std::fs::read(&path).unwrap();
         for n in [0, 5, HEADER_LEN, orig.len() / 2, orig.len() - 1] {
             std::fs::write(&path, &orig[..n]).unwrap();
-            assert!(matches!(read_manifest(d.path()), Err(SnapshotError::Length { .. })), "cut at {n}");
+            assert!(
+                matches!(read_manifest(d.path()), Err(SnapshotError::Length { .. })),
+                "cut at {n}"
+            );
         }
         // A well-formed file from a future format version.
         let mut v2 = orig.clone();
@@ -518,7 +530,10 @@ mod tests {
         let mut big = orig.clone();
         big[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         std::fs::write(&path, &big).unwrap();
-        assert!(matches!(read_manifest(d.path()), Err(SnapshotError::Length { .. })));
+        assert!(matches!(
+            read_manifest(d.path()),
+            Err(SnapshotError::Length { .. })
+        ));
     }
 
     #[test]
@@ -531,7 +546,10 @@ mod tests {
         // A flipped byte in a data chunk.
         flip(&mem, (1 << 20) + 17);
         let e = load_memory(d.path(), &m.memory, &GuestRam::new(64 << 20).unwrap()).unwrap_err();
-        assert!(matches!(e, SnapshotError::ChunkHash { offset: 0, .. }), "{e}");
+        assert!(
+            matches!(e, SnapshotError::ChunkHash { offset: 0, .. }),
+            "{e}"
+        );
         // Data where the manifest says the chunk is all zero.
         std::fs::write(&mem, &orig).unwrap();
         flip(&mem, 40 << 20);

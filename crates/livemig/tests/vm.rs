@@ -84,7 +84,14 @@ fn heartbeats(console: &Path) -> Vec<u64> {
     std::fs::read_to_string(console)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("HB ")?.parse().ok())
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("HB ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 

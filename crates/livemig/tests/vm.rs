@@ -256,6 +256,7 @@ fn kvm_snapshot_restore_continues_in_a_fresh_process() {
     let d = tempfile::tempdir().unwrap();
     let snap = d.path().join("snap");
     let last;
+    let resident_before;
     {
         let vm = Vm::spawn(
             d.path(),
@@ -288,7 +289,9 @@ fn kvm_snapshot_restore_continues_in_a_fresh_process() {
             String::from_utf8_lossy(&out.stderr)
         );
         last = *vm.heartbeats().last().unwrap();
-        assert_eq!(vm.json("status")["heartbeat"].as_u64().unwrap(), last);
+        let st = vm.json("status");
+        assert_eq!(st["heartbeat"].as_u64().unwrap(), last);
+        resident_before = st["resident_bytes"].as_u64().unwrap();
     }
     let vm = Vm::spawn(
         d.path(),
@@ -308,6 +311,13 @@ fn kvm_snapshot_restore_continues_in_a_fresh_process() {
     let v = vm.json("verify");
     assert_eq!(v["last_verify"]["result"], "ok", "{v}");
     assert!(v["heartbeat"].as_u64().unwrap() > last);
+    // Zero pages stay unbacked through snapshot and restore.
+    let resident_after = vm.json("status")["resident_bytes"].as_u64().unwrap();
+    assert!(
+        resident_after < resident_before + (16 << 20),
+        "restore backed pages that were zero: {resident_before} -> {resident_after}"
+    );
+    assert!(resident_after < 256 << 20);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::state::VmState;
@@ -127,6 +127,26 @@ fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// The extents of `ext` (sorted, disjoint) that fall in [a, b), clipped.
+fn extents_in(ext: &[(u64, u64)], a: u64, b: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let first = ext.partition_point(|&(_, e)| e <= a);
+    ext[first..]
+        .iter()
+        .take_while(move |&&(s, _)| s < b)
+        .map(move |&(s, e)| (s.max(a), e.min(b)))
+}
+
+/// Feeds `len` zero bytes to the hasher: holes are hashed without touching guest RAM, since
+/// reading a never-touched memfd page would allocate it.
+fn hash_zeros(h: &mut Xxh3, mut len: u64) {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..n]);
+        len -= n as u64;
+    }
+}
+
 fn is_zero(b: &[u8]) -> bool {
     let (pre, words, post) = {
         // SAFETY: u64 has no invalid bit patterns; align_to splits at alignment boundaries.
@@ -145,12 +165,6 @@ pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
     let backing = ram.backing_file();
     let extents = data_extents(backing, ram.size).map_err(io(&mem_path))?;
     let nchunks = ram.size.div_ceil(CHUNK) as usize;
-    let mut has_data = vec![false; nchunks];
-    for (s, e) in &extents {
-        for c in (s / CHUNK)..e.div_ceil(CHUNK) {
-            has_data[c as usize] = true;
-        }
-    }
     // Host view of RAM by memfd offset.
     let ranges = ram.ranges();
     let view = |off: u64, len: u64| -> &[u8] {
@@ -161,40 +175,49 @@ pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
         let start = (off - r.file_offset) as usize;
         &s[start..start + len as usize]
     };
+    let page = PAGE_SIZE as usize;
     let mut chunks = Vec::with_capacity(nchunks);
     let mut written = 0u64;
-    for (c, data) in has_data.iter().enumerate() {
+    for c in 0..nchunks {
         let off = c as u64 * CHUNK;
-        let len = CHUNK.min(ram.size - off);
-        if !*data {
-            chunks.push(None);
-            continue;
-        }
-        let bytes = view(off, len);
-        if is_zero(bytes) {
-            chunks.push(None);
-            continue;
-        }
-        chunks.push(Some(xxh3_64(bytes)));
-        // Runs of non-zero pages go out in one write; zero pages stay holes.
-        let mut p = 0usize;
-        let page = PAGE_SIZE as usize;
-        while p < bytes.len() {
-            if is_zero(&bytes[p..p + page]) {
-                p += page;
-                continue;
+        let end = (off + CHUNK).min(ram.size);
+        let mut h = Xxh3::new();
+        let mut pos = off;
+        let mut any = false;
+        for (s, e) in extents_in(&extents, off, end) {
+            hash_zeros(&mut h, s - pos);
+            let bytes = view(s, e - s);
+            h.update(bytes);
+            // Runs of non-zero pages go out in one write; zero pages stay holes.
+            let mut p = 0usize;
+            while p < bytes.len() {
+                if is_zero(&bytes[p..p + page]) {
+                    p += page;
+                    continue;
+                }
+                let start = p;
+                while p < bytes.len() && !is_zero(&bytes[p..p + page]) {
+                    p += page;
+                }
+                mem_file
+                    .write_all_at(&bytes[start..p], s + start as u64)
+                    .map_err(io(&mem_path))?;
+                written += (p - start) as u64;
+                any = true;
             }
-            let start = p;
-            while p < bytes.len() && !is_zero(&bytes[p..p + page]) {
-                p += page;
-            }
-            mem_file
-                .write_all_at(&bytes[start..p], off + start as u64)
-                .map_err(io(&mem_path))?;
-            written += (p - start) as u64;
+            pos = e;
         }
+        hash_zeros(&mut h, end - pos);
+        chunks.push(any.then(|| h.digest()));
     }
+    let t_copy = t0.elapsed();
     mem_file.sync_data().map_err(io(&mem_path))?;
+    tracing::info!(
+        scan_hash_write_ms = t_copy.as_millis() as u64,
+        fsync_ms = (t0.elapsed() - t_copy).as_millis() as u64,
+        bytes = written,
+        "snapshot memory written"
+    );
     let zero_chunks = chunks.iter().filter(|c| c.is_none()).count();
     let manifest = Manifest {
         created_unix_ms: std::time::SystemTime::now()
@@ -315,27 +338,33 @@ pub fn load_memory(dir: &Path, m: &MemoryManifest, ram: &GuestRam) -> Result<(),
         let len = CHUNK.min(m.size - off);
         match hash {
             Some(h) => {
-                let (r, s) = ranges
-                    .iter_mut()
-                    .find(|(r, _)| off >= r.file_offset && off < r.file_offset + r.len)
-                    .expect("offset is inside guest RAM");
-                let start = (off - r.file_offset) as usize;
-                let dst = &mut s[start..start + len as usize];
-                f.read_exact_at(dst, off).map_err(io(&path))?;
-                if xxh3_64(dst) != *h {
+                // Only the file's data goes into guest RAM; its holes stay untouched there too.
+                let mut hasher = Xxh3::new();
+                let mut pos = off;
+                for (s, e) in extents_in(&extents, off, off + len) {
+                    hash_zeros(&mut hasher, s - pos);
+                    let (r, host) = ranges
+                        .iter_mut()
+                        .find(|(r, _)| s >= r.file_offset && s < r.file_offset + r.len)
+                        .expect("offset is inside guest RAM");
+                    let start = (s - r.file_offset) as usize;
+                    let dst = &mut host[start..start + (e - s) as usize];
+                    f.read_exact_at(dst, s).map_err(io(&path))?;
+                    hasher.update(dst);
+                    pos = e;
+                }
+                hash_zeros(&mut hasher, off + len - pos);
+                if hasher.digest() != *h {
                     return Err(SnapshotError::ChunkHash { path, offset: off });
                 }
             }
             None => {
                 // A zero chunk must be a hole, or hold only zeros.
-                for &(s, e) in &extents {
-                    let (a, b) = (s.max(off), e.min(off + len));
-                    if a < b {
-                        scratch.resize((b - a) as usize, 0);
-                        f.read_exact_at(&mut scratch, a).map_err(io(&path))?;
-                        if !is_zero(&scratch) {
-                            return Err(SnapshotError::ChunkNotZero { path, offset: off });
-                        }
+                for (a, b) in extents_in(&extents, off, off + len) {
+                    scratch.resize((b - a) as usize, 0);
+                    f.read_exact_at(&mut scratch, a).map_err(io(&path))?;
+                    if !is_zero(&scratch) {
+                        return Err(SnapshotError::ChunkNotZero { path, offset: off });
                     }
                 }
             }

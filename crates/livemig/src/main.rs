@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod migrate_cmd;
 use guest::WorkloadSpec;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -64,9 +65,34 @@ struct ApiArg {
 enum Cmd {
     /// Boot a VM and run it until the guest stops or the process is killed.
     Run(VmArgs),
-    /// The main job on an embedded default: boot the workload guest, snapshot it while it
-    /// runs, restore it into a fresh VM; exits 0 only if the guest verifies its memory.
+    /// The main job on an embedded default: migrate a running VM to a destination on this
+    /// machine; exits 0 only if the guest verifies its memory on the destination.
     Demo(demo::DemoArgs),
+    /// Wait for one incoming VM, then run it (with its API) like `run`.
+    Receive {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        api: Option<PathBuf>,
+        /// COM1 output file (default: stdout).
+        #[arg(long)]
+        console: Option<PathBuf>,
+    },
+    /// Live-migrate the VM behind --api to a `livemig receive` at --to.
+    Migrate {
+        #[command(flatten)]
+        api: ApiArg,
+        #[arg(long)]
+        to: String,
+        /// The pause the guest may see; pre-copy iterates until the rest fits.
+        #[arg(long, default_value_t = 20)]
+        downtime_ms: u64,
+        #[arg(long)]
+        max_rounds: Option<u32>,
+        /// Write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Print a VM's status as JSON.
     Status(ApiArg),
     /// Pause a VM's vCPUs.
@@ -134,13 +160,24 @@ fn print_json<T: serde::Serialize>(v: &T) {
 /// Runs the VM (and its API) until the guest stops or a client asks for shutdown.
 fn serve(vm: Vm, api: Option<&std::path::Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let vm = Arc::new(Mutex::new(vm));
-    let server = api.map(|p| ApiServer::start(p, vm.clone())).transpose()?;
+    let server = api
+        .map(|p| ApiServer::start(p, vm.clone(), Some(migrate_cmd::api_extension())))
+        .transpose()?;
     loop {
         std::thread::sleep(Duration::from_millis(50));
         if server.as_ref().is_some_and(|s| s.shutdown_requested()) {
             break;
         }
         let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+        if g.migrated() {
+            // The VM runs elsewhere now; leave once the migrate call has its answer.
+            drop(g);
+            while server.as_ref().is_some_and(|s| s.in_flight() > 0) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("livemig: VM migrated away; source process exiting");
+            return Ok(ExitCode::SUCCESS);
+        }
         if g.poll() == RunState::Stopped {
             let st = g.status();
             eprintln!(
@@ -248,13 +285,46 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             return serve(vm, api.as_deref());
         }
         Cmd::Demo(a) => {
-            let report_path = a.report.clone();
             let r = demo::run(a)?;
-            if let Some(p) = report_path {
-                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
+            if !r.guest_verified {
+                eprintln!(
+                    "livemig: demo FAILED: the guest did not verify its memory on the destination"
+                );
+                return Ok(ExitCode::FAILURE);
             }
-            println!("{}", if r.ok { "demo OK" } else { "demo FAILED" });
-            if !r.ok {
+            println!("demo OK");
+        }
+        Cmd::Receive {
+            listen,
+            api,
+            console: con,
+        } => {
+            let listener = transport::Listener::bind(&listen)?;
+            eprintln!("livemig: waiting for a VM on {}", listener.local_addr()?);
+            let conn = listener.accept()?;
+            let opts = migration::ReceiveOptions {
+                console: console(con),
+                ..Default::default()
+            };
+            let (vm, stats) = migration::receive(conn, &opts)?;
+            eprintln!(
+                "livemig: VM received ({} pages, {} zero, {} rounds) and running",
+                stats.pages, stats.zero_pages, stats.rounds
+            );
+            return serve(vm, api.as_deref());
+        }
+        Cmd::Migrate {
+            api,
+            to,
+            downtime_ms,
+            max_rounds,
+            report,
+        } => {
+            let req =
+                serde_json::json!({"to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds});
+            let r = migrate_cmd::migrate(&api.api, req, report)?;
+            println!("{}", r.summary());
+            if !r.guest_verified {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -68,8 +68,17 @@ struct SnapshotRequest {
     dir: PathBuf,
 }
 
-/// Serves the API for one VM until dropped or `/vm/shutdown`.
+/// Routes served by a layer above the VMM (migration); `None` = not mine.
+pub type Extension = Arc<
+    dyn Fn(&str, &str, &[u8], &Arc<Mutex<Vm>>) -> Option<Result<serde_json::Value, (u16, String)>>
+        + Send
+        + Sync,
+>;
+
+/// Serves the API for one VM until dropped or `/vm/shutdown`. Each request gets its own
+/// thread, so status stays answerable during a long call (a migration).
 pub struct ApiServer {
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     server: Arc<tiny_http::Server>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
@@ -77,7 +86,11 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    pub fn start(path: &Path, vm: Arc<Mutex<Vm>>) -> Result<Self, ApiError> {
+    pub fn start(
+        path: &Path,
+        vm: Arc<Mutex<Vm>>,
+        ext: Option<Extension>,
+    ) -> Result<Self, ApiError> {
         // A stale socket from a dead process would make bind fail.
         if path.exists() && UnixStream::connect(path).is_err() {
             let _ = std::fs::remove_file(path);
@@ -90,12 +103,25 @@ impl ApiServer {
                 })?,
             );
         let shutdown = Arc::new(AtomicBool::new(false));
-        let (srv, flag) = (server.clone(), shutdown.clone());
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (srv, flag, busy) = (server.clone(), shutdown.clone(), in_flight.clone());
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 for req in srv.incoming_requests() {
-                    handle(req, &vm, &flag);
+                    let (vm, flag, ext, busy) =
+                        (vm.clone(), flag.clone(), ext.clone(), busy.clone());
+                    busy.fetch_add(1, Ordering::SeqCst);
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("api-req".into())
+                            .spawn(move || {
+                                handle(req, &vm, &flag, ext.as_ref());
+                                busy.fetch_sub(1, Ordering::SeqCst);
+                            });
+                    if spawned.is_err() {
+                        tracing::error!("no thread for an API request");
+                    }
                 }
             })
             .map_err(|e| ApiError::Bind {
@@ -103,11 +129,17 @@ impl ApiServer {
                 source: Box::new(e),
             })?;
         Ok(ApiServer {
+            in_flight,
             server,
             thread: Some(thread),
             path: path.to_path_buf(),
             shutdown,
         })
+    }
+
+    /// Requests being answered right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// True once a client asked the VM to shut down.
@@ -137,7 +169,12 @@ fn respond(req: tiny_http::Request, status: u16, body: serde_json::Value) {
     let _ = req.respond(resp);
 }
 
-fn handle(mut req: tiny_http::Request, vm: &Mutex<Vm>, shutdown: &AtomicBool) {
+fn handle(
+    mut req: tiny_http::Request,
+    vm: &Arc<Mutex<Vm>>,
+    shutdown: &AtomicBool,
+    ext: Option<&Extension>,
+) {
     let mut body = Vec::new();
     if req
         .as_reader()
@@ -154,7 +191,10 @@ fn handle(mut req: tiny_http::Request, vm: &Mutex<Vm>, shutdown: &AtomicBool) {
     }
     let method = req.method().as_str().to_string();
     let url = req.url().to_string();
-    let result = route(&method, &url, &body, vm, shutdown);
+    let result = match ext.and_then(|f| f(&method, &url, &body, vm)) {
+        Some(r) => r,
+        None => route(&method, &url, &body, vm, shutdown),
+    };
     match result {
         Ok(v) => respond(req, 200, v),
         Err((status, msg)) => respond(req, status, json!({ "error": msg })),
@@ -282,6 +322,11 @@ impl Client {
 
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotStats, ApiError> {
         self.call("POST", "/vm/snapshot", Some(json!({ "dir": dir })))
+    }
+
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
     }
 
     pub fn shutdown(&self) -> Result<serde_json::Value, ApiError> {

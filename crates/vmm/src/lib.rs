@@ -6,6 +6,7 @@
 pub mod api;
 pub mod boot;
 pub mod devices;
+pub mod dirty;
 pub mod memory;
 pub mod profile;
 pub mod snapshot;
@@ -14,4 +15,4 @@ pub mod vcpu;
 pub mod vm;
 
 pub use state::{VmConfig, VmState};
-pub use vm::{BootSpec, Console, Kernel, RunState, Vm, VmError, VmStatus};
+pub use vm::{BootSpec, Console, Kernel, PreparedVm, RunState, Vm, VmError, VmStatus};

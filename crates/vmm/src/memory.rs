@@ -35,6 +35,33 @@ pub enum MemoryError {
     Stat(std::io::Error),
 }
 
+/// Offsets in `f` that hold data, as sorted [start, end) extents (SEEK_DATA / SEEK_HOLE). On the
+/// guest RAM memfd these are the pages the guest or the VMM ever touched.
+pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on a valid fd; errors are checked.
+        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        out.push((start as u64, (end as u64).min(size)));
+        pos = end;
+    }
+    Ok(out)
+}
+
 /// One contiguous piece of guest RAM: guest-physical start, length, offset in the memfd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RamRange {
@@ -159,6 +186,23 @@ impl GuestRam {
     /// The memfd behind guest RAM, in [`RamRange::file_offset`] order.
     pub fn backing_file(&self) -> &File {
         &self.file
+    }
+
+    /// Host bytes at memfd offset `off` (the migration's page address space).
+    pub fn slice_at(&self, off: u64, len: usize) -> Option<&[u8]> {
+        self.ranges().into_iter().find_map(|(r, s)| {
+            let start = off.checked_sub(r.file_offset)? as usize;
+            s.get(start..start.checked_add(len)?)
+        })
+    }
+
+    /// Mutable host bytes at memfd offset `off`; for filling RAM no vCPU is running on.
+    #[allow(clippy::mut_from_ref)]
+    pub fn slice_at_mut(&self, off: u64, len: usize) -> Option<&mut [u8]> {
+        self.ranges_mut().into_iter().find_map(|(r, s)| {
+            let start = off.checked_sub(r.file_offset)? as usize;
+            s.get_mut(start..start.checked_add(len)?)
+        })
     }
 
     pub fn last_addr(&self) -> u64 {

@@ -4,7 +4,6 @@
 //! refused before a vCPU runs.
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -101,34 +100,8 @@ pub struct SnapshotStats {
     pub ms: u64,
 }
 
-/// Offsets in `f` that hold data, as [start, end) extents (SEEK_DATA / SEEK_HOLE).
-fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a valid fd; errors are checked.
-        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if start < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        out.push((start as u64, (end as u64).min(size)));
-        pos = end;
-    }
-    Ok(out)
-}
-
 /// The extents of `ext` (sorted, disjoint) that fall in [a, b), clipped.
-fn extents_in(ext: &[(u64, u64)], a: u64, b: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+pub fn extents_in(ext: &[(u64, u64)], a: u64, b: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
     let first = ext.partition_point(|&(_, e)| e <= a);
     ext[first..]
         .iter()
@@ -163,7 +136,7 @@ pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
     let mem_file = File::create(&mem_path).map_err(io(&mem_path))?;
     mem_file.set_len(ram.size).map_err(io(&mem_path))?;
     let backing = ram.backing_file();
-    let extents = data_extents(backing, ram.size).map_err(io(&mem_path))?;
+    let extents = crate::memory::data_extents(backing, ram.size).map_err(io(&mem_path))?;
     let nchunks = ram.size.div_ceil(CHUNK) as usize;
     // Host view of RAM by memfd offset.
     let ranges = ram.ranges();
@@ -330,7 +303,7 @@ pub fn load_memory(dir: &Path, m: &MemoryManifest, ram: &GuestRam) -> Result<(),
             size: m.size,
         });
     }
-    let extents = data_extents(&f, m.size).map_err(io(&path))?;
+    let extents = crate::memory::data_extents(&f, m.size).map_err(io(&path))?;
     let mut ranges = ram.ranges_mut();
     let mut scratch = Vec::new();
     for (c, hash) in m.chunks.iter().enumerate() {

@@ -21,6 +21,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot::{load_pvh, BootError};
 use crate::devices::{GuestReport, IoBus, IrqTrigger, SerialDevice, VerifyResult, COM1_GSI};
+use crate::dirty::DirtyLog;
 use crate::memory::{layout, GuestRam, MemoryError};
 use crate::profile::{FillStats, MemoryProfile, ProfileError, ProfileFiller};
 use crate::state::{Skipped, VmConfig, VmState};
@@ -157,7 +158,8 @@ struct VcpuHandle {
 pub struct Vm {
     _kvm: Kvm,
     fd: Arc<VmFd>,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
+    dirty: Arc<std::sync::Mutex<DirtyLog>>,
     config: VmConfig,
     io: Arc<IoBus>,
     caps: Arc<Caps>,
@@ -167,6 +169,7 @@ pub struct Vm {
     events: Receiver<VcpuEvent>,
     state: RunState,
     stop_reason: Option<String>,
+    migrated: bool,
     _serial_irq: EventFd,
     pub fill: Option<FillStats>,
 }
@@ -330,38 +333,21 @@ impl Vm {
         start_paused: bool,
         load_memory: impl FnOnce(&GuestRam) -> Result<(), VmError>,
     ) -> Result<Vm, VmError> {
-        let mut p = build_parts(&state.config)?;
-        load_memory(&p.ram)?;
-        p.fd.set_pit2(&state.pit).map_err(kvm_op("KVM_SET_PIT2"))?;
-        p.fd.set_clock(&state.clock)
-            .map_err(kvm_op("KVM_SET_CLOCK"))?;
-        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
-            p.fd.set_irqchip(chip).map_err(kvm_op("KVM_SET_IRQCHIP"))?;
-        }
-        if state.vcpus.len() != state.config.vcpus as usize {
-            return Err(VmError::VcpuCount(state.vcpus.len() as u8));
-        }
-        for (fd, vs) in p.vcpu_fds.iter().zip(&state.vcpus) {
-            vcpu::restore(fd, vs, &p.caps)?;
-        }
-        let trigger = IrqTrigger(p.serial_irq.try_clone().map_err(VmError::EventFd)?);
-        let serial = Serial::from_state(&(&state.uart).into(), trigger, NoEvents, console.open()?)
-            .map_err(|e| VmError::Uart(format!("{e:?}")))?;
-        let fds = std::mem::take(&mut p.vcpu_fds);
-        let vm = Self::assemble(p, state.config.clone(), serial)?;
-        vm.io.status.load(state.guest);
-        let mut vm = vm;
-        vm.start_vcpus(fds, start_paused)?;
-        Ok(vm)
+        let prepared = PreparedVm::new(&state.config)?;
+        load_memory(prepared.ram())?;
+        prepared.finish(state, console, start_paused)
     }
 
     fn assemble(p: Parts, config: VmConfig, serial: SerialDevice) -> Result<Vm, VmError> {
         register_kick_handler()?;
         let (_, events) = channel();
+        let fd = Arc::new(p.fd);
+        let dirty = DirtyLog::new(fd.clone(), &p.ram);
         Ok(Vm {
             _kvm: p.kvm,
-            fd: Arc::new(p.fd),
-            ram: p.ram,
+            fd,
+            ram: Arc::new(p.ram),
+            dirty: Arc::new(std::sync::Mutex::new(dirty)),
             config,
             io: Arc::new(IoBus::new(serial)),
             caps: Arc::new(p.caps),
@@ -371,6 +357,7 @@ impl Vm {
             events,
             state: RunState::Paused,
             stop_reason: None,
+            migrated: false,
             _serial_irq: p.serial_irq,
             fill: None,
         })
@@ -573,6 +560,16 @@ impl Vm {
         &self.ram
     }
 
+    /// Guest RAM, shareable with threads that outlive a lock on the VM (migration).
+    pub fn ram_arc(&self) -> Arc<GuestRam> {
+        self.ram.clone()
+    }
+
+    /// The VM's dirty-page log.
+    pub fn dirty_log(&self) -> Arc<std::sync::Mutex<DirtyLog>> {
+        self.dirty.clone()
+    }
+
     pub fn io(&self) -> &Arc<IoBus> {
         &self.io
     }
@@ -583,6 +580,16 @@ impl Vm {
 
     pub fn memory_layout(&self) -> Vec<crate::memory::RamRange> {
         layout(self.config.memory)
+    }
+
+    /// Records that the VM now runs elsewhere; `status` and the process say so.
+    pub fn mark_migrated(&mut self, to: &str) {
+        self.stop_reason = Some(format!("migrated to {to}"));
+        self.migrated = true;
+    }
+
+    pub fn migrated(&self) -> bool {
+        self.migrated
     }
 
     /// Stops every vCPU thread and waits for them.
@@ -599,6 +606,55 @@ impl Vm {
             }
         }
         self.state = RunState::Stopped;
+    }
+}
+
+/// A VM under construction from saved or incoming state: RAM exists and can be filled; no
+/// vCPU runs until [`PreparedVm::finish`]. Dropping it discards everything.
+pub struct PreparedVm {
+    parts: Parts,
+}
+
+impl PreparedVm {
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        Ok(PreparedVm {
+            parts: build_parts(config)?,
+        })
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.parts.ram
+    }
+
+    /// Loads device and vCPU state and starts the vCPU threads.
+    pub fn finish(
+        self,
+        state: &VmState,
+        console: &Console,
+        start_paused: bool,
+    ) -> Result<Vm, VmError> {
+        let mut p = self.parts;
+        if state.vcpus.len() != state.config.vcpus as usize || p.vcpu_fds.len() != state.vcpus.len()
+        {
+            return Err(VmError::VcpuCount(state.vcpus.len() as u8));
+        }
+        p.fd.set_pit2(&state.pit).map_err(kvm_op("KVM_SET_PIT2"))?;
+        p.fd.set_clock(&state.clock)
+            .map_err(kvm_op("KVM_SET_CLOCK"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            p.fd.set_irqchip(chip).map_err(kvm_op("KVM_SET_IRQCHIP"))?;
+        }
+        for (fd, vs) in p.vcpu_fds.iter().zip(&state.vcpus) {
+            vcpu::restore(fd, vs, &p.caps)?;
+        }
+        let trigger = IrqTrigger(p.serial_irq.try_clone().map_err(VmError::EventFd)?);
+        let serial = Serial::from_state(&(&state.uart).into(), trigger, NoEvents, console.open()?)
+            .map_err(|e| VmError::Uart(format!("{e:?}")))?;
+        let fds = std::mem::take(&mut p.vcpu_fds);
+        let mut vm = Vm::assemble(p, state.config.clone(), serial)?;
+        vm.io.status.load(state.guest);
+        vm.start_vcpus(fds, start_paused)?;
+        Ok(vm)
     }
 }
 

@@ -1,0 +1,138 @@
+//! When to stop pre-copy rounds and switch over. Pure decisions on measured figures, so they
+//! are unit-tested apart from any socket or ioctl.
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct ConvergencePolicy {
+    /// The pause the guest may see.
+    pub downtime_target: Duration,
+    pub max_rounds: u32,
+    pub max_time: Duration,
+    /// A round counts as shrinking when it has fewer pages than this fraction of the last.
+    pub shrink_ratio: f64,
+    /// Rounds in a row that did not shrink before giving up on convergence.
+    pub stall_rounds: u32,
+}
+
+impl Default for ConvergencePolicy {
+    fn default() -> Self {
+        ConvergencePolicy {
+            downtime_target: Duration::from_millis(20),
+            max_rounds: 30,
+            max_time: Duration::from_secs(300),
+            shrink_ratio: 0.9,
+            stall_rounds: 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Continue,
+    /// The remaining set goes out within the downtime target.
+    Converged,
+    /// Rounds stopped shrinking: the guest dirties as fast as we send.
+    Stalled,
+    RoundLimit,
+    TimeLimit,
+}
+
+impl ConvergencePolicy {
+    /// `remaining_bytes`: what the last round would send now; `bytes_per_sec`: effective
+    /// throughput just measured; `history`: pages sent per sync round so far.
+    pub fn decide(
+        &self,
+        remaining_bytes: u64,
+        bytes_per_sec: f64,
+        history: &[u64],
+        elapsed: Duration,
+    ) -> Decision {
+        let eta = if bytes_per_sec > 0.0 {
+            remaining_bytes as f64 / bytes_per_sec
+        } else {
+            f64::INFINITY
+        };
+        if eta <= self.downtime_target.as_secs_f64() {
+            return Decision::Converged;
+        }
+        let n = self.stall_rounds as usize;
+        if history.len() > n {
+            let recent = &history[history.len() - n - 1..];
+            if recent
+                .windows(2)
+                .all(|w| w[1] as f64 >= w[0] as f64 * self.shrink_ratio)
+            {
+                return Decision::Stalled;
+            }
+        }
+        if history.len() as u32 >= self.max_rounds {
+            return Decision::RoundLimit;
+        }
+        if elapsed >= self.max_time {
+            return Decision::TimeLimit;
+        }
+        Decision::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GBIT: f64 = 125_000_000.0;
+
+    #[test]
+    fn converges_when_the_rest_fits_the_downtime() {
+        let p = ConvergencePolicy::default();
+        // 1 MiB at 1 Gbit/s is ~8.4 ms.
+        assert_eq!(
+            p.decide(1 << 20, GBIT, &[1000], Duration::ZERO),
+            Decision::Converged
+        );
+        // 10 MiB is ~84 ms: keep going.
+        assert_eq!(
+            p.decide(10 << 20, GBIT, &[5000], Duration::ZERO),
+            Decision::Continue
+        );
+        // A faster link makes the same set fit.
+        assert_eq!(
+            p.decide(10 << 20, 10.0 * GBIT, &[5000], Duration::ZERO),
+            Decision::Converged
+        );
+    }
+
+    #[test]
+    fn stops_when_rounds_stop_shrinking() {
+        let p = ConvergencePolicy::default();
+        assert_eq!(
+            p.decide(100 << 20, GBIT, &[9000, 5000, 3000], Duration::ZERO),
+            Decision::Continue
+        );
+        assert_eq!(
+            p.decide(100 << 20, GBIT, &[9000, 8900, 9100], Duration::ZERO),
+            Decision::Stalled
+        );
+    }
+
+    #[test]
+    fn limits_hold() {
+        let p = ConvergencePolicy {
+            max_rounds: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            p.decide(100 << 20, GBIT, &[9000, 5000, 2000], Duration::ZERO),
+            Decision::RoundLimit
+        );
+        assert_eq!(
+            p.decide(100 << 20, GBIT, &[9000], Duration::from_secs(301)),
+            Decision::TimeLimit
+        );
+        assert_eq!(
+            p.decide(1 << 30, 0.0, &[1], Duration::ZERO),
+            Decision::Continue,
+            "no bandwidth yet"
+        );
+    }
+}

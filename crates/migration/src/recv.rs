@@ -1,0 +1,223 @@
+//! The destination side: an explicit receive state machine that builds the VM, places pages
+//! at their final address, and resumes only once it holds everything.
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use transport::Connection;
+use vmm::memory::PAGE_SIZE;
+use vmm::{Console, PreparedVm, Vm, VmConfig, VmState};
+
+use crate::protocol::{self, decode_pages, FrameReader, FrameWriter, Kind, ProtocolError};
+use crate::{thread_cpu_seconds, MigrationError, VerifyOutcome};
+
+/// Largest VM we agree to build for a peer.
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    pub console: Console,
+    /// A peer silent for this long is taken for dead.
+    pub peer_timeout: Duration,
+    /// How long the guest gets to verify its memory after resume.
+    pub verify_timeout: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions {
+            console: Console::Discard,
+            peer_timeout: Duration::from_secs(60),
+            verify_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+enum RecvState {
+    AwaitConfig,
+    Receiving { vm: PreparedVm },
+    AwaitDone { vm: PreparedVm, state: Box<VmState> },
+}
+
+impl RecvState {
+    fn name(&self) -> &'static str {
+        match self {
+            RecvState::AwaitConfig => "waiting for the VM config",
+            RecvState::Receiving { .. } => "receiving memory",
+            RecvState::AwaitDone { .. } => "waiting for the end of the stream",
+        }
+    }
+}
+
+/// What the destination saw.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveStats {
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub rounds: u32,
+}
+
+fn check_config(c: &VmConfig) -> Result<(), ProtocolError> {
+    if c.memory == 0 || c.memory > MAX_MEMORY || c.vcpus == 0 || c.vcpus > vmm::vm::MAX_VCPUS {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::Config,
+            why: format!("unreasonable VM: {} bytes, {} vCPUs", c.memory, c.vcpus),
+        });
+    }
+    Ok(())
+}
+
+/// Receives one VM over `conn`. Returns it running; on any error nothing is left behind.
+pub fn receive(
+    mut conn: Connection,
+    opts: &ReceiveOptions,
+) -> Result<(Vm, ReceiveStats), MigrationError> {
+    conn.set_read_timeout(Some(opts.peer_timeout))?;
+    let cpu0 = thread_cpu_seconds();
+    let result = run(&mut conn, opts, cpu0);
+    if let Err(e) = &result {
+        // Best effort: tell the source why, so it can say so too.
+        if !matches!(e, MigrationError::Protocol(ProtocolError::PeerAborted(_))) {
+            let mut w = FrameWriter::new(&mut conn.writer);
+            let _ = w.send(Kind::Abort, e.to_string().as_bytes());
+            let _ = w.flush();
+        }
+        conn.shutdown();
+    }
+    result
+}
+
+fn run(
+    conn: &mut Connection,
+    opts: &ReceiveOptions,
+    cpu0: f64,
+) -> Result<(Vm, ReceiveStats), MigrationError> {
+    protocol::accept_hello(&mut conn.reader, &mut conn.writer)?;
+    let mut input = FrameReader::new(&mut conn.reader);
+    let mut out = FrameWriter::new(&mut conn.writer);
+    let mut stats = ReceiveStats::default();
+    let mut st = RecvState::AwaitConfig;
+    loop {
+        let (kind, payload) = input.recv()?;
+        st = match (st, kind) {
+            (RecvState::AwaitConfig, Kind::Config) => {
+                let config: VmConfig =
+                    serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed {
+                        kind,
+                        why: e.to_string(),
+                    })?;
+                check_config(&config)?;
+                let vm = PreparedVm::new(&config)?;
+                out.send(Kind::Ready, &[])?;
+                out.flush()?;
+                RecvState::Receiving { vm }
+            }
+            (RecvState::Receiving { vm }, Kind::Pages) => {
+                let ram = vm.ram();
+                for p in decode_pages(payload, ram.size)? {
+                    let dst = ram
+                        .slice_at_mut(p.offset, PAGE_SIZE as usize)
+                        .expect("decode_pages bounded the offset");
+                    match p.data {
+                        Some(d) => dst.copy_from_slice(d),
+                        // A zero page over never-touched RAM stays a hole.
+                        None => {
+                            if dst.iter().any(|&b| b != 0) {
+                                dst.fill(0)
+                            }
+                            stats.zero_pages += 1;
+                        }
+                    }
+                    stats.pages += 1;
+                }
+                RecvState::Receiving { vm }
+            }
+            (RecvState::Receiving { vm }, Kind::RoundEnd) => {
+                if payload.len() != 12 {
+                    return Err(ProtocolError::Malformed {
+                        kind,
+                        why: format!("{} bytes, expected 12", payload.len()),
+                    }
+                    .into());
+                }
+                stats.rounds += 1;
+                RecvState::Receiving { vm }
+            }
+            (RecvState::Receiving { vm }, Kind::State) => {
+                let state = VmState::from_bytes(payload).map_err(|e| ProtocolError::Malformed {
+                    kind,
+                    why: e.to_string(),
+                })?;
+                if state.config.memory != vm.ram().size {
+                    return Err(ProtocolError::Malformed {
+                        kind,
+                        why: format!(
+                            "state is for {} bytes of RAM, the VM has {}",
+                            state.config.memory,
+                            vm.ram().size
+                        ),
+                    }
+                    .into());
+                }
+                RecvState::AwaitDone {
+                    vm,
+                    state: Box::new(state),
+                }
+            }
+            (RecvState::AwaitDone { vm, state }, Kind::Done) => {
+                // Everything is here: load the state paused, confirm, then run.
+                let mut vm = vm.finish(&state, &opts.console, true)?;
+                out.send(Kind::Confirm, &[])?;
+                out.flush()?;
+                vm.resume()?;
+                let t = Instant::now();
+                let outcome = verify(&vm, opts.verify_timeout);
+                tracing::info!(
+                    "guest verify on the destination took {:?}: {}",
+                    t.elapsed(),
+                    outcome.detail
+                );
+                let outcome = VerifyOutcome {
+                    cpu_seconds: thread_cpu_seconds() - cpu0,
+                    ..outcome
+                };
+                out.send(Kind::Verified, &serde_json::to_vec(&outcome)?)?;
+                out.flush()?;
+                let _ = out.inner().flush();
+                return Ok((vm, stats));
+            }
+            (s, k) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: k,
+                    state: s.name(),
+                }
+                .into())
+            }
+        };
+    }
+}
+
+fn verify(vm: &Vm, timeout: Duration) -> VerifyOutcome {
+    let st = &vm.io().status;
+    let before = st.report().verify_count;
+    st.request_verify();
+    match st
+        .wait_for(timeout, |r| r.verify_count > before)
+        .and_then(|r| r.last_verify)
+    {
+        Some(vmm::devices::VerifyResult::Ok { pages }) => VerifyOutcome {
+            ok: true,
+            detail: format!("VERIFY OK pages={pages}"),
+            cpu_seconds: 0.0,
+        },
+        Some(vmm::devices::VerifyResult::Bad { first_bad_addr }) => VerifyOutcome {
+            ok: false,
+            detail: format!("VERIFY FAIL first bad address {first_bad_addr:#x}"),
+            cpu_seconds: 0.0,
+        },
+        None => VerifyOutcome {
+            ok: false,
+            detail: format!("no verify result within {timeout:?} (not our workload guest?)"),
+            cpu_seconds: 0.0,
+        },
+    }
+}

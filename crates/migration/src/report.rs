@@ -1,0 +1,115 @@
+//! The per-migration report (BRIEF "Report") and its human summary.
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Phases {
+    pub prepare_ms: u64,
+    pub copy_ms: u64,
+    pub sync_ms: u64,
+    pub switchover_ms: u64,
+    pub cleanup_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Round {
+    pub pages: u64,
+    pub bytes: u64,
+    pub ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PageCounts {
+    pub normal: u64,
+    pub zero: u64,
+    pub compressed: u64,
+    pub raw_fallback: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Sample {
+    pub t_ms: u64,
+    pub bits_per_s: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CpuSeconds {
+    pub source: f64,
+    pub destination: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub status: String,
+    pub transport: String,
+    pub destination: String,
+    pub memory_bytes: u64,
+    pub total_ms: u64,
+    /// Pause on the source to the destination's confirmation that it resumed.
+    pub downtime_ms: u64,
+    pub phases: Phases,
+    /// Round 0 is the copy of all touched RAM; then sync rounds; the last is the final one,
+    /// sent while paused.
+    pub rounds: Vec<Round>,
+    pub stop_reason: String,
+    pub bytes_on_wire: u64,
+    pub pages: PageCounts,
+    pub avg_gbps: f64,
+    pub peak_gbps: f64,
+    pub samples: Vec<Sample>,
+    pub cpu_seconds: CpuSeconds,
+    pub guest_verified: bool,
+    pub guest_verify: Option<String>,
+    pub dirty_log: String,
+    pub error: Option<String>,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "migration {} over {} to {}: {} MiB VM\n",
+            self.status,
+            self.transport,
+            self.destination,
+            self.memory_bytes >> 20
+        );
+        s += &format!(
+            "  total {} ms, downtime {} ms; prepare {} / copy {} / sync {} / switchover {} / cleanup {} ms\n",
+            self.total_ms,
+            self.downtime_ms,
+            self.phases.prepare_ms,
+            self.phases.copy_ms,
+            self.phases.sync_ms,
+            self.phases.switchover_ms,
+            self.phases.cleanup_ms
+        );
+        let rounds: Vec<String> = self
+            .rounds
+            .iter()
+            .map(|r| format!("{}p/{}ms", r.pages, r.ms))
+            .collect();
+        s += &format!(
+            "  rounds ({}): {} (stopped: {})\n",
+            self.rounds.len(),
+            rounds.join(", "),
+            self.stop_reason
+        );
+        s += &format!(
+            "  {:.1} MiB on the wire, pages {} sent / {} zero, avg {:.2} Gbit/s, peak {:.2} Gbit/s\n",
+            self.bytes_on_wire as f64 / (1 << 20) as f64,
+            self.pages.normal,
+            self.pages.zero,
+            self.avg_gbps,
+            self.peak_gbps
+        );
+        s += &format!(
+            "  cpu {:.2} s source, {:.2} s destination; guest verified on destination: {}",
+            self.cpu_seconds.source,
+            self.cpu_seconds.destination,
+            if self.guest_verified { "yes" } else { "NO" }
+        );
+        if let Some(e) = &self.error {
+            s += &format!("\n  error: {e}");
+        }
+        s
+    }
+}

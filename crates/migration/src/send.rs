@@ -1,0 +1,386 @@
+//! The source side: prepare, copy, sync rounds, switchover, cleanup.
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use transport::Connection;
+use vmm::memory::{data_extents, GuestRam, PAGE_SIZE};
+use vmm::Vm;
+
+use crate::policy::{ConvergencePolicy, Decision};
+use crate::protocol::{
+    self, FrameReader, FrameWriter, Hello, Kind, PageBatch, Transport, MAX_BATCH_PAGES,
+};
+use crate::report::{CpuSeconds, PageCounts, Report, Round};
+use crate::{thread_cpu_seconds, MigrationError, Sampler, VerifyOutcome};
+
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    pub to: String,
+    pub policy: ConvergencePolicy,
+    pub connect_timeout: Duration,
+    /// How long to wait for the destination at each handshake step and for its confirmation.
+    pub peer_timeout: Duration,
+}
+
+impl MigrateOptions {
+    pub fn new(to: impl Into<String>) -> Self {
+        MigrateOptions {
+            to: to.into(),
+            policy: ConvergencePolicy::default(),
+            connect_timeout: Duration::from_secs(10),
+            peer_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Where a running migration is; for progress bars.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub phase: String,
+    pub round: u32,
+    pub bytes_on_wire: u64,
+    pub pages_sent: u64,
+    pub ram_bytes: u64,
+    pub last_round_pages: u64,
+}
+
+type Writer<'a> =
+    FrameWriter<&'a mut std::io::BufWriter<transport::CountingWriter<std::net::TcpStream>>>;
+
+struct Sender<'a> {
+    out: Writer<'a>,
+    ram: &'a GuestRam,
+    batch: PageBatch,
+    /// Copies of the batch's non-zero pages: the guest keeps writing, so the bytes we checksum
+    /// must be the bytes we send. A page torn by a concurrent write is dirty again and goes out
+    /// in the next round.
+    data: Vec<u8>,
+    pages: PageCounts,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to splits at alignment boundaries.
+    let (pre, words, post) = unsafe { page.align_to::<u64>() };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+impl Sender<'_> {
+    /// Queues one page (memfd offset); sends a batch frame when full.
+    fn page(&mut self, off: u64) -> std::io::Result<()> {
+        let src = self
+            .ram
+            .slice_at(off, PAGE_SIZE as usize)
+            .expect("dirty and touched pages are inside guest RAM");
+        let start = self.data.len();
+        self.data.extend_from_slice(src);
+        let zero = is_zero(&self.data[start..]);
+        if zero {
+            self.data.truncate(start);
+            self.pages.zero += 1;
+        } else {
+            self.pages.normal += 1;
+        }
+        self.batch.push(off, zero);
+        if self.batch.len() == MAX_BATCH_PAGES {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> std::io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let head = self.batch.head();
+        self.out.send_parts(Kind::Pages, &[&head, &self.data])?;
+        self.batch.clear();
+        self.data.clear();
+        Ok(())
+    }
+
+    fn round_end(&mut self, round: u32, pages: u64) -> std::io::Result<()> {
+        self.flush_batch()?;
+        let mut p = [0u8; 12];
+        p[..4].copy_from_slice(&round.to_le_bytes());
+        p[4..].copy_from_slice(&pages.to_le_bytes());
+        self.out.send(Kind::RoundEnd, &p)?;
+        self.out.flush()
+    }
+}
+
+/// Undoes what a failed migration changed on the source: dirty logging off, VM running again.
+struct SourceGuard<'a> {
+    vm: &'a Mutex<Vm>,
+    paused_by_us: bool,
+    armed: bool,
+}
+
+impl Drop for SourceGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut g = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        let dirty = g.dirty_log();
+        let _ = dirty.lock().unwrap_or_else(|e| e.into_inner()).disable();
+        if self.paused_by_us {
+            if let Err(e) = g.resume() {
+                tracing::error!("resuming the source VM after a failed migration: {e}");
+            }
+        }
+    }
+}
+
+/// Moves the VM behind `vm` to `opts.to`. On success the source VM is destroyed; on any
+/// failure before the destination holds everything it keeps running here.
+pub fn migrate(
+    vm: &Arc<Mutex<Vm>>,
+    opts: &MigrateOptions,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> Result<Report, MigrationError> {
+    let t0 = Instant::now();
+    let cpu0 = thread_cpu_seconds();
+    let (config, ram, dirty) = {
+        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+        if g.poll() != vmm::RunState::Running {
+            return Err(MigrationError::SourceNotRunning(g.poll().to_string()));
+        }
+        (g.config().clone(), g.ram_arc(), g.dirty_log())
+    };
+    let mut report = Report {
+        transport: Transport::Tcp.name().into(),
+        destination: opts.to.clone(),
+        memory_bytes: config.memory,
+        ..Default::default()
+    };
+    let mut prog = Progress {
+        phase: "prepare".into(),
+        ram_bytes: config.memory,
+        ..Default::default()
+    };
+    progress(&prog);
+
+    let mut conn: Connection = transport::connect(&opts.to, opts.connect_timeout)?;
+    conn.set_read_timeout(Some(opts.peer_timeout))?;
+    let counters = conn.counters.clone();
+    let sampler = Sampler::start(counters.clone(), Duration::from_millis(100));
+    let hello = Hello {
+        version: protocol::VERSION,
+        transport: Transport::Tcp,
+        capabilities: 0,
+    };
+    protocol::write_hello(&mut conn.writer, &hello)?;
+    protocol::read_hello_reply(&mut conn.reader, &hello)?;
+    let mut input = FrameReader::new(&mut conn.reader);
+    let mut sender = Sender {
+        out: FrameWriter::new(&mut conn.writer),
+        ram: &ram,
+        batch: PageBatch::default(),
+        data: Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
+        pages: PageCounts::default(),
+    };
+
+    // 1. Prepare: the destination builds the VM.
+    sender
+        .out
+        .send(Kind::Config, &serde_json::to_vec(&config)?)?;
+    sender.out.flush()?;
+    match input.recv()? {
+        (Kind::Ready, _) => {}
+        (k, _) => {
+            return Err(protocol::ProtocolError::Unexpected {
+                kind: k,
+                state: "waiting for Ready",
+            }
+            .into())
+        }
+    }
+    report.phases.prepare_ms = t0.elapsed().as_millis() as u64;
+
+    let mut guard = SourceGuard {
+        vm,
+        paused_by_us: false,
+        armed: true,
+    };
+    let manual = {
+        let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
+        d.enable()?;
+        d.manual_protect()
+    };
+    report.dirty_log = if manual {
+        "manual-protect"
+    } else {
+        "get-and-clear"
+    }
+    .into();
+
+    // 2. Copy: every page the guest (or we, before boot) ever touched; holes are never read.
+    prog.phase = "copy".into();
+    progress(&prog);
+    let t_copy = Instant::now();
+    let wire0 = counters.sent.load(Ordering::Relaxed);
+    let mut copied = 0u64;
+    for (s, e) in data_extents(ram.backing_file(), ram.size)? {
+        let mut off = s;
+        while off < e {
+            sender.page(off)?;
+            copied += 1;
+            off += PAGE_SIZE;
+            if copied % 16384 == 0 {
+                prog.pages_sent = copied;
+                prog.bytes_on_wire = counters.sent.load(Ordering::Relaxed);
+                progress(&prog);
+            }
+        }
+    }
+    sender.round_end(0, copied)?;
+    let copy_ms = t_copy.elapsed();
+    let copy_bytes = counters.sent.load(Ordering::Relaxed) - wire0;
+    report.rounds.push(Round {
+        pages: copied,
+        bytes: copy_bytes,
+        ms: copy_ms.as_millis() as u64,
+    });
+    report.phases.copy_ms = copy_ms.as_millis() as u64;
+    let mut bw = copy_bytes as f64 / copy_ms.as_secs_f64().max(1e-6);
+
+    // 3. Sync rounds from the dirty log until the rest fits the downtime target.
+    prog.phase = "sync".into();
+    let t_sync = Instant::now();
+    let mut history: Vec<u64> = Vec::new();
+    let mut round = 0u32;
+    let decision = loop {
+        let bitmaps = dirty.lock().unwrap_or_else(|e| e.into_inner()).fetch()?;
+        let dirty_pages: u64 = bitmaps.iter().map(|b| b.count()).sum();
+        // Bytes per dirty page on the wire, as measured (zero pages are cheap).
+        let per_page = if copied > 0 {
+            copy_bytes as f64 / copied as f64
+        } else {
+            PAGE_SIZE as f64
+        };
+        let d = opts.policy.decide(
+            (dirty_pages as f64 * per_page) as u64,
+            bw,
+            &history,
+            t0.elapsed(),
+        );
+        if d != Decision::Continue {
+            break d;
+        }
+        round += 1;
+        let t = Instant::now();
+        let w0 = counters.sent.load(Ordering::Relaxed);
+        let d = dirty.lock().unwrap_or_else(|e| e.into_inner());
+        for b in &bitmaps {
+            d.clear(b)?;
+        }
+        drop(d);
+        for b in &bitmaps {
+            for off in b.pages() {
+                sender.page(off)?;
+            }
+        }
+        sender.round_end(round, dirty_pages)?;
+        let ms = t.elapsed();
+        let bytes = counters.sent.load(Ordering::Relaxed) - w0;
+        if ms.as_millis() > 0 && bytes > 0 {
+            bw = bytes as f64 / ms.as_secs_f64();
+        }
+        history.push(dirty_pages);
+        report.rounds.push(Round {
+            pages: dirty_pages,
+            bytes,
+            ms: ms.as_millis() as u64,
+        });
+        prog.round = round;
+        prog.last_round_pages = dirty_pages;
+        prog.bytes_on_wire = counters.sent.load(Ordering::Relaxed);
+        progress(&prog);
+        if !manual && dirty_pages == 0 {
+            break Decision::Converged;
+        }
+    };
+    report.stop_reason = format!("{decision:?}").to_lowercase();
+    report.phases.sync_ms = t_sync.elapsed().as_millis() as u64;
+
+    // 4. Switchover: pause, last pages, device state; the destination confirms and resumes.
+    prog.phase = "switchover".into();
+    progress(&prog);
+    let t_pause = Instant::now();
+    let state = {
+        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+        g.pause()?;
+        guard.paused_by_us = true;
+        g.capture()?
+    };
+    let w0 = counters.sent.load(Ordering::Relaxed);
+    let bitmaps = dirty.lock().unwrap_or_else(|e| e.into_inner()).fetch()?;
+    let last: u64 = bitmaps.iter().map(|b| b.count()).sum();
+    for b in &bitmaps {
+        for off in b.pages() {
+            sender.page(off)?;
+        }
+    }
+    sender.round_end(round + 1, last)?;
+    sender.out.send(Kind::State, &state.to_bytes())?;
+    sender.out.send(Kind::Done, &[])?;
+    sender.out.flush()?;
+    // From here the destination may hold everything: the source must not resume on its own.
+    guard.armed = false;
+    let confirmed = match input.recv() {
+        Ok((Kind::Confirm, _)) => Ok(()),
+        Ok((k, _)) => Err(MigrationError::OutcomeUnknown(format!(
+            "{k:?} instead of Confirm"
+        ))),
+        Err(e) => Err(MigrationError::OutcomeUnknown(e.to_string())),
+    };
+    if let Err(e) = confirmed {
+        // Keep the VM paused here: it may be running on the destination.
+        return Err(e);
+    }
+    let downtime = t_pause.elapsed();
+    report.rounds.push(Round {
+        pages: last,
+        bytes: counters.sent.load(Ordering::Relaxed) - w0,
+        ms: downtime.as_millis() as u64,
+    });
+    report.downtime_ms = downtime.as_millis() as u64;
+    report.phases.switchover_ms = downtime.as_millis() as u64;
+
+    // 5. Destroy the VM on the source.
+    let t_clean = Instant::now();
+    {
+        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+        g.mark_migrated(&opts.to);
+        g.shutdown();
+    }
+    report.phases.cleanup_ms = t_clean.elapsed().as_millis() as u64;
+    report.total_ms = t0.elapsed().as_millis() as u64;
+    report.pages = sender.pages.clone();
+    let cpu_src = thread_cpu_seconds() - cpu0;
+
+    // The guest's own verdict, from the destination.
+    prog.phase = "verify".into();
+    progress(&prog);
+    let verified: Option<VerifyOutcome> = match input.recv() {
+        Ok((Kind::Verified, p)) => serde_json::from_slice(p).ok(),
+        _ => None,
+    };
+    let (samples, peak) = sampler.finish();
+    report.bytes_on_wire =
+        counters.sent.load(Ordering::Relaxed) + counters.received.load(Ordering::Relaxed);
+    report.avg_gbps = counters.sent.load(Ordering::Relaxed) as f64 * 8.0
+        / 1e9
+        / (report.total_ms.max(1) as f64 / 1e3);
+    report.peak_gbps = peak as f64 / 1e9;
+    report.samples = samples;
+    report.cpu_seconds = CpuSeconds {
+        source: cpu_src,
+        destination: verified.as_ref().map_or(0.0, |v| v.cpu_seconds),
+    };
+    report.guest_verified = verified.as_ref().is_some_and(|v| v.ok);
+    report.guest_verify = verified.map(|v| v.detail);
+    report.status = "completed".into();
+    Ok(report)
+}

@@ -227,7 +227,7 @@ pub fn migrate(
             sender.page(off)?;
             copied += 1;
             off += PAGE_SIZE;
-            if copied % 16384 == 0 {
+            if copied.is_multiple_of(16384) {
                 prog.pages_sent = copied;
                 prog.bytes_on_wire = counters.sent.load(Ordering::Relaxed);
                 progress(&prog);
@@ -335,10 +335,8 @@ pub fn migrate(
         ))),
         Err(e) => Err(MigrationError::OutcomeUnknown(e.to_string())),
     };
-    if let Err(e) = confirmed {
-        // Keep the VM paused here: it may be running on the destination.
-        return Err(e);
-    }
+    // On error the VM stays paused here: it may be running on the destination.
+    confirmed?;
     let downtime = t_pause.elapsed();
     report.rounds.push(Round {
         pages: last,

@@ -205,6 +205,30 @@ impl GuestRam {
         })
     }
 
+    /// Writes `data` at memfd offset `off` through the file, not the mapping: shmem then fills
+    /// fresh pages without zeroing them first, which on fresh memory costs more than the copy.
+    pub fn write_at(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, off)
+    }
+
+    /// Makes [off, off+len) zero by freeing its pages (never reading or allocating them).
+    pub fn zero_range(&self, off: u64, len: u64) -> std::io::Result<()> {
+        // SAFETY: fallocate on our own memfd; the range is checked by the kernel.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     pub fn last_addr(&self) -> u64 {
         self.mem.last_addr().raw_value()
     }

@@ -251,43 +251,41 @@ fn cutting_proxy(
     done
 }
 
-/// Follows the source's byte stream frame by frame (16-byte hello, then 24-byte headers).
-#[derive(Default)]
+/// Follows the source's byte stream frame by frame (16-byte hello, then 24-byte headers
+/// announcing their payload length), across any read boundaries.
 struct FrameWatch {
     bytes: u64,
-    next_frame: u64,
+    next: u64,
+    hdr: Vec<u8>,
     round_ends: u32,
 }
 
-impl FrameWatch {
-    fn feed(&mut self, mut data: &[u8]) {
-        let mut pending: Vec<u8> = Vec::new();
-        if self.next_frame == 0 {
-            self.next_frame = 16;
+impl Default for FrameWatch {
+    fn default() -> Self {
+        FrameWatch {
+            bytes: 0,
+            next: 16,
+            hdr: Vec::with_capacity(24),
+            round_ends: 0,
         }
-        while !data.is_empty() {
-            let end = self.bytes + data.len() as u64;
-            if self.next_frame >= end {
-                self.bytes = end;
-                break;
+    }
+}
+
+impl FrameWatch {
+    fn feed(&mut self, data: &[u8]) {
+        for &b in data {
+            if self.bytes >= self.next {
+                self.hdr.push(b);
+                if self.hdr.len() == 24 {
+                    let len = u32::from_le_bytes(self.hdr[8..12].try_into().unwrap()) as u64;
+                    if self.hdr[0] == 4 {
+                        self.round_ends += 1;
+                    }
+                    self.next += 24 + len;
+                    self.hdr.clear();
+                }
             }
-            // A header starts in this chunk; these tests only need headers that do not straddle.
-            let at = (self.next_frame - self.bytes) as usize;
-            pending.clear();
-            pending.extend_from_slice(&data[at..(at + 24).min(data.len())]);
-            if pending.len() < 24 {
-                self.bytes = end;
-                self.next_frame = u64::MAX;
-                break;
-            }
-            let len = u32::from_le_bytes(pending[8..12].try_into().unwrap()) as u64;
-            if pending[0] == 4 {
-                self.round_ends += 1;
-            }
-            self.next_frame += 24 + len;
-            let consumed = at;
-            self.bytes += consumed as u64;
-            data = &data[consumed..];
+            self.bytes += 1;
         }
     }
 }

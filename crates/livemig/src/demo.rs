@@ -1,13 +1,16 @@
-//! `livemig demo`: the embedded default job. Boots a source VM (1 GiB, 2 vCPUs, workload
-//! `sql`, profile `server`) and a destination on this machine, migrates the running VM over
-//! loopback TCP, prints the summary, writes the report, and exits 0 only if the guest verified
-//! its memory on the destination.
+//! `livemig demo`: the embedded default job. Starts a destination (`livemig receive`, its own
+//! process, as on another host) and a source VM (1 GiB, 2 vCPUs, workload `sql`, profile
+//! `server`), migrates the running VM over loopback TCP, prints the summary, writes the report,
+//! and exits 0 only if the guest verified its memory on the destination.
+use std::io::Read;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest::WorkloadSpec;
-use migration::{MigrateOptions, ReceiveOptions, Report};
+use migration::{MigrateOptions, Report};
+use vmm::api::Client;
 use vmm::profile::MemoryProfile;
 use vmm::{BootSpec, Console, Kernel, Vm, VmConfig};
 
@@ -37,6 +40,72 @@ pub struct DemoArgs {
     pub console: Option<PathBuf>,
 }
 
+/// The destination process; killed if the demo ends early.
+struct Destination {
+    child: std::process::Child,
+    api: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        let _ = Client::new(&self.api).shutdown();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts `livemig receive` on a free loopback port; returns it and its address.
+fn start_destination(
+    console: &Option<PathBuf>,
+) -> Result<(Destination, String), Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("livemig-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let api = dir.join("destination.sock");
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["receive", "--listen", &addr, "--api"]).arg(&api);
+    match console {
+        Some(c) => cmd.arg("--console").arg(c),
+        None => cmd.arg("--console").arg("/dev/null"),
+    };
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    // It says when it listens (connecting to check would take its one accept).
+    let mut err = child.stderr.take().ok_or("no stderr pipe")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let t = Instant::now();
+    while !String::from_utf8_lossy(&seen).contains("waiting for a VM") {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err("the destination did not start listening".into());
+        }
+        match err.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                return Err(
+                    format!("the destination exited: {}", String::from_utf8_lossy(&seen)).into(),
+                )
+            }
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    // Keep draining its stderr so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut err, &mut std::io::sink());
+    });
+    Ok((Destination { child, api, dir }, addr))
+}
+
 pub fn run(a: DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
     let spec = WorkloadSpec::parse(&a.workload, a.memory)?;
     let console = a
@@ -44,26 +113,9 @@ pub fn run(a: DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
         .clone()
         .map(Console::File)
         .unwrap_or(Console::Discard);
-    let listener = transport::Listener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?.to_string();
-    let dst_console = console.clone();
-    let destination = std::thread::Builder::new()
-        .name("destination".into())
-        .spawn(move || {
-            let conn = listener.accept()?;
-            let opts = ReceiveOptions {
-                console: dst_console,
-                ..Default::default()
-            };
-            let (mut vm, _) = migration::receive(conn, &opts)?;
-            // Let the migrated guest run on for a moment, then stop it: the demo is over.
-            std::thread::sleep(Duration::from_millis(500));
-            vm.shutdown();
-            Ok::<_, migration::MigrationError>(())
-        })?;
-
+    let (destination, addr) = start_destination(&a.console)?;
     println!(
-        "source: {} MiB, {} vCPUs, workload {}, memory profile {}; destination {addr}",
+        "source: {} MiB, {} vCPUs, workload {}, memory profile {}; destination: livemig receive on {addr}",
         a.memory >> 20,
         a.vcpus,
         a.workload,
@@ -89,22 +141,10 @@ pub fn run(a: DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
     let vm = Arc::new(Mutex::new(vm));
     let mut opts = MigrateOptions::new(addr);
     opts.policy.downtime_target = Duration::from_millis(a.downtime_ms);
-    let result = migration::migrate(&vm, &opts, &|_| {});
-    let dst = destination
-        .join()
-        .map_err(|_| "the destination thread panicked")?;
-    // The destination's error is the cause when both failed (the source then sees a closed pipe).
-    if let Err(e) = dst {
-        return Err(format!(
-            "destination: {e}{}",
-            result
-                .err()
-                .map(|s| format!("; source: {s}"))
-                .unwrap_or_default()
-        )
-        .into());
-    }
-    let report = result?;
+    let report = migration::migrate(&vm, &opts, &|_| {})?;
+    // The guest runs on at the destination for a moment before the demo stops it.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(destination);
     println!("{}", report.summary());
     if let Some(p) = &a.report {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;

@@ -6,6 +6,8 @@ use std::time::Duration;
 pub struct ConvergencePolicy {
     /// The pause the guest may see.
     pub downtime_target: Duration,
+    /// Switchover work besides the last pages: pause, state capture and load, confirmation.
+    pub switchover_overhead: Duration,
     pub max_rounds: u32,
     pub max_time: Duration,
     /// A round counts as shrinking when it has fewer pages than this fraction of the last.
@@ -18,6 +20,7 @@ impl Default for ConvergencePolicy {
     fn default() -> Self {
         ConvergencePolicy {
             downtime_target: Duration::from_millis(20),
+            switchover_overhead: Duration::from_millis(8),
             max_rounds: 30,
             max_time: Duration::from_secs(300),
             shrink_ratio: 0.9,
@@ -53,7 +56,7 @@ impl ConvergencePolicy {
         } else {
             f64::INFINITY
         };
-        if eta <= self.downtime_target.as_secs_f64() {
+        if eta + self.switchover_overhead.as_secs_f64() <= self.downtime_target.as_secs_f64() {
             return Decision::Converged;
         }
         let n = self.stall_rounds as usize;

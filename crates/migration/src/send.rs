@@ -355,6 +355,8 @@ pub fn migrate(
     }
     report.phases.cleanup_ms = t_clean.elapsed().as_millis() as u64;
     report.total_ms = t0.elapsed().as_millis() as u64;
+    // Samples cover the migration, not the wait for the guest's verdict.
+    let (samples, peak) = sampler.finish();
     report.pages = sender.pages.clone();
     let cpu_src = thread_cpu_seconds() - cpu0;
 
@@ -365,7 +367,6 @@ pub fn migrate(
         Ok((Kind::Verified, p)) => serde_json::from_slice(p).ok(),
         _ => None,
     };
-    let (samples, peak) = sampler.finish();
     report.bytes_on_wire =
         counters.sent.load(Ordering::Relaxed) + counters.received.load(Ordering::Relaxed);
     report.avg_gbps = counters.sent.load(Ordering::Relaxed) as f64 * 8.0

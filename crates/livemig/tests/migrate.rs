@@ -80,6 +80,7 @@ struct Receiver {
     proc: Proc,
     api: PathBuf,
     stderr: Arc<std::sync::Mutex<String>>,
+    stderr_closed: Arc<AtomicBool>,
 }
 
 fn receiver(dir: &Path, name: &str, port: u16) -> Receiver {
@@ -94,7 +95,12 @@ fn receiver(dir: &Path, name: &str, port: u16) -> Receiver {
         .spawn()
         .unwrap();
     let stderr = Arc::new(std::sync::Mutex::new(String::new()));
-    let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+    let stderr_closed = Arc::new(AtomicBool::new(false));
+    let (mut pipe, sink, closed) = (
+        child.stderr.take().unwrap(),
+        stderr.clone(),
+        stderr_closed.clone(),
+    );
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = pipe.read(&mut buf) {
@@ -114,6 +120,7 @@ fn receiver(dir: &Path, name: &str, port: u16) -> Receiver {
         proc: Proc(child),
         api,
         stderr,
+        stderr_closed,
     }
 }
 

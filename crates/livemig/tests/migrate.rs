@@ -420,3 +420,81 @@ fn kvm_receiver_refuses_a_truncated_stream() {
         "ended in the middle",
     );
 }
+
+#[test]
+fn kvm_foreign_guest_migrates_and_its_console_continues() {
+    if !kvm_or_skip("kvm_foreign_guest_migrates_and_its_console_continues") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let kernel = d.path().join("hello.elf");
+    let st = Command::new("cc")
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,--build-id=none",
+            "-Wl,--no-warn-rwx-segments",
+        ])
+        .arg(format!(
+            "-Wl,-T,{}",
+            fixtures.join("hello_pvh.ld").display()
+        ))
+        .arg("-o")
+        .arg(&kernel)
+        .arg(fixtures.join("hello_pvh.S"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let port = free_port();
+    let _dst = receiver(d.path(), "dst", port);
+    let src_api = d.path().join("src.sock");
+    let _src = Proc(
+        Command::new(BIN)
+            .args([
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--memory",
+                "64M",
+                "--vcpus",
+                "1",
+                "--api",
+            ])
+            .arg(&src_api)
+            .arg("--console")
+            .arg(d.path().join("src.console"))
+            .spawn()
+            .unwrap(),
+    );
+    wait(Duration::from_secs(30), "source API", || src_api.exists());
+    let out = migrate(&src_api, port, &d.path().join("r.json"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("r.json")).unwrap()).unwrap();
+    assert_eq!(r["status"], "completed");
+    assert!(
+        r["guest_verify"]
+            .as_str()
+            .unwrap()
+            .starts_with("not verifiable"),
+        "{r}"
+    );
+    let lines = |f: &str| {
+        std::fs::read_to_string(d.path().join(f))
+            .unwrap_or_default()
+            .matches("hello from a foreign PVH guest")
+            .count()
+    };
+    let n = lines("dst.console");
+    wait(
+        Duration::from_secs(10),
+        "the guest printing on at the destination",
+        || lines("dst.console") > n.max(1),
+    );
+}

@@ -6,33 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
-
-fn kvm_or_skip(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        println!("SKIPPED {test}: /dev/kvm is not available");
-        eprintln!("SKIPPED {test}: /dev/kvm is not available");
-    }
-    ok
-}
-
-fn wait(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+mod common;
+use common::{build_foreign_kernel, kvm_or_skip, livemig, wait, BIN};
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -123,10 +100,6 @@ fn receiver(dir: &Path, name: &str, port: u16) -> Receiver {
         stderr,
         stderr_closed,
     }
-}
-
-fn livemig(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
 }
 
 fn status(api: &Path) -> Option<serde_json::Value> {
@@ -427,26 +400,7 @@ fn kvm_foreign_guest_migrates_and_its_console_continues() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let kernel = d.path().join("hello.elf");
-    let st = Command::new("cc")
-        .args([
-            "-nostdlib",
-            "-static",
-            "-no-pie",
-            "-Wl,--build-id=none",
-            "-Wl,--no-warn-rwx-segments",
-        ])
-        .arg(format!(
-            "-Wl,-T,{}",
-            fixtures.join("hello_pvh.ld").display()
-        ))
-        .arg("-o")
-        .arg(&kernel)
-        .arg(fixtures.join("hello_pvh.S"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let kernel = build_foreign_kernel(d.path());
     let port = free_port();
     let _dst = receiver(d.path(), "dst", port);
     let src_api = d.path().join("src.sock");

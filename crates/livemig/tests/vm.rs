@@ -4,21 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
-
-/// KVM tests run only where /dev/kvm opens; otherwise they say so (never a silent pass).
-fn kvm_or_skip(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        println!("SKIPPED {test}: /dev/kvm is not available");
-        eprintln!("SKIPPED {test}: /dev/kvm is not available");
-    }
-    ok
-}
+mod common;
+use common::{build_foreign_kernel, kvm_or_skip, livemig, wait, BIN};
 
 struct Vm {
     child: Child,
@@ -76,10 +63,6 @@ impl Drop for Vm {
     }
 }
 
-fn livemig(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("livemig runs")
-}
-
 fn heartbeats(console: &Path) -> Vec<u64> {
     std::fs::read_to_string(console)
         .unwrap_or_default()
@@ -93,17 +76,6 @@ fn heartbeats(console: &Path) -> Vec<u64> {
                 .ok()
         })
         .collect()
-}
-
-fn wait(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -168,30 +140,6 @@ fn kvm_sql_workload_boots_reports_status_pauses_and_verifies() {
     assert!(livemig(&["shutdown", "--api", vm.api.to_str().unwrap()])
         .status
         .success());
-}
-
-fn build_foreign_kernel(dir: &Path) -> PathBuf {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let out = dir.join("hello.elf");
-    let st = Command::new("cc")
-        .args([
-            "-nostdlib",
-            "-static",
-            "-no-pie",
-            "-Wl,--build-id=none",
-            "-Wl,--no-warn-rwx-segments",
-        ])
-        .arg(format!(
-            "-Wl,-T,{}",
-            fixtures.join("hello_pvh.ld").display()
-        ))
-        .arg("-o")
-        .arg(&out)
-        .arg(fixtures.join("hello_pvh.S"))
-        .status()
-        .expect("the host C compiler runs");
-    assert!(st.success(), "building the foreign PVH kernel failed");
-    out
 }
 
 #[test]

@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+/// KVM tests run only where /dev/kvm opens; otherwise they say so (never a silent pass).
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        println!("SKIPPED {test}: /dev/kvm is not available");
+        eprintln!("SKIPPED {test}: /dev/kvm is not available");
+    }
+    ok
+}
+
+pub fn wait(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn livemig(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("livemig runs")
+}
+
+/// Builds the foreign PVH guest (tests/fixtures/hello_pvh.S) with the host C compiler.
+pub fn build_foreign_kernel(dir: &Path) -> PathBuf {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let out = dir.join("hello.elf");
+    let st = Command::new("cc")
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,--build-id=none",
+            "-Wl,--no-warn-rwx-segments",
+        ])
+        .arg(format!(
+            "-Wl,-T,{}",
+            fixtures.join("hello_pvh.ld").display()
+        ))
+        .arg("-o")
+        .arg(&out)
+        .arg(fixtures.join("hello_pvh.S"))
+        .status()
+        .expect("the host C compiler runs");
+    assert!(st.success(), "building the foreign PVH kernel failed");
+    out
+}

@@ -29,6 +29,9 @@ pub struct DemoArgs {
     pub transport: String,
     #[arg(long, default_value_t = 20)]
     pub downtime_ms: u64,
+    /// Cap what the migration sends (e.g. 200Mbit).
+    #[arg(long, value_parser = crate::parse_rate)]
+    pub max_bandwidth: Option<u64>,
     /// How long the guest runs before the migration starts.
     #[arg(long, default_value_t = 1500)]
     pub run_ms: u64,
@@ -141,6 +144,7 @@ pub fn run(a: DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
     let vm = Arc::new(Mutex::new(vm));
     let mut opts = MigrateOptions::new(addr);
     opts.policy.downtime_target = Duration::from_millis(a.downtime_ms);
+    opts.max_bandwidth = a.max_bandwidth;
     let report = migration::migrate(&vm, &opts, &|_| {})?;
     // The guest runs on at the destination for a moment before the demo stops it.
     std::thread::sleep(Duration::from_millis(300));

@@ -89,6 +89,9 @@ enum Cmd {
         downtime_ms: u64,
         #[arg(long)]
         max_rounds: Option<u32>,
+        /// Cap what the migration sends (e.g. 200Mbit, 1.5Gbit, 100MB), for QoS beside other traffic.
+        #[arg(long, value_parser = parse_rate)]
+        max_bandwidth: Option<u64>,
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -197,6 +200,11 @@ fn serve(vm: Vm, api: Option<&std::path::Path>) -> Result<ExitCode, Box<dyn std:
     drop(server);
     vm.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
     Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
+    transport::parse_rate(s)
+        .ok_or_else(|| format!("{s:?} is not a rate (e.g. 200Mbit, 1.5Gbit, 100MB)"))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -318,10 +326,12 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             to,
             downtime_ms,
             max_rounds,
+            max_bandwidth,
             report,
         } => {
-            let req =
-                serde_json::json!({"to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds});
+            let req = serde_json::json!({
+                "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds, "max_bandwidth": max_bandwidth
+            });
             let r = migrate_cmd::migrate(&api.api, req, report)?;
             println!("{}", r.summary());
             // A foreign guest cannot verify itself; only a failed or missing verify of our

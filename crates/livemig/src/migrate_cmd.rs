@@ -15,6 +15,8 @@ pub struct MigrateRequest {
     pub to: String,
     pub downtime_ms: Option<u64>,
     pub max_rounds: Option<u32>,
+    /// bits/s
+    pub max_bandwidth: Option<u64>,
 }
 
 impl MigrateRequest {
@@ -26,6 +28,7 @@ impl MigrateRequest {
         if let Some(r) = self.max_rounds {
             o.policy.max_rounds = r;
         }
+        o.max_bandwidth = self.max_bandwidth;
         o
     }
 }

@@ -55,6 +55,8 @@ pub struct Report {
     pub pages: PageCounts,
     pub avg_gbps: f64,
     pub peak_gbps: f64,
+    /// The `--max-bandwidth` cap, if any; compare with avg_gbps.
+    pub max_bandwidth_gbps: Option<f64>,
     pub samples: Vec<Sample>,
     pub cpu_seconds: CpuSeconds,
     pub guest_verified: bool,
@@ -101,6 +103,12 @@ impl Report {
             self.avg_gbps,
             self.peak_gbps
         );
+        if let Some(cap) = self.max_bandwidth_gbps {
+            s += &format!(
+                "  bandwidth cap {cap:.3} Gbit/s: achieved {:.1}% of it\n",
+                self.avg_gbps * 100.0 / cap
+            );
+        }
         s += &format!(
             "  cpu {:.2} s source, {:.2} s destination; guest verified on destination: {}",
             self.cpu_seconds.source,

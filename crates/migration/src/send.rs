@@ -21,6 +21,8 @@ pub struct MigrateOptions {
     pub connect_timeout: Duration,
     /// How long to wait for the destination at each handshake step and for its confirmation.
     pub peer_timeout: Duration,
+    /// Cap on what the migration sends, in bits/s, across all its streams.
+    pub max_bandwidth: Option<u64>,
 }
 
 impl MigrateOptions {
@@ -30,6 +32,7 @@ impl MigrateOptions {
             policy: ConvergencePolicy::default(),
             connect_timeout: Duration::from_secs(10),
             peer_timeout: Duration::from_secs(120),
+            max_bandwidth: None,
         }
     }
 }
@@ -163,6 +166,11 @@ pub fn migrate(
 
     let mut conn: Connection = transport::connect(&opts.to, opts.connect_timeout)?;
     conn.set_read_timeout(Some(opts.peer_timeout))?;
+    let limit = opts
+        .max_bandwidth
+        .map(|b| Arc::new(transport::RateLimit::new(b)));
+    conn.set_rate_limit(limit.clone());
+    report.max_bandwidth_gbps = opts.max_bandwidth.map(|b| b as f64 / 1e9);
     let counters = conn.counters.clone();
     let sampler = Sampler::start(counters.clone(), Duration::from_millis(100));
     let hello = Hello {

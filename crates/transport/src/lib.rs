@@ -9,6 +9,77 @@ use std::time::Duration;
 
 const BUF: usize = 1 << 20;
 
+/// A token bucket shared by every stream of one migration, for `--max-bandwidth`.
+/// Writers may go into debt by one write; they then sleep until it is paid off, so the long-run
+/// average holds whatever the write sizes.
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_sec: f64,
+    burst: f64,
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl RateLimit {
+    pub fn new(bits_per_sec: u64) -> Self {
+        let bytes_per_sec = bits_per_sec as f64 / 8.0;
+        // 10 ms of burst: smooth enough for QoS, coarse enough not to spin.
+        let burst = (bytes_per_sec / 100.0).max(64.0 * 1024.0);
+        RateLimit {
+            bytes_per_sec,
+            burst,
+            state: std::sync::Mutex::new((burst, std::time::Instant::now())),
+        }
+    }
+
+    pub fn bits_per_sec(&self) -> u64 {
+        (self.bytes_per_sec * 8.0) as u64
+    }
+
+    /// Takes `n` bytes at time `now`; returns how long the caller must wait before sending.
+    pub fn take_at(&self, n: usize, now: std::time::Instant) -> Duration {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = *st;
+        let refill = now.saturating_duration_since(last).as_secs_f64() * self.bytes_per_sec;
+        let tokens = (tokens + refill).min(self.burst) - n as f64;
+        *st = (tokens, now.max(last));
+        if tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-tokens / self.bytes_per_sec)
+        }
+    }
+
+    pub fn take(&self, n: usize) {
+        let wait = self.take_at(n, std::time::Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// `200Mbit`, `1.5Gbit`, `800Kbit` (bits/s, decimal) or `100MB`, `64MiB` (bytes/s).
+pub fn parse_rate(s: &str) -> Option<u64> {
+    let s = s.trim().trim_end_matches("/s").trim_end_matches("ps");
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    let bits = match unit {
+        "bit" | "b" => v,
+        "Kbit" | "kbit" => v * 1e3,
+        "Mbit" | "mbit" => v * 1e6,
+        "Gbit" | "gbit" => v * 1e9,
+        "B" => v * 8.0,
+        "KB" | "kB" => v * 8e3,
+        "MB" => v * 8e6,
+        "GB" => v * 8e9,
+        "KiB" => v * 8.0 * 1024.0,
+        "MiB" => v * 8.0 * 1024.0 * 1024.0,
+        "GiB" => v * 8.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    (bits >= 1.0).then_some(bits as u64)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("resolving {addr}: {source}")]
@@ -48,15 +119,22 @@ impl<R: Read> Read for CountingReader<R> {
 pub struct CountingWriter<W> {
     inner: W,
     counters: Arc<Counters>,
+    limit: Option<Arc<RateLimit>>,
 }
 
 impl<W: Write> Write for CountingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(l) = &self.limit {
+            l.take(buf.len());
+        }
         let n = self.inner.write(buf)?;
         self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        if let Some(l) = &self.limit {
+            l.take(bufs.iter().map(|b| b.len()).sum());
+        }
         let n = self.inner.write_vectored(bufs)?;
         self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
@@ -101,6 +179,7 @@ impl Connection {
             CountingWriter {
                 inner: stream.try_clone().map_err(cfg)?,
                 counters: counters.clone(),
+                limit: None,
             },
         );
         Ok(Connection {
@@ -110,6 +189,11 @@ impl Connection {
             peer,
             stream,
         })
+    }
+
+    /// Paces everything this connection sends (share one limit across a migration's streams).
+    pub fn set_rate_limit(&mut self, limit: Option<Arc<RateLimit>>) {
+        self.writer.get_mut().limit = limit;
     }
 
     /// A read that waits longer than this fails: how a dead peer is noticed.
@@ -203,6 +287,40 @@ mod tests {
         assert_eq!(recv, 5);
         assert_eq!(c.counters.sent.load(Ordering::Relaxed), 5);
         assert_eq!(&r, b"ok");
+    }
+
+    #[test]
+    fn rate_limit_holds_the_average_whatever_the_write_sizes() {
+        let l = RateLimit::new(80_000_000); // 10 MB/s
+        let t0 = std::time::Instant::now();
+        // 1 MiB writes at t0: the first goes on credit, the rest wait their share.
+        let mut now = t0;
+        let mut sent = 0usize;
+        for _ in 0..20 {
+            let wait = l.take_at(1 << 20, now);
+            now += wait;
+            sent += 1 << 20;
+        }
+        let secs = now.duration_since(t0).as_secs_f64();
+        let rate = sent as f64 / secs;
+        assert!(
+            (rate - 10e6).abs() / 10e6 < 0.06,
+            "{rate} B/s over {secs} s"
+        );
+        // Idle time refills at most the burst, not an unbounded credit.
+        let later = now + Duration::from_secs(10);
+        assert!(l.take_at(1 << 20, later) > Duration::from_millis(50));
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("200Mbit"), Some(200_000_000));
+        assert_eq!(parse_rate("1.5Gbit"), Some(1_500_000_000));
+        assert_eq!(parse_rate("100MB/s"), Some(800_000_000));
+        assert_eq!(parse_rate("64MiB"), Some(64 * 8 * 1024 * 1024));
+        assert_eq!(parse_rate("fast"), None);
+        assert_eq!(parse_rate("10 parsecs"), None);
+        assert_eq!(parse_rate("0Mbit"), None);
     }
 
     #[test]

@@ -24,8 +24,8 @@ pub struct DemoArgs {
     pub workload: String,
     #[arg(long, default_value = "server")]
     pub memory_profile: MemoryProfile,
-    /// Only tcp exists so far.
-    #[arg(long, default_value = "tcp", value_parser = ["tcp"])]
+    /// tcp, or compressed (lz4/zstd per batch, adaptive).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "compressed"])]
     pub transport: String,
     #[arg(long, default_value_t = 20)]
     pub downtime_ms: u64,
@@ -145,6 +145,7 @@ pub fn run(a: DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
     let mut opts = MigrateOptions::new(addr);
     opts.policy.downtime_target = Duration::from_millis(a.downtime_ms);
     opts.max_bandwidth = a.max_bandwidth;
+    opts.transport = a.transport.parse()?;
     let report = migration::migrate(&vm, &opts, &|_| {})?;
     // The guest runs on at the destination for a moment before the demo stops it.
     std::thread::sleep(Duration::from_millis(300));

@@ -92,6 +92,9 @@ enum Cmd {
         /// Cap what the migration sends (e.g. 200Mbit, 1.5Gbit, 100MB), for QoS beside other traffic.
         #[arg(long, value_parser = parse_rate)]
         max_bandwidth: Option<u64>,
+        /// tcp, or compressed (lz4/zstd per batch, falling back to raw when that is faster).
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "compressed"])]
+        transport: String,
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -327,10 +330,12 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             downtime_ms,
             max_rounds,
             max_bandwidth,
+            transport,
             report,
         } => {
             let req = serde_json::json!({
-                "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds, "max_bandwidth": max_bandwidth
+                "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
+                "max_bandwidth": max_bandwidth, "transport": transport
             });
             let r = migrate_cmd::migrate(&api.api, req, report)?;
             println!("{}", r.summary());

@@ -17,11 +17,16 @@ pub struct MigrateRequest {
     pub max_rounds: Option<u32>,
     /// bits/s
     pub max_bandwidth: Option<u64>,
+    /// tcp (default) or compressed
+    pub transport: Option<String>,
 }
 
 impl MigrateRequest {
-    pub fn options(&self) -> MigrateOptions {
+    pub fn options(&self) -> Result<MigrateOptions, String> {
         let mut o = MigrateOptions::new(self.to.clone());
+        if let Some(t) = &self.transport {
+            o.transport = t.parse()?;
+        }
         if let Some(d) = self.downtime_ms {
             o.policy.downtime_target = Duration::from_millis(d);
         }
@@ -29,7 +34,7 @@ impl MigrateRequest {
             o.policy.max_rounds = r;
         }
         o.max_bandwidth = self.max_bandwidth;
-        o
+        Ok(o)
     }
 }
 
@@ -43,7 +48,8 @@ pub fn api_extension() -> Extension {
                 let req: MigrateRequest = serde_json::from_slice(body)
                     .map_err(|e| (400, format!("migrate needs {{\"to\": \"HOST:PORT\"}}: {e}")))?;
                 let p = progress.clone();
-                let report = migration::migrate(vm, &req.options(), &move |pr: &Progress| {
+                let opts = req.options().map_err(|e| (400, e))?;
+                let report = migration::migrate(vm, &opts, &move |pr: &Progress| {
                     *p.lock().unwrap_or_else(|e| e.into_inner()) = Some(pr.clone());
                 })
                 .map_err(|e| (500, e.to_string()))?;

@@ -499,3 +499,47 @@ fn kvm_bandwidth_cap_is_applied_and_reported() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a rate"));
 }
+
+#[test]
+fn kvm_compressed_transport_migrates_and_compresses_on_a_slow_link() {
+    if !kvm_or_skip("kvm_compressed_transport_migrates_and_compresses_on_a_slow_link") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _dst = receiver(d.path(), "dst", port);
+    let (_src, src_api) = source(d.path(), "sql", "256M");
+    let report = d.path().join("r.json");
+    // A capped link is slower than the codecs: the adaptive policy must compress.
+    let out = livemig(&[
+        "migrate",
+        "--api",
+        src_api.to_str().unwrap(),
+        "--to",
+        &format!("127.0.0.1:{port}"),
+        "--transport",
+        "compressed",
+        "--max-bandwidth",
+        "1Gbit",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = check_report(&report);
+    assert_eq!(r["transport"], "compressed");
+    let c = &r["compression"];
+    assert!(r["pages"]["compressed"].as_u64().unwrap() > 0, "{c}");
+    assert!(
+        c["batches_lz4"].as_u64().unwrap() + c["batches_zstd"].as_u64().unwrap() > 0,
+        "{c}"
+    );
+    assert!(
+        c["ratio"].as_f64().unwrap() < 0.9,
+        "server memory compresses: {c}"
+    );
+    assert!(c["codec_cpu_seconds"].as_f64().unwrap() > 0.0);
+}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod codec;
 pub mod policy;
 pub mod protocol;
 pub mod recv;

@@ -21,18 +21,35 @@ const ZERO_FLAG: u64 = 1;
 #[repr(u8)]
 pub enum Transport {
     Tcp = 1,
+    /// Page batches may be lz4/zstd compressed (PagesCompressed frames).
+    Compressed = 2,
 }
 
 impl Transport {
     pub fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
+            Transport::Compressed => "compressed",
         }
     }
     fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Transport::Tcp),
+            2 => Some(Transport::Compressed),
             _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Transport::Tcp),
+            "compressed" => Ok(Transport::Compressed),
+            other => Err(format!(
+                "unknown transport {other:?} (expected tcp or compressed)"
+            )),
         }
     }
 }
@@ -58,6 +75,9 @@ pub enum Kind {
     Verified = 8,
     /// either way: UTF-8 reason; the migration is off.
     Abort = 9,
+    /// src→dst: codec u8, 3 reserved, raw data length u32, then a Pages head (count +
+    /// entries), then the non-zero pages' data compressed as one block.
+    PagesCompressed = 10,
 }
 
 impl Kind {
@@ -72,6 +92,7 @@ impl Kind {
             7 => Kind::Confirm,
             8 => Kind::Verified,
             9 => Kind::Abort,
+            10 => Kind::PagesCompressed,
             _ => return None,
         })
     }
@@ -83,6 +104,8 @@ impl Kind {
             Kind::RoundEnd => 12,
             Kind::Config | Kind::Verified | Kind::Abort => 64 << 10,
             Kind::Pages => 4 + MAX_BATCH_PAGES * (8 + PAGE),
+            // Incompressible data can grow a little; never past this.
+            Kind::PagesCompressed => 8 + 4 + MAX_BATCH_PAGES * (8 + PAGE) + (64 << 10),
             Kind::State => 32 << 20,
         }
     }
@@ -360,28 +383,88 @@ pub struct PageRef<'a> {
 
 /// Checks a Pages payload completely, then returns its pages; `limit` bounds the offsets.
 pub fn decode_pages(payload: &[u8], limit: u64) -> Result<Vec<PageRef<'_>>, ProtocolError> {
-    let bad = |why: String| ProtocolError::Malformed {
-        kind: Kind::Pages,
-        why,
-    };
-    if payload.len() < 4 {
+    let head_len = head_len(payload, Kind::Pages)?;
+    decode_batch(
+        &payload[..head_len],
+        &payload[head_len..],
+        limit,
+        Kind::Pages,
+    )
+}
+
+/// Length of the head (count + entries) at the start of `b`.
+fn head_len(b: &[u8], kind: Kind) -> Result<usize, ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed { kind, why };
+    if b.len() < 4 {
         return Err(bad("shorter than its count".into()));
     }
-    let count = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
+    let count = u32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as usize;
     if count > MAX_BATCH_PAGES {
         return Err(bad(format!(
             "{count} pages, the limit is {MAX_BATCH_PAGES}"
         )));
     }
-    let table_end = 4 + count * 8;
-    if payload.len() < table_end {
+    if b.len() < 4 + count * 8 {
         return Err(bad(format!(
             "{count} entries do not fit in {} bytes",
-            payload.len()
+            b.len()
         )));
     }
+    Ok(4 + count * 8)
+}
+
+/// A PagesCompressed payload, split: codec, head, compressed data, and the raw data length.
+pub struct CompressedBatch<'a> {
+    pub codec: crate::codec::Codec,
+    pub head: &'a [u8],
+    pub data: &'a [u8],
+    pub raw_len: usize,
+}
+
+pub fn split_compressed(payload: &[u8]) -> Result<CompressedBatch<'_>, ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed {
+        kind: Kind::PagesCompressed,
+        why,
+    };
+    if payload.len() < 8 {
+        return Err(bad("shorter than its header".into()));
+    }
+    let codec = crate::codec::Codec::from_u8(payload[0])
+        .ok_or_else(|| bad(format!("unknown codec {}", payload[0])))?;
+    let raw_len = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes")) as usize;
+    let rest = &payload[8..];
+    let head_len = head_len(rest, Kind::PagesCompressed)?;
+    let head = &rest[..head_len];
+    let count = (head_len - 4) / 8;
+    let nonzero = (0..count)
+        .filter(|i| head[4 + i * 8] & ZERO_FLAG as u8 == 0)
+        .count();
+    // Checked before decompressing: a frame cannot make us allocate more than a batch.
+    if raw_len != nonzero * PAGE {
+        return Err(bad(format!(
+            "raw length {raw_len} for {nonzero} data pages"
+        )));
+    }
+    Ok(CompressedBatch {
+        codec,
+        head,
+        data: &rest[head_len..],
+        raw_len,
+    })
+}
+
+/// Decodes a batch from its head and its (uncompressed) page data.
+pub fn decode_batch<'a>(
+    head: &[u8],
+    data_bytes: &'a [u8],
+    limit: u64,
+    kind: Kind,
+) -> Result<Vec<PageRef<'a>>, ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed { kind, why };
+    let count = (head_len(head, kind)? - 4) / 8;
+    let payload = head;
     let mut out = Vec::with_capacity(count);
-    let mut data = table_end;
+    let mut data = 0usize;
     for i in 0..count {
         let e = u64::from_le_bytes(payload[4 + i * 8..12 + i * 8].try_into().expect("8 bytes"));
         let zero = e & ZERO_FLAG != 0;
@@ -397,7 +480,7 @@ pub fn decode_pages(payload: &[u8], limit: u64) -> Result<Vec<PageRef<'_>>, Prot
         if zero {
             out.push(PageRef { offset, data: None });
         } else {
-            let page = payload
+            let page = data_bytes
                 .get(data..data + PAGE)
                 .ok_or_else(|| bad(format!("data for page {i} is missing")))?;
             out.push(PageRef {
@@ -407,8 +490,8 @@ pub fn decode_pages(payload: &[u8], limit: u64) -> Result<Vec<PageRef<'_>>, Prot
             data += PAGE;
         }
     }
-    if data != payload.len() {
-        return Err(bad(format!("{} trailing bytes", payload.len() - data)));
+    if data != data_bytes.len() {
+        return Err(bad(format!("{} trailing bytes", data_bytes.len() - data)));
     }
     Ok(out)
 }
@@ -599,6 +682,34 @@ mod tests {
             }
         );
         assert!(pages[2].data.unwrap().iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn compressed_batches_split_and_refuse_lies() {
+        let head = {
+            let mut b = PageBatch::default();
+            b.push(0, false);
+            b.push(4096, true);
+            b.head()
+        };
+        let frame = |codec: u8, raw: u32| {
+            let mut p = vec![codec, 0, 0, 0];
+            p.extend_from_slice(&raw.to_le_bytes());
+            p.extend_from_slice(&head);
+            p.extend_from_slice(b"compressed bytes");
+            p
+        };
+        let ok = frame(1, 4096);
+        let b = split_compressed(&ok).unwrap();
+        assert_eq!(
+            (b.raw_len, b.head.len(), b.data),
+            (4096, head.len(), &b"compressed bytes"[..])
+        );
+        // A raw length that does not match the data pages (a decompression bomb, say).
+        assert!(split_compressed(&frame(1, 1 << 30)).is_err());
+        assert!(split_compressed(&frame(1, 8192)).is_err());
+        assert!(split_compressed(&frame(7, 4096)).is_err(), "unknown codec");
+        assert!(split_compressed(&ok[..6]).is_err(), "short header");
     }
 
     #[test]

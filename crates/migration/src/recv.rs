@@ -7,7 +7,10 @@ use transport::Connection;
 use vmm::memory::PAGE_SIZE;
 use vmm::{Console, PreparedVm, Vm, VmConfig, VmState};
 
-use crate::protocol::{self, decode_pages, FrameReader, FrameWriter, Kind, ProtocolError};
+use crate::codec;
+use crate::protocol::{
+    self, decode_pages, FrameReader, FrameWriter, Kind, ProtocolError, Transport,
+};
 use crate::{thread_cpu_seconds, MigrationError, VerifyOutcome};
 
 /// Largest VM we agree to build for a peer.
@@ -91,7 +94,8 @@ fn run(
     opts: &ReceiveOptions,
     cpu0: f64,
 ) -> Result<(Vm, ReceiveStats), MigrationError> {
-    protocol::accept_hello(&mut conn.reader, &mut conn.writer)?;
+    let hello = protocol::accept_hello(&mut conn.reader, &mut conn.writer)?;
+    let mut scratch = Vec::new();
     let mut input = FrameReader::new(&mut conn.reader);
     let mut out = FrameWriter::new(&mut conn.writer);
     let mut stats = ReceiveStats::default();
@@ -112,33 +116,16 @@ fn run(
                 RecvState::Receiving { vm }
             }
             (RecvState::Receiving { vm }, Kind::Pages) => {
-                let ram = vm.ram();
-                let pages = decode_pages(payload, ram.size)?;
-                // Runs of consecutive pages of one kind go in one call: data through the memfd,
-                // zero pages as holes.
-                let mut i = 0;
-                while i < pages.len() {
-                    let zero = pages[i].data.is_none();
-                    let mut j = i + 1;
-                    while j < pages.len()
-                        && pages[j].data.is_none() == zero
-                        && pages[j].offset == pages[j - 1].offset + PAGE_SIZE
-                    {
-                        j += 1;
-                    }
-                    let off = pages[i].offset;
-                    if zero {
-                        ram.zero_range(off, (j - i) as u64 * PAGE_SIZE)?;
-                        stats.zero_pages += (j - i) as u64;
-                    } else {
-                        // Consecutive pages are consecutive in the payload too.
-                        let first = pages[i].data.expect("a data run").as_ptr() as usize
-                            - payload.as_ptr() as usize;
-                        ram.write_at(off, &payload[first..first + (j - i) * PAGE_SIZE as usize])?;
-                    }
-                    stats.pages += (j - i) as u64;
-                    i = j;
-                }
+                place(vm.ram(), decode_pages(payload, vm.ram().size)?, &mut stats)?;
+                RecvState::Receiving { vm }
+            }
+            (RecvState::Receiving { vm }, Kind::PagesCompressed)
+                if hello.transport == Transport::Compressed =>
+            {
+                let b = protocol::split_compressed(payload)?;
+                codec::decompress(b.codec, b.data, b.raw_len, &mut scratch)?;
+                let pages = protocol::decode_batch(b.head, &scratch, vm.ram().size, kind)?;
+                place(vm.ram(), pages, &mut stats)?;
                 RecvState::Receiving { vm }
             }
             (RecvState::Receiving { vm }, Kind::RoundEnd) => {
@@ -204,6 +191,49 @@ fn run(
             }
         };
     }
+}
+
+/// Puts a batch's pages at their final place: runs of consecutive pages of one kind in one
+/// call, data through the memfd (no pre-zeroing of fresh pages), zero pages as holes.
+fn place(
+    ram: &vmm::memory::GuestRam,
+    pages: Vec<protocol::PageRef<'_>>,
+    stats: &mut ReceiveStats,
+) -> std::io::Result<()> {
+    let mut i = 0;
+    while i < pages.len() {
+        let zero = pages[i].data.is_none();
+        let mut j = i + 1;
+        let adjacent = |a: &protocol::PageRef<'_>, b: &protocol::PageRef<'_>| match (a.data, b.data)
+        {
+            (None, None) => true,
+            (Some(x), Some(y)) => y.as_ptr() as usize == x.as_ptr() as usize + PAGE_SIZE as usize,
+            _ => false,
+        };
+        while j < pages.len()
+            && adjacent(&pages[j - 1], &pages[j])
+            && pages[j].offset == pages[j - 1].offset + PAGE_SIZE
+        {
+            j += 1;
+        }
+        let off = pages[i].offset;
+        if zero {
+            ram.zero_range(off, (j - i) as u64 * PAGE_SIZE)?;
+            stats.zero_pages += (j - i) as u64;
+        } else if j - i == 1 {
+            ram.write_at(off, pages[i].data.expect("a data page"))?;
+        } else {
+            // Consecutive data pages that sit back to back in the batch go in one write.
+            let first = pages[i].data.expect("a data run").as_ptr();
+            // SAFETY: `adjacent` checked that each of pages i..j starts right where the previous
+            // PAGE_SIZE slice ends, so the run is one contiguous range of the same live buffer.
+            let run = unsafe { std::slice::from_raw_parts(first, (j - i) * PAGE_SIZE as usize) };
+            ram.write_at(off, run)?;
+        }
+        stats.pages += (j - i) as u64;
+        i = j;
+    }
+    Ok(())
 }
 
 fn verify(vm: &Vm, timeout: Duration) -> VerifyOutcome {

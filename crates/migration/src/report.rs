@@ -25,6 +25,21 @@ pub struct PageCounts {
     pub raw_fallback: u64,
 }
 
+/// What the compressed transport did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CompressionReport {
+    /// Wire bytes / raw bytes over the batches that went compressed.
+    pub ratio: f64,
+    pub raw_bytes: u64,
+    pub compressed_bytes: u64,
+    pub batches_lz4: u64,
+    pub batches_zstd: u64,
+    /// Batches sent raw: the policy's choice, or compression that did not pay.
+    pub batches_raw: u64,
+    /// CPU the compression workers used.
+    pub codec_cpu_seconds: f64,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Sample {
     pub t_ms: u64,
@@ -61,6 +76,7 @@ pub struct Report {
     pub cpu_seconds: CpuSeconds,
     pub guest_verified: bool,
     pub guest_verify: Option<String>,
+    pub compression: Option<CompressionReport>,
     pub dirty_log: String,
     pub error: Option<String>,
 }
@@ -103,6 +119,12 @@ impl Report {
             self.avg_gbps,
             self.peak_gbps
         );
+        if let Some(c) = &self.compression {
+            s += &format!(
+                "  compression: {} pages compressed, {} raw fallback; ratio {:.2}; batches lz4 {} / zstd {} / raw {}; codec cpu {:.2} s\n",
+                self.pages.compressed, self.pages.raw_fallback, c.ratio, c.batches_lz4, c.batches_zstd, c.batches_raw, c.codec_cpu_seconds
+            );
+        }
         if let Some(cap) = self.max_bandwidth_gbps {
             s += &format!(
                 "  bandwidth cap {cap:.3} Gbit/s: achieved {:.1}% of it\n",

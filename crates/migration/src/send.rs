@@ -7,11 +7,12 @@ use transport::Connection;
 use vmm::memory::{data_extents, GuestRam, PAGE_SIZE};
 use vmm::Vm;
 
+use crate::codec::{self, Choice, Codec, CodecPolicy};
 use crate::policy::{ConvergencePolicy, Decision};
 use crate::protocol::{
     self, FrameReader, FrameWriter, Hello, Kind, PageBatch, Transport, MAX_BATCH_PAGES,
 };
-use crate::report::{CpuSeconds, PageCounts, Report, Round};
+use crate::report::{CompressionReport, CpuSeconds, PageCounts, Report, Round};
 use crate::{thread_cpu_seconds, MigrationError, Sampler, VerifyOutcome};
 
 #[derive(Clone, Debug)]
@@ -23,6 +24,7 @@ pub struct MigrateOptions {
     pub peer_timeout: Duration,
     /// Cap on what the migration sends, in bits/s, across all its streams.
     pub max_bandwidth: Option<u64>,
+    pub transport: Transport,
 }
 
 impl MigrateOptions {
@@ -33,6 +35,7 @@ impl MigrateOptions {
             connect_timeout: Duration::from_secs(10),
             peer_timeout: Duration::from_secs(120),
             max_bandwidth: None,
+            transport: Transport::Tcp,
         }
     }
 }
@@ -60,12 +63,92 @@ struct Sender<'a> {
     /// in the next round.
     data: Vec<u8>,
     pages: PageCounts,
+    compressor: Option<Compressor>,
 }
 
 fn is_zero(page: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns; align_to splits at alignment boundaries.
     let (pre, words, post) = unsafe { page.align_to::<u64>() };
     pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// A batch on its way through a compression worker.
+struct Job {
+    head: Vec<u8>,
+    data: Vec<u8>,
+    out: Vec<u8>,
+    choice: Choice,
+    secs: f64,
+}
+
+/// Compression workers, pipelined with sending: the main thread copies pages and writes
+/// frames while workers compress the batches in flight.
+struct Compressor {
+    policy: CodecPolicy,
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    done: std::sync::mpsc::Receiver<Job>,
+    workers: Vec<std::thread::JoinHandle<f64>>,
+    in_flight: usize,
+    max_in_flight: usize,
+    spare: Vec<(Vec<u8>, Vec<u8>)>,
+    stats: CompressionReport,
+}
+
+impl Compressor {
+    fn start() -> std::io::Result<Self> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (jtx, jrx) = std::sync::mpsc::sync_channel::<Job>(2 * n);
+        let (dtx, drx) = std::sync::mpsc::channel::<Job>();
+        let jrx = Arc::new(Mutex::new(jrx));
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let (jrx, dtx) = (jrx.clone(), dtx.clone());
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("compress{i}"))
+                    .spawn(move || {
+                        let cpu0 = thread_cpu_seconds();
+                        loop {
+                            let job = jrx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                            let Ok(mut job) = job else { break };
+                            if let Choice::Compress(c) = job.choice {
+                                let t = Instant::now();
+                                if codec::compress(c, &job.data, &mut job.out).is_err() {
+                                    job.choice = Choice::Raw;
+                                }
+                                job.secs = t.elapsed().as_secs_f64();
+                            }
+                            if dtx.send(job).is_err() {
+                                break;
+                            }
+                        }
+                        thread_cpu_seconds() - cpu0
+                    })?,
+            );
+        }
+        Ok(Compressor {
+            policy: CodecPolicy::new(n),
+            jobs: Some(jtx),
+            done: drx,
+            workers,
+            in_flight: 0,
+            max_in_flight: 2 * n,
+            spare: Vec::new(),
+            stats: CompressionReport::default(),
+        })
+    }
+
+    /// Stops the workers; returns their CPU seconds.
+    fn finish(&mut self) -> f64 {
+        self.jobs = None;
+        self.workers.drain(..).filter_map(|w| w.join().ok()).sum()
+    }
+}
+
+impl Drop for Compressor {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 impl Sender<'_> {
@@ -81,8 +164,6 @@ impl Sender<'_> {
         if zero {
             self.data.truncate(start);
             self.pages.zero += 1;
-        } else {
-            self.pages.normal += 1;
         }
         self.batch.push(off, zero);
         if self.batch.len() == MAX_BATCH_PAGES {
@@ -96,14 +177,105 @@ impl Sender<'_> {
             return Ok(());
         }
         let head = self.batch.head();
-        self.out.send_parts(Kind::Pages, &[&head, &self.data])?;
         self.batch.clear();
-        self.data.clear();
-        Ok(())
+        let Some(c) = self.compressor.as_mut() else {
+            self.pages.normal += (self.data.len() / PAGE_SIZE as usize) as u64;
+            self.out.send_parts(Kind::Pages, &[&head, &self.data])?;
+            self.data.clear();
+            return Ok(());
+        };
+        let (data, out) = c.spare.pop().unwrap_or_else(|| {
+            (
+                Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
+                Vec::new(),
+            )
+        });
+        let job = Job {
+            head,
+            data: std::mem::replace(&mut self.data, data),
+            out,
+            choice: c.policy.choose(),
+            secs: 0.0,
+        };
+        let jobs = c
+            .jobs
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("compression stopped"))?;
+        jobs.send(job)
+            .map_err(|_| std::io::Error::other("compression workers are gone"))?;
+        c.in_flight += 1;
+        self.drain(false)
+    }
+
+    /// Writes finished batches; with `all`, waits for every batch in flight.
+    fn drain(&mut self, all: bool) -> std::io::Result<()> {
+        loop {
+            let Some(c) = self.compressor.as_mut() else {
+                return Ok(());
+            };
+            if c.in_flight == 0 {
+                return Ok(());
+            }
+            let job = if all || c.in_flight >= c.max_in_flight {
+                c.done
+                    .recv()
+                    .map_err(|_| std::io::Error::other("compression workers are gone"))?
+            } else {
+                match c.done.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => return Ok(()),
+                }
+            };
+            c.in_flight -= 1;
+            let pages = (job.data.len() / PAGE_SIZE as usize) as u64;
+            let raw = job.data.len();
+            let t = Instant::now();
+            let wire = match job.choice {
+                Choice::Compress(codec) => {
+                    c.policy.record_codec(codec, raw, job.out.len(), job.secs);
+                    // Worth sending compressed only if it saved something real.
+                    if job.out.len() < raw - raw / 16 {
+                        let mut hdr = [0u8; 8];
+                        hdr[0] = codec as u8;
+                        hdr[4..8].copy_from_slice(&(raw as u32).to_le_bytes());
+                        self.out
+                            .send_parts(Kind::PagesCompressed, &[&hdr, &job.head, &job.out])?;
+                        self.pages.compressed += pages;
+                        c.stats.raw_bytes += raw as u64;
+                        c.stats.compressed_bytes += job.out.len() as u64;
+                        match codec {
+                            Codec::Lz4 => c.stats.batches_lz4 += 1,
+                            Codec::Zstd => c.stats.batches_zstd += 1,
+                        }
+                        job.out.len()
+                    } else {
+                        self.out.send_parts(Kind::Pages, &[&job.head, &job.data])?;
+                        self.pages.raw_fallback += pages;
+                        c.stats.batches_raw += 1;
+                        raw
+                    }
+                }
+                Choice::Raw => {
+                    self.out.send_parts(Kind::Pages, &[&job.head, &job.data])?;
+                    self.pages.normal += pages;
+                    c.stats.batches_raw += 1;
+                    raw
+                }
+            };
+            // Flushed per frame so the time is the socket's: buffered bytes would make any link
+            // look as fast as memcpy.
+            self.out.flush()?;
+            c.policy.record_link(wire, t.elapsed().as_secs_f64());
+            let (mut data, mut out) = (job.data, job.out);
+            data.clear();
+            out.clear();
+            c.spare.push((data, out));
+        }
     }
 
     fn round_end(&mut self, round: u32, pages: u64) -> std::io::Result<()> {
         self.flush_batch()?;
+        self.drain(true)?;
         let mut p = [0u8; 12];
         p[..4].copy_from_slice(&round.to_le_bytes());
         p[4..].copy_from_slice(&pages.to_le_bytes());
@@ -152,7 +324,7 @@ pub fn migrate(
         (g.config().clone(), g.ram_arc(), g.dirty_log())
     };
     let mut report = Report {
-        transport: Transport::Tcp.name().into(),
+        transport: opts.transport.name().into(),
         destination: opts.to.clone(),
         memory_bytes: config.memory,
         ..Default::default()
@@ -175,7 +347,7 @@ pub fn migrate(
     let sampler = Sampler::start(counters.clone(), Duration::from_millis(100));
     let hello = Hello {
         version: protocol::VERSION,
-        transport: Transport::Tcp,
+        transport: opts.transport,
         capabilities: 0,
     };
     protocol::write_hello(&mut conn.writer, &hello)?;
@@ -187,6 +359,10 @@ pub fn migrate(
         batch: PageBatch::default(),
         data: Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
         pages: PageCounts::default(),
+        compressor: match opts.transport {
+            Transport::Compressed => Some(Compressor::start()?),
+            Transport::Tcp => None,
+        },
     };
 
     // 1. Prepare: the destination builds the VM.
@@ -366,6 +542,16 @@ pub fn migrate(
     // Samples cover the migration, not the wait for the guest's verdict.
     let (samples, peak) = sampler.finish();
     report.pages = sender.pages.clone();
+    if let Some(c) = sender.compressor.as_mut() {
+        let mut r = c.stats.clone();
+        r.codec_cpu_seconds = c.finish();
+        r.ratio = if r.raw_bytes > 0 {
+            r.compressed_bytes as f64 / r.raw_bytes as f64
+        } else {
+            1.0
+        };
+        report.compression = Some(r);
+    }
     let cpu_src = thread_cpu_seconds() - cpu0;
 
     // The guest's own verdict, from the destination.

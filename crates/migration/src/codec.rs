@@ -1,0 +1,325 @@
+//! Page-batch compression (lz4, zstd) and the adaptive choice between them and raw.
+//!
+//! The choice is made per batch from measured rates: compressing pays only when the codec,
+//! spread over the workers, delivers more useful bytes per second than the link carries raw.
+//! A fast link, incompressible pages or a CPU taken by the guest all make raw win; that is
+//! Hyper-V's fallback, decided continuously.
+use crate::protocol::ProtocolError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[repr(u8)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    Lz4 = 1,
+    Zstd = 2,
+}
+
+impl Codec {
+    pub fn from_u8(v: u8) -> Option<Codec> {
+        match v {
+            1 => Some(Codec::Lz4),
+            2 => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// Level 3: on the `server` profile 0.56 of raw at ~390 MB/s a core, against 0.61 at level 1
+/// (680 MB/s) and 0.55 at level 9 (110 MB/s); lz4 gives 0.68 at ~900 MB/s.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Compresses `input` into `out` (cleared first).
+pub fn compress(codec: Codec, input: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+    out.clear();
+    match codec {
+        Codec::Lz4 => {
+            out.resize(lz4_flex::block::get_maximum_output_size(input.len()), 0);
+            let n = lz4_flex::block::compress_into(input, out).map_err(std::io::Error::other)?;
+            out.truncate(n);
+        }
+        Codec::Zstd => {
+            out.resize(zstd::zstd_safe::compress_bound(input.len()), 0);
+            let n = zstd::bulk::compress_to_buffer(input, out, ZSTD_LEVEL)?;
+            out.truncate(n);
+        }
+    }
+    Ok(())
+}
+
+/// Decompresses into `out`, which must come out exactly `raw_len` bytes long.
+pub fn decompress(
+    codec: Codec,
+    input: &[u8],
+    raw_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed {
+        kind: crate::protocol::Kind::PagesCompressed,
+        why,
+    };
+    out.clear();
+    out.resize(raw_len, 0);
+    let n =
+        match codec {
+            Codec::Lz4 => lz4_flex::block::decompress_into(input, out)
+                .map_err(|e| bad(format!("lz4: {e}")))?,
+            Codec::Zstd => zstd::bulk::decompress_to_buffer(input, out)
+                .map_err(|e| bad(format!("zstd: {e}")))?,
+        };
+    if n != raw_len {
+        return Err(bad(format!(
+            "decompressed to {n} bytes, the frame said {raw_len}"
+        )));
+    }
+    Ok(())
+}
+
+/// What to do with the next batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Raw,
+    Compress(Codec),
+}
+
+/// Running estimates, in bytes per second of *input*; ratio = compressed / raw.
+#[derive(Clone, Copy, Debug)]
+pub struct CodecStats {
+    pub speed: f64,
+    pub ratio: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct CodecPolicy {
+    /// Bytes/s the link took raw frames at, as measured.
+    pub link: f64,
+    pub lz4: CodecStats,
+    pub zstd: CodecStats,
+    pub workers: usize,
+    /// Compression must beat raw by this factor to be worth its CPU.
+    pub margin: f64,
+    batches: u64,
+}
+
+const EWMA: f64 = 0.2;
+/// Every this many batches the policy tries what it is not using, to keep its figures fresh.
+pub const PROBE_EVERY: u64 = 16;
+
+impl CodecPolicy {
+    pub fn new(workers: usize) -> Self {
+        CodecPolicy {
+            // Optimistic starting points; the first batches replace them.
+            link: 125e6,
+            lz4: CodecStats {
+                speed: 1.5e9,
+                ratio: 0.6,
+            },
+            zstd: CodecStats {
+                speed: 0.4e9,
+                ratio: 0.55,
+            },
+            workers: workers.max(1),
+            margin: 1.1,
+            batches: 0,
+        }
+    }
+
+    /// Useful bytes per second each way of sending would deliver.
+    pub fn throughput(&self, c: Choice) -> f64 {
+        match c {
+            Choice::Raw => self.link,
+            Choice::Compress(codec) => {
+                let s = match codec {
+                    Codec::Lz4 => self.lz4,
+                    Codec::Zstd => self.zstd,
+                };
+                (s.speed * self.workers as f64).min(self.link / s.ratio.max(0.01))
+            }
+        }
+    }
+
+    /// The best choice on current figures.
+    pub fn best(&self) -> Choice {
+        let lz4 = self.throughput(Choice::Compress(Codec::Lz4));
+        let zstd = self.throughput(Choice::Compress(Codec::Zstd));
+        let (c, t) = if zstd > lz4 {
+            (Codec::Zstd, zstd)
+        } else {
+            (Codec::Lz4, lz4)
+        };
+        if t > self.link * self.margin {
+            Choice::Compress(c)
+        } else {
+            Choice::Raw
+        }
+    }
+
+    /// The choice for the next batch: the best, except for periodic probes of the others.
+    pub fn choose(&mut self) -> Choice {
+        self.batches += 1;
+        let best = self.best();
+        match (self.batches % PROBE_EVERY, best) {
+            (0, Choice::Raw) | (0, Choice::Compress(Codec::Zstd)) => Choice::Compress(Codec::Lz4),
+            (8, Choice::Raw) | (8, Choice::Compress(Codec::Lz4)) => Choice::Compress(Codec::Zstd),
+            _ => best,
+        }
+    }
+
+    pub fn record_codec(&mut self, codec: Codec, raw: usize, compressed: usize, secs: f64) {
+        if raw == 0 || secs <= 0.0 {
+            return;
+        }
+        let s = match codec {
+            Codec::Lz4 => &mut self.lz4,
+            Codec::Zstd => &mut self.zstd,
+        };
+        s.speed = s.speed * (1.0 - EWMA) + (raw as f64 / secs) * EWMA;
+        s.ratio = s.ratio * (1.0 - EWMA) + (compressed as f64 / raw as f64) * EWMA;
+    }
+
+    pub fn record_link(&mut self, bytes: usize, secs: f64) {
+        if bytes >= 64 << 10 && secs > 0.0 {
+            self.link = self.link * (1.0 - EWMA) + (bytes as f64 / secs) * EWMA;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_page(i: usize) -> Vec<u8> {
+        format!("page {i}: the quick brown fox jumps over the lazy dog; ")
+            .repeat(80)
+            .into_bytes()[..4096]
+            .to_vec()
+    }
+
+    #[test]
+    fn codecs_round_trip_compressible_and_incompressible_data() {
+        let mut text = Vec::new();
+        for i in 0..64 {
+            text.extend(text_page(i));
+        }
+        let mut random = vec![0u8; 64 * 4096];
+        let mut x = 0x12345678u64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for codec in [Codec::Lz4, Codec::Zstd] {
+            for (name, data) in [("text", &text), ("random", &random)] {
+                let mut c = Vec::new();
+                compress(codec, data, &mut c).unwrap();
+                let mut d = Vec::new();
+                decompress(codec, &c, data.len(), &mut d).unwrap();
+                assert!(d == *data, "{codec:?} {name}");
+                if name == "text" {
+                    assert!(c.len() < data.len() / 4, "{codec:?} compresses text");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_compressed_data_is_refused() {
+        let mut c = Vec::new();
+        compress(Codec::Lz4, &text_page(1), &mut c).unwrap();
+        let mut d = Vec::new();
+        assert!(
+            decompress(Codec::Lz4, &c, 8192, &mut d).is_err(),
+            "wrong length"
+        );
+        assert!(
+            decompress(Codec::Zstd, &c, 4096, &mut d).is_err(),
+            "wrong codec"
+        );
+        assert!(
+            decompress(Codec::Lz4, &c[..c.len() / 2], 4096, &mut d).is_err(),
+            "truncated"
+        );
+        assert!(decompress(Codec::Zstd, b"garbage", 4096, &mut d).is_err());
+    }
+
+    #[test]
+    fn slow_link_and_compressible_pages_compress() {
+        let mut p = CodecPolicy::new(2);
+        p.link = 117e6; // 1 GbE
+        p.lz4 = CodecStats {
+            speed: 1.5e9,
+            ratio: 0.5,
+        };
+        p.zstd = CodecStats {
+            speed: 0.5e9,
+            ratio: 0.35,
+        };
+        assert_eq!(p.best(), Choice::Compress(Codec::Zstd));
+    }
+
+    #[test]
+    fn fast_link_sends_raw() {
+        let mut p = CodecPolicy::new(2);
+        p.link = 5e9; // faster than any codec on two workers
+        p.lz4 = CodecStats {
+            speed: 1.5e9,
+            ratio: 0.5,
+        };
+        assert_eq!(p.best(), Choice::Raw);
+    }
+
+    #[test]
+    fn incompressible_pages_send_raw() {
+        let mut p = CodecPolicy::new(2);
+        p.link = 117e6;
+        p.lz4 = CodecStats {
+            speed: 1.5e9,
+            ratio: 0.99,
+        };
+        p.zstd = CodecStats {
+            speed: 0.5e9,
+            ratio: 0.98,
+        };
+        assert_eq!(p.best(), Choice::Raw);
+    }
+
+    #[test]
+    fn contended_cpu_sends_raw() {
+        let mut p = CodecPolicy::new(1);
+        p.link = 117e6;
+        // The guest holds the CPU: the codec crawls.
+        p.lz4 = CodecStats {
+            speed: 60e6,
+            ratio: 0.5,
+        };
+        p.zstd = CodecStats {
+            speed: 20e6,
+            ratio: 0.35,
+        };
+        assert_eq!(p.best(), Choice::Raw);
+    }
+
+    #[test]
+    fn measurements_move_the_choice_and_probes_keep_coming() {
+        let mut p = CodecPolicy::new(2);
+        p.link = 117e6;
+        for _ in 0..40 {
+            p.record_codec(Codec::Lz4, 1 << 20, 1 << 20, 0.001);
+            p.record_codec(Codec::Zstd, 1 << 20, 1 << 20, 0.003);
+        }
+        assert_eq!(p.best(), Choice::Raw, "incompressible now");
+        let picks: Vec<Choice> = (0..PROBE_EVERY).map(|_| p.choose()).collect();
+        assert!(
+            picks.contains(&Choice::Compress(Codec::Lz4))
+                && picks.contains(&Choice::Compress(Codec::Zstd))
+        );
+        assert_eq!(
+            picks.iter().filter(|c| **c == Choice::Raw).count() as u64,
+            PROBE_EVERY - 2
+        );
+        for _ in 0..40 {
+            p.record_link(1 << 20, 0.0005); // a 2 GB/s link
+        }
+        assert!(p.link > 1.5e9);
+    }
+}

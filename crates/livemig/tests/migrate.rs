@@ -114,15 +114,22 @@ fn heartbeat(api: &Path) -> u64 {
 }
 
 fn migrate(api: &Path, port: u16, report: &Path) -> Output {
-    livemig(&[
+    migrate_with(api, port, report, &[])
+}
+
+fn migrate_with(api: &Path, port: u16, report: &Path, extra: &[&str]) -> Output {
+    let to = format!("127.0.0.1:{port}");
+    let mut args = vec![
         "migrate",
         "--api",
         api.to_str().unwrap(),
         "--to",
-        &format!("127.0.0.1:{port}"),
+        &to,
         "--report",
         report.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    livemig(&args)
 }
 
 fn check_report(report: &Path) -> serde_json::Value {
@@ -463,17 +470,7 @@ fn kvm_bandwidth_cap_is_applied_and_reported() {
     let _dst = receiver(d.path(), "dst", port);
     let (_src, src_api) = source(d.path(), "idle", "128M");
     let report = d.path().join("r.json");
-    let out = livemig(&[
-        "migrate",
-        "--api",
-        src_api.to_str().unwrap(),
-        "--to",
-        &format!("127.0.0.1:{port}"),
-        "--max-bandwidth",
-        "2Gbit",
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let out = migrate_with(&src_api, port, &report, &["--max-bandwidth", "2Gbit"]);
     assert!(
         out.status.success(),
         "{}",
@@ -511,19 +508,12 @@ fn kvm_compressed_transport_migrates_and_compresses_on_a_slow_link() {
     let (_src, src_api) = source(d.path(), "sql", "256M");
     let report = d.path().join("r.json");
     // A capped link is slower than the codecs: the adaptive policy must compress.
-    let out = livemig(&[
-        "migrate",
-        "--api",
-        src_api.to_str().unwrap(),
-        "--to",
-        &format!("127.0.0.1:{port}"),
-        "--transport",
-        "compressed",
-        "--max-bandwidth",
-        "1Gbit",
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let out = migrate_with(
+        &src_api,
+        port,
+        &report,
+        &["--transport", "compressed", "--max-bandwidth", "1Gbit"],
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -29,6 +29,9 @@ pub struct DemoArgs {
     pub transport: String,
     #[arg(long, default_value_t = 20)]
     pub downtime_ms: u64,
+    /// Page streams beside the control connection (multichannel).
+    #[arg(long, default_value_t = 0)]
+    pub channels: u16,
     /// Cap what the migration sends (e.g. 200Mbit).
     #[arg(long, value_parser = crate::parse_rate)]
     pub max_bandwidth: Option<u64>,
@@ -146,6 +149,7 @@ pub fn run(a: DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
     opts.policy.downtime_target = Duration::from_millis(a.downtime_ms);
     opts.max_bandwidth = a.max_bandwidth;
     opts.transport = a.transport.parse()?;
+    opts.channels = a.channels;
     let report = migration::migrate(&vm, &opts, &|_| {})?;
     // The guest runs on at the destination for a moment before the demo stops it.
     std::thread::sleep(Duration::from_millis(300));

@@ -95,6 +95,12 @@ enum Cmd {
         /// tcp, or compressed (lz4/zstd per batch, falling back to raw when that is faster).
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "compressed"])]
         transport: String,
+        /// Page streams beside the control connection, all to --to (multichannel).
+        #[arg(long, default_value_t = 0)]
+        channels: u16,
+        /// One page stream per NIC pair: LOCAL>REMOTE,... (e.g. 10.0.1.1>10.0.1.2,10.0.2.1>10.0.2.2).
+        #[arg(long)]
+        network: Option<String>,
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -312,12 +318,11 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         } => {
             let listener = transport::Listener::bind(&listen)?;
             eprintln!("livemig: waiting for a VM on {}", listener.local_addr()?);
-            let conn = listener.accept()?;
             let opts = migration::ReceiveOptions {
                 console: console(con),
                 ..Default::default()
             };
-            let (vm, stats) = migration::receive(conn, &opts)?;
+            let (vm, stats) = migration::receive(&listener, &opts)?;
             eprintln!(
                 "livemig: VM received ({} pages, {} zero, {} rounds) and running",
                 stats.pages, stats.zero_pages, stats.rounds
@@ -331,11 +336,14 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             max_rounds,
             max_bandwidth,
             transport,
+            channels,
+            network,
             report,
         } => {
             let req = serde_json::json!({
                 "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
-                "max_bandwidth": max_bandwidth, "transport": transport
+                "max_bandwidth": max_bandwidth, "transport": transport,
+                "channels": channels, "network": network
             });
             let r = migrate_cmd::migrate(&api.api, req, report)?;
             println!("{}", r.summary());

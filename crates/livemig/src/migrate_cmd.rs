@@ -19,6 +19,30 @@ pub struct MigrateRequest {
     pub max_bandwidth: Option<u64>,
     /// tcp (default) or compressed
     pub transport: Option<String>,
+    /// Page streams to `to`.
+    pub channels: Option<u16>,
+    /// LOCAL>REMOTE,... one page stream per NIC pair.
+    pub network: Option<String>,
+}
+
+/// `10.0.1.1>10.0.1.2,10.0.2.1>10.0.2.2` into (local address, remote host) pairs.
+pub fn parse_network(s: &str) -> Result<Vec<(std::net::IpAddr, String)>, String> {
+    s.split(',')
+        .map(|pair| {
+            let (l, r) = pair
+                .split_once('>')
+                .ok_or_else(|| format!("{pair:?} is not LOCAL>REMOTE"))?;
+            let local = l
+                .trim()
+                .parse()
+                .map_err(|e| format!("local address {l:?}: {e}"))?;
+            let remote = r.trim();
+            if remote.is_empty() {
+                return Err(format!("{pair:?} has no remote address"));
+            }
+            Ok((local, remote.to_string()))
+        })
+        .collect()
 }
 
 impl MigrateRequest {
@@ -34,6 +58,10 @@ impl MigrateRequest {
             o.policy.max_rounds = r;
         }
         o.max_bandwidth = self.max_bandwidth;
+        o.channels = self.channels.unwrap_or(0);
+        if let Some(n) = &self.network {
+            o.network = parse_network(n)?;
+        }
         Ok(o)
     }
 }

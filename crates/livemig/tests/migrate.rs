@@ -533,3 +533,123 @@ fn kvm_compressed_transport_migrates_and_compresses_on_a_slow_link() {
     );
     assert!(c["codec_cpu_seconds"].as_f64().unwrap() > 0.0);
 }
+
+/// Forwards every connection to `to`; the `cut_conn`-th one accepted (0 = control) is closed
+/// after `cut_after` bytes from the source.
+fn multi_proxy(listen: u16, to: u16, cut_conn: usize, cut_after: u64) -> Arc<AtomicBool> {
+    let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let flag = cut.clone();
+    std::thread::spawn(move || {
+        for (n, a) in l.incoming().enumerate() {
+            let Ok(mut a) = a else { break };
+            let Ok(mut b) = TcpStream::connect(("127.0.0.1", to)) else {
+                break;
+            };
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a2);
+            });
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut sent = 0u64;
+                loop {
+                    let k = match a.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => k,
+                    };
+                    sent += k as u64;
+                    if n == cut_conn && sent > cut_after {
+                        flag.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    if b.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+                let _ = a.shutdown(std::net::Shutdown::Both);
+                let _ = b.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    cut
+}
+
+#[test]
+fn kvm_one_page_stream_failing_aborts_cleanly() {
+    if !kvm_or_skip("kvm_one_page_stream_failing_aborts_cleanly") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (dst_port, proxy_port) = (free_port(), free_port());
+    let mut dst = receiver(d.path(), "dst", dst_port);
+    let (_src, src_api) = source(d.path(), "sql", "512M");
+    // Connection 2 is the second page stream; it dies 10 MiB in.
+    let cut = multi_proxy(proxy_port, dst_port, 2, 10 << 20);
+    let out = migrate_with(
+        &src_api,
+        proxy_port,
+        &d.path().join("r.json"),
+        &["--channels", "2"],
+    );
+    assert!(
+        !out.status.success(),
+        "a failed stream must fail the migration"
+    );
+    assert!(cut.load(Ordering::SeqCst));
+    wait(Duration::from_secs(90), "destination exit", || {
+        dst.proc.0.try_wait().unwrap().is_some()
+    });
+    assert!(!dst.proc.0.try_wait().unwrap().unwrap().success());
+    let st = status(&src_api).expect("source still answers");
+    assert_eq!(st["state"], "running", "{st}");
+    let hb = st["heartbeat"].as_u64().unwrap();
+    wait(Duration::from_secs(5), "source heartbeat rising", || {
+        heartbeat(&src_api) > hb
+    });
+    // Two streams, each from its own local address, with compression: the whole combination.
+    let port2 = free_port();
+    let _dst2 = receiver(d.path(), "dst2", port2);
+    let out = migrate_with(
+        &src_api,
+        port2,
+        &d.path().join("r2.json"),
+        &[
+            "--network",
+            "127.0.0.1>127.0.0.1,127.0.0.2>127.0.0.1",
+            "--transport",
+            "compressed",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = check_report(&d.path().join("r2.json"));
+    assert_eq!(r["transport"], "compressed");
+}
+
+#[test]
+fn kvm_multichannel_migrates_under_stress() {
+    if !kvm_or_skip("kvm_multichannel_migrates_under_stress") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _dst = receiver(d.path(), "dst", port);
+    let (_src, src_api) = source(d.path(), "stress", "512M");
+    let out = migrate_with(
+        &src_api,
+        port,
+        &d.path().join("r.json"),
+        &["--channels", "4"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_report(&d.path().join("r.json"));
+}

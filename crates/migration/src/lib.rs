@@ -29,6 +29,8 @@ pub enum MigrationError {
     DirtyLog(#[from] vmm::dirty::DirtyLogError),
     #[error("encoding: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("a page stream failed; the migration is off")]
+    StreamFailed,
     #[error("the source VM is {0}; only a running VM migrates")]
     SourceNotRunning(String),
     #[error(
@@ -66,25 +68,41 @@ pub fn thread_cpu_seconds() -> f64 {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-/// Samples a connection's sent-bytes counter every `interval` into bits/s.
+/// The bytes a migration's connections sent, summed.
+#[derive(Clone, Default)]
+pub struct Wire(pub Vec<Arc<transport::Counters>>);
+
+impl Wire {
+    pub fn sent(&self) -> u64 {
+        self.0.iter().map(|c| c.sent.load(Ordering::Relaxed)).sum()
+    }
+    pub fn received(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|c| c.received.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Samples the sent-bytes counters every `interval` into bits/s.
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Vec<report::Sample>>>,
 }
 
 impl Sampler {
-    pub fn start(counters: Arc<transport::Counters>, interval: Duration) -> Self {
+    pub fn start(counters: Wire, interval: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("sampler".into())
             .spawn(move || {
                 let t0 = Instant::now();
-                let mut last = (t0, counters.sent.load(Ordering::Relaxed));
+                let mut last = (t0, counters.sent());
                 let mut out = Vec::new();
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(interval);
-                    let now = (Instant::now(), counters.sent.load(Ordering::Relaxed));
+                    let now = (Instant::now(), counters.sent());
                     let dt = now.0.duration_since(last.0).as_secs_f64();
                     out.push(report::Sample {
                         t_ms: now.0.duration_since(t0).as_millis() as u64,

@@ -155,6 +155,58 @@ fn read_full(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<()
     Ok(())
 }
 
+/// Page streams a migration may open beside its control connection.
+pub const MAX_STREAMS: u16 = 16;
+const DATA_MAGIC: [u8; 4] = *b"LVMD";
+
+/// The Config frame's payload: the VM to build and the page streams that will follow.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Prepare {
+    pub vm: vmm::VmConfig,
+    /// Page streams beside the control connection; 0 = pages travel on the control connection.
+    pub streams: u16,
+    /// Ties the page streams to this migration.
+    pub session: u64,
+}
+
+/// First 16 bytes on a page stream: magic `LVMD`, version, stream index, session.
+pub fn write_data_hello(w: &mut impl Write, index: u16, session: u64) -> io::Result<()> {
+    let mut b = [0u8; HELLO_LEN];
+    b[..4].copy_from_slice(&DATA_MAGIC);
+    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b[6..8].copy_from_slice(&index.to_le_bytes());
+    b[8..16].copy_from_slice(&session.to_le_bytes());
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Reads a page stream's hello; returns its index.
+pub fn read_data_hello(
+    r: &mut impl Read,
+    session: u64,
+    streams: u16,
+) -> Result<u16, ProtocolError> {
+    let mut b = [0u8; HELLO_LEN];
+    read_full(r, &mut b, "a page stream's handshake")?;
+    let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
+    if magic != DATA_MAGIC {
+        return Err(ProtocolError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != VERSION {
+        return Err(ProtocolError::Version { theirs: version });
+    }
+    let index = u16::from_le_bytes([b[6], b[7]]);
+    let theirs = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+    if theirs != session || index >= streams {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::Config,
+            why: format!("page stream {index} of session {theirs:#x} does not belong to session {session:#x} with {streams} streams"),
+        });
+    }
+    Ok(index)
+}
+
 /// What the source offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
@@ -239,6 +291,11 @@ pub struct FrameWriter<W: Write> {
 impl<W: Write> FrameWriter<W> {
     pub fn new(w: W) -> Self {
         FrameWriter { w, seq: 0 }
+    }
+
+    /// Continues a stream whose first `seq` frames another writer sent.
+    pub fn with_seq(w: W, seq: u32) -> Self {
+        FrameWriter { w, seq }
     }
 
     /// Sends one frame whose payload is the concatenation of `parts` (no copy into one buffer).
@@ -664,6 +721,42 @@ mod tests {
         assert!(matches!(
             accept_hello(&mut Cursor::new(hello[..7].to_vec()), &mut Vec::new()),
             Err(ProtocolError::Truncated(_))
+        ));
+    }
+
+    #[test]
+    fn data_stream_hello_checks_session_and_index() {
+        let mut b = Vec::new();
+        write_data_hello(&mut b, 1, 0xabc).unwrap();
+        assert_eq!(
+            read_data_hello(&mut Cursor::new(b.clone()), 0xabc, 2).unwrap(),
+            1
+        );
+        assert!(
+            read_data_hello(&mut Cursor::new(b.clone()), 0xabd, 2).is_err(),
+            "other session"
+        );
+        assert!(
+            read_data_hello(&mut Cursor::new(b.clone()), 0xabc, 1).is_err(),
+            "index out of range"
+        );
+        assert!(matches!(
+            read_data_hello(&mut Cursor::new(b[..9].to_vec()), 0xabc, 2),
+            Err(ProtocolError::Truncated(_))
+        ));
+        let mut h = Vec::new();
+        write_hello(
+            &mut h,
+            &Hello {
+                version: VERSION,
+                transport: Transport::Tcp,
+                capabilities: 0,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            read_data_hello(&mut Cursor::new(h), 0, 2),
+            Err(ProtocolError::BadMagic(_))
         ));
     }
 

@@ -35,19 +35,69 @@ impl Default for ReceiveOptions {
     }
 }
 
-enum RecvState {
-    AwaitConfig,
-    Receiving { vm: PreparedVm },
-    AwaitDone { vm: PreparedVm, state: Box<VmState> },
+/// A barrier for the page streams' round markers that a failing stream can break, so no
+/// thread waits forever for a peer that died.
+struct RoundBarrier {
+    n: usize,
+    /// (waiting, generation, aborted, streams finished)
+    state: std::sync::Mutex<(usize, u64, bool, usize)>,
+    cv: std::sync::Condvar,
 }
 
-impl RecvState {
-    fn name(&self) -> &'static str {
-        match self {
-            RecvState::AwaitConfig => "waiting for the VM config",
-            RecvState::Receiving { .. } => "receiving memory",
-            RecvState::AwaitDone { .. } => "waiting for the end of the stream",
+impl RoundBarrier {
+    fn new(n: usize) -> Self {
+        RoundBarrier {
+            n,
+            state: std::sync::Mutex::new((0, 0, false, 0)),
+            cv: std::sync::Condvar::new(),
         }
+    }
+
+    fn wait(&self) -> Result<(), MigrationError> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if g.2 {
+            return Err(MigrationError::StreamFailed);
+        }
+        g.0 += 1;
+        if g.0 == self.n {
+            g.0 = 0;
+            g.1 += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let gen = g.1;
+        while g.1 == gen && !g.2 {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        if g.2 {
+            Err(MigrationError::StreamFailed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A stream delivered its Done.
+    fn finished(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).3 += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until every stream delivered its Done (the control connection's pages come after).
+    fn wait_all_finished(&self) -> Result<(), MigrationError> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while g.3 < self.n && !g.2 {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        if g.2 {
+            Err(MigrationError::StreamFailed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn abort(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
+        self.cv.notify_all();
     }
 }
 
@@ -69,14 +119,16 @@ fn check_config(c: &VmConfig) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-/// Receives one VM over `conn`. Returns it running; on any error nothing is left behind.
+/// Receives one VM: accepts its control connection and page streams on `listener`. Returns
+/// the VM running; on any error nothing is left behind.
 pub fn receive(
-    mut conn: Connection,
+    listener: &transport::Listener,
     opts: &ReceiveOptions,
 ) -> Result<(Vm, ReceiveStats), MigrationError> {
+    let mut conn = listener.accept()?;
     conn.set_read_timeout(Some(opts.peer_timeout))?;
     let cpu0 = thread_cpu_seconds();
-    let result = run(&mut conn, opts, cpu0);
+    let result = run(&mut conn, listener, opts, cpu0);
     if let Err(e) = &result {
         // Best effort: tell the source why, so it can say so too.
         if !matches!(e, MigrationError::Protocol(ProtocolError::PeerAborted(_))) {
@@ -91,44 +143,197 @@ pub fn receive(
 
 fn run(
     conn: &mut Connection,
+    listener: &transport::Listener,
     opts: &ReceiveOptions,
     cpu0: f64,
 ) -> Result<(Vm, ReceiveStats), MigrationError> {
     let hello = protocol::accept_hello(&mut conn.reader, &mut conn.writer)?;
-    let mut scratch = Vec::new();
+    let control = conn.shutdown_handle()?;
     let mut input = FrameReader::new(&mut conn.reader);
     let mut out = FrameWriter::new(&mut conn.writer);
+
+    // Prepare: build the VM and take the page streams it announces.
+    let prep: protocol::Prepare = match input.recv()? {
+        (Kind::Config, p) => serde_json::from_slice(p).map_err(|e| ProtocolError::Malformed {
+            kind: Kind::Config,
+            why: e.to_string(),
+        })?,
+        (k, _) => {
+            return Err(ProtocolError::Unexpected {
+                kind: k,
+                state: "waiting for the VM config",
+            }
+            .into())
+        }
+    };
+    check_config(&prep.vm)?;
+    if prep.streams > protocol::MAX_STREAMS {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::Config,
+            why: format!(
+                "{} page streams, the limit is {}",
+                prep.streams,
+                protocol::MAX_STREAMS
+            ),
+        }
+        .into());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut slots: Vec<Option<Connection>> = (0..prep.streams).map(|_| None).collect();
+    for _ in 0..prep.streams {
+        let mut c = listener.accept_until(deadline)?;
+        c.set_read_timeout(Some(opts.peer_timeout))?;
+        let i = protocol::read_data_hello(&mut c.reader, prep.session, prep.streams)? as usize;
+        if slots[i].replace(c).is_some() {
+            return Err(ProtocolError::Malformed {
+                kind: Kind::Config,
+                why: format!("page stream {i} connected twice"),
+            }
+            .into());
+        }
+    }
+    let streams: Vec<Connection> = slots.into_iter().flatten().collect();
+    if !streams.is_empty() {
+        // The control connection is quiet while the streams carry the rounds; a dead peer
+        // shows on the streams, which then close it.
+        control.set_read_timeout(Some(opts.peer_timeout.max(Duration::from_secs(3600))))?;
+    }
+    let prepared = PreparedVm::new(&prep.vm)?;
+    out.send(Kind::Ready, &[])?;
+    out.flush()?;
+
+    let handles: Vec<transport::ShutdownHandle> = streams
+        .iter()
+        .map(|c| c.shutdown_handle())
+        .collect::<Result<_, _>>()?;
+    let barrier = RoundBarrier::new(streams.len());
+    let (state, stats) =
+        std::thread::scope(|sc| -> Result<(VmState, ReceiveStats), MigrationError> {
+            let ram = prepared.ram();
+            let workers: Vec<_> = streams
+                .into_iter()
+                .map(|c| {
+                    let (barrier, control) = (&barrier, &control);
+                    sc.spawn(move || {
+                        let r = page_stream(c, ram, barrier, hello.transport);
+                        if r.is_err() {
+                            barrier.abort();
+                            control.shutdown();
+                        }
+                        r
+                    })
+                })
+                .collect();
+            let r = control_loop(&mut input, ram, hello.transport, &barrier);
+            if r.is_err() {
+                barrier.abort();
+                for h in &handles {
+                    h.shutdown();
+                }
+            }
+            let mut stats = ReceiveStats::default();
+            let mut first_err = None;
+            for w in workers {
+                match w.join() {
+                    Ok(Ok(s)) => {
+                        stats.pages += s.pages;
+                        stats.zero_pages += s.zero_pages;
+                    }
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(MigrationError::StreamFailed);
+                    }
+                }
+            }
+            // The stream that failed first says why better than the control connection it closed.
+            let (state, control_stats) = match (r, first_err) {
+                (Ok(v), None) => v,
+                (_, Some(e)) => return Err(e),
+                (Err(e), None) => return Err(e),
+            };
+            stats.pages += control_stats.pages;
+            stats.zero_pages += control_stats.zero_pages;
+            stats.rounds = control_stats.rounds;
+            Ok((state, stats))
+        })?;
+
+    // Everything is here: load the state paused, confirm, then run.
+    let mut vm = prepared.finish(&state, &opts.console, true)?;
+    out.send(Kind::Confirm, &[])?;
+    out.flush()?;
+    vm.resume()?;
+    let t = Instant::now();
+    let outcome = verify(&vm, opts.verify_timeout);
+    tracing::info!(
+        "guest verify on the destination took {:?}: {}",
+        t.elapsed(),
+        outcome.detail
+    );
+    let outcome = VerifyOutcome {
+        cpu_seconds: thread_cpu_seconds() - cpu0,
+        ..outcome
+    };
+    out.send(Kind::Verified, &serde_json::to_vec(&outcome)?)?;
+    out.flush()?;
+    let _ = out.inner().flush();
+    Ok((vm, stats))
+}
+
+/// Places one page frame (plain or compressed) into guest RAM.
+fn take_pages(
+    kind: Kind,
+    payload: &[u8],
+    ram: &vmm::memory::GuestRam,
+    transport: Transport,
+    scratch: &mut Vec<u8>,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
+    match kind {
+        Kind::Pages => place(ram, decode_pages(payload, ram.size)?, stats)?,
+        Kind::PagesCompressed if transport == Transport::Compressed => {
+            let b = protocol::split_compressed(payload)?;
+            codec::decompress(b.codec, b.data, b.raw_len, scratch)?;
+            place(
+                ram,
+                protocol::decode_batch(b.head, scratch, ram.size, kind)?,
+                stats,
+            )?;
+        }
+        k => {
+            return Err(ProtocolError::Unexpected {
+                kind: k,
+                state: "receiving memory over a transport that does not send it",
+            }
+            .into())
+        }
+    }
+    Ok(())
+}
+
+/// The control connection after Ready: pages (single-stream), round ends, state, done.
+fn control_loop(
+    input: &mut FrameReader<
+        &mut std::io::BufReader<transport::CountingReader<std::net::TcpStream>>,
+    >,
+    ram: &vmm::memory::GuestRam,
+    transport: Transport,
+    streams: &RoundBarrier,
+) -> Result<(VmState, ReceiveStats), MigrationError> {
     let mut stats = ReceiveStats::default();
-    let mut st = RecvState::AwaitConfig;
+    let mut scratch = Vec::new();
+    let mut state: Option<VmState> = None;
     loop {
         let (kind, payload) = input.recv()?;
-        st = match (st, kind) {
-            (RecvState::AwaitConfig, Kind::Config) => {
-                let config: VmConfig =
-                    serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed {
-                        kind,
-                        why: e.to_string(),
-                    })?;
-                check_config(&config)?;
-                let vm = PreparedVm::new(&config)?;
-                out.send(Kind::Ready, &[])?;
-                out.flush()?;
-                RecvState::Receiving { vm }
+        match (kind, &state) {
+            (Kind::Pages | Kind::PagesCompressed, None) => {
+                // With page streams, the control connection carries only the last (paused)
+                // round, which must land after everything the streams brought.
+                streams.wait_all_finished()?;
+                take_pages(kind, payload, ram, transport, &mut scratch, &mut stats)?
             }
-            (RecvState::Receiving { vm }, Kind::Pages) => {
-                place(vm.ram(), decode_pages(payload, vm.ram().size)?, &mut stats)?;
-                RecvState::Receiving { vm }
-            }
-            (RecvState::Receiving { vm }, Kind::PagesCompressed)
-                if hello.transport == Transport::Compressed =>
-            {
-                let b = protocol::split_compressed(payload)?;
-                codec::decompress(b.codec, b.data, b.raw_len, &mut scratch)?;
-                let pages = protocol::decode_batch(b.head, &scratch, vm.ram().size, kind)?;
-                place(vm.ram(), pages, &mut stats)?;
-                RecvState::Receiving { vm }
-            }
-            (RecvState::Receiving { vm }, Kind::RoundEnd) => {
+            (Kind::RoundEnd, None) => {
                 if payload.len() != 12 {
                     return Err(ProtocolError::Malformed {
                         kind,
@@ -137,59 +342,72 @@ fn run(
                     .into());
                 }
                 stats.rounds += 1;
-                RecvState::Receiving { vm }
             }
-            (RecvState::Receiving { vm }, Kind::State) => {
-                let state = VmState::from_bytes(payload).map_err(|e| ProtocolError::Malformed {
+            (Kind::State, None) => {
+                let s = VmState::from_bytes(payload).map_err(|e| ProtocolError::Malformed {
                     kind,
                     why: e.to_string(),
                 })?;
-                if state.config.memory != vm.ram().size {
+                if s.config.memory != ram.size {
                     return Err(ProtocolError::Malformed {
                         kind,
                         why: format!(
                             "state is for {} bytes of RAM, the VM has {}",
-                            state.config.memory,
-                            vm.ram().size
+                            s.config.memory, ram.size
                         ),
                     }
                     .into());
                 }
-                RecvState::AwaitDone {
-                    vm,
-                    state: Box::new(state),
-                }
+                state = Some(s);
             }
-            (RecvState::AwaitDone { vm, state }, Kind::Done) => {
-                // Everything is here: load the state paused, confirm, then run.
-                let mut vm = vm.finish(&state, &opts.console, true)?;
-                out.send(Kind::Confirm, &[])?;
-                out.flush()?;
-                vm.resume()?;
-                let t = Instant::now();
-                let outcome = verify(&vm, opts.verify_timeout);
-                tracing::info!(
-                    "guest verify on the destination took {:?}: {}",
-                    t.elapsed(),
-                    outcome.detail
-                );
-                let outcome = VerifyOutcome {
-                    cpu_seconds: thread_cpu_seconds() - cpu0,
-                    ..outcome
-                };
-                out.send(Kind::Verified, &serde_json::to_vec(&outcome)?)?;
-                out.flush()?;
-                let _ = out.inner().flush();
-                return Ok((vm, stats));
+            (Kind::Done, Some(_)) => {
+                return Ok((state.take().expect("matched Some"), stats));
             }
-            (s, k) => {
+            (k, s) => {
                 return Err(ProtocolError::Unexpected {
                     kind: k,
-                    state: s.name(),
+                    state: if s.is_some() {
+                        "waiting for the end of the stream"
+                    } else {
+                        "receiving memory"
+                    },
                 }
                 .into())
             }
-        };
+        }
+    }
+}
+
+/// One page stream: pages until Done, meeting the other streams at every round end.
+fn page_stream(
+    mut conn: Connection,
+    ram: &vmm::memory::GuestRam,
+    barrier: &RoundBarrier,
+    transport: Transport,
+) -> Result<ReceiveStats, MigrationError> {
+    let mut input = FrameReader::new(&mut conn.reader);
+    let mut stats = ReceiveStats::default();
+    let mut scratch = Vec::new();
+    loop {
+        let (kind, payload) = input.recv()?;
+        match kind {
+            Kind::Pages | Kind::PagesCompressed => {
+                take_pages(kind, payload, ram, transport, &mut scratch, &mut stats)?
+            }
+            // No stream applies round k+1 before every stream applied round k.
+            Kind::RoundEnd if payload.len() == 12 => barrier.wait()?,
+            Kind::Done => {
+                barrier.finished();
+                return Ok(stats);
+            }
+            k => {
+                return Err(ProtocolError::Unexpected {
+                    kind: k,
+                    state: "on a page stream",
+                }
+                .into())
+            }
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::protocol::{
     self, FrameReader, FrameWriter, Hello, Kind, PageBatch, Transport, MAX_BATCH_PAGES,
 };
 use crate::report::{CompressionReport, CpuSeconds, PageCounts, Report, Round};
-use crate::{thread_cpu_seconds, MigrationError, Sampler, VerifyOutcome};
+use crate::{thread_cpu_seconds, MigrationError, Sampler, VerifyOutcome, Wire};
 
 #[derive(Clone, Debug)]
 pub struct MigrateOptions {
@@ -25,6 +25,11 @@ pub struct MigrateOptions {
     /// Cap on what the migration sends, in bits/s, across all its streams.
     pub max_bandwidth: Option<u64>,
     pub transport: Transport,
+    /// Page streams beside the control connection (0: pages go on the control connection).
+    pub channels: u16,
+    /// Per page stream, the local address to leave from and the remote host to reach (the
+    /// port is `to`'s): one NIC pair each. Overrides `channels` when set.
+    pub network: Vec<(std::net::IpAddr, String)>,
 }
 
 impl MigrateOptions {
@@ -36,6 +41,8 @@ impl MigrateOptions {
             peer_timeout: Duration::from_secs(120),
             max_bandwidth: None,
             transport: Transport::Tcp,
+            channels: 0,
+            network: Vec::new(),
         }
     }
 }
@@ -64,6 +71,89 @@ struct Sender<'a> {
     data: Vec<u8>,
     pages: PageCounts,
     compressor: Option<Compressor>,
+    /// Page streams; empty = pages go on the control connection.
+    channels: Vec<Channel>,
+}
+
+enum ChannelMsg {
+    Frame(Kind, Vec<Vec<u8>>),
+    RoundEnd([u8; 12]),
+    Done,
+}
+
+/// One page stream: a thread writing frames from its own queue to its own connection.
+struct Channel {
+    tx: Option<std::sync::mpsc::SyncSender<ChannelMsg>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    shutdown: transport::ShutdownHandle,
+}
+
+impl Channel {
+    fn start(index: usize, mut conn: Connection) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ChannelMsg>(4);
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let q = queued.clone();
+        let shutdown = conn.shutdown_handle()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("stream{index}"))
+            .spawn(move || {
+                let mut out = FrameWriter::new(&mut conn.writer);
+                for msg in rx {
+                    match msg {
+                        ChannelMsg::Frame(kind, parts) => {
+                            let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+                            out.send_parts(kind, &refs)?;
+                            q.fetch_sub(parts.iter().map(|p| p.len()).sum(), Ordering::Relaxed);
+                        }
+                        ChannelMsg::RoundEnd(p) => {
+                            out.send(Kind::RoundEnd, &p)?;
+                            out.flush()?;
+                        }
+                        ChannelMsg::Done => {
+                            out.send(Kind::Done, &[])?;
+                            out.flush()?;
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        Ok(Channel {
+            tx: Some(tx),
+            queued,
+            thread: Some(thread),
+            shutdown,
+        })
+    }
+
+    fn send(&self, msg: ChannelMsg) -> std::io::Result<()> {
+        self.tx
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("page stream closed"))?
+            .send(msg)
+            .map_err(|_| std::io::Error::other("a page stream failed"))
+    }
+
+    /// Waits for the stream's thread; its error if it failed.
+    fn join(&mut self) -> std::io::Result<()> {
+        self.tx = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(std::io::Error::other("a page stream thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // On failure the thread may be blocked writing to a dead peer: unblock it.
+        if self.thread.is_some() {
+            self.shutdown.shutdown();
+            let _ = self.join();
+        }
+    }
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -90,7 +180,6 @@ struct Compressor {
     workers: Vec<std::thread::JoinHandle<f64>>,
     in_flight: usize,
     max_in_flight: usize,
-    spare: Vec<(Vec<u8>, Vec<u8>)>,
     stats: CompressionReport,
 }
 
@@ -133,7 +222,6 @@ impl Compressor {
             workers,
             in_flight: 0,
             max_in_flight: 2 * n,
-            spare: Vec::new(),
             stats: CompressionReport::default(),
         })
     }
@@ -152,6 +240,22 @@ impl Drop for Compressor {
 }
 
 impl Sender<'_> {
+    /// Sends a page frame: on the control connection, or on the least loaded page stream.
+    fn emit(&mut self, kind: Kind, parts: Vec<Vec<u8>>) -> std::io::Result<()> {
+        if self.channels.is_empty() {
+            let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+            return self.out.send_parts(kind, &refs);
+        }
+        let ch = self
+            .channels
+            .iter()
+            .min_by_key(|c| c.queued.load(Ordering::Relaxed))
+            .expect("channels is not empty");
+        ch.queued
+            .fetch_add(parts.iter().map(|p| p.len()).sum(), Ordering::Relaxed);
+        ch.send(ChannelMsg::Frame(kind, parts))
+    }
+
     /// Queues one page (memfd offset); sends a batch frame when full.
     fn page(&mut self, off: u64) -> std::io::Result<()> {
         let src = self
@@ -180,16 +284,22 @@ impl Sender<'_> {
         self.batch.clear();
         let Some(c) = self.compressor.as_mut() else {
             self.pages.normal += (self.data.len() / PAGE_SIZE as usize) as u64;
-            self.out.send_parts(Kind::Pages, &[&head, &self.data])?;
-            self.data.clear();
+            if self.channels.is_empty() {
+                self.out.send_parts(Kind::Pages, &[&head, &self.data])?;
+                self.data.clear();
+            } else {
+                let data = std::mem::replace(
+                    &mut self.data,
+                    Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
+                );
+                self.emit(Kind::Pages, vec![head, data])?;
+            }
             return Ok(());
         };
-        let (data, out) = c.spare.pop().unwrap_or_else(|| {
-            (
-                Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
-                Vec::new(),
-            )
-        });
+        let (data, out) = (
+            Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
+            Vec::new(),
+        );
         let job = Job {
             head,
             data: std::mem::replace(&mut self.data, data),
@@ -229,17 +339,14 @@ impl Sender<'_> {
             c.in_flight -= 1;
             let pages = (job.data.len() / PAGE_SIZE as usize) as u64;
             let raw = job.data.len();
-            let t = Instant::now();
-            let wire = match job.choice {
+            let (kind, parts) = match job.choice {
                 Choice::Compress(codec) => {
                     c.policy.record_codec(codec, raw, job.out.len(), job.secs);
                     // Worth sending compressed only if it saved something real.
                     if job.out.len() < raw - raw / 16 {
-                        let mut hdr = [0u8; 8];
+                        let mut hdr = vec![0u8; 8];
                         hdr[0] = codec as u8;
                         hdr[4..8].copy_from_slice(&(raw as u32).to_le_bytes());
-                        self.out
-                            .send_parts(Kind::PagesCompressed, &[&hdr, &job.head, &job.out])?;
                         self.pages.compressed += pages;
                         c.stats.raw_bytes += raw as u64;
                         c.stats.compressed_bytes += job.out.len() as u64;
@@ -247,29 +354,31 @@ impl Sender<'_> {
                             Codec::Lz4 => c.stats.batches_lz4 += 1,
                             Codec::Zstd => c.stats.batches_zstd += 1,
                         }
-                        job.out.len()
+                        (Kind::PagesCompressed, vec![hdr, job.head, job.out])
                     } else {
-                        self.out.send_parts(Kind::Pages, &[&job.head, &job.data])?;
                         self.pages.raw_fallback += pages;
                         c.stats.batches_raw += 1;
-                        raw
+                        (Kind::Pages, vec![job.head, job.data])
                     }
                 }
                 Choice::Raw => {
-                    self.out.send_parts(Kind::Pages, &[&job.head, &job.data])?;
                     self.pages.normal += pages;
                     c.stats.batches_raw += 1;
-                    raw
+                    (Kind::Pages, vec![job.head, job.data])
                 }
             };
-            // Flushed per frame so the time is the socket's: buffered bytes would make any link
-            // look as fast as memcpy.
-            self.out.flush()?;
-            c.policy.record_link(wire, t.elapsed().as_secs_f64());
-            let (mut data, mut out) = (job.data, job.out);
-            data.clear();
-            out.clear();
-            c.spare.push((data, out));
+            let wire: usize = parts.iter().map(|p| p.len()).sum();
+            let t = Instant::now();
+            self.emit(kind, parts)?;
+            // Flushed per frame so the time is the socket's (a page stream's bounded queue
+            // blocks the same way): buffered bytes would make any link look as fast as memcpy.
+            if self.channels.is_empty() {
+                self.out.flush()?;
+            }
+            let secs = t.elapsed().as_secs_f64();
+            if let Some(c) = self.compressor.as_mut() {
+                c.policy.record_link(wire, secs);
+            }
         }
     }
 
@@ -279,8 +388,24 @@ impl Sender<'_> {
         let mut p = [0u8; 12];
         p[..4].copy_from_slice(&round.to_le_bytes());
         p[4..].copy_from_slice(&pages.to_le_bytes());
+        for ch in &self.channels {
+            ch.send(ChannelMsg::RoundEnd(p))?;
+        }
         self.out.send(Kind::RoundEnd, &p)?;
         self.out.flush()
+    }
+
+    /// Ends every page stream and waits until each has written all it was given.
+    fn finish_channels(&mut self) -> std::io::Result<()> {
+        for ch in &self.channels {
+            ch.send(ChannelMsg::Done)?;
+        }
+        for ch in &mut self.channels {
+            ch.join()?;
+        }
+        // From here pages go on the control connection.
+        self.channels.clear();
+        Ok(())
     }
 }
 
@@ -343,8 +468,6 @@ pub fn migrate(
         .map(|b| Arc::new(transport::RateLimit::new(b)));
     conn.set_rate_limit(limit.clone());
     report.max_bandwidth_gbps = opts.max_bandwidth.map(|b| b as f64 / 1e9);
-    let counters = conn.counters.clone();
-    let sampler = Sampler::start(counters.clone(), Duration::from_millis(100));
     let hello = Hello {
         version: protocol::VERSION,
         transport: opts.transport,
@@ -352,9 +475,54 @@ pub fn migrate(
     };
     protocol::write_hello(&mut conn.writer, &hello)?;
     protocol::read_hello_reply(&mut conn.reader, &hello)?;
+
+    // The page streams: one per NIC pair with --network, else --channels to the same address.
+    let port = opts
+        .to
+        .rsplit_once(':')
+        .map(|(_, p)| p.to_string())
+        .unwrap_or_default();
+    let targets: Vec<(Option<std::net::IpAddr>, String)> = if opts.network.is_empty() {
+        (0..opts.channels)
+            .map(|_| (None, opts.to.clone()))
+            .collect()
+    } else {
+        opts.network
+            .iter()
+            .map(|(l, r)| (Some(*l), format!("{r}:{port}")))
+            .collect()
+    };
+    let streams = targets.len().min(protocol::MAX_STREAMS as usize) as u16;
+    let session = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        ^ (std::process::id() as u64) << 32;
+    let prepare = protocol::Prepare {
+        vm: config.clone(),
+        streams,
+        session,
+    };
+    {
+        let mut out = FrameWriter::new(&mut conn.writer);
+        out.send(Kind::Config, &serde_json::to_vec(&prepare)?)?;
+        out.flush()?;
+    }
+    let mut wire = Wire(vec![conn.counters.clone()]);
+    let mut channels = Vec::with_capacity(streams as usize);
+    for (i, (local, remote)) in targets.iter().take(streams as usize).enumerate() {
+        let mut c = match local {
+            Some(l) => transport::connect_from(*l, remote, opts.connect_timeout)?,
+            None => transport::connect(remote, opts.connect_timeout)?,
+        };
+        c.set_rate_limit(limit.clone());
+        protocol::write_data_hello(&mut c.writer, i as u16, session)?;
+        wire.0.push(c.counters.clone());
+        channels.push(Channel::start(i, c)?);
+    }
+    let sampler = Sampler::start(wire.clone(), Duration::from_millis(100));
     let mut input = FrameReader::new(&mut conn.reader);
     let mut sender = Sender {
-        out: FrameWriter::new(&mut conn.writer),
+        out: FrameWriter::with_seq(&mut conn.writer, 1),
         ram: &ram,
         batch: PageBatch::default(),
         data: Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
@@ -363,13 +531,10 @@ pub fn migrate(
             Transport::Compressed => Some(Compressor::start()?),
             Transport::Tcp => None,
         },
+        channels,
     };
 
     // 1. Prepare: the destination builds the VM.
-    sender
-        .out
-        .send(Kind::Config, &serde_json::to_vec(&config)?)?;
-    sender.out.flush()?;
     match input.recv()? {
         (Kind::Ready, _) => {}
         (k, _) => {
@@ -403,7 +568,7 @@ pub fn migrate(
     prog.phase = "copy".into();
     progress(&prog);
     let t_copy = Instant::now();
-    let wire0 = counters.sent.load(Ordering::Relaxed);
+    let wire0 = wire.sent();
     let mut copied = 0u64;
     for (s, e) in data_extents(ram.backing_file(), ram.size)? {
         let mut off = s;
@@ -413,14 +578,14 @@ pub fn migrate(
             off += PAGE_SIZE;
             if copied.is_multiple_of(16384) {
                 prog.pages_sent = copied;
-                prog.bytes_on_wire = counters.sent.load(Ordering::Relaxed);
+                prog.bytes_on_wire = wire.sent();
                 progress(&prog);
             }
         }
     }
     sender.round_end(0, copied)?;
     let copy_ms = t_copy.elapsed();
-    let copy_bytes = counters.sent.load(Ordering::Relaxed) - wire0;
+    let copy_bytes = wire.sent() - wire0;
     report.rounds.push(Round {
         pages: copied,
         bytes: copy_bytes,
@@ -454,7 +619,7 @@ pub fn migrate(
         }
         round += 1;
         let t = Instant::now();
-        let w0 = counters.sent.load(Ordering::Relaxed);
+        let w0 = wire.sent();
         let d = dirty.lock().unwrap_or_else(|e| e.into_inner());
         for b in &bitmaps {
             d.clear(b)?;
@@ -467,7 +632,7 @@ pub fn migrate(
         }
         sender.round_end(round, dirty_pages)?;
         let ms = t.elapsed();
-        let bytes = counters.sent.load(Ordering::Relaxed) - w0;
+        let bytes = wire.sent() - w0;
         if ms.as_millis() > 0 && bytes > 0 {
             bw = bytes as f64 / ms.as_secs_f64();
         }
@@ -479,7 +644,7 @@ pub fn migrate(
         });
         prog.round = round;
         prog.last_round_pages = dirty_pages;
-        prog.bytes_on_wire = counters.sent.load(Ordering::Relaxed);
+        prog.bytes_on_wire = wire.sent();
         progress(&prog);
         if !manual && dirty_pages == 0 {
             break Decision::Converged;
@@ -487,6 +652,10 @@ pub fn migrate(
     };
     report.stop_reason = format!("{decision:?}").to_lowercase();
     report.phases.sync_ms = t_sync.elapsed().as_millis() as u64;
+
+    // The page streams end before the pause: the paused last round is small and goes on the
+    // control connection, so stream hand-offs stay out of the downtime.
+    sender.finish_channels()?;
 
     // 4. Switchover: pause, last pages, device state; the destination confirms and resumes.
     prog.phase = "switchover".into();
@@ -498,7 +667,7 @@ pub fn migrate(
         guard.paused_by_us = true;
         g.capture()?
     };
-    let w0 = counters.sent.load(Ordering::Relaxed);
+    let w0 = wire.sent();
     let bitmaps = dirty.lock().unwrap_or_else(|e| e.into_inner()).fetch()?;
     let last: u64 = bitmaps.iter().map(|b| b.count()).sum();
     for b in &bitmaps {
@@ -524,7 +693,7 @@ pub fn migrate(
     let downtime = t_pause.elapsed();
     report.rounds.push(Round {
         pages: last,
-        bytes: counters.sent.load(Ordering::Relaxed) - w0,
+        bytes: wire.sent() - w0,
         ms: downtime.as_millis() as u64,
     });
     report.downtime_ms = downtime.as_millis() as u64;
@@ -561,11 +730,8 @@ pub fn migrate(
         Ok((Kind::Verified, p)) => serde_json::from_slice(p).ok(),
         _ => None,
     };
-    report.bytes_on_wire =
-        counters.sent.load(Ordering::Relaxed) + counters.received.load(Ordering::Relaxed);
-    report.avg_gbps = counters.sent.load(Ordering::Relaxed) as f64 * 8.0
-        / 1e9
-        / (report.total_ms.max(1) as f64 / 1e3);
+    report.bytes_on_wire = wire.sent() + wire.received();
+    report.avg_gbps = wire.sent() as f64 * 8.0 / 1e9 / (report.total_ms.max(1) as f64 / 1e3);
     report.peak_gbps = peak as f64 / 1e9;
     report.samples = samples;
     report.cpu_seconds = CpuSeconds {

@@ -201,9 +201,63 @@ impl Connection {
         self.stream.set_read_timeout(t)
     }
 
+    /// A handle that can close this connection from another thread.
+    pub fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
+        Ok(ShutdownHandle(self.stream.try_clone()?))
+    }
+
     /// Closes both directions at once (the peer sees EOF; our pending reads fail).
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Connects from a chosen local address, so each stream of a multichannel migration leaves
+/// through its own NIC.
+pub fn connect_from(
+    local: std::net::IpAddr,
+    addr: &str,
+    timeout: Duration,
+) -> Result<Connection, TransportError> {
+    let err = |source| TransportError::Connect {
+        addr: format!("{addr} from {local}"),
+        source,
+    };
+    let remote: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|source| TransportError::Resolve {
+            addr: addr.into(),
+            source,
+        })?
+        .find(|a| a.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| {
+            err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no address of the local address's family",
+            ))
+        })?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(remote),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(err)?;
+    sock.bind(&SocketAddr::new(local, 0).into()).map_err(err)?;
+    sock.connect_timeout(&remote.into(), timeout).map_err(err)?;
+    Connection::new(sock.into())
+}
+
+/// Closes a connection from another thread (to unblock its reader or writer).
+pub struct ShutdownHandle(TcpStream);
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Sets the socket's read timeout (shared with the connection it came from).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.0.set_read_timeout(t)
     }
 }
 
@@ -247,6 +301,32 @@ impl Listener {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
+    }
+
+    /// Accepts one connection, or fails once `deadline` passes.
+    pub fn accept_until(&self, deadline: std::time::Instant) -> Result<Connection, TransportError> {
+        let err = |source| TransportError::Accept {
+            addr: self.addr.clone(),
+            source,
+        };
+        self.inner.set_nonblocking(true).map_err(err)?;
+        let r = loop {
+            match self.inner.accept() {
+                Ok((s, _)) => break s.set_nonblocking(false).map(|_| s),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        break Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no connection in time",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.inner.set_nonblocking(false).map_err(err)?;
+        Connection::new(r.map_err(err)?)
     }
 
     pub fn accept(&self) -> Result<Connection, TransportError> {
@@ -321,6 +401,18 @@ mod tests {
         assert_eq!(parse_rate("fast"), None);
         assert_eq!(parse_rate("10 parsecs"), None);
         assert_eq!(parse_rate("0Mbit"), None);
+    }
+
+    #[test]
+    fn connect_from_binds_the_local_address() {
+        let l = Listener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let c = connect_from("127.0.0.2".parse().unwrap(), &addr, Duration::from_secs(5)).unwrap();
+        let server = l.accept().unwrap();
+        assert_eq!(server.peer.ip().to_string(), "127.0.0.2");
+        drop(c);
+        let late = l.accept_until(std::time::Instant::now() + Duration::from_millis(50));
+        assert!(late.is_err(), "nobody else connects");
     }
 
     #[test]

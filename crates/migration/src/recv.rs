@@ -107,6 +107,8 @@ pub struct ReceiveStats {
     pub pages: u64,
     pub zero_pages: u64,
     pub rounds: u32,
+    /// CPU seconds of the page stream threads.
+    pub stream_cpu_seconds: f64,
 }
 
 fn check_config(c: &VmConfig) -> Result<(), ProtocolError> {
@@ -238,6 +240,7 @@ fn run(
                     Ok(Ok(s)) => {
                         stats.pages += s.pages;
                         stats.zero_pages += s.zero_pages;
+                        stats.stream_cpu_seconds += s.stream_cpu_seconds;
                     }
                     Ok(Err(e)) => {
                         first_err.get_or_insert(e);
@@ -272,7 +275,7 @@ fn run(
         outcome.detail
     );
     let outcome = VerifyOutcome {
-        cpu_seconds: thread_cpu_seconds() - cpu0,
+        cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
         ..outcome
     };
     out.send(Kind::Verified, &serde_json::to_vec(&outcome)?)?;
@@ -385,11 +388,13 @@ fn page_stream(
     barrier: &RoundBarrier,
     transport: Transport,
 ) -> Result<ReceiveStats, MigrationError> {
+    let cpu0 = thread_cpu_seconds();
     let mut input = FrameReader::new(&mut conn.reader);
     let mut stats = ReceiveStats::default();
     let mut scratch = Vec::new();
     loop {
         let (kind, payload) = input.recv()?;
+        stats.stream_cpu_seconds = thread_cpu_seconds() - cpu0;
         match kind {
             Kind::Pages | Kind::PagesCompressed => {
                 take_pages(kind, payload, ram, transport, &mut scratch, &mut stats)?

@@ -73,6 +73,8 @@ struct Sender<'a> {
     compressor: Option<Compressor>,
     /// Page streams; empty = pages go on the control connection.
     channels: Vec<Channel>,
+    /// CPU seconds the page stream threads used.
+    stream_cpu: f64,
 }
 
 enum ChannelMsg {
@@ -85,7 +87,7 @@ enum ChannelMsg {
 struct Channel {
     tx: Option<std::sync::mpsc::SyncSender<ChannelMsg>>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<f64>>>,
     shutdown: transport::ShutdownHandle,
 }
 
@@ -98,6 +100,7 @@ impl Channel {
         let thread = std::thread::Builder::new()
             .name(format!("stream{index}"))
             .spawn(move || {
+                let cpu0 = thread_cpu_seconds();
                 let mut out = FrameWriter::new(&mut conn.writer);
                 for msg in rx {
                     match msg {
@@ -117,7 +120,7 @@ impl Channel {
                         }
                     }
                 }
-                Ok(())
+                Ok(thread_cpu_seconds() - cpu0)
             })?;
         Ok(Channel {
             tx: Some(tx),
@@ -135,13 +138,13 @@ impl Channel {
             .map_err(|_| std::io::Error::other("a page stream failed"))
     }
 
-    /// Waits for the stream's thread; its error if it failed.
-    fn join(&mut self) -> std::io::Result<()> {
+    /// Waits for the stream's thread: the CPU seconds it used, or its error.
+    fn join(&mut self) -> std::io::Result<f64> {
         self.tx = None;
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(std::io::Error::other("a page stream thread panicked")),
-            None => Ok(()),
+            None => Ok(0.0),
         }
     }
 }
@@ -401,7 +404,7 @@ impl Sender<'_> {
             ch.send(ChannelMsg::Done)?;
         }
         for ch in &mut self.channels {
-            ch.join()?;
+            self.stream_cpu += ch.join()?;
         }
         // From here pages go on the control connection.
         self.channels.clear();
@@ -532,6 +535,7 @@ pub fn migrate(
             Transport::Tcp => None,
         },
         channels,
+        stream_cpu: 0.0,
     };
 
     // 1. Prepare: the destination builds the VM.
@@ -721,7 +725,7 @@ pub fn migrate(
         };
         report.compression = Some(r);
     }
-    let cpu_src = thread_cpu_seconds() - cpu0;
+    let cpu_src = thread_cpu_seconds() - cpu0 + sender.stream_cpu;
 
     // The guest's own verdict, from the destination.
     prog.phase = "verify".into();

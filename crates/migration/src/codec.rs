@@ -98,17 +98,22 @@ pub struct CodecPolicy {
     /// Compression must beat raw by this factor to be worth its CPU.
     pub margin: f64,
     batches: u64,
+    link_samples: u64,
 }
 
 const EWMA: f64 = 0.2;
-/// Every this many batches the policy tries what it is not using, to keep its figures fresh.
+/// While compressing, every this many batches the policy tries the other codec.
 pub const PROBE_EVERY: u64 = 16;
+/// While sending raw, every this many batches it tries lz4 (the cheap probe) to notice when
+/// compression would start to pay.
+pub const RAW_PROBE_EVERY: u64 = 64;
 
 impl CodecPolicy {
     pub fn new(workers: usize) -> Self {
         CodecPolicy {
-            // Optimistic starting points; the first batches replace them.
-            link: 125e6,
+            // Starting points until measured: a link as fast as the codecs, so the first
+            // batches go raw and get timed; the first link sample replaces this outright.
+            link: 1.5e9,
             lz4: CodecStats {
                 speed: 1.5e9,
                 ratio: 0.6,
@@ -120,6 +125,7 @@ impl CodecPolicy {
             workers: workers.max(1),
             margin: 1.1,
             batches: 0,
+            link_samples: 0,
         }
     }
 
@@ -157,9 +163,16 @@ impl CodecPolicy {
     pub fn choose(&mut self) -> Choice {
         self.batches += 1;
         let best = self.best();
-        match (self.batches % PROBE_EVERY, best) {
-            (0, Choice::Raw) | (0, Choice::Compress(Codec::Zstd)) => Choice::Compress(Codec::Lz4),
-            (8, Choice::Raw) | (8, Choice::Compress(Codec::Lz4)) => Choice::Compress(Codec::Zstd),
+        match best {
+            Choice::Raw if self.batches.is_multiple_of(RAW_PROBE_EVERY) => {
+                Choice::Compress(Codec::Lz4)
+            }
+            Choice::Compress(Codec::Zstd) if self.batches.is_multiple_of(PROBE_EVERY) => {
+                Choice::Compress(Codec::Lz4)
+            }
+            Choice::Compress(Codec::Lz4) if self.batches.is_multiple_of(PROBE_EVERY) => {
+                Choice::Compress(Codec::Zstd)
+            }
             _ => best,
         }
     }
@@ -178,8 +191,19 @@ impl CodecPolicy {
 
     pub fn record_link(&mut self, bytes: usize, secs: f64) {
         if bytes >= 64 << 10 && secs > 0.0 {
-            self.link = self.link * (1.0 - EWMA) + (bytes as f64 / secs) * EWMA;
+            let rate = bytes as f64 / secs;
+            self.link = if self.link_samples == 0 {
+                rate
+            } else {
+                self.link * (1.0 - EWMA) + rate * EWMA
+            };
+            self.link_samples += 1;
         }
+    }
+
+    /// Whether the next raw frame should be timed: all of the first few, then now and then.
+    pub fn want_link_sample(&self) -> bool {
+        self.link_samples < 16 || self.batches.is_multiple_of(8)
     }
 }
 
@@ -308,15 +332,23 @@ mod tests {
             p.record_codec(Codec::Zstd, 1 << 20, 1 << 20, 0.003);
         }
         assert_eq!(p.best(), Choice::Raw, "incompressible now");
-        let picks: Vec<Choice> = (0..PROBE_EVERY).map(|_| p.choose()).collect();
-        assert!(
-            picks.contains(&Choice::Compress(Codec::Lz4))
-                && picks.contains(&Choice::Compress(Codec::Zstd))
-        );
+        let picks: Vec<Choice> = (0..RAW_PROBE_EVERY).map(|_| p.choose()).collect();
+        let lz4 = picks
+            .iter()
+            .filter(|c| **c == Choice::Compress(Codec::Lz4))
+            .count();
+        assert_eq!(lz4, 1, "one cheap probe while raw");
         assert_eq!(
             picks.iter().filter(|c| **c == Choice::Raw).count() as u64,
-            PROBE_EVERY - 2
+            RAW_PROBE_EVERY - 1
         );
+        // While compressing, the other codec gets probed.
+        p.lz4 = CodecStats {
+            speed: 1.5e9,
+            ratio: 0.5,
+        };
+        let picks: Vec<Choice> = (0..PROBE_EVERY).map(|_| p.choose()).collect();
+        assert!(picks.contains(&Choice::Compress(Codec::Zstd)), "{picks:?}");
         for _ in 0..40 {
             p.record_link(1 << 20, 0.0005); // a 2 GB/s link
         }

@@ -299,15 +299,36 @@ impl Sender<'_> {
             }
             return Ok(());
         };
-        let (data, out) = (
+        let choice = c.policy.choose();
+        let data = std::mem::replace(
+            &mut self.data,
             Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
-            Vec::new(),
         );
+        if choice == Choice::Raw {
+            // Raw batches skip the workers: no hand-off, no wait.
+            c.stats.batches_raw += 1;
+            let time_it = c.policy.want_link_sample();
+            self.pages.normal += (data.len() / PAGE_SIZE as usize) as u64;
+            let wire = head.len() + data.len();
+            let t = Instant::now();
+            self.emit(Kind::Pages, vec![head, data])?;
+            // Now and then, time the socket itself to keep the link estimate fresh.
+            if time_it {
+                if self.channels.is_empty() {
+                    self.out.flush()?;
+                }
+                let secs = t.elapsed().as_secs_f64();
+                if let Some(c) = self.compressor.as_mut() {
+                    c.policy.record_link(wire, secs);
+                }
+            }
+            return self.drain(false);
+        }
         let job = Job {
             head,
-            data: std::mem::replace(&mut self.data, data),
-            out,
-            choice: c.policy.choose(),
+            data,
+            out: Vec::new(),
+            choice,
             secs: 0.0,
         };
         let jobs = c

@@ -24,8 +24,8 @@ pub struct DemoArgs {
     pub workload: String,
     #[arg(long, default_value = "server")]
     pub memory_profile: MemoryProfile,
-    /// tcp, or compressed (lz4/zstd per batch, adaptive).
-    #[arg(long, default_value = "tcp", value_parser = ["tcp", "compressed"])]
+    /// tcp, compressed (lz4/zstd per batch, adaptive) or direct (zero-copy).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "compressed", "direct"])]
     pub transport: String,
     #[arg(long, default_value_t = 20)]
     pub downtime_ms: u64,

@@ -92,8 +92,9 @@ enum Cmd {
         /// Cap what the migration sends (e.g. 200Mbit, 1.5Gbit, 100MB), for QoS beside other traffic.
         #[arg(long, value_parser = parse_rate)]
         max_bandwidth: Option<u64>,
-        /// tcp, or compressed (lz4/zstd per batch, falling back to raw when that is faster).
-        #[arg(long, default_value = "tcp", value_parser = ["tcp", "compressed"])]
+        /// tcp; compressed (lz4/zstd per batch, falling back to raw when that is faster); or
+        /// direct (zero-copy from guest RAM, read straight into guest RAM).
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "compressed", "direct"])]
         transport: String,
         /// Page streams beside the control connection, all to --to (multichannel).
         #[arg(long, default_value_t = 0)]

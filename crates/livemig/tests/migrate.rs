@@ -653,3 +653,33 @@ fn kvm_multichannel_migrates_under_stress() {
     );
     check_report(&d.path().join("r.json"));
 }
+
+#[test]
+fn kvm_direct_transport_migrates_alone_and_over_streams() {
+    if !kvm_or_skip("kvm_direct_transport_migrates_alone_and_over_streams") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for (i, extra) in [
+        vec!["--transport", "direct"],
+        vec!["--transport", "direct", "--channels", "2"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let port = free_port();
+        let _dst = receiver(d.path(), &format!("dst{i}"), port);
+        let dir = d.path().join(format!("run{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (_src, src_api) = source(&dir, "sql", "256M");
+        let report = dir.join("r.json");
+        let out = migrate_with(&src_api, port, &report, &extra);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = check_report(&report);
+        assert_eq!(r["transport"], "direct");
+    }
+}

@@ -4,7 +4,7 @@
 //! only), capabilities u64. Then frames: a 24-byte header (kind u8, 3 reserved, seq u32 counting
 //! from 0 per direction, payload length u32, reserved u32, xxh3-64 over header bytes 0..16 and
 //! the payload) and the payload. Lengths are bounded per kind; anything else is an error.
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -23,6 +23,9 @@ pub enum Transport {
     Tcp = 1,
     /// Page batches may be lz4/zstd compressed (PagesCompressed frames).
     Compressed = 2,
+    /// Page data goes from guest RAM to the socket without copies and is read straight into
+    /// guest RAM at its final address (PagesDirect frames).
+    Direct = 3,
 }
 
 impl Transport {
@@ -30,12 +33,14 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp",
             Transport::Compressed => "compressed",
+            Transport::Direct => "direct",
         }
     }
     fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Transport::Tcp),
             2 => Some(Transport::Compressed),
+            3 => Some(Transport::Direct),
             _ => None,
         }
     }
@@ -47,8 +52,9 @@ impl std::str::FromStr for Transport {
         match s {
             "tcp" => Ok(Transport::Tcp),
             "compressed" => Ok(Transport::Compressed),
+            "direct" => Ok(Transport::Direct),
             other => Err(format!(
-                "unknown transport {other:?} (expected tcp or compressed)"
+                "unknown transport {other:?} (expected tcp, compressed or direct)"
             )),
         }
     }
@@ -78,6 +84,11 @@ pub enum Kind {
     /// src→dst: codec u8, 3 reserved, raw data length u32, then a Pages head (count +
     /// entries), then the non-zero pages' data compressed as one block.
     PagesCompressed = 10,
+    /// src→dst: a Pages head, then the data pages straight from guest RAM. The checksum covers
+    /// the header and the head: the data may be changed by the running guest after it was read
+    /// for a checksum, so it rests on TCP's; a torn page is dirty and always sent again, and the
+    /// last (paused) round cannot tear.
+    PagesDirect = 11,
 }
 
 impl Kind {
@@ -93,6 +104,7 @@ impl Kind {
             8 => Kind::Verified,
             9 => Kind::Abort,
             10 => Kind::PagesCompressed,
+            11 => Kind::PagesDirect,
             _ => return None,
         })
     }
@@ -103,7 +115,7 @@ impl Kind {
             Kind::Ready | Kind::Done | Kind::Confirm => 0,
             Kind::RoundEnd => 12,
             Kind::Config | Kind::Verified | Kind::Abort => 64 << 10,
-            Kind::Pages => 4 + MAX_BATCH_PAGES * (8 + PAGE),
+            Kind::Pages | Kind::PagesDirect => 4 + MAX_BATCH_PAGES * (8 + PAGE),
             // Incompressible data can grow a little; never past this.
             Kind::PagesCompressed => 8 + 4 + MAX_BATCH_PAGES * (8 + PAGE) + (64 << 10),
             Kind::State => 32 << 20,
@@ -324,6 +336,20 @@ impl<W: Write> FrameWriter<W> {
         self.send_parts(kind, &[payload])
     }
 
+    /// Writes a PagesDirect header and head; the caller then sends exactly `data_len` bytes of
+    /// page data itself (zero-copy), after flushing this writer.
+    pub fn send_direct_head(&mut self, head: &[u8], data_len: usize) -> io::Result<()> {
+        let mut h = header(Kind::PagesDirect, self.seq, head.len() + data_len);
+        let mut sum = Xxh3::new();
+        sum.update(&h[..16]);
+        sum.update(head);
+        h[16..24].copy_from_slice(&sum.digest().to_le_bytes());
+        self.w.write_all(&h)?;
+        self.w.write_all(head)?;
+        self.seq = self.seq.wrapping_add(1);
+        Ok(())
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
         self.w.flush()
     }
@@ -338,6 +364,23 @@ pub struct FrameReader<R: Read> {
     r: R,
     seq: u32,
     buf: Vec<u8>,
+    /// Page data of a PagesDirect frame still on the wire for the caller to read.
+    direct_left: usize,
+}
+
+/// A buffered reader whose buffered bytes can be taken without further I/O, so the rest of a
+/// read can go straight from the socket into its destination.
+pub trait DirectRead: Read {
+    fn read_direct(&mut self, dst: &mut [u8]) -> io::Result<()>;
+}
+
+impl<T: Read> DirectRead for &mut io::BufReader<T> {
+    fn read_direct(&mut self, dst: &mut [u8]) -> io::Result<()> {
+        let have = self.buffer().len().min(dst.len());
+        dst[..have].copy_from_slice(&self.buffer()[..have]);
+        self.consume(have);
+        self.get_mut().read_exact(&mut dst[have..])
+    }
 }
 
 impl<R: Read> FrameReader<R> {
@@ -346,10 +389,17 @@ impl<R: Read> FrameReader<R> {
             r,
             seq: 0,
             buf: Vec::new(),
+            direct_left: 0,
         }
     }
 
     pub fn recv(&mut self) -> Result<(Kind, &[u8]), ProtocolError> {
+        if self.direct_left != 0 {
+            return Err(ProtocolError::Malformed {
+                kind: Kind::PagesDirect,
+                why: format!("{} bytes of page data were not read", self.direct_left),
+            });
+        }
         let mut h = [0u8; HEADER_LEN];
         read_full(&mut self.r, &mut h, "a frame header")?;
         let kind = Kind::from_u8(h[0]).ok_or(ProtocolError::UnknownKind(h[0]))?;
@@ -367,6 +417,35 @@ impl<R: Read> FrameReader<R> {
                 expected: self.seq,
                 got: seq,
             });
+        }
+        if kind == Kind::PagesDirect {
+            // Only the head is ours to read; its entries tell how much page data follows.
+            let bad = |why: String| ProtocolError::Malformed { kind, why };
+            let mut count = [0u8; 4];
+            read_full(&mut self.r, &mut count, "a frame payload")?;
+            let n = u32::from_le_bytes(count) as usize;
+            if n > MAX_BATCH_PAGES || 4 + n * 8 > len {
+                return Err(bad(format!("{n} pages in a {len}-byte frame")));
+            }
+            self.buf.clear();
+            self.buf.extend_from_slice(&count);
+            self.buf.resize(4 + n * 8, 0);
+            read_full(&mut self.r, &mut self.buf[4..], "a frame payload")?;
+            let mut sum = Xxh3::new();
+            sum.update(&h[..16]);
+            sum.update(&self.buf);
+            if sum.digest() != u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) {
+                return Err(ProtocolError::Checksum { seq, kind });
+            }
+            let data_pages = (0..n)
+                .filter(|i| self.buf[4 + i * 8] & ZERO_FLAG as u8 == 0)
+                .count();
+            if len != 4 + n * 8 + data_pages * PAGE {
+                return Err(bad(format!("{len} bytes for {data_pages} data pages")));
+            }
+            self.direct_left = data_pages * PAGE;
+            self.seq = self.seq.wrapping_add(1);
+            return Ok((kind, &self.buf));
         }
         self.buf.resize(len, 0);
         read_full(&mut self.r, &mut self.buf, "a frame payload")?;
@@ -387,6 +466,25 @@ impl<R: Read> FrameReader<R> {
 
     pub fn inner(&mut self) -> &mut R {
         &mut self.r
+    }
+
+    /// Reads the next `dst.len()` bytes of a PagesDirect frame's page data into `dst`.
+    pub fn read_direct(&mut self, dst: &mut [u8]) -> Result<(), ProtocolError>
+    where
+        R: DirectRead,
+    {
+        if dst.len() > self.direct_left {
+            return Err(ProtocolError::Malformed {
+                kind: Kind::PagesDirect,
+                why: "reading past the frame's page data".into(),
+            });
+        }
+        self.r.read_direct(dst).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => ProtocolError::Truncated("page data"),
+            _ => ProtocolError::Io(e),
+        })?;
+        self.direct_left -= dst.len();
+        Ok(())
     }
 }
 
@@ -508,6 +606,31 @@ pub fn split_compressed(payload: &[u8]) -> Result<CompressedBatch<'_>, ProtocolE
         data: &rest[head_len..],
         raw_len,
     })
+}
+
+/// A batch head's entries as (memfd offset, is zero), checked against `limit`.
+pub fn parse_entries(
+    head: &[u8],
+    limit: u64,
+    kind: Kind,
+) -> Result<Vec<(u64, bool)>, ProtocolError> {
+    let bad = |why: String| ProtocolError::Malformed { kind, why };
+    let count = (head_len(head, kind)? - 4) / 8;
+    (0..count)
+        .map(|i| {
+            let e = u64::from_le_bytes(head[4 + i * 8..12 + i * 8].try_into().expect("8 bytes"));
+            let offset = e & !(PAGE as u64 - 1);
+            if e & (PAGE as u64 - 1) & !ZERO_FLAG != 0 {
+                return Err(bad(format!("entry {i} has unknown flag bits {e:#x}")));
+            }
+            if offset >= limit {
+                return Err(bad(format!(
+                    "page offset {offset:#x} is beyond guest RAM ({limit:#x})"
+                )));
+            }
+            Ok((offset, e & ZERO_FLAG != 0))
+        })
+        .collect()
 }
 
 /// Decodes a batch from its head and its (uncompressed) page data.
@@ -775,6 +898,53 @@ mod tests {
             }
         );
         assert!(pages[2].data.unwrap().iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn direct_frames_carry_their_data_outside_the_payload() {
+        let mut b = PageBatch::default();
+        b.push(0, false);
+        b.push(4096, true);
+        b.push(8192, false);
+        let head = b.head();
+        let mut w = FrameWriter::new(Vec::new());
+        w.send_direct_head(&head, 2 * PAGE).unwrap();
+        let mut bytes = w.inner().clone();
+        bytes.extend(std::iter::repeat_n(7u8, PAGE));
+        bytes.extend(std::iter::repeat_n(9u8, PAGE));
+        w.inner().clear();
+        let mut br = std::io::BufReader::new(Cursor::new(bytes.clone()));
+        let mut reader = FrameReader::new(&mut br);
+        let (k, h) = reader.recv().unwrap();
+        assert_eq!((k, h.to_vec()), (Kind::PagesDirect, head.clone()));
+        // The next frame may not be read before the page data.
+        assert!(reader.recv().is_err());
+        let mut br = std::io::BufReader::new(Cursor::new(bytes.clone()));
+        let mut reader = FrameReader::new(&mut br);
+        reader.recv().unwrap();
+        let mut p = vec![0u8; 2 * PAGE];
+        reader.read_direct(&mut p).unwrap();
+        assert!(p[..PAGE].iter().all(|&x| x == 7) && p[PAGE..].iter().all(|&x| x == 9));
+        assert!(
+            reader.read_direct(&mut [0u8; 1]).is_err(),
+            "no more data in this frame"
+        );
+        // A flipped entry fails the checksum; a short stream is truncated.
+        let mut bad = bytes.clone();
+        bad[HEADER_LEN + 5] ^= 1;
+        let mut br = std::io::BufReader::new(Cursor::new(bad));
+        assert!(matches!(
+            FrameReader::new(&mut br).recv(),
+            Err(ProtocolError::Checksum { .. })
+        ));
+        let mut short = std::io::BufReader::new(Cursor::new(bytes[..bytes.len() - 10].to_vec()));
+        let mut fr = FrameReader::new(&mut short);
+        fr.recv().unwrap();
+        let mut p = vec![0u8; 2 * PAGE];
+        assert!(matches!(
+            fr.read_direct(&mut p),
+            Err(ProtocolError::Truncated(_))
+        ));
     }
 
     #[test]

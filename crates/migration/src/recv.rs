@@ -315,6 +315,46 @@ fn take_pages(
     Ok(())
 }
 
+/// Reads a PagesDirect frame's page data straight into guest RAM at its final place: one read
+/// per run of consecutive data pages, zero pages as holes.
+fn place_direct<R: protocol::DirectRead>(
+    input: &mut FrameReader<R>,
+    head: &[u8],
+    ram: &vmm::memory::GuestRam,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
+    let entries = protocol::parse_entries(head, ram.size, Kind::PagesDirect)?;
+    let mut i = 0;
+    while i < entries.len() {
+        let (off, zero) = entries[i];
+        let mut j = i + 1;
+        while j < entries.len()
+            && entries[j].1 == zero
+            && entries[j].0 == entries[j - 1].0 + PAGE_SIZE
+        {
+            j += 1;
+        }
+        let len = (j - i) as u64 * PAGE_SIZE;
+        if zero {
+            ram.zero_range(off, len)?;
+            stats.zero_pages += (j - i) as u64;
+        } else if let Some(dst) = ram.slice_at_mut(off, len as usize) {
+            input.read_direct(dst)?;
+        } else {
+            // The run crosses from low to high RAM: page by page.
+            for &(page, _) in &entries[i..j] {
+                let dst = ram
+                    .slice_at_mut(page, PAGE_SIZE as usize)
+                    .expect("parse_entries bounded the offset");
+                input.read_direct(dst)?;
+            }
+        }
+        stats.pages += (j - i) as u64;
+        i = j;
+    }
+    Ok(())
+}
+
 /// The control connection after Ready: pages (single-stream), round ends, state, done.
 fn control_loop(
     input: &mut FrameReader<
@@ -330,6 +370,11 @@ fn control_loop(
     loop {
         let (kind, payload) = input.recv()?;
         match (kind, &state) {
+            (Kind::PagesDirect, None) if transport == Transport::Direct => {
+                streams.wait_all_finished()?;
+                let head = payload.to_vec();
+                place_direct(input, &head, ram, &mut stats)?
+            }
             (Kind::Pages | Kind::PagesCompressed, None) => {
                 // With page streams, the control connection carries only the last (paused)
                 // round, which must land after everything the streams brought.
@@ -396,6 +441,10 @@ fn page_stream(
         let (kind, payload) = input.recv()?;
         stats.stream_cpu_seconds = thread_cpu_seconds() - cpu0;
         match kind {
+            Kind::PagesDirect if transport == Transport::Direct => {
+                let head = payload.to_vec();
+                place_direct(&mut input, &head, ram, &mut stats)?
+            }
             Kind::Pages | Kind::PagesCompressed => {
                 take_pages(kind, payload, ram, transport, &mut scratch, &mut stats)?
             }

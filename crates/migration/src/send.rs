@@ -75,10 +75,18 @@ struct Sender<'a> {
     channels: Vec<Channel>,
     /// CPU seconds the page stream threads used.
     stream_cpu: f64,
+    /// Direct transport: zero-copy sends on the control connection, and the data pages of
+    /// the batch being built (memfd offsets; sent from guest RAM as they are).
+    direct: Option<transport::ZeroCopy>,
+    direct_pages: Vec<u64>,
+    direct_mode: bool,
+    ram_arc: Arc<GuestRam>,
 }
 
 enum ChannelMsg {
     Frame(Kind, Vec<Vec<u8>>),
+    /// A PagesDirect batch: its head and the memfd offsets of its data pages.
+    Direct(Vec<u8>, Vec<u64>),
     RoundEnd([u8; 12]),
     Done,
 }
@@ -92,7 +100,15 @@ struct Channel {
 }
 
 impl Channel {
-    fn start(index: usize, mut conn: Connection) -> std::io::Result<Self> {
+    fn start(
+        index: usize,
+        conn: Connection,
+        direct: Option<Arc<GuestRam>>,
+    ) -> std::io::Result<Self> {
+        let mut zc = match direct {
+            Some(_) => Some(transport::ZeroCopy::new(&conn)?),
+            None => None,
+        };
         let (tx, rx) = std::sync::mpsc::sync_channel::<ChannelMsg>(4);
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let q = queued.clone();
@@ -100,6 +116,9 @@ impl Channel {
         let thread = std::thread::Builder::new()
             .name(format!("stream{index}"))
             .spawn(move || {
+                // The whole connection lives here: the zero-copy sender uses its socket's fd
+                // (a closure would otherwise capture only the writer and drop the rest).
+                let mut conn = conn;
                 let cpu0 = thread_cpu_seconds();
                 let mut out = FrameWriter::new(&mut conn.writer);
                 for msg in rx {
@@ -109,6 +128,14 @@ impl Channel {
                             out.send_parts(kind, &refs)?;
                             q.fetch_sub(parts.iter().map(|p| p.len()).sum(), Ordering::Relaxed);
                         }
+                        ChannelMsg::Direct(head, pages) => {
+                            let ram = direct
+                                .as_ref()
+                                .expect("direct batches only on direct streams");
+                            let zc = zc.as_mut().expect("direct batches only on direct streams");
+                            send_direct(&mut out, zc, ram, &head, &pages)?;
+                            q.fetch_sub(pages.len() * PAGE_SIZE as usize, Ordering::Relaxed);
+                        }
                         ChannelMsg::RoundEnd(p) => {
                             out.send(Kind::RoundEnd, &p)?;
                             out.flush()?;
@@ -116,6 +143,9 @@ impl Channel {
                         ChannelMsg::Done => {
                             out.send(Kind::Done, &[])?;
                             out.flush()?;
+                            if let Some(z) = zc.as_mut() {
+                                z.finish()?;
+                            }
                             break;
                         }
                     }
@@ -138,6 +168,14 @@ impl Channel {
             .map_err(|_| std::io::Error::other("a page stream failed"))
     }
 
+    /// The reason a stream failed, from its thread (for the error the user sees).
+    fn failure(&mut self) -> std::io::Error {
+        match self.join() {
+            Err(e) => std::io::Error::other(format!("a page stream failed: {e}")),
+            Ok(_) => std::io::Error::other("a page stream stopped early"),
+        }
+    }
+
     /// Waits for the stream's thread: the CPU seconds it used, or its error.
     fn join(&mut self) -> std::io::Result<f64> {
         self.tx = None;
@@ -157,6 +195,26 @@ impl Drop for Channel {
             let _ = self.join();
         }
     }
+}
+
+/// One PagesDirect frame: header and head through the writer, page data zero-copy from RAM.
+fn send_direct<W: std::io::Write>(
+    out: &mut FrameWriter<W>,
+    zc: &mut transport::ZeroCopy,
+    ram: &GuestRam,
+    head: &[u8],
+    pages: &[u64],
+) -> std::io::Result<()> {
+    out.send_direct_head(head, pages.len() * PAGE_SIZE as usize)?;
+    out.flush()?;
+    let slices: Vec<&[u8]> = pages
+        .iter()
+        .map(|&o| {
+            ram.slice_at(o, PAGE_SIZE as usize)
+                .expect("queued pages are inside guest RAM")
+        })
+        .collect();
+    zc.send_all(&slices)
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -265,6 +323,20 @@ impl Sender<'_> {
             .ram
             .slice_at(off, PAGE_SIZE as usize)
             .expect("dirty and touched pages are inside guest RAM");
+        if self.direct_mode {
+            // No copy: the page goes from guest RAM to the socket when the batch is sent.
+            let zero = is_zero(src);
+            if zero {
+                self.pages.zero += 1;
+            } else {
+                self.direct_pages.push(off);
+            }
+            self.batch.push(off, zero);
+            if self.batch.len() == MAX_BATCH_PAGES {
+                self.flush_batch()?;
+            }
+            return Ok(());
+        }
         let start = self.data.len();
         self.data.extend_from_slice(src);
         let zero = is_zero(&self.data[start..]);
@@ -285,6 +357,27 @@ impl Sender<'_> {
         }
         let head = self.batch.head();
         self.batch.clear();
+        if self.direct_mode {
+            let pages = std::mem::take(&mut self.direct_pages);
+            self.pages.normal += pages.len() as u64;
+            if self.channels.is_empty() {
+                let zc = self
+                    .direct
+                    .as_mut()
+                    .expect("direct mode has a zero-copy sender");
+                return send_direct(&mut self.out, zc, &self.ram_arc, &head, &pages);
+            }
+            let ch = self
+                .channels
+                .iter_mut()
+                .min_by_key(|c| c.queued.load(Ordering::Relaxed))
+                .expect("channels is not empty");
+            ch.queued
+                .fetch_add(pages.len() * PAGE_SIZE as usize, Ordering::Relaxed);
+            return ch
+                .send(ChannelMsg::Direct(head, pages))
+                .map_err(|_| ch.failure());
+        }
         let Some(c) = self.compressor.as_mut() else {
             self.pages.normal += (self.data.len() / PAGE_SIZE as usize) as u64;
             if self.channels.is_empty() {
@@ -412,8 +505,10 @@ impl Sender<'_> {
         let mut p = [0u8; 12];
         p[..4].copy_from_slice(&round.to_le_bytes());
         p[4..].copy_from_slice(&pages.to_le_bytes());
-        for ch in &self.channels {
-            ch.send(ChannelMsg::RoundEnd(p))?;
+        for ch in &mut self.channels {
+            if ch.send(ChannelMsg::RoundEnd(p)).is_err() {
+                return Err(ch.failure());
+            }
         }
         self.out.send(Kind::RoundEnd, &p)?;
         self.out.flush()
@@ -421,8 +516,10 @@ impl Sender<'_> {
 
     /// Ends every page stream and waits until each has written all it was given.
     fn finish_channels(&mut self) -> std::io::Result<()> {
-        for ch in &self.channels {
-            ch.send(ChannelMsg::Done)?;
+        for ch in &mut self.channels {
+            if ch.send(ChannelMsg::Done).is_err() {
+                return Err(ch.failure());
+            }
         }
         for ch in &mut self.channels {
             self.stream_cpu += ch.join()?;
@@ -541,8 +638,13 @@ pub fn migrate(
         c.set_rate_limit(limit.clone());
         protocol::write_data_hello(&mut c.writer, i as u16, session)?;
         wire.0.push(c.counters.clone());
-        channels.push(Channel::start(i, c)?);
+        let direct = (opts.transport == Transport::Direct).then(|| ram.clone());
+        channels.push(Channel::start(i, c, direct)?);
     }
+    let control_zc = match opts.transport {
+        Transport::Direct => Some(transport::ZeroCopy::new(&conn)?),
+        _ => None,
+    };
     let sampler = Sampler::start(wire.clone(), Duration::from_millis(100));
     let mut input = FrameReader::new(&mut conn.reader);
     let mut sender = Sender {
@@ -553,10 +655,14 @@ pub fn migrate(
         pages: PageCounts::default(),
         compressor: match opts.transport {
             Transport::Compressed => Some(Compressor::start()?),
-            Transport::Tcp => None,
+            Transport::Tcp | Transport::Direct => None,
         },
         channels,
         stream_cpu: 0.0,
+        direct: control_zc,
+        direct_pages: Vec::new(),
+        direct_mode: opts.transport == Transport::Direct,
+        ram_arc: ram.clone(),
     };
 
     // 1. Prepare: the destination builds the VM.
@@ -701,6 +807,9 @@ pub fn migrate(
         }
     }
     sender.round_end(round + 1, last)?;
+    if let Some(z) = sender.direct.as_mut() {
+        z.finish()?;
+    }
     sender.out.send(Kind::State, &state.to_bytes())?;
     sender.out.send(Kind::Done, &[])?;
     sender.out.flush()?;

@@ -236,9 +236,13 @@ impl ProfileFiller {
                 .wrapping_add(page)
                 .wrapping_mul(0x9e3779b97f4a7c15),
         );
+        // An extent holds consecutive pages of one file region, as a mapped library or file
+        // does in real memory (and as compressors see it).
+        let extent = mix64(self.seed ^ (page / EXTENT_PAGES).wrapping_mul(0x9e3779b97f4a7c15));
         let sample = |pool: &[u8], out: &mut [u8]| {
             let pages = (pool.len() / PAGE) as u64;
-            let off = (h % pages) as usize * PAGE;
+            let start = extent % pages.saturating_sub(EXTENT_PAGES).max(1);
+            let off = ((start + page % EXTENT_PAGES) % pages) as usize * PAGE;
             out.copy_from_slice(&pool[off..off + PAGE]);
         };
         match (class, self.pools) {

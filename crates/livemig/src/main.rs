@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod migrate_cmd;
+mod testbed;
 use guest::WorkloadSpec;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -105,6 +106,17 @@ enum Cmd {
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
+    },
+    /// Two hosts as network namespaces with the reference NIC layout (needs root).
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
+        /// Namespaces are <name>-a and <name>-b.
+        #[arg(long, default_value = "livemig", global = true)]
+        name: String,
+        /// Shrink every link's rate by this factor (0 < scale <= 1).
+        #[arg(long, default_value_t = 1.0, global = true)]
+        scale: f64,
     },
     /// Print a VM's status as JSON.
     Status(ApiArg),
@@ -215,6 +227,16 @@ fn serve(vm: Vm, api: Option<&std::path::Path>) -> Result<ExitCode, Box<dyn std:
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     transport::parse_rate(s)
         .ok_or_else(|| format!("{s:?} is not a rate (e.g. 200Mbit, 1.5Gbit, 100MB)"))
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum TestbedAction {
+    /// Create (or bring in line) the namespaces, links, addresses and shaping.
+    Up,
+    /// Remove everything `up` made.
+    Down,
+    /// Print the hosts and links, and whether they are there.
+    Status,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -356,6 +378,27 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .is_some_and(|d| d.starts_with("not verifiable"));
             if !r.guest_verified && !unverifiable {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Testbed {
+            action,
+            name,
+            scale,
+        } => {
+            if name.len() > 7 {
+                return Err(format!(
+                    "--name {name:?} is too long for interface names (7 characters at most)"
+                )
+                .into());
+            }
+            let t = testbed::Testbed::new(&name, scale)?;
+            match action {
+                TestbedAction::Up => {
+                    t.up()?;
+                    print_json(&t.status()?);
+                }
+                TestbedAction::Down => t.down()?,
+                TestbedAction::Status => print_json(&t.status()?),
             }
         }
         Cmd::Status(a) => print_json(&Client::new(a.api).status()?),

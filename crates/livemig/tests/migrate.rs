@@ -201,44 +201,6 @@ fn kvm_migrates_under_stress() {
     }
 }
 
-/// Forwards src→dst and back; once `cut_after` says so, closes both sides.
-fn cutting_proxy(
-    listen: u16,
-    to: u16,
-    cut: impl Fn(&mut FrameWatch) -> bool + Send + 'static,
-) -> Arc<AtomicBool> {
-    let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
-    let done = Arc::new(AtomicBool::new(false));
-    let flag = done.clone();
-    std::thread::spawn(move || {
-        let (mut a, _) = l.accept().unwrap();
-        let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
-        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut b2, &mut a2);
-        });
-        let mut w = FrameWatch::default();
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match a.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            w.feed(&buf[..n]);
-            if cut(&mut w) {
-                break;
-            }
-            if b.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = a.shutdown(std::net::Shutdown::Both);
-        let _ = b.shutdown(std::net::Shutdown::Both);
-        flag.store(true, Ordering::SeqCst);
-    });
-    done
-}
-
 /// Follows the source's byte stream frame by frame (16-byte hello, then 24-byte headers
 /// announcing their payload length), across any read boundaries.
 struct FrameWatch {
@@ -278,7 +240,7 @@ impl FrameWatch {
     }
 }
 
-fn cut_test(name: &str, cut: impl Fn(&mut FrameWatch) -> bool + Send + 'static) {
+fn cut_test(name: &str, cut: impl Fn(&FrameWatch) -> bool + Send + Sync + 'static) {
     if !kvm_or_skip(name) {
         return;
     }
@@ -286,7 +248,7 @@ fn cut_test(name: &str, cut: impl Fn(&mut FrameWatch) -> bool + Send + 'static) 
     let (dst_port, proxy_port) = (free_port(), free_port());
     let mut dst = receiver(d.path(), "dst", dst_port);
     let (_src, src_api) = source(d.path(), "sql", "512M");
-    let cut_done = cutting_proxy(proxy_port, dst_port, cut);
+    let cut_done = proxy(proxy_port, dst_port, 0, cut);
     let out = migrate(&src_api, proxy_port, &d.path().join("r.json"));
     assert!(
         !out.status.success(),
@@ -534,12 +496,17 @@ fn kvm_compressed_transport_migrates_and_compresses_on_a_slow_link() {
     assert!(c["codec_cpu_seconds"].as_f64().unwrap() > 0.0);
 }
 
-/// Forwards every connection to `to`; the `cut_conn`-th one accepted (0 = control) is closed
-/// after `cut_after` bytes from the source.
-fn multi_proxy(listen: u16, to: u16, cut_conn: usize, cut_after: u64) -> Arc<AtomicBool> {
+/// Forwards every connection to `to`; the `cut_conn`-th one accepted (0 = control) is closed,
+/// both ways, as soon as `cut` says so about what the source sent on it.
+fn proxy(
+    listen: u16,
+    to: u16,
+    cut_conn: usize,
+    cut: impl Fn(&FrameWatch) -> bool + Send + Sync + 'static,
+) -> Arc<AtomicBool> {
     let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
-    let cut = Arc::new(AtomicBool::new(false));
-    let flag = cut.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let (flag, cut) = (done.clone(), Arc::new(cut));
     std::thread::spawn(move || {
         for (n, a) in l.incoming().enumerate() {
             let Ok(mut a) = a else { break };
@@ -550,19 +517,21 @@ fn multi_proxy(listen: u16, to: u16, cut_conn: usize, cut_after: u64) -> Arc<Ato
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut b2, &mut a2);
             });
-            let flag = flag.clone();
+            let (flag, cut) = (flag.clone(), cut.clone());
             std::thread::spawn(move || {
+                let mut w = FrameWatch::default();
                 let mut buf = vec![0u8; 64 << 10];
-                let mut sent = 0u64;
                 loop {
                     let k = match a.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(k) => k,
                     };
-                    sent += k as u64;
-                    if n == cut_conn && sent > cut_after {
-                        flag.store(true, Ordering::SeqCst);
-                        break;
+                    if n == cut_conn {
+                        w.feed(&buf[..k]);
+                        if cut(&w) {
+                            flag.store(true, Ordering::SeqCst);
+                            break;
+                        }
                     }
                     if b.write_all(&buf[..k]).is_err() {
                         break;
@@ -573,7 +542,7 @@ fn multi_proxy(listen: u16, to: u16, cut_conn: usize, cut_after: u64) -> Arc<Ato
             });
         }
     });
-    cut
+    done
 }
 
 #[test]
@@ -586,7 +555,7 @@ fn kvm_one_page_stream_failing_aborts_cleanly() {
     let mut dst = receiver(d.path(), "dst", dst_port);
     let (_src, src_api) = source(d.path(), "sql", "512M");
     // Connection 2 is the second page stream; it dies 10 MiB in.
-    let cut = multi_proxy(proxy_port, dst_port, 2, 10 << 20);
+    let cut = proxy(proxy_port, dst_port, 2, |w| w.bytes > 10 << 20);
     let out = migrate_with(
         &src_api,
         proxy_port,

@@ -132,6 +132,21 @@ fn migrate_with(api: &Path, port: u16, report: &Path, extra: &[&str]) -> Output 
     livemig(&args)
 }
 
+/// After a failed migration: the destination gave up and exited non-zero (nothing of the VM
+/// is left there), and the source still runs the guest, its heartbeat rising.
+fn assert_failed_cleanly(dst: &mut Receiver, src_api: &Path) {
+    wait(Duration::from_secs(90), "destination exit", || {
+        dst.proc.0.try_wait().unwrap().is_some()
+    });
+    assert!(!dst.proc.0.try_wait().unwrap().unwrap().success());
+    let st = status(src_api).expect("source still answers");
+    assert_eq!(st["state"], "running", "{st}");
+    let hb = st["heartbeat"].as_u64().unwrap();
+    wait(Duration::from_secs(5), "source heartbeat rising", || {
+        heartbeat(src_api) > hb
+    });
+}
+
 fn check_report(report: &Path) -> serde_json::Value {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
     assert_eq!(r["status"], "completed");
@@ -255,19 +270,8 @@ fn cut_test(name: &str, cut: impl Fn(&FrameWatch) -> bool + Send + Sync + 'stati
         "a cut connection must fail the migration"
     );
     assert!(cut_done.load(Ordering::SeqCst));
-    // The destination gives up and exits non-zero; nothing of the VM is left there.
-    wait(Duration::from_secs(90), "destination exit", || {
-        dst.proc.0.try_wait().unwrap().is_some()
-    });
-    assert!(!dst.proc.0.try_wait().unwrap().unwrap().success());
-    // The source still runs the guest...
-    let st = status(&src_api).expect("source still answers");
-    assert_eq!(st["state"], "running", "{st}");
-    let hb = st["heartbeat"].as_u64().unwrap();
-    wait(Duration::from_secs(5), "source heartbeat rising", || {
-        heartbeat(&src_api) > hb
-    });
-    // ...and migrates fine afterwards.
+    assert_failed_cleanly(&mut dst, &src_api);
+    // ...and the source migrates fine afterwards.
     let port2 = free_port();
     let _dst2 = receiver(d.path(), "dst2", port2);
     let out = migrate(&src_api, port2, &d.path().join("r2.json"));
@@ -567,16 +571,7 @@ fn kvm_one_page_stream_failing_aborts_cleanly() {
         "a failed stream must fail the migration"
     );
     assert!(cut.load(Ordering::SeqCst));
-    wait(Duration::from_secs(90), "destination exit", || {
-        dst.proc.0.try_wait().unwrap().is_some()
-    });
-    assert!(!dst.proc.0.try_wait().unwrap().unwrap().success());
-    let st = status(&src_api).expect("source still answers");
-    assert_eq!(st["state"], "running", "{st}");
-    let hb = st["heartbeat"].as_u64().unwrap();
-    wait(Duration::from_secs(5), "source heartbeat rising", || {
-        heartbeat(&src_api) > hb
-    });
+    assert_failed_cleanly(&mut dst, &src_api);
     // Two streams, each from its own local address, with compression: the whole combination.
     let port2 = free_port();
     let _dst2 = receiver(d.path(), "dst2", port2);

@@ -51,6 +51,21 @@ impl Vm {
         wait(Duration::from_secs(60), "API socket", || self.api.exists());
     }
 
+    fn snapshot(&self, dir: &Path) {
+        let out = livemig(&[
+            "snapshot",
+            "--api",
+            self.api.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn heartbeats(&self) -> Vec<u64> {
         heartbeats(&self.console)
     }
@@ -224,18 +239,7 @@ fn kvm_snapshot_restore_continues_in_a_fresh_process() {
         });
         vm.wait_api();
         assert_eq!(vm.json("pause")["state"], "paused");
-        let out = livemig(&[
-            "snapshot",
-            "--api",
-            vm.api.to_str().unwrap(),
-            "--out",
-            snap.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vm.snapshot(&snap);
         last = *vm.heartbeats().last().unwrap();
         let st = vm.json("status");
         assert_eq!(st["heartbeat"].as_u64().unwrap(), last);
@@ -293,18 +297,7 @@ fn kvm_corrupt_snapshots_are_refused() {
             vm.heartbeats().len() >= 2
         });
         vm.wait_api();
-        let out = livemig(&[
-            "snapshot",
-            "--api",
-            vm.api.to_str().unwrap(),
-            "--out",
-            snap.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vm.snapshot(&snap);
     }
     let state = std::fs::read(snap.join("state.bin")).unwrap();
     let memory = std::fs::read(snap.join("memory.raw")).unwrap();

@@ -619,7 +619,7 @@ void kmain(u32 start_info_paddr) {
             print("HB %u writes=%u\n", hb, total_written());
             outl(PORT_HEARTBEAT, (u32)hb);
             u8 cmd = inb(PORT_COMMAND);
-            if (cmd == CMD_VERIFY) verify();
+            if (cmd == CMD_VERIFY || ((inb(0x3f8 + 5) & 1) && inb(0x3f8) == SERIAL_CMD_VERIFY)) verify();
             next_hb += hb_tsc;
             /* After a long pause (snapshot, migration) skip the missed beats instead of bursting. */
             now = rdtsc();

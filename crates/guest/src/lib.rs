@@ -16,6 +16,7 @@ pub mod abi {
     pub const PORT_RESULT_HI: u16 = 0x514;
     pub const CMD_NONE: u8 = 0;
     pub const CMD_VERIFY: u8 = 1;
+    pub const SERIAL_CMD_VERIFY: u8 = b'v';
     pub const RESULT_VERIFY_OK: u32 = 1;
     pub const RESULT_VERIFY_BAD: u32 = 2;
     pub const RESULT_PANIC: u32 = 3;
@@ -289,6 +290,9 @@ mod tests {
                 .find(|l| l.starts_with(&format!("#define {name} ")))
                 .unwrap_or_else(|| panic!("{name} missing from abi.h"));
             let v = line.split_whitespace().nth(2).unwrap();
+            if let Some(c) = v.strip_prefix('\'').and_then(|c| c.strip_suffix('\'')) {
+                return c.as_bytes()[0] as u64;
+            }
             match v.strip_prefix("0x") {
                 Some(h) => u64::from_str_radix(h, 16).unwrap(),
                 None => v.parse().unwrap(),
@@ -300,6 +304,7 @@ mod tests {
         assert_eq!(find("PORT_RESULT_LO"), abi::PORT_RESULT_LO as u64);
         assert_eq!(find("PORT_RESULT_HI"), abi::PORT_RESULT_HI as u64);
         assert_eq!(find("CMD_VERIFY"), abi::CMD_VERIFY as u64);
+        assert_eq!(find("SERIAL_CMD_VERIFY"), abi::SERIAL_CMD_VERIFY as u64);
         assert_eq!(find("RESULT_VERIFY_OK"), abi::RESULT_VERIFY_OK as u64);
         assert_eq!(find("RESULT_VERIFY_BAD"), abi::RESULT_VERIFY_BAD as u64);
         assert_eq!(find("RESULT_PANIC"), abi::RESULT_PANIC as u64);

@@ -49,6 +49,20 @@ fn kvm_guest_verify_catches_a_corrupted_page() {
         .expect("heartbeats");
     assert!(matches!(verify(&vm), Some(VerifyResult::Ok { pages }) if pages > 0));
 
+    // The same check asked for over the console, as a VMM without our command port (QEMU) does.
+    let st = &vm.io().status;
+    let before = st.report().verify_count;
+    vm.io()
+        .serial
+        .lock()
+        .unwrap()
+        .enqueue_raw_bytes(&[guest::abi::SERIAL_CMD_VERIFY])
+        .unwrap();
+    let r = st
+        .wait_for(Duration::from_secs(30), |r| r.verify_count > before)
+        .expect("a verify asked for on COM1 runs");
+    assert!(matches!(r.last_verify, Some(VerifyResult::Ok { pages }) if pages > 0));
+
     // The sequential writer starts at the working set's first page, which the guest announces.
     let text = std::fs::read_to_string(&console).unwrap();
     let base = text

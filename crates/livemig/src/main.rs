@@ -158,7 +158,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write a memory profile's bytes as a raw (sparse) file.
+    /// Write the RAM a VM of --size boots with (memory profile, seed) as sparse blobs in
+    /// guest-physical layout, for loading into another VMM; prints QEMU's loader arguments.
     MemoryImage {
         #[arg(long, default_value = "server")]
         profile: MemoryProfile,
@@ -166,8 +167,15 @@ enum Cmd {
         size: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Directory for the blobs (ram-<address>.raw).
         #[arg(long)]
         out: PathBuf,
+        /// Leave out guest-physical memory below this (firmware and kernel go there).
+        #[arg(long, default_value = "2M", value_parser = parse_size)]
+        from: u64,
+        /// Largest blob (QEMU's loader reads a blob in one read(), which stops at 2 GiB).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        max_blob: u64,
     },
 }
 
@@ -276,9 +284,31 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             size,
             seed,
             out,
+            from,
+            max_blob,
         } => {
-            let st = ProfileFiller::new(profile, seed)?.write_image(size, &out)?;
-            println!("wrote {} ({size} bytes): {st:?}", out.display());
+            std::fs::create_dir_all(&out)?;
+            let blobs =
+                ProfileFiller::new(profile, seed)?.write_blobs(size, from, max_blob, &out)?;
+            for b in &blobs {
+                eprintln!(
+                    "wrote {} (guest {:#x}, {} MiB)",
+                    b.path.display(),
+                    b.guest_addr,
+                    b.len >> 20
+                );
+            }
+            let qemu: Vec<String> = blobs
+                .iter()
+                .map(|b| {
+                    format!(
+                        "-device loader,file={},addr={:#x}",
+                        b.path.display(),
+                        b.guest_addr
+                    )
+                })
+                .collect();
+            println!("{}", qemu.join(" "));
         }
         Cmd::Run(a) => {
             let kernel = match &a.kernel {

@@ -19,6 +19,15 @@ const CODE_POOL_BYTES: usize = 48 << 20;
 const TEXT_POOL_BYTES: usize = 16 << 20;
 const MAX_BYTES_PER_FILE: u64 = 2 << 20;
 
+/// One piece of a RAM image written by [`ProfileFiller::write_blobs`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Blob {
+    pub path: PathBuf,
+    pub guest_addr: u64,
+    pub len: u64,
+    pub stats: FillStats,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemoryProfile {
@@ -74,7 +83,7 @@ pub enum PageClass {
 }
 
 /// Page counts per class after a fill.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FillStats {
     pub zero: u64,
     pub code: u64,
@@ -285,7 +294,13 @@ impl ProfileFiller {
 
     /// Writes `size` bytes of this profile as a raw, sparse file: the bytes guest RAM holds
     /// from guest-physical 0 (for QEMU's `-device loader`).
-    pub fn write_image(&self, size: u64, path: &Path) -> Result<FillStats, ProfileError> {
+    /// Writes the bytes of guest-physical `[guest_base, guest_base + len)` to a sparse file.
+    pub fn write_image(
+        &self,
+        guest_base: u64,
+        len: u64,
+        path: &Path,
+    ) -> Result<FillStats, ProfileError> {
         let err = |source| ProfileError::Write {
             path: path.to_path_buf(),
             source,
@@ -294,13 +309,13 @@ impl ProfileFiller {
         let mut st = FillStats::default();
         let mut buf = vec![0u8; 1 << 20];
         let mut off = 0;
-        while off < size {
-            let n = (size - off).min(buf.len() as u64) as usize;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
             buf[..n].fill(0);
             let part = &mut buf[..n];
             let mut any = false;
             for (j, page) in part.chunks_exact_mut(PAGE).enumerate() {
-                let c = self.fill_page(off / PAGE_SIZE + j as u64, page);
+                let c = self.fill_page((guest_base + off) / PAGE_SIZE + j as u64, page);
                 any |= c != PageClass::Zero;
                 st.add(c);
             }
@@ -310,8 +325,41 @@ impl ProfileFiller {
             }
             off += n as u64;
         }
-        f.set_len(size).map_err(err)?;
+        f.set_len(len).map_err(err)?;
         Ok(st)
+    }
+
+    /// Writes a VM's RAM of `size` bytes, as the VMM lays it out in guest-physical space, into
+    /// `dir` as blobs of at most `max_blob` bytes, leaving out everything below `from` (where
+    /// firmware and kernel go). Another VMM loads them at their addresses to start from the
+    /// same memory (QEMU: `-device loader,file=...,addr=...`, which reads a blob in one read(),
+    /// so blobs must stay under 2 GiB).
+    pub fn write_blobs(
+        &self,
+        size: u64,
+        from: u64,
+        max_blob: u64,
+        dir: &Path,
+    ) -> Result<Vec<Blob>, ProfileError> {
+        let max_blob = max_blob.max(PAGE_SIZE) / PAGE_SIZE * PAGE_SIZE;
+        let mut blobs = Vec::new();
+        for r in crate::memory::layout(size) {
+            let mut addr = r.guest.max(from.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+            let end = r.guest + r.len;
+            while addr < end {
+                let len = (end - addr).min(max_blob);
+                let path = dir.join(format!("ram-{addr:#011x}.raw"));
+                let stats = self.write_image(addr, len, &path)?;
+                blobs.push(Blob {
+                    path,
+                    guest_addr: addr,
+                    len,
+                    stats,
+                });
+                addr += len;
+            }
+        }
+        Ok(blobs)
     }
 }
 
@@ -372,13 +420,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem.raw");
         let f = ProfileFiller::new(MemoryProfile::Server, 11).unwrap();
-        f.write_image(4 << 20, &path).unwrap();
-        let (mem, _) = {
-            let mut m = vec![0u8; 4 << 20];
-            let st = f.fill(0, &mut m);
-            (m, st)
-        };
+        f.write_image(4 << 30, 4 << 20, &path).unwrap();
+        let mut mem = vec![0u8; 4 << 20];
+        f.fill(4 << 30, &mut mem);
         assert!(std::fs::read(&path).unwrap() == mem);
+    }
+
+    #[test]
+    fn blobs_follow_the_guest_physical_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = ProfileFiller::new(MemoryProfile::Zero, 1).unwrap();
+        // Sparse files: 5 GiB of zero profile costs nothing.
+        let blobs = f
+            .write_blobs(5 << 30, 2 << 20, 1 << 30, dir.path())
+            .unwrap();
+        let spans: Vec<(u64, u64)> = blobs.iter().map(|b| (b.guest_addr, b.len)).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (2 << 20, 1 << 30),
+                ((1 << 30) + (2 << 20), 1 << 30),
+                ((2 << 30) + (2 << 20), (1 << 30) - (2 << 20)),
+                (4 << 30, 1 << 30),
+                (5 << 30, 1 << 30),
+            ]
+        );
+        for b in &blobs {
+            assert_eq!(std::fs::metadata(&b.path).unwrap().len(), b.len);
+        }
     }
 
     #[test]

@@ -189,21 +189,23 @@ impl CodecPolicy {
         s.ratio = s.ratio * (1.0 - EWMA) + (compressed as f64 / raw as f64) * EWMA;
     }
 
-    pub fn record_link(&mut self, bytes: usize, secs: f64) {
-        if bytes >= 64 << 10 && secs > 0.0 {
-            let rate = bytes as f64 / secs;
+    /// A measurement of the link: bytes/s the peer acknowledged over a window. `saturated`
+    /// means data waited in our socket buffers all along, so the link set the pace and this
+    /// is its rate; otherwise we were the bottleneck and the link is at least this fast.
+    pub fn record_link(&mut self, rate: f64, saturated: bool) {
+        if !(rate.is_finite() && rate > 0.0) {
+            return;
+        }
+        if saturated {
             self.link = if self.link_samples == 0 {
                 rate
             } else {
                 self.link * (1.0 - EWMA) + rate * EWMA
             };
             self.link_samples += 1;
+        } else if rate > self.link {
+            self.link = rate;
         }
-    }
-
-    /// Whether the next raw frame should be timed: all of the first few, then now and then.
-    pub fn want_link_sample(&self) -> bool {
-        self.link_samples < 16 || self.batches.is_multiple_of(8)
     }
 }
 
@@ -350,8 +352,20 @@ mod tests {
         let picks: Vec<Choice> = (0..PROBE_EVERY).map(|_| p.choose()).collect();
         assert!(picks.contains(&Choice::Compress(Codec::Zstd)), "{picks:?}");
         for _ in 0..40 {
-            p.record_link(1 << 20, 0.0005); // a 2 GB/s link
+            p.record_link(2e9, true); // a 2 GB/s link
         }
         assert!(p.link > 1.5e9);
+    }
+
+    #[test]
+    fn only_a_saturated_link_can_lower_the_estimate() {
+        let mut p = CodecPolicy::new(2);
+        p.record_link(30e6, false); // we fed it slowly: says nothing about the link
+        assert_eq!(p.link, 1.5e9);
+        p.record_link(30e6, true); // backlogged at 30 MB/s: that is the link
+        assert_eq!(p.link, 30e6);
+        assert!(matches!(p.best(), Choice::Compress(_)));
+        p.record_link(3e9, false); // delivered faster than thought: at least that fast
+        assert_eq!(p.link, 3e9);
     }
 }

@@ -61,6 +61,12 @@ pub struct Progress {
 type Writer<'a> =
     FrameWriter<&'a mut std::io::BufWriter<transport::CountingWriter<std::net::TcpStream>>>;
 
+/// Longest wait for a round to be delivered; past it the migration goes on (a dead peer
+/// shows up as a failed write or read, not here).
+const DELIVERY_WAIT: Duration = Duration::from_secs(10);
+/// A round must move at least this much to update the measured throughput.
+const MIN_RATE_SAMPLE: u64 = 1 << 20;
+
 struct Sender<'a> {
     out: Writer<'a>,
     ram: &'a GuestRam,
@@ -81,7 +87,24 @@ struct Sender<'a> {
     direct_pages: Vec<u64>,
     direct_mode: bool,
     ram_arc: Arc<GuestRam>,
+    /// The control connection's socket, to see what it has not delivered yet.
+    control: transport::ShutdownHandle,
+    link_meter: Option<LinkMeter>,
 }
+
+/// What the link delivered since the last sample (compressed transport only).
+struct LinkMeter {
+    wire: crate::Wire,
+    since: Instant,
+    delivered: u64,
+    /// The least data that waited for the link at any check in the window.
+    min_backlog: usize,
+}
+
+/// The link is measured over windows this long.
+const LINK_WINDOW: Duration = Duration::from_millis(20);
+/// Data always waiting in the sockets at least this much means the link set the pace.
+const SATURATED_BACKLOG: usize = 128 << 10;
 
 enum ChannelMsg {
     Frame(Kind, Vec<Vec<u8>>),
@@ -139,6 +162,7 @@ impl Channel {
                         ChannelMsg::RoundEnd(p) => {
                             out.send(Kind::RoundEnd, &p)?;
                             out.flush()?;
+                            q.fetch_sub(1, Ordering::Relaxed);
                         }
                         ChannelMsg::Done => {
                             out.send(Kind::Done, &[])?;
@@ -400,21 +424,9 @@ impl Sender<'_> {
         if choice == Choice::Raw {
             // Raw batches skip the workers: no hand-off, no wait.
             c.stats.batches_raw += 1;
-            let time_it = c.policy.want_link_sample();
             self.pages.normal += (data.len() / PAGE_SIZE as usize) as u64;
-            let wire = head.len() + data.len();
-            let t = Instant::now();
             self.emit(Kind::Pages, vec![head, data])?;
-            // Now and then, time the socket itself to keep the link estimate fresh.
-            if time_it {
-                if self.channels.is_empty() {
-                    self.out.flush()?;
-                }
-                let secs = t.elapsed().as_secs_f64();
-                if let Some(c) = self.compressor.as_mut() {
-                    c.policy.record_link(wire, secs);
-                }
-            }
+            self.meter_link()?;
             return self.drain(false);
         }
         let job = Job {
@@ -484,18 +496,8 @@ impl Sender<'_> {
                     (Kind::Pages, vec![job.head, job.data])
                 }
             };
-            let wire: usize = parts.iter().map(|p| p.len()).sum();
-            let t = Instant::now();
             self.emit(kind, parts)?;
-            // Flushed per frame so the time is the socket's (a page stream's bounded queue
-            // blocks the same way): buffered bytes would make any link look as fast as memcpy.
-            if self.channels.is_empty() {
-                self.out.flush()?;
-            }
-            let secs = t.elapsed().as_secs_f64();
-            if let Some(c) = self.compressor.as_mut() {
-                c.policy.record_link(wire, secs);
-            }
+            self.meter_link()?;
         }
     }
 
@@ -506,12 +508,66 @@ impl Sender<'_> {
         p[..4].copy_from_slice(&round.to_le_bytes());
         p[4..].copy_from_slice(&pages.to_le_bytes());
         for ch in &mut self.channels {
+            // Counted as queued until the stream has flushed it (see wait_delivered).
+            ch.queued.fetch_add(1, Ordering::Relaxed);
             if ch.send(ChannelMsg::RoundEnd(p)).is_err() {
                 return Err(ch.failure());
             }
         }
         self.out.send(Kind::RoundEnd, &p)?;
         self.out.flush()
+    }
+
+    /// Feeds the codec policy the link's rate: what the peer acknowledged per unit of time,
+    /// and whether data waited for the link throughout (then the rate is the link's own).
+    fn meter_link(&mut self) -> std::io::Result<()> {
+        let Some(m) = self.link_meter.as_mut() else {
+            return Ok(());
+        };
+        if self.channels.is_empty() {
+            // Bytes in our BufWriter are not the kernel's yet; the meter needs them there.
+            self.out.flush()?;
+        }
+        let mut in_socket = self.control.unacked()?;
+        let mut waiting = 0;
+        for ch in &self.channels {
+            in_socket += ch.shutdown.unacked()?;
+            waiting += ch.queued.load(Ordering::Relaxed);
+        }
+        let delivered = m.wire.sent().saturating_sub(in_socket as u64);
+        m.min_backlog = m.min_backlog.min(in_socket + waiting);
+        let dt = m.since.elapsed();
+        if dt < LINK_WINDOW {
+            return Ok(());
+        }
+        let rate = delivered.saturating_sub(m.delivered) as f64 / dt.as_secs_f64();
+        let saturated = m.min_backlog >= SATURATED_BACKLOG;
+        m.since = Instant::now();
+        m.delivered = delivered;
+        m.min_backlog = usize::MAX;
+        if let Some(c) = self.compressor.as_mut() {
+            c.policy.record_link(rate, saturated);
+        }
+        Ok(())
+    }
+
+    /// Waits until every stream has handed all it was given to the kernel and the peer has
+    /// acknowledged it (or `timeout` passed). A round then ends when the destination has it,
+    /// so its time is the link's, and nothing queued (socket buffers, a shaper's queue) is
+    /// left to cross the link after the pause, inside the downtime.
+    fn wait_delivered(&mut self, timeout: Duration) -> std::io::Result<()> {
+        self.out.flush()?;
+        let t = Instant::now();
+        loop {
+            let mut pending = self.control.unacked()?;
+            for ch in &self.channels {
+                pending += ch.queued.load(Ordering::Relaxed) + ch.shutdown.unacked()?;
+            }
+            if pending == 0 || t.elapsed() >= timeout {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// Ends every page stream and waits until each has written all it was given.
@@ -646,6 +702,7 @@ pub fn migrate(
         _ => None,
     };
     let sampler = Sampler::start(wire.clone(), Duration::from_millis(100));
+    let control = conn.shutdown_handle()?;
     let mut input = FrameReader::new(&mut conn.reader);
     let mut sender = Sender {
         out: FrameWriter::with_seq(&mut conn.writer, 1),
@@ -663,6 +720,13 @@ pub fn migrate(
         direct_pages: Vec::new(),
         direct_mode: opts.transport == Transport::Direct,
         ram_arc: ram.clone(),
+        control,
+        link_meter: (opts.transport == Transport::Compressed).then(|| LinkMeter {
+            wire: wire.clone(),
+            since: Instant::now(),
+            delivered: 0,
+            min_backlog: usize::MAX,
+        }),
     };
 
     // 1. Prepare: the destination builds the VM.
@@ -715,6 +779,7 @@ pub fn migrate(
         }
     }
     sender.round_end(0, copied)?;
+    sender.wait_delivered(DELIVERY_WAIT)?;
     let copy_ms = t_copy.elapsed();
     let copy_bytes = wire.sent() - wire0;
     report.rounds.push(Round {
@@ -762,10 +827,12 @@ pub fn migrate(
             }
         }
         sender.round_end(round, dirty_pages)?;
+        sender.wait_delivered(DELIVERY_WAIT)?;
         let ms = t.elapsed();
         let bytes = wire.sent() - w0;
-        if ms.as_millis() > 0 && bytes > 0 {
-            bw = bytes as f64 / ms.as_secs_f64();
+        // Small rounds measure the round trip more than the link.
+        if bytes >= MIN_RATE_SAMPLE {
+            bw = bytes as f64 / ms.as_secs_f64().max(1e-6);
         }
         history.push(dirty_pages);
         report.rounds.push(Round {

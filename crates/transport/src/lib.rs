@@ -3,6 +3,7 @@
 //! measure bandwidth and report bytes on the wire.
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -431,6 +432,18 @@ impl ShutdownHandle {
     /// Sets the socket's read timeout (shared with the connection it came from).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.0.set_read_timeout(t)
+    }
+
+    /// Bytes written to the socket that the peer has not acknowledged yet (unsent, queued in
+    /// a qdisc, or in flight): what still has to cross the link before newer data can.
+    pub fn unacked(&self) -> io::Result<usize> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one c_int to the pointer, which is valid for the call; the
+        // fd is owned by self.0 and open.
+        if unsafe { libc::ioctl(self.0.as_raw_fd(), libc::TIOCOUTQ, &mut n) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n.max(0) as usize)
     }
 }
 

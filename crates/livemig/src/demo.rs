@@ -2,15 +2,14 @@
 //! process, as on another host) and a source VM (1 GiB, 2 vCPUs, workload `sql`, profile
 //! `server`), migrates the running VM over loopback TCP, prints the summary, writes the report,
 //! and exits 0 only if the guest verified its memory on the destination.
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::child::{spawn_until, VmProcess};
 use guest::WorkloadSpec;
 use migration::{MigrateOptions, Report};
-use vmm::api::Client;
 use vmm::profile::MemoryProfile;
 use vmm::{BootSpec, Console, Kernel, Vm, VmConfig};
 
@@ -46,25 +45,15 @@ pub struct DemoArgs {
     pub console: Option<PathBuf>,
 }
 
-/// The destination process; killed if the demo ends early.
+/// The destination process; stopped if the demo ends early, its directory removed.
 struct Destination {
-    child: std::process::Child,
-    api: PathBuf,
+    process: Option<VmProcess>,
     dir: PathBuf,
 }
 
 impl Drop for Destination {
     fn drop(&mut self) {
-        let _ = Client::new(&self.api).shutdown();
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        drop(self.process.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -75,41 +64,22 @@ fn start_destination(
 ) -> Result<(Destination, String), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("livemig-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let mut d = Destination { process: None, dir };
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let api = dir.join("destination.sock");
+    let api = d.dir.join("destination.sock");
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["receive", "--listen", &addr, "--api"]).arg(&api);
     match console {
         Some(c) => cmd.arg("--console").arg(c),
         None => cmd.arg("--console").arg("/dev/null"),
     };
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-    // It says when it listens (connecting to check would take its one accept).
-    let mut err = child.stderr.take().ok_or("no stderr pipe")?;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    let t = Instant::now();
-    while !String::from_utf8_lossy(&seen).contains("waiting for a VM") {
-        if t.elapsed() > Duration::from_secs(10) {
-            return Err("the destination did not start listening".into());
-        }
-        match err.read(&mut buf) {
-            Ok(0) | Err(_) => {
-                return Err(
-                    format!("the destination exited: {}", String::from_utf8_lossy(&seen)).into(),
-                )
-            }
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-    // Keep draining its stderr so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut err, &mut std::io::sink());
-    });
-    Ok((Destination { child, api, dir }, addr))
+    let child = spawn_until(&mut cmd, "waiting for a VM", Duration::from_secs(10), None)
+        .map_err(|e| format!("the destination did not start listening: {e}"))?;
+    d.process = Some(VmProcess { child, api });
+    Ok((d, addr))
 }
 
 pub fn run(a: DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {

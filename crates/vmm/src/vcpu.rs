@@ -134,6 +134,14 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
 }
 
+/// The TSC frequency KVM gives a new vCPU on this host, as the workload guest is told it (other
+/// VMMs running the same guest pass the same value on its command line).
+pub fn host_tsc_khz() -> Result<u32, kvm_ioctls::Error> {
+    let kvm = Kvm::new()?;
+    let vm = kvm.create_vm()?;
+    vm.create_vcpu(0)?.get_tsc_khz()
+}
+
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
     ((base as u64 & 0xff00_0000) << 32)
         | ((flags as u64 & 0xf0ff) << 40)

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod child;
 mod demo;
 mod migrate_cmd;
 mod testbed;
@@ -106,6 +108,11 @@ enum Cmd {
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
+    },
+    /// Measured benchmarks on the testbed (needs root).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
     },
     /// Two hosts as network namespaces with the reference NIC layout (needs root).
     Testbed {
@@ -235,6 +242,14 @@ fn serve(vm: Vm, api: Option<&std::path::Path>) -> Result<ExitCode, Box<dyn std:
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     transport::parse_rate(s)
         .ok_or_else(|| format!("{s:?} is not a rate (e.g. 200Mbit, 1.5Gbit, 100MB)"))
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Migrate one running VM over each transport on its reference link (tcp and compressed
+    /// on 1 GbE, direct on 10 GbE, direct + multichannel on both 10 GbE links), after
+    /// measuring each link's raw goodput; prints the table, writes bench.json and bench.png.
+    Transports(bench::TransportsArgs),
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -429,6 +444,21 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
                 TestbedAction::Down => t.down()?,
                 TestbedAction::Status => print_json(&t.status()?),
+            }
+        }
+        Cmd::Bench {
+            what: BenchCmd::Transports(a),
+        } => {
+            let r = bench::transports(&a)?;
+            print!("{}", bench::render(&r));
+            println!(
+                "wrote {} and {}",
+                a.out.join("bench.json").display(),
+                a.out.join("bench.png").display()
+            );
+            if r.rows.iter().any(|r| r.error.is_some() || !r.verified) {
+                eprintln!("livemig: bench: not every migration completed and verified");
+                return Ok(ExitCode::FAILURE);
             }
         }
         Cmd::Status(a) => print_json(&Client::new(a.api).status()?),

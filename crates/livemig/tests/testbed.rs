@@ -2,17 +2,7 @@
 use std::process::Command;
 
 mod common;
-use common::livemig;
-
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        println!("SKIPPED {test}: needs root");
-        eprintln!("SKIPPED {test}: needs root");
-    }
-    root
-}
+use common::{livemig, root_or_skip};
 
 #[test]
 fn testbed_up_is_idempotent_shaped_and_down_removes_it() {

@@ -20,6 +20,17 @@ pub fn kvm_or_skip(test: &str) -> bool {
     ok
 }
 
+/// Tests that make namespaces and links run only as root; otherwise they say so.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        println!("SKIPPED {test}: needs root");
+        eprintln!("SKIPPED {test}: needs root");
+    }
+    root
+}
+
 pub fn wait(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {

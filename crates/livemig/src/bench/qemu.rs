@@ -1,0 +1,428 @@
+//! The peer: QEMU (Debian's qemu-system-x86_64, KVM) running the same workload guest and the
+//! same RAM image, driven over QMP with `-incoming defer`.
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error(
+        "starting {what}: {source} (is qemu-system-x86 installed? scripts/setup.sh installs it)"
+    )]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} exited early ({status}); its log: {log}")]
+    Exited {
+        what: String,
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("QMP socket of {what}: {source}")]
+    Qmp {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("QMP {cmd} on {what}: {error}")]
+    Command {
+        what: String,
+        cmd: String,
+        error: String,
+    },
+    #[error("{what}: {msg}")]
+    Guest { what: String, msg: String },
+}
+
+/// A QMP session: one JSON object per line each way; events are skipped.
+struct Qmp {
+    what: String,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(what: &str, path: &Path, child: &mut Child, log: &Path) -> Result<Self, QemuError> {
+        let t = Instant::now();
+        let qerr = |source| QemuError::Qmp {
+            what: what.into(),
+            source,
+        };
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if t.elapsed() > Duration::from_secs(60) => return Err(qerr(e)),
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(QemuError::Exited {
+                            what: what.into(),
+                            status,
+                            log: std::fs::read_to_string(log).unwrap_or_default(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(qerr)?;
+        let mut q = Qmp {
+            what: what.into(),
+            writer: stream.try_clone().map_err(qerr)?,
+            reader: BufReader::new(stream),
+        };
+        q.read()?; // greeting
+        q.cmd("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<Value, QemuError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|source| QemuError::Qmp {
+                what: self.what.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(QemuError::Qmp {
+                what: self.what.clone(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        serde_json::from_str(&line).map_err(|e| QemuError::Qmp {
+            what: self.what.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    }
+
+    fn cmd(&mut self, cmd: &str, args: Value) -> Result<Value, QemuError> {
+        let msg = json!({"execute": cmd, "arguments": args}).to_string() + "\n";
+        self.writer
+            .write_all(msg.as_bytes())
+            .map_err(|source| QemuError::Qmp {
+                what: self.what.clone(),
+                source,
+            })?;
+        loop {
+            let mut r = self.read()?;
+            if let Some(v) = r.get_mut("return") {
+                return Ok(v.take());
+            }
+            if let Some(e) = r.get("error") {
+                return Err(QemuError::Command {
+                    what: self.what.clone(),
+                    cmd: cmd.into(),
+                    error: e["desc"].as_str().unwrap_or("?").to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// How QEMU migrates in one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Tcp,
+    Multifd { channels: u8 },
+    MultifdZstd { channels: u8 },
+}
+
+impl Mode {
+    fn caps(&self) -> Value {
+        let multifd = !matches!(self, Mode::Tcp);
+        json!({"capabilities": [{"capability": "multifd", "state": multifd}]})
+    }
+
+    /// Parameters both ends must agree on.
+    fn params(&self) -> Value {
+        match *self {
+            Mode::Tcp => json!({}),
+            Mode::Multifd { channels } => {
+                json!({"multifd-channels": channels, "multifd-compression": "none"})
+            }
+            Mode::MultifdZstd { channels } => {
+                json!({"multifd-channels": channels, "multifd-compression": "zstd"})
+            }
+        }
+    }
+}
+
+/// What the guest and machine look like; the same for every QEMU process of a bench.
+pub struct Machine {
+    pub memory: u64,
+    pub vcpus: u8,
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    /// (file, guest-physical address) for the source's `-device loader`.
+    pub blobs: Vec<(PathBuf, u64)>,
+    pub dir: PathBuf,
+}
+
+/// One QEMU process in a host namespace.
+pub struct Qemu {
+    pub name: String,
+    child: Child,
+    qmp: Qmp,
+    serial: PathBuf,
+    pub console: PathBuf,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.qmp.cmd("quit", json!({}));
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Qemu {
+    /// Starts QEMU in `ns`: booting with the RAM image (`incoming` false) or waiting for a
+    /// migration (`incoming` true, `-incoming defer`).
+    pub fn start(m: &Machine, name: &str, ns: &str, incoming: bool) -> Result<Self, QemuError> {
+        let qmp = m.dir.join(format!("{name}.qmp"));
+        let serial = m.dir.join(format!("{name}.serial"));
+        let console = m.dir.join(format!("{name}.console"));
+        let log = m.dir.join(format!("{name}.log"));
+        for p in [&qmp, &serial] {
+            let _ = std::fs::remove_file(p);
+        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, "qemu-system-x86_64"])
+            // i440fx with RAM split at 3 GiB: the layout livemig's VMM uses, so the RAM image
+            // lands at the same guest-physical addresses.
+            .args(["-machine", "pc,max-ram-below-4g=3G", "-accel", "kvm"])
+            .args(["-m", &format!("{}M", m.memory >> 20)])
+            .args(["-smp", &m.vcpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .arg("-kernel")
+            .arg(&m.kernel)
+            .args(["-append", &m.cmdline])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=con,path={},server=on,wait=off,logfile={}",
+                serial.display(),
+                console.display()
+            ))
+            .args(["-serial", "chardev:con"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        } else {
+            for (file, addr) in &m.blobs {
+                cmd.arg("-device")
+                    .arg(format!("loader,file={},addr={addr:#x}", file.display()));
+            }
+        }
+        let logf = std::fs::File::create(&log).map_err(|source| QemuError::Spawn {
+            what: name.into(),
+            source,
+        })?;
+        let err = logf.try_clone().map_err(|source| QemuError::Spawn {
+            what: name.into(),
+            source,
+        })?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(logf)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| QemuError::Spawn {
+                what: format!("qemu-system-x86_64 ({name})"),
+                source,
+            })?;
+        let qmp = match Qmp::connect(name, &qmp, &mut child, &log) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        Ok(Qemu {
+            name: name.into(),
+            child,
+            qmp,
+            serial,
+            console,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the guest's console shows `what`.
+    pub fn wait_console(&self, what: &str, timeout: Duration) -> Result<(), QemuError> {
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.console).unwrap_or_default();
+            if text.contains(what) {
+                return Ok(());
+            }
+            if t.elapsed() > timeout {
+                return Err(QemuError::Guest {
+                    what: self.name.clone(),
+                    msg: format!("no {what:?} on the guest console within {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Destination: accept one migration on `listen` (HOST:PORT).
+    pub fn incoming(&mut self, mode: Mode, listen: &str) -> Result<(), QemuError> {
+        self.qmp.cmd("migrate-set-capabilities", mode.caps())?;
+        self.qmp.cmd("migrate-set-parameters", mode.params())?;
+        self.qmp
+            .cmd("migrate-incoming", json!({"uri": format!("tcp:{listen}")}))?;
+        Ok(())
+    }
+
+    /// Source: migrate to `to` (HOST:PORT) and wait for the end; returns `query-migrate`.
+    pub fn migrate(
+        &mut self,
+        mode: Mode,
+        to: &str,
+        downtime_ms: u64,
+        timeout: Duration,
+    ) -> Result<Value, QemuError> {
+        self.qmp.cmd("migrate-set-capabilities", mode.caps())?;
+        let mut p = mode.params();
+        // 7.2 caps migration at 128 MiB/s unless told otherwise.
+        p["max-bandwidth"] = json!(100u64 << 30);
+        p["downtime-limit"] = json!(downtime_ms);
+        self.qmp.cmd("migrate-set-parameters", p)?;
+        self.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{to}")}))?;
+        let t = Instant::now();
+        loop {
+            let r = self.qmp.cmd("query-migrate", json!({}))?;
+            match r["status"].as_str() {
+                Some("completed") => return Ok(r),
+                Some("failed") | Some("cancelled") => {
+                    return Err(QemuError::Guest {
+                        what: self.name.clone(),
+                        msg: format!(
+                            "migration {}: {}",
+                            r["status"],
+                            r["error-desc"].as_str().unwrap_or("no reason given")
+                        ),
+                    })
+                }
+                _ if t.elapsed() > timeout => {
+                    let _ = self.qmp.cmd("migrate_cancel", json!({}));
+                    return Err(QemuError::Guest {
+                        what: self.name.clone(),
+                        msg: format!("migration did not complete within {timeout:?}"),
+                    });
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Waits until the VM runs (a destination after the migration).
+    pub fn wait_running(&mut self, timeout: Duration) -> Result<(), QemuError> {
+        let t = Instant::now();
+        loop {
+            let r = self.qmp.cmd("query-status", json!({}))?;
+            if r["status"] == "running" {
+                return Ok(());
+            }
+            if t.elapsed() > timeout {
+                return Err(QemuError::Guest {
+                    what: self.name.clone(),
+                    msg: format!("VM is {} after the migration, not running", r["status"]),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks the workload guest to verify its memory over COM1; Ok(detail) only for VERIFY OK.
+    pub fn verify(&self, timeout: Duration) -> Result<String, QemuError> {
+        let gerr = |msg: String| QemuError::Guest {
+            what: self.name.clone(),
+            msg,
+        };
+        let mut s =
+            UnixStream::connect(&self.serial).map_err(|e| gerr(format!("serial socket: {e}")))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| gerr(format!("serial socket: {e}")))?;
+        s.write_all(&[guest::abi::SERIAL_CMD_VERIFY])
+            .map_err(|e| gerr(format!("serial socket: {e}")))?;
+        let t = Instant::now();
+        for line in BufReader::new(s).lines() {
+            let line = line.map_err(|e| gerr(format!("waiting for VERIFY on the console: {e}")))?;
+            if let Some(rest) = line.trim().strip_prefix("VERIFY ") {
+                return if rest.starts_with("OK") {
+                    Ok(line.trim().to_string())
+                } else {
+                    Err(gerr(format!("guest says: {}", line.trim())))
+                };
+            }
+            if t.elapsed() > timeout {
+                break;
+            }
+        }
+        Err(gerr("the guest did not answer the verify".into()))
+    }
+
+    /// CPU seconds used so far by everything but the vCPU threads ("CPU n/KVM"): migration
+    /// threads, the main loop, multifd workers (exited threads count in the process total).
+    pub fn migration_cpu_seconds(&self) -> f64 {
+        let pid = self.pid();
+        let process = cpu_of(&format!("/proc/{pid}/stat"));
+        let mut vcpus = 0.0;
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                if comm.starts_with("CPU ") && comm.trim_end().ends_with("/KVM") {
+                    vcpus += cpu_of(&t.path().join("stat").to_string_lossy());
+                }
+            }
+        }
+        (process - vcpus).max(0.0)
+    }
+}
+
+/// utime + stime of a /proc stat file, in seconds.
+fn cpu_of(path: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / hz
+}
+
+/// Whether QEMU is installed.
+pub fn available() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -1,0 +1,120 @@
+//! The bench's printed table and ratios.
+use super::{BenchReport, Row};
+
+fn opt_ms(v: Option<u64>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+fn opt_s(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+/// One row as a progress line.
+pub fn line(r: &Row) -> String {
+    format!(
+        "{} {} over {}: {:.2} s, {:.2} Gbit/s ({:.0}% of the link), downtime {} ms, {:.0} MiB, verified {}",
+        r.peer,
+        r.config,
+        r.links,
+        r.total_ms as f64 / 1e3,
+        r.avg_gbps,
+        r.utilisation * 100.0,
+        opt_ms(r.downtime_ms),
+        r.wire_bytes as f64 / (1 << 20) as f64,
+        if r.verified { "yes" } else { "NO" }
+    )
+}
+
+pub fn render(b: &BenchReport) -> String {
+    let mut s = format!(
+        "livemig bench transports: {} MiB, {} vCPUs, workload {}, memory {}, downtime target {} ms, link scale {}\n\n",
+        b.memory_bytes >> 20,
+        b.vcpus,
+        b.workload,
+        b.memory_profile,
+        b.downtime_target_ms,
+        b.scale
+    );
+    s += "links (raw TCP stream, same run):\n";
+    for l in &b.links {
+        s += &format!(
+            "  {:<12} goodput {:>6.3} Gbit/s, on the interface {:>6.3}; shaped {:.2}, nominal {:.1}\n",
+            l.links,
+            l.measured.goodput_bps / 1e9,
+            l.measured.interface_bps / 1e9,
+            l.shaped_gbps,
+            l.nominal_gbps
+        );
+    }
+    s += "\n";
+    let header = [
+        "peer", "config", "link", "total s", "Gbit/s", "util", "downtime", "cpu src", "cpu dst",
+        "wire MiB", "verified",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in &b.rows {
+        cells.push(vec![
+            r.peer.clone(),
+            r.config.clone(),
+            r.links.clone(),
+            if r.error.is_some() {
+                "FAILED".into()
+            } else {
+                format!("{:.2}", r.total_ms as f64 / 1e3)
+            },
+            format!("{:.3}", r.avg_gbps),
+            format!("{:.1}%", r.utilisation * 100.0),
+            r.downtime_ms.map_or("-".into(), |d| format!("{d} ms")),
+            opt_s(r.cpu_source_s),
+            opt_s(r.cpu_destination_s),
+            format!("{:.0}", r.wire_bytes as f64 / (1 << 20) as f64),
+            if r.verified { "yes" } else { "NO" }.into(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
+        .collect();
+    for (n, row) in cells.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i < 3 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        s += line.join("  ").trim_end();
+        s += "\n";
+        if n == 0 {
+            s += &"-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1));
+            s += "\n";
+        }
+    }
+    for r in &b.rows {
+        if let Some(e) = &r.error {
+            s += &format!("  {} {} over {} failed: {e}\n", r.peer, r.config, r.links);
+        }
+    }
+    if !b.ratios.is_empty() {
+        s += "\nlivemig / QEMU (lower is better for livemig):\n";
+        for q in &b.ratios {
+            s += &format!(
+                "  {:<32} vs {:<22} total {:.2}x, downtime {}, wire bytes {:.2}x, source cpu {}\n",
+                q.livemig,
+                q.qemu,
+                q.total,
+                q.downtime.map_or("-".into(), |d| format!("{d:.2}x")),
+                q.wire_bytes,
+                q.cpu_source.map_or("-".into(), |c| format!("{c:.2}x")),
+            );
+        }
+    }
+    for n in &b.notes {
+        s += &format!("\nnote: {n}");
+    }
+    s + "\n"
+}

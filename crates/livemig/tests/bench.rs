@@ -1,0 +1,102 @@
+//! A small `livemig bench transports` as a smoke test: every configuration's row is there and
+//! every migration verified on its destination, QEMU's too. No timing assertions: figures are
+//! the bench's output, not a test's. Needs root and /dev/kvm; says SKIPPED otherwise.
+use std::process::Command;
+
+mod common;
+use common::{kvm_or_skip, root_or_skip, BIN};
+
+const LIVEMIG_ROWS: [(&str, &str); 4] = [
+    ("tcp", "1g-1"),
+    ("compressed", "1g-1"),
+    ("direct", "10g-1"),
+    ("direct+multichannel", "10g-1+10g-2"),
+];
+const QEMU_ROWS: [(&str, &str); 4] = [
+    ("tcp", "1g-1"),
+    ("multifd+zstd", "1g-1"),
+    ("tcp", "10g-1"),
+    ("multifd", "10g-1"),
+];
+
+#[test]
+fn bench_transports_smoke_has_every_row_verified() {
+    let test = "bench_transports_smoke_has_every_row_verified";
+    if !root_or_skip(test) || !kvm_or_skip(test) {
+        return;
+    }
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qemu {
+        println!("SKIPPED the QEMU rows of {test}: qemu-system-x86_64 is not installed");
+        eprintln!("SKIPPED the QEMU rows of {test}: qemu-system-x86_64 is not installed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["bench", "transports", "--memory", "256M", "--scale", "0.25"])
+        .args([
+            "--testbed",
+            "lmsmoke",
+            "--run-ms",
+            "1000",
+            "--goodput-secs",
+            "1",
+        ])
+        .arg("--out")
+        .arg(dir.path());
+    if qemu {
+        cmd.args(["--peer", "qemu"]);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+    let rows = b["rows"].as_array().unwrap();
+    let mut want: Vec<(&str, &str, &str)> = LIVEMIG_ROWS
+        .iter()
+        .map(|(c, l)| ("livemig", *c, *l))
+        .collect();
+    if qemu {
+        want.extend(QEMU_ROWS.iter().map(|(c, l)| ("qemu", *c, *l)));
+    }
+    assert_eq!(rows.len(), want.len(), "{stdout}");
+    for (peer, config, links) in want {
+        let r = rows
+            .iter()
+            .find(|r| r["peer"] == peer && r["config"] == config && r["links"] == links)
+            .unwrap_or_else(|| panic!("no row for {peer} {config} over {links}:\n{stdout}"));
+        assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+        assert_eq!(
+            r["verified"], true,
+            "{peer} {config} over {links} did not verify: {r}"
+        );
+        assert!(r["wire_bytes"].as_u64().unwrap() > 64 << 20, "{r}");
+        assert!(!r["samples"].as_array().unwrap().is_empty(), "{r}");
+        // The printed table has the row too.
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(peer) && l.contains(config) && l.contains(links)),
+            "{peer} {config} {links} missing from the table:\n{stdout}"
+        );
+    }
+    assert_eq!(b["links"].as_array().unwrap().len(), 3);
+    if qemu {
+        assert_eq!(b["ratios"].as_array().unwrap().len(), 4, "{}", b["ratios"]);
+    }
+    let png = std::fs::read(dir.path().join("bench.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "bench.png is a PNG");
+    // The bench made its testbed and removed it.
+    let st = Command::new(BIN)
+        .args(["testbed", "status", "--name", "lmsmoke"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["present"], false);
+}

@@ -371,15 +371,19 @@ pub struct FrameReader<R: Read> {
 /// A buffered reader whose buffered bytes can be taken without further I/O, so the rest of a
 /// read can go straight from the socket into its destination.
 pub trait DirectRead: Read {
-    fn read_direct(&mut self, dst: &mut [u8]) -> io::Result<()>;
+    /// Moves the next `len` bytes into `file` at `off`.
+    fn read_direct(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()>;
 }
 
-impl<T: Read> DirectRead for &mut io::BufReader<T> {
-    fn read_direct(&mut self, dst: &mut [u8]) -> io::Result<()> {
-        let have = self.buffer().len().min(dst.len());
-        dst[..have].copy_from_slice(&self.buffer()[..have]);
+impl<T: transport::ReadToFile> DirectRead for &mut io::BufReader<T> {
+    fn read_direct(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        // What the reader already buffered goes first; the rest comes straight from the source.
+        let have = self.buffer().len().min(len);
+        file.write_all_at(&self.buffer()[..have], off)?;
         self.consume(have);
-        self.get_mut().read_exact(&mut dst[have..])
+        self.get_mut()
+            .read_to_file(file, off + have as u64, len - have)
     }
 }
 
@@ -469,21 +473,28 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Reads the next `dst.len()` bytes of a PagesDirect frame's page data into `dst`.
-    pub fn read_direct(&mut self, dst: &mut [u8]) -> Result<(), ProtocolError>
+    pub fn read_direct(
+        &mut self,
+        file: &std::fs::File,
+        off: u64,
+        len: usize,
+    ) -> Result<(), ProtocolError>
     where
         R: DirectRead,
     {
-        if dst.len() > self.direct_left {
+        if len > self.direct_left {
             return Err(ProtocolError::Malformed {
                 kind: Kind::PagesDirect,
                 why: "reading past the frame's page data".into(),
             });
         }
-        self.r.read_direct(dst).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => ProtocolError::Truncated("page data"),
-            _ => ProtocolError::Io(e),
-        })?;
-        self.direct_left -= dst.len();
+        self.r
+            .read_direct(file, off, len)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => ProtocolError::Truncated("page data"),
+                _ => ProtocolError::Io(e),
+            })?;
+        self.direct_left -= len;
         Ok(())
     }
 }
@@ -922,11 +933,13 @@ mod tests {
         let mut br = std::io::BufReader::new(Cursor::new(bytes.clone()));
         let mut reader = FrameReader::new(&mut br);
         reader.recv().unwrap();
+        let file = tempfile::tempfile().unwrap();
+        reader.read_direct(&file, 4096, 2 * PAGE).unwrap();
         let mut p = vec![0u8; 2 * PAGE];
-        reader.read_direct(&mut p).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut p, 4096).unwrap();
         assert!(p[..PAGE].iter().all(|&x| x == 7) && p[PAGE..].iter().all(|&x| x == 9));
         assert!(
-            reader.read_direct(&mut [0u8; 1]).is_err(),
+            reader.read_direct(&file, 0, 1).is_err(),
             "no more data in this frame"
         );
         // A flipped entry fails the checksum; a short stream is truncated.
@@ -940,9 +953,8 @@ mod tests {
         let mut short = std::io::BufReader::new(Cursor::new(bytes[..bytes.len() - 10].to_vec()));
         let mut fr = FrameReader::new(&mut short);
         fr.recv().unwrap();
-        let mut p = vec![0u8; 2 * PAGE];
         assert!(matches!(
-            fr.read_direct(&mut p),
+            fr.read_direct(&tempfile::tempfile().unwrap(), 0, 2 * PAGE),
             Err(ProtocolError::Truncated(_))
         ));
     }

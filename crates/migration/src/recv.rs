@@ -315,8 +315,8 @@ fn take_pages(
     Ok(())
 }
 
-/// Reads a PagesDirect frame's page data straight into guest RAM at its final place: one read
-/// per run of consecutive data pages, zero pages as holes.
+/// Puts a PagesDirect frame's page data straight into guest RAM at its final place: one splice
+/// from the socket into the memfd per run of consecutive data pages, zero pages as holes.
 fn place_direct<R: protocol::DirectRead>(
     input: &mut FrameReader<R>,
     head: &[u8],
@@ -338,16 +338,10 @@ fn place_direct<R: protocol::DirectRead>(
         if zero {
             ram.zero_range(off, len)?;
             stats.zero_pages += (j - i) as u64;
-        } else if let Some(dst) = ram.slice_at_mut(off, len as usize) {
-            input.read_direct(dst)?;
         } else {
-            // The run crosses from low to high RAM: page by page.
-            for &(page, _) in &entries[i..j] {
-                let dst = ram
-                    .slice_at_mut(page, PAGE_SIZE as usize)
-                    .expect("parse_entries bounded the offset");
-                input.read_direct(dst)?;
-            }
+            // Memfd offsets: a run is contiguous in the file even where it crosses from low
+            // to high RAM.
+            input.read_direct(ram.backing_file(), off, len as usize)?;
         }
         stats.pages += (j - i) as u64;
         i = j;

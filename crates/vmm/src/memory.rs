@@ -196,15 +196,6 @@ impl GuestRam {
         })
     }
 
-    /// Mutable host bytes at memfd offset `off`; for filling RAM no vCPU is running on.
-    #[allow(clippy::mut_from_ref)]
-    pub fn slice_at_mut(&self, off: u64, len: usize) -> Option<&mut [u8]> {
-        self.ranges_mut().into_iter().find_map(|(r, s)| {
-            let start = off.checked_sub(r.file_offset)? as usize;
-            s.get_mut(start..start.checked_add(len)?)
-        })
-    }
-
     /// Writes `data` at memfd offset `off` through the file, not the mapping: shmem then fills
     /// fresh pages without zeroing them first, which on fresh memory costs more than the copy.
     pub fn write_at(&self, off: u64, data: &[u8]) -> std::io::Result<()> {

@@ -97,6 +97,9 @@ pub struct CodecPolicy {
     pub workers: usize,
     /// Compression must beat raw by this factor to be worth its CPU.
     pub margin: f64,
+    /// A `--max-bandwidth` cap in bytes/s: the link can be no faster, whatever it measures
+    /// (the cap throttles before the socket, so the socket never looks backlogged).
+    pub cap: Option<f64>,
     batches: u64,
     link_samples: u64,
 }
@@ -124,21 +127,33 @@ impl CodecPolicy {
             },
             workers: workers.max(1),
             margin: 1.1,
+            cap: None,
             batches: 0,
             link_samples: 0,
         }
     }
 
+    pub fn with_cap(mut self, cap: Option<f64>) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    /// The link's rate for decisions: as measured, within the cap.
+    pub fn link_rate(&self) -> f64 {
+        self.cap.map_or(self.link, |c| self.link.min(c))
+    }
+
     /// Useful bytes per second each way of sending would deliver.
     pub fn throughput(&self, c: Choice) -> f64 {
+        let link = self.link_rate();
         match c {
-            Choice::Raw => self.link,
+            Choice::Raw => link,
             Choice::Compress(codec) => {
                 let s = match codec {
                     Codec::Lz4 => self.lz4,
                     Codec::Zstd => self.zstd,
                 };
-                (s.speed * self.workers as f64).min(self.link / s.ratio.max(0.01))
+                (s.speed * self.workers as f64).min(link / s.ratio.max(0.01))
             }
         }
     }
@@ -152,7 +167,7 @@ impl CodecPolicy {
         } else {
             (Codec::Lz4, lz4)
         };
-        if t > self.link * self.margin {
+        if t > self.link_rate() * self.margin {
             Choice::Compress(c)
         } else {
             Choice::Raw
@@ -355,6 +370,15 @@ mod tests {
             p.record_link(2e9, true); // a 2 GB/s link
         }
         assert!(p.link > 1.5e9);
+    }
+
+    #[test]
+    fn a_bandwidth_cap_is_a_slow_link() {
+        let mut p = CodecPolicy::new(2);
+        p.link = 5e9;
+        assert_eq!(p.best(), Choice::Raw);
+        p.cap = Some(125e6); // --max-bandwidth 1Gbit
+        assert!(matches!(p.best(), Choice::Compress(_)));
     }
 
     #[test]

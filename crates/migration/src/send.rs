@@ -269,7 +269,8 @@ struct Compressor {
 }
 
 impl Compressor {
-    fn start() -> std::io::Result<Self> {
+    /// `cap`: the migration's bandwidth cap in bits/s, if any.
+    fn start(cap: Option<u64>) -> std::io::Result<Self> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (jtx, jrx) = std::sync::mpsc::sync_channel::<Job>(2 * n);
         let (dtx, drx) = std::sync::mpsc::channel::<Job>();
@@ -301,7 +302,7 @@ impl Compressor {
             );
         }
         Ok(Compressor {
-            policy: CodecPolicy::new(n),
+            policy: CodecPolicy::new(n).with_cap(cap.map(|bps| bps as f64 / 8.0)),
             jobs: Some(jtx),
             done: drx,
             workers,
@@ -711,7 +712,7 @@ pub fn migrate(
         data: Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE as usize),
         pages: PageCounts::default(),
         compressor: match opts.transport {
-            Transport::Compressed => Some(Compressor::start()?),
+            Transport::Compressed => Some(Compressor::start(opts.max_bandwidth)?),
             Transport::Tcp | Transport::Direct => None,
         },
         channels,

@@ -40,6 +40,9 @@ pub struct DemoArgs {
     /// Write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Switch over when rounds stop shrinking instead of throttling the guest's vCPUs.
+    #[arg(long)]
+    pub no_auto_converge: bool,
     /// Guest console file for the source and the destination (default: discarded).
     #[arg(long)]
     pub console: Option<PathBuf>,
@@ -118,6 +121,9 @@ pub fn run(a: DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
     let mut opts = MigrateOptions::new(addr);
     opts.policy.downtime_target = Duration::from_millis(a.downtime_ms);
     opts.max_bandwidth = a.max_bandwidth;
+    if a.no_auto_converge {
+        opts.policy.auto_converge = None;
+    }
     opts.transport = a.transport.parse()?;
     opts.channels = a.channels;
     let report = migration::migrate(&vm, &opts, &|_| {})?;

@@ -108,6 +108,10 @@ enum Cmd {
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Switch over when rounds stop shrinking instead of throttling the guest's vCPUs
+        /// (auto-converge: 20%, then +10% per stall, up to 99%).
+        #[arg(long)]
+        no_auto_converge: bool,
     },
     /// Measured benchmarks on the testbed (needs root).
     Bench {
@@ -407,11 +411,13 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             channels,
             network,
             report,
+            no_auto_converge,
         } => {
             let req = serde_json::json!({
                 "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
                 "max_bandwidth": max_bandwidth, "transport": transport,
-                "channels": channels, "network": network
+                "channels": channels, "network": network,
+                "auto_converge": !no_auto_converge
             });
             let r = migrate_cmd::migrate(&api.api, req, report)?;
             println!("{}", r.summary());

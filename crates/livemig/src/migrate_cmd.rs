@@ -23,6 +23,8 @@ pub struct MigrateRequest {
     pub channels: Option<u16>,
     /// LOCAL>REMOTE,... one page stream per NIC pair.
     pub network: Option<String>,
+    /// Throttle the guest when rounds stop shrinking (default true).
+    pub auto_converge: Option<bool>,
 }
 
 /// `10.0.1.1>10.0.1.2,10.0.2.1>10.0.2.2` into (local address, remote host) pairs.
@@ -56,6 +58,9 @@ impl MigrateRequest {
         }
         if let Some(r) = self.max_rounds {
             o.policy.max_rounds = r;
+        }
+        if self.auto_converge == Some(false) {
+            o.policy.auto_converge = None;
         }
         o.max_bandwidth = self.max_bandwidth;
         o.channels = self.channels.unwrap_or(0);

@@ -647,3 +647,44 @@ fn kvm_direct_transport_migrates_alone_and_over_streams() {
         assert_eq!(r["transport"], "direct");
     }
 }
+
+#[test]
+fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
+    if !kvm_or_skip("kvm_auto_converge_throttles_a_guest_that_outruns_the_link") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // `stress` rewrites its working set faster than 1 Gbit/s carries it: rounds stall.
+    let port = free_port();
+    let dst = receiver(d.path(), "dst", port);
+    let (_src, src_api) = source(d.path(), "stress", "256M");
+    let report = d.path().join("r.json");
+    let out = migrate_with(&src_api, port, &report, &["--max-bandwidth", "1Gbit"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = check_report(&report);
+    assert!(r["throttle_pct_max"].as_u64().unwrap() >= 20, "{r}");
+    assert_eq!(r["stop_reason"], "converged", "{r}");
+
+    // Without auto-converge the same guest stalls and switches over as it stands.
+    let port2 = free_port();
+    let _back = receiver(d.path(), "back", port2);
+    let report2 = d.path().join("r2.json");
+    let out = migrate_with(
+        &dst.api,
+        port2,
+        &report2,
+        &["--max-bandwidth", "1Gbit", "--no-auto-converge"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = check_report(&report2);
+    assert_eq!(r["throttle_pct_max"], 0, "{r}");
+    assert_eq!(r["stop_reason"], "stalled", "{r}");
+}

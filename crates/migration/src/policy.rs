@@ -14,6 +14,28 @@ pub struct ConvergencePolicy {
     pub shrink_ratio: f64,
     /// Rounds in a row that did not shrink before giving up on convergence.
     pub stall_rounds: u32,
+    /// Auto-converge: on a stall, throttle the guest's vCPUs (this percent at first, then
+    /// this much more per stall, up to the max) instead of switching over with a long pause.
+    /// None: switch over on a stall.
+    pub auto_converge: Option<AutoConverge>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AutoConverge {
+    pub initial_pct: u8,
+    pub step_pct: u8,
+    pub max_pct: u8,
+}
+
+impl Default for AutoConverge {
+    /// QEMU's cpu-throttle defaults (20%, +10%), up to 99%.
+    fn default() -> Self {
+        AutoConverge {
+            initial_pct: 20,
+            step_pct: 10,
+            max_pct: 99,
+        }
+    }
 }
 
 impl Default for ConvergencePolicy {
@@ -21,10 +43,11 @@ impl Default for ConvergencePolicy {
         ConvergencePolicy {
             downtime_target: Duration::from_millis(20),
             switchover_overhead: Duration::from_millis(8),
-            max_rounds: 30,
+            max_rounds: 60,
             max_time: Duration::from_secs(300),
             shrink_ratio: 0.9,
             stall_rounds: 2,
+            auto_converge: Some(AutoConverge::default()),
         }
     }
 }
@@ -43,12 +66,14 @@ pub enum Decision {
 
 impl ConvergencePolicy {
     /// `remaining_bytes`: what the last round would send now; `bytes_per_sec`: effective
-    /// throughput just measured; `history`: pages sent per sync round so far.
+    /// throughput just measured; `history`: pages sent per sync round so far, of which only
+    /// those from `since` on count for a stall (the rounds since the throttle last changed).
     pub fn decide(
         &self,
         remaining_bytes: u64,
         bytes_per_sec: f64,
         history: &[u64],
+        since: usize,
         elapsed: Duration,
     ) -> Decision {
         let eta = if bytes_per_sec > 0.0 {
@@ -59,9 +84,16 @@ impl ConvergencePolicy {
         if eta + self.switchover_overhead.as_secs_f64() <= self.downtime_target.as_secs_f64() {
             return Decision::Converged;
         }
-        let n = self.stall_rounds as usize;
-        if history.len() > n {
-            let recent = &history[history.len() - n - 1..];
+        // Once throttled, one round that does not shrink is enough to step up: rounds are long
+        // when the guest outruns the link, and each step needs its own evidence.
+        let n = if since > 0 {
+            1
+        } else {
+            self.stall_rounds as usize
+        };
+        let window = &history[since.min(history.len())..];
+        if window.len() > n {
+            let recent = &window[window.len() - n - 1..];
             if recent
                 .windows(2)
                 .all(|w| w[1] as f64 >= w[0] as f64 * self.shrink_ratio)
@@ -79,6 +111,21 @@ impl ConvergencePolicy {
     }
 }
 
+impl ConvergencePolicy {
+    /// After a stall at throttle `current`: the next throttle, or None to switch over as it
+    /// stands (auto-converge off, or already at its maximum).
+    pub fn next_throttle(&self, current: u8) -> Option<u8> {
+        let a = self.auto_converge?;
+        let next = if current == 0 {
+            a.initial_pct
+        } else {
+            current.saturating_add(a.step_pct)
+        }
+        .min(a.max_pct);
+        (next > current).then_some(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,17 +137,17 @@ mod tests {
         let p = ConvergencePolicy::default();
         // 1 MiB at 1 Gbit/s is ~8.4 ms.
         assert_eq!(
-            p.decide(1 << 20, GBIT, &[1000], Duration::ZERO),
+            p.decide(1 << 20, GBIT, &[1000], 0, Duration::ZERO),
             Decision::Converged
         );
         // 10 MiB is ~84 ms: keep going.
         assert_eq!(
-            p.decide(10 << 20, GBIT, &[5000], Duration::ZERO),
+            p.decide(10 << 20, GBIT, &[5000], 0, Duration::ZERO),
             Decision::Continue
         );
         // A faster link makes the same set fit.
         assert_eq!(
-            p.decide(10 << 20, 10.0 * GBIT, &[5000], Duration::ZERO),
+            p.decide(10 << 20, 10.0 * GBIT, &[5000], 0, Duration::ZERO),
             Decision::Converged
         );
     }
@@ -109,12 +156,52 @@ mod tests {
     fn stops_when_rounds_stop_shrinking() {
         let p = ConvergencePolicy::default();
         assert_eq!(
-            p.decide(100 << 20, GBIT, &[9000, 5000, 3000], Duration::ZERO),
+            p.decide(100 << 20, GBIT, &[9000, 5000, 3000], 0, Duration::ZERO),
             Decision::Continue
         );
         assert_eq!(
-            p.decide(100 << 20, GBIT, &[9000, 8900, 9100], Duration::ZERO),
+            p.decide(100 << 20, GBIT, &[9000, 8900, 9100], 0, Duration::ZERO),
             Decision::Stalled
+        );
+    }
+
+    #[test]
+    fn a_stall_raises_the_throttle_until_its_maximum() {
+        let p = ConvergencePolicy::default();
+        assert_eq!(p.next_throttle(0), Some(20));
+        assert_eq!(p.next_throttle(20), Some(30));
+        assert_eq!(p.next_throttle(90), Some(99));
+        assert_eq!(p.next_throttle(99), None, "at the maximum: switch over");
+        let off = ConvergencePolicy {
+            auto_converge: None,
+            ..Default::default()
+        };
+        assert_eq!(off.next_throttle(0), None);
+        // Only rounds since the throttle changed count for the next stall.
+        let h = [9000, 8900, 9100, 4000];
+        assert_eq!(
+            p.decide(100 << 20, GBIT, &h, 0, Duration::ZERO),
+            Decision::Continue
+        );
+        assert_eq!(
+            p.decide(100 << 20, GBIT, &[9000, 8900, 9100], 0, Duration::ZERO),
+            Decision::Stalled
+        );
+        assert_eq!(
+            p.decide(100 << 20, GBIT, &[9000, 8900, 9100], 2, Duration::ZERO),
+            Decision::Continue,
+            "one round at the new throttle says nothing yet"
+        );
+        assert_eq!(
+            p.decide(
+                100 << 20,
+                GBIT,
+                &[9000, 8900, 9100, 9050],
+                2,
+                Duration::ZERO
+            ),
+            Decision::Stalled,
+            "a second round that did not shrink steps the throttle up"
         );
     }
 
@@ -125,15 +212,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            p.decide(100 << 20, GBIT, &[9000, 5000, 2000], Duration::ZERO),
+            p.decide(100 << 20, GBIT, &[9000, 5000, 2000], 0, Duration::ZERO),
             Decision::RoundLimit
         );
         assert_eq!(
-            p.decide(100 << 20, GBIT, &[9000], Duration::from_secs(301)),
+            p.decide(100 << 20, GBIT, &[9000], 0, Duration::from_secs(301)),
             Decision::TimeLimit
         );
         assert_eq!(
-            p.decide(1 << 30, 0.0, &[1], Duration::ZERO),
+            p.decide(1 << 30, 0.0, &[1], 0, Duration::ZERO),
             Decision::Continue,
             "no bandwidth yet"
         );

@@ -66,6 +66,9 @@ pub struct Report {
     /// sent while paused.
     pub rounds: Vec<Round>,
     pub stop_reason: String,
+    /// The highest vCPU throttle auto-converge applied (percent of time asleep); 0 = none.
+    #[serde(default)]
+    pub throttle_pct_max: u8,
     pub bytes_on_wire: u64,
     pub pages: PageCounts,
     pub avg_gbps: f64,
@@ -111,6 +114,12 @@ impl Report {
             rounds.join(", "),
             self.stop_reason
         );
+        if self.throttle_pct_max > 0 {
+            s += &format!(
+                "  auto-converge throttled the guest's vCPUs up to {}%\n",
+                self.throttle_pct_max
+            );
+        }
         s += &format!(
             "  {:.1} MiB on the wire, pages {} sent / {} zero, avg {:.2} Gbit/s, peak {:.2} Gbit/s\n",
             self.bytes_on_wire as f64 / (1 << 20) as f64,

@@ -600,6 +600,7 @@ impl Drop for SourceGuard<'_> {
             return;
         }
         let mut g = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        g.set_throttle(0);
         let dirty = g.dirty_log();
         let _ = dirty.lock().unwrap_or_else(|e| e.into_inner()).disable();
         if self.paused_by_us {
@@ -796,6 +797,8 @@ pub fn migrate(
     let t_sync = Instant::now();
     let mut history: Vec<u64> = Vec::new();
     let mut round = 0u32;
+    let mut throttle = 0u8;
+    let mut throttled_since = 0usize;
     let decision = loop {
         let bitmaps = dirty.lock().unwrap_or_else(|e| e.into_inner()).fetch()?;
         let dirty_pages: u64 = bitmaps.iter().map(|b| b.count()).sum();
@@ -809,10 +812,27 @@ pub fn migrate(
             (dirty_pages as f64 * per_page) as u64,
             bw,
             &history,
+            throttled_since,
             t0.elapsed(),
         );
-        if d != Decision::Continue {
-            break d;
+        match d {
+            Decision::Continue => {}
+            Decision::Stalled => match opts.policy.next_throttle(throttle) {
+                // Auto-converge: slow the guest down and keep iterating.
+                Some(t) => {
+                    throttle = t;
+                    throttled_since = history.len();
+                    vm.lock().unwrap_or_else(|e| e.into_inner()).set_throttle(t);
+                    report.throttle_pct_max = t;
+                    tracing::info!(
+                        throttle = t,
+                        round,
+                        "rounds stopped shrinking: throttling the guest"
+                    );
+                }
+                None => break d,
+            },
+            _ => break d,
         }
         round += 1;
         let t = Instant::now();

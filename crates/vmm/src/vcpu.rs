@@ -1,8 +1,10 @@
 //! vCPUs: boot setup (CPUID, PVH registers), complete architectural state capture/restore, and
 //! the per-thread run loop that pauses on request.
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
@@ -540,8 +542,13 @@ pub fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
+/// Auto-converge's lever: while `pct` > 0 every vCPU sleeps that share of each slice, so a
+/// guest that dirties memory faster than the link carries it slows down.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
 pub struct VcpuThread {
     pub id: u8,
+    pub throttle: Arc<AtomicU8>,
     pub fd: VcpuFd,
     pub io: Arc<IoBus>,
     pub requests: Receiver<VcpuRequest>,
@@ -551,6 +558,28 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
+    /// Sleeps the throttled share of the slice once the running share is used up. Wakes early
+    /// when the throttle is lifted (a pause must not wait for it).
+    fn throttle_sleep(&self, slice_start: &mut Instant) {
+        let pct = self.throttle.load(Ordering::Relaxed).min(99) as u32;
+        if pct == 0 {
+            *slice_start = Instant::now();
+            return;
+        }
+        if slice_start.elapsed() < THROTTLE_SLICE * (100 - pct) / 100 {
+            return;
+        }
+        let until = Instant::now() + THROTTLE_SLICE * pct / 100;
+        loop {
+            let now = Instant::now();
+            if now >= until || self.throttle.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(1)));
+        }
+        *slice_start = Instant::now();
+    }
+
     pub fn run(mut self, start_paused: bool) {
         let run_ptr = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
         KVM_RUN.with(|r| r.set(run_ptr));
@@ -558,6 +587,7 @@ impl VcpuThread {
         if paused {
             let _ = self.events.send(VcpuEvent::Paused(self.id));
         }
+        let mut slice_start = Instant::now();
         let reason = loop {
             let req = if paused {
                 match self.requests.recv() {
@@ -620,6 +650,7 @@ impl VcpuThread {
             if self.io.stop_requested() {
                 break StopReason::GuestShutdown;
             }
+            self.throttle_sleep(&mut slice_start);
         };
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         let _ = self.events.send(VcpuEvent::Stopped {

@@ -1,7 +1,9 @@
 //! One VM: KVM VM fd, guest RAM, devices and vCPU threads; boot, pause/resume, capture/restore.
 use std::collections::HashSet;
 use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
@@ -172,6 +174,9 @@ pub struct Vm {
     migrated: bool,
     _serial_irq: EventFd,
     pub fill: Option<FillStats>,
+    /// Percent of each slice the vCPUs sleep (auto-converge), and the thread that kicks them.
+    throttle: Arc<AtomicU8>,
+    throttle_ticker: Option<JoinHandle<()>>,
 }
 
 /// KVM objects built before any state goes in.
@@ -360,6 +365,8 @@ impl Vm {
             migrated: false,
             _serial_irq: p.serial_irq,
             fill: None,
+            throttle: Arc::new(AtomicU8::new(0)),
+            throttle_ticker: None,
         })
     }
 
@@ -371,6 +378,7 @@ impl Vm {
             let (tx, rx) = channel();
             let t = VcpuThread {
                 id,
+                throttle: self.throttle.clone(),
                 fd,
                 io: self.io.clone(),
                 requests: rx,
@@ -460,7 +468,49 @@ impl Vm {
         self.state
     }
 
+    /// Makes every vCPU sleep `pct`% of its time (0 = full speed; at most 99): auto-converge
+    /// slows a guest that dirties memory faster than a migration can send it. A pause lifts it.
+    pub fn set_throttle(&mut self, pct: u8) {
+        let pct = pct.min(99);
+        self.throttle.store(pct, Ordering::Relaxed);
+        if pct == 0 {
+            if let Some(t) = self.throttle_ticker.take() {
+                let _ = t.join();
+            }
+            return;
+        }
+        if self.throttle_ticker.is_some() {
+            return;
+        }
+        // vCPUs notice the throttle when they leave KVM_RUN; a guest that rarely exits (or
+        // halts in the kernel) is kicked out every slice.
+        let threads: Vec<libc::pthread_t> = self
+            .vcpus
+            .iter()
+            .filter_map(|v| v.thread.as_ref().map(|t| t.as_pthread_t()))
+            .collect();
+        let throttle = self.throttle.clone();
+        self.throttle_ticker = std::thread::Builder::new()
+            .name("throttle".into())
+            .spawn(move || {
+                while throttle.load(Ordering::Relaxed) != 0 {
+                    for &t in &threads {
+                        // SAFETY: the vCPU threads are not joined while the ticker runs
+                        // (set_throttle(0) joins the ticker first), so each pthread_t is live.
+                        unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+                    }
+                    std::thread::sleep(vcpu::THROTTLE_SLICE / 2);
+                }
+            })
+            .ok();
+    }
+
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::Relaxed)
+    }
+
     pub fn pause(&mut self) -> Result<(), VmError> {
+        self.set_throttle(0);
         match self.poll() {
             RunState::Paused => return Ok(()),
             RunState::Stopped => {
@@ -594,6 +644,8 @@ impl Vm {
 
     /// Stops every vCPU thread and waits for them.
     pub fn shutdown(&mut self) {
+        // The ticker signals vCPU threads: it must be gone before they are joined.
+        self.set_throttle(0);
         for v in &self.vcpus {
             let _ = v.requests.send(VcpuRequest::Exit);
             if let Some(t) = &v.thread {

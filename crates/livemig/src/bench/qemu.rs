@@ -137,7 +137,11 @@ pub enum Mode {
 impl Mode {
     fn caps(&self) -> Value {
         let multifd = !matches!(self, Mode::Tcp);
-        json!({"capabilities": [{"capability": "multifd", "state": multifd}]})
+        // auto-converge, as livemig does by default: throttle the guest when rounds stall.
+        json!({"capabilities": [
+            {"capability": "multifd", "state": multifd},
+            {"capability": "auto-converge", "state": true}
+        ]})
     }
 
     /// Parameters both ends must agree on.

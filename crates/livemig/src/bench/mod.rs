@@ -833,6 +833,20 @@ fn ratios(rows: &[Row]) -> Vec<Ratio> {
         .collect()
 }
 
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
+}
+
 fn require_root() -> Result<(), BenchError> {
     // SAFETY: geteuid has no preconditions and no memory effects.
     if unsafe { libc::geteuid() } != 0 {
@@ -860,6 +874,20 @@ pub fn transports(a: &TransportsArgs) -> Result<BenchReport, BenchError> {
             "{:?} is too long for interface names (7 characters at most)",
             a.testbed
         )));
+    }
+    // Peak memory: two livemig VMs mid-migration; for QEMU, its source keeps a copy of the RAM
+    // image it loaded (to reload on reset) beside the RAM, plus the destination.
+    let need = a.memory * if with_qemu { 3 } else { 2 } + (512 << 20);
+    if let Some(avail) = mem_available() {
+        if need > avail {
+            return Err(step("--memory")(format!(
+                "{} MiB of guest needs about {} MiB free {}, this machine has {} MiB",
+                a.memory >> 20,
+                need >> 20,
+                if with_qemu { "with --peer qemu" } else { "" },
+                avail >> 20
+            )));
+        }
     }
     let dir = std::path::absolute(&a.out)?;
     std::fs::create_dir_all(&dir)?;

@@ -135,10 +135,10 @@ impl ReadToFile for CountingReader<TcpStream> {
     /// file's pages once, with no user-space copy and no page faults on a mapping (which cost
     /// more than the copy itself when the pages are new).
     fn read_to_file(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()> {
-        if self.pipe.is_none() {
-            self.pipe = Some(Pipe::new()?);
-        }
-        let pipe = self.pipe.as_ref().expect("made above");
+        let pipe = match self.pipe.take() {
+            Some(p) => self.pipe.insert(p),
+            None => self.pipe.insert(Pipe::new()?),
+        };
         let mut pos = off as libc::loff_t;
         let mut left = len;
         while left > 0 {

@@ -366,9 +366,8 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn route(&self, cfg: &Config, from_a: bool) -> Result<Route<'_>, BenchError> {
-        let links = cfg
-            .links
+    fn route(&self, links: &[&str], from_a: bool) -> Result<Route<'_>, BenchError> {
+        let links = links
             .iter()
             .map(|n| {
                 self.tb
@@ -402,15 +401,7 @@ impl Bench<'_> {
         for set in sets {
             let name = links_name(set);
             self.ui.start(&format!("raw goodput of {name}"));
-            let cfg = Config {
-                name: "goodput",
-                setup: Setup::Livemig {
-                    transport: "tcp",
-                    per_link_streams: true,
-                },
-                links: set,
-            };
-            let r = self.route(&cfg, true)?;
+            let r = self.route(set, true)?;
             let g = measure_goodput(
                 r.src_ns(),
                 r.dst_ns(),
@@ -482,7 +473,7 @@ impl Bench<'_> {
     }
 
     fn failed_row(&self, peer: &str, cfg: &Config, from_a: bool, e: &BenchError) -> Row {
-        let route = self.route(cfg, from_a).ok();
+        let route = self.route(cfg.links, from_a).ok();
         let mut r = Row {
             peer: peer.into(),
             config: cfg.name.into(),
@@ -560,7 +551,7 @@ impl Bench<'_> {
             return Err(step("bench")("not a livemig config".into()));
         };
         let port = self.next_port();
-        let route = self.route(cfg, from_a)?;
+        let route = self.route(cfg.links, from_a)?;
         let pairs = route.pairs();
         let api = self.dir.join(format!("livemig-{index}.sock"));
         let _ = std::fs::remove_file(&api);
@@ -700,7 +691,7 @@ impl Bench<'_> {
             return Err(step("bench")("not a QEMU config".into()));
         };
         let port = self.next_port();
-        let route = self.route(cfg, from_a)?;
+        let route = self.route(cfg.links, from_a)?;
         let mut dst = Qemu::start(m, &format!("qemu-{index}"), route.dst_ns(), true)?;
         dst.incoming(mode, &format!("0.0.0.0:{port}"))?;
         let what = format!("qemu {} over {}", cfg.name, links_name(cfg.links));

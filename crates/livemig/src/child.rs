@@ -14,6 +14,18 @@ pub struct VmProcess {
 }
 
 impl VmProcess {
+    /// Whether the process leaves within `timeout`.
+    pub fn wait_exit_for(&mut self, timeout: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Waits (up to `timeout`) for the process to leave by itself, as a migrated-away source does.
     pub fn wait_exit(mut self, timeout: Duration) {
         let t = Instant::now();

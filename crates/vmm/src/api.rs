@@ -160,7 +160,10 @@ impl Drop for ApiServer {
 
 fn respond(req: tiny_http::Request, status: u16, body: serde_json::Value) {
     let data = serde_json::to_vec(&body).expect("JSON values serialise");
+    // Always Content-Length: tiny_http would chunk bodies over 32 KiB (a long migration's
+    // report is bigger), and a plain length is simpler for every client.
     let resp = tiny_http::Response::from_data(data)
+        .with_chunked_threshold(usize::MAX)
         .with_status_code(status)
         .with_header(
             tiny_http::Header::from_bytes("Content-Type", "application/json")
@@ -363,15 +366,8 @@ impl Client {
             path: self.path.clone(),
             why,
         };
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        let head_len = match resp.parse(&raw) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Err(bad("truncated response head".into())),
-            Err(e) => return Err(bad(e.to_string())),
-        };
-        let status = resp.code.unwrap_or(0);
-        let payload = &raw[head_len..];
+        let (status, payload) = parse_response(&raw).map_err(bad)?;
+        let payload = &payload[..];
         if status != 200 {
             let message = serde_json::from_slice::<ErrorBody>(payload)
                 .map(|e| e.error)
@@ -384,5 +380,83 @@ impl Client {
         }
         serde_json::from_slice(payload)
             .map_err(|e| bad(format!("body is not the expected JSON: {e}")))
+    }
+}
+
+/// An HTTP/1.1 response read to its end: status and body, whether sent with a length or
+/// chunked.
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err("truncated response head".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let status = resp.code.unwrap_or(0);
+    let header = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    let rest = &raw[head_len..];
+    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        return dechunk(rest).map(|b| (status, b));
+    }
+    match header("content-length") {
+        Some(v) => {
+            let len: usize = v
+                .parse()
+                .map_err(|_| format!("bad Content-Length {v:?}"))?;
+            if rest.len() < len {
+                return Err(format!("body cut short: {} of {len} bytes", rest.len()));
+            }
+            Ok((status, rest[..len].to_vec()))
+        }
+        None => Ok((status, rest.to_vec())),
+    }
+}
+
+/// Decodes a chunked body: hex size line, data, CRLF, ... until the zero-size chunk.
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        let eol = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("chunked body cut short (no size line)")?;
+        let line = String::from_utf8_lossy(&rest[..eol]);
+        let size_text = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        if rest.len() < size + 2 {
+            return Err("chunked body cut short (in a chunk)".into());
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_with_a_length_or_chunked_parse_alike() {
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
+        assert_eq!(parse_response(plain).unwrap(), (200, b"{\"a\":1}".to_vec()));
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), (200, b"{\"a\":1}".to_vec()));
+        let short = b"HTTP/1.1 200 OK\r\nContent-Length: 70\r\n\r\n{}";
+        assert!(parse_response(short).unwrap_err().contains("cut short"));
+        let cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc";
+        assert!(parse_response(cut).unwrap_err().contains("cut short"));
+        assert!(parse_response(b"HTTP/1.1 200").is_err());
     }
 }

@@ -536,28 +536,31 @@ impl Bench<'_> {
     }
 
     /// Migrates the VM behind `vm` along `route`; returns the row and the VM's new process.
+    /// On failure, the destination process too if it was started: the caller decides where
+    /// the VM is.
     fn migrate_livemig(
         &mut self,
         vm: &VmProcess,
         cfg: &Config,
         from_a: bool,
         index: usize,
-    ) -> Result<(Row, VmProcess), BenchError> {
+    ) -> Result<(Row, VmProcess), (BenchError, Option<VmProcess>)> {
         let Setup::Livemig {
             transport,
             per_link_streams,
         } = cfg.setup
         else {
-            return Err(step("bench")("not a livemig config".into()));
+            return Err((step("bench")("not a livemig config".into()), None));
         };
         let port = self.next_port();
-        let route = self.route(cfg.links, from_a)?;
+        let route = self.route(cfg.links, from_a).map_err(|e| (e, None))?;
         let pairs = route.pairs();
         let api = self.dir.join(format!("livemig-{index}.sock"));
         let _ = std::fs::remove_file(&api);
+        let exe = std::env::current_exe().map_err(|e| (e.into(), None))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", route.dst_ns()])
-            .arg(std::env::current_exe()?)
+            .arg(exe)
             .args(["receive", "--listen", &format!("0.0.0.0:{port}")])
             .arg("--api")
             .arg(&api)
@@ -569,7 +572,7 @@ impl Bench<'_> {
             Duration::from_secs(30),
             Some(self.dir.join(format!("livemig-{index}.log"))),
         )
-        .map_err(step("starting livemig receive"))?;
+        .map_err(|e| (step("starting livemig receive")(e), None))?;
         let dst = VmProcess { child, api };
         let network = per_link_streams.then(|| {
             pairs
@@ -594,8 +597,14 @@ impl Bench<'_> {
         let res = Client::new(&vm.api)
             .with_timeout(route.timeout(self.a.memory))
             .call::<Report>("POST", "/vm/migrate", Some(req));
-        let samples = sampler.finish()?;
-        let report = res.map_err(|e| step(&what)(e.to_string()))?;
+        let samples = match sampler.finish() {
+            Ok(s) => s,
+            Err(e) => return Err((e.into(), Some(dst))),
+        };
+        let report = match res {
+            Ok(r) => r,
+            Err(e) => return Err((step(&what)(e.to_string()), Some(dst))),
+        };
         let mut row = self.row(
             "livemig",
             cfg,
@@ -622,7 +631,7 @@ impl Bench<'_> {
         let mut from_a = true;
         for (i, cfg) in LIVEMIG_RUNS.iter().enumerate() {
             let what = format!("livemig {} over {}", cfg.name, links_name(cfg.links));
-            let Some(v) = vm.take() else {
+            let Some(mut v) = vm.take() else {
                 rows.push(self.failed_row(
                     "livemig",
                     cfg,
@@ -641,11 +650,25 @@ impl Bench<'_> {
                     vm = Some(next);
                     from_a = !from_a;
                 }
-                Err(e) => {
+                Err((e, dst)) => {
                     self.ui.done(&format!("{what}: FAILED: {e}"));
                     rows.push(self.failed_row("livemig", cfg, from_a, &e));
-                    // A failed migration leaves the VM running on its source: go on from there.
-                    vm = Some(v);
+                    // A failed migration leaves the VM running on its source. If the source
+                    // left all the same, the VM made it and only the answer was lost: go on
+                    // from the destination.
+                    let moved = dst.filter(|d| {
+                        v.wait_exit_for(Duration::from_secs(5))
+                            && Client::new(&d.api)
+                                .status()
+                                .is_ok_and(|st| st.state == vmm::RunState::Running)
+                    });
+                    match moved {
+                        Some(d) => {
+                            vm = Some(d);
+                            from_a = !from_a;
+                        }
+                        None => vm = Some(v),
+                    }
                 }
             }
         }

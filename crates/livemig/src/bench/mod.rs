@@ -146,6 +146,9 @@ const PAIRS: [(&str, &str, &str); 4] = [
     ("direct+multichannel", "multifd", "10g-1"),
 ];
 
+/// A failed livemig run: why, and the destination process if one was started.
+type Failed = Box<(BenchError, Option<VmProcess>)>;
+
 /// One migration's row.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -544,20 +547,20 @@ impl Bench<'_> {
         cfg: &Config,
         from_a: bool,
         index: usize,
-    ) -> Result<(Row, VmProcess), (BenchError, Option<VmProcess>)> {
+    ) -> Result<(Row, VmProcess), Failed> {
         let Setup::Livemig {
             transport,
             per_link_streams,
         } = cfg.setup
         else {
-            return Err((step("bench")("not a livemig config".into()), None));
+            return Err(Box::new((step("bench")("not a livemig config".into()), None)));
         };
         let port = self.next_port();
-        let route = self.route(cfg.links, from_a).map_err(|e| (e, None))?;
+        let route = self.route(cfg.links, from_a).map_err(|e| Box::new((e, None)))?;
         let pairs = route.pairs();
         let api = self.dir.join(format!("livemig-{index}.sock"));
         let _ = std::fs::remove_file(&api);
-        let exe = std::env::current_exe().map_err(|e| (e.into(), None))?;
+        let exe = std::env::current_exe().map_err(|e| Box::new((e.into(), None)))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", route.dst_ns()])
             .arg(exe)
@@ -572,7 +575,7 @@ impl Bench<'_> {
             Duration::from_secs(30),
             Some(self.dir.join(format!("livemig-{index}.log"))),
         )
-        .map_err(|e| (step("starting livemig receive")(e), None))?;
+        .map_err(|e| Box::new((step("starting livemig receive")(e), None)))?;
         let dst = VmProcess { child, api };
         let network = per_link_streams.then(|| {
             pairs
@@ -599,11 +602,11 @@ impl Bench<'_> {
             .call::<Report>("POST", "/vm/migrate", Some(req));
         let samples = match sampler.finish() {
             Ok(s) => s,
-            Err(e) => return Err((e.into(), Some(dst))),
+            Err(e) => return Err(Box::new((e.into(), Some(dst)))),
         };
         let report = match res {
             Ok(r) => r,
-            Err(e) => return Err((step(&what)(e.to_string()), Some(dst))),
+            Err(e) => return Err(Box::new((step(&what)(e.to_string()), Some(dst)))),
         };
         let mut row = self.row(
             "livemig",
@@ -650,7 +653,8 @@ impl Bench<'_> {
                     vm = Some(next);
                     from_a = !from_a;
                 }
-                Err((e, dst)) => {
+                Err(failed) => {
+                    let (e, dst) = *failed;
                     self.ui.done(&format!("{what}: FAILED: {e}"));
                     rows.push(self.failed_row("livemig", cfg, from_a, &e));
                     // A failed migration leaves the VM running on its source. If the source

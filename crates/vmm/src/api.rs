@@ -406,9 +406,7 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
     }
     match header("content-length") {
         Some(v) => {
-            let len: usize = v
-                .parse()
-                .map_err(|_| format!("bad Content-Length {v:?}"))?;
+            let len: usize = v.parse().map_err(|_| format!("bad Content-Length {v:?}"))?;
             if rest.len() < len {
                 return Err(format!("body cut short: {} of {len} bytes", rest.len()));
             }
@@ -452,7 +450,10 @@ mod tests {
         assert_eq!(parse_response(plain).unwrap(), (200, b"{\"a\":1}".to_vec()));
         let chunked =
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (200, b"{\"a\":1}".to_vec()));
+        assert_eq!(
+            parse_response(chunked).unwrap(),
+            (200, b"{\"a\":1}".to_vec())
+        );
         let short = b"HTTP/1.1 200 OK\r\nContent-Length: 70\r\n\r\n{}";
         assert!(parse_response(short).unwrap_err().contains("cut short"));
         let cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc";

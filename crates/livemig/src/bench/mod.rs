@@ -553,10 +553,15 @@ impl Bench<'_> {
             per_link_streams,
         } = cfg.setup
         else {
-            return Err(Box::new((step("bench")("not a livemig config".into()), None)));
+            return Err(Box::new((
+                step("bench")("not a livemig config".into()),
+                None,
+            )));
         };
         let port = self.next_port();
-        let route = self.route(cfg.links, from_a).map_err(|e| Box::new((e, None)))?;
+        let route = self
+            .route(cfg.links, from_a)
+            .map_err(|e| Box::new((e, None)))?;
         let pairs = route.pairs();
         let api = self.dir.join(format!("livemig-{index}.sock"));
         let _ = std::fs::remove_file(&api);

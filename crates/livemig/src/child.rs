@@ -13,28 +13,32 @@ pub struct VmProcess {
     pub api: PathBuf,
 }
 
-impl VmProcess {
-    /// Whether the process leaves within `timeout`.
-    pub fn wait_exit_for(&mut self, timeout: Duration) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < timeout {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+/// Whether `child` leaves within `timeout`.
+pub fn exits_within(child: &mut Child, timeout: Duration) -> bool {
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
         }
-        false
+        if t.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
 
-    /// Waits (up to `timeout`) for the process to leave by itself, as a migrated-away source does.
-    pub fn wait_exit(mut self, timeout: Duration) {
-        let t = Instant::now();
-        while t.elapsed() < timeout {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+/// Gives `child` `grace` to leave after it was asked to, then kills and reaps it.
+pub fn reap(child: &mut Child, grace: Duration) {
+    if !exits_within(child, grace) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl VmProcess {
+    /// Whether the process leaves by itself within `timeout`, as a migrated-away source does.
+    pub fn wait_exit_for(&mut self, timeout: Duration) -> bool {
+        exits_within(&mut self.child, timeout)
     }
 }
 
@@ -45,15 +49,7 @@ impl Drop for VmProcess {
                 .with_timeout(Duration::from_secs(5))
                 .shutdown();
         }
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child, Duration::from_secs(5));
     }
 }
 

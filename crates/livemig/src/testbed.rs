@@ -200,9 +200,13 @@ impl Testbed {
     }
 }
 
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and no memory effects.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn require_root() -> Result<(), TestbedError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Err(TestbedError::NotRoot);
     }
     Ok(())

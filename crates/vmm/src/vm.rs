@@ -505,10 +505,6 @@ impl Vm {
             .ok();
     }
 
-    pub fn throttle(&self) -> u8 {
-        self.throttle.load(Ordering::Relaxed)
-    }
-
     pub fn pause(&mut self) -> Result<(), VmError> {
         self.set_throttle(0);
         match self.poll() {

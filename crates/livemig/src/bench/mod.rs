@@ -432,6 +432,32 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// A row with nothing measured yet: who, what, where.
+    fn empty_row(&self, peer: &str, cfg: &Config, direction: String) -> Row {
+        let links = links_name(cfg.links);
+        Row {
+            peer: peer.into(),
+            config: cfg.name.into(),
+            link_gbps: self.link_gbps(&links),
+            links,
+            direction,
+            total_ms: 0,
+            downtime_ms: None,
+            setup_ms: None,
+            wire_bytes: 0,
+            reported_bytes: 0,
+            avg_gbps: 0.0,
+            utilisation: 0.0,
+            cpu_source_s: None,
+            cpu_destination_s: None,
+            verified: false,
+            verify: String::new(),
+            error: None,
+            samples: Vec::new(),
+            detail: serde_json::Value::Null,
+        }
+    }
+
     /// A row from what every run measures alike.
     #[allow(clippy::too_many_arguments)]
     fn row(
@@ -444,61 +470,31 @@ impl Bench<'_> {
         reported_bytes: u64,
         detail: serde_json::Value,
     ) -> Row {
-        let wire = samples.last().map_or(0, |s| s.1);
-        let links = links_name(cfg.links);
-        let avg = wire as f64 * 8.0 / (total_ms.max(1) as f64 / 1e3) / 1e9;
-        let link = self.link_gbps(&links);
-        Row {
-            peer: peer.into(),
-            config: cfg.name.into(),
-            links: links.clone(),
-            direction: route.direction(),
-            total_ms,
-            downtime_ms: None,
-            setup_ms: None,
-            wire_bytes: wire,
-            reported_bytes,
-            avg_gbps: avg,
-            link_gbps: link,
-            utilisation: if link > 0.0 { avg / link } else { 0.0 },
-            cpu_source_s: None,
-            cpu_destination_s: None,
-            verified: false,
-            verify: String::new(),
-            error: None,
-            // The chart shows the migration, not the verify that follows it.
-            samples: rates(samples)
-                .into_iter()
-                .filter(|(t, _)| *t <= total_ms as f64 / 1e3 + 0.2)
-                .collect(),
-            detail,
+        let mut r = self.empty_row(peer, cfg, route.direction());
+        r.total_ms = total_ms;
+        r.wire_bytes = samples.last().map_or(0, |s| s.1);
+        r.reported_bytes = reported_bytes;
+        r.avg_gbps = r.wire_bytes as f64 * 8.0 / (total_ms.max(1) as f64 / 1e3) / 1e9;
+        if r.link_gbps > 0.0 {
+            r.utilisation = r.avg_gbps / r.link_gbps;
         }
+        // The chart shows the migration, not the verify that follows it.
+        r.samples = rates(samples)
+            .into_iter()
+            .filter(|(t, _)| *t <= total_ms as f64 / 1e3 + 0.2)
+            .collect();
+        r.detail = detail;
+        r
     }
 
     fn failed_row(&self, peer: &str, cfg: &Config, from_a: bool, e: &BenchError) -> Row {
-        let route = self.route(cfg.links, from_a).ok();
-        let mut r = Row {
-            peer: peer.into(),
-            config: cfg.name.into(),
-            links: links_name(cfg.links),
-            direction: route.map(|r| r.direction()).unwrap_or_default(),
-            total_ms: 0,
-            downtime_ms: None,
-            setup_ms: None,
-            wire_bytes: 0,
-            reported_bytes: 0,
-            avg_gbps: 0.0,
-            link_gbps: 0.0,
-            utilisation: 0.0,
-            cpu_source_s: None,
-            cpu_destination_s: None,
-            verified: false,
-            verify: "not reached".into(),
-            error: Some(e.to_string()),
-            samples: Vec::new(),
-            detail: serde_json::Value::Null,
-        };
-        r.link_gbps = self.link_gbps(&r.links);
+        let direction = self
+            .route(cfg.links, from_a)
+            .map(|r| r.direction())
+            .unwrap_or_default();
+        let mut r = self.empty_row(peer, cfg, direction);
+        r.verify = "not reached".into();
+        r.error = Some(e.to_string());
         r
     }
 
@@ -654,7 +650,7 @@ impl Bench<'_> {
                     self.ui.done(&table::line(&row));
                     rows.push(row);
                     // The source process leaves by itself once the VM runs on the destination.
-                    v.wait_exit(Duration::from_secs(10));
+                    v.wait_exit_for(Duration::from_secs(10));
                     vm = Some(next);
                     from_a = !from_a;
                 }
@@ -870,16 +866,10 @@ fn mem_available() -> Option<u64> {
     Some(kib << 10)
 }
 
-fn require_root() -> Result<(), BenchError> {
-    // SAFETY: geteuid has no preconditions and no memory effects.
-    if unsafe { libc::geteuid() } != 0 {
+pub fn transports(a: &TransportsArgs) -> Result<BenchReport, BenchError> {
+    if !crate::testbed::is_root() {
         return Err(BenchError::NotRoot);
     }
-    Ok(())
-}
-
-pub fn transports(a: &TransportsArgs) -> Result<BenchReport, BenchError> {
-    require_root()?;
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -181,15 +181,7 @@ pub struct Qemu {
 impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.qmp.cmd("quit", json!({}));
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::child::reap(&mut self.child, Duration::from_secs(5));
     }
 }
 
@@ -266,7 +258,7 @@ impl Qemu {
         })
     }
 
-    pub fn pid(&self) -> u32 {
+    fn pid(&self) -> u32 {
         self.child.id()
     }
 

@@ -4,6 +4,8 @@
 //! workload description that becomes its command line.
 use std::fmt::Write as _;
 
+pub mod memory_profile;
+
 /// The PVH ELF image of the workload guest.
 pub const WORKLOAD_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/workload.elf"));
 

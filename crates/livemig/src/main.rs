@@ -1,22 +1,25 @@
-use std::path::PathBuf;
+//! The `livemig` command line: one function per subcommand, each reading as the steps it takes.
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-
-mod bench;
-mod child;
-mod demo;
-mod migrate_cmd;
-mod testbed;
+use guest::memory_profile::{MemoryProfile, ProfileFiller};
 use guest::WorkloadSpec;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 use vmm::api::{ApiServer, Client};
 use vmm::devices::VerifyResult;
-use vmm::profile::{MemoryProfile, ProfileFiller};
+use vmm::memory::GuestRam;
 use vmm::snapshot;
-use vmm::{BootSpec, Console, Kernel, RunState, Vm, VmConfig, VmError};
+use vmm::{Console, Kernel, RunState, Vm, VmConfig, VmError};
+
+mod args;
+mod demo;
+mod migrate_cmd;
+
+use args::{parse_size, MigrateArgs, TransportArgs};
+
+type CmdResult = Result<ExitCode, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
 #[command(
@@ -45,8 +48,10 @@ struct VmArgs {
     /// Command line for --kernel.
     #[arg(long, default_value = "")]
     cmdline: String,
-    #[arg(long, default_value = "server")]
-    memory_profile: MemoryProfile,
+    /// Fill RAM before boot (server, zero, random, text). Default: server for the workload
+    /// guest; zeroed RAM, as on any host, for --kernel.
+    #[arg(long)]
+    memory_profile: Option<MemoryProfile>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// COM1 output file (default: stdout).
@@ -87,31 +92,13 @@ enum Cmd {
         api: ApiArg,
         #[arg(long)]
         to: String,
-        /// The pause the guest may see; pre-copy iterates until the rest fits.
-        #[arg(long, default_value_t = 20)]
-        downtime_ms: u64,
-        #[arg(long)]
-        max_rounds: Option<u32>,
-        /// Cap what the migration sends (e.g. 200Mbit, 1.5Gbit, 100MB), for QoS beside other traffic.
-        #[arg(long, value_parser = parse_rate)]
-        max_bandwidth: Option<u64>,
-        /// tcp; compressed (lz4/zstd per batch, falling back to raw when that is faster); or
-        /// direct (zero-copy from guest RAM, read straight into guest RAM).
-        #[arg(long, default_value = "tcp", value_parser = ["tcp", "compressed", "direct"])]
-        transport: String,
-        /// Page streams beside the control connection, all to --to (multichannel).
-        #[arg(long, default_value_t = 0)]
-        channels: u16,
-        /// One page stream per NIC pair: LOCAL>REMOTE,... (e.g. 10.0.1.1>10.0.1.2,10.0.2.1>10.0.2.2).
-        #[arg(long)]
-        network: Option<String>,
+        #[command(flatten)]
+        migrate: MigrateArgs,
+        #[command(flatten)]
+        transport: TransportArgs,
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Switch over when rounds stop shrinking instead of throttling the guest's vCPUs
-        /// (auto-converge: 20%, then +10% per stall, up to 99%).
-        #[arg(long)]
-        no_auto_converge: bool,
     },
     /// Measured benchmarks on the testbed (needs root).
     Bench {
@@ -171,38 +158,277 @@ enum Cmd {
     },
     /// Write the RAM a VM of --size boots with (memory profile, seed) as sparse blobs in
     /// guest-physical layout, for loading into another VMM; prints QEMU's loader arguments.
-    MemoryImage {
-        #[arg(long, default_value = "server")]
-        profile: MemoryProfile,
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Directory for the blobs (ram-<address>.raw).
-        #[arg(long)]
-        out: PathBuf,
-        /// Leave out guest-physical memory below this (firmware and kernel go there).
-        #[arg(long, default_value = "2M", value_parser = parse_size)]
-        from: u64,
-        /// Largest blob (QEMU's loader reads a blob in one read(), which stops at 2 GiB).
-        #[arg(long, default_value = "1G", value_parser = parse_size)]
-        max_blob: u64,
-    },
+    MemoryImage(MemoryImageArgs),
+}
+
+#[derive(clap::Args)]
+struct MemoryImageArgs {
+    #[arg(long, default_value = "server")]
+    profile: MemoryProfile,
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Directory for the blobs (ram-<address>.raw).
+    #[arg(long)]
+    out: PathBuf,
+    /// Leave out guest-physical memory below this (firmware and kernel go there).
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    from: u64,
+    /// Largest blob (QEMU's loader reads a blob in one read(), which stops at 2 GiB).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    max_blob: u64,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Migrate one running VM over each transport on its reference link (tcp and compressed
+    /// on 1 GbE, direct on 10 GbE, direct + multichannel on both 10 GbE links), after
+    /// measuring each link's raw goodput; prints the table, writes bench.json and bench.png.
+    Transports(args::TransportsArgs),
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum TestbedAction {
+    /// Create (or bring in line) the namespaces, links, addresses and shaping.
+    Up,
+    /// Remove everything `up` made.
+    Down,
+    /// Print the hosts and links, and whether they are there.
+    Status,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("livemig: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> CmdResult {
+    match cli.cmd {
+        Cmd::Run(a) => run_vm(a),
+        Cmd::Demo(a) => demo::main(a),
+        Cmd::Receive {
+            listen,
+            api,
+            console: con,
+        } => receive(&listen, api.as_deref(), console(con)),
+        Cmd::Migrate {
+            api,
+            to,
+            migrate,
+            transport,
+            report,
+        } => migrate_cmd::main(&api.api, migrate.request(to, &transport)?, report),
+        Cmd::Bench {
+            what: BenchCmd::Transports(a),
+        } => bench_transports(a),
+        Cmd::Testbed {
+            action,
+            name,
+            scale,
+        } => testbed(action, &name, scale),
+        Cmd::Status(a) => print_json(&Client::new(a.api).status()?),
+        Cmd::Pause(a) => print_json(&Client::new(a.api).pause()?),
+        Cmd::Resume(a) => print_json(&Client::new(a.api).resume()?),
+        Cmd::Shutdown(a) => print_json(&Client::new(a.api).shutdown()?),
+        Cmd::Verify { api, timeout_ms } => verify(&api.api, Duration::from_millis(timeout_ms)),
+        Cmd::Snapshot { api, out } => {
+            print_json(&Client::new(api.api).snapshot(&std::path::absolute(&out)?)?)
+        }
+        Cmd::Restore {
+            from,
+            api,
+            console: con,
+            paused,
+        } => restore(&from, api.as_deref(), console(con), paused),
+        Cmd::GuestImage { out } => guest_image(&out),
+        Cmd::MemoryImage(a) => memory_image(a),
+    }
 }
 
 fn console(path: Option<PathBuf>) -> Console {
     path.map(Console::File).unwrap_or(Console::Stdout)
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("answers serialise")
+fn print_json<T: serde::Serialize>(v: &T) -> CmdResult {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fills guest RAM from a memory profile before boot: the VMM's pre-fill hook.
+pub(crate) fn profile_prefill(
+    profile: Option<MemoryProfile>,
+    seed: u64,
+) -> impl FnOnce(&GuestRam) -> Result<(), VmError> {
+    move |ram| {
+        let Some(profile) = profile else {
+            return Ok(());
+        };
+        let err = |e: &dyn std::fmt::Display| VmError::Prefill(format!("{profile}: {e}"));
+        let filler = ProfileFiller::new(profile, seed).map_err(|e| err(&e))?;
+        for r in vmm::memory::layout(ram.size()) {
+            filler
+                .fill_with(r.guest, r.len, &|off, bytes| {
+                    ram.write_at(r.file_offset + off, bytes)
+                })
+                .map_err(|e| err(&e))?;
+        }
+        Ok(())
+    }
+}
+
+fn run_vm(a: VmArgs) -> CmdResult {
+    let (kernel, default_profile) = match &a.kernel {
+        Some(p) => {
+            let image =
+                std::fs::read(p).map_err(|e| format!("reading kernel {}: {e}", p.display()))?;
+            let cmdline = a.cmdline.clone();
+            (Kernel::Elf { image, cmdline }, None)
+        }
+        None => (
+            Kernel::Workload(WorkloadSpec::parse(&a.workload, a.memory)?),
+            Some(MemoryProfile::Server),
+        ),
+    };
+    let config = VmConfig {
+        memory: a.memory,
+        vcpus: a.vcpus,
+    };
+    let prefill = profile_prefill(a.memory_profile.or(default_profile), a.seed);
+    let vm = Vm::boot(config, &kernel, &console(a.console), prefill)?;
+    serve(vm, a.api.as_deref())
+}
+
+fn receive(listen: &str, api: Option<&Path>, console: Console) -> CmdResult {
+    let listener = transport::Listener::bind(listen)?;
+    eprintln!("livemig: waiting for a VM on {}", listener.local_addr()?);
+    let opts = migration::ReceiveOptions {
+        console,
+        ..Default::default()
+    };
+    let (vm, stats) = migration::receive(&listener, &opts)?;
+    eprintln!(
+        "livemig: VM received ({} pages, {} zero, {} rounds) and running",
+        stats.pages, stats.zero_pages, stats.rounds
     );
+    serve(vm, api)
+}
+
+fn restore(from: &Path, api: Option<&Path>, console: Console, paused: bool) -> CmdResult {
+    let t0 = Instant::now();
+    let manifest = snapshot::read_manifest(from)?;
+    let vm = Vm::restore(&manifest.state, &console, paused, |ram| {
+        snapshot::load_memory(from, &manifest.memory, ram)
+            .map_err(|e| VmError::Restore(e.to_string()))
+    })?;
+    eprintln!(
+        "livemig: restored {} in {} ms",
+        from.display(),
+        t0.elapsed().as_millis()
+    );
+    serve(vm, api)
+}
+
+fn verify(api: &Path, timeout: Duration) -> CmdResult {
+    let r = Client::new(api).verify(timeout)?;
+    print_json(&r)?;
+    Ok(match r.last_verify {
+        Some(VerifyResult::Ok { .. }) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn guest_image(out: &Path) -> CmdResult {
+    std::fs::write(out, guest::WORKLOAD_ELF)?;
+    println!(
+        "wrote {} ({} bytes)",
+        out.display(),
+        guest::WORKLOAD_ELF.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn memory_image(a: MemoryImageArgs) -> CmdResult {
+    std::fs::create_dir_all(&a.out)?;
+    let ranges: Vec<(u64, u64)> = vmm::memory::layout(a.size)
+        .iter()
+        .map(|r| (r.guest, r.len))
+        .collect();
+    let blobs =
+        ProfileFiller::new(a.profile, a.seed)?.write_blobs(&ranges, a.from, a.max_blob, &a.out)?;
+    for b in &blobs {
+        eprintln!(
+            "wrote {} (guest {:#x}, {} MiB)",
+            b.path.display(),
+            b.guest_addr,
+            b.len >> 20
+        );
+    }
+    let qemu: Vec<String> = blobs
+        .iter()
+        .map(|b| {
+            format!(
+                "-device loader,file={},addr={:#x}",
+                b.path.display(),
+                b.guest_addr
+            )
+        })
+        .collect();
+    println!("{}", qemu.join(" "));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn testbed(action: TestbedAction, name: &str, scale: f64) -> CmdResult {
+    if name.len() > 7 {
+        return Err(format!(
+            "--name {name:?} is too long for interface names (7 characters at most)"
+        )
+        .into());
+    }
+    let t = bench::testbed::Testbed::new(name, scale)?;
+    match action {
+        TestbedAction::Up => {
+            t.up()?;
+            print_json(&t.status()?)
+        }
+        TestbedAction::Down => {
+            t.down()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TestbedAction::Status => print_json(&t.status()?),
+    }
+}
+
+fn bench_transports(a: args::TransportsArgs) -> CmdResult {
+    let o = a.options(std::env::current_exe()?);
+    let r = bench::transports::transports(&o)?;
+    print!("{}", bench::table::render(&r));
+    println!(
+        "wrote {} and {}",
+        o.out.join("bench.json").display(),
+        o.out.join("bench.png").display()
+    );
+    if r.rows.iter().any(|r| r.error.is_some() || !r.verified) {
+        eprintln!("livemig: bench: not every migration completed and verified");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs the VM (and its API) until the guest stops or a client asks for shutdown.
-fn serve(vm: Vm, api: Option<&std::path::Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn serve(vm: Vm, api: Option<&Path>) -> CmdResult {
     let vm = Arc::new(Mutex::new(vm));
     let server = api
         .map(|p| ApiServer::start(p, vm.clone(), Some(migrate_cmd::api_extension())))
@@ -212,7 +438,7 @@ fn serve(vm: Vm, api: Option<&std::path::Path>) -> Result<ExitCode, Box<dyn std:
         if server.as_ref().is_some_and(|s| s.shutdown_requested()) {
             break;
         }
-        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = locks::lock(&vm);
         if g.migrated() {
             // The VM runs elsewhere now; leave once the migrate call has its answer.
             drop(g);
@@ -239,249 +465,6 @@ fn serve(vm: Vm, api: Option<&std::path::Path>) -> Result<ExitCode, Box<dyn std:
         }
     }
     drop(server);
-    vm.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
-    Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
-    transport::parse_rate(s)
-        .ok_or_else(|| format!("{s:?} is not a rate (e.g. 200Mbit, 1.5Gbit, 100MB)"))
-}
-
-#[derive(Subcommand)]
-enum BenchCmd {
-    /// Migrate one running VM over each transport on its reference link (tcp and compressed
-    /// on 1 GbE, direct on 10 GbE, direct + multichannel on both 10 GbE links), after
-    /// measuring each link's raw goodput; prints the table, writes bench.json and bench.png.
-    Transports(bench::TransportsArgs),
-}
-
-#[derive(Subcommand, Clone, Copy)]
-enum TestbedAction {
-    /// Create (or bring in line) the namespaces, links, addresses and shaping.
-    Up,
-    /// Remove everything `up` made.
-    Down,
-    /// Print the hosts and links, and whether they are there.
-    Status,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    guest::parse_size(s).ok_or_else(|| format!("{s:?} is not a size (e.g. 512M, 1G)"))
-}
-
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("livemig: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    match cli.cmd {
-        Cmd::GuestImage { out } => {
-            std::fs::write(&out, guest::WORKLOAD_ELF)?;
-            println!(
-                "wrote {} ({} bytes)",
-                out.display(),
-                guest::WORKLOAD_ELF.len()
-            );
-        }
-        Cmd::MemoryImage {
-            profile,
-            size,
-            seed,
-            out,
-            from,
-            max_blob,
-        } => {
-            std::fs::create_dir_all(&out)?;
-            let blobs =
-                ProfileFiller::new(profile, seed)?.write_blobs(size, from, max_blob, &out)?;
-            for b in &blobs {
-                eprintln!(
-                    "wrote {} (guest {:#x}, {} MiB)",
-                    b.path.display(),
-                    b.guest_addr,
-                    b.len >> 20
-                );
-            }
-            let qemu: Vec<String> = blobs
-                .iter()
-                .map(|b| {
-                    format!(
-                        "-device loader,file={},addr={:#x}",
-                        b.path.display(),
-                        b.guest_addr
-                    )
-                })
-                .collect();
-            println!("{}", qemu.join(" "));
-        }
-        Cmd::Run(a) => {
-            let kernel = match &a.kernel {
-                Some(p) => Kernel::Elf {
-                    image: std::fs::read(p)
-                        .map_err(|e| format!("reading kernel {}: {e}", p.display()))?,
-                    cmdline: a.cmdline.clone(),
-                },
-                None => Kernel::Workload(WorkloadSpec::parse(&a.workload, a.memory)?),
-            };
-            let console = console(a.console);
-            let spec = BootSpec {
-                kernel,
-                profile: a.memory_profile,
-                seed: a.seed,
-            };
-            let vm = Vm::boot(
-                VmConfig {
-                    memory: a.memory,
-                    vcpus: a.vcpus,
-                },
-                &spec,
-                &console,
-            )?;
-            return serve(vm, a.api.as_deref());
-        }
-        Cmd::Restore {
-            from,
-            api,
-            console: con,
-            paused,
-        } => {
-            let t0 = Instant::now();
-            let manifest = snapshot::read_manifest(&from)?;
-            let vm = Vm::restore(&manifest.state, &console(con), paused, |ram| {
-                snapshot::load_memory(&from, &manifest.memory, ram)
-                    .map_err(|e| VmError::Restore(e.to_string()))
-            })?;
-            eprintln!(
-                "livemig: restored {} in {} ms",
-                from.display(),
-                t0.elapsed().as_millis()
-            );
-            return serve(vm, api.as_deref());
-        }
-        Cmd::Demo(a) => {
-            let r = demo::run(a)?;
-            if !r.guest_verified {
-                eprintln!(
-                    "livemig: demo FAILED: the guest did not verify its memory on the destination"
-                );
-                return Ok(ExitCode::FAILURE);
-            }
-            println!("demo OK");
-        }
-        Cmd::Receive {
-            listen,
-            api,
-            console: con,
-        } => {
-            let listener = transport::Listener::bind(&listen)?;
-            eprintln!("livemig: waiting for a VM on {}", listener.local_addr()?);
-            let opts = migration::ReceiveOptions {
-                console: console(con),
-                ..Default::default()
-            };
-            let (vm, stats) = migration::receive(&listener, &opts)?;
-            eprintln!(
-                "livemig: VM received ({} pages, {} zero, {} rounds) and running",
-                stats.pages, stats.zero_pages, stats.rounds
-            );
-            return serve(vm, api.as_deref());
-        }
-        Cmd::Migrate {
-            api,
-            to,
-            downtime_ms,
-            max_rounds,
-            max_bandwidth,
-            transport,
-            channels,
-            network,
-            report,
-            no_auto_converge,
-        } => {
-            let req = serde_json::json!({
-                "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
-                "max_bandwidth": max_bandwidth, "transport": transport,
-                "channels": channels, "network": network,
-                "auto_converge": !no_auto_converge
-            });
-            let r = migrate_cmd::migrate(&api.api, req, report)?;
-            println!("{}", r.summary());
-            // A foreign guest cannot verify itself; only a failed or missing verify of our
-            // workload guest makes this a failure.
-            let unverifiable = r
-                .guest_verify
-                .as_deref()
-                .is_some_and(|d| d.starts_with("not verifiable"));
-            if !r.guest_verified && !unverifiable {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Cmd::Testbed {
-            action,
-            name,
-            scale,
-        } => {
-            if name.len() > 7 {
-                return Err(format!(
-                    "--name {name:?} is too long for interface names (7 characters at most)"
-                )
-                .into());
-            }
-            let t = testbed::Testbed::new(&name, scale)?;
-            match action {
-                TestbedAction::Up => {
-                    t.up()?;
-                    print_json(&t.status()?);
-                }
-                TestbedAction::Down => t.down()?,
-                TestbedAction::Status => print_json(&t.status()?),
-            }
-        }
-        Cmd::Bench {
-            what: BenchCmd::Transports(a),
-        } => {
-            let r = bench::transports(&a)?;
-            print!("{}", bench::render(&r));
-            println!(
-                "wrote {} and {}",
-                a.out.join("bench.json").display(),
-                a.out.join("bench.png").display()
-            );
-            if r.rows.iter().any(|r| r.error.is_some() || !r.verified) {
-                eprintln!("livemig: bench: not every migration completed and verified");
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Cmd::Status(a) => print_json(&Client::new(a.api).status()?),
-        Cmd::Pause(a) => print_json(&Client::new(a.api).pause()?),
-        Cmd::Resume(a) => print_json(&Client::new(a.api).resume()?),
-        Cmd::Shutdown(a) => print_json(&Client::new(a.api).shutdown()?),
-        Cmd::Verify { api, timeout_ms } => {
-            let r = Client::new(api.api).verify(Duration::from_millis(timeout_ms))?;
-            print_json(&r);
-            if !matches!(r.last_verify, Some(VerifyResult::Ok { .. })) {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Cmd::Snapshot { api, out } => {
-            let out = std::path::absolute(&out)?;
-            print_json(&Client::new(api.api).snapshot(&out)?);
-        }
-    }
+    locks::lock(&vm).shutdown();
     Ok(ExitCode::SUCCESS)
 }

@@ -4,7 +4,14 @@
 //! spread over the workers, delivers more useful bytes per second than the link carries raw.
 //! A fast link, incompressible pages or a CPU taken by the guest all make raw win; that is
 //! Hyper-V's fallback, decided continuously.
-use crate::protocol::ProtocolError;
+/// A batch that would not decompress as its frame said.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum CodecError {
+    /// {codec:?}: {why}
+    Corrupt { codec: Codec, why: String },
+    /// decompressed to {got} bytes, the frame said {want}
+    Length { got: usize, want: usize },
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
@@ -52,24 +59,23 @@ pub fn decompress(
     input: &[u8],
     raw_len: usize,
     out: &mut Vec<u8>,
-) -> Result<(), ProtocolError> {
-    let bad = |why: String| ProtocolError::Malformed {
-        kind: crate::protocol::Kind::PagesCompressed,
-        why,
-    };
+) -> Result<(), CodecError> {
+    let bad = |why: String| CodecError::Corrupt { codec, why };
     out.clear();
     out.resize(raw_len, 0);
-    let n =
-        match codec {
-            Codec::Lz4 => lz4_flex::block::decompress_into(input, out)
-                .map_err(|e| bad(format!("lz4: {e}")))?,
-            Codec::Zstd => zstd::bulk::decompress_to_buffer(input, out)
-                .map_err(|e| bad(format!("zstd: {e}")))?,
-        };
+    let n = match codec {
+        Codec::Lz4 => {
+            lz4_flex::block::decompress_into(input, out).map_err(|e| bad(e.to_string()))?
+        }
+        Codec::Zstd => {
+            zstd::bulk::decompress_to_buffer(input, out).map_err(|e| bad(e.to_string()))?
+        }
+    };
     if n != raw_len {
-        return Err(bad(format!(
-            "decompressed to {n} bytes, the frame said {raw_len}"
-        )));
+        return Err(CodecError::Length {
+            got: n,
+            want: raw_len,
+        });
     }
     Ok(())
 }
@@ -172,6 +178,13 @@ impl CodecPolicy {
         } else {
             Choice::Raw
         }
+    }
+
+    /// Whether a batch that compressed from `raw` to `compressed` bytes goes out compressed:
+    /// only if that saved something real (a sixteenth), else the receiver's decompression
+    /// buys nothing.
+    pub fn worth_sending(raw: usize, compressed: usize) -> bool {
+        compressed < raw - raw / 16
     }
 
     /// The choice for the next batch: the best, except for periodic probes of the others.
@@ -370,6 +383,13 @@ mod tests {
             p.record_link(2e9, true); // a 2 GB/s link
         }
         assert!(p.link > 1.5e9);
+    }
+
+    #[test]
+    fn compression_must_save_something_real() {
+        assert!(CodecPolicy::worth_sending(4096, 1000));
+        assert!(!CodecPolicy::worth_sending(4096, 3900));
+        assert!(!CodecPolicy::worth_sending(4096, 5000));
     }
 
     #[test]

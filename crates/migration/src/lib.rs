@@ -1,6 +1,8 @@
 //! Pre-copy live migration. Data flows one way: guest RAM → dirty tracking (vmm::dirty) →
-//! page batches ([`protocol`]) → transport → [`recv`] → guest RAM. [`policy`] decides when to
-//! stop iterating; [`send`] and [`recv`] are the mechanism; [`report`] says what happened.
+//! page encoding ([`codec`], [`protocol`]) → transport → [`recv`] → guest RAM.
+//! [`policy`] and the codec policy decide (when to stop iterating, which stream, which codec);
+//! [`send`] and [`recv`] carry the decisions out; [`report`] says what happened;
+//! [`request`] is what a user asks for.
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,58 +13,77 @@ pub mod policy;
 pub mod protocol;
 pub mod recv;
 pub mod report;
+pub mod request;
 pub mod send;
 
+pub use protocol::VerifyOutcome;
 pub use recv::{receive, ReceiveOptions, ReceiveStats};
 pub use report::Report;
+pub use request::MigrateRequest;
 pub use send::{migrate, MigrateOptions, Progress};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum MigrationError {
-    #[error(transparent)]
+    /// {0}
     Transport(#[from] transport::TransportError),
-    #[error("protocol: {0}")]
+    /// protocol: {0}
     Protocol(#[from] protocol::ProtocolError),
-    #[error("VM: {0}")]
-    Vm(#[from] vmm::VmError),
-    #[error("dirty log: {0}")]
-    DirtyLog(#[from] vmm::dirty::DirtyLogError),
-    #[error("encoding: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("a page stream failed; the migration is off")]
+    /// control connection to {peer}: {source}
+    Control {
+        peer: String,
+        source: protocol::ProtocolError,
+    },
+    /// page stream {index} ({peer}) failed: {cause}
+    Stream {
+        index: usize,
+        peer: String,
+        cause: String,
+    },
+    /// a page stream failed; the migration is off
     StreamFailed,
-    #[error("the source VM is {0}; only a running VM migrates")]
+    /// guest RAM: {0}
+    GuestMemory(#[from] vmm::memory::MemoryError),
+    /// finding the memory the guest touched (SEEK_DATA on its memfd): {0}
+    Extents(std::io::Error),
+    /// {what} on a migration socket: {source}
+    Socket {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// starting the {what} thread: {source}
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// VM: {0}
+    Vm(#[from] vmm::VmError),
+    /// dirty log: {0}
+    DirtyLog(#[from] vmm::dirty::DirtyLogError),
+    /// the source VM is {0}; only a running VM migrates
     SourceNotRunning(String),
-    #[error(
-        "switchover outcome unknown ({0}): the VM stays paused on the source because it may be running on the destination; check the destination before resuming it"
-    )]
+    /// switchover outcome unknown ({0}): the VM stays paused on the source because it may be running on the destination; check the destination before resuming it
     OutcomeUnknown(String),
 }
 
-impl From<std::io::Error> for MigrationError {
-    fn from(e: std::io::Error) -> Self {
-        let p = match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => protocol::ProtocolError::Closed,
-            _ => protocol::ProtocolError::Io(e),
-        };
-        MigrationError::Protocol(p)
+impl MigrationError {
+    /// Names the peer on an error of the control connection.
+    fn on_control(self, peer: &str) -> Self {
+        match self {
+            MigrationError::Protocol(source) => MigrationError::Control {
+                peer: peer.to_string(),
+                source,
+            },
+            e => e,
+        }
     }
-}
-
-/// The guest's verify on the destination, as sent back to the source.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct VerifyOutcome {
-    pub ok: bool,
-    pub detail: String,
-    /// CPU the destination's receive thread used.
-    pub cpu_seconds: f64,
 }
 
 /// CPU time of the calling thread (the migration's own work, not the guest's vCPUs).
 pub fn thread_cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the zeroed struct we pass.
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; RUSAGE_THREAD is valid on Linux.
+    // SAFETY: getrusage writes only into the struct we pass, which lives across the call;
+    // RUSAGE_THREAD is valid on Linux.
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(u.ru_utime) + tv(u.ru_stime)
@@ -106,7 +127,7 @@ impl Sampler {
                     let dt = now.0.duration_since(last.0).as_secs_f64();
                     out.push(report::Sample {
                         t_ms: now.0.duration_since(t0).as_millis() as u64,
-                        bits_per_s: ((now.1 - last.1) as f64 * 8.0 / dt) as u64,
+                        bits_per_s: report::rate_bits(now.1 - last.1, dt),
                     });
                     last = now;
                 }

@@ -1,5 +1,7 @@
-//! When to stop pre-copy rounds and switch over. Pure decisions on measured figures, so they
-//! are unit-tested apart from any socket or ioctl.
+//! The migration's decisions, pure functions of measured figures so they are unit-tested apart
+//! from any socket or ioctl: when to stop pre-copy rounds and switch over, how hard to throttle
+//! a guest that outruns the link, and which page stream takes the next batch. (Which codec is
+//! [`crate::codec::CodecPolicy`]'s.)
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
@@ -126,8 +128,26 @@ impl ConvergencePolicy {
     }
 }
 
+/// The page stream for the next batch: the one with the least data queued (the first such,
+/// so streams fill in turn when idle). None when there are no streams.
+pub fn pick_stream(queued: &[usize]) -> Option<usize> {
+    queued
+        .iter()
+        .enumerate()
+        .min_by_key(|&(i, &q)| (q, i))
+        .map(|(i, _)| i)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_least_loaded_stream_takes_the_batch() {
+        assert_eq!(super::pick_stream(&[]), None);
+        assert_eq!(super::pick_stream(&[0, 0, 0]), Some(0));
+        assert_eq!(super::pick_stream(&[3 << 20, 1 << 20, 2 << 20]), Some(1));
+        assert_eq!(super::pick_stream(&[5, 0, 0]), Some(1));
+    }
+
     use super::*;
 
     const GBIT: f64 = 125_000_000.0;

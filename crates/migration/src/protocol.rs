@@ -1,24 +1,109 @@
-//! The migration wire protocol.
+//! The migration wire protocol, all of it: every fixed-layout header is a `#[repr(C)]` struct
+//! read and written with zerocopy, and every frame kind is encoded and decoded here.
 //!
-//! Handshake (16 bytes each way): magic `LVMG`, version u16, transport u8, status u8 (reply
-//! only), capabilities u64. Then frames: a 24-byte header (kind u8, 3 reserved, seq u32 counting
-//! from 0 per direction, payload length u32, reserved u32, xxh3-64 over header bytes 0..16 and
-//! the payload) and the payload. Lengths are bounded per kind; anything else is an error.
+//! Handshake (16 bytes each way, [`HelloWire`]): magic `LVMG`, version, transport, status
+//! (reply only), capabilities. Page streams open with their own 16 bytes ([`DataHelloWire`]).
+//! Then frames: a 24-byte [`FrameHeader`] (kind, sequence number counting from 0 per
+//! direction, payload length, xxh3-64 over header bytes 0..16 and the payload) and the payload.
+//! Lengths are bounded per kind before anything is allocated; anything else is an error.
 use std::io::{self, BufRead, Read, Write};
 
 use xxhash_rust::xxh3::Xxh3;
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::codec::Codec;
 
 pub const MAGIC: [u8; 4] = *b"LVMG";
+const DATA_MAGIC: [u8; 4] = *b"LVMD";
 pub const VERSION: u16 = 1;
-pub const HELLO_LEN: usize = 16;
-pub const HEADER_LEN: usize = 24;
+pub const HELLO_LEN: usize = std::mem::size_of::<HelloWire>();
+pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
 pub const PAGE: usize = 4096;
 /// Pages per batch frame: 1 MiB of data, big enough to amortise headers and checksums.
 pub const MAX_BATCH_PAGES: usize = 256;
+/// Page streams a migration may open beside its control connection.
+pub const MAX_STREAMS: u16 = 16;
 const ZERO_FLAG: u64 = 1;
+const ENTRY_LEN: usize = std::mem::size_of::<Entry>();
+const COUNT_LEN: usize = std::mem::size_of::<U32>();
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The handshake, both ways: the source's offer and the destination's answer.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct HelloWire {
+    magic: [u8; 4],
+    version: U16,
+    transport: u8,
+    /// Reply only: [`HelloStatus`].
+    status: u8,
+    capabilities: U64,
+}
+
+/// First bytes on a page stream: which migration and which stream it is.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct DataHelloWire {
+    magic: [u8; 4],
+    version: U16,
+    index: U16,
+    session: U64,
+}
+
+/// The header in front of every frame.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct FrameHeader {
+    kind: u8,
+    reserved: [u8; 3],
+    seq: U32,
+    len: U32,
+    reserved2: U32,
+    /// xxh3-64 over the 16 bytes before it and the payload.
+    checksum: U64,
+}
+
+/// In front of a PagesCompressed payload's batch head.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+struct CompressedHeader {
+    codec: u8,
+    reserved: [u8; 3],
+    /// Length of the data pages once decompressed.
+    raw_len: U32,
+}
+
+/// A RoundEnd payload.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+struct RoundEndWire {
+    round: U32,
+    pages: U64,
+}
+
+/// One entry of a batch head: a page's memfd offset, with flags in its low bits.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(transparent)]
+pub struct Entry(U64);
+
+impl Entry {
+    pub fn new(offset: u64, zero: bool) -> Self {
+        Entry(U64::new(offset | if zero { ZERO_FLAG } else { 0 }))
+    }
+    pub fn offset(&self) -> u64 {
+        self.0.get() & !(PAGE as u64 - 1)
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0.get() & ZERO_FLAG != 0
+    }
+    fn unknown_flags(&self) -> u64 {
+        self.0.get() & (PAGE as u64 - 1) & !ZERO_FLAG
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     Tcp = 1,
     /// Page batches may be lz4/zstd compressed (PagesCompressed frames).
@@ -46,6 +131,12 @@ impl Transport {
     }
 }
 
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Transport {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -63,13 +154,13 @@ impl std::str::FromStr for Transport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// src→dst: JSON VmConfig; the destination builds the VM.
+    /// src→dst: JSON [`Prepare`]; the destination builds the VM.
     Config = 1,
     /// dst→src: the VM is built.
     Ready = 2,
     /// src→dst: a batch of pages.
     Pages = 3,
-    /// src→dst: u32 round, u64 pages in it.
+    /// src→dst: [`RoundEnd`].
     RoundEnd = 4,
     /// src→dst: JSON VmState (the VM is paused on the source).
     State = 5,
@@ -77,14 +168,14 @@ pub enum Kind {
     Done = 6,
     /// dst→src: everything is in place; the destination resumes the VM.
     Confirm = 7,
-    /// dst→src: JSON outcome of the guest's own verify on the destination.
+    /// dst→src: JSON [`VerifyOutcome`] of the guest's own verify on the destination.
     Verified = 8,
     /// either way: UTF-8 reason; the migration is off.
     Abort = 9,
-    /// src→dst: codec u8, 3 reserved, raw data length u32, then a Pages head (count +
-    /// entries), then the non-zero pages' data compressed as one block.
+    /// src→dst: a [`CompressedHeader`], a batch head (count + entries), then the non-zero
+    /// pages' data compressed as one block.
     PagesCompressed = 10,
-    /// src→dst: a Pages head, then the data pages straight from guest RAM. The checksum covers
+    /// src→dst: a batch head, then the data pages straight from guest RAM. The checksum covers
     /// the header and the head: the data may be changed by the running guest after it was read
     /// for a checksum, so it rests on TCP's; a torn page is dirty and always sent again, and the
     /// last (paused) round cannot tear.
@@ -111,46 +202,51 @@ impl Kind {
 
     /// The largest payload a frame of this kind may carry.
     pub fn max_len(self) -> usize {
+        const BATCH: usize = COUNT_LEN + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE);
         match self {
             Kind::Ready | Kind::Done | Kind::Confirm => 0,
-            Kind::RoundEnd => 12,
+            Kind::RoundEnd => std::mem::size_of::<RoundEndWire>(),
             Kind::Config | Kind::Verified | Kind::Abort => 64 << 10,
-            Kind::Pages | Kind::PagesDirect => 4 + MAX_BATCH_PAGES * (8 + PAGE),
+            Kind::Pages | Kind::PagesDirect => BATCH,
             // Incompressible data can grow a little; never past this.
-            Kind::PagesCompressed => 8 + 4 + MAX_BATCH_PAGES * (8 + PAGE) + (64 << 10),
+            Kind::PagesCompressed => std::mem::size_of::<CompressedHeader>() + BATCH + (64 << 10),
             Kind::State => 32 << 20,
         }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum ProtocolError {
-    #[error("connection: {0}")]
+    /// connection: {0}
     Io(#[from] io::Error),
-    #[error("the stream ended in the middle of {0}")]
+    /// the stream ended in the middle of {0}
     Truncated(&'static str),
-    #[error("the peer closed the connection")]
+    /// the peer closed the connection
     Closed,
-    #[error("bad magic {0:02x?}: the peer is not livemig")]
+    /// bad magic {0:02x?}: the peer is not livemig
     BadMagic([u8; 4]),
-    #[error("protocol version {theirs} is not supported (this livemig speaks {VERSION})")]
+    /// protocol version {theirs} is not supported (this livemig speaks 1)
     Version { theirs: u16 },
-    #[error("transport {0} is not supported by the destination")]
+    /// transport {0} is not supported by the destination
     TransportUnsupported(u8),
-    #[error("unknown frame kind {0}")]
+    /// unknown frame kind {0}
     UnknownKind(u8),
-    #[error("{kind:?} frame of {len} bytes exceeds its limit of {max}")]
+    /// {kind:?} frame of {len} bytes exceeds its limit of {max}
     Oversized { kind: Kind, len: usize, max: usize },
-    #[error("frame {seq} ({kind:?}) failed its checksum")]
+    /// frame {seq} ({kind:?}) failed its checksum
     Checksum { seq: u32, kind: Kind },
-    #[error("frame out of order: expected sequence {expected}, got {got}")]
+    /// frame out of order: expected sequence {expected}, got {got}
     OutOfOrder { expected: u32, got: u32 },
-    #[error("{kind:?} frame not expected while {state}")]
+    /// {kind:?} frame not expected in state {state}
     Unexpected { kind: Kind, state: &'static str },
-    #[error("malformed {kind:?} frame: {why}")]
+    /// malformed {kind:?} frame: {why}
     Malformed { kind: Kind, why: String },
-    #[error("the peer aborted: {0}")]
+    /// the peer aborted: {0}
     PeerAborted(String),
+}
+
+fn malformed(kind: Kind) -> impl Fn(String) -> ProtocolError {
+    move |why| ProtocolError::Malformed { kind, why }
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), ProtocolError> {
@@ -167,9 +263,133 @@ fn read_full(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<()
     Ok(())
 }
 
-/// Page streams a migration may open beside its control connection.
-pub const MAX_STREAMS: u16 = 16;
-const DATA_MAGIC: [u8; 4] = *b"LVMD";
+/// Reads one fixed-layout header.
+fn read_header<T: FromBytes + IntoBytes>(
+    r: &mut impl Read,
+    what: &'static str,
+) -> Result<T, ProtocolError> {
+    let mut v = T::new_zeroed();
+    read_full(r, v.as_mut_bytes(), what)?;
+    Ok(v)
+}
+
+// ---- handshake ----
+
+/// What the source offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub transport: Transport,
+    pub capabilities: u64,
+}
+
+/// The destination's answer to a hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum HelloStatus {
+    Ok = 0,
+    Version = 1,
+    Transport = 2,
+}
+
+pub fn write_hello(w: &mut impl Write, h: &Hello) -> Result<(), ProtocolError> {
+    let wire = HelloWire {
+        magic: MAGIC,
+        version: U16::new(h.version),
+        transport: h.transport as u8,
+        status: 0,
+        capabilities: U64::new(h.capabilities),
+    };
+    w.write_all(wire.as_bytes())?;
+    Ok(w.flush()?)
+}
+
+/// Reads the source's hello; on a version or transport we do not speak, tells the peer why.
+pub fn accept_hello(r: &mut impl Read, w: &mut impl Write) -> Result<Hello, ProtocolError> {
+    let h: HelloWire = read_header(r, "the handshake")?;
+    if h.magic != MAGIC {
+        return Err(ProtocolError::BadMagic(h.magic));
+    }
+    let transport = Transport::from_u8(h.transport);
+    let status = match (h.version.get() == VERSION, transport) {
+        (false, _) => HelloStatus::Version,
+        (true, None) => HelloStatus::Transport,
+        (true, Some(_)) => HelloStatus::Ok,
+    };
+    let reply = HelloWire {
+        magic: MAGIC,
+        version: U16::new(VERSION),
+        transport: h.transport,
+        status: status as u8,
+        capabilities: U64::new(0),
+    };
+    w.write_all(reply.as_bytes())?;
+    w.flush()?;
+    match (status, transport) {
+        (HelloStatus::Ok, Some(t)) => Ok(Hello {
+            version: h.version.get(),
+            transport: t,
+            capabilities: h.capabilities.get(),
+        }),
+        (HelloStatus::Version, _) => Err(ProtocolError::Version {
+            theirs: h.version.get(),
+        }),
+        _ => Err(ProtocolError::TransportUnsupported(h.transport)),
+    }
+}
+
+/// Reads the destination's answer to our hello.
+pub fn read_hello_reply(r: &mut impl Read, ours: &Hello) -> Result<(), ProtocolError> {
+    let h: HelloWire = read_header(r, "the handshake reply")?;
+    if h.magic != MAGIC {
+        return Err(ProtocolError::BadMagic(h.magic));
+    }
+    match h.status {
+        s if s == HelloStatus::Ok as u8 => Ok(()),
+        s if s == HelloStatus::Version as u8 => Err(ProtocolError::Version {
+            theirs: h.version.get(),
+        }),
+        _ => Err(ProtocolError::TransportUnsupported(ours.transport as u8)),
+    }
+}
+
+/// First bytes on a page stream: magic `LVMD`, version, stream index, session.
+pub fn write_data_hello(w: &mut impl Write, index: u16, session: u64) -> Result<(), ProtocolError> {
+    let wire = DataHelloWire {
+        magic: DATA_MAGIC,
+        version: U16::new(VERSION),
+        index: U16::new(index),
+        session: U64::new(session),
+    };
+    w.write_all(wire.as_bytes())?;
+    Ok(w.flush()?)
+}
+
+/// Reads a page stream's hello; returns its index.
+pub fn read_data_hello(
+    r: &mut impl Read,
+    session: u64,
+    streams: u16,
+) -> Result<u16, ProtocolError> {
+    let h: DataHelloWire = read_header(r, "a page stream's handshake")?;
+    if h.magic != DATA_MAGIC {
+        return Err(ProtocolError::BadMagic(h.magic));
+    }
+    if h.version.get() != VERSION {
+        return Err(ProtocolError::Version {
+            theirs: h.version.get(),
+        });
+    }
+    let (index, theirs) = (h.index.get(), h.session.get());
+    if theirs != session || index >= streams {
+        return Err(malformed(Kind::Config)(format!(
+            "page stream {index} of session {theirs:#x} does not belong to session {session:#x} with {streams} streams"
+        )));
+    }
+    Ok(index)
+}
+
+// ---- typed payloads ----
 
 /// The Config frame's payload: the VM to build and the page streams that will follow.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -181,118 +401,249 @@ pub struct Prepare {
     pub session: u64,
 }
 
-/// First 16 bytes on a page stream: magic `LVMD`, version, stream index, session.
-pub fn write_data_hello(w: &mut impl Write, index: u16, session: u64) -> io::Result<()> {
-    let mut b = [0u8; HELLO_LEN];
-    b[..4].copy_from_slice(&DATA_MAGIC);
-    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    b[6..8].copy_from_slice(&index.to_le_bytes());
-    b[8..16].copy_from_slice(&session.to_le_bytes());
-    w.write_all(&b)?;
-    w.flush()
-}
-
-/// Reads a page stream's hello; returns its index.
-pub fn read_data_hello(
-    r: &mut impl Read,
-    session: u64,
-    streams: u16,
-) -> Result<u16, ProtocolError> {
-    let mut b = [0u8; HELLO_LEN];
-    read_full(r, &mut b, "a page stream's handshake")?;
-    let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
-    if magic != DATA_MAGIC {
-        return Err(ProtocolError::BadMagic(magic));
-    }
-    let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != VERSION {
-        return Err(ProtocolError::Version { theirs: version });
-    }
-    let index = u16::from_le_bytes([b[6], b[7]]);
-    let theirs = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
-    if theirs != session || index >= streams {
-        return Err(ProtocolError::Malformed {
-            kind: Kind::Config,
-            why: format!("page stream {index} of session {theirs:#x} does not belong to session {session:#x} with {streams} streams"),
-        });
-    }
-    Ok(index)
-}
-
-/// What the source offers.
+/// The end of a round: its number and how many pages it had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hello {
-    pub version: u16,
-    pub transport: Transport,
-    pub capabilities: u64,
+pub struct RoundEnd {
+    pub round: u32,
+    pub pages: u64,
 }
 
-pub fn write_hello(w: &mut impl Write, h: &Hello) -> io::Result<()> {
-    let mut b = [0u8; HELLO_LEN];
-    b[..4].copy_from_slice(&MAGIC);
-    b[4..6].copy_from_slice(&h.version.to_le_bytes());
-    b[6] = h.transport as u8;
-    b[8..16].copy_from_slice(&h.capabilities.to_le_bytes());
-    w.write_all(&b)?;
-    w.flush()
+/// The guest's verify on the destination, as sent back to the source.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VerifyOutcome {
+    pub ok: bool,
+    pub detail: String,
+    /// CPU the destination's migration threads used.
+    pub cpu_seconds: f64,
 }
 
-/// Reads the source's hello; on a version or transport we do not speak, tells the peer why.
-pub fn accept_hello(r: &mut impl Read, w: &mut impl Write) -> Result<Hello, ProtocolError> {
-    let mut b = [0u8; HELLO_LEN];
-    read_full(r, &mut b, "the handshake")?;
-    let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
-    if magic != MAGIC {
-        return Err(ProtocolError::BadMagic(magic));
+/// A batch head (count + entries), checked for shape: count within the limit, entries whole,
+/// no unknown flags. Offsets are checked against guest RAM with [`BatchHead::check`].
+#[derive(Clone, Copy, Debug)]
+pub struct BatchHead<'a> {
+    entries: &'a [Entry],
+}
+
+impl<'a> BatchHead<'a> {
+    /// Splits `b` into its head and what follows.
+    fn parse(b: &'a [u8], kind: Kind) -> Result<(Self, &'a [u8]), ProtocolError> {
+        let bad = malformed(kind);
+        let (count, rest) =
+            U32::read_from_prefix(b).map_err(|_| bad("shorter than its count".into()))?;
+        let count = count.get() as usize;
+        if count > MAX_BATCH_PAGES {
+            return Err(bad(format!(
+                "{count} pages, the limit is {MAX_BATCH_PAGES}"
+            )));
+        }
+        let (entries, rest) = <[Entry]>::ref_from_prefix_with_elems(rest, count)
+            .map_err(|_| bad(format!("{count} entries do not fit in {} bytes", b.len())))?;
+        if let Some((i, e)) = entries
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.unknown_flags() != 0)
+        {
+            return Err(bad(format!(
+                "entry {i} has unknown flag bits {:#x}",
+                e.0.get()
+            )));
+        }
+        Ok((BatchHead { entries }, rest))
     }
-    let version = u16::from_le_bytes([b[4], b[5]]);
-    let mut reply = [0u8; HELLO_LEN];
-    reply[..4].copy_from_slice(&MAGIC);
-    reply[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    let transport = Transport::from_u8(b[6]);
-    let status = match (version == VERSION, transport) {
-        (false, _) => 1,
-        (true, None) => 2,
-        (true, Some(_)) => 0,
-    };
-    reply[7] = status;
-    w.write_all(&reply)?;
-    w.flush()?;
-    match (status, transport) {
-        (0, Some(t)) => Ok(Hello {
-            version,
-            transport: t,
-            capabilities: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
-        }),
-        (1, _) => Err(ProtocolError::Version { theirs: version }),
-        _ => Err(ProtocolError::TransportUnsupported(b[6])),
+
+    pub fn entries(&self) -> &'a [Entry] {
+        self.entries
+    }
+
+    pub fn data_pages(&self) -> usize {
+        self.entries.iter().filter(|e| !e.is_zero()).count()
+    }
+
+    /// Every page must lie inside guest RAM of `limit` bytes.
+    pub fn check(&self, limit: u64, kind: Kind) -> Result<(), ProtocolError> {
+        match self.entries.iter().find(|e| e.offset() >= limit) {
+            Some(e) => Err(malformed(kind)(format!(
+                "page offset {:#x} is beyond guest RAM ({limit:#x})",
+                e.offset()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Every page inside guest RAM of `limit` bytes, and `data_len` exactly the data pages.
+    pub fn validate(&self, data_len: usize, limit: u64, kind: Kind) -> Result<(), ProtocolError> {
+        self.check(limit, kind)?;
+        if data_len != self.data_pages() * PAGE {
+            return Err(malformed(kind)(format!(
+                "{data_len} bytes of page data for {} data pages",
+                self.data_pages()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The batch's pages with their data, which must be exactly the data pages in order.
+    pub fn pages<'d>(
+        &self,
+        data: &'d [u8],
+        limit: u64,
+        kind: Kind,
+    ) -> Result<Vec<PageRef<'d>>, ProtocolError> {
+        self.validate(data.len(), limit, kind)?;
+        let mut chunks = data.chunks_exact(PAGE);
+        Ok(self
+            .entries
+            .iter()
+            .map(|e| PageRef {
+                offset: e.offset(),
+                data: if e.is_zero() { None } else { chunks.next() },
+            })
+            .collect())
     }
 }
 
-/// Reads the destination's answer to our hello.
-pub fn read_hello_reply(r: &mut impl Read, ours: &Hello) -> Result<(), ProtocolError> {
-    let mut b = [0u8; HELLO_LEN];
-    read_full(r, &mut b, "the handshake reply")?;
-    let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
-    if magic != MAGIC {
-        return Err(ProtocolError::BadMagic(magic));
-    }
-    match b[7] {
-        0 => Ok(()),
-        1 => Err(ProtocolError::Version {
-            theirs: u16::from_le_bytes([b[4], b[5]]),
-        }),
-        _ => Err(ProtocolError::TransportUnsupported(ours.transport as u8)),
+/// One page of a decoded batch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PageRef<'a> {
+    pub offset: u64,
+    /// None = all zero.
+    pub data: Option<&'a [u8]>,
+}
+
+/// A PagesCompressed payload: codec, head, compressed data, and the data's raw length.
+#[derive(Debug)]
+pub struct CompressedBatch<'a> {
+    pub codec: Codec,
+    pub head: BatchHead<'a>,
+    pub data: &'a [u8],
+    pub raw_len: usize,
+}
+
+/// A frame, decoded.
+#[derive(Debug)]
+pub enum Frame<'a> {
+    Config(Prepare),
+    Ready,
+    Pages {
+        head: BatchHead<'a>,
+        data: &'a [u8],
+    },
+    PagesCompressed(CompressedBatch<'a>),
+    /// The head; its page data follows on the stream ([`FrameReader::read_direct`]).
+    PagesDirect(BatchHead<'a>),
+    RoundEnd(RoundEnd),
+    State(Box<vmm::VmState>),
+    Done,
+    Confirm,
+    Verified(VerifyOutcome),
+}
+
+impl Frame<'_> {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Frame::Config(_) => Kind::Config,
+            Frame::Ready => Kind::Ready,
+            Frame::Pages { .. } => Kind::Pages,
+            Frame::PagesCompressed(_) => Kind::PagesCompressed,
+            Frame::PagesDirect(_) => Kind::PagesDirect,
+            Frame::RoundEnd(_) => Kind::RoundEnd,
+            Frame::State(_) => Kind::State,
+            Frame::Done => Kind::Done,
+            Frame::Confirm => Kind::Confirm,
+            Frame::Verified(_) => Kind::Verified,
+        }
     }
 }
 
-fn header(kind: Kind, seq: u32, len: usize) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[0] = kind as u8;
-    h[4..8].copy_from_slice(&seq.to_le_bytes());
-    h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-    h
+/// Decodes a checked frame's payload by its kind.
+pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
+    let bad = malformed(kind);
+    let json = |e: serde_json::Error| bad(e.to_string());
+    Ok(match kind {
+        Kind::Config => Frame::Config(serde_json::from_slice(payload).map_err(json)?),
+        Kind::Ready => Frame::Ready,
+        Kind::Done => Frame::Done,
+        Kind::Confirm => Frame::Confirm,
+        Kind::Pages => {
+            let (head, data) = BatchHead::parse(payload, kind)?;
+            Frame::Pages { head, data }
+        }
+        Kind::PagesCompressed => Frame::PagesCompressed(decode_compressed(payload)?),
+        Kind::PagesDirect => Frame::PagesDirect(BatchHead::parse(payload, kind)?.0),
+        Kind::RoundEnd => {
+            let r = RoundEndWire::read_from_bytes(payload)
+                .map_err(|_| bad(format!("{} bytes, expected 12", payload.len())))?;
+            Frame::RoundEnd(RoundEnd {
+                round: r.round.get(),
+                pages: r.pages.get(),
+            })
+        }
+        Kind::State => Frame::State(Box::new(vmm::VmState::from_bytes(payload).map_err(json)?)),
+        Kind::Verified => Frame::Verified(serde_json::from_slice(payload).map_err(json)?),
+        Kind::Abort => {
+            return Err(ProtocolError::PeerAborted(
+                String::from_utf8_lossy(payload).into_owned(),
+            ))
+        }
+    })
 }
+
+fn decode_compressed(payload: &[u8]) -> Result<CompressedBatch<'_>, ProtocolError> {
+    let bad = malformed(Kind::PagesCompressed);
+    let (h, rest) = CompressedHeader::read_from_prefix(payload)
+        .map_err(|_| bad("shorter than its header".into()))?;
+    let codec = Codec::from_u8(h.codec).ok_or_else(|| bad(format!("unknown codec {}", h.codec)))?;
+    let raw_len = h.raw_len.get() as usize;
+    let (head, data) = BatchHead::parse(rest, Kind::PagesCompressed)?;
+    // Checked before decompressing: a frame cannot make us allocate more than a batch.
+    if raw_len != head.data_pages() * PAGE {
+        return Err(bad(format!(
+            "raw length {raw_len} for {} data pages",
+            head.data_pages()
+        )));
+    }
+    Ok(CompressedBatch {
+        codec,
+        head,
+        data,
+        raw_len,
+    })
+}
+
+/// Builds a batch head: u32 count, then count × [`Entry`]. Page data goes beside it.
+#[derive(Default)]
+pub struct PageBatch {
+    entries: Vec<Entry>,
+}
+
+impl PageBatch {
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn push(&mut self, offset: u64, zero: bool) {
+        self.entries.push(Entry::new(offset, zero));
+    }
+
+    /// The head's bytes (count + entries).
+    pub fn head(&self) -> Vec<u8> {
+        let count = U32::new(u32::try_from(self.entries.len()).unwrap_or(u32::MAX));
+        let mut h = Vec::with_capacity(COUNT_LEN + self.entries.len() * ENTRY_LEN);
+        h.extend_from_slice(count.as_bytes());
+        h.extend_from_slice(self.entries.as_bytes());
+        h
+    }
+}
+
+// ---- frames ----
 
 /// Writes frames with sequence numbers and checksums.
 pub struct FrameWriter<W: Write> {
@@ -310,21 +661,36 @@ impl<W: Write> FrameWriter<W> {
         FrameWriter { w, seq }
     }
 
-    /// Sends one frame whose payload is the concatenation of `parts` (no copy into one buffer).
-    pub fn send_parts(&mut self, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        debug_assert!(
-            len <= kind.max_len(),
-            "{kind:?} payload {len} over its limit"
-        );
-        let mut h = header(kind, self.seq, len);
+    fn header(&self, kind: Kind, len: usize, sum_of: &[&[u8]]) -> FrameHeader {
+        let mut h = FrameHeader {
+            kind: kind as u8,
+            reserved: [0; 3],
+            seq: U32::new(self.seq),
+            len: U32::new(u32::try_from(len).unwrap_or(u32::MAX)),
+            reserved2: U32::new(0),
+            checksum: U64::new(0),
+        };
         let mut sum = Xxh3::new();
-        sum.update(&h[..16]);
-        for p in parts {
+        sum.update(&h.as_bytes()[..16]);
+        for p in sum_of {
             sum.update(p);
         }
-        h[16..24].copy_from_slice(&sum.digest().to_le_bytes());
-        self.w.write_all(&h)?;
+        h.checksum = U64::new(sum.digest());
+        h
+    }
+
+    /// Sends one frame whose payload is the concatenation of `parts` (no copy into one buffer).
+    pub fn send_parts(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > kind.max_len() {
+            return Err(ProtocolError::Oversized {
+                kind,
+                len,
+                max: kind.max_len(),
+            });
+        }
+        let h = self.header(kind, len, parts);
+        self.w.write_all(h.as_bytes())?;
         for p in parts {
             self.w.write_all(p)?;
         }
@@ -332,26 +698,78 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
-    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
         self.send_parts(kind, &[payload])
+    }
+
+    fn send_json(&mut self, kind: Kind, v: &impl serde::Serialize) -> Result<(), ProtocolError> {
+        let body = serde_json::to_vec(v).map_err(|e| malformed(kind)(e.to_string()))?;
+        self.send(kind, &body)
+    }
+
+    pub fn send_config(&mut self, p: &Prepare) -> Result<(), ProtocolError> {
+        self.send_json(Kind::Config, p)
+    }
+
+    pub fn send_state(&mut self, s: &vmm::VmState) -> Result<(), ProtocolError> {
+        self.send(Kind::State, &s.to_bytes())
+    }
+
+    pub fn send_verified(&mut self, v: &VerifyOutcome) -> Result<(), ProtocolError> {
+        self.send_json(Kind::Verified, v)
+    }
+
+    pub fn send_round_end(&mut self, r: RoundEnd) -> Result<(), ProtocolError> {
+        let wire = RoundEndWire {
+            round: U32::new(r.round),
+            pages: U64::new(r.pages),
+        };
+        self.send(Kind::RoundEnd, wire.as_bytes())
+    }
+
+    /// A Pages frame: the batch head and the data of its non-zero pages.
+    pub fn send_pages(&mut self, head: &[u8], data: &[u8]) -> Result<(), ProtocolError> {
+        self.send_parts(Kind::Pages, &[head, data])
+    }
+
+    /// A PagesCompressed frame: `data` is the batch's page data (`raw_len` bytes) compressed.
+    pub fn send_compressed(
+        &mut self,
+        codec: Codec,
+        raw_len: usize,
+        head: &[u8],
+        data: &[u8],
+    ) -> Result<(), ProtocolError> {
+        let h = CompressedHeader {
+            codec: codec as u8,
+            reserved: [0; 3],
+            raw_len: U32::new(u32::try_from(raw_len).unwrap_or(u32::MAX)),
+        };
+        self.send_parts(Kind::PagesCompressed, &[h.as_bytes(), head, data])
     }
 
     /// Writes a PagesDirect header and head; the caller then sends exactly `data_len` bytes of
     /// page data itself (zero-copy), after flushing this writer.
-    pub fn send_direct_head(&mut self, head: &[u8], data_len: usize) -> io::Result<()> {
-        let mut h = header(Kind::PagesDirect, self.seq, head.len() + data_len);
-        let mut sum = Xxh3::new();
-        sum.update(&h[..16]);
-        sum.update(head);
-        h[16..24].copy_from_slice(&sum.digest().to_le_bytes());
-        self.w.write_all(&h)?;
+    pub fn send_direct_head(&mut self, head: &[u8], data_len: usize) -> Result<(), ProtocolError> {
+        let h = self.header(Kind::PagesDirect, head.len() + data_len, &[head]);
+        self.w.write_all(h.as_bytes())?;
         self.w.write_all(head)?;
         self.seq = self.seq.wrapping_add(1);
         Ok(())
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.w.flush()
+    pub fn send_abort(&mut self, reason: &str) -> Result<(), ProtocolError> {
+        let max = Kind::Abort.max_len();
+        let mut end = reason.len().min(max);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.send(Kind::Abort, &reason.as_bytes()[..end])?;
+        self.flush()
+    }
+
+    pub fn flush(&mut self) -> Result<(), ProtocolError> {
+        Ok(self.w.flush()?)
     }
 
     pub fn inner(&mut self) -> &mut W {
@@ -397,18 +815,24 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
+    /// The next frame, decoded.
+    pub fn next_frame(&mut self) -> Result<Frame<'_>, ProtocolError> {
+        let (kind, payload) = self.recv()?;
+        decode(kind, payload)
+    }
+
+    /// The next frame's kind and checked payload (an Abort is returned as an error).
     pub fn recv(&mut self) -> Result<(Kind, &[u8]), ProtocolError> {
         if self.direct_left != 0 {
-            return Err(ProtocolError::Malformed {
-                kind: Kind::PagesDirect,
-                why: format!("{} bytes of page data were not read", self.direct_left),
-            });
+            return Err(malformed(Kind::PagesDirect)(format!(
+                "{} bytes of page data were not read",
+                self.direct_left
+            )));
         }
-        let mut h = [0u8; HEADER_LEN];
-        read_full(&mut self.r, &mut h, "a frame header")?;
-        let kind = Kind::from_u8(h[0]).ok_or(ProtocolError::UnknownKind(h[0]))?;
-        let seq = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
-        let len = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
+        let h: FrameHeader = read_header(&mut self.r, "a frame header")?;
+        let kind = Kind::from_u8(h.kind).ok_or(ProtocolError::UnknownKind(h.kind))?;
+        let (seq, len) = (h.seq.get(), h.len.get() as usize);
+        // Checked from the header alone, before any buffer grows.
         if len > kind.max_len() {
             return Err(ProtocolError::Oversized {
                 kind,
@@ -422,42 +846,23 @@ impl<R: Read> FrameReader<R> {
                 got: seq,
             });
         }
-        if kind == Kind::PagesDirect {
-            // Only the head is ours to read; its entries tell how much page data follows.
-            let bad = |why: String| ProtocolError::Malformed { kind, why };
-            let mut count = [0u8; 4];
-            read_full(&mut self.r, &mut count, "a frame payload")?;
-            let n = u32::from_le_bytes(count) as usize;
-            if n > MAX_BATCH_PAGES || 4 + n * 8 > len {
-                return Err(bad(format!("{n} pages in a {len}-byte frame")));
-            }
-            self.buf.clear();
-            self.buf.extend_from_slice(&count);
-            self.buf.resize(4 + n * 8, 0);
-            read_full(&mut self.r, &mut self.buf[4..], "a frame payload")?;
-            let mut sum = Xxh3::new();
-            sum.update(&h[..16]);
-            sum.update(&self.buf);
-            if sum.digest() != u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) {
-                return Err(ProtocolError::Checksum { seq, kind });
-            }
-            let data_pages = (0..n)
-                .filter(|i| self.buf[4 + i * 8] & ZERO_FLAG as u8 == 0)
-                .count();
-            if len != 4 + n * 8 + data_pages * PAGE {
-                return Err(bad(format!("{len} bytes for {data_pages} data pages")));
-            }
-            self.direct_left = data_pages * PAGE;
-            self.seq = self.seq.wrapping_add(1);
-            return Ok((kind, &self.buf));
+        let body = if kind == Kind::PagesDirect {
+            self.read_direct_head(len)?
+        } else {
+            len
+        };
+        self.buf.resize(body, 0);
+        if kind != Kind::PagesDirect {
+            read_full(&mut self.r, &mut self.buf, "a frame payload")?;
         }
-        self.buf.resize(len, 0);
-        read_full(&mut self.r, &mut self.buf, "a frame payload")?;
         let mut sum = Xxh3::new();
-        sum.update(&h[..16]);
+        sum.update(&h.as_bytes()[..16]);
         sum.update(&self.buf);
-        if sum.digest() != u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) {
+        if sum.digest() != h.checksum.get() {
             return Err(ProtocolError::Checksum { seq, kind });
+        }
+        if kind == Kind::PagesDirect {
+            self.direct_left = self.direct_data_len(len)?;
         }
         self.seq = self.seq.wrapping_add(1);
         if kind == Kind::Abort {
@@ -468,11 +873,41 @@ impl<R: Read> FrameReader<R> {
         Ok((kind, &self.buf))
     }
 
+    /// Reads a PagesDirect frame's head (only the head is ours to read; its entries tell how
+    /// much page data follows) into the buffer; returns the head's length.
+    fn read_direct_head(&mut self, len: usize) -> Result<usize, ProtocolError> {
+        let bad = malformed(Kind::PagesDirect);
+        let count: U32 = read_header(&mut self.r, "a frame payload")?;
+        let n = count.get() as usize;
+        let head_len = COUNT_LEN + n * ENTRY_LEN;
+        if n > MAX_BATCH_PAGES || head_len > len {
+            return Err(bad(format!("{n} pages in a {len}-byte frame")));
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(count.as_bytes());
+        self.buf.resize(head_len, 0);
+        read_full(&mut self.r, &mut self.buf[COUNT_LEN..], "a frame payload")?;
+        Ok(head_len)
+    }
+
+    /// The page data that follows a checked PagesDirect head in a frame of `len` bytes.
+    fn direct_data_len(&self, len: usize) -> Result<usize, ProtocolError> {
+        let (head, _) = BatchHead::parse(&self.buf, Kind::PagesDirect)?;
+        let data = head.data_pages() * PAGE;
+        if len != self.buf.len() + data {
+            return Err(malformed(Kind::PagesDirect)(format!(
+                "{len} bytes for {} data pages",
+                head.data_pages()
+            )));
+        }
+        Ok(data)
+    }
+
     pub fn inner(&mut self) -> &mut R {
         &mut self.r
     }
 
-    /// Reads the next `dst.len()` bytes of a PagesDirect frame's page data into `dst`.
+    /// Reads the next `len` bytes of a PagesDirect frame's page data into `file` at `off`.
     pub fn read_direct(
         &mut self,
         file: &std::fs::File,
@@ -483,10 +918,9 @@ impl<R: Read> FrameReader<R> {
         R: DirectRead,
     {
         if len > self.direct_left {
-            return Err(ProtocolError::Malformed {
-                kind: Kind::PagesDirect,
-                why: "reading past the frame's page data".into(),
-            });
+            return Err(malformed(Kind::PagesDirect)(
+                "reading past the frame's page data".into(),
+            ));
         }
         self.r
             .read_direct(file, off, len)
@@ -497,194 +931,6 @@ impl<R: Read> FrameReader<R> {
         self.direct_left -= len;
         Ok(())
     }
-}
-
-/// Builds a Pages payload: u32 count, count × u64 (memfd offset | zero flag), then the data
-/// of the non-zero pages in order.
-#[derive(Default)]
-pub struct PageBatch {
-    entries: Vec<u8>,
-    count: u32,
-    pub zero: u32,
-}
-
-impl PageBatch {
-    pub fn clear(&mut self) {
-        self.entries.clear();
-        self.count = 0;
-        self.zero = 0;
-    }
-
-    pub fn len(&self) -> usize {
-        self.count as usize
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    pub fn push(&mut self, offset: u64, zero: bool) {
-        let v = offset | if zero { ZERO_FLAG } else { 0 };
-        self.entries.extend_from_slice(&v.to_le_bytes());
-        self.count += 1;
-        self.zero += zero as u32;
-    }
-
-    /// The payload's head (count + entries); page data follows as separate parts.
-    pub fn head(&self) -> Vec<u8> {
-        let mut h = Vec::with_capacity(4 + self.entries.len());
-        h.extend_from_slice(&self.count.to_le_bytes());
-        h.extend_from_slice(&self.entries);
-        h
-    }
-}
-
-/// One page of a decoded batch.
-#[derive(Debug, PartialEq, Eq)]
-pub struct PageRef<'a> {
-    pub offset: u64,
-    /// None = all zero.
-    pub data: Option<&'a [u8]>,
-}
-
-/// Checks a Pages payload completely, then returns its pages; `limit` bounds the offsets.
-pub fn decode_pages(payload: &[u8], limit: u64) -> Result<Vec<PageRef<'_>>, ProtocolError> {
-    let head_len = head_len(payload, Kind::Pages)?;
-    decode_batch(
-        &payload[..head_len],
-        &payload[head_len..],
-        limit,
-        Kind::Pages,
-    )
-}
-
-/// Length of the head (count + entries) at the start of `b`.
-fn head_len(b: &[u8], kind: Kind) -> Result<usize, ProtocolError> {
-    let bad = |why: String| ProtocolError::Malformed { kind, why };
-    if b.len() < 4 {
-        return Err(bad("shorter than its count".into()));
-    }
-    let count = u32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as usize;
-    if count > MAX_BATCH_PAGES {
-        return Err(bad(format!(
-            "{count} pages, the limit is {MAX_BATCH_PAGES}"
-        )));
-    }
-    if b.len() < 4 + count * 8 {
-        return Err(bad(format!(
-            "{count} entries do not fit in {} bytes",
-            b.len()
-        )));
-    }
-    Ok(4 + count * 8)
-}
-
-/// A PagesCompressed payload, split: codec, head, compressed data, and the raw data length.
-pub struct CompressedBatch<'a> {
-    pub codec: crate::codec::Codec,
-    pub head: &'a [u8],
-    pub data: &'a [u8],
-    pub raw_len: usize,
-}
-
-pub fn split_compressed(payload: &[u8]) -> Result<CompressedBatch<'_>, ProtocolError> {
-    let bad = |why: String| ProtocolError::Malformed {
-        kind: Kind::PagesCompressed,
-        why,
-    };
-    if payload.len() < 8 {
-        return Err(bad("shorter than its header".into()));
-    }
-    let codec = crate::codec::Codec::from_u8(payload[0])
-        .ok_or_else(|| bad(format!("unknown codec {}", payload[0])))?;
-    let raw_len = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes")) as usize;
-    let rest = &payload[8..];
-    let head_len = head_len(rest, Kind::PagesCompressed)?;
-    let head = &rest[..head_len];
-    let count = (head_len - 4) / 8;
-    let nonzero = (0..count)
-        .filter(|i| head[4 + i * 8] & ZERO_FLAG as u8 == 0)
-        .count();
-    // Checked before decompressing: a frame cannot make us allocate more than a batch.
-    if raw_len != nonzero * PAGE {
-        return Err(bad(format!(
-            "raw length {raw_len} for {nonzero} data pages"
-        )));
-    }
-    Ok(CompressedBatch {
-        codec,
-        head,
-        data: &rest[head_len..],
-        raw_len,
-    })
-}
-
-/// A batch head's entries as (memfd offset, is zero), checked against `limit`.
-pub fn parse_entries(
-    head: &[u8],
-    limit: u64,
-    kind: Kind,
-) -> Result<Vec<(u64, bool)>, ProtocolError> {
-    let bad = |why: String| ProtocolError::Malformed { kind, why };
-    let count = (head_len(head, kind)? - 4) / 8;
-    (0..count)
-        .map(|i| {
-            let e = u64::from_le_bytes(head[4 + i * 8..12 + i * 8].try_into().expect("8 bytes"));
-            let offset = e & !(PAGE as u64 - 1);
-            if e & (PAGE as u64 - 1) & !ZERO_FLAG != 0 {
-                return Err(bad(format!("entry {i} has unknown flag bits {e:#x}")));
-            }
-            if offset >= limit {
-                return Err(bad(format!(
-                    "page offset {offset:#x} is beyond guest RAM ({limit:#x})"
-                )));
-            }
-            Ok((offset, e & ZERO_FLAG != 0))
-        })
-        .collect()
-}
-
-/// Decodes a batch from its head and its (uncompressed) page data.
-pub fn decode_batch<'a>(
-    head: &[u8],
-    data_bytes: &'a [u8],
-    limit: u64,
-    kind: Kind,
-) -> Result<Vec<PageRef<'a>>, ProtocolError> {
-    let bad = |why: String| ProtocolError::Malformed { kind, why };
-    let count = (head_len(head, kind)? - 4) / 8;
-    let payload = head;
-    let mut out = Vec::with_capacity(count);
-    let mut data = 0usize;
-    for i in 0..count {
-        let e = u64::from_le_bytes(payload[4 + i * 8..12 + i * 8].try_into().expect("8 bytes"));
-        let zero = e & ZERO_FLAG != 0;
-        let offset = e & !(PAGE as u64 - 1);
-        if e & (PAGE as u64 - 1) & !ZERO_FLAG != 0 {
-            return Err(bad(format!("entry {i} has unknown flag bits {e:#x}")));
-        }
-        if offset >= limit {
-            return Err(bad(format!(
-                "page offset {offset:#x} is beyond guest RAM ({limit:#x})"
-            )));
-        }
-        if zero {
-            out.push(PageRef { offset, data: None });
-        } else {
-            let page = data_bytes
-                .get(data..data + PAGE)
-                .ok_or_else(|| bad(format!("data for page {i} is missing")))?;
-            out.push(PageRef {
-                offset,
-                data: Some(page),
-            });
-            data += PAGE;
-        }
-    }
-    if data != data_bytes.len() {
-        return Err(bad(format!("{} trailing bytes", data_bytes.len() - data)));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -714,6 +960,23 @@ mod tests {
         p
     }
 
+    fn decode_pages(payload: &[u8], limit: u64) -> Result<Vec<PageRef<'_>>, ProtocolError> {
+        match decode(Kind::Pages, payload)? {
+            Frame::Pages { head, data } => head.pages(data, limit, Kind::Pages),
+            f => panic!("{:?}", f.kind()),
+        }
+    }
+
+    #[test]
+    fn headers_have_their_wire_sizes() {
+        assert_eq!(HELLO_LEN, 16);
+        assert_eq!(std::mem::size_of::<DataHelloWire>(), 16);
+        assert_eq!(HEADER_LEN, 24);
+        assert_eq!(std::mem::size_of::<CompressedHeader>(), 8);
+        assert_eq!(std::mem::size_of::<RoundEndWire>(), 12);
+        assert_eq!(ENTRY_LEN, 8);
+    }
+
     #[test]
     fn frames_round_trip() {
         let bytes = frames(&[
@@ -726,6 +989,75 @@ mod tests {
         assert_eq!(r.recv().unwrap().0, Kind::Ready);
         assert_eq!(r.recv().unwrap().0, Kind::Done);
         assert!(matches!(r.recv(), Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn every_kind_encodes_and_decodes_here() {
+        let mut w = FrameWriter::new(Vec::new());
+        let prep = Prepare {
+            vm: vmm::VmConfig {
+                memory: 64 << 20,
+                vcpus: 2,
+            },
+            streams: 3,
+            session: 0xfeed,
+        };
+        w.send_config(&prep).unwrap();
+        w.send_round_end(RoundEnd {
+            round: 7,
+            pages: 1 << 40,
+        })
+        .unwrap();
+        w.send_verified(&VerifyOutcome {
+            ok: true,
+            detail: "VERIFY OK pages=3".into(),
+            cpu_seconds: 0.5,
+        })
+        .unwrap();
+        let mut b = PageBatch::default();
+        b.push(4096, true);
+        b.push(8192, false);
+        w.send_compressed(Codec::Lz4, PAGE, &b.head(), b"zz")
+            .unwrap();
+        let mut r = FrameReader::new(Cursor::new(w.inner().clone()));
+        match r.next_frame().unwrap() {
+            Frame::Config(p) => assert_eq!((p.streams, p.session, p.vm.vcpus), (3, 0xfeed, 2)),
+            f => panic!("{:?}", f.kind()),
+        }
+        match r.next_frame().unwrap() {
+            Frame::RoundEnd(e) => assert_eq!(
+                e,
+                RoundEnd {
+                    round: 7,
+                    pages: 1 << 40
+                }
+            ),
+            f => panic!("{:?}", f.kind()),
+        }
+        match r.next_frame().unwrap() {
+            Frame::Verified(v) => assert!(v.ok && v.detail.contains("pages=3")),
+            f => panic!("{:?}", f.kind()),
+        }
+        match r.next_frame().unwrap() {
+            Frame::PagesCompressed(c) => {
+                assert_eq!((c.codec, c.raw_len, c.data), (Codec::Lz4, PAGE, &b"zz"[..]));
+                assert_eq!(c.head.entries().len(), 2);
+                assert!(c.head.entries()[0].is_zero());
+                assert_eq!(c.head.entries()[1].offset(), 8192);
+            }
+            f => panic!("{:?}", f.kind()),
+        }
+        // A RoundEnd of the wrong size is malformed, not a panic.
+        let bad = frames(&[(Kind::RoundEnd, vec![0; 5])]);
+        assert!(matches!(
+            FrameReader::new(Cursor::new(bad)).next_frame(),
+            Err(ProtocolError::Malformed {
+                kind: Kind::RoundEnd,
+                ..
+            })
+        ));
+        let bad = frames(&[(Kind::Config, b"{\"vm\":1}".to_vec())]);
+        assert!(FrameReader::new(Cursor::new(bad)).next_frame().is_err());
     }
 
     #[test]
@@ -809,6 +1141,16 @@ mod tests {
             &|e| matches!(e, ProtocolError::PeerAborted(r) if r == "disk full"),
             "abort",
         );
+    }
+
+    #[test]
+    fn a_writer_refuses_to_send_an_oversized_frame() {
+        let mut w = FrameWriter::new(Vec::new());
+        assert!(matches!(
+            w.send(Kind::RoundEnd, &[0; 13]),
+            Err(ProtocolError::Oversized { .. })
+        ));
+        assert!(w.inner().is_empty(), "nothing went out");
     }
 
     #[test]
@@ -975,16 +1317,16 @@ mod tests {
             p
         };
         let ok = frame(1, 4096);
-        let b = split_compressed(&ok).unwrap();
+        let b = decode_compressed(&ok).unwrap();
         assert_eq!(
-            (b.raw_len, b.head.len(), b.data),
-            (4096, head.len(), &b"compressed bytes"[..])
+            (b.raw_len, b.head.entries().len(), b.data),
+            (4096, 2, &b"compressed bytes"[..])
         );
         // A raw length that does not match the data pages (a decompression bomb, say).
-        assert!(split_compressed(&frame(1, 1 << 30)).is_err());
-        assert!(split_compressed(&frame(1, 8192)).is_err());
-        assert!(split_compressed(&frame(7, 4096)).is_err(), "unknown codec");
-        assert!(split_compressed(&ok[..6]).is_err(), "short header");
+        assert!(decode_compressed(&frame(1, 1 << 30)).is_err());
+        assert!(decode_compressed(&frame(1, 8192)).is_err());
+        assert!(decode_compressed(&frame(7, 4096)).is_err(), "unknown codec");
+        assert!(decode_compressed(&ok[..6]).is_err(), "short header");
     }
 
     #[test]

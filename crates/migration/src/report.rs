@@ -1,6 +1,17 @@
 //! The per-migration report (BRIEF "Report") and its human summary.
 use serde::{Deserialize, Serialize};
 
+/// Bits per second for `bytes` over `secs` (0 for an empty interval).
+pub fn rate_bits(bytes: u64, secs: f64) -> u64 {
+    if secs <= 0.0 {
+        return 0;
+    }
+    // Non-negative; `as` saturates.
+    #[allow(clippy::cast_sign_loss)]
+    let r = (bytes as f64 * 8.0 / secs) as u64;
+    r
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Phases {
     pub prepare_ms: u64,

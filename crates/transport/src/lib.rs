@@ -3,10 +3,12 @@
 //! measure bandwidth and report bytes on the wire.
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use vm_memory::VolatileSlice;
 
 const BUF: usize = 1 << 20;
 
@@ -33,12 +35,15 @@ impl RateLimit {
     }
 
     pub fn bits_per_sec(&self) -> u64 {
-        (self.bytes_per_sec * 8.0) as u64
+        // Non-negative by construction (from a u64); `as` saturates.
+        #[allow(clippy::cast_sign_loss)]
+        let bits = (self.bytes_per_sec * 8.0) as u64;
+        bits
     }
 
     /// Takes `n` bytes at time `now`; returns how long the caller must wait before sending.
     pub fn take_at(&self, n: usize, now: std::time::Instant) -> Duration {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = locks::lock(&self.state);
         let (tokens, last) = *st;
         let refill = now.saturating_duration_since(last).as_secs_f64() * self.bytes_per_sec;
         let tokens = (tokens + refill).min(self.burst) - n as f64;
@@ -78,20 +83,23 @@ pub fn parse_rate(s: &str) -> Option<u64> {
         "GiB" => v * 8.0 * 1024.0 * 1024.0 * 1024.0,
         _ => return None,
     };
-    (bits >= 1.0).then_some(bits as u64)
+    // Checked non-negative (and at least one); `as` saturates huge values.
+    #[allow(clippy::cast_sign_loss)]
+    let bits = (bits >= 1.0).then_some(bits as u64);
+    bits
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum TransportError {
-    #[error("resolving {addr}: {source}")]
+    /// resolving {addr}: {source}
     Resolve { addr: String, source: io::Error },
-    #[error("connecting to {addr}: {source}")]
+    /// connecting to {addr}: {source}
     Connect { addr: String, source: io::Error },
-    #[error("listening on {addr}: {source}")]
+    /// listening on {addr}: {source}
     Listen { addr: String, source: io::Error },
-    #[error("accepting a connection on {addr}: {source}")]
+    /// accepting a connection on {addr}: {source}
     Accept { addr: String, source: io::Error },
-    #[error("configuring the socket to {peer}: {source}")]
+    /// configuring the socket to {peer}: {source}
     Configure { peer: String, source: io::Error },
 }
 
@@ -139,7 +147,7 @@ impl ReadToFile for CountingReader<TcpStream> {
             Some(p) => self.pipe.insert(p),
             None => self.pipe.insert(Pipe::new()?),
         };
-        let mut pos = off as libc::loff_t;
+        let mut pos = libc::loff_t::try_from(off).map_err(io::Error::other)?;
         let mut left = len;
         while left > 0 {
             let n = splice(
@@ -195,18 +203,19 @@ impl Pipe {
                 std::os::fd::OwnedFd::from_raw_fd(fds[1]),
             )
         };
-        // SAFETY: fcntl on our own pipe fd; failure leaves the default size.
+        // SAFETY: fcntl on our own open pipe fd touches no memory of ours; failure leaves the
+        // default size.
         let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-        // SAFETY: as above; F_GETPIPE_SZ only reads.
         let size = if size > 0 {
             size
         } else {
+            // SAFETY: as above; F_GETPIPE_SZ only reads the size.
             unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) }
         };
         Ok(Pipe {
             read,
             write,
-            size: size.max(4096) as usize,
+            size: usize::try_from(size).unwrap_or(0).max(4096),
         })
     }
 }
@@ -228,8 +237,8 @@ fn splice(
         // SAFETY: both fds are open for the call; the offset pointer is null or points to a
         // loff_t the caller owns for the call.
         let n = unsafe { libc::splice(from, off_in, to, off_out, len, libc::SPLICE_F_MOVE) };
-        if n >= 0 {
-            return Ok(n as usize);
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
         }
         let e = io::Error::last_os_error();
         match e.kind() {
@@ -345,6 +354,31 @@ impl Connection {
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
+
+    /// The reader, the writer and the socket at once: a zero-copy sender borrows the socket
+    /// while frames go through the writer.
+    pub fn split(&mut self) -> Split<'_> {
+        Split {
+            reader: &mut self.reader,
+            writer: &mut self.writer,
+            socket: self.stream.as_fd(),
+        }
+    }
+}
+
+/// A connection's parts, borrowed together ([`Connection::split`]).
+pub struct Split<'a> {
+    pub reader: &'a mut BufReader<CountingReader<TcpStream>>,
+    pub writer: &'a mut BufWriter<CountingWriter<TcpStream>>,
+    pub socket: BorrowedFd<'a>,
+}
+
+impl<W> CountingWriter<W> {
+    /// What this writer counts its bytes into, and the rate limit it obeys: a zero-copy
+    /// sender on the same socket shares both.
+    pub fn accounting(&self) -> (Arc<Counters>, Option<Arc<RateLimit>>) {
+        (self.counters.clone(), self.limit.clone())
+    }
 }
 
 /// Connects from a chosen local address, so each stream of a multichannel migration leaves
@@ -387,11 +421,11 @@ const SO_ZEROCOPY: libc::c_int = 60;
 const SO_EE_ORIGIN_ZEROCOPY: u8 = 5;
 const SO_EE_CODE_ZEROCOPY_COPIED: u8 = 1;
 
-/// Sends from caller memory without copying it (MSG_ZEROCOPY): the kernel pins the pages and
-/// reports completion on the socket's error queue, which this reaps. The memory must stay
-/// mapped until then; guest RAM does.
-pub struct ZeroCopy {
-    fd: std::os::fd::RawFd,
+/// Sends guest memory without copying it (MSG_ZEROCOPY): the kernel pins the pages and
+/// reports completion on the socket's error queue, which this reaps. It borrows the socket of
+/// a connection whose writer carries the frames around the data.
+pub struct ZeroCopy<'a> {
+    fd: BorrowedFd<'a>,
     counters: Arc<Counters>,
     limit: Option<Arc<RateLimit>>,
     issued: u64,
@@ -400,19 +434,22 @@ pub struct ZeroCopy {
     pub copied: u64,
 }
 
-impl ZeroCopy {
-    /// Turns SO_ZEROCOPY on for the connection's socket.
-    pub fn new(conn: &Connection) -> io::Result<ZeroCopy> {
-        use std::os::fd::AsRawFd;
-        let fd = conn.stream.as_raw_fd();
+impl<'a> ZeroCopy<'a> {
+    /// Turns SO_ZEROCOPY on for `socket`; sent bytes count into `counters`, paced by `limit`.
+    pub fn new(
+        socket: BorrowedFd<'a>,
+        counters: Arc<Counters>,
+        limit: Option<Arc<RateLimit>>,
+    ) -> io::Result<Self> {
         let one: libc::c_int = 1;
-        // SAFETY: setsockopt on a live socket with a pointer to a c_int and its size.
+        // SAFETY: setsockopt on a socket the borrow keeps open, reading one c_int from a
+        // pointer that is valid for the call, with its size.
         let rc = unsafe {
             libc::setsockopt(
-                fd,
+                socket.as_raw_fd(),
                 libc::SOL_SOCKET,
                 SO_ZEROCOPY,
-                &one as *const libc::c_int as *const libc::c_void,
+                (&raw const one).cast::<libc::c_void>(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
@@ -420,9 +457,9 @@ impl ZeroCopy {
             return Err(io::Error::last_os_error());
         }
         Ok(ZeroCopy {
-            fd,
-            counters: conn.counters.clone(),
-            limit: conn.writer.get_ref().limit.clone(),
+            fd: socket,
+            counters,
+            limit,
             issued: 0,
             completed: 0,
             copied: 0,
@@ -430,63 +467,60 @@ impl ZeroCopy {
     }
 
     /// Sends all of `bufs` with MSG_ZEROCOPY (anything buffered in the connection's writer must
-    /// have been flushed first).
-    pub fn send_all(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+    /// have been flushed first). The memory behind the slices may change while it is sent (a
+    /// running guest); the kernel keeps the pages pinned until the send completes.
+    pub fn send_all(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
         if let Some(l) = &self.limit {
             l.take(bufs.iter().map(|b| b.len()).sum());
         }
-        let mut iov: Vec<libc::iovec> = bufs
+        // Volatile slices hand out raw pointers only; the kernel reads through them.
+        let guards: Vec<_> = bufs
             .iter()
             .filter(|b| !b.is_empty())
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
+            .map(|b| (b.ptr_guard(), b.len()))
+            .collect();
+        let mut iov: Vec<libc::iovec> = guards
+            .iter()
+            .map(|(g, len)| libc::iovec {
+                iov_base: g.as_ptr().cast_mut().cast::<libc::c_void>(),
+                iov_len: *len,
             })
             .collect();
         let mut first = 0;
         while first < iov.len() {
             let end = (first + 1024).min(iov.len());
-            let chunk = &mut iov[first..end];
-            // SAFETY: msghdr points at live iovecs whose buffers outlive the call (and, for
-            // MSG_ZEROCOPY, the caller keeps them mapped until completion).
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = chunk.as_mut_ptr();
-            msg.msg_iovlen = chunk.len();
-            // SAFETY: as above.
-            let n = unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_ZEROCOPY) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // Too many sends awaiting completion: collect some, then retry.
-                    Some(libc::ENOBUFS) => {
-                        self.reap(true)?;
-                        continue;
-                    }
-                    _ => return Err(e),
-                }
-            }
-            self.issued += 1;
-            self.counters
-                .sent
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            // Advance past what was sent (a partial send leaves the rest for the next call).
-            let mut left = n as usize;
-            while left > 0 && first < iov.len() {
-                let v = &mut iov[first];
-                if left >= v.iov_len {
-                    left -= v.iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: moving the base forward within the same buffer.
-                    v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) } as *mut libc::c_void;
-                    v.iov_len -= left;
-                    left = 0;
-                }
+            match self.send_some(&mut iov[first..end])? {
+                None => continue,
+                Some(n) => first += advance(&mut iov[first..], n),
             }
             self.reap(false)?;
         }
         Ok(())
+    }
+
+    /// One sendmsg(MSG_ZEROCOPY) of `iov`: Some(bytes sent), or None to try again (interrupted,
+    /// or the kernel's budget of pending zero-copy sends was full and we reaped some).
+    fn send_some(&mut self, iov: &mut [libc::iovec]) -> io::Result<Option<usize>> {
+        // SAFETY: an all-zero msghdr is a valid empty message.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
+        // SAFETY: msghdr points at live iovecs whose buffers are guest RAM mappings kept alive
+        // by the caller's slices for the call; the kernel pins the pages it keeps for later.
+        let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_ZEROCOPY) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINTR) => Ok(None),
+                // Too many sends awaiting completion: collect some, then retry.
+                Some(libc::ENOBUFS) => self.reap(true).map(|()| None),
+                _ => Err(e),
+            };
+        }
+        self.issued += 1;
+        let n = n.unsigned_abs();
+        self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(Some(n))
     }
 
     /// Collects completion notifications; with `wait`, blocks until at least one arrives.
@@ -495,14 +529,19 @@ impl ZeroCopy {
             if self.completed >= self.issued {
                 return Ok(());
             }
-            let mut cbuf = [0u8; 256];
-            // SAFETY: msghdr with only a control buffer, which lives across the call.
+            let mut cbuf = [0u64; 32];
+            // SAFETY: an all-zero msghdr is a valid empty message.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-            msg.msg_controllen = cbuf.len();
-            // SAFETY: as above.
+            msg.msg_control = cbuf.as_mut_ptr().cast::<libc::c_void>();
+            msg.msg_controllen = std::mem::size_of_val(&cbuf);
+            // SAFETY: msghdr with only a control buffer, which lives across the call; the borrow
+            // keeps the socket open.
             let n = unsafe {
-                libc::recvmsg(self.fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT)
+                libc::recvmsg(
+                    self.fd.as_raw_fd(),
+                    &mut msg,
+                    libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -511,7 +550,7 @@ impl ZeroCopy {
                         return Ok(());
                     }
                     let mut p = libc::pollfd {
-                        fd: self.fd,
+                        fd: self.fd.as_raw_fd(),
                         events: 0,
                         revents: 0,
                     };
@@ -525,9 +564,11 @@ impl ZeroCopy {
             let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
             while !c.is_null() {
                 // SAFETY: c points at a control message header inside cbuf.
-                let data = unsafe { libc::CMSG_DATA(c) } as *const libc::sock_extended_err;
-                // SAFETY: IP(V6)_RECVERR messages carry a sock_extended_err; read unaligned.
-                let ee = unsafe { std::ptr::read_unaligned(data) };
+                let data = unsafe { libc::CMSG_DATA(c) };
+                // SAFETY: IP(V6)_RECVERR messages carry a sock_extended_err, inside cbuf; it is
+                // read unaligned, so the pointer's alignment does not matter.
+                let ee: libc::sock_extended_err =
+                    unsafe { std::ptr::read_unaligned(data.cast_const().cast()) };
                 if ee.ee_origin == SO_EE_ORIGIN_ZEROCOPY {
                     // ee_info..=ee_data is the range of sendmsg calls now complete.
                     let n = (ee.ee_data.wrapping_sub(ee.ee_info) as u64) + 1;
@@ -555,6 +596,26 @@ impl ZeroCopy {
     }
 }
 
+/// Moves `iov` past `n` sent bytes: whole entries are skipped (their count is returned), and a
+/// partly sent entry starts at its first unsent byte.
+fn advance(iov: &mut [libc::iovec], mut n: usize) -> usize {
+    let mut skipped = 0;
+    for v in iov.iter_mut() {
+        if n < v.iov_len {
+            // SAFETY: the new base stays inside the same buffer, `n` bytes from its start.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast::<libc::c_void>();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        skipped += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    skipped
+}
+
 /// Closes a connection from another thread (to unblock its reader or writer).
 pub struct ShutdownHandle(TcpStream);
 
@@ -577,7 +638,7 @@ impl ShutdownHandle {
         if unsafe { libc::ioctl(self.0.as_raw_fd(), libc::TIOCOUTQ, &mut n) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(n.max(0) as usize)
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 }
 
@@ -739,7 +800,7 @@ mod tests {
     fn zero_copy_sends_arrive_intact_and_complete() {
         let l = Listener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let data: Vec<u8> = (0..(4 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0u32..(4 << 20)).map(|i| (i * 7 % 251) as u8).collect();
         let expect = data.clone();
         let t = std::thread::spawn(move || {
             let mut c = l.accept().unwrap();
@@ -747,9 +808,12 @@ mod tests {
             c.reader.read_exact(&mut got).unwrap();
             got
         });
-        let c = connect(&addr, Duration::from_secs(5)).unwrap();
-        let mut z = ZeroCopy::new(&c).unwrap();
-        let parts: Vec<&[u8]> = data.chunks(4096).collect();
+        let mut c = connect(&addr, Duration::from_secs(5)).unwrap();
+        let mut data = data;
+        let parts: Vec<VolatileSlice<'_>> =
+            data.chunks_mut(4096).map(VolatileSlice::from).collect();
+        let (counters, limit) = c.writer.get_ref().accounting();
+        let mut z = ZeroCopy::new(c.split().socket, counters, limit).unwrap();
         z.send_all(&parts).unwrap();
         z.finish().unwrap();
         assert!(t.join().unwrap() == expect);
@@ -760,7 +824,9 @@ mod tests {
     fn socket_data_splices_into_a_file_at_its_offset_and_eof_is_truncation() {
         let l = Listener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let data: Vec<u8> = (0..(3 << 20) + 100).map(|i| (i * 13 % 251) as u8).collect();
+        let data: Vec<u8> = (0u32..(3 << 20) + 100)
+            .map(|i| (i * 13 % 251) as u8)
+            .collect();
         let sent = data.clone();
         let t = std::thread::spawn(move || {
             let mut c = connect(&addr, Duration::from_secs(5)).unwrap();

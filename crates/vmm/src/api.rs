@@ -218,7 +218,7 @@ fn route(
     vm: &Mutex<Vm>,
     shutdown: &AtomicBool,
 ) -> Result<serde_json::Value, (u16, String)> {
-    let lock = || vm.lock().unwrap_or_else(|e| e.into_inner());
+    let lock = || locks::lock(vm);
     let err = |e: crate::vm::VmError| (409, e.to_string());
     match (method, url) {
         ("GET", "/vm") => Ok(js(&lock().status())),
@@ -248,9 +248,7 @@ fn route(
                 }
                 g.io().clone()
             };
-            let before = io.status.report().verify_count;
-            io.status.request_verify();
-            match io.status.wait_for(timeout, |r| r.verify_count > before) {
+            match io.status.verify(timeout) {
                 Some(r) => Ok(js(&r)),
                 None => Err((
                     504,

@@ -46,7 +46,7 @@ pub struct BootEntry {
 
 pub fn load_pvh(ram: &GuestRam, kernel: &[u8], cmdline: &str) -> Result<BootEntry, BootError> {
     let loaded = Elf::load(
-        &ram.mem,
+        ram.memory(),
         None,
         &mut Cursor::new(kernel),
         Some(GuestAddress(HIMEM_START)),
@@ -58,7 +58,7 @@ pub fn load_pvh(ram: &GuestRam, kernel: &[u8], cmdline: &str) -> Result<BootEntr
 
     let mut cl = Cmdline::new(CMDLINE_MAX)?;
     cl.insert_str(cmdline)?;
-    linux_loader::loader::load_cmdline(&ram.mem, GuestAddress(CMDLINE_ADDR), &cl)?;
+    linux_loader::loader::load_cmdline(ram.memory(), GuestAddress(CMDLINE_ADDR), &cl)?;
 
     let mut memmap = vec![hvm_memmap_table_entry {
         addr: 0,
@@ -66,7 +66,7 @@ pub fn load_pvh(ram: &GuestRam, kernel: &[u8], cmdline: &str) -> Result<BootEntr
         type_: E820_RAM,
         reserved: 0,
     }];
-    for r in layout(ram.size) {
+    for r in layout(ram.size()) {
         let start = r.guest.max(HIMEM_START);
         memmap.push(hvm_memmap_table_entry {
             addr: start,
@@ -85,7 +85,7 @@ pub fn load_pvh(ram: &GuestRam, kernel: &[u8], cmdline: &str) -> Result<BootEntr
     };
     let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
-    PvhBootConfigurator::write_bootparams(&params, &ram.mem)?;
+    PvhBootConfigurator::write_bootparams(&params, ram.memory())?;
     Ok(BootEntry {
         entry,
         start_info: START_INFO_ADDR,

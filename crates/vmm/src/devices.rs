@@ -110,20 +110,29 @@ pub struct GuestStatus {
 
 impl GuestStatus {
     pub fn report(&self) -> GuestReport {
-        let mut r = *self.report.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = *locks::lock(&self.report);
         r.heartbeat = self.heartbeat.load(Ordering::Relaxed);
         r
     }
 
     pub fn load(&self, r: GuestReport) {
         self.heartbeat.store(r.heartbeat, Ordering::Relaxed);
-        *self.report.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        *locks::lock(&self.report) = r;
     }
 
     /// Asks the guest to verify its memory at its next heartbeat.
     pub fn request_verify(&self) {
         self.pending_command
             .store(abi::CMD_VERIFY, Ordering::SeqCst);
+    }
+
+    /// Asks the guest to verify every page it wrote and waits for its verdict: the report
+    /// carrying the new result, or None when none came within `timeout` (not our workload
+    /// guest, or a guest that does not run).
+    pub fn verify(&self, timeout: Duration) -> Option<GuestReport> {
+        let before = self.report().verify_count;
+        self.request_verify();
+        self.wait_for(timeout, |r| r.verify_count > before)
     }
 
     /// Waits until `pred` holds for the report, or the timeout passes.
@@ -133,7 +142,7 @@ impl GuestStatus {
         pred: impl Fn(&GuestReport) -> bool,
     ) -> Option<GuestReport> {
         let deadline = Instant::now() + timeout;
-        let mut g = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = locks::lock(&self.report);
         loop {
             let mut r = *g;
             r.heartbeat = self.heartbeat.load(Ordering::Relaxed);
@@ -144,20 +153,20 @@ impl GuestStatus {
             if now >= deadline {
                 return None;
             }
-            g = self
-                .changed
-                .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = locks::wait_timeout(
+                &self.changed,
+                g,
+                (deadline - now).min(Duration::from_millis(50)),
+            );
         }
     }
 
     pub fn exit_code(&self) -> Option<u8> {
-        *self.exit_code.lock().unwrap_or_else(|e| e.into_inner())
+        *locks::lock(&self.exit_code)
     }
 
     fn update(&self, f: impl FnOnce(&mut GuestReport)) {
-        f(&mut self.report.lock().unwrap_or_else(|e| e.into_inner()));
+        f(&mut locks::lock(&self.report));
         self.changed.notify_all();
     }
 }
@@ -179,13 +188,7 @@ impl IoBus {
     }
 
     pub fn uart_state(&self) -> UartState {
-        UartState::from(
-            &self
-                .serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .state(),
-        )
+        UartState::from(&locks::lock(&self.serial).state())
     }
 
     pub fn stop_requested(&self) -> bool {
@@ -201,7 +204,7 @@ impl IoBus {
         };
         match port {
             COM1_BASE..=0x3ff => {
-                let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = locks::lock(&self.serial);
                 // A console that went away (closed pipe, full disk) must not stop the guest;
                 // say so once.
                 if let Err(e) = s.write((port - COM1_BASE) as u8, data[0]) {
@@ -248,11 +251,7 @@ impl IoBus {
                 }
             }
             EXIT_PORT => {
-                *self
-                    .status
-                    .exit_code
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(data[0]);
+                *locks::lock(&self.status.exit_code) = Some(data[0]);
                 self.status.stop.store(true, Ordering::SeqCst);
             }
             _ => tracing::trace!("write to unclaimed port {port:#x}"),
@@ -262,11 +261,7 @@ impl IoBus {
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         match port {
             COM1_BASE..=0x3ff => {
-                data[0] = self
-                    .serial
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read((port - COM1_BASE) as u8);
+                data[0] = locks::lock(&self.serial).read((port - COM1_BASE) as u8);
             }
             abi::PORT_COMMAND => {
                 data[0] = self

@@ -11,22 +11,24 @@ use kvm_bindings::{
     kvm_userspace_memory_region, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
 };
-use kvm_ioctls::VmFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
-use crate::memory::{GuestRam, RamRange, PAGE_SIZE};
+use crate::memory::{HostRegion, RamRange, PAGE_SIZE};
+use crate::vm::KvmVm;
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum DirtyLogError {
-    #[error("{op} on memory slot {slot} failed: {source}")]
+    /// {op} on memory slot {slot} failed: {source}
     Kvm {
         op: &'static str,
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    /// a dirty bitmap of {bits} bits does not cover memory slot {slot}
+    Bitmap { slot: u32, bits: u64 },
 }
 
 /// One memory slot's dirty bitmap: bit i = page i of the slot.
@@ -61,20 +63,16 @@ impl SlotBitmap {
 
 /// Dirty logging over every memory slot of a VM.
 pub struct DirtyLog {
-    fd: Arc<VmFd>,
-    slots: Vec<(u32, RamRange, u64)>,
+    vm: Arc<KvmVm>,
+    slots: Vec<(u32, HostRegion)>,
     manual: bool,
     enabled: bool,
 }
 
 impl DirtyLog {
-    pub(crate) fn new(fd: Arc<VmFd>, ram: &GuestRam) -> Self {
-        let slots = ram
-            .ranges()
-            .iter()
-            .enumerate()
-            .map(|(i, (r, host))| (i as u32, *r, host.as_ptr() as u64))
-            .collect();
+    pub(crate) fn new(vm: Arc<KvmVm>) -> Self {
+        let slots = (0u32..).zip(vm.ram.host_regions()).collect();
+        let fd = &vm.fd;
         // Without the capability we fall back to get-and-clear.
         let manual = fd.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into()) > 0
             && fd
@@ -85,7 +83,7 @@ impl DirtyLog {
                 })
                 .is_ok();
         DirtyLog {
-            fd,
+            vm,
             slots,
             manual,
             enabled: false,
@@ -102,16 +100,17 @@ impl DirtyLog {
     }
 
     fn set_flags(&mut self, flags: u32) -> Result<(), DirtyLogError> {
-        for &(slot, r, host) in &self.slots {
+        for &(slot, r) in &self.slots {
             let region = kvm_userspace_memory_region {
                 slot,
                 flags,
-                guest_phys_addr: r.guest,
-                memory_size: r.len,
-                userspace_addr: host,
+                guest_phys_addr: r.range.guest,
+                memory_size: r.range.len,
+                userspace_addr: r.host_addr,
             };
-            // SAFETY: the same live mapping the slot was created with; only the flags change.
-            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| {
+            // SAFETY: the same live mapping of `self.vm.ram` the slot was created with (see
+            // KvmVm for why it outlives the slot); only the flags change.
+            unsafe { self.vm.fd.set_user_memory_region(region) }.map_err(|source| {
                 DirtyLogError::Kvm {
                     op: "KVM_SET_USER_MEMORY_REGION (dirty logging)",
                     slot,
@@ -141,15 +140,17 @@ impl DirtyLog {
     pub fn fetch(&self) -> Result<Vec<SlotBitmap>, DirtyLogError> {
         self.slots
             .iter()
-            .map(|&(slot, range, _)| {
-                let bits = self
-                    .fd
-                    .get_dirty_log(slot, range.len as usize)
-                    .map_err(|source| DirtyLogError::Kvm {
-                        op: "KVM_GET_DIRTY_LOG",
-                        slot,
-                        source,
-                    })?;
+            .map(|&(slot, r)| {
+                let range = r.range;
+                let bits =
+                    self.vm
+                        .fd
+                        .get_dirty_log(slot, range.len as usize)
+                        .map_err(|source| DirtyLogError::Kvm {
+                            op: "KVM_GET_DIRTY_LOG",
+                            slot,
+                            source,
+                        })?;
                 Ok(SlotBitmap { slot, range, bits })
             })
             .collect()
@@ -161,18 +162,27 @@ impl DirtyLog {
         if !self.manual || b.count() == 0 {
             return Ok(());
         }
-        let pages = b.range.len / PAGE_SIZE;
+        // KVM reads `num_pages` bits from the bitmap: it must be one of ours, whole.
+        let slot = self.slots.iter().find(|(s, _)| *s == b.slot);
+        let pages = slot.map_or(0, |(_, r)| r.range.len / PAGE_SIZE);
+        let num_pages = u32::try_from(pages).unwrap_or(0);
+        if num_pages == 0 || (b.bits.len() as u64) * 64 < pages {
+            return Err(DirtyLogError::Bitmap {
+                slot: b.slot,
+                bits: b.bits.len() as u64 * 64,
+            });
+        }
         let arg = kvm_clear_dirty_log {
             slot: b.slot,
-            num_pages: pages as u32,
+            num_pages,
             first_page: 0,
             __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
-                dirty_bitmap: b.bits.as_ptr() as *mut libc::c_void,
+                dirty_bitmap: b.bits.as_ptr().cast_mut().cast::<libc::c_void>(),
             },
         };
-        // SAFETY: the bitmap holds `pages` bits (KVM sized it) and outlives the call; the fd is
-        // a live VM fd.
-        let rc = unsafe { ioctl_with_ref(&*self.fd, KVM_CLEAR_DIRTY_LOG(), &arg) };
+        // SAFETY: the bitmap holds at least `num_pages` bits (checked above against our own
+        // slot's size), KVM only reads it, and it outlives the call; the fd is a live VM fd.
+        let rc = unsafe { ioctl_with_ref(&self.vm.fd, KVM_CLEAR_DIRTY_LOG(), &arg) };
         if rc < 0 {
             return Err(DirtyLogError::Kvm {
                 op: "KVM_CLEAR_DIRTY_LOG",

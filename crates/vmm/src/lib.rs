@@ -1,6 +1,6 @@
 //! livemig's VMM: one KVM VM per process on rust-vmm crates.
 //!
-//! Data flows guest RAM ([`memory`]) ← boot ([`boot`], [`profile`]) ← vCPUs ([`vcpu`]) and
+//! Data flows guest RAM ([`memory`]) ← boot ([`boot`]) ← vCPUs ([`vcpu`]) and
 //! devices ([`devices`]); [`vm`] ties them together, [`state`] and [`snapshot`] save and load
 //! them, [`api`] serves control over a unix socket.
 pub mod api;
@@ -8,11 +8,10 @@ pub mod boot;
 pub mod devices;
 pub mod dirty;
 pub mod memory;
-pub mod profile;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
 
 pub use state::{VmConfig, VmState};
-pub use vm::{BootSpec, Console, Kernel, PreparedVm, RunState, Vm, VmError, VmStatus};
+pub use vm::{Console, Kernel, PreparedVm, RunState, Vm, VmError, VmStatus};

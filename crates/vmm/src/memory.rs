@@ -1,11 +1,17 @@
 //! Guest RAM: one memfd, mapped shared with MAP_NORESERVE so untouched RAM costs nothing, split
 //! around the 32-bit MMIO hole (LAPIC/IOAPIC live below 4 GiB).
+//!
+//! Running vCPUs write this memory at any time, so no safe function here hands out `&[u8]` or
+//! `&mut [u8]` over it: reads and writes go through vm-memory's volatile slices or through the
+//! memfd (`pread`/`pwrite`, which the kernel does as copies). Migration addresses RAM by its
+//! offset in the memfd ("memfd offset"), which is contiguous across the MMIO hole.
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 
 use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap, MmapRegion,
+    VolatileMemory, VolatileSlice,
 };
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -17,22 +23,31 @@ pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 /// Smallest VM we build: the guest kernel, its tables and some working set.
 pub const MIN_MEMORY: u64 = 32 << 20;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum MemoryError {
-    #[error("guest memory size {0} bytes is not a multiple of 2 MiB or below {MIN_MEMORY} bytes")]
+    /// guest memory size {0} bytes is not a multiple of 2 MiB or below 32 MiB
     BadSize(u64),
-    #[error("memfd_create for {size} bytes of guest RAM failed: {source}")]
+    /// memfd_create for {size} bytes of guest RAM failed: {source}
     Memfd { size: u64, source: std::io::Error },
-    #[error("mapping {size} bytes of guest RAM at {addr:#x} failed: {source}")]
+    /// mapping {size} bytes of guest RAM at {addr:#x} failed: {source}
     Map {
         addr: u64,
         size: u64,
         source: vm_memory::mmap::MmapRegionError,
     },
-    #[error("guest RAM regions rejected by vm-memory: {0}")]
+    /// guest RAM regions rejected by vm-memory: {0}
     Regions(#[from] vm_memory::GuestRegionCollectionError),
-    #[error("fstat on the guest RAM memfd failed: {0}")]
+    /// fstat on the guest RAM memfd failed: {0}
     Stat(std::io::Error),
+    /// memfd range [{offset:#x}, +{len:#x}) is not inside guest RAM of {size:#x} bytes
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// {op} at memfd offset {offset:#x} (+{len:#x}) of guest RAM failed: {source}
+    Io {
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        source: std::io::Error,
+    },
 }
 
 /// Offsets in `f` that hold data, as sorted [start, end) extents (SEEK_DATA / SEEK_HOLE). On the
@@ -40,26 +55,38 @@ pub enum MemoryError {
 pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
     let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a valid fd; errors are checked.
-        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if start < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        out.push((start as u64, (end as u64).min(size)));
+    let mut pos: u64 = 0;
+    while pos < size {
+        let start = seek(fd, pos, libc::SEEK_DATA)?;
+        let Some(start) = start else { break };
+        let end = seek(fd, start, libc::SEEK_HOLE)?.unwrap_or(size);
+        out.push((start, end.min(size)));
         pos = end;
     }
     Ok(out)
+}
+
+/// One lseek(2); None where SEEK_DATA finds no data past `pos` (ENXIO).
+fn seek(fd: libc::c_int, pos: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    let pos = libc::off_t::try_from(pos).map_err(std::io::Error::other)?;
+    // SAFETY: lseek on an fd the caller keeps open; it touches no memory of ours.
+    let r = unsafe { libc::lseek(fd, pos, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(u64::try_from(r).ok())
+}
+
+/// Whether `b` is all zero bytes (a page, mostly): 16 bytes at a time.
+pub fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns, and align_to only reinterprets the aligned
+    // middle of a slice we hold a shared borrow of.
+    let (pre, words, post) = unsafe { b.align_to::<u128>() };
+    pre.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&x| x == 0)
 }
 
 /// One contiguous piece of guest RAM: guest-physical start, length, offset in the memfd.
@@ -88,10 +115,18 @@ pub fn layout(size: u64) -> Vec<RamRange> {
     v
 }
 
+/// A RAM range and the host address of its mapping, for KVM memory slots. The address is only
+/// a number here; whoever hands it to KVM must keep the mapping alive as long as the slot.
+#[derive(Clone, Copy, Debug)]
+pub struct HostRegion {
+    pub range: RamRange,
+    pub host_addr: u64,
+}
+
 /// Guest RAM plus the memfd behind it.
 pub struct GuestRam {
-    pub mem: GuestMemoryMmap,
-    pub size: u64,
+    mem: GuestMemoryMmap,
+    size: u64,
     file: std::sync::Arc<File>,
 }
 
@@ -100,33 +135,22 @@ impl GuestRam {
         if size < MIN_MEMORY || !size.is_multiple_of(2 << 20) {
             return Err(MemoryError::BadSize(size));
         }
-        // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked below
-        // and owned by the File from then on.
-        let fd = unsafe { libc::memfd_create(c"livemig-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(MemoryError::Memfd {
-                size,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size)
-            .map_err(|source| MemoryError::Memfd { size, source })?;
-        let file = std::sync::Arc::new(file);
+        let file = std::sync::Arc::new(memfd(size)?);
         let mut regions = Vec::new();
         for r in layout(size) {
-            let region = MmapRegion::<()>::build(
-                Some(FileOffset::from_arc(file.clone(), r.file_offset)),
-                r.len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-            )
-            .map_err(|source| MemoryError::Map {
+            let map_err = |source| MemoryError::Map {
                 addr: r.guest,
                 size: r.len,
                 source,
-            })?;
+            };
+            let len = usize::try_from(r.len).map_err(|_| MemoryError::BadSize(size))?;
+            let region = MmapRegion::<()>::build(
+                Some(FileOffset::from_arc(file.clone(), r.file_offset)),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+            .map_err(map_err)?;
             regions.push(
                 GuestRegionMmap::new(region, GuestAddress(r.guest))
                     .ok_or(vm_memory::GuestRegionCollectionError::NoMemoryRegion)?,
@@ -136,49 +160,30 @@ impl GuestRam {
         Ok(GuestRam { mem, size, file })
     }
 
+    /// Bytes of guest RAM.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The guest-physical view, for loaders that write through vm-memory's volatile API.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Bytes of guest RAM the host actually backs with pages.
     pub fn resident_bytes(&self) -> Result<u64, MemoryError> {
-        // SAFETY: fstat writes into the zeroed struct we pass; the fd is valid while self lives.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let rc = unsafe { libc::fstat(self.file.as_raw_fd(), &mut st) };
-        if rc != 0 {
-            return Err(MemoryError::Stat(std::io::Error::last_os_error()));
-        }
-        Ok(st.st_blocks as u64 * 512)
+        let meta = self.file.metadata().map_err(MemoryError::Stat)?;
+        Ok(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
     }
 
-    /// Each RAM range as a host slice, for bulk work (fill, snapshot, checksums).
-    pub fn ranges(&self) -> Vec<(RamRange, &[u8])> {
+    /// Each RAM range with its mapping's host address, for KVM memory slots.
+    pub fn host_regions(&self) -> Vec<HostRegion> {
         layout(self.size)
             .into_iter()
             .zip(self.mem.iter())
-            .map(|(r, region)| {
-                let host = region
-                    .get_host_address(vm_memory::MemoryRegionAddress(0))
-                    .expect("region start is inside the region");
-                // SAFETY: the mapping is `len` bytes long and lives as long as self. Guest vCPUs
-                // may write concurrently; readers treat the bytes as a racy snapshot, which is what
-                // a running VM's memory is.
-                let s = unsafe { std::slice::from_raw_parts(host as *const u8, r.len as usize) };
-                (r, s)
-            })
-            .collect()
-    }
-
-    /// Mutable host view of each RAM range; for filling before boot and loading a snapshot.
-    #[allow(clippy::mut_from_ref)]
-    pub fn ranges_mut(&self) -> Vec<(RamRange, &mut [u8])> {
-        layout(self.size)
-            .into_iter()
-            .zip(self.mem.iter())
-            .map(|(r, region)| {
-                let host = region
-                    .get_host_address(vm_memory::MemoryRegionAddress(0))
-                    .expect("region start is inside the region");
-                // SAFETY: as in ranges(); callers use this only while no vCPU runs.
-                let s = unsafe { std::slice::from_raw_parts_mut(host, r.len as usize) };
-                (r, s)
+            .map(|(range, region)| HostRegion {
+                range,
+                host_addr: region.as_ptr() as u64,
             })
             .collect()
     }
@@ -188,36 +193,117 @@ impl GuestRam {
         &self.file
     }
 
-    /// Host bytes at memfd offset `off` (the migration's page address space).
-    pub fn slice_at(&self, off: u64, len: usize) -> Option<&[u8]> {
-        self.ranges().into_iter().find_map(|(r, s)| {
-            let start = off.checked_sub(r.file_offset)? as usize;
-            s.get(start..start.checked_add(len)?)
-        })
+    /// Guest RAM at memfd offset `off`, `len` bytes, as a volatile slice: vCPUs may write it
+    /// while it is read. The range must lie within one [`RamRange`].
+    pub fn slice_at(&self, off: u64, len: usize) -> Result<VolatileSlice<'_>, MemoryError> {
+        let out = || MemoryError::OutOfRange {
+            offset: off,
+            len: len as u64,
+            size: self.size,
+        };
+        let r = layout(self.size)
+            .into_iter()
+            .find(|r| off >= r.file_offset && off < r.file_offset + r.len)
+            .ok_or_else(out)?;
+        let addr = GuestAddress(r.guest + (off - r.file_offset));
+        self.mem.get_slice(addr, len).map_err(|_| out())
+    }
+
+    /// Copies guest RAM at memfd offset `off` into `buf` (a racy snapshot if the VM runs).
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let mut done = 0;
+        // A read may span the MMIO hole's split; each piece stays inside its range.
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let piece = self.contiguous_len(pos, buf.len() - done)?;
+            let n = self
+                .slice_at(pos, piece)?
+                .copy_to(&mut buf[done..done + piece]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// How many of `want` bytes from memfd offset `off` lie in one RAM range.
+    fn contiguous_len(&self, off: u64, want: usize) -> Result<usize, MemoryError> {
+        layout(self.size)
+            .into_iter()
+            .find(|r| off >= r.file_offset && off < r.file_offset + r.len)
+            .map(|r| (r.file_offset + r.len - off).min(want as u64) as usize)
+            .ok_or(MemoryError::OutOfRange {
+                offset: off,
+                len: want as u64,
+                size: self.size,
+            })
+    }
+
+    /// Whether the page at memfd offset `off` is all zero, read in place with volatile loads
+    /// (no copy; most non-zero pages answer at their first word).
+    pub fn page_is_zero(&self, off: u64) -> Result<bool, MemoryError> {
+        let page = self.slice_at(off, PAGE_SIZE as usize)?;
+        let words = page
+            .get_array_ref::<u64>(0, PAGE_SIZE as usize / 8)
+            .map_err(|_| MemoryError::OutOfRange {
+                offset: off,
+                len: PAGE_SIZE,
+                size: self.size,
+            })?;
+        Ok((0..words.len()).all(|i| words.load(i) == 0))
     }
 
     /// Writes `data` at memfd offset `off` through the file, not the mapping: shmem then fills
     /// fresh pages without zeroing them first, which on fresh memory costs more than the copy.
-    pub fn write_at(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.write_all_at(data, off)
+    pub fn write_at(&self, off: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.check(off, data.len() as u64)?;
+        self.file
+            .write_all_at(data, off)
+            .map_err(|source| MemoryError::Io {
+                op: "pwrite",
+                offset: off,
+                len: data.len() as u64,
+                source,
+            })
     }
 
     /// Makes [off, off+len) zero by freeing its pages (never reading or allocating them).
-    pub fn zero_range(&self, off: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate on our own memfd; the range is checked by the kernel.
+    pub fn zero_range(&self, off: u64, len: u64) -> Result<(), MemoryError> {
+        self.check(off, len)?;
+        let io = |source| MemoryError::Io {
+            op: "fallocate(PUNCH_HOLE)",
+            offset: off,
+            len,
+            source,
+        };
+        let (o, l) = (
+            libc::off_t::try_from(off).map_err(|e| io(std::io::Error::other(e)))?,
+            libc::off_t::try_from(len).map_err(|e| io(std::io::Error::other(e)))?,
+        );
+        // SAFETY: fallocate on our own open memfd touches no memory of this process; the range
+        // was checked against the file's size above.
         let rc = unsafe {
             libc::fallocate(
                 self.file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
+                o,
+                l,
             )
         };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error());
+            return Err(io(std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// A range of memfd offsets must lie inside guest RAM.
+    fn check(&self, off: u64, len: u64) -> Result<(), MemoryError> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(MemoryError::OutOfRange {
+                offset: off,
+                len,
+                size: self.size,
+            }),
+        }
     }
 
     pub fn last_addr(&self) -> u64 {
@@ -225,9 +311,24 @@ impl GuestRam {
     }
 }
 
+/// A memfd of `size` bytes for guest RAM.
+fn memfd(size: u64) -> Result<File, MemoryError> {
+    let err = |source| MemoryError::Memfd { size, source };
+    // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked below.
+    let fd = unsafe { libc::memfd_create(c"livemig-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh, valid descriptor that nothing else owns; the File owns it now.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(err)?;
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn layout_splits_around_the_mmio_hole() {
@@ -243,11 +344,42 @@ mod tests {
     fn untouched_ram_costs_nothing() {
         let ram = GuestRam::new(8 << 30).expect("8 GiB of NORESERVE RAM maps");
         assert!(ram.resident_bytes().unwrap() < (1 << 20));
-        let ranges = ram.ranges_mut();
-        let (_, s) = ranges.into_iter().next().unwrap();
-        s[..(4 << 20)].fill(1);
+        ram.write_at(0, &vec![1u8; 4 << 20]).unwrap();
         let r = ram.resident_bytes().unwrap();
         assert!((4 << 20..8 << 20).contains(&r), "resident {r}");
+    }
+
+    #[test]
+    fn reads_and_writes_meet_across_the_mmio_split() {
+        let ram = GuestRam::new((3 << 30) + (4 << 20)).unwrap();
+        let at = LOW_RAM_END - PAGE_SIZE;
+        let data: Vec<u8> = (0..2 * PAGE_SIZE as usize).map(|i| i as u8 | 1).collect();
+        ram.write_at(at, &data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        ram.read_at(at, &mut back).unwrap();
+        assert_eq!(back, data);
+        // The high half is at guest-physical 4 GiB.
+        let mut b = [0u8; 4];
+        ram.memory()
+            .read_slice(&mut b, GuestAddress(HIGH_RAM_START))
+            .unwrap();
+        assert_eq!(b, data[PAGE_SIZE as usize..][..4]);
+        assert!(!ram.page_is_zero(at).unwrap());
+        ram.zero_range(at, PAGE_SIZE).unwrap();
+        assert!(ram.page_is_zero(at).unwrap());
+        assert!(ram.page_is_zero(0).unwrap());
+    }
+
+    #[test]
+    fn out_of_range_access_is_an_error() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        assert!(matches!(
+            ram.write_at(64 << 20, &[1]),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(ram.read_at((64 << 20) - 2, &mut [0u8; 4]).is_err());
+        assert!(ram.slice_at(64 << 20, 1).is_err());
+        assert!(ram.zero_range(u64::MAX - 1, 4096).is_err());
     }
 
     #[test]

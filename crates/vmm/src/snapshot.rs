@@ -60,11 +60,13 @@ pub enum SnapshotError {
     #[error("{path}: memory chunk at offset {offset:#x} should be all zero but holds data")]
     ChunkNotZero { path: PathBuf, offset: u64 },
     #[error("manifest lists {found} memory chunks, a {size}-byte VM has {want}")]
-    ChunkCount {
-        found: usize,
-        want: usize,
-        size: u64,
-    },
+    ChunkCount { found: usize, want: u64, size: u64 },
+    #[error("{path}: memory chunk size {found} is not this format's {CHUNK}")]
+    ChunkSize { path: PathBuf, found: u64 },
+    #[error("the manifest names memory file {name:?}, this format's is memory.raw")]
+    MemoryFile { name: String },
+    #[error("guest RAM: {0}")]
+    Ram(crate::memory::MemoryError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -120,13 +122,7 @@ fn hash_zeros(h: &mut Xxh3, mut len: u64) {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    let (pre, words, post) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to splits at alignment boundaries.
-        unsafe { b.align_to::<u64>() }
-    };
-    pre.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&x| x == 0)
-}
+use crate::memory::is_zero;
 
 /// Writes a paused VM's state and RAM into `dir`.
 pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStats, SnapshotError> {
@@ -134,54 +130,26 @@ pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mem_path = dir.join(MEMORY_FILE);
     let mem_file = File::create(&mem_path).map_err(io(&mem_path))?;
-    mem_file.set_len(ram.size).map_err(io(&mem_path))?;
-    let backing = ram.backing_file();
-    let extents = crate::memory::data_extents(backing, ram.size).map_err(io(&mem_path))?;
-    let nchunks = ram.size.div_ceil(CHUNK) as usize;
-    // Host view of RAM by memfd offset.
-    let ranges = ram.ranges();
-    let view = |off: u64, len: u64| -> &[u8] {
-        let (r, s) = ranges
-            .iter()
-            .find(|(r, _)| off >= r.file_offset && off < r.file_offset + r.len)
-            .expect("offset is inside guest RAM");
-        let start = (off - r.file_offset) as usize;
-        &s[start..start + len as usize]
-    };
-    let page = PAGE_SIZE as usize;
-    let mut chunks = Vec::with_capacity(nchunks);
+    mem_file.set_len(ram.size()).map_err(io(&mem_path))?;
+    let extents =
+        crate::memory::data_extents(ram.backing_file(), ram.size()).map_err(io(&mem_path))?;
+    let nchunks = ram.size().div_ceil(CHUNK);
+    let mut chunks = Vec::with_capacity(usize::try_from(nchunks).unwrap_or(0));
     let mut written = 0u64;
+    let mut buf = vec![0u8; CHUNK as usize];
     for c in 0..nchunks {
-        let off = c as u64 * CHUNK;
-        let end = (off + CHUNK).min(ram.size);
-        let mut h = Xxh3::new();
-        let mut pos = off;
-        let mut any = false;
-        for (s, e) in extents_in(&extents, off, end) {
-            hash_zeros(&mut h, s - pos);
-            let bytes = view(s, e - s);
-            h.update(bytes);
-            // Runs of non-zero pages go out in one write; zero pages stay holes.
-            let mut p = 0usize;
-            while p < bytes.len() {
-                if is_zero(&bytes[p..p + page]) {
-                    p += page;
-                    continue;
-                }
-                let start = p;
-                while p < bytes.len() && !is_zero(&bytes[p..p + page]) {
-                    p += page;
-                }
-                mem_file
-                    .write_all_at(&bytes[start..p], s + start as u64)
-                    .map_err(io(&mem_path))?;
-                written += (p - start) as u64;
-                any = true;
-            }
-            pos = e;
-        }
-        hash_zeros(&mut h, end - pos);
-        chunks.push(any.then(|| h.digest()));
+        let off = c * CHUNK;
+        let end = (off + CHUNK).min(ram.size());
+        let (hash, n) =
+            write_chunk(ram, &extents, off, end, &mem_file, &mut buf).map_err(|e| match e {
+                ChunkIo::File(source) => SnapshotError::Io {
+                    path: mem_path.clone(),
+                    source,
+                },
+                ChunkIo::Ram(e) => SnapshotError::Ram(e),
+            })?;
+        chunks.push(hash);
+        written += n;
     }
     let t_copy = t0.elapsed();
     mem_file.sync_data().map_err(io(&mem_path))?;
@@ -199,12 +167,73 @@ pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
         state: state.clone(),
         memory: MemoryManifest {
             file: MEMORY_FILE.into(),
-            size: ram.size,
+            size: ram.size(),
             chunk_size: CHUNK,
             chunks,
         },
     };
-    let body = serde_json::to_vec(&manifest).expect("the manifest is plain data");
+    write_state(dir, &manifest)?;
+    Ok(SnapshotStats {
+        dir: dir.to_path_buf(),
+        memory_bytes: ram.size(),
+        data_bytes_written: written,
+        zero_chunks,
+        ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+enum ChunkIo {
+    File(std::io::Error),
+    Ram(crate::memory::MemoryError),
+}
+
+/// Hashes guest RAM `[off, end)` and writes its non-zero pages to `out` at the same offsets
+/// (zero pages stay holes). Returns the hash (None: all zero) and the bytes written.
+fn write_chunk(
+    ram: &GuestRam,
+    extents: &[(u64, u64)],
+    off: u64,
+    end: u64,
+    out: &File,
+    buf: &mut [u8],
+) -> Result<(Option<u64>, u64), ChunkIo> {
+    let page = PAGE_SIZE as usize;
+    let mut h = Xxh3::new();
+    let mut pos = off;
+    let mut written = 0u64;
+    for (s, e) in extents_in(extents, off, end) {
+        hash_zeros(&mut h, s - pos);
+        let bytes = &mut buf[..(e - s) as usize];
+        ram.read_at(s, bytes).map_err(ChunkIo::Ram)?;
+        h.update(bytes);
+        // Runs of non-zero pages go out in one write; zero pages stay holes.
+        let mut p = 0usize;
+        while p < bytes.len() {
+            if is_zero(&bytes[p..p + page]) {
+                p += page;
+                continue;
+            }
+            let start = p;
+            while p < bytes.len() && !is_zero(&bytes[p..p + page]) {
+                p += page;
+            }
+            out.write_all_at(&bytes[start..p], s + start as u64)
+                .map_err(ChunkIo::File)?;
+            written += (p - start) as u64;
+        }
+        pos = e;
+    }
+    hash_zeros(&mut h, end - pos);
+    Ok(((written > 0).then(|| h.digest()), written))
+}
+
+/// Writes `state.bin`: header, JSON manifest, checksum.
+fn write_state(dir: &Path, manifest: &Manifest) -> Result<(), SnapshotError> {
+    let state_path = dir.join(STATE_FILE);
+    let body = serde_json::to_vec(manifest).map_err(|source| SnapshotError::Manifest {
+        path: state_path.clone(),
+        source,
+    })?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + 8);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -213,17 +242,9 @@ pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
     out.extend_from_slice(&body);
     let sum = xxh3_64(&out);
     out.extend_from_slice(&sum.to_le_bytes());
-    let state_path = dir.join(STATE_FILE);
     let mut f = File::create(&state_path).map_err(io(&state_path))?;
     f.write_all(&out).map_err(io(&state_path))?;
-    f.sync_all().map_err(io(&state_path))?;
-    Ok(SnapshotStats {
-        dir: dir.to_path_buf(),
-        memory_bytes: ram.size,
-        data_bytes_written: written,
-        zero_chunks,
-        ms: t0.elapsed().as_millis() as u64,
-    })
+    f.sync_all().map_err(io(&state_path))
 }
 
 /// Reads and checks `state.bin`.
@@ -283,65 +304,99 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
         .map_err(|source| SnapshotError::Manifest { path, source })
 }
 
-/// Loads `memory.raw` into fresh guest RAM, checking every chunk.
-pub fn load_memory(dir: &Path, m: &MemoryManifest, ram: &GuestRam) -> Result<(), SnapshotError> {
-    let path = dir.join(&m.file);
-    let f = File::open(&path).map_err(io(&path))?;
-    let found = f.metadata().map_err(io(&path))?.len();
-    if found != m.size || m.size != ram.size {
-        return Err(SnapshotError::MemorySize {
-            path,
-            found,
-            want: m.size,
+/// Checks the memory manifest's shape against the RAM it is to fill, before any arithmetic
+/// on its fields: it comes from a file, and a crafted one must get an error, not a panic.
+fn check_memory_manifest(
+    path: &Path,
+    m: &MemoryManifest,
+    ram_size: u64,
+) -> Result<(), SnapshotError> {
+    if m.chunk_size != CHUNK {
+        return Err(SnapshotError::ChunkSize {
+            path: path.to_path_buf(),
+            found: m.chunk_size,
         });
     }
-    let want = m.size.div_ceil(m.chunk_size) as usize;
-    if m.chunks.len() != want || m.chunk_size != CHUNK {
+    let want = m.size.div_ceil(CHUNK);
+    if m.size != ram_size || m.chunks.len() as u64 != want {
         return Err(SnapshotError::ChunkCount {
             found: m.chunks.len(),
             want,
             size: m.size,
         });
     }
+    Ok(())
+}
+
+/// Loads `memory.raw` into fresh guest RAM, checking every chunk.
+pub fn load_memory(dir: &Path, m: &MemoryManifest, ram: &GuestRam) -> Result<(), SnapshotError> {
+    let path = dir.join(&m.file);
+    if m.file != MEMORY_FILE {
+        return Err(SnapshotError::MemoryFile {
+            name: m.file.clone(),
+        });
+    }
+    check_memory_manifest(&path, m, ram.size())?;
+    let f = File::open(&path).map_err(io(&path))?;
+    let found = f.metadata().map_err(io(&path))?.len();
+    if found != m.size {
+        return Err(SnapshotError::MemorySize {
+            path,
+            found,
+            want: m.size,
+        });
+    }
     let extents = crate::memory::data_extents(&f, m.size).map_err(io(&path))?;
-    let mut ranges = ram.ranges_mut();
-    let mut scratch = Vec::new();
-    for (c, hash) in m.chunks.iter().enumerate() {
-        let off = c as u64 * CHUNK;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for (off, hash) in (0..).step_by(CHUNK as usize).zip(&m.chunks) {
         let len = CHUNK.min(m.size - off);
+        let data = extents_in(&extents, off, off + len);
         match hash {
-            Some(h) => {
-                // Only the file's data goes into guest RAM; its holes stay untouched there too.
-                let mut hasher = Xxh3::new();
-                let mut pos = off;
-                for (s, e) in extents_in(&extents, off, off + len) {
-                    hash_zeros(&mut hasher, s - pos);
-                    let (r, host) = ranges
-                        .iter_mut()
-                        .find(|(r, _)| s >= r.file_offset && s < r.file_offset + r.len)
-                        .expect("offset is inside guest RAM");
-                    let start = (s - r.file_offset) as usize;
-                    let dst = &mut host[start..start + (e - s) as usize];
-                    f.read_exact_at(dst, s).map_err(io(&path))?;
-                    hasher.update(dst);
-                    pos = e;
-                }
-                hash_zeros(&mut hasher, off + len - pos);
-                if hasher.digest() != *h {
-                    return Err(SnapshotError::ChunkHash { path, offset: off });
-                }
-            }
+            Some(h) => load_chunk(&f, &path, ram, data, off, len, *h, &mut buf)?,
             None => {
                 // A zero chunk must be a hole, or hold only zeros.
-                for (a, b) in extents_in(&extents, off, off + len) {
-                    scratch.resize((b - a) as usize, 0);
-                    f.read_exact_at(&mut scratch, a).map_err(io(&path))?;
-                    if !is_zero(&scratch) {
+                for (a, b) in data {
+                    let bytes = &mut buf[..(b - a) as usize];
+                    f.read_exact_at(bytes, a).map_err(io(&path))?;
+                    if !is_zero(bytes) {
                         return Err(SnapshotError::ChunkNotZero { path, offset: off });
                     }
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Reads one chunk's data extents into guest RAM (through the memfd) and checks its hash; the
+/// file's holes stay untouched in guest RAM too.
+#[allow(clippy::too_many_arguments)]
+fn load_chunk(
+    f: &File,
+    path: &Path,
+    ram: &GuestRam,
+    data: impl Iterator<Item = (u64, u64)>,
+    off: u64,
+    len: u64,
+    want: u64,
+    buf: &mut [u8],
+) -> Result<(), SnapshotError> {
+    let mut hasher = Xxh3::new();
+    let mut pos = off;
+    for (s, e) in data {
+        hash_zeros(&mut hasher, s - pos);
+        let bytes = &mut buf[..(e - s) as usize];
+        f.read_exact_at(bytes, s).map_err(io(path))?;
+        hasher.update(bytes);
+        ram.write_at(s, bytes).map_err(SnapshotError::Ram)?;
+        pos = e;
+    }
+    hash_zeros(&mut hasher, off + len - pos);
+    if hasher.digest() != want {
+        return Err(SnapshotError::ChunkHash {
+            path: path.to_path_buf(),
+            offset: off,
+        });
     }
     Ok(())
 }
@@ -438,14 +493,17 @@ mod tests {
 
     fn ram_with_data(size: u64) -> GuestRam {
         let ram = GuestRam::new(size).unwrap();
-        for (r, s) in ram.ranges_mut() {
-            // Data in the first 3 MiB and one page at 20 MiB; the rest stays untouched.
-            for (i, b) in s[..3 << 20].iter_mut().enumerate() {
-                *b = (i as u64 ^ r.guest) as u8 | 1;
-            }
-            s[20 << 20] = 0xaa;
-        }
+        // Data in the first 3 MiB and one page at 20 MiB; the rest stays untouched.
+        let data: Vec<u8> = (0..3 << 20).map(|i: u64| i as u8 | 1).collect();
+        ram.write_at(0, &data).unwrap();
+        ram.write_at(20 << 20, &[0xaa]).unwrap();
         ram
+    }
+
+    fn contents(ram: &GuestRam) -> Vec<u8> {
+        let mut v = vec![0u8; ram.size() as usize];
+        ram.read_at(0, &mut v).unwrap();
+        v
     }
 
     fn snapshot(dir: &Path) -> (GuestRam, SnapshotStats) {
@@ -469,7 +527,46 @@ mod tests {
         assert_eq!(m.state.to_bytes(), sample_state(64 << 20).to_bytes());
         let fresh = GuestRam::new(64 << 20).unwrap();
         load_memory(d.path(), &m.memory, &fresh).unwrap();
-        assert!(fresh.ranges()[0].1 == ram.ranges()[0].1);
+        assert!(contents(&fresh) == contents(&ram));
+    }
+
+    /// Rewrites state.bin with `edit` applied to its manifest and a checksum that matches:
+    /// what a crafted (not a corrupted) file looks like.
+    fn craft(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+        let mut m = serde_json::to_value(read_manifest(dir).unwrap()).unwrap();
+        edit(&mut m);
+        let m: Manifest = serde_json::from_value(m).unwrap();
+        write_state(dir, &m).unwrap();
+    }
+
+    #[test]
+    fn a_crafted_manifest_is_refused_not_a_panic() {
+        let d = tempfile::tempdir().unwrap();
+        snapshot(d.path());
+        let fresh = || GuestRam::new(64 << 20).unwrap();
+        craft(d.path(), |m| m["memory"]["chunk_size"] = 0.into());
+        let m = read_manifest(d.path()).unwrap();
+        let e = load_memory(d.path(), &m.memory, &fresh()).unwrap_err();
+        assert!(
+            matches!(e, SnapshotError::ChunkSize { found: 0, .. }),
+            "{e}"
+        );
+        craft(d.path(), |m| {
+            m["memory"]["chunk_size"] = CHUNK.into();
+            m["memory"]["chunks"] = serde_json::json!([]);
+        });
+        let m = read_manifest(d.path()).unwrap();
+        let e = load_memory(d.path(), &m.memory, &fresh()).unwrap_err();
+        assert!(
+            matches!(e, SnapshotError::ChunkCount { found: 0, .. }),
+            "{e}"
+        );
+        craft(d.path(), |m| {
+            m["memory"]["file"] = "../../etc/passwd".into()
+        });
+        let m = read_manifest(d.path()).unwrap();
+        let e = load_memory(d.path(), &m.memory, &fresh()).unwrap_err();
+        assert!(matches!(e, SnapshotError::MemoryFile { .. }), "{e}");
     }
 
     fn flip(path: &Path, at: u64) {

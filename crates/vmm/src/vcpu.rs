@@ -68,7 +68,9 @@ impl Caps {
     pub fn probe(kvm: &Kvm, vm: &kvm_ioctls::VmFd) -> Result<Self, kvm_ioctls::Error> {
         use kvm_ioctls::Cap;
         let xsave_bytes = if vm.check_extension(Cap::Xsave2) {
-            (vm.check_extension_int(Cap::Xsave2) as usize).max(std::mem::size_of::<kvm_xsave>())
+            usize::try_from(vm.check_extension_int(Cap::Xsave2))
+                .unwrap_or(0)
+                .max(std::mem::size_of::<kvm_xsave>())
         } else if kvm.check_extension(Cap::Xsave) {
             std::mem::size_of::<kvm_xsave>()
         } else {
@@ -233,11 +235,11 @@ pub fn configure(
         gdt_entry(0x008b, 0, 0x67),
     ];
     for (i, e) in gdt.iter().enumerate() {
-        ram.mem
+        ram.memory()
             .write_obj(*e, GuestAddress(BOOT_GDT_ADDR + i as u64 * 8))
             .map_err(|source| VcpuError::BootGdt { id, source })?;
     }
-    ram.mem
+    ram.memory()
         .write_obj(0u64, GuestAddress(BOOT_IDT_ADDR))
         .map_err(|source| VcpuError::BootGdt { id, source })?;
     let mut sregs = vcpu.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
@@ -269,13 +271,16 @@ pub fn configure(
 }
 
 pub fn lapic_reg(l: &kvm_lapic_state, off: usize) -> u32 {
-    let b: Vec<u8> = l.regs[off..off + 4].iter().map(|&c| c as u8).collect();
+    let b: Vec<u8> = l.regs[off..off + 4]
+        .iter()
+        .map(|&c| c.cast_unsigned())
+        .collect();
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 fn set_lapic_reg(l: &mut kvm_lapic_state, off: usize, v: u32) {
     for (i, b) in v.to_le_bytes().iter().enumerate() {
-        l.regs[off + i] = *b as _;
+        l.regs[off + i] = (*b).cast_signed();
     }
 }
 
@@ -332,10 +337,7 @@ pub fn capture(
         let f = vcpu.get_fpu().map_err(kvm_err(id, "KVM_GET_FPU"))?;
         // SAFETY: kvm_fpu is a plain-old-data C struct; we copy its bytes.
         let bytes = unsafe {
-            std::slice::from_raw_parts(
-                &f as *const kvm_fpu as *const u8,
-                std::mem::size_of::<kvm_fpu>(),
-            )
+            std::slice::from_raw_parts((&raw const f).cast::<u8>(), std::mem::size_of::<kvm_fpu>())
         };
         (Vec::new(), bytes.to_vec())
     };
@@ -462,7 +464,7 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState, caps: &Caps) -> Result<(), VcpuErro
         r.map_err(kvm_err(id, "KVM_SET_XSAVE"))?;
     } else if s.fpu.len() == std::mem::size_of::<kvm_fpu>() {
         // SAFETY: kvm_fpu is plain-old-data and the length matches exactly.
-        let fpu: kvm_fpu = unsafe { std::ptr::read_unaligned(s.fpu.as_ptr() as *const kvm_fpu) };
+        let fpu: kvm_fpu = unsafe { std::ptr::read_unaligned(s.fpu.as_ptr().cast::<kvm_fpu>()) };
         vcpu.set_fpu(&fpu).map_err(kvm_err(id, "KVM_SET_FPU"))?;
     }
     if let Some(x) = &s.xcrs {

@@ -25,7 +25,6 @@ use crate::boot::{load_pvh, BootError};
 use crate::devices::{GuestReport, IoBus, IrqTrigger, SerialDevice, VerifyResult, COM1_GSI};
 use crate::dirty::DirtyLog;
 use crate::memory::{layout, GuestRam, MemoryError};
-use crate::profile::{FillStats, MemoryProfile, ProfileError, ProfileFiller};
 use crate::state::{Skipped, VmConfig, VmState};
 use crate::vcpu::{self, Caps, StopReason, VcpuError, VcpuEvent, VcpuRequest, VcpuThread};
 
@@ -33,43 +32,43 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_VCPUS: u8 = 64;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum VmError {
-    #[error("opening /dev/kvm failed: {0}")]
+    /// opening /dev/kvm failed: {0}
     OpenKvm(kvm_ioctls::Error),
-    #[error("KVM {op} failed: {source}")]
+    /// KVM {op} failed: {source}
     Kvm {
         op: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("a VM needs 1..={MAX_VCPUS} vCPUs, not {0}")]
+    /// a VM needs 1..=64 vCPUs, not {0}
     VcpuCount(u8),
-    #[error(transparent)]
+    /// {0}
     Memory(#[from] MemoryError),
-    #[error(transparent)]
+    /// {0}
     Boot(#[from] BootError),
-    #[error(transparent)]
-    Profile(#[from] ProfileError),
-    #[error(transparent)]
+    /// {0}
     Vcpu(#[from] VcpuError),
-    #[error("opening console {path}: {source}")]
+    /// opening console {path}: {source}
     Console {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("creating the COM1 interrupt eventfd failed: {0}")]
+    /// creating the COM1 interrupt eventfd failed: {0}
     EventFd(std::io::Error),
-    #[error("restoring the UART state failed: {0}")]
+    /// restoring the UART state failed: {0}
     Uart(String),
-    #[error("spawning the vCPU {id} thread failed: {source}")]
+    /// spawning the vCPU {id} thread failed: {source}
     Spawn { id: u8, source: std::io::Error },
-    #[error("vCPU {0} did not answer within {PAUSE_TIMEOUT:?} (wanted: {1})")]
+    /// vCPU {0} did not answer within 5 s (wanted: {1})
     VcpuTimeout(u8, &'static str),
-    #[error("the VM is {0}, it must be paused for this")]
+    /// the VM is {0}, it must be paused for this
     NotPaused(RunState),
-    #[error("the VM has stopped: {0}")]
+    /// the VM has stopped: {0}
     Stopped(String),
-    #[error("loading saved memory failed: {0}")]
+    /// filling guest RAM before boot failed: {0}
+    Prefill(String),
+    /// loading saved memory failed: {0}
     Restore(String),
 }
 
@@ -131,13 +130,6 @@ pub enum Kernel {
     Elf { image: Vec<u8>, cmdline: String },
 }
 
-#[derive(Clone, Debug)]
-pub struct BootSpec {
-    pub kernel: Kernel,
-    pub profile: MemoryProfile,
-    pub seed: u64,
-}
-
 /// What `status` reports.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct VmStatus {
@@ -157,10 +149,17 @@ struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
 }
 
+/// The KVM VM and the guest RAM its memory slots point into. Fields drop in declaration order,
+/// so the VM fd (and with it every memory slot) is closed before this struct lets go of the
+/// mapping, whoever drops the last `Arc` of either.
+pub struct KvmVm {
+    pub fd: VmFd,
+    pub ram: Arc<GuestRam>,
+}
+
 pub struct Vm {
     _kvm: Kvm,
-    fd: Arc<VmFd>,
-    ram: Arc<GuestRam>,
+    kvm_vm: Arc<KvmVm>,
     dirty: Arc<std::sync::Mutex<DirtyLog>>,
     config: VmConfig,
     io: Arc<IoBus>,
@@ -173,19 +172,18 @@ pub struct Vm {
     stop_reason: Option<String>,
     migrated: bool,
     _serial_irq: EventFd,
-    pub fill: Option<FillStats>,
     /// Percent of each slice the vCPUs sleep (auto-converge), and the thread that kicks them.
     throttle: Arc<AtomicU8>,
     throttle_ticker: Option<JoinHandle<()>>,
 }
 
-/// KVM objects built before any state goes in.
+/// KVM objects built before any state goes in. The vCPU fds come before the VM: fields drop
+/// in order, and the VM's memory must outlive everything that keeps the VM alive.
 struct Parts {
     kvm: Kvm,
-    fd: VmFd,
-    ram: GuestRam,
-    caps: Caps,
     vcpu_fds: Vec<VcpuFd>,
+    vm: KvmVm,
+    caps: Caps,
     msr_list: Vec<u32>,
     skipped: Vec<Skipped>,
     serial_irq: EventFd,
@@ -196,6 +194,35 @@ fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
         return Err(VmError::VcpuCount(config.vcpus));
     }
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm = create_vm(&kvm, config.memory)?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_GSI)
+        .map_err(kvm_op("KVM_IRQFD"))?;
+    let caps = Caps::probe(&kvm, &vm.fd).map_err(kvm_op("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut skipped = uncaptured_state(&caps);
+    let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        vcpu_fds.push(
+            vm.fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_op("KVM_CREATE_VCPU"))?,
+        );
+    }
+    let msr_list = vcpu::saveable_msrs(&vcpu_fds[0], &caps, &mut skipped);
+    Ok(Parts {
+        kvm,
+        vcpu_fds,
+        vm,
+        caps,
+        msr_list,
+        skipped,
+        serial_irq,
+    })
+}
+
+/// A KVM VM with its in-kernel irqchip and PIT, and `memory` bytes of guest RAM in its slots.
+fn create_vm(kvm: &Kvm, memory: u64) -> Result<KvmVm, VmError> {
     let fd = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
     fd.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
@@ -205,36 +232,43 @@ fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
         ..Default::default()
     })
     .map_err(kvm_op("KVM_CREATE_PIT2"))?;
-    let ram = GuestRam::new(config.memory)?;
-    for (slot, (r, host)) in ram.ranges().iter().enumerate() {
+    // The fd and the RAM are tied together before any slot points into the RAM.
+    let vm = KvmVm {
+        fd,
+        ram: Arc::new(GuestRam::new(memory)?),
+    };
+    for (slot, r) in (0u32..).zip(vm.ram.host_regions()) {
         let region = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot,
             flags: 0,
-            guest_phys_addr: r.guest,
-            memory_size: r.len,
-            userspace_addr: host.as_ptr() as u64,
+            guest_phys_addr: r.range.guest,
+            memory_size: r.range.len,
+            userspace_addr: r.host_addr,
         };
-        // SAFETY: the host range is a live mapping owned by `ram`, which outlives the VM fd
-        // (both live in the same Vm; the fd is dropped first, see Vm's field order).
-        unsafe { fd.set_user_memory_region(region) }
+        // SAFETY: the host range is a live mapping of `vm.ram`, exactly `len` bytes long.
+        // KvmVm closes the fd before it drops its Arc of the RAM (field order), and vCPU fds
+        // (which keep the VM alive in the kernel) are closed before the KvmVm (Parts' field
+        // order; Vm joins its vCPU threads, which own them, before its fields drop), so no
+        // memory slot outlives the mapping it points into.
+        unsafe { vm.fd.set_user_memory_region(region) }
             .map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    fd.register_irqfd(&serial_irq, COM1_GSI)
-        .map_err(kvm_op("KVM_IRQFD"))?;
-    let caps = Caps::probe(&kvm, &fd).map_err(kvm_op("KVM_GET_MSR_INDEX_LIST"))?;
-    let mut skipped = Vec::new();
-    if !caps.nested_state {
-        skipped.push(Skipped::new(
-            "nested state",
-            "KVM_CAP_NESTED_STATE not offered by this host's KVM; guests get no VMX/SVM, so there is none to lose",
-        ));
-    } else {
-        skipped.push(Skipped::new(
+    Ok(vm)
+}
+
+/// State this host's KVM cannot give us, and why: said in every snapshot and migration.
+fn uncaptured_state(caps: &Caps) -> Vec<Skipped> {
+    let mut skipped = vec![if caps.nested_state {
+        Skipped::new(
             "nested state",
             "guests get no VMX/SVM in CPUID, so there is no nested state to capture",
-        ));
-    }
+        )
+    } else {
+        Skipped::new(
+            "nested state",
+            "KVM_CAP_NESTED_STATE not offered by this host's KVM; guests get no VMX/SVM, so there is none to lose",
+        )
+    }];
     if caps.xsave_bytes == 0 {
         skipped.push(Skipped::new(
             "xsave",
@@ -250,24 +284,7 @@ fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
     if !caps.vcpu_events {
         skipped.push(Skipped::new("vcpu events", "KVM_CAP_VCPU_EVENTS missing"));
     }
-    let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
-    for id in 0..config.vcpus {
-        vcpu_fds.push(
-            fd.create_vcpu(id as u64)
-                .map_err(kvm_op("KVM_CREATE_VCPU"))?,
-        );
-    }
-    let msr_list = vcpu::saveable_msrs(&vcpu_fds[0], &caps, &mut skipped);
-    Ok(Parts {
-        kvm,
-        fd,
-        ram,
-        caps,
-        vcpu_fds,
-        msr_list,
-        skipped,
-        serial_irq,
-    })
+    skipped
 }
 
 fn strip_virtualization(cpuid: &mut kvm_bindings::CpuId) {
@@ -295,30 +312,28 @@ fn register_kick_handler() -> Result<(), VmError> {
 }
 
 impl Vm {
-    /// Builds and boots a VM with fresh memory.
-    pub fn boot(config: VmConfig, spec: &BootSpec, console: &Console) -> Result<Vm, VmError> {
+    /// Builds and boots a VM with fresh memory. `prefill` may write guest RAM before the kernel
+    /// is loaded (memory content for benchmarks); RAM it leaves alone stays zero and unbacked.
+    pub fn boot(
+        config: VmConfig,
+        kernel: &Kernel,
+        console: &Console,
+        prefill: impl FnOnce(&GuestRam) -> Result<(), VmError>,
+    ) -> Result<Vm, VmError> {
         let mut p = build_parts(&config)?;
-        let filler = ProfileFiller::new(spec.profile, spec.seed)?;
-        let mut fill = FillStats::default();
-        for (r, host) in p.ram.ranges_mut() {
-            let st = filler.fill(r.guest, host);
-            fill.zero += st.zero;
-            fill.code += st.code;
-            fill.text += st.text;
-            fill.random += st.random;
-        }
+        prefill(&p.vm.ram)?;
         let tsc_khz = p.vcpu_fds[0].get_tsc_khz().ok();
-        let (image, cmdline): (&[u8], String) = match &spec.kernel {
+        let (image, cmdline): (&[u8], String) = match kernel {
             Kernel::Workload(w) => (guest::WORKLOAD_ELF, w.cmdline(config.vcpus as u32, tsc_khz)),
             Kernel::Elf { image, cmdline } => (image, cmdline.clone()),
         };
-        let entry = load_pvh(&p.ram, image, &cmdline)?;
+        let entry = load_pvh(&p.vm.ram, image, &cmdline)?;
         tracing::info!(entry = format_args!("{:#x}", entry.entry), %cmdline, "kernel loaded");
         let mut base = vcpu::supported_cpuid(&p.kvm).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
         strip_virtualization(&mut base);
         for (id, fd) in p.vcpu_fds.iter().enumerate() {
             let cpuid = vcpu::cpuid_for(&base, id as u8, config.vcpus);
-            vcpu::configure(fd, id as u8, &cpuid, &p.ram, (id == 0).then_some(entry))?;
+            vcpu::configure(fd, id as u8, &cpuid, &p.vm.ram, (id == 0).then_some(entry))?;
         }
         let serial = Serial::new(
             IrqTrigger(p.serial_irq.try_clone().map_err(VmError::EventFd)?),
@@ -326,7 +341,6 @@ impl Vm {
         );
         let fds = std::mem::take(&mut p.vcpu_fds);
         let mut vm = Self::assemble(p, config, serial)?;
-        vm.fill = Some(fill);
         vm.start_vcpus(fds, false)?;
         Ok(vm)
     }
@@ -346,12 +360,11 @@ impl Vm {
     fn assemble(p: Parts, config: VmConfig, serial: SerialDevice) -> Result<Vm, VmError> {
         register_kick_handler()?;
         let (_, events) = channel();
-        let fd = Arc::new(p.fd);
-        let dirty = DirtyLog::new(fd.clone(), &p.ram);
+        let kvm_vm = Arc::new(p.vm);
+        let dirty = DirtyLog::new(kvm_vm.clone());
         Ok(Vm {
             _kvm: p.kvm,
-            fd,
-            ram: Arc::new(p.ram),
+            kvm_vm,
             dirty: Arc::new(std::sync::Mutex::new(dirty)),
             config,
             io: Arc::new(IoBus::new(serial)),
@@ -364,7 +377,6 @@ impl Vm {
             stop_reason: None,
             migrated: false,
             _serial_irq: p.serial_irq,
-            fill: None,
             throttle: Arc::new(AtomicU8::new(0)),
             throttle_ticker: None,
         })
@@ -564,7 +576,8 @@ impl Vm {
                 chip_id: id,
                 ..Default::default()
             };
-            self.fd
+            self.kvm_vm
+                .fd
                 .get_irqchip(&mut c)
                 .map_err(kvm_op("KVM_GET_IRQCHIP"))?;
             Ok(c)
@@ -575,8 +588,12 @@ impl Vm {
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.fd.get_pit2().map_err(kvm_op("KVM_GET_PIT2"))?,
-            clock: self.fd.get_clock().map_err(kvm_op("KVM_GET_CLOCK"))?,
+            pit: self.kvm_vm.fd.get_pit2().map_err(kvm_op("KVM_GET_PIT2"))?,
+            clock: self
+                .kvm_vm
+                .fd
+                .get_clock()
+                .map_err(kvm_op("KVM_GET_CLOCK"))?,
             uart: self.io.uart_state(),
             guest: self.io.status.report(),
             skipped: self.skipped.clone(),
@@ -590,7 +607,7 @@ impl Vm {
             state,
             vcpus: self.config.vcpus,
             memory_bytes: self.config.memory,
-            resident_bytes: self.ram.resident_bytes().unwrap_or(0),
+            resident_bytes: self.kvm_vm.ram.resident_bytes().unwrap_or(0),
             heartbeat: guest.heartbeat,
             last_verify: guest.last_verify,
             guest,
@@ -603,12 +620,12 @@ impl Vm {
     }
 
     pub fn ram(&self) -> &GuestRam {
-        &self.ram
+        &self.kvm_vm.ram
     }
 
     /// Guest RAM, shareable with threads that outlive a lock on the VM (migration).
     pub fn ram_arc(&self) -> Arc<GuestRam> {
-        self.ram.clone()
+        self.kvm_vm.ram.clone()
     }
 
     /// The VM's dirty-page log.
@@ -671,7 +688,7 @@ impl PreparedVm {
     }
 
     pub fn ram(&self) -> &GuestRam {
-        &self.parts.ram
+        &self.parts.vm.ram
     }
 
     /// Loads device and vCPU state and starts the vCPU threads.
@@ -686,11 +703,12 @@ impl PreparedVm {
         {
             return Err(VmError::VcpuCount(state.vcpus.len() as u8));
         }
-        p.fd.set_pit2(&state.pit).map_err(kvm_op("KVM_SET_PIT2"))?;
-        p.fd.set_clock(&state.clock)
+        let fd = &p.vm.fd;
+        fd.set_pit2(&state.pit).map_err(kvm_op("KVM_SET_PIT2"))?;
+        fd.set_clock(&state.clock)
             .map_err(kvm_op("KVM_SET_CLOCK"))?;
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
-            p.fd.set_irqchip(chip).map_err(kvm_op("KVM_SET_IRQCHIP"))?;
+            fd.set_irqchip(chip).map_err(kvm_op("KVM_SET_IRQCHIP"))?;
         }
         for (fd, vs) in p.vcpu_fds.iter().zip(&state.vcpus) {
             vcpu::restore(fd, vs, &p.caps)?;

@@ -5,15 +5,10 @@ use std::time::Duration;
 use guest::WorkloadSpec;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::VerifyResult;
-use vmm::profile::MemoryProfile;
-use vmm::{BootSpec, Console, Kernel, Vm, VmConfig};
+use vmm::{Console, Kernel, Vm, VmConfig};
 
 fn verify(vm: &Vm) -> Option<VerifyResult> {
-    let st = &vm.io().status;
-    let before = st.report().verify_count;
-    st.request_verify();
-    st.wait_for(Duration::from_secs(30), |r| r.verify_count > before)?
-        .last_verify
+    vm.io().status.verify(Duration::from_secs(30))?.last_verify
 }
 
 #[test]
@@ -35,12 +30,9 @@ fn kvm_guest_verify_catches_a_corrupted_page() {
             memory: 64 << 20,
             vcpus: 1,
         },
-        &BootSpec {
-            kernel: Kernel::Workload(spec),
-            profile: MemoryProfile::Zero,
-            seed: 1,
-        },
+        &Kernel::Workload(spec),
         &Console::File(console.clone()),
+        |_| Ok(()),
     )
     .unwrap();
     vm.io()
@@ -71,10 +63,10 @@ fn kvm_guest_verify_catches_a_corrupted_page() {
         .map(|h| u64::from_str_radix(h, 16).unwrap())
         .expect("the guest prints ws_base");
     vm.pause().unwrap();
-    let word: u64 = vm.ram().mem.read_obj(GuestAddress(base)).unwrap();
+    let word: u64 = vm.ram().memory().read_obj(GuestAddress(base)).unwrap();
     assert_ne!(word, 0, "page 0 of the working set is stamped");
     vm.ram()
-        .mem
+        .memory()
         .write_obj(word ^ 1, GuestAddress(base))
         .unwrap();
     vm.resume().unwrap();

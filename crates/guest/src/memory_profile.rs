@@ -1,5 +1,7 @@
 //! Memory profiles: realistic guest RAM content before boot, deterministic from a seed on a
-//! given host, so compression and zero-page results mean something.
+//! given host, so compression and zero-page results mean something. The VMM knows nothing of
+//! them: it offers a pre-fill hook, and whoever boots a VM for a benchmark fills RAM from here
+//! (and writes the same bytes as files for another VMM, [`ProfileFiller::write_blobs`]).
 //!
 //! `server` mixes ~35% zero pages, ~30% machine code sampled from ELF files under /usr/lib,
 //! ~20% text sampled from /usr/share and ~15% random (incompressible) pages. Classes are chosen
@@ -11,13 +13,15 @@ use std::sync::OnceLock;
 use rand::{RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use crate::memory::PAGE_SIZE;
-
+const PAGE_SIZE: u64 = 4096;
 const PAGE: usize = PAGE_SIZE as usize;
 const EXTENT_PAGES: u64 = 16;
 const CODE_POOL_BYTES: usize = 48 << 20;
 const TEXT_POOL_BYTES: usize = 16 << 20;
 const MAX_BYTES_PER_FILE: u64 = 2 << 20;
+
+/// Where [`ProfileFiller::fill_with`] puts a run of non-zero pages: (offset from the base, bytes).
+pub type PageSink<'a, E> = dyn Fn(u64, &[u8]) -> Result<(), E> + Sync + 'a;
 
 /// One piece of a RAM image written by [`ProfileFiller::write_blobs`].
 #[derive(Clone, Debug, serde::Serialize)]
@@ -265,35 +269,78 @@ impl ProfileFiller {
         class
     }
 
-    /// Fills a range of guest RAM whose first byte is guest-physical `guest_base`, on all cores.
-    pub fn fill(&self, guest_base: u64, mem: &mut [u8]) -> FillStats {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = mem.len().div_ceil(threads).div_ceil(PAGE).max(1) * PAGE;
-        let mut total = FillStats::default();
+    /// Produces the content of guest-physical `[guest_base, guest_base + len)` on all cores and
+    /// hands each run of non-zero pages to `sink(offset from guest_base, bytes)`; zero pages are
+    /// never handed over, so untouched RAM stays unbacked. `len` is a multiple of a page.
+    pub fn fill_with<E: Send>(
+        &self,
+        guest_base: u64,
+        len: u64,
+        sink: &PageSink<'_, E>,
+    ) -> Result<FillStats, E> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let extent = EXTENT_PAGES * PAGE_SIZE;
+        let per_thread = len.div_ceil(threads).div_ceil(extent).max(1) * extent;
         std::thread::scope(|s| {
-            let handles: Vec<_> = mem
-                .chunks_mut(chunk)
-                .enumerate()
-                .map(|(i, part)| {
-                    s.spawn(move || {
-                        let mut st = FillStats::default();
-                        let first = (guest_base + (i * chunk) as u64) / PAGE_SIZE;
-                        for (j, page) in part.chunks_exact_mut(PAGE).enumerate() {
-                            st.add(self.fill_page(first + j as u64, page));
-                        }
-                        st
-                    })
+            let handles: Vec<_> = (0..threads)
+                .map(|i| i * per_thread)
+                .filter(|&start| start < len)
+                .map(|start| {
+                    let end = (start + per_thread).min(len);
+                    s.spawn(move || self.fill_part(guest_base, start, end, sink))
                 })
                 .collect();
+            let mut total = FillStats::default();
             for h in handles {
-                total.merge(h.join().expect("fill worker does not panic"));
+                match h.join() {
+                    Ok(st) => total.merge(st?),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
             }
-        });
-        total
+            Ok(total)
+        })
     }
 
-    /// Writes `size` bytes of this profile as a raw, sparse file: the bytes guest RAM holds
-    /// from guest-physical 0 (for QEMU's `-device loader`).
+    /// One thread's share of [`Self::fill_with`]: `[start, end)` from `guest_base`, an extent
+    /// at a time.
+    fn fill_part<E>(
+        &self,
+        guest_base: u64,
+        start: u64,
+        end: u64,
+        sink: &PageSink<'_, E>,
+    ) -> Result<FillStats, E> {
+        let mut st = FillStats::default();
+        let mut buf = vec![0u8; (EXTENT_PAGES * PAGE_SIZE) as usize];
+        let mut off = start;
+        while off < end {
+            let n = (end - off).min(buf.len() as u64) as usize;
+            buf[..n].fill(0);
+            let mut zero = [true; EXTENT_PAGES as usize];
+            for (j, page) in buf[..n].chunks_exact_mut(PAGE).enumerate() {
+                let class = self.fill_page((guest_base + off) / PAGE_SIZE + j as u64, page);
+                st.add(class);
+                zero[j] = class == PageClass::Zero;
+            }
+            // Runs of non-zero pages go to the sink in one piece each.
+            let pages = n / PAGE;
+            let mut j = 0;
+            while j < pages {
+                if zero[j] {
+                    j += 1;
+                    continue;
+                }
+                let r = j;
+                while j < pages && !zero[j] {
+                    j += 1;
+                }
+                sink(off + (r * PAGE) as u64, &buf[r * PAGE..j * PAGE])?;
+            }
+            off += n as u64;
+        }
+        Ok(st)
+    }
+
     /// Writes the bytes of guest-physical `[guest_base, guest_base + len)` to a sparse file.
     pub fn write_image(
         &self,
@@ -329,23 +376,23 @@ impl ProfileFiller {
         Ok(st)
     }
 
-    /// Writes a VM's RAM of `size` bytes, as the VMM lays it out in guest-physical space, into
-    /// `dir` as blobs of at most `max_blob` bytes, leaving out everything below `from` (where
-    /// firmware and kernel go). Another VMM loads them at their addresses to start from the
-    /// same memory (QEMU: `-device loader,file=...,addr=...`, which reads a blob in one read(),
-    /// so blobs must stay under 2 GiB).
+    /// Writes a VM's RAM, as a VMM lays it out in guest-physical space (`ranges`: start and
+    /// length of each RAM range), into `dir` as blobs of at most `max_blob` bytes, leaving out
+    /// everything below `from` (where firmware and kernel go). Another VMM loads them at their
+    /// addresses to start from the same memory (QEMU: `-device loader,file=...,addr=...`, which
+    /// reads a blob in one read(), so blobs must stay under 2 GiB).
     pub fn write_blobs(
         &self,
-        size: u64,
+        ranges: &[(u64, u64)],
         from: u64,
         max_blob: u64,
         dir: &Path,
     ) -> Result<Vec<Blob>, ProfileError> {
         let max_blob = max_blob.max(PAGE_SIZE) / PAGE_SIZE * PAGE_SIZE;
         let mut blobs = Vec::new();
-        for r in crate::memory::layout(size) {
-            let mut addr = r.guest.max(from.div_ceil(PAGE_SIZE) * PAGE_SIZE);
-            let end = r.guest + r.len;
+        for &(start, len) in ranges {
+            let mut addr = start.max(from.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+            let end = start + len;
             while addr < end {
                 let len = (end - addr).min(max_blob);
                 let path = dir.join(format!("ram-{addr:#011x}.raw"));
@@ -367,10 +414,21 @@ impl ProfileFiller {
 mod tests {
     use super::*;
 
+    fn fill_at(profile: MemoryProfile, seed: u64, base: u64, len: usize) -> (Vec<u8>, FillStats) {
+        let mem = std::sync::Mutex::new(vec![0u8; len]);
+        let st = ProfileFiller::new(profile, seed)
+            .unwrap()
+            .fill_with(base, len as u64, &|off, bytes| {
+                let off = off as usize;
+                mem.lock().unwrap()[off..off + bytes.len()].copy_from_slice(bytes);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        (mem.into_inner().unwrap(), st)
+    }
+
     fn fill(profile: MemoryProfile, seed: u64) -> (Vec<u8>, FillStats) {
-        let mut mem = vec![0u8; 8 << 20];
-        let st = ProfileFiller::new(profile, seed).unwrap().fill(0, &mut mem);
-        (mem, st)
+        fill_at(profile, seed, 0, 8 << 20)
     }
 
     #[test]
@@ -421,8 +479,7 @@ mod tests {
         let path = dir.path().join("mem.raw");
         let f = ProfileFiller::new(MemoryProfile::Server, 11).unwrap();
         f.write_image(4 << 30, 4 << 20, &path).unwrap();
-        let mut mem = vec![0u8; 4 << 20];
-        f.fill(4 << 30, &mut mem);
+        let (mem, _) = fill_at(MemoryProfile::Server, 11, 4 << 30, 4 << 20);
         assert!(std::fs::read(&path).unwrap() == mem);
     }
 
@@ -431,8 +488,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = ProfileFiller::new(MemoryProfile::Zero, 1).unwrap();
         // Sparse files: 5 GiB of zero profile costs nothing.
+        // The VMM's layout of 5 GiB: 3 GiB low, the rest above 4 GiB.
+        let ranges = [(0, 3 << 30), (4 << 30, 2 << 30)];
         let blobs = f
-            .write_blobs(5 << 30, 2 << 20, 1 << 30, dir.path())
+            .write_blobs(&ranges, 2 << 20, 1 << 30, dir.path())
             .unwrap();
         let spans: Vec<(u64, u64)> = blobs.iter().map(|b| (b.guest_addr, b.len)).collect();
         assert_eq!(

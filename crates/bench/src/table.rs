@@ -1,5 +1,5 @@
 //! The bench's printed table and ratios.
-use super::{BenchReport, Row};
+use crate::transports::{BenchReport, Row};
 
 fn opt_ms(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())

@@ -1,0 +1,258 @@
+//! Child processes the demo, the benches and the tests start and must always reap: livemig
+//! destinations and VMs, QEMU. One place knows how to start them, read what they say and stop
+//! them.
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::api::Client;
+
+/// Whether `child` leaves within `timeout`.
+pub fn exits_within(child: &mut Child, timeout: Duration) -> bool {
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        if t.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Gives `child` `grace` to leave after it was asked to, then kills and reaps it.
+pub fn reap(child: &mut Child, grace: Duration) {
+    if !exits_within(child, grace) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A child that is killed and reaped when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A livemig process serving a VM's API; asked to shut down, then killed, when dropped.
+pub struct VmProcess {
+    pub child: Child,
+    pub api: PathBuf,
+    /// What it said on stderr.
+    pub stderr: Stderr,
+}
+
+impl VmProcess {
+    /// Whether the process leaves by itself within `timeout`, as a migrated-away source does.
+    pub fn wait_exit_for(&mut self, timeout: Duration) -> bool {
+        exits_within(&mut self.child, timeout)
+    }
+
+    /// Waits until its guest sent `n` heartbeats.
+    pub fn wait_heartbeat(&mut self, n: u64, timeout: Duration) -> Result<(), String> {
+        let t = Instant::now();
+        loop {
+            if Client::new(&self.api)
+                .status()
+                .is_ok_and(|st| st.heartbeat >= n)
+            {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "the VM process exited ({status}): {}",
+                    self.stderr.wait_closed(Duration::from_secs(2)).trim()
+                ));
+            }
+            if t.elapsed() > timeout {
+                return Err(format!(
+                    "no heartbeat {n} from the VM behind {} within {timeout:?}",
+                    self.api.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Client::new(&self.api)
+                .with_timeout(Duration::from_secs(5))
+                .shutdown();
+        }
+        reap(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+/// A child's stderr as it arrives, kept (up to a bound) for error messages and tests.
+#[derive(Clone, Default)]
+pub struct Stderr {
+    text: Arc<Mutex<Vec<u8>>>,
+    closed: Arc<AtomicBool>,
+}
+
+/// Keep at most this much of a child's stderr; a log file gets all of it.
+const STDERR_KEEP: usize = 1 << 20;
+
+impl Stderr {
+    /// What the child said so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&locks::lock(&self.text)).into_owned()
+    }
+
+    /// True once the child closed its stderr (it exited, usually).
+    pub fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the child closed its stderr, then returns all of it.
+    pub fn wait_closed(&self, timeout: Duration) -> String {
+        let t = Instant::now();
+        while !self.closed() && t.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.text()
+    }
+
+    /// Drains `pipe` on its own thread into the buffer and `log`, so the child never blocks
+    /// on a full pipe.
+    fn follow(&self, mut pipe: impl Read + Send + 'static, log: Option<PathBuf>) {
+        let (text, closed) = (self.text.clone(), self.closed.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut log = log.and_then(|p| std::fs::File::create(p).ok());
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Some(f) = &mut log {
+                    let _ = std::io::Write::write_all(f, &buf[..n]);
+                }
+                let mut t = locks::lock(&text);
+                if t.len() + n <= STDERR_KEEP {
+                    t.extend_from_slice(&buf[..n]);
+                }
+            }
+            closed.store(true, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Starts `cmd` and waits until its stderr says `marker` (a receiver saying it listens:
+/// connecting to check would take its one accept). Its stderr goes on into the returned
+/// [`Stderr`] and, if given, into `log`.
+pub fn spawn_until(
+    cmd: &mut Command,
+    marker: &str,
+    timeout: Duration,
+    log: Option<PathBuf>,
+) -> Result<(Child, Stderr), String> {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;
+    let Some(pipe) = child.stderr.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("no stderr pipe".into());
+    };
+    let stderr = Stderr::default();
+    stderr.follow(pipe, log);
+    let t = Instant::now();
+    while !stderr.text().contains(marker) {
+        let why = if stderr.closed() {
+            format!("it exited: {}", stderr.text().trim())
+        } else if t.elapsed() >= timeout {
+            format!("no {marker:?} within {timeout:?}")
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(why);
+    }
+    Ok((child, stderr))
+}
+
+/// How to start livemig processes: the binary, and the network namespace to run them in.
+#[derive(Clone, Debug)]
+pub struct Livemig {
+    pub exe: PathBuf,
+}
+
+impl Livemig {
+    pub fn new(exe: impl Into<PathBuf>) -> Self {
+        Livemig { exe: exe.into() }
+    }
+
+    /// `livemig ARGS` in namespace `ns` (None: this one).
+    pub fn command(&self, ns: Option<&str>) -> Command {
+        match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        }
+    }
+
+    /// `livemig receive` on `listen`, its API at `api`, its guest console into `console`;
+    /// returns once it listens.
+    pub fn receive(
+        &self,
+        ns: Option<&str>,
+        listen: &str,
+        api: &Path,
+        console: &Path,
+        log: Option<PathBuf>,
+    ) -> Result<VmProcess, String> {
+        let _ = std::fs::remove_file(api);
+        let mut cmd = self.command(ns);
+        cmd.args(["receive", "--listen", listen, "--api"])
+            .arg(api)
+            .arg("--console")
+            .arg(console);
+        let (child, stderr) =
+            spawn_until(&mut cmd, "waiting for a VM", Duration::from_secs(30), log)
+                .map_err(|e| format!("livemig receive on {listen} did not start listening: {e}"))?;
+        Ok(VmProcess {
+            child,
+            api: api.to_path_buf(),
+            stderr,
+        })
+    }
+
+    /// `livemig run ARGS --api API`; returns once its guest sent a heartbeat.
+    pub fn run(
+        &self,
+        ns: Option<&str>,
+        args: &[String],
+        api: &Path,
+        log: Option<PathBuf>,
+    ) -> Result<VmProcess, String> {
+        let _ = std::fs::remove_file(api);
+        let mut cmd = self.command(ns);
+        cmd.arg("run").args(args).arg("--api").arg(api);
+        let (child, stderr) = spawn_until(&mut cmd, "", Duration::from_secs(5), log)?;
+        let mut vm = VmProcess {
+            child,
+            api: api.to_path_buf(),
+            stderr,
+        };
+        vm.wait_heartbeat(1, Duration::from_secs(120))?;
+        Ok(vm)
+    }
+}

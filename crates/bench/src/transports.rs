@@ -1,0 +1,586 @@
+//! `livemig bench transports`: the measured comparison. One running VM migrates between the
+//! testbed's two hosts once per transport configuration, on the links the reference layout
+//! gives each (tcp and compressed on one 1 GbE link, direct on one 10 GbE link, direct +
+//! multichannel on both), after each link's raw goodput is measured in the same run. With the
+//! QEMU peer, the same guest and RAM migrate with QEMU on the same links. Both VMMs run
+//! through one loop ([`Bench::runs`]), measured the same way.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use guest::memory_profile::{MemoryProfile, ProfileFiller};
+use guest::WorkloadSpec;
+use migration::protocol::Transport;
+use migration::MigrateRequest;
+use serde::Serialize;
+
+use crate::child::Livemig;
+use crate::netns::{measure_goodput, Goodput, TxSampler};
+use crate::peer::{LivemigPeer, Outcome, Peer, QemuPeer, Setup};
+use crate::qemu::{self, Machine, Mode};
+use crate::testbed::Testbed;
+use crate::{mem_available, step, table, BenchError, Route, Ui};
+
+/// What to run; `livemig bench transports` fills it from its arguments.
+#[derive(Clone, Debug)]
+pub struct TransportsOptions {
+    /// The livemig binary the VMs run as.
+    pub livemig: PathBuf,
+    pub memory: u64,
+    pub vcpus: u8,
+    pub workload: String,
+    pub memory_profile: MemoryProfile,
+    /// Also migrate the same guest and RAM with QEMU on the same links.
+    pub peer_qemu: bool,
+    /// Testbed namespaces <name>-a and <name>-b (brought up if missing, removed afterwards).
+    pub testbed: String,
+    pub scale: f64,
+    /// Options every livemig migration takes (downtime target, auto-converge, rounds, cap);
+    /// the transport and streams are each run's own.
+    pub request: MigrateRequest,
+    /// How long the guest runs before the first migration.
+    pub run_ms: u64,
+    /// Measuring window of each link's goodput stream (after 0.5 s of warm-up).
+    pub goodput_secs: f64,
+    /// Directory for bench.json, bench.png, consoles and logs.
+    pub out: PathBuf,
+    pub keep_testbed: bool,
+}
+
+impl TransportsOptions {
+    fn downtime_ms(&self) -> u64 {
+        self.request.downtime_ms.unwrap_or(20)
+    }
+}
+
+/// One run: its name, how it migrates, over which links.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    name: &'static str,
+    setup: Setup,
+    links: &'static [&'static str],
+}
+
+const fn livemig(name: &'static str, transport: Transport, links: &'static [&'static str]) -> Run {
+    Run {
+        name,
+        setup: Setup::Livemig {
+            transport,
+            per_link_streams: links.len() > 1,
+        },
+        links,
+    }
+}
+
+const LIVEMIG_RUNS: [Run; 4] = [
+    livemig("tcp", Transport::Tcp, &["1g-1"]),
+    livemig("compressed", Transport::Compressed, &["1g-1"]),
+    livemig("direct", Transport::Direct, &["10g-1"]),
+    livemig(
+        "direct+multichannel",
+        Transport::Direct,
+        &["10g-1", "10g-2"],
+    ),
+];
+
+const QEMU_RUNS: [Run; 4] = [
+    Run {
+        name: "tcp",
+        setup: Setup::Qemu(Mode::Tcp),
+        links: &["1g-1"],
+    },
+    Run {
+        name: "multifd+zstd",
+        setup: Setup::Qemu(Mode::MultifdZstd { channels: 2 }),
+        links: &["1g-1"],
+    },
+    Run {
+        name: "tcp",
+        setup: Setup::Qemu(Mode::Tcp),
+        links: &["10g-1"],
+    },
+    Run {
+        name: "multifd",
+        setup: Setup::Qemu(Mode::Multifd { channels: 2 }),
+        links: &["10g-1"],
+    },
+];
+
+/// Rows compared side by side: (livemig run, QEMU run, links).
+const PAIRS: [(&str, &str, &str); 4] = [
+    ("tcp", "tcp", "1g-1"),
+    ("compressed", "multifd+zstd", "1g-1"),
+    ("direct", "tcp", "10g-1"),
+    ("direct+multichannel", "multifd", "10g-1"),
+];
+
+/// One migration's row.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub peer: String,
+    pub config: String,
+    pub links: String,
+    pub direction: String,
+    pub total_ms: u64,
+    pub downtime_ms: Option<u64>,
+    pub setup_ms: Option<u64>,
+    /// Bytes the sending interfaces counted (payload and headers), for every peer alike.
+    pub wire_bytes: u64,
+    /// What the VMM itself says it sent.
+    pub reported_bytes: u64,
+    /// wire_bytes over total_ms.
+    pub avg_gbps: f64,
+    /// The same links' rate in the raw goodput stream, counted the same way (interface).
+    pub link_gbps: f64,
+    pub utilisation: f64,
+    pub cpu_source_s: Option<f64>,
+    pub cpu_destination_s: Option<f64>,
+    pub verified: bool,
+    pub verify: String,
+    pub error: Option<String>,
+    /// (seconds since start, Gbit/s) from the interface counters.
+    pub samples: Vec<(f64, f64)>,
+    /// The VMM's own account: livemig's report, QEMU's query-migrate.
+    pub detail: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkMeasure {
+    pub links: String,
+    pub nominal_gbps: f64,
+    pub shaped_gbps: f64,
+    #[serde(flatten)]
+    pub measured: Goodput,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    pub livemig: String,
+    pub qemu: String,
+    pub links: String,
+    /// livemig / QEMU
+    pub total: f64,
+    pub downtime: Option<f64>,
+    pub wire_bytes: f64,
+    pub cpu_source: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    pub workload: String,
+    pub memory_profile: String,
+    pub downtime_target_ms: u64,
+    pub scale: f64,
+    pub host_cpus: usize,
+    pub links: Vec<LinkMeasure>,
+    pub rows: Vec<Row>,
+    pub ratios: Vec<Ratio>,
+    pub notes: Vec<String>,
+}
+
+/// Everything one bench needs while it runs.
+struct Bench<'a> {
+    o: &'a TransportsOptions,
+    tb: &'a Testbed,
+    ui: &'a Ui,
+    dir: PathBuf,
+    goodput: Vec<LinkMeasure>,
+    port: u16,
+}
+
+impl<'a> Bench<'a> {
+    fn route(&self, links: &[&str], from_a: bool) -> Result<Route<'a>, BenchError> {
+        Route::new(self.tb, links, from_a)
+    }
+
+    fn next_port(&mut self) -> u16 {
+        self.port += 1;
+        self.port
+    }
+
+    fn link_gbps(&self, links: &str) -> f64 {
+        self.goodput
+            .iter()
+            .find(|g| g.links == links)
+            .map_or(0.0, |g| g.measured.interface_bps / 1e9)
+    }
+
+    fn measure_links(&mut self) -> Result<(), BenchError> {
+        let sets: [&'static [&'static str]; 3] = [&["1g-1"], &["10g-1"], &["10g-1", "10g-2"]];
+        for set in sets {
+            let r = self.route(set, true)?;
+            let name = r.name();
+            self.ui.start(&format!("raw goodput of {name}"));
+            let g = measure_goodput(
+                r.src_ns(),
+                r.dst_ns(),
+                &r.pairs(),
+                r.src_devs(),
+                Duration::from_millis(500),
+                Duration::from_secs_f64(self.o.goodput_secs.max(0.5)),
+            )?;
+            let nominal: u64 = r.links.iter().filter_map(|l| l.nominal_bps).sum();
+            let shaped: u64 = r.links.iter().filter_map(|l| l.shaped_bps).sum();
+            self.ui.done(&format!(
+                "link {name}: goodput {:.3} Gbit/s ({:.3} on the interface), shaped {:.2}, nominal {:.1}",
+                g.goodput_bps / 1e9,
+                g.interface_bps / 1e9,
+                shaped as f64 / 1e9,
+                nominal as f64 / 1e9
+            ));
+            self.goodput.push(LinkMeasure {
+                links: name,
+                nominal_gbps: nominal as f64 / 1e9,
+                shaped_gbps: shaped as f64 / 1e9,
+                measured: g,
+            });
+        }
+        Ok(())
+    }
+
+    /// A row with nothing measured yet: who, what, where.
+    fn empty_row(&self, peer: &str, run: &Run, direction: String) -> Row {
+        let links = run.links.join("+");
+        Row {
+            peer: peer.into(),
+            config: run.name.into(),
+            link_gbps: self.link_gbps(&links),
+            links,
+            direction,
+            total_ms: 0,
+            downtime_ms: None,
+            setup_ms: None,
+            wire_bytes: 0,
+            reported_bytes: 0,
+            avg_gbps: 0.0,
+            utilisation: 0.0,
+            cpu_source_s: None,
+            cpu_destination_s: None,
+            verified: false,
+            verify: String::new(),
+            error: None,
+            samples: Vec::new(),
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    /// A row from what every run measures alike, and what the VMM says.
+    fn row(
+        &self,
+        peer: &str,
+        run: &Run,
+        route: &Route,
+        samples: &[(Duration, u64)],
+        o: Outcome,
+    ) -> Row {
+        let mut r = self.empty_row(peer, run, route.direction());
+        r.total_ms = o.total_ms;
+        r.wire_bytes = samples.last().map_or(0, |s| s.1);
+        r.reported_bytes = o.reported_bytes;
+        r.avg_gbps = r.wire_bytes as f64 * 8.0 / (o.total_ms.max(1) as f64 / 1e3) / 1e9;
+        if r.link_gbps > 0.0 {
+            r.utilisation = r.avg_gbps / r.link_gbps;
+        }
+        // The chart shows the migration, not the verify that follows it.
+        r.samples = rates(samples)
+            .into_iter()
+            .filter(|(t, _)| *t <= o.total_ms as f64 / 1e3 + 0.2)
+            .collect();
+        r.downtime_ms = o.downtime_ms;
+        r.setup_ms = o.setup_ms;
+        r.cpu_source_s = o.cpu_source_s;
+        r.cpu_destination_s = o.cpu_destination_s;
+        r.verified = o.verified;
+        r.verify = o.verify;
+        r.detail = o.detail;
+        r
+    }
+
+    fn failed_row(&self, peer: &str, run: &Run, from_a: bool, e: &BenchError) -> Row {
+        let direction = self
+            .route(run.links, from_a)
+            .map(|r| r.direction())
+            .unwrap_or_default();
+        let mut r = self.empty_row(peer, run, direction);
+        r.verify = "not reached".into();
+        r.error = Some(e.to_string());
+        r
+    }
+
+    /// Boots `peer`'s VM in host A and migrates it A→B→A… once per run; a failed run leaves
+    /// a failed row and the VM wherever it now runs.
+    fn runs<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        runs: &[Run],
+        rows: &mut Vec<Row>,
+    ) -> Result<(), BenchError> {
+        self.ui.start(&format!("booting the {} VM", peer.name()));
+        let mut vm = Some(peer.boot(&self.tb.host_a)?);
+        std::thread::sleep(Duration::from_millis(self.o.run_ms));
+        self.ui.done(&format!("{} VM running", peer.name()));
+        let mut from_a = true;
+        for (i, run) in runs.iter().enumerate() {
+            let what = format!("{} {} over {}", peer.name(), run.name, run.links.join("+"));
+            let Some(src) = vm.take() else {
+                let e = step(&what)("no VM left after an earlier failure".into());
+                rows.push(self.failed_row(peer.name(), run, from_a, &e));
+                continue;
+            };
+            self.ui.start(&what);
+            let (row, next, moved) = self.run_one(peer, src, run, from_a, i + 1);
+            self.ui.done(&match &row.error {
+                None => table::line(&row),
+                Some(e) => format!("{what}: FAILED: {e}"),
+            });
+            rows.push(row);
+            vm = Some(next);
+            from_a ^= moved;
+        }
+        Ok(())
+    }
+
+    /// One migration, measured; returns its row, where the VM is now and whether it moved.
+    fn run_one<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        mut src: P::Vm,
+        run: &Run,
+        from_a: bool,
+        index: usize,
+    ) -> (Row, P::Vm, bool) {
+        let name = peer.name();
+        let failed = |b: &Self, e: BenchError| b.failed_row(name, run, from_a, &e);
+        let route = match self.route(run.links, from_a) {
+            Ok(r) => r,
+            Err(e) => return (failed(self, e), src, false),
+        };
+        let port = self.next_port();
+        let mut dst = match peer.destination(run.setup, &route, port, index) {
+            Ok(d) => d,
+            Err(e) => return (failed(self, e), src, false),
+        };
+        let what = format!("{} {} over {}", peer.name(), run.name, route.name());
+        let sampler = TxSampler::start(
+            route.src_ns(),
+            route.src_devs(),
+            Duration::from_millis(100),
+            self.ui.live(&what),
+        );
+        let res = peer.migrate(&mut src, &mut dst, run.setup, &route, port);
+        let samples = sampler.finish();
+        let (vm, moved) = peer.settle(src, dst, res.is_ok());
+        let row = match (res, samples) {
+            (Ok(o), Ok(s)) => self.row(peer.name(), run, &route, &s, o),
+            (Err(e), _) => failed(self, e),
+            (_, Err(e)) => failed(self, e.into()),
+        };
+        (row, vm, moved)
+    }
+
+    /// The QEMU machine: the same guest ELF, command line (TSC rate included) and RAM image,
+    /// written in guest-physical layout as `-device loader` blobs.
+    fn qemu_machine(&self) -> Result<Machine, BenchError> {
+        let o = self.o;
+        let dir = self.dir.join("qemu");
+        std::fs::create_dir_all(&dir)?;
+        let kernel = dir.join("guest.elf");
+        std::fs::write(&kernel, guest::WORKLOAD_ELF)?;
+        let spec = WorkloadSpec::parse(&o.workload, o.memory)
+            .map_err(|e| step("--workload")(e.to_string()))?;
+        let tsc =
+            vmm::vcpu::host_tsc_khz().map_err(|e| step("reading the TSC rate")(e.to_string()))?;
+        let ram = dir.join("ram");
+        std::fs::create_dir_all(&ram)?;
+        self.ui.start("writing the RAM image for QEMU");
+        let ranges: Vec<(u64, u64)> = vmm::memory::layout(o.memory)
+            .iter()
+            .map(|r| (r.guest, r.len))
+            .collect();
+        let blobs = ProfileFiller::new(o.memory_profile, 1)
+            .and_then(|f| f.write_blobs(&ranges, 2 << 20, 1 << 30, &ram))
+            .map_err(|e| step("RAM image")(e.to_string()))?;
+        Ok(Machine {
+            memory: o.memory,
+            vcpus: o.vcpus,
+            kernel,
+            cmdline: spec.cmdline(u32::from(o.vcpus), Some(tsc)),
+            blobs: blobs.into_iter().map(|b| (b.path, b.guest_addr)).collect(),
+            dir,
+        })
+    }
+
+    fn livemig_peer(&self) -> LivemigPeer {
+        let o = self.o;
+        LivemigPeer {
+            exe: Livemig::new(&o.livemig),
+            dir: self.dir.clone(),
+            vm_args: vec![
+                "--memory".into(),
+                format!("{}M", o.memory >> 20),
+                "--vcpus".into(),
+                o.vcpus.to_string(),
+                "--workload".into(),
+                o.workload.clone(),
+                "--memory-profile".into(),
+                o.memory_profile.to_string(),
+            ],
+            request: o.request.clone(),
+            memory: o.memory,
+        }
+    }
+
+    fn all_runs(&mut self, rows: &mut Vec<Row>) -> Result<(), BenchError> {
+        self.measure_links()?;
+        let mut lm = self.livemig_peer();
+        self.runs(&mut lm, &LIVEMIG_RUNS, rows)?;
+        if self.o.peer_qemu {
+            let machine = self.qemu_machine()?;
+            let ram = machine.dir.join("ram");
+            let mut q = QemuPeer {
+                machine,
+                downtime_ms: self.o.downtime_ms(),
+            };
+            self.runs(&mut q, &QEMU_RUNS, rows)?;
+            drop(q);
+            let _ = std::fs::remove_dir_all(ram);
+        }
+        Ok(())
+    }
+}
+
+/// Cumulative byte samples into (seconds, Gbit/s) per interval.
+pub fn rates(samples: &[(Duration, u64)]) -> Vec<(f64, f64)> {
+    samples
+        .windows(2)
+        .filter_map(|w| {
+            let dt = (w[1].0 - w[0].0).as_secs_f64();
+            (dt > 0.0).then(|| {
+                (
+                    w[1].0.as_secs_f64(),
+                    (w[1].1 - w[0].1) as f64 * 8.0 / dt / 1e9,
+                )
+            })
+        })
+        .collect()
+}
+
+fn ratios(rows: &[Row]) -> Vec<Ratio> {
+    let find = |peer: &str, cfg: &str, links: &str| {
+        rows.iter()
+            .find(|r| r.peer == peer && r.config == cfg && r.links.starts_with(links))
+            .filter(|r| r.error.is_none())
+    };
+    let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    PAIRS
+        .iter()
+        .filter_map(|(lm, q, links)| {
+            let l = find("livemig", lm, links)?;
+            let qr = find("qemu", q, links)?;
+            Some(Ratio {
+                livemig: format!("{} {}", l.config, l.links),
+                qemu: format!("{} {}", qr.config, qr.links),
+                links: links.to_string(),
+                total: div(l.total_ms as f64, qr.total_ms as f64),
+                downtime: l
+                    .downtime_ms
+                    .zip(qr.downtime_ms)
+                    .map(|(a, b)| div(a as f64, b.max(1) as f64)),
+                wire_bytes: div(l.wire_bytes as f64, qr.wire_bytes as f64),
+                cpu_source: l.cpu_source_s.zip(qr.cpu_source_s).map(|(a, b)| div(a, b)),
+            })
+        })
+        .collect()
+}
+
+/// What the bench refuses before it starts: no root, no KVM, no QEMU for `--peer qemu`, a
+/// testbed name too long for interface names, more guest memory than the machine holds.
+fn preflight(o: &TransportsOptions) -> Result<(), BenchError> {
+    if !crate::testbed::is_root() {
+        return Err(BenchError::NotRoot);
+    }
+    if !crate::kvm_available() {
+        return Err(BenchError::NoKvm);
+    }
+    if o.peer_qemu && !qemu::available() {
+        return Err(BenchError::NoQemu);
+    }
+    if o.testbed.len() > 7 {
+        return Err(step("--testbed")(format!(
+            "{:?} is too long for interface names (7 characters at most)",
+            o.testbed
+        )));
+    }
+    // Peak memory: two livemig VMs mid-migration; for QEMU, its source keeps a copy of the RAM
+    // image it loaded (to reload on reset) beside the RAM, plus the destination.
+    let need = o.memory * if o.peer_qemu { 3 } else { 2 } + (512 << 20);
+    match mem_available() {
+        Some(avail) if need > avail => Err(step("--memory")(format!(
+            "{} MiB of guest needs about {} MiB free {}, this machine has {} MiB",
+            o.memory >> 20,
+            need >> 20,
+            if o.peer_qemu { "with --peer qemu" } else { "" },
+            avail >> 20
+        ))),
+        _ => Ok(()),
+    }
+}
+
+pub fn transports(o: &TransportsOptions) -> Result<BenchReport, BenchError> {
+    preflight(o)?;
+    let dir = std::path::absolute(&o.out)?;
+    std::fs::create_dir_all(&dir)?;
+    let tb = Testbed::new(&o.testbed, o.scale)?;
+    let existed = tb.status()?.present;
+    tb.up()?;
+    let qemu_steps = if o.peer_qemu {
+        1 + QEMU_RUNS.len() as u64
+    } else {
+        0
+    };
+    let ui = Ui::new(3 + 1 + LIVEMIG_RUNS.len() as u64 + qemu_steps);
+    let mut bench = Bench {
+        o,
+        tb: &tb,
+        ui: &ui,
+        dir: dir.clone(),
+        goodput: Vec::new(),
+        port: 7700,
+    };
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let res = bench.all_runs(&mut rows);
+    ui.finish();
+    if !existed && !o.keep_testbed {
+        if let Err(e) = tb.down() {
+            notes.push(format!("removing the testbed: {e}"));
+        }
+    }
+    res?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    notes.push(format!(
+        "{cpus} host CPUs run both hosts, both VMs and every migration thread; a veth pair \
+         here carries ~15 Gbit/s in total, so rows on 10 GbE links can be capped by the \
+         machine, not by the link"
+    ));
+    let report = BenchReport {
+        memory_bytes: o.memory,
+        vcpus: o.vcpus,
+        workload: o.workload.clone(),
+        memory_profile: o.memory_profile.to_string(),
+        downtime_target_ms: o.downtime_ms(),
+        scale: o.scale,
+        host_cpus: cpus,
+        links: bench.goodput.clone(),
+        ratios: ratios(&rows),
+        rows,
+        notes,
+    };
+    std::fs::write(
+        dir.join("bench.json"),
+        serde_json::to_vec_pretty(&report).map_err(|e| step("bench.json")(e.to_string()))?,
+    )?;
+    crate::chart::draw(&report, &dir.join("bench.png")).map_err(step("bench.png"))?;
+    Ok(report)
+}

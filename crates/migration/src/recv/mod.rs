@@ -1,0 +1,520 @@
+//! The destination side: the state machines of [`state`] driven over the control connection
+//! and the page streams; pages are placed at their final address and the VM resumes only once
+//! it holds everything.
+pub mod state;
+mod streams;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use transport::{Connection, ShutdownHandle};
+use vmm::memory::{GuestRam, PAGE_SIZE};
+use vmm::{Console, PreparedVm, Vm, VmState};
+
+use crate::codec;
+use crate::protocol::{
+    self, BatchHead, CompressedBatch, DirectRead, Entry, FrameReader, FrameWriter, Kind, Prepare,
+    ProtocolError, Transport, VerifyOutcome,
+};
+use crate::{thread_cpu_seconds, MigrationError};
+pub use state::{ReceiveMigrationState, Step, StreamState};
+use streams::RoundBarrier;
+
+/// Largest VM we agree to build for a peer.
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    pub console: Console,
+    /// A peer silent for this long is taken for dead.
+    pub peer_timeout: Duration,
+    /// How long the guest gets to verify its memory after resume.
+    pub verify_timeout: Duration,
+    /// How long the page streams a Config announces have to connect.
+    pub stream_accept_timeout: Duration,
+    /// The control connection's read timeout while page streams carry the rounds (it is quiet
+    /// then; a dead peer shows on the streams, which close it).
+    pub control_idle_timeout: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions {
+            console: Console::Discard,
+            peer_timeout: Duration::from_secs(60),
+            verify_timeout: Duration::from_secs(60),
+            stream_accept_timeout: Duration::from_secs(30),
+            control_idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What the destination saw.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveStats {
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub rounds: u32,
+    /// CPU seconds of the page stream threads.
+    pub stream_cpu_seconds: f64,
+}
+
+impl ReceiveStats {
+    fn add(&mut self, o: &ReceiveStats) {
+        self.pages += o.pages;
+        self.zero_pages += o.zero_pages;
+        self.stream_cpu_seconds += o.stream_cpu_seconds;
+    }
+}
+
+fn check_config(p: &Prepare) -> Result<(), ProtocolError> {
+    let c = &p.vm;
+    let bad = |why: String| ProtocolError::Malformed {
+        kind: Kind::Config,
+        why,
+    };
+    if c.memory == 0 || c.memory > MAX_MEMORY || c.vcpus == 0 || c.vcpus > vmm::vm::MAX_VCPUS {
+        return Err(bad(format!(
+            "unreasonable VM: {} bytes, {} vCPUs",
+            c.memory, c.vcpus
+        )));
+    }
+    if p.streams > protocol::MAX_STREAMS {
+        return Err(bad(format!(
+            "{} page streams, the limit is {}",
+            p.streams,
+            protocol::MAX_STREAMS
+        )));
+    }
+    Ok(())
+}
+
+/// Receives one VM: accepts its control connection and page streams on `listener`. Returns
+/// the VM running; on any error nothing is left behind.
+pub fn receive(
+    listener: &transport::Listener,
+    opts: &ReceiveOptions,
+) -> Result<(Vm, ReceiveStats), MigrationError> {
+    let mut conn = listener.accept()?;
+    conn.set_read_timeout(Some(opts.peer_timeout))
+        .map_err(|source| MigrationError::Socket {
+            what: "setting the read timeout",
+            source,
+        })?;
+    let cpu0 = thread_cpu_seconds();
+    let result = run(&mut conn, listener, opts, cpu0);
+    if let Err(e) = &result {
+        // Best effort: tell the source why, so it can say so too.
+        if !matches!(e, MigrationError::Protocol(ProtocolError::PeerAborted(_))) {
+            let _ = FrameWriter::new(&mut conn.writer).send_abort(&e.to_string());
+        }
+        conn.shutdown();
+    }
+    result
+}
+
+fn run(
+    conn: &mut Connection,
+    listener: &transport::Listener,
+    opts: &ReceiveOptions,
+    cpu0: f64,
+) -> Result<(Vm, ReceiveStats), MigrationError> {
+    let hello = protocol::accept_hello(&mut conn.reader, &mut conn.writer)?;
+    let control = conn
+        .shutdown_handle()
+        .map_err(|source| MigrationError::Socket {
+            what: "cloning the control socket",
+            source,
+        })?;
+    let split = conn.split();
+    let mut input = FrameReader::new(split.reader);
+    let mut out = FrameWriter::new(split.writer);
+
+    // Prepare: build the VM and take the page streams it announces.
+    let (state, prep) = match ReceiveMigrationState::AwaitingConfig.next(input.next_frame()?)? {
+        (s, Step::Prepare(p)) => (s, p),
+        (s, _) => {
+            return Err(ProtocolError::Unexpected {
+                kind: Kind::Config,
+                state: s.name(),
+            }
+            .into())
+        }
+    };
+    check_config(&prep)?;
+    let streams = accept_streams(listener, &prep, opts)?;
+    if !streams.is_empty() {
+        control
+            .set_read_timeout(Some(opts.peer_timeout.max(opts.control_idle_timeout)))
+            .map_err(|source| MigrationError::Socket {
+                what: "setting the read timeout",
+                source,
+            })?;
+    }
+    let prepared = PreparedVm::new(&prep.vm)?;
+    out.send(Kind::Ready, &[])?;
+    out.flush()?;
+
+    // Memory, until the paused source's state and Done.
+    let (vm_state, stats) = receive_memory(
+        &mut input,
+        state,
+        prepared.ram(),
+        streams,
+        hello.transport,
+        &control,
+    )?;
+
+    // Everything is here: load the state paused, confirm, then run.
+    let mut vm = prepared.finish(&vm_state, &opts.console, true)?;
+    out.send(Kind::Confirm, &[])?;
+    out.flush()?;
+    vm.resume()?;
+    let outcome = VerifyOutcome {
+        cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
+        ..verify(&vm, opts.verify_timeout)
+    };
+    out.send_verified(&outcome)?;
+    out.flush()?;
+    let _ = out.inner().flush();
+    Ok((vm, stats))
+}
+
+/// Takes the page streams a Config announced, each checked against the migration's session.
+fn accept_streams(
+    listener: &transport::Listener,
+    prep: &Prepare,
+    opts: &ReceiveOptions,
+) -> Result<Vec<Connection>, MigrationError> {
+    let deadline = Instant::now() + opts.stream_accept_timeout;
+    let mut slots: Vec<Option<Connection>> = (0..prep.streams).map(|_| None).collect();
+    for _ in 0..prep.streams {
+        let mut c = listener.accept_until(deadline)?;
+        c.set_read_timeout(Some(opts.peer_timeout))
+            .map_err(|source| MigrationError::Socket {
+                what: "setting the read timeout",
+                source,
+            })?;
+        let i = protocol::read_data_hello(&mut c.reader, prep.session, prep.streams)? as usize;
+        if slots[i].replace(c).is_some() {
+            return Err(ProtocolError::Malformed {
+                kind: Kind::Config,
+                why: format!("page stream {i} connected twice"),
+            }
+            .into());
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// The memory phase: the control connection's state machine on this thread, one thread per
+/// page stream; any failure closes every connection so no thread waits for a dead peer.
+fn receive_memory<R: DirectRead>(
+    input: &mut FrameReader<R>,
+    state: ReceiveMigrationState,
+    ram: &GuestRam,
+    streams: Vec<Connection>,
+    transport: Transport,
+    control: &ShutdownHandle,
+) -> Result<(VmState, ReceiveStats), MigrationError> {
+    let handles = streams
+        .iter()
+        .map(|c| c.shutdown_handle())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| MigrationError::Socket {
+            what: "cloning a page stream's socket",
+            source,
+        })?;
+    let barrier = RoundBarrier::new(streams.len());
+    std::thread::scope(|sc| {
+        let workers: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let barrier = &barrier;
+                sc.spawn(move || {
+                    let r = streams::page_stream(i, c, ram, barrier, transport);
+                    if r.is_err() {
+                        barrier.abort();
+                        control.shutdown();
+                    }
+                    r
+                })
+            })
+            .collect();
+        let r = control_loop(input, state, ram, transport, &barrier);
+        if r.is_err() {
+            barrier.abort();
+            handles.iter().for_each(ShutdownHandle::shutdown);
+        }
+        let mut stats = ReceiveStats::default();
+        let mut first_err = None;
+        for w in workers {
+            match w.join() {
+                Ok(Ok(s)) => stats.add(&s),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(MigrationError::StreamFailed);
+                }
+            }
+        }
+        // The stream that failed first says why better than the control connection it closed.
+        let (vm_state, control_stats) = match (r, first_err) {
+            (Ok(v), None) => v,
+            (_, Some(e)) | (Err(e), None) => return Err(e),
+        };
+        stats.add(&control_stats);
+        stats.rounds = control_stats.rounds;
+        Ok((vm_state, stats))
+    })
+}
+
+/// The control connection after Ready: the state machine until Complete.
+fn control_loop<R: DirectRead>(
+    input: &mut FrameReader<R>,
+    mut state: ReceiveMigrationState,
+    ram: &GuestRam,
+    transport: Transport,
+    streams: &RoundBarrier,
+) -> Result<(VmState, ReceiveStats), MigrationError> {
+    let mut stats = ReceiveStats::default();
+    let mut scratch = Vec::new();
+    loop {
+        let (next, step) = state.next(input.next_frame()?)?;
+        state = next;
+        if matches!(
+            step,
+            Step::Pages { .. } | Step::Compressed(_) | Step::Direct(_)
+        ) {
+            // With page streams, the control connection carries only the last (paused)
+            // round, which must land after everything the streams brought.
+            streams.wait_all_finished()?;
+        }
+        match step {
+            Step::Direct(entries) => place_direct(input, &entries, ram, &mut stats)?,
+            step => place(step, ram, transport, &mut scratch, &mut stats)?,
+        }
+        if let ReceiveMigrationState::Complete { rounds, state } = state {
+            stats.rounds = rounds;
+            return Ok((*state, stats));
+        }
+    }
+}
+
+/// Carries out a step that needs no more of the stream: places a batch (decompressing it
+/// first), or nothing.
+fn place(
+    step: Step<'_>,
+    ram: &GuestRam,
+    transport: Transport,
+    scratch: &mut Vec<u8>,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
+    match step {
+        Step::Pages { head, data } => place_batch(ram, &head, data, Kind::Pages, stats),
+        Step::Compressed(b) if transport == Transport::Compressed => {
+            place_compressed(ram, &b, scratch, stats)
+        }
+        Step::Compressed(_) | Step::Direct(_) => Err(ProtocolError::Unexpected {
+            kind: if matches!(step, Step::Direct(_)) {
+                Kind::PagesDirect
+            } else {
+                Kind::PagesCompressed
+            },
+            state: "a transport that does not send it",
+        }
+        .into()),
+        Step::Prepare(_) | Step::RoundEnd | Step::Nothing => Ok(()),
+    }
+}
+
+fn place_compressed(
+    ram: &GuestRam,
+    b: &CompressedBatch<'_>,
+    scratch: &mut Vec<u8>,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
+    codec::decompress(b.codec, b.data, b.raw_len, scratch).map_err(|e| {
+        ProtocolError::Malformed {
+            kind: Kind::PagesCompressed,
+            why: e.to_string(),
+        }
+    })?;
+    place_batch(ram, &b.head, scratch, Kind::PagesCompressed, stats)
+}
+
+/// Puts a PagesDirect frame's page data straight into guest RAM at its final place: one splice
+/// from the socket into the memfd per run of consecutive data pages, zero pages as holes.
+fn place_direct<R: DirectRead>(
+    input: &mut FrameReader<R>,
+    entries: &[Entry],
+    ram: &GuestRam,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
+    if let Some(e) = entries.iter().find(|e| e.offset() >= ram.size()) {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::PagesDirect,
+            why: format!("page offset {:#x} is beyond guest RAM", e.offset()),
+        }
+        .into());
+    }
+    for (off, n, zero) in runs(entries.iter().map(|e| (e.offset(), e.is_zero()))) {
+        let len = n as u64 * PAGE_SIZE;
+        if zero {
+            ram.zero_range(off, len)?;
+            stats.zero_pages += n as u64;
+        } else {
+            // Memfd offsets: a run is contiguous in the file even where it crosses from low
+            // to high RAM.
+            input.read_direct(ram.backing_file(), off, len as usize)?;
+        }
+        stats.pages += n as u64;
+    }
+    Ok(())
+}
+
+/// Runs of consecutive pages of one kind: (first offset, pages, zero).
+fn runs(pages: impl Iterator<Item = (u64, bool)>) -> Vec<(u64, usize, bool)> {
+    let mut out: Vec<(u64, usize, bool)> = Vec::new();
+    for (off, zero) in pages {
+        match out.last_mut() {
+            Some((start, n, z)) if *z == zero && *start + *n as u64 * PAGE_SIZE == off => *n += 1,
+            _ => out.push((off, 1, zero)),
+        }
+    }
+    out
+}
+
+/// Puts a batch's pages at their final place: runs of consecutive pages of one kind in one
+/// call, data through the memfd (no pre-zeroing of fresh pages), zero pages as holes.
+fn place_batch(
+    ram: &GuestRam,
+    head: &BatchHead<'_>,
+    data: &[u8],
+    kind: Kind,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
+    head.validate(data.len(), ram.size(), kind)?;
+    let mut at = 0;
+    for (off, n, zero) in runs(head.entries().iter().map(|e| (e.offset(), e.is_zero()))) {
+        let len = n as u64 * PAGE_SIZE;
+        if zero {
+            ram.zero_range(off, len)?;
+            stats.zero_pages += n as u64;
+        } else {
+            // Consecutive data pages sit back to back in the batch's data: one write.
+            let end = at + len as usize;
+            ram.write_at(off, &data[at..end])?;
+            at = end;
+        }
+        stats.pages += n as u64;
+    }
+    Ok(())
+}
+
+/// The guest's own verdict on its memory, once it runs here.
+fn verify(vm: &Vm, timeout: Duration) -> VerifyOutcome {
+    let st = &vm.io().status;
+    let outcome = |ok: bool, detail: String| VerifyOutcome {
+        ok,
+        detail,
+        cpu_seconds: 0.0,
+    };
+    if st.report().ready_pages.is_none() {
+        return outcome(
+            false,
+            "not verifiable: the guest is not the livemig workload guest".into(),
+        );
+    }
+    let t = Instant::now();
+    let o = match st.verify(timeout).and_then(|r| r.last_verify) {
+        Some(vmm::devices::VerifyResult::Ok { pages }) => {
+            outcome(true, format!("VERIFY OK pages={pages}"))
+        }
+        Some(vmm::devices::VerifyResult::Bad { first_bad_addr }) => outcome(
+            false,
+            format!("VERIFY FAIL first bad address {first_bad_addr:#x}"),
+        ),
+        None => outcome(
+            false,
+            format!("no verify result within {timeout:?} (not our workload guest?)"),
+        ),
+    };
+    tracing::info!(
+        "guest verify on the destination took {:?}: {}",
+        t.elapsed(),
+        o.detail
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_group_consecutive_pages_of_one_kind() {
+        let p = PAGE_SIZE;
+        let r = runs(
+            [
+                (0, false),
+                (p, false),
+                (2 * p, true),
+                (3 * p, true),
+                (9 * p, true),
+                (10 * p, false),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(
+            r,
+            vec![
+                (0, 2, false),
+                (2 * p, 2, true),
+                (9 * p, 1, true),
+                (10 * p, 1, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_lands_at_its_offsets() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut b = protocol::PageBatch::default();
+        b.push(0, false);
+        b.push(4096, false);
+        b.push(1 << 20, true);
+        let mut payload = b.head();
+        payload.extend(std::iter::repeat_n(7u8, 4096));
+        payload.extend(std::iter::repeat_n(9u8, 4096));
+        let protocol::Frame::Pages { head, data } =
+            protocol::decode(Kind::Pages, &payload).unwrap()
+        else {
+            panic!("not a Pages frame")
+        };
+        let mut st = ReceiveStats::default();
+        place_batch(&ram, &head, data, Kind::Pages, &mut st).unwrap();
+        let mut wrong = ReceiveStats::default();
+        assert!(place_batch(&ram, &head, &data[..4096], Kind::Pages, &mut wrong).is_err());
+        let mut back = vec![0u8; 8192];
+        ram.read_at(0, &mut back).unwrap();
+        assert!(back[..4096].iter().all(|&x| x == 7) && back[4096..].iter().all(|&x| x == 9));
+        assert_eq!((st.pages, st.zero_pages), (3, 1));
+    }
+
+    #[test]
+    fn a_batch_beyond_guest_ram_is_refused() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut br = std::io::BufReader::new(std::io::Cursor::new(Vec::new()));
+        let mut input = FrameReader::new(&mut br);
+        let e = place_direct(
+            &mut input,
+            &[Entry::new(64 << 20, true)],
+            &ram,
+            &mut ReceiveStats::default(),
+        );
+        assert!(e.is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! The destination's state machines, as Cloud Hypervisor's `ReceiveMigrationState`: one enum
+//! per connection kind and one transition function each. They are pure: a frame in, the next
+//! state and the [`Step`] the mechanism must carry out; anything unexpected is an error that
+//! names the state and the frame.
+use vmm::{VmConfig, VmState};
+
+use crate::protocol::{BatchHead, CompressedBatch, Entry, Frame, Kind, Prepare, ProtocolError};
+
+/// Where an incoming migration is, on its control connection.
+#[derive(Debug)]
+pub enum ReceiveMigrationState {
+    /// The handshake is done; the source's Config comes next.
+    AwaitingConfig,
+    /// The VM is built and Ready was sent; memory arrives in rounds.
+    ReceivingMemory { vm: VmConfig, rounds: u32 },
+    /// The paused source's device state is here; only Done may follow.
+    StateReceived { rounds: u32, state: Box<VmState> },
+    /// Everything is here: the VM can be loaded, confirmed and resumed.
+    Complete { rounds: u32, state: Box<VmState> },
+}
+
+/// What the mechanism does for an accepted frame.
+#[derive(Debug)]
+pub enum Step<'f> {
+    /// Build this VM, take its page streams, say Ready.
+    Prepare(Prepare),
+    /// Place these pages into guest RAM.
+    Pages { head: BatchHead<'f>, data: &'f [u8] },
+    /// Decompress, then place.
+    Compressed(CompressedBatch<'f>),
+    /// Place these pages, whose data follows on the stream.
+    Direct(Vec<Entry>),
+    /// A round is complete.
+    RoundEnd,
+    /// Nothing beyond the new state.
+    Nothing,
+}
+
+impl ReceiveMigrationState {
+    /// The state's name, as errors give it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReceiveMigrationState::AwaitingConfig => "awaiting-config",
+            ReceiveMigrationState::ReceivingMemory { .. } => "receiving-memory",
+            ReceiveMigrationState::StateReceived { .. } => "state-received",
+            ReceiveMigrationState::Complete { .. } => "complete",
+        }
+    }
+
+    /// The one transition function.
+    pub fn next(self, frame: Frame<'_>) -> Result<(Self, Step<'_>), ProtocolError> {
+        use ReceiveMigrationState as S;
+        Ok(match (self, frame) {
+            (S::AwaitingConfig, Frame::Config(p)) => (
+                S::ReceivingMemory {
+                    vm: p.vm.clone(),
+                    rounds: 0,
+                },
+                Step::Prepare(p),
+            ),
+            (s @ S::ReceivingMemory { .. }, f) if is_pages(&f) => (s, page_step(f)),
+            (S::ReceivingMemory { vm, rounds }, Frame::RoundEnd(_)) => (
+                S::ReceivingMemory {
+                    vm,
+                    rounds: rounds + 1,
+                },
+                Step::RoundEnd,
+            ),
+            (S::ReceivingMemory { vm, rounds }, Frame::State(state)) => {
+                if state.config != vm {
+                    return Err(ProtocolError::Malformed {
+                        kind: Kind::State,
+                        why: format!("state is for {:?}, the VM built was {vm:?}", state.config),
+                    });
+                }
+                (S::StateReceived { rounds, state }, Step::Nothing)
+            }
+            (S::StateReceived { rounds, state }, Frame::Done) => {
+                (S::Complete { rounds, state }, Step::Nothing)
+            }
+            (s, f) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: f.kind(),
+                    state: s.name(),
+                })
+            }
+        })
+    }
+}
+
+fn is_pages(f: &Frame<'_>) -> bool {
+    matches!(
+        f,
+        Frame::Pages { .. } | Frame::PagesCompressed(_) | Frame::PagesDirect(_)
+    )
+}
+
+/// The step for a page frame (see [`is_pages`]).
+fn page_step(f: Frame<'_>) -> Step<'_> {
+    match f {
+        Frame::Pages { head, data } => Step::Pages { head, data },
+        Frame::PagesCompressed(c) => Step::Compressed(c),
+        Frame::PagesDirect(head) => Step::Direct(head.entries().to_vec()),
+        _ => Step::Nothing,
+    }
+}
+
+/// Where a page stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamState {
+    /// Pages and round ends arrive.
+    Receiving,
+    /// The source said Done: this stream carries nothing more.
+    Finished,
+}
+
+impl StreamState {
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamState::Receiving => "stream-receiving",
+            StreamState::Finished => "stream-finished",
+        }
+    }
+
+    /// The page stream's transition function.
+    pub fn next(self, frame: Frame<'_>) -> Result<(Self, Step<'_>), ProtocolError> {
+        Ok(match (self, frame) {
+            (StreamState::Receiving, f) if is_pages(&f) => (self, page_step(f)),
+            (StreamState::Receiving, Frame::RoundEnd(_)) => (self, Step::RoundEnd),
+            (StreamState::Receiving, Frame::Done) => (StreamState::Finished, Step::Nothing),
+            (s, f) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: f.kind(),
+                    state: s.name(),
+                })
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{RoundEnd, VerifyOutcome};
+
+    fn vm() -> VmConfig {
+        VmConfig {
+            memory: 64 << 20,
+            vcpus: 1,
+        }
+    }
+
+    fn state_for(config: VmConfig) -> Box<VmState> {
+        Box::new(VmState {
+            config,
+            vcpus: Vec::new(),
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+            uart: Default::default(),
+            guest: Default::default(),
+            skipped: Vec::new(),
+        })
+    }
+
+    fn prepare() -> Frame<'static> {
+        Frame::Config(Prepare {
+            vm: vm(),
+            streams: 0,
+            session: 1,
+        })
+    }
+
+    fn verified() -> Frame<'static> {
+        Frame::Verified(VerifyOutcome {
+            ok: true,
+            detail: String::new(),
+            cpu_seconds: 0.0,
+        })
+    }
+
+    /// Feeds `s` a frame it must refuse; the error names the state and the frame's kind.
+    fn refuses(s: ReceiveMigrationState, f: Frame<'_>) {
+        let (name, kind) = (s.name(), f.kind());
+        let e = s.next(f).expect_err("unexpected frame accepted");
+        let msg = e.to_string();
+        assert!(
+            matches!(e, ProtocolError::Unexpected { kind: k, state } if k == kind && state == name),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(name) && msg.contains(&format!("{kind:?}")),
+            "{msg}"
+        );
+    }
+
+    fn receiving() -> ReceiveMigrationState {
+        ReceiveMigrationState::ReceivingMemory {
+            vm: vm(),
+            rounds: 0,
+        }
+    }
+
+    #[test]
+    fn a_migration_walks_every_state_in_order() {
+        let s = ReceiveMigrationState::AwaitingConfig;
+        let (s, step) = s.next(prepare()).unwrap();
+        assert!(matches!(step, Step::Prepare(p) if p.vm == vm()));
+        let (s, step) = s
+            .next(Frame::RoundEnd(RoundEnd { round: 0, pages: 0 }))
+            .unwrap();
+        assert!(matches!(step, Step::RoundEnd));
+        let (s, _) = s.next(Frame::State(state_for(vm()))).unwrap();
+        assert_eq!(s.name(), "state-received");
+        let (s, _) = s.next(Frame::Done).unwrap();
+        assert!(matches!(
+            s,
+            ReceiveMigrationState::Complete { rounds: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn awaiting_config_refuses_anything_else() {
+        refuses(ReceiveMigrationState::AwaitingConfig, Frame::Done);
+        refuses(
+            ReceiveMigrationState::AwaitingConfig,
+            Frame::RoundEnd(RoundEnd { round: 0, pages: 0 }),
+        );
+        refuses(
+            ReceiveMigrationState::AwaitingConfig,
+            Frame::State(state_for(vm())),
+        );
+    }
+
+    #[test]
+    fn receiving_memory_refuses_config_done_and_answers() {
+        refuses(receiving(), prepare());
+        refuses(receiving(), Frame::Done);
+        refuses(receiving(), Frame::Confirm);
+        refuses(receiving(), verified());
+    }
+
+    #[test]
+    fn state_received_refuses_all_but_done() {
+        let s = || ReceiveMigrationState::StateReceived {
+            rounds: 2,
+            state: state_for(vm()),
+        };
+        refuses(s(), Frame::RoundEnd(RoundEnd { round: 3, pages: 1 }));
+        refuses(s(), Frame::State(state_for(vm())));
+        refuses(s(), Frame::Ready);
+    }
+
+    #[test]
+    fn complete_refuses_everything() {
+        let s = || ReceiveMigrationState::Complete {
+            rounds: 2,
+            state: state_for(vm()),
+        };
+        refuses(s(), Frame::Done);
+        refuses(s(), Frame::RoundEnd(RoundEnd { round: 3, pages: 1 }));
+    }
+
+    #[test]
+    fn a_state_for_another_vm_is_refused() {
+        let other = VmConfig {
+            memory: 128 << 20,
+            vcpus: 1,
+        };
+        let e = receiving()
+            .next(Frame::State(state_for(other)))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::Malformed {
+                    kind: Kind::State,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn page_streams_carry_pages_and_round_ends_until_done() {
+        let s = StreamState::Receiving;
+        let (s, step) = s
+            .next(Frame::RoundEnd(RoundEnd { round: 1, pages: 9 }))
+            .unwrap();
+        assert!(matches!(step, Step::RoundEnd));
+        let (s, _) = s.next(Frame::Done).unwrap();
+        assert_eq!(s, StreamState::Finished);
+        for (st, f) in [
+            (StreamState::Receiving, prepare()),
+            (StreamState::Receiving, Frame::State(state_for(vm()))),
+            (StreamState::Finished, Frame::Done),
+            (
+                StreamState::Finished,
+                Frame::RoundEnd(RoundEnd { round: 2, pages: 0 }),
+            ),
+        ] {
+            let (name, kind) = (st.name(), f.kind());
+            let e = st.next(f).unwrap_err();
+            assert!(
+                matches!(e, ProtocolError::Unexpected { kind: k, state } if k == kind && state == name),
+                "{e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Compression workers for the `compressed` page path, pipelined with sending: the sender
+//! copies pages and writes frames while workers compress the batches in flight. Which codec,
+//! or none, is the [`CodecPolicy`]'s decision; this only carries it out and measures.
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::codec::{self, Choice, CodecPolicy};
+use crate::report::CompressionReport;
+use crate::{thread_cpu_seconds, MigrationError};
+
+/// A batch on its way through a worker.
+pub(super) struct Job {
+    pub head: Vec<u8>,
+    pub data: Vec<u8>,
+    pub out: Vec<u8>,
+    pub choice: Choice,
+    pub secs: f64,
+}
+
+pub(super) struct Compressor {
+    pub policy: CodecPolicy,
+    jobs: Option<SyncSender<Job>>,
+    done: Receiver<Job>,
+    workers: Vec<std::thread::JoinHandle<f64>>,
+    in_flight: usize,
+    max_in_flight: usize,
+    pub stats: CompressionReport,
+}
+
+impl Compressor {
+    /// One worker per core; `cap`: the migration's bandwidth cap in bits/s, if any.
+    pub fn start(cap: Option<u64>) -> Result<Self, MigrationError> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (jtx, jrx) = sync_channel::<Job>(2 * n);
+        let (dtx, drx) = std::sync::mpsc::channel::<Job>();
+        let jrx = Arc::new(Mutex::new(jrx));
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let (jrx, dtx) = (jrx.clone(), dtx.clone());
+            let w = std::thread::Builder::new()
+                .name(format!("compress{i}"))
+                .spawn(move || work(&jrx, &dtx))
+                .map_err(|source| MigrationError::Thread {
+                    what: "compression worker",
+                    source,
+                })?;
+            workers.push(w);
+        }
+        Ok(Compressor {
+            policy: CodecPolicy::new(n).with_cap(cap.map(|bps| bps as f64 / 8.0)),
+            jobs: Some(jtx),
+            done: drx,
+            workers,
+            in_flight: 0,
+            max_in_flight: 2 * n,
+            stats: CompressionReport::default(),
+        })
+    }
+
+    /// Hands a batch to the workers.
+    pub fn submit(&mut self, job: Job) -> Result<(), MigrationError> {
+        let gone = || MigrationError::Thread {
+            what: "compression worker",
+            source: std::io::Error::other("the workers are gone"),
+        };
+        self.jobs
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(job)
+            .map_err(|_| gone())?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// A finished batch: waiting for one when `wait` (or when the pipeline is full), else
+    /// only if one is ready.
+    pub fn finished(&mut self, wait: bool) -> Result<Option<Job>, MigrationError> {
+        if self.in_flight == 0 {
+            return Ok(None);
+        }
+        let job = if wait || self.in_flight >= self.max_in_flight {
+            self.done
+                .recv()
+                .map(Some)
+                .map_err(|_| MigrationError::Thread {
+                    what: "compression worker",
+                    source: std::io::Error::other("the workers are gone"),
+                })?
+        } else {
+            self.done.try_recv().ok()
+        };
+        if job.is_some() {
+            self.in_flight -= 1;
+        }
+        Ok(job)
+    }
+
+    /// Stops the workers; returns their CPU seconds.
+    pub fn finish(&mut self) -> f64 {
+        self.jobs = None;
+        self.workers.drain(..).filter_map(|w| w.join().ok()).sum()
+    }
+
+    /// The report of what was compressed, with the workers' CPU.
+    pub fn report(&mut self) -> CompressionReport {
+        let mut r = self.stats.clone();
+        r.codec_cpu_seconds = self.finish();
+        r.ratio = if r.raw_bytes > 0 {
+            r.compressed_bytes as f64 / r.raw_bytes as f64
+        } else {
+            1.0
+        };
+        r
+    }
+}
+
+impl Drop for Compressor {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// A worker: compresses jobs until the queue closes; returns its CPU seconds.
+fn work(jobs: &Mutex<std::sync::mpsc::Receiver<Job>>, done: &std::sync::mpsc::Sender<Job>) -> f64 {
+    let cpu0 = thread_cpu_seconds();
+    loop {
+        let job = locks::lock(jobs).recv();
+        let Ok(mut job) = job else { break };
+        if let Choice::Compress(c) = job.choice {
+            let t = Instant::now();
+            if codec::compress(c, &job.data, &mut job.out).is_err() {
+                job.choice = Choice::Raw;
+            }
+            job.secs = t.elapsed().as_secs_f64();
+        }
+        if done.send(job).is_err() {
+            break;
+        }
+    }
+    thread_cpu_seconds() - cpu0
+}

@@ -1,0 +1,118 @@
+//! One connection's sending side, the same for the control connection and each page stream:
+//! frames through its buffered writer, direct page data straight from guest RAM through its
+//! socket with zero-copy.
+use std::io::{BufReader, BufWriter};
+use std::net::TcpStream;
+use std::os::fd::BorrowedFd;
+
+use transport::{CountingReader, CountingWriter, Split, ZeroCopy};
+use vmm::memory::{GuestRam, PAGE_SIZE};
+
+use crate::codec::Codec;
+use crate::protocol::{FrameWriter, ProtocolError};
+use crate::MigrationError;
+
+pub(super) type Reader<'a> = &'a mut BufReader<CountingReader<TcpStream>>;
+type Writer<'a> = &'a mut BufWriter<CountingWriter<TcpStream>>;
+
+/// A batch ready for the wire.
+pub(super) enum Outgoing {
+    /// Batch head and the copied data of its non-zero pages.
+    Pages { head: Vec<u8>, data: Vec<u8> },
+    /// Batch head and its data pages compressed (`raw_len` bytes when decompressed).
+    Compressed {
+        codec: Codec,
+        raw_len: usize,
+        head: Vec<u8>,
+        data: Vec<u8>,
+    },
+    /// Batch head and the memfd offsets of its data pages, sent from guest RAM as they are.
+    Direct { head: Vec<u8>, pages: Vec<u64> },
+}
+
+impl Outgoing {
+    /// What the batch adds to a stream's queue until written (for picking streams).
+    pub fn queued_len(&self) -> usize {
+        match self {
+            Outgoing::Pages { head, data } | Outgoing::Compressed { head, data, .. } => {
+                head.len() + data.len()
+            }
+            Outgoing::Direct { head, pages } => head.len() + pages.len() * PAGE_SIZE as usize,
+        }
+    }
+}
+
+pub(super) struct Link<'a> {
+    pub out: FrameWriter<Writer<'a>>,
+    socket: BorrowedFd<'a>,
+    /// Made on the first direct batch.
+    zc: Option<ZeroCopy<'a>>,
+}
+
+impl<'a> Link<'a> {
+    /// A link over a connection's parts whose frames continue at sequence `seq`; returns the
+    /// reader too, for the answers.
+    pub fn new(split: Split<'a>, seq: u32) -> (Self, Reader<'a>) {
+        let link = Link {
+            out: FrameWriter::with_seq(split.writer, seq),
+            socket: split.socket,
+            zc: None,
+        };
+        (link, split.reader)
+    }
+
+    /// Writes one batch.
+    pub fn send(&mut self, ram: &GuestRam, b: Outgoing) -> Result<(), MigrationError> {
+        match b {
+            Outgoing::Pages { head, data } => self.out.send_pages(&head, &data)?,
+            Outgoing::Compressed {
+                codec,
+                raw_len,
+                head,
+                data,
+            } => self.out.send_compressed(codec, raw_len, &head, &data)?,
+            Outgoing::Direct { head, pages } => self.send_direct(ram, &head, &pages)?,
+        }
+        Ok(())
+    }
+
+    /// One PagesDirect frame: header and head through the writer, page data zero-copy.
+    fn send_direct(
+        &mut self,
+        ram: &GuestRam,
+        head: &[u8],
+        pages: &[u64],
+    ) -> Result<(), MigrationError> {
+        let page = PAGE_SIZE as usize;
+        self.out.send_direct_head(head, pages.len() * page)?;
+        self.out.flush()?;
+        let slices = pages
+            .iter()
+            .map(|&o| ram.slice_at(o, page))
+            .collect::<Result<Vec<_>, _>>()?;
+        let zc = match &mut self.zc {
+            Some(z) => z,
+            None => {
+                let (counters, limit) = self.out.inner().get_ref().accounting();
+                self.zc.insert(
+                    ZeroCopy::new(self.socket, counters, limit).map_err(|source| {
+                        MigrationError::Socket {
+                            what: "SO_ZEROCOPY",
+                            source,
+                        }
+                    })?,
+                )
+            }
+        };
+        zc.send_all(&slices).map_err(ProtocolError::Io)?;
+        Ok(())
+    }
+
+    /// Waits until every zero-copy send has completed.
+    pub fn finish(&mut self) -> Result<(), MigrationError> {
+        if let Some(z) = &mut self.zc {
+            z.finish().map_err(ProtocolError::Io)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,584 @@
+//! The source side, in the phases operators know: prepare (the destination builds the VM),
+//! copy (all RAM the guest ever touched), sync (rounds from the dirty log until the rest fits
+//! the downtime), switchover (pause, last pages, device state, the destination's
+//! confirmation), cleanup (the VM is destroyed here). On any failure before the confirmation
+//! the VM keeps running here.
+mod compress;
+mod link;
+mod pages;
+mod streams;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use transport::{Connection, RateLimit};
+use vmm::dirty::{DirtyLog, SlotBitmap};
+use vmm::memory::{data_extents, GuestRam, PAGE_SIZE};
+use vmm::{Vm, VmConfig};
+
+use crate::policy::{ConvergencePolicy, Decision};
+use crate::protocol::{self, Frame, FrameReader, FrameWriter, Hello, Kind, RoundEnd, Transport};
+use crate::report::{CpuSeconds, Report, Round};
+use crate::{thread_cpu_seconds, MigrationError, Sampler, VerifyOutcome, Wire};
+use compress::Compressor;
+use link::{Link, Reader};
+use pages::{LinkMeter, PagePath, PageSender};
+use streams::Streams;
+
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    pub to: String,
+    pub policy: ConvergencePolicy,
+    pub connect_timeout: Duration,
+    /// How long to wait for the destination at each handshake step and for its confirmation.
+    pub peer_timeout: Duration,
+    /// Cap on what the migration sends, in bits/s, across all its streams.
+    pub max_bandwidth: Option<u64>,
+    pub transport: Transport,
+    /// Page streams beside the control connection (0: pages go on the control connection).
+    pub channels: u16,
+    /// Per page stream, the local address to leave from and the remote host to reach (the
+    /// port is `to`'s): one NIC pair each. Overrides `channels` when set.
+    pub network: Vec<(std::net::IpAddr, String)>,
+}
+
+impl MigrateOptions {
+    pub fn new(to: impl Into<String>) -> Self {
+        MigrateOptions {
+            to: to.into(),
+            policy: ConvergencePolicy::default(),
+            connect_timeout: Duration::from_secs(10),
+            peer_timeout: Duration::from_secs(120),
+            max_bandwidth: None,
+            transport: Transport::Tcp,
+            channels: 0,
+            network: Vec::new(),
+        }
+    }
+
+    /// Where each page stream connects from (None: the default route) and to.
+    fn stream_targets(&self) -> Vec<(Option<std::net::IpAddr>, String)> {
+        let port = self.to.rsplit_once(':').map_or("", |(_, p)| p);
+        let targets: Vec<_> = if self.network.is_empty() {
+            (0..self.channels)
+                .map(|_| (None, self.to.clone()))
+                .collect()
+        } else {
+            self.network
+                .iter()
+                .map(|(l, r)| (Some(*l), format!("{r}:{port}")))
+                .collect()
+        };
+        targets
+            .into_iter()
+            .take(protocol::MAX_STREAMS as usize)
+            .collect()
+    }
+}
+
+/// Where a running migration is; for progress bars.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub phase: String,
+    pub round: u32,
+    pub bytes_on_wire: u64,
+    pub pages_sent: u64,
+    pub ram_bytes: u64,
+    pub last_round_pages: u64,
+}
+
+/// Longest wait for a round to be delivered; past it the migration goes on (a dead peer
+/// shows up as a failed write or read, not here).
+const DELIVERY_WAIT: Duration = Duration::from_secs(10);
+/// A round must move at least this much to update the measured throughput.
+const MIN_RATE_SAMPLE: u64 = 1 << 20;
+/// Progress is reported every this many pages within a round.
+const PROGRESS_EVERY: u64 = 16384;
+
+/// Moves the VM behind `vm` to `opts.to`. On success the source VM is destroyed; on any
+/// failure before the destination holds everything it keeps running here.
+pub fn migrate(
+    vm: &Arc<Mutex<Vm>>,
+    opts: &MigrateOptions,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> Result<Report, MigrationError> {
+    run(vm, opts, progress).map_err(|e| e.on_control(&opts.to))
+}
+
+fn run(
+    vm: &Arc<Mutex<Vm>>,
+    opts: &MigrateOptions,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> Result<Report, MigrationError> {
+    let (t0, cpu0) = (Instant::now(), thread_cpu_seconds());
+    let source = Source::of(vm)?;
+    let limit = opts.max_bandwidth.map(|b| Arc::new(RateLimit::new(b)));
+    let session = session_id();
+    let mut conn = connect(opts, &source.config, session, &limit)?;
+    let streams = connect_streams(opts, session, &limit)?;
+    let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
+    s.prepare()?;
+    let mut guard = SourceGuard::arm(vm, &s.dirty)?;
+    s.report.dirty_log = guard.mode.into();
+    s.copy()?;
+    s.sync()?;
+    s.switchover(&mut guard)?;
+    s.cleanup();
+    Ok(s.finish(cpu0))
+}
+
+/// What the migration takes from the VM: its shape, its RAM and its dirty log.
+struct Source {
+    config: VmConfig,
+    ram: Arc<GuestRam>,
+    dirty: Arc<Mutex<DirtyLog>>,
+}
+
+impl Source {
+    fn of(vm: &Mutex<Vm>) -> Result<Self, MigrationError> {
+        let mut g = locks::lock(vm);
+        match g.poll() {
+            vmm::RunState::Running => Ok(Source {
+                config: g.config().clone(),
+                ram: g.ram_arc(),
+                dirty: g.dirty_log(),
+            }),
+            other => Err(MigrationError::SourceNotRunning(other.to_string())),
+        }
+    }
+}
+
+/// Ties the page streams to this migration: time and process, unique enough per host.
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+/// The control connection: connected, paced, handshake done and the VM's shape sent.
+fn connect(
+    opts: &MigrateOptions,
+    config: &VmConfig,
+    session: u64,
+    limit: &Option<Arc<RateLimit>>,
+) -> Result<Connection, MigrationError> {
+    let mut conn = transport::connect(&opts.to, opts.connect_timeout)?;
+    conn.set_read_timeout(Some(opts.peer_timeout))
+        .map_err(|source| MigrationError::Socket {
+            what: "setting the read timeout",
+            source,
+        })?;
+    conn.set_rate_limit(limit.clone());
+    let hello = Hello {
+        version: protocol::VERSION,
+        transport: opts.transport,
+        capabilities: 0,
+    };
+    protocol::write_hello(&mut conn.writer, &hello)?;
+    protocol::read_hello_reply(&mut conn.reader, &hello)?;
+    let prepare = protocol::Prepare {
+        vm: config.clone(),
+        streams: u16::try_from(opts.stream_targets().len()).unwrap_or(0),
+        session,
+    };
+    let mut out = FrameWriter::new(&mut conn.writer);
+    out.send_config(&prepare)?;
+    out.flush()?;
+    Ok(conn)
+}
+
+/// The page streams: one per NIC pair with `network`, else `channels` to the same address.
+fn connect_streams(
+    opts: &MigrateOptions,
+    session: u64,
+    limit: &Option<Arc<RateLimit>>,
+) -> Result<Vec<Connection>, MigrationError> {
+    let mut conns = Vec::new();
+    for (i, (local, remote)) in (0u16..).zip(opts.stream_targets()) {
+        let mut c = match local {
+            Some(l) => transport::connect_from(l, &remote, opts.connect_timeout)?,
+            None => transport::connect(&remote, opts.connect_timeout)?,
+        };
+        c.set_rate_limit(limit.clone());
+        protocol::write_data_hello(&mut c.writer, i, session).map_err(|e| {
+            MigrationError::Stream {
+                index: i.into(),
+                peer: remote.clone(),
+                cause: e.to_string(),
+            }
+        })?;
+        conns.push(c);
+    }
+    Ok(conns)
+}
+
+/// Undoes what a failed migration changed on the source: dirty logging off, throttle off, VM
+/// running again. Disarmed once the last frame is out: from then the VM may be running on the
+/// destination, and the source must not resume on its own.
+struct SourceGuard<'a> {
+    vm: &'a Mutex<Vm>,
+    dirty: Arc<Mutex<DirtyLog>>,
+    paused_by_us: bool,
+    armed: bool,
+    mode: &'static str,
+}
+
+impl<'a> SourceGuard<'a> {
+    /// Starts dirty logging.
+    fn arm(vm: &'a Mutex<Vm>, dirty: &Arc<Mutex<DirtyLog>>) -> Result<Self, MigrationError> {
+        let manual = {
+            let mut d = locks::lock(dirty);
+            d.enable()?;
+            d.manual_protect()
+        };
+        Ok(SourceGuard {
+            vm,
+            dirty: dirty.clone(),
+            paused_by_us: false,
+            armed: true,
+            mode: if manual {
+                "manual-protect"
+            } else {
+                "get-and-clear"
+            },
+        })
+    }
+}
+
+impl Drop for SourceGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut g = locks::lock(self.vm);
+        g.set_throttle(0);
+        let _ = locks::lock(&self.dirty).disable();
+        if self.paused_by_us {
+            if let Err(e) = g.resume() {
+                tracing::error!("resuming the source VM after a failed migration: {e}");
+            }
+        }
+    }
+}
+
+/// A migration under way: its connections, its page sender and what it measured so far.
+struct Session<'a> {
+    vm: &'a Mutex<Vm>,
+    opts: &'a MigrateOptions,
+    progress: &'a (dyn Fn(&Progress) + Sync),
+    prog: Progress,
+    ram: Arc<GuestRam>,
+    dirty: Arc<Mutex<DirtyLog>>,
+    sender: PageSender<'a>,
+    input: FrameReader<Reader<'a>>,
+    wire: Wire,
+    sampler: Sampler,
+    report: Report,
+    t0: Instant,
+    /// Throughput of the last round big enough to measure the link, bytes/s.
+    bw: f64,
+    /// Wire bytes per page in the copy round (zero pages are cheap).
+    per_page: u64,
+    /// The last sync round's number.
+    round: u32,
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        vm: &'a Mutex<Vm>,
+        opts: &'a MigrateOptions,
+        progress: &'a (dyn Fn(&Progress) + Sync),
+        source: Source,
+        conn: &'a mut Connection,
+        stream_conns: Vec<Connection>,
+        t0: Instant,
+    ) -> Result<Self, MigrationError> {
+        let mut wire = Wire(vec![conn.counters.clone()]);
+        wire.0
+            .extend(stream_conns.iter().map(|c| c.counters.clone()));
+        let control = conn
+            .shutdown_handle()
+            .map_err(|source| MigrationError::Socket {
+                what: "cloning the control socket",
+                source,
+            })?;
+        let streams = Streams::start(stream_conns, &source.ram)?;
+        let path = match opts.transport {
+            Transport::Tcp => PagePath::Copy,
+            Transport::Compressed => PagePath::Compressed {
+                workers: Box::new(Compressor::start(opts.max_bandwidth)?),
+                meter: LinkMeter::new(wire.clone()),
+            },
+            Transport::Direct => PagePath::Direct { pages: Vec::new() },
+        };
+        // The Config frame went out first, as frame 0.
+        let (link, reader) = Link::new(conn.split(), 1);
+        let report = Report {
+            transport: opts.transport.name().into(),
+            destination: opts.to.clone(),
+            memory_bytes: source.config.memory,
+            max_bandwidth_gbps: opts.max_bandwidth.map(|b| b as f64 / 1e9),
+            ..Default::default()
+        };
+        let prog = Progress {
+            phase: "prepare".into(),
+            ram_bytes: source.config.memory,
+            ..Default::default()
+        };
+        progress(&prog);
+        Ok(Session {
+            vm,
+            opts,
+            progress,
+            prog,
+            sender: PageSender::new(link, source.ram.clone(), path, streams, control),
+            input: FrameReader::new(reader),
+            sampler: Sampler::start(wire.clone(), Duration::from_millis(100)),
+            wire,
+            ram: source.ram,
+            dirty: source.dirty,
+            report,
+            t0,
+            bw: 0.0,
+            per_page: PAGE_SIZE,
+            round: 0,
+        })
+    }
+
+    fn phase(&mut self, name: &str) {
+        self.prog.phase = name.into();
+        (self.progress)(&self.prog);
+    }
+
+    /// Phase 1, prepare: the destination builds the VM and says it is ready.
+    fn prepare(&mut self) -> Result<(), MigrationError> {
+        match self.input.next_frame()? {
+            Frame::Ready => {}
+            f => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    kind: f.kind(),
+                    state: "awaiting-ready",
+                }
+                .into())
+            }
+        }
+        self.report.phases.prepare_ms = self.t0.elapsed().as_millis() as u64;
+        Ok(())
+    }
+
+    /// Sends one round of pages and its end marker; with `deliver`, waits until the
+    /// destination has all of it.
+    fn send_round(
+        &mut self,
+        round: u32,
+        pages: impl Iterator<Item = u64>,
+        deliver: bool,
+    ) -> Result<Round, MigrationError> {
+        let (t, w0) = (Instant::now(), self.wire.sent());
+        let mut n = 0u64;
+        for off in pages {
+            self.sender.page(off)?;
+            n += 1;
+            if n.is_multiple_of(PROGRESS_EVERY) {
+                self.prog.pages_sent += PROGRESS_EVERY;
+                self.prog.bytes_on_wire = self.wire.sent();
+                (self.progress)(&self.prog);
+            }
+        }
+        self.sender.round_end(RoundEnd { round, pages: n })?;
+        if deliver {
+            self.sender.wait_delivered(DELIVERY_WAIT)?;
+        }
+        Ok(Round {
+            pages: n,
+            bytes: self.wire.sent() - w0,
+            ms: t.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Phase 2, copy: every page the guest (or the VMM, before boot) ever touched; holes are never
+    /// read.
+    fn copy(&mut self) -> Result<(), MigrationError> {
+        self.phase("copy");
+        let extents = data_extents(self.ram.backing_file(), self.ram.size())
+            .map_err(MigrationError::Extents)?;
+        let pages = extents
+            .into_iter()
+            .flat_map(|(s, e)| (s..e).step_by(PAGE_SIZE as usize));
+        let r = self.send_round(0, pages, true)?;
+        self.report.phases.copy_ms = r.ms;
+        self.bw = r.bytes as f64 / (r.ms.max(1) as f64 / 1e3);
+        if r.pages > 0 {
+            self.per_page = r.bytes.div_ceil(r.pages);
+        }
+        self.report.rounds.push(r);
+        Ok(())
+    }
+
+    /// The pages written since the last fetch.
+    fn fetch_dirty(&self) -> Result<Vec<SlotBitmap>, MigrationError> {
+        Ok(locks::lock(&self.dirty).fetch()?)
+    }
+
+    /// Phase 3, sync: rounds from the dirty log until the rest fits the downtime target (or the
+    /// policy stops it), throttling a guest that outruns the link (auto-converge).
+    fn sync(&mut self) -> Result<(), MigrationError> {
+        self.phase("sync");
+        let t_sync = Instant::now();
+        let manual = locks::lock(&self.dirty).manual_protect();
+        let mut history: Vec<u64> = Vec::new();
+        let (mut throttle, mut throttled_since) = (0u8, 0usize);
+        let decision = loop {
+            let bitmaps = self.fetch_dirty()?;
+            let dirty_pages: u64 = bitmaps.iter().map(SlotBitmap::count).sum();
+            let remaining = dirty_pages.saturating_mul(self.per_page);
+            let d = self.opts.policy.decide(
+                remaining,
+                self.bw,
+                &history,
+                throttled_since,
+                self.t0.elapsed(),
+            );
+            match d {
+                Decision::Continue => {}
+                Decision::Stalled => match self.opts.policy.next_throttle(throttle) {
+                    Some(t) => {
+                        throttle = t;
+                        throttled_since = history.len();
+                        self.throttle(t);
+                    }
+                    None => break d,
+                },
+                _ => break d,
+            }
+            self.round += 1;
+            let r = self.sync_round(&bitmaps)?;
+            history.push(dirty_pages);
+            self.report.rounds.push(r);
+            if !manual && dirty_pages == 0 {
+                break Decision::Converged;
+            }
+        };
+        self.report.stop_reason = format!("{decision:?}").to_lowercase();
+        self.report.phases.sync_ms = t_sync.elapsed().as_millis() as u64;
+        Ok(())
+    }
+
+    /// One sync round: re-arm tracking for the pages about to be read, then send them.
+    fn sync_round(&mut self, bitmaps: &[SlotBitmap]) -> Result<Round, MigrationError> {
+        {
+            let d = locks::lock(&self.dirty);
+            for b in bitmaps {
+                d.clear(b)?;
+            }
+        }
+        let r = self.send_round(self.round, bitmaps.iter().flat_map(SlotBitmap::pages), true)?;
+        // Small rounds measure the round trip more than the link.
+        if r.bytes >= MIN_RATE_SAMPLE {
+            self.bw = r.bytes as f64 / (r.ms.max(1) as f64 / 1e3);
+        }
+        self.prog.round = self.round;
+        self.prog.last_round_pages = r.pages;
+        self.prog.bytes_on_wire = self.wire.sent();
+        (self.progress)(&self.prog);
+        Ok(r)
+    }
+
+    /// Auto-converge: slows the guest's vCPUs to `pct`% asleep.
+    fn throttle(&mut self, pct: u8) {
+        locks::lock(self.vm).set_throttle(pct);
+        self.report.throttle_pct_max = pct;
+        tracing::info!(
+            throttle = pct,
+            round = self.round,
+            "rounds stopped shrinking: throttling the guest"
+        );
+    }
+
+    /// Phase 4, switchover: pause, last pages and device state; the destination confirms and
+    /// resumes. Before the last frame leaves, any failure resumes the VM here (the guard);
+    /// after it, the VM stays paused unless the confirmation arrives.
+    fn switchover(&mut self, guard: &mut SourceGuard) -> Result<(), MigrationError> {
+        // The page streams end before the pause: the paused last round is small and goes on
+        // the control connection, so stream hand-offs stay out of the downtime.
+        self.sender.finish_streams()?;
+        self.phase("switchover");
+        let t_pause = Instant::now();
+        let state = {
+            let mut g = locks::lock(self.vm);
+            g.pause()?;
+            guard.paused_by_us = true;
+            g.capture()?
+        };
+        let bitmaps = self.fetch_dirty()?;
+        let mut last = self.send_round(
+            self.round + 1,
+            bitmaps.iter().flat_map(SlotBitmap::pages),
+            false,
+        )?;
+        self.sender.finish_direct()?;
+        let out = &mut self.sender.link.out;
+        out.send_state(&state)?;
+        out.send(Kind::Done, &[])?;
+        out.flush()?;
+        // From here the destination may hold everything: the source must not resume on its own.
+        guard.armed = false;
+        match self.input.next_frame() {
+            Ok(Frame::Confirm) => {}
+            Ok(f) => {
+                return Err(MigrationError::OutcomeUnknown(format!(
+                    "{:?} instead of Confirm",
+                    f.kind()
+                )))
+            }
+            Err(e) => return Err(MigrationError::OutcomeUnknown(e.to_string())),
+        }
+        let downtime = t_pause.elapsed().as_millis() as u64;
+        last.ms = downtime;
+        self.report.rounds.push(last);
+        self.report.downtime_ms = downtime;
+        self.report.phases.switchover_ms = downtime;
+        Ok(())
+    }
+
+    /// Phase 5, cleanup: the VM runs on the destination; destroy it here.
+    fn cleanup(&mut self) {
+        let t = Instant::now();
+        {
+            let mut g = locks::lock(self.vm);
+            g.mark_migrated(&self.opts.to);
+            g.shutdown();
+        }
+        self.report.phases.cleanup_ms = t.elapsed().as_millis() as u64;
+        self.report.total_ms = self.t0.elapsed().as_millis() as u64;
+    }
+
+    /// The report, with the guest's own verdict from the destination.
+    fn finish(mut self, cpu0: f64) -> Report {
+        // Samples cover the migration, not the wait for the guest's verdict.
+        let (samples, peak) = self.sampler.finish();
+        let mut r = self.report;
+        r.pages = self.sender.pages.clone();
+        r.compression = self.sender.compression_report();
+        let cpu_src = thread_cpu_seconds() - cpu0 + self.sender.streams.cpu_seconds;
+        self.prog.phase = "verify".into();
+        (self.progress)(&self.prog);
+        let verified: Option<VerifyOutcome> = match self.input.next_frame() {
+            Ok(Frame::Verified(v)) => Some(v),
+            _ => None,
+        };
+        r.bytes_on_wire = self.wire.sent() + self.wire.received();
+        r.avg_gbps = self.wire.sent() as f64 * 8.0 / 1e9 / (r.total_ms.max(1) as f64 / 1e3);
+        r.peak_gbps = peak as f64 / 1e9;
+        r.samples = samples;
+        r.cpu_seconds = CpuSeconds {
+            source: cpu_src,
+            destination: verified.as_ref().map_or(0.0, |v| v.cpu_seconds),
+        };
+        r.guest_verified = verified.as_ref().is_some_and(|v| v.ok);
+        r.guest_verify = verified.map(|v| v.detail);
+        r.status = "completed".into();
+        r
+    }
+}

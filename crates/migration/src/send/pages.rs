@@ -1,0 +1,321 @@
+//! Pages from guest RAM into batches, and batches onto the wire by one of three page paths.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use transport::ShutdownHandle;
+use vmm::memory::{is_zero, GuestRam, PAGE_SIZE};
+
+use super::compress::{Compressor, Job};
+use super::link::{Link, Outgoing};
+use super::streams::Streams;
+use crate::codec::{Choice, Codec, CodecPolicy};
+use crate::protocol::{PageBatch, RoundEnd, MAX_BATCH_PAGES};
+use crate::report::{CompressionReport, PageCounts};
+use crate::{MigrationError, Wire};
+
+const PAGE: usize = PAGE_SIZE as usize;
+const BATCH_BYTES: usize = MAX_BATCH_PAGES * PAGE;
+/// The link is measured over windows this long.
+const LINK_WINDOW: Duration = Duration::from_millis(20);
+/// Data always waiting in the sockets at least this much means the link set the pace.
+const SATURATED_BACKLOG: usize = 128 << 10;
+
+/// How page data gets from guest RAM onto the wire; one per migration.
+pub(super) enum PagePath {
+    /// Copied into the batch: the guest keeps writing, so the bytes we checksum must be the
+    /// bytes we send. A page torn by a concurrent write is dirty again and goes next round.
+    Copy,
+    /// Copied, then compressed on worker threads whenever the codec policy says it pays.
+    Compressed {
+        workers: Box<Compressor>,
+        meter: LinkMeter,
+    },
+    /// Not copied: data pages go from guest RAM to the socket when their batch is written.
+    Direct { pages: Vec<u64> },
+}
+
+/// What the link delivered since the last sample (the codec policy's view of the link).
+pub(super) struct LinkMeter {
+    wire: Wire,
+    since: Instant,
+    delivered: u64,
+    /// The least data that waited for the link at any check in the window.
+    min_backlog: usize,
+}
+
+impl LinkMeter {
+    pub fn new(wire: Wire) -> Self {
+        LinkMeter {
+            wire,
+            since: Instant::now(),
+            delivered: 0,
+            min_backlog: usize::MAX,
+        }
+    }
+
+    /// Adds one look at the sockets (`pending`: not yet acknowledged by the peer, of which
+    /// `waiting` still in our queues); once a window has passed, tells the policy the rate the
+    /// peer acknowledged and whether data waited for the link throughout.
+    fn observe(&mut self, pending: usize, waiting: usize, policy: &mut CodecPolicy) {
+        let in_sockets = pending.saturating_sub(waiting) as u64;
+        let delivered = self.wire.sent().saturating_sub(in_sockets);
+        self.min_backlog = self.min_backlog.min(pending);
+        let dt = self.since.elapsed();
+        if dt < LINK_WINDOW {
+            return;
+        }
+        let rate = delivered.saturating_sub(self.delivered) as f64 / dt.as_secs_f64();
+        policy.record_link(rate, self.min_backlog >= SATURATED_BACKLOG);
+        self.since = Instant::now();
+        self.delivered = delivered;
+        self.min_backlog = usize::MAX;
+    }
+}
+
+/// Batches pages and writes them: on the control connection, or on page streams.
+pub(super) struct PageSender<'a> {
+    pub link: Link<'a>,
+    ram: Arc<GuestRam>,
+    batch: PageBatch,
+    data: Vec<u8>,
+    path: PagePath,
+    pub streams: Streams,
+    pub pages: PageCounts,
+    /// The control connection's socket, to see what it has not delivered yet.
+    control: ShutdownHandle,
+}
+
+impl<'a> PageSender<'a> {
+    pub fn new(
+        link: Link<'a>,
+        ram: Arc<GuestRam>,
+        path: PagePath,
+        streams: Streams,
+        control: ShutdownHandle,
+    ) -> Self {
+        PageSender {
+            link,
+            ram,
+            batch: PageBatch::default(),
+            data: Vec::with_capacity(BATCH_BYTES),
+            path,
+            streams,
+            pages: PageCounts::default(),
+            control,
+        }
+    }
+
+    /// Queues one page (memfd offset); writes the batch when it is full.
+    pub fn page(&mut self, off: u64) -> Result<(), MigrationError> {
+        let zero = match &mut self.path {
+            PagePath::Direct { pages } => {
+                let zero = self.ram.page_is_zero(off)?;
+                if !zero {
+                    pages.push(off);
+                }
+                zero
+            }
+            PagePath::Copy | PagePath::Compressed { .. } => {
+                let start = self.data.len();
+                self.data.resize(start + PAGE, 0);
+                self.ram.read_at(off, &mut self.data[start..])?;
+                let zero = is_zero(&self.data[start..]);
+                if zero {
+                    self.data.truncate(start);
+                }
+                zero
+            }
+        };
+        self.pages.zero += u64::from(zero);
+        self.batch.push(off, zero);
+        if self.batch.len() == MAX_BATCH_PAGES {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    fn take_data(&mut self) -> Vec<u8> {
+        std::mem::replace(&mut self.data, Vec::with_capacity(BATCH_BYTES))
+    }
+
+    /// Writes the batch being built (through the compressors on the compressed path).
+    fn flush_batch(&mut self) -> Result<(), MigrationError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let head = self.batch.head();
+        self.batch.clear();
+        let data = self.take_data();
+        let data_pages = (data.len() / PAGE) as u64;
+        let out = match &mut self.path {
+            PagePath::Direct { pages } => {
+                self.pages.normal += pages.len() as u64;
+                Outgoing::Direct {
+                    head,
+                    pages: std::mem::take(pages),
+                }
+            }
+            PagePath::Copy => {
+                self.pages.normal += data_pages;
+                Outgoing::Pages { head, data }
+            }
+            PagePath::Compressed { workers, .. } => {
+                let choice = workers.policy.choose();
+                if choice != Choice::Raw {
+                    workers.submit(Job {
+                        head,
+                        data,
+                        out: Vec::new(),
+                        choice,
+                        secs: 0.0,
+                    })?;
+                    return self.drain(false);
+                }
+                // Raw batches skip the workers: no hand-off, no wait.
+                workers.stats.batches_raw += 1;
+                self.pages.normal += data_pages;
+                Outgoing::Pages { head, data }
+            }
+        };
+        self.emit(out)?;
+        self.drain(false)
+    }
+
+    /// Writes a batch on the control connection, or queues it on a page stream.
+    fn emit(&mut self, b: Outgoing) -> Result<(), MigrationError> {
+        if self.streams.is_empty() {
+            self.link.send(&self.ram, b)?;
+        } else {
+            self.streams.send(b)?;
+        }
+        self.meter_link()
+    }
+
+    /// Writes the batches the compressors finished; with `all`, waits for every one in flight.
+    fn drain(&mut self, all: bool) -> Result<(), MigrationError> {
+        loop {
+            let PagePath::Compressed { workers, .. } = &mut self.path else {
+                return Ok(());
+            };
+            let Some(job) = workers.finished(all)? else {
+                return Ok(());
+            };
+            let out = encoded(job, workers, &mut self.pages);
+            self.emit(out)?;
+        }
+    }
+
+    /// Ends a round: everything batched goes out, then the round's end on every connection.
+    pub fn round_end(&mut self, r: RoundEnd) -> Result<(), MigrationError> {
+        self.flush_batch()?;
+        self.drain(true)?;
+        self.streams.round_end(r)?;
+        self.link.out.send_round_end(r)?;
+        self.link.out.flush()?;
+        Ok(())
+    }
+
+    /// Bytes written that the peer has not acknowledged, and how many of them wait in our
+    /// stream queues.
+    fn pending(&self) -> Result<(usize, usize), MigrationError> {
+        let control = self
+            .control
+            .unacked()
+            .map_err(|source| MigrationError::Socket {
+                what: "SIOCOUTQ",
+                source,
+            })?;
+        let (streams, waiting) = self.streams.pending()?;
+        Ok((control + streams, waiting))
+    }
+
+    /// Waits until every connection has handed all it was given to the kernel and the peer
+    /// has acknowledged it (or `timeout` passed). A round then ends when the destination has
+    /// it, so its time is the link's, and nothing queued (socket buffers, a shaper's queue) is
+    /// left to cross the link after the pause, inside the downtime.
+    pub fn wait_delivered(&mut self, timeout: Duration) -> Result<(), MigrationError> {
+        self.link.out.flush()?;
+        let t = Instant::now();
+        while self.pending()?.0 > 0 && t.elapsed() < timeout {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// Feeds the codec policy the link's rate (compressed path only).
+    fn meter_link(&mut self) -> Result<(), MigrationError> {
+        if !matches!(self.path, PagePath::Compressed { .. }) {
+            return Ok(());
+        }
+        if self.streams.is_empty() {
+            // Bytes in our BufWriter are not the kernel's yet; the meter needs them there.
+            self.link.out.flush()?;
+        }
+        let (unacked, waiting) = self.pending()?;
+        if let PagePath::Compressed { workers, meter } = &mut self.path {
+            meter.observe(unacked, waiting, &mut workers.policy);
+        }
+        Ok(())
+    }
+
+    /// Ends the page streams: from here pages go on the control connection.
+    pub fn finish_streams(&mut self) -> Result<(), MigrationError> {
+        self.streams.finish()
+    }
+
+    /// Waits for the control connection's zero-copy sends (before device state goes out).
+    pub fn finish_direct(&mut self) -> Result<(), MigrationError> {
+        self.link.finish()
+    }
+
+    /// What the compressed path did, with its workers' CPU; None on other paths.
+    pub fn compression_report(&mut self) -> Option<CompressionReport> {
+        match &mut self.path {
+            PagePath::Compressed { workers, .. } => Some(workers.report()),
+            _ => None,
+        }
+    }
+}
+
+/// A finished compression job as the batch that goes out: compressed if that saved something
+/// real, else raw (counted as a fallback).
+fn encoded(job: Job, workers: &mut Compressor, pages: &mut PageCounts) -> Outgoing {
+    let n = (job.data.len() / PAGE) as u64;
+    let raw = job.data.len();
+    let codec = match job.choice {
+        Choice::Compress(codec) => codec,
+        Choice::Raw => {
+            pages.normal += n;
+            workers.stats.batches_raw += 1;
+            return Outgoing::Pages {
+                head: job.head,
+                data: job.data,
+            };
+        }
+    };
+    workers
+        .policy
+        .record_codec(codec, raw, job.out.len(), job.secs);
+    if !CodecPolicy::worth_sending(raw, job.out.len()) {
+        pages.raw_fallback += n;
+        workers.stats.batches_raw += 1;
+        return Outgoing::Pages {
+            head: job.head,
+            data: job.data,
+        };
+    }
+    pages.compressed += n;
+    let st = &mut workers.stats;
+    st.raw_bytes += raw as u64;
+    st.compressed_bytes += job.out.len() as u64;
+    match codec {
+        Codec::Lz4 => st.batches_lz4 += 1,
+        Codec::Zstd => st.batches_zstd += 1,
+    }
+    Outgoing::Compressed {
+        codec,
+        raw_len: raw,
+        head: job.head,
+        data: job.out,
+    }
+}

@@ -3,21 +3,15 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::{build_foreign_kernel, kvm_or_skip, livemig, wait, BIN};
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{
+    build_foreign_kernel, kvm_or_skip, livemig, livemig_exe, wait, KillOnDrop, VmProcess, BIN,
+};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -27,79 +21,37 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn source(dir: &Path, workload: &str, memory: &str) -> (Proc, PathBuf) {
+fn source(dir: &Path, workload: &str, memory: &str) -> (VmProcess, PathBuf) {
     let api = dir.join("src.sock");
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "--memory",
-            memory,
-            "--vcpus",
-            "2",
-            "--workload",
-            workload,
-            "--api",
-        ])
-        .arg(&api)
-        .arg("--console")
-        .arg(dir.join("src.console"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait(Duration::from_secs(60), "source API", || api.exists());
-    wait(Duration::from_secs(30), "source heartbeat", || {
-        heartbeat(&api) >= 2
-    });
-    (Proc(child), api)
+    let args: Vec<String> = [
+        "--memory",
+        memory,
+        "--vcpus",
+        "2",
+        "--workload",
+        workload,
+        "--console",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.join("src.console").display().to_string()])
+    .collect();
+    let mut vm = livemig_exe().run(None, &args, &api, None).unwrap();
+    vm.wait_heartbeat(2, Duration::from_secs(30)).unwrap();
+    (vm, api)
 }
 
-struct Receiver {
-    proc: Proc,
-    api: PathBuf,
-    stderr: Arc<std::sync::Mutex<String>>,
-    stderr_closed: Arc<AtomicBool>,
-}
-
-fn receiver(dir: &Path, name: &str, port: u16) -> Receiver {
-    let api = dir.join(format!("{name}.sock"));
-    let mut child = Command::new(BIN)
-        .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--api"])
-        .arg(&api)
-        .arg("--console")
-        .arg(dir.join(format!("{name}.console")))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr_closed = Arc::new(AtomicBool::new(false));
-    let (mut pipe, sink, closed) = (
-        child.stderr.take().unwrap(),
-        stderr.clone(),
-        stderr_closed.clone(),
-    );
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        closed.store(true, Ordering::SeqCst);
-    });
-    // It says when it listens; connecting to check would use up its one accept.
-    wait(Duration::from_secs(10), "receiver listening", || {
-        stderr.lock().unwrap().contains("waiting for a VM")
-    });
-    Receiver {
-        proc: Proc(child),
-        api,
-        stderr,
-        stderr_closed,
-    }
+/// `livemig receive` on loopback `port`, its API and console named after `name`.
+fn receiver(dir: &Path, name: &str, port: u16) -> VmProcess {
+    livemig_exe()
+        .receive(
+            None,
+            &format!("127.0.0.1:{port}"),
+            &dir.join(format!("{name}.sock")),
+            &dir.join(format!("{name}.console")),
+            None,
+        )
+        .unwrap()
 }
 
 fn status(api: &Path) -> Option<serde_json::Value> {
@@ -134,11 +86,11 @@ fn migrate_with(api: &Path, port: u16, report: &Path, extra: &[&str]) -> Output 
 
 /// After a failed migration: the destination gave up and exited non-zero (nothing of the VM
 /// is left there), and the source still runs the guest, its heartbeat rising.
-fn assert_failed_cleanly(dst: &mut Receiver, src_api: &Path) {
+fn assert_failed_cleanly(dst: &mut VmProcess, src_api: &Path) {
     wait(Duration::from_secs(90), "destination exit", || {
-        dst.proc.0.try_wait().unwrap().is_some()
+        dst.child.try_wait().unwrap().is_some()
     });
-    assert!(!dst.proc.0.try_wait().unwrap().unwrap().success());
+    assert!(!dst.child.try_wait().unwrap().unwrap().success());
     let st = status(src_api).expect("source still answers");
     assert_eq!(st["state"], "running", "{st}");
     let hb = st["heartbeat"].as_u64().unwrap();
@@ -192,7 +144,7 @@ fn migrate_under(workload: &str) {
     );
     // The source process is gone; the guest runs on at the destination, its heartbeat continuing.
     wait(Duration::from_secs(10), "source exit", || {
-        src.0.try_wait().unwrap().is_some()
+        src.child.try_wait().unwrap().is_some()
     });
     let st = status(&dst_api).expect("destination API");
     assert_eq!(st["state"], "running");
@@ -312,16 +264,16 @@ fn feed_receiver(name: &str, bytes: &[u8], expect: &str) {
     let mut sink = Vec::new();
     let _ = s.read_to_end(&mut sink);
     wait(Duration::from_secs(30), "receiver exit", || {
-        dst.proc.0.try_wait().unwrap().is_some()
+        dst.child.try_wait().unwrap().is_some()
     });
     assert!(
-        !dst.proc.0.try_wait().unwrap().unwrap().success(),
+        !dst.child.try_wait().unwrap().unwrap().success(),
         "{name}: receiver must fail"
     );
     wait(Duration::from_secs(5), "receiver error text", || {
-        dst.stderr_closed.load(Ordering::SeqCst)
+        dst.stderr.closed()
     });
-    let err = dst.stderr.lock().unwrap().clone();
+    let err = dst.stderr.text();
     assert!(
         err.contains(expect),
         "{name}: error should mention {expect:?}: {err}"
@@ -377,7 +329,7 @@ fn kvm_foreign_guest_migrates_and_its_console_continues() {
     let port = free_port();
     let _dst = receiver(d.path(), "dst", port);
     let src_api = d.path().join("src.sock");
-    let _src = Proc(
+    let _src = KillOnDrop(
         Command::new(BIN)
             .args([
                 "run",
@@ -411,6 +363,12 @@ fn kvm_foreign_guest_migrates_and_its_console_continues() {
             .unwrap()
             .starts_with("not verifiable"),
         "{r}"
+    );
+    // A foreign guest boots with zeroed RAM, as on any host: only what it touched moves.
+    assert!(
+        r["bytes_on_wire"].as_u64().unwrap() < 16 << 20,
+        "a 64 MiB guest that touched little sent {}",
+        r["bytes_on_wire"]
     );
     let lines = |f: &str| {
         std::fs::read_to_string(d.path().join(f))

@@ -1,14 +1,14 @@
 //! KVM integration tests through the `livemig` binary: boot, API, foreign kernels, snapshot and
 //! restore across processes, refusal of corrupt snapshots. Each says SKIPPED without /dev/kvm.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{build_foreign_kernel, kvm_or_skip, livemig, wait, BIN};
+use common::{build_foreign_kernel, kvm_or_skip, livemig, wait, KillOnDrop, BIN};
 
 struct Vm {
-    child: Child,
+    _child: KillOnDrop,
     api: PathBuf,
     console: PathBuf,
 }
@@ -27,7 +27,7 @@ impl Vm {
             .spawn()
             .expect("livemig starts");
         Vm {
-            child,
+            _child: KillOnDrop(child),
             api,
             console,
         }
@@ -68,13 +68,6 @@ impl Vm {
 
     fn heartbeats(&self) -> Vec<u64> {
         heartbeats(&self.console)
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

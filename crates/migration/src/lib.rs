@@ -66,6 +66,11 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
+    /// A failed local operation on a migration socket (`what`: the call or option).
+    pub fn socket(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| MigrationError::Socket { what, source }
+    }
+
     /// Names the peer on an error of the control connection.
     fn on_control(self, peer: &str) -> Self {
         match self {

@@ -4,7 +4,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
+pub use bench::child::{KillOnDrop, Livemig, VmProcess};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+/// The livemig binary under test, to start processes with the bench crate's helpers.
+pub fn livemig_exe() -> Livemig {
+    Livemig::new(BIN)
+}
 
 /// KVM tests run only where /dev/kvm opens; otherwise they say so (never a silent pass).
 pub fn kvm_or_skip(test: &str) -> bool {

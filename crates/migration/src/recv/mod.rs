@@ -97,10 +97,7 @@ pub fn receive(
 ) -> Result<(Vm, ReceiveStats), MigrationError> {
     let mut conn = listener.accept()?;
     conn.set_read_timeout(Some(opts.peer_timeout))
-        .map_err(|source| MigrationError::Socket {
-            what: "setting the read timeout",
-            source,
-        })?;
+        .map_err(MigrationError::socket("setting the read timeout"))?;
     let cpu0 = thread_cpu_seconds();
     let result = run(&mut conn, listener, opts, cpu0);
     if let Err(e) = &result {
@@ -122,10 +119,7 @@ fn run(
     let hello = protocol::accept_hello(&mut conn.reader, &mut conn.writer)?;
     let control = conn
         .shutdown_handle()
-        .map_err(|source| MigrationError::Socket {
-            what: "cloning the control socket",
-            source,
-        })?;
+        .map_err(MigrationError::socket("cloning the control socket"))?;
     let split = conn.split();
     let mut input = FrameReader::new(split.reader);
     let mut out = FrameWriter::new(split.writer);
@@ -146,10 +140,7 @@ fn run(
     if !streams.is_empty() {
         control
             .set_read_timeout(Some(opts.peer_timeout.max(opts.control_idle_timeout)))
-            .map_err(|source| MigrationError::Socket {
-                what: "setting the read timeout",
-                source,
-            })?;
+            .map_err(MigrationError::socket("setting the read timeout"))?;
     }
     let prepared = PreparedVm::new(&prep.vm)?;
     out.send(Kind::Ready, &[])?;
@@ -191,10 +182,7 @@ fn accept_streams(
     for _ in 0..prep.streams {
         let mut c = listener.accept_until(deadline)?;
         c.set_read_timeout(Some(opts.peer_timeout))
-            .map_err(|source| MigrationError::Socket {
-                what: "setting the read timeout",
-                source,
-            })?;
+            .map_err(MigrationError::socket("setting the read timeout"))?;
         let i = protocol::read_data_hello(&mut c.reader, prep.session, prep.streams)? as usize;
         if slots[i].replace(c).is_some() {
             return Err(ProtocolError::Malformed {
@@ -221,10 +209,7 @@ fn receive_memory<R: DirectRead>(
         .iter()
         .map(|c| c.shutdown_handle())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| MigrationError::Socket {
-            what: "cloning a page stream's socket",
-            source,
-        })?;
+        .map_err(MigrationError::socket("cloning a page stream's socket"))?;
     let barrier = RoundBarrier::new(streams.len());
     std::thread::scope(|sc| {
         let workers: Vec<_> = streams

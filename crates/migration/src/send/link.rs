@@ -95,12 +95,8 @@ impl<'a> Link<'a> {
             None => {
                 let (counters, limit) = self.out.inner().get_ref().accounting();
                 self.zc.insert(
-                    ZeroCopy::new(self.socket, counters, limit).map_err(|source| {
-                        MigrationError::Socket {
-                            what: "SO_ZEROCOPY",
-                            source,
-                        }
-                    })?,
+                    ZeroCopy::new(self.socket, counters, limit)
+                        .map_err(MigrationError::socket("SO_ZEROCOPY"))?,
                 )
             }
         };

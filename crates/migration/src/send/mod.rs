@@ -165,10 +165,7 @@ fn connect(
 ) -> Result<Connection, MigrationError> {
     let mut conn = transport::connect(&opts.to, opts.connect_timeout)?;
     conn.set_read_timeout(Some(opts.peer_timeout))
-        .map_err(|source| MigrationError::Socket {
-            what: "setting the read timeout",
-            source,
-        })?;
+        .map_err(MigrationError::socket("setting the read timeout"))?;
     conn.set_rate_limit(limit.clone());
     let hello = Hello {
         version: protocol::VERSION,
@@ -299,10 +296,7 @@ impl<'a> Session<'a> {
             .extend(stream_conns.iter().map(|c| c.counters.clone()));
         let control = conn
             .shutdown_handle()
-            .map_err(|source| MigrationError::Socket {
-                what: "cloning the control socket",
-                source,
-            })?;
+            .map_err(MigrationError::socket("cloning the control socket"))?;
         let streams = Streams::start(stream_conns, &source.ram)?;
         let path = match opts.transport {
             Transport::Tcp => PagePath::Copy,

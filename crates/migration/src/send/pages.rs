@@ -221,10 +221,7 @@ impl<'a> PageSender<'a> {
         let control = self
             .control
             .unacked()
-            .map_err(|source| MigrationError::Socket {
-                what: "SIOCOUTQ",
-                source,
-            })?;
+            .map_err(MigrationError::socket("SIOCOUTQ"))?;
         let (streams, waiting) = self.streams.pending()?;
         Ok((control + streams, waiting))
     }

@@ -38,10 +38,7 @@ impl Channel {
         let peer = conn.peer.to_string();
         let shutdown = conn
             .shutdown_handle()
-            .map_err(|source| MigrationError::Socket {
-                what: "cloning a page stream's socket",
-                source,
-            })?;
+            .map_err(MigrationError::socket("cloning a page stream's socket"))?;
         let thread = std::thread::Builder::new()
             .name(format!("stream{index}"))
             .spawn(move || {
@@ -187,10 +184,7 @@ impl Streams {
             unacked += q + ch
                 .shutdown
                 .unacked()
-                .map_err(|source| MigrationError::Socket {
-                    what: "SIOCOUTQ",
-                    source,
-                })?;
+                .map_err(MigrationError::socket("SIOCOUTQ"))?;
         }
         Ok((unacked, waiting))
     }

@@ -186,27 +186,50 @@ pub fn spawn_until(
     Ok((child, stderr))
 }
 
-/// How to start livemig processes: the binary, and the network namespace to run them in.
+/// How to start livemig processes: the binary, the credentials they use, and the network
+/// namespace to run them in.
 #[derive(Clone, Debug)]
 pub struct Livemig {
     pub exe: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Livemig {
     pub fn new(exe: impl Into<PathBuf>) -> Self {
-        Livemig { exe: exe.into() }
+        Livemig {
+            exe: exe.into(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Processes started from here use these credentials (LIVEMIG_TLS_*).
+    pub fn with_tls(mut self, f: &transport::tls::TlsFiles) -> Self {
+        self.env = vec![
+            ("LIVEMIG_TLS_CERT".into(), f.cert.display().to_string()),
+            ("LIVEMIG_TLS_KEY".into(), f.key.display().to_string()),
+            ("LIVEMIG_TLS_CA".into(), f.ca.display().to_string()),
+        ];
+        self
+    }
+
+    /// Processes started from here run plaintext (`--insecure` through its variable).
+    pub fn insecure(mut self) -> Self {
+        self.env = vec![("LIVEMIG_INSECURE".into(), "true".into())];
+        self
     }
 
     /// `livemig ARGS` in namespace `ns` (None: this one).
     pub fn command(&self, ns: Option<&str>) -> Command {
-        match ns {
+        let mut c = match ns {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(&self.exe);
                 c
             }
             None => Command::new(&self.exe),
-        }
+        };
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
     }
 
     /// `livemig receive` on `listen`, its API at `api`, its guest console into `console`;

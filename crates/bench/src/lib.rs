@@ -54,20 +54,6 @@ pub fn kvm_available() -> bool {
         .is_ok()
 }
 
-/// MemAvailable from /proc/meminfo, in bytes.
-pub fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib << 10)
-}
-
 /// Where a migration goes: the testbed's two hosts and the links of a run.
 #[derive(Clone)]
 pub struct Route<'a> {

@@ -34,6 +34,8 @@ pub enum Setup {
         transport: migration::protocol::Transport,
         /// One page stream per link (`--network`), beyond the control connection.
         per_link_streams: bool,
+        /// Mutual TLS (else plaintext, as QEMU runs by default).
+        tls: bool,
     },
     Qemu(Mode),
 }
@@ -73,7 +75,13 @@ pub trait Peer {
 
 /// livemig: `livemig run` / `livemig receive` processes, migrated through the VM's API.
 pub struct LivemigPeer {
+    /// Processes with the bench's cluster credentials (for TLS runs).
     pub exe: Livemig,
+    /// The same binary, plaintext.
+    pub insecure: Livemig,
+    /// The bench's credentials, sent with each TLS run's request (the VM may have arrived in a
+    /// plaintext receiver, whose own default is plaintext).
+    pub tls: transport::tls::TlsFiles,
     pub dir: PathBuf,
     /// The VM: `livemig run` arguments (memory, vCPUs, workload, memory profile).
     pub vm_args: Vec<String>,
@@ -105,20 +113,21 @@ impl Peer for LivemigPeer {
 
     fn destination(
         &mut self,
-        _setup: Setup,
+        setup: Setup,
         route: &Route,
         port: u16,
         index: usize,
     ) -> Result<VmProcess, BenchError> {
-        self.exe
-            .receive(
-                Some(route.dst_ns()),
-                &format!("0.0.0.0:{port}"),
-                &self.dir.join(format!("livemig-{index}.sock")),
-                &self.dir.join(format!("livemig-{index}.console")),
-                Some(self.dir.join(format!("livemig-{index}.log"))),
-            )
-            .map_err(step("starting livemig receive"))
+        let tls = matches!(setup, Setup::Livemig { tls: true, .. });
+        let exe = if tls { &self.exe } else { &self.insecure };
+        exe.receive(
+            Some(route.dst_ns()),
+            &format!("0.0.0.0:{port}"),
+            &self.dir.join(format!("livemig-{index}.sock")),
+            &self.dir.join(format!("livemig-{index}.console")),
+            Some(self.dir.join(format!("livemig-{index}.log"))),
+        )
+        .map_err(step("starting livemig receive"))
     }
 
     fn migrate(
@@ -132,6 +141,7 @@ impl Peer for LivemigPeer {
         let Setup::Livemig {
             transport,
             per_link_streams,
+            tls,
         } = setup
         else {
             return Err(step("bench")("not a livemig run".into()));
@@ -147,6 +157,8 @@ impl Peer for LivemigPeer {
                     .collect::<Vec<_>>()
                     .join(",")
             }),
+            insecure: !tls,
+            tls: tls.then(|| self.tls.clone()),
             ..self.request.clone()
         };
         let body =

@@ -113,6 +113,23 @@ pub fn render(b: &BenchReport) -> String {
             );
         }
     }
+    if !b.tls_costs.is_empty() {
+        s += "\nmutual TLS (rustls, user space; no kernel TLS here) against plaintext, same VM and links:\n";
+        for c in &b.tls_costs {
+            s += &format!(
+                "  {:<22} {:<12} {:>6.2} s -> {:>6.2} s ({:.2}x), cpu src {} -> {}, cpu dst {} -> {}\n",
+                c.config,
+                c.links,
+                c.plain_ms as f64 / 1e3,
+                c.tls_ms as f64 / 1e3,
+                c.time,
+                opt_s(c.cpu_source_plain_s),
+                opt_s(c.cpu_source_tls_s),
+                opt_s(c.cpu_destination_plain_s),
+                opt_s(c.cpu_destination_tls_s),
+            );
+        }
+    }
     for n in &b.notes {
         s += &format!("\nnote: {n}");
     }

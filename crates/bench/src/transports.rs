@@ -18,7 +18,8 @@ use crate::netns::{measure_goodput, Goodput, TxSampler};
 use crate::peer::{LivemigPeer, Outcome, Peer, QemuPeer, Setup};
 use crate::qemu::{self, Machine, Mode};
 use crate::testbed::Testbed;
-use crate::{mem_available, step, table, BenchError, Route, Ui};
+use crate::{step, table, BenchError, Route, Ui};
+use vmm::host::mem_available;
 
 /// What to run; `livemig bench transports` fills it from its arguments.
 #[derive(Clone, Debug)]
@@ -31,6 +32,8 @@ pub struct TransportsOptions {
     pub memory_profile: MemoryProfile,
     /// Also migrate the same guest and RAM with QEMU on the same links.
     pub peer_qemu: bool,
+    /// livemig's runs: plaintext, over mutual TLS, or both.
+    pub security: Security,
     /// Testbed namespaces <name>-a and <name>-b (brought up if missing, removed afterwards).
     pub testbed: String,
     pub scale: f64,
@@ -60,27 +63,73 @@ struct Run {
     links: &'static [&'static str],
 }
 
-const fn livemig(name: &'static str, transport: Transport, links: &'static [&'static str]) -> Run {
+const fn livemig(
+    name: &'static str,
+    transport: Transport,
+    links: &'static [&'static str],
+    tls: bool,
+) -> Run {
     Run {
         name,
         setup: Setup::Livemig {
             transport,
             per_link_streams: links.len() > 1,
+            tls,
         },
         links,
     }
 }
 
+const MULTI: &[&str] = &["10g-1", "10g-2"];
+
+/// Plaintext, as QEMU runs by default: the rows compared with QEMU's.
 const LIVEMIG_RUNS: [Run; 4] = [
-    livemig("tcp", Transport::Tcp, &["1g-1"]),
-    livemig("compressed", Transport::Compressed, &["1g-1"]),
-    livemig("direct", Transport::Direct, &["10g-1"]),
-    livemig(
-        "direct+multichannel",
-        Transport::Direct,
-        &["10g-1", "10g-2"],
-    ),
+    livemig("tcp", Transport::Tcp, &["1g-1"], false),
+    livemig("compressed", Transport::Compressed, &["1g-1"], false),
+    livemig("direct", Transport::Direct, &["10g-1"], false),
+    livemig("direct+multichannel", Transport::Direct, MULTI, false),
 ];
+
+/// The same over mutual TLS (livemig's default): what security costs on each transport.
+const LIVEMIG_TLS_RUNS: [Run; 4] = [
+    livemig("tcp+tls", Transport::Tcp, &["1g-1"], true),
+    livemig("compressed+tls", Transport::Compressed, &["1g-1"], true),
+    livemig("direct+tls", Transport::Direct, &["10g-1"], true),
+    livemig("direct+multichannel+tls", Transport::Direct, MULTI, true),
+];
+
+/// Which livemig runs a bench makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Security {
+    /// Plaintext only (comparable with QEMU's default).
+    Insecure,
+    /// Mutual TLS only.
+    Tls,
+    /// Both, to measure what TLS costs.
+    Both,
+}
+
+impl std::str::FromStr for Security {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "insecure" => Ok(Security::Insecure),
+            "tls" => Ok(Security::Tls),
+            "both" => Ok(Security::Both),
+            _ => Err(format!("{s:?}: expected insecure, tls or both")),
+        }
+    }
+}
+
+impl Security {
+    fn runs(self) -> Vec<Run> {
+        match self {
+            Security::Insecure => LIVEMIG_RUNS.to_vec(),
+            Security::Tls => LIVEMIG_TLS_RUNS.to_vec(),
+            Security::Both => LIVEMIG_RUNS.into_iter().chain(LIVEMIG_TLS_RUNS).collect(),
+        }
+    }
+}
 
 const QEMU_RUNS: [Run; 4] = [
     Run {
@@ -164,6 +213,21 @@ pub struct Ratio {
     pub cpu_source: Option<f64>,
 }
 
+/// What mutual TLS costs one transport: its run with and without it, same VM, same links.
+#[derive(Clone, Debug, Serialize)]
+pub struct TlsCost {
+    pub config: String,
+    pub links: String,
+    pub plain_ms: u64,
+    pub tls_ms: u64,
+    /// tls_ms / plain_ms
+    pub time: f64,
+    pub cpu_source_plain_s: Option<f64>,
+    pub cpu_source_tls_s: Option<f64>,
+    pub cpu_destination_plain_s: Option<f64>,
+    pub cpu_destination_tls_s: Option<f64>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub memory_bytes: u64,
@@ -176,6 +240,7 @@ pub struct BenchReport {
     pub links: Vec<LinkMeasure>,
     pub rows: Vec<Row>,
     pub ratios: Vec<Ratio>,
+    pub tls_costs: Vec<TlsCost>,
     pub notes: Vec<String>,
 }
 
@@ -411,10 +476,21 @@ impl<'a> Bench<'a> {
         })
     }
 
-    fn livemig_peer(&self) -> LivemigPeer {
+    /// livemig processes with a cluster CA and credentials of the bench's own.
+    fn livemig_peer(&self) -> Result<LivemigPeer, BenchError> {
         let o = self.o;
-        LivemigPeer {
-            exe: Livemig::new(&o.livemig),
+        let tls = self.dir.join("tls");
+        transport::tls::init_cluster(&tls, &["bench".into()])
+            .map_err(|e| step("TLS credentials")(e.to_string()))?;
+        let files = transport::tls::TlsFiles {
+            cert: tls.join("bench.pem"),
+            key: tls.join("bench.key"),
+            ca: tls.join("ca.pem"),
+        };
+        Ok(LivemigPeer {
+            exe: Livemig::new(&o.livemig).with_tls(&files),
+            insecure: Livemig::new(&o.livemig).insecure(),
+            tls: files,
             dir: self.dir.clone(),
             vm_args: vec![
                 "--memory".into(),
@@ -428,13 +504,13 @@ impl<'a> Bench<'a> {
             ],
             request: o.request.clone(),
             memory: o.memory,
-        }
+        })
     }
 
     fn all_runs(&mut self, rows: &mut Vec<Row>) -> Result<(), BenchError> {
         self.measure_links()?;
-        let mut lm = self.livemig_peer();
-        self.runs(&mut lm, &LIVEMIG_RUNS, rows)?;
+        let mut lm = self.livemig_peer()?;
+        self.runs(&mut lm, &self.o.security.runs(), rows)?;
         if self.o.peer_qemu {
             let machine = self.qemu_machine()?;
             let ram = machine.dir.join("ram");
@@ -494,6 +570,31 @@ fn ratios(rows: &[Row]) -> Vec<Ratio> {
         .collect()
 }
 
+/// Each livemig run next to its run over TLS.
+fn tls_costs(rows: &[Row]) -> Vec<TlsCost> {
+    let ok = |r: &&Row| r.peer == "livemig" && r.error.is_none();
+    rows.iter()
+        .filter(ok)
+        .filter_map(|p| {
+            let t = rows
+                .iter()
+                .filter(ok)
+                .find(|t| t.config == format!("{}+tls", p.config) && t.links == p.links)?;
+            Some(TlsCost {
+                config: p.config.clone(),
+                links: p.links.clone(),
+                plain_ms: p.total_ms,
+                tls_ms: t.total_ms,
+                time: t.total_ms as f64 / p.total_ms.max(1) as f64,
+                cpu_source_plain_s: p.cpu_source_s,
+                cpu_source_tls_s: t.cpu_source_s,
+                cpu_destination_plain_s: p.cpu_destination_s,
+                cpu_destination_tls_s: t.cpu_destination_s,
+            })
+        })
+        .collect()
+}
+
 /// What the bench refuses before it starts: no root, no KVM, no QEMU for `--peer qemu`, a
 /// testbed name too long for interface names, more guest memory than the machine holds.
 fn preflight(o: &TransportsOptions) -> Result<(), BenchError> {
@@ -539,7 +640,7 @@ pub fn transports(o: &TransportsOptions) -> Result<BenchReport, BenchError> {
     } else {
         0
     };
-    let ui = Ui::new(3 + 1 + LIVEMIG_RUNS.len() as u64 + qemu_steps);
+    let ui = Ui::new(3 + 1 + o.security.runs().len() as u64 + qemu_steps);
     let mut bench = Bench {
         o,
         tb: &tb,
@@ -574,6 +675,7 @@ pub fn transports(o: &TransportsOptions) -> Result<BenchReport, BenchError> {
         host_cpus: cpus,
         links: bench.goodput.clone(),
         ratios: ratios(&rows),
+        tls_costs: tls_costs(&rows),
         rows,
         notes,
     };

@@ -2,13 +2,35 @@
 //! (migrate, demo, bench), one `TransportArgs` for what picks a single transport, and the
 //! parsers of sizes and rates.
 use std::path::PathBuf;
+use std::time::Duration;
 
 use guest::memory_profile::MemoryProfile;
 use migration::protocol::Transport;
 use migration::MigrateRequest;
+use transport::tls::{Tls, TlsFiles};
+use transport::Security;
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     guest::parse_size(s).ok_or_else(|| format!("{s:?} is not a size (e.g. 512M, 1G)"))
+}
+
+/// `5s`, `500ms`, `2m`, or plain seconds (`5`, `0.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len()),
+    );
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 500ms)"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "ms" => v / 1e3,
+        "m" | "min" => v * 60.0,
+        _ => return Err(format!("{s:?} is not a duration (e.g. 5s, 500ms)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 pub fn parse_rate(s: &str) -> Result<u64, String> {
@@ -33,6 +55,68 @@ pub struct MigrateArgs {
     /// (auto-converge: 20%, then +10% per stall, up to 99%).
     #[arg(long)]
     pub no_auto_converge: bool,
+    /// The deadline on progress: a peer silent this long, in any phase on any stream, fails
+    /// the migration (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+}
+
+/// Mutual TLS credentials (the default), or `--insecure`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// This host's certificate (PEM), made by `livemig tls init`.
+    #[arg(long, env = "LIVEMIG_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This host's private key (PEM).
+    #[arg(long, env = "LIVEMIG_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): only peers with a certificate it signed are accepted.
+    #[arg(long, env = "LIVEMIG_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Run plaintext: no authentication, no encryption (anyone who reaches the port can read
+    /// guest memory or push a VM).
+    #[arg(long, env = "LIVEMIG_INSECURE")]
+    pub insecure: bool,
+}
+
+impl TlsArgs {
+    /// The three files, absolute, when all are given; an error naming what is missing when
+    /// only some are.
+    pub fn files(&self) -> Result<Option<TlsFiles>, String> {
+        let abs = |p: &PathBuf| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles {
+                cert: abs(cert)?,
+                key: abs(key)?,
+                ca: abs(ca)?,
+            })),
+            _ => Err("--tls-cert, --tls-key and --tls-ca go together: give all three".into()),
+        }
+    }
+
+    /// How to protect connections: TLS with these credentials, plaintext if `--insecure`
+    /// (said on stderr), else None.
+    pub fn security(&self) -> Result<Option<Security>, String> {
+        if self.insecure {
+            eprintln!(
+                "livemig: --insecure: connections run plaintext, unauthenticated and unencrypted"
+            );
+            return Ok(Some(Security::Insecure));
+        }
+        match self.files()? {
+            Some(f) => Ok(Some(Security::Tls(std::sync::Arc::new(
+                Tls::load(&f).map_err(|e| e.to_string())?,
+            )))),
+            None => Ok(None),
+        }
+    }
+
+    /// As [`Self::security`], where running without either is an error.
+    pub fn required(&self) -> Result<Security, String> {
+        self.security()?
+            .ok_or_else(|| migration::request::NO_CREDENTIALS.to_string())
+    }
 }
 
 /// Which transport one migration uses, and its page streams.
@@ -58,6 +142,7 @@ impl MigrateArgs {
             max_rounds: self.max_rounds,
             max_bandwidth: self.max_bandwidth,
             auto_converge: Some(!self.no_auto_converge),
+            peer_timeout_ms: Some(self.peer_timeout.as_millis() as u64),
             ..MigrateRequest::default()
         }
     }
@@ -90,6 +175,10 @@ pub struct TransportsArgs {
     /// Also migrate the same guest and RAM with this VMM on the same links.
     #[arg(long, value_parser = ["qemu"])]
     pub peer: Option<String>,
+    /// livemig's runs: `insecure` (plaintext, as QEMU runs by default), `tls` (mutual TLS,
+    /// livemig's default) or `both` (what TLS costs on each transport).
+    #[arg(long, default_value = "both")]
+    pub security: bench::transports::Security,
     /// Testbed namespaces <name>-a and <name>-b (brought up if missing, removed afterwards).
     #[arg(long, default_value = "livemig")]
     pub testbed: String,
@@ -122,6 +211,7 @@ impl TransportsArgs {
             workload: self.workload,
             memory_profile: self.memory_profile,
             peer_qemu: self.peer.as_deref() == Some("qemu"),
+            security: self.security,
             testbed: self.testbed,
             scale: self.scale,
             request: self.migrate.base_request(),

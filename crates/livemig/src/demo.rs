@@ -14,6 +14,8 @@ use migration::Report;
 use vmm::{Console, Kernel, Vm, VmConfig};
 
 use crate::args::{parse_size, MigrateArgs, TransportArgs};
+use transport::tls::{Tls, TlsFiles};
+use transport::Security;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -38,6 +40,9 @@ pub struct DemoArgs {
     /// Guest console file for the source and the destination (default: discarded).
     #[arg(long)]
     pub console: Option<PathBuf>,
+    /// Run plaintext instead of the mutual TLS the demo sets up for itself.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// The destination process and its directory; stopped and removed when the demo ends.
@@ -53,10 +58,24 @@ impl Drop for Destination {
     }
 }
 
-/// Starts `livemig receive` on a free loopback port; returns it and its address.
+/// A cluster CA and two hosts' credentials, in the demo's directory: the demo runs with the
+/// mutual TLS every migration uses by default, with no set-up of its own.
+fn credentials(dir: &std::path::Path) -> Result<(TlsFiles, TlsFiles), Box<dyn std::error::Error>> {
+    let tls = dir.join("tls");
+    transport::tls::init_cluster(&tls, &["source".into(), "destination".into()])?;
+    let files = |h: &str| TlsFiles {
+        cert: tls.join(format!("{h}.pem")),
+        key: tls.join(format!("{h}.key")),
+        ca: tls.join("ca.pem"),
+    };
+    Ok((files("source"), files("destination")))
+}
+
+/// Starts `livemig receive` on a free loopback port; returns it, its address and the
+/// source's security.
 fn start_destination(
-    console: &Option<PathBuf>,
-) -> Result<(Destination, String), Box<dyn std::error::Error>> {
+    a: &DemoArgs,
+) -> Result<(Destination, String, Security), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("livemig-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut d = Destination { process: None, dir };
@@ -64,11 +83,19 @@ fn start_destination(
         .local_addr()?
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let console = console.clone().unwrap_or_else(|| "/dev/null".into());
-    let exe = Livemig::new(std::env::current_exe()?);
+    let console = a.console.clone().unwrap_or_else(|| "/dev/null".into());
+    let mut exe = Livemig::new(std::env::current_exe()?);
+    let security = if a.insecure {
+        exe = exe.insecure();
+        Security::Insecure
+    } else {
+        let (source, destination) = credentials(&d.dir)?;
+        exe = exe.with_tls(&destination);
+        Security::Tls(std::sync::Arc::new(Tls::load(&source)?))
+    };
     let api = d.dir.join("destination.sock");
     d.process = Some(exe.receive(None, &addr, &api, &console, None)?);
-    Ok((d, addr))
+    Ok((d, addr, security))
 }
 
 /// Boots the source VM in this process and lets its guest run a while.
@@ -94,7 +121,7 @@ fn boot_source(a: &DemoArgs) -> Result<Vm, Box<dyn std::error::Error>> {
 }
 
 pub fn run(a: &DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
-    let (destination, addr) = start_destination(&a.console)?;
+    let (destination, addr, security) = start_destination(a)?;
     println!(
         "source: {} MiB, {} vCPUs, workload {}, memory profile {}; destination: livemig receive on {addr}",
         a.memory >> 20,
@@ -102,7 +129,8 @@ pub fn run(a: &DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
         a.workload,
         a.memory_profile
     );
-    let opts = a.migrate.request(addr, &a.transport)?.options()?;
+    let mut opts = a.migrate.request(addr, &a.transport)?.options()?;
+    opts.security = security;
     let vm = Arc::new(Mutex::new(boot_source(a)?));
     let report = migration::migrate(&vm, &opts, &|_| {})?;
     // The guest runs on at the destination for a moment before the demo stops it.

@@ -17,7 +17,7 @@ mod args;
 mod demo;
 mod migrate_cmd;
 
-use args::{parse_size, MigrateArgs, TransportArgs};
+use args::{parse_duration, parse_size, MigrateArgs, TlsArgs, TransportArgs};
 
 type CmdResult = Result<ExitCode, Box<dyn std::error::Error>>;
 
@@ -60,6 +60,9 @@ struct VmArgs {
     /// Serve the control API (HTTP/JSON) on this unix socket.
     #[arg(long)]
     api: Option<PathBuf>,
+    /// Credentials for migrations asked for through the API (a request may bring its own).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -76,7 +79,8 @@ enum Cmd {
     /// The main job on an embedded default: migrate a running VM to a destination on this
     /// machine; exits 0 only if the guest verifies its memory on the destination.
     Demo(demo::DemoArgs),
-    /// Wait for one incoming VM, then run it (with its API) like `run`.
+    /// Wait for an incoming VM, then run it (with its API) like `run`. Connections that fail
+    /// are logged and it goes on waiting.
     Receive {
         #[arg(long)]
         listen: String,
@@ -85,20 +89,35 @@ enum Cmd {
         /// COM1 output file (default: stdout).
         #[arg(long)]
         console: Option<PathBuf>,
+        /// The deadline on progress: a source silent this long fails its migration.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        peer_timeout: Duration,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
-    /// Live-migrate the VM behind --api to a `livemig receive` at --to.
+    /// Live-migrate the VM behind --api to a `livemig receive` (or host agent) at --to.
     Migrate {
         #[command(flatten)]
         api: ApiArg,
+        #[arg(long, required_unless_present = "cancel")]
+        to: Option<String>,
+        /// Cancel the migration under way on this VM (it keeps running here).
         #[arg(long)]
-        to: String,
+        cancel: bool,
         #[command(flatten)]
         migrate: MigrateArgs,
         #[command(flatten)]
         transport: TransportArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
+    },
+    /// Credentials for mutual TLS between hosts.
+    Tls {
+        #[command(subcommand)]
+        what: TlsCmd,
     },
     /// Measured benchmarks on the testbed (needs root).
     Bench {
@@ -150,6 +169,8 @@ enum Cmd {
         /// Leave the restored VM paused.
         #[arg(long)]
         paused: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Write the workload guest's PVH ELF.
     GuestImage {
@@ -178,6 +199,19 @@ struct MemoryImageArgs {
     /// Largest blob (QEMU's loader reads a blob in one read(), which stops at 2 GiB).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     max_blob: u64,
+}
+
+#[derive(Subcommand)]
+enum TlsCmd {
+    /// Create a cluster CA (DIR/ca.pem) and a certificate and key per host (DIR/NAME.pem,
+    /// DIR/NAME.key); an existing CA in DIR is kept, so hosts can be added later.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// A host's name; repeat for each host.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -223,14 +257,29 @@ fn run(cli: Cli) -> CmdResult {
             listen,
             api,
             console: con,
-        } => receive(&listen, api.as_deref(), console(con)),
+            peer_timeout,
+            tls,
+        } => receive(&listen, api.as_deref(), console(con), peer_timeout, &tls),
+        Cmd::Migrate {
+            api, cancel: true, ..
+        } => migrate_cmd::cancel(&api.api),
         Cmd::Migrate {
             api,
             to,
             migrate,
             transport,
+            tls,
             report,
-        } => migrate_cmd::main(&api.api, migrate.request(to, &transport)?, report),
+            ..
+        } => {
+            let mut req = migrate.request(to.unwrap_or_default(), &transport)?;
+            req.tls = tls.files()?;
+            req.insecure = tls.insecure;
+            migrate_cmd::main(&api.api, req, report)
+        }
+        Cmd::Tls {
+            what: TlsCmd::Init { out, hosts },
+        } => tls_init(&out, &hosts),
         Cmd::Bench {
             what: BenchCmd::Transports(a),
         } => bench_transports(a),
@@ -252,7 +301,8 @@ fn run(cli: Cli) -> CmdResult {
             api,
             console: con,
             paused,
-        } => restore(&from, api.as_deref(), console(con), paused),
+            tls,
+        } => restore(&from, api.as_deref(), console(con), paused, &tls),
         Cmd::GuestImage { out } => guest_image(&out),
         Cmd::MemoryImage(a) => memory_image(a),
     }
@@ -307,26 +357,57 @@ fn run_vm(a: VmArgs) -> CmdResult {
         vcpus: a.vcpus,
     };
     let prefill = profile_prefill(a.memory_profile.or(default_profile), a.seed);
+    let security = a.tls.security()?;
     let vm = Vm::boot(config, &kernel, &console(a.console), prefill)?;
-    serve(vm, a.api.as_deref())
+    serve(vm, a.api.as_deref(), security)
 }
 
-fn receive(listen: &str, api: Option<&Path>, console: Console) -> CmdResult {
+fn receive(
+    listen: &str,
+    api: Option<&Path>,
+    console: Console,
+    peer_timeout: Duration,
+    tls: &TlsArgs,
+) -> CmdResult {
+    let security = tls.required()?;
     let listener = transport::Listener::bind(listen)?;
-    eprintln!("livemig: waiting for a VM on {}", listener.local_addr()?);
+    eprintln!(
+        "livemig: waiting for a VM on {} ({})",
+        listener.local_addr()?,
+        security.name()
+    );
     let opts = migration::ReceiveOptions {
         console,
+        peer_timeout,
+        handshake_timeout: peer_timeout,
         ..Default::default()
     };
-    let (vm, stats) = migration::receive(&listener, &opts)?;
+    let (vm, stats) = migration::receive(listener, security.clone(), opts)?;
     eprintln!(
-        "livemig: VM received ({} pages, {} zero, {} rounds) and running",
-        stats.pages, stats.zero_pages, stats.rounds
+        "livemig: VM received from {} ({} pages, {} zero, {} rounds) and running",
+        stats.peer.map_or("?".into(), |p| p.to_string()),
+        stats.pages,
+        stats.zero_pages,
+        stats.rounds
     );
-    serve(vm, api)
+    serve(vm, api, Some(security))
 }
 
-fn restore(from: &Path, api: Option<&Path>, console: Console, paused: bool) -> CmdResult {
+fn tls_init(out: &Path, hosts: &[String]) -> CmdResult {
+    for p in transport::tls::init_cluster(out, hosts)? {
+        println!("wrote {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore(
+    from: &Path,
+    api: Option<&Path>,
+    console: Console,
+    paused: bool,
+    tls: &TlsArgs,
+) -> CmdResult {
+    let security = tls.security()?;
     let t0 = Instant::now();
     let manifest = snapshot::read_manifest(from)?;
     let vm = Vm::restore(&manifest.state, &console, paused, |ram| {
@@ -338,7 +419,7 @@ fn restore(from: &Path, api: Option<&Path>, console: Console, paused: bool) -> C
         from.display(),
         t0.elapsed().as_millis()
     );
-    serve(vm, api)
+    serve(vm, api, security)
 }
 
 fn verify(api: &Path, timeout: Duration) -> CmdResult {
@@ -427,11 +508,13 @@ fn bench_transports(a: args::TransportsArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs the VM (and its API) until the guest stops or a client asks for shutdown.
-fn serve(vm: Vm, api: Option<&Path>) -> CmdResult {
+/// Runs the VM (and its API) until the guest stops or a client asks for shutdown;
+/// `security`: the credentials migrations asked for through the API use by default.
+fn serve(vm: Vm, api: Option<&Path>, security: Option<transport::Security>) -> CmdResult {
     let vm = Arc::new(Mutex::new(vm));
+    let ext = migrate_cmd::api_extension(security);
     let server = api
-        .map(|p| ApiServer::start(p, vm.clone(), Some(migrate_cmd::api_extension())))
+        .map(|p| ApiServer::start(p, vm.clone(), Some(ext)))
         .transpose()?;
     loop {
         std::thread::sleep(Duration::from_millis(50));

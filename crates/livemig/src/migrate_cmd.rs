@@ -1,23 +1,52 @@
-//! `livemig migrate` and the migration routes of a VM's API.
+//! `livemig migrate` and the migration routes of a VM's API: one migration per VM at a time,
+//! cancellable until its switchover, and cancelled if the client that started it goes away.
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use migration::{MigrateRequest, Progress, Report};
+use migration::{Cancel, MigrateRequest, Progress, Report};
 use serde_json::json;
+use transport::Security;
 use vmm::api::{Client, Extension};
 use vmm::Vm;
 
-/// `POST /vm/migrate` with a [`MigrateRequest`] runs a migration and answers with its report;
-/// `GET /vm/migration` tells where a running one is.
-pub fn api_extension() -> Extension {
-    let progress: Arc<Mutex<Option<Progress>>> = Arc::new(Mutex::new(None));
+/// The migration in flight on a VM.
+struct Running {
+    to: String,
+    cancel: Cancel,
+    /// Set when the client holds a lease: it must ask for progress this often.
+    lease: Option<Duration>,
+    renewed: Instant,
+}
+
+#[derive(Default)]
+struct Slot {
+    running: Option<Running>,
+    progress: Option<Progress>,
+}
+
+/// | method | path            | body                 | answer                                   |
+/// |--------|-----------------|----------------------|------------------------------------------|
+/// | POST   | /vm/migrate     | [`MigrateRequest`]   | the report; 409 if one is under way      |
+/// | GET    | /vm/migration   |                      | [`Progress`] (renews the client's lease) |
+/// | DELETE | /vm/migration   |                      | cancels; 409 past the point of no return |
+///
+/// `default_security`: the credentials of this VM process, for requests that bring none.
+pub fn api_extension(default_security: Option<Security>) -> Extension {
+    let slot: Arc<Mutex<Slot>> = Arc::default();
     Arc::new(
         move |method: &str, url: &str, body: &[u8], vm: &Arc<Mutex<Vm>>| match (method, url) {
-            ("POST", "/vm/migrate") => Some(migrate_route(body, vm, &progress)),
-            ("GET", "/vm/migration") => Some(Ok(json!(*locks::lock(&progress)))),
+            ("POST", "/vm/migrate") => {
+                Some(migrate_route(body, vm, &slot, default_security.as_ref()))
+            }
+            ("GET", "/vm/migration") => Some(Ok(progress_route(&slot))),
+            ("DELETE", "/vm/migration") => Some(cancel_route(&slot)),
+            (_, "/vm/migrate" | "/vm/migration") => {
+                Some(Err((405, format!("{method} is not allowed on {url}"))))
+            }
             _ => None,
         },
     )
@@ -26,7 +55,8 @@ pub fn api_extension() -> Extension {
 fn migrate_route(
     body: &[u8],
     vm: &Arc<Mutex<Vm>>,
-    progress: &Arc<Mutex<Option<Progress>>>,
+    slot: &Arc<Mutex<Slot>>,
+    default_security: Option<&Security>,
 ) -> Result<serde_json::Value, (u16, String)> {
     let req: MigrateRequest = serde_json::from_slice(body).map_err(|e| {
         (
@@ -34,18 +64,91 @@ fn migrate_route(
             format!("migrate needs {{\"to\": \"HOST:PORT\", ...}}: {e}"),
         )
     })?;
-    let opts = req.options().map_err(|e| (400, e))?;
-    let p = progress.clone();
-    let report = migration::migrate(vm, &opts, &move |pr: &Progress| {
-        *locks::lock(&p) = Some(pr.clone());
-    })
-    .map_err(|e| (500, e.to_string()))?;
+    let mut opts = req.options().map_err(|e| (400, e))?;
+    opts.security = req.security(default_security).map_err(|e| (400, e))?;
+    {
+        let mut s = locks::lock(slot);
+        if let Some(r) = &s.running {
+            return Err((
+                409,
+                format!(
+                    "a migration of this VM to {} is already under way; cancel it with `livemig migrate --cancel` (DELETE /vm/migration) first",
+                    r.to
+                ),
+            ));
+        }
+        s.running = Some(Running {
+            to: req.to.clone(),
+            cancel: opts.cancel.clone(),
+            lease: req.lease_ms.map(Duration::from_millis),
+            renewed: Instant::now(),
+        });
+        s.progress = None;
+    }
+    if let Some(lease) = req.lease_ms.map(Duration::from_millis) {
+        watch_lease(slot.clone(), opts.cancel.clone(), lease);
+    }
+    let p = slot.clone();
+    let result = migration::migrate(vm, &opts, &move |pr: &Progress| {
+        locks::lock(&p).progress = Some(pr.clone());
+    });
+    locks::lock(slot).running = None;
+    let report = result.map_err(|e| (500, e.to_string()))?;
     serde_json::to_value(&report).map_err(|e| (500, e.to_string()))
 }
 
+/// Cancels the migration if its client stops renewing its lease (it died, or lost its way
+/// to this socket): a migration nobody waits for is not left to run.
+fn watch_lease(slot: Arc<Mutex<Slot>>, cancel: Cancel, lease: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("lease".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let s = locks::lock(&slot);
+            let Some(r) = s.running.as_ref().filter(|_| !cancel.requested()) else {
+                return;
+            };
+            if r.renewed.elapsed() > lease {
+                let why = format!(
+                    "the client that started it went away (no word for {:.1} s)",
+                    lease.as_secs_f64()
+                );
+                drop(s);
+                let _ = cancel.request(&why);
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no lease watcher for the migration: {e}");
+    }
+}
+
+fn progress_route(slot: &Arc<Mutex<Slot>>) -> serde_json::Value {
+    let mut s = locks::lock(slot);
+    if let Some(r) = s.running.as_mut().filter(|r| r.lease.is_some()) {
+        r.renewed = Instant::now();
+    }
+    json!(s.progress)
+}
+
+fn cancel_route(slot: &Arc<Mutex<Slot>>) -> Result<serde_json::Value, (u16, String)> {
+    let s = locks::lock(slot);
+    let r = s
+        .running
+        .as_ref()
+        .ok_or((404, "no migration of this VM is under way".to_string()))?;
+    r.cancel
+        .request("cancelled through the API")
+        .map_err(|e| (409, e.to_string()))?;
+    Ok(json!({ "cancelled": true, "to": r.to }))
+}
+
+/// How often the client renews its lease (it asks for progress 5 times a second).
+const LEASE: Duration = Duration::from_secs(3);
+
 /// `livemig migrate`: asks the source VM's process to migrate, shows progress, prints the
 /// summary; fails unless the guest verified on the destination (a foreign guest, which cannot
-/// verify itself, is not a failure).
+/// verify itself, is not a failure). Ctrl-C or SIGTERM cancels the migration.
 pub fn main(
     api: &Path,
     req: MigrateRequest,
@@ -64,25 +167,48 @@ pub fn main(
     })
 }
 
-/// Client side: runs the request, showing progress from `GET /vm/migration` meanwhile.
+/// `livemig migrate --cancel`.
+pub fn cancel(api: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let v: serde_json::Value = Client::new(api).call("DELETE", "/vm/migration", None)?;
+    println!(
+        "cancelled the migration to {}",
+        v["to"].as_str().unwrap_or("?")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Client side: runs the request under a lease, showing progress meanwhile; a signal cancels.
 pub fn migrate(
     api: &Path,
-    req: MigrateRequest,
+    mut req: MigrateRequest,
     report_path: Option<PathBuf>,
 ) -> Result<Report, Box<dyn std::error::Error>> {
+    req.lease_ms = Some(LEASE.as_millis() as u64);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupted.clone())?;
+    }
     let body = serde_json::to_value(&req)?;
     let worker = {
         let api = api.to_path_buf();
         std::thread::spawn(move || {
             Client::new(api)
-                .with_timeout(Duration::from_secs(3600))
+                .with_timeout(Duration::from_secs(24 * 3600))
                 .call::<Report>("POST", "/vm/migrate", Some(body))
         })
     };
     let bar = ProgressView::new();
-    let client = Client::new(api);
+    let client = Client::new(api).with_timeout(Duration::from_secs(10));
+    let mut cancelled = false;
     while !worker.is_finished() {
         std::thread::sleep(Duration::from_millis(200));
+        if interrupted.load(Ordering::SeqCst) && !cancelled {
+            cancelled = true;
+            eprintln!("livemig: interrupted: cancelling the migration");
+            if let Err(e) = client.call::<serde_json::Value>("DELETE", "/vm/migration", None) {
+                eprintln!("livemig: {e}");
+            }
+        }
         if let Ok(Some(p)) = client.call::<Option<Progress>>("GET", "/vm/migration", None) {
             bar.show(&p);
         }

@@ -6,11 +6,15 @@ use std::process::Command;
 mod common;
 use common::{kvm_or_skip, root_or_skip, BIN};
 
-const LIVEMIG_ROWS: [(&str, &str); 4] = [
+const LIVEMIG_ROWS: [(&str, &str); 8] = [
     ("tcp", "1g-1"),
     ("compressed", "1g-1"),
     ("direct", "10g-1"),
     ("direct+multichannel", "10g-1+10g-2"),
+    ("tcp+tls", "1g-1"),
+    ("compressed+tls", "1g-1"),
+    ("direct+tls", "10g-1"),
+    ("direct+multichannel+tls", "10g-1+10g-2"),
 ];
 const QEMU_ROWS: [(&str, &str); 4] = [
     ("tcp", "1g-1"),
@@ -80,13 +84,21 @@ fn bench_transports_smoke_has_every_row_verified() {
         assert!(!r["samples"].as_array().unwrap().is_empty(), "{r}");
         // The printed table has the row too.
         assert!(
-            stdout
-                .lines()
-                .any(|l| l.starts_with(peer) && l.contains(config) && l.contains(links)),
+            stdout.lines().any(|l| {
+                let cells: Vec<&str> = l.split_whitespace().collect();
+                cells.len() > 3 && cells[0] == peer && cells[1] == config && cells[2] == links
+            }),
             "{peer} {config} {links} missing from the table:\n{stdout}"
         );
     }
     assert_eq!(b["links"].as_array().unwrap().len(), 3);
+    // Each transport with and without TLS, side by side.
+    assert_eq!(
+        b["tls_costs"].as_array().unwrap().len(),
+        4,
+        "{}",
+        b["tls_costs"]
+    );
     if qemu {
         assert_eq!(b["ratios"].as_array().unwrap().len(), 4, "{}", b["ratios"]);
     }

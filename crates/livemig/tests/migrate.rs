@@ -10,7 +10,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    build_foreign_kernel, kvm_or_skip, livemig, livemig_exe, wait, KillOnDrop, VmProcess, BIN,
+    build_foreign_kernel, kvm_or_skip, livemig, livemig_exe, wait, KillOnDrop, Livemig, VmProcess,
+    BIN,
 };
 
 fn free_port() -> u16 {
@@ -41,17 +42,26 @@ fn source(dir: &Path, workload: &str, memory: &str) -> (VmProcess, PathBuf) {
     (vm, api)
 }
 
-/// `livemig receive` on loopback `port`, its API and console named after `name`.
+/// `livemig receive` on loopback `port` with the test cluster's TLS credentials, its API and
+/// console named after `name`.
 fn receiver(dir: &Path, name: &str, port: u16) -> VmProcess {
-    livemig_exe()
-        .receive(
-            None,
-            &format!("127.0.0.1:{port}"),
-            &dir.join(format!("{name}.sock")),
-            &dir.join(format!("{name}.console")),
-            None,
-        )
-        .unwrap()
+    receiver_with(livemig_exe(), dir, name, port)
+}
+
+/// A plaintext receiver (`--insecure`), for tests that read or cut the byte stream.
+fn receiver_plain(dir: &Path, name: &str, port: u16) -> VmProcess {
+    receiver_with(Livemig::new(BIN).insecure(), dir, name, port)
+}
+
+fn receiver_with(exe: Livemig, dir: &Path, name: &str, port: u16) -> VmProcess {
+    exe.receive(
+        None,
+        &format!("127.0.0.1:{port}"),
+        &dir.join(format!("{name}.sock")),
+        &dir.join(format!("{name}.console")),
+        None,
+    )
+    .unwrap()
 }
 
 fn status(api: &Path) -> Option<serde_json::Value> {
@@ -84,13 +94,22 @@ fn migrate_with(api: &Path, port: u16, report: &Path, extra: &[&str]) -> Output 
     livemig(&args)
 }
 
-/// After a failed migration: the destination gave up and exited non-zero (nothing of the VM
-/// is left there), and the source still runs the guest, its heartbeat rising.
+/// After a failed migration: the destination logged the failure, dropped its half and goes
+/// on waiting (no API: it has no VM), and the source still runs the guest, its heartbeat rising.
 fn assert_failed_cleanly(dst: &mut VmProcess, src_api: &Path) {
-    wait(Duration::from_secs(90), "destination exit", || {
-        dst.child.try_wait().unwrap().is_some()
-    });
-    assert!(!dst.child.try_wait().unwrap().unwrap().success());
+    wait(
+        Duration::from_secs(30),
+        "the destination to log the failure",
+        || dst.stderr.text().contains("failed"),
+    );
+    assert!(
+        dst.child.try_wait().unwrap().is_none(),
+        "the receiver goes on"
+    );
+    assert!(
+        status(&dst.api).is_none(),
+        "nothing of the VM is left there"
+    );
     let st = status(src_api).expect("source still answers");
     assert_eq!(st["state"], "running", "{st}");
     let hb = st["heartbeat"].as_u64().unwrap();
@@ -213,20 +232,29 @@ fn cut_test(name: &str, cut: impl Fn(&FrameWatch) -> bool + Send + Sync + 'stati
     }
     let d = tempfile::tempdir().unwrap();
     let (dst_port, proxy_port) = (free_port(), free_port());
-    let mut dst = receiver(d.path(), "dst", dst_port);
+    // Plaintext, so the proxy can follow the frames it cuts.
+    let mut dst = receiver_plain(d.path(), "dst", dst_port);
     let (_src, src_api) = source(d.path(), "sql", "512M");
     let cut_done = proxy(proxy_port, dst_port, 0, cut);
-    let out = migrate(&src_api, proxy_port, &d.path().join("r.json"));
+    let out = migrate_with(
+        &src_api,
+        proxy_port,
+        &d.path().join("r.json"),
+        &["--insecure"],
+    );
     assert!(
         !out.status.success(),
         "a cut connection must fail the migration"
     );
     assert!(cut_done.load(Ordering::SeqCst));
     assert_failed_cleanly(&mut dst, &src_api);
-    // ...and the source migrates fine afterwards.
-    let port2 = free_port();
-    let _dst2 = receiver(d.path(), "dst2", port2);
-    let out = migrate(&src_api, port2, &d.path().join("r2.json"));
+    // ...and the source migrates fine afterwards, to the same receiver.
+    let out = migrate_with(
+        &src_api,
+        dst_port,
+        &d.path().join("r2.json"),
+        &["--insecure"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -257,27 +285,31 @@ fn feed_receiver(name: &str, bytes: &[u8], expect: &str) {
     }
     let d = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut dst = receiver(d.path(), "dst", port);
+    // Plaintext: these bytes are for the migration protocol itself, not for TLS.
+    let mut dst = receiver_plain(d.path(), "dst", port);
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let _ = s.write_all(bytes);
     let _ = s.shutdown(std::net::Shutdown::Write);
     let mut sink = Vec::new();
     let _ = s.read_to_end(&mut sink);
-    wait(Duration::from_secs(30), "receiver exit", || {
-        dst.child.try_wait().unwrap().is_some()
-    });
-    assert!(
-        !dst.child.try_wait().unwrap().unwrap().success(),
-        "{name}: receiver must fail"
+    wait(
+        Duration::from_secs(30),
+        "the receiver to log the refusal",
+        || dst.stderr.text().contains(expect),
     );
-    wait(Duration::from_secs(5), "receiver error text", || {
-        dst.stderr.closed()
-    });
-    let err = dst.stderr.text();
     assert!(
-        err.contains(expect),
-        "{name}: error should mention {expect:?}: {err}"
+        dst.child.try_wait().unwrap().is_none(),
+        "{name}: the receiver survives a bad connection"
     );
+    // A real migration still gets in.
+    let (_src, src_api) = source(d.path(), "idle", "128M");
+    let out = migrate_with(&src_api, port, &d.path().join("r.json"), &["--insecure"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_report(&d.path().join("r.json"));
 }
 
 fn hello(version: u16) -> Vec<u8> {
@@ -514,7 +546,7 @@ fn kvm_one_page_stream_failing_aborts_cleanly() {
     }
     let d = tempfile::tempdir().unwrap();
     let (dst_port, proxy_port) = (free_port(), free_port());
-    let mut dst = receiver(d.path(), "dst", dst_port);
+    let mut dst = receiver_plain(d.path(), "dst", dst_port);
     let (_src, src_api) = source(d.path(), "sql", "512M");
     // Connection 2 is the second page stream; it dies 10 MiB in.
     let cut = proxy(proxy_port, dst_port, 2, |w| w.bytes > 10 << 20);
@@ -522,15 +554,21 @@ fn kvm_one_page_stream_failing_aborts_cleanly() {
         &src_api,
         proxy_port,
         &d.path().join("r.json"),
-        &["--channels", "2"],
+        &["--channels", "2", "--insecure"],
     );
     assert!(
         !out.status.success(),
         "a failed stream must fail the migration"
     );
-    assert!(cut.load(Ordering::SeqCst));
+    assert!(
+        cut.load(Ordering::SeqCst),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        dst.stderr.text()
+    );
     assert_failed_cleanly(&mut dst, &src_api);
-    // Two streams, each from its own local address, with compression: the whole combination.
+    // Two streams, each from its own local address, with compression and TLS: the whole
+    // combination.
     let port2 = free_port();
     let _dst2 = receiver(d.path(), "dst2", port2);
     let out = migrate_with(

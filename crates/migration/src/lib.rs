@@ -17,10 +17,10 @@ pub mod request;
 pub mod send;
 
 pub use protocol::VerifyOutcome;
-pub use recv::{receive, ReceiveOptions, ReceiveStats};
+pub use recv::{receive, Incoming, Pending, ReceiveOptions, ReceiveStats};
 pub use report::Report;
 pub use request::MigrateRequest;
-pub use send::{migrate, MigrateOptions, Progress};
+pub use send::{migrate, Cancel, MigrateOptions, Progress};
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum MigrationError {
@@ -59,6 +59,12 @@ pub enum MigrationError {
     Vm(#[from] vmm::VmError),
     /// dirty log: {0}
     DirtyLog(#[from] vmm::dirty::DirtyLogError),
+    /// timed out after {secs} s waiting for {waiting_for}
+    TimedOut { secs: f64, waiting_for: String },
+    /// this host refused the VM: {0}
+    Refused(String),
+    /// the migration was cancelled ({0}); the VM keeps running on the source
+    Cancelled(String),
     /// the source VM is {0}; only a running VM migrates
     SourceNotRunning(String),
     /// switchover outcome unknown ({0}): the VM stays paused on the source because it may be running on the destination; check the destination before resuming it

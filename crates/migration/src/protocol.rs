@@ -304,12 +304,40 @@ pub fn write_hello(w: &mut impl Write, h: &Hello) -> Result<(), ProtocolError> {
     Ok(w.flush()?)
 }
 
-/// Reads the source's hello; on a version or transport we do not speak, tells the peer why.
-pub fn accept_hello(r: &mut impl Read, w: &mut impl Write) -> Result<Hello, ProtocolError> {
+/// What a new connection says it is, from its first 16 bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum Opening {
+    /// A source opening a migration; answer with [`answer_hello`].
+    Control(HelloWire),
+    /// A page stream of migration `session`.
+    Stream { index: u16, session: u64 },
+}
+
+/// Reads a connection's first 16 bytes: a migration's hello or a page stream's.
+pub fn read_opening(r: &mut impl Read) -> Result<Opening, ProtocolError> {
     let h: HelloWire = read_header(r, "the handshake")?;
-    if h.magic != MAGIC {
+    if h.magic == MAGIC {
+        return Ok(Opening::Control(h));
+    }
+    if h.magic != DATA_MAGIC {
         return Err(ProtocolError::BadMagic(h.magic));
     }
+    // The same 16 bytes, read as a page stream's hello.
+    let d = DataHelloWire::read_from_bytes(h.as_bytes())
+        .map_err(|_| ProtocolError::Truncated("a page stream's handshake"))?;
+    if d.version.get() != VERSION {
+        return Err(ProtocolError::Version {
+            theirs: d.version.get(),
+        });
+    }
+    Ok(Opening::Stream {
+        index: d.index.get(),
+        session: d.session.get(),
+    })
+}
+
+/// Answers a source's hello; on a version or transport we do not speak, tells the peer why.
+pub fn answer_hello(w: &mut impl Write, h: &HelloWire) -> Result<Hello, ProtocolError> {
     let transport = Transport::from_u8(h.transport);
     let status = match (h.version.get() == VERSION, transport) {
         (false, _) => HelloStatus::Version,
@@ -335,6 +363,14 @@ pub fn accept_hello(r: &mut impl Read, w: &mut impl Write) -> Result<Hello, Prot
             theirs: h.version.get(),
         }),
         _ => Err(ProtocolError::TransportUnsupported(h.transport)),
+    }
+}
+
+/// Reads the source's hello and answers it (a connection known to be a control connection).
+pub fn accept_hello(r: &mut impl Read, w: &mut impl Write) -> Result<Hello, ProtocolError> {
+    match read_opening(r)? {
+        Opening::Control(h) => answer_hello(w, &h),
+        Opening::Stream { .. } => Err(ProtocolError::BadMagic(DATA_MAGIC)),
     }
 }
 
@@ -365,22 +401,26 @@ pub fn write_data_hello(w: &mut impl Write, index: u16, session: u64) -> Result<
     Ok(w.flush()?)
 }
 
-/// Reads a page stream's hello; returns its index.
+/// Reads a page stream's hello and checks it belongs to `session` with `streams` streams;
+/// returns its index.
 pub fn read_data_hello(
     r: &mut impl Read,
     session: u64,
     streams: u16,
 ) -> Result<u16, ProtocolError> {
-    let h: DataHelloWire = read_header(r, "a page stream's handshake")?;
-    if h.magic != DATA_MAGIC {
-        return Err(ProtocolError::BadMagic(h.magic));
+    match read_opening(r)? {
+        Opening::Stream { index, session: s } => check_stream(index, s, session, streams),
+        Opening::Control(h) => Err(ProtocolError::BadMagic(h.magic)),
     }
-    if h.version.get() != VERSION {
-        return Err(ProtocolError::Version {
-            theirs: h.version.get(),
-        });
-    }
-    let (index, theirs) = (h.index.get(), h.session.get());
+}
+
+/// A page stream `index` of session `theirs` must be one of `streams` of `session`.
+pub fn check_stream(
+    index: u16,
+    theirs: u64,
+    session: u64,
+    streams: u16,
+) -> Result<u16, ProtocolError> {
     if theirs != session || index >= streams {
         return Err(malformed(Kind::Config)(format!(
             "page stream {index} of session {theirs:#x} does not belong to session {session:#x} with {streams} streams"
@@ -756,6 +796,11 @@ impl<W: Write> FrameWriter<W> {
         self.w.write_all(head)?;
         self.seq = self.seq.wrapping_add(1);
         Ok(())
+    }
+
+    /// Writes page data that follows a [`Self::send_direct_head`] through this writer.
+    pub fn write_raw(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
+        Ok(self.w.write_all(data)?)
     }
 
     pub fn send_abort(&mut self, reason: &str) -> Result<(), ProtocolError> {

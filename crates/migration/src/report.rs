@@ -92,6 +92,13 @@ pub struct Report {
     pub guest_verify: Option<String>,
     pub compression: Option<CompressionReport>,
     pub dirty_log: String,
+    /// How the channel was protected: mutual TLS or plain (insecure).
+    #[serde(default)]
+    pub tls: String,
+    /// The direct transport's send path: zero-copy, or copied where TLS encrypts in user
+    /// space (no kernel TLS here).
+    #[serde(default)]
+    pub direct_send: Option<String>,
     pub error: Option<String>,
 }
 
@@ -151,6 +158,11 @@ impl Report {
                 self.avg_gbps * 100.0 / cap
             );
         }
+        s += &format!("  channel: {}", self.tls);
+        if let Some(d) = &self.direct_send {
+            s += &format!("; direct pages {d}");
+        }
+        s += "\n";
         s += &format!(
             "  cpu {:.2} s source, {:.2} s destination; guest verified on destination: {}",
             self.cpu_seconds.source,

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use transport::Security;
+
 use crate::protocol::Transport;
 use crate::send::MigrateOptions;
 
@@ -32,6 +34,19 @@ pub struct MigrateRequest {
     /// Throttle the guest when rounds stop shrinking (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_converge: Option<bool>,
+    /// The deadline on progress, in milliseconds (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_timeout_ms: Option<u64>,
+    /// This host's credentials for mutual TLS; absent: the VM process's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<transport::tls::TlsFiles>,
+    /// Plain TCP, no TLS (say so explicitly).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// A client holding this migration renews it at least this often (milliseconds) by asking
+    /// for its progress; if it stops, the migration is cancelled (the client died).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 /// `10.0.1.1>10.0.1.2,10.0.2.1>10.0.2.2` into (local address, remote host) pairs.
@@ -54,6 +69,21 @@ pub fn parse_network(s: &str) -> Result<Vec<(std::net::IpAddr, String)>, String>
         .collect()
 }
 
+/// What a migration or receiver says when it has no credentials and was not told to run
+/// plaintext.
+pub const NO_CREDENTIALS: &str = "no TLS credentials: give --tls-cert, --tls-key and --tls-ca (create them with `livemig tls init`), or --insecure to run plaintext";
+
+/// The least `--max-bandwidth` the protocol's deadlines allow: a full batch frame (1 MiB and
+/// its head) must cross within half the peer timeout, or a paced sender would look dead.
+pub fn min_bandwidth(peer_timeout: Duration) -> u64 {
+    let frame_bits = (crate::protocol::Kind::Pages.max_len() as f64) * 8.0;
+    let secs = (peer_timeout.as_secs_f64() / 2.0).max(0.001);
+    // Positive and finite; `as` saturates.
+    #[allow(clippy::cast_sign_loss)]
+    let min = (frame_bits / secs).ceil() as u64;
+    min
+}
+
 impl MigrateRequest {
     pub fn new(to: impl Into<String>) -> Self {
         MigrateRequest {
@@ -62,9 +92,33 @@ impl MigrateRequest {
         }
     }
 
-    /// The options the engine runs with; a bad `network` is the only thing that can fail.
+    /// How the migration's connections are protected: plaintext only if asked for; the
+    /// request's credentials, else `default` (the VM process's own), else none and an error.
+    pub fn security(&self, default: Option<&Security>) -> Result<Security, String> {
+        if self.insecure {
+            return Ok(Security::Insecure);
+        }
+        match (&self.tls, default) {
+            (Some(files), _) => Ok(Security::Tls(std::sync::Arc::new(
+                transport::tls::Tls::load(files).map_err(|e| e.to_string())?,
+            ))),
+            (None, Some(s)) => Ok(s.clone()),
+            (None, None) => Err(NO_CREDENTIALS.into()),
+        }
+    }
+
+    /// The options the engine runs with (security aside: see [`Self::security`]); a bad
+    /// `network` or a cap below what the peer timeout allows fail here.
     pub fn options(&self) -> Result<MigrateOptions, String> {
         let mut o = MigrateOptions::new(self.to.clone());
+        if let Some(t) = self.peer_timeout_ms {
+            if t < 100 {
+                return Err(format!(
+                    "a peer timeout of {t} ms is too short (100 ms at least)"
+                ));
+            }
+            o.peer_timeout = Duration::from_millis(t);
+        }
         if let Some(t) = self.transport {
             o.transport = t;
         }
@@ -76,6 +130,17 @@ impl MigrateRequest {
         }
         if self.auto_converge == Some(false) {
             o.policy.auto_converge = None;
+        }
+        if let Some(cap) = self.max_bandwidth {
+            let min = min_bandwidth(o.peer_timeout);
+            if cap < min {
+                return Err(format!(
+                    "--max-bandwidth {:.2} Mbit/s is below the minimum {:.2} Mbit/s: a 1 MiB batch must cross within half the {} s peer timeout",
+                    cap as f64 / 1e6,
+                    min as f64 / 1e6,
+                    o.peer_timeout.as_secs_f64()
+                ));
+            }
         }
         o.max_bandwidth = self.max_bandwidth;
         o.channels = self.channels.unwrap_or(0);
@@ -108,6 +173,23 @@ mod tests {
         assert!(o.policy.auto_converge.is_none());
         assert_eq!(o.network.len(), 2);
         assert_eq!(o.network[1].1, "10.0.2.2");
+    }
+
+    #[test]
+    fn a_cap_below_what_the_peer_timeout_allows_is_refused_with_the_minimum() {
+        let min = min_bandwidth(Duration::from_secs(5));
+        assert!((3_000_000..4_000_000).contains(&min), "{min}");
+        let r = MigrateRequest {
+            max_bandwidth: Some(1_000_000),
+            ..MigrateRequest::new("a:1")
+        };
+        let e = r.options().unwrap_err();
+        assert!(e.contains("below the minimum 3.36 Mbit/s"), "{e}");
+        let r = MigrateRequest {
+            max_bandwidth: Some(200_000_000),
+            ..MigrateRequest::new("a:1")
+        };
+        assert!(r.options().is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod api;
 pub mod boot;
 pub mod devices;
 pub mod dirty;
+pub mod host;
 pub mod memory;
 pub mod snapshot;
 pub mod state;

@@ -9,9 +9,47 @@ pub use bench::child::{KillOnDrop, Livemig, VmProcess};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 
-/// The livemig binary under test, to start processes with the bench crate's helpers.
+/// The test cluster's CA and one host's credentials, made once per test binary with
+/// `livemig tls init`: tests run with the mutual TLS users get by default.
+pub fn tls_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tls");
+        let out = Command::new(BIN)
+            .args([
+                "tls", "init", "--host", "test", "--host", "stranger", "--out",
+            ])
+            .arg(&dir)
+            .output()
+            .expect("livemig tls init runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// LIVEMIG_TLS_* for a process of the test cluster.
+pub fn tls_env() -> Vec<(&'static str, PathBuf)> {
+    let d = tls_dir();
+    vec![
+        ("LIVEMIG_TLS_CERT", d.join("test.pem")),
+        ("LIVEMIG_TLS_KEY", d.join("test.key")),
+        ("LIVEMIG_TLS_CA", d.join("ca.pem")),
+    ]
+}
+
+/// The livemig binary under test with the test cluster's credentials, to start processes
+/// with the bench crate's helpers.
 pub fn livemig_exe() -> Livemig {
-    Livemig::new(BIN)
+    let d = tls_dir();
+    Livemig::new(BIN).with_tls(&transport::tls::TlsFiles {
+        cert: d.join("test.pem"),
+        key: d.join("test.key"),
+        ca: d.join("ca.pem"),
+    })
 }
 
 /// KVM tests run only where /dev/kvm opens; otherwise they say so (never a silent pass).
@@ -50,8 +88,13 @@ pub fn wait(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Runs `livemig ARGS` to the end, with the test cluster's credentials.
 pub fn livemig(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("livemig runs")
+    Command::new(BIN)
+        .args(args)
+        .envs(tls_env())
+        .output()
+        .expect("livemig runs")
 }
 
 /// Builds the foreign PVH guest (tests/fixtures/hello_pvh.S) with the host C compiler.

@@ -1,10 +1,12 @@
 //! The destination side: the state machines of [`state`] driven over the control connection
 //! and the page streams; pages are placed at their final address and the VM resumes only once
 //! it holds everything.
+pub mod incoming;
 pub mod state;
 mod streams;
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use transport::{Connection, ShutdownHandle};
@@ -17,6 +19,7 @@ use crate::protocol::{
     ProtocolError, Transport, VerifyOutcome,
 };
 use crate::{thread_cpu_seconds, MigrationError};
+pub use incoming::{Incoming, Pending};
 pub use state::{ReceiveMigrationState, Step, StreamState};
 use streams::RoundBarrier;
 
@@ -26,25 +29,28 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
     pub console: Console,
-    /// A peer silent for this long is taken for dead.
+    /// The deadline on progress: a source silent for this long on any stream is taken for
+    /// dead and the migration fails.
     pub peer_timeout: Duration,
     /// How long the guest gets to verify its memory after resume.
     pub verify_timeout: Duration,
-    /// How long the page streams a Config announces have to connect.
+    /// How long a new connection has to finish TLS and say what it is.
+    pub handshake_timeout: Duration,
+    /// How long a migration has, after its Config, to connect the page streams it announced.
     pub stream_accept_timeout: Duration,
-    /// The control connection's read timeout while page streams carry the rounds (it is quiet
-    /// then; a dead peer shows on the streams, which close it).
-    pub control_idle_timeout: Duration,
+    /// New connections in their handshake at once; more are closed at once.
+    pub max_handshakes: usize,
 }
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
         ReceiveOptions {
             console: Console::Discard,
-            peer_timeout: Duration::from_secs(60),
+            peer_timeout: crate::send::DEFAULT_PEER_TIMEOUT,
             verify_timeout: Duration::from_secs(60),
-            stream_accept_timeout: Duration::from_secs(30),
-            control_idle_timeout: Duration::from_secs(3600),
+            handshake_timeout: crate::send::DEFAULT_PEER_TIMEOUT,
+            stream_accept_timeout: Duration::from_secs(10),
+            max_handshakes: 16,
         }
     }
 }
@@ -57,6 +63,7 @@ pub struct ReceiveStats {
     pub rounds: u32,
     /// CPU seconds of the page stream threads.
     pub stream_cpu_seconds: f64,
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl ReceiveStats {
@@ -65,6 +72,14 @@ impl ReceiveStats {
         self.zero_pages += o.zero_pages;
         self.stream_cpu_seconds += o.stream_cpu_seconds;
     }
+}
+
+/// Whether this host takes a VM a source offers: its answer before anything is allocated.
+pub type Admit<'a> = &'a dyn Fn(&Prepare) -> Result<(), String>;
+
+/// This host's default answer: the VM fits in the memory free now.
+pub fn admit_if_it_fits(p: &Prepare) -> Result<(), String> {
+    vmm::host::can_hold(&p.vm, 0)
 }
 
 fn check_config(p: &Prepare) -> Result<(), ProtocolError> {
@@ -89,110 +104,160 @@ fn check_config(p: &Prepare) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-/// Receives one VM: accepts its control connection and page streams on `listener`. Returns
-/// the VM running; on any error nothing is left behind.
+/// Receives one VM on `listener` and returns it running. Connections that fail (garbage, no
+/// certificate, a cut link, a VM that does not fit) are logged and the receiver goes on
+/// waiting; a second migration while one is under way is turned away.
 pub fn receive(
-    listener: &transport::Listener,
-    opts: &ReceiveOptions,
+    listener: transport::Listener,
+    security: transport::Security,
+    opts: ReceiveOptions,
 ) -> Result<(Vm, ReceiveStats), MigrationError> {
-    let mut conn = listener.accept()?;
-    conn.set_read_timeout(Some(opts.peer_timeout))
-        .map_err(MigrationError::socket("setting the read timeout"))?;
-    let cpu0 = thread_cpu_seconds();
-    let result = run(&mut conn, listener, opts, cpu0);
-    if let Err(e) = &result {
-        // Best effort: tell the source why, so it can say so too.
-        if !matches!(e, MigrationError::Protocol(ProtocolError::PeerAborted(_))) {
-            let _ = FrameWriter::new(&mut conn.writer).send_abort(&e.to_string());
+    let incoming = Incoming::new(listener, security, opts);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let busy = std::sync::atomic::AtomicBool::new(false);
+    let inc = incoming.clone();
+    let on_migration: incoming::OnMigration = Arc::new(move |p: Pending| {
+        use std::sync::atomic::Ordering::SeqCst;
+        if busy.swap(true, SeqCst) {
+            return p.refuse("this receiver is already taking a VM");
         }
-        conn.shutdown();
-    }
-    result
+        let peer = p.peer;
+        match inc.receive(p, &admit_if_it_fits) {
+            Ok(v) => {
+                let _ = tx.send(v);
+            }
+            Err(e) => {
+                tracing::warn!("incoming migration from {peer} failed: {e}; waiting for another");
+                busy.store(false, SeqCst);
+            }
+        }
+    });
+    let server = incoming.clone();
+    let accept = std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || server.serve(on_migration))
+        .map_err(|source| MigrationError::Thread {
+            what: "accept",
+            source,
+        })?;
+    let received = rx.recv().map_err(|_| MigrationError::StreamFailed);
+    incoming.stop();
+    let _ = accept.join();
+    received
 }
 
-fn run(
-    conn: &mut Connection,
-    listener: &transport::Listener,
-    opts: &ReceiveOptions,
-    cpu0: f64,
-) -> Result<(Vm, ReceiveStats), MigrationError> {
-    let hello = protocol::accept_hello(&mut conn.reader, &mut conn.writer)?;
-    let control = conn
-        .shutdown_handle()
-        .map_err(MigrationError::socket("cloning the control socket"))?;
-    let split = conn.split();
-    let mut input = FrameReader::new(split.reader);
-    let mut out = FrameWriter::new(split.writer);
-
-    // Prepare: build the VM and take the page streams it announces.
-    let (state, prep) = match ReceiveMigrationState::AwaitingConfig.next(input.next_frame()?)? {
-        (s, Step::Prepare(p)) => (s, p),
-        (s, _) => {
-            return Err(ProtocolError::Unexpected {
-                kind: Kind::Config,
-                state: s.name(),
+impl Incoming {
+    /// Runs the migration behind a control connection into a new VM, if `admit` lets this host
+    /// take it. Returns the VM running; on any error the source is told why, and nothing of the
+    /// VM is left here.
+    pub fn receive(
+        &self,
+        p: Pending,
+        admit: Admit<'_>,
+    ) -> Result<(Vm, ReceiveStats), MigrationError> {
+        let Pending {
+            mut conn,
+            hello,
+            peer,
+        } = p;
+        let cpu0 = thread_cpu_seconds();
+        let result = self.run(&mut conn, hello, admit, cpu0);
+        if let Err(e) = &result {
+            // Best effort: tell the source why, so it can say so too.
+            if !matches!(e, MigrationError::Protocol(ProtocolError::PeerAborted(_))) {
+                let _ = FrameWriter::new(&mut conn.writer).send_abort(&e.to_string());
             }
-            .into())
+            conn.shutdown();
         }
-    };
-    check_config(&prep)?;
-    let streams = accept_streams(listener, &prep, opts)?;
-    if !streams.is_empty() {
-        control
-            .set_read_timeout(Some(opts.peer_timeout.max(opts.control_idle_timeout)))
-            .map_err(MigrationError::socket("setting the read timeout"))?;
+        result.map(|(vm, mut st)| {
+            st.peer = Some(peer);
+            (vm, st)
+        })
     }
-    let prepared = PreparedVm::new(&prep.vm)?;
-    out.send(Kind::Ready, &[])?;
-    out.flush()?;
 
-    // Memory, until the paused source's state and Done.
-    let (vm_state, stats) = receive_memory(
-        &mut input,
-        state,
-        prepared.ram(),
-        streams,
-        hello.transport,
-        &control,
-    )?;
+    fn run(
+        &self,
+        conn: &mut Connection,
+        hello: protocol::Hello,
+        admit: Admit<'_>,
+        cpu0: f64,
+    ) -> Result<(Vm, ReceiveStats), MigrationError> {
+        let opts = &self.opts;
+        let control = conn
+            .shutdown_handle()
+            .map_err(MigrationError::socket("cloning the control socket"))?;
+        // Config and page streams within their deadline: nobody holds the slot dribbling.
+        let watchdog = incoming::Watchdog::arm(
+            conn.shutdown_handle()
+                .map_err(MigrationError::socket("cloning the control socket"))?,
+            opts.handshake_timeout + opts.stream_accept_timeout,
+        );
+        conn.set_peer_timeout(Some(opts.peer_timeout))
+            .map_err(MigrationError::socket("setting the peer timeout"))?;
+        let split = conn.split();
+        let mut input = FrameReader::new(split.reader);
+        let mut out = FrameWriter::new(split.writer);
 
-    // Everything is here: load the state paused, confirm, then run.
-    let mut vm = prepared.finish(&vm_state, &opts.console, true)?;
-    out.send(Kind::Confirm, &[])?;
-    out.flush()?;
-    vm.resume()?;
-    let outcome = VerifyOutcome {
-        cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
-        ..verify(&vm, opts.verify_timeout)
-    };
-    out.send_verified(&outcome)?;
-    out.flush()?;
-    let _ = out.inner().flush();
-    Ok((vm, stats))
-}
-
-/// Takes the page streams a Config announced, each checked against the migration's session.
-fn accept_streams(
-    listener: &transport::Listener,
-    prep: &Prepare,
-    opts: &ReceiveOptions,
-) -> Result<Vec<Connection>, MigrationError> {
-    let deadline = Instant::now() + opts.stream_accept_timeout;
-    let mut slots: Vec<Option<Connection>> = (0..prep.streams).map(|_| None).collect();
-    for _ in 0..prep.streams {
-        let mut c = listener.accept_until(deadline)?;
-        c.set_read_timeout(Some(opts.peer_timeout))
-            .map_err(MigrationError::socket("setting the read timeout"))?;
-        let i = protocol::read_data_hello(&mut c.reader, prep.session, prep.streams)? as usize;
-        if slots[i].replace(c).is_some() {
-            return Err(ProtocolError::Malformed {
-                kind: Kind::Config,
-                why: format!("page stream {i} connected twice"),
+        // Prepare: refuse what this host cannot hold before anything is allocated, build the
+        // VM, take the page streams it announces.
+        let (state, prep) = match ReceiveMigrationState::AwaitingConfig.next(input.next_frame()?)? {
+            (s, Step::Prepare(p)) => (s, p),
+            (s, _) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: Kind::Config,
+                    state: s.name(),
+                }
+                .into())
             }
-            .into());
+        };
+        check_config(&prep)?;
+        admit(&prep).map_err(MigrationError::Refused)?;
+        let streams = self.collect_streams(&prep)?;
+        for s in &streams {
+            s.set_peer_timeout(Some(opts.peer_timeout))
+                .map_err(MigrationError::socket("setting the peer timeout"))?;
         }
+        let prepared = PreparedVm::new(&prep.vm)?;
+        if watchdog.disarm() {
+            return Err(MigrationError::TimedOut {
+                secs: (opts.handshake_timeout + opts.stream_accept_timeout).as_secs_f64(),
+                waiting_for: "the source's Config and page streams".into(),
+            });
+        }
+        if !streams.is_empty() {
+            // The control connection is quiet while the streams carry the rounds: keepalive
+            // watches it, and a failing stream closes it.
+            control
+                .set_read_timeout(None)
+                .map_err(MigrationError::socket("setting the read timeout"))?;
+        }
+        out.send(Kind::Ready, &[])?;
+        out.flush()?;
+
+        // Memory, until the paused source's state and Done.
+        let (vm_state, stats) = receive_memory(
+            &mut input,
+            state,
+            prepared.ram(),
+            streams,
+            hello.transport,
+            &control,
+        )?;
+
+        // Everything is here: load the state paused, confirm, then run.
+        let mut vm = prepared.finish(&vm_state, &opts.console, true)?;
+        out.send(Kind::Confirm, &[])?;
+        out.flush()?;
+        vm.resume()?;
+        let outcome = VerifyOutcome {
+            cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
+            ..verify(&vm, opts.verify_timeout)
+        };
+        out.send_verified(&outcome)?;
+        out.flush()?;
+        let _ = out.inner().flush();
+        Ok((vm, stats))
     }
-    Ok(slots.into_iter().flatten().collect())
 }
 
 /// The memory phase: the control connection's state machine on this thread, one thread per

@@ -1,19 +1,19 @@
 //! One connection's sending side, the same for the control connection and each page stream:
 //! frames through its buffered writer, direct page data straight from guest RAM through its
-//! socket with zero-copy.
+//! socket with zero-copy (plain connections; under TLS the data must be encrypted, so it is
+//! copied through the writer).
 use std::io::{BufReader, BufWriter};
-use std::net::TcpStream;
 use std::os::fd::BorrowedFd;
 
-use transport::{CountingReader, CountingWriter, Split, ZeroCopy};
+use transport::{CountingReader, CountingWriter, Io, Split, ZeroCopy};
 use vmm::memory::{GuestRam, PAGE_SIZE};
 
 use crate::codec::Codec;
 use crate::protocol::{FrameWriter, ProtocolError};
 use crate::MigrationError;
 
-pub(super) type Reader<'a> = &'a mut BufReader<CountingReader<TcpStream>>;
-type Writer<'a> = &'a mut BufWriter<CountingWriter<TcpStream>>;
+pub(super) type Reader<'a> = &'a mut BufReader<CountingReader<Io>>;
+type Writer<'a> = &'a mut BufWriter<CountingWriter<Io>>;
 
 /// A batch ready for the wire.
 pub(super) enum Outgoing {
@@ -44,19 +44,26 @@ impl Outgoing {
 
 pub(super) struct Link<'a> {
     pub out: FrameWriter<Writer<'a>>,
-    socket: BorrowedFd<'a>,
+    /// None under TLS: no zero-copy there.
+    socket: Option<BorrowedFd<'a>>,
     /// Made on the first direct batch.
     zc: Option<ZeroCopy<'a>>,
+    /// Scratch for direct pages copied through the writer (TLS).
+    copy: Vec<u8>,
+    /// How long zero-copy sends may go without completing.
+    timeout: std::time::Duration,
 }
 
 impl<'a> Link<'a> {
-    /// A link over a connection's parts whose frames continue at sequence `seq`; returns the
-    /// reader too, for the answers.
-    pub fn new(split: Split<'a>, seq: u32) -> (Self, Reader<'a>) {
+    /// A link over a connection's parts whose frames continue at sequence `seq`, whose peer
+    /// may stall for `timeout`; returns the reader too, for the answers.
+    pub fn new(split: Split<'a>, seq: u32, timeout: std::time::Duration) -> (Self, Reader<'a>) {
         let link = Link {
             out: FrameWriter::with_seq(split.writer, seq),
             socket: split.socket,
             zc: None,
+            copy: Vec::new(),
+            timeout,
         };
         (link, split.reader)
     }
@@ -76,7 +83,17 @@ impl<'a> Link<'a> {
         Ok(())
     }
 
-    /// One PagesDirect frame: header and head through the writer, page data zero-copy.
+    /// How direct batches go out on this connection.
+    pub fn direct_mechanism(&self) -> &'static str {
+        if self.socket.is_some() {
+            "zero-copy (MSG_ZEROCOPY)"
+        } else {
+            "copied through TLS"
+        }
+    }
+
+    /// One PagesDirect frame: header and head through the writer, page data zero-copy from
+    /// guest RAM, or copied through the writer where the connection encrypts.
     fn send_direct(
         &mut self,
         ram: &GuestRam,
@@ -85,6 +102,14 @@ impl<'a> Link<'a> {
     ) -> Result<(), MigrationError> {
         let page = PAGE_SIZE as usize;
         self.out.send_direct_head(head, pages.len() * page)?;
+        let Some(socket) = self.socket else {
+            self.copy.resize(page, 0);
+            for &o in pages {
+                ram.read_at(o, &mut self.copy)?;
+                self.out.write_raw(&self.copy)?;
+            }
+            return Ok(());
+        };
         self.out.flush()?;
         let slices = pages
             .iter()
@@ -95,7 +120,7 @@ impl<'a> Link<'a> {
             None => {
                 let (counters, limit) = self.out.inner().get_ref().accounting();
                 self.zc.insert(
-                    ZeroCopy::new(self.socket, counters, limit)
+                    ZeroCopy::new(socket, counters, limit)
                         .map_err(MigrationError::socket("SO_ZEROCOPY"))?,
                 )
             }
@@ -107,7 +132,7 @@ impl<'a> Link<'a> {
     /// Waits until every zero-copy send has completed.
     pub fn finish(&mut self) -> Result<(), MigrationError> {
         if let Some(z) = &mut self.zc {
-            z.finish().map_err(ProtocolError::Io)?;
+            z.finish(self.timeout).map_err(ProtocolError::Io)?;
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! the downtime), switchover (pause, last pages, device state, the destination's
 //! confirmation), cleanup (the VM is destroyed here). On any failure before the confirmation
 //! the VM keeps running here.
+mod cancel;
 mod compress;
 mod link;
 mod pages;
@@ -11,7 +12,7 @@ mod streams;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use transport::{Connection, RateLimit};
+use transport::{Connection, RateLimit, Security};
 use vmm::dirty::{DirtyLog, SlotBitmap};
 use vmm::memory::{data_extents, GuestRam, PAGE_SIZE};
 use vmm::{Vm, VmConfig};
@@ -20,6 +21,7 @@ use crate::policy::{ConvergencePolicy, Decision};
 use crate::protocol::{self, Frame, FrameReader, FrameWriter, Hello, Kind, RoundEnd, Transport};
 use crate::report::{CpuSeconds, Report, Round};
 use crate::{thread_cpu_seconds, MigrationError, Sampler, VerifyOutcome, Wire};
+pub use cancel::{Cancel, TOO_LATE};
 use compress::Compressor;
 use link::{Link, Reader};
 use pages::{LinkMeter, PagePath, PageSender};
@@ -30,8 +32,15 @@ pub struct MigrateOptions {
     pub to: String,
     pub policy: ConvergencePolicy,
     pub connect_timeout: Duration,
-    /// How long to wait for the destination at each handshake step and for its confirmation.
+    /// The deadline on progress: a destination that neither acknowledges nor answers for this
+    /// long, in any phase and on any stream, fails the migration.
     pub peer_timeout: Duration,
+    /// How long the destination's guest may take to verify its memory after resuming.
+    pub verify_timeout: Duration,
+    /// Mutual TLS (the default) or plain TCP.
+    pub security: Security,
+    /// Stops the migration from another thread.
+    pub cancel: Cancel,
     /// Cap on what the migration sends, in bits/s, across all its streams.
     pub max_bandwidth: Option<u64>,
     pub transport: Transport,
@@ -48,7 +57,10 @@ impl MigrateOptions {
             to: to.into(),
             policy: ConvergencePolicy::default(),
             connect_timeout: Duration::from_secs(10),
-            peer_timeout: Duration::from_secs(120),
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            verify_timeout: Duration::from_secs(60),
+            security: Security::Insecure,
+            cancel: Cancel::default(),
             max_bandwidth: None,
             transport: Transport::Tcp,
             channels: 0,
@@ -87,9 +99,8 @@ pub struct Progress {
     pub last_round_pages: u64,
 }
 
-/// Longest wait for a round to be delivered; past it the migration goes on (a dead peer
-/// shows up as a failed write or read, not here).
-const DELIVERY_WAIT: Duration = Duration::from_secs(10);
+/// `--peer-timeout`'s default.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A round must move at least this much to update the measured throughput.
 const MIN_RATE_SAMPLE: u64 = 1 << 20;
 /// Progress is reported every this many pages within a round.
@@ -102,7 +113,13 @@ pub fn migrate(
     opts: &MigrateOptions,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> Result<Report, MigrationError> {
-    run(vm, opts, progress).map_err(|e| e.on_control(&opts.to))
+    run(vm, opts, progress).map_err(|e| {
+        // A cancel closes the sockets: whatever failed next, the cancel is why.
+        if opts.cancel.requested() && !matches!(e, MigrationError::OutcomeUnknown(_)) {
+            return opts.cancel.error();
+        }
+        e.on_control(&opts.to)
+    })
 }
 
 fn run(
@@ -116,6 +133,13 @@ fn run(
     let session = session_id();
     let mut conn = connect(opts, &source.config, session, &limit)?;
     let streams = connect_streams(opts, session, &limit)?;
+    for c in std::iter::once(&conn).chain(&streams) {
+        opts.cancel.watch(
+            c.shutdown_handle()
+                .map_err(MigrationError::socket("cloning a socket"))?,
+        );
+    }
+    opts.cancel.check()?;
     let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
     s.prepare()?;
     let mut guard = SourceGuard::arm(vm, &s.dirty)?;
@@ -148,12 +172,17 @@ impl Source {
     }
 }
 
-/// Ties the page streams to this migration: time and process, unique enough per host.
+/// Ties the page streams to this migration: random (std's hasher keys come from the OS),
+/// so nobody can guess a migration's session to slip a stream into it.
 fn session_id() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
-    t ^ (u64::from(std::process::id()) << 32)
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 /// The control connection: connected, paced, handshake done and the VM's shape sent.
@@ -163,9 +192,9 @@ fn connect(
     session: u64,
     limit: &Option<Arc<RateLimit>>,
 ) -> Result<Connection, MigrationError> {
-    let mut conn = transport::connect(&opts.to, opts.connect_timeout)?;
-    conn.set_read_timeout(Some(opts.peer_timeout))
-        .map_err(MigrationError::socket("setting the read timeout"))?;
+    let mut conn = transport::connect(&opts.to, opts.connect_timeout, &opts.security)?;
+    conn.set_peer_timeout(Some(opts.peer_timeout))
+        .map_err(MigrationError::socket("setting the peer timeout"))?;
     conn.set_rate_limit(limit.clone());
     let hello = Hello {
         version: protocol::VERSION,
@@ -194,9 +223,11 @@ fn connect_streams(
     let mut conns = Vec::new();
     for (i, (local, remote)) in (0u16..).zip(opts.stream_targets()) {
         let mut c = match local {
-            Some(l) => transport::connect_from(l, &remote, opts.connect_timeout)?,
-            None => transport::connect(&remote, opts.connect_timeout)?,
+            Some(l) => transport::connect_from(l, &remote, opts.connect_timeout, &opts.security)?,
+            None => transport::connect(&remote, opts.connect_timeout, &opts.security)?,
         };
+        c.set_peer_timeout(Some(opts.peer_timeout))
+            .map_err(MigrationError::socket("setting the peer timeout"))?;
         c.set_rate_limit(limit.clone());
         protocol::write_data_hello(&mut c.writer, i, session).map_err(|e| {
             MigrationError::Stream {
@@ -269,6 +300,8 @@ struct Session<'a> {
     dirty: Arc<Mutex<DirtyLog>>,
     sender: PageSender<'a>,
     input: FrameReader<Reader<'a>>,
+    /// The control socket, to give the guest's verify a longer read timeout.
+    control: transport::ShutdownHandle,
     wire: Wire,
     sampler: Sampler,
     report: Report,
@@ -297,7 +330,10 @@ impl<'a> Session<'a> {
         let control = conn
             .shutdown_handle()
             .map_err(MigrationError::socket("cloning the control socket"))?;
-        let streams = Streams::start(stream_conns, &source.ram)?;
+        let control2 = conn
+            .shutdown_handle()
+            .map_err(MigrationError::socket("cloning the control socket"))?;
+        let streams = Streams::start(stream_conns, &source.ram, opts.peer_timeout)?;
         let path = match opts.transport {
             Transport::Tcp => PagePath::Copy,
             Transport::Compressed => PagePath::Compressed {
@@ -307,12 +343,13 @@ impl<'a> Session<'a> {
             Transport::Direct => PagePath::Direct { pages: Vec::new() },
         };
         // The Config frame went out first, as frame 0.
-        let (link, reader) = Link::new(conn.split(), 1);
+        let (link, reader) = Link::new(conn.split(), 1, opts.peer_timeout);
         let report = Report {
             transport: opts.transport.name().into(),
             destination: opts.to.clone(),
             memory_bytes: source.config.memory,
             max_bandwidth_gbps: opts.max_bandwidth.map(|b| b as f64 / 1e9),
+            tls: opts.security.name().into(),
             ..Default::default()
         };
         let prog = Progress {
@@ -328,6 +365,7 @@ impl<'a> Session<'a> {
             prog,
             sender: PageSender::new(link, source.ram.clone(), path, streams, control),
             input: FrameReader::new(reader),
+            control: control2,
             sampler: Sampler::start(wire.clone(), Duration::from_millis(100)),
             wire,
             ram: source.ram,
@@ -374,6 +412,9 @@ impl<'a> Session<'a> {
         for off in pages {
             self.sender.page(off)?;
             n += 1;
+            if n.is_multiple_of(256) {
+                self.opts.cancel.check()?;
+            }
             if n.is_multiple_of(PROGRESS_EVERY) {
                 self.prog.pages_sent += PROGRESS_EVERY;
                 self.prog.bytes_on_wire = self.wire.sent();
@@ -382,7 +423,7 @@ impl<'a> Session<'a> {
         }
         self.sender.round_end(RoundEnd { round, pages: n })?;
         if deliver {
-            self.sender.wait_delivered(DELIVERY_WAIT)?;
+            self.sender.wait_delivered(self.opts.peer_timeout, round)?;
         }
         Ok(Round {
             pages: n,
@@ -512,6 +553,8 @@ impl<'a> Session<'a> {
             false,
         )?;
         self.sender.finish_direct()?;
+        // The point of no return: a cancel from here on is refused.
+        self.opts.cancel.commit()?;
         let out = &mut self.sender.link.out;
         out.send_state(&state)?;
         out.send(Kind::Done, &[])?;
@@ -556,8 +599,13 @@ impl<'a> Session<'a> {
         r.pages = self.sender.pages.clone();
         r.compression = self.sender.compression_report();
         let cpu_src = thread_cpu_seconds() - cpu0 + self.sender.streams.cpu_seconds;
+        r.direct_send = Some(self.sender.direct_mechanism().to_string()).filter(|m| !m.is_empty());
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
+        // The guest verifies every page it wrote before the destination answers.
+        let _ = self
+            .control
+            .set_read_timeout(Some(self.opts.verify_timeout + self.opts.peer_timeout));
         let verified: Option<VerifyOutcome> = match self.input.next_frame() {
             Ok(Frame::Verified(v)) => Some(v),
             _ => None,

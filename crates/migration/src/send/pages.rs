@@ -227,16 +227,37 @@ impl<'a> PageSender<'a> {
     }
 
     /// Waits until every connection has handed all it was given to the kernel and the peer
-    /// has acknowledged it (or `timeout` passed). A round then ends when the destination has
-    /// it, so its time is the link's, and nothing queued (socket buffers, a shaper's queue) is
-    /// left to cross the link after the pause, inside the downtime.
-    pub fn wait_delivered(&mut self, timeout: Duration) -> Result<(), MigrationError> {
+    /// has acknowledged it. A round then ends when the destination has it, so its time is the
+    /// link's, and nothing queued (socket buffers, a shaper's queue) is left to cross the link
+    /// after the pause, inside the downtime. Fails when nothing is acknowledged for `timeout`.
+    pub fn wait_delivered(&mut self, timeout: Duration, round: u32) -> Result<(), MigrationError> {
         self.link.out.flush()?;
-        let t = Instant::now();
-        while self.pending()?.0 > 0 && t.elapsed() < timeout {
+        let mut last = (usize::MAX, Instant::now());
+        loop {
+            let pending = self.pending()?.0;
+            if pending == 0 {
+                return Ok(());
+            }
+            if pending < last.0 {
+                last = (pending, Instant::now());
+            } else if last.1.elapsed() >= timeout {
+                return Err(MigrationError::TimedOut {
+                    secs: timeout.as_secs_f64(),
+                    waiting_for: format!(
+                        "the destination to acknowledge round {round} ({pending} bytes outstanding)"
+                    ),
+                });
+            }
             std::thread::sleep(Duration::from_micros(200));
         }
-        Ok(())
+    }
+
+    /// How this migration's direct batches go out ("" on the other paths).
+    pub fn direct_mechanism(&self) -> &'static str {
+        match self.path {
+            PagePath::Direct { .. } => self.link.direct_mechanism(),
+            _ => "",
+        }
     }
 
     /// Feeds the codec policy the link's rate (compressed path only).

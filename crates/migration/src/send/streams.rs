@@ -31,7 +31,12 @@ struct Channel {
 }
 
 impl Channel {
-    fn start(index: usize, conn: Connection, ram: Arc<GuestRam>) -> Result<Self, MigrationError> {
+    fn start(
+        index: usize,
+        conn: Connection,
+        ram: Arc<GuestRam>,
+        timeout: std::time::Duration,
+    ) -> Result<Self, MigrationError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4);
         let queued = Arc::new(AtomicUsize::new(0));
         let q = queued.clone();
@@ -45,7 +50,7 @@ impl Channel {
                 // The whole connection lives here: the link borrows its parts.
                 let mut conn = conn;
                 let cpu0 = thread_cpu_seconds();
-                let (mut link, _) = Link::new(conn.split(), 0);
+                let (mut link, _) = Link::new(conn.split(), 0, timeout);
                 for msg in rx {
                     match msg {
                         Msg::Batch(b) => {
@@ -133,11 +138,15 @@ pub(super) struct Streams {
 }
 
 impl Streams {
-    pub fn start(conns: Vec<Connection>, ram: &Arc<GuestRam>) -> Result<Self, MigrationError> {
+    pub fn start(
+        conns: Vec<Connection>,
+        ram: &Arc<GuestRam>,
+        timeout: std::time::Duration,
+    ) -> Result<Self, MigrationError> {
         let channels = conns
             .into_iter()
             .enumerate()
-            .map(|(i, c)| Channel::start(i, c, ram.clone()))
+            .map(|(i, c)| Channel::start(i, c, ram.clone(), timeout))
             .collect::<Result<_, _>>()?;
         Ok(Streams {
             channels,

@@ -1,0 +1,332 @@
+//! Accepting migrations on one listening address, safely: every connection gets its own thread
+//! and a deadline to finish TLS and say what it is; only so many handshakes run at once; a
+//! control connection becomes a migration, a page stream joins its migration by session; a
+//! bad connection (garbage, HTTP, a wrong version, a byte a second, no certificate) affects
+//! only itself.
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use transport::{Connection, Listener, Security, ShutdownHandle};
+
+use crate::protocol::{self, FrameWriter, Hello, Opening, Prepare, MAX_STREAMS};
+use crate::MigrationError;
+
+/// A migration's control connection, its handshake done.
+pub struct Pending {
+    pub conn: Connection,
+    pub hello: Hello,
+    pub peer: SocketAddr,
+}
+
+impl Pending {
+    /// Turns the migration away with a reason the source will show.
+    pub fn refuse(mut self, why: &str) {
+        let _ = FrameWriter::new(&mut self.conn.writer).send_abort(why);
+        self.conn.shutdown();
+    }
+}
+
+/// Shuts a connection down unless disarmed by a deadline: a peer that sends a byte a second
+/// cannot hold a slot, whatever it is doing.
+pub(super) struct Watchdog {
+    state: Arc<(Mutex<(bool, bool)>, Condvar)>,
+}
+
+impl Watchdog {
+    pub fn arm(handle: ShutdownHandle, within: Duration) -> Self {
+        let state = Arc::new((Mutex::new((false, false)), Condvar::new()));
+        let s = state.clone();
+        let spawned = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                let deadline = Instant::now() + within;
+                let mut g = locks::lock(&s.0);
+                while !g.0 {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        g.1 = true;
+                        handle.shutdown();
+                        return;
+                    }
+                    g = locks::wait_timeout(&s.1, g, left);
+                }
+            });
+        if spawned.is_err() {
+            // No thread, no deadline: refuse the connection rather than serve it unguarded.
+            locks::lock(&state.0).1 = true;
+        }
+        Watchdog { state }
+    }
+
+    /// Stops the clock; true if it had already fired (the connection is closed).
+    pub fn disarm(self) -> bool {
+        let mut g = locks::lock(&self.state.0);
+        g.0 = true;
+        self.state.1.notify_all();
+        g.1
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        locks::lock(&self.state.0).0 = true;
+        self.state.1.notify_all();
+    }
+}
+
+/// Page streams arriving for one migration, until it is dropped.
+pub(super) struct StreamSlot<'a> {
+    incoming: &'a Incoming,
+    session: u64,
+    pub arrivals: Receiver<(u16, Connection)>,
+}
+
+impl Drop for StreamSlot<'_> {
+    fn drop(&mut self) {
+        locks::lock(&self.incoming.sessions).remove(&self.session);
+    }
+}
+
+/// Page streams that arrived before their migration read its Config (the source connects them
+/// right after sending it): kept a short while, bounded, for the migration to pick up.
+#[derive(Default)]
+struct Parked {
+    streams: Vec<(u64, u16, Connection, Instant)>,
+}
+
+/// At most this many early page streams wait for their migration at once.
+const MAX_PARKED: usize = 4 * MAX_STREAMS as usize;
+
+pub struct Incoming {
+    listener: Listener,
+    pub(super) security: Security,
+    pub(super) opts: super::ReceiveOptions,
+    sessions: Mutex<HashMap<u64, SyncSender<(u16, Connection)>>>,
+    parked: Mutex<Parked>,
+    handshakes: AtomicUsize,
+    stopped: AtomicBool,
+}
+
+/// What runs a migration once its control connection said hello (on that connection's thread).
+pub type OnMigration = Arc<dyn Fn(Pending) + Send + Sync>;
+
+impl Incoming {
+    pub fn new(listener: Listener, security: Security, opts: super::ReceiveOptions) -> Arc<Self> {
+        Arc::new(Incoming {
+            listener,
+            security,
+            opts,
+            sessions: Mutex::new(HashMap::new()),
+            parked: Mutex::new(Parked::default()),
+            handshakes: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until [`Self::stop`]; each is handled on its own thread.
+    pub fn serve(self: &Arc<Self>, on_migration: OnMigration) {
+        while !self.stopped.load(Ordering::SeqCst) {
+            let (stream, peer) = match self.listener.accept_raw() {
+                Ok(a) => a,
+                Err(e) => {
+                    if !self.stopped.load(Ordering::SeqCst) {
+                        tracing::warn!("{e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    continue;
+                }
+            };
+            if self.handshakes.fetch_add(1, Ordering::SeqCst) >= self.opts.max_handshakes {
+                self.handshakes.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(
+                    "refused a connection from {peer}: {} handshakes already under way",
+                    self.opts.max_handshakes
+                );
+                continue;
+            }
+            let (me, cb) = (self.clone(), on_migration.clone());
+            let spawned = std::thread::Builder::new()
+                .name("incoming".into())
+                .spawn(move || me.opening(stream, peer, &cb));
+            if spawned.is_err() {
+                self.handshakes.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Stops accepting; migrations under way go on.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.listener.shutdown();
+    }
+
+    /// A new connection: TLS and the first 16 bytes within the handshake deadline, then a
+    /// migration (control) or a place in one (page stream).
+    fn opening(&self, stream: TcpStream, peer: SocketAddr, on_migration: &OnMigration) {
+        let r = self.identify(stream);
+        self.handshakes.fetch_sub(1, Ordering::SeqCst);
+        match r {
+            Ok(Arrival::Control(p)) => on_migration(p),
+            Ok(Arrival::Stream {
+                index,
+                session,
+                conn,
+            }) => self.join(index, session, conn),
+            Err(e) => tracing::warn!("refused a connection from {peer}: {e}"),
+        }
+    }
+
+    fn identify(&self, stream: TcpStream) -> Result<Arrival, MigrationError> {
+        let t = self.opts.handshake_timeout;
+        let mut conn = Connection::accept(stream, &self.security, t)?;
+        let handle = conn
+            .shutdown_handle()
+            .map_err(MigrationError::socket("cloning a socket"))?;
+        let watchdog = Watchdog::arm(handle, t);
+        conn.set_peer_timeout(Some(t))
+            .map_err(MigrationError::socket("setting the peer timeout"))?;
+        let opening = protocol::read_opening(&mut conn.reader);
+        let arrival = match opening {
+            Ok(Opening::Control(h)) => {
+                let hello = protocol::answer_hello(&mut conn.writer, &h)?;
+                let peer = conn.peer;
+                Arrival::Control(Pending { conn, hello, peer })
+            }
+            Ok(Opening::Stream { index, session }) => Arrival::Stream {
+                index,
+                session,
+                conn,
+            },
+            Err(e) => return Err(e.into()),
+        };
+        if watchdog.disarm() {
+            return Err(MigrationError::TimedOut {
+                secs: t.as_secs_f64(),
+                waiting_for: "the peer to open (TLS and hello)".into(),
+            });
+        }
+        Ok(arrival)
+    }
+
+    /// Hands a page stream to the migration whose session it names. One that comes before its
+    /// migration registered waits (a handshake timeout at most, a bounded number of them); a
+    /// stream for no migration is dropped then, and only it.
+    fn join(&self, index: u16, session: u64, conn: Connection) {
+        let sessions = locks::lock(&self.sessions);
+        if let Some(tx) = sessions.get(&session) {
+            if let Err(e) = tx.try_send((index, conn)) {
+                let peer = match e {
+                    std::sync::mpsc::TrySendError::Full((_, c))
+                    | std::sync::mpsc::TrySendError::Disconnected((_, c)) => c.peer,
+                };
+                tracing::warn!(
+                    "refused page stream {index} from {peer}: its migration has all it takes"
+                );
+            }
+            return;
+        }
+        let mut parked = locks::lock(&self.parked);
+        self.expire(&mut parked);
+        if parked.streams.len() >= MAX_PARKED {
+            tracing::warn!(
+                "refused a page stream from {}: {MAX_PARKED} streams already wait for their migration",
+                conn.peer
+            );
+            return;
+        }
+        parked.streams.push((session, index, conn, Instant::now()));
+    }
+
+    /// Drops parked streams whose migration did not come within the handshake timeout.
+    fn expire(&self, parked: &mut Parked) {
+        let t = self.opts.handshake_timeout;
+        parked.streams.retain(|(session, _, c, at)| {
+            let keep = at.elapsed() < t;
+            if !keep {
+                tracing::warn!(
+                    "refused a page stream from {}: no migration with session {session:#x} came within {t:?}",
+                    c.peer
+                );
+            }
+            keep
+        });
+    }
+
+    /// Starts taking page streams for `session`.
+    pub(super) fn register(&self, session: u64) -> Result<StreamSlot<'_>, MigrationError> {
+        let (tx, rx) = sync_channel(2 * MAX_STREAMS as usize);
+        let mut s = locks::lock(&self.sessions);
+        if s.contains_key(&session) {
+            return Err(protocol::ProtocolError::Malformed {
+                kind: protocol::Kind::Config,
+                why: format!("session {session:#x} is already under way"),
+            }
+            .into());
+        }
+        // Streams that came early go to the new migration first.
+        let mut parked = locks::lock(&self.parked);
+        self.expire(&mut parked);
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut parked.streams)
+            .into_iter()
+            .partition(|(s, ..)| *s == session);
+        parked.streams = others;
+        for (_, index, conn, _) in mine {
+            let _ = tx.try_send((index, conn));
+        }
+        s.insert(session, tx);
+        Ok(StreamSlot {
+            incoming: self,
+            session,
+            arrivals: rx,
+        })
+    }
+
+    /// The page streams `prep` announced, each checked: one per index, within the stream
+    /// deadline. Strays and duplicates are refused by themselves.
+    pub(super) fn collect_streams(
+        &self,
+        prep: &Prepare,
+    ) -> Result<Vec<Connection>, MigrationError> {
+        let slot = self.register(prep.session)?;
+        let deadline = Instant::now() + self.opts.stream_accept_timeout;
+        let mut slots: Vec<Option<Connection>> = (0..prep.streams).map(|_| None).collect();
+        let mut have = 0;
+        while have < prep.streams {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok((i, c)) = slot.arrivals.recv_timeout(left) else {
+                return Err(MigrationError::TimedOut {
+                    secs: self.opts.stream_accept_timeout.as_secs_f64(),
+                    waiting_for: format!("page streams ({have} of {} connected)", prep.streams),
+                });
+            };
+            match slots.get_mut(usize::from(i)) {
+                Some(s @ None) => {
+                    *s = Some(c);
+                    have += 1;
+                }
+                _ => tracing::warn!(
+                    "refused page stream {i} from {}: out of range or already connected",
+                    c.peer
+                ),
+            }
+        }
+        Ok(slots.into_iter().flatten().collect())
+    }
+}
+
+enum Arrival {
+    Control(Pending),
+    Stream {
+        index: u16,
+        session: u64,
+        conn: Connection,
+    },
+}

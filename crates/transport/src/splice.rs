@@ -1,0 +1,162 @@
+//! Received bytes straight into a file at an offset (guest RAM's memfd): splice(2) from a
+//! plain socket, a buffered copy from anything else (a TLS stream).
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+use crate::{CountingReader, Io};
+
+/// A source that can put bytes straight into a file at an offset: how direct page data lands
+/// in guest RAM (its memfd) at the page's own place.
+pub trait ReadToFile: Read {
+    /// Moves exactly `len` bytes into `file` at `off`. By default through a buffer; sockets
+    /// splice instead.
+    fn read_to_file(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()> {
+        copy_to_file(self, file, off, len)
+    }
+}
+
+/// Reads exactly `len` bytes from `r` into `file` at `off` through a buffer.
+fn copy_to_file(
+    r: &mut (impl Read + ?Sized),
+    file: &std::fs::File,
+    off: u64,
+    len: usize,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(256 << 10)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len());
+        r.read_exact(&mut buf[..n])?;
+        file.write_all_at(&buf[..n], off + done as u64)?;
+        done += n;
+    }
+    Ok(())
+}
+
+impl<T: AsRef<[u8]>> ReadToFile for io::Cursor<T> {}
+
+impl ReadToFile for CountingReader<Io> {
+    /// From a plain socket: socket → pipe → file with splice(2), so the kernel copies the
+    /// received data into the file's pages once, with no user-space copy and no page faults on
+    /// a mapping (which cost more than the copy itself when the pages are new). From TLS: the
+    /// data must be decrypted in user space first, so through a buffer.
+    fn read_to_file(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()> {
+        let fd = match &self.inner {
+            Io::Plain(s) => s.as_raw_fd(),
+            Io::Tls(_) => return copy_to_file(self, file, off, len),
+        };
+        self.splice_to_file(fd, file, off, len)
+            .map_err(|e| self.info.explain(e, "to send page data"))
+    }
+}
+
+impl CountingReader<Io> {
+    fn splice_to_file(
+        &mut self,
+        fd: libc::c_int,
+        file: &std::fs::File,
+        off: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        let pipe = match self.pipe.take() {
+            Some(p) => self.pipe.insert(p),
+            None => self.pipe.insert(Pipe::new()?),
+        };
+        let mut pos = libc::loff_t::try_from(off).map_err(io::Error::other)?;
+        let mut left = len;
+        while left > 0 {
+            let n = splice(fd, None, pipe.write.as_raw_fd(), left.min(pipe.size))?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.counters
+                .received
+                .fetch_add(n as u64, Ordering::Relaxed);
+            let mut in_pipe = n;
+            while in_pipe > 0 {
+                let m = splice(
+                    pipe.read.as_raw_fd(),
+                    Some(&mut pos),
+                    file.as_raw_fd(),
+                    in_pipe,
+                )?;
+                if m == 0 {
+                    return Err(io::Error::other("splice into the file moved nothing"));
+                }
+                in_pipe -= m;
+            }
+            left -= n;
+        }
+        Ok(())
+    }
+}
+
+/// A pipe as splice's go-between, as large as the system allows us (fewer round trips).
+pub(crate) struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+    size: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two fds into the array, which is valid for the call.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are fresh and owned by nothing else.
+        let (read, write) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        // SAFETY: fcntl on our own open pipe fd touches no memory of ours; failure leaves the
+        // default size.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        let size = if size > 0 {
+            size
+        } else {
+            // SAFETY: as above; F_GETPIPE_SZ only reads the size.
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) }
+        };
+        Ok(Pipe {
+            read,
+            write,
+            size: usize::try_from(size).unwrap_or(0).max(4096),
+        })
+    }
+}
+
+/// One splice(2) call, from `from` (at `off` if given) into `to`; retried on EINTR. A socket
+/// read timeout shows as TimedOut.
+fn splice(
+    from: libc::c_int,
+    off_out: Option<&mut libc::loff_t>,
+    to: libc::c_int,
+    len: usize,
+) -> io::Result<usize> {
+    let (off_in, off_out) = match off_out {
+        // Pipe → file at an offset.
+        Some(o) => (std::ptr::null_mut(), o as *mut libc::loff_t),
+        None => (std::ptr::null_mut(), std::ptr::null_mut()),
+    };
+    loop {
+        // SAFETY: both fds are open for the call; the offset pointer is null or points to a
+        // loff_t the caller owns for the call.
+        let n = unsafe { libc::splice(from, off_in, to, off_out, len, libc::SPLICE_F_MOVE) };
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Err(io::ErrorKind::TimedOut.into()),
+            _ => return Err(e),
+        }
+    }
+}

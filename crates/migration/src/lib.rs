@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub mod codec;
+pub mod fuzz;
 pub mod policy;
 pub mod protocol;
 pub mod recv;

@@ -891,14 +891,10 @@ impl<R: Read> FrameReader<R> {
                 got: seq,
             });
         }
-        let body = if kind == Kind::PagesDirect {
-            self.read_direct_head(len)?
+        if kind == Kind::PagesDirect {
+            self.read_direct_head(len)?;
         } else {
-            len
-        };
-        self.buf.resize(body, 0);
-        if kind != Kind::PagesDirect {
-            read_full(&mut self.r, &mut self.buf, "a frame payload")?;
+            self.read_payload(len)?;
         }
         let mut sum = Xxh3::new();
         sum.update(&h.as_bytes()[..16]);
@@ -918,9 +914,23 @@ impl<R: Read> FrameReader<R> {
         Ok((kind, &self.buf))
     }
 
+    /// Reads `len` payload bytes into the buffer, growing it as they arrive: a header alone
+    /// (a peer announcing a large frame and sending nothing) allocates little.
+    fn read_payload(&mut self, len: usize) -> Result<(), ProtocolError> {
+        const STEP: usize = 1 << 20;
+        self.buf.clear();
+        while self.buf.len() < len {
+            let at = self.buf.len();
+            let n = (len - at).min(STEP);
+            self.buf.resize(at + n, 0);
+            read_full(&mut self.r, &mut self.buf[at..], "a frame payload")?;
+        }
+        Ok(())
+    }
+
     /// Reads a PagesDirect frame's head (only the head is ours to read; its entries tell how
-    /// much page data follows) into the buffer; returns the head's length.
-    fn read_direct_head(&mut self, len: usize) -> Result<usize, ProtocolError> {
+    /// much page data follows) into the buffer.
+    fn read_direct_head(&mut self, len: usize) -> Result<(), ProtocolError> {
         let bad = malformed(Kind::PagesDirect);
         let count: U32 = read_header(&mut self.r, "a frame payload")?;
         let n = count.get() as usize;
@@ -932,7 +942,7 @@ impl<R: Read> FrameReader<R> {
         self.buf.extend_from_slice(count.as_bytes());
         self.buf.resize(head_len, 0);
         read_full(&mut self.r, &mut self.buf[COUNT_LEN..], "a frame payload")?;
-        Ok(head_len)
+        Ok(())
     }
 
     /// The page data that follows a checked PagesDirect head in a frame of `len` bytes.

@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use zerocopy::byteorder::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::state::VmState;
@@ -21,7 +23,7 @@ const STATE_FILE: &str = "state.bin";
 const MEMORY_FILE: &str = "memory.raw";
 /// A manifest larger than this is not ours (64 GiB of RAM needs ~1 MiB).
 const MAX_MANIFEST: u64 = 64 << 20;
-const HEADER_LEN: usize = 8 + 4 + 4 + 8;
+const HEADER_LEN: usize = std::mem::size_of::<StateHeader>();
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -234,11 +236,14 @@ fn write_state(dir: &Path, manifest: &Manifest) -> Result<(), SnapshotError> {
         path: state_path.clone(),
         source,
     })?;
+    let header = StateHeader {
+        magic: *MAGIC,
+        version: U32::new(FORMAT_VERSION),
+        reserved: U32::new(0),
+        manifest_len: U64::new(body.len() as u64),
+    };
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + 8);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(&body);
     let sum = xxh3_64(&out);
     out.extend_from_slice(&sum.to_le_bytes());
@@ -247,44 +252,54 @@ fn write_state(dir: &Path, manifest: &Manifest) -> Result<(), SnapshotError> {
     f.sync_all().map_err(io(&state_path))
 }
 
+/// The fixed header of `state.bin`.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+struct StateHeader {
+    magic: [u8; 8],
+    version: U32,
+    reserved: U32,
+    manifest_len: U64,
+}
+
 /// Reads and checks `state.bin`.
 pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let mut f = File::open(&path).map_err(io(&path))?;
+    let f = File::open(&path).map_err(io(&path))?;
     let file_len = f.metadata().map_err(io(&path))?.len();
-    let mut header = [0u8; HEADER_LEN];
-    f.read_exact(&mut header).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            SnapshotError::Length {
-                path: path.clone(),
-                len: 0,
-                file: file_len,
-            }
-        } else {
-            SnapshotError::Io {
-                path: path.clone(),
-                source: e,
-            }
-        }
-    })?;
-    if &header[..8] != MAGIC {
-        return Err(SnapshotError::BadMagic { path });
-    }
-    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-    let len = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
-    if len > MAX_MANIFEST || HEADER_LEN as u64 + len + 8 != file_len {
+    // Never read more than the largest state file there can be.
+    if file_len > (HEADER_LEN + 8) as u64 + MAX_MANIFEST {
         return Err(SnapshotError::Length {
             path,
-            len,
+            len: file_len,
             file: file_len,
         });
     }
-    let mut rest = vec![0u8; len as usize + 8];
-    f.read_exact(&mut rest).map_err(io(&path))?;
-    let stored = u64::from_le_bytes(rest[len as usize..].try_into().expect("8 bytes"));
-    let mut all = header.to_vec();
-    all.extend_from_slice(&rest[..len as usize]);
-    let computed = xxh3_64(&all);
+    let mut bytes = Vec::with_capacity(file_len as usize);
+    f.take(file_len)
+        .read_to_end(&mut bytes)
+        .map_err(io(&path))?;
+    parse_state(&path, &bytes)
+}
+
+/// Checks and parses the bytes of a `state.bin` (`path` names it in errors): magic, length,
+/// checksum, version, then the JSON manifest.
+pub fn parse_state(path: &Path, bytes: &[u8]) -> Result<Manifest, SnapshotError> {
+    let path = path.to_path_buf();
+    let file = bytes.len() as u64;
+    let Ok((h, rest)) = StateHeader::read_from_prefix(bytes) else {
+        return Err(SnapshotError::Length { path, len: 0, file });
+    };
+    if &h.magic != MAGIC {
+        return Err(SnapshotError::BadMagic { path });
+    }
+    let len = h.manifest_len.get();
+    if len > MAX_MANIFEST || HEADER_LEN as u64 + len + 8 != file {
+        return Err(SnapshotError::Length { path, len, file });
+    }
+    let (body, sum) = rest.split_at(rest.len() - 8);
+    let stored = U64::read_from_bytes(sum).map_or(0, |v| v.get());
+    let computed = xxh3_64(&bytes[..bytes.len() - 8]);
     if stored != computed {
         return Err(SnapshotError::Checksum {
             path,
@@ -294,14 +309,13 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     }
     // Checked after the checksum so a flipped version byte reads as corruption, not as a
     // snapshot from another livemig.
-    if version != FORMAT_VERSION {
+    if h.version.get() != FORMAT_VERSION {
         return Err(SnapshotError::Version {
             path,
-            found: version,
+            found: h.version.get(),
         });
     }
-    serde_json::from_slice(&rest[..len as usize])
-        .map_err(|source| SnapshotError::Manifest { path, source })
+    serde_json::from_slice(body).map_err(|source| SnapshotError::Manifest { path, source })
 }
 
 /// Checks the memory manifest's shape against the RAM it is to fill, before any arithmetic
@@ -326,6 +340,15 @@ fn check_memory_manifest(
         });
     }
     Ok(())
+}
+
+/// Everything a restore checks in a `state.bin` before it builds a VM of `ram_size` bytes:
+/// what the fuzz target feeds bytes to.
+pub fn check_state_file(bytes: &[u8], ram_size: u64) -> Result<Manifest, SnapshotError> {
+    let path = Path::new(STATE_FILE);
+    let m = parse_state(path, bytes)?;
+    check_memory_manifest(path, &m.memory, ram_size)?;
+    Ok(m)
 }
 
 /// Loads `memory.raw` into fresh guest RAM, checking every chunk.

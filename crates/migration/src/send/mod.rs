@@ -8,6 +8,7 @@ mod compress;
 mod link;
 mod pages;
 mod streams;
+mod watchdog;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use compress::Compressor;
 use link::{Link, Reader};
 use pages::{LinkMeter, PagePath, PageSender};
 use streams::Streams;
+use watchdog::Watchdog;
 
 #[derive(Clone, Debug)]
 pub struct MigrateOptions {
@@ -133,22 +135,42 @@ fn run(
     let session = session_id();
     let mut conn = connect(opts, &source.config, session, &limit)?;
     let streams = connect_streams(opts, session, &limit)?;
+    let mut watched = Vec::new();
+    let mut wire = Wire::default();
     for c in std::iter::once(&conn).chain(&streams) {
-        opts.cancel.watch(
+        let h = || {
             c.shutdown_handle()
-                .map_err(MigrationError::socket("cloning a socket"))?,
-        );
+                .map_err(MigrationError::socket("cloning a socket"))
+        };
+        opts.cancel.watch(h()?);
+        watched.push(h()?);
+        wire.0.push(c.counters.clone());
     }
     opts.cancel.check()?;
-    let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
-    s.prepare()?;
-    let mut guard = SourceGuard::arm(vm, &s.dirty)?;
-    s.report.dirty_log = guard.mode.into();
-    s.copy()?;
-    s.sync()?;
-    s.switchover(&mut guard)?;
-    s.cleanup();
-    Ok(s.finish(cpu0))
+    let watchdog = Watchdog::start(wire, watched, opts.peer_timeout)?;
+    let phases = || {
+        let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
+        s.prepare()?;
+        let mut guard = SourceGuard::arm(vm, &s.dirty)?;
+        s.report.dirty_log = guard.mode.into();
+        s.copy()?;
+        s.sync()?;
+        s.switchover(&mut guard)?;
+        // The guest's verify on the destination may take longer than the peer timeout.
+        watchdog.disarm();
+        s.cleanup();
+        Ok(s.finish(cpu0))
+    };
+    phases().map_err(|e| match (e, watchdog.timed_out()) {
+        // Past the point of no return the VM's state stays what the error says; the
+        // watchdog only says why.
+        (MigrationError::OutcomeUnknown(why), Some(t)) => {
+            MigrationError::OutcomeUnknown(format!("{t}; {why}"))
+        }
+        (e @ MigrationError::OutcomeUnknown(_), None) => e,
+        (_, Some(t)) => t,
+        (e, None) => e,
+    })
 }
 
 /// What the migration takes from the VM: its shape, its RAM and its dirty log.

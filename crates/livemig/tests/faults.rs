@@ -643,7 +643,11 @@ fn blackholed_in(name: &str, hosts: &str, phase: &str) {
         took < Duration::from_secs(5),
         "noticed after {took:?}: {text}"
     );
-    assert!(text.contains("timed out after 3 s"), "{text}");
+    assert!(
+        text.contains("timed out after 3 s"),
+        "after {took:?}: {text}\nsource: {}",
+        src.stderr.text()
+    );
     assert_runs(&src.api);
     wait(
         Duration::from_secs(15),

@@ -336,9 +336,9 @@ impl Connection {
     }
 
     /// The deadline on progress: a read or write that waits longer fails ("timed out after
-    /// N s waiting for PEER ..."), and so does data the peer has not acknowledged for as long
-    /// (TCP_USER_TIMEOUT), idle connections included (keepalive probes every second). None
-    /// waits forever on reads and writes; keepalive still notices a dead peer.
+    /// N s waiting for PEER ..."), and so does data the peer has not acknowledged for a second
+    /// more (TCP_USER_TIMEOUT), idle connections included (keepalive probes every second).
+    /// None waits forever on reads and writes; keepalive still notices a dead peer.
     pub fn set_peer_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         set_peer_timeout(&self.socket, t)?;
         let ms = t.map_or(0, |t| t.as_millis() as u64);
@@ -392,7 +392,10 @@ fn set_peer_timeout(s: &TcpStream, t: Option<Duration>) -> io::Result<()> {
         .with_retries(t.map_or(10, |t| t.as_secs().clamp(1, 60) as u32));
     sock.set_tcp_keepalive(&ka)?;
     sock.set_keepalive(true)?;
-    sock.set_tcp_user_timeout(t)
+    // A second longer than the deadline: the engine's watchdog, which watches the same
+    // acknowledgements, fires first and says what the migration waited for; this is the
+    // backstop for a connection nothing else watches.
+    sock.set_tcp_user_timeout(t.map(|t| t + Duration::from_secs(1)))
 }
 
 /// Drives a TLS handshake to its end within `timeout`.
@@ -545,6 +548,29 @@ impl ShutdownHandle {
                 .store(t.as_millis() as u64, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Bytes the peer has acknowledged, and bytes received from it, over the connection's life
+    /// (TCP_INFO): what crossed the link, whatever encryption or buffering sits above it.
+    pub fn delivered(&self) -> io::Result<(u64, u64)> {
+        // SAFETY: an all-zero tcp_info is a valid value of this plain C struct.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`, which lives across the
+        // call, and updates `len`; the fd is owned by self.0 and open.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.0.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast::<libc::c_void>(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((info.tcpi_bytes_acked, info.tcpi_bytes_received))
     }
 
     /// Bytes written to the socket that the peer has not acknowledged yet (unsent, queued in

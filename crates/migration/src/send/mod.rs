@@ -136,7 +136,6 @@ fn run(
     let mut conn = connect(opts, &source.config, session, &limit)?;
     let streams = connect_streams(opts, session, &limit)?;
     let mut watched = Vec::new();
-    let mut wire = Wire::default();
     for c in std::iter::once(&conn).chain(&streams) {
         let h = || {
             c.shutdown_handle()
@@ -144,10 +143,9 @@ fn run(
         };
         opts.cancel.watch(h()?);
         watched.push(h()?);
-        wire.0.push(c.counters.clone());
     }
     opts.cancel.check()?;
-    let watchdog = Watchdog::start(wire, watched, opts.peer_timeout)?;
+    let watchdog = Watchdog::start(watched, opts.peer_timeout)?;
     let phases = || {
         let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
         s.prepare()?;

@@ -7,7 +7,6 @@
 // and nothing here addresses memory or parses the wire.
 #![allow(clippy::cast_sign_loss)]
 pub mod chart;
-pub mod child;
 pub mod netns;
 pub mod peer;
 pub mod qemu;

@@ -7,9 +7,9 @@ use migration::{MigrateRequest, Report};
 use serde_json::Value;
 use vmm::api::Client;
 
-use crate::child::{Livemig, VmProcess};
 use crate::qemu::{Machine, Mode, Qemu};
 use crate::{step, BenchError, Route};
+use host::child::{Livemig, VmProcess};
 
 /// What a VMM says about one of its migrations.
 #[derive(Clone, Debug, Default)]

@@ -181,7 +181,7 @@ pub struct Qemu {
 impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.qmp.cmd("quit", json!({}));
-        crate::child::reap(&mut self.child, Duration::from_secs(5));
+        host::child::reap(&mut self.child, Duration::from_secs(5));
     }
 }
 

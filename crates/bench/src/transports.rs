@@ -13,12 +13,12 @@ use migration::protocol::Transport;
 use migration::MigrateRequest;
 use serde::Serialize;
 
-use crate::child::Livemig;
 use crate::netns::{measure_goodput, Goodput, TxSampler};
 use crate::peer::{LivemigPeer, Outcome, Peer, QemuPeer, Setup};
 use crate::qemu::{self, Machine, Mode};
 use crate::testbed::Testbed;
 use crate::{step, table, BenchError, Route, Ui};
+use host::child::Livemig;
 use vmm::host::mem_available;
 
 /// What to run; `livemig bench transports` fills it from its arguments.

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bench::child::{Livemig, VmProcess};
 use guest::memory_profile::MemoryProfile;
 use guest::WorkloadSpec;
+use host::child::{Livemig, VmProcess};
 use migration::Report;
 use vmm::{Console, Kernel, Vm, VmConfig};
 

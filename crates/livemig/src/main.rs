@@ -15,11 +15,13 @@ use vmm::{Console, Kernel, RunState, Vm, VmConfig, VmError};
 
 mod args;
 mod demo;
+mod drain_cmd;
+mod host_cmd;
 mod migrate_cmd;
 
 use args::{parse_duration, parse_size, MigrateArgs, TlsArgs, TransportArgs};
 
-type CmdResult = Result<ExitCode, Box<dyn std::error::Error>>;
+pub(crate) type CmdResult = Result<ExitCode, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +96,8 @@ enum Cmd {
         peer_timeout: Duration,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        agent: ReceiveAgentArgs,
     },
     /// Live-migrate the VM behind --api to a `livemig receive` (or host agent) at --to.
     Migrate {
@@ -114,6 +118,14 @@ enum Cmd {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// A host agent: run one (`serve`), or start, stop and list the VMs of one.
+    Host {
+        #[command(subcommand)]
+        what: host_cmd::HostCmd,
+    },
+    /// Move every running VM off a host agent's host onto others: a sliding window of
+    /// migrations, placed where they fit, retried, visible, and abortable with Ctrl-C.
+    Drain(drain_cmd::DrainArgs),
     /// Credentials for mutual TLS between hosts.
     Tls {
         #[command(subcommand)]
@@ -180,6 +192,20 @@ enum Cmd {
     /// Write the RAM a VM of --size boots with (memory profile, seed) as sparse blobs in
     /// guest-physical layout, for loading into another VMM; prints QEMU's loader arguments.
     MemoryImage(MemoryImageArgs),
+}
+
+/// What a host agent's receiver for one VM is told.
+#[derive(clap::Args)]
+struct ReceiveAgentArgs {
+    /// Record the migration's milestones here (JSON), for the host agent.
+    #[arg(long)]
+    status_file: Option<PathBuf>,
+    /// Take only the migration with this session id.
+    #[arg(long)]
+    expect_session: Option<u64>,
+    /// Give up if no migration has started within this.
+    #[arg(long, value_parser = parse_duration)]
+    accept_within: Option<Duration>,
 }
 
 #[derive(clap::Args)]
@@ -259,7 +285,15 @@ fn run(cli: Cli) -> CmdResult {
             console: con,
             peer_timeout,
             tls,
-        } => receive(&listen, api.as_deref(), console(con), peer_timeout, &tls),
+            agent,
+        } => receive(
+            &listen,
+            api.as_deref(),
+            console(con),
+            peer_timeout,
+            &tls,
+            &agent,
+        ),
         Cmd::Migrate {
             api, cancel: true, ..
         } => migrate_cmd::cancel(&api.api),
@@ -277,6 +311,8 @@ fn run(cli: Cli) -> CmdResult {
             req.insecure = tls.insecure;
             migrate_cmd::main(&api.api, req, report)
         }
+        Cmd::Host { what } => host_cmd::main(what),
+        Cmd::Drain(a) => drain_cmd::main(a),
         Cmd::Tls {
             what: TlsCmd::Init { out, hosts },
         } => tls_init(&out, &hosts),
@@ -312,7 +348,7 @@ fn console(path: Option<PathBuf>) -> Console {
     path.map(Console::File).unwrap_or(Console::Stdout)
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> CmdResult {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> CmdResult {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(ExitCode::SUCCESS)
 }
@@ -368,21 +404,30 @@ fn receive(
     console: Console,
     peer_timeout: Duration,
     tls: &TlsArgs,
+    agent: &ReceiveAgentArgs,
 ) -> CmdResult {
     let security = tls.required()?;
     let listener = transport::Listener::bind(listen)?;
-    eprintln!(
-        "livemig: waiting for a VM on {} ({})",
-        listener.local_addr()?,
-        security.name()
-    );
+    let addr = listener.local_addr()?;
+    eprintln!("livemig: waiting for a VM on {addr} ({})", security.name());
+    let status = agent.status_file.clone().map(host::status::StatusFile::new);
+    if let Some(f) = &status {
+        f.write(&host::status::Incoming::listening(addr.port()))?;
+    }
     let opts = migration::ReceiveOptions {
         console,
         peer_timeout,
         handshake_timeout: peer_timeout,
+        expect_session: agent.expect_session,
+        accept_within: agent.accept_within,
+        events: status.clone().map(|f| f.events()),
         ..Default::default()
     };
-    let (vm, stats) = migration::receive(listener, security.clone(), opts)?;
+    let received = migration::receive(listener, security.clone(), opts);
+    if let (Err(e), Some(f)) = (&received, &status) {
+        let _ = f.write(&host::status::Incoming::failed(&e.to_string()));
+    }
+    let (vm, stats) = received?;
     eprintln!(
         "livemig: VM received from {} ({} pages, {} zero, {} rounds) and running",
         stats.peer.map_or("?".into(), |p| p.to_string()),

@@ -17,6 +17,8 @@ use vmm::Vm;
 struct Running {
     to: String,
     cancel: Cancel,
+    /// Its pace, when it has one: `PATCH /vm/migration` changes it.
+    limit: Option<Arc<transport::RateLimit>>,
     /// Set when the client holds a lease: it must ask for progress this often.
     lease: Option<Duration>,
     renewed: Instant,
@@ -26,13 +28,17 @@ struct Running {
 struct Slot {
     running: Option<Running>,
     progress: Option<Progress>,
+    /// A sample holds the dirty log: no migration meanwhile.
+    sampling: bool,
 }
 
 /// | method | path            | body                 | answer                                   |
 /// |--------|-----------------|----------------------|------------------------------------------|
-/// | POST   | /vm/migrate     | [`MigrateRequest`]   | the report; 409 if one is under way      |
+/// | POST   | /vm/migrate     | [`MigrateRequest`]   | the report; 409 if one is under way; 502 if the switchover's outcome is unknown (VM paused) |
 /// | GET    | /vm/migration   |                      | [`Progress`] (renews the client's lease) |
 /// | DELETE | /vm/migration   |                      | cancels; 409 past the point of no return |
+/// | PATCH  | /vm/migration   | `{"max_bandwidth"}`  | re-paces the migration under way         |
+/// | POST   | /vm/sample      | `{"ms": N}`          | `migration::sample::VmSample`: touched, zero, compress, dirty rate |
 ///
 /// `default_security`: the credentials of this VM process, for requests that bring none.
 pub fn api_extension(default_security: Option<Security>) -> Extension {
@@ -44,6 +50,8 @@ pub fn api_extension(default_security: Option<Security>) -> Extension {
             }
             ("GET", "/vm/migration") => Some(Ok(progress_route(&slot))),
             ("DELETE", "/vm/migration") => Some(cancel_route(&slot)),
+            ("PATCH", "/vm/migration") => Some(pace_route(body, &slot)),
+            ("POST", "/vm/sample") => Some(sample_route(body, vm, &slot)),
             (_, "/vm/migrate" | "/vm/migration") => {
                 Some(Err((405, format!("{method} is not allowed on {url}"))))
             }
@@ -66,8 +74,17 @@ fn migrate_route(
     })?;
     let mut opts = req.options().map_err(|e| (400, e))?;
     opts.security = req.security(default_security).map_err(|e| (400, e))?;
+    opts.limit = opts
+        .max_bandwidth
+        .map(|b| Arc::new(transport::RateLimit::new(b)));
     {
         let mut s = locks::lock(slot);
+        if s.sampling {
+            return Err((
+                409,
+                "this VM is being sampled; migrate it in a moment".into(),
+            ));
+        }
         if let Some(r) = &s.running {
             return Err((
                 409,
@@ -80,6 +97,7 @@ fn migrate_route(
         s.running = Some(Running {
             to: req.to.clone(),
             cancel: opts.cancel.clone(),
+            limit: opts.limit.clone(),
             lease: req.lease_ms.map(Duration::from_millis),
             renewed: Instant::now(),
         });
@@ -93,7 +111,14 @@ fn migrate_route(
         locks::lock(&p).progress = Some(pr.clone());
     });
     locks::lock(slot).running = None;
-    let report = result.map_err(|e| (500, e.to_string()))?;
+    let report = result.map_err(|e| {
+        // 502: the destination's answer was lost; the VM stays paused here (see the error).
+        let status = match e {
+            migration::MigrationError::OutcomeUnknown(_) => 502,
+            _ => 500,
+        };
+        (status, e.to_string())
+    })?;
     serde_json::to_value(&report).map_err(|e| (500, e.to_string()))
 }
 
@@ -141,6 +166,60 @@ fn cancel_route(slot: &Arc<Mutex<Slot>>) -> Result<serde_json::Value, (u16, Stri
         .request("cancelled through the API")
         .map_err(|e| (409, e.to_string()))?;
     Ok(json!({ "cancelled": true, "to": r.to }))
+}
+
+#[derive(serde::Deserialize)]
+struct Pace {
+    max_bandwidth: u64,
+}
+
+fn pace_route(body: &[u8], slot: &Arc<Mutex<Slot>>) -> Result<serde_json::Value, (u16, String)> {
+    let p: Pace = serde_json::from_slice(body).map_err(|e| {
+        (
+            400,
+            format!("pace needs {{\"max_bandwidth\": BITS_PER_S}}: {e}"),
+        )
+    })?;
+    let s = locks::lock(slot);
+    let r = s
+        .running
+        .as_ref()
+        .ok_or((404, "no migration of this VM is under way".to_string()))?;
+    let limit = r.limit.as_ref().ok_or((
+        409,
+        "this migration runs without a pace (start it with max_bandwidth)".to_string(),
+    ))?;
+    limit.set_bits_per_sec(p.max_bandwidth);
+    Ok(json!({ "max_bandwidth": p.max_bandwidth }))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct SampleRequest {
+    ms: Option<u64>,
+}
+
+fn sample_route(
+    body: &[u8],
+    vm: &Arc<Mutex<Vm>>,
+    slot: &Arc<Mutex<Slot>>,
+) -> Result<serde_json::Value, (u16, String)> {
+    let r: SampleRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SampleRequest::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| (400, e.to_string()))?
+    };
+    {
+        let mut s = locks::lock(slot);
+        if s.running.is_some() || s.sampling {
+            return Err((409, "a migration or sample of this VM is under way".into()));
+        }
+        s.sampling = true;
+    }
+    let window = Duration::from_millis(r.ms.unwrap_or(500).clamp(50, 10_000));
+    let sampled = migration::sample::sample(vm, window);
+    locks::lock(slot).sampling = false;
+    let s = sampled.map_err(|e| (409, e.to_string()))?;
+    serde_json::to_value(&s).map_err(|e| (500, e.to_string()))
 }
 
 /// How often the client renews its lease (it asks for progress 5 times a second).

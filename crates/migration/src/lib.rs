@@ -15,13 +15,14 @@ pub mod protocol;
 pub mod recv;
 pub mod report;
 pub mod request;
+pub mod sample;
 pub mod send;
 
 pub use protocol::VerifyOutcome;
-pub use recv::{receive, Incoming, Pending, ReceiveOptions, ReceiveStats};
+pub use recv::{receive, Events, Incoming, Pending, ReceiveEvent, ReceiveOptions, ReceiveStats};
 pub use report::Report;
 pub use request::MigrateRequest;
-pub use send::{migrate, Cancel, MigrateOptions, Progress};
+pub use send::{migrate, session_id, Cancel, MigrateOptions, Progress};
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum MigrationError {

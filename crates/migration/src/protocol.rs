@@ -16,6 +16,7 @@ use crate::codec::Codec;
 
 pub const MAGIC: [u8; 4] = *b"LVMG";
 const DATA_MAGIC: [u8; 4] = *b"LVMD";
+const PROBE_MAGIC: [u8; 4] = *b"LVMP";
 pub const VERSION: u16 = 1;
 pub const HELLO_LEN: usize = std::mem::size_of::<HelloWire>();
 pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
@@ -180,6 +181,9 @@ pub enum Kind {
     /// for a checksum, so it rests on TCP's; a torn page is dirty and always sent again, and the
     /// last (paused) round cannot tear.
     PagesDirect = 11,
+    /// dst→src, instead of Ready: JSON [`Redirect`]; a host agent admitted the VM and a
+    /// receiver of its own waits for it on another port: connect there and start again.
+    Redirect = 12,
 }
 
 impl Kind {
@@ -196,6 +200,7 @@ impl Kind {
             9 => Kind::Abort,
             10 => Kind::PagesCompressed,
             11 => Kind::PagesDirect,
+            12 => Kind::Redirect,
             _ => return None,
         })
     }
@@ -206,7 +211,7 @@ impl Kind {
         match self {
             Kind::Ready | Kind::Done | Kind::Confirm => 0,
             Kind::RoundEnd => std::mem::size_of::<RoundEndWire>(),
-            Kind::Config | Kind::Verified | Kind::Abort => 64 << 10,
+            Kind::Config | Kind::Verified | Kind::Abort | Kind::Redirect => 64 << 10,
             Kind::Pages | Kind::PagesDirect => BATCH,
             // Incompressible data can grow a little; never past this.
             Kind::PagesCompressed => std::mem::size_of::<CompressedHeader>() + BATCH + (64 << 10),
@@ -311,6 +316,8 @@ pub enum Opening {
     Control(HelloWire),
     /// A page stream of migration `session`.
     Stream { index: u16, session: u64 },
+    /// A link probe: bytes to discard, counted by the sender (host agents measure links).
+    Probe,
 }
 
 /// Reads a connection's first 16 bytes: a migration's hello or a page stream's.
@@ -318,6 +325,9 @@ pub fn read_opening(r: &mut impl Read) -> Result<Opening, ProtocolError> {
     let h: HelloWire = read_header(r, "the handshake")?;
     if h.magic == MAGIC {
         return Ok(Opening::Control(h));
+    }
+    if h.magic == PROBE_MAGIC {
+        return Ok(Opening::Probe);
     }
     if h.magic != DATA_MAGIC {
         return Err(ProtocolError::BadMagic(h.magic));
@@ -371,7 +381,21 @@ pub fn accept_hello(r: &mut impl Read, w: &mut impl Write) -> Result<Hello, Prot
     match read_opening(r)? {
         Opening::Control(h) => answer_hello(w, &h),
         Opening::Stream { .. } => Err(ProtocolError::BadMagic(DATA_MAGIC)),
+        Opening::Probe => Err(ProtocolError::BadMagic(PROBE_MAGIC)),
     }
+}
+
+/// First bytes of a link probe; the rest is filler the receiver discards.
+pub fn write_probe_hello(w: &mut impl Write) -> Result<(), ProtocolError> {
+    let wire = HelloWire {
+        magic: PROBE_MAGIC,
+        version: U16::new(VERSION),
+        transport: 0,
+        status: 0,
+        capabilities: U64::new(0),
+    };
+    w.write_all(wire.as_bytes())?;
+    Ok(w.flush()?)
 }
 
 /// Reads the destination's answer to our hello.
@@ -411,6 +435,7 @@ pub fn read_data_hello(
     match read_opening(r)? {
         Opening::Stream { index, session: s } => check_stream(index, s, session, streams),
         Opening::Control(h) => Err(ProtocolError::BadMagic(h.magic)),
+        Opening::Probe => Err(ProtocolError::BadMagic(PROBE_MAGIC)),
     }
 }
 
@@ -439,6 +464,19 @@ pub struct Prepare {
     pub streams: u16,
     /// Ties the page streams to this migration.
     pub session: u64,
+    /// The VM's name on its host (host agents keep it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The host it leaves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+/// The Redirect frame's payload: where the receiver for this migration listens.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Redirect {
+    /// Port on the host the source connected to.
+    pub port: u16,
 }
 
 /// The end of a round: its number and how many pages it had.
@@ -576,6 +614,7 @@ pub enum Frame<'a> {
     Done,
     Confirm,
     Verified(VerifyOutcome),
+    Redirect(Redirect),
 }
 
 impl Frame<'_> {
@@ -591,6 +630,7 @@ impl Frame<'_> {
             Frame::Done => Kind::Done,
             Frame::Confirm => Kind::Confirm,
             Frame::Verified(_) => Kind::Verified,
+            Frame::Redirect(_) => Kind::Redirect,
         }
     }
 }
@@ -620,6 +660,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
         }
         Kind::State => Frame::State(Box::new(vmm::VmState::from_bytes(payload).map_err(json)?)),
         Kind::Verified => Frame::Verified(serde_json::from_slice(payload).map_err(json)?),
+        Kind::Redirect => Frame::Redirect(serde_json::from_slice(payload).map_err(json)?),
         Kind::Abort => {
             return Err(ProtocolError::PeerAborted(
                 String::from_utf8_lossy(payload).into_owned(),
@@ -759,6 +800,10 @@ impl<W: Write> FrameWriter<W> {
         self.send_json(Kind::Verified, v)
     }
 
+    pub fn send_redirect(&mut self, r: &Redirect) -> Result<(), ProtocolError> {
+        self.send_json(Kind::Redirect, r)
+    }
+
     pub fn send_round_end(&mut self, r: RoundEnd) -> Result<(), ProtocolError> {
         let wire = RoundEndWire {
             round: U32::new(r.round),
@@ -852,9 +897,14 @@ impl<T: transport::ReadToFile> DirectRead for &mut io::BufReader<T> {
 
 impl<R: Read> FrameReader<R> {
     pub fn new(r: R) -> Self {
+        Self::with_seq(r, 0)
+    }
+
+    /// Continues a stream whose first `seq` frames another reader took.
+    pub fn with_seq(r: R, seq: u32) -> Self {
         FrameReader {
             r,
-            seq: 0,
+            seq,
             buf: Vec::new(),
             direct_left: 0,
         }
@@ -1056,8 +1106,11 @@ mod tests {
             },
             streams: 3,
             session: 0xfeed,
+            name: Some("web-1".into()),
+            origin: None,
         };
         w.send_config(&prep).unwrap();
+        w.send_redirect(&Redirect { port: 7001 }).unwrap();
         w.send_round_end(RoundEnd {
             round: 7,
             pages: 1 << 40,
@@ -1076,7 +1129,14 @@ mod tests {
             .unwrap();
         let mut r = FrameReader::new(Cursor::new(w.inner().clone()));
         match r.next_frame().unwrap() {
-            Frame::Config(p) => assert_eq!((p.streams, p.session, p.vm.vcpus), (3, 0xfeed, 2)),
+            Frame::Config(p) => {
+                assert_eq!((p.streams, p.session, p.vm.vcpus), (3, 0xfeed, 2));
+                assert_eq!(p.name.as_deref(), Some("web-1"));
+            }
+            f => panic!("{:?}", f.kind()),
+        }
+        match r.next_frame().unwrap() {
+            Frame::Redirect(d) => assert_eq!(d.port, 7001),
             f => panic!("{:?}", f.kind()),
         }
         match r.next_frame().unwrap() {

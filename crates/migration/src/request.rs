@@ -47,6 +47,15 @@ pub struct MigrateRequest {
     /// for its progress; if it stops, the migration is cancelled (the client died).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
+    /// The VM's name, and the host it leaves, for the destination's agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// The migration's session id; given by a drain, which asks the destination about it if
+    /// the switchover's outcome is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<u64>,
 }
 
 /// `10.0.1.1>10.0.1.2,10.0.2.1>10.0.2.2` into (local address, remote host) pairs.
@@ -144,6 +153,9 @@ impl MigrateRequest {
         }
         o.max_bandwidth = self.max_bandwidth;
         o.channels = self.channels.unwrap_or(0);
+        o.name.clone_from(&self.name);
+        o.origin.clone_from(&self.origin);
+        o.session = self.session;
         if let Some(n) = &self.network {
             o.network = parse_network(n)?;
         }

@@ -80,8 +80,12 @@ fn traffic() -> Vec<Vec<u8>> {
         },
         streams: 0,
         session: 9,
+        name: Some("db".into()),
+        origin: Some("host-a".into()),
     })
     .unwrap();
+    w.send_redirect(&migration::protocol::Redirect { port: 7001 })
+        .unwrap();
     let (head, data) = batch(&[(0, Some(3)), (4096, None), (8192, Some(5))]);
     w.send_pages(&head, &data).unwrap();
     for codec in [Codec::Lz4, Codec::Zstd] {

@@ -4,44 +4,64 @@ use std::time::Duration;
 
 /// A token bucket shared by every stream of one migration, for `--max-bandwidth`.
 /// Writers may go into debt by one write; they then sleep until it is paid off, so the long-run
-/// average holds whatever the write sizes.
+/// average holds whatever the write sizes. The rate can change while it runs (a drain shares
+/// one budget between the migrations in flight).
 #[derive(Debug)]
 pub struct RateLimit {
+    state: std::sync::Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
     bytes_per_sec: f64,
     burst: f64,
-    state: std::sync::Mutex<(f64, std::time::Instant)>,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+/// 10 ms of burst: smooth enough for QoS, coarse enough not to spin.
+fn burst(bytes_per_sec: f64) -> f64 {
+    (bytes_per_sec / 100.0).max(64.0 * 1024.0)
 }
 
 impl RateLimit {
     pub fn new(bits_per_sec: u64) -> Self {
-        let bytes_per_sec = bits_per_sec as f64 / 8.0;
-        // 10 ms of burst: smooth enough for QoS, coarse enough not to spin.
-        let burst = (bytes_per_sec / 100.0).max(64.0 * 1024.0);
+        let bytes_per_sec = (bits_per_sec.max(1)) as f64 / 8.0;
         RateLimit {
-            bytes_per_sec,
-            burst,
-            state: std::sync::Mutex::new((burst, std::time::Instant::now())),
+            state: std::sync::Mutex::new(Bucket {
+                bytes_per_sec,
+                burst: burst(bytes_per_sec),
+                tokens: burst(bytes_per_sec),
+                last: std::time::Instant::now(),
+            }),
         }
     }
 
     pub fn bits_per_sec(&self) -> u64 {
         // Non-negative by construction (from a u64); `as` saturates.
         #[allow(clippy::cast_sign_loss)]
-        let bits = (self.bytes_per_sec * 8.0) as u64;
+        let bits = (locks::lock(&self.state).bytes_per_sec * 8.0) as u64;
         bits
+    }
+
+    /// Changes the rate from now on (debt already taken is paid at the new rate).
+    pub fn set_bits_per_sec(&self, bits_per_sec: u64) {
+        let mut b = locks::lock(&self.state);
+        b.bytes_per_sec = (bits_per_sec.max(1)) as f64 / 8.0;
+        b.burst = burst(b.bytes_per_sec);
+        b.tokens = b.tokens.min(b.burst);
     }
 
     /// Takes `n` bytes at time `now`; returns how long the caller must wait before sending.
     pub fn take_at(&self, n: usize, now: std::time::Instant) -> Duration {
-        let mut st = locks::lock(&self.state);
-        let (tokens, last) = *st;
-        let refill = now.saturating_duration_since(last).as_secs_f64() * self.bytes_per_sec;
-        let tokens = (tokens + refill).min(self.burst) - n as f64;
-        *st = (tokens, now.max(last));
-        if tokens >= 0.0 {
+        let mut b = locks::lock(&self.state);
+        let refill = now.saturating_duration_since(b.last).as_secs_f64() * b.bytes_per_sec;
+        b.tokens = (b.tokens + refill).min(b.burst) - n as f64;
+        b.last = now.max(b.last);
+        if b.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-tokens / self.bytes_per_sec)
+            Duration::from_secs_f64(-b.tokens / b.bytes_per_sec)
         }
     }
 
@@ -104,6 +124,14 @@ mod tests {
         // Idle time refills at most the burst, not an unbounded credit.
         let later = now + Duration::from_secs(10);
         assert!(l.take_at(1 << 20, later) > Duration::from_millis(50));
+        // A new rate holds from then on: twice the rate, half the wait for the same debt.
+        let l = RateLimit::new(80_000_000);
+        let t = std::time::Instant::now();
+        l.take_at(2 << 20, t);
+        let slow = l.take_at(1 << 20, t);
+        l.set_bits_per_sec(160_000_000);
+        let fast = l.take_at(0, t);
+        assert!(fast < slow && fast > slow / 3, "{slow:?} -> {fast:?}");
     }
 
     #[test]

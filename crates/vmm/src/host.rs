@@ -7,10 +7,19 @@ pub fn mem_available() -> Option<u64> {
     parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
 }
 
+/// MemTotal from /proc/meminfo, in bytes.
+pub fn mem_total() -> Option<u64> {
+    meminfo_field(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal:")
+}
+
 fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    meminfo_field(meminfo, "MemAvailable:")
+}
+
+fn meminfo_field(meminfo: &str, field: &str) -> Option<u64> {
     let kib: u64 = meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()

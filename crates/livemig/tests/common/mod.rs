@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
-pub use bench::child::{KillOnDrop, Livemig, VmProcess};
+pub use host::child::{KillOnDrop, Livemig, VmProcess};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 

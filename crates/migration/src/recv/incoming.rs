@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use transport::{Connection, Listener, Security, ShutdownHandle};
 
-use crate::protocol::{self, FrameWriter, Hello, Opening, Prepare, MAX_STREAMS};
+use crate::protocol::{self, FrameReader, FrameWriter, Hello, Opening, Prepare, MAX_STREAMS};
 use crate::MigrationError;
 
 /// A migration's control connection, its handshake done.
@@ -27,6 +27,43 @@ impl Pending {
     pub fn refuse(mut self, why: &str) {
         let _ = FrameWriter::new(&mut self.conn.writer).send_abort(why);
         self.conn.shutdown();
+    }
+
+    /// The VM the source offers (its Config), read within `within`: what a host agent decides
+    /// on before anything is built.
+    pub fn offer(&mut self, within: Duration) -> Result<Prepare, MigrationError> {
+        let handle = self
+            .conn
+            .shutdown_handle()
+            .map_err(MigrationError::socket("cloning a socket"))?;
+        let watchdog = Watchdog::arm(handle, within);
+        let mut reader = FrameReader::new(&mut self.conn.reader);
+        let offer = match reader.next_frame() {
+            Ok(protocol::Frame::Config(p)) => Ok(p),
+            Ok(f) => Err(protocol::ProtocolError::Unexpected {
+                kind: f.kind(),
+                state: "awaiting-config",
+            }
+            .into()),
+            Err(e) => Err(MigrationError::from(e)),
+        };
+        if watchdog.disarm() && offer.is_err() {
+            return Err(MigrationError::TimedOut {
+                secs: within.as_secs_f64(),
+                waiting_for: "the source's Config".into(),
+            });
+        }
+        offer
+    }
+
+    /// Sends the source to the receiver that waits for it on `port` of this host (see
+    /// [`Incoming::redirect`]).
+    fn redirect(mut self, port: u16) -> Result<(), MigrationError> {
+        let mut out = FrameWriter::new(&mut self.conn.writer);
+        out.send_redirect(&protocol::Redirect { port })?;
+        out.flush()?;
+        self.conn.shutdown();
+        Ok(())
     }
 }
 
@@ -96,10 +133,19 @@ impl Drop for StreamSlot<'_> {
 #[derive(Default)]
 struct Parked {
     streams: Vec<(u64, u16, Connection, Instant)>,
+    /// Sessions sent elsewhere: their page streams here are dropped quietly.
+    redirected: std::collections::VecDeque<u64>,
 }
+
+/// Remember this many redirected sessions.
+const MAX_REDIRECTED: usize = 64;
 
 /// At most this many early page streams wait for their migration at once.
 const MAX_PARKED: usize = 4 * MAX_STREAMS as usize;
+
+/// At most this many link probes run at once, each for at most [`MAX_PROBE_TIME`].
+const MAX_PROBES: usize = 2;
+const MAX_PROBE_TIME: Duration = Duration::from_secs(30);
 
 pub struct Incoming {
     listener: Listener,
@@ -108,6 +154,9 @@ pub struct Incoming {
     sessions: Mutex<HashMap<u64, SyncSender<(u16, Connection)>>>,
     parked: Mutex<Parked>,
     handshakes: AtomicUsize,
+    probes: AtomicUsize,
+    /// The expected session started here (see `ReceiveOptions::expect_session`).
+    claimed: AtomicBool,
     stopped: AtomicBool,
 }
 
@@ -123,6 +172,8 @@ impl Incoming {
             sessions: Mutex::new(HashMap::new()),
             parked: Mutex::new(Parked::default()),
             handshakes: AtomicUsize::new(0),
+            probes: AtomicUsize::new(0),
+            claimed: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
         })
     }
@@ -162,6 +213,15 @@ impl Incoming {
         }
     }
 
+    pub(super) fn claim(&self) {
+        self.claimed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the one session this receiver waits for has started.
+    pub(super) fn claimed(&self) -> bool {
+        self.claimed.load(Ordering::SeqCst)
+    }
+
     /// Stops accepting; migrations under way go on.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
@@ -180,8 +240,32 @@ impl Incoming {
                 session,
                 conn,
             }) => self.join(index, session, conn),
+            Ok(Arrival::Probe(conn)) => self.discard(conn),
             Err(e) => tracing::warn!("refused a connection from {peer}: {e}"),
         }
+    }
+
+    /// A link probe: reads and drops what the prober sends (it measures what TCP acknowledged),
+    /// bounded in number and time.
+    fn discard(&self, mut conn: Connection) {
+        if self.probes.fetch_add(1, Ordering::SeqCst) >= MAX_PROBES {
+            self.probes.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(
+                "refused a link probe from {}: {MAX_PROBES} under way",
+                conn.peer
+            );
+            return;
+        }
+        let start = Instant::now();
+        let mut buf = vec![0u8; 256 << 10];
+        while start.elapsed() < MAX_PROBE_TIME {
+            match std::io::Read::read(&mut conn.reader, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        conn.shutdown();
+        self.probes.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn identify(&self, stream: TcpStream) -> Result<Arrival, MigrationError> {
@@ -205,6 +289,7 @@ impl Incoming {
                 session,
                 conn,
             },
+            Ok(Opening::Probe) => Arrival::Probe(conn),
             Err(e) => return Err(e.into()),
         };
         if watchdog.disarm() {
@@ -235,6 +320,10 @@ impl Incoming {
         }
         let mut parked = locks::lock(&self.parked);
         self.expire(&mut parked);
+        if parked.redirected.contains(&session) {
+            tracing::debug!("dropped page stream {index} of redirected session {session:#x}");
+            return;
+        }
         if parked.streams.len() >= MAX_PARKED {
             tracing::warn!(
                 "refused a page stream from {}: {MAX_PARKED} streams already wait for their migration",
@@ -243,6 +332,20 @@ impl Incoming {
             return;
         }
         parked.streams.push((session, index, conn, Instant::now()));
+    }
+
+    /// Sends the source of `p` (migration `session`) to the receiver on `port` of this host:
+    /// a host agent hands each incoming VM to its own process. The page streams the source
+    /// opened here are dropped; it opens them again there.
+    pub fn redirect(&self, p: Pending, session: u64, port: u16) -> Result<(), MigrationError> {
+        let sent = p.redirect(port);
+        let mut parked = locks::lock(&self.parked);
+        parked.streams.retain(|(s, ..)| *s != session);
+        if parked.redirected.len() >= MAX_REDIRECTED {
+            parked.redirected.pop_front();
+        }
+        parked.redirected.push_back(session);
+        sent
     }
 
     /// Drops parked streams whose migration did not come within the handshake timeout.
@@ -329,4 +432,5 @@ enum Arrival {
         session: u64,
         conn: Connection,
     },
+    Probe(Connection),
 }

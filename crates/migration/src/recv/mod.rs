@@ -26,6 +26,27 @@ use streams::RoundBarrier;
 /// Largest VM we agree to build for a peer.
 pub const MAX_MEMORY: u64 = 1 << 40;
 
+/// Milestones of an incoming migration, for whoever watches it (a host agent). `Confirming`
+/// is told before the Confirm goes out, `Running` before the vCPUs start: a receiver that is
+/// gone without having recorded `Running` never ran the VM, which is what lets a source whose
+/// switchover's outcome is unknown resume safely.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReceiveEvent {
+    Receiving { session: u64, name: Option<String> },
+    Confirming,
+    Running,
+}
+
+/// A watcher of [`ReceiveEvent`]s.
+#[derive(Clone)]
+pub struct Events(pub Arc<dyn Fn(&ReceiveEvent) + Send + Sync>);
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Events(..)")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
     pub console: Console,
@@ -40,6 +61,11 @@ pub struct ReceiveOptions {
     pub stream_accept_timeout: Duration,
     /// New connections in their handshake at once; more are closed at once.
     pub max_handshakes: usize,
+    /// Take only the migration with this session (a host agent's receiver for one VM).
+    pub expect_session: Option<u64>,
+    /// Give up if no migration has started within this (none: wait forever).
+    pub accept_within: Option<Duration>,
+    pub events: Option<Events>,
 }
 
 impl Default for ReceiveOptions {
@@ -51,6 +77,9 @@ impl Default for ReceiveOptions {
             handshake_timeout: crate::send::DEFAULT_PEER_TIMEOUT,
             stream_accept_timeout: Duration::from_secs(10),
             max_handshakes: 16,
+            expect_session: None,
+            accept_within: None,
+            events: None,
         }
     }
 }
@@ -106,7 +135,8 @@ fn check_config(p: &Prepare) -> Result<(), ProtocolError> {
 
 /// Receives one VM on `listener` and returns it running. Connections that fail (garbage, no
 /// certificate, a cut link, a VM that does not fit) are logged and the receiver goes on
-/// waiting; a second migration while one is under way is turned away.
+/// waiting; a second migration while one is under way is turned away. A receiver for one
+/// session (`expect_session`) ends once that session has started and failed.
 pub fn receive(
     listener: transport::Listener,
     security: transport::Security,
@@ -114,7 +144,8 @@ pub fn receive(
 ) -> Result<(Vm, ReceiveStats), MigrationError> {
     let incoming = Incoming::new(listener, security, opts);
     let (tx, rx) = std::sync::mpsc::channel();
-    let busy = std::sync::atomic::AtomicBool::new(false);
+    let busy_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = busy_flag.clone();
     let inc = incoming.clone();
     let on_migration: incoming::OnMigration = Arc::new(move |p: Pending| {
         use std::sync::atomic::Ordering::SeqCst;
@@ -124,7 +155,11 @@ pub fn receive(
         let peer = p.peer;
         match inc.receive(p, &admit_if_it_fits) {
             Ok(v) => {
-                let _ = tx.send(v);
+                let _ = tx.send(Ok(v));
+            }
+            // A receiver for one session ends with it: its source retries under a new one.
+            Err(e) if inc.claimed() => {
+                let _ = tx.send(Err(e));
             }
             Err(e) => {
                 tracing::warn!("incoming migration from {peer} failed: {e}; waiting for another");
@@ -140,13 +175,44 @@ pub fn receive(
             what: "accept",
             source,
         })?;
-    let received = rx.recv().map_err(|_| MigrationError::StreamFailed);
+    let received = wait_for_vm(&rx, &busy_flag, incoming.opts.accept_within);
     incoming.stop();
     let _ = accept.join();
     received
 }
 
+/// The received VM, or an error once `accept_within` passed with no migration under way.
+fn wait_for_vm(
+    rx: &std::sync::mpsc::Receiver<Result<(Vm, ReceiveStats), MigrationError>>,
+    busy: &std::sync::atomic::AtomicBool,
+    accept_within: Option<Duration>,
+) -> Result<(Vm, ReceiveStats), MigrationError> {
+    let t = Instant::now();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(v) => return v,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(MigrationError::StreamFailed)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let idle = !busy.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some(limit) = accept_within.filter(|l| idle && t.elapsed() > *l) {
+            return Err(MigrationError::TimedOut {
+                secs: limit.as_secs_f64(),
+                waiting_for: "a migration to arrive".into(),
+            });
+        }
+    }
+}
+
 impl Incoming {
+    fn tell(&self, e: &ReceiveEvent) {
+        if let Some(Events(f)) = &self.opts.events {
+            f(e);
+        }
+    }
+
     /// Runs the migration behind a control connection into a new VM, if `admit` lets this host
     /// take it. Returns the VM running; on any error the source is told why, and nothing of the
     /// VM is left here.
@@ -211,7 +277,20 @@ impl Incoming {
             }
         };
         check_config(&prep)?;
+        if let Some(s) = opts.expect_session.filter(|s| *s != prep.session) {
+            return Err(MigrationError::Refused(format!(
+                "this receiver waits for migration {s:#x}, not {:#x}",
+                prep.session
+            )));
+        }
         admit(&prep).map_err(MigrationError::Refused)?;
+        if opts.expect_session.is_some() {
+            self.claim();
+        }
+        self.tell(&ReceiveEvent::Receiving {
+            session: prep.session,
+            name: prep.name.clone(),
+        });
         let streams = self.collect_streams(&prep)?;
         for s in &streams {
             s.set_peer_timeout(Some(opts.peer_timeout))
@@ -246,8 +325,10 @@ impl Incoming {
 
         // Everything is here: load the state paused, confirm, then run.
         let mut vm = prepared.finish(&vm_state, &opts.console, true)?;
+        self.tell(&ReceiveEvent::Confirming);
         out.send(Kind::Confirm, &[])?;
         out.flush()?;
+        self.tell(&ReceiveEvent::Running);
         vm.resume()?;
         let outcome = VerifyOutcome {
             cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,

@@ -170,6 +170,8 @@ mod tests {
             vm: vm(),
             streams: 0,
             session: 1,
+            name: None,
+            origin: None,
         })
     }
 

@@ -43,6 +43,15 @@ pub struct MigrateOptions {
     pub security: Security,
     /// Stops the migration from another thread.
     pub cancel: Cancel,
+    /// The pace, when the caller wants to change it while the migration runs (a drain sharing
+    /// one budget); otherwise made from `max_bandwidth`.
+    pub limit: Option<Arc<RateLimit>>,
+    /// The VM's name and its host, for the destination's agent.
+    pub name: Option<String>,
+    pub origin: Option<String>,
+    /// The migration's session id (random if not given): a drain picks it, to ask the
+    /// destination about this migration later.
+    pub session: Option<u64>,
     /// Cap on what the migration sends, in bits/s, across all its streams.
     pub max_bandwidth: Option<u64>,
     pub transport: Transport,
@@ -63,6 +72,10 @@ impl MigrateOptions {
             verify_timeout: Duration::from_secs(60),
             security: Security::Insecure,
             cancel: Cancel::default(),
+            limit: None,
+            name: None,
+            origin: None,
+            session: None,
             max_bandwidth: None,
             transport: Transport::Tcp,
             channels: 0,
@@ -70,13 +83,12 @@ impl MigrateOptions {
         }
     }
 
-    /// Where each page stream connects from (None: the default route) and to.
-    fn stream_targets(&self) -> Vec<(Option<std::net::IpAddr>, String)> {
-        let port = self.to.rsplit_once(':').map_or("", |(_, p)| p);
+    /// Where each page stream connects from (None: the default route) and to, when the
+    /// control connection goes to `to`.
+    fn stream_targets(&self, to: &str) -> Vec<(Option<std::net::IpAddr>, String)> {
+        let port = to.rsplit_once(':').map_or("", |(_, p)| p);
         let targets: Vec<_> = if self.network.is_empty() {
-            (0..self.channels)
-                .map(|_| (None, self.to.clone()))
-                .collect()
+            (0..self.channels).map(|_| (None, to.to_string())).collect()
         } else {
             self.network
                 .iter()
@@ -131,10 +143,13 @@ fn run(
 ) -> Result<Report, MigrationError> {
     let (t0, cpu0) = (Instant::now(), thread_cpu_seconds());
     let source = Source::of(vm)?;
-    let limit = opts.max_bandwidth.map(|b| Arc::new(RateLimit::new(b)));
-    let session = session_id();
-    let mut conn = connect(opts, &source.config, session, &limit)?;
-    let streams = connect_streams(opts, session, &limit)?;
+    let limit = opts
+        .limit
+        .clone()
+        .or_else(|| opts.max_bandwidth.map(|b| Arc::new(RateLimit::new(b))));
+    let session = opts.session.unwrap_or_else(session_id);
+    let (mut conn, streams, to) = open(opts, &source.config, session, &limit)?;
+    let prepare_ms = t0.elapsed().as_millis() as u64;
     let mut watched = Vec::new();
     for c in std::iter::once(&conn).chain(&streams) {
         let h = || {
@@ -148,7 +163,8 @@ fn run(
     let watchdog = Watchdog::start(watched, opts.peer_timeout)?;
     let phases = || {
         let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
-        s.prepare()?;
+        s.report.phases.prepare_ms = prepare_ms;
+        s.report.destination = to;
         let mut guard = SourceGuard::arm(vm, &s.dirty)?;
         s.report.dirty_log = guard.mode.into();
         s.copy()?;
@@ -194,7 +210,7 @@ impl Source {
 
 /// Ties the page streams to this migration: random (std's hasher keys come from the OS),
 /// so nobody can guess a migration's session to slip a stream into it.
-fn session_id() -> u64 {
+pub fn session_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -205,14 +221,53 @@ fn session_id() -> u64 {
     h.finish()
 }
 
-/// The control connection: connected, paced, handshake done and the VM's shape sent.
-fn connect(
+/// Phase 1, prepare: the control connection and the page streams, until the destination says
+/// the VM is built (Ready). A host agent may answer Redirect instead: its own receiver for this
+/// VM waits on another port, and everything starts again there (once). Returns the
+/// connections and where they go.
+fn open(
     opts: &MigrateOptions,
     config: &VmConfig,
     session: u64,
     limit: &Option<Arc<RateLimit>>,
+) -> Result<(Connection, Vec<Connection>, String), MigrationError> {
+    let mut to = opts.to.clone();
+    for attempt in 0..2 {
+        let mut conn = connect(opts, &to, config, session, limit)?;
+        let streams = connect_streams(opts, &to, session, limit)?;
+        // The Config went out as frame 0; the answer is the destination's frame 0.
+        match FrameReader::new(&mut conn.reader).next_frame()? {
+            Frame::Ready => return Ok((conn, streams, to)),
+            Frame::Redirect(r) if attempt == 0 => {
+                let host = to.rsplit_once(':').map_or(to.as_str(), |(h, _)| h);
+                to = format!("{host}:{}", r.port);
+                tracing::info!(%to, "the destination's agent redirected the migration");
+            }
+            f => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    kind: f.kind(),
+                    state: "awaiting-ready",
+                }
+                .into())
+            }
+        }
+    }
+    Err(protocol::ProtocolError::Malformed {
+        kind: Kind::Redirect,
+        why: "redirected twice".into(),
+    }
+    .into())
+}
+
+/// The control connection: connected, paced, handshake done and the VM's shape sent.
+fn connect(
+    opts: &MigrateOptions,
+    to: &str,
+    config: &VmConfig,
+    session: u64,
+    limit: &Option<Arc<RateLimit>>,
 ) -> Result<Connection, MigrationError> {
-    let mut conn = transport::connect(&opts.to, opts.connect_timeout, &opts.security)?;
+    let mut conn = transport::connect(to, opts.connect_timeout, &opts.security)?;
     conn.set_peer_timeout(Some(opts.peer_timeout))
         .map_err(MigrationError::socket("setting the peer timeout"))?;
     conn.set_rate_limit(limit.clone());
@@ -225,8 +280,10 @@ fn connect(
     protocol::read_hello_reply(&mut conn.reader, &hello)?;
     let prepare = protocol::Prepare {
         vm: config.clone(),
-        streams: u16::try_from(opts.stream_targets().len()).unwrap_or(0),
+        streams: u16::try_from(opts.stream_targets(to).len()).unwrap_or(0),
         session,
+        name: opts.name.clone(),
+        origin: opts.origin.clone(),
     };
     let mut out = FrameWriter::new(&mut conn.writer);
     out.send_config(&prepare)?;
@@ -237,11 +294,12 @@ fn connect(
 /// The page streams: one per NIC pair with `network`, else `channels` to the same address.
 fn connect_streams(
     opts: &MigrateOptions,
+    to: &str,
     session: u64,
     limit: &Option<Arc<RateLimit>>,
 ) -> Result<Vec<Connection>, MigrationError> {
     let mut conns = Vec::new();
-    for (i, (local, remote)) in (0u16..).zip(opts.stream_targets()) {
+    for (i, (local, remote)) in (0u16..).zip(opts.stream_targets(to)) {
         let mut c = match local {
             Some(l) => transport::connect_from(l, &remote, opts.connect_timeout, &opts.security)?,
             None => transport::connect(&remote, opts.connect_timeout, &opts.security)?,
@@ -295,14 +353,13 @@ impl<'a> SourceGuard<'a> {
 }
 
 impl Drop for SourceGuard<'_> {
+    /// Dirty logging and the throttle end whatever happened; the VM resumes only while the
+    /// guard is armed (before the point of no return).
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
         let mut g = locks::lock(self.vm);
         g.set_throttle(0);
         let _ = locks::lock(&self.dirty).disable();
-        if self.paused_by_us {
+        if self.armed && self.paused_by_us {
             if let Err(e) = g.resume() {
                 tracing::error!("resuming the source VM after a failed migration: {e}");
             }
@@ -384,7 +441,8 @@ impl<'a> Session<'a> {
             progress,
             prog,
             sender: PageSender::new(link, source.ram.clone(), path, streams, control),
-            input: FrameReader::new(reader),
+            // Ready was the destination's frame 0.
+            input: FrameReader::with_seq(reader, 1),
             control: control2,
             sampler: Sampler::start(wire.clone(), Duration::from_millis(100)),
             wire,
@@ -401,22 +459,6 @@ impl<'a> Session<'a> {
     fn phase(&mut self, name: &str) {
         self.prog.phase = name.into();
         (self.progress)(&self.prog);
-    }
-
-    /// Phase 1, prepare: the destination builds the VM and says it is ready.
-    fn prepare(&mut self) -> Result<(), MigrationError> {
-        match self.input.next_frame()? {
-            Frame::Ready => {}
-            f => {
-                return Err(protocol::ProtocolError::Unexpected {
-                    kind: f.kind(),
-                    state: "awaiting-ready",
-                }
-                .into())
-            }
-        }
-        self.report.phases.prepare_ms = self.t0.elapsed().as_millis() as u64;
-        Ok(())
     }
 
     /// Sends one round of pages and its end marker; with `deliver`, waits until the

@@ -279,3 +279,73 @@ impl Livemig {
         Ok(vm)
     }
 }
+
+/// A `livemig host serve` process. Dropping it stops the agent and every VM process it ran
+/// (they outlive an agent by design, but not a test or a bench).
+pub struct AgentProcess {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub dir: PathBuf,
+    pub stderr: Stderr,
+}
+
+impl AgentProcess {
+    pub fn client(&self) -> crate::HostClient {
+        crate::HostClient::new(&self.sock)
+    }
+
+    /// Kills the agent alone (its VMs go on), as a crash would.
+    pub fn kill_agent(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills every VM process the agent lists, then the agent.
+    fn kill_all(&mut self) {
+        if let Ok(vms) = self.client().list() {
+            for v in vms {
+                if let Ok(pid) = libc::pid_t::try_from(v.pid) {
+                    // SAFETY: kill(2) with a pid and a signal number touches no memory.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        self.kill_agent();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+impl Livemig {
+    /// `livemig host serve --listen LISTEN --dir DIR ARGS` in namespace `ns`; returns once its
+    /// API answers.
+    pub fn host_serve(
+        &self,
+        ns: Option<&str>,
+        listen: &str,
+        dir: &Path,
+        args: &[&str],
+    ) -> Result<AgentProcess, String> {
+        let mut cmd = self.command(ns);
+        cmd.args(["host", "serve", "--listen", listen, "--dir"])
+            .arg(dir)
+            .args(args);
+        let (child, stderr) = spawn_until(
+            &mut cmd,
+            "host agent",
+            Duration::from_secs(30),
+            Some(dir.with_extension("log")),
+        )
+        .map_err(|e| format!("livemig host serve on {listen} did not start: {e}"))?;
+        Ok(AgentProcess {
+            child,
+            sock: dir.join("host.sock"),
+            dir: dir.to_path_buf(),
+            stderr,
+        })
+    }
+}

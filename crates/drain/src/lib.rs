@@ -1,0 +1,113 @@
+//! Emptying a host: every running VM of a source agent moved to destination agents, as fast
+//! as the links allow and never unsafely.
+//!
+//! Policy is pure and tested without VMs: [`predict`] (a VM's bytes and seconds from its
+//! sample), [`plan`] (placement that never overcommits, order, ETA), [`window`] (how many
+//! migrations at once; `auto` grows while throughput does), [`pace`] (one bandwidth budget
+//! shared evenly). Mechanism: [`survey`] (agents, links, samples), [`run`] (the sliding
+//! window of migrations, retries, switchovers whose outcome is unknown, Ctrl-C), [`view`]
+//! (progress), [`report`] (what happened).
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use migration::MigrateRequest;
+
+pub mod pace;
+pub mod plan;
+pub mod predict;
+pub mod report;
+pub mod resolve;
+pub mod run;
+pub mod survey;
+pub mod view;
+pub mod window;
+
+pub use pace::Budget;
+pub use plan::Order;
+pub use report::{DrainReport, Status, VmOutcome};
+pub use window::Concurrency;
+
+/// A destination agent, and the address its sources connect to (None: where it listens).
+#[derive(Clone, Debug)]
+pub struct Destination {
+    pub sock: PathBuf,
+    pub address: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DrainOptions {
+    /// The source agent's API socket.
+    pub from: PathBuf,
+    pub to: Vec<Destination>,
+    /// Every migration's options (`to` is set per VM).
+    pub request: MigrateRequest,
+    pub concurrency: Concurrency,
+    pub order: Order,
+    pub budget: Budget,
+    /// Attempts after the first for a VM whose migration failed.
+    pub retries: u32,
+    pub dry_run: bool,
+    /// Measure each link for this long first (0: do not).
+    pub probe_ms: u64,
+    /// Sample each VM's dirty rate for this long (0: do not).
+    pub sample_ms: u64,
+    /// Bars on a terminal; lines otherwise.
+    pub tty: bool,
+    /// Set by Ctrl-C or SIGTERM: cancel what is in flight, start nothing more.
+    pub interrupted: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum DrainError {
+    /// the source agent at {path}: {source}
+    Source {
+        path: PathBuf,
+        source: unixhttp::ApiError,
+    },
+    /// the destination agent at {path}: {source}
+    Destination {
+        path: PathBuf,
+        source: unixhttp::ApiError,
+    },
+    /// {0}
+    Options(String),
+}
+
+/// Drains `o.from` into `o.to` (or, with `dry_run`, says how it would).
+pub fn drain(o: &DrainOptions) -> Result<DrainReport, DrainError> {
+    check(o)?;
+    let t0 = std::time::Instant::now();
+    let survey = survey::survey(o)?;
+    let planned = run::Planned::make(o, &survey);
+    if o.dry_run {
+        return Ok(planned.dry_report(o, &survey));
+    }
+    Ok(run::Run::new(o, &survey, &planned, t0).go())
+}
+
+fn check(o: &DrainOptions) -> Result<(), DrainError> {
+    if o.to.is_empty() {
+        return Err(DrainError::Options("no destination: give --to".into()));
+    }
+    if o.request.network.is_some() && o.to.len() > 1 {
+        return Err(DrainError::Options(
+            "--network names one destination's NICs: use it with a single --to".into(),
+        ));
+    }
+    if !(0.0..1.0).contains(&o.budget.reserve) {
+        return Err(DrainError::Options(format!(
+            "--reserve {}% leaves nothing for the drain",
+            o.budget.reserve * 100.0
+        )));
+    }
+    if o.request.to.is_empty() {
+        // Checks the per-migration options once, with a placeholder destination.
+        let probe = MigrateRequest {
+            to: "127.0.0.1:1".into(),
+            ..o.request.clone()
+        };
+        probe.options().map_err(DrainError::Options)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! One bandwidth budget for the whole drain: `--max-bandwidth` shared evenly by the
+//! migrations in flight, and `--reserve` of each destination's link left for other traffic.
+//! Each VM's migration runs in its own process with its own pace, so fairness is kept by
+//! re-pacing every migration whenever the set in flight changes: the paces always sum to at
+//! most the budget. Pure: the run applies what this returns.
+
+/// The budget: None where nothing limits the drain.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Budget {
+    /// Bits/s for the whole drain.
+    pub max_bandwidth: Option<u64>,
+    /// Share of each link kept free, 0..1.
+    pub reserve: f64,
+}
+
+/// Each migration's pace in bits/s, per destination: `in_flight[d]` migrations on a link
+/// that carries `links[d]` bits/s (None: unmeasured). None: unpaced.
+pub fn paces(budget: &Budget, in_flight: &[usize], links: &[Option<f64>]) -> Vec<Option<u64>> {
+    let total: usize = in_flight.iter().sum();
+    let global = budget
+        .max_bandwidth
+        .filter(|_| total > 0)
+        .map(|b| b as f64 / total as f64);
+    in_flight
+        .iter()
+        .zip(links)
+        .map(|(n, link)| {
+            let per_link = link
+                .filter(|_| budget.reserve > 0.0 && *n > 0)
+                .map(|l| l * (1.0 - budget.reserve.clamp(0.0, 0.95)) / *n as f64);
+            let pace = match (global, per_link) {
+                (Some(g), Some(l)) => Some(g.min(l)),
+                (g, l) => g.or(l),
+            };
+            // Positive and finite; `as` saturates.
+            #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+            pace.map(|p| p.max(1.0) as u64)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_limits_an_unbudgeted_drain() {
+        assert_eq!(
+            paces(&Budget::default(), &[2, 1], &[Some(1e9), None]),
+            [None, None]
+        );
+    }
+
+    #[test]
+    fn the_budget_is_split_evenly_and_never_exceeded() {
+        let b = Budget {
+            max_bandwidth: Some(900_000_000),
+            reserve: 0.0,
+        };
+        let p = paces(&b, &[2, 1], &[None, None]);
+        assert_eq!(p, [Some(300_000_000), Some(300_000_000)]);
+        let sum: u64 = p.iter().zip([2, 1]).map(|(p, n)| p.unwrap() * n).sum();
+        assert!(sum <= 900_000_000);
+    }
+
+    #[test]
+    fn a_reserve_leaves_part_of_each_link_and_the_tighter_limit_wins() {
+        let b = Budget {
+            max_bandwidth: Some(10_000_000_000),
+            reserve: 0.2,
+        };
+        let p = paces(&b, &[2, 0], &[Some(1e9), Some(1e10)]);
+        assert_eq!(p[0], Some(400_000_000), "the link less 20%, halved");
+        let tight = Budget {
+            max_bandwidth: Some(500_000_000),
+            reserve: 0.2,
+        };
+        assert_eq!(paces(&tight, &[1], &[Some(1e9)]), [Some(500_000_000)]);
+    }
+}

@@ -1,0 +1,321 @@
+//! The plan of a drain, as pure policy: where each VM goes (never overcommitting a
+//! destination), in which order they leave, and how long that should take.
+use serde::Serialize;
+
+use crate::predict::VmFacts;
+
+/// `--order`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    /// Longest predicted first (LPT); VMs that dirty faster than their share of the link
+    /// last, when the others are done and they get more of it.
+    Auto,
+    Largest,
+    Smallest,
+    Name,
+}
+
+impl std::str::FromStr for Order {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Order::Auto),
+            "largest" => Ok(Order::Largest),
+            "smallest" => Ok(Order::Smallest),
+            "name" => Ok(Order::Name),
+            _ => Err(format!(
+                "{s:?} is not an order (auto, largest, smallest, name)"
+            )),
+        }
+    }
+}
+
+/// A destination as the plan sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DestFacts {
+    pub name: String,
+    /// Memory it can take now.
+    pub room: u64,
+    /// What its link carries, bytes/s (measured; None: not measured).
+    pub rate: Option<f64>,
+}
+
+/// The order VMs leave in: indices into `vms`. `share`: the link bytes/s one migration
+/// gets, for telling hot VMs apart (auto).
+pub fn order(vms: &[VmFacts], how: Order, share: f64, compressed: bool) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..vms.len()).collect();
+    let name = |i: &usize| vms[*i].name.clone();
+    match how {
+        Order::Name => idx.sort_by_key(name),
+        Order::Largest => idx.sort_by(|a, b| {
+            vms[*b]
+                .memory
+                .cmp(&vms[*a].memory)
+                .then(name(a).cmp(&name(b)))
+        }),
+        Order::Smallest => idx.sort_by(|a, b| {
+            vms[*a]
+                .memory
+                .cmp(&vms[*b].memory)
+                .then(name(a).cmp(&name(b)))
+        }),
+        Order::Auto => {
+            let t = |i: &usize| vms[*i].predict_secs(share, compressed);
+            let (mut cold, mut hot): (Vec<usize>, Vec<usize>) = idx
+                .into_iter()
+                .partition(|i| !vms[*i].is_hot(share, compressed));
+            cold.sort_by(|a, b| t(b).total_cmp(&t(a)).then(name(a).cmp(&name(b))));
+            // The least hot of the hot first: each later one finds more of the link free.
+            let d = |i: &usize| vms[*i].dirty_bytes_per_s(compressed);
+            hot.sort_by(|a, b| d(a).total_cmp(&d(b)).then(name(a).cmp(&name(b))));
+            cold.extend(hot);
+            idx = cold;
+        }
+    }
+    idx
+}
+
+/// Where each VM goes: the destination with the most room left that holds it, largest VMs
+/// placed first (so a big VM is not squeezed out by small ones). `Err` says why it fits
+/// nowhere. Destinations are never promised more than their room.
+pub fn place(vms: &[VmFacts], dests: &[DestFacts]) -> Vec<Result<usize, String>> {
+    let mut left: Vec<u64> = dests.iter().map(|d| d.room).collect();
+    let mut by_size: Vec<usize> = (0..vms.len()).collect();
+    by_size.sort_by(|a, b| vms[*b].memory.cmp(&vms[*a].memory).then(a.cmp(b)));
+    let mut placed: Vec<Result<usize, String>> = vec![Err(String::new()); vms.len()];
+    for i in by_size {
+        let fits = (0..dests.len())
+            .filter(|d| left[*d] >= vms[i].memory)
+            .max_by_key(|d| (left[*d], std::cmp::Reverse(*d)));
+        placed[i] = match fits {
+            Some(d) => {
+                left[d] -= vms[i].memory;
+                Ok(d)
+            }
+            None => Err(no_room(&vms[i], dests, &left)),
+        };
+    }
+    placed
+}
+
+fn no_room(vm: &VmFacts, dests: &[DestFacts], left: &[u64]) -> String {
+    let rooms: Vec<String> = dests
+        .iter()
+        .zip(left)
+        .map(|(d, l)| format!("{} {} MiB", d.name, l >> 20))
+        .collect();
+    format!(
+        "{} ({} MiB) fits on no destination (room left: {})",
+        vm.name,
+        vm.memory >> 20,
+        rooms.join(", ")
+    )
+}
+
+/// One migration for [`simulate`]: its destination, bytes to move and dirty rate.
+#[derive(Clone, Copy, Debug)]
+pub struct SimJob {
+    pub dest: usize,
+    pub bytes: f64,
+    pub dirty: f64,
+}
+
+/// The makespan of running `jobs` in order, at most `window` at once and `per_dest` per
+/// destination: each first pays [`crate::predict::OVERHEAD_S`] (connect, prepare), then
+/// shares its destination's link evenly with the others moving bytes there (what TCP does),
+/// its own dirtying taken off its share.
+pub fn simulate(jobs: &[SimJob], links: &[f64], window: usize, per_dest: usize) -> f64 {
+    let (window, per_dest) = (window.max(1), per_dest.max(1));
+    let mut pending: std::collections::VecDeque<usize> = (0..jobs.len()).collect();
+    let mut active: Vec<Active> = Vec::new();
+    let mut now = 0.0;
+    loop {
+        admit(jobs, &mut pending, &mut active, window, per_dest);
+        if active.is_empty() {
+            return now;
+        }
+        let rates: Vec<f64> = active
+            .iter()
+            .map(|a| {
+                let job = &jobs[a.job];
+                let moving = |b: &&Active| b.overhead <= 0.0 && jobs[b.job].dest == job.dest;
+                let n = active.iter().filter(moving).count().max(1);
+                let share = links.get(job.dest).copied().unwrap_or(1.0).max(1.0) / n as f64;
+                (share - job.dirty).max(share * 0.1)
+            })
+            .collect();
+        let dt = active
+            .iter()
+            .zip(&rates)
+            .map(|(a, r)| {
+                if a.overhead > 0.0 {
+                    a.overhead
+                } else {
+                    a.left / r
+                }
+            })
+            .fold(f64::INFINITY, f64::min);
+        now += dt;
+        for (a, r) in active.iter_mut().zip(&rates) {
+            if a.overhead > 0.0 {
+                a.overhead -= dt;
+            } else {
+                a.left -= r * dt;
+            }
+        }
+        active.retain(|a| a.overhead > 1e-9 || a.left > 1e-6);
+    }
+}
+
+/// A simulated migration under way.
+struct Active {
+    job: usize,
+    overhead: f64,
+    left: f64,
+}
+
+/// Starts pending jobs, in order, while the window and their destination allow.
+fn admit(
+    jobs: &[SimJob],
+    pending: &mut std::collections::VecDeque<usize>,
+    active: &mut Vec<Active>,
+    window: usize,
+    per_dest: usize,
+) {
+    let mut skipped = std::collections::VecDeque::new();
+    while active.len() < window {
+        let Some(j) = pending.pop_front() else { break };
+        let on_dest = active
+            .iter()
+            .filter(|a| jobs[a.job].dest == jobs[j].dest)
+            .count();
+        if on_dest < per_dest {
+            active.push(Active {
+                job: j,
+                overhead: crate::predict::OVERHEAD_S,
+                left: jobs[j].bytes,
+            });
+        } else {
+            skipped.push_back(j);
+        }
+    }
+    while let Some(j) = skipped.pop_back() {
+        pending.push_front(j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration::sample::VmSample;
+
+    fn vm(name: &str, mib: u64, dirty_pages_per_s: f64) -> VmFacts {
+        VmFacts {
+            name: name.into(),
+            memory: mib << 20,
+            sample: Some(VmSample {
+                memory_bytes: mib << 20,
+                touched_bytes: mib << 20,
+                zero_fraction: 0.0,
+                compress_ratio: 0.5,
+                dirty_pages_per_s,
+            }),
+        }
+    }
+
+    fn names(vms: &[VmFacts], idx: &[usize]) -> Vec<String> {
+        idx.iter().map(|i| vms[*i].name.clone()).collect()
+    }
+
+    #[test]
+    fn orders_by_name_size_and_predicted_time_with_hot_vms_last() {
+        let vms = [
+            vm("c", 256, 0.0),
+            vm("a", 512, 0.0),
+            vm("hot", 1024, 1e6),
+            vm("b", 128, 0.0),
+        ];
+        let share = 100e6;
+        assert_eq!(
+            names(&vms, &order(&vms, Order::Name, share, false)),
+            ["a", "b", "c", "hot"]
+        );
+        assert_eq!(
+            names(&vms, &order(&vms, Order::Largest, share, false)),
+            ["hot", "a", "c", "b"]
+        );
+        assert_eq!(
+            names(&vms, &order(&vms, Order::Smallest, share, false)),
+            ["b", "c", "a", "hot"]
+        );
+        assert_eq!(
+            names(&vms, &order(&vms, Order::Auto, share, false)),
+            ["a", "c", "b", "hot"]
+        );
+    }
+
+    #[test]
+    fn placement_never_overcommits_and_says_why_a_vm_fits_nowhere() {
+        let vms = [
+            vm("a", 128, 0.0),
+            vm("b", 128, 0.0),
+            vm("c", 256, 0.0),
+            vm("d", 256, 0.0),
+        ];
+        let dests = [DestFacts {
+            name: "B".into(),
+            room: 400 << 20,
+            rate: None,
+        }];
+        let p = place(&vms, &dests);
+        let used: u64 = p
+            .iter()
+            .zip(&vms)
+            .filter(|(r, _)| r.is_ok())
+            .map(|(_, v)| v.memory)
+            .sum();
+        assert!(used <= 400 << 20);
+        // Largest first: one 256 and one 128 fit.
+        assert_eq!(p.iter().filter(|r| r.is_ok()).count(), 2);
+        let why = p.iter().find_map(|r| r.clone().err()).unwrap();
+        assert!(
+            why.contains("fits on no destination") && why.contains("B 16 MiB"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn placement_spreads_over_destinations_by_room() {
+        let vms = [vm("a", 100, 0.0), vm("b", 100, 0.0)];
+        let d = |n: &str| DestFacts {
+            name: n.into(),
+            room: 150 << 20,
+            rate: None,
+        };
+        let p = place(&vms, &[d("B"), d("C")]);
+        assert_eq!(p, vec![Ok(0), Ok(1)]);
+    }
+
+    #[test]
+    fn simulation_shares_a_link_and_uses_two() {
+        let job = |dest| SimJob {
+            dest,
+            bytes: 100.0,
+            dirty: 0.0,
+        };
+        let one_link = simulate(&[job(0), job(0)], &[100.0], 2, 4);
+        let serial = simulate(&[job(0), job(0)], &[100.0], 1, 4);
+        // Sharing one link moves the same bytes in the same time; overheads overlap.
+        assert!(
+            (one_link - (2.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6,
+            "{one_link}"
+        );
+        assert!(serial > one_link);
+        let two_links = simulate(&[job(0), job(1)], &[100.0, 100.0], 2, 4);
+        assert!((two_links - (1.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6);
+        // A per-destination limit of one serialises them.
+        let limited = simulate(&[job(0), job(0)], &[100.0], 2, 1);
+        assert!(limited > one_link);
+    }
+}

@@ -1,0 +1,240 @@
+//! What a drain did: each VM's outcome with its migration report, and the totals, as JSON
+//! (`--report`) and as a human summary.
+use migration::Report;
+use serde::Serialize;
+
+/// What became of one VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// It runs on its destination now.
+    Moved,
+    /// Every attempt failed; it runs on the source.
+    Failed,
+    /// It fits on no destination; it runs on the source, not attempted.
+    NoRoom,
+    /// Not running (failed, arriving, ...) when the drain began; left alone.
+    Skipped,
+    /// The drain was interrupted before it moved; it runs on the source.
+    Cancelled,
+    /// Its switchover's outcome is unknown and the destination could not prove it does not
+    /// run there: paused on the source until an operator decides.
+    Unresolved,
+    /// `--dry-run`: what would happen.
+    Planned,
+}
+
+impl Status {
+    /// Whether it is still on the source.
+    pub fn left_behind(self) -> bool {
+        !matches!(self, Status::Moved | Status::Planned)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VmOutcome {
+    pub name: String,
+    pub memory: u64,
+    pub destination: Option<String>,
+    pub status: Status,
+    /// The guest verified all of its memory on the destination.
+    pub guest_verified: bool,
+    pub attempts: u32,
+    /// Since the drain's start.
+    pub start_ms: Option<u64>,
+    pub end_ms: Option<u64>,
+    pub predicted_s: Option<f64>,
+    /// What sampling the VM before the drain found.
+    pub sample: Option<migration::sample::VmSample>,
+    pub error: Option<String>,
+    /// Errors of earlier attempts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub earlier_errors: Vec<String>,
+    pub report: Option<Report>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanSummary {
+    pub order: crate::plan::Order,
+    pub concurrency: String,
+    /// The level `auto` settled on (or the fixed one).
+    pub concurrency_used: usize,
+    /// Per destination: what its link carried when probed, bits/s.
+    pub link_bits_per_s: Vec<Option<f64>>,
+    pub eta_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DrainReport {
+    pub source: String,
+    pub destinations: Vec<String>,
+    pub plan: PlanSummary,
+    pub vms: Vec<VmOutcome>,
+    pub makespan_ms: u64,
+    pub downtime_ms_sum: u64,
+    pub downtime_ms_max: u64,
+    pub bytes_on_wire: u64,
+    /// Guest RAM of the VMs moved.
+    pub ram_moved_bytes: u64,
+    pub ram_moved_per_s: f64,
+    pub peak_concurrency: usize,
+    pub moved: usize,
+    pub left_behind: Vec<String>,
+    pub interrupted: bool,
+    pub summary: String,
+}
+
+impl DrainReport {
+    /// Totals from the outcomes, and the summary.
+    pub fn new(
+        source: String,
+        destinations: Vec<String>,
+        plan: PlanSummary,
+        vms: Vec<VmOutcome>,
+        makespan_ms: u64,
+        peak_concurrency: usize,
+        interrupted: bool,
+    ) -> Self {
+        let reports = || vms.iter().filter_map(|v| v.report.as_ref());
+        let moved: Vec<&VmOutcome> = vms.iter().filter(|v| v.status == Status::Moved).collect();
+        let ram_moved_bytes: u64 = moved.iter().map(|v| v.memory).sum();
+        let mut r = DrainReport {
+            source,
+            destinations,
+            plan,
+            makespan_ms,
+            downtime_ms_sum: reports().map(|r| r.downtime_ms).sum(),
+            downtime_ms_max: reports().map(|r| r.downtime_ms).max().unwrap_or(0),
+            bytes_on_wire: reports().map(|r| r.bytes_on_wire).sum(),
+            ram_moved_bytes,
+            ram_moved_per_s: ram_moved_bytes as f64 / (makespan_ms.max(1) as f64 / 1e3),
+            peak_concurrency,
+            moved: moved.len(),
+            left_behind: vms
+                .iter()
+                .filter(|v| v.status.left_behind())
+                .map(|v| v.name.clone())
+                .collect(),
+            interrupted,
+            vms,
+            summary: String::new(),
+        };
+        r.summary = r.human();
+        r
+    }
+
+    /// Whether every VM moved (and verified).
+    pub fn complete(&self) -> bool {
+        self.left_behind.is_empty()
+            && !self.interrupted
+            && self
+                .vms
+                .iter()
+                .all(|v| v.status != Status::Moved || v.guest_verified)
+    }
+
+    fn human(&self) -> String {
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        let mut s = format!(
+            "drained {} of {} VMs ({:.2} GiB) from {} in {:.1} s: {:.2} GiB/s of RAM, {:.2} GiB on the wire, downtime max {} ms (sum {} ms), up to {} at once",
+            self.moved,
+            self.vms.len(),
+            gib(self.ram_moved_bytes),
+            self.source,
+            self.makespan_ms as f64 / 1e3,
+            self.ram_moved_per_s / f64::from(1u32 << 30),
+            gib(self.bytes_on_wire),
+            self.downtime_ms_max,
+            self.downtime_ms_sum,
+            self.peak_concurrency
+        );
+        if self.interrupted {
+            s += "\ninterrupted: migrations in flight were cancelled";
+        }
+        for v in self.vms.iter().filter(|v| v.status.left_behind()) {
+            s += &format!(
+                "\nleft on {}: {} ({:?}){}",
+                self.source,
+                v.name,
+                v.status,
+                v.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        for v in self
+            .vms
+            .iter()
+            .filter(|v| v.status == Status::Moved && !v.guest_verified)
+        {
+            s += &format!("\nmoved but not verified by its guest: {}", v.name);
+        }
+        s
+    }
+}
+
+impl DrainReport {
+    /// The plan as a table: VMs in the order they leave, where they go, what sampling found,
+    /// and the predicted time of each; then the concurrency, the links and the ETA.
+    pub fn plan_table(&self) -> String {
+        let mut s = format!(
+            "{:>2} {:<16} {:>7} {:>8} {:>5} {:>8} {:>10} {:<12} {:>9}\n",
+            "#", "VM", "MEMORY", "TOUCHED", "ZERO", "COMPRESS", "DIRTY MB/s", "TO", "PREDICTED"
+        );
+        for (i, v) in self.vms.iter().enumerate() {
+            let (touched, zero, ratio, dirty) =
+                v.sample
+                    .as_ref()
+                    .map_or(("-".into(), "-".into(), "-".into(), "-".into()), |x| {
+                        (
+                            format!("{}M", x.touched_bytes >> 20),
+                            format!("{:.0}%", x.zero_fraction * 100.0),
+                            format!("{:.2}", x.compress_ratio),
+                            format!("{:.1}", x.dirty_pages_per_s * 4096.0 / 1e6),
+                        )
+                    });
+            let to = match v.status {
+                Status::Planned | Status::Moved => v.destination.clone().unwrap_or_default(),
+                st => format!("{st:?}").to_lowercase(),
+            };
+            s += &format!(
+                "{:>2} {:<16} {:>6}M {:>8} {:>5} {:>8} {:>10} {:<12} {:>9}\n",
+                i + 1,
+                v.name,
+                v.memory >> 20,
+                touched,
+                zero,
+                ratio,
+                dirty,
+                to,
+                v.predicted_s.map_or("-".into(), |p| format!("{p:.1} s"))
+            );
+        }
+        let links: Vec<String> = self
+            .destinations
+            .iter()
+            .zip(&self.plan.link_bits_per_s)
+            .map(|(d, r)| match r {
+                Some(r) => format!("{d} {:.2} Gbit/s", r / 1e9),
+                None => format!("{d} unmeasured"),
+            })
+            .collect();
+        s += &format!(
+            "order {:?}, concurrency {} ({} at once), links: {}, ETA {}\n",
+            self.plan.order,
+            self.plan.concurrency,
+            self.plan.concurrency_used,
+            links.join(", "),
+            self.plan
+                .eta_s
+                .map_or("unknown (links unmeasured)".into(), |e| format!("{e:.1} s"))
+        );
+        for v in self.vms.iter().filter(|v| v.status.left_behind()) {
+            if let Some(e) = &v.error {
+                s += &format!("{} stays on {}: {e}\n", v.name, self.source);
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,93 @@
+//! A switchover whose outcome the source lost (its migrate answered 502: the VM is paused on
+//! the source, and may be running on the destination). Only the destination's agent can
+//! settle it: asked to abandon the migration, it either proves the VM never ran there (its
+//! receiver is gone without having started the VM), and the source resumes it, or says the VM
+//! runs there, and the stale copy on the source is discarded. Anything else leaves the VM
+//! paused on the source and says so: never two copies running, never none by our hand.
+use std::time::Duration;
+
+use host::IncomingFate;
+use unixhttp::ApiError;
+
+use crate::survey::Survey;
+
+/// Times the destination is asked before the VM is left unresolved.
+const ASK_TIMES: u32 = 5;
+
+pub enum Verdict {
+    /// It runs on the destination; the copy on the source is gone.
+    Moved { verified: bool, note: String },
+    /// It never ran on the destination and runs on the source again: a failed attempt.
+    Resumed(String),
+    /// Paused on the source until an operator decides.
+    Unresolved(String),
+}
+
+pub fn resolve(s: &Survey, dest: usize, name: &str, session: u64, err: &ApiError) -> Verdict {
+    let d = &s.dests[dest];
+    let lost = match err {
+        ApiError::Refused { message, .. } => message.clone(),
+        e => e.to_string(),
+    };
+    let mut last = String::from("no answer");
+    for _ in 0..ASK_TIMES {
+        match d.client.incoming(session, true) {
+            Ok(IncomingFate::Confirmed) => return confirmed(s, dest, name, &lost),
+            Ok(IncomingFate::NeverRan) => {
+                return match s.client.resume(name) {
+                    Ok(_) => Verdict::Resumed(format!(
+                        "{lost}; {} proved it never ran there, so it runs here again",
+                        d.name
+                    )),
+                    Err(e) => Verdict::Unresolved(format!(
+                        "{lost}; it never ran on {}, but resuming it here failed: {e}",
+                        d.name
+                    )),
+                }
+            }
+            Ok(IncomingFate::Unknown) => {
+                return Verdict::Unresolved(format!(
+                    "{lost}; {} does not know migration {session:#x}: left paused here",
+                    d.name
+                ))
+            }
+            Ok(IncomingFate::Arriving) => last = "it is still arriving there".into(),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Verdict::Unresolved(format!(
+        "{lost}; {} could not settle it ({last}): left paused here",
+        d.name
+    ))
+}
+
+/// The VM runs on the destination: discard the source's copy and ask the guest there to
+/// verify its memory.
+fn confirmed(s: &Survey, dest: usize, name: &str, lost: &str) -> Verdict {
+    let d = &s.dests[dest];
+    if let Err(e) = s.client.discard(name) {
+        return Verdict::Unresolved(format!(
+            "{lost}; it runs on {}, but discarding the stale copy here failed: {e}",
+            d.name
+        ));
+    }
+    let verified = d
+        .client
+        .list()
+        .ok()
+        .and_then(|vms| vms.into_iter().find(|v| v.name == name))
+        .and_then(|v| {
+            vmm::api::Client::new(v.api)
+                .verify(Duration::from_secs(60))
+                .ok()
+        })
+        .is_some_and(|r| matches!(r.last_verify, Some(vmm::devices::VerifyResult::Ok { .. })));
+    Verdict::Moved {
+        verified,
+        note: format!(
+            "moved to {}; its switchover answer was lost ({lost}) and {} confirmed it",
+            d.name, d.name
+        ),
+    }
+}

@@ -1,0 +1,595 @@
+//! The drain itself: a sliding window of migrations (one starts as soon as one ends, none
+//! waits for a batch), each asked of the source's agent on its own thread and watched
+//! through it (which also renews the migration's lease: a drain that dies cancels its
+//! migrations). Failures are retried after the others; a switchover whose outcome is unknown
+//! is settled with the destination's agent ([`crate::resolve`]); Ctrl-C cancels what is in
+//! flight and starts nothing more.
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use migration::{MigrateRequest, Progress, Report};
+use unixhttp::ApiError;
+
+use crate::pace::paces;
+use crate::plan::{self, SimJob};
+use crate::report::{DrainReport, PlanSummary, Status, VmOutcome};
+use crate::survey::Survey;
+use crate::view::View;
+use crate::window::{Concurrency, Window, MEASURE_S};
+use crate::DrainOptions;
+
+/// How often the run looks at its migrations.
+const TICK: Duration = Duration::from_millis(200);
+/// A migration's client lease: the drain renews it every tick.
+const LEASE: Duration = Duration::from_secs(3);
+/// A failed VM is tried again no sooner than this (the destination clears its arrival).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Window `auto` is assumed to settle at per destination, for the ETA.
+const AUTO_ETA_WINDOW: usize = 2;
+
+/// The plan: placement, order, predictions and ETA.
+pub struct Planned {
+    pub order: Vec<usize>,
+    pub placement: Vec<Result<usize, String>>,
+    pub predicted: Vec<Option<f64>>,
+    pub eta_s: Option<f64>,
+}
+
+impl Planned {
+    pub fn make(o: &DrainOptions, s: &Survey) -> Self {
+        let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
+        let dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
+        let placement = plan::place(&s.vms, &dest_facts);
+        let window = match o.concurrency {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
+        };
+        // A migration's share of its link, for telling hot VMs apart.
+        let per_dest = (window as f64 / s.dests.len() as f64).max(1.0);
+        let share = |d: usize| dest_facts[d].rate.map_or(f64::INFINITY, |r| r / per_dest);
+        let first_share = dest_facts
+            .first()
+            .and_then(|d| d.rate)
+            .map_or(f64::INFINITY, |r| r / per_dest);
+        let placed: Vec<usize> = (0..s.vms.len()).filter(|i| placement[*i].is_ok()).collect();
+        let placed_vms: Vec<_> = placed.iter().map(|i| s.vms[*i].clone()).collect();
+        let order: Vec<usize> = plan::order(&placed_vms, o.order, first_share, compressed)
+            .into_iter()
+            .map(|k| placed[k])
+            .collect();
+        let predicted = (0..s.vms.len())
+            .map(|i| match &placement[i] {
+                Ok(d) if share(*d).is_finite() => {
+                    Some(s.vms[i].predict_secs(share(*d), compressed))
+                }
+                _ => None,
+            })
+            .collect();
+        let eta_s = dest_facts.iter().all(|d| d.rate.is_some()).then(|| {
+            let jobs: Vec<SimJob> = order
+                .iter()
+                .filter_map(|i| {
+                    let d = *placement[*i].as_ref().ok()?;
+                    Some(SimJob {
+                        dest: d,
+                        bytes: s.vms[*i].first_pass_bytes(compressed),
+                        dirty: s.vms[*i].dirty_bytes_per_s(compressed),
+                    })
+                })
+                .collect();
+            let links: Vec<f64> = dest_facts.iter().map(|d| d.rate.unwrap_or(1.0)).collect();
+            let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
+            plan::simulate(&jobs, &links, window, inbound)
+        });
+        Planned {
+            order,
+            placement,
+            predicted,
+            eta_s,
+        }
+    }
+
+    fn summary(&self, o: &DrainOptions, s: &Survey, used: usize) -> PlanSummary {
+        PlanSummary {
+            order: o.order,
+            concurrency: o.concurrency.to_string(),
+            concurrency_used: used,
+            link_bits_per_s: s
+                .dests
+                .iter()
+                .map(|d| d.facts.rate.map(|r| r * 8.0))
+                .collect(),
+            eta_s: self.eta_s,
+        }
+    }
+
+    /// Every VM's outcome before anything ran: planned, no room or skipped.
+    fn outcomes(&self, s: &Survey, planned: Status) -> Vec<VmOutcome> {
+        let mut out: Vec<VmOutcome> = s
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, v)| VmOutcome {
+                name: v.name.clone(),
+                memory: v.memory,
+                destination: self.placement[i]
+                    .as_ref()
+                    .ok()
+                    .map(|d| s.dests[*d].name.clone()),
+                status: if self.placement[i].is_ok() {
+                    planned
+                } else {
+                    Status::NoRoom
+                },
+                guest_verified: false,
+                attempts: 0,
+                start_ms: None,
+                end_ms: None,
+                predicted_s: self.predicted[i],
+                sample: v.sample.clone(),
+                error: self.placement[i].as_ref().err().cloned(),
+                earlier_errors: Vec::new(),
+                report: None,
+            })
+            .collect();
+        out.extend(s.skipped.iter().map(|(v, why)| VmOutcome {
+            name: v.name.clone(),
+            memory: v.memory,
+            destination: None,
+            status: Status::Skipped,
+            guest_verified: false,
+            attempts: 0,
+            start_ms: None,
+            end_ms: None,
+            predicted_s: None,
+            sample: None,
+            error: Some(why.clone()),
+            earlier_errors: Vec::new(),
+            report: None,
+        }));
+        out
+    }
+
+    /// `--dry-run`: the plan as a report, VMs in the order they would leave.
+    pub fn dry_report(&self, o: &DrainOptions, s: &Survey) -> DrainReport {
+        let mut outcomes = self.outcomes(s, Status::Planned);
+        let rank = |name: &str| {
+            self.order
+                .iter()
+                .position(|i| s.vms[*i].name == name)
+                .unwrap_or(usize::MAX)
+        };
+        outcomes.sort_by_key(|v| rank(&v.name));
+        let used = match o.concurrency {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
+        };
+        DrainReport::new(
+            s.source.clone(),
+            s.dests.iter().map(|d| d.name.clone()).collect(),
+            self.summary(o, s, used),
+            outcomes,
+            0,
+            0,
+            false,
+        )
+    }
+}
+
+/// One attempt at moving a VM.
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    vm: usize,
+    dest: usize,
+    attempt: u32,
+}
+
+/// A migration in flight.
+struct Flight {
+    job: Job,
+    session: u64,
+    worker: JoinHandle<Result<Report, ApiError>>,
+    last: Option<Progress>,
+    paced: Option<u64>,
+}
+
+pub struct Run<'a> {
+    o: &'a DrainOptions,
+    s: &'a Survey,
+    planned: &'a Planned,
+    t0: Instant,
+    queue: VecDeque<Job>,
+    /// Failed attempts to try again, and when.
+    retry: Vec<(Job, Instant)>,
+    flights: Vec<Flight>,
+    outcomes: Vec<VmOutcome>,
+    window: Window,
+    full_since: Option<Instant>,
+    /// (when, bytes on the wire so far): the aggregate throughput.
+    wire: VecDeque<(Instant, u64)>,
+    wire_done: u64,
+    ram_done: u64,
+    peak: usize,
+    interrupted: bool,
+    view: View,
+}
+
+impl<'a> Run<'a> {
+    pub fn new(o: &'a DrainOptions, s: &'a Survey, planned: &'a Planned, t0: Instant) -> Self {
+        let queue = planned
+            .order
+            .iter()
+            .filter_map(|i| {
+                let dest = *planned.placement[*i].as_ref().ok()?;
+                Some(Job {
+                    vm: *i,
+                    dest,
+                    attempt: 1,
+                })
+            })
+            .collect::<VecDeque<_>>();
+        let total: u64 = queue.iter().map(|j| s.vms[j.vm].memory).sum();
+        Run {
+            o,
+            s,
+            planned,
+            t0,
+            queue,
+            retry: Vec::new(),
+            flights: Vec::new(),
+            outcomes: planned.outcomes(s, Status::Cancelled),
+            window: Window::new(o.concurrency),
+            full_since: None,
+            wire: VecDeque::new(),
+            wire_done: 0,
+            ram_done: 0,
+            peak: 0,
+            interrupted: false,
+            view: View::new(o.tty, total),
+        }
+    }
+
+    /// Runs until every VM has moved or is left behind with a reason, or until interrupted
+    /// and nothing is in flight any more.
+    pub fn go(mut self) -> DrainReport {
+        self.announce();
+        loop {
+            self.collect_finished();
+            if self.o.interrupted.load(Ordering::SeqCst) && !self.interrupted {
+                self.interrupt();
+            }
+            if !self.interrupted {
+                self.start_more();
+            }
+            let nothing_left = self.queue.is_empty() && self.retry.is_empty();
+            if self.flights.is_empty() && (self.interrupted || nothing_left) {
+                break;
+            }
+            self.watch();
+            self.tune_window();
+            self.repace();
+            std::thread::sleep(TICK);
+        }
+        self.view.finish();
+        let summary = self.planned.summary(self.o, self.s, self.window.limit());
+        DrainReport::new(
+            self.s.source.clone(),
+            self.s.dests.iter().map(|d| d.name.clone()).collect(),
+            summary,
+            self.outcomes,
+            self.t0.elapsed().as_millis() as u64,
+            self.peak,
+            self.interrupted,
+        )
+    }
+
+    fn announce(&self) {
+        for o in self.outcomes.iter().filter(|o| o.status.left_behind()) {
+            if let (Status::NoRoom | Status::Skipped, Some(e)) = (o.status, &o.error) {
+                self.view.line(&format!("drain: {} stays: {e}", o.name));
+            }
+        }
+    }
+
+    /// Starts migrations while the window has room, in plan order, skipping (for now) those
+    /// whose destination already takes all it accepts. Retries come after the others.
+    fn start_more(&mut self) {
+        if self.queue.is_empty() {
+            let now = Instant::now();
+            let (due, later) = std::mem::take(&mut self.retry)
+                .into_iter()
+                .partition(|(_, at)| *at <= now);
+            self.retry = later;
+            self.queue.extend(due.into_iter().map(|(j, _)| j));
+        }
+        while self.flights.len() < self.window.limit() {
+            let busy = |d: usize, f: &[Flight]| {
+                f.iter().filter(|x| x.job.dest == d).count() >= self.s.dests[d].max_inbound
+            };
+            let Some(pos) = self.queue.iter().position(|j| !busy(j.dest, &self.flights)) else {
+                return;
+            };
+            if let Some(job) = self.queue.remove(pos) {
+                self.start(job);
+            }
+        }
+    }
+
+    fn start(&mut self, job: Job) {
+        let vm = &self.s.vms[job.vm];
+        let dest = &self.s.dests[job.dest];
+        let session = migration::session_id();
+        let mut counts = self.in_flight_per_dest();
+        counts[job.dest] += 1;
+        let pace = self.pace_for(job.dest, &counts);
+        let req = MigrateRequest {
+            to: dest.address.clone(),
+            session: Some(session),
+            lease_ms: Some(LEASE.as_millis() as u64),
+            max_bandwidth: pace.or(self.o.request.max_bandwidth),
+            ..self.o.request.clone()
+        };
+        let client = self.s.client.waiting(Duration::from_secs(7 * 24 * 3600));
+        let name = vm.name.clone();
+        let worker = std::thread::spawn(move || client.migrate(&name, &req));
+        let out = &mut self.outcomes[job.vm];
+        out.attempts = job.attempt;
+        out.start_ms
+            .get_or_insert(self.t0.elapsed().as_millis() as u64);
+        self.view
+            .started(&vm.name, &dest.name, vm.memory, job.attempt);
+        self.flights.push(Flight {
+            job,
+            session,
+            worker,
+            last: None,
+            paced: pace,
+        });
+        self.peak = self.peak.max(self.flights.len());
+        self.full_since = None;
+    }
+
+    /// Settles every migration that ended.
+    fn collect_finished(&mut self) {
+        let (done, running): (Vec<Flight>, Vec<Flight>) = std::mem::take(&mut self.flights)
+            .into_iter()
+            .partition(|f| f.worker.is_finished());
+        self.flights = running;
+        for f in done {
+            let result = f.worker.join().unwrap_or_else(|_| {
+                Err(ApiError::BadResponse {
+                    path: self.o.from.clone(),
+                    why: "the migrate thread panicked".into(),
+                })
+            });
+            self.settle(f.job, f.session, result);
+        }
+    }
+
+    fn settle(&mut self, job: Job, session: u64, result: Result<Report, ApiError>) {
+        let name = self.s.vms[job.vm].name.clone();
+        match result {
+            Ok(report) => self.moved(job, Some(report), None),
+            Err(e) if e.status() == Some(502) => {
+                let verdict = crate::resolve::resolve(self.s, job.dest, &name, session, &e);
+                match verdict {
+                    crate::resolve::Verdict::Moved { verified, note } => {
+                        self.moved(job, None, Some((verified, note)));
+                    }
+                    crate::resolve::Verdict::Resumed(why) => self.failed(job, why),
+                    crate::resolve::Verdict::Unresolved(why) => {
+                        self.left(job, Status::Unresolved, why);
+                    }
+                }
+            }
+            Err(e) => self.failed(job, refusal(&e)),
+        }
+    }
+
+    fn moved(&mut self, job: Job, report: Option<Report>, resolved: Option<(bool, String)>) {
+        let end = self.t0.elapsed().as_millis() as u64;
+        let vm = &self.s.vms[job.vm];
+        self.ram_done += vm.memory;
+        self.wire_done += report.as_ref().map_or(vm.memory, |r| r.bytes_on_wire);
+        let out = &mut self.outcomes[job.vm];
+        out.status = Status::Moved;
+        out.end_ms = Some(end);
+        out.error = None;
+        let msg = match (&report, resolved) {
+            (Some(r), _) => {
+                out.guest_verified = r.guest_verified;
+                format!(
+                    "moved to {} in {:.1} s, downtime {} ms{}",
+                    self.s.dests[job.dest].name,
+                    r.total_ms as f64 / 1e3,
+                    r.downtime_ms,
+                    if r.guest_verified {
+                        ", verified"
+                    } else {
+                        ", NOT verified"
+                    }
+                )
+            }
+            (None, Some((verified, note))) => {
+                out.guest_verified = verified;
+                out.error = Some(note.clone());
+                note
+            }
+            (None, None) => "moved".into(),
+        };
+        out.report = report;
+        self.view.finished(&vm.name, &msg);
+    }
+
+    /// A failed attempt: the VM runs on the source; it is tried again after the others, or
+    /// left behind with its error. An interrupted drain does not retry.
+    fn failed(&mut self, job: Job, why: String) {
+        if self.interrupted {
+            return self.left(job, Status::Cancelled, format!("{why} (drain interrupted)"));
+        }
+        let out = &mut self.outcomes[job.vm];
+        if job.attempt <= self.o.retries {
+            out.earlier_errors.push(why.clone());
+            let name = out.name.clone();
+            self.view.finished(
+                &name,
+                &format!("attempt {} failed, will retry: {why}", job.attempt),
+            );
+            let again = Job {
+                attempt: job.attempt + 1,
+                ..job
+            };
+            self.retry.push((again, Instant::now() + RETRY_AFTER));
+            return;
+        }
+        self.left(job, Status::Failed, why);
+    }
+
+    fn left(&mut self, job: Job, status: Status, why: String) {
+        let out = &mut self.outcomes[job.vm];
+        out.status = status;
+        out.end_ms = Some(self.t0.elapsed().as_millis() as u64);
+        out.error = Some(why.clone());
+        let name = out.name.clone();
+        self.view
+            .finished(&name, &format!("left on {}: {why}", self.s.source));
+    }
+
+    /// Ctrl-C: cancel every migration in flight (those past their switchover complete), start
+    /// nothing more; the VMs not started stay where they are.
+    fn interrupt(&mut self) {
+        self.interrupted = true;
+        self.view
+            .line("drain: interrupted: cancelling the migrations in flight");
+        for f in &self.flights {
+            let name = &self.s.vms[f.job.vm].name;
+            if let Err(e) = self.s.client.cancel(name) {
+                self.view.line(&format!("drain: cancelling {name}: {e}"));
+            }
+        }
+        let retries = self.retry.drain(..).map(|(j, _)| j);
+        for j in self.queue.drain(..).chain(retries) {
+            let out = &mut self.outcomes[j.vm];
+            out.status = Status::Cancelled;
+            out.error = Some("not started: the drain was interrupted".into());
+        }
+    }
+
+    /// Progress of every migration in flight (renewing their leases), bars and the total.
+    fn watch(&mut self) {
+        let mut wire = self.wire_done;
+        let mut ram = self.ram_done;
+        for f in &mut self.flights {
+            let name = &self.s.vms[f.job.vm].name;
+            if let Ok(Some(p)) = self.s.client.progress(name) {
+                self.view.progress(name, &p, &self.s.dests[f.job.dest].name);
+                f.last = Some(p);
+            }
+            if let Some(p) = &f.last {
+                wire += p.bytes_on_wire;
+                ram += p.bytes_on_wire.min(p.ram_bytes);
+            }
+        }
+        let now = Instant::now();
+        self.wire.push_back((now, wire));
+        while self
+            .wire
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t).as_secs_f64() > 2.0 * MEASURE_S)
+        {
+            self.wire.pop_front();
+        }
+        let rate = self.rate();
+        self.view.total(ram, rate);
+    }
+
+    /// Aggregate bytes/s on the wire over the last [`MEASURE_S`].
+    fn rate(&self) -> f64 {
+        let Some(&(t1, b1)) = self.wire.back() else {
+            return 0.0;
+        };
+        let from = self
+            .wire
+            .iter()
+            .find(|(t, _)| t1.duration_since(*t).as_secs_f64() <= MEASURE_S);
+        match from {
+            Some(&(t0, b0)) if t1 > t0 => b1.saturating_sub(b0) as f64 / (t1 - t0).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+
+    /// `auto`: feeds the window how long it has been full and what it carries.
+    fn tune_window(&mut self) {
+        if self.flights.len() < self.window.limit() || self.window.settled() {
+            self.full_since = None;
+            return;
+        }
+        let since = *self.full_since.get_or_insert_with(Instant::now);
+        if self
+            .window
+            .observe(since.elapsed().as_secs_f64(), self.rate())
+        {
+            self.full_since = None;
+            self.view.line(&format!(
+                "drain: concurrency {}{}",
+                self.window.limit(),
+                if self.window.settled() {
+                    " (settled)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+
+    fn in_flight_per_dest(&self) -> Vec<usize> {
+        let mut n = vec![0; self.s.dests.len()];
+        for f in &self.flights {
+            n[f.job.dest] += 1;
+        }
+        n
+    }
+
+    /// A migration's pace on destination `d` with `counts` in flight; None: unpaced.
+    fn pace_for(&self, d: usize, counts: &[usize]) -> Option<u64> {
+        let links: Vec<Option<f64>> = self
+            .s
+            .dests
+            .iter()
+            .map(|x| x.facts.rate.map(|r| r * 8.0))
+            .collect();
+        let floor = migration::request::min_bandwidth(Duration::from_millis(
+            self.o.request.peer_timeout_ms.unwrap_or(5000),
+        ));
+        paces(&self.o.budget, counts, &links)[d].map(|p| p.max(floor))
+    }
+
+    /// Re-paces the migrations in flight to their fair share; one that has not registered
+    /// its migration yet is tried again next tick.
+    fn repace(&mut self) {
+        let counts = self.in_flight_per_dest();
+        let wanted: Vec<Option<u64>> = self
+            .flights
+            .iter()
+            .map(|f| self.pace_for(f.job.dest, &counts))
+            .collect();
+        for (f, want) in self.flights.iter_mut().zip(wanted) {
+            let Some(p) = want.filter(|p| Some(*p) != f.paced) else {
+                continue;
+            };
+            if self.s.client.pace(&self.s.vms[f.job.vm].name, p).is_ok() {
+                f.paced = Some(p);
+            }
+        }
+    }
+}
+
+/// What an agent's refusal says, without the HTTP wrapping.
+fn refusal(e: &ApiError) -> String {
+    match e {
+        ApiError::Refused { message, .. } => message.clone(),
+        e => e.to_string(),
+    }
+}

@@ -1,0 +1,165 @@
+//! Before a drain: what the source runs, what each destination can take, what each link
+//! carries (a probe from the source's agent), and how each VM behaves (sampled from its
+//! dirty log). Mechanism only; the plan decides.
+use std::net::IpAddr;
+use std::time::Duration;
+
+use host::{HostClient, VmInfo};
+
+use crate::plan::DestFacts;
+use crate::predict::VmFacts;
+use crate::{DrainError, DrainOptions};
+
+/// A destination agent and the way to it.
+pub struct Dest {
+    pub client: HostClient,
+    pub name: String,
+    /// What sources connect to.
+    pub address: String,
+    pub max_inbound: usize,
+    pub facts: DestFacts,
+}
+
+pub struct Survey {
+    pub source: String,
+    pub client: HostClient,
+    /// The VMs to move.
+    pub vms: Vec<VmFacts>,
+    /// VMs left alone, and why.
+    pub skipped: Vec<(VmInfo, String)>,
+    pub dests: Vec<Dest>,
+}
+
+pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
+    let client = HostClient::new(&o.from);
+    let src = |source| DrainError::Source {
+        path: o.from.clone(),
+        source,
+    };
+    let source = client.capacity().map_err(src)?.name;
+    let (running, skipped): (Vec<VmInfo>, Vec<VmInfo>) = client
+        .list()
+        .map_err(src)?
+        .into_iter()
+        .partition(|v| v.state == "running");
+    let skipped = skipped
+        .into_iter()
+        .map(|v| {
+            let why = format!("it is {}", v.state);
+            (v, why)
+        })
+        .collect();
+    let mut dests =
+        o.to.iter()
+            .map(destination)
+            .collect::<Result<Vec<_>, _>>()?;
+    if o.probe_ms > 0 {
+        probe_links(o, &client, &mut dests);
+    }
+    let vms = sample_vms(o, &client, running);
+    Ok(Survey {
+        source,
+        client,
+        vms,
+        skipped,
+        dests,
+    })
+}
+
+fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
+    let client = HostClient::new(&d.sock);
+    let cap = client
+        .capacity()
+        .map_err(|source| DrainError::Destination {
+            path: d.sock.clone(),
+            source,
+        })?;
+    let address = match &d.address {
+        Some(a) => a.clone(),
+        None => {
+            let unspecified = cap
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_unspecified());
+            if unspecified {
+                return Err(DrainError::Options(format!(
+                    "destination {} listens on {}: give --address HOST:PORT, the address sources reach it on",
+                    cap.name, cap.listen
+                )));
+            }
+            cap.listen.clone()
+        }
+    };
+    Ok(Dest {
+        client,
+        name: cap.name.clone(),
+        address,
+        max_inbound: cap.max_inbound.max(1),
+        facts: DestFacts {
+            name: cap.name,
+            room: cap.room,
+            rate: None,
+        },
+    })
+}
+
+/// The paths one migration to `address` takes: its NIC pairs under `--network`, else the
+/// address itself.
+pub fn paths(o: &DrainOptions, address: &str) -> Vec<(Option<IpAddr>, String)> {
+    let port = address.rsplit_once(':').map_or("", |(_, p)| p);
+    match o
+        .request
+        .network
+        .as_deref()
+        .map(migration::request::parse_network)
+    {
+        Some(Ok(pairs)) => pairs
+            .into_iter()
+            .map(|(l, r)| (Some(l), format!("{r}:{port}")))
+            .collect(),
+        _ => vec![(None, address.to_string())],
+    }
+}
+
+/// Measures each destination's link from the source's agent, one at a time (so they do not
+/// share a NIC while measured). A failed probe leaves the rate unknown and says so.
+fn probe_links(o: &DrainOptions, source: &HostClient, dests: &mut [Dest]) {
+    for d in dests {
+        let probe = source
+            .waiting(Duration::from_millis(o.probe_ms * 2 + 15_000))
+            .probe(paths(o, &d.address), o.probe_ms);
+        match probe {
+            Ok(r) => d.facts.rate = Some(r.bits_per_s / 8.0),
+            Err(e) => tracing::warn!("could not measure the link to {}: {e}", d.name),
+        }
+    }
+}
+
+/// Samples every VM at once (each in its own process), when the order or the ETA needs it.
+fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<VmFacts> {
+    let wanted = o.sample_ms > 0 && (o.order == crate::plan::Order::Auto || o.dry_run);
+    let samples: Vec<_> = std::thread::scope(|s| {
+        let runs: Vec<_> = vms
+            .iter()
+            .map(|v| {
+                s.spawn(move || {
+                    wanted
+                        .then(|| source.sample(&v.name, o.sample_ms))
+                        .and_then(|r| {
+                            r.map_err(|e| tracing::warn!("could not sample {}: {e}", v.name))
+                                .ok()
+                        })
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().ok().flatten()).collect()
+    });
+    vms.into_iter()
+        .zip(samples)
+        .map(|(v, sample)| VmFacts {
+            name: v.name,
+            memory: v.memory,
+            sample,
+        })
+        .collect()
+}

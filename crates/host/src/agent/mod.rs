@@ -1,0 +1,378 @@
+//! The host agent: the VMs of one host, each its own process, and the migrations into and out
+//! of it. Its state is a map of VM entries under one lock, mirrored on disk in `DIR/vms/NAME`
+//! so that a restarted agent finds its VMs again; a reaper notices VM processes that end.
+//!
+//! - [`vms`]: a VM's record, process and phase.
+//! - [`inbound`]: incoming migrations, each handed to its own receiver process, and what became
+//!   of them (the proof a source needs before resuming a VM whose switchover it lost track of).
+//! - [`routes`]: the API (see [`crate::api`]).
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use migration::Incoming;
+use transport::Security;
+use vmm::VmConfig;
+
+use crate::api::{Capacity, IncomingFate};
+use crate::child::Livemig;
+
+mod inbound;
+mod routes;
+mod vms;
+
+use vms::{Entry, Phase, Proc};
+
+/// How an agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This host's name, as VMs that leave it give their origin.
+    pub name: String,
+    /// Where migrations come in (`0.0.0.0:7000`).
+    pub listen: String,
+    /// Its state: `host.sock`, and `vms/NAME/` per VM.
+    pub dir: PathBuf,
+    /// Incoming migrations at once; more are refused with a reason.
+    pub max_inbound: usize,
+    /// Memory this host gives VMs in all (None: all it has less [`vmm::host::RESERVE`]).
+    pub vm_memory: Option<u64>,
+    /// The deadline on progress of every migration in or out.
+    pub peer_timeout: Duration,
+    /// The credentials of the listener and of every VM process.
+    pub security: Security,
+    /// How to start VM processes (`livemig run`, `livemig receive`).
+    pub livemig: Livemig,
+}
+
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum AgentError {
+    /// preparing the agent's directory {path}: {source}
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// {0}
+    Listen(#[from] transport::TransportError),
+    /// {0}
+    Api(#[from] unixhttp::ApiError),
+    /// starting the agent's {what} thread: {source}
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Remember what became of this many incoming migrations.
+const MAX_FATES: usize = 256;
+/// How often the reaper looks at the VM processes.
+const REAP_EVERY: Duration = Duration::from_millis(200);
+
+pub struct Agent {
+    cfg: AgentConfig,
+    listen: SocketAddr,
+    vms: Mutex<BTreeMap<String, Entry>>,
+    fates: Mutex<VecDeque<(u64, IncomingFate)>>,
+    incoming: Arc<Incoming>,
+    stopped: AtomicBool,
+}
+
+/// A started agent: its API answers and its listener takes migrations until [`Self::stop`].
+pub struct Running {
+    pub agent: Arc<Agent>,
+    server: Option<unixhttp::Server>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Prepares `cfg.dir`, finds the VMs a previous agent left running, listens, and serves
+    /// the API on `DIR/host.sock`.
+    pub fn start(cfg: AgentConfig) -> Result<Running, AgentError> {
+        let dir_err = |path: &PathBuf| {
+            let path = path.clone();
+            move |source| AgentError::Dir { path, source }
+        };
+        let vms_dir = cfg.dir.join("vms");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&vms_dir)
+            .map_err(dir_err(&vms_dir))?;
+        let listener = transport::Listener::bind(&cfg.listen)?;
+        let listen = listener.local_addr().map_err(dir_err(&cfg.dir))?;
+        let opts = migration::ReceiveOptions {
+            peer_timeout: cfg.peer_timeout,
+            handshake_timeout: cfg.peer_timeout,
+            ..Default::default()
+        };
+        let incoming = Incoming::new(listener, cfg.security.clone(), opts);
+        let agent = Arc::new(Agent {
+            cfg,
+            listen,
+            vms: Mutex::new(BTreeMap::new()),
+            fates: Mutex::new(VecDeque::new()),
+            incoming,
+            stopped: AtomicBool::new(false),
+        });
+        agent.adopt();
+        let threads = vec![agent.spawn_accept()?, agent.spawn_reaper()?];
+        let server = routes::serve(&agent)?;
+        Ok(Running {
+            agent,
+            server: Some(server),
+            threads,
+        })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    pub fn api_path(&self) -> PathBuf {
+        self.cfg.dir.join("host.sock")
+    }
+
+    fn spawn_accept(self: &Arc<Self>) -> Result<JoinHandle<()>, AgentError> {
+        let a = self.clone();
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || {
+                let me = a.clone();
+                a.incoming
+                    .serve(Arc::new(move |p| me.clone().on_migration(p)));
+            })
+            .map_err(|source| AgentError::Thread {
+                what: "accept",
+                source,
+            })
+    }
+
+    fn spawn_reaper(self: &Arc<Self>) -> Result<JoinHandle<()>, AgentError> {
+        let a = self.clone();
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || {
+                while !a.stopped.load(Ordering::SeqCst) {
+                    a.reap();
+                    std::thread::sleep(REAP_EVERY);
+                }
+            })
+            .map_err(|source| AgentError::Thread {
+                what: "reaper",
+                source,
+            })
+    }
+
+    /// Finds the VMs a previous agent left: their process still serving their API socket is
+    /// the proof they are ours. Arrivals whose receiver is gone without having run the VM are
+    /// cleared; VMs whose process is gone are listed as failed.
+    fn adopt(&self) {
+        let Ok(dirs) = std::fs::read_dir(self.cfg.dir.join("vms")) else {
+            return;
+        };
+        let mut vms = locks::lock(&self.vms);
+        for dir in dirs.flatten().map(|d| d.path()) {
+            let Some(rec) = vms::read_record(&dir) else {
+                tracing::warn!("{}: no readable vm.json; left alone", dir.display());
+                continue;
+            };
+            let alive = vms::serves(rec.pid, &vms::api_of(&dir));
+            let mut e = Entry {
+                proc: Proc::Adopted(rec.pid),
+                phase: Phase::Running,
+                dir,
+                rec,
+            };
+            let status = e.status_file().read();
+            let ran = status.as_ref().is_none_or(|s| s.may_have_run());
+            e.phase = match (alive, ran) {
+                (true, true) => Phase::Running,
+                (true, false) => Phase::Arriving,
+                (false, true) => Phase::Failed(format!(
+                    "its process (pid {}) was gone when the agent started",
+                    e.rec.pid
+                )),
+                (false, false) => {
+                    self.forget(e, IncomingFate::NeverRan);
+                    continue;
+                }
+            };
+            tracing::info!(name = %e.rec.name, phase = e.phase.name(), "found a VM");
+            vms.insert(e.rec.name.clone(), e);
+        }
+    }
+
+    /// Notices VM processes that ended and arrivals that completed or failed.
+    fn reap(&self) {
+        self.reap_in(&mut locks::lock(&self.vms));
+    }
+
+    fn reap_in(&self, vms: &mut BTreeMap<String, Entry>) {
+        let mut gone = Vec::new();
+        for (name, e) in vms.iter_mut() {
+            match &e.phase {
+                Phase::Arriving => {
+                    if let Some(fate) = self.check_arrival(e) {
+                        gone.push((name.clone(), fate));
+                    }
+                }
+                Phase::Starting | Phase::Running | Phase::Unresolved(_) => {
+                    if let Some(how) = e.proc.exited() {
+                        let why = format!("the VM process exited ({how}): {}", e.log_tail());
+                        tracing::warn!(name = %name, "VM failed: {why}");
+                        e.phase = Phase::Failed(why);
+                    }
+                }
+                // A migrating VM's process ends when it has moved: its route decides.
+                Phase::Migrating { .. } | Phase::Failed(_) => {}
+            }
+        }
+        for (name, fate) in gone {
+            if let Some(e) = vms.remove(&name) {
+                self.forget(e, fate);
+            }
+        }
+    }
+
+    /// An arriving VM's receiver, looked at: running (the VM arrived), still at it, or gone;
+    /// gone without having run the VM means it never ran here, and its entry goes.
+    fn check_arrival(&self, e: &mut Entry) -> Option<IncomingFate> {
+        let status = e.status_file().read();
+        let ran = status.as_ref().is_some_and(|s| s.may_have_run());
+        match (e.proc.exited(), ran) {
+            (None, true) => {
+                e.phase = Phase::Running;
+                None
+            }
+            (None, false) => None,
+            (Some(how), true) => {
+                e.phase = Phase::Failed(format!(
+                    "the VM process exited ({how}) after the VM arrived: {}",
+                    e.log_tail()
+                ));
+                None
+            }
+            (Some(how), false) => {
+                tracing::warn!(
+                    name = %e.rec.name,
+                    "incoming migration failed ({how}): {}",
+                    match status {
+                        Some(crate::status::Incoming::Failed { error }) => error,
+                        _ => e.log_tail(),
+                    }
+                );
+                Some(IncomingFate::NeverRan)
+            }
+        }
+    }
+
+    /// Removes a VM's directory; an arrival's fate is remembered for its source.
+    fn forget(&self, e: Entry, fate: IncomingFate) {
+        if let Some(s) = e.rec.session {
+            let mut f = locks::lock(&self.fates);
+            if f.len() >= MAX_FATES {
+                f.pop_front();
+            }
+            f.push_back((s, fate));
+        }
+        if let Err(err) = std::fs::remove_dir_all(&e.dir) {
+            tracing::warn!("removing {}: {err}", e.dir.display());
+        }
+    }
+
+    /// What this host holds and can take, from its VM map.
+    fn capacity_of(&self, vms: &BTreeMap<String, Entry>) -> Capacity {
+        let memory_total = vmm::host::mem_total().unwrap_or(0);
+        let memory_free = vmm::host::mem_available().unwrap_or(0);
+        let committing = || vms.values().filter(|e| e.phase.commits_memory());
+        let committed: u64 = committing().map(|e| e.rec.memory).sum();
+        let arriving_vms = || vms.values().filter(|e| e.phase == Phase::Arriving);
+        let arriving: u64 = arriving_vms().map(|e| e.rec.memory).sum();
+        let budget = self
+            .cfg
+            .vm_memory
+            .unwrap_or(memory_total.saturating_sub(vmm::host::RESERVE));
+        // Promised memory counts whole against the budget (no overcommit), and arrivals
+        // against what is free now (they are not resident yet).
+        let room = budget.saturating_sub(committed).min(
+            memory_free
+                .saturating_sub(vmm::host::RESERVE)
+                .saturating_sub(arriving),
+        );
+        let outbound = vms
+            .values()
+            .filter(|e| matches!(e.phase, Phase::Migrating { .. }))
+            .count();
+        Capacity {
+            name: self.cfg.name.clone(),
+            listen: self.listen.to_string(),
+            memory_total,
+            memory_free,
+            committed,
+            arriving,
+            room,
+            vms: vms.len(),
+            inbound: arriving_vms().count(),
+            outbound,
+            max_inbound: self.cfg.max_inbound,
+        }
+    }
+
+    /// Whether a VM named `name` of this shape may come here now; why not, if not.
+    fn admit(
+        &self,
+        vms: &BTreeMap<String, Entry>,
+        name: &str,
+        vm: &VmConfig,
+        inbound: bool,
+    ) -> Result<(), String> {
+        vms::check_name(name)?;
+        let host = &self.cfg.name;
+        if vms.contains_key(name) {
+            return Err(format!("a VM named {name} is already on host {host}"));
+        }
+        let cap = self.capacity_of(vms);
+        if inbound && cap.inbound >= self.cfg.max_inbound {
+            return Err(format!(
+                "host {host} already takes {} incoming migrations (--max-inbound {})",
+                cap.inbound, self.cfg.max_inbound
+            ));
+        }
+        if vm.vcpus == 0 || vm.vcpus > vmm::vm::MAX_VCPUS {
+            return Err(format!(
+                "{} vCPUs: this VMM runs 1 to {}",
+                vm.vcpus,
+                vmm::vm::MAX_VCPUS
+            ));
+        }
+        if vm.memory > cap.room {
+            return Err(format!(
+                "{name} ({} MiB) does not fit on host {host}: room for {} MiB ({} MiB free, {} MiB promised to {} VMs, {} MiB arriving)",
+                vm.memory >> 20,
+                cap.room >> 20,
+                cap.memory_free >> 20,
+                cap.committed >> 20,
+                cap.vms,
+                cap.arriving >> 20
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Running {
+    /// Stops listening and serving the API. The VMs go on running: a new agent on the same
+    /// directory finds them.
+    pub fn stop(mut self) {
+        self.agent.stopped.store(true, Ordering::SeqCst);
+        self.agent.incoming.stop();
+        self.server.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

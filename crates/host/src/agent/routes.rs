@@ -1,0 +1,379 @@
+//! The agent's API (table in [`crate::api`]): VMs started, stopped, listed and migrated; the
+//! migration routes of a VM go to its own process.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migration::MigrateRequest;
+use serde_json::{json, Value};
+use unixhttp::{ApiError, Limits, Reply, Request};
+use vmm::VmConfig;
+
+use super::vms::{self, Entry, Phase, Proc, Record};
+use super::{Agent, AgentError};
+use crate::api::{ProbeRequest, ProbeResult, RunRequest, VmInfo};
+
+/// How long a new VM's process has to serve its API.
+const BOOT_WITHIN: Duration = Duration::from_secs(60);
+/// How long a VM asked to stop has before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Enough connections for a drain's migrations and their progress polls.
+const API_CONNECTIONS: usize = 128;
+
+pub(super) fn serve(agent: &Arc<Agent>) -> Result<unixhttp::Server, AgentError> {
+    let a = agent.clone();
+    let limits = Limits {
+        connections: API_CONNECTIONS,
+        ..Limits::default()
+    };
+    Ok(unixhttp::Server::start(
+        &agent.api_path(),
+        Arc::new(move |r: &Request| route(&a, r)),
+        limits,
+    )?)
+}
+
+fn route(a: &Agent, r: &Request) -> Reply {
+    let (path, query) = r.path.split_once('?').unwrap_or((r.path.as_str(), ""));
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (r.method.as_str(), segs.as_slice()) {
+        ("GET", ["host"]) => Ok(json!(a.capacity_of(&locks::lock(&a.vms)))),
+        ("GET", ["vms"]) => Ok(json!(a.list())),
+        ("POST", ["vms"]) => a.run(&r.json::<Option<RunRequest>>()?.ok_or(bad("a VM to run"))?),
+        ("DELETE", ["vms", n]) => a.stop(n),
+        ("POST", ["vms", n, "migrate"]) => a.migrate(n, &r.body),
+        (m @ ("GET" | "DELETE" | "PATCH"), ["vms", n, "migration"]) => {
+            a.forward(n, m, "/vm/migration", &r.body)
+        }
+        ("POST", ["vms", n, "sample"]) => a.forward(n, "POST", "/vm/sample", &r.body),
+        ("POST", ["vms", n, "resume"]) => a.resume(n),
+        ("POST", ["vms", n, "discard"]) => a.discard(n),
+        ("GET", ["incoming", s]) => {
+            let session = parse_session(s)?;
+            Ok(json!(a.fate(session, query == "abandon")))
+        }
+        ("POST", ["probe"]) => a.probe(&r.json::<Option<ProbeRequest>>()?.ok_or(bad("paths"))?),
+        _ => Err((404, format!("no such endpoint: {} {}", r.method, r.path))),
+    }
+}
+
+fn bad(what: &str) -> (u16, String) {
+    (400, format!("the body must give {what}"))
+}
+
+fn parse_session(s: &str) -> Result<u64, (u16, String)> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| (400, format!("{s:?} is not a session id: {e}")))
+}
+
+/// A VM API's refusal as this API's (same status and message); other failures as 502.
+fn passed_on(name: &str, e: &ApiError) -> (u16, String) {
+    match e {
+        ApiError::Refused {
+            status, message, ..
+        } => (*status, message.clone()),
+        _ => (502, format!("{name}'s process did not answer: {e}")),
+    }
+}
+
+fn not_found(name: &str) -> (u16, String) {
+    (404, format!("no VM named {name} on this host"))
+}
+
+impl Agent {
+    fn list(&self) -> Vec<VmInfo> {
+        let entries: Vec<(Record, Phase, PathBuf, u32)> = {
+            let mut vms = locks::lock(&self.vms);
+            vms.values_mut()
+                .map(|e| (e.rec.clone(), e.phase.clone(), e.api(), e.proc.pid()))
+                .collect()
+        };
+        entries
+            .into_iter()
+            .map(|(rec, phase, api, pid)| vm_info(rec, &phase, api, pid))
+            .collect()
+    }
+
+    fn run(&self, r: &RunRequest) -> Reply {
+        if let Some(a) = r
+            .args
+            .iter()
+            .find(|a| matches!(a.as_str(), "--api" | "--console" | "--memory" | "--vcpus"))
+        {
+            return Err((400, format!("{a} is the agent's to set")));
+        }
+        let vm = VmConfig {
+            memory: r.memory,
+            vcpus: r.vcpus,
+        };
+        let api = {
+            let mut vms = locks::lock(&self.vms);
+            self.admit(&vms, &r.name, &vm, false)
+                .map_err(|e| (409, e))?;
+            let e = self
+                .start_vm(r)
+                .map_err(|e| (500, format!("starting {}: {e}", r.name)))?;
+            let api = e.api();
+            vms.insert(r.name.clone(), e);
+            api
+        };
+        self.wait_serving(&r.name, &api)?;
+        let mut vms = locks::lock(&self.vms);
+        let e = vms.get_mut(&r.name).ok_or_else(|| not_found(&r.name))?;
+        e.phase = Phase::Running;
+        Ok(json!(vm_info(e.rec.clone(), &e.phase, api, e.proc.pid())))
+    }
+
+    fn start_vm(&self, r: &RunRequest) -> std::io::Result<Entry> {
+        let dir = self.cfg.dir.join("vms").join(&r.name);
+        std::fs::create_dir_all(&dir)?;
+        let api = vms::api_of(&dir);
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--memory".into(),
+            r.memory.to_string(),
+            "--vcpus".into(),
+            r.vcpus.to_string(),
+        ];
+        args.extend(r.args.iter().cloned());
+        args.extend([
+            "--api".into(),
+            api.display().to_string(),
+            "--console".into(),
+            dir.join("console.log").display().to_string(),
+        ]);
+        let child = vms::spawn(&self.cfg.livemig, &args, &dir)?;
+        let e = Entry {
+            rec: Record {
+                name: r.name.clone(),
+                memory: r.memory,
+                vcpus: r.vcpus,
+                origin: "local".into(),
+                pid: child.id(),
+                session: None,
+            },
+            proc: Proc::Child(child),
+            phase: Phase::Starting,
+            dir,
+        };
+        e.save()?;
+        Ok(e)
+    }
+
+    /// Waits for a new VM's API; a VM that fails to start is removed and its log says why.
+    fn wait_serving(&self, name: &str, api: &std::path::Path) -> Result<(), (u16, String)> {
+        let t = Instant::now();
+        loop {
+            if vmm::api::Client::new(api)
+                .with_timeout(Duration::from_secs(1))
+                .status()
+                .is_ok()
+            {
+                return Ok(());
+            }
+            let mut vms = locks::lock(&self.vms);
+            let e = vms.get_mut(name).ok_or_else(|| not_found(name))?;
+            let failed = match e.proc.exited() {
+                Some(how) => Some(format!("it exited ({how}): {}", e.log_tail())),
+                None if t.elapsed() > BOOT_WITHIN => {
+                    e.proc.kill();
+                    Some(format!("its API did not answer within {BOOT_WITHIN:?}"))
+                }
+                None => None,
+            };
+            if let Some(why) = failed {
+                if let Some(e) = vms.remove(name) {
+                    let _ = std::fs::remove_dir_all(&e.dir);
+                }
+                return Err((500, format!("{name} did not start: {why}")));
+            }
+            drop(vms);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The API socket of `name` if its phase allows `what`.
+    fn api_if(
+        &self,
+        name: &str,
+        allowed: impl Fn(&Phase) -> bool,
+        what: &str,
+    ) -> Result<PathBuf, (u16, String)> {
+        let vms = locks::lock(&self.vms);
+        let e = vms.get(name).ok_or_else(|| not_found(name))?;
+        if !allowed(&e.phase) {
+            return Err((
+                409,
+                format!("cannot {what} {name}: it is {}", describe(&e.phase)),
+            ));
+        }
+        Ok(e.api())
+    }
+
+    fn stop(&self, name: &str) -> Reply {
+        let stoppable = |p: &Phase| !matches!(p, Phase::Migrating { .. } | Phase::Arriving);
+        let api = self.api_if(name, stoppable, "stop")?;
+        let _ = vmm::api::Client::new(&api)
+            .with_timeout(Duration::from_secs(5))
+            .shutdown();
+        self.remove_when_gone(name);
+        Ok(json!({ "stopped": name }))
+    }
+
+    /// Waits for `name`'s process to leave (killing it after a grace) and forgets it.
+    fn remove_when_gone(&self, name: &str) {
+        let t = Instant::now();
+        loop {
+            let mut vms = locks::lock(&self.vms);
+            let Some(e) = vms.get_mut(name) else {
+                return;
+            };
+            if e.proc.exited().is_some() || t.elapsed() > STOP_GRACE {
+                e.proc.kill();
+                e.proc.wait_exit(Duration::from_secs(5));
+                if let Some(e) = vms.remove(name) {
+                    self.forget(e, crate::api::IncomingFate::Confirmed);
+                }
+                return;
+            }
+            drop(vms);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Migrates `name` through its process; once it has moved, its entry goes. A failure
+    /// leaves it running here, or, when the switchover's outcome is unknown (HTTP 502),
+    /// `unresolved`: paused until `resume` or `discard`.
+    fn migrate(&self, name: &str, body: &[u8]) -> Reply {
+        let mut req: MigrateRequest =
+            serde_json::from_slice(body).map_err(|e| (400, format!("a migrate request: {e}")))?;
+        req.name = Some(name.to_string());
+        req.origin = Some(self.cfg.name.clone());
+        let api = {
+            let mut vms = locks::lock(&self.vms);
+            let e = vms.get_mut(name).ok_or_else(|| not_found(name))?;
+            if e.phase != Phase::Running {
+                return Err((
+                    409,
+                    format!("cannot migrate {name}: it is {}", describe(&e.phase)),
+                ));
+            }
+            e.phase = Phase::Migrating { to: req.to.clone() };
+            e.api()
+        };
+        let answer = vmm::api::Client::new(&api)
+            .with_timeout(Duration::from_secs(7 * 24 * 3600))
+            .call::<Value>("POST", "/vm/migrate", Some(json!(req)));
+        match answer {
+            Ok(report) => {
+                self.remove_when_gone(name);
+                Ok(report)
+            }
+            Err(e) => {
+                let (status, message) = passed_on(name, &e);
+                if let Some(entry) = locks::lock(&self.vms).get_mut(name) {
+                    entry.phase = if status == 502 {
+                        Phase::Unresolved(message.clone())
+                    } else {
+                        Phase::Running
+                    };
+                }
+                Err((status, message))
+            }
+        }
+    }
+
+    /// Passes a migration route on to `name`'s process.
+    fn forward(&self, name: &str, method: &str, path: &str, body: &[u8]) -> Reply {
+        let api = self.api_if(name, |p| !matches!(p, Phase::Failed(_)), "reach")?;
+        let body: Option<Value> = if body.iter().all(u8::is_ascii_whitespace) {
+            None
+        } else {
+            Some(serde_json::from_slice(body).map_err(|e| (400, format!("bad JSON body: {e}")))?)
+        };
+        vmm::api::Client::new(&api)
+            .with_timeout(Duration::from_secs(30))
+            .call::<Value>(method, path, body)
+            .map_err(|e| passed_on(name, &e))
+    }
+
+    /// Resumes `name` (paused, or unresolved and proven not to run elsewhere).
+    fn resume(&self, name: &str) -> Reply {
+        let api = self.api_if(
+            name,
+            |p| matches!(p, Phase::Running | Phase::Unresolved(_)),
+            "resume",
+        )?;
+        let st = vmm::api::Client::new(&api)
+            .resume()
+            .map_err(|e| passed_on(name, &e))?;
+        if let Some(e) = locks::lock(&self.vms).get_mut(name) {
+            e.phase = Phase::Running;
+        }
+        Ok(json!(st))
+    }
+
+    /// Ends an unresolved VM whose destination runs it: the copy here is stale.
+    fn discard(&self, name: &str) -> Reply {
+        let api = self.api_if(name, |p| matches!(p, Phase::Unresolved(_)), "discard")?;
+        let _ = vmm::api::Client::new(&api)
+            .with_timeout(Duration::from_secs(5))
+            .shutdown();
+        self.remove_when_gone(name);
+        Ok(json!({ "discarded": name }))
+    }
+
+    fn probe(&self, r: &ProbeRequest) -> Reply {
+        let window = Duration::from_millis(r.ms);
+        let bits = crate::probe::probe_paths(&r.paths, window, &self.cfg.security)
+            .map_err(|e| (502, e.to_string()))?;
+        Ok(json!(ProbeResult { bits_per_s: bits }))
+    }
+}
+
+fn describe(p: &Phase) -> String {
+    match p {
+        Phase::Migrating { to } => format!("migrating to {to}"),
+        Phase::Unresolved(why) => format!("paused with its switchover unresolved ({why})"),
+        Phase::Failed(why) => format!("failed ({why})"),
+        p => p.name().to_string(),
+    }
+}
+
+/// A VM as `host list` shows it; a VM whose process answers says its own state and heartbeat.
+fn vm_info(rec: Record, phase: &Phase, api: PathBuf, pid: u32) -> VmInfo {
+    let status = matches!(
+        phase,
+        Phase::Running | Phase::Migrating { .. } | Phase::Unresolved(_)
+    )
+    .then(|| {
+        vmm::api::Client::new(&api)
+            .with_timeout(Duration::from_secs(1))
+            .status()
+            .ok()
+    })
+    .flatten();
+    let state = match (phase, &status) {
+        (Phase::Running, Some(s)) => s.state.to_string(),
+        (Phase::Running, None) => "unresponsive".into(),
+        (p, _) => p.name().into(),
+    };
+    let error = match phase {
+        Phase::Failed(why) | Phase::Unresolved(why) => Some(why.clone()),
+        _ => None,
+    };
+    VmInfo {
+        name: rec.name,
+        memory: rec.memory,
+        vcpus: rec.vcpus,
+        state,
+        heartbeat: status.map_or(0, |s| s.heartbeat),
+        origin: rec.origin,
+        api,
+        pid,
+        error,
+    }
+}

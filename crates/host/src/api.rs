@@ -1,0 +1,192 @@
+//! The host agent's API (HTTP/JSON on `DIR/host.sock`) and its typed client.
+//!
+//! | method | path                        | body                 | answer                     |
+//! |--------|-----------------------------|----------------------|----------------------------|
+//! | GET    | /host                       |                      | [`Capacity`]               |
+//! | GET    | /vms                        |                      | `[VmInfo]`                 |
+//! | POST   | /vms                        | [`RunRequest`]       | [`VmInfo`]                 |
+//! | DELETE | /vms/NAME                   |                      | `{}`                       |
+//! | POST   | /vms/NAME/migrate           | `MigrateRequest`     | the migration's report     |
+//! | GET    | /vms/NAME/migration         |                      | its progress               |
+//! | DELETE | /vms/NAME/migration         |                      | cancels it                 |
+//! | PATCH  | /vms/NAME/migration         | `{"max_bandwidth"}`  | re-paces it                |
+//! | POST   | /vms/NAME/sample            | `{"ms": N}`          | `VmSample`                 |
+//! | POST   | /vms/NAME/resume            |                      | the VM's status            |
+//! | POST   | /vms/NAME/discard           |                      | `{}` (kills a stale copy)  |
+//! | GET    | /incoming/SESSION[?abandon] |                      | [`IncomingFate`]           |
+//! | POST   | /probe                      | [`ProbeRequest`]     | [`ProbeResult`]            |
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use migration::sample::VmSample;
+use migration::{MigrateRequest, Progress, Report};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use unixhttp::{ApiError, Client};
+
+/// One VM of a host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VmInfo {
+    pub name: String,
+    pub memory: u64,
+    pub vcpus: u8,
+    /// starting, running, paused, incoming, migrating, failed
+    pub state: String,
+    pub heartbeat: u64,
+    /// Where it came from: `local`, or the host it migrated from.
+    pub origin: String,
+    /// Its own API socket.
+    pub api: PathBuf,
+    pub pid: u32,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What a host holds and can take.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Capacity {
+    pub name: String,
+    /// The address migrations come in on.
+    pub listen: String,
+    pub memory_total: u64,
+    /// Memory free now (MemAvailable).
+    pub memory_free: u64,
+    /// Memory promised to VMs (running, starting or arriving).
+    pub committed: u64,
+    /// Of that, promised to VMs still arriving (not yet resident).
+    pub arriving: u64,
+    /// What a VM arriving now may have: free memory less arrivals and the host's reserve.
+    pub room: u64,
+    pub vms: usize,
+    pub inbound: usize,
+    pub outbound: usize,
+    pub max_inbound: usize,
+}
+
+/// `livemig host run`: a VM to start, with `livemig run`'s arguments.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub name: String,
+    pub memory: u64,
+    pub vcpus: u8,
+    /// Further `livemig run` arguments (workload, memory profile, kernel, ...).
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// What became of an incoming migration: the proof a source needs before it resumes a VM
+/// whose switchover's outcome it does not know.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum IncomingFate {
+    /// The VM was confirmed here: it runs (or ran) here; the source must not resume.
+    Confirmed,
+    /// Still arriving (not confirmed); ask with `abandon` to end it and get a proof.
+    Arriving,
+    /// Never confirmed and its receiver is gone: the VM never ran here.
+    NeverRan,
+    /// This host never took that migration.
+    Unknown,
+}
+
+/// Links to measure at once, each from a local address (None: the default route) to another
+/// agent's migration address.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbeRequest {
+    pub paths: Vec<(Option<std::net::IpAddr>, String)>,
+    pub ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// What the link carried, as TCP acknowledged it.
+    pub bits_per_s: f64,
+}
+
+/// A typed client of one host agent.
+#[derive(Clone, Debug)]
+pub struct HostClient(Client);
+
+impl HostClient {
+    pub fn new(sock: impl Into<PathBuf>) -> Self {
+        HostClient(Client::new(sock).with_timeout(Duration::from_secs(30)))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// A client whose calls may wait `t` (a migration).
+    pub fn waiting(&self, t: Duration) -> Self {
+        HostClient(self.0.clone().with_timeout(t))
+    }
+
+    pub fn capacity(&self) -> Result<Capacity, ApiError> {
+        self.0.call("GET", "/host", None)
+    }
+
+    pub fn list(&self) -> Result<Vec<VmInfo>, ApiError> {
+        self.0.call("GET", "/vms", None)
+    }
+
+    pub fn run(&self, r: &RunRequest) -> Result<VmInfo, ApiError> {
+        self.0.call("POST", "/vms", Some(json!(r)))
+    }
+
+    pub fn stop(&self, name: &str) -> Result<serde_json::Value, ApiError> {
+        self.0.call("DELETE", &format!("/vms/{name}"), None)
+    }
+
+    pub fn migrate(&self, name: &str, r: &MigrateRequest) -> Result<Report, ApiError> {
+        self.0
+            .call("POST", &format!("/vms/{name}/migrate"), Some(json!(r)))
+    }
+
+    pub fn progress(&self, name: &str) -> Result<Option<Progress>, ApiError> {
+        self.0.call("GET", &format!("/vms/{name}/migration"), None)
+    }
+
+    pub fn cancel(&self, name: &str) -> Result<serde_json::Value, ApiError> {
+        self.0
+            .call("DELETE", &format!("/vms/{name}/migration"), None)
+    }
+
+    pub fn pace(&self, name: &str, bits_per_s: u64) -> Result<serde_json::Value, ApiError> {
+        self.0.call(
+            "PATCH",
+            &format!("/vms/{name}/migration"),
+            Some(json!({ "max_bandwidth": bits_per_s })),
+        )
+    }
+
+    pub fn sample(&self, name: &str, ms: u64) -> Result<VmSample, ApiError> {
+        self.0.call(
+            "POST",
+            &format!("/vms/{name}/sample"),
+            Some(json!({ "ms": ms })),
+        )
+    }
+
+    pub fn resume(&self, name: &str) -> Result<serde_json::Value, ApiError> {
+        self.0.call("POST", &format!("/vms/{name}/resume"), None)
+    }
+
+    pub fn discard(&self, name: &str) -> Result<serde_json::Value, ApiError> {
+        self.0.call("POST", &format!("/vms/{name}/discard"), None)
+    }
+
+    pub fn incoming(&self, session: u64, abandon: bool) -> Result<IncomingFate, ApiError> {
+        let q = if abandon { "?abandon" } else { "" };
+        self.0.call("GET", &format!("/incoming/{session}{q}"), None)
+    }
+
+    pub fn probe(
+        &self,
+        paths: Vec<(Option<std::net::IpAddr>, String)>,
+        ms: u64,
+    ) -> Result<ProbeResult, ApiError> {
+        self.0
+            .call("POST", "/probe", Some(json!(ProbeRequest { paths, ms })))
+    }
+}

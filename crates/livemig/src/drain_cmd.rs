@@ -1,0 +1,125 @@
+//! `livemig drain`: empty a host agent's host into others.
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use drain::{Budget, Concurrency, Destination, DrainOptions, Order};
+
+use crate::args::{MigrateArgs, TransportArgs};
+use crate::CmdResult;
+
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// The source agent's API socket.
+    #[arg(long)]
+    from: PathBuf,
+    /// The destination agents' API sockets.
+    #[arg(long, value_delimiter = ',', required = true)]
+    to: Vec<PathBuf>,
+    /// Per destination, the HOST:PORT sources connect to (the link); default: where it listens.
+    #[arg(long, value_delimiter = ',')]
+    address: Vec<String>,
+    /// Migrations at once: a number, or auto (adds one while the aggregate throughput grows).
+    #[arg(long, default_value = "auto")]
+    concurrency: Concurrency,
+    /// auto (longest predicted first, VMs dirtying faster than their share last), largest,
+    /// smallest or name.
+    #[arg(long, default_value = "auto")]
+    order: Order,
+    /// Share of each link left for other traffic (e.g. 20 or 20%).
+    #[arg(long, default_value = "0", value_parser = parse_percent)]
+    reserve: f64,
+    /// Attempts after the first for a VM whose migration failed (after the other VMs).
+    #[arg(long, default_value_t = 1)]
+    retries: u32,
+    /// Print the plan (order, placement, concurrency) and an ETA; move nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Measure each link this long first (0: do not).
+    #[arg(long, default_value_t = 1000)]
+    probe_ms: u64,
+    /// Sample each VM's dirty rate this long (for --order auto and --dry-run; 0: do not).
+    #[arg(long, default_value_t = 500)]
+    sample_ms: u64,
+    /// Every migration's options; --max-bandwidth is the whole drain's budget, shared evenly
+    /// by the migrations in flight.
+    #[command(flatten)]
+    migrate: MigrateArgs,
+    #[command(flatten)]
+    transport: TransportArgs,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage"))?;
+    if (0.0..100.0).contains(&v) {
+        Ok(v / 100.0)
+    } else {
+        Err(format!("{s}: a percentage from 0 to 99"))
+    }
+}
+
+pub fn main(a: DrainArgs) -> CmdResult {
+    if !a.address.is_empty() && a.address.len() != a.to.len() {
+        return Err(format!(
+            "{} --address for {} --to: give one per destination",
+            a.address.len(),
+            a.to.len()
+        )
+        .into());
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal ends the drain at once (the migrations' leases then cancel them).
+        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone())?;
+        signal_hook::flag::register(sig, interrupted.clone())?;
+    }
+    let mut request = a.migrate.request(String::new(), &a.transport)?;
+    request.max_bandwidth = None;
+    let o = DrainOptions {
+        from: a.from,
+        to: a
+            .to
+            .iter()
+            .enumerate()
+            .map(|(i, sock)| Destination {
+                sock: sock.clone(),
+                address: a.address.get(i).cloned(),
+            })
+            .collect(),
+        request,
+        concurrency: a.concurrency,
+        order: a.order,
+        budget: Budget {
+            max_bandwidth: a.migrate.max_bandwidth,
+            reserve: a.reserve,
+        },
+        retries: a.retries,
+        dry_run: a.dry_run,
+        probe_ms: a.probe_ms,
+        sample_ms: a.sample_ms,
+        tty: std::io::stderr().is_terminal(),
+        interrupted,
+    };
+    let r = drain::drain(&o)?;
+    if let Some(p) = &a.report {
+        std::fs::write(p, serde_json::to_vec_pretty(&r)?)?;
+    }
+    if a.dry_run {
+        print!("{}", r.plan_table());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}", r.summary);
+    Ok(if r.complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,605 @@
+//! Host agents and `livemig drain` (KVM): VMs started on one agent, drained into another,
+//! verified there; what does not fit stays; a migration cut mid-copy is retried; Ctrl-C
+//! leaves every VM running exactly once; an agent restarted finds its VMs; a switchover whose
+//! answer was lost is settled with the destination's agent.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use host::child::AgentProcess;
+use host::{HostClient, VmInfo};
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An agent named `name` on a free port of 127.0.0.1, with the test cluster's credentials.
+fn agent(dir: &Path, name: &str, args: &[&str]) -> (AgentProcess, String) {
+    agent_with(&livemig_exe(), dir, name, args)
+}
+
+fn agent_with(l: &Livemig, dir: &Path, name: &str, args: &[&str]) -> (AgentProcess, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut all = vec!["--name", name];
+    all.extend_from_slice(args);
+    let a = l.host_serve(None, &listen, &dir.join(name), &all).unwrap();
+    (a, listen)
+}
+
+/// Starts VMs (NAME, MEMORY, WORKLOAD) on `a` and waits for their guests' first heartbeat.
+fn start_vms(a: &AgentProcess, vms: &[(&str, &str, &str)]) {
+    for (name, memory, workload) in vms {
+        let out = livemig(&[
+            "host",
+            "run",
+            "--host",
+            a.sock.to_str().unwrap(),
+            "--name",
+            name,
+            "--memory",
+            memory,
+            "--vcpus",
+            "1",
+            "--workload",
+            workload,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait(
+        Duration::from_secs(120),
+        "every guest's first heartbeat",
+        || {
+            a.client()
+                .list()
+                .is_ok_and(|l| l.iter().all(|v| v.heartbeat >= 1))
+        },
+    );
+}
+
+fn list(a: &AgentProcess) -> Vec<VmInfo> {
+    a.client().list().unwrap()
+}
+
+fn names(vms: &[VmInfo]) -> Vec<String> {
+    let mut n: Vec<String> = vms.iter().map(|v| v.name.clone()).collect();
+    n.sort();
+    n
+}
+
+/// Every listed VM's guest keeps beating.
+fn assert_all_beating(a: &AgentProcess) {
+    let before = list(a);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = list(a);
+    for v in &before {
+        let now = after.iter().find(|x| x.name == v.name).unwrap();
+        assert_eq!(now.state, "running", "{now:?}");
+        assert!(
+            now.heartbeat > v.heartbeat,
+            "{} is not beating: {now:?}",
+            v.name
+        );
+    }
+}
+
+fn drain_cmd(from: &AgentProcess, to: &AgentProcess, report: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["drain", "--from"])
+        .arg(&from.sock)
+        .arg("--to")
+        .arg(&to.sock)
+        .arg("--report")
+        .arg(report)
+        .args(extra)
+        .envs(tls_env());
+    c
+}
+
+fn run_drain(
+    from: &AgentProcess,
+    to: &AgentProcess,
+    report: &Path,
+    extra: &[&str],
+) -> (bool, String, Value) {
+    let out = drain_cmd(from, to, report, extra).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(report).unwrap_or_default()).unwrap_or(Value::Null);
+    (out.status.success(), text, r)
+}
+
+fn vm_entry<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not in the report: {r}"))
+}
+
+#[test]
+fn kvm_drain_moves_four_vms_between_two_agents() {
+    if !kvm_or_skip("kvm_drain_moves_four_vms_between_two_agents") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (b, b_listen) = agent(d.path(), "b", &[]);
+    start_vms(
+        &a,
+        &[
+            ("web1", "128M", "web"),
+            ("idle1", "128M", "idle"),
+            ("sql1", "256M", "sql"),
+            ("web2", "192M", "web"),
+        ],
+    );
+    // Hostile neighbours on B's migration port: garbage, and a connection that says nothing.
+    let mut garbage = TcpStream::connect(&b_listen).unwrap();
+    let _ = garbage.write_all(b"GET / HTTP/1.1\r\n\r\n");
+    let _silent = TcpStream::connect(&b_listen).unwrap();
+    let report = d.path().join("drain.json");
+    let (ok, text, r) = run_drain(&a, &b, &report, &[]);
+    assert!(ok, "{text}");
+    let vms = r["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 4, "{r}");
+    for v in vms {
+        assert_eq!(v["status"], "moved", "{v}");
+        assert_eq!(v["guest_verified"], true, "{v}");
+        assert!(v["end_ms"].as_u64() >= v["start_ms"].as_u64(), "{v}");
+        assert!(v["report"]["downtime_ms"].is_u64(), "{v}");
+    }
+    for field in [
+        "makespan_ms",
+        "downtime_ms_sum",
+        "downtime_ms_max",
+        "bytes_on_wire",
+        "ram_moved_per_s",
+        "peak_concurrency",
+    ] {
+        assert!(r[field].is_number(), "{field} missing: {r}");
+    }
+    assert!(text.contains("drained 4 of 4 VMs"), "{text}");
+    assert!(list(&a).is_empty(), "the source is empty");
+    let on_b = list(&b);
+    assert_eq!(names(&on_b), ["idle1", "sql1", "web1", "web2"]);
+    assert!(on_b.iter().all(|v| v.origin == "a"), "{on_b:?}");
+    assert_all_beating(&b);
+}
+
+#[test]
+fn kvm_drain_leaves_what_does_not_fit_and_says_so() {
+    if !kvm_or_skip("kvm_drain_leaves_what_does_not_fit_and_says_so") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (b, _) = agent(d.path(), "b", &["--vm-memory", "400M"]);
+    start_vms(
+        &a,
+        &[
+            ("s1", "128M", "idle"),
+            ("s2", "128M", "web"),
+            ("l1", "256M", "idle"),
+            ("l2", "256M", "sql"),
+        ],
+    );
+    let report = d.path().join("drain.json");
+    let (ok, text, r) = run_drain(&a, &b, &report, &["--order", "name"]);
+    assert!(!ok, "a drain that leaves VMs behind fails: {text}");
+    let moved: Vec<&Value> = r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["status"] == "moved")
+        .collect();
+    let stayed: Vec<&Value> = r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["status"] == "no-room")
+        .collect();
+    assert_eq!((moved.len(), stayed.len()), (2, 2), "{r}");
+    for v in &stayed {
+        assert_eq!(v["attempts"], 0, "never attempted: {v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("fits on no destination"),
+            "{v}"
+        );
+        let name = v["name"].as_str().unwrap();
+        assert!(text.contains(&format!("left on a: {name}")), "{text}");
+    }
+    let used: u64 = list(&b).iter().map(|v| v.memory).sum();
+    assert!(used <= 400 << 20, "B was overcommitted: {used}");
+    assert_eq!(list(&a).len(), 2);
+    assert_all_beating(&a);
+    assert_all_beating(&b);
+}
+
+/// Waits until VM `name` arrives on `b` and its migration has put `bytes` on the wire; the
+/// receiver's pid.
+fn receiver_in_copy(a: &AgentProcess, b: &AgentProcess, name: &str, bytes: u64) -> u32 {
+    let mut pid = 0;
+    wait(
+        Duration::from_secs(60),
+        "the migration to be in its copy",
+        || {
+            let arriving = list(b)
+                .into_iter()
+                .find(|v| v.name == name && v.state == "incoming");
+            let copied = a
+                .client()
+                .progress(name)
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.phase == "copy" && p.bytes_on_wire >= bytes);
+            if let (Some(v), true) = (arriving, copied) {
+                pid = v.pid;
+                return true;
+            }
+            false
+        },
+    );
+    pid
+}
+
+#[test]
+fn kvm_drain_retries_a_migration_cut_mid_copy() {
+    if !kvm_or_skip("kvm_drain_retries_a_migration_cut_mid_copy") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (b, _) = agent(d.path(), "b", &[]);
+    start_vms(&a, &[("db", "256M", "sql")]);
+    let report = d.path().join("drain.json");
+    let mut drain = drain_cmd(
+        &a,
+        &b,
+        &report,
+        &["--max-bandwidth", "300Mbit", "--concurrency", "1"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let pid = receiver_in_copy(&a, &b, "db", 8 << 20);
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let mut text = String::new();
+    let _ = drain.stderr.take().unwrap().read_to_string(&mut text);
+    assert!(drain.wait().unwrap().success(), "{text}");
+    let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let v = vm_entry(&r, "db");
+    assert_eq!(v["status"], "moved", "{v}");
+    assert_eq!(v["attempts"], 2, "{v}");
+    assert_eq!(v["guest_verified"], true, "{v}");
+    assert_eq!(v["earlier_errors"].as_array().map(Vec::len), Some(1), "{v}");
+    assert!(text.contains("will retry"), "{text}");
+    assert!(list(&a).is_empty());
+    assert_eq!(names(&list(&b)), ["db"]);
+}
+
+#[test]
+fn kvm_drain_interrupted_leaves_every_vm_running_exactly_once() {
+    if !kvm_or_skip("kvm_drain_interrupted_leaves_every_vm_running_exactly_once") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (b, _) = agent(d.path(), "b", &[]);
+    let vms = [
+        ("v1", "192M", "sql"),
+        ("v2", "128M", "web"),
+        ("v3", "128M", "idle"),
+    ];
+    start_vms(&a, &vms);
+    let report = d.path().join("drain.json");
+    let mut drain = drain_cmd(
+        &a,
+        &b,
+        &report,
+        &[
+            "--max-bandwidth",
+            "200Mbit",
+            "--concurrency",
+            "1",
+            "--order",
+            "name",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    receiver_in_copy(&a, &b, "v1", 4 << 20);
+    let t = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &drain.id().to_string()])
+        .status()
+        .unwrap();
+    let mut text = String::new();
+    let _ = drain.stderr.take().unwrap().read_to_string(&mut text);
+    let st = drain.wait().unwrap();
+    assert!(!st.success(), "an interrupted drain fails: {text}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["interrupted"], true, "{r}");
+    assert_eq!(vm_entry(&r, "v1")["status"], "cancelled", "{r}");
+    assert_eq!(vm_entry(&r, "v3")["status"], "cancelled", "{r}");
+    // Every VM runs exactly once, here or there; the cancelled arrival is gone from B.
+    wait(
+        Duration::from_secs(15),
+        "B to clear the cancelled arrival",
+        || list(&b).iter().all(|v| v.state != "incoming"),
+    );
+    let mut everywhere = names(&list(&a));
+    everywhere.extend(names(&list(&b)));
+    everywhere.sort();
+    assert_eq!(everywhere, ["v1", "v2", "v3"]);
+    assert_all_beating(&a);
+}
+
+#[test]
+fn kvm_agent_survives_a_dead_vm_and_finds_its_vms_after_a_restart() {
+    if !kvm_or_skip("kvm_agent_survives_a_dead_vm_and_finds_its_vms_after_a_restart") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let l = livemig_exe();
+    let (mut a, listen) = agent_with(&l, d.path(), "a", &[]);
+    start_vms(&a, &[("keep", "128M", "idle"), ("doomed", "128M", "web")]);
+    let doomed = list(&a).into_iter().find(|v| v.name == "doomed").unwrap();
+    Command::new("kill")
+        .args(["-9", &doomed.pid.to_string()])
+        .status()
+        .unwrap();
+    wait(
+        Duration::from_secs(10),
+        "the dead VM to be reported failed",
+        || {
+            list(&a)
+                .iter()
+                .any(|v| v.name == "doomed" && v.state == "failed")
+        },
+    );
+    assert!(list(&a)
+        .iter()
+        .find(|v| v.name == "doomed")
+        .unwrap()
+        .error
+        .is_some());
+    // The agent dies; its VMs do not. A new agent on the same directory finds them.
+    a.kill_agent();
+    assert!(
+        HostClient::new(&a.sock).list().is_err(),
+        "the old agent is gone"
+    );
+    let again = l
+        .host_serve(None, &listen, &a.dir, &["--name", "a"])
+        .unwrap();
+    let found = list(&again);
+    assert_eq!(names(&found), ["doomed", "keep"]);
+    let k = found.iter().find(|v| v.name == "keep").unwrap();
+    assert_eq!(k.state, "running", "{k:?}");
+    assert!(k.heartbeat >= 1);
+    assert_eq!(
+        found.iter().find(|v| v.name == "doomed").unwrap().state,
+        "failed"
+    );
+    // It still runs and stops them.
+    let out = livemig(&[
+        "host",
+        "stop",
+        "--host",
+        again.sock.to_str().unwrap(),
+        "keep",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(names(&list(&again)), ["doomed"]);
+    // The first handle's drop must not kill what the second agent runs: forget its VMs.
+    std::mem::forget(a);
+}
+
+/// What the proxy in front of a receiver does at switchover.
+#[derive(Clone, Copy, PartialEq)]
+enum Switchover {
+    /// Forwards everything but the destination's Confirm and what follows: the VM runs there
+    /// and the source never hears it.
+    LoseConfirm,
+    /// Kills the receiver when the source's State arrives: the VM never runs there, and the
+    /// source hears nothing either.
+    KillAtState,
+}
+
+/// Reads one frame (24-byte header and its payload).
+fn read_frame(r: &mut impl Read) -> Option<(u8, Vec<u8>)> {
+    let mut h = [0u8; 24];
+    r.read_exact(&mut h).ok()?;
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+    let mut frame = h.to_vec();
+    frame.resize(24 + len, 0);
+    r.read_exact(&mut frame[24..]).ok()?;
+    Some((h[0], frame))
+}
+
+/// A proxy for one migration to B's agent at `agent_port`: it passes the source's hello and
+/// Config on, and answers the agent's Redirect with one to a second proxy in front of the
+/// receiver, which misbehaves as `mode` says.
+fn redirecting_proxy(agent_port: u16, b_sock: std::path::PathBuf, mode: Switchover) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let Ok((mut src, _)) = l.accept() else { return };
+        let mut dst = TcpStream::connect(("127.0.0.1", agent_port)).unwrap();
+        let mut hello = [0u8; 16];
+        src.read_exact(&mut hello).unwrap();
+        dst.write_all(&hello).unwrap();
+        dst.read_exact(&mut hello).unwrap();
+        src.write_all(&hello).unwrap();
+        let (_, config) = read_frame(&mut src).unwrap();
+        dst.write_all(&config).unwrap();
+        let (kind, redirect) = read_frame(&mut dst).unwrap();
+        assert_eq!(kind, 12, "the agent redirects");
+        let to: Value = serde_json::from_slice(&redirect[24..]).unwrap();
+        let p2 = switchover_proxy(to["port"].as_u64().unwrap() as u16, b_sock, mode);
+        migration::protocol::FrameWriter::new(&mut src)
+            .send_redirect(&migration::protocol::Redirect { port: p2 })
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    port
+}
+
+fn switchover_proxy(receiver_port: u16, b_sock: std::path::PathBuf, mode: Switchover) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let Ok((mut src, _)) = l.accept() else { return };
+        let mut dst = TcpStream::connect(("127.0.0.1", receiver_port)).unwrap();
+        let (mut src2, mut dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut hello = [0u8; 16];
+            dst2.read_exact(&mut hello).unwrap();
+            src2.write_all(&hello).unwrap();
+            while let Some((kind, f)) = read_frame(&mut dst2) {
+                if kind == 7 {
+                    return std::thread::sleep(Duration::from_secs(60));
+                }
+                src2.write_all(&f).unwrap();
+            }
+        });
+        let mut hello = [0u8; 16];
+        src.read_exact(&mut hello).unwrap();
+        dst.write_all(&hello).unwrap();
+        while let Some((kind, f)) = read_frame(&mut src) {
+            if kind == 5 && mode == Switchover::KillAtState {
+                let receiver = HostClient::new(&b_sock)
+                    .list()
+                    .unwrap()
+                    .into_iter()
+                    .find(|v| v.state == "incoming")
+                    .unwrap();
+                Command::new("kill")
+                    .args(["-9", &receiver.pid.to_string()])
+                    .status()
+                    .unwrap();
+                return std::thread::sleep(Duration::from_secs(60));
+            }
+            if dst.write_all(&f).is_err() {
+                return;
+            }
+        }
+    });
+    port
+}
+
+/// One VM drained through a proxy that breaks its switchover as `mode` says.
+fn lost_switchover(
+    test: &str,
+    mode: Switchover,
+) -> Option<(tempfile::TempDir, AgentProcess, AgentProcess, Value, String)> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // Plaintext, so the proxy can read the frames.
+    let plain = Livemig::new(BIN).insecure();
+    let (a, _) = agent_with(&plain, d.path(), "a", &[]);
+    let (b, b_listen) = agent_with(&plain, d.path(), "b", &[]);
+    start_vms(&a, &[("db", "128M", "sql")]);
+    let agent_port: u16 = b_listen.rsplit_once(':').unwrap().1.parse().unwrap();
+    let proxy = redirecting_proxy(agent_port, b.sock.clone(), mode);
+    let report = d.path().join("drain.json");
+    let address = format!("127.0.0.1:{proxy}");
+    let (ok, text, r) = run_drain(
+        &a,
+        &b,
+        &report,
+        &[
+            "--address",
+            &address,
+            "--peer-timeout",
+            "3s",
+            "--retries",
+            "0",
+            "--probe-ms",
+            "0",
+        ],
+    );
+    let _ = ok;
+    Some((d, a, b, r, text))
+}
+
+#[test]
+fn kvm_drain_settles_a_lost_confirm_with_the_destination() {
+    let Some((_d, a, b, r, text)) = lost_switchover(
+        "kvm_drain_settles_a_lost_confirm_with_the_destination",
+        Switchover::LoseConfirm,
+    ) else {
+        return;
+    };
+    let v = vm_entry(&r, "db");
+    assert_eq!(v["status"], "moved", "{text}");
+    assert!(v["error"].as_str().unwrap().contains("confirmed it"), "{v}");
+    assert_eq!(v["guest_verified"], true, "{v}");
+    assert!(list(&a).is_empty(), "the stale copy on the source is gone");
+    assert_eq!(names(&list(&b)), ["db"]);
+    assert_all_beating(&b);
+}
+
+#[test]
+fn kvm_drain_resumes_a_vm_the_destination_proves_never_ran() {
+    let Some((d, a, b, r, text)) = lost_switchover(
+        "kvm_drain_resumes_a_vm_the_destination_proves_never_ran",
+        Switchover::KillAtState,
+    ) else {
+        return;
+    };
+    let v = vm_entry(&r, "db");
+    assert_eq!(v["status"], "failed", "{text}");
+    let err = v["error"].as_str().unwrap();
+    assert!(
+        err.contains("outcome unknown") && err.contains("never ran there"),
+        "{err}"
+    );
+    assert!(list(&b).is_empty(), "nothing of it on the destination");
+    assert_eq!(names(&list(&a)), ["db"]);
+    assert_all_beating(&a);
+    // A drain over the real address moves it.
+    let (ok, text, _) = run_drain(&a, &b, &d.path().join("again.json"), &["--probe-ms", "0"]);
+    assert!(ok, "{text}");
+    assert!(list(&a).is_empty());
+    assert_eq!(names(&list(&b)), ["db"]);
+}

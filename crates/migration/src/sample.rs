@@ -1,0 +1,105 @@
+//! What a drain wants to know about a VM before it moves it: how much memory it touched, how
+//! well that compresses, and how fast the guest dirties it, sampled from the dirty log.
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmm::memory::{data_extents, is_zero, PAGE_SIZE};
+use vmm::Vm;
+
+use crate::codec::{compress, Codec};
+use crate::MigrationError;
+
+/// A VM, sampled.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VmSample {
+    pub memory_bytes: u64,
+    /// Memory the guest (or the VMM) ever touched: what a migration's copy phase reads.
+    pub touched_bytes: u64,
+    /// Of the touched pages sampled, the share that is zero (sent as flags).
+    pub zero_fraction: f64,
+    /// Compressed bytes per raw byte over the sampled non-zero pages (zstd).
+    pub compress_ratio: f64,
+    /// Pages the guest dirtied per second during the sample window.
+    pub dirty_pages_per_s: f64,
+}
+
+/// Pages read for the compressibility and zero estimates.
+const SAMPLE_PAGES: u64 = 512;
+
+/// Samples `vm` for `window` (the dirty rate needs the guest running meanwhile). The dirty log
+/// must be free: not while a migration runs.
+pub fn sample(vm: &std::sync::Mutex<Vm>, window: Duration) -> Result<VmSample, MigrationError> {
+    let (ram, dirty, memory) = {
+        let g = locks::lock(vm);
+        (g.ram_arc(), g.dirty_log(), g.config().memory)
+    };
+    let extents = data_extents(ram.backing_file(), ram.size()).map_err(MigrationError::Extents)?;
+    let touched: u64 = extents.iter().map(|(s, e)| e - s).sum();
+    let (zero_fraction, compress_ratio) = content(&ram, &extents, touched)?;
+    let dirty_pages_per_s = {
+        let mut d = locks::lock(&dirty);
+        if d.is_enabled() {
+            return Err(MigrationError::Refused(
+                "the dirty log is in use (a migration is under way)".into(),
+            ));
+        }
+        d.enable()?;
+        drop(d);
+        let t = Instant::now();
+        std::thread::sleep(window);
+        let d = locks::lock(&dirty);
+        let n: u64 = d.fetch()?.iter().map(vmm::dirty::SlotBitmap::count).sum();
+        let secs = t.elapsed().as_secs_f64();
+        drop(d);
+        locks::lock(&dirty).disable()?;
+        n as f64 / secs.max(1e-3)
+    };
+    Ok(VmSample {
+        memory_bytes: memory,
+        touched_bytes: touched,
+        zero_fraction,
+        compress_ratio,
+        dirty_pages_per_s,
+    })
+}
+
+/// Reads pages spread evenly over the touched extents: the zero share, and how the rest
+/// compresses.
+fn content(
+    ram: &vmm::memory::GuestRam,
+    extents: &[(u64, u64)],
+    touched: u64,
+) -> Result<(f64, f64), MigrationError> {
+    let pages = touched / PAGE_SIZE;
+    if pages == 0 {
+        return Ok((1.0, 1.0));
+    }
+    let step = (pages / SAMPLE_PAGES).max(1);
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let (mut zero, mut seen, mut raw, mut packed) = (0u64, 0u64, 0usize, 0usize);
+    let mut out = Vec::new();
+    let mut index = 0u64;
+    for &(s, e) in extents {
+        let mut off = s;
+        while off < e {
+            if index.is_multiple_of(step) {
+                ram.read_at(off, &mut page)?;
+                seen += 1;
+                if is_zero(&page) {
+                    zero += 1;
+                } else if compress(Codec::Zstd, &page, &mut out).is_ok() {
+                    raw += page.len();
+                    packed += out.len().min(page.len());
+                }
+            }
+            index += 1;
+            off += PAGE_SIZE;
+        }
+    }
+    let ratio = if raw > 0 {
+        packed as f64 / raw as f64
+    } else {
+        1.0
+    };
+    Ok((zero as f64 / seen.max(1) as f64, ratio))
+}

@@ -15,7 +15,7 @@ const FONTS: [&str; 3] = [
 ];
 
 /// plotters draws text with a font it is given; ours comes from the system (fonts-dejavu-core).
-fn register_font() -> Result<(), String> {
+pub(crate) fn register_font() -> Result<(), String> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
         let bytes = FONTS

@@ -256,3 +256,53 @@ pub fn measure_goodput(
         interface_bps: iface,
     })
 }
+
+/// One set of links' raw goodput, as a bench reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LinkMeasure {
+    pub links: String,
+    pub nominal_gbps: f64,
+    pub shaped_gbps: f64,
+    #[serde(flatten)]
+    pub measured: Goodput,
+}
+
+/// The link sets the benches use (one 1 GbE link, one 10 GbE link, both 10 GbE links), each
+/// measured from host A for `secs` after half a second of warm-up.
+pub fn measure_link_sets(
+    tb: &crate::testbed::Testbed,
+    ui: &crate::Ui,
+    secs: f64,
+) -> Result<Vec<LinkMeasure>, crate::BenchError> {
+    let sets: [&[&str]; 3] = [&["1g-1"], &["10g-1"], &["10g-1", "10g-2"]];
+    let mut out = Vec::new();
+    for set in sets {
+        let r = crate::Route::new(tb, set, true)?;
+        let name = r.name();
+        ui.start(&format!("raw goodput of {name}"));
+        let g = measure_goodput(
+            r.src_ns(),
+            r.dst_ns(),
+            &r.pairs(),
+            r.src_devs(),
+            Duration::from_millis(500),
+            Duration::from_secs_f64(secs.max(0.5)),
+        )?;
+        let nominal: u64 = r.links.iter().filter_map(|l| l.nominal_bps).sum();
+        let shaped: u64 = r.links.iter().filter_map(|l| l.shaped_bps).sum();
+        ui.done(&format!(
+            "link {name}: goodput {:.3} Gbit/s ({:.3} on the interface), shaped {:.2}, nominal {:.1}",
+            g.goodput_bps / 1e9,
+            g.interface_bps / 1e9,
+            shaped as f64 / 1e9,
+            nominal as f64 / 1e9
+        ));
+        out.push(LinkMeasure {
+            links: name,
+            nominal_gbps: nominal as f64 / 1e9,
+            shaped_gbps: shaped as f64 / 1e9,
+            measured: g,
+        });
+    }
+    Ok(out)
+}

@@ -169,6 +169,45 @@ pub struct Machine {
     pub dir: PathBuf,
 }
 
+impl Machine {
+    /// A machine for our workload guest: its ELF and command line (TSC rate included) in
+    /// `dir`, and the RAM a livemig VM of this memory profile and seed boots with, written in
+    /// guest-physical layout as `-device loader` blobs into `ram`.
+    pub fn prepare(
+        dir: &Path,
+        ram: &Path,
+        memory: u64,
+        vcpus: u8,
+        workload: &str,
+        profile: guest::memory_profile::MemoryProfile,
+        seed: u64,
+    ) -> Result<Machine, crate::BenchError> {
+        let step = crate::step;
+        std::fs::create_dir_all(ram)?;
+        let kernel = dir.join("guest.elf");
+        std::fs::write(&kernel, guest::WORKLOAD_ELF)?;
+        let spec = guest::WorkloadSpec::parse(workload, memory)
+            .map_err(|e| step("--workload")(e.to_string()))?;
+        let tsc =
+            vmm::vcpu::host_tsc_khz().map_err(|e| step("reading the TSC rate")(e.to_string()))?;
+        let ranges: Vec<(u64, u64)> = vmm::memory::layout(memory)
+            .iter()
+            .map(|r| (r.guest, r.len))
+            .collect();
+        let blobs = guest::memory_profile::ProfileFiller::new(profile, seed)
+            .and_then(|f| f.write_blobs(&ranges, 2 << 20, 1 << 30, ram))
+            .map_err(|e| step("RAM image")(e.to_string()))?;
+        Ok(Machine {
+            memory,
+            vcpus,
+            kernel,
+            cmdline: spec.cmdline(u32::from(vcpus), Some(tsc)),
+            blobs: blobs.into_iter().map(|b| (b.path, b.guest_addr)).collect(),
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
 /// One QEMU process in a host namespace.
 pub struct Qemu {
     pub name: String,

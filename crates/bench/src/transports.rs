@@ -7,13 +7,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use guest::memory_profile::{MemoryProfile, ProfileFiller};
-use guest::WorkloadSpec;
+use guest::memory_profile::MemoryProfile;
 use migration::protocol::Transport;
 use migration::MigrateRequest;
 use serde::Serialize;
 
-use crate::netns::{measure_goodput, Goodput, TxSampler};
+pub use crate::netns::LinkMeasure;
+use crate::netns::TxSampler;
 use crate::peer::{LivemigPeer, Outcome, Peer, QemuPeer, Setup};
 use crate::qemu::{self, Machine, Mode};
 use crate::testbed::Testbed;
@@ -193,15 +193,6 @@ pub struct Row {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct LinkMeasure {
-    pub links: String,
-    pub nominal_gbps: f64,
-    pub shaped_gbps: f64,
-    #[serde(flatten)]
-    pub measured: Goodput,
-}
-
-#[derive(Clone, Debug, Serialize)]
 pub struct Ratio {
     pub livemig: String,
     pub qemu: String,
@@ -272,35 +263,7 @@ impl<'a> Bench<'a> {
     }
 
     fn measure_links(&mut self) -> Result<(), BenchError> {
-        let sets: [&'static [&'static str]; 3] = [&["1g-1"], &["10g-1"], &["10g-1", "10g-2"]];
-        for set in sets {
-            let r = self.route(set, true)?;
-            let name = r.name();
-            self.ui.start(&format!("raw goodput of {name}"));
-            let g = measure_goodput(
-                r.src_ns(),
-                r.dst_ns(),
-                &r.pairs(),
-                r.src_devs(),
-                Duration::from_millis(500),
-                Duration::from_secs_f64(self.o.goodput_secs.max(0.5)),
-            )?;
-            let nominal: u64 = r.links.iter().filter_map(|l| l.nominal_bps).sum();
-            let shaped: u64 = r.links.iter().filter_map(|l| l.shaped_bps).sum();
-            self.ui.done(&format!(
-                "link {name}: goodput {:.3} Gbit/s ({:.3} on the interface), shaped {:.2}, nominal {:.1}",
-                g.goodput_bps / 1e9,
-                g.interface_bps / 1e9,
-                shaped as f64 / 1e9,
-                nominal as f64 / 1e9
-            ));
-            self.goodput.push(LinkMeasure {
-                links: name,
-                nominal_gbps: nominal as f64 / 1e9,
-                shaped_gbps: shaped as f64 / 1e9,
-                measured: g,
-            });
-        }
+        self.goodput = crate::netns::measure_link_sets(self.tb, self.ui, self.o.goodput_secs)?;
         Ok(())
     }
 
@@ -444,36 +407,19 @@ impl<'a> Bench<'a> {
         (row, vm, moved)
     }
 
-    /// The QEMU machine: the same guest ELF, command line (TSC rate included) and RAM image,
-    /// written in guest-physical layout as `-device loader` blobs.
+    /// The QEMU machine: the same guest and RAM as the livemig VM.
     fn qemu_machine(&self) -> Result<Machine, BenchError> {
         let o = self.o;
-        let dir = self.dir.join("qemu");
-        std::fs::create_dir_all(&dir)?;
-        let kernel = dir.join("guest.elf");
-        std::fs::write(&kernel, guest::WORKLOAD_ELF)?;
-        let spec = WorkloadSpec::parse(&o.workload, o.memory)
-            .map_err(|e| step("--workload")(e.to_string()))?;
-        let tsc =
-            vmm::vcpu::host_tsc_khz().map_err(|e| step("reading the TSC rate")(e.to_string()))?;
-        let ram = dir.join("ram");
-        std::fs::create_dir_all(&ram)?;
         self.ui.start("writing the RAM image for QEMU");
-        let ranges: Vec<(u64, u64)> = vmm::memory::layout(o.memory)
-            .iter()
-            .map(|r| (r.guest, r.len))
-            .collect();
-        let blobs = ProfileFiller::new(o.memory_profile, 1)
-            .and_then(|f| f.write_blobs(&ranges, 2 << 20, 1 << 30, &ram))
-            .map_err(|e| step("RAM image")(e.to_string()))?;
-        Ok(Machine {
-            memory: o.memory,
-            vcpus: o.vcpus,
-            kernel,
-            cmdline: spec.cmdline(u32::from(o.vcpus), Some(tsc)),
-            blobs: blobs.into_iter().map(|b| (b.path, b.guest_addr)).collect(),
-            dir,
-        })
+        Machine::prepare(
+            &self.dir.join("qemu"),
+            &self.dir.join("qemu").join("ram"),
+            o.memory,
+            o.vcpus,
+            &o.workload,
+            o.memory_profile,
+            1,
+        )
     }
 
     /// livemig processes with a cluster CA and credentials of the bench's own.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use migration::MigrateRequest;
 
+pub mod model;
 pub mod pace;
 pub mod plan;
 pub mod predict;
@@ -52,8 +53,8 @@ pub struct DrainOptions {
     pub probe_ms: u64,
     /// Sample each VM's dirty rate for this long (0: do not).
     pub sample_ms: u64,
-    /// Bars on a terminal; lines otherwise.
-    pub tty: bool,
+    /// Bars, lines or nothing.
+    pub show: view::Show,
     /// Set by Ctrl-C or SIGTERM: cancel what is in flight, start nothing more.
     pub interrupted: Arc<AtomicBool>,
 }

@@ -113,18 +113,16 @@ fn no_room(vm: &VmFacts, dests: &[DestFacts], left: &[u64]) -> String {
     )
 }
 
-/// One migration for [`simulate`]: its destination, bytes to move and dirty rate.
+/// One migration for [`simulate`]: its destination and the bytes it puts on the wire.
 #[derive(Clone, Copy, Debug)]
 pub struct SimJob {
     pub dest: usize,
     pub bytes: f64,
-    pub dirty: f64,
 }
 
 /// The makespan of running `jobs` in order, at most `window` at once and `per_dest` per
 /// destination: each first pays [`crate::predict::OVERHEAD_S`] (connect, prepare), then
-/// shares its destination's link evenly with the others moving bytes there (what TCP does),
-/// its own dirtying taken off its share.
+/// shares its destination's link evenly with the others moving bytes there (what TCP does).
 pub fn simulate(jobs: &[SimJob], links: &[f64], window: usize, per_dest: usize) -> f64 {
     let (window, per_dest) = (window.max(1), per_dest.max(1));
     let mut pending: std::collections::VecDeque<usize> = (0..jobs.len()).collect();
@@ -141,8 +139,7 @@ pub fn simulate(jobs: &[SimJob], links: &[f64], window: usize, per_dest: usize) 
                 let job = &jobs[a.job];
                 let moving = |b: &&Active| b.overhead <= 0.0 && jobs[b.job].dest == job.dest;
                 let n = active.iter().filter(moving).count().max(1);
-                let share = links.get(job.dest).copied().unwrap_or(1.0).max(1.0) / n as f64;
-                (share - job.dirty).max(share * 0.1)
+                links.get(job.dest).copied().unwrap_or(1.0).max(1.0) / n as f64
             })
             .collect();
         let dt = active
@@ -220,6 +217,9 @@ mod tests {
                 zero_fraction: 0.0,
                 compress_ratio: 0.5,
                 dirty_pages_per_s,
+                dirty_set_pages: 0,
+                dirty_set_half_pages: 0,
+                window_ms: 0,
             }),
         }
     }
@@ -299,11 +299,7 @@ mod tests {
 
     #[test]
     fn simulation_shares_a_link_and_uses_two() {
-        let job = |dest| SimJob {
-            dest,
-            bytes: 100.0,
-            dirty: 0.0,
-        };
+        let job = |dest| SimJob { dest, bytes: 100.0 };
         let one_link = simulate(&[job(0), job(0)], &[100.0], 2, 4);
         let serial = simulate(&[job(0), job(0)], &[100.0], 1, 4);
         // Sharing one link moves the same bytes in the same time; overheads overlap.

@@ -71,6 +71,10 @@ pub struct DrainReport {
     pub plan: PlanSummary,
     pub vms: Vec<VmOutcome>,
     pub makespan_ms: u64,
+    /// Of the makespan, the survey before the first migration (agents, probes, samples).
+    pub survey_ms: u64,
+    /// Until the drain ended: the makespan, then the last guests' verify on the destination.
+    pub wall_ms: u64,
     pub downtime_ms_sum: u64,
     pub downtime_ms_max: u64,
     pub bytes_on_wire: u64,
@@ -103,6 +107,8 @@ impl DrainReport {
             destinations,
             plan,
             makespan_ms,
+            survey_ms: 0,
+            wall_ms: makespan_ms,
             downtime_ms_sum: reports().map(|r| r.downtime_ms).sum(),
             downtime_ms_max: reports().map(|r| r.downtime_ms).max().unwrap_or(0),
             bytes_on_wire: reports().map(|r| r.bytes_on_wire).sum(),

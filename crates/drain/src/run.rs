@@ -20,8 +20,8 @@ use crate::view::View;
 use crate::window::{Concurrency, Window, MEASURE_S};
 use crate::DrainOptions;
 
-/// How often the run looks at its migrations.
-const TICK: Duration = Duration::from_millis(200);
+/// How often the run looks at its migrations (an ending migration wakes it at once).
+const TICK: Duration = Duration::from_millis(50);
 /// A migration's client lease: the drain renews it every tick.
 const LEASE: Duration = Duration::from_secs(3);
 /// A failed VM is tried again no sooner than this (the destination clears its arrival).
@@ -74,8 +74,7 @@ impl Planned {
                     let d = *placement[*i].as_ref().ok()?;
                     Some(SimJob {
                         dest: d,
-                        bytes: s.vms[*i].first_pass_bytes(compressed),
-                        dirty: s.vms[*i].dirty_bytes_per_s(compressed),
+                        bytes: s.vms[*i].wire_bytes(share(d), compressed),
                     })
                 })
                 .collect();
@@ -193,6 +192,9 @@ struct Flight {
     worker: JoinHandle<Result<Report, ApiError>>,
     last: Option<Progress>,
     paced: Option<u64>,
+    /// Past its switchover: the VM runs on the destination, whose guest verifies it; the
+    /// link and the window are free for the next.
+    switched: bool,
 }
 
 pub struct Run<'a> {
@@ -214,6 +216,9 @@ pub struct Run<'a> {
     peak: usize,
     interrupted: bool,
     view: View,
+    survey_ms: u64,
+    /// Migrate calls that ended wake the loop.
+    ended: (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>),
 }
 
 impl<'a> Run<'a> {
@@ -247,7 +252,9 @@ impl<'a> Run<'a> {
             ram_done: 0,
             peak: 0,
             interrupted: false,
-            view: View::new(o.tty, total),
+            view: View::new(o.show, total),
+            survey_ms: t0.elapsed().as_millis() as u64,
+            ended: std::sync::mpsc::channel(),
         }
     }
 
@@ -270,19 +277,31 @@ impl<'a> Run<'a> {
             self.watch();
             self.tune_window();
             self.repace();
-            std::thread::sleep(TICK);
+            let _ = self.ended.1.recv_timeout(TICK);
         }
         self.view.finish();
         let summary = self.planned.summary(self.o, self.s, self.window.limit());
-        DrainReport::new(
+        let wall_ms = self.t0.elapsed().as_millis() as u64;
+        // The host is empty once the last VM has switched over.
+        let makespan_ms = self
+            .outcomes
+            .iter()
+            .filter(|o| o.status == Status::Moved)
+            .filter_map(|o| o.end_ms)
+            .max()
+            .unwrap_or(wall_ms);
+        let mut r = DrainReport::new(
             self.s.source.clone(),
             self.s.dests.iter().map(|d| d.name.clone()).collect(),
             summary,
             self.outcomes,
-            self.t0.elapsed().as_millis() as u64,
+            makespan_ms,
             self.peak,
             self.interrupted,
-        )
+        );
+        r.survey_ms = self.survey_ms;
+        r.wall_ms = wall_ms;
+        r
     }
 
     fn announce(&self) {
@@ -304,9 +323,10 @@ impl<'a> Run<'a> {
             self.retry = later;
             self.queue.extend(due.into_iter().map(|(j, _)| j));
         }
-        while self.flights.len() < self.window.limit() {
+        while self.moving() < self.window.limit() {
             let busy = |d: usize, f: &[Flight]| {
-                f.iter().filter(|x| x.job.dest == d).count() >= self.s.dests[d].max_inbound
+                let arriving = f.iter().filter(|x| x.job.dest == d && !x.switched).count();
+                arriving >= self.s.dests[d].max_inbound
             };
             let Some(pos) = self.queue.iter().position(|j| !busy(j.dest, &self.flights)) else {
                 return;
@@ -333,7 +353,12 @@ impl<'a> Run<'a> {
         };
         let client = self.s.client.waiting(Duration::from_secs(7 * 24 * 3600));
         let name = vm.name.clone();
-        let worker = std::thread::spawn(move || client.migrate(&name, &req));
+        let ended = self.ended.0.clone();
+        let worker = std::thread::spawn(move || {
+            let r = client.migrate(&name, &req);
+            let _ = ended.send(());
+            r
+        });
         let out = &mut self.outcomes[job.vm];
         out.attempts = job.attempt;
         out.start_ms
@@ -346,8 +371,9 @@ impl<'a> Run<'a> {
             worker,
             last: None,
             paced: pace,
+            switched: false,
         });
-        self.peak = self.peak.max(self.flights.len());
+        self.peak = self.peak.max(self.moving());
         self.full_since = None;
     }
 
@@ -389,7 +415,12 @@ impl<'a> Run<'a> {
     }
 
     fn moved(&mut self, job: Job, report: Option<Report>, resolved: Option<(bool, String)>) {
-        let end = self.t0.elapsed().as_millis() as u64;
+        let now = self.t0.elapsed().as_millis() as u64;
+        // It left the source at its switchover; its guest's verify came after.
+        let end = match (&report, self.outcomes[job.vm].start_ms) {
+            (Some(r), Some(start)) if r.total_ms > 0 => (start + r.total_ms).min(now),
+            _ => now,
+        };
         let vm = &self.s.vms[job.vm];
         self.ram_done += vm.memory;
         self.wire_done += report.as_ref().map_or(vm.memory, |r| r.bytes_on_wire);
@@ -485,6 +516,7 @@ impl<'a> Run<'a> {
             let name = &self.s.vms[f.job.vm].name;
             if let Ok(Some(p)) = self.s.client.progress(name) {
                 self.view.progress(name, &p, &self.s.dests[f.job.dest].name);
+                f.switched |= p.phase == "verify";
                 f.last = Some(p);
             }
             if let Some(p) = &f.last {
@@ -521,8 +553,13 @@ impl<'a> Run<'a> {
     }
 
     /// `auto`: feeds the window how long it has been full and what it carries.
+    /// Migrations in flight that still move bytes (not yet switched over).
+    fn moving(&self) -> usize {
+        self.flights.iter().filter(|f| !f.switched).count()
+    }
+
     fn tune_window(&mut self) {
-        if self.flights.len() < self.window.limit() || self.window.settled() {
+        if self.moving() < self.window.limit() || self.window.settled() {
             self.full_since = None;
             return;
         }
@@ -546,7 +583,7 @@ impl<'a> Run<'a> {
 
     fn in_flight_per_dest(&self) -> Vec<usize> {
         let mut n = vec![0; self.s.dests.len()];
-        for f in &self.flights {
+        for f in self.flights.iter().filter(|f| !f.switched) {
             n[f.job.dest] += 1;
         }
         n

@@ -135,9 +135,10 @@ fn probe_links(o: &DrainOptions, source: &HostClient, dests: &mut [Dest]) {
     }
 }
 
-/// Samples every VM at once (each in its own process), when the order or the ETA needs it.
+/// Samples every VM at once (each in its own process): the order, the ETA and each VM's
+/// predicted time need it.
 fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<VmFacts> {
-    let wanted = o.sample_ms > 0 && (o.order == crate::plan::Order::Auto || o.dry_run);
+    let wanted = o.sample_ms > 0;
     let samples: Vec<_> = std::thread::scope(|s| {
         let runs: Vec<_> = vms
             .iter()

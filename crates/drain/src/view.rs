@@ -9,7 +9,19 @@ use migration::Progress;
 /// Plain output prints the total this often.
 const PLAIN_TOTAL_EVERY: Duration = Duration::from_secs(5);
 
+/// How a drain shows itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Show {
+    /// Bars on a terminal.
+    Bars,
+    /// A line per event on stderr.
+    Lines,
+    /// Nothing (a bench that draws its own progress).
+    Off,
+}
+
 pub struct View {
+    show: Show,
     bars: Option<Bars>,
     last_total: Instant,
     total_bytes: u64,
@@ -29,8 +41,8 @@ fn style(template: &str) -> ProgressStyle {
 
 impl View {
     /// `total_bytes`: the RAM of every VM the drain will move.
-    pub fn new(tty: bool, total_bytes: u64) -> Self {
-        let bars = tty.then(|| {
+    pub fn new(show: Show, total_bytes: u64) -> Self {
+        let bars = (show == Show::Bars).then(|| {
             let multi = MultiProgress::new();
             let total = multi.add(ProgressBar::new(total_bytes));
             total.set_style(style(
@@ -44,6 +56,7 @@ impl View {
             }
         });
         View {
+            show,
             bars,
             last_total: Instant::now(),
             total_bytes,
@@ -56,7 +69,13 @@ impl View {
             Some(b) => {
                 let _ = b.multi.println(msg);
             }
-            None => eprintln!("{msg}"),
+            None => self.say(msg),
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        if self.show == Show::Lines {
+            eprintln!("{msg}");
         }
     }
 
@@ -76,7 +95,7 @@ impl View {
                 bar.set_message(format!("-> {dest}{again}"));
                 b.vms.insert(name.to_string(), bar);
             }
-            None => eprintln!("drain: {name} -> {dest}{again}"),
+            None => self.say(&format!("drain: {name} -> {dest}{again}")),
         }
     }
 
@@ -103,12 +122,12 @@ impl View {
             Some(b) => b.total.set_position(moved.min(self.total_bytes)),
             None if self.last_total.elapsed() >= PLAIN_TOTAL_EVERY => {
                 self.last_total = Instant::now();
-                eprintln!(
+                self.say(&format!(
                     "drain: {} of {} MiB moved, {:.0} Mbit/s on the wire",
                     moved.min(self.total_bytes) >> 20,
                     self.total_bytes >> 20,
                     rate * 8.0 / 1e6
-                );
+                ));
             }
             None => {}
         }

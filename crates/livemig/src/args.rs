@@ -161,6 +161,69 @@ impl MigrateArgs {
     }
 }
 
+/// `livemig bench drain`.
+#[derive(clap::Args)]
+pub struct DrainBenchArgs {
+    /// VMs on host A (the default set: 2 x sql, 2 x web, idle, stress; 512 MiB to 1 GiB).
+    #[arg(long, default_value_t = 6)]
+    pub vms: usize,
+    /// Give every VM this much memory instead.
+    #[arg(long, value_parser = parse_size)]
+    pub vm_memory: Option<u64>,
+    /// Also drain the same guests and RAM with this VMM on the same links.
+    #[arg(long, value_parser = ["qemu"])]
+    pub peer: Option<String>,
+    /// Concurrencies each optimised configuration runs at (e.g. 1,2,4,auto).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub concurrency: Vec<drain::Concurrency>,
+    /// Orders each optimised configuration runs with (e.g. auto,name).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub order: Vec<drain::Order>,
+    /// `tls` (mutual TLS between the agents, livemig's default) or `insecure` (plaintext, as
+    /// QEMU runs).
+    #[arg(long, default_value = "tls", value_parser = ["tls", "insecure"])]
+    pub security: String,
+    /// Print the model's predictions of the reference's scenarios and stop (no root needed).
+    #[arg(long)]
+    pub model: bool,
+    /// Testbed namespaces <name>-a and <name>-b (brought up if missing, removed afterwards).
+    #[arg(long, default_value = "livemig")]
+    pub testbed: String,
+    /// Shrink every link's rate by this factor (0 < scale <= 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+    /// Measuring window of each link's goodput stream (after 0.5 s of warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    pub goodput_secs: f64,
+    /// Directory for bench.json, bench.png and logs.
+    #[arg(long, default_value = "livemig-bench-drain")]
+    pub out: PathBuf,
+    /// Leave the testbed up afterwards even if this run created it.
+    #[arg(long)]
+    pub keep_testbed: bool,
+}
+
+impl DrainBenchArgs {
+    pub fn options(self, livemig: PathBuf) -> bench::hostdrain::DrainBenchOptions {
+        bench::hostdrain::DrainBenchOptions {
+            livemig,
+            vms: bench::hostdrain::vm_set(self.vms, self.vm_memory),
+            peer_qemu: self.peer.as_deref() == Some("qemu"),
+            concurrency: self.concurrency,
+            orders: self.order,
+            tls: self.security == "tls",
+            testbed: self.testbed,
+            scale: self.scale,
+            request: self.migrate.base_request(),
+            goodput_secs: self.goodput_secs,
+            out: self.out,
+            keep_testbed: self.keep_testbed,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct TransportsArgs {
     /// Guest RAM (8G reproduces the reference VM).

@@ -43,7 +43,8 @@ pub struct DrainArgs {
     /// Measure each link this long first (0: do not).
     #[arg(long, default_value_t = 1000)]
     probe_ms: u64,
-    /// Sample each VM's dirty rate this long (for --order auto and --dry-run; 0: do not).
+    /// Sample each VM (touched memory, compressibility, dirty rate) this long first, for the
+    /// order, the plan's predictions and the ETA (0: do not).
     #[arg(long, default_value_t = 500)]
     sample_ms: u64,
     /// Every migration's options; --max-bandwidth is the whole drain's budget, shared evenly
@@ -105,7 +106,11 @@ pub fn main(a: DrainArgs) -> CmdResult {
         dry_run: a.dry_run,
         probe_ms: a.probe_ms,
         sample_ms: a.sample_ms,
-        tty: std::io::stderr().is_terminal(),
+        show: if std::io::stderr().is_terminal() {
+            drain::view::Show::Bars
+        } else {
+            drain::view::Show::Lines
+        },
         interrupted,
     };
     let r = drain::drain(&o)?;

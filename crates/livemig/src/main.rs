@@ -246,6 +246,12 @@ enum BenchCmd {
     /// on 1 GbE, direct on 10 GbE, direct + multichannel on both 10 GbE links), after
     /// measuring each link's raw goodput; prints the table, writes bench.json and bench.png.
     Transports(args::TransportsArgs),
+    /// Drain N VMs between the testbed's hosts once per configuration (tcp at concurrency 2,
+    /// the unoptimised row; then tcp, compressed, direct and direct + multichannel at the
+    /// concurrencies asked for), QEMU beside it with --peer qemu; prints the table with the
+    /// drain-time model's prediction for each row and the reference's scenarios; writes
+    /// bench.json and bench.png.
+    Drain(args::DrainBenchArgs),
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -319,6 +325,9 @@ fn run(cli: Cli) -> CmdResult {
         Cmd::Bench {
             what: BenchCmd::Transports(a),
         } => bench_transports(a),
+        Cmd::Bench {
+            what: BenchCmd::Drain(a),
+        } => bench_drain(a),
         Cmd::Testbed {
             action,
             name,
@@ -548,6 +557,35 @@ fn bench_transports(a: args::TransportsArgs) -> CmdResult {
     );
     if r.rows.iter().any(|r| r.error.is_some() || !r.verified) {
         eprintln!("livemig: bench: not every migration completed and verified");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_drain(a: args::DrainBenchArgs) -> CmdResult {
+    if a.model {
+        let refs = drain::model::references(
+            bench::hostdrain::DEFAULT_COMPRESS_RATIO,
+            bench::hostdrain::REFERENCE_DIRTY_MB_S,
+            2,
+        );
+        print!("{}", bench::hostdrain::table::references(&refs, None));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let o = a.options(std::env::current_exe()?);
+    let r = bench::hostdrain::bench_drain(&o)?;
+    print!("{}", bench::hostdrain::table::render(&r));
+    println!(
+        "wrote {} and {}",
+        o.out.join("bench.json").display(),
+        o.out.join("bench.png").display()
+    );
+    let incomplete = r
+        .rows
+        .iter()
+        .any(|r| r.error.is_some() || r.verified < r.vms);
+    if incomplete {
+        eprintln!("livemig: bench: not every drain completed with every VM verified");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

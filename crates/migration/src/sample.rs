@@ -19,9 +19,22 @@ pub struct VmSample {
     pub zero_fraction: f64,
     /// Compressed bytes per raw byte over the sampled non-zero pages (zstd).
     pub compress_ratio: f64,
-    /// Pages the guest dirtied per second during the sample window.
+    /// Pages the guest dirtied per second during the sample window, counted every
+    /// [`FETCH_EVERY`] (a page written in two periods counts twice): the rate a short
+    /// pre-copy round sees.
     pub dirty_pages_per_s: f64,
+    /// Distinct pages dirtied over the whole window (`window_ms`) and over its first half:
+    /// how the set a round resends grows with the round's length.
+    #[serde(default)]
+    pub dirty_set_pages: u64,
+    #[serde(default)]
+    pub dirty_set_half_pages: u64,
+    #[serde(default)]
+    pub window_ms: u64,
 }
+
+/// The dirty log is read this often during a sample.
+pub const FETCH_EVERY: Duration = Duration::from_millis(50);
 
 /// Pages read for the compressibility and zero estimates.
 const SAMPLE_PAGES: u64 = 512;
@@ -36,31 +49,88 @@ pub fn sample(vm: &std::sync::Mutex<Vm>, window: Duration) -> Result<VmSample, M
     let extents = data_extents(ram.backing_file(), ram.size()).map_err(MigrationError::Extents)?;
     let touched: u64 = extents.iter().map(|(s, e)| e - s).sum();
     let (zero_fraction, compress_ratio) = content(&ram, &extents, touched)?;
-    let dirty_pages_per_s = {
-        let mut d = locks::lock(&dirty);
+    let d = dirtying(&dirty, window)?;
+    Ok(VmSample {
+        memory_bytes: memory,
+        touched_bytes: touched,
+        zero_fraction,
+        compress_ratio,
+        dirty_pages_per_s: d.rate,
+        dirty_set_pages: d.set,
+        dirty_set_half_pages: d.half_set,
+        window_ms: window.as_millis() as u64,
+    })
+}
+
+/// What the dirty log showed over a sample window.
+struct Dirtying {
+    rate: f64,
+    set: u64,
+    half_set: u64,
+}
+
+/// Logs the guest's writes for `window`, reading (and re-arming) the log every
+/// [`FETCH_EVERY`]: the rate per period, and the distinct pages over the window.
+fn dirtying(
+    dirty: &std::sync::Mutex<vmm::dirty::DirtyLog>,
+    window: Duration,
+) -> Result<Dirtying, MigrationError> {
+    {
+        let mut d = locks::lock(dirty);
         if d.is_enabled() {
             return Err(MigrationError::Refused(
                 "the dirty log is in use (a migration is under way)".into(),
             ));
         }
         d.enable()?;
-        drop(d);
-        let t = Instant::now();
-        std::thread::sleep(window);
-        let d = locks::lock(&dirty);
-        let n: u64 = d.fetch()?.iter().map(vmm::dirty::SlotBitmap::count).sum();
-        let secs = t.elapsed().as_secs_f64();
-        drop(d);
-        locks::lock(&dirty).disable()?;
-        n as f64 / secs.max(1e-3)
+    }
+    let t = Instant::now();
+    let mut union: Vec<Vec<u64>> = Vec::new();
+    let mut counted = 0u64;
+    let mut half_set = None;
+    let result: Result<(), MigrationError> = loop {
+        std::thread::sleep(FETCH_EVERY.min(window));
+        let d = locks::lock(dirty);
+        let maps = match d.fetch() {
+            Ok(m) => m,
+            Err(e) => break Err(e.into()),
+        };
+        if let Some(e) = maps.iter().find_map(|m| d.clear(m).err()) {
+            break Err(e.into());
+        }
+        for (i, m) in maps.iter().enumerate() {
+            counted += m.count();
+            if union.len() <= i {
+                union.push(vec![0; m.bits.len()]);
+            }
+            for (u, w) in union[i].iter_mut().zip(&m.bits) {
+                *u |= *w;
+            }
+        }
+        if half_set.is_none() && t.elapsed() >= window / 2 {
+            half_set = Some(popcount(&union));
+        }
+        if t.elapsed() >= window {
+            break Ok(());
+        }
     };
-    Ok(VmSample {
-        memory_bytes: memory,
-        touched_bytes: touched,
-        zero_fraction,
-        compress_ratio,
-        dirty_pages_per_s,
+    let secs = t.elapsed().as_secs_f64();
+    locks::lock(dirty).disable()?;
+    result?;
+    let set = popcount(&union);
+    Ok(Dirtying {
+        rate: counted as f64 / secs.max(1e-3),
+        set,
+        half_set: half_set.unwrap_or(set),
     })
+}
+
+fn popcount(bitmaps: &[Vec<u64>]) -> u64 {
+    bitmaps
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
 }
 
 /// Reads pages spread evenly over the touched extents: the zero share, and how the rest

@@ -117,8 +117,8 @@ pub struct Progress {
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A round must move at least this much to update the measured throughput.
 const MIN_RATE_SAMPLE: u64 = 1 << 20;
-/// Progress is reported every this many pages within a round.
-const PROGRESS_EVERY: u64 = 16384;
+/// Progress is reported this often within a round (a drain measures throughput from it).
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// Moves the VM behind `vm` to `opts.to`. On success the source VM is destroyed; on any
 /// failure before the destination holds everything it keeps running here.
@@ -470,19 +470,21 @@ impl<'a> Session<'a> {
         deliver: bool,
     ) -> Result<Round, MigrationError> {
         let (t, w0) = (Instant::now(), self.wire.sent());
-        let mut n = 0u64;
+        let (mut n, base, mut told) = (0u64, self.prog.pages_sent, Instant::now());
         for off in pages {
             self.sender.page(off)?;
             n += 1;
             if n.is_multiple_of(256) {
                 self.opts.cancel.check()?;
-            }
-            if n.is_multiple_of(PROGRESS_EVERY) {
-                self.prog.pages_sent += PROGRESS_EVERY;
-                self.prog.bytes_on_wire = self.wire.sent();
-                (self.progress)(&self.prog);
+                if told.elapsed() >= PROGRESS_EVERY {
+                    told = Instant::now();
+                    self.prog.pages_sent = base + n;
+                    self.prog.bytes_on_wire = self.wire.sent();
+                    (self.progress)(&self.prog);
+                }
             }
         }
+        self.prog.pages_sent = base + n;
         self.sender.round_end(RoundEnd { round, pages: n })?;
         if deliver {
             self.sender.wait_delivered(self.opts.peer_timeout, round)?;

@@ -1,0 +1,222 @@
+//! livemig's side of the drain bench: a host agent in each testbed host, the VMs started on
+//! A through its agent, each drain run by the drain library as `livemig drain` runs it.
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drain::predict::VmFacts;
+use drain::{Budget, Destination, DrainOptions, DrainReport};
+use host::child::{AgentProcess, Livemig};
+use host::RunRequest;
+
+use super::{Config, DrainBenchOptions, DrainOutcome, Drainer, How, VmRun};
+use crate::testbed::Testbed;
+use crate::{step, BenchError, Route};
+
+/// Where both agents take migrations, in their own host.
+const PORT: u16 = 7000;
+/// How long the VMs have to boot.
+const BOOT_WITHIN: Duration = Duration::from_secs(180);
+
+pub struct LivemigHosts {
+    a: AgentProcess,
+    b: AgentProcess,
+    request: migration::MigrateRequest,
+    /// What sampling found of each VM, kept from the drain that sampled it.
+    facts: HashMap<String, VmFacts>,
+}
+
+impl LivemigHosts {
+    /// Credentials for both hosts, an agent in each, and the VMs on A.
+    pub fn start(o: &DrainBenchOptions, tb: &Testbed, dir: &Path) -> Result<Self, BenchError> {
+        let tls = dir.join("tls");
+        if o.tls {
+            transport::tls::init_cluster(&tls, &["a".into(), "b".into()])
+                .map_err(|e| step("TLS credentials")(e.to_string()))?;
+        }
+        let exe = |host: &str| -> Result<Livemig, BenchError> {
+            if !o.tls {
+                return Ok(Livemig::new(&o.livemig).insecure());
+            }
+            Ok(
+                Livemig::new(&o.livemig).with_tls(&transport::tls::TlsFiles {
+                    cert: tls.join(format!("{host}.pem")),
+                    key: tls.join(format!("{host}.key")),
+                    ca: tls.join("ca.pem"),
+                }),
+            )
+        };
+        let agent = |host: &str, ns: &str| -> Result<AgentProcess, BenchError> {
+            let d = dir.join(format!("agent-{host}"));
+            let _ = std::fs::remove_dir_all(&d);
+            exe(host)?
+                .host_serve(Some(ns), &format!("0.0.0.0:{PORT}"), &d, &["--name", host])
+                .map_err(step(format!("host agent {host}")))
+        };
+        let hosts = LivemigHosts {
+            a: agent("a", &tb.host_a)?,
+            b: agent("b", &tb.host_b)?,
+            request: o.request.clone(),
+            facts: HashMap::new(),
+        };
+        hosts.boot(o)?;
+        Ok(hosts)
+    }
+
+    fn boot(&self, o: &DrainBenchOptions) -> Result<(), BenchError> {
+        let client = self.a.client().waiting(Duration::from_secs(90));
+        for (i, v) in o.vms.iter().enumerate() {
+            client
+                .run(&RunRequest {
+                    name: v.name.clone(),
+                    memory: v.memory,
+                    vcpus: 1,
+                    args: vec![
+                        "--workload".into(),
+                        v.workload.clone(),
+                        "--memory-profile".into(),
+                        v.profile.to_string(),
+                        "--seed".into(),
+                        (i + 1).to_string(),
+                    ],
+                })
+                .map_err(|e| step(format!("starting VM {}", v.name))(e.to_string()))?;
+        }
+        let t = Instant::now();
+        while !self
+            .a
+            .client()
+            .list()
+            .is_ok_and(|l| l.iter().all(|v| v.heartbeat >= 1))
+        {
+            if t.elapsed() > BOOT_WITHIN {
+                return Err(step("booting the VMs")(format!(
+                    "not every guest sent a heartbeat within {BOOT_WITHIN:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// What sampling found of every VM (for QEMU's rows and the model).
+    pub fn facts(&self) -> Vec<VmFacts> {
+        let mut f: Vec<VmFacts> = self.facts.values().cloned().collect();
+        f.sort_by(|a, b| a.name.cmp(&b.name));
+        f
+    }
+
+    fn options(
+        &self,
+        cfg: &Config,
+        route: &Route,
+        from: &AgentProcess,
+        to: &AgentProcess,
+    ) -> DrainOptions {
+        let How::Livemig(transport) = cfg.how else {
+            unreachable!("livemig drains only livemig configurations")
+        };
+        let pairs = route.pairs();
+        let network = (pairs.len() > 1).then(|| {
+            pairs
+                .iter()
+                .map(|(l, r)| format!("{l}>{r}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        DrainOptions {
+            from: from.sock.clone(),
+            to: vec![Destination {
+                sock: to.sock.clone(),
+                address: Some(format!("{}:{PORT}", pairs[0].1)),
+            }],
+            request: migration::MigrateRequest {
+                transport: Some(transport),
+                network,
+                ..self.request.clone()
+            },
+            concurrency: cfg.concurrency,
+            order: cfg.order,
+            budget: Budget::default(),
+            retries: 1,
+            dry_run: false,
+            probe_ms: PROBE_MS,
+            sample_ms: SAMPLE_MS,
+            show: drain::view::Show::Off,
+            interrupted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn outcome(&mut self, r: &DrainReport) -> DrainOutcome {
+        let vms = r
+            .vms
+            .iter()
+            .map(|v| VmRun {
+                name: v.name.clone(),
+                memory: v.memory,
+                start_ms: v.start_ms.unwrap_or(0),
+                end_ms: v.end_ms.unwrap_or(0),
+                downtime_ms: v.report.as_ref().map(|x| x.downtime_ms),
+                cpu_seconds: v
+                    .report
+                    .as_ref()
+                    .map(|x| x.cpu_seconds.source + x.cpu_seconds.destination),
+                moved: v.status == drain::Status::Moved,
+                verified: v.guest_verified,
+                error: v.error.clone().filter(|_| v.status != drain::Status::Moved),
+            })
+            .collect();
+        let facts: Vec<VmFacts> = r
+            .vms
+            .iter()
+            .map(|v| VmFacts {
+                name: v.name.clone(),
+                memory: v.memory,
+                sample: v.sample.clone(),
+            })
+            .collect();
+        for f in facts.iter().filter(|f| f.sample.is_some()) {
+            self.facts.insert(f.name.clone(), f.clone());
+        }
+        DrainOutcome {
+            makespan_ms: r.makespan_ms,
+            vms,
+            concurrency_used: r.plan.concurrency_used,
+            peak: r.peak_concurrency,
+            survey_s: r.survey_ms as f64 / 1e3,
+            facts,
+            path_bps: r.plan.link_bits_per_s.first().copied().flatten(),
+            detail: serde_json::to_value(r).unwrap_or_default(),
+        }
+    }
+}
+
+/// Each VM is sampled this long before its drain (the order and the model need it).
+const SAMPLE_MS: u64 = 500;
+/// The link is probed this long before each drain, with the VMs running.
+const PROBE_MS: u64 = 1000;
+
+impl Drainer for LivemigHosts {
+    fn peer(&self) -> &'static str {
+        "livemig"
+    }
+
+    fn on_a(&self) -> bool {
+        let n = |a: &AgentProcess| a.client().list().map_or(0, |l| l.len());
+        n(&self.a) >= n(&self.b)
+    }
+
+    fn drain(&mut self, cfg: &Config, route: &Route) -> Result<DrainOutcome, BenchError> {
+        let (from, to) = if route.from_a {
+            (&self.a, &self.b)
+        } else {
+            (&self.b, &self.a)
+        };
+        let opts = self.options(cfg, route, from, to);
+        let r =
+            drain::drain(&opts).map_err(|e| step(format!("drain {}", cfg.name))(e.to_string()))?;
+        Ok(self.outcome(&r))
+    }
+}

@@ -1,0 +1,582 @@
+//! `livemig bench drain`: the host-drain comparison. N VMs start on host A and are drained
+//! A→B, B→A, ... once per configuration (the unoptimised tcp at concurrency 2, then each
+//! transport on its reference links at the concurrencies asked for), measured alike for
+//! livemig (host agents and `livemig drain`) and QEMU (two concurrent migrations over QMP, as
+//! libvirt and KubeVirt drain). Every row carries the drain-time model's prediction and
+//! error; the model also predicts the reference's scenarios.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use drain::model::{self, Reference, Scenario};
+use drain::predict::VmFacts;
+use drain::{Concurrency, Order};
+use guest::memory_profile::MemoryProfile;
+use migration::protocol::Transport;
+use migration::MigrateRequest;
+use serde::Serialize;
+
+use crate::netns::{LinkMeasure, TxSampler};
+use crate::qemu::Mode;
+use crate::testbed::Testbed;
+use crate::{step, BenchError, Route, Ui};
+
+pub mod chart;
+mod livemig;
+mod qemu_side;
+pub mod table;
+
+/// What to run; `livemig bench drain` fills it from its arguments.
+#[derive(Clone, Debug)]
+pub struct DrainBenchOptions {
+    pub livemig: PathBuf,
+    pub vms: Vec<VmSpec>,
+    pub peer_qemu: bool,
+    /// Concurrencies each optimised configuration runs at.
+    pub concurrency: Vec<Concurrency>,
+    pub orders: Vec<Order>,
+    /// Mutual TLS between the agents (livemig's default) or plaintext (as QEMU runs).
+    pub tls: bool,
+    pub testbed: String,
+    pub scale: f64,
+    /// Options every migration takes (downtime target, auto-converge, peer timeout).
+    pub request: MigrateRequest,
+    pub goodput_secs: f64,
+    pub out: PathBuf,
+    pub keep_testbed: bool,
+}
+
+/// One VM of the bench.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub memory: u64,
+    pub workload: String,
+    pub profile: MemoryProfile,
+}
+
+/// The default VM set (2 × sql, 2 × web, idle, stress; 512 MiB to 1 GiB) or `n` of it, all of
+/// `memory` when given.
+pub fn vm_set(n: usize, memory: Option<u64>) -> Vec<VmSpec> {
+    const SET: [(&str, u64); 6] = [
+        ("sql", 1 << 30),
+        ("web", 768 << 20),
+        ("sql", 768 << 20),
+        ("web", 512 << 20),
+        ("idle", 512 << 20),
+        ("stress", 512 << 20),
+    ];
+    (0..n)
+        .map(|i| {
+            let (w, m) = SET[i % SET.len()];
+            VmSpec {
+                name: format!("{w}{}", i + 1),
+                memory: memory.unwrap_or(m),
+                workload: w.into(),
+                profile: MemoryProfile::Server,
+            }
+        })
+        .collect()
+}
+
+/// How a configuration migrates.
+#[derive(Clone, Copy, Debug)]
+pub enum How {
+    Livemig(Transport),
+    Qemu(Mode),
+}
+
+/// One drain of the bench: what, over which links, how many at once.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub name: String,
+    pub links: &'static [&'static str],
+    pub how: How,
+    pub concurrency: Concurrency,
+    pub order: Order,
+}
+
+impl Config {
+    fn compressed(&self) -> bool {
+        matches!(
+            self.how,
+            How::Livemig(Transport::Compressed) | How::Qemu(Mode::MultifdZstd { .. })
+        )
+    }
+}
+
+const ONE_G: &[&str] = &["1g-1"];
+const TEN_G: &[&str] = &["10g-1"];
+const TWO_TEN_G: &[&str] = &["10g-1", "10g-2"];
+/// What drains ran at before anyone tuned them (Hyper-V's and KubeVirt's default of 2).
+pub const UNOPTIMISED: &str = "tcp c2 (unoptimised)";
+
+/// livemig's configurations: the unoptimised row, then each transport on its reference
+/// links at each concurrency and order asked for.
+pub fn livemig_configs(concurrency: &[Concurrency], orders: &[Order]) -> Vec<Config> {
+    let mut out = vec![Config {
+        name: UNOPTIMISED.into(),
+        links: ONE_G,
+        how: How::Livemig(Transport::Tcp),
+        concurrency: Concurrency::Fixed(2),
+        order: Order::Name,
+    }];
+    let runs: [(&str, Transport, &'static [&'static str]); 4] = [
+        ("tcp", Transport::Tcp, ONE_G),
+        ("compressed", Transport::Compressed, ONE_G),
+        ("direct", Transport::Direct, TEN_G),
+        ("direct+multichannel", Transport::Direct, TWO_TEN_G),
+    ];
+    for (name, t, links) in runs {
+        for c in concurrency {
+            for o in orders {
+                let c_name = match c {
+                    Concurrency::Fixed(n) => format!("c{n}"),
+                    Concurrency::Auto => "auto".into(),
+                };
+                let o_name = if orders.len() > 1 {
+                    format!(" {}", order_name(*o))
+                } else {
+                    String::new()
+                };
+                out.push(Config {
+                    name: format!("{name} {c_name}{o_name}"),
+                    links,
+                    how: How::Livemig(t),
+                    concurrency: *c,
+                    order: *o,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn order_name(o: Order) -> &'static str {
+    match o {
+        Order::Auto => "order-auto",
+        Order::Largest => "order-largest",
+        Order::Smallest => "order-smallest",
+        Order::Name => "order-name",
+    }
+}
+
+/// QEMU's, drained the way libvirt and KubeVirt do: two at a time.
+pub fn qemu_configs() -> Vec<Config> {
+    let c = |name: &str, mode, links| Config {
+        name: name.into(),
+        links,
+        how: How::Qemu(mode),
+        concurrency: Concurrency::Fixed(2),
+        order: Order::Name,
+    };
+    vec![
+        c("tcp c2", Mode::Tcp, ONE_G),
+        c("multifd+zstd c2", Mode::MultifdZstd { channels: 2 }, ONE_G),
+        c("multifd c2", Mode::Multifd { channels: 2 }, TEN_G),
+    ]
+}
+
+/// One VM's migration within a drain.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmRun {
+    pub name: String,
+    pub memory: u64,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub downtime_ms: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub moved: bool,
+    pub verified: bool,
+    pub error: Option<String>,
+}
+
+/// What a VMM says about one drain.
+pub struct DrainOutcome {
+    pub makespan_ms: u64,
+    pub vms: Vec<VmRun>,
+    /// Migrations at once: the fixed window, or where `auto` settled.
+    pub concurrency_used: usize,
+    pub peak: usize,
+    /// Time before the first migration (sampling the VMs), in the makespan.
+    pub survey_s: f64,
+    pub facts: Vec<VmFacts>,
+    /// What the path carried, bits/s, probed just before with the VMs running (the link,
+    /// or the machine, whichever gives out first).
+    pub path_bps: Option<f64>,
+    /// The VMM's own account (livemig's drain report).
+    pub detail: serde_json::Value,
+}
+
+/// A VMM whose VMs the bench drains from one host to the other.
+pub trait Drainer {
+    fn peer(&self) -> &'static str;
+    /// Whether (most of) its VMs are on host A.
+    fn on_a(&self) -> bool;
+    fn drain(&mut self, cfg: &Config, route: &Route) -> Result<DrainOutcome, BenchError>;
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DrainRow {
+    pub peer: String,
+    pub config: String,
+    pub links: String,
+    pub direction: String,
+    pub concurrency: String,
+    pub concurrency_used: usize,
+    pub order: String,
+    pub vms: usize,
+    pub moved: usize,
+    pub verified: usize,
+    pub makespan_ms: u64,
+    pub predicted_makespan_ms: u64,
+    /// (measured − predicted) / measured.
+    pub model_error: f64,
+    pub ram_bytes: u64,
+    pub ram_gib_per_s: f64,
+    /// What the sending interfaces counted (payload and headers).
+    pub wire_bytes: u64,
+    pub wire_gbps: f64,
+    /// The links' raw goodput in the same run, counted the same way.
+    pub link_gbps: f64,
+    pub utilisation: f64,
+    pub downtime_ms_sum: u64,
+    pub downtime_ms_max: u64,
+    pub cpu_seconds: f64,
+    pub peak_concurrency: usize,
+    /// The same peer's unoptimised makespan over this one's.
+    pub speedup: Option<f64>,
+    pub timeline: Vec<VmRun>,
+    /// (seconds, Gbit/s) from the interface counters.
+    pub throughput: Vec<(f64, f64)>,
+    pub error: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DrainBenchReport {
+    pub vms: Vec<VmSpec>,
+    pub tls: bool,
+    pub scale: f64,
+    pub host_cpus: usize,
+    pub links: Vec<LinkMeasure>,
+    pub rows: Vec<DrainRow>,
+    /// The guests' measured compressibility, which the reference's scenarios assume.
+    pub guest_compress_ratio: Option<f64>,
+    /// The reference's scenarios, predicted.
+    pub references: Vec<Reference>,
+    pub notes: Vec<String>,
+}
+
+/// Runs the bench: links measured, livemig's drains, QEMU's, the model.
+pub fn bench_drain(o: &DrainBenchOptions) -> Result<DrainBenchReport, BenchError> {
+    preflight(o)?;
+    let dir = std::path::absolute(&o.out)?;
+    std::fs::create_dir_all(&dir)?;
+    let tb = Testbed::new(&o.testbed, o.scale)?;
+    let existed = tb.status()?.present;
+    tb.up()?;
+    let configs = livemig_configs(&o.concurrency, &o.orders);
+    let qemu = if o.peer_qemu {
+        qemu_configs()
+    } else {
+        Vec::new()
+    };
+    let ui = Ui::new(3 + 2 + configs.len() as u64 + qemu.len() as u64);
+    let mut notes = Vec::new();
+    let result = run_all(o, &tb, &ui, &dir, &configs, &qemu, &mut notes);
+    ui.finish();
+    if !existed && !o.keep_testbed {
+        if let Err(e) = tb.down() {
+            notes.push(format!("removing the testbed: {e}"));
+        }
+    }
+    let m = result?;
+    let report = finish(o, m.links, m.rows, notes, &m.facts);
+    std::fs::write(
+        dir.join("bench.json"),
+        serde_json::to_vec_pretty(&report).map_err(|e| step("bench.json")(e.to_string()))?,
+    )?;
+    chart::draw(&report, &dir.join("bench.png")).map_err(step("bench.png"))?;
+    Ok(report)
+}
+
+fn run_all(
+    o: &DrainBenchOptions,
+    tb: &Testbed,
+    ui: &Ui,
+    dir: &std::path::Path,
+    configs: &[Config],
+    qemu: &[Config],
+    notes: &mut Vec<String>,
+) -> Result<Measured, BenchError> {
+    let links = crate::netns::measure_link_sets(tb, ui, o.goodput_secs)?;
+    let bench = Bench {
+        tb,
+        ui,
+        links: &links,
+    };
+    let mut rows = Vec::new();
+    let facts = {
+        ui.start("starting two host agents and the VMs");
+        let mut hosts = livemig::LivemigHosts::start(o, tb, dir)?;
+        ui.done(&format!("{} VMs running on host A", o.vms.len()));
+        bench.drains(&mut hosts, configs, &mut rows);
+        hosts.facts()
+    };
+    if !qemu.is_empty() {
+        match qemu_side::QemuHosts::start(o, tb, dir, facts.clone(), ui) {
+            Ok(mut q) => bench.drains(&mut q, qemu, &mut rows),
+            Err(e) => notes.push(format!("QEMU rows not run: {e}")),
+        }
+    }
+    Ok(Measured { links, rows, facts })
+}
+
+/// What a bench run measured.
+struct Measured {
+    links: Vec<LinkMeasure>,
+    rows: Vec<DrainRow>,
+    /// Each VM as sampled before the drains.
+    facts: Vec<VmFacts>,
+}
+
+/// What every drain is measured against.
+struct Bench<'a> {
+    tb: &'a Testbed,
+    ui: &'a Ui,
+    links: &'a [LinkMeasure],
+}
+
+impl Bench<'_> {
+    fn drains(&self, d: &mut impl Drainer, configs: &[Config], rows: &mut Vec<DrainRow>) {
+        for cfg in configs {
+            let what = format!("{} {} over {}", d.peer(), cfg.name, cfg.links.join("+"));
+            self.ui.start(&what);
+            let row = self.measure(d, cfg);
+            self.ui.done(&match &row.error {
+                None => table::line(&row),
+                Some(e) => format!("{what}: FAILED: {e}"),
+            });
+            rows.push(row);
+        }
+    }
+
+    /// One drain from wherever the VMs are, with the interfaces counted around it.
+    fn measure(&self, d: &mut impl Drainer, cfg: &Config) -> DrainRow {
+        let route = match Route::new(self.tb, cfg.links, d.on_a()) {
+            Ok(r) => r,
+            Err(e) => return self.failed(d.peer(), cfg, String::new(), &e),
+        };
+        let what = format!("{} {}", d.peer(), cfg.name);
+        let sampler = TxSampler::start(
+            route.src_ns(),
+            route.src_devs(),
+            Duration::from_millis(100),
+            self.ui.live(&what),
+        );
+        let out = d.drain(cfg, &route);
+        let samples = sampler.finish();
+        match (out, samples) {
+            (Ok(out), Ok(s)) => self.row(d.peer(), cfg, &route, &out, &s),
+            (Err(e), _) => self.failed(d.peer(), cfg, route.direction(), &e),
+            (_, Err(e)) => self.failed(d.peer(), cfg, route.direction(), &e.into()),
+        }
+    }
+
+    /// The links' raw goodput, bits/s: the payload rate (for the model) and the interface
+    /// rate (for utilisation).
+    fn goodput(&self, links: &str) -> (f64, f64) {
+        self.links
+            .iter()
+            .find(|l| l.links == links)
+            .map_or((0.0, 0.0), |l| {
+                (l.measured.goodput_bps, l.measured.interface_bps)
+            })
+    }
+
+    fn row(
+        &self,
+        peer: &str,
+        cfg: &Config,
+        route: &Route,
+        out: &DrainOutcome,
+        samples: &[(Duration, u64)],
+    ) -> DrainRow {
+        let mut r = self.empty_row(peer, cfg, route.direction());
+        let secs = out.makespan_ms.max(1) as f64 / 1e3;
+        let moved: Vec<&VmRun> = out.vms.iter().filter(|v| v.moved).collect();
+        r.vms = out.vms.len();
+        r.moved = moved.len();
+        r.verified = out.vms.iter().filter(|v| v.verified).count();
+        r.makespan_ms = out.makespan_ms;
+        r.concurrency_used = out.concurrency_used;
+        r.peak_concurrency = out.peak;
+        r.ram_bytes = moved.iter().map(|v| v.memory).sum();
+        r.ram_gib_per_s = r.ram_bytes as f64 / f64::from(1u32 << 30) / secs;
+        r.wire_bytes = samples.last().map_or(0, |s| s.1);
+        r.wire_gbps = r.wire_bytes as f64 * 8.0 / secs / 1e9;
+        if r.link_gbps > 0.0 {
+            r.utilisation = r.wire_gbps / r.link_gbps;
+        }
+        let downtimes = || out.vms.iter().filter_map(|v| v.downtime_ms);
+        r.downtime_ms_sum = downtimes().sum();
+        r.downtime_ms_max = downtimes().max().unwrap_or(0);
+        r.cpu_seconds = out.vms.iter().filter_map(|v| v.cpu_seconds).sum();
+        let link = out.path_bps.map_or(self.goodput(&route.name()).0, |p| {
+            p.min(self.goodput(&route.name()).0)
+        });
+        r.predicted_makespan_ms = (predict(cfg, out, link) * 1e3) as u64;
+        r.model_error = (r.makespan_ms as f64 - r.predicted_makespan_ms as f64) / secs / 1e3;
+        r.timeline = out.vms.clone();
+        r.detail = out.detail.clone();
+        r.throughput = crate::transports::rates(samples);
+        r.error = out
+            .vms
+            .iter()
+            .find_map(|v| v.error.as_ref().map(|e| format!("{}: {e}", v.name)));
+        r
+    }
+
+    fn empty_row(&self, peer: &str, cfg: &Config, direction: String) -> DrainRow {
+        let links = cfg.links.join("+");
+        DrainRow {
+            peer: peer.into(),
+            config: cfg.name.clone(),
+            link_gbps: self.goodput(&links).1 / 1e9,
+            links,
+            direction,
+            concurrency: cfg.concurrency.to_string(),
+            concurrency_used: 0,
+            order: format!("{:?}", cfg.order).to_lowercase(),
+            vms: 0,
+            moved: 0,
+            verified: 0,
+            makespan_ms: 0,
+            predicted_makespan_ms: 0,
+            model_error: 0.0,
+            ram_bytes: 0,
+            ram_gib_per_s: 0.0,
+            wire_bytes: 0,
+            wire_gbps: 0.0,
+            utilisation: 0.0,
+            downtime_ms_sum: 0,
+            downtime_ms_max: 0,
+            cpu_seconds: 0.0,
+            peak_concurrency: 0,
+            speedup: None,
+            timeline: Vec::new(),
+            throughput: Vec::new(),
+            error: None,
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    fn failed(&self, peer: &str, cfg: &Config, direction: String, e: &BenchError) -> DrainRow {
+        let mut r = self.empty_row(peer, cfg, direction);
+        r.error = Some(e.to_string());
+        r
+    }
+}
+
+/// The model's makespan for a drain, seconds: its survey, then the drain of its VMs' facts
+/// over the links' measured goodput at the concurrency it ran at.
+pub fn predict(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> f64 {
+    out.survey_s
+        + model::makespan(&Scenario {
+            vms: out.facts.clone(),
+            link: goodput_bps / 8.0,
+            concurrency: out.peak.max(1),
+            compressed: cfg.compressed(),
+            framing: 1.0,
+        })
+}
+
+/// Speedups against each peer's unoptimised row, the reference scenarios, the notes.
+fn finish(
+    o: &DrainBenchOptions,
+    links: Vec<LinkMeasure>,
+    mut rows: Vec<DrainRow>,
+    mut notes: Vec<String>,
+    facts: &[VmFacts],
+) -> DrainBenchReport {
+    for peer in ["livemig", "qemu"] {
+        let base = rows
+            .iter()
+            .find(|r| r.peer == peer && r.error.is_none())
+            .map(|r| r.makespan_ms);
+        for r in rows
+            .iter_mut()
+            .filter(|r| r.peer == peer && r.error.is_none())
+        {
+            r.speedup = base.map(|b| b as f64 / r.makespan_ms.max(1) as f64);
+        }
+    }
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    notes.push(format!(
+        "{host_cpus} host CPUs run both hosts, every guest (by instruction emulation here) and \
+         every migration thread: rows on 10 GbE links are capped by the machine, not the link"
+    ));
+    DrainBenchReport {
+        vms: o.vms.clone(),
+        tls: o.tls,
+        scale: o.scale,
+        host_cpus,
+        links,
+        guest_compress_ratio: compress_ratio(facts),
+        references: model::references(
+            compress_ratio(facts).unwrap_or(DEFAULT_COMPRESS_RATIO),
+            REFERENCE_DIRTY_MB_S,
+            2,
+        ),
+        rows,
+        notes,
+    }
+}
+
+/// The guests' compressed bytes per raw byte (zstd), weighted by what they touched.
+fn compress_ratio(facts: &[VmFacts]) -> Option<f64> {
+    let (raw, packed) =
+        facts
+            .iter()
+            .filter_map(|f| f.sample.as_ref())
+            .fold((0.0, 0.0), |(r, p), s| {
+                let t = s.touched_bytes as f64;
+                (r + t, p + t * s.compress_ratio)
+            });
+    (raw > 0.0).then(|| packed / raw)
+}
+
+/// What the model assumes of the reference's SQL Server VMs (see the README): they compress
+/// as the guests measured here (our `server` memory profile), or as this when none was, and
+/// dirty 10 MB/s (our emulated guests cannot show a real server's rate).
+pub const DEFAULT_COMPRESS_RATIO: f64 = 0.6;
+pub const REFERENCE_DIRTY_MB_S: f64 = 10.0;
+
+/// What the bench refuses before it starts.
+fn preflight(o: &DrainBenchOptions) -> Result<(), BenchError> {
+    if !crate::testbed::is_root() {
+        return Err(BenchError::NotRoot);
+    }
+    if !crate::kvm_available() {
+        return Err(BenchError::NoKvm);
+    }
+    if o.peer_qemu && !crate::qemu::available() {
+        return Err(BenchError::NoQemu);
+    }
+    if o.vms.is_empty() {
+        return Err(step("--vms")("no VMs to drain".into()));
+    }
+    let total: u64 = o.vms.iter().map(|v| v.memory).sum();
+    let largest = o.vms.iter().map(|v| v.memory).max().unwrap_or(0);
+    // Every VM once, and the largest few twice while they are in flight.
+    let need = total + 4 * largest + (512 << 20);
+    match vmm::host::mem_available() {
+        Some(avail) if need > avail => Err(step("--vms/--vm-memory")(format!(
+            "{} MiB of VMs need about {} MiB free, this machine has {} MiB",
+            total >> 20,
+            need >> 20,
+            avail >> 20
+        ))),
+        _ => Ok(()),
+    }
+}

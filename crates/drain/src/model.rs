@@ -1,0 +1,171 @@
+//! The drain-time model: the makespan of emptying a host, predicted from what can be known
+//! before it starts — each link's goodput, each VM's size, compressibility and dirty rate,
+//! and how many migrations run at once. It is [`crate::plan::simulate`] (each migration pays
+//! a fixed overhead, then the migrations on a link share it evenly, each losing its own dirty
+//! rate) fed with [`crate::predict::VmFacts`]; the bench checks it against every drain it
+//! measures and uses it for the reference's scenarios.
+use migration::sample::VmSample;
+use serde::Serialize;
+
+use crate::plan::{simulate, SimJob};
+use crate::predict::VmFacts;
+
+/// A drain to predict.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub vms: Vec<VmFacts>,
+    /// Goodput of the one link (or the links of one multichannel destination), bytes/s.
+    pub link: f64,
+    /// Migrations at once.
+    pub concurrency: usize,
+    pub compressed: bool,
+    /// Wire bytes per payload byte beyond the model's (framing, TLS): 1.0 for none.
+    pub framing: f64,
+}
+
+/// The predicted makespan, seconds. Each migration's resent bytes are those of its share of
+/// the link when all run at once.
+pub fn makespan(s: &Scenario) -> f64 {
+    let share = s.link / s.concurrency.clamp(1, s.vms.len().max(1)) as f64;
+    let jobs: Vec<SimJob> = s
+        .vms
+        .iter()
+        .map(|v| SimJob {
+            dest: 0,
+            bytes: v.wire_bytes(share, s.compressed) * s.framing,
+        })
+        .collect();
+    simulate(&jobs, &[s.link], s.concurrency, usize::MAX)
+}
+
+/// One of the reference's scenarios: its description, its measured figure, and ours.
+#[derive(Clone, Debug, Serialize)]
+pub struct Reference {
+    pub scenario: String,
+    pub link: String,
+    /// What the reference measured or computed, seconds (None: it has no such figure).
+    pub reference_s: Option<f64>,
+    pub predicted_s: f64,
+}
+
+/// A VM of the reference: an 8 GB SQL Server whose buffer pool fills its RAM (all of it
+/// touched, no zero pages), compressing as our `server` memory profile does, dirtying
+/// `dirty_mb_s` MB/s.
+pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) -> VmFacts {
+    // Non-negative and finite for any sane rate; `as` saturates.
+    #[allow(clippy::cast_sign_loss)]
+    let hot_set = (dirty_mb_s.max(0.0) * 1e6 * REFERENCE_HOT_SET_S / 4096.0) as u64;
+    VmFacts {
+        name: name.into(),
+        memory: gib << 30,
+        sample: Some(VmSample {
+            memory_bytes: gib << 30,
+            touched_bytes: gib << 30,
+            zero_fraction: 0.0,
+            compress_ratio,
+            dirty_pages_per_s: dirty_mb_s * 1e6 / 4096.0,
+            // A server's hot set: a few seconds of its dirtying.
+            dirty_set_pages: hot_set,
+            dirty_set_half_pages: hot_set,
+            window_ms: 1000,
+        }),
+    }
+}
+
+/// The reference VMs' working set: what they dirty in this many seconds.
+pub const REFERENCE_HOT_SET_S: f64 = 5.0;
+
+/// Links of the reference and beyond, as (name, goodput bytes/s): 95% of the line rate, as
+/// the reference's plain TCP run reached on 1 GbE.
+pub const LINKS: [(&str, f64); 5] = [
+    ("1 GbE", 0.95e9 / 8.0),
+    ("10 GbE", 9.5e9 / 8.0),
+    ("2 x 10 GbE", 19.0e9 / 8.0),
+    ("25 GbE", 23.75e9 / 8.0),
+    ("100 GbE", 95.0e9 / 8.0),
+];
+
+/// The reference's scenarios predicted: the 8 GB SQL VM over 1 GbE (78 s), the 56 GB VM over
+/// two 10 GbE links (35 s), and a 250 GB host of 8 GB VMs (42 min over 1 GbE, 2.5 min over two
+/// RDMA 10 GbE links), on each link, plain and compressed. `compress_ratio` and `dirty_mb_s`
+/// describe the guests (measured on ours).
+pub fn references(compress_ratio: f64, dirty_mb_s: f64, concurrency: usize) -> Vec<Reference> {
+    let sql = |n: usize, gib| -> Vec<VmFacts> {
+        (0..n)
+            .map(|i| reference_vm(&format!("vm{i}"), gib, compress_ratio, dirty_mb_s))
+            .collect()
+    };
+    let host = sql(250 / 8, 8);
+    let mut out = Vec::new();
+    for (link, rate) in LINKS {
+        for compressed in [false, true] {
+            let how = if compressed { "compressed" } else { "plain" };
+            let known = |one_gbe, two_ten| match (link, compressed) {
+                ("1 GbE", false) => one_gbe,
+                ("2 x 10 GbE", false) => two_ten,
+                _ => None,
+            };
+            let mut add = |scenario: &str, vms: &Vec<VmFacts>, reference_s, n| {
+                out.push(Reference {
+                    scenario: format!("{scenario}, {how}"),
+                    link: link.into(),
+                    reference_s,
+                    predicted_s: makespan(&Scenario {
+                        vms: vms.clone(),
+                        link: rate,
+                        concurrency: n,
+                        compressed,
+                        framing: 1.0,
+                    }),
+                });
+            };
+            add("one 8 GB SQL VM", &sql(1, 8), known(Some(78.0), None), 1);
+            add("one 56 GB VM", &sql(1, 56), known(None, Some(35.0)), 1);
+            add(
+                "host of 31 x 8 GB VMs (248 GB)",
+                &host,
+                known(Some(42.0 * 60.0), Some(2.5 * 60.0)),
+                concurrency,
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_vm_over_one_gbe_takes_its_bytes_over_the_goodput() {
+        let s = Scenario {
+            vms: vec![reference_vm("sql", 8, 1.0, 0.0)],
+            link: 0.95e9 / 8.0,
+            concurrency: 1,
+            compressed: false,
+            framing: 1.0,
+        };
+        let t = makespan(&s);
+        let bytes = (8u64 << 30) as f64;
+        assert!(
+            (t - crate::predict::OVERHEAD_S - bytes / s.link).abs() < 1e-6,
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn the_reference_host_is_tens_of_minutes_on_one_gbe_and_minutes_on_two_ten() {
+        let r = references(0.6, 10.0, 2);
+        let find = |sc: &str, link: &str| {
+            r.iter()
+                .find(|x| x.scenario == sc && x.link == link)
+                .unwrap()
+                .predicted_s
+        };
+        let slow = find("host of 31 x 8 GB VMs (248 GB), plain", "1 GbE");
+        let fast = find("host of 31 x 8 GB VMs (248 GB), plain", "2 x 10 GbE");
+        assert!(slow > 30.0 * 60.0 && slow < 50.0 * 60.0, "{slow}");
+        assert!(fast > 60.0 && fast < 4.0 * 60.0, "{fast}");
+        assert!(find("host of 31 x 8 GB VMs (248 GB), compressed", "1 GbE") < slow);
+    }
+}

@@ -1,0 +1,108 @@
+//! A small `livemig bench drain` as a smoke test: every configuration's row is there with
+//! every VM verified, QEMU's too when it is installed, each with the model's prediction; the
+//! reference's scenarios are predicted. No timing assertions. Needs root and /dev/kvm; says
+//! SKIPPED otherwise.
+use std::process::Command;
+
+mod common;
+use common::{kvm_or_skip, root_or_skip, BIN};
+
+const LIVEMIG_ROWS: [(&str, &str); 5] = [
+    ("tcp c2 (unoptimised)", "1g-1"),
+    ("tcp auto", "1g-1"),
+    ("compressed auto", "1g-1"),
+    ("direct auto", "10g-1"),
+    ("direct+multichannel auto", "10g-1+10g-2"),
+];
+const QEMU_ROWS: [(&str, &str); 3] = [
+    ("tcp c2", "1g-1"),
+    ("multifd+zstd c2", "1g-1"),
+    ("multifd c2", "10g-1"),
+];
+
+#[test]
+fn bench_drain_smoke_has_every_row_verified() {
+    let test = "bench_drain_smoke_has_every_row_verified";
+    if !root_or_skip(test) || !kvm_or_skip(test) {
+        return;
+    }
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qemu {
+        println!("SKIPPED the QEMU rows of {test}: qemu-system-x86_64 is not installed");
+        eprintln!("SKIPPED the QEMU rows of {test}: qemu-system-x86_64 is not installed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["bench", "drain", "--vms", "3", "--vm-memory", "128M"])
+        .args([
+            "--scale",
+            "0.5",
+            "--testbed",
+            "lmdrain",
+            "--goodput-secs",
+            "1",
+        ])
+        .arg("--out")
+        .arg(dir.path());
+    if qemu {
+        cmd.args(["--peer", "qemu"]);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+    let rows = b["rows"].as_array().unwrap();
+    let mut want: Vec<(&str, &str, &str)> = LIVEMIG_ROWS
+        .iter()
+        .map(|(c, l)| ("livemig", *c, *l))
+        .collect();
+    if qemu {
+        want.extend(QEMU_ROWS.iter().map(|(c, l)| ("qemu", *c, *l)));
+    }
+    assert_eq!(rows.len(), want.len(), "{stdout}");
+    for (peer, config, links) in want {
+        let r = rows
+            .iter()
+            .find(|r| r["peer"] == peer && r["config"] == config && r["links"] == links)
+            .unwrap_or_else(|| panic!("no row for {peer} {config} over {links}:\n{stdout}"));
+        assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+        assert_eq!(r["vms"], 3, "{r}");
+        assert_eq!(
+            r["verified"], 3,
+            "{peer} {config}: not every VM verified: {r}"
+        );
+        assert!(r["makespan_ms"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["predicted_makespan_ms"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["model_error"].as_f64().unwrap().is_finite(), "{r}");
+        assert_eq!(r["timeline"].as_array().unwrap().len(), 3, "{r}");
+        assert!(
+            stdout.contains(&format!("{peer:<7} {config}")),
+            "{config} not printed:\n{stdout}"
+        );
+    }
+    let refs = b["references"].as_array().unwrap();
+    assert!(
+        refs.iter().any(|r| r["reference_s"] == 78.0),
+        "{}",
+        b["references"]
+    );
+    assert!(stdout.contains("host of 31 x 8 GB VMs"), "{stdout}");
+    let png = std::fs::read(dir.path().join("bench.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "bench.png is a PNG");
+    let st = Command::new(BIN)
+        .args(["testbed", "status", "--name", "lmdrain"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(
+        st["present"], false,
+        "the bench removed the testbed it made"
+    );
+}

@@ -368,6 +368,59 @@ fn kvm_drain_interrupted_leaves_every_vm_running_exactly_once() {
 }
 
 #[test]
+fn kvm_agent_refuses_a_source_outside_the_cluster() {
+    if !kvm_or_skip("kvm_agent_refuses_a_source_outside_the_cluster") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (b, listen_b) = agent(d.path(), "b", &[]);
+    start_vms(&a, &[("vm", "128M", "idle")]);
+    let api = list(&a)[0].api.display().to_string();
+    let foreign = d.path().join("foreign");
+    let out = livemig(&[
+        "tls",
+        "init",
+        "--host",
+        "intruder",
+        "--out",
+        foreign.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let f = |n: &str| foreign.join(n).display().to_string();
+    let (cert, key, ca) = (f("intruder.pem"), f("intruder.key"), f("ca.pem"));
+    // Another CA's certificate, then plaintext: both refused before any VM state.
+    for extra in [
+        vec!["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca],
+        vec!["--insecure"],
+    ] {
+        let mut args = vec!["migrate", "--api", &api, "--to", &listen_b];
+        args.extend(extra);
+        let out = livemig(&args);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("TLS"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(list(&b).is_empty(), "nothing reached the agent");
+    }
+    assert_all_beating(&a);
+    // The cluster's own credentials go through.
+    let out = livemig(&["migrate", "--api", &api, "--to", &listen_b]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    while !list(&b).iter().any(|v| v.state == "running") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "b: {:?}", list(&b));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn kvm_agent_survives_a_dead_vm_and_finds_its_vms_after_a_restart() {
     if !kvm_or_skip("kvm_agent_survives_a_dead_vm_and_finds_its_vms_after_a_restart") {
         return;

@@ -43,6 +43,8 @@ pub enum MigrationError {
     },
     /// a page stream failed; the migration is off
     StreamFailed,
+    /// {peer} closed the connection at our plaintext handshake: it expects mutual TLS (this side runs --insecure)
+    PlainRefused { peer: String },
     /// guest RAM: {0}
     GuestMemory(#[from] vmm::memory::MemoryError),
     /// finding the memory the guest touched (SEEK_DATA on its memfd): {0}

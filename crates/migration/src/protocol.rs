@@ -8,6 +8,7 @@
 //! Lengths are bounded per kind before anything is allocated; anything else is an error.
 use std::io::{self, BufRead, Read, Write};
 
+use vm_memory::VolatileSlice;
 use xxhash_rust::xxh3::Xxh3;
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -470,6 +471,37 @@ pub struct Prepare {
     /// The host it leaves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The RAM the copy will send, as memfd ranges `[start, end)` (at most [`MAX_EXTENTS`]):
+    /// the destination allocates them ahead of the pages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extents: Vec<(u64, u64)>,
+}
+
+/// Most extents a Prepare announces (nearby ones are merged to fit).
+pub const MAX_EXTENTS: usize = 512;
+
+/// `extents` (ascending, disjoint) merged across their smallest gaps until at most `max`
+/// remain.
+pub fn coalesce(extents: &[(u64, u64)], max: usize) -> Vec<(u64, u64)> {
+    let max = max.max(1);
+    if extents.len() <= max {
+        return extents.to_vec();
+    }
+    // Gap i lies between extents i and i + 1; close the smallest len - max of them.
+    let mut by_size: Vec<usize> = (0..extents.len() - 1).collect();
+    by_size.sort_by_key(|&i| (extents[i + 1].0.saturating_sub(extents[i].1), i));
+    let mut close = vec![false; extents.len() - 1];
+    for &i in &by_size[..extents.len() - max] {
+        close[i] = true;
+    }
+    let mut out = vec![extents[0]];
+    for (i, &next) in extents.iter().enumerate().skip(1) {
+        match out.last_mut() {
+            Some(last) if close[i - 1] => last.1 = next.1,
+            _ => out.push(next),
+        }
+    }
+    out
 }
 
 /// The Redirect frame's payload: where the receiver for this migration listens.
@@ -881,6 +913,9 @@ pub struct FrameReader<R: Read> {
 pub trait DirectRead: Read {
     /// Moves the next `len` bytes into `file` at `off`.
     fn read_direct(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()>;
+
+    /// Fills `dst` (mapped guest RAM) with the next bytes.
+    fn read_direct_mapped(&mut self, dst: &VolatileSlice<'_>) -> io::Result<()>;
 }
 
 impl<T: transport::ReadToFile> DirectRead for &mut io::BufReader<T> {
@@ -892,6 +927,16 @@ impl<T: transport::ReadToFile> DirectRead for &mut io::BufReader<T> {
         self.consume(have);
         self.get_mut()
             .read_to_file(file, off + have as u64, len - have)
+    }
+
+    fn read_direct_mapped(&mut self, dst: &VolatileSlice<'_>) -> io::Result<()> {
+        use vm_memory::Bytes;
+        let have = self.buffer().len().min(dst.len());
+        dst.write_slice(&self.buffer()[..have], 0)
+            .map_err(io::Error::other)?;
+        self.consume(have);
+        let rest = dst.offset(have).map_err(io::Error::other)?;
+        self.get_mut().read_to_slice(&rest)
     }
 }
 
@@ -1022,17 +1067,32 @@ impl<R: Read> FrameReader<R> {
     where
         R: DirectRead,
     {
+        self.take_direct(len, |r| r.read_direct(file, off, len))
+    }
+
+    /// Reads the next `dst.len()` bytes of a PagesDirect frame's page data into `dst`.
+    pub fn read_direct_mapped(&mut self, dst: &VolatileSlice<'_>) -> Result<(), ProtocolError>
+    where
+        R: DirectRead,
+    {
+        self.take_direct(dst.len(), |r| r.read_direct_mapped(dst))
+    }
+
+    /// Moves `len` bytes of the frame's page data with `read`, never past the frame.
+    fn take_direct(
+        &mut self,
+        len: usize,
+        read: impl FnOnce(&mut R) -> io::Result<()>,
+    ) -> Result<(), ProtocolError> {
         if len > self.direct_left {
             return Err(malformed(Kind::PagesDirect)(
                 "reading past the frame's page data".into(),
             ));
         }
-        self.r
-            .read_direct(file, off, len)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => ProtocolError::Truncated("page data"),
-                _ => ProtocolError::Io(e),
-            })?;
+        read(&mut self.r).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => ProtocolError::Truncated("page data"),
+            _ => ProtocolError::Io(e),
+        })?;
         self.direct_left -= len;
         Ok(())
     }
@@ -1097,6 +1157,19 @@ mod tests {
     }
 
     #[test]
+    fn extents_merge_across_their_smallest_gaps() {
+        let e = [(0, 10), (12, 20), (100, 110), (111, 120), (500, 510)];
+        assert_eq!(coalesce(&e, 10), e.to_vec());
+        assert_eq!(coalesce(&e, 3), vec![(0, 20), (100, 120), (500, 510)]);
+        assert_eq!(coalesce(&e, 1), vec![(0, 510)]);
+        let total = |v: &[(u64, u64)]| v.iter().map(|(s, e)| e - s).sum::<u64>();
+        assert!(
+            total(&coalesce(&e, 2)) >= total(&e),
+            "merging only ever covers more"
+        );
+    }
+
+    #[test]
     fn every_kind_encodes_and_decodes_here() {
         let mut w = FrameWriter::new(Vec::new());
         let prep = Prepare {
@@ -1108,6 +1181,7 @@ mod tests {
             session: 0xfeed,
             name: Some("web-1".into()),
             origin: None,
+            extents: vec![(0, 8192), (1 << 20, 2 << 20)],
         };
         w.send_config(&prep).unwrap();
         w.send_redirect(&Redirect { port: 7001 }).unwrap();
@@ -1399,6 +1473,26 @@ mod tests {
             reader.read_direct(&file, 0, 1).is_err(),
             "no more data in this frame"
         );
+        // The same data read into a mapping instead, in two pieces.
+        let mut br = std::io::BufReader::new(Cursor::new(bytes.clone()));
+        let mut reader = FrameReader::new(&mut br);
+        reader.recv().unwrap();
+        let mut m = vec![0u8; 2 * PAGE];
+        // SAFETY: `m` outlives the slice and is not touched otherwise while it lives.
+        let dst = unsafe { VolatileSlice::new(m.as_mut_ptr(), m.len()) };
+        reader
+            .read_direct_mapped(&dst.subslice(0, PAGE).unwrap())
+            .unwrap();
+        reader
+            .read_direct_mapped(&dst.subslice(PAGE, PAGE).unwrap())
+            .unwrap();
+        assert!(
+            reader
+                .read_direct_mapped(&dst.subslice(0, 1).unwrap())
+                .is_err(),
+            "no more data in this frame"
+        );
+        assert!(m[..PAGE].iter().all(|&x| x == 7) && m[PAGE..].iter().all(|&x| x == 9));
         // A flipped entry fails the checksum; a short stream is truncated.
         let mut bad = bytes.clone();
         bad[HEADER_LEN + 5] ^= 1;

@@ -99,6 +99,10 @@ pub struct Report {
     /// space (no kernel TLS here).
     #[serde(default)]
     pub direct_send: Option<String>,
+    /// How the destination put direct pages into guest RAM: spliced into its memfd, or read
+    /// into its mapping by page streams in parallel.
+    #[serde(default)]
+    pub direct_recv: Option<String>,
     pub error: Option<String>,
 }
 
@@ -160,7 +164,10 @@ impl Report {
         }
         s += &format!("  channel: {}", self.tls);
         if let Some(d) = &self.direct_send {
-            s += &format!("; direct pages {d}");
+            s += &format!("; direct pages: {d}");
+        }
+        if let Some(d) = &self.direct_recv {
+            s += &format!(", {d}");
         }
         s += "\n";
         s += &format!(

@@ -82,6 +82,7 @@ fn traffic() -> Vec<Vec<u8>> {
         session: 9,
         name: Some("db".into()),
         origin: Some("host-a".into()),
+        extents: vec![(0, 1 << 20), (2 << 20, 3 << 20)],
     })
     .unwrap();
     w.send_redirect(&migration::protocol::Redirect { port: 7001 })

@@ -22,6 +22,10 @@ pub use splice::ReadToFile;
 pub use zerocopy::ZeroCopy;
 
 const BUF: usize = 1 << 20;
+/// The reader's buffer is small on purpose: a read it serves fills it with what follows a
+/// frame header, and page data that lands there must be copied once more (direct pages are
+/// spliced from the socket only after it). Large payloads bypass it anyway.
+const READ_BUF: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum TransportError {
@@ -259,7 +263,7 @@ impl Connection {
             timeout_ms: AtomicU64::new(0),
         });
         let reader = BufReader::with_capacity(
-            BUF,
+            READ_BUF,
             CountingReader {
                 inner: io_r,
                 counters: counters.clone(),

@@ -1,8 +1,11 @@
-//! Received bytes straight into a file at an offset (guest RAM's memfd): splice(2) from a
-//! plain socket, a buffered copy from anything else (a TLS stream).
+//! Received bytes straight into guest RAM: into its memfd at an offset with splice(2), or
+//! into its mapping with read(2), from a plain socket; a buffered copy from anything else (a
+//! TLS stream).
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+
+use vm_memory::{Bytes, ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use crate::{CountingReader, Io};
 
@@ -14,6 +17,25 @@ pub trait ReadToFile: Read {
     fn read_to_file(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()> {
         copy_to_file(self, file, off, len)
     }
+
+    /// Fills `dst` (guest RAM's mapping) with the next bytes. By default through a buffer;
+    /// sockets read straight into it.
+    fn read_to_slice(&mut self, dst: &VolatileSlice<'_>) -> io::Result<()> {
+        copy_to_slice(self, dst)
+    }
+}
+
+/// Fills `dst` from `r` through a buffer.
+fn copy_to_slice(r: &mut (impl Read + ?Sized), dst: &VolatileSlice<'_>) -> io::Result<()> {
+    let mut buf = vec![0u8; dst.len().min(256 << 10)];
+    let mut done = 0;
+    while done < dst.len() {
+        let n = (dst.len() - done).min(buf.len());
+        r.read_exact(&mut buf[..n])?;
+        dst.write_slice(&buf[..n], done).map_err(io::Error::other)?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// Reads exactly `len` bytes from `r` into `file` at `off` through a buffer.
@@ -50,6 +72,40 @@ impl ReadToFile for CountingReader<Io> {
         self.splice_to_file(fd, file, off, len)
             .map_err(|e| self.info.explain(e, "to send page data"))
     }
+
+    /// From a plain socket: read(2) straight into the mapping. Unlike a splice into the memfd
+    /// it takes no lock on the file, so page streams fill guest RAM in parallel.
+    fn read_to_slice(&mut self, dst: &VolatileSlice<'_>) -> io::Result<()> {
+        let r = match &self.inner {
+            Io::Plain(s) => read_socket_to_slice(s, dst, &self.counters.received),
+            Io::Tls(_) => return copy_to_slice(self, dst),
+        };
+        r.map_err(|e| self.info.explain(e, "to send page data"))
+    }
+}
+
+/// read(2)s from `s` until `dst` is full, counting what arrives.
+fn read_socket_to_slice(
+    mut s: &std::net::TcpStream,
+    dst: &VolatileSlice<'_>,
+    received: &std::sync::atomic::AtomicU64,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < dst.len() {
+        let mut rest = dst.offset(done).map_err(io::Error::other)?;
+        let n = match s.read_volatile(&mut rest) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(VolatileMemoryError::IOError(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                continue
+            }
+            Err(VolatileMemoryError::IOError(e)) => return Err(e),
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        received.fetch_add(n as u64, Ordering::Relaxed);
+        done += n;
+    }
+    Ok(())
 }
 
 impl CountingReader<Io> {

@@ -107,6 +107,35 @@ fn socket_data_splices_into_a_file_at_its_offset_and_eof_is_truncation() {
 }
 
 #[test]
+fn socket_data_reads_into_a_mapping_and_eof_is_truncation() {
+    let l = Listener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let data: Vec<u8> = (0u32..(2 << 20) + 100)
+        .map(|i| (i * 7 % 253) as u8)
+        .collect();
+    let sent = data.clone();
+    let t = std::thread::spawn(move || {
+        let mut c = connect(&addr, Duration::from_secs(5), &Security::Insecure).unwrap();
+        c.writer.write_all(&sent).unwrap();
+        c.writer.flush().unwrap();
+    });
+    let mut c = l.accept().unwrap();
+    let mut buf = vec![0u8; 2 << 20];
+    // SAFETY: `buf` outlives the slice and nothing else touches it meanwhile.
+    let dst = unsafe { VolatileSlice::new(buf.as_mut_ptr(), buf.len()) };
+    let src = c.reader.get_mut();
+    src.read_to_slice(&dst).unwrap();
+    assert!(buf == data[..2 << 20]);
+    assert_eq!(c.counters.received.load(Ordering::Relaxed), 2 << 20);
+    t.join().unwrap();
+    let mut more = vec![0u8; 4096];
+    // SAFETY: as above, for `more`.
+    let dst = unsafe { VolatileSlice::new(more.as_mut_ptr(), more.len()) };
+    let e = c.reader.get_mut().read_to_slice(&dst).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+}
+
+#[test]
 fn refused_connection_is_a_clear_error() {
     let l = Listener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();

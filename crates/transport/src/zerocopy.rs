@@ -24,7 +24,14 @@ pub struct ZeroCopy<'a> {
     completed: u64,
     /// Sends the kernel had to copy after all (loopback does).
     pub copied: u64,
+    /// The kernel copied the first sends (the peer is on this host: loopback, veth): from
+    /// then on, plain sends, which copy once on our side instead of pinning pages and then
+    /// copying them on delivery with completion work on top.
+    plain: bool,
 }
+
+/// Completions looked at before deciding whether zero-copy pays on this link.
+const PROBE_SENDS: u64 = 16;
 
 impl<'a> ZeroCopy<'a> {
     /// Turns SO_ZEROCOPY on for `socket`; sent bytes count into `counters`, paced by `limit`.
@@ -55,6 +62,7 @@ impl<'a> ZeroCopy<'a> {
             issued: 0,
             completed: 0,
             copied: 0,
+            plain: false,
         })
     }
 
@@ -97,9 +105,11 @@ impl<'a> ZeroCopy<'a> {
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = iov.len();
+        let flags = if self.plain { 0 } else { libc::MSG_ZEROCOPY };
         // SAFETY: msghdr points at live iovecs whose buffers are guest RAM mappings kept alive
-        // by the caller's slices for the call; the kernel pins the pages it keeps for later.
-        let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_ZEROCOPY) };
+        // by the caller's slices for the call; with MSG_ZEROCOPY the kernel pins the pages it
+        // keeps for later, without it the data is copied before the call returns.
+        let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, flags) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
@@ -109,7 +119,7 @@ impl<'a> ZeroCopy<'a> {
                 _ => Err(e),
             };
         }
-        self.issued += 1;
+        self.issued += u64::from(!self.plain);
         let n = n.unsigned_abs();
         self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
         Ok(Some(n))
@@ -168,6 +178,7 @@ impl<'a> ZeroCopy<'a> {
                     if ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED != 0 {
                         self.copied += n;
                     }
+                    self.decide();
                 }
                 // SAFETY: advancing within the same msghdr's control buffer.
                 c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
@@ -176,6 +187,23 @@ impl<'a> ZeroCopy<'a> {
                 continue;
             }
             return Ok(());
+        }
+    }
+
+    /// After the first completions: if the kernel copied most of them, zero-copy only adds
+    /// work on this link, and plain sends follow.
+    fn decide(&mut self) {
+        if !self.plain && self.completed >= PROBE_SENDS && self.copied * 2 >= self.completed {
+            self.plain = true;
+        }
+    }
+
+    /// How the data goes: zero-copy, or plain sends after the kernel copied the first.
+    pub fn mechanism(&self) -> &'static str {
+        if self.plain {
+            "plain send (the kernel copied zero-copy sends on this link)"
+        } else {
+            "zero-copy (MSG_ZEROCOPY)"
         }
     }
 

@@ -224,6 +224,20 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Guest RAM from memfd offset `off`, `len` bytes, as volatile slices, one per RAM range it
+    /// crosses (a run of consecutive memfd pages may span the MMIO hole's split).
+    pub fn slices_at(&self, off: u64, len: usize) -> Result<Vec<VolatileSlice<'_>>, MemoryError> {
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let pos = off + done as u64;
+            let piece = self.contiguous_len(pos, len - done)?;
+            out.push(self.slice_at(pos, piece)?);
+            done += piece;
+        }
+        Ok(out)
+    }
+
     /// How many of `want` bytes from memfd offset `off` lie in one RAM range.
     fn contiguous_len(&self, off: u64, want: usize) -> Result<usize, MemoryError> {
         layout(self.size)

@@ -2,6 +2,7 @@
 //! and the page streams; pages are placed at their final address and the VM resumes only once
 //! it holds everything.
 pub mod incoming;
+mod populate;
 pub mod state;
 mod streams;
 
@@ -14,6 +15,7 @@ use vmm::memory::{GuestRam, PAGE_SIZE};
 use vmm::{Console, PreparedVm, Vm, VmState};
 
 use crate::codec;
+use crate::policy::{self, Landing};
 use crate::protocol::{
     self, BatchHead, CompressedBatch, DirectRead, Entry, FrameReader, FrameWriter, Kind, Prepare,
     ProtocolError, Transport, VerifyOutcome,
@@ -129,6 +131,28 @@ fn check_config(p: &Prepare) -> Result<(), ProtocolError> {
             p.streams,
             protocol::MAX_STREAMS
         )));
+    }
+    check_extents(&p.extents, c.memory).map_err(bad)
+}
+
+/// The announced extents: at most [`protocol::MAX_EXTENTS`], ascending, disjoint, non-empty
+/// and within guest RAM.
+fn check_extents(extents: &[(u64, u64)], memory: u64) -> Result<(), String> {
+    if extents.len() > protocol::MAX_EXTENTS {
+        return Err(format!(
+            "{} extents, the limit is {}",
+            extents.len(),
+            protocol::MAX_EXTENTS
+        ));
+    }
+    let mut end = 0;
+    for &(s, e) in extents {
+        if s < end || s >= e || e > memory {
+            return Err(format!(
+                "extent [{s:#x}, {e:#x}) is empty, out of order or beyond guest RAM ({memory:#x})"
+            ));
+        }
+        end = e;
     }
     Ok(())
 }
@@ -297,6 +321,7 @@ impl Incoming {
                 .map_err(MigrationError::socket("setting the peer timeout"))?;
         }
         let prepared = PreparedVm::new(&prep.vm)?;
+        let populate = populate::Populate::start(prepared.ram(), &prep.extents);
         if watchdog.disarm() {
             return Err(MigrationError::TimedOut {
                 secs: (opts.handshake_timeout + opts.stream_accept_timeout).as_secs_f64(),
@@ -322,6 +347,12 @@ impl Incoming {
             hello.transport,
             &control,
         )?;
+        if let Some(p) = populate {
+            tracing::debug!(
+                "allocated {} MiB of guest RAM ahead of its pages",
+                p.finish() >> 20
+            );
+        }
 
         // Everything is here: load the state paused, confirm, then run.
         let mut vm = prepared.finish(&vm_state, &opts.console, true)?;
@@ -357,6 +388,7 @@ fn receive_memory<R: DirectRead>(
         .collect::<Result<Vec<_>, _>>()
         .map_err(MigrationError::socket("cloning a page stream's socket"))?;
     let barrier = RoundBarrier::new(streams.len());
+    let landing = policy::landing(streams.len());
     std::thread::scope(|sc| {
         let workers: Vec<_> = streams
             .into_iter()
@@ -364,7 +396,7 @@ fn receive_memory<R: DirectRead>(
             .map(|(i, c)| {
                 let barrier = &barrier;
                 sc.spawn(move || {
-                    let r = streams::page_stream(i, c, ram, barrier, transport);
+                    let r = streams::page_stream(i, c, ram, barrier, transport, landing);
                     if r.is_err() {
                         barrier.abort();
                         control.shutdown();
@@ -424,7 +456,9 @@ fn control_loop<R: DirectRead>(
             streams.wait_all_finished()?;
         }
         match step {
-            Step::Direct(entries) => place_direct(input, &entries, ram, &mut stats)?,
+            Step::Direct(entries) => {
+                place_direct(input, &entries, ram, Landing::Splice, &mut stats)?
+            }
             step => place(step, ram, transport, &mut scratch, &mut stats)?,
         }
         if let ReceiveMigrationState::Complete { rounds, state } = state {
@@ -477,11 +511,13 @@ fn place_compressed(
 }
 
 /// Puts a PagesDirect frame's page data straight into guest RAM at its final place: one splice
-/// from the socket into the memfd per run of consecutive data pages, zero pages as holes.
+/// into the memfd, or one read into the mapping, per run of consecutive data pages; zero pages
+/// as holes.
 fn place_direct<R: DirectRead>(
     input: &mut FrameReader<R>,
     entries: &[Entry],
     ram: &GuestRam,
+    landing: Landing,
     stats: &mut ReceiveStats,
 ) -> Result<(), MigrationError> {
     if let Some(e) = entries.iter().find(|e| e.offset() >= ram.size()) {
@@ -497,11 +533,30 @@ fn place_direct<R: DirectRead>(
             ram.zero_range(off, len)?;
             stats.zero_pages += n as u64;
         } else {
-            // Memfd offsets: a run is contiguous in the file even where it crosses from low
-            // to high RAM.
-            input.read_direct(ram.backing_file(), off, len as usize)?;
+            land(input, ram, off, len as usize, landing)?;
         }
         stats.pages += n as u64;
+    }
+    Ok(())
+}
+
+/// `len` bytes of page data from the stream into guest RAM at memfd offset `off`.
+fn land<R: DirectRead>(
+    input: &mut FrameReader<R>,
+    ram: &GuestRam,
+    off: u64,
+    len: usize,
+    landing: Landing,
+) -> Result<(), MigrationError> {
+    match landing {
+        // Memfd offsets: a run is contiguous in the file even where it crosses from low to
+        // high RAM; in the mapping it is one slice per RAM range.
+        Landing::Splice => input.read_direct(ram.backing_file(), off, len)?,
+        Landing::Mapped => {
+            for slice in ram.slices_at(off, len)? {
+                input.read_direct_mapped(&slice)?;
+            }
+        }
     }
     Ok(())
 }
@@ -644,6 +699,7 @@ mod tests {
             &mut input,
             &[Entry::new(64 << 20, true)],
             &ram,
+            Landing::Splice,
             &mut ReceiveStats::default(),
         );
         assert!(e.is_err());

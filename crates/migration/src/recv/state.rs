@@ -172,6 +172,7 @@ mod tests {
             session: 1,
             name: None,
             origin: None,
+            extents: vec![(0, 4096)],
         })
     }
 

@@ -5,6 +5,7 @@ use transport::Connection;
 use vmm::memory::GuestRam;
 
 use super::{place, place_direct, ReceiveStats, Step, StreamState};
+use crate::policy::Landing;
 use crate::protocol::{FrameReader, Transport};
 use crate::{thread_cpu_seconds, MigrationError};
 
@@ -93,6 +94,7 @@ pub(super) fn page_stream(
     ram: &GuestRam,
     barrier: &RoundBarrier,
     transport: Transport,
+    landing: Landing,
 ) -> Result<ReceiveStats, MigrationError> {
     let peer = conn.peer.to_string();
     let cpu0 = thread_cpu_seconds();
@@ -107,7 +109,9 @@ pub(super) fn page_stream(
             match step {
                 // No stream applies round k+1 before every stream applied round k.
                 Step::RoundEnd => barrier.wait()?,
-                Step::Direct(entries) => place_direct(&mut input, &entries, ram, &mut stats)?,
+                Step::Direct(entries) => {
+                    place_direct(&mut input, &entries, ram, landing, &mut stats)?
+                }
                 step => place(step, ram, transport, &mut scratch, &mut stats)?,
             }
         }

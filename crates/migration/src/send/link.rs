@@ -85,11 +85,16 @@ impl<'a> Link<'a> {
 
     /// How direct batches go out on this connection.
     pub fn direct_mechanism(&self) -> &'static str {
-        if self.socket.is_some() {
-            "zero-copy (MSG_ZEROCOPY)"
-        } else {
-            "copied through TLS"
+        match (&self.zc, self.socket) {
+            (Some(z), _) => z.mechanism(),
+            (None, Some(_)) => "zero-copy (MSG_ZEROCOPY)",
+            (None, None) => "copied through TLS",
         }
+    }
+
+    /// Whether direct page data can leave straight from guest RAM (not under TLS).
+    pub fn is_plain(&self) -> bool {
+        self.socket.is_some()
     }
 
     /// One PagesDirect frame: header and head through the writer, page data zero-copy from
@@ -111,10 +116,11 @@ impl<'a> Link<'a> {
             return Ok(());
         };
         self.out.flush()?;
-        let slices = pages
-            .iter()
-            .map(|&o| ram.slice_at(o, page))
-            .collect::<Result<Vec<_>, _>>()?;
+        // One iovec per run of consecutive pages, not per page: fewer, larger fragments.
+        let mut slices = Vec::new();
+        for (start, n) in consecutive(pages) {
+            slices.extend(ram.slices_at(start, n * page)?);
+        }
         let zc = match &mut self.zc {
             Some(z) => z,
             None => {
@@ -135,5 +141,30 @@ impl<'a> Link<'a> {
             z.finish(self.timeout).map_err(ProtocolError::Io)?;
         }
         Ok(())
+    }
+}
+
+/// Runs of consecutive page offsets: (first, pages).
+fn consecutive(pages: &[u64]) -> Vec<(u64, usize)> {
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for &o in pages {
+        match out.last_mut() {
+            Some((start, n)) if *start + *n as u64 * PAGE_SIZE == o => *n += 1,
+            _ => out.push((o, 1)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn consecutive_pages_make_one_run() {
+        let p = 4096;
+        assert_eq!(
+            super::consecutive(&[0, p, 2 * p, 5 * p, 6 * p, 9 * p]),
+            vec![(0, 3), (5 * p, 2), (9 * p, 1)]
+        );
+        assert!(super::consecutive(&[]).is_empty());
     }
 }

@@ -148,7 +148,13 @@ fn run(
         .clone()
         .or_else(|| opts.max_bandwidth.map(|b| Arc::new(RateLimit::new(b))));
     let session = opts.session.unwrap_or_else(session_id);
-    let (mut conn, streams, to) = open(opts, &source.config, session, &limit)?;
+    let offer = Offer {
+        config: &source.config,
+        extents: data_extents(source.ram.backing_file(), source.ram.size())
+            .map_err(MigrationError::Extents)?,
+        session,
+    };
+    let (mut conn, streams, to) = open(opts, &offer, &limit)?;
     let prepare_ms = t0.elapsed().as_millis() as u64;
     let mut watched = Vec::new();
     for c in std::iter::once(&conn).chain(&streams) {
@@ -227,13 +233,13 @@ pub fn session_id() -> u64 {
 /// connections and where they go.
 fn open(
     opts: &MigrateOptions,
-    config: &VmConfig,
-    session: u64,
+    offer: &Offer<'_>,
     limit: &Option<Arc<RateLimit>>,
 ) -> Result<(Connection, Vec<Connection>, String), MigrationError> {
+    let session = offer.session;
     let mut to = opts.to.clone();
     for attempt in 0..2 {
-        let mut conn = connect(opts, &to, config, session, limit)?;
+        let mut conn = connect(opts, &to, offer, limit)?;
         let streams = connect_streams(opts, &to, session, limit)?;
         // The Config went out as frame 0; the answer is the destination's frame 0.
         match FrameReader::new(&mut conn.reader).next_frame()? {
@@ -259,12 +265,18 @@ fn open(
     .into())
 }
 
+/// What Prepare says of the VM: its shape, the RAM the copy will send, the session.
+struct Offer<'a> {
+    config: &'a VmConfig,
+    extents: Vec<(u64, u64)>,
+    session: u64,
+}
+
 /// The control connection: connected, paced, handshake done and the VM's shape sent.
 fn connect(
     opts: &MigrateOptions,
     to: &str,
-    config: &VmConfig,
-    session: u64,
+    offer: &Offer<'_>,
     limit: &Option<Arc<RateLimit>>,
 ) -> Result<Connection, MigrationError> {
     let mut conn = transport::connect(to, opts.connect_timeout, &opts.security)?;
@@ -277,13 +289,20 @@ fn connect(
         capabilities: 0,
     };
     protocol::write_hello(&mut conn.writer, &hello)?;
-    protocol::read_hello_reply(&mut conn.reader, &hello)?;
+    protocol::read_hello_reply(&mut conn.reader, &hello).map_err(|e| match e {
+        // A TLS listener drops a plaintext hello: say what most likely happened.
+        protocol::ProtocolError::Truncated(_) if !conn.is_tls() => MigrationError::PlainRefused {
+            peer: to.to_string(),
+        },
+        e => e.into(),
+    })?;
     let prepare = protocol::Prepare {
-        vm: config.clone(),
+        vm: offer.config.clone(),
         streams: u16::try_from(opts.stream_targets(to).len()).unwrap_or(0),
-        session,
+        session: offer.session,
         name: opts.name.clone(),
         origin: opts.origin.clone(),
+        extents: protocol::coalesce(&offer.extents, protocol::MAX_EXTENTS),
     };
     let mut out = FrameWriter::new(&mut conn.writer);
     out.send_config(&prepare)?;
@@ -664,6 +683,7 @@ impl<'a> Session<'a> {
         r.compression = self.sender.compression_report();
         let cpu_src = thread_cpu_seconds() - cpu0 + self.sender.streams.cpu_seconds;
         r.direct_send = Some(self.sender.direct_mechanism().to_string()).filter(|m| !m.is_empty());
+        r.direct_recv = Some(self.sender.direct_landing()).filter(|m| !m.is_empty());
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
         // The guest verifies every page it wrote before the destination answers.

@@ -9,6 +9,7 @@ use super::compress::{Compressor, Job};
 use super::link::{Link, Outgoing};
 use super::streams::Streams;
 use crate::codec::{Choice, Codec, CodecPolicy};
+use crate::policy;
 use crate::protocol::{PageBatch, RoundEnd, MAX_BATCH_PAGES};
 use crate::report::{CompressionReport, PageCounts};
 use crate::{MigrationError, Wire};
@@ -255,8 +256,26 @@ impl<'a> PageSender<'a> {
     /// How this migration's direct batches go out ("" on the other paths).
     pub fn direct_mechanism(&self) -> &'static str {
         match self.path {
-            PagePath::Direct { .. } => self.link.direct_mechanism(),
+            // With page streams, they carried all but the last round.
+            PagePath::Direct { .. } => self
+                .streams
+                .direct_mechanism
+                .unwrap_or_else(|| self.link.direct_mechanism()),
             _ => "",
+        }
+    }
+
+    /// How the destination lands this migration's direct pages ("" on the other paths): the
+    /// same policy, of the same stream count, runs there.
+    pub fn direct_landing(&self) -> String {
+        if !matches!(self.path, PagePath::Direct { .. }) {
+            return String::new();
+        }
+        let how = policy::landing(self.streams.started).describe();
+        if self.link.is_plain() {
+            how.to_string()
+        } else {
+            format!("decrypted in user space, then {how}")
         }
     }
 

@@ -26,7 +26,7 @@ struct Channel {
     tx: Option<SyncSender<Msg>>,
     /// Bytes handed over and not yet written to the socket (round ends count one).
     queued: Arc<AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<Result<f64, MigrationError>>>,
+    thread: Option<std::thread::JoinHandle<Result<Finished, MigrationError>>>,
     shutdown: ShutdownHandle,
 }
 
@@ -71,7 +71,10 @@ impl Channel {
                         }
                     }
                 }
-                Ok(thread_cpu_seconds() - cpu0)
+                Ok(Finished {
+                    cpu_seconds: thread_cpu_seconds() - cpu0,
+                    direct_mechanism: link.direct_mechanism(),
+                })
             })
             .map_err(|source| MigrationError::Thread {
                 what: "page stream",
@@ -108,13 +111,13 @@ impl Channel {
         }
     }
 
-    /// Waits for the stream's thread: the CPU seconds it used, or its error.
-    fn join(&mut self) -> Result<f64, MigrationError> {
+    /// Waits for the stream's thread: what it used, or its error.
+    fn join(&mut self) -> Result<Finished, MigrationError> {
         self.tx = None;
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(MigrationError::StreamFailed),
-            None => Ok(0.0),
+            None => Ok(Finished::default()),
         }
     }
 }
@@ -129,12 +132,24 @@ impl Drop for Channel {
     }
 }
 
+/// What a stream's thread reports when it ends.
+#[derive(Default)]
+struct Finished {
+    cpu_seconds: f64,
+    /// How its direct batches went out (the kernel may have copied zero-copy sends).
+    direct_mechanism: &'static str,
+}
+
 /// The page streams of one migration; empty when pages travel on the control connection.
 #[derive(Default)]
 pub(super) struct Streams {
     channels: Vec<Channel>,
     /// CPU seconds of the stream threads that finished.
     pub cpu_seconds: f64,
+    /// How the first stream sent its direct batches, once the streams finished.
+    pub direct_mechanism: Option<&'static str>,
+    /// Streams started, finished or not.
+    pub started: usize,
 }
 
 impl Streams {
@@ -143,14 +158,15 @@ impl Streams {
         ram: &Arc<GuestRam>,
         timeout: std::time::Duration,
     ) -> Result<Self, MigrationError> {
-        let channels = conns
+        let channels: Vec<Channel> = conns
             .into_iter()
             .enumerate()
             .map(|(i, c)| Channel::start(i, c, ram.clone(), timeout))
             .collect::<Result<_, _>>()?;
         Ok(Streams {
+            started: channels.len(),
             channels,
-            cpu_seconds: 0.0,
+            ..Streams::default()
         })
     }
 
@@ -204,11 +220,13 @@ impl Streams {
             ch.send(Msg::Done)?;
         }
         for ch in &mut self.channels {
-            self.cpu_seconds += ch.join().map_err(|e| MigrationError::Stream {
+            let f = ch.join().map_err(|e| MigrationError::Stream {
                 index: ch.index,
                 peer: ch.peer.clone(),
                 cause: e.to_string(),
             })?;
+            self.cpu_seconds += f.cpu_seconds;
+            self.direct_mechanism.get_or_insert(f.direct_mechanism);
         }
         self.channels.clear();
         Ok(())

@@ -52,9 +52,15 @@ pub struct Reference {
 /// touched, no zero pages), compressing as our `server` memory profile does, dirtying
 /// `dirty_mb_s` MB/s.
 pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) -> VmFacts {
-    // Non-negative and finite for any sane rate; `as` saturates.
-    #[allow(clippy::cast_sign_loss)]
-    let hot_set = (dirty_mb_s.max(0.0) * 1e6 * REFERENCE_HOT_SET_S / 4096.0) as u64;
+    let rate = dirty_mb_s.max(0.0) * 1e6 / 4096.0;
+    let hot_set = rate * REFERENCE_HOT_SET_S;
+    // What a one-second sample of writes spread over that hot set sees.
+    let seen = |window_s: f64| {
+        // Non-negative and finite for any sane rate; `as` saturates.
+        #[allow(clippy::cast_sign_loss)]
+        let pages = (hot_set * -(-rate * window_s / hot_set.max(1.0)).exp_m1()) as u64;
+        pages
+    };
     VmFacts {
         name: name.into(),
         memory: gib << 30,
@@ -63,10 +69,10 @@ pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) 
             touched_bytes: gib << 30,
             zero_fraction: 0.0,
             compress_ratio,
-            dirty_pages_per_s: dirty_mb_s * 1e6 / 4096.0,
+            dirty_pages_per_s: rate,
             // A server's hot set: a few seconds of its dirtying.
-            dirty_set_pages: hot_set,
-            dirty_set_half_pages: hot_set,
+            dirty_set_pages: seen(1.0),
+            dirty_set_half_pages: seen(0.5),
             window_ms: 1000,
         }),
     }

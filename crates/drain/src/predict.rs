@@ -1,5 +1,8 @@
 //! What a VM's migration will cost, from its sample: bytes on the wire and seconds on a link.
 //! Pure arithmetic, so plans and ETAs are testable without a VM.
+use std::time::Duration;
+
+use migration::policy::{ConvergencePolicy, Decision};
 use migration::sample::VmSample;
 
 /// What the drain knows of a VM before it moves it.
@@ -13,10 +16,8 @@ pub struct VmFacts {
 
 /// Fixed cost of one migration beyond its bytes (connect, prepare, switchover).
 pub const OVERHEAD_S: f64 = 0.15;
-/// A round this short ends pre-copy (the default downtime target).
-const FINAL_ROUND_S: f64 = 0.02;
-/// Rounds that stop shrinking are throttled (auto-converge) and end after this many.
-const STALLED_ROUNDS: u32 = 8;
+/// The engine stops at 60 rounds; the model never goes further.
+const MAX_MODEL_ROUNDS: usize = 64;
 
 impl VmFacts {
     /// Bytes the first pass puts on the wire: touched non-zero pages, compressed if the
@@ -45,26 +46,28 @@ impl VmFacts {
     }
 
     /// Bytes of distinct pages the guest dirties in `t` seconds: what a round that long
-    /// leaves to resend. The set sampled over the window and its first half give how it
-    /// grows (a power of the time: 1 for a guest that keeps writing new pages, towards 0 for
-    /// one rewriting a small hot set); never more than the short-period rate allows, nor
-    /// than it touched.
+    /// leaves to resend. Writes land on a working set of W pages, so the distinct pages after
+    /// `t` grow as W (1 - e^(-r t / W)) at the short-period rate r: linear at first, then
+    /// saturating once rewrites of already-dirty pages dominate. W comes from the sample: how
+    /// far the window's distinct set fell short of r times the window; when it did not (a
+    /// guest still writing new pages, as far as the window shows), W is its touched memory.
     pub fn dirtied_in(&self, t: f64, compressed: bool) -> f64 {
         let Some(s) = &self.sample else {
             return 0.0;
         };
-        let by_rate = s.dirty_pages_per_s.max(0.0) * t;
+        let rate = s.dirty_pages_per_s.max(0.0);
+        let touched = s.touched_bytes as f64 / 4096.0;
         let pages = if s.dirty_set_pages == 0 || s.window_ms == 0 {
-            by_rate
+            rate * t
         } else {
-            let window = s.window_ms as f64 / 1e3;
-            let set = s.dirty_set_pages as f64;
-            let growth = (set / s.dirty_set_half_pages.max(1) as f64)
-                .log2()
-                .clamp(0.0, 1.0);
-            (set * (t / window).powf(growth)).min(by_rate)
+            let w = working_set(
+                rate * s.window_ms as f64 / 1e3,
+                s.dirty_set_pages as f64,
+                touched,
+            );
+            w * -(-rate * t / w).exp_m1()
         };
-        pages.min(s.touched_bytes as f64 / 4096.0) * 4096.0 * self.ratio(compressed)
+        pages.min(touched) * 4096.0 * self.ratio(compressed)
     }
 
     /// Whether it dirties faster than `share` (bytes/s) carries: it needs more of the link.
@@ -73,25 +76,37 @@ impl VmFacts {
     }
 
     /// Bytes the sync rounds add at `rate` bytes/s: each resends what the guest dirtied during
-    /// the one before ([`Self::dirtied_in`]), until a round fits the downtime target; rounds
-    /// that stop shrinking are throttled and end after [`STALLED_ROUNDS`].
+    /// the one before ([`Self::dirtied_in`]), decided by the engine's own convergence policy:
+    /// until a round fits the downtime target; rounds that stop shrinking throttle the guest
+    /// (auto-converge), which then dirties only in the share of each second it still runs;
+    /// at the highest throttle it switches over as it stands.
     pub fn resend_bytes(&self, rate: f64, compressed: bool) -> f64 {
         let rate = rate.max(1.0);
-        let mut t = self.first_pass_bytes(compressed) / rate;
-        let (mut total, mut last) = (0.0, f64::INFINITY);
-        let mut stalled = 0;
-        for _ in 0..64 {
-            let round = self.dirtied_in(t, compressed);
+        let p = ConvergencePolicy::default();
+        let mut round_s = self.first_pass_bytes(compressed) / rate;
+        let (mut total, mut history, mut since, mut throttle) = (0.0, Vec::new(), 0, 0u8);
+        for _ in 0..MAX_MODEL_ROUNDS {
+            let round = self.dirtied_in(round_s * (1.0 - f64::from(throttle) / 100.0), compressed);
             total += round;
-            if round <= rate * FINAL_ROUND_S {
-                break;
+            // Pages, as the engine counts them; the policy looks only at their ratios. `round`
+            // is finite and non-negative; `as` saturates.
+            #[allow(clippy::cast_sign_loss)]
+            let (pages, bytes) = ((round / 4096.0) as u64, round as u64);
+            history.push(pages);
+            match p.decide(bytes, rate, &history, since, Duration::ZERO) {
+                Decision::Continue => {}
+                Decision::Stalled => match p.next_throttle(throttle) {
+                    Some(n) => (throttle, since) = (n, history.len()),
+                    // At the highest throttle: what this round left goes out in the pause.
+                    None => {
+                        total += self.dirtied_in(round / rate * 0.01, compressed);
+                        break;
+                    }
+                },
+                // Converged (this round went out in the pause), or a limit.
+                _ => break,
             }
-            stalled += u32::from(round >= last);
-            if stalled >= STALLED_ROUNDS {
-                break;
-            }
-            last = round;
-            t = round / rate;
+            round_s = round / rate;
         }
         total
     }
@@ -107,9 +122,40 @@ impl VmFacts {
     }
 }
 
+/// The working set W (pages) for which W (1 - e^(-writes / W)) distinct pages come from
+/// `writes` page writes spread over it, as `set` did; at most `cap`, and `cap` when the set
+/// shows no rewrites.
+fn working_set(writes: f64, set: f64, cap: f64) -> f64 {
+    let distinct = |w: f64| w * -(-writes / w).exp_m1();
+    if set <= 0.0 || writes <= 0.0 || distinct(cap) <= set {
+        return cap.max(1.0);
+    }
+    // distinct() grows with w: bisect between the set itself and the cap.
+    let (mut lo, mut hi) = (set.max(1.0), cap.max(1.0));
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if distinct(mid) < set {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_working_set_is_found_from_the_rewrites() {
+        // 10,000 writes spread over 20,000 pages leave 20,000 (1 - e^-0.5) = 7,869 distinct.
+        let w = working_set(10_000.0, 7_869.0, 1e6);
+        assert!((w - 20_000.0).abs() < 20.0, "{w}");
+        // No rewrites seen: as far as the window shows, it never stops growing.
+        assert_eq!(working_set(10_000.0, 10_000.0, 1e6), 1e6);
+        assert_eq!(working_set(0.0, 0.0, 5.0), 5.0);
+    }
 
     fn vm(touched: u64, zero: f64, ratio: f64, dirty: f64) -> VmFacts {
         VmFacts {
@@ -151,14 +197,19 @@ mod tests {
             (s.dirty_set_pages, s.dirty_set_half_pages, s.window_ms) = (5000, 5000, 500);
         }
         let extra = busy.resend_bytes(rate, false);
+        let w = working_set(12_207.0 * 0.5, 5000.0, (1u64 << 30) as f64 / 4096.0);
         assert!(extra >= 5000.0 * 4096.0, "{extra}");
-        assert!(extra < 3.0 * 5000.0 * 4096.0, "{extra}");
-        // One that keeps writing new pages resends in proportion to the round.
+        assert!(
+            extra < 3.0 * w * 4096.0,
+            "{extra} against a working set of {w} pages"
+        );
+        // One whose window showed no rewrites keeps writing new pages: in proportion to the
+        // round, up to what it touched.
         let mut spreading = busy.clone();
         if let Some(s) = spreading.sample.as_mut() {
-            s.dirty_set_half_pages = 2500;
+            s.dirty_set_pages = 6103;
         }
-        assert!(spreading.dirtied_in(4.0, false) > 4.0 * busy.dirtied_in(4.0, false));
+        assert!(spreading.dirtied_in(4.0, false) > 2.0 * busy.dirtied_in(4.0, false));
         assert!(busy.predict_secs(rate, false) > quiet.predict_secs(rate, false));
         // Dirtying faster than the link: throttled after a few stalled rounds, still finite.
         let hot = vm(1 << 30, 0.0, 1.0, 1e6);

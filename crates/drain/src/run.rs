@@ -26,6 +26,8 @@ const TICK: Duration = Duration::from_millis(50);
 const LEASE: Duration = Duration::from_secs(3);
 /// A failed VM is tried again no sooner than this (the destination clears its arrival).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A slot refilled within this long still counts as a full window for `auto`.
+const REFILL_GRACE: Duration = Duration::from_millis(250);
 /// Window `auto` is assumed to settle at per destination, for the ETA.
 const AUTO_ETA_WINDOW: usize = 2;
 
@@ -209,6 +211,8 @@ pub struct Run<'a> {
     outcomes: Vec<VmOutcome>,
     window: Window,
     full_since: Option<Instant>,
+    /// When the window last dropped below full.
+    not_full_since: Option<Instant>,
     /// (when, bytes on the wire so far): the aggregate throughput.
     wire: VecDeque<(Instant, u64)>,
     wire_done: u64,
@@ -247,6 +251,7 @@ impl<'a> Run<'a> {
             outcomes: planned.outcomes(s, Status::Cancelled),
             window: Window::new(o.concurrency),
             full_since: None,
+            not_full_since: None,
             wire: VecDeque::new(),
             wire_done: 0,
             ram_done: 0,
@@ -374,7 +379,6 @@ impl<'a> Run<'a> {
             switched: false,
         });
         self.peak = self.peak.max(self.moving());
-        self.full_since = None;
     }
 
     /// Settles every migration that ended.
@@ -559,10 +563,19 @@ impl<'a> Run<'a> {
     }
 
     fn tune_window(&mut self) {
-        if self.moving() < self.window.limit() || self.window.settled() {
-            self.full_since = None;
+        if self.window.settled() {
             return;
         }
+        if self.moving() < self.window.limit() {
+            // A slot refilled at once (one migration switched over, the next starts) keeps
+            // the window full: short migrations must not keep `auto` from measuring.
+            let idle = *self.not_full_since.get_or_insert_with(Instant::now);
+            if idle.elapsed() > REFILL_GRACE {
+                self.full_since = None;
+            }
+            return;
+        }
+        self.not_full_since = None;
         let since = *self.full_since.get_or_insert_with(Instant::now);
         if self
             .window

@@ -479,13 +479,14 @@ impl Bench<'_> {
 }
 
 /// The model's makespan for a drain, seconds: its survey, then the drain of its VMs' facts
-/// over the links' measured goodput at the concurrency it ran at.
+/// over the path's measured rate at the concurrency its window settled at (`auto` passes
+/// through others briefly; the peak also counts migrations only verifying).
 pub fn predict(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> f64 {
     out.survey_s
         + model::makespan(&Scenario {
             vms: out.facts.clone(),
             link: goodput_bps / 8.0,
-            concurrency: out.peak.max(1),
+            concurrency: out.concurrency_used.max(1),
             compressed: cfg.compressed(),
             framing: 1.0,
         })

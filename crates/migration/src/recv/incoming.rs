@@ -14,6 +14,7 @@ use transport::{Connection, Listener, Security, ShutdownHandle};
 
 use crate::protocol::{self, FrameReader, FrameWriter, Hello, Opening, Prepare, MAX_STREAMS};
 use crate::MigrationError;
+use vmm::memory::GuestRam;
 
 /// A migration's control connection, its handshake done.
 pub struct Pending {
@@ -146,6 +147,30 @@ const MAX_PARKED: usize = 4 * MAX_STREAMS as usize;
 /// At most this many link probes run at once, each for at most [`MAX_PROBE_TIME`].
 const MAX_PROBES: usize = 2;
 const MAX_PROBE_TIME: Duration = Duration::from_secs(30);
+/// Memory a probe lands its bytes in, freed and refilled in turn.
+const PROBE_LANDING: u64 = 64 << 20;
+
+/// Writes a probe's bytes into a memfd until the prober stops or [`MAX_PROBE_TIME`]; every
+/// [`PROBE_LANDING`] bytes the pages are freed, so each write allocates, as guest RAM does.
+fn land_probe(conn: &mut Connection) -> Result<(), MigrationError> {
+    let ram = GuestRam::new(PROBE_LANDING)?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut off = 0;
+    while start.elapsed() < MAX_PROBE_TIME {
+        let n = match std::io::Read::read(&mut conn.reader, &mut buf) {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(n) => n,
+        };
+        if off + n as u64 > PROBE_LANDING {
+            ram.zero_range(0, PROBE_LANDING)?;
+            off = 0;
+        }
+        ram.write_at(off, &buf[..n])?;
+        off += n as u64;
+    }
+    Ok(())
+}
 
 pub struct Incoming {
     listener: Listener,
@@ -245,8 +270,10 @@ impl Incoming {
         }
     }
 
-    /// A link probe: reads and drops what the prober sends (it measures what TCP acknowledged),
-    /// bounded in number and time.
+    /// A link probe: lands what the prober sends in fresh memory, as a migration lands pages,
+    /// then frees it; bounded in number, time and memory ([`PROBE_LANDING`] each). The prober
+    /// counts what TCP acknowledged, so it measures what this host can take in, not only the
+    /// wire.
     fn discard(&self, mut conn: Connection) {
         if self.probes.fetch_add(1, Ordering::SeqCst) >= MAX_PROBES {
             self.probes.fetch_sub(1, Ordering::SeqCst);
@@ -256,13 +283,8 @@ impl Incoming {
             );
             return;
         }
-        let start = Instant::now();
-        let mut buf = vec![0u8; 256 << 10];
-        while start.elapsed() < MAX_PROBE_TIME {
-            match std::io::Read::read(&mut conn.reader, &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
+        if let Err(e) = land_probe(&mut conn) {
+            tracing::debug!("link probe from {} ended: {e}", conn.peer);
         }
         conn.shutdown();
         self.probes.fetch_sub(1, Ordering::SeqCst);

@@ -59,6 +59,13 @@ pub struct MigrateArgs {
     /// the migration (e.g. 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub peer_timeout: Duration,
+    /// Send re-sent pages whole instead of as deltas against what the destination holds.
+    #[arg(long)]
+    pub no_delta: bool,
+    /// Last-sent pages the source keeps for deltas (e.g. 256M); default: twice the set of
+    /// pages the guest writes, at least 16 MiB, at most a quarter of its RAM.
+    #[arg(long, value_parser = parse_size)]
+    pub delta_cache: Option<u64>,
 }
 
 /// Mutual TLS credentials (the default), or `--insecure`.
@@ -142,6 +149,8 @@ impl MigrateArgs {
             max_rounds: self.max_rounds,
             max_bandwidth: self.max_bandwidth,
             auto_converge: Some(!self.no_auto_converge),
+            delta: Some(!self.no_delta),
+            delta_cache: self.delta_cache,
             peer_timeout_ms: Some(self.peer_timeout.as_millis() as u64),
             ..MigrateRequest::default()
         }

@@ -105,16 +105,30 @@ pub fn payload(data: &[u8]) {
     }
 }
 
+/// Applies every delta of a decoded batch to a scratch page, as a destination would.
+fn apply_deltas(pages: &[protocol::PageRef<'_>]) {
+    let mut page = vec![0u8; protocol::PAGE];
+    for p in pages {
+        if let (Some(d), Some(_)) = (p.data, p.base) {
+            let _ = crate::delta::apply(&mut page, d);
+        }
+    }
+}
+
 /// Carries out a step's decoding; returns the page data a direct batch announces.
 fn exercise(step: Step<'_>) -> Option<usize> {
     match step {
         Step::Pages { head, data } => {
-            let _ = head.pages(data, LIMIT, Kind::Pages);
+            if let Ok(pages) = head.pages(data, LIMIT, Kind::Pages) {
+                apply_deltas(&pages);
+            }
         }
         Step::Compressed(b) => {
             let mut out = Vec::new();
             if crate::codec::decompress(b.codec, b.data, b.raw_len, &mut out).is_ok() {
-                let _ = b.head.pages(&out, LIMIT, Kind::PagesCompressed);
+                if let Ok(pages) = b.head.pages(&out, LIMIT, Kind::PagesCompressed) {
+                    apply_deltas(&pages);
+                }
             }
         }
         Step::Direct(entries) => {

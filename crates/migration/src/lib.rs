@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub mod codec;
+pub mod delta;
 pub mod fuzz;
 pub mod policy;
 pub mod protocol;

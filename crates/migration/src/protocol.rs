@@ -27,6 +27,8 @@ pub const MAX_BATCH_PAGES: usize = 256;
 /// Page streams a migration may open beside its control connection.
 pub const MAX_STREAMS: u16 = 16;
 const ZERO_FLAG: u64 = 1;
+/// The entry's data is a [`DeltaHead`] and a delta encoding ([`crate::delta`]), not a page.
+const DELTA_FLAG: u64 = 2;
 const ENTRY_LEN: usize = std::mem::size_of::<Entry>();
 const COUNT_LEN: usize = std::mem::size_of::<U32>();
 
@@ -95,11 +97,40 @@ impl Entry {
     pub fn offset(&self) -> u64 {
         self.0.get() & !(PAGE as u64 - 1)
     }
+    /// A page sent as a delta against the version the destination holds.
+    pub fn delta(offset: u64) -> Self {
+        Entry(U64::new(offset | DELTA_FLAG))
+    }
     pub fn is_zero(&self) -> bool {
         self.0.get() & ZERO_FLAG != 0
     }
+    pub fn is_delta(&self) -> bool {
+        self.0.get() & DELTA_FLAG != 0
+    }
     fn unknown_flags(&self) -> u64 {
-        self.0.get() & (PAGE as u64 - 1) & !ZERO_FLAG
+        self.0.get() & (PAGE as u64 - 1) & !(ZERO_FLAG | DELTA_FLAG)
+    }
+}
+
+/// In front of a delta entry's encoding in a batch's data.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct DeltaHead {
+    /// [`crate::delta::base_hash`] of the version the delta was computed against.
+    pub base: U64,
+    /// Bytes of encoding that follow, at most [`crate::delta::MAX_DELTA`].
+    pub len: U16,
+}
+
+pub const DELTA_HEAD_LEN: usize = std::mem::size_of::<DeltaHead>();
+
+impl DeltaHead {
+    /// `len` is at most [`crate::delta::MAX_DELTA`], so it fits.
+    pub fn new(base: u64, len: usize) -> Self {
+        DeltaHead {
+            base: U64::new(base),
+            len: U16::new(u16::try_from(len).unwrap_or(u16::MAX)),
+        }
     }
 }
 
@@ -237,6 +268,8 @@ pub enum ProtocolError {
     TransportUnsupported(u8),
     /// unknown frame kind {0}
     UnknownKind(u8),
+    /// a delta for page {offset:#x} against version {base:016x}, but this host holds version {held:016x}: refused
+    DeltaBase { offset: u64, base: u64, held: u64 },
     /// {kind:?} frame of {len} bytes exceeds its limit of {max}
     Oversized { kind: Kind, len: usize, max: usize },
     /// frame {seq} ({kind:?}) failed its checksum
@@ -551,10 +584,10 @@ impl<'a> BatchHead<'a> {
         if let Some((i, e)) = entries
             .iter()
             .enumerate()
-            .find(|(_, e)| e.unknown_flags() != 0)
+            .find(|(_, e)| e.unknown_flags() != 0 || (e.is_zero() && e.is_delta()))
         {
             return Err(bad(format!(
-                "entry {i} has unknown flag bits {:#x}",
+                "entry {i} has unknown or conflicting flag bits {:#x}",
                 e.0.get()
             )));
         }
@@ -565,8 +598,19 @@ impl<'a> BatchHead<'a> {
         self.entries
     }
 
+    /// Entries with data: whole pages and deltas.
     pub fn data_pages(&self) -> usize {
         self.entries.iter().filter(|e| !e.is_zero()).count()
+    }
+
+    pub fn delta_pages(&self) -> usize {
+        self.entries.iter().filter(|e| e.is_delta()).count()
+    }
+
+    /// The most data the entries can carry: whole pages, and deltas at their largest.
+    pub fn max_data_len(&self) -> usize {
+        let deltas = self.delta_pages();
+        (self.data_pages() - deltas) * PAGE + deltas * (DELTA_HEAD_LEN + crate::delta::MAX_DELTA)
     }
 
     /// Every page must lie inside guest RAM of `limit` bytes.
@@ -580,10 +624,11 @@ impl<'a> BatchHead<'a> {
         }
     }
 
-    /// Every page inside guest RAM of `limit` bytes, and `data_len` exactly the data pages.
+    /// Every page inside guest RAM of `limit` bytes, and `data_len` exactly the data pages
+    /// (without deltas; with them, [`BatchHead::pages`] walks the data).
     pub fn validate(&self, data_len: usize, limit: u64, kind: Kind) -> Result<(), ProtocolError> {
         self.check(limit, kind)?;
-        if data_len != self.data_pages() * PAGE {
+        if self.delta_pages() == 0 && data_len != self.data_pages() * PAGE {
             return Err(malformed(kind)(format!(
                 "{data_len} bytes of page data for {} data pages",
                 self.data_pages()
@@ -592,7 +637,8 @@ impl<'a> BatchHead<'a> {
         Ok(())
     }
 
-    /// The batch's pages with their data, which must be exactly the data pages in order.
+    /// The batch's pages with their data, which must be exactly the data pages and deltas in
+    /// order.
     pub fn pages<'d>(
         &self,
         data: &'d [u8],
@@ -600,15 +646,44 @@ impl<'a> BatchHead<'a> {
         kind: Kind,
     ) -> Result<Vec<PageRef<'d>>, ProtocolError> {
         self.validate(data.len(), limit, kind)?;
-        let mut chunks = data.chunks_exact(PAGE);
-        Ok(self
-            .entries
-            .iter()
-            .map(|e| PageRef {
+        let bad = malformed(kind);
+        let mut rest = data;
+        let mut out = Vec::with_capacity(self.entries.len());
+        for e in self.entries {
+            let (data, base) = if e.is_zero() {
+                (None, None)
+            } else if e.is_delta() {
+                let (h, tail) = DeltaHead::read_from_prefix(rest).map_err(|_| {
+                    bad(format!("the delta of page {:#x} is cut short", e.offset()))
+                })?;
+                let len = usize::from(h.len.get());
+                if len > crate::delta::MAX_DELTA || tail.len() < len {
+                    return Err(bad(format!(
+                        "a delta of {len} bytes for page {:#x} ({} left, at most {})",
+                        e.offset(),
+                        tail.len(),
+                        crate::delta::MAX_DELTA
+                    )));
+                }
+                rest = &tail[len..];
+                (Some(&tail[..len]), Some(h.base.get()))
+            } else {
+                let page = rest
+                    .get(..PAGE)
+                    .ok_or_else(|| bad(format!("page {:#x} is cut short", e.offset())))?;
+                rest = &rest[PAGE..];
+                (Some(page), None)
+            };
+            out.push(PageRef {
                 offset: e.offset(),
-                data: if e.is_zero() { None } else { chunks.next() },
-            })
-            .collect())
+                data,
+                base,
+            });
+        }
+        if !rest.is_empty() {
+            return Err(bad(format!("{} bytes after the last page", rest.len())));
+        }
+        Ok(out)
     }
 }
 
@@ -618,6 +693,8 @@ pub struct PageRef<'a> {
     pub offset: u64,
     /// None = all zero.
     pub data: Option<&'a [u8]>,
+    /// Some: `data` is a delta against the version of the page with this hash.
+    pub base: Option<u64>,
 }
 
 /// A PagesCompressed payload: codec, head, compressed data, and the data's raw length.
@@ -681,7 +758,13 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
             Frame::Pages { head, data }
         }
         Kind::PagesCompressed => Frame::PagesCompressed(decode_compressed(payload)?),
-        Kind::PagesDirect => Frame::PagesDirect(BatchHead::parse(payload, kind)?.0),
+        Kind::PagesDirect => {
+            let head = BatchHead::parse(payload, kind)?.0;
+            if head.delta_pages() != 0 {
+                return Err(bad("deltas cannot travel as direct page data".into()));
+            }
+            Frame::PagesDirect(head)
+        }
         Kind::RoundEnd => {
             let r = RoundEndWire::read_from_bytes(payload)
                 .map_err(|_| bad(format!("{} bytes, expected 12", payload.len())))?;
@@ -709,7 +792,8 @@ fn decode_compressed(payload: &[u8]) -> Result<CompressedBatch<'_>, ProtocolErro
     let raw_len = h.raw_len.get() as usize;
     let (head, data) = BatchHead::parse(rest, Kind::PagesCompressed)?;
     // Checked before decompressing: a frame cannot make us allocate more than a batch.
-    if raw_len != head.data_pages() * PAGE {
+    let exact = head.delta_pages() == 0;
+    if (exact && raw_len != head.data_pages() * PAGE) || raw_len > head.max_data_len() {
         return Err(bad(format!(
             "raw length {raw_len} for {} data pages",
             head.data_pages()
@@ -744,6 +828,11 @@ impl PageBatch {
 
     pub fn push(&mut self, offset: u64, zero: bool) {
         self.entries.push(Entry::new(offset, zero));
+    }
+
+    /// A page whose data is a [`DeltaHead`] and its encoding.
+    pub fn push_delta(&mut self, offset: u64) {
+        self.entries.push(Entry::delta(offset));
     }
 
     /// The head's bytes (count + entries).
@@ -1436,10 +1525,49 @@ mod tests {
             pages[1],
             PageRef {
                 offset: 4096,
-                data: None
+                data: None,
+                base: None
             }
         );
         assert!(pages[2].data.unwrap().iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn delta_entries_carry_their_encoding_and_lies_are_refused() {
+        let delta_of = |base: u64, enc: &[u8]| {
+            let mut d = DeltaHead::new(base, enc.len()).as_bytes().to_vec();
+            d.extend_from_slice(enc);
+            d
+        };
+        let mut b = PageBatch::default();
+        b.push(0, false);
+        b.push_delta(4096);
+        b.push(8192, true);
+        let enc = [0u8, 0, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        let mut p = b.head();
+        p.extend(std::iter::repeat_n(7u8, PAGE));
+        p.extend(delta_of(42, &enc));
+        let pages = decode_pages(&p, 1 << 20).unwrap();
+        assert_eq!(
+            (pages[1].offset, pages[1].base, pages[1].data),
+            (4096, Some(42), Some(&enc[..]))
+        );
+        assert_eq!((pages[0].base, pages[2].data), (None, None));
+        // Cut short, too long, bytes left over: refused.
+        assert!(decode_pages(&p[..p.len() - 1], 1 << 20).is_err());
+        let mut extra = p.clone();
+        extra.push(0);
+        assert!(decode_pages(&extra, 1 << 20).is_err());
+        let mut long = b.head();
+        long.extend(std::iter::repeat_n(7u8, PAGE));
+        long.extend(delta_of(42, &vec![0u8; crate::delta::MAX_DELTA + 1]));
+        assert!(decode_pages(&long, 1 << 20).is_err());
+        // A delta cannot be a zero page too, nor travel as direct page data.
+        let both = Entry(U64::new(4096 | ZERO_FLAG | DELTA_FLAG));
+        let mut h = U32::new(1).as_bytes().to_vec();
+        h.extend_from_slice(both.as_bytes());
+        assert!(decode(Kind::Pages, &h).is_err());
+        assert!(decode(Kind::PagesDirect, &b.head()).is_err());
     }
 
     #[test]

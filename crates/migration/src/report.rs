@@ -34,6 +34,26 @@ pub struct PageCounts {
     pub zero: u64,
     pub compressed: u64,
     pub raw_fallback: u64,
+    /// Re-sent pages that went as deltas against the version the destination held (then
+    /// through the batch codec on the compressed transport).
+    #[serde(default)]
+    pub delta: u64,
+}
+
+/// What delta encoding of re-sent pages did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeltaReport {
+    /// The cache of last-sent pages at its largest.
+    pub capacity_bytes: u64,
+    /// Re-sent pages found in the cache and sent as deltas.
+    pub hits: u64,
+    /// Re-sent pages the cache did not hold (sent whole).
+    pub misses: u64,
+    /// Cached pages that changed too much for a delta (sent whole).
+    pub too_different: u64,
+    pub evicted: u64,
+    /// Page bytes the deltas did not send (before any batch codec).
+    pub bytes_saved: u64,
 }
 
 /// What the compressed transport did.
@@ -103,6 +123,10 @@ pub struct Report {
     /// into its mapping by page streams in parallel.
     #[serde(default)]
     pub direct_recv: Option<String>,
+    /// Delta encoding of re-sent pages; None when off (`--no-delta`, or the direct transport,
+    /// which sends pages from guest RAM untouched).
+    #[serde(default)]
+    pub delta: Option<DeltaReport>,
     pub error: Option<String>,
 }
 
@@ -154,6 +178,16 @@ impl Report {
             s += &format!(
                 "  compression: {} pages compressed, {} raw fallback; ratio {:.2}; batches lz4 {} / zstd {} / raw {}; codec cpu {:.2} s\n",
                 self.pages.compressed, self.pages.raw_fallback, c.ratio, c.batches_lz4, c.batches_zstd, c.batches_raw, c.codec_cpu_seconds
+            );
+        }
+        if let Some(d) = &self.delta {
+            s += &format!(
+                "  delta: {} re-sent pages as deltas, {} not cached, {} too changed; {:.1} MiB of pages not sent; cache {} MiB\n",
+                d.hits,
+                d.misses,
+                d.too_different,
+                d.bytes_saved as f64 / (1 << 20) as f64,
+                d.capacity_bytes >> 20
             );
         }
         if let Some(cap) = self.max_bandwidth_gbps {

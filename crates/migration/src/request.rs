@@ -34,6 +34,13 @@ pub struct MigrateRequest {
     /// Throttle the guest when rounds stop shrinking (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_converge: Option<bool>,
+    /// Send re-sent pages as deltas against what the destination holds (default true; tcp and
+    /// compressed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<bool>,
+    /// Bytes of last-sent pages the source keeps for deltas (default: twice the hot set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_cache: Option<u64>,
     /// The deadline on progress, in milliseconds (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
@@ -77,6 +84,9 @@ pub fn parse_network(s: &str) -> Result<Vec<(std::net::IpAddr, String)>, String>
         })
         .collect()
 }
+
+/// The largest `--delta-cache` a request may ask for.
+pub const MAX_DELTA_CACHE: u64 = 64 << 30;
 
 /// What a migration or receiver says when it has no credentials and was not told to run
 /// plaintext.
@@ -139,6 +149,17 @@ impl MigrateRequest {
         }
         if self.auto_converge == Some(false) {
             o.policy.auto_converge = None;
+        }
+        o.delta = self.delta != Some(false);
+        if let Some(c) = self.delta_cache {
+            if c > MAX_DELTA_CACHE {
+                return Err(format!(
+                    "a delta cache of {} MiB is more than the {} MiB allowed",
+                    c >> 20,
+                    MAX_DELTA_CACHE >> 20
+                ));
+            }
+            o.delta_cache = Some(c);
         }
         if let Some(cap) = self.max_bandwidth {
             let min = min_bandwidth(o.peer_timeout);

@@ -7,9 +7,10 @@ use std::time::Duration;
 use migration::codec::{compress, Codec};
 use migration::fuzz;
 use migration::protocol::{
-    write_data_hello, write_hello, FrameWriter, Hello, Kind, PageBatch, Prepare, RoundEnd,
-    Transport, VerifyOutcome, PAGE, VERSION,
+    write_data_hello, write_hello, DeltaHead, FrameWriter, Hello, Kind, PageBatch, Prepare,
+    RoundEnd, Transport, VerifyOutcome, PAGE, VERSION,
 };
+use zerocopy::IntoBytes;
 
 #[global_allocator]
 static METER: fuzzkit::Meter = fuzzkit::Meter;
@@ -47,6 +48,23 @@ fn batch(pages: &[(u64, Option<u8>)]) -> (Vec<u8>, Vec<u8>) {
             data.extend((0..PAGE).map(|i| (i as u8).wrapping_mul(*f)));
         }
     }
+    (b.head(), data)
+}
+
+/// A batch with a whole page and a delta.
+fn delta_batch() -> (Vec<u8>, Vec<u8>) {
+    let mut b = PageBatch::default();
+    b.push(0, false);
+    b.push_delta(4096);
+    let old = vec![1u8; PAGE];
+    let mut new = old.clone();
+    new[8] = 2;
+    new[1000] = 7;
+    let mut enc = Vec::new();
+    assert!(migration::delta::encode(&old, &new, &mut enc));
+    let mut data = vec![3u8; PAGE];
+    data.extend_from_slice(DeltaHead::new(migration::delta::base_hash(&old), enc.len()).as_bytes());
+    data.extend(enc);
     (b.head(), data)
 }
 
@@ -89,6 +107,12 @@ fn traffic() -> Vec<Vec<u8>> {
         .unwrap();
     let (head, data) = batch(&[(0, Some(3)), (4096, None), (8192, Some(5))]);
     w.send_pages(&head, &data).unwrap();
+    let (dhead, ddata) = delta_batch();
+    w.send_pages(&dhead, &ddata).unwrap();
+    let mut c = Vec::new();
+    compress(Codec::Zstd, &ddata, &mut c).unwrap();
+    w.send_compressed(Codec::Zstd, ddata.len(), &dhead, &c)
+        .unwrap();
     for codec in [Codec::Lz4, Codec::Zstd] {
         let mut c = Vec::new();
         compress(codec, &data, &mut c).unwrap();

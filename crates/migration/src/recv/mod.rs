@@ -91,6 +91,8 @@ impl Default for ReceiveOptions {
 pub struct ReceiveStats {
     pub pages: u64,
     pub zero_pages: u64,
+    /// Pages that came as deltas against the version held here.
+    pub delta_pages: u64,
     pub rounds: u32,
     /// CPU seconds of the page stream threads.
     pub stream_cpu_seconds: f64,
@@ -101,6 +103,7 @@ impl ReceiveStats {
     fn add(&mut self, o: &ReceiveStats) {
         self.pages += o.pages;
         self.zero_pages += o.zero_pages;
+        self.delta_pages += o.delta_pages;
         self.stream_cpu_seconds += o.stream_cpu_seconds;
     }
 }
@@ -582,6 +585,9 @@ fn place_batch(
     kind: Kind,
     stats: &mut ReceiveStats,
 ) -> Result<(), MigrationError> {
+    if head.delta_pages() != 0 {
+        return place_pages(ram, head, data, kind, stats);
+    }
     head.validate(data.len(), ram.size(), kind)?;
     let mut at = 0;
     for (off, n, zero) in runs(head.entries().iter().map(|e| (e.offset(), e.is_zero()))) {
@@ -596,6 +602,48 @@ fn place_batch(
             at = end;
         }
         stats.pages += n as u64;
+    }
+    Ok(())
+}
+
+/// A batch with deltas, page by page. A delta applies only to the version of the page it
+/// was computed against: the page here must hash to its base, or the migration is off (a
+/// source that lost track of what we hold, or one that lies, never gets a page placed).
+fn place_pages(
+    ram: &GuestRam,
+    head: &BatchHead<'_>,
+    data: &[u8],
+    kind: Kind,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for p in head.pages(data, ram.size(), kind)? {
+        match (p.data, p.base) {
+            (None, _) => {
+                ram.zero_range(p.offset, PAGE_SIZE)?;
+                stats.zero_pages += 1;
+            }
+            (Some(d), None) => ram.write_at(p.offset, d)?,
+            (Some(d), Some(base)) => {
+                ram.read_at(p.offset, &mut page)?;
+                let held = crate::delta::base_hash(&page);
+                if held != base {
+                    return Err(ProtocolError::DeltaBase {
+                        offset: p.offset,
+                        base,
+                        held,
+                    }
+                    .into());
+                }
+                crate::delta::apply(&mut page, d).map_err(|why| ProtocolError::Malformed {
+                    kind,
+                    why: format!("the delta of page {:#x}: {why}", p.offset),
+                })?;
+                ram.write_at(p.offset, &page)?;
+                stats.delta_pages += 1;
+            }
+        }
+        stats.pages += 1;
     }
     Ok(())
 }
@@ -639,6 +687,49 @@ fn verify(vm: &Vm, timeout: Duration) -> VerifyOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delta_applies_only_to_the_version_it_was_computed_against() {
+        use crate::delta;
+        use crate::protocol::{decode, DeltaHead, Frame, PageBatch};
+        use zerocopy::IntoBytes;
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let old = vec![5u8; 4096];
+        ram.write_at(4096, &old).unwrap();
+        let mut new = old.clone();
+        new[0] = 6;
+        let mut enc = Vec::new();
+        assert!(delta::encode(&old, &new, &mut enc));
+        let mut b = PageBatch::default();
+        b.push_delta(4096);
+        let payload = |base: u64| {
+            let mut p = b.head();
+            p.extend_from_slice(DeltaHead::new(base, enc.len()).as_bytes());
+            p.extend_from_slice(&enc);
+            p
+        };
+        let place = |p: &[u8], stats: &mut ReceiveStats| match decode(Kind::Pages, p).unwrap() {
+            Frame::Pages { head, data } => place_batch(&ram, &head, data, Kind::Pages, stats),
+            f => panic!("{:?}", f.kind()),
+        };
+        let page = || {
+            let mut got = vec![0u8; 4096];
+            ram.read_at(4096, &mut got).unwrap();
+            got
+        };
+        let mut stats = ReceiveStats::default();
+        // Against another version (a hostile or confused source): refused, nothing placed.
+        let e = place(&payload(delta::base_hash(&[9u8; 4096])), &mut stats).unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+        assert_eq!(page(), old);
+        // Against what is here: applied.
+        place(&payload(delta::base_hash(&old)), &mut stats).unwrap();
+        assert_eq!(page(), new);
+        assert_eq!(stats.delta_pages, 1);
+        // The same delta again is against a version no longer here.
+        assert!(place(&payload(delta::base_hash(&old)), &mut stats).is_err());
+        assert_eq!(page(), new);
+    }
 
     #[test]
     fn runs_group_consecutive_pages_of_one_kind() {

@@ -13,6 +13,8 @@ use crate::{thread_cpu_seconds, MigrationError};
 pub(super) struct Job {
     pub head: Vec<u8>,
     pub data: Vec<u8>,
+    /// Whole pages in `data` (deltas are counted apart).
+    pub pages: u64,
     pub out: Vec<u8>,
     pub choice: Choice,
     pub secs: f64,

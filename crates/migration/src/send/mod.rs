@@ -5,6 +5,7 @@
 //! the VM keeps running here.
 mod cancel;
 mod compress;
+mod delta_cache;
 mod link;
 mod pages;
 mod streams;
@@ -60,6 +61,10 @@ pub struct MigrateOptions {
     /// Per page stream, the local address to leave from and the remote host to reach (the
     /// port is `to`'s): one NIC pair each. Overrides `channels` when set.
     pub network: Vec<(std::net::IpAddr, String)>,
+    /// Re-sent pages go as deltas against what the destination holds (tcp and compressed).
+    pub delta: bool,
+    /// Bytes of last-sent pages kept for deltas; None: twice the hot set, within bounds.
+    pub delta_cache: Option<u64>,
 }
 
 impl MigrateOptions {
@@ -80,6 +85,8 @@ impl MigrateOptions {
             transport: Transport::Tcp,
             channels: 0,
             network: Vec::new(),
+            delta: true,
+            delta_cache: None,
         }
     }
 
@@ -263,6 +270,30 @@ fn open(
         why: "redirected twice".into(),
     }
     .into())
+}
+
+/// The copy looks at which pages the guest writes after this many pages (1 MiB), then after
+/// twice as many each time up to every [`PEEK_EVERY_PAGES`] (64 MiB).
+const FIRST_PEEK_PAGES: u64 = 256;
+const PEEK_EVERY_PAGES: u64 = 16384;
+
+/// A round's page counts as it goes.
+struct Counting {
+    /// Pages put into batches.
+    sent: u64,
+    /// Pages looked at (deferred ones twice).
+    seen: u64,
+    next_peek: u64,
+    /// Pages sent by earlier rounds, for progress.
+    base: u64,
+    told: Instant,
+}
+
+/// The delta cache for this migration: None with `--no-delta` or on the direct transport,
+/// whose pages go from guest RAM to the socket untouched.
+fn delta_cache(opts: &MigrateOptions, ram_bytes: u64) -> Option<delta_cache::DeltaCache> {
+    (opts.delta && opts.transport != Transport::Direct)
+        .then(|| delta_cache::DeltaCache::new(ram_bytes, opts.delta_cache))
 }
 
 /// What Prepare says of the VM: its shape, the RAM the copy will send, the session.
@@ -459,7 +490,14 @@ impl<'a> Session<'a> {
             opts,
             progress,
             prog,
-            sender: PageSender::new(link, source.ram.clone(), path, streams, control),
+            sender: PageSender::new(
+                link,
+                source.ram.clone(),
+                path,
+                streams,
+                control,
+                delta_cache(opts, source.ram.size()),
+            ),
             // Ready was the destination's frame 0.
             input: FrameReader::with_seq(reader, 1),
             control: control2,
@@ -489,21 +527,26 @@ impl<'a> Session<'a> {
         deliver: bool,
     ) -> Result<Round, MigrationError> {
         let (t, w0) = (Instant::now(), self.wire.sent());
-        let (mut n, base, mut told) = (0u64, self.prog.pages_sent, Instant::now());
-        for off in pages {
-            self.sender.page(off)?;
-            n += 1;
-            if n.is_multiple_of(256) {
-                self.opts.cancel.check()?;
-                if told.elapsed() >= PROGRESS_EVERY {
-                    told = Instant::now();
-                    self.prog.pages_sent = base + n;
-                    self.prog.bytes_on_wire = self.wire.sent();
-                    (self.progress)(&self.prog);
-                }
-            }
+        let mut c = Counting {
+            sent: 0,
+            seen: 0,
+            next_peek: FIRST_PEEK_PAGES,
+            base: self.prog.pages_sent,
+            told: Instant::now(),
+        };
+        if round == 0 {
+            self.sender.start_deferring();
         }
-        self.prog.pages_sent = base + n;
+        for off in pages {
+            self.one_page(round, off, &mut c)?;
+        }
+        // The copy's hot pages, held back until the guest's writes were known: sent last,
+        // and kept for the deltas of the rounds that will send them again.
+        for off in self.sender.take_deferred() {
+            self.one_page(round, off, &mut c)?;
+        }
+        let n = c.sent;
+        self.prog.pages_sent = c.base + n;
         self.sender.round_end(RoundEnd { round, pages: n })?;
         if deliver {
             self.sender.wait_delivered(self.opts.peer_timeout, round)?;
@@ -513,6 +556,43 @@ impl<'a> Session<'a> {
             bytes: self.wire.sent() - w0,
             ms: t.elapsed().as_millis() as u64,
         })
+    }
+
+    /// One page of a round, with the copy's looks at the dirty log, cancellation and progress.
+    fn one_page(&mut self, round: u32, off: u64, c: &mut Counting) -> Result<(), MigrationError> {
+        c.sent += u64::from(self.sender.page(off)?);
+        c.seen += 1;
+        if round == 0 && c.seen == c.next_peek {
+            // Often at first, when little is known, then every PEEK_EVERY_PAGES.
+            c.next_peek += c.next_peek.min(PEEK_EVERY_PAGES);
+            self.peek_hot()?;
+        }
+        if c.seen.is_multiple_of(256) {
+            self.opts.cancel.check()?;
+            if c.told.elapsed() >= PROGRESS_EVERY {
+                c.told = Instant::now();
+                self.prog.pages_sent = c.base + c.sent;
+                self.prog.bytes_on_wire = self.wire.sent();
+                (self.progress)(&self.prog);
+            }
+        }
+        Ok(())
+    }
+
+    /// During the copy: which pages the guest has written so far (the dirty log read without
+    /// clearing it, so only with manual protect); the delta cache keeps what it sends of them.
+    fn peek_hot(&mut self) -> Result<(), MigrationError> {
+        let Some(cache) = &mut self.sender.delta else {
+            return Ok(());
+        };
+        let d = locks::lock(&self.dirty);
+        if !d.manual_protect() {
+            return Ok(());
+        }
+        for b in d.fetch()? {
+            cache.mark_hot(b.pages());
+        }
+        Ok(())
     }
 
     /// Phase 2, copy: every page the guest (or the VMM, before boot) ever touched; holes are never
@@ -543,6 +623,7 @@ impl<'a> Session<'a> {
     /// policy stops it), throttling a guest that outruns the link (auto-converge).
     fn sync(&mut self) -> Result<(), MigrationError> {
         self.phase("sync");
+        self.sender.resend = true;
         let t_sync = Instant::now();
         let manual = locks::lock(&self.dirty).manual_protect();
         let mut history: Vec<u64> = Vec::new();
@@ -684,6 +765,7 @@ impl<'a> Session<'a> {
         let cpu_src = thread_cpu_seconds() - cpu0 + self.sender.streams.cpu_seconds;
         r.direct_send = Some(self.sender.direct_mechanism().to_string()).filter(|m| !m.is_empty());
         r.direct_recv = Some(self.sender.direct_landing()).filter(|m| !m.is_empty());
+        r.delta = self.sender.delta.as_ref().map(|c| c.report.clone());
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
         // The guest verifies every page it wrote before the destination answers.

@@ -6,13 +6,15 @@ use transport::ShutdownHandle;
 use vmm::memory::{is_zero, GuestRam, PAGE_SIZE};
 
 use super::compress::{Compressor, Job};
+use super::delta_cache::DeltaCache;
 use super::link::{Link, Outgoing};
 use super::streams::Streams;
 use crate::codec::{Choice, Codec, CodecPolicy};
 use crate::policy;
-use crate::protocol::{PageBatch, RoundEnd, MAX_BATCH_PAGES};
+use crate::protocol::{DeltaHead, PageBatch, RoundEnd, MAX_BATCH_PAGES};
 use crate::report::{CompressionReport, PageCounts};
 use crate::{MigrationError, Wire};
+use zerocopy::IntoBytes;
 
 const PAGE: usize = PAGE_SIZE as usize;
 const BATCH_BYTES: usize = MAX_BATCH_PAGES * PAGE;
@@ -84,6 +86,22 @@ pub(super) struct PageSender<'a> {
     pub pages: PageCounts,
     /// The control connection's socket, to see what it has not delivered yet.
     control: ShutdownHandle,
+    /// Last-sent pages, for deltas (tcp and compressed paths, unless `--no-delta`).
+    pub delta: Option<DeltaCache>,
+    delta_buf: Vec<u8>,
+    /// Sync rounds: pages going out have gone before.
+    pub resend: bool,
+    /// Whole pages in the batch being built.
+    batch_full: u64,
+    /// During the copy: hot pages held back to go last (see [`Self::start_deferring`]).
+    deferred: Option<Vec<u64>>,
+}
+
+/// How one page went into the batch.
+enum Placed {
+    Zero,
+    Whole,
+    Delta,
 }
 
 impl<'a> PageSender<'a> {
@@ -93,6 +111,7 @@ impl<'a> PageSender<'a> {
         path: PagePath,
         streams: Streams,
         control: ShutdownHandle,
+        delta: Option<DeltaCache>,
     ) -> Self {
         PageSender {
             link,
@@ -103,36 +122,92 @@ impl<'a> PageSender<'a> {
             streams,
             pages: PageCounts::default(),
             control,
+            delta,
+            delta_buf: Vec::new(),
+            resend: false,
+            batch_full: 0,
+            deferred: None,
         }
     }
 
-    /// Queues one page (memfd offset); writes the batch when it is full.
-    pub fn page(&mut self, off: u64) -> Result<(), MigrationError> {
-        let zero = match &mut self.path {
-            PagePath::Direct { pages } => {
-                let zero = self.ram.page_is_zero(off)?;
-                if !zero {
-                    pages.push(off);
-                }
-                zero
+    /// The copy holds back pages the guest is known to write (they will go again in the next
+    /// round anyway) until its end, when more of its writes are known and what is sent of
+    /// them is kept for deltas. Only with deltas.
+    pub fn start_deferring(&mut self) {
+        if self.delta.is_some() {
+            self.deferred = Some(Vec::new());
+        }
+    }
+
+    /// The pages held back; from now on nothing is.
+    pub fn take_deferred(&mut self) -> Vec<u64> {
+        self.deferred.take().unwrap_or_default()
+    }
+
+    /// Queues one page (memfd offset); writes the batch when it is full. False: held back
+    /// for the end of the copy.
+    pub fn page(&mut self, off: u64) -> Result<bool, MigrationError> {
+        if let (Some(d), Some(c)) = (&mut self.deferred, &self.delta) {
+            if c.is_hot(off) {
+                d.push(off);
+                return Ok(false);
             }
-            PagePath::Copy | PagePath::Compressed { .. } => {
-                let start = self.data.len();
-                self.data.resize(start + PAGE, 0);
-                self.ram.read_at(off, &mut self.data[start..])?;
-                let zero = is_zero(&self.data[start..]);
-                if zero {
-                    self.data.truncate(start);
-                }
-                zero
+        }
+        let placed = if let PagePath::Direct { pages } = &mut self.path {
+            if self.ram.page_is_zero(off)? {
+                Placed::Zero
+            } else {
+                pages.push(off);
+                Placed::Whole
             }
+        } else {
+            self.copy_page(off)?
         };
-        self.pages.zero += u64::from(zero);
-        self.batch.push(off, zero);
+        match placed {
+            Placed::Zero => {
+                self.pages.zero += 1;
+                self.batch.push(off, true);
+            }
+            Placed::Whole => {
+                self.batch_full += 1;
+                self.batch.push(off, false);
+            }
+            Placed::Delta => {
+                self.pages.delta += 1;
+                self.batch.push_delta(off);
+            }
+        }
         if self.batch.len() == MAX_BATCH_PAGES {
             self.flush_batch()?;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Copies the page into the batch's data: whole, or as a delta against what the
+    /// destination holds when that is known and small; zero pages take no data.
+    fn copy_page(&mut self, off: u64) -> Result<Placed, MigrationError> {
+        let start = self.data.len();
+        self.data.resize(start + PAGE, 0);
+        self.ram.read_at(off, &mut self.data[start..])?;
+        if is_zero(&self.data[start..]) {
+            self.data.truncate(start);
+            if let Some(c) = &mut self.delta {
+                c.forget(off);
+            }
+            return Ok(Placed::Zero);
+        }
+        let Some(cache) = &mut self.delta else {
+            return Ok(Placed::Whole);
+        };
+        let Some(base) = cache.encode(off, &self.data[start..], &mut self.delta_buf, self.resend)
+        else {
+            return Ok(Placed::Whole);
+        };
+        self.data.truncate(start);
+        self.data
+            .extend_from_slice(DeltaHead::new(base, self.delta_buf.len()).as_bytes());
+        self.data.extend_from_slice(&self.delta_buf);
+        Ok(Placed::Delta)
     }
 
     fn take_data(&mut self) -> Vec<u8> {
@@ -147,7 +222,7 @@ impl<'a> PageSender<'a> {
         let head = self.batch.head();
         self.batch.clear();
         let data = self.take_data();
-        let data_pages = (data.len() / PAGE) as u64;
+        let data_pages = std::mem::take(&mut self.batch_full);
         let out = match &mut self.path {
             PagePath::Direct { pages } => {
                 self.pages.normal += pages.len() as u64;
@@ -166,6 +241,7 @@ impl<'a> PageSender<'a> {
                     workers.submit(Job {
                         head,
                         data,
+                        pages: data_pages,
                         out: Vec::new(),
                         choice,
                         secs: 0.0,
@@ -317,7 +393,7 @@ impl<'a> PageSender<'a> {
 /// A finished compression job as the batch that goes out: compressed if that saved something
 /// real, else raw (counted as a fallback).
 fn encoded(job: Job, workers: &mut Compressor, pages: &mut PageCounts) -> Outgoing {
-    let n = (job.data.len() / PAGE) as u64;
+    let n = job.pages;
     let raw = job.data.len();
     let codec = match job.choice {
         Choice::Compress(codec) => codec,

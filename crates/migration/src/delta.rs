@@ -1,0 +1,162 @@
+//! Delta encoding of a re-sent page against the version the destination holds: the XOR of old
+//! and new, as runs of differing 64-bit words. A guest that changed a few words of a page
+//! sends those words, not 4 KiB. The destination applies a delta only to the exact version it
+//! was computed against ([`base_hash`] of its page must match), and refuses anything else.
+//!
+//! Encoding: a sequence of runs, each `skip: u16` (unchanged words before it), `words: u16`,
+//! then `words` × 8 bytes of old XOR new; runs are in page order and never pass its end.
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Bytes of a page.
+pub const PAGE: usize = 4096;
+const WORDS: usize = PAGE / 8;
+const RUN_HEAD: usize = 4;
+
+/// A delta is sent only when it is at most this much of a page (a smaller delta than this
+/// saves little, and the full page then refreshes the base).
+pub const MAX_DELTA: usize = PAGE / 2;
+
+/// The hash a delta names its base by: what the destination must hold for the page.
+pub fn base_hash(page: &[u8]) -> u64 {
+    xxh3_64(page)
+}
+
+fn word(p: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&p[i * 8..i * 8 + 8]);
+    u64::from_ne_bytes(w)
+}
+
+/// Encodes `new` against `old` (both one page) into `out` (cleared first). Returns false, with
+/// `out` unspecified, when the delta would be larger than [`MAX_DELTA`].
+pub fn encode(old: &[u8], new: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    if old.len() != PAGE || new.len() != PAGE {
+        return false;
+    }
+    let mut i = 0;
+    let mut last_end = 0;
+    while i < WORDS {
+        if word(old, i) == word(new, i) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < WORDS && word(old, i) != word(new, i) {
+            i += 1;
+        }
+        if out.len() + RUN_HEAD + (i - start) * 8 > MAX_DELTA {
+            return false;
+        }
+        // Both fit in u16: at most 512 words in a page.
+        out.extend_from_slice(&((start - last_end) as u16).to_le_bytes());
+        out.extend_from_slice(&((i - start) as u16).to_le_bytes());
+        for j in start..i {
+            out.extend_from_slice(&(word(old, j) ^ word(new, j)).to_ne_bytes());
+        }
+        last_end = i;
+    }
+    true
+}
+
+/// Applies `delta` to `page` in place. Every run must lie inside the page and the encoding
+/// must end exactly at a run's end; anything else is an error and `page` is left unchanged.
+pub fn apply(page: &mut [u8], delta: &[u8]) -> Result<(), String> {
+    if page.len() != PAGE {
+        return Err(format!("a page of {} bytes", page.len()));
+    }
+    let runs = parse(delta)?;
+    for (start, xor) in runs {
+        for (k, chunk) in xor.chunks_exact(8).enumerate() {
+            let at = (start + k) * 8;
+            let mut x = [0u8; 8];
+            x.copy_from_slice(chunk);
+            let v = word(page, start + k) ^ u64::from_ne_bytes(x);
+            page[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// The runs of an encoding as (first word, XOR bytes), checked before anything is applied.
+fn parse(delta: &[u8]) -> Result<Vec<(usize, &[u8])>, String> {
+    let mut runs = Vec::new();
+    let (mut at, mut word_at) = (0, 0usize);
+    while at < delta.len() {
+        let head = delta
+            .get(at..at + RUN_HEAD)
+            .ok_or_else(|| format!("a run header cut short at byte {at}"))?;
+        let skip = usize::from(u16::from_le_bytes([head[0], head[1]]));
+        let words = usize::from(u16::from_le_bytes([head[2], head[3]]));
+        let start = word_at + skip;
+        if words == 0 || start + words > WORDS {
+            return Err(format!(
+                "a run of {words} words at word {start} does not fit in a page"
+            ));
+        }
+        at += RUN_HEAD;
+        let xor = delta
+            .get(at..at + words * 8)
+            .ok_or_else(|| format!("a run of {words} words cut short at byte {at}"))?;
+        runs.push((start, xor));
+        at += words * 8;
+        word_at = start + words;
+    }
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(seed: u8) -> Vec<u8> {
+        (0..PAGE)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn a_few_changed_words_make_a_small_delta_that_applies_exactly() {
+        let old = page(1);
+        let mut new = old.clone();
+        new[8..16].copy_from_slice(&42u64.to_ne_bytes());
+        new[4088..].copy_from_slice(&7u64.to_ne_bytes());
+        new[100] ^= 0xff;
+        let mut d = Vec::new();
+        assert!(encode(&old, &new, &mut d));
+        assert_eq!(d.len(), 3 * (RUN_HEAD + 8));
+        let mut got = old.clone();
+        apply(&mut got, &d).unwrap();
+        assert_eq!(got, new);
+        // Same page: an empty delta.
+        assert!(encode(&old, &old, &mut d) && d.is_empty());
+    }
+
+    #[test]
+    fn a_rewritten_page_is_not_worth_a_delta() {
+        assert!(!encode(&page(1), &page(2), &mut Vec::new()));
+    }
+
+    #[test]
+    fn malformed_deltas_are_refused_and_change_nothing() {
+        let mut p = page(3);
+        let before = p.clone();
+        for bad in [
+            vec![0u8, 0, 0],                         // header cut short
+            vec![0, 0, 1, 0],                        // data cut short
+            vec![0, 0, 0, 0],                        // an empty run
+            [vec![0, 2, 1, 0], vec![0; 8]].concat(), // starts past the page
+            // The first run ends at the page's end; a second one cannot follow.
+            [
+                vec![0xff, 1, 1, 0],
+                vec![0; 8],
+                vec![0, 0, 1, 0],
+                vec![0; 8],
+            ]
+            .concat(),
+        ] {
+            assert!(apply(&mut p, &bad).is_err(), "{bad:?}");
+            assert_eq!(p, before);
+        }
+    }
+}

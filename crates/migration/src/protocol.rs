@@ -807,6 +807,21 @@ fn decode_compressed(payload: &[u8]) -> Result<CompressedBatch<'_>, ProtocolErro
     })
 }
 
+/// `extents` (ascending [start, end) byte ranges) cut into pieces of at most `chunk` bytes.
+pub fn chunks(extents: &[(u64, u64)], chunk: u64) -> Vec<(u64, u64)> {
+    let chunk = chunk.max(1);
+    let mut out = Vec::new();
+    for &(s, e) in extents {
+        let mut at = s;
+        while at < e {
+            let end = e.min(at.saturating_add(chunk));
+            out.push((at, end));
+            at = end;
+        }
+    }
+    out
+}
+
 /// Builds a batch head: u32 count, then count × [`Entry`]. Page data goes beside it.
 #[derive(Default)]
 pub struct PageBatch {
@@ -1530,6 +1545,15 @@ mod tests {
             }
         );
         assert!(pages[2].data.unwrap().iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn extents_cut_into_chunks() {
+        assert_eq!(
+            chunks(&[(0, 5), (8, 10)], 2),
+            vec![(0, 2), (2, 4), (4, 5), (8, 10)]
+        );
+        assert!(chunks(&[], 2).is_empty());
     }
 
     #[test]

@@ -131,6 +131,28 @@ pub struct Report {
 }
 
 impl Report {
+    /// The summary's lines on how pages were encoded: compression and deltas.
+    fn encodings(&self) -> String {
+        let mut s = String::new();
+        if let Some(c) = &self.compression {
+            s += &format!(
+                "  compression: {} pages compressed, {} raw fallback; ratio {:.2}; batches lz4 {} / zstd {} / raw {}; codec cpu {:.2} s\n",
+                self.pages.compressed, self.pages.raw_fallback, c.ratio, c.batches_lz4, c.batches_zstd, c.batches_raw, c.codec_cpu_seconds
+            );
+        }
+        if let Some(d) = &self.delta {
+            s += &format!(
+                "  delta: {} re-sent pages as deltas, {} not cached, {} too changed; {:.1} MiB of pages not sent; cache {} MiB\n",
+                d.hits,
+                d.misses,
+                d.too_different,
+                d.bytes_saved as f64 / (1 << 20) as f64,
+                d.capacity_bytes >> 20
+            );
+        }
+        s
+    }
+
     pub fn summary(&self) -> String {
         let mut s = format!(
             "migration {} over {} to {}: {} MiB VM\n",
@@ -174,22 +196,7 @@ impl Report {
             self.avg_gbps,
             self.peak_gbps
         );
-        if let Some(c) = &self.compression {
-            s += &format!(
-                "  compression: {} pages compressed, {} raw fallback; ratio {:.2}; batches lz4 {} / zstd {} / raw {}; codec cpu {:.2} s\n",
-                self.pages.compressed, self.pages.raw_fallback, c.ratio, c.batches_lz4, c.batches_zstd, c.batches_raw, c.codec_cpu_seconds
-            );
-        }
-        if let Some(d) = &self.delta {
-            s += &format!(
-                "  delta: {} re-sent pages as deltas, {} not cached, {} too changed; {:.1} MiB of pages not sent; cache {} MiB\n",
-                d.hits,
-                d.misses,
-                d.too_different,
-                d.bytes_saved as f64 / (1 << 20) as f64,
-                d.capacity_bytes >> 20
-            );
-        }
+        s += &self.encodings();
         if let Some(cap) = self.max_bandwidth_gbps {
             s += &format!(
                 "  bandwidth cap {cap:.3} Gbit/s: achieved {:.1}% of it\n",

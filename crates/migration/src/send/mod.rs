@@ -19,7 +19,7 @@ use vmm::dirty::{DirtyLog, SlotBitmap};
 use vmm::memory::{data_extents, GuestRam, PAGE_SIZE};
 use vmm::{Vm, VmConfig};
 
-use crate::policy::{ConvergencePolicy, Decision};
+use crate::policy::{self, ConvergencePolicy, Decision};
 use crate::protocol::{self, Frame, FrameReader, FrameWriter, Hello, Kind, RoundEnd, Transport};
 use crate::report::{CpuSeconds, Report, Round};
 use crate::{thread_cpu_seconds, MigrationError, Sampler, VerifyOutcome, Wire};
@@ -272,10 +272,18 @@ fn open(
     .into())
 }
 
+/// With deltas, the copy goes in chunks this large, spread over RAM.
+const SPREAD_CHUNK: u64 = 2 << 20;
+
 /// The copy looks at which pages the guest writes after this many pages (1 MiB), then after
-/// twice as many each time up to every [`PEEK_EVERY_PAGES`] (64 MiB).
+/// twice as many each time up to every [`peek_every`] pages.
 const FIRST_PEEK_PAGES: u64 = 256;
-const PEEK_EVERY_PAGES: u64 = 16384;
+
+/// Pages between the copy's looks at the dirty log: 4 MiB, or 1/256 of guest RAM when that is
+/// more (each look reads a bitmap of all of RAM).
+fn peek_every(ram_bytes: u64) -> u64 {
+    (ram_bytes / 256).max(4 << 20) / PAGE_SIZE
+}
 
 /// A round's page counts as it goes.
 struct Counting {
@@ -563,8 +571,8 @@ impl<'a> Session<'a> {
         c.sent += u64::from(self.sender.page(off)?);
         c.seen += 1;
         if round == 0 && c.seen == c.next_peek {
-            // Often at first, when little is known, then every PEEK_EVERY_PAGES.
-            c.next_peek += c.next_peek.min(PEEK_EVERY_PAGES);
+            // Often at first, when little is known, then at a steady pace.
+            c.next_peek += c.next_peek.min(peek_every(self.ram.size()));
             self.peek_hot()?;
         }
         if c.seen.is_multiple_of(256) {
@@ -596,14 +604,22 @@ impl<'a> Session<'a> {
     }
 
     /// Phase 2, copy: every page the guest (or the VMM, before boot) ever touched; holes are never
-    /// read.
+    /// read. In address order; with deltas, in 2 MiB chunks spread over RAM (see
+    /// [`policy::spread_order`]), so the dirty log shows the guest's writes before the copy has
+    /// sent whole regions of them.
     fn copy(&mut self) -> Result<(), MigrationError> {
         self.phase("copy");
         let extents = data_extents(self.ram.backing_file(), self.ram.size())
             .map_err(MigrationError::Extents)?;
-        let pages = extents
+        let chunks = protocol::chunks(&extents, SPREAD_CHUNK);
+        let order: Vec<usize> = if self.sender.delta.is_some() {
+            policy::spread_order(chunks.len())
+        } else {
+            (0..chunks.len()).collect()
+        };
+        let pages = order
             .into_iter()
-            .flat_map(|(s, e)| (s..e).step_by(PAGE_SIZE as usize));
+            .flat_map(|i| (chunks[i].0..chunks[i].1).step_by(PAGE_SIZE as usize));
         let r = self.send_round(0, pages, true)?;
         self.report.phases.copy_ms = r.ms;
         self.bw = r.bytes as f64 / (r.ms.max(1) as f64 / 1e3);

@@ -49,7 +49,7 @@ pub fn render(b: &BenchReport) -> String {
     s += "\n";
     let header = [
         "peer", "config", "link", "total s", "Gbit/s", "util", "downtime", "cpu src", "cpu dst",
-        "wire MiB", "verified",
+        "wire MiB", "deltas", "verified",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in &b.rows {
@@ -68,6 +68,7 @@ pub fn render(b: &BenchReport) -> String {
             opt_s(r.cpu_source_s),
             opt_s(r.cpu_destination_s),
             format!("{:.0}", r.wire_bytes as f64 / (1 << 20) as f64),
+            r.delta_pages.map_or("-".into(), |n| n.to_string()),
             if r.verified { "yes" } else { "NO" }.into(),
         ]);
     }

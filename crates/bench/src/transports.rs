@@ -186,6 +186,8 @@ pub struct Row {
     pub verified: bool,
     pub verify: String,
     pub error: Option<String>,
+    /// Pages re-sent as deltas (livemig's report; None for QEMU).
+    pub delta_pages: Option<u64>,
     /// (seconds since start, Gbit/s) from the interface counters.
     pub samples: Vec<(f64, f64)>,
     /// The VMM's own account: livemig's report, QEMU's query-migrate.
@@ -288,6 +290,7 @@ impl<'a> Bench<'a> {
             verified: false,
             verify: String::new(),
             error: None,
+            delta_pages: None,
             samples: Vec::new(),
             detail: serde_json::Value::Null,
         }
@@ -321,6 +324,10 @@ impl<'a> Bench<'a> {
         r.cpu_destination_s = o.cpu_destination_s;
         r.verified = o.verified;
         r.verify = o.verify;
+        r.delta_pages = o
+            .detail
+            .pointer("/pages/delta")
+            .and_then(serde_json::Value::as_u64);
         r.detail = o.detail;
         r
     }

@@ -78,6 +78,10 @@ pub struct DrainReport {
     pub downtime_ms_sum: u64,
     pub downtime_ms_max: u64,
     pub bytes_on_wire: u64,
+    /// Pages over all migrations: sent whole, compressed, as deltas, zero.
+    pub pages: migration::report::PageCounts,
+    /// Page bytes the deltas did not send, over all migrations.
+    pub delta_bytes_saved: u64,
     /// Guest RAM of the VMs moved.
     pub ram_moved_bytes: u64,
     pub ram_moved_per_s: f64,
@@ -112,6 +116,14 @@ impl DrainReport {
             downtime_ms_sum: reports().map(|r| r.downtime_ms).sum(),
             downtime_ms_max: reports().map(|r| r.downtime_ms).max().unwrap_or(0),
             bytes_on_wire: reports().map(|r| r.bytes_on_wire).sum(),
+            pages: reports().fold(Default::default(), |mut t, r| {
+                t.add(&r.pages);
+                t
+            }),
+            delta_bytes_saved: reports()
+                .filter_map(|r| r.delta.as_ref())
+                .map(|d| d.bytes_saved)
+                .sum(),
             ram_moved_bytes,
             ram_moved_per_s: ram_moved_bytes as f64 / (makespan_ms.max(1) as f64 / 1e3),
             peak_concurrency,
@@ -154,6 +166,16 @@ impl DrainReport {
             self.downtime_ms_sum,
             self.peak_concurrency
         );
+        if self.pages.delta > 0 {
+            s += &format!(
+                "\npages: {} whole, {} compressed, {} as deltas ({:.1} MiB not sent), {} zero",
+                self.pages.normal + self.pages.raw_fallback,
+                self.pages.compressed,
+                self.pages.delta,
+                self.delta_bytes_saved as f64 / f64::from(1u32 << 20),
+                self.pages.zero
+            );
+        }
         if self.interrupted {
             s += "\ninterrupted: migrations in flight were cancelled";
         }

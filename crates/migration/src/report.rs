@@ -40,6 +40,17 @@ pub struct PageCounts {
     pub delta: u64,
 }
 
+impl PageCounts {
+    /// Adds another migration's counts.
+    pub fn add(&mut self, o: &PageCounts) {
+        self.normal += o.normal;
+        self.zero += o.zero;
+        self.compressed += o.compressed;
+        self.raw_fallback += o.raw_fallback;
+        self.delta += o.delta;
+    }
+}
+
 /// What delta encoding of re-sent pages did.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DeltaReport {

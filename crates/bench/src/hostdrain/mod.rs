@@ -248,6 +248,8 @@ pub struct DrainRow {
     pub timeline: Vec<VmRun>,
     /// (seconds, Gbit/s) from the interface counters.
     pub throughput: Vec<(f64, f64)>,
+    /// Pages re-sent as deltas over the drain's migrations (livemig; None for QEMU).
+    pub delta_pages: Option<u64>,
     pub error: Option<String>,
     pub detail: serde_json::Value,
 }
@@ -428,6 +430,10 @@ impl Bench<'_> {
         r.predicted_makespan_ms = (predict(cfg, out, link) * 1e3) as u64;
         r.model_error = (r.makespan_ms as f64 - r.predicted_makespan_ms as f64) / secs / 1e3;
         r.timeline = out.vms.clone();
+        r.delta_pages = out
+            .detail
+            .pointer("/pages/delta")
+            .and_then(serde_json::Value::as_u64);
         r.detail = out.detail.clone();
         r.throughput = crate::transports::rates(samples);
         r.error = out
@@ -467,6 +473,7 @@ impl Bench<'_> {
             timeline: Vec::new(),
             throughput: Vec::new(),
             error: None,
+            delta_pages: None,
             detail: serde_json::Value::Null,
         }
     }

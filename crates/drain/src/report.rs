@@ -166,13 +166,14 @@ impl DrainReport {
             self.downtime_ms_sum,
             self.peak_concurrency
         );
-        if self.pages.delta > 0 {
+        if self.pages.delta + self.pages.dedup > 0 {
             s += &format!(
-                "\npages: {} whole, {} compressed, {} as deltas ({:.1} MiB not sent), {} zero",
+                "\npages: {} whole, {} compressed, {} as deltas ({:.1} MiB not sent), {} as references, {} zero",
                 self.pages.normal + self.pages.raw_fallback,
                 self.pages.compressed,
                 self.pages.delta,
                 self.delta_bytes_saved as f64 / f64::from(1u32 << 20),
+                self.pages.dedup,
                 self.pages.zero
             );
         }

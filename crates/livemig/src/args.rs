@@ -66,6 +66,10 @@ pub struct MigrateArgs {
     /// pages the guest writes, at least 16 MiB, at most a quarter of its RAM.
     #[arg(long, value_parser = parse_size)]
     pub delta_cache: Option<u64>,
+    /// Send every page's data instead of a reference to a page of the same content the
+    /// destination already holds.
+    #[arg(long)]
+    pub no_dedup: bool,
 }
 
 /// Mutual TLS credentials (the default), or `--insecure`.
@@ -151,6 +155,7 @@ impl MigrateArgs {
             auto_converge: Some(!self.no_auto_converge),
             delta: Some(!self.no_delta),
             delta_cache: self.delta_cache,
+            dedup: Some(!self.no_dedup),
             peer_timeout_ms: Some(self.peer_timeout.as_millis() as u64),
             ..MigrateRequest::default()
         }

@@ -29,6 +29,9 @@ pub const MAX_STREAMS: u16 = 16;
 const ZERO_FLAG: u64 = 1;
 /// The entry's data is a [`DeltaHead`] and a delta encoding ([`crate::delta`]), not a page.
 const DELTA_FLAG: u64 = 2;
+/// The entry's data is a [`RefHead`]: the page holds what another page of this VM holds.
+const REF_FLAG: u64 = 4;
+const KIND_FLAGS: u64 = ZERO_FLAG | DELTA_FLAG | REF_FLAG;
 const ENTRY_LEN: usize = std::mem::size_of::<Entry>();
 const COUNT_LEN: usize = std::mem::size_of::<U32>();
 
@@ -107,8 +110,40 @@ impl Entry {
     pub fn is_delta(&self) -> bool {
         self.0.get() & DELTA_FLAG != 0
     }
+    /// A page with the content of another page the destination already placed.
+    pub fn reference(offset: u64) -> Self {
+        Entry(U64::new(offset | REF_FLAG))
+    }
+    pub fn is_ref(&self) -> bool {
+        self.0.get() & REF_FLAG != 0
+    }
     fn unknown_flags(&self) -> u64 {
-        self.0.get() & (PAGE as u64 - 1) & !(ZERO_FLAG | DELTA_FLAG)
+        self.0.get() & (PAGE as u64 - 1) & !KIND_FLAGS
+    }
+    /// At most one of zero, delta and reference.
+    fn conflicting(&self) -> bool {
+        (self.0.get() & KIND_FLAGS).count_ones() > 1
+    }
+}
+
+/// A reference entry's data: where the same content already is, and its BLAKE3 hash, which
+/// the destination checks there before copying it (a guest cannot make another page's
+/// content land in its place by crafting a collision).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct RefHead {
+    pub from: U64,
+    pub hash: [u8; 32],
+}
+
+pub const REF_HEAD_LEN: usize = std::mem::size_of::<RefHead>();
+
+impl RefHead {
+    pub fn new(from: u64, hash: [u8; 32]) -> Self {
+        RefHead {
+            from: U64::new(from),
+            hash,
+        }
     }
 }
 
@@ -268,6 +303,8 @@ pub enum ProtocolError {
     TransportUnsupported(u8),
     /// unknown frame kind {0}
     UnknownKind(u8),
+    /// page {offset:#x} refers to page {from:#x}, whose content here does not have the hash it names: refused
+    RefMismatch { offset: u64, from: u64 },
     /// a delta for page {offset:#x} against version {base:016x}, but this host holds version {held:016x}: refused
     DeltaBase { offset: u64, base: u64, held: u64 },
     /// {kind:?} frame of {len} bytes exceeds its limit of {max}
@@ -584,7 +621,7 @@ impl<'a> BatchHead<'a> {
         if let Some((i, e)) = entries
             .iter()
             .enumerate()
-            .find(|(_, e)| e.unknown_flags() != 0 || (e.is_zero() && e.is_delta()))
+            .find(|(_, e)| e.unknown_flags() != 0 || e.conflicting())
         {
             return Err(bad(format!(
                 "entry {i} has unknown or conflicting flag bits {:#x}",
@@ -607,10 +644,21 @@ impl<'a> BatchHead<'a> {
         self.entries.iter().filter(|e| e.is_delta()).count()
     }
 
-    /// The most data the entries can carry: whole pages, and deltas at their largest.
+    pub fn ref_pages(&self) -> usize {
+        self.entries.iter().filter(|e| e.is_ref()).count()
+    }
+
+    /// Whether some entries' data is not a whole page (deltas, references).
+    pub fn encoded(&self) -> bool {
+        self.entries.iter().any(|e| e.is_delta() || e.is_ref())
+    }
+
+    /// The most data the entries can carry: whole pages, deltas at their largest, references.
     pub fn max_data_len(&self) -> usize {
-        let deltas = self.delta_pages();
-        (self.data_pages() - deltas) * PAGE + deltas * (DELTA_HEAD_LEN + crate::delta::MAX_DELTA)
+        let (deltas, refs) = (self.delta_pages(), self.ref_pages());
+        (self.data_pages() - deltas - refs) * PAGE
+            + deltas * (DELTA_HEAD_LEN + crate::delta::MAX_DELTA)
+            + refs * REF_HEAD_LEN
     }
 
     /// Every page must lie inside guest RAM of `limit` bytes.
@@ -628,7 +676,7 @@ impl<'a> BatchHead<'a> {
     /// (without deltas; with them, [`BatchHead::pages`] walks the data).
     pub fn validate(&self, data_len: usize, limit: u64, kind: Kind) -> Result<(), ProtocolError> {
         self.check(limit, kind)?;
-        if self.delta_pages() == 0 && data_len != self.data_pages() * PAGE {
+        if !self.encoded() && data_len != self.data_pages() * PAGE {
             return Err(malformed(kind)(format!(
                 "{data_len} bytes of page data for {} data pages",
                 self.data_pages()
@@ -650,8 +698,24 @@ impl<'a> BatchHead<'a> {
         let mut rest = data;
         let mut out = Vec::with_capacity(self.entries.len());
         for e in self.entries {
-            let (data, base) = if e.is_zero() {
-                (None, None)
+            let (data, base, from) = if e.is_zero() {
+                (None, None, None)
+            } else if e.is_ref() {
+                let (h, tail) = RefHead::ref_from_prefix(rest).map_err(|_| {
+                    bad(format!(
+                        "the reference of page {:#x} is cut short",
+                        e.offset()
+                    ))
+                })?;
+                let from = h.from.get();
+                if from % PAGE as u64 != 0 || from >= limit || from == e.offset() {
+                    return Err(bad(format!(
+                        "page {:#x} refers to {from:#x}, not another page of guest RAM",
+                        e.offset()
+                    )));
+                }
+                rest = tail;
+                (Some(&h.hash[..]), None, Some(from))
             } else if e.is_delta() {
                 let (h, tail) = DeltaHead::read_from_prefix(rest).map_err(|_| {
                     bad(format!("the delta of page {:#x} is cut short", e.offset()))
@@ -666,18 +730,19 @@ impl<'a> BatchHead<'a> {
                     )));
                 }
                 rest = &tail[len..];
-                (Some(&tail[..len]), Some(h.base.get()))
+                (Some(&tail[..len]), Some(h.base.get()), None)
             } else {
                 let page = rest
                     .get(..PAGE)
                     .ok_or_else(|| bad(format!("page {:#x} is cut short", e.offset())))?;
                 rest = &rest[PAGE..];
-                (Some(page), None)
+                (Some(page), None, None)
             };
             out.push(PageRef {
                 offset: e.offset(),
                 data,
                 base,
+                from,
             });
         }
         if !rest.is_empty() {
@@ -695,6 +760,8 @@ pub struct PageRef<'a> {
     pub data: Option<&'a [u8]>,
     /// Some: `data` is a delta against the version of the page with this hash.
     pub base: Option<u64>,
+    /// Some: the page's content is at this offset already, and `data` is its BLAKE3 hash.
+    pub from: Option<u64>,
 }
 
 /// A PagesCompressed payload: codec, head, compressed data, and the data's raw length.
@@ -760,8 +827,10 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
         Kind::PagesCompressed => Frame::PagesCompressed(decode_compressed(payload)?),
         Kind::PagesDirect => {
             let head = BatchHead::parse(payload, kind)?.0;
-            if head.delta_pages() != 0 {
-                return Err(bad("deltas cannot travel as direct page data".into()));
+            if head.encoded() {
+                return Err(bad(
+                    "deltas and references cannot travel as direct page data".into(),
+                ));
             }
             Frame::PagesDirect(head)
         }
@@ -792,7 +861,7 @@ fn decode_compressed(payload: &[u8]) -> Result<CompressedBatch<'_>, ProtocolErro
     let raw_len = h.raw_len.get() as usize;
     let (head, data) = BatchHead::parse(rest, Kind::PagesCompressed)?;
     // Checked before decompressing: a frame cannot make us allocate more than a batch.
-    let exact = head.delta_pages() == 0;
+    let exact = !head.encoded();
     if (exact && raw_len != head.data_pages() * PAGE) || raw_len > head.max_data_len() {
         return Err(bad(format!(
             "raw length {raw_len} for {} data pages",
@@ -848,6 +917,11 @@ impl PageBatch {
     /// A page whose data is a [`DeltaHead`] and its encoding.
     pub fn push_delta(&mut self, offset: u64) {
         self.entries.push(Entry::delta(offset));
+    }
+
+    /// A page whose data is a [`RefHead`].
+    pub fn push_ref(&mut self, offset: u64) {
+        self.entries.push(Entry::reference(offset));
     }
 
     /// The head's bytes (count + entries).
@@ -1541,7 +1615,8 @@ mod tests {
             PageRef {
                 offset: 4096,
                 data: None,
-                base: None
+                base: None,
+                from: None
             }
         );
         assert!(pages[2].data.unwrap().iter().all(|&b| b == 9));
@@ -1586,12 +1661,34 @@ mod tests {
         long.extend(std::iter::repeat_n(7u8, PAGE));
         long.extend(delta_of(42, &vec![0u8; crate::delta::MAX_DELTA + 1]));
         assert!(decode_pages(&long, 1 << 20).is_err());
-        // A delta cannot be a zero page too, nor travel as direct page data.
-        let both = Entry(U64::new(4096 | ZERO_FLAG | DELTA_FLAG));
-        let mut h = U32::new(1).as_bytes().to_vec();
-        h.extend_from_slice(both.as_bytes());
-        assert!(decode(Kind::Pages, &h).is_err());
+        // A delta cannot be a zero page or a reference too, nor travel as direct page data.
+        for flags in [
+            ZERO_FLAG | DELTA_FLAG,
+            DELTA_FLAG | REF_FLAG,
+            ZERO_FLAG | REF_FLAG,
+        ] {
+            let both = Entry(U64::new(4096 | flags));
+            let mut h = U32::new(1).as_bytes().to_vec();
+            h.extend_from_slice(both.as_bytes());
+            assert!(decode(Kind::Pages, &h).is_err());
+        }
         assert!(decode(Kind::PagesDirect, &b.head()).is_err());
+        let mut r = PageBatch::default();
+        r.push_ref(4096);
+        assert!(decode(Kind::PagesDirect, &r.head()).is_err());
+        // A reference carries where and what; it must name another page inside guest RAM.
+        let mut p = r.head();
+        p.extend_from_slice(RefHead::new(8192, [5; 32]).as_bytes());
+        let pages = decode_pages(&p, 1 << 20).unwrap();
+        assert_eq!(
+            (pages[0].from, pages[0].data),
+            (Some(8192), Some(&[5u8; 32][..]))
+        );
+        for bad in [4096u64, 1 << 20, 8193] {
+            let mut p = r.head();
+            p.extend_from_slice(RefHead::new(bad, [5; 32]).as_bytes());
+            assert!(decode_pages(&p, 1 << 20).is_err(), "{bad:#x}");
+        }
     }
 
     #[test]

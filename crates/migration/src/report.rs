@@ -38,6 +38,9 @@ pub struct PageCounts {
     /// through the batch codec on the compressed transport).
     #[serde(default)]
     pub delta: u64,
+    /// Pages that went as references to a page of this migration with the same content.
+    #[serde(default)]
+    pub dedup: u64,
 }
 
 impl PageCounts {
@@ -48,6 +51,7 @@ impl PageCounts {
         self.compressed += o.compressed;
         self.raw_fallback += o.raw_fallback;
         self.delta += o.delta;
+        self.dedup += o.dedup;
     }
 }
 
@@ -149,6 +153,13 @@ impl Report {
             s += &format!(
                 "  compression: {} pages compressed, {} raw fallback; ratio {:.2}; batches lz4 {} / zstd {} / raw {}; codec cpu {:.2} s\n",
                 self.pages.compressed, self.pages.raw_fallback, c.ratio, c.batches_lz4, c.batches_zstd, c.batches_raw, c.codec_cpu_seconds
+            );
+        }
+        if self.pages.dedup > 0 {
+            s += &format!(
+                "  dedup: {} pages as references to a page of the same content sent before ({:.1} MiB not sent)\n",
+                self.pages.dedup,
+                (self.pages.dedup * 4056) as f64 / (1 << 20) as f64
             );
         }
         if let Some(d) = &self.delta {

@@ -41,6 +41,10 @@ pub struct MigrateRequest {
     /// Bytes of last-sent pages the source keeps for deltas (default: twice the hot set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_cache: Option<u64>,
+    /// Send a page the destination already holds elsewhere as a reference (default true; tcp
+    /// and compressed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<bool>,
     /// The deadline on progress, in milliseconds (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
@@ -151,6 +155,7 @@ impl MigrateRequest {
             o.policy.auto_converge = None;
         }
         o.delta = self.delta != Some(false);
+        o.dedup = self.dedup != Some(false);
         if let Some(c) = self.delta_cache {
             if c > MAX_DELTA_CACHE {
                 return Err(format!(

@@ -8,7 +8,7 @@ use migration::codec::{compress, Codec};
 use migration::fuzz;
 use migration::protocol::{
     write_data_hello, write_hello, DeltaHead, FrameWriter, Hello, Kind, PageBatch, Prepare,
-    RoundEnd, Transport, VerifyOutcome, PAGE, VERSION,
+    RefHead, RoundEnd, Transport, VerifyOutcome, PAGE, VERSION,
 };
 use zerocopy::IntoBytes;
 
@@ -109,6 +109,13 @@ fn traffic() -> Vec<Vec<u8>> {
     w.send_pages(&head, &data).unwrap();
     let (dhead, ddata) = delta_batch();
     w.send_pages(&dhead, &ddata).unwrap();
+    let mut r = PageBatch::default();
+    r.push_ref(8192);
+    w.send_pages(
+        &r.head(),
+        RefHead::new(0, *blake3::hash(&[3u8; PAGE]).as_bytes()).as_bytes(),
+    )
+    .unwrap();
     let mut c = Vec::new();
     compress(Codec::Zstd, &ddata, &mut c).unwrap();
     w.send_compressed(Codec::Zstd, ddata.len(), &dhead, &c)

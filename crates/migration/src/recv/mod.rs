@@ -93,6 +93,8 @@ pub struct ReceiveStats {
     pub zero_pages: u64,
     /// Pages that came as deltas against the version held here.
     pub delta_pages: u64,
+    /// Pages that came as references to pages placed here before.
+    pub ref_pages: u64,
     pub rounds: u32,
     /// CPU seconds of the page stream threads.
     pub stream_cpu_seconds: f64,
@@ -104,6 +106,7 @@ impl ReceiveStats {
         self.pages += o.pages;
         self.zero_pages += o.zero_pages;
         self.delta_pages += o.delta_pages;
+        self.ref_pages += o.ref_pages;
         self.stream_cpu_seconds += o.stream_cpu_seconds;
     }
 }
@@ -585,7 +588,7 @@ fn place_batch(
     kind: Kind,
     stats: &mut ReceiveStats,
 ) -> Result<(), MigrationError> {
-    if head.delta_pages() != 0 {
+    if head.encoded() {
         return place_pages(ram, head, data, kind, stats);
     }
     head.validate(data.len(), ram.size(), kind)?;
@@ -606,9 +609,11 @@ fn place_batch(
     Ok(())
 }
 
-/// A batch with deltas, page by page. A delta applies only to the version of the page it
-/// was computed against: the page here must hash to its base, or the migration is off (a
-/// source that lost track of what we hold, or one that lies, never gets a page placed).
+/// A batch with deltas or references, page by page. A delta applies only to the version of
+/// the page it was computed against: the page here must hash to its base. A reference copies
+/// a page placed here before, whose BLAKE3 hash must be the one it names. Otherwise the
+/// migration is off: a source that lost track of what we hold, or one that lies, never gets
+/// a page placed.
 fn place_pages(
     ram: &GuestRam,
     head: &BatchHead<'_>,
@@ -618,13 +623,25 @@ fn place_pages(
 ) -> Result<(), MigrationError> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for p in head.pages(data, ram.size(), kind)? {
-        match (p.data, p.base) {
-            (None, _) => {
+        match (p.data, p.base, p.from) {
+            (None, _, _) => {
                 ram.zero_range(p.offset, PAGE_SIZE)?;
                 stats.zero_pages += 1;
             }
-            (Some(d), None) => ram.write_at(p.offset, d)?,
-            (Some(d), Some(base)) => {
+            (Some(hash), _, Some(from)) => {
+                ram.read_at(from, &mut page)?;
+                if blake3::hash(&page).as_bytes()[..] != *hash {
+                    return Err(ProtocolError::RefMismatch {
+                        offset: p.offset,
+                        from,
+                    }
+                    .into());
+                }
+                ram.write_at(p.offset, &page)?;
+                stats.ref_pages += 1;
+            }
+            (Some(d), None, None) => ram.write_at(p.offset, d)?,
+            (Some(d), Some(base), None) => {
                 ram.read_at(p.offset, &mut page)?;
                 let held = crate::delta::base_hash(&page);
                 if held != base {
@@ -687,6 +704,53 @@ fn verify(vm: &Vm, timeout: Duration) -> VerifyOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reference_copies_only_a_page_whose_content_has_its_hash() {
+        use crate::protocol::{decode, Frame, PageBatch, RefHead};
+        use zerocopy::IntoBytes;
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let a = vec![7u8; 4096];
+        ram.write_at(0, &a).unwrap();
+        let mut b = PageBatch::default();
+        b.push_ref(8192);
+        let payload = |from: u64, hash: [u8; 32]| {
+            let mut p = b.head();
+            p.extend_from_slice(RefHead::new(from, hash).as_bytes());
+            p
+        };
+        let place = |p: &[u8], stats: &mut ReceiveStats| match decode(Kind::Pages, p).unwrap() {
+            Frame::Pages { head, data } => place_batch(&ram, &head, data, Kind::Pages, stats),
+            f => panic!("{:?}", f.kind()),
+        };
+        let at = |off| {
+            let mut got = vec![0u8; 4096];
+            ram.read_at(off, &mut got).unwrap();
+            got
+        };
+        let mut stats = ReceiveStats::default();
+        // A crafted reference: the hash of content that is not at `from` (a page the guest
+        // wants copied elsewhere cannot be named by a hash it chose): refused, nothing placed.
+        let e = place(
+            &payload(0, *blake3::hash(&[9u8; 4096]).as_bytes()),
+            &mut stats,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+        assert_eq!(at(8192), vec![0u8; 4096]);
+        // Beyond guest RAM, or to itself: malformed.
+        assert!(decode(Kind::Pages, &payload(64 << 20, [0; 32]))
+            .ok()
+            .and_then(|f| match f {
+                Frame::Pages { head, data } => head.pages(data, 64 << 20, Kind::Pages).ok(),
+                _ => None,
+            })
+            .is_none());
+        // The right hash: copied.
+        place(&payload(0, *blake3::hash(&a).as_bytes()), &mut stats).unwrap();
+        assert_eq!(at(8192), a);
+        assert_eq!(stats.ref_pages, 1);
+    }
 
     #[test]
     fn a_delta_applies_only_to_the_version_it_was_computed_against() {

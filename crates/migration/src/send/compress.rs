@@ -11,6 +11,8 @@ use crate::{thread_cpu_seconds, MigrationError};
 
 /// A batch on its way through a worker.
 pub(super) struct Job {
+    /// The batch's id (see `PageSender::written`).
+    pub id: u64,
     pub head: Vec<u8>,
     pub data: Vec<u8>,
     /// Whole pages in `data` (deltas are counted apart).

@@ -5,6 +5,7 @@
 //! the VM keeps running here.
 mod cancel;
 mod compress;
+mod dedup;
 mod delta_cache;
 mod link;
 mod pages;
@@ -65,6 +66,9 @@ pub struct MigrateOptions {
     pub delta: bool,
     /// Bytes of last-sent pages kept for deltas; None: twice the hot set, within bounds.
     pub delta_cache: Option<u64>,
+    /// A page whose content the destination holds already goes as a reference (tcp and
+    /// compressed).
+    pub dedup: bool,
 }
 
 impl MigrateOptions {
@@ -87,6 +91,7 @@ impl MigrateOptions {
             network: Vec::new(),
             delta: true,
             delta_cache: None,
+            dedup: true,
         }
     }
 
@@ -505,6 +510,7 @@ impl<'a> Session<'a> {
                 streams,
                 control,
                 delta_cache(opts, source.ram.size()),
+                (opts.dedup && opts.transport != Transport::Direct).then(dedup::Dedup::default),
             ),
             // Ready was the destination's frame 0.
             input: FrameReader::with_seq(reader, 1),

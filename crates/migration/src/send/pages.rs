@@ -6,12 +6,13 @@ use transport::ShutdownHandle;
 use vmm::memory::{is_zero, GuestRam, PAGE_SIZE};
 
 use super::compress::{Compressor, Job};
+use super::dedup::Dedup;
 use super::delta_cache::DeltaCache;
 use super::link::{Link, Outgoing};
 use super::streams::Streams;
 use crate::codec::{Choice, Codec, CodecPolicy};
 use crate::policy;
-use crate::protocol::{DeltaHead, PageBatch, RoundEnd, MAX_BATCH_PAGES};
+use crate::protocol::{DeltaHead, PageBatch, RefHead, RoundEnd, MAX_BATCH_PAGES};
 use crate::report::{CompressionReport, PageCounts};
 use crate::{MigrationError, Wire};
 use zerocopy::IntoBytes;
@@ -95,6 +96,10 @@ pub(super) struct PageSender<'a> {
     batch_full: u64,
     /// During the copy: hot pages held back to go last (see [`Self::start_deferring`]).
     deferred: Option<Vec<u64>>,
+    /// Pages the destination holds by content, for references (unless `--no-dedup`).
+    pub dedup: Option<Dedup>,
+    /// Batches built so far: the id of the next.
+    batches: u64,
 }
 
 /// How one page went into the batch.
@@ -102,6 +107,7 @@ enum Placed {
     Zero,
     Whole,
     Delta,
+    Ref,
 }
 
 impl<'a> PageSender<'a> {
@@ -112,6 +118,7 @@ impl<'a> PageSender<'a> {
         streams: Streams,
         control: ShutdownHandle,
         delta: Option<DeltaCache>,
+        dedup: Option<Dedup>,
     ) -> Self {
         PageSender {
             link,
@@ -127,6 +134,8 @@ impl<'a> PageSender<'a> {
             resend: false,
             batch_full: 0,
             deferred: None,
+            dedup,
+            batches: 0,
         }
     }
 
@@ -176,6 +185,10 @@ impl<'a> PageSender<'a> {
                 self.pages.delta += 1;
                 self.batch.push_delta(off);
             }
+            Placed::Ref => {
+                self.pages.dedup += 1;
+                self.batch.push_ref(off);
+            }
         }
         if self.batch.len() == MAX_BATCH_PAGES {
             self.flush_batch()?;
@@ -183,8 +196,9 @@ impl<'a> PageSender<'a> {
         Ok(true)
     }
 
-    /// Copies the page into the batch's data: whole, or as a delta against what the
-    /// destination holds when that is known and small; zero pages take no data.
+    /// Copies the page into the batch's data: whole; as a delta against what the destination
+    /// holds when that is known and small; as a reference when the destination holds the same
+    /// content elsewhere; zero pages take no data.
     fn copy_page(&mut self, off: u64) -> Result<Placed, MigrationError> {
         let start = self.data.len();
         self.data.resize(start + PAGE, 0);
@@ -194,20 +208,53 @@ impl<'a> PageSender<'a> {
             if let Some(c) = &mut self.delta {
                 c.forget(off);
             }
+            if let Some(d) = &mut self.dedup {
+                d.forget(off);
+            }
             return Ok(Placed::Zero);
         }
-        let Some(cache) = &mut self.delta else {
-            return Ok(Placed::Whole);
-        };
-        let Some(base) = cache.encode(off, &self.data[start..], &mut self.delta_buf, self.resend)
-        else {
-            return Ok(Placed::Whole);
-        };
-        self.data.truncate(start);
-        self.data
-            .extend_from_slice(DeltaHead::new(base, self.delta_buf.len()).as_bytes());
-        self.data.extend_from_slice(&self.delta_buf);
-        Ok(Placed::Delta)
+        if let Some(cache) = &mut self.delta {
+            if let Some(base) =
+                cache.encode(off, &self.data[start..], &mut self.delta_buf, self.resend)
+            {
+                if let Some(d) = &mut self.dedup {
+                    d.forget(off);
+                }
+                self.data.truncate(start);
+                self.data
+                    .extend_from_slice(DeltaHead::new(base, self.delta_buf.len()).as_bytes());
+                self.data.extend_from_slice(&self.delta_buf);
+                return Ok(Placed::Delta);
+            }
+        }
+        if let Some((from, hash)) = self
+            .dedup
+            .as_mut()
+            .and_then(|d| d.lookup(off, &self.data[start..]))
+        {
+            self.data.truncate(start);
+            self.data
+                .extend_from_slice(RefHead::new(from, hash).as_bytes());
+            return Ok(Placed::Ref);
+        }
+        Ok(Placed::Whole)
+    }
+
+    /// The batch being built gets its id (for dedup: its pages are targets once written).
+    fn next_batch(&mut self) -> u64 {
+        self.batches += 1;
+        if let Some(d) = &mut self.dedup {
+            d.built(self.batches);
+        }
+        self.batches
+    }
+
+    /// Batch `id` went onto the wire.
+    fn written(&mut self, id: u64) {
+        let streams = !self.streams.is_empty();
+        if let Some(d) = &mut self.dedup {
+            d.written(id, streams);
+        }
     }
 
     fn take_data(&mut self) -> Vec<u8> {
@@ -223,6 +270,7 @@ impl<'a> PageSender<'a> {
         self.batch.clear();
         let data = self.take_data();
         let data_pages = std::mem::take(&mut self.batch_full);
+        let id = self.next_batch();
         let out = match &mut self.path {
             PagePath::Direct { pages } => {
                 self.pages.normal += pages.len() as u64;
@@ -239,6 +287,7 @@ impl<'a> PageSender<'a> {
                 let choice = workers.policy.choose();
                 if choice != Choice::Raw {
                     workers.submit(Job {
+                        id,
                         head,
                         data,
                         pages: data_pages,
@@ -255,6 +304,7 @@ impl<'a> PageSender<'a> {
             }
         };
         self.emit(out)?;
+        self.written(id);
         self.drain(false)
     }
 
@@ -277,8 +327,10 @@ impl<'a> PageSender<'a> {
             let Some(job) = workers.finished(all)? else {
                 return Ok(());
             };
+            let id = job.id;
             let out = encoded(job, workers, &mut self.pages);
             self.emit(out)?;
+            self.written(id);
         }
     }
 
@@ -289,6 +341,9 @@ impl<'a> PageSender<'a> {
         self.streams.round_end(r)?;
         self.link.out.send_round_end(r)?;
         self.link.out.flush()?;
+        if let Some(d) = &mut self.dedup {
+            d.round_end();
+        }
         Ok(())
     }
 

@@ -5,8 +5,9 @@
 //! ended (streams meet at every round's end). A page sent again stops being a target at once.
 use std::collections::HashMap;
 
-/// Targets kept at most: 64 bytes or so each, so 4 Mi pages (16 GiB of guest RAM) is 256 MiB.
-pub const MAX_TARGETS: usize = 4 << 20;
+/// Targets kept at most: about 100 bytes each (two maps), so 2 Mi targets (8 GiB of distinct
+/// pages) is some 200 MiB of the source's memory; pages beyond go whole.
+pub const MAX_TARGETS: usize = 2 << 20;
 
 type Hash = [u8; 32];
 

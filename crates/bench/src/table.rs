@@ -115,7 +115,14 @@ pub fn render(b: &BenchReport) -> String {
         }
     }
     if !b.tls_costs.is_empty() {
-        s += "\nmutual TLS (rustls, user space; no kernel TLS here) against plaintext, same VM and links:\n";
+        s += &format!(
+            "\nmutual TLS (rustls, user space; kernel TLS {}) against plaintext, same VM and links:\n",
+            if transport::kernel_tls() {
+                "offered by this kernel but not used"
+            } else {
+                "not offered here"
+            }
+        );
         for c in &b.tls_costs {
             s += &format!(
                 "  {:<22} {:<12} {:>6.2} s -> {:>6.2} s ({:.2}x), cpu src {} -> {}, cpu dst {} -> {}\n",

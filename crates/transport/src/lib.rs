@@ -53,12 +53,26 @@ pub enum Security {
 }
 
 impl Security {
+    /// How connections are protected, and where TLS runs: always rustls in user space; the
+    /// kernel's `tls` ULP, which would let direct pages keep splice and MSG_ZEROCOPY under TLS,
+    /// is named when this kernel has it, so a report says what was left on the table.
     pub fn name(&self) -> &'static str {
-        match self {
-            Security::Insecure => "none (insecure)",
-            Security::Tls(_) => "tls1.3 (rustls, user space)",
+        match (self, kernel_tls()) {
+            (Security::Insecure, _) => "none (insecure)",
+            (Security::Tls(_), false) => {
+                "tls1.3 (rustls, user space; no tls ULP registered for kernel TLS)"
+            }
+            (Security::Tls(_), true) => {
+                "tls1.3 (rustls, user space; the kernel's tls ULP is there but livemig does not use it yet)"
+            }
         }
     }
+}
+
+/// Whether this kernel offers kernel TLS (the `tls` upper-layer protocol).
+pub fn kernel_tls() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"))
 }
 
 /// Bytes moved by one connection, readable while it runs.

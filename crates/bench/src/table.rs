@@ -100,6 +100,16 @@ pub fn render(b: &BenchReport) -> String {
             s += &format!("  {} {} over {} failed: {e}\n", r.peer, r.config, r.links);
         }
     }
+    s += &comparisons(b);
+    for n in &b.notes {
+        s += &format!("\nnote: {n}");
+    }
+    s + "\n"
+}
+
+/// The table's tail: livemig against QEMU, and what TLS costs.
+fn comparisons(b: &BenchReport) -> String {
+    let mut s = String::new();
     if !b.ratios.is_empty() {
         s += "\nlivemig / QEMU (lower is better for livemig):\n";
         for q in &b.ratios {
@@ -138,8 +148,5 @@ pub fn render(b: &BenchReport) -> String {
             );
         }
     }
-    for n in &b.notes {
-        s += &format!("\nnote: {n}");
-    }
-    s + "\n"
+    s
 }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::protocol::{
-    self, decode, FrameReader, Hello, Kind, Opening, Transport, HEADER_LEN, VERSION,
+    self, decode, Frame, FrameReader, Hello, Kind, Opening, Transport, HEADER_LEN, VERSION,
 };
 use crate::recv::state::{ReceiveMigrationState, Step, StreamState};
 
@@ -33,32 +33,29 @@ pub fn handshake(data: &[u8]) {
 /// state machine, with every step's decoding carried out (page batches validated, compressed
 /// ones decompressed, direct page data read into a scratch file).
 pub fn frames(data: &[u8]) {
-    let mut br = BufReader::new(Cursor::new(data));
-    let mut r = FrameReader::new(&mut br);
-    let mut state = ReceiveMigrationState::AwaitingConfig;
-    while let Ok(frame) = r.next_frame() {
-        let (next, step) = match state.next(frame) {
-            Ok(v) => v,
-            Err(_) => break,
-        };
-        state = next;
-        if let Some(len) = exercise(step) {
-            let _ = r.read_direct(scratch(), 0, len);
-        }
-    }
+    drive(data, ReceiveMigrationState::AwaitingConfig, |s, f| {
+        s.next(f)
+    });
 }
 
 /// The same traffic as a page stream reads it.
 pub fn stream_frames(data: &[u8]) {
+    drive(data, StreamState::Receiving, |s, f| s.next(f));
+}
+
+/// Feeds `data`'s frames to a receive state machine until it refuses one or they run out.
+fn drive<S, E>(
+    data: &[u8],
+    mut state: S,
+    next: impl for<'f> Fn(S, Frame<'f>) -> Result<(S, Step<'f>), E>,
+) {
     let mut br = BufReader::new(Cursor::new(data));
     let mut r = FrameReader::new(&mut br);
-    let mut state = StreamState::Receiving;
     while let Ok(frame) = r.next_frame() {
-        let (next, step) = match state.next(frame) {
-            Ok(v) => v,
-            Err(_) => break,
+        let Ok((n, step)) = next(state, frame) else {
+            break;
         };
-        state = next;
+        state = n;
         if let Some(len) = exercise(step) {
             let _ = r.read_direct(scratch(), 0, len);
         }

@@ -25,19 +25,6 @@ pub trait ReadToFile: Read {
     }
 }
 
-/// Fills `dst` from `r` through a buffer.
-fn copy_to_slice(r: &mut (impl Read + ?Sized), dst: &VolatileSlice<'_>) -> io::Result<()> {
-    let mut buf = vec![0u8; dst.len().min(256 << 10)];
-    let mut done = 0;
-    while done < dst.len() {
-        let n = (dst.len() - done).min(buf.len());
-        r.read_exact(&mut buf[..n])?;
-        dst.write_slice(&buf[..n], done).map_err(io::Error::other)?;
-        done += n;
-    }
-    Ok(())
-}
-
 /// Reads exactly `len` bytes from `r` into `file` at `off` through a buffer.
 fn copy_to_file(
     r: &mut (impl Read + ?Sized),
@@ -46,12 +33,31 @@ fn copy_to_file(
     len: usize,
 ) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
+    through_buffer(r, len, |chunk, done| {
+        file.write_all_at(chunk, off + done as u64)
+    })
+}
+
+/// Fills `dst` from `r` through a buffer.
+fn copy_to_slice(r: &mut (impl Read + ?Sized), dst: &VolatileSlice<'_>) -> io::Result<()> {
+    through_buffer(r, dst.len(), |chunk, done| {
+        dst.write_slice(chunk, done).map_err(io::Error::other)
+    })
+}
+
+/// Reads exactly `len` bytes from `r` in buffer-sized chunks, handing each to `put` with
+/// how much came before it.
+fn through_buffer(
+    r: &mut (impl Read + ?Sized),
+    len: usize,
+    mut put: impl FnMut(&[u8], usize) -> io::Result<()>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; len.min(256 << 10)];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(buf.len());
         r.read_exact(&mut buf[..n])?;
-        file.write_all_at(&buf[..n], off + done as u64)?;
+        put(&buf[..n], done)?;
         done += n;
     }
     Ok(())

@@ -70,20 +70,24 @@ fn zero_copy_sends_arrive_intact_and_complete() {
     assert_eq!(c.counters.sent.load(Ordering::Relaxed), 4 << 20);
 }
 
-#[test]
-fn socket_data_splices_into_a_file_at_its_offset_and_eof_is_truncation() {
+/// `len` bytes of a pattern sent over a plaintext loopback connection by a thread that then
+/// closes it: the bytes, the accepted connection, the thread.
+fn sent_over_loopback(len: u32) -> (Vec<u8>, Connection, std::thread::JoinHandle<()>) {
     let l = Listener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let data: Vec<u8> = (0u32..(3 << 20) + 100)
-        .map(|i| (i * 13 % 251) as u8)
-        .collect();
+    let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
     let sent = data.clone();
     let t = std::thread::spawn(move || {
         let mut c = connect(&addr, Duration::from_secs(5), &Security::Insecure).unwrap();
         c.writer.write_all(&sent).unwrap();
         c.writer.flush().unwrap();
     });
-    let mut c = l.accept().unwrap();
+    (data, l.accept().unwrap(), t)
+}
+
+#[test]
+fn socket_data_splices_into_a_file_at_its_offset_and_eof_is_truncation() {
+    let (data, mut c, t) = sent_over_loopback((3 << 20) + 100);
     let dir = std::env::temp_dir().join(format!("lm-splice-{}", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -108,18 +112,7 @@ fn socket_data_splices_into_a_file_at_its_offset_and_eof_is_truncation() {
 
 #[test]
 fn socket_data_reads_into_a_mapping_and_eof_is_truncation() {
-    let l = Listener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let data: Vec<u8> = (0u32..(2 << 20) + 100)
-        .map(|i| (i * 7 % 253) as u8)
-        .collect();
-    let sent = data.clone();
-    let t = std::thread::spawn(move || {
-        let mut c = connect(&addr, Duration::from_secs(5), &Security::Insecure).unwrap();
-        c.writer.write_all(&sent).unwrap();
-        c.writer.flush().unwrap();
-    });
-    let mut c = l.accept().unwrap();
+    let (data, mut c, t) = sent_over_loopback((2 << 20) + 100);
     let mut buf = vec![0u8; 2 << 20];
     // SAFETY: `buf` outlives the slice and nothing else touches it meanwhile.
     let dst = unsafe { VolatileSlice::new(buf.as_mut_ptr(), buf.len()) };

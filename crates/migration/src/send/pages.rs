@@ -197,8 +197,8 @@ impl<'a> PageSender<'a> {
     }
 
     /// Copies the page into the batch's data: whole; as a delta against what the destination
-    /// holds when that is known and small; as a reference when the destination holds the same
-    /// content elsewhere; zero pages take no data.
+    /// holds when that is known and small; in the copy, as a reference when the destination
+    /// holds the same content elsewhere; zero pages take no data.
     fn copy_page(&mut self, off: u64) -> Result<Placed, MigrationError> {
         let start = self.data.len();
         self.data.resize(start + PAGE, 0);
@@ -208,36 +208,44 @@ impl<'a> PageSender<'a> {
             if let Some(c) = &mut self.delta {
                 c.forget(off);
             }
-            if let Some(d) = &mut self.dedup {
-                d.forget(off);
-            }
+            self.forget_content(off);
             return Ok(Placed::Zero);
         }
-        if let Some(cache) = &mut self.delta {
-            if let Some(base) =
-                cache.encode(off, &self.data[start..], &mut self.delta_buf, self.resend)
-            {
-                if let Some(d) = &mut self.dedup {
-                    d.forget(off);
-                }
-                self.data.truncate(start);
-                self.data
-                    .extend_from_slice(DeltaHead::new(base, self.delta_buf.len()).as_bytes());
-                self.data.extend_from_slice(&self.delta_buf);
-                return Ok(Placed::Delta);
-            }
-        }
-        if let Some((from, hash)) = self
-            .dedup
+        let delta = self
+            .delta
             .as_mut()
-            .and_then(|d| d.lookup(off, &self.data[start..]))
-        {
+            .and_then(|c| c.encode(off, &self.data[start..], &mut self.delta_buf, self.resend));
+        if let Some(base) = delta {
+            self.forget_content(off);
+            self.data.truncate(start);
+            self.data
+                .extend_from_slice(DeltaHead::new(base, self.delta_buf.len()).as_bytes());
+            self.data.extend_from_slice(&self.delta_buf);
+            return Ok(Placed::Delta);
+        }
+        // References only in the copy: a re-sent page seldom matches another, and hashing it
+        // would add work to the sync rounds and to the pause.
+        let reference = match &mut self.dedup {
+            Some(d) if !self.resend => d.lookup(off, &self.data[start..]),
+            _ => {
+                self.forget_content(off);
+                None
+            }
+        };
+        if let Some((from, hash)) = reference {
             self.data.truncate(start);
             self.data
                 .extend_from_slice(RefHead::new(from, hash).as_bytes());
             return Ok(Placed::Ref);
         }
         Ok(Placed::Whole)
+    }
+
+    /// `off` goes out with content the dedup index does not learn: it is no target any more.
+    fn forget_content(&mut self, off: u64) {
+        if let Some(d) = &mut self.dedup {
+            d.forget(off);
+        }
     }
 
     /// The batch being built gets its id (for dedup: its pages are targets once written).

@@ -171,7 +171,7 @@ pub struct Machine {
 
 impl Machine {
     /// A machine for our workload guest: its ELF and command line (TSC rate included) in
-    /// `dir`, and the RAM a livemig VM of this memory profile and seed boots with, written in
+    /// `dir`, and the RAM a livemig VM of this content boots with, written in
     /// guest-physical layout as `-device loader` blobs into `ram`.
     pub fn prepare(
         dir: &Path,
@@ -179,8 +179,7 @@ impl Machine {
         memory: u64,
         vcpus: u8,
         workload: &str,
-        profile: guest::memory_profile::MemoryProfile,
-        seed: u64,
+        content: guest::memory_profile::Content,
     ) -> Result<Machine, crate::BenchError> {
         let step = crate::step;
         std::fs::create_dir_all(ram)?;
@@ -194,7 +193,8 @@ impl Machine {
             .iter()
             .map(|r| (r.guest, r.len))
             .collect();
-        let blobs = guest::memory_profile::ProfileFiller::new(profile, seed)
+        let blobs = content
+            .filler(&ranges)
             .and_then(|f| f.write_blobs(&ranges, 2 << 20, 1 << 30, ram))
             .map_err(|e| step("RAM image")(e.to_string()))?;
         Ok(Machine {

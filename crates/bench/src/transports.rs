@@ -424,8 +424,11 @@ impl<'a> Bench<'a> {
             o.memory,
             o.vcpus,
             &o.workload,
-            o.memory_profile,
-            1,
+            guest::memory_profile::Content {
+                profile: o.memory_profile,
+                seed: 1,
+                image: None,
+            },
         )
     }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use migration::MigrateRequest;
 
+pub mod cache;
 pub mod model;
 pub mod pace;
 pub mod plan;
@@ -48,6 +49,9 @@ pub struct DrainOptions {
     pub budget: Budget,
     /// Attempts after the first for a VM whose migration failed.
     pub retries: u32,
+    /// Bytes of page cache to ask each destination for, for dedup across the drain's VMs
+    /// (0: none; only with dedup, and not on the direct transport).
+    pub dedup_cache: u64,
     pub dry_run: bool,
     /// Measure each link for this long first (0: do not).
     pub probe_ms: u64,

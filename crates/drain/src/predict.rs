@@ -170,6 +170,7 @@ mod tests {
                 dirty_set_pages: 0,
                 dirty_set_half_pages: 0,
                 window_ms: 0,
+                fingerprint: Vec::new(),
             }),
         }
     }

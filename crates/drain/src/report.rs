@@ -82,6 +82,13 @@ pub struct DrainReport {
     pub pages: migration::report::PageCounts,
     /// Page bytes the deltas did not send, over all migrations.
     pub delta_bytes_saved: u64,
+    /// Page bytes references to pages of the same VM did not send.
+    pub dedup_bytes_saved: u64,
+    /// Page bytes references to the destination's page cache (pages of the drain's earlier
+    /// VMs) did not send.
+    pub dedup_host_bytes_saved: u64,
+    /// The page caches the destinations gave this drain, in all.
+    pub dedup_cache_bytes: u64,
     /// Guest RAM of the VMs moved.
     pub ram_moved_bytes: u64,
     pub ram_moved_per_s: f64,
@@ -106,6 +113,11 @@ impl DrainReport {
         let reports = || vms.iter().filter_map(|v| v.report.as_ref());
         let moved: Vec<&VmOutcome> = vms.iter().filter(|v| v.status == Status::Moved).collect();
         let ram_moved_bytes: u64 = moved.iter().map(|v| v.memory).sum();
+        let pages = reports().fold(migration::report::PageCounts::default(), |mut t, r| {
+            t.add(&r.pages);
+            t
+        });
+        let (dedup_bytes_saved, dedup_host_bytes_saved) = pages.dedup_bytes_saved();
         let mut r = DrainReport {
             source,
             destinations,
@@ -116,10 +128,10 @@ impl DrainReport {
             downtime_ms_sum: reports().map(|r| r.downtime_ms).sum(),
             downtime_ms_max: reports().map(|r| r.downtime_ms).max().unwrap_or(0),
             bytes_on_wire: reports().map(|r| r.bytes_on_wire).sum(),
-            pages: reports().fold(Default::default(), |mut t, r| {
-                t.add(&r.pages);
-                t
-            }),
+            pages,
+            dedup_bytes_saved,
+            dedup_host_bytes_saved,
+            dedup_cache_bytes: 0,
             delta_bytes_saved: reports()
                 .filter_map(|r| r.delta.as_ref())
                 .map(|d| d.bytes_saved)
@@ -166,14 +178,18 @@ impl DrainReport {
             self.downtime_ms_sum,
             self.peak_concurrency
         );
-        if self.pages.delta + self.pages.dedup > 0 {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        if self.pages.delta + self.pages.dedup + self.pages.dedup_host > 0 {
             s += &format!(
-                "\npages: {} whole, {} compressed, {} as deltas ({:.1} MiB not sent), {} as references, {} zero",
+                "\npages: {} whole, {} compressed, {} as deltas ({:.1} MiB not sent), {} as references within a VM ({:.1} MiB), {} to the destination's page cache ({:.1} MiB), {} zero",
                 self.pages.normal + self.pages.raw_fallback,
                 self.pages.compressed,
                 self.pages.delta,
-                self.delta_bytes_saved as f64 / f64::from(1u32 << 20),
+                mib(self.delta_bytes_saved),
                 self.pages.dedup,
+                mib(self.dedup_bytes_saved),
+                self.pages.dedup_host,
+                mib(self.dedup_host_bytes_saved),
                 self.pages.zero
             );
         }

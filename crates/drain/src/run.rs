@@ -40,6 +40,16 @@ pub struct Planned {
 }
 
 impl Planned {
+    /// The VMs planned for destination `d` (indices into the survey's).
+    pub fn vms_to(&self, d: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..self.placement.len()).filter(move |&i| self.placement[i] == Ok(d))
+    }
+
+    /// Guest RAM of the VMs planned for destination `d`.
+    pub fn memory_to(&self, d: usize, s: &Survey) -> u64 {
+        self.vms_to(d).map(|i| s.vms[i].memory).sum()
+    }
+
     pub fn make(o: &DrainOptions, s: &Survey) -> Self {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
         let dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
@@ -223,6 +233,11 @@ pub struct Run<'a> {
     survey_ms: u64,
     /// Migrate calls that ended wake the loop.
     ended: (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>),
+    /// Per destination, the page cache its migrations share.
+    caches: Vec<Option<host::api::CacheInfo>>,
+    /// Per destination, whether a migration there has finished its copy (so its cache holds
+    /// pages for the others).
+    seeded: Vec<bool>,
 }
 
 impl<'a> Run<'a> {
@@ -260,6 +275,8 @@ impl<'a> Run<'a> {
             view: View::new(o.show, total),
             survey_ms: t0.elapsed().as_millis() as u64,
             ended: std::sync::mpsc::channel(),
+            caches: crate::cache::open(o, s, planned),
+            seeded: vec![false; s.dests.len()],
         }
     }
 
@@ -285,6 +302,7 @@ impl<'a> Run<'a> {
             let _ = self.ended.1.recv_timeout(TICK);
         }
         self.view.finish();
+        crate::cache::close(self.s, &self.caches);
         let summary = self.planned.summary(self.o, self.s, self.window.limit());
         let wall_ms = self.t0.elapsed().as_millis() as u64;
         // The host is empty once the last VM has switched over.
@@ -306,6 +324,7 @@ impl<'a> Run<'a> {
         );
         r.survey_ms = self.survey_ms;
         r.wall_ms = wall_ms;
+        r.dedup_cache_bytes = self.caches.iter().flatten().map(|c| c.bytes).sum();
         r
     }
 
@@ -331,7 +350,9 @@ impl<'a> Run<'a> {
         while self.moving() < self.window.limit() {
             let busy = |d: usize, f: &[Flight]| {
                 let arriving = f.iter().filter(|x| x.job.dest == d && !x.switched).count();
+                let to_d = f.iter().filter(|x| x.job.dest == d).count();
                 arriving >= self.s.dests[d].max_inbound
+                    || crate::cache::waits_for_seed(self.caches[d].is_some(), self.seeded[d], to_d)
             };
             let Some(pos) = self.queue.iter().position(|j| !busy(j.dest, &self.flights)) else {
                 return;
@@ -354,6 +375,7 @@ impl<'a> Run<'a> {
             session: Some(session),
             lease_ms: Some(LEASE.as_millis() as u64),
             max_bandwidth: pace.or(self.o.request.max_bandwidth),
+            host_cache: self.caches[job.dest].as_ref().map(|c| c.id),
             ..self.o.request.clone()
         };
         let client = self.s.client.waiting(Duration::from_secs(7 * 24 * 3600));
@@ -388,6 +410,7 @@ impl<'a> Run<'a> {
             .partition(|f| f.worker.is_finished());
         self.flights = running;
         for f in done {
+            self.seeded[f.job.dest] = true;
             let result = f.worker.join().unwrap_or_else(|_| {
                 Err(ApiError::BadResponse {
                     path: self.o.from.clone(),
@@ -521,6 +544,7 @@ impl<'a> Run<'a> {
             if let Ok(Some(p)) = self.s.client.progress(name) {
                 self.view.progress(name, &p, &self.s.dests[f.job.dest].name);
                 f.switched |= p.phase == "verify";
+                self.seeded[f.job.dest] |= !matches!(p.phase.as_str(), "prepare" | "copy");
                 f.last = Some(p);
             }
             if let Some(p) = &f.last {

@@ -5,7 +5,17 @@
 //!
 //! `server` mixes ~35% zero pages, ~30% machine code sampled from ELF files under /usr/lib,
 //! ~20% text sampled from /usr/share and ~15% random (incompressible) pages. Classes are chosen
-//! per 64 KiB extent, as real memory has runs of similar pages.
+//! per 64 KiB extent, as real memory has runs of similar pages. Every non-zero page is stamped
+//! with its identity (8 bytes), so sampling from small pools repeats no page: a VM's non-zero
+//! pages are unique, as Barker et al. (ATC'12) found real memory to be once zero pages are left
+//! out.
+//!
+//! An OS image ([`OsImage`]) makes VMs share like clones of one template: every VM started
+//! with the same image seed holds the same OS part (a share of its RAM, default
+//! [`DEFAULT_IMAGE_SHARE_PCT`]%), the same content at addresses of its own (an affine
+//! permutation of its extents, keyed by the VM's seed). VMs of different images share only zero
+//! pages. The OS part has the non-zero mix of the rest (code, text, and already-compressed
+//! files), and the zero share of the whole stays ~35%.
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -16,9 +26,30 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 const PAGE_SIZE: u64 = 4096;
 const PAGE: usize = PAGE_SIZE as usize;
 const EXTENT_PAGES: u64 = 16;
+const EXTENT_BYTES: u64 = EXTENT_PAGES * PAGE_SIZE;
 const CODE_POOL_BYTES: usize = 48 << 20;
 const TEXT_POOL_BYTES: usize = 16 << 20;
 const MAX_BYTES_PER_FILE: u64 = 2 << 20;
+/// Percent of RAM that is zero pages in `server` memory.
+const ZERO_PCT: f64 = 35.0;
+
+/// The OS part's default share of RAM. VMware measures that "many nearly identical virtual
+/// machines might free up more than thirty percent of memory" with page sharing (TPS); N clones
+/// sharing a fraction s free s(N-1)/N, so >30% over 4-10 VMs means s of 35-40%. Difference
+/// Engine's "up to 90%" for homogeneous VMs counts sub-page patches too, and Barker et al.'s
+/// "under 15% excluding zero pages" is for mixed desktops, which here are VMs of different
+/// images (they share nothing but zero pages).
+pub const DEFAULT_IMAGE_SHARE_PCT: u8 = 35;
+/// At most the non-zero part of `server` memory.
+pub const MAX_IMAGE_SHARE_PCT: u8 = 65;
+
+/// The OS image a VM was cloned from: `seed` names the image, `share_pct` is the percent of
+/// RAM its OS part takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OsImage {
+    pub seed: u64,
+    pub share_pct: u8,
+}
 
 /// Where [`ProfileFiller::fill_with`] puts a run of non-zero pages: (offset from the base, bytes).
 pub type PageSink<'a, E> = dyn Fn(u64, &[u8]) -> Result<(), E> + Sync + 'a;
@@ -71,6 +102,10 @@ pub enum ProfileError {
     Unknown(String),
     #[error("no {what} found under {dir} to sample memory content from")]
     EmptyPool { what: &'static str, dir: String },
+    #[error("an OS image takes {0}% of RAM; at most {MAX_IMAGE_SHARE_PCT}% is not zero pages")]
+    ImageShare(u8),
+    #[error("an OS image needs the server memory profile, not {0}")]
+    ImageProfile(MemoryProfile),
     #[error("writing memory image {path}: {source}")]
     Write {
         path: PathBuf,
@@ -109,6 +144,22 @@ impl FillStats {
         self.code += o.code;
         self.text += o.text;
         self.random += o.random;
+    }
+}
+
+/// The class of a `server` extent: zero pages take `zero` of the `of` units its origin stands
+/// for, and code, text and random split the rest 30:20:15.
+fn server_class(o: Origin) -> PageClass {
+    let u = (mix64(o.key ^ mix64(o.extent ^ 0x5e7e)) >> 11) as f64 / (1u64 << 53) as f64;
+    let x = u * o.of;
+    if x < o.zero {
+        return PageClass::Zero;
+    }
+    let y = (x - o.zero) / (o.of - o.zero) * 65.0;
+    match y {
+        y if y < 30.0 => PageClass::Code,
+        y if y < 50.0 => PageClass::Text,
+        _ => PageClass::Random,
     }
 }
 
@@ -203,11 +254,104 @@ fn mix64(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
+/// What one VM's RAM holds before boot: a profile, the VM's own seed, and the OS image it
+/// was cloned from, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Content {
+    pub profile: MemoryProfile,
+    pub seed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<OsImage>,
+}
+
+impl Content {
+    /// The filler for a VM whose RAM is `ram` (guest-physical start and length of each range).
+    pub fn filler(&self, ram: &[(u64, u64)]) -> Result<ProfileFiller, ProfileError> {
+        let f = ProfileFiller::new(self.profile, self.seed)?;
+        match self.image {
+            Some(image) => f.with_image(image, ram),
+            None => Ok(f),
+        }
+    }
+}
+
+/// Where the OS part sits in one VM: its RAM as dense extents (`ranges`: guest-physical start,
+/// length, first dense extent), of which extent `e` holds image extent `(a*e + b) mod extents`
+/// when that is below `os_extents`.
+#[derive(Clone, Debug)]
+struct ImageLayout {
+    seed: u64,
+    share_pct: f64,
+    ranges: Vec<(u64, u64, u64)>,
+    extents: u64,
+    os_extents: u64,
+    a: u64,
+    b: u64,
+}
+
+impl ImageLayout {
+    fn new(image: OsImage, vm_seed: u64, ram: &[(u64, u64)]) -> Self {
+        let mut ranges = Vec::with_capacity(ram.len());
+        let mut extents = 0;
+        for &(start, len) in ram {
+            ranges.push((start, len, extents));
+            extents += len / EXTENT_BYTES;
+        }
+        let extents = extents.max(1);
+        let mut a = (mix64(vm_seed ^ 0xa11e) % extents) | 1;
+        while gcd(a, extents) != 1 {
+            a += 2;
+        }
+        ImageLayout {
+            seed: mix64(image.seed ^ 0x05_1a6e),
+            share_pct: f64::from(image.share_pct),
+            os_extents: extents * u64::from(image.share_pct) / 100,
+            b: mix64(vm_seed ^ 0xb0ff) % extents,
+            ranges,
+            extents,
+            a,
+        }
+    }
+
+    /// The image extent at guest page `page`, if it is part of the OS.
+    fn image_extent(&self, page: u64) -> Option<u64> {
+        let addr = page * PAGE_SIZE;
+        let &(start, _, dense) = self
+            .ranges
+            .iter()
+            .find(|&&(start, len, _)| (start..start + len).contains(&addr))?;
+        let e = dense + (addr - start) / EXTENT_BYTES;
+        let j = ((u128::from(self.a) * u128::from(e) + u128::from(self.b))
+            % u128::from(self.extents)) as u64;
+        (j < self.os_extents).then_some(j)
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Whose content an extent holds: a key (the VM's seed, or the image's), the extent's number
+/// under that key, and the percent of RAM that is zero among such extents' neighbours.
+#[derive(Clone, Copy)]
+struct Origin {
+    key: u64,
+    extent: u64,
+    /// Of 100 units of RAM the origin's extents stand for, how many are zero pages.
+    zero: f64,
+    /// The units they stand for in all (100 for a VM without image).
+    of: f64,
+}
+
 /// Fills guest pages with a profile's content.
 pub struct ProfileFiller {
     profile: MemoryProfile,
     seed: u64,
     pools: Option<&'static Pools>,
+    image: Option<ImageLayout>,
 }
 
 impl ProfileFiller {
@@ -220,7 +364,43 @@ impl ProfileFiller {
             profile,
             seed,
             pools,
+            image: None,
         })
+    }
+
+    /// Gives the VM whose RAM is `ram` (guest-physical start and length of each range) the OS
+    /// part of `image`.
+    pub fn with_image(mut self, image: OsImage, ram: &[(u64, u64)]) -> Result<Self, ProfileError> {
+        if self.profile != MemoryProfile::Server {
+            return Err(ProfileError::ImageProfile(self.profile));
+        }
+        if image.share_pct > MAX_IMAGE_SHARE_PCT {
+            return Err(ProfileError::ImageShare(image.share_pct));
+        }
+        self.image = Some(ImageLayout::new(image, self.seed, ram));
+        Ok(self)
+    }
+
+    /// Whose content the extent of page `page` holds.
+    fn origin(&self, page: u64) -> Origin {
+        let own = |share: f64| Origin {
+            key: self.seed,
+            extent: page / EXTENT_PAGES,
+            zero: ZERO_PCT,
+            of: 100.0 - share,
+        };
+        match &self.image {
+            None => own(0.0),
+            Some(img) => match img.image_extent(page) {
+                Some(j) => Origin {
+                    key: img.seed,
+                    extent: j,
+                    zero: 0.0,
+                    of: img.share_pct,
+                },
+                None => own(img.share_pct),
+            },
+        }
     }
 
     /// What the page with this index (counted from guest-physical 0) holds.
@@ -229,14 +409,7 @@ impl ProfileFiller {
             MemoryProfile::Zero => PageClass::Zero,
             MemoryProfile::Random => PageClass::Random,
             MemoryProfile::Text => PageClass::Text,
-            MemoryProfile::Server => {
-                match mix64(self.seed ^ mix64((page / EXTENT_PAGES) ^ 0x5e7e)) % 100 {
-                    0..35 => PageClass::Zero,
-                    35..65 => PageClass::Code,
-                    65..85 => PageClass::Text,
-                    _ => PageClass::Random,
-                }
-            }
+            MemoryProfile::Server => server_class(self.origin(page)),
         }
     }
 
@@ -244,26 +417,36 @@ impl ProfileFiller {
     /// zeroed memory and untouched RAM stays unbacked.
     pub fn fill_page(&self, page: u64, out: &mut [u8]) -> PageClass {
         let class = self.class(page);
-        let h = mix64(
-            self.seed
-                .wrapping_add(page)
-                .wrapping_mul(0x9e3779b97f4a7c15),
+        let o = match self.profile {
+            MemoryProfile::Server => self.origin(page),
+            _ => Origin {
+                key: self.seed,
+                extent: page / EXTENT_PAGES,
+                zero: 0.0,
+                of: 100.0,
+            },
+        };
+        // The page's identity under its origin: the same in every VM of one image.
+        let id = mix64(
+            o.key
+                ^ (o.extent * EXTENT_PAGES + page % EXTENT_PAGES).wrapping_mul(0x9e3779b97f4a7c15),
         );
         // An extent holds consecutive pages of one file region, as a mapped library or file
         // does in real memory (and as compressors see it).
-        let extent = mix64(self.seed ^ (page / EXTENT_PAGES).wrapping_mul(0x9e3779b97f4a7c15));
+        let region = mix64(o.key ^ o.extent.wrapping_mul(0x9e3779b97f4a7c15));
         let sample = |pool: &[u8], out: &mut [u8]| {
             let pages = (pool.len() / PAGE) as u64;
-            let start = extent % pages.saturating_sub(EXTENT_PAGES).max(1);
+            let start = region % pages.saturating_sub(EXTENT_PAGES).max(1);
             let off = ((start + page % EXTENT_PAGES) % pages) as usize * PAGE;
             out.copy_from_slice(&pool[off..off + PAGE]);
+            out[..8].copy_from_slice(&id.to_le_bytes());
         };
         match (class, self.pools) {
             (PageClass::Zero, _) => {}
             (PageClass::Code, Some(p)) => sample(&p.code, out),
             (PageClass::Text, Some(p)) => sample(&p.text, out),
             (PageClass::Random, _) | (_, None) => {
-                Xoshiro256PlusPlus::seed_from_u64(h ^ self.seed).fill_bytes(out)
+                Xoshiro256PlusPlus::seed_from_u64(id).fill_bytes(out)
             }
         }
         class
@@ -507,6 +690,84 @@ mod tests {
         for b in &blobs {
             assert_eq!(std::fs::metadata(&b.path).unwrap().len(), b.len);
         }
+    }
+
+    /// The non-zero pages of `mem` by content, with their offsets.
+    fn contents(mem: &[u8]) -> std::collections::HashMap<&[u8], Vec<usize>> {
+        let mut m = std::collections::HashMap::<&[u8], Vec<usize>>::new();
+        for (i, p) in mem.chunks(PAGE).enumerate() {
+            if p.iter().any(|&b| b != 0) {
+                m.entry(p).or_default().push(i * PAGE);
+            }
+        }
+        m
+    }
+
+    fn fill_image(seed: u64, image: u64, share_pct: u8) -> Vec<u8> {
+        let len = 16usize << 20;
+        let mem = std::sync::Mutex::new(vec![0u8; len]);
+        ProfileFiller::new(MemoryProfile::Server, seed)
+            .unwrap()
+            .with_image(
+                OsImage {
+                    seed: image,
+                    share_pct,
+                },
+                &[(0, len as u64)],
+            )
+            .unwrap()
+            .fill_with(0, len as u64, &|off, bytes| {
+                let off = off as usize;
+                mem.lock().unwrap()[off..off + bytes.len()].copy_from_slice(bytes);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        mem.into_inner().unwrap()
+    }
+
+    #[test]
+    fn non_zero_pages_are_unique_within_a_vm() {
+        let (mem, st) = fill_at(MemoryProfile::Server, 5, 0, 64 << 20);
+        let c = contents(&mem);
+        assert_eq!(c.len() as u64, st.code + st.text + st.random);
+        let mem = fill_image(5, 9, DEFAULT_IMAGE_SHARE_PCT);
+        assert!(contents(&mem).values().all(|at| at.len() == 1));
+    }
+
+    #[test]
+    fn vms_of_one_image_share_its_os_part_at_addresses_of_their_own() {
+        let (a, b) = (fill_image(1, 7, 35), fill_image(2, 7, 35));
+        let (ca, cb) = (contents(&a), contents(&b));
+        let shared: Vec<_> = ca.iter().filter(|(p, _)| cb.contains_key(*p)).collect();
+        let pages = (a.len() / PAGE) as f64;
+        let pct = shared.len() as f64 * 100.0 / pages;
+        assert!((30.0..40.0).contains(&pct), "{pct:.1}% of RAM shared");
+        let same_place = shared.iter().filter(|(p, at)| cb[*p] == **at).count();
+        assert!(
+            same_place * 20 < shared.len(),
+            "{same_place} of {}",
+            shared.len()
+        );
+        let zero = a.chunks(PAGE).filter(|p| p.iter().all(|&b| b == 0)).count();
+        let zero_pct = zero as f64 * 100.0 / pages;
+        assert!((30.0..40.0).contains(&zero_pct), "{zero_pct:.1}% zero");
+    }
+
+    #[test]
+    fn vms_of_different_images_share_only_zero_pages() {
+        let (ca, cb) = (fill_image(1, 7, 35), fill_image(2, 8, 35));
+        let (ca, cb) = (contents(&ca), contents(&cb));
+        assert_eq!(ca.keys().filter(|p| cb.contains_key(*p)).count(), 0);
+    }
+
+    #[test]
+    fn an_image_needs_server_memory_and_a_share_that_fits() {
+        let img = |share_pct| OsImage { seed: 1, share_pct };
+        let f = || ProfileFiller::new(MemoryProfile::Server, 1).unwrap();
+        assert!(f().with_image(img(66), &[(0, 1 << 20)]).is_err());
+        assert!(f().with_image(img(65), &[(0, 1 << 20)]).is_ok());
+        let z = ProfileFiller::new(MemoryProfile::Zero, 1).unwrap();
+        assert!(z.with_image(img(35), &[(0, 1 << 20)]).is_err());
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! | POST   | /vms/NAME/discard           |                      | `{}` (kills a stale copy)  |
 //! | GET    | /incoming/SESSION[?abandon] |                      | [`IncomingFate`]           |
 //! | POST   | /probe                      | [`ProbeRequest`]     | [`ProbeResult`]            |
+//! | POST   | /caches                     | [`CacheRequest`]     | [`CacheInfo`]              |
+//! | DELETE | /caches/ID                  |                      | `{}`                       |
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,12 +58,31 @@ pub struct Capacity {
     pub committed: u64,
     /// Of that, promised to VMs still arriving (not yet resident).
     pub arriving: u64,
+    /// Memory drains' page caches take when full (counted against the room).
+    #[serde(default)]
+    pub caches: u64,
     /// What a VM arriving now may have: free memory less arrivals and the host's reserve.
     pub room: u64,
     pub vms: usize,
     pub inbound: usize,
     pub outbound: usize,
     pub max_inbound: usize,
+}
+
+/// A drain's page cache to create on the destination host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CacheRequest {
+    /// At most this much memory.
+    pub bytes: u64,
+}
+
+/// A page cache created for a drain: its id (which its migrations name) and size.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CacheInfo {
+    pub id: u64,
+    /// What it takes when full.
+    pub bytes: u64,
+    pub pages: u64,
 }
 
 /// `livemig host run`: a VM to start, with `livemig run`'s arguments.
@@ -120,6 +141,16 @@ impl HostClient {
     /// A client whose calls may wait `t` (a migration).
     pub fn waiting(&self, t: Duration) -> Self {
         HostClient(self.0.clone().with_timeout(t))
+    }
+
+    /// A page cache for a drain, of at most `bytes`.
+    pub fn create_cache(&self, bytes: u64) -> Result<CacheInfo, ApiError> {
+        self.0
+            .call("POST", "/caches", Some(json!(CacheRequest { bytes })))
+    }
+
+    pub fn drop_cache(&self, id: u64) -> Result<serde_json::Value, ApiError> {
+        self.0.call("DELETE", &format!("/caches/{id}"), None)
     }
 
     pub fn capacity(&self) -> Result<Capacity, ApiError> {

@@ -4,11 +4,46 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use guest::memory_profile::MemoryProfile;
+use guest::memory_profile::{MemoryProfile, OsImage, DEFAULT_IMAGE_SHARE_PCT};
 use migration::protocol::Transport;
 use migration::MigrateRequest;
 use transport::tls::{Tls, TlsFiles};
 use transport::Security;
+
+/// The OS image a VM's memory is cloned from (server memory profile only).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct ImageArgs {
+    /// OS image: VMs started with the same image seed hold the same OS part of their RAM (at
+    /// addresses of their own); VMs of different images share only zero pages. Without it a
+    /// VM shares nothing with others.
+    #[arg(long, value_name = "SEED")]
+    pub image: Option<u64>,
+    /// Percent of RAM the OS image takes (at most 65: server memory is 35% zero pages).
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT_IMAGE_SHARE_PCT, requires = "image")]
+    pub image_share: u8,
+}
+
+impl ImageArgs {
+    pub fn os_image(&self) -> Option<OsImage> {
+        self.image.map(|seed| OsImage {
+            seed,
+            share_pct: self.image_share,
+        })
+    }
+
+    /// The same options for a child `livemig run`.
+    pub fn to_args(self) -> Vec<String> {
+        match self.image {
+            Some(seed) => vec![
+                "--image".into(),
+                seed.to_string(),
+                "--image-share".into(),
+                self.image_share.to_string(),
+            ],
+            None => Vec::new(),
+        }
+    }
+}
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     guest::parse_size(s).ok_or_else(|| format!("{s:?} is not a size (e.g. 512M, 1G)"))
@@ -184,6 +219,16 @@ pub struct DrainBenchArgs {
     /// Give every VM this much memory instead.
     #[arg(long, value_parser = parse_size)]
     pub vm_memory: Option<u64>,
+    /// The VMs' OS images: each its own (`different`: they share only zero pages) or one for
+    /// all (`same`: they share its OS part).
+    #[arg(long, default_value = "different")]
+    pub images: bench::hostdrain::Images,
+    /// Page cache of each destination for dedup across the VMs (as `livemig drain`).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub dedup_cache: u64,
+    /// Percent of each VM's RAM its OS image takes.
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT_IMAGE_SHARE_PCT)]
+    pub image_share: u8,
     /// Also drain the same guests and RAM with this VMM on the same links.
     #[arg(long, value_parser = ["qemu"])]
     pub peer: Option<String>,
@@ -223,8 +268,9 @@ impl DrainBenchArgs {
     pub fn options(self, livemig: PathBuf) -> bench::hostdrain::DrainBenchOptions {
         bench::hostdrain::DrainBenchOptions {
             livemig,
-            vms: bench::hostdrain::vm_set(self.vms, self.vm_memory),
+            vms: bench::hostdrain::vm_set(self.vms, self.vm_memory, self.images, self.image_share),
             peer_qemu: self.peer.as_deref() == Some("qemu"),
+            dedup_cache: self.dedup_cache,
             concurrency: self.concurrency,
             orders: self.order,
             tls: self.security == "tls",

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use guest::memory_profile::MemoryProfile;
+use guest::memory_profile::{Content, MemoryProfile};
 use guest::WorkloadSpec;
 use host::child::{Livemig, VmProcess};
 use migration::Report;
@@ -110,7 +110,11 @@ fn boot_source(a: &DemoArgs) -> Result<Vm, Box<dyn std::error::Error>> {
         memory: a.memory,
         vcpus: a.vcpus,
     };
-    let prefill = crate::profile_prefill(Some(a.memory_profile), 1);
+    let prefill = crate::profile_prefill(Some(Content {
+        profile: a.memory_profile,
+        seed: 1,
+        image: None,
+    }));
     let vm = Vm::boot(config, &kernel, &console, prefill)?;
     vm.io()
         .status

@@ -34,6 +34,12 @@ pub struct DrainArgs {
     /// Attempts after the first for a VM whose migration failed (after the other VMs).
     #[arg(long, default_value_t = 1)]
     retries: u32,
+    /// Page cache each destination keeps of the pages this drain brings it, so a later VM's
+    /// page with the same content goes as a reference (dedup across VMs; 0: none). Counted
+    /// against the destination's free memory, within the room its planned VMs leave; not
+    /// used by the direct transport.
+    #[arg(long, default_value = "1G", value_parser = crate::args::parse_size)]
+    dedup_cache: u64,
     /// Print the plan (order, placement, concurrency) and an ETA; move nothing.
     #[arg(long)]
     dry_run: bool,
@@ -103,6 +109,7 @@ pub fn main(a: DrainArgs) -> CmdResult {
             reserve: a.reserve,
         },
         retries: a.retries,
+        dedup_cache: a.dedup_cache,
         dry_run: a.dry_run,
         probe_ms: a.probe_ms,
         sample_ms: a.sample_ms,

@@ -97,6 +97,8 @@ pub struct RunArgs {
     memory_profile: Option<MemoryProfile>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    image: crate::args::ImageArgs,
 }
 
 pub fn main(cmd: HostCmd) -> CmdResult {
@@ -168,6 +170,7 @@ fn system_host_name() -> String {
 fn run(a: RunArgs) -> CmdResult {
     let mut args = vec!["--workload".to_string(), a.workload, "--seed".into()];
     args.push(a.seed.to_string());
+    args.extend(a.image.to_args());
     if let Some(k) = a.kernel {
         args.extend([
             "--kernel".into(),

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use guest::memory_profile::{MemoryProfile, ProfileFiller};
+use guest::memory_profile::{Content, MemoryProfile};
 use guest::WorkloadSpec;
 use vmm::api::{ApiServer, Client};
 use vmm::devices::VerifyResult;
@@ -56,6 +56,8 @@ struct VmArgs {
     memory_profile: Option<MemoryProfile>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    image: args::ImageArgs,
     /// COM1 output file (default: stdout).
     #[arg(long)]
     console: Option<PathBuf>,
@@ -206,6 +208,12 @@ struct ReceiveAgentArgs {
     /// Give up if no migration has started within this.
     #[arg(long, value_parser = parse_duration)]
     accept_within: Option<Duration>,
+    /// The host's page cache of a drain (opened at this path, the agent's /proc/PID/fd/N),
+    /// for a migration whose Config names --host-cache-id.
+    #[arg(long, requires = "host_cache_id")]
+    host_cache: Option<PathBuf>,
+    #[arg(long, requires = "host_cache")]
+    host_cache_id: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -216,6 +224,8 @@ struct MemoryImageArgs {
     size: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    image: args::ImageArgs,
     /// Directory for the blobs (ram-<address>.raw).
     #[arg(long)]
     out: PathBuf,
@@ -364,16 +374,17 @@ pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> CmdResult {
 
 /// Fills guest RAM from a memory profile before boot: the VMM's pre-fill hook.
 pub(crate) fn profile_prefill(
-    profile: Option<MemoryProfile>,
-    seed: u64,
+    content: Option<Content>,
 ) -> impl FnOnce(&GuestRam) -> Result<(), VmError> {
     move |ram| {
-        let Some(profile) = profile else {
+        let Some(content) = content else {
             return Ok(());
         };
-        let err = |e: &dyn std::fmt::Display| VmError::Prefill(format!("{profile}: {e}"));
-        let filler = ProfileFiller::new(profile, seed).map_err(|e| err(&e))?;
-        for r in vmm::memory::layout(ram.size()) {
+        let err = |e: &dyn std::fmt::Display| VmError::Prefill(format!("{}: {e}", content.profile));
+        let layout = vmm::memory::layout(ram.size());
+        let ranges: Vec<(u64, u64)> = layout.iter().map(|r| (r.guest, r.len)).collect();
+        let filler = content.filler(&ranges).map_err(|e| err(&e))?;
+        for r in layout {
             filler
                 .fill_with(r.guest, r.len, &|off, bytes| {
                     ram.write_at(r.file_offset + off, bytes)
@@ -401,7 +412,11 @@ fn run_vm(a: VmArgs) -> CmdResult {
         memory: a.memory,
         vcpus: a.vcpus,
     };
-    let prefill = profile_prefill(a.memory_profile.or(default_profile), a.seed);
+    let prefill = profile_prefill(a.memory_profile.or(default_profile).map(|profile| Content {
+        profile,
+        seed: a.seed,
+        image: a.image.os_image(),
+    }));
     let security = a.tls.security()?;
     let vm = Vm::boot(config, &kernel, &console(a.console), prefill)?;
     serve(vm, a.api.as_deref(), security)
@@ -430,6 +445,7 @@ fn receive(
         expect_session: agent.expect_session,
         accept_within: agent.accept_within,
         events: status.clone().map(|f| f.events()),
+        host_cache: agent.host_cache_id.zip(agent.host_cache.clone()),
         ..Default::default()
     };
     let received = migration::receive(listener, security.clone(), opts);
@@ -501,8 +517,14 @@ fn memory_image(a: MemoryImageArgs) -> CmdResult {
         .iter()
         .map(|r| (r.guest, r.len))
         .collect();
-    let blobs =
-        ProfileFiller::new(a.profile, a.seed)?.write_blobs(&ranges, a.from, a.max_blob, &a.out)?;
+    let content = Content {
+        profile: a.profile,
+        seed: a.seed,
+        image: a.image.os_image(),
+    };
+    let blobs = content
+        .filler(&ranges)?
+        .write_blobs(&ranges, a.from, a.max_blob, &a.out)?;
     for b in &blobs {
         eprintln!(
             "wrote {} (guest {:#x}, {} MiB)",

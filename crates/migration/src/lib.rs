@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub mod codec;
 pub mod delta;
 pub mod fuzz;
+pub mod host_cache;
 pub mod policy;
 pub mod protocol;
 pub mod recv;
@@ -48,6 +49,8 @@ pub enum MigrationError {
     PlainRefused { peer: String },
     /// guest RAM: {0}
     GuestMemory(#[from] vmm::memory::MemoryError),
+    /// the host's page cache: {0}
+    HostCache(#[from] host_cache::CacheError),
     /// finding the memory the guest touched (SEEK_DATA on its memfd): {0}
     Extents(std::io::Error),
     /// {what} on a migration socket: {source}

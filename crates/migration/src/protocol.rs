@@ -138,6 +138,10 @@ pub struct RefHead {
 
 pub const REF_HEAD_LEN: usize = std::mem::size_of::<RefHead>();
 
+/// `from` of a reference to the destination host's page cache ([`crate::host_cache`]) rather
+/// than to a page of this VM: no page offset (those are page-aligned).
+const FROM_HOST_CACHE: u64 = u64::MAX;
+
 impl RefHead {
     pub fn new(from: u64, hash: [u8; 32]) -> Self {
         RefHead {
@@ -145,6 +149,20 @@ impl RefHead {
             hash,
         }
     }
+
+    /// A page the destination host holds in its page cache under this hash.
+    pub fn host_cache(hash: [u8; 32]) -> Self {
+        Self::new(FROM_HOST_CACHE, hash)
+    }
+}
+
+/// Where a reference's content is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefTo {
+    /// Another page of this VM, placed before.
+    Page(u64),
+    /// The destination host's page cache.
+    HostCache,
 }
 
 /// In front of a delta entry's encoding in a batch's data.
@@ -251,6 +269,9 @@ pub enum Kind {
     /// dst→src, instead of Ready: JSON [`Redirect`]; a host agent admitted the VM and a
     /// receiver of its own waits for it on another port: connect there and start again.
     Redirect = 12,
+    /// dst→src, before Ready when the Config named the host's page cache: the keys
+    /// ([`crate::host_cache::key`], 16 bytes each) of the pages it holds.
+    CacheKeys = 13,
 }
 
 impl Kind {
@@ -268,6 +289,7 @@ impl Kind {
             10 => Kind::PagesCompressed,
             11 => Kind::PagesDirect,
             12 => Kind::Redirect,
+            13 => Kind::CacheKeys,
             _ => return None,
         })
     }
@@ -283,6 +305,9 @@ impl Kind {
             // Incompressible data can grow a little; never past this.
             Kind::PagesCompressed => std::mem::size_of::<CompressedHeader>() + BATCH + (64 << 10),
             Kind::State => 32 << 20,
+            Kind::CacheKeys => {
+                crate::host_cache::MAX_CACHE_PAGES as usize * crate::host_cache::KEY_LEN
+            }
         }
     }
 }
@@ -305,6 +330,8 @@ pub enum ProtocolError {
     UnknownKind(u8),
     /// page {offset:#x} refers to page {from:#x}, whose content here does not have the hash it names: refused
     RefMismatch { offset: u64, from: u64 },
+    /// page {offset:#x} refers to a page of this host's cache that it does not hold with the hash it names: refused
+    HostRefMissing { offset: u64 },
     /// a delta for page {offset:#x} against version {base:016x}, but this host holds version {held:016x}: refused
     DeltaBase { offset: u64, base: u64, held: u64 },
     /// {kind:?} frame of {len} bytes exceeds its limit of {max}
@@ -541,6 +568,9 @@ pub struct Prepare {
     /// The host it leaves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The destination host's page cache this migration may use (the drain's id for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cache: Option<u64>,
     /// The RAM the copy will send, as memfd ranges `[start, end)` (at most [`MAX_EXTENTS`]):
     /// the destination allocates them ahead of the pages.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -707,13 +737,16 @@ impl<'a> BatchHead<'a> {
                         e.offset()
                     ))
                 })?;
-                let from = h.from.get();
-                if from % PAGE as u64 != 0 || from >= limit || from == e.offset() {
-                    return Err(bad(format!(
-                        "page {:#x} refers to {from:#x}, not another page of guest RAM",
-                        e.offset()
-                    )));
-                }
+                let from = match h.from.get() {
+                    FROM_HOST_CACHE => RefTo::HostCache,
+                    f if f % PAGE as u64 != 0 || f >= limit || f == e.offset() => {
+                        return Err(bad(format!(
+                            "page {:#x} refers to {f:#x}, not another page of guest RAM",
+                            e.offset()
+                        )))
+                    }
+                    f => RefTo::Page(f),
+                };
                 rest = tail;
                 (Some(&h.hash[..]), None, Some(from))
             } else if e.is_delta() {
@@ -760,8 +793,8 @@ pub struct PageRef<'a> {
     pub data: Option<&'a [u8]>,
     /// Some: `data` is a delta against the version of the page with this hash.
     pub base: Option<u64>,
-    /// Some: the page's content is at this offset already, and `data` is its BLAKE3 hash.
-    pub from: Option<u64>,
+    /// Some: the page's content is there already, and `data` is its BLAKE3 hash.
+    pub from: Option<RefTo>,
 }
 
 /// A PagesCompressed payload: codec, head, compressed data, and the data's raw length.
@@ -791,6 +824,9 @@ pub enum Frame<'a> {
     Confirm,
     Verified(VerifyOutcome),
     Redirect(Redirect),
+    /// Keys of the pages in the destination host's cache, [`crate::host_cache::KEY_LEN`]
+    /// bytes each.
+    CacheKeys(&'a [u8]),
 }
 
 impl Frame<'_> {
@@ -807,6 +843,7 @@ impl Frame<'_> {
             Frame::Confirm => Kind::Confirm,
             Frame::Verified(_) => Kind::Verified,
             Frame::Redirect(_) => Kind::Redirect,
+            Frame::CacheKeys(_) => Kind::CacheKeys,
         }
     }
 }
@@ -845,6 +882,15 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
         Kind::State => Frame::State(Box::new(vmm::VmState::from_bytes(payload).map_err(json)?)),
         Kind::Verified => Frame::Verified(serde_json::from_slice(payload).map_err(json)?),
         Kind::Redirect => Frame::Redirect(serde_json::from_slice(payload).map_err(json)?),
+        Kind::CacheKeys => {
+            if !payload.len().is_multiple_of(crate::host_cache::KEY_LEN) {
+                return Err(bad(format!(
+                    "{} bytes is not a list of keys",
+                    payload.len()
+                )));
+            }
+            Frame::CacheKeys(payload)
+        }
         Kind::Abort => {
             return Err(ProtocolError::PeerAborted(
                 String::from_utf8_lossy(payload).into_owned(),
@@ -1010,6 +1056,13 @@ impl<W: Write> FrameWriter<W> {
         self.send_json(Kind::Verified, v)
     }
 
+    pub fn send_cache_keys(
+        &mut self,
+        keys: &[[u8; crate::host_cache::KEY_LEN]],
+    ) -> Result<(), ProtocolError> {
+        self.send(Kind::CacheKeys, keys.as_flattened())
+    }
+
     pub fn send_redirect(&mut self, r: &Redirect) -> Result<(), ProtocolError> {
         self.send_json(Kind::Redirect, r)
     }
@@ -1124,6 +1177,11 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Continues a stream whose first `seq` frames another reader took.
+    /// The next frame is the peer's frame `seq`.
+    pub fn expect_seq(&mut self, seq: u32) {
+        self.seq = seq;
+    }
+
     pub fn with_seq(r: R, seq: u32) -> Self {
         FrameReader {
             r,
@@ -1360,6 +1418,7 @@ mod tests {
             name: Some("web-1".into()),
             origin: None,
             extents: vec![(0, 8192), (1 << 20, 2 << 20)],
+            host_cache: None,
         };
         w.send_config(&prep).unwrap();
         w.send_redirect(&Redirect { port: 7001 }).unwrap();
@@ -1682,8 +1741,12 @@ mod tests {
         let pages = decode_pages(&p, 1 << 20).unwrap();
         assert_eq!(
             (pages[0].from, pages[0].data),
-            (Some(8192), Some(&[5u8; 32][..]))
+            (Some(RefTo::Page(8192)), Some(&[5u8; 32][..]))
         );
+        let mut p = r.head();
+        p.extend_from_slice(RefHead::host_cache([6; 32]).as_bytes());
+        let pages = decode_pages(&p, 1 << 20).unwrap();
+        assert_eq!(pages[0].from, Some(RefTo::HostCache));
         for bad in [4096u64, 1 << 20, 8193] {
             let mut p = r.head();
             p.extend_from_slice(RefHead::new(bad, [5; 32]).as_bytes());

@@ -41,6 +41,10 @@ pub struct PageCounts {
     /// Pages that went as references to a page of this migration with the same content.
     #[serde(default)]
     pub dedup: u64,
+    /// Pages that went as references to the destination host's page cache (pages earlier
+    /// migrations of a drain brought there).
+    #[serde(default)]
+    pub dedup_host: u64,
 }
 
 impl PageCounts {
@@ -52,6 +56,13 @@ impl PageCounts {
         self.raw_fallback += o.raw_fallback;
         self.delta += o.delta;
         self.dedup += o.dedup;
+        self.dedup_host += o.dedup_host;
+    }
+
+    /// Page bytes references did not send: (within this VM, from the host's cache).
+    pub fn dedup_bytes_saved(&self) -> (u64, u64) {
+        let per = (crate::protocol::PAGE - crate::protocol::REF_HEAD_LEN - 8) as u64;
+        (self.dedup * per, self.dedup_host * per)
     }
 }
 
@@ -155,11 +166,19 @@ impl Report {
                 self.pages.compressed, self.pages.raw_fallback, c.ratio, c.batches_lz4, c.batches_zstd, c.batches_raw, c.codec_cpu_seconds
             );
         }
+        let (within, host) = self.pages.dedup_bytes_saved();
         if self.pages.dedup > 0 {
             s += &format!(
                 "  dedup: {} pages as references to a page of the same content sent before ({:.1} MiB not sent)\n",
                 self.pages.dedup,
-                (self.pages.dedup * 4056) as f64 / (1 << 20) as f64
+                within as f64 / (1 << 20) as f64
+            );
+        }
+        if self.pages.dedup_host > 0 {
+            s += &format!(
+                "  dedup: {} pages as references to the destination host's page cache ({:.1} MiB not sent)\n",
+                self.pages.dedup_host,
+                host as f64 / (1 << 20) as f64
             );
         }
         if let Some(d) = &self.delta {

@@ -45,6 +45,10 @@ pub struct MigrateRequest {
     /// and compressed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup: Option<bool>,
+    /// The destination host's page cache for this drain (the id its agent gave), used with
+    /// dedup: pages it holds go as references, and pages of this copy are added to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cache: Option<u64>,
     /// The deadline on progress, in milliseconds (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
@@ -156,6 +160,7 @@ impl MigrateRequest {
         }
         o.delta = self.delta != Some(false);
         o.dedup = self.dedup != Some(false);
+        o.host_cache = self.host_cache;
         if let Some(c) = self.delta_cache {
             if c > MAX_DELTA_CACHE {
                 return Err(format!(

@@ -31,7 +31,18 @@ pub struct VmSample {
     pub dirty_set_half_pages: u64,
     #[serde(default)]
     pub window_ms: u64,
+    /// Content-defined sample of the non-zero pages: the xxh3 of each whose hash is 0 modulo
+    /// [`FINGERPRINT_RATE`] (at most [`MAX_FINGERPRINT`]). Equal pages are picked in every VM
+    /// whatever their address, so two VMs' fingerprints share keys as their memory shares
+    /// pages: how a drain learns whether dedup across its VMs can pay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fingerprint: Vec<u64>,
 }
+
+/// One page in this many is in a fingerprint.
+pub const FINGERPRINT_RATE: u64 = 256;
+/// Keys a fingerprint holds at most (2 GiB of non-zero pages at the rate above).
+pub const MAX_FINGERPRINT: usize = 2048;
 
 /// The dirty log is read this often during a sample.
 pub const FETCH_EVERY: Duration = Duration::from_millis(50);
@@ -49,6 +60,7 @@ pub fn sample(vm: &std::sync::Mutex<Vm>, window: Duration) -> Result<VmSample, M
     let extents = data_extents(ram.backing_file(), ram.size()).map_err(MigrationError::Extents)?;
     let touched: u64 = extents.iter().map(|(s, e)| e - s).sum();
     let (zero_fraction, compress_ratio) = content(&ram, &extents, touched)?;
+    let fingerprint = fingerprint(&ram, &extents)?;
     let d = dirtying(&dirty, window)?;
     Ok(VmSample {
         memory_bytes: memory,
@@ -59,7 +71,30 @@ pub fn sample(vm: &std::sync::Mutex<Vm>, window: Duration) -> Result<VmSample, M
         dirty_set_pages: d.set,
         dirty_set_half_pages: d.half_set,
         window_ms: window.as_millis() as u64,
+        fingerprint,
     })
+}
+
+/// The content-defined sample of every touched non-zero page (see [`VmSample::fingerprint`]).
+fn fingerprint(
+    ram: &vmm::memory::GuestRam,
+    extents: &[(u64, u64)],
+) -> Result<Vec<u64>, MigrationError> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut keys = Vec::new();
+    for &(s, e) in extents {
+        for off in (s..e).step_by(PAGE_SIZE as usize) {
+            ram.read_at(off, &mut page)?;
+            let h = xxhash_rust::xxh3::xxh3_64(&page);
+            if h.is_multiple_of(FINGERPRINT_RATE) && !is_zero(&page) {
+                keys.push(h);
+                if keys.len() == MAX_FINGERPRINT {
+                    return Ok(keys);
+                }
+            }
+        }
+    }
+    Ok(keys)
 }
 
 /// What the dirty log showed over a sample window.

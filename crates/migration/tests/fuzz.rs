@@ -101,6 +101,7 @@ fn traffic() -> Vec<Vec<u8>> {
         name: Some("db".into()),
         origin: Some("host-a".into()),
         extents: vec![(0, 1 << 20), (2 << 20, 3 << 20)],
+        host_cache: None,
     })
     .unwrap();
     w.send_redirect(&migration::protocol::Redirect { port: 7001 })

@@ -27,7 +27,7 @@ pub const MIN_MEMORY: u64 = 32 << 20;
 pub enum MemoryError {
     /// guest memory size {0} bytes is not a multiple of 2 MiB or below 32 MiB
     BadSize(u64),
-    /// memfd_create for {size} bytes of guest RAM failed: {source}
+    /// memfd_create for {size} bytes failed: {source}
     Memfd { size: u64, source: std::io::Error },
     /// mapping {size} bytes of guest RAM at {addr:#x} failed: {source}
     Map {
@@ -135,7 +135,7 @@ impl GuestRam {
         if size < MIN_MEMORY || !size.is_multiple_of(2 << 20) {
             return Err(MemoryError::BadSize(size));
         }
-        let file = std::sync::Arc::new(memfd(size)?);
+        let file = std::sync::Arc::new(memfd(c"livemig-guest-ram", size)?);
         let mut regions = Vec::new();
         for r in layout(size) {
             let map_err = |source| MemoryError::Map {
@@ -325,11 +325,11 @@ impl GuestRam {
     }
 }
 
-/// A memfd of `size` bytes for guest RAM.
-fn memfd(size: u64) -> Result<File, MemoryError> {
+/// A memfd of `size` bytes (sparse: nothing is backed until written).
+pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File, MemoryError> {
     let err = |source| MemoryError::Memfd { size, source };
     // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked below.
-    let fd = unsafe { libc::memfd_create(c"livemig-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(err(std::io::Error::last_os_error()));
     }

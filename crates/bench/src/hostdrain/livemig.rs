@@ -24,6 +24,7 @@ pub struct LivemigHosts {
     a: AgentProcess,
     b: AgentProcess,
     request: migration::MigrateRequest,
+    dedup_cache: u64,
     /// What sampling found of each VM, kept from the drain that sampled it.
     facts: HashMap<String, VmFacts>,
 }
@@ -59,6 +60,7 @@ impl LivemigHosts {
             a: agent("a", &tb.host_a)?,
             b: agent("b", &tb.host_b)?,
             request: o.request.clone(),
+            dedup_cache: o.dedup_cache,
             facts: HashMap::new(),
         };
         hosts.boot(o)?;
@@ -67,20 +69,30 @@ impl LivemigHosts {
 
     fn boot(&self, o: &DrainBenchOptions) -> Result<(), BenchError> {
         let client = self.a.client().waiting(Duration::from_secs(90));
-        for (i, v) in o.vms.iter().enumerate() {
+        for v in &o.vms {
+            let c = &v.content;
+            let mut args = vec![
+                "--workload".into(),
+                v.workload.clone(),
+                "--memory-profile".into(),
+                c.profile.to_string(),
+                "--seed".into(),
+                c.seed.to_string(),
+            ];
+            if let Some(img) = c.image {
+                args.extend([
+                    "--image".into(),
+                    img.seed.to_string(),
+                    "--image-share".into(),
+                    img.share_pct.to_string(),
+                ]);
+            }
             client
                 .run(&RunRequest {
                     name: v.name.clone(),
                     memory: v.memory,
                     vcpus: 1,
-                    args: vec![
-                        "--workload".into(),
-                        v.workload.clone(),
-                        "--memory-profile".into(),
-                        v.profile.to_string(),
-                        "--seed".into(),
-                        (i + 1).to_string(),
-                    ],
+                    args,
                 })
                 .map_err(|e| step(format!("starting VM {}", v.name))(e.to_string()))?;
         }
@@ -141,6 +153,7 @@ impl LivemigHosts {
             order: cfg.order,
             budget: Budget::default(),
             retries: 1,
+            dedup_cache: self.dedup_cache,
             dry_run: false,
             probe_ms: PROBE_MS,
             sample_ms: SAMPLE_MS,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use drain::model::{self, Reference, Scenario};
 use drain::predict::VmFacts;
 use drain::{Concurrency, Order};
-use guest::memory_profile::MemoryProfile;
+use guest::memory_profile::{Content, MemoryProfile, OsImage};
 use migration::protocol::Transport;
 use migration::MigrateRequest;
 use serde::Serialize;
@@ -40,6 +40,8 @@ pub struct DrainBenchOptions {
     pub scale: f64,
     /// Options every migration takes (downtime target, auto-converge, peer timeout).
     pub request: MigrateRequest,
+    /// Page cache per destination for dedup across the VMs (`livemig drain --dedup-cache`).
+    pub dedup_cache: u64,
     pub goodput_secs: f64,
     pub out: PathBuf,
     pub keep_testbed: bool,
@@ -51,12 +53,34 @@ pub struct VmSpec {
     pub name: String,
     pub memory: u64,
     pub workload: String,
-    pub profile: MemoryProfile,
+    /// Its RAM before boot: server memory, seeded by its place in the set.
+    pub content: Content,
+}
+
+/// Which OS images the bench's VMs are cloned from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Images {
+    /// Each VM its own image: they share only zero pages.
+    Different,
+    /// All of one image: they share its OS part.
+    Same,
+}
+
+impl std::str::FromStr for Images {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "different" => Ok(Images::Different),
+            "same" => Ok(Images::Same),
+            other => Err(format!("{other:?}: expected different or same")),
+        }
+    }
 }
 
 /// The default VM set (2 × sql, 2 × web, idle, stress; 512 MiB to 1 GiB) or `n` of it, all of
-/// `memory` when given.
-pub fn vm_set(n: usize, memory: Option<u64>) -> Vec<VmSpec> {
+/// `memory` when given; OS images as `images` says, each taking `share_pct` of RAM.
+pub fn vm_set(n: usize, memory: Option<u64>, images: Images, share_pct: u8) -> Vec<VmSpec> {
     const SET: [(&str, u64); 6] = [
         ("sql", 1 << 30),
         ("web", 768 << 20),
@@ -72,7 +96,17 @@ pub fn vm_set(n: usize, memory: Option<u64>) -> Vec<VmSpec> {
                 name: format!("{w}{}", i + 1),
                 memory: memory.unwrap_or(m),
                 workload: w.into(),
-                profile: MemoryProfile::Server,
+                content: Content {
+                    profile: MemoryProfile::Server,
+                    seed: i as u64 + 1,
+                    image: Some(OsImage {
+                        seed: match images {
+                            Images::Different => i as u64 + 1,
+                            Images::Same => 1,
+                        },
+                        share_pct,
+                    }),
+                },
             }
         })
         .collect()

@@ -42,7 +42,7 @@ impl QemuHosts {
         check_memory(o)?;
         let qdir = dir.join("qemu-drain");
         let mut machines = Vec::new();
-        for (i, v) in o.vms.iter().enumerate() {
+        for v in &o.vms {
             ui.start(&format!("writing {}'s RAM image for QEMU", v.name));
             machines.push(Machine::prepare(
                 &qdir,
@@ -50,8 +50,7 @@ impl QemuHosts {
                 v.memory,
                 1,
                 &v.workload,
-                v.profile,
-                i as u64 + 1,
+                v.content,
             )?);
         }
         ui.start("booting the QEMU VMs");

@@ -84,7 +84,7 @@ impl Agent {
         } else {
             "[::]:0"
         };
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "receive".into(),
             "--listen".into(),
             any.into(),
@@ -104,6 +104,7 @@ impl Agent {
             "--peer-timeout".into(),
             format!("{}ms", self.cfg.peer_timeout.as_millis()),
         ];
+        args.extend(self.cache_args(offer.host_cache));
         let child = vms::spawn(&self.cfg.livemig, &args, &dir)?;
         let e = Entry {
             rec: Record {

@@ -22,6 +22,7 @@ use vmm::VmConfig;
 use crate::api::{Capacity, IncomingFate};
 use crate::child::Livemig;
 
+mod caches;
 mod inbound;
 mod routes;
 mod vms;
@@ -79,6 +80,8 @@ pub struct Agent {
     fates: Mutex<VecDeque<(u64, IncomingFate)>>,
     incoming: Arc<Incoming>,
     stopped: AtomicBool,
+    /// Drains' page caches, by id.
+    caches: Mutex<caches::Caches>,
 }
 
 /// A started agent: its API answers and its listener takes migrations until [`Self::stop`].
@@ -117,6 +120,7 @@ impl Agent {
             fates: Mutex::new(VecDeque::new()),
             incoming,
             stopped: AtomicBool::new(false),
+            caches: Mutex::new(caches::Caches::new()),
         });
         agent.adopt();
         let threads = vec![agent.spawn_accept()?, agent.spawn_reaper()?];
@@ -158,6 +162,7 @@ impl Agent {
             .spawn(move || {
                 while !a.stopped.load(Ordering::SeqCst) {
                     a.reap();
+                    a.expire_caches();
                     std::thread::sleep(REAP_EVERY);
                 }
             })
@@ -297,11 +302,12 @@ impl Agent {
             .vm_memory
             .unwrap_or(memory_total.saturating_sub(vmm::host::RESERVE));
         // Promised memory counts whole against the budget (no overcommit), and arrivals
-        // against what is free now (they are not resident yet).
-        let room = budget.saturating_sub(committed).min(
+        // against what is free now (they are not resident yet); so do page caches.
+        let caches = self.cache_bytes();
+        let room = budget.saturating_sub(committed + caches).min(
             memory_free
                 .saturating_sub(vmm::host::RESERVE)
-                .saturating_sub(arriving),
+                .saturating_sub(arriving + caches),
         );
         let outbound = vms
             .values()
@@ -314,6 +320,7 @@ impl Agent {
             memory_free,
             committed,
             arriving,
+            caches,
             room,
             vms: vms.len(),
             inbound: arriving_vms().count(),

@@ -11,7 +11,7 @@ use vmm::VmConfig;
 
 use super::vms::{self, Entry, Phase, Proc, Record};
 use super::{Agent, AgentError};
-use crate::api::{ProbeRequest, ProbeResult, RunRequest, VmInfo};
+use crate::api::{CacheRequest, ProbeRequest, ProbeResult, RunRequest, VmInfo};
 
 /// How long a new VM's process has to serve its API.
 const BOOT_WITHIN: Duration = Duration::from_secs(60);
@@ -52,6 +52,11 @@ fn route(a: &Agent, r: &Request) -> Reply {
             let session = parse_session(s)?;
             Ok(json!(a.fate(session, query == "abandon")))
         }
+        ("POST", ["caches"]) => {
+            let r = r.json::<Option<CacheRequest>>()?.ok_or(bad("bytes"))?;
+            a.create_cache(r.bytes)
+        }
+        ("DELETE", ["caches", id]) => a.drop_cache(parse_session(id)?),
         ("POST", ["probe"]) => a.probe(&r.json::<Option<ProbeRequest>>()?.ok_or(bad("paths"))?),
         _ => Err((404, format!("no such endpoint: {} {}", r.method, r.path))),
     }

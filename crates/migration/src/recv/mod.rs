@@ -1,6 +1,7 @@
 //! The destination side: the state machines of [`state`] driven over the control connection
 //! and the page streams; pages are placed at their final address and the VM resumes only once
 //! it holds everything.
+mod cache;
 pub mod incoming;
 mod populate;
 pub mod state;
@@ -18,7 +19,7 @@ use crate::codec;
 use crate::policy::{self, Landing};
 use crate::protocol::{
     self, BatchHead, CompressedBatch, DirectRead, Entry, FrameReader, FrameWriter, Kind, Prepare,
-    ProtocolError, Transport, VerifyOutcome,
+    ProtocolError, RefTo, Transport, VerifyOutcome,
 };
 use crate::{thread_cpu_seconds, MigrationError};
 pub use incoming::{Incoming, Pending};
@@ -68,6 +69,30 @@ pub struct ReceiveOptions {
     /// Give up if no migration has started within this (none: wait forever).
     pub accept_within: Option<Duration>,
     pub events: Option<Events>,
+    /// This host's page cache for a drain: its id, and where this process opens it. Used
+    /// when a migration's Config names that id.
+    pub host_cache: Option<(u64, std::path::PathBuf)>,
+}
+
+/// Where pages land: guest RAM, and the host's page cache when the migration uses one.
+#[derive(Clone, Copy)]
+pub(crate) struct Dest<'a> {
+    pub ram: &'a GuestRam,
+    pub cache: Option<&'a cache::CacheSession>,
+}
+
+impl<'a> Dest<'a> {
+    #[cfg(test)]
+    pub fn ram(ram: &'a GuestRam) -> Self {
+        Dest { ram, cache: None }
+    }
+
+    /// A round ended: the copy is over.
+    fn round_end(&self) {
+        if let Some(c) = self.cache {
+            c.copy_done();
+        }
+    }
 }
 
 impl Default for ReceiveOptions {
@@ -82,6 +107,7 @@ impl Default for ReceiveOptions {
             expect_session: None,
             accept_within: None,
             events: None,
+            host_cache: None,
         }
     }
 }
@@ -95,6 +121,10 @@ pub struct ReceiveStats {
     pub delta_pages: u64,
     /// Pages that came as references to pages placed here before.
     pub ref_pages: u64,
+    /// Pages that came as references to this host's page cache.
+    pub host_ref_pages: u64,
+    /// Pages this migration added to the host's page cache.
+    pub cached_pages: u64,
     pub rounds: u32,
     /// CPU seconds of the page stream threads.
     pub stream_cpu_seconds: f64,
@@ -107,6 +137,8 @@ impl ReceiveStats {
         self.zero_pages += o.zero_pages;
         self.delta_pages += o.delta_pages;
         self.ref_pages += o.ref_pages;
+        self.host_ref_pages += o.host_ref_pages;
+        self.cached_pages += o.cached_pages;
         self.stream_cpu_seconds += o.stream_cpu_seconds;
     }
 }
@@ -341,18 +373,21 @@ impl Incoming {
                 .set_read_timeout(None)
                 .map_err(MigrationError::socket("setting the read timeout"))?;
         }
+        let cache = self.host_cache_for(&prep)?;
+        if let Some(c) = &cache {
+            out.send_cache_keys(&c.keys())?;
+        }
         out.send(Kind::Ready, &[])?;
         out.flush()?;
 
         // Memory, until the paused source's state and Done.
-        let (vm_state, stats) = receive_memory(
-            &mut input,
-            state,
-            prepared.ram(),
-            streams,
-            hello.transport,
-            &control,
-        )?;
+        let dst = Dest {
+            ram: prepared.ram(),
+            cache: cache.as_ref(),
+        };
+        let (vm_state, mut stats) =
+            receive_memory(&mut input, state, dst, streams, hello.transport, &control)?;
+        stats.cached_pages = cache.map_or(0, |c| c.added());
         if let Some(p) = populate {
             tracing::debug!(
                 "allocated {} MiB of guest RAM ahead of its pages",
@@ -378,12 +413,27 @@ impl Incoming {
     }
 }
 
+impl Incoming {
+    /// The host's page cache, when the Config names the one this receiver was given.
+    fn host_cache_for(
+        &self,
+        prep: &Prepare,
+    ) -> Result<Option<cache::CacheSession>, MigrationError> {
+        match (&self.opts.host_cache, prep.host_cache) {
+            (Some((id, path)), Some(asked)) if *id == asked => {
+                Ok(Some(cache::CacheSession::open(path)?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The memory phase: the control connection's state machine on this thread, one thread per
 /// page stream; any failure closes every connection so no thread waits for a dead peer.
 fn receive_memory<R: DirectRead>(
     input: &mut FrameReader<R>,
     state: ReceiveMigrationState,
-    ram: &GuestRam,
+    dst: Dest<'_>,
     streams: Vec<Connection>,
     transport: Transport,
     control: &ShutdownHandle,
@@ -402,7 +452,7 @@ fn receive_memory<R: DirectRead>(
             .map(|(i, c)| {
                 let barrier = &barrier;
                 sc.spawn(move || {
-                    let r = streams::page_stream(i, c, ram, barrier, transport, landing);
+                    let r = streams::page_stream(i, c, dst, barrier, transport, landing);
                     if r.is_err() {
                         barrier.abort();
                         control.shutdown();
@@ -411,7 +461,7 @@ fn receive_memory<R: DirectRead>(
                 })
             })
             .collect();
-        let r = control_loop(input, state, ram, transport, &barrier);
+        let r = control_loop(input, state, dst, transport, &barrier);
         if r.is_err() {
             barrier.abort();
             handles.iter().for_each(ShutdownHandle::shutdown);
@@ -444,7 +494,7 @@ fn receive_memory<R: DirectRead>(
 fn control_loop<R: DirectRead>(
     input: &mut FrameReader<R>,
     mut state: ReceiveMigrationState,
-    ram: &GuestRam,
+    dst: Dest<'_>,
     transport: Transport,
     streams: &RoundBarrier,
 ) -> Result<(VmState, ReceiveStats), MigrationError> {
@@ -463,9 +513,9 @@ fn control_loop<R: DirectRead>(
         }
         match step {
             Step::Direct(entries) => {
-                place_direct(input, &entries, ram, Landing::Splice, &mut stats)?
+                place_direct(input, &entries, dst.ram, Landing::Splice, &mut stats)?
             }
-            step => place(step, ram, transport, &mut scratch, &mut stats)?,
+            step => place(step, dst, transport, &mut scratch, &mut stats)?,
         }
         if let ReceiveMigrationState::Complete { rounds, state } = state {
             stats.rounds = rounds;
@@ -478,15 +528,15 @@ fn control_loop<R: DirectRead>(
 /// first), or nothing.
 fn place(
     step: Step<'_>,
-    ram: &GuestRam,
+    dst: Dest<'_>,
     transport: Transport,
     scratch: &mut Vec<u8>,
     stats: &mut ReceiveStats,
 ) -> Result<(), MigrationError> {
     match step {
-        Step::Pages { head, data } => place_batch(ram, &head, data, Kind::Pages, stats),
+        Step::Pages { head, data } => place_batch(dst, &head, data, Kind::Pages, stats),
         Step::Compressed(b) if transport == Transport::Compressed => {
-            place_compressed(ram, &b, scratch, stats)
+            place_compressed(dst, &b, scratch, stats)
         }
         Step::Compressed(_) | Step::Direct(_) => Err(ProtocolError::Unexpected {
             kind: if matches!(step, Step::Direct(_)) {
@@ -497,12 +547,16 @@ fn place(
             state: "a transport that does not send it",
         }
         .into()),
-        Step::Prepare(_) | Step::RoundEnd | Step::Nothing => Ok(()),
+        Step::RoundEnd => {
+            dst.round_end();
+            Ok(())
+        }
+        Step::Prepare(_) | Step::Nothing => Ok(()),
     }
 }
 
 fn place_compressed(
-    ram: &GuestRam,
+    dst: Dest<'_>,
     b: &CompressedBatch<'_>,
     scratch: &mut Vec<u8>,
     stats: &mut ReceiveStats,
@@ -513,7 +567,7 @@ fn place_compressed(
             why: e.to_string(),
         }
     })?;
-    place_batch(ram, &b.head, scratch, Kind::PagesCompressed, stats)
+    place_batch(dst, &b.head, scratch, Kind::PagesCompressed, stats)
 }
 
 /// Puts a PagesDirect frame's page data straight into guest RAM at its final place: one splice
@@ -582,16 +636,20 @@ fn runs(pages: impl Iterator<Item = (u64, bool)>) -> Vec<(u64, usize, bool)> {
 /// Puts a batch's pages at their final place: runs of consecutive pages of one kind in one
 /// call, data through the memfd (no pre-zeroing of fresh pages), zero pages as holes.
 fn place_batch(
-    ram: &GuestRam,
+    dst: Dest<'_>,
     head: &BatchHead<'_>,
     data: &[u8],
     kind: Kind,
     stats: &mut ReceiveStats,
 ) -> Result<(), MigrationError> {
     if head.encoded() {
-        return place_pages(ram, head, data, kind, stats);
+        return place_pages(dst, head, data, kind, stats);
     }
+    let ram = dst.ram;
     head.validate(data.len(), ram.size(), kind)?;
+    if let Some(c) = dst.cache {
+        c.learn(data.chunks_exact(PAGE_SIZE as usize))?;
+    }
     let mut at = 0;
     for (off, n, zero) in runs(head.entries().iter().map(|e| (e.offset(), e.is_zero()))) {
         let len = n as u64 * PAGE_SIZE;
@@ -615,12 +673,13 @@ fn place_batch(
 /// migration is off: a source that lost track of what we hold, or one that lies, never gets
 /// a page placed.
 fn place_pages(
-    ram: &GuestRam,
+    dst: Dest<'_>,
     head: &BatchHead<'_>,
     data: &[u8],
     kind: Kind,
     stats: &mut ReceiveStats,
 ) -> Result<(), MigrationError> {
+    let ram = dst.ram;
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for p in head.pages(data, ram.size(), kind)? {
         match (p.data, p.base, p.from) {
@@ -628,7 +687,21 @@ fn place_pages(
                 ram.zero_range(p.offset, PAGE_SIZE)?;
                 stats.zero_pages += 1;
             }
-            (Some(hash), _, Some(from)) => {
+            (Some(hash), _, Some(RefTo::HostCache)) => {
+                let hash: &[u8; 32] = hash
+                    .try_into()
+                    .map_err(|_| ProtocolError::HostRefMissing { offset: p.offset })?;
+                let found = match dst.cache {
+                    Some(c) => c.fetch(hash, &mut page)?,
+                    None => false,
+                };
+                if !found {
+                    return Err(ProtocolError::HostRefMissing { offset: p.offset }.into());
+                }
+                ram.write_at(p.offset, &page)?;
+                stats.host_ref_pages += 1;
+            }
+            (Some(hash), _, Some(RefTo::Page(from))) => {
                 ram.read_at(from, &mut page)?;
                 if blake3::hash(&page).as_bytes()[..] != *hash {
                     return Err(ProtocolError::RefMismatch {
@@ -640,7 +713,12 @@ fn place_pages(
                 ram.write_at(p.offset, &page)?;
                 stats.ref_pages += 1;
             }
-            (Some(d), None, None) => ram.write_at(p.offset, d)?,
+            (Some(d), None, None) => {
+                ram.write_at(p.offset, d)?;
+                if let Some(c) = dst.cache {
+                    c.learn(std::iter::once(d))?;
+                }
+            }
             (Some(d), Some(base), None) => {
                 ram.read_at(p.offset, &mut page)?;
                 let held = crate::delta::base_hash(&page);
@@ -706,6 +784,102 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reference_to_the_host_cache_places_only_what_it_holds_under_that_hash() {
+        use crate::host_cache::HostCache;
+        use crate::protocol::{decode, Frame, PageBatch, RefHead};
+        use zerocopy::IntoBytes;
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let cache = HostCache::create(1 << 20).unwrap();
+        let (held, forged) = (vec![3u8; 4096], vec![4u8; 4096]);
+        let h_held = *blake3::hash(&held).as_bytes();
+        cache.insert(&held, &h_held).unwrap();
+        // A slot filed under the hash of other content (as a collision would be).
+        let h_forged = *blake3::hash(&forged).as_bytes();
+        cache.insert(&[5u8; 4096], &h_forged).unwrap();
+        let session = cache::CacheSession::open(&cache.path()).unwrap();
+        assert_eq!(session.keys().len(), 2);
+        let mut b = PageBatch::default();
+        b.push_ref(4096);
+        let payload = |hash: [u8; 32]| {
+            let mut p = b.head();
+            p.extend_from_slice(RefHead::host_cache(hash).as_bytes());
+            p
+        };
+        let place =
+            |p: &[u8], cache, stats: &mut ReceiveStats| match decode(Kind::Pages, p).unwrap() {
+                Frame::Pages { head, data } => {
+                    place_batch(Dest { ram: &ram, cache }, &head, data, Kind::Pages, stats)
+                }
+                f => panic!("{:?}", f.kind()),
+            };
+        let at = || {
+            let mut got = vec![0u8; 4096];
+            ram.read_at(4096, &mut got).unwrap();
+            got
+        };
+        let mut st = ReceiveStats::default();
+        // Without the cache, a page not held under the hash, or one whose content does not
+        // hash to it: refused, nothing placed.
+        for (hash, cache) in [
+            (h_held, None),
+            ([8u8; 32], Some(&session)),
+            (h_forged, Some(&session)),
+        ] {
+            let e = place(&payload(hash), cache, &mut st).unwrap_err();
+            assert!(e.to_string().contains("refused"), "{e}");
+            assert_eq!(at(), vec![0u8; 4096]);
+        }
+        place(&payload(h_held), Some(&session), &mut st).unwrap();
+        assert_eq!(at(), held);
+        assert_eq!(st.host_ref_pages, 1);
+    }
+
+    #[test]
+    fn the_copy_fills_the_host_cache_and_later_rounds_do_not() {
+        use crate::host_cache::HostCache;
+        use crate::protocol::{decode, Frame, PageBatch};
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let cache = HostCache::create(1 << 20).unwrap();
+        let session = cache::CacheSession::open(&cache.path()).unwrap();
+        let dst = Dest {
+            ram: &ram,
+            cache: Some(&session),
+        };
+        let batch = |fill: u8| {
+            let mut b = PageBatch::default();
+            b.push(0, false);
+            let mut p = b.head();
+            p.extend_from_slice(&[fill; 4096]);
+            p
+        };
+        let mut st = ReceiveStats::default();
+        for fill in [1u8, 1, 2] {
+            let p = batch(fill);
+            let Frame::Pages { head, data } = decode(Kind::Pages, &p).unwrap() else {
+                panic!()
+            };
+            place_batch(dst, &head, data, Kind::Pages, &mut st).unwrap();
+        }
+        // Two distinct pages, the repeat added once.
+        assert_eq!(session.added(), 2);
+        dst.round_end();
+        let p = batch(3);
+        let Frame::Pages { head, data } = decode(Kind::Pages, &p).unwrap() else {
+            panic!()
+        };
+        place_batch(dst, &head, data, Kind::Pages, &mut st).unwrap();
+        assert_eq!(session.added(), 2);
+        assert_eq!(
+            HostCache::open(&cache.path())
+                .unwrap()
+                .index()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
     fn a_reference_copies_only_a_page_whose_content_has_its_hash() {
         use crate::protocol::{decode, Frame, PageBatch, RefHead};
         use zerocopy::IntoBytes;
@@ -720,7 +894,9 @@ mod tests {
             p
         };
         let place = |p: &[u8], stats: &mut ReceiveStats| match decode(Kind::Pages, p).unwrap() {
-            Frame::Pages { head, data } => place_batch(&ram, &head, data, Kind::Pages, stats),
+            Frame::Pages { head, data } => {
+                place_batch(Dest::ram(&ram), &head, data, Kind::Pages, stats)
+            }
             f => panic!("{:?}", f.kind()),
         };
         let at = |off| {
@@ -773,7 +949,9 @@ mod tests {
             p
         };
         let place = |p: &[u8], stats: &mut ReceiveStats| match decode(Kind::Pages, p).unwrap() {
-            Frame::Pages { head, data } => place_batch(&ram, &head, data, Kind::Pages, stats),
+            Frame::Pages { head, data } => {
+                place_batch(Dest::ram(&ram), &head, data, Kind::Pages, stats)
+            }
             f => panic!("{:?}", f.kind()),
         };
         let page = || {
@@ -836,9 +1014,16 @@ mod tests {
             panic!("not a Pages frame")
         };
         let mut st = ReceiveStats::default();
-        place_batch(&ram, &head, data, Kind::Pages, &mut st).unwrap();
+        place_batch(Dest::ram(&ram), &head, data, Kind::Pages, &mut st).unwrap();
         let mut wrong = ReceiveStats::default();
-        assert!(place_batch(&ram, &head, &data[..4096], Kind::Pages, &mut wrong).is_err());
+        assert!(place_batch(
+            Dest::ram(&ram),
+            &head,
+            &data[..4096],
+            Kind::Pages,
+            &mut wrong
+        )
+        .is_err());
         let mut back = vec![0u8; 8192];
         ram.read_at(0, &mut back).unwrap();
         assert!(back[..4096].iter().all(|&x| x == 7) && back[4096..].iter().all(|&x| x == 9));

@@ -173,6 +173,7 @@ mod tests {
             name: None,
             origin: None,
             extents: vec![(0, 4096)],
+            host_cache: None,
         })
     }
 

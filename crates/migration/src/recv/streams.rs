@@ -2,9 +2,8 @@
 use std::sync::{Condvar, Mutex};
 
 use transport::Connection;
-use vmm::memory::GuestRam;
 
-use super::{place, place_direct, ReceiveStats, Step, StreamState};
+use super::{place, place_direct, Dest, ReceiveStats, Step, StreamState};
 use crate::policy::Landing;
 use crate::protocol::{FrameReader, Transport};
 use crate::{thread_cpu_seconds, MigrationError};
@@ -91,7 +90,7 @@ impl RoundBarrier {
 pub(super) fn page_stream(
     index: usize,
     mut conn: Connection,
-    ram: &GuestRam,
+    dst: Dest<'_>,
     barrier: &RoundBarrier,
     transport: Transport,
     landing: Landing,
@@ -108,11 +107,14 @@ pub(super) fn page_stream(
             state = next;
             match step {
                 // No stream applies round k+1 before every stream applied round k.
-                Step::RoundEnd => barrier.wait()?,
-                Step::Direct(entries) => {
-                    place_direct(&mut input, &entries, ram, landing, &mut stats)?
+                Step::RoundEnd => {
+                    dst.round_end();
+                    barrier.wait()?
                 }
-                step => place(step, ram, transport, &mut scratch, &mut stats)?,
+                Step::Direct(entries) => {
+                    place_direct(&mut input, &entries, dst.ram, landing, &mut stats)?
+                }
+                step => place(step, dst, transport, &mut scratch, &mut stats)?,
             }
         }
         barrier.finished();

@@ -3,7 +3,14 @@
 //! destination is sure to have placed it before anything that refers to it: on one connection,
 //! once its batch is written (frames are applied in order); with page streams, once its round
 //! ended (streams meet at every round's end). A page sent again stops being a target at once.
-use std::collections::HashMap;
+//!
+//! In a drain, the destination host may also hold pages of earlier migrations in its page
+//! cache ([`crate::host_cache`]); it sent their keys before the copy, and a page whose hash has
+//! one of them goes as a reference to the cache.
+use std::collections::{HashMap, HashSet};
+
+use crate::host_cache::{key, KEY_LEN};
+use crate::protocol::RefTo;
 
 /// Targets kept at most: about 100 bytes each (two maps), so 2 Mi targets (8 GiB of distinct
 /// pages) is some 200 MiB of the source's memory; pages beyond go whole.
@@ -24,22 +31,33 @@ pub(super) struct Dedup {
     written_later: HashMap<u64, Vec<(Hash, u64)>>,
     /// Written, waiting for their round's end (page streams).
     round: Vec<(Hash, u64)>,
+    /// Keys of the pages in the destination host's cache.
+    host: HashSet<[u8; KEY_LEN]>,
 }
 
 impl Dedup {
-    /// `page` goes out at `off`: the place the destination already holds this content, with
-    /// its hash, or None (then it will hold it at `off` once this batch is placed).
-    pub fn lookup(&mut self, off: u64, page: &[u8]) -> Option<(u64, Hash)> {
+    /// The destination host's cache holds pages with these keys.
+    pub fn set_host_keys(&mut self, keys: &[u8]) {
+        self.host = keys
+            .chunks_exact(KEY_LEN)
+            .filter_map(|k| k.try_into().ok())
+            .collect();
+    }
+
+    /// `page` goes out at `off`: where the destination already holds this content, with its
+    /// hash, or None (then it will hold it at `off` once this batch is placed).
+    pub fn lookup(&mut self, off: u64, page: &[u8]) -> Option<(RefTo, Hash)> {
         self.forget(off);
         let hash = *blake3::hash(page).as_bytes();
-        match self.by_hash.get(&hash) {
-            Some(&from) => Some((from, hash)),
-            None => {
-                self.building.push((hash, off));
-                self.staged.insert(off, hash);
-                None
-            }
+        if let Some(&from) = self.by_hash.get(&hash) {
+            return Some((RefTo::Page(from), hash));
         }
+        // Whole or from the host's cache, the page holds this content once placed.
+        self.building.push((hash, off));
+        self.staged.insert(off, hash);
+        self.host
+            .contains(&key(&hash))
+            .then_some((RefTo::HostCache, hash))
     }
 
     /// `off` goes out some other way (zero, delta): whatever it held, it will not hold now.
@@ -108,12 +126,12 @@ mod tests {
         d.built(1);
         d.written(1, false);
         let (from, hash) = d.lookup(8192, &a).unwrap();
-        assert_eq!(from, 0);
+        assert_eq!(from, RefTo::Page(0));
         assert_eq!(hash, *blake3::hash(&a).as_bytes());
         // Page 0 queued again with other content: it stops being a target at once; the
         // other page that held `a` may still be one.
         assert_eq!(d.lookup(0, &b), None);
-        assert!(d.lookup(12288, &a).is_none_or(|(f, _)| f != 0));
+        assert!(d.lookup(12288, &a).is_none_or(|(f, _)| f != RefTo::Page(0)));
     }
 
     #[test]
@@ -125,7 +143,7 @@ mod tests {
         d.written(7, true);
         assert_eq!(d.lookup(4096, &a), None);
         d.round_end();
-        assert_eq!(d.lookup(8192, &a).map(|r| r.0), Some(0));
+        assert_eq!(d.lookup(8192, &a).map(|r| r.0), Some(RefTo::Page(0)));
         // A page queued again before its batch was written never becomes a target.
         let mut d = Dedup::default();
         d.lookup(0, &a);
@@ -133,5 +151,18 @@ mod tests {
         d.forget(0);
         d.written(1, false);
         assert_eq!(d.lookup(4096, &a), None);
+    }
+
+    #[test]
+    fn a_page_the_host_holds_goes_as_a_reference_to_its_cache() {
+        let (a, b) = (vec![4u8; 4096], vec![5u8; 4096]);
+        let mut d = Dedup::default();
+        d.set_host_keys(&key(blake3::hash(&a).as_bytes()));
+        assert_eq!(d.lookup(0, &a).map(|r| r.0), Some(RefTo::HostCache));
+        assert_eq!(d.lookup(4096, &b), None);
+        // Once placed, the page is a target of this migration like any other.
+        d.built(1);
+        d.written(1, false);
+        assert_eq!(d.lookup(8192, &a).map(|r| r.0), Some(RefTo::Page(0)));
     }
 }

@@ -69,6 +69,8 @@ pub struct MigrateOptions {
     /// A page whose content the destination holds already goes as a reference (tcp and
     /// compressed).
     pub dedup: bool,
+    /// The destination host's page cache to use and fill (a drain's id for it), with dedup.
+    pub host_cache: Option<u64>,
 }
 
 impl MigrateOptions {
@@ -92,7 +94,13 @@ impl MigrateOptions {
             delta: true,
             delta_cache: None,
             dedup: true,
+            host_cache: None,
         }
+    }
+
+    /// Whether pages may go as references (not on the direct path, which copies nothing).
+    fn dedups(&self) -> bool {
+        self.dedup && self.transport != Transport::Direct
     }
 
     /// Where each page stream connects from (None: the default route) and to, when the
@@ -166,7 +174,7 @@ fn run(
             .map_err(MigrationError::Extents)?,
         session,
     };
-    let (mut conn, streams, to) = open(opts, &offer, &limit)?;
+    let (mut conn, streams, to, host_keys) = open(opts, &offer, &limit)?;
     let prepare_ms = t0.elapsed().as_millis() as u64;
     let mut watched = Vec::new();
     for c in std::iter::once(&conn).chain(&streams) {
@@ -183,6 +191,7 @@ fn run(
         let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
         s.report.phases.prepare_ms = prepare_ms;
         s.report.destination = to;
+        s.host_keys(host_keys);
         let mut guard = SourceGuard::arm(vm, &s.dirty)?;
         s.report.dirty_log = guard.mode.into();
         s.copy()?;
@@ -239,23 +248,41 @@ pub fn session_id() -> u64 {
     h.finish()
 }
 
+/// The keys of the destination host's cache, when it sent them before Ready.
+type HostKeys = Option<Vec<u8>>;
+
 /// Phase 1, prepare: the control connection and the page streams, until the destination says
-/// the VM is built (Ready). A host agent may answer Redirect instead: its own receiver for this
-/// VM waits on another port, and everything starts again there (once). Returns the
-/// connections and where they go.
+/// the VM is built (Ready), after the keys of its host's page cache if the Config named one.
+/// A host agent may answer Redirect instead: its own receiver for this VM waits on another
+/// port, and everything starts again there (once). Returns the connections, where they go and
+/// the keys.
 fn open(
     opts: &MigrateOptions,
     offer: &Offer<'_>,
     limit: &Option<Arc<RateLimit>>,
-) -> Result<(Connection, Vec<Connection>, String), MigrationError> {
+) -> Result<(Connection, Vec<Connection>, String, HostKeys), MigrationError> {
     let session = offer.session;
     let mut to = opts.to.clone();
     for attempt in 0..2 {
         let mut conn = connect(opts, &to, offer, limit)?;
         let streams = connect_streams(opts, &to, session, limit)?;
         // The Config went out as frame 0; the answer is the destination's frame 0.
-        match FrameReader::new(&mut conn.reader).next_frame()? {
-            Frame::Ready => return Ok((conn, streams, to)),
+        let mut input = FrameReader::new(&mut conn.reader);
+        let mut keys = None;
+        let mut frame = input.next_frame()?;
+        if let Frame::CacheKeys(k) = frame {
+            if opts.host_cache.is_none() {
+                return Err(protocol::ProtocolError::Unexpected {
+                    kind: Kind::CacheKeys,
+                    state: "awaiting-ready without a host cache",
+                }
+                .into());
+            }
+            keys = Some(k.to_vec());
+            frame = input.next_frame()?;
+        }
+        match frame {
+            Frame::Ready => return Ok((conn, streams, to, keys)),
             Frame::Redirect(r) if attempt == 0 => {
                 let host = to.rsplit_once(':').map_or(to.as_str(), |(h, _)| h);
                 to = format!("{host}:{}", r.port);
@@ -347,6 +374,7 @@ fn connect(
         name: opts.name.clone(),
         origin: opts.origin.clone(),
         extents: protocol::coalesce(&offer.extents, protocol::MAX_EXTENTS),
+        host_cache: opts.host_cache.filter(|_| opts.dedups()),
     };
     let mut out = FrameWriter::new(&mut conn.writer);
     out.send_config(&prepare)?;
@@ -510,7 +538,7 @@ impl<'a> Session<'a> {
                 streams,
                 control,
                 delta_cache(opts, source.ram.size()),
-                (opts.dedup && opts.transport != Transport::Direct).then(dedup::Dedup::default),
+                opts.dedups().then(dedup::Dedup::default),
             ),
             // Ready was the destination's frame 0.
             input: FrameReader::with_seq(reader, 1),
@@ -525,6 +553,16 @@ impl<'a> Session<'a> {
             per_page: PAGE_SIZE,
             round: 0,
         })
+    }
+
+    /// The keys of the destination host's cache, if it sent them (as its frame 0, before
+    /// Ready).
+    fn host_keys(&mut self, keys: HostKeys) {
+        let Some(keys) = keys else { return };
+        self.input.expect_seq(2);
+        if let Some(d) = &mut self.sender.dedup {
+            d.set_host_keys(&keys);
+        }
     }
 
     fn phase(&mut self, name: &str) {

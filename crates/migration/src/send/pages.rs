@@ -12,7 +12,7 @@ use super::link::{Link, Outgoing};
 use super::streams::Streams;
 use crate::codec::{Choice, Codec, CodecPolicy};
 use crate::policy;
-use crate::protocol::{DeltaHead, PageBatch, RefHead, RoundEnd, MAX_BATCH_PAGES};
+use crate::protocol::{DeltaHead, PageBatch, RefHead, RefTo, RoundEnd, MAX_BATCH_PAGES};
 use crate::report::{CompressionReport, PageCounts};
 use crate::{MigrationError, Wire};
 use zerocopy::IntoBytes;
@@ -108,6 +108,7 @@ enum Placed {
     Whole,
     Delta,
     Ref,
+    HostRef,
 }
 
 impl<'a> PageSender<'a> {
@@ -189,6 +190,10 @@ impl<'a> PageSender<'a> {
                 self.pages.dedup += 1;
                 self.batch.push_ref(off);
             }
+            Placed::HostRef => {
+                self.pages.dedup_host += 1;
+                self.batch.push_ref(off);
+            }
         }
         if self.batch.len() == MAX_BATCH_PAGES {
             self.flush_batch()?;
@@ -232,11 +237,14 @@ impl<'a> PageSender<'a> {
                 None
             }
         };
-        if let Some((from, hash)) = reference {
+        if let Some((to, hash)) = reference {
             self.data.truncate(start);
-            self.data
-                .extend_from_slice(RefHead::new(from, hash).as_bytes());
-            return Ok(Placed::Ref);
+            let (head, placed) = match to {
+                RefTo::Page(from) => (RefHead::new(from, hash), Placed::Ref),
+                RefTo::HostCache => (RefHead::host_cache(hash), Placed::HostRef),
+            };
+            self.data.extend_from_slice(head.as_bytes());
+            return Ok(placed);
         }
         Ok(Placed::Whole)
     }

@@ -49,7 +49,7 @@ pub fn waits_for_seed(has_cache: bool, seeded: bool, in_flight: usize) -> bool {
 }
 
 /// Whether this drain's migrations can use page caches at all.
-fn wanted(o: &DrainOptions) -> bool {
+pub fn wanted(o: &DrainOptions) -> bool {
     o.dedup_cache > 0
         && o.request.dedup != Some(false)
         && o.request.transport != Some(Transport::Direct)

@@ -139,13 +139,15 @@ fn probe_links(o: &DrainOptions, source: &HostClient, dests: &mut [Dest]) {
 /// predicted time need it.
 fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<VmFacts> {
     let wanted = o.sample_ms > 0;
+    // Only a drain that may use page caches needs to know what the VMs' memory shares.
+    let fingerprint = crate::cache::wanted(o);
     let samples: Vec<_> = std::thread::scope(|s| {
         let runs: Vec<_> = vms
             .iter()
             .map(|v| {
                 s.spawn(move || {
                     wanted
-                        .then(|| source.sample(&v.name, o.sample_ms))
+                        .then(|| source.sample(&v.name, o.sample_ms, fingerprint))
                         .and_then(|r| {
                             r.map_err(|e| tracing::warn!("could not sample {}: {e}", v.name))
                                 .ok()

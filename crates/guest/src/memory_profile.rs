@@ -254,6 +254,18 @@ fn mix64(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
+impl OsImage {
+    /// The `livemig run` arguments that give a VM this image.
+    pub fn run_args(&self) -> [String; 4] {
+        [
+            "--image".into(),
+            self.seed.to_string(),
+            "--image-share".into(),
+            self.share_pct.to_string(),
+        ]
+    }
+}
+
 /// What one VM's RAM holds before boot: a profile, the VM's own seed, and the OS image it
 /// was cloned from, if any.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

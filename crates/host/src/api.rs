@@ -10,7 +10,7 @@
 //! | GET    | /vms/NAME/migration         |                      | its progress               |
 //! | DELETE | /vms/NAME/migration         |                      | cancels it                 |
 //! | PATCH  | /vms/NAME/migration         | `{"max_bandwidth"}`  | re-paces it                |
-//! | POST   | /vms/NAME/sample            | `{"ms": N}`          | `VmSample`                 |
+//! | POST   | /vms/NAME/sample            | `{"ms": N, "fingerprint": B}` | `VmSample`        |
 //! | POST   | /vms/NAME/resume            |                      | the VM's status            |
 //! | POST   | /vms/NAME/discard           |                      | `{}` (kills a stale copy)  |
 //! | GET    | /incoming/SESSION[?abandon] |                      | [`IncomingFate`]           |
@@ -191,11 +191,12 @@ impl HostClient {
         )
     }
 
-    pub fn sample(&self, name: &str, ms: u64) -> Result<VmSample, ApiError> {
+    /// Samples a VM for `ms`; with `fingerprint`, also its content fingerprint.
+    pub fn sample(&self, name: &str, ms: u64, fingerprint: bool) -> Result<VmSample, ApiError> {
         self.0.call(
             "POST",
             &format!("/vms/{name}/sample"),
-            Some(json!({ "ms": ms })),
+            Some(json!({ "ms": ms, "fingerprint": fingerprint })),
         )
     }
 

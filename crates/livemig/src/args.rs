@@ -33,15 +33,9 @@ impl ImageArgs {
 
     /// The same options for a child `livemig run`.
     pub fn to_args(self) -> Vec<String> {
-        match self.image {
-            Some(seed) => vec![
-                "--image".into(),
-                seed.to_string(),
-                "--image-share".into(),
-                self.image_share.to_string(),
-            ],
-            None => Vec::new(),
-        }
+        self.os_image()
+            .map(|i| i.run_args().to_vec())
+            .unwrap_or_default()
     }
 }
 

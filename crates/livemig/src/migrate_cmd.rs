@@ -38,7 +38,7 @@ struct Slot {
 /// | GET    | /vm/migration   |                      | [`Progress`] (renews the client's lease) |
 /// | DELETE | /vm/migration   |                      | cancels; 409 past the point of no return |
 /// | PATCH  | /vm/migration   | `{"max_bandwidth"}`  | re-paces the migration under way         |
-/// | POST   | /vm/sample      | `{"ms": N}`          | `migration::sample::VmSample`: touched, zero, compress, dirty rate |
+/// | POST   | /vm/sample      | `{"ms": N, "fingerprint": B}` | `migration::sample::VmSample`: touched, zero, compress, dirty rate, content fingerprint |
 ///
 /// `default_security`: the credentials of this VM process, for requests that bring none.
 pub fn api_extension(default_security: Option<Security>) -> Extension {
@@ -196,6 +196,9 @@ fn pace_route(body: &[u8], slot: &Arc<Mutex<Slot>>) -> Result<serde_json::Value,
 #[derive(serde::Deserialize, Default)]
 struct SampleRequest {
     ms: Option<u64>,
+    /// Also the content fingerprint (reads every touched page).
+    #[serde(default)]
+    fingerprint: bool,
 }
 
 fn sample_route(
@@ -216,7 +219,7 @@ fn sample_route(
         s.sampling = true;
     }
     let window = Duration::from_millis(r.ms.unwrap_or(500).clamp(50, 10_000));
-    let sampled = migration::sample::sample(vm, window);
+    let sampled = migration::sample::sample(vm, window, r.fingerprint);
     locks::lock(slot).sampling = false;
     let s = sampled.map_err(|e| (409, e.to_string()))?;
     serde_json::to_value(&s).map_err(|e| (500, e.to_string()))

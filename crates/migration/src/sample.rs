@@ -52,7 +52,12 @@ const SAMPLE_PAGES: u64 = 512;
 
 /// Samples `vm` for `window` (the dirty rate needs the guest running meanwhile). The dirty log
 /// must be free: not while a migration runs.
-pub fn sample(vm: &std::sync::Mutex<Vm>, window: Duration) -> Result<VmSample, MigrationError> {
+/// With `fingerprint`, also reads every touched page for [`VmSample::fingerprint`].
+pub fn sample(
+    vm: &std::sync::Mutex<Vm>,
+    window: Duration,
+    fingerprint: bool,
+) -> Result<VmSample, MigrationError> {
     let (ram, dirty, memory) = {
         let g = locks::lock(vm);
         (g.ram_arc(), g.dirty_log(), g.config().memory)
@@ -60,7 +65,11 @@ pub fn sample(vm: &std::sync::Mutex<Vm>, window: Duration) -> Result<VmSample, M
     let extents = data_extents(ram.backing_file(), ram.size()).map_err(MigrationError::Extents)?;
     let touched: u64 = extents.iter().map(|(s, e)| e - s).sum();
     let (zero_fraction, compress_ratio) = content(&ram, &extents, touched)?;
-    let fingerprint = fingerprint(&ram, &extents)?;
+    let fingerprint = if fingerprint {
+        content_keys(&ram, &extents)?
+    } else {
+        Vec::new()
+    };
     let d = dirtying(&dirty, window)?;
     Ok(VmSample {
         memory_bytes: memory,
@@ -76,7 +85,7 @@ pub fn sample(vm: &std::sync::Mutex<Vm>, window: Duration) -> Result<VmSample, M
 }
 
 /// The content-defined sample of every touched non-zero page (see [`VmSample::fingerprint`]).
-fn fingerprint(
+fn content_keys(
     ram: &vmm::memory::GuestRam,
     extents: &[(u64, u64)],
 ) -> Result<Vec<u64>, MigrationError> {

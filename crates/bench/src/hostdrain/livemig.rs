@@ -79,14 +79,7 @@ impl LivemigHosts {
                 "--seed".into(),
                 c.seed.to_string(),
             ];
-            if let Some(img) = c.image {
-                args.extend([
-                    "--image".into(),
-                    img.seed.to_string(),
-                    "--image-share".into(),
-                    img.share_pct.to_string(),
-                ]);
-            }
+            args.extend(c.image.iter().flat_map(|i| i.run_args()));
             client
                 .run(&RunRequest {
                     name: v.name.clone(),

@@ -71,7 +71,7 @@ impl Agent {
     /// `livemig receive`'s arguments for the cache a migration names, if this host holds it.
     pub(super) fn cache_args(&self, id: Option<u64>) -> Vec<String> {
         let mut caches = locks::lock(&self.caches);
-        let Some(held) = id.and_then(|id| caches.get_mut(&id)) else {
+        let Some((id, held)) = id.and_then(|id| Some((id, caches.get_mut(&id)?))) else {
             return Vec::new();
         };
         held.used = Instant::now();
@@ -79,7 +79,7 @@ impl Agent {
             "--host-cache".into(),
             held.cache.path().display().to_string(),
             "--host-cache-id".into(),
-            id.unwrap_or_default().to_string(),
+            id.to_string(),
         ]
     }
 

@@ -328,31 +328,7 @@ impl Incoming {
 
         // Prepare: refuse what this host cannot hold before anything is allocated, build the
         // VM, take the page streams it announces.
-        let (state, prep) = match ReceiveMigrationState::AwaitingConfig.next(input.next_frame()?)? {
-            (s, Step::Prepare(p)) => (s, p),
-            (s, _) => {
-                return Err(ProtocolError::Unexpected {
-                    kind: Kind::Config,
-                    state: s.name(),
-                }
-                .into())
-            }
-        };
-        check_config(&prep)?;
-        if let Some(s) = opts.expect_session.filter(|s| *s != prep.session) {
-            return Err(MigrationError::Refused(format!(
-                "this receiver waits for migration {s:#x}, not {:#x}",
-                prep.session
-            )));
-        }
-        admit(&prep).map_err(MigrationError::Refused)?;
-        if opts.expect_session.is_some() {
-            self.claim();
-        }
-        self.tell(&ReceiveEvent::Receiving {
-            session: prep.session,
-            name: prep.name.clone(),
-        });
+        let (state, prep) = self.take_config(&mut input, admit)?;
         let streams = self.collect_streams(&prep)?;
         for s in &streams {
             s.set_peer_timeout(Some(opts.peer_timeout))
@@ -414,6 +390,40 @@ impl Incoming {
 }
 
 impl Incoming {
+    /// The source's Config, checked and admitted by this host (nothing is allocated before).
+    fn take_config<R: DirectRead>(
+        &self,
+        input: &mut FrameReader<R>,
+        admit: Admit<'_>,
+    ) -> Result<(ReceiveMigrationState, Prepare), MigrationError> {
+        let (state, prep) = match ReceiveMigrationState::AwaitingConfig.next(input.next_frame()?)? {
+            (s, Step::Prepare(p)) => (s, p),
+            (s, _) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: Kind::Config,
+                    state: s.name(),
+                }
+                .into())
+            }
+        };
+        check_config(&prep)?;
+        if let Some(s) = self.opts.expect_session.filter(|s| *s != prep.session) {
+            return Err(MigrationError::Refused(format!(
+                "this receiver waits for migration {s:#x}, not {:#x}",
+                prep.session
+            )));
+        }
+        admit(&prep).map_err(MigrationError::Refused)?;
+        if self.opts.expect_session.is_some() {
+            self.claim();
+        }
+        self.tell(&ReceiveEvent::Receiving {
+            session: prep.session,
+            name: prep.name.clone(),
+        });
+        Ok((state, prep))
+    }
+
     /// The host's page cache, when the Config names the one this receiver was given.
     fn host_cache_for(
         &self,

@@ -28,6 +28,8 @@ const LEASE: Duration = Duration::from_secs(3);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// A slot refilled within this long still counts as a full window for `auto`.
 const REFILL_GRACE: Duration = Duration::from_millis(250);
+/// A page of guest RAM, as progress counts pages.
+const PAGE: u64 = 4096;
 /// Window `auto` is assumed to settle at per destination, for the ETA.
 const AUTO_ETA_WINDOW: usize = 2;
 
@@ -223,8 +225,11 @@ pub struct Run<'a> {
     full_since: Option<Instant>,
     /// When the window last dropped below full.
     not_full_since: Option<Instant>,
-    /// (when, bytes on the wire so far): the aggregate throughput.
-    wire: VecDeque<(Instant, u64)>,
+    /// (when, bytes on the wire so far, guest RAM sent so far): the aggregate throughput on
+    /// the links, and the drain's progress (which compression and references make larger).
+    wire: VecDeque<(Instant, u64, u64)>,
+    /// Guest RAM the migrations that ended had sent.
+    sent_done: u64,
     wire_done: u64,
     ram_done: u64,
     peak: usize,
@@ -270,6 +275,7 @@ impl<'a> Run<'a> {
             wire: VecDeque::new(),
             wire_done: 0,
             ram_done: 0,
+            sent_done: 0,
             peak: 0,
             interrupted: false,
             view: View::new(o.show, total),
@@ -411,6 +417,7 @@ impl<'a> Run<'a> {
         self.flights = running;
         for f in done {
             self.seeded[f.job.dest] = true;
+            self.sent_done += f.last.as_ref().map_or(0, |p| p.pages_sent * PAGE);
             let result = f.worker.join().unwrap_or_else(|_| {
                 Err(ApiError::BadResponse {
                     path: self.o.from.clone(),
@@ -539,6 +546,7 @@ impl<'a> Run<'a> {
     fn watch(&mut self) {
         let mut wire = self.wire_done;
         let mut ram = self.ram_done;
+        let mut sent = self.sent_done;
         for f in &mut self.flights {
             let name = &self.s.vms[f.job.vm].name;
             if let Ok(Some(p)) = self.s.client.progress(name) {
@@ -550,42 +558,50 @@ impl<'a> Run<'a> {
             if let Some(p) = &f.last {
                 wire += p.bytes_on_wire;
                 ram += p.bytes_on_wire.min(p.ram_bytes);
+                sent += p.pages_sent * PAGE;
             }
         }
         let now = Instant::now();
-        self.wire.push_back((now, wire));
+        self.wire.push_back((now, wire, sent));
         while self
             .wire
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t).as_secs_f64() > 2.0 * MEASURE_S)
+            .is_some_and(|(t, ..)| now.duration_since(*t).as_secs_f64() > 2.0 * MEASURE_S)
         {
             self.wire.pop_front();
         }
-        let rate = self.rate();
+        let (rate, _) = self.rates();
         self.view.total(ram, rate);
     }
 
-    /// Aggregate bytes/s on the wire over the last [`MEASURE_S`].
-    fn rate(&self) -> f64 {
-        let Some(&(t1, b1)) = self.wire.back() else {
-            return 0.0;
+    /// Aggregate bytes/s over the last [`MEASURE_S`]: on the wire, and of guest RAM sent.
+    fn rates(&self) -> (f64, f64) {
+        let Some(&(t1, w1, s1)) = self.wire.back() else {
+            return (0.0, 0.0);
         };
         let from = self
             .wire
             .iter()
-            .find(|(t, _)| t1.duration_since(*t).as_secs_f64() <= MEASURE_S);
+            .find(|(t, ..)| t1.duration_since(*t).as_secs_f64() <= MEASURE_S);
         match from {
-            Some(&(t0, b0)) if t1 > t0 => b1.saturating_sub(b0) as f64 / (t1 - t0).as_secs_f64(),
-            _ => 0.0,
+            Some(&(t0, w0, s0)) if t1 > t0 => {
+                let dt = (t1 - t0).as_secs_f64();
+                (
+                    w1.saturating_sub(w0) as f64 / dt,
+                    s1.saturating_sub(s0) as f64 / dt,
+                )
+            }
+            _ => (0.0, 0.0),
         }
     }
 
-    /// `auto`: feeds the window how long it has been full and what it carries.
     /// Migrations in flight that still move bytes (not yet switched over).
     fn moving(&self) -> usize {
         self.flights.iter().filter(|f| !f.switched).count()
     }
 
+    /// `auto`: feeds the window how long it has been full and how much guest RAM the drain
+    /// sends per second (not wire bytes: compression and references send less for more).
     fn tune_window(&mut self) {
         if self.window.settled() {
             return;
@@ -603,7 +619,7 @@ impl<'a> Run<'a> {
         let since = *self.full_since.get_or_insert_with(Instant::now);
         if self
             .window
-            .observe(since.elapsed().as_secs_f64(), self.rate())
+            .observe(since.elapsed().as_secs_f64(), self.rates().1)
         {
             self.full_since = None;
             self.view.line(&format!(

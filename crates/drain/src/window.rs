@@ -1,5 +1,5 @@
 //! How many migrations run at once: a fixed number, or `auto`, which adds one while the
-//! aggregate throughput still grows by [`GAIN`] and steps back from the one that did not
+//! aggregate throughput (guest RAM sent per second) still grows by [`GAIN`] and steps back from the one that did not
 //! help (a saturated link split further only stretches every migration and its downtime).
 //! Pure: the run feeds it what it measured.
 use serde::Serialize;

@@ -153,6 +153,10 @@ pub struct Report {
     /// which sends pages from guest RAM untouched).
     #[serde(default)]
     pub delta: Option<DeltaReport>,
+    /// Dedup was on, but its first pages showed under 1% repeating and no host cache: it
+    /// stopped after looking up this many (its hashing would have cost more than it saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_stopped_after_pages: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -172,6 +176,11 @@ impl Report {
                 "  dedup: {} pages as references to a page of the same content sent before ({:.1} MiB not sent)\n",
                 self.pages.dedup,
                 within as f64 / (1 << 20) as f64
+            );
+        }
+        if let Some(n) = self.dedup_stopped_after_pages {
+            s += &format!(
+                "  dedup: stopped after {n} pages, under 1% of which repeated (hashing would cost more than it saves)\n"
             );
         }
         if self.pages.dedup_host > 0 {

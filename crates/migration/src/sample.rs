@@ -31,13 +31,16 @@ pub struct VmSample {
     pub dirty_set_half_pages: u64,
     #[serde(default)]
     pub window_ms: u64,
-    /// Content-defined sample of the non-zero pages: the xxh3 of each whose hash is 0 modulo
-    /// [`FINGERPRINT_RATE`] (at most [`MAX_FINGERPRINT`]). Equal pages are picked in every VM
+    /// Content-defined sample of the non-zero pages: the xxh3 of each whose first 256 bytes
+    /// hash to 0 modulo [`FINGERPRINT_RATE`] (at most [`MAX_FINGERPRINT`]). Equal pages are picked in every VM
     /// whatever their address, so two VMs' fingerprints share keys as their memory shares
     /// pages: how a drain learns whether dedup across its VMs can pay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fingerprint: Vec<u64>,
 }
+
+/// Bytes at the start of a page that decide whether it is in a fingerprint.
+const PICK_BYTES: usize = 256;
 
 /// One page in this many is in a fingerprint.
 pub const FINGERPRINT_RATE: u64 = 256;
@@ -93,10 +96,15 @@ fn content_keys(
     let mut keys = Vec::new();
     for &(s, e) in extents {
         for off in (s..e).step_by(PAGE_SIZE as usize) {
+            // Picked by their first bytes (equal pages have equal ones), so only the picked
+            // pages are read whole.
+            ram.read_at(off, &mut page[..PICK_BYTES])?;
+            if !xxhash_rust::xxh3::xxh3_64(&page[..PICK_BYTES]).is_multiple_of(FINGERPRINT_RATE) {
+                continue;
+            }
             ram.read_at(off, &mut page)?;
-            let h = xxhash_rust::xxh3::xxh3_64(&page);
-            if h.is_multiple_of(FINGERPRINT_RATE) && !is_zero(&page) {
-                keys.push(h);
+            if !is_zero(&page) {
+                keys.push(xxhash_rust::xxh3::xxh3_64(&page));
                 if keys.len() == MAX_FINGERPRINT {
                     return Ok(keys);
                 }

@@ -18,6 +18,18 @@ pub const MAX_TARGETS: usize = 2 << 20;
 
 type Hash = [u8; 32];
 
+/// Pages looked up before deciding whether references pay: 64 MiB, spread over RAM when the
+/// copy goes in spread order.
+pub const TRIAL_PAGES: u64 = 16 << 10;
+
+/// Whether looking pages up goes on paying, after `looked` lookups found `found` references:
+/// always with the host's cache (its pages are the point), otherwise once the trial shows at
+/// least 1% of pages repeating. Below that, the hashing costs more CPU than the bytes it saves
+/// (a BLAKE3 per page, where compression is CPU-bound).
+pub fn pays(looked: u64, found: u64, host_cache: bool) -> bool {
+    host_cache || looked < TRIAL_PAGES || found * 100 >= looked
+}
+
 #[derive(Default)]
 pub(super) struct Dedup {
     by_hash: HashMap<Hash, u64>,
@@ -33,6 +45,8 @@ pub(super) struct Dedup {
     round: Vec<(Hash, u64)>,
     /// Keys of the pages in the destination host's cache.
     host: HashSet<[u8; KEY_LEN]>,
+    looked: u64,
+    found: u64,
 }
 
 impl Dedup {
@@ -48,16 +62,26 @@ impl Dedup {
     /// hash, or None (then it will hold it at `off` once this batch is placed).
     pub fn lookup(&mut self, off: u64, page: &[u8]) -> Option<(RefTo, Hash)> {
         self.forget(off);
+        self.looked += 1;
         let hash = *blake3::hash(page).as_bytes();
         if let Some(&from) = self.by_hash.get(&hash) {
+            self.found += 1;
             return Some((RefTo::Page(from), hash));
         }
         // Whole or from the host's cache, the page holds this content once placed.
         self.building.push((hash, off));
         self.staged.insert(off, hash);
-        self.host
-            .contains(&key(&hash))
-            .then_some((RefTo::HostCache, hash))
+        let host = self.host.contains(&key(&hash));
+        self.found += u64::from(host);
+        host.then_some((RefTo::HostCache, hash))
+    }
+
+    /// Whether looking pages up still pays ([`pays`]); pages looked up so far.
+    pub fn pays(&self) -> (bool, u64) {
+        (
+            pays(self.looked, self.found, !self.host.is_empty()),
+            self.looked,
+        )
     }
 
     /// `off` goes out some other way (zero, delta): whatever it held, it will not hold now.
@@ -151,6 +175,14 @@ mod tests {
         d.forget(0);
         d.written(1, false);
         assert_eq!(d.lookup(4096, &a), None);
+    }
+
+    #[test]
+    fn references_stop_where_pages_do_not_repeat_unless_the_host_has_a_cache() {
+        assert!(pays(TRIAL_PAGES - 1, 0, false));
+        assert!(!pays(TRIAL_PAGES, TRIAL_PAGES / 101, false));
+        assert!(pays(TRIAL_PAGES, TRIAL_PAGES.div_ceil(100), false));
+        assert!(pays(TRIAL_PAGES * 4, 0, true));
     }
 
     #[test]

@@ -826,6 +826,7 @@ impl<'a> Session<'a> {
         r.direct_send = Some(self.sender.direct_mechanism().to_string()).filter(|m| !m.is_empty());
         r.direct_recv = Some(self.sender.direct_landing()).filter(|m| !m.is_empty());
         r.delta = self.sender.delta.as_ref().map(|c| c.report.clone());
+        r.dedup_stopped_after_pages = self.sender.dedup_stopped_after;
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
         // The guest verifies every page it wrote before the destination answers.

@@ -96,8 +96,11 @@ pub(super) struct PageSender<'a> {
     batch_full: u64,
     /// During the copy: hot pages held back to go last (see [`Self::start_deferring`]).
     deferred: Option<Vec<u64>>,
-    /// Pages the destination holds by content, for references (unless `--no-dedup`).
+    /// Pages the destination holds by content, for references (unless `--no-dedup`, or once
+    /// they stopped paying).
     pub dedup: Option<Dedup>,
+    /// Pages looked up when references stopped paying.
+    pub dedup_stopped_after: Option<u64>,
     /// Batches built so far: the id of the next.
     batches: u64,
 }
@@ -136,6 +139,7 @@ impl<'a> PageSender<'a> {
             batch_full: 0,
             deferred: None,
             dedup,
+            dedup_stopped_after: None,
             batches: 0,
         }
     }
@@ -237,6 +241,7 @@ impl<'a> PageSender<'a> {
                 None
             }
         };
+        self.stop_dedup_unless_it_pays();
         if let Some((to, hash)) = reference {
             self.data.truncate(start);
             let (head, placed) = match to {
@@ -247,6 +252,19 @@ impl<'a> PageSender<'a> {
             return Ok(placed);
         }
         Ok(Placed::Whole)
+    }
+
+    /// Drops dedup for the rest of the migration once its trial found too few repeats: no
+    /// reference is made after, so no target can go stale.
+    fn stop_dedup_unless_it_pays(&mut self) {
+        if let Some((false, looked)) = self.dedup.as_ref().map(Dedup::pays) {
+            tracing::info!(
+                looked,
+                "pages do not repeat: no more references this migration"
+            );
+            self.dedup = None;
+            self.dedup_stopped_after = Some(looked);
+        }
     }
 
     /// `off` goes out with content the dedup index does not learn: it is no target any more.

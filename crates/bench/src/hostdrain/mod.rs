@@ -284,6 +284,11 @@ pub struct DrainRow {
     pub throughput: Vec<(f64, f64)>,
     /// Pages re-sent as deltas over the drain's migrations (livemig; None for QEMU).
     pub delta_pages: Option<u64>,
+    /// Pages sent as references, within a VM and to the destination's page cache (livemig).
+    pub ref_pages: Option<u64>,
+    /// MiB of pages deltas and references did not send (livemig).
+    pub delta_mib_saved: Option<f64>,
+    pub ref_mib_saved: Option<f64>,
     pub error: Option<String>,
     pub detail: serde_json::Value,
 }
@@ -464,10 +469,16 @@ impl Bench<'_> {
         r.predicted_makespan_ms = (predict(cfg, out, link) * 1e3) as u64;
         r.model_error = (r.makespan_ms as f64 - r.predicted_makespan_ms as f64) / secs / 1e3;
         r.timeline = out.vms.clone();
-        r.delta_pages = out
-            .detail
-            .pointer("/pages/delta")
-            .and_then(serde_json::Value::as_u64);
+        let n = |p: &str| out.detail.pointer(p).and_then(serde_json::Value::as_u64);
+        let mib = |p: &str| n(p).map(|b| b as f64 / f64::from(1u32 << 20));
+        r.delta_pages = n("/pages/delta");
+        r.ref_pages = n("/pages/dedup")
+            .zip(n("/pages/dedup_host"))
+            .map(|(a, b)| a + b);
+        r.delta_mib_saved = mib("/delta_bytes_saved");
+        r.ref_mib_saved = mib("/dedup_bytes_saved")
+            .zip(mib("/dedup_host_bytes_saved"))
+            .map(|(a, b)| a + b);
         r.detail = out.detail.clone();
         r.throughput = crate::transports::rates(samples);
         r.error = out
@@ -508,6 +519,9 @@ impl Bench<'_> {
             throughput: Vec::new(),
             error: None,
             delta_pages: None,
+            ref_pages: None,
+            delta_mib_saved: None,
+            ref_mib_saved: None,
             detail: serde_json::Value::Null,
         }
     }

@@ -20,6 +20,11 @@ pub fn line(r: &DrainRow) -> String {
     )
 }
 
+/// MiB a lever did not send, or `-` where the peer does not say.
+fn saved(mib: Option<f64>) -> String {
+    mib.map_or("-".into(), |m| format!("{m:.0}M"))
+}
+
 fn minutes(s: f64) -> String {
     if s >= 120.0 {
         format!("{:.1} min", s / 60.0)
@@ -73,7 +78,7 @@ pub fn render(b: &DrainBenchReport) -> String {
         );
     }
     s += &format!(
-        "\n{:<7} {:<34} {:<12} {:>9} {:>9} {:>6} {:>7} {:>6} {:>5} {:>7} {:>6} {:>6} {:>8} {:>7}\n",
+        "\n{:<7} {:<34} {:<12} {:>9} {:>9} {:>6} {:>7} {:>6} {:>5} {:>7} {:>7} {:>7} {:>6} {:>6} {:>8} {:>7}\n",
         "PEER",
         "CONFIG",
         "LINKS",
@@ -83,6 +88,8 @@ pub fn render(b: &DrainBenchReport) -> String {
         "GiB/s",
         "Gbit/s",
         "UTIL",
+        "DELTA",
+        "REFS",
         "DT-SUM",
         "DT-MAX",
         "CPU-s",
@@ -98,7 +105,7 @@ pub fn render(b: &DrainBenchReport) -> String {
             continue;
         }
         s += &format!(
-            "{:<7} {:<34} {:<12} {:>8.1}s {:>8.1}s {:>+5.0}% {:>7.3} {:>6.2} {:>4.0}% {:>6}ms {:>4}ms {:>6.1} {:>5}/{:<2} {:>6.1}x\n",
+            "{:<7} {:<34} {:<12} {:>8.1}s {:>8.1}s {:>+5.0}% {:>7.3} {:>6.2} {:>4.0}% {:>7} {:>7} {:>6}ms {:>4}ms {:>6.1} {:>5}/{:<2} {:>6.1}x\n",
             r.peer,
             r.config,
             r.links,
@@ -108,6 +115,8 @@ pub fn render(b: &DrainBenchReport) -> String {
             r.ram_gib_per_s,
             r.wire_gbps,
             r.utilisation * 100.0,
+            saved(r.delta_mib_saved),
+            saved(r.ref_mib_saved),
             r.downtime_ms_sum,
             r.downtime_ms_max,
             r.cpu_seconds,

@@ -133,7 +133,7 @@ fn exercise(step: Step<'_>) -> Option<usize> {
                 return Some(entries.iter().filter(|e| !e.is_zero()).count() * protocol::PAGE);
             }
         }
-        Step::Prepare(_) | Step::RoundEnd | Step::Nothing => {}
+        Step::Prepare(_) | Step::RoundEnd(_) | Step::Nothing => {}
     }
     None
 }

@@ -272,6 +272,10 @@ pub enum Kind {
     /// dst→src, before Ready when the Config named the host's page cache: the keys
     /// ([`crate::host_cache::key`], 16 bytes each) of the pages it holds.
     CacheKeys = 13,
+    /// dst→src: [`RoundEnd`] of a round whose pages are all in place here, so the source
+    /// pauses only once the destination has caught up (what it still had to place would
+    /// otherwise be in the downtime).
+    RoundDone = 14,
 }
 
 impl Kind {
@@ -290,6 +294,7 @@ impl Kind {
             11 => Kind::PagesDirect,
             12 => Kind::Redirect,
             13 => Kind::CacheKeys,
+            14 => Kind::RoundDone,
             _ => return None,
         })
     }
@@ -299,7 +304,7 @@ impl Kind {
         const BATCH: usize = COUNT_LEN + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE);
         match self {
             Kind::Ready | Kind::Done | Kind::Confirm => 0,
-            Kind::RoundEnd => std::mem::size_of::<RoundEndWire>(),
+            Kind::RoundEnd | Kind::RoundDone => std::mem::size_of::<RoundEndWire>(),
             Kind::Config | Kind::Verified | Kind::Abort | Kind::Redirect => 64 << 10,
             Kind::Pages | Kind::PagesDirect => BATCH,
             // Incompressible data can grow a little; never past this.
@@ -827,6 +832,7 @@ pub enum Frame<'a> {
     /// Keys of the pages in the destination host's cache, [`crate::host_cache::KEY_LEN`]
     /// bytes each.
     CacheKeys(&'a [u8]),
+    RoundDone(RoundEnd),
 }
 
 impl Frame<'_> {
@@ -844,6 +850,7 @@ impl Frame<'_> {
             Frame::Verified(_) => Kind::Verified,
             Frame::Redirect(_) => Kind::Redirect,
             Frame::CacheKeys(_) => Kind::CacheKeys,
+            Frame::RoundDone(_) => Kind::RoundDone,
         }
     }
 }
@@ -871,13 +878,18 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
             }
             Frame::PagesDirect(head)
         }
-        Kind::RoundEnd => {
-            let r = RoundEndWire::read_from_bytes(payload)
+        Kind::RoundEnd | Kind::RoundDone => {
+            let w = RoundEndWire::read_from_bytes(payload)
                 .map_err(|_| bad(format!("{} bytes, expected 12", payload.len())))?;
-            Frame::RoundEnd(RoundEnd {
-                round: r.round.get(),
-                pages: r.pages.get(),
-            })
+            let r = RoundEnd {
+                round: w.round.get(),
+                pages: w.pages.get(),
+            };
+            if kind == Kind::RoundEnd {
+                Frame::RoundEnd(r)
+            } else {
+                Frame::RoundDone(r)
+            }
         }
         Kind::State => Frame::State(Box::new(vmm::VmState::from_bytes(payload).map_err(json)?)),
         Kind::Verified => Frame::Verified(serde_json::from_slice(payload).map_err(json)?),
@@ -1068,11 +1080,19 @@ impl<W: Write> FrameWriter<W> {
     }
 
     pub fn send_round_end(&mut self, r: RoundEnd) -> Result<(), ProtocolError> {
+        self.send_round_marker(Kind::RoundEnd, r)
+    }
+
+    pub fn send_round_done(&mut self, r: RoundEnd) -> Result<(), ProtocolError> {
+        self.send_round_marker(Kind::RoundDone, r)
+    }
+
+    fn send_round_marker(&mut self, kind: Kind, r: RoundEnd) -> Result<(), ProtocolError> {
         let wire = RoundEndWire {
             round: U32::new(r.round),
             pages: U64::new(r.pages),
         };
-        self.send(Kind::RoundEnd, wire.as_bytes())
+        self.send(kind, wire.as_bytes())
     }
 
     /// A Pages frame: the batch head and the data of its non-zero pages.
@@ -1427,6 +1447,8 @@ mod tests {
             pages: 1 << 40,
         })
         .unwrap();
+        w.send_round_done(RoundEnd { round: 7, pages: 3 }).unwrap();
+        w.send_cache_keys(&[[1; 16], [2; 16]]).unwrap();
         w.send_verified(&VerifyOutcome {
             ok: true,
             detail: "VERIFY OK pages=3".into(),
@@ -1461,6 +1483,14 @@ mod tests {
             f => panic!("{:?}", f.kind()),
         }
         match r.next_frame().unwrap() {
+            Frame::RoundDone(e) => assert_eq!(e, RoundEnd { round: 7, pages: 3 }),
+            f => panic!("{:?}", f.kind()),
+        }
+        match r.next_frame().unwrap() {
+            Frame::CacheKeys(k) => assert_eq!(k.len(), 32),
+            f => panic!("{:?}", f.kind()),
+        }
+        match r.next_frame().unwrap() {
             Frame::Verified(v) => assert!(v.ok && v.detail.contains("pages=3")),
             f => panic!("{:?}", f.kind()),
         }
@@ -1483,6 +1513,9 @@ mod tests {
             })
         ));
         let bad = frames(&[(Kind::Config, b"{\"vm\":1}".to_vec())]);
+        assert!(FrameReader::new(Cursor::new(bad)).next_frame().is_err());
+        // Keys are whole or the frame is malformed.
+        let bad = frames(&[(Kind::CacheKeys, vec![0; 17])]);
         assert!(FrameReader::new(Cursor::new(bad)).next_frame().is_err());
     }
 

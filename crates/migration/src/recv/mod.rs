@@ -361,9 +361,17 @@ impl Incoming {
             ram: prepared.ram(),
             cache: cache.as_ref(),
         };
-        let (vm_state, mut stats) =
-            receive_memory(&mut input, state, dst, streams, hello.transport, &control)?;
-        stats.cached_pages = cache.map_or(0, |c| c.added());
+        let (vm_state, mut stats) = receive_memory(
+            &mut input,
+            &mut out,
+            state,
+            dst,
+            streams,
+            hello.transport,
+            &control,
+        )?;
+        let t_done = Instant::now();
+        stats.cached_pages = cache.as_ref().map_or(0, |c| c.added());
         if let Some(p) = populate {
             tracing::debug!(
                 "allocated {} MiB of guest RAM ahead of its pages",
@@ -373,9 +381,15 @@ impl Incoming {
 
         // Everything is here: load the state paused, confirm, then run.
         let mut vm = prepared.finish(&vm_state, &opts.console, true)?;
+        let loaded_ms = t_done.elapsed().as_millis();
         self.tell(&ReceiveEvent::Confirming);
         out.send(Kind::Confirm, &[])?;
         out.flush()?;
+        tracing::debug!(
+            loaded_ms,
+            confirmed_ms = t_done.elapsed().as_millis(),
+            "switchover here: everything received, state loaded, confirmed"
+        );
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
         let outcome = VerifyOutcome {
@@ -385,6 +399,9 @@ impl Incoming {
         out.send_verified(&outcome)?;
         out.flush()?;
         let _ = out.inner().flush();
+        // Unmapping the cache tears down a page table entry per page it holds: not in the
+        // downtime window.
+        drop(cache);
         Ok((vm, stats))
     }
 }
@@ -440,8 +457,9 @@ impl Incoming {
 
 /// The memory phase: the control connection's state machine on this thread, one thread per
 /// page stream; any failure closes every connection so no thread waits for a dead peer.
-fn receive_memory<R: DirectRead>(
+fn receive_memory<R: DirectRead, W: Write>(
     input: &mut FrameReader<R>,
+    out: &mut FrameWriter<W>,
     state: ReceiveMigrationState,
     dst: Dest<'_>,
     streams: Vec<Connection>,
@@ -471,7 +489,7 @@ fn receive_memory<R: DirectRead>(
                 })
             })
             .collect();
-        let r = control_loop(input, state, dst, transport, &barrier);
+        let r = control_loop((input, out), state, dst, transport, &barrier);
         if r.is_err() {
             barrier.abort();
             handles.iter().for_each(ShutdownHandle::shutdown);
@@ -501,8 +519,10 @@ fn receive_memory<R: DirectRead>(
 }
 
 /// The control connection after Ready: the state machine until Complete.
-fn control_loop<R: DirectRead>(
-    input: &mut FrameReader<R>,
+/// Every round's end is answered with RoundDone once its pages are in place, here and on
+/// every page stream.
+fn control_loop<R: DirectRead, W: Write>(
+    (input, out): (&mut FrameReader<R>, &mut FrameWriter<W>),
     mut state: ReceiveMigrationState,
     dst: Dest<'_>,
     transport: Transport,
@@ -510,6 +530,7 @@ fn control_loop<R: DirectRead>(
 ) -> Result<(VmState, ReceiveStats), MigrationError> {
     let mut stats = ReceiveStats::default();
     let mut scratch = Vec::new();
+    let mut rounds = 0;
     loop {
         let (next, step) = state.next(input.next_frame()?)?;
         state = next;
@@ -524,6 +545,13 @@ fn control_loop<R: DirectRead>(
         match step {
             Step::Direct(entries) => {
                 place_direct(input, &entries, dst.ram, Landing::Splice, &mut stats)?
+            }
+            Step::RoundEnd(r) => {
+                dst.round_end();
+                rounds += 1;
+                streams.wait_rounds(rounds)?;
+                out.send_round_done(r)?;
+                out.flush()?;
             }
             step => place(step, dst, transport, &mut scratch, &mut stats)?,
         }
@@ -557,11 +585,7 @@ fn place(
             state: "a transport that does not send it",
         }
         .into()),
-        Step::RoundEnd => {
-            dst.round_end();
-            Ok(())
-        }
-        Step::Prepare(_) | Step::Nothing => Ok(()),
+        Step::Prepare(_) | Step::RoundEnd(_) | Step::Nothing => Ok(()),
     }
 }
 

@@ -4,7 +4,9 @@
 //! names the state and the frame.
 use vmm::{VmConfig, VmState};
 
-use crate::protocol::{BatchHead, CompressedBatch, Entry, Frame, Kind, Prepare, ProtocolError};
+use crate::protocol::{
+    BatchHead, CompressedBatch, Entry, Frame, Kind, Prepare, ProtocolError, RoundEnd,
+};
 
 /// Where an incoming migration is, on its control connection.
 #[derive(Debug)]
@@ -31,7 +33,7 @@ pub enum Step<'f> {
     /// Place these pages, whose data follows on the stream.
     Direct(Vec<Entry>),
     /// A round is complete.
-    RoundEnd,
+    RoundEnd(RoundEnd),
     /// Nothing beyond the new state.
     Nothing,
 }
@@ -59,12 +61,12 @@ impl ReceiveMigrationState {
                 Step::Prepare(p),
             ),
             (s @ S::ReceivingMemory { .. }, f) if is_pages(&f) => (s, page_step(f)),
-            (S::ReceivingMemory { vm, rounds }, Frame::RoundEnd(_)) => (
+            (S::ReceivingMemory { vm, rounds }, Frame::RoundEnd(r)) => (
                 S::ReceivingMemory {
                     vm,
                     rounds: rounds + 1,
                 },
-                Step::RoundEnd,
+                Step::RoundEnd(r),
             ),
             (S::ReceivingMemory { vm, rounds }, Frame::State(state)) => {
                 if state.config != vm {
@@ -126,7 +128,7 @@ impl StreamState {
     pub fn next(self, frame: Frame<'_>) -> Result<(Self, Step<'_>), ProtocolError> {
         Ok(match (self, frame) {
             (StreamState::Receiving, f) if is_pages(&f) => (self, page_step(f)),
-            (StreamState::Receiving, Frame::RoundEnd(_)) => (self, Step::RoundEnd),
+            (StreamState::Receiving, Frame::RoundEnd(r)) => (self, Step::RoundEnd(r)),
             (StreamState::Receiving, Frame::Done) => (StreamState::Finished, Step::Nothing),
             (s, f) => {
                 return Err(ProtocolError::Unexpected {
@@ -141,7 +143,7 @@ impl StreamState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{RoundEnd, VerifyOutcome};
+    use crate::protocol::VerifyOutcome;
 
     fn vm() -> VmConfig {
         VmConfig {
@@ -215,7 +217,7 @@ mod tests {
         let (s, step) = s
             .next(Frame::RoundEnd(RoundEnd { round: 0, pages: 0 }))
             .unwrap();
-        assert!(matches!(step, Step::RoundEnd));
+        assert!(matches!(step, Step::RoundEnd(_)));
         let (s, _) = s.next(Frame::State(state_for(vm()))).unwrap();
         assert_eq!(s.name(), "state-received");
         let (s, _) = s.next(Frame::Done).unwrap();
@@ -294,7 +296,7 @@ mod tests {
         let (s, step) = s
             .next(Frame::RoundEnd(RoundEnd { round: 1, pages: 9 }))
             .unwrap();
-        assert!(matches!(step, Step::RoundEnd));
+        assert!(matches!(step, Step::RoundEnd(_)));
         let (s, _) = s.next(Frame::Done).unwrap();
         assert_eq!(s, StreamState::Finished);
         for (st, f) in [

@@ -60,6 +60,20 @@ impl RoundBarrier {
         }
     }
 
+    /// Waits until the streams completed `rounds` rounds, or delivered their Done (the last
+    /// round goes on the control connection alone); at once without streams.
+    pub fn wait_rounds(&self, rounds: u64) -> Result<(), MigrationError> {
+        let mut g = locks::lock(&self.state);
+        while self.n > 0 && g.generation < rounds && g.finished < self.n && !g.aborted {
+            g = locks::wait(&self.cv, g);
+        }
+        if g.aborted {
+            Err(MigrationError::StreamFailed)
+        } else {
+            Ok(())
+        }
+    }
+
     /// A stream delivered its Done.
     pub fn finished(&self) {
         locks::lock(&self.state).finished += 1;
@@ -107,7 +121,7 @@ pub(super) fn page_stream(
             state = next;
             match step {
                 // No stream applies round k+1 before every stream applied round k.
-                Step::RoundEnd => {
+                Step::RoundEnd(_) => {
                     dst.round_end();
                     barrier.wait()?
                 }

@@ -755,10 +755,31 @@ impl<'a> Session<'a> {
         );
     }
 
+    /// Waits until the destination has placed every round sent so far (its RoundDone for the
+    /// last), so the pause does not wait behind pages it still had to place: a link that
+    /// carries pages faster than the destination places them (references, which are small on
+    /// the wire) leaves a backlog in its socket buffers.
+    fn wait_caught_up(&mut self) -> Result<(), MigrationError> {
+        loop {
+            match self.input.next_frame()? {
+                Frame::RoundDone(r) if r.round >= self.round => return Ok(()),
+                Frame::RoundDone(_) => {}
+                f => {
+                    return Err(protocol::ProtocolError::Unexpected {
+                        kind: f.kind(),
+                        state: "awaiting-round-done",
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
     /// Phase 4, switchover: pause, last pages and device state; the destination confirms and
     /// resumes. Before the last frame leaves, any failure resumes the VM here (the guard);
     /// after it, the VM stays paused unless the confirmation arrives.
     fn switchover(&mut self, guard: &mut SourceGuard) -> Result<(), MigrationError> {
+        self.wait_caught_up()?;
         // The page streams end before the pause: the paused last round is small and goes on
         // the control connection, so stream hand-offs stay out of the downtime.
         self.sender.finish_streams()?;
@@ -770,6 +791,7 @@ impl<'a> Session<'a> {
             guard.paused_by_us = true;
             g.capture()?
         };
+        let captured_ms = t_pause.elapsed().as_millis();
         let bitmaps = self.fetch_dirty()?;
         let mut last = self.send_round(
             self.round + 1,
@@ -783,9 +805,17 @@ impl<'a> Session<'a> {
         out.send_state(&state)?;
         out.send(Kind::Done, &[])?;
         out.flush()?;
+        let sent_ms = t_pause.elapsed().as_millis();
         // From here the destination may hold everything: the source must not resume on its own.
         guard.armed = false;
-        match self.input.next_frame() {
+        // The paused round's RoundDone comes first.
+        let answer = loop {
+            match self.input.next_frame() {
+                Ok(Frame::RoundDone(_)) => {}
+                other => break other,
+            }
+        };
+        match answer {
             Ok(Frame::Confirm) => {}
             Ok(f) => {
                 return Err(MigrationError::OutcomeUnknown(format!(
@@ -796,6 +826,13 @@ impl<'a> Session<'a> {
             Err(e) => return Err(MigrationError::OutcomeUnknown(e.to_string())),
         }
         let downtime = t_pause.elapsed().as_millis() as u64;
+        tracing::debug!(
+            captured_ms,
+            sent_ms,
+            confirmed_ms = downtime,
+            pages = last.pages,
+            "switchover: paused, state captured, last round and state sent, confirmed"
+        );
         last.ms = downtime;
         self.report.rounds.push(last);
         self.report.downtime_ms = downtime;

@@ -242,6 +242,8 @@ impl Qemu {
             .args(["-machine", "pc,max-ram-below-4g=3G", "-accel", "kvm"])
             .args(["-m", &format!("{}M", m.memory >> 20)])
             .args(["-smp", &m.vcpus.to_string()])
+            // vCPU threads named "CPU n/KVM", so the migration's CPU leaves them out.
+            .args(["-name", "peer,debug-threads=on"])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .arg("-kernel")
             .arg(&m.kernel)

@@ -99,6 +99,11 @@ pub struct MigrateArgs {
     /// destination already holds.
     #[arg(long)]
     pub no_dedup: bool,
+    /// Keep the guest's vCPUs at their priority while pages are sent (by default they yield the
+    /// CPU to the migration's own threads until the pause, which matters only when the host's
+    /// cores are all busy).
+    #[arg(long)]
+    pub no_vcpu_yield: bool,
 }
 
 /// Mutual TLS credentials (the default), or `--insecure`.
@@ -185,6 +190,7 @@ impl MigrateArgs {
             delta: Some(!self.no_delta),
             delta_cache: self.delta_cache,
             dedup: Some(!self.no_dedup),
+            vcpu_yield: Some(!self.no_vcpu_yield),
             peer_timeout_ms: Some(self.peer_timeout.as_millis() as u64),
             ..MigrateRequest::default()
         }

@@ -644,6 +644,63 @@ fn kvm_direct_transport_migrates_alone_and_over_streams() {
     }
 }
 
+/// The nice values of a process's vCPU threads.
+fn vcpu_nice(pid: u32) -> Vec<i64> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+        // After the parenthesised name: nice is the 19th field of the line, the 17th here.
+        let rest = stat.rsplit_once(')').unwrap().1;
+        out.push(rest.split_whitespace().nth(16).unwrap().parse().unwrap());
+    }
+    out
+}
+
+/// A migration lets the vCPUs yield the CPU to it, and they get their priority back when it
+/// fails; `--no-vcpu-yield` leaves them alone.
+#[test]
+fn kvm_vcpus_yield_to_their_migration_and_get_their_priority_back() {
+    if !kvm_or_skip("kvm_vcpus_yield_to_their_migration_and_get_their_priority_back") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (src, src_api) = source(d.path(), "sql", "128M");
+    let pid = src.child.id();
+    assert_eq!(vcpu_nice(pid), vec![0, 0]);
+    // Nobody listens on the destination: the migration fails after the vCPUs yielded.
+    let dead = free_port();
+    let report = d.path().join("r.json");
+    let out = migrate_with(&src_api, dead, &report, &[]);
+    assert!(!out.status.success());
+    assert_eq!(
+        vcpu_nice(pid),
+        vec![0, 0],
+        "priority given back after a failure"
+    );
+
+    let port = free_port();
+    let _dst = receiver(d.path(), "dst", port);
+    let out = migrate_with(&src_api, port, &report, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = check_report(&report);
+    let said = r["vcpu_yield"].as_str().unwrap();
+    assert!(
+        said == "vCPUs at nice 10 until the pause" || said.starts_with("not applied: "),
+        "{said}"
+    );
+}
+
 #[test]
 fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
     if !kvm_or_skip("kvm_auto_converge_throttles_a_guest_that_outruns_the_link") {
@@ -660,7 +717,8 @@ fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
         &src_api,
         port,
         &report,
-        &["--max-bandwidth", "1Gbit", "--no-delta"],
+        // The guest at full speed, so that it outruns the link.
+        &["--max-bandwidth", "1Gbit", "--no-delta", "--no-vcpu-yield"],
     );
     assert!(
         out.status.success(),
@@ -684,6 +742,7 @@ fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
             "1Gbit",
             "--no-auto-converge",
             "--no-delta",
+            "--no-vcpu-yield",
         ],
     );
     assert!(

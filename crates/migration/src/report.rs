@@ -157,6 +157,14 @@ pub struct Report {
     /// stopped after looking up this many (its hashing would have cost more than it saved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_stopped_after_pages: Option<u64>,
+    /// Direct pages were read to find zero pages, until the first this many showed under 1%
+    /// zero: from then on they went unread ([`crate::policy::zero_scan_pays`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero_scan_stopped_after_pages: Option<u64>,
+    /// Whether the guest's vCPUs yielded the CPU to the migration until the pause: "off",
+    /// "vCPUs at nice N until the pause", or why not.
+    #[serde(default)]
+    pub vcpu_yield: String,
     pub error: Option<String>,
 }
 
@@ -261,6 +269,9 @@ impl Report {
             s += &format!(", {d}");
         }
         s += "\n";
+        if !self.vcpu_yield.is_empty() {
+            s += &format!("  guest vCPUs: {}\n", self.vcpu_yield);
+        }
         s += &format!(
             "  cpu {:.2} s source, {:.2} s destination; guest verified on destination: {}",
             self.cpu_seconds.source,

@@ -49,6 +49,10 @@ pub struct MigrateRequest {
     /// dedup: pages it holds go as references, and pages of this copy are added to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cache: Option<u64>,
+    /// The guest's vCPUs yield the CPU to the migration's own threads until the pause
+    /// (default true): nothing changes on a host with idle cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_yield: Option<bool>,
     /// The deadline on progress, in milliseconds (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
@@ -161,6 +165,7 @@ impl MigrateRequest {
         o.delta = self.delta != Some(false);
         o.dedup = self.dedup != Some(false);
         o.host_cache = self.host_cache;
+        o.vcpu_yield = self.vcpu_yield != Some(false);
         if let Some(c) = self.delta_cache {
             if c > MAX_DELTA_CACHE {
                 return Err(format!(

@@ -25,8 +25,9 @@ pub struct ZeroCopy<'a> {
     /// Sends the kernel had to copy after all (loopback does).
     pub copied: u64,
     /// The kernel copied the first sends (the peer is on this host: loopback, veth): from
-    /// then on, plain sends, which copy once on our side instead of pinning pages and then
-    /// copying them on delivery with completion work on top.
+    /// then on the data goes by sendfile(2) from guest RAM's file, whose page-cache pages the
+    /// kernel delivers locally without a copy (zero-copy pages it copies on delivery, with
+    /// completion work on top).
     plain: bool,
 }
 
@@ -94,6 +95,53 @@ impl<'a> ZeroCopy<'a> {
                 Some(n) => first += advance(&mut iov[first..], n),
             }
             self.reap(false)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the data should go by [`Self::send_file`]: the kernel copied zero-copy sends.
+    pub fn prefers_file(&self) -> bool {
+        self.plain
+    }
+
+    /// Sends `runs` (offset, length) of `file` with sendfile(2), which hands the socket the
+    /// file's pages instead of copying them (anything buffered in the connection's writer must
+    /// have been flushed first). The file's content may change while it is sent, as with
+    /// [`Self::send_all`].
+    pub fn send_file(&mut self, file: &std::fs::File, runs: &[(u64, u64)]) -> io::Result<()> {
+        if let Some(l) = &self.limit {
+            l.take(
+                runs.iter()
+                    .map(|&(_, len)| usize::try_from(len).unwrap_or(usize::MAX))
+                    .sum(),
+            );
+        }
+        for &(start, len) in runs {
+            let mut off = libc::off_t::try_from(start).map_err(io::Error::other)?;
+            let mut left = usize::try_from(len).map_err(io::Error::other)?;
+            while left > 0 {
+                // SAFETY: sendfile between two descriptors this call keeps open (the borrows),
+                // updating `off`, which lives across the call; it touches no other memory.
+                let n = unsafe {
+                    libc::sendfile(self.fd.as_raw_fd(), file.as_raw_fd(), &mut off, left)
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("guest RAM's file ends at {off}, before the pages sent"),
+                    ));
+                }
+                let n = n.unsigned_abs();
+                left -= n;
+                self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -201,7 +249,7 @@ impl<'a> ZeroCopy<'a> {
     /// How the data goes: zero-copy, or plain sends after the kernel copied the first.
     pub fn mechanism(&self) -> &'static str {
         if self.plain {
-            "plain send (the kernel copied zero-copy sends on this link)"
+            "sendfile from guest RAM's file (the kernel copied zero-copy sends on this link)"
         } else {
             "zero-copy (MSG_ZEROCOPY)"
         }

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod dirty;
 pub mod host;
 pub mod memory;
+pub mod priority;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

@@ -51,19 +51,70 @@ pub enum MemoryError {
 }
 
 /// Offsets in `f` that hold data, as sorted [start, end) extents (SEEK_DATA / SEEK_HOLE). On the
-/// guest RAM memfd these are the pages the guest or the VMM ever touched.
+/// guest RAM memfd these are the pages the guest or the VMM ever touched. The kernel walks
+/// every data page to find the next hole (2 GiB of `server` memory: 42 ms on this host), so a
+/// large file is scanned in slices by several threads, their extents joined where they meet.
 pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
+    let parts = u64::try_from(crate::host::cpus().min(MAX_SCAN_THREADS)).unwrap_or(1);
+    if parts < 2 || size < PARALLEL_SCAN_FROM {
+        return extents_in(fd, 0, size);
+    }
+    let step = (size / parts).next_multiple_of(PAGE_SIZE);
+    let slices: Vec<(u64, u64)> = (0..parts)
+        .map(|i| (i * step, ((i + 1) * step).min(size)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    let found = std::thread::scope(|scope| {
+        let scans: Vec<_> = slices
+            .iter()
+            .map(|&(from, to)| scope.spawn(move || extents_in(fd, from, to)))
+            .collect();
+        scans
+            .into_iter()
+            .map(|s| {
+                s.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a scan thread panicked")))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    })?;
+    Ok(join_extents(found))
+}
+
+/// Files this large are scanned by several threads.
+const PARALLEL_SCAN_FROM: u64 = 256 << 20;
+/// Threads for one scan, at most.
+const MAX_SCAN_THREADS: usize = 8;
+
+/// The data extents of `fd` within [from, to).
+fn extents_in(fd: libc::c_int, from: u64, to: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
-    let mut pos: u64 = 0;
-    while pos < size {
-        let start = seek(fd, pos, libc::SEEK_DATA)?;
-        let Some(start) = start else { break };
-        let end = seek(fd, start, libc::SEEK_HOLE)?.unwrap_or(size);
-        out.push((start, end.min(size)));
+    let mut pos = from;
+    while pos < to {
+        let Some(start) = seek(fd, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= to {
+            break;
+        }
+        let end = seek(fd, start, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
+        out.push((start, end));
         pos = end;
     }
     Ok(out)
+}
+
+/// Extents of consecutive slices as one sorted list; an extent cut at a slice's edge is whole
+/// again.
+fn join_extents(slices: Vec<Vec<(u64, u64)>>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in slices.into_iter().flatten() {
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
 }
 
 /// One lseek(2); None where SEEK_DATA finds no data past `pos` (ENXIO).
@@ -352,6 +403,36 @@ mod tests {
         assert_eq!(l[1].guest, HIGH_RAM_START);
         assert_eq!(l[1].len, (4 << 30) - LOW_RAM_END);
         assert_eq!(l[1].file_offset, LOW_RAM_END);
+    }
+
+    /// The scan in slices finds what one pass finds, extents across slice edges included.
+    #[test]
+    fn data_extents_in_slices_match_one_pass() {
+        let size = 1u64 << 30;
+        let ram = GuestRam::new(size).unwrap();
+        let step = size / 8;
+        // Data across every slice edge, at both ends, and scattered pages.
+        ram.write_at(0, &[1u8; 4096]).unwrap();
+        for i in 1..8 {
+            ram.write_at(i * step - 3 * PAGE_SIZE, &vec![2u8; 6 * PAGE_SIZE as usize])
+                .unwrap();
+        }
+        for p in (0..size).step_by(7 << 20) {
+            ram.write_at(p + PAGE_SIZE * 5, &[3u8; 8]).unwrap();
+        }
+        ram.write_at(size - PAGE_SIZE, &[4u8; 4096]).unwrap();
+        let fd = ram.backing_file().as_raw_fd();
+        let one = extents_in(fd, 0, size).unwrap();
+        assert_eq!(data_extents(ram.backing_file(), size).unwrap(), one);
+        assert!(one.contains(&(step - 3 * PAGE_SIZE, step + 3 * PAGE_SIZE)));
+        assert_eq!(one.last(), Some(&(size - PAGE_SIZE, size)));
+        let joined = join_extents(vec![
+            vec![(0, 4), (8, 12)],
+            vec![(12, 16)],
+            vec![],
+            vec![(20, 24)],
+        ]);
+        assert_eq!(joined, vec![(0, 4), (8, 16), (20, 24)]);
     }
 
     #[test]

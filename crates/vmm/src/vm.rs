@@ -3,7 +3,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
@@ -25,6 +25,7 @@ use crate::boot::{load_pvh, BootError};
 use crate::devices::{GuestReport, IoBus, IrqTrigger, SerialDevice, VerifyResult, COM1_GSI};
 use crate::dirty::DirtyLog;
 use crate::memory::{layout, GuestRam, MemoryError};
+use crate::priority::{self, PriorityError, Tid};
 use crate::state::{Skipped, VmConfig, VmState};
 use crate::vcpu::{self, Caps, StopReason, VcpuError, VcpuEvent, VcpuRequest, VcpuThread};
 
@@ -147,6 +148,8 @@ struct VcpuHandle {
     id: u8,
     requests: Sender<VcpuRequest>,
     thread: Option<JoinHandle<()>>,
+    /// The thread's kernel id, once it runs (0 before).
+    tid: Arc<AtomicI32>,
 }
 
 /// The KVM VM and the guest RAM its memory slots point into. Fields drop in declaration order,
@@ -175,6 +178,8 @@ pub struct Vm {
     /// Percent of each slice the vCPUs sleep (auto-converge), and the thread that kicks them.
     throttle: Arc<AtomicU8>,
     throttle_ticker: Option<JoinHandle<()>>,
+    /// The vCPUs' priority while they yield the CPU to a migration.
+    yielded: Option<priority::Lowered>,
 }
 
 /// KVM objects built before any state goes in. The vCPU fds come before the VM: fields drop
@@ -379,6 +384,7 @@ impl Vm {
             _serial_irq: p.serial_irq,
             throttle: Arc::new(AtomicU8::new(0)),
             throttle_ticker: None,
+            yielded: None,
         })
     }
 
@@ -398,14 +404,20 @@ impl Vm {
                 caps: self.caps.clone(),
                 msr_list: self.msr_list.clone(),
             };
+            let tid = Arc::new(AtomicI32::new(0));
+            let tid2 = tid.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || t.run(paused))
+                .spawn(move || {
+                    tid2.store(priority::current_tid(), Ordering::Relaxed);
+                    t.run(paused);
+                })
                 .map_err(|source| VmError::Spawn { id, source })?;
             self.vcpus.push(VcpuHandle {
                 id,
                 requests: tx,
                 thread: Some(thread),
+                tid,
             });
         }
         self.state = if paused {
@@ -517,8 +529,34 @@ impl Vm {
             .ok();
     }
 
+    /// The vCPU threads yield the CPU to other threads of this host (`by` more nice) until
+    /// [`Self::unyield_vcpus`] or a pause: a migration's own threads then run ahead of the
+    /// guest they move when cores are short. Returns the vCPUs' nice value from now.
+    pub fn yield_vcpus(&mut self, by: i32) -> Result<i32, PriorityError> {
+        self.unyield_vcpus();
+        let tids: Vec<Tid> = self
+            .vcpus
+            .iter()
+            .map(|v| v.tid.load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .collect();
+        let lowered = priority::lower(&tids, by)?;
+        let nice = lowered.nice().unwrap_or(0);
+        self.yielded = Some(lowered);
+        Ok(nice)
+    }
+
+    /// The vCPUs get the priority back that [`Self::yield_vcpus`] took.
+    pub fn unyield_vcpus(&mut self) {
+        if let Some(l) = self.yielded.take() {
+            l.restore();
+        }
+    }
+
     pub fn pause(&mut self) -> Result<(), VmError> {
         self.set_throttle(0);
+        // A paused guest's last pages should not wait for vCPUs to get a slice to stop.
+        self.unyield_vcpus();
         match self.poll() {
             RunState::Paused => return Ok(()),
             RunState::Stopped => {

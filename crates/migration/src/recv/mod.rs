@@ -328,13 +328,21 @@ impl Incoming {
 
         // Prepare: refuse what this host cannot hold before anything is allocated, build the
         // VM, take the page streams it announces.
+        let t_config = Instant::now();
         let (state, prep) = self.take_config(&mut input, admit)?;
+        let config_ms = t_config.elapsed().as_millis();
         let streams = self.collect_streams(&prep)?;
         for s in &streams {
             s.set_peer_timeout(Some(opts.peer_timeout))
                 .map_err(MigrationError::socket("setting the peer timeout"))?;
         }
+        let t_build = Instant::now();
         let prepared = PreparedVm::new(&prep.vm)?;
+        tracing::debug!(
+            config_ms,
+            build_ms = t_build.elapsed().as_millis(),
+            "prepare here: Config taken, VM built"
+        );
         let populate = populate::Populate::start(prepared.ram(), &prep.extents);
         if watchdog.disarm() {
             return Err(MigrationError::TimedOut {

@@ -116,11 +116,6 @@ impl<'a> Link<'a> {
             return Ok(());
         };
         self.out.flush()?;
-        // One iovec per run of consecutive pages, not per page: fewer, larger fragments.
-        let mut slices = Vec::new();
-        for (start, n) in consecutive(pages) {
-            slices.extend(ram.slices_at(start, n * page)?);
-        }
         let zc = match &mut self.zc {
             Some(z) => z,
             None => {
@@ -131,6 +126,18 @@ impl<'a> Link<'a> {
                 )
             }
         };
+        let runs = consecutive(pages);
+        if zc.prefers_file() {
+            let runs: Vec<(u64, u64)> = runs.iter().map(|&(o, n)| (o, (n * page) as u64)).collect();
+            zc.send_file(ram.backing_file(), &runs)
+                .map_err(ProtocolError::Io)?;
+            return Ok(());
+        }
+        // One iovec per run of consecutive pages, not per page: fewer, larger fragments.
+        let mut slices = Vec::new();
+        for (start, n) in runs {
+            slices.extend(ram.slices_at(start, n * page)?);
+        }
         zc.send_all(&slices).map_err(ProtocolError::Io)?;
         Ok(())
     }

@@ -71,6 +71,9 @@ pub struct MigrateOptions {
     pub dedup: bool,
     /// The destination host's page cache to use and fill (a drain's id for it), with dedup.
     pub host_cache: Option<u64>,
+    /// The guest's vCPUs yield the CPU to the migration's threads until the pause
+    /// ([`policy::VCPU_YIELD_NICE`]).
+    pub vcpu_yield: bool,
 }
 
 impl MigrateOptions {
@@ -95,6 +98,7 @@ impl MigrateOptions {
             delta_cache: None,
             dedup: true,
             host_cache: None,
+            vcpu_yield: true,
         }
     }
 
@@ -168,14 +172,25 @@ fn run(
         .clone()
         .or_else(|| opts.max_bandwidth.map(|b| Arc::new(RateLimit::new(b))));
     let session = opts.session.unwrap_or_else(session_id);
+    // Dirty logging first: then one scan for touched memory serves the offer and the copy (a
+    // page first written after it is in the dirty log).
+    let mut guard = SourceGuard::arm(vm, &source.dirty)?;
+    // From here the migration's threads (the scan's too) run ahead of the guest's vCPUs.
+    let vcpu_yield = guard.yield_vcpus(opts.vcpu_yield);
     let offer = Offer {
         config: &source.config,
         extents: data_extents(source.ram.backing_file(), source.ram.size())
             .map_err(MigrationError::Extents)?,
         session,
     };
+    let extents_ms = t0.elapsed().as_millis();
     let (mut conn, streams, to, host_keys) = open(opts, &offer, &limit)?;
     let prepare_ms = t0.elapsed().as_millis() as u64;
+    tracing::debug!(
+        extents_ms,
+        prepare_ms,
+        "prepare at the source: extents found, destination ready"
+    );
     let mut watched = Vec::new();
     for c in std::iter::once(&conn).chain(&streams) {
         let h = || {
@@ -192,9 +207,9 @@ fn run(
         s.report.phases.prepare_ms = prepare_ms;
         s.report.destination = to;
         s.host_keys(host_keys);
-        let mut guard = SourceGuard::arm(vm, &s.dirty)?;
         s.report.dirty_log = guard.mode.into();
-        s.copy()?;
+        s.report.vcpu_yield.clone_from(&vcpu_yield);
+        s.copy(&offer.extents)?;
         s.sync()?;
         s.switchover(&mut guard)?;
         // The guest's verify on the destination may take longer than the peer timeout.
@@ -410,8 +425,8 @@ fn connect_streams(
     Ok(conns)
 }
 
-/// Undoes what a failed migration changed on the source: dirty logging off, throttle off, VM
-/// running again. Disarmed once the last frame is out: from then the VM may be running on the
+/// Undoes what a failed migration changed on the source: dirty logging off, throttle off,
+/// vCPU priority back, VM running again. Disarmed once the last frame is out: from then the VM may be running on the
 /// destination, and the source must not resume on its own.
 struct SourceGuard<'a> {
     vm: &'a Mutex<Vm>,
@@ -443,12 +458,30 @@ impl<'a> SourceGuard<'a> {
     }
 }
 
+impl SourceGuard<'_> {
+    /// Lets the guest's vCPUs yield the CPU to this migration's threads, if `wanted`; says
+    /// what was done, for the report.
+    fn yield_vcpus(&mut self, wanted: bool) -> String {
+        if !wanted {
+            return "off".into();
+        }
+        match locks::lock(self.vm).yield_vcpus(policy::VCPU_YIELD_NICE) {
+            Ok(nice) => format!("vCPUs at nice {nice} until the pause"),
+            Err(e) => {
+                tracing::info!("{e}");
+                format!("not applied: {e}")
+            }
+        }
+    }
+}
+
 impl Drop for SourceGuard<'_> {
-    /// Dirty logging and the throttle end whatever happened; the VM resumes only while the
-    /// guard is armed (before the point of no return).
+    /// Dirty logging, the throttle and the vCPUs' yield end whatever happened; the VM resumes
+    /// only while the guard is armed (before the point of no return).
     fn drop(&mut self) {
         let mut g = locks::lock(self.vm);
         g.set_throttle(0);
+        g.unyield_vcpus();
         let _ = locks::lock(&self.dirty).disable();
         if self.armed && self.paused_by_us {
             if let Err(e) = g.resume() {
@@ -651,11 +684,9 @@ impl<'a> Session<'a> {
     /// read. In address order; with deltas, in 2 MiB chunks spread over RAM (see
     /// [`policy::spread_order`]), so the dirty log shows the guest's writes before the copy has
     /// sent whole regions of them.
-    fn copy(&mut self) -> Result<(), MigrationError> {
+    fn copy(&mut self, extents: &[(u64, u64)]) -> Result<(), MigrationError> {
         self.phase("copy");
-        let extents = data_extents(self.ram.backing_file(), self.ram.size())
-            .map_err(MigrationError::Extents)?;
-        let chunks = protocol::chunks(&extents, SPREAD_CHUNK);
+        let chunks = protocol::chunks(extents, SPREAD_CHUNK);
         let order: Vec<usize> = if self.sender.delta.is_some() {
             policy::spread_order(chunks.len())
         } else {
@@ -864,6 +895,7 @@ impl<'a> Session<'a> {
         r.direct_recv = Some(self.sender.direct_landing()).filter(|m| !m.is_empty());
         r.delta = self.sender.delta.as_ref().map(|c| c.report.clone());
         r.dedup_stopped_after_pages = self.sender.dedup_stopped_after;
+        r.zero_scan_stopped_after_pages = self.sender.zero_scan_stopped_after;
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
         // The guest verifies every page it wrote before the destination answers.

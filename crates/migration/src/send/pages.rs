@@ -101,6 +101,10 @@ pub(super) struct PageSender<'a> {
     pub dedup: Option<Dedup>,
     /// Pages looked up when references stopped paying.
     pub dedup_stopped_after: Option<u64>,
+    /// Direct pages read to find zero pages so far, and how many were.
+    zero_scan: (u64, u64),
+    /// Direct pages read when looking for zero pages stopped paying.
+    pub zero_scan_stopped_after: Option<u64>,
     /// Batches built so far: the id of the next.
     batches: u64,
 }
@@ -140,6 +144,8 @@ impl<'a> PageSender<'a> {
             deferred: None,
             dedup,
             dedup_stopped_after: None,
+            zero_scan: (0, 0),
+            zero_scan_stopped_after: None,
             batches: 0,
         }
     }
@@ -167,13 +173,8 @@ impl<'a> PageSender<'a> {
                 return Ok(false);
             }
         }
-        let placed = if let PagePath::Direct { pages } = &mut self.path {
-            if self.ram.page_is_zero(off)? {
-                Placed::Zero
-            } else {
-                pages.push(off);
-                Placed::Whole
-            }
+        let placed = if let PagePath::Direct { .. } = self.path {
+            self.direct_page(off)?
         } else {
             self.copy_page(off)?
         };
@@ -203,6 +204,27 @@ impl<'a> PageSender<'a> {
             self.flush_batch()?;
         }
         Ok(true)
+    }
+
+    /// A direct page goes from guest RAM as it is, unless it is zero; pages are read to tell
+    /// only while that pays ([`policy::zero_scan_pays`]).
+    fn direct_page(&mut self, off: u64) -> Result<Placed, MigrationError> {
+        if self.zero_scan_stopped_after.is_none() {
+            let zero = self.ram.page_is_zero(off)?;
+            let (read, found) = &mut self.zero_scan;
+            *read += 1;
+            *found += u64::from(zero);
+            if !policy::zero_scan_pays(*read, *found) {
+                self.zero_scan_stopped_after = Some(*read);
+            }
+            if zero {
+                return Ok(Placed::Zero);
+            }
+        }
+        if let PagePath::Direct { pages } = &mut self.path {
+            pages.push(off);
+        }
+        Ok(Placed::Whole)
     }
 
     /// Copies the page into the batch's data: whole; as a delta against what the destination

@@ -1,0 +1,199 @@
+//! The vCPU threads' scheduling priority. While a VM is being migrated its vCPUs can yield the
+//! CPU to the migration's own threads (a higher nice value): when the host has idle cores
+//! nothing changes, and when it has none the pages leave at the link's rate instead of the rate
+//! a fair share of a core allows. The priority comes back before the pause, and whenever the
+//! migration ends, which is why it is only lowered where this process may raise it again.
+use std::io;
+
+/// One thread's kernel id.
+pub type Tid = libc::pid_t;
+
+/// The least favoured nice value.
+const NICE_MAX: i32 = 19;
+/// CAP_SYS_NICE's bit in the capability sets of /proc/self/status.
+const CAP_SYS_NICE: u32 = 23;
+
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum PriorityError {
+    /// reading the nice value of thread {tid} failed: {source}
+    Get { tid: Tid, source: io::Error },
+    /// setting thread {tid} to nice {nice} failed: {source}
+    Set {
+        tid: Tid,
+        nice: i32,
+        source: io::Error,
+    },
+    /// the vCPUs keep their priority: this process could not give it back (nice {nice} needs CAP_SYS_NICE or an RLIMIT_NICE of at least {needed})
+    CannotRestore { nice: i32, needed: u64 },
+}
+
+/// Threads whose nice value was raised, and what it was: given back by [`Lowered::restore`]
+/// or on drop.
+#[derive(Debug)]
+pub struct Lowered {
+    saved: Vec<(Tid, i32)>,
+}
+
+/// Raises the nice value of `tids` by `by` (capped at 19), after checking that this process
+/// may lower it again. On an error nothing stays changed.
+pub fn lower(tids: &[Tid], by: i32) -> Result<Lowered, PriorityError> {
+    let mut lowered = Lowered { saved: Vec::new() };
+    for &tid in tids {
+        let nice = nice_of(tid)?;
+        if !may_set(nice) {
+            return Err(PriorityError::CannotRestore {
+                nice,
+                needed: rlimit_for(nice),
+            });
+        }
+        set_nice(tid, (nice + by).min(NICE_MAX))?;
+        lowered.saved.push((tid, nice));
+    }
+    Ok(lowered)
+}
+
+impl Lowered {
+    /// The first thread's nice value now (all moved by the same step).
+    pub fn nice(&self) -> Option<i32> {
+        self.saved.first().and_then(|&(tid, _)| nice_of(tid).ok())
+    }
+
+    /// Gives every thread its nice value back; a thread that exited meanwhile is skipped.
+    pub fn restore(mut self) {
+        self.give_back();
+    }
+
+    fn give_back(&mut self) {
+        for (tid, nice) in self.saved.drain(..) {
+            match set_nice(tid, nice) {
+                Ok(()) => {}
+                Err(PriorityError::Set { source, .. })
+                    if source.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => tracing::warn!("giving a vCPU its priority back: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Lowered {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+/// The calling thread's kernel id.
+pub fn current_tid() -> Tid {
+    // SAFETY: gettid has no memory effects and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+fn nice_of(tid: Tid) -> Result<i32, PriorityError> {
+    // getpriority may return -1 as a value: only errno tells an error apart.
+    // SAFETY: errno is this thread's own; clearing it before the call is how the man page
+    // says to detect getpriority's errors.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: getpriority reads the scheduler's state of a thread and touches no memory.
+    #[allow(clippy::cast_sign_loss)]
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    let err = io::Error::last_os_error();
+    if nice == -1 && err.raw_os_error().is_some_and(|e| e != 0) {
+        return Err(PriorityError::Get { tid, source: err });
+    }
+    Ok(nice)
+}
+
+fn set_nice(tid: Tid, nice: i32) -> Result<(), PriorityError> {
+    // SAFETY: setpriority changes a thread's nice value and touches no memory.
+    #[allow(clippy::cast_sign_loss)]
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r != 0 {
+        return Err(PriorityError::Set {
+            tid,
+            nice,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether this process may set a thread to `nice` even after raising it: with CAP_SYS_NICE,
+/// or when RLIMIT_NICE allows it.
+fn may_set(nice: i32) -> bool {
+    has_cap_sys_nice() || rlimit_nice() >= rlimit_for(nice)
+}
+
+/// The RLIMIT_NICE that allows lowering a thread to `nice` (the limit is 20 − nice).
+fn rlimit_for(nice: i32) -> u64 {
+    u64::try_from(20 - nice).unwrap_or(0)
+}
+
+fn rlimit_nice() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut r) } != 0 {
+        return 0;
+    }
+    r.rlim_cur
+}
+
+fn has_cap_sys_nice() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| cap_eff(&s))
+        .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
+}
+
+/// The effective capability set from /proc/self/status.
+fn cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_effective_capabilities() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t0000000000800000\n";
+        assert_eq!(cap_eff(status), Some(1 << CAP_SYS_NICE));
+        assert_eq!(cap_eff("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn rlimit_nice_counts_from_twenty() {
+        assert_eq!(rlimit_for(0), 20);
+        assert_eq!(rlimit_for(-20), 40);
+        assert_eq!(rlimit_for(19), 1);
+    }
+
+    /// A thread's nice value goes up and comes back, whether restored or dropped.
+    #[test]
+    fn lowers_and_gives_back() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(current_tid()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let before = nice_of(tid).unwrap();
+        match lower(&[tid], 5) {
+            Ok(l) => {
+                assert_eq!(nice_of(tid).unwrap(), (before + 5).min(NICE_MAX));
+                l.restore();
+                assert_eq!(nice_of(tid).unwrap(), before);
+                drop(lower(&[tid], 5).unwrap());
+                assert_eq!(nice_of(tid).unwrap(), before);
+            }
+            // Without the right to lower it again, nothing is changed.
+            Err(PriorityError::CannotRestore { .. }) => assert_eq!(nice_of(tid).unwrap(), before),
+            Err(e) => panic!("{e}"),
+        }
+        stop_tx.send(()).unwrap();
+        t.join().unwrap();
+    }
+}

@@ -184,27 +184,29 @@ pub enum Landing {
     /// cheapest on this host (1.5 GiB: 1.25 CPU-s against 1.5 reading into the mapping).
     /// But every write to the memfd holds its inode lock, so streams would take turns.
     Splice,
-    /// read(2) into guest RAM's mapping: no lock on the file, so page streams fill RAM in
-    /// parallel.
+    /// read(2) into guest RAM's mapping: page faults allocate (and zero) the pages, and take
+    /// no lock on the file, so page streams fill RAM in parallel.
     Mapped,
 }
 
-/// One writer at a time splices; several read into the mapping (with page streams, the
-/// control connection writes only after they all finished).
-pub fn landing(page_streams: usize) -> Landing {
-    if page_streams > 1 {
-        Landing::Mapped
-    } else {
+/// Page stream `index` of `page_streams` (the control connection: 0 of 0 or 1): the first
+/// splices, the others read into the mapping. Only one writer then holds the memfd's inode
+/// lock, and the readers' page faults do not take it (with page streams, the control
+/// connection writes only after they all finished).
+pub fn landing(index: usize, page_streams: usize) -> Landing {
+    if index == 0 || page_streams <= 1 {
         Landing::Splice
+    } else {
+        Landing::Mapped
     }
 }
 
-impl Landing {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Landing::Splice => "spliced into guest RAM's memfd",
-            Landing::Mapped => "read into guest RAM's mapping (streams in parallel)",
-        }
+/// How `page_streams` streams land their pages, for the report.
+pub fn describe_landing(page_streams: usize) -> &'static str {
+    if page_streams > 1 {
+        "page stream 0 spliced into guest RAM's memfd, the others read into its mapping, in parallel"
+    } else {
+        "spliced into guest RAM's memfd"
     }
 }
 
@@ -239,10 +241,11 @@ mod tests {
     #[test]
     fn one_writer_splices_and_several_read_into_the_mapping() {
         use super::{landing, Landing};
-        assert_eq!(landing(0), Landing::Splice);
-        assert_eq!(landing(1), Landing::Splice);
-        assert_eq!(landing(2), Landing::Mapped);
-        assert_eq!(landing(4), Landing::Mapped);
+        assert_eq!(landing(0, 0), Landing::Splice);
+        assert_eq!(landing(0, 1), Landing::Splice);
+        assert_eq!(landing(0, 2), Landing::Splice);
+        assert_eq!(landing(1, 2), Landing::Mapped);
+        assert_eq!(landing(3, 4), Landing::Mapped);
     }
 
     #[test]

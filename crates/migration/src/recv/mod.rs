@@ -480,7 +480,7 @@ fn receive_memory<R: DirectRead, W: Write>(
         .collect::<Result<Vec<_>, _>>()
         .map_err(MigrationError::socket("cloning a page stream's socket"))?;
     let barrier = RoundBarrier::new(streams.len());
-    let landing = policy::landing(streams.len());
+    let count = streams.len();
     std::thread::scope(|sc| {
         let workers: Vec<_> = streams
             .into_iter()
@@ -488,6 +488,7 @@ fn receive_memory<R: DirectRead, W: Write>(
             .map(|(i, c)| {
                 let barrier = &barrier;
                 sc.spawn(move || {
+                    let landing = policy::landing(i, count);
                     let r = streams::page_stream(i, c, dst, barrier, transport, landing);
                     if r.is_err() {
                         barrier.abort();

@@ -458,7 +458,7 @@ impl<'a> PageSender<'a> {
         if !matches!(self.path, PagePath::Direct { .. }) {
             return String::new();
         }
-        let how = policy::landing(self.streams.started).describe();
+        let how = policy::describe_landing(self.streams.started);
         if self.link.is_plain() {
             how.to_string()
         } else {

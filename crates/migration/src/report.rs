@@ -161,6 +161,10 @@ pub struct Report {
     /// zero: from then on they went unread ([`crate::policy::zero_scan_pays`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zero_scan_stopped_after_pages: Option<u64>,
+    /// Pages the copy did not send because the guest had written them since the migration
+    /// began: the first sync round sent them (without deltas, with manual-protect dirty logs).
+    #[serde(default)]
+    pub copy_left_to_sync_pages: u64,
     /// Whether the guest's vCPUs yielded the CPU to the migration until the pause: "off",
     /// "vCPUs at nice N until the pause", or why not.
     #[serde(default)]

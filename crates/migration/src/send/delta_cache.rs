@@ -5,6 +5,7 @@
 //! twice the hot set seen so far, within [`MIN_AUTO`] and a quarter of guest RAM.
 use std::collections::{HashMap, VecDeque};
 
+use super::page_set::PageSet;
 use crate::delta::{self, PAGE};
 use crate::report::DeltaReport;
 
@@ -15,9 +16,8 @@ pub(super) struct DeltaCache {
     pages: HashMap<u64, Box<[u8]>>,
     /// Offsets in the order they entered, for eviction (stale ones are skipped).
     order: VecDeque<u64>,
-    /// Pages the dirty log showed written: one bit per page of guest RAM.
-    hot: Vec<u64>,
-    hot_count: u64,
+    /// Pages the dirty log showed written.
+    hot: PageSet,
     capacity: usize,
     /// Set by `--delta-cache`; otherwise it follows the hot set.
     fixed: bool,
@@ -29,12 +29,10 @@ impl DeltaCache {
     pub fn new(ram_bytes: u64, capacity_bytes: Option<u64>) -> Self {
         let ram_pages = ram_bytes / PAGE as u64;
         let cap = capacity_bytes.unwrap_or(MIN_AUTO.min(ram_bytes / 4)) / PAGE as u64;
-        let words = usize::try_from(ram_pages.div_ceil(64)).unwrap_or(0);
         let mut c = DeltaCache {
             pages: HashMap::new(),
             order: VecDeque::new(),
-            hot: vec![0; words],
-            hot_count: 0,
+            hot: PageSet::new(ram_bytes),
             capacity: usize::try_from(cap).unwrap_or(usize::MAX),
             fixed: capacity_bytes.is_some(),
             ram_pages,
@@ -47,18 +45,10 @@ impl DeltaCache {
     /// The guest wrote these pages (memfd offsets): what is sent of them is kept.
     pub fn mark_hot(&mut self, pages: impl Iterator<Item = u64>) {
         for off in pages {
-            let p = off / PAGE as u64;
-            if p >= self.ram_pages {
-                continue;
-            }
-            let (w, b) = ((p / 64) as usize, p % 64);
-            if self.hot[w] & (1 << b) == 0 {
-                self.hot[w] |= 1 << b;
-                self.hot_count += 1;
-            }
+            self.hot.insert(off);
         }
         if !self.fixed {
-            let want = (2 * self.hot_count)
+            let want = (2 * self.hot.len())
                 .max(MIN_AUTO / PAGE as u64)
                 .min(self.ram_pages / 4);
             self.capacity = self
@@ -70,8 +60,7 @@ impl DeltaCache {
 
     /// Whether the dirty log showed the guest writing this page.
     pub fn is_hot(&self, off: u64) -> bool {
-        let p = off / PAGE as u64;
-        p < self.ram_pages && self.hot[(p / 64) as usize] & (1 << (p % 64)) != 0
+        self.hot.contains(off)
     }
 
     /// `page` goes out at `off`, in a sync round when `resend`. Returns the base hash with the

@@ -8,6 +8,7 @@ mod compress;
 mod dedup;
 mod delta_cache;
 mod link;
+mod page_set;
 mod pages;
 mod streams;
 mod watchdog;
@@ -665,17 +666,18 @@ impl<'a> Session<'a> {
     }
 
     /// During the copy: which pages the guest has written so far (the dirty log read without
-    /// clearing it, so only with manual protect); the delta cache keeps what it sends of them.
+    /// clearing it, so only with manual protect). The delta cache keeps what it sends of them;
+    /// without deltas the copy leaves them to the first sync round, which sends them anyway.
     fn peek_hot(&mut self) -> Result<(), MigrationError> {
-        let Some(cache) = &mut self.sender.delta else {
-            return Ok(());
+        let bitmaps = {
+            let d = locks::lock(&self.dirty);
+            if !d.manual_protect() {
+                return Ok(());
+            }
+            d.fetch()?
         };
-        let d = locks::lock(&self.dirty);
-        if !d.manual_protect() {
-            return Ok(());
-        }
-        for b in d.fetch()? {
-            cache.mark_hot(b.pages());
+        for b in bitmaps {
+            self.sender.written_in_copy(b.pages());
         }
         Ok(())
     }
@@ -896,6 +898,7 @@ impl<'a> Session<'a> {
         r.delta = self.sender.delta.as_ref().map(|c| c.report.clone());
         r.dedup_stopped_after_pages = self.sender.dedup_stopped_after;
         r.zero_scan_stopped_after_pages = self.sender.zero_scan_stopped_after;
+        r.copy_left_to_sync_pages = self.sender.left_to_sync;
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
         // The guest verifies every page it wrote before the destination answers.

@@ -9,6 +9,7 @@ use super::compress::{Compressor, Job};
 use super::dedup::Dedup;
 use super::delta_cache::DeltaCache;
 use super::link::{Link, Outgoing};
+use super::page_set::PageSet;
 use super::streams::Streams;
 use crate::codec::{Choice, Codec, CodecPolicy};
 use crate::policy;
@@ -96,6 +97,13 @@ pub(super) struct PageSender<'a> {
     batch_full: u64,
     /// During the copy: hot pages held back to go last (see [`Self::start_deferring`]).
     deferred: Option<Vec<u64>>,
+    /// The copy is under way.
+    copying: bool,
+    /// Without deltas: pages the dirty log showed written during the copy, which the copy
+    /// leaves to the first sync round (manual protect keeps them in the log until then).
+    written: Option<PageSet>,
+    /// Pages the copy left to the first sync round.
+    pub left_to_sync: u64,
     /// Pages the destination holds by content, for references (unless `--no-dedup`, or once
     /// they stopped paying).
     pub dedup: Option<Dedup>,
@@ -142,6 +150,9 @@ impl<'a> PageSender<'a> {
             resend: false,
             batch_full: 0,
             deferred: None,
+            copying: false,
+            written: None,
+            left_to_sync: 0,
             dedup,
             dedup_stopped_after: None,
             zero_scan: (0, 0),
@@ -150,23 +161,42 @@ impl<'a> PageSender<'a> {
         }
     }
 
-    /// The copy holds back pages the guest is known to write (they will go again in the next
-    /// round anyway) until its end, when more of its writes are known and what is sent of
-    /// them is kept for deltas. Only with deltas.
+    /// The copy begins. Pages the guest is known to write will go again in the next round
+    /// anyway: with deltas the copy holds them back until its end, when more of its writes
+    /// are known and what is sent of them is kept for deltas; without, it leaves them to that
+    /// round.
     pub fn start_deferring(&mut self) {
+        self.copying = true;
         if self.delta.is_some() {
             self.deferred = Some(Vec::new());
+        } else {
+            self.written = Some(PageSet::new(self.ram.size()));
         }
     }
 
     /// The pages held back; from now on nothing is.
     pub fn take_deferred(&mut self) -> Vec<u64> {
+        self.copying = false;
+        self.written = None;
         self.deferred.take().unwrap_or_default()
+    }
+
+    /// During the copy, the dirty log (read without clearing it) showed these pages written.
+    pub fn written_in_copy(&mut self, pages: impl Iterator<Item = u64>) {
+        if let Some(c) = &mut self.delta {
+            c.mark_hot(pages);
+        } else if let Some(w) = &mut self.written {
+            pages.for_each(|off| w.insert(off));
+        }
     }
 
     /// Queues one page (memfd offset); writes the batch when it is full. False: held back
     /// for the end of the copy.
     pub fn page(&mut self, off: u64) -> Result<bool, MigrationError> {
+        if self.copying && self.written.as_ref().is_some_and(|w| w.contains(off)) {
+            self.left_to_sync += 1;
+            return Ok(false);
+        }
         if let (Some(d), Some(c)) = (&mut self.deferred, &self.delta) {
             if c.is_hot(off) {
                 d.push(off);

@@ -107,7 +107,11 @@ fn apply_deltas(pages: &[protocol::PageRef<'_>]) {
     let mut page = vec![0u8; protocol::PAGE];
     for p in pages {
         if let (Some(d), Some(_)) = (p.data, p.base) {
-            let _ = crate::delta::apply(&mut page, d);
+            let _ = if p.replace {
+                crate::delta::apply_replace(&mut page, d)
+            } else {
+                crate::delta::apply(&mut page, d)
+            };
         }
     }
 }

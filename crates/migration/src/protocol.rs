@@ -185,6 +185,13 @@ impl DeltaHead {
             len: U16::new(u16::try_from(len).unwrap_or(u16::MAX)),
         }
     }
+
+    /// A delta of replacement runs ([`crate::delta::apply_replace`]).
+    pub fn replace(base: u64, len: usize) -> Self {
+        let mut h = Self::new(base, len);
+        h.len = U16::new(h.len.get() | crate::delta::REPLACE);
+        h
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -733,6 +740,7 @@ impl<'a> BatchHead<'a> {
         let mut rest = data;
         let mut out = Vec::with_capacity(self.entries.len());
         for e in self.entries {
+            let mut replace = false;
             let (data, base, from) = if e.is_zero() {
                 (None, None, None)
             } else if e.is_ref() {
@@ -758,7 +766,8 @@ impl<'a> BatchHead<'a> {
                 let (h, tail) = DeltaHead::read_from_prefix(rest).map_err(|_| {
                     bad(format!("the delta of page {:#x} is cut short", e.offset()))
                 })?;
-                let len = usize::from(h.len.get());
+                replace = h.len.get() & crate::delta::REPLACE != 0;
+                let len = usize::from(h.len.get() & !crate::delta::REPLACE);
                 if len > crate::delta::MAX_DELTA || tail.len() < len {
                     return Err(bad(format!(
                         "a delta of {len} bytes for page {:#x} ({} left, at most {})",
@@ -780,6 +789,7 @@ impl<'a> BatchHead<'a> {
                 offset: e.offset(),
                 data,
                 base,
+                replace,
                 from,
             });
         }
@@ -798,6 +808,8 @@ pub struct PageRef<'a> {
     pub data: Option<&'a [u8]>,
     /// Some: `data` is a delta against the version of the page with this hash.
     pub base: Option<u64>,
+    /// The delta's runs carry new words ([`crate::delta::REPLACE`]), not old XOR new.
+    pub replace: bool,
     /// Some: the page's content is there already, and `data` is its BLAKE3 hash.
     pub from: Option<RefTo>,
 }
@@ -1708,6 +1720,7 @@ mod tests {
                 offset: 4096,
                 data: None,
                 base: None,
+                replace: false,
                 from: None
             }
         );

@@ -73,7 +73,12 @@ pub struct DeltaReport {
     pub capacity_bytes: u64,
     /// Re-sent pages found in the cache and sent as deltas.
     pub hits: u64,
-    /// Re-sent pages the cache did not hold (sent whole).
+    /// Pages the cache did not hold, sent as the blocks changed since their sketch (or, where
+    /// the destination holds zeros, as their non-zero blocks).
+    #[serde(default)]
+    pub sketch_hits: u64,
+    /// Re-sent pages the cache did not hold and whose sketch showed too much changed (sent
+    /// whole).
     pub misses: u64,
     /// Cached pages that changed too much for a delta (sent whole).
     pub too_different: u64,
@@ -204,8 +209,9 @@ impl Report {
         }
         if let Some(d) = &self.delta {
             s += &format!(
-                "  delta: {} re-sent pages as deltas, {} not cached, {} too changed; {:.1} MiB of pages not sent; cache {} MiB\n",
+                "  delta: {} re-sent pages as deltas against the cache, {} as changed blocks, {} whole (too changed), {} too changed in the cache; {:.1} MiB of pages not sent; cache {} MiB\n",
                 d.hits,
+                d.sketch_hits,
                 d.misses,
                 d.too_different,
                 d.bytes_saved as f64 / (1 << 20) as f64,

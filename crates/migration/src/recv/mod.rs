@@ -773,7 +773,12 @@ fn place_pages(
                     }
                     .into());
                 }
-                crate::delta::apply(&mut page, d).map_err(|why| ProtocolError::Malformed {
+                let apply = if p.replace {
+                    crate::delta::apply_replace
+                } else {
+                    crate::delta::apply
+                };
+                apply(&mut page, d).map_err(|why| ProtocolError::Malformed {
                     kind,
                     why: format!("the delta of page {:#x}: {why}", p.offset),
                 })?;
@@ -1014,6 +1019,48 @@ mod tests {
         // The same delta again is against a version no longer here.
         assert!(place(&payload(delta::base_hash(&old)), &mut stats).is_err());
         assert_eq!(page(), new);
+    }
+
+    /// Replacement runs (a source that kept only a sketch of the page) are held to the same
+    /// base check, and replace exactly the blocks they carry.
+    #[test]
+    fn replaced_blocks_apply_only_to_the_version_they_were_computed_against() {
+        use crate::delta::{self, Sketch};
+        use crate::protocol::{decode, DeltaHead, Frame, PageBatch};
+        use zerocopy::IntoBytes;
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let old: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        ram.write_at(8192, &old).unwrap();
+        let mut new = old.clone();
+        new[1000] ^= 0x55;
+        let mut enc = Vec::new();
+        assert!(Sketch::of(&old, 3).encode(&Sketch::of(&new, 3), &new, &mut enc));
+        let mut b = PageBatch::default();
+        b.push_delta(8192);
+        let payload = |base: u64| {
+            let mut p = b.head();
+            p.extend_from_slice(DeltaHead::replace(base, enc.len()).as_bytes());
+            p.extend_from_slice(&enc);
+            p
+        };
+        let place = |p: &[u8], stats: &mut ReceiveStats| match decode(Kind::Pages, p).unwrap() {
+            Frame::Pages { head, data } => {
+                place_batch(Dest::ram(&ram), &head, data, Kind::Pages, stats)
+            }
+            f => panic!("{:?}", f.kind()),
+        };
+        let page = || {
+            let mut got = vec![0u8; 4096];
+            ram.read_at(8192, &mut got).unwrap();
+            got
+        };
+        let mut stats = ReceiveStats::default();
+        assert!(place(&payload(delta::base_hash(&new)), &mut stats).is_err());
+        assert_eq!(page(), old);
+        place(&payload(delta::base_hash(&old)), &mut stats).unwrap();
+        assert_eq!(page(), new);
+        // Read as XOR runs the same bytes would not give `new`: the flag matters.
+        assert_ne!(enc.len(), 0);
     }
 
     #[test]

@@ -31,6 +31,19 @@ impl PageSet {
         }
     }
 
+    /// Takes the page at `off` out.
+    pub fn remove(&mut self, off: u64) {
+        let p = off / PAGE_SIZE;
+        if p >= self.pages {
+            return;
+        }
+        let (w, b) = ((p / 64) as usize, p % 64);
+        if self.bits[w] & (1 << b) != 0 {
+            self.bits[w] &= !(1 << b);
+            self.len -= 1;
+        }
+    }
+
     pub fn contains(&self, off: u64) -> bool {
         let p = off / PAGE_SIZE;
         p < self.pages && self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0
@@ -56,5 +69,9 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert!(s.contains(0) && s.contains(4096) && !s.contains(8192));
         assert!(!s.contains(1 << 20));
+        s.remove(0);
+        s.remove(0);
+        assert_eq!(s.len(), 1);
+        assert!(!s.contains(0));
     }
 }

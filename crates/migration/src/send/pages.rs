@@ -276,11 +276,15 @@ impl<'a> PageSender<'a> {
             .delta
             .as_mut()
             .and_then(|c| c.encode(off, &self.data[start..], &mut self.delta_buf, self.resend));
-        if let Some(base) = delta {
+        if let Some(d) = delta {
             self.forget_content(off);
             self.data.truncate(start);
-            self.data
-                .extend_from_slice(DeltaHead::new(base, self.delta_buf.len()).as_bytes());
+            let head = if d.replace {
+                DeltaHead::replace(d.base, self.delta_buf.len())
+            } else {
+                DeltaHead::new(d.base, self.delta_buf.len())
+            };
+            self.data.extend_from_slice(head.as_bytes());
             self.data.extend_from_slice(&self.delta_buf);
             return Ok(Placed::Delta);
         }

@@ -68,12 +68,19 @@ pub fn sample(
     let extents = data_extents(ram.backing_file(), ram.size()).map_err(MigrationError::Extents)?;
     let touched: u64 = extents.iter().map(|(s, e)| e - s).sum();
     let (zero_fraction, compress_ratio) = content(&ram, &extents, touched)?;
-    let fingerprint = if fingerprint {
-        content_keys(&ram, &extents)?
-    } else {
-        Vec::new()
-    };
-    let d = dirtying(&dirty, window)?;
+    // The fingerprint reads every touched page: while the window waits for the guest to
+    // write, not after it.
+    let (fingerprint, d) = std::thread::scope(|sc| {
+        let keys = fingerprint.then(|| sc.spawn(|| content_keys(&ram, &extents)));
+        let d = dirtying(&dirty, window);
+        let keys = match keys {
+            // A panic there is this thread's to carry on.
+            Some(k) => k.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            None => Ok(Vec::new()),
+        };
+        (keys, d)
+    });
+    let (fingerprint, d) = (fingerprint?, d?);
     Ok(VmSample {
         memory_bytes: memory,
         touched_bytes: touched,

@@ -10,7 +10,7 @@
 //! [`REPLACE`] bit of the delta's length): the same runs, carrying the new words. It knows
 //! which parts changed from a sketch of what it sent ([`Sketch`]): a keyed hash per 256-byte
 //! block.
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_secret};
 
 /// Bytes of a page.
 pub const PAGE: usize = 4096;
@@ -102,6 +102,23 @@ const BLOCK: usize = 256;
 /// Blocks of a page.
 pub const BLOCKS: usize = PAGE / BLOCK;
 
+/// The secret block hashes are keyed with: random per migration (xxh3 takes it as its
+/// secret, so nothing is derived per call).
+pub type SketchKey = [u8; 192];
+
+/// A fresh random [`SketchKey`].
+pub fn sketch_key() -> SketchKey {
+    use std::hash::{BuildHasher, Hasher};
+    let mut key = [0u8; 192];
+    for (i, chunk) in key.chunks_exact_mut(8).enumerate() {
+        // std's hasher keys come from the OS's random source, fresh per RandomState.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(i);
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    key
+}
+
 /// What the source keeps of a page it sent, instead of the page: its [`base_hash`] and a hash
 /// of each block, keyed by a per-migration secret so a guest cannot aim for a collision (a
 /// collision would keep its own old block). 136 bytes against 4096.
@@ -112,10 +129,10 @@ pub struct Sketch {
 }
 
 impl Sketch {
-    pub fn of(page: &[u8], key: u64) -> Self {
+    pub fn of(page: &[u8], key: &SketchKey) -> Self {
         let mut blocks = [0u64; BLOCKS];
         for (b, chunk) in blocks.iter_mut().zip(page.chunks_exact(BLOCK)) {
-            *b = xxh3_64_with_seed(chunk, key);
+            *b = xxh3_64_with_secret(chunk, key);
         }
         Sketch {
             base: base_hash(page),
@@ -197,7 +214,9 @@ mod tests {
         new[8] ^= 1;
         new[300] ^= 1;
         new[4095] ^= 1;
-        let (was, now) = (Sketch::of(&old, 7), Sketch::of(&new, 7));
+        let (k, other) = (sketch_key(), sketch_key());
+        assert_ne!(k, other);
+        let (was, now) = (Sketch::of(&old, &k), Sketch::of(&new, &k));
         assert_eq!(was.base, base_hash(&old));
         let mut d = Vec::new();
         assert!(was.encode(&now, &new, &mut d));
@@ -208,9 +227,9 @@ mod tests {
         assert_eq!(got, new);
         // Unchanged: nothing to send; everything changed: too large.
         assert!(was.encode(&was, &old, &mut d) && d.is_empty());
-        assert!(!was.encode(&Sketch::of(&page(2), 7), &page(2), &mut d));
+        assert!(!was.encode(&Sketch::of(&page(2), &k), &page(2), &mut d));
         // Another key, other hashes.
-        assert_ne!(Sketch::of(&old, 8).blocks, was.blocks);
+        assert_ne!(Sketch::of(&old, &other).blocks, was.blocks);
         // Replacement runs are checked like XOR runs.
         assert!(apply_replace(&mut got, &[0, 0, 0, 2]).is_err());
         assert!(apply_replace(&mut got, &[0, 0, 1, 0]).is_err());

@@ -27,7 +27,7 @@ pub struct ZeroCopy<'a> {
     /// The kernel copied the first sends (the peer is on this host: loopback, veth): from
     /// then on the data goes by sendfile(2) from guest RAM's file, whose page-cache pages the
     /// kernel delivers locally without a copy (zero-copy pages it copies on delivery, with
-    /// completion work on top).
+    /// completion work on top); the rest of the batch it decided in goes as plain sends.
     plain: bool,
 }
 

@@ -1034,7 +1034,8 @@ mod tests {
         let mut new = old.clone();
         new[1000] ^= 0x55;
         let mut enc = Vec::new();
-        assert!(Sketch::of(&old, 3).encode(&Sketch::of(&new, 3), &new, &mut enc));
+        let k = delta::sketch_key();
+        assert!(Sketch::of(&old, &k).encode(&Sketch::of(&new, &k), &new, &mut enc));
         let mut b = PageBatch::default();
         b.push_delta(8192);
         let payload = |base: u64| {

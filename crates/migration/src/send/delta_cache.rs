@@ -41,7 +41,7 @@ pub(super) struct Delta {
 /// A sketch of every page sent and not since forgotten, by page: virtual memory of 136 bytes
 /// per page of guest RAM, touched (and so backed) only where pages were sent.
 struct Sketches {
-    key: u64,
+    key: delta::SketchKey,
     /// The sketch of a zero page: what the destination holds where no sketch is (pages never
     /// sent, or sent as zeros).
     zero: Sketch,
@@ -55,10 +55,10 @@ const STRIDE: usize = BLOCKS + 1;
 impl Sketches {
     fn new(ram_bytes: u64) -> Self {
         let pages = usize::try_from(ram_bytes / PAGE as u64).unwrap_or(0);
-        let key = crate::send::session_id();
+        let key = delta::sketch_key();
         Sketches {
+            zero: Sketch::of(&[0u8; PAGE], &key),
             key,
-            zero: Sketch::of(&[0u8; PAGE], key),
             present: PageSet::new(ram_bytes),
             words: vec![0; pages * STRIDE],
         }
@@ -143,7 +143,7 @@ impl DeltaCache {
         out: &mut Vec<u8>,
         resend: bool,
     ) -> Option<Delta> {
-        let now = Sketch::of(page, self.sketches.key);
+        let now = Sketch::of(page, &self.sketches.key);
         let was = self.sketches.replace(off, &now);
         if let Some(old) = self.pages.get_mut(&off) {
             let base = delta::base_hash(old);

@@ -427,8 +427,8 @@ fn connect_streams(
 }
 
 /// Undoes what a failed migration changed on the source: dirty logging off, throttle off,
-/// vCPU priority back, VM running again. Disarmed once the last frame is out: from then the VM may be running on the
-/// destination, and the source must not resume on its own.
+/// vCPU priority back, VM running again. Disarmed once the last frame is out: from then the VM
+/// may be running on the destination, and the source must not resume on its own.
 struct SourceGuard<'a> {
     vm: &'a Mutex<Vm>,
     dirty: Arc<Mutex<DirtyLog>>,
@@ -457,9 +457,7 @@ impl<'a> SourceGuard<'a> {
             },
         })
     }
-}
 
-impl SourceGuard<'_> {
     /// Lets the guest's vCPUs yield the CPU to this migration's threads, if `wanted`; says
     /// what was done, for the report.
     fn yield_vcpus(&mut self, wanted: bool) -> String {

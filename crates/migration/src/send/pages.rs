@@ -97,9 +97,7 @@ pub(super) struct PageSender<'a> {
     batch_full: u64,
     /// During the copy: hot pages held back to go last (see [`Self::start_deferring`]).
     deferred: Option<Vec<u64>>,
-    /// The copy is under way.
-    copying: bool,
-    /// Without deltas: pages the dirty log showed written during the copy, which the copy
+    /// During a copy without deltas: pages the dirty log showed written, which the copy
     /// leaves to the first sync round (manual protect keeps them in the log until then).
     written: Option<PageSet>,
     /// Pages the copy left to the first sync round.
@@ -150,7 +148,6 @@ impl<'a> PageSender<'a> {
             resend: false,
             batch_full: 0,
             deferred: None,
-            copying: false,
             written: None,
             left_to_sync: 0,
             dedup,
@@ -166,7 +163,6 @@ impl<'a> PageSender<'a> {
     /// are known and what is sent of them is kept for deltas; without, it leaves them to that
     /// round.
     pub fn start_deferring(&mut self) {
-        self.copying = true;
         if self.delta.is_some() {
             self.deferred = Some(Vec::new());
         } else {
@@ -176,7 +172,6 @@ impl<'a> PageSender<'a> {
 
     /// The pages held back; from now on nothing is.
     pub fn take_deferred(&mut self) -> Vec<u64> {
-        self.copying = false;
         self.written = None;
         self.deferred.take().unwrap_or_default()
     }
@@ -193,7 +188,7 @@ impl<'a> PageSender<'a> {
     /// Queues one page (memfd offset); writes the batch when it is full. False: held back
     /// for the end of the copy.
     pub fn page(&mut self, off: u64) -> Result<bool, MigrationError> {
-        if self.copying && self.written.as_ref().is_some_and(|w| w.contains(off)) {
+        if self.written.as_ref().is_some_and(|w| w.contains(off)) {
             self.left_to_sync += 1;
             return Ok(false);
         }

@@ -976,11 +976,40 @@ mod tests {
         assert_eq!(stats.ref_pages, 1);
     }
 
+    /// Places a batch of one delta page at `off`: `head` (base, and how the runs apply), then
+    /// `enc`.
+    fn place_delta(
+        ram: &GuestRam,
+        off: u64,
+        head: crate::protocol::DeltaHead,
+        enc: &[u8],
+        stats: &mut ReceiveStats,
+    ) -> Result<(), MigrationError> {
+        use crate::protocol::{decode, Frame, PageBatch};
+        use zerocopy::IntoBytes;
+        let mut b = PageBatch::default();
+        b.push_delta(off);
+        let mut p = b.head();
+        p.extend_from_slice(head.as_bytes());
+        p.extend_from_slice(enc);
+        match decode(Kind::Pages, &p).unwrap() {
+            Frame::Pages { head, data } => {
+                place_batch(Dest::ram(ram), &head, data, Kind::Pages, stats)
+            }
+            f => panic!("{:?}", f.kind()),
+        }
+    }
+
+    fn page_at(ram: &GuestRam, off: u64) -> Vec<u8> {
+        let mut got = vec![0u8; 4096];
+        ram.read_at(off, &mut got).unwrap();
+        got
+    }
+
     #[test]
     fn a_delta_applies_only_to_the_version_it_was_computed_against() {
         use crate::delta;
-        use crate::protocol::{decode, DeltaHead, Frame, PageBatch};
-        use zerocopy::IntoBytes;
+        use crate::protocol::DeltaHead;
         let ram = GuestRam::new(64 << 20).unwrap();
         let old = vec![5u8; 4096];
         ram.write_at(4096, &old).unwrap();
@@ -988,37 +1017,20 @@ mod tests {
         new[0] = 6;
         let mut enc = Vec::new();
         assert!(delta::encode(&old, &new, &mut enc));
-        let mut b = PageBatch::default();
-        b.push_delta(4096);
-        let payload = |base: u64| {
-            let mut p = b.head();
-            p.extend_from_slice(DeltaHead::new(base, enc.len()).as_bytes());
-            p.extend_from_slice(&enc);
-            p
-        };
-        let place = |p: &[u8], stats: &mut ReceiveStats| match decode(Kind::Pages, p).unwrap() {
-            Frame::Pages { head, data } => {
-                place_batch(Dest::ram(&ram), &head, data, Kind::Pages, stats)
-            }
-            f => panic!("{:?}", f.kind()),
-        };
-        let page = || {
-            let mut got = vec![0u8; 4096];
-            ram.read_at(4096, &mut got).unwrap();
-            got
-        };
+        let head = |base: u64| DeltaHead::new(base, enc.len());
         let mut stats = ReceiveStats::default();
         // Against another version (a hostile or confused source): refused, nothing placed.
-        let e = place(&payload(delta::base_hash(&[9u8; 4096])), &mut stats).unwrap_err();
+        let hostile = head(delta::base_hash(&[9u8; 4096]));
+        let e = place_delta(&ram, 4096, hostile, &enc, &mut stats).unwrap_err();
         assert!(e.to_string().contains("refused"), "{e}");
-        assert_eq!(page(), old);
+        assert_eq!(page_at(&ram, 4096), old);
         // Against what is here: applied.
-        place(&payload(delta::base_hash(&old)), &mut stats).unwrap();
-        assert_eq!(page(), new);
+        place_delta(&ram, 4096, head(delta::base_hash(&old)), &enc, &mut stats).unwrap();
+        assert_eq!(page_at(&ram, 4096), new);
         assert_eq!(stats.delta_pages, 1);
         // The same delta again is against a version no longer here.
-        assert!(place(&payload(delta::base_hash(&old)), &mut stats).is_err());
-        assert_eq!(page(), new);
+        assert!(place_delta(&ram, 4096, head(delta::base_hash(&old)), &enc, &mut stats).is_err());
+        assert_eq!(page_at(&ram, 4096), new);
     }
 
     /// Replacement runs (a source that kept only a sketch of the page) are held to the same
@@ -1026,8 +1038,7 @@ mod tests {
     #[test]
     fn replaced_blocks_apply_only_to_the_version_they_were_computed_against() {
         use crate::delta::{self, Sketch};
-        use crate::protocol::{decode, DeltaHead, Frame, PageBatch};
-        use zerocopy::IntoBytes;
+        use crate::protocol::DeltaHead;
         let ram = GuestRam::new(64 << 20).unwrap();
         let old: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         ram.write_at(8192, &old).unwrap();
@@ -1036,32 +1047,13 @@ mod tests {
         let mut enc = Vec::new();
         let k = delta::sketch_key();
         assert!(Sketch::of(&old, &k).encode(&Sketch::of(&new, &k), &new, &mut enc));
-        let mut b = PageBatch::default();
-        b.push_delta(8192);
-        let payload = |base: u64| {
-            let mut p = b.head();
-            p.extend_from_slice(DeltaHead::replace(base, enc.len()).as_bytes());
-            p.extend_from_slice(&enc);
-            p
-        };
-        let place = |p: &[u8], stats: &mut ReceiveStats| match decode(Kind::Pages, p).unwrap() {
-            Frame::Pages { head, data } => {
-                place_batch(Dest::ram(&ram), &head, data, Kind::Pages, stats)
-            }
-            f => panic!("{:?}", f.kind()),
-        };
-        let page = || {
-            let mut got = vec![0u8; 4096];
-            ram.read_at(8192, &mut got).unwrap();
-            got
-        };
+        let head = |base: u64| DeltaHead::replace(base, enc.len());
         let mut stats = ReceiveStats::default();
-        assert!(place(&payload(delta::base_hash(&new)), &mut stats).is_err());
-        assert_eq!(page(), old);
-        place(&payload(delta::base_hash(&old)), &mut stats).unwrap();
-        assert_eq!(page(), new);
-        // Read as XOR runs the same bytes would not give `new`: the flag matters.
-        assert_ne!(enc.len(), 0);
+        assert!(place_delta(&ram, 8192, head(delta::base_hash(&new)), &enc, &mut stats).is_err());
+        assert_eq!(page_at(&ram, 8192), old);
+        place_delta(&ram, 8192, head(delta::base_hash(&old)), &enc, &mut stats).unwrap();
+        assert_eq!(page_at(&ram, 8192), new);
+        assert_eq!(stats.delta_pages, 1);
     }
 
     #[test]

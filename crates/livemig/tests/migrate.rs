@@ -663,8 +663,8 @@ fn vcpu_nice(pid: u32) -> Vec<i64> {
     out
 }
 
-/// A migration lets the vCPUs yield the CPU to it, and they get their priority back when it
-/// fails; `--no-vcpu-yield` leaves them alone.
+/// A migration lets the vCPUs yield the CPU to it (its report says so), and they get their
+/// priority back when it fails.
 #[test]
 fn kvm_vcpus_yield_to_their_migration_and_get_their_priority_back() {
     if !kvm_or_skip("kvm_vcpus_yield_to_their_migration_and_get_their_priority_back") {

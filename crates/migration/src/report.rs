@@ -170,6 +170,11 @@ pub struct Report {
     /// began: the first sync round sent them (without deltas, with manual-protect dirty logs).
     #[serde(default)]
     pub copy_left_to_sync_pages: u64,
+    /// Direct pages that went copied rather than straight from guest RAM: those of batches
+    /// too scattered for a sendfile and a splice per run to pay
+    /// ([`crate::policy::copy_scattered`]), mostly sync rounds.
+    #[serde(default)]
+    pub direct_copied_pages: u64,
     /// Whether the guest's vCPUs yielded the CPU to the migration until the pause: "off",
     /// "vCPUs at nice N until the pause", or why not.
     #[serde(default)]
@@ -274,6 +279,12 @@ impl Report {
         s += &format!("  channel: {}", self.tls);
         if let Some(d) = &self.direct_send {
             s += &format!("; direct pages: {d}");
+            if self.direct_copied_pages > 0 {
+                s += &format!(
+                    " ({} scattered pages copied, in batches)",
+                    self.direct_copied_pages
+                );
+            }
         }
         if let Some(d) = &self.direct_recv {
             s += &format!(", {d}");

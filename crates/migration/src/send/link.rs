@@ -152,7 +152,7 @@ impl<'a> Link<'a> {
 }
 
 /// Runs of consecutive page offsets: (first, pages).
-fn consecutive(pages: &[u64]) -> Vec<(u64, usize)> {
+pub(super) fn consecutive(pages: &[u64]) -> Vec<(u64, usize)> {
     let mut out: Vec<(u64, usize)> = Vec::new();
     for &o in pages {
         match out.last_mut() {

@@ -897,6 +897,7 @@ impl<'a> Session<'a> {
         r.dedup_stopped_after_pages = self.sender.dedup_stopped_after;
         r.zero_scan_stopped_after_pages = self.sender.zero_scan_stopped_after;
         r.copy_left_to_sync_pages = self.sender.left_to_sync;
+        r.direct_copied_pages = self.sender.direct_copied;
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
         // The guest verifies every page it wrote before the destination answers.

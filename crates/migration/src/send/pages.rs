@@ -8,7 +8,7 @@ use vmm::memory::{is_zero, GuestRam, PAGE_SIZE};
 use super::compress::{Compressor, Job};
 use super::dedup::Dedup;
 use super::delta_cache::DeltaCache;
-use super::link::{Link, Outgoing};
+use super::link::{consecutive, Link, Outgoing};
 use super::page_set::PageSet;
 use super::streams::Streams;
 use crate::codec::{Choice, Codec, CodecPolicy};
@@ -111,6 +111,8 @@ pub(super) struct PageSender<'a> {
     zero_scan: (u64, u64),
     /// Direct pages read when looking for zero pages stopped paying.
     pub zero_scan_stopped_after: Option<u64>,
+    /// Direct pages that went copied, in scattered batches ([`policy::copy_scattered`]).
+    pub direct_copied: u64,
     /// Batches built so far: the id of the next.
     batches: u64,
 }
@@ -150,6 +152,7 @@ impl<'a> PageSender<'a> {
             deferred: None,
             written: None,
             left_to_sync: 0,
+            direct_copied: 0,
             dedup,
             dedup_stopped_after: None,
             zero_scan: (0, 0),
@@ -359,9 +362,15 @@ impl<'a> PageSender<'a> {
         let out = match &mut self.path {
             PagePath::Direct { pages } => {
                 self.pages.normal += pages.len() as u64;
-                Outgoing::Direct {
-                    head,
-                    pages: std::mem::take(pages),
+                let pages = std::mem::take(pages);
+                if policy::copy_scattered(pages.len(), consecutive(&pages).len()) {
+                    self.direct_copied += pages.len() as u64;
+                    Outgoing::Pages {
+                        head,
+                        data: read_pages(&self.ram, &pages, data)?,
+                    }
+                } else {
+                    Outgoing::Direct { head, pages }
                 }
             }
             PagePath::Copy => {
@@ -571,4 +580,14 @@ fn encoded(job: Job, workers: &mut Compressor, pages: &mut PageCounts) -> Outgoi
         head: job.head,
         data: job.out,
     }
+}
+
+/// The data of `pages`, read from guest RAM into `data` (emptied first), in batch order.
+fn read_pages(ram: &GuestRam, pages: &[u64], mut data: Vec<u8>) -> Result<Vec<u8>, MigrationError> {
+    data.clear();
+    data.resize(pages.len() * PAGE, 0);
+    for (&off, page) in pages.iter().zip(data.chunks_exact_mut(PAGE)) {
+        ram.read_at(off, page)?;
+    }
+    Ok(data)
 }

@@ -74,7 +74,7 @@ pub fn payload(data: &[u8]) {
     let Some((&k, payload)) = data.split_first() else {
         return;
     };
-    let kind = match k % 11 {
+    let kind = match k % 12 {
         0 => Kind::Config,
         1 => Kind::Ready,
         2 => Kind::Pages,
@@ -85,17 +85,21 @@ pub fn payload(data: &[u8]) {
         7 => Kind::Verified,
         8 => Kind::Abort,
         9 => Kind::PagesCompressed,
+        10 => Kind::Extents,
         _ => Kind::PagesDirect,
     };
     let Ok(frame) = decode(kind, payload) else {
         return;
     };
-    let state = ReceiveMigrationState::ReceivingMemory {
-        vm: vmm::VmConfig {
-            memory: LIMIT,
-            vcpus: 1,
-        },
-        rounds: 0,
+    let vm = vmm::VmConfig {
+        memory: LIMIT,
+        vcpus: 1,
+    };
+    // Extents come first, before any page.
+    let state = if matches!(frame, Frame::Extents(_)) {
+        ReceiveMigrationState::AwaitingExtents { vm }
+    } else {
+        ReceiveMigrationState::ReceivingMemory { vm, rounds: 0 }
     };
     if let Ok((_, step)) = state.next(frame) {
         exercise(step);
@@ -136,6 +140,9 @@ fn exercise(step: Step<'_>) -> Option<usize> {
             if entries.iter().all(|e| e.offset() < LIMIT) {
                 return Some(entries.iter().filter(|e| !e.is_zero()).count() * protocol::PAGE);
             }
+        }
+        Step::Extents(e) => {
+            let _ = crate::recv::check_extents(&e, LIMIT);
         }
         Step::Prepare(_) | Step::RoundEnd(_) | Step::Nothing => {}
     }

@@ -18,7 +18,7 @@ use crate::codec::Codec;
 pub const MAGIC: [u8; 4] = *b"LVMG";
 const DATA_MAGIC: [u8; 4] = *b"LVMD";
 const PROBE_MAGIC: [u8; 4] = *b"LVMP";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HELLO_LEN: usize = std::mem::size_of::<HelloWire>();
 pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
 pub const PAGE: usize = 4096;
@@ -86,6 +86,14 @@ struct CompressedHeader {
 struct RoundEndWire {
     round: U32,
     pages: U64,
+}
+
+/// One extent of an Extents frame: memfd offsets `[start, end)`.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct ExtentWire {
+    start: U64,
+    end: U64,
 }
 
 /// One entry of a batch head: a page's memfd offset, with flags in its low bits.
@@ -283,6 +291,10 @@ pub enum Kind {
     /// pauses only once the destination has caught up (what it still had to place would
     /// otherwise be in the downtime).
     RoundDone = 14,
+    /// src→dst, first after Ready: the RAM the copy will send, as memfd ranges `[start, end)`
+    /// ([`ExtentWire`], at most [`MAX_EXTENTS`]), which the destination may allocate ahead of
+    /// the pages. Not in the Config, so the source looks for them while the destination builds.
+    Extents = 15,
 }
 
 impl Kind {
@@ -302,6 +314,7 @@ impl Kind {
             12 => Kind::Redirect,
             13 => Kind::CacheKeys,
             14 => Kind::RoundDone,
+            15 => Kind::Extents,
             _ => return None,
         })
     }
@@ -320,6 +333,7 @@ impl Kind {
             Kind::CacheKeys => {
                 crate::host_cache::MAX_CACHE_PAGES as usize * crate::host_cache::KEY_LEN
             }
+            Kind::Extents => MAX_EXTENTS * std::mem::size_of::<ExtentWire>(),
         }
     }
 }
@@ -334,7 +348,7 @@ pub enum ProtocolError {
     Closed,
     /// bad magic {0:02x?}: the peer is not livemig
     BadMagic([u8; 4]),
-    /// protocol version {theirs} is not supported (this livemig speaks 1)
+    /// protocol version {theirs} is not supported (this livemig speaks 2)
     Version { theirs: u16 },
     /// transport {0} is not supported by the destination
     TransportUnsupported(u8),
@@ -583,13 +597,9 @@ pub struct Prepare {
     /// The destination host's page cache this migration may use (the drain's id for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cache: Option<u64>,
-    /// The RAM the copy will send, as memfd ranges `[start, end)` (at most [`MAX_EXTENTS`]):
-    /// the destination allocates them ahead of the pages.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub extents: Vec<(u64, u64)>,
 }
 
-/// Most extents a Prepare announces (nearby ones are merged to fit).
+/// Most extents an Extents frame announces (nearby ones are merged to fit).
 pub const MAX_EXTENTS: usize = 512;
 
 /// `extents` (ascending, disjoint) merged across their smallest gaps until at most `max`
@@ -845,6 +855,9 @@ pub enum Frame<'a> {
     /// bytes each.
     CacheKeys(&'a [u8]),
     RoundDone(RoundEnd),
+    /// The RAM the copy will send: memfd ranges `[start, end)`, as the source says (the
+    /// receiver checks them against guest RAM).
+    Extents(Vec<(u64, u64)>),
 }
 
 impl Frame<'_> {
@@ -863,6 +876,7 @@ impl Frame<'_> {
             Frame::Redirect(_) => Kind::Redirect,
             Frame::CacheKeys(_) => Kind::CacheKeys,
             Frame::RoundDone(_) => Kind::RoundDone,
+            Frame::Extents(_) => Kind::Extents,
         }
     }
 }
@@ -915,6 +929,14 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
             }
             Frame::CacheKeys(payload)
         }
+        // The length is within the kind's limit already, so this allocates at most that.
+        Kind::Extents => Frame::Extents(
+            <[ExtentWire]>::ref_from_bytes(payload)
+                .map_err(|_| bad(format!("{} bytes is not a list of extents", payload.len())))?
+                .iter()
+                .map(|e| (e.start.get(), e.end.get()))
+                .collect(),
+        ),
         Kind::Abort => {
             return Err(ProtocolError::PeerAborted(
                 String::from_utf8_lossy(payload).into_owned(),
@@ -1085,6 +1107,18 @@ impl<W: Write> FrameWriter<W> {
         keys: &[[u8; crate::host_cache::KEY_LEN]],
     ) -> Result<(), ProtocolError> {
         self.send(Kind::CacheKeys, keys.as_flattened())
+    }
+
+    /// An Extents frame; more than [`MAX_EXTENTS`] are merged across their smallest gaps.
+    pub fn send_extents(&mut self, extents: &[(u64, u64)]) -> Result<(), ProtocolError> {
+        let wire: Vec<ExtentWire> = coalesce(extents, MAX_EXTENTS)
+            .into_iter()
+            .map(|(start, end)| ExtentWire {
+                start: U64::new(start),
+                end: U64::new(end),
+            })
+            .collect();
+        self.send(Kind::Extents, wire.as_bytes())
     }
 
     pub fn send_redirect(&mut self, r: &Redirect) -> Result<(), ProtocolError> {
@@ -1449,10 +1483,10 @@ mod tests {
             session: 0xfeed,
             name: Some("web-1".into()),
             origin: None,
-            extents: vec![(0, 8192), (1 << 20, 2 << 20)],
             host_cache: None,
         };
         w.send_config(&prep).unwrap();
+        w.send_extents(&[(0, 8192), (1 << 20, 2 << 20)]).unwrap();
         w.send_redirect(&Redirect { port: 7001 }).unwrap();
         w.send_round_end(RoundEnd {
             round: 7,
@@ -1478,6 +1512,10 @@ mod tests {
                 assert_eq!((p.streams, p.session, p.vm.vcpus), (3, 0xfeed, 2));
                 assert_eq!(p.name.as_deref(), Some("web-1"));
             }
+            f => panic!("{:?}", f.kind()),
+        }
+        match r.next_frame().unwrap() {
+            Frame::Extents(e) => assert_eq!(e, vec![(0, 8192), (1 << 20, 2 << 20)]),
             f => panic!("{:?}", f.kind()),
         }
         match r.next_frame().unwrap() {
@@ -1529,6 +1567,31 @@ mod tests {
         // Keys are whole or the frame is malformed.
         let bad = frames(&[(Kind::CacheKeys, vec![0; 17])]);
         assert!(FrameReader::new(Cursor::new(bad)).next_frame().is_err());
+        // Extents are whole, and no more than the limit (merged to fit when sent).
+        let bad = frames(&[(Kind::Extents, vec![0; 24])]);
+        assert!(matches!(
+            FrameReader::new(Cursor::new(bad)).next_frame(),
+            Err(ProtocolError::Malformed {
+                kind: Kind::Extents,
+                ..
+            })
+        ));
+        assert!(matches!(
+            FrameWriter::new(Vec::new()).send(Kind::Extents, &vec![0; (MAX_EXTENTS + 1) * 16]),
+            Err(ProtocolError::Oversized {
+                kind: Kind::Extents,
+                ..
+            })
+        ));
+        let many: Vec<(u64, u64)> = (0..2 * MAX_EXTENTS as u64)
+            .map(|i| (i * 8192, i * 8192 + 4096))
+            .collect();
+        let mut w = FrameWriter::new(Vec::new());
+        w.send_extents(&many).unwrap();
+        match FrameReader::new(Cursor::new(w.inner().clone())).next_frame() {
+            Ok(Frame::Extents(e)) => assert_eq!(e.len(), MAX_EXTENTS),
+            f => panic!("{f:?}"),
+        }
     }
 
     #[test]
@@ -1641,11 +1704,11 @@ mod tests {
         read_hello_reply(&mut Cursor::new(reply), &ours).unwrap();
 
         let mut v2 = hello.clone();
-        v2[4] = 2;
+        v2[4] = 3;
         let mut reply = Vec::new();
         assert!(matches!(
             accept_hello(&mut Cursor::new(v2), &mut reply),
-            Err(ProtocolError::Version { theirs: 2 })
+            Err(ProtocolError::Version { theirs: 3 })
         ));
         assert!(matches!(
             read_hello_reply(&mut Cursor::new(reply), &ours),

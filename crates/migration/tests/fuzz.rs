@@ -100,7 +100,6 @@ fn traffic() -> Vec<Vec<u8>> {
         session: 9,
         name: Some("db".into()),
         origin: Some("host-a".into()),
-        extents: vec![(0, 1 << 20), (2 << 20, 3 << 20)],
         host_cache: None,
     })
     .unwrap();
@@ -128,6 +127,7 @@ fn traffic() -> Vec<Vec<u8>> {
     }
     w.send_direct_head(&head, data.len()).unwrap();
     w.write_raw(&data).unwrap();
+    w.send_extents(&[(0, 1 << 20), (2 << 20, 3 << 20)]).unwrap();
     w.send_round_end(RoundEnd { round: 0, pages: 3 }).unwrap();
     w.send(Kind::State, &state_json()).unwrap();
     w.send(Kind::Done, &[]).unwrap();

@@ -170,12 +170,12 @@ fn check_config(p: &Prepare) -> Result<(), ProtocolError> {
             protocol::MAX_STREAMS
         )));
     }
-    check_extents(&p.extents, c.memory).map_err(bad)
+    Ok(())
 }
 
 /// The announced extents: at most [`protocol::MAX_EXTENTS`], ascending, disjoint, non-empty
 /// and within guest RAM.
-fn check_extents(extents: &[(u64, u64)], memory: u64) -> Result<(), String> {
+pub(crate) fn check_extents(extents: &[(u64, u64)], memory: u64) -> Result<(), String> {
     if extents.len() > protocol::MAX_EXTENTS {
         return Err(format!(
             "{} extents, the limit is {}",
@@ -343,7 +343,6 @@ impl Incoming {
             build_ms = t_build.elapsed().as_millis(),
             "prepare here: Config taken, VM built"
         );
-        let populate = populate::Populate::start(prepared.ram(), &prep.extents);
         if watchdog.disarm() {
             return Err(MigrationError::TimedOut {
                 secs: (opts.handshake_timeout + opts.stream_accept_timeout).as_secs_f64(),
@@ -380,12 +379,6 @@ impl Incoming {
         )?;
         let t_done = Instant::now();
         stats.cached_pages = cache.as_ref().map_or(0, |c| c.added());
-        if let Some(p) = populate {
-            tracing::debug!(
-                "allocated {} MiB of guest RAM ahead of its pages",
-                p.finish() >> 20
-            );
-        }
 
         // Everything is here: load the state paused, confirm, then run.
         let mut vm = prepared.finish(&vm_state, &opts.console, true)?;
@@ -540,6 +533,7 @@ fn control_loop<R: DirectRead, W: Write>(
     let mut stats = ReceiveStats::default();
     let mut scratch = Vec::new();
     let mut rounds = 0;
+    let mut populate = None;
     loop {
         let (next, step) = state.next(input.next_frame()?)?;
         state = next;
@@ -552,6 +546,13 @@ fn control_loop<R: DirectRead, W: Write>(
             streams.wait_all_finished()?;
         }
         match step {
+            Step::Extents(e) => {
+                check_extents(&e, dst.ram.size()).map_err(|why| ProtocolError::Malformed {
+                    kind: Kind::Extents,
+                    why,
+                })?;
+                populate = populate::Populate::start(dst.ram, &e);
+            }
             Step::Direct(entries) => {
                 place_direct(input, &entries, dst.ram, Landing::Splice, &mut stats)?
             }
@@ -565,6 +566,10 @@ fn control_loop<R: DirectRead, W: Write>(
             step => place(step, dst, transport, &mut scratch, &mut stats)?,
         }
         if let ReceiveMigrationState::Complete { rounds, state } = state {
+            if let Some(p) = populate {
+                let mib = p.finish() >> 20;
+                tracing::debug!("allocated {mib} MiB of guest RAM ahead of its pages");
+            }
             stats.rounds = rounds;
             return Ok((*state, stats));
         }
@@ -594,7 +599,7 @@ fn place(
             state: "a transport that does not send it",
         }
         .into()),
-        Step::Prepare(_) | Step::RoundEnd(_) | Step::Nothing => Ok(()),
+        Step::Prepare(_) | Step::Extents(_) | Step::RoundEnd(_) | Step::Nothing => Ok(()),
     }
 }
 

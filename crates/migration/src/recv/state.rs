@@ -13,6 +13,9 @@ use crate::protocol::{
 pub enum ReceiveMigrationState {
     /// The handshake is done; the source's Config comes next.
     AwaitingConfig,
+    /// The VM is built and Ready was sent; the extents the copy will send come first (the
+    /// source scans for them while the VM is built here).
+    AwaitingExtents { vm: VmConfig },
     /// The VM is built and Ready was sent; memory arrives in rounds.
     ReceivingMemory { vm: VmConfig, rounds: u32 },
     /// The paused source's device state is here; only Done may follow.
@@ -26,6 +29,9 @@ pub enum ReceiveMigrationState {
 pub enum Step<'f> {
     /// Build this VM, take its page streams, say Ready.
     Prepare(Prepare),
+    /// Allocate these memfd ranges ahead of their pages, if that pays (checked against guest
+    /// RAM first).
+    Extents(Vec<(u64, u64)>),
     /// Place these pages into guest RAM.
     Pages { head: BatchHead<'f>, data: &'f [u8] },
     /// Decompress, then place.
@@ -43,6 +49,7 @@ impl ReceiveMigrationState {
     pub fn name(&self) -> &'static str {
         match self {
             ReceiveMigrationState::AwaitingConfig => "awaiting-config",
+            ReceiveMigrationState::AwaitingExtents { .. } => "awaiting-extents",
             ReceiveMigrationState::ReceivingMemory { .. } => "receiving-memory",
             ReceiveMigrationState::StateReceived { .. } => "state-received",
             ReceiveMigrationState::Complete { .. } => "complete",
@@ -53,13 +60,12 @@ impl ReceiveMigrationState {
     pub fn next(self, frame: Frame<'_>) -> Result<(Self, Step<'_>), ProtocolError> {
         use ReceiveMigrationState as S;
         Ok(match (self, frame) {
-            (S::AwaitingConfig, Frame::Config(p)) => (
-                S::ReceivingMemory {
-                    vm: p.vm.clone(),
-                    rounds: 0,
-                },
-                Step::Prepare(p),
-            ),
+            (S::AwaitingConfig, Frame::Config(p)) => {
+                (S::AwaitingExtents { vm: p.vm.clone() }, Step::Prepare(p))
+            }
+            (S::AwaitingExtents { vm }, Frame::Extents(e)) => {
+                (S::ReceivingMemory { vm, rounds: 0 }, Step::Extents(e))
+            }
             (s @ S::ReceivingMemory { .. }, f) if is_pages(&f) => (s, page_step(f)),
             (S::ReceivingMemory { vm, rounds }, Frame::RoundEnd(r)) => (
                 S::ReceivingMemory {
@@ -174,7 +180,6 @@ mod tests {
             session: 1,
             name: None,
             origin: None,
-            extents: vec![(0, 4096)],
             host_cache: None,
         })
     }
@@ -214,6 +219,9 @@ mod tests {
         let s = ReceiveMigrationState::AwaitingConfig;
         let (s, step) = s.next(prepare()).unwrap();
         assert!(matches!(step, Step::Prepare(p) if p.vm == vm()));
+        assert_eq!(s.name(), "awaiting-extents");
+        let (s, step) = s.next(Frame::Extents(vec![(0, 4096)])).unwrap();
+        assert!(matches!(step, Step::Extents(e) if e == [(0, 4096)]));
         let (s, step) = s
             .next(Frame::RoundEnd(RoundEnd { round: 0, pages: 0 }))
             .unwrap();
@@ -238,6 +246,25 @@ mod tests {
             ReceiveMigrationState::AwaitingConfig,
             Frame::State(state_for(vm())),
         );
+    }
+
+    /// The extents come before any page, and once.
+    #[test]
+    fn awaiting_extents_refuses_pages_first() {
+        let s = || ReceiveMigrationState::AwaitingExtents { vm: vm() };
+        refuses(s(), direct_frame());
+        refuses(s(), Frame::RoundEnd(RoundEnd { round: 0, pages: 0 }));
+        refuses(s(), Frame::State(state_for(vm())));
+        refuses(s(), prepare());
+        refuses(receiving(), Frame::Extents(Vec::new()));
+    }
+
+    /// A PagesDirect frame of one data page.
+    fn direct_frame() -> Frame<'static> {
+        let mut b = crate::protocol::PageBatch::default();
+        b.push(4096, false);
+        let head: &'static [u8] = Box::leak(b.head().into_boxed_slice());
+        crate::protocol::decode(Kind::PagesDirect, head).unwrap()
     }
 
     #[test]

@@ -441,6 +441,14 @@ impl<'a> PageSender<'a> {
         Ok(())
     }
 
+    /// Tells the destination which RAM the copy will send (the first frame after Ready), at
+    /// once: it may allocate it ahead of the pages.
+    pub fn announce_extents(&mut self, extents: &[(u64, u64)]) -> Result<(), MigrationError> {
+        self.link.out.send_extents(extents)?;
+        self.link.out.flush()?;
+        Ok(())
+    }
+
     /// Bytes written that the peer has not acknowledged, and how many of them wait in our
     /// stream queues.
     fn pending(&self) -> Result<(usize, usize), MigrationError> {

@@ -342,7 +342,7 @@ fn kvm_receiver_refuses_a_wrong_version() {
 #[test]
 fn kvm_receiver_refuses_a_truncated_stream() {
     // A valid hello and the start of a frame header, then EOF.
-    let mut b = hello(1);
+    let mut b = hello(migration::protocol::VERSION);
     b.extend_from_slice(&[1, 0, 0, 0, 0, 0]);
     feed_receiver(
         "kvm_receiver_refuses_a_truncated_stream",

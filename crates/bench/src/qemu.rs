@@ -194,7 +194,7 @@ impl Machine {
             .map(|r| (r.guest, r.len))
             .collect();
         let blobs = content
-            .filler(&ranges)
+            .filler(&ranges, spec.written_bytes())
             .and_then(|f| f.write_blobs(&ranges, 2 << 20, 1 << 30, ram))
             .map_err(|e| step("RAM image")(e.to_string()))?;
         Ok(Machine {

@@ -91,7 +91,18 @@ pub struct WorkloadSpec {
 
 pub const PRESETS: [&str; 4] = ["idle", "web", "sql", "stress"];
 
+/// RAM the guest takes for itself below its working set, at most: its image (from 1 MiB),
+/// page tables, vCPU stacks and 2 MiB alignments (the page generation table comes on top).
+const GUEST_OWN_BYTES: u64 = 16 << 20;
+
 impl WorkloadSpec {
+    /// How much RAM from the bottom (not counting holes) the guest writes, at most: its own
+    /// memory, the generation table of its working set (4 bytes a page), the offset and the
+    /// working set.
+    pub fn written_bytes(&self) -> u64 {
+        GUEST_OWN_BYTES + self.ws_bytes / 1024 + self.ws_offset + self.ws_bytes
+    }
+
     /// A named preset sized for a VM of `memory` bytes.
     pub fn preset(name: &str, memory: u64) -> Result<Self, WorkloadError> {
         let pages = memory / 4096;

@@ -277,24 +277,28 @@ pub struct Content {
 }
 
 impl Content {
-    /// The filler for a VM whose RAM is `ram` (guest-physical start and length of each range).
-    pub fn filler(&self, ram: &[(u64, u64)]) -> Result<ProfileFiller, ProfileError> {
+    /// The filler for a VM whose RAM is `ram` (guest-physical start and length of each range)
+    /// and whose workload writes the bottom `written` bytes of it (see
+    /// [`ProfileFiller::with_image`]).
+    pub fn filler(&self, ram: &[(u64, u64)], written: u64) -> Result<ProfileFiller, ProfileError> {
         let f = ProfileFiller::new(self.profile, self.seed)?;
         match self.image {
-            Some(image) => f.with_image(image, ram),
+            Some(image) => f.with_image(image, ram, written),
             None => Ok(f),
         }
     }
 }
 
 /// Where the OS part sits in one VM: its RAM as dense extents (`ranges`: guest-physical start,
-/// length, first dense extent), of which extent `e` holds image extent `(a*e + b) mod extents`
-/// when that is below `os_extents`.
+/// length, first dense extent). The OS part lies at and above dense extent `floor`, of which
+/// extent `floor + e` holds image extent `(a*e + b) mod (extents - floor)` when that is below
+/// `os_extents`.
 #[derive(Clone, Debug)]
 struct ImageLayout {
     seed: u64,
     share_pct: f64,
     ranges: Vec<(u64, u64, u64)>,
+    floor: u64,
     extents: u64,
     os_extents: u64,
     a: u64,
@@ -302,7 +306,9 @@ struct ImageLayout {
 }
 
 impl ImageLayout {
-    fn new(image: OsImage, vm_seed: u64, ram: &[(u64, u64)]) -> Self {
+    /// The layout for a VM of RAM `ram` whose workload writes its bottom `written` bytes:
+    /// the OS part goes above them, as far as RAM leaves room for it.
+    fn new(image: OsImage, vm_seed: u64, ram: &[(u64, u64)], written: u64) -> Self {
         let mut ranges = Vec::with_capacity(ram.len());
         let mut extents = 0;
         for &(start, len) in ram {
@@ -310,16 +316,22 @@ impl ImageLayout {
             extents += len / EXTENT_BYTES;
         }
         let extents = extents.max(1);
-        let mut a = (mix64(vm_seed ^ 0xa11e) % extents) | 1;
-        while gcd(a, extents) != 1 {
+        let os_extents = extents * u64::from(image.share_pct) / 100;
+        let floor = written
+            .div_ceil(EXTENT_BYTES)
+            .min(extents - os_extents.max(1));
+        let span = extents - floor;
+        let mut a = (mix64(vm_seed ^ 0xa11e) % span) | 1;
+        while gcd(a, span) != 1 {
             a += 2;
         }
         ImageLayout {
             seed: mix64(image.seed ^ 0x05_1a6e),
             share_pct: f64::from(image.share_pct),
-            os_extents: extents * u64::from(image.share_pct) / 100,
-            b: mix64(vm_seed ^ 0xb0ff) % extents,
+            os_extents,
+            b: mix64(vm_seed ^ 0xb0ff) % span,
             ranges,
+            floor,
             extents,
             a,
         }
@@ -332,9 +344,9 @@ impl ImageLayout {
             .ranges
             .iter()
             .find(|&&(start, len, _)| (start..start + len).contains(&addr))?;
-        let e = dense + (addr - start) / EXTENT_BYTES;
+        let e = (dense + (addr - start) / EXTENT_BYTES).checked_sub(self.floor)?;
         let j = ((u128::from(self.a) * u128::from(e) + u128::from(self.b))
-            % u128::from(self.extents)) as u64;
+            % u128::from(self.extents - self.floor)) as u64;
         (j < self.os_extents).then_some(j)
     }
 }
@@ -381,15 +393,23 @@ impl ProfileFiller {
     }
 
     /// Gives the VM whose RAM is `ram` (guest-physical start and length of each range) the OS
-    /// part of `image`.
-    pub fn with_image(mut self, image: OsImage, ram: &[(u64, u64)]) -> Result<Self, ProfileError> {
+    /// part of `image`, laid out above the bottom `written` bytes of RAM (not counting holes)
+    /// where RAM leaves room: the workload writes there, and an OS part is kernel and library
+    /// code and files that no program writes (a workload writing over it would be rewriting
+    /// its kernel). Where the room is short, the rest of the OS part goes below.
+    pub fn with_image(
+        mut self,
+        image: OsImage,
+        ram: &[(u64, u64)],
+        written: u64,
+    ) -> Result<Self, ProfileError> {
         if self.profile != MemoryProfile::Server {
             return Err(ProfileError::ImageProfile(self.profile));
         }
         if image.share_pct > MAX_IMAGE_SHARE_PCT {
             return Err(ProfileError::ImageShare(image.share_pct));
         }
-        self.image = Some(ImageLayout::new(image, self.seed, ram));
+        self.image = Some(ImageLayout::new(image, self.seed, ram, written));
         Ok(self)
     }
 
@@ -716,6 +736,10 @@ mod tests {
     }
 
     fn fill_image(seed: u64, image: u64, share_pct: u8) -> Vec<u8> {
+        fill_image_above(seed, image, share_pct, 0)
+    }
+
+    fn fill_image_above(seed: u64, image: u64, share_pct: u8, written: u64) -> Vec<u8> {
         let len = 16usize << 20;
         let mem = std::sync::Mutex::new(vec![0u8; len]);
         ProfileFiller::new(MemoryProfile::Server, seed)
@@ -726,6 +750,7 @@ mod tests {
                     share_pct,
                 },
                 &[(0, len as u64)],
+                written,
             )
             .unwrap()
             .fill_with(0, len as u64, &|off, bytes| {
@@ -765,6 +790,32 @@ mod tests {
         assert!((30.0..40.0).contains(&zero_pct), "{zero_pct:.1}% zero");
     }
 
+    /// The OS part keeps out of what the workload writes, and keeps its share.
+    #[test]
+    fn the_os_part_lies_above_the_workloads_memory() {
+        let half = 8 << 20;
+        let (a, b) = (fill_image_above(1, 7, 35, half), fill_image(2, 7, 35));
+        let (ca, cb) = (contents(&a), contents(&b));
+        let shared: Vec<usize> = ca
+            .iter()
+            .filter(|(p, _)| cb.contains_key(*p))
+            .flat_map(|(_, at)| at.iter().copied())
+            .collect();
+        let pct = shared.len() as f64 * 100.0 / (a.len() / PAGE) as f64;
+        assert!((30.0..40.0).contains(&pct), "{pct:.1}% of RAM shared");
+        assert!(shared.iter().all(|&at| at >= half as usize));
+        // Where the room above is short, the OS part takes what there is and goes below.
+        let most = fill_image_above(1, 7, 35, 15 << 20);
+        let c = contents(&most);
+        let low = cb
+            .keys()
+            .filter_map(|p| c.get(p))
+            .flatten()
+            .filter(|&&at| at < 15 << 20)
+            .count();
+        assert!(low > 0);
+    }
+
     #[test]
     fn vms_of_different_images_share_only_zero_pages() {
         let (ca, cb) = (fill_image(1, 7, 35), fill_image(2, 8, 35));
@@ -776,10 +827,10 @@ mod tests {
     fn an_image_needs_server_memory_and_a_share_that_fits() {
         let img = |share_pct| OsImage { seed: 1, share_pct };
         let f = || ProfileFiller::new(MemoryProfile::Server, 1).unwrap();
-        assert!(f().with_image(img(66), &[(0, 1 << 20)]).is_err());
-        assert!(f().with_image(img(65), &[(0, 1 << 20)]).is_ok());
+        assert!(f().with_image(img(66), &[(0, 1 << 20)], 0).is_err());
+        assert!(f().with_image(img(65), &[(0, 1 << 20)], 1 << 20).is_ok());
         let z = ProfileFiller::new(MemoryProfile::Zero, 1).unwrap();
-        assert!(z.with_image(img(35), &[(0, 1 << 20)]).is_err());
+        assert!(z.with_image(img(35), &[(0, 1 << 20)], 0).is_err());
     }
 
     #[test]

@@ -105,16 +105,21 @@ fn boot_source(a: &DemoArgs) -> Result<Vm, Box<dyn std::error::Error>> {
         .clone()
         .map(Console::File)
         .unwrap_or(Console::Discard);
-    let kernel = Kernel::Workload(WorkloadSpec::parse(&a.workload, a.memory)?);
+    let spec = WorkloadSpec::parse(&a.workload, a.memory)?;
+    let written = spec.written_bytes();
+    let kernel = Kernel::Workload(spec);
     let config = VmConfig {
         memory: a.memory,
         vcpus: a.vcpus,
     };
-    let prefill = crate::profile_prefill(Some(Content {
-        profile: a.memory_profile,
-        seed: 1,
-        image: None,
-    }));
+    let prefill = crate::profile_prefill(
+        Some(Content {
+            profile: a.memory_profile,
+            seed: 1,
+            image: None,
+        }),
+        written,
+    );
     let vm = Vm::boot(config, &kernel, &console, prefill)?;
     vm.io()
         .status

@@ -226,6 +226,10 @@ struct MemoryImageArgs {
     seed: u64,
     #[command(flatten)]
     image: args::ImageArgs,
+    /// The workload the VM will run (as `run --workload`): an OS image's part is laid out clear
+    /// of the memory it writes, as `run` does. Without it, the OS part may lie anywhere.
+    #[arg(long)]
+    workload: Option<String>,
     /// Directory for the blobs (ram-<address>.raw).
     #[arg(long)]
     out: PathBuf,
@@ -372,9 +376,11 @@ pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Fills guest RAM from a memory profile before boot: the VMM's pre-fill hook.
+/// Fills guest RAM from a memory profile before boot: the VMM's pre-fill hook. `written`: the
+/// bytes at the bottom of RAM its workload writes (see [`WorkloadSpec::written_bytes`]).
 pub(crate) fn profile_prefill(
     content: Option<Content>,
+    written: u64,
 ) -> impl FnOnce(&GuestRam) -> Result<(), VmError> {
     move |ram| {
         let Some(content) = content else {
@@ -383,7 +389,7 @@ pub(crate) fn profile_prefill(
         let err = |e: &dyn std::fmt::Display| VmError::Prefill(format!("{}: {e}", content.profile));
         let layout = vmm::memory::layout(ram.size());
         let ranges: Vec<(u64, u64)> = layout.iter().map(|r| (r.guest, r.len)).collect();
-        let filler = content.filler(&ranges).map_err(|e| err(&e))?;
+        let filler = content.filler(&ranges, written).map_err(|e| err(&e))?;
         for r in layout {
             filler
                 .fill_with(r.guest, r.len, &|off, bytes| {
@@ -396,27 +402,30 @@ pub(crate) fn profile_prefill(
 }
 
 fn run_vm(a: VmArgs) -> CmdResult {
-    let (kernel, default_profile) = match &a.kernel {
+    let (kernel, default_profile, written) = match &a.kernel {
         Some(p) => {
             let image =
                 std::fs::read(p).map_err(|e| format!("reading kernel {}: {e}", p.display()))?;
             let cmdline = a.cmdline.clone();
-            (Kernel::Elf { image, cmdline }, None)
+            // Where a foreign kernel writes is unknown.
+            (Kernel::Elf { image, cmdline }, None, 0)
         }
-        None => (
-            Kernel::Workload(WorkloadSpec::parse(&a.workload, a.memory)?),
-            Some(MemoryProfile::Server),
-        ),
+        None => {
+            let spec = WorkloadSpec::parse(&a.workload, a.memory)?;
+            let written = spec.written_bytes();
+            (Kernel::Workload(spec), Some(MemoryProfile::Server), written)
+        }
     };
     let config = VmConfig {
         memory: a.memory,
         vcpus: a.vcpus,
     };
-    let prefill = profile_prefill(a.memory_profile.or(default_profile).map(|profile| Content {
+    let content = a.memory_profile.or(default_profile).map(|profile| Content {
         profile,
         seed: a.seed,
         image: a.image.os_image(),
-    }));
+    });
+    let prefill = profile_prefill(content, written);
     let security = a.tls.security()?;
     let vm = Vm::boot(config, &kernel, &console(a.console), prefill)?;
     serve(vm, a.api.as_deref(), security)
@@ -513,6 +522,10 @@ fn guest_image(out: &Path) -> CmdResult {
 
 fn memory_image(a: MemoryImageArgs) -> CmdResult {
     std::fs::create_dir_all(&a.out)?;
+    let written = match &a.workload {
+        Some(w) => WorkloadSpec::parse(w, a.size)?.written_bytes(),
+        None => 0,
+    };
     let ranges: Vec<(u64, u64)> = vmm::memory::layout(a.size)
         .iter()
         .map(|r| (r.guest, r.len))
@@ -523,7 +536,7 @@ fn memory_image(a: MemoryImageArgs) -> CmdResult {
         image: a.image.os_image(),
     };
     let blobs = content
-        .filler(&ranges)?
+        .filler(&ranges, written)?
         .write_blobs(&ranges, a.from, a.max_blob, &a.out)?;
     for b in &blobs {
         eprintln!(

@@ -57,7 +57,7 @@ fn drive<S, E>(
         };
         state = n;
         if let Some(len) = exercise(step) {
-            let _ = r.read_direct(scratch(), 0, len);
+            let _ = r.read_direct(scratch(), &[(0, len)]);
         }
     }
 }

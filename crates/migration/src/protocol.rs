@@ -1208,22 +1208,28 @@ pub struct FrameReader<R: Read> {
 /// A buffered reader whose buffered bytes can be taken without further I/O, so the rest of a
 /// read can go straight from the socket into its destination.
 pub trait DirectRead: Read {
-    /// Moves the next `len` bytes into `file` at `off`.
-    fn read_direct(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()>;
+    /// Moves the next bytes into `file`, run after run: `len` bytes at `off` for each
+    /// `(off, len)` of `runs`.
+    fn read_direct(&mut self, file: &std::fs::File, runs: &[(u64, usize)]) -> io::Result<()>;
 
     /// Fills `dst` (mapped guest RAM) with the next bytes.
     fn read_direct_mapped(&mut self, dst: &VolatileSlice<'_>) -> io::Result<()>;
 }
 
 impl<T: transport::ReadToFile> DirectRead for &mut io::BufReader<T> {
-    fn read_direct(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()> {
+    fn read_direct(&mut self, file: &std::fs::File, runs: &[(u64, usize)]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         // What the reader already buffered goes first; the rest comes straight from the source.
-        let have = self.buffer().len().min(len);
-        file.write_all_at(&self.buffer()[..have], off)?;
-        self.consume(have);
-        self.get_mut()
-            .read_to_file(file, off + have as u64, len - have)
+        let mut rest = Vec::with_capacity(runs.len());
+        for &(off, len) in runs {
+            let have = self.buffer().len().min(len);
+            file.write_all_at(&self.buffer()[..have], off)?;
+            self.consume(have);
+            if have < len {
+                rest.push((off + have as u64, len - have));
+            }
+        }
+        self.get_mut().read_to_file(file, &rest)
     }
 
     fn read_direct_mapped(&mut self, dst: &VolatileSlice<'_>) -> io::Result<()> {
@@ -1359,17 +1365,21 @@ impl<R: Read> FrameReader<R> {
         &mut self.r
     }
 
-    /// Reads the next `len` bytes of a PagesDirect frame's page data into `file` at `off`.
+    /// Reads the next bytes of a PagesDirect frame's page data into `file`, run after run:
+    /// `len` bytes at `off` for each `(off, len)` of `runs`.
     pub fn read_direct(
         &mut self,
         file: &std::fs::File,
-        off: u64,
-        len: usize,
+        runs: &[(u64, usize)],
     ) -> Result<(), ProtocolError>
     where
         R: DirectRead,
     {
-        self.take_direct(len, |r| r.read_direct(file, off, len))
+        let len = runs
+            .iter()
+            .try_fold(0usize, |sum, r| sum.checked_add(r.1))
+            .ok_or_else(|| malformed(Kind::PagesDirect)("runs longer than memory".into()))?;
+        self.take_direct(len, |r| r.read_direct(file, runs))
     }
 
     /// Reads the next `dst.len()` bytes of a PagesDirect frame's page data into `dst`.
@@ -1886,12 +1896,17 @@ mod tests {
         let mut reader = FrameReader::new(&mut br);
         reader.recv().unwrap();
         let file = tempfile::tempfile().unwrap();
-        reader.read_direct(&file, 4096, 2 * PAGE).unwrap();
-        let mut p = vec![0u8; 2 * PAGE];
+        // Two runs, the second page first in the file.
+        reader
+            .read_direct(&file, &[(5 * 4096, PAGE), (4096, PAGE)])
+            .unwrap();
+        let mut p = vec![0u8; PAGE];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut p, 5 * 4096).unwrap();
+        assert!(p.iter().all(|&x| x == 7));
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut p, 4096).unwrap();
-        assert!(p[..PAGE].iter().all(|&x| x == 7) && p[PAGE..].iter().all(|&x| x == 9));
+        assert!(p.iter().all(|&x| x == 9));
         assert!(
-            reader.read_direct(&file, 0, 1).is_err(),
+            reader.read_direct(&file, &[(0, 1)]).is_err(),
             "no more data in this frame"
         );
         // The same data read into a mapping instead, in two pieces.
@@ -1926,7 +1941,7 @@ mod tests {
         let mut fr = FrameReader::new(&mut short);
         fr.recv().unwrap();
         assert!(matches!(
-            fr.read_direct(&tempfile::tempfile().unwrap(), 0, 2 * PAGE),
+            fr.read_direct(&tempfile::tempfile().unwrap(), &[(0, 2 * PAGE)]),
             Err(ProtocolError::Truncated(_))
         ));
     }

@@ -12,10 +12,11 @@ use crate::{CountingReader, Io};
 /// A source that can put bytes straight into a file at an offset: how direct page data lands
 /// in guest RAM (its memfd) at the page's own place.
 pub trait ReadToFile: Read {
-    /// Moves exactly `len` bytes into `file` at `off`. By default through a buffer; sockets
-    /// splice instead.
-    fn read_to_file(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()> {
-        copy_to_file(self, file, off, len)
+    /// Moves the next bytes into `file`, run after run: `len` bytes at `off` for each
+    /// `(off, len)` of `runs`. By default through a buffer; sockets splice instead.
+    fn read_to_file(&mut self, file: &std::fs::File, runs: &[(u64, usize)]) -> io::Result<()> {
+        runs.iter()
+            .try_for_each(|&(off, len)| copy_to_file(self, file, off, len))
     }
 
     /// Fills `dst` (guest RAM's mapping) with the next bytes. By default through a buffer;
@@ -70,12 +71,16 @@ impl ReadToFile for CountingReader<Io> {
     /// received data into the file's pages once, with no user-space copy and no page faults on
     /// a mapping (which cost more than the copy itself when the pages are new). From TLS: the
     /// data must be decrypted in user space first, so through a buffer.
-    fn read_to_file(&mut self, file: &std::fs::File, off: u64, len: usize) -> io::Result<()> {
+    fn read_to_file(&mut self, file: &std::fs::File, runs: &[(u64, usize)]) -> io::Result<()> {
         let fd = match &self.inner {
             Io::Plain(s) => s.as_raw_fd(),
-            Io::Tls(_) => return copy_to_file(self, file, off, len),
+            Io::Tls(_) => {
+                return runs
+                    .iter()
+                    .try_for_each(|&(off, len)| copy_to_file(self, file, off, len))
+            }
         };
-        self.splice_to_file(fd, file, off, len)
+        self.splice_to_file(fd, file, runs)
             .map_err(|e| self.info.explain(e, "to send page data"))
     }
 
@@ -115,41 +120,47 @@ fn read_socket_to_slice(
 }
 
 impl CountingReader<Io> {
+    /// Socket → pipe → file: the pipe takes up to its size from the socket at once, across
+    /// runs, and each run leaves it for its own offset. A batch of scattered pages then costs
+    /// one splice from the socket per pipeful, not one per run. Never reads past the runs.
     fn splice_to_file(
         &mut self,
         fd: libc::c_int,
         file: &std::fs::File,
-        off: u64,
-        len: usize,
+        runs: &[(u64, usize)],
     ) -> io::Result<()> {
         let pipe = match self.pipe.take() {
             Some(p) => self.pipe.insert(p),
             None => self.pipe.insert(Pipe::new()?),
         };
-        let mut pos = libc::loff_t::try_from(off).map_err(io::Error::other)?;
-        let mut left = len;
-        while left > 0 {
-            let n = splice(fd, None, pipe.write.as_raw_fd(), left.min(pipe.size))?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            self.counters
-                .received
-                .fetch_add(n as u64, Ordering::Relaxed);
-            let mut in_pipe = n;
-            while in_pipe > 0 {
+        let mut unread: usize = runs.iter().map(|r| r.1).sum();
+        let mut in_pipe = 0;
+        for &(off, len) in runs {
+            let mut pos = libc::loff_t::try_from(off).map_err(io::Error::other)?;
+            let mut left = len;
+            while left > 0 {
+                if in_pipe == 0 {
+                    in_pipe = splice(fd, None, pipe.write.as_raw_fd(), unread.min(pipe.size))?;
+                    if in_pipe == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    unread -= in_pipe;
+                    self.counters
+                        .received
+                        .fetch_add(in_pipe as u64, Ordering::Relaxed);
+                }
                 let m = splice(
                     pipe.read.as_raw_fd(),
                     Some(&mut pos),
                     file.as_raw_fd(),
-                    in_pipe,
+                    left.min(in_pipe),
                 )?;
                 if m == 0 {
                     return Err(io::Error::other("splice into the file moved nothing"));
                 }
                 in_pipe -= m;
+                left -= m;
             }
-            left -= n;
         }
         Ok(())
     }

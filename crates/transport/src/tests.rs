@@ -98,15 +98,31 @@ fn socket_data_splices_into_a_file_at_its_offset_and_eof_is_truncation() {
         .unwrap();
     let _ = std::fs::remove_file(&dir);
     let src = c.reader.get_mut();
-    src.read_to_file(&file, 8192, 3 << 20).unwrap();
+    // One long run, then scattered runs (each lands at its own offset, out of order too).
+    src.read_to_file(&file, &[(8192, 2 << 20)]).unwrap();
+    let pieces = [
+        (16 << 20, 4096),
+        (12 << 20, 100_000),
+        ((8 << 20) + 5, (1 << 20) - 100_000 - 4096),
+    ];
+    src.read_to_file(&file, &pieces).unwrap();
     use std::os::unix::fs::FileExt;
-    let mut got = vec![0u8; 3 << 20];
+    let mut got = vec![0u8; 2 << 20];
     file.read_exact_at(&mut got, 8192).unwrap();
-    assert!(got == data[..3 << 20]);
+    assert!(got == data[..2 << 20]);
+    let mut at = 2 << 20;
+    for (off, len) in pieces {
+        let mut got = vec![0u8; len];
+        file.read_exact_at(&mut got, off).unwrap();
+        assert!(got == data[at..at + len], "run at {off:#x}");
+        at += len;
+    }
     assert_eq!(c.counters.received.load(Ordering::Relaxed), 3 << 20);
     t.join().unwrap();
     // 100 bytes left, then EOF: asking for more is an error, not a short success.
-    let e = src.read_to_file(&file, 0, 4096).unwrap_err();
+    let e = src
+        .read_to_file(&file, &[(0, 50), (4096, 4096)])
+        .unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
 }
 

@@ -618,9 +618,9 @@ fn place_compressed(
     place_batch(dst, &b.head, scratch, Kind::PagesCompressed, stats)
 }
 
-/// Puts a PagesDirect frame's page data straight into guest RAM at its final place: one splice
-/// into the memfd, or one read into the mapping, per run of consecutive data pages; zero pages
-/// as holes.
+/// Puts a PagesDirect frame's page data straight into guest RAM at its final place: spliced
+/// into the memfd (from the socket a pipeful at a time, into the file a run at a time), or
+/// one read into the mapping per run of consecutive data pages; zero pages as holes.
 fn place_direct<R: DirectRead>(
     input: &mut FrameReader<R>,
     entries: &[Entry],
@@ -635,34 +635,37 @@ fn place_direct<R: DirectRead>(
         }
         .into());
     }
+    let mut data = Vec::new();
     for (off, n, zero) in runs(entries.iter().map(|e| (e.offset(), e.is_zero()))) {
         let len = n as u64 * PAGE_SIZE;
         if zero {
             ram.zero_range(off, len)?;
             stats.zero_pages += n as u64;
         } else {
-            land(input, ram, off, len as usize, landing)?;
+            data.push((off, len as usize));
         }
         stats.pages += n as u64;
     }
-    Ok(())
+    land(input, ram, &data, landing)
 }
 
-/// `len` bytes of page data from the stream into guest RAM at memfd offset `off`.
+/// The frame's page data from the stream into guest RAM, run after run: `len` bytes at memfd
+/// offset `off` for each `(off, len)` of `runs`.
 fn land<R: DirectRead>(
     input: &mut FrameReader<R>,
     ram: &GuestRam,
-    off: u64,
-    len: usize,
+    runs: &[(u64, usize)],
     landing: Landing,
 ) -> Result<(), MigrationError> {
     match landing {
         // Memfd offsets: a run is contiguous in the file even where it crosses from low to
         // high RAM; in the mapping it is one slice per RAM range.
-        Landing::Splice => input.read_direct(ram.backing_file(), off, len)?,
+        Landing::Splice => input.read_direct(ram.backing_file(), runs)?,
         Landing::Mapped => {
-            for slice in ram.slices_at(off, len)? {
-                input.read_direct_mapped(&slice)?;
+            for &(off, len) in runs {
+                for slice in ram.slices_at(off, len)? {
+                    input.read_direct_mapped(&slice)?;
+                }
             }
         }
     }

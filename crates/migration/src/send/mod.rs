@@ -182,20 +182,9 @@ fn run(
         config: &source.config,
         session,
     };
-    // The scan for touched memory runs while the destination builds the VM. (Scanning on
-    // into the copy, to start it on the first slice, was slower on this 2-core host: the
-    // scan took its CPU from the copy.)
-    let (scanned, opened) = std::thread::scope(|sc| {
-        let scan = sc.spawn(|| {
-            let extents = data_extents(source.ram.backing_file(), source.ram.size());
-            (extents, t0.elapsed().as_millis())
-        });
-        let opened = open(opts, &offer, &limit);
-        let scanned = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (scanned, opened)
-    });
-    let (mut conn, streams, to, host_keys) = opened?;
-    let (extents, extents_ms) = (scanned.0.map_err(MigrationError::Extents)?, scanned.1);
+    let ((mut conn, streams, to, host_keys), scanned) =
+        open_while_scanning(opts, &offer, &limit, &source.ram, t0)?;
+    let (extents, extents_ms) = (scanned.extents, scanned.ended_ms);
     let prepare_ms = t0.elapsed().as_millis() as u64;
     tracing::debug!(
         extents_ms,
@@ -262,6 +251,39 @@ impl Source {
     }
 }
 
+/// Phase 1 with the scan for touched memory beside it, on a thread of its own: the scan runs
+/// while the destination builds the VM. (Scanning on into the copy, to start it on the first
+/// slice, was slower on this 2-core host: the scan took its CPU from the copy.) Returns what
+/// [`open`] does, and what the scan found.
+fn open_while_scanning(
+    opts: &MigrateOptions,
+    offer: &Offer<'_>,
+    limit: &Option<Arc<RateLimit>>,
+    ram: &GuestRam,
+    t0: Instant,
+) -> Result<(Opened, Scanned), MigrationError> {
+    let (scanned, opened) = std::thread::scope(|sc| {
+        let scan = sc.spawn(|| {
+            let extents = data_extents(ram.backing_file(), ram.size());
+            (extents, t0.elapsed().as_millis())
+        });
+        let opened = open(opts, offer, limit);
+        let scanned = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (scanned, opened)
+    });
+    let opened = opened?;
+    let extents = scanned.0.map_err(MigrationError::Extents)?;
+    let ended_ms = scanned.1;
+    Ok((opened, Scanned { extents, ended_ms }))
+}
+
+/// What the scan for touched memory found: the data extents, and when it ended (ms since the
+/// migration began).
+struct Scanned {
+    extents: Vec<(u64, u64)>,
+    ended_ms: u128,
+}
+
 /// Ties the page streams to this migration: random (std's hasher keys come from the OS),
 /// so nobody can guess a migration's session to slip a stream into it.
 pub fn session_id() -> u64 {
@@ -278,6 +300,10 @@ pub fn session_id() -> u64 {
 /// The keys of the destination host's cache, when it sent them before Ready.
 type HostKeys = Option<Vec<u8>>;
 
+/// An opened migration: the control connection, the page streams, where they go (after any
+/// redirect) and the keys of the destination host's cache.
+type Opened = (Connection, Vec<Connection>, String, HostKeys);
+
 /// Phase 1, prepare: the control connection and the page streams, until the destination says
 /// the VM is built (Ready), after the keys of its host's page cache if the Config named one.
 /// A host agent may answer Redirect instead: its own receiver for this VM waits on another
@@ -287,7 +313,7 @@ fn open(
     opts: &MigrateOptions,
     offer: &Offer<'_>,
     limit: &Option<Arc<RateLimit>>,
-) -> Result<(Connection, Vec<Connection>, String, HostKeys), MigrationError> {
+) -> Result<Opened, MigrationError> {
     let session = offer.session;
     let mut to = opts.to.clone();
     for attempt in 0..2 {

@@ -339,6 +339,32 @@ fn kvm_receiver_refuses_a_wrong_version() {
     );
 }
 
+/// A hostile source announces RAM the VM does not have: the receiver refuses the frame by name
+/// and goes on waiting (the populate worker never sees the extent).
+#[test]
+fn kvm_receiver_refuses_extents_beyond_guest_ram() {
+    use migration::protocol::{FrameWriter, Prepare};
+    let mut w = FrameWriter::new(hello(migration::protocol::VERSION));
+    w.send_config(&Prepare {
+        vm: vmm::VmConfig {
+            memory: 64 << 20,
+            vcpus: 1,
+        },
+        streams: 0,
+        session: 1,
+        name: None,
+        origin: None,
+        host_cache: None,
+    })
+    .unwrap();
+    w.send_extents(&[(0, 4096), (60 << 20, 1 << 30)]).unwrap();
+    feed_receiver(
+        "kvm_receiver_refuses_extents_beyond_guest_ram",
+        w.inner(),
+        "malformed Extents frame: extent [0x3c00000, 0x40000000) is empty, out of order or beyond guest RAM",
+    );
+}
+
 #[test]
 fn kvm_receiver_refuses_a_truncated_stream() {
     // A valid hello and the start of a frame header, then EOF.

@@ -839,6 +839,31 @@ fn verify(vm: &Vm, timeout: Duration) -> VerifyOutcome {
 mod tests {
     use super::*;
 
+    /// Announced extents are refused unless ascending, disjoint, non-empty, within guest RAM
+    /// and few enough: the populate worker only ever allocates what the VM has.
+    #[test]
+    fn announced_extents_must_fit_guest_ram() {
+        let mem = 64 << 20;
+        assert!(check_extents(&[], mem).is_ok());
+        assert!(check_extents(&[(0, 4096), (8192, mem)], mem).is_ok());
+        for bad in [
+            vec![(0, mem + 4096)],
+            vec![(8192, 8192)],
+            vec![(8192, 4096)],
+            vec![(8192, 16384), (0, 4096)],
+            vec![(0, 8192), (4096, 16384)],
+        ] {
+            let e = check_extents(&bad, mem).unwrap_err();
+            assert!(e.contains("beyond guest RAM"), "{bad:?}: {e}");
+        }
+        let many: Vec<(u64, u64)> = (0..=protocol::MAX_EXTENTS as u64)
+            .map(|i| (i * 8192, i * 8192 + 4096))
+            .collect();
+        assert!(check_extents(&many, mem)
+            .unwrap_err()
+            .contains("the limit is"));
+    }
+
     #[test]
     fn a_reference_to_the_host_cache_places_only_what_it_holds_under_that_hash() {
         use crate::host_cache::HostCache;

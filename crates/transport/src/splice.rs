@@ -15,8 +15,7 @@ pub trait ReadToFile: Read {
     /// Moves the next bytes into `file`, run after run: `len` bytes at `off` for each
     /// `(off, len)` of `runs`. By default through a buffer; sockets splice instead.
     fn read_to_file(&mut self, file: &std::fs::File, runs: &[(u64, usize)]) -> io::Result<()> {
-        runs.iter()
-            .try_for_each(|&(off, len)| copy_to_file(self, file, off, len))
+        copy_runs_to_file(self, file, runs)
     }
 
     /// Fills `dst` (guest RAM's mapping) with the next bytes. By default through a buffer;
@@ -24,6 +23,16 @@ pub trait ReadToFile: Read {
     fn read_to_slice(&mut self, dst: &VolatileSlice<'_>) -> io::Result<()> {
         copy_to_slice(self, dst)
     }
+}
+
+/// Reads from `r` into `file` through a buffer, run after run (`len` bytes at `off` each).
+fn copy_runs_to_file(
+    r: &mut (impl Read + ?Sized),
+    file: &std::fs::File,
+    runs: &[(u64, usize)],
+) -> io::Result<()> {
+    runs.iter()
+        .try_for_each(|&(off, len)| copy_to_file(r, file, off, len))
 }
 
 /// Reads exactly `len` bytes from `r` into `file` at `off` through a buffer.
@@ -74,11 +83,7 @@ impl ReadToFile for CountingReader<Io> {
     fn read_to_file(&mut self, file: &std::fs::File, runs: &[(u64, usize)]) -> io::Result<()> {
         let fd = match &self.inner {
             Io::Plain(s) => s.as_raw_fd(),
-            Io::Tls(_) => {
-                return runs
-                    .iter()
-                    .try_for_each(|&(off, len)| copy_to_file(self, file, off, len))
-            }
+            Io::Tls(_) => return copy_runs_to_file(self, file, runs),
         };
         self.splice_to_file(fd, file, runs)
             .map_err(|e| self.info.explain(e, "to send page data"))

@@ -26,8 +26,12 @@ pub(super) enum Outgoing {
         head: Vec<u8>,
         data: Vec<u8>,
     },
-    /// Batch head and the memfd offsets of its data pages, sent from guest RAM as they are.
-    Direct { head: Vec<u8>, pages: Vec<u64> },
+    /// Batch head and its data pages as runs of consecutive pages (first memfd offset,
+    /// pages), sent from guest RAM as they are.
+    Direct {
+        head: Vec<u8>,
+        runs: Vec<(u64, usize)>,
+    },
 }
 
 impl Outgoing {
@@ -37,7 +41,9 @@ impl Outgoing {
             Outgoing::Pages { head, data } | Outgoing::Compressed { head, data, .. } => {
                 head.len() + data.len()
             }
-            Outgoing::Direct { head, pages } => head.len() + pages.len() * PAGE_SIZE as usize,
+            Outgoing::Direct { head, runs } => {
+                head.len() + runs.iter().map(|r| r.1).sum::<usize>() * PAGE_SIZE as usize
+            }
         }
     }
 }
@@ -78,7 +84,7 @@ impl<'a> Link<'a> {
                 head,
                 data,
             } => self.out.send_compressed(codec, raw_len, &head, &data)?,
-            Outgoing::Direct { head, pages } => self.send_direct(ram, &head, &pages)?,
+            Outgoing::Direct { head, runs } => self.send_direct(ram, &head, &runs)?,
         }
         Ok(())
     }
@@ -103,15 +109,18 @@ impl<'a> Link<'a> {
         &mut self,
         ram: &GuestRam,
         head: &[u8],
-        pages: &[u64],
+        runs: &[(u64, usize)],
     ) -> Result<(), MigrationError> {
         let page = PAGE_SIZE as usize;
-        self.out.send_direct_head(head, pages.len() * page)?;
+        let pages: usize = runs.iter().map(|r| r.1).sum();
+        self.out.send_direct_head(head, pages * page)?;
         let Some(socket) = self.socket else {
             self.copy.resize(page, 0);
-            for &o in pages {
-                ram.read_at(o, &mut self.copy)?;
-                self.out.write_raw(&self.copy)?;
+            for &(start, n) in runs {
+                for o in (start..).step_by(page).take(n) {
+                    ram.read_at(o, &mut self.copy)?;
+                    self.out.write_raw(&self.copy)?;
+                }
             }
             return Ok(());
         };
@@ -126,7 +135,6 @@ impl<'a> Link<'a> {
                 )
             }
         };
-        let runs = consecutive(pages);
         if zc.prefers_file() {
             let runs: Vec<(u64, u64)> = runs.iter().map(|&(o, n)| (o, (n * page) as u64)).collect();
             zc.send_file(ram.backing_file(), &runs)
@@ -135,7 +143,7 @@ impl<'a> Link<'a> {
         }
         // One iovec per run of consecutive pages, not per page: fewer, larger fragments.
         let mut slices = Vec::new();
-        for (start, n) in runs {
+        for &(start, n) in runs {
             slices.extend(ram.slices_at(start, n * page)?);
         }
         zc.send_all(&slices).map_err(ProtocolError::Io)?;

@@ -363,14 +363,15 @@ impl<'a> PageSender<'a> {
             PagePath::Direct { pages } => {
                 self.pages.normal += pages.len() as u64;
                 let pages = std::mem::take(pages);
-                if policy::copy_scattered(pages.len(), consecutive(&pages).len()) {
+                let runs = consecutive(&pages);
+                if policy::copy_scattered(pages.len(), runs.len()) {
                     self.direct_copied += pages.len() as u64;
                     Outgoing::Pages {
                         head,
                         data: read_pages(&self.ram, &pages, data)?,
                     }
                 } else {
-                    Outgoing::Direct { head, pages }
+                    Outgoing::Direct { head, runs }
                 }
             }
             PagePath::Copy => {

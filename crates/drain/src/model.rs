@@ -75,7 +75,10 @@ pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) 
             dirty_set_half_pages: seen(0.5),
             window_ms: 1000,
             fingerprint: Vec::new(),
+            // How SQL Server rewrites its pages is not known here: resent whole.
+            delta_ratio: None,
         }),
+        delta: false,
     }
 }
 

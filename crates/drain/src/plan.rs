@@ -221,7 +221,9 @@ mod tests {
                 dirty_set_half_pages: 0,
                 window_ms: 0,
                 fingerprint: Vec::new(),
+                delta_ratio: None,
             }),
+            delta: false,
         }
     }
 

@@ -12,6 +12,9 @@ pub struct VmFacts {
     pub memory: u64,
     /// From `POST /vms/NAME/sample`; None: assume all of its memory, no dirtying.
     pub sample: Option<VmSample>,
+    /// Its migration sends re-sent pages as deltas (tcp and compressed, unless turned off):
+    /// they cost the sample's [`VmSample::delta_ratio`] of a page.
+    pub delta: bool,
 }
 
 /// Fixed cost of one migration beyond its bytes (connect, prepare, switchover).
@@ -37,12 +40,22 @@ impl VmFacts {
         }
     }
 
+    /// What a re-sent page costs on the wire, per byte of it: compressed if the transport
+    /// compresses, and a delta when the migration sends them.
+    fn resend_ratio(&self, compressed: bool) -> f64 {
+        let delta = match &self.sample {
+            Some(s) if self.delta => s.delta_ratio.map_or(1.0, |r| r.clamp(0.0, 1.0)),
+            _ => 1.0,
+        };
+        self.ratio(compressed) * delta
+    }
+
     /// Bytes per second the guest dirties (as they go on the wire), over short periods.
     pub fn dirty_bytes_per_s(&self, compressed: bool) -> f64 {
         let Some(s) = &self.sample else {
             return 0.0;
         };
-        s.dirty_pages_per_s.max(0.0) * 4096.0 * self.ratio(compressed)
+        s.dirty_pages_per_s.max(0.0) * 4096.0 * self.resend_ratio(compressed)
     }
 
     /// Bytes of distinct pages the guest dirties in `t` seconds: what a round that long
@@ -67,7 +80,7 @@ impl VmFacts {
             );
             w * -(-rate * t / w).exp_m1()
         };
-        pages.min(touched) * 4096.0 * self.ratio(compressed)
+        pages.min(touched) * 4096.0 * self.resend_ratio(compressed)
     }
 
     /// Whether it dirties faster than `share` (bytes/s) carries: it needs more of the link.
@@ -171,7 +184,9 @@ mod tests {
                 dirty_set_half_pages: 0,
                 window_ms: 0,
                 fingerprint: Vec::new(),
+                delta_ratio: None,
             }),
+            delta: false,
         }
     }
 
@@ -216,5 +231,34 @@ mod tests {
         let hot = vm(1 << 30, 0.0, 1.0, 1e6);
         assert!(hot.is_hot(rate, false) && !quiet.is_hot(rate, false));
         assert!(hot.predict_secs(rate, false).is_finite());
+    }
+
+    #[test]
+    fn deltas_shrink_only_what_is_resent() {
+        let rate = 100e6;
+        let mut whole = vm(1 << 30, 0.0, 0.5, 12_207.0);
+        if let Some(s) = whole.sample.as_mut() {
+            (s.dirty_set_pages, s.dirty_set_half_pages, s.window_ms) = (5000, 5000, 500);
+            s.delta_ratio = Some(0.05);
+        }
+        let deltas = VmFacts {
+            delta: true,
+            ..whole.clone()
+        };
+        assert_eq!(deltas.first_pass_bytes(true), whole.first_pass_bytes(true));
+        // A round's resent pages cost 5% as deltas (after compression alike).
+        let (d, w) = (deltas.dirtied_in(0.5, true), whole.dirtied_in(0.5, true));
+        assert!((d - 0.05 * w).abs() < 1.0, "{d} against {w}");
+        assert!(deltas.resend_bytes(rate, true) < 0.1 * whole.resend_bytes(rate, true));
+        assert!(deltas.dirty_bytes_per_s(false) < whole.dirty_bytes_per_s(false));
+        // No page seen written twice: nothing known, resent whole.
+        let unknown = VmFacts {
+            sample: whole.sample.clone().map(|s| VmSample {
+                delta_ratio: None,
+                ..s
+            }),
+            ..deltas
+        };
+        assert_eq!(unknown.dirtied_in(0.5, true), w);
     }
 }

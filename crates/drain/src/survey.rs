@@ -163,6 +163,7 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
             name: v.name,
             memory: v.memory,
             sample,
+            delta: o.request.sends_deltas(),
         })
         .collect()
 }

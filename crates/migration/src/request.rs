@@ -115,7 +115,21 @@ pub fn min_bandwidth(peer_timeout: Duration) -> u64 {
     min
 }
 
+/// Whether a migration sends re-sent pages as deltas: asked for (`delta`), and not on the
+/// direct transport, whose pages go from guest RAM to the socket untouched.
+pub fn sends_deltas(delta: bool, transport: Transport) -> bool {
+    delta && transport != Transport::Direct
+}
+
 impl MigrateRequest {
+    /// Whether this request's migration sends re-sent pages as deltas.
+    pub fn sends_deltas(&self) -> bool {
+        sends_deltas(
+            self.delta != Some(false),
+            self.transport.unwrap_or(Transport::Tcp),
+        )
+    }
+
     pub fn new(to: impl Into<String>) -> Self {
         MigrateRequest {
             to: to.into(),

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vmm::dirty::SlotBitmap;
 use vmm::memory::{data_extents, is_zero, PAGE_SIZE};
 use vmm::Vm;
 
@@ -37,6 +38,12 @@ pub struct VmSample {
     /// pages: how a drain learns whether dedup across its VMs can pay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fingerprint: Vec<u64>,
+    /// What a page the guest writes again costs as a delta against its earlier version, per
+    /// byte of the page (delta encoding's wire cost, [`crate::delta::encode`], or the whole
+    /// page when no delta fits): measured on up to [`DELTA_PROBE_PAGES`] pages written early
+    /// in the window and again later. None: no page was seen written twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_ratio: Option<f64>,
 }
 
 /// Bytes at the start of a page that decide whether it is in a fingerprint.
@@ -52,6 +59,9 @@ pub const FETCH_EVERY: Duration = Duration::from_millis(50);
 
 /// Pages read for the compressibility and zero estimates.
 const SAMPLE_PAGES: u64 = 512;
+
+/// Pages written early in the window whose earlier version is kept for the delta estimate.
+pub const DELTA_PROBE_PAGES: usize = 512;
 
 /// Samples `vm` for `window` (the dirty rate needs the guest running meanwhile). The dirty log
 /// must be free: not while a migration runs.
@@ -72,7 +82,7 @@ pub fn sample(
     // write, not after it.
     let (fingerprint, d) = std::thread::scope(|sc| {
         let keys = fingerprint.then(|| sc.spawn(|| content_keys(&ram, &extents)));
-        let d = dirtying(&dirty, window);
+        let d = dirtying(&dirty, &ram, window);
         let keys = match keys {
             // A panic there is this thread's to carry on.
             Some(k) => k.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
@@ -91,6 +101,7 @@ pub fn sample(
         dirty_set_half_pages: d.half_set,
         window_ms: window.as_millis() as u64,
         fingerprint,
+        delta_ratio: d.delta_ratio,
     })
 }
 
@@ -126,12 +137,81 @@ struct Dirtying {
     rate: f64,
     set: u64,
     half_set: u64,
+    delta_ratio: Option<f64>,
 }
+
+/// Pages dirtied in the window's first period, with their content then: the base versions
+/// the delta estimate encodes the later ones against.
+struct DeltaProbe {
+    offsets: Vec<u64>,
+    content: Vec<u8>,
+    /// Which of them the guest wrote again afterwards.
+    rewritten: Vec<bool>,
+}
+
+impl DeltaProbe {
+    /// Up to [`DELTA_PROBE_PAGES`] of `maps`' dirty pages, spread evenly over them.
+    fn take(ram: &vmm::memory::GuestRam, maps: &[SlotBitmap]) -> Result<Self, MigrationError> {
+        let count: u64 = maps.iter().map(SlotBitmap::count).sum();
+        let step = usize::try_from(count / DELTA_PROBE_PAGES as u64)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let mut offsets: Vec<u64> = maps
+            .iter()
+            .flat_map(SlotBitmap::pages)
+            .step_by(step)
+            .take(DELTA_PROBE_PAGES)
+            .collect();
+        offsets.sort_unstable();
+        let mut content = vec![0u8; offsets.len() * PAGE];
+        for (off, page) in offsets.iter().zip(content.chunks_exact_mut(PAGE)) {
+            ram.read_at(*off, page)?;
+        }
+        let rewritten = vec![false; offsets.len()];
+        Ok(DeltaProbe {
+            offsets,
+            content,
+            rewritten,
+        })
+    }
+
+    /// Marks the probed pages dirty in `maps` (a later period's log).
+    fn mark(&mut self, maps: &[SlotBitmap]) {
+        for page in maps.iter().flat_map(SlotBitmap::pages) {
+            if let Ok(i) = self.offsets.binary_search(&page) {
+                self.rewritten[i] = true;
+            }
+        }
+    }
+
+    /// Wire bytes per page byte of the rewritten pages sent as deltas against their probed
+    /// versions (a whole page where no delta fits); None when none was rewritten.
+    fn ratio(&self, ram: &vmm::memory::GuestRam) -> Result<Option<f64>, MigrationError> {
+        let (mut pages, mut bytes) = (0usize, 0usize);
+        let (mut now, mut delta) = (vec![0u8; PAGE], Vec::new());
+        for (i, old) in self.content.chunks_exact(PAGE).enumerate() {
+            if !self.rewritten[i] {
+                continue;
+            }
+            ram.read_at(self.offsets[i], &mut now)?;
+            pages += 1;
+            bytes += if crate::delta::encode(old, &now, &mut delta) {
+                crate::protocol::DELTA_HEAD_LEN + delta.len()
+            } else {
+                PAGE
+            };
+        }
+        Ok((pages > 0).then(|| bytes as f64 / (pages * PAGE) as f64))
+    }
+}
+
+const PAGE: usize = PAGE_SIZE as usize;
 
 /// Logs the guest's writes for `window`, reading (and re-arming) the log every
 /// [`FETCH_EVERY`]: the rate per period, and the distinct pages over the window.
 fn dirtying(
     dirty: &std::sync::Mutex<vmm::dirty::DirtyLog>,
+    ram: &vmm::memory::GuestRam,
     window: Duration,
 ) -> Result<Dirtying, MigrationError> {
     {
@@ -147,6 +227,7 @@ fn dirtying(
     let mut union: Vec<Vec<u64>> = Vec::new();
     let mut counted = 0u64;
     let mut half_set = None;
+    let mut probe: Option<DeltaProbe> = None;
     let result: Result<(), MigrationError> = loop {
         std::thread::sleep(FETCH_EVERY.min(window));
         let d = locks::lock(dirty);
@@ -156,6 +237,14 @@ fn dirtying(
         };
         if let Some(e) = maps.iter().find_map(|m| d.clear(m).err()) {
             break Err(e.into());
+        }
+        drop(d);
+        match &mut probe {
+            Some(p) => p.mark(&maps),
+            None => match DeltaProbe::take(ram, &maps) {
+                Ok(p) => probe = Some(p),
+                Err(e) => break Err(e),
+            },
         }
         for (i, m) in maps.iter().enumerate() {
             counted += m.count();
@@ -177,10 +266,15 @@ fn dirtying(
     locks::lock(dirty).disable()?;
     result?;
     let set = popcount(&union);
+    let delta_ratio = match probe {
+        Some(p) => p.ratio(ram)?,
+        None => None,
+    };
     Ok(Dirtying {
         rate: counted as f64 / secs.max(1e-3),
         set,
         half_set: half_set.unwrap_or(set),
+        delta_ratio,
     })
 }
 

@@ -106,9 +106,17 @@ impl LivemigHosts {
         Ok(())
     }
 
-    /// What sampling found of every VM (for QEMU's rows and the model).
+    /// What sampling found of every VM (for QEMU's rows and the model), as QEMU sends it:
+    /// re-sent pages whole (its XBZRLE is off by default).
     pub fn facts(&self) -> Vec<VmFacts> {
-        let mut f: Vec<VmFacts> = self.facts.values().cloned().collect();
+        let mut f: Vec<VmFacts> = self
+            .facts
+            .values()
+            .map(|v| VmFacts {
+                delta: false,
+                ..v.clone()
+            })
+            .collect();
         f.sort_by(|a, b| a.name.cmp(&b.name));
         f
     }
@@ -155,7 +163,8 @@ impl LivemigHosts {
         }
     }
 
-    fn outcome(&mut self, r: &DrainReport) -> DrainOutcome {
+    /// The drain's outcome; `delta`: its migrations sent re-sent pages as deltas.
+    fn outcome(&mut self, r: &DrainReport, delta: bool) -> DrainOutcome {
         let vms = r
             .vms
             .iter()
@@ -181,6 +190,7 @@ impl LivemigHosts {
                 name: v.name.clone(),
                 memory: v.memory,
                 sample: v.sample.clone(),
+                delta,
             })
             .collect();
         for f in facts.iter().filter(|f| f.sample.is_some()) {
@@ -223,6 +233,6 @@ impl Drainer for LivemigHosts {
         let opts = self.options(cfg, route, from, to);
         let r =
             drain::drain(&opts).map_err(|e| step(format!("drain {}", cfg.name))(e.to_string()))?;
-        Ok(self.outcome(&r))
+        Ok(self.outcome(&r, opts.request.sends_deltas()))
     }
 }

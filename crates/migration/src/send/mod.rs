@@ -385,7 +385,7 @@ struct Counting {
 /// The delta cache for this migration: None with `--no-delta` or on the direct transport,
 /// whose pages go from guest RAM to the socket untouched.
 fn delta_cache(opts: &MigrateOptions, ram_bytes: u64) -> Option<delta_cache::DeltaCache> {
-    (opts.delta && opts.transport != Transport::Direct)
+    crate::request::sends_deltas(opts.delta, opts.transport)
         .then(|| delta_cache::DeltaCache::new(ram_bytes, opts.delta_cache))
 }
 

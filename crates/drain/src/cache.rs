@@ -3,6 +3,7 @@
 use host::api::CacheInfo;
 use migration::protocol::Transport;
 
+use crate::predict::VmFacts;
 use crate::run::Planned;
 use crate::survey::Survey;
 use crate::DrainOptions;
@@ -32,6 +33,48 @@ pub fn shared_share(fingerprints: &[Option<&[u64]>]) -> Option<f64> {
     } else {
         1.0 - seen.len() as f64 / total as f64
     })
+}
+
+/// For VMs going, in this order, to one destination with a page cache: the share of each
+/// one's fingerprint keys an earlier one had, whose pages are in the cache by the time it
+/// goes (the first one to a cache runs alone until its copy is done, [`waits_for_seed`]).
+/// An unsampled VM expects none and adds none.
+pub fn hits_in_order(fingerprints: &[Option<&[u64]>]) -> Vec<f64> {
+    let mut held = std::collections::HashSet::<u64>::new();
+    fingerprints
+        .iter()
+        .map(|fp| {
+            let Some(fp) = fp else {
+                return 0.0;
+            };
+            let mine: std::collections::HashSet<u64> = fp.iter().copied().collect();
+            let hits = mine.iter().filter(|k| held.contains(k)).count();
+            held.extend(mine.iter().copied());
+            if mine.is_empty() {
+                0.0
+            } else {
+                hits as f64 / mine.len() as f64
+            }
+        })
+        .collect()
+}
+
+/// Sets [`VmFacts::cached`] of `vms` (all bound for one destination, in the order they go)
+/// as a page cache there would serve them: none when their memory repeats too little for
+/// [`open`] to ask for one.
+pub fn expect_hits(vms: &mut [VmFacts]) {
+    let fps: Vec<Option<&[u64]>> = vms
+        .iter()
+        .map(|v| v.sample.as_ref().map(|x| &x.fingerprint[..]))
+        .collect();
+    let hits = if shared_share(&fps).is_some_and(|f| f < MIN_SHARED) {
+        vec![0.0; vms.len()]
+    } else {
+        hits_in_order(&fps)
+    };
+    for (v, h) in vms.iter_mut().zip(hits) {
+        v.cached = h;
+    }
 }
 
 /// The cache a destination gets: what was asked for, within the room its planned VMs leave;
@@ -118,6 +161,18 @@ mod tests {
         let three = shared_share(&[Some(&a), Some(&a), Some(&a)]).unwrap();
         assert!((three - 2.0 / 3.0).abs() < 1e-9, "{three}");
         assert_eq!(shared_share(&[Some(&a), None]), None);
+    }
+
+    #[test]
+    fn a_vm_expects_the_keys_earlier_vms_brought() {
+        let (a, b, c) = ([1u64, 2, 3, 4], [3u64, 4, 5, 6], [1u64, 2, 5, 6]);
+        let hits = hits_in_order(&[Some(&a), Some(&b), None, Some(&c)]);
+        assert_eq!(hits, vec![0.0, 0.5, 0.0, 1.0]);
+        // One image: every VM after the first finds its OS pages there.
+        assert_eq!(hits_in_order(&[Some(&a), Some(&a)]), vec![0.0, 1.0]);
+        assert!(hits_in_order(&[Some(&[]), Some(&a)])
+            .iter()
+            .all(|h| *h == 0.0));
     }
 
     #[test]

@@ -224,6 +224,7 @@ mod tests {
                 delta_ratio: None,
             }),
             delta: false,
+            cached: 0.0,
         }
     }
 

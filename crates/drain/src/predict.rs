@@ -15,7 +15,14 @@ pub struct VmFacts {
     /// Its migration sends re-sent pages as deltas (tcp and compressed, unless turned off):
     /// they cost the sample's [`VmSample::delta_ratio`] of a page.
     pub delta: bool,
+    /// Share of its non-zero pages the destination will hold when it arrives (dedup across
+    /// the drain's VMs, [`crate::cache::expect_hits`]): they go as references.
+    pub cached: f64,
 }
+
+/// Wire bytes of a page sent as a reference to the destination's page cache: its entry and
+/// where-and-hash.
+const REF_BYTES: f64 = (8 + migration::protocol::REF_HEAD_LEN) as f64;
 
 /// Fixed cost of one migration beyond its bytes (connect, prepare, switchover).
 pub const OVERHEAD_S: f64 = 0.15;
@@ -24,13 +31,14 @@ const MAX_MODEL_ROUNDS: usize = 64;
 
 impl VmFacts {
     /// Bytes the first pass puts on the wire: touched non-zero pages, compressed if the
-    /// transport compresses.
+    /// transport compresses, but references for those the destination holds.
     pub fn first_pass_bytes(&self, compressed: bool) -> f64 {
         let Some(s) = &self.sample else {
             return self.memory as f64;
         };
         let data = s.touched_bytes as f64 * (1.0 - s.zero_fraction.clamp(0.0, 1.0));
-        data * self.ratio(compressed)
+        let cached = self.cached.clamp(0.0, 1.0);
+        data * (1.0 - cached) * self.ratio(compressed) + data * cached / 4096.0 * REF_BYTES
     }
 
     fn ratio(&self, compressed: bool) -> f64 {
@@ -187,6 +195,7 @@ mod tests {
                 delta_ratio: None,
             }),
             delta: false,
+            cached: 0.0,
         }
     }
 
@@ -231,6 +240,20 @@ mod tests {
         let hot = vm(1 << 30, 0.0, 1.0, 1e6);
         assert!(hot.is_hot(rate, false) && !quiet.is_hot(rate, false));
         assert!(hot.predict_secs(rate, false).is_finite());
+    }
+
+    #[test]
+    fn pages_the_destination_holds_cost_a_reference() {
+        let v = vm(1 << 30, 0.5, 0.5, 0.0);
+        let half = VmFacts {
+            cached: 0.5,
+            ..v.clone()
+        };
+        let refs = (1u64 << 17) as f64 / 2.0 * REF_BYTES;
+        assert_eq!(half.first_pass_bytes(true), (1u64 << 27) as f64 + refs);
+        assert_eq!(half.first_pass_bytes(false), (1u64 << 28) as f64 + refs);
+        let all = VmFacts { cached: 1.0, ..v };
+        assert_eq!(all.first_pass_bytes(true), 2.0 * refs);
     }
 
     #[test]

@@ -31,7 +31,34 @@ const REFILL_GRACE: Duration = Duration::from_millis(250);
 /// A page of guest RAM, as progress counts pages.
 const PAGE: u64 = 4096;
 /// Window `auto` is assumed to settle at per destination, for the ETA.
-const AUTO_ETA_WINDOW: usize = 2;
+pub(crate) const AUTO_ETA_WINDOW: usize = 2;
+
+/// The survey's facts with the page-cache hits each VM can expect when the VMs go in `order`
+/// (none when the drain uses no caches).
+fn with_cache_hits(
+    o: &DrainOptions,
+    s: &Survey,
+    order: &[usize],
+    placement: &[Result<usize, String>],
+) -> Vec<crate::predict::VmFacts> {
+    let mut vms = s.vms.clone();
+    if !crate::cache::wanted(o) {
+        return vms;
+    }
+    for d in 0..s.dests.len() {
+        let going: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|i| placement[*i] == Ok(d))
+            .collect();
+        let mut mine: Vec<_> = going.iter().map(|i| vms[*i].clone()).collect();
+        crate::cache::expect_hits(&mut mine);
+        for (i, v) in going.into_iter().zip(mine) {
+            vms[i] = v;
+        }
+    }
+    vms
+}
 
 /// The plan: placement, order, predictions and ETA.
 pub struct Planned {
@@ -73,11 +100,10 @@ impl Planned {
             .into_iter()
             .map(|k| placed[k])
             .collect();
+        let vms = with_cache_hits(o, s, &order, &placement);
         let predicted = (0..s.vms.len())
             .map(|i| match &placement[i] {
-                Ok(d) if share(*d).is_finite() => {
-                    Some(s.vms[i].predict_secs(share(*d), compressed))
-                }
+                Ok(d) if share(*d).is_finite() => Some(vms[i].predict_secs(share(*d), compressed)),
                 _ => None,
             })
             .collect();
@@ -88,7 +114,7 @@ impl Planned {
                     let d = *placement[*i].as_ref().ok()?;
                     Some(SimJob {
                         dest: d,
-                        bytes: s.vms[*i].wire_bytes(share(d), compressed),
+                        bytes: vms[*i].wire_bytes(share(d), compressed),
                     })
                 })
                 .collect();

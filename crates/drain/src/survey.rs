@@ -8,7 +8,7 @@ use host::{HostClient, VmInfo};
 
 use crate::plan::DestFacts;
 use crate::predict::VmFacts;
-use crate::{DrainError, DrainOptions};
+use crate::{Concurrency, DrainError, DrainOptions};
 
 /// A destination agent and the way to it.
 pub struct Dest {
@@ -121,13 +121,27 @@ pub fn paths(o: &DrainOptions, address: &str) -> Vec<(Option<IpAddr>, String)> {
     }
 }
 
+/// Streams per path to probe a destination's link with: as many as the migrations the plan
+/// expects to it at once (a stream may be capped by something other than the link, such as
+/// one core's TLS), within what one probe may run.
+pub fn probe_streams(c: Concurrency, dests: usize, paths: usize) -> usize {
+    let at_once = match c {
+        Concurrency::Fixed(n) => n.div_ceil(dests.max(1)),
+        Concurrency::Auto => crate::run::AUTO_ETA_WINDOW,
+    };
+    at_once.clamp(1, (host::probe::MAX_PROBE_STREAMS / paths.max(1)).max(1))
+}
+
 /// Measures each destination's link from the source's agent, one at a time (so they do not
 /// share a NIC while measured). A failed probe leaves the rate unknown and says so.
 fn probe_links(o: &DrainOptions, source: &HostClient, dests: &mut [Dest]) {
+    let n = dests.len();
     for d in dests {
+        let paths = paths(o, &d.address);
+        let streams = probe_streams(o.concurrency, n, paths.len());
         let probe = source
             .waiting(Duration::from_millis(o.probe_ms * 2 + 15_000))
-            .probe(paths(o, &d.address), o.probe_ms);
+            .probe(paths, o.probe_ms, u16::try_from(streams).unwrap_or(1));
         match probe {
             Ok(r) => d.facts.rate = Some(r.bits_per_s / 8.0),
             Err(e) => tracing::warn!("could not measure the link to {}: {e}", d.name),
@@ -164,6 +178,24 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
             memory: v.memory,
             sample,
             delta: o.request.sends_deltas(),
+            // Known once the order is (crate::cache::expect_hits).
+            cached: 0.0,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_is_probed_with_as_many_streams_as_migrations_go_at_once() {
+        assert_eq!(probe_streams(Concurrency::Auto, 1, 1), 2);
+        assert_eq!(probe_streams(Concurrency::Fixed(1), 1, 1), 1);
+        assert_eq!(probe_streams(Concurrency::Fixed(3), 2, 1), 2);
+        // Within what one probe may run: two paths, two streams each.
+        assert_eq!(probe_streams(Concurrency::Fixed(8), 1, 1), 4);
+        assert_eq!(probe_streams(Concurrency::Fixed(8), 1, 2), 2);
+        assert_eq!(probe_streams(Concurrency::Fixed(8), 1, 8), 1);
+    }
 }

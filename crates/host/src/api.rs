@@ -117,6 +117,14 @@ pub enum IncomingFate {
 pub struct ProbeRequest {
     pub paths: Vec<(Option<std::net::IpAddr>, String)>,
     pub ms: u64,
+    /// Streams per path at once (default 1): the sum is what that many migrations at once
+    /// get, when something other than the link (one core's crypto) caps a stream.
+    #[serde(default = "one_stream")]
+    pub streams: u16,
+}
+
+fn one_stream() -> u16 {
+    1
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -217,8 +225,12 @@ impl HostClient {
         &self,
         paths: Vec<(Option<std::net::IpAddr>, String)>,
         ms: u64,
+        streams: u16,
     ) -> Result<ProbeResult, ApiError> {
-        self.0
-            .call("POST", "/probe", Some(json!(ProbeRequest { paths, ms })))
+        self.0.call(
+            "POST",
+            "/probe",
+            Some(json!(ProbeRequest { paths, ms, streams })),
+        )
     }
 }

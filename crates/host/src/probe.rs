@@ -11,6 +11,9 @@ use transport::Security;
 pub const MAX_PROBE: Duration = Duration::from_secs(10);
 /// Probes shorter than this measure mostly slow start.
 pub const MIN_PROBE: Duration = Duration::from_millis(200);
+/// Probe streams one request may run at once, over all its paths (a receiving agent takes
+/// as many).
+pub const MAX_PROBE_STREAMS: usize = 4;
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum ProbeError {
@@ -21,6 +24,12 @@ pub enum ProbeError {
     },
     /// probing {to}: {source}
     Io { to: String, source: std::io::Error },
+    /// {streams} probe streams over {paths} paths asked for: at most {max} in all, at least one per path
+    Streams {
+        streams: usize,
+        paths: usize,
+        max: usize,
+    },
 }
 
 /// Sends filler to `to` (from `from`, when given) for `window` after a quarter of it as
@@ -67,15 +76,26 @@ pub fn probe(
     Ok(acked_end.saturating_sub(acked) as f64 * 8.0 / secs)
 }
 
-/// Probes several paths at once (the NIC pairs of a multichannel migration); their sum.
+/// Probes several paths at once (the NIC pairs of a multichannel migration), with `streams`
+/// streams on each (as that many migrations at once would use them); their sum.
 pub fn probe_paths(
     paths: &[(Option<IpAddr>, String)],
+    streams: usize,
     window: Duration,
     security: &Security,
 ) -> Result<f64, ProbeError> {
+    let total = paths.len().saturating_mul(streams);
+    if streams == 0 || total > MAX_PROBE_STREAMS {
+        return Err(ProbeError::Streams {
+            streams: total,
+            paths: paths.len(),
+            max: MAX_PROBE_STREAMS,
+        });
+    }
     std::thread::scope(|s| {
         let runs: Vec<_> = paths
             .iter()
+            .flat_map(|p| std::iter::repeat_n(p, streams))
             .map(|(from, to)| s.spawn(move || probe(*from, to, window, security)))
             .collect();
         runs.into_iter()

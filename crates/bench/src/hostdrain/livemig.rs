@@ -114,6 +114,7 @@ impl LivemigHosts {
             .values()
             .map(|v| VmFacts {
                 delta: false,
+                cached: 0.0,
                 ..v.clone()
             })
             .collect();
@@ -183,7 +184,7 @@ impl LivemigHosts {
                 error: v.error.clone().filter(|_| v.status != drain::Status::Moved),
             })
             .collect();
-        let facts: Vec<VmFacts> = r
+        let mut facts: Vec<VmFacts> = r
             .vms
             .iter()
             .map(|v| VmFacts {
@@ -191,8 +192,19 @@ impl LivemigHosts {
                 memory: v.memory,
                 sample: v.sample.clone(),
                 delta,
+                cached: 0.0,
             })
             .collect();
+        if r.dedup_cache_bytes > 0 {
+            // One destination: its cache served the VMs in the order they started.
+            let mut by_start: Vec<usize> = (0..facts.len()).collect();
+            by_start.sort_by_key(|&i| r.vms[i].start_ms.unwrap_or(u64::MAX));
+            let mut going: Vec<VmFacts> = by_start.iter().map(|&i| facts[i].clone()).collect();
+            drain::cache::expect_hits(&mut going);
+            for (i, v) in by_start.into_iter().zip(going) {
+                facts[i] = v;
+            }
+        }
         for f in facts.iter().filter(|f| f.sample.is_some()) {
             self.facts.insert(f.name.clone(), f.clone());
         }

@@ -333,8 +333,12 @@ impl Agent {
 
     fn probe(&self, r: &ProbeRequest) -> Reply {
         let window = Duration::from_millis(r.ms);
-        let bits = crate::probe::probe_paths(&r.paths, window, &self.cfg.security)
-            .map_err(|e| (502, e.to_string()))?;
+        let bits =
+            crate::probe::probe_paths(&r.paths, usize::from(r.streams), window, &self.cfg.security)
+                .map_err(|e| match e {
+                    crate::probe::ProbeError::Streams { .. } => (400, e.to_string()),
+                    e => (502, e.to_string()),
+                })?;
         Ok(json!(ProbeResult { bits_per_s: bits }))
     }
 }

@@ -144,8 +144,9 @@ const MAX_REDIRECTED: usize = 64;
 /// At most this many early page streams wait for their migration at once.
 const MAX_PARKED: usize = 4 * MAX_STREAMS as usize;
 
-/// At most this many link probes run at once, each for at most [`MAX_PROBE_TIME`].
-const MAX_PROBES: usize = 2;
+/// At most this many link probes run at once, each for at most [`MAX_PROBE_TIME`] (the
+/// streams of one probing agent: two paths, two streams on each).
+const MAX_PROBES: usize = 4;
 const MAX_PROBE_TIME: Duration = Duration::from_secs(30);
 /// Memory a probe lands its bytes in, freed and refilled in turn.
 const PROBE_LANDING: u64 = 64 << 20;

@@ -2,12 +2,13 @@
 //! ([`testbed`]), raw link goodput and interface counters ([`netns`]), the VMMs compared
 //! ([`peer`]: livemig, and QEMU over QMP in [`qemu`]), the child processes they run as
 //! ([`child`]), and the report ([`table`], [`chart`]). [`transports`] is `livemig bench
-//! transports`.
+//! transports`; [`mechanisms`] is `livemig bench mechanisms`.
 // Figures here are rates and times in f64, cast back to counts for display: `as` saturates,
 // and nothing here addresses memory or parses the wire.
 #![allow(clippy::cast_sign_loss)]
 pub mod chart;
 pub mod hostdrain;
+pub mod mechanisms;
 pub mod netns;
 pub mod peer;
 pub mod qemu;

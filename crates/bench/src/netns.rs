@@ -28,6 +28,21 @@ pub enum NetnsError {
     NoDevice { ns: String, dev: String },
     #[error("a measurement thread panicked")]
     Panicked,
+    #[error("{what}: {source}")]
+    Work {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl NetnsError {
+    /// What a measurement thread was doing when `e` happened.
+    pub fn work(what: &str) -> impl Fn(std::io::Error) -> NetnsError + '_ {
+        move |source| NetnsError::Work {
+            what: what.to_string(),
+            source,
+        }
+    }
 }
 
 /// Moves the calling thread (only) into network namespace `ns`.

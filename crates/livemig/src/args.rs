@@ -325,6 +325,45 @@ pub struct TransportsArgs {
     pub keep_testbed: bool,
 }
 
+#[derive(clap::Args)]
+pub struct MechanismsArgs {
+    /// The testbed link to send over.
+    #[arg(long, default_value = "10g-1")]
+    pub link: String,
+    /// Bytes each run sends (filler that neither compresses nor is zero).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Runs of every mechanism, interleaved.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub runs: u16,
+    /// Testbed namespaces <name>-a and <name>-b (brought up if missing, removed afterwards).
+    #[arg(long, default_value = "livemig")]
+    pub testbed: String,
+    /// Shrink every link's rate by this factor (0 < scale <= 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Directory for bench.json.
+    #[arg(long, default_value = "livemig-bench")]
+    pub out: PathBuf,
+    /// Leave the testbed up afterwards even if this run created it.
+    #[arg(long)]
+    pub keep_testbed: bool,
+}
+
+impl MechanismsArgs {
+    pub fn options(&self) -> bench::mechanisms::MechanismsOptions {
+        bench::mechanisms::MechanismsOptions {
+            testbed: self.testbed.clone(),
+            scale: self.scale,
+            link: self.link.clone(),
+            bytes: self.size,
+            runs: usize::from(self.runs),
+            out: self.out.clone(),
+            keep_testbed: self.keep_testbed,
+        }
+    }
+}
+
 impl TransportsArgs {
     pub fn options(self, livemig: PathBuf) -> bench::transports::TransportsOptions {
         bench::transports::TransportsOptions {

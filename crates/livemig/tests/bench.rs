@@ -112,3 +112,50 @@ fn bench_transports_smoke_has_every_row_verified() {
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["present"], false);
 }
+
+/// `livemig bench mechanisms` moves every byte intact by each mechanism (the bench checks the
+/// landed RAM's hash against the source's and fails otherwise) and reports each one.
+#[test]
+fn bench_mechanisms_lands_every_byte_by_each_mechanism() {
+    let test = "bench_mechanisms_lands_every_byte_by_each_mechanism";
+    if !root_or_skip(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["bench", "mechanisms", "--size", "64M", "--runs", "1"])
+        .args(["--testbed", "lmmech", "--scale", "0.25", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+    let rows = b["rows"].as_array().unwrap();
+    let combos: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["send"].as_str().unwrap(), r["landing"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        combos,
+        [
+            ("copy", "splice"),
+            ("sendfile", "splice"),
+            ("zerocopy", "splice"),
+            ("sendfile", "splice-fallocated"),
+            ("sendfile", "read"),
+        ]
+    );
+    for r in rows {
+        assert!(r["gbps"]["median"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["send_cpu_s_per_gib"]["median"].as_f64().unwrap() >= 0.0,
+            "{r}"
+        );
+    }
+    assert!(rows[2]["trials"][0]["sent_by"].is_string(), "{}", rows[2]);
+    assert!(stdout.contains("sendfile / copy"), "{stdout}");
+}

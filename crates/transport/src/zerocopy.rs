@@ -99,6 +99,12 @@ impl<'a> ZeroCopy<'a> {
         Ok(())
     }
 
+    /// Zero-copy sends issued so far (each sendmsg call is one; [`Self::copied`] of them the
+    /// kernel reported copying).
+    pub fn issued(&self) -> u64 {
+        self.issued
+    }
+
     /// Whether the data should go by [`Self::send_file`]: the kernel copied zero-copy sends.
     pub fn prefers_file(&self) -> bool {
         self.plain

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 mod common;
-use common::{kvm_or_skip, root_or_skip, BIN};
+use common::{kvm_or_skip, root_or_skip, run_bench, BIN};
 
 const LIVEMIG_ROWS: [(&str, &str); 8] = [
     ("tcp", "1g-1"),
@@ -53,14 +53,7 @@ fn bench_transports_smoke_has_every_row_verified() {
     if qemu {
         cmd.args(["--peer", "qemu"]);
     }
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
-
-    let b: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+    let (stdout, b) = run_bench(&mut cmd, dir.path());
     let rows = b["rows"].as_array().unwrap();
     let mut want: Vec<(&str, &str, &str)> = LIVEMIG_ROWS
         .iter()
@@ -122,18 +115,11 @@ fn bench_mechanisms_lands_every_byte_by_each_mechanism() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["bench", "mechanisms", "--size", "64M", "--runs", "1"])
+    let mut cmd = Command::new(BIN);
+    cmd.args(["bench", "mechanisms", "--size", "64M", "--runs", "1"])
         .args(["--testbed", "lmmech", "--scale", "0.25", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
-    let b: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+        .arg(dir.path());
+    let (stdout, b) = run_bench(&mut cmd, dir.path());
     let rows = b["rows"].as_array().unwrap();
     let combos: Vec<(&str, &str)> = rows
         .iter()

@@ -5,7 +5,7 @@
 use std::process::Command;
 
 mod common;
-use common::{kvm_or_skip, root_or_skip, BIN};
+use common::{kvm_or_skip, root_or_skip, run_bench, BIN};
 
 const LIVEMIG_ROWS: [(&str, &str); 5] = [
     ("tcp c2 (unoptimised)", "1g-1"),
@@ -50,14 +50,7 @@ fn bench_drain_smoke_has_every_row_verified() {
     if qemu {
         cmd.args(["--peer", "qemu"]);
     }
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
-
-    let b: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+    let (stdout, b) = run_bench(&mut cmd, dir.path());
     let rows = b["rows"].as_array().unwrap();
     let mut want: Vec<(&str, &str, &str)> = LIVEMIG_ROWS
         .iter()

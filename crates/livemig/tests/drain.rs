@@ -15,14 +15,6 @@ use host::child::AgentProcess;
 use host::{HostClient, VmInfo};
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An agent named `name` on a free port of 127.0.0.1, with the test cluster's credentials.
 fn agent(dir: &Path, name: &str, args: &[&str]) -> (AgentProcess, String) {
     agent_with(&livemig_exe(), dir, name, args)

@@ -12,18 +12,11 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    kvm_or_skip, livemig, livemig_exe, root_or_skip, tls_env, wait, Livemig, VmProcess, BIN,
+    free_port, kvm_or_skip, livemig, livemig_exe, root_or_skip, tls_env, wait, Livemig, VmProcess,
+    BIN,
 };
 use migration::Progress;
 use vmm::api::Client;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn vm_args(workload: &str, memory: &str, console: &Path) -> Vec<String> {
     [

@@ -10,17 +10,9 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    build_foreign_kernel, kvm_or_skip, livemig, livemig_exe, wait, KillOnDrop, Livemig, VmProcess,
-    BIN,
+    build_foreign_kernel, free_port, kvm_or_skip, livemig, livemig_exe, wait, KillOnDrop, Livemig,
+    VmProcess, BIN,
 };
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn source(dir: &Path, workload: &str, memory: &str) -> (VmProcess, PathBuf) {
     let api = dir.join("src.sock");

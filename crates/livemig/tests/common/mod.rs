@@ -97,6 +97,36 @@ pub fn livemig(args: &[&str]) -> Output {
         .expect("livemig runs")
 }
 
+/// A port on 127.0.0.1 nothing listens on, for a listener a test starts next. It lies below
+/// the kernel's ephemeral range (32768 and up by default): a port there can be handed to some
+/// outgoing connection between this check and the listener's bind. Never the same twice in
+/// one test binary, whose tests run at once.
+pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Test binaries run one after another; the pid spreads them over the range anyway.
+        let port = 20_000 + (std::process::id().wrapping_mul(7919).wrapping_add(n) % 12_000);
+        let port = u16::try_from(port).expect("below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Runs a bench command to the end, fails the test with its output if it failed, and returns
+/// what it printed and the bench.json it wrote into `out`.
+pub fn run_bench(cmd: &mut Command, out: &Path) -> (String, serde_json::Value) {
+    let o = cmd.output().expect("livemig bench runs");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    println!("{stdout}");
+    assert!(o.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let json = std::fs::read(out.join("bench.json")).expect("the bench wrote bench.json");
+    let b = serde_json::from_slice(&json).expect("bench.json is JSON");
+    (stdout, b)
+}
+
 /// Builds the foreign PVH guest (tests/fixtures/hello_pvh.S) with the host C compiler.
 pub fn build_foreign_kernel(dir: &Path) -> PathBuf {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");

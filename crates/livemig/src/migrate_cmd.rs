@@ -38,7 +38,7 @@ struct Slot {
 /// | GET    | /vm/migration   |                      | [`Progress`] (renews the client's lease) |
 /// | DELETE | /vm/migration   |                      | cancels; 409 past the point of no return |
 /// | PATCH  | /vm/migration   | `{"max_bandwidth"}`  | re-paces the migration under way         |
-/// | POST   | /vm/sample      | `{"ms": N, "fingerprint": B}` | `migration::sample::VmSample`: touched, zero, compress, dirty rate, content fingerprint |
+/// | POST   | /vm/sample      | `{"ms": N, "fingerprint": B}` | `migration::sample::VmSample`: touched, zero, compress, dirty rate, content fingerprint, what a rewritten page costs as a delta |
 ///
 /// `default_security`: the credentials of this VM process, for requests that bring none.
 pub fn api_extension(default_security: Option<Security>) -> Extension {

@@ -1,5 +1,6 @@
 //! What a drain wants to know about a VM before it moves it: how much memory it touched, how
-//! well that compresses, and how fast the guest dirties it, sampled from the dirty log.
+//! well that compresses, how fast the guest dirties it (sampled from the dirty log) and what
+//! a page it writes again costs as a delta.
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};

@@ -327,3 +327,56 @@ fn content(
     };
     Ok((zero as f64 / seen.max(1) as f64, ratio))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::memory::RamRange;
+
+    fn bitmap(pages: &[u64]) -> SlotBitmap {
+        let mut bits = vec![0u64; 4];
+        for p in pages {
+            bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        SlotBitmap {
+            slot: 0,
+            range: RamRange {
+                guest: 0,
+                len: 256 * PAGE_SIZE,
+                file_offset: 0,
+            },
+            bits,
+        }
+    }
+
+    #[test]
+    fn a_rewritten_page_costs_its_delta_and_one_past_deltas_costs_a_page() {
+        let ram = vmm::memory::GuestRam::new(64 << 20).unwrap();
+        for p in 0..8 {
+            ram.write_at(p * PAGE_SIZE, &[p as u8 + 1; PAGE]).unwrap();
+        }
+        let mut probe = DeltaProbe::take(&ram, &[bitmap(&[1, 2, 3, 5])]).unwrap();
+        assert_eq!(probe.offsets, [1, 2, 3, 5].map(|p| p * PAGE_SIZE));
+        // Page 1 gets one new word, page 2 all new words; page 3 is written with what it held,
+        // page 5 is not written again, page 6 was not probed.
+        ram.write_at(PAGE_SIZE + 64, &[0xee; 8]).unwrap();
+        ram.write_at(2 * PAGE_SIZE, &[0x55; PAGE]).unwrap();
+        probe.mark(&[bitmap(&[1, 2, 3, 6])]);
+        assert_eq!(probe.rewritten, [true, true, true, false]);
+        let one_word = crate::protocol::DELTA_HEAD_LEN + 4 + 8;
+        let empty = crate::protocol::DELTA_HEAD_LEN;
+        let want = (one_word + PAGE + empty) as f64 / (3 * PAGE) as f64;
+        let got = probe.ratio(&ram).unwrap().unwrap();
+        assert!((got - want).abs() < 1e-9, "{got} against {want}");
+    }
+
+    #[test]
+    fn nothing_written_twice_says_nothing() {
+        let ram = vmm::memory::GuestRam::new(64 << 20).unwrap();
+        let mut probe = DeltaProbe::take(&ram, &[bitmap(&[0, 9])]).unwrap();
+        probe.mark(&[bitmap(&[10])]);
+        assert_eq!(probe.ratio(&ram).unwrap(), None);
+        let none = DeltaProbe::take(&ram, &[bitmap(&[])]).unwrap();
+        assert_eq!(none.ratio(&ram).unwrap(), None);
+    }
+}

@@ -103,3 +103,28 @@ pub fn probe_paths(
             .sum::<Result<f64, _>>()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_runs_at_least_one_stream_per_path_and_at_most_four_in_all() {
+        let paths = vec![(None, "127.0.0.1:9".to_string()); 2];
+        let window = Duration::from_millis(200);
+        for streams in [0, 3] {
+            let e = probe_paths(&paths, streams, window, &Security::Insecure).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ProbeError::Streams {
+                        paths: 2,
+                        max: MAX_PROBE_STREAMS,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+    }
+}

@@ -462,6 +462,27 @@ fn kvm_agent_refuses_a_source_outside_the_cluster() {
     }
 }
 
+/// A link probe through the agent's API: two streams measure; more streams than a probe may
+/// run, or none, are refused with a 400 that says so, and the agent goes on serving.
+#[test]
+fn kvm_agent_probe_takes_two_streams_and_refuses_too_many() {
+    if !kvm_or_skip("kvm_agent_probe_takes_two_streams_and_refuses_too_many") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (_b, listen_b) = agent(d.path(), "b", &[]);
+    let client = HostClient::new(&a.sock).waiting(Duration::from_secs(30));
+    let paths = || vec![(None, listen_b.clone())];
+    let two = client.probe(paths(), 300, 2).unwrap();
+    assert!(two.bits_per_s > 0.0, "{}", two.bits_per_s);
+    for streams in [0, 5] {
+        let e = client.probe(paths(), 300, streams).unwrap_err().to_string();
+        assert!(e.contains("400") && e.contains("probe streams"), "{e}");
+    }
+    assert!(list(&a).is_empty());
+}
+
 #[test]
 fn kvm_agent_survives_a_dead_vm_and_finds_its_vms_after_a_restart() {
     if !kvm_or_skip("kvm_agent_survives_a_dead_vm_and_finds_its_vms_after_a_restart") {

@@ -26,16 +26,24 @@ pub struct Scenario {
 /// The predicted makespan, seconds. Each migration's resent bytes are those of its share of
 /// the link when all run at once.
 pub fn makespan(s: &Scenario) -> f64 {
+    simulate(&jobs(s), &[s.link], s.concurrency, usize::MAX)
+}
+
+/// The bytes the scenario's migrations are predicted to put on the wire.
+pub fn wire_bytes(s: &Scenario) -> f64 {
+    jobs(s).iter().map(|j| j.bytes).sum()
+}
+
+/// Each VM's migration, with its bytes at its share of the link when all run at once.
+fn jobs(s: &Scenario) -> Vec<SimJob> {
     let share = s.link / s.concurrency.clamp(1, s.vms.len().max(1)) as f64;
-    let jobs: Vec<SimJob> = s
-        .vms
+    s.vms
         .iter()
         .map(|v| SimJob {
             dest: 0,
             bytes: v.wire_bytes(share, s.compressed) * s.framing,
         })
-        .collect();
-    simulate(&jobs, &[s.link], s.concurrency, usize::MAX)
+        .collect()
 }
 
 /// One of the reference's scenarios: its description, its measured figure, and ours.

@@ -62,6 +62,9 @@ pub struct PlanSummary {
     /// Per destination: what its link carried when probed, bits/s.
     pub link_bits_per_s: Vec<Option<f64>>,
     pub eta_s: Option<f64>,
+    /// What the model expects the migrations to put on the wire (references for pages a
+    /// destination's cache holds, deltas for re-sent pages, compression), bytes.
+    pub wire_bytes_predicted: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -221,30 +224,47 @@ impl DrainReport {
 
 impl DrainReport {
     /// The plan as a table: VMs in the order they leave, where they go, what sampling found,
-    /// and the predicted time of each; then the concurrency, the links and the ETA.
+    /// and the predicted time of each; then the concurrency, the links, the ETA and the bytes
+    /// expected on the wire.
     pub fn plan_table(&self) -> String {
         let mut s = format!(
-            "{:>2} {:<16} {:>7} {:>8} {:>5} {:>8} {:>10} {:<12} {:>9}\n",
-            "#", "VM", "MEMORY", "TOUCHED", "ZERO", "COMPRESS", "DIRTY MB/s", "TO", "PREDICTED"
+            "{:>2} {:<16} {:>7} {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9}\n",
+            "#",
+            "VM",
+            "MEMORY",
+            "TOUCHED",
+            "ZERO",
+            "COMPRESS",
+            "DIRTY MB/s",
+            "DELTA",
+            "TO",
+            "PREDICTED"
         );
         for (i, v) in self.vms.iter().enumerate() {
-            let (touched, zero, ratio, dirty) =
-                v.sample
-                    .as_ref()
-                    .map_or(("-".into(), "-".into(), "-".into(), "-".into()), |x| {
-                        (
-                            format!("{}M", x.touched_bytes >> 20),
-                            format!("{:.0}%", x.zero_fraction * 100.0),
-                            format!("{:.2}", x.compress_ratio),
-                            format!("{:.1}", x.dirty_pages_per_s * 4096.0 / 1e6),
-                        )
-                    });
+            let none = || {
+                [
+                    "-".to_string(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]
+            };
+            let [touched, zero, ratio, dirty, delta] = v.sample.as_ref().map_or_else(none, |x| {
+                [
+                    format!("{}M", x.touched_bytes >> 20),
+                    format!("{:.0}%", x.zero_fraction * 100.0),
+                    format!("{:.2}", x.compress_ratio),
+                    format!("{:.1}", x.dirty_pages_per_s * 4096.0 / 1e6),
+                    x.delta_ratio.map_or("-".into(), |d| format!("{d:.2}")),
+                ]
+            });
             let to = match v.status {
                 Status::Planned | Status::Moved => v.destination.clone().unwrap_or_default(),
                 st => format!("{st:?}").to_lowercase(),
             };
             s += &format!(
-                "{:>2} {:<16} {:>6}M {:>8} {:>5} {:>8} {:>10} {:<12} {:>9}\n",
+                "{:>2} {:<16} {:>6}M {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9}\n",
                 i + 1,
                 v.name,
                 v.memory >> 20,
@@ -252,6 +272,7 @@ impl DrainReport {
                 zero,
                 ratio,
                 dirty,
+                delta,
                 to,
                 v.predicted_s.map_or("-".into(), |p| format!("{p:.1} s"))
             );
@@ -266,14 +287,17 @@ impl DrainReport {
             })
             .collect();
         s += &format!(
-            "order {:?}, concurrency {} ({} at once), links: {}, ETA {}\n",
+            "order {:?}, concurrency {} ({} at once), links: {}, ETA {}{}\n",
             self.plan.order,
             self.plan.concurrency,
             self.plan.concurrency_used,
             links.join(", "),
             self.plan
                 .eta_s
-                .map_or("unknown (links unmeasured)".into(), |e| format!("{e:.1} s"))
+                .map_or("unknown (links unmeasured)".into(), |e| format!("{e:.1} s")),
+            self.plan
+                .wire_bytes_predicted
+                .map_or(String::new(), |b| format!(", {} MiB on the wire", b >> 20))
         );
         for v in self.vms.iter().filter(|v| v.status.left_behind()) {
             if let Some(e) = &v.error {
@@ -281,5 +305,60 @@ impl DrainReport {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(name: &str, sample: Option<migration::sample::VmSample>) -> VmOutcome {
+        VmOutcome {
+            name: name.into(),
+            memory: 512 << 20,
+            destination: Some("b".into()),
+            status: Status::Planned,
+            guest_verified: false,
+            attempts: 0,
+            start_ms: None,
+            end_ms: None,
+            predicted_s: Some(3.25),
+            sample,
+            error: None,
+            earlier_errors: Vec::new(),
+            report: None,
+        }
+    }
+
+    #[test]
+    fn the_plan_says_what_each_vm_rewrites_and_what_the_drain_will_send() {
+        let sample = migration::sample::VmSample {
+            memory_bytes: 512 << 20,
+            touched_bytes: 300 << 20,
+            zero_fraction: 0.25,
+            compress_ratio: 0.5,
+            delta_ratio: Some(0.04),
+            ..Default::default()
+        };
+        let plan = PlanSummary {
+            order: crate::plan::Order::Auto,
+            concurrency: "auto".into(),
+            concurrency_used: 2,
+            link_bits_per_s: vec![Some(1e9)],
+            eta_s: Some(12.5),
+            wire_bytes_predicted: Some(900 << 20),
+        };
+        let vms = vec![planned("sql1", Some(sample)), planned("idle2", None)];
+        let r = DrainReport::new("a".into(), vec!["b".into()], plan, vms, 0, 0, false);
+        let t = r.plan_table();
+        let line = |n: &str| t.lines().find(|l| l.contains(n)).unwrap().to_string();
+        assert!(line("DELTA").contains("PREDICTED"), "{t}");
+        let sql = line("sql1");
+        assert!(
+            sql.contains("300M") && sql.contains("0.04") && sql.contains("3.2 s"),
+            "{t}"
+        );
+        assert!(line("idle2").contains(" - "), "{t}");
+        assert!(t.contains("ETA 12.5 s, 900 MiB on the wire"), "{t}");
     }
 }

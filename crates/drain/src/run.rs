@@ -66,6 +66,8 @@ pub struct Planned {
     pub placement: Vec<Result<usize, String>>,
     pub predicted: Vec<Option<f64>>,
     pub eta_s: Option<f64>,
+    /// Bytes the model expects the migrations to put on the wire (None: a link unmeasured).
+    pub wire_bytes: Option<f64>,
 }
 
 impl Planned {
@@ -107,8 +109,9 @@ impl Planned {
                 _ => None,
             })
             .collect();
-        let eta_s = dest_facts.iter().all(|d| d.rate.is_some()).then(|| {
-            let jobs: Vec<SimJob> = order
+        // Every migration in order, with the bytes the model expects it to send (links known).
+        let jobs: Option<Vec<SimJob>> = dest_facts.iter().all(|d| d.rate.is_some()).then(|| {
+            order
                 .iter()
                 .filter_map(|i| {
                     let d = *placement[*i].as_ref().ok()?;
@@ -117,16 +120,19 @@ impl Planned {
                         bytes: vms[*i].wire_bytes(share(d), compressed),
                     })
                 })
-                .collect();
+                .collect()
+        });
+        let eta_s = jobs.as_ref().map(|jobs| {
             let links: Vec<f64> = dest_facts.iter().map(|d| d.rate.unwrap_or(1.0)).collect();
             let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
-            plan::simulate(&jobs, &links, window, inbound)
+            plan::simulate(jobs, &links, window, inbound)
         });
         Planned {
             order,
             placement,
             predicted,
             eta_s,
+            wire_bytes: jobs.map(|j| j.iter().map(|x| x.bytes).sum()),
         }
     }
 
@@ -141,6 +147,9 @@ impl Planned {
                 .map(|d| d.facts.rate.map(|r| r * 8.0))
                 .collect(),
             eta_s: self.eta_s,
+            // Finite and non-negative; `as` saturates.
+            #[allow(clippy::cast_sign_loss)]
+            wire_bytes_predicted: self.wire_bytes.map(|b| b as u64),
         }
     }
 

@@ -265,6 +265,9 @@ pub struct DrainRow {
     pub predicted_makespan_ms: u64,
     /// (measured − predicted) / measured.
     pub model_error: f64,
+    /// Bytes the model expects on the wire (payload: references, deltas and compression
+    /// counted; `wire_bytes` also counts headers).
+    pub predicted_wire_bytes: u64,
     pub ram_bytes: u64,
     pub ram_gib_per_s: f64,
     /// What the sending interfaces counted (payload and headers).
@@ -467,6 +470,7 @@ impl Bench<'_> {
             p.min(self.goodput(&route.name()).0)
         });
         r.predicted_makespan_ms = (predict(cfg, out, link) * 1e3) as u64;
+        r.predicted_wire_bytes = model::wire_bytes(&scenario(cfg, out, link)) as u64;
         r.model_error = (r.makespan_ms as f64 - r.predicted_makespan_ms as f64) / secs / 1e3;
         r.timeline = out.vms.clone();
         let n = |p: &str| out.detail.pointer(p).and_then(serde_json::Value::as_u64);
@@ -504,6 +508,7 @@ impl Bench<'_> {
             verified: 0,
             makespan_ms: 0,
             predicted_makespan_ms: 0,
+            predicted_wire_bytes: 0,
             model_error: 0.0,
             ram_bytes: 0,
             ram_gib_per_s: 0.0,
@@ -537,14 +542,19 @@ impl Bench<'_> {
 /// over the path's measured rate at the concurrency its window settled at (`auto` passes
 /// through others briefly; the peak also counts migrations only verifying).
 pub fn predict(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> f64 {
-    out.survey_s
-        + model::makespan(&Scenario {
-            vms: out.facts.clone(),
-            link: goodput_bps / 8.0,
-            concurrency: out.concurrency_used.max(1),
-            compressed: cfg.compressed(),
-            framing: 1.0,
-        })
+    out.survey_s + model::makespan(&scenario(cfg, out, goodput_bps))
+}
+
+/// A drain's VMs as the model takes them: over the path's rate at the concurrency its window
+/// settled at.
+fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
+    Scenario {
+        vms: out.facts.clone(),
+        link: goodput_bps / 8.0,
+        concurrency: out.concurrency_used.max(1),
+        compressed: cfg.compressed(),
+        framing: 1.0,
+    }
 }
 
 /// Speedups against each peer's unoptimised row, the reference scenarios, the notes.

@@ -90,8 +90,14 @@ impl Spread {
     fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         let (min, max) = (v.first().copied(), v.last().copied());
+        let mid = v.len() / 2;
+        let median = match v.len() {
+            0 => 0.0,
+            n if n % 2 == 0 => (v[mid - 1] + v[mid]) / 2.0,
+            _ => v[mid],
+        };
         Spread {
-            median: v.get(v.len() / 2).copied().unwrap_or(0.0),
+            median,
             min: min.unwrap_or(0.0),
             max: max.unwrap_or(0.0),
         }
@@ -231,6 +237,9 @@ fn content_digest(ram: &GuestRam) -> Result<u64, vmm::memory::MemoryError> {
     Ok(h.digest())
 }
 
+/// How long either side of a transfer may wait on the other before it fails (no hang).
+const STALL: Duration = Duration::from_secs(10);
+
 /// One transfer of all of `source` from host A to host B over `route`.
 fn trial(
     route: &Route,
@@ -253,9 +262,14 @@ fn trial(
         let _ = tx.send((port, l.clone()));
         receive(&l, bytes, landing)
     });
-    let (port, listener) = rx
-        .recv()
-        .map_err(|_| step(&what)("the receiver did not start".into()))?;
+    let Ok((port, listener)) = rx.recv() else {
+        // It ended before listening: say why.
+        let why = match receiver.join() {
+            Ok(Err(e)) => e.to_string(),
+            _ => "the receiver did not start".into(),
+        };
+        return Err(step(&what)(why));
+    };
     let to = format!("{remote}:{port}");
     let src = source.clone();
     let sender = spawn_in(route.src_ns(), move || {
@@ -298,6 +312,8 @@ struct Sent {
 
 /// Sends all of `ram` on `conn` by `send`; the sending thread's CPU.
 fn send_all(mut conn: Connection, ram: &GuestRam, send: Send) -> Result<Sent, NetnsError> {
+    conn.set_peer_timeout(Some(STALL))
+        .map_err(NetnsError::work("sending"))?;
     let cpu0 = migration::thread_cpu_seconds();
     let sending = NetnsError::work("sending");
     let socket = conn
@@ -324,7 +340,7 @@ fn send_all(mut conn: Connection, ram: &GuestRam, send: Send) -> Result<Sent, Ne
             let counters = Arc::new(transport::Counters::default());
             let mut zc = ZeroCopy::new(socket, counters, None).map_err(&sending)?;
             zc.send_all(&slices).map_err(&sending)?;
-            zc.finish(Duration::from_secs(10)).map_err(&sending)?;
+            zc.finish(STALL).map_err(&sending)?;
             by = Some(format!(
                 "the kernel copied {} of {} MSG_ZEROCOPY sends",
                 zc.copied,
@@ -348,6 +364,8 @@ struct Received {
 /// receiving thread's CPU and the time from accept to the last byte.
 fn receive(l: &Listener, bytes: u64, landing: Landing) -> Result<Received, NetnsError> {
     let mut conn = l.accept().map_err(other("accepting"))?;
+    conn.set_peer_timeout(Some(STALL))
+        .map_err(NetnsError::work("landing"))?;
     let t0 = Instant::now();
     let ram = GuestRam::new(bytes).map_err(other("guest RAM"))?;
     let len = usize::try_from(bytes).map_err(other("guest RAM"))?;

@@ -75,8 +75,16 @@ pub enum DrainError {
         path: PathBuf,
         source: unixhttp::ApiError,
     },
+    /// no destination: give --to
+    NoDestination,
+    /// --network names one destination's NICs: use it with a single --to
+    NetworkWithManyDestinations,
+    /// --reserve {0}% leaves nothing for the drain
+    Reserve(f64),
+    /// destination {name} listens on {listen}: give --address HOST:PORT, the address sources reach it on
+    NoAddress { name: String, listen: String },
     /// {0}
-    Options(String),
+    Request(#[from] migration::request::RequestError),
 }
 
 /// Drains `o.from` into `o.to` (or, with `dry_run`, says how it would).
@@ -93,18 +101,13 @@ pub fn drain(o: &DrainOptions) -> Result<DrainReport, DrainError> {
 
 fn check(o: &DrainOptions) -> Result<(), DrainError> {
     if o.to.is_empty() {
-        return Err(DrainError::Options("no destination: give --to".into()));
+        return Err(DrainError::NoDestination);
     }
     if o.request.network.is_some() && o.to.len() > 1 {
-        return Err(DrainError::Options(
-            "--network names one destination's NICs: use it with a single --to".into(),
-        ));
+        return Err(DrainError::NetworkWithManyDestinations);
     }
     if !(0.0..1.0).contains(&o.budget.reserve) {
-        return Err(DrainError::Options(format!(
-            "--reserve {}% leaves nothing for the drain",
-            o.budget.reserve * 100.0
-        )));
+        return Err(DrainError::Reserve(o.budget.reserve * 100.0));
     }
     if o.request.to.is_empty() {
         // Checks the per-migration options once, with a placeholder destination.
@@ -112,7 +115,7 @@ fn check(o: &DrainOptions) -> Result<(), DrainError> {
             to: "127.0.0.1:1".into(),
             ..o.request.clone()
         };
-        probe.options().map_err(DrainError::Options)?;
+        probe.options()?;
     }
     Ok(())
 }

@@ -39,9 +39,52 @@ pub fn paces(budget: &Budget, in_flight: &[usize], links: &[Option<f64>]) -> Vec
         .collect()
 }
 
+/// What each destination's link carries for the drain in all, bytes/s, when `per_dest[d]`
+/// migrations go to it at once: its measured rate (None: unmeasured) within the budget's
+/// share of it, as the run's paces will allow. None: neither measured nor budgeted.
+pub fn budgeted(budget: &Budget, per_dest: &[usize], links: &[Option<f64>]) -> Vec<Option<f64>> {
+    let bits: Vec<Option<f64>> = links.iter().map(|l| l.map(|r| r * 8.0)).collect();
+    paces(budget, per_dest, &bits)
+        .into_iter()
+        .zip(per_dest)
+        .zip(links)
+        .map(|((pace, n), link)| {
+            let capped = pace.map(|p| p as f64 * (*n).max(1) as f64 / 8.0);
+            match (capped, *link) {
+                (Some(c), Some(l)) => Some(c.min(l)),
+                (c, l) => c.or(l),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_sees_each_link_within_the_budget() {
+        // 4 Mbit/s for the whole drain, two migrations to each of two 1 Gbit/s links: each
+        // link carries 2 Mbit/s of it (250 kB/s).
+        let b = Budget {
+            max_bandwidth: Some(4_000_000),
+            reserve: 0.0,
+        };
+        let r = budgeted(&b, &[2, 2], &[Some(125e6), Some(125e6)]);
+        assert_eq!(r, [Some(250_000.0), Some(250_000.0)]);
+        // No budget: the links as measured; a reserve takes its share; unmeasured and
+        // unbudgeted stays unknown.
+        assert_eq!(
+            budgeted(&Budget::default(), &[2], &[Some(1e8)]),
+            [Some(1e8)]
+        );
+        let reserve = Budget {
+            max_bandwidth: None,
+            reserve: 0.5,
+        };
+        assert_eq!(budgeted(&reserve, &[2], &[Some(1e8)]), [Some(5e7)]);
+        assert_eq!(budgeted(&Budget::default(), &[1], &[None]), [None]);
+    }
 
     #[test]
     fn nothing_limits_an_unbudgeted_drain() {

@@ -50,6 +50,9 @@ pub struct VmOutcome {
     /// Errors of earlier attempts.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub earlier_errors: Vec<String>,
+    /// Times its destination turned it away as busy (tried again later, not counted as
+    /// attempts).
+    pub busy_retries: u32,
     pub report: Option<Report>,
 }
 
@@ -326,6 +329,7 @@ mod tests {
             sample,
             error: None,
             earlier_errors: Vec::new(),
+            busy_retries: 0,
             report: None,
         }
     }

@@ -21,6 +21,34 @@ pub enum Verdict {
     Resumed(String),
     /// Paused on the source until an operator decides.
     Unresolved(String),
+    /// Its process on the source died and it does not run on the destination: gone.
+    Lost(String),
+}
+
+/// The VM's process on the source died during its migration (the source's agent lists it
+/// `failed`): it runs on the destination if that host confirms it, and nowhere otherwise.
+pub fn source_died(s: &Survey, dest: usize, name: &str, session: u64, err: &ApiError) -> Verdict {
+    let d = &s.dests[dest];
+    let died = match err {
+        ApiError::Refused { message, .. } => message.clone(),
+        e => e.to_string(),
+    };
+    let mut last = String::from("no answer");
+    for _ in 0..ASK_TIMES {
+        match d.client.incoming(session, true) {
+            Ok(IncomingFate::Confirmed) => return verified_there(s, dest, name, &died),
+            Ok(IncomingFate::NeverRan | IncomingFate::Unknown) => {
+                return Verdict::Lost(format!("{died}; it never ran on {}", d.name))
+            }
+            Ok(IncomingFate::Arriving) => last = "it is still arriving there".into(),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Verdict::Lost(format!(
+        "{died}; {} could not say whether it runs there ({last})",
+        d.name
+    ))
 }
 
 pub fn resolve(s: &Survey, dest: usize, name: &str, session: u64, err: &ApiError) -> Verdict {
@@ -72,6 +100,13 @@ fn confirmed(s: &Survey, dest: usize, name: &str, lost: &str) -> Verdict {
             d.name
         ));
     }
+    verified_there(s, dest, name, lost)
+}
+
+/// The VM runs on the destination (its switchover's answer was lost on the way): ask its guest
+/// there to verify its memory.
+fn verified_there(s: &Survey, dest: usize, name: &str, lost: &str) -> Verdict {
+    let d = &s.dests[dest];
     let verified = d
         .client
         .list()

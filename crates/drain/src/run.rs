@@ -26,6 +26,16 @@ const TICK: Duration = Duration::from_millis(50);
 const LEASE: Duration = Duration::from_secs(3);
 /// A failed VM is tried again no sooner than this (the destination clears its arrival).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Times a VM is tried again on a busy destination before it is left behind.
+const MAX_BUSY_RETRIES: u32 = 60;
+
+/// How long a VM waits before trying a busy destination again: 1 s, doubling, at most 10 s.
+fn busy_backoff(times: u32) -> Duration {
+    RETRY_AFTER
+        .saturating_mul(1 << times.saturating_sub(1).min(4))
+        .min(Duration::from_secs(10))
+}
+
 /// A slot refilled within this long still counts as a full window for `auto`.
 const REFILL_GRACE: Duration = Duration::from_millis(250);
 /// A page of guest RAM, as progress counts pages.
@@ -83,12 +93,21 @@ impl Planned {
 
     pub fn make(o: &DrainOptions, s: &Survey) -> Self {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
-        let dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
+        let mut dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
         let placement = plan::place(&s.vms, &dest_facts);
         let window = match o.concurrency {
             Concurrency::Fixed(n) => n,
             Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
         };
+        // The links as the budget will let the drain use them.
+        let per_dest = vec![window.div_ceil(s.dests.len().max(1)).max(1); s.dests.len()];
+        let links: Vec<Option<f64>> = dest_facts.iter().map(|d| d.rate).collect();
+        for (d, rate) in dest_facts
+            .iter_mut()
+            .zip(crate::pace::budgeted(&o.budget, &per_dest, &links))
+        {
+            d.rate = rate;
+        }
         // A migration's share of its link, for telling hot VMs apart.
         let per_dest = (window as f64 / s.dests.len() as f64).max(1.0);
         let share = |d: usize| dest_facts[d].rate.map_or(f64::INFINITY, |r| r / per_dest);
@@ -179,6 +198,7 @@ impl Planned {
                 sample: v.sample.clone(),
                 error: self.placement[i].as_ref().err().cloned(),
                 earlier_errors: Vec::new(),
+                busy_retries: 0,
                 report: None,
             })
             .collect();
@@ -195,6 +215,7 @@ impl Planned {
             sample: None,
             error: Some(why.clone()),
             earlier_errors: Vec::new(),
+            busy_retries: 0,
             report: None,
         }));
         out
@@ -464,23 +485,53 @@ impl<'a> Run<'a> {
     }
 
     fn settle(&mut self, job: Job, session: u64, result: Result<Report, ApiError>) {
+        use crate::resolve::{self, Verdict};
         let name = self.s.vms[job.vm].name.clone();
-        match result {
-            Ok(report) => self.moved(job, Some(report), None),
+        let verdict = match result {
+            Ok(report) => return self.moved(job, Some(report), None),
+            // The destination could not take it now: again later, not counted as a failure.
+            Err(e) if e.status() == Some(503) => return self.busy(job, refusal(&e)),
+            // The switchover's outcome is unknown: the destination settles it.
             Err(e) if e.status() == Some(502) => {
-                let verdict = crate::resolve::resolve(self.s, job.dest, &name, session, &e);
-                match verdict {
-                    crate::resolve::Verdict::Moved { verified, note } => {
-                        self.moved(job, None, Some((verified, note)));
-                    }
-                    crate::resolve::Verdict::Resumed(why) => self.failed(job, why),
-                    crate::resolve::Verdict::Unresolved(why) => {
-                        self.left(job, Status::Unresolved, why);
-                    }
-                }
+                resolve::resolve(self.s, job.dest, &name, session, &e)
             }
-            Err(e) => self.failed(job, refusal(&e)),
+            // Its process died on the source: it runs on the destination, or nowhere.
+            Err(e) if e.status() == Some(410) => {
+                resolve::source_died(self.s, job.dest, &name, session, &e)
+            }
+            Err(e) => return self.failed(job, refusal(&e)),
+        };
+        match verdict {
+            Verdict::Moved { verified, note } => self.moved(job, None, Some((verified, note))),
+            Verdict::Resumed(why) => self.failed(job, why),
+            Verdict::Unresolved(why) => self.left(job, Status::Unresolved, why),
+            Verdict::Lost(why) => self.left(job, Status::Failed, why),
         }
+    }
+
+    /// The destination turned the migration away for now (it takes too many at once): the VM
+    /// runs on the source and goes again after the others, without using up a retry, a
+    /// bounded number of times.
+    fn busy(&mut self, job: Job, why: String) {
+        if self.interrupted {
+            return self.left(job, Status::Cancelled, format!("{why} (drain interrupted)"));
+        }
+        let out = &mut self.outcomes[job.vm];
+        out.busy_retries += 1;
+        if out.busy_retries > MAX_BUSY_RETRIES {
+            let why = format!("{why} ({MAX_BUSY_RETRIES} times; gave up)");
+            return self.left(job, Status::Failed, why);
+        }
+        let wait = busy_backoff(out.busy_retries);
+        let name = out.name.clone();
+        self.view.finished(
+            &name,
+            &format!(
+                "destination busy, will try again in {:.1} s: {why}",
+                wait.as_secs_f64()
+            ),
+        );
+        self.retry.push((job, Instant::now() + wait));
     }
 
     fn moved(&mut self, job: Job, report: Option<Report>, resolved: Option<(bool, String)>) {

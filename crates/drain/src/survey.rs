@@ -82,10 +82,10 @@ fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
                 .parse::<std::net::SocketAddr>()
                 .is_ok_and(|a| a.ip().is_unspecified());
             if unspecified {
-                return Err(DrainError::Options(format!(
-                    "destination {} listens on {}: give --address HOST:PORT, the address sources reach it on",
-                    cap.name, cap.listen
-                )));
+                return Err(DrainError::NoAddress {
+                    name: cap.name.clone(),
+                    listen: cap.listen.clone(),
+                });
             }
             cap.listen.clone()
         }

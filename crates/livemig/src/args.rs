@@ -197,7 +197,11 @@ impl MigrateArgs {
     }
 
     /// The request to migrate to `to` over `t`; checked, so a bad `--network` fails here.
-    pub fn request(&self, to: String, t: &TransportArgs) -> Result<MigrateRequest, String> {
+    pub fn request(
+        &self,
+        to: String,
+        t: &TransportArgs,
+    ) -> Result<MigrateRequest, migration::request::RequestError> {
         let r = MigrateRequest {
             to,
             transport: Some(t.transport),

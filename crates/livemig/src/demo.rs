@@ -131,13 +131,13 @@ fn boot_source(a: &DemoArgs) -> Result<Vm, Box<dyn std::error::Error>> {
 
 pub fn run(a: &DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
     let (destination, addr, security) = start_destination(a)?;
-    println!(
+    crate::out::say(&format!(
         "source: {} MiB, {} vCPUs, workload {}, memory profile {}; destination: livemig receive on {addr}",
         a.memory >> 20,
         a.vcpus,
         a.workload,
         a.memory_profile
-    );
+    ));
     let mut opts = a.migrate.request(addr, &a.transport)?.options()?;
     opts.security = security;
     let vm = Arc::new(Mutex::new(boot_source(a)?));
@@ -145,7 +145,7 @@ pub fn run(a: &DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
     // The guest runs on at the destination for a moment before the demo stops it.
     std::thread::sleep(Duration::from_millis(300));
     drop(destination);
-    println!("{}", report.summary());
+    crate::out::say(&report.summary());
     if let Some(p) = &a.report {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
     }
@@ -159,6 +159,6 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         eprintln!("livemig: demo FAILED: the guest did not verify its memory on the destination");
         return Ok(ExitCode::FAILURE);
     }
-    println!("demo OK");
+    crate::out::say("demo OK");
     Ok(ExitCode::SUCCESS)
 }

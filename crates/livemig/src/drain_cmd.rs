@@ -128,7 +128,7 @@ pub fn main(a: DrainArgs) -> CmdResult {
         print!("{}", r.plan_table());
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{}", r.summary);
+    crate::out::say(&r.summary);
     Ok(if r.complete() {
         ExitCode::SUCCESS
     } else {

@@ -107,13 +107,13 @@ pub fn main(cmd: HostCmd) -> CmdResult {
         HostCmd::Run(a) => run(a),
         HostCmd::Stop { host, name } => {
             HostClient::new(host.sock).stop(&name)?;
-            println!("stopped {name}");
+            crate::out::say(&format!("stopped {name}"));
             Ok(ExitCode::SUCCESS)
         }
         HostCmd::List { host, json } => {
             let vms = HostClient::new(host.sock).list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&vms)?);
+                crate::out::say(&serde_json::to_string_pretty(&vms)?);
             } else {
                 print!("{}", table(&vms));
             }

@@ -18,6 +18,7 @@ mod demo;
 mod drain_cmd;
 mod host_cmd;
 mod migrate_cmd;
+mod out;
 
 use args::{parse_duration, parse_size, MigrateArgs, TlsArgs, TransportArgs};
 
@@ -283,7 +284,23 @@ enum TestbedAction {
     Status,
 }
 
+/// Environment variables the command line reads options from.
+const OPTION_VARS: &[&str] = &[
+    "LIVEMIG_TLS_CERT",
+    "LIVEMIG_TLS_KEY",
+    "LIVEMIG_TLS_CA",
+    "LIVEMIG_INSECURE",
+];
+
 fn main() -> ExitCode {
+    // An empty variable counts as unset (`LIVEMIG_TLS_CERT= livemig receive --insecure`), as
+    // it does for most tools; clap would take it for an option given without its value.
+    for var in OPTION_VARS {
+        if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+            // The process is still single-threaded: nothing reads the environment meanwhile.
+            std::env::remove_var(var);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG")
@@ -380,7 +397,7 @@ fn console(path: Option<PathBuf>) -> Console {
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> CmdResult {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    crate::out::say(&serde_json::to_string_pretty(v)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -459,6 +476,7 @@ fn receive(
         console,
         peer_timeout,
         handshake_timeout: peer_timeout,
+        stream_accept_timeout: peer_timeout,
         expect_session: agent.expect_session,
         accept_within: agent.accept_within,
         events: status.clone().map(|f| f.events()),
@@ -482,7 +500,7 @@ fn receive(
 
 fn tls_init(out: &Path, hosts: &[String]) -> CmdResult {
     for p in transport::tls::init_cluster(out, hosts)? {
-        println!("wrote {}", p.display());
+        crate::out::say(&format!("wrote {}", p.display()));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -520,11 +538,11 @@ fn verify(api: &Path, timeout: Duration) -> CmdResult {
 
 fn guest_image(out: &Path) -> CmdResult {
     std::fs::write(out, guest::WORKLOAD_ELF)?;
-    println!(
+    crate::out::say(&format!(
         "wrote {} ({} bytes)",
         out.display(),
         guest::WORKLOAD_ELF.len()
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -564,7 +582,7 @@ fn memory_image(a: MemoryImageArgs) -> CmdResult {
             )
         })
         .collect();
-    println!("{}", qemu.join(" "));
+    crate::out::say(&qemu.join(" "));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -593,11 +611,11 @@ fn bench_transports(a: args::TransportsArgs) -> CmdResult {
     let o = a.options(std::env::current_exe()?);
     let r = bench::transports::transports(&o)?;
     print!("{}", bench::table::render(&r));
-    println!(
+    crate::out::say(&format!(
         "wrote {} and {}",
         o.out.join("bench.json").display(),
         o.out.join("bench.png").display()
-    );
+    ));
     if r.rows.iter().any(|r| r.error.is_some() || !r.verified) {
         eprintln!("livemig: bench: not every migration completed and verified");
         return Ok(ExitCode::FAILURE);
@@ -608,7 +626,7 @@ fn bench_transports(a: args::TransportsArgs) -> CmdResult {
 fn bench_mechanisms(o: &bench::mechanisms::MechanismsOptions) -> CmdResult {
     let r = bench::mechanisms::mechanisms(o)?;
     print!("{}", bench::mechanisms::render(&r));
-    println!("wrote {}", o.out.join("bench.json").display());
+    crate::out::say(&format!("wrote {}", o.out.join("bench.json").display()));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -625,11 +643,11 @@ fn bench_drain(a: args::DrainBenchArgs) -> CmdResult {
     let o = a.options(std::env::current_exe()?);
     let r = bench::hostdrain::bench_drain(&o)?;
     print!("{}", bench::hostdrain::table::render(&r));
-    println!(
+    crate::out::say(&format!(
         "wrote {} and {}",
         o.out.join("bench.json").display(),
         o.out.join("bench.png").display()
-    );
+    ));
     let incomplete = r
         .rows
         .iter()

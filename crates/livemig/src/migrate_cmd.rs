@@ -19,6 +19,8 @@ struct Running {
     cancel: Cancel,
     /// Its pace, when it has one: `PATCH /vm/migration` changes it.
     limit: Option<Arc<transport::RateLimit>>,
+    /// Its deadline on progress, which bounds how slow a pace may be.
+    peer_timeout: Duration,
     /// Set when the client holds a lease: it must ask for progress this often.
     lease: Option<Duration>,
     renewed: Instant,
@@ -72,8 +74,10 @@ fn migrate_route(
             format!("migrate needs {{\"to\": \"HOST:PORT\", ...}}: {e}"),
         )
     })?;
-    let mut opts = req.options().map_err(|e| (400, e))?;
-    opts.security = req.security(default_security).map_err(|e| (400, e))?;
+    let mut opts = req.options().map_err(|e| (400, e.to_string()))?;
+    opts.security = req
+        .security(default_security)
+        .map_err(|e| (400, e.to_string()))?;
     opts.limit = opts
         .max_bandwidth
         .map(|b| Arc::new(transport::RateLimit::new(b)));
@@ -98,6 +102,7 @@ fn migrate_route(
             to: req.to.clone(),
             cancel: opts.cancel.clone(),
             limit: opts.limit.clone(),
+            peer_timeout: opts.peer_timeout,
             lease: req.lease_ms.map(Duration::from_millis),
             renewed: Instant::now(),
         });
@@ -110,11 +115,19 @@ fn migrate_route(
     let result = migration::migrate(vm, &opts, &move |pr: &Progress| {
         locks::lock(&p).progress = Some(pr.clone());
     });
-    locks::lock(slot).running = None;
+    {
+        // What progress says from now on: how the migration ended.
+        let mut s = locks::lock(slot);
+        s.running = None;
+        let last = s.progress.take().unwrap_or_default();
+        s.progress = Some(Progress::ended(last, &result));
+    }
     let report = result.map_err(|e| {
-        // 502: the destination's answer was lost; the VM stays paused here (see the error).
         let status = match e {
+            // The destination's answer was lost; the VM stays paused here (see the error).
             migration::MigrationError::OutcomeUnknown(_) => 502,
+            // The destination could not take it now; a later attempt may succeed.
+            migration::MigrationError::Busy { .. } => 503,
             _ => 500,
         };
         (status, e.to_string())
@@ -189,6 +202,8 @@ fn pace_route(body: &[u8], slot: &Arc<Mutex<Slot>>) -> Result<serde_json::Value,
         409,
         "this migration runs without a pace (start it with max_bandwidth)".to_string(),
     ))?;
+    migration::request::check_bandwidth(p.max_bandwidth, r.peer_timeout)
+        .map_err(|e| (400, e.to_string()))?;
     limit.set_bits_per_sec(p.max_bandwidth);
     Ok(json!({ "max_bandwidth": p.max_bandwidth }))
 }
@@ -237,25 +252,21 @@ pub fn main(
     report: Option<PathBuf>,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let r = migrate(api, req, report)?;
-    println!("{}", r.summary());
-    let unverifiable = r
-        .guest_verify
-        .as_deref()
-        .is_some_and(|d| d.starts_with("not verifiable"));
-    Ok(if r.guest_verified || unverifiable {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    crate::out::say(&r.summary());
+    use migration::report::Verification;
+    Ok(match r.verification {
+        Verification::Verified | Verification::NotVerifiable => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
     })
 }
 
 /// `livemig migrate --cancel`.
 pub fn cancel(api: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let v: serde_json::Value = Client::new(api).call("DELETE", "/vm/migration", None)?;
-    println!(
+    crate::out::say(&format!(
         "cancelled the migration to {}",
         v["to"].as_str().unwrap_or("?")
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -45,7 +45,7 @@ pub enum MigrationError {
     },
     /// a page stream failed; the migration is off
     StreamFailed,
-    /// {peer} closed the connection at our plaintext handshake: it expects mutual TLS (this side runs --insecure)
+    /// the destination {peer} expects TLS: it requires mutual TLS with the cluster's certificates, and this side runs --insecure
     PlainRefused { peer: String },
     /// guest RAM: {0}
     GuestMemory(#[from] vmm::memory::MemoryError),
@@ -75,6 +75,8 @@ pub enum MigrationError {
     Cancelled(String),
     /// the source VM is {0}; only a running VM migrates
     SourceNotRunning(String),
+    /// the destination {peer} is busy: {why}; the VM keeps running here, and a later attempt may succeed
+    Busy { peer: String, why: String },
     /// switchover outcome unknown ({0}): the VM stays paused on the source because it may be running on the destination; check the destination before resuming it
     OutcomeUnknown(String),
 }
@@ -85,9 +87,21 @@ impl MigrationError {
         move |source| MigrationError::Socket { what, source }
     }
 
+    /// Whether the destination turned the migration away because it was busy: worth trying
+    /// again later.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, MigrationError::Busy { .. })
+    }
+
     /// Names the peer on an error of the control connection.
     fn on_control(self, peer: &str) -> Self {
         match self {
+            MigrationError::Protocol(protocol::ProtocolError::PeerBusy(why)) => {
+                MigrationError::Busy {
+                    peer: peer.to_string(),
+                    why,
+                }
+            }
             MigrationError::Protocol(source) => MigrationError::Control {
                 peer: peer.to_string(),
                 source,

@@ -18,7 +18,7 @@ use crate::codec::Codec;
 pub const MAGIC: [u8; 4] = *b"LVMG";
 const DATA_MAGIC: [u8; 4] = *b"LVMD";
 const PROBE_MAGIC: [u8; 4] = *b"LVMP";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 pub const HELLO_LEN: usize = std::mem::size_of::<HelloWire>();
 pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
 pub const PAGE: usize = 4096;
@@ -295,6 +295,10 @@ pub enum Kind {
     /// ([`ExtentWire`], at most [`MAX_EXTENTS`]), which the destination may allocate ahead of
     /// the pages. Not in the Config, so the source looks for them while the destination builds.
     Extents = 15,
+    /// dst→src, instead of Ready (or for an authenticated connection the listener has no
+    /// room for, as its hello's answer): UTF-8 reason; this host cannot take the migration
+    /// now (too many at once) and a later attempt may succeed.
+    Busy = 16,
 }
 
 impl Kind {
@@ -315,6 +319,7 @@ impl Kind {
             13 => Kind::CacheKeys,
             14 => Kind::RoundDone,
             15 => Kind::Extents,
+            16 => Kind::Busy,
             _ => return None,
         })
     }
@@ -325,7 +330,7 @@ impl Kind {
         match self {
             Kind::Ready | Kind::Done | Kind::Confirm => 0,
             Kind::RoundEnd | Kind::RoundDone => std::mem::size_of::<RoundEndWire>(),
-            Kind::Config | Kind::Verified | Kind::Abort | Kind::Redirect => 64 << 10,
+            Kind::Config | Kind::Verified | Kind::Abort | Kind::Busy | Kind::Redirect => 64 << 10,
             Kind::Pages | Kind::PagesDirect => BATCH,
             // Incompressible data can grow a little; never past this.
             Kind::PagesCompressed => std::mem::size_of::<CompressedHeader>() + BATCH + (64 << 10),
@@ -348,7 +353,7 @@ pub enum ProtocolError {
     Closed,
     /// bad magic {0:02x?}: the peer is not livemig
     BadMagic([u8; 4]),
-    /// protocol version {theirs} is not supported (this livemig speaks 2)
+    /// protocol version {theirs} is not supported (this livemig speaks 3)
     Version { theirs: u16 },
     /// transport {0} is not supported by the destination
     TransportUnsupported(u8),
@@ -372,6 +377,10 @@ pub enum ProtocolError {
     Malformed { kind: Kind, why: String },
     /// the peer aborted: {0}
     PeerAborted(String),
+    /// the destination is busy: {0}
+    PeerBusy(String),
+    /// the destination expects TLS: it requires mutual TLS with the cluster's certificates, and this side runs --insecure
+    TlsRequired,
 }
 
 fn malformed(kind: Kind) -> impl Fn(String) -> ProtocolError {
@@ -419,6 +428,10 @@ enum HelloStatus {
     Ok = 0,
     Version = 1,
     Transport = 2,
+    // 3 and 4: a listener's notice to a peer of the other protection ([`transport::mismatch`]).
+    /// The listener has no room for another connection now; the reason follows as a Busy
+    /// frame's payload would, as a u16 length and UTF-8.
+    Busy = 5,
 }
 
 pub fn write_hello(w: &mut impl Write, h: &Hello) -> Result<(), ProtocolError> {
@@ -525,6 +538,9 @@ pub fn write_probe_hello(w: &mut impl Write) -> Result<(), ProtocolError> {
 /// Reads the destination's answer to our hello.
 pub fn read_hello_reply(r: &mut impl Read, ours: &Hello) -> Result<(), ProtocolError> {
     let h: HelloWire = read_header(r, "the handshake reply")?;
+    if transport::mismatch::status(h.as_bytes()) == Some(transport::mismatch::TLS_REQUIRED) {
+        return Err(ProtocolError::TlsRequired);
+    }
     if h.magic != MAGIC {
         return Err(ProtocolError::BadMagic(h.magic));
     }
@@ -533,8 +549,43 @@ pub fn read_hello_reply(r: &mut impl Read, ours: &Hello) -> Result<(), ProtocolE
         s if s == HelloStatus::Version as u8 => Err(ProtocolError::Version {
             theirs: h.version.get(),
         }),
+        s if s == HelloStatus::Busy as u8 => Err(ProtocolError::PeerBusy(read_reason(r)?)),
         _ => Err(ProtocolError::TransportUnsupported(ours.transport as u8)),
     }
+}
+
+/// Answers a hello with Busy and why: the listener has no room for this connection now.
+pub fn answer_busy(w: &mut impl Write, why: &str) -> Result<(), ProtocolError> {
+    let reply = HelloWire {
+        magic: MAGIC,
+        version: U16::new(VERSION),
+        transport: 0,
+        status: HelloStatus::Busy as u8,
+        capabilities: U64::new(0),
+    };
+    let why = &why.as_bytes()[..why.len().min(MAX_REASON)];
+    w.write_all(reply.as_bytes())?;
+    w.write_all(U16::new(u16::try_from(why.len()).unwrap_or(u16::MAX)).as_bytes())?;
+    w.write_all(why)?;
+    Ok(w.flush()?)
+}
+
+/// The longest reason a Busy hello answer carries.
+const MAX_REASON: usize = 1024;
+
+/// A Busy hello answer's reason: a u16 length (at most [`MAX_REASON`]) and UTF-8.
+fn read_reason(r: &mut impl Read) -> Result<String, ProtocolError> {
+    let len: U16 = read_header(r, "a busy answer's reason")?;
+    let len = usize::from(len.get());
+    if len > MAX_REASON {
+        return Err(ProtocolError::Malformed {
+            kind: Kind::Busy,
+            why: format!("a reason of {len} bytes, the limit is {MAX_REASON}"),
+        });
+    }
+    let mut why = vec![0u8; len];
+    read_full(r, &mut why, "a busy answer's reason")?;
+    Ok(String::from_utf8_lossy(&why).into_owned())
 }
 
 /// First bytes on a page stream: magic `LVMD`, version, stream index, session.
@@ -640,11 +691,19 @@ pub struct RoundEnd {
     pub pages: u64,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// The guest's verify on the destination, as sent back to the source.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VerifyOutcome {
     pub ok: bool,
     pub detail: String,
+    /// False when the guest cannot verify itself (not the livemig workload guest): `ok` then
+    /// says nothing.
+    #[serde(default = "yes")]
+    pub verifiable: bool,
     /// CPU the destination's migration threads used.
     pub cpu_seconds: f64,
 }
@@ -942,6 +1001,11 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
                 String::from_utf8_lossy(payload).into_owned(),
             ))
         }
+        Kind::Busy => {
+            return Err(ProtocolError::PeerBusy(
+                String::from_utf8_lossy(payload).into_owned(),
+            ))
+        }
     })
 }
 
@@ -1178,12 +1242,22 @@ impl<W: Write> FrameWriter<W> {
     }
 
     pub fn send_abort(&mut self, reason: &str) -> Result<(), ProtocolError> {
-        let max = Kind::Abort.max_len();
+        self.send_reason(Kind::Abort, reason)
+    }
+
+    /// Turns a migration away for now: this host cannot take it at the moment.
+    pub fn send_busy(&mut self, reason: &str) -> Result<(), ProtocolError> {
+        self.send_reason(Kind::Busy, reason)
+    }
+
+    /// A frame whose payload is a reason, cut to the kind's limit at a character boundary.
+    fn send_reason(&mut self, kind: Kind, reason: &str) -> Result<(), ProtocolError> {
+        let max = kind.max_len();
         let mut end = reason.len().min(max);
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        self.send(Kind::Abort, &reason.as_bytes()[..end])?;
+        self.send(kind, &reason.as_bytes()[..end])?;
         self.flush()
     }
 
@@ -1309,10 +1383,11 @@ impl<R: Read> FrameReader<R> {
             self.direct_left = self.direct_data_len(len)?;
         }
         self.seq = self.seq.wrapping_add(1);
-        if kind == Kind::Abort {
-            return Err(ProtocolError::PeerAborted(
-                String::from_utf8_lossy(&self.buf).into_owned(),
-            ));
+        let reason = || String::from_utf8_lossy(&self.buf).into_owned();
+        match kind {
+            Kind::Abort => return Err(ProtocolError::PeerAborted(reason())),
+            Kind::Busy => return Err(ProtocolError::PeerBusy(reason())),
+            _ => {}
         }
         Ok((kind, &self.buf))
     }
@@ -1507,6 +1582,7 @@ mod tests {
         w.send_cache_keys(&[[1; 16], [2; 16]]).unwrap();
         w.send_verified(&VerifyOutcome {
             ok: true,
+            verifiable: true,
             detail: "VERIFY OK pages=3".into(),
             cpu_seconds: 0.5,
         })
@@ -1697,6 +1773,50 @@ mod tests {
         assert!(w.inner().is_empty(), "nothing went out");
     }
 
+    /// A listener with no room answers a hello with Busy and why; a TLS listener answers a
+    /// plaintext hello with its notice: each reads as what it is, not as a broken handshake.
+    #[test]
+    fn busy_and_tls_required_answers_say_so() {
+        let ours = Hello {
+            version: VERSION,
+            transport: Transport::Tcp,
+            capabilities: 0,
+        };
+        let mut reply = Vec::new();
+        answer_busy(
+            &mut reply,
+            "64 authenticated connections are opening at once",
+        )
+        .unwrap();
+        match read_hello_reply(&mut Cursor::new(reply), &ours) {
+            Err(ProtocolError::PeerBusy(why)) => assert!(why.starts_with("64 auth"), "{why}"),
+            r => panic!("{r:?}"),
+        }
+        let notice = transport::mismatch::notice(transport::mismatch::TLS_REQUIRED);
+        assert!(matches!(
+            read_hello_reply(&mut Cursor::new(notice.to_vec()), &ours),
+            Err(ProtocolError::TlsRequired)
+        ));
+        // A hostile answer claiming a long reason is refused from its length.
+        let mut reply = Vec::new();
+        answer_busy(&mut reply, "x").unwrap();
+        reply[16..18].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(matches!(
+            read_hello_reply(&mut Cursor::new(reply), &ours),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        // A Busy frame reads as the peer being busy.
+        let mut w = FrameWriter::new(Vec::new());
+        w.send_busy("host b already takes 4 incoming migrations")
+            .unwrap();
+        let bytes = w.inner().clone();
+        let mut r = std::io::BufReader::new(Cursor::new(bytes));
+        assert!(matches!(
+            FrameReader::new(&mut r).next_frame(),
+            Err(ProtocolError::PeerBusy(w)) if w.contains("4 incoming")
+        ));
+    }
+
     #[test]
     fn handshake_accepts_ours_and_refuses_others() {
         let ours = Hello {
@@ -1714,11 +1834,11 @@ mod tests {
         read_hello_reply(&mut Cursor::new(reply), &ours).unwrap();
 
         let mut v2 = hello.clone();
-        v2[4] = 3;
+        v2[4] = 2;
         let mut reply = Vec::new();
         assert!(matches!(
             accept_hello(&mut Cursor::new(v2), &mut reply),
-            Err(ProtocolError::Version { theirs: 3 })
+            Err(ProtocolError::Version { theirs: 2 })
         ));
         assert!(matches!(
             read_hello_reply(&mut Cursor::new(reply), &ours),

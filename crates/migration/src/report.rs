@@ -114,6 +114,36 @@ pub struct CpuSeconds {
     pub destination: f64,
 }
 
+/// The guest's own verdict on its memory, once it ran on the destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verification {
+    /// Not asked yet (the migration did not get that far).
+    #[default]
+    None,
+    /// It checked every page it wrote: all there.
+    Verified,
+    /// It found a page that is not what it last wrote.
+    Failed,
+    /// The guest cannot check itself (not the livemig workload guest).
+    NotVerifiable,
+    /// The destination went away after the commit, before the verdict came.
+    DestinationLost,
+}
+
+impl Verification {
+    /// What the summary says.
+    pub fn says(self) -> &'static str {
+        match self {
+            Verification::Verified => "yes",
+            Verification::Failed => "NO",
+            Verification::NotVerifiable => "n/a",
+            Verification::DestinationLost => "unknown: the destination was lost after the commit",
+            Verification::None => "not asked",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub status: String,
@@ -140,6 +170,9 @@ pub struct Report {
     pub samples: Vec<Sample>,
     pub cpu_seconds: CpuSeconds,
     pub guest_verified: bool,
+    /// How the guest's verify on the destination came out (with `guest_verify`'s detail).
+    #[serde(default)]
+    pub verification: Verification,
     pub guest_verify: Option<String>,
     pub compression: Option<CompressionReport>,
     pub dirty_log: String,
@@ -297,8 +330,12 @@ impl Report {
             "  cpu {:.2} s source, {:.2} s destination; guest verified on destination: {}",
             self.cpu_seconds.source,
             self.cpu_seconds.destination,
-            if self.guest_verified { "yes" } else { "NO" }
+            self.verification.says()
         );
+        match (self.verification, &self.guest_verify) {
+            (Verification::Verified | Verification::None, _) | (_, None) => {}
+            (_, Some(d)) => s += &format!(" ({d})"),
+        }
         if let Some(e) = &self.error {
             s += &format!("\n  error: {e}");
         }

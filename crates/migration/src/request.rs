@@ -77,20 +77,51 @@ pub struct MigrateRequest {
     pub session: Option<u64>,
 }
 
+/// Why a request cannot become a migration.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum RequestError {
+    /// {0:?} is not LOCAL>REMOTE
+    NotAPair(String),
+    /// local address {addr:?}: {source}
+    LocalAddress {
+        addr: String,
+        source: std::net::AddrParseError,
+    },
+    /// {0:?} has no remote address
+    NoRemote(String),
+    /// a peer timeout of {0} ms is too short (100 ms at least)
+    PeerTimeout(u64),
+    /// a delta cache of {mib} MiB is more than the {max_mib} MiB allowed
+    DeltaCache { mib: u64, max_mib: u64 },
+    /// a bandwidth cap of {cap_mbit:.2} Mbit/s is below the minimum {min_mbit:.2} Mbit/s: a 1 MiB batch must cross within half the {timeout_s} s peer timeout
+    BelowMinimum {
+        cap_mbit: f64,
+        min_mbit: f64,
+        timeout_s: f64,
+    },
+    /// the TLS credentials: {0}
+    Tls(#[from] transport::tls::TlsError),
+    /// no TLS credentials: give --tls-cert, --tls-key and --tls-ca (create them with `livemig tls init`), or --insecure to run plaintext
+    NoCredentials,
+}
+
 /// `10.0.1.1>10.0.1.2,10.0.2.1>10.0.2.2` into (local address, remote host) pairs.
-pub fn parse_network(s: &str) -> Result<Vec<(std::net::IpAddr, String)>, String> {
+pub fn parse_network(s: &str) -> Result<Vec<(std::net::IpAddr, String)>, RequestError> {
     s.split(',')
         .map(|pair| {
             let (l, r) = pair
                 .split_once('>')
-                .ok_or_else(|| format!("{pair:?} is not LOCAL>REMOTE"))?;
+                .ok_or_else(|| RequestError::NotAPair(pair.to_string()))?;
             let local = l
                 .trim()
                 .parse()
-                .map_err(|e| format!("local address {l:?}: {e}"))?;
+                .map_err(|source| RequestError::LocalAddress {
+                    addr: l.to_string(),
+                    source,
+                })?;
             let remote = r.trim();
             if remote.is_empty() {
-                return Err(format!("{pair:?} has no remote address"));
+                return Err(RequestError::NoRemote(pair.to_string()));
             }
             Ok((local, remote.to_string()))
         })
@@ -103,6 +134,20 @@ pub const MAX_DELTA_CACHE: u64 = 64 << 30;
 /// What a migration or receiver says when it has no credentials and was not told to run
 /// plaintext.
 pub const NO_CREDENTIALS: &str = "no TLS credentials: give --tls-cert, --tls-key and --tls-ca (create them with `livemig tls init`), or --insecure to run plaintext";
+
+/// A bandwidth cap (`--max-bandwidth`, or a new pace for a migration under way) is refused
+/// below [`min_bandwidth`]: a paced sender must never look dead to its peer's deadline.
+pub fn check_bandwidth(cap: u64, peer_timeout: Duration) -> Result<(), RequestError> {
+    let min = min_bandwidth(peer_timeout);
+    if cap < min {
+        return Err(RequestError::BelowMinimum {
+            cap_mbit: cap as f64 / 1e6,
+            min_mbit: min as f64 / 1e6,
+            timeout_s: peer_timeout.as_secs_f64(),
+        });
+    }
+    Ok(())
+}
 
 /// The least `--max-bandwidth` the protocol's deadlines allow: a full batch frame (1 MiB and
 /// its head) must cross within half the peer timeout, or a paced sender would look dead.
@@ -139,28 +184,26 @@ impl MigrateRequest {
 
     /// How the migration's connections are protected: plaintext only if asked for; the
     /// request's credentials, else `default` (the VM process's own), else none and an error.
-    pub fn security(&self, default: Option<&Security>) -> Result<Security, String> {
+    pub fn security(&self, default: Option<&Security>) -> Result<Security, RequestError> {
         if self.insecure {
             return Ok(Security::Insecure);
         }
         match (&self.tls, default) {
             (Some(files), _) => Ok(Security::Tls(std::sync::Arc::new(
-                transport::tls::Tls::load(files).map_err(|e| e.to_string())?,
+                transport::tls::Tls::load(files)?,
             ))),
             (None, Some(s)) => Ok(s.clone()),
-            (None, None) => Err(NO_CREDENTIALS.into()),
+            (None, None) => Err(RequestError::NoCredentials),
         }
     }
 
     /// The options the engine runs with (security aside: see [`Self::security`]); a bad
     /// `network` or a cap below what the peer timeout allows fail here.
-    pub fn options(&self) -> Result<MigrateOptions, String> {
+    pub fn options(&self) -> Result<MigrateOptions, RequestError> {
         let mut o = MigrateOptions::new(self.to.clone());
         if let Some(t) = self.peer_timeout_ms {
             if t < 100 {
-                return Err(format!(
-                    "a peer timeout of {t} ms is too short (100 ms at least)"
-                ));
+                return Err(RequestError::PeerTimeout(t));
             }
             o.peer_timeout = Duration::from_millis(t);
         }
@@ -182,24 +225,15 @@ impl MigrateRequest {
         o.vcpu_yield = self.vcpu_yield != Some(false);
         if let Some(c) = self.delta_cache {
             if c > MAX_DELTA_CACHE {
-                return Err(format!(
-                    "a delta cache of {} MiB is more than the {} MiB allowed",
-                    c >> 20,
-                    MAX_DELTA_CACHE >> 20
-                ));
+                return Err(RequestError::DeltaCache {
+                    mib: c >> 20,
+                    max_mib: MAX_DELTA_CACHE >> 20,
+                });
             }
             o.delta_cache = Some(c);
         }
         if let Some(cap) = self.max_bandwidth {
-            let min = min_bandwidth(o.peer_timeout);
-            if cap < min {
-                return Err(format!(
-                    "--max-bandwidth {:.2} Mbit/s is below the minimum {:.2} Mbit/s: a 1 MiB batch must cross within half the {} s peer timeout",
-                    cap as f64 / 1e6,
-                    min as f64 / 1e6,
-                    o.peer_timeout.as_secs_f64()
-                ));
-            }
+            check_bandwidth(cap, o.peer_timeout)?;
         }
         o.max_bandwidth = self.max_bandwidth;
         o.channels = self.channels.unwrap_or(0);
@@ -245,7 +279,7 @@ mod tests {
             max_bandwidth: Some(1_000_000),
             ..MigrateRequest::new("a:1")
         };
-        let e = r.options().unwrap_err();
+        let e = r.options().unwrap_err().to_string();
         assert!(e.contains("below the minimum 3.36 Mbit/s"), "{e}");
         let r = MigrateRequest {
             max_bandwidth: Some(200_000_000),

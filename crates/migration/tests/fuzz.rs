@@ -137,6 +137,7 @@ fn traffic() -> Vec<Vec<u8>> {
     answers
         .send_verified(&VerifyOutcome {
             ok: true,
+            verifiable: true,
             detail: "VERIFY OK pages=1".into(),
             cpu_seconds: 0.1,
         })

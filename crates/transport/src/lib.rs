@@ -41,7 +41,47 @@ pub enum TransportError {
     Configure { peer: String, source: io::Error },
     /// TLS with {peer} failed: {why}
     Handshake { peer: String, why: String },
+    /// the destination {peer} does not speak TLS: it runs --insecure (plaintext), and this side requires mutual TLS
+    NoTlsThere { peer: String },
+    /// {peer} spoke plaintext to a listener that requires mutual TLS; told it so and closed
+    PlaintextPeer { peer: String },
+    /// {peer} started TLS with a listener that runs --insecure (plaintext); told it so and closed
+    TlsPeer { peer: String },
+    /// {peer} closed the connection during the TLS handshake: it may be busy (too many connections at once) or not a livemig listener
+    HandshakeClosed { peer: String },
+    /// {peer} sent nothing within {secs} s of connecting
+    Silent { peer: String, secs: f64 },
 }
+
+/// A listener's plaintext answer to a peer that does not speak its protection, sent before it
+/// closes: 16 bytes laid out as the migration protocol's hello answer (magic `LVMG`, version 0,
+/// status at byte 7), so a plaintext source reads it as the answer to its hello, and a TLS
+/// source finds it where the server's first TLS record should be.
+pub mod mismatch {
+    /// This listener requires mutual TLS; the peer spoke plaintext.
+    pub const TLS_REQUIRED: u8 = 3;
+    /// This listener runs plaintext (`--insecure`); the peer started TLS.
+    pub const NO_TLS: u8 = 4;
+    pub const LEN: usize = 16;
+    const MAGIC: &[u8; 4] = b"LVMG";
+
+    pub fn notice(status: u8) -> [u8; LEN] {
+        let mut m = [0u8; LEN];
+        m[..4].copy_from_slice(MAGIC);
+        m[7] = status;
+        m
+    }
+
+    /// The status a notice carries, if `bytes` (at least its first 8) is one.
+    pub fn status(bytes: &[u8]) -> Option<u8> {
+        (bytes.len() >= 8 && bytes.starts_with(MAGIC) && bytes[4..6] == [0, 0])
+            .then_some(bytes[7])
+            .filter(|s| matches!(*s, TLS_REQUIRED | NO_TLS))
+    }
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// How a connection is protected.
 #[derive(Clone, Debug)]
@@ -198,10 +238,11 @@ impl<W: Write> CountingWriter<W> {
     /// Counts and pays for what a write took: the bytes actually written, which under TLS are
     /// often fewer than offered (rustls takes a record's worth at a time), so paying for the
     /// offer would throttle far below the cap.
-    fn account(&self, n: usize) {
+    fn account(&self, n: usize) -> io::Result<()> {
         self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(l) = &self.limit {
-            l.take(n);
+        match &self.limit {
+            Some(l) => l.take(n),
+            None => Ok(()),
         }
     }
 }
@@ -212,7 +253,7 @@ impl<W: Write> Write for CountingWriter<W> {
             .inner
             .write(buf)
             .map_err(|e| self.info.explain(e, "to take more data"))?;
-        self.account(n);
+        self.account(n)?;
         Ok(n)
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
@@ -220,7 +261,7 @@ impl<W: Write> Write for CountingWriter<W> {
             .inner
             .write_vectored(bufs)
             .map_err(|e| self.info.explain(e, "to take more data"))?;
-        self.account(n);
+        self.account(n)?;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -320,16 +361,31 @@ impl Connection {
     }
 
     /// The server side of a new connection: TLS (if `security` asks for it) completed within
-    /// `timeout`, or an error; a peer without a certificate from the cluster CA fails here.
+    /// `timeout`, or an error; a peer without a certificate from the cluster CA fails here. A
+    /// peer that speaks the other protection (plaintext to a TLS listener, TLS to an
+    /// `--insecure` one) is told so in plaintext ([`mismatch`]) before the connection closes.
     pub fn accept(
         socket: TcpStream,
         security: &Security,
         timeout: Duration,
     ) -> Result<Self, TransportError> {
+        let peer = socket.peer_addr().map_or("?".into(), |p| p.to_string());
+        let speaks_tls = first_byte(&socket, timeout, &peer)? == TLS_HANDSHAKE_RECORD;
+        let tell = |status| {
+            let _ = (&socket).write_all(&mismatch::notice(status));
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        };
         match security {
+            Security::Insecure if speaks_tls => {
+                tell(mismatch::NO_TLS);
+                Err(TransportError::TlsPeer { peer })
+            }
             Security::Insecure => Self::plain(socket),
+            Security::Tls(_) if !speaks_tls => {
+                tell(mismatch::TLS_REQUIRED);
+                Err(TransportError::PlaintextPeer { peer })
+            }
             Security::Tls(t) => {
-                let peer = socket.peer_addr().map_or("?".into(), |p| p.to_string());
                 let hs = |why: String| TransportError::Handshake {
                     peer: peer.clone(),
                     why,
@@ -460,6 +516,99 @@ where
     Ok(s)
 }
 
+/// The first byte a new connection's peer sends, within `timeout` (left unread).
+fn first_byte(socket: &TcpStream, timeout: Duration, peer: &str) -> Result<u8, TransportError> {
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(configure(peer))?;
+    let mut b = [0u8; 1];
+    match socket.peek(&mut b) {
+        Ok(1) => Ok(b[0]),
+        Ok(_) => Err(TransportError::Handshake {
+            peer: peer.to_string(),
+            why: "closed before saying anything".into(),
+        }),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(TransportError::Silent {
+                peer: peer.to_string(),
+                secs: timeout.as_secs_f64(),
+            })
+        }
+        Err(e) => Err(TransportError::Handshake {
+            peer: peer.to_string(),
+            why: e.to_string(),
+        }),
+    }
+}
+
+/// Sends a TLS client's first flight and looks at what comes back before rustls reads it: a
+/// listener that runs plaintext answers with a [`mismatch`] notice, one that closes says
+/// nothing; either is an error that says so.
+fn first_flight_answered(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    timeout: Duration,
+    peer: &str,
+) -> Result<(), TransportError> {
+    let hs = |why: String| TransportError::Handshake {
+        peer: peer.to_string(),
+        why,
+    };
+    s.sock
+        .set_write_timeout(Some(timeout))
+        .map_err(configure(peer))?;
+    while s.conn.wants_write() {
+        s.conn
+            .write_tls(&mut s.sock)
+            .map_err(|e| hs(e.to_string()))?;
+    }
+    let deadline = Instant::now() + timeout;
+    let mut head = [0u8; mismatch::LEN];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(hs(format!("no TLS handshake within {timeout:?}")));
+        }
+        s.sock
+            .set_read_timeout(Some(left))
+            .map_err(configure(peer))?;
+        let n = match s.sock.peek(&mut head) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(hs(e.to_string())),
+        };
+        if n == 0 {
+            return Err(TransportError::HandshakeClosed {
+                peer: peer.to_string(),
+            });
+        }
+        if head[0] == TLS_HANDSHAKE_RECORD || n >= 8 {
+            return match mismatch::status(&head[..n]) {
+                Some(_) => Err(TransportError::NoTlsThere {
+                    peer: peer.to_string(),
+                }),
+                None => Ok(()),
+            };
+        }
+        if !head[..n].iter().zip(b"LVMG").all(|(a, b)| a == b) {
+            return Ok(());
+        }
+        // The start of a notice: wait for the rest of it.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Connects from a chosen local address, so each stream of a multichannel migration leaves
 /// through its own NIC.
 pub fn connect_from(
@@ -539,11 +688,9 @@ fn client(
     let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
     let conn =
         rustls::ClientConnection::new(t.client.clone(), name).map_err(|e| hs(e.to_string()))?;
-    let s = handshake(
-        rustls::StreamOwned::new(conn, socket),
-        timeout,
-        &peer.to_string(),
-    )?;
+    let mut s = rustls::StreamOwned::new(conn, socket);
+    first_flight_answered(&mut s, timeout, &peer.to_string())?;
+    let s = handshake(s, timeout, &peer.to_string())?;
     let sock = s.sock.try_clone().map_err(configure(&peer.to_string()))?;
     Connection::over_tls(sock, TlsStream::Client(s))
 }

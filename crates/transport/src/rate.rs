@@ -3,12 +3,16 @@
 use std::time::Duration;
 
 /// A token bucket shared by every stream of one migration, for `--max-bandwidth`.
-/// Writers may go into debt by one write; they then sleep until it is paid off, so the long-run
+/// Writers may go into debt by one write; they then wait until it is paid off, so the long-run
 /// average holds whatever the write sizes. The rate can change while it runs (a drain shares
-/// one budget between the migrations in flight).
+/// one budget between the migrations in flight), and a wait is reckoned again when it does.
+/// [`RateLimit::abort`] ends every wait at once: a cancelled or timed-out migration never
+/// sleeps on its debt.
 #[derive(Debug)]
 pub struct RateLimit {
     state: std::sync::Mutex<Bucket>,
+    /// Woken when the rate changes or the limit is aborted.
+    changed: std::sync::Condvar,
 }
 
 #[derive(Debug)]
@@ -17,12 +21,35 @@ struct Bucket {
     burst: f64,
     tokens: f64,
     last: std::time::Instant,
+    aborted: bool,
+}
+
+impl Bucket {
+    /// Refills the tokens up to `now`.
+    fn refill(&mut self, now: std::time::Instant) {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.bytes_per_sec;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now.max(self.last);
+    }
+
+    /// How long until the debt is paid at the current rate.
+    fn debt_wait(&self) -> Duration {
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.bytes_per_sec)
+        }
+    }
 }
 
 /// 10 ms of burst: smooth enough for QoS, coarse enough not to spin.
 fn burst(bytes_per_sec: f64) -> f64 {
     (bytes_per_sec / 100.0).max(64.0 * 1024.0)
 }
+
+/// What a write paced by an aborted limit fails with.
+pub const ABORTED: &str =
+    "the migration was stopped while paced (cancelled, or its peer timed out)";
 
 impl RateLimit {
     pub fn new(bits_per_sec: u64) -> Self {
@@ -33,7 +60,9 @@ impl RateLimit {
                 burst: burst(bytes_per_sec),
                 tokens: burst(bytes_per_sec),
                 last: std::time::Instant::now(),
+                aborted: false,
             }),
+            changed: std::sync::Condvar::new(),
         }
     }
 
@@ -44,31 +73,47 @@ impl RateLimit {
         bits
     }
 
-    /// Changes the rate from now on (debt already taken is paid at the new rate).
+    /// Changes the rate from now on (debt already taken is paid at the new rate, and writers
+    /// waiting on it reckon their wait again).
     pub fn set_bits_per_sec(&self, bits_per_sec: u64) {
         let mut b = locks::lock(&self.state);
+        b.refill(std::time::Instant::now());
         b.bytes_per_sec = (bits_per_sec.max(1)) as f64 / 8.0;
         b.burst = burst(b.bytes_per_sec);
         b.tokens = b.tokens.min(b.burst);
+        self.changed.notify_all();
+    }
+
+    /// Ends every wait now and from now on: paced writes fail with [`ABORTED`].
+    pub fn abort(&self) {
+        locks::lock(&self.state).aborted = true;
+        self.changed.notify_all();
     }
 
     /// Takes `n` bytes at time `now`; returns how long the caller must wait before sending.
     pub fn take_at(&self, n: usize, now: std::time::Instant) -> Duration {
         let mut b = locks::lock(&self.state);
-        let refill = now.saturating_duration_since(b.last).as_secs_f64() * b.bytes_per_sec;
-        b.tokens = (b.tokens + refill).min(b.burst) - n as f64;
-        b.last = now.max(b.last);
-        if b.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-b.tokens / b.bytes_per_sec)
-        }
+        b.refill(now);
+        b.tokens -= n as f64;
+        b.debt_wait()
     }
 
-    pub fn take(&self, n: usize) {
-        let wait = self.take_at(n, std::time::Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+    /// Takes `n` bytes and waits until they are paid for; fails at once if the limit is (or
+    /// gets) aborted.
+    pub fn take(&self, n: usize) -> std::io::Result<()> {
+        let mut b = locks::lock(&self.state);
+        b.refill(std::time::Instant::now());
+        b.tokens -= n as f64;
+        loop {
+            if b.aborted {
+                return Err(std::io::Error::other(ABORTED));
+            }
+            b.refill(std::time::Instant::now());
+            let wait = b.debt_wait();
+            if wait.is_zero() {
+                return Ok(());
+            }
+            b = locks::wait_timeout(&self.changed, b, wait);
         }
     }
 }
@@ -132,6 +177,35 @@ mod tests {
         l.set_bits_per_sec(160_000_000);
         let fast = l.take_at(0, t);
         assert!(fast < slow && fast > slow / 3, "{slow:?} -> {fast:?}");
+    }
+
+    /// A writer deep in debt at a crawl is let go at once by a faster rate, and fails at once
+    /// when the limit is aborted: no wait outlasts a cancel.
+    #[test]
+    fn a_wait_ends_when_the_rate_rises_or_the_limit_is_aborted() {
+        let l = std::sync::Arc::new(RateLimit::new(1000));
+        let t0 = std::time::Instant::now();
+        let w = {
+            let l = l.clone();
+            std::thread::spawn(move || l.take(1 << 20))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        l.set_bits_per_sec(10_000_000_000);
+        assert!(w.join().unwrap().is_ok());
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+
+        let l = std::sync::Arc::new(RateLimit::new(1000));
+        let t0 = std::time::Instant::now();
+        let w = {
+            let l = l.clone();
+            std::thread::spawn(move || l.take(1 << 20))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        l.abort();
+        let e = w.join().unwrap().unwrap_err();
+        assert_eq!(e.to_string(), ABORTED);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(l.take(1).is_err(), "an aborted limit stays aborted");
     }
 
     #[test]

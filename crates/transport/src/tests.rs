@@ -277,7 +277,53 @@ fn a_tls_handshake_that_never_comes_times_out() {
         .err()
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(2), "{e}");
-    assert!(e.to_string().contains("no TLS handshake within"), "{e}");
+    assert!(e.to_string().contains("sent nothing within 0.3 s"), "{e}");
+}
+
+/// Each side of a TLS/plaintext mismatch says which it is, on both ends, instead of "unexpected
+/// end of file".
+#[test]
+fn a_protection_mismatch_is_named_on_both_sides() {
+    let (_d, a, b, _) = credentials();
+    // A TLS source, a plaintext listener.
+    let (addr, t) = serve_one(Security::Insecure);
+    let e = connect(&addr, Duration::from_secs(5), &tls(&a))
+        .err()
+        .expect("refused");
+    assert!(matches!(e, TransportError::NoTlsThere { .. }), "{e}");
+    assert!(e.to_string().contains("does not speak TLS"), "{e}");
+    let server = t.join().unwrap().unwrap_err();
+    assert!(
+        server.contains("started TLS with a listener that runs --insecure"),
+        "{server}"
+    );
+    // A plaintext source, a TLS listener: the notice is what it reads back.
+    let (addr, t) = serve_one(tls(&b));
+    let mut c = connect(&addr, Duration::from_secs(5), &Security::Insecure).unwrap();
+    c.writer
+        .write_all(b"LVMG\x03\0\0\0\0\0\0\0\0\0\0\0")
+        .unwrap();
+    c.writer.flush().unwrap();
+    let mut answer = [0u8; mismatch::LEN];
+    c.reader.read_exact(&mut answer).unwrap();
+    assert_eq!(mismatch::status(&answer), Some(mismatch::TLS_REQUIRED));
+    let server = t.join().unwrap().unwrap_err();
+    assert!(server.contains("spoke plaintext"), "{server}");
+    // A listener that closes at once: the TLS source says so.
+    let l = Listener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let t = std::thread::spawn(move || drop(l.accept_raw().unwrap()));
+    let e = connect(&addr, Duration::from_secs(5), &tls(&a))
+        .err()
+        .expect("refused");
+    t.join().unwrap();
+    assert!(
+        matches!(
+            e,
+            TransportError::HandshakeClosed { .. } | TransportError::Handshake { .. }
+        ),
+        "{e}"
+    );
 }
 
 #[test]

@@ -72,7 +72,7 @@ impl<'a> ZeroCopy<'a> {
     /// running guest); the kernel keeps the pages pinned until the send completes.
     pub fn send_all(&mut self, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
         if let Some(l) = &self.limit {
-            l.take(bufs.iter().map(|b| b.len()).sum());
+            l.take(bufs.iter().map(|b| b.len()).sum())?;
         }
         // Volatile slices hand out raw pointers only; the kernel reads through them.
         let guards: Vec<_> = bufs
@@ -120,7 +120,7 @@ impl<'a> ZeroCopy<'a> {
                 runs.iter()
                     .map(|&(_, len)| usize::try_from(len).unwrap_or(usize::MAX))
                     .sum(),
-            );
+            )?;
         }
         for &(start, len) in runs {
             let mut off = libc::off_t::try_from(start).map_err(io::Error::other)?;

@@ -10,7 +10,7 @@ use migration::protocol::Prepare;
 use migration::Pending;
 
 use super::vms::{self, Entry, Phase, Proc, Record};
-use super::Agent;
+use super::{AdmitError, Agent};
 use crate::api::IncomingFate;
 use crate::status::Incoming;
 
@@ -35,15 +35,19 @@ impl Agent {
                     tracing::warn!("redirecting the migration from {peer}: {e}");
                 }
             }
+            Err(why) if why.is_busy() => {
+                tracing::info!("turned a migration from {peer} away for now: {why}");
+                p.busy(&why.to_string());
+            }
             Err(why) => {
                 tracing::warn!("refused a migration from {peer}: {why}");
-                p.refuse(&why);
+                p.refuse(&why.to_string());
             }
         }
     }
 
     /// Admits the offered VM and starts its receiver; the port it listens on.
-    fn arrive(&self, offer: &Prepare, peer: SocketAddr) -> Result<u16, String> {
+    fn arrive(&self, offer: &Prepare, peer: SocketAddr) -> Result<u16, AdmitError> {
         let name = offer
             .name
             .clone()
@@ -55,10 +59,18 @@ impl Agent {
             self.admit(&vms, &name, &offer.vm, true)?;
             let e = self
                 .start_receiver(&name, offer, peer)
-                .map_err(|e| format!("starting a receiver for {name}: {e}"))?;
+                .map_err(|e| AdmitError::Receiver {
+                    name: name.clone(),
+                    why: e.to_string(),
+                })?;
             vms.insert(name.clone(), e);
         }
-        let port = self.wait_listening(&name);
+        let port = self
+            .wait_listening(&name)
+            .map_err(|why| AdmitError::Receiver {
+                name: name.clone(),
+                why,
+            });
         if port.is_err() {
             if let Some(mut e) = locks::lock(&self.vms).remove(&name) {
                 e.proc.kill();
@@ -96,11 +108,9 @@ impl Agent {
             dir.join("incoming.json").display().to_string(),
             "--expect-session".into(),
             offer.session.to_string(),
+            // A source that does not follow the redirect frees the slot within its deadline.
             "--accept-within".into(),
-            format!(
-                "{}ms",
-                (2 * self.cfg.peer_timeout + LISTEN_WITHIN).as_millis()
-            ),
+            format!("{}ms", self.cfg.peer_timeout.as_millis()),
             "--peer-timeout".into(),
             format!("{}ms", self.cfg.peer_timeout.as_millis()),
         ];

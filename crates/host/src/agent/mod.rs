@@ -68,6 +68,44 @@ pub enum AgentError {
     },
 }
 
+/// Why a VM may not come to (or start on) this host now.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum AdmitError {
+    /// {0}
+    Name(#[from] vms::BadName),
+    /// a VM named {name} is already on host {host}
+    NameTaken { name: String, host: String },
+    /// host {host} already takes {inbound} incoming migrations (--max-inbound {max})
+    Busy {
+        host: String,
+        inbound: usize,
+        max: usize,
+    },
+    /// {vcpus} vCPUs: this VMM runs 1 to {max}
+    Vcpus { vcpus: u8, max: u8 },
+    /// {name} ({memory_mib} MiB) does not fit on host {host}: room for {room_mib} MiB ({free_mib} MiB free, {committed_mib} MiB promised to {vms} VMs, {arriving_mib} MiB arriving)
+    NoRoom {
+        name: String,
+        host: String,
+        memory_mib: u64,
+        room_mib: u64,
+        free_mib: u64,
+        committed_mib: u64,
+        vms: usize,
+        arriving_mib: u64,
+    },
+    /// starting a receiver for {name}: {why}
+    Receiver { name: String, why: String },
+}
+
+impl AdmitError {
+    /// Whether a later attempt may succeed without anything changing but time: the host
+    /// takes too many migrations at once (a source is told the destination is busy).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, AdmitError::Busy { .. })
+    }
+}
+
 /// Remember what became of this many incoming migrations.
 const MAX_FATES: usize = 256;
 /// How often the reaper looks at the VM processes.
@@ -110,6 +148,7 @@ impl Agent {
         let opts = migration::ReceiveOptions {
             peer_timeout: cfg.peer_timeout,
             handshake_timeout: cfg.peer_timeout,
+            stream_accept_timeout: cfg.peer_timeout,
             ..Default::default()
         };
         let incoming = Incoming::new(listener, cfg.security.clone(), opts);
@@ -336,36 +375,40 @@ impl Agent {
         name: &str,
         vm: &VmConfig,
         inbound: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), AdmitError> {
         vms::check_name(name)?;
         let host = &self.cfg.name;
         if vms.contains_key(name) {
-            return Err(format!("a VM named {name} is already on host {host}"));
+            return Err(AdmitError::NameTaken {
+                name: name.into(),
+                host: host.clone(),
+            });
         }
         let cap = self.capacity_of(vms);
         if inbound && cap.inbound >= self.cfg.max_inbound {
-            return Err(format!(
-                "host {host} already takes {} incoming migrations (--max-inbound {})",
-                cap.inbound, self.cfg.max_inbound
-            ));
+            return Err(AdmitError::Busy {
+                host: host.clone(),
+                inbound: cap.inbound,
+                max: self.cfg.max_inbound,
+            });
         }
         if vm.vcpus == 0 || vm.vcpus > vmm::vm::MAX_VCPUS {
-            return Err(format!(
-                "{} vCPUs: this VMM runs 1 to {}",
-                vm.vcpus,
-                vmm::vm::MAX_VCPUS
-            ));
+            return Err(AdmitError::Vcpus {
+                vcpus: vm.vcpus,
+                max: vmm::vm::MAX_VCPUS,
+            });
         }
         if vm.memory > cap.room {
-            return Err(format!(
-                "{name} ({} MiB) does not fit on host {host}: room for {} MiB ({} MiB free, {} MiB promised to {} VMs, {} MiB arriving)",
-                vm.memory >> 20,
-                cap.room >> 20,
-                cap.memory_free >> 20,
-                cap.committed >> 20,
-                cap.vms,
-                cap.arriving >> 20
-            ));
+            return Err(AdmitError::NoRoom {
+                name: name.into(),
+                host: host.clone(),
+                memory_mib: vm.memory >> 20,
+                room_mib: cap.room >> 20,
+                free_mib: cap.memory_free >> 20,
+                committed_mib: cap.committed >> 20,
+                vms: cap.vms,
+                arriving_mib: cap.arriving >> 20,
+            });
         }
         Ok(())
     }

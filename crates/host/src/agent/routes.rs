@@ -17,6 +17,8 @@ use crate::api::{CacheRequest, ProbeRequest, ProbeResult, RunRequest, VmInfo};
 const BOOT_WITHIN: Duration = Duration::from_secs(60);
 /// How long a VM asked to stop has before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a VM process whose migrate request failed unanswered has to be seen gone.
+const PROCESS_GONE_WITHIN: Duration = Duration::from_millis(300);
 /// Enough connections for a drain's migrations and their progress polls.
 const API_CONNECTIONS: usize = 128;
 
@@ -117,7 +119,7 @@ impl Agent {
         let api = {
             let mut vms = locks::lock(&self.vms);
             self.admit(&vms, &r.name, &vm, false)
-                .map_err(|e| (409, e))?;
+                .map_err(|e| (409, e.to_string()))?;
             let e = self
                 .start_vm(r)
                 .map_err(|e| (500, format!("starting {}: {e}", r.name)))?;
@@ -277,18 +279,39 @@ impl Agent {
                 self.remove_when_gone(name);
                 Ok(report)
             }
-            Err(e) => {
-                let (status, message) = passed_on(name, &e);
-                if let Some(entry) = locks::lock(&self.vms).get_mut(name) {
-                    entry.phase = if status == 502 {
-                        Phase::Unresolved(message.clone())
-                    } else {
-                        Phase::Running
-                    };
-                }
-                Err((status, message))
-            }
+            Err(e) => Err(self.migration_failed(name, &e)),
         }
+    }
+
+    /// After a failed migrate: the VM runs here again; or, when the switchover's outcome is
+    /// unknown (HTTP 502), it is `unresolved`, paused until `resume` or `discard`; or its
+    /// process died under the migration (HTTP 410: it is `failed`, as `host list` says, and
+    /// only the destination can say whether the VM runs there).
+    fn migration_failed(&self, name: &str, e: &ApiError) -> (u16, String) {
+        let (status, message) = passed_on(name, e);
+        let mut vms = locks::lock(&self.vms);
+        let Some(entry) = vms.get_mut(name) else {
+            return (status, message);
+        };
+        let answered = matches!(e, ApiError::Refused { .. });
+        // A process killed under the request takes a moment to be reaped.
+        let died = !answered && entry.proc.wait_exit(PROCESS_GONE_WITHIN);
+        if died {
+            let how = entry.proc.exited().unwrap_or_default();
+            let why = format!(
+                "its process died during the migration ({how}): {}",
+                entry.log_tail()
+            );
+            tracing::warn!(name = %name, "VM failed: {why}");
+            entry.phase = Phase::Failed(why.clone());
+            return (410, format!("{name}: {why}"));
+        }
+        entry.phase = if status == 502 {
+            Phase::Unresolved(message.clone())
+        } else {
+            Phase::Running
+        };
+        (status, message)
     }
 
     /// Passes a migration route on to `name`'s process.

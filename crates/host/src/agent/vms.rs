@@ -198,7 +198,11 @@ pub(super) fn spawn(livemig: &Livemig, args: &[String], dir: &Path) -> std::io::
 }
 
 /// A VM name: what fits in a directory name and a URL path segment.
-pub(super) fn check_name(name: &str) -> Result<(), String> {
+/// {0:?} is not a VM name (1-64 of A-Z a-z 0-9 - _ ., not starting with .)
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub struct BadName(pub String);
+
+pub(super) fn check_name(name: &str) -> Result<(), BadName> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -208,9 +212,7 @@ pub(super) fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a VM name (1-64 of A-Z a-z 0-9 - _ ., not starting with .)"
-        ))
+        Err(BadName(name.to_string()))
     }
 }
 

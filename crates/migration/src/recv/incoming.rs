@@ -1,8 +1,10 @@
 //! Accepting migrations on one listening address, safely: every connection gets its own thread
-//! and a deadline to finish TLS and say what it is; only so many handshakes run at once; a
-//! control connection becomes a migration, a page stream joins its migration by session; a
-//! bad connection (garbage, HTTP, a wrong version, a byte a second, no certificate) affects
-//! only itself.
+//! and a slot from the [`Gate`], which bounds how many connections wait to authenticate (in
+//! all, and per source address), keeps authenticated ones apart, and closes any that has not
+//! finished TLS and said what it is by its deadline; a control connection becomes a
+//! migration, a page stream joins its migration by session; a bad connection (garbage, HTTP,
+//! a wrong version, a byte a second, no certificate) affects only itself, and a flood of them
+//! cannot keep a cluster member out.
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use transport::{Connection, Listener, Security, ShutdownHandle};
 
+use super::gate::{Gate, GateError, Ticket};
 use crate::protocol::{self, FrameReader, FrameWriter, Hello, Opening, Prepare, MAX_STREAMS};
 use crate::MigrationError;
 use vmm::memory::GuestRam;
@@ -21,6 +24,8 @@ pub struct Pending {
     pub conn: Connection,
     pub hello: Hello,
     pub peer: SocketAddr,
+    /// Its place among the listener's authenticated connections, held as long as this is.
+    slot: Ticket,
 }
 
 impl Pending {
@@ -28,6 +33,21 @@ impl Pending {
     pub fn refuse(mut self, why: &str) {
         let _ = FrameWriter::new(&mut self.conn.writer).send_abort(why);
         self.conn.shutdown();
+    }
+
+    /// Turns the migration away for now: this host cannot take it at the moment (the source
+    /// says the destination is busy, and a drain tries again later).
+    pub fn busy(mut self, why: &str) {
+        let _ = FrameWriter::new(&mut self.conn.writer).send_busy(why);
+        self.conn.shutdown();
+    }
+
+    /// The connection, the hello and the peer; the slot is given back.
+    pub(super) fn into_parts(self) -> (Connection, Hello, SocketAddr) {
+        let Pending {
+            conn, hello, peer, ..
+        } = self;
+        (conn, hello, peer)
     }
 
     /// The VM the source offers (its Config), read within `within`: what a host agent decides
@@ -179,7 +199,7 @@ pub struct Incoming {
     pub(super) opts: super::ReceiveOptions,
     sessions: Mutex<HashMap<u64, SyncSender<(u16, Connection)>>>,
     parked: Mutex<Parked>,
-    handshakes: AtomicUsize,
+    gate: Arc<Gate>,
     probes: AtomicUsize,
     /// The expected session started here (see `ReceiveOptions::expect_session`).
     claimed: AtomicBool,
@@ -192,12 +212,12 @@ pub type OnMigration = Arc<dyn Fn(Pending) + Send + Sync>;
 impl Incoming {
     pub fn new(listener: Listener, security: Security, opts: super::ReceiveOptions) -> Arc<Self> {
         Arc::new(Incoming {
+            gate: Gate::new(opts.limits),
             listener,
             security,
             opts,
             sessions: Mutex::new(HashMap::new()),
             parked: Mutex::new(Parked::default()),
-            handshakes: AtomicUsize::new(0),
             probes: AtomicUsize::new(0),
             claimed: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
@@ -208,8 +228,19 @@ impl Incoming {
         self.listener.local_addr()
     }
 
-    /// Accepts connections until [`Self::stop`]; each is handled on its own thread.
+    /// Accepts connections until [`Self::stop`]; each is handled on its own thread, from a
+    /// slot of the gate (whose sweeper closes those past their deadline meanwhile).
     pub fn serve(self: &Arc<Self>, on_migration: OnMigration) {
+        let gate = self.gate.clone();
+        let sweeper = std::thread::Builder::new()
+            .name("gate".into())
+            .spawn(move || gate.sweep());
+        if let Err(e) = sweeper {
+            // No sweeper, no deadlines: serve nobody rather than serve unguarded.
+            tracing::error!("starting the listener's sweeper: {e}");
+            return;
+        }
+        let t = self.opts.handshake_timeout;
         while !self.stopped.load(Ordering::SeqCst) {
             let (stream, peer) = match self.listener.accept_raw() {
                 Ok(a) => a,
@@ -221,22 +252,27 @@ impl Incoming {
                     continue;
                 }
             };
-            if self.handshakes.fetch_add(1, Ordering::SeqCst) >= self.opts.max_handshakes {
-                self.handshakes.fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(
-                    "refused a connection from {peer}: {} handshakes already under way",
-                    self.opts.max_handshakes
-                );
-                continue;
-            }
+            let ticket = match self.gate.enter(&stream, peer.ip(), t) {
+                Ok(ticket) => ticket,
+                Err(e) => {
+                    tracing::warn!("refused a connection from {peer}: {e}");
+                    continue;
+                }
+            };
             let (me, cb) = (self.clone(), on_migration.clone());
             let spawned = std::thread::Builder::new()
                 .name("incoming".into())
-                .spawn(move || me.opening(stream, peer, &cb));
-            if spawned.is_err() {
-                self.handshakes.fetch_sub(1, Ordering::SeqCst);
+                .spawn(move || me.opening(stream, peer, ticket, &cb));
+            if let Err(e) = spawned {
+                tracing::warn!("refused a connection from {peer}: no thread for it: {e}");
             }
         }
+        self.gate.stop();
+    }
+
+    /// Connections held now that have not authenticated, and that have.
+    pub fn held(&self) -> (usize, usize) {
+        self.gate.held()
     }
 
     pub(super) fn claim(&self) {
@@ -252,22 +288,34 @@ impl Incoming {
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         self.listener.shutdown();
+        self.gate.stop();
     }
 
-    /// A new connection: TLS and the first 16 bytes within the handshake deadline, then a
-    /// migration (control) or a place in one (page stream).
-    fn opening(&self, stream: TcpStream, peer: SocketAddr, on_migration: &OnMigration) {
-        let r = self.identify(stream);
-        self.handshakes.fetch_sub(1, Ordering::SeqCst);
-        match r {
-            Ok(Arrival::Control(p)) => on_migration(p),
+    /// A new connection: TLS and the first 16 bytes within the handshake deadline (the gate
+    /// closes it past that), then a migration (control) or a place in one (page stream).
+    fn opening(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        ticket: Ticket,
+        on_migration: &OnMigration,
+    ) {
+        match self.identify(stream, ticket) {
+            Ok(Arrival::Control(p)) => {
+                // Its own deadlines apply from here (the offer's, the migration's).
+                p.slot.set_deadline(None);
+                on_migration(p)
+            }
             Ok(Arrival::Stream {
                 index,
                 session,
                 conn,
             }) => self.join(index, session, conn),
             Ok(Arrival::Probe(conn)) => self.discard(conn),
-            Err(e) => tracing::warn!("refused a connection from {peer}: {e}"),
+            Err((e, closed)) if closed => {
+                tracing::debug!("closed a connection from {peer} by the gate: {e}")
+            }
+            Err((e, _)) => tracing::warn!("refused a connection from {peer}: {e}"),
         }
     }
 
@@ -291,37 +339,104 @@ impl Incoming {
         self.probes.fetch_sub(1, Ordering::SeqCst);
     }
 
-    fn identify(&self, stream: TcpStream) -> Result<Arrival, MigrationError> {
+    /// TLS and the opening 16 bytes; the slot moves to the authenticated pool once the peer
+    /// proved who it is (its certificate; its hello, on a plaintext listener). On failure, the
+    /// error and whether the gate had closed the connection (its deadline, or to make room).
+    fn identify(
+        &self,
+        stream: TcpStream,
+        ticket: Ticket,
+    ) -> Result<Arrival, (MigrationError, bool)> {
         let t = self.opts.handshake_timeout;
-        let mut conn = Connection::accept(stream, &self.security, t)?;
-        let handle = conn
-            .shutdown_handle()
-            .map_err(MigrationError::socket("cloning a socket"))?;
-        let watchdog = Watchdog::arm(handle, t);
-        conn.set_peer_timeout(Some(t))
-            .map_err(MigrationError::socket("setting the peer timeout"))?;
-        let opening = protocol::read_opening(&mut conn.reader);
-        let arrival = match opening {
-            Ok(Opening::Control(h)) => {
-                let hello = protocol::answer_hello(&mut conn.writer, &h)?;
-                let peer = conn.peer;
-                Arrival::Control(Pending { conn, hello, peer })
+        let closed = |e: MigrationError, ticket: &Ticket| (e, ticket.was_closed());
+        let mut conn = match Connection::accept(stream, &self.security, t) {
+            Ok(c) => c,
+            Err(e) => return Err(closed(e.into(), &ticket)),
+        };
+        if let Err(e) = conn.set_peer_timeout(Some(t)) {
+            let e = MigrationError::socket("setting the peer timeout")(e);
+            return Err((e, false));
+        }
+        let tls = conn.is_tls();
+        let mut ticket = Some(ticket);
+        if tls {
+            ticket = Some(self.authenticated(ticket.take(), &mut conn, None)?);
+        }
+        let opening = match protocol::read_opening(&mut conn.reader) {
+            Ok(o) => o,
+            Err(e) => {
+                let was_closed = ticket.as_ref().is_some_and(Ticket::was_closed);
+                return Err((e.into(), was_closed));
             }
-            Ok(Opening::Stream { index, session }) => Arrival::Stream {
+        };
+        let slot = match ticket {
+            Some(t) => t,
+            None => return Err((MigrationError::StreamFailed, false)),
+        };
+        let slot = if tls {
+            slot
+        } else {
+            self.authenticated(Some(slot), &mut conn, Some(&opening))?
+        };
+        Ok(match opening {
+            Opening::Control(h) => {
+                let hello =
+                    protocol::answer_hello(&mut conn.writer, &h).map_err(|e| (e.into(), false))?;
+                let peer = conn.peer;
+                Arrival::Control(Pending {
+                    conn,
+                    hello,
+                    peer,
+                    slot,
+                })
+            }
+            Opening::Stream { index, session } => Arrival::Stream {
                 index,
                 session,
                 conn,
             },
-            Ok(Opening::Probe) => Arrival::Probe(conn),
-            Err(e) => return Err(e.into()),
+            Opening::Probe => Arrival::Probe(conn),
+        })
+    }
+
+    /// Moves a connection's slot to the authenticated pool (with the rest of the handshake
+    /// deadline); when that pool is full, a control connection is told the host is busy.
+    fn authenticated(
+        &self,
+        ticket: Option<Ticket>,
+        conn: &mut Connection,
+        opening: Option<&Opening>,
+    ) -> Result<Ticket, (MigrationError, bool)> {
+        let Some(ticket) = ticket else {
+            return Err((MigrationError::StreamFailed, false));
         };
-        if watchdog.disarm() {
-            return Err(MigrationError::TimedOut {
-                secs: t.as_secs_f64(),
-                waiting_for: "the peer to open (TLS and hello)".into(),
-            });
+        let was_closed = ticket.was_closed();
+        match ticket.authenticated(Some(self.opts.handshake_timeout)) {
+            Ok(t) => Ok(t),
+            Err(GateError::Full(n)) => {
+                let why = format!("{n} authenticated connections are opening at once");
+                // A control connection's hello is answered with Busy (read it first if it
+                // has not been, so the source finds the answer where it looks).
+                let control = match opening {
+                    Some(o) => Some(matches!(o, Opening::Control(_))),
+                    None => protocol::read_opening(&mut conn.reader)
+                        .ok()
+                        .map(|o| matches!(o, Opening::Control(_))),
+                };
+                if control == Some(true) {
+                    let _ = protocol::answer_busy(&mut conn.writer, &why);
+                }
+                conn.shutdown();
+                Err((MigrationError::Refused(format!("busy: {why}")), false))
+            }
+            Err(e) => Err((
+                MigrationError::Socket {
+                    what: "taking a connection slot",
+                    source: std::io::Error::other(e.to_string()),
+                },
+                was_closed,
+            )),
         }
-        Ok(arrival)
     }
 
     /// Hands a page stream to the migration whose session it names. One that comes before its

@@ -2,6 +2,7 @@
 //! and the page streams; pages are placed at their final address and the VM resumes only once
 //! it holds everything.
 mod cache;
+pub mod gate;
 pub mod incoming;
 mod populate;
 pub mod state;
@@ -62,8 +63,8 @@ pub struct ReceiveOptions {
     pub handshake_timeout: Duration,
     /// How long a migration has, after its Config, to connect the page streams it announced.
     pub stream_accept_timeout: Duration,
-    /// New connections in their handshake at once; more are closed at once.
-    pub max_handshakes: usize,
+    /// Connections the listener holds at once, before and after they authenticate.
+    pub limits: gate::Limits,
     /// Take only the migration with this session (a host agent's receiver for one VM).
     pub expect_session: Option<u64>,
     /// Give up if no migration has started within this (none: wait forever).
@@ -102,8 +103,8 @@ impl Default for ReceiveOptions {
             peer_timeout: crate::send::DEFAULT_PEER_TIMEOUT,
             verify_timeout: Duration::from_secs(60),
             handshake_timeout: crate::send::DEFAULT_PEER_TIMEOUT,
-            stream_accept_timeout: Duration::from_secs(10),
-            max_handshakes: 16,
+            stream_accept_timeout: crate::send::DEFAULT_PEER_TIMEOUT,
+            limits: gate::Limits::default(),
             expect_session: None,
             accept_within: None,
             events: None,
@@ -212,7 +213,7 @@ pub fn receive(
     let on_migration: incoming::OnMigration = Arc::new(move |p: Pending| {
         use std::sync::atomic::Ordering::SeqCst;
         if busy.swap(true, SeqCst) {
-            return p.refuse("this receiver is already taking a VM");
+            return p.busy("this receiver is already taking a VM");
         }
         let peer = p.peer;
         match inc.receive(p, &admit_if_it_fits) {
@@ -283,11 +284,7 @@ impl Incoming {
         p: Pending,
         admit: Admit<'_>,
     ) -> Result<(Vm, ReceiveStats), MigrationError> {
-        let Pending {
-            mut conn,
-            hello,
-            peer,
-        } = p;
+        let (mut conn, hello, peer) = p.into_parts();
         let cpu0 = thread_cpu_seconds();
         let result = self.run(&mut conn, hello, admit, cpu0);
         if let Err(e) = &result {
@@ -314,11 +311,12 @@ impl Incoming {
         let control = conn
             .shutdown_handle()
             .map_err(MigrationError::socket("cloning the control socket"))?;
-        // Config and page streams within their deadline: nobody holds the slot dribbling.
+        // The Config within the deadline on progress: nobody holds the slot dribbling. Then
+        // the page streams within theirs.
         let watchdog = incoming::Watchdog::arm(
             conn.shutdown_handle()
                 .map_err(MigrationError::socket("cloning the control socket"))?,
-            opts.handshake_timeout + opts.stream_accept_timeout,
+            opts.peer_timeout,
         );
         conn.set_peer_timeout(Some(opts.peer_timeout))
             .map_err(MigrationError::socket("setting the peer timeout"))?;
@@ -329,7 +327,14 @@ impl Incoming {
         // Prepare: refuse what this host cannot hold before anything is allocated, build the
         // VM, take the page streams it announces.
         let t_config = Instant::now();
-        let (state, prep) = self.take_config(&mut input, admit)?;
+        let taken = self.take_config(&mut input, admit);
+        if watchdog.disarm() {
+            return Err(MigrationError::TimedOut {
+                secs: opts.peer_timeout.as_secs_f64(),
+                waiting_for: "the source's Config".into(),
+            });
+        }
+        let (state, prep) = taken?;
         let config_ms = t_config.elapsed().as_millis();
         let streams = self.collect_streams(&prep)?;
         for s in &streams {
@@ -343,12 +348,6 @@ impl Incoming {
             build_ms = t_build.elapsed().as_millis(),
             "prepare here: Config taken, VM built"
         );
-        if watchdog.disarm() {
-            return Err(MigrationError::TimedOut {
-                secs: (opts.handshake_timeout + opts.stream_accept_timeout).as_secs_f64(),
-                waiting_for: "the source's Config and page streams".into(),
-            });
-        }
         if !streams.is_empty() {
             // The control connection is quiet while the streams carry the rounds: keepalive
             // watches it, and a failing stream closes it.
@@ -805,13 +804,17 @@ fn verify(vm: &Vm, timeout: Duration) -> VerifyOutcome {
     let outcome = |ok: bool, detail: String| VerifyOutcome {
         ok,
         detail,
+        verifiable: true,
         cpu_seconds: 0.0,
     };
     if st.report().ready_pages.is_none() {
-        return outcome(
-            false,
-            "not verifiable: the guest is not the livemig workload guest".into(),
-        );
+        return VerifyOutcome {
+            verifiable: false,
+            ..outcome(
+                false,
+                "not verifiable: the guest is not the livemig workload guest".into(),
+            )
+        };
     }
     let t = Instant::now();
     let o = match st.verify(timeout).and_then(|r| r.last_verify) {

@@ -187,6 +187,7 @@ mod tests {
     fn verified() -> Frame<'static> {
         Frame::Verified(VerifyOutcome {
             ok: true,
+            verifiable: true,
             detail: String::new(),
             cpu_seconds: 0.0,
         })

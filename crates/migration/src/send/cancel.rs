@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use transport::ShutdownHandle;
+use transport::{RateLimit, ShutdownHandle};
 
 use crate::MigrationError;
 
@@ -14,6 +14,8 @@ struct State {
     reason: Option<String>,
     committed: bool,
     sockets: Vec<ShutdownHandle>,
+    /// The migration's pace: a sender waiting on it stops waiting.
+    limits: Vec<Arc<RateLimit>>,
 }
 
 /// A handle on one migration that can stop it; clones share it.
@@ -43,6 +45,7 @@ impl Cancel {
         s.reason.get_or_insert_with(|| why.to_string());
         self.requested.store(true, Ordering::SeqCst);
         s.sockets.iter().for_each(ShutdownHandle::shutdown);
+        s.limits.iter().for_each(|l| l.abort());
         Ok(())
     }
 
@@ -58,6 +61,15 @@ impl Cancel {
             h.shutdown();
         }
         s.sockets.push(h);
+    }
+
+    /// Ends every wait on `l` when the migration is cancelled (at once if it already is).
+    pub(crate) fn watch_limit(&self, l: Arc<RateLimit>) {
+        let mut s = locks::lock(&self.state);
+        if s.reason.is_some() {
+            l.abort();
+        }
+        s.limits.push(l);
     }
 
     /// Err(Cancelled) once a cancel was asked for.

@@ -23,8 +23,8 @@ use vmm::{Vm, VmConfig};
 
 use crate::policy::{self, ConvergencePolicy, Decision};
 use crate::protocol::{self, Frame, FrameReader, FrameWriter, Hello, Kind, RoundEnd, Transport};
-use crate::report::{CpuSeconds, Report, Round};
-use crate::{thread_cpu_seconds, MigrationError, Sampler, VerifyOutcome, Wire};
+use crate::report::{CpuSeconds, Report, Round, Verification};
+use crate::{thread_cpu_seconds, MigrationError, Sampler, Wire};
 pub use cancel::{Cancel, TOO_LATE};
 use compress::Compressor;
 use link::{Link, Reader};
@@ -127,7 +127,9 @@ impl MigrateOptions {
     }
 }
 
-/// Where a running migration is; for progress bars.
+/// Where a running migration is; for progress bars. Once it has ended, `phase` says how
+/// (`completed`, `cancelled`, `failed`, `busy` or `unknown` for a lost switchover) and
+/// `error` why.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub phase: String,
@@ -136,6 +138,39 @@ pub struct Progress {
     pub pages_sent: u64,
     pub ram_bytes: u64,
     pub last_round_pages: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Progress {
+    /// The last progress of a migration that ended with `result`, saying how it ended.
+    pub fn ended(last: Progress, result: &Result<Report, MigrationError>) -> Progress {
+        let (phase, error) = match result {
+            Ok(r) => (r.status.clone(), None),
+            Err(e) => {
+                let phase = match e {
+                    MigrationError::Cancelled(_) => "cancelled",
+                    MigrationError::Busy { .. } => "busy",
+                    MigrationError::OutcomeUnknown(_) => "unknown",
+                    _ => "failed",
+                };
+                (phase.to_string(), Some(e.to_string()))
+            }
+        };
+        Progress {
+            phase,
+            error,
+            ..last
+        }
+    }
+
+    /// Whether the migration has ended (see [`Self::ended`]).
+    pub fn is_over(&self) -> bool {
+        matches!(
+            self.phase.as_str(),
+            "completed" | "cancelled" | "failed" | "busy" | "unknown"
+        )
+    }
 }
 
 /// `--peer-timeout`'s default.
@@ -173,6 +208,9 @@ fn run(
         .clone()
         .or_else(|| opts.max_bandwidth.map(|b| Arc::new(RateLimit::new(b))));
     let session = opts.session.unwrap_or_else(session_id);
+    if let Some(l) = &limit {
+        opts.cancel.watch_limit(l.clone());
+    }
     // Dirty logging first: then one scan for touched memory serves the offer and the copy (a
     // page first written after it is in the dirty log).
     let mut guard = SourceGuard::arm(vm, &source.dirty)?;
@@ -201,7 +239,7 @@ fn run(
         watched.push(h()?);
     }
     opts.cancel.check()?;
-    let watchdog = Watchdog::start(watched, opts.peer_timeout)?;
+    let watchdog = Watchdog::start(watched, limit.clone(), opts.peer_timeout)?;
     let phases = || {
         let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
         s.report.phases.prepare_ms = prepare_ms;
@@ -413,7 +451,10 @@ fn connect(
     };
     protocol::write_hello(&mut conn.writer, &hello)?;
     protocol::read_hello_reply(&mut conn.reader, &hello).map_err(|e| match e {
-        // A TLS listener drops a plaintext hello: say what most likely happened.
+        // A TLS listener answers a plaintext hello with a notice (an older one just closes).
+        protocol::ProtocolError::TlsRequired => MigrationError::PlainRefused {
+            peer: to.to_string(),
+        },
         protocol::ProtocolError::Truncated(_) if !conn.is_tls() => MigrationError::PlainRefused {
             peer: to.to_string(),
         },
@@ -939,9 +980,10 @@ impl<'a> Session<'a> {
         let _ = self
             .control
             .set_read_timeout(Some(self.opts.verify_timeout + self.opts.peer_timeout));
-        let verified: Option<VerifyOutcome> = match self.input.next_frame() {
-            Ok(Frame::Verified(v)) => Some(v),
-            _ => None,
+        let verified = match self.input.next_frame() {
+            Ok(Frame::Verified(v)) => Ok(v),
+            Ok(f) => Err(format!("{:?} instead of the guest's verdict", f.kind())),
+            Err(e) => Err(e.to_string()),
         };
         r.bytes_on_wire = self.wire.sent() + self.wire.received();
         r.avg_gbps = self.wire.sent() as f64 * 8.0 / 1e9 / (r.total_ms.max(1) as f64 / 1e3);
@@ -951,8 +993,20 @@ impl<'a> Session<'a> {
             source: cpu_src,
             destination: verified.as_ref().map_or(0.0, |v| v.cpu_seconds),
         };
-        r.guest_verified = verified.as_ref().is_some_and(|v| v.ok);
-        r.guest_verify = verified.map(|v| v.detail);
+        r.guest_verified = verified.as_ref().is_ok_and(|v| v.ok && v.verifiable);
+        r.verification = match &verified {
+            Ok(v) if !v.verifiable => Verification::NotVerifiable,
+            Ok(v) if v.ok => Verification::Verified,
+            Ok(_) => Verification::Failed,
+            Err(_) => Verification::DestinationLost,
+        };
+        r.guest_verify = Some(match verified {
+            Ok(v) => v.detail,
+            Err(e) => format!(
+                "the destination {} was lost after the commit, before the guest's verdict: {e}",
+                self.opts.to
+            ),
+        });
         r.status = "completed".into();
         r
     }

@@ -8,12 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use transport::ShutdownHandle;
+use transport::{RateLimit, ShutdownHandle};
 
 use crate::MigrationError;
 
 struct Inner {
     sockets: Vec<ShutdownHandle>,
+    /// The migration's pace, whose waits end when the watchdog fires.
+    limit: Option<Arc<RateLimit>>,
     armed: AtomicBool,
     stop: AtomicBool,
     /// The last progress figure seen, and when it changed.
@@ -52,10 +54,15 @@ pub(super) struct Watchdog {
 }
 
 impl Watchdog {
-    pub fn start(sockets: Vec<ShutdownHandle>, timeout: Duration) -> Result<Self, MigrationError> {
+    pub fn start(
+        sockets: Vec<ShutdownHandle>,
+        limit: Option<Arc<RateLimit>>,
+        timeout: Duration,
+    ) -> Result<Self, MigrationError> {
         let inner = Arc::new(Inner {
             last: Mutex::new((0, Instant::now())),
             sockets,
+            limit,
             armed: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             fired: AtomicBool::new(false),
@@ -70,6 +77,9 @@ impl Watchdog {
                     if i.silent_for() >= timeout {
                         i.fired.store(true, Ordering::SeqCst);
                         i.sockets.iter().for_each(ShutdownHandle::shutdown);
+                        if let Some(l) = &i.limit {
+                            l.abort();
+                        }
                         return;
                     }
                 }

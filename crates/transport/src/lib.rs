@@ -751,19 +751,39 @@ impl ShutdownHandle {
     }
 }
 
+/// Connections the kernel queues for a listener (capped by net.core.somaxconn).
+const BACKLOG: i32 = 1024;
+
 pub struct Listener {
     inner: TcpListener,
     addr: String,
 }
 
 impl Listener {
+    /// Listens on `addr` with a deep accept queue ([`BACKLOG`]), so a burst of connections
+    /// does not make the kernel drop a cluster member's SYN (which it would resend only a
+    /// second later).
     pub fn bind(addr: &str) -> Result<Self, TransportError> {
-        let inner = TcpListener::bind(addr).map_err(|source| TransportError::Listen {
+        let err = |source| TransportError::Listen {
             addr: addr.into(),
             source,
-        })?;
+        };
+        let at: SocketAddr = addr
+            .to_socket_addrs()
+            .map_err(err)?
+            .next()
+            .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(at),
+            socket2::Type::STREAM,
+            None,
+        )
+        .map_err(err)?;
+        s.set_reuse_address(true).map_err(err)?;
+        s.bind(&at.into()).map_err(err)?;
+        s.listen(BACKLOG).map_err(err)?;
         Ok(Listener {
-            inner,
+            inner: s.into(),
             addr: addr.into(),
         })
     }

@@ -14,6 +14,12 @@ use super::{AdmitError, Agent};
 use crate::api::IncomingFate;
 use crate::status::Incoming;
 
+/// A source's Config, and when it came.
+struct Offered {
+    prepare: Prepare,
+    at: Instant,
+}
+
 /// How long a receiver has to say which port it listens on.
 const LISTEN_WITHIN: Duration = Duration::from_secs(10);
 
@@ -22,7 +28,10 @@ impl Agent {
     pub(super) fn on_migration(self: &Arc<Self>, mut p: Pending) {
         let peer = p.peer;
         let offer = match p.offer(self.cfg.peer_timeout) {
-            Ok(o) => o,
+            Ok(o) => Offered {
+                prepare: o,
+                at: Instant::now(),
+            },
             Err(e) => {
                 tracing::warn!("incoming migration from {peer}: {e}");
                 return;
@@ -30,7 +39,7 @@ impl Agent {
         };
         match self.arrive(&offer, peer) {
             Ok(port) => {
-                if let Err(e) = self.incoming.redirect(p, offer.session, port) {
+                if let Err(e) = self.incoming.redirect(p, offer.prepare.session, port) {
                     // Its receiver gives up by itself (--accept-within).
                     tracing::warn!("redirecting the migration from {peer}: {e}");
                 }
@@ -47,7 +56,8 @@ impl Agent {
     }
 
     /// Admits the offered VM and starts its receiver; the port it listens on.
-    fn arrive(&self, offer: &Prepare, peer: SocketAddr) -> Result<u16, AdmitError> {
+    fn arrive(&self, offered: &Offered, peer: SocketAddr) -> Result<u16, AdmitError> {
+        let offer = &offered.prepare;
         let name = offer
             .name
             .clone()
@@ -57,12 +67,12 @@ impl Agent {
             // An earlier attempt's receiver that just ended must not hold the name.
             self.reap_in(&mut vms);
             self.admit(&vms, &name, &offer.vm, true)?;
-            let e = self
-                .start_receiver(&name, offer, peer)
-                .map_err(|e| AdmitError::Receiver {
-                    name: name.clone(),
-                    why: e.to_string(),
-                })?;
+            let e =
+                self.start_receiver(&name, offered, peer)
+                    .map_err(|e| AdmitError::Receiver {
+                        name: name.clone(),
+                        why: e.to_string(),
+                    })?;
             vms.insert(name.clone(), e);
         }
         let port = self
@@ -84,9 +94,17 @@ impl Agent {
     fn start_receiver(
         &self,
         name: &str,
-        offer: &Prepare,
+        offered: &Offered,
         peer: SocketAddr,
     ) -> std::io::Result<Entry> {
+        let offer = &offered.prepare;
+        // A source that does not follow the redirect frees the slot within its deadline on
+        // progress, counted from its Config.
+        let accept_within = self
+            .cfg
+            .peer_timeout
+            .saturating_sub(offered.at.elapsed())
+            .max(self.cfg.peer_timeout / 2);
         let dir = self.cfg.dir.join("vms").join(name);
         std::fs::create_dir_all(&dir)?;
         let api = vms::api_of(&dir);
@@ -108,9 +126,8 @@ impl Agent {
             dir.join("incoming.json").display().to_string(),
             "--expect-session".into(),
             offer.session.to_string(),
-            // A source that does not follow the redirect frees the slot within its deadline.
             "--accept-within".into(),
-            format!("{}ms", self.cfg.peer_timeout.as_millis()),
+            format!("{}ms", accept_within.as_millis()),
             "--peer-timeout".into(),
             format!("{}ms", self.cfg.peer_timeout.as_millis()),
         ];

@@ -108,8 +108,9 @@ impl AdmitError {
 
 /// Remember what became of this many incoming migrations.
 const MAX_FATES: usize = 256;
-/// How often the reaper looks at the VM processes.
-const REAP_EVERY: Duration = Duration::from_millis(200);
+/// How often the reaper looks at the VM processes (an arrival whose source went silent frees
+/// its slot this long after its receiver gave up).
+const REAP_EVERY: Duration = Duration::from_millis(100);
 
 pub struct Agent {
     cfg: AgentConfig,

@@ -18,7 +18,7 @@ const BOOT_WITHIN: Duration = Duration::from_secs(60);
 /// How long a VM asked to stop has before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a VM process whose migrate request failed unanswered has to be seen gone.
-const PROCESS_GONE_WITHIN: Duration = Duration::from_millis(300);
+const PROCESS_GONE_WITHIN: Duration = Duration::from_secs(2);
 /// Enough connections for a drain's migrations and their progress polls.
 const API_CONNECTIONS: usize = 128;
 
@@ -289,15 +289,14 @@ impl Agent {
     /// only the destination can say whether the VM runs there).
     fn migration_failed(&self, name: &str, e: &ApiError) -> (u16, String) {
         let (status, message) = passed_on(name, e);
+        let answered = matches!(e, ApiError::Refused { .. });
+        // A process killed under the request takes a moment to be reaped.
+        let died = if answered { None } else { self.exit_of(name) };
         let mut vms = locks::lock(&self.vms);
         let Some(entry) = vms.get_mut(name) else {
             return (status, message);
         };
-        let answered = matches!(e, ApiError::Refused { .. });
-        // A process killed under the request takes a moment to be reaped.
-        let died = !answered && entry.proc.wait_exit(PROCESS_GONE_WITHIN);
-        if died {
-            let how = entry.proc.exited().unwrap_or_default();
+        if let Some(how) = died {
             let why = format!(
                 "its process died during the migration ({how}): {}",
                 entry.log_tail()
@@ -312,6 +311,21 @@ impl Agent {
             Phase::Running
         };
         (status, message)
+    }
+
+    /// How `name`'s process ended, if it does within [`PROCESS_GONE_WITHIN`] (the lock is not
+    /// held meanwhile).
+    fn exit_of(&self, name: &str) -> Option<String> {
+        let t = Instant::now();
+        loop {
+            let how = locks::lock(&self.vms)
+                .get_mut(name)
+                .and_then(|e| e.proc.exited());
+            if how.is_some() || t.elapsed() >= PROCESS_GONE_WITHIN {
+                return how;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Passes a migration route on to `name`'s process.

@@ -197,11 +197,11 @@ pub(super) fn spawn(livemig: &Livemig, args: &[String], dir: &Path) -> std::io::
         .spawn()
 }
 
-/// A VM name: what fits in a directory name and a URL path segment.
 /// {0:?} is not a VM name (1-64 of A-Z a-z 0-9 - _ ., not starting with .)
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub struct BadName(pub String);
 
+/// A VM name: what fits in a directory name and a URL path segment.
 pub(super) fn check_name(name: &str) -> Result<(), BadName> {
     let ok = !name.is_empty()
         && name.len() <= 64

@@ -345,6 +345,94 @@ fn kvm_drain_retries_a_migration_cut_mid_copy() {
     assert_eq!(names(&list(&b)), ["db"]);
 }
 
+/// A VM whose process is killed while it migrates: the drain reports it `failed`, as its
+/// agent lists it, with why; the other VM moves.
+#[test]
+fn kvm_drain_reports_a_vm_whose_process_died_as_its_agent_does() {
+    if !kvm_or_skip("kvm_drain_reports_a_vm_whose_process_died_as_its_agent_does") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (b, _) = agent(d.path(), "b", &[]);
+    start_vms(&a, &[("doomed", "256M", "sql"), ("fine", "128M", "idle")]);
+    let report = d.path().join("drain.json");
+    let mut drain = drain_cmd(
+        &a,
+        &b,
+        &report,
+        &[
+            "--max-bandwidth",
+            "300Mbit",
+            "--concurrency",
+            "1",
+            "--order",
+            "name",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    receiver_in_copy(&a, &b, "doomed", 8 << 20);
+    let pid = list(&a).iter().find(|v| v.name == "doomed").unwrap().pid;
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let mut text = String::new();
+    let _ = drain.stderr.take().unwrap().read_to_string(&mut text);
+    assert!(!drain.wait().unwrap().success(), "{text}");
+    let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let v = vm_entry(&r, "doomed");
+    let on_a = list(&a);
+    let listed = on_a.iter().find(|v| v.name == "doomed").unwrap();
+    assert_eq!(listed.state, "failed", "{listed:?}");
+    assert_eq!(
+        v["status"],
+        "failed",
+        "the drain says what its agent says: {}\n{}",
+        v["error"],
+        a.stderr.text()
+    );
+    assert_eq!(v["attempts"], 1, "a dead VM is not retried: {v}");
+    assert!(v["error"].as_str().unwrap().contains("process died"), "{v}");
+    assert_eq!(vm_entry(&r, "fine")["status"], "moved", "{r}");
+    assert!(!names(&list(&b)).contains(&"doomed".to_string()));
+}
+
+/// `--dry-run` plans with the budget the drain would run under: at 4 Mbit/s the ETA is what
+/// 4 Mbit/s carries, not what the links do.
+#[test]
+fn kvm_drain_dry_run_plans_within_the_bandwidth_budget() {
+    if !kvm_or_skip("kvm_drain_dry_run_plans_within_the_bandwidth_budget") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (b, _) = agent(d.path(), "b", &[]);
+    start_vms(&a, &[("v1", "128M", "web"), ("v2", "128M", "idle")]);
+    let eta = |extra: &[&str]| {
+        let report = d.path().join("plan.json");
+        let mut args = vec!["--dry-run"];
+        args.extend_from_slice(extra);
+        let (ok, text, r) = run_drain(&a, &b, &report, &args);
+        assert!(ok, "{text}");
+        let bytes = r["plan"]["wire_bytes_predicted"].as_f64().unwrap();
+        (r["plan"]["eta_s"].as_f64().unwrap(), bytes)
+    };
+    let (free, _) = eta(&[]);
+    let (capped, bytes) = eta(&["--max-bandwidth", "4Mbit"]);
+    let floor = bytes * 8.0 / 4e6;
+    println!("ETA {free:.1} s unbudgeted, {capped:.1} s at 4 Mbit/s ({bytes:.0} bytes: {floor:.1} s at 4 Mbit/s)");
+    assert!(
+        capped >= floor * 0.9,
+        "{capped} s for {bytes} bytes at 4 Mbit/s"
+    );
+    assert!(capped > 10.0 * free, "{capped} vs {free}");
+    assert_eq!(list(&a).len(), 2, "a dry run moves nothing");
+}
+
 #[test]
 fn kvm_drain_interrupted_leaves_every_vm_running_exactly_once() {
     if !kvm_or_skip("kvm_drain_interrupted_leaves_every_vm_running_exactly_once") {

@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use ram::GuestRam;
 use serde::Serialize;
 use transport::splice::ReadToFile;
 use transport::zerocopy::ZeroCopy;
 use transport::{Connection, Listener, Security};
 use vm_memory::WriteVolatile;
-use vmm::memory::GuestRam;
 
 use crate::netns::{spawn_in, NetnsError};
 use crate::testbed::Testbed;
@@ -197,7 +197,7 @@ fn measure(o: &MechanismsOptions, tb: &Testbed) -> Result<MechanismsReport, Benc
         link: o.link.clone(),
         bytes: o.bytes,
         runs: o.runs,
-        host_cpus: vmm::host::cpus(),
+        host_cpus: ram::host::cpus(),
         rows,
     })
 }
@@ -223,7 +223,7 @@ fn filled_ram(bytes: u64) -> Result<GuestRam, BenchError> {
 }
 
 /// xxh3 of all of `ram`'s bytes, read a MiB at a time.
-fn content_digest(ram: &GuestRam) -> Result<u64, vmm::memory::MemoryError> {
+fn content_digest(ram: &GuestRam) -> Result<u64, ram::MemoryError> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
     let size = ram.size();

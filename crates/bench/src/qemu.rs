@@ -189,7 +189,7 @@ impl Machine {
             .map_err(|e| step("--workload")(e.to_string()))?;
         let tsc =
             vmm::vcpu::host_tsc_khz().map_err(|e| step("reading the TSC rate")(e.to_string()))?;
-        let ranges: Vec<(u64, u64)> = vmm::memory::layout(memory)
+        let ranges: Vec<(u64, u64)> = ram::layout(memory)
             .iter()
             .map(|r| (r.guest, r.len))
             .collect();

@@ -19,7 +19,7 @@ use crate::qemu::{self, Machine, Mode};
 use crate::testbed::Testbed;
 use crate::{step, table, BenchError, Route, Ui};
 use host::child::Livemig;
-use vmm::host::mem_available;
+use ram::host::mem_available;
 
 /// What to run; `livemig bench transports` fills it from its arguments.
 #[derive(Clone, Debug)]

@@ -4,14 +4,14 @@
 //! and exits 0 only if the guest verified its memory on the destination.
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use guest::memory_profile::{Content, MemoryProfile};
 use guest::WorkloadSpec;
 use host::child::{Livemig, VmProcess};
 use migration::Report;
-use vmm::{Console, Kernel, Vm, VmConfig};
+use vmm::{Console, Vm, VmConfig};
 
 use crate::args::{parse_size, MigrateArgs, TransportArgs};
 use transport::tls::{Tls, TlsFiles};
@@ -107,7 +107,7 @@ fn boot_source(a: &DemoArgs) -> Result<Vm, Box<dyn std::error::Error>> {
         .unwrap_or(Console::Discard);
     let spec = WorkloadSpec::parse(&a.workload, a.memory)?;
     let written = spec.written_bytes();
-    let kernel = Kernel::Workload(spec);
+    let kernel = crate::workload_kernel(spec);
     let config = VmConfig {
         memory: a.memory,
         vcpus: a.vcpus,
@@ -139,8 +139,8 @@ pub fn run(a: &DemoArgs) -> Result<Report, Box<dyn std::error::Error>> {
         a.memory_profile
     ));
     let mut opts = a.migrate.request(addr, &a.transport)?.options()?;
-    opts.security = security;
-    let vm = Arc::new(Mutex::new(boot_source(a)?));
+    opts.security = Some(security);
+    let vm: Mutex<Vm> = Mutex::new(boot_source(a)?);
     let report = migration::migrate(&vm, &opts, &|_| {})?;
     // The guest runs on at the destination for a moment before the demo stops it.
     std::thread::sleep(Duration::from_millis(300));

@@ -5,15 +5,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use cliargs as args;
 use guest::memory_profile::{Content, MemoryProfile};
 use guest::WorkloadSpec;
-use vmm::api::{ApiServer, Client};
+use ram::GuestRam;
+use vmm::api::{Client, VmRoutes};
 use vmm::devices::VerifyResult;
-use vmm::memory::GuestRam;
 use vmm::snapshot;
-use vmm::{Console, Kernel, RunState, Vm, VmConfig, VmError};
+use vmm::{Cmdline, Console, Kernel, KvmFactory, RunState, Vm, VmConfig, VmError};
 
-mod args;
 mod demo;
 mod drain_cmd;
 mod host_cmd;
@@ -134,22 +134,6 @@ enum Cmd {
         #[command(subcommand)]
         what: TlsCmd,
     },
-    /// Measured benchmarks on the testbed (needs root).
-    Bench {
-        #[command(subcommand)]
-        what: BenchCmd,
-    },
-    /// Two hosts as network namespaces with the reference NIC layout (needs root).
-    Testbed {
-        #[command(subcommand)]
-        action: TestbedAction,
-        /// Namespaces are <name>-a and <name>-b.
-        #[arg(long, default_value = "livemig", global = true)]
-        name: String,
-        /// Shrink every link's rate by this factor (0 < scale <= 1).
-        #[arg(long, default_value_t = 1.0, global = true)]
-        scale: f64,
-    },
     /// Print a VM's status as JSON.
     Status(ApiArg),
     /// Pause a VM's vCPUs.
@@ -255,35 +239,6 @@ enum TlsCmd {
     },
 }
 
-#[derive(Subcommand)]
-enum BenchCmd {
-    /// Migrate one running VM over each transport on its reference link (tcp and compressed
-    /// on 1 GbE, direct on 10 GbE, direct + multichannel on both 10 GbE links), after
-    /// measuring each link's raw goodput; prints the table, writes bench.json and bench.png.
-    Transports(args::TransportsArgs),
-    /// Drain N VMs between the testbed's hosts once per configuration (tcp at concurrency 2,
-    /// the unoptimised row; then tcp, compressed, direct and direct + multichannel at the
-    /// concurrencies asked for), QEMU beside it with --peer qemu; prints the table with the
-    /// drain-time model's prediction for each row and the reference's scenarios; writes
-    /// bench.json and bench.png.
-    Drain(args::DrainBenchArgs),
-    /// Send guest RAM over one testbed link by each mechanism (write from the mapping, sendfile
-    /// from the memfd, MSG_ZEROCOPY) and land it by splice (into a fresh or a fallocated
-    /// memfd) or read into the mapping, with no VM; prints CPU seconds per GiB on each side
-    /// and writes bench.json.
-    Mechanisms(args::MechanismsArgs),
-}
-
-#[derive(Subcommand, Clone, Copy)]
-enum TestbedAction {
-    /// Create (or bring in line) the namespaces, links, addresses and shaping.
-    Up,
-    /// Remove everything `up` made.
-    Down,
-    /// Print the hosts and links, and whether they are there.
-    Status,
-}
-
 /// Environment variables the command line reads options from.
 const OPTION_VARS: &[&str] = &[
     "LIVEMIG_TLS_CERT",
@@ -292,7 +247,35 @@ const OPTION_VARS: &[&str] = &[
     "LIVEMIG_INSECURE",
 ];
 
+/// Subcommands that belong to `livemig-bench` (a binary of its own, so that this one carries
+/// no benchmark harness): `livemig bench ...` and `livemig testbed ...` run it.
+fn forward_to_bench() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    let first = args.next()?;
+    let rest: Vec<std::ffi::OsString> = match first.to_str() {
+        Some("bench") => args.collect(),
+        Some("testbed") => std::iter::once(first.clone()).chain(args).collect(),
+        _ => return None,
+    };
+    let exe = std::env::current_exe()
+        .map(|e| e.with_file_name("livemig-bench"))
+        .ok()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("livemig-bench"));
+    use std::os::unix::process::CommandExt;
+    let e = std::process::Command::new(&exe).args(rest).exec();
+    eprintln!(
+        "livemig: {} is livemig-bench's: running {}: {e}",
+        first.to_string_lossy(),
+        exe.display()
+    );
+    Some(ExitCode::FAILURE)
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = forward_to_bench() {
+        return code;
+    }
     // An empty variable counts as unset (`LIVEMIG_TLS_CERT= livemig receive --insecure`), as
     // it does for most tools; clap would take it for an option given without its value.
     for var in OPTION_VARS {
@@ -358,20 +341,6 @@ fn run(cli: Cli) -> CmdResult {
         Cmd::Tls {
             what: TlsCmd::Init { out, hosts },
         } => tls_init(&out, &hosts),
-        Cmd::Bench {
-            what: BenchCmd::Transports(a),
-        } => bench_transports(a),
-        Cmd::Bench {
-            what: BenchCmd::Drain(a),
-        } => bench_drain(a),
-        Cmd::Bench {
-            what: BenchCmd::Mechanisms(a),
-        } => bench_mechanisms(&a.options()),
-        Cmd::Testbed {
-            action,
-            name,
-            scale,
-        } => testbed(action, &name, scale),
         Cmd::Status(a) => print_json(&Client::new(a.api).status()?),
         Cmd::Pause(a) => print_json(&Client::new(a.api).pause()?),
         Cmd::Resume(a) => print_json(&Client::new(a.api).resume()?),
@@ -401,6 +370,16 @@ pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The workload guest, its command line rendered once the VMM knows the vCPUs and the TSC.
+pub(crate) fn workload_kernel(spec: WorkloadSpec) -> Kernel {
+    Kernel {
+        image: guest::WORKLOAD_ELF.into(),
+        cmdline: Cmdline::AtBoot(Box::new(move |f| {
+            spec.cmdline(u32::from(f.vcpus), f.tsc_khz)
+        })),
+    }
+}
+
 /// Fills guest RAM from a memory profile before boot: the VMM's pre-fill hook. `written`: the
 /// bytes at the bottom of RAM its workload writes (see [`WorkloadSpec::written_bytes`]).
 pub(crate) fn profile_prefill(
@@ -412,7 +391,7 @@ pub(crate) fn profile_prefill(
             return Ok(());
         };
         let err = |e: &dyn std::fmt::Display| VmError::Prefill(format!("{}: {e}", content.profile));
-        let layout = vmm::memory::layout(ram.size());
+        let layout = ram::layout(ram.size());
         let ranges: Vec<(u64, u64)> = layout.iter().map(|r| (r.guest, r.len)).collect();
         let filler = content.filler(&ranges, written).map_err(|e| err(&e))?;
         for r in layout {
@@ -431,14 +410,17 @@ fn run_vm(a: VmArgs) -> CmdResult {
         Some(p) => {
             let image =
                 std::fs::read(p).map_err(|e| format!("reading kernel {}: {e}", p.display()))?;
-            let cmdline = a.cmdline.clone();
+            let kernel = Kernel {
+                image: image.into(),
+                cmdline: Cmdline::Fixed(a.cmdline.clone()),
+            };
             // Where a foreign kernel writes is unknown.
-            (Kernel::Elf { image, cmdline }, None, 0)
+            (kernel, None, 0)
         }
         None => {
             let spec = WorkloadSpec::parse(&a.workload, a.memory)?;
             let written = spec.written_bytes();
-            (Kernel::Workload(spec), Some(MemoryProfile::Server), written)
+            (workload_kernel(spec), Some(MemoryProfile::Server), written)
         }
     };
     let config = VmConfig {
@@ -473,7 +455,6 @@ fn receive(
         f.write(&host::status::Incoming::listening(addr.port()))?;
     }
     let opts = migration::ReceiveOptions {
-        console,
         peer_timeout,
         handshake_timeout: peer_timeout,
         stream_accept_timeout: peer_timeout,
@@ -483,7 +464,8 @@ fn receive(
         host_cache: agent.host_cache_id.zip(agent.host_cache.clone()),
         ..Default::default()
     };
-    let received = migration::receive(listener, security.clone(), opts);
+    let factory = Arc::new(KvmFactory { console });
+    let received = migration::receive(listener, security.clone(), opts, factory);
     if let (Err(e), Some(f)) = (&received, &status) {
         let _ = f.write(&host::status::Incoming::failed(&e.to_string()));
     }
@@ -552,7 +534,7 @@ fn memory_image(a: MemoryImageArgs) -> CmdResult {
         Some(w) => WorkloadSpec::parse(w, a.size)?.written_bytes(),
         None => 0,
     };
-    let ranges: Vec<(u64, u64)> = vmm::memory::layout(a.size)
+    let ranges: Vec<(u64, u64)> = ram::layout(a.size)
         .iter()
         .map(|r| (r.guest, r.len))
         .collect();
@@ -586,90 +568,21 @@ fn memory_image(a: MemoryImageArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn testbed(action: TestbedAction, name: &str, scale: f64) -> CmdResult {
-    if name.len() > 7 {
-        return Err(format!(
-            "--name {name:?} is too long for interface names (7 characters at most)"
-        )
-        .into());
-    }
-    let t = bench::testbed::Testbed::new(name, scale)?;
-    match action {
-        TestbedAction::Up => {
-            t.up()?;
-            print_json(&t.status()?)
-        }
-        TestbedAction::Down => {
-            t.down()?;
-            Ok(ExitCode::SUCCESS)
-        }
-        TestbedAction::Status => print_json(&t.status()?),
-    }
-}
-
-fn bench_transports(a: args::TransportsArgs) -> CmdResult {
-    let o = a.options(std::env::current_exe()?);
-    let r = bench::transports::transports(&o)?;
-    print!("{}", bench::table::render(&r));
-    crate::out::say(&format!(
-        "wrote {} and {}",
-        o.out.join("bench.json").display(),
-        o.out.join("bench.png").display()
-    ));
-    if r.rows.iter().any(|r| r.error.is_some() || !r.verified) {
-        eprintln!("livemig: bench: not every migration completed and verified");
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn bench_mechanisms(o: &bench::mechanisms::MechanismsOptions) -> CmdResult {
-    let r = bench::mechanisms::mechanisms(o)?;
-    print!("{}", bench::mechanisms::render(&r));
-    crate::out::say(&format!("wrote {}", o.out.join("bench.json").display()));
-    Ok(ExitCode::SUCCESS)
-}
-
-fn bench_drain(a: args::DrainBenchArgs) -> CmdResult {
-    if a.model {
-        let refs = drain::model::references(
-            bench::hostdrain::DEFAULT_COMPRESS_RATIO,
-            bench::hostdrain::REFERENCE_DIRTY_MB_S,
-            2,
-        );
-        print!("{}", bench::hostdrain::table::references(&refs, None));
-        return Ok(ExitCode::SUCCESS);
-    }
-    let o = a.options(std::env::current_exe()?);
-    let r = bench::hostdrain::bench_drain(&o)?;
-    print!("{}", bench::hostdrain::table::render(&r));
-    crate::out::say(&format!(
-        "wrote {} and {}",
-        o.out.join("bench.json").display(),
-        o.out.join("bench.png").display()
-    ));
-    let incomplete = r
-        .rows
-        .iter()
-        .any(|r| r.error.is_some() || r.verified < r.vms);
-    if incomplete {
-        eprintln!("livemig: bench: not every drain completed with every VM verified");
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// Runs the VM (and its API) until the guest stops or a client asks for shutdown;
 /// `security`: the credentials migrations asked for through the API use by default.
 fn serve(vm: Vm, api: Option<&Path>, security: Option<transport::Security>) -> CmdResult {
     let vm = Arc::new(Mutex::new(vm));
-    let ext = migrate_cmd::api_extension(security);
+    let vm_routes = VmRoutes::new(vm.clone());
+    let migration_routes = migration::api::MigrationRoutes::new(vm.clone(), security);
     let server = api
-        .map(|p| ApiServer::start(p, vm.clone(), Some(ext)))
+        .map(|p| {
+            let routes: Vec<Arc<dyn unixhttp::Routes>> = vec![vm_routes.clone(), migration_routes];
+            unixhttp::Server::start(p, unixhttp::serve_all(routes), unixhttp::Limits::default())
+        })
         .transpose()?;
     loop {
         std::thread::sleep(Duration::from_millis(50));
-        if server.as_ref().is_some_and(|s| s.shutdown_requested()) {
+        if vm_routes.shutdown_requested() {
             break;
         }
         let mut g = locks::lock(&vm);

@@ -138,10 +138,8 @@ fn vm_entry<'a>(r: &'a Value, name: &str) -> &'a Value {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_moves_four_vms_between_two_agents() {
-    if !kvm_or_skip("kvm_drain_moves_four_vms_between_two_agents") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (b, b_listen) = agent(d.path(), "b", &[]);
@@ -188,10 +186,8 @@ fn kvm_drain_moves_four_vms_between_two_agents() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_sends_pages_of_one_os_image_once() {
-    if !kvm_or_skip("kvm_drain_sends_pages_of_one_os_image_once") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (b, _) = agent(d.path(), "b", &[]);
@@ -228,10 +224,8 @@ fn kvm_drain_sends_pages_of_one_os_image_once() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_leaves_what_does_not_fit_and_says_so() {
-    if !kvm_or_skip("kvm_drain_leaves_what_does_not_fit_and_says_so") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (b, _) = agent(d.path(), "b", &["--vm-memory", "400M"]);
@@ -307,10 +301,8 @@ fn receiver_in_copy(a: &AgentProcess, b: &AgentProcess, name: &str, bytes: u64) 
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_retries_a_migration_cut_mid_copy() {
-    if !kvm_or_skip("kvm_drain_retries_a_migration_cut_mid_copy") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (b, _) = agent(d.path(), "b", &[]);
@@ -348,10 +340,8 @@ fn kvm_drain_retries_a_migration_cut_mid_copy() {
 /// A VM whose process is killed while it migrates: the drain reports it `failed`, as its
 /// agent lists it, with why; the other VM moves.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_reports_a_vm_whose_process_died_as_its_agent_does() {
-    if !kvm_or_skip("kvm_drain_reports_a_vm_whose_process_died_as_its_agent_does") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (b, _) = agent(d.path(), "b", &[]);
@@ -404,10 +394,8 @@ fn kvm_drain_reports_a_vm_whose_process_died_as_its_agent_does() {
 /// `--dry-run` plans with the budget the drain would run under: at 4 Mbit/s the ETA is what
 /// 4 Mbit/s carries, not what the links do.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_dry_run_plans_within_the_bandwidth_budget() {
-    if !kvm_or_skip("kvm_drain_dry_run_plans_within_the_bandwidth_budget") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (b, _) = agent(d.path(), "b", &[]);
@@ -434,10 +422,8 @@ fn kvm_drain_dry_run_plans_within_the_bandwidth_budget() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_interrupted_leaves_every_vm_running_exactly_once() {
-    if !kvm_or_skip("kvm_drain_interrupted_leaves_every_vm_running_exactly_once") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (b, _) = agent(d.path(), "b", &[]);
@@ -498,10 +484,8 @@ fn kvm_drain_interrupted_leaves_every_vm_running_exactly_once() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_agent_refuses_a_source_outside_the_cluster() {
-    if !kvm_or_skip("kvm_agent_refuses_a_source_outside_the_cluster") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (b, listen_b) = agent(d.path(), "b", &[]);
@@ -553,10 +537,8 @@ fn kvm_agent_refuses_a_source_outside_the_cluster() {
 /// A link probe through the agent's API: two streams measure; more streams than a probe may
 /// run, or none, are refused with a 400 that says so, and the agent goes on serving.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_agent_probe_takes_two_streams_and_refuses_too_many() {
-    if !kvm_or_skip("kvm_agent_probe_takes_two_streams_and_refuses_too_many") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (_b, listen_b) = agent(d.path(), "b", &[]);
@@ -572,10 +554,8 @@ fn kvm_agent_probe_takes_two_streams_and_refuses_too_many() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_agent_survives_a_dead_vm_and_finds_its_vms_after_a_restart() {
-    if !kvm_or_skip("kvm_agent_survives_a_dead_vm_and_finds_its_vms_after_a_restart") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let l = livemig_exe();
     let (mut a, listen) = agent_with(&l, d.path(), "a", &[]);
@@ -731,12 +711,8 @@ fn switchover_proxy(receiver_port: u16, b_sock: std::path::PathBuf, mode: Switch
 
 /// One VM drained through a proxy that breaks its switchover as `mode` says.
 fn lost_switchover(
-    test: &str,
     mode: Switchover,
-) -> Option<(tempfile::TempDir, AgentProcess, AgentProcess, Value, String)> {
-    if !kvm_or_skip(test) {
-        return None;
-    }
+) -> (tempfile::TempDir, AgentProcess, AgentProcess, Value, String) {
     let d = tempfile::tempdir().unwrap();
     // Plaintext, so the proxy can read the frames.
     let plain = Livemig::new(BIN).insecure();
@@ -763,17 +739,13 @@ fn lost_switchover(
         ],
     );
     let _ = ok;
-    Some((d, a, b, r, text))
+    (d, a, b, r, text)
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_settles_a_lost_confirm_with_the_destination() {
-    let Some((_d, a, b, r, text)) = lost_switchover(
-        "kvm_drain_settles_a_lost_confirm_with_the_destination",
-        Switchover::LoseConfirm,
-    ) else {
-        return;
-    };
+    let (_d, a, b, r, text) = lost_switchover(Switchover::LoseConfirm);
     let v = vm_entry(&r, "db");
     assert_eq!(v["status"], "moved", "{text}");
     assert!(v["error"].as_str().unwrap().contains("confirmed it"), "{v}");
@@ -784,13 +756,9 @@ fn kvm_drain_settles_a_lost_confirm_with_the_destination() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_resumes_a_vm_the_destination_proves_never_ran() {
-    let Some((d, a, b, r, text)) = lost_switchover(
-        "kvm_drain_resumes_a_vm_the_destination_proves_never_ran",
-        Switchover::KillAtState,
-    ) else {
-        return;
-    };
+    let (d, a, b, r, text) = lost_switchover(Switchover::KillAtState);
     let v = vm_entry(&r, "db");
     assert_eq!(v["status"], "failed", "{text}");
     let err = v["error"].as_str().unwrap();

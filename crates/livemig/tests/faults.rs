@@ -11,10 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{
-    free_port, kvm_or_skip, livemig, livemig_exe, root_or_skip, tls_env, wait, Livemig, VmProcess,
-    BIN,
-};
+use common::{free_port, livemig, livemig_exe, tls_env, wait, Livemig, VmProcess, BIN};
 use migration::Progress;
 use vmm::api::Client;
 
@@ -159,10 +156,8 @@ fn assert_verified(ok: bool, text: &str, report: &Path) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_second_migrate_is_refused_and_the_first_completes() {
-    if !kvm_or_skip("kvm_a_second_migrate_is_refused_and_the_first_completes") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let to = format!("127.0.0.1:{}", free_port());
     let _dst = receiver(d.path(), "dst", &to);
@@ -186,10 +181,8 @@ fn kvm_a_second_migrate_is_refused_and_the_first_completes() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_cancelled_migration_leaves_the_vm_running_and_it_migrates_after() {
-    if !kvm_or_skip("kvm_a_cancelled_migration_leaves_the_vm_running_and_it_migrates_after") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let to = format!("127.0.0.1:{}", free_port());
     let dst = receiver(d.path(), "dst", &to);
@@ -223,10 +216,8 @@ fn kvm_a_cancelled_migration_leaves_the_vm_running_and_it_migrates_after() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_migrate_client_killed_mid_copy_cancels_within_its_lease() {
-    if !kvm_or_skip("kvm_migrate_client_killed_mid_copy_cancels_within_its_lease") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let to = format!("127.0.0.1:{}", free_port());
     let _dst = receiver(d.path(), "dst", &to);
@@ -266,10 +257,8 @@ fn kvm_migrate_client_killed_mid_copy_cancels_within_its_lease() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_source_outside_the_cluster_is_refused_by_the_receiver() {
-    if !kvm_or_skip("kvm_a_source_outside_the_cluster_is_refused_by_the_receiver") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let foreign = d.path().join("foreign");
     let out = Command::new(BIN)
@@ -314,10 +303,8 @@ fn kvm_a_source_outside_the_cluster_is_refused_by_the_receiver() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_garbage_and_slow_loris_connections_do_not_keep_a_real_migration_out() {
-    if !kvm_or_skip("kvm_garbage_and_slow_loris_connections_do_not_keep_a_real_migration_out") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let port = free_port();
     let to = format!("127.0.0.1:{port}");
@@ -356,15 +343,13 @@ fn kvm_garbage_and_slow_loris_connections_do_not_keep_a_real_migration_out() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_vm_that_does_not_fit_is_refused_before_anything_is_allocated() {
-    if !kvm_or_skip("kvm_a_vm_that_does_not_fit_is_refused_before_anything_is_allocated") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let to = format!("127.0.0.1:{}", free_port());
     let dst = receiver(d.path(), "dst", &to);
     // More than this host has; untouched RAM costs the source nothing.
-    let too_big = format!("{}G", vmm::host::mem_available().unwrap() / (1 << 30) + 8);
+    let too_big = format!("{}G", ram::host::mem_available().unwrap() / (1 << 30) + 8);
     let mut args = vm_args("idle", &too_big, &d.path().join("src.console"));
     args.extend(["--memory-profile".into(), "zero".into()]);
     let mut src = livemig_exe()
@@ -389,10 +374,8 @@ fn kvm_a_vm_that_does_not_fit_is_refused_before_anything_is_allocated() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_api_socket_is_private_and_bad_requests_get_a_4xx() {
-    if !kvm_or_skip("kvm_api_socket_is_private_and_bad_requests_get_a_4xx") {
-        return;
-    }
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream;
     let d = tempfile::tempdir().unwrap();
@@ -442,10 +425,7 @@ fn kvm_api_socket_is_private_and_bad_requests_get_a_4xx() {
 
 /// Kills the receiver once the migration on `src` reached `phase`; the source fails at once
 /// (the connection resets), keeps running, and migrates to a new receiver.
-fn receiver_killed_in(name: &str, phase: &str) {
-    if !kvm_or_skip(name) {
-        return;
-    }
+fn receiver_killed_in(phase: &str) {
     let d = tempfile::tempdir().unwrap();
     let to = format!("127.0.0.1:{}", free_port());
     let mut dst = receiver(d.path(), "dst", &to);
@@ -481,13 +461,15 @@ fn receiver_killed_in(name: &str, phase: &str) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_receiver_killed_in_copy() {
-    receiver_killed_in("kvm_receiver_killed_in_copy", "copy");
+    receiver_killed_in("copy");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_receiver_killed_in_sync() {
-    receiver_killed_in("kvm_receiver_killed_in_sync", "sync");
+    receiver_killed_in("sync");
 }
 
 /// A proxy that forwards the source's control connection until the State frame, then holds
@@ -529,10 +511,8 @@ fn switchover_killer(listen: u16, to: u16, receiver_pid: u32) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_receiver_killed_at_switchover_leaves_the_vm_paused_and_nowhere_else() {
-    if !kvm_or_skip("kvm_receiver_killed_at_switchover_leaves_the_vm_paused_and_nowhere_else") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (port, proxy) = (free_port(), free_port());
     let plain = Livemig::new(BIN).insecure();
@@ -616,10 +596,7 @@ impl Drop for Hosts {
 
 /// Blackholes the 1g-1 link once the migration is in `phase`: the source notices within the
 /// peer timeout (+2 s), keeps running, and migrates over 1g-2.
-fn blackholed_in(name: &str, hosts: &str, phase: &str) {
-    if !kvm_or_skip(name) || !root_or_skip(name) {
-        return;
-    }
+fn blackholed_in(hosts: &str, phase: &str) {
     let d = tempfile::tempdir().unwrap();
     let h = Hosts::up(hosts);
     let exe = livemig_exe();
@@ -665,11 +642,19 @@ fn blackholed_in(name: &str, hosts: &str, phase: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    any(no_kvm, no_root),
+    ignore = "needs /dev/kvm and root (network namespaces)"
+)]
 fn root_link_blackholed_in_copy() {
-    blackholed_in("root_link_blackholed_in_copy", "lmbhc", "copy");
+    blackholed_in("lmbhc", "copy");
 }
 
 #[test]
+#[cfg_attr(
+    any(no_kvm, no_root),
+    ignore = "needs /dev/kvm and root (network namespaces)"
+)]
 fn root_link_blackholed_in_sync() {
-    blackholed_in("root_link_blackholed_in_sync", "lmbhs", "sync");
+    blackholed_in("lmbhs", "sync");
 }

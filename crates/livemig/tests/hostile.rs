@@ -246,18 +246,14 @@ fn flooded(sources: &[IpAddr]) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_flood_from_one_address_keeps_no_migration_out() {
-    if !kvm_or_skip("kvm_a_flood_from_one_address_keeps_no_migration_out") {
-        return;
-    }
     flooded(&[IpAddr::from([127, 0, 0, 2])]);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_flood_from_sixteen_addresses_keeps_no_migration_out() {
-    if !kvm_or_skip("kvm_a_flood_from_sixteen_addresses_keeps_no_migration_out") {
-        return;
-    }
     let sources: Vec<IpAddr> = (1..=16).map(|i| IpAddr::from([127, 0, 1, i])).collect();
     flooded(&sources);
 }
@@ -265,12 +261,8 @@ fn kvm_a_flood_from_sixteen_addresses_keeps_no_migration_out() {
 /// A cluster member that sends a Config and goes silent, to the agent and then to the
 /// receiver it is sent to: the slot is free again within the peer timeout each time.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_silent_authenticated_peer_frees_its_inbound_slot_within_the_peer_timeout() {
-    if !kvm_or_skip(
-        "kvm_a_silent_authenticated_peer_frees_its_inbound_slot_within_the_peer_timeout",
-    ) {
-        return;
-    }
     use migration::protocol::{self, Frame, FrameReader, FrameWriter, Hello, Prepare, Transport};
     let d = tempfile::tempdir().unwrap();
     let timeout = Duration::from_secs(2);
@@ -306,6 +298,7 @@ fn kvm_a_silent_authenticated_peer_frees_its_inbound_slot_within_the_peer_timeou
             name: Some(format!("ghost-{session}")),
             origin: None,
             host_cache: None,
+            sections: vmm::state::sections(),
         })
         .unwrap();
         w.flush().unwrap();
@@ -353,12 +346,8 @@ fn kvm_a_silent_authenticated_peer_frees_its_inbound_slot_within_the_peer_timeou
 /// A pace below what the peer timeout allows is refused with the minimum named; a migration
 /// paced at the minimum is cancelled within 2 s, and the VM then migrates at once.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_pace_below_the_minimum_is_refused_and_a_crawling_migration_cancels_at_once() {
-    if !kvm_or_skip(
-        "kvm_a_pace_below_the_minimum_is_refused_and_a_crawling_migration_cancels_at_once",
-    ) {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let to = format!("127.0.0.1:{}", free_port());
     let _dst = livemig_exe()
@@ -459,10 +448,8 @@ fn kvm_a_pace_below_the_minimum_is_refused_and_a_crawling_migration_cancels_at_o
 /// A destination that takes as many migrations as it may says it is busy (not a bare refusal),
 /// and a drain into it tries its VM again later instead of failing it.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_busy_destination_says_so_and_the_drain_waits_for_it() {
-    if !kvm_or_skip("kvm_a_busy_destination_says_so_and_the_drain_waits_for_it") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);
     let (c, _) = agent(d.path(), "c", &[]);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    build_foreign_kernel, free_port, kvm_or_skip, livemig, livemig_exe, wait, KillOnDrop, Livemig,
-    VmProcess, BIN,
+    build_foreign_kernel, free_port, livemig, livemig_exe, wait, KillOnDrop, Livemig, VmProcess,
+    BIN,
 };
 
 fn source(dir: &Path, workload: &str, memory: &str) -> (VmProcess, PathBuf) {
@@ -166,17 +166,15 @@ fn migrate_under(workload: &str) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_migrates_under_sql() {
-    if kvm_or_skip("kvm_migrates_under_sql") {
-        migrate_under("sql");
-    }
+    migrate_under("sql");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_migrates_under_stress() {
-    if kvm_or_skip("kvm_migrates_under_stress") {
-        migrate_under("stress");
-    }
+    migrate_under("stress");
 }
 
 /// Follows the source's byte stream frame by frame (16-byte hello, then 24-byte headers
@@ -218,10 +216,7 @@ impl FrameWatch {
     }
 }
 
-fn cut_test(name: &str, cut: impl Fn(&FrameWatch) -> bool + Send + Sync + 'static) {
-    if !kvm_or_skip(name) {
-        return;
-    }
+fn cut_test(cut: impl Fn(&FrameWatch) -> bool + Send + Sync + 'static) {
     let d = tempfile::tempdir().unwrap();
     let (dst_port, proxy_port) = (free_port(), free_port());
     // Plaintext, so the proxy can follow the frames it cuts.
@@ -256,25 +251,18 @@ fn cut_test(name: &str, cut: impl Fn(&FrameWatch) -> bool + Send + Sync + 'stati
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_connection_cut_in_copy_phase_leaves_source_running() {
-    cut_test(
-        "kvm_connection_cut_in_copy_phase_leaves_source_running",
-        |w| w.bytes > 20 << 20,
-    );
+    cut_test(|w| w.bytes > 20 << 20);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_connection_cut_in_sync_phase_leaves_source_running() {
-    cut_test(
-        "kvm_connection_cut_in_sync_phase_leaves_source_running",
-        |w| w.round_ends >= 1,
-    );
+    cut_test(|w| w.round_ends >= 1);
 }
 
 fn feed_receiver(name: &str, bytes: &[u8], expect: &str) {
-    if !kvm_or_skip(name) {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let port = free_port();
     // Plaintext: these bytes are for the migration protocol itself, not for TLS.
@@ -314,6 +302,7 @@ fn hello(version: u16) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_receiver_refuses_garbage() {
     feed_receiver(
         "kvm_receiver_refuses_garbage",
@@ -323,6 +312,7 @@ fn kvm_receiver_refuses_garbage() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_receiver_refuses_a_wrong_version() {
     feed_receiver(
         "kvm_receiver_refuses_a_wrong_version",
@@ -334,6 +324,7 @@ fn kvm_receiver_refuses_a_wrong_version() {
 /// A hostile source announces RAM the VM does not have: the receiver refuses the frame by name
 /// and goes on waiting (the populate worker never sees the extent).
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_receiver_refuses_extents_beyond_guest_ram() {
     use migration::protocol::{FrameWriter, Prepare};
     let mut w = FrameWriter::new(hello(migration::protocol::VERSION));
@@ -347,6 +338,7 @@ fn kvm_receiver_refuses_extents_beyond_guest_ram() {
         name: None,
         origin: None,
         host_cache: None,
+        sections: vmm::state::sections(),
     })
     .unwrap();
     w.send_extents(&[(0, 4096), (60 << 20, 1 << 30)]).unwrap();
@@ -358,6 +350,7 @@ fn kvm_receiver_refuses_extents_beyond_guest_ram() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_receiver_refuses_a_truncated_stream() {
     // A valid hello and the start of a frame header, then EOF.
     let mut b = hello(migration::protocol::VERSION);
@@ -370,10 +363,8 @@ fn kvm_receiver_refuses_a_truncated_stream() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_foreign_guest_migrates_and_its_console_continues() {
-    if !kvm_or_skip("kvm_foreign_guest_migrates_and_its_console_continues") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let kernel = build_foreign_kernel(d.path());
     let port = free_port();
@@ -442,10 +433,8 @@ fn kvm_foreign_guest_migrates_and_its_console_continues() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_bandwidth_cap_is_applied_and_reported() {
-    if !kvm_or_skip("kvm_bandwidth_cap_is_applied_and_reported") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let port = free_port();
     let _dst = receiver(d.path(), "dst", port);
@@ -479,10 +468,8 @@ fn kvm_bandwidth_cap_is_applied_and_reported() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_compressed_transport_migrates_and_compresses_on_a_slow_link() {
-    if !kvm_or_skip("kvm_compressed_transport_migrates_and_compresses_on_a_slow_link") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let port = free_port();
     let _dst = receiver(d.path(), "dst", port);
@@ -565,10 +552,8 @@ fn proxy(
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_one_page_stream_failing_aborts_cleanly() {
-    if !kvm_or_skip("kvm_one_page_stream_failing_aborts_cleanly") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (dst_port, proxy_port) = (free_port(), free_port());
     let mut dst = receiver_plain(d.path(), "dst", dst_port);
@@ -617,10 +602,8 @@ fn kvm_one_page_stream_failing_aborts_cleanly() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_multichannel_migrates_under_stress() {
-    if !kvm_or_skip("kvm_multichannel_migrates_under_stress") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let port = free_port();
     let _dst = receiver(d.path(), "dst", port);
@@ -640,10 +623,8 @@ fn kvm_multichannel_migrates_under_stress() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_direct_transport_migrates_alone_and_over_streams() {
-    if !kvm_or_skip("kvm_direct_transport_migrates_alone_and_over_streams") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     for (i, extra) in [
         vec!["--transport", "direct"],
@@ -703,10 +684,8 @@ fn vcpu_nice(pid: u32) -> Vec<i64> {
 /// A migration lets the vCPUs yield the CPU to it (its report says so), and they get their
 /// priority back when it fails.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_vcpus_yield_to_their_migration_and_get_their_priority_back() {
-    if !kvm_or_skip("kvm_vcpus_yield_to_their_migration_and_get_their_priority_back") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let (src, src_api) = source(d.path(), "sql", "128M");
     let pid = src.child.id();
@@ -739,10 +718,8 @@ fn kvm_vcpus_yield_to_their_migration_and_get_their_priority_back() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
-    if !kvm_or_skip("kvm_auto_converge_throttles_a_guest_that_outruns_the_link") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     // `stress` rewrites its working set faster than 1 Gbit/s carries it whole: rounds stall.
     // (Its writes change a few words a page, so as deltas it would not outrun the link.)

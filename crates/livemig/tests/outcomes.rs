@@ -46,10 +46,8 @@ fn migrate(api: &Path, to: &str, extra: &[&str]) -> (bool, String, String) {
 /// The destination dies once the VM runs there, before the guest's verdict: `migrate` says
 /// the destination was lost after the commit (not "verified: NO") and fails.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_destination_lost_after_the_commit_is_named() {
-    if !kvm_or_skip("kvm_a_destination_lost_after_the_commit_is_named") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let to = format!("127.0.0.1:{}", free_port());
     let status = d.path().join("incoming.json");
@@ -94,10 +92,8 @@ fn kvm_a_destination_lost_after_the_commit_is_named() {
 /// A TLS source and a plaintext receiver, and the other way round: each side names the
 /// mismatch.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_tls_mismatch_is_named_either_way() {
-    if !kvm_or_skip("kvm_a_tls_mismatch_is_named_either_way") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let plain_to = format!("127.0.0.1:{}", free_port());
     let plain = Livemig::new(BIN)

@@ -5,7 +5,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{build_foreign_kernel, kvm_or_skip, livemig, wait, KillOnDrop, BIN};
+use common::{build_foreign_kernel, livemig, wait, KillOnDrop, BIN};
 
 struct Vm {
     _child: KillOnDrop,
@@ -87,10 +87,8 @@ fn heartbeats(console: &Path) -> Vec<u64> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_sql_workload_boots_reports_status_pauses_and_verifies() {
-    if !kvm_or_skip("kvm_sql_workload_boots_reports_status_pauses_and_verifies") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let vm = Vm::spawn(
@@ -151,10 +149,8 @@ fn kvm_sql_workload_boots_reports_status_pauses_and_verifies() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_boots_a_foreign_pvh_kernel() {
-    if !kvm_or_skip("kvm_boots_a_foreign_pvh_kernel") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let kernel = build_foreign_kernel(d.path());
     let vm = Vm::spawn(
@@ -186,10 +182,8 @@ fn kvm_boots_a_foreign_pvh_kernel() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_non_pvh_kernel_is_refused_clearly() {
-    if !kvm_or_skip("kvm_non_pvh_kernel_is_refused_clearly") {
-        return;
-    }
     let out = livemig(&[
         "run",
         "--kernel",
@@ -205,10 +199,8 @@ fn kvm_non_pvh_kernel_is_refused_clearly() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_snapshot_restore_continues_in_a_fresh_process() {
-    if !kvm_or_skip("kvm_snapshot_restore_continues_in_a_fresh_process") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let snap = d.path().join("snap");
     let last;
@@ -266,10 +258,8 @@ fn kvm_snapshot_restore_continues_in_a_fresh_process() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_corrupt_snapshots_are_refused() {
-    if !kvm_or_skip("kvm_corrupt_snapshots_are_refused") {
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let snap = d.path().join("snap");
     {

@@ -91,7 +91,7 @@ pub fn payload(data: &[u8]) {
     let Ok(frame) = decode(kind, payload) else {
         return;
     };
-    let vm = vmm::VmConfig {
+    let vm = migratable::VmConfig {
         memory: LIMIT,
         vcpus: 1,
     };
@@ -153,7 +153,7 @@ fn exercise(step: Step<'_>) -> Option<usize> {
 fn scratch() -> &'static std::fs::File {
     static F: OnceLock<std::fs::File> = OnceLock::new();
     F.get_or_init(|| {
-        let ram = vmm::memory::GuestRam::new(LIMIT).unwrap_or_else(|e| panic!("scratch RAM: {e}"));
+        let ram = ram::GuestRam::new(LIMIT).unwrap_or_else(|e| panic!("scratch RAM: {e}"));
         ram.backing_file()
             .try_clone()
             .unwrap_or_else(|e| panic!("scratch RAM: {e}"))

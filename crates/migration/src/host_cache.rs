@@ -36,7 +36,7 @@ pub enum CacheError {
     /// a page cache of {0} bytes holds no page or more than 4 GiB
     Size(u64),
     /// creating the page cache: {0}
-    Create(#[from] vmm::memory::MemoryError),
+    Create(#[from] ram::MemoryError),
     /// opening the page cache {path}: {source}
     Open {
         path: PathBuf,
@@ -72,7 +72,7 @@ impl HostCache {
         if capacity == 0 || capacity > MAX_CACHE_PAGES {
             return Err(CacheError::Size(bytes));
         }
-        let file = vmm::memory::memfd(c"livemig-page-cache", size_of(capacity))?;
+        let file = ram::memfd(c"livemig-page-cache", size_of(capacity))?;
         let c = Self::map(file, capacity)?;
         c.word(0)?.store(MAGIC, Ordering::Relaxed);
         c.word(OFF_CAPACITY)?.store(capacity, Ordering::Release);

@@ -1,4 +1,5 @@
-//! Pre-copy live migration. Data flows one way: guest RAM → dirty tracking (vmm::dirty) →
+//! Pre-copy live migration of anything [`migratable::Migratable`]. Data flows one way: guest
+//! RAM → dirty tracking ([`migratable::DirtyLog`]) →
 //! page encoding ([`codec`], [`protocol`]) → transport → [`recv`] → guest RAM.
 //! [`policy`] and the codec policy decide (when to stop iterating, which stream, which codec);
 //! [`send`] and [`recv`] carry the decisions out; [`report`] says what happened;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod api;
 pub mod codec;
 pub mod delta;
 pub mod fuzz;
@@ -24,7 +26,7 @@ pub use protocol::VerifyOutcome;
 pub use recv::{receive, Events, Incoming, Pending, ReceiveEvent, ReceiveOptions, ReceiveStats};
 pub use report::Report;
 pub use request::MigrateRequest;
-pub use send::{migrate, session_id, Cancel, MigrateOptions, Progress};
+pub use send::{migrate, session_id, Cancel, MigrateOptions, Progress, SourceVm};
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum MigrationError {
@@ -48,7 +50,7 @@ pub enum MigrationError {
     /// the destination {peer} expects TLS: it requires mutual TLS with the cluster's certificates, and this side runs --insecure
     PlainRefused { peer: String },
     /// guest RAM: {0}
-    GuestMemory(#[from] vmm::memory::MemoryError),
+    GuestMemory(#[from] ram::MemoryError),
     /// the host's page cache: {0}
     HostCache(#[from] host_cache::CacheError),
     /// finding the memory the guest touched (SEEK_DATA on its memfd): {0}
@@ -64,9 +66,11 @@ pub enum MigrationError {
         source: std::io::Error,
     },
     /// VM: {0}
-    Vm(#[from] vmm::VmError),
+    Vm(#[from] migratable::MigratableError),
     /// dirty log: {0}
-    DirtyLog(#[from] vmm::dirty::DirtyLogError),
+    DirtyLog(#[from] migratable::DirtyLogError),
+    /// the VM's state: {0}
+    State(#[from] migratable::SnapshotError),
     /// timed out after {secs} s waiting for {waiting_for}
     TimedOut { secs: f64, waiting_for: String },
     /// this host refused the VM: {0}

@@ -263,7 +263,8 @@ pub enum Kind {
     Pages = 3,
     /// src→dst: [`RoundEnd`].
     RoundEnd = 4,
-    /// src→dst: JSON VmState (the VM is paused on the source).
+    /// src→dst: JSON [`migratable::Snapshot`], the VM's state sections (the VM is paused on
+    /// the source).
     State = 5,
     /// src→dst: nothing more follows.
     Done = 6,
@@ -634,7 +635,7 @@ pub fn check_stream(
 /// The Config frame's payload: the VM to build and the page streams that will follow.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Prepare {
-    pub vm: vmm::VmConfig,
+    pub vm: migratable::VmConfig,
     /// Page streams beside the control connection; 0 = pages travel on the control connection.
     pub streams: u16,
     /// Ties the page streams to this migration.
@@ -648,6 +649,10 @@ pub struct Prepare {
     /// The destination host's page cache this migration may use (the drain's id for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cache: Option<u64>,
+    /// The state sections the source will send, with their versions: a destination that does
+    /// not know one refuses the migration now, before the source stops.
+    #[serde(default)]
+    pub sections: Vec<migratable::SectionId>,
 }
 
 /// Most extents an Extents frame announces (nearby ones are merged to fit).
@@ -905,7 +910,7 @@ pub enum Frame<'a> {
     /// The head; its page data follows on the stream ([`FrameReader::read_direct`]).
     PagesDirect(BatchHead<'a>),
     RoundEnd(RoundEnd),
-    State(Box<vmm::VmState>),
+    State(Box<migratable::Snapshot>),
     Done,
     Confirm,
     Verified(VerifyOutcome),
@@ -976,7 +981,9 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
                 Frame::RoundDone(r)
             }
         }
-        Kind::State => Frame::State(Box::new(vmm::VmState::from_bytes(payload).map_err(json)?)),
+        Kind::State => Frame::State(Box::new(
+            migratable::Snapshot::from_bytes(payload).map_err(|e| bad(e.to_string()))?,
+        )),
         Kind::Verified => Frame::Verified(serde_json::from_slice(payload).map_err(json)?),
         Kind::Redirect => Frame::Redirect(serde_json::from_slice(payload).map_err(json)?),
         Kind::CacheKeys => {
@@ -1158,7 +1165,7 @@ impl<W: Write> FrameWriter<W> {
         self.send_json(Kind::Config, p)
     }
 
-    pub fn send_state(&mut self, s: &vmm::VmState) -> Result<(), ProtocolError> {
+    pub fn send_state(&mut self, s: &migratable::Snapshot) -> Result<(), ProtocolError> {
         self.send(Kind::State, &s.to_bytes())
     }
 
@@ -1560,7 +1567,7 @@ mod tests {
     fn every_kind_encodes_and_decodes_here() {
         let mut w = FrameWriter::new(Vec::new());
         let prep = Prepare {
-            vm: vmm::VmConfig {
+            vm: migratable::VmConfig {
                 memory: 64 << 20,
                 vcpus: 2,
             },
@@ -1569,6 +1576,7 @@ mod tests {
             name: Some("web-1".into()),
             origin: None,
             host_cache: None,
+            sections: vec![migratable::SectionId::new("clock", 1)],
         };
         w.send_config(&prep).unwrap();
         w.send_extents(&[(0, 8192), (1 << 20, 2 << 20)]).unwrap();

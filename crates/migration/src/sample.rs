@@ -3,10 +3,9 @@
 //! a page it writes again costs as a delta.
 use std::time::{Duration, Instant};
 
+use migratable::DirtyBitmap;
+use ram::{data_extents, is_zero, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
-use vmm::dirty::SlotBitmap;
-use vmm::memory::{data_extents, is_zero, PAGE_SIZE};
-use vmm::Vm;
 
 use crate::codec::{compress, Codec};
 use crate::MigrationError;
@@ -68,13 +67,13 @@ pub const DELTA_PROBE_PAGES: usize = 512;
 /// must be free: not while a migration runs.
 /// With `fingerprint`, also reads every touched page for [`VmSample::fingerprint`].
 pub fn sample(
-    vm: &std::sync::Mutex<Vm>,
+    vm: &crate::SourceVm,
     window: Duration,
     fingerprint: bool,
 ) -> Result<VmSample, MigrationError> {
     let (ram, dirty, memory) = {
         let g = locks::lock(vm);
-        (g.ram_arc(), g.dirty_log(), g.config().memory)
+        (g.ram(), g.dirty_log(), g.config().memory)
     };
     let extents = data_extents(ram.backing_file(), ram.size()).map_err(MigrationError::Extents)?;
     let touched: u64 = extents.iter().map(|(s, e)| e - s).sum();
@@ -107,10 +106,7 @@ pub fn sample(
 }
 
 /// The content-defined sample of every touched non-zero page (see [`VmSample::fingerprint`]).
-fn content_keys(
-    ram: &vmm::memory::GuestRam,
-    extents: &[(u64, u64)],
-) -> Result<Vec<u64>, MigrationError> {
+fn content_keys(ram: &ram::GuestRam, extents: &[(u64, u64)]) -> Result<Vec<u64>, MigrationError> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut keys = Vec::new();
     for &(s, e) in extents {
@@ -152,14 +148,14 @@ struct DeltaProbe {
 
 impl DeltaProbe {
     /// Up to [`DELTA_PROBE_PAGES`] of `maps`' dirty pages, spread evenly over them.
-    fn take(ram: &vmm::memory::GuestRam, maps: &[SlotBitmap]) -> Result<Self, MigrationError> {
-        let count: u64 = maps.iter().map(SlotBitmap::count).sum();
+    fn take(ram: &ram::GuestRam, maps: &[DirtyBitmap]) -> Result<Self, MigrationError> {
+        let count: u64 = maps.iter().map(DirtyBitmap::count).sum();
         let step = usize::try_from(count / DELTA_PROBE_PAGES as u64)
             .unwrap_or(usize::MAX)
             .max(1);
         let mut offsets: Vec<u64> = maps
             .iter()
-            .flat_map(SlotBitmap::pages)
+            .flat_map(DirtyBitmap::pages)
             .step_by(step)
             .take(DELTA_PROBE_PAGES)
             .collect();
@@ -177,8 +173,8 @@ impl DeltaProbe {
     }
 
     /// Marks the probed pages dirty in `maps` (a later period's log).
-    fn mark(&mut self, maps: &[SlotBitmap]) {
-        for page in maps.iter().flat_map(SlotBitmap::pages) {
+    fn mark(&mut self, maps: &[DirtyBitmap]) {
+        for page in maps.iter().flat_map(DirtyBitmap::pages) {
             if let Ok(i) = self.offsets.binary_search(&page) {
                 self.rewritten[i] = true;
             }
@@ -187,7 +183,7 @@ impl DeltaProbe {
 
     /// Wire bytes per page byte of the rewritten pages sent as deltas against their probed
     /// versions (a whole page where no delta fits); None when none was rewritten.
-    fn ratio(&self, ram: &vmm::memory::GuestRam) -> Result<Option<f64>, MigrationError> {
+    fn ratio(&self, ram: &ram::GuestRam) -> Result<Option<f64>, MigrationError> {
         let (mut pages, mut bytes) = (0usize, 0usize);
         let (mut now, mut delta) = (vec![0u8; PAGE], Vec::new());
         for (i, old) in self.content.chunks_exact(PAGE).enumerate() {
@@ -211,18 +207,18 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// Logs the guest's writes for `window`, reading (and re-arming) the log every
 /// [`FETCH_EVERY`]: the rate per period, and the distinct pages over the window.
 fn dirtying(
-    dirty: &std::sync::Mutex<vmm::dirty::DirtyLog>,
-    ram: &vmm::memory::GuestRam,
+    dirty: &std::sync::Mutex<dyn migratable::DirtyLog>,
+    ram: &ram::GuestRam,
     window: Duration,
 ) -> Result<Dirtying, MigrationError> {
     {
         let mut d = locks::lock(dirty);
-        if d.is_enabled() {
+        if d.is_started() {
             return Err(MigrationError::Refused(
                 "the dirty log is in use (a migration is under way)".into(),
             ));
         }
-        d.enable()?;
+        d.start()?;
     }
     let t = Instant::now();
     let mut union: Vec<Vec<u64>> = Vec::new();
@@ -231,7 +227,7 @@ fn dirtying(
     let mut probe: Option<DeltaProbe> = None;
     let result: Result<(), MigrationError> = loop {
         std::thread::sleep(FETCH_EVERY.min(window));
-        let d = locks::lock(dirty);
+        let mut d = locks::lock(dirty);
         let maps = match d.fetch() {
             Ok(m) => m,
             Err(e) => break Err(e.into()),
@@ -264,7 +260,7 @@ fn dirtying(
         }
     };
     let secs = t.elapsed().as_secs_f64();
-    locks::lock(dirty).disable()?;
+    locks::lock(dirty).stop()?;
     result?;
     let set = popcount(&union);
     let delta_ratio = match probe {
@@ -290,7 +286,7 @@ fn popcount(bitmaps: &[Vec<u64>]) -> u64 {
 /// Reads pages spread evenly over the touched extents: the zero share, and how the rest
 /// compresses.
 fn content(
-    ram: &vmm::memory::GuestRam,
+    ram: &ram::GuestRam,
     extents: &[(u64, u64)],
     touched: u64,
 ) -> Result<(f64, f64), MigrationError> {
@@ -331,15 +327,15 @@ fn content(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm::memory::RamRange;
+    use ram::RamRange;
 
-    fn bitmap(pages: &[u64]) -> SlotBitmap {
+    fn bitmap(pages: &[u64]) -> DirtyBitmap {
         let mut bits = vec![0u64; 4];
         for p in pages {
             bits[(p / 64) as usize] |= 1 << (p % 64);
         }
-        SlotBitmap {
-            slot: 0,
+        DirtyBitmap {
+            region: 0,
             range: RamRange {
                 guest: 0,
                 len: 256 * PAGE_SIZE,
@@ -351,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_rewritten_page_costs_its_delta_and_one_past_deltas_costs_a_page() {
-        let ram = vmm::memory::GuestRam::new(64 << 20).unwrap();
+        let ram = ram::GuestRam::new(64 << 20).unwrap();
         for p in 0..8 {
             ram.write_at(p * PAGE_SIZE, &[p as u8 + 1; PAGE]).unwrap();
         }
@@ -372,7 +368,7 @@ mod tests {
 
     #[test]
     fn nothing_written_twice_says_nothing() {
-        let ram = vmm::memory::GuestRam::new(64 << 20).unwrap();
+        let ram = ram::GuestRam::new(64 << 20).unwrap();
         let mut probe = DeltaProbe::take(&ram, &[bitmap(&[0, 9])]).unwrap();
         probe.mark(&[bitmap(&[10])]);
         assert_eq!(probe.ratio(&ram).unwrap(), None);

@@ -69,22 +69,19 @@ fn delta_batch() -> (Vec<u8>, Vec<u8>) {
 }
 
 fn state_json() -> Vec<u8> {
-    // The smallest VmState there is: built from defaults, as a source would send it.
-    let s = vmm::VmState {
-        config: vmm::VmConfig {
-            memory: 64 << 20,
-            vcpus: 1,
-        },
-        vcpus: Vec::new(),
-        pic_master: Default::default(),
-        pic_slave: Default::default(),
-        ioapic: Default::default(),
-        pit: Default::default(),
-        clock: Default::default(),
-        uart: Default::default(),
-        guest: Default::default(),
-        skipped: Vec::new(),
-    };
+    // State sections as a source sends them: a tree with state at its leaves.
+    let s = migratable::Snapshot::node(
+        "vm",
+        1,
+        vec![
+            migratable::Snapshot::new("clock", 1, &42u64).unwrap(),
+            migratable::Snapshot::node(
+                "vcpus",
+                1,
+                vec![migratable::Snapshot::new("vcpu0", 1, &[1u64, 2, 3]).unwrap()],
+            ),
+        ],
+    );
     s.to_bytes()
 }
 
@@ -92,7 +89,7 @@ fn state_json() -> Vec<u8> {
 fn traffic() -> Vec<Vec<u8>> {
     let mut w = FrameWriter::new(Vec::new());
     w.send_config(&Prepare {
-        vm: vmm::VmConfig {
+        vm: migratable::VmConfig {
             memory: 64 << 20,
             vcpus: 1,
         },
@@ -101,6 +98,7 @@ fn traffic() -> Vec<Vec<u8>> {
         name: Some("db".into()),
         origin: Some("host-a".into()),
         host_cache: None,
+        sections: vec![migratable::SectionId::new("clock", 1)],
     })
     .unwrap();
     w.send_redirect(&migration::protocol::Redirect { port: 7001 })

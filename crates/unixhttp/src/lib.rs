@@ -79,6 +79,28 @@ impl Request {
 pub type Reply = Result<serde_json::Value, (u16, String)>;
 pub type Handler = Arc<dyn Fn(&Request) -> Reply + Send + Sync>;
 
+/// A set of endpoints, each parsing its request into the type it takes: answers the requests
+/// it knows, and None for the others.
+pub trait Routes: Send + Sync {
+    fn route(&self, r: &Request) -> Option<Reply>;
+}
+
+/// One handler for several sets of endpoints on one socket: the first that knows a request
+/// answers it; 404 when none does.
+pub fn serve_all(routes: Vec<Arc<dyn Routes>>) -> Handler {
+    Arc::new(move |r: &Request| {
+        routes
+            .iter()
+            .find_map(|set| set.route(r))
+            .unwrap_or_else(|| Err((404, format!("no such endpoint: {} {}", r.method, r.path))))
+    })
+}
+
+/// A reply's value: what a route answers with.
+pub fn reply<T: Serialize>(v: &T) -> Reply {
+    serde_json::to_value(v).map_err(|e| (500, format!("serialising the answer: {e}")))
+}
+
 /// What one client may cost the server.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {

@@ -8,6 +8,9 @@
 //! | POST   | /vm/verify      | `{"timeout_ms": N}`     | the guest's [`GuestReport`]|
 //! | POST   | /vm/snapshot    | `{"dir": "PATH"}`       | [`SnapshotStats`]          |
 //! | POST   | /vm/shutdown    |                         | `{}`                       |
+//!
+//! The migration's endpoints (`/vm/migrate`, `/vm/migration`, `/vm/sample`) are the migration
+//! engine's, served beside these.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 pub use unixhttp::ApiError;
-use unixhttp::{Limits, Request};
+use unixhttp::{Reply, Request};
 
 use crate::devices::GuestReport;
 use crate::snapshot::{self, SnapshotStats};
@@ -32,50 +35,40 @@ struct SnapshotRequest {
     dir: PathBuf,
 }
 
-/// Routes served by a layer above the VMM (migration); `None` = not mine.
-pub type Extension = Arc<
-    dyn Fn(&str, &str, &[u8], &Arc<Mutex<Vm>>) -> Option<Result<serde_json::Value, (u16, String)>>
-        + Send
-        + Sync,
->;
-
-/// Serves the API for one VM until dropped or `/vm/shutdown`, on a private socket with bounded
-/// clients (see [`unixhttp`]). Each request gets its own thread, so status stays answerable
-/// during a long call (a migration).
-pub struct ApiServer {
-    server: unixhttp::Server,
-    shutdown: Arc<AtomicBool>,
+/// The VMM's own endpoints of a VM's API (see the table above). Served beside others (the
+/// migration's) by whoever runs the VM's process ([`unixhttp::serve_all`]); each request gets
+/// its own thread, so status stays answerable during a long call.
+pub struct VmRoutes {
+    vm: Arc<Mutex<Vm>>,
+    shutdown: AtomicBool,
 }
 
-impl ApiServer {
-    pub fn start(
-        path: &Path,
-        vm: Arc<Mutex<Vm>>,
-        ext: Option<Extension>,
-    ) -> Result<Self, ApiError> {
-        let shutdown = Arc::new(AtomicBool::new(false));
-        let flag = shutdown.clone();
-        let handler = Arc::new(move |r: &Request| {
-            match ext
-                .as_ref()
-                .and_then(|f| f(&r.method, &r.path, &r.body, &vm))
-            {
-                Some(reply) => reply,
-                None => route(&r.method, &r.path, &r.body, &vm, &flag),
-            }
-        });
-        let server = unixhttp::Server::start(path, handler, Limits::default())?;
-        Ok(ApiServer { server, shutdown })
-    }
-
-    /// Requests being answered right now.
-    pub fn in_flight(&self) -> usize {
-        self.server.in_flight()
+impl VmRoutes {
+    pub fn new(vm: Arc<Mutex<Vm>>) -> Arc<Self> {
+        Arc::new(VmRoutes {
+            vm,
+            shutdown: AtomicBool::new(false),
+        })
     }
 
     /// True once a client asked the VM to shut down.
     pub fn shutdown_requested(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
+    }
+}
+
+impl unixhttp::Routes for VmRoutes {
+    fn route(&self, r: &Request) -> Option<Reply> {
+        const MINE: [&str; 6] = [
+            "/vm",
+            "/vm/pause",
+            "/vm/resume",
+            "/vm/verify",
+            "/vm/snapshot",
+            "/vm/shutdown",
+        ];
+        MINE.contains(&r.path.as_str())
+            .then(|| route(&r.method, &r.path, &r.body, &self.vm, &self.shutdown))
     }
 }
 
@@ -86,13 +79,7 @@ fn parse<'a, T: Deserialize<'a> + Default>(body: &'a [u8]) -> Result<T, (u16, St
     serde_json::from_slice(body).map_err(|e| (400, format!("bad JSON body: {e}")))
 }
 
-fn route(
-    method: &str,
-    url: &str,
-    body: &[u8],
-    vm: &Mutex<Vm>,
-    shutdown: &AtomicBool,
-) -> Result<serde_json::Value, (u16, String)> {
+fn route(method: &str, url: &str, body: &[u8], vm: &Mutex<Vm>, shutdown: &AtomicBool) -> Reply {
     let lock = || locks::lock(vm);
     let err = |e: crate::vm::VmError| (409, e.to_string());
     match (method, url) {

@@ -11,7 +11,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Address, GuestAddress};
 
-use crate::memory::{layout, GuestRam};
+use ram::{layout, GuestRam};
 
 pub const START_INFO_ADDR: u64 = 0x6000;
 pub const MEMMAP_ADDR: u64 = 0x7000;

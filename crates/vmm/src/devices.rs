@@ -1,15 +1,33 @@
-//! Port I/O devices: the COM1 16550 (vm-superio), the workload guest's status ports, and an
+//! Port I/O devices: the COM1 16550 (vm-superio), the guest agent ports (a heartbeat, and a
+//! command/result exchange through which a guest that can verifies its own memory), and an
 //! isa-debug-exit compatible exit port.
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use guest::abi;
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+/// The guest agent ports' registers and values: the ABI a guest speaks to report its
+/// heartbeat and answer commands (livemig's workload guest speaks it; see its `abi.h`).
+pub mod abi {
+    pub const PORT_HEARTBEAT: u16 = 0x510;
+    pub const PORT_COMMAND: u16 = 0x511;
+    pub const PORT_RESULT: u16 = 0x512;
+    pub const PORT_RESULT_LO: u16 = 0x513;
+    pub const PORT_RESULT_HI: u16 = 0x514;
+    pub const CMD_NONE: u8 = 0;
+    pub const CMD_VERIFY: u8 = 1;
+    /// The same command for a guest on a VMM without these ports: a byte on COM1.
+    pub const SERIAL_CMD_VERIFY: u8 = b'v';
+    pub const RESULT_VERIFY_OK: u32 = 1;
+    pub const RESULT_VERIFY_BAD: u32 = 2;
+    pub const RESULT_PANIC: u32 = 3;
+    pub const RESULT_READY: u32 = 4;
+}
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_GSI: u32 = 4;

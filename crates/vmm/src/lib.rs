@@ -1,19 +1,19 @@
 //! livemig's VMM: one KVM VM per process on rust-vmm crates.
 //!
-//! Data flows guest RAM ([`memory`]) ← boot ([`boot`]) ← vCPUs ([`vcpu`]) and
-//! devices ([`devices`]); [`vm`] ties them together, [`state`] and [`snapshot`] save and load
-//! them, [`api`] serves control over a unix socket.
+//! Data flows guest RAM ([`ram`]) ← boot ([`boot`]) ← vCPUs ([`vcpu`]) and
+//! devices ([`devices`]); [`vm`] ties them together and offers them to the migration engine
+//! through [`migratable`]'s traits; [`state`] and [`snapshot`] save and load them, [`api`]
+//! serves control over a unix socket.
 pub mod api;
 pub mod boot;
 pub mod devices;
 pub mod dirty;
-pub mod host;
-pub mod memory;
 pub mod priority;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
 
-pub use state::{VmConfig, VmState};
-pub use vm::{Console, Kernel, PreparedVm, RunState, Vm, VmError, VmStatus};
+pub use migratable::{RunState, VmConfig, MAX_VCPUS};
+pub use state::VmState;
+pub use vm::{BootFacts, Cmdline, Console, Kernel, KvmFactory, PreparedVm, Vm, VmError, VmStatus};

@@ -13,8 +13,8 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use zerocopy::byteorder::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::state::VmState;
+use ram::{GuestRam, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 8] = b"LIVEMIGS";
 pub const FORMAT_VERSION: u32 = 1;
@@ -68,7 +68,7 @@ pub enum SnapshotError {
     #[error("the manifest names memory file {name:?}, this format's is memory.raw")]
     MemoryFile { name: String },
     #[error("guest RAM: {0}")]
-    Ram(crate::memory::MemoryError),
+    Ram(ram::MemoryError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -124,7 +124,7 @@ fn hash_zeros(h: &mut Xxh3, mut len: u64) {
     }
 }
 
-use crate::memory::is_zero;
+use ram::is_zero;
 
 /// Writes a paused VM's state and RAM into `dir`.
 pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStats, SnapshotError> {
@@ -133,8 +133,7 @@ pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
     let mem_path = dir.join(MEMORY_FILE);
     let mem_file = File::create(&mem_path).map_err(io(&mem_path))?;
     mem_file.set_len(ram.size()).map_err(io(&mem_path))?;
-    let extents =
-        crate::memory::data_extents(ram.backing_file(), ram.size()).map_err(io(&mem_path))?;
+    let extents = ram::data_extents(ram.backing_file(), ram.size()).map_err(io(&mem_path))?;
     let nchunks = ram.size().div_ceil(CHUNK);
     let mut chunks = Vec::with_capacity(usize::try_from(nchunks).unwrap_or(0));
     let mut written = 0u64;
@@ -186,7 +185,7 @@ pub fn write(dir: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
 
 enum ChunkIo {
     File(std::io::Error),
-    Ram(crate::memory::MemoryError),
+    Ram(ram::MemoryError),
 }
 
 /// Hashes guest RAM `[off, end)` and writes its non-zero pages to `out` at the same offsets
@@ -369,7 +368,7 @@ pub fn load_memory(dir: &Path, m: &MemoryManifest, ram: &GuestRam) -> Result<(),
             want: m.size,
         });
     }
-    let extents = crate::memory::data_extents(&f, m.size).map_err(io(&path))?;
+    let extents = ram::data_extents(&f, m.size).map_err(io(&path))?;
     let mut buf = vec![0u8; CHUNK as usize];
     for (off, hash) in (0..).step_by(CHUNK as usize).zip(&m.chunks) {
         let len = CHUNK.min(m.size - off);
@@ -425,7 +424,7 @@ fn load_chunk(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::devices::{GuestReport, UartState, VerifyResult};
     use crate::state::{Skipped, VmConfig};

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::{BootEntry, BOOT_GDT_ADDR, BOOT_IDT_ADDR};
 use crate::devices::IoBus;
-use crate::memory::GuestRam;
 use crate::state::Skipped;
+use ram::GuestRam;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {

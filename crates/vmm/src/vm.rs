@@ -5,11 +5,10 @@ use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use guest::WorkloadSpec;
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
@@ -24,14 +23,15 @@ use vmm_sys_util::signal::Killable;
 use crate::boot::{load_pvh, BootError};
 use crate::devices::{GuestReport, IoBus, IrqTrigger, SerialDevice, VerifyResult, COM1_GSI};
 use crate::dirty::DirtyLog;
-use crate::memory::{layout, GuestRam, MemoryError};
 use crate::priority::{self, PriorityError, Tid};
 use crate::state::{Skipped, VmConfig, VmState};
 use crate::vcpu::{self, Caps, StopReason, VcpuError, VcpuEvent, VcpuRequest, VcpuThread};
+use migratable::{GuestVerdict, MigratableError, SectionId, Snapshot};
+pub use migratable::{RunState, MAX_VCPUS};
+use ram::{layout, GuestRam, MemoryError};
 
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-pub const MAX_VCPUS: u8 = 64;
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum VmError {
@@ -77,24 +77,6 @@ fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { op, source }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunState {
-    Running,
-    Paused,
-    Stopped,
-}
-
-impl std::fmt::Display for RunState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RunState::Running => "running",
-            RunState::Paused => "paused",
-            RunState::Stopped => "stopped",
-        })
-    }
-}
-
 /// Where COM1 output goes.
 #[derive(Clone, Debug)]
 pub enum Console {
@@ -122,13 +104,33 @@ impl Console {
     }
 }
 
-/// What runs in the VM.
-#[derive(Clone, Debug)]
-pub enum Kernel {
-    /// Our workload guest; its command line is rendered from the spec.
-    Workload(WorkloadSpec),
-    /// Any PVH ELF with its own command line.
-    Elf { image: Vec<u8>, cmdline: String },
+/// What runs in the VM: a PVH ELF and its command line.
+pub struct Kernel {
+    pub image: std::borrow::Cow<'static, [u8]>,
+    pub cmdline: Cmdline,
+}
+
+/// What the VMM learns while it builds a VM, which a guest's command line may need.
+#[derive(Clone, Copy, Debug)]
+pub struct BootFacts {
+    pub vcpus: u8,
+    /// The guest's TSC rate, when KVM says.
+    pub tsc_khz: Option<u32>,
+}
+
+/// A kernel's command line: given, or made from what the VMM learns at boot.
+pub enum Cmdline {
+    Fixed(String),
+    AtBoot(Box<dyn Fn(&BootFacts) -> String + Send + Sync>),
+}
+
+impl Cmdline {
+    fn render(&self, facts: &BootFacts) -> String {
+        match self {
+            Cmdline::Fixed(s) => s.clone(),
+            Cmdline::AtBoot(f) => f(facts),
+        }
+    }
 }
 
 /// What `status` reports.
@@ -302,18 +304,18 @@ fn strip_virtualization(cpuid: &mut kvm_bindings::CpuId) {
     }
 }
 
+/// Registers the vCPU kick signal's handler once per process; every call reports how that one
+/// registration went (a failed one is never taken for success later).
 fn register_kick_handler() -> Result<(), VmError> {
-    static ONCE: Once = Once::new();
-    let mut res = Ok(());
-    ONCE.call_once(|| {
-        res =
-            vmm_sys_util::signal::register_signal_handler(vcpu::kick_signal(), vcpu::kick_handler)
-                .map_err(|e| VmError::Kvm {
-                    op: "registering the vCPU kick signal",
-                    source: kvm_ioctls::Error::new(e.errno()),
-                });
+    static REGISTERED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let r = REGISTERED.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(vcpu::kick_signal(), vcpu::kick_handler)
+            .map_err(|e| e.errno())
     });
-    res
+    r.map_err(|errno| VmError::Kvm {
+        op: "registering the vCPU kick signal",
+        source: kvm_ioctls::Error::new(errno),
+    })
 }
 
 impl Vm {
@@ -327,12 +329,12 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let mut p = build_parts(&config)?;
         prefill(&p.vm.ram)?;
-        let tsc_khz = p.vcpu_fds[0].get_tsc_khz().ok();
-        let (image, cmdline): (&[u8], String) = match kernel {
-            Kernel::Workload(w) => (guest::WORKLOAD_ELF, w.cmdline(config.vcpus as u32, tsc_khz)),
-            Kernel::Elf { image, cmdline } => (image, cmdline.clone()),
+        let facts = BootFacts {
+            vcpus: config.vcpus,
+            tsc_khz: p.vcpu_fds[0].get_tsc_khz().ok(),
         };
-        let entry = load_pvh(&p.vm.ram, image, &cmdline)?;
+        let cmdline = kernel.cmdline.render(&facts);
+        let entry = load_pvh(&p.vm.ram, &kernel.image, &cmdline)?;
         tracing::info!(entry = format_args!("{:#x}", entry.entry), %cmdline, "kernel loaded");
         let mut base = vcpu::supported_cpuid(&p.kvm).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
         strip_virtualization(&mut base);
@@ -679,7 +681,7 @@ impl Vm {
         &self.skipped
     }
 
-    pub fn memory_layout(&self) -> Vec<crate::memory::RamRange> {
+    pub fn memory_layout(&self) -> Vec<ram::RamRange> {
         layout(self.config.memory)
     }
 
@@ -765,5 +767,134 @@ impl PreparedVm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+fn cause(e: impl std::error::Error + Send + Sync + 'static) -> migratable::Cause {
+    Box::new(e)
+}
+
+impl migratable::Pausable for Vm {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        Vm::pause(self).map_err(|e| MigratableError::Pause(cause(e)))
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        Vm::resume(self).map_err(|e| MigratableError::Resume(cause(e)))
+    }
+}
+
+impl migratable::Snapshottable for Vm {
+    fn sections(&self) -> Vec<SectionId> {
+        crate::state::sections()
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        let state = self
+            .capture()
+            .map_err(|e| MigratableError::Snapshot(cause(e)))?;
+        Ok(state.to_snapshot()?)
+    }
+}
+
+impl migratable::Migratable for Vm {
+    fn config(&self) -> VmConfig {
+        self.config.clone()
+    }
+
+    fn run_state(&mut self) -> RunState {
+        self.poll()
+    }
+
+    fn ram(&self) -> Arc<GuestRam> {
+        self.ram_arc()
+    }
+
+    fn dirty_log(&self) -> Arc<std::sync::Mutex<dyn migratable::DirtyLog>> {
+        self.dirty.clone()
+    }
+
+    fn throttle(&mut self, pct: u8) {
+        self.set_throttle(pct);
+    }
+
+    fn yield_to(&mut self, by: i32) -> Result<i32, MigratableError> {
+        self.yield_vcpus(by)
+            .map_err(|e| MigratableError::Priority(cause(e)))
+    }
+
+    fn unyield(&mut self) {
+        self.unyield_vcpus();
+    }
+
+    fn migrated(&mut self, to: &str) {
+        self.mark_migrated(to);
+        self.shutdown();
+    }
+
+    fn verify_guest(&mut self, timeout: Duration) -> GuestVerdict {
+        let st = &self.io.status;
+        if st.report().ready_pages.is_none() {
+            return GuestVerdict::NotVerifiable;
+        }
+        match st.verify(timeout).and_then(|r| r.last_verify) {
+            Some(VerifyResult::Ok { pages }) => GuestVerdict::Verified { pages },
+            Some(VerifyResult::Bad { first_bad_addr }) => GuestVerdict::Corrupt { first_bad_addr },
+            None => GuestVerdict::NoAnswer,
+        }
+    }
+}
+
+/// Builds KVM VMs for incoming migrations, their consoles going to `console`.
+pub struct KvmFactory {
+    pub console: Console,
+}
+
+/// A KVM VM being built for an incoming migration.
+pub struct Prepared {
+    vm: PreparedVm,
+    config: VmConfig,
+    console: Console,
+}
+
+impl migratable::VmFactory for KvmFactory {
+    type Prepared = Prepared;
+
+    fn prepare(
+        &self,
+        config: &VmConfig,
+        sections: &[SectionId],
+    ) -> Result<Prepared, MigratableError> {
+        migratable::check_sections(&crate::state::sections(), sections)?;
+        let vm = PreparedVm::new(config).map_err(|e| MigratableError::Build(cause(e)))?;
+        Ok(Prepared {
+            vm,
+            config: config.clone(),
+            console: self.console.clone(),
+        })
+    }
+}
+
+impl migratable::PreparedVm for Prepared {
+    type Vm = Vm;
+
+    fn ram(&self) -> &GuestRam {
+        self.vm.ram()
+    }
+
+    fn restore(self, state: &Snapshot) -> Result<Vm, MigratableError> {
+        let state = VmState::from_snapshot(state)?;
+        if state.config != self.config {
+            return Err(MigratableError::Restore(
+                format!(
+                    "the state is for {:?}, the VM built was {:?}",
+                    state.config, self.config
+                )
+                .into(),
+            ));
+        }
+        self.vm
+            .finish(&state, &self.console, true)
+            .map_err(|e| MigratableError::Restore(cause(e)))
     }
 }

@@ -3,7 +3,7 @@
 //! reached) must be refused without a panic or an allocation beyond the manifest limit.
 use std::time::Duration;
 
-use vmm::memory::GuestRam;
+use ram::GuestRam;
 use vmm::snapshot;
 
 #[global_allocator]

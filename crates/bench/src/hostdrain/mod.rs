@@ -636,7 +636,7 @@ fn preflight(o: &DrainBenchOptions) -> Result<(), BenchError> {
     let largest = o.vms.iter().map(|v| v.memory).max().unwrap_or(0);
     // Every VM once, and the largest few twice while they are in flight.
     let need = total + 4 * largest + (512 << 20);
-    match vmm::host::mem_available() {
+    match ram::host::mem_available() {
         Some(avail) if need > avail => Err(step("--vms/--vm-memory")(format!(
             "{} MiB of VMs need about {} MiB free, this machine has {} MiB",
             total >> 20,

@@ -144,7 +144,7 @@ fn check_memory(o: &DrainBenchOptions) -> Result<(), BenchError> {
     let total: u64 = o.vms.iter().map(|v| v.memory).sum();
     let largest = o.vms.iter().map(|v| v.memory).max().unwrap_or(0);
     let need = 2 * total + 2 * largest + (1 << 30);
-    match vmm::host::mem_available() {
+    match ram::host::mem_available() {
         Some(avail) if need > avail => Err(step("QEMU")(format!(
             "{} MiB of QEMU VMs need about {} MiB free (the source keeps a copy of each RAM image), this machine has {} MiB",
             total >> 20,

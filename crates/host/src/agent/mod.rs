@@ -40,7 +40,7 @@ pub struct AgentConfig {
     pub dir: PathBuf,
     /// Incoming migrations at once; more are refused with a reason.
     pub max_inbound: usize,
-    /// Memory this host gives VMs in all (None: all it has less [`vmm::host::RESERVE`]).
+    /// Memory this host gives VMs in all (None: all it has less [`ram::host::RESERVE`]).
     pub vm_memory: Option<u64>,
     /// The deadline on progress of every migration in or out.
     pub peer_timeout: Duration,
@@ -331,8 +331,8 @@ impl Agent {
 
     /// What this host holds and can take, from its VM map.
     fn capacity_of(&self, vms: &BTreeMap<String, Entry>) -> Capacity {
-        let memory_total = vmm::host::mem_total().unwrap_or(0);
-        let memory_free = vmm::host::mem_available().unwrap_or(0);
+        let memory_total = ram::host::mem_total().unwrap_or(0);
+        let memory_free = ram::host::mem_available().unwrap_or(0);
         let committing = || vms.values().filter(|e| e.phase.commits_memory());
         let committed: u64 = committing().map(|e| e.rec.memory).sum();
         let arriving_vms = || vms.values().filter(|e| e.phase == Phase::Arriving);
@@ -340,13 +340,13 @@ impl Agent {
         let budget = self
             .cfg
             .vm_memory
-            .unwrap_or(memory_total.saturating_sub(vmm::host::RESERVE));
+            .unwrap_or(memory_total.saturating_sub(ram::host::RESERVE));
         // Promised memory counts whole against the budget (no overcommit), and arrivals
         // against what is free now (they are not resident yet); so do page caches.
         let caches = self.cache_bytes();
         let room = budget.saturating_sub(committed + caches).min(
             memory_free
-                .saturating_sub(vmm::host::RESERVE)
+                .saturating_sub(ram::host::RESERVE)
                 .saturating_sub(arriving + caches),
         );
         let outbound = vms

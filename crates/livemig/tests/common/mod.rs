@@ -52,31 +52,6 @@ pub fn livemig_exe() -> Livemig {
     })
 }
 
-/// KVM tests run only where /dev/kvm opens; otherwise they say so (never a silent pass).
-pub fn kvm_or_skip(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        println!("SKIPPED {test}: /dev/kvm is not available");
-        eprintln!("SKIPPED {test}: /dev/kvm is not available");
-    }
-    ok
-}
-
-/// Tests that make namespaces and links run only as root; otherwise they say so.
-pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        println!("SKIPPED {test}: needs root");
-        eprintln!("SKIPPED {test}: needs root");
-    }
-    root
-}
-
 pub fn wait(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -112,19 +87,6 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-}
-
-/// Runs a bench command to the end, fails the test with its output if it failed, and returns
-/// what it printed and the bench.json it wrote into `out`.
-pub fn run_bench(cmd: &mut Command, out: &Path) -> (String, serde_json::Value) {
-    let o = cmd.output().expect("livemig bench runs");
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    println!("{stdout}");
-    assert!(o.status.success(), "bench failed:\n{stdout}\n{stderr}");
-    let json = std::fs::read(out.join("bench.json")).expect("the bench wrote bench.json");
-    let b = serde_json::from_slice(&json).expect("bench.json is JSON");
-    (stdout, b)
 }
 
 /// Builds the foreign PVH guest (tests/fixtures/hello_pvh.S) with the host C compiler.

@@ -17,7 +17,7 @@ use transport::{Connection, Listener, Security, ShutdownHandle};
 use super::gate::{Gate, GateError, Ticket};
 use crate::protocol::{self, FrameReader, FrameWriter, Hello, Opening, Prepare, MAX_STREAMS};
 use crate::MigrationError;
-use vmm::memory::GuestRam;
+use ram::GuestRam;
 
 /// A migration's control connection, its handshake done.
 pub struct Pending {

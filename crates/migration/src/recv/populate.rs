@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use vmm::memory::GuestRam;
+use ram::GuestRam;
 
 /// Allocated per fallocate call: small enough to stop soon, large enough to batch.
 const CHUNK: u64 = 32 << 20;
@@ -75,7 +75,7 @@ fn core_free() -> bool {
             .ok()
     });
     match runnable {
-        Some(r) => r < vmm::host::cpus(),
+        Some(r) => r < ram::host::cpus(),
         None => false,
     }
 }

@@ -3,7 +3,8 @@ use std::sync::{Condvar, Mutex};
 
 use transport::Connection;
 
-use super::{place, place_direct, Dest, ReceiveStats, Step, StreamState};
+use super::place::{place, place_direct, Dest};
+use super::{ReceiveStats, Step, StreamState};
 use crate::policy::Landing;
 use crate::protocol::{FrameReader, Transport};
 use crate::{thread_cpu_seconds, MigrationError};

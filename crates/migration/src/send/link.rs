@@ -5,8 +5,8 @@
 use std::io::{BufReader, BufWriter};
 use std::os::fd::BorrowedFd;
 
+use ram::{GuestRam, PAGE_SIZE};
 use transport::{CountingReader, CountingWriter, Io, Split, ZeroCopy};
-use vmm::memory::{GuestRam, PAGE_SIZE};
 
 use crate::codec::Codec;
 use crate::protocol::{FrameWriter, ProtocolError};

@@ -16,10 +16,9 @@ mod watchdog;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use migratable::{DirtyBitmap, DirtyLog, Migratable, RunState, VmConfig};
+use ram::{data_extents, GuestRam, PAGE_SIZE};
 use transport::{Connection, RateLimit, Security};
-use vmm::dirty::{DirtyLog, SlotBitmap};
-use vmm::memory::{data_extents, GuestRam, PAGE_SIZE};
-use vmm::{Vm, VmConfig};
 
 use crate::policy::{self, ConvergencePolicy, Decision};
 use crate::protocol::{self, Frame, FrameReader, FrameWriter, Hello, Kind, RoundEnd, Transport};
@@ -42,8 +41,9 @@ pub struct MigrateOptions {
     pub peer_timeout: Duration,
     /// How long the destination's guest may take to verify its memory after resuming.
     pub verify_timeout: Duration,
-    /// Mutual TLS (the default) or plain TCP.
-    pub security: Security,
+    /// Mutual TLS or plain TCP; None, the default, means mutual TLS with credentials not given
+    /// yet, and the migration refuses to start.
+    pub security: Option<Security>,
     /// Stops the migration from another thread.
     pub cancel: Cancel,
     /// The pace, when the caller wants to change it while the migration runs (a drain sharing
@@ -85,7 +85,7 @@ impl MigrateOptions {
             connect_timeout: Duration::from_secs(10),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             verify_timeout: Duration::from_secs(60),
-            security: Security::Insecure,
+            security: None,
             cancel: Cancel::default(),
             limit: None,
             name: None,
@@ -101,6 +101,13 @@ impl MigrateOptions {
             host_cache: None,
             vcpu_yield: true,
         }
+    }
+
+    /// How the connections are protected; an error when no credentials were given.
+    fn security(&self) -> Result<&Security, MigrationError> {
+        self.security
+            .as_ref()
+            .ok_or_else(|| MigrationError::Refused(crate::request::NO_CREDENTIALS.into()))
     }
 
     /// Whether pages may go as references (not on the direct path, which copies nothing).
@@ -180,10 +187,14 @@ const MIN_RATE_SAMPLE: u64 = 1 << 20;
 /// Progress is reported this often within a round (a drain measures throughput from it).
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
+/// The VM a migration moves: anything [`Migratable`], behind the lock its other users (an
+/// API) share.
+pub type SourceVm = Mutex<dyn Migratable>;
+
 /// Moves the VM behind `vm` to `opts.to`. On success the source VM is destroyed; on any
 /// failure before the destination holds everything it keeps running here.
 pub fn migrate(
-    vm: &Arc<Mutex<Vm>>,
+    vm: &SourceVm,
     opts: &MigrateOptions,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> Result<Report, MigrationError> {
@@ -197,11 +208,12 @@ pub fn migrate(
 }
 
 fn run(
-    vm: &Arc<Mutex<Vm>>,
+    vm: &SourceVm,
     opts: &MigrateOptions,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> Result<Report, MigrationError> {
     let (t0, cpu0) = (Instant::now(), thread_cpu_seconds());
+    opts.security()?;
     let source = Source::of(vm)?;
     let limit = opts
         .limit
@@ -218,6 +230,7 @@ fn run(
     let vcpu_yield = guard.yield_vcpus(opts.vcpu_yield);
     let offer = Offer {
         config: &source.config,
+        sections: &source.sections,
         session,
     };
     let ((mut conn, streams, to, host_keys), scanned) =
@@ -272,17 +285,19 @@ fn run(
 struct Source {
     config: VmConfig,
     ram: Arc<GuestRam>,
-    dirty: Arc<Mutex<DirtyLog>>,
+    dirty: Arc<Mutex<dyn DirtyLog>>,
+    sections: Vec<migratable::SectionId>,
 }
 
 impl Source {
-    fn of(vm: &Mutex<Vm>) -> Result<Self, MigrationError> {
+    fn of(vm: &SourceVm) -> Result<Self, MigrationError> {
         let mut g = locks::lock(vm);
-        match g.poll() {
-            vmm::RunState::Running => Ok(Source {
-                config: g.config().clone(),
-                ram: g.ram_arc(),
+        match g.run_state() {
+            RunState::Running => Ok(Source {
+                config: g.config(),
+                ram: g.ram(),
                 dirty: g.dirty_log(),
+                sections: g.sections(),
             }),
             other => Err(MigrationError::SourceNotRunning(other.to_string())),
         }
@@ -430,6 +445,7 @@ fn delta_cache(opts: &MigrateOptions, ram_bytes: u64) -> Option<delta_cache::Del
 /// What Prepare says of the VM: its shape and the session.
 struct Offer<'a> {
     config: &'a VmConfig,
+    sections: &'a [migratable::SectionId],
     session: u64,
 }
 
@@ -440,7 +456,7 @@ fn connect(
     offer: &Offer<'_>,
     limit: &Option<Arc<RateLimit>>,
 ) -> Result<Connection, MigrationError> {
-    let mut conn = transport::connect(to, opts.connect_timeout, &opts.security)?;
+    let mut conn = transport::connect(to, opts.connect_timeout, opts.security()?)?;
     conn.set_peer_timeout(Some(opts.peer_timeout))
         .map_err(MigrationError::socket("setting the peer timeout"))?;
     conn.set_rate_limit(limit.clone());
@@ -467,6 +483,7 @@ fn connect(
         name: opts.name.clone(),
         origin: opts.origin.clone(),
         host_cache: opts.host_cache.filter(|_| opts.dedups()),
+        sections: offer.sections.to_vec(),
     };
     let mut out = FrameWriter::new(&mut conn.writer);
     out.send_config(&prepare)?;
@@ -484,8 +501,8 @@ fn connect_streams(
     let mut conns = Vec::new();
     for (i, (local, remote)) in (0u16..).zip(opts.stream_targets(to)) {
         let mut c = match local {
-            Some(l) => transport::connect_from(l, &remote, opts.connect_timeout, &opts.security)?,
-            None => transport::connect(&remote, opts.connect_timeout, &opts.security)?,
+            Some(l) => transport::connect_from(l, &remote, opts.connect_timeout, opts.security()?)?,
+            None => transport::connect(&remote, opts.connect_timeout, opts.security()?)?,
         };
         c.set_peer_timeout(Some(opts.peer_timeout))
             .map_err(MigrationError::socket("setting the peer timeout"))?;
@@ -506,8 +523,8 @@ fn connect_streams(
 /// vCPU priority back, VM running again. Disarmed once the last frame is out: from then the VM
 /// may be running on the destination, and the source must not resume on its own.
 struct SourceGuard<'a> {
-    vm: &'a Mutex<Vm>,
-    dirty: Arc<Mutex<DirtyLog>>,
+    vm: &'a SourceVm,
+    dirty: Arc<Mutex<dyn DirtyLog>>,
     paused_by_us: bool,
     armed: bool,
     mode: &'static str,
@@ -515,10 +532,10 @@ struct SourceGuard<'a> {
 
 impl<'a> SourceGuard<'a> {
     /// Starts dirty logging.
-    fn arm(vm: &'a Mutex<Vm>, dirty: &Arc<Mutex<DirtyLog>>) -> Result<Self, MigrationError> {
+    fn arm(vm: &'a SourceVm, dirty: &Arc<Mutex<dyn DirtyLog>>) -> Result<Self, MigrationError> {
         let manual = {
             let mut d = locks::lock(dirty);
-            d.enable()?;
+            d.start()?;
             d.manual_protect()
         };
         Ok(SourceGuard {
@@ -540,7 +557,7 @@ impl<'a> SourceGuard<'a> {
         if !wanted {
             return "off".into();
         }
-        match locks::lock(self.vm).yield_vcpus(policy::VCPU_YIELD_NICE) {
+        match locks::lock(self.vm).yield_to(policy::VCPU_YIELD_NICE) {
             Ok(nice) => format!("vCPUs at nice {nice} until the pause"),
             Err(e) => {
                 tracing::info!("{e}");
@@ -555,9 +572,9 @@ impl Drop for SourceGuard<'_> {
     /// only while the guard is armed (before the point of no return).
     fn drop(&mut self) {
         let mut g = locks::lock(self.vm);
-        g.set_throttle(0);
-        g.unyield_vcpus();
-        let _ = locks::lock(&self.dirty).disable();
+        g.throttle(0);
+        g.unyield();
+        let _ = locks::lock(&self.dirty).stop();
         if self.armed && self.paused_by_us {
             if let Err(e) = g.resume() {
                 tracing::error!("resuming the source VM after a failed migration: {e}");
@@ -568,12 +585,12 @@ impl Drop for SourceGuard<'_> {
 
 /// A migration under way: its connections, its page sender and what it measured so far.
 struct Session<'a> {
-    vm: &'a Mutex<Vm>,
+    vm: &'a SourceVm,
     opts: &'a MigrateOptions,
     progress: &'a (dyn Fn(&Progress) + Sync),
     prog: Progress,
     ram: Arc<GuestRam>,
-    dirty: Arc<Mutex<DirtyLog>>,
+    dirty: Arc<Mutex<dyn DirtyLog>>,
     sender: PageSender<'a>,
     input: FrameReader<Reader<'a>>,
     /// The control socket, to give the guest's verify a longer read timeout.
@@ -592,7 +609,7 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn new(
-        vm: &'a Mutex<Vm>,
+        vm: &'a SourceVm,
         opts: &'a MigrateOptions,
         progress: &'a (dyn Fn(&Progress) + Sync),
         source: Source,
@@ -625,7 +642,7 @@ impl<'a> Session<'a> {
             destination: opts.to.clone(),
             memory_bytes: source.config.memory,
             max_bandwidth_gbps: opts.max_bandwidth.map(|b| b as f64 / 1e9),
-            tls: opts.security.name().into(),
+            tls: opts.security()?.name().into(),
             ..Default::default()
         };
         let prog = Progress {
@@ -744,7 +761,7 @@ impl<'a> Session<'a> {
     /// without deltas the copy leaves them to the first sync round, which sends them anyway.
     fn peek_hot(&mut self) -> Result<(), MigrationError> {
         let bitmaps = {
-            let d = locks::lock(&self.dirty);
+            let mut d = locks::lock(&self.dirty);
             if !d.manual_protect() {
                 return Ok(());
             }
@@ -782,7 +799,7 @@ impl<'a> Session<'a> {
     }
 
     /// The pages written since the last fetch.
-    fn fetch_dirty(&self) -> Result<Vec<SlotBitmap>, MigrationError> {
+    fn fetch_dirty(&mut self) -> Result<Vec<DirtyBitmap>, MigrationError> {
         Ok(locks::lock(&self.dirty).fetch()?)
     }
 
@@ -797,7 +814,7 @@ impl<'a> Session<'a> {
         let (mut throttle, mut throttled_since) = (0u8, 0usize);
         let decision = loop {
             let bitmaps = self.fetch_dirty()?;
-            let dirty_pages: u64 = bitmaps.iter().map(SlotBitmap::count).sum();
+            let dirty_pages: u64 = bitmaps.iter().map(DirtyBitmap::count).sum();
             let remaining = dirty_pages.saturating_mul(self.per_page);
             let d = self.opts.policy.decide(
                 remaining,
@@ -832,14 +849,18 @@ impl<'a> Session<'a> {
     }
 
     /// One sync round: re-arm tracking for the pages about to be read, then send them.
-    fn sync_round(&mut self, bitmaps: &[SlotBitmap]) -> Result<Round, MigrationError> {
+    fn sync_round(&mut self, bitmaps: &[DirtyBitmap]) -> Result<Round, MigrationError> {
         {
-            let d = locks::lock(&self.dirty);
+            let mut d = locks::lock(&self.dirty);
             for b in bitmaps {
                 d.clear(b)?;
             }
         }
-        let r = self.send_round(self.round, bitmaps.iter().flat_map(SlotBitmap::pages), true)?;
+        let r = self.send_round(
+            self.round,
+            bitmaps.iter().flat_map(DirtyBitmap::pages),
+            true,
+        )?;
         // Small rounds measure the round trip more than the link.
         if r.bytes >= MIN_RATE_SAMPLE {
             self.bw = r.bytes as f64 / (r.ms.max(1) as f64 / 1e3);
@@ -853,7 +874,7 @@ impl<'a> Session<'a> {
 
     /// Auto-converge: slows the guest's vCPUs to `pct`% asleep.
     fn throttle(&mut self, pct: u8) {
-        locks::lock(self.vm).set_throttle(pct);
+        locks::lock(self.vm).throttle(pct);
         self.report.throttle_pct_max = pct;
         tracing::info!(
             throttle = pct,
@@ -896,13 +917,13 @@ impl<'a> Session<'a> {
             let mut g = locks::lock(self.vm);
             g.pause()?;
             guard.paused_by_us = true;
-            g.capture()?
+            g.snapshot()?
         };
         let captured_ms = t_pause.elapsed().as_millis();
         let bitmaps = self.fetch_dirty()?;
         let mut last = self.send_round(
             self.round + 1,
-            bitmaps.iter().flat_map(SlotBitmap::pages),
+            bitmaps.iter().flat_map(DirtyBitmap::pages),
             false,
         )?;
         self.sender.finish_direct()?;
@@ -950,11 +971,7 @@ impl<'a> Session<'a> {
     /// Phase 5, cleanup: the VM runs on the destination; destroy it here.
     fn cleanup(&mut self) {
         let t = Instant::now();
-        {
-            let mut g = locks::lock(self.vm);
-            g.mark_migrated(&self.opts.to);
-            g.shutdown();
-        }
+        locks::lock(self.vm).migrated(&self.opts.to);
         self.report.phases.cleanup_ms = t.elapsed().as_millis() as u64;
         self.report.total_ms = self.t0.elapsed().as_millis() as u64;
     }

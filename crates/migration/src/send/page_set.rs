@@ -1,5 +1,5 @@
 //! A set of guest RAM pages (memfd offsets): one bit per page.
-use vmm::memory::PAGE_SIZE;
+use ram::PAGE_SIZE;
 
 pub(super) struct PageSet {
     bits: Vec<u64>,

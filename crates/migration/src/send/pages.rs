@@ -2,8 +2,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ram::{is_zero, GuestRam, PAGE_SIZE};
 use transport::ShutdownHandle;
-use vmm::memory::{is_zero, GuestRam, PAGE_SIZE};
 
 use super::compress::{Compressor, Job};
 use super::dedup::Dedup;

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
+use ram::GuestRam;
 use transport::{Connection, ShutdownHandle};
-use vmm::memory::GuestRam;
 
 use super::link::{Link, Outgoing};
 use crate::policy;

@@ -5,6 +5,8 @@
 //! `&mut [u8]` over it: reads and writes go through vm-memory's volatile slices or through the
 //! memfd (`pread`/`pwrite`, which the kernel does as copies). Migration addresses RAM by its
 //! offset in the memfd ("memfd offset"), which is contiguous across the MMIO hole.
+pub mod host;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
@@ -56,7 +58,7 @@ pub enum MemoryError {
 /// large file is scanned in slices by several threads, their extents joined where they meet.
 pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
-    let parts = u64::try_from(crate::host::cpus().min(MAX_SCAN_THREADS)).unwrap_or(1);
+    let parts = u64::try_from(host::cpus().min(MAX_SCAN_THREADS)).unwrap_or(1);
     if parts < 2 || size < PARALLEL_SCAN_FROM {
         return extents_in(fd, 0, size);
     }

@@ -1,14 +1,13 @@
-//! The two-host testbed: namespaces, veth pairs, shaping. Needs root; says SKIPPED otherwise.
+//! The two-host testbed: namespaces, veth pairs, shaping. Needs root: ignored, saying so,
+//! without it.
 use std::process::Command;
 
 mod common;
-use common::{livemig, root_or_skip};
+use common::livemig_bench as livemig;
 
 #[test]
+#[cfg_attr(no_root, ignore = "needs root (network namespaces)")]
 fn testbed_up_is_idempotent_shaped_and_down_removes_it() {
-    if !root_or_skip("testbed_up_is_idempotent_shaped_and_down_removes_it") {
-        return;
-    }
     fn args(a: &str) -> Vec<&str> {
         vec!["testbed", a, "--name", "lmtest", "--scale", "0.1"]
     }

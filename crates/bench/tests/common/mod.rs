@@ -1,0 +1,34 @@
+//! Helpers shared by the bench's tests.
+#![allow(dead_code)]
+use std::path::Path;
+use std::process::{Command, Output};
+
+pub const BENCH: &str = env!("CARGO_BIN_EXE_livemig-bench");
+
+/// `livemig-bench ARGS` to the end.
+pub fn livemig_bench(args: &[&str]) -> Output {
+    Command::new(BENCH)
+        .args(args)
+        .output()
+        .expect("livemig-bench runs")
+}
+
+/// Runs a bench command to the end, fails the test with its output if it failed, and returns
+/// what it printed and the bench.json it wrote into `out`. The benches run the `livemig`
+/// beside `livemig-bench` (`cargo test --workspace` builds both).
+pub fn run_bench(cmd: &mut Command, out: &Path) -> (String, serde_json::Value) {
+    let livemig = Path::new(BENCH).with_file_name("livemig");
+    assert!(
+        livemig.exists(),
+        "{} is missing: build the workspace (cargo build --release --workspace)",
+        livemig.display()
+    );
+    let o = cmd.output().expect("livemig-bench runs");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    println!("{stdout}");
+    assert!(o.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let json = std::fs::read(out.join("bench.json")).expect("the bench wrote bench.json");
+    let b = serde_json::from_slice(&json).expect("bench.json is JSON");
+    (stdout, b)
+}

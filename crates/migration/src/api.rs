@@ -1,0 +1,261 @@
+//! The migration's endpoints of a VM's API, served beside the VMM's own: one migration per VM
+//! at a time, cancellable until its switchover, cancelled if the client that started it goes
+//! away, re-paced within what the protocol's deadlines allow, and sampled for a drain.
+//!
+//! | method | path            | body                 | answer                                   |
+//! |--------|-----------------|----------------------|------------------------------------------|
+//! | POST   | /vm/migrate     | [`MigrateRequest`]   | the [`Report`]; 409 if one is under way; 502 if the switchover's outcome is unknown (VM paused); 503 if the destination is busy |
+//! | GET    | /vm/migration   |                      | [`Progress`] (renews the client's lease); once it ended, how |
+//! | DELETE | /vm/migration   |                      | cancels; 409 past the point of no return |
+//! | PATCH  | /vm/migration   | [`Pace`]             | re-paces the migration under way; 400 below the minimum |
+//! | POST   | /vm/sample      | [`SampleRequest`]    | [`crate::sample::VmSample`]              |
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use transport::{RateLimit, Security};
+use unixhttp::{Reply, Request};
+
+use crate::{Cancel, MigrateRequest, MigrationError, Progress, Report, SourceVm};
+
+/// The migration in flight on a VM.
+struct Running {
+    to: String,
+    cancel: Cancel,
+    /// Its pace, when it has one: `PATCH /vm/migration` changes it.
+    limit: Option<Arc<RateLimit>>,
+    /// Its deadline on progress, which bounds how slow a pace may be.
+    peer_timeout: Duration,
+    /// Set when the client holds a lease: it must ask for progress this often.
+    lease: Option<Duration>,
+    renewed: Instant,
+}
+
+#[derive(Default)]
+struct Slot {
+    running: Option<Running>,
+    progress: Option<Progress>,
+    /// A sample holds the dirty log: no migration meanwhile.
+    sampling: bool,
+}
+
+/// `PATCH /vm/migration`'s body: the new pace, bits/s.
+#[derive(Serialize, Deserialize)]
+pub struct Pace {
+    pub max_bandwidth: u64,
+}
+
+/// `POST /vm/sample`'s body.
+#[derive(Serialize, Deserialize, Default)]
+pub struct SampleRequest {
+    /// The window, in milliseconds (default 500).
+    pub ms: Option<u64>,
+    /// Also the content fingerprint (reads every touched page).
+    #[serde(default)]
+    pub fingerprint: bool,
+}
+
+/// An endpoint's failure: an HTTP status and what to tell the client.
+pub type Failure = (u16, String);
+
+/// The migration endpoints of one VM.
+pub struct MigrationRoutes {
+    vm: Arc<SourceVm>,
+    /// The credentials of this VM's process, for requests that bring none.
+    security: Option<Security>,
+    slot: Arc<Mutex<Slot>>,
+}
+
+impl MigrationRoutes {
+    pub fn new(vm: Arc<SourceVm>, security: Option<Security>) -> Arc<Self> {
+        Arc::new(MigrationRoutes {
+            vm,
+            security,
+            slot: Arc::default(),
+        })
+    }
+
+    /// Runs a migration to its end (its report), unless one or a sample is under way.
+    pub fn migrate(&self, req: &MigrateRequest) -> Result<Report, Failure> {
+        let mut opts = req.options().map_err(|e| (400, e.to_string()))?;
+        opts.security = Some(
+            req.security(self.security.as_ref())
+                .map_err(|e| (400, e.to_string()))?,
+        );
+        opts.limit = opts.max_bandwidth.map(|b| Arc::new(RateLimit::new(b)));
+        self.take_slot(req, &opts)?;
+        if let Some(lease) = req.lease_ms.map(Duration::from_millis) {
+            watch_lease(self.slot.clone(), opts.cancel.clone(), lease);
+        }
+        let p = self.slot.clone();
+        let result = crate::migrate(&self.vm, &opts, &move |pr: &Progress| {
+            locks::lock(&p).progress = Some(pr.clone());
+        });
+        {
+            // What progress says from now on: how the migration ended.
+            let mut s = locks::lock(&self.slot);
+            s.running = None;
+            let last = s.progress.take().unwrap_or_default();
+            s.progress = Some(Progress::ended(last, &result));
+        }
+        result.map_err(|e| {
+            let status = match e {
+                // The destination's answer was lost; the VM stays paused here (see the error).
+                MigrationError::OutcomeUnknown(_) => 502,
+                // The destination could not take it now; a later attempt may succeed.
+                MigrationError::Busy { .. } => 503,
+                _ => 500,
+            };
+            (status, e.to_string())
+        })
+    }
+
+    fn take_slot(&self, req: &MigrateRequest, opts: &crate::MigrateOptions) -> Result<(), Failure> {
+        let mut s = locks::lock(&self.slot);
+        if s.sampling {
+            return Err((
+                409,
+                "this VM is being sampled; migrate it in a moment".into(),
+            ));
+        }
+        if let Some(r) = &s.running {
+            return Err((
+                409,
+                format!(
+                    "a migration of this VM to {} is already under way; cancel it with `livemig migrate --cancel` (DELETE /vm/migration) first",
+                    r.to
+                ),
+            ));
+        }
+        s.running = Some(Running {
+            to: req.to.clone(),
+            cancel: opts.cancel.clone(),
+            limit: opts.limit.clone(),
+            peer_timeout: opts.peer_timeout,
+            lease: req.lease_ms.map(Duration::from_millis),
+            renewed: Instant::now(),
+        });
+        s.progress = None;
+        Ok(())
+    }
+
+    /// Where the migration is (renewing its client's lease), or how the last one ended.
+    pub fn progress(&self) -> Option<Progress> {
+        let mut s = locks::lock(&self.slot);
+        if let Some(r) = s.running.as_mut().filter(|r| r.lease.is_some()) {
+            r.renewed = Instant::now();
+        }
+        s.progress.clone()
+    }
+
+    /// Cancels the migration under way; where it was going.
+    pub fn cancel(&self) -> Result<String, Failure> {
+        let s = locks::lock(&self.slot);
+        let r = s
+            .running
+            .as_ref()
+            .ok_or((404, "no migration of this VM is under way".to_string()))?;
+        r.cancel
+            .request("cancelled through the API")
+            .map_err(|e| (409, e.to_string()))?;
+        Ok(r.to.clone())
+    }
+
+    /// Re-paces the migration under way; refused below what its peer timeout allows.
+    pub fn pace(&self, p: &Pace) -> Result<(), Failure> {
+        let s = locks::lock(&self.slot);
+        let r = s
+            .running
+            .as_ref()
+            .ok_or((404, "no migration of this VM is under way".to_string()))?;
+        let limit = r.limit.as_ref().ok_or((
+            409,
+            "this migration runs without a pace (start it with max_bandwidth)".to_string(),
+        ))?;
+        crate::request::check_bandwidth(p.max_bandwidth, r.peer_timeout)
+            .map_err(|e| (400, e.to_string()))?;
+        limit.set_bits_per_sec(p.max_bandwidth);
+        Ok(())
+    }
+
+    /// Samples the VM for a drain, unless a migration or a sample is under way.
+    pub fn sample(&self, r: &SampleRequest) -> Result<crate::sample::VmSample, Failure> {
+        {
+            let mut s = locks::lock(&self.slot);
+            if s.running.is_some() || s.sampling {
+                return Err((409, "a migration or sample of this VM is under way".into()));
+            }
+            s.sampling = true;
+        }
+        let window = Duration::from_millis(r.ms.unwrap_or(500).clamp(50, 10_000));
+        let sampled = crate::sample::sample(&self.vm, window, r.fingerprint);
+        locks::lock(&self.slot).sampling = false;
+        sampled.map_err(|e| (409, e.to_string()))
+    }
+}
+
+impl unixhttp::Routes for MigrationRoutes {
+    fn route(&self, r: &Request) -> Option<Reply> {
+        let reply = match (r.method.as_str(), r.path.as_str()) {
+            ("POST", "/vm/migrate") => {
+                body::<MigrateRequest>(r, "migrate", "{\"to\": \"HOST:PORT\", ...}")
+                    .and_then(|req| self.migrate(&req))
+                    .and_then(|rep| unixhttp::reply(&rep))
+            }
+            ("GET", "/vm/migration") => unixhttp::reply(&self.progress()),
+            ("DELETE", "/vm/migration") => self
+                .cancel()
+                .map(|to| serde_json::json!({ "cancelled": true, "to": to })),
+            ("PATCH", "/vm/migration") => {
+                body::<Pace>(r, "pace", "{\"max_bandwidth\": BITS_PER_S}").and_then(|p| {
+                    self.pace(&p)?;
+                    Ok(serde_json::json!({ "max_bandwidth": p.max_bandwidth }))
+                })
+            }
+            ("POST", "/vm/sample") => r
+                .json::<SampleRequest>()
+                .and_then(|s| self.sample(&s))
+                .and_then(|v| unixhttp::reply(&v)),
+            (m, p @ ("/vm/migrate" | "/vm/migration" | "/vm/sample")) => {
+                Err((405, format!("{m} is not allowed on {p}")))
+            }
+            _ => return None,
+        };
+        Some(reply)
+    }
+}
+
+/// A request's JSON body as `T`; a 400 that says what `what` needs otherwise.
+fn body<T: serde::de::DeserializeOwned>(
+    r: &Request,
+    what: &str,
+    expected: &str,
+) -> Result<T, Failure> {
+    serde_json::from_slice(&r.body).map_err(|e| (400, format!("{what} needs {expected}: {e}")))
+}
+
+/// Cancels the migration if its client stops renewing its lease (it died, or lost its way
+/// to this socket): a migration nobody waits for is not left to run.
+fn watch_lease(slot: Arc<Mutex<Slot>>, cancel: Cancel, lease: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("lease".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let s = locks::lock(&slot);
+            let Some(r) = s.running.as_ref().filter(|_| !cancel.requested()) else {
+                return;
+            };
+            if r.renewed.elapsed() > lease {
+                let why = format!(
+                    "the client that started it went away (no word for {:.1} s)",
+                    lease.as_secs_f64()
+                );
+                drop(s);
+                let _ = cancel.request(&why);
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no lease watcher for the migration: {e}");
+    }
+}

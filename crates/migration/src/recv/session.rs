@@ -1,0 +1,354 @@
+//! One incoming migration, on the thread of its control connection: the Config admitted and
+//! the VM built, the memory phase over the control connection and the page streams, then the
+//! state loaded, the confirmation, the VM resumed and the guest's verdict sent back.
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use migratable::{GuestVerdict, Migratable, Pausable, PreparedVm, Snapshot, VmFactory};
+use transport::{Connection, ShutdownHandle};
+
+use super::place::{place, place_direct, Dest};
+use super::streams::{self, RoundBarrier};
+use super::Received;
+use super::{cache, incoming, populate, Events, Incoming, Pending, ReceiveEvent, ReceiveStats};
+use super::{check_config, check_extents, fits_here, ReceiveMigrationState, Step};
+use crate::policy::{self, Landing};
+use crate::protocol::{
+    self, DirectRead, FrameReader, FrameWriter, Kind, Prepare, ProtocolError, Transport,
+    VerifyOutcome,
+};
+use crate::{thread_cpu_seconds, MigrationError};
+
+impl Incoming {
+    fn tell(&self, e: &ReceiveEvent) {
+        if let Some(Events(f)) = &self.opts.events {
+            f(e);
+        }
+    }
+
+    /// Runs the migration behind a control connection into a new VM that `factory` builds, if
+    /// it fits here. Returns the VM running; on any error the source is told why, and nothing
+    /// of the VM is left here.
+    pub fn receive<F: VmFactory>(
+        &self,
+        p: Pending,
+        factory: &F,
+    ) -> Result<(Received<F>, ReceiveStats), MigrationError> {
+        let (mut conn, hello, peer) = p.into_parts();
+        let cpu0 = thread_cpu_seconds();
+        let result = self.run(&mut conn, hello, factory, cpu0);
+        if let Err(e) = &result {
+            // Best effort: tell the source why, so it can say so too.
+            if !matches!(e, MigrationError::Protocol(ProtocolError::PeerAborted(_))) {
+                let _ = FrameWriter::new(&mut conn.writer).send_abort(&e.to_string());
+            }
+            conn.shutdown();
+        }
+        result.map(|(vm, mut st)| {
+            st.peer = Some(peer);
+            (vm, st)
+        })
+    }
+
+    fn run<F: VmFactory>(
+        &self,
+        conn: &mut Connection,
+        hello: protocol::Hello,
+        factory: &F,
+        cpu0: f64,
+    ) -> Result<(Received<F>, ReceiveStats), MigrationError> {
+        let opts = &self.opts;
+        let control = conn
+            .shutdown_handle()
+            .map_err(MigrationError::socket("cloning the control socket"))?;
+        // The Config within the deadline on progress: nobody holds the slot dribbling. Then
+        // the page streams within theirs.
+        let watchdog = incoming::Watchdog::arm(
+            conn.shutdown_handle()
+                .map_err(MigrationError::socket("cloning the control socket"))?,
+            opts.peer_timeout,
+        );
+        conn.set_peer_timeout(Some(opts.peer_timeout))
+            .map_err(MigrationError::socket("setting the peer timeout"))?;
+        let split = conn.split();
+        let mut input = FrameReader::new(split.reader);
+        let mut out = FrameWriter::new(split.writer);
+
+        // Prepare: refuse what this host cannot hold before anything is allocated, build the
+        // VM, take the page streams it announces.
+        let t_config = Instant::now();
+        let taken = self.take_config(&mut input);
+        if watchdog.disarm() {
+            return Err(MigrationError::TimedOut {
+                secs: opts.peer_timeout.as_secs_f64(),
+                waiting_for: "the source's Config".into(),
+            });
+        }
+        let (state, prep) = taken?;
+        let config_ms = t_config.elapsed().as_millis();
+        let streams = self.collect_streams(&prep)?;
+        for s in &streams {
+            s.set_peer_timeout(Some(opts.peer_timeout))
+                .map_err(MigrationError::socket("setting the peer timeout"))?;
+        }
+        let t_build = Instant::now();
+        let prepared = factory.prepare(&prep.vm, &prep.sections)?;
+        tracing::debug!(
+            config_ms,
+            build_ms = t_build.elapsed().as_millis(),
+            "prepare here: Config taken, VM built"
+        );
+        if !streams.is_empty() {
+            // The control connection is quiet while the streams carry the rounds: keepalive
+            // watches it, and a failing stream closes it.
+            control
+                .set_read_timeout(None)
+                .map_err(MigrationError::socket("setting the read timeout"))?;
+        }
+        let cache = self.host_cache_for(&prep)?;
+        if let Some(c) = &cache {
+            out.send_cache_keys(&c.keys())?;
+        }
+        out.send(Kind::Ready, &[])?;
+        out.flush()?;
+
+        // Memory, until the paused source's state and Done.
+        let dst = Dest {
+            ram: prepared.ram(),
+            cache: cache.as_ref(),
+        };
+        let (vm_state, mut stats) = receive_memory(
+            &mut input,
+            &mut out,
+            state,
+            dst,
+            streams,
+            hello.transport,
+            &control,
+        )?;
+        let t_done = Instant::now();
+        stats.cached_pages = cache.as_ref().map_or(0, |c| c.added());
+
+        // Everything is here: load the state paused, confirm, then run.
+        let mut vm = prepared.restore(&vm_state)?;
+        let loaded_ms = t_done.elapsed().as_millis();
+        self.tell(&ReceiveEvent::Confirming);
+        out.send(Kind::Confirm, &[])?;
+        out.flush()?;
+        tracing::debug!(
+            loaded_ms,
+            confirmed_ms = t_done.elapsed().as_millis(),
+            "switchover here: everything received, state loaded, confirmed"
+        );
+        self.tell(&ReceiveEvent::Running);
+        vm.resume()?;
+        let outcome = VerifyOutcome {
+            cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
+            ..verify(&mut vm, opts.verify_timeout)
+        };
+        out.send_verified(&outcome)?;
+        out.flush()?;
+        let _ = out.inner().flush();
+        // Unmapping the cache tears down a page table entry per page it holds: not in the
+        // downtime window.
+        drop(cache);
+        Ok((vm, stats))
+    }
+}
+
+impl Incoming {
+    /// The source's Config, checked and admitted by this host (nothing is allocated before).
+    fn take_config<R: DirectRead>(
+        &self,
+        input: &mut FrameReader<R>,
+    ) -> Result<(ReceiveMigrationState, Prepare), MigrationError> {
+        let (state, prep) = match ReceiveMigrationState::AwaitingConfig.next(input.next_frame()?)? {
+            (s, Step::Prepare(p)) => (s, p),
+            (s, _) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: Kind::Config,
+                    state: s.name(),
+                }
+                .into())
+            }
+        };
+        check_config(&prep)?;
+        if let Some(s) = self.opts.expect_session.filter(|s| *s != prep.session) {
+            return Err(MigrationError::Refused(format!(
+                "this receiver waits for migration {s:#x}, not {:#x}",
+                prep.session
+            )));
+        }
+        fits_here(&prep.vm).map_err(|e| MigrationError::Refused(e.to_string()))?;
+        if self.opts.expect_session.is_some() {
+            self.claim();
+        }
+        self.tell(&ReceiveEvent::Receiving {
+            session: prep.session,
+            name: prep.name.clone(),
+        });
+        Ok((state, prep))
+    }
+
+    /// The host's page cache, when the Config names the one this receiver was given.
+    fn host_cache_for(
+        &self,
+        prep: &Prepare,
+    ) -> Result<Option<cache::CacheSession>, MigrationError> {
+        match (&self.opts.host_cache, prep.host_cache) {
+            (Some((id, path)), Some(asked)) if *id == asked => {
+                Ok(Some(cache::CacheSession::open(path)?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The memory phase: the control connection's state machine on this thread, one thread per
+/// page stream; any failure closes every connection so no thread waits for a dead peer.
+fn receive_memory<R: DirectRead, W: Write>(
+    input: &mut FrameReader<R>,
+    out: &mut FrameWriter<W>,
+    state: ReceiveMigrationState,
+    dst: Dest<'_>,
+    streams: Vec<Connection>,
+    transport: Transport,
+    control: &ShutdownHandle,
+) -> Result<(Snapshot, ReceiveStats), MigrationError> {
+    let handles = streams
+        .iter()
+        .map(|c| c.shutdown_handle())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MigrationError::socket("cloning a page stream's socket"))?;
+    let barrier = RoundBarrier::new(streams.len());
+    let count = streams.len();
+    std::thread::scope(|sc| {
+        let workers: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let barrier = &barrier;
+                sc.spawn(move || {
+                    let landing = policy::landing(i, count);
+                    let r = streams::page_stream(i, c, dst, barrier, transport, landing);
+                    if r.is_err() {
+                        barrier.abort();
+                        control.shutdown();
+                    }
+                    r
+                })
+            })
+            .collect();
+        let r = control_loop((input, out), state, dst, transport, &barrier);
+        if r.is_err() {
+            barrier.abort();
+            handles.iter().for_each(ShutdownHandle::shutdown);
+        }
+        let mut stats = ReceiveStats::default();
+        let mut first_err = None;
+        for w in workers {
+            match w.join() {
+                Ok(Ok(s)) => stats.add(&s),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(MigrationError::StreamFailed);
+                }
+            }
+        }
+        // The stream that failed first says why better than the control connection it closed.
+        let (vm_state, control_stats) = match (r, first_err) {
+            (Ok(v), None) => v,
+            (_, Some(e)) | (Err(e), None) => return Err(e),
+        };
+        stats.add(&control_stats);
+        stats.rounds = control_stats.rounds;
+        Ok((vm_state, stats))
+    })
+}
+
+/// The control connection after Ready: the state machine until Complete.
+/// Every round's end is answered with RoundDone once its pages are in place, here and on
+/// every page stream.
+fn control_loop<R: DirectRead, W: Write>(
+    (input, out): (&mut FrameReader<R>, &mut FrameWriter<W>),
+    mut state: ReceiveMigrationState,
+    dst: Dest<'_>,
+    transport: Transport,
+    streams: &RoundBarrier,
+) -> Result<(Snapshot, ReceiveStats), MigrationError> {
+    let mut stats = ReceiveStats::default();
+    let mut scratch = Vec::new();
+    let mut rounds = 0;
+    let mut populate = None;
+    loop {
+        let (next, step) = state.next(input.next_frame()?)?;
+        state = next;
+        if matches!(
+            step,
+            Step::Pages { .. } | Step::Compressed(_) | Step::Direct(_)
+        ) {
+            // With page streams, the control connection carries only the last (paused)
+            // round, which must land after everything the streams brought.
+            streams.wait_all_finished()?;
+        }
+        match step {
+            Step::Extents(e) => {
+                check_extents(&e, dst.ram.size()).map_err(|why| ProtocolError::Malformed {
+                    kind: Kind::Extents,
+                    why,
+                })?;
+                populate = populate::Populate::start(dst.ram, &e);
+            }
+            Step::Direct(entries) => {
+                place_direct(input, &entries, dst.ram, Landing::Splice, &mut stats)?
+            }
+            Step::RoundEnd(r) => {
+                dst.round_end();
+                rounds += 1;
+                streams.wait_rounds(rounds)?;
+                out.send_round_done(r)?;
+                out.flush()?;
+            }
+            step => place(step, dst, transport, &mut scratch, &mut stats)?,
+        }
+        if let ReceiveMigrationState::Complete { rounds, state } = state {
+            if let Some(p) = populate {
+                let mib = p.finish() >> 20;
+                tracing::debug!("allocated {mib} MiB of guest RAM ahead of its pages");
+            }
+            stats.rounds = rounds;
+            return Ok((*state, stats));
+        }
+    }
+}
+
+/// The guest's own verdict on its memory, once it runs here.
+fn verify(vm: &mut impl Migratable, timeout: Duration) -> VerifyOutcome {
+    let t = Instant::now();
+    let (ok, verifiable, detail) = match vm.verify_guest(timeout) {
+        GuestVerdict::Verified { pages } => (true, true, format!("VERIFY OK pages={pages}")),
+        GuestVerdict::Corrupt { first_bad_addr } => (
+            false,
+            true,
+            format!("VERIFY FAIL first bad address {first_bad_addr:#x}"),
+        ),
+        GuestVerdict::NoAnswer => (false, true, format!("no verify result within {timeout:?}")),
+        GuestVerdict::NotVerifiable => (
+            false,
+            false,
+            "not verifiable: the guest is not the livemig workload guest".into(),
+        ),
+    };
+    tracing::info!(
+        "guest verify on the destination took {:?}: {detail}",
+        t.elapsed()
+    );
+    VerifyOutcome {
+        ok,
+        detail,
+        verifiable,
+        cpu_seconds: 0.0,
+    }
+}

@@ -1,0 +1,65 @@
+//! What the machine that builds the tests offers, as cfgs for `#[cfg_attr(..., ignore)]`: a
+//! test that cannot run here shows up as ignored, with its reason, in the test runner's own
+//! summary, and is never counted as passed.
+//!
+//! | cfg       | set when                                  |
+//! |-----------|-------------------------------------------|
+//! | `no_kvm`  | /dev/kvm does not open as a KVM device    |
+//! | `no_root` | the build does not run as root            |
+//! | `no_qemu` | `qemu-system-x86_64` is not on the PATH   |
+//!
+//! Call [`emit`] from a crate's build script. The script runs again when /dev/kvm or the
+//! PATH changes; a test binary built as root and run without it fails loudly, as it should.
+use std::os::fd::AsRawFd;
+
+/// KVM_GET_API_VERSION: `_IO(0xAE, 0x00)`.
+const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+
+/// Whether /dev/kvm opens and answers as KVM.
+pub fn kvm() -> bool {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    else {
+        return false;
+    };
+    // SAFETY: KVM_GET_API_VERSION takes no argument and touches no memory of ours; the fd is
+    // open for the call.
+    let v = unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    v == 12
+}
+
+pub fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether `tool` is an executable file on the PATH.
+pub fn on_path(tool: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            std::fs::metadata(d.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Prints the cfgs for a build script.
+pub fn emit() {
+    println!("cargo::rustc-check-cfg=cfg(no_kvm)");
+    println!("cargo::rustc-check-cfg=cfg(no_root)");
+    println!("cargo::rustc-check-cfg=cfg(no_qemu)");
+    println!("cargo::rerun-if-changed=/dev/kvm");
+    println!("cargo::rerun-if-env-changed=PATH");
+    if !kvm() {
+        println!("cargo::rustc-cfg=no_kvm");
+    }
+    if !root() {
+        println!("cargo::rustc-cfg=no_root");
+    }
+    if !on_path("qemu-system-x86_64") {
+        println!("cargo::rustc-cfg=no_qemu");
+    }
+}

@@ -8,8 +8,8 @@
 //! | `no_root` | the build does not run as root            |
 //! | `no_qemu` | `qemu-system-x86_64` is not on the PATH   |
 //!
-//! Call [`emit`] from a crate's build script. The script runs again when /dev/kvm or the
-//! PATH changes; a test binary built as root and run without it fails loudly, as it should.
+//! Call [`emit`] from a crate's build script. A test binary built as root and run without it
+//! fails loudly, as it should.
 use std::os::fd::AsRawFd;
 
 /// KVM_GET_API_VERSION: `_IO(0xAE, 0x00)`.
@@ -46,20 +46,27 @@ pub fn on_path(tool: &str) -> bool {
     })
 }
 
-/// Prints the cfgs for a build script.
+/// A path that never exists: tracking it makes cargo run the build script on every build.
+const ALWAYS: &str = "/nonexistent/livemig-testcfg";
+
+/// Prints the cfgs for a build script. While something is missing the script runs on every
+/// build (so the tests run once it is there); while it is there, only a change of /dev/kvm
+/// (its removal) or of the PATH runs it again, and nothing is rebuilt in vain.
 pub fn emit() {
     println!("cargo::rustc-check-cfg=cfg(no_kvm)");
     println!("cargo::rustc-check-cfg=cfg(no_root)");
     println!("cargo::rustc-check-cfg=cfg(no_qemu)");
     println!("cargo::rerun-if-changed=/dev/kvm");
     println!("cargo::rerun-if-env-changed=PATH");
-    if !kvm() {
-        println!("cargo::rustc-cfg=no_kvm");
+    let missing = [
+        (!kvm()).then_some("no_kvm"),
+        (!root()).then_some("no_root"),
+        (!on_path("qemu-system-x86_64")).then_some("no_qemu"),
+    ];
+    for cfg in missing.iter().flatten() {
+        println!("cargo::rustc-cfg={cfg}");
     }
-    if !root() {
-        println!("cargo::rustc-cfg=no_root");
-    }
-    if !on_path("qemu-system-x86_64") {
-        println!("cargo::rustc-cfg=no_qemu");
+    if missing.iter().any(Option::is_some) {
+        println!("cargo::rerun-if-changed={ALWAYS}");
     }
 }

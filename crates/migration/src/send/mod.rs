@@ -605,6 +605,8 @@ struct Session<'a> {
     per_page: u64,
     /// The last sync round's number.
     round: u32,
+    /// Dirty pages fetched (and, without manual protect, cleared from the log) but not sent.
+    unsent: Vec<DirtyBitmap>,
 }
 
 impl<'a> Session<'a> {
@@ -677,6 +679,7 @@ impl<'a> Session<'a> {
             bw: 0.0,
             per_page: PAGE_SIZE,
             round: 0,
+            unsent: Vec::new(),
         })
     }
 
@@ -798,9 +801,16 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// The pages written since the last fetch.
+    /// The pages written since the last fetch, and those a fetch found but no round sent.
     fn fetch_dirty(&mut self) -> Result<Vec<DirtyBitmap>, MigrationError> {
-        Ok(locks::lock(&self.dirty).fetch()?)
+        let mut maps = locks::lock(&self.dirty).fetch()?;
+        for old in std::mem::take(&mut self.unsent) {
+            match maps.iter_mut().find(|m| m.region == old.region) {
+                Some(m) => m.merge(&old),
+                None => maps.push(old),
+            }
+        }
+        Ok(maps)
     }
 
     /// Phase 3, sync: rounds from the dirty log until the rest fits the downtime target (or the
@@ -823,17 +833,24 @@ impl<'a> Session<'a> {
                 throttled_since,
                 self.t0.elapsed(),
             );
-            match d {
-                Decision::Continue => {}
+            let stop = match d {
+                Decision::Continue => false,
                 Decision::Stalled => match self.opts.policy.next_throttle(throttle) {
                     Some(t) => {
                         throttle = t;
                         throttled_since = history.len();
                         self.throttle(t);
+                        false
                     }
-                    None => break d,
+                    None => true,
                 },
-                _ => break d,
+                _ => true,
+            };
+            if stop {
+                // Without manual protect that fetch cleared the log: the paused round must
+                // still send those pages.
+                self.unsent = bitmaps;
+                break d;
             }
             self.round += 1;
             let r = self.sync_round(&bitmaps)?;

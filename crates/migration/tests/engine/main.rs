@@ -1,0 +1,572 @@
+//! Whole migrations of an in-memory VM ([`fake::FakeVm`]) through the real engine, sockets and
+//! receiver, without KVM: the copy, sync rounds with pages the guest writes during both,
+//! every transport, deltas, references, page streams, TLS, a bandwidth cap, auto-converge,
+//! cancellation, a destination that dies or stalls in each phase, the switchover, and state
+//! sections. Each test checks every page the destination holds against the source's RAM at
+//! the pause, and the guest's own verdict, not only that a call returned.
+mod fake;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fake::{FakeFactory, FakeVm, Workload, PAGE};
+use migratable::{GuestRam, Migratable, RunState, SectionId};
+use migration::protocol::Transport;
+use migration::report::Verification;
+use migration::{MigrateOptions, MigrationError, ReceiveOptions, Report};
+use transport::Security;
+
+const MEMORY: u64 = 64 << 20;
+
+/// A guest that writes 4,000 pages a second over a hot set of 2,048 pages, in RAM of which the
+/// first 8,192 pages were written before.
+fn busy() -> Workload {
+    Workload {
+        filled: 8192,
+        hot_start: 1024,
+        hot: 2048,
+        rate: 4000,
+        ..Workload::default()
+    }
+}
+
+/// What a migration left: its result, the source VM, and the VM the destination built.
+struct Moved {
+    result: Result<Report, MigrationError>,
+    source: Arc<Mutex<FakeVm>>,
+    dest: Option<FakeVm>,
+}
+
+impl Moved {
+    fn report(&self) -> &Report {
+        match &self.result {
+            Ok(r) => r,
+            Err(e) => panic!("the migration failed: {e}"),
+        }
+    }
+
+    /// The migration completed, the guest verified itself on the destination, and every page
+    /// there is the source's page at the pause.
+    fn assert_moved_whole(&self) {
+        let r = self.report();
+        assert_eq!(r.status, "completed");
+        assert_eq!(r.verification, Verification::Verified, "{}", r.summary());
+        let src = self.source.lock().unwrap();
+        assert_eq!(src.state(), RunState::Stopped, "the source's copy is gone");
+        assert!(src.migrated_to.is_some());
+        let dest = self.dest.as_ref().expect("the destination built the VM");
+        assert_same_ram(&src.ram(), &dest.ram());
+    }
+
+    /// The migration failed and the VM runs on the source as before it: resumed, unthrottled,
+    /// its vCPUs' priority back, the dirty log off, and its guest writing on.
+    fn assert_source_runs_on(&self) {
+        assert!(self.result.is_err(), "the migration should have failed");
+        let mut src = self.source.lock().unwrap();
+        assert_eq!(src.run_state(), RunState::Running);
+        assert!(!src.logging(), "the dirty log is off");
+        assert!(!src.yielded, "the vCPUs have their priority back");
+        assert_eq!(src.throttle_now(), 0, "the throttle is lifted");
+        assert!(src.migrated_to.is_none());
+        let w = src.writes();
+        drop(src);
+        std::thread::sleep(Duration::from_millis(100));
+        let src = self.source.lock().unwrap();
+        if src.writes() > 0 {
+            assert!(src.writes() > w, "the guest writes on");
+        }
+    }
+}
+
+/// Every page of `a` equals the same page of `b`.
+fn assert_same_ram(a: &GuestRam, b: &GuestRam) {
+    assert_eq!(a.size(), b.size());
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    for off in (0..a.size()).step_by(1 << 20) {
+        a.read_at(off, &mut x).unwrap();
+        b.read_at(off, &mut y).unwrap();
+        if x != y {
+            let p = x
+                .chunks(PAGE)
+                .zip(y.chunks(PAGE))
+                .position(|(p, q)| p != q)
+                .unwrap_or(0);
+            panic!(
+                "page {:#x} differs on the destination",
+                off + (p * PAGE) as u64
+            );
+        }
+    }
+}
+
+/// A receiver of fake VMs on a port of its own, on a thread; what it received.
+fn receiver(
+    security: Security,
+    factory: FakeFactory,
+    peer_timeout: Duration,
+) -> (String, std::thread::JoinHandle<Option<FakeVm>>) {
+    let l = transport::Listener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let opts = ReceiveOptions {
+        peer_timeout,
+        handshake_timeout: peer_timeout,
+        stream_accept_timeout: peer_timeout,
+        accept_within: Some(Duration::from_secs(3)),
+        ..Default::default()
+    };
+    let t = std::thread::spawn(move || {
+        migration::receive(l, security, opts, Arc::new(factory))
+            .ok()
+            .map(|(vm, _)| vm)
+    });
+    (addr, t)
+}
+
+fn options(to: &str, security: Security) -> MigrateOptions {
+    let mut o = MigrateOptions::new(to);
+    o.security = Some(security);
+    o.peer_timeout = Duration::from_secs(2);
+    o
+}
+
+/// Starts `w` on a fake VM, lets the guest run `run_ms`, migrates it with `tune` applied to
+/// the options (its destination: a receiver, or `to` when given).
+fn migrate_with(
+    w: &Workload,
+    manual: bool,
+    run_ms: u64,
+    security: Security,
+    tune: impl FnOnce(&mut MigrateOptions),
+) -> Moved {
+    let (to, rx) = receiver(
+        security.clone(),
+        FakeFactory::default(),
+        Duration::from_secs(2),
+    );
+    let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, w, manual)));
+    std::thread::sleep(Duration::from_millis(run_ms));
+    let mut opts = options(&to, security);
+    tune(&mut opts);
+    let result = migration::migrate(&*source, &opts, &|_| {});
+    let dest = rx.join().unwrap();
+    Moved {
+        result,
+        source,
+        dest,
+    }
+}
+
+fn migrate(w: &Workload, tune: impl FnOnce(&mut MigrateOptions)) -> Moved {
+    migrate_with(w, true, 200, Security::Insecure, tune)
+}
+
+#[test]
+fn an_idle_vm_moves_whole_in_one_copy() {
+    let m = migrate(&Workload::default(), |_| {});
+    m.assert_moved_whole();
+    let r = m.report();
+    assert!(r.pages.normal >= 4096, "{:?}", r.pages);
+    assert!(r.rounds.len() >= 2, "the copy and the paused round");
+    assert_eq!(r.rounds[1..].iter().map(|r| r.pages).sum::<u64>(), 0);
+}
+
+#[test]
+fn pages_written_during_the_copy_and_the_sync_arrive_as_last_written() {
+    let m = migrate(&busy(), |o| o.max_bandwidth = Some(400_000_000));
+    m.assert_moved_whole();
+    let r = m.report();
+    let resent: u64 = r.rounds[1..].iter().map(|r| r.pages).sum();
+    assert!(
+        resent > 0,
+        "sync rounds sent what the guest wrote: {:?}",
+        r.rounds
+    );
+    assert!(m.source.lock().unwrap().writes() > 100);
+}
+
+#[test]
+fn the_compressed_transport_moves_the_vm_whole() {
+    let w = Workload {
+        text: true,
+        ..busy()
+    };
+    let m = migrate(&w, |o| o.transport = Transport::Compressed);
+    m.assert_moved_whole();
+    assert!(m.report().pages.compressed > 0, "{:?}", m.report().pages);
+}
+
+#[test]
+fn the_direct_transport_moves_the_vm_whole() {
+    let m = migrate(&busy(), |o| o.transport = Transport::Direct);
+    m.assert_moved_whole();
+    assert!(m.report().direct_send.is_some());
+}
+
+#[test]
+fn re_sent_pages_go_as_deltas_and_land_whole() {
+    let m = migrate(&busy(), |o| o.max_bandwidth = Some(300_000_000));
+    m.assert_moved_whole();
+    let d = m.report().delta.clone().expect("a delta report");
+    assert!(m.report().pages.delta > 0 && d.bytes_saved > 0, "{d:?}");
+}
+
+#[test]
+fn without_deltas_re_sent_pages_go_whole() {
+    let m = migrate(&busy(), |o| {
+        o.delta = false;
+        o.max_bandwidth = Some(300_000_000);
+    });
+    m.assert_moved_whole();
+    assert_eq!(m.report().pages.delta, 0);
+}
+
+#[test]
+fn repeated_pages_go_as_references_and_land_whole() {
+    let w = Workload {
+        repeat: 4,
+        ..Workload::default()
+    };
+    let m = migrate(&w, |_| {});
+    m.assert_moved_whole();
+    // 1,023 copies of page 0; a page becomes a target once its batch is written, so the
+    // copies in the batches right after it go whole.
+    assert!(m.report().pages.dedup >= 768, "{:?}", m.report().pages);
+}
+
+#[test]
+fn page_streams_move_the_vm_whole() {
+    let m = migrate(&busy(), |o| o.channels = 3);
+    m.assert_moved_whole();
+}
+
+#[test]
+fn direct_page_streams_move_the_vm_whole() {
+    let m = migrate(&busy(), |o| {
+        o.channels = 2;
+        o.transport = Transport::Direct;
+    });
+    m.assert_moved_whole();
+}
+
+#[test]
+fn a_vm_moves_whole_over_mutual_tls() {
+    let d = tempfile::tempdir().unwrap();
+    transport::tls::init_cluster(d.path(), &["a".into()]).unwrap();
+    let tls = transport::tls::Tls::load(&transport::tls::TlsFiles {
+        cert: d.path().join("a.pem"),
+        key: d.path().join("a.key"),
+        ca: d.path().join("ca.pem"),
+    })
+    .unwrap();
+    let m = migrate_with(&busy(), true, 200, Security::Tls(Arc::new(tls)), |o| {
+        o.channels = 1
+    });
+    m.assert_moved_whole();
+    assert!(m.report().tls.starts_with("tls1.3"), "{}", m.report().tls);
+}
+
+#[test]
+fn without_manual_protect_the_log_is_read_and_cleared_at_once() {
+    let m = migrate_with(&busy(), false, 200, Security::Insecure, |_| {});
+    m.assert_moved_whole();
+    assert_eq!(m.report().dirty_log, "get-and-clear");
+}
+
+#[test]
+fn a_bandwidth_cap_paces_the_migration() {
+    let w = Workload {
+        filled: 2048,
+        ..Workload::default()
+    };
+    let t = Instant::now();
+    let m = migrate(&w, |o| o.max_bandwidth = Some(80_000_000));
+    m.assert_moved_whole();
+    // 8 MiB at 10 MB/s: most of a second.
+    assert!(
+        t.elapsed() > Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(m.report().avg_gbps < 0.1, "{}", m.report().avg_gbps);
+}
+
+#[test]
+fn a_guest_that_outruns_the_link_is_throttled_and_moves_whole() {
+    let w = Workload {
+        filled: 4096,
+        hot: 2048,
+        rate: 8000,
+        ..busy()
+    };
+    let m = migrate(&w, |o| {
+        o.max_bandwidth = Some(100_000_000);
+        o.delta = false;
+        o.policy.max_rounds = 6;
+    });
+    m.assert_moved_whole();
+    let r = m.report();
+    assert!(r.throttle_pct_max > 0, "stopped: {}", r.stop_reason);
+    assert_eq!(m.source.lock().unwrap().throttled_max, r.throttle_pct_max);
+}
+
+#[test]
+fn a_cancel_in_the_copy_leaves_the_vm_running_here_and_it_moves_after() {
+    let (to, rx) = receiver(
+        Security::Insecure,
+        FakeFactory::default(),
+        Duration::from_secs(2),
+    );
+    let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, &busy(), true)));
+    let mut opts = options(&to, Security::Insecure);
+    opts.max_bandwidth = Some(20_000_000);
+    let cancel = opts.cancel.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        cancel.request("the operator changed their mind").unwrap();
+    });
+    let t = Instant::now();
+    let result = migration::migrate(&*source, &opts, &|_| {});
+    canceller.join().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(
+        matches!(&result, Err(MigrationError::Cancelled(why)) if why.contains("changed their mind")),
+        "{result:?}"
+    );
+    let _ = rx.join();
+    let m = Moved {
+        result,
+        source: source.clone(),
+        dest: None,
+    };
+    m.assert_source_runs_on();
+    // Again, to a new receiver: it moves.
+    let (to, rx) = receiver(
+        Security::Insecure,
+        FakeFactory::default(),
+        Duration::from_secs(2),
+    );
+    let result = migration::migrate(&*source, &options(&to, Security::Insecure), &|_| {});
+    let m = Moved {
+        result,
+        source,
+        dest: rx.join().unwrap(),
+    };
+    m.assert_moved_whole();
+}
+
+/// What a proxy between source and destination does to the source's bytes.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Closes both sides once this many bytes went through.
+    CutAfter(u64),
+    /// Stops forwarding (keeping both sides open) once this many bytes went through.
+    StallAfter(u64),
+}
+
+/// A proxy to `to` that applies `fault` to every connection; its address.
+fn proxy(to: String, fault: Fault) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let Ok(up) = TcpStream::connect(&to) else {
+                return;
+            };
+            let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || forward(c, up, fault));
+            std::thread::spawn(move || forward(up2, c2, Fault::CutAfter(u64::MAX)));
+        }
+    });
+    addr
+}
+
+fn forward(mut from: TcpStream, mut to: TcpStream, fault: Fault) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut n = 0u64;
+    while let Ok(k @ 1..) = from.read(&mut buf) {
+        n += k as u64;
+        match fault {
+            Fault::CutAfter(limit) if n >= limit => break,
+            Fault::StallAfter(limit) if n >= limit => {
+                std::thread::sleep(Duration::from_secs(30));
+                return;
+            }
+            _ => {}
+        }
+        if to.write_all(&buf[..k]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// A migration through a faulty proxy: it fails within the peer timeout (and a margin), and
+/// the VM runs on at the source.
+fn fails_through(fault: Fault, streams: u16) -> (Moved, Duration) {
+    let (to, rx) = receiver(
+        Security::Insecure,
+        FakeFactory::default(),
+        Duration::from_secs(2),
+    );
+    let via = proxy(to, fault);
+    let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, &busy(), true)));
+    let mut opts = options(&via, Security::Insecure);
+    opts.channels = streams;
+    opts.max_bandwidth = Some(200_000_000);
+    let t = Instant::now();
+    let result = migration::migrate(&*source, &opts, &|_| {});
+    let took = t.elapsed();
+    let dest = rx.join().unwrap();
+    assert!(dest.is_none(), "the destination built nothing that runs");
+    let m = Moved {
+        result,
+        source,
+        dest,
+    };
+    m.assert_source_runs_on();
+    (m, took)
+}
+
+#[test]
+fn a_destination_that_dies_in_the_copy_leaves_the_vm_running_here() {
+    let (m, took) = fails_through(Fault::CutAfter(4 << 20), 0);
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let e = m.result.unwrap_err().to_string();
+    assert!(!e.is_empty());
+}
+
+#[test]
+fn a_destination_that_stalls_in_the_copy_times_out_within_the_peer_timeout() {
+    let (m, took) = fails_through(Fault::StallAfter(4 << 20), 0);
+    // Socket buffers still take (and acknowledge) bytes for a while after the stall; from the
+    // last acknowledgement, the peer timeout.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let e = m.result.unwrap_err().to_string();
+    assert!(e.contains("timed out after 2 s"), "{e}");
+}
+
+#[test]
+fn a_page_stream_that_stalls_times_out_and_the_vm_runs_here() {
+    let (m, took) = fails_through(Fault::StallAfter(2 << 20), 2);
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(m.result.is_err());
+}
+
+/// A destination that takes everything, then goes away without confirming: the source cannot
+/// know whether the VM runs there, so it stays paused and says so.
+#[test]
+fn a_destination_lost_at_the_switchover_leaves_the_vm_paused_and_says_why() {
+    use migration::protocol::{self, Frame, FrameReader, FrameWriter, Kind, Opening};
+    let l = transport::Listener::bind("127.0.0.1:0").unwrap();
+    let to = l.local_addr().unwrap().to_string();
+    let got_state = Arc::new(AtomicU64::new(0));
+    let seen = got_state.clone();
+    let dst = std::thread::spawn(move || {
+        let mut c = l.accept().unwrap();
+        let Ok(Opening::Control(h)) = protocol::read_opening(&mut c.reader) else {
+            panic!("no hello")
+        };
+        protocol::answer_hello(&mut c.writer, &h).unwrap();
+        let mut input = FrameReader::new(&mut c.reader);
+        let mut out = FrameWriter::new(&mut c.writer);
+        loop {
+            match input.next_frame().unwrap() {
+                Frame::Config(_) => {
+                    out.send(Kind::Ready, &[]).unwrap();
+                    out.flush().unwrap();
+                }
+                Frame::RoundEnd(r) => {
+                    out.send_round_done(r).unwrap();
+                    out.flush().unwrap();
+                }
+                Frame::State(_) => {
+                    seen.store(1, Ordering::SeqCst);
+                }
+                Frame::Done => break,
+                _ => {}
+            }
+        }
+        // Everything is here; the host dies before it confirms.
+        c.shutdown();
+    });
+    let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, &busy(), true)));
+    std::thread::sleep(Duration::from_millis(100));
+    let result = migration::migrate(&*source, &options(&to, Security::Insecure), &|_| {});
+    dst.join().unwrap();
+    assert_eq!(got_state.load(Ordering::SeqCst), 1);
+    match result {
+        Err(MigrationError::OutcomeUnknown(why)) => assert!(!why.is_empty()),
+        r => panic!("{r:?}"),
+    }
+    let mut src = source.lock().unwrap();
+    assert_eq!(
+        src.run_state(),
+        RunState::Paused,
+        "never resumed on its own"
+    );
+    assert!(src.migrated_to.is_none());
+}
+
+#[test]
+fn state_sections_unknown_to_the_destination_are_refused_before_the_source_stops() {
+    let (to, rx) = receiver(
+        Security::Insecure,
+        FakeFactory::default(),
+        Duration::from_secs(2),
+    );
+    let mut vm = FakeVm::start(MEMORY, &busy(), true);
+    vm.extra_section = Some(SectionId::new("virtio-net", 1));
+    let source = Arc::new(Mutex::new(vm));
+    let result = migration::migrate(&*source, &options(&to, Security::Insecure), &|_| {});
+    let dest = rx.join().unwrap();
+    let e = result.as_ref().unwrap_err().to_string();
+    assert!(
+        e.contains("state section virtio-net version 1 is unknown to this host"),
+        "{e}"
+    );
+    let m = Moved {
+        result,
+        source,
+        dest,
+    };
+    m.assert_source_runs_on();
+    // Nothing was sent before the refusal: the Config is where it stopped.
+    assert!(m.dest.is_none());
+}
+
+#[test]
+fn the_guest_state_travels_and_the_destination_guest_verifies_itself() {
+    let m = migrate(&busy(), |_| {});
+    m.assert_moved_whole();
+    let r = m.report();
+    assert!(
+        r.guest_verify
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("VERIFY OK"),
+        "{:?}",
+        r.guest_verify
+    );
+    // A page changed on the destination after the move is caught by the guest's own check.
+    let mut dest = m.dest.unwrap();
+    dest.ram().write_at(1024 * 4096, &[0xff; 16]).unwrap();
+    assert!(matches!(
+        dest.verify_guest(Duration::from_secs(1)),
+        migratable::GuestVerdict::Corrupt { first_bad_addr } if first_bad_addr == 1024 * 4096
+    ));
+}
+
+#[test]
+fn a_migration_without_credentials_is_refused_before_it_touches_the_vm() {
+    let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, &busy(), true)));
+    let opts = MigrateOptions::new("127.0.0.1:1");
+    let e = migration::migrate(&*source, &opts, &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("no TLS credentials"), "{e}");
+    let mut src = source.lock().unwrap();
+    assert_eq!(src.run_state(), RunState::Running);
+    assert!(!src.logging());
+}

@@ -1,6 +1,6 @@
 //! The bench chart: throughput over time of every run, one panel per link class (1 GbE,
 //! 10 GbE), with the links' measured raw rate as a dashed line.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use plotters::prelude::*;
@@ -14,22 +14,39 @@ const FONTS: [&str; 3] = [
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 
+/// Why a chart was not drawn.
+#[derive(Clone, Debug, thiserror::Error, displaydoc::Display)]
+pub enum ChartError {
+    /// no TrueType font at {0:?} (scripts/setup.sh installs fonts-dejavu-core)
+    NoFont(&'static [&'static str]),
+    /// the system font is not a usable TrueType font
+    BadFont,
+    /// drawing {path}: {why}
+    Draw { path: PathBuf, why: String },
+}
+
+impl ChartError {
+    /// A drawing error of plotters (generic over its backend), for `path`.
+    pub(crate) fn draw(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> ChartError + '_ {
+        move |why| ChartError::Draw {
+            path: path.to_path_buf(),
+            why: why.to_string(),
+        }
+    }
+}
+
 /// plotters draws text with a font it is given; ours comes from the system (fonts-dejavu-core).
-pub(crate) fn register_font() -> Result<(), String> {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+pub(crate) fn register_font() -> Result<(), ChartError> {
+    static DONE: OnceLock<Result<(), ChartError>> = OnceLock::new();
     DONE.get_or_init(|| {
         let bytes = FONTS
             .iter()
             .find_map(|p| std::fs::read(p).ok())
-            .ok_or_else(|| {
-                format!(
-                    "no TrueType font at {FONTS:?} (scripts/setup.sh installs fonts-dejavu-core)"
-                )
-            })?;
+            .ok_or(ChartError::NoFont(&FONTS))?;
         // Registered once for the life of the process, as plotters requires 'static bytes.
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| "the system font is not a usable TrueType font".to_string())
+            .map_err(|_| ChartError::BadFont)
     })
     .clone()
 }
@@ -42,7 +59,7 @@ fn class(links: &str) -> &'static str {
     }
 }
 
-pub fn draw(b: &BenchReport, path: &Path) -> Result<(), String> {
+pub fn draw(b: &BenchReport, path: &Path) -> Result<(), ChartError> {
     register_font()?;
     let mut classes: Vec<&'static str> = Vec::new();
     for r in &b.rows {
@@ -53,7 +70,7 @@ pub fn draw(b: &BenchReport, path: &Path) -> Result<(), String> {
     }
     let panels = classes.len().max(1);
     let root = BitMapBackend::new(path, (1400, 520 * panels as u32)).into_drawing_area();
-    let e = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+    let e = ChartError::draw(path);
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let areas = root.split_evenly((panels, 1));
     for (area, c) in areas.iter().zip(&classes) {

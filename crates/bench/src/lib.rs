@@ -41,9 +41,12 @@ pub enum BenchError {
 }
 
 /// An error of one step of a bench, with what it was doing.
-pub fn step(what: impl Into<String>) -> impl FnOnce(String) -> BenchError {
+pub fn step<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> BenchError {
     let what = what.into();
-    move |msg| BenchError::Step { what, msg }
+    move |e| BenchError::Step {
+        what,
+        msg: e.to_string(),
+    }
 }
 
 /// Whether /dev/kvm can be opened for VMs.

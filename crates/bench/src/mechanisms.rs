@@ -164,7 +164,7 @@ fn measure(o: &MechanismsOptions, tb: &Testbed) -> Result<MechanismsReport, Benc
             let t = trial(&route, local, &remote, &source, send, landing)?;
             if t.digest != digest {
                 return Err(step(format!("{send:?} into {landing:?}"))(
-                    "the landed bytes differ from the ones sent".into(),
+                    "the landed bytes differ from the ones sent",
                 ));
             }
             trials[i].push(t);
@@ -280,7 +280,7 @@ fn trial(
     });
     let sent = sender
         .join()
-        .map_err(|_| step(&what)("the sender panicked".into()))?
+        .map_err(|_| step(&what)("the sender panicked"))?
         .map_err(|e| {
             // Nothing will connect: free the receiver from its accept.
             listener.shutdown();
@@ -288,7 +288,7 @@ fn trial(
         })?;
     let received = receiver
         .join()
-        .map_err(|_| step(&what)("the receiver panicked".into()))?
+        .map_err(|_| step(&what)("the receiver panicked"))?
         .map_err(|e| step(&what)(e.to_string()))?;
     Ok(Trial {
         send_cpu_s: sent.cpu_s,

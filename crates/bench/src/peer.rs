@@ -144,7 +144,7 @@ impl Peer for LivemigPeer {
             tls,
         } = setup
         else {
-            return Err(step("bench")("not a livemig run".into()));
+            return Err(step("bench")("not a livemig run"));
         };
         let pairs = route.pairs();
         let req = MigrateRequest {
@@ -229,7 +229,7 @@ impl Peer for QemuPeer {
         index: usize,
     ) -> Result<Qemu, BenchError> {
         let Setup::Qemu(mode) = setup else {
-            return Err(step("bench")("not a QEMU run".into()));
+            return Err(step("bench")("not a QEMU run"));
         };
         let name = format!("qemu-{index}");
         let mut q = Qemu::start(&self.machine, &name, route.dst_ns(), true)?;
@@ -246,7 +246,7 @@ impl Peer for QemuPeer {
         port: u16,
     ) -> Result<Outcome, BenchError> {
         let Setup::Qemu(mode) = setup else {
-            return Err(step("bench")("not a QEMU run".into()));
+            return Err(step("bench")("not a QEMU run"));
         };
         let (cpu_s0, cpu_d0) = (src.migration_cpu_seconds(), dst.migration_cpu_seconds());
         let info = src.migrate(

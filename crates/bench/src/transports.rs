@@ -359,7 +359,7 @@ impl<'a> Bench<'a> {
         for (i, run) in runs.iter().enumerate() {
             let what = format!("{} {} over {}", peer.name(), run.name, run.links.join("+"));
             let Some(src) = vm.take() else {
-                let e = step(&what)("no VM left after an earlier failure".into());
+                let e = step(&what)("no VM left after an earlier failure");
                 rows.push(self.failed_row(peer.name(), run, from_a, &e));
                 continue;
             };

@@ -40,32 +40,52 @@ impl ImageArgs {
     }
 }
 
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    guest::parse_size(s).ok_or_else(|| format!("{s:?} is not a size (e.g. 512M, 1G)"))
+/// An option's value that does not parse, or credentials that do not go together or load.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ArgError {
+    /// {0:?} is not a size (e.g. 512M, 1G)
+    Size(String),
+    /// {0:?} is not a duration (e.g. 5s, 500ms)
+    Duration(String),
+    /// {0:?} is not a rate (e.g. 200Mbit, 1.5Gbit, 100MB)
+    Rate(String),
+    /// --tls-cert, --tls-key and --tls-ca go together: give all three
+    PartialTls,
+    /// {path}: {source}
+    Path {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// {0}
+    Tls(#[from] transport::tls::TlsError),
+    /// no TLS credentials: give --tls-cert, --tls-key and --tls-ca (create them with `livemig tls init`), or --insecure to run plaintext
+    NoCredentials,
+}
+
+pub fn parse_size(s: &str) -> Result<u64, ArgError> {
+    guest::parse_size(s).ok_or_else(|| ArgError::Size(s.to_string()))
 }
 
 /// `5s`, `500ms`, `2m`, or plain seconds (`5`, `0.5`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, ArgError> {
     let s = s.trim();
+    let bad = || ArgError::Duration(s.to_string());
     let (num, unit) = s.split_at(
         s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(s.len()),
     );
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 500ms)"))?;
+    let v: f64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
         "" | "s" => v,
         "ms" => v / 1e3,
         "m" | "min" => v * 60.0,
-        _ => return Err(format!("{s:?} is not a duration (e.g. 5s, 500ms)")),
+        _ => return Err(bad()),
     };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
-pub fn parse_rate(s: &str) -> Result<u64, String> {
-    transport::parse_rate(s)
-        .ok_or_else(|| format!("{s:?} is not a rate (e.g. 200Mbit, 1.5Gbit, 100MB)"))
+pub fn parse_rate(s: &str) -> Result<u64, ArgError> {
+    transport::parse_rate(s).ok_or_else(|| ArgError::Rate(s.to_string()))
 }
 
 /// How a migration converges and what it may take: the same for `migrate`, `demo` and the
@@ -128,8 +148,13 @@ pub struct TlsArgs {
 impl TlsArgs {
     /// The three files, absolute, when all are given; an error naming what is missing when
     /// only some are.
-    pub fn files(&self) -> Result<Option<TlsFiles>, String> {
-        let abs = |p: &PathBuf| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+    pub fn files(&self) -> Result<Option<TlsFiles>, ArgError> {
+        let abs = |p: &PathBuf| {
+            std::path::absolute(p).map_err(|source| ArgError::Path {
+                path: p.clone(),
+                source,
+            })
+        };
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             (None, None, None) => Ok(None),
             (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles {
@@ -137,13 +162,13 @@ impl TlsArgs {
                 key: abs(key)?,
                 ca: abs(ca)?,
             })),
-            _ => Err("--tls-cert, --tls-key and --tls-ca go together: give all three".into()),
+            _ => Err(ArgError::PartialTls),
         }
     }
 
     /// How to protect connections: TLS with these credentials, plaintext if `--insecure`
     /// (said on stderr), else None.
-    pub fn security(&self) -> Result<Option<Security>, String> {
+    pub fn security(&self) -> Result<Option<Security>, ArgError> {
         if self.insecure {
             eprintln!(
                 "livemig: --insecure: connections run plaintext, unauthenticated and unencrypted"
@@ -151,17 +176,14 @@ impl TlsArgs {
             return Ok(Some(Security::Insecure));
         }
         match self.files()? {
-            Some(f) => Ok(Some(Security::Tls(std::sync::Arc::new(
-                Tls::load(&f).map_err(|e| e.to_string())?,
-            )))),
+            Some(f) => Ok(Some(Security::Tls(std::sync::Arc::new(Tls::load(&f)?)))),
             None => Ok(None),
         }
     }
 
     /// As [`Self::security`], where running without either is an error.
-    pub fn required(&self) -> Result<Security, String> {
-        self.security()?
-            .ok_or_else(|| migration::request::NO_CREDENTIALS.to_string())
+    pub fn required(&self) -> Result<Security, ArgError> {
+        self.security()?.ok_or(ArgError::NoCredentials)
     }
 }
 

@@ -79,11 +79,11 @@ pub fn order(vms: &[VmFacts], how: Order, share: f64, compressed: bool) -> Vec<u
 /// Where each VM goes: the destination with the most room left that holds it, largest VMs
 /// placed first (so a big VM is not squeezed out by small ones). `Err` says why it fits
 /// nowhere. Destinations are never promised more than their room.
-pub fn place(vms: &[VmFacts], dests: &[DestFacts]) -> Vec<Result<usize, String>> {
+pub fn place(vms: &[VmFacts], dests: &[DestFacts]) -> Vec<Result<usize, NoRoom>> {
     let mut left: Vec<u64> = dests.iter().map(|d| d.room).collect();
     let mut by_size: Vec<usize> = (0..vms.len()).collect();
     by_size.sort_by(|a, b| vms[*b].memory.cmp(&vms[*a].memory).then(a.cmp(b)));
-    let mut placed: Vec<Result<usize, String>> = vec![Err(String::new()); vms.len()];
+    let mut placed: Vec<Result<usize, NoRoom>> = vec![Err(NoRoom::default()); vms.len()];
     for i in by_size {
         let fits = (0..dests.len())
             .filter(|d| left[*d] >= vms[i].memory)
@@ -99,18 +99,31 @@ pub fn place(vms: &[VmFacts], dests: &[DestFacts]) -> Vec<Result<usize, String>>
     placed
 }
 
-fn no_room(vm: &VmFacts, dests: &[DestFacts], left: &[u64]) -> String {
-    let rooms: Vec<String> = dests
-        .iter()
-        .zip(left)
-        .map(|(d, l)| format!("{} {} MiB", d.name, l >> 20))
-        .collect();
-    format!(
-        "{} ({} MiB) fits on no destination (room left: {})",
-        vm.name,
-        vm.memory >> 20,
-        rooms.join(", ")
-    )
+/// A VM that fits on no destination, and the room each had left.
+#[derive(Clone, Debug, Default, PartialEq, Eq, thiserror::Error)]
+#[error("{name} ({memory_mib} MiB) fits on no destination (room left: {})", rooms(.left))]
+pub struct NoRoom {
+    pub name: String,
+    pub memory_mib: u64,
+    /// Each destination's name and the MiB it had left.
+    pub left: Vec<(String, u64)>,
+}
+
+fn rooms(left: &[(String, u64)]) -> String {
+    let r: Vec<String> = left.iter().map(|(d, l)| format!("{d} {l} MiB")).collect();
+    r.join(", ")
+}
+
+fn no_room(vm: &VmFacts, dests: &[DestFacts], left: &[u64]) -> NoRoom {
+    NoRoom {
+        name: vm.name.clone(),
+        memory_mib: vm.memory >> 20,
+        left: dests
+            .iter()
+            .zip(left)
+            .map(|(d, l)| (d.name.clone(), l >> 20))
+            .collect(),
+    }
 }
 
 /// One migration for [`simulate`]: its destination and the bytes it puts on the wire.
@@ -282,7 +295,7 @@ mod tests {
         assert!(used <= 400 << 20);
         // Largest first: one 256 and one 128 fit.
         assert_eq!(p.iter().filter(|r| r.is_ok()).count(), 2);
-        let why = p.iter().find_map(|r| r.clone().err()).unwrap();
+        let why = p.iter().find_map(|r| r.clone().err()).unwrap().to_string();
         assert!(
             why.contains("fits on no destination") && why.contains("B 16 MiB"),
             "{why}"

@@ -49,7 +49,7 @@ fn with_cache_hits(
     o: &DrainOptions,
     s: &Survey,
     order: &[usize],
-    placement: &[Result<usize, String>],
+    placement: &[Result<usize, crate::plan::NoRoom>],
 ) -> Vec<crate::predict::VmFacts> {
     let mut vms = s.vms.clone();
     if !crate::cache::wanted(o) {
@@ -73,7 +73,7 @@ fn with_cache_hits(
 /// The plan: placement, order, predictions and ETA.
 pub struct Planned {
     pub order: Vec<usize>,
-    pub placement: Vec<Result<usize, String>>,
+    pub placement: Vec<Result<usize, crate::plan::NoRoom>>,
     pub predicted: Vec<Option<f64>>,
     pub eta_s: Option<f64>,
     /// Bytes the model expects the migrations to put on the wire (None: a link unmeasured).
@@ -196,7 +196,7 @@ impl Planned {
                 end_ms: None,
                 predicted_s: self.predicted[i],
                 sample: v.sample.clone(),
-                error: self.placement[i].as_ref().err().cloned(),
+                error: self.placement[i].as_ref().err().map(ToString::to_string),
                 earlier_errors: Vec::new(),
                 busy_retries: 0,
                 report: None,

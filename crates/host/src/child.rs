@@ -10,6 +10,40 @@ use std::time::{Duration, Instant};
 
 use vmm::api::Client;
 
+/// Why a child process did not get where it was to go.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ChildError {
+    /// starting {program}: {source}
+    Start {
+        program: String,
+        source: std::io::Error,
+    },
+    /// {program} has no stderr pipe
+    NoStderr { program: String },
+    /// {program} exited: {stderr}
+    Exited { program: String, stderr: String },
+    /// {program} did not say {marker:?} within {timeout:?}
+    Silent {
+        program: String,
+        marker: String,
+        timeout: Duration,
+    },
+    /// no heartbeat {n} from the VM behind {api} within {timeout:?}
+    NoHeartbeat {
+        n: u64,
+        api: PathBuf,
+        timeout: Duration,
+    },
+    /// the VM process exited ({status}): {stderr}
+    VmExited { status: String, stderr: String },
+    /// {what} on {at} did not start: {source}
+    NotStarted {
+        what: &'static str,
+        at: String,
+        source: Box<ChildError>,
+    },
+}
+
 /// Whether `child` leaves within `timeout`.
 pub fn exits_within(child: &mut Child, timeout: Duration) -> bool {
     let t = Instant::now();
@@ -57,7 +91,7 @@ impl VmProcess {
     }
 
     /// Waits until its guest sent `n` heartbeats.
-    pub fn wait_heartbeat(&mut self, n: u64, timeout: Duration) -> Result<(), String> {
+    pub fn wait_heartbeat(&mut self, n: u64, timeout: Duration) -> Result<(), ChildError> {
         let t = Instant::now();
         loop {
             if Client::new(&self.api)
@@ -67,16 +101,21 @@ impl VmProcess {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "the VM process exited ({status}): {}",
-                    self.stderr.wait_closed(Duration::from_secs(2)).trim()
-                ));
+                return Err(ChildError::VmExited {
+                    status: status.to_string(),
+                    stderr: self
+                        .stderr
+                        .wait_closed(Duration::from_secs(2))
+                        .trim()
+                        .to_string(),
+                });
             }
             if t.elapsed() > timeout {
-                return Err(format!(
-                    "no heartbeat {n} from the VM behind {} within {timeout:?}",
-                    self.api.display()
-                ));
+                return Err(ChildError::NoHeartbeat {
+                    n,
+                    api: self.api.clone(),
+                    timeout,
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -156,25 +195,36 @@ pub fn spawn_until(
     marker: &str,
     timeout: Duration,
     log: Option<PathBuf>,
-) -> Result<(Child, Stderr), String> {
+) -> Result<(Child, Stderr), ChildError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;
+        .map_err(|source| ChildError::Start {
+            program: program.clone(),
+            source,
+        })?;
     let Some(pipe) = child.stderr.take() else {
         let _ = child.kill();
         let _ = child.wait();
-        return Err("no stderr pipe".into());
+        return Err(ChildError::NoStderr { program });
     };
     let stderr = Stderr::default();
     stderr.follow(pipe, log);
     let t = Instant::now();
     while !stderr.text().contains(marker) {
         let why = if stderr.closed() {
-            format!("it exited: {}", stderr.text().trim())
+            ChildError::Exited {
+                program,
+                stderr: stderr.text().trim().to_string(),
+            }
         } else if t.elapsed() >= timeout {
-            format!("no {marker:?} within {timeout:?}")
+            ChildError::Silent {
+                program,
+                marker: marker.to_string(),
+                timeout,
+            }
         } else {
             std::thread::sleep(Duration::from_millis(10));
             continue;
@@ -241,7 +291,7 @@ impl Livemig {
         api: &Path,
         console: &Path,
         log: Option<PathBuf>,
-    ) -> Result<VmProcess, String> {
+    ) -> Result<VmProcess, ChildError> {
         let _ = std::fs::remove_file(api);
         let mut cmd = self.command(ns);
         cmd.args(["receive", "--listen", listen, "--api"])
@@ -249,8 +299,13 @@ impl Livemig {
             .arg("--console")
             .arg(console);
         let (child, stderr) =
-            spawn_until(&mut cmd, "waiting for a VM", Duration::from_secs(30), log)
-                .map_err(|e| format!("livemig receive on {listen} did not start listening: {e}"))?;
+            spawn_until(&mut cmd, "waiting for a VM", Duration::from_secs(30), log).map_err(
+                |e| ChildError::NotStarted {
+                    what: "livemig receive",
+                    at: listen.to_string(),
+                    source: Box::new(e),
+                },
+            )?;
         Ok(VmProcess {
             child,
             api: api.to_path_buf(),
@@ -265,7 +320,7 @@ impl Livemig {
         args: &[String],
         api: &Path,
         log: Option<PathBuf>,
-    ) -> Result<VmProcess, String> {
+    ) -> Result<VmProcess, ChildError> {
         let _ = std::fs::remove_file(api);
         let mut cmd = self.command(ns);
         cmd.arg("run").args(args).arg("--api").arg(api);
@@ -329,7 +384,7 @@ impl Livemig {
         listen: &str,
         dir: &Path,
         args: &[&str],
-    ) -> Result<AgentProcess, String> {
+    ) -> Result<AgentProcess, ChildError> {
         let mut cmd = self.command(ns);
         cmd.args(["host", "serve", "--listen", listen, "--dir"])
             .arg(dir)
@@ -340,7 +395,11 @@ impl Livemig {
             Duration::from_secs(30),
             Some(dir.with_extension("log")),
         )
-        .map_err(|e| format!("livemig host serve on {listen} did not start: {e}"))?;
+        .map_err(|e| ChildError::NotStarted {
+            what: "livemig host serve",
+            at: listen.to_string(),
+            source: Box::new(e),
+        })?;
         Ok(AgentProcess {
             child,
             sock: dir.join("host.sock"),

@@ -67,11 +67,24 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut Vec<u8>) -> bool {
     true
 }
 
+/// Why a delta does not apply.
+#[derive(Debug, thiserror::Error, displaydoc::Display, PartialEq, Eq)]
+pub enum DeltaError {
+    /// a page of {0} bytes
+    PageSize(usize),
+    /// a run header cut short at byte {0}
+    HeaderCut(usize),
+    /// a run of {words} words at word {start} does not fit in a page
+    RunBeyondPage { words: usize, start: usize },
+    /// a run of {words} words cut short at byte {at}
+    RunCut { words: usize, at: usize },
+}
+
 /// Applies `delta` to `page` in place. Every run must lie inside the page and the encoding
 /// must end exactly at a run's end; anything else is an error and `page` is left unchanged.
-pub fn apply(page: &mut [u8], delta: &[u8]) -> Result<(), String> {
+pub fn apply(page: &mut [u8], delta: &[u8]) -> Result<(), DeltaError> {
     if page.len() != PAGE {
-        return Err(format!("a page of {} bytes", page.len()));
+        return Err(DeltaError::PageSize(page.len()));
     }
     let runs = parse(delta)?;
     for (start, xor) in runs {
@@ -87,9 +100,9 @@ pub fn apply(page: &mut [u8], delta: &[u8]) -> Result<(), String> {
 }
 
 /// Applies replacement runs to `page` in place, checked like [`apply`]'s.
-pub fn apply_replace(page: &mut [u8], delta: &[u8]) -> Result<(), String> {
+pub fn apply_replace(page: &mut [u8], delta: &[u8]) -> Result<(), DeltaError> {
     if page.len() != PAGE {
-        return Err(format!("a page of {} bytes", page.len()));
+        return Err(DeltaError::PageSize(page.len()));
     }
     for (start, words) in parse(delta)? {
         page[start * 8..start * 8 + words.len()].copy_from_slice(words);
@@ -171,25 +184,23 @@ impl Sketch {
 }
 
 /// The runs of an encoding as (first word, XOR bytes), checked before anything is applied.
-fn parse(delta: &[u8]) -> Result<Vec<(usize, &[u8])>, String> {
+fn parse(delta: &[u8]) -> Result<Vec<(usize, &[u8])>, DeltaError> {
     let mut runs = Vec::new();
     let (mut at, mut word_at) = (0, 0usize);
     while at < delta.len() {
         let head = delta
             .get(at..at + RUN_HEAD)
-            .ok_or_else(|| format!("a run header cut short at byte {at}"))?;
+            .ok_or(DeltaError::HeaderCut(at))?;
         let skip = usize::from(u16::from_le_bytes([head[0], head[1]]));
         let words = usize::from(u16::from_le_bytes([head[2], head[3]]));
         let start = word_at + skip;
         if words == 0 || start + words > WORDS {
-            return Err(format!(
-                "a run of {words} words at word {start} does not fit in a page"
-            ));
+            return Err(DeltaError::RunBeyondPage { words, start });
         }
         at += RUN_HEAD;
         let xor = delta
             .get(at..at + words * 8)
-            .ok_or_else(|| format!("a run of {words} words cut short at byte {at}"))?;
+            .ok_or(DeltaError::RunCut { words, at })?;
         runs.push((start, xor));
         at += words * 8;
         word_at = start + words;

@@ -43,8 +43,10 @@ pub enum MigrationError {
     Stream {
         index: usize,
         peer: String,
-        cause: String,
+        cause: Box<MigrationError>,
     },
+    /// it stopped early
+    StoppedEarly,
     /// a page stream failed; the migration is off
     StreamFailed,
     /// the destination {peer} expects TLS: it requires mutual TLS with the cluster's certificates, and this side runs --insecure

@@ -163,9 +163,8 @@ pub const SCATTERED_RUN_PAGES: usize = 4;
 /// copied into one frame instead of straight from guest RAM. Straight costs a sendfile per
 /// run on the source and a splice in and out of a pipe per run on the destination; copied
 /// costs one write and one read per batch and a memory copy per page on each side. Sync
-/// rounds are scattered (the pages the guest wrote): 2 GiB `sql` over 10 GbE sent its first
-/// round at 210–250 pages/ms straight and 245–325 copied, the whole migration at 88–95% of the
-/// link against 94–97%. The copy is contiguous and keeps going straight.
+/// rounds are scattered (the pages the guest wrote) and go faster copied
+/// (docs/bench/choices.md); the copy is contiguous and keeps going straight.
 pub fn copy_scattered(pages: usize, runs: usize) -> bool {
     runs * SCATTERED_RUN_PAGES > pages
 }
@@ -185,17 +184,15 @@ pub fn zero_scan_pays(read: u64, zero: u64) -> bool {
 
 /// How far the guest's vCPUs step back (nice) while their VM's pages are sent. The VM's own
 /// migration threads then get about 90% of a core they share with a vCPU (weights 1024 against
-/// 110), and nothing changes while cores are idle. Measured here, where the guest's two
-/// emulated vCPUs always want a core: 2 GiB `direct` over 10 GbE took 1.96-2.21 s at an equal
-/// share and 1.34-1.76 s with the vCPUs at nice 10 (the link: 1.25 s). Auto-converge is the
-/// other lever: it slows the guest even when cores are idle, and only once rounds stall.
+/// 110), and nothing changes while cores are idle (docs/bench/choices.md). Auto-converge is
+/// the other lever: it slows the guest even when cores are idle, and only once rounds stall.
 pub const VCPU_YIELD_NICE: i32 = 10;
 
 /// How direct page data lands in the destination's guest RAM from a plain socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Landing {
     /// splice(2) into guest RAM's memfd: the kernel copies once, with no page faults; the
-    /// cheapest on this host (1.5 GiB: 1.25 CPU-s against 1.5 reading into the mapping).
+    /// cheapest (docs/bench/choices.md).
     /// But every write to the memfd holds its inode lock, so streams would take turns.
     Splice,
     /// read(2) into guest RAM's mapping: page faults allocate (and zero) the pages, and take

@@ -54,8 +54,8 @@ pub enum MemoryError {
 
 /// Offsets in `f` that hold data, as sorted [start, end) extents (SEEK_DATA / SEEK_HOLE). On the
 /// guest RAM memfd these are the pages the guest or the VMM ever touched. The kernel walks
-/// every data page to find the next hole (2 GiB of `server` memory: 42 ms on this host), so a
-/// large file is scanned in slices by several threads, their extents joined where they meet.
+/// every data page to find the next hole, so a large file is scanned in slices by several
+/// threads, their extents joined where they meet.
 pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
     let parts = u64::try_from(host::cpus().min(MAX_SCAN_THREADS)).unwrap_or(1);

@@ -8,12 +8,12 @@ use super::{DrainBenchReport, DrainRow};
 
 const PANEL_H: u32 = 260;
 
-pub fn draw(b: &DrainBenchReport, path: &Path) -> Result<(), String> {
+pub fn draw(b: &DrainBenchReport, path: &Path) -> Result<(), crate::chart::ChartError> {
     crate::chart::register_font()?;
     let rows: Vec<&DrainRow> = b.rows.iter().filter(|r| r.error.is_none()).collect();
     let n = rows.len().max(1);
     let root = BitMapBackend::new(path, (1600, PANEL_H * n as u32)).into_drawing_area();
-    let e = |x: &dyn std::fmt::Display| format!("drawing {}: {x}", path.display());
+    let e = crate::chart::ChartError::draw(path);
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let t_max = rows
         .iter()

@@ -630,7 +630,7 @@ fn preflight(o: &DrainBenchOptions) -> Result<(), BenchError> {
         return Err(BenchError::NoQemu);
     }
     if o.vms.is_empty() {
-        return Err(step("--vms")("no VMs to drain".into()));
+        return Err(step("--vms")("no VMs to drain"));
     }
     let total: u64 = o.vms.iter().map(|v| v.memory).sum();
     let largest = o.vms.iter().map(|v| v.memory).max().unwrap_or(0);

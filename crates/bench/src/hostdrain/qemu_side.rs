@@ -167,7 +167,7 @@ impl Drainer for QemuHosts {
 
     fn drain(&mut self, cfg: &Config, route: &Route) -> Result<DrainOutcome, BenchError> {
         let How::Qemu(mode) = cfg.how else {
-            return Err(step("bench")("not a QEMU configuration".into()));
+            return Err(step("bench")("not a QEMU configuration"));
         };
         let window = match cfg.concurrency {
             Concurrency::Fixed(n) => n,

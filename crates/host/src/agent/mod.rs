@@ -225,9 +225,11 @@ impl Agent {
                 tracing::warn!("{}: no readable vm.json; left alone", dir.display());
                 continue;
             };
-            let alive = vms::serves(rec.pid, &vms::api_of(&dir));
+            let api = vms::api_of(&dir);
+            let adopted = vms::Adopted::take(rec.pid, &api);
+            let alive = adopted.is_some();
             let mut e = Entry {
-                proc: Proc::Adopted(rec.pid),
+                proc: Proc::Adopted(adopted.unwrap_or_else(|| vms::Adopted::gone(rec.pid, &api))),
                 phase: Phase::Running,
                 dir,
                 rec,

@@ -63,14 +63,103 @@ impl Phase {
 /// A VM process: started by this agent, or found running by it after a restart.
 pub(super) enum Proc {
     Child(Child),
-    Adopted(u32),
+    Adopted(Adopted),
+}
+
+/// A VM process a previous agent started, held by a pidfd opened once it was proven to be
+/// that VM's: whatever later takes its pid, signals reach only it.
+pub(super) struct Adopted {
+    pid: u32,
+    /// None where the kernel has no pidfd_open: the pid and the API socket are checked
+    /// before every signal instead.
+    pidfd: Option<std::os::fd::OwnedFd>,
+    api: PathBuf,
+}
+
+impl Adopted {
+    /// The process `pid`, if it is the livemig process serving `api`.
+    pub fn take(pid: u32, api: &Path) -> Option<Adopted> {
+        let pidfd = pidfd_open(pid);
+        // Checked after the pidfd is open: the fd then names the process that passed.
+        serves(pid, api).then(|| Adopted {
+            pid,
+            pidfd,
+            api: api.to_path_buf(),
+        })
+    }
+
+    /// A process that was already gone (or was not that VM's) when the agent looked: never
+    /// signalled.
+    pub fn gone(pid: u32, api: &Path) -> Adopted {
+        Adopted {
+            pid,
+            pidfd: None,
+            api: api.to_path_buf(),
+        }
+    }
+
+    fn has_ended(&self) -> bool {
+        match &self.pidfd {
+            // A pidfd polls readable once its process has exited.
+            Some(fd) => {
+                use std::os::fd::AsRawFd;
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, valid for the call; a zero timeout does not block.
+                let n = unsafe { libc::poll(&mut p, 1, 0) };
+                n != 0
+            }
+            None => !serves(self.pid, &self.api),
+        }
+    }
+
+    fn kill(&self) {
+        match &self.pidfd {
+            Some(fd) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: pidfd_send_signal with a pidfd we own, a signal number, no siginfo
+                // and no flags touches no memory of ours.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+            }
+            None if serves(self.pid, &self.api) => {
+                if let Ok(pid) = libc::pid_t::try_from(self.pid) {
+                    // SAFETY: kill(2) with a pid and a signal number touches no memory.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// A pidfd for `pid` (Linux 5.3 and later), or None.
+fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; it touches no
+    // memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: `fd` is a fresh descriptor nothing else owns; the OwnedFd closes it.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 impl Proc {
     pub fn pid(&self) -> u32 {
         match self {
             Proc::Child(c) => c.id(),
-            Proc::Adopted(p) => *p,
+            Proc::Adopted(a) => a.pid,
         }
     }
 
@@ -78,7 +167,7 @@ impl Proc {
     pub fn exited(&mut self) -> Option<String> {
         match self {
             Proc::Child(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
-            Proc::Adopted(p) => (!pid_alive(*p)).then(|| format!("pid {p} is gone")),
+            Proc::Adopted(a) => a.has_ended().then(|| format!("pid {} is gone", a.pid)),
         }
     }
 
@@ -87,12 +176,7 @@ impl Proc {
             Proc::Child(c) => {
                 let _ = c.kill();
             }
-            Proc::Adopted(p) => {
-                if let Ok(pid) = libc::pid_t::try_from(*p) {
-                    // SAFETY: kill(2) with a pid and a signal number touches no memory.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
+            Proc::Adopted(a) => a.kill(),
         }
     }
 
@@ -109,6 +193,7 @@ impl Proc {
     }
 }
 
+/// Whether `pid` runs (not a zombie).
 fn pid_alive(pid: u32) -> bool {
     let Ok(p) = libc::pid_t::try_from(pid) else {
         return false;
@@ -219,6 +304,30 @@ pub(super) fn check_name(name: &str) -> Result<(), BadName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An adopted process is the one proven to serve its API socket: signals reach it, and
+    /// nothing that merely has the pid (or is not that VM's) is adopted.
+    #[test]
+    fn only_the_vm_that_serves_its_socket_is_adopted_and_signalled() {
+        let d = tempfile::tempdir().unwrap();
+        let api = d.path().join("api.sock");
+        let mut vm = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("sleep 30; true")
+            .arg(&api)
+            .spawn()
+            .unwrap();
+        let other = d.path().join("other.sock");
+        assert!(Adopted::take(vm.id(), &other).is_none(), "not that VM's");
+        let a = Adopted::take(vm.id(), &api).expect("it serves api.sock");
+        assert!(!a.has_ended());
+        a.kill();
+        let st = vm.wait().unwrap();
+        assert!(!st.success());
+        assert!(a.has_ended());
+        let gone = Adopted::gone(vm.id(), &api);
+        assert!(gone.has_ended());
+    }
 
     #[test]
     fn names_are_safe_path_segments() {

@@ -1,10 +1,8 @@
 //! Guest RAM allocated ahead of the pages. Writing a page into a fresh memfd page allocates
 //! it there and then, one page at a time (allocation, memory-cgroup charge, page-cache
-//! insertion), on the receiving thread. Measured on this host (kernel 6.18, 1.45 GiB sent by
-//! sendfile over `10g-1`, three runs each): splicing into a fresh memfd took the receiving
-//! thread 1.23-1.25 CPU-s; into a memfd fallocated first, 1.10-1.15 CPU-s, plus 0.33-0.35
-//! CPU-s for the fallocate. So allocating ahead costs more CPU in all; it pays only when
-//! another core does it, taking it off the receiving thread's path. The source announces the
+//! insertion), on the receiving thread. Allocating ahead costs more CPU in all
+//! (docs/bench/choices.md); it pays only when another core does it, taking it off the
+//! receiving thread's path. The source announces the
 //! extents it will send (the Extents frame); a worker fallocates them ahead of the copy, from
 //! the first, when a core is free. Correctness never depends on it: a page the worker has
 //! not reached is allocated by its write, and fallocate leaves allocated pages alone.
@@ -26,9 +24,7 @@ pub(super) struct Populate {
 impl Populate {
     /// Starts allocating `extents` (memfd offsets, checked against the RAM's size by the
     /// caller) of `ram`'s memfd when a core is free; None when there is nothing to do, no free
-    /// core (the worker would take CPU from the receiving threads: measured on this host with
-    /// a busy source, 5.3-5.5 s for 2 GiB over `10g-1` against 3.3-4.4 s without it) or no
-    /// thread.
+    /// core (the worker would take CPU from the receiving threads) or no thread.
     pub fn start(ram: &GuestRam, extents: &[(u64, u64)]) -> Option<Self> {
         if extents.is_empty() || !core_free() {
             return None;

@@ -143,7 +143,7 @@ pub(super) fn page_stream(
         Err(e) => Err(MigrationError::Stream {
             index,
             peer,
-            cause: e.to_string(),
+            cause: Box::new(e),
         }),
     }
 }

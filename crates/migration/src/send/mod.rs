@@ -306,8 +306,8 @@ impl Source {
 
 /// Phase 1 with the scan for touched memory beside it, on a thread of its own: the scan runs
 /// while the destination builds the VM. (Scanning on into the copy, to start it on the first
-/// slice, was slower on this 2-core host: the scan took its CPU from the copy.) Returns what
-/// [`open`] does, and what the scan found.
+/// slice, was slower where cores are short: the scan takes its CPU from the copy; see
+/// docs/bench/choices.md.) Returns what [`open`] does, and what the scan found.
 fn open_while_scanning(
     opts: &MigrateOptions,
     offer: &Offer<'_>,
@@ -511,7 +511,7 @@ fn connect_streams(
             MigrationError::Stream {
                 index: i.into(),
                 peer: remote.clone(),
-                cause: e.to_string(),
+                cause: Box::new(e.into()),
             }
         })?;
         conns.push(c);
@@ -688,9 +688,7 @@ impl<'a> Session<'a> {
     fn host_keys(&mut self, keys: HostKeys) {
         let Some(keys) = keys else { return };
         self.input.expect_seq(2);
-        if let Some(d) = &mut self.sender.dedup {
-            d.set_host_keys(&keys);
-        }
+        self.sender.set_host_keys(&keys);
     }
 
     fn phase(&mut self, name: &str) {
@@ -783,7 +781,7 @@ impl<'a> Session<'a> {
     fn copy(&mut self, extents: &[(u64, u64)]) -> Result<(), MigrationError> {
         self.phase("copy");
         let chunks = protocol::chunks(extents, SPREAD_CHUNK);
-        let order: Vec<usize> = if self.sender.delta.is_some() {
+        let order: Vec<usize> = if self.sender.sends_deltas() {
             policy::spread_order(chunks.len())
         } else {
             (0..chunks.len()).collect()
@@ -817,7 +815,7 @@ impl<'a> Session<'a> {
     /// policy stops it), throttling a guest that outruns the link (auto-converge).
     fn sync(&mut self) -> Result<(), MigrationError> {
         self.phase("sync");
-        self.sender.resend = true;
+        self.sender.start_resending();
         let t_sync = Instant::now();
         let manual = locks::lock(&self.dirty).manual_protect();
         let mut history: Vec<u64> = Vec::new();
@@ -946,10 +944,7 @@ impl<'a> Session<'a> {
         self.sender.finish_direct()?;
         // The point of no return: a cancel from here on is refused.
         self.opts.cancel.commit()?;
-        let out = &mut self.sender.link.out;
-        out.send_state(&state)?;
-        out.send(Kind::Done, &[])?;
-        out.flush()?;
+        self.sender.send_state_and_done(&state)?;
         let sent_ms = t_pause.elapsed().as_millis();
         // From here the destination may hold everything: the source must not resume on its own.
         guard.armed = false;
@@ -998,16 +993,8 @@ impl<'a> Session<'a> {
         // Samples cover the migration, not the wait for the guest's verdict.
         let (samples, peak) = self.sampler.finish();
         let mut r = self.report;
-        r.pages = self.sender.pages.clone();
-        r.compression = self.sender.compression_report();
-        let cpu_src = thread_cpu_seconds() - cpu0 + self.sender.streams.cpu_seconds;
-        r.direct_send = Some(self.sender.direct_mechanism().to_string()).filter(|m| !m.is_empty());
-        r.direct_recv = Some(self.sender.direct_landing()).filter(|m| !m.is_empty());
-        r.delta = self.sender.delta.as_ref().map(|c| c.report.clone());
-        r.dedup_stopped_after_pages = self.sender.dedup_stopped_after;
-        r.zero_scan_stopped_after_pages = self.sender.zero_scan_stopped_after;
-        r.copy_left_to_sync_pages = self.sender.left_to_sync;
-        r.direct_copied_pages = self.sender.direct_copied;
+        self.sender.report_into(&mut r);
+        let cpu_src = thread_cpu_seconds() - cpu0 + self.sender.stream_cpu_seconds();
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
         // The guest verifies every page it wrote before the destination answers.

@@ -2,8 +2,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use migratable::Snapshot;
 use ram::{is_zero, GuestRam, PAGE_SIZE};
 use transport::ShutdownHandle;
+use zerocopy::IntoBytes;
 
 use super::compress::{Compressor, Job};
 use super::dedup::Dedup;
@@ -13,10 +15,9 @@ use super::page_set::PageSet;
 use super::streams::Streams;
 use crate::codec::{Choice, Codec, CodecPolicy};
 use crate::policy;
-use crate::protocol::{DeltaHead, PageBatch, RefHead, RefTo, RoundEnd, MAX_BATCH_PAGES};
+use crate::protocol::{DeltaHead, Kind, PageBatch, RefHead, RefTo, RoundEnd, MAX_BATCH_PAGES};
 use crate::report::{CompressionReport, PageCounts};
-use crate::{MigrationError, Wire};
-use zerocopy::IntoBytes;
+use crate::{MigrationError, Report, Wire};
 
 const PAGE: usize = PAGE_SIZE as usize;
 const BATCH_BYTES: usize = MAX_BATCH_PAGES * PAGE;
@@ -79,20 +80,20 @@ impl LinkMeter {
 
 /// Batches pages and writes them: on the control connection, or on page streams.
 pub(super) struct PageSender<'a> {
-    pub link: Link<'a>,
+    link: Link<'a>,
     ram: Arc<GuestRam>,
     batch: PageBatch,
     data: Vec<u8>,
     path: PagePath,
-    pub streams: Streams,
-    pub pages: PageCounts,
+    streams: Streams,
+    pages: PageCounts,
     /// The control connection's socket, to see what it has not delivered yet.
     control: ShutdownHandle,
     /// Last-sent pages, for deltas (tcp and compressed paths, unless `--no-delta`).
-    pub delta: Option<DeltaCache>,
+    delta: Option<DeltaCache>,
     delta_buf: Vec<u8>,
     /// Sync rounds: pages going out have gone before.
-    pub resend: bool,
+    resend: bool,
     /// Whole pages in the batch being built.
     batch_full: u64,
     /// During the copy: hot pages held back to go last (see [`Self::start_deferring`]).
@@ -101,18 +102,18 @@ pub(super) struct PageSender<'a> {
     /// leaves to the first sync round (manual protect keeps them in the log until then).
     written: Option<PageSet>,
     /// Pages the copy left to the first sync round.
-    pub left_to_sync: u64,
+    left_to_sync: u64,
     /// Pages the destination holds by content, for references (unless `--no-dedup`, or once
     /// they stopped paying).
-    pub dedup: Option<Dedup>,
+    dedup: Option<Dedup>,
     /// Pages looked up when references stopped paying.
-    pub dedup_stopped_after: Option<u64>,
+    dedup_stopped_after: Option<u64>,
     /// Direct pages read to find zero pages so far, and how many were.
     zero_scan: (u64, u64),
     /// Direct pages read when looking for zero pages stopped paying.
-    pub zero_scan_stopped_after: Option<u64>,
+    zero_scan_stopped_after: Option<u64>,
     /// Direct pages that went copied, in scattered batches ([`policy::copy_scattered`]).
-    pub direct_copied: u64,
+    direct_copied: u64,
     /// Batches built so far: the id of the next.
     batches: u64,
 }
@@ -127,6 +128,51 @@ enum Placed {
 }
 
 impl<'a> PageSender<'a> {
+    /// From the next page on, pages go again (sync rounds): their last-sent content is kept
+    /// for deltas, and nothing is looked up by content.
+    pub fn start_resending(&mut self) {
+        self.resend = true;
+    }
+
+    /// Whether re-sent pages go as deltas.
+    pub fn sends_deltas(&self) -> bool {
+        self.delta.is_some()
+    }
+
+    /// The keys of the destination host's page cache, for references to it.
+    pub fn set_host_keys(&mut self, keys: &[u8]) {
+        if let Some(d) = &mut self.dedup {
+            d.set_host_keys(keys);
+        }
+    }
+
+    /// The paused VM's state and the end of the migration's frames, on the control
+    /// connection.
+    pub fn send_state_and_done(&mut self, state: &Snapshot) -> Result<(), MigrationError> {
+        let out = &mut self.link.out;
+        out.send_state(state)?;
+        out.send(Kind::Done, &[])?;
+        Ok(out.flush()?)
+    }
+
+    /// CPU the page streams' threads used.
+    pub fn stream_cpu_seconds(&self) -> f64 {
+        self.streams.cpu_seconds
+    }
+
+    /// What the page path did, into the migration's report.
+    pub fn report_into(&mut self, r: &mut Report) {
+        r.pages = self.pages.clone();
+        r.compression = self.compression_report();
+        r.direct_send = Some(self.direct_mechanism().to_string()).filter(|m| !m.is_empty());
+        r.direct_recv = Some(self.direct_landing()).filter(|m| !m.is_empty());
+        r.delta = self.delta.as_ref().map(|c| c.report.clone());
+        r.dedup_stopped_after_pages = self.dedup_stopped_after;
+        r.zero_scan_stopped_after_pages = self.zero_scan_stopped_after;
+        r.copy_left_to_sync_pages = self.left_to_sync;
+        r.direct_copied_pages = self.direct_copied;
+    }
+
     pub fn new(
         link: Link<'a>,
         ram: Arc<GuestRam>,

@@ -101,13 +101,13 @@ impl Channel {
     /// Why the stream stopped, from its thread, naming the stream.
     fn failure(&mut self) -> MigrationError {
         let cause = match self.join() {
-            Err(e) => e.to_string(),
-            Ok(_) => "it stopped early".into(),
+            Err(e) => e,
+            Ok(_) => MigrationError::StoppedEarly,
         };
         MigrationError::Stream {
             index: self.index,
             peer: self.peer.clone(),
-            cause,
+            cause: Box::new(cause),
         }
     }
 
@@ -223,7 +223,7 @@ impl Streams {
             let f = ch.join().map_err(|e| MigrationError::Stream {
                 index: ch.index,
                 peer: ch.peer.clone(),
-                cause: e.to_string(),
+                cause: Box::new(e),
             })?;
             self.cpu_seconds += f.cpu_seconds;
             self.direct_mechanism.get_or_insert(f.direct_mechanism);

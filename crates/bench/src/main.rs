@@ -61,13 +61,7 @@ enum TestbedAction {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cliargs::init_logging();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

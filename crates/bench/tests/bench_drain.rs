@@ -5,7 +5,7 @@
 use std::process::Command;
 
 mod common;
-use common::{run_bench, BENCH};
+use common::{every_row, run_bench, BENCH};
 
 const LIVEMIG_ROWS: [(&str, &str); 5] = [
     ("tcp c2 (unoptimised)", "1g-1"),
@@ -41,19 +41,7 @@ fn bench_drain_smoke_has_every_row_verified() {
         .arg(dir.path());
     cmd.args(["--peer", "qemu"]);
     let (stdout, b) = run_bench(&mut cmd, dir.path());
-    let rows = b["rows"].as_array().unwrap();
-    let mut want: Vec<(&str, &str, &str)> = LIVEMIG_ROWS
-        .iter()
-        .map(|(c, l)| ("livemig", *c, *l))
-        .collect();
-    want.extend(QEMU_ROWS.iter().map(|(c, l)| ("qemu", *c, *l)));
-    assert_eq!(rows.len(), want.len(), "{stdout}");
-    for (peer, config, links) in want {
-        let r = rows
-            .iter()
-            .find(|r| r["peer"] == peer && r["config"] == config && r["links"] == links)
-            .unwrap_or_else(|| panic!("no row for {peer} {config} over {links}:\n{stdout}"));
-        assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+    for (peer, config, _, r) in every_row(&b, &LIVEMIG_ROWS, &QEMU_ROWS, &stdout) {
         assert_eq!(r["vms"], 3, "{r}");
         assert_eq!(
             r["verified"], 3,

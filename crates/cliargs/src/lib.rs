@@ -40,6 +40,17 @@ impl ImageArgs {
     }
 }
 
+/// Logs to stderr, filtered by `LIVEMIG_LOG` (a tracing env filter; default `warn`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// An option's value that does not parse, or credentials that do not go together or load.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum ArgError {

@@ -15,63 +15,6 @@ use host::child::AgentProcess;
 use host::{HostClient, VmInfo};
 use serde_json::Value;
 
-/// An agent named `name` on a free port of 127.0.0.1, with the test cluster's credentials.
-fn agent(dir: &Path, name: &str, args: &[&str]) -> (AgentProcess, String) {
-    agent_with(&livemig_exe(), dir, name, args)
-}
-
-fn agent_with(l: &Livemig, dir: &Path, name: &str, args: &[&str]) -> (AgentProcess, String) {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut all = vec!["--name", name];
-    all.extend_from_slice(args);
-    let a = l.host_serve(None, &listen, &dir.join(name), &all).unwrap();
-    (a, listen)
-}
-
-/// Starts VMs (NAME, MEMORY, WORKLOAD) on `a` and waits for their guests' first heartbeat.
-fn start_vms(a: &AgentProcess, vms: &[(&str, &str, &str)]) {
-    start_vms_with(a, vms, &[]);
-}
-
-/// [`start_vms`] with more `livemig run` arguments for each.
-fn start_vms_with(a: &AgentProcess, vms: &[(&str, &str, &str)], extra: &[&str]) {
-    for (i, (name, memory, workload)) in vms.iter().enumerate() {
-        let seed = (i + 1).to_string();
-        let mut args = vec![
-            "host",
-            "run",
-            "--host",
-            a.sock.to_str().unwrap(),
-            "--name",
-            name,
-            "--memory",
-            memory,
-            "--vcpus",
-            "1",
-            "--workload",
-            workload,
-            "--seed",
-            &seed,
-        ];
-        args.extend_from_slice(extra);
-        let out = livemig(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    wait(
-        Duration::from_secs(120),
-        "every guest's first heartbeat",
-        || {
-            a.client()
-                .list()
-                .is_ok_and(|l| l.iter().all(|v| v.heartbeat >= 1))
-        },
-    );
-}
-
 fn list(a: &AgentProcess) -> Vec<VmInfo> {
     a.client().list().unwrap()
 }
@@ -96,19 +39,6 @@ fn assert_all_beating(a: &AgentProcess) {
             v.name
         );
     }
-}
-
-fn drain_cmd(from: &AgentProcess, to: &AgentProcess, report: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(["drain", "--from"])
-        .arg(&from.sock)
-        .arg("--to")
-        .arg(&to.sock)
-        .arg("--report")
-        .arg(report)
-        .args(extra)
-        .envs(tls_env());
-    c
 }
 
 fn run_drain(

@@ -6,7 +6,6 @@ mod common;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,43 +15,9 @@ use common::*;
 use host::child::AgentProcess;
 use migration::MigrateRequest;
 
-/// An agent named `name` on a free port of 127.0.0.1.
-fn agent(dir: &Path, name: &str, args: &[&str]) -> (AgentProcess, String) {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut all = vec!["--name", name];
-    all.extend_from_slice(args);
-    let a = livemig_exe()
-        .host_serve(None, &listen, &dir.join(name), &all)
-        .unwrap();
-    (a, listen)
-}
-
-/// Starts `name` (128 MiB, `idle`) on `a` and waits for its guest's first heartbeat.
+/// Starts `name` (128 MiB) on `a` and waits for its guest's first heartbeat.
 fn start_vm(a: &AgentProcess, name: &str, workload: &str) {
-    let out = livemig(&[
-        "host",
-        "run",
-        "--host",
-        a.sock.to_str().unwrap(),
-        "--name",
-        name,
-        "--memory",
-        "128M",
-        "--vcpus",
-        "1",
-        "--workload",
-        workload,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait(Duration::from_secs(60), "the guest's heartbeat", || {
-        a.client()
-            .list()
-            .is_ok_and(|l| l.iter().any(|v| v.name == name && v.heartbeat >= 1))
-    });
+    start_vms(a, &[(name, "128M", workload)]);
 }
 
 /// Moves `name` from `from` to the agent listening on `to`; its report.
@@ -207,14 +172,7 @@ fn flooded(sources: &[IpAddr]) {
     std::thread::sleep(Duration::from_secs(flood_secs()));
     let under = move_vm(&a, "v2", &b_listen);
     let report = d.path().join("drain.json");
-    let out = Command::new(BIN)
-        .args(["drain", "--from"])
-        .arg(&a.sock)
-        .arg("--to")
-        .arg(&b.sock)
-        .args(["--address", &b_listen, "--report"])
-        .arg(&report)
-        .envs(tls_env())
+    let out = drain_cmd(&a, &b, &report, &["--address", &b_listen])
         .output()
         .unwrap();
     let held = hold.elapsed();
@@ -427,15 +385,7 @@ fn kvm_a_pace_below_the_minimum_is_refused_and_a_crawling_migration_cancels_at_o
         .unwrap()
         .unwrap();
     assert_eq!(p.phase, "cancelled", "{p:?}");
-    let out = livemig(&[
-        "migrate",
-        "--api",
-        api.to_str().unwrap(),
-        "--to",
-        &to,
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let out = migrate_to(&api, &to, &["--report", report.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -484,14 +434,7 @@ fn kvm_a_busy_destination_says_so_and_the_drain_waits_for_it() {
     // The drain asks B for its room first (max_inbound 1, nothing arriving in its plan), is
     // turned away while the slow one arrives, and goes again once it has.
     let report = d.path().join("drain.json");
-    let out = Command::new(BIN)
-        .args(["drain", "--from"])
-        .arg(&a.sock)
-        .arg("--to")
-        .arg(&b.sock)
-        .args(["--address", &b_listen, "--report"])
-        .arg(&report)
-        .envs(tls_env())
+    let out = drain_cmd(&a, &b, &report, &["--address", &b_listen])
         .output()
         .unwrap();
     assert!(holder.join().unwrap().is_ok());

@@ -10,32 +10,12 @@ use std::time::Duration;
 
 use common::*;
 
-/// A source VM: `livemig run` with `workload`, beating.
 fn source(dir: &Path, workload: &str, memory: &str) -> VmProcess {
-    let args: Vec<String> = [
-        "--memory",
-        memory,
-        "--vcpus",
-        "1",
-        "--workload",
-        workload,
-        "--console",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([dir.join("src.console").display().to_string()])
-    .collect();
-    let mut vm = livemig_exe()
-        .run(None, &args, &dir.join("src.sock"), None)
-        .unwrap();
-    vm.wait_heartbeat(2, Duration::from_secs(30)).unwrap();
-    vm
+    source_vm(dir, workload, memory, 1)
 }
 
 fn migrate(api: &Path, to: &str, extra: &[&str]) -> (bool, String, String) {
-    let mut args = vec!["migrate", "--api", api.to_str().unwrap(), "--to", to];
-    args.extend_from_slice(extra);
-    let out = livemig(&args);
+    let out = migrate_to(api, to, extra);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -32,3 +32,30 @@ pub fn run_bench(cmd: &mut Command, out: &Path) -> (String, serde_json::Value) {
     let b = serde_json::from_slice(&json).expect("bench.json is JSON");
     (stdout, b)
 }
+
+/// The rows of a bench's JSON, one for each of livemig's and QEMU's (config, links), and no
+/// others; each checked by `check`, with the printed output to show when it fails.
+pub fn every_row<'a>(
+    b: &'a serde_json::Value,
+    livemig_rows: &[(&str, &str)],
+    qemu_rows: &[(&str, &str)],
+    stdout: &str,
+) -> Vec<(&'static str, String, String, &'a serde_json::Value)> {
+    let rows = b["rows"].as_array().expect("bench.json has rows");
+    let want: Vec<(&'static str, &str, &str)> = livemig_rows
+        .iter()
+        .map(|(c, l)| ("livemig", *c, *l))
+        .chain(qemu_rows.iter().map(|(c, l)| ("qemu", *c, *l)))
+        .collect();
+    assert_eq!(rows.len(), want.len(), "{stdout}");
+    want.into_iter()
+        .map(|(peer, config, links)| {
+            let r = rows
+                .iter()
+                .find(|r| r["peer"] == peer && r["config"] == config && r["links"] == links)
+                .unwrap_or_else(|| panic!("no row for {peer} {config} over {links}:\n{stdout}"));
+            assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+            (peer, config.to_string(), links.to_string(), r)
+        })
+        .collect()
+}

@@ -89,6 +89,120 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A source VM in this directory (`livemig run`, API `src.sock`, console `src.console`) with
+/// `vcpus` vCPUs, its guest beating.
+pub fn source_vm(dir: &Path, workload: &str, memory: &str, vcpus: u8) -> VmProcess {
+    let vcpus = vcpus.to_string();
+    let args: Vec<String> = [
+        "--memory",
+        memory,
+        "--vcpus",
+        &vcpus,
+        "--workload",
+        workload,
+        "--console",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.join("src.console").display().to_string()])
+    .collect();
+    let mut vm = livemig_exe()
+        .run(None, &args, &dir.join("src.sock"), None)
+        .unwrap();
+    vm.wait_heartbeat(2, Duration::from_secs(30)).unwrap();
+    vm
+}
+
+/// `livemig migrate --api API --to TO EXTRA...` with the test cluster's credentials.
+pub fn migrate_to(api: &Path, to: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["migrate", "--api", api.to_str().unwrap(), "--to", to];
+    args.extend_from_slice(extra);
+    livemig(&args)
+}
+
+/// A host agent named `name` on a free port of 127.0.0.1, with `l`'s credentials; and the
+/// address it listens on.
+pub fn agent_with(
+    l: &Livemig,
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+) -> (host::child::AgentProcess, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut all = vec!["--name", name];
+    all.extend_from_slice(args);
+    let a = l.host_serve(None, &listen, &dir.join(name), &all).unwrap();
+    (a, listen)
+}
+
+/// [`agent_with`] the test cluster's credentials.
+pub fn agent(dir: &Path, name: &str, args: &[&str]) -> (host::child::AgentProcess, String) {
+    agent_with(&livemig_exe(), dir, name, args)
+}
+
+/// `livemig drain --from A --to B --report REPORT EXTRA...`, to run or spawn.
+pub fn drain_cmd(
+    from: &host::child::AgentProcess,
+    to: &host::child::AgentProcess,
+    report: &Path,
+    extra: &[&str],
+) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["drain", "--from"])
+        .arg(&from.sock)
+        .arg("--to")
+        .arg(&to.sock)
+        .arg("--report")
+        .arg(report)
+        .args(extra)
+        .envs(tls_env());
+    c
+}
+
+/// Starts VMs (NAME, MEMORY, WORKLOAD) on `a` and waits for their guests' first heartbeat.
+pub fn start_vms(a: &host::child::AgentProcess, vms: &[(&str, &str, &str)]) {
+    start_vms_with(a, vms, &[]);
+}
+
+/// [`start_vms`] with more `livemig run` arguments for each.
+pub fn start_vms_with(a: &host::child::AgentProcess, vms: &[(&str, &str, &str)], extra: &[&str]) {
+    for (i, (name, memory, workload)) in vms.iter().enumerate() {
+        let seed = (i + 1).to_string();
+        let mut args = vec![
+            "host",
+            "run",
+            "--host",
+            a.sock.to_str().unwrap(),
+            "--name",
+            name,
+            "--memory",
+            memory,
+            "--vcpus",
+            "1",
+            "--workload",
+            workload,
+            "--seed",
+            &seed,
+        ];
+        args.extend_from_slice(extra);
+        let out = livemig(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait(
+        Duration::from_secs(120),
+        "every guest's first heartbeat",
+        || {
+            a.client()
+                .list()
+                .is_ok_and(|l| l.iter().all(|v| v.heartbeat >= 1))
+        },
+    );
+}
+
 /// Builds the foreign PVH guest (tests/fixtures/hello_pvh.S) with the host C compiler.
 pub fn build_foreign_kernel(dir: &Path) -> PathBuf {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");

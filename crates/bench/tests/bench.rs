@@ -5,7 +5,7 @@
 use std::process::Command;
 
 mod common;
-use common::{every_row, run_bench, BENCH};
+use common::{bench_with_qemu, every_row, run_bench, BENCH};
 
 const LIVEMIG_ROWS: [(&str, &str); 8] = [
     ("tcp", "1g-1"),
@@ -31,20 +31,20 @@ const QEMU_ROWS: [(&str, &str); 4] = [
 )]
 fn bench_transports_smoke_has_every_row_verified() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(BENCH);
-    cmd.args(["transports", "--memory", "256M", "--scale", "0.25"])
-        .args([
+    let (stdout, b) = bench_with_qemu(
+        &[
+            "transports",
+            "--memory",
+            "256M",
+            "--scale",
+            "0.25",
             "--testbed",
             "lmsmoke",
             "--run-ms",
             "1000",
-            "--goodput-secs",
-            "1",
-        ])
-        .arg("--out")
-        .arg(dir.path());
-    cmd.args(["--peer", "qemu"]);
-    let (stdout, b) = run_bench(&mut cmd, dir.path());
+        ],
+        dir.path(),
+    );
     for (peer, config, links, r) in every_row(&b, &LIVEMIG_ROWS, &QEMU_ROWS, &stdout) {
         assert_eq!(
             r["verified"], true,

@@ -5,7 +5,7 @@
 use std::process::Command;
 
 mod common;
-use common::{every_row, run_bench, BENCH};
+use common::{bench_with_qemu, every_row, BENCH};
 
 const LIVEMIG_ROWS: [(&str, &str); 5] = [
     ("tcp c2 (unoptimised)", "1g-1"),
@@ -27,20 +27,20 @@ const QEMU_ROWS: [(&str, &str); 3] = [
 )]
 fn bench_drain_smoke_has_every_row_verified() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(BENCH);
-    cmd.args(["drain", "--vms", "3", "--vm-memory", "128M"])
-        .args([
+    let (stdout, b) = bench_with_qemu(
+        &[
+            "drain",
+            "--vms",
+            "3",
+            "--vm-memory",
+            "128M",
             "--scale",
             "0.5",
             "--testbed",
             "lmdrain",
-            "--goodput-secs",
-            "1",
-        ])
-        .arg("--out")
-        .arg(dir.path());
-    cmd.args(["--peer", "qemu"]);
-    let (stdout, b) = run_bench(&mut cmd, dir.path());
+        ],
+        dir.path(),
+    );
     for (peer, config, _, r) in every_row(&b, &LIVEMIG_ROWS, &QEMU_ROWS, &stdout) {
         assert_eq!(r["vms"], 3, "{r}");
         assert_eq!(

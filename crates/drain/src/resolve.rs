@@ -25,69 +25,69 @@ pub enum Verdict {
     Lost(String),
 }
 
+/// What the destination's agent says of migration `session`, asked to abandon it if it is
+/// still arriving: a final fate (`Confirmed`, `NeverRan` or `Unknown`), or, after
+/// [`ASK_TIMES`] tries a second apart, why there is none.
+fn settled_fate(d: &crate::survey::Dest, session: u64) -> Result<IncomingFate, String> {
+    let mut last = String::from("no answer");
+    for _ in 0..ASK_TIMES {
+        match d.client.incoming(session, true) {
+            Ok(IncomingFate::Arriving) => last = "it is still arriving there".into(),
+            Ok(fate) => return Ok(fate),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Err(last)
+}
+
+/// What an agent's refusal says, without the HTTP wrapping.
+fn message(err: &ApiError) -> String {
+    match err {
+        ApiError::Refused { message, .. } => message.clone(),
+        e => e.to_string(),
+    }
+}
+
 /// The VM's process on the source died during its migration (the source's agent lists it
 /// `failed`): it runs on the destination if that host confirms it, and nowhere otherwise.
 pub fn source_died(s: &Survey, dest: usize, name: &str, session: u64, err: &ApiError) -> Verdict {
     let d = &s.dests[dest];
-    let died = match err {
-        ApiError::Refused { message, .. } => message.clone(),
-        e => e.to_string(),
-    };
-    let mut last = String::from("no answer");
-    for _ in 0..ASK_TIMES {
-        match d.client.incoming(session, true) {
-            Ok(IncomingFate::Confirmed) => return verified_there(s, dest, name, &died),
-            Ok(IncomingFate::NeverRan | IncomingFate::Unknown) => {
-                return Verdict::Lost(format!("{died}; it never ran on {}", d.name))
-            }
-            Ok(IncomingFate::Arriving) => last = "it is still arriving there".into(),
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_secs(1));
+    let died = message(err);
+    match settled_fate(d, session) {
+        Ok(IncomingFate::Confirmed) => verified_there(s, dest, name, &died),
+        Ok(_) => Verdict::Lost(format!("{died}; it never ran on {}", d.name)),
+        Err(last) => Verdict::Lost(format!(
+            "{died}; {} could not say whether it runs there ({last})",
+            d.name
+        )),
     }
-    Verdict::Lost(format!(
-        "{died}; {} could not say whether it runs there ({last})",
-        d.name
-    ))
 }
 
 pub fn resolve(s: &Survey, dest: usize, name: &str, session: u64, err: &ApiError) -> Verdict {
     let d = &s.dests[dest];
-    let lost = match err {
-        ApiError::Refused { message, .. } => message.clone(),
-        e => e.to_string(),
-    };
-    let mut last = String::from("no answer");
-    for _ in 0..ASK_TIMES {
-        match d.client.incoming(session, true) {
-            Ok(IncomingFate::Confirmed) => return confirmed(s, dest, name, &lost),
-            Ok(IncomingFate::NeverRan) => {
-                return match s.client.resume(name) {
-                    Ok(_) => Verdict::Resumed(format!(
-                        "{lost}; {} proved it never ran there, so it runs here again",
-                        d.name
-                    )),
-                    Err(e) => Verdict::Unresolved(format!(
-                        "{lost}; it never ran on {}, but resuming it here failed: {e}",
-                        d.name
-                    )),
-                }
-            }
-            Ok(IncomingFate::Unknown) => {
-                return Verdict::Unresolved(format!(
-                    "{lost}; {} does not know migration {session:#x}: left paused here",
-                    d.name
-                ))
-            }
-            Ok(IncomingFate::Arriving) => last = "it is still arriving there".into(),
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_secs(1));
+    let lost = message(err);
+    match settled_fate(d, session) {
+        Ok(IncomingFate::Confirmed) => confirmed(s, dest, name, &lost),
+        Ok(IncomingFate::NeverRan) => match s.client.resume(name) {
+            Ok(_) => Verdict::Resumed(format!(
+                "{lost}; {} proved it never ran there, so it runs here again",
+                d.name
+            )),
+            Err(e) => Verdict::Unresolved(format!(
+                "{lost}; it never ran on {}, but resuming it here failed: {e}",
+                d.name
+            )),
+        },
+        Ok(_) => Verdict::Unresolved(format!(
+            "{lost}; {} does not know migration {session:#x}: left paused here",
+            d.name
+        )),
+        Err(last) => Verdict::Unresolved(format!(
+            "{lost}; {} could not settle it ({last}): left paused here",
+            d.name
+        )),
     }
-    Verdict::Unresolved(format!(
-        "{lost}; {} could not settle it ({last}): left paused here",
-        d.name
-    ))
 }
 
 /// The VM runs on the destination: discard the source's copy and ask the guest there to

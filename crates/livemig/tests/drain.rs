@@ -41,6 +41,32 @@ fn assert_all_beating(a: &AgentProcess) {
     }
 }
 
+/// A drain of one VM at a time at `rate`, in name order, in the background (its output piped).
+fn slow_drain(
+    a: &AgentProcess,
+    b: &AgentProcess,
+    report: &Path,
+    rate: &str,
+) -> std::process::Child {
+    drain_cmd(
+        a,
+        b,
+        report,
+        &[
+            "--max-bandwidth",
+            rate,
+            "--concurrency",
+            "1",
+            "--order",
+            "name",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
 fn run_drain(
     from: &AgentProcess,
     to: &AgentProcess,
@@ -277,23 +303,7 @@ fn kvm_drain_reports_a_vm_whose_process_died_as_its_agent_does() {
     let (b, _) = agent(d.path(), "b", &[]);
     start_vms(&a, &[("doomed", "256M", "sql"), ("fine", "128M", "idle")]);
     let report = d.path().join("drain.json");
-    let mut drain = drain_cmd(
-        &a,
-        &b,
-        &report,
-        &[
-            "--max-bandwidth",
-            "300Mbit",
-            "--concurrency",
-            "1",
-            "--order",
-            "name",
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut drain = slow_drain(&a, &b, &report, "300Mbit");
     receiver_in_copy(&a, &b, "doomed", 8 << 20);
     let pid = list(&a).iter().find(|v| v.name == "doomed").unwrap().pid;
     Command::new("kill")
@@ -364,23 +374,7 @@ fn kvm_drain_interrupted_leaves_every_vm_running_exactly_once() {
     ];
     start_vms(&a, &vms);
     let report = d.path().join("drain.json");
-    let mut drain = drain_cmd(
-        &a,
-        &b,
-        &report,
-        &[
-            "--max-bandwidth",
-            "200Mbit",
-            "--concurrency",
-            "1",
-            "--order",
-            "name",
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut drain = slow_drain(&a, &b, &report, "200Mbit");
     receiver_in_copy(&a, &b, "v1", 4 << 20);
     let t = Instant::now();
     Command::new("kill")

@@ -10,27 +10,13 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    build_foreign_kernel, free_port, livemig, livemig_exe, wait, KillOnDrop, Livemig, VmProcess,
-    BIN,
+    build_foreign_kernel, free_port, livemig, livemig_exe, source_vm, wait, KillOnDrop, Livemig,
+    VmProcess, BIN,
 };
 
 fn source(dir: &Path, workload: &str, memory: &str) -> (VmProcess, PathBuf) {
-    let api = dir.join("src.sock");
-    let args: Vec<String> = [
-        "--memory",
-        memory,
-        "--vcpus",
-        "2",
-        "--workload",
-        workload,
-        "--console",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([dir.join("src.console").display().to_string()])
-    .collect();
-    let mut vm = livemig_exe().run(None, &args, &api, None).unwrap();
-    vm.wait_heartbeat(2, Duration::from_secs(30)).unwrap();
+    let vm = source_vm(dir, workload, memory, 2);
+    let api = vm.api.clone();
     (vm, api)
 }
 

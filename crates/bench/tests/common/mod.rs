@@ -33,6 +33,16 @@ pub fn run_bench(cmd: &mut Command, out: &Path) -> (String, serde_json::Value) {
     (stdout, b)
 }
 
+/// `livemig-bench ARGS --goodput-secs 1 --out DIR --peer qemu` run to the end (see
+/// [`run_bench`]).
+pub fn bench_with_qemu(args: &[&str], out: &Path) -> (String, serde_json::Value) {
+    let mut cmd = Command::new(BENCH);
+    cmd.args(args)
+        .args(["--goodput-secs", "1", "--peer", "qemu", "--out"])
+        .arg(out);
+    run_bench(&mut cmd, out)
+}
+
 /// The rows of a bench's JSON, one for each of livemig's and QEMU's (config, links), and no
 /// others; each checked by `check`, with the printed output to show when it fails.
 pub fn every_row<'a>(

@@ -317,6 +317,11 @@ mod tests {
             .arg(&api)
             .spawn()
             .unwrap();
+        // Until the child has exec'd, its command line reads empty.
+        let t = Instant::now();
+        while !serves(vm.id(), &api) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let other = d.path().join("other.sock");
         assert!(Adopted::take(vm.id(), &other).is_none(), "not that VM's");
         let a = Adopted::take(vm.id(), &api).expect("it serves api.sock");

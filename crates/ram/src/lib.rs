@@ -18,6 +18,11 @@ use vm_memory::{
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
+/// Guest memory as the VMM's devices write it (virtqueues, DMA): the same memfd mapped once
+/// more, with vm-memory's bitmap recording every page written through it, so that a
+/// migration's dirty log can merge the device's writes with the guest's.
+pub type DmaMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 pub const PAGE_SIZE: u64 = 4096;
 /// RAM below this address; the rest goes above 4 GiB.
 pub const LOW_RAM_END: u64 = 0xC000_0000;
@@ -181,6 +186,8 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
     size: u64,
     file: std::sync::Arc<File>,
+    /// The devices' view, made on first use.
+    dma: std::sync::OnceLock<DmaMemory>,
 }
 
 impl GuestRam {
@@ -189,28 +196,23 @@ impl GuestRam {
             return Err(MemoryError::BadSize(size));
         }
         let file = std::sync::Arc::new(memfd(c"livemig-guest-ram", size)?);
-        let mut regions = Vec::new();
-        for r in layout(size) {
-            let map_err = |source| MemoryError::Map {
-                addr: r.guest,
-                size: r.len,
-                source,
-            };
-            let len = usize::try_from(r.len).map_err(|_| MemoryError::BadSize(size))?;
-            let region = MmapRegion::<()>::build(
-                Some(FileOffset::from_arc(file.clone(), r.file_offset)),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-            )
-            .map_err(map_err)?;
-            regions.push(
-                GuestRegionMmap::new(region, GuestAddress(r.guest))
-                    .ok_or(vm_memory::GuestRegionCollectionError::NoMemoryRegion)?,
-            );
+        let mem = map(&file, size)?;
+        Ok(GuestRam {
+            mem,
+            size,
+            file,
+            dma: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The devices' view of guest RAM: what they write through it is in its regions'
+    /// bitmaps (one bit a page, regions as [`layout`]), read by a migration's dirty log.
+    pub fn dma(&self) -> Result<&DmaMemory, MemoryError> {
+        if let Some(d) = self.dma.get() {
+            return Ok(d);
         }
-        let mem = GuestMemoryMmap::from_regions(regions)?;
-        Ok(GuestRam { mem, size, file })
+        let d = map(&self.file, self.size)?;
+        Ok(self.dma.get_or_init(|| d))
     }
 
     /// Bytes of guest RAM.
@@ -378,6 +380,34 @@ impl GuestRam {
     }
 }
 
+/// The memfd mapped shared, region by region as [`layout`] says, with bitmap `B` per region.
+fn map<B: vm_memory::bitmap::NewBitmap>(
+    file: &std::sync::Arc<File>,
+    size: u64,
+) -> Result<vm_memory::GuestMemoryMmap<B>, MemoryError> {
+    let mut regions = Vec::new();
+    for r in layout(size) {
+        let map_err = |source| MemoryError::Map {
+            addr: r.guest,
+            size: r.len,
+            source,
+        };
+        let len = usize::try_from(r.len).map_err(|_| MemoryError::BadSize(size))?;
+        let region = MmapRegion::<B>::build(
+            Some(FileOffset::from_arc(file.clone(), r.file_offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(map_err)?;
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(r.guest))
+                .ok_or(vm_memory::GuestRegionCollectionError::NoMemoryRegion)?,
+        );
+    }
+    Ok(vm_memory::GuestMemoryMmap::from_regions(regions)?)
+}
+
 /// A memfd of `size` bytes (sparse: nothing is backed until written).
 pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File, MemoryError> {
     let err = |source| MemoryError::Memfd { size, source };
@@ -435,6 +465,28 @@ mod tests {
             vec![(20, 24)],
         ]);
         assert_eq!(joined, vec![(0, 4), (8, 16), (20, 24)]);
+    }
+
+    /// What the devices' view writes is guest RAM, and its bitmap says which pages.
+    #[test]
+    fn writes_through_the_dma_view_land_in_ram_and_in_its_bitmap() {
+        let ram = GuestRam::new((3 << 30) + (8 << 20)).unwrap();
+        let dma = ram.dma().unwrap();
+        dma.write_slice(&[7u8; 16], GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
+        dma.write_slice(&[9u8; 8], GuestAddress(HIGH_RAM_START + PAGE_SIZE))
+            .unwrap();
+        let mut b = [0u8; 16];
+        ram.read_at(5 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [7u8; 16]);
+        ram.read_at(LOW_RAM_END + PAGE_SIZE, &mut b[..8]).unwrap();
+        assert_eq!(b[..8], [9u8; 8]);
+        let maps: Vec<Vec<u64>> = dma.iter().map(|r| r.bitmap().get_and_reset()).collect();
+        assert_eq!(maps[0][0], 1 << 5);
+        assert_eq!(maps[1][0], 1 << 1);
+        assert!(dma
+            .iter()
+            .all(|r| r.bitmap().get_and_reset().iter().all(|w| *w == 0)));
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! KVM dirty-page logging for guest RAM (mechanism only; the migration engine decides when),
-//! as [`migratable::DirtyLog`]: each KVM memory slot is a RAM region of the log.
+//! Dirty-page logging for guest RAM (mechanism only; the migration engine decides when), as
+//! [`migratable::DirtyLog`]: each KVM memory slot is a RAM region of the log, and its bits
+//! are what KVM logged of the guest's writes merged with what the VMM's devices wrote through
+//! their view of RAM ([`ram::GuestRam::dma`], whose bitmaps record every write).
 //!
 //! With KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_GET_DIRTY_LOG only reads the bitmap and
 //! KVM_CLEAR_DIRTY_LOG re-protects exactly the pages we are about to send, so the
@@ -17,6 +19,7 @@ use vmm_sys_util::ioctl_iowr_nr;
 
 use migratable::{DirtyBitmap, DirtyLogError};
 use ram::{HostRegion, PAGE_SIZE};
+use vm_memory::GuestMemoryBackend;
 
 use crate::vm::KvmVm;
 
@@ -28,6 +31,8 @@ pub struct DirtyLog {
     slots: Vec<(u32, HostRegion)>,
     manual: bool,
     enabled: bool,
+    /// Per slot, pages the devices wrote that a fetch reported and no clear re-armed yet.
+    devices: Vec<Vec<u64>>,
 }
 
 fn kvm_error(op: &'static str, slot: u32) -> impl FnOnce(kvm_ioctls::Error) -> DirtyLogError {
@@ -56,7 +61,26 @@ impl DirtyLog {
             slots,
             manual,
             enabled: false,
+            devices: Vec::new(),
         }
+    }
+
+    /// Takes what the devices wrote since the last look into `devices` (per slot).
+    fn gather_device_writes(&mut self) -> Result<(), DirtyLogError> {
+        let dma = self.vm.ram.dma().map_err(|e| DirtyLogError::Source {
+            op: "mapping the devices' view of guest RAM",
+            region: 0,
+            source: Box::new(e),
+        })?;
+        self.devices.resize(self.slots.len(), Vec::new());
+        for (acc, region) in self.devices.iter_mut().zip(dma.iter()) {
+            let bits = region.bitmap().get_and_reset();
+            acc.resize(acc.len().max(bits.len()), 0);
+            for (a, b) in acc.iter_mut().zip(bits) {
+                *a |= b;
+            }
+        }
+        Ok(())
     }
 
     fn set_flags(&mut self, flags: u32) -> Result<(), DirtyLogError> {
@@ -83,6 +107,9 @@ impl migratable::DirtyLog for DirtyLog {
     /// Starts logging: from now on every guest write is recorded.
     fn start(&mut self) -> Result<(), DirtyLogError> {
         self.set_flags(KVM_MEM_LOG_DIRTY_PAGES)?;
+        // Device writes before now are in RAM already: the copy reads them.
+        self.gather_device_writes()?;
+        self.devices.clear();
         self.enabled = true;
         Ok(())
     }
@@ -106,22 +133,33 @@ impl migratable::DirtyLog for DirtyLog {
 
     /// Pages written since the last fetch (manual protect: since the last clear of each page).
     fn fetch(&mut self) -> Result<Vec<DirtyBitmap>, DirtyLogError> {
-        self.slots
+        self.gather_device_writes()?;
+        let maps = self
+            .slots
             .iter()
-            .map(|&(slot, r)| {
+            .zip(&self.devices)
+            .map(|(&(slot, r), devices)| {
                 let range = r.range;
-                let bits = self
+                let mut bits = self
                     .vm
                     .fd
                     .get_dirty_log(slot, range.len as usize)
                     .map_err(kvm_error("KVM_GET_DIRTY_LOG", slot))?;
+                for (b, d) in bits.iter_mut().zip(devices) {
+                    *b |= d;
+                }
                 Ok(DirtyBitmap {
                     region: slot,
                     range,
                     bits,
                 })
             })
-            .collect()
+            .collect();
+        if !self.manual {
+            // Get-and-clear: what was fetched is the engine's now.
+            self.devices.iter_mut().for_each(|d| d.fill(0));
+        }
+        maps
     }
 
     /// Re-arms tracking for these pages before they are read and sent; a no-op without manual
@@ -129,6 +167,13 @@ impl migratable::DirtyLog for DirtyLog {
     fn clear(&mut self, b: &DirtyBitmap) -> Result<(), DirtyLogError> {
         if !self.manual || b.count() == 0 {
             return Ok(());
+        }
+        if let Some(d) = self.slots.iter().position(|(s, _)| *s == b.region) {
+            if let Some(devices) = self.devices.get_mut(d) {
+                for (w, c) in devices.iter_mut().zip(&b.bits) {
+                    *w &= !c;
+                }
+            }
         }
         // KVM reads `num_pages` bits from the bitmap: it must be one of ours, whole.
         let slot = self.slots.iter().find(|(s, _)| *s == b.region);

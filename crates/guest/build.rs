@@ -8,7 +8,14 @@ fn main() {
     let dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let kernel = dir.join("kernel");
-    for f in ["entry.S", "main.c", "abi.h", "link.ld"] {
+    for f in [
+        "entry.S",
+        "main.c",
+        "devices.c",
+        "guest.h",
+        "abi.h",
+        "link.ld",
+    ] {
         println!("cargo:rerun-if-changed=kernel/{f}");
     }
     // cc finds the host compiler the same way it would for any -sys crate.
@@ -49,6 +56,7 @@ fn main() {
         .arg(&elf)
         .arg(kernel.join("entry.S"))
         .arg(kernel.join("main.c"))
+        .arg(kernel.join("devices.c"))
         .status()
         .expect("the host C compiler runs (install gcc)");
     assert!(

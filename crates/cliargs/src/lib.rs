@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use guest::memory_profile::{OsImage, DEFAULT_IMAGE_SHARE_PCT};
+use migratable::{DeviceConfig, DiskConfig};
 use migration::protocol::Transport;
 use migration::MigrateRequest;
 use transport::tls::{Tls, TlsFiles};
@@ -71,6 +72,89 @@ pub enum ArgError {
     Tls(#[from] transport::tls::TlsError),
     /// no TLS credentials: give --tls-cert, --tls-key and --tls-ca (create them with `livemig tls init`), or --insecure to run plaintext
     NoCredentials,
+    /// --{option} {value:?}: {why}
+    Device {
+        option: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// A VM's disks and NICs (`run`, `host run`, `demo`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DeviceArgs {
+    /// A disk: virtio-blk on a raw image; repeat for more. The VM holds the image's lock (one
+    /// writer per image) while it runs here.
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+}
+
+impl DeviceArgs {
+    /// The devices, disks first, in the order given.
+    pub fn devices(&self) -> Vec<DeviceConfig> {
+        self.disks.iter().cloned().map(DeviceConfig::Disk).collect()
+    }
+}
+
+/// `key=value,...` pairs of a device option.
+fn device_options<'a>(
+    option: &'static str,
+    s: &'a str,
+    keys: &[&str],
+) -> Result<Vec<(&'a str, &'a str)>, ArgError> {
+    let bad = |why: String| ArgError::Device {
+        option,
+        value: s.to_string(),
+        why,
+    };
+    s.split(',')
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{kv:?} is not key=value")))?;
+            if !keys.contains(&k) {
+                return Err(bad(format!(
+                    "unknown key {k:?} (expected {})",
+                    keys.join(", ")
+                )));
+            }
+            Ok((k, v))
+        })
+        .collect()
+}
+
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// `path=FILE[,readonly=on]`; a relative path is taken from the current directory.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ArgError> {
+    let bad = |why: &str| ArgError::Device {
+        option: "disk",
+        value: s.to_string(),
+        why: why.to_string(),
+    };
+    let mut path = None;
+    let mut readonly = false;
+    for (k, v) in device_options("disk", s, &["path", "readonly"])? {
+        match k {
+            "path" => path = Some(v),
+            _ => readonly = on_off(v).ok_or_else(|| bad("readonly is on or off"))?,
+        }
+    }
+    let path = path
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| bad("path=FILE is missing"))?;
+    let path = std::path::absolute(path).map_err(|e| bad(&e.to_string()))?;
+    let d = DiskConfig { path, readonly };
+    DeviceConfig::Disk(d.clone())
+        .check()
+        .map_err(|e| bad(&e.to_string()))?;
+    Ok(d)
 }
 
 pub fn parse_size(s: &str) -> Result<u64, ArgError> {

@@ -29,5 +29,16 @@
 #define RESULT_PANIC 3
 /* payload: pages in the working set; sent once the workers run */
 #define RESULT_READY 4
+/* payload: disk writes acknowledged by the device so far; sent every heartbeat */
+#define RESULT_DISK_ACKED 5
+/* A disk check, sent before the memory verdict of the same verify: the counts of lost (reads
+ * back as never written), stale (an older version) and torn (sectors of different versions or
+ * corrupt) blocks, then the blocks checked, which completes it. */
+#define RESULT_DISK_LOST 6
+#define RESULT_DISK_STALE 7
+#define RESULT_DISK_TORN 8
+#define RESULT_DISK_CHECKED 9
+/* payload: frames received and frames sent by the NIC (low and high 32 bits); every heartbeat */
+#define RESULT_NET 10
 
 #endif

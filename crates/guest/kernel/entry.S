@@ -136,6 +136,26 @@ lapic_timer_isr:
 spurious_isr:
     iretq
 
+/* Device interrupts (MSI-X): vector DEVICE_VECTOR_BASE + n sets bit n of irq_pending; the
+ * vCPU that serves the devices wakes from hlt and looks at their queues. */
+.macro DEVICE_ISR n
+device_isr_\n:
+    lock orl $(1 << \n), irq_pending(%rip)
+    push %rax
+    mov $0xFEE000B0, %eax
+    movl $0, (%rax)
+    pop %rax
+    iretq
+.endm
+    DEVICE_ISR 0
+    DEVICE_ISR 1
+    DEVICE_ISR 2
+    DEVICE_ISR 3
+    DEVICE_ISR 4
+    DEVICE_ISR 5
+    DEVICE_ISR 6
+    DEVICE_ISR 7
+
 .macro EXC_NOERR n
     .globl exc_\n
 exc_\n:
@@ -188,6 +208,10 @@ exception_stubs:
     .quad exc_0, exc_1, exc_2, exc_3, exc_4, exc_5, exc_6, exc_7
     .quad exc_8, exc_9, exc_10, exc_11, exc_12, exc_13, exc_14, exc_15
     .quad exc_16, exc_17, exc_18, exc_19, exc_20, exc_21
+    .globl device_isrs
+device_isrs:
+    .quad device_isr_0, device_isr_1, device_isr_2, device_isr_3
+    .quad device_isr_4, device_isr_5, device_isr_6, device_isr_7
 
 /* GDT: null, 32-bit code, data, 64-bit code. */
     .balign 16

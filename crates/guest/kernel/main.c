@@ -5,16 +5,9 @@
  * it can check that memory holds what it last wrote, prints a heartbeat on COM1 and answers a
  * verify command from its VMM. Parameters come from the PVH command line (key=value, spaces).
  */
-#include <stdint.h>
-#include <stddef.h>
 #include "abi.h"
+#include "guest.h"
 
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
-
-#define PAGE 4096ULL
 #define MIB (1024ULL * 1024)
 #define GIB (1024ULL * MIB)
 #define MAX_CPUS 64
@@ -43,16 +36,6 @@ extern const u64 exception_stubs[22];
 extern char lapic_timer_isr[], spurious_isr[];
 
 /* ---- low level ---- */
-static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(p)); }
-static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(p)); }
-static inline u8 inb(u16 p) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u64 rdtsc(void) {
-    u32 lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((u64)hi << 32) | lo;
-}
-static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
-static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 static inline u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }
 static inline void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
 
@@ -92,7 +75,7 @@ static char *fmt_u64(char *end, u64 v, int base) {
     return end;
 }
 /* Minimal printf: %s %u (u64) %x (u64, 0x-prefixed). */
-static void print(const char *fmt, ...) {
+void print(const char *fmt, ...) {
     __builtin_va_list ap;
     char buf[24];
     __builtin_va_start(ap, fmt);
@@ -115,7 +98,7 @@ static void print(const char *fmt, ...) {
     __builtin_va_end(ap);
 }
 
-static void report(u32 status, u64 payload) {
+void report(u32 status, u64 payload) {
     outl(PORT_RESULT_LO, (u32)payload);
     outl(PORT_RESULT_HI, (u32)(payload >> 32));
     outl(PORT_RESULT, status);
@@ -137,6 +120,7 @@ void exception_handler(u64 *frame) {
 enum pattern { PAT_SEQ, PAT_UNIFORM, PAT_ZIPF };
 static struct {
     u64 ws_bytes, ws_off, rate, seed, tsc_khz, hb_ms;
+    struct devices_cfg dev;
     u32 vcpus, workers, burst, hot_pct, hot_write_pct;
     enum pattern pattern;
     int rate_max, style_burst;
@@ -159,6 +143,22 @@ static u64 parse_num(const char *s, size_t n) {
     }
     return v;
 }
+/* A.B.C.D/N */
+static void parse_ip(const char *s, size_t n, u32 *ip, u32 *prefix) {
+    u32 v = 0, part = 0, dots = 0;
+    size_t i = 0;
+    for (; i < n && s[i] != '/'; i++) {
+        if (s[i] == '.') {
+            v = (v << 8) | (part & 0xff);
+            part = 0;
+            dots++;
+        } else if (s[i] >= '0' && s[i] <= '9') part = part * 10 + (u32)(s[i] - '0');
+    }
+    v = (v << 8) | (part & 0xff);
+    if (dots != 3) return;
+    *ip = v;
+    *prefix = i < n ? (u32)parse_num(s + i + 1, n - i - 1) : 24;
+}
 static void apply_param(const char *k, size_t kn, const char *v, size_t vn) {
     u64 n = parse_num(v, vn);
     if (streq(k, "ws", kn)) cfg.ws_bytes = n;
@@ -169,6 +169,9 @@ static void apply_param(const char *k, size_t kn, const char *v, size_t vn) {
     } else if (streq(k, "seed", kn)) cfg.seed = n;
     else if (streq(k, "tsc_khz", kn)) cfg.tsc_khz = n;
     else if (streq(k, "hb_ms", kn)) cfg.hb_ms = n;
+    else if (streq(k, "disk", kn)) cfg.dev.disk_rate = n;
+    else if (streq(k, "disk_blocks", kn)) cfg.dev.disk_blocks = n;
+    else if (streq(k, "ip", kn)) parse_ip(v, vn, &cfg.dev.ip, &cfg.dev.prefix);
     else if (streq(k, "vcpus", kn)) cfg.vcpus = (u32)n;
     else if (streq(k, "workers", kn)) cfg.workers = (u32)n;
     else if (streq(k, "burst", kn)) cfg.burst = (u32)n;
@@ -224,7 +227,7 @@ static u32 nsegs;
 static u64 ram_top;
 static u64 bump;
 
-static void *bump_alloc(u64 bytes) {
+void *bump_alloc(u64 bytes) {
     u64 p = (bump + PAGE - 1) & ~(PAGE - 1);
     bump = p + ((bytes + PAGE - 1) & ~(PAGE - 1));
     return (void *)p;
@@ -279,7 +282,8 @@ static inline u64 *page_ptr(u64 idx) {
 }
 
 /* ---- time ---- */
-static u64 tsc_khz, lapic_per_ms;
+u64 tsc_khz;
+static u64 lapic_per_ms;
 
 static u64 calibrate_tsc_with_pit(void) {
     const u64 ms = 50;
@@ -306,10 +310,12 @@ static void calibrate_lapic(void) {
     lapic_per_ms = (0xFFFFFFFFULL - left) / 10;
 }
 /* Sleeps with hlt on the LAPIC one-shot timer so an idle guest costs its host nothing. */
-static void sleep_until(u64 deadline) {
+void sleep_until(u64 deadline) {
     for (;;) {
         u64 now = rdtsc();
         if (now >= deadline) return;
+        /* A device interrupt ends the sleep of the vCPU that serves the devices. */
+        if (irq_pending && lapic_read(0x20) == 0) return;
         if (!lapic_per_ms) {
             cpu_relax();
             continue;
@@ -349,6 +355,7 @@ static void idt_init(void) {
     for (int v = 0; v < 22; v++) idt_set(v, exception_stubs[v]);
     idt_set(TIMER_VECTOR, (u64)lapic_timer_isr);
     idt_set(SPURIOUS_VECTOR, (u64)spurious_isr);
+    for (int v = 0; v < DEVICE_VECTORS; v++) idt_set(DEVICE_VECTOR_BASE + v, device_isrs[v]);
     idt_ptr.limit = sizeof idt - 1;
     idt_ptr.base = (u64)idt;
     idt_load();
@@ -369,7 +376,7 @@ static volatile u32 park_request, parked, ap_started, ap_cpu_id;
 /* Pages written per worker, for the heartbeat line (one writer each, read racily). */
 static volatile u64 pages_written[MAX_CPUS];
 
-static inline u64 mix64(u64 x) {
+u64 mix64(u64 x) {
     x ^= x >> 33;
     x *= 0xff51afd7ed558ccdULL;
     x ^= x >> 33;
@@ -501,6 +508,8 @@ static void maybe_park(void) {
 }
 
 static void verify(void) {
+    /* The disk's verdict goes first: the memory verdict completes a verify for the VMM. */
+    devices_verify();
     park_request = 1;
     while (parked != cfg.workers - 1) sleep_until(rdtsc() + tsc_khz);
     u64 checked = 0, bad = 0, first_bad = 0;
@@ -595,6 +604,7 @@ void kmain(u32 start_info_paddr) {
     u64 want = cfg.ws_bytes / PAGE;
     gen = bump_alloc(want * sizeof(u32));
     zero_words((u64 *)gen, (want * sizeof(u32) + 7) / 8);
+    devices_init(&cfg.dev);
     u64 stacks = bump + (u64)cfg.workers * (AP_STACK + PAGE);
     u64 avail = build_segments(si, (stacks + 2 * MIB - 1) & ~(2 * MIB - 1));
     ws_pages = want < avail ? want : avail;
@@ -617,6 +627,7 @@ void kmain(u32 start_info_paddr) {
         if (now >= next_hb) {
             hb++;
             print("HB %u writes=%u\n", hb, total_written());
+            devices_heartbeat();
             outl(PORT_HEARTBEAT, (u32)hb);
             u8 cmd = inb(PORT_COMMAND);
             if (cmd == CMD_VERIFY || ((inb(0x3f8 + 5) & 1) && inb(0x3f8) == SERIAL_CMD_VERIFY)) verify();
@@ -626,6 +637,11 @@ void kmain(u32 start_info_paddr) {
             if (next_hb < now) next_hb = now + hb_tsc;
         }
         u64 next = writer_step(&w, now);
-        if (next) sleep_until(next < next_hb ? next : next_hb);
+        u64 dev = devices_poll(rdtsc());
+        if (next) {
+            u64 until = next < next_hb ? next : next_hb;
+            if (dev && dev < until) until = dev;
+            sleep_until(until);
+        }
     }
 }

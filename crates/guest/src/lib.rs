@@ -31,7 +31,7 @@ pub mod abi {
 pub enum WorkloadError {
     #[error("unknown workload preset {0:?} (expected idle, web, sql or stress)")]
     UnknownPreset(String),
-    #[error("unknown workload key {0:?} (expected ws, wsoff, pattern, rate, style, burst, workers, hot, hotw, seed, hb_ms)")]
+    #[error("unknown workload key {0:?} (expected ws, wsoff, pattern, rate, style, burst, workers, hot, hotw, seed, hb_ms, disk, disk_blocks, ip)")]
     UnknownKey(String),
     #[error("bad value {value:?} for workload key {key}: {why}")]
     BadValue {
@@ -87,7 +87,19 @@ pub struct WorkloadSpec {
     pub hot_write_pct: u32,
     pub seed: u64,
     pub heartbeat_ms: u64,
+    /// Stamped block writes a second to the VM's first disk (0: none).
+    #[serde(default)]
+    pub disk_rate: u64,
+    /// 4 KiB blocks of the disk it writes over (default: 4096, or fewer on a small disk).
+    #[serde(default)]
+    pub disk_blocks: Option<u64>,
+    /// The address its first NIC answers ARP, ICMP echo and UDP echo on: `A.B.C.D/N`.
+    #[serde(default)]
+    pub ip: Option<String>,
 }
+
+/// The most disk blocks the guest tracks (4 bytes each in its RAM).
+pub const MAX_DISK_BLOCKS: u64 = 1 << 20;
 
 pub const PRESETS: [&str; 4] = ["idle", "web", "sql", "stress"];
 
@@ -100,7 +112,11 @@ impl WorkloadSpec {
     /// memory, the generation table of its working set (4 bytes a page), the offset and the
     /// working set.
     pub fn written_bytes(&self) -> u64 {
-        GUEST_OWN_BYTES + self.ws_bytes / 1024 + self.ws_offset + self.ws_bytes
+        GUEST_OWN_BYTES
+            + self.disk_blocks.unwrap_or(4096) * 4
+            + self.ws_bytes / 1024
+            + self.ws_offset
+            + self.ws_bytes
     }
 
     /// A named preset sized for a VM of `memory` bytes.
@@ -118,6 +134,9 @@ impl WorkloadSpec {
             hot_write_pct: 90,
             seed: 1,
             heartbeat_ms: 250,
+            disk_rate: 0,
+            disk_blocks: None,
+            ip: None,
         };
         Ok(match name {
             "idle" => WorkloadSpec {
@@ -233,6 +252,15 @@ impl WorkloadSpec {
                 n @ 10..=60_000 => self.heartbeat_ms = n,
                 _ => return Err(bad("expected 10..=60000 ms")),
             },
+            "disk" => self.disk_rate = num()?,
+            "disk_blocks" => match num()? {
+                n @ 1..=MAX_DISK_BLOCKS => self.disk_blocks = Some(n),
+                _ => return Err(bad("expected 1..=1048576 blocks")),
+            },
+            "ip" => {
+                parse_ipv4_net(value).ok_or_else(|| bad("expected A.B.C.D/N with N in 1..=30"))?;
+                self.ip = Some(value.to_string());
+            }
             other => return Err(WorkloadError::UnknownKey(other.to_string())),
         }
         Ok(())
@@ -269,11 +297,27 @@ impl WorkloadSpec {
             " vcpus={vcpus} workers={workers} hot={} hotw={} seed={} hb_ms={}",
             self.hot_pct, self.hot_write_pct, self.seed, self.heartbeat_ms
         );
+        if self.disk_rate > 0 {
+            let _ = write!(s, " disk={}", self.disk_rate);
+        }
+        if let Some(n) = self.disk_blocks {
+            let _ = write!(s, " disk_blocks={n}");
+        }
+        if let Some(ip) = &self.ip {
+            let _ = write!(s, " ip={ip}");
+        }
         if let Some(khz) = tsc_khz {
             let _ = write!(s, " tsc_khz={khz}");
         }
         s
     }
+}
+
+/// `A.B.C.D/N`: the address and prefix length (1..=30).
+pub fn parse_ipv4_net(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (a, n) = s.split_once('/')?;
+    let n: u8 = n.parse().ok().filter(|n| (1..=30).contains(n))?;
+    Some((a.parse().ok()?, n))
 }
 
 /// `123`, `64K`, `512M`, `2G` (powers of 1024).
@@ -387,12 +431,16 @@ mod tests {
 
     #[test]
     fn cmdline_round_trips_every_field() {
-        let s = WorkloadSpec::parse("stress,burst=16,workers=8,seed=9,hb_ms=100", GIB).unwrap();
+        let s = WorkloadSpec::parse(
+            "stress,burst=16,workers=8,seed=9,hb_ms=100,disk=50,disk_blocks=512,ip=10.77.9.10/24",
+            GIB,
+        )
+        .unwrap();
         let c = s.cmdline(2, Some(2_500_000));
         assert_eq!(
             c,
             format!(
-                "ws={} wsoff=0 pattern=uniform rate=max style=burst burst=16 vcpus=2 workers=2 hot=10 hotw=90 seed=9 hb_ms=100 tsc_khz=2500000",
+                "ws={} wsoff=0 pattern=uniform rate=max style=burst burst=16 vcpus=2 workers=2 hot=10 hotw=90 seed=9 hb_ms=100 disk=50 disk_blocks=512 ip=10.77.9.10/24 tsc_khz=2500000",
                 GIB / 2
             )
         );

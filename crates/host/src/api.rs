@@ -91,6 +91,9 @@ pub struct RunRequest {
     pub name: String,
     pub memory: u64,
     pub vcpus: u8,
+    /// Its disks and NICs.
+    #[serde(default)]
+    pub devices: Vec<migratable::DeviceConfig>,
     /// Further `livemig run` arguments (workload, memory profile, kernel, ...).
     #[serde(default)]
     pub args: Vec<String>,

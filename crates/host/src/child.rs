@@ -335,6 +335,25 @@ impl Livemig {
     }
 }
 
+/// `livemig run` options that give a VM `devices`.
+pub fn device_args(devices: &[migratable::DeviceConfig]) -> Vec<String> {
+    use migratable::DeviceConfig;
+    devices
+        .iter()
+        .flat_map(|d| match d {
+            DeviceConfig::Disk(d) => [
+                "--disk".to_string(),
+                format!(
+                    "path={}{}",
+                    d.path.display(),
+                    if d.readonly { ",readonly=on" } else { "" }
+                ),
+            ],
+            DeviceConfig::Net(n) => ["--net".to_string(), format!("tap={},mac={}", n.tap, n.mac)],
+        })
+        .collect()
+}
+
 /// A `livemig host serve` process. Dropping it stops the agent and every VM process it ran
 /// (they outlive an agent by design, but not a test or a bench).
 pub struct AgentProcess {

@@ -28,6 +28,8 @@ pub struct DemoArgs {
     #[arg(long, default_value = "server")]
     pub memory_profile: MemoryProfile,
     #[command(flatten)]
+    pub devices: crate::args::DeviceArgs,
+    #[command(flatten)]
     pub migrate: MigrateArgs,
     #[command(flatten)]
     pub transport: TransportArgs,
@@ -109,8 +111,8 @@ fn boot_source(a: &DemoArgs) -> Result<Vm, Box<dyn std::error::Error>> {
     let written = spec.written_bytes();
     let kernel = crate::workload_kernel(spec);
     let config = VmConfig {
-        memory: a.memory,
-        vcpus: a.vcpus,
+        devices: a.devices.devices(),
+        ..VmConfig::new(a.memory, a.vcpus)
     };
     let prefill = crate::profile_prefill(
         Some(Content {

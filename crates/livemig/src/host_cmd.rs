@@ -99,6 +99,8 @@ pub struct RunArgs {
     seed: u64,
     #[command(flatten)]
     image: crate::args::ImageArgs,
+    #[command(flatten)]
+    devices: crate::args::DeviceArgs,
 }
 
 pub fn main(cmd: HostCmd) -> CmdResult {
@@ -189,6 +191,7 @@ fn run(a: RunArgs) -> CmdResult {
             name: a.name,
             memory: a.memory,
             vcpus: a.vcpus,
+            devices: a.devices.devices(),
             args,
         })?;
     print!("{}", table(&[vm]));

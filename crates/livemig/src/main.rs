@@ -59,6 +59,8 @@ struct VmArgs {
     seed: u64,
     #[command(flatten)]
     image: args::ImageArgs,
+    #[command(flatten)]
+    devices: args::DeviceArgs,
     /// COM1 output file (default: stdout).
     #[arg(long)]
     console: Option<PathBuf>,
@@ -418,8 +420,8 @@ fn run_vm(a: VmArgs) -> CmdResult {
         }
     };
     let config = VmConfig {
-        memory: a.memory,
-        vcpus: a.vcpus,
+        devices: a.devices.devices(),
+        ..VmConfig::new(a.memory, a.vcpus)
     };
     let content = a.memory_profile.or(default_profile).map(|profile| Content {
         profile,
@@ -506,8 +508,13 @@ fn restore(
 fn verify(api: &Path, timeout: Duration) -> CmdResult {
     let r = Client::new(api).verify(timeout)?;
     print_json(&r)?;
+    // A guest with a disk checks it first: its last check is this verify's.
+    let disk_ok = r
+        .disk
+        .and_then(|d| d.last_check)
+        .is_none_or(|c| c.bad() == 0);
     Ok(match r.last_verify {
-        Some(VerifyResult::Ok { .. }) => ExitCode::SUCCESS,
+        Some(VerifyResult::Ok { .. }) if disk_ok => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     })
 }

@@ -247,16 +247,13 @@ fn kvm_a_silent_authenticated_peer_frees_its_inbound_slot_within_the_peer_timeou
         protocol::read_hello_reply(&mut c.reader, &hello).unwrap();
         let mut w = FrameWriter::new(&mut c.writer);
         w.send_config(&Prepare {
-            vm: vmm::VmConfig {
-                memory: 64 << 20,
-                vcpus: 1,
-            },
+            vm: vmm::VmConfig::new(64 << 20, 1),
             streams: 0,
             session,
             name: Some(format!("ghost-{session}")),
             origin: None,
             host_cache: None,
-            sections: vmm::state::sections(),
+            sections: vmm::state::sections(&vmm::VmConfig::new(64 << 20, 1)),
         })
         .unwrap();
         w.flush().unwrap();

@@ -315,16 +315,13 @@ fn kvm_receiver_refuses_extents_beyond_guest_ram() {
     use migration::protocol::{FrameWriter, Prepare};
     let mut w = FrameWriter::new(hello(migration::protocol::VERSION));
     w.send_config(&Prepare {
-        vm: vmm::VmConfig {
-            memory: 64 << 20,
-            vcpus: 1,
-        },
+        vm: vmm::VmConfig::new(64 << 20, 1),
         streams: 0,
         session: 1,
         name: None,
         origin: None,
         host_cache: None,
-        sections: vmm::state::sections(),
+        sections: vmm::state::sections(&vmm::VmConfig::new(64 << 20, 1)),
     })
     .unwrap();
     w.send_extents(&[(0, 4096), (60 << 20, 1 << 30)]).unwrap();

@@ -30,6 +30,163 @@ pub const MAX_VCPUS: u8 = 64;
 pub struct VmConfig {
     pub memory: u64,
     pub vcpus: u8,
+    /// Its disks and NICs, in the order they sit on the PCI bus.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// The most devices a VM may have (PCI slots after the host bridge).
+pub const MAX_DEVICES: usize = 31;
+
+impl VmConfig {
+    /// A VM without devices.
+    pub fn new(memory: u64, vcpus: u8) -> Self {
+        VmConfig {
+            memory,
+            vcpus,
+            devices: Vec::new(),
+        }
+    }
+
+    /// Each device with its name (`disk0`, `net0`: the nth of its kind).
+    pub fn named_devices(&self) -> Vec<(String, &DeviceConfig)> {
+        let (mut disks, mut nets) = (0, 0);
+        self.devices
+            .iter()
+            .map(|d| {
+                let name = match d {
+                    DeviceConfig::Disk(_) => {
+                        disks += 1;
+                        format!("disk{}", disks - 1)
+                    }
+                    DeviceConfig::Net(_) => {
+                        nets += 1;
+                        format!("net{}", nets - 1)
+                    }
+                };
+                (name, d)
+            })
+            .collect()
+    }
+
+    /// Whether the devices are ones a VMM could build (a peer's config is checked before
+    /// anything is built from it).
+    pub fn check_devices(&self) -> Result<(), DeviceConfigError> {
+        if self.devices.len() > MAX_DEVICES {
+            return Err(DeviceConfigError::TooMany(self.devices.len()));
+        }
+        self.devices.iter().try_for_each(DeviceConfig::check)
+    }
+}
+
+/// A device of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DeviceConfig {
+    Disk(DiskConfig),
+    Net(NetConfig),
+}
+
+/// A virtio-blk disk on a raw image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: std::path::PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A virtio-net NIC on a tap device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: MacAddr,
+}
+
+/// An Ethernet address, written `52:54:00:12:34:56`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = DeviceConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || DeviceConfigError::Mac(s.to_string());
+        let mut m = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut m {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() || m[0] & 1 == 1 {
+            return Err(bad());
+        }
+        Ok(MacAddr(m))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why a device's configuration is not one to build.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum DeviceConfigError {
+    /// {0} devices: a VM has at most 31
+    TooMany(usize),
+    /// a disk needs an absolute path to its image, not {0:?}
+    DiskPath(String),
+    /// a tap device's name is 1 to 15 characters of letters, digits, '-', '_' and '.', not {0:?}
+    TapName(String),
+    /// {0:?} is not a unicast MAC address (six hex pairs with colons)
+    Mac(String),
+}
+
+impl DeviceConfig {
+    pub fn check(&self) -> Result<(), DeviceConfigError> {
+        match self {
+            DeviceConfig::Disk(d) => {
+                let ok = d.path.is_absolute() && d.path.as_os_str().len() <= 4096;
+                if !ok {
+                    return Err(DeviceConfigError::DiskPath(d.path.display().to_string()));
+                }
+            }
+            DeviceConfig::Net(n) => {
+                let ok = (1..=15).contains(&n.tap.len())
+                    && n.tap
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !ok {
+                    return Err(DeviceConfigError::TapName(n.tap.clone()));
+                }
+                if n.mac.0[0] & 1 == 1 {
+                    return Err(DeviceConfigError::Mac(n.mac.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// An error of boxed cause: the VMM's own error behind each operation.
@@ -48,6 +205,8 @@ pub enum MigratableError {
     Restore(Cause),
     /// building the VM: {0}
     Build(Cause),
+    /// handing the VM's devices over to the destination: {0}
+    HandOver(Cause),
     /// the VM's state: {0}
     Sections(#[from] SnapshotError),
     /// the dirty log: {0}
@@ -94,10 +253,18 @@ pub trait Snapshottable {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verdict", rename_all = "kebab-case")]
 pub enum GuestVerdict {
-    /// Every page it wrote holds what it last wrote.
-    Verified { pages: u64 },
+    /// Every page it wrote holds what it last wrote, and every disk block the device
+    /// acknowledged holds its last version (`disk_blocks` checked, when it has a disk).
+    Verified {
+        pages: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk_blocks: Option<u64>,
+    },
     /// A page does not.
     Corrupt { first_bad_addr: u64 },
+    /// Disk blocks do not: read back as never written (lost), as an older version (stale), or
+    /// of mixed versions or corrupt (torn).
+    DiskCorrupt { lost: u64, stale: u64, torn: u64 },
     /// It did not answer within the time it had.
     NoAnswer,
     /// The guest cannot check itself.
@@ -121,6 +288,12 @@ pub trait Migratable: Pausable + Snapshottable + Send {
     /// [`Self::unyield`] or a pause; returns their nice value from now.
     fn yield_to(&mut self, by: i32) -> Result<i32, MigratableError>;
     fn unyield(&mut self);
+    /// The VM is about to run elsewhere (its last state is captured, the destination is
+    /// about to get it): give up what only one host may hold, such as its disks' locks. A
+    /// resume here takes them back.
+    fn hand_over(&mut self) -> Result<(), MigratableError> {
+        Ok(())
+    }
     /// The VM runs on `to` now: stop it here for good.
     fn migrated(&mut self, to: &str);
     /// Asks the running guest to check its memory, waiting at most `timeout`.

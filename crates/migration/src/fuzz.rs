@@ -91,10 +91,7 @@ pub fn payload(data: &[u8]) {
     let Ok(frame) = decode(kind, payload) else {
         return;
     };
-    let vm = migratable::VmConfig {
-        memory: LIMIT,
-        vcpus: 1,
-    };
+    let vm = migratable::VmConfig::new(LIMIT, 1);
     // Extents come first, before any page.
     let state = if matches!(frame, Frame::Extents(_)) {
         ReceiveMigrationState::AwaitingExtents { vm }

@@ -89,10 +89,7 @@ fn state_json() -> Vec<u8> {
 fn traffic() -> Vec<Vec<u8>> {
     let mut w = FrameWriter::new(Vec::new());
     w.send_config(&Prepare {
-        vm: migratable::VmConfig {
-            memory: 64 << 20,
-            vcpus: 1,
-        },
+        vm: migratable::VmConfig::new(64 << 20, 1),
         streams: 0,
         session: 9,
         name: Some("db".into()),

@@ -12,6 +12,7 @@ mod transport;
 mod worker;
 
 pub mod block;
+pub mod net;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -70,6 +71,11 @@ pub enum DeviceError {
     },
     /// {0} must be paused for this
     NotPaused(String),
+    /// {device}'s state: {source}
+    State {
+        device: String,
+        source: migratable::SnapshotError,
+    },
 }
 
 /// What a virtio device is and does, behind the transport.
@@ -110,4 +116,65 @@ pub trait VirtioDevice: Send + 'static {
     fn restored_vm_runs(&mut self) {}
     /// What the device reports in the VM's status.
     fn status(&self) -> serde_json::Value;
+}
+
+/// A device as the VM sees it when it pauses, saves, restores or moves: one object-safe face
+/// for every kind of device on the bus.
+pub trait Device: pci::PciDevice {
+    fn name(&self) -> &str;
+    /// Stops the device's I/O, completing and flushing what is in flight.
+    fn pause(&mut self) -> Result<(), DeviceError>;
+    /// Takes back what a move gave up, then restarts the device's I/O.
+    fn resume(&mut self) -> Result<(), DeviceError>;
+    /// The paused device's state, as the section named after it.
+    fn snapshot(&self) -> Result<migratable::Snapshot, DeviceError>;
+    /// Loads the device's section into this freshly built device.
+    fn restore(&mut self, s: &migratable::Snapshot) -> Result<(), DeviceError>;
+    fn hand_over(&mut self) -> Result<(), DeviceError>;
+    fn status(&self) -> serde_json::Value;
+}
+
+/// The version of the state sections [`Device::snapshot`] writes.
+pub const SECTION_VERSION: u16 = 1;
+
+impl<D: VirtioDevice> Device for VirtioPci<D> {
+    fn name(&self) -> &str {
+        VirtioPci::name(self)
+    }
+
+    fn pause(&mut self) -> Result<(), DeviceError> {
+        VirtioPci::pause(self)
+    }
+
+    fn resume(&mut self) -> Result<(), DeviceError> {
+        VirtioPci::resume(self)
+    }
+
+    fn snapshot(&self) -> Result<migratable::Snapshot, DeviceError> {
+        let state = self.state()?;
+        migratable::Snapshot::new(self.name(), SECTION_VERSION, &state).map_err(|source| {
+            DeviceError::State {
+                device: self.name().to_string(),
+                source,
+            }
+        })
+    }
+
+    fn restore(&mut self, s: &migratable::Snapshot) -> Result<(), DeviceError> {
+        let state = s
+            .state(SECTION_VERSION)
+            .map_err(|source| DeviceError::State {
+                device: self.name().to_string(),
+                source,
+            })?;
+        VirtioPci::restore(self, &state)
+    }
+
+    fn hand_over(&mut self) -> Result<(), DeviceError> {
+        self.device_mut().hand_over()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.device().status()
+    }
 }

@@ -1,11 +1,13 @@
-//! Port I/O devices: the COM1 16550 (vm-superio), the guest agent ports (a heartbeat, and a
-//! command/result exchange through which a guest that can verifies its own memory), and an
-//! isa-debug-exit compatible exit port.
+//! What vCPUs exit for: port I/O to the COM1 16550 (vm-superio), the guest agent ports (a
+//! heartbeat, and a command/result exchange through which a guest that can verifies its own
+//! memory), an isa-debug-exit compatible exit port and the PCI configuration ports; MMIO to
+//! the PCI devices' BARs.
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use pci::{PciBus, CONFIG_ADDRESS};
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
@@ -27,6 +29,12 @@ pub mod abi {
     pub const RESULT_VERIFY_BAD: u32 = 2;
     pub const RESULT_PANIC: u32 = 3;
     pub const RESULT_READY: u32 = 4;
+    pub const RESULT_DISK_ACKED: u32 = 5;
+    pub const RESULT_DISK_LOST: u32 = 6;
+    pub const RESULT_DISK_STALE: u32 = 7;
+    pub const RESULT_DISK_TORN: u32 = 8;
+    pub const RESULT_DISK_CHECKED: u32 = 9;
+    pub const RESULT_NET: u32 = 10;
 }
 
 pub const COM1_BASE: u16 = 0x3f8;
@@ -103,6 +111,40 @@ pub enum VerifyResult {
     Bad { first_bad_addr: u64 },
 }
 
+/// The guest's check of its disk: blocks it read back, and those that were not what the
+/// device had acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCheck {
+    pub checked: u64,
+    pub lost: u64,
+    pub stale: u64,
+    pub torn: u64,
+}
+
+impl DiskCheck {
+    pub fn bad(&self) -> u64 {
+        self.lost + self.stale + self.torn
+    }
+}
+
+/// The workload guest's disk: writes the device acknowledged, and its last check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub acked_writes: u64,
+    pub last_check: Option<DiskCheck>,
+    pub checks: u64,
+    /// The check being reported (its counts come before its total).
+    #[serde(skip)]
+    partial: DiskCheck,
+}
+
+/// The workload guest's NIC: frames it received and sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetReport {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+}
+
 /// What the workload guest has told us through its ports; survives snapshot and migration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestReport {
@@ -111,6 +153,10 @@ pub struct GuestReport {
     pub last_verify: Option<VerifyResult>,
     pub verify_count: u64,
     pub panic_rip: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetReport>,
 }
 
 /// Guest status shared between vCPU threads and the API.
@@ -189,19 +235,33 @@ impl GuestStatus {
     }
 }
 
-/// All port I/O the vCPUs exit for.
+/// All port I/O and MMIO the vCPUs exit for.
 pub struct IoBus {
     pub serial: Mutex<SerialDevice>,
     pub status: GuestStatus,
+    pci: Arc<PciBus>,
     console_failed: AtomicBool,
 }
 
 impl IoBus {
-    pub fn new(serial: SerialDevice) -> Self {
+    pub fn new(serial: SerialDevice, pci: Arc<PciBus>) -> Self {
         IoBus {
             serial: Mutex::new(serial),
             status: GuestStatus::default(),
+            pci,
             console_failed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.pci.mmio_read(addr, data) {
+            tracing::trace!("read of unclaimed MMIO {addr:#x}");
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.pci.mmio_write(addr, data) {
+            tracing::trace!("write to unclaimed MMIO {addr:#x}");
         }
     }
 
@@ -265,9 +325,37 @@ impl IoBus {
                     }),
                     abi::RESULT_PANIC => s.update(|r| r.panic_rip = Some(payload)),
                     abi::RESULT_READY => s.update(|r| r.ready_pages = Some(payload)),
+                    abi::RESULT_DISK_ACKED => {
+                        s.update(|r| r.disk.get_or_insert_default().acked_writes = payload)
+                    }
+                    abi::RESULT_DISK_LOST => {
+                        s.update(|r| r.disk.get_or_insert_default().partial.lost = payload)
+                    }
+                    abi::RESULT_DISK_STALE => {
+                        s.update(|r| r.disk.get_or_insert_default().partial.stale = payload)
+                    }
+                    abi::RESULT_DISK_TORN => {
+                        s.update(|r| r.disk.get_or_insert_default().partial.torn = payload)
+                    }
+                    abi::RESULT_DISK_CHECKED => s.update(|r| {
+                        let d = r.disk.get_or_insert_default();
+                        let check = DiskCheck {
+                            checked: payload,
+                            ..std::mem::take(&mut d.partial)
+                        };
+                        d.last_check = Some(check);
+                        d.checks += 1;
+                    }),
+                    abi::RESULT_NET => s.update(|r| {
+                        r.net = Some(NetReport {
+                            rx_frames: payload & 0xffff_ffff,
+                            tx_frames: payload >> 32,
+                        })
+                    }),
                     other => tracing::debug!("unknown guest result code {other}"),
                 }
             }
+            CONFIG_ADDRESS..=0xcff => self.pci.pio_write(port, data),
             EXIT_PORT => {
                 *locks::lock(&self.status.exit_code) = Some(data[0]);
                 self.status.stop.store(true, Ordering::SeqCst);
@@ -281,6 +369,7 @@ impl IoBus {
             COM1_BASE..=0x3ff => {
                 data[0] = locks::lock(&self.serial).read((port - COM1_BASE) as u8);
             }
+            CONFIG_ADDRESS..=0xcff => self.pci.pio_read(port, data),
             abi::PORT_COMMAND => {
                 data[0] = self
                     .status
@@ -311,7 +400,7 @@ mod tests {
         let out = std::sync::Arc::new(Mutex::new(Vec::new()));
         let trig = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let serial = Serial::new(trig, Box::new(Sink(out.clone())) as Box<dyn Write + Send>);
-        (IoBus::new(serial), out)
+        (IoBus::new(serial, Arc::new(PciBus::new())), out)
     }
 
     #[test]

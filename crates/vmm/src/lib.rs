@@ -8,6 +8,7 @@ pub mod api;
 pub mod boot;
 pub mod devices;
 pub mod dirty;
+pub mod pci_devices;
 pub mod priority;
 pub mod snapshot;
 pub mod state;

@@ -468,7 +468,7 @@ pub(crate) mod tests {
             tsc_khz: Some(2_600_000),
         };
         VmState {
-            config: VmConfig { memory, vcpus: 1 },
+            config: VmConfig::new(memory, 1),
             vcpus: vec![vcpu],
             pic_master: Default::default(),
             pic_slave: kvm_bindings::kvm_irqchip {
@@ -495,8 +495,10 @@ pub(crate) mod tests {
                 last_verify: Some(VerifyResult::Ok { pages: 99 }),
                 verify_count: 1,
                 panic_rip: None,
+                ..Default::default()
             },
             skipped: vec![Skipped::new("nested state", "not offered")],
+            devices: Vec::new(),
         }
     }
 

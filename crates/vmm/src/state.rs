@@ -36,6 +36,9 @@ pub struct VmState {
     pub uart: UartState,
     pub guest: GuestReport,
     pub skipped: Vec<Skipped>,
+    /// Each device's section, named after it (`disk0`).
+    #[serde(default)]
+    pub devices: Vec<Snapshot>,
 }
 
 /// The interrupt controllers' state, one section.
@@ -46,9 +49,10 @@ struct Irqchips {
     ioapic: kvm_irqchip,
 }
 
-/// The sections a VM's state is made of, each at the version this VMM writes and reads.
-pub fn sections() -> Vec<SectionId> {
-    [
+/// The sections the state of a VM of `config` is made of, each at the version this VMM
+/// writes and reads: the VM's own, then one per device.
+pub fn sections(config: &VmConfig) -> Vec<SectionId> {
+    let vm = [
         "config",
         "vcpus",
         "irqchip",
@@ -59,8 +63,12 @@ pub fn sections() -> Vec<SectionId> {
         "skipped",
     ]
     .into_iter()
-    .map(|id| SectionId::new(id, 1))
-    .collect()
+    .map(|id| SectionId::new(id, 1));
+    let devices = config
+        .named_devices()
+        .into_iter()
+        .map(|(name, _)| SectionId::new(name, virtio_devices::SECTION_VERSION));
+    vm.chain(devices).collect()
 }
 
 impl VmState {
@@ -77,25 +85,24 @@ impl VmState {
             pic_slave: self.pic_slave,
             ioapic: self.ioapic,
         };
-        Ok(Snapshot::node(
-            "vm",
-            1,
-            vec![
-                Snapshot::new("config", 1, &self.config)?,
-                Snapshot::node("vcpus", 1, vcpus),
-                Snapshot::new("irqchip", 1, &irqchip)?,
-                Snapshot::new("pit", 1, &self.pit)?,
-                Snapshot::new("clock", 1, &self.clock)?,
-                Snapshot::new("com1", 1, &self.uart)?,
-                Snapshot::new("guest-port", 1, &self.guest)?,
-                Snapshot::new("skipped", 1, &self.skipped)?,
-            ],
-        ))
+        let mut sections = vec![
+            Snapshot::new("config", 1, &self.config)?,
+            Snapshot::node("vcpus", 1, vcpus),
+            Snapshot::new("irqchip", 1, &irqchip)?,
+            Snapshot::new("pit", 1, &self.pit)?,
+            Snapshot::new("clock", 1, &self.clock)?,
+            Snapshot::new("com1", 1, &self.uart)?,
+            Snapshot::new("guest-port", 1, &self.guest)?,
+            Snapshot::new("skipped", 1, &self.skipped)?,
+        ];
+        sections.extend(self.devices.iter().cloned());
+        Ok(Snapshot::node("vm", 1, sections))
     }
 
     /// The state from its sections: any section or version this VMM does not know is refused.
     pub fn from_snapshot(s: &Snapshot) -> Result<Self, SnapshotError> {
-        migratable::check_sections(&sections(), &s.manifest())?;
+        let config: VmConfig = s.section("config")?.state(1)?;
+        migratable::check_sections(&sections(&config), &s.manifest())?;
         let vcpus_node = s.section("vcpus")?;
         if vcpus_node.version != 1 {
             return Err(SnapshotError::Version {
@@ -110,8 +117,14 @@ impl VmState {
             .map(|v| v.state::<VcpuState>(1))
             .collect::<Result<Vec<_>, _>>()?;
         let irq: Irqchips = s.section("irqchip")?.state(1)?;
+        let devices = config
+            .named_devices()
+            .into_iter()
+            .map(|(name, _)| s.section(&name).cloned())
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmState {
-            config: s.section("config")?.state(1)?,
+            devices,
+            config,
             vcpus,
             pic_master: irq.pic_master,
             pic_slave: irq.pic_slave,
@@ -143,7 +156,7 @@ mod tests {
     fn state_round_trips_through_sections_and_unknown_ones_are_refused() {
         let s = crate::snapshot::tests::sample_state(64 << 20);
         let snap = s.to_snapshot().unwrap();
-        assert_eq!(snap.manifest(), sections());
+        assert_eq!(snap.manifest(), sections(&s.config));
         let back =
             VmState::from_snapshot(&Snapshot::from_bytes(&snap.to_bytes()).unwrap()).unwrap();
         assert_eq!(back.to_bytes(), s.to_bytes());

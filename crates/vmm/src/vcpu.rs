@@ -630,8 +630,8 @@ impl VcpuThread {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => self.io.pio_write(port, data),
                     VcpuExit::IoIn(port, data) => self.io.pio_read(port, data),
-                    VcpuExit::MmioRead(_, data) => data.fill(0xff),
-                    VcpuExit::MmioWrite(..) => {}
+                    VcpuExit::MmioRead(addr, data) => self.io.mmio_read(addr, data),
+                    VcpuExit::MmioWrite(addr, data) => self.io.mmio_write(addr, data),
                     VcpuExit::Hlt | VcpuExit::Shutdown => break StopReason::GuestShutdown,
                     VcpuExit::SystemEvent(..) => break StopReason::GuestShutdown,
                     VcpuExit::FailEntry(reason, cpu) => {

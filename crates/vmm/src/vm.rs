@@ -23,6 +23,7 @@ use vmm_sys_util::signal::Killable;
 use crate::boot::{load_pvh, BootError};
 use crate::devices::{GuestReport, IoBus, IrqTrigger, SerialDevice, VerifyResult, COM1_GSI};
 use crate::dirty::DirtyLog;
+use crate::pci_devices::{DevicesError, PciDevices};
 use crate::priority::{self, PriorityError, Tid};
 use crate::state::{Skipped, VmConfig, VmState};
 use crate::vcpu::{self, Caps, StopReason, VcpuError, VcpuEvent, VcpuRequest, VcpuThread};
@@ -71,6 +72,10 @@ pub enum VmError {
     Prefill(String),
     /// loading saved memory failed: {0}
     Restore(String),
+    /// {0}
+    Devices(#[from] DevicesError),
+    /// {0}
+    Device(#[from] virtio_devices::DeviceError),
 }
 
 fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -144,6 +149,9 @@ pub struct VmStatus {
     pub last_verify: Option<VerifyResult>,
     pub guest: GuestReport,
     pub stop_reason: Option<String>,
+    /// Each disk and NIC: what it is and what it did.
+    #[serde(default)]
+    pub devices: Vec<serde_json::Value>,
 }
 
 struct VcpuHandle {
@@ -172,6 +180,7 @@ pub struct Vm {
     msr_list: Arc<Vec<u32>>,
     skipped: Vec<Skipped>,
     vcpus: Vec<VcpuHandle>,
+    devices: PciDevices,
     events: Receiver<VcpuEvent>,
     state: RunState,
     stop_reason: Option<String>,
@@ -189,19 +198,22 @@ pub struct Vm {
 struct Parts {
     kvm: Kvm,
     vcpu_fds: Vec<VcpuFd>,
-    vm: KvmVm,
+    devices: PciDevices,
+    vm: Arc<KvmVm>,
     caps: Caps,
     msr_list: Vec<u32>,
     skipped: Vec<Skipped>,
     serial_irq: EventFd,
 }
 
-fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
+/// The VM's KVM objects and devices; `arriving`: its state comes from elsewhere (the devices
+/// then take what only one host may hold, disk locks, when it is loaded).
+fn build_parts(config: &VmConfig, arriving: bool) -> Result<Parts, VmError> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(VmError::VcpuCount(config.vcpus));
     }
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-    let vm = create_vm(&kvm, config.memory)?;
+    let vm = Arc::new(create_vm(&kvm, config.memory)?);
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm.fd
         .register_irqfd(&serial_irq, COM1_GSI)
@@ -217,9 +229,11 @@ fn build_parts(config: &VmConfig) -> Result<Parts, VmError> {
         );
     }
     let msr_list = vcpu::saveable_msrs(&vcpu_fds[0], &caps, &mut skipped);
+    let devices = PciDevices::build(config, &vm, arriving)?;
     Ok(Parts {
         kvm,
         vcpu_fds,
+        devices,
         vm,
         caps,
         msr_list,
@@ -327,7 +341,7 @@ impl Vm {
         console: &Console,
         prefill: impl FnOnce(&GuestRam) -> Result<(), VmError>,
     ) -> Result<Vm, VmError> {
-        let mut p = build_parts(&config)?;
+        let mut p = build_parts(&config, false)?;
         prefill(&p.vm.ram)?;
         let facts = BootFacts {
             vcpus: config.vcpus,
@@ -367,18 +381,19 @@ impl Vm {
     fn assemble(p: Parts, config: VmConfig, serial: SerialDevice) -> Result<Vm, VmError> {
         register_kick_handler()?;
         let (_, events) = channel();
-        let kvm_vm = Arc::new(p.vm);
+        let kvm_vm = p.vm;
         let dirty = DirtyLog::new(kvm_vm.clone());
         Ok(Vm {
             _kvm: p.kvm,
             kvm_vm,
             dirty: Arc::new(std::sync::Mutex::new(dirty)),
             config,
-            io: Arc::new(IoBus::new(serial)),
+            io: Arc::new(IoBus::new(serial, p.devices.bus())),
             caps: Arc::new(p.caps),
             msr_list: Arc::new(p.msr_list),
             skipped: p.skipped,
             vcpus: Vec::new(),
+            devices: p.devices,
             events,
             state: RunState::Paused,
             stop_reason: None,
@@ -576,6 +591,8 @@ impl Vm {
         }
         self.wait_all(|e| matches!(e, VcpuEvent::Paused(_)), "pause")?;
         self.state = RunState::Paused;
+        // The guest is still: the devices finish what it asked of them.
+        self.devices.pause()?;
         Ok(())
     }
 
@@ -589,6 +606,8 @@ impl Vm {
             }
             RunState::Paused => {}
         }
+        // The devices hold their disks again before any vCPU runs.
+        self.devices.resume()?;
         for v in &self.vcpus {
             let _ = v.requests.send(VcpuRequest::Resume);
         }
@@ -637,6 +656,7 @@ impl Vm {
             uart: self.io.uart_state(),
             guest: self.io.status.report(),
             skipped: self.skipped.clone(),
+            devices: self.devices.snapshot()?,
         })
     }
 
@@ -652,6 +672,7 @@ impl Vm {
             last_verify: guest.last_verify,
             guest,
             stop_reason: self.stop_reason.clone(),
+            devices: self.devices.status(),
         }
     }
 
@@ -723,7 +744,7 @@ pub struct PreparedVm {
 impl PreparedVm {
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
         Ok(PreparedVm {
-            parts: build_parts(config)?,
+            parts: build_parts(config, true)?,
         })
     }
 
@@ -753,13 +774,18 @@ impl PreparedVm {
         for (fd, vs) in p.vcpu_fds.iter().zip(&state.vcpus) {
             vcpu::restore(fd, vs, &p.caps)?;
         }
+        p.devices.restore(&state.devices)?;
         let trigger = IrqTrigger(p.serial_irq.try_clone().map_err(VmError::EventFd)?);
         let serial = Serial::from_state(&(&state.uart).into(), trigger, NoEvents, console.open()?)
             .map_err(|e| VmError::Uart(format!("{e:?}")))?;
         let fds = std::mem::take(&mut p.vcpu_fds);
         let mut vm = Vm::assemble(p, state.config.clone(), serial)?;
         vm.io.status.load(state.guest);
-        vm.start_vcpus(fds, start_paused)?;
+        // Paused first: a resume starts the devices' I/O before any vCPU runs.
+        vm.start_vcpus(fds, true)?;
+        if !start_paused {
+            vm.resume()?;
+        }
         Ok(vm)
     }
 }
@@ -786,7 +812,7 @@ impl migratable::Pausable for Vm {
 
 impl migratable::Snapshottable for Vm {
     fn sections(&self) -> Vec<SectionId> {
-        crate::state::sections()
+        crate::state::sections(&self.config)
     }
 
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
@@ -827,6 +853,12 @@ impl migratable::Migratable for Vm {
         self.unyield_vcpus();
     }
 
+    fn hand_over(&mut self) -> Result<(), MigratableError> {
+        self.devices
+            .hand_over()
+            .map_err(|e| MigratableError::HandOver(cause(e)))
+    }
+
     fn migrated(&mut self, to: &str) {
         self.mark_migrated(to);
         self.shutdown();
@@ -837,8 +869,26 @@ impl migratable::Migratable for Vm {
         if st.report().ready_pages.is_none() {
             return GuestVerdict::NotVerifiable;
         }
-        match st.verify(timeout).and_then(|r| r.last_verify) {
-            Some(VerifyResult::Ok { pages }) => GuestVerdict::Verified { pages },
+        let disk_checks = st.report().disk.map_or(0, |d| d.checks);
+        let report = st.verify(timeout);
+        // A disk check of this verify came before its memory verdict.
+        let disk = report
+            .and_then(|r| r.disk)
+            .filter(|d| d.checks > disk_checks)
+            .and_then(|d| d.last_check);
+        match report.and_then(|r| r.last_verify) {
+            Some(VerifyResult::Ok { .. }) if disk.is_some_and(|d| d.bad() > 0) => {
+                let d = disk.unwrap_or_default();
+                GuestVerdict::DiskCorrupt {
+                    lost: d.lost,
+                    stale: d.stale,
+                    torn: d.torn,
+                }
+            }
+            Some(VerifyResult::Ok { pages }) => GuestVerdict::Verified {
+                pages,
+                disk_blocks: disk.map(|d| d.checked),
+            },
             Some(VerifyResult::Bad { first_bad_addr }) => GuestVerdict::Corrupt { first_bad_addr },
             None => GuestVerdict::NoAnswer,
         }
@@ -865,7 +915,7 @@ impl migratable::VmFactory for KvmFactory {
         config: &VmConfig,
         sections: &[SectionId],
     ) -> Result<Prepared, MigratableError> {
-        migratable::check_sections(&crate::state::sections(), sections)?;
+        migratable::check_sections(&crate::state::sections(config), sections)?;
         let vm = PreparedVm::new(config).map_err(|e| MigratableError::Build(cause(e)))?;
         Ok(Prepared {
             vm,

@@ -13,10 +13,7 @@ const RAM: u64 = 64 << 20;
 
 fn state() -> vmm::VmState {
     vmm::VmState {
-        config: vmm::VmConfig {
-            memory: RAM,
-            vcpus: 1,
-        },
+        config: vmm::VmConfig::new(RAM, 1),
         vcpus: Vec::new(),
         pic_master: Default::default(),
         pic_slave: Default::default(),
@@ -26,6 +23,7 @@ fn state() -> vmm::VmState {
         uart: Default::default(),
         guest: Default::default(),
         skipped: Vec::new(),
+        devices: Vec::new(),
     }
 }
 

@@ -38,10 +38,7 @@ fn kvm_guest_verify_catches_a_corrupted_page() {
     let console = dir.path().join("console");
     let spec = WorkloadSpec::parse("ws=4M,pattern=seq,rate=100", 64 << 20).unwrap();
     let mut vm = Vm::boot(
-        VmConfig {
-            memory: 64 << 20,
-            vcpus: 1,
-        },
+        VmConfig::new(64 << 20, 1),
         &Kernel {
             image: guest::WORKLOAD_ELF.into(),
             cmdline: Cmdline::AtBoot(Box::new(move |f| {

@@ -85,6 +85,7 @@ impl LivemigHosts {
                     name: v.name.clone(),
                     memory: v.memory,
                     vcpus: 1,
+                    devices: Vec::new(),
                     args,
                 })
                 .map_err(|e| step(format!("starting VM {}", v.name))(e.to_string()))?;

@@ -105,17 +105,19 @@ impl Agent {
     }
 
     fn run(&self, r: &RunRequest) -> Reply {
-        if let Some(a) = r
-            .args
-            .iter()
-            .find(|a| matches!(a.as_str(), "--api" | "--console" | "--memory" | "--vcpus"))
-        {
+        if let Some(a) = r.args.iter().find(|a| {
+            matches!(
+                a.as_str(),
+                "--api" | "--console" | "--memory" | "--vcpus" | "--disk" | "--net"
+            )
+        }) {
             return Err((400, format!("{a} is the agent's to set")));
         }
         let vm = VmConfig {
-            memory: r.memory,
-            vcpus: r.vcpus,
+            devices: r.devices.clone(),
+            ..VmConfig::new(r.memory, r.vcpus)
         };
+        vm.check_devices().map_err(|e| (400, e.to_string()))?;
         let api = {
             let mut vms = locks::lock(&self.vms);
             self.admit(&vms, &r.name, &vm, false)
@@ -145,6 +147,7 @@ impl Agent {
             "--vcpus".into(),
             r.vcpus.to_string(),
         ];
+        args.extend(crate::child::device_args(&r.devices));
         args.extend(r.args.iter().cloned());
         args.extend([
             "--api".into(),

@@ -75,10 +75,7 @@ fn extents_merge_across_their_smallest_gaps() {
 fn every_kind_encodes_and_decodes_here() {
     let mut w = FrameWriter::new(Vec::new());
     let prep = Prepare {
-        vm: migratable::VmConfig {
-            memory: 64 << 20,
-            vcpus: 2,
-        },
+        vm: migratable::VmConfig::new(64 << 20, 2),
         streams: 3,
         session: 0xfeed,
         name: Some("web-1".into()),

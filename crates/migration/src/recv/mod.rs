@@ -152,6 +152,7 @@ pub(super) fn check_config(p: &Prepare) -> Result<(), ProtocolError> {
             c.memory, c.vcpus
         )));
     }
+    c.check_devices().map_err(|e| bad(e.to_string()))?;
     if p.streams > protocol::MAX_STREAMS {
         return Err(bad(format!(
             "{} page streams, the limit is {}",

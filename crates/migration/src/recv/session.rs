@@ -328,7 +328,23 @@ fn control_loop<R: DirectRead, W: Write>(
 fn verify(vm: &mut impl Migratable, timeout: Duration) -> VerifyOutcome {
     let t = Instant::now();
     let (ok, verifiable, detail) = match vm.verify_guest(timeout) {
-        GuestVerdict::Verified { pages } => (true, true, format!("VERIFY OK pages={pages}")),
+        GuestVerdict::Verified {
+            pages,
+            disk_blocks: None,
+        } => (true, true, format!("VERIFY OK pages={pages}")),
+        GuestVerdict::Verified {
+            pages,
+            disk_blocks: Some(blocks),
+        } => (
+            true,
+            true,
+            format!("VERIFY OK pages={pages} disk blocks={blocks}"),
+        ),
+        GuestVerdict::DiskCorrupt { lost, stale, torn } => (
+            false,
+            true,
+            format!("DISK VERIFY FAIL lost={lost} stale={stale} torn={torn}"),
+        ),
         GuestVerdict::Corrupt { first_bad_addr } => (
             false,
             true,

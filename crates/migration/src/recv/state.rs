@@ -145,10 +145,7 @@ mod tests {
     use crate::protocol::VerifyOutcome;
 
     fn vm() -> VmConfig {
-        VmConfig {
-            memory: 64 << 20,
-            vcpus: 1,
-        }
+        VmConfig::new(64 << 20, 1)
     }
 
     fn state_for(config: VmConfig) -> Box<Snapshot> {

@@ -944,6 +944,10 @@ impl<'a> Session<'a> {
         self.sender.finish_direct()?;
         // The point of no return: a cancel from here on is refused.
         self.opts.cancel.commit()?;
+        // What only one host may hold (disk locks) is let go before the destination can
+        // load the state; a failure before the last frame leaves resumes the VM here, which
+        // takes it back.
+        locks::lock(self.vm).hand_over()?;
         self.sender.send_state_and_done(&state)?;
         let sent_ms = t_pause.elapsed().as_millis();
         // From here the destination may hold everything: the source must not resume on its own.

@@ -216,7 +216,7 @@ impl FakeVm {
             std::thread::spawn(move || write_loop(&g, &r, &bits, &w))
         });
         FakeVm {
-            config: VmConfig { memory, vcpus: 1 },
+            config: VmConfig::new(memory, 1),
             ram,
             dirty: Arc::new(Mutex::new(dirty)),
             guest,
@@ -276,6 +276,7 @@ impl FakeVm {
         }
         GuestVerdict::Verified {
             pages: gens.iter().filter(|g| **g != 0).count() as u64,
+            disk_blocks: None,
         }
     }
 

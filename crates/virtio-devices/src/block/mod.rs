@@ -5,7 +5,7 @@ pub mod image;
 mod persist;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -21,19 +21,12 @@ use vm_memory::bitmap::BitmapSlice;
 use crate::worker::{Ctx, Worker, WorkerError};
 use crate::{DeviceError, VirtioDevice, F_VERSION_1, TYPE_BLOCK};
 use image::{Image, ImageError, SECTOR};
+pub use migratable::DiskConfig;
 pub use persist::BlockState;
 
 const QUEUE_SIZE: u16 = 256;
 /// Bytes moved between the image and guest memory per step of a request.
 const CHUNK: usize = 64 << 10;
-
-/// How a VM's disk is given: `--disk path=FILE[,readonly=on]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub readonly: bool,
-}
 
 /// What the device did, for the VM's status.
 #[derive(Debug, Default, Serialize, Deserialize)]

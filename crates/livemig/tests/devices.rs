@@ -1,0 +1,334 @@
+//! A VM with a disk, end to end through the `livemig` binary: its stamped writes survive
+//! migrations back and forth, its image lock follows it and never has two holders, and a
+//! cancelled migration or a destination killed at switchover leaves the source running with
+//! its lock. Says SKIPPED without /dev/kvm.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod common;
+use common::{free_port, livemig, livemig_exe, migrate_to, wait, Livemig, VmProcess, BIN};
+
+const WORKLOAD: &str = "idle,disk=40,disk_blocks=256";
+
+fn image(dir: &Path) -> PathBuf {
+    let p = dir.join("disk.img");
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    p
+}
+
+fn disk_vm(exe: &Livemig, dir: &Path, img: &Path) -> VmProcess {
+    let args: Vec<String> = [
+        "--memory",
+        "128M",
+        "--vcpus",
+        "1",
+        "--workload",
+        WORKLOAD,
+        "--disk",
+        &format!("path={}", img.display()),
+        "--console",
+        &dir.join("src.console").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut vm = exe.run(None, &args, &dir.join("src.sock"), None).unwrap();
+    vm.wait_heartbeat(2, Duration::from_secs(30)).unwrap();
+    vm
+}
+
+fn receiver(exe: &Livemig, dir: &Path, name: &str, port: u16) -> VmProcess {
+    exe.receive(
+        None,
+        &format!("127.0.0.1:{port}"),
+        &dir.join(format!("{name}.sock")),
+        &dir.join(format!("{name}.console")),
+        None,
+    )
+    .unwrap()
+}
+
+fn status(api: &Path) -> Option<serde_json::Value> {
+    let out = livemig(&["status", "--api", api.to_str().unwrap()]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// The running VM's disk: it holds the image's lock and its guest's acknowledged writes.
+fn disk_state(api: &Path) -> (bool, u64) {
+    let st = status(api).expect("the VM answers");
+    assert_eq!(st["state"], "running", "{st}");
+    let locked = st["devices"][0]["locked"].as_bool().unwrap();
+    let acked = st["guest"]["disk"]["acked_writes"].as_u64().unwrap_or(0);
+    (locked, acked)
+}
+
+/// Whether some open file description holds a lock on the image that excludes a writer.
+fn image_locked(img: &Path) -> bool {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK reads and writes the flock we pass for the duration of the call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    fl.l_type != libc::F_UNLCK as i16
+}
+
+fn verified_with_disk(report: &Path) -> serde_json::Value {
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["guest_verified"], true, "{}", r["guest_verify"]);
+    assert!(
+        r["guest_verify"].to_string().contains("disk blocks="),
+        "the guest checked its disk: {}",
+        r["guest_verify"]
+    );
+    r
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_a_disk_vm_moves_back_and_forth_with_its_writes_and_its_lock() {
+    let d = tempfile::tempdir().unwrap();
+    let exe = livemig_exe();
+    let img = image(d.path());
+    let mut vm = disk_vm(&exe, d.path(), &img);
+    wait(Duration::from_secs(30), "disk writes", || {
+        disk_state(&vm.api).1 > 10
+    });
+    let mut acked = 0;
+    for hop in 0..40 {
+        let host = if hop % 2 == 0 { "b" } else { "a" };
+        let port = free_port();
+        let next = receiver(&exe, d.path(), &format!("{host}{hop}"), port);
+        let report = d.path().join(format!("hop{hop}.json"));
+        let out = migrate_to(
+            &vm.api,
+            &format!("127.0.0.1:{port}"),
+            &["--report", report.to_str().unwrap()],
+        );
+        assert!(
+            out.status.success(),
+            "hop {hop}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        verified_with_disk(&report);
+        let left = vm.child.wait().unwrap();
+        assert!(left.success(), "hop {hop}: the source ends after the move");
+        vm = next;
+        wait(Duration::from_secs(30), "the moved VM's status", || {
+            status(&vm.api).is_some()
+        });
+        let (locked, now) = disk_state(&vm.api);
+        assert!(locked, "hop {hop}: the VM that runs holds its disk");
+        assert!(image_locked(&img), "hop {hop}: the image is locked");
+        assert!(now >= acked, "hop {hop}: acknowledged writes carried over");
+        acked = now;
+    }
+    wait(
+        Duration::from_secs(30),
+        "disk writes after 40 moves",
+        || disk_state(&vm.api).1 > acked,
+    );
+}
+
+/// A migration the operator cancels in its copy phase: the source keeps running and keeps
+/// its disk; the next attempt moves both.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_a_cancelled_migration_leaves_the_disk_with_the_source() {
+    let d = tempfile::tempdir().unwrap();
+    let exe = livemig_exe();
+    let img = image(d.path());
+    let mut vm = disk_vm(&exe, d.path(), &img);
+    let port = free_port();
+    let _dst = receiver(&exe, d.path(), "dst", port);
+    let to = format!("127.0.0.1:{port}");
+    let api = vm.api.clone();
+    let slow = std::thread::spawn(move || migrate_to(&api, &to, &["--max-bandwidth", "8Mbit"]));
+    // At 8 Mbit/s the copy takes tens of seconds: cancel it while it runs.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!slow.is_finished(), "the migration is still copying");
+    let out = livemig(&["migrate", "--api", vm.api.to_str().unwrap(), "--cancel"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = slow.join().unwrap();
+    assert!(!out.status.success(), "the cancelled migration fails");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cancelled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (locked, acked) = disk_state(&vm.api);
+    assert!(locked && image_locked(&img));
+    wait(Duration::from_secs(30), "disk writes go on", || {
+        disk_state(&vm.api).1 > acked
+    });
+    let port = free_port();
+    let next = receiver(&exe, d.path(), "retry", port);
+    let report = d.path().join("retry.json");
+    let out = migrate_to(
+        &vm.api,
+        &format!("127.0.0.1:{port}"),
+        &["--report", report.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    verified_with_disk(&report);
+    vm.child.wait().unwrap();
+    assert!(disk_state(&next.api).0);
+}
+
+/// Forwards the source's connection to `to` until the source sends its state (the VM is
+/// paused, its disk handed over); then kills the destination and cuts the connection.
+fn kill_at_switchover(listen: u16, to: u16, victim: u32) {
+    let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut a, _)) = l.accept() else { return };
+        let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+        });
+        // The hello is 16 bytes, then each frame a 24-byte header (kind first, payload
+        // length at 8) and its payload.
+        let (mut seen, mut next, mut hdr) = (0u64, 16u64, Vec::new());
+        let mut buf = vec![0u8; 64 << 10];
+        'copy: loop {
+            let k = match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => k,
+            };
+            for (i, &byte) in buf[..k].iter().enumerate() {
+                if seen >= next {
+                    hdr.push(byte);
+                    if hdr.len() == 24 {
+                        if hdr[0] == 5 {
+                            let _ = b.write_all(&buf[..i]);
+                            // SAFETY: kill(2) touches no memory of ours.
+                            unsafe {
+                                libc::kill(libc::pid_t::try_from(victim).unwrap(), libc::SIGKILL)
+                            };
+                            break 'copy;
+                        }
+                        next += 24 + u64::from(u32::from_le_bytes(hdr[8..12].try_into().unwrap()));
+                        hdr.clear();
+                    }
+                }
+                seen += 1;
+            }
+            if b.write_all(&buf[..k]).is_err() {
+                break;
+            }
+        }
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// The destination dies at switchover, after the source handed its disk over: the source
+/// does not run on its own (the outcome is not known to it), the operator resumes it, and
+/// it runs holding its disk again; the next attempt succeeds.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_a_destination_killed_at_switchover_gives_the_disk_back() {
+    let d = tempfile::tempdir().unwrap();
+    let plain = Livemig::new(BIN).insecure();
+    let img = image(d.path());
+    let mut vm = disk_vm(&plain, d.path(), &img);
+    let (port, proxy) = (free_port(), free_port());
+    let mut dst = receiver(&plain, d.path(), "dst", port);
+    kill_at_switchover(proxy, port, dst.child.id());
+    let out = livemig(&[
+        "migrate",
+        "--insecure",
+        "--api",
+        vm.api.to_str().unwrap(),
+        "--to",
+        &format!("127.0.0.1:{proxy}"),
+    ]);
+    assert!(!out.status.success(), "the migration fails");
+    dst.child.wait().unwrap();
+    let st = status(&vm.api).unwrap();
+    if st["state"] == "paused" {
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("switchover outcome unknown"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!image_locked(&img), "the disk was handed over");
+        let r = livemig(&["resume", "--api", vm.api.to_str().unwrap()]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    let (locked, acked) = disk_state(&vm.api);
+    assert!(
+        locked && image_locked(&img),
+        "the source holds its disk again"
+    );
+    wait(Duration::from_secs(30), "disk writes go on", || {
+        disk_state(&vm.api).1 > acked
+    });
+    let port = free_port();
+    let next = receiver(&plain, d.path(), "retry", port);
+    let report = d.path().join("retry.json");
+    let out = livemig(&[
+        "migrate",
+        "--insecure",
+        "--api",
+        vm.api.to_str().unwrap(),
+        "--to",
+        &format!("127.0.0.1:{port}"),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    verified_with_disk(&report);
+    vm.child.wait().unwrap();
+    assert!(disk_state(&next.api).0);
+}
+
+/// A second VM on an image another VM runs with is refused, by name.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_a_second_vm_on_a_locked_image_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let img = image(d.path());
+    let _vm = disk_vm(&livemig_exe(), d.path(), &img);
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--memory", "64M", "--vcpus", "1", "--disk"])
+        .arg(format!("path={}", img.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is locked by another process (another VM has this disk open)"),
+        "{err}"
+    );
+}

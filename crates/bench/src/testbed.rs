@@ -1,6 +1,9 @@
 //! `livemig testbed up|down|status`: two hosts as network namespaces with the reference NIC
 //! layout: a management link (unshaped), two 1 GbE and two 10 GbE links, each a veth pair
-//! shaped with tc tbf on both ends. Idempotent; `down` removes everything `up` made.
+//! shaped with tc tbf on both ends; and the VM network: an L2 segment on 10.77.9.0/24, a
+//! bridge on each host (`vmbr0`, for the taps of its VMs) joined over a link of their own,
+//! with a third namespace, the client, on it at 10.77.9.1. Idempotent; `down` removes
+//! everything `up` made.
 use std::process::Command;
 
 use serde::Serialize;
@@ -37,6 +40,33 @@ pub struct Testbed {
     pub host_b: String,
     pub scale: f64,
     pub links: Vec<Link>,
+    pub vm_network: VmNetwork,
+}
+
+/// The VM network: what a VM's tap joins on each host, and where the client sits.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmNetwork {
+    /// The bridge on each host (`--bridge` for its agent, receivers and VMs).
+    pub bridge: String,
+    pub subnet: String,
+    /// The namespace of the client, and its address.
+    pub client: String,
+    pub client_addr: String,
+    /// The link joining the hosts' bridges, and the client's to host A's.
+    pub link_a: String,
+    pub link_b: String,
+    pub client_dev: String,
+    pub client_peer: String,
+}
+
+/// The bridge each testbed host puts its VMs' taps on.
+pub const VM_BRIDGE: &str = "vmbr0";
+/// The VM network's client address, and the addresses VMs may take on it.
+pub const VM_CLIENT_ADDR: &str = "10.77.9.1";
+
+/// The address of the `i`th VM on the VM network (`i` from 0).
+pub fn vm_addr(i: u8) -> String {
+    format!("10.77.9.{}", 10 + u16::from(i))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -52,6 +82,9 @@ pub struct Status {
     pub host_b: String,
     pub present: bool,
     pub links: Vec<LinkStatus>,
+    pub vm_network: VmNetwork,
+    /// Both bridges, their link and the client's are up.
+    pub vm_network_up: bool,
 }
 
 const LAYOUT: [(&str, Option<u64>); 5] = [
@@ -87,7 +120,73 @@ impl Testbed {
             host_b: format!("{prefix}-b"),
             scale,
             links,
+            vm_network: VmNetwork {
+                bridge: VM_BRIDGE.into(),
+                subnet: "10.77.9.0/24".into(),
+                client: format!("{prefix}-client"),
+                client_addr: VM_CLIENT_ADDR.into(),
+                link_a: format!("{prefix}-vm-a"),
+                link_b: format!("{prefix}-vm-b"),
+                client_dev: format!("{prefix}-cl"),
+                client_peer: format!("{prefix}-cl-a"),
+            },
         })
+    }
+
+    /// The VM network: a bridge on each host joined by a link, the client on host A's.
+    fn vm_network_up(&self) -> Result<(), TestbedError> {
+        let v = &self.vm_network;
+        if !netns_exists(&v.client)? {
+            run("ip", &["netns", "add", &v.client])?;
+        }
+        run("ip", &["-n", &v.client, "link", "set", "lo", "up"])?;
+        for ns in [&self.host_a, &self.host_b] {
+            if !link_exists(ns, &v.bridge) {
+                run(
+                    "ip",
+                    &["-n", ns, "link", "add", &v.bridge, "type", "bridge"],
+                )?;
+            }
+            run("ip", &["-n", ns, "link", "set", &v.bridge, "up"])?;
+        }
+        let pairs = [
+            (&self.host_a, &v.link_a, &self.host_b, &v.link_b),
+            (&v.client, &v.client_dev, &self.host_a, &v.client_peer),
+        ];
+        for (ns1, dev1, ns2, dev2) in pairs {
+            if !link_exists(ns1, dev1) {
+                let _ = run("ip", &["-n", ns2, "link", "del", dev2]);
+                run(
+                    "ip",
+                    &[
+                        "-n", ns1, "link", "add", dev1, "type", "veth", "peer", "name", dev2,
+                        "netns", ns2,
+                    ],
+                )?;
+            }
+        }
+        for (ns, dev) in [
+            (&self.host_a, &v.link_a),
+            (&self.host_b, &v.link_b),
+            (&self.host_a, &v.client_peer),
+        ] {
+            run("ip", &["-n", ns, "link", "set", dev, "master", &v.bridge])?;
+            run("ip", &["-n", ns, "link", "set", dev, "up"])?;
+        }
+        run(
+            "ip",
+            &[
+                "-n",
+                &v.client,
+                "addr",
+                "replace",
+                &format!("{}/24", v.client_addr),
+                "dev",
+                &v.client_dev,
+            ],
+        )?;
+        run("ip", &["-n", &v.client, "link", "set", &v.client_dev, "up"])?;
+        Ok(())
     }
 
     pub fn up(&self) -> Result<(), TestbedError> {
@@ -167,13 +266,13 @@ impl Testbed {
                 }
             }
         }
-        Ok(())
+        self.vm_network_up()
     }
 
     /// Removes both namespaces (and with them every veth and qdisc in them).
     pub fn down(&self) -> Result<(), TestbedError> {
         require_root()?;
-        for ns in [&self.host_a, &self.host_b] {
+        for ns in [&self.host_a, &self.host_b, &self.vm_network.client] {
             if netns_exists(ns)? {
                 run("ip", &["netns", "del", ns])?;
             }
@@ -191,11 +290,21 @@ impl Testbed {
                 up: present && link_up(&self.host_a, &l.dev_a) && link_up(&self.host_b, &l.dev_b),
             })
             .collect();
+        let v = &self.vm_network;
+        let vm_network_up = present
+            && netns_exists(&v.client)?
+            && link_up(&self.host_a, &v.bridge)
+            && link_up(&self.host_b, &v.bridge)
+            && link_up(&self.host_a, &v.link_a)
+            && link_up(&self.host_b, &v.link_b)
+            && link_up(&v.client, &v.client_dev);
         Ok(Status {
             host_a: self.host_a.clone(),
             host_b: self.host_b.clone(),
             present,
             links,
+            vm_network: v.clone(),
+            vm_network_up,
         })
     }
 }
@@ -265,6 +374,13 @@ mod tests {
             t.links.iter().all(|l| l.dev_a.len() <= 15),
             "interface names fit IFNAMSIZ"
         );
+        let t = Testbed::new("lmtb123", 1.0).unwrap();
+        let v = &t.vm_network;
+        assert!([&v.link_a, &v.link_b, &v.client_dev, &v.client_peer]
+            .iter()
+            .all(|d| d.len() <= 15));
+        assert_eq!(v.client, "lmtb123-client");
+        assert_eq!(vm_addr(0), "10.77.9.10");
         assert!(Testbed::new("x", 0.0).is_err());
         assert!(Testbed::new("x", 2.0).is_err());
     }

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use guest::memory_profile::{OsImage, DEFAULT_IMAGE_SHARE_PCT};
-use migratable::{DeviceConfig, DiskConfig};
+use migratable::{DeviceConfig, DiskConfig, MacAddr, NetConfig};
 use migration::protocol::Transport;
 use migration::MigrateRequest;
 use transport::tls::{Tls, TlsFiles};
 use transport::Security;
+use virtio_devices::net::{Announce, NetOptions};
 
 /// The OS image a VM's memory is cloned from (server memory profile only).
 #[derive(clap::Args, Clone, Copy, Debug)]
@@ -87,12 +88,48 @@ pub struct DeviceArgs {
     /// writer per image) while it runs here.
     #[arg(long = "disk", value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
+    /// A NIC: virtio-net on a tap device (created if it does not exist, then up and on the
+    /// host's --bridge); repeat for more. Without mac=, one is made up (52:54:00:...).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
 }
 
 impl DeviceArgs {
-    /// The devices, disks first, in the order given.
+    /// The devices, disks first, then NICs, each in the order given.
     pub fn devices(&self) -> Vec<DeviceConfig> {
-        self.disks.iter().cloned().map(DeviceConfig::Disk).collect()
+        let disks = self.disks.iter().cloned().map(DeviceConfig::Disk);
+        disks
+            .chain(self.nets.iter().cloned().map(DeviceConfig::Net))
+            .collect()
+    }
+}
+
+/// How this host plugs its VMs' NICs in (`run`, `receive`, `restore`, `host serve`, `demo`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct NetHostArgs {
+    /// The bridge the taps of this host's VMs go on.
+    #[arg(long, value_name = "NAME", env = "LIVEMIG_BRIDGE")]
+    pub bridge: Option<String>,
+    /// Announcements (reverse ARP from each NIC's MAC) a VM that arrives here sends on its
+    /// taps, the first at once, then over about a second.
+    #[arg(
+        long,
+        default_value_t = 5,
+        env = "LIVEMIG_ANNOUNCE_ROUNDS",
+        value_parser = clap::value_parser!(u32).range(0..=100)
+    )]
+    pub announce_rounds: u32,
+}
+
+impl NetHostArgs {
+    pub fn options(&self) -> NetOptions {
+        NetOptions {
+            bridge: self.bridge.clone(),
+            announce: Announce {
+                rounds: self.announce_rounds,
+                ..Announce::default()
+            },
+        }
     }
 }
 
@@ -129,6 +166,33 @@ fn on_off(v: &str) -> Option<bool> {
         "off" | "false" | "no" => Some(false),
         _ => None,
     }
+}
+
+/// `tap=NAME[,mac=MAC]`; without a MAC, a random one of QEMU's locally administered prefix.
+pub fn parse_net(s: &str) -> Result<NetConfig, ArgError> {
+    let bad = |why: &str| ArgError::Device {
+        option: "net",
+        value: s.to_string(),
+        why: why.to_string(),
+    };
+    let mut tap = None;
+    let mut mac = None;
+    for (k, v) in device_options("net", s, &["tap", "mac"])? {
+        match k {
+            "tap" => tap = Some(v.to_string()),
+            _ => mac = Some(v.parse::<MacAddr>().map_err(|e| bad(&e.to_string()))?),
+        }
+    }
+    let tap = tap.ok_or_else(|| bad("tap=NAME is missing"))?;
+    let mac = mac.unwrap_or_else(|| {
+        let r: [u8; 3] = rand::random();
+        MacAddr([0x52, 0x54, 0x00, r[0], r[1], r[2]])
+    });
+    let n = NetConfig { tap, mac };
+    DeviceConfig::Net(n.clone())
+        .check()
+        .map_err(|e| bad(&e.to_string()))?;
+    Ok(n)
 }
 
 /// `path=FILE[,readonly=on]`; a relative path is taken from the current directory.

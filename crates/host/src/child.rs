@@ -238,6 +238,13 @@ pub fn spawn_until(
 
 /// How to start livemig processes: the binary, the credentials they use, and the network
 /// namespace to run them in.
+const TLS_VARS: [&str; 4] = [
+    "LIVEMIG_TLS_CERT",
+    "LIVEMIG_TLS_KEY",
+    "LIVEMIG_TLS_CA",
+    "LIVEMIG_INSECURE",
+];
+
 #[derive(Clone, Debug)]
 pub struct Livemig {
     pub exe: PathBuf,
@@ -252,20 +259,38 @@ impl Livemig {
         }
     }
 
-    /// Processes started from here use these credentials (LIVEMIG_TLS_*).
-    pub fn with_tls(mut self, f: &transport::tls::TlsFiles) -> Self {
-        self.env = vec![
-            ("LIVEMIG_TLS_CERT".into(), f.cert.display().to_string()),
-            ("LIVEMIG_TLS_KEY".into(), f.key.display().to_string()),
-            ("LIVEMIG_TLS_CA".into(), f.ca.display().to_string()),
-        ];
+    fn set_env(mut self, vars: &[&str], values: Vec<(&str, String)>) -> Self {
+        self.env.retain(|(k, _)| !vars.contains(&k.as_str()));
+        self.env
+            .extend(values.into_iter().map(|(k, v)| (k.to_string(), v)));
         self
     }
 
+    /// Processes started from here use these credentials (LIVEMIG_TLS_*).
+    pub fn with_tls(self, f: &transport::tls::TlsFiles) -> Self {
+        self.set_env(
+            &TLS_VARS,
+            vec![
+                ("LIVEMIG_TLS_CERT", f.cert.display().to_string()),
+                ("LIVEMIG_TLS_KEY", f.key.display().to_string()),
+                ("LIVEMIG_TLS_CA", f.ca.display().to_string()),
+            ],
+        )
+    }
+
     /// Processes started from here run plaintext (`--insecure` through its variable).
-    pub fn insecure(mut self) -> Self {
-        self.env = vec![("LIVEMIG_INSECURE".into(), "true".into())];
-        self
+    pub fn insecure(self) -> Self {
+        self.set_env(&TLS_VARS, vec![("LIVEMIG_INSECURE", "true".into())])
+    }
+
+    /// VMs started from here put their taps on `bridge` and announce themselves `rounds`
+    /// times when they arrive (LIVEMIG_BRIDGE, LIVEMIG_ANNOUNCE_ROUNDS).
+    pub fn with_net(self, bridge: Option<&str>, rounds: u32) -> Self {
+        let mut v = vec![("LIVEMIG_ANNOUNCE_ROUNDS", rounds.to_string())];
+        if let Some(b) = bridge {
+            v.push(("LIVEMIG_BRIDGE", b.to_string()));
+        }
+        self.set_env(&["LIVEMIG_BRIDGE", "LIVEMIG_ANNOUNCE_ROUNDS"], v)
     }
 
     /// `livemig ARGS` in namespace `ns` (None: this one).

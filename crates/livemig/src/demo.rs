@@ -30,6 +30,8 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub devices: crate::args::DeviceArgs,
     #[command(flatten)]
+    pub net: crate::args::NetHostArgs,
+    #[command(flatten)]
     pub migrate: MigrateArgs,
     #[command(flatten)]
     pub transport: TransportArgs,
@@ -122,7 +124,7 @@ fn boot_source(a: &DemoArgs) -> Result<Vm, Box<dyn std::error::Error>> {
         }),
         written,
     );
-    let vm = Vm::boot(config, &kernel, &console, prefill)?;
+    let vm = Vm::boot(config, &kernel, &console, &a.net.options(), prefill)?;
     vm.io()
         .status
         .wait_for(Duration::from_secs(30), |r| r.heartbeat >= 1)

@@ -70,6 +70,8 @@ pub struct ServeArgs {
     peer_timeout: Duration,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    net: crate::args::NetHostArgs,
 }
 
 #[derive(clap::Args)]
@@ -131,7 +133,8 @@ fn serve(a: ServeArgs) -> CmdResult {
     let livemig = match a.tls.files()? {
         Some(f) if !a.tls.insecure => Livemig::new(exe).with_tls(&f),
         _ => Livemig::new(exe).insecure(),
-    };
+    }
+    .with_net(a.net.bridge.as_deref(), a.net.announce_rounds);
     let name = a.name.unwrap_or_else(system_host_name);
     let running = host::Agent::start(AgentConfig {
         name: name.clone(),

@@ -61,6 +61,8 @@ struct VmArgs {
     image: args::ImageArgs,
     #[command(flatten)]
     devices: args::DeviceArgs,
+    #[command(flatten)]
+    net: args::NetHostArgs,
     /// COM1 output file (default: stdout).
     #[arg(long)]
     console: Option<PathBuf>,
@@ -101,6 +103,8 @@ enum Cmd {
         peer_timeout: Duration,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        net: args::NetHostArgs,
         #[command(flatten)]
         agent: ReceiveAgentArgs,
     },
@@ -172,6 +176,8 @@ enum Cmd {
         paused: bool,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        net: args::NetHostArgs,
     },
     /// Write the workload guest's PVH ELF.
     GuestImage {
@@ -247,6 +253,8 @@ const OPTION_VARS: &[&str] = &[
     "LIVEMIG_TLS_KEY",
     "LIVEMIG_TLS_CA",
     "LIVEMIG_INSECURE",
+    "LIVEMIG_BRIDGE",
+    "LIVEMIG_ANNOUNCE_ROUNDS",
 ];
 
 /// Subcommands that belong to `livemig-bench` (a binary of its own, so that this one carries
@@ -306,6 +314,7 @@ fn run(cli: Cli) -> CmdResult {
             console: con,
             peer_timeout,
             tls,
+            net,
             agent,
         } => receive(
             &listen,
@@ -313,6 +322,7 @@ fn run(cli: Cli) -> CmdResult {
             console(con),
             peer_timeout,
             &tls,
+            &net,
             &agent,
         ),
         Cmd::Migrate {
@@ -351,7 +361,8 @@ fn run(cli: Cli) -> CmdResult {
             console: con,
             paused,
             tls,
-        } => restore(&from, api.as_deref(), console(con), paused, &tls),
+            net,
+        } => restore(&from, api.as_deref(), console(con), &net, paused, &tls),
         Cmd::GuestImage { out } => guest_image(&out),
         Cmd::MemoryImage(a) => memory_image(a),
     }
@@ -430,7 +441,13 @@ fn run_vm(a: VmArgs) -> CmdResult {
     });
     let prefill = profile_prefill(content, written);
     let security = a.tls.security()?;
-    let vm = Vm::boot(config, &kernel, &console(a.console), prefill)?;
+    let vm = Vm::boot(
+        config,
+        &kernel,
+        &console(a.console),
+        &a.net.options(),
+        prefill,
+    )?;
     serve(vm, a.api.as_deref(), security)
 }
 
@@ -440,6 +457,7 @@ fn receive(
     console: Console,
     peer_timeout: Duration,
     tls: &TlsArgs,
+    net: &args::NetHostArgs,
     agent: &ReceiveAgentArgs,
 ) -> CmdResult {
     let security = tls.required()?;
@@ -460,7 +478,10 @@ fn receive(
         host_cache: agent.host_cache_id.zip(agent.host_cache.clone()),
         ..Default::default()
     };
-    let factory = Arc::new(KvmFactory { console });
+    let factory = Arc::new(KvmFactory {
+        console,
+        net: net.options(),
+    });
     let received = migration::receive(listener, security.clone(), opts, factory);
     if let (Err(e), Some(f)) = (&received, &status) {
         let _ = f.write(&host::status::Incoming::failed(&e.to_string()));
@@ -487,13 +508,14 @@ fn restore(
     from: &Path,
     api: Option<&Path>,
     console: Console,
+    net: &args::NetHostArgs,
     paused: bool,
     tls: &TlsArgs,
 ) -> CmdResult {
     let security = tls.security()?;
     let t0 = Instant::now();
     let manifest = snapshot::read_manifest(from)?;
-    let vm = Vm::restore(&manifest.state, &console, paused, |ram| {
+    let vm = Vm::restore(&manifest.state, &console, &net.options(), paused, |ram| {
         snapshot::load_memory(from, &manifest.memory, ram)
             .map_err(|e| VmError::Restore(e.to_string()))
     })?;

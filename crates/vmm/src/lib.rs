@@ -17,4 +17,7 @@ pub mod vm;
 
 pub use migratable::{RunState, VmConfig, MAX_VCPUS};
 pub use state::VmState;
-pub use vm::{BootFacts, Cmdline, Console, Kernel, KvmFactory, PreparedVm, Vm, VmError, VmStatus};
+pub use vm::{
+    Announce, BootFacts, Cmdline, Console, Kernel, KvmFactory, NetOptions, PreparedVm, Vm, VmError,
+    VmStatus,
+};

@@ -8,6 +8,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use migratable::{DeviceConfig, Snapshot, VmConfig};
 use pci::{MsiSink, PciBus};
 use virtio_devices::block::Block;
+use virtio_devices::net::{Net, NetOptions};
 use virtio_devices::{Device, DeviceError, IoEvents, VirtioPci};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,8 +21,6 @@ pub enum DevicesError {
     Device(#[from] DeviceError),
     /// {0}
     Bus(#[from] pci::BusError),
-    /// {0}: this VMM has no virtio-net yet
-    NoNet(String),
     /// the saved state has no section for {0}
     MissingState(String),
 }
@@ -73,23 +72,33 @@ pub struct PciDevices {
 impl PciDevices {
     /// Builds the devices of `config` on a new bus. A VM booting here (`arriving` false) locks
     /// its disks now; one arriving from elsewhere locks them when its state is restored.
-    pub fn build(config: &VmConfig, vm: &Arc<KvmVm>, arriving: bool) -> Result<Self, DevicesError> {
+    /// NICs get taps set up as `net` says.
+    pub fn build(
+        config: &VmConfig,
+        vm: &Arc<KvmVm>,
+        arriving: bool,
+        net: &NetOptions,
+    ) -> Result<Self, DevicesError> {
         let mut bus = PciBus::new();
         let mut devices = Vec::new();
         let sink: Arc<dyn MsiSink> = Arc::new(KvmMsi(vm.clone()));
         let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents(vm.clone()));
         for (name, d) in config.named_devices() {
-            let dev: Arc<Mutex<VirtioPci<Block>>> = match d {
-                DeviceConfig::Disk(disk) => Arc::new(Mutex::new(VirtioPci::new(
-                    Block::open(&name, disk, !arriving)?,
-                    vm.ram.clone(),
-                    sink.clone(),
-                    ioevents.clone(),
-                )?)),
-                DeviceConfig::Net(_) => return Err(DevicesError::NoNet(name)),
+            let (ram, sink, ioevents) = (vm.ram.clone(), sink.clone(), ioevents.clone());
+            let (pci, dev): (Arc<Mutex<dyn pci::PciDevice>>, Arc<Mutex<dyn Device>>) = match d {
+                DeviceConfig::Disk(disk) => {
+                    let b = Block::open(&name, disk, !arriving)?;
+                    let d = Arc::new(Mutex::new(VirtioPci::new(b, ram, sink, ioevents)?));
+                    (d.clone(), d)
+                }
+                DeviceConfig::Net(cfg) => {
+                    let n = Net::open(&name, cfg, net)?;
+                    let d = Arc::new(Mutex::new(VirtioPci::new(n, ram, sink, ioevents)?));
+                    (d.clone(), d)
+                }
             };
-            let slot = bus.add(dev.clone())?;
-            devices.push((slot, dev as Arc<Mutex<dyn Device>>));
+            let slot = bus.add(pci)?;
+            devices.push((slot, dev));
         }
         Ok(PciDevices {
             bus: Arc::new(bus),

@@ -30,6 +30,7 @@ use crate::vcpu::{self, Caps, StopReason, VcpuError, VcpuEvent, VcpuRequest, Vcp
 use migratable::{GuestVerdict, MigratableError, SectionId, Snapshot};
 pub use migratable::{RunState, MAX_VCPUS};
 use ram::{layout, GuestRam, MemoryError};
+pub use virtio_devices::net::{Announce, NetOptions};
 
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -208,7 +209,7 @@ struct Parts {
 
 /// The VM's KVM objects and devices; `arriving`: its state comes from elsewhere (the devices
 /// then take what only one host may hold, disk locks, when it is loaded).
-fn build_parts(config: &VmConfig, arriving: bool) -> Result<Parts, VmError> {
+fn build_parts(config: &VmConfig, arriving: bool, net: &NetOptions) -> Result<Parts, VmError> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(VmError::VcpuCount(config.vcpus));
     }
@@ -229,7 +230,7 @@ fn build_parts(config: &VmConfig, arriving: bool) -> Result<Parts, VmError> {
         );
     }
     let msr_list = vcpu::saveable_msrs(&vcpu_fds[0], &caps, &mut skipped);
-    let devices = PciDevices::build(config, &vm, arriving)?;
+    let devices = PciDevices::build(config, &vm, arriving, net)?;
     Ok(Parts {
         kvm,
         vcpu_fds,
@@ -339,9 +340,10 @@ impl Vm {
         config: VmConfig,
         kernel: &Kernel,
         console: &Console,
+        net: &NetOptions,
         prefill: impl FnOnce(&GuestRam) -> Result<(), VmError>,
     ) -> Result<Vm, VmError> {
-        let mut p = build_parts(&config, false)?;
+        let mut p = build_parts(&config, false, net)?;
         prefill(&p.vm.ram)?;
         let facts = BootFacts {
             vcpus: config.vcpus,
@@ -370,10 +372,11 @@ impl Vm {
     pub fn restore(
         state: &VmState,
         console: &Console,
+        net: &NetOptions,
         start_paused: bool,
         load_memory: impl FnOnce(&GuestRam) -> Result<(), VmError>,
     ) -> Result<Vm, VmError> {
-        let prepared = PreparedVm::new(&state.config)?;
+        let prepared = PreparedVm::new(&state.config, net)?;
         load_memory(prepared.ram())?;
         prepared.finish(state, console, start_paused)
     }
@@ -742,9 +745,9 @@ pub struct PreparedVm {
 }
 
 impl PreparedVm {
-    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+    pub fn new(config: &VmConfig, net: &NetOptions) -> Result<Self, VmError> {
         Ok(PreparedVm {
-            parts: build_parts(config, true)?,
+            parts: build_parts(config, true, net)?,
         })
     }
 
@@ -898,6 +901,8 @@ impl migratable::Migratable for Vm {
 /// Builds KVM VMs for incoming migrations, their consoles going to `console`.
 pub struct KvmFactory {
     pub console: Console,
+    /// How this host sets up an arriving VM's NICs.
+    pub net: NetOptions,
 }
 
 /// A KVM VM being built for an incoming migration.
@@ -916,7 +921,8 @@ impl migratable::VmFactory for KvmFactory {
         sections: &[SectionId],
     ) -> Result<Prepared, MigratableError> {
         migratable::check_sections(&crate::state::sections(config), sections)?;
-        let vm = PreparedVm::new(config).map_err(|e| MigratableError::Build(cause(e)))?;
+        let vm =
+            PreparedVm::new(config, &self.net).map_err(|e| MigratableError::Build(cause(e)))?;
         Ok(Prepared {
             vm,
             config: config.clone(),

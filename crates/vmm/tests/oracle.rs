@@ -46,6 +46,7 @@ fn kvm_guest_verify_catches_a_corrupted_page() {
             })),
         },
         &Console::File(console.clone()),
+        &vmm::NetOptions::default(),
         |_| Ok(()),
     )
     .unwrap();

@@ -63,10 +63,20 @@ impl IoEvents for KvmIoEvents {
     }
 }
 
+/// A function on the bus, as the bus sees it.
+type Function = Arc<Mutex<dyn pci::PciDevice>>;
+/// The same, as the VM pauses, saves and moves it.
+type VmDevice = Arc<Mutex<dyn Device>>;
+
+fn both<D: virtio_devices::VirtioDevice>(d: VirtioPci<D>) -> (Function, VmDevice) {
+    let d = Arc::new(Mutex::new(d));
+    (d.clone(), d)
+}
+
 pub struct PciDevices {
     bus: Arc<PciBus>,
     /// Each device and its slot, in the configuration's order.
-    devices: Vec<(usize, Arc<Mutex<dyn Device>>)>,
+    devices: Vec<(usize, VmDevice)>,
 }
 
 impl PciDevices {
@@ -85,16 +95,14 @@ impl PciDevices {
         let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents(vm.clone()));
         for (name, d) in config.named_devices() {
             let (ram, sink, ioevents) = (vm.ram.clone(), sink.clone(), ioevents.clone());
-            let (pci, dev): (Arc<Mutex<dyn pci::PciDevice>>, Arc<Mutex<dyn Device>>) = match d {
+            let (pci, dev) = match d {
                 DeviceConfig::Disk(disk) => {
                     let b = Block::open(&name, disk, !arriving)?;
-                    let d = Arc::new(Mutex::new(VirtioPci::new(b, ram, sink, ioevents)?));
-                    (d.clone(), d)
+                    both(VirtioPci::new(b, ram, sink, ioevents)?)
                 }
                 DeviceConfig::Net(cfg) => {
                     let n = Net::open(&name, cfg, net)?;
-                    let d = Arc::new(Mutex::new(VirtioPci::new(n, ram, sink, ioevents)?));
-                    (d.clone(), d)
+                    both(VirtioPci::new(n, ram, sink, ioevents)?)
                 }
             };
             let slot = bus.add(pci)?;

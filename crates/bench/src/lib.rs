@@ -7,6 +7,7 @@
 // and nothing here addresses memory or parses the wire.
 #![allow(clippy::cast_sign_loss)]
 pub mod chart;
+pub mod echo;
 pub mod hostdrain;
 pub mod mechanisms;
 pub mod netns;

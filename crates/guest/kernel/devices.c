@@ -351,13 +351,17 @@ static u64 blk_poll(u64 now) {
     return 0;
 }
 
-/* Waits (interrupt or heartbeat-length sleep) for the request in flight; 0 on timeout. */
+static void net_poll(void);
+
+/* Waits (interrupt or heartbeat-length sleep) for the request in flight; 0 on timeout. The
+ * network is served meanwhile: a verify must not look like an outage to the VM's clients. */
 static int blk_wait(void) {
     u64 deadline = rdtsc() + 10000 * tsc_khz;
     while (blk.busy) {
         if (blk_complete()) break;
         if (rdtsc() > deadline) return 0;
         __atomic_exchange_n(&irq_pending, 0, __ATOMIC_SEQ_CST);
+        net_poll();
         if (blk_complete()) break;
         sleep_until(rdtsc() + 50 * tsc_khz);
     }
@@ -568,6 +572,8 @@ void devices_heartbeat(void) {
     if (blk.present) report(RESULT_DISK_ACKED, blk.acked_writes);
     if (net.present) report(RESULT_NET, (net.rx_frames & 0xffffffffu) | net.tx_frames << 32);
 }
+
+void devices_serve(void) { net_poll(); }
 
 void devices_verify(void) {
     if (blk.present) blk_verify();

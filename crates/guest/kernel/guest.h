@@ -64,4 +64,6 @@ void devices_init(const struct devices_cfg *c);
 u64 devices_poll(u64 now);
 void devices_heartbeat(void);
 void devices_verify(void);
+/* Answers the network between other work (verify). */
+void devices_serve(void);
 #endif

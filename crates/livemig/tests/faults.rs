@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, livemig, livemig_exe, tls_env, wait, Livemig, VmProcess, BIN};
+use common::{free_port, livemig, livemig_exe, tls_env, wait, Hosts, Livemig, VmProcess, BIN};
 use migration::Progress;
 use vmm::api::Client;
 
@@ -551,47 +551,6 @@ fn kvm_receiver_killed_at_switchover_leaves_the_vm_paused_and_nowhere_else() {
         &String::from_utf8_lossy(&out.stderr),
         &d.path().join("r2.json"),
     );
-}
-
-/// The testbed's hosts for one test, removed when dropped.
-struct Hosts {
-    name: String,
-}
-
-impl Hosts {
-    fn up(name: &str) -> Hosts {
-        let out = Command::new(BIN)
-            .args(["testbed", "up", "--name", name, "--scale", "0.2"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Hosts { name: name.into() }
-    }
-    fn ns(&self, side: &str) -> String {
-        format!("{}-{side}", self.name)
-    }
-    /// Takes link `link`'s B end down or up: a blackhole, no RST, nothing.
-    fn link(&self, link: &str, up: bool) {
-        let dev = format!("{}-{link}-b", self.name);
-        let st = Command::new("ip")
-            .args(["netns", "exec", &self.ns("b"), "ip", "link", "set", &dev])
-            .arg(if up { "up" } else { "down" })
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        let _ = Command::new(BIN)
-            .args(["testbed", "down", "--name", &self.name])
-            .output();
-    }
 }
 
 /// Blackholes the 1g-1 link once the migration is in `phase`: the source notices within the

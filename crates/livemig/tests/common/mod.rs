@@ -227,3 +227,44 @@ pub fn build_foreign_kernel(dir: &Path) -> PathBuf {
     assert!(st.success(), "building the foreign PVH kernel failed");
     out
 }
+
+/// The testbed's hosts for one test, removed when dropped.
+pub struct Hosts {
+    name: String,
+}
+
+impl Hosts {
+    pub fn up(name: &str) -> Hosts {
+        let out = std::process::Command::new(BIN)
+            .args(["testbed", "up", "--name", name, "--scale", "0.2"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Hosts { name: name.into() }
+    }
+    pub fn ns(&self, side: &str) -> String {
+        format!("{}-{side}", self.name)
+    }
+    /// Takes link `link`'s B end down or up: a blackhole, no RST, nothing.
+    pub fn link(&self, link: &str, up: bool) {
+        let dev = format!("{}-{link}-b", self.name);
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns("b"), "ip", "link", "set", &dev])
+            .arg(if up { "up" } else { "down" })
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(BIN)
+            .args(["testbed", "down", "--name", &self.name])
+            .output();
+    }
+}

@@ -148,3 +148,63 @@ pub fn draw(b: &BenchReport, path: &Path) -> Result<(), ChartError> {
     root.present().map_err(|x| e(&x))?;
     Ok(())
 }
+
+/// `bench devices`: the client's round trips across each row's switchover, one panel per row
+/// (time from the migration's end; requests never answered as red crosses along the top).
+pub fn round_trips(b: &crate::devices::DevicesReport, path: &Path) -> Result<(), ChartError> {
+    register_font()?;
+    let rows: Vec<_> = b.rows.iter().filter(|r| r.error.is_none()).collect();
+    let columns = 2usize;
+    let lines = rows.len().div_ceil(columns).max(1);
+    let root = BitMapBackend::new(path, (1400, 380 * lines as u32)).into_drawing_area();
+    let e = ChartError::draw(path);
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let areas = root.split_evenly((lines, columns));
+    for (area, r) in areas.iter().zip(&rows) {
+        let answered = || r.round_trips.iter().filter_map(|&(t, rtt)| Some((t, rtt?)));
+        let y_max = answered().map(|p| p.1).fold(1.0f64, f64::max) * 1.2;
+        let (x_min, x_max) = r
+            .round_trips
+            .iter()
+            .fold((-1000.0f64, 1000.0f64), |(lo, hi), p| {
+                (lo.min(p.0), hi.max(p.0))
+            });
+        let title = format!(
+            "{} {} on {}: downtime {} ms, gap {:.1} ms, {} lost",
+            r.peer,
+            r.config,
+            r.links,
+            r.downtime_ms.map_or("-".into(), |d| d.to_string()),
+            r.net_gap_ms,
+            r.packets_lost
+        );
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x_min..x_max, 0f64..y_max)
+            .map_err(|x| e(&x))?;
+        chart
+            .configure_mesh()
+            .x_desc("ms from the end of the migration")
+            .y_desc("UDP echo round trip (ms)")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|x| e(&x))?;
+        let colour = if r.peer == "qemu" { BLUE } else { GREEN };
+        chart
+            .draw_series(answered().map(|p| Circle::new(p, 2, colour.filled())))
+            .map_err(|x| e(&x))?;
+        chart
+            .draw_series(
+                r.round_trips
+                    .iter()
+                    .filter(|p| p.1.is_none())
+                    .map(|p| Cross::new((p.0, y_max * 0.97), 3, RED.stroke_width(1))),
+            )
+            .map_err(|x| e(&x))?;
+    }
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}

@@ -41,6 +41,47 @@ impl EchoRecord {
     }
 }
 
+/// What the client saw between two instants.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Window {
+    /// Requests sent in the window.
+    pub sent: u64,
+    /// Those never answered.
+    pub lost: u64,
+    /// The longest time without a reply: from the last reply before the window, between the
+    /// replies in it, and to its end if none came after the last.
+    pub longest_gap_ms: f64,
+}
+
+impl EchoRecord {
+    pub fn window(&self, from_ms: f64, to_ms: f64) -> Window {
+        let in_window = |t: f64| t >= from_ms && t <= to_ms;
+        let sent: Vec<_> = self.requests.iter().filter(|r| in_window(r.0)).collect();
+        let before = self.replies.iter().copied().rfind(|&t| t < from_ms);
+        let mut times: Vec<f64> = before.into_iter().collect();
+        times.extend(self.replies.iter().copied().filter(|&t| in_window(t)));
+        times.push(to_ms);
+        if times.len() == 1 {
+            times.insert(0, from_ms);
+        }
+        Window {
+            sent: sent.len() as u64,
+            lost: sent.iter().filter(|r| r.1.is_none()).count() as u64,
+            longest_gap_ms: longest_gap(&times),
+        }
+    }
+
+    /// (send time less `origin`, round trip) of each request sent between `from_ms` and
+    /// `to_ms`; None: never answered.
+    pub fn round_trips(&self, from_ms: f64, to_ms: f64, origin: f64) -> Vec<(f64, Option<f64>)> {
+        self.requests
+            .iter()
+            .filter(|r| r.0 >= from_ms && r.0 <= to_ms)
+            .map(|&(t, rtt)| (t - origin, rtt))
+            .collect()
+    }
+}
+
 /// The longest interval between consecutive times.
 pub fn longest_gap(times: &[f64]) -> f64 {
     times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
@@ -164,5 +205,34 @@ mod tests {
         assert_eq!(r.lost(), 1);
         assert!(r.answered_after(3.5));
         assert!(!r.answered_after(4.0));
+    }
+
+    #[test]
+    fn a_window_counts_its_requests_and_the_silence_across_it() {
+        // Requests every 1 ms from 0 to 19; those sent at 8..=12 are lost (a switchover).
+        let requests: Vec<_> = (0..20)
+            .map(|i| (f64::from(i), (!(8..=12).contains(&i)).then_some(0.5)))
+            .collect();
+        let replies: Vec<f64> = requests
+            .iter()
+            .filter_map(|r| r.1.map(|rtt| r.0 + rtt))
+            .collect();
+        let r = EchoRecord {
+            sent: 20,
+            received: replies.len() as u64,
+            requests,
+            replies,
+        };
+        let w = r.window(5.0, 15.0);
+        assert_eq!(w.sent, 11);
+        assert_eq!(w.lost, 5);
+        assert_eq!(w.longest_gap_ms, 6.0); // 7.5 -> 13.5
+                                           // Silence until the window's end counts: nothing answered after 7.5 in [5, 12].
+        assert_eq!(r.window(5.0, 12.0).longest_gap_ms, 4.5);
+        // A window before any reply is all silence.
+        let none = EchoRecord::default();
+        assert_eq!(none.window(2.0, 7.0).longest_gap_ms, 5.0);
+        let rt = r.round_trips(7.0, 9.0, 8.0);
+        assert_eq!(rt, vec![(-1.0, Some(0.5)), (0.0, None), (1.0, None)]);
     }
 }

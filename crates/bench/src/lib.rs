@@ -2,11 +2,13 @@
 //! ([`testbed`]), raw link goodput and interface counters ([`netns`]), the VMMs compared
 //! ([`peer`]: livemig, and QEMU over QMP in [`qemu`]), the child processes they run as
 //! ([`child`]), and the report ([`table`], [`chart`]). [`transports`] is `livemig bench
-//! transports`; [`mechanisms`] is `livemig bench mechanisms`.
+//! transports`; [`mechanisms`] is `livemig bench mechanisms`; [`devices`] (a VM with a disk
+//! and a NIC, with the client's UDP echo stream from [`echo`]) is `livemig bench devices`.
 // Figures here are rates and times in f64, cast back to counts for display: `as` saturates,
 // and nothing here addresses memory or parses the wire.
 #![allow(clippy::cast_sign_loss)]
 pub mod chart;
+pub mod devices;
 pub mod echo;
 pub mod hostdrain;
 pub mod mechanisms;

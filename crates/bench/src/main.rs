@@ -32,6 +32,11 @@ enum Cmd {
     /// drain-time model's prediction for each row and the reference's scenarios; writes
     /// bench.json and bench.png.
     Drain(DrainBenchArgs),
+    /// Migrate a VM with a disk and a NIC over each transport while it writes its disk and the
+    /// client namespace sends it UDP echo requests (QEMU beside it with --peer qemu); prints
+    /// the table (downtime, the client's longest silence, requests and disk writes lost),
+    /// writes bench.json and bench.png (the round trips across each switchover).
+    Devices(DevicesArgs),
     /// Send guest RAM over one testbed link by each mechanism (write from the mapping, sendfile
     /// from the memfd, MSG_ZEROCOPY) and land it by splice (into a fresh or a fallocated
     /// memfd) or read into the mapping, with no VM; prints CPU seconds per GiB on each side
@@ -75,6 +80,7 @@ fn run(cli: Cli) -> CmdResult {
     match cli.cmd {
         Cmd::Transports(a) => transports(a),
         Cmd::Drain(a) => drain(a),
+        Cmd::Devices(a) => devices(a),
         Cmd::Mechanisms(a) => mechanisms(&a.options()),
         Cmd::Testbed {
             action,
@@ -135,6 +141,24 @@ fn transports(a: TransportsArgs) -> CmdResult {
     );
     if r.rows.iter().any(|r| r.error.is_some() || !r.verified) {
         eprintln!("livemig-bench: not every migration completed and verified");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn devices(a: DevicesArgs) -> CmdResult {
+    let o = a.options(livemig()?);
+    let r = bench::devices::devices(&o)?;
+    print!("{}", bench::devices::render(&r));
+    println!(
+        "wrote {} and {}",
+        o.out.join("bench.json").display(),
+        o.out.join("bench.png").display()
+    );
+    if !r.all_verified() {
+        eprintln!(
+            "livemig-bench: not every migration completed and verified with no disk write lost"
+        );
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -289,6 +313,74 @@ pub struct TransportsArgs {
     /// Leave the testbed up afterwards even if this run created it.
     #[arg(long)]
     pub keep_testbed: bool,
+}
+
+#[derive(clap::Args)]
+pub struct DevicesArgs {
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// The guest's memory workload (the bench adds disk=RATE and its address). The guest's
+    /// vCPUs are emulated on this machine: a busy guest cannot answer 1 kHz of echo.
+    #[arg(long, default_value = "idle")]
+    pub workload: String,
+    #[arg(long, default_value = "server")]
+    pub memory_profile: MemoryProfile,
+    /// Stamped 4 KiB disk writes a second.
+    #[arg(long, default_value_t = 100)]
+    pub disk_rate: u32,
+    /// UDP echo requests a second from the client namespace.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub echo_hz: u32,
+    /// livemig's RARP announcements after the destination resumes.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub announce_rounds: u32,
+    /// Also migrate the same guest with its devices under this VMM on the same links.
+    #[arg(long, value_parser = ["qemu"])]
+    pub peer: Option<String>,
+    /// Testbed namespaces <name>-a, <name>-b and <name>-client (brought up if missing,
+    /// removed afterwards).
+    #[arg(long, default_value = "livemig")]
+    pub testbed: String,
+    /// Shrink every link's rate by this factor (0 < scale <= 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Options of every migration (the downtime target is QEMU's downtime-limit too).
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+    /// How long the guest runs, answering the client, before the first migration (the
+    /// baseline: the client's longest silence with nothing migrating).
+    #[arg(long, default_value_t = 3000)]
+    pub run_ms: u64,
+    /// Directory for bench.json, bench.png, disk images, consoles and logs.
+    #[arg(long, default_value = "livemig-bench-devices")]
+    pub out: PathBuf,
+    /// Leave the testbed up afterwards even if this run created it.
+    #[arg(long)]
+    pub keep_testbed: bool,
+}
+
+impl DevicesArgs {
+    pub fn options(self, livemig: PathBuf) -> bench::devices::DevicesOptions {
+        bench::devices::DevicesOptions {
+            livemig,
+            memory: self.memory,
+            vcpus: self.vcpus,
+            workload: self.workload,
+            memory_profile: self.memory_profile,
+            disk_rate: self.disk_rate,
+            echo_hz: self.echo_hz,
+            announce_rounds: self.announce_rounds,
+            peer_qemu: self.peer.as_deref() == Some("qemu"),
+            testbed: self.testbed,
+            scale: self.scale,
+            request: self.migrate.base_request(),
+            run_ms: self.run_ms,
+            out: self.out,
+            keep_testbed: self.keep_testbed,
+        }
+    }
 }
 
 #[derive(clap::Args)]

@@ -71,6 +71,9 @@ pub trait Peer {
 
     /// After a run: where the VM is now, and whether that is the destination.
     fn settle(&mut self, src: Self::Vm, dst: Self::Vm, migrated: bool) -> (Self::Vm, bool);
+
+    /// The guest console of the VM booted (`index` 0) or received by run `index`.
+    fn console(&self, index: usize) -> PathBuf;
 }
 
 /// livemig: `livemig run` / `livemig receive` processes, migrated through the VM's API.
@@ -182,6 +185,10 @@ impl Peer for LivemigPeer {
         })
     }
 
+    fn console(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("livemig-{index}.console"))
+    }
+
     fn settle(&mut self, mut src: VmProcess, dst: VmProcess, migrated: bool) -> (VmProcess, bool) {
         if migrated {
             // The source process leaves by itself once the VM runs on the destination.
@@ -272,6 +279,10 @@ impl Peer for QemuPeer {
             verify,
             detail: info,
         })
+    }
+
+    fn console(&self, index: usize) -> PathBuf {
+        self.machine.dir.join(format!("qemu-{index}.console"))
     }
 
     fn settle(&mut self, src: Qemu, dst: Qemu, migrated: bool) -> (Qemu, bool) {

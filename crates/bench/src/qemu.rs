@@ -167,6 +167,69 @@ pub struct Machine {
     /// (file, guest-physical address) for the source's `-device loader`.
     pub blobs: Vec<(PathBuf, u64)>,
     pub dir: PathBuf,
+    pub devices: Option<Devices>,
+}
+
+/// A disk and a NIC, as livemig's `--disk` and `--net` give its VMs: modern-only virtio over
+/// PCI (`disable-legacy=on`), the disk a raw image both hosts reach, the NIC a tap on each
+/// host's bridge (made before QEMU starts: QEMU opens it by name and attaches nothing).
+#[derive(Clone, Debug)]
+pub struct Devices {
+    pub disk: PathBuf,
+    pub tap: String,
+    pub mac: String,
+    pub bridge: String,
+}
+
+impl Devices {
+    fn args(&self) -> Vec<String> {
+        vec![
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=disk0", self.disk.display()),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0,disable-legacy=on".into(),
+            "-netdev".into(),
+            format!("tap,id=net0,ifname={},script=no,downscript=no", self.tap),
+            "-device".into(),
+            format!(
+                "virtio-net-pci,netdev=net0,mac={},disable-legacy=on",
+                self.mac
+            ),
+        ]
+    }
+
+    /// The tap in `ns`, up on the bridge (again if an earlier QEMU left it).
+    fn tap_up(&self, ns: &str) -> Result<(), QemuError> {
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(["netns", "exec", ns, "ip"])
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+        };
+        let _ = ip(&["link", "del", &self.tap]);
+        for args in [
+            vec!["tuntap", "add", "dev", &self.tap, "mode", "tap"],
+            vec!["link", "set", &self.tap, "master", &self.bridge, "up"],
+        ] {
+            let out = ip(&args).map_err(|source| QemuError::Spawn {
+                what: "ip".into(),
+                source,
+            })?;
+            if !out.status.success() {
+                return Err(QemuError::Guest {
+                    what: format!("tap {} in {ns}", self.tap),
+                    msg: format!(
+                        "ip {}: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Machine {
@@ -204,6 +267,7 @@ impl Machine {
             cmdline: spec.cmdline(u32::from(vcpus), Some(tsc)),
             blobs: blobs.into_iter().map(|b| (b.path, b.guest_addr)).collect(),
             dir: dir.to_path_buf(),
+            devices: None,
         })
     }
 }
@@ -257,6 +321,10 @@ impl Qemu {
             .args(["-serial", "chardev:con"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if let Some(d) = &m.devices {
+            d.tap_up(ns)?;
+            cmd.args(d.args());
+        }
         if incoming {
             cmd.args(["-incoming", "defer"]);
         } else {
@@ -391,7 +459,8 @@ impl Qemu {
         }
     }
 
-    /// Asks the workload guest to verify its memory over COM1; Ok(detail) only for VERIFY OK.
+    /// Asks the workload guest to verify its memory (and its disk, first) over COM1;
+    /// Ok(detail) only for VERIFY OK after no DISK VERIFY FAIL.
     pub fn verify(&self, timeout: Duration) -> Result<String, QemuError> {
         let gerr = |msg: String| QemuError::Guest {
             what: self.name.clone(),
@@ -406,6 +475,9 @@ impl Qemu {
         let t = Instant::now();
         for line in BufReader::new(s).lines() {
             let line = line.map_err(|e| gerr(format!("waiting for VERIFY on the console: {e}")))?;
+            if line.trim().starts_with("DISK VERIFY FAIL") {
+                return Err(gerr(format!("guest says: {}", line.trim())));
+            }
             if let Some(rest) = line.trim().strip_prefix("VERIFY ") {
                 return if rest.starts_with("OK") {
                     Ok(line.trim().to_string())

@@ -72,29 +72,7 @@ pub fn render(b: &BenchReport) -> String {
             if r.verified { "yes" } else { "NO" }.into(),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
-        .collect();
-    for (n, row) in cells.iter().enumerate() {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                if i < 3 {
-                    format!("{c:<w$}")
-                } else {
-                    format!("{c:>w$}")
-                }
-            })
-            .collect();
-        s += line.join("  ").trim_end();
-        s += "\n";
-        if n == 0 {
-            s += &"-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1));
-            s += "\n";
-        }
-    }
+    s += &grid(&cells, 3);
     for r in &b.rows {
         if let Some(e) = &r.error {
             s += &format!("  {} {} over {} failed: {e}\n", r.peer, r.config, r.links);
@@ -105,6 +83,42 @@ pub fn render(b: &BenchReport) -> String {
         s += &format!("\nnote: {n}");
     }
     s + "\n"
+}
+
+/// Cells in columns under a ruled header row, the first `left` columns aligned left.
+pub fn grid(cells: &[Vec<String>], left: usize) -> String {
+    let columns = cells.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut s = String::new();
+    for (n, row) in cells.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i < left {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        s += line.join("  ").trim_end();
+        s += "\n";
+        if n == 0 {
+            s += &"-".repeat(widths.iter().sum::<usize>() + 2 * columns.saturating_sub(1));
+            s += "\n";
+        }
+    }
+    s
 }
 
 /// The table's tail: livemig against QEMU, and what TLS costs.

@@ -57,10 +57,10 @@ impl TransportsOptions {
 
 /// One run: its name, how it migrates, over which links.
 #[derive(Clone, Copy, Debug)]
-struct Run {
-    name: &'static str,
-    setup: Setup,
-    links: &'static [&'static str],
+pub(crate) struct Run {
+    pub(crate) name: &'static str,
+    pub(crate) setup: Setup,
+    pub(crate) links: &'static [&'static str],
 }
 
 const fn livemig(
@@ -83,7 +83,7 @@ const fn livemig(
 const MULTI: &[&str] = &["10g-1", "10g-2"];
 
 /// Plaintext, as QEMU runs by default: the rows compared with QEMU's.
-const LIVEMIG_RUNS: [Run; 4] = [
+pub(crate) const LIVEMIG_RUNS: [Run; 4] = [
     livemig("tcp", Transport::Tcp, &["1g-1"], false),
     livemig("compressed", Transport::Compressed, &["1g-1"], false),
     livemig("direct", Transport::Direct, &["10g-1"], false),
@@ -131,7 +131,7 @@ impl Security {
     }
 }
 
-const QEMU_RUNS: [Run; 4] = [
+pub(crate) const QEMU_RUNS: [Run; 4] = [
     Run {
         name: "tcp",
         setup: Setup::Qemu(Mode::Tcp),
@@ -155,7 +155,7 @@ const QEMU_RUNS: [Run; 4] = [
 ];
 
 /// Rows compared side by side: (livemig run, QEMU run, links).
-const PAIRS: [(&str, &str, &str); 4] = [
+pub(crate) const PAIRS: [(&str, &str, &str); 4] = [
     ("tcp", "tcp", "1g-1"),
     ("compressed", "multifd+zstd", "1g-1"),
     ("direct", "tcp", "10g-1"),

@@ -64,26 +64,36 @@ struct vq {
     u32 irq_bit;
 };
 
+/* The address BAR `n` decodes at (as the firmware placed it; 64-bit BARs span two). */
+static u64 pci_bar(u32 slot, u32 n) {
+    if (n > 5) return 0;
+    u32 lo = pci_read32(slot, 0x10 + 4 * n);
+    if (lo & 1) return 0; /* I/O space: virtio 1.x structures live in memory BARs */
+    u64 hi = ((lo & 6) == 4 && n < 5) ? pci_read32(slot, 0x14 + 4 * n) : 0;
+    return hi << 32 | (lo & ~0xfu);
+}
+
+/* Finds the virtio structures and the MSI-X table through the capability list; each names
+ * its own BAR (livemig puts them all in BAR 0, QEMU in BARs 1 and 4). */
 static int vdev_find(u32 slot, struct vdev *d) {
-    u32 lo = pci_read32(slot, 0x10), hi = pci_read32(slot, 0x14);
-    u64 bar = ((u64)hi << 32) | (lo & ~0xfu);
     memset(d, 0, sizeof *d);
     d->slot = slot;
     u8 p = pci_read8(slot, 0x34);
     for (int guard = 0; p && guard < 48; guard++, p = pci_read8(slot, p + 1u)) {
         u8 id = pci_read8(slot, p);
         if (id == 0x11) {
+            u32 table = pci_read32(slot, p + 4u);
             d->msix_cap = p;
-            d->msix_table = bar + (pci_read32(slot, p + 4u) & ~7u);
+            d->msix_table = pci_bar(slot, table & 7u) + (table & ~7u);
         } else if (id == 0x09) {
             u8 type = pci_read8(slot, p + 3u);
-            u64 at = bar + pci_read32(slot, p + 8u);
-            if (type == 1) d->common = at;
-            else if (type == 2) {
+            u64 at = pci_bar(slot, pci_read8(slot, p + 4u)) + pci_read32(slot, p + 8u);
+            if (type == 1 && !d->common) d->common = at;
+            else if (type == 2 && !d->notify) {
                 d->notify = at;
                 d->notify_mult = pci_read32(slot, p + 16u);
-            } else if (type == 3) d->isr = at;
-            else if (type == 4) d->device = at;
+            } else if (type == 3 && !d->isr) d->isr = at;
+            else if (type == 4 && !d->device) d->device = at;
         }
     }
     return d->common && d->notify && d->device && d->msix_cap;
@@ -386,7 +396,8 @@ static void blk_verify(void) {
         else if (r == BLOCK_TORN) torn++;
     }
     if (lost || stale || torn)
-        print("DISK VERIFY FAIL lost=%u stale=%u torn=%u blocks=%u\n", lost, stale, torn, checked);
+        print("DISK VERIFY FAIL lost=%u stale=%u torn=%u blocks=%u writes=%u\n", lost, stale, torn, checked,
+              blk.acked_writes);
     else
         print("DISK VERIFY OK blocks=%u writes=%u\n", checked, blk.acked_writes);
     report(RESULT_DISK_LOST, lost);

@@ -514,7 +514,7 @@ static void verify(void) {
     while (parked != cfg.workers - 1) sleep_until(rdtsc() + tsc_khz);
     u64 checked = 0, bad = 0, first_bad = 0;
     for (u64 idx = 0; idx < ws_pages; idx++) {
-        if ((idx & 1023) == 0) devices_serve();
+        if ((idx & 31) == 0) devices_serve();
         u32 g = gen[idx];
         if (!g) continue;
         checked++;

@@ -88,6 +88,7 @@ pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) 
         }),
         delta: false,
         cached: 0.0,
+        needs: Default::default(),
     }
 }
 

@@ -1,5 +1,7 @@
 //! The plan of a drain, as pure policy: where each VM goes (never overcommitting a
 //! destination), in which order they leave, and how long that should take.
+use std::path::PathBuf;
+
 use serde::Serialize;
 
 use crate::predict::VmFacts;
@@ -39,6 +41,30 @@ pub struct DestFacts {
     pub room: u64,
     /// What its link carries, bytes/s (measured; None: not measured).
     pub rate: Option<f64>,
+    /// It has a bridge for VMs' NICs.
+    pub bridge: bool,
+    /// Disk images of this drain it cannot open, and why.
+    pub unreachable: Vec<(PathBuf, String)>,
+}
+
+/// What a VM's devices need of a destination: a bridge for its NICs, its disks reachable.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Needs {
+    pub disks: Vec<PathBuf>,
+    pub nics: u32,
+}
+
+/// Why `d` cannot take a VM that needs `n`, if it cannot.
+pub fn refuses(n: &Needs, d: &DestFacts) -> Option<String> {
+    if n.nics > 0 && !d.bridge {
+        return Some(format!("{} has no VM bridge for its NICs", d.name));
+    }
+    n.disks.iter().find_map(|p| {
+        d.unreachable
+            .iter()
+            .find(|(u, _)| u == p)
+            .map(|(u, why)| format!("{} cannot open {}: {why}", d.name, u.display()))
+    })
 }
 
 /// The order VMs leave in: indices into `vms`. `share`: the link bytes/s one migration
@@ -85,28 +111,46 @@ pub fn place(vms: &[VmFacts], dests: &[DestFacts]) -> Vec<Result<usize, NoRoom>>
     by_size.sort_by(|a, b| vms[*b].memory.cmp(&vms[*a].memory).then(a.cmp(b)));
     let mut placed: Vec<Result<usize, NoRoom>> = vec![Err(NoRoom::default()); vms.len()];
     for i in by_size {
+        let refused: Vec<String> = dests
+            .iter()
+            .filter_map(|d| refuses(&vms[i].needs, d))
+            .collect();
         let fits = (0..dests.len())
-            .filter(|d| left[*d] >= vms[i].memory)
+            .filter(|d| left[*d] >= vms[i].memory && refuses(&vms[i].needs, &dests[*d]).is_none())
             .max_by_key(|d| (left[*d], std::cmp::Reverse(*d)));
         placed[i] = match fits {
             Some(d) => {
                 left[d] -= vms[i].memory;
                 Ok(d)
             }
-            None => Err(no_room(&vms[i], dests, &left)),
+            None => Err(NoRoom {
+                refused,
+                ..no_room(&vms[i], dests, &left)
+            }),
         };
     }
     placed
 }
 
-/// A VM that fits on no destination, and the room each had left.
+/// A VM that fits on no destination: the room each had left, and those that cannot take its
+/// devices.
 #[derive(Clone, Debug, Default, PartialEq, Eq, thiserror::Error)]
-#[error("{name} ({memory_mib} MiB) fits on no destination (room left: {})", rooms(.left))]
+#[error("{name} ({memory_mib} MiB) fits on no destination (room left: {}{})", rooms(.left), refusals(.refused))]
 pub struct NoRoom {
     pub name: String,
     pub memory_mib: u64,
     /// Each destination's name and the MiB it had left.
     pub left: Vec<(String, u64)>,
+    /// Why destinations cannot take its devices.
+    pub refused: Vec<String>,
+}
+
+fn refusals(r: &[String]) -> String {
+    if r.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", r.join("; "))
+    }
 }
 
 fn rooms(left: &[(String, u64)]) -> String {
@@ -123,6 +167,7 @@ fn no_room(vm: &VmFacts, dests: &[DestFacts], left: &[u64]) -> NoRoom {
             .zip(left)
             .map(|(d, l)| (d.name.clone(), l >> 20))
             .collect(),
+        refused: Vec::new(),
     }
 }
 
@@ -238,6 +283,7 @@ mod tests {
             }),
             delta: false,
             cached: 0.0,
+            needs: Default::default(),
         }
     }
 
@@ -284,6 +330,8 @@ mod tests {
             name: "B".into(),
             room: 400 << 20,
             rate: None,
+            bridge: false,
+            unreachable: Vec::new(),
         }];
         let p = place(&vms, &dests);
         let used: u64 = p
@@ -309,9 +357,48 @@ mod tests {
             name: n.into(),
             room: 150 << 20,
             rate: None,
+            bridge: false,
+            unreachable: Vec::new(),
         };
         let p = place(&vms, &[d("B"), d("C")]);
         assert_eq!(p, vec![Ok(0), Ok(1)]);
+    }
+
+    #[test]
+    fn a_vm_goes_only_where_its_nics_have_a_bridge_and_its_disks_open() {
+        let disk = PathBuf::from("/shared/web.img");
+        let mut web = vm("web", 100, 0.0);
+        web.needs = Needs {
+            disks: vec![disk.clone()],
+            nics: 1,
+        };
+        let d = |n: &str, bridge: bool, unreachable: Vec<(PathBuf, String)>| DestFacts {
+            name: n.into(),
+            room: 1 << 30,
+            rate: None,
+            bridge,
+            unreachable,
+        };
+        let no_bridge = d("B", false, vec![]);
+        let no_disk = d("C", true, vec![(disk.clone(), "No such file".into())]);
+        let good = d("D", true, vec![]);
+        // D has less room than B and C but is the only one that can take it.
+        let good = DestFacts {
+            room: 200 << 20,
+            ..good
+        };
+        let vms = [web, vm("plain", 100, 0.0)];
+        let p = place(&vms, &[no_bridge.clone(), no_disk.clone(), good]);
+        assert_eq!(p[0], Ok(2));
+        let p = place(&vms, &[no_bridge, no_disk]);
+        let why = p[0].clone().unwrap_err().to_string();
+        assert!(
+            why.contains("B has no VM bridge")
+                && why.contains("C cannot open /shared/web.img: No such file"),
+            "{why}"
+        );
+        // A VM without devices goes anywhere with room.
+        assert!(p[1].is_ok());
     }
 
     #[test]

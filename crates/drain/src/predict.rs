@@ -18,6 +18,8 @@ pub struct VmFacts {
     /// Share of its non-zero pages the destination will hold when it arrives (dedup across
     /// the drain's VMs, [`crate::cache::expect_hits`]): they go as references.
     pub cached: f64,
+    /// What a destination must give its devices.
+    pub needs: crate::plan::Needs,
 }
 
 /// Wire bytes of a page sent as a reference to the destination's page cache: its entry and
@@ -196,6 +198,7 @@ mod tests {
             }),
             delta: false,
             cached: 0.0,
+            needs: Default::default(),
         }
     }
 

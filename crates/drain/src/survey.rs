@@ -57,6 +57,7 @@ pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
         probe_links(o, &client, &mut dests);
     }
     let vms = sample_vms(o, &client, running);
+    reach_disks(&vms, &mut dests);
     Ok(Survey {
         source,
         client,
@@ -99,6 +100,8 @@ fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
             name: cap.name,
             room: cap.room,
             rate: None,
+            bridge: cap.bridge.is_some(),
+            unreachable: Vec::new(),
         },
     })
 }
@@ -149,6 +152,33 @@ fn probe_links(o: &DrainOptions, source: &HostClient, dests: &mut [Dest]) {
     }
 }
 
+/// Asks each destination which of the VMs' disk images it cannot open (a failed question
+/// counts every disk as unreachable there, with the reason).
+fn reach_disks(vms: &[VmFacts], dests: &mut [Dest]) {
+    let mut disks: Vec<_> = vms
+        .iter()
+        .flat_map(|v| v.needs.disks.iter().cloned())
+        .collect();
+    disks.sort();
+    disks.dedup();
+    if disks.is_empty() {
+        return;
+    }
+    for d in dests {
+        d.facts.unreachable = match disks
+            .chunks(host::api::MAX_REACH_PATHS)
+            .map(|c| d.client.reach(c))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(answers) => answers.into_iter().flat_map(|r| r.unreachable).collect(),
+            Err(e) => disks
+                .iter()
+                .map(|p| (p.clone(), format!("asking {}: {e}", d.name)))
+                .collect(),
+        };
+    }
+}
+
 /// Samples every VM at once (each in its own process): the order, the ETA and each VM's
 /// predicted time need it.
 fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<VmFacts> {
@@ -180,6 +210,10 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
             delta: o.request.sends_deltas(),
             // Known once the order is (crate::cache::expect_hits).
             cached: 0.0,
+            needs: crate::plan::Needs {
+                disks: v.disks,
+                nics: v.nics,
+            },
         })
         .collect()
 }

@@ -15,6 +15,7 @@
 //! | POST   | /vms/NAME/discard           |                      | `{}` (kills a stale copy)  |
 //! | GET    | /incoming/SESSION[?abandon] |                      | [`IncomingFate`]           |
 //! | POST   | /probe                      | [`ProbeRequest`]     | [`ProbeResult`]            |
+//! | POST   | /reach                      | [`ReachRequest`]     | [`Reach`]                  |
 //! | POST   | /caches                     | [`CacheRequest`]     | [`CacheInfo`]              |
 //! | DELETE | /caches/ID                  |                      | `{}`                       |
 use std::path::{Path, PathBuf};
@@ -43,6 +44,12 @@ pub struct VmInfo {
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Its disks' images (a destination must reach each).
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
+    /// Its NICs (a destination needs a VM bridge for them).
+    #[serde(default)]
+    pub nics: u32,
 }
 
 /// What a host holds and can take.
@@ -67,6 +74,24 @@ pub struct Capacity {
     pub inbound: usize,
     pub outbound: usize,
     pub max_inbound: usize,
+    /// The bridge its VMs' taps go on, if it has one and it exists.
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+/// The most disk images one `/reach` asks about.
+pub const MAX_REACH_PATHS: usize = 256;
+
+/// Disk images a drain would bring here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReachRequest {
+    pub disks: Vec<PathBuf>,
+}
+
+/// Those of them this host cannot open for writing, and why.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Reach {
+    pub unreachable: Vec<(PathBuf, String)>,
 }
 
 /// A drain's page cache to create on the destination host.
@@ -166,6 +191,17 @@ impl HostClient {
 
     pub fn capacity(&self) -> Result<Capacity, ApiError> {
         self.0.call("GET", "/host", None)
+    }
+
+    /// Which of `disks` this host cannot open for writing.
+    pub fn reach(&self, disks: &[PathBuf]) -> Result<Reach, ApiError> {
+        self.0.call(
+            "POST",
+            "/reach",
+            Some(json!(ReachRequest {
+                disks: disks.to_vec()
+            })),
+        )
     }
 
     pub fn list(&self) -> Result<Vec<VmInfo>, ApiError> {

@@ -145,6 +145,7 @@ fn serve(a: ServeArgs) -> CmdResult {
         peer_timeout: a.peer_timeout,
         security: security.clone(),
         livemig,
+        bridge: a.net.bridge.clone(),
     })?;
     eprintln!(
         "livemig: host agent {name} listening on {} ({}), API {}",

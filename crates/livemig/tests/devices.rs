@@ -431,3 +431,127 @@ fn root_a_vm_with_a_disk_and_a_nic_moves_between_hosts_20_times() {
     );
     assert!(record.received > 0);
 }
+
+/// `livemig drain` empties a host of six VMs with disks and NICs into another whose agent
+/// has the VM bridge: every VM moves, verified with its disk, each answering its clients on
+/// the destination; a host without the bridge is refused before anything moves.
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_root),
+    ignore = "needs /dev/kvm and root (network namespaces)"
+)]
+fn root_drain_moves_six_vms_with_disks_and_nics() {
+    use bench::echo::EchoClient;
+    use bench::testbed::{vm_addr, VM_BRIDGE};
+    let h = common::Hosts::up("lmdr");
+    let d = tempfile::tempdir().unwrap();
+    let agent = |name: &str, side: &str, addr: &str, bridge: bool| {
+        let mut args = vec!["--name", name];
+        if bridge {
+            args.extend(["--bridge", VM_BRIDGE]);
+        }
+        livemig_exe()
+            .host_serve(
+                Some(&h.ns(side)),
+                &format!("{addr}:{}", free_port()),
+                &d.path().join(name),
+                &args,
+            )
+            .unwrap()
+    };
+    let a = agent("a", "a", "10.77.1.1", true);
+    let b = agent("b", "b", "10.77.1.2", true);
+    let names: Vec<String> = (0..6).map(|i| format!("vm{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let img = d.path().join(format!("{name}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let out = livemig(&[
+            "host",
+            "run",
+            "--host",
+            a.sock.to_str().unwrap(),
+            "--name",
+            name,
+            "--memory",
+            "128M",
+            "--vcpus",
+            "1",
+            "--workload",
+            &format!("idle,disk=20,disk_blocks=128,ip={}/24", vm_addr(i as u8)),
+            "--disk",
+            &format!("path={}", img.display()),
+            "--net",
+            &format!("tap=lmdr{name}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let clients: Vec<EchoClient> = (0..6)
+        .map(|i| {
+            EchoClient::start(
+                &h.ns("client"),
+                format!("{}:7", vm_addr(i)).parse().unwrap(),
+                50,
+            )
+        })
+        .collect();
+    wait(Duration::from_secs(60), "every guest answering", || {
+        clients.iter().all(|c| c.last_reply_ms().is_some())
+    });
+
+    // A third host with room but no VM bridge takes none of them.
+    let c = agent("c", "b", "10.77.1.2", false);
+    let report = d.path().join("refused.json");
+    let out = common::drain_cmd(&a, &c, &report, &["--dry-run"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("has no VM bridge for its NICs"), "{text}");
+    drop(c);
+
+    let report = d.path().join("drain.json");
+    let out = common::drain_cmd(&a, &b, &report, &[]).output().unwrap();
+    let drained_at: Vec<f64> = clients.iter().map(EchoClient::now_ms).collect();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let vms = r["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 6, "{r}");
+    for v in vms {
+        assert_eq!(v["status"], "moved", "{v}");
+        assert_eq!(v["guest_verified"], true, "{v}");
+        let detail = v["report"]["guest_verify"].to_string();
+        assert!(detail.contains("disk blocks="), "{v}");
+    }
+    assert!(a.client().list().unwrap().is_empty(), "the source is empty");
+    let on_b = b.client().list().unwrap();
+    assert_eq!(on_b.len(), 6);
+    for v in &on_b {
+        assert_eq!(v.nics, 1, "{v:?}");
+        assert_eq!(v.disks.len(), 1, "{v:?}");
+    }
+    for (i, c) in clients.iter().enumerate() {
+        wait(
+            Duration::from_secs(20),
+            &format!("vm{i} answering from B"),
+            || c.last_reply_ms().is_some_and(|t| t > drained_at[i] + 1.0),
+        );
+    }
+    for (i, c) in clients.into_iter().enumerate() {
+        let rec = c.finish().unwrap();
+        eprintln!(
+            "vm{i}: {} echo requests, {} lost, longest silence {:.1} ms",
+            rec.sent,
+            rec.lost(),
+            rec.longest_gap_ms()
+        );
+    }
+}

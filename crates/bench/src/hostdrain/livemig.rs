@@ -194,6 +194,7 @@ impl LivemigHosts {
                 sample: v.sample.clone(),
                 delta,
                 cached: 0.0,
+                needs: Default::default(),
             })
             .collect();
         if r.dedup_cache_bytes > 0 {

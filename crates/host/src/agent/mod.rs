@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub security: Security,
     /// How to start VM processes (`livemig run`, `livemig receive`).
     pub livemig: Livemig,
+    /// The bridge VMs' taps go on here (the same as `livemig`'s children are told).
+    pub bridge: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -368,6 +370,11 @@ impl Agent {
             inbound: arriving_vms().count(),
             outbound,
             max_inbound: self.cfg.max_inbound,
+            bridge: self
+                .cfg
+                .bridge
+                .clone()
+                .filter(|b| Path::new("/sys/class/net").join(b).join("bridge").exists()),
         }
     }
 

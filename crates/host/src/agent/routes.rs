@@ -11,7 +11,10 @@ use vmm::VmConfig;
 
 use super::vms::{self, Entry, Phase, Proc, Record};
 use super::{Agent, AgentError};
-use crate::api::{CacheRequest, ProbeRequest, ProbeResult, RunRequest, VmInfo};
+use crate::api::{
+    CacheRequest, ProbeRequest, ProbeResult, Reach, ReachRequest, RunRequest, VmInfo,
+    MAX_REACH_PATHS,
+};
 
 /// How long a new VM's process has to serve its API.
 const BOOT_WITHIN: Duration = Duration::from_secs(60);
@@ -60,8 +63,34 @@ fn route(a: &Agent, r: &Request) -> Reply {
         }
         ("DELETE", ["caches", id]) => a.drop_cache(parse_session(id)?),
         ("POST", ["probe"]) => a.probe(&r.json::<Option<ProbeRequest>>()?.ok_or(bad("paths"))?),
+        ("POST", ["reach"]) => {
+            let r = r.json::<Option<ReachRequest>>()?.ok_or(bad("disks"))?;
+            reach(&r.disks)
+        }
         _ => Err((404, format!("no such endpoint: {} {}", r.method, r.path))),
     }
+}
+
+/// Which disk images this host cannot open for writing, as a VM arriving with them would.
+fn reach(disks: &[PathBuf]) -> Reply {
+    if disks.len() > MAX_REACH_PATHS {
+        return Err((400, format!("at most {MAX_REACH_PATHS} disks at once")));
+    }
+    let unreachable = disks
+        .iter()
+        .filter_map(|p| {
+            let why = match std::fs::metadata(p) {
+                Err(e) => e.to_string(),
+                Ok(m) if !m.is_file() => "not a regular file".into(),
+                Ok(_) => match std::fs::OpenOptions::new().read(true).write(true).open(p) {
+                    Ok(_) => return None,
+                    Err(e) => e.to_string(),
+                },
+            };
+            Some((p.clone(), why))
+        })
+        .collect();
+    Ok(json!(Reach { unreachable }))
 }
 
 fn bad(what: &str) -> (u16, String) {
@@ -419,10 +448,27 @@ fn vm_info(rec: Record, phase: &Phase, api: PathBuf, pid: u32) -> VmInfo {
         memory: rec.memory,
         vcpus: rec.vcpus,
         state,
-        heartbeat: status.map_or(0, |s| s.heartbeat),
+        heartbeat: status.as_ref().map_or(0, |s| s.heartbeat),
         origin: rec.origin,
         api,
         pid,
         error,
+        disks: status
+            .as_ref()
+            .map_or_else(Vec::new, |s| device_paths(&s.devices)),
+        nics: status.as_ref().map_or(0, |s| count_kind(&s.devices, "net")),
     }
+}
+
+/// The disk images among a VM's devices (as its status describes them).
+fn device_paths(devices: &[serde_json::Value]) -> Vec<PathBuf> {
+    devices
+        .iter()
+        .filter(|d| d["kind"] == "disk")
+        .filter_map(|d| d["path"].as_str().map(PathBuf::from))
+        .collect()
+}
+
+fn count_kind(devices: &[serde_json::Value], kind: &str) -> u32 {
+    devices.iter().filter(|d| d["kind"] == kind).count() as u32
 }

@@ -586,6 +586,7 @@ impl Vm {
             }
             RunState::Running => {}
         }
+        let t = std::time::Instant::now();
         for v in &self.vcpus {
             let _ = v.requests.send(VcpuRequest::Pause);
             if let Some(t) = &v.thread {
@@ -594,8 +595,14 @@ impl Vm {
         }
         self.wait_all(|e| matches!(e, VcpuEvent::Paused(_)), "pause")?;
         self.state = RunState::Paused;
+        let vcpus_us = t.elapsed().as_micros();
         // The guest is still: the devices finish what it asked of them.
         self.devices.pause()?;
+        tracing::debug!(
+            vcpus_us,
+            devices_us = t.elapsed().as_micros() - vcpus_us,
+            "paused: vCPUs stopped, devices drained and flushed"
+        );
         Ok(())
     }
 

@@ -196,11 +196,13 @@ impl<D: VirtioDevice> VirtioPci<D> {
             return Ok(());
         };
         let name = self.device.name().to_string();
+        let t = std::time::Instant::now();
         let Stopped {
             worker,
             queues,
             failure,
         } = r.stop().ok_or(DeviceError::WorkerPanicked(name.clone()))?;
+        tracing::debug!(device = %name, us = t.elapsed().as_micros(), "I/O thread stopped");
         self.io = Io::Parked(worker, queues);
         match failure {
             Some(e) => {

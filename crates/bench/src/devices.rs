@@ -550,7 +550,10 @@ fn livemig_peer(o: &DevicesOptions, dir: &Path, tb: &Testbed) -> Result<LivemigP
         key: tls.join("bench.key"),
         ca: tls.join("ca.pem"),
     };
-    let net = |l: Livemig| l.with_net(Some(VM_BRIDGE), o.announce_rounds);
+    let net = |l: Livemig| {
+        l.with_net(Some(VM_BRIDGE), o.announce_rounds)
+            .with_storage(&[dir.to_path_buf()])
+    };
     let disk = disk_image(&dir.join("livemig.img"))?;
     Ok(LivemigPeer {
         exe: net(Livemig::new(&o.livemig).with_tls(&files)),

@@ -293,6 +293,15 @@ impl Livemig {
         self.set_env(&["LIVEMIG_BRIDGE", "LIVEMIG_ANNOUNCE_ROUNDS"], v)
     }
 
+    /// VMs arriving through processes started from here may open disks under `dirs` only.
+    pub fn with_storage(self, dirs: &[PathBuf]) -> Self {
+        let joined: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        self.set_env(
+            &["LIVEMIG_STORAGE"],
+            vec![("LIVEMIG_STORAGE", joined.join(","))],
+        )
+    }
+
     /// `livemig ARGS` in namespace `ns` (None: this one).
     pub fn command(&self, ns: Option<&str>) -> Command {
         let mut c = match ns {

@@ -2,7 +2,7 @@
 //! process, as on another host) and a source VM (1 GiB, 2 vCPUs, workload `sql`, profile
 //! `server`), migrates the running VM over loopback TCP, prints the summary, writes the report,
 //! and exits 0 only if the guest verified its memory on the destination.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -97,9 +97,29 @@ fn start_destination(
         exe = exe.with_tls(&destination);
         Security::Tls(std::sync::Arc::new(Tls::load(&source)?))
     };
+    // The destination is this host: it takes the demo's own disks where they are.
+    let storage = if a.net.storage.is_empty() {
+        disk_dirs(&a.devices.devices())
+    } else {
+        a.net.storage.clone()
+    };
+    exe = exe
+        .with_net(a.net.bridge.as_deref(), a.net.announce_rounds)
+        .with_storage(&storage);
     let api = d.dir.join("destination.sock");
     d.process = Some(exe.receive(None, &addr, &api, &console, None)?);
     Ok((d, addr, security))
+}
+
+/// The directories the disks are in.
+fn disk_dirs(devices: &[vmm::DeviceConfig]) -> Vec<PathBuf> {
+    devices
+        .iter()
+        .filter_map(|d| match d {
+            vmm::DeviceConfig::Disk(disk) => disk.path.parent().map(Path::to_path_buf),
+            vmm::DeviceConfig::Net(_) => None,
+        })
+        .collect()
 }
 
 /// Boots the source VM in this process and lets its guest run a while.

@@ -134,7 +134,8 @@ fn serve(a: ServeArgs) -> CmdResult {
         Some(f) if !a.tls.insecure => Livemig::new(exe).with_tls(&f),
         _ => Livemig::new(exe).insecure(),
     }
-    .with_net(a.net.bridge.as_deref(), a.net.announce_rounds);
+    .with_net(a.net.bridge.as_deref(), a.net.announce_rounds)
+    .with_storage(&a.net.storage);
     let name = a.name.unwrap_or_else(system_host_name);
     let running = host::Agent::start(AgentConfig {
         name: name.clone(),
@@ -146,6 +147,7 @@ fn serve(a: ServeArgs) -> CmdResult {
         security: security.clone(),
         livemig,
         bridge: a.net.bridge.clone(),
+        storage: a.net.storage.clone(),
     })?;
     eprintln!(
         "livemig: host agent {name} listening on {} ({}), API {}",

@@ -255,6 +255,7 @@ const OPTION_VARS: &[&str] = &[
     "LIVEMIG_INSECURE",
     "LIVEMIG_BRIDGE",
     "LIVEMIG_ANNOUNCE_ROUNDS",
+    "LIVEMIG_STORAGE",
 ];
 
 /// Subcommands that belong to `livemig-bench` (a binary of its own, so that this one carries
@@ -481,6 +482,7 @@ fn receive(
     let factory = Arc::new(KvmFactory {
         console,
         net: net.options(),
+        storage: net.storage.clone(),
     });
     let received = migration::receive(listener, security.clone(), opts, factory);
     if let (Err(e), Some(f)) = (&received, &status) {

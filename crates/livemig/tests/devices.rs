@@ -43,15 +43,18 @@ fn disk_vm(exe: &Livemig, dir: &Path, img: &Path) -> VmProcess {
     vm
 }
 
+/// A receiver that takes disks from `dir` (its --storage).
 fn receiver(exe: &Livemig, dir: &Path, name: &str, port: u16) -> VmProcess {
-    exe.receive(
-        None,
-        &format!("127.0.0.1:{port}"),
-        &dir.join(format!("{name}.sock")),
-        &dir.join(format!("{name}.console")),
-        None,
-    )
-    .unwrap()
+    exe.clone()
+        .with_storage(&[dir.to_path_buf()])
+        .receive(
+            None,
+            &format!("127.0.0.1:{port}"),
+            &dir.join(format!("{name}.sock")),
+            &dir.join(format!("{name}.console")),
+            None,
+        )
+        .unwrap()
 }
 
 fn status(api: &Path) -> Option<serde_json::Value> {
@@ -345,7 +348,9 @@ fn root_a_vm_with_a_disk_and_a_nic_moves_between_hosts_20_times() {
     use bench::testbed::{vm_addr, VM_BRIDGE};
     let h = common::Hosts::up("lmpp");
     let d = tempfile::tempdir().unwrap();
-    let exe = livemig_exe().with_net(Some(VM_BRIDGE), 5);
+    let exe = livemig_exe()
+        .with_net(Some(VM_BRIDGE), 5)
+        .with_storage(&[d.path().to_path_buf()]);
     let img = image(d.path());
     let ip = vm_addr(0);
     let args: Vec<String> = [
@@ -445,8 +450,9 @@ fn root_drain_moves_six_vms_with_disks_and_nics() {
     use bench::testbed::{vm_addr, VM_BRIDGE};
     let h = common::Hosts::up("lmdr");
     let d = tempfile::tempdir().unwrap();
+    let storage = d.path().display().to_string();
     let agent = |name: &str, side: &str, addr: &str, bridge: bool| {
-        let mut args = vec!["--name", name];
+        let mut args = vec!["--name", name, "--storage", &storage];
         if bridge {
             args.extend(["--bridge", VM_BRIDGE]);
         }
@@ -553,5 +559,52 @@ fn root_drain_moves_six_vms_with_disks_and_nics() {
             rec.lost(),
             rec.longest_gap_ms()
         );
+    }
+}
+
+/// A destination opens an arriving VM's disks only under its --storage: one without it, or
+/// with another directory, refuses the VM before the source stops, and the source runs on
+/// holding its disk.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_a_destination_refuses_disks_outside_its_storage() {
+    let d = tempfile::tempdir().unwrap();
+    let exe = livemig_exe();
+    let img = image(d.path());
+    let vm = disk_vm(&exe, d.path(), &img);
+    let other = tempfile::tempdir().unwrap();
+    for (name, storage, says) in [
+        ("none", None, "takes no arriving disks"),
+        (
+            "other",
+            Some(other.path()),
+            "is outside this host's storage",
+        ),
+    ] {
+        let port = free_port();
+        let exe = match storage {
+            Some(dir) => exe.clone().with_storage(&[dir.to_path_buf()]),
+            None => exe.clone(),
+        };
+        let mut dst = exe
+            .receive(
+                None,
+                &format!("127.0.0.1:{port}"),
+                &d.path().join(format!("{name}.sock")),
+                &d.path().join(format!("{name}.console")),
+                None,
+            )
+            .unwrap();
+        let out = migrate_to(&vm.api, &format!("127.0.0.1:{port}"), &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{name}: {err}");
+        let _ = dst.child.kill();
+        let _ = dst.child.wait();
+        let (locked, _) = disk_state(&vm.api);
+        assert!(
+            locked && image_locked(&img),
+            "{name}: the source keeps its disk"
+        );
+        assert_eq!(status(&vm.api).unwrap()["state"], "running", "{name}");
     }
 }

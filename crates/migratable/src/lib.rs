@@ -13,6 +13,7 @@
 mod dirty;
 mod snapshot;
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,6 +72,18 @@ impl VmConfig {
 
     /// Whether the devices are ones a VMM could build (a peer's config is checked before
     /// anything is built from it).
+    /// Whether every disk of a VM that arrives lies under one of this host's storage `roots`
+    /// (symbolic links and `..` resolved): the source names the images, and the destination
+    /// must not open whatever file a source asks for.
+    pub fn check_disks_within(&self, roots: &[PathBuf]) -> Result<(), DeviceConfigError> {
+        for (disk, d) in self.named_devices() {
+            if let DeviceConfig::Disk(d) = d {
+                disk_within(&disk, &d.path, roots)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn check_devices(&self) -> Result<(), DeviceConfigError> {
         if self.devices.len() > MAX_DEVICES {
             return Err(DeviceConfigError::TooMany(self.devices.len()));
@@ -90,7 +103,7 @@ pub enum DeviceConfig {
 /// A virtio-blk disk on a raw image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
-    pub path: std::path::PathBuf,
+    pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
 }
@@ -161,6 +174,48 @@ pub enum DeviceConfigError {
     TapName(String),
     /// {0:?} is not a unicast MAC address (six hex pairs with colons)
     Mac(String),
+    /// {disk} ({path}): this host takes no arriving disks; give its receiver --storage DIR
+    NoStorage { disk: String, path: String },
+    /// {disk} ({path}) is outside this host's storage ({roots}); it opens arriving disks only under its --storage directories
+    Outside {
+        disk: String,
+        path: String,
+        roots: String,
+    },
+    /// {disk}: resolving {path}: {why}
+    Resolve {
+        disk: String,
+        path: String,
+        why: String,
+    },
+}
+
+/// Whether the image `path` of disk `disk` lies under one of `roots`, links and `..` resolved.
+pub fn disk_within(disk: &str, path: &Path, roots: &[PathBuf]) -> Result<(), DeviceConfigError> {
+    let shown = path.display().to_string();
+    let roots: Vec<PathBuf> = roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
+    if roots.is_empty() {
+        return Err(DeviceConfigError::NoStorage {
+            disk: disk.into(),
+            path: shown,
+        });
+    }
+    let real = path
+        .canonicalize()
+        .map_err(|e| DeviceConfigError::Resolve {
+            disk: disk.into(),
+            path: shown.clone(),
+            why: e.to_string(),
+        })?;
+    if roots.iter().any(|r| real.starts_with(r)) {
+        return Ok(());
+    }
+    let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    Err(DeviceConfigError::Outside {
+        disk: disk.into(),
+        path: shown,
+        roots: roots.join(", "),
+    })
 }
 
 impl DeviceConfig {

@@ -15,7 +15,7 @@ pub mod state;
 pub mod vcpu;
 pub mod vm;
 
-pub use migratable::{RunState, VmConfig, MAX_VCPUS};
+pub use migratable::{DeviceConfig, RunState, VmConfig, MAX_VCPUS};
 pub use state::VmState;
 pub use vm::{
     Announce, BootFacts, Cmdline, Console, Kernel, KvmFactory, NetOptions, PreparedVm, Vm, VmError,

@@ -910,6 +910,8 @@ pub struct KvmFactory {
     pub console: Console,
     /// How this host sets up an arriving VM's NICs.
     pub net: NetOptions,
+    /// The directories an arriving VM's disks may be in.
+    pub storage: Vec<std::path::PathBuf>,
 }
 
 /// A KVM VM being built for an incoming migration.
@@ -928,6 +930,9 @@ impl migratable::VmFactory for KvmFactory {
         sections: &[SectionId],
     ) -> Result<Prepared, MigratableError> {
         migratable::check_sections(&crate::state::sections(config), sections)?;
+        config
+            .check_disks_within(&self.storage)
+            .map_err(|e| MigratableError::Build(cause(e)))?;
         let vm =
             PreparedVm::new(config, &self.net).map_err(|e| MigratableError::Build(cause(e)))?;
         Ok(Prepared {

@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub livemig: Livemig,
     /// The bridge VMs' taps go on here (the same as `livemig`'s children are told).
     pub bridge: Option<String>,
+    /// The directories arriving VMs' disks may be in.
+    pub storage: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]

@@ -65,20 +65,24 @@ fn route(a: &Agent, r: &Request) -> Reply {
         ("POST", ["probe"]) => a.probe(&r.json::<Option<ProbeRequest>>()?.ok_or(bad("paths"))?),
         ("POST", ["reach"]) => {
             let r = r.json::<Option<ReachRequest>>()?.ok_or(bad("disks"))?;
-            reach(&r.disks)
+            reach(&r.disks, &a.cfg.storage)
         }
         _ => Err((404, format!("no such endpoint: {} {}", r.method, r.path))),
     }
 }
 
-/// Which disk images this host cannot open for writing, as a VM arriving with them would.
-fn reach(disks: &[PathBuf]) -> Reply {
+/// Which disk images a VM arriving here could not open: outside this host's storage, or not
+/// a regular file it can open for writing.
+fn reach(disks: &[PathBuf], storage: &[PathBuf]) -> Reply {
     if disks.len() > MAX_REACH_PATHS {
         return Err((400, format!("at most {MAX_REACH_PATHS} disks at once")));
     }
     let unreachable = disks
         .iter()
         .filter_map(|p| {
+            if let Err(e) = migratable::disk_within("disk", p, storage) {
+                return Some((p.clone(), e.to_string()));
+            }
             let why = match std::fs::metadata(p) {
                 Err(e) => e.to_string(),
                 Ok(m) if !m.is_file() => "not a regular file".into(),

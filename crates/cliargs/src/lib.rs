@@ -104,8 +104,7 @@ impl DeviceArgs {
     }
 }
 
-/// How this host plugs its VMs' NICs and disks in (`run`, `receive`, `restore`, `host serve`,
-/// `demo`).
+/// How this host plugs its VMs' NICs in (`run`, `receive`, `restore`, `host serve`, `demo`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct NetHostArgs {
     /// The bridge the taps of this host's VMs go on.
@@ -120,6 +119,11 @@ pub struct NetHostArgs {
         value_parser = clap::value_parser!(u32).range(0..=100)
     )]
     pub announce_rounds: u32,
+}
+
+/// Where disks of VMs arriving on this host may be (`receive`, `host serve`, `demo`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct StorageArgs {
     /// Directories whose disk images VMs that arrive here may open (repeat, or separate with
     /// commas); a VM arriving with a disk elsewhere is refused before its source stops.
     #[arg(

@@ -32,6 +32,8 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub net: crate::args::NetHostArgs,
     #[command(flatten)]
+    pub storage: crate::args::StorageArgs,
+    #[command(flatten)]
     pub migrate: MigrateArgs,
     #[command(flatten)]
     pub transport: TransportArgs,
@@ -98,10 +100,10 @@ fn start_destination(
         Security::Tls(std::sync::Arc::new(Tls::load(&source)?))
     };
     // The destination is this host: it takes the demo's own disks where they are.
-    let storage = if a.net.storage.is_empty() {
+    let storage = if a.storage.storage.is_empty() {
         disk_dirs(&a.devices.devices())
     } else {
-        a.net.storage.clone()
+        a.storage.storage.clone()
     };
     exe = exe
         .with_net(a.net.bridge.as_deref(), a.net.announce_rounds)

@@ -72,6 +72,8 @@ pub struct ServeArgs {
     tls: TlsArgs,
     #[command(flatten)]
     net: crate::args::NetHostArgs,
+    #[command(flatten)]
+    storage: crate::args::StorageArgs,
 }
 
 #[derive(clap::Args)]
@@ -135,7 +137,7 @@ fn serve(a: ServeArgs) -> CmdResult {
         _ => Livemig::new(exe).insecure(),
     }
     .with_net(a.net.bridge.as_deref(), a.net.announce_rounds)
-    .with_storage(&a.net.storage);
+    .with_storage(&a.storage.storage);
     let name = a.name.unwrap_or_else(system_host_name);
     let running = host::Agent::start(AgentConfig {
         name: name.clone(),
@@ -147,7 +149,7 @@ fn serve(a: ServeArgs) -> CmdResult {
         security: security.clone(),
         livemig,
         bridge: a.net.bridge.clone(),
-        storage: a.net.storage.clone(),
+        storage: a.storage.storage.clone(),
     })?;
     eprintln!(
         "livemig: host agent {name} listening on {} ({}), API {}",

@@ -106,6 +106,8 @@ enum Cmd {
         #[command(flatten)]
         net: args::NetHostArgs,
         #[command(flatten)]
+        storage: args::StorageArgs,
+        #[command(flatten)]
         agent: ReceiveAgentArgs,
     },
     /// Live-migrate the VM behind --api to a `livemig receive` (or host agent) at --to.
@@ -316,14 +318,18 @@ fn run(cli: Cli) -> CmdResult {
             peer_timeout,
             tls,
             net,
+            storage,
             agent,
         } => receive(
             &listen,
             api.as_deref(),
-            console(con),
+            KvmFactory {
+                console: console(con),
+                net: net.options(),
+                storage: storage.storage,
+            },
             peer_timeout,
             &tls,
-            &net,
             &agent,
         ),
         Cmd::Migrate {
@@ -452,13 +458,13 @@ fn run_vm(a: VmArgs) -> CmdResult {
     serve(vm, a.api.as_deref(), security)
 }
 
+/// `livemig receive`: waits for one VM, builds it as `factory` says, and serves it.
 fn receive(
     listen: &str,
     api: Option<&Path>,
-    console: Console,
+    factory: KvmFactory,
     peer_timeout: Duration,
     tls: &TlsArgs,
-    net: &args::NetHostArgs,
     agent: &ReceiveAgentArgs,
 ) -> CmdResult {
     let security = tls.required()?;
@@ -479,11 +485,7 @@ fn receive(
         host_cache: agent.host_cache_id.zip(agent.host_cache.clone()),
         ..Default::default()
     };
-    let factory = Arc::new(KvmFactory {
-        console,
-        net: net.options(),
-        storage: net.storage.clone(),
-    });
+    let factory = Arc::new(factory);
     let received = migration::receive(listener, security.clone(), opts, factory);
     if let (Err(e), Some(f)) = (&received, &status) {
         let _ = f.write(&host::status::Incoming::failed(&e.to_string()));

@@ -1,7 +1,7 @@
-//! A small `livemig-bench transports` as a smoke test: every configuration's row is there and
-//! every migration verified on its destination, QEMU's too. No timing assertions: figures are
-//! the bench's output, not a test's. Needs root, /dev/kvm and QEMU: ignored, saying so,
-//! without them.
+//! Small `livemig-bench transports` and `devices` runs as smoke tests: every configuration's
+//! row is there and every migration verified on its destination, QEMU's too. No timing
+//! assertions: figures are the bench's output, not a test's. Needs root, /dev/kvm and QEMU:
+//! ignored, saying so, without them.
 use std::process::Command;
 
 mod common;
@@ -116,4 +116,43 @@ fn bench_mechanisms_lands_every_byte_by_each_mechanism() {
     }
     assert!(rows[2]["trials"][0]["sent_by"].is_string(), "{}", rows[2]);
     assert!(stdout.contains("sendfile / copy"), "{stdout}");
+}
+
+/// A small `livemig-bench devices` with QEMU: every row there, each VM verified with its disk
+/// and no acknowledged write lost, the client's record and the checks in bench.json, the
+/// round-trip chart drawn. No figure is asserted.
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_root, no_qemu),
+    ignore = "needs /dev/kvm, root and qemu-system-x86_64"
+)]
+fn bench_devices_smoke_has_every_row_verified_with_its_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["devices", "--memory", "128M", "--run-ms", "1000"])
+        .args(["--testbed", "lmdsmk", "--peer", "qemu", "--out"])
+        .arg(dir.path());
+    let (stdout, b) = run_bench(&mut cmd, dir.path());
+    let livemig_rows = &LIVEMIG_ROWS[..4];
+    for (peer, config, links, r) in every_row(&b, livemig_rows, &QEMU_ROWS, &stdout) {
+        let what = format!("{peer} {config} over {links}");
+        assert_eq!(r["verified"], true, "{what}: {r}");
+        assert_eq!(r["disk_writes_lost"], 0, "{what}: {r}");
+        assert!(r["disk_writes"].is_u64(), "{what}: {r}");
+        assert!(r["packets_sent"].as_u64().unwrap() > 0, "{what}: {r}");
+        assert!(r["net_gap_ms"].as_f64().unwrap() > 0.0, "{what}: {r}");
+        assert!(
+            !r["round_trips"].as_array().unwrap().is_empty(),
+            "{what}: {r}"
+        );
+    }
+    assert_eq!(b["checks"].as_array().unwrap().len(), 4, "{}", b["checks"]);
+    let png = std::fs::read(dir.path().join("bench.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "bench.png is a PNG");
+    let st = Command::new(BENCH)
+        .args(["testbed", "status", "--name", "lmdsmk"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["present"], false);
 }

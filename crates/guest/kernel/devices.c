@@ -235,6 +235,12 @@ static struct {
     u32 *acked; /* the version the device acknowledged, per block; 0: never written */
     struct blk_req *req;
     u8 *wbuf, *rbuf;
+    /* Written only by the device: every fourth request reads an acknowledged block into it,
+     * so a migration must carry the device's writes for verify to find it intact. */
+    u8 *pbuf;
+    int busy_peek;
+    u64 peek_block;
+    u32 peek_version;
     volatile u8 *status;
     u64 busy_block;
     u32 busy_version;
@@ -290,6 +296,7 @@ static int blk_submit(u32 type, u64 block, u8 *buf) {
     if (vq_add(&blk.q, addr, len, write, 3) < 0) return 0;
     blk.busy = 1;
     blk.busy_write = type == BLK_T_OUT;
+    blk.busy_peek = buf == blk.pbuf;
     blk.busy_block = block;
     vq_kick(&blk.q);
     return 1;
@@ -306,6 +313,9 @@ static int blk_complete(void) {
     if (blk.busy_write) {
         blk.acked[blk.busy_block] = blk.busy_version;
         blk.acked_writes++;
+    } else if (blk.busy_peek) {
+        blk.peek_block = blk.busy_block;
+        blk.peek_version = blk.busy_version;
     }
     return 1;
 }
@@ -323,12 +333,13 @@ static void blk_init(u32 slot, const struct devices_cfg *c) {
     if (blk.nblocks > want) blk.nblocks = want;
     blk.acked = bump_alloc(blk.nblocks * sizeof(u32) + 8);
     memset(blk.acked, 0, blk.nblocks * sizeof(u32));
-    u8 *io = bump_alloc(3 * PAGE);
+    u8 *io = bump_alloc(4 * PAGE);
     blk.wbuf = io;
     blk.rbuf = io + PAGE;
+    blk.pbuf = io + 3 * PAGE;
     blk.req = (struct blk_req *)(io + 2 * PAGE);
     blk.status = io + 2 * PAGE + 64;
-    memset(io, 0, 3 * PAGE);
+    memset(io, 0, 4 * PAGE);
     blk.rate = c->disk_rate;
     blk.tsc_hz = tsc_khz * 1000;
     blk.start = rdtsc();
@@ -354,6 +365,11 @@ static u64 blk_poll(u64 now) {
     blk.rng ^= blk.rng >> 7;
     blk.rng ^= blk.rng << 17;
     u64 block = (u64)(((unsigned __int128)blk.rng * blk.nblocks) >> 64);
+    if ((blk.issued & 3) == 3 && blk.acked[block]) {
+        blk.busy_version = blk.acked[block];
+        if (blk_submit(BLK_T_IN, block, blk.pbuf)) blk.issued++;
+        return 0;
+    }
     u32 version = blk.acked[block] + 1;
     stamp_block(blk.wbuf, block, version);
     blk.busy_version = version;
@@ -381,6 +397,11 @@ static int blk_wait(void) {
 static void blk_verify(void) {
     u64 lost = 0, stale = 0, torn = 0, checked = 0;
     if (!blk_wait()) print("WARN disk: the write in flight did not complete\n");
+    if (blk.peek_version && check_block(blk.pbuf, blk.peek_block, blk.peek_version) != BLOCK_OK) {
+        print("DISK: the page the device last read block %u into is not what it read\n",
+              blk.peek_block);
+        stale++;
+    }
     for (u64 b = 0; b < blk.nblocks; b++) {
         u32 want = blk.acked[b];
         if (!want) continue;

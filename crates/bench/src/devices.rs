@@ -14,12 +14,11 @@ use serde::Serialize;
 
 use crate::echo::{EchoClient, EchoRecord};
 use crate::peer::{LivemigPeer, Outcome, Peer, QemuPeer};
-use crate::qemu::{self, Devices, Machine};
+use crate::qemu::{Devices, Machine};
 use crate::testbed::{vm_addr, Testbed, VM_BRIDGE};
 use crate::transports::{Run, LIVEMIG_RUNS, PAIRS, QEMU_RUNS};
 use crate::{step, BenchError, Route, Ui};
 use host::child::Livemig;
-use ram::host::mem_available;
 
 /// How long after a migration ends the client's record still counts for its row: the
 /// destination's resume, its announcements and the first replies fall in it.
@@ -504,35 +503,6 @@ pub fn render(b: &DevicesReport) -> String {
     s + "\n"
 }
 
-/// What the bench refuses before it starts.
-fn preflight(o: &DevicesOptions) -> Result<(), BenchError> {
-    if !crate::testbed::is_root() {
-        return Err(BenchError::NotRoot);
-    }
-    if !crate::kvm_available() {
-        return Err(BenchError::NoKvm);
-    }
-    if o.peer_qemu && !qemu::available() {
-        return Err(BenchError::NoQemu);
-    }
-    if o.testbed.len() > 7 {
-        return Err(step("--testbed")(format!(
-            "{:?} is too long for interface names (7 characters at most)",
-            o.testbed
-        )));
-    }
-    let need = o.memory * if o.peer_qemu { 3 } else { 2 } + (512 << 20);
-    match mem_available() {
-        Some(avail) if need > avail => Err(step("--memory")(format!(
-            "{} MiB of guest needs about {} MiB free, this machine has {} MiB",
-            o.memory >> 20,
-            need >> 20,
-            avail >> 20
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// A sparse raw image the VM's disk lives on (both testbed hosts see this filesystem).
 fn disk_image(path: &Path) -> Result<PathBuf, BenchError> {
     let _ = std::fs::remove_file(path);
@@ -610,7 +580,7 @@ fn tb_prefix(tb: &Testbed) -> &str {
 }
 
 pub fn devices(o: &DevicesOptions) -> Result<DevicesReport, BenchError> {
-    preflight(o)?;
+    crate::preflight(o.peer_qemu, &o.testbed, o.memory)?;
     let dir = std::path::absolute(&o.out)?;
     std::fs::create_dir_all(&dir)?;
     let tb = Testbed::new(&o.testbed, o.scale)?;

@@ -52,6 +52,38 @@ pub fn step<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> 
     }
 }
 
+/// What a bench of VMs refuses before it starts: no root, no KVM, no QEMU for `--peer qemu`,
+/// a testbed name too long for interface names, more guest memory than the machine holds.
+pub fn preflight(peer_qemu: bool, testbed: &str, memory: u64) -> Result<(), BenchError> {
+    if !testbed::is_root() {
+        return Err(BenchError::NotRoot);
+    }
+    if !kvm_available() {
+        return Err(BenchError::NoKvm);
+    }
+    if peer_qemu && !qemu::available() {
+        return Err(BenchError::NoQemu);
+    }
+    if testbed.len() > 7 {
+        return Err(step("--testbed")(format!(
+            "{testbed:?} is too long for interface names (7 characters at most)"
+        )));
+    }
+    // Peak memory: two livemig VMs mid-migration; for QEMU, its source keeps a copy of the RAM
+    // image it loaded (to reload on reset) beside the RAM, plus the destination.
+    let need = memory * if peer_qemu { 3 } else { 2 } + (512 << 20);
+    match ram::host::mem_available() {
+        Some(avail) if need > avail => Err(step("--memory")(format!(
+            "{} MiB of guest needs about {} MiB free {}, this machine has {} MiB",
+            memory >> 20,
+            need >> 20,
+            if peer_qemu { "with --peer qemu" } else { "" },
+            avail >> 20
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Whether /dev/kvm can be opened for VMs.
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new()

@@ -15,11 +15,10 @@ use serde::Serialize;
 pub use crate::netns::LinkMeasure;
 use crate::netns::TxSampler;
 use crate::peer::{LivemigPeer, Outcome, Peer, QemuPeer, Setup};
-use crate::qemu::{self, Machine, Mode};
+use crate::qemu::{Machine, Mode};
 use crate::testbed::Testbed;
 use crate::{step, table, BenchError, Route, Ui};
 use host::child::Livemig;
-use ram::host::mem_available;
 
 /// What to run; `livemig bench transports` fills it from its arguments.
 #[derive(Clone, Debug)]
@@ -551,41 +550,8 @@ fn tls_costs(rows: &[Row]) -> Vec<TlsCost> {
         .collect()
 }
 
-/// What the bench refuses before it starts: no root, no KVM, no QEMU for `--peer qemu`, a
-/// testbed name too long for interface names, more guest memory than the machine holds.
-fn preflight(o: &TransportsOptions) -> Result<(), BenchError> {
-    if !crate::testbed::is_root() {
-        return Err(BenchError::NotRoot);
-    }
-    if !crate::kvm_available() {
-        return Err(BenchError::NoKvm);
-    }
-    if o.peer_qemu && !qemu::available() {
-        return Err(BenchError::NoQemu);
-    }
-    if o.testbed.len() > 7 {
-        return Err(step("--testbed")(format!(
-            "{:?} is too long for interface names (7 characters at most)",
-            o.testbed
-        )));
-    }
-    // Peak memory: two livemig VMs mid-migration; for QEMU, its source keeps a copy of the RAM
-    // image it loaded (to reload on reset) beside the RAM, plus the destination.
-    let need = o.memory * if o.peer_qemu { 3 } else { 2 } + (512 << 20);
-    match mem_available() {
-        Some(avail) if need > avail => Err(step("--memory")(format!(
-            "{} MiB of guest needs about {} MiB free {}, this machine has {} MiB",
-            o.memory >> 20,
-            need >> 20,
-            if o.peer_qemu { "with --peer qemu" } else { "" },
-            avail >> 20
-        ))),
-        _ => Ok(()),
-    }
-}
-
 pub fn transports(o: &TransportsOptions) -> Result<BenchReport, BenchError> {
-    preflight(o)?;
+    crate::preflight(o.peer_qemu, &o.testbed, o.memory)?;
     let dir = std::path::absolute(&o.out)?;
     std::fs::create_dir_all(&dir)?;
     let tb = Testbed::new(&o.testbed, o.scale)?;

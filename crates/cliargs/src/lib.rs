@@ -133,6 +133,32 @@ pub struct StorageArgs {
         value_delimiter = ','
     )]
     pub storage: Vec<std::path::PathBuf>,
+    /// Where disks that migrations copy here (`--storage copy` on the source) are written; a
+    /// copy never replaces a file, and one left by a receiver that died is removed.
+    #[arg(long, value_name = "DIR", env = "LIVEMIG_DISK_DIR")]
+    pub disk_dir: Option<std::path::PathBuf>,
+}
+
+impl StorageArgs {
+    /// The directories arriving disks may be in: `--storage`'s and the disk directory.
+    pub fn roots(&self) -> Vec<std::path::PathBuf> {
+        let mut r = self.storage.clone();
+        r.extend(self.disk_dir.clone());
+        r
+    }
+
+    /// The disk directory, absolute and created if missing.
+    pub fn disk_dir(&self) -> Result<Option<std::path::PathBuf>, ArgError> {
+        let Some(d) = &self.disk_dir else {
+            return Ok(None);
+        };
+        let err = |source| ArgError::Path {
+            path: d.clone(),
+            source,
+        };
+        std::fs::create_dir_all(d).map_err(err)?;
+        Ok(Some(std::path::absolute(d).map_err(err)?))
+    }
 }
 
 impl NetHostArgs {
@@ -298,6 +324,30 @@ pub struct MigrateArgs {
     /// cores are all busy).
     #[arg(long)]
     pub no_vcpu_yield: bool,
+    /// Where the VM's disks are: `shared` (storage both hosts reach at the same path: only
+    /// the lock moves) or `copy` (shared-nothing: each disk goes with the VM, into the
+    /// destination's --disk-dir).
+    #[arg(long, default_value = "shared")]
+    pub storage: migration::Storage,
+    /// With --storage copy: remove the source's images once the VM runs on the copies (by
+    /// default they stay, unlocked).
+    #[arg(long)]
+    pub remove_source: bool,
+    /// With --storage copy, how the guest's writes to blocks already copied reach the
+    /// destination: `rounds` (sent again beside RAM's rounds; the guest is never slowed) or
+    /// `mirror` (write-blocking: a write completes once it is on the wire, so the copy
+    /// converges however hard the guest writes). Default: chosen from the guest's write rate
+    /// and the link, and reported.
+    #[arg(long, value_parser = parse_disk_sync)]
+    pub disk_sync: Option<migratable::DiskSync>,
+}
+
+fn parse_disk_sync(s: &str) -> Result<migratable::DiskSync, String> {
+    match s {
+        "rounds" => Ok(migratable::DiskSync::Rounds),
+        "mirror" => Ok(migratable::DiskSync::Mirror),
+        other => Err(format!("{other:?}: expected rounds or mirror")),
+    }
 }
 
 /// Mutual TLS credentials (the default), or `--insecure`.
@@ -387,6 +437,9 @@ impl MigrateArgs {
             delta_cache: self.delta_cache,
             dedup: Some(!self.no_dedup),
             vcpu_yield: Some(!self.no_vcpu_yield),
+            storage: Some(self.storage).filter(|s| *s != migration::Storage::Shared),
+            remove_source: self.remove_source,
+            disk_sync: self.disk_sync,
             peer_timeout_ms: Some(self.peer_timeout.as_millis() as u64),
             ..MigrateRequest::default()
         }

@@ -302,6 +302,14 @@ impl Livemig {
         )
     }
 
+    /// Disks that migrations copy to processes started from here are written in `dir`.
+    pub fn with_disk_dir(self, dir: Option<&std::path::Path>) -> Self {
+        let v = dir
+            .map(|d| vec![("LIVEMIG_DISK_DIR", d.display().to_string())])
+            .unwrap_or_default();
+        self.set_env(&["LIVEMIG_DISK_DIR"], v)
+    }
+
     /// `livemig ARGS` in namespace `ns` (None: this one).
     pub fn command(&self, ns: Option<&str>) -> Command {
         let mut c = match ns {

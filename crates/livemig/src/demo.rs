@@ -32,8 +32,6 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub net: crate::args::NetHostArgs,
     #[command(flatten)]
-    pub storage: crate::args::StorageArgs,
-    #[command(flatten)]
     pub migrate: MigrateArgs,
     #[command(flatten)]
     pub transport: TransportArgs,
@@ -99,15 +97,14 @@ fn start_destination(
         exe = exe.with_tls(&destination);
         Security::Tls(std::sync::Arc::new(Tls::load(&source)?))
     };
-    // The destination is this host: it takes the demo's own disks where they are.
-    let storage = if a.storage.storage.is_empty() {
-        disk_dirs(&a.devices.devices())
-    } else {
-        a.storage.storage.clone()
-    };
+    // The destination is this host: it takes the demo's own disks where they are, or with
+    // --storage copy writes their copies in its own directory.
+    let copies = d.dir.join("disks");
+    std::fs::create_dir_all(&copies)?;
     exe = exe
         .with_net(a.net.bridge.as_deref(), a.net.announce_rounds)
-        .with_storage(&storage);
+        .with_storage(&disk_dirs(&a.devices.devices()))
+        .with_disk_dir(Some(&copies));
     let api = d.dir.join("destination.sock");
     d.process = Some(exe.receive(None, &addr, &api, &console, None)?);
     Ok((d, addr, security))

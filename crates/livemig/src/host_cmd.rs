@@ -137,7 +137,8 @@ fn serve(a: ServeArgs) -> CmdResult {
         _ => Livemig::new(exe).insecure(),
     }
     .with_net(a.net.bridge.as_deref(), a.net.announce_rounds)
-    .with_storage(&a.storage.storage);
+    .with_storage(&a.storage.storage)
+    .with_disk_dir(a.storage.disk_dir()?.as_deref());
     let name = a.name.unwrap_or_else(system_host_name);
     let running = host::Agent::start(AgentConfig {
         name: name.clone(),

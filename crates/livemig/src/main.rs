@@ -326,8 +326,9 @@ fn run(cli: Cli) -> CmdResult {
             KvmFactory {
                 console: console(con),
                 net: net.options(),
-                storage: storage.storage,
+                storage: storage.roots(),
             },
+            storage.disk_dir()?,
             peer_timeout,
             &tls,
             &agent,
@@ -463,6 +464,7 @@ fn receive(
     listen: &str,
     api: Option<&Path>,
     factory: KvmFactory,
+    disk_dir: Option<PathBuf>,
     peer_timeout: Duration,
     tls: &TlsArgs,
     agent: &ReceiveAgentArgs,
@@ -483,6 +485,7 @@ fn receive(
         accept_within: agent.accept_within,
         events: status.clone().map(|f| f.events()),
         host_cache: agent.host_cache_id.zip(agent.host_cache.clone()),
+        disk_dir,
         ..Default::default()
     };
     let factory = Arc::new(factory);

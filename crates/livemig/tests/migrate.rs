@@ -322,6 +322,7 @@ fn kvm_receiver_refuses_extents_beyond_guest_ram() {
         origin: None,
         host_cache: None,
         sections: vmm::state::sections(&vmm::VmConfig::new(64 << 20, 1)),
+        disks: Vec::new(),
     })
     .unwrap();
     w.send_extents(&[(0, 4096), (60 << 20, 1 << 30)]).unwrap();

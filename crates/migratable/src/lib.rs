@@ -11,6 +11,7 @@
 //! - [`VmFactory`] and [`PreparedVm`]: on the destination, a VM built from its
 //!   [`VmConfig`] whose RAM is filled before its state is loaded.
 mod dirty;
+mod disk;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogError};
+pub use disk::{DiskSource, DiskSync, WriteStats, WriteTracker, DISK_BLOCK};
 pub use ram::{GuestRam, PAGE_SIZE};
 pub use snapshot::{check_sections, SectionId, Snapshot, SnapshotError};
 
@@ -82,6 +84,36 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+
+    /// The same VM but for where its disks' images are (a disk copied to another host is
+    /// at another path there).
+    pub fn same_but_disk_paths(&self, other: &VmConfig) -> bool {
+        let strip = |c: &VmConfig| {
+            let mut c = c.clone();
+            for d in &mut c.devices {
+                if let DeviceConfig::Disk(d) = d {
+                    d.path = PathBuf::new();
+                }
+            }
+            c
+        };
+        strip(self) == strip(other)
+    }
+
+    /// Points disk `name` (`disk0`) at `path`; false if there is no such disk.
+    pub fn set_disk_path(&mut self, name: &str, path: PathBuf) -> bool {
+        let (mut n, mut found) = (0, false);
+        for d in &mut self.devices {
+            if let DeviceConfig::Disk(d) = d {
+                if format!("disk{n}") == name {
+                    d.path = path.clone();
+                    found = true;
+                }
+                n += 1;
+            }
+        }
+        found
     }
 
     pub fn check_devices(&self) -> Result<(), DeviceConfigError> {
@@ -348,6 +380,10 @@ pub trait Migratable: Pausable + Snapshottable + Send {
     /// resume here takes them back.
     fn hand_over(&mut self) -> Result<(), MigratableError> {
         Ok(())
+    }
+    /// Its disks, for a migration that copies them (shared-nothing).
+    fn disks(&self) -> Vec<DiskSource> {
+        Vec::new()
     }
     /// The VM runs on `to` now: stop it here for good.
     fn migrated(&mut self, to: &str);

@@ -141,6 +141,12 @@ fn exercise(step: Step<'_>) -> Option<usize> {
         Step::Extents(e) => {
             let _ = crate::recv::check_extents(&e, LIMIT);
         }
+        Step::Disk(b) => {
+            if let Some(codec) = b.codec {
+                let mut out = Vec::new();
+                let _ = crate::codec::decompress(codec, b.data, b.raw_len, &mut out);
+            }
+        }
         Step::Prepare(_) | Step::RoundEnd(_) | Step::Nothing => {}
     }
     None

@@ -83,8 +83,48 @@ pub enum MigrationError {
     SourceNotRunning(String),
     /// the destination {peer} is busy: {why}; the VM keeps running here, and a later attempt may succeed
     Busy { peer: String, why: String },
+    /// disk {disk} ({path}): {what}: {source}
+    Disk {
+        disk: String,
+        path: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
     /// switchover outcome unknown ({0}): the VM stays paused on the source because it may be running on the destination; check the destination before resuming it
     OutcomeUnknown(String),
+}
+
+/// Where a migrating VM's disks are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// On storage both hosts reach at the same path: only the lock moves.
+    #[default]
+    Shared,
+    /// Copied to the destination with the VM (shared-nothing).
+    Copy,
+}
+
+impl std::fmt::Display for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Storage::Shared => "shared",
+            Storage::Copy => "copy",
+        })
+    }
+}
+
+impl std::str::FromStr for Storage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shared" => Ok(Storage::Shared),
+            "copy" => Ok(Storage::Copy),
+            other => Err(format!(
+                "unknown storage {other:?} (expected shared or copy)"
+            )),
+        }
+    }
 }
 
 impl MigrationError {

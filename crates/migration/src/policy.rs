@@ -221,6 +221,40 @@ pub fn describe_landing(page_streams: usize) -> &'static str {
     }
 }
 
+/// How a copied disk keeps up with the guest's writes after its bulk copy, from the rate the
+/// guest dirtied blocks already sent (`dirty_rate`) and the rate the link carried the copy
+/// (`link_rate`), both bytes/s. Rounds while the guest dirties under half of what the link
+/// carries: each round is then at most half the last, as RAM's must be, and the guest is never
+/// slowed. At or above that rounds would not shrink: the mirror (write-blocking) holds each
+/// write until it is on the wire, so what is left at the pause stays small whatever the guest
+/// does, at the cost of its write latency. Returns the choice and why.
+pub fn disk_sync(dirty_rate: f64, link_rate: f64) -> (migratable::DiskSync, String) {
+    use migratable::DiskSync;
+    let mb = |r: f64| r / 1e6;
+    if link_rate <= 0.0 {
+        return (DiskSync::Mirror, "the link's rate is not known yet".into());
+    }
+    if dirty_rate * 2.0 < link_rate {
+        (
+            DiskSync::Rounds,
+            format!(
+                "the guest dirtied {:.1} MB/s of sent blocks, under half the link's {:.1} MB/s",
+                mb(dirty_rate),
+                mb(link_rate)
+            ),
+        )
+    } else {
+        (
+            DiskSync::Mirror,
+            format!(
+                "the guest dirtied {:.1} MB/s of sent blocks, at least half the link's {:.1} MB/s: rounds would not shrink",
+                mb(dirty_rate),
+                mb(link_rate)
+            ),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -376,5 +410,15 @@ mod tests {
             Decision::Continue,
             "no bandwidth yet"
         );
+    }
+
+    #[test]
+    fn a_disk_written_faster_than_half_the_link_is_mirrored() {
+        use migratable::DiskSync;
+        assert_eq!(super::disk_sync(1e6, 100e6).0, DiskSync::Rounds);
+        assert_eq!(super::disk_sync(50e6, 100e6).0, DiskSync::Mirror);
+        assert_eq!(super::disk_sync(200e6, 100e6).0, DiskSync::Mirror);
+        assert_eq!(super::disk_sync(0.0, 0.0).0, DiskSync::Mirror);
+        assert!(super::disk_sync(1e6, 100e6).1.contains("under half"));
     }
 }

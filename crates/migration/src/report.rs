@@ -212,7 +212,55 @@ pub struct Report {
     /// "vCPUs at nice N until the pause", or why not.
     #[serde(default)]
     pub vcpu_yield: String,
+    /// Where the disks were: `shared` (both hosts reach them) or `copy` (they moved with the
+    /// VM).
+    #[serde(default)]
+    pub storage: String,
+    /// With `--storage copy`: each disk's copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskReport>,
+    /// Disk bytes sent (before compression), over every disk: the bulk copy and what was
+    /// sent again.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// The bulk copy of the disks, before RAM's.
+    #[serde(default)]
+    pub disk_ms: u64,
+    /// The longest a guest write took while the disks moved (the mirror holds writes until
+    /// they are on the wire).
+    #[serde(default)]
+    pub write_stall_ms: f64,
     pub error: Option<String>,
+}
+
+/// One disk that moved with the VM.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub name: String,
+    pub path: String,
+    pub size_bytes: u64,
+    /// Allocated on the source: all the bulk copy reads (holes are not sent).
+    pub allocated_bytes: u64,
+    pub bulk_bytes: u64,
+    /// Blocks the guest wrote again after they were sent, sent again.
+    pub resent_bytes: u64,
+    /// Bytes that went as zero runs (no data).
+    pub zero_bytes: u64,
+    /// What the frames carried of data, after compression.
+    pub wire_bytes: u64,
+    pub bulk_ms: u64,
+    /// How writes to what was sent reached the destination: `rounds` or `mirror`
+    /// (write-blocking), and why the policy chose it.
+    pub sync: String,
+    pub sync_reason: String,
+    /// Guest writes that waited for the mirror; how long in all and at most.
+    pub stalled_writes: u64,
+    pub stall_total_ms: f64,
+    pub stall_max_ms: f64,
+    /// The longest guest write while the disk moved.
+    pub write_max_ms: f64,
+    /// Blocks the guest dirtied behind the copy.
+    pub dirtied_bytes: u64,
 }
 
 impl Report {
@@ -277,6 +325,22 @@ impl Report {
             self.phases.switchover_ms,
             self.phases.cleanup_ms
         );
+        for d in &self.disks {
+            s += &format!(
+                "  {} copied ({} MiB of {} MiB allocated, {} MiB in all) in {} ms; then {} ({}); {} MiB sent again; guest writes: {} held by the mirror for {:.1} ms in all, the longest write {:.1} ms\n",
+                d.name,
+                d.bulk_bytes >> 20,
+                d.allocated_bytes >> 20,
+                d.size_bytes >> 20,
+                d.bulk_ms,
+                d.sync,
+                d.sync_reason,
+                d.resent_bytes >> 20,
+                d.stalled_writes,
+                d.stall_total_ms,
+                d.write_max_ms
+            );
+        }
         let rounds: Vec<String> = self
             .rounds
             .iter()

@@ -53,6 +53,16 @@ pub struct MigrateRequest {
     /// (default true): nothing changes on a host with idle cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpu_yield: Option<bool>,
+    /// Where the VM's disks are (default shared); `copy` moves them with the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::Storage>,
+    /// With `storage: copy`, remove the source's images once the VM runs on the copies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remove_source: bool,
+    /// How copied disks keep up with the guest's writes: `rounds` or `mirror`
+    /// (write-blocking); absent: chosen from the guest's write rate and the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_sync: Option<migratable::DiskSync>,
     /// The deadline on progress, in milliseconds (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
@@ -223,6 +233,9 @@ impl MigrateRequest {
         o.dedup = self.dedup != Some(false);
         o.host_cache = self.host_cache;
         o.vcpu_yield = self.vcpu_yield != Some(false);
+        o.storage = self.storage.unwrap_or_default();
+        o.remove_source = self.remove_source;
+        o.disk_sync = self.disk_sync;
         if let Some(c) = self.delta_cache {
             if c > MAX_DELTA_CACHE {
                 return Err(RequestError::DeltaCache {

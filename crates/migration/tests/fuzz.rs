@@ -96,7 +96,22 @@ fn traffic() -> Vec<Vec<u8>> {
         origin: Some("host-a".into()),
         host_cache: None,
         sections: vec![migratable::SectionId::new("clock", 1)],
+        disks: vec![migration::protocol::DiskOffer {
+            name: "disk0".into(),
+            file: "db.img".into(),
+            size: 1 << 20,
+            allocated: 8192,
+        }],
     })
+    .unwrap();
+    let run = |offset, len, zero| migration::protocol::DiskRun { offset, len, zero };
+    w.send_disk_blocks(
+        0,
+        None,
+        &[run(0, 4096, false), run(8192, 4096, true)],
+        4096,
+        &[3u8; 4096],
+    )
     .unwrap();
     w.send_redirect(&migration::protocol::Redirect { port: 7001 })
         .unwrap();

@@ -88,6 +88,11 @@ pub fn data_extents(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(join_extents(found))
 }
 
+/// The data extents of `f` within `[from, to)` (SEEK_DATA/SEEK_HOLE, one thread).
+pub fn extents_between(f: &File, from: u64, to: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    extents_in(f.as_raw_fd(), from, to)
+}
+
 /// Files this large are scanned by several threads.
 const PARALLEL_SCAN_FROM: u64 = 256 << 20;
 /// Threads for one scan, at most.

@@ -77,6 +77,8 @@ pub struct PciDevices {
     bus: Arc<PciBus>,
     /// Each device and its slot, in the configuration's order.
     devices: Vec<(usize, VmDevice)>,
+    /// The disks, as a migration that copies them sees them.
+    disks: Vec<migratable::DiskSource>,
 }
 
 impl PciDevices {
@@ -91,6 +93,7 @@ impl PciDevices {
     ) -> Result<Self, DevicesError> {
         let mut bus = PciBus::new();
         let mut devices = Vec::new();
+        let mut disks = Vec::new();
         let sink: Arc<dyn MsiSink> = Arc::new(KvmMsi(vm.clone()));
         let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents(vm.clone()));
         for (name, d) in config.named_devices() {
@@ -98,6 +101,7 @@ impl PciDevices {
             let (pci, dev) = match d {
                 DeviceConfig::Disk(disk) => {
                     let b = Block::open(&name, disk, !arriving)?;
+                    disks.push(b.disk_source());
                     both(VirtioPci::new(b, ram, sink, ioevents)?)
                 }
                 DeviceConfig::Net(cfg) => {
@@ -111,7 +115,12 @@ impl PciDevices {
         Ok(PciDevices {
             bus: Arc::new(bus),
             devices,
+            disks,
         })
+    }
+
+    pub fn disks(&self) -> Vec<migratable::DiskSource> {
+        self.disks.clone()
     }
 
     pub fn bus(&self) -> Arc<PciBus> {

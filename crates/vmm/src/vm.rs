@@ -869,6 +869,10 @@ impl migratable::Migratable for Vm {
             .map_err(|e| MigratableError::HandOver(cause(e)))
     }
 
+    fn disks(&self) -> Vec<migratable::DiskSource> {
+        self.devices.disks()
+    }
+
     fn migrated(&mut self, to: &str) {
         self.mark_migrated(to);
         self.shutdown();
@@ -951,8 +955,9 @@ impl migratable::PreparedVm for Prepared {
     }
 
     fn restore(self, state: &Snapshot) -> Result<Vm, MigratableError> {
-        let state = VmState::from_snapshot(state)?;
-        if state.config != self.config {
+        let mut state = VmState::from_snapshot(state)?;
+        // A disk copied here sits at another path than on the source.
+        if !state.config.same_but_disk_paths(&self.config) {
             return Err(MigratableError::Restore(
                 format!(
                     "the state is for {:?}, the VM built was {:?}",
@@ -961,6 +966,7 @@ impl migratable::PreparedVm for Prepared {
                 .into(),
             ));
         }
+        state.config = self.config;
         self.vm
             .finish(&state, &self.console, true)
             .map_err(|e| MigratableError::Restore(cause(e)))

@@ -31,11 +31,13 @@ const KIND_FLAGS: u64 = ZERO_FLAG | DELTA_FLAG | REF_FLAG;
 const ENTRY_LEN: usize = std::mem::size_of::<Entry>();
 const COUNT_LEN: usize = std::mem::size_of::<U32>();
 
+mod disk;
 mod frame;
 mod handshake;
 mod payload;
 mod wire;
 
+pub use disk::*;
 pub use frame::*;
 pub use handshake::*;
 pub use payload::*;
@@ -139,6 +141,8 @@ pub enum Kind {
     /// room for, as its hello's answer): UTF-8 reason; this host cannot take the migration
     /// now (too many at once) and a later attempt may succeed.
     Busy = 16,
+    /// src→dst: [`DiskBlocks`] of a disk the migration copies (`--storage copy`).
+    DiskBlocks = 17,
 }
 
 impl Kind {
@@ -160,6 +164,7 @@ impl Kind {
             14 => Kind::RoundDone,
             15 => Kind::Extents,
             16 => Kind::Busy,
+            17 => Kind::DiskBlocks,
             _ => return None,
         })
     }
@@ -179,6 +184,7 @@ impl Kind {
                 crate::host_cache::MAX_CACHE_PAGES as usize * crate::host_cache::KEY_LEN
             }
             Kind::Extents => MAX_EXTENTS * std::mem::size_of::<ExtentWire>(),
+            Kind::DiskBlocks => disk::DISK_BLOCKS_MAX,
         }
     }
 }

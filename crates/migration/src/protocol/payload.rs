@@ -28,6 +28,10 @@ pub struct Prepare {
     /// not know one refuses the migration now, before the source stops.
     #[serde(default)]
     pub sections: Vec<migratable::SectionId>,
+    /// Disks whose content the migration copies (`--storage copy`), sent as DiskBlocks; the
+    /// destination writes them to its disk directory and the VM there uses the copies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskOffer>,
 }
 
 /// Most extents an Extents frame announces (nearby ones are merged to fit).
@@ -297,6 +301,7 @@ pub enum Frame<'a> {
     /// The RAM the copy will send: memfd ranges `[start, end)`, as the source says (the
     /// receiver checks them against guest RAM).
     Extents(Vec<(u64, u64)>),
+    DiskBlocks(DiskBlocks<'a>),
 }
 
 impl Frame<'_> {
@@ -316,6 +321,7 @@ impl Frame<'_> {
             Frame::CacheKeys(_) => Kind::CacheKeys,
             Frame::RoundDone(_) => Kind::RoundDone,
             Frame::Extents(_) => Kind::Extents,
+            Frame::DiskBlocks(_) => Kind::DiskBlocks,
         }
     }
 }
@@ -378,6 +384,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
                 .map(|e| (e.start.get(), e.end.get()))
                 .collect(),
         ),
+        Kind::DiskBlocks => Frame::DiskBlocks(disk::decode_disk_blocks(payload)?),
         Kind::Abort => {
             return Err(ProtocolError::PeerAborted(
                 String::from_utf8_lossy(payload).into_owned(),

@@ -2,6 +2,7 @@
 //! and the page streams; pages are placed at their final address and the VM resumes only once
 //! it holds everything.
 mod cache;
+pub mod disks;
 pub mod gate;
 pub mod incoming;
 mod place;
@@ -68,6 +69,9 @@ pub struct ReceiveOptions {
     /// This host's page cache for a drain: its id, and where this process opens it. Used
     /// when a migration's Config names that id.
     pub host_cache: Option<(u64, std::path::PathBuf)>,
+    /// Where disks that migrations copy (`--storage copy`) are written; None: this host
+    /// takes none.
+    pub disk_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ReceiveOptions {
@@ -82,6 +86,7 @@ impl Default for ReceiveOptions {
             accept_within: None,
             events: None,
             host_cache: None,
+            disk_dir: None,
         }
     }
 }
@@ -159,6 +164,16 @@ pub(super) fn check_config(p: &Prepare) -> Result<(), ProtocolError> {
             p.streams,
             protocol::MAX_STREAMS
         )));
+    }
+    if p.disks.len() > migratable::MAX_DEVICES {
+        return Err(bad(format!("{} disks to copy", p.disks.len())));
+    }
+    let names: Vec<String> = c.named_devices().into_iter().map(|(n, _)| n).collect();
+    for d in &p.disks {
+        d.check().map_err(&bad)?;
+        if !d.name.starts_with("disk") || !names.contains(&d.name) {
+            return Err(bad(format!("{} is not a disk of the VM", d.name)));
+        }
     }
     Ok(())
 }

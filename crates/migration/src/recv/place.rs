@@ -58,7 +58,9 @@ pub(super) fn place(
             state: "a transport that does not send it",
         }
         .into()),
-        Step::Prepare(_) | Step::Extents(_) | Step::RoundEnd(_) | Step::Nothing => Ok(()),
+        Step::Prepare(_) | Step::Extents(_) | Step::Disk(_) | Step::RoundEnd(_) | Step::Nothing => {
+            Ok(())
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use migratable::{GuestVerdict, Migratable, Pausable, PreparedVm, Snapshot, VmFactory};
 use transport::{Connection, ShutdownHandle};
 
+use super::disks;
 use super::place::{place, place_direct, Dest};
 use super::streams::{self, RoundBarrier};
 use super::Received;
@@ -84,7 +85,9 @@ impl Incoming {
                 waiting_for: "the source's Config".into(),
             });
         }
-        let (state, prep) = taken?;
+        let (state, mut prep) = taken?;
+        // Copied disks get their files here first; the VM is built on them.
+        let mut disks = disks::DiskSink::create(opts.disk_dir.as_deref(), &mut prep)?;
         let config_ms = t_config.elapsed().as_millis();
         let streams = self.collect_streams(&prep)?;
         for s in &streams {
@@ -118,19 +121,26 @@ impl Incoming {
             cache: cache.as_ref(),
         };
         let (vm_state, mut stats) = receive_memory(
-            &mut input,
-            &mut out,
+            (&mut input, &mut out),
             state,
             dst,
             streams,
             hello.transport,
             &control,
+            disks.as_mut(),
         )?;
+        if let Some(d) = &mut disks {
+            d.commit()?;
+        }
         let t_done = Instant::now();
         stats.cached_pages = cache.as_ref().map_or(0, |c| c.added());
 
         // Everything is here: load the state paused, confirm, then run.
         let mut vm = prepared.restore(&vm_state)?;
+        // From the Confirm on the VM runs on the copies.
+        if let Some(d) = disks {
+            d.keep();
+        }
         let loaded_ms = t_done.elapsed().as_millis();
         self.tell(&ReceiveEvent::Confirming);
         out.send(Kind::Confirm, &[])?;
@@ -207,13 +217,13 @@ impl Incoming {
 /// The memory phase: the control connection's state machine on this thread, one thread per
 /// page stream; any failure closes every connection so no thread waits for a dead peer.
 fn receive_memory<R: DirectRead, W: Write>(
-    input: &mut FrameReader<R>,
-    out: &mut FrameWriter<W>,
+    (input, out): (&mut FrameReader<R>, &mut FrameWriter<W>),
     state: ReceiveMigrationState,
     dst: Dest<'_>,
     streams: Vec<Connection>,
     transport: Transport,
     control: &ShutdownHandle,
+    disks: Option<&mut disks::DiskSink>,
 ) -> Result<(Snapshot, ReceiveStats), MigrationError> {
     let handles = streams
         .iter()
@@ -239,7 +249,7 @@ fn receive_memory<R: DirectRead, W: Write>(
                 })
             })
             .collect();
-        let r = control_loop((input, out), state, dst, transport, &barrier);
+        let r = control_loop((input, out), state, dst, transport, &barrier, disks);
         if r.is_err() {
             barrier.abort();
             handles.iter().for_each(ShutdownHandle::shutdown);
@@ -277,6 +287,7 @@ fn control_loop<R: DirectRead, W: Write>(
     dst: Dest<'_>,
     transport: Transport,
     streams: &RoundBarrier,
+    mut disks: Option<&mut disks::DiskSink>,
 ) -> Result<(Snapshot, ReceiveStats), MigrationError> {
     let mut stats = ReceiveStats::default();
     let mut scratch = Vec::new();
@@ -304,7 +315,21 @@ fn control_loop<R: DirectRead, W: Write>(
             Step::Direct(entries) => {
                 place_direct(input, &entries, dst.ram, Landing::Splice, &mut stats)?
             }
+            Step::Disk(b) => match disks.as_deref_mut() {
+                Some(d) => d.write(&b)?,
+                None => {
+                    return Err(ProtocolError::Unexpected {
+                        kind: Kind::DiskBlocks,
+                        state: "receiving-memory without copied disks",
+                    }
+                    .into())
+                }
+            },
             Step::RoundEnd(r) => {
+                // What the copies hold is made durable off the switchover.
+                if let Some(d) = &disks {
+                    d.sync()?;
+                }
                 dst.round_end();
                 rounds += 1;
                 streams.wait_rounds(rounds)?;

@@ -4,7 +4,9 @@
 //! names the state and the frame.
 use migratable::{Snapshot, VmConfig};
 
-use crate::protocol::{BatchHead, CompressedBatch, Entry, Frame, Prepare, ProtocolError, RoundEnd};
+use crate::protocol::{
+    BatchHead, CompressedBatch, DiskBlocks, Entry, Frame, Prepare, ProtocolError, RoundEnd,
+};
 
 /// Where an incoming migration is, on its control connection.
 #[derive(Debug)]
@@ -36,6 +38,8 @@ pub enum Step<'f> {
     Compressed(CompressedBatch<'f>),
     /// Place these pages, whose data follows on the stream.
     Direct(Vec<Entry>),
+    /// Write these blocks into a copied disk.
+    Disk(DiskBlocks<'f>),
     /// A round is complete.
     RoundEnd(RoundEnd),
     /// Nothing beyond the new state.
@@ -65,6 +69,7 @@ impl ReceiveMigrationState {
                 (S::ReceivingMemory { vm, rounds: 0 }, Step::Extents(e))
             }
             (s @ S::ReceivingMemory { .. }, f) if is_pages(&f) => (s, page_step(f)),
+            (s @ S::ReceivingMemory { .. }, Frame::DiskBlocks(d)) => (s, Step::Disk(d)),
             (S::ReceivingMemory { vm, rounds }, Frame::RoundEnd(r)) => (
                 S::ReceivingMemory {
                     vm,
@@ -165,6 +170,7 @@ mod tests {
             origin: None,
             host_cache: None,
             sections: Vec::new(),
+            disks: Vec::new(),
         })
     }
 

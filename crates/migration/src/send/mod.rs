@@ -7,6 +7,7 @@ mod cancel;
 mod compress;
 mod dedup;
 mod delta_cache;
+mod disks;
 mod link;
 mod page_set;
 mod pages;
@@ -75,6 +76,13 @@ pub struct MigrateOptions {
     /// The guest's vCPUs yield the CPU to the migration's threads until the pause
     /// ([`policy::VCPU_YIELD_NICE`]).
     pub vcpu_yield: bool,
+    /// Whether the disks stay where both hosts reach them or move with the VM.
+    pub storage: crate::Storage,
+    /// With `--storage copy`: remove the source's images once the VM runs on the copies.
+    pub remove_source: bool,
+    /// How copied disks keep up with the guest's writes; None: the policy chooses
+    /// ([`policy::disk_sync`]).
+    pub disk_sync: Option<migratable::DiskSync>,
 }
 
 impl MigrateOptions {
@@ -100,6 +108,9 @@ impl MigrateOptions {
             dedup: true,
             host_cache: None,
             vcpu_yield: true,
+            storage: crate::Storage::Shared,
+            remove_source: false,
+            disk_sync: None,
         }
     }
 
@@ -215,6 +226,14 @@ fn run(
     let (t0, cpu0) = (Instant::now(), thread_cpu_seconds());
     opts.security()?;
     let source = Source::of(vm)?;
+    let disks = match opts.storage {
+        crate::Storage::Copy => Some(disks::DiskCopy::open(
+            source.disks.clone(),
+            opts.transport == Transport::Compressed,
+        )?),
+        crate::Storage::Shared => None,
+    }
+    .filter(|d| !d.is_empty());
     let limit = opts
         .limit
         .clone()
@@ -232,6 +251,10 @@ fn run(
         config: &source.config,
         sections: &source.sections,
         session,
+        disks: disks
+            .as_ref()
+            .map(disks::DiskCopy::offers)
+            .unwrap_or_default(),
     };
     let ((mut conn, streams, to, host_keys), scanned) =
         open_while_scanning(opts, &offer, &limit, &source.ram, t0)?;
@@ -255,12 +278,14 @@ fn run(
     let watchdog = Watchdog::start(watched, limit.clone(), opts.peer_timeout)?;
     let phases = || {
         let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
+        s.disks = disks;
         s.report.phases.prepare_ms = prepare_ms;
         s.report.destination = to;
         s.host_keys(host_keys);
         s.report.dirty_log = guard.mode.into();
         s.report.vcpu_yield.clone_from(&vcpu_yield);
         s.sender.announce_extents(&extents)?;
+        s.copy_disks()?;
         s.copy(&extents)?;
         s.sync()?;
         s.switchover(&mut guard)?;
@@ -287,6 +312,7 @@ struct Source {
     ram: Arc<GuestRam>,
     dirty: Arc<Mutex<dyn DirtyLog>>,
     sections: Vec<migratable::SectionId>,
+    disks: Vec<migratable::DiskSource>,
 }
 
 impl Source {
@@ -298,6 +324,7 @@ impl Source {
                 ram: g.ram(),
                 dirty: g.dirty_log(),
                 sections: g.sections(),
+                disks: g.disks(),
             }),
             other => Err(MigrationError::SourceNotRunning(other.to_string())),
         }
@@ -410,6 +437,9 @@ fn open(
     .into())
 }
 
+/// Pages between two looks for disk writes the mirror holds (64 KiB).
+const MIRROR_EVERY: u64 = 16;
+
 /// With deltas, the copy goes in chunks this large, spread over RAM.
 const SPREAD_CHUNK: u64 = 2 << 20;
 
@@ -447,6 +477,7 @@ struct Offer<'a> {
     config: &'a VmConfig,
     sections: &'a [migratable::SectionId],
     session: u64,
+    disks: Vec<protocol::DiskOffer>,
 }
 
 /// The control connection: connected, paced, handshake done and the VM's shape sent.
@@ -484,6 +515,7 @@ fn connect(
         origin: opts.origin.clone(),
         host_cache: opts.host_cache.filter(|_| opts.dedups()),
         sections: offer.sections.to_vec(),
+        disks: offer.disks.clone(),
     };
     let mut out = FrameWriter::new(&mut conn.writer);
     out.send_config(&prepare)?;
@@ -607,6 +639,8 @@ struct Session<'a> {
     round: u32,
     /// Dirty pages fetched (and, without manual protect, cleared from the log) but not sent.
     unsent: Vec<DirtyBitmap>,
+    /// The disks that move with the VM (`--storage copy`).
+    disks: Option<disks::DiskCopy>,
 }
 
 impl<'a> Session<'a> {
@@ -680,6 +714,7 @@ impl<'a> Session<'a> {
             per_page: PAGE_SIZE,
             round: 0,
             unsent: Vec::new(),
+            disks: None,
         })
     }
 
@@ -745,6 +780,10 @@ impl<'a> Session<'a> {
             c.next_peek += c.next_peek.min(peek_every(self.ram.size()));
             self.peek_hot()?;
         }
+        // Writes held by the mirror wait for this: often (a few ms of the link at most).
+        if c.seen.is_multiple_of(MIRROR_EVERY) {
+            self.service_mirror()?;
+        }
         if c.seen.is_multiple_of(256) {
             self.opts.cancel.check()?;
             if c.told.elapsed() >= PROGRESS_EVERY {
@@ -772,6 +811,77 @@ impl<'a> Session<'a> {
             self.sender.written_in_copy(b.pages());
         }
         Ok(())
+    }
+
+    /// The disks' bulk copy (`--storage copy`), before RAM's: RAM would be written again
+    /// while the disks went, and what the guest writes to a disk after its bulk copy is little
+    /// beside it and kept in step (rounds or the mirror) until the pause.
+    fn copy_disks(&mut self) -> Result<(), MigrationError> {
+        let Some(disks) = &mut self.disks else {
+            return Ok(());
+        };
+        self.prog.phase = "disks".into();
+        (self.progress)(&self.prog);
+        let (t, w0) = (Instant::now(), self.wire.sent());
+        disks.start();
+        let (sender, cancel, progress, prog, wire) = (
+            &mut self.sender,
+            &self.opts.cancel,
+            self.progress,
+            &mut self.prog,
+            &self.wire,
+        );
+        let mut told = Instant::now();
+        disks.bulk(&mut |f| sender.send_disk(f), &mut |_| {
+            cancel.check()?;
+            if told.elapsed() >= PROGRESS_EVERY {
+                told = Instant::now();
+                prog.bytes_on_wire = wire.sent();
+                progress(prog);
+            }
+            Ok(())
+        })?;
+        self.sender.flush_control()?;
+        let ms = t.elapsed().as_millis() as u64;
+        let rate = (self.wire.sent() - w0) as f64 / (ms.max(1) as f64 / 1e3);
+        disks.choose_sync(rate, self.opts.disk_sync);
+        self.report.disk_ms = ms;
+        tracing::debug!(ms, bytes = self.wire.sent() - w0, "disks: bulk copy done");
+        Ok(())
+    }
+
+    /// Sends what mirrored disks hold waiting writes for.
+    fn service_mirror(&mut self) -> Result<(), MigrationError> {
+        let Some(disks) = &mut self.disks else {
+            return Ok(());
+        };
+        if !disks.mirroring() {
+            return Ok(());
+        }
+        let sender = &mut self.sender;
+        let sent = std::cell::RefCell::new(sender);
+        disks.resend(None, &mut |f| sent.borrow_mut().send_disk(f), &mut || {
+            sent.borrow_mut().flush_control()
+        })?;
+        Ok(())
+    }
+
+    /// A sync round's disk blocks: what the guest dirtied since the last (rounds), or what the
+    /// mirror holds; `all` while paused.
+    fn disk_round(&mut self, all: bool) -> Result<u64, MigrationError> {
+        let Some(disks) = &mut self.disks else {
+            return Ok(0);
+        };
+        let max = (!all).then(|| disks.dirty_bytes() / migratable::DISK_BLOCK);
+        let sent = std::cell::RefCell::new(&mut self.sender);
+        disks.resend(max, &mut |f| sent.borrow_mut().send_disk(f), &mut || {
+            sent.borrow_mut().flush_control()
+        })
+    }
+
+    /// Disk bytes dirtied and not sent.
+    fn disk_dirty(&self) -> u64 {
+        self.disks.as_ref().map_or(0, disks::DiskCopy::dirty_bytes)
     }
 
     /// Phase 2, copy: every page the guest (or the VMM, before boot) ever touched; holes are never
@@ -823,7 +933,9 @@ impl<'a> Session<'a> {
         let decision = loop {
             let bitmaps = self.fetch_dirty()?;
             let dirty_pages: u64 = bitmaps.iter().map(DirtyBitmap::count).sum();
-            let remaining = dirty_pages.saturating_mul(self.per_page);
+            let remaining = dirty_pages
+                .saturating_mul(self.per_page)
+                .saturating_add(self.disk_dirty());
             let d = self.opts.policy.decide(
                 remaining,
                 self.bw,
@@ -865,6 +977,10 @@ impl<'a> Session<'a> {
 
     /// One sync round: re-arm tracking for the pages about to be read, then send them.
     fn sync_round(&mut self, bitmaps: &[DirtyBitmap]) -> Result<Round, MigrationError> {
+        if let Some(d) = &mut self.disks {
+            d.choose_sync(self.bw, self.opts.disk_sync);
+        }
+        self.disk_round(false)?;
         {
             let mut d = locks::lock(&self.dirty);
             for b in bitmaps {
@@ -926,6 +1042,10 @@ impl<'a> Session<'a> {
         // The page streams end before the pause: the paused last round is small and goes on
         // the control connection, so stream hand-offs stay out of the downtime.
         self.sender.finish_streams()?;
+        // A write held by the mirror would keep the disk from draining at the pause.
+        if let Some(d) = &mut self.disks {
+            d.stop_mirroring();
+        }
         self.phase("switchover");
         let t_pause = Instant::now();
         let state = {
@@ -935,6 +1055,8 @@ impl<'a> Session<'a> {
             g.snapshot()?
         };
         let captured_ms = t_pause.elapsed().as_millis();
+        // The disks are drained and flushed: the last of their blocks.
+        let disk_last = self.disk_round(true)?;
         let bitmaps = self.fetch_dirty()?;
         let mut last = self.send_round(
             self.round + 1,
@@ -975,6 +1097,7 @@ impl<'a> Session<'a> {
             sent_ms,
             confirmed_ms = downtime,
             pages = last.pages,
+            disk_last,
             "switchover: paused, state captured, last round and state sent, confirmed"
         );
         last.ms = downtime;
@@ -988,6 +1111,11 @@ impl<'a> Session<'a> {
     fn cleanup(&mut self) {
         let t = Instant::now();
         locks::lock(self.vm).migrated(&self.opts.to);
+        if let Some(d) = self.disks.as_ref().filter(|_| self.opts.remove_source) {
+            for e in d.remove_sources() {
+                tracing::warn!("--remove-source: {e}");
+            }
+        }
         self.report.phases.cleanup_ms = t.elapsed().as_millis() as u64;
         self.report.total_ms = self.t0.elapsed().as_millis() as u64;
     }
@@ -998,6 +1126,12 @@ impl<'a> Session<'a> {
         let (samples, peak) = self.sampler.finish();
         let mut r = self.report;
         self.sender.report_into(&mut r);
+        r.storage = self.opts.storage.to_string();
+        if let Some(d) = &self.disks {
+            r.disks = d.reports();
+            r.disk_bytes = r.disks.iter().map(|d| d.bulk_bytes + d.resent_bytes).sum();
+            r.write_stall_ms = r.disks.iter().map(|d| d.write_max_ms).fold(0.0, f64::max);
+        }
         let cpu_src = thread_cpu_seconds() - cpu0 + self.sender.stream_cpu_seconds();
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);

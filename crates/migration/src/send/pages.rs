@@ -488,6 +488,19 @@ impl<'a> PageSender<'a> {
         Ok(())
     }
 
+    /// One DiskBlocks frame, on the control connection (in order with every other disk frame).
+    pub fn send_disk(&mut self, f: super::disks::DiskFrame<'_>) -> Result<(), MigrationError> {
+        self.link
+            .out
+            .send_disk_blocks(f.disk, f.codec, f.runs, f.raw_len, f.data)?;
+        Ok(())
+    }
+
+    /// Puts what the control connection buffered on the wire.
+    pub fn flush_control(&mut self) -> Result<(), MigrationError> {
+        Ok(self.link.out.flush()?)
+    }
+
     /// Tells the destination which RAM the copy will send (the first frame after Ready), at
     /// once: it may allocate it ahead of the pages.
     pub fn announce_extents(&mut self, extents: &[(u64, u64)]) -> Result<(), MigrationError> {

@@ -22,6 +22,7 @@ use crate::worker::{Ctx, Worker, WorkerError};
 use crate::{DeviceError, VirtioDevice, F_VERSION_1, TYPE_BLOCK};
 use image::{Image, ImageError, SECTOR};
 pub use migratable::DiskConfig;
+use migratable::{DiskSource, WriteTracker};
 pub use persist::BlockState;
 
 const QUEUE_SIZE: u16 = 256;
@@ -51,6 +52,8 @@ pub struct Block {
     capacity: u64,
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     counters: Arc<BlockCounters>,
+    /// Guest writes while a migration copies the disk.
+    tracker: Arc<WriteTracker>,
 }
 
 fn image_error(name: &str, e: ImageError) -> DeviceError {
@@ -95,7 +98,19 @@ impl Block {
             capacity: len / SECTOR,
             serial,
             counters: Arc::new(BlockCounters::default()),
+            tracker: Arc::new(WriteTracker::new(len / SECTOR * SECTOR)),
         })
+    }
+
+    /// The disk as a migration that copies it sees it.
+    pub fn disk_source(&self) -> DiskSource {
+        DiskSource {
+            name: self.name.clone(),
+            path: self.image.path().to_path_buf(),
+            size: self.capacity * SECTOR,
+            readonly: self.image.readonly(),
+            tracker: self.tracker.clone(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -168,6 +183,7 @@ impl VirtioDevice for Block {
             capacity: self.capacity,
             serial: self.serial,
             counters: self.counters.clone(),
+            tracker: self.tracker.clone(),
             buf: vec![0; CHUNK],
         })
     }
@@ -215,6 +231,7 @@ pub struct BlockWorker {
     capacity: u64,
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     counters: Arc<BlockCounters>,
+    tracker: Arc<WriteTracker>,
     buf: Vec<u8>,
 }
 
@@ -294,6 +311,7 @@ impl BlockWorker {
                 if self.image.readonly() || !in_range(len) {
                     return VIRTIO_BLK_S_IOERR;
                 }
+                let t = std::time::Instant::now();
                 let mut done = 0usize;
                 while done < len {
                     let n = (len - done).min(CHUNK);
@@ -305,6 +323,9 @@ impl BlockWorker {
                     }
                     done += n;
                 }
+                // Before the guest hears of it: a migration copying the disk sends it again.
+                self.tracker
+                    .written(sector * SECTOR, len as u64, t.elapsed());
                 BlockCounters::add(&self.counters.writes, 1);
                 BlockCounters::add(&self.counters.written_bytes, len as u64);
                 VIRTIO_BLK_S_OK

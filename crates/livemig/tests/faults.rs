@@ -11,9 +11,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, livemig, livemig_exe, tls_env, wait, Hosts, Livemig, VmProcess, BIN};
-use migration::Progress;
-use vmm::api::Client;
+use common::{
+    free_port, livemig, livemig_exe, status, tls_env, wait, wait_progress, Hosts, Livemig,
+    VmProcess, BIN,
+};
 
 fn vm_args(workload: &str, memory: &str, console: &Path) -> Vec<String> {
     [
@@ -62,13 +63,6 @@ fn receiver_in(exe: &Livemig, ns: Option<&str>, dir: &Path, name: &str, listen: 
         None,
     )
     .unwrap()
-}
-
-fn status(api: &Path) -> Option<serde_json::Value> {
-    let out = livemig(&["status", "--api", api.to_str().unwrap()]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
 }
 
 fn heartbeat(api: &Path) -> u64 {
@@ -129,23 +123,6 @@ fn output(c: Child) -> (bool, String) {
         String::from_utf8_lossy(&o.stderr)
     );
     (o.status.success(), text)
-}
-
-fn progress(api: &Path) -> Option<Progress> {
-    Client::new(api)
-        .with_timeout(Duration::from_secs(2))
-        .call::<Option<Progress>>("GET", "/vm/migration", None)
-        .ok()
-        .flatten()
-}
-
-/// Waits until the migration on `api` is in `phase` with at least `bytes` on the wire.
-fn wait_progress(api: &Path, phase: &str, bytes: u64) {
-    wait(
-        Duration::from_secs(60),
-        &format!("migration in {phase}"),
-        || progress(api).is_some_and(|p| p.phase == phase && p.bytes_on_wire >= bytes),
-    );
 }
 
 fn assert_verified(ok: bool, text: &str, report: &Path) {

@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -267,4 +270,116 @@ impl Drop for Hosts {
             .args(["testbed", "down", "--name", &self.name])
             .output();
     }
+}
+
+pub fn status(api: &Path) -> Option<serde_json::Value> {
+    let out = livemig(&["status", "--api", api.to_str().unwrap()]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// The running VM's disk: it holds the image's lock and its guest's acknowledged writes.
+pub fn disk_state(api: &Path) -> (bool, u64) {
+    let st = status(api).expect("the VM answers");
+    assert_eq!(st["state"], "running", "{st}");
+    let locked = st["devices"][0]["locked"].as_bool().unwrap();
+    let acked = st["guest"]["disk"]["acked_writes"].as_u64().unwrap_or(0);
+    (locked, acked)
+}
+
+/// Whether some open file description holds a lock on the image that excludes a writer.
+pub fn image_locked(img: &Path) -> bool {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK reads and writes the flock we pass for the duration of the call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    fl.l_type != libc::F_UNLCK as i16
+}
+
+pub fn verified_with_disk(report: &Path) -> serde_json::Value {
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["guest_verified"], true, "{}", r["guest_verify"]);
+    assert!(
+        r["guest_verify"].to_string().contains("disk blocks="),
+        "the guest checked its disk: {}",
+        r["guest_verify"]
+    );
+    r
+}
+
+/// Forwards the source's connection to `to` until the source sends its state (the VM is
+/// paused, its disk handed over); then kills the destination and cuts the connection.
+pub fn kill_at_switchover(listen: u16, to: u16, victim: u32) {
+    let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut a, _)) = l.accept() else { return };
+        let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+        });
+        // The hello is 16 bytes, then each frame a 24-byte header (kind first, payload
+        // length at 8) and its payload.
+        let (mut seen, mut next, mut hdr) = (0u64, 16u64, Vec::new());
+        let mut buf = vec![0u8; 64 << 10];
+        'copy: loop {
+            let k = match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => k,
+            };
+            for (i, &byte) in buf[..k].iter().enumerate() {
+                if seen >= next {
+                    hdr.push(byte);
+                    if hdr.len() == 24 {
+                        if hdr[0] == 5 {
+                            let _ = b.write_all(&buf[..i]);
+                            // SAFETY: kill(2) touches no memory of ours.
+                            unsafe {
+                                libc::kill(libc::pid_t::try_from(victim).unwrap(), libc::SIGKILL)
+                            };
+                            break 'copy;
+                        }
+                        next += 24 + u64::from(u32::from_le_bytes(hdr[8..12].try_into().unwrap()));
+                        hdr.clear();
+                    }
+                }
+                seen += 1;
+            }
+            if b.write_all(&buf[..k]).is_err() {
+                break;
+            }
+        }
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+pub fn progress(api: &Path) -> Option<migration::Progress> {
+    vmm::api::Client::new(api)
+        .with_timeout(Duration::from_secs(2))
+        .call::<Option<migration::Progress>>("GET", "/vm/migration", None)
+        .ok()
+        .flatten()
+}
+
+/// Waits until the migration on `api` is in `phase` with at least `bytes` on the wire.
+pub fn wait_progress(api: &Path, phase: &str, bytes: u64) {
+    wait(
+        Duration::from_secs(60),
+        &format!("migration in {phase}"),
+        || progress(api).is_some_and(|p| p.phase == phase && p.bytes_on_wire >= bytes),
+    );
 }

@@ -51,7 +51,7 @@ pub struct DiskSource {
 }
 
 /// What the guest's writes cost it while the disk moved.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriteStats {
     /// Bytes of blocks newly dirtied behind the cursor (each block counted once until sent).
     pub dirtied_bytes: u64,
@@ -61,6 +61,10 @@ pub struct WriteStats {
     pub stall_max_us: u64,
     /// Longest time a write took from the device's request to its completion, tracked or not.
     pub write_max_us: u64,
+    /// The guest's writes per second before the migration (since the VM started here or the
+    /// last migration ended) and during it: how much the migration slowed them.
+    pub writes_per_s_before: f64,
+    pub writes_per_s_during: f64,
 }
 
 #[derive(Default)]
@@ -76,9 +80,20 @@ struct Inner {
     marks: u64,
     sent: u64,
     stats: WriteStats,
+    /// Every write the device made, and the count and time the current period began with
+    /// (the tracker's start or stop).
+    writes: u64,
+    period: Option<(Instant, u64)>,
 }
 
 impl Inner {
+    /// Writes per second in the current period.
+    fn rate(&self) -> f64 {
+        self.period.map_or(0.0, |(t, n)| {
+            (self.writes - n) as f64 / t.elapsed().as_secs_f64().max(1e-3)
+        })
+    }
+
     fn set(&mut self, block: u64) -> bool {
         let (w, b) = ((block / 64) as usize, block % 64);
         match self.dirty.get_mut(w) {
@@ -116,6 +131,8 @@ impl WriteTracker {
     /// A migration begins: nothing sent yet, writes not blocked.
     pub fn start(&self) {
         let mut g = self.lock();
+        let before = g.rate();
+        g.period = Some((Instant::now(), g.writes));
         let words = g.size.div_ceil(DISK_BLOCK).div_ceil(64) as usize;
         g.dirty = vec![0; words];
         g.dirty_blocks = 0;
@@ -123,13 +140,17 @@ impl WriteTracker {
         g.mode = Some(DiskSync::Rounds);
         g.marks = 0;
         g.sent = 0;
-        g.stats = WriteStats::default();
+        g.stats = WriteStats {
+            writes_per_s_before: before,
+            ..WriteStats::default()
+        };
         g.active = true;
     }
 
     /// The migration ended, however: writes are neither tracked nor held any more.
     pub fn stop(&self) {
         let mut g = self.lock();
+        g.period = Some((Instant::now(), g.writes));
         g.active = false;
         g.dirty = Vec::new();
         g.dirty_blocks = 0;
@@ -160,6 +181,10 @@ impl WriteTracker {
     /// sent already, and when mirroring waits until it is sent again.
     pub fn written(&self, off: u64, len: u64, took: Duration) {
         let mut g = self.lock();
+        g.writes += 1;
+        if g.period.is_none() {
+            g.period = Some((Instant::now(), g.writes - 1));
+        }
         if !g.active {
             return;
         }
@@ -238,7 +263,11 @@ impl WriteTracker {
     }
 
     pub fn stats(&self) -> WriteStats {
-        self.lock().stats
+        let g = self.lock();
+        WriteStats {
+            writes_per_s_during: if g.active { g.rate() } else { 0.0 },
+            ..g.stats
+        }
     }
 }
 

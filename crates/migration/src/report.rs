@@ -261,6 +261,9 @@ pub struct DiskReport {
     pub write_max_ms: f64,
     /// Blocks the guest dirtied behind the copy.
     pub dirtied_bytes: u64,
+    /// The guest's disk writes per second before the migration and during it.
+    pub guest_writes_per_s_before: f64,
+    pub guest_writes_per_s_during: f64,
 }
 
 impl Report {
@@ -327,7 +330,7 @@ impl Report {
         );
         for d in &self.disks {
             s += &format!(
-                "  {} copied ({} MiB of {} MiB allocated, {} MiB in all) in {} ms; then {} ({}); {} MiB sent again; guest writes: {} held by the mirror for {:.1} ms in all, the longest write {:.1} ms\n",
+                "  {} copied ({} MiB of {} MiB allocated, {} MiB in all) in {} ms; then {} ({}); {} MiB sent again; guest writes: {} held by the mirror for {:.1} ms in all, the longest write {:.1} ms, {:.0}/s during against {:.0}/s before\n",
                 d.name,
                 d.bulk_bytes >> 20,
                 d.allocated_bytes >> 20,
@@ -338,7 +341,9 @@ impl Report {
                 d.resent_bytes >> 20,
                 d.stalled_writes,
                 d.stall_total_ms,
-                d.write_max_ms
+                d.write_max_ms,
+                d.guest_writes_per_s_during,
+                d.guest_writes_per_s_before
             );
         }
         let rounds: Vec<String> = self

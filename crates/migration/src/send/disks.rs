@@ -46,6 +46,8 @@ pub(super) struct DiskCopy {
     dirtied: (u64, Instant),
     /// Whether a disk mirrors its writes (until the pause).
     mirroring: bool,
+    /// The reports as the pause found them.
+    paused: Option<Vec<DiskReport>>,
 }
 
 fn disk_err(d: &DiskSource, what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
@@ -92,6 +94,7 @@ impl DiskCopy {
             runs: Vec::new(),
             dirtied: (0, Instant::now()),
             mirroring: false,
+            paused: None,
         })
     }
 
@@ -319,8 +322,16 @@ impl DiskCopy {
         }
     }
 
-    /// The report of each disk, with what its guest's writes cost.
+    /// The VM is paused and its disks sent: what the guest's writes cost is known.
+    pub fn paused(&mut self) {
+        self.paused = Some(self.reports());
+    }
+
+    /// The report of each disk, with what its guest's writes cost (until the pause).
     pub fn reports(&self) -> Vec<DiskReport> {
+        if let Some(r) = &self.paused {
+            return r.clone();
+        }
         self.disks
             .iter()
             .map(|d| {
@@ -332,6 +343,8 @@ impl DiskCopy {
                     stall_max_ms: ms(s.stall_max_us),
                     write_max_ms: ms(s.write_max_us),
                     dirtied_bytes: s.dirtied_bytes,
+                    guest_writes_per_s_before: s.writes_per_s_before,
+                    guest_writes_per_s_during: s.writes_per_s_during,
                     ..d.report.clone()
                 }
             })

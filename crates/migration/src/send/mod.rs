@@ -1057,6 +1057,9 @@ impl<'a> Session<'a> {
         let captured_ms = t_pause.elapsed().as_millis();
         // The disks are drained and flushed: the last of their blocks.
         let disk_last = self.disk_round(true)?;
+        if let Some(d) = &mut self.disks {
+            d.paused();
+        }
         let bitmaps = self.fetch_dirty()?;
         let mut last = self.send_round(
             self.round + 1,

@@ -30,6 +30,8 @@ const CHART_BEFORE_MS: f64 = 1000.0;
 /// resume and first announcement).
 const SWITCHOVER_BEFORE_MS: f64 = 50.0;
 const SWITCHOVER_AFTER_MS: f64 = 250.0;
+/// Where the data written before boot begins: past the 16 MiB the guest writes.
+const DISK_DATA_AT: u64 = 64 << 20;
 /// How much more a livemig gap may be than its reported downtime and still pass.
 const GAP_OVER_DOWNTIME_MS: f64 = 10.0;
 
@@ -45,6 +47,10 @@ pub struct DevicesOptions {
     pub memory_profile: MemoryProfile,
     /// Stamped disk writes a second.
     pub disk_rate: u32,
+    /// The image's size and the data written into it before boot (None: the defaults for
+    /// the storage).
+    pub disk_size: Option<u64>,
+    pub disk_data: Option<u64>,
     /// UDP echo requests a second from the client.
     pub echo_hz: u32,
     /// livemig's RARP announcements after the destination resumes.
@@ -64,6 +70,28 @@ pub struct DevicesOptions {
 impl DevicesOptions {
     fn downtime_ms(&self) -> u64 {
         self.request.downtime_ms.unwrap_or(20)
+    }
+
+    /// Whether the disk moves with the VM (`--storage copy`).
+    fn copies(&self) -> bool {
+        self.request.storage == Some(migration::Storage::Copy)
+    }
+
+    fn disk_size(&self) -> u64 {
+        self.disk_size
+            .unwrap_or(if self.copies() { 2 << 30 } else { 64 << 20 })
+    }
+
+    /// Data before boot: half the image with --storage copy, else none.
+    fn disk_data(&self) -> u64 {
+        let room = self.disk_size().saturating_sub(DISK_DATA_AT);
+        self.disk_data
+            .unwrap_or(if self.copies() {
+                self.disk_size() / 2
+            } else {
+                0
+            })
+            .min(room)
     }
 
     fn workload(&self, ip: &str) -> String {
@@ -97,6 +125,19 @@ pub struct DeviceRow {
     pub disk_writes: Option<u64>,
     /// Acknowledged blocks the verify found lost, stale or torn.
     pub disk_writes_lost: Option<u64>,
+    /// `shared` or `copy`.
+    pub storage: String,
+    /// With --storage copy: what the disk's copy sent (livemig: the disk bytes its report
+    /// counts, bulk and resent, before compression; QEMU: what the link carried while its
+    /// mirror caught up, NBD headers included), and how long that took.
+    pub disk_bytes: Option<u64>,
+    pub disk_ms: Option<u64>,
+    /// The longest a guest write took, as the guest measured it, since its previous verify
+    /// (this migration and the second after it).
+    pub write_stall_ms: Option<f64>,
+    /// livemig's report of the disk's copy (bulk, resent, sync mode, held writes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<serde_json::Value>,
     pub verified: bool,
     pub verify: String,
     pub error: Option<String>,
@@ -120,6 +161,58 @@ pub struct GapCheck {
     pub at_most_qemu: Option<bool>,
 }
 
+/// With --storage copy: a livemig row's total time against QEMU's over the same link, and
+/// what its disk's copy sent against what the image holds.
+#[derive(Clone, Debug, Serialize)]
+pub struct CopyCheck {
+    pub livemig: String,
+    pub links: String,
+    pub total_ms: u64,
+    pub qemu_total_ms: Option<u64>,
+    /// total_ms <= 0.8 × QEMU's
+    pub within_0_8_of_qemu: Option<bool>,
+    /// The bulk copy's bytes (resent blocks aside) against the image's allocated bytes at
+    /// the start: holes are not sent.
+    pub bulk_bytes: Option<u64>,
+    pub allocated_bytes: Option<u64>,
+    pub holes_not_sent: bool,
+}
+
+/// Each livemig row against QEMU's over the same link, for a bench whose disks move.
+pub fn copy_checks(rows: &[DeviceRow]) -> Vec<CopyCheck> {
+    let ok = |r: &&DeviceRow| r.error.is_none();
+    rows.iter()
+        .filter(|r| r.peer == "livemig" && r.storage == "copy")
+        .filter(ok)
+        .map(|l| {
+            let q = PAIRS
+                .iter()
+                .find(|(lm, _, links)| *lm == l.config && l.links.starts_with(links))
+                .and_then(|(_, q, links)| {
+                    rows.iter()
+                        .filter(ok)
+                        .find(|r| r.peer == "qemu" && r.config == *q && r.links == *links)
+                });
+            let disk = l.disk.clone().unwrap_or_default();
+            let (bulk, alloc) = (
+                disk["bulk_bytes"].as_u64(),
+                disk["allocated_bytes"].as_u64(),
+            );
+            let dirtied = disk["dirtied_bytes"].as_u64().unwrap_or(0);
+            CopyCheck {
+                livemig: l.config.clone(),
+                links: l.links.clone(),
+                total_ms: l.total_ms,
+                qemu_total_ms: q.map(|q| q.total_ms),
+                within_0_8_of_qemu: q.map(|q| l.total_ms as f64 <= 0.8 * q.total_ms as f64),
+                bulk_bytes: bulk,
+                allocated_bytes: alloc,
+                holes_not_sent: matches!((bulk, alloc), (Some(b), Some(a)) if b <= a + dirtied),
+            }
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct DevicesReport {
     pub memory_bytes: u64,
@@ -132,8 +225,13 @@ pub struct DevicesReport {
     pub downtime_target_ms: u64,
     pub scale: f64,
     pub host_cpus: usize,
+    pub storage: String,
+    pub disk_size: u64,
+    pub disk_data: u64,
     pub rows: Vec<DeviceRow>,
     pub checks: Vec<GapCheck>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub copy_checks: Vec<CopyCheck>,
     pub notes: Vec<String>,
 }
 
@@ -152,6 +250,8 @@ impl DevicesReport {
 pub struct DiskVerdict {
     pub writes: u64,
     pub bad: u64,
+    /// The longest write since the previous verify, in µs (older guests do not say).
+    pub wmax_us: Option<u64>,
 }
 
 pub fn disk_verdict(console: &str) -> Option<DiskVerdict> {
@@ -169,6 +269,7 @@ pub fn disk_verdict(console: &str) -> Option<DiskVerdict> {
     Some(DiskVerdict {
         writes: field("writes")?,
         bad,
+        wmax_us: field("wmax_us"),
     })
 }
 
@@ -259,7 +360,15 @@ impl Session<'_> {
                         end_ms: start_ms + o.total_ms as f64,
                     });
                     let console = std::fs::read_to_string(peer.console(i + 1)).unwrap_or_default();
-                    row(peer.name(), run, direction, o, disk_verdict(&console))
+                    let storage = if self.o.copies() { "copy" } else { "shared" };
+                    row(
+                        peer.name(),
+                        run,
+                        direction,
+                        o,
+                        disk_verdict(&console),
+                        storage,
+                    )
                 }
                 Err(e) => failed_row(peer.name(), run, "", &e),
             };
@@ -330,6 +439,7 @@ fn row(
     direction: String,
     o: Outcome,
     disk: Option<DiskVerdict>,
+    storage: &str,
 ) -> DeviceRow {
     DeviceRow {
         peer: peer.into(),
@@ -345,6 +455,13 @@ fn row(
         packets_lost: 0,
         disk_writes: disk.map(|d| d.writes),
         disk_writes_lost: disk.map(|d| d.bad),
+        storage: storage.into(),
+        disk_bytes: o.detail["disk_bytes"]
+            .as_u64()
+            .filter(|_| storage == "copy"),
+        disk_ms: o.detail["disk_ms"].as_u64().filter(|_| storage == "copy"),
+        write_stall_ms: disk.and_then(|d| d.wmax_us).map(|us| us as f64 / 1e3),
+        disk: Some(o.detail["disks"][0].clone()).filter(|d| !d.is_null()),
         verified: o.verified && disk.is_some_and(|d| d.bad == 0),
         verify: o.verify,
         error: None,
@@ -367,6 +484,11 @@ fn failed_row(peer: &str, run: &Run, direction: &str, e: &BenchError) -> DeviceR
         packets_lost: 0,
         disk_writes: None,
         disk_writes_lost: None,
+        storage: String::new(),
+        disk_bytes: None,
+        disk_ms: None,
+        write_stall_ms: None,
+        disk: None,
         verified: false,
         verify: "not reached".into(),
         error: Some(e.to_string()),
@@ -439,6 +561,9 @@ pub fn render(b: &DevicesReport) -> String {
         "lost",
         "disk writes",
         "writes lost",
+        "write max",
+        "disk MiB",
+        "disk s",
         "verified",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
@@ -461,6 +586,13 @@ pub fn render(b: &DevicesReport) -> String {
             r.packets_lost.to_string(),
             opt(r.disk_writes),
             opt(r.disk_writes_lost),
+            r.write_stall_ms
+                .map_or("-".into(), |w| format!("{w:.1} ms")),
+            r.disk_bytes.map_or("-".into(), |b| {
+                format!("{:.0}", b as f64 / (1 << 20) as f64)
+            }),
+            r.disk_ms
+                .map_or("-".into(), |m| format!("{:.2}", m as f64 / 1e3)),
             if r.verified { "yes" } else { "NO" }.into(),
         ]);
     }
@@ -497,18 +629,74 @@ pub fn render(b: &DevicesReport) -> String {
             );
         }
     }
+    if !b.copy_checks.is_empty() {
+        s += "\nlivemig's total time against 0.8 × QEMU's over the same link, and its bulk copy against the image's data:\n";
+        for c in &b.copy_checks {
+            s += &format!(
+                "  {:<22} {:<12} {:>7.2} s against QEMU {}: {}; bulk {} MiB of {} MiB allocated: {}\n",
+                c.livemig,
+                c.links,
+                c.total_ms as f64 / 1e3,
+                c.qemu_total_ms
+                    .map_or("-".into(), |t| format!("{:.2} s", t as f64 / 1e3)),
+                match c.within_0_8_of_qemu {
+                    Some(true) => "within",
+                    Some(false) => "OVER",
+                    None => "no QEMU row",
+                },
+                c.bulk_bytes.unwrap_or(0) >> 20,
+                c.allocated_bytes.unwrap_or(0) >> 20,
+                if c.holes_not_sent { "holes not sent" } else { "MORE than allocated" }
+            );
+        }
+    }
     for n in &b.notes {
         s += &format!("\nnote: {n}");
     }
     s + "\n"
 }
 
-/// A sparse raw image the VM's disk lives on (both testbed hosts see this filesystem).
-fn disk_image(path: &Path) -> Result<PathBuf, BenchError> {
+/// A sparse raw image of `size` bytes the VM's disk lives on, with `data` bytes written at
+/// [`DISK_DATA_AT`]: blocks half pseudo-random, half zeros (they compress to about half).
+fn disk_image(path: &Path, size: u64, data: u64) -> Result<PathBuf, BenchError> {
+    use std::os::unix::fs::FileExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let _ = std::fs::remove_file(path);
     let f = std::fs::File::create(path)?;
-    f.set_len(64 << 20)?;
+    f.set_len(size)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for at in (0..data).step_by(chunk.len()) {
+        for block in chunk.chunks_mut(4096) {
+            for w in block[..2048].chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        let n = (data - at).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], DISK_DATA_AT + at)?;
+    }
     Ok(path.to_path_buf())
+}
+
+/// Where the VM's disk starts: beside the bench's files (both testbed hosts see this
+/// filesystem), or with --storage copy in the first host's disk directory.
+fn first_disk(
+    o: &DevicesOptions,
+    dir: &Path,
+    tb: &Testbed,
+    file: &str,
+) -> Result<PathBuf, BenchError> {
+    let path = if o.copies() {
+        crate::peer::host_disk_dir(dir, &tb.host_a).join(file)
+    } else {
+        dir.join(file)
+    };
+    disk_image(&path, o.disk_size(), o.disk_data())
 }
 
 fn livemig_peer(o: &DevicesOptions, dir: &Path, tb: &Testbed) -> Result<LivemigPeer, BenchError> {
@@ -524,7 +712,10 @@ fn livemig_peer(o: &DevicesOptions, dir: &Path, tb: &Testbed) -> Result<LivemigP
         l.with_net(Some(VM_BRIDGE), o.announce_rounds)
             .with_storage(&[dir.to_path_buf()])
     };
-    let disk = disk_image(&dir.join("livemig.img"))?;
+    let disk = first_disk(o, dir, tb, "livemig.img")?;
+    let mut request = o.request.clone();
+    // The VM goes back and forth: a host's old image must not be in the way of the next copy.
+    request.remove_source |= o.copies();
     Ok(LivemigPeer {
         exe: net(Livemig::new(&o.livemig).with_tls(&files)),
         insecure: net(Livemig::new(&o.livemig).insecure()),
@@ -544,8 +735,9 @@ fn livemig_peer(o: &DevicesOptions, dir: &Path, tb: &Testbed) -> Result<LivemigP
             "--net".into(),
             format!("tap={}-lvm,mac=52:54:00:77:09:0a", tb_prefix(tb)),
         ],
-        request: o.request.clone(),
+        request,
         memory: o.memory,
+        disk_dirs: o.copies().then(|| dir.to_path_buf()),
     })
 }
 
@@ -563,15 +755,17 @@ fn qemu_peer(o: &DevicesOptions, dir: &Path, tb: &Testbed) -> Result<QemuPeer, B
         },
     )?;
     machine.devices = Some(Devices {
-        disk: disk_image(&dir.join("qemu.img"))?,
+        disk: first_disk(o, dir, tb, "qemu.img")?,
         tap: format!("{}-qvm", tb_prefix(tb)),
         mac: "52:54:00:77:09:0b".into(),
         bridge: VM_BRIDGE.into(),
+        blockdev: o.copies(),
     });
-    Ok(QemuPeer {
+    Ok(QemuPeer::new(
         machine,
-        downtime_ms: o.downtime_ms(),
-    })
+        o.downtime_ms(),
+        o.copies().then(|| dir.to_path_buf()),
+    ))
 }
 
 /// The testbed's name (its hosts are <name>-a and <name>-b).
@@ -631,7 +825,11 @@ pub fn devices(o: &DevicesOptions) -> Result<DevicesReport, BenchError> {
         downtime_target_ms: o.downtime_ms(),
         scale: o.scale,
         host_cpus: cpus,
+        storage: if o.copies() { "copy" } else { "shared" }.into(),
+        disk_size: o.disk_size(),
+        disk_data: o.disk_data(),
         checks: gap_checks(&rows),
+        copy_checks: copy_checks(&rows),
         rows,
         notes,
     };
@@ -650,11 +848,22 @@ mod tests {
     #[test]
     fn the_disk_verdict_is_the_last_on_the_console() {
         let c = "HB 1\nDISK VERIFY OK blocks=10 writes=12\nVERIFY OK pages=3\n\
-                 DISK VERIFY FAIL lost=1 stale=2 torn=0 blocks=40 writes=51\nVERIFY OK\n";
-        assert_eq!(disk_verdict(c), Some(DiskVerdict { writes: 51, bad: 3 }));
+                 DISK VERIFY FAIL lost=1 stale=2 torn=0 blocks=40 writes=51 wmax_us=900\nVERIFY OK\n";
+        assert_eq!(
+            disk_verdict(c),
+            Some(DiskVerdict {
+                writes: 51,
+                bad: 3,
+                wmax_us: Some(900)
+            })
+        );
         assert_eq!(
             disk_verdict("DISK VERIFY OK blocks=10 writes=12\n"),
-            Some(DiskVerdict { writes: 12, bad: 0 })
+            Some(DiskVerdict {
+                writes: 12,
+                bad: 0,
+                wmax_us: None
+            })
         );
         assert_eq!(disk_verdict("VERIFY OK pages=3\n"), None);
         assert_eq!(disk_verdict("DISK VERIFY FAIL lost=x\n"), None);

@@ -330,6 +330,13 @@ pub struct DevicesArgs {
     /// Stamped 4 KiB disk writes a second.
     #[arg(long, default_value_t = 100)]
     pub disk_rate: u32,
+    /// The disk image's size (default 64M; with --storage copy 2G).
+    #[arg(long, value_parser = parse_size)]
+    pub disk_size: Option<u64>,
+    /// Data written into the image before the VM boots, the rest holes (default none; with
+    /// --storage copy half the image).
+    #[arg(long, value_parser = parse_size)]
+    pub disk_data: Option<u64>,
     /// UDP echo requests a second from the client namespace.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub echo_hz: u32,
@@ -370,6 +377,8 @@ impl DevicesArgs {
             workload: self.workload,
             memory_profile: self.memory_profile,
             disk_rate: self.disk_rate,
+            disk_size: self.disk_size,
+            disk_data: self.disk_data,
             echo_hz: self.echo_hz,
             announce_rounds: self.announce_rounds,
             peer_qemu: self.peer.as_deref() == Some("qemu"),

@@ -91,6 +91,14 @@ pub struct LivemigPeer {
     /// Options every migration takes (downtime target, auto-converge, ...).
     pub request: MigrateRequest,
     pub memory: u64,
+    /// With disks that move (`--storage copy`): each host's disk directory is
+    /// `<this>/<host>-disks`.
+    pub disk_dirs: Option<PathBuf>,
+}
+
+/// Where a host keeps the disks that migrations copy to it.
+pub fn host_disk_dir(base: &std::path::Path, ns: &str) -> PathBuf {
+    base.join(format!("{ns}-disks"))
 }
 
 impl Peer for LivemigPeer {
@@ -122,7 +130,12 @@ impl Peer for LivemigPeer {
         index: usize,
     ) -> Result<VmProcess, BenchError> {
         let tls = matches!(setup, Setup::Livemig { tls: true, .. });
-        let exe = if tls { &self.exe } else { &self.insecure };
+        let mut exe = if tls { &self.exe } else { &self.insecure }.clone();
+        if let Some(base) = &self.disk_dirs {
+            let d = host_disk_dir(base, route.dst_ns());
+            std::fs::create_dir_all(&d)?;
+            exe = exe.with_disk_dir(Some(&d));
+        }
         exe.receive(
             Some(route.dst_ns()),
             &format!("0.0.0.0:{port}"),
@@ -213,6 +226,61 @@ impl Peer for LivemigPeer {
 pub struct QemuPeer {
     pub machine: Machine,
     pub downtime_ms: u64,
+    /// With disks that move: each host's disk directory is `<this>/<host>-disks`, and the
+    /// disk goes by NBD and `blockdev-mirror` (write-blocking), as libvirt moves it.
+    pub disk_dirs: Option<PathBuf>,
+    /// Where the VM's disk is now, and where the run under way copies it.
+    pub disk: Option<PathBuf>,
+    pending: Option<PathBuf>,
+}
+
+impl QemuPeer {
+    pub fn new(machine: Machine, downtime_ms: u64, disk_dirs: Option<PathBuf>) -> Self {
+        let disk = machine.devices.as_ref().map(|d| d.disk.clone());
+        QemuPeer {
+            machine,
+            downtime_ms,
+            disk_dirs,
+            disk,
+            pending: None,
+        }
+    }
+
+    /// An empty (sparse) image the size of the VM's disk on the destination, which the
+    /// destination QEMU is started on.
+    fn target_disk(&mut self, route: &Route) -> Result<(), BenchError> {
+        let (Some(base), Some(disk), Some(dev)) =
+            (&self.disk_dirs, &self.disk, self.machine.devices.as_mut())
+        else {
+            return Ok(());
+        };
+        let dir = host_disk_dir(base, route.dst_ns());
+        std::fs::create_dir_all(&dir)?;
+        let target = dir.join("qemu.img");
+        let _ = std::fs::remove_file(&target);
+        let size = std::fs::metadata(disk)?.len();
+        std::fs::File::create(&target)?.set_len(size)?;
+        dev.disk.clone_from(&target);
+        self.pending = Some(target);
+        Ok(())
+    }
+}
+
+/// Bytes `dev` has sent in namespace `ns`.
+fn tx_bytes(ns: &str, dev: &str) -> u64 {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "cat"])
+        .arg(format!("/sys/class/net/{dev}/statistics/tx_bytes"))
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The port a destination QEMU serves its disk on, beside the migration's.
+fn nbd_port(port: u16) -> u16 {
+    port + 100
 }
 
 impl Peer for QemuPeer {
@@ -239,8 +307,12 @@ impl Peer for QemuPeer {
             return Err(step("bench")("not a QEMU run"));
         };
         let name = format!("qemu-{index}");
+        self.target_disk(route)?;
         let mut q = Qemu::start(&self.machine, &name, route.dst_ns(), true)?;
         q.incoming(mode, &format!("0.0.0.0:{port}"))?;
+        if self.pending.is_some() {
+            q.export_disk(&format!("0.0.0.0:{}", nbd_port(port)))?;
+        }
         Ok(q)
     }
 
@@ -256,13 +328,39 @@ impl Peer for QemuPeer {
             return Err(step("bench")("not a QEMU run"));
         };
         let (cpu_s0, cpu_d0) = (src.migration_cpu_seconds(), dst.migration_cpu_seconds());
-        let info = src.migrate(
+        let mut disk = None;
+        if self.pending.is_some() {
+            let link = route.links[0];
+            let dev = if route.from_a {
+                &link.dev_a
+            } else {
+                &link.dev_b
+            };
+            let (t, b0) = (std::time::Instant::now(), tx_bytes(route.src_ns(), dev));
+            src.mirror_disk(
+                &format!("{}:{}", route.pairs()[0].1, nbd_port(port)),
+                route.timeout(self.machine.memory + (4 << 30)),
+            )?;
+            disk = Some((
+                t.elapsed().as_millis() as u64,
+                tx_bytes(route.src_ns(), dev).saturating_sub(b0),
+            ));
+        }
+        let mut info = src.migrate(
             mode,
             &format!("{}:{port}", route.pairs()[0].1),
             self.downtime_ms,
             route.timeout(self.machine.memory),
         )?;
         dst.wait_running(Duration::from_secs(30))?;
+        if let Some((ms, bytes)) = disk {
+            src.end_mirror()?;
+            dst.stop_export()?;
+            info["disk_ms"] = ms.into();
+            info["disk_bytes"] = bytes.into();
+            let ram = info["total-time"].as_u64().unwrap_or(0);
+            info["total-time"] = (ram + ms).into();
+        }
         let (cpu_s1, cpu_d1) = (src.migration_cpu_seconds(), dst.migration_cpu_seconds());
         let (verified, verify) = match dst.verify(Duration::from_secs(60)) {
             Ok(v) => (true, v),
@@ -286,6 +384,21 @@ impl Peer for QemuPeer {
     }
 
     fn settle(&mut self, src: Qemu, dst: Qemu, migrated: bool) -> (Qemu, bool) {
+        // A copied disk: the VM's is the copy now, and the source's goes (--remove-source);
+        // after a failure the copy goes.
+        if let Some(target) = self.pending.take() {
+            let old = if migrated {
+                self.disk.replace(target)
+            } else {
+                Some(target)
+            };
+            if let (Some(d), Some(now)) = (self.machine.devices.as_mut(), &self.disk) {
+                d.disk.clone_from(now);
+            }
+            if let Some(old) = old {
+                let _ = std::fs::remove_file(old);
+            }
+        }
         // QEMU resumes its source after a failed migration.
         if migrated {
             (dst, true)

@@ -179,23 +179,42 @@ pub struct Devices {
     pub tap: String,
     pub mac: String,
     pub bridge: String,
+    /// The disk as a named block node (`-blockdev`), for a mirror to copy it.
+    pub blockdev: bool,
 }
 
 impl Devices {
     fn args(&self) -> Vec<String> {
-        vec![
-            "-drive".into(),
-            format!("file={},format=raw,if=none,id=disk0", self.disk.display()),
-            "-device".into(),
-            "virtio-blk-pci,drive=disk0,disable-legacy=on".into(),
-            "-netdev".into(),
-            format!("tap,id=net0,ifname={},script=no,downscript=no", self.tap),
-            "-device".into(),
-            format!(
-                "virtio-net-pci,netdev=net0,mac={},disable-legacy=on",
-                self.mac
-            ),
-        ]
+        let drive = if self.blockdev {
+            vec![
+                "-blockdev".into(),
+                format!(
+                    "driver=file,filename={},node-name=file0",
+                    self.disk.display()
+                ),
+                "-blockdev".into(),
+                "driver=raw,file=file0,node-name=disk0".into(),
+            ]
+        } else {
+            vec![
+                "-drive".into(),
+                format!("file={},format=raw,if=none,id=disk0", self.disk.display()),
+            ]
+        };
+        drive
+            .into_iter()
+            .chain([
+                "-device".into(),
+                "virtio-blk-pci,drive=disk0,disable-legacy=on".into(),
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", self.tap),
+                "-device".into(),
+                format!(
+                    "virtio-net-pci,netdev=net0,mac={},disable-legacy=on",
+                    self.mac
+                ),
+            ])
+            .collect()
     }
 
     /// The tap in `ns`, up on the bridge (again if an earlier QEMU left it).
@@ -438,6 +457,96 @@ impl Qemu {
                 }
                 _ => std::thread::sleep(Duration::from_millis(20)),
             }
+        }
+    }
+
+    /// Destination: serves the disk over NBD on `listen` (HOST:PORT), writable, for the
+    /// source's mirror (as libvirt does for a migration without shared storage).
+    pub fn export_disk(&mut self, listen: &str) -> Result<(), QemuError> {
+        let (host, port) = listen.rsplit_once(':').unwrap_or((listen, "10809"));
+        self.qmp.cmd(
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": host, "port": port}}}),
+        )?;
+        self.qmp.cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": "exp0", "node-name": "disk0", "name": "disk0", "writable": true}),
+        )?;
+        Ok(())
+    }
+
+    /// Destination, after the migration: the NBD server goes.
+    pub fn stop_export(&mut self) -> Result<(), QemuError> {
+        self.qmp.cmd("nbd-server-stop", json!({}))?;
+        Ok(())
+    }
+
+    /// Source: mirrors the disk to the destination's NBD export at `to` (HOST:PORT), a full
+    /// copy, then every guest write synchronously (`copy-mode=write-blocking`); returns once
+    /// the job is ready (the copy caught up).
+    pub fn mirror_disk(&mut self, to: &str, timeout: Duration) -> Result<(), QemuError> {
+        let (host, port) = to.rsplit_once(':').unwrap_or((to, "10809"));
+        self.qmp.cmd(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "target0", "export": "disk0",
+                   "server": {"type": "inet", "host": host, "port": port}}),
+        )?;
+        self.qmp.cmd(
+            "blockdev-mirror",
+            json!({"job-id": "mirror0", "device": "disk0", "target": "target0",
+                   "sync": "full", "copy-mode": "write-blocking"}),
+        )?;
+        let t = Instant::now();
+        loop {
+            let jobs = self.qmp.cmd("query-block-jobs", json!({}))?;
+            let job = jobs
+                .as_array()
+                .and_then(|j| j.iter().find(|j| j["device"] == "mirror0"));
+            match job {
+                Some(j) if j["ready"] == true => return Ok(()),
+                Some(_) => {}
+                None => {
+                    return Err(QemuError::Guest {
+                        what: self.name.clone(),
+                        msg: "the disk mirror ended before it was ready".into(),
+                    })
+                }
+            }
+            if t.elapsed() > timeout {
+                let _ = self.qmp.cmd(
+                    "block-job-cancel",
+                    json!({"device": "mirror0", "force": true}),
+                );
+                return Err(QemuError::Guest {
+                    what: self.name.clone(),
+                    msg: format!("the disk mirror was not ready within {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Source, after the migration: the ready mirror completes without a switch (its target
+    /// holds every write) and goes.
+    pub fn end_mirror(&mut self) -> Result<(), QemuError> {
+        self.qmp
+            .cmd("block-job-cancel", json!({"device": "mirror0"}))?;
+        let t = Instant::now();
+        loop {
+            let jobs = self.qmp.cmd("query-block-jobs", json!({}))?;
+            if !jobs
+                .as_array()
+                .is_some_and(|j| j.iter().any(|j| j["device"] == "mirror0"))
+            {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(QemuError::Guest {
+                    what: self.name.clone(),
+                    msg: "the disk mirror did not end within 30 s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

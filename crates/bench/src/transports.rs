@@ -459,6 +459,7 @@ impl<'a> Bench<'a> {
             ],
             request: o.request.clone(),
             memory: o.memory,
+            disk_dirs: None,
         })
     }
 
@@ -469,10 +470,7 @@ impl<'a> Bench<'a> {
         if self.o.peer_qemu {
             let machine = self.qemu_machine()?;
             let ram = machine.dir.join("ram");
-            let mut q = QemuPeer {
-                machine,
-                downtime_ms: self.o.downtime_ms(),
-            };
+            let mut q = QemuPeer::new(machine, self.o.downtime_ms(), None);
             self.runs(&mut q, &QEMU_RUNS, rows)?;
             drop(q);
             let _ = std::fs::remove_dir_all(ram);

@@ -63,6 +63,14 @@ pub struct DrainOptions {
     pub interrupted: Arc<AtomicBool>,
 }
 
+impl DrainOptions {
+    /// Whether VMs whose disks a destination cannot open may go with their disks copied
+    /// (`drain --storage copy`).
+    pub fn copies_disks(&self) -> bool {
+        self.request.storage == Some(migration::Storage::Copy)
+    }
+}
+
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum DrainError {
     /// the source agent at {path}: {source}

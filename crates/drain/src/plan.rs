@@ -45,6 +45,8 @@ pub struct DestFacts {
     pub bridge: bool,
     /// Disk images of this drain it cannot open, and why.
     pub unreachable: Vec<(PathBuf, String)>,
+    /// Bytes free in its disk directory for disks copied there (None: it takes no copies).
+    pub copy_room: Option<u64>,
 }
 
 /// What a VM's devices need of a destination: a bridge for its NICs, its disks reachable.
@@ -52,19 +54,51 @@ pub struct DestFacts {
 pub struct Needs {
     pub disks: Vec<PathBuf>,
     pub nics: u32,
+    /// Bytes its disks have allocated: what copying them sends and takes at the destination.
+    pub disk_bytes: u64,
 }
 
-/// Why `d` cannot take a VM that needs `n`, if it cannot.
-pub fn refuses(n: &Needs, d: &DestFacts) -> Option<String> {
+/// Whether a VM that needs `n` can go to `d` only with its disks copied (`d` cannot open
+/// one of them where it is).
+pub fn must_copy(n: &Needs, d: &DestFacts) -> bool {
+    n.disks
+        .iter()
+        .any(|p| d.unreachable.iter().any(|(u, _)| u == p))
+}
+
+/// Why `d` cannot take a VM that needs `n`, if it cannot. `copy_left`: with `--storage copy`,
+/// the bytes `d`'s disk directory has left for copies (None there: it takes none); None: the
+/// drain does not copy disks.
+pub fn refuses(n: &Needs, d: &DestFacts, copy_left: Option<Option<u64>>) -> Option<String> {
     if n.nics > 0 && !d.bridge {
         return Some(format!("{} has no VM bridge for its NICs", d.name));
     }
-    n.disks.iter().find_map(|p| {
-        d.unreachable
-            .iter()
-            .find(|(u, _)| u == p)
-            .map(|(u, why)| format!("{} cannot open {}: {why}", d.name, u.display()))
-    })
+    if !must_copy(n, d) {
+        return None;
+    }
+    let mib = |b: u64| b >> 20;
+    match copy_left {
+        None => n.disks.iter().find_map(|p| {
+            d.unreachable.iter().find(|(u, _)| u == p).map(|(u, why)| {
+                format!(
+                    "{} cannot open {}: {why} (drain --storage copy would copy it)",
+                    d.name,
+                    u.display()
+                )
+            })
+        }),
+        Some(None) => Some(format!(
+            "{} cannot open its disks and takes no copies (its agent has no --disk-dir)",
+            d.name
+        )),
+        Some(Some(left)) if left < n.disk_bytes => Some(format!(
+            "{} cannot open its disks and its disk directory has {} MiB free for copies, they need {} MiB",
+            d.name,
+            mib(left),
+            mib(n.disk_bytes)
+        )),
+        Some(Some(_)) => None,
+    }
 }
 
 /// The order VMs leave in: indices into `vms`. `share`: the link bytes/s one migration
@@ -105,22 +139,33 @@ pub fn order(vms: &[VmFacts], how: Order, share: f64, compressed: bool) -> Vec<u
 /// Where each VM goes: the destination with the most room left that holds it, largest VMs
 /// placed first (so a big VM is not squeezed out by small ones). `Err` says why it fits
 /// nowhere. Destinations are never promised more than their room.
-pub fn place(vms: &[VmFacts], dests: &[DestFacts]) -> Vec<Result<usize, NoRoom>> {
+/// With `copy`, a VM whose disks a destination cannot open goes there with its disks copied
+/// if its disk directory has room for them (counted as VMs are placed).
+pub fn place(vms: &[VmFacts], dests: &[DestFacts], copy: bool) -> Vec<Result<usize, NoRoom>> {
     let mut left: Vec<u64> = dests.iter().map(|d| d.room).collect();
+    let mut copy_left: Vec<Option<u64>> = dests.iter().map(|d| d.copy_room).collect();
+    let copying = |d: usize, copy_left: &[Option<u64>]| copy.then_some(copy_left[d]);
     let mut by_size: Vec<usize> = (0..vms.len()).collect();
     by_size.sort_by(|a, b| vms[*b].memory.cmp(&vms[*a].memory).then(a.cmp(b)));
     let mut placed: Vec<Result<usize, NoRoom>> = vec![Err(NoRoom::default()); vms.len()];
     for i in by_size {
-        let refused: Vec<String> = dests
-            .iter()
-            .filter_map(|d| refuses(&vms[i].needs, d))
+        let refused: Vec<String> = (0..dests.len())
+            .filter_map(|d| refuses(&vms[i].needs, &dests[d], copying(d, &copy_left)))
             .collect();
         let fits = (0..dests.len())
-            .filter(|d| left[*d] >= vms[i].memory && refuses(&vms[i].needs, &dests[*d]).is_none())
+            .filter(|d| {
+                left[*d] >= vms[i].memory
+                    && refuses(&vms[i].needs, &dests[*d], copying(*d, &copy_left)).is_none()
+            })
             .max_by_key(|d| (left[*d], std::cmp::Reverse(*d)));
         placed[i] = match fits {
             Some(d) => {
                 left[d] -= vms[i].memory;
+                if must_copy(&vms[i].needs, &dests[d]) {
+                    if let Some(l) = &mut copy_left[d] {
+                        *l -= vms[i].needs.disk_bytes;
+                    }
+                }
                 Ok(d)
             }
             None => Err(NoRoom {
@@ -332,8 +377,9 @@ mod tests {
             rate: None,
             bridge: false,
             unreachable: Vec::new(),
+            copy_room: None,
         }];
-        let p = place(&vms, &dests);
+        let p = place(&vms, &dests, false);
         let used: u64 = p
             .iter()
             .zip(&vms)
@@ -359,8 +405,9 @@ mod tests {
             rate: None,
             bridge: false,
             unreachable: Vec::new(),
+            copy_room: None,
         };
-        let p = place(&vms, &[d("B"), d("C")]);
+        let p = place(&vms, &[d("B"), d("C")], false);
         assert_eq!(p, vec![Ok(0), Ok(1)]);
     }
 
@@ -371,6 +418,7 @@ mod tests {
         web.needs = Needs {
             disks: vec![disk.clone()],
             nics: 1,
+            disk_bytes: 300 << 20,
         };
         let d = |n: &str, bridge: bool, unreachable: Vec<(PathBuf, String)>| DestFacts {
             name: n.into(),
@@ -378,6 +426,7 @@ mod tests {
             rate: None,
             bridge,
             unreachable,
+            copy_room: None,
         };
         let no_bridge = d("B", false, vec![]);
         let no_disk = d("C", true, vec![(disk.clone(), "No such file".into())]);
@@ -388,17 +437,45 @@ mod tests {
             ..good
         };
         let vms = [web, vm("plain", 100, 0.0)];
-        let p = place(&vms, &[no_bridge.clone(), no_disk.clone(), good]);
+        let p = place(&vms, &[no_bridge.clone(), no_disk.clone(), good], false);
         assert_eq!(p[0], Ok(2));
-        let p = place(&vms, &[no_bridge, no_disk]);
+        let p = place(&vms, &[no_bridge.clone(), no_disk.clone()], false);
         let why = p[0].clone().unwrap_err().to_string();
         assert!(
             why.contains("B has no VM bridge")
                 && why.contains("C cannot open /shared/web.img: No such file"),
             "{why}"
         );
+        assert!(why.contains("--storage copy would copy it"), "{why}");
         // A VM without devices goes anywhere with room.
         assert!(p[1].is_ok());
+        // Copying: C takes the disk if its disk directory has room for it, counted as VMs are
+        // placed.
+        let p = place(&vms, &[no_bridge.clone(), no_disk.clone()], true);
+        let why = p[0].clone().unwrap_err().to_string();
+        assert!(why.contains("takes no copies"), "{why}");
+        let roomy = DestFacts {
+            copy_room: Some(400 << 20),
+            ..no_disk.clone()
+        };
+        let p = place(&vms, &[no_bridge.clone(), roomy.clone()], true);
+        assert_eq!(p[0], Ok(1));
+        assert!(must_copy(&vms[0].needs, &roomy));
+        let mut two = web_twice(&vms[0]);
+        two.push(vms[1].clone());
+        let p = place(&two, &[no_bridge, roomy], true);
+        assert_eq!(p[0], Ok(1));
+        let why = p[1].clone().unwrap_err().to_string();
+        assert!(
+            why.contains("100 MiB free for copies, they need 300 MiB"),
+            "{why}"
+        );
+    }
+
+    fn web_twice(web: &VmFacts) -> Vec<VmFacts> {
+        let mut b = web.clone();
+        b.name = "web2".into();
+        vec![web.clone(), b]
     }
 
     #[test]

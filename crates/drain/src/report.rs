@@ -36,6 +36,10 @@ pub struct VmOutcome {
     pub name: String,
     pub memory: u64,
     pub destination: Option<String>,
+    /// Its disks go with it (`--storage copy`, the destination cannot open them): bytes
+    /// allocated in them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks_copied: Option<u64>,
     pub status: Status,
     /// The guest verified all of its memory on the destination.
     pub guest_verified: bool,
@@ -266,6 +270,10 @@ impl DrainReport {
                 Status::Planned | Status::Moved => v.destination.clone().unwrap_or_default(),
                 st => format!("{st:?}").to_lowercase(),
             };
+            let to = match v.disks_copied {
+                Some(b) => format!("{to} +{}M disk", b >> 20),
+                None => to,
+            };
             s += &format!(
                 "{:>2} {:<16} {:>6}M {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9}\n",
                 i + 1,
@@ -317,6 +325,7 @@ mod tests {
 
     fn planned(name: &str, sample: Option<migration::sample::VmSample>) -> VmOutcome {
         VmOutcome {
+            disks_copied: None,
             name: name.into(),
             memory: 512 << 20,
             destination: Some("b".into()),

@@ -94,7 +94,7 @@ impl Planned {
     pub fn make(o: &DrainOptions, s: &Survey) -> Self {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
         let mut dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
-        let placement = plan::place(&s.vms, &dest_facts);
+        let placement = plan::place(&s.vms, &dest_facts, o.copies_disks());
         let window = match o.concurrency {
             Concurrency::Fixed(n) => n,
             Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
@@ -122,9 +122,19 @@ impl Planned {
             .map(|k| placed[k])
             .collect();
         let vms = with_cache_hits(o, s, &order, &placement);
+        // A VM whose disks are copied sends them too, first (at its share of the link).
+        let disk_bytes = |i: usize, d: usize| -> f64 {
+            if plan::must_copy(&s.vms[i].needs, &dest_facts[d]) {
+                s.vms[i].needs.disk_bytes as f64
+            } else {
+                0.0
+            }
+        };
         let predicted = (0..s.vms.len())
             .map(|i| match &placement[i] {
-                Ok(d) if share(*d).is_finite() => Some(vms[i].predict_secs(share(*d), compressed)),
+                Ok(d) if share(*d).is_finite() => {
+                    Some(vms[i].predict_secs(share(*d), compressed) + disk_bytes(i, *d) / share(*d))
+                }
                 _ => None,
             })
             .collect();
@@ -136,7 +146,7 @@ impl Planned {
                     let d = *placement[*i].as_ref().ok()?;
                     Some(SimJob {
                         dest: d,
-                        bytes: vms[*i].wire_bytes(share(d), compressed),
+                        bytes: vms[*i].wire_bytes(share(d), compressed) + disk_bytes(*i, d),
                     })
                 })
                 .collect()
@@ -185,6 +195,11 @@ impl Planned {
                     .as_ref()
                     .ok()
                     .map(|d| s.dests[*d].name.clone()),
+                disks_copied: self.placement[i]
+                    .as_ref()
+                    .ok()
+                    .filter(|d| plan::must_copy(&v.needs, &s.dests[**d].facts))
+                    .map(|_| v.needs.disk_bytes),
                 status: if self.placement[i].is_ok() {
                     planned
                 } else {
@@ -203,6 +218,7 @@ impl Planned {
             })
             .collect();
         out.extend(s.skipped.iter().map(|(v, why)| VmOutcome {
+            disks_copied: None,
             name: v.name.clone(),
             memory: v.memory,
             destination: None,
@@ -432,8 +448,14 @@ impl<'a> Run<'a> {
         let mut counts = self.in_flight_per_dest();
         counts[job.dest] += 1;
         let pace = self.pace_for(job.dest, &counts);
+        let storage = if plan::must_copy(&vm.needs, &dest.facts) {
+            migration::Storage::Copy
+        } else {
+            migration::Storage::Shared
+        };
         let req = MigrateRequest {
             to: dest.address.clone(),
+            storage: Some(storage),
             session: Some(session),
             lease_ms: Some(LEASE.as_millis() as u64),
             max_bandwidth: pace.or(self.o.request.max_bandwidth),

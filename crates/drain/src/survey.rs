@@ -102,6 +102,7 @@ fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
             rate: None,
             bridge: cap.bridge.is_some(),
             unreachable: Vec::new(),
+            copy_room: cap.copy_room,
         },
     })
 }
@@ -213,6 +214,7 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
             needs: crate::plan::Needs {
                 disks: v.disks,
                 nics: v.nics,
+                disk_bytes: v.disk_bytes,
             },
         })
         .collect()

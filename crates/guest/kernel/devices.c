@@ -246,6 +246,8 @@ static struct {
     u32 busy_version;
     u64 rate, start, issued, tsc_hz, rng, key;
     u64 acked_writes, errors;
+    /* When the request in flight went to the device; the longest write since the last verify. */
+    u64 submitted, wmax;
 } blk;
 
 static u64 sector_sum(const u64 *w) { return mix64(w[0] ^ w[1] * 3 ^ w[2] * 5 ^ w[3] * 7 ^ w[4] * 11); }
@@ -298,6 +300,7 @@ static int blk_submit(u32 type, u64 block, u8 *buf) {
     blk.busy_write = type == BLK_T_OUT;
     blk.busy_peek = buf == blk.pbuf;
     blk.busy_block = block;
+    blk.submitted = rdtsc();
     vq_kick(&blk.q);
     return 1;
 }
@@ -311,6 +314,8 @@ static int blk_complete(void) {
         return 1;
     }
     if (blk.busy_write) {
+        u64 took = rdtsc() - blk.submitted;
+        if (took > blk.wmax) blk.wmax = took;
         blk.acked[blk.busy_block] = blk.busy_version;
         blk.acked_writes++;
     } else if (blk.busy_peek) {
@@ -416,11 +421,13 @@ static void blk_verify(void) {
         else if (r == BLOCK_STALE) stale++;
         else if (r == BLOCK_TORN) torn++;
     }
+    u64 wmax_us = blk.wmax * 1000 / tsc_khz;
+    blk.wmax = 0;
     if (lost || stale || torn)
-        print("DISK VERIFY FAIL lost=%u stale=%u torn=%u blocks=%u writes=%u\n", lost, stale, torn, checked,
-              blk.acked_writes);
+        print("DISK VERIFY FAIL lost=%u stale=%u torn=%u blocks=%u writes=%u wmax_us=%u\n", lost, stale,
+              torn, checked, blk.acked_writes, wmax_us);
     else
-        print("DISK VERIFY OK blocks=%u writes=%u\n", checked, blk.acked_writes);
+        print("DISK VERIFY OK blocks=%u writes=%u wmax_us=%u\n", checked, blk.acked_writes, wmax_us);
     report(RESULT_DISK_LOST, lost);
     report(RESULT_DISK_STALE, stale);
     report(RESULT_DISK_TORN, torn);

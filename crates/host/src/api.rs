@@ -50,6 +50,9 @@ pub struct VmInfo {
     /// Its NICs (a destination needs a VM bridge for them).
     #[serde(default)]
     pub nics: u32,
+    /// Bytes its disks' images have allocated: what copying them sends and takes.
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 /// What a host holds and can take.
@@ -77,6 +80,10 @@ pub struct Capacity {
     /// The bridge its VMs' taps go on, if it has one and it exists.
     #[serde(default)]
     pub bridge: Option<String>,
+    /// Bytes free in its disk directory for disks migrations copy here (None: it takes no
+    /// copies).
+    #[serde(default)]
+    pub copy_room: Option<u64>,
 }
 
 /// The most disk images one `/reach` asks about.

@@ -151,6 +151,7 @@ fn serve(a: ServeArgs) -> CmdResult {
         livemig,
         bridge: a.net.bridge.clone(),
         storage: a.storage.storage.clone(),
+        disk_dir: a.storage.disk_dir()?,
     })?;
     eprintln!(
         "livemig: host agent {name} listening on {} ({}), API {}",

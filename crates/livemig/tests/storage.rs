@@ -431,3 +431,69 @@ fn root_link_blackholed_in_the_bulk_copy() {
     assert!(disk_state(&dst.api).1 >= acked);
     h.link("1g-1", true);
 }
+
+/// A drain from a host whose disks the other cannot open: without `--storage copy` it
+/// refuses the VMs and says why; with it, their disks go along into the destination's disk
+/// directory, the plan counts them, and every VM verifies its memory and disk there.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_a_drain_copies_the_disks_the_destination_cannot_reach() {
+    let d = tempfile::tempdir().unwrap();
+    let (a_disks, b_disks) = (d.path().join("a-disks"), d.path().join("b-disks"));
+    std::fs::create_dir_all(&b_disks).unwrap();
+    let a_storage = format!("--storage={}", a_disks.display());
+    let b_disk_dir = format!("--disk-dir={}", b_disks.display());
+    let (a, _) = common::agent(d.path(), "a", &[&a_storage]);
+    let (b, _) = common::agent(d.path(), "b", &[&b_disk_dir]);
+    let imgs: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let dir = a_disks.join(format!("vm{i}"));
+            let p = image(&dir, 2);
+            let to = a_disks.join(format!("vm{i}.img"));
+            std::fs::rename(&p, &to).unwrap();
+            to
+        })
+        .collect();
+    for (i, img) in imgs.iter().enumerate() {
+        let disk = format!("path={}", img.display());
+        common::start_vms_with(
+            &a,
+            &[(&format!("vm{i}"), "128M", WORKLOAD)],
+            &["--disk", &disk],
+        );
+    }
+    let dry = d.path().join("dry.json");
+    let out = common::drain_cmd(&a, &b, &dry, &["--dry-run"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--storage copy would copy it"),
+        "a drain that may not copy says why: {text}"
+    );
+    let path = d.path().join("drain.json");
+    let out = common::drain_cmd(&a, &b, &path, &["--storage", "copy"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&path);
+    for v in r["vms"].as_array().unwrap() {
+        assert_eq!(v["status"], "moved", "{v}");
+        assert_eq!(v["guest_verified"], true, "{v}");
+        assert!(v["disks_copied"].as_u64().unwrap() >= 2 * MIB, "{v}");
+        assert_eq!(v["report"]["storage"], "copy", "{v}");
+        assert!(
+            v["report"]["guest_verify"]
+                .to_string()
+                .contains("disk blocks="),
+            "{v}"
+        );
+    }
+    assert_eq!(files(&b_disks), vec!["vm0.img", "vm1.img"]);
+}

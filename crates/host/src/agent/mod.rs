@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub bridge: Option<String>,
     /// The directories arriving VMs' disks may be in.
     pub storage: Vec<PathBuf>,
+    /// Where disks that migrations copy here are written (`--disk-dir`).
+    pub disk_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -377,6 +379,11 @@ impl Agent {
                 .bridge
                 .clone()
                 .filter(|b| Path::new("/sys/class/net").join(b).join("bridge").exists()),
+            copy_room: self
+                .cfg
+                .disk_dir
+                .as_deref()
+                .and_then(|d| migration::recv::disks::free_bytes(d).ok()),
         }
     }
 

@@ -461,7 +461,20 @@ fn vm_info(rec: Record, phase: &Phase, api: PathBuf, pid: u32) -> VmInfo {
             .as_ref()
             .map_or_else(Vec::new, |s| device_paths(&s.devices)),
         nics: status.as_ref().map_or(0, |s| count_kind(&s.devices, "net")),
+        disk_bytes: status
+            .as_ref()
+            .map_or(0, |s| allocated(&device_paths(&s.devices))),
     }
+}
+
+/// Bytes the images have allocated (holes aside).
+fn allocated(paths: &[PathBuf]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    paths
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
 }
 
 /// The disk images among a VM's devices (as its status describes them).

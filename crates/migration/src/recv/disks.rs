@@ -105,7 +105,7 @@ pub fn clean_stale(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Bytes free for an unprivileged writer on the filesystem of `dir`.
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();

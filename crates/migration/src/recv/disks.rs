@@ -6,7 +6,7 @@
 //! that uses the directory removes that copy ([`clean_stale`]).
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::codec;
@@ -164,15 +164,18 @@ impl DiskSink {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&marker)
                 .map_err(|e| refused(format!("{}: {e}", marker.display())))?;
             if !try_lock(&marker_file).map_err(|e| refused(format!("{}: {e}", marker.display())))? {
                 return Err(refused(format!("{} is locked", marker.display())));
             }
+            // A guest's disk is for its owner's eyes only.
             let created = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&path);
             let file = match created {
                 Ok(f) => f,
@@ -391,6 +394,9 @@ mod tests {
         assert!(sink.write(&beyond).is_err());
         let image = std::fs::read(&path).unwrap();
         assert_eq!(image.len(), 1 << 20);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only its owner reads a guest's disk");
         assert_eq!(&image[8192..12288], &data[..]);
         // A second migration of a disk of that name is refused while this one runs.
         assert!(DiskSink::create(Some(dir.path()), &mut prepare("vm1.img")).is_err());

@@ -680,6 +680,8 @@ fn disk_image(path: &Path, size: u64, data: u64) -> Result<PathBuf, BenchError> 
         let n = (data - at).min(chunk.len() as u64) as usize;
         f.write_all_at(&chunk[..n], DISK_DATA_AT + at)?;
     }
+    // On disk before the VM boots: its first flush must not write back the image's making.
+    f.sync_all()?;
     Ok(path.to_path_buf())
 }
 

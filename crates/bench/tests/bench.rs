@@ -156,3 +156,44 @@ fn bench_devices_smoke_has_every_row_verified_with_its_disk() {
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["present"], false);
 }
+
+/// The same with `--storage copy`: every VM verifies with its disk copied, livemig's and
+/// QEMU's (NBD + blockdev-mirror) alike, and no hole is sent. No figure is asserted.
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_root, no_qemu),
+    ignore = "needs /dev/kvm, root and qemu-system-x86_64"
+)]
+fn bench_devices_copy_smoke_moves_the_disk_with_every_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["devices", "--memory", "128M", "--run-ms", "1000"])
+        .args([
+            "--storage",
+            "copy",
+            "--disk-size",
+            "256M",
+            "--disk-data",
+            "32M",
+        ])
+        .args(["--testbed", "lmdcmk", "--peer", "qemu", "--out"])
+        .arg(dir.path());
+    let (stdout, b) = run_bench(&mut cmd, dir.path());
+    assert_eq!(b["storage"], "copy");
+    for (peer, config, links, r) in every_row(&b, &LIVEMIG_ROWS[..4], &QEMU_ROWS, &stdout) {
+        let what = format!("{peer} {config} over {links}");
+        assert_eq!(r["verified"], true, "{what}: {r}");
+        assert_eq!(r["disk_writes_lost"], 0, "{what}: {r}");
+        assert_eq!(r["storage"], "copy", "{what}: {r}");
+        assert!(r["disk_bytes"].as_u64().unwrap() >= 32 << 20, "{what}: {r}");
+        assert!(r["disk_ms"].as_u64().unwrap() > 0, "{what}: {r}");
+        assert!(r["write_stall_ms"].as_f64().is_some(), "{what}: {r}");
+    }
+    let checks = b["copy_checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 4, "{checks:?}");
+    for c in checks {
+        assert_eq!(c["holes_not_sent"], true, "{c}");
+        assert!(c["qemu_total_ms"].is_u64(), "{c}");
+    }
+    assert!(stdout.contains("holes not sent"), "{stdout}");
+}

@@ -16,6 +16,9 @@ pub const MAX_DISK_DATA: usize = 1 << 20;
 pub const MAX_DISK_SIZE: u64 = 1 << 46;
 /// Runs and offsets are in whole sectors.
 pub const DISK_SECTOR: u64 = 512;
+/// What marks a destination's copy not yet complete: its file name and this. A disk offered
+/// under such a name is refused (its copy would pass for another's marker).
+pub const INCOMPLETE_SUFFIX: &str = ".livemig-incomplete";
 /// The run is zeros: no data follows for it.
 const RUN_ZERO: u32 = 1;
 
@@ -43,6 +46,7 @@ impl DiskOffer {
             && f != "."
             && f != ".."
             && !f.starts_with('.')
+            && !f.ends_with(INCOMPLETE_SUFFIX)
             && !f.contains(['/', '\0']);
         if !plain {
             return Err(format!("{}: {f:?} is not a plain file name", self.name));
@@ -254,7 +258,14 @@ mod tests {
             allocated: 0,
         };
         assert!(o("vm1.img", 1 << 30).check().is_ok());
-        for f in ["", "..", "a/b", ".hidden", "x\0y"] {
+        for f in [
+            "",
+            "..",
+            "a/b",
+            ".hidden",
+            "x\0y",
+            "vm.img.livemig-incomplete",
+        ] {
             assert!(o(f, 1 << 30).check().is_err(), "{f:?}");
         }
         assert!(o("vm1.img", 1000).check().is_err());

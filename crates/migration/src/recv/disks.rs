@@ -14,7 +14,7 @@ use crate::protocol::{DiskBlocks, Kind, Prepare, ProtocolError};
 use crate::MigrationError;
 
 /// What marks a copy not yet complete: its file name and this.
-pub const INCOMPLETE: &str = ".livemig-incomplete";
+pub use crate::protocol::INCOMPLETE_SUFFIX as INCOMPLETE;
 
 /// Free space kept beyond what the copies need.
 const SPACE_MARGIN: u64 = 64 << 20;
@@ -104,6 +104,30 @@ pub fn clean_stale(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Creates `marker` already locked: made and locked under a name of its own, then linked to
+/// its name (which fails if it exists), so no receiver cleaning the directory ever sees it
+/// unlocked.
+fn locked_marker(dir: &Path, marker: &Path) -> std::io::Result<File> {
+    let tmp = dir.join(format!(
+        ".livemig-marker-{}-{:x}",
+        std::process::id(),
+        crate::send::session_id()
+    ));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let linked = match try_lock(&f) {
+        Ok(true) => std::fs::hard_link(&tmp, marker),
+        Ok(false) => Err(std::io::Error::other("locked")),
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    linked.map(|()| f)
+}
+
 /// Bytes free for an unprivileged writer on the filesystem of `dir`.
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -160,16 +184,8 @@ impl DiskSink {
         for d in &prep.disks {
             let path = dir.join(&d.file);
             let marker = dir.join(format!("{}{INCOMPLETE}", d.file));
-            let marker_file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&marker)
+            let marker_file = locked_marker(dir, &marker)
                 .map_err(|e| refused(format!("{}: {e}", marker.display())))?;
-            if !try_lock(&marker_file).map_err(|e| refused(format!("{}: {e}", marker.display())))? {
-                return Err(refused(format!("{} is locked", marker.display())));
-            }
             // A guest's disk is for its owner's eyes only.
             let created = OpenOptions::new()
                 .read(true)

@@ -858,6 +858,13 @@ impl<'a> Session<'a> {
         if !disks.mirroring() {
             return Ok(());
         }
+        // RAM goes in short batches, each straight to the socket, while writes are mirrored: a
+        // held write's blocks wait for what is buffered ahead of them (and the pace it costs).
+        self.sender.flush_pages()?;
+        self.sender.flush_control()?;
+        if disks.dirty_bytes() == 0 {
+            return Ok(());
+        }
         let sender = &mut self.sender;
         let sent = std::cell::RefCell::new(sender);
         disks.resend(None, &mut |f| sent.borrow_mut().send_disk(f), &mut || {

@@ -488,6 +488,11 @@ impl<'a> PageSender<'a> {
         Ok(())
     }
 
+    /// Sends the batch being built now, however few pages it has.
+    pub fn flush_pages(&mut self) -> Result<(), MigrationError> {
+        self.flush_batch()
+    }
+
     /// One DiskBlocks frame, on the control connection (in order with every other disk frame).
     pub fn send_disk(&mut self, f: super::disks::DiskFrame<'_>) -> Result<(), MigrationError> {
         self.link

@@ -195,14 +195,7 @@ pub fn copy_checks(rows: &[DeviceRow]) -> Vec<CopyCheck> {
         .filter(|r| r.peer == "livemig" && r.storage == "copy")
         .filter(ok)
         .map(|l| {
-            let q = PAIRS
-                .iter()
-                .find(|(lm, _, links)| *lm == l.config && l.links.starts_with(links))
-                .and_then(|(_, q, links)| {
-                    rows.iter()
-                        .filter(ok)
-                        .find(|r| r.peer == "qemu" && r.config == *q && r.links == *links)
-                });
+            let q = qemu_pair(rows, l);
             let disk = l.disk.clone().unwrap_or_default();
             let (bulk, alloc) = (
                 disk["bulk_bytes"].as_u64(),
@@ -290,6 +283,15 @@ struct Mark {
     end_ms: f64,
 }
 
+/// QEMU's row (completed) that livemig's row `l` is compared with: the pair's, same link.
+fn qemu_pair<'a>(rows: &'a [DeviceRow], l: &DeviceRow) -> Option<&'a DeviceRow> {
+    let (_, q, links) = PAIRS
+        .iter()
+        .find(|(lm, _, links)| *lm == l.config && l.links.starts_with(links))?;
+    rows.iter()
+        .find(|r| r.error.is_none() && r.peer == "qemu" && r.config == *q && r.links == *links)
+}
+
 /// Each livemig row against its reported downtime and QEMU's row over the same link.
 pub fn gap_checks(rows: &[DeviceRow]) -> Vec<GapCheck> {
     let ok = |r: &&DeviceRow| r.error.is_none();
@@ -297,14 +299,7 @@ pub fn gap_checks(rows: &[DeviceRow]) -> Vec<GapCheck> {
         .filter(|r| r.peer == "livemig")
         .filter(ok)
         .map(|l| {
-            let q = PAIRS
-                .iter()
-                .find(|(lm, _, links)| *lm == l.config && l.links.starts_with(links))
-                .and_then(|(_, q, links)| {
-                    rows.iter()
-                        .filter(ok)
-                        .find(|r| r.peer == "qemu" && r.config == *q && r.links == *links)
-                });
+            let q = qemu_pair(rows, l);
             GapCheck {
                 livemig: l.config.clone(),
                 links: l.links.clone(),

@@ -23,24 +23,7 @@ fn image(dir: &Path) -> PathBuf {
 }
 
 fn disk_vm(exe: &Livemig, dir: &Path, img: &Path) -> VmProcess {
-    let args: Vec<String> = [
-        "--memory",
-        "128M",
-        "--vcpus",
-        "1",
-        "--workload",
-        WORKLOAD,
-        "--disk",
-        &format!("path={}", img.display()),
-        "--console",
-        &dir.join("src.console").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut vm = exe.run(None, &args, &dir.join("src.sock"), None).unwrap();
-    vm.wait_heartbeat(2, Duration::from_secs(30)).unwrap();
-    vm
+    common::disk_vm(exe, None, dir, img, WORKLOAD)
 }
 
 /// A receiver that takes disks from `dir` (its --storage).

@@ -48,24 +48,9 @@ fn files(dir: &Path) -> Vec<String> {
     v
 }
 
+/// [`common::disk_vm`], once its guest has written its disk.
 fn disk_vm(exe: &Livemig, ns: Option<&str>, dir: &Path, img: &Path, workload: &str) -> VmProcess {
-    let args: Vec<String> = [
-        "--memory",
-        "128M",
-        "--vcpus",
-        "1",
-        "--workload",
-        workload,
-        "--disk",
-        &format!("path={}", img.display()),
-        "--console",
-        &dir.join("src.console").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut vm = exe.run(ns, &args, &dir.join("src.sock"), None).unwrap();
-    vm.wait_heartbeat(2, Duration::from_secs(30)).unwrap();
+    let vm = common::disk_vm(exe, ns, dir, img, workload);
     wait(Duration::from_secs(30), "disk writes", || {
         disk_state(&vm.api).1 > 5
     });

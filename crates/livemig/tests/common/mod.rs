@@ -383,3 +383,32 @@ pub fn wait_progress(api: &Path, phase: &str, bytes: u64) {
         || progress(api).is_some_and(|p| p.phase == phase && p.bytes_on_wire >= bytes),
     );
 }
+
+/// A 128 MiB, 1-vCPU VM running `workload` with the image `img` as its disk (in namespace
+/// `ns`, its console and API in `dir`), once its guest's heartbeat shows.
+pub fn disk_vm(
+    exe: &Livemig,
+    ns: Option<&str>,
+    dir: &Path,
+    img: &Path,
+    workload: &str,
+) -> VmProcess {
+    let args: Vec<String> = [
+        "--memory",
+        "128M",
+        "--vcpus",
+        "1",
+        "--workload",
+        workload,
+        "--disk",
+        &format!("path={}", img.display()),
+        "--console",
+        &dir.join("src.console").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut vm = exe.run(ns, &args, &dir.join("src.sock"), None).unwrap();
+    vm.wait_heartbeat(2, Duration::from_secs(30)).unwrap();
+    vm
+}

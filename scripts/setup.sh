@@ -7,6 +7,8 @@ command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # The bench's chart needs a font for its labels.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+# userfaultfd-sys (post-copy) generates its bindings with bindgen, which loads libclang.
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev)
 export DEBIAN_FRONTEND=noninteractive
 updated=0
 if ((${#need[@]})); then

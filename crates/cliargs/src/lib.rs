@@ -340,6 +340,34 @@ pub struct MigrateArgs {
     /// and the link, and reported.
     #[arg(long, value_parser = parse_disk_sync)]
     pub disk_sync: Option<migratable::DiskSync>,
+    /// Move the VM by post-copy after the copy pass: it resumes on the destination at once and
+    /// fetches the pages the guest wrote since as it touches them (same as
+    /// --postcopy-after 1). A host or link lost before it completes loses the VM.
+    #[arg(long, conflicts_with_all = ["postcopy_after", "no_postcopy"])]
+    pub postcopy: bool,
+    /// Post-copy after N passes over RAM (0: at once, no pre-copy), or `auto` (the default):
+    /// pre-copy while its rounds shrink, post-copy instead of throttling the guest when they
+    /// stop.
+    #[arg(long, conflicts_with = "no_postcopy")]
+    pub postcopy_after: Option<migration::policy::PostcopyMode>,
+    /// Never post-copy: a guest that outruns the link is throttled (auto-converge) or, with
+    /// --no-auto-converge, switched over with a longer pause.
+    #[arg(long)]
+    pub no_postcopy: bool,
+}
+
+impl MigrateArgs {
+    /// What `--postcopy`, `--postcopy-after` and `--no-postcopy` ask for (None: the default).
+    pub fn postcopy_mode(&self) -> Option<migration::policy::PostcopyMode> {
+        use migration::policy::PostcopyMode;
+        if self.no_postcopy {
+            Some(PostcopyMode::Off)
+        } else if self.postcopy {
+            Some(PostcopyMode::After(1))
+        } else {
+            self.postcopy_after
+        }
+    }
 }
 
 fn parse_disk_sync(s: &str) -> Result<migratable::DiskSync, String> {
@@ -440,6 +468,7 @@ impl MigrateArgs {
             storage: Some(self.storage).filter(|s| *s != migration::Storage::Shared),
             remove_source: self.remove_source,
             disk_sync: self.disk_sync,
+            postcopy: self.postcopy_mode(),
             peer_timeout_ms: Some(self.peer_timeout.as_millis() as u64),
             ..MigrateRequest::default()
         }

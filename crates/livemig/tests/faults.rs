@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    free_port, livemig, livemig_exe, status, tls_env, wait, wait_progress, Hosts, Livemig,
-    VmProcess, BIN,
+    free_port, livemig, livemig_exe, progress, status, tls_env, wait, wait_progress, Hosts,
+    Livemig, VmProcess, BIN,
 };
 
 fn vm_args(workload: &str, memory: &str, console: &Path) -> Vec<String> {
@@ -501,7 +501,8 @@ fn kvm_receiver_killed_at_switchover_leaves_the_vm_paused_and_nowhere_else() {
         &src.api,
         &format!("127.0.0.1:{proxy}"),
         &d.path().join("r1.json"),
-        &["--insecure", "--peer-timeout", "3s"],
+        // The proxy forwards the control connection alone: no post-copy connections.
+        &["--insecure", "--peer-timeout", "3s", "--no-postcopy"],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -593,4 +594,72 @@ fn root_link_blackholed_in_copy() {
 )]
 fn root_link_blackholed_in_sync() {
     blackholed_in("lmbhs", "sync");
+}
+
+/// Starts a post-copy migration at once of a 256 MiB `sql` VM over a 100 Mbit/s cap (the push
+/// takes seconds), to a receiver; returns once the VM runs on the receiver and the push is
+/// under way: the source directory, the receiver, the source, the `migrate` client and its
+/// report path.
+fn in_post_copy() -> (tempfile::TempDir, VmProcess, VmProcess, Child, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let to = format!("127.0.0.1:{}", free_port());
+    let dst = receiver(d.path(), "dst", &to);
+    let src = source(d.path(), "sql", "256M");
+    let report = d.path().join("r1.json");
+    let first = migrate_spawn(
+        &src.api,
+        &to,
+        &report,
+        &["--postcopy-after", "0", "--max-bandwidth", "100Mbit"],
+    );
+    wait_progress(&src.api, "postcopy", 0);
+    (d, dst, src, first, report)
+}
+
+/// The destination dies while the VM runs there without all its memory: the source cannot
+/// resume it (the destination ran it, and wrote what the source never saw), so it says the VM
+/// is lost, exits non-zero within the peer timeout and keeps it paused. No host runs it.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_destination_killed_in_post_copy_the_source_reports_the_vm_lost() {
+    let (_d, mut dst, src, first, _report) = in_post_copy();
+    dst.child.kill().unwrap();
+    let killed = Instant::now();
+    let (ok, text) = output(first);
+    assert!(!ok, "{text}");
+    assert!(text.contains("the VM is lost"), "{text}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(8),
+        "failed after {:?}: {text}",
+        killed.elapsed()
+    );
+    let st = status(&src.api).expect("the source answers");
+    assert_eq!(st["state"], "paused", "never resumed here: {st}");
+    let p = progress(&src.api).expect("the migration's end");
+    assert_eq!(p.phase, "lost", "{p:?}");
+    assert!(status(&dst.api).is_none(), "the destination is gone");
+}
+
+/// The source dies during post-copy: the destination, which runs the VM, cannot get the pages
+/// it lacks; it says the VM is lost and its receiver exits non-zero. No host runs it.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_source_killed_in_post_copy_the_destination_reports_the_vm_lost() {
+    let (_d, mut dst, mut src, first, _report) = in_post_copy();
+    src.child.kill().unwrap();
+    let _ = output(first);
+    let killed = Instant::now();
+    let code = loop {
+        if let Some(s) = dst.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(90),
+            "the destination still runs a VM whose memory is gone"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!code.success());
+    let err = dst.stderr.wait_closed(Duration::from_secs(5));
+    assert!(err.contains("the VM is lost"), "{err}");
 }

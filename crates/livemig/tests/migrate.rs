@@ -109,8 +109,17 @@ fn check_report(report: &Path) -> serde_json::Value {
     ] {
         assert!(r["phases"][p].is_u64(), "phase {p} timed");
     }
+    // Post-copy at once has no copy round, only the push.
+    let least = if r["postcopy"]["reason"]
+        .as_str()
+        .is_some_and(|w| w.contains("no pre-copy"))
+    {
+        1
+    } else {
+        2
+    };
     assert!(
-        r["rounds"].as_array().unwrap().len() >= 2,
+        r["rounds"].as_array().unwrap().len() >= least,
         "copy and final round at least"
     );
     assert!(r["bytes_on_wire"].as_u64().unwrap() > 0);
@@ -323,6 +332,7 @@ fn kvm_receiver_refuses_extents_beyond_guest_ram() {
         host_cache: None,
         sections: vmm::state::sections(&vmm::VmConfig::new(64 << 20, 1)),
         disks: Vec::new(),
+        postcopy: false,
     })
     .unwrap();
     w.send_extents(&[(0, 4096), (60 << 20, 1 << 30)]).unwrap();
@@ -701,6 +711,57 @@ fn kvm_vcpus_yield_to_their_migration_and_get_their_priority_back() {
     );
 }
 
+/// By default (hybrid), the guest that outruns the link is not throttled: once the rounds stop
+/// shrinking the VM resumes on the destination and fetches what it lacks as it touches it.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_a_guest_that_outruns_the_link_moves_by_post_copy_unthrottled() {
+    let d = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let dst = receiver(d.path(), "dst", port);
+    let (_src, src_api) = source(d.path(), "stress", "256M");
+    let report = d.path().join("r.json");
+    let out = migrate_with(
+        &src_api,
+        port,
+        &report,
+        &["--max-bandwidth", "1Gbit", "--no-delta", "--no-vcpu-yield"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = check_report(&report);
+    assert_eq!(r["stop_reason"], "postcopy", "{r}");
+    assert_eq!(r["throttle_pct_max"], 0, "{r}");
+    let p = &r["postcopy"];
+    assert!(p["owed_pages"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        p["faults"].as_u64().unwrap() > 0,
+        "the guest ran there at once: {r}"
+    );
+    assert!(
+        p["reason"].as_str().unwrap().contains("would not converge"),
+        "{r}"
+    );
+
+    // At once (no pre-copy): every page the guest ever touched comes by demand or push.
+    let port2 = free_port();
+    let _back = receiver(d.path(), "back", port2);
+    let report2 = d.path().join("r2.json");
+    let out = migrate_with(&dst.api, port2, &report2, &["--postcopy-after", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = check_report(&report2);
+    assert_eq!(r["stop_reason"], "postcopy", "{r}");
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 1, "no pre-copy: {r}");
+    assert!(r["postcopy"]["faults"].as_u64().unwrap() > 0, "{r}");
+}
+
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
@@ -716,7 +777,13 @@ fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
         port,
         &report,
         // The guest at full speed, so that it outruns the link.
-        &["--max-bandwidth", "1Gbit", "--no-delta", "--no-vcpu-yield"],
+        &[
+            "--max-bandwidth",
+            "1Gbit",
+            "--no-delta",
+            "--no-vcpu-yield",
+            "--no-postcopy",
+        ],
     );
     assert!(
         out.status.success(),
@@ -741,6 +808,7 @@ fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
             "--no-auto-converge",
             "--no-delta",
             "--no-vcpu-yield",
+            "--no-postcopy",
         ],
     );
     assert!(

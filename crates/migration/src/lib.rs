@@ -15,6 +15,7 @@ pub mod delta;
 pub mod fuzz;
 pub mod host_cache;
 pub mod policy;
+pub mod postcopy;
 pub mod protocol;
 pub mod recv;
 pub mod report;
@@ -90,6 +91,10 @@ pub enum MigrationError {
         what: &'static str,
         source: std::io::Error,
     },
+    /// post-copy: {0}
+    Postcopy(String),
+    /// post-copy failed after the VM resumed on the destination: the VM is lost ({0}); neither host can run it from a complete memory
+    VmLost(String),
     /// switchover outcome unknown ({0}): the VM stays paused on the source because it may be running on the destination; check the destination before resuming it
     OutcomeUnknown(String),
 }

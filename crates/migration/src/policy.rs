@@ -129,6 +129,65 @@ impl ConvergencePolicy {
     }
 }
 
+/// When a migration hands the VM to the destination before all its memory is there
+/// (post-copy): the destination runs it at once and fetches each missing page when the guest
+/// touches it. A host lost during post-copy loses the VM: neither side holds all of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PostcopyMode {
+    /// Never: a guest that outruns the link is throttled (auto-converge).
+    #[default]
+    Off,
+    /// After this many passes over RAM (0: at once, no pre-copy; 1: after the copy; each
+    /// sync round is one more), unless pre-copy converges first.
+    After(u32),
+    /// Hybrid: pre-copy while the rounds shrink; when they stop, post-copy instead of
+    /// throttling the guest.
+    Auto,
+}
+
+impl std::fmt::Display for PostcopyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PostcopyMode::Off => f.write_str("off"),
+            PostcopyMode::After(n) => write!(f, "after {n} passes"),
+            PostcopyMode::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for PostcopyMode {
+    type Err = String;
+    /// `--postcopy-after`'s value: a number of passes, or `auto`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(PostcopyMode::Auto),
+            n => n.parse().map(PostcopyMode::After).map_err(|_| {
+                format!("--postcopy-after takes a number of passes or auto, not {n:?}")
+            }),
+        }
+    }
+}
+
+impl PostcopyMode {
+    /// Whether the migration may end in post-copy (and so opens its connections).
+    pub fn possible(self) -> bool {
+        self != PostcopyMode::Off
+    }
+}
+
+/// Whether to switch to post-copy now, after `passes` passes over RAM (the copy is the first)
+/// and the convergence policy's `decision` on what is left: never when pre-copy converged
+/// (post-copy is not chosen for a VM whose pre-copy completes), at the pass `After` names,
+/// and with `Auto` when pre-copy would otherwise throttle the guest or give up.
+pub fn switch_to_postcopy(mode: PostcopyMode, passes: u32, decision: Decision) -> bool {
+    match (mode, decision) {
+        (_, Decision::Converged) | (PostcopyMode::Off, _) => false,
+        (PostcopyMode::After(n), _) => passes >= n,
+        (PostcopyMode::Auto, d) => d != Decision::Continue,
+    }
+}
+
 /// The page stream for the next batch: the one with the least data queued (the first such,
 /// so streams fill in turn when idle). None when there are no streams.
 pub fn pick_stream(queued: &[usize]) -> Option<usize> {

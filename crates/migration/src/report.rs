@@ -230,8 +230,45 @@ pub struct Report {
     /// they are on the wire).
     #[serde(default)]
     pub write_stall_ms: f64,
+    /// Set when the migration ended in post-copy: the VM ran on the destination before all
+    /// its memory was there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
+    /// Why post-copy (the default when pre-copy would not converge) was off for this
+    /// migration: the destination could not take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_unavailable: Option<String>,
     pub error: Option<String>,
 }
+
+/// What post-copy did: the destination's faults and their latency, and how the owed pages
+/// went.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PostcopyReport {
+    /// Why it switched (`--postcopy-after`'s pass, or the rounds that stopped shrinking).
+    pub reason: String,
+    /// Pages the destination lacked when the VM resumed there.
+    pub owed_pages: u64,
+    pub faults: u64,
+    pub fault_p50_us: u64,
+    pub fault_p99_us: u64,
+    pub fault_max_us: u64,
+    /// Pages the destination asked for (the guest touched them first).
+    pub pages_demanded: u64,
+    /// Pages that arrived by the background push first.
+    pub pages_pushed: u64,
+    /// Pages the source sent in post-copy (asked for or pushed; one asked for while its push
+    /// was under way goes twice), with data and as zero.
+    pub sent_data_pages: u64,
+    pub sent_zero_pages: u64,
+    /// From the resume until the destination held every page, ms.
+    pub complete_ms: u64,
+    /// The risk taken: while post-copy ran, losing either host lost the VM.
+    pub risk: String,
+}
+
+/// What every post-copy report and plan says of its risk.
+pub const POSTCOPY_RISK: &str = "until post-copy completes, the VM's memory is split between the hosts: losing either host or the link for longer than the peer timeout loses the VM";
 
 /// One disk that moved with the VM.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -357,6 +394,20 @@ impl Report {
             rounds.join(", "),
             self.stop_reason
         );
+        if let Some(p) = &self.postcopy {
+            s += &format!(
+                "  post-copy ({}): {} pages owed at the resume; {} faults (p50 {} us, p99 {} us, max {} us), {} pages asked for, {} pushed; complete {} ms after the resume\n",
+                p.reason,
+                p.owed_pages,
+                p.faults,
+                p.fault_p50_us,
+                p.fault_p99_us,
+                p.fault_max_us,
+                p.pages_demanded,
+                p.pages_pushed,
+                p.complete_ms
+            );
+        }
         if self.throttle_pct_max > 0 {
             s += &format!(
                 "  auto-converge throttled the guest's vCPUs up to {}%\n",

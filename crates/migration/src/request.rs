@@ -63,6 +63,11 @@ pub struct MigrateRequest {
     /// (write-blocking); absent: chosen from the guest's write rate and the link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_sync: Option<migratable::DiskSync>,
+    /// Post-copy: `"off"`, `"auto"` (the default: when pre-copy would not converge, the VM
+    /// moves by post-copy instead of being throttled) or `{"after": N}` (after N passes over
+    /// RAM; 0: at once). A host lost during post-copy loses the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<crate::policy::PostcopyMode>,
     /// The deadline on progress, in milliseconds (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
@@ -236,6 +241,9 @@ impl MigrateRequest {
         o.storage = self.storage.unwrap_or_default();
         o.remove_source = self.remove_source;
         o.disk_sync = self.disk_sync;
+        if let Some(p) = self.postcopy {
+            o.postcopy = p;
+        }
         if let Some(c) = self.delta_cache {
             if c > MAX_DELTA_CACHE {
                 return Err(RequestError::DeltaCache {

@@ -102,6 +102,7 @@ fn traffic() -> Vec<Vec<u8>> {
             size: 1 << 20,
             allocated: 8192,
         }],
+        postcopy: false,
     })
     .unwrap();
     let run = |offset, len, zero| migration::protocol::DiskRun { offset, len, zero };

@@ -248,6 +248,24 @@ impl GuestRam {
             .collect()
     }
 
+    /// Every mapping of guest RAM in this process (the guest's view first, then the
+    /// devices', made now if it was not yet), each as its ranges with their host addresses:
+    /// what must be registered to catch every access to a page (post-copy).
+    pub fn views(&self) -> Result<Vec<Vec<HostRegion>>, MemoryError> {
+        let dma = self.dma()?;
+        let view = |regions: Vec<u64>| {
+            layout(self.size)
+                .into_iter()
+                .zip(regions)
+                .map(|(range, host_addr)| HostRegion { range, host_addr })
+                .collect()
+        };
+        Ok(vec![
+            view(self.mem.iter().map(|r| r.as_ptr() as u64).collect()),
+            view(dma.iter().map(|r| r.as_ptr() as u64).collect()),
+        ])
+    }
+
     /// The memfd behind guest RAM, in [`RamRange::file_offset`] order.
     pub fn backing_file(&self) -> &File {
         &self.file

@@ -128,6 +128,22 @@ impl<W: Write> FrameWriter<W> {
         self.send_parts(Kind::Pages, &[head, data])
     }
 
+    pub fn send_owed(&mut self, owed: &Owed) -> Result<(), ProtocolError> {
+        self.send(Kind::Postcopy, &owed.encode())
+    }
+
+    pub fn send_postcopy_pages(&mut self, head: &[u8], data: &[u8]) -> Result<(), ProtocolError> {
+        self.send_parts(Kind::PostcopyPages, &[head, data])
+    }
+
+    pub fn send_page_request(&mut self, pages: &[u64]) -> Result<(), ProtocolError> {
+        self.send(Kind::PageRequest, &encode_request(pages))
+    }
+
+    pub fn send_postcopy_done(&mut self, s: &PostcopyStats) -> Result<(), ProtocolError> {
+        self.send_json(Kind::PostcopyDone, s)
+    }
+
     /// A PagesCompressed frame: `data` is the batch's page data (`raw_len` bytes) compressed.
     pub fn send_compressed(
         &mut self,

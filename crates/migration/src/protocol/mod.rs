@@ -35,12 +35,14 @@ mod disk;
 mod frame;
 mod handshake;
 mod payload;
+mod postcopy;
 mod wire;
 
 pub use disk::*;
 pub use frame::*;
 pub use handshake::*;
 pub use payload::*;
+pub use postcopy::*;
 pub use wire::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -143,6 +145,21 @@ pub enum Kind {
     Busy = 16,
     /// src→dst: [`DiskBlocks`] of a disk the migration copies (`--storage copy`).
     DiskBlocks = 17,
+    /// src→dst, instead of the paused round: the pages the destination does not hold yet
+    /// ([`Owed`]); the VM resumes there without them (post-copy).
+    Postcopy = 18,
+    /// src→dst in post-copy: owed pages, a batch as [`Kind::Pages`] without deltas or
+    /// references; pushed on the control connection, asked for on their own.
+    PostcopyPages = 19,
+    /// src→dst: every owed page has been sent (pushed or asked for).
+    PostcopyEnd = 20,
+    /// dst→src on the request connection: memfd offsets of owed pages the guest touched.
+    PageRequest = 21,
+    /// dst→src: JSON [`PostcopyStats`]; the destination holds every page.
+    PostcopyDone = 22,
+    /// dst→src, before Ready when the Config offered post-copy: UTF-8 reason this host cannot
+    /// take a VM by post-copy (no userfaultfd for kernel faults here).
+    NoPostcopy = 23,
 }
 
 impl Kind {
@@ -165,6 +182,12 @@ impl Kind {
             15 => Kind::Extents,
             16 => Kind::Busy,
             17 => Kind::DiskBlocks,
+            18 => Kind::Postcopy,
+            19 => Kind::PostcopyPages,
+            20 => Kind::PostcopyEnd,
+            21 => Kind::PageRequest,
+            22 => Kind::PostcopyDone,
+            23 => Kind::NoPostcopy,
             _ => return None,
         })
     }
@@ -173,10 +196,15 @@ impl Kind {
     pub fn max_len(self) -> usize {
         const BATCH: usize = COUNT_LEN + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE);
         match self {
-            Kind::Ready | Kind::Done | Kind::Confirm => 0,
+            Kind::Ready | Kind::Done | Kind::Confirm | Kind::PostcopyEnd => 0,
             Kind::RoundEnd | Kind::RoundDone => std::mem::size_of::<RoundEndWire>(),
             Kind::Config | Kind::Verified | Kind::Abort | Kind::Busy | Kind::Redirect => 64 << 10,
-            Kind::Pages | Kind::PagesDirect => BATCH,
+            Kind::Pages | Kind::PagesDirect | Kind::PostcopyPages => BATCH,
+            Kind::Postcopy => {
+                postcopy::OWED_HEAD_LEN + (postcopy::MAX_POSTCOPY_RAM / PAGE as u64 / 8) as usize
+            }
+            Kind::PageRequest => postcopy::MAX_REQUEST_PAGES * 8,
+            Kind::PostcopyDone | Kind::NoPostcopy => 64 << 10,
             // Incompressible data can grow a little; never past this.
             Kind::PagesCompressed => std::mem::size_of::<CompressedHeader>() + BATCH + (64 << 10),
             Kind::State => 32 << 20,

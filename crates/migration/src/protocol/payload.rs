@@ -32,6 +32,10 @@ pub struct Prepare {
     /// destination writes them to its disk directory and the VM there uses the copies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskOffer>,
+    /// Post-copy may follow: two more connections come after the page streams (indexes
+    /// `streams` and `streams + 1`), for the destination's asks and the source's answers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
 }
 
 /// Most extents an Extents frame announces (nearby ones are merged to fit).
@@ -302,6 +306,16 @@ pub enum Frame<'a> {
     /// receiver checks them against guest RAM).
     Extents(Vec<(u64, u64)>),
     DiskBlocks(DiskBlocks<'a>),
+    Postcopy(Owed),
+    PostcopyPages {
+        head: BatchHead<'a>,
+        data: &'a [u8],
+    },
+    PostcopyEnd,
+    /// Memfd offsets of owed pages, page-aligned (checked against guest RAM by the source).
+    PageRequest(Vec<u64>),
+    PostcopyDone(PostcopyStats),
+    NoPostcopy(String),
 }
 
 impl Frame<'_> {
@@ -322,6 +336,12 @@ impl Frame<'_> {
             Frame::RoundDone(_) => Kind::RoundDone,
             Frame::Extents(_) => Kind::Extents,
             Frame::DiskBlocks(_) => Kind::DiskBlocks,
+            Frame::Postcopy(_) => Kind::Postcopy,
+            Frame::PostcopyPages { .. } => Kind::PostcopyPages,
+            Frame::PostcopyEnd => Kind::PostcopyEnd,
+            Frame::PageRequest(_) => Kind::PageRequest,
+            Frame::PostcopyDone(_) => Kind::PostcopyDone,
+            Frame::NoPostcopy(_) => Kind::NoPostcopy,
         }
     }
 }
@@ -385,6 +405,18 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
                 .collect(),
         ),
         Kind::DiskBlocks => Frame::DiskBlocks(disk::decode_disk_blocks(payload)?),
+        Kind::Postcopy => Frame::Postcopy(Owed::decode(payload)?),
+        Kind::PostcopyPages => {
+            let (head, data) = BatchHead::parse(payload, kind)?;
+            if head.encoded() {
+                return Err(bad("post-copy pages are whole pages or zero".into()));
+            }
+            Frame::PostcopyPages { head, data }
+        }
+        Kind::PostcopyEnd => Frame::PostcopyEnd,
+        Kind::PageRequest => Frame::PageRequest(decode_request(payload, MAX_POSTCOPY_RAM)?),
+        Kind::PostcopyDone => Frame::PostcopyDone(serde_json::from_slice(payload).map_err(json)?),
+        Kind::NoPostcopy => Frame::NoPostcopy(String::from_utf8_lossy(payload).into_owned()),
         Kind::Abort => {
             return Err(ProtocolError::PeerAborted(
                 String::from_utf8_lossy(payload).into_owned(),

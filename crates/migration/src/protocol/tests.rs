@@ -83,6 +83,7 @@ fn every_kind_encodes_and_decodes_here() {
         host_cache: None,
         sections: vec![migratable::SectionId::new("clock", 1)],
         disks: Vec::new(),
+        postcopy: false,
     };
     w.send_config(&prep).unwrap();
     w.send_extents(&[(0, 8192), (1 << 20, 2 << 20)]).unwrap();

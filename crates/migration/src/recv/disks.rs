@@ -362,6 +362,7 @@ mod tests {
                 size: 1 << 20,
                 allocated: 8192,
             }],
+            postcopy: false,
         }
     }
 

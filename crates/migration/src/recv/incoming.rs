@@ -538,14 +538,15 @@ impl Incoming {
     ) -> Result<Vec<Connection>, MigrationError> {
         let slot = self.register(prep.session)?;
         let deadline = Instant::now() + self.opts.stream_accept_timeout;
-        let mut slots: Vec<Option<Connection>> = (0..prep.streams).map(|_| None).collect();
+        let want = prep.streams + if prep.postcopy { 2 } else { 0 };
+        let mut slots: Vec<Option<Connection>> = (0..want).map(|_| None).collect();
         let mut have = 0;
-        while have < prep.streams {
+        while have < want {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok((i, c)) = slot.arrivals.recv_timeout(left) else {
                 return Err(MigrationError::TimedOut {
                     secs: self.opts.stream_accept_timeout.as_secs_f64(),
-                    waiting_for: format!("page streams ({have} of {} connected)", prep.streams),
+                    waiting_for: format!("page streams ({have} of {want} connected)"),
                 });
             };
             match slots.get_mut(usize::from(i)) {

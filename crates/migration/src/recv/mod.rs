@@ -7,6 +7,7 @@ pub mod gate;
 pub mod incoming;
 mod place;
 mod populate;
+mod postcopy;
 mod session;
 pub mod state;
 mod streams;
@@ -230,7 +231,8 @@ where
                 let _ = tx.send(Ok(v));
             }
             // A receiver for one session ends with it: its source retries under a new one.
-            Err(e) if inc.claimed() => {
+            // A VM lost in post-copy ends it too: it ran here, and that must be told.
+            Err(e) if inc.claimed() || matches!(e, MigrationError::VmLost(_)) => {
                 let _ = tx.send(Err(e));
             }
             Err(e) => {

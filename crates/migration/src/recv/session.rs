@@ -9,13 +9,15 @@ use transport::{Connection, ShutdownHandle};
 
 use super::disks;
 use super::place::{place, place_direct, Dest};
+use super::postcopy;
+use super::state::PushState;
 use super::streams::{self, RoundBarrier};
 use super::Received;
 use super::{cache, incoming, populate, Events, Incoming, Pending, ReceiveEvent, ReceiveStats};
 use super::{check_config, check_extents, fits_here, ReceiveMigrationState, Step};
 use crate::policy::{self, Landing};
 use crate::protocol::{
-    self, DirectRead, FrameReader, FrameWriter, Kind, Prepare, ProtocolError, Transport,
+    self, DirectRead, FrameReader, FrameWriter, Kind, Owed, Prepare, ProtocolError, Transport,
     VerifyOutcome,
 };
 use crate::{thread_cpu_seconds, MigrationError};
@@ -89,7 +91,14 @@ impl Incoming {
         // Copied disks get their files here first; the VM is built on them.
         let mut disks = disks::DiskSink::create(opts.disk_dir.as_deref(), &mut prep)?;
         let config_ms = t_config.elapsed().as_millis();
-        let streams = self.collect_streams(&prep)?;
+        let mut streams = self.collect_streams(&prep)?;
+        // Post-copy's two connections come after the page streams: asks, then answers.
+        let demand = if prep.postcopy {
+            let replies = streams.pop();
+            streams.pop().zip(replies)
+        } else {
+            None
+        };
         for s in &streams {
             s.set_peer_timeout(Some(opts.peer_timeout))
                 .map_err(MigrationError::socket("setting the peer timeout"))?;
@@ -112,6 +121,9 @@ impl Incoming {
         if let Some(c) = &cache {
             out.send_cache_keys(&c.keys())?;
         }
+        if let Some(why) = prep.postcopy.then(postcopy::unavailable).flatten() {
+            out.send(Kind::NoPostcopy, why.as_bytes())?;
+        }
         out.send(Kind::Ready, &[])?;
         out.flush()?;
 
@@ -120,7 +132,7 @@ impl Incoming {
             ram: prepared.ram(),
             cache: cache.as_ref(),
         };
-        let (vm_state, mut stats) = receive_memory(
+        let (vm_state, mut stats, owed) = receive_memory(
             (&mut input, &mut out),
             state,
             dst,
@@ -134,8 +146,32 @@ impl Incoming {
         }
         let t_done = Instant::now();
         stats.cached_pages = cache.as_ref().map_or(0, |c| c.added());
+        // Post-copy: the owed pages go missing and are fetched when touched, from before the
+        // state loads (loading it may read guest RAM).
+        let mut postcopy = match (owed, demand) {
+            (Some(owed), Some((requests, replies))) => {
+                replies
+                    .set_read_timeout(None)
+                    .map_err(MigrationError::socket("setting the read timeout"))?;
+                Some(postcopy::Postcopy::start(
+                    prepared.ram(),
+                    &owed,
+                    requests,
+                    replies,
+                )?)
+            }
+            (Some(_), None) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: Kind::Postcopy,
+                    state: "a migration that did not announce post-copy",
+                }
+                .into())
+            }
+            (None, _) => None,
+        };
 
-        // Everything is here: load the state paused, confirm, then run.
+        // Everything is here (or, in post-copy, on its way): load the state paused, confirm,
+        // then run.
         let mut vm = prepared.restore(&vm_state)?;
         // From the Confirm on the VM runs on the copies.
         if let Some(d) = disks {
@@ -152,9 +188,28 @@ impl Incoming {
         );
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
+        let outcome = match postcopy.take() {
+            None => verify(&mut vm, opts.verify_timeout),
+            Some(mut pc) => {
+                pc.resumed();
+                // The guest verifies while its pages arrive: its reads fault them in.
+                let (outcome, done) = std::thread::scope(|sc| {
+                    let push =
+                        sc.spawn(|| finish_postcopy(pc, &mut input, &mut out, opts.peer_timeout));
+                    let outcome = verify(&mut vm, opts.verify_timeout);
+                    let done = push
+                        .join()
+                        .unwrap_or_else(|_| Err(MigrationError::StreamFailed));
+                    (outcome, done)
+                });
+                let pc_stats = done.map_err(|e| MigrationError::VmLost(e.to_string()))?;
+                tracing::info!(?pc_stats, "post-copy complete here");
+                outcome
+            }
+        };
         let outcome = VerifyOutcome {
             cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
-            ..verify(&mut vm, opts.verify_timeout)
+            ..outcome
         };
         out.send_verified(&outcome)?;
         out.flush()?;
@@ -224,7 +279,7 @@ fn receive_memory<R: DirectRead, W: Write>(
     transport: Transport,
     control: &ShutdownHandle,
     disks: Option<&mut disks::DiskSink>,
-) -> Result<(Snapshot, ReceiveStats), MigrationError> {
+) -> Result<(Snapshot, ReceiveStats, Option<Box<Owed>>), MigrationError> {
     let handles = streams
         .iter()
         .map(|c| c.shutdown_handle())
@@ -268,13 +323,13 @@ fn receive_memory<R: DirectRead, W: Write>(
             }
         }
         // The stream that failed first says why better than the control connection it closed.
-        let (vm_state, control_stats) = match (r, first_err) {
+        let (vm_state, control_stats, owed) = match (r, first_err) {
             (Ok(v), None) => v,
             (_, Some(e)) | (Err(e), None) => return Err(e),
         };
         stats.add(&control_stats);
         stats.rounds = control_stats.rounds;
-        Ok((vm_state, stats))
+        Ok((vm_state, stats, owed))
     })
 }
 
@@ -288,7 +343,7 @@ fn control_loop<R: DirectRead, W: Write>(
     transport: Transport,
     streams: &RoundBarrier,
     mut disks: Option<&mut disks::DiskSink>,
-) -> Result<(Snapshot, ReceiveStats), MigrationError> {
+) -> Result<(Snapshot, ReceiveStats, Option<Box<Owed>>), MigrationError> {
     let mut stats = ReceiveStats::default();
     let mut scratch = Vec::new();
     let mut rounds = 0;
@@ -338,15 +393,45 @@ fn control_loop<R: DirectRead, W: Write>(
             }
             step => place(step, dst, transport, &mut scratch, &mut stats)?,
         }
-        if let ReceiveMigrationState::Complete { rounds, state } = state {
+        if let ReceiveMigrationState::Complete {
+            rounds,
+            state,
+            owed,
+        } = state
+        {
             if let Some(p) = populate {
                 let mib = p.finish() >> 20;
                 tracing::debug!("allocated {mib} MiB of guest RAM ahead of its pages");
             }
             stats.rounds = rounds;
-            return Ok((*state, stats));
+            return Ok((*state, stats, owed));
         }
     }
+}
+
+/// Post-copy after the resume: the source's push placed as it comes, until its end and every
+/// owed page here; then PostcopyDone with what it measured.
+fn finish_postcopy<R: DirectRead, W: Write>(
+    mut pc: postcopy::Postcopy,
+    input: &mut FrameReader<R>,
+    out: &mut FrameWriter<W>,
+    timeout: Duration,
+) -> Result<protocol::PostcopyStats, MigrationError> {
+    let mut state = PushState::Pushing;
+    while state == PushState::Pushing {
+        let (next, step) = state.next(input.next_frame()?)?;
+        state = next;
+        if let Step::Pages { head, data } = step {
+            pc.place(&head, data)?;
+        }
+    }
+    pc.wait_complete(timeout)?;
+    let owed = pc.owed_pages();
+    let stats = pc.finish();
+    tracing::debug!(owed, ?stats, "post-copy: every owed page is here");
+    out.send_postcopy_done(&stats)?;
+    out.flush()?;
+    Ok(stats)
 }
 
 /// The guest's own verdict on its memory, once it runs here.

@@ -5,7 +5,8 @@
 use migratable::{Snapshot, VmConfig};
 
 use crate::protocol::{
-    BatchHead, CompressedBatch, DiskBlocks, Entry, Frame, Prepare, ProtocolError, RoundEnd,
+    BatchHead, CompressedBatch, DiskBlocks, Entry, Frame, Kind, Owed, Prepare, ProtocolError,
+    RoundEnd,
 };
 
 /// Where an incoming migration is, on its control connection.
@@ -18,10 +19,21 @@ pub enum ReceiveMigrationState {
     AwaitingExtents { vm: VmConfig },
     /// The VM is built and Ready was sent; memory arrives in rounds.
     ReceivingMemory { vm: VmConfig, rounds: u32 },
+    /// Post-copy: the paused source named the pages it still owes; its state comes next.
+    OwedReceived { rounds: u32, owed: Box<Owed> },
     /// The paused source's device state is here; only Done may follow.
-    StateReceived { rounds: u32, state: Box<Snapshot> },
-    /// Everything is here: the VM can be loaded, confirmed and resumed.
-    Complete { rounds: u32, state: Box<Snapshot> },
+    StateReceived {
+        rounds: u32,
+        state: Box<Snapshot>,
+        owed: Option<Box<Owed>>,
+    },
+    /// Everything is here (or, in post-copy, all but the owed pages): the VM can be loaded,
+    /// confirmed and resumed.
+    Complete {
+        rounds: u32,
+        state: Box<Snapshot>,
+        owed: Option<Box<Owed>>,
+    },
 }
 
 /// What the mechanism does for an accepted frame.
@@ -53,6 +65,7 @@ impl ReceiveMigrationState {
             ReceiveMigrationState::AwaitingConfig => "awaiting-config",
             ReceiveMigrationState::AwaitingExtents { .. } => "awaiting-extents",
             ReceiveMigrationState::ReceivingMemory { .. } => "receiving-memory",
+            ReceiveMigrationState::OwedReceived { .. } => "owed-received",
             ReceiveMigrationState::StateReceived { .. } => "state-received",
             ReceiveMigrationState::Complete { .. } => "complete",
         }
@@ -77,13 +90,51 @@ impl ReceiveMigrationState {
                 },
                 Step::RoundEnd(r),
             ),
+            (S::ReceivingMemory { vm, rounds }, Frame::Postcopy(owed)) => {
+                if owed.ram_bytes != vm.memory {
+                    return Err(ProtocolError::Malformed {
+                        kind: Kind::Postcopy,
+                        why: format!(
+                            "a bitmap over {} bytes for a VM of {}",
+                            owed.ram_bytes, vm.memory
+                        ),
+                    });
+                }
+                let owed = Box::new(owed);
+                (S::OwedReceived { rounds, owed }, Step::Nothing)
+            }
             // Whether the state fits the VM built is the VM's to say when it loads it.
-            (S::ReceivingMemory { rounds, .. }, Frame::State(state)) => {
-                (S::StateReceived { rounds, state }, Step::Nothing)
-            }
-            (S::StateReceived { rounds, state }, Frame::Done) => {
-                (S::Complete { rounds, state }, Step::Nothing)
-            }
+            (S::ReceivingMemory { rounds, .. }, Frame::State(state)) => (
+                S::StateReceived {
+                    rounds,
+                    state,
+                    owed: None,
+                },
+                Step::Nothing,
+            ),
+            (S::OwedReceived { rounds, owed }, Frame::State(state)) => (
+                S::StateReceived {
+                    rounds,
+                    state,
+                    owed: Some(owed),
+                },
+                Step::Nothing,
+            ),
+            (
+                S::StateReceived {
+                    rounds,
+                    state,
+                    owed,
+                },
+                Frame::Done,
+            ) => (
+                S::Complete {
+                    rounds,
+                    state,
+                    owed,
+                },
+                Step::Nothing,
+            ),
             (s, f) => {
                 return Err(ProtocolError::Unexpected {
                     kind: f.kind(),
@@ -144,6 +195,40 @@ impl StreamState {
     }
 }
 
+/// Where post-copy's background push is, on the control connection once the VM runs here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushState {
+    /// Owed pages arrive.
+    Pushing,
+    /// The source has sent every owed page.
+    Ended,
+}
+
+impl PushState {
+    pub fn name(self) -> &'static str {
+        match self {
+            PushState::Pushing => "postcopy-pushing",
+            PushState::Ended => "postcopy-ended",
+        }
+    }
+
+    /// The push's transition function: pages until PostcopyEnd.
+    pub fn next(self, frame: Frame<'_>) -> Result<(Self, Step<'_>), ProtocolError> {
+        Ok(match (self, frame) {
+            (PushState::Pushing, Frame::PostcopyPages { head, data }) => {
+                (self, Step::Pages { head, data })
+            }
+            (PushState::Pushing, Frame::PostcopyEnd) => (PushState::Ended, Step::Nothing),
+            (s, f) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: f.kind(),
+                    state: s.name(),
+                })
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +256,7 @@ mod tests {
             host_cache: None,
             sections: Vec::new(),
             disks: Vec::new(),
+            postcopy: false,
         })
     }
 
@@ -222,8 +308,45 @@ mod tests {
         let (s, _) = s.next(Frame::Done).unwrap();
         assert!(matches!(
             s,
-            ReceiveMigrationState::Complete { rounds: 1, .. }
+            ReceiveMigrationState::Complete {
+                rounds: 1,
+                owed: None,
+                ..
+            }
         ));
+    }
+
+    #[test]
+    fn post_copy_names_the_owed_pages_before_the_state() {
+        let mut owed = Owed::new(vm().memory);
+        owed.mark(8192);
+        let (s, _) = receiving().next(Frame::Postcopy(owed.clone())).unwrap();
+        assert_eq!(s.name(), "owed-received");
+        refuses(
+            ReceiveMigrationState::OwedReceived {
+                rounds: 0,
+                owed: Box::new(owed.clone()),
+            },
+            Frame::RoundEnd(RoundEnd { round: 1, pages: 0 }),
+        );
+        let (s, _) = s.next(Frame::State(state_for(vm()))).unwrap();
+        let (s, _) = s.next(Frame::Done).unwrap();
+        assert!(matches!(s, ReceiveMigrationState::Complete { owed: Some(o), .. } if *o == owed));
+        // A bitmap over other RAM than the VM's is refused.
+        let e = receiving()
+            .next(Frame::Postcopy(Owed::new(vm().memory * 2)))
+            .unwrap_err();
+        assert!(e.to_string().contains("bitmap"), "{e}");
+    }
+
+    #[test]
+    fn the_push_carries_pages_until_its_end() {
+        let s = PushState::Pushing;
+        let (s, step) = s.next(Frame::PostcopyEnd).unwrap();
+        assert!(matches!(step, Step::Nothing));
+        assert_eq!(s, PushState::Ended);
+        assert!(s.next(Frame::PostcopyEnd).is_err());
+        assert!(PushState::Pushing.next(Frame::Done).is_err());
     }
 
     #[test]
@@ -271,6 +394,7 @@ mod tests {
         let s = || ReceiveMigrationState::StateReceived {
             rounds: 2,
             state: state_for(vm()),
+            owed: None,
         };
         refuses(s(), Frame::RoundEnd(RoundEnd { round: 3, pages: 1 }));
         refuses(s(), Frame::State(state_for(vm())));
@@ -282,6 +406,7 @@ mod tests {
         let s = || ReceiveMigrationState::Complete {
             rounds: 2,
             state: state_for(vm()),
+            owed: None,
         };
         refuses(s(), Frame::Done);
         refuses(s(), Frame::RoundEnd(RoundEnd { round: 3, pages: 1 }));

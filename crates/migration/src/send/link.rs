@@ -13,7 +13,7 @@ use crate::protocol::{FrameWriter, ProtocolError};
 use crate::MigrationError;
 
 pub(super) type Reader<'a> = &'a mut BufReader<CountingReader<Io>>;
-type Writer<'a> = &'a mut BufWriter<CountingWriter<Io>>;
+pub(super) type Writer<'a> = &'a mut BufWriter<CountingWriter<Io>>;
 
 /// A batch ready for the wire.
 pub(super) enum Outgoing {

@@ -11,6 +11,7 @@ mod disks;
 mod link;
 mod page_set;
 mod pages;
+mod postcopy;
 mod streams;
 mod watchdog;
 
@@ -22,8 +23,9 @@ use ram::{data_extents, GuestRam, PAGE_SIZE};
 use transport::{Connection, RateLimit, Security};
 
 use crate::policy::{self, ConvergencePolicy, Decision};
+use crate::postcopy::PageBits;
 use crate::protocol::{self, Frame, FrameReader, FrameWriter, Hello, Kind, RoundEnd, Transport};
-use crate::report::{CpuSeconds, Report, Round, Verification};
+use crate::report::{self, CpuSeconds, Report, Round, Verification};
 use crate::{thread_cpu_seconds, MigrationError, Sampler, Wire};
 pub use cancel::{Cancel, TOO_LATE};
 use compress::Compressor;
@@ -83,6 +85,8 @@ pub struct MigrateOptions {
     /// How copied disks keep up with the guest's writes; None: the policy chooses
     /// ([`policy::disk_sync`]).
     pub disk_sync: Option<migratable::DiskSync>,
+    /// Whether and when the VM may move to the destination before all its memory is there.
+    pub postcopy: policy::PostcopyMode,
 }
 
 impl MigrateOptions {
@@ -111,6 +115,7 @@ impl MigrateOptions {
             storage: crate::Storage::Shared,
             remove_source: false,
             disk_sync: None,
+            postcopy: policy::PostcopyMode::Auto,
         }
     }
 
@@ -146,8 +151,8 @@ impl MigrateOptions {
 }
 
 /// Where a running migration is; for progress bars. Once it has ended, `phase` says how
-/// (`completed`, `cancelled`, `failed`, `busy` or `unknown` for a lost switchover) and
-/// `error` why.
+/// (`completed`, `cancelled`, `failed`, `busy`, `unknown` for a lost switchover or `lost` for
+/// a VM lost in post-copy) and `error` why.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub phase: String,
@@ -170,6 +175,7 @@ impl Progress {
                     MigrationError::Cancelled(_) => "cancelled",
                     MigrationError::Busy { .. } => "busy",
                     MigrationError::OutcomeUnknown(_) => "unknown",
+                    MigrationError::VmLost(_) => "lost",
                     _ => "failed",
                 };
                 (phase.to_string(), Some(e.to_string()))
@@ -186,7 +192,7 @@ impl Progress {
     pub fn is_over(&self) -> bool {
         matches!(
             self.phase.as_str(),
-            "completed" | "cancelled" | "failed" | "busy" | "unknown"
+            "completed" | "cancelled" | "failed" | "busy" | "unknown" | "lost"
         )
     }
 }
@@ -256,8 +262,15 @@ fn run(
             .map(disks::DiskCopy::offers)
             .unwrap_or_default(),
     };
-    let ((mut conn, streams, to, host_keys), scanned) =
+    let ((mut conn, mut streams, to, preamble), scanned) =
         open_while_scanning(opts, &offer, &limit, &source.ram, t0)?;
+    // Post-copy's two connections came last.
+    let demand = if opts.postcopy.possible() {
+        let replies = streams.pop();
+        streams.pop().zip(replies)
+    } else {
+        None
+    };
     let (extents, extents_ms) = (scanned.extents, scanned.ended_ms);
     let prepare_ms = t0.elapsed().as_millis() as u64;
     tracing::debug!(
@@ -281,14 +294,23 @@ fn run(
         s.disks = disks;
         s.report.phases.prepare_ms = prepare_ms;
         s.report.destination = to;
-        s.host_keys(host_keys);
+        s.preamble(preamble)?;
         s.report.dirty_log = guard.mode.into();
         s.report.vcpu_yield.clone_from(&vcpu_yield);
         s.sender.announce_extents(&extents)?;
+        s.demand = demand;
         s.copy_disks()?;
-        s.copy(&extents)?;
-        s.sync()?;
-        s.switchover(&mut guard)?;
+        let postcopy = if policy::switch_to_postcopy(s.postcopy, 0, Decision::Continue) {
+            s.report.stop_reason = "postcopy".into();
+            Some("--postcopy-after 0: no pre-copy".to_string())
+        } else {
+            s.copy(&extents)?;
+            s.sync()?
+        };
+        match postcopy {
+            Some(reason) => s.postcopy(&mut guard, &extents, reason)?,
+            None => s.switchover(&mut guard)?,
+        }
         // The guest's verify on the destination may take longer than the peer timeout.
         watchdog.disarm();
         s.cleanup();
@@ -377,12 +399,18 @@ pub fn session_id() -> u64 {
     h.finish()
 }
 
-/// The keys of the destination host's cache, when it sent them before Ready.
-type HostKeys = Option<Vec<u8>>;
+/// What the destination said before Ready: the keys of its host's cache (when the Config
+/// named it), why it cannot take post-copy (when it cannot), and how many frames that was.
+#[derive(Default)]
+struct Preamble {
+    keys: Option<Vec<u8>>,
+    no_postcopy: Option<String>,
+    frames: u32,
+}
 
 /// An opened migration: the control connection, the page streams, where they go (after any
-/// redirect) and the keys of the destination host's cache.
-type Opened = (Connection, Vec<Connection>, String, HostKeys);
+/// redirect) and what the destination said before Ready.
+type Opened = (Connection, Vec<Connection>, String, Preamble);
 
 /// Phase 1, prepare: the control connection and the page streams, until the destination says
 /// the VM is built (Ready), after the keys of its host's page cache if the Config named one.
@@ -401,7 +429,7 @@ fn open(
         let streams = connect_streams(opts, &to, session, limit)?;
         // The Config went out as frame 0; the answer is the destination's frame 0.
         let mut input = FrameReader::new(&mut conn.reader);
-        let mut keys = None;
+        let mut pre = Preamble::default();
         let mut frame = input.next_frame()?;
         if let Frame::CacheKeys(k) = frame {
             if opts.host_cache.is_none() {
@@ -411,11 +439,20 @@ fn open(
                 }
                 .into());
             }
-            keys = Some(k.to_vec());
+            pre.keys = Some(k.to_vec());
+            pre.frames += 1;
+            frame = input.next_frame()?;
+        }
+        if let Frame::NoPostcopy(why) = frame {
+            pre.no_postcopy = Some(why);
+            pre.frames += 1;
             frame = input.next_frame()?;
         }
         match frame {
-            Frame::Ready => return Ok((conn, streams, to, keys)),
+            Frame::Ready => {
+                pre.frames += 1;
+                return Ok((conn, streams, to, pre));
+            }
             Frame::Redirect(r) if attempt == 0 => {
                 let host = to.rsplit_once(':').map_or(to.as_str(), |(h, _)| h);
                 to = format!("{host}:{}", r.port);
@@ -436,6 +473,10 @@ fn open(
     }
     .into())
 }
+
+/// Pages per post-copy push batch (256 KiB): small, so an answer to an ask does not queue
+/// behind much of the push at the link.
+const PUSH_BATCH: usize = 64;
 
 /// Pages between two looks for disk writes the mirror holds (64 KiB).
 const MIRROR_EVERY: u64 = 16;
@@ -516,6 +557,7 @@ fn connect(
         host_cache: opts.host_cache.filter(|_| opts.dedups()),
         sections: offer.sections.to_vec(),
         disks: offer.disks.clone(),
+        postcopy: opts.postcopy.possible(),
     };
     let mut out = FrameWriter::new(&mut conn.writer);
     out.send_config(&prepare)?;
@@ -531,14 +573,23 @@ fn connect_streams(
     limit: &Option<Arc<RateLimit>>,
 ) -> Result<Vec<Connection>, MigrationError> {
     let mut conns = Vec::new();
-    for (i, (local, remote)) in (0u16..).zip(opts.stream_targets(to)) {
+    let mut targets = opts.stream_targets(to);
+    let paced = targets.len();
+    // Post-copy's asks and answers: to the control connection's address, and not paced (the
+    // answers are what the guest waits for).
+    if opts.postcopy.possible() {
+        targets.extend([(None, to.to_string()), (None, to.to_string())]);
+    }
+    for (i, (local, remote)) in (0u16..).zip(targets) {
         let mut c = match local {
             Some(l) => transport::connect_from(l, &remote, opts.connect_timeout, opts.security()?)?,
             None => transport::connect(&remote, opts.connect_timeout, opts.security()?)?,
         };
         c.set_peer_timeout(Some(opts.peer_timeout))
             .map_err(MigrationError::socket("setting the peer timeout"))?;
-        c.set_rate_limit(limit.clone());
+        if usize::from(i) < paced {
+            c.set_rate_limit(limit.clone());
+        }
         protocol::write_data_hello(&mut c.writer, i, session).map_err(|e| {
             MigrationError::Stream {
                 index: i.into(),
@@ -641,6 +692,10 @@ struct Session<'a> {
     unsent: Vec<DirtyBitmap>,
     /// The disks that move with the VM (`--storage copy`).
     disks: Option<disks::DiskCopy>,
+    /// Post-copy's connections (asks, answers), when it may happen.
+    demand: Option<(Connection, Connection)>,
+    /// Whether and when post-copy may come (`opts.postcopy`, unless the destination cannot).
+    postcopy: policy::PostcopyMode,
 }
 
 impl<'a> Session<'a> {
@@ -715,15 +770,35 @@ impl<'a> Session<'a> {
             round: 0,
             unsent: Vec::new(),
             disks: None,
+            demand: None,
+            postcopy: opts.postcopy,
         })
     }
 
-    /// The keys of the destination host's cache, if it sent them (as its frame 0, before
-    /// Ready).
-    fn host_keys(&mut self, keys: HostKeys) {
-        let Some(keys) = keys else { return };
-        self.input.expect_seq(2);
-        self.sender.set_host_keys(&keys);
+    /// What the destination said before Ready: the keys of its host's cache, and whether it
+    /// can take post-copy (without it, `auto` falls back to pre-copy alone and an explicit
+    /// `--postcopy` is refused before anything is sent).
+    fn preamble(&mut self, pre: Preamble) -> Result<(), MigrationError> {
+        self.input.expect_seq(pre.frames);
+        if let Some(keys) = pre.keys {
+            self.sender.set_host_keys(&keys);
+        }
+        if let Some(why) = pre.no_postcopy {
+            match self.postcopy {
+                policy::PostcopyMode::Auto => {
+                    tracing::info!("pre-copy only: {why}");
+                    self.report.postcopy_unavailable = Some(why);
+                    self.postcopy = policy::PostcopyMode::Off;
+                }
+                policy::PostcopyMode::After(_) => {
+                    return Err(MigrationError::Refused(format!(
+                        "post-copy asked for, and the destination cannot take it: {why}"
+                    )))
+                }
+                policy::PostcopyMode::Off => {}
+            }
+        }
+        Ok(())
     }
 
     fn phase(&mut self, name: &str) {
@@ -929,8 +1004,9 @@ impl<'a> Session<'a> {
     }
 
     /// Phase 3, sync: rounds from the dirty log until the rest fits the downtime target (or the
-    /// policy stops it), throttling a guest that outruns the link (auto-converge).
-    fn sync(&mut self) -> Result<(), MigrationError> {
+    /// policy stops it), throttling a guest that outruns the link (auto-converge). Returns
+    /// why it hands over to post-copy, when it does.
+    fn sync(&mut self) -> Result<Option<String>, MigrationError> {
         self.phase("sync");
         self.sender.start_resending();
         let t_sync = Instant::now();
@@ -950,6 +1026,20 @@ impl<'a> Session<'a> {
                 throttled_since,
                 self.t0.elapsed(),
             );
+            let passes = 1 + self.round;
+            if policy::switch_to_postcopy(self.postcopy, passes, d) {
+                self.unsent = bitmaps;
+                self.report.stop_reason = "postcopy".into();
+                self.report.phases.sync_ms = t_sync.elapsed().as_millis() as u64;
+                let why = match self.postcopy {
+                    policy::PostcopyMode::After(n) => format!("--postcopy-after {n}"),
+                    _ => format!(
+                        "pre-copy would not converge ({}) after {passes} passes",
+                        format!("{d:?}").to_lowercase()
+                    ),
+                };
+                return Ok(Some(why));
+            }
             let stop = match d {
                 Decision::Continue => false,
                 Decision::Stalled => match self.opts.policy.next_throttle(throttle) {
@@ -979,7 +1069,7 @@ impl<'a> Session<'a> {
         };
         self.report.stop_reason = format!("{decision:?}").to_lowercase();
         self.report.phases.sync_ms = t_sync.elapsed().as_millis() as u64;
-        Ok(())
+        Ok(None)
     }
 
     /// One sync round: re-arm tracking for the pages about to be read, then send them.
@@ -1117,6 +1207,166 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Phase 4 in post-copy: pause, the disks' last blocks, then the pages the destination
+    /// still lacks named instead of sent; the VM resumes there at once, and this side answers
+    /// its asks and pushes the rest until it holds every page. Before the last frame leaves,
+    /// a failure resumes the VM here; after the destination's Confirm, one loses the VM.
+    fn postcopy(
+        &mut self,
+        guard: &mut SourceGuard,
+        extents: &[(u64, u64)],
+        reason: String,
+    ) -> Result<(), MigrationError> {
+        let Some((requests, replies)) = self.demand.take() else {
+            return Err(MigrationError::Postcopy(
+                "its connections were not opened".into(),
+            ));
+        };
+        // Rounds sent (the copy at least) are placed before the pause.
+        if !self.report.rounds.is_empty() {
+            self.wait_caught_up()?;
+        }
+        self.sender.finish_streams()?;
+        if let Some(d) = &mut self.disks {
+            d.stop_mirroring();
+        }
+        self.phase("switchover");
+        let t_pause = Instant::now();
+        let state = {
+            let mut g = locks::lock(self.vm);
+            g.pause()?;
+            guard.paused_by_us = true;
+            g.snapshot()?
+        };
+        self.disk_round(true)?;
+        if let Some(d) = &mut self.disks {
+            d.paused();
+        }
+        let owed = self.owed(extents)?;
+        self.sender.control_out().send_owed(&owed)?;
+        self.sender.flush_control()?;
+        let unsent = Arc::new(PageBits::from_owed(&owed));
+        // Loading the state on the destination may already fault.
+        let demand = postcopy::Demand::start(self.ram.clone(), unsent.clone(), requests, replies)?;
+        self.opts.cancel.commit()?;
+        locks::lock(self.vm).hand_over()?;
+        self.sender.send_state_and_done(&state)?;
+        guard.armed = false;
+        match self.input.next_frame() {
+            Ok(Frame::Confirm) => {}
+            Ok(f) => {
+                return Err(MigrationError::OutcomeUnknown(format!(
+                    "{:?} instead of Confirm",
+                    f.kind()
+                )))
+            }
+            Err(e) => return Err(MigrationError::OutcomeUnknown(e.to_string())),
+        }
+        let downtime = t_pause.elapsed().as_millis() as u64;
+        self.report.downtime_ms = downtime;
+        self.report.phases.switchover_ms = downtime;
+        tracing::info!(
+            owed = owed.pages,
+            downtime,
+            "post-copy: the VM runs on the destination; pushing what it lacks"
+        );
+        let w0 = self.wire.sent();
+        let pushed = self
+            .push(&unsent, &demand)
+            .map_err(|e| MigrationError::VmLost(e.to_string()))?;
+        let served = demand
+            .stop()
+            .map_err(|e| MigrationError::VmLost(e.to_string()))?;
+        let sent = (pushed.0 + served.0, pushed.1 + served.1);
+        self.report.rounds.push(Round {
+            pages: sent.0 + sent.1,
+            bytes: self.wire.sent() - w0,
+            ms: t_pause.elapsed().as_millis() as u64,
+        });
+        // The destination's figures, as the push left them.
+        let stats = self.report.postcopy.take().unwrap_or_default();
+        self.report.postcopy = Some(report::PostcopyReport {
+            reason,
+            owed_pages: owed.pages,
+            sent_data_pages: sent.0,
+            sent_zero_pages: sent.1,
+            risk: report::POSTCOPY_RISK.into(),
+            ..stats
+        });
+        Ok(())
+    }
+
+    /// The pages the destination lacks at the pause: those written since they were last
+    /// sent, and with no pre-copy every page the guest ever touched.
+    fn owed(&mut self, extents: &[(u64, u64)]) -> Result<protocol::Owed, MigrationError> {
+        let mut owed = protocol::Owed::new(self.ram.size());
+        for b in self.fetch_dirty()? {
+            b.pages().for_each(|off| owed.mark(off));
+        }
+        if self.report.rounds.is_empty() {
+            for &(start, end) in extents {
+                (start..end)
+                    .step_by(PAGE_SIZE as usize)
+                    .for_each(|off| owed.mark(off));
+            }
+        }
+        Ok(owed)
+    }
+
+    /// Post-copy's background push: every page still unsent, from the guest's latest fault
+    /// on, then PostcopyEnd; returns once the destination says it holds every page (its
+    /// figures go into the report). Returns the pages pushed.
+    fn push(
+        &mut self,
+        unsent: &PageBits,
+        demand: &postcopy::Demand,
+    ) -> Result<(u64, u64), MigrationError> {
+        self.phase("postcopy");
+        let mut order = crate::postcopy::PushOrder::default();
+        let mut pages = postcopy::Pages::default();
+        let mut told = Instant::now();
+        while let Some(off) = order.next(unsent, demand.fault.get()) {
+            if !unsent.take(off) {
+                continue;
+            }
+            pages.add(&self.ram, off)?;
+            if pages.len() == PUSH_BATCH {
+                pages.send(self.sender.control_out())?;
+                self.sender.flush_control()?;
+                if told.elapsed() >= PROGRESS_EVERY {
+                    told = Instant::now();
+                    self.prog.pages_sent += PUSH_BATCH as u64;
+                    self.prog.bytes_on_wire = self.wire.sent();
+                    (self.progress)(&self.prog);
+                }
+            }
+        }
+        pages.send(self.sender.control_out())?;
+        self.sender.control_out().send(Kind::PostcopyEnd, &[])?;
+        self.sender.flush_control()?;
+        let stats = match self.input.next_frame()? {
+            Frame::PostcopyDone(s) => s,
+            f => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    kind: f.kind(),
+                    state: "awaiting-postcopy-done",
+                }
+                .into())
+            }
+        };
+        self.report.postcopy = Some(report::PostcopyReport {
+            faults: stats.faults,
+            fault_p50_us: stats.fault_p50_us,
+            fault_p99_us: stats.fault_p99_us,
+            fault_max_us: stats.fault_max_us,
+            pages_demanded: stats.pages_demanded,
+            pages_pushed: stats.pages_pushed,
+            complete_ms: stats.complete_ms,
+            ..Default::default()
+        });
+        Ok(pages.sent)
+    }
+
     /// Phase 5, cleanup: the VM runs on the destination; destroy it here.
     fn cleanup(&mut self) {
         let t = Instant::now();
@@ -1136,6 +1386,10 @@ impl<'a> Session<'a> {
         let (samples, peak) = self.sampler.finish();
         let mut r = self.report;
         self.sender.report_into(&mut r);
+        if let Some(p) = &r.postcopy {
+            r.pages.normal += p.sent_data_pages;
+            r.pages.zero += p.sent_zero_pages;
+        }
         r.storage = self.opts.storage.to_string();
         if let Some(d) = &self.disks {
             r.disks = d.reports();

@@ -501,6 +501,11 @@ impl<'a> PageSender<'a> {
         Ok(())
     }
 
+    /// The control connection's frame writer, for frames outside the page path.
+    pub fn control_out(&mut self) -> &mut crate::protocol::FrameWriter<super::link::Writer<'a>> {
+        &mut self.link.out
+    }
+
     /// Puts what the control connection buffered on the wire.
     pub fn flush_control(&mut self) -> Result<(), MigrationError> {
         Ok(self.link.out.flush()?)

@@ -302,6 +302,7 @@ fn a_guest_that_outruns_the_link_is_throttled_and_moves_whole() {
         ..busy()
     };
     let m = migrate(&w, |o| {
+        o.postcopy = migration::policy::PostcopyMode::Off;
         o.max_bandwidth = Some(100_000_000);
         o.delta = false;
         o.policy.max_rounds = 6;
@@ -310,6 +311,83 @@ fn a_guest_that_outruns_the_link_is_throttled_and_moves_whole() {
     let r = m.report();
     assert!(r.throttle_pct_max > 0, "stopped: {}", r.stop_reason);
     assert_eq!(m.source.lock().unwrap().throttled_max, r.throttle_pct_max);
+}
+
+/// Post-copy: the destination runs the VM before it holds every page; what the guest touches
+/// there (its verify reads every page) faults in, the rest is pushed, and every page ends as
+/// the source's at the pause.
+fn assert_moved_by_postcopy(m: &Moved) -> migration::report::PostcopyReport {
+    m.assert_moved_whole();
+    let r = m.report();
+    assert_eq!(r.stop_reason, "postcopy", "{}", r.summary());
+    eprintln!("{}", r.summary());
+    let p = r.postcopy.clone().expect("a post-copy report");
+    assert!(p.owed_pages > 0, "{p:?}");
+    assert!(!p.risk.is_empty());
+    p
+}
+
+#[test]
+#[cfg_attr(no_root, ignore = "needs root (userfaultfd for kernel faults)")]
+fn post_copy_at_once_fetches_what_the_guest_touches_and_pushes_the_rest() {
+    // 8,192 pages (32 MiB) at 200 Mbit/s: the push takes over a second, and the guest's verify
+    // reads every page from the first moment.
+    let m = migrate(&busy(), |o| {
+        o.postcopy = migration::policy::PostcopyMode::After(0);
+        o.max_bandwidth = Some(200_000_000);
+    });
+    let p = assert_moved_by_postcopy(&m);
+    assert!(p.owed_pages >= 8192, "every touched page is owed: {p:?}");
+    assert!(p.faults > 0 && p.pages_demanded > 0, "{p:?}");
+    assert!(p.fault_max_us >= p.fault_p99_us && p.fault_p99_us >= p.fault_p50_us);
+    assert!(p.pages_pushed > 0, "{p:?}");
+    assert_eq!(m.report().rounds.len(), 1, "no pre-copy round");
+}
+
+#[test]
+#[cfg_attr(no_root, ignore = "needs root (userfaultfd for kernel faults)")]
+fn post_copy_after_the_copy_owes_only_what_the_guest_wrote_since() {
+    let m = migrate(&busy(), |o| {
+        o.postcopy = migration::policy::PostcopyMode::After(1);
+        o.max_bandwidth = Some(400_000_000);
+    });
+    let p = assert_moved_by_postcopy(&m);
+    assert!(p.owed_pages < 8192, "{p:?}");
+}
+
+#[test]
+#[cfg_attr(no_root, ignore = "needs root (userfaultfd for kernel faults)")]
+fn a_guest_that_outruns_the_link_moves_by_post_copy_instead_of_being_throttled() {
+    let w = Workload {
+        rate: 20_000,
+        ..busy()
+    };
+    let m = migrate(&w, |o| {
+        o.postcopy = migration::policy::PostcopyMode::Auto;
+        o.max_bandwidth = Some(40_000_000);
+    });
+    let p = assert_moved_by_postcopy(&m);
+    assert!(p.reason.contains("would not converge"), "{p:?}");
+    assert_eq!(m.report().throttle_pct_max, 0, "never throttled");
+}
+
+#[test]
+#[cfg_attr(no_root, ignore = "needs root (userfaultfd for kernel faults)")]
+fn post_copy_moves_the_vm_whole_over_tls_and_page_streams() {
+    let d = tempfile::tempdir().unwrap();
+    transport::tls::init_cluster(d.path(), &["a".into()]).unwrap();
+    let tls = transport::tls::Tls::load(&transport::tls::TlsFiles {
+        cert: d.path().join("a.pem"),
+        key: d.path().join("a.key"),
+        ca: d.path().join("ca.pem"),
+    })
+    .unwrap();
+    let m = migrate_with(&busy(), true, 200, Security::Tls(Arc::new(tls)), |o| {
+        o.postcopy = migration::policy::PostcopyMode::After(1);
+        o.channels = 2;
+        o.max_bandwidth = Some(400_000_000);
+    });
+    assert_moved_by_postcopy(&m);
 }
 
 #[test]

@@ -10,6 +10,7 @@
 pub mod chart;
 pub mod devices;
 pub mod echo;
+pub mod guest_rate;
 pub mod hostdrain;
 pub mod mechanisms;
 pub mod netns;

@@ -26,6 +26,12 @@ enum Cmd {
     /// on 1 GbE, direct on 10 GbE, direct + multichannel on both 10 GbE links), after
     /// measuring each link's raw goodput; prints the table, writes bench.json and bench.png.
     Transports(TransportsArgs),
+    /// Migrate a VM whose guest outruns the link by pre-copy (auto-converge), post-copy after
+    /// the first pass and hybrid, over 1 GbE and 10 GbE, once per memory size (QEMU's
+    /// pre-copy and post-copy beside it with --peer qemu); prints the table with the guest's
+    /// own pace during each migration against before it and the fault latency; writes
+    /// bench.json and bench.png per size.
+    Postcopy(PostcopyArgs),
     /// Drain N VMs between the testbed's hosts once per configuration (tcp at concurrency 2,
     /// the unoptimised row; then tcp, compressed, direct and direct + multichannel at the
     /// concurrencies asked for), QEMU beside it with --peer qemu; prints the table with the
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> CmdResult {
     match cli.cmd {
         Cmd::Transports(a) => transports(a),
+        Cmd::Postcopy(a) => postcopy(a),
         Cmd::Drain(a) => drain(a),
         Cmd::Devices(a) => devices(a),
         Cmd::Mechanisms(a) => mechanisms(&a.options()),
@@ -140,6 +147,27 @@ fn transports(a: TransportsArgs) -> CmdResult {
         o.out.join("bench.png").display()
     );
     if r.rows.iter().any(|r| r.error.is_some() || !r.verified) {
+        eprintln!("livemig-bench: not every migration completed and verified");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn postcopy(a: PostcopyArgs) -> CmdResult {
+    let me = livemig()?;
+    let mut ok = true;
+    for &memory in &a.memory {
+        let o = a.options(me.clone(), memory);
+        let r = bench::transports::transports(&o)?;
+        print!("{}", bench::table::render(&r));
+        println!(
+            "wrote {} and {}",
+            o.out.join("bench.json").display(),
+            o.out.join("bench.png").display()
+        );
+        ok &= r.rows.iter().all(|r| r.error.is_none() && r.verified);
+    }
+    if !ok {
         eprintln!("livemig-bench: not every migration completed and verified");
         return Ok(ExitCode::FAILURE);
     }
@@ -316,6 +344,66 @@ pub struct TransportsArgs {
 }
 
 #[derive(clap::Args)]
+pub struct PostcopyArgs {
+    /// Guest RAM, one bench per size (e.g. 1G,2G).
+    #[arg(long, value_delimiter = ',', default_value = "1G,2G", value_parser = parse_size)]
+    pub memory: Vec<u64>,
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u8,
+    /// A guest that rewrites its memory faster than 1 GbE carries it.
+    #[arg(long, default_value = "stress")]
+    pub workload: String,
+    #[arg(long, default_value = "server")]
+    pub memory_profile: MemoryProfile,
+    /// Also migrate the same guest and RAM with this VMM on the same links.
+    #[arg(long, value_parser = ["qemu"])]
+    pub peer: Option<String>,
+    /// Testbed namespaces <name>-a and <name>-b (brought up if missing, removed afterwards).
+    #[arg(long, default_value = "livemig")]
+    pub testbed: String,
+    /// Shrink every link's rate by this factor (0 < scale <= 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Options of every migration (each run sets its own post-copy mode).
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+    /// How long the guest runs before the first migration.
+    #[arg(long, default_value_t = 3000)]
+    pub run_ms: u64,
+    /// Measuring window of each link's goodput stream (after 0.5 s of warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    pub goodput_secs: f64,
+    /// Directory for each size's bench.json, bench.png, consoles and logs (in <out>/<size>).
+    #[arg(long, default_value = "livemig-bench-postcopy")]
+    pub out: PathBuf,
+    /// Leave the testbed up afterwards even if this run created it.
+    #[arg(long)]
+    pub keep_testbed: bool,
+}
+
+impl PostcopyArgs {
+    pub fn options(&self, livemig: PathBuf, memory: u64) -> bench::transports::TransportsOptions {
+        bench::transports::TransportsOptions {
+            livemig,
+            memory,
+            vcpus: self.vcpus,
+            workload: self.workload.clone(),
+            memory_profile: self.memory_profile,
+            peer_qemu: self.peer.as_deref() == Some("qemu"),
+            security: bench::transports::Security::Insecure,
+            testbed: self.testbed.clone(),
+            scale: self.scale,
+            request: self.migrate.base_request(),
+            run_ms: self.run_ms,
+            goodput_secs: self.goodput_secs,
+            out: self.out.join(format!("{}M", memory >> 20)),
+            keep_testbed: self.keep_testbed,
+            suite: bench::transports::Suite::Postcopy,
+        }
+    }
+}
+
+#[derive(clap::Args)]
 pub struct DevicesArgs {
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
@@ -448,6 +536,7 @@ impl TransportsArgs {
             goodput_secs: self.goodput_secs,
             out: self.out,
             keep_testbed: self.keep_testbed,
+            suite: bench::transports::Suite::Transports,
         }
     }
 }

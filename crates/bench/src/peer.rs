@@ -36,6 +36,8 @@ pub enum Setup {
         per_link_streams: bool,
         /// Mutual TLS (else plaintext, as QEMU runs by default).
         tls: bool,
+        /// Post-copy for this run (None: as the bench's request says).
+        postcopy: Option<migration::policy::PostcopyMode>,
     },
     Qemu(Mode),
 }
@@ -158,6 +160,7 @@ impl Peer for LivemigPeer {
             transport,
             per_link_streams,
             tls,
+            postcopy,
         } = setup
         else {
             return Err(step("bench")("not a livemig run"));
@@ -175,6 +178,7 @@ impl Peer for LivemigPeer {
             }),
             insecure: !tls,
             tls: tls.then(|| self.tls.clone()),
+            postcopy: postcopy.or(self.request.postcopy),
             ..self.request.clone()
         };
         let body =
@@ -353,6 +357,10 @@ impl Peer for QemuPeer {
             route.timeout(self.machine.memory),
         )?;
         dst.wait_running(Duration::from_secs(30))?;
+        if matches!(mode, crate::qemu::Mode::Postcopy) {
+            // Post-copy's fault figures are the destination's.
+            info["destination"] = dst.query_migrate()?;
+        }
         if let Some((ms, bytes)) = disk {
             src.end_mirror()?;
             dst.stop_export()?;

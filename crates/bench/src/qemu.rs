@@ -130,24 +130,34 @@ impl Qmp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Tcp,
-    Multifd { channels: u8 },
-    MultifdZstd { channels: u8 },
+    Multifd {
+        channels: u8,
+    },
+    MultifdZstd {
+        channels: u8,
+    },
+    /// `postcopy-ram`, switched to post-copy (`migrate-start-postcopy`) once the first pass
+    /// is over; the destination measures its vCPUs' blocked time (`postcopy-blocktime`).
+    Postcopy,
 }
 
 impl Mode {
     fn caps(&self) -> Value {
-        let multifd = !matches!(self, Mode::Tcp);
-        // auto-converge, as livemig does by default: throttle the guest when rounds stall.
+        let multifd = matches!(self, Mode::Multifd { .. } | Mode::MultifdZstd { .. });
+        let postcopy = matches!(self, Mode::Postcopy);
+        // auto-converge, as livemig's pre-copy does: throttle the guest when rounds stall.
         json!({"capabilities": [
             {"capability": "multifd", "state": multifd},
-            {"capability": "auto-converge", "state": true}
+            {"capability": "auto-converge", "state": !postcopy},
+            {"capability": "postcopy-ram", "state": postcopy},
+            {"capability": "postcopy-blocktime", "state": postcopy}
         ]})
     }
 
     /// Parameters both ends must agree on.
     fn params(&self) -> Value {
         match *self {
-            Mode::Tcp => json!({}),
+            Mode::Tcp | Mode::Postcopy => json!({}),
             Mode::Multifd { channels } => {
                 json!({"multifd-channels": channels, "multifd-compression": "none"})
             }
@@ -434,8 +444,18 @@ impl Qemu {
         self.qmp
             .cmd("migrate", json!({"uri": format!("tcp:{to}")}))?;
         let t = Instant::now();
+        let mut switched = false;
         loop {
             let r = self.qmp.cmd("query-migrate", json!({}))?;
+            // The first pass is over once the dirty bitmap was synced a second time.
+            if matches!(mode, Mode::Postcopy)
+                && !switched
+                && r["status"] == "active"
+                && r["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
+            {
+                self.qmp.cmd("migrate-start-postcopy", json!({}))?;
+                switched = true;
+            }
             match r["status"].as_str() {
                 Some("completed") => return Ok(with_total_time(r, t.elapsed())),
                 Some("failed") | Some("cancelled") => {
@@ -458,6 +478,12 @@ impl Qemu {
                 _ => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+
+    /// The migration's state as this QEMU sees it (on a post-copy destination: its vCPUs'
+    /// blocked time).
+    pub fn query_migrate(&mut self) -> Result<Value, QemuError> {
+        self.qmp.cmd("query-migrate", json!({}))
     }
 
     /// Destination: serves the disk over NBD on `listen` (HOST:PORT), writable, for the

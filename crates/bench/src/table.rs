@@ -11,8 +11,16 @@ fn opt_s(v: Option<f64>) -> String {
 
 /// One row as a progress line.
 pub fn line(r: &Row) -> String {
+    let pace = r.guest_rate.map_or(String::new(), |g| {
+        format!(
+            ", guest {:.0}% of its pace ({:.0}/s against {:.0}/s)",
+            g.ratio * 100.0,
+            g.during_per_s,
+            g.before_per_s
+        )
+    });
     format!(
-        "{} {} over {}: {:.2} s, {:.2} Gbit/s ({:.0}% of the link), downtime {} ms, {:.0} MiB, verified {}",
+        "{} {} over {}: {:.2} s, {:.2} Gbit/s ({:.0}% of the link), downtime {} ms, {:.0} MiB, verified {}{pace}",
         r.peer,
         r.config,
         r.links,
@@ -27,7 +35,8 @@ pub fn line(r: &Row) -> String {
 
 pub fn render(b: &BenchReport) -> String {
     let mut s = format!(
-        "livemig bench transports: {} MiB, {} vCPUs, workload {}, memory {}, downtime target {} ms, link scale {}\n\n",
+        "livemig bench {}: {} MiB, {} vCPUs, workload {}, memory {}, downtime target {} ms, link scale {}\n\n",
+        b.suite,
         b.memory_bytes >> 20,
         b.vcpus,
         b.workload,
@@ -73,6 +82,7 @@ pub fn render(b: &BenchReport) -> String {
         ]);
     }
     s += &grid(&cells, 3);
+    s += &pace_and_faults(b);
     for r in &b.rows {
         if let Some(e) = &r.error {
             s += &format!("  {} {} over {} failed: {e}\n", r.peer, r.config, r.links);
@@ -122,6 +132,42 @@ pub fn grid(cells: &[Vec<String>], left: usize) -> String {
 }
 
 /// The table's tail: livemig against QEMU, and what TLS costs.
+/// `bench postcopy`'s columns: the guest's own pace and post-copy's faults.
+fn pace_and_faults(b: &BenchReport) -> String {
+    if b.rows.iter().all(|r| r.guest_rate.is_none()) {
+        return String::new();
+    }
+    let header = [
+        "peer",
+        "config",
+        "link",
+        "pace before",
+        "during",
+        "kept",
+        "fault p50",
+        "p99",
+        "mean",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let us = |v: Option<u64>| v.map_or("-".into(), |v| format!("{v} us"));
+    for r in &b.rows {
+        let g = r.guest_rate;
+        cells.push(vec![
+            r.peer.clone(),
+            r.config.clone(),
+            r.links.clone(),
+            g.map_or("-".into(), |g| format!("{:.0}/s", g.before_per_s)),
+            g.map_or("-".into(), |g| format!("{:.0}/s", g.during_per_s)),
+            g.map_or("-".into(), |g| format!("{:.0}%", g.ratio * 100.0)),
+            us(r.fault_p50_us),
+            us(r.fault_p99_us),
+            us(r.fault_mean_us),
+        ]);
+    }
+    "\nthe guest's pages written per second (its console) and post-copy's faults:\n".to_string()
+        + &grid(&cells, 3)
+}
+
 fn comparisons(b: &BenchReport) -> String {
     let mut s = String::new();
     if !b.ratios.is_empty() {

@@ -17,7 +17,10 @@ use crate::netns::TxSampler;
 use crate::peer::{LivemigPeer, Outcome, Peer, QemuPeer, Setup};
 use crate::qemu::{Machine, Mode};
 use crate::testbed::Testbed;
-use crate::{step, table, BenchError, Route, Ui};
+use crate::{guest_rate, step, table, BenchError, Route, Ui};
+
+/// How long the guest's pace is read before each migration (`bench postcopy`).
+const PACE_BEFORE: Duration = Duration::from_secs(2);
 use host::child::Livemig;
 
 /// What to run; `livemig bench transports` fills it from its arguments.
@@ -46,6 +49,18 @@ pub struct TransportsOptions {
     /// Directory for bench.json, bench.png, consoles and logs.
     pub out: PathBuf,
     pub keep_testbed: bool,
+    /// Which runs: every transport, or pre-copy against post-copy.
+    pub suite: Suite,
+}
+
+/// What a bench of one VM compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    /// Every transport on its reference link (`livemig bench transports`).
+    Transports,
+    /// Pre-copy with auto-converge, post-copy after the first pass and hybrid, on 1 GbE and
+    /// 10 GbE, with the guest's own pace measured (`livemig bench postcopy`).
+    Postcopy,
 }
 
 impl TransportsOptions {
@@ -74,8 +89,88 @@ const fn livemig(
             transport,
             per_link_streams: links.len() > 1,
             tls,
+            postcopy: None,
         },
         links,
+    }
+}
+
+const fn livemig_postcopy(
+    name: &'static str,
+    postcopy: migration::policy::PostcopyMode,
+    links: &'static [&'static str],
+) -> Run {
+    Run {
+        name,
+        setup: Setup::Livemig {
+            transport: Transport::Tcp,
+            per_link_streams: false,
+            tls: false,
+            postcopy: Some(postcopy),
+        },
+        links,
+    }
+}
+
+const fn qemu(name: &'static str, mode: Mode, links: &'static [&'static str]) -> Run {
+    Run {
+        name,
+        setup: Setup::Qemu(mode),
+        links,
+    }
+}
+
+use migration::policy::PostcopyMode::{After, Auto, Off};
+
+/// `bench postcopy`'s livemig runs: plaintext tcp, as QEMU's.
+pub(crate) const LIVEMIG_POSTCOPY_RUNS: [Run; 6] = [
+    livemig_postcopy("pre-copy", Off, &["1g-1"]),
+    livemig_postcopy("post-copy", After(1), &["1g-1"]),
+    livemig_postcopy("hybrid", Auto, &["1g-1"]),
+    livemig_postcopy("pre-copy", Off, &["10g-1"]),
+    livemig_postcopy("post-copy", After(1), &["10g-1"]),
+    livemig_postcopy("hybrid", Auto, &["10g-1"]),
+];
+
+/// QEMU's: pre-copy with auto-converge, and post-copy after the first pass.
+pub(crate) const QEMU_POSTCOPY_RUNS: [Run; 4] = [
+    qemu("pre-copy", Mode::Tcp, &["1g-1"]),
+    qemu("post-copy", Mode::Postcopy, &["1g-1"]),
+    qemu("pre-copy", Mode::Tcp, &["10g-1"]),
+    qemu("post-copy", Mode::Postcopy, &["10g-1"]),
+];
+
+/// `bench postcopy`'s rows side by side (livemig has no hybrid peer in QEMU 7.2: its hybrid
+/// is compared with QEMU's post-copy).
+pub(crate) const POSTCOPY_PAIRS: [(&str, &str, &str); 6] = [
+    ("pre-copy", "pre-copy", "1g-1"),
+    ("post-copy", "post-copy", "1g-1"),
+    ("hybrid", "post-copy", "1g-1"),
+    ("pre-copy", "pre-copy", "10g-1"),
+    ("post-copy", "post-copy", "10g-1"),
+    ("hybrid", "post-copy", "10g-1"),
+];
+
+impl Suite {
+    fn livemig_runs(self, security: Security) -> Vec<Run> {
+        match self {
+            Suite::Transports => security.runs(),
+            Suite::Postcopy => LIVEMIG_POSTCOPY_RUNS.to_vec(),
+        }
+    }
+
+    fn qemu_runs(self) -> &'static [Run] {
+        match self {
+            Suite::Transports => &QEMU_RUNS,
+            Suite::Postcopy => &QEMU_POSTCOPY_RUNS,
+        }
+    }
+
+    fn pairs(self) -> &'static [(&'static str, &'static str, &'static str)] {
+        match self {
+            Suite::Transports => &PAIRS,
+            Suite::Postcopy => &POSTCOPY_PAIRS,
+        }
     }
 }
 
@@ -189,6 +284,18 @@ pub struct Row {
     pub delta_pages: Option<u64>,
     /// (seconds since start, Gbit/s) from the interface counters.
     pub samples: Vec<(f64, f64)>,
+    /// The guest's own pages written per second before and during the migration, from its
+    /// console, the same for every VMM (`bench postcopy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_rate: Option<crate::guest_rate::GuestRate>,
+    /// Post-copy's faults: livemig's latency percentiles; QEMU 7.2 gives only its vCPUs'
+    /// total blocked time, shown as the mean per page it asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_p50_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_p99_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_mean_us: Option<u64>,
     /// The VMM's own account: livemig's report, QEMU's query-migrate.
     pub detail: serde_json::Value,
 }
@@ -222,6 +329,8 @@ pub struct TlsCost {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// `transports` or `postcopy`.
+    pub suite: String,
     pub memory_bytes: u64,
     pub vcpus: u8,
     pub workload: String,
@@ -291,6 +400,10 @@ impl<'a> Bench<'a> {
             error: None,
             delta_pages: None,
             samples: Vec::new(),
+            guest_rate: None,
+            fault_p50_us: None,
+            fault_p99_us: None,
+            fault_mean_us: None,
             detail: serde_json::Value::Null,
         }
     }
@@ -327,6 +440,7 @@ impl<'a> Bench<'a> {
             .detail
             .pointer("/pages/delta")
             .and_then(serde_json::Value::as_u64);
+        (r.fault_p50_us, r.fault_p99_us, r.fault_mean_us) = faults(&o.detail);
         r.detail = o.detail;
         r
     }
@@ -354,7 +468,7 @@ impl<'a> Bench<'a> {
         let mut vm = Some(peer.boot(&self.tb.host_a)?);
         std::thread::sleep(Duration::from_millis(self.o.run_ms));
         self.ui.done(&format!("{} VM running", peer.name()));
-        let mut from_a = true;
+        let (mut from_a, mut at) = (true, 0);
         for (i, run) in runs.iter().enumerate() {
             let what = format!("{} {} over {}", peer.name(), run.name, run.links.join("+"));
             let Some(src) = vm.take() else {
@@ -363,7 +477,7 @@ impl<'a> Bench<'a> {
                 continue;
             };
             self.ui.start(&what);
-            let (row, next, moved) = self.run_one(peer, src, run, from_a, i + 1);
+            let (row, next, moved) = self.run_one(peer, src, run, from_a, (at, i + 1));
             self.ui.done(&match &row.error {
                 None => table::line(&row),
                 Some(e) => format!("{what}: FAILED: {e}"),
@@ -371,18 +485,22 @@ impl<'a> Bench<'a> {
             rows.push(row);
             vm = Some(next);
             from_a ^= moved;
+            if moved {
+                at = i + 1;
+            }
         }
         Ok(())
     }
 
     /// One migration, measured; returns its row, where the VM is now and whether it moved.
+    /// `index`: the runs the VM and its destination belong to (their consoles).
     fn run_one<P: Peer>(
         &mut self,
         peer: &mut P,
         mut src: P::Vm,
         run: &Run,
         from_a: bool,
-        index: usize,
+        (at, index): (usize, usize),
     ) -> (Row, P::Vm, bool) {
         let name = peer.name();
         let failed = |b: &Self, e: BenchError| b.failed_row(name, run, from_a, &e);
@@ -402,14 +520,31 @@ impl<'a> Bench<'a> {
             Duration::from_millis(100),
             self.ui.live(&what),
         );
+        // The guest's pace: its console over the seconds before, then during the migration.
+        let pace = (self.o.suite == Suite::Postcopy).then(|| {
+            let s = guest_rate::Sampler::start(vec![peer.console(at), peer.console(index)]);
+            let t = std::time::Instant::now();
+            std::thread::sleep(PACE_BEFORE);
+            (s, t)
+        });
+        let t_migrate = std::time::Instant::now();
         let res = peer.migrate(&mut src, &mut dst, run.setup, &route, port);
         let samples = sampler.finish();
+        let rate = pace.and_then(|(s, t)| {
+            let total = res
+                .as_ref()
+                .map_or(Duration::ZERO, |o| Duration::from_millis(o.total_ms));
+            // The destination's console shows the guest's count a heartbeat or two late.
+            std::thread::sleep(Duration::from_millis(500));
+            s.finish(t, t_migrate, total)
+        });
         let (vm, moved) = peer.settle(src, dst, res.is_ok());
-        let row = match (res, samples) {
+        let mut row = match (res, samples) {
             (Ok(o), Ok(s)) => self.row(peer.name(), run, &route, &s, o),
             (Err(e), _) => failed(self, e),
             (_, Err(e)) => failed(self, e.into()),
         };
+        row.guest_rate = rate;
         (row, vm, moved)
     }
 
@@ -466,17 +601,32 @@ impl<'a> Bench<'a> {
     fn all_runs(&mut self, rows: &mut Vec<Row>) -> Result<(), BenchError> {
         self.measure_links()?;
         let mut lm = self.livemig_peer()?;
-        self.runs(&mut lm, &self.o.security.runs(), rows)?;
+        self.runs(&mut lm, &self.o.suite.livemig_runs(self.o.security), rows)?;
         if self.o.peer_qemu {
             let machine = self.qemu_machine()?;
             let ram = machine.dir.join("ram");
             let mut q = QemuPeer::new(machine, self.o.downtime_ms(), None);
-            self.runs(&mut q, &QEMU_RUNS, rows)?;
+            self.runs(&mut q, self.o.suite.qemu_runs(), rows)?;
             drop(q);
             let _ = std::fs::remove_dir_all(ram);
         }
         Ok(())
     }
+}
+
+/// Post-copy's fault figures in a VMM's own account: livemig's percentiles, or QEMU's vCPU
+/// blocked time (on its destination) over the pages it asked for.
+fn faults(detail: &serde_json::Value) -> (Option<u64>, Option<u64>, Option<u64>) {
+    if let Some(p) = detail.get("postcopy").filter(|p| p.is_object()) {
+        return (p["fault_p50_us"].as_u64(), p["fault_p99_us"].as_u64(), None);
+    }
+    let blocked_ms: Option<u64> = detail
+        .pointer("/destination/postcopy-vcpu-blocktime")
+        .and_then(serde_json::Value::as_array)
+        .map(|v| v.iter().filter_map(serde_json::Value::as_u64).sum());
+    let asked = detail["postcopy-requests"].as_u64().filter(|n| *n > 0);
+    let mean = blocked_ms.zip(asked).map(|(ms, n)| ms * 1000 / n);
+    (None, None, mean)
 }
 
 /// Cumulative byte samples into (seconds, Gbit/s) per interval.
@@ -495,14 +645,14 @@ pub fn rates(samples: &[(Duration, u64)]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn ratios(rows: &[Row]) -> Vec<Ratio> {
+fn ratios(rows: &[Row], pairs: &[(&str, &str, &str)]) -> Vec<Ratio> {
     let find = |peer: &str, cfg: &str, links: &str| {
         rows.iter()
             .find(|r| r.peer == peer && r.config == cfg && r.links.starts_with(links))
             .filter(|r| r.error.is_none())
     };
     let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    PAIRS
+    pairs
         .iter()
         .filter_map(|(lm, q, links)| {
             let l = find("livemig", lm, links)?;
@@ -556,11 +706,11 @@ pub fn transports(o: &TransportsOptions) -> Result<BenchReport, BenchError> {
     let existed = tb.status()?.present;
     tb.up()?;
     let qemu_steps = if o.peer_qemu {
-        1 + QEMU_RUNS.len() as u64
+        1 + o.suite.qemu_runs().len() as u64
     } else {
         0
     };
-    let ui = Ui::new(3 + 1 + o.security.runs().len() as u64 + qemu_steps);
+    let ui = Ui::new(3 + 1 + o.suite.livemig_runs(o.security).len() as u64 + qemu_steps);
     let mut bench = Bench {
         o,
         tb: &tb,
@@ -586,6 +736,11 @@ pub fn transports(o: &TransportsOptions) -> Result<BenchReport, BenchError> {
          machine, not by the link"
     ));
     let report = BenchReport {
+        suite: match o.suite {
+            Suite::Transports => "transports",
+            Suite::Postcopy => "postcopy",
+        }
+        .into(),
         memory_bytes: o.memory,
         vcpus: o.vcpus,
         workload: o.workload.clone(),
@@ -594,7 +749,7 @@ pub fn transports(o: &TransportsOptions) -> Result<BenchReport, BenchError> {
         scale: o.scale,
         host_cpus: cpus,
         links: bench.goodput.clone(),
-        ratios: ratios(&rows),
+        ratios: ratios(&rows, o.suite.pairs()),
         tls_costs: tls_costs(&rows),
         rows,
         notes,

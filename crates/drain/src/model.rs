@@ -89,6 +89,8 @@ pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) 
         delta: false,
         cached: 0.0,
         needs: Default::default(),
+        // The reference (Hyper-V) has no post-copy.
+        postcopy: migration::policy::PostcopyMode::Off,
     }
 }
 

@@ -329,6 +329,7 @@ mod tests {
             delta: false,
             cached: 0.0,
             needs: Default::default(),
+            postcopy: migration::policy::PostcopyMode::Off,
         }
     }
 

@@ -2,7 +2,7 @@
 //! Pure arithmetic, so plans and ETAs are testable without a VM.
 use std::time::Duration;
 
-use migration::policy::{ConvergencePolicy, Decision};
+use migration::policy::{switch_to_postcopy, ConvergencePolicy, Decision, PostcopyMode};
 use migration::sample::VmSample;
 
 /// What the drain knows of a VM before it moves it.
@@ -20,6 +20,8 @@ pub struct VmFacts {
     pub cached: f64,
     /// What a destination must give its devices.
     pub needs: crate::plan::Needs,
+    /// Whether and when its migration may switch to post-copy.
+    pub postcopy: PostcopyMode,
 }
 
 /// Wire bytes of a page sent as a reference to the destination's page cache: its entry and
@@ -102,10 +104,25 @@ impl VmFacts {
     /// the one before ([`Self::dirtied_in`]), decided by the engine's own convergence policy:
     /// until a round fits the downtime target; rounds that stop shrinking throttle the guest
     /// (auto-converge), which then dirties only in the share of each second it still runs;
-    /// at the highest throttle it switches over as it stands.
+    /// at the highest throttle it switches over as it stands. With post-copy, the engine's
+    /// own [`switch_to_postcopy`] decides instead, and what the last round left goes once.
     pub fn resend_bytes(&self, rate: f64, compressed: bool) -> f64 {
+        self.sync_model(rate, compressed).0
+    }
+
+    /// Whether its migration will end in post-copy at `rate` bytes/s (its pre-copy would not
+    /// converge, or it was asked for).
+    pub fn moves_by_postcopy(&self, rate: f64, compressed: bool) -> bool {
+        self.sync_model(rate, compressed).1
+    }
+
+    /// The sync rounds' bytes, and whether they end in post-copy.
+    fn sync_model(&self, rate: f64, compressed: bool) -> (f64, bool) {
         let rate = rate.max(1.0);
         let p = ConvergencePolicy::default();
+        if switch_to_postcopy(self.postcopy, 0, Decision::Continue) {
+            return (0.0, true);
+        }
         let mut round_s = self.first_pass_bytes(compressed) / rate;
         let (mut total, mut history, mut since, mut throttle) = (0.0, Vec::new(), 0, 0u8);
         for _ in 0..MAX_MODEL_ROUNDS {
@@ -116,7 +133,13 @@ impl VmFacts {
             #[allow(clippy::cast_sign_loss)]
             let (pages, bytes) = ((round / 4096.0) as u64, round as u64);
             history.push(pages);
-            match p.decide(bytes, rate, &history, since, Duration::ZERO) {
+            let d = p.decide(bytes, rate, &history, since, Duration::ZERO);
+            // Passes over RAM so far: the copy and the rounds before this one.
+            let passes = u32::try_from(history.len()).unwrap_or(u32::MAX);
+            if switch_to_postcopy(self.postcopy, passes, d) {
+                return (total, true);
+            }
+            match d {
                 Decision::Continue => {}
                 Decision::Stalled => match p.next_throttle(throttle) {
                     Some(n) => (throttle, since) = (n, history.len()),
@@ -131,7 +154,7 @@ impl VmFacts {
             }
             round_s = round / rate;
         }
-        total
+        (total, false)
     }
 
     /// Bytes its migration puts on the wire at `rate` bytes/s.
@@ -199,7 +222,33 @@ mod tests {
             delta: false,
             cached: 0.0,
             needs: Default::default(),
+            postcopy: PostcopyMode::Off,
         }
+    }
+
+    #[test]
+    fn a_vm_that_would_not_converge_moves_by_post_copy_where_allowed() {
+        let rate = 100e6;
+        let hot = vm(1 << 30, 0.0, 1.0, 1e6);
+        let hybrid = VmFacts {
+            postcopy: PostcopyMode::Auto,
+            ..hot.clone()
+        };
+        assert!(!hot.moves_by_postcopy(rate, false));
+        assert!(hybrid.moves_by_postcopy(rate, false));
+        // No throttled rounds: it sends less than pre-copy would.
+        assert!(hybrid.resend_bytes(rate, false) < hot.resend_bytes(rate, false));
+        let quiet = VmFacts {
+            postcopy: PostcopyMode::Auto,
+            ..vm(1 << 30, 0.0, 1.0, 0.0)
+        };
+        assert!(!quiet.moves_by_postcopy(rate, false), "it converges");
+        let at_once = VmFacts {
+            postcopy: PostcopyMode::After(0),
+            ..quiet
+        };
+        assert!(at_once.moves_by_postcopy(rate, false));
+        assert_eq!(at_once.resend_bytes(rate, false), 0.0);
     }
 
     #[test]

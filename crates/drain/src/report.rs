@@ -48,6 +48,11 @@ pub struct VmOutcome {
     pub start_ms: Option<u64>,
     pub end_ms: Option<u64>,
     pub predicted_s: Option<f64>,
+    /// It moves by post-copy (planned: the model says its pre-copy would not converge at its
+    /// share of the link; after the drain: its migration did). While post-copy runs, losing
+    /// either host loses the VM.
+    #[serde(default)]
+    pub postcopy: bool,
     /// What sampling the VM before the drain found.
     pub sample: Option<migration::sample::VmSample>,
     pub error: Option<String>,
@@ -206,6 +211,19 @@ impl DrainReport {
         if self.interrupted {
             s += "\ninterrupted: migrations in flight were cancelled";
         }
+        let postcopy: Vec<&str> = self
+            .vms
+            .iter()
+            .filter(|v| v.postcopy)
+            .map(|v| v.name.as_str())
+            .collect();
+        if !postcopy.is_empty() {
+            s += &format!(
+                "post-copy for {} (pre-copy would not converge at its share of the link): {}\n",
+                postcopy.join(", "),
+                migration::report::POSTCOPY_RISK
+            );
+        }
         for v in self.vms.iter().filter(|v| v.status.left_behind()) {
             s += &format!(
                 "\nleft on {}: {} ({:?}){}",
@@ -274,6 +292,11 @@ impl DrainReport {
                 Some(b) => format!("{to} +{}M disk", b >> 20),
                 None => to,
             };
+            let to = if v.postcopy {
+                format!("{to} post-copy")
+            } else {
+                to
+            };
             s += &format!(
                 "{:>2} {:<16} {:>6}M {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9}\n",
                 i + 1,
@@ -335,6 +358,7 @@ mod tests {
             start_ms: None,
             end_ms: None,
             predicted_s: Some(3.25),
+            postcopy: false,
             sample,
             error: None,
             earlier_errors: Vec::new(),

@@ -75,6 +75,9 @@ pub struct Planned {
     pub order: Vec<usize>,
     pub placement: Vec<Result<usize, crate::plan::NoRoom>>,
     pub predicted: Vec<Option<f64>>,
+    /// Whether the model says it will move by post-copy (its pre-copy would not converge at
+    /// its share of the link, or post-copy was asked for).
+    pub postcopy: Vec<bool>,
     pub eta_s: Option<f64>,
     /// Bytes the model expects the migrations to put on the wire (None: a link unmeasured).
     pub wire_bytes: Option<f64>,
@@ -138,6 +141,12 @@ impl Planned {
                 _ => None,
             })
             .collect();
+        let postcopy = (0..s.vms.len())
+            .map(|i| match &placement[i] {
+                Ok(d) => vms[i].moves_by_postcopy(share(*d), compressed),
+                Err(_) => false,
+            })
+            .collect();
         // Every migration in order, with the bytes the model expects it to send (links known).
         let jobs: Option<Vec<SimJob>> = dest_facts.iter().all(|d| d.rate.is_some()).then(|| {
             order
@@ -160,6 +169,7 @@ impl Planned {
             order,
             placement,
             predicted,
+            postcopy,
             eta_s,
             wire_bytes: jobs.map(|j| j.iter().map(|x| x.bytes).sum()),
         }
@@ -210,6 +220,7 @@ impl Planned {
                 start_ms: None,
                 end_ms: None,
                 predicted_s: self.predicted[i],
+                postcopy: self.postcopy[i] && self.placement[i].is_ok(),
                 sample: v.sample.clone(),
                 error: self.placement[i].as_ref().err().map(ToString::to_string),
                 earlier_errors: Vec::new(),
@@ -228,6 +239,7 @@ impl Planned {
             start_ms: None,
             end_ms: None,
             predicted_s: None,
+            postcopy: false,
             sample: None,
             error: Some(why.clone()),
             earlier_errors: Vec::new(),
@@ -573,10 +585,12 @@ impl<'a> Run<'a> {
         let msg = match (&report, resolved) {
             (Some(r), _) => {
                 out.guest_verified = r.guest_verified;
+                out.postcopy = r.postcopy.is_some();
                 format!(
-                    "moved to {} in {:.1} s, downtime {} ms{}",
+                    "moved to {} in {:.1} s{}, downtime {} ms{}",
                     self.s.dests[job.dest].name,
                     r.total_ms as f64 / 1e3,
+                    if out.postcopy { " by post-copy" } else { "" },
                     r.downtime_ms,
                     if r.guest_verified {
                         ", verified"

@@ -216,6 +216,10 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
                 nics: v.nics,
                 disk_bytes: v.disk_bytes,
             },
+            postcopy: o
+                .request
+                .postcopy
+                .unwrap_or(migration::policy::DEFAULT_POSTCOPY),
         })
         .collect()
 }

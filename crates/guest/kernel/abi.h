@@ -40,5 +40,8 @@
 #define RESULT_DISK_CHECKED 9
 /* payload: frames received and frames sent by the NIC (low and high 32 bits); every heartbeat */
 #define RESULT_NET 10
+/* payload: pages the workers have written so far (its write rate, as the guest sees it); every
+ * heartbeat */
+#define RESULT_MEM_WRITES 11
 
 #endif

@@ -627,7 +627,9 @@ void kmain(u32 start_info_paddr) {
         u64 now = rdtsc();
         if (now >= next_hb) {
             hb++;
-            print("HB %u writes=%u\n", hb, total_written());
+            u64 written = total_written();
+            print("HB %u writes=%u\n", hb, written);
+            report(RESULT_MEM_WRITES, written);
             devices_heartbeat();
             outl(PORT_HEARTBEAT, (u32)hb);
             u8 cmd = inb(PORT_COMMAND);

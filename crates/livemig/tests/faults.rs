@@ -600,7 +600,13 @@ fn root_link_blackholed_in_sync() {
 /// takes seconds), to a receiver; returns once the VM runs on the receiver and the push is
 /// under way: the source directory, the receiver, the source, the `migrate` client and its
 /// report path.
-fn in_post_copy() -> (tempfile::TempDir, VmProcess, VmProcess, Child, std::path::PathBuf) {
+fn in_post_copy() -> (
+    tempfile::TempDir,
+    VmProcess,
+    VmProcess,
+    Child,
+    std::path::PathBuf,
+) {
     let d = tempfile::tempdir().unwrap();
     let to = format!("127.0.0.1:{}", free_port());
     let dst = receiver(d.path(), "dst", &to);

@@ -389,6 +389,22 @@ pub trait Migratable: Pausable + Snapshottable + Send {
     fn migrated(&mut self, to: &str);
     /// Asks the running guest to check its memory, waiting at most `timeout`.
     fn verify_guest(&mut self, timeout: Duration) -> GuestVerdict;
+    /// The guest's own count of pages it wrote, when it reports one (livemig's workload
+    /// guest does): a probe a migration may call at any moment, without the VM's lock.
+    fn guest_writes(&self) -> Option<WritesProbe> {
+        None
+    }
+}
+
+/// Reads a guest's count of pages written, with its rate over about the given window.
+pub type WritesProbe = Arc<dyn Fn(Duration) -> Option<GuestWrites> + Send + Sync>;
+
+/// Pages a guest says it has written, and how fast it wrote them lately.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GuestWrites {
+    pub pages: u64,
+    /// Pages per second over the window asked for; None until the guest said it twice.
+    pub per_s: Option<f64>,
 }
 
 /// The destination's side: builds VMs from what a source offers.

@@ -169,6 +169,9 @@ impl std::str::FromStr for PostcopyMode {
     }
 }
 
+/// What a migration does when it is not told: hybrid.
+pub const DEFAULT_POSTCOPY: PostcopyMode = PostcopyMode::Auto;
+
 impl PostcopyMode {
     /// Whether the migration may end in post-copy (and so opens its connections).
     pub fn possible(self) -> bool {

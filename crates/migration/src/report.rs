@@ -238,6 +238,16 @@ pub struct Report {
     /// migration: the destination could not take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy_unavailable: Option<String>,
+    /// The guest's own count of pages it wrote per second, over the 2 s before the migration
+    /// and while it ran during it (to its pause; with post-copy, on the destination until
+    /// post-copy completed), and their ratio: how much of its pace the migration left it.
+    /// None for a guest that does not count (not livemig's workload guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_writes_per_s_before: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_writes_per_s_during: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_rate_ratio: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -263,6 +273,9 @@ pub struct PostcopyReport {
     pub sent_zero_pages: u64,
     /// From the resume until the destination held every page, ms.
     pub complete_ms: u64,
+    /// Pages the guest wrote on the destination in that time, by its own count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_pages_written: Option<u64>,
     /// The risk taken: while post-copy ran, losing either host lost the VM.
     pub risk: String,
 }
@@ -406,6 +419,15 @@ impl Report {
                 p.pages_demanded,
                 p.pages_pushed,
                 p.complete_ms
+            );
+        }
+        if let (Some(b), Some(d)) = (
+            self.guest_writes_per_s_before,
+            self.guest_writes_per_s_during,
+        ) {
+            s += &format!(
+                "  guest: {d:.0} pages written/s during the migration against {b:.0}/s before ({:.0}%)\n",
+                self.guest_rate_ratio.unwrap_or(0.0) * 100.0
             );
         }
         if self.throttle_pct_max > 0 {

@@ -35,6 +35,7 @@ pub mod abi {
     pub const RESULT_DISK_TORN: u32 = 8;
     pub const RESULT_DISK_CHECKED: u32 = 9;
     pub const RESULT_NET: u32 = 10;
+    pub const RESULT_MEM_WRITES: u32 = 11;
 }
 
 pub const COM1_BASE: u16 = 0x3f8;
@@ -157,7 +158,13 @@ pub struct GuestReport {
     pub disk: Option<DiskReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetReport>,
+    /// Pages the workload's workers have written so far, as the guest last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_writes: Option<u64>,
 }
+
+/// Write counts kept for the guest's rate: a minute of heartbeats at the default pace.
+const WRITE_SAMPLES: usize = 256;
 
 /// Guest status shared between vCPU threads and the API.
 #[derive(Default)]
@@ -170,6 +177,8 @@ pub struct GuestStatus {
     changed: Condvar,
     exit_code: Mutex<Option<u8>>,
     stop: AtomicBool,
+    /// When the guest said how many pages it had written, lately (for its write rate).
+    writes: Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
 
 impl GuestStatus {
@@ -182,6 +191,29 @@ impl GuestStatus {
     pub fn load(&self, r: GuestReport) {
         self.heartbeat.store(r.heartbeat, Ordering::Relaxed);
         *locks::lock(&self.report) = r;
+    }
+
+    /// Pages the guest has written so far, and its pages written per second over about the
+    /// last `window` (None until it said twice).
+    pub fn mem_writes(&self, window: Duration) -> Option<(u64, Option<f64>)> {
+        let w = locks::lock(&self.writes);
+        let &(t1, n1) = w.back()?;
+        let rate = w
+            .iter()
+            .find(|(t, _)| t1.duration_since(*t) <= window)
+            .filter(|(t, _)| *t < t1)
+            .map(|&(t0, n0)| n1.saturating_sub(n0) as f64 / (t1 - t0).as_secs_f64());
+        Some((n1, rate))
+    }
+
+    fn wrote(&self, pages: u64) {
+        let mut w = locks::lock(&self.writes);
+        w.push_back((Instant::now(), pages));
+        while w.len() > WRITE_SAMPLES {
+            w.pop_front();
+        }
+        drop(w);
+        self.update(|r| r.mem_writes = Some(pages));
     }
 
     /// Asks the guest to verify its memory at its next heartbeat.
@@ -352,6 +384,7 @@ impl IoBus {
                             tx_frames: payload >> 32,
                         })
                     }),
+                    abi::RESULT_MEM_WRITES => s.wrote(payload),
                     other => tracing::debug!("unknown guest result code {other}"),
                 }
             }

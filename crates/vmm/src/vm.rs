@@ -878,6 +878,15 @@ impl migratable::Migratable for Vm {
         self.shutdown();
     }
 
+    fn guest_writes(&self) -> Option<migratable::WritesProbe> {
+        let io = self.io.clone();
+        Some(Arc::new(move |window| {
+            io.status
+                .mem_writes(window)
+                .map(|(pages, per_s)| migratable::GuestWrites { pages, per_s })
+        }))
+    }
+
     fn verify_guest(&mut self, timeout: Duration) -> GuestVerdict {
         let st = &self.io.status;
         if st.report().ready_pages.is_none() {

@@ -195,6 +195,8 @@ impl LivemigHosts {
                 delta,
                 cached: 0.0,
                 needs: Default::default(),
+                // As the drain's migrations ran: hybrid, unless their report says otherwise.
+                postcopy: migration::policy::DEFAULT_POSTCOPY,
             })
             .collect();
         if r.dedup_cache_bytes > 0 {

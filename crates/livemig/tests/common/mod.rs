@@ -320,12 +320,30 @@ pub fn verified_with_disk(report: &Path) -> serde_json::Value {
     r
 }
 
+/// Forwards every connection `l` accepts to port `to`, both ways, untouched.
+fn forward_all(l: &TcpListener, to: u16) {
+    for c in l.incoming() {
+        let Ok(a) = c else { return };
+        let Ok(b) = TcpStream::connect(("127.0.0.1", to)) else {
+            return;
+        };
+        for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut into);
+                let _ = into.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    }
+}
+
 /// Forwards the source's connection to `to` until the source sends its state (the VM is
 /// paused, its disk handed over); then kills the destination and cuts the connection.
 pub fn kill_at_switchover(listen: u16, to: u16, victim: u32) {
     let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
     std::thread::spawn(move || {
         let Ok((mut a, _)) = l.accept() else { return };
+        // Connections after the control connection (post-copy's) pass untouched.
+        std::thread::spawn(move || forward_all(&l, to));
         let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
         let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
         std::thread::spawn(move || {

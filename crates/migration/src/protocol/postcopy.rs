@@ -191,6 +191,9 @@ pub struct PostcopyStats {
     pub pages_pushed: u64,
     /// From the resume until every owed page was here, ms.
     pub complete_ms: u64,
+    /// Pages the guest wrote here in that time, by its own count (None: it does not count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_pages_written: Option<u64>,
 }
 
 #[cfg(test)]

@@ -72,6 +72,9 @@ pub(super) struct Postcopy {
     resumed: Option<Instant>,
     complete_ms: Option<u64>,
     owed_at_start: u64,
+    /// The guest's own write count, and what it said at the resume.
+    writes: Option<(migratable::WritesProbe, u64)>,
+    guest_pages_written: Option<u64>,
 }
 
 impl Postcopy {
@@ -120,6 +123,8 @@ impl Postcopy {
             resumed: None,
             complete_ms: None,
             owed_at_start: owed.pages,
+            writes: None,
+            guest_pages_written: None,
         };
         pc.spawn("livemig-faults", move |s| fault_loop(&s, requests))?;
         pc.spawn("livemig-replies", move |s| reply_loop(&s, replies))?;
@@ -149,9 +154,13 @@ impl Postcopy {
         Ok(())
     }
 
-    /// The VM runs from now.
-    pub fn resumed(&mut self) {
+    /// The VM runs from now; `writes` reads its guest's own write count, if it keeps one.
+    pub fn resumed(&mut self, writes: Option<migratable::WritesProbe>) {
         self.resumed = Some(Instant::now());
+        self.writes = writes.and_then(|p| {
+            let at = p(Duration::from_secs(1))?.pages;
+            Some((p, at))
+        });
     }
 
     /// Places a pushed batch.
@@ -194,6 +203,10 @@ impl Postcopy {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.complete_ms = self.note_complete();
+        self.guest_pages_written = self
+            .writes
+            .as_ref()
+            .and_then(|(p, at)| p(Duration::from_secs(1)).map(|w| w.pages.saturating_sub(*at)));
         Ok(())
     }
 
@@ -218,6 +231,7 @@ impl Postcopy {
             pages_demanded: s.asked.count(),
             pages_pushed: s.pushed.load(Ordering::Relaxed),
             complete_ms: self.complete_ms.unwrap_or(0),
+            guest_pages_written: self.guest_pages_written,
         }
     }
 

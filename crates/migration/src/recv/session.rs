@@ -191,7 +191,7 @@ impl Incoming {
         let outcome = match postcopy.take() {
             None => verify(&mut vm, opts.verify_timeout),
             Some(mut pc) => {
-                pc.resumed();
+                pc.resumed(vm.guest_writes());
                 // The guest verifies while its pages arrive: its reads fault them in.
                 let (outcome, done) = std::thread::scope(|sc| {
                     let push =

@@ -290,7 +290,9 @@ fn run(
     opts.cancel.check()?;
     let watchdog = Watchdog::start(watched, limit.clone(), opts.peer_timeout)?;
     let phases = || {
+        let writes = source.writes.clone();
         let mut s = Session::new(vm, opts, progress, source, &mut conn, streams, t0)?;
+        s.writes = GuestRate::start(writes);
         s.disks = disks;
         s.report.phases.prepare_ms = prepare_ms;
         s.report.destination = to;
@@ -335,6 +337,7 @@ struct Source {
     dirty: Arc<Mutex<dyn DirtyLog>>,
     sections: Vec<migratable::SectionId>,
     disks: Vec<migratable::DiskSource>,
+    writes: Option<migratable::WritesProbe>,
 }
 
 impl Source {
@@ -347,6 +350,7 @@ impl Source {
                 dirty: g.dirty_log(),
                 sections: g.sections(),
                 disks: g.disks(),
+                writes: g.guest_writes(),
             }),
             other => Err(MigrationError::SourceNotRunning(other.to_string())),
         }
@@ -472,6 +476,59 @@ fn open(
         why: "redirected twice".into(),
     }
     .into())
+}
+
+/// The guest's write rate as it counts it: over the seconds before the migration, and while
+/// it ran during it (here until the pause, then on the destination until post-copy ended).
+struct GuestRate {
+    probe: migratable::WritesProbe,
+    start: (Instant, migratable::GuestWrites),
+    paused: Option<(Instant, u64)>,
+}
+
+/// The window the guest's rate before the migration is taken over.
+const RATE_BEFORE: Duration = Duration::from_secs(2);
+
+impl GuestRate {
+    fn start(probe: Option<migratable::WritesProbe>) -> Option<Self> {
+        let probe = probe?;
+        let at = probe(RATE_BEFORE)?;
+        Some(GuestRate {
+            probe,
+            start: (Instant::now(), at),
+            paused: None,
+        })
+    }
+
+    fn paused(&mut self) {
+        self.paused = (self.probe)(RATE_BEFORE).map(|w| (Instant::now(), w.pages));
+    }
+
+    /// Before, during and their ratio, into the report (the destination's part of post-copy
+    /// from its figures there).
+    fn report_into(&self, r: &mut Report) {
+        let Some((t, pages)) = self.paused else {
+            return;
+        };
+        let (mut written, mut secs) = (
+            pages.saturating_sub(self.start.1.pages) as f64,
+            t.duration_since(self.start.0).as_secs_f64(),
+        );
+        if let Some(d) = r.postcopy.as_ref().and_then(|p| p.guest_pages_written) {
+            written += d as f64;
+            secs += r
+                .postcopy
+                .as_ref()
+                .map_or(0.0, |p| p.complete_ms as f64 / 1e3);
+        }
+        let during = (secs > 0.0).then(|| written / secs);
+        r.guest_writes_per_s_before = self.start.1.per_s;
+        r.guest_writes_per_s_during = during;
+        r.guest_rate_ratio = during
+            .zip(self.start.1.per_s)
+            .filter(|(_, b)| *b > 0.0)
+            .map(|(d, b)| d / b);
+    }
 }
 
 /// Pages per post-copy push batch (256 KiB): small, so an answer to an ask does not queue
@@ -696,6 +753,8 @@ struct Session<'a> {
     demand: Option<(Connection, Connection)>,
     /// Whether and when post-copy may come (`opts.postcopy`, unless the destination cannot).
     postcopy: policy::PostcopyMode,
+    /// The guest's own write counts, for its rate before and during the migration.
+    writes: Option<GuestRate>,
 }
 
 impl<'a> Session<'a> {
@@ -772,6 +831,7 @@ impl<'a> Session<'a> {
             disks: None,
             demand: None,
             postcopy: opts.postcopy,
+            writes: None,
         })
     }
 
@@ -1151,6 +1211,9 @@ impl<'a> Session<'a> {
             guard.paused_by_us = true;
             g.snapshot()?
         };
+        if let Some(w) = &mut self.writes {
+            w.paused();
+        }
         let captured_ms = t_pause.elapsed().as_millis();
         // The disks are drained and flushed: the last of their blocks.
         let disk_last = self.disk_round(true)?;
@@ -1238,6 +1301,9 @@ impl<'a> Session<'a> {
             guard.paused_by_us = true;
             g.snapshot()?
         };
+        if let Some(w) = &mut self.writes {
+            w.paused();
+        }
         self.disk_round(true)?;
         if let Some(d) = &mut self.disks {
             d.paused();
@@ -1362,6 +1428,7 @@ impl<'a> Session<'a> {
             pages_demanded: stats.pages_demanded,
             pages_pushed: stats.pages_pushed,
             complete_ms: stats.complete_ms,
+            guest_pages_written: stats.guest_pages_written,
             ..Default::default()
         });
         Ok(pages.sent)
@@ -1385,6 +1452,9 @@ impl<'a> Session<'a> {
         // Samples cover the migration, not the wait for the guest's verdict.
         let (samples, peak) = self.sampler.finish();
         let mut r = self.report;
+        if let Some(w) = &self.writes {
+            w.report_into(&mut r);
+        }
         self.sender.report_into(&mut r);
         if let Some(p) = &r.postcopy {
             r.pages.normal += p.sent_data_pages;

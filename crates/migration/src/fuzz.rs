@@ -147,6 +147,9 @@ fn exercise(step: Step<'_>) -> Option<usize> {
                 let _ = crate::codec::decompress(codec, b.data, b.raw_len, &mut out);
             }
         }
+        Step::Owed(o) => {
+            let _ = o.runs().count();
+        }
         Step::Prepare(_) | Step::RoundEnd(_) | Step::Nothing => {}
     }
     None

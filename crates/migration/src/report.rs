@@ -276,6 +276,9 @@ pub struct PostcopyReport {
     /// Pages the guest wrote on the destination in that time, by its own count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_pages_written: Option<u64>,
+    /// Its pages written per second there, over its own reports in that time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_writes_per_s: Option<f64>,
     /// The risk taken: while post-copy ran, losing either host lost the VM.
     pub risk: String,
 }

@@ -197,7 +197,10 @@ impl GuestStatus {
     /// last `window` (None until it said twice).
     pub fn mem_writes(&self, window: Duration) -> Option<(u64, Option<f64>)> {
         let w = locks::lock(&self.writes);
-        let &(t1, n1) = w.back()?;
+        // Just restored (a snapshot, a migration): what it said before, no rate yet.
+        let Some(&(t1, n1)) = w.back() else {
+            return locks::lock(&self.report).mem_writes.map(|n| (n, None));
+        };
         let rate = w
             .iter()
             .find(|(t, _)| t1.duration_since(*t) <= window)

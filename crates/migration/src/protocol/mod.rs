@@ -160,6 +160,9 @@ pub enum Kind {
     /// dst→src, before Ready when the Config offered post-copy: UTF-8 reason this host cannot
     /// take a VM by post-copy (no userfaultfd for kernel faults here).
     NoPostcopy = 23,
+    /// dst→src: the pages of a Postcopy frame sent while the guest still ran are dropped
+    /// here; the source may pause.
+    OwedPlaced = 24,
 }
 
 impl Kind {
@@ -188,6 +191,7 @@ impl Kind {
             21 => Kind::PageRequest,
             22 => Kind::PostcopyDone,
             23 => Kind::NoPostcopy,
+            24 => Kind::OwedPlaced,
             _ => return None,
         })
     }
@@ -196,7 +200,7 @@ impl Kind {
     pub fn max_len(self) -> usize {
         const BATCH: usize = COUNT_LEN + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE);
         match self {
-            Kind::Ready | Kind::Done | Kind::Confirm | Kind::PostcopyEnd => 0,
+            Kind::Ready | Kind::Done | Kind::Confirm | Kind::PostcopyEnd | Kind::OwedPlaced => 0,
             Kind::RoundEnd | Kind::RoundDone => std::mem::size_of::<RoundEndWire>(),
             Kind::Config | Kind::Verified | Kind::Abort | Kind::Busy | Kind::Redirect => 64 << 10,
             Kind::Pages | Kind::PagesDirect | Kind::PostcopyPages => BATCH,

@@ -316,6 +316,7 @@ pub enum Frame<'a> {
     PageRequest(Vec<u64>),
     PostcopyDone(PostcopyStats),
     NoPostcopy(String),
+    OwedPlaced,
 }
 
 impl Frame<'_> {
@@ -342,6 +343,7 @@ impl Frame<'_> {
             Frame::PageRequest(_) => Kind::PageRequest,
             Frame::PostcopyDone(_) => Kind::PostcopyDone,
             Frame::NoPostcopy(_) => Kind::NoPostcopy,
+            Frame::OwedPlaced => Kind::OwedPlaced,
         }
     }
 }
@@ -414,6 +416,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
             Frame::PostcopyPages { head, data }
         }
         Kind::PostcopyEnd => Frame::PostcopyEnd,
+        Kind::OwedPlaced => Frame::OwedPlaced,
         Kind::PageRequest => Frame::PageRequest(decode_request(payload, MAX_POSTCOPY_RAM)?),
         Kind::PostcopyDone => Frame::PostcopyDone(serde_json::from_slice(payload).map_err(json)?),
         Kind::NoPostcopy => Frame::NoPostcopy(String::from_utf8_lossy(payload).into_owned()),

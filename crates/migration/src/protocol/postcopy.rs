@@ -1,5 +1,8 @@
-//! Post-copy's frames. At the switch the source sends [`Kind::Postcopy`]: the pages of guest
-//! RAM the destination does not hold yet (a bitmap over the memfd, one bit a page). The
+//! Post-copy's frames. At the switch the source sends [`Kind::Postcopy`] twice: first, while
+//! the guest still runs, the pages it has written since they were last sent (the destination
+//! drops them, and says [`Kind::OwedPlaced`] once it has, so that this work stays out of the
+//! pause); then, paused, those written since ([`OWED_FINAL`]). Each is a bitmap over the
+//! memfd, one bit a page; together they are the pages the destination does not hold. The
 //! destination resumes the VM with those pages missing; it asks for the ones the guest
 //! touches with [`Kind::PageRequest`] on a connection of their own, and the source answers on
 //! another with [`Kind::PostcopyPages`], while it pushes the rest over the control connection
@@ -19,7 +22,12 @@ pub struct OwedWire {
     pub ram_bytes: U64,
     /// Bits set: the pages owed.
     pub pages: U64,
+    /// [`OWED_FINAL`], or 0 for the part sent while the guest still runs.
+    pub flags: U64,
 }
+
+/// The part sent with the VM paused: nothing more is owed.
+pub const OWED_FINAL: u64 = 1;
 
 pub const OWED_HEAD_LEN: usize = std::mem::size_of::<OwedWire>();
 
@@ -36,6 +44,8 @@ pub struct Owed {
     pub ram_bytes: u64,
     pub words: Vec<u64>,
     pub pages: u64,
+    /// The part sent with the VM paused (the last).
+    pub last: bool,
 }
 
 impl Owed {
@@ -46,7 +56,16 @@ impl Owed {
             ram_bytes,
             words: vec![0; pages.div_ceil(64) as usize],
             pages: 0,
+            last: false,
         }
+    }
+
+    /// Adds the pages `other` owes (over the same RAM).
+    pub fn merge(&mut self, other: &Owed) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+        self.pages = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
     }
 
     /// Marks the page at memfd offset `off` owed (once).
@@ -83,16 +102,19 @@ impl Owed {
         })
     }
 
-    /// Runs of consecutive owed pages, as memfd ranges `[start, end)`.
-    pub fn runs(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for off in self.offsets() {
-            match out.last_mut() {
-                Some((_, end)) if *end == off => *end += PAGE as u64,
-                _ => out.push((off, off + PAGE as u64)),
+    /// Runs of consecutive owed pages, as memfd ranges `[start, end)`, ascending (made as
+    /// they are walked: a scattered bitmap allocates nothing).
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut offs = self.offsets().peekable();
+        std::iter::from_fn(move || {
+            let start = offs.next()?;
+            let mut end = start + PAGE as u64;
+            while offs.peek() == Some(&end) {
+                offs.next();
+                end += PAGE as u64;
             }
-        }
-        out
+            Some((start, end))
+        })
     }
 
     /// The frame's payload.
@@ -100,6 +122,7 @@ impl Owed {
         let head = OwedWire {
             ram_bytes: U64::new(self.ram_bytes),
             pages: U64::new(self.pages),
+            flags: U64::new(if self.last { OWED_FINAL } else { 0 }),
         };
         let mut out = Vec::with_capacity(OWED_HEAD_LEN + self.words.len() * 8);
         out.extend_from_slice(head.as_bytes());
@@ -116,6 +139,10 @@ impl Owed {
         let (head, rest) =
             OwedWire::read_from_prefix(payload).map_err(|_| bad("shorter than its head".into()))?;
         let ram_bytes = head.ram_bytes.get();
+        let flags = head.flags.get();
+        if flags & !OWED_FINAL != 0 {
+            return Err(bad(format!("unknown flags {flags:#x}")));
+        }
         if ram_bytes == 0 || ram_bytes > MAX_POSTCOPY_RAM || !ram_bytes.is_multiple_of(PAGE as u64)
         {
             return Err(bad(format!("a bitmap over {ram_bytes} bytes of RAM")));
@@ -147,6 +174,7 @@ impl Owed {
             ram_bytes,
             words,
             pages: count,
+            last: flags & OWED_FINAL != 0,
         })
     }
 }
@@ -194,6 +222,9 @@ pub struct PostcopyStats {
     /// Pages the guest wrote here in that time, by its own count (None: it does not count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_pages_written: Option<u64>,
+    /// Its pages written per second here, over its own reports in that time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_writes_per_s: Option<f64>,
 }
 
 #[cfg(test)]
@@ -208,10 +239,16 @@ mod tests {
         }
         o.mark(4096);
         assert_eq!(o.pages, 5);
+        o.last = true;
         let back = Owed::decode(&o.encode()).unwrap();
         assert_eq!(back, o);
+        let mut more = Owed::new(64 << 20);
+        more.mark(0);
+        more.mark(1 << 20);
+        more.merge(&o);
+        assert_eq!(more.pages, 6);
         assert_eq!(
-            back.runs(),
+            back.runs().collect::<Vec<_>>(),
             vec![(0, 12288), (40960, 45056), ((64 << 20) - 4096, 64 << 20)]
         );
         assert!(back.is_owed(8192) && !back.is_owed(12288));
@@ -226,6 +263,9 @@ mod tests {
         let mut wrong_count = o.encode();
         wrong_count[8] = 3;
         assert!(Owed::decode(&wrong_count).is_err(), "count");
+        let mut flags = o.encode();
+        flags[16] = 2;
+        assert!(Owed::decode(&flags).is_err(), "unknown flags");
         // 1 MiB is 256 pages: 4 words exactly. 1 MiB + 4 KiB leaves bits past the end.
         let mut odd = Owed::new((1 << 20) + 4096);
         odd.mark(1 << 20);

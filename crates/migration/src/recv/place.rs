@@ -58,7 +58,12 @@ pub(super) fn place(
             state: "a transport that does not send it",
         }
         .into()),
-        Step::Prepare(_) | Step::Extents(_) | Step::Disk(_) | Step::RoundEnd(_) | Step::Nothing => {
+        Step::Prepare(_)
+        | Step::Extents(_)
+        | Step::Disk(_)
+        | Step::RoundEnd(_)
+        | Step::Owed(_)
+        | Step::Nothing => {
             Ok(())
         }
     }

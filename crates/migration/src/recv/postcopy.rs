@@ -47,6 +47,25 @@ struct Shared {
     failed: Mutex<Option<String>>,
 }
 
+/// Makes the pages `owed` names missing here (holes in the memfd), so that touching one
+/// faults once the RAM is registered.
+pub(super) fn drop_owed(ram: &GuestRam, owed: &Owed) -> Result<(), MigrationError> {
+    let t = Instant::now();
+    let mut runs = 0;
+    for (start, end) in owed.runs() {
+        ram.zero_range(start, end - start)?;
+        runs += 1;
+    }
+    tracing::debug!(
+        runs,
+        pages = owed.pages,
+        last = owed.last,
+        ms = t.elapsed().as_millis(),
+        "post-copy: owed pages dropped"
+    );
+    Ok(())
+}
+
 /// Why this host cannot take a VM by post-copy, if it cannot: it needs a userfaultfd that
 /// catches the kernel's faults too (KVM's), which takes root (CAP_SYS_PTRACE) or access to
 /// /dev/userfaultfd.
@@ -75,20 +94,18 @@ pub(super) struct Postcopy {
     /// The guest's own write count, and what it said at the resume.
     writes: Option<(migratable::WritesProbe, u64)>,
     guest_pages_written: Option<u64>,
+    guest_writes_per_s: Option<f64>,
 }
 
 impl Postcopy {
-    /// Makes the owed pages missing, registers every view of `ram` and starts the threads
-    /// that fetch pages from the source: `requests` carries asks to it, `replies` its pages.
+    /// Registers every view of `ram` (whose owed pages [`drop_owed`] made missing) and starts
+    /// the threads that fetch pages from the source: `requests` carries asks to it, `replies` its pages.
     pub fn start(
         ram: &GuestRam,
         owed: &Owed,
         requests: Connection,
         replies: Connection,
     ) -> Result<Self, MigrationError> {
-        for (start, end) in owed.runs() {
-            ram.zero_range(start, end - start)?;
-        }
         let uffd = uffd()?;
         let views = ram.views()?;
         for r in views.iter().flatten() {
@@ -125,6 +142,7 @@ impl Postcopy {
             owed_at_start: owed.pages,
             writes: None,
             guest_pages_written: None,
+            guest_writes_per_s: None,
         };
         pc.spawn("livemig-faults", move |s| fault_loop(&s, requests))?;
         pc.spawn("livemig-replies", move |s| reply_loop(&s, replies))?;
@@ -203,10 +221,14 @@ impl Postcopy {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.complete_ms = self.note_complete();
-        self.guest_pages_written = self
-            .writes
-            .as_ref()
-            .and_then(|(p, at)| p(Duration::from_secs(1)).map(|w| w.pages.saturating_sub(*at)));
+        // Its reports since the resume (its rate's samples restarted with the VM here).
+        let since = self.resumed.map_or(Duration::from_secs(1), |t| t.elapsed());
+        if let Some((probe, at)) = &self.writes {
+            if let Some(w) = probe(since) {
+                self.guest_pages_written = Some(w.pages.saturating_sub(*at));
+                self.guest_writes_per_s = w.per_s;
+            }
+        }
         Ok(())
     }
 
@@ -232,6 +254,7 @@ impl Postcopy {
             pages_pushed: s.pushed.load(Ordering::Relaxed),
             complete_ms: self.complete_ms.unwrap_or(0),
             guest_pages_written: self.guest_pages_written,
+            guest_writes_per_s: self.guest_writes_per_s,
         }
     }
 

@@ -370,6 +370,19 @@ fn control_loop<R: DirectRead, W: Write>(
             Step::Direct(entries) => {
                 place_direct(input, &entries, dst.ram, Landing::Splice, &mut stats)?
             }
+            Step::Owed(part) => {
+                // Nothing may fill a page after it is dropped: the streams are done, and the
+                // allocation ahead stops first.
+                streams.wait_all_finished()?;
+                if let Some(p) = populate.take() {
+                    p.finish();
+                }
+                postcopy::drop_owed(dst.ram, &part)?;
+                if !part.last {
+                    out.send(Kind::OwedPlaced, &[])?;
+                    out.flush()?;
+                }
+            }
             Step::Disk(b) => match disks.as_deref_mut() {
                 Some(d) => d.write(&b)?,
                 None => {

@@ -19,6 +19,13 @@ pub enum ReceiveMigrationState {
     AwaitingExtents { vm: VmConfig },
     /// The VM is built and Ready was sent; memory arrives in rounds.
     ReceivingMemory { vm: VmConfig, rounds: u32 },
+    /// Post-copy ahead: the running source named pages it has written since it sent them;
+    /// they are dropped here, and the paused source names the rest next.
+    OwedAhead {
+        vm: VmConfig,
+        rounds: u32,
+        owed: Box<Owed>,
+    },
     /// Post-copy: the paused source named the pages it still owes; its state comes next.
     OwedReceived { rounds: u32, owed: Box<Owed> },
     /// The paused source's device state is here; only Done may follow.
@@ -52,6 +59,9 @@ pub enum Step<'f> {
     Direct(Vec<Entry>),
     /// Write these blocks into a copied disk.
     Disk(DiskBlocks<'f>),
+    /// Post-copy: drop these pages (the source owes them), then say OwedPlaced unless the
+    /// part is the last.
+    Owed(Box<Owed>),
     /// A round is complete.
     RoundEnd(RoundEnd),
     /// Nothing beyond the new state.
@@ -65,6 +75,7 @@ impl ReceiveMigrationState {
             ReceiveMigrationState::AwaitingConfig => "awaiting-config",
             ReceiveMigrationState::AwaitingExtents { .. } => "awaiting-extents",
             ReceiveMigrationState::ReceivingMemory { .. } => "receiving-memory",
+            ReceiveMigrationState::OwedAhead { .. } => "owed-ahead",
             ReceiveMigrationState::OwedReceived { .. } => "owed-received",
             ReceiveMigrationState::StateReceived { .. } => "state-received",
             ReceiveMigrationState::Complete { .. } => "complete",
@@ -90,18 +101,28 @@ impl ReceiveMigrationState {
                 },
                 Step::RoundEnd(r),
             ),
-            (S::ReceivingMemory { vm, rounds }, Frame::Postcopy(owed)) => {
-                if owed.ram_bytes != vm.memory {
-                    return Err(ProtocolError::Malformed {
-                        kind: Kind::Postcopy,
-                        why: format!(
-                            "a bitmap over {} bytes for a VM of {}",
-                            owed.ram_bytes, vm.memory
-                        ),
-                    });
+            (S::ReceivingMemory { vm, rounds }, Frame::Postcopy(part)) => {
+                fits(&part, &vm)?;
+                let owed = Box::new(part.clone());
+                let step = Step::Owed(Box::new(part));
+                if owed.last {
+                    (S::OwedReceived { rounds, owed }, step)
+                } else {
+                    (S::OwedAhead { vm, rounds, owed }, step)
                 }
-                let owed = Box::new(owed);
-                (S::OwedReceived { rounds, owed }, Step::Nothing)
+            }
+            (
+                S::OwedAhead {
+                    vm,
+                    rounds,
+                    mut owed,
+                },
+                Frame::Postcopy(part),
+            ) if part.last => {
+                fits(&part, &vm)?;
+                owed.merge(&part);
+                owed.last = true;
+                (S::OwedReceived { rounds, owed }, Step::Owed(Box::new(part)))
             }
             // Whether the state fits the VM built is the VM's to say when it loads it.
             (S::ReceivingMemory { rounds, .. }, Frame::State(state)) => (
@@ -143,6 +164,20 @@ impl ReceiveMigrationState {
             }
         })
     }
+}
+
+/// A Postcopy frame's bitmap must cover the VM's RAM.
+fn fits(owed: &Owed, vm: &VmConfig) -> Result<(), ProtocolError> {
+    if owed.ram_bytes == vm.memory {
+        return Ok(());
+    }
+    Err(ProtocolError::Malformed {
+        kind: Kind::Postcopy,
+        why: format!(
+            "a bitmap over {} bytes for a VM of {}",
+            owed.ram_bytes, vm.memory
+        ),
+    })
 }
 
 fn is_pages(f: &Frame<'_>) -> bool {
@@ -318,10 +353,21 @@ mod tests {
 
     #[test]
     fn post_copy_names_the_owed_pages_before_the_state() {
+        let mut ahead = Owed::new(vm().memory);
+        ahead.mark(4096);
+        let (s, step) = receiving().next(Frame::Postcopy(ahead.clone())).unwrap();
+        assert!(matches!(step, Step::Owed(o) if !o.last));
+        assert_eq!(s.name(), "owed-ahead");
+        // Only the last part may follow the first, and nothing else.
+        let (s2, _) = receiving().next(Frame::Postcopy(ahead.clone())).unwrap();
+        refuses(s2, Frame::State(state_for(vm())));
         let mut owed = Owed::new(vm().memory);
         owed.mark(8192);
-        let (s, _) = receiving().next(Frame::Postcopy(owed.clone())).unwrap();
+        owed.last = true;
+        let (s, step) = s.next(Frame::Postcopy(owed.clone())).unwrap();
+        assert!(matches!(step, Step::Owed(o) if o.last && o.pages == 1));
         assert_eq!(s.name(), "owed-received");
+        owed.mark(4096);
         refuses(
             ReceiveMigrationState::OwedReceived {
                 rounds: 0,

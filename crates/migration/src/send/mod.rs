@@ -514,12 +514,18 @@ impl GuestRate {
             pages.saturating_sub(self.start.1.pages) as f64,
             t.duration_since(self.start.0).as_secs_f64(),
         );
-        if let Some(d) = r.postcopy.as_ref().and_then(|p| p.guest_pages_written) {
-            written += d as f64;
-            secs += r
-                .postcopy
-                .as_ref()
-                .map_or(0.0, |p| p.complete_ms as f64 / 1e3);
+        // On the destination: its rate over its own reports (they come a heartbeat apart), or
+        // what it wrote there over post-copy's time.
+        if let Some(p) = &r.postcopy {
+            let there = p.complete_ms as f64 / 1e3;
+            let pages = p
+                .guest_writes_per_s
+                .map(|rate| rate * there)
+                .or(p.guest_pages_written.map(|n| n as f64));
+            if let Some(n) = pages {
+                written += n;
+                secs += there;
+            }
         }
         let during = (secs > 0.0).then(|| written / secs);
         r.guest_writes_per_s_before = self.start.1.per_s;
@@ -1293,6 +1299,20 @@ impl<'a> Session<'a> {
         if let Some(d) = &mut self.disks {
             d.stop_mirroring();
         }
+        // What the destination must drop, most of it while the guest still runs here.
+        let mut owed = self.owed_ahead(extents)?;
+        self.sender.control_out().send_owed(&owed)?;
+        self.sender.flush_control()?;
+        match self.input.next_frame()? {
+            Frame::OwedPlaced => {}
+            f => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    kind: f.kind(),
+                    state: "awaiting-owed-placed",
+                }
+                .into())
+            }
+        }
         self.phase("switchover");
         let t_pause = Instant::now();
         let state = {
@@ -1308,9 +1328,10 @@ impl<'a> Session<'a> {
         if let Some(d) = &mut self.disks {
             d.paused();
         }
-        let owed = self.owed(extents)?;
-        self.sender.control_out().send_owed(&owed)?;
+        let last = self.owed_at_pause()?;
+        self.sender.control_out().send_owed(&last)?;
         self.sender.flush_control()?;
+        owed.merge(&last);
         let unsent = Arc::new(PageBits::from_owed(&owed));
         // Loading the state on the destination may already fault.
         let demand = postcopy::Demand::start(self.ram.clone(), unsent.clone(), requests, replies)?;
@@ -1362,11 +1383,19 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// The pages the destination lacks at the pause: those written since they were last
-    /// sent, and with no pre-copy every page the guest ever touched.
-    fn owed(&mut self, extents: &[(u64, u64)]) -> Result<protocol::Owed, MigrationError> {
+    /// The pages the destination lacks, as far as the guest has written them so far: those
+    /// written since they were last sent (the log re-armed for them), and with no pre-copy
+    /// every page the guest ever touched.
+    fn owed_ahead(&mut self, extents: &[(u64, u64)]) -> Result<protocol::Owed, MigrationError> {
+        let maps = self.fetch_dirty()?;
+        {
+            let mut d = locks::lock(&self.dirty);
+            for b in &maps {
+                d.clear(b)?;
+            }
+        }
         let mut owed = protocol::Owed::new(self.ram.size());
-        for b in self.fetch_dirty()? {
+        for b in &maps {
             b.pages().for_each(|off| owed.mark(off));
         }
         if self.report.rounds.is_empty() {
@@ -1376,6 +1405,16 @@ impl<'a> Session<'a> {
                     .for_each(|off| owed.mark(off));
             }
         }
+        Ok(owed)
+    }
+
+    /// The rest, with the VM paused: the pages written since [`Self::owed_ahead`].
+    fn owed_at_pause(&mut self) -> Result<protocol::Owed, MigrationError> {
+        let mut owed = protocol::Owed::new(self.ram.size());
+        for b in self.fetch_dirty()? {
+            b.pages().for_each(|off| owed.mark(off));
+        }
+        owed.last = true;
         Ok(owed)
     }
 
@@ -1429,6 +1468,7 @@ impl<'a> Session<'a> {
             pages_pushed: stats.pages_pushed,
             complete_ms: stats.complete_ms,
             guest_pages_written: stats.guest_pages_written,
+            guest_writes_per_s: stats.guest_writes_per_s,
             ..Default::default()
         });
         Ok(pages.sent)

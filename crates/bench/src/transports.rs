@@ -514,19 +514,20 @@ impl<'a> Bench<'a> {
             Err(e) => return (failed(self, e), src, false),
         };
         let what = format!("{} {} over {}", peer.name(), run.name, route.name());
-        let sampler = TxSampler::start(
-            route.src_ns(),
-            route.src_devs(),
-            Duration::from_millis(100),
-            self.ui.live(&what),
-        );
-        // The guest's pace: its console over the seconds before, then during the migration.
+        // The guest's pace: its console over the seconds before, then during the migration
+        // (before the interface sampler starts: the chart begins with the migration).
         let pace = (self.o.suite == Suite::Postcopy).then(|| {
             let s = guest_rate::Sampler::start(vec![peer.console(at), peer.console(index)]);
             let t = std::time::Instant::now();
             std::thread::sleep(PACE_BEFORE);
             (s, t)
         });
+        let sampler = TxSampler::start(
+            route.src_ns(),
+            route.src_devs(),
+            Duration::from_millis(100),
+            self.ui.live(&what),
+        );
         let t_migrate = std::time::Instant::now();
         let res = peer.migrate(&mut src, &mut dst, run.setup, &route, port);
         let samples = sampler.finish();
@@ -624,7 +625,10 @@ fn faults(detail: &serde_json::Value) -> (Option<u64>, Option<u64>, Option<u64>)
         .pointer("/destination/postcopy-vcpu-blocktime")
         .and_then(serde_json::Value::as_array)
         .map(|v| v.iter().filter_map(serde_json::Value::as_u64).sum());
-    let asked = detail["postcopy-requests"].as_u64().filter(|n| *n > 0);
+    let asked = detail
+        .pointer("/ram/postcopy-requests")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|n| *n > 0);
     let mean = blocked_ms.zip(asked).map(|(ms, n)| ms * 1000 / n);
     (None, None, mean)
 }

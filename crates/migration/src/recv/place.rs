@@ -63,9 +63,7 @@ pub(super) fn place(
         | Step::Disk(_)
         | Step::RoundEnd(_)
         | Step::Owed(_)
-        | Step::Nothing => {
-            Ok(())
-        }
+        | Step::Nothing => Ok(()),
     }
 }
 

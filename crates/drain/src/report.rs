@@ -211,18 +211,8 @@ impl DrainReport {
         if self.interrupted {
             s += "\ninterrupted: migrations in flight were cancelled";
         }
-        let postcopy: Vec<&str> = self
-            .vms
-            .iter()
-            .filter(|v| v.postcopy)
-            .map(|v| v.name.as_str())
-            .collect();
-        if !postcopy.is_empty() {
-            s += &format!(
-                "post-copy for {} (pre-copy would not converge at its share of the link): {}\n",
-                postcopy.join(", "),
-                migration::report::POSTCOPY_RISK
-            );
+        if let Some(p) = self.postcopy_line() {
+            s += &format!("\n{p}");
         }
         for v in self.vms.iter().filter(|v| v.status.left_behind()) {
             s += &format!(
@@ -333,12 +323,32 @@ impl DrainReport {
                 .wire_bytes_predicted
                 .map_or(String::new(), |b| format!(", {} MiB on the wire", b >> 20))
         );
+        if let Some(p) = self.postcopy_line() {
+            s += &format!("{p}\n");
+        }
         for v in self.vms.iter().filter(|v| v.status.left_behind()) {
             if let Some(e) = &v.error {
                 s += &format!("{} stays on {}: {e}\n", v.name, self.source);
             }
         }
         s
+    }
+
+    /// The VMs that go (or went) by post-copy, and what that risks; None when none does.
+    fn postcopy_line(&self) -> Option<String> {
+        let names: Vec<&str> = self
+            .vms
+            .iter()
+            .filter(|v| v.postcopy)
+            .map(|v| v.name.as_str())
+            .collect();
+        (!names.is_empty()).then(|| {
+            format!(
+                "post-copy for {}: {}",
+                names.join(", "),
+                migration::report::POSTCOPY_RISK
+            )
+        })
     }
 }
 
@@ -397,5 +407,33 @@ mod tests {
         );
         assert!(line("idle2").contains(" - "), "{t}");
         assert!(t.contains("ETA 12.5 s, 900 MiB on the wire"), "{t}");
+        assert!(!t.contains("post-copy"), "nothing goes post-copy: {t}");
+    }
+
+    /// A VM the model says moves by post-copy is marked so, and the plan states the risk.
+    #[test]
+    fn the_plan_names_the_vms_that_go_post_copy_and_the_risk() {
+        let plan = PlanSummary {
+            order: crate::plan::Order::Auto,
+            concurrency: "1".into(),
+            concurrency_used: 1,
+            link_bits_per_s: vec![Some(1e9)],
+            eta_s: Some(20.0),
+            wire_bytes_predicted: None,
+        };
+        let hot = VmOutcome {
+            postcopy: true,
+            ..planned("stress1", None)
+        };
+        let vms = vec![hot, planned("web1", None)];
+        let r = DrainReport::new("a".into(), vec!["b".into()], plan, vms, 0, 0, false);
+        let t = r.plan_table();
+        let line = |n: &str| t.lines().find(|l| l.contains(n)).unwrap().to_string();
+        assert!(line("stress1").contains("b post-copy"), "{t}");
+        assert!(!line("web1").contains("post-copy"), "{t}");
+        assert!(
+            t.contains("post-copy for stress1") && t.contains(migration::report::POSTCOPY_RISK),
+            "{t}"
+        );
     }
 }

@@ -660,6 +660,8 @@ fn lost_switchover(
             "0",
             "--probe-ms",
             "0",
+            // The proxies pass the control connection alone: no post-copy connections.
+            "--no-postcopy",
         ],
     );
     let _ = ok;

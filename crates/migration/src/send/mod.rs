@@ -1197,6 +1197,27 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The switchover's first step: the VM paused here (the guard resumes it on a failure
+    /// before the last frame leaves) and its state captured. Returns when it paused, and the
+    /// state.
+    fn pause(
+        &mut self,
+        guard: &mut SourceGuard,
+    ) -> Result<(Instant, migratable::Snapshot), MigrationError> {
+        self.phase("switchover");
+        let t_pause = Instant::now();
+        let state = {
+            let mut g = locks::lock(self.vm);
+            g.pause()?;
+            guard.paused_by_us = true;
+            g.snapshot()?
+        };
+        if let Some(w) = &mut self.writes {
+            w.paused();
+        }
+        Ok((t_pause, state))
+    }
+
     /// Phase 4, switchover: pause, last pages and device state; the destination confirms and
     /// resumes. Before the last frame leaves, any failure resumes the VM here (the guard);
     /// after it, the VM stays paused unless the confirmation arrives.
@@ -1209,17 +1230,7 @@ impl<'a> Session<'a> {
         if let Some(d) = &mut self.disks {
             d.stop_mirroring();
         }
-        self.phase("switchover");
-        let t_pause = Instant::now();
-        let state = {
-            let mut g = locks::lock(self.vm);
-            g.pause()?;
-            guard.paused_by_us = true;
-            g.snapshot()?
-        };
-        if let Some(w) = &mut self.writes {
-            w.paused();
-        }
+        let (t_pause, state) = self.pause(guard)?;
         let captured_ms = t_pause.elapsed().as_millis();
         // The disks are drained and flushed: the last of their blocks.
         let disk_last = self.disk_round(true)?;
@@ -1313,17 +1324,7 @@ impl<'a> Session<'a> {
                 .into())
             }
         }
-        self.phase("switchover");
-        let t_pause = Instant::now();
-        let state = {
-            let mut g = locks::lock(self.vm);
-            g.pause()?;
-            guard.paused_by_us = true;
-            g.snapshot()?
-        };
-        if let Some(w) = &mut self.writes {
-            w.paused();
-        }
+        let (t_pause, state) = self.pause(guard)?;
         self.disk_round(true)?;
         if let Some(d) = &mut self.disks {
             d.paused();

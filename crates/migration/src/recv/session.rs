@@ -92,13 +92,7 @@ impl Incoming {
         let mut disks = disks::DiskSink::create(opts.disk_dir.as_deref(), &mut prep)?;
         let config_ms = t_config.elapsed().as_millis();
         let mut streams = self.collect_streams(&prep)?;
-        // Post-copy's two connections come after the page streams: asks, then answers.
-        let demand = if prep.postcopy {
-            let replies = streams.pop();
-            streams.pop().zip(replies)
-        } else {
-            None
-        };
+        let demand = prep.postcopy.then(|| take_demand(&mut streams)).flatten();
         for s in &streams {
             s.set_peer_timeout(Some(opts.peer_timeout))
                 .map_err(MigrationError::socket("setting the peer timeout"))?;
@@ -148,27 +142,7 @@ impl Incoming {
         stats.cached_pages = cache.as_ref().map_or(0, |c| c.added());
         // Post-copy: the owed pages go missing and are fetched when touched, from before the
         // state loads (loading it may read guest RAM).
-        let mut postcopy = match (owed, demand) {
-            (Some(owed), Some((requests, replies))) => {
-                replies
-                    .set_read_timeout(None)
-                    .map_err(MigrationError::socket("setting the read timeout"))?;
-                Some(postcopy::Postcopy::start(
-                    prepared.ram(),
-                    &owed,
-                    requests,
-                    replies,
-                )?)
-            }
-            (Some(_), None) => {
-                return Err(ProtocolError::Unexpected {
-                    kind: Kind::Postcopy,
-                    state: "a migration that did not announce post-copy",
-                }
-                .into())
-            }
-            (None, _) => None,
-        };
+        let postcopy = start_postcopy(prepared.ram(), owed, demand)?;
 
         // Everything is here (or, in post-copy, on its way): load the state paused, confirm,
         // then run.
@@ -188,24 +162,9 @@ impl Incoming {
         );
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
-        let outcome = match postcopy.take() {
+        let outcome = match postcopy {
             None => verify(&mut vm, opts.verify_timeout),
-            Some(mut pc) => {
-                pc.resumed(vm.guest_writes());
-                // The guest verifies while its pages arrive: its reads fault them in.
-                let (outcome, done) = std::thread::scope(|sc| {
-                    let push =
-                        sc.spawn(|| finish_postcopy(pc, &mut input, &mut out, opts.peer_timeout));
-                    let outcome = verify(&mut vm, opts.verify_timeout);
-                    let done = push
-                        .join()
-                        .unwrap_or_else(|_| Err(MigrationError::StreamFailed));
-                    (outcome, done)
-                });
-                let pc_stats = done.map_err(|e| MigrationError::VmLost(e.to_string()))?;
-                tracing::info!(?pc_stats, "post-copy complete here");
-                outcome
-            }
+            Some(pc) => verify_in_postcopy(&mut vm, pc, (&mut input, &mut out), opts)?,
         };
         let outcome = VerifyOutcome {
             cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
@@ -420,6 +379,59 @@ fn control_loop<R: DirectRead, W: Write>(
             return Ok((*state, stats, owed));
         }
     }
+}
+
+/// Post-copy's two connections, which come after the page streams: asks, then answers.
+fn take_demand(streams: &mut Vec<Connection>) -> Option<(Connection, Connection)> {
+    let replies = streams.pop();
+    streams.pop().zip(replies)
+}
+
+/// Post-copy, when the source named owed pages: every view of guest RAM registered and the
+/// threads that fetch pages started, before the state loads (loading it may read guest RAM).
+fn start_postcopy(
+    ram: &ram::GuestRam,
+    owed: Option<Box<Owed>>,
+    demand: Option<(Connection, Connection)>,
+) -> Result<Option<postcopy::Postcopy>, MigrationError> {
+    match (owed, demand) {
+        (Some(owed), Some((requests, replies))) => {
+            replies
+                .set_read_timeout(None)
+                .map_err(MigrationError::socket("setting the read timeout"))?;
+            Ok(Some(postcopy::Postcopy::start(
+                ram, &owed, requests, replies,
+            )?))
+        }
+        (Some(_), None) => Err(ProtocolError::Unexpected {
+            kind: Kind::Postcopy,
+            state: "a migration that did not announce post-copy",
+        }
+        .into()),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The guest's verdict on its memory while post-copy brings in what it lacks (its reads fault
+/// pages in), and post-copy finished; a failure of post-copy loses the VM.
+fn verify_in_postcopy<V: Migratable, R: DirectRead + Send, W: Write + Send>(
+    vm: &mut V,
+    mut pc: postcopy::Postcopy,
+    (input, out): (&mut FrameReader<R>, &mut FrameWriter<W>),
+    opts: &super::ReceiveOptions,
+) -> Result<VerifyOutcome, MigrationError> {
+    pc.resumed(vm.guest_writes());
+    let (outcome, done) = std::thread::scope(|sc| {
+        let push = sc.spawn(|| finish_postcopy(pc, input, out, opts.peer_timeout));
+        let outcome = verify(vm, opts.verify_timeout);
+        let done = push
+            .join()
+            .unwrap_or_else(|_| Err(MigrationError::StreamFailed));
+        (outcome, done)
+    });
+    let stats = done.map_err(|e| MigrationError::VmLost(e.to_string()))?;
+    tracing::info!(?stats, "post-copy complete here");
+    Ok(outcome)
 }
 
 /// Post-copy after the resume: the source's push placed as it comes, until its end and every

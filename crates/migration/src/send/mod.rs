@@ -1197,6 +1197,25 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The destination's Confirm, after the paused round's RoundDone if one comes; anything
+    /// else leaves the outcome unknown (the VM may run there).
+    fn await_confirm(&mut self) -> Result<(), MigrationError> {
+        let answer = loop {
+            match self.input.next_frame() {
+                Ok(Frame::RoundDone(_)) => {}
+                other => break other,
+            }
+        };
+        match answer {
+            Ok(Frame::Confirm) => Ok(()),
+            Ok(f) => Err(MigrationError::OutcomeUnknown(format!(
+                "{:?} instead of Confirm",
+                f.kind()
+            ))),
+            Err(e) => Err(MigrationError::OutcomeUnknown(e.to_string())),
+        }
+    }
+
     /// The switchover's first step: the VM paused here (the guard resumes it on a failure
     /// before the last frame leaves) and its state captured. Returns when it paused, and the
     /// state.
@@ -1254,23 +1273,7 @@ impl<'a> Session<'a> {
         let sent_ms = t_pause.elapsed().as_millis();
         // From here the destination may hold everything: the source must not resume on its own.
         guard.armed = false;
-        // The paused round's RoundDone comes first.
-        let answer = loop {
-            match self.input.next_frame() {
-                Ok(Frame::RoundDone(_)) => {}
-                other => break other,
-            }
-        };
-        match answer {
-            Ok(Frame::Confirm) => {}
-            Ok(f) => {
-                return Err(MigrationError::OutcomeUnknown(format!(
-                    "{:?} instead of Confirm",
-                    f.kind()
-                )))
-            }
-            Err(e) => return Err(MigrationError::OutcomeUnknown(e.to_string())),
-        }
+        self.await_confirm()?;
         let downtime = t_pause.elapsed().as_millis() as u64;
         tracing::debug!(
             captured_ms,
@@ -1340,16 +1343,7 @@ impl<'a> Session<'a> {
         locks::lock(self.vm).hand_over()?;
         self.sender.send_state_and_done(&state)?;
         guard.armed = false;
-        match self.input.next_frame() {
-            Ok(Frame::Confirm) => {}
-            Ok(f) => {
-                return Err(MigrationError::OutcomeUnknown(format!(
-                    "{:?} instead of Confirm",
-                    f.kind()
-                )))
-            }
-            Err(e) => return Err(MigrationError::OutcomeUnknown(e.to_string())),
-        }
+        self.await_confirm()?;
         let downtime = t_pause.elapsed().as_millis() as u64;
         self.report.downtime_ms = downtime;
         self.report.phases.switchover_ms = downtime;

@@ -114,11 +114,16 @@ enum Cmd {
     Migrate {
         #[command(flatten)]
         api: ApiArg,
-        #[arg(long, required_unless_present = "cancel")]
+        /// Where to (with --resume: another address of the same receiver, optional).
+        #[arg(long, required_unless_present_any = ["cancel", "resume"])]
         to: Option<String>,
         /// Cancel the migration under way on this VM (it keeps running here).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         cancel: bool,
+        /// Make the failed post-copy link of the migration under way again now (to --to if
+        /// given, another network to the same receiver), with a new recovery window.
+        #[arg(long)]
+        resume: bool,
         #[command(flatten)]
         migrate: MigrateArgs,
         #[command(flatten)]
@@ -336,6 +341,12 @@ fn run(cli: Cli) -> CmdResult {
         Cmd::Migrate {
             api, cancel: true, ..
         } => migrate_cmd::cancel(&api.api),
+        Cmd::Migrate {
+            api,
+            resume: true,
+            to,
+            ..
+        } => migrate_cmd::resume(&api.api, to),
         Cmd::Migrate {
             api,
             to,

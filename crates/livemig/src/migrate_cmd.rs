@@ -40,6 +40,17 @@ pub fn cancel(api: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `livemig migrate --resume [--to ADDR]`.
+pub fn resume(api: &Path, to: Option<String>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let body = serde_json::to_value(migration::api::ResumeRequest { to })?;
+    let v: serde_json::Value = Client::new(api).call("POST", "/vm/migration/resume", Some(body))?;
+    crate::out::say(&format!(
+        "post-copy resuming to {}",
+        v["to"].as_str().unwrap_or("?")
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Client side: runs the request under a lease, showing progress meanwhile; a signal cancels.
 pub fn migrate(
     api: &Path,

@@ -669,3 +669,136 @@ fn kvm_source_killed_in_post_copy_the_destination_reports_the_vm_lost() {
     let err = dst.stderr.wait_closed(Duration::from_secs(5));
     assert!(err.contains("the VM is lost"), "{err}");
 }
+
+/// Post-copy's link blackholed while the VM runs on the destination without all its memory,
+/// then back within the recovery window (`--peer-timeout` × 6): the source pauses post-copy
+/// (the destination's faulting vCPUs wait), makes the link again once it is back, and the
+/// migration ends verified, the VM on the destination alone.
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_root),
+    ignore = "needs /dev/kvm and root (network namespaces)"
+)]
+fn root_link_blackholed_in_post_copy_the_migration_resumes_when_it_is_back() {
+    let d = tempfile::tempdir().unwrap();
+    let h = Hosts::up("lmbhp");
+    let exe = livemig_exe();
+    let dst = receiver_in(&exe, Some(&h.ns("b")), d.path(), "dst", "0.0.0.0:7400");
+    let src = source_in(&exe, Some(&h.ns("a")), d.path(), "sql", "256M");
+    let report = d.path().join("r1.json");
+    let first = migrate_spawn(
+        &src.api,
+        "10.77.1.2:7400",
+        &report,
+        &[
+            "--postcopy-after",
+            "0",
+            "--max-bandwidth",
+            "100Mbit",
+            "--peer-timeout",
+            "2s",
+        ],
+    );
+    wait_progress(&src.api, "postcopy", 0);
+    h.link("1g-1", false);
+    let down = Instant::now();
+    wait(
+        Duration::from_secs(15),
+        "the source to pause post-copy",
+        || progress(&src.api).is_some_and(|p| p.phase == "postcopy-paused"),
+    );
+    let noticed = down.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    h.link("1g-1", true);
+    let (ok, text) = output(first);
+    assert_verified(ok, &text, &report);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    eprintln!(
+        "blackholed; noticed after {noticed:?}; total {} ms; post-copy {}",
+        r["total_ms"], r["postcopy"]
+    );
+    assert!(
+        r["postcopy"]["recoveries"].as_u64().unwrap_or(0) >= 1,
+        "noticed after {noticed:?}: {}",
+        r["postcopy"]
+    );
+    let st = status(&dst.api).expect("the destination answers");
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(
+        status(&src.api).is_none_or(|s| s["state"] != "running"),
+        "the source does not run it"
+    );
+}
+
+/// Post-copy's link blackholed for good: the operator resumes it over the other network with
+/// `migrate --resume --to`, and the migration ends verified there.
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_root),
+    ignore = "needs /dev/kvm and root (network namespaces)"
+)]
+fn root_post_copy_resumed_by_the_operator_over_another_link_ends_verified() {
+    let d = tempfile::tempdir().unwrap();
+    let h = Hosts::up("lmbhr");
+    let exe = livemig_exe();
+    let dst = receiver_in(&exe, Some(&h.ns("b")), d.path(), "dst", "0.0.0.0:7400");
+    let src = source_in(&exe, Some(&h.ns("a")), d.path(), "sql", "256M");
+    let api = src.api.to_str().unwrap();
+    // Nothing to resume yet.
+    let early = livemig(&["migrate", "--api", api, "--resume"]);
+    assert!(!early.status.success());
+    let report = d.path().join("r1.json");
+    let first = migrate_spawn(
+        &src.api,
+        "10.77.1.2:7400",
+        &report,
+        &[
+            "--postcopy-after",
+            "0",
+            "--max-bandwidth",
+            "100Mbit",
+            "--peer-timeout",
+            "2s",
+        ],
+    );
+    wait_progress(&src.api, "postcopy", 0);
+    let running = livemig(&["migrate", "--api", api, "--resume"]);
+    assert!(!running.status.success(), "post-copy is not paused yet");
+    assert!(
+        String::from_utf8_lossy(&running.stderr).contains("not paused"),
+        "{}",
+        String::from_utf8_lossy(&running.stderr)
+    );
+    h.link("1g-1", false);
+    wait(
+        Duration::from_secs(15),
+        "the source to pause post-copy",
+        || progress(&src.api).is_some_and(|p| p.phase == "postcopy-paused"),
+    );
+    let resumed = livemig(&[
+        "migrate",
+        "--api",
+        api,
+        "--resume",
+        "--to",
+        "10.77.2.2:7400",
+    ]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let (ok, text) = output(first);
+    assert_verified(ok, &text, &report);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(
+        r["postcopy"]["recoveries"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        r["postcopy"]
+    );
+    assert_eq!(
+        status(&dst.api).expect("the destination answers")["state"],
+        "running"
+    );
+    h.link("1g-1", true);
+}

@@ -8,6 +8,7 @@
 //! | GET    | /vm/migration   |                      | [`Progress`] (renews the client's lease); once it ended, how |
 //! | DELETE | /vm/migration   |                      | cancels; 409 past the point of no return |
 //! | PATCH  | /vm/migration   | [`Pace`]             | re-paces the migration under way; 400 below the minimum |
+//! | POST   | /vm/migration/resume | [`ResumeRequest`] | makes post-copy's failed link again at once (to `to` if given), with a new recovery window; 409 unless post-copy is paused |
 //! | POST   | /vm/sample      | [`SampleRequest`]    | [`crate::sample::VmSample`]              |
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,12 +17,14 @@ use serde::{Deserialize, Serialize};
 use transport::{RateLimit, Security};
 use unixhttp::{Reply, Request};
 
+use crate::send::Resume;
 use crate::{Cancel, MigrateRequest, MigrationError, Progress, Report, SourceVm};
 
 /// The migration in flight on a VM.
 struct Running {
     to: String,
     cancel: Cancel,
+    resume: Resume,
     /// Its pace, when it has one: `PATCH /vm/migration` changes it.
     limit: Option<Arc<RateLimit>>,
     /// Its deadline on progress, which bounds how slow a pace may be.
@@ -43,6 +46,14 @@ struct Slot {
 #[derive(Serialize, Deserialize)]
 pub struct Pace {
     pub max_bandwidth: u64,
+}
+
+/// `POST /vm/migration/resume`'s body.
+#[derive(Serialize, Deserialize, Default)]
+pub struct ResumeRequest {
+    /// Another address of the destination's receiver (HOST:PORT), on a path that works.
+    #[serde(default)]
+    pub to: Option<String>,
 }
 
 /// `POST /vm/sample`'s body.
@@ -130,6 +141,7 @@ impl MigrationRoutes {
         s.running = Some(Running {
             to: req.to.clone(),
             cancel: opts.cancel.clone(),
+            resume: opts.resume.clone(),
             limit: opts.limit.clone(),
             peer_timeout: opts.peer_timeout,
             lease: req.lease_ms.map(Duration::from_millis),
@@ -159,6 +171,22 @@ impl MigrationRoutes {
             .request("cancelled through the API")
             .map_err(|e| (409, e.to_string()))?;
         Ok(r.to.clone())
+    }
+
+    /// Makes the failed post-copy link of the migration under way again at once; where it goes.
+    pub fn resume(&self, req: &ResumeRequest) -> Result<String, Failure> {
+        let s = locks::lock(&self.slot);
+        let r = s
+            .running
+            .as_ref()
+            .ok_or((404, "no migration of this VM is under way".to_string()))?;
+        if let Some(to) = &req.to {
+            check_address(to).map_err(|e| (400, e))?;
+        }
+        r.resume
+            .request(req.to.clone())
+            .map_err(|e| (409, e.to_string()))?;
+        Ok(req.to.clone().unwrap_or_else(|| r.to.clone()))
     }
 
     /// Re-paces the migration under way; refused below what its peer timeout allows.
@@ -212,16 +240,32 @@ impl unixhttp::Routes for MigrationRoutes {
                     Ok(serde_json::json!({ "max_bandwidth": p.max_bandwidth }))
                 })
             }
+            ("POST", "/vm/migration/resume") => r
+                .json::<ResumeRequest>()
+                .and_then(|req| self.resume(&req))
+                .map(|to| serde_json::json!({ "resumed": true, "to": to })),
             ("POST", "/vm/sample") => r
                 .json::<SampleRequest>()
                 .and_then(|s| self.sample(&s))
                 .and_then(|v| unixhttp::reply(&v)),
-            (m, p @ ("/vm/migrate" | "/vm/migration" | "/vm/sample")) => {
+            (m, p @ ("/vm/migrate" | "/vm/migration" | "/vm/migration/resume" | "/vm/sample")) => {
                 Err((405, format!("{m} is not allowed on {p}")))
             }
             _ => return None,
         };
         Some(reply)
+    }
+}
+
+/// `HOST:PORT`, or a 400's reason.
+fn check_address(to: &str) -> Result<(), String> {
+    match to.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty() && to.len() <= 255 && port.parse::<u16>().is_ok() =>
+        {
+            Ok(())
+        }
+        _ => Err(format!("{to:?} is not HOST:PORT")),
     }
 }
 

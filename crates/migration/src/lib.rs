@@ -144,6 +144,20 @@ impl MigrationError {
         matches!(self, MigrationError::Busy { .. })
     }
 
+    /// Whether a connection failed (cut, reset, silent past its deadline) rather than a peer
+    /// saying something wrong: post-copy makes its link again after one.
+    pub fn is_link_failure(&self) -> bool {
+        use protocol::ProtocolError as P;
+        match self {
+            MigrationError::Protocol(P::Io(_) | P::Truncated(_) | P::Closed)
+            | MigrationError::Transport(_)
+            | MigrationError::Socket { .. }
+            | MigrationError::TimedOut { .. } => true,
+            MigrationError::Stream { cause, .. } => cause.is_link_failure(),
+            _ => false,
+        }
+    }
+
     /// Names the peer on an error of the control connection.
     fn on_control(self, peer: &str) -> Self {
         match self {

@@ -7,6 +7,15 @@ use crate::protocol::{Owed, PAGE};
 
 const PAGE_U64: u64 = PAGE as u64;
 
+/// A link that fails in post-copy is made again within this many peer timeouts; past them,
+/// the VM is lost.
+pub const RECOVERY_TIMEOUTS: u32 = 6;
+
+/// How long either side tries to make post-copy's link again, for a peer timeout `t`.
+pub fn recovery_window(t: std::time::Duration) -> std::time::Duration {
+    t * RECOVERY_TIMEOUTS
+}
+
 /// One bit a page of guest RAM, by memfd offset, set and cleared from several threads.
 pub struct PageBits {
     words: Vec<AtomicU64>,
@@ -60,6 +69,16 @@ impl PageBits {
             self.set.fetch_add(1, Ordering::SeqCst);
         }
         won
+    }
+
+    /// The pages set now, as a bitmap to send.
+    pub fn to_owed(&self) -> Owed {
+        let mut owed = Owed::new(self.pages * PAGE_U64);
+        for (o, w) in owed.words.iter_mut().zip(&self.words) {
+            *o = w.load(Ordering::SeqCst);
+        }
+        owed.pages = owed.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        owed
     }
 
     /// Pages set.
@@ -130,6 +149,18 @@ mod tests {
         assert_eq!(b.count(), 0);
         // Past the end: never set.
         assert!(!b.put(1 << 20));
+    }
+
+    #[test]
+    fn the_bits_set_now_go_out_as_a_bitmap() {
+        let mut owed = Owed::new(1 << 20);
+        [0, 4096, 200 * 4096].iter().for_each(|o| owed.mark(*o));
+        let b = PageBits::from_owed(&owed);
+        b.take(4096);
+        let now = b.to_owed();
+        assert_eq!(now.pages, 2);
+        assert_eq!(now.offsets().collect::<Vec<_>>(), vec![0, 200 * 4096]);
+        assert_eq!(Owed::decode(&now.encode()).unwrap(), now);
     }
 
     #[test]

@@ -279,12 +279,18 @@ pub struct PostcopyReport {
     /// Its pages written per second there, over its own reports in that time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_writes_per_s: Option<f64>,
+    /// Times post-copy's link failed and was made again.
+    #[serde(default)]
+    pub recoveries: u32,
+    /// Time spent making it again (the vCPUs that faulted meanwhile waited), ms.
+    #[serde(default)]
+    pub recovery_ms: u64,
     /// The risk taken: while post-copy ran, losing either host lost the VM.
     pub risk: String,
 }
 
 /// What every post-copy report and plan says of its risk.
-pub const POSTCOPY_RISK: &str = "until post-copy completes, the VM's memory is split between the hosts: losing either host or the link for longer than the peer timeout loses the VM";
+pub const POSTCOPY_RISK: &str = "until post-copy completes, the VM's memory is split between the hosts: losing either host, or the link for longer than the recovery window (the peer timeout × 6), loses the VM";
 
 /// One disk that moved with the VM.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -423,6 +429,12 @@ impl Report {
                 p.pages_pushed,
                 p.complete_ms
             );
+            if p.recoveries > 0 {
+                s += &format!(
+                    "  post-copy's link failed and was made again {} time(s), {} ms in all\n",
+                    p.recoveries, p.recovery_ms
+                );
+            }
         }
         if let (Some(b), Some(d)) = (
             self.guest_writes_per_s_before,

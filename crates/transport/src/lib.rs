@@ -715,6 +715,15 @@ impl ShutdownHandle {
         Ok(())
     }
 
+    /// Sets the socket's deadlines, keepalive and user timeout as
+    /// [`Connection::set_peer_timeout`] does.
+    pub fn set_peer_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        set_peer_timeout(&self.0, t)?;
+        let ms = t.map_or(0, |t| t.as_millis() as u64);
+        self.1.timeout_ms.store(ms, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Bytes the peer has acknowledged, and bytes received from it, over the connection's life
     /// (TCP_INFO): what crossed the link, whatever encryption or buffering sits above it.
     pub fn delivered(&self) -> io::Result<(u64, u64)> {

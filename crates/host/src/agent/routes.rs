@@ -50,6 +50,9 @@ fn route(a: &Agent, r: &Request) -> Reply {
         (m @ ("GET" | "DELETE" | "PATCH"), ["vms", n, "migration"]) => {
             a.forward(n, m, "/vm/migration", &r.body)
         }
+        ("POST", ["vms", n, "migration", "resume"]) => {
+            a.forward(n, "POST", "/vm/migration/resume", &r.body)
+        }
         ("POST", ["vms", n, "sample"]) => a.forward(n, "POST", "/vm/sample", &r.body),
         ("POST", ["vms", n, "resume"]) => a.resume(n),
         ("POST", ["vms", n, "discard"]) => a.discard(n),

@@ -132,6 +132,16 @@ impl<W: Write> FrameWriter<W> {
         self.send(Kind::Postcopy, &owed.encode())
     }
 
+    /// The pages still owed, as a link made again in post-copy starts.
+    pub fn send_resume(&mut self, owed: &Owed) -> Result<(), ProtocolError> {
+        self.send(Kind::PostcopyResume, &owed.encode())
+    }
+
+    /// Frames sent so far (the next one's sequence number).
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
     pub fn send_postcopy_pages(&mut self, head: &[u8], data: &[u8]) -> Result<(), ProtocolError> {
         self.send_parts(Kind::PostcopyPages, &[head, data])
     }

@@ -149,7 +149,7 @@ pub enum Kind {
     /// ([`Owed`]); the VM resumes there without them (post-copy).
     Postcopy = 18,
     /// src→dst in post-copy: owed pages, a batch as [`Kind::Pages`] without deltas or
-    /// references; pushed on the control connection, asked for on their own.
+    /// references; pushed on the push connection, asked for on their own.
     PostcopyPages = 19,
     /// src→dst: every owed page has been sent (pushed or asked for).
     PostcopyEnd = 20,
@@ -163,6 +163,9 @@ pub enum Kind {
     /// dst→src: the pages of a Postcopy frame sent while the guest still ran are dropped
     /// here; the source may pause.
     OwedPlaced = 24,
+    /// dst→src, first on the push connection of a link made again after a failure in
+    /// post-copy: the pages the destination still lacks ([`Owed`]).
+    PostcopyResume = 25,
 }
 
 impl Kind {
@@ -192,6 +195,7 @@ impl Kind {
             22 => Kind::PostcopyDone,
             23 => Kind::NoPostcopy,
             24 => Kind::OwedPlaced,
+            25 => Kind::PostcopyResume,
             _ => return None,
         })
     }
@@ -204,7 +208,7 @@ impl Kind {
             Kind::RoundEnd | Kind::RoundDone => std::mem::size_of::<RoundEndWire>(),
             Kind::Config | Kind::Verified | Kind::Abort | Kind::Busy | Kind::Redirect => 64 << 10,
             Kind::Pages | Kind::PagesDirect | Kind::PostcopyPages => BATCH,
-            Kind::Postcopy => {
+            Kind::Postcopy | Kind::PostcopyResume => {
                 postcopy::OWED_HEAD_LEN + (postcopy::MAX_POSTCOPY_RAM / PAGE as u64 / 8) as usize
             }
             Kind::PageRequest => postcopy::MAX_REQUEST_PAGES * 8,

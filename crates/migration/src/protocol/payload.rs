@@ -317,6 +317,7 @@ pub enum Frame<'a> {
     PostcopyDone(PostcopyStats),
     NoPostcopy(String),
     OwedPlaced,
+    PostcopyResume(Owed),
 }
 
 impl Frame<'_> {
@@ -344,6 +345,7 @@ impl Frame<'_> {
             Frame::PostcopyDone(_) => Kind::PostcopyDone,
             Frame::NoPostcopy(_) => Kind::NoPostcopy,
             Frame::OwedPlaced => Kind::OwedPlaced,
+            Frame::PostcopyResume(_) => Kind::PostcopyResume,
         }
     }
 }
@@ -408,6 +410,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
         ),
         Kind::DiskBlocks => Frame::DiskBlocks(disk::decode_disk_blocks(payload)?),
         Kind::Postcopy => Frame::Postcopy(Owed::decode(payload)?),
+        Kind::PostcopyResume => Frame::PostcopyResume(Owed::decode(payload)?),
         Kind::PostcopyPages => {
             let (head, data) = BatchHead::parse(payload, kind)?;
             if head.encoded() {

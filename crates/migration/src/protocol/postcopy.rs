@@ -5,9 +5,15 @@
 //! memfd, one bit a page; together they are the pages the destination does not hold. The
 //! destination resumes the VM with those pages missing; it asks for the ones the guest
 //! touches with [`Kind::PageRequest`] on a connection of their own, and the source answers on
-//! another with [`Kind::PostcopyPages`], while it pushes the rest over the control connection
-//! (also PostcopyPages) and says [`Kind::PostcopyEnd`] when every owed page has left.
-//! [`Kind::PostcopyDone`] says the destination holds all of them.
+//! another with [`Kind::PostcopyPages`], while it pushes the rest over a third (also
+//! PostcopyPages) and says [`Kind::PostcopyEnd`] when every owed page has left.
+//! [`Kind::PostcopyDone`] on that third says the destination holds all of them.
+//!
+//! These three connections are post-copy's link; the control connection stays quiet until the
+//! guest's verdict. When the link fails, the source dials the three again (the same session,
+//! the next attempt's indexes, [`link_index`]) and the destination starts the new push
+//! connection with [`Kind::PostcopyResume`]: the pages it still lacks, which the source sends
+//! again whatever it sent before.
 use zerocopy::byteorder::little_endian::U64;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -36,6 +42,23 @@ pub const MAX_POSTCOPY_RAM: u64 = 1 << 40;
 
 /// Most pages one PageRequest asks for.
 pub const MAX_REQUEST_PAGES: usize = 256;
+
+/// Post-copy's link: asks, answers, push.
+pub const LINK_CONNS: u16 = 3;
+
+/// The data hello index of connection `k` (0 asks, 1 answers, 2 push) of the link's
+/// `attempt` (0: the one opened with the page streams), after `streams` page streams; None
+/// past what an index can say.
+pub fn link_index(streams: u16, attempt: u32, k: u16) -> Option<u16> {
+    let i = u32::from(streams) + attempt.checked_mul(LINK_CONNS.into())? + u32::from(k);
+    u16::try_from(i).ok()
+}
+
+/// Which attempt and which of its connections a data hello index names, if it names one.
+pub fn link_slot(streams: u16, index: u16) -> Option<(u32, u16)> {
+    let i = index.checked_sub(streams)?;
+    Some((u32::from(i / LINK_CONNS), i % LINK_CONNS))
+}
 
 /// The pages the destination does not hold at the switch: one bit a page of guest RAM, by
 /// memfd offset.
@@ -225,11 +248,29 @@ pub struct PostcopyStats {
     /// Its pages written per second here, over its own reports in that time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_writes_per_s: Option<f64>,
+    /// Times the link failed and was made again.
+    #[serde(default)]
+    pub recoveries: u32,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_attempt_of_the_link_has_indexes_of_its_own() {
+        assert_eq!(link_index(2, 0, 0), Some(2));
+        assert_eq!(link_index(2, 1, 2), Some(7));
+        assert_eq!(link_slot(2, 7), Some((1, 2)));
+        assert_eq!(link_slot(2, 1), None, "a page stream");
+        for a in 0..100 {
+            for k in 0..LINK_CONNS {
+                assert_eq!(link_slot(4, link_index(4, a, k).unwrap()), Some((a, k)));
+            }
+        }
+        assert_eq!(link_index(0, u32::MAX, 0), None);
+        assert_eq!(link_index(0, 30_000, 0), None);
+    }
 
     #[test]
     fn owed_pages_round_trip_and_give_their_runs() {

@@ -531,14 +531,20 @@ impl Incoming {
     }
 
     /// The page streams `prep` announced, each checked: one per index, within the stream
-    /// deadline. Strays and duplicates are refused by themselves.
+    /// deadline. Strays and duplicates are refused by themselves. The slot stays the
+    /// migration's: post-copy's link, made again, joins it there.
     pub(super) fn collect_streams(
         &self,
         prep: &Prepare,
-    ) -> Result<Vec<Connection>, MigrationError> {
+    ) -> Result<(Vec<Connection>, StreamSlot<'_>), MigrationError> {
         let slot = self.register(prep.session)?;
         let deadline = Instant::now() + self.opts.stream_accept_timeout;
-        let want = prep.streams + if prep.postcopy { 2 } else { 0 };
+        let want = prep.streams
+            + if prep.postcopy {
+                protocol::LINK_CONNS
+            } else {
+                0
+            };
         let mut slots: Vec<Option<Connection>> = (0..want).map(|_| None).collect();
         let mut have = 0;
         while have < want {
@@ -560,7 +566,7 @@ impl Incoming {
                 ),
             }
         }
-        Ok(slots.into_iter().flatten().collect())
+        Ok((slots.into_iter().flatten().collect(), slot))
     }
 }
 

@@ -2,10 +2,14 @@
 //! the memfd) and every view of guest RAM is registered with userfaultfd before the VM loads
 //! its state, so whatever touches one of them (a vCPU through KVM, a device, the state's own
 //! loading) waits while a fault thread asks the source for it. Owed pages arrive by demand on
-//! a connection of their own and by the source's push on the control connection; each is
-//! placed with UFFDIO_COPY, which never overwrites a page already there (a stale pushed copy
-//! must not undo what the guest wrote since). Pages the source never had are zero-filled here
-//! without asking.
+//! a connection of their own and by the source's push on another; each is placed with
+//! UFFDIO_COPY, which never overwrites a page already there (a stale pushed copy must not
+//! undo what the guest wrote since). Pages the source never had are zero-filled here without
+//! asking.
+//!
+//! The three connections are post-copy's link ([`Link`]). When it fails, the vCPUs that fault
+//! wait (the others run), and the source makes it again: the new link starts with the pages
+//! still owed here, and every ask still waiting goes out again.
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,15 +21,20 @@ use ram::{GuestRam, HostRegion, PAGE_SIZE};
 use transport::{Connection, ShutdownHandle};
 use userfaultfd::{Event, EventBuffer, Uffd, UffdBuilder};
 
+use super::state::PushState;
+use super::Step;
 use crate::postcopy::PageBits;
 use crate::protocol::{
     BatchHead, Frame, FrameReader, FrameWriter, Kind, Owed, PostcopyStats, ProtocolError,
-    MAX_REQUEST_PAGES,
+    VerifyOutcome, MAX_REQUEST_PAGES,
 };
 use crate::MigrationError;
 
 /// How often the fault thread looks up from the fault queue (to stop, or to flush asks).
 const FAULT_POLL_MS: i32 = 20;
+
+/// How often the link looks for the guest's verdict once every page is here.
+const VERDICT_POLL: Duration = Duration::from_millis(50);
 
 /// What the fault thread, the reply thread and the push share.
 struct Shared {
@@ -43,8 +52,130 @@ struct Shared {
     faults: AtomicU64,
     pushed: AtomicU64,
     stop: AtomicBool,
-    /// The first failure of a helper thread.
+    /// The first failure of a helper thread that no new link mends.
     failed: Mutex<Option<String>>,
+    /// Where asks go: the link's request connection, while it is up.
+    asks: Mutex<Option<Asks>>,
+    /// Why the link being served failed, once it has.
+    link_lost: Mutex<Option<String>>,
+}
+
+/// Post-copy's link on this side: asks go out on `requests`, the source's answers come on
+/// `replies`, its push on `push` (which takes PostcopyDone back).
+pub(super) struct Link {
+    pub requests: Connection,
+    pub replies: Connection,
+    pub push: Connection,
+}
+
+impl Link {
+    /// The link's connections in the order of their indexes (asks, answers, push), with their
+    /// deadlines: the answers may be quiet as long as the guest touches nothing missing.
+    pub fn new(conns: [Connection; 3], peer_timeout: Duration) -> Result<Self, MigrationError> {
+        for c in &conns {
+            c.set_peer_timeout(Some(peer_timeout))
+                .map_err(MigrationError::socket("setting the peer timeout"))?;
+        }
+        let [requests, replies, push] = conns;
+        replies
+            .set_read_timeout(None)
+            .map_err(MigrationError::socket("setting the read timeout"))?;
+        Ok(Link {
+            requests,
+            replies,
+            push,
+        })
+    }
+
+    fn handles(&self) -> Result<Arc<[ShutdownHandle]>, MigrationError> {
+        [&self.requests, &self.replies, &self.push]
+            .iter()
+            .map(|c| {
+                c.shutdown_handle()
+                    .map_err(MigrationError::socket("cloning a post-copy connection"))
+            })
+            .collect()
+    }
+}
+
+/// The links the source makes again, as their connections arrive (any order, any attempt).
+pub(super) struct Relinks {
+    streams: u16,
+    /// The latest attempt taken: older ones' connections are strays.
+    taken: u32,
+    parts: HashMap<u32, [Option<Connection>; 3]>,
+}
+
+impl Relinks {
+    /// For a migration with `streams` page streams, whose first link was attempt 0.
+    pub fn new(streams: u16) -> Self {
+        Relinks {
+            streams,
+            taken: 0,
+            parts: HashMap::new(),
+        }
+    }
+
+    /// The next whole link from `arrivals` within `within`, if one comes.
+    pub fn next(
+        &mut self,
+        arrivals: &std::sync::mpsc::Receiver<(u16, Connection)>,
+        within: Duration,
+        peer_timeout: Duration,
+    ) -> Result<Option<Link>, MigrationError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok((index, conn)) = arrivals.recv_timeout(left) else {
+                return Ok(None);
+            };
+            let Some((attempt, k)) =
+                crate::protocol::link_slot(self.streams, index).filter(|(a, _)| {
+                    *a > self.taken && (self.parts.len() < 8 || self.parts.contains_key(a))
+                })
+            else {
+                tracing::warn!(
+                    "refused connection {index} from {}: not of a new link",
+                    conn.peer
+                );
+                continue;
+            };
+            let parts = self.parts.entry(attempt).or_default();
+            parts[usize::from(k)] = Some(conn);
+            if parts.iter().all(Option::is_some) {
+                let Some([Some(a), Some(b), Some(c)]) = self.parts.remove(&attempt) else {
+                    continue;
+                };
+                self.taken = attempt;
+                self.parts.retain(|a, _| *a > attempt);
+                return Link::new([a, b, c], peer_timeout).map(Some);
+            }
+        }
+    }
+}
+
+/// The request connection and its frames' count, and the link it belongs to.
+struct Asks {
+    conn: Connection,
+    seq: u32,
+    link: Arc<[ShutdownHandle]>,
+}
+
+impl Asks {
+    fn send(&mut self, pages: &[u64]) -> Result<(), ProtocolError> {
+        let mut out = FrameWriter::with_seq(&mut self.conn.writer, self.seq);
+        let sent = out.send_page_request(pages).and_then(|()| out.flush());
+        self.seq = out.seq();
+        sent
+    }
+}
+
+/// How serving one link ended.
+pub(super) enum Served {
+    /// Every owed page is here, and the source was told so and given the guest's verdict.
+    Done,
+    /// The link failed (why); the source may make it again.
+    Lost(String),
 }
 
 /// Makes the pages `owed` names missing here (holes in the memfd), so that touching one
@@ -87,7 +218,10 @@ fn uffd() -> Result<Uffd, MigrationError> {
 pub(super) struct Postcopy {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-    conns: Vec<ShutdownHandle>,
+    /// Links served so far: each after the first starts with PostcopyResume.
+    links: u32,
+    /// What post-copy measured, once every page is here.
+    done: Option<PostcopyStats>,
     resumed: Option<Instant>,
     complete_ms: Option<u64>,
     owed_at_start: u64,
@@ -99,13 +233,8 @@ pub(super) struct Postcopy {
 
 impl Postcopy {
     /// Registers every view of `ram` (whose owed pages [`drop_owed`] made missing) and starts
-    /// the threads that fetch pages from the source: `requests` carries asks to it, `replies` its pages.
-    pub fn start(
-        ram: &GuestRam,
-        owed: &Owed,
-        requests: Connection,
-        replies: Connection,
-    ) -> Result<Self, MigrationError> {
+    /// the thread that reads faults; [`Self::serve`] gives it a link to ask over.
+    pub fn start(ram: &GuestRam, owed: &Owed) -> Result<Self, MigrationError> {
         let uffd = uffd()?;
         let views = ram.views()?;
         for r in views.iter().flatten() {
@@ -124,19 +253,14 @@ impl Postcopy {
             pushed: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             failed: Mutex::new(None),
+            asks: Mutex::new(None),
+            link_lost: Mutex::new(None),
         });
-        let conns = vec![
-            requests
-                .shutdown_handle()
-                .map_err(MigrationError::socket("cloning the request connection"))?,
-            replies
-                .shutdown_handle()
-                .map_err(MigrationError::socket("cloning the reply connection"))?,
-        ];
         let mut pc = Postcopy {
             shared,
             threads: Vec::new(),
-            conns,
+            links: 0,
+            done: None,
             resumed: None,
             complete_ms: None,
             owed_at_start: owed.pages,
@@ -144,31 +268,146 @@ impl Postcopy {
             guest_pages_written: None,
             guest_writes_per_s: None,
         };
-        pc.spawn("livemig-faults", move |s| fault_loop(&s, requests))?;
-        pc.spawn("livemig-replies", move |s| reply_loop(&s, replies))?;
+        let s = pc.shared.clone();
+        let faults = std::thread::Builder::new()
+            .name("livemig-faults".into())
+            .spawn(move || {
+                if let Err(e) = fault_loop(&s) {
+                    s.fail(&e);
+                }
+            })
+            .map_err(|source| MigrationError::Thread {
+                what: "post-copy faults",
+                source,
+            })?;
+        pc.threads.push(faults);
         Ok(pc)
     }
 
-    fn spawn(
+    /// Serves one link until every owed page is here (then says PostcopyDone on it) or the
+    /// link fails. A link after the first starts by naming the pages still owed, and the asks
+    /// still waiting go out on it again. Once post-copy is complete, a new link (the source
+    /// missed PostcopyDone) is told nothing is owed and gets PostcopyDone again.
+    pub fn serve(
         &mut self,
-        name: &str,
-        f: impl FnOnce(Arc<Shared>) -> Result<(), MigrationError> + Send + 'static,
-    ) -> Result<(), MigrationError> {
-        let s = self.shared.clone();
-        let t = std::thread::Builder::new()
-            .name(name.into())
+        link: Link,
+        timeout: Duration,
+        verdict: &Mutex<Option<VerifyOutcome>>,
+    ) -> Result<Served, MigrationError> {
+        let handles = link.handles()?;
+        *locks::lock(&self.shared.link_lost) = None;
+        let Link {
+            requests,
+            replies,
+            mut push,
+        } = link;
+        let retired = Arc::new(AtomicBool::new(false));
+        let (s, r) = (self.shared.clone(), retired.clone());
+        let link_of_replies = handles.clone();
+        let replier = std::thread::Builder::new()
+            .name("livemig-replies".into())
             .spawn(move || {
-                if let Err(e) = f(s.clone()) {
-                    if !s.stop.load(Ordering::SeqCst) {
-                        locks::lock(&s.failed).get_or_insert(e.to_string());
+                if let Err(e) = reply_loop(&s, replies) {
+                    if !r.load(Ordering::SeqCst) {
+                        s.lose_link(&e, &link_of_replies);
                     }
                 }
             })
             .map_err(|source| MigrationError::Thread {
-                what: "post-copy",
+                what: "post-copy replies",
                 source,
             })?;
-        self.threads.push(t);
+        let served = self.serve_push(
+            (&mut push, requests),
+            (&handles, &retired),
+            timeout,
+            verdict,
+        );
+        retired.store(true, Ordering::SeqCst);
+        handles.iter().for_each(ShutdownHandle::shutdown);
+        let _ = replier.join();
+        locks::lock(&self.shared.asks).take();
+        match served {
+            Ok(()) => Ok(Served::Done),
+            Err(e) if e.is_link_failure() => {
+                let why = locks::lock(&self.shared.link_lost).take();
+                self.check()?;
+                Ok(Served::Lost(why.unwrap_or_else(|| e.to_string())))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The push connection's part of [`Self::serve`]: the resume, the asks handed over, the
+    /// push placed until its end, PostcopyDone once every owed page is here; then the guest's
+    /// verdict, once it is in, and the source's close.
+    fn serve_push(
+        &mut self,
+        (push, requests): (&mut Connection, Connection),
+        (link, retired): (&Arc<[ShutdownHandle]>, &AtomicBool),
+        timeout: Duration,
+        verdict: &Mutex<Option<VerifyOutcome>>,
+    ) -> Result<(), MigrationError> {
+        let mut out = FrameWriter::new(&mut push.writer);
+        if self.links > 0 {
+            out.send_resume(&self.shared.owed.to_owed())?;
+            out.flush()?;
+        }
+        self.links += 1;
+        self.shared.hand_asks(Asks {
+            conn: requests,
+            seq: 0,
+            link: link.clone(),
+        })?;
+        let mut input = FrameReader::new(&mut push.reader);
+        let mut state = PushState::Pushing;
+        while state == PushState::Pushing {
+            let (next, step) = state.next(input.next_frame()?)?;
+            state = next;
+            if let Step::Pages { head, data } = step {
+                self.place(&head, data)?;
+            }
+        }
+        if self.done.is_none() {
+            self.wait_complete(timeout)?;
+            self.done = Some(self.complete());
+        }
+        let stats = self.done.clone().unwrap_or_default();
+        // The source closes the asks and answers once it has this.
+        retired.store(true, Ordering::SeqCst);
+        out.send_postcopy_done(&stats)?;
+        out.flush()?;
+        // Quiet from here until the verdict: the link's failure shows as its close.
+        link[2]
+            .set_read_timeout(Some(VERDICT_POLL))
+            .map_err(MigrationError::socket("setting the read timeout"))?;
+        let outcome = loop {
+            if let Some(v) = locks::lock(verdict).clone() {
+                break v;
+            }
+            match input.next_frame() {
+                Err(ProtocolError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Ok(f) => {
+                    return Err(ProtocolError::Unexpected {
+                        kind: f.kind(),
+                        state: "postcopy-done",
+                    }
+                    .into())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        out.send_verified(&outcome)?;
+        out.flush()?;
+        link[2]
+            .set_read_timeout(Some(timeout))
+            .map_err(MigrationError::socket("setting the read timeout"))?;
+        // The source closes the link once it has the verdict.
+        let _ = input.next_frame();
         Ok(())
     }
 
@@ -182,13 +421,10 @@ impl Postcopy {
     }
 
     /// Places a pushed batch.
-    pub fn place(&self, head: &BatchHead<'_>, data: &[u8]) -> Result<(), MigrationError> {
+    fn place(&self, head: &BatchHead<'_>, data: &[u8]) -> Result<(), MigrationError> {
         self.check()?;
         let n = place_batch(&self.shared, head, data)?;
         self.shared.pushed.fetch_add(n, Ordering::Relaxed);
-        if self.shared.owed.count() == 0 {
-            self.note_complete();
-        }
         Ok(())
     }
 
@@ -204,22 +440,32 @@ impl Postcopy {
         }
     }
 
-    /// Waits until every owed page is here (the source has said it sent them all), or fails
-    /// once nothing arrived for `timeout`.
-    pub fn wait_complete(&mut self, timeout: Duration) -> Result<(), MigrationError> {
+    /// Waits until every owed page is here (the source has said it sent them all); fails as
+    /// the link does, or once nothing arrived for `timeout`.
+    fn wait_complete(&mut self, timeout: Duration) -> Result<(), MigrationError> {
         let mut last = (self.shared.owed.count(), Instant::now());
         while self.shared.owed.count() > 0 {
             self.check()?;
+            if let Some(why) = locks::lock(&self.shared.link_lost).clone() {
+                return Err(ProtocolError::Io(std::io::Error::other(why)).into());
+            }
             let left = self.shared.owed.count();
             if left != last.0 {
                 last = (left, Instant::now());
             } else if last.1.elapsed() > timeout {
-                return Err(MigrationError::Postcopy(format!(
-                    "{left} owed pages still missing {timeout:?} after the source's last"
-                )));
+                return Err(MigrationError::TimedOut {
+                    secs: timeout.as_secs_f64(),
+                    waiting_for: format!("{left} owed pages the source says it sent"),
+                });
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        Ok(())
+    }
+
+    /// Every page is here: the registration ends, the fault thread stops, and what post-copy
+    /// measured is taken.
+    fn complete(&mut self) -> PostcopyStats {
         self.complete_ms = self.note_complete();
         // Its reports since the resume (its rate's samples restarted with the VM here).
         let since = self.resumed.map_or(Duration::from_secs(1), |t| t.elapsed());
@@ -229,12 +475,6 @@ impl Postcopy {
                 self.guest_writes_per_s = w.per_s;
             }
         }
-        Ok(())
-    }
-
-    /// Every page is here: the registration ends and the threads stop. Returns what
-    /// post-copy measured.
-    pub fn finish(mut self) -> PostcopyStats {
         self.stop();
         let s = &self.shared;
         let mut lat = std::mem::take(&mut *locks::lock(&s.latencies_us));
@@ -255,7 +495,13 @@ impl Postcopy {
             complete_ms: self.complete_ms.unwrap_or(0),
             guest_pages_written: self.guest_pages_written,
             guest_writes_per_s: self.guest_writes_per_s,
+            recoveries: self.links.saturating_sub(1),
         }
+    }
+
+    /// What post-copy measured, once complete.
+    pub fn stats(&self) -> Option<&PostcopyStats> {
+        self.done.as_ref()
     }
 
     /// Pages owed at the switch.
@@ -264,16 +510,17 @@ impl Postcopy {
     }
 
     /// Ends the registration (which wakes any access still waiting: from here a missing page
-    /// reads as zero) and stops the threads.
+    /// reads as zero) and stops the fault thread.
     fn stop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        if self.shared.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
         for r in self.shared.views.iter().flatten() {
             let _ = self
                 .shared
                 .uffd
                 .unregister(r.host_addr as *mut _, r.range.len as usize);
         }
-        self.conns.iter().for_each(ShutdownHandle::shutdown);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -292,6 +539,51 @@ fn failed(what: &'static str, e: userfaultfd::Error) -> MigrationError {
 }
 
 impl Shared {
+    /// A failure no new link mends.
+    fn fail(&self, e: &MigrationError) {
+        if !self.stop.load(Ordering::SeqCst) {
+            locks::lock(&self.failed).get_or_insert(e.to_string());
+        }
+    }
+
+    /// A connection of the link failed: every one of them is closed, so whatever waits on
+    /// one fails and the link is made again; a failure that is not the link's is kept.
+    fn lose_link(&self, e: &MigrationError, link: &[ShutdownHandle]) {
+        if !e.is_link_failure() {
+            self.fail(e);
+        }
+        locks::lock(&self.link_lost).get_or_insert(e.to_string());
+        link.iter().for_each(ShutdownHandle::shutdown);
+    }
+
+    /// Asks the source for `pages` while the link is up; otherwise they wait in `waiting`
+    /// for the next link.
+    fn ask(&self, pages: &[u64]) {
+        let mut asks = locks::lock(&self.asks);
+        if let Some(a) = asks.as_mut() {
+            if let Err(e) = a.send(pages) {
+                let link = a.link.clone();
+                *asks = None;
+                self.lose_link(&e.into(), &link);
+            }
+        }
+    }
+
+    /// Asks go over a new link from now, starting with every page a fault still waits for.
+    fn hand_asks(&self, mut a: Asks) -> Result<(), MigrationError> {
+        let mut asks = locks::lock(&self.asks);
+        let waiting: Vec<u64> = locks::lock(&self.waiting)
+            .keys()
+            .copied()
+            .filter(|off| self.owed.test(*off))
+            .collect();
+        for pages in waiting.chunks(MAX_REQUEST_PAGES) {
+            a.send(pages)?;
+        }
+        *asks = Some(a);
+        Ok(())
+    }
+
     /// The memfd offset of host address `addr` in any view, and the view's address of it.
     fn offset_of(&self, addr: u64) -> Option<u64> {
         self.views.iter().flatten().find_map(|r| {
@@ -383,8 +675,7 @@ fn place_batch(s: &Shared, head: &BatchHead<'_>, data: &[u8]) -> Result<u64, Mig
 }
 
 /// Reads faults; asks the source for owed pages (each once) and zero-fills the others.
-fn fault_loop(s: &Shared, mut requests: Connection) -> Result<(), MigrationError> {
-    let mut out = FrameWriter::new(&mut requests.writer);
+fn fault_loop(s: &Shared) -> Result<(), MigrationError> {
     let mut buf = EventBuffer::new(64);
     let mut ask = Vec::with_capacity(MAX_REQUEST_PAGES);
     while !s.stop.load(Ordering::SeqCst) {
@@ -422,23 +713,22 @@ fn fault_loop(s: &Shared, mut requests: Connection) -> Result<(), MigrationError
                 s.fill(off, None)?;
             }
             if ask.len() == MAX_REQUEST_PAGES {
-                out.send_page_request(&ask)?;
+                s.ask(&ask);
                 ask.clear();
             }
         }
         if !ask.is_empty() {
-            out.send_page_request(&ask)?;
-            out.flush()?;
+            s.ask(&ask);
             ask.clear();
         }
     }
     Ok(())
 }
 
-/// Places the source's answers to the asks.
+/// Places the source's answers to the asks, until the link ends.
 fn reply_loop(s: &Shared, mut replies: Connection) -> Result<(), MigrationError> {
     let mut input = FrameReader::new(&mut replies.reader);
-    while !s.stop.load(Ordering::SeqCst) {
+    loop {
         match input.next_frame() {
             Ok(Frame::PostcopyPages { head, data }) => {
                 place_batch(s, &head, data)?;
@@ -450,9 +740,7 @@ fn reply_loop(s: &Shared, mut replies: Connection) -> Result<(), MigrationError>
                 }
                 .into())
             }
-            Err(ProtocolError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
 }

@@ -2,6 +2,7 @@
 //! the VM built, the memory phase over the control connection and the page streams, then the
 //! state loaded, the confirmation, the VM resumed and the guest's verdict sent back.
 use std::io::Write;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use migratable::{GuestVerdict, Migratable, Pausable, PreparedVm, Snapshot, VmFactory};
@@ -10,7 +11,6 @@ use transport::{Connection, ShutdownHandle};
 use super::disks;
 use super::place::{place, place_direct, Dest};
 use super::postcopy;
-use super::state::PushState;
 use super::streams::{self, RoundBarrier};
 use super::Received;
 use super::{cache, incoming, populate, Events, Incoming, Pending, ReceiveEvent, ReceiveStats};
@@ -91,8 +91,10 @@ impl Incoming {
         // Copied disks get their files here first; the VM is built on them.
         let mut disks = disks::DiskSink::create(opts.disk_dir.as_deref(), &mut prep)?;
         let config_ms = t_config.elapsed().as_millis();
-        let mut streams = self.collect_streams(&prep)?;
-        let demand = prep.postcopy.then(|| take_demand(&mut streams)).flatten();
+        let (mut streams, slot) = self.collect_streams(&prep)?;
+        // Post-copy's link came last; the slot stays while it may be made again.
+        let link = prep.postcopy.then(|| take_link(&mut streams)).flatten();
+        let relink = prep.postcopy.then_some(slot);
         for s in &streams {
             s.set_peer_timeout(Some(opts.peer_timeout))
                 .map_err(MigrationError::socket("setting the peer timeout"))?;
@@ -142,7 +144,7 @@ impl Incoming {
         stats.cached_pages = cache.as_ref().map_or(0, |c| c.added());
         // Post-copy: the owed pages go missing and are fetched when touched, from before the
         // state loads (loading it may read guest RAM).
-        let postcopy = start_postcopy(prepared.ram(), owed, demand)?;
+        let postcopy = start_postcopy(prepared.ram(), owed, link, opts.peer_timeout)?;
 
         // Everything is here (or, in post-copy, on its way): load the state paused, confirm,
         // then run.
@@ -162,9 +164,17 @@ impl Incoming {
         );
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
-        let outcome = match postcopy {
-            None => verify(&mut vm, opts.verify_timeout),
-            Some(pc) => verify_in_postcopy(&mut vm, pc, (&mut input, &mut out), opts)?,
+        let outcome = match (postcopy, relink) {
+            (Some((pc, link)), Some(slot)) => {
+                // The verdict goes over post-copy's link, which may have moved to another
+                // network; the control connection is done with.
+                let cpu = || thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds;
+                let relinks = postcopy::Relinks::new(prep.streams);
+                verify_in_postcopy(&mut vm, (pc, link), (slot, relinks), opts, cpu)?;
+                drop(cache);
+                return Ok((vm, stats));
+            }
+            _ => verify(&mut vm, opts.verify_timeout),
         };
         let outcome = VerifyOutcome {
             cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
@@ -381,28 +391,27 @@ fn control_loop<R: DirectRead, W: Write>(
     }
 }
 
-/// Post-copy's two connections, which come after the page streams: asks, then answers.
-fn take_demand(streams: &mut Vec<Connection>) -> Option<(Connection, Connection)> {
-    let replies = streams.pop();
-    streams.pop().zip(replies)
+/// Post-copy's link, which comes after the page streams: asks, answers, push.
+fn take_link(streams: &mut Vec<Connection>) -> Option<[Connection; 3]> {
+    let n = streams
+        .len()
+        .checked_sub(usize::from(protocol::LINK_CONNS))?;
+    streams.split_off(n).try_into().ok()
 }
 
 /// Post-copy, when the source named owed pages: every view of guest RAM registered and the
-/// threads that fetch pages started, before the state loads (loading it may read guest RAM).
+/// fault thread started, before the state loads (loading it may read guest RAM).
 fn start_postcopy(
     ram: &ram::GuestRam,
     owed: Option<Box<Owed>>,
-    demand: Option<(Connection, Connection)>,
-) -> Result<Option<postcopy::Postcopy>, MigrationError> {
-    match (owed, demand) {
-        (Some(owed), Some((requests, replies))) => {
-            replies
-                .set_read_timeout(None)
-                .map_err(MigrationError::socket("setting the read timeout"))?;
-            Ok(Some(postcopy::Postcopy::start(
-                ram, &owed, requests, replies,
-            )?))
-        }
+    link: Option<[Connection; 3]>,
+    peer_timeout: Duration,
+) -> Result<Option<(postcopy::Postcopy, postcopy::Link)>, MigrationError> {
+    match (owed, link) {
+        (Some(owed), Some(link)) => Ok(Some((
+            postcopy::Postcopy::start(ram, &owed)?,
+            postcopy::Link::new(link, peer_timeout)?,
+        ))),
         (Some(_), None) => Err(ProtocolError::Unexpected {
             kind: Kind::Postcopy,
             state: "a migration that did not announce post-copy",
@@ -413,49 +422,77 @@ fn start_postcopy(
 }
 
 /// The guest's verdict on its memory while post-copy brings in what it lacks (its reads fault
-/// pages in), and post-copy finished; a failure of post-copy loses the VM.
-fn verify_in_postcopy<V: Migratable, R: DirectRead + Send, W: Write + Send>(
+/// pages in), sent over post-copy's link once post-copy is done; a failure of post-copy
+/// loses the VM. `cpu` says what this side has spent.
+fn verify_in_postcopy<V: Migratable>(
     vm: &mut V,
-    mut pc: postcopy::Postcopy,
-    (input, out): (&mut FrameReader<R>, &mut FrameWriter<W>),
+    (mut pc, link): (postcopy::Postcopy, postcopy::Link),
+    relink: (incoming::StreamSlot<'_>, postcopy::Relinks),
     opts: &super::ReceiveOptions,
-) -> Result<VerifyOutcome, MigrationError> {
+    cpu: impl Fn() -> f64,
+) -> Result<(), MigrationError> {
     pc.resumed(vm.guest_writes());
-    let (outcome, done) = std::thread::scope(|sc| {
-        let push = sc.spawn(|| finish_postcopy(pc, input, out, opts.peer_timeout));
+    let verdict = Mutex::new(None);
+    let done = std::thread::scope(|sc| {
+        let verdict = &verdict;
+        let push = sc.spawn(move || finish_postcopy(pc, link, relink, opts.peer_timeout, verdict));
         let outcome = verify(vm, opts.verify_timeout);
-        let done = push
-            .join()
-            .unwrap_or_else(|_| Err(MigrationError::StreamFailed));
-        (outcome, done)
+        *locks::lock(verdict) = Some(VerifyOutcome {
+            cpu_seconds: cpu(),
+            ..outcome
+        });
+        push.join()
+            .unwrap_or_else(|_| Err(MigrationError::StreamFailed))
     });
     let stats = done.map_err(|e| MigrationError::VmLost(e.to_string()))?;
     tracing::info!(?stats, "post-copy complete here");
-    Ok(outcome)
+    Ok(())
 }
 
-/// Post-copy after the resume: the source's push placed as it comes, until its end and every
-/// owed page here; then PostcopyDone with what it measured.
-fn finish_postcopy<R: DirectRead, W: Write>(
+/// Post-copy after the resume: links served until every owed page is here and the source has
+/// been told, and given the guest's verdict; a failed link is waited for again (the vCPUs
+/// that fault wait with it) within the recovery window. Once every page is here, a source
+/// that does not come back only misses the verdict: the VM runs here, whole.
+fn finish_postcopy(
     mut pc: postcopy::Postcopy,
-    input: &mut FrameReader<R>,
-    out: &mut FrameWriter<W>,
+    link: postcopy::Link,
+    (slot, mut relinks): (incoming::StreamSlot<'_>, postcopy::Relinks),
     timeout: Duration,
+    verdict: &Mutex<Option<VerifyOutcome>>,
 ) -> Result<protocol::PostcopyStats, MigrationError> {
-    let mut state = PushState::Pushing;
-    while state == PushState::Pushing {
-        let (next, step) = state.next(input.next_frame()?)?;
-        state = next;
-        if let Step::Pages { head, data } = step {
-            pc.place(&head, data)?;
+    let window = crate::postcopy::recovery_window(timeout);
+    let mut link = link;
+    loop {
+        let why = match pc.serve(link, timeout, verdict)? {
+            postcopy::Served::Done => break,
+            postcopy::Served::Lost(why) => why,
+        };
+        let complete = pc.stats().is_some();
+        tracing::warn!(
+            complete,
+            "post-copy: the link failed ({why}); waiting for the source to make it again (within {window:?})"
+        );
+        let t = Instant::now();
+        match relinks.next(&slot.arrivals, window, timeout)? {
+            Some(l) => link = l,
+            None if complete => {
+                tracing::warn!("post-copy: the source did not come back for the guest's verdict; the VM runs here, whole");
+                break;
+            }
+            None => {
+                return Err(MigrationError::Postcopy(format!(
+                    "the link failed ({why}) and the source did not make it again within {window:?}"
+                )))
+            }
         }
+        tracing::info!(after = ?t.elapsed(), "post-copy: the link is made again");
     }
-    pc.wait_complete(timeout)?;
-    let owed = pc.owed_pages();
-    let stats = pc.finish();
-    tracing::debug!(owed, ?stats, "post-copy: every owed page is here");
-    out.send_postcopy_done(&stats)?;
-    out.flush()?;
+    let stats = pc.stats().cloned().unwrap_or_default();
+    tracing::debug!(
+        owed = pc.owed_pages(),
+        ?stats,
+        "post-copy: every owed page is here"
+    );
     Ok(stats)
 }
 

@@ -12,6 +12,7 @@ mod link;
 mod page_set;
 mod pages;
 mod postcopy;
+mod resume;
 mod streams;
 mod watchdog;
 
@@ -31,6 +32,7 @@ pub use cancel::{Cancel, TOO_LATE};
 use compress::Compressor;
 use link::{Link, Reader};
 use pages::{LinkMeter, PagePath, PageSender};
+pub use resume::Resume;
 use streams::Streams;
 use watchdog::Watchdog;
 
@@ -87,6 +89,8 @@ pub struct MigrateOptions {
     pub disk_sync: Option<migratable::DiskSync>,
     /// Whether and when the VM may move to the destination before all its memory is there.
     pub postcopy: policy::PostcopyMode,
+    /// Makes a paused post-copy try again from another thread (`migrate --resume`).
+    pub resume: Resume,
 }
 
 impl MigrateOptions {
@@ -116,6 +120,7 @@ impl MigrateOptions {
             remove_source: false,
             disk_sync: None,
             postcopy: policy::PostcopyMode::Auto,
+            resume: Resume::default(),
         }
     }
 
@@ -264,12 +269,21 @@ fn run(
     };
     let ((mut conn, mut streams, to, preamble), scanned) =
         open_while_scanning(opts, &offer, &limit, &source.ram, t0)?;
-    // Post-copy's two connections came last.
-    let demand = if opts.postcopy.possible() {
-        let replies = streams.pop();
-        streams.pop().zip(replies)
+    // Post-copy's link came last.
+    let link = if opts.postcopy.possible() {
+        let n = streams
+            .len()
+            .saturating_sub(usize::from(protocol::LINK_CONNS));
+        let conns: Option<[Connection; 3]> = streams.split_off(n).try_into().ok();
+        conns.map(postcopy::Link::of)
     } else {
         None
+    };
+    let redial = Redial {
+        streams: u16::try_from(opts.stream_targets(&to).len()).unwrap_or(u16::MAX),
+        to: to.clone(),
+        session,
+        limit: limit.clone(),
     };
     let (extents, extents_ms) = (scanned.extents, scanned.ended_ms);
     let prepare_ms = t0.elapsed().as_millis() as u64;
@@ -300,7 +314,8 @@ fn run(
         s.report.dirty_log = guard.mode.into();
         s.report.vcpu_yield.clone_from(&vcpu_yield);
         s.sender.announce_extents(&extents)?;
-        s.demand = demand;
+        s.link = link;
+        s.redial = Some(redial);
         s.copy_disks()?;
         let postcopy = if policy::switch_to_postcopy(s.postcopy, 0, Decision::Continue) {
             s.report.stop_reason = "postcopy".into();
@@ -310,7 +325,7 @@ fn run(
             s.sync()?
         };
         match postcopy {
-            Some(reason) => s.postcopy(&mut guard, &extents, reason)?,
+            Some(reason) => s.postcopy(&mut guard, &extents, reason, &watchdog)?,
             None => s.switchover(&mut guard)?,
         }
         // The guest's verify on the destination may take longer than the peer timeout.
@@ -537,6 +552,22 @@ impl GuestRate {
     }
 }
 
+/// How long post-copy waits between two attempts to make its link again.
+const RELINK_PAUSE: Duration = Duration::from_millis(200);
+
+/// How often, and for how long in all, post-copy's link was made again.
+#[derive(Default)]
+struct Recovered {
+    times: u32,
+    ms: u64,
+}
+
+/// Whether `e` says nobody listens at the destination any more.
+fn is_refused(e: &MigrationError) -> bool {
+    matches!(e, MigrationError::Transport(transport::TransportError::Connect { source, .. })
+        if source.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 /// Pages per post-copy push batch (256 KiB): small, so an answer to an ask does not queue
 /// behind much of the push at the link.
 const PUSH_BATCH: usize = 64;
@@ -628,7 +659,8 @@ fn connect(
     Ok(conn)
 }
 
-/// The page streams: one per NIC pair with `network`, else `channels` to the same address.
+/// The page streams: one per NIC pair with `network`, else `channels` to the same address;
+/// then post-copy's link, when post-copy may come.
 fn connect_streams(
     opts: &MigrateOptions,
     to: &str,
@@ -636,33 +668,58 @@ fn connect_streams(
     limit: &Option<Arc<RateLimit>>,
 ) -> Result<Vec<Connection>, MigrationError> {
     let mut conns = Vec::new();
-    let mut targets = opts.stream_targets(to);
-    let paced = targets.len();
-    // Post-copy's asks and answers: to the control connection's address, and not paced (the
-    // answers are what the guest waits for).
-    if opts.postcopy.possible() {
-        targets.extend([(None, to.to_string()), (None, to.to_string())]);
-    }
+    let targets = opts.stream_targets(to);
+    let streams = u16::try_from(targets.len()).unwrap_or(u16::MAX);
     for (i, (local, remote)) in (0u16..).zip(targets) {
-        let mut c = match local {
-            Some(l) => transport::connect_from(l, &remote, opts.connect_timeout, opts.security()?)?,
-            None => transport::connect(&remote, opts.connect_timeout, opts.security()?)?,
-        };
-        c.set_peer_timeout(Some(opts.peer_timeout))
-            .map_err(MigrationError::socket("setting the peer timeout"))?;
-        if usize::from(i) < paced {
-            c.set_rate_limit(limit.clone());
-        }
-        protocol::write_data_hello(&mut c.writer, i, session).map_err(|e| {
-            MigrationError::Stream {
-                index: i.into(),
-                peer: remote.clone(),
-                cause: Box::new(e.into()),
-            }
-        })?;
-        conns.push(c);
+        conns.push(dial_data(
+            opts,
+            (local, &remote),
+            (i, session),
+            limit.clone(),
+            opts.connect_timeout,
+        )?);
+    }
+    if opts.postcopy.possible() {
+        let link = postcopy::dial(opts, to, (streams, session, 0), limit, opts.connect_timeout)?;
+        conns.extend(link.into_conns());
     }
     Ok(conns)
+}
+
+/// A data connection (page stream or post-copy's) to `remote`, from `local` if given, made
+/// `within` that long: its hello names its `index` in migration `session`; paced by `limit`
+/// if given.
+fn dial_data(
+    opts: &MigrateOptions,
+    (local, remote): (Option<std::net::IpAddr>, &str),
+    (index, session): (u16, u64),
+    limit: Option<Arc<RateLimit>>,
+    within: Duration,
+) -> Result<Connection, MigrationError> {
+    let mut c = match local {
+        Some(l) => transport::connect_from(l, remote, within, opts.security()?)?,
+        None => transport::connect(remote, within, opts.security()?)?,
+    };
+    c.set_peer_timeout(Some(opts.peer_timeout))
+        .map_err(MigrationError::socket("setting the peer timeout"))?;
+    c.set_rate_limit(limit);
+    protocol::write_data_hello(&mut c.writer, index, session).map_err(|e| {
+        MigrationError::Stream {
+            index: index.into(),
+            peer: remote.to_string(),
+            cause: Box::new(e.into()),
+        }
+    })?;
+    Ok(c)
+}
+
+/// What it takes to make post-copy's link again: where it goes (after any redirect), the
+/// migration's session, its page streams (the link's indexes come after theirs), the pace.
+struct Redial {
+    to: String,
+    session: u64,
+    streams: u16,
+    limit: Option<Arc<RateLimit>>,
 }
 
 /// Undoes what a failed migration changed on the source: dirty logging off, throttle off,
@@ -755,8 +812,12 @@ struct Session<'a> {
     unsent: Vec<DirtyBitmap>,
     /// The disks that move with the VM (`--storage copy`).
     disks: Option<disks::DiskCopy>,
-    /// Post-copy's connections (asks, answers), when it may happen.
-    demand: Option<(Connection, Connection)>,
+    /// Post-copy's link, when it may happen, and how to make it again.
+    link: Option<postcopy::Link>,
+    redial: Option<Redial>,
+    /// Where the guest's verdict comes from when not the control connection: post-copy's
+    /// push connection, and the destination's frames sent on it so far.
+    verdict_from: Option<(Connection, u32)>,
     /// Whether and when post-copy may come (`opts.postcopy`, unless the destination cannot).
     postcopy: policy::PostcopyMode,
     /// The guest's own write counts, for its rate before and during the migration.
@@ -835,7 +896,9 @@ impl<'a> Session<'a> {
             round: 0,
             unsent: Vec::new(),
             disks: None,
-            demand: None,
+            link: None,
+            redial: None,
+            verdict_from: None,
             postcopy: opts.postcopy,
             writes: None,
         })
@@ -1299,8 +1362,9 @@ impl<'a> Session<'a> {
         guard: &mut SourceGuard,
         extents: &[(u64, u64)],
         reason: String,
+        watchdog: &Watchdog,
     ) -> Result<(), MigrationError> {
-        let Some((requests, replies)) = self.demand.take() else {
+        let Some(link) = self.link.take() else {
             return Err(MigrationError::Postcopy(
                 "its connections were not opened".into(),
             ));
@@ -1337,13 +1401,17 @@ impl<'a> Session<'a> {
         self.sender.flush_control()?;
         owed.merge(&last);
         let unsent = Arc::new(PageBits::from_owed(&owed));
+        self.count_wire(&link);
         // Loading the state on the destination may already fault.
-        let demand = postcopy::Demand::start(self.ram.clone(), unsent.clone(), requests, replies)?;
+        let demand = postcopy::Demand::start(self.ram.clone(), unsent.clone(), link)?;
         self.opts.cancel.commit()?;
         locks::lock(self.vm).hand_over()?;
         self.sender.send_state_and_done(&state)?;
         guard.armed = false;
         self.await_confirm()?;
+        // From here post-copy's link watches the destination, and is made again when it
+        // fails; the guest's verdict comes over it too.
+        watchdog.disarm();
         let downtime = t_pause.elapsed().as_millis() as u64;
         self.report.downtime_ms = downtime;
         self.report.phases.switchover_ms = downtime;
@@ -1353,29 +1421,146 @@ impl<'a> Session<'a> {
             "post-copy: the VM runs on the destination; pushing what it lacks"
         );
         let w0 = self.wire.sent();
-        let pushed = self
-            .push(&unsent, &demand)
+        let mut recovered = Recovered::default();
+        let (sent, stats) = self
+            .serve_links(unsent, demand, &mut recovered)
             .map_err(|e| MigrationError::VmLost(e.to_string()))?;
-        let served = demand
-            .stop()
-            .map_err(|e| MigrationError::VmLost(e.to_string()))?;
-        let sent = (pushed.0 + served.0, pushed.1 + served.1);
         self.report.rounds.push(Round {
             pages: sent.0 + sent.1,
             bytes: self.wire.sent() - w0,
             ms: t_pause.elapsed().as_millis() as u64,
         });
-        // The destination's figures, as the push left them.
-        let stats = self.report.postcopy.take().unwrap_or_default();
         self.report.postcopy = Some(report::PostcopyReport {
             reason,
             owed_pages: owed.pages,
             sent_data_pages: sent.0,
             sent_zero_pages: sent.1,
+            faults: stats.faults,
+            fault_p50_us: stats.fault_p50_us,
+            fault_p99_us: stats.fault_p99_us,
+            fault_max_us: stats.fault_max_us,
+            pages_demanded: stats.pages_demanded,
+            pages_pushed: stats.pages_pushed,
+            complete_ms: stats.complete_ms,
+            guest_pages_written: stats.guest_pages_written,
+            guest_writes_per_s: stats.guest_writes_per_s,
+            recoveries: recovered.times,
+            recovery_ms: recovered.ms,
             risk: report::POSTCOPY_RISK.into(),
-            ..stats
         });
         Ok(())
+    }
+
+    /// Post-copy after the resume: the push over the link until the destination holds every
+    /// page; a link that fails is made again and the push goes on from what the destination
+    /// still lacks. Returns the pages sent (with data, zero) and the destination's figures.
+    fn serve_links(
+        &mut self,
+        mut unsent: Arc<PageBits>,
+        first: (postcopy::Demand, Connection, u32),
+        recovered: &mut Recovered,
+    ) -> Result<((u64, u64), protocol::PostcopyStats), MigrationError> {
+        let (mut demand, mut push, mut seq) = first;
+        let mut pages = postcopy::Pages::default();
+        let mut attempt = 0;
+        loop {
+            let pushed = self.push(&unsent, &demand, (&mut push, seq), &mut pages);
+            let served = demand.stop();
+            let answered = match served {
+                Ok(n) => n,
+                Err(e) if e.is_link_failure() => (0, 0),
+                Err(e) => return Err(e),
+            };
+            pages.sent.0 += answered.0;
+            pages.sent.1 += answered.1;
+            match pushed {
+                Ok(stats) => {
+                    // The guest's verdict follows PostcopyDone there.
+                    self.verdict_from = Some((push, seq + 1));
+                    return Ok((pages.sent, stats));
+                }
+                Err(e) if e.is_link_failure() => {
+                    pages.discard();
+                    let t = Instant::now();
+                    let (link, owed) = self.relink(&mut attempt, &e)?;
+                    recovered.times += 1;
+                    recovered.ms += t.elapsed().as_millis() as u64;
+                    unsent = Arc::new(PageBits::from_owed(&owed));
+                    self.count_wire(&link);
+                    (demand, push, seq) =
+                        postcopy::Demand::start(self.ram.clone(), unsent.clone(), link)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Makes post-copy's link again after `why`, within the recovery window: the next
+    /// attempt's connections, and the pages the destination says it still lacks. A
+    /// destination that refuses the connection is gone (its receiver ran the VM).
+    fn relink(
+        &mut self,
+        attempt: &mut u32,
+        why: &MigrationError,
+    ) -> Result<(postcopy::Link, protocol::Owed), MigrationError> {
+        let window = crate::postcopy::recovery_window(self.opts.peer_timeout);
+        let Some(mut r) = self.redial.take() else {
+            return Err(MigrationError::Postcopy(format!("the link failed: {why}")));
+        };
+        self.phase("postcopy-paused");
+        self.opts.resume.set_paused(true);
+        tracing::warn!("post-copy: the link failed ({why}); making it again within {window:?}");
+        let t = Instant::now();
+        let mut since = t;
+        let mut last = why.to_string();
+        let made = loop {
+            if let Some(to) = self.opts.resume.take() {
+                // The operator's word: at once, where they say, with a new window.
+                r.to = to.unwrap_or(r.to);
+                since = Instant::now();
+                tracing::info!(to = %r.to, "post-copy: resuming as asked");
+            }
+            let left = window.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                break Err(MigrationError::Postcopy(format!(
+                    "the link failed ({why}) and was not made again within {window:?} (last: {last})"
+                )));
+            }
+            *attempt += 1;
+            // Short attempts: one that hangs on a dead path must not delay a resume.
+            let tries = left.min(self.opts.peer_timeout);
+            let dialed = postcopy::dial(
+                self.opts,
+                &r.to,
+                (r.streams, r.session, *attempt),
+                &r.limit,
+                tries,
+            )
+            .and_then(|mut l| l.resumed(self.ram.size()).map(|owed| (l, owed)));
+            match dialed {
+                Ok(made) => break Ok(made),
+                Err(e) if is_refused(&e) => break Err(MigrationError::Postcopy(format!(
+                    "the link failed ({why}), and then {e}: the receiver that ran the VM is gone"
+                ))),
+                Err(e) => {
+                    last = e.to_string();
+                    std::thread::sleep(RELINK_PAUSE.min(left));
+                }
+            }
+        };
+        self.opts.resume.set_paused(false);
+        self.redial = Some(r);
+        let made = made?;
+        tracing::info!(after = ?t.elapsed(), owed = made.1.pages, "post-copy: the link is made again");
+        self.phase("postcopy");
+        Ok(made)
+    }
+
+    /// The link's bytes count in the migration's.
+    fn count_wire(&mut self, link: &postcopy::Link) {
+        for c in [&link.requests, &link.replies, &link.push] {
+            self.wire.0.push(c.counters.clone());
+        }
     }
 
     /// The pages the destination lacks, as far as the guest has written them so far: those
@@ -1413,17 +1598,19 @@ impl<'a> Session<'a> {
         Ok(owed)
     }
 
-    /// Post-copy's background push: every page still unsent, from the guest's latest fault
-    /// on, then PostcopyEnd; returns once the destination says it holds every page (its
-    /// figures go into the report). Returns the pages pushed.
+    /// Post-copy's background push over `push`: every page still unsent, from the guest's
+    /// latest fault on, then PostcopyEnd; returns once the destination says it holds every
+    /// page (PostcopyDone after the `seq` frames it sent there), with its figures.
     fn push(
         &mut self,
         unsent: &PageBits,
         demand: &postcopy::Demand,
-    ) -> Result<(u64, u64), MigrationError> {
+        (push, seq): (&mut Connection, u32),
+        pages: &mut postcopy::Pages,
+    ) -> Result<protocol::PostcopyStats, MigrationError> {
         self.phase("postcopy");
+        let mut out = FrameWriter::new(&mut push.writer);
         let mut order = crate::postcopy::PushOrder::default();
-        let mut pages = postcopy::Pages::default();
         let mut told = Instant::now();
         while let Some(off) = order.next(unsent, demand.fault.get()) {
             if !unsent.take(off) {
@@ -1431,42 +1618,27 @@ impl<'a> Session<'a> {
             }
             pages.add(&self.ram, off)?;
             if pages.len() == PUSH_BATCH {
-                pages.send(self.sender.control_out())?;
-                self.sender.flush_control()?;
+                pages.send(&mut out)?;
+                out.flush()?;
+                self.prog.pages_sent += PUSH_BATCH as u64;
                 if told.elapsed() >= PROGRESS_EVERY {
                     told = Instant::now();
-                    self.prog.pages_sent += PUSH_BATCH as u64;
                     self.prog.bytes_on_wire = self.wire.sent();
                     (self.progress)(&self.prog);
                 }
             }
         }
-        pages.send(self.sender.control_out())?;
-        self.sender.control_out().send(Kind::PostcopyEnd, &[])?;
-        self.sender.flush_control()?;
-        let stats = match self.input.next_frame()? {
-            Frame::PostcopyDone(s) => s,
-            f => {
-                return Err(protocol::ProtocolError::Unexpected {
-                    kind: f.kind(),
-                    state: "awaiting-postcopy-done",
-                }
-                .into())
+        pages.send(&mut out)?;
+        out.send(Kind::PostcopyEnd, &[])?;
+        out.flush()?;
+        match FrameReader::with_seq(&mut push.reader, seq).next_frame()? {
+            Frame::PostcopyDone(s) => Ok(s),
+            f => Err(protocol::ProtocolError::Unexpected {
+                kind: f.kind(),
+                state: "awaiting-postcopy-done",
             }
-        };
-        self.report.postcopy = Some(report::PostcopyReport {
-            faults: stats.faults,
-            fault_p50_us: stats.fault_p50_us,
-            fault_p99_us: stats.fault_p99_us,
-            fault_max_us: stats.fault_max_us,
-            pages_demanded: stats.pages_demanded,
-            pages_pushed: stats.pages_pushed,
-            complete_ms: stats.complete_ms,
-            guest_pages_written: stats.guest_pages_written,
-            guest_writes_per_s: stats.guest_writes_per_s,
-            ..Default::default()
-        });
-        Ok(pages.sent)
+            .into()),
+        }
     }
 
     /// Phase 5, cleanup: the VM runs on the destination; destroy it here.
@@ -1505,13 +1677,21 @@ impl<'a> Session<'a> {
         self.prog.phase = "verify".into();
         (self.progress)(&self.prog);
         // The guest verifies every page it wrote before the destination answers.
-        let _ = self
-            .control
-            .set_read_timeout(Some(self.opts.verify_timeout + self.opts.peer_timeout));
-        let verified = match self.input.next_frame() {
+        let wait = Some(self.opts.verify_timeout + self.opts.peer_timeout);
+        let verdict = |f: Result<Frame<'_>, protocol::ProtocolError>| match f {
             Ok(Frame::Verified(v)) => Ok(v),
             Ok(f) => Err(format!("{:?} instead of the guest's verdict", f.kind())),
             Err(e) => Err(e.to_string()),
+        };
+        let verified = match &mut self.verdict_from {
+            Some((conn, seq)) => {
+                let _ = conn.set_read_timeout(wait);
+                verdict(FrameReader::with_seq(&mut conn.reader, *seq).next_frame())
+            }
+            None => {
+                let _ = self.control.set_read_timeout(wait);
+                verdict(self.input.next_frame())
+            }
         };
         r.bytes_on_wire = self.wire.sent() + self.wire.received();
         r.avg_gbps = self.wire.sent() as f64 * 8.0 / 1e9 / (r.total_ms.max(1) as f64 / 1e3);

@@ -1,18 +1,110 @@
 //! Post-copy on the source: the VM is paused here and resumes on the destination without the
 //! pages it still owes. A thread answers the destination's asks on a connection of their own
-//! (never behind the push), while the session pushes the rest over the control connection
-//! from the guest's latest fault on. Every page stays here until the destination says it
-//! holds them all.
-use std::sync::atomic::{AtomicU64, Ordering};
+//! (never behind the push), while the session pushes the rest over a third from the guest's
+//! latest fault on. Every page stays here until the destination says it holds them all, so a
+//! link that fails is made again ([`dial`]) and goes on from what the destination still lacks.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ram::{GuestRam, PAGE_SIZE};
-use transport::{Connection, ShutdownHandle};
+use transport::{Connection, RateLimit, ShutdownHandle};
 
+use super::MigrateOptions;
 use crate::postcopy::PageBits;
-use crate::protocol::{Frame, FrameReader, FrameWriter, PageBatch, ProtocolError};
+use crate::protocol::{self, Frame, FrameReader, FrameWriter, Owed, PageBatch, ProtocolError};
 use crate::MigrationError;
+
+/// Post-copy's link on this side: asks come in on `requests`, answers go out on `replies`, the
+/// push on `push` (paced with the page streams), which brings PostcopyDone back.
+pub(super) struct Link {
+    pub requests: Connection,
+    pub replies: Connection,
+    pub push: Connection,
+    /// Frames the destination has sent on `push` already (a remade link's PostcopyResume).
+    pub push_seq: u32,
+}
+
+impl Link {
+    pub fn into_conns(self) -> [Connection; 3] {
+        [self.requests, self.replies, self.push]
+    }
+
+    /// The link opened with the page streams (they came last of them).
+    pub fn of(conns: [Connection; 3]) -> Self {
+        let [requests, replies, push] = conns;
+        Link {
+            requests,
+            replies,
+            push,
+            push_seq: 0,
+        }
+    }
+
+    /// The pages the destination still lacks, as a remade link starts.
+    pub fn resumed(&mut self, ram_bytes: u64) -> Result<Owed, MigrationError> {
+        let mut input = FrameReader::new(&mut self.push.reader);
+        let frame = input.next_frame()?;
+        let owed = match frame {
+            Frame::PostcopyResume(owed) if owed.ram_bytes == ram_bytes => Ok(owed),
+            Frame::PostcopyResume(owed) => Err(ProtocolError::Malformed {
+                kind: protocol::Kind::PostcopyResume,
+                why: format!(
+                    "a bitmap over {} bytes for {ram_bytes} bytes of guest RAM",
+                    owed.ram_bytes
+                ),
+            }
+            .into()),
+            f => Err(ProtocolError::Unexpected {
+                kind: f.kind(),
+                state: "awaiting-postcopy-resume",
+            }
+            .into()),
+        };
+        self.push_seq = 1;
+        owed
+    }
+
+    fn handles(&self) -> Result<Arc<[ShutdownHandle]>, MigrationError> {
+        [&self.requests, &self.replies, &self.push]
+            .iter()
+            .map(|c| {
+                c.shutdown_handle()
+                    .map_err(MigrationError::socket("cloning a post-copy connection"))
+            })
+            .collect()
+    }
+}
+
+/// Dials post-copy's link to `to` (each connection made `within` that long): attempt
+/// `attempt` of migration `session`, whose page streams are `streams`. The push is paced by `limit`; the asks and answers are not (the
+/// answers are what the guest waits for).
+pub(super) fn dial(
+    opts: &MigrateOptions,
+    to: &str,
+    (streams, session, attempt): (u16, u64, u32),
+    limit: &Option<Arc<RateLimit>>,
+    within: std::time::Duration,
+) -> Result<Link, MigrationError> {
+    let mut conns = Vec::with_capacity(3);
+    for k in 0..protocol::LINK_CONNS {
+        let index = protocol::link_index(streams, attempt, k).ok_or_else(|| {
+            MigrationError::Postcopy(format!("no index left for link attempt {attempt}"))
+        })?;
+        let pace = (k == 2).then(|| limit.clone()).flatten();
+        conns.push(super::dial_data(
+            opts,
+            (None, to),
+            (index, session),
+            pace,
+            within,
+        )?);
+    }
+    let conns: [Connection; 3] = conns
+        .try_into()
+        .map_err(|_| MigrationError::Postcopy("a link of three connections".into()))?;
+    Ok(Link::of(conns))
+}
 
 /// The guest's latest fault as the destination asked for it: a count that grows with each
 /// ask, and the page asked for first.
@@ -34,48 +126,63 @@ impl LatestFault {
 /// The thread that answers asks, and what it shares with the push.
 pub(super) struct Demand {
     thread: Option<JoinHandle<Result<(u64, u64), MigrationError>>>,
-    conns: Vec<ShutdownHandle>,
+    link: Arc<[ShutdownHandle]>,
+    stopped: Arc<AtomicBool>,
     pub fault: Arc<LatestFault>,
 }
 
 impl Demand {
-    /// Answers asks for pages of `ram` (paused, so it holds what the destination lacks) on
-    /// `replies`, read from `requests`; marks what it sends as sent in `unsent`.
+    /// Answers asks for pages of `ram` (paused, so it holds what the destination lacks) that
+    /// come on `link`'s requests, on its replies; marks what it sends as sent in `unsent`.
+    /// Returns the push connection, which the session keeps. When the asks or answers fail,
+    /// the whole link is closed, so the push fails too and the link is made again.
     pub fn start(
         ram: Arc<GuestRam>,
         unsent: Arc<PageBits>,
-        mut requests: Connection,
-        mut replies: Connection,
-    ) -> Result<Self, MigrationError> {
-        let handle = |c: &Connection| {
-            c.shutdown_handle()
-                .map_err(MigrationError::socket("cloning a post-copy connection"))
-        };
-        let conns = vec![handle(&requests)?, handle(&replies)?];
+        link: Link,
+    ) -> Result<(Self, Connection, u32), MigrationError> {
+        let handles = link.handles()?;
+        let Link {
+            mut requests,
+            mut replies,
+            push,
+            push_seq,
+        } = link;
         // The guest may touch nothing for a long while: no deadline on the asks.
         requests
             .set_read_timeout(None)
             .map_err(MigrationError::socket("setting the read timeout"))?;
         let fault = Arc::new(LatestFault::default());
-        let f = fault.clone();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (f, h, st) = (fault.clone(), handles.clone(), stopped.clone());
         let thread = std::thread::Builder::new()
             .name("livemig-demand".into())
-            .spawn(move || serve(&ram, &unsent, &f, &mut requests, &mut replies))
+            .spawn(move || {
+                let r = serve(&ram, &unsent, &f, &mut requests, &mut replies);
+                if !st.load(Ordering::SeqCst) {
+                    h.iter().for_each(ShutdownHandle::shutdown);
+                }
+                r
+            })
             .map_err(|source| MigrationError::Thread {
                 what: "post-copy demand",
                 source,
             })?;
-        Ok(Demand {
+        let demand = Demand {
             thread: Some(thread),
-            conns,
+            link: handles,
+            stopped,
             fault,
-        })
+        };
+        Ok((demand, push, push_seq))
     }
 
-    /// Stops answering (the destination holds every page); returns the pages it sent (with
-    /// data, zero).
+    /// Stops answering (the destination holds every page, or the link failed); returns the
+    /// pages it sent (with data, zero).
     pub fn stop(mut self) -> Result<(u64, u64), MigrationError> {
-        self.conns.iter().for_each(ShutdownHandle::shutdown);
+        self.stopped.store(true, Ordering::SeqCst);
+        // The asks and answers; the push stays for the guest's verdict.
+        self.link[..2].iter().for_each(ShutdownHandle::shutdown);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(MigrationError::StreamFailed),
@@ -86,7 +193,8 @@ impl Demand {
 
 impl Drop for Demand {
     fn drop(&mut self) {
-        self.conns.iter().for_each(ShutdownHandle::shutdown);
+        self.stopped.store(true, Ordering::SeqCst);
+        self.link[..2].iter().for_each(ShutdownHandle::shutdown);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -167,6 +275,12 @@ impl Pages {
 
     pub fn len(&self) -> usize {
         self.batch.len()
+    }
+
+    /// Drops the batch being built (its link failed; the destination says what it lacks).
+    pub fn discard(&mut self) {
+        self.batch.clear();
+        self.data.clear();
     }
 
     /// Sends the batch as a PostcopyPages frame (nothing if empty).

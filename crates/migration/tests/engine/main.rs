@@ -390,6 +390,86 @@ fn post_copy_moves_the_vm_whole_over_tls_and_page_streams() {
     assert_moved_by_postcopy(&m);
 }
 
+/// A proxy to `to` that forwards every connection, and once `cut` is set (and 300 ms more),
+/// closes every connection it forwards but the first (the control connection), once; later
+/// ones go through. Its address.
+fn cutting_proxy(to: String, cut: Arc<std::sync::atomic::AtomicBool>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let h = held.clone();
+    std::thread::spawn(move || {
+        while !cut.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for s in h.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    std::thread::spawn(move || {
+        for (i, c) in l.incoming().flatten().enumerate() {
+            let Ok(up) = TcpStream::connect(&to) else {
+                return;
+            };
+            if i > 0 {
+                let mut held = held.lock().unwrap();
+                held.push(c.try_clone().unwrap());
+                held.push(up.try_clone().unwrap());
+            }
+            let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || forward(c, up, Fault::CutAfter(u64::MAX)));
+            std::thread::spawn(move || forward(up2, c2, Fault::CutAfter(u64::MAX)));
+        }
+    });
+    addr
+}
+
+/// Post-copy's link fails while the VM runs on the destination without all its memory: both
+/// sides notice, the source makes the link again, the destination names what it still
+/// lacks, and the VM ends whole there.
+#[test]
+#[cfg_attr(no_root, ignore = "needs root (userfaultfd for kernel faults)")]
+fn post_copy_makes_its_link_again_when_it_fails_and_the_vm_moves_whole() {
+    let (to, rx) = receiver(
+        Security::Insecure,
+        FakeFactory::default(),
+        Duration::from_secs(2),
+    );
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let via = cutting_proxy(to, cut.clone());
+    let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, &busy(), true)));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut opts = options(&via, Security::Insecure);
+    opts.postcopy = migration::policy::PostcopyMode::After(0);
+    opts.max_bandwidth = Some(100_000_000);
+    let phases = Mutex::new(Vec::<String>::new());
+    let result = migration::migrate(&*source, &opts, &|p| {
+        if p.phase == "postcopy" {
+            cut.store(true, Ordering::SeqCst);
+        }
+        let mut seen = phases.lock().unwrap();
+        if seen.last() != Some(&p.phase) {
+            seen.push(p.phase.clone());
+        }
+    });
+    let m = Moved {
+        result,
+        source,
+        dest: rx.join().unwrap(),
+    };
+    let p = assert_moved_by_postcopy(&m);
+    assert!(p.recoveries >= 1, "{p:?}");
+    let seen = phases.into_inner().unwrap();
+    let paused = seen.iter().position(|s| s == "postcopy-paused");
+    assert!(paused.is_some(), "{seen:?}");
+    assert_eq!(
+        seen.get(paused.unwrap() + 1).map(String::as_str),
+        Some("postcopy"),
+        "{seen:?}"
+    );
+}
+
 #[test]
 fn a_cancel_in_the_copy_leaves_the_vm_running_here_and_it_moves_after() {
     let (to, rx) = receiver(

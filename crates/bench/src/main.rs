@@ -237,6 +237,12 @@ pub struct DrainBenchArgs {
     /// Give every VM this much memory instead.
     #[arg(long, value_parser = parse_size)]
     pub vm_memory: Option<u64>,
+    /// The VMs' workloads in turn instead of the set's (e.g. sql,web,sql,web,stress,stress).
+    #[arg(long, value_delimiter = ',', value_parser = ["idle", "sql", "web", "stress"])]
+    pub workloads: Vec<String>,
+    /// Only these transports' drains, beside the unoptimised one (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = ["tcp", "compressed", "direct", "direct+multichannel"])]
+    pub transports: Vec<String>,
     /// The VMs' OS images: each its own (`different`: they share only zero pages) or one for
     /// all (`same`: they share its OS part).
     #[arg(long, default_value = "different")]
@@ -286,11 +292,18 @@ impl DrainBenchArgs {
     pub fn options(self, livemig: PathBuf) -> bench::hostdrain::DrainBenchOptions {
         bench::hostdrain::DrainBenchOptions {
             livemig,
-            vms: bench::hostdrain::vm_set(self.vms, self.vm_memory, self.images, self.image_share),
+            vms: bench::hostdrain::vm_set(
+                self.vms,
+                self.vm_memory,
+                &self.workloads,
+                self.images,
+                self.image_share,
+            ),
             peer_qemu: self.peer.as_deref() == Some("qemu"),
             dedup_cache: self.dedup_cache,
             concurrency: self.concurrency,
             orders: self.order,
+            transports: self.transports,
             tls: self.security == "tls",
             testbed: self.testbed,
             scale: self.scale,

@@ -342,7 +342,8 @@ pub struct MigrateArgs {
     pub disk_sync: Option<migratable::DiskSync>,
     /// Move the VM by post-copy after the copy pass: it resumes on the destination at once and
     /// fetches the pages the guest wrote since as it touches them (same as
-    /// --postcopy-after 1). A host or link lost before it completes loses the VM.
+    /// --postcopy-after 1). A host lost before it completes, or the link for longer than
+    /// the peer timeout × 6 (the recovery window), loses the VM.
     #[arg(long, conflicts_with_all = ["postcopy_after", "no_postcopy"])]
     pub postcopy: bool,
     /// Post-copy after N passes over RAM (0: at once, no pre-copy), or `auto` (the default):

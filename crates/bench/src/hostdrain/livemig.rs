@@ -183,6 +183,8 @@ impl LivemigHosts {
                 moved: v.status == drain::Status::Moved,
                 verified: v.guest_verified,
                 error: v.error.clone().filter(|_| v.status != drain::Status::Moved),
+                stop_reason: v.report.as_ref().map(|x| x.stop_reason.clone()),
+                throttle_pct_max: v.report.as_ref().map(|x| x.throttle_pct_max),
             })
             .collect();
         let mut facts: Vec<VmFacts> = r

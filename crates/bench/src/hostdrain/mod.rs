@@ -34,6 +34,9 @@ pub struct DrainBenchOptions {
     /// Concurrencies each optimised configuration runs at.
     pub concurrency: Vec<Concurrency>,
     pub orders: Vec<Order>,
+    /// Transports the optimised configurations run (tcp, compressed, direct,
+    /// direct+multichannel); all when empty.
+    pub transports: Vec<String>,
     /// Mutual TLS between the agents (livemig's default) or plaintext (as QEMU runs).
     pub tls: bool,
     pub testbed: String,
@@ -79,8 +82,15 @@ impl std::str::FromStr for Images {
 }
 
 /// The default VM set (2 × sql, 2 × web, idle, stress; 512 MiB to 1 GiB) or `n` of it, all of
-/// `memory` when given; OS images as `images` says, each taking `share_pct` of RAM.
-pub fn vm_set(n: usize, memory: Option<u64>, images: Images, share_pct: u8) -> Vec<VmSpec> {
+/// `memory` when given, running `workloads` in turn instead when given; OS images as `images`
+/// says, each taking `share_pct` of RAM.
+pub fn vm_set(
+    n: usize,
+    memory: Option<u64>,
+    workloads: &[String],
+    images: Images,
+    share_pct: u8,
+) -> Vec<VmSpec> {
     const SET: [(&str, u64); 6] = [
         ("sql", 1 << 30),
         ("web", 768 << 20),
@@ -92,6 +102,9 @@ pub fn vm_set(n: usize, memory: Option<u64>, images: Images, share_pct: u8) -> V
     (0..n)
         .map(|i| {
             let (w, m) = SET[i % SET.len()];
+            let w = workloads
+                .get(i % workloads.len().max(1))
+                .map_or(w, String::as_str);
             VmSpec {
                 name: format!("{w}{}", i + 1),
                 memory: memory.unwrap_or(m),
@@ -146,7 +159,13 @@ pub const UNOPTIMISED: &str = "tcp c2 (unoptimised)";
 
 /// livemig's configurations: the unoptimised row, then each transport on its reference
 /// links at each concurrency and order asked for.
-pub fn livemig_configs(concurrency: &[Concurrency], orders: &[Order]) -> Vec<Config> {
+/// The drains livemig runs: the unoptimised one, then each of `transports` (all when empty)
+/// at each concurrency and order.
+pub fn livemig_configs(
+    concurrency: &[Concurrency],
+    orders: &[Order],
+    transports: &[String],
+) -> Vec<Config> {
     let mut out = vec![Config {
         name: UNOPTIMISED.into(),
         links: ONE_G,
@@ -160,7 +179,8 @@ pub fn livemig_configs(concurrency: &[Concurrency], orders: &[Order]) -> Vec<Con
         ("direct", Transport::Direct, TEN_G),
         ("direct+multichannel", Transport::Direct, TWO_TEN_G),
     ];
-    for (name, t, links) in runs {
+    let wanted = |name: &str| transports.is_empty() || transports.iter().any(|t| t == name);
+    for (name, t, links) in runs.into_iter().filter(|r| wanted(r.0)) {
         for c in concurrency {
             for o in orders {
                 let c_name = match c {
@@ -222,6 +242,12 @@ pub struct VmRun {
     pub moved: bool,
     pub verified: bool,
     pub error: Option<String>,
+    /// Why its pre-copy stopped (`postcopy` when it moved by post-copy), as livemig reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// The most its guest was throttled (auto-converge), percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_pct_max: Option<u8>,
 }
 
 /// What a VMM says about one drain.
@@ -319,7 +345,7 @@ pub fn bench_drain(o: &DrainBenchOptions) -> Result<DrainBenchReport, BenchError
     let tb = Testbed::new(&o.testbed, o.scale)?;
     let existed = tb.status()?.present;
     tb.up()?;
-    let configs = livemig_configs(&o.concurrency, &o.orders);
+    let configs = livemig_configs(&o.concurrency, &o.orders, &o.transports);
     let qemu = if o.peer_qemu {
         qemu_configs()
     } else {

@@ -86,6 +86,8 @@ impl QemuHosts {
             moved: false,
             verified: false,
             error: None,
+            stop_reason: None,
+            throttle_pct_max: None,
         };
         let Some(mut src) = locks::lock(&self.vms[i]).take() else {
             run.error = Some("no QEMU for it".into());

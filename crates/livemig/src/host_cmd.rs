@@ -74,6 +74,10 @@ pub struct ServeArgs {
     net: crate::args::NetHostArgs,
     #[command(flatten)]
     storage: crate::args::StorageArgs,
+    /// Join this cluster: the host's record in etcd under a lease it keeps alive, and the
+    /// cluster's live-migration settings for its migrations.
+    #[command(flatten)]
+    cluster: crate::cluster_cmd::ClusterArgs,
 }
 
 #[derive(clap::Args)]
@@ -152,6 +156,7 @@ fn serve(a: ServeArgs) -> CmdResult {
         bridge: a.net.bridge.clone(),
         storage: a.storage.storage.clone(),
         disk_dir: a.storage.disk_dir()?,
+        cluster: a.cluster.endpoints()?,
     })?;
     eprintln!(
         "livemig: host agent {name} listening on {} ({}), API {}",

@@ -14,6 +14,7 @@ use vmm::devices::VerifyResult;
 use vmm::snapshot;
 use vmm::{Cmdline, Console, Kernel, KvmFactory, RunState, Vm, VmConfig, VmError};
 
+mod cluster_cmd;
 mod demo;
 mod drain_cmd;
 mod host_cmd;
@@ -138,6 +139,11 @@ enum Cmd {
     Host {
         #[command(subcommand)]
         what: host_cmd::HostCmd,
+    },
+    /// The cluster of host agents in etcd: members, their VMs, live-migration settings.
+    Cluster {
+        #[command(subcommand)]
+        what: cluster_cmd::ClusterCmd,
     },
     /// Move every running VM off a host agent's host onto others: a sliding window of
     /// migrations, placed where they fit, retried, visible, and abortable with Ctrl-C.
@@ -362,6 +368,7 @@ fn run(cli: Cli) -> CmdResult {
             migrate_cmd::main(&api.api, req, report)
         }
         Cmd::Host { what } => host_cmd::main(what),
+        Cmd::Cluster { what } => cluster_cmd::main(what),
         Cmd::Drain(a) => drain_cmd::main(a),
         Cmd::Tls {
             what: TlsCmd::Init { out, hosts },

@@ -7,6 +7,7 @@
 //! | `no_kvm`  | /dev/kvm does not open as a KVM device    |
 //! | `no_root` | the build does not run as root            |
 //! | `no_qemu` | `qemu-system-x86_64` is not on the PATH   |
+//! | `no_etcd` | `etcd` is not on the PATH                 |
 //!
 //! Call [`emit`] from a crate's build script. A test binary built as root and run without it
 //! fails loudly, as it should.
@@ -56,12 +57,14 @@ pub fn emit() {
     println!("cargo::rustc-check-cfg=cfg(no_kvm)");
     println!("cargo::rustc-check-cfg=cfg(no_root)");
     println!("cargo::rustc-check-cfg=cfg(no_qemu)");
+    println!("cargo::rustc-check-cfg=cfg(no_etcd)");
     println!("cargo::rerun-if-changed=/dev/kvm");
     println!("cargo::rerun-if-env-changed=PATH");
     let missing = [
         (!kvm()).then_some("no_kvm"),
         (!root()).then_some("no_root"),
         (!on_path("qemu-system-x86_64")).then_some("no_qemu"),
+        (!on_path("etcd")).then_some("no_etcd"),
     ];
     for cfg in missing.iter().flatten() {
         println!("cargo::rustc-cfg={cfg}");

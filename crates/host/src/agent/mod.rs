@@ -24,6 +24,7 @@ use crate::child::Livemig;
 
 mod caches;
 mod inbound;
+mod membership;
 mod routes;
 mod vms;
 
@@ -54,6 +55,8 @@ pub struct AgentConfig {
     pub storage: Vec<PathBuf>,
     /// Where disks that migrations copy here are written (`--disk-dir`).
     pub disk_dir: Option<PathBuf>,
+    /// The cluster's etcd, when the host is a member of one (`--cluster`).
+    pub cluster: Option<cluster::Endpoints>,
 }
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -67,6 +70,8 @@ pub enum AgentError {
     Listen(#[from] transport::TransportError),
     /// {0}
     Api(#[from] unixhttp::ApiError),
+    /// {0}
+    Cluster(#[from] cluster::ClusterError),
     /// starting the agent's {what} thread: {source}
     Thread {
         what: &'static str,
@@ -127,6 +132,8 @@ pub struct Agent {
     stopped: AtomicBool,
     /// Drains' page caches, by id.
     caches: Mutex<caches::Caches>,
+    /// The cluster it belongs to, if any.
+    cluster: Option<membership::InCluster>,
 }
 
 /// A started agent: its API answers and its listener takes migrations until [`Self::stop`].
@@ -134,6 +141,8 @@ pub struct Running {
     pub agent: Arc<Agent>,
     server: Option<unixhttp::Server>,
     threads: Vec<JoinHandle<()>>,
+    /// Its place in the cluster, left when it stops.
+    membership: Option<cluster::Membership>,
 }
 
 impl Agent {
@@ -159,6 +168,11 @@ impl Agent {
             ..Default::default()
         };
         let incoming = Incoming::new(listener, cfg.security.clone(), opts);
+        let cluster = cfg
+            .cluster
+            .as_ref()
+            .map(membership::InCluster::connect)
+            .transpose()?;
         let agent = Arc::new(Agent {
             cfg,
             listen,
@@ -167,14 +181,17 @@ impl Agent {
             incoming,
             stopped: AtomicBool::new(false),
             caches: Mutex::new(caches::Caches::new()),
+            cluster,
         });
         agent.adopt();
         let threads = vec![agent.spawn_accept()?, agent.spawn_reaper()?];
         let server = routes::serve(&agent)?;
+        let membership = agent.join()?;
         Ok(Running {
             agent,
             server: Some(server),
             threads,
+            membership,
         })
     }
 
@@ -373,7 +390,7 @@ impl Agent {
             vms: vms.len(),
             inbound: arriving_vms().count(),
             outbound,
-            max_inbound: self.cfg.max_inbound,
+            max_inbound: self.max_inbound(),
             bridge: self
                 .cfg
                 .bridge
@@ -404,11 +421,12 @@ impl Agent {
             });
         }
         let cap = self.capacity_of(vms);
-        if inbound && cap.inbound >= self.cfg.max_inbound {
+        let max_inbound = self.max_inbound();
+        if inbound && cap.inbound >= max_inbound {
             return Err(AdmitError::Busy {
                 host: host.clone(),
                 inbound: cap.inbound,
-                max: self.cfg.max_inbound,
+                max: max_inbound,
             });
         }
         if vm.vcpus == 0 || vm.vcpus > vmm::vm::MAX_VCPUS {
@@ -437,6 +455,8 @@ impl Running {
     /// Stops listening and serving the API. The VMs go on running: a new agent on the same
     /// directory finds them.
     pub fn stop(mut self) {
+        // Out of the cluster first: nothing is placed here from now.
+        self.membership.take();
         self.agent.stopped.store(true, Ordering::SeqCst);
         self.agent.incoming.stop();
         self.server.take();

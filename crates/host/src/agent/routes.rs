@@ -127,7 +127,7 @@ fn not_found(name: &str) -> (u16, String) {
 }
 
 impl Agent {
-    fn list(&self) -> Vec<VmInfo> {
+    pub(super) fn list(&self) -> Vec<VmInfo> {
         let entries: Vec<(Record, Phase, PathBuf, u32)> = {
             let mut vms = locks::lock(&self.vms);
             vms.values_mut()
@@ -298,6 +298,9 @@ impl Agent {
             serde_json::from_slice(body).map_err(|e| (400, format!("a migrate request: {e}")))?;
         req.name = Some(name.to_string());
         req.origin = Some(self.cfg.name.clone());
+        if let Some(s) = self.cluster_settings() {
+            super::membership::apply(&s, &mut req);
+        }
         let api = {
             let mut vms = locks::lock(&self.vms);
             let e = vms.get_mut(name).ok_or_else(|| not_found(name))?;

@@ -629,3 +629,39 @@ fn malformed_page_batches_are_refused() {
     lie[..4].copy_from_slice(&3u32.to_le_bytes());
     assert!(bad(&lie, 1 << 20), "count larger than the table");
 }
+
+#[test]
+fn a_remade_links_resume_names_the_pages_still_owed_and_the_verdict_follows_done() {
+    let mut owed = Owed::new(1 << 20);
+    owed.mark(8192);
+    let mut w = FrameWriter::new(Vec::new());
+    w.send_resume(&owed).unwrap();
+    w.send_postcopy_done(&PostcopyStats {
+        recoveries: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    w.send_verified(&VerifyOutcome {
+        ok: true,
+        detail: "VERIFY OK".into(),
+        verifiable: true,
+        cpu_seconds: 0.0,
+    })
+    .unwrap();
+    assert_eq!(w.seq(), 3);
+    let bytes = w.inner().clone();
+    let mut r = FrameReader::new(Cursor::new(bytes));
+    match r.next_frame().unwrap() {
+        Frame::PostcopyResume(o) => assert_eq!(o, owed),
+        f => panic!("{:?}", f.kind()),
+    }
+    match r.next_frame().unwrap() {
+        Frame::PostcopyDone(s) => assert_eq!(s.recoveries, 1),
+        f => panic!("{:?}", f.kind()),
+    }
+    assert!(matches!(r.next_frame().unwrap(), Frame::Verified(_)));
+    // A resume's bitmap is checked as a Postcopy frame's is.
+    let mut bad = owed.encode();
+    bad[8] = 7;
+    assert!(decode(Kind::PostcopyResume, &bad).is_err());
+}

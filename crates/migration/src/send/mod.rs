@@ -1539,9 +1539,11 @@ impl<'a> Session<'a> {
             .and_then(|mut l| l.resumed(self.ram.size()).map(|owed| (l, owed)));
             match dialed {
                 Ok(made) => break Ok(made),
-                Err(e) if is_refused(&e) => break Err(MigrationError::Postcopy(format!(
+                Err(e) if is_refused(&e) => {
+                    break Err(MigrationError::Postcopy(format!(
                     "the link failed ({why}), and then {e}: the receiver that ran the VM is gone"
-                ))),
+                )))
+                }
                 Err(e) => {
                     last = e.to_string();
                     std::thread::sleep(RELINK_PAUSE.min(left));

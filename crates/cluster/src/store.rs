@@ -1,0 +1,207 @@
+//! The connection to etcd: blocking calls (the agent and the CLI are threads, not tasks) on a
+//! runtime of the client's own, each bounded by the request timeout.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+
+use crate::ClusterError;
+
+/// Where the cluster's keys live.
+pub const PREFIX: &str = "/livemig/";
+
+/// The client certificate and CA etcd is reached with (`--cluster-ca/-cert/-key`).
+#[derive(Clone, Debug)]
+pub struct ClusterTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How to reach the cluster's etcd.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    /// `http://H:2379` or `https://H:2379`, one per member.
+    pub urls: Vec<String>,
+    pub tls: Option<ClusterTls>,
+    /// Every request's deadline.
+    pub timeout: Duration,
+}
+
+impl Endpoints {
+    /// A comma-separated list of member URLs, plaintext.
+    pub fn parse(list: &str) -> Result<Self, ClusterError> {
+        let urls: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if urls.is_empty() || urls.len() > 16 {
+            return Err(ClusterError::Endpoints(format!(
+                "{list:?}: 1 to 16 member URLs (http://HOST:2379,...)"
+            )));
+        }
+        if let Some(bad) = urls
+            .iter()
+            .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+        {
+            return Err(ClusterError::Endpoints(format!(
+                "{bad:?}: a member URL is http://HOST:PORT or https://HOST:PORT"
+            )));
+        }
+        Ok(Endpoints {
+            urls,
+            tls: None,
+            timeout: Duration::from_secs(5),
+        })
+    }
+}
+
+/// A connected client.
+pub struct Store {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    timeout: Duration,
+}
+
+impl Store {
+    pub fn connect(e: &Endpoints) -> Result<Self, ClusterError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd")
+            .enable_all()
+            .build()
+            .map_err(ClusterError::Runtime)?;
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(e.timeout)
+            .with_timeout(e.timeout);
+        if let Some(t) = &e.tls {
+            opts = opts.with_tls(tls_options(t)?);
+        }
+        let client = rt
+            .block_on(async {
+                tokio::time::timeout(e.timeout, Client::connect(e.urls.clone(), Some(opts))).await
+            })
+            .map_err(|_| ClusterError::Unreachable {
+                urls: e.urls.join(","),
+                why: format!("no answer within {:?}", e.timeout),
+            })?
+            .map_err(|err| ClusterError::Unreachable {
+                urls: e.urls.join(","),
+                why: err.to_string(),
+            })?;
+        Ok(Store {
+            rt,
+            client,
+            timeout: e.timeout,
+        })
+    }
+
+    /// Runs one request to its end or its deadline.
+    fn call<T, F>(&self, what: &'static str, f: F) -> Result<T, ClusterError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.rt
+            .block_on(async { tokio::time::timeout(self.timeout, f).await })
+            .map_err(|_| ClusterError::Request {
+                what,
+                why: format!("no answer within {:?}", self.timeout),
+            })?
+            .map_err(|e| ClusterError::Request {
+                what,
+                why: e.to_string(),
+            })
+    }
+
+    /// Every key under `PREFIX + dir` and its value (text), ascending.
+    pub fn list(&self, dir: &str) -> Result<Vec<(String, String)>, ClusterError> {
+        let mut c = self.client.clone();
+        let key = format!("{PREFIX}{dir}");
+        let r = self.call("listing keys", async move {
+            c.get(key, Some(GetOptions::new().with_prefix())).await
+        })?;
+        let start = PREFIX.len() + dir.len();
+        Ok(r.kvs()
+            .iter()
+            .filter_map(|kv| {
+                let k = kv.key_str().ok()?;
+                Some((
+                    k.get(start..)?.to_string(),
+                    kv.value_str().ok()?.to_string(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Writes `PREFIX + key`, under `lease` if given.
+    pub fn put(&self, key: &str, value: &str, lease: Option<i64>) -> Result<(), ClusterError> {
+        let mut c = self.client.clone();
+        let (k, v) = (format!("{PREFIX}{key}"), value.to_string());
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        self.call("writing a key", async move { c.put(k, v, opts).await })?;
+        Ok(())
+    }
+
+    /// Writes `PREFIX + key` only if it does not exist; whether it did not.
+    pub fn create(&self, key: &str, value: &str) -> Result<bool, ClusterError> {
+        let mut c = self.client.clone();
+        let k = format!("{PREFIX}{key}");
+        let txn = Txn::new()
+            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(k, value.to_string(), None)]);
+        let r = self.call("creating a key", async move { c.txn(txn).await })?;
+        Ok(r.succeeded())
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), ClusterError> {
+        let mut c = self.client.clone();
+        let k = format!("{PREFIX}{key}");
+        self.call("deleting a key", async move { c.delete(k, None).await })?;
+        Ok(())
+    }
+
+    /// A lease of `ttl` (whole seconds, at least 1); its id.
+    pub fn grant(&self, ttl: Duration) -> Result<i64, ClusterError> {
+        let mut c = self.client.clone();
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let r = self.call("granting a lease", async move {
+            c.lease_grant(secs, None).await
+        })?;
+        Ok(r.id())
+    }
+
+    /// Renews `lease` once; the TTL it has now (0 or less: it has expired).
+    pub fn keep_alive(&self, lease: i64) -> Result<i64, ClusterError> {
+        let mut c = self.client.clone();
+        self.call("renewing the lease", async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok(stream.message().await?.map_or(0, |m| m.ttl()))
+        })
+    }
+
+    pub fn revoke(&self, lease: i64) -> Result<(), ClusterError> {
+        let mut c = self.client.clone();
+        self.call(
+            "revoking the lease",
+            async move { c.lease_revoke(lease).await },
+        )?;
+        Ok(())
+    }
+}
+
+fn tls_options(t: &ClusterTls) -> Result<etcd_client::TlsOptions, ClusterError> {
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| ClusterError::Credentials {
+            path: p.clone(),
+            why: e.to_string(),
+        })
+    };
+    let ca = etcd_client::Certificate::from_pem(read(&t.ca)?);
+    let id = etcd_client::Identity::from_pem(read(&t.cert)?, read(&t.key)?);
+    Ok(etcd_client::TlsOptions::new()
+        .ca_certificate(ca)
+        .identity(id))
+}

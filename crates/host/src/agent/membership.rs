@@ -1,0 +1,182 @@
+//! The agent in a cluster (`host serve --cluster`): its record in etcd under a lease it keeps
+//! alive (what it holds and can take), and the cluster's live-migration settings, which its
+//! migrations take where their request says nothing.
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster::{HostRecord, Settings, VmSummary};
+
+use super::Agent;
+
+/// How long the cluster's settings are taken as read.
+const SETTINGS_FRESH: Duration = Duration::from_secs(1);
+
+/// The agent's cluster: a client for its settings, and the settings last read.
+pub(super) struct InCluster {
+    store: cluster::Store,
+    read: Mutex<Option<(Instant, Settings)>>,
+}
+
+impl InCluster {
+    pub fn connect(e: &cluster::Endpoints) -> Result<Self, cluster::ClusterError> {
+        Ok(InCluster {
+            store: cluster::Store::connect(e)?,
+            read: Mutex::new(None),
+        })
+    }
+
+    /// The cluster's settings, read at most once a second; None while etcd does not answer
+    /// (the host's own defaults apply, and the log says why).
+    pub fn settings(&self) -> Option<Settings> {
+        let mut read = locks::lock(&self.read);
+        if let Some((at, s)) = read.as_ref() {
+            if at.elapsed() < SETTINGS_FRESH {
+                return Some(s.clone());
+            }
+        }
+        match self.store.settings() {
+            Ok(s) => {
+                *read = Some((Instant::now(), s.clone()));
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!("cluster settings unknown, the host's own apply: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Joins the cluster, if the agent is configured for one.
+    pub(super) fn join(
+        self: &Arc<Self>,
+    ) -> Result<Option<cluster::Membership>, cluster::ClusterError> {
+        let Some(e) = &self.cfg.cluster else {
+            return Ok(None);
+        };
+        let me = self.clone();
+        cluster::Membership::join(e, cluster::LEASE_TTL, Box::new(move || me.record())).map(Some)
+    }
+
+    /// What this host says of itself to the cluster.
+    pub(super) fn record(&self) -> HostRecord {
+        let cap = self.capacity_of(&locks::lock(&self.vms));
+        HostRecord {
+            name: self.cfg.name.clone(),
+            listen: cap.listen,
+            addresses: ipv4_addresses(),
+            bridge: cap.bridge,
+            storage: self.cfg.storage.clone(),
+            memory_total: cap.memory_total,
+            room: cap.room,
+            vms: self
+                .list()
+                .into_iter()
+                .map(|v| VmSummary {
+                    name: v.name,
+                    memory: v.memory,
+                    state: v.state,
+                })
+                .collect(),
+            inbound: cap.inbound,
+            outbound: cap.outbound,
+        }
+    }
+
+    /// The cluster's settings, when in one that answers.
+    pub(super) fn cluster_settings(&self) -> Option<Settings> {
+        self.cluster.as_ref().and_then(InCluster::settings)
+    }
+
+    /// Migrations this host takes in at once: the cluster's setting, else its own.
+    pub(super) fn max_inbound(&self) -> usize {
+        self.cluster_settings()
+            .and_then(|s| s.max_concurrent_per_host)
+            .unwrap_or(self.cfg.max_inbound)
+    }
+}
+
+/// Fills what `req` leaves unsaid with the cluster's settings.
+pub(super) fn apply(s: &Settings, req: &mut migration::MigrateRequest) {
+    if req.transport.is_none() {
+        req.transport = s.transport.as_deref().and_then(|t| t.parse().ok());
+    }
+    if req.channels.is_none() {
+        req.channels = s.channels;
+    }
+    if req.max_bandwidth.is_none() {
+        req.max_bandwidth = s.max_bandwidth;
+    }
+}
+
+/// This host's IPv4 addresses, loopback aside.
+fn ipv4_addresses() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list it allocated into `head`, which we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut at = head;
+    while !at.is_null() {
+        // SAFETY: `at` is a node of the list getifaddrs gave, not freed yet.
+        let ifa = unsafe { &*at };
+        // SAFETY: when not null, ifa_addr points at a sockaddr that lives as long as the list.
+        if let Some(sa) = unsafe { ifa.ifa_addr.as_ref() } {
+            if i32::from(sa.sa_family) == libc::AF_INET {
+                // An AF_INET sockaddr: the port, then the address, in its data.
+                let b = |i: usize| u8::from_ne_bytes(sa.sa_data[i].to_ne_bytes());
+                let ip = std::net::Ipv4Addr::new(b(2), b(3), b(4), b(5));
+                if !ip.is_loopback() {
+                    out.push(ip.to_string());
+                }
+            }
+        }
+        at = ifa.ifa_next;
+    }
+    // SAFETY: `head` is the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hosts_addresses_are_ipv4_and_not_loopback() {
+        for a in ipv4_addresses() {
+            let ip: std::net::Ipv4Addr = a.parse().unwrap();
+            assert!(!ip.is_loopback() && !ip.is_unspecified(), "{a}");
+        }
+    }
+
+    #[test]
+    fn the_cluster_fills_only_what_the_request_leaves_unsaid() {
+        let s = Settings::from_pairs([("transport", "compressed"), ("max-bandwidth", "500Mbit")]);
+        let mut req = migration::MigrateRequest {
+            to: "b:7000".into(),
+            channels: Some(2),
+            ..Default::default()
+        };
+        apply(&s, &mut req);
+        assert_eq!(
+            req.transport,
+            Some(migration::protocol::Transport::Compressed)
+        );
+        assert_eq!(req.max_bandwidth, Some(500_000_000));
+        assert_eq!(req.channels, Some(2), "the request's own word stands");
+        let mut direct = migration::MigrateRequest {
+            transport: Some(migration::protocol::Transport::Direct),
+            ..Default::default()
+        };
+        apply(&s, &mut direct);
+        assert_eq!(
+            direct.transport,
+            Some(migration::protocol::Transport::Direct)
+        );
+    }
+}

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +33,9 @@ use crate::MigrationError;
 
 /// How often the fault thread looks up from the fault queue (to stop, or to flush asks).
 const FAULT_POLL_MS: i32 = 20;
+
+/// How often the doorway looks up from its arrivals (to stop).
+const DOORWAY_POLL: Duration = Duration::from_millis(100);
 
 /// How often the link looks for the guest's verdict once every page is here.
 const VERDICT_POLL: Duration = Duration::from_millis(50);
@@ -58,6 +62,8 @@ struct Shared {
     asks: Mutex<Option<Asks>>,
     /// Why the link being served failed, once it has.
     link_lost: Mutex<Option<String>>,
+    /// The link being served: its attempt and its connections.
+    serving: Mutex<Option<(u32, Arc<[ShutdownHandle]>)>>,
 }
 
 /// Post-copy's link on this side: asks go out on `requests`, the source's answers come on
@@ -66,12 +72,18 @@ pub(super) struct Link {
     pub requests: Connection,
     pub replies: Connection,
     pub push: Connection,
+    /// Which of the source's attempts it is (0: opened with the page streams).
+    pub attempt: u32,
 }
 
 impl Link {
     /// The link's connections in the order of their indexes (asks, answers, push), with their
     /// deadlines: the answers may be quiet as long as the guest touches nothing missing.
-    pub fn new(conns: [Connection; 3], peer_timeout: Duration) -> Result<Self, MigrationError> {
+    pub fn new(
+        conns: [Connection; 3],
+        attempt: u32,
+        peer_timeout: Duration,
+    ) -> Result<Self, MigrationError> {
         for c in &conns {
             c.set_peer_timeout(Some(peer_timeout))
                 .map_err(MigrationError::socket("setting the peer timeout"))?;
@@ -84,6 +96,7 @@ impl Link {
             requests,
             replies,
             push,
+            attempt,
         })
     }
 
@@ -98,41 +111,32 @@ impl Link {
     }
 }
 
-/// The links the source makes again, as their connections arrive (any order, any attempt).
-pub(super) struct Relinks {
+/// Where the links the source makes again come in.
+pub(super) struct Doorway {
+    shared: Arc<Shared>,
     streams: u16,
-    /// The latest attempt taken: older ones' connections are strays.
-    taken: u32,
-    parts: HashMap<u32, [Option<Connection>; 3]>,
+    peer_timeout: Duration,
 }
 
-impl Relinks {
-    /// For a migration with `streams` page streams, whose first link was attempt 0.
-    pub fn new(streams: u16) -> Self {
-        Relinks {
-            streams,
-            taken: 0,
-            parts: HashMap::new(),
-        }
-    }
-
-    /// The next whole link from `arrivals` within `within`, if one comes.
-    pub fn next(
-        &mut self,
-        arrivals: &std::sync::mpsc::Receiver<(u16, Connection)>,
-        within: Duration,
-        peer_timeout: Duration,
-    ) -> Result<Option<Link>, MigrationError> {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok((index, conn)) = arrivals.recv_timeout(left) else {
-                return Ok(None);
+impl Doorway {
+    /// Takes connections from `arrivals` until `stop` (any order, any attempt) and gathers
+    /// each attempt's three. Each whole link newer than the last goes out on `out`; the link
+    /// being served, if older, is closed then: its source has given it up, whatever this
+    /// side's own deadline still says.
+    pub fn run(
+        self,
+        arrivals: &Receiver<(u16, Connection)>,
+        out: &Sender<Link>,
+        stop: &AtomicBool,
+    ) {
+        let mut newest = 0;
+        let mut parts: HashMap<u32, [Option<Connection>; 3]> = HashMap::new();
+        while !stop.load(Ordering::SeqCst) {
+            let Ok((index, conn)) = arrivals.recv_timeout(DOORWAY_POLL) else {
+                continue;
             };
-            let Some((attempt, k)) =
-                crate::protocol::link_slot(self.streams, index).filter(|(a, _)| {
-                    *a > self.taken && (self.parts.len() < 8 || self.parts.contains_key(a))
-                })
+            let Some((attempt, k)) = crate::protocol::link_slot(self.streams, index)
+                .filter(|(a, _)| *a > newest && (parts.len() < 8 || parts.contains_key(a)))
             else {
                 tracing::warn!(
                     "refused connection {index} from {}: not of a new link",
@@ -140,15 +144,33 @@ impl Relinks {
                 );
                 continue;
             };
-            let parts = self.parts.entry(attempt).or_default();
-            parts[usize::from(k)] = Some(conn);
-            if parts.iter().all(Option::is_some) {
-                let Some([Some(a), Some(b), Some(c)]) = self.parts.remove(&attempt) else {
+            let p = parts.entry(attempt).or_default();
+            p[usize::from(k)] = Some(conn);
+            if !p.iter().all(Option::is_some) {
+                continue;
+            }
+            let Some([Some(a), Some(b), Some(c)]) = parts.remove(&attempt) else {
+                continue;
+            };
+            newest = attempt;
+            parts.retain(|a, _| *a > attempt);
+            let link = match Link::new([a, b, c], attempt, self.peer_timeout) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("refused link attempt {attempt}: {e}");
                     continue;
-                };
-                self.taken = attempt;
-                self.parts.retain(|a, _| *a > attempt);
-                return Link::new([a, b, c], peer_timeout).map(Some);
+                }
+            };
+            if let Some((serving, handles)) = locks::lock(&self.shared.serving).as_ref() {
+                if *serving < attempt {
+                    let gone = ProtocolError::Io(std::io::Error::other(format!(
+                        "the source made the link again (attempt {attempt})"
+                    )));
+                    self.shared.lose_link(&gone.into(), handles);
+                }
+            }
+            if out.send(link).is_err() {
+                return;
             }
         }
     }
@@ -255,6 +277,7 @@ impl Postcopy {
             failed: Mutex::new(None),
             asks: Mutex::new(None),
             link_lost: Mutex::new(None),
+            serving: Mutex::new(None),
         });
         let mut pc = Postcopy {
             shared,
@@ -296,10 +319,12 @@ impl Postcopy {
     ) -> Result<Served, MigrationError> {
         let handles = link.handles()?;
         *locks::lock(&self.shared.link_lost) = None;
+        *locks::lock(&self.shared.serving) = Some((link.attempt, handles.clone()));
         let Link {
             requests,
             replies,
             mut push,
+            ..
         } = link;
         let retired = Arc::new(AtomicBool::new(false));
         let (s, r) = (self.shared.clone(), retired.clone());
@@ -324,6 +349,7 @@ impl Postcopy {
             verdict,
         );
         retired.store(true, Ordering::SeqCst);
+        locks::lock(&self.shared.serving).take();
         handles.iter().for_each(ShutdownHandle::shutdown);
         let _ = replier.join();
         locks::lock(&self.shared.asks).take();
@@ -496,6 +522,16 @@ impl Postcopy {
             guest_pages_written: self.guest_pages_written,
             guest_writes_per_s: self.guest_writes_per_s,
             recoveries: self.links.saturating_sub(1),
+        }
+    }
+
+    /// Where the links the source makes again come in, for a migration with `streams` page
+    /// streams.
+    pub fn doorway(&self, streams: u16, peer_timeout: Duration) -> Doorway {
+        Doorway {
+            shared: self.shared.clone(),
+            streams,
+            peer_timeout,
         }
     }
 

@@ -2,6 +2,8 @@
 //! the VM built, the memory phase over the control connection and the page streams, then the
 //! state loaded, the confirmation, the VM resumed and the guest's verdict sent back.
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -169,8 +171,8 @@ impl Incoming {
                 // The verdict goes over post-copy's link, which may have moved to another
                 // network; the control connection is done with.
                 let cpu = || thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds;
-                let relinks = postcopy::Relinks::new(prep.streams);
-                verify_in_postcopy(&mut vm, (pc, link), (slot, relinks), opts, cpu)?;
+                let doorway = pc.doorway(prep.streams, opts.peer_timeout);
+                verify_in_postcopy(&mut vm, (pc, link), (slot, doorway), opts, cpu)?;
                 drop(cache);
                 return Ok((vm, stats));
             }
@@ -410,7 +412,7 @@ fn start_postcopy(
     match (owed, link) {
         (Some(owed), Some(link)) => Ok(Some((
             postcopy::Postcopy::start(ram, &owed)?,
-            postcopy::Link::new(link, peer_timeout)?,
+            postcopy::Link::new(link, 0, peer_timeout)?,
         ))),
         (Some(_), None) => Err(ProtocolError::Unexpected {
             kind: Kind::Postcopy,
@@ -427,22 +429,28 @@ fn start_postcopy(
 fn verify_in_postcopy<V: Migratable>(
     vm: &mut V,
     (mut pc, link): (postcopy::Postcopy, postcopy::Link),
-    relink: (incoming::StreamSlot<'_>, postcopy::Relinks),
+    (slot, doorway): (incoming::StreamSlot<'_>, postcopy::Doorway),
     opts: &super::ReceiveOptions,
     cpu: impl Fn() -> f64,
 ) -> Result<(), MigrationError> {
     pc.resumed(vm.guest_writes());
     let verdict = Mutex::new(None);
+    let stop = AtomicBool::new(false);
+    let (tx, links) = std::sync::mpsc::channel();
     let done = std::thread::scope(|sc| {
-        let verdict = &verdict;
-        let push = sc.spawn(move || finish_postcopy(pc, link, relink, opts.peer_timeout, verdict));
+        let (verdict, stop) = (&verdict, &stop);
+        sc.spawn(move || doorway.run(&slot.arrivals, &tx, stop));
+        let push = sc.spawn(move || finish_postcopy(pc, link, &links, opts.peer_timeout, verdict));
         let outcome = verify(vm, opts.verify_timeout);
         *locks::lock(verdict) = Some(VerifyOutcome {
             cpu_seconds: cpu(),
             ..outcome
         });
-        push.join()
-            .unwrap_or_else(|_| Err(MigrationError::StreamFailed))
+        let done = push
+            .join()
+            .unwrap_or_else(|_| Err(MigrationError::StreamFailed));
+        stop.store(true, Ordering::SeqCst);
+        done
     });
     let stats = done.map_err(|e| MigrationError::VmLost(e.to_string()))?;
     tracing::info!(?stats, "post-copy complete here");
@@ -451,12 +459,12 @@ fn verify_in_postcopy<V: Migratable>(
 
 /// Post-copy after the resume: links served until every owed page is here and the source has
 /// been told, and given the guest's verdict; a failed link is waited for again (the vCPUs
-/// that fault wait with it) within the recovery window. Once every page is here, a source
-/// that does not come back only misses the verdict: the VM runs here, whole.
+/// that fault wait with it) within the recovery window, from `links`. Once every page is
+/// here, a source that does not come back only misses the verdict: the VM runs here, whole.
 fn finish_postcopy(
     mut pc: postcopy::Postcopy,
     link: postcopy::Link,
-    (slot, mut relinks): (incoming::StreamSlot<'_>, postcopy::Relinks),
+    links: &Receiver<postcopy::Link>,
     timeout: Duration,
     verdict: &Mutex<Option<VerifyOutcome>>,
 ) -> Result<protocol::PostcopyStats, MigrationError> {
@@ -473,7 +481,7 @@ fn finish_postcopy(
             "post-copy: the link failed ({why}); waiting for the source to make it again (within {window:?})"
         );
         let t = Instant::now();
-        match relinks.next(&slot.arrivals, window, timeout)? {
+        match newest(links, window) {
             Some(l) => link = l,
             None if complete => {
                 tracing::warn!("post-copy: the source did not come back for the guest's verdict; the VM runs here, whole");
@@ -494,6 +502,12 @@ fn finish_postcopy(
         "post-copy: every owed page is here"
     );
     Ok(stats)
+}
+
+/// The newest link that came within `within` (older ones, queued, were given up by the source).
+fn newest(links: &Receiver<postcopy::Link>, within: Duration) -> Option<postcopy::Link> {
+    let first = links.recv_timeout(within).ok()?;
+    Some(links.try_iter().last().unwrap_or(first))
 }
 
 /// The guest's own verdict on its memory, once it runs here.

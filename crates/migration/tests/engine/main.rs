@@ -390,21 +390,38 @@ fn post_copy_moves_the_vm_whole_over_tls_and_page_streams() {
     assert_moved_by_postcopy(&m);
 }
 
-/// A proxy to `to` that forwards every connection, and once `cut` is set (and 300 ms more),
-/// closes every connection it forwards but the first (the control connection), once; later
-/// ones go through. Its address.
-fn cutting_proxy(to: String, cut: Arc<std::sync::atomic::AtomicBool>) -> String {
+/// What [`link_proxy`] does to the connections it forwards once told.
+#[derive(Clone, Copy, PartialEq)]
+enum LinkFault {
+    /// Closes them: both sides see the link fail at once.
+    Cut,
+    /// Stops forwarding and holds them open: each side notices by its own deadline only.
+    Stall,
+}
+
+/// A proxy to `to` that forwards every connection, and once `trigger` is set (and 300 ms
+/// more) applies `fault` to every connection it forwarded but the first (the control
+/// connection), once; later ones go through. Its address.
+fn link_proxy(to: String, trigger: Arc<std::sync::atomic::AtomicBool>, fault: LinkFault) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-    let h = held.clone();
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (h, st) = (held.clone(), stalled.clone());
     std::thread::spawn(move || {
-        while !cut.load(Ordering::SeqCst) {
+        while !trigger.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(300));
-        for s in h.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        st.store(true, Ordering::SeqCst);
+        let held = std::mem::take(&mut *h.lock().unwrap());
+        if fault == LinkFault::Cut {
+            for s in held {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        } else {
+            // Open, silent, until the test ends.
+            std::mem::forget(held);
         }
     });
     std::thread::spawn(move || {
@@ -412,32 +429,50 @@ fn cutting_proxy(to: String, cut: Arc<std::sync::atomic::AtomicBool>) -> String 
             let Ok(up) = TcpStream::connect(&to) else {
                 return;
             };
-            if i > 0 {
+            let stall = (i > 0 && !stalled.load(Ordering::SeqCst)).then(|| stalled.clone());
+            if stall.is_some() {
                 let mut held = held.lock().unwrap();
                 held.push(c.try_clone().unwrap());
                 held.push(up.try_clone().unwrap());
             }
-            let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
-            std::thread::spawn(move || forward(c, up, Fault::CutAfter(u64::MAX)));
-            std::thread::spawn(move || forward(up2, c2, Fault::CutAfter(u64::MAX)));
+            let (c2, up2, stall2) = (
+                c.try_clone().unwrap(),
+                up.try_clone().unwrap(),
+                stall.clone(),
+            );
+            std::thread::spawn(move || forward_unless(c, up, stall));
+            std::thread::spawn(move || forward_unless(up2, c2, stall2));
         }
     });
     addr
 }
 
-/// Post-copy's link fails while the VM runs on the destination without all its memory: both
-/// sides notice, the source makes the link again, the destination names what it still
-/// lacks, and the VM ends whole there.
-#[test]
-#[cfg_attr(no_root, ignore = "needs root (userfaultfd for kernel faults)")]
-fn post_copy_makes_its_link_again_when_it_fails_and_the_vm_moves_whole() {
-    let (to, rx) = receiver(
-        Security::Insecure,
-        FakeFactory::default(),
-        Duration::from_secs(2),
-    );
-    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let via = cutting_proxy(to, cut.clone());
+/// Forwards until either side closes, or `stall` is set (then holds both open, silent).
+fn forward_unless(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    stall: Option<Arc<std::sync::atomic::AtomicBool>>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(k @ 1..) = from.read(&mut buf) {
+        if stall.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            std::thread::sleep(Duration::from_secs(60));
+            return;
+        }
+        if to.write_all(&buf[..k]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// A post-copy migration of a busy guest through [`link_proxy`], whose fault comes as the
+/// push starts; the receiver's deadline is `dest_timeout`, the source's 2 s.
+fn post_copy_through(fault: LinkFault, dest_timeout: Duration) -> (Moved, Vec<String>) {
+    let (to, rx) = receiver(Security::Insecure, FakeFactory::default(), dest_timeout);
+    let trigger = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let via = link_proxy(to, trigger.clone(), fault);
     let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, &busy(), true)));
     std::thread::sleep(Duration::from_millis(200));
     let mut opts = options(&via, Security::Insecure);
@@ -446,7 +481,7 @@ fn post_copy_makes_its_link_again_when_it_fails_and_the_vm_moves_whole() {
     let phases = Mutex::new(Vec::<String>::new());
     let result = migration::migrate(&*source, &opts, &|p| {
         if p.phase == "postcopy" {
-            cut.store(true, Ordering::SeqCst);
+            trigger.store(true, Ordering::SeqCst);
         }
         let mut seen = phases.lock().unwrap();
         if seen.last() != Some(&p.phase) {
@@ -458,9 +493,18 @@ fn post_copy_makes_its_link_again_when_it_fails_and_the_vm_moves_whole() {
         source,
         dest: rx.join().unwrap(),
     };
+    (m, phases.into_inner().unwrap())
+}
+
+/// Post-copy's link fails while the VM runs on the destination without all its memory: both
+/// sides notice, the source makes the link again, the destination names what it still
+/// lacks, and the VM ends whole there.
+#[test]
+#[cfg_attr(no_root, ignore = "needs root (userfaultfd for kernel faults)")]
+fn post_copy_makes_its_link_again_when_it_fails_and_the_vm_moves_whole() {
+    let (m, seen) = post_copy_through(LinkFault::Cut, Duration::from_secs(2));
     let p = assert_moved_by_postcopy(&m);
     assert!(p.recoveries >= 1, "{p:?}");
-    let seen = phases.into_inner().unwrap();
     let paused = seen.iter().position(|s| s == "postcopy-paused");
     assert!(paused.is_some(), "{seen:?}");
     assert_eq!(
@@ -468,6 +512,19 @@ fn post_copy_makes_its_link_again_when_it_fails_and_the_vm_moves_whole() {
         Some("postcopy"),
         "{seen:?}"
     );
+}
+
+/// The link goes silent; the source notices by its 2 s deadline and makes it again well
+/// before the destination's own 30 s deadline would say anything: the destination takes the
+/// new link as it arrives (its source has given the old one up).
+#[test]
+#[cfg_attr(no_root, ignore = "needs root (userfaultfd for kernel faults)")]
+fn a_silent_link_is_made_again_before_the_destinations_own_deadline() {
+    let t = Instant::now();
+    let (m, _) = post_copy_through(LinkFault::Stall, Duration::from_secs(30));
+    let p = assert_moved_by_postcopy(&m);
+    assert!(p.recoveries >= 1, "{p:?}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }
 
 #[test]

@@ -77,6 +77,19 @@ pub struct VmSummary {
     pub memory: u64,
     /// starting, running, paused, incoming, migrating, failed
     pub state: String,
+    /// Its migration out, while one is in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<InFlight>,
+}
+
+/// A migration in flight, as its source last saw it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InFlight {
+    pub to: String,
+    /// prepare, copy, sync, switchover, postcopy, postcopy-paused, verify
+    pub phase: String,
+    pub bytes_on_wire: u64,
+    pub ram_bytes: u64,
 }
 
 /// A member's liveness.
@@ -186,13 +199,22 @@ impl ClusterStatus {
             }
         }
         s += &format!(
-            "\n{:<16} {:<16} {:>10} {:<10}\n",
+            "\n{:<16} {:<16} {:>10} {:<10} MIGRATION\n",
             "VM", "HOST", "MEM-MiB", "STATE"
         );
         for h in &self.hosts {
             for v in h.record.iter().flat_map(|r| &r.vms) {
+                let m = v.migration.as_ref().map_or(String::new(), |m| {
+                    format!(
+                        "to {}: {}, {} of {} MiB sent",
+                        m.to,
+                        m.phase,
+                        m.bytes_on_wire >> 20,
+                        m.ram_bytes >> 20
+                    )
+                });
                 s += &format!(
-                    "{:<16} {:<16} {:>10} {:<10}\n",
+                    "{:<16} {:<16} {:>10} {:<10} {m}\n",
                     v.name,
                     h.name,
                     v.memory >> 20,
@@ -226,11 +248,25 @@ mod tests {
                         name: "a".into(),
                         listen: "0.0.0.0:7000".into(),
                         room: 2 << 30,
-                        vms: vec![VmSummary {
-                            name: "sql1".into(),
-                            memory: 1 << 30,
-                            state: "running".into(),
-                        }],
+                        vms: vec![
+                            VmSummary {
+                                name: "sql1".into(),
+                                memory: 1 << 30,
+                                state: "running".into(),
+                                migration: None,
+                            },
+                            VmSummary {
+                                name: "web2".into(),
+                                memory: 512 << 20,
+                                state: "migrating".into(),
+                                migration: Some(InFlight {
+                                    to: "10.0.0.2:7000".into(),
+                                    phase: "copy".into(),
+                                    bytes_on_wire: 100 << 20,
+                                    ram_bytes: 512 << 20,
+                                }),
+                            },
+                        ],
                         ..Default::default()
                     }),
                 },
@@ -251,6 +287,10 @@ mod tests {
         assert!(t.contains("b                unreachable"), "{t}");
         assert!(
             t.contains("sql1             a                      1024 running"),
+            "{t}"
+        );
+        assert!(
+            t.contains("migrating  to 10.0.0.2:7000: copy, 100 of 512 MiB sent"),
             "{t}"
         );
         assert!(

@@ -223,10 +223,10 @@ fn kvm_a_migration_between_member_agents_takes_the_clusters_settings() {
         .waiting(Duration::from_secs(90))
         .run(&host::RunRequest {
             name: "vm1".into(),
-            memory: 128 << 20,
+            memory: 256 << 20,
             vcpus: 1,
             devices: Vec::new(),
-            args: vec!["--workload".into(), "web".into()],
+            args: vec!["--workload".into(), "sql".into()],
         })
         .unwrap();
     wait(Duration::from_secs(60), "vm1's heartbeat", || {
@@ -234,16 +234,36 @@ fn kvm_a_migration_between_member_agents_takes_the_clusters_settings() {
             .list()
             .is_ok_and(|l| l.iter().any(|v| v.heartbeat >= 1))
     });
-    let report = a
-        .client()
-        .migrate(
-            "vm1",
-            &migration::MigrateRequest {
-                to: format!("127.0.0.1:{port_b}"),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let sock = a.sock.clone();
+    let moving = std::thread::spawn(move || {
+        host::HostClient::new(sock)
+            .waiting(Duration::from_secs(120))
+            .migrate(
+                "vm1",
+                &migration::MigrateRequest {
+                    to: format!("127.0.0.1:{port_b}"),
+                    max_bandwidth: Some(100_000_000),
+                    ..Default::default()
+                },
+            )
+    });
+    // The status shows it in flight, from a's record.
+    wait(
+        Duration::from_secs(30),
+        "the cluster to show vm1 in flight",
+        || {
+            status(&e)["hosts"].as_array().unwrap().iter().any(|h| {
+                h["name"] == "a"
+                    && h["record"]["vms"].as_array().is_some_and(|v| {
+                        v.iter().any(|x| {
+                            x["name"] == "vm1"
+                                && x["migration"]["to"] == format!("127.0.0.1:{port_b}")
+                        })
+                    })
+            })
+        },
+    );
+    let report = moving.join().unwrap().unwrap();
     assert_eq!(report.transport, "compressed", "{}", report.summary());
     assert!(report.guest_verified, "{}", report.summary());
     wait(

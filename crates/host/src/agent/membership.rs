@@ -1,10 +1,11 @@
 //! The agent in a cluster (`host serve --cluster`): its record in etcd under a lease it keeps
 //! alive (what it holds and can take), and the cluster's live-migration settings, which its
 //! migrations take where their request says nothing.
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cluster::{HostRecord, Settings, VmSummary};
+use cluster::{HostRecord, InFlight, Settings, VmSummary};
 
 use super::Agent;
 
@@ -61,7 +62,17 @@ impl Agent {
 
     /// What this host says of itself to the cluster.
     pub(super) fn record(&self) -> HostRecord {
-        let cap = self.capacity_of(&locks::lock(&self.vms));
+        let (cap, leaving) = {
+            let vms = locks::lock(&self.vms);
+            let leaving: HashMap<String, String> = vms
+                .iter()
+                .filter_map(|(n, e)| match &e.phase {
+                    super::Phase::Migrating { to } => Some((n.clone(), to.clone())),
+                    _ => None,
+                })
+                .collect();
+            (self.capacity_of(&vms), leaving)
+        };
         HostRecord {
             name: self.cfg.name.clone(),
             listen: cap.listen,
@@ -74,6 +85,7 @@ impl Agent {
                 .list()
                 .into_iter()
                 .map(|v| VmSummary {
+                    migration: leaving.get(&v.name).and_then(|to| in_flight(&v.api, to)),
                     name: v.name,
                     memory: v.memory,
                     state: v.state,
@@ -95,6 +107,21 @@ impl Agent {
             .and_then(|s| s.max_concurrent_per_host)
             .unwrap_or(self.cfg.max_inbound)
     }
+}
+
+/// The migration out of the VM whose API is `api`, as it stands.
+fn in_flight(api: &std::path::Path, to: &str) -> Option<InFlight> {
+    let p = vmm::api::Client::new(api)
+        .with_timeout(Duration::from_secs(1))
+        .call::<Option<migration::Progress>>("GET", "/vm/migration", None)
+        .ok()
+        .flatten()?;
+    Some(InFlight {
+        to: to.to_string(),
+        phase: p.phase,
+        bytes_on_wire: p.bytes_on_wire,
+        ram_bytes: p.ram_bytes,
+    })
 }
 
 /// Fills what `req` leaves unsaid with the cluster's settings.

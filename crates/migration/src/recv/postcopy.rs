@@ -35,7 +35,7 @@ use crate::MigrationError;
 const FAULT_POLL_MS: i32 = 20;
 
 /// How often the doorway looks up from its arrivals (to stop).
-const DOORWAY_POLL: Duration = Duration::from_millis(100);
+const DOORWAY_POLL: Duration = Duration::from_millis(20);
 
 /// How often the link looks for the guest's verdict once every page is here.
 const VERDICT_POLL: Duration = Duration::from_millis(50);

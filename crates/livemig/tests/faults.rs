@@ -670,6 +670,36 @@ fn kvm_source_killed_in_post_copy_the_destination_reports_the_vm_lost() {
     assert!(err.contains("the VM is lost"), "{err}");
 }
 
+/// The testbed `name` up, a receiver in its host B on 0.0.0.0:7400, and a 256 MiB `sql` VM
+/// in its host A: the hosts, the receiver, the source.
+fn testbed_pair(name: &str, dir: &Path) -> (Hosts, VmProcess, VmProcess) {
+    let h = Hosts::up(name);
+    let exe = livemig_exe();
+    let dst = receiver_in(&exe, Some(&h.ns("b")), dir, "dst", "0.0.0.0:7400");
+    let src = source_in(&exe, Some(&h.ns("a")), dir, "sql", "256M");
+    (h, dst, src)
+}
+
+/// `src`'s migration to that receiver over 1g-1, by post-copy at once (100 Mbit/s, 2 s peer
+/// timeout), once its push is under way.
+fn post_copy_over_1g1(src: &VmProcess, report: &Path) -> Child {
+    let first = migrate_spawn(
+        &src.api,
+        "10.77.1.2:7400",
+        report,
+        &[
+            "--postcopy-after",
+            "0",
+            "--max-bandwidth",
+            "100Mbit",
+            "--peer-timeout",
+            "2s",
+        ],
+    );
+    wait_progress(&src.api, "postcopy", 0);
+    first
+}
+
 /// Post-copy's link blackholed while the VM runs on the destination without all its memory,
 /// then back within the recovery window (`--peer-timeout` × 6): the source pauses post-copy
 /// (the destination's faulting vCPUs wait), makes the link again once it is back, and the
@@ -681,25 +711,9 @@ fn kvm_source_killed_in_post_copy_the_destination_reports_the_vm_lost() {
 )]
 fn root_link_blackholed_in_post_copy_the_migration_resumes_when_it_is_back() {
     let d = tempfile::tempdir().unwrap();
-    let h = Hosts::up("lmbhp");
-    let exe = livemig_exe();
-    let dst = receiver_in(&exe, Some(&h.ns("b")), d.path(), "dst", "0.0.0.0:7400");
-    let src = source_in(&exe, Some(&h.ns("a")), d.path(), "sql", "256M");
+    let (h, dst, src) = testbed_pair("lmbhp", d.path());
     let report = d.path().join("r1.json");
-    let first = migrate_spawn(
-        &src.api,
-        "10.77.1.2:7400",
-        &report,
-        &[
-            "--postcopy-after",
-            "0",
-            "--max-bandwidth",
-            "100Mbit",
-            "--peer-timeout",
-            "2s",
-        ],
-    );
-    wait_progress(&src.api, "postcopy", 0);
+    let first = post_copy_over_1g1(&src, &report);
     h.link("1g-1", false);
     let down = Instant::now();
     wait(
@@ -741,29 +755,13 @@ fn root_link_blackholed_in_post_copy_the_migration_resumes_when_it_is_back() {
 )]
 fn root_post_copy_resumed_by_the_operator_over_another_link_ends_verified() {
     let d = tempfile::tempdir().unwrap();
-    let h = Hosts::up("lmbhr");
-    let exe = livemig_exe();
-    let dst = receiver_in(&exe, Some(&h.ns("b")), d.path(), "dst", "0.0.0.0:7400");
-    let src = source_in(&exe, Some(&h.ns("a")), d.path(), "sql", "256M");
+    let (h, dst, src) = testbed_pair("lmbhr", d.path());
     let api = src.api.to_str().unwrap();
     // Nothing to resume yet.
     let early = livemig(&["migrate", "--api", api, "--resume"]);
     assert!(!early.status.success());
     let report = d.path().join("r1.json");
-    let first = migrate_spawn(
-        &src.api,
-        "10.77.1.2:7400",
-        &report,
-        &[
-            "--postcopy-after",
-            "0",
-            "--max-bandwidth",
-            "100Mbit",
-            "--peer-timeout",
-            "2s",
-        ],
-    );
-    wait_progress(&src.api, "postcopy", 0);
+    let first = post_copy_over_1g1(&src, &report);
     let running = livemig(&["migrate", "--api", api, "--resume"]);
     assert!(!running.status.success(), "post-copy is not paused yet");
     assert!(

@@ -7,6 +7,21 @@ use crate::protocol::{Owed, PAGE};
 
 const PAGE_U64: u64 = PAGE as u64;
 
+/// Handles that close each of post-copy's link connections (asks, answers, push) from any
+/// thread: when one fails, all of them are closed.
+pub(crate) fn link_handles(
+    conns: [&transport::Connection; 3],
+) -> Result<std::sync::Arc<[transport::ShutdownHandle]>, crate::MigrationError> {
+    conns
+        .iter()
+        .map(|c| {
+            c.shutdown_handle().map_err(crate::MigrationError::socket(
+                "cloning a post-copy connection",
+            ))
+        })
+        .collect()
+}
+
 /// A link that fails in post-copy is made again within this many peer timeouts; past them,
 /// the VM is lost.
 pub const RECOVERY_TIMEOUTS: u32 = 6;

@@ -101,13 +101,7 @@ impl Link {
     }
 
     fn handles(&self) -> Result<Arc<[ShutdownHandle]>, MigrationError> {
-        [&self.requests, &self.replies, &self.push]
-            .iter()
-            .map(|c| {
-                c.shutdown_handle()
-                    .map_err(MigrationError::socket("cloning a post-copy connection"))
-            })
-            .collect()
+        crate::postcopy::link_handles([&self.requests, &self.replies, &self.push])
     }
 }
 

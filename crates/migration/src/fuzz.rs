@@ -74,7 +74,7 @@ pub fn payload(data: &[u8]) {
     let Some((&k, payload)) = data.split_first() else {
         return;
     };
-    let kind = match k % 12 {
+    let kind = match k % 17 {
         0 => Kind::Config,
         1 => Kind::Ready,
         2 => Kind::Pages,
@@ -86,7 +86,12 @@ pub fn payload(data: &[u8]) {
         8 => Kind::Abort,
         9 => Kind::PagesCompressed,
         10 => Kind::Extents,
-        _ => Kind::PagesDirect,
+        11 => Kind::PagesDirect,
+        12 => Kind::DiskBlocks,
+        13 => Kind::Postcopy,
+        14 => Kind::PostcopyResume,
+        15 => Kind::PageRequest,
+        _ => Kind::PostcopyDone,
     };
     let Ok(frame) = decode(kind, payload) else {
         return;

@@ -160,6 +160,8 @@ fn traffic() -> Vec<Vec<u8>> {
 fn payloads() -> Vec<Vec<u8>> {
     let (head, data) = batch(&[(0, Some(3)), (4096, None)]);
     let with = |k: u8, p: &[u8]| [&[k][..], p].concat();
+    let mut owed = migration::protocol::Owed::new(64 << 20);
+    owed.mark(8192);
     let mut c = Vec::new();
     compress(Codec::Zstd, &data, &mut c).unwrap();
     let mut compressed = vec![Codec::Zstd as u8, 0, 0, 0];
@@ -177,6 +179,10 @@ fn payloads() -> Vec<Vec<u8>> {
         with(7, br#"{"ok":true,"detail":"x","cpu_seconds":1.0}"#),
         with(9, &compressed),
         with(10, &head),
+        with(13, &owed.encode()),
+        with(14, &owed.encode()),
+        with(15, &[0u8, 16, 0, 0, 0, 0, 0, 0]),
+        with(16, br#"{"faults":1,"fault_p50_us":2,"fault_p99_us":3,"fault_max_us":4,"pages_demanded":1,"pages_pushed":2,"complete_ms":5}"#),
     ]
 }
 

@@ -7,6 +7,8 @@
 //! | `members/NAME` | JSON [`Member`] | permanent: a host the cluster knows |
 //! | `hosts/NAME` | JSON [`HostRecord`] | under the host's lease: present while it is alive |
 //! | `config/SETTING` | the [`Setting`]'s value | permanent |
+//! | `cordons/NAME` | JSON [`Cordon`] | from `cluster cordon` (or a drain) to `cluster uncordon` |
+//! | `vms/NAME` | JSON [`Owner`]: host, generation | from `host run` until the VM is stopped |
 //!
 //! A member whose `hosts/` key is gone (its agent stopped, died or lost etcd for longer than
 //! its lease) is `unreachable`.
@@ -15,10 +17,12 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 mod membership;
+pub mod ownership;
 pub mod settings;
 mod store;
 
 pub use membership::{Membership, LEASE_TTL};
+pub use ownership::{Arrival, Fenced, Owner};
 pub use settings::{Effective, Setting, Settings};
 pub use store::{ClusterTls, Endpoints, Store};
 
@@ -38,6 +42,8 @@ pub enum ClusterError {
     Setting(String),
     /// host {name} is already a live member of the cluster (its lease is held elsewhere)
     NameTaken { name: String },
+    /// VM {name} is owned by host {host} in the cluster
+    VmOwned { name: String, host: String },
     /// starting the membership thread: {0}
     Thread(std::io::Error),
 }
@@ -68,6 +74,34 @@ pub struct HostRecord {
     pub vms: Vec<VmSummary>,
     pub inbound: usize,
     pub outbound: usize,
+    /// Incoming migrations it takes at once.
+    #[serde(default)]
+    pub max_inbound: usize,
+    /// Its agent's API socket, on that host: where a drain of it runs.
+    #[serde(default)]
+    pub api: PathBuf,
+}
+
+impl HostRecord {
+    /// The address sources reach it on: where it listens, or, when that is every address,
+    /// its first IPv4 address with that port.
+    pub fn address(&self) -> Option<String> {
+        let listen: std::net::SocketAddr = self.listen.parse().ok()?;
+        if !listen.ip().is_unspecified() {
+            return Some(self.listen.clone());
+        }
+        let ip = self.addresses.first()?;
+        Some(format!("{ip}:{}", listen.port()))
+    }
+}
+
+/// A host taken out of placement: nothing new goes there until it is uncordoned.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cordon {
+    /// Unix time, ms.
+    pub since_ms: u64,
+    /// Why (a drain, maintenance, an operator).
+    pub why: String,
 }
 
 /// One VM as its host reports it.
@@ -107,14 +141,27 @@ pub enum Liveness {
 pub struct HostStatus {
     pub name: String,
     pub state: Liveness,
+    /// Taken out of placement, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cordoned: Option<Cordon>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record: Option<HostRecord>,
+}
+
+/// A VM and its owner.
+#[derive(Clone, Debug, Serialize)]
+pub struct OwnedVm {
+    pub name: String,
+    pub owner: String,
+    pub generation: u64,
 }
 
 /// `livemig cluster status`: the members, their VMs, the settings.
 #[derive(Clone, Debug, Serialize)]
 pub struct ClusterStatus {
     pub hosts: Vec<HostStatus>,
+    /// Every VM's owner, as the cluster holds it.
+    pub owners: Vec<OwnedVm>,
     pub settings: Vec<Effective>,
     /// Settings in the store that do not check, and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -142,9 +189,36 @@ impl Store {
         self.delete(&format!("config/{}", setting.name()))
     }
 
+    /// Takes host `name` out of placement.
+    pub fn cordon(&self, name: &str, why: &str) -> Result<(), ClusterError> {
+        let c = Cordon {
+            since_ms: now_ms(),
+            why: why.into(),
+        };
+        let v = serde_json::to_string(&c).unwrap_or_default();
+        self.put(&format!("cordons/{name}"), &v, None)
+    }
+
+    /// Puts host `name` back into placement.
+    pub fn uncordon(&self, name: &str) -> Result<(), ClusterError> {
+        self.delete(&format!("cordons/{name}"))
+    }
+
+    /// Whether host `name` is cordoned.
+    pub fn cordoned(&self, name: &str) -> Result<Option<Cordon>, ClusterError> {
+        Ok(self
+            .get(&format!("cordons/{name}"))?
+            .and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
     /// Every member, live or not, with what the live ones say.
     pub fn status(&self) -> Result<ClusterStatus, ClusterError> {
         let members = self.list("members/")?;
+        let cordons: std::collections::BTreeMap<String, Cordon> = self
+            .list("cordons/")?
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
+            .collect();
         let live: std::collections::BTreeMap<String, HostRecord> = self
             .list("hosts/")?
             .into_iter()
@@ -155,6 +229,7 @@ impl Store {
             .map(|(name, _)| {
                 let record = live.get(&name).cloned();
                 HostStatus {
+                    cordoned: cordons.get(&name).cloned(),
                     state: if record.is_some() {
                         Liveness::Live
                     } else {
@@ -166,15 +241,43 @@ impl Store {
             })
             .collect();
         let settings = self.settings()?;
+        let owners = self
+            .owners()?
+            .into_iter()
+            .map(|(name, o)| OwnedVm {
+                name,
+                owner: o.host,
+                generation: o.generation,
+            })
+            .collect();
         Ok(ClusterStatus {
             hosts,
+            owners,
             settings: settings.effective(),
             refused_settings: settings.refused,
         })
     }
 }
 
+/// Unix time now, ms.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl ClusterStatus {
+    /// Where a drain of `host` may send its VMs: every other live member that is not
+    /// cordoned and that sources can reach.
+    pub fn drain_targets(&self, host: &str) -> Vec<&HostRecord> {
+        self.hosts
+            .iter()
+            .filter(|h| h.name != host && h.cordoned.is_none())
+            .filter_map(|h| h.record.as_ref())
+            .filter(|r| r.address().is_some())
+            .collect()
+    }
+
     /// The status as a table: hosts, then their VMs, then the settings.
     pub fn render(&self) -> String {
         let mut s = format!(
@@ -187,7 +290,11 @@ impl ClusterStatus {
                     s += &format!(
                         "{:<16} {:<12} {:<22} {:>10} {:>4} {:>4} {:>4}\n",
                         h.name,
-                        "live",
+                        if h.cordoned.is_some() {
+                            "cordoned"
+                        } else {
+                            "live"
+                        },
                         r.listen,
                         r.room >> 20,
                         r.vms.len(),
@@ -199,9 +306,15 @@ impl ClusterStatus {
             }
         }
         s += &format!(
-            "\n{:<16} {:<16} {:>10} {:<10} MIGRATION\n",
-            "VM", "HOST", "MEM-MiB", "STATE"
+            "\n{:<16} {:<16} {:<16} {:>10} {:<10} MIGRATION\n",
+            "VM", "HOST", "OWNER", "MEM-MiB", "STATE"
         );
+        let owner = |vm: &str| {
+            self.owners
+                .iter()
+                .find(|o| o.name == vm)
+                .map_or("-".to_string(), |o| format!("{}/{}", o.owner, o.generation))
+        };
         for h in &self.hosts {
             for v in h.record.iter().flat_map(|r| &r.vms) {
                 let m = v.migration.as_ref().map_or(String::new(), |m| {
@@ -214,13 +327,31 @@ impl ClusterStatus {
                     )
                 });
                 s += &format!(
-                    "{:<16} {:<16} {:>10} {:<10} {m}\n",
+                    "{:<16} {:<16} {:<16} {:>10} {:<10} {m}\n",
                     v.name,
                     h.name,
+                    owner(&v.name),
                     v.memory >> 20,
                     v.state
                 );
             }
+        }
+        // Owned VMs no live host lists: their owner is unreachable (or they were lost).
+        let listed = |vm: &str| {
+            self.hosts
+                .iter()
+                .flat_map(|h| h.record.iter().flat_map(|r| &r.vms))
+                .any(|v| v.name == vm)
+        };
+        for o in self.owners.iter().filter(|o| !listed(&o.name)) {
+            s += &format!(
+                "{:<16} {:<16} {:<16} {:>10} {:<10}\n",
+                o.name,
+                "-",
+                format!("{}/{}", o.owner, o.generation),
+                "-",
+                "unseen"
+            );
         }
         s += "\nSETTING                  VALUE                      SOURCE\n";
         for e in &self.settings {
@@ -244,6 +375,7 @@ mod tests {
                 HostStatus {
                     name: "a".into(),
                     state: Liveness::Live,
+                    cordoned: None,
                     record: Some(HostRecord {
                         name: "a".into(),
                         listen: "0.0.0.0:7000".into(),
@@ -273,7 +405,20 @@ mod tests {
                 HostStatus {
                     name: "b".into(),
                     state: Liveness::Unreachable,
+                    cordoned: None,
                     record: None,
+                },
+            ],
+            owners: vec![
+                OwnedVm {
+                    name: "sql1".into(),
+                    owner: "a".into(),
+                    generation: 3,
+                },
+                OwnedVm {
+                    name: "lost9".into(),
+                    owner: "b".into(),
+                    generation: 1,
                 },
             ],
             settings: Settings::default().effective(),
@@ -286,7 +431,11 @@ mod tests {
         );
         assert!(t.contains("b                unreachable"), "{t}");
         assert!(
-            t.contains("sql1             a                      1024 running"),
+            t.contains("sql1             a                a/3                    1024 running"),
+            "{t}"
+        );
+        assert!(
+            t.contains("lost9            -                b/1                       - unseen"),
             "{t}"
         );
         assert!(
@@ -296,6 +445,55 @@ mod tests {
         assert!(
             t.contains("transport                tcp                        default"),
             "{t}"
+        );
+    }
+
+    fn live(name: &str, listen: &str, cordoned: bool) -> HostStatus {
+        HostStatus {
+            name: name.into(),
+            state: Liveness::Live,
+            cordoned: cordoned.then(|| Cordon {
+                since_ms: 1,
+                why: "maintenance".into(),
+            }),
+            record: Some(HostRecord {
+                name: name.into(),
+                listen: listen.into(),
+                addresses: vec!["10.0.0.9".into()],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_drain_goes_to_the_other_live_hosts_that_are_not_cordoned() {
+        let st = ClusterStatus {
+            hosts: vec![
+                live("a", "10.0.0.1:7000", false),
+                live("b", "0.0.0.0:7000", false),
+                live("c", "10.0.0.3:7000", true),
+                HostStatus {
+                    name: "d".into(),
+                    state: Liveness::Unreachable,
+                    cordoned: None,
+                    record: None,
+                },
+                live("e", "not an address", false),
+            ],
+            owners: Vec::new(),
+            settings: Vec::new(),
+            refused_settings: Vec::new(),
+        };
+        let t: Vec<&str> = st
+            .drain_targets("a")
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(t, ["b"]);
+        // Listening on every address: reached on its first one.
+        assert_eq!(
+            st.drain_targets("a")[0].address().as_deref(),
+            Some("10.0.0.9:7000")
         );
     }
 }

@@ -58,6 +58,24 @@ impl Endpoints {
     }
 }
 
+impl Endpoints {
+    /// The same endpoints as `livemig` arguments, for a process started from here.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec!["--cluster".to_string(), self.urls.join(",")];
+        if let Some(t) = &self.tls {
+            for (flag, p) in [
+                ("--cluster-ca", &t.ca),
+                ("--cluster-cert", &t.cert),
+                ("--cluster-key", &t.key),
+            ] {
+                a.push(flag.into());
+                a.push(p.display().to_string());
+            }
+        }
+        a
+    }
+}
+
 /// A connected client.
 pub struct Store {
     rt: tokio::runtime::Runtime,
@@ -152,6 +170,39 @@ impl Store {
             .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(k, value.to_string(), None)]);
         let r = self.call("creating a key", async move { c.txn(txn).await })?;
+        Ok(r.succeeded())
+    }
+
+    /// The value of `PREFIX + key`, if it exists.
+    pub fn get(&self, key: &str) -> Result<Option<String>, ClusterError> {
+        let mut c = self.client.clone();
+        let k = format!("{PREFIX}{key}");
+        let r = self.call("reading a key", async move { c.get(k, None).await })?;
+        Ok(r.kvs()
+            .first()
+            .and_then(|kv| kv.value_str().ok())
+            .map(String::from))
+    }
+
+    /// Replaces `PREFIX + key` with `new` only if it holds `old`; whether it did.
+    pub fn swap(&self, key: &str, old: &str, new: &str) -> Result<bool, ClusterError> {
+        let mut c = self.client.clone();
+        let k = format!("{PREFIX}{key}");
+        let txn = Txn::new()
+            .when([Compare::value(k.clone(), CompareOp::Equal, old.to_string())])
+            .and_then([TxnOp::put(k, new.to_string(), None)]);
+        let r = self.call("swapping a key", async move { c.txn(txn).await })?;
+        Ok(r.succeeded())
+    }
+
+    /// Deletes `PREFIX + key` only if it holds `old`; whether it did.
+    pub fn delete_if(&self, key: &str, old: &str) -> Result<bool, ClusterError> {
+        let mut c = self.client.clone();
+        let k = format!("{PREFIX}{key}");
+        let txn = Txn::new()
+            .when([Compare::value(k.clone(), CompareOp::Equal, old.to_string())])
+            .and_then([TxnOp::delete(k, None)]);
+        let r = self.call("deleting a key", async move { c.txn(txn).await })?;
         Ok(r.succeeded())
     }
 

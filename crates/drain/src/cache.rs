@@ -123,6 +123,7 @@ pub fn open(o: &DrainOptions, s: &Survey, planned: &Planned) -> Vec<Option<Cache
             }
             let size = cache_size(o.dedup_cache, dest.facts.room, mine)?;
             dest.client
+                .as_ref()?
                 .create_cache(size)
                 .inspect_err(|e| tracing::warn!("{}: no page cache for this drain: {e}", dest.name))
                 .ok()
@@ -133,8 +134,8 @@ pub fn open(o: &DrainOptions, s: &Survey, planned: &Planned) -> Vec<Option<Cache
 /// Drops the caches (the destinations also drop them once unused for a while).
 pub fn close(s: &Survey, caches: &[Option<CacheInfo>]) {
     for (dest, c) in s.dests.iter().zip(caches) {
-        if let Some(c) = c {
-            if let Err(e) = dest.client.drop_cache(c.id) {
+        if let (Some(c), Some(client)) = (c, &dest.client) {
+            if let Err(e) = client.drop_cache(c.id) {
                 tracing::warn!("{}: dropping page cache {:#x}: {e}", dest.name, c.id);
             }
         }

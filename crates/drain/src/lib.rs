@@ -30,11 +30,33 @@ pub use plan::Order;
 pub use report::{DrainReport, Status, VmOutcome};
 pub use window::Concurrency;
 
-/// A destination agent, and the address its sources connect to (None: where it listens).
+/// Where a drain may send VMs.
 #[derive(Clone, Debug)]
-pub struct Destination {
-    pub sock: PathBuf,
-    pub address: Option<String>,
+pub enum Destination {
+    /// An agent whose API socket this process reaches, and the address its sources connect
+    /// to (None: where it listens).
+    Agent {
+        sock: PathBuf,
+        address: Option<String>,
+    },
+    /// A host known from what it told the cluster: its agent's API is on that host, so the
+    /// drain uses no page cache there and learns the outcome of a lost switchover from the
+    /// source's agent (which settles it through the cluster).
+    Member(Member),
+}
+
+/// A cluster member as a drain sees it.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub name: String,
+    /// What sources connect to.
+    pub address: String,
+    /// Memory it can take now.
+    pub room: u64,
+    pub bridge: bool,
+    /// The directories of disk images it reaches.
+    pub storage: Vec<PathBuf>,
+    pub max_inbound: usize,
 }
 
 #[derive(Clone, Debug)]

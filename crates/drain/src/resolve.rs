@@ -29,9 +29,12 @@ pub enum Verdict {
 /// still arriving: a final fate (`Confirmed`, `NeverRan` or `Unknown`), or, after
 /// [`ASK_TIMES`] tries a second apart, why there is none.
 fn settled_fate(d: &crate::survey::Dest, session: u64) -> Result<IncomingFate, String> {
+    let Some(client) = &d.client else {
+        return Err(format!("{}'s agent is not reachable from here", d.name));
+    };
     let mut last = String::from("no answer");
     for _ in 0..ASK_TIMES {
-        match d.client.incoming(session, true) {
+        match client.incoming(session, true) {
             Ok(IncomingFate::Arriving) => last = "it is still arriving there".into(),
             Ok(fate) => return Ok(fate),
             Err(e) => last = e.to_string(),
@@ -67,6 +70,9 @@ pub fn source_died(s: &Survey, dest: usize, name: &str, session: u64, err: &ApiE
 pub fn resolve(s: &Survey, dest: usize, name: &str, session: u64, err: &ApiError) -> Verdict {
     let d = &s.dests[dest];
     let lost = message(err);
+    if d.client.is_none() {
+        return settled_by_source(s, dest, name, lost);
+    }
     match settled_fate(d, session) {
         Ok(IncomingFate::Confirmed) => confirmed(s, dest, name, &lost),
         Ok(IncomingFate::NeverRan) => match s.client.resume(name) {
@@ -90,11 +96,36 @@ pub fn resolve(s: &Survey, dest: usize, name: &str, session: u64, err: &ApiError
     }
 }
 
+/// A cluster member's switchover, which the source's agent settled through the cluster
+/// before it answered: the VM gone from the source moved (the agent discards its copy only
+/// when the cluster names the destination), one running there again stayed.
+fn settled_by_source(s: &Survey, dest: usize, name: &str, lost: String) -> Verdict {
+    let d = &s.dests[dest];
+    match s.client.list() {
+        Ok(vms) => match vms.into_iter().find(|v| v.name == name) {
+            None => Verdict::Moved {
+                verified: false,
+                note: format!(
+                    "moved to {}; the cluster settled its lost switchover ({lost})",
+                    d.name
+                ),
+            },
+            Some(v) if v.state == "running" => Verdict::Resumed(lost),
+            Some(v) => Verdict::Unresolved(format!("{lost}; it is {} here", v.state)),
+        },
+        Err(e) => Verdict::Unresolved(format!("{lost}; the source's agent: {e}")),
+    }
+}
+
 /// The VM runs on the destination: discard the source's copy and ask the guest there to
 /// verify its memory.
 fn confirmed(s: &Survey, dest: usize, name: &str, lost: &str) -> Verdict {
     let d = &s.dests[dest];
-    if let Err(e) = s.client.discard(name) {
+    // Not found: the source's agent discarded it already (the cluster told it the VM moved).
+    if let Err(e) = s.client.discard(name).or_else(|e| match e.status() {
+        Some(404) => Ok(serde_json::Value::Null),
+        _ => Err(e),
+    }) {
         return Verdict::Unresolved(format!(
             "{lost}; it runs on {}, but discarding the stale copy here failed: {e}",
             d.name
@@ -109,8 +140,8 @@ fn verified_there(s: &Survey, dest: usize, name: &str, lost: &str) -> Verdict {
     let d = &s.dests[dest];
     let verified = d
         .client
-        .list()
-        .ok()
+        .as_ref()
+        .and_then(|c| c.list().ok())
         .and_then(|vms| vms.into_iter().find(|v| v.name == name))
         .and_then(|v| {
             vmm::api::Client::new(v.api)

@@ -12,7 +12,10 @@ use crate::{Concurrency, DrainError, DrainOptions};
 
 /// A destination agent and the way to it.
 pub struct Dest {
-    pub client: HostClient,
+    /// Its agent's API, when this process reaches it (not a cluster member elsewhere).
+    pub client: Option<HostClient>,
+    /// Where its VMs' disk images must be, when its agent cannot be asked.
+    pub storage: Option<Vec<std::path::PathBuf>>,
     pub name: String,
     /// What sources connect to.
     pub address: String,
@@ -68,14 +71,18 @@ pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
 }
 
 fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
-    let client = HostClient::new(&d.sock);
+    let (sock, address) = match d {
+        crate::Destination::Agent { sock, address } => (sock, address),
+        crate::Destination::Member(m) => return Ok(member(m)),
+    };
+    let client = HostClient::new(sock);
     let cap = client
         .capacity()
         .map_err(|source| DrainError::Destination {
-            path: d.sock.clone(),
+            path: sock.clone(),
             source,
         })?;
-    let address = match &d.address {
+    let address = match address {
         Some(a) => a.clone(),
         None => {
             let unspecified = cap
@@ -92,7 +99,8 @@ fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
         }
     };
     Ok(Dest {
-        client,
+        client: Some(client),
+        storage: None,
         name: cap.name.clone(),
         address,
         max_inbound: cap.max_inbound.max(1),
@@ -105,6 +113,25 @@ fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
             copy_room: cap.copy_room,
         },
     })
+}
+
+fn member(m: &crate::Member) -> Dest {
+    Dest {
+        client: None,
+        storage: Some(m.storage.clone()),
+        name: m.name.clone(),
+        address: m.address.clone(),
+        max_inbound: m.max_inbound.max(1),
+        facts: DestFacts {
+            name: m.name.clone(),
+            room: m.room,
+            rate: None,
+            bridge: m.bridge,
+            unreachable: Vec::new(),
+            // Copies need its disk directory's free space, which only its agent knows.
+            copy_room: None,
+        },
+    }
 }
 
 /// The paths one migration to `address` takes: its NIC pairs under `--network`, else the
@@ -166,9 +193,22 @@ fn reach_disks(vms: &[VmFacts], dests: &mut [Dest]) {
         return;
     }
     for d in dests {
+        let Some(client) = &d.client else {
+            // A member elsewhere: its storage directories say which disks it reaches.
+            let storage = d.storage.as_deref().unwrap_or_default();
+            d.facts.unreachable = disks
+                .iter()
+                .filter(|p| !within(p, storage))
+                .map(|p| {
+                    let why = format!("outside the storage {} reaches", d.name);
+                    (p.clone(), why)
+                })
+                .collect();
+            continue;
+        };
         d.facts.unreachable = match disks
             .chunks(host::api::MAX_REACH_PATHS)
-            .map(|c| d.client.reach(c))
+            .map(|c| client.reach(c))
             .collect::<Result<Vec<_>, _>>()
         {
             Ok(answers) => answers.into_iter().flat_map(|r| r.unreachable).collect(),
@@ -178,6 +218,14 @@ fn reach_disks(vms: &[VmFacts], dests: &mut [Dest]) {
                 .collect(),
         };
     }
+}
+
+/// Whether `path` lies in one of `roots`, read as written (they are another host's paths).
+fn within(path: &std::path::Path, roots: &[std::path::PathBuf]) -> bool {
+    let plain = path
+        .components()
+        .all(|c| !matches!(c, std::path::Component::ParentDir));
+    plain && path.is_absolute() && roots.iter().any(|r| path.starts_with(r))
 }
 
 /// Samples every VM at once (each in its own process): the order, the ETA and each VM's
@@ -227,6 +275,15 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_members_disks_are_those_under_its_storage() {
+        let roots = vec![std::path::PathBuf::from("/srv/images")];
+        assert!(within("/srv/images/a.raw".as_ref(), &roots));
+        assert!(!within("/srv/images/../etc/a.raw".as_ref(), &roots));
+        assert!(!within("/srv/imagesX/a.raw".as_ref(), &roots));
+        assert!(!within("images/a.raw".as_ref(), &roots));
+    }
 
     #[test]
     fn a_link_is_probed_with_as_many_streams_as_migrations_go_at_once() {

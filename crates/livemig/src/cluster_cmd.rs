@@ -45,7 +45,7 @@ impl ClusterArgs {
         Ok(Some(e))
     }
 
-    fn store(&self) -> Result<Store, Box<dyn std::error::Error>> {
+    pub(crate) fn store(&self) -> Result<Store, Box<dyn std::error::Error>> {
         let e = self
             .endpoints()?
             .ok_or("--cluster URLS (or LIVEMIG_CLUSTER) names the cluster's etcd")?;
@@ -69,6 +69,18 @@ pub enum ClusterCmd {
     Config {
         #[command(subcommand)]
         what: ConfigCmd,
+    },
+    /// Take a host out of placement: no VM is sent to it until it is uncordoned.
+    Cordon {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        host: String,
+    },
+    /// Put a host back into placement.
+    Uncordon {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        host: String,
     },
 }
 
@@ -105,6 +117,29 @@ pub fn main(cmd: ClusterCmd) -> CmdResult {
             watch,
         } => status(&cluster, json, watch),
         ClusterCmd::Config { what } => config(what),
+        ClusterCmd::Cordon { cluster, host } => {
+            let store = cluster.store()?;
+            member(&store, &host)?;
+            store.cordon(&host, "operator")?;
+            crate::out::say(&format!("cordoned {host}: nothing new is placed there"));
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCmd::Uncordon { cluster, host } => {
+            let store = cluster.store()?;
+            member(&store, &host)?;
+            store.uncordon(&host)?;
+            crate::out::say(&format!("uncordoned {host}: it takes VMs again"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Refuses a host the cluster does not know.
+fn member(store: &Store, host: &str) -> Result<(), Box<dyn std::error::Error>> {
+    if store.status()?.hosts.iter().any(|h| h.name == host) {
+        Ok(())
+    } else {
+        Err(format!("{host} is not a member of the cluster").into())
     }
 }
 

@@ -13,11 +13,17 @@ use crate::CmdResult;
 #[derive(clap::Args)]
 pub struct DrainArgs {
     /// The source agent's API socket.
-    #[arg(long)]
-    from: PathBuf,
+    #[arg(long, required_unless_present = "host", conflicts_with = "host")]
+    from: Option<PathBuf>,
     /// The destination agents' API sockets.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "host")]
     to: Vec<PathBuf>,
+    /// Drain this cluster member (with --cluster): cordon it, and move its VMs to the other
+    /// live members that are not cordoned, as the plan places them. Run it on that host.
+    #[arg(long, requires = "cluster", conflicts_with_all = ["to", "address"])]
+    host: Option<String>,
+    #[command(flatten)]
+    cluster: crate::cluster_cmd::ClusterArgs,
     /// Per destination, the HOST:PORT sources connect to (the link); default: where it listens.
     #[arg(long, value_delimiter = ',')]
     address: Vec<String>,
@@ -73,6 +79,57 @@ fn parse_percent(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A cluster member's drain: the host cordoned (not on a dry run), its agent's socket, and
+/// every other live member that is not cordoned as a destination.
+fn in_cluster(
+    a: &DrainArgs,
+    host: &str,
+    dry_run: bool,
+) -> Result<(PathBuf, Vec<Destination>), Box<dyn std::error::Error>> {
+    let store = a.cluster.store()?;
+    let status = store.status()?;
+    let me = status
+        .hosts
+        .iter()
+        .find(|h| h.name == host)
+        .ok_or_else(|| format!("{host} is not a member of the cluster"))?;
+    let record = me
+        .record
+        .as_ref()
+        .ok_or_else(|| format!("{host} is unreachable: its agent must be live to drain it"))?;
+    if !record.api.exists() {
+        return Err(format!(
+            "{host}'s agent API ({}) is not on this machine: run the drain on {host}",
+            record.api.display()
+        )
+        .into());
+    }
+    let to: Vec<Destination> = status
+        .drain_targets(host)
+        .into_iter()
+        .filter_map(|r| {
+            Some(Destination::Member(drain::Member {
+                name: r.name.clone(),
+                address: r.address()?,
+                room: r.room,
+                bridge: r.bridge.is_some(),
+                storage: r.storage.clone(),
+                max_inbound: r.max_inbound,
+            }))
+        })
+        .collect();
+    if to.is_empty() {
+        return Err(format!("no live member of the cluster but {host} takes VMs").into());
+    }
+    if !dry_run {
+        store.cordon(host, "drain")?;
+        crate::out::say(&format!(
+            "cordoned {host}: nothing new is placed there until `livemig cluster uncordon {host}`"
+        ));
+    }
+    Ok((record.api.clone(), to))
+}
+
 pub fn main(a: DrainArgs) -> CmdResult {
     if !a.address.is_empty() && a.address.len() != a.to.len() {
         return Err(format!(
@@ -90,17 +147,24 @@ pub fn main(a: DrainArgs) -> CmdResult {
     }
     let mut request = a.migrate.request(String::new(), &a.transport)?;
     request.max_bandwidth = None;
+    let (from, to) = match &a.host {
+        Some(host) => in_cluster(&a, host, a.dry_run)?,
+        None => (
+            a.from
+                .clone()
+                .ok_or("--from the source agent's API socket")?,
+            a.to.iter()
+                .enumerate()
+                .map(|(i, sock)| Destination::Agent {
+                    sock: sock.clone(),
+                    address: a.address.get(i).cloned(),
+                })
+                .collect(),
+        ),
+    };
     let o = DrainOptions {
-        from: a.from,
-        to: a
-            .to
-            .iter()
-            .enumerate()
-            .map(|(i, sock)| Destination {
-                sock: sock.clone(),
-                address: a.address.get(i).cloned(),
-            })
-            .collect(),
+        from,
+        to,
         request,
         concurrency: a.concurrency,
         order: a.order,

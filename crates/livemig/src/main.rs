@@ -220,6 +220,38 @@ struct ReceiveAgentArgs {
     host_cache: Option<PathBuf>,
     #[arg(long, requires = "host_cache")]
     host_cache_id: Option<u64>,
+    /// This host's name in the cluster (`--cluster`): the migration commits there, moving the
+    /// VM's ownership from its origin to this host before its vCPUs start.
+    #[arg(long, requires = "cluster")]
+    cluster_host: Option<String>,
+    #[command(flatten)]
+    cluster: crate::cluster_cmd::ClusterArgs,
+}
+
+impl ReceiveAgentArgs {
+    /// The cluster's commit point, when this receiver commits in one.
+    fn commit(&self) -> Result<Option<migration::Commit>, cluster::ClusterError> {
+        let (Some(e), Some(me)) = (self.cluster.endpoints()?, self.cluster_host.clone()) else {
+            return Ok(None);
+        };
+        let arrival = cluster::Arrival::new(e, me);
+        Ok(Some(migration::Commit(Arc::new(move |prep| {
+            let (Some(name), Some(from), Some(generation)) =
+                (&prep.name, &prep.origin, prep.generation)
+            else {
+                return Err(
+                    "a migration into a cluster names its VM, its origin and its generation".into(),
+                );
+            };
+            let start = cluster::Owner {
+                host: from.clone(),
+                generation,
+            };
+            let owner = arrival.commit(name, &start)?;
+            tracing::info!(vm = %name, generation = owner.generation, "committed in the cluster");
+            Ok(())
+        }))))
+    }
 }
 
 #[derive(clap::Args)]
@@ -503,6 +535,7 @@ fn receive(
         accept_within: agent.accept_within,
         events: status.clone().map(|f| f.events()),
         host_cache: agent.host_cache_id.zip(agent.host_cache.clone()),
+        commit: agent.commit()?,
         disk_dir,
         ..Default::default()
     };

@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, livemig, livemig_exe, wait};
+use common::switchover::{redirecting_proxy, Switchover};
+use common::{free_port, livemig, livemig_exe, wait, Livemig, BIN};
 use host::child::AgentProcess;
 
 /// A 3-member etcd cluster on loopback, killed when dropped.
@@ -118,8 +119,13 @@ fn state_of(e: &Etcd, name: &str) -> Option<String> {
 
 /// A host agent named `name` in the cluster, its state in `dir`.
 fn agent(e: &Etcd, dir: &Path, name: &str) -> (AgentProcess, u16) {
+    agent_as(&livemig_exe(), e, dir, name)
+}
+
+/// [`agent`] started from `l`.
+fn agent_as(l: &Livemig, e: &Etcd, dir: &Path, name: &str) -> (AgentProcess, u16) {
     let port = free_port();
-    let a = livemig_exe()
+    let a = l
         .host_serve(
             None,
             &format!("127.0.0.1:{port}"),
@@ -219,21 +225,12 @@ fn kvm_a_migration_between_member_agents_takes_the_clusters_settings() {
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(&e, d.path(), "a");
     let (b, port_b) = agent(&e, d.path(), "b");
-    a.client()
-        .waiting(Duration::from_secs(90))
-        .run(&host::RunRequest {
-            name: "vm1".into(),
-            memory: 256 << 20,
-            vcpus: 1,
-            devices: Vec::new(),
-            args: vec!["--workload".into(), "sql".into()],
-        })
-        .unwrap();
-    wait(Duration::from_secs(60), "vm1's heartbeat", || {
-        a.client()
-            .list()
-            .is_ok_and(|l| l.iter().any(|v| v.heartbeat >= 1))
-    });
+    run_vm(&a, "vm1");
+    assert_eq!(owner(&e, "vm1"), Some(("a".into(), 1)));
+    // Names are the cluster's: b may not start another vm1.
+    let taken = b.client().run(&vm_request("vm1")).unwrap_err();
+    assert_eq!(taken.status(), Some(409), "{taken}");
+    assert!(taken.to_string().contains("owned by host a"), "{taken}");
     let sock = a.sock.clone();
     let moving = std::thread::spawn(move || {
         host::HostClient::new(sock)
@@ -278,5 +275,192 @@ fn kvm_a_migration_between_member_agents_takes_the_clusters_settings() {
             })
         },
     );
-    drop(b);
+    assert_eq!(owner(&e, "vm1"), Some(("b".into(), 2)), "committed to b");
+    // Stopped, its name is free again.
+    b.client().stop("vm1").unwrap();
+    assert_eq!(owner(&e, "vm1"), None);
+    run_vm(&a, "vm1");
+    assert_eq!(owner(&e, "vm1"), Some(("a".into(), 1)));
+}
+
+fn vm_request(name: &str) -> host::RunRequest {
+    host::RunRequest {
+        name: name.into(),
+        memory: 256 << 20,
+        vcpus: 1,
+        devices: Vec::new(),
+        args: vec!["--workload".into(), "sql".into()],
+    }
+}
+
+/// Runs `name` on `a` (256 MiB, sql) and waits for its guest's heartbeat.
+fn run_vm(a: &AgentProcess, name: &str) {
+    a.client()
+        .waiting(Duration::from_secs(90))
+        .run(&vm_request(name))
+        .unwrap();
+    wait(Duration::from_secs(60), "the guest's heartbeat", || {
+        a.client()
+            .list()
+            .is_ok_and(|l| l.iter().any(|v| v.name == name && v.heartbeat >= 1))
+    });
+}
+
+/// VM `name`'s owner and generation, as `cluster status` shows them.
+fn owner(e: &Etcd, name: &str) -> Option<(String, u64)> {
+    status(e)["owners"]
+        .as_array()?
+        .iter()
+        .find(|o| o["name"] == name)
+        .map(|o| {
+            (
+                o["owner"].as_str().unwrap().to_string(),
+                o["generation"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// `name`'s heartbeat on `a` goes on.
+fn assert_beating(a: &AgentProcess, name: &str) {
+    let beat = || {
+        a.client()
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == name)
+            .map_or(0, |v| v.heartbeat)
+    };
+    let before = beat();
+    wait(Duration::from_secs(30), "the heartbeat to go on", || {
+        beat() > before
+    });
+}
+
+fn names(a: &AgentProcess) -> Vec<String> {
+    a.client()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect()
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_a_commit_after_its_source_fenced_the_vm_is_refused_and_the_vm_stays() {
+    let e = Etcd::start();
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(&e, d.path(), "a");
+    let (b, port_b) = agent(&e, d.path(), "b");
+    run_vm(&a, "vm1");
+    let sock = a.sock.clone();
+    let moving = std::thread::spawn(move || {
+        host::HostClient::new(sock)
+            .waiting(Duration::from_secs(120))
+            .migrate(
+                "vm1",
+                &migration::MigrateRequest {
+                    to: format!("127.0.0.1:{port_b}"),
+                    max_bandwidth: Some(100_000_000),
+                    ..Default::default()
+                },
+            )
+    });
+    wait(Duration::from_secs(30), "vm1 to arrive on b", || {
+        names(&b).contains(&"vm1".to_string())
+    });
+    // What a source that lost its switchover does: the generation moves on under the
+    // migration, whose commit must then fail.
+    let store = cluster::Store::connect(&cluster::Endpoints::parse(&e.urls).unwrap()).unwrap();
+    let fenced = store.fence("vm1", "a", Duration::from_millis(100), &|_| {});
+    assert_eq!(
+        fenced,
+        cluster::Fenced::Kept(cluster::Owner {
+            host: "a".into(),
+            generation: 2
+        })
+    );
+    let err = moving.join().unwrap().unwrap_err();
+    assert!(err.to_string().contains("fenced by its source a"), "{err}");
+    assert_eq!(names(&a), ["vm1"]);
+    assert_beating(&a, "vm1");
+    wait(Duration::from_secs(10), "b to let the arrival go", || {
+        names(&b).is_empty()
+    });
+    assert_eq!(owner(&e, "vm1"), Some(("a".into(), 2)));
+}
+
+/// One migration from a to b through a proxy that breaks its switchover as `mode` says: the
+/// agents, and the migrate's error.
+fn lost_switchover(
+    e: &Etcd,
+    d: &Path,
+    mode: Switchover,
+) -> (AgentProcess, AgentProcess, unixhttp::ApiError) {
+    // Plaintext, so that the proxy reads the frames.
+    let plain = Livemig::new(BIN).insecure();
+    let (a, _) = agent_as(&plain, e, d, "a");
+    let (b, port_b) = agent_as(&plain, e, d, "b");
+    run_vm(&a, "vm1");
+    let proxy = redirecting_proxy(port_b, b.sock.clone(), mode);
+    let err = a
+        .client()
+        .waiting(Duration::from_secs(120))
+        .migrate(
+            "vm1",
+            &migration::MigrateRequest {
+                to: format!("127.0.0.1:{proxy}"),
+                peer_timeout_ms: Some(3000),
+                postcopy: Some(migration::policy::PostcopyMode::Off),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    (a, b, err)
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_a_lost_confirm_is_settled_by_the_cluster_the_vm_runs_on_its_new_owner_alone() {
+    let e = Etcd::start();
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, err) = lost_switchover(&e, d.path(), Switchover::LoseConfirm);
+    assert_eq!(err.status(), Some(502), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the cluster says it moved to b (generation 2)"),
+        "{err}"
+    );
+    assert!(names(&a).is_empty(), "the stale copy on a is gone");
+    assert_eq!(names(&b), ["vm1"]);
+    assert_beating(&b, "vm1");
+    assert_eq!(owner(&e, "vm1"), Some(("b".into(), 2)));
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_a_switchover_that_never_committed_is_kept_by_its_source() {
+    let e = Etcd::start();
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, err) = lost_switchover(&e, d.path(), Switchover::KillAtState);
+    assert!(
+        err.to_string()
+            .contains("the cluster kept vm1 on this host (generation 2)"),
+        "{err}"
+    );
+    assert_eq!(names(&a), ["vm1"]);
+    assert_beating(&a, "vm1");
+    wait(Duration::from_secs(10), "b to let the arrival go", || {
+        names(&b).is_empty()
+    });
+    assert_eq!(owner(&e, "vm1"), Some(("a".into(), 2)));
 }

@@ -252,6 +252,7 @@ fn kvm_a_silent_authenticated_peer_frees_its_inbound_slot_within_the_peer_timeou
             session,
             name: Some(format!("ghost-{session}")),
             origin: None,
+            generation: None,
             host_cache: None,
             sections: vmm::state::sections(&vmm::VmConfig::new(64 << 20, 1)),
             disks: Vec::new(),

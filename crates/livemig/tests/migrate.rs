@@ -329,6 +329,7 @@ fn kvm_receiver_refuses_extents_beyond_guest_ram() {
         session: 1,
         name: None,
         origin: None,
+        generation: None,
         host_cache: None,
         sections: vmm::state::sections(&vmm::VmConfig::new(64 << 20, 1)),
         disks: Vec::new(),
@@ -726,7 +727,12 @@ fn kvm_a_guest_that_outruns_the_link_moves_by_post_copy_unthrottled() {
         port,
         &report,
         // Half of what `stress` writes even when it shares two cores with both VMMs.
-        &["--max-bandwidth", "400Mbit", "--no-delta", "--no-vcpu-yield"],
+        &[
+            "--max-bandwidth",
+            "400Mbit",
+            "--no-delta",
+            "--no-vcpu-yield",
+        ],
     );
     assert!(
         out.status.success(),

@@ -24,7 +24,9 @@ pub mod sample;
 pub mod send;
 
 pub use protocol::VerifyOutcome;
-pub use recv::{receive, Events, Incoming, Pending, ReceiveEvent, ReceiveOptions, ReceiveStats};
+pub use recv::{
+    receive, Commit, Events, Incoming, Pending, ReceiveEvent, ReceiveOptions, ReceiveStats,
+};
 pub use report::Report;
 pub use request::MigrateRequest;
 pub use send::{migrate, session_id, Cancel, MigrateOptions, Progress, SourceVm};
@@ -95,6 +97,8 @@ pub enum MigrationError {
     Postcopy(String),
     /// post-copy failed after the VM resumed on the destination: the VM is lost ({0}); neither host can run it from a complete memory
     VmLost(String),
+    /// the cluster did not make this host the VM's owner: {0}; the VM stays with its source
+    NotCommitted(String),
     /// switchover outcome unknown ({0}): the VM stays paused on the source because it may be running on the destination; check the destination before resuming it
     OutcomeUnknown(String),
 }

@@ -86,6 +86,10 @@ pub struct MigrateRequest {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The VM's generation in the cluster as the migration starts (its origin's agent reads
+    /// it): the destination's commit moves ownership only from this generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
     /// The migration's session id; given by a drain, which asks the destination about it if
     /// the switchover's outcome is unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,6 +264,7 @@ impl MigrateRequest {
         o.channels = self.channels.unwrap_or(0);
         o.name.clone_from(&self.name);
         o.origin.clone_from(&self.origin);
+        o.generation = self.generation;
         o.session = self.session;
         if let Some(n) = &self.network {
             o.network = parse_network(n)?;

@@ -94,6 +94,7 @@ fn traffic() -> Vec<Vec<u8>> {
         session: 9,
         name: Some("db".into()),
         origin: Some("host-a".into()),
+        generation: Some(3),
         host_cache: None,
         sections: vec![migratable::SectionId::new("clock", 1)],
         disks: vec![migration::protocol::DiskOffer {

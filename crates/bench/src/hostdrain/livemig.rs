@@ -143,7 +143,7 @@ impl LivemigHosts {
         });
         DrainOptions {
             from: from.sock.clone(),
-            to: vec![Destination {
+            to: vec![Destination::Agent {
                 sock: to.sock.clone(),
                 address: Some(format!("{}:{PORT}", pairs[0].1)),
             }],

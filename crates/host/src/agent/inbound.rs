@@ -132,6 +132,7 @@ impl Agent {
             format!("{}ms", self.cfg.peer_timeout.as_millis()),
         ];
         args.extend(self.cache_args(offer.host_cache));
+        args.extend(self.commit_args());
         let child = vms::spawn(&self.cfg.livemig, &args, &dir)?;
         let e = Entry {
             rec: Record {

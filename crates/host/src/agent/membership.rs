@@ -15,7 +15,8 @@ const SETTINGS_FRESH: Duration = Duration::from_secs(1);
 /// The agent's cluster: a client for its settings, and the settings last read.
 pub(super) struct InCluster {
     store: cluster::Store,
-    read: Mutex<Option<(Instant, Settings)>>,
+    /// The settings and whether this host is cordoned, as last read.
+    read: Mutex<Option<(Instant, Settings, bool)>>,
 }
 
 impl InCluster {
@@ -26,19 +27,24 @@ impl InCluster {
         })
     }
 
-    /// The cluster's settings, read at most once a second; None while etcd does not answer
-    /// (the host's own defaults apply, and the log says why).
-    pub fn settings(&self) -> Option<Settings> {
+    /// The cluster's settings and whether host `me` is cordoned, read at most once a
+    /// second; None while etcd does not answer (the host's own defaults apply, and the log
+    /// says why).
+    fn read(&self, me: &str) -> Option<(Settings, bool)> {
         let mut read = locks::lock(&self.read);
-        if let Some((at, s)) = read.as_ref() {
+        if let Some((at, s, c)) = read.as_ref() {
             if at.elapsed() < SETTINGS_FRESH {
-                return Some(s.clone());
+                return Some((s.clone(), *c));
             }
         }
-        match self.store.settings() {
-            Ok(s) => {
-                *read = Some((Instant::now(), s.clone()));
-                Some(s)
+        let now = self
+            .store
+            .settings()
+            .and_then(|s| Ok((s, self.store.cordoned(me)?.is_some())));
+        match now {
+            Ok((s, c)) => {
+                *read = Some((Instant::now(), s.clone(), c));
+                Some((s, c))
             }
             Err(e) => {
                 tracing::warn!("cluster settings unknown, the host's own apply: {e}");
@@ -93,12 +99,130 @@ impl Agent {
                 .collect(),
             inbound: cap.inbound,
             outbound: cap.outbound,
+            max_inbound: cap.max_inbound,
+            api: self.api_path(),
         }
+    }
+
+    /// Makes this host the owner of new VM `name` in the cluster (if in one): whether the
+    /// claim created its key (to be released if the VM does not start). A VM another host owns
+    /// is refused (409); without an answer from etcd nothing starts (503).
+    pub(super) fn claim(&self, name: &str) -> Result<bool, (u16, String)> {
+        let Some(c) = &self.cluster else {
+            return Ok(false);
+        };
+        match c.store.claim(name, &self.cfg.name) {
+            Ok((_, created)) => Ok(created),
+            Err(e @ cluster::ClusterError::VmOwned { .. }) => Err((409, e.to_string())),
+            Err(e) => Err((
+                503,
+                format!("{name} cannot start: its name is not known to be unique ({e})"),
+            )),
+        }
+    }
+
+    /// Gives up this host's ownership of `name` (stopped here), best effort: a key left behind
+    /// names this host, which may claim it again.
+    pub(super) fn release(&self, name: &str) {
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.store.release(name, &self.cfg.name) {
+                tracing::warn!(vm = name, "cluster: releasing its ownership: {e}");
+            }
+        }
+    }
+
+    /// Whether this host owns `name` and may migrate it: the generation its migration starts
+    /// from (outside a cluster: None).
+    pub(super) fn owns(&self, name: &str) -> Result<Option<u64>, (u16, String)> {
+        let Some(c) = &self.cluster else {
+            return Ok(None);
+        };
+        match c.store.owner(name) {
+            Ok(Some(o)) if o.host == self.cfg.name => Ok(Some(o.generation)),
+            Ok(Some(o)) => Err((
+                409,
+                format!(
+                    "{name} is owned by host {} in the cluster, not by this host",
+                    o.host
+                ),
+            )),
+            Ok(None) => Err((409, format!("the cluster has no owner for {name}"))),
+            Err(e) => Err((503, format!("{name}'s owner is unknown: {e}"))),
+        }
+    }
+
+    /// Settles a switchover whose outcome this host lost, through the cluster: fences `name`
+    /// (asking until etcd answers). None outside a cluster.
+    pub(super) fn fence(&self, name: &str) -> Option<cluster::Fenced> {
+        let c = self.cluster.as_ref()?;
+        let waiting = |e: &cluster::ClusterError| {
+            tracing::warn!(vm = name, "fencing waits for etcd: {e}");
+        };
+        Some(
+            c.store
+                .fence(name, &self.cfg.name, cluster::ownership::RETRY, &waiting),
+        )
+    }
+
+    /// After adoption, in a cluster: a VM found here that another host owns is a copy whose
+    /// migration committed while no agent was here to see it (its source process stays
+    /// paused when it loses the answer): if paused, it is discarded. A VM the cluster does not
+    /// know yet is claimed. Running copies owned elsewhere are left alone and logged: only an
+    /// operator can say which one is right.
+    pub(super) fn reconcile(&self) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        let found: Vec<(String, std::path::PathBuf)> = locks::lock(&self.vms)
+            .iter()
+            .filter(|(_, e)| e.phase == super::Phase::Running)
+            .map(|(n, e)| (n.clone(), e.api()))
+            .collect();
+        for (name, api) in found {
+            match c.store.claim(&name, &self.cfg.name) {
+                Ok(_) => {}
+                Err(cluster::ClusterError::VmOwned { host, .. }) => {
+                    let paused = vmm::api::Client::new(&api)
+                        .with_timeout(Duration::from_secs(2))
+                        .status()
+                        .is_ok_and(|s| s.state == migratable::RunState::Paused);
+                    if paused {
+                        tracing::warn!(vm = %name, owner = %host, "a stale paused copy: discarded");
+                        if let Some(e) = locks::lock(&self.vms).get_mut(&name) {
+                            e.phase = super::Phase::Unresolved(format!("host {host} owns it"));
+                        }
+                        let _ = self.discard(&name);
+                    } else {
+                        tracing::error!(vm = %name, owner = %host, "runs here but the cluster names another owner");
+                    }
+                }
+                Err(e) => tracing::warn!(vm = %name, "cluster: checking its owner: {e}"),
+            }
+        }
+    }
+
+    /// What a receiver started here is told to commit in the cluster.
+    pub(super) fn commit_args(&self) -> Vec<String> {
+        let Some(e) = &self.cfg.cluster else {
+            return Vec::new();
+        };
+        let mut a = e.args();
+        a.extend(["--cluster-host".to_string(), self.cfg.name.clone()]);
+        a
     }
 
     /// The cluster's settings, when in one that answers.
     pub(super) fn cluster_settings(&self) -> Option<Settings> {
-        self.cluster.as_ref().and_then(InCluster::settings)
+        let c = self.cluster.as_ref()?;
+        c.read(&self.cfg.name).map(|(s, _)| s)
+    }
+
+    /// Whether the cluster took this host out of placement (as last read).
+    pub(super) fn cordoned(&self) -> bool {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.read(&self.cfg.name))
+            .is_some_and(|(_, c)| c)
     }
 
     /// Migrations this host takes in at once: the cluster's setting, else its own.

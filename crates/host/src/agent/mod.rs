@@ -105,6 +105,8 @@ pub enum AdmitError {
         vms: usize,
         arriving_mib: u64,
     },
+    /// host {host} is cordoned in the cluster: it takes no VMs until it is uncordoned
+    Cordoned { host: String },
     /// starting a receiver for {name}: {why}
     Receiver { name: String, why: String },
 }
@@ -184,6 +186,7 @@ impl Agent {
             cluster,
         });
         agent.adopt();
+        agent.reconcile();
         let threads = vec![agent.spawn_accept()?, agent.spawn_reaper()?];
         let server = routes::serve(&agent)?;
         let membership = agent.join()?;
@@ -419,6 +422,9 @@ impl Agent {
                 name: name.into(),
                 host: host.clone(),
             });
+        }
+        if inbound && self.cordoned() {
+            return Err(AdmitError::Cordoned { host: host.clone() });
         }
         let cap = self.capacity_of(vms);
         let max_inbound = self.max_inbound();

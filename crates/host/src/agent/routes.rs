@@ -154,22 +154,36 @@ impl Agent {
             ..VmConfig::new(r.memory, r.vcpus)
         };
         vm.check_devices().map_err(|e| (400, e.to_string()))?;
-        let api = {
-            let mut vms = locks::lock(&self.vms);
-            self.admit(&vms, &r.name, &vm, false)
-                .map_err(|e| (409, e.to_string()))?;
-            let e = self
-                .start_vm(r)
-                .map_err(|e| (500, format!("starting {}: {e}", r.name)))?;
-            let api = e.api();
-            vms.insert(r.name.clone(), e);
-            api
+        vms::check_name(&r.name).map_err(|e| (400, e.to_string()))?;
+        let claimed = self.claim(&r.name)?;
+        let started = self.start_admitted(r, &vm);
+        let served = started.and_then(|api| self.wait_serving(&r.name, &api).map(|()| api));
+        let api = match served {
+            Ok(api) => api,
+            Err(e) => {
+                if claimed {
+                    self.release(&r.name);
+                }
+                return Err(e);
+            }
         };
-        self.wait_serving(&r.name, &api)?;
         let mut vms = locks::lock(&self.vms);
         let e = vms.get_mut(&r.name).ok_or_else(|| not_found(&r.name))?;
         e.phase = Phase::Running;
         Ok(json!(vm_info(e.rec.clone(), &e.phase, api, e.proc.pid())))
+    }
+
+    /// Admits and starts a new VM; its API socket.
+    fn start_admitted(&self, r: &RunRequest, vm: &VmConfig) -> Result<PathBuf, (u16, String)> {
+        let mut vms = locks::lock(&self.vms);
+        self.admit(&vms, &r.name, vm, false)
+            .map_err(|e| (409, e.to_string()))?;
+        let e = self
+            .start_vm(r)
+            .map_err(|e| (500, format!("starting {}: {e}", r.name)))?;
+        let api = e.api();
+        vms.insert(r.name.clone(), e);
+        Ok(api)
     }
 
     fn start_vm(&self, r: &RunRequest) -> std::io::Result<Entry> {
@@ -266,6 +280,7 @@ impl Agent {
             .with_timeout(Duration::from_secs(5))
             .shutdown();
         self.remove_when_gone(name);
+        self.release(name);
         Ok(json!({ "stopped": name }))
     }
 
@@ -301,6 +316,7 @@ impl Agent {
         if let Some(s) = self.cluster_settings() {
             super::membership::apply(&s, &mut req);
         }
+        req.generation = self.owns(name)?;
         let api = {
             let mut vms = locks::lock(&self.vms);
             let e = vms.get_mut(name).ok_or_else(|| not_found(name))?;
@@ -352,7 +368,48 @@ impl Agent {
         } else {
             Phase::Running
         };
+        drop(vms);
+        if status == 502 && self.cluster.is_some() {
+            return self.settle_by_cluster(name, message);
+        }
         (status, message)
+    }
+
+    /// A switchover whose outcome is unknown, settled by the cluster: `name` is fenced; if it
+    /// is still this host's it runs here again (no commit can land any more), if another
+    /// host owns it the stale copy here is discarded. The answer says which.
+    fn settle_by_cluster(&self, name: &str, lost: String) -> (u16, String) {
+        match self.fence(name) {
+            Some(cluster::Fenced::Kept(o)) => match self.resume_fenced(name) {
+                Ok(_) => (
+                    500,
+                    format!(
+                        "{lost}; the cluster kept {name} on this host (generation {}): it \
+                         runs here again and cannot run on the destination",
+                        o.generation
+                    ),
+                ),
+                Err((_, e)) => (
+                    502,
+                    format!("{lost}; it is still this host's, but resuming it failed: {e}"),
+                ),
+            },
+            Some(cluster::Fenced::Moved(o)) => {
+                let _ = self.discard(name);
+                (
+                    502,
+                    format!(
+                        "{lost}; the cluster says it moved to {} (generation {}): the copy \
+                         here is discarded",
+                        o.host, o.generation
+                    ),
+                )
+            }
+            Some(cluster::Fenced::NoKey) | None => (
+                502,
+                format!("{lost}; the cluster has no owner for {name}: left paused here"),
+            ),
+        }
     }
 
     /// How `name`'s process ended, if it does within [`PROCESS_GONE_WITHIN`] (the lock is not
@@ -384,13 +441,41 @@ impl Agent {
             .map_err(|e| passed_on(name, &e))
     }
 
-    /// Resumes `name` (paused, or unresolved and proven not to run elsewhere).
+    /// Resumes `name`, unresolved and just fenced: it is this host's.
+    fn resume_fenced(&self, name: &str) -> Reply {
+        let was = locks::lock(&self.vms)
+            .get_mut(name)
+            .map(|e| std::mem::replace(&mut e.phase, Phase::Running));
+        let r = self.resume(name);
+        if let (Err(_), Some(was)) = (&r, was) {
+            if let Some(e) = locks::lock(&self.vms).get_mut(name) {
+                e.phase = was;
+            }
+        }
+        r
+    }
+
+    /// Resumes `name` (paused, or unresolved and proven not to run elsewhere: in a cluster,
+    /// by fencing it).
     fn resume(&self, name: &str) -> Reply {
         let api = self.api_if(
             name,
             |p| matches!(p, Phase::Running | Phase::Unresolved(_)),
             "resume",
         )?;
+        let unresolved = locks::lock(&self.vms)
+            .get(name)
+            .is_some_and(|e| matches!(e.phase, Phase::Unresolved(_)));
+        if unresolved {
+            let owner = match self.fence(name) {
+                Some(cluster::Fenced::Moved(o)) => format!("host {} owns it", o.host),
+                Some(cluster::Fenced::NoKey) => "the cluster has no owner for it".into(),
+                Some(cluster::Fenced::Kept(_)) | None => String::new(),
+            };
+            if !owner.is_empty() {
+                return Err((409, format!("{name} may not run here: {owner}")));
+            }
+        }
         let st = vmm::api::Client::new(&api)
             .resume()
             .map_err(|e| passed_on(name, &e))?;
@@ -401,7 +486,7 @@ impl Agent {
     }
 
     /// Ends an unresolved VM whose destination runs it: the copy here is stale.
-    fn discard(&self, name: &str) -> Reply {
+    pub(super) fn discard(&self, name: &str) -> Reply {
         let api = self.api_if(name, |p| matches!(p, Phase::Unresolved(_)), "discard")?;
         let _ = vmm::api::Client::new(&api)
             .with_timeout(Duration::from_secs(5))

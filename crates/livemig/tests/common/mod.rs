@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use host::child::{KillOnDrop, Livemig, VmProcess};
 
+pub mod switchover;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 
 /// The test cluster's CA and one host's credentials, made once per test binary with

@@ -306,7 +306,9 @@ impl<R: Read> FrameReader<R> {
                 max: kind.max_len(),
             });
         }
-        if seq != self.seq {
+        // An Abort ends the migration wherever it falls: a peer's failure path tells why
+        // without knowing how many frames its session had sent.
+        if seq != self.seq && kind != Kind::Abort {
             return Err(ProtocolError::OutOfOrder {
                 expected: self.seq,
                 got: seq,

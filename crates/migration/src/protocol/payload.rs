@@ -21,6 +21,10 @@ pub struct Prepare {
     /// The host it leaves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The VM's generation in the cluster when the migration started: what the
+    /// destination's commit swaps from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
     /// The destination host's page cache this migration may use (the drain's id for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cache: Option<u64>,

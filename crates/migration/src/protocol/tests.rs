@@ -80,6 +80,7 @@ fn every_kind_encodes_and_decodes_here() {
         session: 0xfeed,
         name: Some("web-1".into()),
         origin: None,
+        generation: None,
         host_cache: None,
         sections: vec![migratable::SectionId::new("clock", 1)],
         disks: Vec::new(),
@@ -270,11 +271,20 @@ fn every_malformed_frame_is_refused() {
         },
         "seq",
     );
-    // An abort carries its reason.
+    // An abort carries its reason, wherever it falls in the sequence.
     check(
         frames(&[(Kind::Abort, b"disk full".to_vec())]),
         &|e| matches!(e, ProtocolError::PeerAborted(r) if r == "disk full"),
         "abort",
+    );
+    let late = frames(&[
+        (Kind::Ready, vec![]),
+        (Kind::Abort, b"not committed".to_vec()),
+    ]);
+    check(
+        late[HEADER_LEN..].to_vec(),
+        &|e| matches!(e, ProtocolError::PeerAborted(r) if r == "not committed"),
+        "abort out of sequence",
     );
 }
 

@@ -354,6 +354,7 @@ mod tests {
             session: 1,
             name: None,
             origin: None,
+            generation: None,
             host_cache: None,
             sections: Vec::new(),
             disks: vec![DiskOffer {

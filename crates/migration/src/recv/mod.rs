@@ -43,6 +43,20 @@ pub enum ReceiveEvent {
 #[derive(Clone)]
 pub struct Events(pub Arc<dyn Fn(&ReceiveEvent) + Send + Sync>);
 
+/// The commit point of a migration into a cluster: called once the VM is loaded and paused,
+/// before the source is told and before any vCPU runs. `Ok` means the cluster now names this
+/// host the VM's owner (and the VM must run here whatever happens to the connection); `Err`
+/// means it never will (the migration fails and the source keeps the VM). It returns only
+/// when it knows which.
+#[derive(Clone)]
+pub struct Commit(pub Arc<dyn Fn(&Prepare) -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for Commit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Commit(..)")
+    }
+}
+
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Events(..)")
@@ -67,6 +81,8 @@ pub struct ReceiveOptions {
     /// Give up if no migration has started within this (none: wait forever).
     pub accept_within: Option<Duration>,
     pub events: Option<Events>,
+    /// The cluster's commit point, when this host is in one.
+    pub commit: Option<Commit>,
     /// This host's page cache for a drain: its id, and where this process opens it. Used
     /// when a migration's Config names that id.
     pub host_cache: Option<(u64, std::path::PathBuf)>,
@@ -86,6 +102,7 @@ impl Default for ReceiveOptions {
             expect_session: None,
             accept_within: None,
             events: None,
+            commit: None,
             host_cache: None,
             disk_dir: None,
         }

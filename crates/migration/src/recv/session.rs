@@ -157,8 +157,15 @@ impl Incoming {
         }
         let loaded_ms = t_done.elapsed().as_millis();
         self.tell(&ReceiveEvent::Confirming);
-        out.send(Kind::Confirm, &[])?;
-        out.flush()?;
+        let committed = self.commit(&prep)?;
+        let confirmed = out.send(Kind::Confirm, &[]).and_then(|()| out.flush());
+        match confirmed {
+            // Owned here now: the source learns it from the cluster if not from us.
+            Err(e) if committed => {
+                tracing::warn!("the Confirm did not reach the source ({e}); the VM runs here");
+            }
+            r => r?,
+        }
         tracing::debug!(
             loaded_ms,
             confirmed_ms = t_done.elapsed().as_millis(),
@@ -182,8 +189,10 @@ impl Incoming {
             cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
             ..outcome
         };
-        out.send_verified(&outcome)?;
-        out.flush()?;
+        // The VM runs here now: a source gone before the verdict costs the report, not the VM.
+        if let Err(e) = out.send_verified(&outcome).and_then(|()| out.flush()) {
+            tracing::warn!("the guest's verdict did not reach the source: {e}");
+        }
         let _ = out.inner().flush();
         // Unmapping the cache tears down a page table entry per page it holds: not in the
         // downtime window.
@@ -193,6 +202,21 @@ impl Incoming {
 }
 
 impl Incoming {
+    /// The cluster's commit point, if this host is in one: whether it committed (an error
+    /// if it never will).
+    fn commit(&self, prep: &Prepare) -> Result<bool, MigrationError> {
+        let Some(super::Commit(commit)) = &self.opts.commit else {
+            return Ok(false);
+        };
+        let t = Instant::now();
+        commit(prep).map_err(MigrationError::NotCommitted)?;
+        tracing::debug!(
+            commit_ms = t.elapsed().as_millis(),
+            "committed: the cluster names this host the VM's owner"
+        );
+        Ok(true)
+    }
+
     /// The source's Config, checked and admitted by this host (nothing is allocated before).
     fn take_config<R: DirectRead>(
         &self,

@@ -57,6 +57,8 @@ pub struct MigrateOptions {
     /// The VM's name and its host, for the destination's agent.
     pub name: Option<String>,
     pub origin: Option<String>,
+    /// The VM's generation in the cluster, when it is in one.
+    pub generation: Option<u64>,
     /// The migration's session id (random if not given): a drain picks it, to ask the
     /// destination about this migration later.
     pub session: Option<u64>,
@@ -106,6 +108,7 @@ impl MigrateOptions {
             limit: None,
             name: None,
             origin: None,
+            generation: None,
             session: None,
             max_bandwidth: None,
             transport: Transport::Tcp,
@@ -648,6 +651,7 @@ fn connect(
         session: offer.session,
         name: opts.name.clone(),
         origin: opts.origin.clone(),
+        generation: opts.generation,
         host_cache: opts.host_cache.filter(|_| opts.dedups()),
         sections: offer.sections.to_vec(),
         disks: offer.disks.clone(),
@@ -766,6 +770,19 @@ impl<'a> SourceGuard<'a> {
                 tracing::info!("{e}");
                 format!("not applied: {e}")
             }
+        }
+    }
+}
+
+impl SourceGuard<'_> {
+    /// A destination that refused the VM after the last frame left (an Abort in place of its
+    /// Confirm: it will not run it) gives it back: the VM resumes here.
+    fn take_back(&mut self, e: &MigrationError) {
+        if matches!(
+            e,
+            MigrationError::Protocol(protocol::ProtocolError::PeerAborted(_))
+        ) {
+            self.armed = true;
         }
     }
 }
@@ -1275,6 +1292,8 @@ impl<'a> Session<'a> {
                 "{:?} instead of Confirm",
                 f.kind()
             ))),
+            // It says why it will not run the VM: a known outcome.
+            Err(e @ protocol::ProtocolError::PeerAborted(_)) => Err(e.into()),
             Err(e) => Err(MigrationError::OutcomeUnknown(e.to_string())),
         }
     }
@@ -1336,7 +1355,7 @@ impl<'a> Session<'a> {
         let sent_ms = t_pause.elapsed().as_millis();
         // From here the destination may hold everything: the source must not resume on its own.
         guard.armed = false;
-        self.await_confirm()?;
+        self.await_confirm().inspect_err(|e| guard.take_back(e))?;
         let downtime = t_pause.elapsed().as_millis() as u64;
         tracing::debug!(
             captured_ms,
@@ -1408,7 +1427,7 @@ impl<'a> Session<'a> {
         locks::lock(self.vm).hand_over()?;
         self.sender.send_state_and_done(&state)?;
         guard.armed = false;
-        self.await_confirm()?;
+        self.await_confirm().inspect_err(|e| guard.take_back(e))?;
         // From here post-copy's link watches the destination, and is made again when it
         // fails; the guest's verdict comes over it too.
         watchdog.disarm();

@@ -136,12 +136,25 @@ pub fn order(vms: &[VmFacts], how: Order, share: f64, compressed: bool) -> Vec<u
     idx
 }
 
-/// Where each VM goes: the destination with the most room left that holds it, largest VMs
-/// placed first (so a big VM is not squeezed out by small ones). `Err` says why it fits
-/// nowhere. Destinations are never promised more than their room.
+/// Where each VM goes, largest VMs placed first (so a big VM is not squeezed out by small
+/// ones), among the destinations that hold it and take its devices:
+///
+/// - when every such link was measured, the one that would finish earliest: the seconds the
+///   model predicts for the VMs placed there so far, plus this one's at that link's rate
+///   (earliest-finish-time list scheduling; largest first makes it LPT-like);
+/// - otherwise the one with the most room left.
+///
+/// `Err` says why it fits nowhere. Destinations are never promised more than their room.
 /// With `copy`, a VM whose disks a destination cannot open goes there with its disks copied
 /// if its disk directory has room for them (counted as VMs are placed).
-pub fn place(vms: &[VmFacts], dests: &[DestFacts], copy: bool) -> Vec<Result<usize, NoRoom>> {
+pub fn place(
+    vms: &[VmFacts],
+    dests: &[DestFacts],
+    copy: bool,
+    compressed: bool,
+) -> Vec<Result<usize, NoRoom>> {
+    let mut busy_s: Vec<f64> = vec![0.0; dests.len()];
+    let secs = |i: usize, d: usize| dests[d].rate.map(|r| vms[i].predict_secs(r, compressed));
     let mut left: Vec<u64> = dests.iter().map(|d| d.room).collect();
     let mut copy_left: Vec<Option<u64>> = dests.iter().map(|d| d.copy_room).collect();
     let copying = |d: usize, copy_left: &[Option<u64>]| copy.then_some(copy_left[d]);
@@ -152,14 +165,29 @@ pub fn place(vms: &[VmFacts], dests: &[DestFacts], copy: bool) -> Vec<Result<usi
         let refused: Vec<String> = (0..dests.len())
             .filter_map(|d| refuses(&vms[i].needs, &dests[d], copying(d, &copy_left)))
             .collect();
-        let fits = (0..dests.len())
+        let candidates: Vec<usize> = (0..dests.len())
             .filter(|d| {
                 left[*d] >= vms[i].memory
                     && refuses(&vms[i].needs, &dests[*d], copying(*d, &copy_left)).is_none()
             })
-            .max_by_key(|d| (left[*d], std::cmp::Reverse(*d)));
+            .collect();
+        let finish = |d: usize| secs(i, d).map(|s| busy_s[d] + s);
+        let fits = if candidates.iter().all(|d| finish(*d).is_some()) {
+            candidates.iter().copied().min_by(|a, b| {
+                let (fa, fb) = (finish(*a).unwrap_or(0.0), finish(*b).unwrap_or(0.0));
+                fa.total_cmp(&fb)
+                    .then(left[*b].cmp(&left[*a]))
+                    .then(a.cmp(b))
+            })
+        } else {
+            candidates
+                .iter()
+                .copied()
+                .max_by_key(|d| (left[*d], std::cmp::Reverse(*d)))
+        };
         placed[i] = match fits {
             Some(d) => {
+                busy_s[d] += secs(i, d).unwrap_or(0.0);
                 left[d] -= vms[i].memory;
                 if must_copy(&vms[i].needs, &dests[d]) {
                     if let Some(l) = &mut copy_left[d] {
@@ -380,7 +408,7 @@ mod tests {
             unreachable: Vec::new(),
             copy_room: None,
         }];
-        let p = place(&vms, &dests, false);
+        let p = place(&vms, &dests, false, false);
         let used: u64 = p
             .iter()
             .zip(&vms)
@@ -398,6 +426,27 @@ mod tests {
     }
 
     #[test]
+    fn with_measured_links_each_vm_goes_where_it_would_finish_first() {
+        let vms: Vec<VmFacts> = (0..8).map(|i| vm(&format!("v{i}"), 1024, 0.0)).collect();
+        let d = |n: &str, gbit: f64| DestFacts {
+            name: n.into(),
+            room: 64 << 30,
+            rate: Some(gbit * 1e9 / 8.0),
+            bridge: false,
+            unreachable: Vec::new(),
+            copy_room: None,
+        };
+        // A link three times faster takes three VMs for each the slow one takes.
+        let p = place(&vms, &[d("fast", 3.0), d("slow", 1.0)], false, false);
+        let on = |k: usize| p.iter().filter(|r| **r == Ok(k)).count();
+        assert_eq!((on(0), on(1)), (6, 2), "{p:?}");
+        // Equal links share evenly.
+        let p = place(&vms, &[d("b", 1.0), d("c", 1.0)], false, false);
+        let on = |k: usize| p.iter().filter(|r| **r == Ok(k)).count();
+        assert_eq!((on(0), on(1)), (4, 4), "{p:?}");
+    }
+
+    #[test]
     fn placement_spreads_over_destinations_by_room() {
         let vms = [vm("a", 100, 0.0), vm("b", 100, 0.0)];
         let d = |n: &str| DestFacts {
@@ -408,7 +457,7 @@ mod tests {
             unreachable: Vec::new(),
             copy_room: None,
         };
-        let p = place(&vms, &[d("B"), d("C")], false);
+        let p = place(&vms, &[d("B"), d("C")], false, false);
         assert_eq!(p, vec![Ok(0), Ok(1)]);
     }
 
@@ -438,9 +487,14 @@ mod tests {
             ..good
         };
         let vms = [web, vm("plain", 100, 0.0)];
-        let p = place(&vms, &[no_bridge.clone(), no_disk.clone(), good], false);
+        let p = place(
+            &vms,
+            &[no_bridge.clone(), no_disk.clone(), good],
+            false,
+            false,
+        );
         assert_eq!(p[0], Ok(2));
-        let p = place(&vms, &[no_bridge.clone(), no_disk.clone()], false);
+        let p = place(&vms, &[no_bridge.clone(), no_disk.clone()], false, false);
         let why = p[0].clone().unwrap_err().to_string();
         assert!(
             why.contains("B has no VM bridge")
@@ -452,19 +506,19 @@ mod tests {
         assert!(p[1].is_ok());
         // Copying: C takes the disk if its disk directory has room for it, counted as VMs are
         // placed.
-        let p = place(&vms, &[no_bridge.clone(), no_disk.clone()], true);
+        let p = place(&vms, &[no_bridge.clone(), no_disk.clone()], true, false);
         let why = p[0].clone().unwrap_err().to_string();
         assert!(why.contains("takes no copies"), "{why}");
         let roomy = DestFacts {
             copy_room: Some(400 << 20),
             ..no_disk.clone()
         };
-        let p = place(&vms, &[no_bridge.clone(), roomy.clone()], true);
+        let p = place(&vms, &[no_bridge.clone(), roomy.clone()], true, false);
         assert_eq!(p[0], Ok(1));
         assert!(must_copy(&vms[0].needs, &roomy));
         let mut two = web_twice(&vms[0]);
         two.push(vms[1].clone());
-        let p = place(&two, &[no_bridge, roomy], true);
+        let p = place(&two, &[no_bridge, roomy], true, false);
         assert_eq!(p[0], Ok(1));
         let why = p[1].clone().unwrap_err().to_string();
         assert!(

@@ -97,7 +97,7 @@ impl Planned {
     pub fn make(o: &DrainOptions, s: &Survey) -> Self {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
         let mut dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
-        let placement = plan::place(&s.vms, &dest_facts, o.copies_disks());
+        let placement = plan::place(&s.vms, &dest_facts, o.copies_disks(), compressed);
         let window = match o.concurrency {
             Concurrency::Fixed(n) => n,
             Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),

@@ -464,3 +464,112 @@ fn kvm_a_switchover_that_never_committed_is_kept_by_its_source() {
     });
     assert_eq!(owner(&e, "vm1"), Some(("a".into(), 2)));
 }
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_a_cluster_drain_cordons_the_host_and_places_its_vms_on_the_other_members() {
+    let e = Etcd::start();
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(&e, d.path(), "a");
+    let (b, _) = agent(&e, d.path(), "b");
+    let (c, _) = agent(&e, d.path(), "c");
+    for vm in ["vm1", "vm2", "vm3"] {
+        run_vm(&a, vm);
+    }
+    let report = d.path().join("drain.json");
+    let out = livemig(&[
+        "drain",
+        "--cluster",
+        &e.urls,
+        "--host",
+        "a",
+        "--probe-ms",
+        "0",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("cordoned a"), "{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    for v in r["vms"].as_array().unwrap() {
+        assert_eq!(v["status"], "moved", "{v}");
+        assert_eq!(v["guest_verified"], true, "{v}");
+    }
+    assert!(names(&a).is_empty(), "a is empty");
+    let (on_b, on_c) = (names(&b), names(&c));
+    assert_eq!(on_b.len() + on_c.len(), 3, "b: {on_b:?}, c: {on_c:?}");
+    // Each VM's owner is the host it beats on.
+    for (host, vms) in [("b", &on_b), ("c", &on_c)] {
+        for vm in vms.iter() {
+            assert_eq!(owner(&e, vm), Some((host.to_string(), 2)), "{vm}");
+        }
+    }
+    for vm in &on_b {
+        assert_beating(&b, vm);
+    }
+    for vm in &on_c {
+        assert_beating(&c, vm);
+    }
+    let cordoned = |host: &str| {
+        status(&e)["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == host && h["cordoned"].is_object())
+    };
+    assert!(cordoned("a"));
+    // Cordoned, a takes no migration; uncordoned, it does again.
+    let back = on_b.first().map_or("vm0", String::as_str);
+    if !on_b.is_empty() {
+        let port_a = status(&e)["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == "a")
+            .unwrap()["record"]["listen"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let refused = b
+            .client()
+            .waiting(Duration::from_secs(60))
+            .migrate(
+                back,
+                &migration::MigrateRequest {
+                    to: port_a.clone(),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("host a is cordoned"),
+            "{refused}"
+        );
+        assert_eq!(names(&b), on_b, "the refused VM stays on b");
+        assert!(cluster(&e, &["uncordon", "a"]).status.success());
+        assert!(!cordoned("a"));
+        // The agent reads the cluster at most once a second.
+        std::thread::sleep(Duration::from_millis(1100));
+        let report = b
+            .client()
+            .waiting(Duration::from_secs(120))
+            .migrate(
+                back,
+                &migration::MigrateRequest {
+                    to: port_a,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(report.guest_verified, "{}", report.summary());
+        assert_eq!(owner(&e, back), Some(("a".into(), 3)));
+    }
+}

@@ -82,6 +82,10 @@ pub enum ClusterCmd {
         cluster: ClusterArgs,
         host: String,
     },
+    /// Rolling maintenance: each host (or --max-unavailable at a time) cordoned, drained into
+    /// the other members, given to --exec while empty, waited for until live again, and
+    /// uncordoned. Run it where the hosts' agent sockets are.
+    Maintenance(crate::maintenance::MaintenanceArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -117,6 +121,7 @@ pub fn main(cmd: ClusterCmd) -> CmdResult {
             watch,
         } => status(&cluster, json, watch),
         ClusterCmd::Config { what } => config(what),
+        ClusterCmd::Maintenance(a) => crate::maintenance::main(a),
         ClusterCmd::Cordon { cluster, host } => {
             let store = cluster.store()?;
             member(&store, &host)?;

@@ -81,12 +81,11 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 
 /// A cluster member's drain: the host cordoned (not on a dry run), its agent's socket, and
 /// every other live member that is not cordoned as a destination.
-fn in_cluster(
-    a: &DrainArgs,
+pub(crate) fn in_cluster(
+    store: &cluster::Store,
     host: &str,
     dry_run: bool,
 ) -> Result<(PathBuf, Vec<Destination>), Box<dyn std::error::Error>> {
-    let store = a.cluster.store()?;
     let status = store.status()?;
     let me = status
         .hosts
@@ -130,6 +129,27 @@ fn in_cluster(
     Ok((record.api.clone(), to))
 }
 
+/// Progress bars on a terminal, lines otherwise.
+pub(crate) fn show() -> drain::view::Show {
+    if std::io::stderr().is_terminal() {
+        drain::view::Show::Bars
+    } else {
+        drain::view::Show::Lines
+    }
+}
+
+/// Ctrl-C and SIGTERM set the flag (a drain then cancels what is in flight and starts nothing
+/// more); a second one ends the process at once.
+pub(crate) fn interrupt_flag() -> Result<Arc<AtomicBool>, std::io::Error> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal ends the drain at once (the migrations' leases then cancel them).
+        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone())?;
+        signal_hook::flag::register(sig, interrupted.clone())?;
+    }
+    Ok(interrupted)
+}
+
 pub fn main(a: DrainArgs) -> CmdResult {
     if !a.address.is_empty() && a.address.len() != a.to.len() {
         return Err(format!(
@@ -139,16 +159,11 @@ pub fn main(a: DrainArgs) -> CmdResult {
         )
         .into());
     }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal ends the drain at once (the migrations' leases then cancel them).
-        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone())?;
-        signal_hook::flag::register(sig, interrupted.clone())?;
-    }
+    let interrupted = interrupt_flag()?;
     let mut request = a.migrate.request(String::new(), &a.transport)?;
     request.max_bandwidth = None;
     let (from, to) = match &a.host {
-        Some(host) => in_cluster(&a, host, a.dry_run)?,
+        Some(host) => in_cluster(&a.cluster.store()?, host, a.dry_run)?,
         None => (
             a.from
                 .clone()
@@ -177,11 +192,7 @@ pub fn main(a: DrainArgs) -> CmdResult {
         dry_run: a.dry_run,
         probe_ms: a.probe_ms,
         sample_ms: a.sample_ms,
-        show: if std::io::stderr().is_terminal() {
-            drain::view::Show::Bars
-        } else {
-            drain::view::Show::Lines
-        },
+        show: show(),
         interrupted,
     };
     let r = drain::drain(&o)?;

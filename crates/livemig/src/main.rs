@@ -18,6 +18,7 @@ mod cluster_cmd;
 mod demo;
 mod drain_cmd;
 mod host_cmd;
+mod maintenance;
 mod migrate_cmd;
 mod out;
 

@@ -573,3 +573,60 @@ fn kvm_a_cluster_drain_cordons_the_host_and_places_its_vms_on_the_other_members(
         assert_eq!(owner(&e, back), Some(("a".into(), 3)));
     }
 }
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_rolling_maintenance_runs_the_command_on_each_host_while_it_is_empty() {
+    let e = Etcd::start();
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(&e, d.path(), "a");
+    let (b, _) = agent(&e, d.path(), "b");
+    let (c, _) = agent(&e, d.path(), "c");
+    run_vm(&a, "vm1");
+    run_vm(&b, "vm2");
+    // The "patch": what the host holds while it is patched.
+    let exec = format!(
+        "{BIN} host list --host \"$LIVEMIG_HOST_API\" --json > {}/\"$LIVEMIG_HOST\".json",
+        d.path().display()
+    );
+    let out = cluster(&e, &["maintenance", "--hosts", "a,b", "--exec", &exec]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for h in ["a", "b"] {
+        let held: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join(format!("{h}.json"))).unwrap())
+                .unwrap();
+        assert_eq!(
+            held,
+            serde_json::json!([]),
+            "{h} was empty while patched: {text}"
+        );
+    }
+    // Every VM runs on exactly one host, its owner; no host is left cordoned.
+    let mut found = Vec::new();
+    for (h, agent) in [("a", &a), ("b", &b), ("c", &c)] {
+        for vm in names(agent) {
+            assert_eq!(owner(&e, &vm).map(|o| o.0), Some(h.to_string()), "{vm}");
+            assert_beating(agent, &vm);
+            found.push(vm);
+        }
+    }
+    found.sort();
+    assert_eq!(found, ["vm1", "vm2"], "{text}");
+    assert!(
+        status(&e)["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["cordoned"].is_null()),
+        "{text}"
+    );
+    assert!(text.matches("verified").count() >= 2, "{text}");
+}

@@ -49,7 +49,10 @@ pub struct Events(pub Arc<dyn Fn(&ReceiveEvent) + Send + Sync>);
 /// means it never will (the migration fails and the source keeps the VM). It returns only
 /// when it knows which.
 #[derive(Clone)]
-pub struct Commit(pub Arc<dyn Fn(&Prepare) -> Result<(), String> + Send + Sync>);
+pub struct Commit(pub Arc<CommitFn>);
+
+/// What a [`Commit`] calls: the migration's Config in, why it will never commit out.
+pub type CommitFn = dyn Fn(&Prepare) -> Result<(), String> + Send + Sync;
 
 impl std::fmt::Debug for Commit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -94,6 +94,7 @@ fn keep(
 ) {
     let every = ttl / 3;
     let mut next = Instant::now() + every;
+    let mut renewed_at = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100).min(every));
         if Instant::now() < next {
@@ -103,11 +104,20 @@ fn keep(
         let renewed = match store.keep_alive(lease) {
             Ok(left) if left > 0 => true,
             Ok(_) => false,
+            // Past its TTL without a renewal the lease is gone (etcd says "lease not found"
+            // once it answers again): take a new one.
+            Err(e) if renewed_at.elapsed() > ttl => {
+                tracing::warn!("cluster: {e}");
+                false
+            }
             Err(e) => {
                 tracing::warn!("cluster: {e}");
                 continue;
             }
         };
+        if renewed {
+            renewed_at = Instant::now();
+        }
         let now = describe();
         let result = if renewed {
             if now == written {
@@ -118,6 +128,7 @@ fn keep(
             tracing::warn!(host = %now.name, "cluster: the lease lapsed; joining again");
             store.grant(ttl).and_then(|l| {
                 lease = l;
+                renewed_at = Instant::now();
                 store.put(&format!("hosts/{}", now.name), &to_json(&now), Some(lease))
             })
         };

@@ -116,13 +116,27 @@ impl Store {
         })
     }
 
-    /// Runs one request to its end or its deadline.
-    fn call<T, F>(&self, what: &'static str, f: F) -> Result<T, ClusterError>
+    /// Runs one request to its end or its deadline. A member that is down answers at once
+    /// that it is unavailable: the request goes again (the client's balancer takes another
+    /// member) until the deadline.
+    fn call<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, ClusterError>
     where
-        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.rt
-            .block_on(async { tokio::time::timeout(self.timeout, f).await })
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let answer = self.rt.block_on(async {
+            loop {
+                let tried = tokio::time::timeout_at(deadline, f(self.client.clone())).await;
+                match tried {
+                    Ok(Err(e)) if unavailable(&e) && tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(RETRY_UNAVAILABLE).await;
+                    }
+                    other => break other,
+                }
+            }
+        });
+        answer
             .map_err(|_| ClusterError::Request {
                 what,
                 why: format!("no answer within {:?}", self.timeout),
@@ -135,10 +149,10 @@ impl Store {
 
     /// Every key under `PREFIX + dir` and its value (text), ascending.
     pub fn list(&self, dir: &str) -> Result<Vec<(String, String)>, ClusterError> {
-        let mut c = self.client.clone();
         let key = format!("{PREFIX}{dir}");
-        let r = self.call("listing keys", async move {
-            c.get(key, Some(GetOptions::new().with_prefix())).await
+        let r = self.call("listing keys", |mut c| {
+            let key = key.clone();
+            async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
         })?;
         let start = PREFIX.len() + dir.len();
         Ok(r.kvs()
@@ -155,29 +169,40 @@ impl Store {
 
     /// Writes `PREFIX + key`, under `lease` if given.
     pub fn put(&self, key: &str, value: &str, lease: Option<i64>) -> Result<(), ClusterError> {
-        let mut c = self.client.clone();
-        let (k, v) = (format!("{PREFIX}{key}"), value.to_string());
-        let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        self.call("writing a key", async move { c.put(k, v, opts).await })?;
+        let k = format!("{PREFIX}{key}");
+        self.call("writing a key", |mut c| {
+            let (k, v) = (k.clone(), value.to_string());
+            let opts = lease.map(|l| PutOptions::new().with_lease(l));
+            async move { c.put(k, v, opts).await }
+        })?;
         Ok(())
+    }
+
+    /// Runs `txn`; whether its comparisons held.
+    fn txn(&self, what: &'static str, txn: &Txn) -> Result<bool, ClusterError> {
+        let r = self.call(what, |mut c| {
+            let t = txn.clone();
+            async move { c.txn(t).await }
+        })?;
+        Ok(r.succeeded())
     }
 
     /// Writes `PREFIX + key` only if it does not exist; whether it did not.
     pub fn create(&self, key: &str, value: &str) -> Result<bool, ClusterError> {
-        let mut c = self.client.clone();
         let k = format!("{PREFIX}{key}");
         let txn = Txn::new()
             .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(k, value.to_string(), None)]);
-        let r = self.call("creating a key", async move { c.txn(txn).await })?;
-        Ok(r.succeeded())
+        self.txn("creating a key", &txn)
     }
 
     /// The value of `PREFIX + key`, if it exists.
     pub fn get(&self, key: &str) -> Result<Option<String>, ClusterError> {
-        let mut c = self.client.clone();
         let k = format!("{PREFIX}{key}");
-        let r = self.call("reading a key", async move { c.get(k, None).await })?;
+        let r = self.call("reading a key", |mut c| {
+            let k = k.clone();
+            async move { c.get(k, None).await }
+        })?;
         Ok(r.kvs()
             .first()
             .and_then(|kv| kv.value_str().ok())
@@ -186,38 +211,35 @@ impl Store {
 
     /// Replaces `PREFIX + key` with `new` only if it holds `old`; whether it did.
     pub fn swap(&self, key: &str, old: &str, new: &str) -> Result<bool, ClusterError> {
-        let mut c = self.client.clone();
         let k = format!("{PREFIX}{key}");
         let txn = Txn::new()
             .when([Compare::value(k.clone(), CompareOp::Equal, old.to_string())])
             .and_then([TxnOp::put(k, new.to_string(), None)]);
-        let r = self.call("swapping a key", async move { c.txn(txn).await })?;
-        Ok(r.succeeded())
+        self.txn("swapping a key", &txn)
     }
 
     /// Deletes `PREFIX + key` only if it holds `old`; whether it did.
     pub fn delete_if(&self, key: &str, old: &str) -> Result<bool, ClusterError> {
-        let mut c = self.client.clone();
         let k = format!("{PREFIX}{key}");
         let txn = Txn::new()
             .when([Compare::value(k.clone(), CompareOp::Equal, old.to_string())])
             .and_then([TxnOp::delete(k, None)]);
-        let r = self.call("deleting a key", async move { c.txn(txn).await })?;
-        Ok(r.succeeded())
+        self.txn("deleting a key", &txn)
     }
 
     pub fn delete(&self, key: &str) -> Result<(), ClusterError> {
-        let mut c = self.client.clone();
         let k = format!("{PREFIX}{key}");
-        self.call("deleting a key", async move { c.delete(k, None).await })?;
+        self.call("deleting a key", |mut c| {
+            let k = k.clone();
+            async move { c.delete(k, None).await }
+        })?;
         Ok(())
     }
 
     /// A lease of `ttl` (whole seconds, at least 1); its id.
     pub fn grant(&self, ttl: Duration) -> Result<i64, ClusterError> {
-        let mut c = self.client.clone();
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let r = self.call("granting a lease", async move {
+        let r = self.call("granting a lease", |mut c| async move {
             c.lease_grant(secs, None).await
         })?;
         Ok(r.id())
@@ -225,8 +247,7 @@ impl Store {
 
     /// Renews `lease` once; the TTL it has now (0 or less: it has expired).
     pub fn keep_alive(&self, lease: i64) -> Result<i64, ClusterError> {
-        let mut c = self.client.clone();
-        self.call("renewing the lease", async move {
+        self.call("renewing the lease", |mut c| async move {
             let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
             keeper.keep_alive().await?;
             Ok(stream.message().await?.map_or(0, |m| m.ttl()))
@@ -234,12 +255,24 @@ impl Store {
     }
 
     pub fn revoke(&self, lease: i64) -> Result<(), ClusterError> {
-        let mut c = self.client.clone();
-        self.call(
-            "revoking the lease",
-            async move { c.lease_revoke(lease).await },
-        )?;
+        self.call("revoking the lease", |mut c| async move {
+            c.lease_revoke(lease).await
+        })?;
         Ok(())
+    }
+}
+
+/// How soon a request a member refused as unavailable goes again.
+const RETRY_UNAVAILABLE: Duration = Duration::from_millis(100);
+
+/// Whether `e` says only that the member asked is down (another may answer).
+fn unavailable(e: &etcd_client::Error) -> bool {
+    // gRPC's UNAVAILABLE.
+    const UNAVAILABLE: i32 = 14;
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() as i32 == UNAVAILABLE,
+        _ => false,
     }
 }
 

@@ -630,3 +630,240 @@ fn kvm_rolling_maintenance_runs_the_command_on_each_host_while_it_is_empty() {
     );
     assert!(text.matches("verified").count() >= 2, "{text}");
 }
+
+/// An outside observer of one VM: every 100 ms it reads the VM's heartbeat on each host,
+/// from the VM process's own socket, and notes on which host it went up.
+struct Observer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(u64, String)>>,
+}
+
+impl Observer {
+    fn watch(dir: &Path, hosts: &[&str], vm: &str) -> Observer {
+        let socks: Vec<(String, std::path::PathBuf)> = hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.to_string(),
+                    dir.join(h).join("vms").join(vm).join("api.sock"),
+                )
+            })
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut last = vec![0u64; socks.len()];
+            let mut rises = Vec::new();
+            let mut tick = 0u64;
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                for (i, (host, sock)) in socks.iter().enumerate() {
+                    let read = vmm::api::Client::new(sock)
+                        .with_timeout(Duration::from_millis(500))
+                        .status();
+                    let beat = read.map_or(0, |st| st.heartbeat);
+                    if beat > last[i] {
+                        rises.push((tick, host.clone()));
+                    }
+                    if beat != 0 {
+                        last[i] = beat;
+                    }
+                }
+                tick += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            rises
+        });
+        Observer { stop, thread }
+    }
+
+    /// The hosts the VM ran on, in turn; panics if it ever beat on two at once (a host's
+    /// beat seen after another host's, then its own again, or one seen a tick after another
+    /// host's took over).
+    fn hosts(self) -> Vec<String> {
+        // A VM that just started serving its API is read on the next ticks.
+        std::thread::sleep(Duration::from_secs(2));
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let rises = self.thread.join().unwrap();
+        let mut runs: Vec<(String, u64, u64)> = Vec::new();
+        for (tick, host) in rises {
+            match runs.last_mut() {
+                Some((h, _, end)) if *h == host => *end = tick,
+                _ => runs.push((host, tick, tick)),
+            }
+        }
+        for w in runs.windows(2) {
+            // The old host's last beat may be read in the tick the new one's first is.
+            assert!(
+                w[0].2 <= w[1].1,
+                "the VM beat on {} and {} at once: {runs:?}",
+                w[0].0,
+                w[1].0
+            );
+        }
+        let order: Vec<String> = runs.into_iter().map(|r| r.0).collect();
+        let mut seen = order.clone();
+        seen.dedup();
+        assert_eq!(seen, order);
+        let mut distinct = order.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), order.len(), "it came back: {order:?}");
+        order
+    }
+}
+
+/// A fault during a migration of vm1 from a to b, once its copy is half done.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Every etcd member frozen (SIGSTOP) for 8 s: the commit cannot be made or known.
+    FreezeEtcd,
+    /// The etcd leader killed: the commit goes to the new one.
+    KillLeader,
+    /// The source's agent killed, then started again.
+    KillSourceAgent,
+}
+
+impl Etcd {
+    fn signal(&self, sig: &str) {
+        for m in &self.members {
+            let _ = Command::new("kill")
+                .args([sig, &m.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Kills the member that leads now.
+    fn kill_leader(&mut self) {
+        let urls: Vec<String> = self.urls.split(',').map(String::from).collect();
+        for (i, url) in urls.iter().enumerate() {
+            let addr = url.trim_start_matches("http://");
+            let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+                continue;
+            };
+            use std::io::{Read, Write};
+            let body = "{}";
+            let _ = write!(
+                s,
+                "POST /v3/maintenance/status HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            let Some(json) = answer.split("\r\n\r\n").nth(1) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_default();
+            if v["leader"].is_string() && v["leader"] == v["header"]["member_id"] {
+                let _ = self.members[i].kill();
+                let _ = self.members[i].wait();
+                return;
+            }
+        }
+        panic!("no etcd member says it leads");
+    }
+}
+
+fn fault_under_migration(fault: Fault) {
+    let mut e = Etcd::start();
+    let d = tempfile::tempdir().unwrap();
+    let (mut a, _) = agent(&e, d.path(), "a");
+    let (b, port_b) = agent(&e, d.path(), "b");
+    run_vm(&a, "vm1");
+    let observer = Observer::watch(d.path(), &["a", "b"], "vm1");
+    let sock = a.sock.clone();
+    let moving = std::thread::spawn(move || {
+        host::HostClient::new(sock)
+            .waiting(Duration::from_secs(180))
+            .migrate(
+                "vm1",
+                &migration::MigrateRequest {
+                    to: format!("127.0.0.1:{port_b}"),
+                    max_bandwidth: Some(200_000_000),
+                    peer_timeout_ms: Some(3000),
+                    ..Default::default()
+                },
+            )
+    });
+    wait(Duration::from_secs(60), "half of the copy", || {
+        a.client()
+            .progress("vm1")
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.bytes_on_wire * 2 >= p.ram_bytes)
+    });
+    match fault {
+        Fault::FreezeEtcd => {
+            e.signal("-STOP");
+            std::thread::sleep(Duration::from_secs(8));
+            e.signal("-CONT");
+        }
+        Fault::KillLeader => e.kill_leader(),
+        Fault::KillSourceAgent => a.kill_agent(),
+    }
+    let answer = moving.join().unwrap();
+    if matches!(fault, Fault::KillSourceAgent) {
+        // Its VM process finished the migration alone; the new agent reconciles.
+        std::thread::sleep(Duration::from_secs(2));
+        a = agent(&e, d.path(), "a").0;
+    }
+    // Whatever each side learnt, exactly one host runs it, and it is its owner (an arrival
+    // that could not commit takes a moment to go).
+    let one = || names(&a).len() + names(&b).len() == 1;
+    let t = Instant::now();
+    while !one() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (on_a, on_b) = (names(&a), names(&b));
+    let host = match (on_a.as_slice(), on_b.as_slice()) {
+        ([], [x]) if x == "vm1" => "b",
+        ([x], []) if x == "vm1" => "a",
+        _ => panic!("{fault:?}: a {on_a:?}, b {on_b:?}; the migrate: {answer:?}"),
+    };
+    let agent_of = if host == "a" { &a } else { &b };
+    assert_beating(agent_of, "vm1");
+    assert_eq!(
+        owner(&e, "vm1").map(|o| o.0).as_deref(),
+        Some(host),
+        "{fault:?}: {answer:?}\n{}\n{}",
+        std::fs::read_to_string(d.path().join("a.log")).unwrap_or_default(),
+        std::fs::read_to_string(d.path().join("b.log")).unwrap_or_default()
+    );
+    let ran_on = observer.hosts();
+    assert_eq!(
+        ran_on.last().map(String::as_str),
+        Some(host),
+        "{fault:?}: {answer:?}\n{}",
+        std::fs::read_to_string(d.path().join("b.log")).unwrap_or_default()
+    );
+    eprintln!(
+        "{fault:?}: ran on {ran_on:?}; the migrate: {:?}",
+        answer.map(|r| r.status)
+    );
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_etcd_frozen_through_the_switchover_the_vm_runs_on_one_host() {
+    fault_under_migration(Fault::FreezeEtcd);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_etcd_leader_killed_under_a_migration_the_vm_runs_on_one_host() {
+    fault_under_migration(Fault::KillLeader);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_source_agent_killed_under_a_migration_the_vm_runs_on_one_host() {
+    fault_under_migration(Fault::KillSourceAgent);
+}

@@ -165,14 +165,15 @@ impl Agent {
     }
 
     /// After adoption, in a cluster: a VM found here that another host owns is a copy whose
-    /// migration committed while no agent was here to see it (its source process stays
-    /// paused when it loses the answer): if paused, it is discarded. A VM the cluster does not
-    /// know yet is claimed. Running copies owned elsewhere are left alone and logged: only an
-    /// operator can say which one is right.
+    /// migration committed while no agent was here to see it. Its process is gone (it left
+    /// once it heard the Confirm) and its entry is forgotten, or it is paused (it lost the
+    /// answer) and is discarded. A VM the cluster does not know yet is claimed. Running copies
+    /// owned elsewhere are left alone and logged: only an operator can say which one is right.
     pub(super) fn reconcile(&self) {
         let Some(c) = &self.cluster else {
             return;
         };
+        self.forget_moved();
         let found: Vec<(String, std::path::PathBuf)> = locks::lock(&self.vms)
             .iter()
             .filter(|(_, e)| e.phase == super::Phase::Running)
@@ -196,6 +197,37 @@ impl Agent {
                         tracing::error!(vm = %name, owner = %host, "runs here but the cluster names another owner");
                     }
                 }
+                Err(e) => tracing::warn!(vm = %name, "cluster: checking its owner: {e}"),
+            }
+        }
+    }
+
+    /// Forgets the VMs listed failed here whose process ended because they moved: the
+    /// cluster names another owner (their migration went on while no agent watched).
+    pub(super) fn forget_moved(&self) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        let failed: Vec<String> = locks::lock(&self.vms)
+            .iter()
+            .filter(|(_, e)| matches!(e.phase, super::Phase::Failed(_)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in failed {
+            match c.store.owner(&name) {
+                Ok(Some(o)) if o.host != self.cfg.name => {
+                    tracing::info!(vm = %name, owner = %o.host, "moved while no agent watched");
+                    let mut vms = locks::lock(&self.vms);
+                    if vms
+                        .get(&name)
+                        .is_some_and(|e| matches!(e.phase, super::Phase::Failed(_)))
+                    {
+                        if let Some(e) = vms.remove(&name) {
+                            self.forget(e, crate::api::IncomingFate::Confirmed);
+                        }
+                    }
+                }
+                Ok(_) => {}
                 Err(e) => tracing::warn!(vm = %name, "cluster: checking its owner: {e}"),
             }
         }

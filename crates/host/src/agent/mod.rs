@@ -124,6 +124,8 @@ const MAX_FATES: usize = 256;
 /// How often the reaper looks at the VM processes (an arrival whose source went silent frees
 /// its slot this long after its receiver gave up).
 const REAP_EVERY: Duration = Duration::from_millis(100);
+/// In a cluster, failed VMs are checked for having moved every this many reaps (2 s).
+const MOVED_EVERY_TICKS: u32 = 20;
 
 pub struct Agent {
     cfg: AgentConfig,
@@ -226,9 +228,14 @@ impl Agent {
         std::thread::Builder::new()
             .name("reaper".into())
             .spawn(move || {
+                let mut ticks = 0u32;
                 while !a.stopped.load(Ordering::SeqCst) {
                     a.reap();
                     a.expire_caches();
+                    ticks = ticks.wrapping_add(1);
+                    if ticks % MOVED_EVERY_TICKS == 0 {
+                        a.forget_moved();
+                    }
                     std::thread::sleep(REAP_EVERY);
                 }
             })

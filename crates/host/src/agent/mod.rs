@@ -233,7 +233,7 @@ impl Agent {
                     a.reap();
                     a.expire_caches();
                     ticks = ticks.wrapping_add(1);
-                    if ticks % MOVED_EVERY_TICKS == 0 {
+                    if ticks.is_multiple_of(MOVED_EVERY_TICKS) {
                         a.forget_moved();
                     }
                     std::thread::sleep(REAP_EVERY);

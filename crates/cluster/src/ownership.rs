@@ -159,15 +159,20 @@ impl Store {
         retry: Duration,
         waiting: &dyn Fn(&ClusterError),
     ) -> Result<Owner, String> {
+        // First as the migration began (one request in the guest's downtime); read back only
+        // when that swap did not land.
+        let mut known = Some(Some(start.clone()));
         loop {
-            let read = self.owner(name);
-            let now = match read {
-                Ok(now) => now,
-                Err(e) => {
-                    waiting(&e);
-                    std::thread::sleep(retry);
-                    continue;
-                }
+            let now = match known.take() {
+                Some(now) => now,
+                None => match self.owner(name) {
+                    Ok(now) => now,
+                    Err(e) => {
+                        waiting(&e);
+                        std::thread::sleep(retry);
+                        continue;
+                    }
+                },
             };
             let expect = match commit_step(name, now.as_ref(), start, to) {
                 CommitStep::Committed(o) => return Ok(o),

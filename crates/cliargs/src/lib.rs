@@ -121,6 +121,36 @@ pub struct NetHostArgs {
     pub announce_rounds: u32,
 }
 
+/// CPU features this host hides from its guests (`run`, `receive`, `host serve`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct CpuArgs {
+    /// Mask CPU features (e.g. -avx2,-avx512f): VMs started here do not see them, and VMs
+    /// that see them may not come here (standing for an older CPU generation).
+    #[arg(
+        long = "cpu-features",
+        value_name = "-FEATURE,...",
+        env = "LIVEMIG_CPU_FEATURES",
+        value_parser = parse_cpu_mask,
+        allow_hyphen_values = true
+    )]
+    pub cpu_mask: Option<CpuMask>,
+}
+
+/// The CPU features `--cpu-features` masks.
+#[derive(Clone, Debug, Default)]
+pub struct CpuMask(pub Vec<String>);
+
+impl CpuArgs {
+    /// The features masked.
+    pub fn mask(&self) -> Vec<String> {
+        self.cpu_mask.clone().unwrap_or_default().0
+    }
+}
+
+fn parse_cpu_mask(s: &str) -> Result<CpuMask, String> {
+    migratable::cpu::parse_removed(s).map(CpuMask)
+}
+
 /// Where disks of VMs arriving on this host may be (`receive`, `host serve`, `demo`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct StorageArgs {

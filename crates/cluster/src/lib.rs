@@ -80,6 +80,9 @@ pub struct HostRecord {
     /// Its agent's API socket, on that host: where a drain of it runs.
     #[serde(default)]
     pub api: PathBuf,
+    /// The CPU features it offers guests (empty: unknown).
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
 }
 
 impl HostRecord {
@@ -92,6 +95,24 @@ impl HostRecord {
         }
         let ip = self.addresses.first()?;
         Some(format!("{ip}:{}", listen.port()))
+    }
+}
+
+impl ClusterStatus {
+    /// The CPU features every live host that says which it offers offers: what VMs started
+    /// under `cpu-baseline cluster` see. None if no live host says.
+    pub fn cpu_baseline(&self) -> Option<std::collections::BTreeSet<String>> {
+        self.hosts
+            .iter()
+            .filter_map(|h| h.record.as_ref())
+            .filter(|r| !r.cpu_features.is_empty())
+            .map(|r| {
+                r.cpu_features
+                    .iter()
+                    .cloned()
+                    .collect::<std::collections::BTreeSet<_>>()
+            })
+            .reduce(|a, b| a.intersection(&b).cloned().collect())
     }
 }
 

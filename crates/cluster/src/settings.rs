@@ -15,14 +15,18 @@ pub enum Setting {
     MaxBandwidth,
     /// Migrations each host takes in at once.
     MaxConcurrentPerHost,
+    /// The CPU features new VMs see: `host` (all their host offers) or `cluster` (those every
+    /// live host offers, so they may go anywhere).
+    CpuBaseline,
 }
 
 impl Setting {
-    pub const ALL: [Setting; 4] = [
+    pub const ALL: [Setting; 5] = [
         Setting::Transport,
         Setting::Channels,
         Setting::MaxBandwidth,
         Setting::MaxConcurrentPerHost,
+        Setting::CpuBaseline,
     ];
 
     pub fn name(self) -> &'static str {
@@ -31,6 +35,7 @@ impl Setting {
             Setting::Channels => "channels",
             Setting::MaxBandwidth => "max-bandwidth",
             Setting::MaxConcurrentPerHost => "max-concurrent-per-host",
+            Setting::CpuBaseline => "cpu-baseline",
         }
     }
 
@@ -41,6 +46,7 @@ impl Setting {
             Setting::Channels => "0",
             Setting::MaxBandwidth => "none",
             Setting::MaxConcurrentPerHost => "the agent's --max-inbound",
+            Setting::CpuBaseline => "host",
         }
     }
 
@@ -62,6 +68,10 @@ impl Setting {
             Setting::MaxConcurrentPerHost => match v.parse::<usize>() {
                 Ok(n @ 1..=64) => Ok(n.to_string()),
                 _ => Err(format!("{v:?}: max-concurrent-per-host is 1 to 64")),
+            },
+            Setting::CpuBaseline => match v {
+                "host" | "cluster" => Ok(v.to_string()),
+                _ => Err(format!("{v:?}: cpu-baseline is host or cluster")),
             },
         }
     }
@@ -103,6 +113,7 @@ pub struct Settings {
     pub channels: Option<u16>,
     pub max_bandwidth: Option<u64>,
     pub max_concurrent_per_host: Option<usize>,
+    pub cpu_baseline: Option<String>,
     /// Values in the store that do not check (written around this tool), and why.
     pub refused: Vec<(String, String)>,
 }
@@ -122,6 +133,7 @@ impl Settings {
                 Ok((Setting::MaxConcurrentPerHost, v)) => {
                     s.max_concurrent_per_host = v.parse().ok()
                 }
+                Ok((Setting::CpuBaseline, v)) => s.cpu_baseline = Some(v),
                 Err(why) => s.refused.push((name.to_string(), why)),
             }
         }
@@ -140,6 +152,7 @@ impl Settings {
                     Setting::MaxConcurrentPerHost => {
                         self.max_concurrent_per_host.map(|n| n.to_string())
                     }
+                    Setting::CpuBaseline => self.cpu_baseline.clone(),
                 };
                 Effective {
                     setting: k.name(),
@@ -175,6 +188,8 @@ mod tests {
         assert!(Setting::MaxBandwidth.check("99999999999999Gbit").is_err());
         assert!(Setting::Channels.check("17").is_err());
         assert!(Setting::MaxConcurrentPerHost.check("0").is_err());
+        assert_eq!(Setting::CpuBaseline.check("cluster").unwrap(), "cluster");
+        assert!(Setting::CpuBaseline.check("haswell").is_err());
         assert!("migration-speed".parse::<Setting>().is_err());
     }
 

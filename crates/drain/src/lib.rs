@@ -57,6 +57,8 @@ pub struct Member {
     /// The directories of disk images it reaches.
     pub storage: Vec<PathBuf>,
     pub max_inbound: usize,
+    /// The CPU features it offers guests (empty: unknown).
+    pub cpu_features: Vec<String>,
 }
 
 #[derive(Clone, Debug)]

@@ -47,6 +47,8 @@ pub struct DestFacts {
     pub unreachable: Vec<(PathBuf, String)>,
     /// Bytes free in its disk directory for disks copied there (None: it takes no copies).
     pub copy_room: Option<u64>,
+    /// The CPU features it offers guests (None: unknown, not checked).
+    pub cpu_features: Option<std::collections::BTreeSet<String>>,
 }
 
 /// What a VM's devices need of a destination: a bridge for its NICs, its disks reachable.
@@ -56,6 +58,8 @@ pub struct Needs {
     pub nics: u32,
     /// Bytes its disks have allocated: what copying them sends and takes at the destination.
     pub disk_bytes: u64,
+    /// The CPU features its guest sees.
+    pub cpu_features: Vec<String>,
 }
 
 /// Whether a VM that needs `n` can go to `d` only with its disks copied (`d` cannot open
@@ -72,6 +76,16 @@ pub fn must_copy(n: &Needs, d: &DestFacts) -> bool {
 pub fn refuses(n: &Needs, d: &DestFacts, copy_left: Option<Option<u64>>) -> Option<String> {
     if n.nics > 0 && !d.bridge {
         return Some(format!("{} has no VM bridge for its NICs", d.name));
+    }
+    if let Some(offered) = &d.cpu_features {
+        let missing = migratable::cpu::missing(&n.cpu_features, offered);
+        if !missing.is_empty() {
+            return Some(format!(
+                "{}'s CPU does not offer {} that it sees",
+                d.name,
+                missing.join(", ")
+            ));
+        }
     }
     if !must_copy(n, d) {
         return None;
@@ -407,6 +421,7 @@ mod tests {
             bridge: false,
             unreachable: Vec::new(),
             copy_room: None,
+            cpu_features: None,
         }];
         let p = place(&vms, &dests, false, false);
         let used: u64 = p
@@ -435,6 +450,7 @@ mod tests {
             bridge: false,
             unreachable: Vec::new(),
             copy_room: None,
+            cpu_features: None,
         };
         // A link three times faster takes three VMs for each the slow one takes.
         let p = place(&vms, &[d("fast", 3.0), d("slow", 1.0)], false, false);
@@ -447,6 +463,37 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_never_goes_where_the_cpu_lacks_a_feature_it_sees() {
+        let mut modern = vm("modern", 100, 0.0);
+        modern.needs.cpu_features = vec!["avx2".into(), "sse2".into()];
+        let plain = vm("plain", 100, 0.0);
+        let d = |n: &str, features: &[&str]| DestFacts {
+            name: n.into(),
+            room: 1 << 30,
+            rate: None,
+            bridge: false,
+            unreachable: Vec::new(),
+            copy_room: None,
+            cpu_features: Some(features.iter().map(|f| f.to_string()).collect()),
+        };
+        // The older CPU has more room, but only the plain VM may go there.
+        let old = DestFacts {
+            room: 2 << 30,
+            ..d("old", &["sse2"])
+        };
+        let p = place(
+            &[modern.clone(), plain],
+            &[old.clone(), d("new", &["avx2", "sse2"])],
+            false,
+            false,
+        );
+        assert_eq!(p, [Ok(1), Ok(0)]);
+        let p = place(&[modern], &[old], false, false);
+        let why = p[0].clone().unwrap_err().to_string();
+        assert!(why.contains("old's CPU does not offer avx2"), "{why}");
+    }
+
+    #[test]
     fn placement_spreads_over_destinations_by_room() {
         let vms = [vm("a", 100, 0.0), vm("b", 100, 0.0)];
         let d = |n: &str| DestFacts {
@@ -456,6 +503,7 @@ mod tests {
             bridge: false,
             unreachable: Vec::new(),
             copy_room: None,
+            cpu_features: None,
         };
         let p = place(&vms, &[d("B"), d("C")], false, false);
         assert_eq!(p, vec![Ok(0), Ok(1)]);
@@ -469,6 +517,7 @@ mod tests {
             disks: vec![disk.clone()],
             nics: 1,
             disk_bytes: 300 << 20,
+            cpu_features: Vec::new(),
         };
         let d = |n: &str, bridge: bool, unreachable: Vec<(PathBuf, String)>| DestFacts {
             name: n.into(),
@@ -477,6 +526,7 @@ mod tests {
             bridge,
             unreachable,
             copy_room: None,
+            cpu_features: None,
         };
         let no_bridge = d("B", false, vec![]);
         let no_disk = d("C", true, vec![(disk.clone(), "No such file".into())]);
@@ -511,6 +561,7 @@ mod tests {
         assert!(why.contains("takes no copies"), "{why}");
         let roomy = DestFacts {
             copy_room: Some(400 << 20),
+            cpu_features: None,
             ..no_disk.clone()
         };
         let p = place(&vms, &[no_bridge.clone(), roomy.clone()], true, false);

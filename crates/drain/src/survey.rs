@@ -111,6 +111,7 @@ fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
             bridge: cap.bridge.is_some(),
             unreachable: Vec::new(),
             copy_room: cap.copy_room,
+            cpu_features: cap.cpu_features.map(|f| f.into_iter().collect()),
         },
     })
 }
@@ -130,6 +131,8 @@ fn member(m: &crate::Member) -> Dest {
             unreachable: Vec::new(),
             // Copies need its disk directory's free space, which only its agent knows.
             copy_room: None,
+            cpu_features: (!m.cpu_features.is_empty())
+                .then(|| m.cpu_features.iter().cloned().collect()),
         },
     }
 }
@@ -263,6 +266,7 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
                 disks: v.disks,
                 nics: v.nics,
                 disk_bytes: v.disk_bytes,
+                cpu_features: v.cpu_features,
             },
             postcopy: o
                 .request

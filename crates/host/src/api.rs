@@ -53,6 +53,9 @@ pub struct VmInfo {
     /// Bytes its disks' images have allocated: what copying them sends and takes.
     #[serde(default)]
     pub disk_bytes: u64,
+    /// The CPU features its guest sees: a destination must offer them all.
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
 }
 
 /// What a host holds and can take.
@@ -84,6 +87,9 @@ pub struct Capacity {
     /// copies).
     #[serde(default)]
     pub copy_room: Option<u64>,
+    /// The CPU features it offers guests (None: unknown, e.g. no /dev/kvm).
+    #[serde(default)]
+    pub cpu_features: Option<Vec<String>>,
 }
 
 /// The most disk images one `/reach` asks about.

@@ -114,6 +114,7 @@ pub(crate) fn in_cluster(
                 bridge: r.bridge.is_some(),
                 storage: r.storage.clone(),
                 max_inbound: r.max_inbound,
+                cpu_features: r.cpu_features.clone(),
             }))
         })
         .collect();

@@ -74,6 +74,8 @@ pub struct ServeArgs {
     net: crate::args::NetHostArgs,
     #[command(flatten)]
     storage: crate::args::StorageArgs,
+    #[command(flatten)]
+    cpu: crate::args::CpuArgs,
     /// Join this cluster: the host's record in etcd under a lease it keeps alive, and the
     /// cluster's live-migration settings for its migrations.
     #[command(flatten)]
@@ -157,6 +159,7 @@ fn serve(a: ServeArgs) -> CmdResult {
         storage: a.storage.storage.clone(),
         disk_dir: a.storage.disk_dir()?,
         cluster: a.cluster.endpoints()?,
+        cpu_mask: a.cpu.mask(),
     })?;
     eprintln!(
         "livemig: host agent {name} listening on {} ({}), API {}",

@@ -39,6 +39,8 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct VmArgs {
+    #[command(flatten)]
+    cpu: args::CpuArgs,
     /// Guest RAM (e.g. 512M, 1G, 8G).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     memory: u64,
@@ -109,6 +111,8 @@ enum Cmd {
         net: args::NetHostArgs,
         #[command(flatten)]
         storage: args::StorageArgs,
+        #[command(flatten)]
+        cpu: args::CpuArgs,
         #[command(flatten)]
         agent: ReceiveAgentArgs,
     },
@@ -363,6 +367,7 @@ fn run(cli: Cli) -> CmdResult {
             tls,
             net,
             storage,
+            cpu,
             agent,
         } => receive(
             &listen,
@@ -371,6 +376,7 @@ fn run(cli: Cli) -> CmdResult {
                 console: console(con),
                 net: net.options(),
                 storage: storage.roots(),
+                cpu_mask: cpu.mask(),
             },
             storage.disk_dir()?,
             peer_timeout,
@@ -491,6 +497,7 @@ fn run_vm(a: VmArgs) -> CmdResult {
     };
     let config = VmConfig {
         devices: a.devices.devices(),
+        cpu_mask: a.cpu.mask(),
         ..VmConfig::new(a.memory, a.vcpus)
     };
     let content = a.memory_profile.or(default_profile).map(|profile| Content {

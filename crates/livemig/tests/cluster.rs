@@ -124,14 +124,22 @@ fn agent(e: &Etcd, dir: &Path, name: &str) -> (AgentProcess, u16) {
 
 /// [`agent`] started from `l`.
 fn agent_as(l: &Livemig, e: &Etcd, dir: &Path, name: &str) -> (AgentProcess, u16) {
+    agent_with_args(l, e, dir, name, &[])
+}
+
+/// [`agent_as`] with more `host serve` arguments.
+fn agent_with_args(
+    l: &Livemig,
+    e: &Etcd,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> (AgentProcess, u16) {
     let port = free_port();
+    let mut args = vec!["--name", name, "--cluster", &e.urls];
+    args.extend_from_slice(extra);
     let a = l
-        .host_serve(
-            None,
-            &format!("127.0.0.1:{port}"),
-            &dir.join(name),
-            &["--name", name, "--cluster", &e.urls],
-        )
+        .host_serve(None, &format!("127.0.0.1:{port}"), &dir.join(name), &args)
         .unwrap();
     (a, port)
 }
@@ -866,4 +874,115 @@ fn kvm_etcd_leader_killed_under_a_migration_the_vm_runs_on_one_host() {
 )]
 fn kvm_source_agent_killed_under_a_migration_the_vm_runs_on_one_host() {
     fault_under_migration(Fault::KillSourceAgent);
+}
+
+/// The CPU features `name`'s guest sees on `a`.
+fn features_of(a: &AgentProcess, name: &str) -> Vec<String> {
+    a.client()
+        .list()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == name)
+        .map(|v| v.cpu_features)
+        .unwrap_or_default()
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_cpu_baseline_decides_which_hosts_a_vm_may_go_to() {
+    let e = Etcd::start();
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(&e, d.path(), "a");
+    let (b, _) = agent(&e, d.path(), "b");
+    let offered: Vec<String> = status(&e)["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "a")
+        .map(|h| serde_json::from_value(h["record"]["cpu_features"].clone()).unwrap())
+        .unwrap();
+    // An older CPU generation: c lacks avx2 (or, on a host without it, another feature).
+    let feature = if offered.iter().any(|f| f == "avx2") {
+        "avx2".to_string()
+    } else {
+        offered
+            .last()
+            .cloned()
+            .expect("KVM offers no named feature here")
+    };
+    let mask = format!("-{feature}");
+    let (c, port_c) = agent_with_args(
+        &livemig_exe(),
+        &e,
+        d.path(),
+        "c",
+        &["--cpu-features", &mask],
+    );
+    let to_c = migration::MigrateRequest {
+        to: format!("127.0.0.1:{port_c}"),
+        ..Default::default()
+    };
+
+    // Under cpu-baseline cluster a new VM sees what every live host offers: it may go to c.
+    assert!(cluster(&e, &["config", "set", "cpu-baseline", "cluster"])
+        .status
+        .success());
+    std::thread::sleep(Duration::from_millis(1100));
+    run_vm(&a, "vm1");
+    assert!(
+        !features_of(&a, "vm1").contains(&feature),
+        "{:?}",
+        features_of(&a, "vm1")
+    );
+    let r = a
+        .client()
+        .waiting(Duration::from_secs(120))
+        .migrate("vm1", &to_c)
+        .unwrap();
+    assert!(r.guest_verified, "{}", r.summary());
+    assert_eq!(names(&c), ["vm1"]);
+
+    // Under host it sees all a offers: c refuses it before any page, naming the feature.
+    assert!(cluster(&e, &["config", "set", "cpu-baseline", "host"])
+        .status
+        .success());
+    std::thread::sleep(Duration::from_millis(1100));
+    run_vm(&a, "vm2");
+    assert!(features_of(&a, "vm2").contains(&feature));
+    let refused = a
+        .client()
+        .waiting(Duration::from_secs(120))
+        .migrate("vm2", &to_c)
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains(&format!(
+            "host c's CPU does not offer {feature} that vm2 sees"
+        )),
+        "{refused}"
+    );
+    assert_eq!(names(&a), ["vm2"]);
+    assert_beating(&a, "vm2");
+
+    // A drain of a places it on b, not c.
+    let out = livemig(&[
+        "drain",
+        "--cluster",
+        &e.urls,
+        "--host",
+        "a",
+        "--probe-ms",
+        "0",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(names(&b), ["vm2"], "{text}");
+    assert_eq!(names(&c), ["vm1"], "{text}");
+    assert_beating(&b, "vm2");
 }

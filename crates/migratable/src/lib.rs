@@ -10,6 +10,7 @@
 //!   guest's throttle and priority, and the end of the VM once it runs elsewhere.
 //! - [`VmFactory`] and [`PreparedVm`]: on the destination, a VM built from its
 //!   [`VmConfig`] whose RAM is filled before its state is loaded.
+pub mod cpu;
 mod dirty;
 mod disk;
 mod snapshot;
@@ -36,6 +37,13 @@ pub struct VmConfig {
     /// Its disks and NICs, in the order they sit on the PCI bus.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceConfig>,
+    /// CPU features to hide from the guest when it starts (`--cpu-features -avx2`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_mask: Vec<String>,
+    /// The CPU features its guest sees, fixed when it starts (the VMM fills them in): a host
+    /// that does not offer one of them may not take it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_features: Vec<String>,
 }
 
 /// The most devices a VM may have (PCI slots after the host bridge).
@@ -48,6 +56,8 @@ impl VmConfig {
             memory,
             vcpus,
             devices: Vec::new(),
+            cpu_mask: Vec::new(),
+            cpu_features: Vec::new(),
         }
     }
 

@@ -47,6 +47,8 @@ pub enum VmError {
     /// a VM needs 1..=64 vCPUs, not {0}
     VcpuCount(u8),
     /// {0}
+    CpuFeature(#[from] migratable::cpu::UnknownFeature),
+    /// {0}
     Memory(#[from] MemoryError),
     /// {0}
     Boot(#[from] BootError),
@@ -309,6 +311,53 @@ fn uncaptured_state(caps: &Caps) -> Vec<Skipped> {
     skipped
 }
 
+/// What this host offers a new guest: KVM's supported CPUID without virtualization, less the
+/// features in `mask`.
+pub fn offered_cpuid(kvm: &Kvm, mask: &[String]) -> Result<kvm_bindings::CpuId, VmError> {
+    let mut base = vcpu::supported_cpuid(kvm).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+    strip_virtualization(&mut base);
+    let mut leaves: Vec<migratable::cpu::Leaf> = base
+        .as_slice()
+        .iter()
+        .map(|e| migratable::cpu::Leaf {
+            function: e.function,
+            index: e.index,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect();
+    migratable::cpu::mask(&mut leaves, mask)?;
+    for (e, l) in base.as_mut_slice().iter_mut().zip(&leaves) {
+        (e.ebx, e.ecx, e.edx) = (l.ebx, l.ecx, l.edx);
+    }
+    Ok(base)
+}
+
+/// The named CPU features `cpuid` offers.
+pub fn cpu_features(cpuid: &kvm_bindings::CpuId) -> std::collections::BTreeSet<String> {
+    let leaves: Vec<migratable::cpu::Leaf> = cpuid
+        .as_slice()
+        .iter()
+        .map(|e| migratable::cpu::Leaf {
+            function: e.function,
+            index: e.index,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect();
+    migratable::cpu::features(&leaves)
+}
+
+/// The CPU features this host offers its guests, less `mask`.
+pub fn host_cpu_features(mask: &[String]) -> Result<std::collections::BTreeSet<String>, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    Ok(cpu_features(&offered_cpuid(&kvm, mask)?))
+}
+
 fn strip_virtualization(cpuid: &mut kvm_bindings::CpuId) {
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -337,7 +386,7 @@ impl Vm {
     /// Builds and boots a VM with fresh memory. `prefill` may write guest RAM before the kernel
     /// is loaded (memory content for benchmarks); RAM it leaves alone stays zero and unbacked.
     pub fn boot(
-        config: VmConfig,
+        mut config: VmConfig,
         kernel: &Kernel,
         console: &Console,
         net: &NetOptions,
@@ -352,8 +401,8 @@ impl Vm {
         let cmdline = kernel.cmdline.render(&facts);
         let entry = load_pvh(&p.vm.ram, &kernel.image, &cmdline)?;
         tracing::info!(entry = format_args!("{:#x}", entry.entry), %cmdline, "kernel loaded");
-        let mut base = vcpu::supported_cpuid(&p.kvm).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
-        strip_virtualization(&mut base);
+        let base = offered_cpuid(&p.kvm, &config.cpu_mask)?;
+        config.cpu_features = cpu_features(&base).into_iter().collect();
         for (id, fd) in p.vcpu_fds.iter().enumerate() {
             let cpuid = vcpu::cpuid_for(&base, id as u8, config.vcpus);
             vcpu::configure(fd, id as u8, &cpuid, &p.vm.ram, (id == 0).then_some(entry))?;
@@ -925,6 +974,8 @@ pub struct KvmFactory {
     pub net: NetOptions,
     /// The directories an arriving VM's disks may be in.
     pub storage: Vec<std::path::PathBuf>,
+    /// CPU features this host does not offer (`--cpu-features -avx2`).
+    pub cpu_mask: Vec<String>,
 }
 
 /// A KVM VM being built for an incoming migration.
@@ -946,6 +997,18 @@ impl migratable::VmFactory for KvmFactory {
         config
             .check_disks_within(&self.storage)
             .map_err(|e| MigratableError::Build(cause(e)))?;
+        let offered =
+            host_cpu_features(&self.cpu_mask).map_err(|e| MigratableError::Build(cause(e)))?;
+        let missing = migratable::cpu::missing(&config.cpu_features, &offered);
+        if !missing.is_empty() {
+            return Err(MigratableError::Build(
+                format!(
+                    "this host's CPU does not offer {} that the VM sees",
+                    missing.join(", ")
+                )
+                .into(),
+            ));
+        }
         let vm =
             PreparedVm::new(config, &self.net).map_err(|e| MigratableError::Build(cause(e)))?;
         Ok(Prepared {

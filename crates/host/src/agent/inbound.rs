@@ -20,6 +20,15 @@ struct Offered {
     at: Instant,
 }
 
+/// `--cpu-features -a,-b` for a child, if anything is masked.
+pub(super) fn mask_args(mask: &[String]) -> Vec<String> {
+    if mask.is_empty() {
+        return Vec::new();
+    }
+    let list: Vec<String> = mask.iter().map(|f| format!("-{f}")).collect();
+    vec!["--cpu-features".into(), list.join(",")]
+}
+
 /// How long a receiver has to say which port it listens on.
 const LISTEN_WITHIN: Duration = Duration::from_secs(10);
 
@@ -133,6 +142,7 @@ impl Agent {
         ];
         args.extend(self.cache_args(offer.host_cache));
         args.extend(self.commit_args());
+        args.extend(mask_args(&self.cfg.cpu_mask));
         let child = vms::spawn(&self.cfg.livemig, &args, &dir)?;
         let e = Entry {
             rec: Record {
@@ -145,6 +155,7 @@ impl Agent {
                     .unwrap_or_else(|| peer.ip().to_string()),
                 pid: child.id(),
                 session: Some(offer.session),
+                cpu_features: offer.vm.cpu_features.clone(),
             },
             proc: Proc::Child(child),
             phase: Phase::Arriving,

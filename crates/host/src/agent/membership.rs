@@ -101,7 +101,39 @@ impl Agent {
             outbound: cap.outbound,
             max_inbound: cap.max_inbound,
             api: self.api_path(),
+            cpu_features: cap.cpu_features.unwrap_or_default(),
         }
+    }
+
+    /// The CPU features a VM started here now is kept from seeing: the host's mask, and,
+    /// under `cpu-baseline cluster`, what some live host of the cluster does not offer.
+    /// Without an answer from etcd under that setting, nothing starts (503): a VM that sees
+    /// too much could not leave.
+    pub(super) fn run_mask(&self) -> Result<Vec<String>, (u16, String)> {
+        let mut mask = self.cfg.cpu_mask.clone();
+        let (Some(c), Some(mine)) = (&self.cluster, &self.cpu_features) else {
+            return Ok(mask);
+        };
+        let baseline = self
+            .cluster_settings()
+            .ok_or((
+                503,
+                "the cluster's cpu-baseline is unknown: etcd does not answer".to_string(),
+            ))?
+            .cpu_baseline;
+        if baseline.as_deref() != Some("cluster") {
+            return Ok(mask);
+        }
+        let common = c
+            .store
+            .status()
+            .map_err(|e| (503, format!("the cluster's CPU baseline is unknown: {e}")))?
+            .cpu_baseline()
+            .unwrap_or_else(|| mine.clone());
+        mask.extend(mine.difference(&common).cloned());
+        mask.sort();
+        mask.dedup();
+        Ok(mask)
     }
 
     /// Makes this host the owner of new VM `name` in the cluster (if in one): whether the

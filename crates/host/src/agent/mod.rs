@@ -57,6 +57,8 @@ pub struct AgentConfig {
     pub disk_dir: Option<PathBuf>,
     /// The cluster's etcd, when the host is a member of one (`--cluster`).
     pub cluster: Option<cluster::Endpoints>,
+    /// CPU features this host does not offer (`--cpu-features -avx2`).
+    pub cpu_mask: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -107,6 +109,12 @@ pub enum AdmitError {
     },
     /// host {host} is cordoned in the cluster: it takes no VMs until it is uncordoned
     Cordoned { host: String },
+    /// host {host}'s CPU does not offer {missing} that {name} sees
+    CpuFeatures {
+        name: String,
+        host: String,
+        missing: String,
+    },
     /// starting a receiver for {name}: {why}
     Receiver { name: String, why: String },
 }
@@ -138,6 +146,8 @@ pub struct Agent {
     caches: Mutex<caches::Caches>,
     /// The cluster it belongs to, if any.
     cluster: Option<membership::InCluster>,
+    /// The CPU features it offers guests (None: unknown).
+    cpu_features: Option<std::collections::BTreeSet<String>>,
 }
 
 /// A started agent: its API answers and its listener takes migrations until [`Self::stop`].
@@ -177,7 +187,11 @@ impl Agent {
             .as_ref()
             .map(membership::InCluster::connect)
             .transpose()?;
+        let cpu_features = vmm::vm::host_cpu_features(&cfg.cpu_mask)
+            .map_err(|e| tracing::warn!("this host's CPU features are unknown: {e}"))
+            .ok();
         let agent = Arc::new(Agent {
+            cpu_features,
             cfg,
             listen,
             vms: Mutex::new(BTreeMap::new()),
@@ -411,6 +425,10 @@ impl Agent {
                 .disk_dir
                 .as_deref()
                 .and_then(|d| migration::recv::disks::free_bytes(d).ok()),
+            cpu_features: self
+                .cpu_features
+                .as_ref()
+                .map(|f| f.iter().cloned().collect()),
         }
     }
 
@@ -447,6 +465,16 @@ impl Agent {
                 vcpus: vm.vcpus,
                 max: vmm::vm::MAX_VCPUS,
             });
+        }
+        if let Some(offered) = self.cpu_features.as_ref().filter(|_| inbound) {
+            let missing = migratable::cpu::missing(&vm.cpu_features, offered);
+            if !missing.is_empty() {
+                return Err(AdmitError::CpuFeatures {
+                    name: name.into(),
+                    host: host.clone(),
+                    missing: missing.join(", "),
+                });
+            }
         }
         if vm.memory > cap.room {
             return Err(AdmitError::NoRoom {

@@ -144,7 +144,13 @@ impl Agent {
         if let Some(a) = r.args.iter().find(|a| {
             matches!(
                 a.as_str(),
-                "--api" | "--console" | "--memory" | "--vcpus" | "--disk" | "--net"
+                "--api"
+                    | "--console"
+                    | "--memory"
+                    | "--vcpus"
+                    | "--disk"
+                    | "--net"
+                    | "--cpu-features"
             )
         }) {
             return Err((400, format!("{a} is the agent's to set")));
@@ -155,8 +161,9 @@ impl Agent {
         };
         vm.check_devices().map_err(|e| (400, e.to_string()))?;
         vms::check_name(&r.name).map_err(|e| (400, e.to_string()))?;
+        let mask = self.run_mask()?;
         let claimed = self.claim(&r.name)?;
-        let started = self.start_admitted(r, &vm);
+        let started = self.start_admitted(r, &vm, &mask);
         let served = started.and_then(|api| self.wait_serving(&r.name, &api).map(|()| api));
         let api = match served {
             Ok(api) => api,
@@ -174,19 +181,24 @@ impl Agent {
     }
 
     /// Admits and starts a new VM; its API socket.
-    fn start_admitted(&self, r: &RunRequest, vm: &VmConfig) -> Result<PathBuf, (u16, String)> {
+    fn start_admitted(
+        &self,
+        r: &RunRequest,
+        vm: &VmConfig,
+        mask: &[String],
+    ) -> Result<PathBuf, (u16, String)> {
         let mut vms = locks::lock(&self.vms);
         self.admit(&vms, &r.name, vm, false)
             .map_err(|e| (409, e.to_string()))?;
         let e = self
-            .start_vm(r)
+            .start_vm(r, mask)
             .map_err(|e| (500, format!("starting {}: {e}", r.name)))?;
         let api = e.api();
         vms.insert(r.name.clone(), e);
         Ok(api)
     }
 
-    fn start_vm(&self, r: &RunRequest) -> std::io::Result<Entry> {
+    fn start_vm(&self, r: &RunRequest, mask: &[String]) -> std::io::Result<Entry> {
         let dir = self.cfg.dir.join("vms").join(&r.name);
         std::fs::create_dir_all(&dir)?;
         let api = vms::api_of(&dir);
@@ -198,6 +210,7 @@ impl Agent {
             r.vcpus.to_string(),
         ];
         args.extend(crate::child::device_args(&r.devices));
+        args.extend(super::inbound::mask_args(mask));
         args.extend(r.args.iter().cloned());
         args.extend([
             "--api".into(),
@@ -214,6 +227,10 @@ impl Agent {
                 origin: "local".into(),
                 pid: child.id(),
                 session: None,
+                // What the VMM gives the guest: this host's offer less the mask.
+                cpu_features: vmm::vm::host_cpu_features(mask)
+                    .map(|f| f.into_iter().collect())
+                    .unwrap_or_default(),
             },
             proc: Proc::Child(child),
             phase: Phase::Starting,
@@ -555,6 +572,7 @@ fn vm_info(rec: Record, phase: &Phase, api: PathBuf, pid: u32) -> VmInfo {
         disk_bytes: status
             .as_ref()
             .map_or(0, |s| allocated(&device_paths(&s.devices))),
+        cpu_features: rec.cpu_features,
     }
 }
 

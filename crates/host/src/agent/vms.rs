@@ -23,6 +23,9 @@ pub(super) struct Record {
     /// The migration it arrived with, if it arrived.
     #[serde(default)]
     pub session: Option<u64>,
+    /// The CPU features its guest sees.
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
 }
 
 /// Where a VM is in its life on this host.

@@ -83,6 +83,9 @@ pub struct HostRecord {
     /// The CPU features it offers guests (empty: unknown).
     #[serde(default)]
     pub cpu_features: Vec<String>,
+    /// Its fastest NIC's speed, bits/s (0: unknown).
+    #[serde(default)]
+    pub nic_bits_per_s: u64,
 }
 
 impl HostRecord {

@@ -147,24 +147,36 @@ impl Store {
             })
     }
 
-    /// Every key under `PREFIX + dir` and its value (text), ascending.
+    /// Every key under `PREFIX + dir` and its value (text), ascending; read a page of
+    /// [`LIST_PAGE`] keys at a time, so that no answer outgrows a gRPC message.
     pub fn list(&self, dir: &str) -> Result<Vec<(String, String)>, ClusterError> {
-        let key = format!("{PREFIX}{dir}");
-        let r = self.call("listing keys", |mut c| {
-            let key = key.clone();
-            async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
-        })?;
-        let start = PREFIX.len() + dir.len();
-        Ok(r.kvs()
-            .iter()
-            .filter_map(|kv| {
-                let k = kv.key_str().ok()?;
-                Some((
-                    k.get(start..)?.to_string(),
-                    kv.value_str().ok()?.to_string(),
-                ))
-            })
-            .collect())
+        let prefix = format!("{PREFIX}{dir}");
+        let end = prefix_end(prefix.as_bytes());
+        let skip = prefix.len();
+        let mut from = prefix.clone().into_bytes();
+        let mut out = Vec::new();
+        loop {
+            let r = self.call("listing keys", |mut c| {
+                let (key, end) = (from.clone(), end.clone());
+                let opts = GetOptions::new().with_range(end).with_limit(LIST_PAGE);
+                async move { c.get(key, Some(opts)).await }
+            })?;
+            for kv in r.kvs() {
+                let (Ok(k), Ok(v)) = (kv.key_str(), kv.value_str()) else {
+                    continue;
+                };
+                if let Some(name) = k.get(skip..) {
+                    out.push((name.to_string(), v.to_string()));
+                }
+            }
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// Writes `PREFIX + key`, under `lease` if given.
@@ -175,6 +187,22 @@ impl Store {
             let opts = lease.map(|l| PutOptions::new().with_lease(l));
             async move { c.put(k, v, opts).await }
         })?;
+        Ok(())
+    }
+
+    /// Writes every (key, value) under `PREFIX`, under `lease` if given: in transactions of
+    /// at most 128 writes (etcd's default limit per transaction).
+    pub fn put_many(&self, pairs: &[(String, String)], lease: Option<i64>) -> Result<(), ClusterError> {
+        for chunk in pairs.chunks(128) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    let opts = lease.map(|l| PutOptions::new().with_lease(l));
+                    TxnOp::put(format!("{PREFIX}{k}"), v.clone(), opts)
+                })
+                .collect();
+            self.txn("writing keys", &Txn::new().and_then(ops))?;
+        }
         Ok(())
     }
 
@@ -262,6 +290,22 @@ impl Store {
     }
 }
 
+/// Keys per page of a listing.
+const LIST_PAGE: i64 = 500;
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the keyspace.
+    vec![0]
+}
+
 /// How soon a request a member refused as unavailable goes again.
 const RETRY_UNAVAILABLE: Duration = Duration::from_millis(100);
 
@@ -288,4 +332,13 @@ fn tls_options(t: &ClusterTls) -> Result<etcd_client::TlsOptions, ClusterError> 
     Ok(etcd_client::TlsOptions::new()
         .ca_certificate(ca)
         .identity(id))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_prefix_ends_at_its_last_byte_plus_one() {
+        assert_eq!(super::prefix_end(b"/livemig/hosts/"), b"/livemig/hosts0");
+        assert_eq!(super::prefix_end(b"a\xff"), b"b");
+    }
 }

@@ -86,6 +86,10 @@ pub enum ClusterCmd {
     /// the other members, given to --exec while empty, waited for until live again, and
     /// uncordoned. Run it where the hosts' agent sockets are.
     Maintenance(crate::maintenance::MaintenanceArgs),
+    /// A simulated fleet in a real etcd: N agents (no VMs run) registered, the drain of K of
+    /// them planned; the time and etcd bytes of each step and the predicted makespan, then
+    /// the seed's 250 GB case into one destination and into many.
+    Simulate(crate::simulate::SimulateArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -122,6 +126,7 @@ pub fn main(cmd: ClusterCmd) -> CmdResult {
         } => status(&cluster, json, watch),
         ClusterCmd::Config { what } => config(what),
         ClusterCmd::Maintenance(a) => crate::maintenance::main(a),
+        ClusterCmd::Simulate(a) => crate::simulate::main(a),
         ClusterCmd::Cordon { cluster, host } => {
             let store = cluster.store()?;
             member(&store, &host)?;

@@ -19,6 +19,7 @@ mod demo;
 mod drain_cmd;
 mod host_cmd;
 mod maintenance;
+mod simulate;
 mod migrate_cmd;
 mod out;
 

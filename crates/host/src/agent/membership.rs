@@ -102,6 +102,7 @@ impl Agent {
             max_inbound: cap.max_inbound,
             api: self.api_path(),
             cpu_features: cap.cpu_features.unwrap_or_default(),
+            nic_bits_per_s: nic_bits_per_s(),
         }
     }
 
@@ -323,6 +324,19 @@ pub(super) fn apply(s: &Settings, req: &mut migration::MigrateRequest) {
     if req.max_bandwidth.is_none() {
         req.max_bandwidth = s.max_bandwidth;
     }
+}
+
+/// The speed of this host's fastest NIC, bits/s, as the kernel reports it (0: unknown).
+fn nic_bits_per_s() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|d| d.file_name() != "lo")
+        .filter_map(|d| std::fs::read_to_string(d.path().join("speed")).ok())
+        .filter_map(|s| s.trim().parse::<u64>().ok())
+        .max()
+        .map_or(0, |mbit| mbit.saturating_mul(1_000_000))
 }
 
 /// This host's IPv4 addresses, loopback aside.

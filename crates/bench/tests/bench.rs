@@ -118,6 +118,11 @@ fn bench_mechanisms_lands_every_byte_by_each_mechanism() {
     assert!(stdout.contains("sendfile / copy"), "{stdout}");
 }
 
+/// The devices benches one at a time: each runs two VMMs, QEMU, a client and a disk image
+/// being written on two cores, and together they starved a receiver's start past its 30 s
+/// (CI, 2026-12-03).
+static DEVICES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A small `livemig-bench devices` with QEMU: every row there, each VM verified with its disk
 /// and no acknowledged write lost, the client's record and the checks in bench.json, the
 /// round-trip chart drawn. No figure is asserted.
@@ -127,6 +132,7 @@ fn bench_mechanisms_lands_every_byte_by_each_mechanism() {
     ignore = "needs /dev/kvm, root and qemu-system-x86_64"
 )]
 fn bench_devices_smoke_has_every_row_verified_with_its_disk() {
+    let _alone = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(BENCH);
     cmd.args(["devices", "--memory", "128M", "--run-ms", "1000"])
@@ -165,6 +171,7 @@ fn bench_devices_smoke_has_every_row_verified_with_its_disk() {
     ignore = "needs /dev/kvm, root and qemu-system-x86_64"
 )]
 fn bench_devices_copy_smoke_moves_the_disk_with_every_vm() {
+    let _alone = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(BENCH);
     cmd.args(["devices", "--memory", "128M", "--run-ms", "1000"])

@@ -192,7 +192,11 @@ impl Store {
 
     /// Writes every (key, value) under `PREFIX`, under `lease` if given: in transactions of
     /// at most 128 writes (etcd's default limit per transaction).
-    pub fn put_many(&self, pairs: &[(String, String)], lease: Option<i64>) -> Result<(), ClusterError> {
+    pub fn put_many(
+        &self,
+        pairs: &[(String, String)],
+        lease: Option<i64>,
+    ) -> Result<(), ClusterError> {
         for chunk in pairs.chunks(128) {
             let ops: Vec<TxnOp> = chunk
                 .iter()

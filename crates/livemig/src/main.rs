@@ -19,9 +19,9 @@ mod demo;
 mod drain_cmd;
 mod host_cmd;
 mod maintenance;
-mod simulate;
 mod migrate_cmd;
 mod out;
+mod simulate;
 
 use args::{parse_duration, parse_size, MigrateArgs, TlsArgs, TransportArgs};
 

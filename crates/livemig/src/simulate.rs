@@ -220,7 +220,11 @@ pub fn main(a: SimulateArgs) -> CmdResult {
 
 /// Registers a fleet of `n`, plans the drain of `a.drain` of its hosts, and takes the
 /// fleet away again.
-fn simulate(store: &cluster::Store, n: usize, a: &SimulateArgs) -> Result<Row, Box<dyn std::error::Error>> {
+fn simulate(
+    store: &cluster::Store,
+    n: usize,
+    a: &SimulateArgs,
+) -> Result<Row, Box<dyn std::error::Error>> {
     let hosts = fleet(n, a.vms_per_host, a.seed);
     let lease = store.grant(SIM_LEASE)?;
     let t = Instant::now();
@@ -230,8 +234,14 @@ fn simulate(store: &cluster::Store, n: usize, a: &SimulateArgs) -> Result<Row, B
             name: h.name.clone(),
             joined_ms: 0,
         };
-        pairs.push((format!("members/{}", h.name), serde_json::to_string(&member)?));
-        pairs.push((format!("hosts/{}", h.name), serde_json::to_string(&h.record())?));
+        pairs.push((
+            format!("members/{}", h.name),
+            serde_json::to_string(&member)?,
+        ));
+        pairs.push((
+            format!("hosts/{}", h.name),
+            serde_json::to_string(&h.record())?,
+        ));
     }
     let bytes_written: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
     store.put_many(&pairs, Some(lease))?;
@@ -247,7 +257,11 @@ fn simulate(store: &cluster::Store, n: usize, a: &SimulateArgs) -> Result<Row, B
         .filter_map(|h| h.record.as_ref())
         .map(|r| serde_json::to_string(r).map_or(0, |s| s.len()) + r.name.len() * 2)
         .sum();
-    let drained: Vec<&str> = hosts.iter().take(a.drain).map(|h| h.name.as_str()).collect();
+    let drained: Vec<&str> = hosts
+        .iter()
+        .take(a.drain)
+        .map(|h| h.name.as_str())
+        .collect();
     let records: Vec<&HostRecord> = status
         .hosts
         .iter()
@@ -293,8 +307,14 @@ fn simulate(store: &cluster::Store, n: usize, a: &SimulateArgs) -> Result<Row, B
         .enumerate()
         .filter_map(|(i, p)| p.as_ref().ok().map(|d| (from[i], *d, vms[i].memory as f64)))
         .collect();
-    let src_nic: Vec<f64> = sources.iter().map(|r| r.nic_bits_per_s as f64 / 8.0).collect();
-    let dst_nic: Vec<f64> = dests.iter().map(|r| r.nic_bits_per_s as f64 / 8.0).collect();
+    let src_nic: Vec<f64> = sources
+        .iter()
+        .map(|r| r.nic_bits_per_s as f64 / 8.0)
+        .collect();
+    let dst_nic: Vec<f64> = dests
+        .iter()
+        .map(|r| r.nic_bits_per_s as f64 / 8.0)
+        .collect();
     Ok(Row {
         hosts: n,
         vms: hosts.iter().map(|h| h.vms.len()).sum(),

@@ -986,3 +986,49 @@ fn kvm_cpu_baseline_decides_which_hosts_a_vm_may_go_to() {
     assert_eq!(names(&c), ["vm1"], "{text}");
     assert_beating(&b, "vm2");
 }
+
+#[test]
+#[cfg_attr(no_etcd, ignore = "needs etcd (scripts/setup.sh installs etcd-server)")]
+fn a_simulated_fleet_is_registered_planned_and_taken_away() {
+    let e = Etcd::start();
+    let out = cluster(
+        &e,
+        &[
+            "simulate",
+            "--hosts",
+            "50,600",
+            "--vms-per-host",
+            "8",
+            "--drain",
+            "2",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, n) in rows.iter().zip([50, 600]) {
+        assert_eq!(row["hosts"], n, "{row}");
+        assert_eq!(row["keys_written"], 2 * n, "{row}");
+        assert_eq!(row["drained_hosts"], 2, "{row}");
+        assert!(row["placed"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!(row["unplaced"], 0, "{row}");
+        assert!(row["makespan_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // 600 hosts' records take more than one page of a listing to read back.
+    assert!(rows[1]["bytes_read"].as_u64().unwrap() > rows[0]["bytes_read"].as_u64().unwrap());
+    let seed = &r["seed_case"];
+    assert!(seed["many_destinations"].as_u64().unwrap() > 1, "{seed}");
+    assert!(
+        seed["many_destinations_s"].as_f64().unwrap() < seed["one_destination_s"].as_f64().unwrap(),
+        "{seed}"
+    );
+    // The simulated hosts leave with their lease.
+    let members = status(&e)["hosts"].as_array().unwrap().len();
+    assert_eq!(members, 0, "{}", status(&e));
+}

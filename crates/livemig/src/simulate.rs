@@ -46,8 +46,8 @@ pub struct SimHost {
     /// Where sources would reach it.
     pub listen: String,
     pub memory: u64,
-    /// Its NIC, bytes/s.
-    pub nic: f64,
+    /// Its NIC, bits/s.
+    pub nic_bits: u64,
     pub vms: Vec<u64>,
 }
 
@@ -76,7 +76,7 @@ impl SimHost {
                 })
                 .collect(),
             max_inbound: 4,
-            nic_bits_per_s: (self.nic * 8.0) as u64,
+            nic_bits_per_s: self.nic_bits,
             ..Default::default()
         }
     }
@@ -89,7 +89,7 @@ pub fn fleet(n: usize, m: usize, seed: u64) -> Vec<SimHost> {
     (0..n)
         .map(|i| {
             let memory = [256, 384, 512, 768, 1024][rng.random_range(0..5)] * GIB;
-            let nic = [10.0, 25.0, 50.0][rng.random_range(0..3)] * 1e9 / 8.0;
+            let nic_bits = [10, 25, 50][rng.random_range(0..3)] * 1_000_000_000;
             let mut vms = Vec::new();
             let mut left = memory / 2;
             for _ in 0..m {
@@ -103,7 +103,7 @@ pub fn fleet(n: usize, m: usize, seed: u64) -> Vec<SimHost> {
                 name: format!("sim-{i:05}"),
                 listen: format!("10.{}.{}.{}:7000", 64 + i / 65536, (i / 256) % 256, i % 256),
                 memory,
-                nic,
+                nic_bits,
                 vms,
             }
         })
@@ -351,7 +351,7 @@ fn seed_case(seed: u64) -> SeedCase {
         .map(|h| DestFacts {
             name: h.name.clone(),
             room: h.room(),
-            rate: Some(h.nic),
+            rate: Some(h.nic_bits as f64 / 8.0),
             bridge: true,
             unreachable: Vec::new(),
             copy_room: None,
@@ -364,7 +364,7 @@ fn seed_case(seed: u64) -> SeedCase {
         .enumerate()
         .filter_map(|(i, p)| p.as_ref().ok().map(|d| (0, *d, vms[i].memory as f64)))
         .collect();
-    let nics: Vec<f64> = fleet.iter().map(|h| h.nic).collect();
+    let nics: Vec<f64> = fleet.iter().map(|h| h.nic_bits as f64 / 8.0).collect();
     let many_s = makespan(&moves, &[src], &nics);
     let used = {
         let mut d: Vec<usize> = moves.iter().map(|m| m.1).collect();

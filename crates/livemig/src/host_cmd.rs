@@ -76,6 +76,10 @@ pub struct ServeArgs {
     storage: crate::args::StorageArgs,
     #[command(flatten)]
     cpu: crate::args::CpuArgs,
+    /// Serve the agent's metrics in the Prometheus text format at http://ADDR:PORT/metrics
+    /// (plaintext: bind it to a management address).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
     /// Join this cluster: the host's record in etcd under a lease it keeps alive, and the
     /// cluster's live-migration settings for its migrations.
     #[command(flatten)]
@@ -160,6 +164,7 @@ fn serve(a: ServeArgs) -> CmdResult {
         disk_dir: a.storage.disk_dir()?,
         cluster: a.cluster.endpoints()?,
         cpu_mask: a.cpu.mask(),
+        metrics: a.metrics.clone(),
     })?;
     eprintln!(
         "livemig: host agent {name} listening on {} ({}), API {}",

@@ -609,3 +609,80 @@ fn kvm_drain_resumes_a_vm_the_destination_proves_never_ran() {
     assert!(list(&a).is_empty());
     assert_eq!(names(&list(&b)), ["db"]);
 }
+
+/// `GET /metrics` from an agent's metrics address.
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_agents_count_their_migrations_for_prometheus() {
+    let d = tempfile::tempdir().unwrap();
+    let (ma, mb) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let (a, _) = agent(d.path(), "a", &["--metrics", &ma]);
+    let (_b, b_listen) = agent(d.path(), "b", &["--metrics", &mb]);
+    start_vms(&a, &[("db", "128M", "sql")]);
+    assert!(scrape(&ma).contains("livemig_vms{state=\"running\"} 1"));
+    let r = a
+        .client()
+        .waiting(Duration::from_secs(120))
+        .migrate(
+            "db",
+            &migration::MigrateRequest {
+                to: b_listen,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let out = scrape(&ma);
+    assert!(
+        out.contains("livemig_migrations_total{direction=\"out\",outcome=\"completed\"} 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("livemig_migration_downtime_seconds_count 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("livemig_migration_duration_seconds_count 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "livemig_migration_wire_bytes_total {}",
+            r.bytes_on_wire
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "livemig_migration_pages_total{{encoding=\"normal\"}} {}",
+            r.pages.normal
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("livemig_vms{state=\"running\"} 1"), "{out}");
+    wait(Duration::from_secs(10), "b to count the arrival", || {
+        scrape(&mb).contains("livemig_migrations_total{direction=\"in\",outcome=\"completed\"} 1")
+    });
+    assert!(scrape(&mb).contains("livemig_vms{state=\"running\"} 1"));
+    // Anything but GET /metrics is turned away.
+    let mut s = TcpStream::connect(&ma).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+}

@@ -25,6 +25,7 @@ use crate::child::Livemig;
 mod caches;
 mod inbound;
 mod membership;
+mod metrics;
 mod routes;
 mod vms;
 
@@ -59,6 +60,8 @@ pub struct AgentConfig {
     pub cluster: Option<cluster::Endpoints>,
     /// CPU features this host does not offer (`--cpu-features -avx2`).
     pub cpu_mask: Vec<String>,
+    /// Where to serve the Prometheus metrics (`--metrics ADDR:PORT`).
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -74,6 +77,8 @@ pub enum AgentError {
     Api(#[from] unixhttp::ApiError),
     /// {0}
     Cluster(#[from] cluster::ClusterError),
+    /// {0}
+    Metrics(#[from] metrics::MetricsError),
     /// starting the agent's {what} thread: {source}
     Thread {
         what: &'static str,
@@ -148,6 +153,7 @@ pub struct Agent {
     cluster: Option<membership::InCluster>,
     /// The CPU features it offers guests (None: unknown).
     cpu_features: Option<std::collections::BTreeSet<String>>,
+    metrics: metrics::Metrics,
 }
 
 /// A started agent: its API answers and its listener takes migrations until [`Self::stop`].
@@ -157,6 +163,7 @@ pub struct Running {
     threads: Vec<JoinHandle<()>>,
     /// Its place in the cluster, left when it stops.
     membership: Option<cluster::Membership>,
+    metrics: Option<metrics::Server>,
 }
 
 impl Agent {
@@ -191,6 +198,7 @@ impl Agent {
             .map_err(|e| tracing::warn!("this host's CPU features are unknown: {e}"))
             .ok();
         let agent = Arc::new(Agent {
+            metrics: metrics::Metrics::new(),
             cpu_features,
             cfg,
             listen,
@@ -205,12 +213,17 @@ impl Agent {
         agent.reconcile();
         let threads = vec![agent.spawn_accept()?, agent.spawn_reaper()?];
         let server = routes::serve(&agent)?;
+        let metrics = match &agent.cfg.metrics {
+            Some(addr) => Some(metrics::Server::start(&agent, addr)?),
+            None => None,
+        };
         let membership = agent.join()?;
         Ok(Running {
             agent,
             server: Some(server),
             threads,
             membership,
+            metrics,
         })
     }
 
@@ -340,6 +353,7 @@ impl Agent {
         match (e.proc.exited(), ran) {
             (None, true) => {
                 e.phase = Phase::Running;
+                self.metrics.count("in", "completed");
                 None
             }
             (None, false) => None,
@@ -351,6 +365,7 @@ impl Agent {
                 None
             }
             (Some(how), false) => {
+                self.metrics.count("in", "failed");
                 tracing::warn!(
                     name = %e.rec.name,
                     "incoming migration failed ({how}): {}",
@@ -498,6 +513,7 @@ impl Running {
     pub fn stop(mut self) {
         // Out of the cluster first: nothing is placed here from now.
         self.membership.take();
+        self.metrics.take();
         self.agent.stopped.store(true, Ordering::SeqCst);
         self.agent.incoming.stop();
         self.server.take();

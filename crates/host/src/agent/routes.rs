@@ -351,10 +351,23 @@ impl Agent {
             .call::<Value>("POST", "/vm/migrate", Some(json!(req)));
         match answer {
             Ok(report) => {
+                if let Ok(r) = serde_json::from_value::<migration::Report>(report.clone()) {
+                    self.metrics.migrated_out(&r);
+                }
                 self.remove_when_gone(name);
                 Ok(report)
             }
-            Err(e) => Err(self.migration_failed(name, &e)),
+            Err(e) => {
+                self.metrics.count(
+                    "out",
+                    match e.status() {
+                        Some(502) => "unknown",
+                        Some(503) => "busy",
+                        _ => "failed",
+                    },
+                );
+                Err(self.migration_failed(name, &e))
+            }
         }
     }
 

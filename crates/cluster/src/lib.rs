@@ -7,6 +7,7 @@
 //! | `members/NAME` | JSON [`Member`] | permanent: a host the cluster knows |
 //! | `hosts/NAME` | JSON [`HostRecord`] | under the host's lease: present while it is alive |
 //! | `config/SETTING` | the [`Setting`]'s value | permanent |
+//! | `drains/NAME` | JSON [`DrainOrder`] | from `drain --cluster --host NAME` until it ends |
 //! | `cordons/NAME` | JSON [`Cordon`] | from `cluster cordon` (or a drain) to `cluster uncordon` |
 //! | `vms/NAME` | JSON [`Owner`]: host, generation | from `host run` until the VM is stopped |
 //!
@@ -16,11 +17,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub mod drains;
 mod membership;
 pub mod ownership;
 pub mod settings;
 mod store;
 
+pub use drains::{DrainOrder, DrainState};
 pub use membership::{Membership, LEASE_TTL};
 pub use ownership::{Arrival, Fenced, Owner};
 pub use settings::{Effective, Setting, Settings};

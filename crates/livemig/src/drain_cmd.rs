@@ -22,6 +22,10 @@ pub struct DrainArgs {
     /// live members that are not cordoned, as the plan places them. Run it on that host.
     #[arg(long, requires = "cluster", conflicts_with_all = ["to", "address"])]
     host: Option<String>,
+    /// Hand the drain to the host's agent through the cluster and follow it from here (the
+    /// default when its API socket is not on this machine).
+    #[arg(long, requires = "host")]
+    via_agent: bool,
     #[command(flatten)]
     cluster: crate::cluster_cmd::ClusterArgs,
     /// Per destination, the HOST:PORT sources connect to (the link); default: where it listens.
@@ -151,7 +155,143 @@ pub(crate) fn interrupt_flag() -> Result<Arc<AtomicBool>, std::io::Error> {
     Ok(interrupted)
 }
 
+/// Flags of `drain` that the agent's own drain gets from the agent, with their values.
+const NOT_FORWARDED: [&str; 6] = [
+    "--cluster",
+    "--cluster-ca",
+    "--cluster-cert",
+    "--cluster-key",
+    "--host",
+    "--report",
+];
+
+/// This command's `drain` options, less those the agent sets (`--via-agent` too).
+fn forwarded(argv: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = argv.iter().skip_while(|a| *a != "drain").skip(1);
+    while let Some(a) = it.next() {
+        let flag = a.split_once('=').map_or(a.as_str(), |(f, _)| f);
+        if NOT_FORWARDED.contains(&flag) {
+            if !a.contains('=') {
+                it.next();
+            }
+        } else if a != "--via-agent" {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// The drain of `host` by its own agent: ordered through the cluster, followed until it ends;
+/// Ctrl-C asks the agent to interrupt it.
+fn delegate(a: &DrainArgs, host: &str) -> CmdResult {
+    let store = a.cluster.store()?;
+    let args = forwarded(&std::env::args().collect::<Vec<_>>());
+    let interrupted = interrupt_flag()?;
+    let done = drain_by_agent(&store, host, args, &interrupted)?;
+    if let (Some(p), Some(r)) = (&a.report, &done.report) {
+        std::fs::write(p, serde_json::to_vec_pretty(r)?)?;
+    }
+    crate::out::say(&done.summary);
+    Ok(
+        if done.state == cluster::DrainState::Done && done.complete {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
+
+/// Orders `host`'s agent to drain it with `args`, and follows the order until it ends; sets
+/// `cancel` in it once `interrupted` is. The order as it ended.
+pub(crate) fn drain_by_agent(
+    store: &cluster::Store,
+    host: &str,
+    args: Vec<String>,
+    interrupted: &AtomicBool,
+) -> Result<cluster::DrainOrder, Box<dyn std::error::Error>> {
+    let live = store
+        .status()?
+        .hosts
+        .iter()
+        .any(|h| h.name == host && h.record.is_some());
+    if !live {
+        return Err(
+            format!("{host} is not a live member of the cluster: no agent to drain it").into(),
+        );
+    }
+    let order = cluster::DrainOrder {
+        id: rand::random(),
+        state: cluster::DrainState::Requested,
+        args,
+        cancel: false,
+        complete: false,
+        summary: String::new(),
+        report: None,
+    };
+    if !store.order_drain(host, &order)? {
+        return Err(format!(
+            "a drain of {host} is under way already (drains/{host} in the cluster)"
+        )
+        .into());
+    }
+    crate::out::say(&format!("ordered {host}'s agent to drain it; following"));
+    let mut last = cluster::DrainState::Requested;
+    let mut asked_cancel = false;
+    let t = std::time::Instant::now();
+    let done = loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let Some(now) = store.drain_order(host)?.filter(|o| o.id == order.id) else {
+            return Err(format!("{host}'s drain order was taken away").into());
+        };
+        if interrupted.load(std::sync::atomic::Ordering::SeqCst) && !asked_cancel {
+            let cancel = cluster::DrainOrder {
+                cancel: true,
+                ..now.clone()
+            };
+            asked_cancel = store.update_drain(host, &now, &cancel)?;
+            crate::out::say("asked the agent to interrupt the drain");
+        }
+        if now.state != last {
+            crate::out::say(&format!("{host}: drain {:?}", now.state).to_lowercase());
+            last = now.state;
+        }
+        match now.state {
+            cluster::DrainState::Done | cluster::DrainState::Failed => break now,
+            // Nobody took it: the agent is not running, or not in this cluster.
+            cluster::DrainState::Requested if t.elapsed() > std::time::Duration::from_secs(30) => {
+                store.clear_drain(host)?;
+                return Err(
+                    format!("{host}'s agent did not take the drain order within 30 s").into(),
+                );
+            }
+            _ => {}
+        }
+    };
+    store.clear_drain(host)?;
+    Ok(done)
+}
+
+/// Whether `host`'s agent API socket (as its record says) is on this machine.
+pub(crate) fn api_here(
+    store: &cluster::Store,
+    host: &str,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    Ok(store
+        .status()?
+        .hosts
+        .iter()
+        .find(|h| h.name == host)
+        .and_then(|h| h.record.as_ref())
+        .is_some_and(|r| r.api.exists()))
+}
+
 pub fn main(a: DrainArgs) -> CmdResult {
+    if let Some(host) = &a.host {
+        if a.via_agent || !api_here(&a.cluster.store()?, host)? {
+            return delegate(&a, host);
+        }
+    }
     if !a.address.is_empty() && a.address.len() != a.to.len() {
         return Err(format!(
             "{} --address for {} --to: give one per destination",
@@ -210,4 +350,34 @@ pub fn main(a: DrainArgs) -> CmdResult {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_gets_the_drain_options_but_not_the_cluster_host_or_report() {
+        let argv: Vec<String> = [
+            "livemig",
+            "drain",
+            "--cluster",
+            "http://a:2379",
+            "--host=a",
+            "--via-agent",
+            "--probe-ms",
+            "0",
+            "--report",
+            "r.json",
+            "--cluster-ca=ca.pem",
+            "--transport",
+            "compressed",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            forwarded(&argv),
+            ["--probe-ms", "0", "--transport", "compressed"]
+        );
+    }
 }

@@ -86,13 +86,30 @@ fn maintain(
     Ok(())
 }
 
-/// Drains `host` into the other live, uncordoned members; its agent's socket.
+/// Drains `host` into the other live, uncordoned members: here if its agent's socket is
+/// here, else by its agent (ordered through the cluster). Its agent's socket.
 fn drain_host(
     store: &cluster::Store,
     host: &str,
     interrupted: &Arc<AtomicBool>,
 ) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     crate::out::say(&format!("{host}: draining"));
+    if !crate::drain_cmd::api_here(store, host)? {
+        let done = crate::drain_cmd::drain_by_agent(store, host, Vec::new(), interrupted)?;
+        crate::out::say(&format!("{host}: {}", done.summary));
+        if !(done.state == cluster::DrainState::Done && done.complete) {
+            return Err(format!("{host} is not empty: stopped here, with it cordoned").into());
+        }
+        let api = store
+            .status()?
+            .hosts
+            .into_iter()
+            .find(|h| h.name == host)
+            .and_then(|h| h.record)
+            .map(|r| r.api)
+            .unwrap_or_default();
+        return Ok(api);
+    }
     let (from, to) = crate::drain_cmd::in_cluster(store, host, false)?;
     let o = DrainOptions {
         from: from.clone(),

@@ -1032,3 +1032,68 @@ fn a_simulated_fleet_is_registered_planned_and_taken_away() {
     let members = status(&e)["hosts"].as_array().unwrap().len();
     assert_eq!(members, 0, "{}", status(&e));
 }
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_a_drain_ordered_through_the_cluster_is_run_by_the_hosts_agent() {
+    let e = Etcd::start();
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(&e, d.path(), "a");
+    let (b, _) = agent(&e, d.path(), "b");
+    run_vm(&a, "vm1");
+    run_vm(&a, "vm2");
+    let report = d.path().join("drain.json");
+    let out = livemig(&[
+        "drain",
+        "--cluster",
+        &e.urls,
+        "--host",
+        "a",
+        "--via-agent",
+        "--probe-ms",
+        "0",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ordered a's agent to drain it"), "{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let vms = r["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2, "{r}");
+    for v in vms {
+        assert_eq!(v["status"], "moved", "{v}");
+        assert_eq!(v["guest_verified"], true, "{v}");
+    }
+    assert!(names(&a).is_empty());
+    let mut on_b = names(&b);
+    on_b.sort();
+    assert_eq!(on_b, ["vm1", "vm2"]);
+    // The order is gone: another may be given.
+    let again = livemig(&[
+        "drain",
+        "--cluster",
+        &e.urls,
+        "--host",
+        "a",
+        "--via-agent",
+        "--probe-ms",
+        "0",
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // A host that is not a live member has no agent to run it.
+    let nobody = livemig(&["drain", "--cluster", &e.urls, "--host", "zz", "--via-agent"]);
+    assert!(!nobody.status.success());
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("not a live member"));
+}

@@ -14,7 +14,7 @@ const SETTINGS_FRESH: Duration = Duration::from_secs(1);
 
 /// The agent's cluster: a client for its settings, and the settings last read.
 pub(super) struct InCluster {
-    store: cluster::Store,
+    pub(super) store: cluster::Store,
     /// The settings and whether this host is cordoned, as last read.
     read: Mutex<Option<(Instant, Settings, bool)>>,
 }

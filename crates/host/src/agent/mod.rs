@@ -23,6 +23,7 @@ use crate::api::{Capacity, IncomingFate};
 use crate::child::Livemig;
 
 mod caches;
+mod drains;
 mod inbound;
 mod membership;
 mod metrics;
@@ -211,7 +212,8 @@ impl Agent {
         });
         agent.adopt();
         agent.reconcile();
-        let threads = vec![agent.spawn_accept()?, agent.spawn_reaper()?];
+        let mut threads = vec![agent.spawn_accept()?, agent.spawn_reaper()?];
+        threads.extend(agent.spawn_drains()?);
         let server = routes::serve(&agent)?;
         let metrics = match &agent.cfg.metrics {
             Some(addr) => Some(metrics::Server::start(&agent, addr)?),

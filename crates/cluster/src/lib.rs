@@ -94,6 +94,24 @@ pub struct HostRecord {
 impl HostRecord {
     /// The address sources reach it on: where it listens, or, when that is every address,
     /// its first IPv4 address with that port.
+    /// The address sources reach it on within `nets` (its listening address, else its first
+    /// address there, with the listening port); None if it has none there.
+    pub fn address_in(&self, nets: &[(std::net::Ipv4Addr, u8)]) -> Option<String> {
+        let listen: std::net::SocketAddr = self.listen.parse().ok()?;
+        let inside = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(v4) => settings::in_networks(v4, nets),
+            std::net::IpAddr::V6(_) => false,
+        };
+        if !listen.ip().is_unspecified() {
+            return inside(listen.ip()).then(|| self.listen.clone());
+        }
+        self.addresses
+            .iter()
+            .filter_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
+            .find(|ip| settings::in_networks(*ip, nets))
+            .map(|ip| format!("{ip}:{}", listen.port()))
+    }
+
     pub fn address(&self) -> Option<String> {
         let listen: std::net::SocketAddr = self.listen.parse().ok()?;
         if !listen.ip().is_unspecified() {

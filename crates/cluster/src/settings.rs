@@ -18,15 +18,19 @@ pub enum Setting {
     /// The CPU features new VMs see: `host` (all their host offers) or `cluster` (those every
     /// live host offers, so they may go anywhere).
     CpuBaseline,
+    /// The networks migrations go over (IPv4 CIDRs): a drain reaches each host on its
+    /// address there, and leaves out hosts without one.
+    MigrationNetwork,
 }
 
 impl Setting {
-    pub const ALL: [Setting; 5] = [
+    pub const ALL: [Setting; 6] = [
         Setting::Transport,
         Setting::Channels,
         Setting::MaxBandwidth,
         Setting::MaxConcurrentPerHost,
         Setting::CpuBaseline,
+        Setting::MigrationNetwork,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +40,7 @@ impl Setting {
             Setting::MaxBandwidth => "max-bandwidth",
             Setting::MaxConcurrentPerHost => "max-concurrent-per-host",
             Setting::CpuBaseline => "cpu-baseline",
+            Setting::MigrationNetwork => "migration-network",
         }
     }
 
@@ -47,6 +52,7 @@ impl Setting {
             Setting::MaxBandwidth => "none",
             Setting::MaxConcurrentPerHost => "the agent's --max-inbound",
             Setting::CpuBaseline => "host",
+            Setting::MigrationNetwork => "any (where each host listens)",
         }
     }
 
@@ -73,6 +79,12 @@ impl Setting {
                 "host" | "cluster" => Ok(v.to_string()),
                 _ => Err(format!("{v:?}: cpu-baseline is host or cluster")),
             },
+            Setting::MigrationNetwork => parse_networks(v).map(|nets| {
+                nets.iter()
+                    .map(|(ip, len)| format!("{ip}/{len}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
         }
     }
 }
@@ -88,6 +100,42 @@ impl std::str::FromStr for Setting {
                 format!("{s:?} is not a cluster setting ({})", names.join(", "))
             })
     }
+}
+
+/// IPv4 networks, `10.0.0.0/24,10.1.0.0/16` (at most 16; host bits must be zero).
+pub fn parse_networks(v: &str) -> Result<Vec<(std::net::Ipv4Addr, u8)>, String> {
+    let nets: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if nets.is_empty() || nets.len() > 16 {
+        return Err(format!(
+            "{v:?}: migration-network is 1 to 16 IPv4 CIDRs (10.0.0.0/24,...)"
+        ));
+    }
+    nets.into_iter()
+        .map(|n| {
+            let bad = || format!("{n:?} is not an IPv4 CIDR such as 10.0.0.0/24");
+            let (ip, len) = n.split_once('/').ok_or_else(bad)?;
+            let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
+            let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(bad)?;
+            if u32::from(ip) & !mask(len) != 0 {
+                return Err(format!("{n}: its host bits are not zero"));
+            }
+            Ok((ip, len))
+        })
+        .collect()
+}
+
+fn mask(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+}
+
+/// Whether `ip` lies in one of `nets`.
+pub fn in_networks(ip: std::net::Ipv4Addr, nets: &[(std::net::Ipv4Addr, u8)]) -> bool {
+    nets.iter()
+        .any(|(net, len)| u32::from(ip) & mask(*len) == u32::from(*net))
 }
 
 /// A rate: digits, then bit, Kbit, Mbit or Gbit (the unit decides; a bare number is bits/s).
@@ -114,6 +162,8 @@ pub struct Settings {
     pub max_bandwidth: Option<u64>,
     pub max_concurrent_per_host: Option<usize>,
     pub cpu_baseline: Option<String>,
+    /// Canonical CIDRs, comma-separated.
+    pub migration_network: Option<String>,
     /// Values in the store that do not check (written around this tool), and why.
     pub refused: Vec<(String, String)>,
 }
@@ -134,6 +184,7 @@ impl Settings {
                     s.max_concurrent_per_host = v.parse().ok()
                 }
                 Ok((Setting::CpuBaseline, v)) => s.cpu_baseline = Some(v),
+                Ok((Setting::MigrationNetwork, v)) => s.migration_network = Some(v),
                 Err(why) => s.refused.push((name.to_string(), why)),
             }
         }
@@ -153,6 +204,7 @@ impl Settings {
                         self.max_concurrent_per_host.map(|n| n.to_string())
                     }
                     Setting::CpuBaseline => self.cpu_baseline.clone(),
+                    Setting::MigrationNetwork => self.migration_network.clone(),
                 };
                 Effective {
                     setting: k.name(),
@@ -190,7 +242,25 @@ mod tests {
         assert!(Setting::MaxConcurrentPerHost.check("0").is_err());
         assert_eq!(Setting::CpuBaseline.check("cluster").unwrap(), "cluster");
         assert!(Setting::CpuBaseline.check("haswell").is_err());
+        assert_eq!(
+            Setting::MigrationNetwork
+                .check(" 10.1.0.0/16 ,192.168.7.0/24")
+                .unwrap(),
+            "10.1.0.0/16,192.168.7.0/24"
+        );
+        assert!(Setting::MigrationNetwork.check("10.1.0.1/16").is_err());
+        assert!(Setting::MigrationNetwork.check("10.1.0.0/33").is_err());
+        assert!(Setting::MigrationNetwork.check("fe80::/64").is_err());
         assert!("migration-speed".parse::<Setting>().is_err());
+    }
+
+    #[test]
+    fn an_address_is_in_a_network_by_its_prefix() {
+        let nets = parse_networks("10.1.0.0/16,192.168.7.0/24,0.0.0.0/0").unwrap();
+        assert!(in_networks("10.1.200.3".parse().unwrap(), &nets[..1]));
+        assert!(!in_networks("10.2.0.3".parse().unwrap(), &nets[..2]));
+        assert!(in_networks("192.168.7.255".parse().unwrap(), &nets[..2]));
+        assert!(in_networks("8.8.8.8".parse().unwrap(), &nets));
     }
 
     #[test]

@@ -107,13 +107,29 @@ pub(crate) fn in_cluster(
         )
         .into());
     }
+    // The cluster's migration network, if set: each destination on its address there.
+    let nets = store
+        .settings()?
+        .migration_network
+        .map(|n| cluster::settings::parse_networks(&n))
+        .transpose()?;
     let to: Vec<Destination> = status
         .drain_targets(host)
         .into_iter()
         .filter_map(|r| {
+            let address = match &nets {
+                Some(n) => r.address_in(n),
+                None => r.address(),
+            };
+            if address.is_none() {
+                crate::out::say(&format!(
+                    "left out {}: no address on the migration network",
+                    r.name
+                ));
+            }
             Some(Destination::Member(drain::Member {
                 name: r.name.clone(),
-                address: r.address()?,
+                address: address?,
                 room: r.room,
                 bridge: r.bridge.is_some(),
                 storage: r.storage.clone(),

@@ -197,6 +197,22 @@ fn settings_are_checked_and_shown_with_where_they_came_from() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("channels is 0 to 16"));
     let unknown = cluster(&e, &["config", "set", "speed", "9"]);
     assert!(!unknown.status.success());
+    let net = cluster(
+        &e,
+        &[
+            "config",
+            "set",
+            "migration-network",
+            "10.1.0.0/16, 10.2.0.0/16",
+        ],
+    );
+    assert!(
+        net.status.success(),
+        "{}",
+        String::from_utf8_lossy(&net.stderr)
+    );
+    let bad_net = cluster(&e, &["config", "set", "migration-network", "10.1.0.9/16"]);
+    assert!(String::from_utf8_lossy(&bad_net.stderr).contains("host bits are not zero"));
     let get = cluster(&e, &["config", "get", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
     let of = |k: &str| {
@@ -1092,6 +1108,33 @@ fn kvm_a_drain_ordered_through_the_cluster_is_run_by_the_hosts_agent() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+    // Under a migration network no member has an address on, a drain has nowhere to go.
+    assert!(cluster(&e, &["uncordon", "a"]).status.success());
+    assert!(
+        cluster(&e, &["config", "set", "migration-network", "10.255.0.0/16"])
+            .status
+            .success()
+    );
+    let nowhere = livemig(&[
+        "drain",
+        "--cluster",
+        &e.urls,
+        "--host",
+        "b",
+        "--probe-ms",
+        "0",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&nowhere.stdout),
+        String::from_utf8_lossy(&nowhere.stderr)
+    );
+    assert!(!nowhere.status.success(), "{text}");
+    assert!(
+        text.contains("left out a: no address on the migration network"),
+        "{text}"
+    );
+    assert_eq!(names(&b).len(), 2, "{text}");
     // A host that is not a live member has no agent to run it.
     let nobody = livemig(&["drain", "--cluster", &e.urls, "--host", "zz", "--via-agent"]);
     assert!(!nobody.status.success());

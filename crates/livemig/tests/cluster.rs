@@ -135,8 +135,19 @@ fn agent_with_args(
     name: &str,
     extra: &[&str],
 ) -> (AgentProcess, u16) {
+    agent_at(l, &e.urls, dir, name, extra)
+}
+
+/// An agent that reaches etcd at `urls`.
+fn agent_at(
+    l: &Livemig,
+    urls: &str,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> (AgentProcess, u16) {
     let port = free_port();
-    let mut args = vec!["--name", name, "--cluster", &e.urls];
+    let mut args = vec!["--name", name, "--cluster", urls];
     args.extend_from_slice(extra);
     let a = l
         .host_serve(None, &format!("127.0.0.1:{port}"), &dir.join(name), &args)
@@ -736,9 +747,92 @@ impl Observer {
     }
 }
 
+/// One host's way to etcd: a TCP proxy in front of each member. Cut, it forwards nothing
+/// (connections stay open, their bytes wait, as behind a link that is down); healed, it goes
+/// on where it stopped.
+struct EtcdLink {
+    urls: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EtcdLink {
+    fn new(e: &Etcd) -> EtcdLink {
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let urls = e
+            .urls
+            .split(',')
+            .map(|u| {
+                let upstream = u.trim_start_matches("http://").to_string();
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let port = l.local_addr().unwrap().port();
+                let cut = cut.clone();
+                std::thread::spawn(move || {
+                    for c in l.incoming().flatten() {
+                        let Ok(up) = std::net::TcpStream::connect(&upstream) else {
+                            continue;
+                        };
+                        for (from, to) in
+                            [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)]
+                        {
+                            let cut = cut.clone();
+                            std::thread::spawn(move || pump(from, to, &cut));
+                        }
+                    }
+                });
+                format!("http://127.0.0.1:{port}")
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        EtcdLink { urls, cut }
+    }
+
+    fn cut_for(&self, d: Duration) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.cut.store(true, SeqCst);
+        std::thread::sleep(d);
+        self.cut.store(false, SeqCst);
+    }
+}
+
+/// Copies `from` to `to` while the link is up; holds everything while it is cut.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    cut: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16384];
+    loop {
+        if cut.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// A fault during a migration of vm1 from a to b, once its copy is half done.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
+    /// The source's host cut off from etcd for 8 s: the destination commits without it.
+    CutSource,
+    /// The destination's host cut off from etcd for 8 s: its commit waits, and the source,
+    /// without a Confirm, fences and keeps the VM.
+    CutDestination,
     /// Every etcd member frozen (SIGSTOP) for 8 s: the commit cannot be made or known.
     FreezeEtcd,
     /// The etcd leader killed: the commit goes to the new one.
@@ -790,8 +884,10 @@ impl Etcd {
 fn fault_under_migration(fault: Fault) {
     let mut e = Etcd::start();
     let d = tempfile::tempdir().unwrap();
-    let (mut a, _) = agent(&e, d.path(), "a");
-    let (b, port_b) = agent(&e, d.path(), "b");
+    let (link_a, link_b) = (EtcdLink::new(&e), EtcdLink::new(&e));
+    let l = livemig_exe();
+    let (mut a, _) = agent_at(&l, &link_a.urls, d.path(), "a", &[]);
+    let (b, port_b) = agent_at(&l, &link_b.urls, d.path(), "b", &[]);
     run_vm(&a, "vm1");
     let observer = Observer::watch(d.path(), &["a", "b"], "vm1");
     let sock = a.sock.clone();
@@ -823,6 +919,8 @@ fn fault_under_migration(fault: Fault) {
         }
         Fault::KillLeader => e.kill_leader(),
         Fault::KillSourceAgent => a.kill_agent(),
+        Fault::CutSource => link_a.cut_for(Duration::from_secs(8)),
+        Fault::CutDestination => link_b.cut_for(Duration::from_secs(8)),
     }
     let answer = moving.join().unwrap();
     if matches!(fault, Fault::KillSourceAgent) {
@@ -1139,4 +1237,22 @@ fn kvm_a_drain_ordered_through_the_cluster_is_run_by_the_hosts_agent() {
     let nobody = livemig(&["drain", "--cluster", &e.urls, "--host", "zz", "--via-agent"]);
     assert!(!nobody.status.success());
     assert!(String::from_utf8_lossy(&nobody.stderr).contains("not a live member"));
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_source_cut_off_from_etcd_under_a_migration_the_vm_runs_on_one_host() {
+    fault_under_migration(Fault::CutSource);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_destination_cut_off_from_etcd_under_a_migration_the_vm_runs_on_one_host() {
+    fault_under_migration(Fault::CutDestination);
 }

@@ -881,7 +881,20 @@ impl Etcd {
     }
 }
 
+/// When the fault starts.
+#[derive(Clone, Copy, Debug)]
+enum At {
+    /// Once half of the copy is sent; it lasts through sync and the switchover.
+    HalfCopy,
+    /// Once the VM runs on the destination: just after the commit.
+    AfterCommit,
+}
+
 fn fault_under_migration(fault: Fault) {
+    fault_at(fault, At::HalfCopy);
+}
+
+fn fault_at(fault: Fault, at: At) {
     let mut e = Etcd::start();
     let d = tempfile::tempdir().unwrap();
     let (link_a, link_b) = (EtcdLink::new(&e), EtcdLink::new(&e));
@@ -904,13 +917,20 @@ fn fault_under_migration(fault: Fault) {
                 },
             )
     });
-    wait(Duration::from_secs(60), "half of the copy", || {
-        a.client()
-            .progress("vm1")
-            .ok()
-            .flatten()
-            .is_some_and(|p| p.bytes_on_wire * 2 >= p.ram_bytes)
-    });
+    match at {
+        At::HalfCopy => wait(Duration::from_secs(60), "half of the copy", || {
+            a.client()
+                .progress("vm1")
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.bytes_on_wire * 2 >= p.ram_bytes)
+        }),
+        At::AfterCommit => wait(Duration::from_secs(90), "vm1 to run on b", || {
+            b.client()
+                .list()
+                .is_ok_and(|l| l.iter().any(|v| v.name == "vm1" && v.state == "running"))
+        }),
+    }
     match fault {
         Fault::FreezeEtcd => {
             e.signal("-STOP");
@@ -941,6 +961,9 @@ fn fault_under_migration(fault: Fault) {
         ([x], []) if x == "vm1" => "a",
         _ => panic!("{fault:?}: a {on_a:?}, b {on_b:?}; the migrate: {answer:?}"),
     };
+    if matches!(at, At::AfterCommit) {
+        assert_eq!(host, "b", "{fault:?} after the commit: {answer:?}");
+    }
     let agent_of = if host == "a" { &a } else { &b };
     assert_beating(agent_of, "vm1");
     assert_eq!(
@@ -958,7 +981,7 @@ fn fault_under_migration(fault: Fault) {
         std::fs::read_to_string(d.path().join("b.log")).unwrap_or_default()
     );
     eprintln!(
-        "{fault:?}: ran on {ran_on:?}; the migrate: {:?}",
+        "{fault:?} at {at:?}: ran on {ran_on:?}; the migrate: {:?}",
         answer.map(|r| r.status)
     );
 }
@@ -1255,4 +1278,49 @@ fn kvm_source_cut_off_from_etcd_under_a_migration_the_vm_runs_on_one_host() {
 )]
 fn kvm_destination_cut_off_from_etcd_under_a_migration_the_vm_runs_on_one_host() {
     fault_under_migration(Fault::CutDestination);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_etcd_frozen_just_after_the_commit_the_vm_runs_on_its_new_owner() {
+    fault_at(Fault::FreezeEtcd, At::AfterCommit);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_etcd_leader_killed_just_after_the_commit_the_vm_runs_on_its_new_owner() {
+    fault_at(Fault::KillLeader, At::AfterCommit);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_source_agent_killed_just_after_the_commit_the_vm_runs_on_its_new_owner() {
+    fault_at(Fault::KillSourceAgent, At::AfterCommit);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_source_cut_off_from_etcd_just_after_the_commit_the_vm_runs_on_its_new_owner() {
+    fault_at(Fault::CutSource, At::AfterCommit);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_etcd),
+    ignore = "needs /dev/kvm and etcd (scripts/setup.sh installs etcd-server)"
+)]
+fn kvm_destination_cut_off_from_etcd_just_after_the_commit_the_vm_runs_on_its_new_owner() {
+    fault_at(Fault::CutDestination, At::AfterCommit);
 }

@@ -95,7 +95,8 @@ pub enum ClusterCmd {
 #[derive(clap::Subcommand)]
 pub enum ConfigCmd {
     /// Set one for every host: transport (tcp|compressed|direct), channels (0-16),
-    /// max-bandwidth (e.g. 800Mbit), max-concurrent-per-host (1-64).
+    /// max-bandwidth (e.g. 800Mbit), max-concurrent-per-host (1-64), cpu-baseline
+    /// (host|cluster), migration-network (IPv4 CIDRs, comma-separated).
     Set {
         #[command(flatten)]
         cluster: ClusterArgs,

@@ -130,6 +130,19 @@ pub fn makespan(moves: &[(usize, usize, f64)], src_nic: &[f64], dst_nic: &[f64])
     worst(&out, src_nic).max(worst(&inn, dst_nic)) + drain::predict::OVERHEAD_S
 }
 
+/// A simulated destination as the plan sees it: its room, and its NIC as its link.
+fn facts(name: &str, room: u64, nic_bits: u64) -> DestFacts {
+    DestFacts {
+        name: name.to_string(),
+        room,
+        rate: Some(nic_bits as f64 / 8.0),
+        bridge: true,
+        unreachable: Vec::new(),
+        copy_room: None,
+        cpu_features: None,
+    }
+}
+
 fn vm(name: String, memory: u64) -> VmFacts {
     VmFacts {
         name,
@@ -288,15 +301,7 @@ fn simulate(
     }
     let facts: Vec<DestFacts> = dests
         .iter()
-        .map(|r| DestFacts {
-            name: r.name.clone(),
-            room: r.room,
-            rate: Some(r.nic_bits_per_s as f64 / 8.0),
-            bridge: true,
-            unreachable: Vec::new(),
-            copy_room: None,
-            cpu_features: None,
-        })
+        .map(|r| facts(&r.name, r.room, r.nic_bits_per_s))
         .collect();
     let placement = drain::plan::place(&vms, &facts, false, false);
     let plan_ms = t.elapsed().as_millis() as u64;
@@ -348,15 +353,7 @@ fn seed_case(seed: u64) -> SeedCase {
     let fleet = fleet(99, 10, seed);
     let facts: Vec<DestFacts> = fleet
         .iter()
-        .map(|h| DestFacts {
-            name: h.name.clone(),
-            room: h.room(),
-            rate: Some(h.nic_bits as f64 / 8.0),
-            bridge: true,
-            unreachable: Vec::new(),
-            copy_room: None,
-            cpu_features: None,
-        })
+        .map(|h| facts(&h.name, h.room(), h.nic_bits))
         .collect();
     let placement = drain::plan::place(&vms, &facts, false, false);
     let moves: Vec<(usize, usize, f64)> = placement

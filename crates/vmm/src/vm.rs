@@ -316,18 +316,7 @@ fn uncaptured_state(caps: &Caps) -> Vec<Skipped> {
 pub fn offered_cpuid(kvm: &Kvm, mask: &[String]) -> Result<kvm_bindings::CpuId, VmError> {
     let mut base = vcpu::supported_cpuid(kvm).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
     strip_virtualization(&mut base);
-    let mut leaves: Vec<migratable::cpu::Leaf> = base
-        .as_slice()
-        .iter()
-        .map(|e| migratable::cpu::Leaf {
-            function: e.function,
-            index: e.index,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
-        .collect();
+    let mut leaves = leaves(&base);
     migratable::cpu::mask(&mut leaves, mask)?;
     for (e, l) in base.as_mut_slice().iter_mut().zip(&leaves) {
         (e.ebx, e.ecx, e.edx) = (l.ebx, l.ecx, l.edx);
@@ -337,7 +326,12 @@ pub fn offered_cpuid(kvm: &Kvm, mask: &[String]) -> Result<kvm_bindings::CpuId, 
 
 /// The named CPU features `cpuid` offers.
 pub fn cpu_features(cpuid: &kvm_bindings::CpuId) -> std::collections::BTreeSet<String> {
-    let leaves: Vec<migratable::cpu::Leaf> = cpuid
+    migratable::cpu::features(&leaves(cpuid))
+}
+
+/// KVM's CPUID entries as the feature table reads them.
+fn leaves(cpuid: &kvm_bindings::CpuId) -> Vec<migratable::cpu::Leaf> {
+    cpuid
         .as_slice()
         .iter()
         .map(|e| migratable::cpu::Leaf {
@@ -348,8 +342,7 @@ pub fn cpu_features(cpuid: &kvm_bindings::CpuId) -> std::collections::BTreeSet<S
             ecx: e.ecx,
             edx: e.edx,
         })
-        .collect();
-    migratable::cpu::features(&leaves)
+        .collect()
 }
 
 /// The CPU features this host offers its guests, less `mask`.

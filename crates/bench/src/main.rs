@@ -250,6 +250,10 @@ pub struct DrainBenchArgs {
     /// Page cache of each destination for dedup across the VMs (as `livemig drain`).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub dedup_cache: u64,
+    /// Run each optimised configuration at each of these `livemig drain --reserve-cpu`
+    /// percentages (0: without), e.g. 0,50.
+    #[arg(long, value_delimiter = ',')]
+    pub reserve_cpu: Vec<f64>,
     /// Percent of each VM's RAM its OS image takes.
     #[arg(long, value_name = "PCT", default_value_t = DEFAULT_IMAGE_SHARE_PCT)]
     pub image_share: u8,
@@ -301,6 +305,7 @@ impl DrainBenchArgs {
             ),
             peer_qemu: self.peer.as_deref() == Some("qemu"),
             dedup_cache: self.dedup_cache,
+            reserve_cpu: self.reserve_cpu,
             concurrency: self.concurrency,
             orders: self.order,
             transports: self.transports,

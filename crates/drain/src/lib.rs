@@ -4,7 +4,8 @@
 //! Policy is pure and tested without VMs: [`predict`] (a VM's bytes and seconds from its
 //! sample), [`plan`] (placement that never overcommits, order, ETA), [`window`] (how many
 //! migrations at once; `auto` grows while throughput does), [`pace`] (one bandwidth budget
-//! shared evenly). Mechanism: [`survey`] (agents, links, samples), [`run`] (the sliding
+//! shared evenly), [`cpu`] (the hosts' cores: what guests and migrations take, and
+//! `--reserve-cpu`). Mechanism: [`survey`] (agents, links, samples), [`run`] (the sliding
 //! window of migrations, retries, switchovers whose outcome is unknown, Ctrl-C), [`view`]
 //! (progress), [`report`] (what happened).
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use migration::MigrateRequest;
 
 pub mod cache;
+pub mod cpu;
 pub mod model;
 pub mod pace;
 pub mod plan;
@@ -113,6 +115,8 @@ pub enum DrainError {
     NetworkWithManyDestinations,
     /// --reserve {0}% leaves nothing for the drain
     Reserve(f64),
+    /// --reserve-cpu {0}% leaves nothing for the drain
+    ReserveCpu(f64),
     /// destination {name} listens on {listen}: give --address HOST:PORT, the address sources reach it on
     NoAddress { name: String, listen: String },
     /// {0}
@@ -123,12 +127,16 @@ pub enum DrainError {
 pub fn drain(o: &DrainOptions) -> Result<DrainReport, DrainError> {
     check(o)?;
     let t0 = std::time::Instant::now();
-    let survey = survey::survey(o)?;
-    let planned = run::Planned::make(o, &survey);
+    let mut survey = survey::survey(o)?;
+    let mut cpu = survey.cpu.take();
+    if let Some(m) = cpu.as_mut() {
+        m.started();
+    }
+    let planned = run::Planned::make(o, &survey, cpu.as_ref());
     if o.dry_run {
         return Ok(planned.dry_report(o, &survey));
     }
-    Ok(run::Run::new(o, &survey, &planned, t0).go())
+    Ok(run::Run::new(o, &survey, &planned, t0, cpu).go())
 }
 
 fn check(o: &DrainOptions) -> Result<(), DrainError> {
@@ -140,6 +148,9 @@ fn check(o: &DrainOptions) -> Result<(), DrainError> {
     }
     if !(0.0..1.0).contains(&o.budget.reserve) {
         return Err(DrainError::Reserve(o.budget.reserve * 100.0));
+    }
+    if let Some(r) = o.budget.reserve_cpu.filter(|r| !(0.0..1.0).contains(r)) {
+        return Err(DrainError::ReserveCpu(r * 100.0));
     }
     if o.request.to.is_empty() {
         // Checks the per-migration options once, with a placeholder destination.

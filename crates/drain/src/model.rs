@@ -7,7 +7,7 @@
 use migration::sample::VmSample;
 use serde::Serialize;
 
-use crate::plan::{simulate, SimJob};
+use crate::plan::{simulate_with_cpu, SimJob};
 use crate::predict::VmFacts;
 
 /// A drain to predict.
@@ -21,12 +21,15 @@ pub struct Scenario {
     pub compressed: bool,
     /// Wire bytes per payload byte beyond the model's (framing, TLS): 1.0 for none.
     pub framing: f64,
+    /// The hosts' cores and what a byte costs them (None: CPU does not limit).
+    pub cpu: Option<crate::plan::PlanCpu>,
 }
 
 /// The predicted makespan, seconds. Each migration's resent bytes are those of its share of
 /// the link when all run at once.
 pub fn makespan(s: &Scenario) -> f64 {
-    simulate(&jobs(s), &[s.link], s.concurrency, usize::MAX)
+    let cpu = s.cpu.as_ref().map(|c| c.model.clone());
+    simulate_with_cpu(&jobs(s), &[s.link], s.concurrency, usize::MAX, cpu.as_ref()).0
 }
 
 /// The bytes the scenario's migrations are predicted to put on the wire.
@@ -42,6 +45,7 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
         .map(|v| SimJob {
             dest: 0,
             bytes: v.wire_bytes(share, s.compressed) * s.framing,
+            cpu: s.cpu.as_ref().map_or([0.0; 2], |c| c.cost_per_byte()),
         })
         .collect()
 }
@@ -138,6 +142,7 @@ pub fn references(compress_ratio: f64, dirty_mb_s: f64, concurrency: usize) -> V
                         concurrency: n,
                         compressed,
                         framing: 1.0,
+                        cpu: None,
                     }),
                 });
             };
@@ -166,6 +171,7 @@ mod tests {
             concurrency: 1,
             compressed: false,
             framing: 1.0,
+            cpu: None,
         };
         let t = makespan(&s);
         let bytes = (8u64 << 30) as f64;

@@ -11,6 +11,9 @@ pub struct Budget {
     pub max_bandwidth: Option<u64>,
     /// Share of each link kept free, 0..1.
     pub reserve: f64,
+    /// Share of each host's cores kept for the guests, 0..1 (`--reserve-cpu`): the run
+    /// lowers `max_bandwidth` while the migrations take more ([`crate::cpu::Governor`]).
+    pub reserve_cpu: Option<f64>,
 }
 
 /// Each migration's pace in bits/s, per destination: `in_flight[d]` migrations on a link
@@ -69,6 +72,7 @@ mod tests {
         let b = Budget {
             max_bandwidth: Some(4_000_000),
             reserve: 0.0,
+            reserve_cpu: None,
         };
         let r = budgeted(&b, &[2, 2], &[Some(125e6), Some(125e6)]);
         assert_eq!(r, [Some(250_000.0), Some(250_000.0)]);
@@ -81,6 +85,7 @@ mod tests {
         let reserve = Budget {
             max_bandwidth: None,
             reserve: 0.5,
+            reserve_cpu: None,
         };
         assert_eq!(budgeted(&reserve, &[2], &[Some(1e8)]), [Some(5e7)]);
         assert_eq!(budgeted(&Budget::default(), &[1], &[None]), [None]);
@@ -99,6 +104,7 @@ mod tests {
         let b = Budget {
             max_bandwidth: Some(900_000_000),
             reserve: 0.0,
+            reserve_cpu: None,
         };
         let p = paces(&b, &[2, 1], &[None, None]);
         assert_eq!(p, [Some(300_000_000), Some(300_000_000)]);
@@ -111,12 +117,14 @@ mod tests {
         let b = Budget {
             max_bandwidth: Some(10_000_000_000),
             reserve: 0.2,
+            reserve_cpu: None,
         };
         let p = paces(&b, &[2, 0], &[Some(1e9), Some(1e10)]);
         assert_eq!(p[0], Some(400_000_000), "the link less 20%, halved");
         let tight = Budget {
             max_bandwidth: Some(500_000_000),
             reserve: 0.2,
+            reserve_cpu: None,
         };
         assert_eq!(paces(&tight, &[1], &[Some(1e9)]), [Some(500_000_000)]);
     }

@@ -259,37 +259,153 @@ fn no_room(vm: &VmFacts, dests: &[DestFacts], left: &[u64]) -> NoRoom {
 }
 
 /// One migration for [`simulate`]: its destination and the bytes it puts on the wire.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct SimJob {
     pub dest: usize,
     pub bytes: f64,
+    /// Core-seconds per byte on the wire it takes on the source and on the destination
+    /// (0: not known, not limited by CPU).
+    pub cpu: [f64; 2],
+}
+
+/// The cores the drain's migrations may use: per pool (the hosts of one kernel), core-seconds
+/// per second; which pool the source is in, and each destination.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuModel {
+    pub pools: Vec<f64>,
+    pub source: usize,
+    pub dests: Vec<usize>,
+}
+
+impl CpuModel {
+    /// Core-seconds per byte that `job` takes of pool `p`.
+    fn cost(&self, job: &SimJob, p: usize) -> f64 {
+        let on = |pool: Option<&usize>| pool == Some(&p);
+        (if on(Some(&self.source)) {
+            job.cpu[0]
+        } else {
+            0.0
+        }) + if on(self.dests.get(job.dest)) {
+            job.cpu[1]
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The CPU side of a plan: the pools' cores for migrations and what a byte on the wire
+/// costs each side, as the source learnt it for the drain's transport.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PlanCpu {
+    #[serde(skip)]
+    pub model: CpuModel,
+    /// Per pool, cores the migrations may use.
+    pub pool_cores: Vec<f64>,
+    /// Core-seconds per GB on the wire, on the source and on the destination.
+    pub cost_s_per_gb: [f64; 2],
+}
+
+impl PlanCpu {
+    pub fn new(model: CpuModel, cost_s_per_gb: [f64; 2]) -> Self {
+        PlanCpu {
+            pool_cores: model.pools.clone(),
+            model,
+            cost_s_per_gb,
+        }
+    }
+
+    /// Core-seconds per byte on the wire, source and destination.
+    pub fn cost_per_byte(&self) -> [f64; 2] {
+        self.cost_s_per_gb.map(|c| c / 1e9)
+    }
+}
+
+/// What held a migration back, most of its time in the simulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bound {
+    /// Its share of the link.
+    Link,
+    /// Its share of the cores, on the source or the destination.
+    Cpu,
 }
 
 /// The makespan of running `jobs` in order, at most `window` at once and `per_dest` per
 /// destination: each first pays [`crate::predict::OVERHEAD_S`] (connect, prepare), then
 /// shares its destination's link evenly with the others moving bytes there (what TCP does).
 pub fn simulate(jobs: &[SimJob], links: &[f64], window: usize, per_dest: usize) -> f64 {
+    simulate_with_cpu(jobs, links, window, per_dest, None).0
+}
+
+/// [`simulate`], where the migrations also share the cores of `cpu`'s pools: a migration
+/// moves no faster than its share of the link, nor than its pools' cores allow when every
+/// migration using them moves at the same rate. Also what bound each job.
+pub fn simulate_with_cpu(
+    jobs: &[SimJob],
+    links: &[f64],
+    window: usize,
+    per_dest: usize,
+    cpu: Option<&CpuModel>,
+) -> (f64, Vec<Bound>) {
     let (window, per_dest) = (window.max(1), per_dest.max(1));
     let mut pending: std::collections::VecDeque<usize> = (0..jobs.len()).collect();
     let mut active: Vec<Active> = Vec::new();
     let mut now = 0.0;
+    // Per job, seconds under each bound.
+    let mut held = vec![[0.0f64; 2]; jobs.len()];
     loop {
         admit(jobs, &mut pending, &mut active, window, per_dest);
         if active.is_empty() {
-            return now;
+            let bounds = held
+                .iter()
+                .map(|h| if h[1] > h[0] { Bound::Cpu } else { Bound::Link })
+                .collect();
+            return (now, bounds);
         }
-        let rates: Vec<f64> = active
+        let moving: Vec<&SimJob> = active
+            .iter()
+            .filter(|a| a.overhead <= 0.0)
+            .map(|a| &jobs[a.job])
+            .collect();
+        // Per pool, the rate every migration using it can move at.
+        let pool_rates: Vec<f64> = cpu.map_or(Vec::new(), |c| {
+            c.pools
+                .iter()
+                .enumerate()
+                .map(|(p, cores)| {
+                    let demand: f64 = moving.iter().map(|j| c.cost(j, p)).sum();
+                    if demand > 0.0 {
+                        cores.max(0.0) / demand
+                    } else {
+                        f64::INFINITY
+                    }
+                })
+                .collect()
+        });
+        let rates: Vec<(f64, Bound)> = active
             .iter()
             .map(|a| {
                 let job = &jobs[a.job];
-                let moving = |b: &&Active| b.overhead <= 0.0 && jobs[b.job].dest == job.dest;
-                let n = active.iter().filter(moving).count().max(1);
-                links.get(job.dest).copied().unwrap_or(1.0).max(1.0) / n as f64
+                let n = moving.iter().filter(|j| j.dest == job.dest).count().max(1);
+                let link = links.get(job.dest).copied().unwrap_or(1.0).max(1.0) / n as f64;
+                let cores = cpu.map_or(f64::INFINITY, |c| {
+                    (0..c.pools.len())
+                        .filter(|p| c.cost(job, *p) > 0.0)
+                        .map(|p| pool_rates[p])
+                        .fold(f64::INFINITY, f64::min)
+                });
+                if cores < link {
+                    (cores.max(1.0), Bound::Cpu)
+                } else {
+                    (link, Bound::Link)
+                }
             })
             .collect();
+        let rates_only: Vec<f64> = rates.iter().map(|r| r.0).collect();
+        let rates = &rates;
         let dt = active
             .iter()
-            .zip(&rates)
+            .zip(&rates_only)
             .map(|(a, r)| {
                 if a.overhead > 0.0 {
                     a.overhead
@@ -299,11 +415,12 @@ pub fn simulate(jobs: &[SimJob], links: &[f64], window: usize, per_dest: usize) 
             })
             .fold(f64::INFINITY, f64::min);
         now += dt;
-        for (a, r) in active.iter_mut().zip(&rates) {
+        for (a, (r, bound)) in active.iter_mut().zip(rates) {
             if a.overhead > 0.0 {
                 a.overhead -= dt;
             } else {
                 a.left -= r * dt;
+                held[a.job][usize::from(*bound == Bound::Cpu)] += dt;
             }
         }
         active.retain(|a| a.overhead > 1e-9 || a.left > 1e-6);
@@ -586,7 +703,11 @@ mod tests {
 
     #[test]
     fn simulation_shares_a_link_and_uses_two() {
-        let job = |dest| SimJob { dest, bytes: 100.0 };
+        let job = |dest| SimJob {
+            dest,
+            bytes: 100.0,
+            ..SimJob::default()
+        };
         let one_link = simulate(&[job(0), job(0)], &[100.0], 2, 4);
         let serial = simulate(&[job(0), job(0)], &[100.0], 1, 4);
         // Sharing one link moves the same bytes in the same time; overheads overlap.
@@ -600,5 +721,48 @@ mod tests {
         // A per-destination limit of one serialises them.
         let limited = simulate(&[job(0), job(0)], &[100.0], 2, 1);
         assert!(limited > one_link);
+    }
+
+    #[test]
+    fn cores_bound_migrations_that_the_link_would_not() {
+        // Two migrations of 100 bytes over a 100 B/s link, each byte costing 0.01 core-s
+        // on each side; source and destination on one kernel with 1 core for migrations:
+        // each moves at 1 / (2 x 0.02) = 25 B/s, not at its 50 B/s share of the link.
+        let job = SimJob {
+            dest: 0,
+            bytes: 100.0,
+            cpu: [0.01, 0.01],
+        };
+        let shared = CpuModel {
+            pools: vec![1.0],
+            source: 0,
+            dests: vec![0],
+        };
+        let (t, bounds) = simulate_with_cpu(&[job, job], &[100.0], 2, 4, Some(&shared));
+        assert!((t - (4.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
+        assert_eq!(bounds, [Bound::Cpu, Bound::Cpu]);
+        // Two kernels of half a core each: each pays 0.01 per byte of each migration.
+        let apart = CpuModel {
+            pools: vec![0.5, 0.5],
+            source: 0,
+            dests: vec![1],
+        };
+        let (t, _) = simulate_with_cpu(&[job, job], &[100.0], 2, 4, Some(&apart));
+        assert!((t - (4.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
+        // Plenty of cores: the link again; unknown costs are free.
+        let big = CpuModel {
+            pools: vec![100.0],
+            source: 0,
+            dests: vec![0],
+        };
+        let (t, bounds) = simulate_with_cpu(&[job, job], &[100.0], 2, 4, Some(&big));
+        assert!((t - (2.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
+        assert_eq!(bounds, [Bound::Link, Bound::Link]);
+        let free = SimJob {
+            cpu: [0.0, 0.0],
+            ..job
+        };
+        let (t, _) = simulate_with_cpu(&[free, free], &[100.0], 2, 4, Some(&shared));
+        assert!((t - (2.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
     }
 }

@@ -48,6 +48,9 @@ pub struct VmOutcome {
     pub start_ms: Option<u64>,
     pub end_ms: Option<u64>,
     pub predicted_s: Option<f64>,
+    /// What the model says held its migration back: its share of the link or of the cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound: Option<crate::plan::Bound>,
     /// It moves by post-copy (planned: the model says its pre-copy would not converge at its
     /// share of the link; after the drain: its migration did). While post-copy runs, losing
     /// either host loses the VM.
@@ -77,6 +80,10 @@ pub struct PlanSummary {
     /// What the model expects the migrations to put on the wire (references for pages a
     /// destination's cache holds, deltas for re-sent pages, compression), bytes.
     pub wire_bytes_predicted: Option<u64>,
+    /// The hosts' cores as the model took them (None: the source had not learnt what the
+    /// transport costs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<crate::plan::PlanCpu>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -112,6 +119,9 @@ pub struct DrainReport {
     pub left_behind: Vec<String>,
     pub interrupted: bool,
     pub summary: String,
+    /// The hosts' CPU before and during the drain, and what `--reserve-cpu` did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<crate::cpu::CpuReport>,
 }
 
 impl DrainReport {
@@ -163,6 +173,7 @@ impl DrainReport {
             interrupted,
             vms,
             summary: String::new(),
+            cpu: None,
         };
         r.summary = r.human();
         r
@@ -368,6 +379,7 @@ mod tests {
             start_ms: None,
             end_ms: None,
             predicted_s: Some(3.25),
+            bound: None,
             postcopy: false,
             sample,
             error: None,
@@ -394,6 +406,7 @@ mod tests {
             link_bits_per_s: vec![Some(1e9)],
             eta_s: Some(12.5),
             wire_bytes_predicted: Some(900 << 20),
+            cpu: None,
         };
         let vms = vec![planned("sql1", Some(sample)), planned("idle2", None)];
         let r = DrainReport::new("a".into(), vec!["b".into()], plan, vms, 0, 0, false);
@@ -420,6 +433,7 @@ mod tests {
             link_bits_per_s: vec![Some(1e9)],
             eta_s: Some(20.0),
             wire_bytes_predicted: None,
+            cpu: None,
         };
         let hot = VmOutcome {
             postcopy: true,

@@ -81,6 +81,12 @@ pub struct Planned {
     pub eta_s: Option<f64>,
     /// Bytes the model expects the migrations to put on the wire (None: a link unmeasured).
     pub wire_bytes: Option<f64>,
+    /// The hosts' cores in the model (None: the source has not learnt the transport's cost).
+    pub cpu: Option<plan::PlanCpu>,
+    /// Per VM, what the model says held its migration back.
+    pub bounds: Vec<Option<plan::Bound>>,
+    /// Where `auto` starts: the model's smallest level near its best (1 when it cannot say).
+    pub first_window: usize,
 }
 
 impl Planned {
@@ -94,8 +100,15 @@ impl Planned {
         self.vms_to(d).map(|i| s.vms[i].memory).sum()
     }
 
-    pub fn make(o: &DrainOptions, s: &Survey) -> Self {
+    pub fn make(o: &DrainOptions, s: &Survey, meter: Option<&crate::cpu::Meter>) -> Self {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
+        let cpu = meter.and_then(|m| {
+            m.plan(
+                o.budget.reserve_cpu,
+                transport_name(o),
+                o.request.vcpu_yield != Some(false),
+            )
+        });
         let mut dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
         let placement = plan::place(&s.vms, &dest_facts, o.copies_disks(), compressed);
         let window = match o.concurrency {
@@ -156,22 +169,60 @@ impl Planned {
                     Some(SimJob {
                         dest: d,
                         bytes: vms[*i].wire_bytes(share(d), compressed) + disk_bytes(*i, d),
+                        cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
                     })
                 })
                 .collect()
         });
-        let eta_s = jobs.as_ref().map(|jobs| {
+        let sim = jobs.as_ref().map(|jobs| {
             let links: Vec<f64> = dest_facts.iter().map(|d| d.rate.unwrap_or(1.0)).collect();
             let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
-            plan::simulate(jobs, &links, window, inbound)
+            let model = cpu.as_ref().map(|c| &c.model);
+            plan::simulate_with_cpu(jobs, &links, window, inbound, model)
         });
+        let first_window = match (&jobs, o.concurrency) {
+            (Some(_), Concurrency::Auto) => {
+                let links: Vec<f64> = dest_facts.iter().map(|d| d.rate.unwrap_or(1.0)).collect();
+                let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
+                let model = cpu.as_ref().map(|c| &c.model);
+                let eta = |w: usize| {
+                    let per = (w as f64 / s.dests.len() as f64).max(1.0);
+                    let jobs: Vec<SimJob> = order
+                        .iter()
+                        .filter_map(|i| {
+                            let d = *placement[*i].as_ref().ok()?;
+                            let share = links[d] / per;
+                            Some(SimJob {
+                                dest: d,
+                                bytes: vms[*i].wire_bytes(share, compressed) + disk_bytes(*i, d),
+                                cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
+                            })
+                        })
+                        .collect();
+                    plan::simulate_with_cpu(&jobs, &links, w, inbound, model).0
+                };
+                crate::window::first_level(eta, order.len())
+            }
+            _ => 1,
+        };
+        // The jobs are the placed VMs in order.
+        let mut bounds = vec![None; s.vms.len()];
+        if let Some((_, b)) = &sim {
+            let placed = order.iter().filter(|i| placement[**i].is_ok());
+            for (i, bound) in placed.zip(b) {
+                bounds[*i] = Some(*bound);
+            }
+        }
         Planned {
             order,
             placement,
             predicted,
             postcopy,
-            eta_s,
+            eta_s: sim.map(|s| s.0),
             wire_bytes: jobs.map(|j| j.iter().map(|x| x.bytes).sum()),
+            cpu,
+            bounds,
+            first_window,
         }
     }
 
@@ -189,6 +240,7 @@ impl Planned {
             // Finite and non-negative; `as` saturates.
             #[allow(clippy::cast_sign_loss)]
             wire_bytes_predicted: self.wire_bytes.map(|b| b as u64),
+            cpu: self.cpu.clone(),
         }
     }
 
@@ -220,6 +272,7 @@ impl Planned {
                 start_ms: None,
                 end_ms: None,
                 predicted_s: self.predicted[i],
+                bound: self.bounds[i],
                 postcopy: self.postcopy[i] && self.placement[i].is_ok(),
                 sample: v.sample.clone(),
                 error: self.placement[i].as_ref().err().map(ToString::to_string),
@@ -239,6 +292,7 @@ impl Planned {
             start_ms: None,
             end_ms: None,
             predicted_s: None,
+            bound: None,
             postcopy: false,
             sample: None,
             error: Some(why.clone()),
@@ -293,6 +347,8 @@ struct Flight {
     /// Past its switchover: the VM runs on the destination, whose guest verifies it; the
     /// link and the window are free for the next.
     switched: bool,
+    /// Held raw by the host-wide codec policy.
+    held_raw: bool,
 }
 
 pub struct Run<'a> {
@@ -327,10 +383,115 @@ pub struct Run<'a> {
     /// Per destination, whether a migration there has finished its copy (so its cache holds
     /// pages for the others).
     seeded: Vec<bool>,
+    /// The hosts' CPU, and `--reserve-cpu`'s hold on the budget.
+    cpu: Option<CpuWatch>,
 }
 
+/// The CPU the run watches: its meter, each pool's VMM share before the drain, and the
+/// governor when `--reserve-cpu` asks for one.
+struct CpuWatch {
+    meter: crate::cpu::Meter,
+    vmm_before: Vec<f64>,
+    governor: Option<crate::cpu::Governor>,
+    last: Instant,
+    /// The host-wide codec policy, in a compressed drain: what it did, and when it last
+    /// changed a migration.
+    codec: Option<(crate::cpu::CodecReport, Instant)>,
+}
+
+impl CpuWatch {
+    fn new(o: &DrainOptions, s: &Survey, mut meter: crate::cpu::Meter) -> Self {
+        let vmm_before = meter.report(false).iter().map(|p| p.before.vmm).collect();
+        let governor = o.budget.reserve_cpu.map(|reserve| {
+            let src = meter.source();
+            let transport = transport_name(o);
+            // Both sides' cost where the source shares its cores with a destination.
+            let shared = meter.pools().first().is_some_and(|p| p.len() > 1);
+            let cost = crate::cpu::cost_per_byte(src.costs.0.get(transport), true, shared);
+            let links: f64 = s.dests.iter().filter_map(|d| d.facts.rate).sum::<f64>() * 8.0;
+            let ceiling = o.budget.max_bandwidth.map_or(
+                if links > 0.0 {
+                    links
+                } else {
+                    UNMEASURED_CEILING
+                },
+                |b| b as f64,
+            );
+            crate::cpu::Governor::new(reserve, src.cores, cost, ceiling)
+        });
+        let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
+        CpuWatch {
+            meter,
+            vmm_before,
+            governor,
+            last: Instant::now(),
+            codec: compressed.then(|| (crate::cpu::CodecReport::default(), Instant::now())),
+        }
+    }
+
+    /// Every [`crate::cpu::READ_EVERY_MS`], reads the hosts (so that a VM process that
+    /// leaves has its CPU counted until shortly before): per pool, the shares since the
+    /// reading before.
+    fn read(&mut self) -> Option<Vec<Option<crate::cpu::Shares>>> {
+        if self.last.elapsed() < Duration::from_millis(crate::cpu::READ_EVERY_MS) {
+            return None;
+        }
+        self.last = Instant::now();
+        Some(self.meter.tick())
+    }
+
+    /// Feeds the governor what the migrations took of the busiest pool. Whether the budget
+    /// changed.
+    fn govern(&mut self, shares: &[Option<crate::cpu::Shares>]) -> bool {
+        let Some(g) = self.governor.as_mut() else {
+            return false;
+        };
+        let took = shares
+            .iter()
+            .zip(&self.vmm_before)
+            .filter_map(|(s, before)| s.map(|s| s.vmm - before))
+            .fold(0.0, f64::max);
+        g.observe(took).is_some()
+    }
+
+    /// The budget the governor allows, bits/s.
+    fn budget(&self) -> Option<u64> {
+        // Positive and finite; `as` saturates.
+        #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+        self.governor.as_ref().map(|g| g.budget as u64)
+    }
+
+    /// The report, once the hosts have learnt what the drain's `wire` bytes cost them.
+    fn report(mut self, o: &DrainOptions, wire: u64) -> crate::cpu::CpuReport {
+        let pools = self.meter.report(true);
+        self.meter.teach(transport_name(o), wire);
+        crate::cpu::CpuReport {
+            pools,
+            reserve_cpu_pct: o.budget.reserve_cpu.map(|r| r * 100.0),
+            governor: self.governor,
+            codec: self.codec.map(|c| c.0),
+        }
+    }
+}
+
+/// The drain's transport, as reports and learnt costs name it.
+fn transport_name(o: &DrainOptions) -> &'static str {
+    o.request
+        .transport
+        .map_or("tcp", migration::protocol::Transport::name)
+}
+
+/// A governor's ceiling when no link was measured and no `--max-bandwidth` given, bits/s.
+const UNMEASURED_CEILING: f64 = 100e9;
+
 impl<'a> Run<'a> {
-    pub fn new(o: &'a DrainOptions, s: &'a Survey, planned: &'a Planned, t0: Instant) -> Self {
+    pub fn new(
+        o: &'a DrainOptions,
+        s: &'a Survey,
+        planned: &'a Planned,
+        t0: Instant,
+        cpu: Option<crate::cpu::Meter>,
+    ) -> Self {
         let queue = planned
             .order
             .iter()
@@ -353,7 +514,7 @@ impl<'a> Run<'a> {
             retry: Vec::new(),
             flights: Vec::new(),
             outcomes: planned.outcomes(s, Status::Cancelled),
-            window: Window::new(o.concurrency),
+            window: Window::starting(o.concurrency, planned.first_window),
             full_since: None,
             not_full_since: None,
             wire: VecDeque::new(),
@@ -367,6 +528,7 @@ impl<'a> Run<'a> {
             ended: std::sync::mpsc::channel(),
             caches: crate::cache::open(o, s, planned),
             seeded: vec![false; s.dests.len()],
+            cpu: cpu.map(|m| CpuWatch::new(o, s, m)),
         }
     }
 
@@ -388,6 +550,7 @@ impl<'a> Run<'a> {
             }
             self.watch();
             self.tune_window();
+            self.watch_cpu();
             self.repace();
             let _ = self.ended.1.recv_timeout(TICK);
         }
@@ -415,6 +578,10 @@ impl<'a> Run<'a> {
         r.survey_ms = self.survey_ms;
         r.wall_ms = wall_ms;
         r.dedup_cache_bytes = self.caches.iter().flatten().map(|c| c.bytes).sum();
+        r.cpu = self.cpu.map(|c| c.report(self.o, r.bytes_on_wire));
+        if let Some(line) = r.cpu.as_ref().map(crate::cpu::CpuReport::line) {
+            r.summary += &line;
+        }
         r
     }
 
@@ -495,6 +662,7 @@ impl<'a> Run<'a> {
             last: None,
             paced: pace,
             switched: false,
+            held_raw: false,
         });
         self.peak = self.peak.max(self.moving());
     }
@@ -756,6 +924,103 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Reads the hosts' CPU now and then; while migrations move bytes, `--reserve-cpu` and
+    /// the host-wide codec policy act on what it says.
+    fn watch_cpu(&mut self) {
+        let Some(shares) = self.cpu.as_mut().and_then(CpuWatch::read) else {
+            return;
+        };
+        if self.moving() == 0 {
+            return;
+        }
+        if self.cpu.as_mut().is_some_and(|c| c.govern(&shares)) {
+            self.view.line(&format!(
+                "drain: --reserve-cpu: budget {:.0} Mbit/s",
+                self.cpu.as_ref().and_then(CpuWatch::budget).unwrap_or(0) as f64 / 1e6
+            ));
+        }
+        // Guests whose vCPUs yield to the migrations soak up idle cores without taking any
+        // from them: the cores are full only when the rest fills them.
+        let yields = self.o.request.vcpu_yield != Some(false);
+        let busy = shares
+            .iter()
+            .flatten()
+            .map(|s| if yields { s.busy - s.guests } else { s.busy })
+            .fold(0.0, f64::max);
+        self.codec_policy(busy);
+    }
+
+    /// The host-wide codec policy: one migration more held raw while the cores are full and
+    /// the links are not, one released when the links fill or the cores free up; the least
+    /// compressible held first and released last.
+    fn codec_policy(&mut self, busy: f64) {
+        let settled = |c: &CpuWatch| {
+            c.codec.as_ref().is_some_and(|(_, last)| {
+                last.elapsed() >= Duration::from_millis(crate::cpu::CODEC_SETTLE_MS)
+            })
+        };
+        if !self.cpu.as_ref().is_some_and(settled) {
+            return;
+        }
+        let links: f64 = self
+            .in_flight_per_dest()
+            .iter()
+            .zip(&self.s.dests)
+            .filter(|(n, _)| **n > 0)
+            .filter_map(|(_, d)| d.facts.rate)
+            .sum();
+        if links <= 0.0 {
+            return;
+        }
+        let (step, why) = crate::cpu::codec_step(busy, self.rates().0 / links);
+        let ratio = |f: &Flight| {
+            self.s.vms[f.job.vm]
+                .sample
+                .as_ref()
+                .map_or(1.0, |s| s.compress_ratio)
+        };
+        let pick = match step {
+            crate::cpu::CodecStep::HoldRaw => self
+                .flights
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| !f.switched && !f.held_raw)
+                .max_by(|a, b| ratio(a.1).total_cmp(&ratio(b.1))),
+            crate::cpu::CodecStep::Release => self
+                .flights
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.held_raw)
+                .min_by(|a, b| ratio(a.1).total_cmp(&ratio(b.1))),
+            crate::cpu::CodecStep::Keep => None,
+        }
+        .map(|(i, _)| i);
+        let Some(i) = pick else { return };
+        let raw = step == crate::cpu::CodecStep::HoldRaw;
+        let name = &self.s.vms[self.flights[i].job.vm].name;
+        if self.s.client.codec(name, raw).is_err() {
+            return;
+        }
+        self.flights[i].held_raw = raw;
+        let held = self.flights.iter().filter(|f| f.held_raw).count();
+        let Some((report, last)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) else {
+            return;
+        };
+        *last = Instant::now();
+        let count = if raw {
+            &mut report.held_raw
+        } else {
+            &mut report.released
+        };
+        *count.entry(why.to_string()).or_default() += 1;
+        report.most_held = report.most_held.max(held);
+        self.view.line(&format!(
+            "drain: {name} {} ({why}; busy {:.0}%)",
+            if raw { "sends raw" } else { "compresses again" },
+            busy * 100.0
+        ));
+    }
+
     fn in_flight_per_dest(&self) -> Vec<usize> {
         let mut n = vec![0; self.s.dests.len()];
         for f in self.flights.iter().filter(|f| !f.switched) {
@@ -775,7 +1040,11 @@ impl<'a> Run<'a> {
         let floor = migration::request::min_bandwidth(Duration::from_millis(
             self.o.request.peer_timeout_ms.unwrap_or(5000),
         ));
-        paces(&self.o.budget, counts, &links)[d].map(|p| p.max(floor))
+        let mut budget = self.o.budget;
+        if let Some(cap) = self.cpu.as_ref().and_then(CpuWatch::budget) {
+            budget.max_bandwidth = Some(budget.max_bandwidth.map_or(cap, |b| b.min(cap)));
+        }
+        paces(&budget, counts, &links)[d].map(|p| p.max(floor))
     }
 
     /// Re-paces the migrations in flight to their fair share; one that has not registered

@@ -31,6 +31,8 @@ pub struct Survey {
     /// VMs left alone, and why.
     pub skipped: Vec<(VmInfo, String)>,
     pub dests: Vec<Dest>,
+    /// The hosts' CPU, read from the survey's start (None: an agent did not say).
+    pub cpu: Option<crate::cpu::Meter>,
 }
 
 pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
@@ -59,6 +61,8 @@ pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
     if o.probe_ms > 0 {
         probe_links(o, &client, &mut dests);
     }
+    // The guests' share before the drain is read over the sampling, not the probe's load.
+    let cpu = meter(&source, &client, &dests);
     let vms = sample_vms(o, &client, running);
     reach_disks(&vms, &mut dests);
     Ok(Survey {
@@ -67,7 +71,19 @@ pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
         vms,
         skipped,
         dests,
+        cpu,
     })
+}
+
+/// Starts reading the CPU of the source and of every destination this process reaches.
+fn meter(source: &str, client: &HostClient, dests: &[Dest]) -> Option<crate::cpu::Meter> {
+    crate::cpu::Meter::start(
+        (source.to_string(), client.clone()),
+        dests
+            .iter()
+            .map(|d| (d.name.clone(), d.client.clone()))
+            .collect(),
+    )
 }
 
 fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {

@@ -54,11 +54,35 @@ pub struct Window {
     settled: bool,
 }
 
+/// A level within this share of the model's best makespan is as good as the best: `auto`
+/// starts at the smallest such level (fewer at once: shorter migrations, shorter pauses).
+pub const FIRST_WITHIN: f64 = 1.05;
+
+/// Where `auto` starts: of the levels from 1 to `n` (the VMs) and at most [`AUTO_MAX`], the
+/// smallest whose makespan by the model (`eta`) is within [`FIRST_WITHIN`] of the best.
+pub fn first_level(eta: impl Fn(usize) -> f64, n: usize) -> usize {
+    let levels: Vec<(usize, f64)> = (1..=n.clamp(1, AUTO_MAX)).map(|c| (c, eta(c))).collect();
+    let best = levels
+        .iter()
+        .map(|l| l.1)
+        .filter(|t| t.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    levels
+        .iter()
+        .find(|(_, t)| *t <= best * FIRST_WITHIN)
+        .map_or(1, |l| l.0)
+}
+
 impl Window {
     pub fn new(mode: Concurrency) -> Self {
+        Self::starting(mode, 1)
+    }
+
+    /// `auto` from `first` (the model's choice) rather than from 1.
+    pub fn starting(mode: Concurrency, first: usize) -> Self {
         let level = match mode {
             Concurrency::Fixed(n) => n.max(1),
-            Concurrency::Auto => 1,
+            Concurrency::Auto => first.clamp(1, AUTO_MAX),
         };
         Window {
             mode,
@@ -141,6 +165,22 @@ mod tests {
         w.observe(1.0, 100.0);
         w.observe(1.0, 101.0);
         assert_eq!(w.limit(), 1);
+    }
+
+    #[test]
+    fn auto_starts_at_the_smallest_level_near_the_models_best() {
+        // 4 VMs; the model: 20 s alone, 12 s two at once, then flat or worse.
+        let eta = |c: usize| [20.0, 12.0, 11.8, 14.0][c - 1];
+        assert_eq!(first_level(eta, 4), 2, "12.0 is within 5% of 11.8");
+        assert_eq!(first_level(|_| f64::NAN, 4), 1);
+        assert_eq!(first_level(|c| 10.0 / c as f64, 100), AUTO_MAX);
+        let mut w = Window::starting(Concurrency::Auto, 3);
+        assert_eq!(w.limit(), 3);
+        assert!(w.observe(1.0, 100.0));
+        assert_eq!(w.limit(), 4);
+        assert!(w.observe(1.0, 101.0));
+        assert_eq!(w.limit(), 3, "back to where it started, not below");
+        assert_eq!(Window::starting(Concurrency::Fixed(2), 5).limit(), 2);
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! |--------|-----------------------------|----------------------|----------------------------|
 //! | GET    | /host                       |                      | [`Capacity`]               |
 //! | GET    | /vms                        |                      | `[VmInfo]`                 |
+//! | GET    | /cpu                        |                      | [`crate::cpu::CpuUsage`]   |
+//! | POST   | /cpu/costs                  | [`crate::cpu::Learn`] | `{}` (learns a migration's CPU cost) |
 //! | POST   | /vms                        | [`RunRequest`]       | [`VmInfo`]                 |
 //! | DELETE | /vms/NAME                   |                      | `{}`                       |
 //! | POST   | /vms/NAME/migrate           | `MigrateRequest`     | the migration's report     |
 //! | GET    | /vms/NAME/migration         |                      | its progress               |
 //! | DELETE | /vms/NAME/migration         |                      | cancels it                 |
-//! | PATCH  | /vms/NAME/migration         | `{"max_bandwidth"}`  | re-paces it                |
+//! | PATCH  | /vms/NAME/migration         | `{"max_bandwidth"}`, `{"codec": "raw"\|"auto"}` | re-paces it, holds it raw |
 //! | POST   | /vms/NAME/sample            | `{"ms": N, "fingerprint": B}` | `VmSample`        |
 //! | POST   | /vms/NAME/resume            |                      | the VM's status            |
 //! | POST   | /vms/NAME/discard           |                      | `{}` (kills a stale copy)  |
@@ -217,6 +219,16 @@ impl HostClient {
         )
     }
 
+    /// Tells the host what a migration to it cost.
+    pub fn learn_cpu(&self, l: &crate::cpu::Learn) -> Result<serde_json::Value, ApiError> {
+        self.0.call("POST", "/cpu/costs", Some(json!(l)))
+    }
+
+    /// The host's CPU counters now.
+    pub fn cpu(&self) -> Result<crate::cpu::CpuUsage, ApiError> {
+        self.0.call("GET", "/cpu", None)
+    }
+
     pub fn list(&self) -> Result<Vec<VmInfo>, ApiError> {
         self.0.call("GET", "/vms", None)
     }
@@ -248,6 +260,15 @@ impl HostClient {
             "PATCH",
             &format!("/vms/{name}/migration"),
             Some(json!({ "max_bandwidth": bits_per_s })),
+        )
+    }
+
+    /// Holds a compressed migration's batches raw (`raw`), or lets its codec policy choose.
+    pub fn codec(&self, name: &str, raw: bool) -> Result<serde_json::Value, ApiError> {
+        self.0.call(
+            "PATCH",
+            &format!("/vms/{name}/migration"),
+            Some(json!({ "codec": if raw { "raw" } else { "auto" } })),
         )
     }
 

@@ -7,10 +7,12 @@
 //! - [`api`]: its API table, the types on it and a typed client.
 //! - [`status`]: the milestones an incoming VM's receiver records for the agent.
 //! - [`probe`]: measuring what a link carries, for plans and ETAs.
+//! - [`cpu`]: what its CPU does, counted for drains that must leave guests their share.
 //! - [`child`]: starting, watching and reaping livemig (and QEMU) processes.
 pub mod agent;
 pub mod api;
 pub mod child;
+pub mod cpu;
 pub mod probe;
 pub mod status;
 

@@ -41,6 +41,10 @@ pub struct DrainArgs {
     /// Share of each link left for other traffic (e.g. 20 or 20%).
     #[arg(long, default_value = "0", value_parser = parse_percent)]
     reserve: f64,
+    /// Share of each host's CPU left to its guests (e.g. 50 or 50%): the drain's bandwidth
+    /// is lowered while its migrations take more than the rest, measured every 0.5 s.
+    #[arg(long, value_parser = parse_percent)]
+    reserve_cpu: Option<f64>,
     /// Attempts after the first for a VM whose migration failed (after the other VMs).
     #[arg(long, default_value_t = 1)]
     retries: u32,
@@ -343,6 +347,7 @@ pub fn main(a: DrainArgs) -> CmdResult {
         budget: Budget {
             max_bandwidth: a.migrate.max_bandwidth,
             reserve: a.reserve,
+            reserve_cpu: a.reserve_cpu,
         },
         retries: a.retries,
         dedup_cache: a.dedup_cache,

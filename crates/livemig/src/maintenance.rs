@@ -120,6 +120,7 @@ fn drain_host(
         budget: Budget {
             max_bandwidth: None,
             reserve: 0.0,
+            reserve_cpu: None,
         },
         retries: 1,
         dedup_cache: 0,

@@ -144,6 +144,75 @@ fn kvm_drain_moves_four_vms_between_two_agents() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_drain_measures_the_hosts_cpu_and_learns_what_its_migrations_cost() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = agent(d.path(), "a", &[]);
+    let (b, _) = agent(d.path(), "b", &[]);
+    start_vms(
+        &a,
+        &[
+            ("sql1", "192M", "sql"),
+            ("web1", "192M", "web"),
+            ("stress1", "128M", "stress"),
+        ],
+    );
+    let report = d.path().join("out.json");
+    let args = ["--transport", "compressed", "--reserve-cpu", "50"];
+    let (ok, text, r) = run_drain(&a, &b, &report, &args);
+    assert!(ok, "{text}");
+    // Both agents run on this kernel: one pool of its cores, with both hosts in it.
+    let pool = &r["cpu"]["pools"][0];
+    assert_eq!(pool["hosts"].as_array().map(Vec::len), Some(2), "{r}");
+    for when in ["before", "during"] {
+        for what in ["busy", "guests", "vmm"] {
+            let x = pool[when][what].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&x), "{when}.{what} = {x}: {r}");
+        }
+    }
+    assert!(
+        pool["before"]["guests"].as_f64() > Some(0.0),
+        "the guests ran: {r}"
+    );
+    assert!(
+        pool["during"]["vmm"].as_f64() > Some(0.0),
+        "the migrations ran: {r}"
+    );
+    assert_eq!(r["cpu"]["reserve_cpu_pct"], 50.0, "{r}");
+    assert_eq!(r["cpu"]["governor"]["cap"], 0.5, "{r}");
+    assert!(
+        r["cpu"]["codec"].is_object(),
+        "a compressed drain has the codec policy: {r}"
+    );
+    assert!(
+        text.contains("cpu of a+b (") && text.contains("--reserve-cpu 50%"),
+        "{text}"
+    );
+    // Nothing was learnt before this drain; both hosts have learnt it now, so the drain back
+    // plans with what a compressed byte costs their cores.
+    assert!(r["plan"]["cpu"].is_null(), "{r}");
+    let back = d.path().join("back.json");
+    let (ok, text, r) = run_drain(&b, &a, &back, &["--transport", "compressed"]);
+    assert!(ok, "{text}");
+    let cost = &r["plan"]["cpu"]["cost_s_per_gb"];
+    assert!(
+        cost[0].as_f64() > Some(0.0) && cost[1].as_f64() > Some(0.0),
+        "{r}"
+    );
+    assert!(
+        r["plan"]["cpu"]["pool_cores"][0].as_f64() > Some(0.0),
+        "{r}"
+    );
+    for v in r["vms"].as_array().unwrap() {
+        assert_eq!(v["status"], "moved", "{v}");
+        assert_eq!(v["guest_verified"], true, "{v}");
+        assert!(v["bound"] == "link" || v["bound"] == "cpu", "{v}");
+    }
+    assert_eq!(names(&list(&a)), ["sql1", "stress1", "web1"]);
+    assert_all_beating(&a);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_drain_sends_pages_of_one_os_image_once() {
     let d = tempfile::tempdir().unwrap();
     let (a, _) = agent(d.path(), "a", &[]);

@@ -27,6 +27,8 @@ struct Running {
     resume: Resume,
     /// Its pace, when it has one: `PATCH /vm/migration` changes it.
     limit: Option<Arc<RateLimit>>,
+    /// Raw batches only while set (`PATCH /vm/migration {"codec": "raw"}`).
+    hold_raw: Arc<std::sync::atomic::AtomicBool>,
     /// Its deadline on progress, which bounds how slow a pace may be.
     peer_timeout: Duration,
     /// Set when the client holds a lease: it must ask for progress this often.
@@ -42,10 +44,23 @@ struct Slot {
     sampling: bool,
 }
 
-/// `PATCH /vm/migration`'s body: the new pace, bits/s.
-#[derive(Serialize, Deserialize)]
+/// `PATCH /vm/migration`'s body: the new pace, bits/s, and/or how compressed batches go.
+#[derive(Serialize, Deserialize, Default)]
 pub struct Pace {
-    pub max_bandwidth: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<CodecMode>,
+}
+
+/// How a compressed migration's batches go from now on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecMode {
+    /// As its codec policy chooses.
+    Auto,
+    /// Raw, whatever the policy says.
+    Raw,
 }
 
 /// `POST /vm/migration/resume`'s body.
@@ -143,6 +158,7 @@ impl MigrationRoutes {
             cancel: opts.cancel.clone(),
             resume: opts.resume.clone(),
             limit: opts.limit.clone(),
+            hold_raw: opts.hold_raw.clone(),
             peer_timeout: opts.peer_timeout,
             lease: req.lease_ms.map(Duration::from_millis),
             renewed: Instant::now(),
@@ -189,20 +205,27 @@ impl MigrationRoutes {
         Ok(req.to.clone().unwrap_or_else(|| r.to.clone()))
     }
 
-    /// Re-paces the migration under way; refused below what its peer timeout allows.
+    /// Re-paces the migration under way (refused below what its peer timeout allows), and
+    /// holds its batches raw or lets its codec policy choose again.
     pub fn pace(&self, p: &Pace) -> Result<(), Failure> {
         let s = locks::lock(&self.slot);
         let r = s
             .running
             .as_ref()
             .ok_or((404, "no migration of this VM is under way".to_string()))?;
-        let limit = r.limit.as_ref().ok_or((
-            409,
-            "this migration runs without a pace (start it with max_bandwidth)".to_string(),
-        ))?;
-        crate::request::check_bandwidth(p.max_bandwidth, r.peer_timeout)
-            .map_err(|e| (400, e.to_string()))?;
-        limit.set_bits_per_sec(p.max_bandwidth);
+        if let Some(bits) = p.max_bandwidth {
+            let limit = r.limit.as_ref().ok_or((
+                409,
+                "this migration runs without a pace (start it with max_bandwidth)".to_string(),
+            ))?;
+            crate::request::check_bandwidth(bits, r.peer_timeout)
+                .map_err(|e| (400, e.to_string()))?;
+            limit.set_bits_per_sec(bits);
+        }
+        if let Some(c) = p.codec {
+            r.hold_raw
+                .store(c == CodecMode::Raw, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -234,12 +257,15 @@ impl unixhttp::Routes for MigrationRoutes {
             ("DELETE", "/vm/migration") => self
                 .cancel()
                 .map(|to| serde_json::json!({ "cancelled": true, "to": to })),
-            ("PATCH", "/vm/migration") => {
-                body::<Pace>(r, "pace", "{\"max_bandwidth\": BITS_PER_S}").and_then(|p| {
-                    self.pace(&p)?;
-                    Ok(serde_json::json!({ "max_bandwidth": p.max_bandwidth }))
-                })
-            }
+            ("PATCH", "/vm/migration") => body::<Pace>(
+                r,
+                "pace",
+                "{\"max_bandwidth\": BITS_PER_S} and/or {\"codec\": \"raw\"|\"auto\"}",
+            )
+            .and_then(|p| {
+                self.pace(&p)?;
+                Ok(serde_json::json!(p))
+            }),
             ("POST", "/vm/migration/resume") => r
                 .json::<ResumeRequest>()
                 .and_then(|req| self.resume(&req))

@@ -98,6 +98,10 @@ pub struct CompressionReport {
     pub batches_zstd: u64,
     /// Batches sent raw: the policy's choice, or compression that did not pay.
     pub batches_raw: u64,
+    /// Of those, batches sent raw because the migration was held raw (a drain's hosts' CPU
+    /// was what limited it).
+    #[serde(default)]
+    pub batches_held_raw: u64,
     /// CPU the compression workers used.
     pub codec_cpu_seconds: f64,
 }

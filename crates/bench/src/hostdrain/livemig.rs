@@ -29,6 +29,9 @@ pub struct LivemigHosts {
     facts: HashMap<String, VmFacts>,
 }
 
+/// Where an agent keeps what its migrations cost its CPU.
+const COSTS: &str = "cpu-costs.json";
+
 impl LivemigHosts {
     /// Credentials for both hosts, an agent in each, and the VMs on A.
     pub fn start(o: &DrainBenchOptions, tb: &Testbed, dir: &Path) -> Result<Self, BenchError> {
@@ -51,7 +54,13 @@ impl LivemigHosts {
         };
         let agent = |host: &str, ns: &str| -> Result<AgentProcess, BenchError> {
             let d = dir.join(format!("agent-{host}"));
+            // A host keeps what it learnt of its CPU across restarts; so does the bench's.
+            let costs = std::fs::read(d.join(COSTS)).ok();
             let _ = std::fs::remove_dir_all(&d);
+            if let Some(c) = costs {
+                std::fs::create_dir_all(&d)?;
+                std::fs::write(d.join(COSTS), c)?;
+            }
             exe(host)?
                 .host_serve(Some(ns), &format!("0.0.0.0:{PORT}"), &d, &["--name", host])
                 .map_err(step(format!("host agent {host}")))
@@ -154,7 +163,10 @@ impl LivemigHosts {
             },
             concurrency: cfg.concurrency,
             order: cfg.order,
-            budget: Budget::default(),
+            budget: Budget {
+                reserve_cpu: cfg.reserve_cpu,
+                ..Budget::default()
+            },
             retries: 1,
             dedup_cache: self.dedup_cache,
             dry_run: false,
@@ -221,6 +233,7 @@ impl LivemigHosts {
             peak: r.peak_concurrency,
             survey_s: r.survey_ms as f64 / 1e3,
             facts,
+            cpu: r.plan.cpu.clone(),
             path_bps: r.plan.link_bits_per_s.first().copied().flatten(),
             detail: serde_json::to_value(r).unwrap_or_default(),
         }

@@ -45,6 +45,9 @@ pub struct DrainBenchOptions {
     pub request: MigrateRequest,
     /// Page cache per destination for dedup across the VMs (`livemig drain --dedup-cache`).
     pub dedup_cache: u64,
+    /// `livemig drain --reserve-cpu` percentages each optimised configuration also runs
+    /// with (0: none).
+    pub reserve_cpu: Vec<f64>,
     pub goodput_secs: f64,
     pub out: PathBuf,
     pub keep_testbed: bool,
@@ -140,6 +143,8 @@ pub struct Config {
     pub how: How,
     pub concurrency: Concurrency,
     pub order: Order,
+    /// `livemig drain --reserve-cpu`, 0..1.
+    pub reserve_cpu: Option<f64>,
 }
 
 impl Config {
@@ -161,10 +166,12 @@ pub const UNOPTIMISED: &str = "tcp c2 (unoptimised)";
 /// links at each concurrency and order asked for.
 /// The drains livemig runs: the unoptimised one, then each of `transports` (all when empty)
 /// at each concurrency and order.
+/// With `reserve_cpu` (percent), each of those again for each reserve.
 pub fn livemig_configs(
     concurrency: &[Concurrency],
     orders: &[Order],
     transports: &[String],
+    reserve_cpu: &[f64],
 ) -> Vec<Config> {
     let mut out = vec![Config {
         name: UNOPTIMISED.into(),
@@ -172,7 +179,16 @@ pub fn livemig_configs(
         how: How::Livemig(Transport::Tcp),
         concurrency: Concurrency::Fixed(2),
         order: Order::Name,
+        reserve_cpu: None,
     }];
+    let reserves: Vec<Option<f64>> = if reserve_cpu.is_empty() {
+        vec![None]
+    } else {
+        reserve_cpu
+            .iter()
+            .map(|r| (*r > 0.0).then_some(r / 100.0))
+            .collect()
+    };
     let runs: [(&str, Transport, &'static [&'static str]); 4] = [
         ("tcp", Transport::Tcp, ONE_G),
         ("compressed", Transport::Compressed, ONE_G),
@@ -192,13 +208,17 @@ pub fn livemig_configs(
                 } else {
                     String::new()
                 };
-                out.push(Config {
-                    name: format!("{name} {c_name}{o_name}"),
-                    links,
-                    how: How::Livemig(t),
-                    concurrency: *c,
-                    order: *o,
-                });
+                for r in &reserves {
+                    let r_name = r.map_or(String::new(), |r| format!(" cpu{:.0}", r * 100.0));
+                    out.push(Config {
+                        name: format!("{name} {c_name}{o_name}{r_name}"),
+                        links,
+                        how: How::Livemig(t),
+                        concurrency: *c,
+                        order: *o,
+                        reserve_cpu: *r,
+                    });
+                }
             }
         }
     }
@@ -222,6 +242,7 @@ pub fn qemu_configs() -> Vec<Config> {
         how: How::Qemu(mode),
         concurrency: Concurrency::Fixed(2),
         order: Order::Name,
+        reserve_cpu: None,
     };
     vec![
         c("tcp c2", Mode::Tcp, ONE_G),
@@ -260,6 +281,9 @@ pub struct DrainOutcome {
     /// Time before the first migration (sampling the VMs), in the makespan.
     pub survey_s: f64,
     pub facts: Vec<VmFacts>,
+    /// The hosts' cores as the drain's plan took them (livemig, once its source has learnt
+    /// the transport's cost).
+    pub cpu: Option<drain::plan::PlanCpu>,
     /// What the path carried, bits/s, probed just before with the VMs running (the link,
     /// or the machine, whichever gives out first).
     pub path_bps: Option<f64>,
@@ -305,6 +329,10 @@ pub struct DrainRow {
     pub downtime_ms_sum: u64,
     pub downtime_ms_max: u64,
     pub cpu_seconds: f64,
+    /// The guests' share of the source's cores before the drain and during it, 0..1 (None:
+    /// not measured).
+    pub guests_cpu_before: Option<f64>,
+    pub guests_cpu_during: Option<f64>,
     pub peak_concurrency: usize,
     /// The same peer's unoptimised makespan over this one's.
     pub speedup: Option<f64>,
@@ -345,7 +373,7 @@ pub fn bench_drain(o: &DrainBenchOptions) -> Result<DrainBenchReport, BenchError
     let tb = Testbed::new(&o.testbed, o.scale)?;
     let existed = tb.status()?.present;
     tb.up()?;
-    let configs = livemig_configs(&o.concurrency, &o.orders, &o.transports);
+    let configs = livemig_configs(&o.concurrency, &o.orders, &o.transports, &o.reserve_cpu);
     let qemu = if o.peer_qemu {
         qemu_configs()
     } else {
@@ -492,6 +520,9 @@ impl Bench<'_> {
         r.downtime_ms_sum = downtimes().sum();
         r.downtime_ms_max = downtimes().max().unwrap_or(0);
         r.cpu_seconds = out.vms.iter().filter_map(|v| v.cpu_seconds).sum();
+        let share = |p: &str| out.detail.pointer(p).and_then(serde_json::Value::as_f64);
+        r.guests_cpu_before = share("/cpu/pools/0/before/guests");
+        r.guests_cpu_during = share("/cpu/pools/0/during/guests");
         let link = out.path_bps.map_or(self.goodput(&route.name()).0, |p| {
             p.min(self.goodput(&route.name()).0)
         });
@@ -544,6 +575,8 @@ impl Bench<'_> {
             downtime_ms_sum: 0,
             downtime_ms_max: 0,
             cpu_seconds: 0.0,
+            guests_cpu_before: None,
+            guests_cpu_during: None,
             peak_concurrency: 0,
             speedup: None,
             timeline: Vec::new(),
@@ -580,6 +613,7 @@ fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
         concurrency: out.concurrency_used.max(1),
         compressed: cfg.compressed(),
         framing: 1.0,
+        cpu: out.cpu.clone(),
     }
 }
 

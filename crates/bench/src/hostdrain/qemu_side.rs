@@ -207,6 +207,7 @@ impl Drainer for QemuHosts {
             peak: window.min(vms.len()),
             survey_s: 0.0,
             facts: self.facts.clone(),
+            cpu: None,
             vms,
             path_bps: None,
             detail: serde_json::Value::Null,

@@ -20,6 +20,14 @@ pub fn line(r: &DrainRow) -> String {
     )
 }
 
+/// The guests' share of the source's cores, before → during the drain.
+fn guests(r: &DrainRow) -> String {
+    match (r.guests_cpu_before, r.guests_cpu_during) {
+        (Some(b), Some(d)) => format!("{:.0}>{:.0}%", b * 100.0, d * 100.0),
+        _ => "-".into(),
+    }
+}
+
 /// MiB a lever did not send, or `-` where the peer does not say.
 fn saved(mib: Option<f64>) -> String {
     mib.map_or("-".into(), |m| format!("{m:.0}M"))
@@ -78,7 +86,7 @@ pub fn render(b: &DrainBenchReport) -> String {
         );
     }
     s += &format!(
-        "\n{:<7} {:<34} {:<12} {:>9} {:>9} {:>6} {:>7} {:>6} {:>5} {:>7} {:>7} {:>7} {:>6} {:>6} {:>8} {:>7}\n",
+        "\n{:<7} {:<34} {:<12} {:>9} {:>9} {:>6} {:>7} {:>6} {:>5} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>8} {:>7}\n",
         "PEER",
         "CONFIG",
         "LINKS",
@@ -93,6 +101,7 @@ pub fn render(b: &DrainBenchReport) -> String {
         "DT-SUM",
         "DT-MAX",
         "CPU-s",
+        "GUESTS",
         "VERIFIED",
         "SPEEDUP"
     );
@@ -105,7 +114,7 @@ pub fn render(b: &DrainBenchReport) -> String {
             continue;
         }
         s += &format!(
-            "{:<7} {:<34} {:<12} {:>8.1}s {:>8.1}s {:>+5.0}% {:>7.3} {:>6.2} {:>4.0}% {:>7} {:>7} {:>6}ms {:>4}ms {:>6.1} {:>5}/{:<2} {:>6.1}x\n",
+            "{:<7} {:<34} {:<12} {:>8.1}s {:>8.1}s {:>+5.0}% {:>7.3} {:>6.2} {:>4.0}% {:>7} {:>7} {:>6}ms {:>4}ms {:>6.1} {:>9} {:>5}/{:<2} {:>6.1}x\n",
             r.peer,
             r.config,
             r.links,
@@ -120,6 +129,7 @@ pub fn render(b: &DrainBenchReport) -> String {
             r.downtime_ms_sum,
             r.downtime_ms_max,
             r.cpu_seconds,
+            guests(r),
             r.verified,
             r.vms,
             r.speedup.unwrap_or(f64::NAN)

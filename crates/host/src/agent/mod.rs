@@ -155,6 +155,8 @@ pub struct Agent {
     /// The CPU features it offers guests (None: unknown).
     cpu_features: Option<std::collections::BTreeSet<String>>,
     metrics: metrics::Metrics,
+    /// Its VM processes' CPU, and what its migrations cost.
+    cpu: Mutex<crate::cpu::CpuMeter>,
 }
 
 /// A started agent: its API answers and its listener takes migrations until [`Self::stop`].
@@ -200,6 +202,7 @@ impl Agent {
             .ok();
         let agent = Arc::new(Agent {
             metrics: metrics::Metrics::new(),
+            cpu: Mutex::new(crate::cpu::CpuMeter::new(cfg.dir.join("cpu-costs.json"))),
             cpu_features,
             cfg,
             listen,

@@ -44,6 +44,14 @@ fn route(a: &Agent, r: &Request) -> Reply {
     match (r.method.as_str(), segs.as_slice()) {
         ("GET", ["host"]) => Ok(json!(a.capacity_of(&locks::lock(&a.vms)))),
         ("GET", ["vms"]) => Ok(json!(a.list())),
+        ("GET", ["cpu"]) => Ok(json!(a.cpu_usage())),
+        ("POST", ["cpu", "costs"]) => {
+            let l = r
+                .json::<Option<crate::cpu::Learn>>()?
+                .ok_or(bad("a migration's cost"))?;
+            locks::lock(&a.cpu).learn(&l);
+            Ok(json!({}))
+        }
         ("POST", ["vms"]) => a.run(&r.json::<Option<RunRequest>>()?.ok_or(bad("a VM to run"))?),
         ("DELETE", ["vms", n]) => a.stop(n),
         ("POST", ["vms", n, "migrate"]) => a.migrate(n, &r.body),
@@ -127,6 +135,15 @@ fn not_found(name: &str) -> (u16, String) {
 }
 
 impl Agent {
+    /// The CPU its VM processes (those arriving too) have taken so far, and the host's.
+    pub(super) fn cpu_usage(&self) -> crate::cpu::CpuUsage {
+        let pids: Vec<u32> = locks::lock(&self.vms)
+            .values_mut()
+            .map(|e| e.proc.pid())
+            .collect();
+        locks::lock(&self.cpu).read(&pids)
+    }
+
     pub(super) fn list(&self) -> Vec<VmInfo> {
         let entries: Vec<(Record, Phase, PathBuf, u32)> = {
             let mut vms = locks::lock(&self.vms);
@@ -353,6 +370,8 @@ impl Agent {
             Ok(report) => {
                 if let Ok(r) = serde_json::from_value::<migration::Report>(report.clone()) {
                     self.metrics.migrated_out(&r);
+                    // Counted before its process ends, with the CPU it took.
+                    self.cpu_usage();
                 }
                 self.remove_when_gone(name);
                 Ok(report)

@@ -24,6 +24,8 @@ pub(super) struct Job {
 
 pub(super) struct Compressor {
     pub policy: CodecPolicy,
+    /// Raw while set, whatever the policy says ([`crate::MigrateOptions::hold_raw`]).
+    hold_raw: Arc<std::sync::atomic::AtomicBool>,
     jobs: Option<SyncSender<Job>>,
     done: Receiver<Job>,
     workers: Vec<std::thread::JoinHandle<f64>>,
@@ -33,8 +35,20 @@ pub(super) struct Compressor {
 }
 
 impl Compressor {
+    /// The next batch's codec: the policy's, unless the migration is held raw.
+    pub fn choose(&mut self) -> Choice {
+        if self.hold_raw.load(std::sync::atomic::Ordering::Relaxed) {
+            self.stats.batches_held_raw += 1;
+            return Choice::Raw;
+        }
+        self.policy.choose()
+    }
+
     /// One worker per core; `cap`: the migration's bandwidth cap in bits/s, if any.
-    pub fn start(cap: Option<u64>) -> Result<Self, MigrationError> {
+    pub fn start(
+        cap: Option<u64>,
+        hold_raw: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self, MigrationError> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (jtx, jrx) = sync_channel::<Job>(2 * n);
         let (dtx, drx) = std::sync::mpsc::channel::<Job>();
@@ -53,6 +67,7 @@ impl Compressor {
         }
         Ok(Compressor {
             policy: CodecPolicy::new(n).with_cap(cap.map(|bps| bps as f64 / 8.0)),
+            hold_raw,
             jobs: Some(jtx),
             done: drx,
             workers,

@@ -54,6 +54,9 @@ pub struct MigrateOptions {
     /// The pace, when the caller wants to change it while the migration runs (a drain sharing
     /// one budget); otherwise made from `max_bandwidth`.
     pub limit: Option<Arc<RateLimit>>,
+    /// While set, the compressed transport sends its batches raw: a drain whose hosts' CPU,
+    /// not the link, holds it back has it spend no CPU on compression.
+    pub hold_raw: Arc<std::sync::atomic::AtomicBool>,
     /// The VM's name and its host, for the destination's agent.
     pub name: Option<String>,
     pub origin: Option<String>,
@@ -106,6 +109,7 @@ impl MigrateOptions {
             security: None,
             cancel: Cancel::default(),
             limit: None,
+            hold_raw: Arc::default(),
             name: None,
             origin: None,
             generation: None,
@@ -864,7 +868,10 @@ impl<'a> Session<'a> {
         let path = match opts.transport {
             Transport::Tcp => PagePath::Copy,
             Transport::Compressed => PagePath::Compressed {
-                workers: Box::new(Compressor::start(opts.max_bandwidth)?),
+                workers: Box::new(Compressor::start(
+                    opts.max_bandwidth,
+                    opts.hold_raw.clone(),
+                )?),
                 meter: LinkMeter::new(wire.clone()),
             },
             Transport::Direct => PagePath::Direct { pages: Vec::new() },

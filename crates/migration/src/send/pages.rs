@@ -425,7 +425,7 @@ impl<'a> PageSender<'a> {
                 Outgoing::Pages { head, data }
             }
             PagePath::Compressed { workers, .. } => {
-                let choice = workers.policy.choose();
+                let choice = workers.choose();
                 if choice != Choice::Raw {
                     workers.submit(Job {
                         id,

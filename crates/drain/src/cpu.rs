@@ -1,0 +1,591 @@
+//! The drain and the hosts' CPU: what the guests and the migrations take of each host's
+//! cores (hosts that run on one kernel share them: one pool), and `--reserve-cpu`, which
+//! keeps the migrations under their share by lowering the drain's bandwidth budget when they
+//! take more and raising it when they take less. The policy ([`shares`], [`Governor`]) is
+//! pure; [`Meter`] reads the agents.
+use host::cpu::{CpuCost, CpuUsage};
+
+use crate::plan::{CpuModel, PlanCpu};
+use host::HostClient;
+use serde::Serialize;
+
+/// Shares of a pool's cores over an interval, 0..1 each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Shares {
+    /// Everything busy on the pool's kernel.
+    pub busy: f64,
+    /// The guests' vCPU threads, on every host of the pool.
+    pub guests: f64,
+    /// The VM processes' other threads: migrations in and out, devices.
+    pub vmm: f64,
+}
+
+/// The shares between two readings of the same hosts (one pool: one kernel, so its busy time
+/// is counted once). None when the readings are not comparable (another kernel, a restarted
+/// agent, no time between them).
+pub fn shares(before: &[CpuUsage], after: &[CpuUsage]) -> Option<Shares> {
+    let (b0, a0) = (before.first()?, after.first()?);
+    if before.len() != after.len()
+        || before
+            .iter()
+            .zip(after)
+            .any(|(b, a)| b.boot_id != b0.boot_id || a.boot_id != b0.boot_id)
+    {
+        return None;
+    }
+    let secs = a0.at_ms.checked_sub(b0.at_ms)? as f64 / 1e3;
+    let cores = a0.cores.max(1) as f64;
+    if secs <= 0.0 {
+        return None;
+    }
+    let sum = |f: fn(&CpuUsage) -> f64| {
+        before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| (f(a) - f(b)).max(0.0))
+            .sum::<f64>()
+    };
+    let share = |core_s: f64| (core_s / secs / cores).clamp(0.0, 1.0);
+    Some(Shares {
+        busy: share((a0.busy_s - b0.busy_s).max(0.0)),
+        guests: share(sum(|u| u.guests_s)),
+        vmm: share(sum(|u| u.vmm_s)),
+    })
+}
+
+/// The hosts' indexes grouped by kernel: each group is one pool of cores.
+pub fn pools(readings: &[CpuUsage]) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for (i, r) in readings.iter().enumerate() {
+        match out
+            .iter_mut()
+            .find(|p| !r.boot_id.is_empty() && readings[p[0]].boot_id == r.boot_id)
+        {
+            Some(p) => p.push(i),
+            None => out.push(vec![i]),
+        }
+    }
+    out
+}
+
+/// What a migration by `transport` costs a pool, core-seconds per byte on the wire: the
+/// source's side, the destination's, or both when one pool runs both. From what the source
+/// learnt of its own migrations; None before it has moved one that way.
+pub fn cost_per_byte(costs: Option<&CpuCost>, source: bool, destination: bool) -> Option<f64> {
+    let c = costs?;
+    let s = if source { c.source_s_per_gb } else { 0.0 }
+        + if destination {
+            c.destination_s_per_gb
+        } else {
+            0.0
+        };
+    (s > 0.0).then_some(s / 1e9)
+}
+
+/// The model never leaves the migrations less than this share of a pool's cores.
+const MIN_FREE: f64 = 0.05;
+
+/// Reads the hosts' CPU (and re-checks the migrations' share) this often.
+pub const READ_EVERY_MS: u64 = 250;
+/// The budget never falls below this (bits/s): a migration must keep moving.
+pub const MIN_BUDGET: f64 = 8e6;
+
+/// `--reserve-cpu PCT`: the migrations may take at most 100 − PCT % of each pool's cores,
+/// over what the VMM's threads took before the drain. Feedback on the drain's budget, which
+/// the run splits between the migrations as it splits `--max-bandwidth`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Governor {
+    /// Share of the cores the migrations may take, 0..1.
+    pub cap: f64,
+    /// The drain's budget now, bits/s.
+    pub budget: f64,
+    /// No higher than this: the links' or `--max-bandwidth`'s, bits/s.
+    pub ceiling: f64,
+    /// How often the budget went down, and up.
+    pub lowered: u32,
+    pub raised: u32,
+    /// The lowest budget it set, bits/s.
+    pub lowest: f64,
+}
+
+impl Governor {
+    /// A governor leaving `reserve` (0..1) of the cores to the guests. Its first budget is
+    /// what the cap pays for at `cost` core-seconds per byte, when the source knows it.
+    pub fn new(reserve: f64, cores: usize, cost: Option<f64>, ceiling: f64) -> Self {
+        let cap = (1.0 - reserve).clamp(0.0, 1.0);
+        let ceiling = ceiling.max(MIN_BUDGET);
+        let first = cost.map_or(ceiling, |c| cap * cores as f64 / c * 8.0);
+        let budget = first.clamp(MIN_BUDGET, ceiling);
+        Governor {
+            cap,
+            budget,
+            ceiling,
+            lowered: 0,
+            raised: 0,
+            lowest: budget,
+        }
+    }
+
+    /// The migrations took `took` of the cores over the last interval (the VMM threads'
+    /// share less theirs before the drain); returns the new budget when it changed.
+    pub fn observe(&mut self, took: f64) -> Option<f64> {
+        let took = took.max(0.0);
+        let next = if took > self.cap {
+            // Over: down in proportion, by a fifth at least and by half at most.
+            self.budget * (self.cap / took).clamp(0.5, 0.8)
+        } else if took < 0.8 * self.cap && self.budget < self.ceiling {
+            let room = if took > 0.0 { self.cap / took } else { 1.25 };
+            self.budget * room.clamp(1.0, 1.25)
+        } else {
+            return None;
+        };
+        let next = next.clamp(MIN_BUDGET, self.ceiling);
+        if (next - self.budget).abs() < 1.0 {
+            return None;
+        }
+        if next < self.budget {
+            self.lowered += 1;
+        } else {
+            self.raised += 1;
+        }
+        self.budget = next;
+        self.lowest = self.lowest.min(next);
+        Some(next)
+    }
+}
+
+/// What the host-wide codec policy does next with a compressed drain's migrations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodecStep {
+    /// One more migration sends raw: the cores, not the link, hold the drain back.
+    HoldRaw,
+    /// One migration held raw compresses again: the link is full, or the cores have room.
+    Release,
+    Keep,
+}
+
+/// Above this share of its cores busy, a pool has none to spare for compression.
+pub const CPU_BOUND_BUSY: f64 = 0.90;
+/// ... unless the link is this full: then compression is what the drain needs.
+pub const LINK_FULL: f64 = 0.90;
+/// Below this share busy, the cores have room for compression again.
+pub const CPU_ROOM: f64 = 0.75;
+/// Below this share of the link in use, with the cores busy, the drain is CPU-bound.
+pub const LINK_SLACK: f64 = 0.75;
+/// The codec policy changes one migration at most this often, so each change is measured.
+pub const CODEC_SETTLE_MS: u64 = 1000;
+
+/// The host-wide codec policy (the seed's "Live Migration will switch to TCP/IP if
+/// compression is contending for resources"): `busy` is the busiest pool's share of its
+/// cores in use (less what yielding guests take), `link` the share of the links the drain
+/// fills. Compression trades cores for
+/// link bytes, so it backs off while the cores are full and the link is not, and comes back
+/// when the link is full or the cores free up. With the reason, for the report.
+pub fn codec_step(busy: f64, link: f64) -> (CodecStep, &'static str) {
+    if link >= LINK_FULL {
+        (CodecStep::Release, "link full")
+    } else if busy >= CPU_BOUND_BUSY && link < LINK_SLACK {
+        (CodecStep::HoldRaw, "cores full, link not")
+    } else if busy < CPU_ROOM {
+        (CodecStep::Release, "cores have room")
+    } else {
+        (CodecStep::Keep, "")
+    }
+}
+
+/// What the codec policy did in a drain.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CodecReport {
+    /// Times a migration was held raw, and released, by reason.
+    pub held_raw: std::collections::BTreeMap<String, u32>,
+    pub released: std::collections::BTreeMap<String, u32>,
+    /// The most migrations held raw at once.
+    pub most_held: usize,
+}
+
+/// One pool's CPU through the drain, for the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolReport {
+    pub hosts: Vec<String>,
+    pub cores: usize,
+    /// During the survey, before any migration.
+    pub before: Shares,
+    /// From the first migration's start to the last switchover.
+    pub during: Shares,
+}
+
+/// The drain's CPU, in its report.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuReport {
+    pub pools: Vec<PoolReport>,
+    /// `--reserve-cpu`, percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserve_cpu_pct: Option<f64>,
+    /// What `--reserve-cpu` did to the budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub governor: Option<Governor>,
+    /// What the host-wide codec policy did (compressed drains).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec: Option<CodecReport>,
+}
+
+impl CpuReport {
+    /// For the drain's summary: per pool, the guests' and the VMM's share before and during.
+    pub fn line(&self) -> String {
+        let pct = |x: f64| x * 100.0;
+        let mut s = String::new();
+        for p in &self.pools {
+            s += &format!(
+                "
+cpu of {} ({} cores): guests {:.0}% before, {:.0}% during; VMM threads {:.0}% before, {:.0}% during",
+                p.hosts.join("+"),
+                p.cores,
+                pct(p.before.guests),
+                pct(p.during.guests),
+                pct(p.before.vmm),
+                pct(p.during.vmm)
+            );
+        }
+        if let (Some(r), Some(g)) = (self.reserve_cpu_pct, &self.governor) {
+            s += &format!(
+                "
+--reserve-cpu {r:.0}%: budget lowered {} times, raised {}, lowest {:.0} Mbit/s",
+                g.lowered,
+                g.raised,
+                g.lowest / 1e6
+            );
+        }
+        if let Some(c) = &self.codec {
+            let list = |m: &std::collections::BTreeMap<String, u32>| {
+                let v: Vec<String> = m.iter().map(|(k, n)| format!("{n} ({k})")).collect();
+                if v.is_empty() {
+                    "0".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            s += &format!(
+                "\ncodec: migrations held raw {}, released {}; at most {} at once",
+                list(&c.held_raw),
+                list(&c.released),
+                c.most_held
+            );
+        }
+        s
+    }
+}
+
+/// Readings of the drain's hosts (the source first, then the destinations this process
+/// reaches), grouped into pools.
+pub struct Meter {
+    names: Vec<String>,
+    clients: Vec<HostClient>,
+    /// Per destination of the drain, its host's index here (None: not reached from here).
+    dest_at: Vec<Option<usize>>,
+    pools: Vec<Vec<usize>>,
+    /// At the survey's start, its end, and the latest.
+    first: Vec<CpuUsage>,
+    start: Option<Vec<CpuUsage>>,
+    last: Vec<CpuUsage>,
+}
+
+impl Meter {
+    /// Reads the source and every destination it is given a client of, once; None when one
+    /// of them does not answer (an older agent).
+    pub fn start(
+        source: (String, HostClient),
+        dests: Vec<(String, Option<HostClient>)>,
+    ) -> Option<Self> {
+        let (mut names, mut clients) = (vec![source.0], vec![source.1]);
+        let dest_at = dests
+            .into_iter()
+            .map(|(name, client)| {
+                let c = client?;
+                names.push(name);
+                clients.push(c);
+                Some(clients.len() - 1)
+            })
+            .collect();
+        let first = read(&clients)?;
+        Some(Meter {
+            pools: pools(&first),
+            names,
+            clients,
+            dest_at,
+            last: first.clone(),
+            first,
+            start: None,
+        })
+    }
+
+    /// The source's reading: its cores and what it learnt.
+    pub fn source(&self) -> &CpuUsage {
+        &self.first[0]
+    }
+
+    /// The pools as (host indexes), the source's first.
+    pub fn pools(&self) -> &[Vec<usize>] {
+        &self.pools
+    }
+
+    /// Marks the end of the survey (the guests' share before) and the start of the drain.
+    pub fn started(&mut self) {
+        if let Some(now) = read(&self.clients) {
+            self.last = now.clone();
+            self.start = Some(now);
+        }
+    }
+
+    /// The cores the drain's migrations may use and what a byte costs them, for the plan:
+    /// per pool, its cores less what other processes and the VMs' own threads took before
+    /// the drain, and less the guests' share unless their vCPUs yield to the migrations; at
+    /// most `1 - reserve` of them (`--reserve-cpu`, as the governor holds it). None until the
+    /// source has learnt what `transport` costs.
+    pub fn plan(&self, reserve: Option<f64>, transport: &str, yields: bool) -> Option<PlanCpu> {
+        let cost = self.first[0].costs.0.get(transport)?;
+        let start = self.start.as_ref()?;
+        let before = self.per_pool(&self.first, start);
+        let mut cores: Vec<f64> = self
+            .pools
+            .iter()
+            .zip(&before)
+            .map(|(p, b)| {
+                let n = self.first[p[0]].cores as f64;
+                let b = b.unwrap_or_default();
+                let others = (b.busy - b.guests - b.vmm).max(0.0);
+                let guests = if yields { 0.0 } else { b.guests };
+                let free = (1.0 - others - b.vmm - guests).min(1.0 - reserve.unwrap_or(0.0));
+                n * free.max(MIN_FREE)
+            })
+            .collect();
+        let pool_of = |host: usize| self.pools.iter().position(|p| p.contains(&host));
+        let source = pool_of(0)?;
+        let dests = self
+            .dest_at
+            .iter()
+            .map(|at| {
+                at.and_then(pool_of).unwrap_or_else(|| {
+                    // Not reached from here: its cores are not known, and do not limit.
+                    cores.push(f64::INFINITY);
+                    cores.len() - 1
+                })
+            })
+            .collect();
+        Some(PlanCpu::new(
+            CpuModel {
+                pools: cores,
+                source,
+                dests,
+            },
+            [cost.source_s_per_gb, cost.destination_s_per_gb],
+        ))
+    }
+
+    /// Reads again; per pool, the shares since the reading before.
+    pub fn tick(&mut self) -> Vec<Option<Shares>> {
+        let Some(now) = read(&self.clients) else {
+            return vec![None; self.pools.len()];
+        };
+        let out = self.per_pool(&self.last, &now);
+        self.last = now;
+        out
+    }
+
+    fn per_pool(&self, a: &[CpuUsage], b: &[CpuUsage]) -> Vec<Option<Shares>> {
+        let pick = |r: &[CpuUsage], p: &[usize]| -> Vec<CpuUsage> {
+            p.iter().filter_map(|&i| r.get(i).cloned()).collect()
+        };
+        self.pools
+            .iter()
+            .map(|p| shares(&pick(a, p), &pick(b, p)))
+            .collect()
+    }
+
+    /// Tells every host what the drain's migrations cost: the VMM threads' CPU on the source
+    /// and on the destinations since the drain started, over `wire` bytes by `transport`.
+    pub fn teach(&self, transport: &str, wire: u64) {
+        let Some(start) = &self.start else { return };
+        let Some(lesson) = lesson(&self.first, start, &self.last, transport, wire) else {
+            return;
+        };
+        for c in &self.clients {
+            if let Err(e) = c.learn_cpu(&lesson) {
+                tracing::warn!(
+                    "could not tell {} what the drain cost: {e}",
+                    c.path().display()
+                );
+            }
+        }
+    }
+
+    /// Before and during, per pool.
+    pub fn report(&mut self, end: bool) -> Vec<PoolReport> {
+        if end {
+            if let Some(now) = read(&self.clients) {
+                self.last = now;
+            }
+        }
+        let start = self.start.clone().unwrap_or_else(|| self.last.clone());
+        let before = self.per_pool(&self.first, &start);
+        let during = self.per_pool(&start, &self.last);
+        self.pools
+            .iter()
+            .zip(before.into_iter().zip(during))
+            .map(|(p, (b, d))| PoolReport {
+                hosts: p.iter().map(|&i| self.names[i].clone()).collect(),
+                cores: self.first[p[0]].cores,
+                before: b.unwrap_or_default(),
+                during: d.unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// What a drain's migrations cost each side: the VMM threads' core-seconds from `start` to
+/// `end` (source first), less what the same threads took before at the rate seen from
+/// `first` to `start` (their devices, their API). The VMs' own part moves with them: on
+/// average, half of the drain on each side.
+pub fn lesson(
+    first: &[CpuUsage],
+    start: &[CpuUsage],
+    end: &[CpuUsage],
+    transport: &str,
+    wire: u64,
+) -> Option<host::cpu::Learn> {
+    let secs = |a: &CpuUsage, b: &CpuUsage| b.at_ms.checked_sub(a.at_ms).map(|ms| ms as f64 / 1e3);
+    let (s0, e0) = (start.first()?, end.first()?);
+    let during = secs(s0, e0)?;
+    let rate = |i: usize| -> f64 {
+        match (first.get(i), start.get(i)) {
+            (Some(a), Some(b)) => secs(a, b)
+                .filter(|t| *t > 0.0)
+                .map_or(0.0, |t| (b.vmm_s - a.vmm_s).max(0.0) / t),
+            _ => 0.0,
+        }
+    };
+    let took = |i: usize| (end.get(i)?.vmm_s - start.get(i)?.vmm_s).max(0.0).into();
+    let moving = rate(0) * during / 2.0;
+    let dests: f64 = (1..end.len()).filter_map(took).sum::<f64>()
+        - (1..end.len()).map(rate).sum::<f64>() * during;
+    Some(host::cpu::Learn {
+        transport: transport.to_string(),
+        source_s: (took(0)? - moving).max(0.0),
+        destination_s: (dests - moving).max(0.0),
+        bytes_on_wire: wire,
+    })
+}
+
+fn read(clients: &[HostClient]) -> Option<Vec<CpuUsage>> {
+    clients.iter().map(|c| c.cpu().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(boot: &str, ms: u64, busy: f64, guests: f64, vmm: f64) -> CpuUsage {
+        CpuUsage {
+            boot_id: boot.into(),
+            cores: 2,
+            at_ms: ms,
+            busy_s: busy,
+            guests_s: guests,
+            vmm_s: vmm,
+            costs: Default::default(),
+        }
+    }
+
+    #[test]
+    fn hosts_of_one_kernel_share_its_cores_and_its_busy_time_counts_once() {
+        let before = [at("k", 1000, 10.0, 5.0, 1.0), at("k", 1000, 10.0, 3.0, 0.0)];
+        let after = [at("k", 2000, 12.0, 5.5, 1.5), at("k", 2000, 12.0, 3.5, 0.4)];
+        let s = shares(&before, &after).unwrap();
+        assert!((s.busy - 1.0).abs() < 1e-9, "{s:?}");
+        assert!((s.guests - 0.5).abs() < 1e-9 && (s.vmm - 0.45).abs() < 1e-9);
+        assert_eq!(
+            pools(&[
+                after[0].clone(),
+                at("j", 0, 0.0, 0.0, 0.0),
+                after[1].clone()
+            ]),
+            [vec![0, 2], vec![1]]
+        );
+        // Another kernel, or no time between: not comparable.
+        assert!(shares(&before, &[at("j", 2000, 0.0, 0.0, 0.0), after[1].clone()]).is_none());
+        assert!(shares(&before, &before).is_none());
+    }
+
+    #[test]
+    fn the_governor_keeps_the_migrations_under_their_share() {
+        // 50% reserved; 1 Gbit/s of links.
+        let mut g = Governor::new(0.5, 2, None, 1e9);
+        assert_eq!(g.budget, 1e9);
+        // Migrations at 85%: down in proportion.
+        let b = g.observe(0.85).unwrap();
+        assert!((b - 1e9 * 0.5 / 0.85).abs() < 1.0, "{b}");
+        // Within the cap and above 80% of it: left alone.
+        assert_eq!(g.observe(0.45), None);
+        // Well under: up, by a quarter at most, never past the links.
+        let up = g.observe(0.15).unwrap();
+        assert!((up - b * 1.25).abs() < 1.0);
+        for _ in 0..20 {
+            g.observe(0.01);
+        }
+        assert_eq!(g.budget, 1e9);
+        assert!(g.lowered == 1 && g.raised >= 2 && g.lowest < 1e9);
+        // Never below the floor, however far over.
+        for _ in 0..50 {
+            g.observe(1.0);
+        }
+        assert_eq!(g.budget, MIN_BUDGET);
+    }
+
+    #[test]
+    fn a_lesson_leaves_out_what_the_vms_threads_take_anyway() {
+        // Before: the source's VM threads took 0.2 core, the destination's nothing. Over 10 s
+        // of drain the source's took 6 core-s and the destination's 5.
+        let first = [at("k", 0, 0.0, 0.0, 0.0), at("k", 0, 0.0, 0.0, 0.0)];
+        let start = [at("k", 1000, 0.0, 0.0, 0.2), at("k", 1000, 0.0, 0.0, 0.0)];
+        let end = [
+            at("k", 11_000, 0.0, 0.0, 6.2),
+            at("k", 11_000, 0.0, 0.0, 5.0),
+        ];
+        let l = lesson(&first, &start, &end, "tcp", 1 << 30).unwrap();
+        // 2 core-s of the VMs' own threads in all, half on each side.
+        assert!(
+            (l.source_s - 5.0).abs() < 1e-9 && (l.destination_s - 4.0).abs() < 1e-9,
+            "{l:?}"
+        );
+        assert_eq!(l.transport, "tcp");
+        assert!(
+            lesson(&first, &start, &first, "tcp", 1).is_none(),
+            "time ran backwards"
+        );
+    }
+
+    #[test]
+    fn compression_backs_off_while_the_cores_are_full_and_the_link_is_not() {
+        assert_eq!(codec_step(0.97, 0.50).0, CodecStep::HoldRaw);
+        // The link is what limits: compress, however busy the cores.
+        assert_eq!(codec_step(0.99, 0.95).0, CodecStep::Release);
+        assert_eq!(codec_step(0.60, 0.50).0, CodecStep::Release);
+        // In between: as it is (no flapping at the edges).
+        assert_eq!(codec_step(0.85, 0.50).0, CodecStep::Keep);
+        assert_eq!(codec_step(0.95, 0.80).0, CodecStep::Keep);
+    }
+
+    #[test]
+    fn a_known_cost_sets_the_first_budget() {
+        // 2 cores, half for migrations, 2 core-seconds per GB: 0.5 GB/s = 4 Gbit/s.
+        let g = Governor::new(0.5, 2, Some(2.0 / 1e9), 1e10);
+        assert!((g.budget - 4e9).abs() < 1.0, "{}", g.budget);
+        let c = CpuCost {
+            source_s_per_gb: 1.5,
+            destination_s_per_gb: 0.5,
+            drains: 3,
+        };
+        assert_eq!(cost_per_byte(Some(&c), true, true), Some(2.0 / 1e9));
+        assert_eq!(cost_per_byte(Some(&c), true, false), Some(1.5 / 1e9));
+        assert_eq!(cost_per_byte(None, true, true), None);
+    }
+}

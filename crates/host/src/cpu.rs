@@ -1,0 +1,310 @@
+//! What this host's CPU does, as counters that only grow: the kernel's busy time, and the
+//! threads of its VM processes split into the guests' (vCPU threads) and the VMM's own
+//! (migrations, devices, the API). A drain reads them twice and divides by the time between,
+//! which is how it sees what migrations take from the guests. Also what a migration cost here
+//! per byte on the wire, learned from the drains from and to this host.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One reading of a host's CPU counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CpuUsage {
+    /// The kernel's boot id: hosts that give the same one share its cores.
+    pub boot_id: String,
+    /// Cores the kernel runs on.
+    pub cores: usize,
+    /// CLOCK_MONOTONIC at the reading, ms (comparable between hosts of one kernel).
+    pub at_ms: u64,
+    /// Core-seconds the kernel spent busy (not idle, not waiting for I/O) since boot.
+    pub busy_s: f64,
+    /// Core-seconds the guests' vCPU threads took, since the agent started counting.
+    pub guests_s: f64,
+    /// Core-seconds the other threads of VM processes took (migrations in and out, devices).
+    pub vmm_s: f64,
+    /// What a migration sent from here cost, by transport.
+    #[serde(default)]
+    pub costs: CpuCosts,
+}
+
+/// Core-seconds per GB on the wire that migrations took on each side, by transport (`tcp`,
+/// `compressed`, `direct`, ...): the VMM threads' CPU on the source and on the destinations
+/// over a drain from or to this host, as the drain measured it ([`CpuUsage::vmm_s`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CpuCosts(pub BTreeMap<String, CpuCost>);
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CpuCost {
+    /// Source core-seconds per GB on the wire.
+    pub source_s_per_gb: f64,
+    /// Destination core-seconds per GB on the wire.
+    pub destination_s_per_gb: f64,
+    /// Drains it was learned from.
+    pub drains: u64,
+}
+
+/// What a drain's migrations cost, to learn from (`POST /cpu/costs`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Learn {
+    pub transport: String,
+    pub source_s: f64,
+    pub destination_s: f64,
+    pub bytes_on_wire: u64,
+}
+
+/// Longest transport name learnt from.
+const MAX_TRANSPORT_NAME: usize = 64;
+
+/// Drains smaller than this on the wire teach nothing: their fixed costs dominate.
+const LEARN_FROM_BYTES: u64 = 64 << 20;
+/// Weight of the newest drain in what is learned.
+const LEARN_WEIGHT: f64 = 0.3;
+/// At most this many transports are remembered (the names come from reports).
+const MAX_TRANSPORTS: usize = 32;
+
+impl CpuCosts {
+    /// Learns from one migration's report: its CPU on both sides over its bytes on the wire.
+    pub fn learn(&mut self, transport: &str, source_s: f64, destination_s: f64, wire: u64) {
+        let sane = |s: f64| s.is_finite() && s >= 0.0;
+        if wire < LEARN_FROM_BYTES || !sane(source_s) || !sane(destination_s) {
+            return;
+        }
+        if !self.0.contains_key(transport) && self.0.len() >= MAX_TRANSPORTS {
+            return;
+        }
+        let gb = wire as f64 / 1e9;
+        let c = self.0.entry(transport.to_string()).or_default();
+        let w = if c.drains == 0 { 1.0 } else { LEARN_WEIGHT };
+        c.source_s_per_gb += w * (source_s / gb - c.source_s_per_gb);
+        c.destination_s_per_gb += w * (destination_s / gb - c.destination_s_per_gb);
+        c.drains += 1;
+    }
+
+    /// What was learned, from `path` (nothing when it is missing or not ours).
+    pub fn load(path: &Path) -> Self {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(tmp, path)
+    }
+}
+
+/// The agent's counters: each reading adds what each of its VM processes took since the one
+/// before: its vCPU threads' time to the guests', the rest of the process's (threads that
+/// have ended included, as the kernel keeps them) to the VMM's. A process that ended between
+/// two readings is not counted after the first.
+#[derive(Debug, Default)]
+pub struct CpuMeter {
+    /// pid → (the process's core-seconds, its vCPU threads') at the last reading.
+    seen: HashMap<u32, (f64, f64)>,
+    guests_s: f64,
+    vmm_s: f64,
+    costs_path: Option<PathBuf>,
+    costs: CpuCosts,
+}
+
+impl CpuMeter {
+    /// A meter whose learned costs persist at `costs_path`.
+    pub fn new(costs_path: PathBuf) -> Self {
+        CpuMeter {
+            costs: CpuCosts::load(&costs_path),
+            costs_path: Some(costs_path),
+            ..Default::default()
+        }
+    }
+
+    /// Reads the counters, with `pids` the host's VM processes now.
+    pub fn read(&mut self, pids: &[u32]) -> CpuUsage {
+        let mut now = HashMap::new();
+        for &pid in pids {
+            if let Some(p) = process(pid) {
+                now.insert(pid, p);
+            }
+        }
+        for (pid, &(total, vcpu)) in &now {
+            // A process first seen counts from its start: it began since the last reading,
+            // or the agent has just started (the first reading is a baseline either way).
+            let (total0, vcpu0) = self.seen.get(pid).copied().unwrap_or_default();
+            let guests = (vcpu - vcpu0).max(0.0);
+            self.guests_s += guests;
+            self.vmm_s += ((total - total0) - guests).max(0.0);
+        }
+        self.seen = now;
+        CpuUsage {
+            boot_id: boot_id(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            at_ms: monotonic_ms(),
+            busy_s: busy_seconds(),
+            guests_s: self.guests_s,
+            vmm_s: self.vmm_s,
+            costs: self.costs.clone(),
+        }
+    }
+
+    /// Learns from a drain from or to here, and keeps it.
+    pub fn learn(&mut self, l: &Learn) {
+        if l.transport.len() > MAX_TRANSPORT_NAME {
+            return;
+        }
+        self.costs
+            .learn(&l.transport, l.source_s, l.destination_s, l.bytes_on_wire);
+        if let Some(p) = &self.costs_path {
+            if let Err(e) = self.costs.save(p) {
+                tracing::warn!("could not keep the CPU costs at {}: {e}", p.display());
+            }
+        }
+    }
+}
+
+fn ticks_per_s() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into `ts`, which lives across the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Busy core-seconds since boot, from /proc/stat's first line.
+fn busy_seconds() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next().map(parse_busy_ticks))
+        .unwrap_or(0.0)
+        / ticks_per_s()
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal guest guest_nice`: all but idle and
+/// iowait (guest time is already inside user).
+fn parse_busy_ticks(line: &str) -> f64 {
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    at(0) + at(1) + at(2) + at(5) + at(6) + at(7)
+}
+
+/// Process `pid`'s core-seconds (its ended threads' included), and its vCPU threads'.
+fn process(pid: u32) -> Option<(f64, f64)> {
+    let tps = ticks_per_s();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, total) = parse_thread_stat(&stat)?;
+    let vcpus: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (comm, ticks) = parse_thread_stat(&stat)?;
+            comm.starts_with("vcpu").then_some(ticks)
+        })
+        .sum();
+    Some((total / tps, vcpus / tps))
+}
+
+/// A thread's name and its user + system ticks from its `stat` line. The name is between the
+/// first `(` and the last `)`, and may hold anything.
+fn parse_thread_stat(stat: &str) -> Option<(&str, f64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // After the name: state is field 3, utime 14, stime 15.
+    let utime: f64 = rest.get(11)?.parse().ok()?;
+    let stime: f64 = rest.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_stat_line_gives_its_name_and_ticks_whatever_the_name_holds() {
+        let line = "4242 (vcpu0) S 1 2 3 4 5 6 7 8 9 10 120 30 0 0 20 0 1 0";
+        assert_eq!(parse_thread_stat(line), Some(("vcpu0", 150.0)));
+        let odd = "7 (a) b (c)) R 1 2 3 4 5 6 7 8 9 10 5 6 0";
+        assert_eq!(parse_thread_stat(odd), Some(("a) b (c)", 11.0)));
+        assert_eq!(parse_thread_stat("7 (short) R 1"), None);
+        assert_eq!(parse_thread_stat("garbage"), None);
+    }
+
+    #[test]
+    fn busy_time_leaves_out_idle_and_iowait() {
+        let line = "cpu  100 10 50 1000 40 5 5 3 0 0";
+        assert_eq!(parse_busy_ticks(line), 173.0);
+    }
+
+    #[test]
+    fn this_process_is_read_its_ended_threads_count_and_counters_only_grow() {
+        let mut m = CpuMeter::default();
+        let me = std::process::id();
+        let a = m.read(&[me]);
+        // Burn a little CPU on a (non-vCPU) thread that ends before the next reading.
+        std::thread::spawn(|| {
+            let t = std::time::Instant::now();
+            let mut x = 0u64;
+            while t.elapsed().as_millis() < 50 {
+                x = x.wrapping_mul(31).wrapping_add(7);
+            }
+            std::hint::black_box(x);
+        })
+        .join()
+        .unwrap();
+        let b = m.read(&[me]);
+        assert!(b.vmm_s > a.vmm_s, "{a:?} then {b:?}");
+        assert_eq!(b.guests_s, 0.0);
+        assert!(b.cores >= 1 && b.at_ms >= a.at_ms && b.busy_s >= a.busy_s);
+        // A process gone: nothing taken away.
+        let c = m.read(&[]);
+        assert_eq!(c.vmm_s, b.vmm_s);
+    }
+
+    #[test]
+    fn costs_are_learned_from_big_migrations_only_and_survive_a_restart() {
+        let mut c = CpuCosts::default();
+        c.learn("tcp", 2.0, 1.0, 1_000_000_000);
+        c.learn("tcp", 4.0, 1.0, 1_000_000_000);
+        let tcp = c.0["tcp"];
+        assert!((tcp.source_s_per_gb - 2.6).abs() < 1e-9, "{tcp:?}");
+        assert_eq!(tcp.drains, 2);
+        c.learn("direct", 1.0, 1.0, 1 << 20);
+        c.learn("direct", f64::NAN, 1.0, 1 << 30);
+        assert!(!c.0.contains_key("direct"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cpu-costs.json");
+        c.save(&p).unwrap();
+        assert_eq!(CpuCosts::load(&p), c);
+        std::fs::write(&p, b"not json").unwrap();
+        assert_eq!(CpuCosts::load(&p), CpuCosts::default());
+    }
+}

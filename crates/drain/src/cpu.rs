@@ -18,6 +18,10 @@ pub struct Shares {
     pub guests: f64,
     /// The VM processes' other threads: migrations in and out, devices.
     pub vmm: f64,
+    /// How many guest vCPUs were runnable on average (not a share): what a migration's
+    /// threads compete with for the cores.
+    #[serde(default)]
+    pub guests_runnable: f64,
 }
 
 /// The shares between two readings of the same hosts (one pool: one kernel, so its busy time
@@ -50,6 +54,7 @@ pub fn shares(before: &[CpuUsage], after: &[CpuUsage]) -> Option<Shares> {
         busy: share((a0.busy_s - b0.busy_s).max(0.0)),
         guests: share(sum(|u| u.guests_s)),
         vmm: share(sum(|u| u.vmm_s)),
+        guests_runnable: sum(|u| u.guests_runnable_s) / secs,
     })
 }
 
@@ -338,10 +343,15 @@ impl Meter {
 
     /// The cores the drain's migrations may use and what a byte costs them, for the plan:
     /// per pool, its cores less what other processes and the VMs' own threads took before
-    /// the drain, and less the guests' share unless their vCPUs yield to the migrations; at
-    /// most `1 - reserve` of them (`--reserve-cpu`, as the governor holds it). None until the
-    /// source has learnt what `transport` costs.
-    pub fn plan(&self, reserve: Option<f64>, transport: &str, yields: bool) -> Option<PlanCpu> {
+    /// the drain, at most `1 - reserve` of them (`--reserve-cpu`, as the governor holds it),
+    /// shared with the guest vCPUs that were runnable before; `threads`: a migration's busy
+    /// threads on each side. None until the source has learnt what `transport` costs.
+    pub fn plan(
+        &self,
+        reserve: Option<f64>,
+        transport: &str,
+        threads: [f64; 2],
+    ) -> Option<PlanCpu> {
         let cost = self.first[0].costs.0.get(transport)?;
         let start = self.start.as_ref()?;
         let before = self.per_pool(&self.first, start);
@@ -353,10 +363,13 @@ impl Meter {
                 let n = self.first[p[0]].cores as f64;
                 let b = b.unwrap_or_default();
                 let others = (b.busy - b.guests - b.vmm).max(0.0);
-                let guests = if yields { 0.0 } else { b.guests };
-                let free = (1.0 - others - b.vmm - guests).min(1.0 - reserve.unwrap_or(0.0));
+                let free = (1.0 - others - b.vmm).min(1.0 - reserve.unwrap_or(0.0));
                 n * free.max(MIN_FREE)
             })
+            .collect();
+        let mut contenders: Vec<f64> = before
+            .iter()
+            .map(|b| b.unwrap_or_default().guests_runnable)
             .collect();
         let pool_of = |host: usize| self.pools.iter().position(|p| p.contains(&host));
         let source = pool_of(0)?;
@@ -367,6 +380,7 @@ impl Meter {
                 at.and_then(pool_of).unwrap_or_else(|| {
                     // Not reached from here: its cores are not known, and do not limit.
                     cores.push(f64::INFINITY);
+                    contenders.push(0.0);
                     cores.len() - 1
                 })
             })
@@ -374,10 +388,12 @@ impl Meter {
         Some(PlanCpu::new(
             CpuModel {
                 pools: cores,
+                contenders,
                 source,
                 dests,
             },
             [cost.source_s_per_gb, cost.destination_s_per_gb],
+            threads,
         ))
     }
 
@@ -491,6 +507,7 @@ mod tests {
             busy_s: busy,
             guests_s: guests,
             vmm_s: vmm,
+            guests_runnable_s: 0.0,
             costs: Default::default(),
         }
     }

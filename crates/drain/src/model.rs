@@ -46,6 +46,7 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
             dest: 0,
             bytes: v.wire_bytes(share, s.compressed) * s.framing,
             cpu: s.cpu.as_ref().map_or([0.0; 2], |c| c.cost_per_byte()),
+            threads: s.cpu.as_ref().map_or([1.0; 2], |c| c.threads),
         })
         .collect()
 }

@@ -266,30 +266,47 @@ pub struct SimJob {
     /// Core-seconds per byte on the wire it takes on the source and on the destination
     /// (0: not known, not limited by CPU).
     pub cpu: [f64; 2],
+    /// Its threads that are busy when the cores are what holds it back, on each side.
+    pub threads: [f64; 2],
 }
 
 /// The cores the drain's migrations may use: per pool (the hosts of one kernel), core-seconds
-/// per second; which pool the source is in, and each destination.
-#[derive(Clone, Debug, PartialEq)]
+/// per second, and how many guest vCPUs compete for them; which pool the source is in, and
+/// each destination.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CpuModel {
     pub pools: Vec<f64>,
+    pub contenders: Vec<f64>,
     pub source: usize,
     pub dests: Vec<usize>,
 }
 
 impl CpuModel {
-    /// Core-seconds per byte that `job` takes of pool `p`.
-    fn cost(&self, job: &SimJob, p: usize) -> f64 {
+    /// What `job` takes of pool `p`: core-seconds per byte, and busy threads.
+    fn take(&self, job: &SimJob, p: usize) -> (f64, f64) {
         let on = |pool: Option<&usize>| pool == Some(&p);
-        (if on(Some(&self.source)) {
-            job.cpu[0]
-        } else {
-            0.0
-        }) + if on(self.dests.get(job.dest)) {
-            job.cpu[1]
-        } else {
-            0.0
+        let mut t = (0.0, 0.0);
+        if on(Some(&self.source)) {
+            t = (job.cpu[0], job.threads[0]);
         }
+        if on(self.dests.get(job.dest)) {
+            t = (t.0 + job.cpu[1], t.1 + job.threads[1]);
+        }
+        t
+    }
+
+    /// The rate `job` can move at by pool `p`'s cores, with `moving` the jobs moving bytes:
+    /// the scheduler gives each runnable thread an even share, so its threads get their
+    /// share of the cores against the other migrations' and the guests' vCPUs.
+    fn rate(&self, job: &SimJob, p: usize, moving: &[&SimJob]) -> f64 {
+        let (cost, threads) = self.take(job, p);
+        if cost <= 0.0 {
+            return f64::INFINITY;
+        }
+        let all: f64 = moving.iter().map(|j| self.take(j, p).1).sum();
+        let guests = self.contenders.get(p).copied().unwrap_or(0.0).max(0.0);
+        let threads = threads.max(1e-9);
+        self.pools[p].max(0.0) * threads / (guests + all.max(threads)) / cost
     }
 }
 
@@ -301,16 +318,22 @@ pub struct PlanCpu {
     pub model: CpuModel,
     /// Per pool, cores the migrations may use.
     pub pool_cores: Vec<f64>,
+    /// Per pool, the guest vCPUs runnable on average before the drain.
+    pub guest_vcpus_runnable: Vec<f64>,
     /// Core-seconds per GB on the wire, on the source and on the destination.
     pub cost_s_per_gb: [f64; 2],
+    /// A migration's busy threads on each side.
+    pub threads: [f64; 2],
 }
 
 impl PlanCpu {
-    pub fn new(model: CpuModel, cost_s_per_gb: [f64; 2]) -> Self {
+    pub fn new(model: CpuModel, cost_s_per_gb: [f64; 2], threads: [f64; 2]) -> Self {
         PlanCpu {
             pool_cores: model.pools.clone(),
+            guest_vcpus_runnable: model.contenders.clone(),
             model,
             cost_s_per_gb,
+            threads,
         }
     }
 
@@ -338,8 +361,9 @@ pub fn simulate(jobs: &[SimJob], links: &[f64], window: usize, per_dest: usize) 
 }
 
 /// [`simulate`], where the migrations also share the cores of `cpu`'s pools: a migration
-/// moves no faster than its share of the link, nor than its pools' cores allow when every
-/// migration using them moves at the same rate. Also what bound each job.
+/// moves no faster than its share of the link, nor than its threads' share of each pool's
+/// cores (against the other migrations' threads and the guests' vCPUs) pays for at its cost
+/// per byte there. Also what bound each job.
 pub fn simulate_with_cpu(
     jobs: &[SimJob],
     links: &[f64],
@@ -367,21 +391,6 @@ pub fn simulate_with_cpu(
             .filter(|a| a.overhead <= 0.0)
             .map(|a| &jobs[a.job])
             .collect();
-        // Per pool, the rate every migration using it can move at.
-        let pool_rates: Vec<f64> = cpu.map_or(Vec::new(), |c| {
-            c.pools
-                .iter()
-                .enumerate()
-                .map(|(p, cores)| {
-                    let demand: f64 = moving.iter().map(|j| c.cost(j, p)).sum();
-                    if demand > 0.0 {
-                        cores.max(0.0) / demand
-                    } else {
-                        f64::INFINITY
-                    }
-                })
-                .collect()
-        });
         let rates: Vec<(f64, Bound)> = active
             .iter()
             .map(|a| {
@@ -390,8 +399,7 @@ pub fn simulate_with_cpu(
                 let link = links.get(job.dest).copied().unwrap_or(1.0).max(1.0) / n as f64;
                 let cores = cpu.map_or(f64::INFINITY, |c| {
                     (0..c.pools.len())
-                        .filter(|p| c.cost(job, *p) > 0.0)
-                        .map(|p| pool_rates[p])
+                        .map(|p| c.rate(job, p, &moving))
                         .fold(f64::INFINITY, f64::min)
                 });
                 if cores < link {
@@ -725,36 +733,32 @@ mod tests {
 
     #[test]
     fn cores_bound_migrations_that_the_link_would_not() {
-        // Two migrations of 100 bytes over a 100 B/s link, each byte costing 0.01 core-s
-        // on each side; source and destination on one kernel with 1 core for migrations:
-        // each moves at 1 / (2 x 0.02) = 25 B/s, not at its 50 B/s share of the link.
+        // Two migrations of 100 bytes over a 100 B/s link, each byte costing 0.01 core-s on
+        // each side with one thread each; source and destination on one kernel with 1 core
+        // and no guests: each gets half of it, 0.5 / 0.02 = 25 B/s, not its 50 B/s share of
+        // the link.
         let job = SimJob {
             dest: 0,
             bytes: 100.0,
             cpu: [0.01, 0.01],
+            threads: [1.0, 1.0],
         };
-        let shared = CpuModel {
-            pools: vec![1.0],
+        let pool = |pools: Vec<f64>, dests| CpuModel {
+            pools,
             source: 0,
-            dests: vec![0],
+            dests,
+            ..CpuModel::default()
         };
+        let shared = pool(vec![1.0], vec![0]);
         let (t, bounds) = simulate_with_cpu(&[job, job], &[100.0], 2, 4, Some(&shared));
         assert!((t - (4.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
         assert_eq!(bounds, [Bound::Cpu, Bound::Cpu]);
         // Two kernels of half a core each: each pays 0.01 per byte of each migration.
-        let apart = CpuModel {
-            pools: vec![0.5, 0.5],
-            source: 0,
-            dests: vec![1],
-        };
+        let apart = pool(vec![0.5, 0.5], vec![1]);
         let (t, _) = simulate_with_cpu(&[job, job], &[100.0], 2, 4, Some(&apart));
         assert!((t - (4.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
         // Plenty of cores: the link again; unknown costs are free.
-        let big = CpuModel {
-            pools: vec![100.0],
-            source: 0,
-            dests: vec![0],
-        };
+        let big = pool(vec![100.0], vec![0]);
         let (t, bounds) = simulate_with_cpu(&[job, job], &[100.0], 2, 4, Some(&big));
         assert!((t - (2.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
         assert_eq!(bounds, [Bound::Link, Bound::Link]);
@@ -764,5 +768,22 @@ mod tests {
         };
         let (t, _) = simulate_with_cpu(&[free, free], &[100.0], 2, 4, Some(&shared));
         assert!((t - (2.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
+        // Six busy guest vCPUs on 2 cores: one migration's two threads get 2 x 2/8 = 0.5
+        // core (25 B/s); two at once get 2 x 4/10 = 0.8 (20 B/s each, 40 in all): more at
+        // once moves more, as on a host whose guests compete for the cores.
+        let busy = CpuModel {
+            contenders: vec![6.0],
+            ..pool(vec![2.0], vec![0])
+        };
+        let (one, _) = simulate_with_cpu(&[job, job], &[1000.0], 1, 4, Some(&busy));
+        let (two, _) = simulate_with_cpu(&[job, job], &[1000.0], 2, 4, Some(&busy));
+        assert!(
+            (one - 2.0 * (4.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6,
+            "{one}"
+        );
+        assert!(
+            (two - (5.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6,
+            "{two}"
+        );
     }
 }

@@ -106,7 +106,7 @@ impl Planned {
             m.plan(
                 o.budget.reserve_cpu,
                 transport_name(o),
-                o.request.vcpu_yield != Some(false),
+                busy_threads(o, m.source().cores),
             )
         });
         let mut dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
@@ -170,6 +170,7 @@ impl Planned {
                         dest: d,
                         bytes: vms[*i].wire_bytes(share(d), compressed) + disk_bytes(*i, d),
                         cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
+                        threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
                     })
                 })
                 .collect()
@@ -196,6 +197,7 @@ impl Planned {
                                 dest: d,
                                 bytes: vms[*i].wire_bytes(share, compressed) + disk_bytes(*i, d),
                                 cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
+                                threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
                             })
                         })
                         .collect();
@@ -472,6 +474,26 @@ impl CpuWatch {
             codec: self.codec.map(|c| c.0),
         }
     }
+}
+
+/// A migration's threads that are busy when the cores hold it back, on the source and on
+/// the destination: one per page stream (the control connection's when it has none), and
+/// on the source the compressed transport's workers, one per core.
+fn busy_threads(o: &DrainOptions, source_cores: usize) -> [f64; 2] {
+    let pairs = o
+        .request
+        .network
+        .as_deref()
+        .map_or(0, |n| n.split(',').count());
+    let streams = pairs
+        .max(usize::from(o.request.channels.unwrap_or(0)))
+        .max(1) as f64;
+    let workers = if o.request.transport == Some(migration::protocol::Transport::Compressed) {
+        source_cores as f64
+    } else {
+        0.0
+    };
+    [streams + workers, streams]
 }
 
 /// The drain's transport, as reports and learnt costs name it.

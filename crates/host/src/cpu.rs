@@ -21,6 +21,10 @@ pub struct CpuUsage {
     pub busy_s: f64,
     /// Core-seconds the guests' vCPU threads took, since the agent started counting.
     pub guests_s: f64,
+    /// Seconds the guests' vCPU threads were runnable (running or waiting for a core), summed
+    /// over them: over an interval, how many vCPUs on average compete for the cores.
+    #[serde(default)]
+    pub guests_runnable_s: f64,
     /// Core-seconds the other threads of VM processes took (migrations in and out, devices).
     pub vmm_s: f64,
     /// What a migration sent from here cost, by transport.
@@ -105,9 +109,10 @@ impl CpuCosts {
 /// two readings is not counted after the first.
 #[derive(Debug, Default)]
 pub struct CpuMeter {
-    /// pid → (the process's core-seconds, its vCPU threads') at the last reading.
-    seen: HashMap<u32, (f64, f64)>,
+    /// pid → its [`Process`] at the last reading.
+    seen: HashMap<u32, Process>,
     guests_s: f64,
+    guests_runnable_s: f64,
     vmm_s: f64,
     costs_path: Option<PathBuf>,
     costs: CpuCosts,
@@ -131,13 +136,14 @@ impl CpuMeter {
                 now.insert(pid, p);
             }
         }
-        for (pid, &(total, vcpu)) in &now {
+        for (pid, p) in &now {
             // A process first seen counts from its start: it began since the last reading,
             // or the agent has just started (the first reading is a baseline either way).
-            let (total0, vcpu0) = self.seen.get(pid).copied().unwrap_or_default();
-            let guests = (vcpu - vcpu0).max(0.0);
+            let was = self.seen.get(pid).copied().unwrap_or_default();
+            let guests = (p.vcpus - was.vcpus).max(0.0);
             self.guests_s += guests;
-            self.vmm_s += ((total - total0) - guests).max(0.0);
+            self.guests_runnable_s += (p.vcpus_runnable - was.vcpus_runnable).max(0.0);
+            self.vmm_s += ((p.total - was.total) - guests).max(0.0);
         }
         self.seen = now;
         CpuUsage {
@@ -146,6 +152,7 @@ impl CpuMeter {
             at_ms: monotonic_ms(),
             busy_s: busy_seconds(),
             guests_s: self.guests_s,
+            guests_runnable_s: self.guests_runnable_s,
             vmm_s: self.vmm_s,
             costs: self.costs.clone(),
         }
@@ -214,21 +221,54 @@ fn parse_busy_ticks(line: &str) -> f64 {
     at(0) + at(1) + at(2) + at(5) + at(6) + at(7)
 }
 
-/// Process `pid`'s core-seconds (its ended threads' included), and its vCPU threads'.
-fn process(pid: u32) -> Option<(f64, f64)> {
+/// What one VM process has taken, in seconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Process {
+    /// Core-seconds of all its threads, ended ones included.
+    total: f64,
+    /// Core-seconds of its vCPU threads.
+    vcpus: f64,
+    /// Seconds its vCPU threads were runnable, summed.
+    vcpus_runnable: f64,
+}
+
+/// Process `pid`, read from /proc.
+fn process(pid: u32) -> Option<Process> {
     let tps = ticks_per_s();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, total) = parse_thread_stat(&stat)?;
-    let vcpus: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+    let mut p = Process {
+        total: total / tps,
+        ..Process::default()
+    };
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .flatten()
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let (comm, ticks) = parse_thread_stat(&stat)?;
-            comm.starts_with("vcpu").then_some(ticks)
-        })
-        .sum();
-    Some((total / tps, vcpus / tps))
+    {
+        let Some((comm, ticks)) = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(|s| parse_thread_stat(s).map(|(c, t)| (c.to_string(), t)))
+        else {
+            continue;
+        };
+        if comm.starts_with("vcpu") {
+            p.vcpus += ticks / tps;
+            let sched = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
+            p.vcpus_runnable += parse_schedstat(&sched);
+        }
+    }
+    Some(p)
+}
+
+/// A thread's `schedstat` (`run_ns wait_ns slices`): seconds it ran or waited for a core.
+fn parse_schedstat(s: &str) -> f64 {
+    let ns: Vec<f64> = s
+        .split_whitespace()
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    ns.iter().sum::<f64>() / 1e9
 }
 
 /// A thread's name and its user + system ticks from its `stat` line. The name is between the
@@ -256,6 +296,12 @@ mod tests {
         assert_eq!(parse_thread_stat(odd), Some(("a) b (c)", 11.0)));
         assert_eq!(parse_thread_stat("7 (short) R 1"), None);
         assert_eq!(parse_thread_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_schedstat_gives_the_time_running_and_waiting() {
+        assert!((parse_schedstat("1500000000 500000000 42\n") - 2.0).abs() < 1e-9);
+        assert_eq!(parse_schedstat(""), 0.0);
     }
 
     #[test]

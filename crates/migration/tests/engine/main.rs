@@ -199,6 +199,25 @@ fn the_compressed_transport_moves_the_vm_whole() {
 }
 
 #[test]
+fn a_compressed_migration_held_raw_sends_every_batch_raw_and_moves_whole() {
+    let w = Workload {
+        text: true,
+        ..busy()
+    };
+    let m = migrate(&w, |o| {
+        o.transport = Transport::Compressed;
+        o.hold_raw.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    m.assert_moved_whole();
+    let c = m.report().compression.clone().unwrap();
+    assert_eq!(m.report().pages.compressed, 0, "{:?}", m.report().pages);
+    assert!(
+        c.batches_held_raw > 0 && c.batches_held_raw == c.batches_raw,
+        "{c:?}"
+    );
+}
+
+#[test]
 fn the_direct_transport_moves_the_vm_whole() {
     let m = migrate(&busy(), |o| o.transport = Transport::Direct);
     m.assert_moved_whole();

@@ -95,9 +95,9 @@ pub const READ_EVERY_MS: u64 = 250;
 /// The budget never falls below this (bits/s): a migration must keep moving.
 pub const MIN_BUDGET: f64 = 8e6;
 
-/// `--reserve-cpu PCT`: the migrations may take at most 100 − PCT % of each pool's cores,
-/// over what the VMM's threads took before the drain. Feedback on the drain's budget, which
-/// the run splits between the migrations as it splits `--max-bandwidth`.
+/// `--reserve-cpu PCT`: the migrations (the VMM threads, which are theirs while they run) may
+/// take at most 100 − PCT % of each pool's cores. Feedback on the drain's budget, which the
+/// run splits between the migrations as it splits `--max-bandwidth`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Governor {
     /// Share of the cores the migrations may take, 0..1.
@@ -342,8 +342,7 @@ impl Meter {
     }
 
     /// The cores the drain's migrations may use and what a byte costs them, for the plan:
-    /// per pool, its cores less what other processes and the VMs' own threads took before
-    /// the drain, at most `1 - reserve` of them (`--reserve-cpu`, as the governor holds it),
+    /// per pool, its cores less what other processes took before the drain, at most `1 - reserve` of them (`--reserve-cpu`, as the governor holds it),
     /// shared with the guest vCPUs that were runnable before; `threads`: a migration's busy
     /// threads on each side. None until the source has learnt what `transport` costs.
     pub fn plan(
@@ -363,7 +362,7 @@ impl Meter {
                 let n = self.first[p[0]].cores as f64;
                 let b = b.unwrap_or_default();
                 let others = (b.busy - b.guests - b.vmm).max(0.0);
-                let free = (1.0 - others - b.vmm).min(1.0 - reserve.unwrap_or(0.0));
+                let free = (1.0 - others).min(1.0 - reserve.unwrap_or(0.0));
                 n * free.max(MIN_FREE)
             })
             .collect();
@@ -421,7 +420,7 @@ impl Meter {
     /// and on the destinations since the drain started, over `wire` bytes by `transport`.
     pub fn teach(&self, transport: &str, wire: u64) {
         let Some(start) = &self.start else { return };
-        let Some(lesson) = lesson(&self.first, start, &self.last, transport, wire) else {
+        let Some(lesson) = lesson(start, &self.last, transport, wire) else {
             return;
         };
         for c in &self.clients {
@@ -458,35 +457,22 @@ impl Meter {
 }
 
 /// What a drain's migrations cost each side: the VMM threads' core-seconds from `start` to
-/// `end` (source first), less what the same threads took before at the rate seen from
-/// `first` to `start` (their devices, their API). The VMs' own part moves with them: on
-/// average, half of the drain on each side.
+/// `end`, on the source (first) and on the destinations. What the VMs' own device threads
+/// take is in it: the survey's reading before is the sampling's, not theirs at rest.
 pub fn lesson(
-    first: &[CpuUsage],
     start: &[CpuUsage],
     end: &[CpuUsage],
     transport: &str,
     wire: u64,
 ) -> Option<host::cpu::Learn> {
-    let secs = |a: &CpuUsage, b: &CpuUsage| b.at_ms.checked_sub(a.at_ms).map(|ms| ms as f64 / 1e3);
     let (s0, e0) = (start.first()?, end.first()?);
-    let during = secs(s0, e0)?;
-    let rate = |i: usize| -> f64 {
-        match (first.get(i), start.get(i)) {
-            (Some(a), Some(b)) => secs(a, b)
-                .filter(|t| *t > 0.0)
-                .map_or(0.0, |t| (b.vmm_s - a.vmm_s).max(0.0) / t),
-            _ => 0.0,
-        }
-    };
-    let took = |i: usize| (end.get(i)?.vmm_s - start.get(i)?.vmm_s).max(0.0).into();
-    let moving = rate(0) * during / 2.0;
-    let dests: f64 = (1..end.len()).filter_map(took).sum::<f64>()
-        - (1..end.len()).map(rate).sum::<f64>() * during;
+    e0.at_ms.checked_sub(s0.at_ms)?;
+    let took =
+        |i: usize| -> Option<f64> { Some((end.get(i)?.vmm_s - start.get(i)?.vmm_s).max(0.0)) };
     Some(host::cpu::Learn {
         transport: transport.to_string(),
-        source_s: (took(0)? - moving).max(0.0),
-        destination_s: (dests - moving).max(0.0),
+        source_s: took(0)?,
+        destination_s: (1..end.len()).filter_map(took).sum(),
         bytes_on_wire: wire,
     })
 }
@@ -558,24 +544,20 @@ mod tests {
     }
 
     #[test]
-    fn a_lesson_leaves_out_what_the_vms_threads_take_anyway() {
-        // Before: the source's VM threads took 0.2 core, the destination's nothing. Over 10 s
-        // of drain the source's took 6 core-s and the destination's 5.
-        let first = [at("k", 0, 0.0, 0.0, 0.0), at("k", 0, 0.0, 0.0, 0.0)];
+    fn a_lesson_is_the_vmm_threads_time_on_each_side() {
         let start = [at("k", 1000, 0.0, 0.0, 0.2), at("k", 1000, 0.0, 0.0, 0.0)];
         let end = [
             at("k", 11_000, 0.0, 0.0, 6.2),
             at("k", 11_000, 0.0, 0.0, 5.0),
         ];
-        let l = lesson(&first, &start, &end, "tcp", 1 << 30).unwrap();
-        // 2 core-s of the VMs' own threads in all, half on each side.
+        let l = lesson(&start, &end, "tcp", 1 << 30).unwrap();
         assert!(
-            (l.source_s - 5.0).abs() < 1e-9 && (l.destination_s - 4.0).abs() < 1e-9,
+            (l.source_s - 6.0).abs() < 1e-9 && (l.destination_s - 5.0).abs() < 1e-9,
             "{l:?}"
         );
         assert_eq!(l.transport, "tcp");
         assert!(
-            lesson(&first, &start, &first, "tcp", 1).is_none(),
+            lesson(&end, &start, "tcp", 1).is_none(),
             "time ran backwards"
         );
     }

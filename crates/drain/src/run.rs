@@ -393,7 +393,6 @@ pub struct Run<'a> {
 /// governor when `--reserve-cpu` asks for one.
 struct CpuWatch {
     meter: crate::cpu::Meter,
-    vmm_before: Vec<f64>,
     governor: Option<crate::cpu::Governor>,
     last: Instant,
     /// The host-wide codec policy, in a compressed drain: what it did, and when it last
@@ -402,8 +401,7 @@ struct CpuWatch {
 }
 
 impl CpuWatch {
-    fn new(o: &DrainOptions, s: &Survey, mut meter: crate::cpu::Meter) -> Self {
-        let vmm_before = meter.report(false).iter().map(|p| p.before.vmm).collect();
+    fn new(o: &DrainOptions, s: &Survey, meter: crate::cpu::Meter) -> Self {
         let governor = o.budget.reserve_cpu.map(|reserve| {
             let src = meter.source();
             let transport = transport_name(o);
@@ -424,7 +422,6 @@ impl CpuWatch {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
         CpuWatch {
             meter,
-            vmm_before,
             governor,
             last: Instant::now(),
             codec: compressed.then(|| (crate::cpu::CodecReport::default(), Instant::now())),
@@ -442,17 +439,13 @@ impl CpuWatch {
         Some(self.meter.tick())
     }
 
-    /// Feeds the governor what the migrations took of the busiest pool. Whether the budget
-    /// changed.
+    /// Feeds the governor what the VMM threads (the migrations') took of the busiest pool.
+    /// Whether the budget changed.
     fn govern(&mut self, shares: &[Option<crate::cpu::Shares>]) -> bool {
         let Some(g) = self.governor.as_mut() else {
             return false;
         };
-        let took = shares
-            .iter()
-            .zip(&self.vmm_before)
-            .filter_map(|(s, before)| s.map(|s| s.vmm - before))
-            .fold(0.0, f64::max);
+        let took = shares.iter().flatten().map(|s| s.vmm).fold(0.0, f64::max);
         g.observe(took).is_some()
     }
 

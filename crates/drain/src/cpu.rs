@@ -370,6 +370,9 @@ impl Meter {
             .iter()
             .map(|b| b.unwrap_or_default().guests_runnable)
             .collect();
+        // What one vCPU of the source's pool adds to them, on average.
+        let vcpus: usize = self.pools[0].iter().map(|&i| start[i].vcpus).sum();
+        let per_vcpu = contenders[0] / vcpus.max(1) as f64;
         let pool_of = |host: usize| self.pools.iter().position(|p| p.contains(&host));
         let source = pool_of(0)?;
         let dests = self
@@ -393,6 +396,7 @@ impl Meter {
             },
             [cost.source_s_per_gb, cost.destination_s_per_gb],
             threads,
+            per_vcpu,
         ))
     }
 
@@ -494,6 +498,7 @@ mod tests {
             guests_s: guests,
             vmm_s: vmm,
             guests_runnable_s: 0.0,
+            vcpus: 0,
             costs: Default::default(),
         }
     }

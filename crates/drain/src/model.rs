@@ -23,6 +23,8 @@ pub struct Scenario {
     pub framing: f64,
     /// The hosts' cores and what a byte costs them (None: CPU does not limit).
     pub cpu: Option<crate::plan::PlanCpu>,
+    /// The guests yield to their migrations (the default).
+    pub vcpu_yield: bool,
 }
 
 /// The predicted makespan, seconds. Each migration's resent bytes are those of its share of
@@ -47,6 +49,10 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
             bytes: v.wire_bytes(share, s.compressed) * s.framing,
             cpu: s.cpu.as_ref().map_or([0.0; 2], |c| c.cost_per_byte()),
             threads: s.cpu.as_ref().map_or([1.0; 2], |c| c.threads),
+            yields: s
+                .cpu
+                .as_ref()
+                .map_or(0.0, |c| c.yields(v.vcpus, s.vcpu_yield)),
         })
         .collect()
 }
@@ -93,6 +99,8 @@ pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) 
         }),
         delta: false,
         cached: 0.0,
+        self_dup: 0.0,
+        vcpus: 1,
         needs: Default::default(),
         // The reference (Hyper-V) has no post-copy.
         postcopy: migration::policy::PostcopyMode::Off,
@@ -144,6 +152,7 @@ pub fn references(compress_ratio: f64, dirty_mb_s: f64, concurrency: usize) -> V
                         compressed,
                         framing: 1.0,
                         cpu: None,
+                        vcpu_yield: true,
                     }),
                 });
             };
@@ -173,6 +182,7 @@ mod tests {
             compressed: false,
             framing: 1.0,
             cpu: None,
+            vcpu_yield: true,
         };
         let t = makespan(&s);
         let bytes = (8u64 << 30) as f64;

@@ -268,6 +268,9 @@ pub struct SimJob {
     pub cpu: [f64; 2],
     /// Its threads that are busy when the cores are what holds it back, on each side.
     pub threads: [f64; 2],
+    /// Runnable vCPUs that stop competing for the source's cores while it moves (its guest
+    /// yields to its migration).
+    pub yields: f64,
 }
 
 /// The cores the drain's migrations may use: per pool (the hosts of one kernel), core-seconds
@@ -304,7 +307,12 @@ impl CpuModel {
             return f64::INFINITY;
         }
         let all: f64 = moving.iter().map(|j| self.take(j, p).1).sum();
-        let guests = self.contenders.get(p).copied().unwrap_or(0.0).max(0.0);
+        let yielding: f64 = if p == self.source {
+            moving.iter().map(|j| j.yields).sum()
+        } else {
+            0.0
+        };
+        let guests = (self.contenders.get(p).copied().unwrap_or(0.0) - yielding).max(0.0);
         let threads = threads.max(1e-9);
         self.pools[p].max(0.0) * threads / (guests + all.max(threads)) / cost
     }
@@ -324,16 +332,34 @@ pub struct PlanCpu {
     pub cost_s_per_gb: [f64; 2],
     /// A migration's busy threads on each side.
     pub threads: [f64; 2],
+    /// What one vCPU of the source's pool adds to its runnable guests, on average.
+    pub runnable_per_vcpu: f64,
 }
 
 impl PlanCpu {
-    pub fn new(model: CpuModel, cost_s_per_gb: [f64; 2], threads: [f64; 2]) -> Self {
+    pub fn new(
+        model: CpuModel,
+        cost_s_per_gb: [f64; 2],
+        threads: [f64; 2],
+        runnable_per_vcpu: f64,
+    ) -> Self {
         PlanCpu {
             pool_cores: model.pools.clone(),
             guest_vcpus_runnable: model.contenders.clone(),
             model,
             cost_s_per_gb,
             threads,
+            runnable_per_vcpu,
+        }
+    }
+
+    /// The runnable vCPUs a VM with `vcpus` takes off the source's contenders while it
+    /// moves, when its guest yields to its migration.
+    pub fn yields(&self, vcpus: u8, yielding: bool) -> f64 {
+        if yielding {
+            f64::from(vcpus) * self.runnable_per_vcpu
+        } else {
+            0.0
         }
     }
 
@@ -495,6 +521,8 @@ mod tests {
             }),
             delta: false,
             cached: 0.0,
+            self_dup: 0.0,
+            vcpus: 1,
             needs: Default::default(),
             postcopy: migration::policy::PostcopyMode::Off,
         }
@@ -742,6 +770,7 @@ mod tests {
             bytes: 100.0,
             cpu: [0.01, 0.01],
             threads: [1.0, 1.0],
+            yields: 0.0,
         };
         let pool = |pools: Vec<f64>, dests| CpuModel {
             pools,

@@ -18,10 +18,30 @@ pub struct VmFacts {
     /// Share of its non-zero pages the destination will hold when it arrives (dedup across
     /// the drain's VMs, [`crate::cache::expect_hits`]): they go as references.
     pub cached: f64,
+    /// Share of its non-zero pages whose content another of its pages has: they go as
+    /// references within the VM when its migration dedups ([`self_dup_share`]).
+    pub self_dup: f64,
+    /// Its vCPUs: while it migrates they yield the cores to the migrations (unless
+    /// `--no-vcpu-yield`), and stop competing with them.
+    pub vcpus: u8,
     /// What a destination must give its devices.
     pub needs: crate::plan::Needs,
     /// Whether and when its migration may switch to post-copy.
     pub postcopy: PostcopyMode,
+}
+
+/// Fingerprints shorter than this say nothing of a VM's repeats.
+const MIN_KEYS_FOR_REPEATS: usize = 32;
+
+/// The share of a VM's non-zero pages whose content an earlier page of it has, from its
+/// content-defined fingerprint (every copy of a content is picked alike, so repeats in the
+/// fingerprint are repeats in the VM). 0 when the fingerprint is too short to say.
+pub fn self_dup_share(fingerprint: &[u64]) -> f64 {
+    if fingerprint.len() < MIN_KEYS_FOR_REPEATS {
+        return 0.0;
+    }
+    let distinct: std::collections::HashSet<&u64> = fingerprint.iter().collect();
+    1.0 - distinct.len() as f64 / fingerprint.len() as f64
 }
 
 /// Wire bytes of a page sent as a reference to the destination's page cache: its entry and
@@ -41,8 +61,10 @@ impl VmFacts {
             return self.memory as f64;
         };
         let data = s.touched_bytes as f64 * (1.0 - s.zero_fraction.clamp(0.0, 1.0));
-        let cached = self.cached.clamp(0.0, 1.0);
-        data * (1.0 - cached) * self.ratio(compressed) + data * cached / 4096.0 * REF_BYTES
+        // A page goes whole unless the destination's cache or the VM's own earlier pages
+        // hold its content.
+        let whole = (1.0 - self.cached.clamp(0.0, 1.0)) * (1.0 - self.self_dup.clamp(0.0, 1.0));
+        data * whole * self.ratio(compressed) + data * (1.0 - whole) / 4096.0 * REF_BYTES
     }
 
     fn ratio(&self, compressed: bool) -> f64 {
@@ -221,6 +243,8 @@ mod tests {
             }),
             delta: false,
             cached: 0.0,
+            self_dup: 0.0,
+            vcpus: 1,
             needs: Default::default(),
             postcopy: PostcopyMode::Off,
         }
@@ -292,6 +316,24 @@ mod tests {
         let hot = vm(1 << 30, 0.0, 1.0, 1e6);
         assert!(hot.is_hot(rate, false) && !quiet.is_hot(rate, false));
         assert!(hot.predict_secs(rate, false).is_finite());
+    }
+
+    #[test]
+    fn pages_the_vm_repeats_cost_a_reference_when_it_dedups() {
+        let mut fp: Vec<u64> = (0..60).collect();
+        fp.extend(std::iter::repeat_n(7u64, 20));
+        assert!((self_dup_share(&fp) - 0.25).abs() < 1e-9);
+        assert_eq!(self_dup_share(&[1, 1, 1]), 0.0, "too few keys to say");
+        let v = vm(1 << 30, 0.0, 1.0, 0.0);
+        let dup = VmFacts {
+            self_dup: 0.25,
+            ..v.clone()
+        };
+        let refs = (1u64 << 18) as f64 * 0.25 * REF_BYTES;
+        assert_eq!(
+            dup.first_pass_bytes(false),
+            0.75 * (1u64 << 30) as f64 + refs
+        );
     }
 
     #[test]

@@ -254,7 +254,7 @@ impl DrainReport {
     /// expected on the wire.
     pub fn plan_table(&self) -> String {
         let mut s = format!(
-            "{:>2} {:<16} {:>7} {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9}\n",
+            "{:>2} {:<16} {:>7} {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9} {:>5}\n",
             "#",
             "VM",
             "MEMORY",
@@ -264,7 +264,8 @@ impl DrainReport {
             "DIRTY MB/s",
             "DELTA",
             "TO",
-            "PREDICTED"
+            "PREDICTED",
+            "BOUND"
         );
         for (i, v) in self.vms.iter().enumerate() {
             let none = || {
@@ -299,7 +300,7 @@ impl DrainReport {
                 to
             };
             s += &format!(
-                "{:>2} {:<16} {:>6}M {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9}\n",
+                "{:>2} {:<16} {:>6}M {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9} {:>5}\n",
                 i + 1,
                 v.name,
                 v.memory >> 20,
@@ -309,7 +310,11 @@ impl DrainReport {
                 dirty,
                 delta,
                 to,
-                v.predicted_s.map_or("-".into(), |p| format!("{p:.1} s"))
+                v.predicted_s.map_or("-".into(), |p| format!("{p:.1} s")),
+                v.bound.map_or("-", |b| match b {
+                    crate::plan::Bound::Link => "link",
+                    crate::plan::Bound::Cpu => "cpu",
+                })
             );
         }
         let links: Vec<String> = self
@@ -334,6 +339,25 @@ impl DrainReport {
                 .wire_bytes_predicted
                 .map_or(String::new(), |b| format!(", {} MiB on the wire", b >> 20))
         );
+        s += &match &self.plan.cpu {
+            Some(c) => format!(
+                "cpu: {} cores for migrations against {} guest vCPUs runnable; a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination\n",
+                c.pool_cores
+                    .iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                c.guest_vcpus_runnable
+                    .iter()
+                    .map(|x| format!("{x:.1}"))
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                c.cost_s_per_gb[0],
+                c.cost_s_per_gb[1]
+            ),
+            None => "cpu: not in the plan (the source has not yet learnt what this transport costs)\n"
+                .to_string(),
+        };
         if let Some(p) = self.postcopy_line() {
             s += &format!("{p}\n");
         }

@@ -102,6 +102,7 @@ impl Planned {
 
     pub fn make(o: &DrainOptions, s: &Survey, meter: Option<&crate::cpu::Meter>) -> Self {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
+        let yields = o.request.vcpu_yield != Some(false);
         let cpu = meter.and_then(|m| {
             m.plan(
                 o.budget.reserve_cpu,
@@ -171,6 +172,9 @@ impl Planned {
                         bytes: vms[*i].wire_bytes(share(d), compressed) + disk_bytes(*i, d),
                         cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
                         threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
+                        yields: cpu
+                            .as_ref()
+                            .map_or(0.0, |c| c.yields(vms[*i].vcpus, yields)),
                     })
                 })
                 .collect()
@@ -198,6 +202,9 @@ impl Planned {
                                 bytes: vms[*i].wire_bytes(share, compressed) + disk_bytes(*i, d),
                                 cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
                                 threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
+                                yields: cpu
+                                    .as_ref()
+                                    .map_or(0.0, |c| c.yields(vms[*i].vcpus, yields)),
                             })
                         })
                         .collect();

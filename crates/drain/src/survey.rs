@@ -271,25 +271,40 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
     });
     vms.into_iter()
         .zip(samples)
-        .map(|(v, sample)| VmFacts {
-            name: v.name,
-            memory: v.memory,
-            sample,
-            delta: o.request.sends_deltas(),
-            // Known once the order is (crate::cache::expect_hits).
-            cached: 0.0,
-            needs: crate::plan::Needs {
-                disks: v.disks,
-                nics: v.nics,
-                disk_bytes: v.disk_bytes,
-                cpu_features: v.cpu_features,
-            },
-            postcopy: o
-                .request
-                .postcopy
-                .unwrap_or(migration::policy::DEFAULT_POSTCOPY),
+        .map(|(v, sample)| {
+            let self_dup = sample
+                .as_ref()
+                .filter(|_| dedups(o))
+                .map_or(0.0, |s| crate::predict::self_dup_share(&s.fingerprint));
+            VmFacts {
+                name: v.name,
+                memory: v.memory,
+                sample,
+                delta: o.request.sends_deltas(),
+                // Known once the order is (crate::cache::expect_hits).
+                cached: 0.0,
+                self_dup,
+                vcpus: v.vcpus,
+                needs: crate::plan::Needs {
+                    disks: v.disks,
+                    nics: v.nics,
+                    disk_bytes: v.disk_bytes,
+                    cpu_features: v.cpu_features,
+                },
+                postcopy: o
+                    .request
+                    .postcopy
+                    .unwrap_or(migration::policy::DEFAULT_POSTCOPY),
+            }
         })
         .collect()
+}
+
+/// Whether the drain's migrations send a page the VM holds twice as a reference (dedup on,
+/// and not the direct transport, which sends guest RAM untouched).
+fn dedups(o: &DrainOptions) -> bool {
+    o.request.dedup != Some(false)
+        && o.request.transport != Some(migration::protocol::Transport::Direct)
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ pub struct CpuUsage {
     /// over them: over an interval, how many vCPUs on average compete for the cores.
     #[serde(default)]
     pub guests_runnable_s: f64,
+    /// The guests' vCPU threads now.
+    #[serde(default)]
+    pub vcpus: usize,
     /// Core-seconds the other threads of VM processes took (migrations in and out, devices).
     pub vmm_s: f64,
     /// What a migration sent from here cost, by transport.
@@ -145,6 +148,7 @@ impl CpuMeter {
             self.guests_runnable_s += (p.vcpus_runnable - was.vcpus_runnable).max(0.0);
             self.vmm_s += ((p.total - was.total) - guests).max(0.0);
         }
+        let vcpus = now.values().map(|p| p.vcpu_threads).sum();
         self.seen = now;
         CpuUsage {
             boot_id: boot_id(),
@@ -153,6 +157,7 @@ impl CpuMeter {
             busy_s: busy_seconds(),
             guests_s: self.guests_s,
             guests_runnable_s: self.guests_runnable_s,
+            vcpus,
             vmm_s: self.vmm_s,
             costs: self.costs.clone(),
         }
@@ -230,6 +235,8 @@ struct Process {
     vcpus: f64,
     /// Seconds its vCPU threads were runnable, summed.
     vcpus_runnable: f64,
+    /// Its vCPU threads.
+    vcpu_threads: usize,
 }
 
 /// Process `pid`, read from /proc.
@@ -253,6 +260,7 @@ fn process(pid: u32) -> Option<Process> {
             continue;
         };
         if comm.starts_with("vcpu") {
+            p.vcpu_threads += 1;
             p.vcpus += ticks / tps;
             let sched = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
             p.vcpus_runnable += parse_schedstat(&sched);

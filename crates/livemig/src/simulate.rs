@@ -150,6 +150,8 @@ fn vm(name: String, memory: u64) -> VmFacts {
         sample: None,
         delta: false,
         cached: 0.0,
+        self_dup: 0.0,
+        vcpus: 1,
         needs: Needs::default(),
         postcopy: migration::policy::PostcopyMode::Off,
     }

@@ -125,6 +125,9 @@ impl LivemigHosts {
             .map(|v| VmFacts {
                 delta: false,
                 cached: 0.0,
+                // QEMU sends every page it holds twice whole.
+                self_dup: 0.0,
+                vcpus: 1,
                 ..v.clone()
             })
             .collect();
@@ -178,7 +181,9 @@ impl LivemigHosts {
     }
 
     /// The drain's outcome; `delta`: its migrations sent re-sent pages as deltas.
-    fn outcome(&mut self, r: &DrainReport, delta: bool) -> DrainOutcome {
+    /// `dedup`: a page the VM holds twice went as a reference.
+    fn outcome(&mut self, r: &DrainReport, delta: bool, dedup: bool) -> DrainOutcome {
+        let vcpu_yield = self.request.vcpu_yield != Some(false);
         let vms = r
             .vms
             .iter()
@@ -208,6 +213,13 @@ impl LivemigHosts {
                 sample: v.sample.clone(),
                 delta,
                 cached: 0.0,
+                self_dup: v
+                    .sample
+                    .as_ref()
+                    .filter(|_| dedup)
+                    .map_or(0.0, |s| drain::predict::self_dup_share(&s.fingerprint)),
+                // The bench's VMs have one each.
+                vcpus: 1,
                 needs: Default::default(),
                 // As the drain's migrations ran: hybrid, unless their report says otherwise.
                 postcopy: migration::policy::DEFAULT_POSTCOPY,
@@ -234,6 +246,7 @@ impl LivemigHosts {
             survey_s: r.survey_ms as f64 / 1e3,
             facts,
             cpu: r.plan.cpu.clone(),
+            vcpu_yield,
             path_bps: r.plan.link_bits_per_s.first().copied().flatten(),
             detail: serde_json::to_value(r).unwrap_or_default(),
         }
@@ -264,6 +277,8 @@ impl Drainer for LivemigHosts {
         let opts = self.options(cfg, route, from, to);
         let r =
             drain::drain(&opts).map_err(|e| step(format!("drain {}", cfg.name))(e.to_string()))?;
-        Ok(self.outcome(&r, opts.request.sends_deltas()))
+        let dedup = opts.request.dedup != Some(false)
+            && opts.request.transport != Some(migration::protocol::Transport::Direct);
+        Ok(self.outcome(&r, opts.request.sends_deltas(), dedup))
     }
 }

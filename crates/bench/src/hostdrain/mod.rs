@@ -284,6 +284,8 @@ pub struct DrainOutcome {
     /// The hosts' cores as the drain's plan took them (livemig, once its source has learnt
     /// the transport's cost).
     pub cpu: Option<drain::plan::PlanCpu>,
+    /// The guests yielded to their migrations.
+    pub vcpu_yield: bool,
     /// What the path carried, bits/s, probed just before with the VMs running (the link,
     /// or the machine, whichever gives out first).
     pub path_bps: Option<f64>,
@@ -614,6 +616,7 @@ fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
         compressed: cfg.compressed(),
         framing: 1.0,
         cpu: out.cpu.clone(),
+        vcpu_yield: out.vcpu_yield,
     }
 }
 

@@ -208,6 +208,7 @@ impl Drainer for QemuHosts {
             survey_s: 0.0,
             facts: self.facts.clone(),
             cpu: None,
+            vcpu_yield: false,
             vms,
             path_bps: None,
             detail: serde_json::Value::Null,

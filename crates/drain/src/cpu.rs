@@ -159,8 +159,71 @@ impl Governor {
     }
 }
 
+/// The host-wide codec policy over time: each change [`codec_step`] asks for is judged by
+/// what the drain then moves (guest RAM per second), and undone when it moved less (the
+/// seed's saw-tooth, measured rather than assumed). Pure: the run feeds it the time, the
+/// cores, the links and the rate.
+#[derive(Clone, Debug, Default)]
+pub struct CodecTuner {
+    /// The change under judgement: when, which, and the rate before it.
+    pending: Option<(f64, CodecStep, f64)>,
+    /// No change before this.
+    quiet_until: f64,
+    /// The last change judged was a migration held raw, and it paid: migrations that start
+    /// now start raw.
+    raw_pays: bool,
+}
+
+impl CodecTuner {
+    /// At `now` (seconds), with the busiest pool `busy`, the links `link` full and `rate`
+    /// bytes/s of guest RAM moving: the change to make, if any, and why.
+    pub fn decide(
+        &mut self,
+        now: f64,
+        busy: f64,
+        link: f64,
+        rate: f64,
+    ) -> Option<(CodecStep, &'static str)> {
+        if let Some((t0, step, before)) = self.pending {
+            if now - t0 < CODEC_JUDGE_S {
+                return None;
+            }
+            self.pending = None;
+            let paid = rate >= before * CODEC_KEEP;
+            self.raw_pays = (step == CodecStep::HoldRaw) == paid;
+            if !paid {
+                self.quiet_until = now + CODEC_BACKOFF_S;
+                let undo = match step {
+                    CodecStep::HoldRaw => CodecStep::Release,
+                    _ => CodecStep::HoldRaw,
+                };
+                return Some((undo, "did not pay"));
+            }
+        }
+        if now < self.quiet_until {
+            return None;
+        }
+        let (step, why) = codec_step(busy, link);
+        if step == CodecStep::Keep {
+            return None;
+        }
+        self.pending = Some((now, step, rate));
+        Some((step, why))
+    }
+
+    /// The change it asked for could not be made (no migration to change): nothing to judge.
+    pub fn not_made(&mut self) {
+        self.pending = None;
+    }
+
+    /// Whether migrations that start now should go raw: sending raw is what paid last.
+    pub fn raw_pays(&self) -> bool {
+        self.raw_pays
+    }
+}
+
 /// What the host-wide codec policy does next with a compressed drain's migrations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum CodecStep {
     /// One more migration sends raw: the cores, not the link, hold the drain back.
     HoldRaw,
@@ -177,13 +240,17 @@ pub const LINK_FULL: f64 = 0.90;
 pub const CPU_ROOM: f64 = 0.75;
 /// Below this share of the link in use, with the cores busy, the drain is CPU-bound.
 pub const LINK_SLACK: f64 = 0.75;
-/// The codec policy changes one migration at most this often, so each change is measured.
-pub const CODEC_SETTLE_MS: u64 = 1000;
+/// After a change, the codec policy measures the drain this long before it judges it.
+pub const CODEC_JUDGE_S: f64 = 1.5;
+/// A change that left the drain moving less guest RAM per second than this share of before
+/// is undone.
+pub const CODEC_KEEP: f64 = 0.97;
+/// After undoing a change, the codec policy waits this long before the next.
+pub const CODEC_BACKOFF_S: f64 = 5.0;
 
 /// The host-wide codec policy (the seed's "Live Migration will switch to TCP/IP if
 /// compression is contending for resources"): `busy` is the busiest pool's share of its
-/// cores in use (less what yielding guests take), `link` the share of the links the drain
-/// fills. Compression trades cores for
+/// cores in use, `link` the share of the links the drain fills. Compression trades cores for
 /// link bytes, so it backs off while the cores are full and the link is not, and comes back
 /// when the link is full or the cores free up. With the reason, for the report.
 pub fn codec_step(busy: f64, link: f64) -> (CodecStep, &'static str) {
@@ -576,6 +643,43 @@ mod tests {
         // In between: as it is (no flapping at the edges).
         assert_eq!(codec_step(0.85, 0.50).0, CodecStep::Keep);
         assert_eq!(codec_step(0.95, 0.80).0, CodecStep::Keep);
+    }
+
+    #[test]
+    fn a_codec_change_that_moves_less_is_undone_and_the_policy_waits() {
+        let mut t = CodecTuner::default();
+        // Cores full, link not: one migration raw.
+        assert_eq!(
+            t.decide(0.0, 0.97, 0.5, 100.0),
+            Some((CodecStep::HoldRaw, "cores full, link not"))
+        );
+        assert_eq!(t.decide(1.0, 0.97, 0.5, 80.0), None, "judged after 1.5 s");
+        // It moved less: undone, then quiet for 5 s.
+        assert_eq!(
+            t.decide(1.6, 0.97, 0.5, 80.0),
+            Some((CodecStep::Release, "did not pay"))
+        );
+        assert_eq!(t.decide(4.0, 0.97, 0.5, 100.0), None);
+        // Later it tries again; this time it pays and stays.
+        assert!(!t.raw_pays());
+        assert_eq!(
+            t.decide(7.0, 0.97, 0.5, 100.0).map(|d| d.0),
+            Some(CodecStep::HoldRaw)
+        );
+        assert_eq!(
+            t.decide(8.6, 0.97, 0.6, 120.0).map(|d| d.0),
+            Some(CodecStep::HoldRaw)
+        );
+        assert!(
+            t.raw_pays(),
+            "the first hold paid: new migrations start raw"
+        );
+        t.not_made();
+        assert_eq!(
+            t.decide(8.7, 0.80, 0.6, 120.0),
+            None,
+            "in between: as it is"
+        );
     }
 
     #[test]

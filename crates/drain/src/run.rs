@@ -402,9 +402,8 @@ struct CpuWatch {
     meter: crate::cpu::Meter,
     governor: Option<crate::cpu::Governor>,
     last: Instant,
-    /// The host-wide codec policy, in a compressed drain: what it did, and when it last
-    /// changed a migration.
-    codec: Option<(crate::cpu::CodecReport, Instant)>,
+    /// The host-wide codec policy, in a compressed drain: what it did, and its tuner.
+    codec: Option<(crate::cpu::CodecReport, crate::cpu::CodecTuner)>,
 }
 
 impl CpuWatch {
@@ -431,7 +430,12 @@ impl CpuWatch {
             meter,
             governor,
             last: Instant::now(),
-            codec: compressed.then(|| (crate::cpu::CodecReport::default(), Instant::now())),
+            codec: compressed.then(|| {
+                (
+                    crate::cpu::CodecReport::default(),
+                    crate::cpu::CodecTuner::default(),
+                )
+            }),
         }
     }
 
@@ -961,14 +965,9 @@ impl<'a> Run<'a> {
                 self.cpu.as_ref().and_then(CpuWatch::budget).unwrap_or(0) as f64 / 1e6
             ));
         }
-        // Guests whose vCPUs yield to the migrations soak up idle cores without taking any
-        // from them: the cores are full only when the rest fills them.
-        let yields = self.o.request.vcpu_yield != Some(false);
-        let busy = shares
-            .iter()
-            .flatten()
-            .map(|s| if yields { s.busy - s.guests } else { s.busy })
-            .fold(0.0, f64::max);
+        // Only the migrating VMs' vCPUs yield; the other guests compete with the migrations
+        // for the cores, so every busy core counts.
+        let busy = shares.iter().flatten().map(|s| s.busy).fold(0.0, f64::max);
         self.codec_policy(busy);
     }
 
@@ -976,14 +975,6 @@ impl<'a> Run<'a> {
     /// the links are not, one released when the links fill or the cores free up; the least
     /// compressible held first and released last.
     fn codec_policy(&mut self, busy: f64) {
-        let settled = |c: &CpuWatch| {
-            c.codec.as_ref().is_some_and(|(_, last)| {
-                last.elapsed() >= Duration::from_millis(crate::cpu::CODEC_SETTLE_MS)
-            })
-        };
-        if !self.cpu.as_ref().is_some_and(settled) {
-            return;
-        }
         let links: f64 = self
             .in_flight_per_dest()
             .iter()
@@ -994,7 +985,15 @@ impl<'a> Run<'a> {
         if links <= 0.0 {
             return;
         }
-        let (step, why) = crate::cpu::codec_step(busy, self.rates().0 / links);
+        self.start_raw_where_it_pays(busy);
+        let (wire, ram) = self.rates();
+        let now = self.t0.elapsed().as_secs_f64();
+        let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) else {
+            return;
+        };
+        let Some((step, why)) = c.1.decide(now, busy, wire / links, ram) else {
+            return;
+        };
         let ratio = |f: &Flight| {
             self.s.vms[f.job.vm]
                 .sample
@@ -1017,18 +1016,24 @@ impl<'a> Run<'a> {
             crate::cpu::CodecStep::Keep => None,
         }
         .map(|(i, _)| i);
-        let Some(i) = pick else { return };
-        let raw = step == crate::cpu::CodecStep::HoldRaw;
-        let name = &self.s.vms[self.flights[i].job.vm].name;
-        if self.s.client.codec(name, raw).is_err() {
-            return;
-        }
-        self.flights[i].held_raw = raw;
-        let held = self.flights.iter().filter(|f| f.held_raw).count();
-        let Some((report, last)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) else {
+        let made = pick.filter(|&i| {
+            let raw = step == crate::cpu::CodecStep::HoldRaw;
+            let name = &self.s.vms[self.flights[i].job.vm].name;
+            self.s.client.codec(name, raw).is_ok()
+        });
+        let Some(i) = made else {
+            if let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
+                c.1.not_made();
+            }
             return;
         };
-        *last = Instant::now();
+        let raw = step == crate::cpu::CodecStep::HoldRaw;
+        let name = &self.s.vms[self.flights[i].job.vm].name;
+        self.flights[i].held_raw = raw;
+        let held = self.flights.iter().filter(|f| f.held_raw).count();
+        let Some((report, _)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) else {
+            return;
+        };
         let count = if raw {
             &mut report.held_raw
         } else {
@@ -1041,6 +1046,38 @@ impl<'a> Run<'a> {
             if raw { "sends raw" } else { "compresses again" },
             busy * 100.0
         ));
+    }
+
+    /// While sending raw is what paid last, a migration that started since goes raw too.
+    fn start_raw_where_it_pays(&mut self, busy: f64) {
+        if !self
+            .cpu
+            .as_ref()
+            .and_then(|c| c.codec.as_ref())
+            .is_some_and(|c| c.1.raw_pays())
+        {
+            return;
+        }
+        for i in 0..self.flights.len() {
+            let f = &self.flights[i];
+            if f.switched || f.held_raw {
+                continue;
+            }
+            let name = &self.s.vms[f.job.vm].name;
+            if self.s.client.codec(name, true).is_err() {
+                continue;
+            }
+            self.flights[i].held_raw = true;
+            let held = self.flights.iter().filter(|f| f.held_raw).count();
+            if let Some((report, _)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
+                *report.held_raw.entry("raw paid".into()).or_default() += 1;
+                report.most_held = report.most_held.max(held);
+            }
+            self.view.line(&format!(
+                "drain: {name} sends raw (raw paid; busy {:.0}%)",
+                busy * 100.0
+            ));
+        }
     }
 
     fn in_flight_per_dest(&self) -> Vec<usize> {

@@ -773,7 +773,9 @@ fn kvm_a_guest_that_outruns_the_link_moves_by_post_copy_unthrottled() {
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
     let d = tempfile::tempdir().unwrap();
-    // `stress` rewrites its working set faster than 1 Gbit/s carries it whole: rounds stall.
+    // `stress` rewrites a working set that 1 Gbit/s never carries within a 10 ms pause (2 ms
+    // of pages beside the switchover's 8), however fast this machine runs it: rounds stop
+    // shrinking above the target and stall.
     // (At 400 Mbit/s rounds are so long that even a 99% throttle leaves them whole.)
     // (Its writes change a few words a page, so as deltas it would not outrun the link.)
     let port = free_port();
@@ -788,6 +790,8 @@ fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
         &[
             "--max-bandwidth",
             "1Gbit",
+            "--downtime-ms",
+            "10",
             "--no-delta",
             "--no-vcpu-yield",
             "--no-postcopy",
@@ -813,6 +817,8 @@ fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
         &[
             "--max-bandwidth",
             "1Gbit",
+            "--downtime-ms",
+            "10",
             "--no-auto-converge",
             "--no-delta",
             "--no-vcpu-yield",

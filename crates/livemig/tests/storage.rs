@@ -205,10 +205,13 @@ fn kvm_a_guest_writing_faster_than_the_link_converges_by_the_mirror() {
             path.to_str().unwrap(),
         ],
     );
+    // What the migration said, and its report if it wrote one: a failure names its cause.
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&path).unwrap_or_default()
     );
     let r = verified_with_disk(&path);
     let disk = &r["disks"][0];

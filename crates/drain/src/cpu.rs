@@ -504,12 +504,10 @@ impl Meter {
         }
     }
 
-    /// Before and during, per pool.
-    pub fn report(&mut self, end: bool) -> Vec<PoolReport> {
-        if end {
-            if let Some(now) = read(&self.clients) {
-                self.last = now;
-            }
+    /// Reads the hosts a last time: before and during, per pool.
+    pub fn report(&mut self) -> Vec<PoolReport> {
+        if let Some(now) = read(&self.clients) {
+            self.last = now;
         }
         let start = self.start.clone().unwrap_or_else(|| self.last.clone());
         let before = self.per_pool(&self.first, &start);

@@ -469,7 +469,7 @@ impl CpuWatch {
 
     /// The report, once the hosts have learnt what the drain's `wire` bytes cost them.
     fn report(mut self, o: &DrainOptions, wire: u64) -> crate::cpu::CpuReport {
-        let pools = self.meter.report(true);
+        let pools = self.meter.report();
         self.meter.teach(transport_name(o), wire);
         crate::cpu::CpuReport {
             pools,

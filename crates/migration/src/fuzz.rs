@@ -155,7 +155,7 @@ fn exercise(step: Step<'_>) -> Option<usize> {
         Step::Owed(o) => {
             let _ = o.runs().count();
         }
-        Step::Prepare(_) | Step::RoundEnd(_) | Step::Nothing => {}
+        Step::Prepare(_) | Step::RoundEnd(_) | Step::Paused | Step::Nothing => {}
     }
     None
 }

@@ -180,6 +180,12 @@ impl MigrationError {
     }
 }
 
+/// The calling thread goes first until the guard drops (the switchover's downtime), or why
+/// it cannot here.
+pub(crate) fn go_first() -> Result<sched::Boosted, String> {
+    sched::boost_current().map_err(|e| e.to_string())
+}
+
 /// CPU time of the calling thread (the migration's own work, not the guest's vCPUs).
 pub fn thread_cpu_seconds() -> f64 {
     // SAFETY: an all-zero rusage is a valid value of this plain C struct.

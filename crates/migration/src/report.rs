@@ -216,6 +216,10 @@ pub struct Report {
     /// "vCPUs at nice N until the pause", or why not.
     #[serde(default)]
     pub vcpu_yield: String,
+    /// The migration's thread here while the VM was paused: how much it went first, or why
+    /// it could not.
+    #[serde(default)]
+    pub switchover_priority: String,
     /// Where the disks were: `shared` (both hosts reach them) or `copy` (they moved with the
     /// VM).
     #[serde(default)]
@@ -484,6 +488,9 @@ impl Report {
             s += &format!(", {d}");
         }
         s += "\n";
+        if !self.switchover_priority.is_empty() {
+            s += &format!("  while paused: {}\n", self.switchover_priority);
+        }
         if !self.vcpu_yield.is_empty() {
             s += &format!("  guest vCPUs: {}\n", self.vcpu_yield);
         }

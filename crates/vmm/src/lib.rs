@@ -9,7 +9,7 @@ pub mod boot;
 pub mod devices;
 pub mod dirty;
 pub mod pci_devices;
-pub mod priority;
+pub use sched as priority;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

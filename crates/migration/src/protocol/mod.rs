@@ -14,7 +14,7 @@ use zerocopy::{FromBytes, IntoBytes};
 pub const MAGIC: [u8; 4] = *b"LVMG";
 const DATA_MAGIC: [u8; 4] = *b"LVMD";
 const PROBE_MAGIC: [u8; 4] = *b"LVMP";
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 pub const HELLO_LEN: usize = std::mem::size_of::<HelloWire>();
 pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
 pub const PAGE: usize = 4096;
@@ -166,6 +166,9 @@ pub enum Kind {
     /// dst→src, first on the push connection of a link made again after a failure in
     /// post-copy: the pages the destination still lacks ([`Owed`]).
     PostcopyResume = 25,
+    /// src→dst, control: the VM has just paused; what follows is the downtime, and the
+    /// destination's migration thread goes first until it confirms.
+    Paused = 26,
 }
 
 impl Kind {
@@ -196,6 +199,7 @@ impl Kind {
             23 => Kind::NoPostcopy,
             24 => Kind::OwedPlaced,
             25 => Kind::PostcopyResume,
+            26 => Kind::Paused,
             _ => return None,
         })
     }
@@ -204,7 +208,12 @@ impl Kind {
     pub fn max_len(self) -> usize {
         const BATCH: usize = COUNT_LEN + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE);
         match self {
-            Kind::Ready | Kind::Done | Kind::Confirm | Kind::PostcopyEnd | Kind::OwedPlaced => 0,
+            Kind::Ready
+            | Kind::Done
+            | Kind::Confirm
+            | Kind::PostcopyEnd
+            | Kind::OwedPlaced
+            | Kind::Paused => 0,
             Kind::RoundEnd | Kind::RoundDone => std::mem::size_of::<RoundEndWire>(),
             Kind::Config | Kind::Verified | Kind::Abort | Kind::Busy | Kind::Redirect => 64 << 10,
             Kind::Pages | Kind::PagesDirect | Kind::PostcopyPages => BATCH,
@@ -235,7 +244,7 @@ pub enum ProtocolError {
     Closed,
     /// bad magic {0:02x?}: the peer is not livemig
     BadMagic([u8; 4]),
-    /// protocol version {theirs} is not supported (this livemig speaks 3)
+    /// protocol version {theirs} is not supported (this livemig speaks 4)
     Version { theirs: u16 },
     /// transport {0} is not supported by the destination
     TransportUnsupported(u8),

@@ -322,6 +322,7 @@ pub enum Frame<'a> {
     NoPostcopy(String),
     OwedPlaced,
     PostcopyResume(Owed),
+    Paused,
 }
 
 impl Frame<'_> {
@@ -350,6 +351,7 @@ impl Frame<'_> {
             Frame::NoPostcopy(_) => Kind::NoPostcopy,
             Frame::OwedPlaced => Kind::OwedPlaced,
             Frame::PostcopyResume(_) => Kind::PostcopyResume,
+            Frame::Paused => Kind::Paused,
         }
     }
 }
@@ -424,6 +426,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
         }
         Kind::PostcopyEnd => Frame::PostcopyEnd,
         Kind::OwedPlaced => Frame::OwedPlaced,
+        Kind::Paused => Frame::Paused,
         Kind::PageRequest => Frame::PageRequest(decode_request(payload, MAX_POSTCOPY_RAM)?),
         Kind::PostcopyDone => Frame::PostcopyDone(serde_json::from_slice(payload).map_err(json)?),
         Kind::NoPostcopy => Frame::NoPostcopy(String::from_utf8_lossy(payload).into_owned()),

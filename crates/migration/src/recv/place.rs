@@ -63,6 +63,7 @@ pub(super) fn place(
         | Step::Disk(_)
         | Step::RoundEnd(_)
         | Step::Owed(_)
+        | Step::Paused
         | Step::Nothing => Ok(()),
     }
 }

@@ -130,7 +130,7 @@ impl Incoming {
             ram: prepared.ram(),
             cache: cache.as_ref(),
         };
-        let (vm_state, mut stats, owed) = receive_memory(
+        let (vm_state, mut stats, owed, first) = receive_memory(
             (&mut input, &mut out),
             state,
             dst,
@@ -173,6 +173,8 @@ impl Incoming {
         );
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
+        // The guest runs: the downtime is over (threads started meanwhile did not inherit it).
+        drop(first);
         let outcome = match (postcopy, relink) {
             (Some((pc, link)), Some(slot)) => {
                 // The verdict goes over post-copy's link, which may have moved to another
@@ -274,7 +276,7 @@ fn receive_memory<R: DirectRead, W: Write>(
     transport: Transport,
     control: &ShutdownHandle,
     disks: Option<&mut disks::DiskSink>,
-) -> Result<(Snapshot, ReceiveStats, Option<Box<Owed>>), MigrationError> {
+) -> Result<Memory, MigrationError> {
     let handles = streams
         .iter()
         .map(|c| c.shutdown_handle())
@@ -318,19 +320,28 @@ fn receive_memory<R: DirectRead, W: Write>(
             }
         }
         // The stream that failed first says why better than the control connection it closed.
-        let (vm_state, control_stats, owed) = match (r, first_err) {
+        let (vm_state, control_stats, owed, first) = match (r, first_err) {
             (Ok(v), None) => v,
             (_, Some(e)) | (Err(e), None) => return Err(e),
         };
         stats.add(&control_stats);
         stats.rounds = control_stats.rounds;
-        Ok((vm_state, stats, owed))
+        Ok((vm_state, stats, owed, first))
     })
 }
 
+/// What the memory phase leaves: the paused source's state, the figures, the pages it still
+/// owes (post-copy), and this thread's priority while the VM is paused.
+type Memory = (
+    Snapshot,
+    ReceiveStats,
+    Option<Box<Owed>>,
+    Option<sched::Boosted>,
+);
+
 /// The control connection after Ready: the state machine until Complete.
 /// Every round's end is answered with RoundDone once its pages are in place, here and on
-/// every page stream.
+/// every page stream. From the source's Paused on, this thread goes first.
 fn control_loop<R: DirectRead, W: Write>(
     (input, out): (&mut FrameReader<R>, &mut FrameWriter<W>),
     mut state: ReceiveMigrationState,
@@ -338,7 +349,8 @@ fn control_loop<R: DirectRead, W: Write>(
     transport: Transport,
     streams: &RoundBarrier,
     mut disks: Option<&mut disks::DiskSink>,
-) -> Result<(Snapshot, ReceiveStats, Option<Box<Owed>>), MigrationError> {
+) -> Result<Memory, MigrationError> {
+    let mut first = None;
     let mut stats = ReceiveStats::default();
     let mut scratch = Vec::new();
     let mut rounds = 0;
@@ -388,6 +400,11 @@ fn control_loop<R: DirectRead, W: Write>(
                     .into())
                 }
             },
+            Step::Paused => {
+                first = crate::go_first()
+                    .inspect_err(|why| tracing::debug!("the switchover keeps its priority: {why}"))
+                    .ok();
+            }
             Step::RoundEnd(r) => {
                 // What the copies hold is made durable off the switchover.
                 if let Some(d) = &disks {
@@ -412,7 +429,7 @@ fn control_loop<R: DirectRead, W: Write>(
                 tracing::debug!("allocated {mib} MiB of guest RAM ahead of its pages");
             }
             stats.rounds = rounds;
-            return Ok((*state, stats, owed));
+            return Ok((*state, stats, owed, first));
         }
     }
 }

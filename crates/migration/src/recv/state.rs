@@ -64,6 +64,8 @@ pub enum Step<'f> {
     Owed(Box<Owed>),
     /// A round is complete.
     RoundEnd(RoundEnd),
+    /// The source's VM has paused: the downtime runs from here.
+    Paused,
     /// Nothing beyond the new state.
     Nothing,
 }
@@ -94,6 +96,9 @@ impl ReceiveMigrationState {
             }
             (s @ S::ReceivingMemory { .. }, f) if is_pages(&f) => (s, page_step(f)),
             (s @ S::ReceivingMemory { .. }, Frame::DiskBlocks(d)) => (s, Step::Disk(d)),
+            (s @ (S::ReceivingMemory { .. } | S::OwedAhead { .. }), Frame::Paused) => {
+                (s, Step::Paused)
+            }
             (S::ReceivingMemory { vm, rounds }, Frame::RoundEnd(r)) => (
                 S::ReceivingMemory {
                     vm,
@@ -339,6 +344,10 @@ mod tests {
             .next(Frame::RoundEnd(RoundEnd { round: 0, pages: 0 }))
             .unwrap();
         assert!(matches!(step, Step::RoundEnd(_)));
+        // The source paused: the last round follows.
+        let (s, step) = s.next(Frame::Paused).unwrap();
+        assert!(matches!(step, Step::Paused));
+        assert_eq!(s.name(), "receiving-memory");
         let (s, _) = s.next(Frame::State(state_for(vm()))).unwrap();
         assert_eq!(s.name(), "state-received");
         let (s, _) = s.next(Frame::Done).unwrap();
@@ -362,6 +371,8 @@ mod tests {
         // Only the last part may follow the first, and nothing else.
         let (s2, _) = receiving().next(Frame::Postcopy(ahead.clone())).unwrap();
         refuses(s2, Frame::State(state_for(vm())));
+        let (s, step) = s.next(Frame::Paused).unwrap();
+        assert!(matches!(step, Step::Paused));
         let mut owed = Owed::new(vm().memory);
         owed.mark(8192);
         owed.last = true;

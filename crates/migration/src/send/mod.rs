@@ -843,6 +843,8 @@ struct Session<'a> {
     postcopy: policy::PostcopyMode,
     /// The guest's own write counts, for its rate before and during the migration.
     writes: Option<GuestRate>,
+    /// This thread's priority while the VM is paused, until the destination confirms.
+    first: Option<sched::Boosted>,
 }
 
 impl<'a> Session<'a> {
@@ -925,6 +927,7 @@ impl<'a> Session<'a> {
             verdict_from: None,
             postcopy: opts.postcopy,
             writes: None,
+            first: None,
         })
     }
 
@@ -1313,6 +1316,16 @@ impl<'a> Session<'a> {
         guard: &mut SourceGuard,
     ) -> Result<(Instant, migratable::Snapshot), MigrationError> {
         self.phase("switchover");
+        // From the pause to the Confirm, this thread goes first, and tells the destination's
+        // to.
+        self.report.switchover_priority = match crate::go_first() {
+            Ok(b) => {
+                let class = b.describe();
+                self.first = Some(b);
+                format!("the migration's thread {class} until the destination confirmed")
+            }
+            Err(why) => format!("not raised: {why}"),
+        };
         let t_pause = Instant::now();
         let state = {
             let mut g = locks::lock(self.vm);
@@ -1320,6 +1333,8 @@ impl<'a> Session<'a> {
             guard.paused_by_us = true;
             g.snapshot()?
         };
+        self.sender.control_out().send(Kind::Paused, &[])?;
+        self.sender.flush_control()?;
         if let Some(w) = &mut self.writes {
             w.paused();
         }
@@ -1363,6 +1378,7 @@ impl<'a> Session<'a> {
         // From here the destination may hold everything: the source must not resume on its own.
         guard.armed = false;
         self.await_confirm().inspect_err(|e| guard.take_back(e))?;
+        self.first.take();
         let downtime = t_pause.elapsed().as_millis() as u64;
         tracing::debug!(
             captured_ms,
@@ -1428,6 +1444,8 @@ impl<'a> Session<'a> {
         owed.merge(&last);
         let unsent = Arc::new(PageBits::from_owed(&owed));
         self.count_wire(&link);
+        // Threads started from here would inherit this thread's priority for good.
+        self.first.take();
         // Loading the state on the destination may already fault.
         let demand = postcopy::Demand::start(self.ram.clone(), unsent.clone(), link)?;
         self.opts.cancel.commit()?;
@@ -1435,6 +1453,7 @@ impl<'a> Session<'a> {
         self.sender.send_state_and_done(&state)?;
         guard.armed = false;
         self.await_confirm().inspect_err(|e| guard.take_back(e))?;
+        self.first.take();
         // From here post-copy's link watches the destination, and is made again when it
         // fails; the guest's verdict comes over it too.
         watchdog.disarm();

@@ -181,6 +181,16 @@ pub struct FakeVm {
     pub migrated_to: Option<String>,
     /// Sections it announces (a test may add one the destination does not know).
     pub extra_section: Option<SectionId>,
+    /// The scheduling class of the thread that paused it (source) or loaded and resumed it
+    /// (destination).
+    pub paused_by_class: Option<i32>,
+    pub resumed_by_class: Option<i32>,
+}
+
+/// The calling thread's scheduling class (without the reset-on-fork flag).
+pub fn current_class() -> i32 {
+    // SAFETY: sched_getscheduler reads the calling thread's class and touches no memory.
+    unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
 }
 
 impl FakeVm {
@@ -227,6 +237,8 @@ impl FakeVm {
             yielded: false,
             migrated_to: None,
             extra_section: None,
+            paused_by_class: None,
+            resumed_by_class: None,
         }
     }
 
@@ -355,12 +367,14 @@ impl Drop for FakeVm {
 
 impl Pausable for FakeVm {
     fn pause(&mut self) -> Result<(), MigratableError> {
+        self.paused_by_class = Some(current_class());
         self.park();
         self.state = RunState::Paused;
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), MigratableError> {
+        self.resumed_by_class = Some(current_class());
         *self.guest.paused.lock().unwrap() = false;
         self.guest.parked.notify_all();
         self.state = RunState::Running;
@@ -499,6 +513,8 @@ impl PreparedVm for FakePrepared {
             yielded: false,
             migrated_to: None,
             extra_section: None,
+            paused_by_class: None,
+            resumed_by_class: None,
         })
     }
 }

@@ -173,6 +173,34 @@ fn an_idle_vm_moves_whole_in_one_copy() {
     assert_eq!(r.rounds[1..].iter().map(|r| r.pages).sum::<u64>(), 0);
 }
 
+/// From the pause until the guest runs again, the migration's thread on each side runs in
+/// the real-time FIFO class, and only then (where this process may: as root).
+#[test]
+fn while_the_vm_is_paused_the_migrations_threads_go_first() {
+    let m = migrate(&busy(), |_| {});
+    m.assert_moved_whole();
+    let r = m.report();
+    if r.switchover_priority.starts_with("not raised") {
+        println!("SKIPPED: {}", r.switchover_priority);
+        return;
+    }
+    assert!(
+        r.switchover_priority.contains("real-time FIFO"),
+        "{}",
+        r.switchover_priority
+    );
+    let paused_by = m.source.lock().unwrap().paused_by_class;
+    assert_eq!(paused_by, Some(libc::SCHED_FIFO), "the source paused first");
+    let resumed_by = m.dest.as_ref().unwrap().resumed_by_class;
+    assert_eq!(
+        resumed_by,
+        Some(libc::SCHED_FIFO),
+        "the destination resumed first"
+    );
+    // The source's thread is back with the others once the destination confirmed.
+    assert_eq!(fake::current_class(), libc::SCHED_OTHER);
+}
+
 #[test]
 fn pages_written_during_the_copy_and_the_sync_arrive_as_last_written() {
     let m = migrate(&busy(), |o| o.max_bandwidth = Some(400_000_000));

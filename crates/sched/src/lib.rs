@@ -1,8 +1,13 @@
-//! The vCPU threads' scheduling priority. While a VM is being migrated its vCPUs can yield the
-//! CPU to the migration's own threads (a higher nice value): when the host has idle cores
-//! nothing changes, and when it has none the pages leave at the link's rate instead of the rate
-//! a fair share of a core allows. The priority comes back before the pause, and whenever the
-//! migration ends, which is why it is only lowered where this process may raise it again.
+//! Threads' scheduling priority.
+//!
+//! - While a VM is being migrated its vCPUs can yield the CPU to the migration's own threads
+//!   (a higher nice value, [`lower`]): when the host has idle cores nothing changes, and when
+//!   it has none the pages leave at the link's rate instead of the rate a fair share of a core
+//!   allows. The priority comes back before the pause, and whenever the migration ends, which
+//!   is why it is only lowered where this process may raise it again.
+//! - While the VM is paused, the migration's thread goes first ([`boost_current`]): the
+//!   downtime is its last round and the state, and every other guest and migration on the
+//!   host competes with it for the cores.
 use std::io;
 
 /// One thread's kernel id.
@@ -25,6 +30,16 @@ pub enum PriorityError {
     },
     /// the vCPUs keep their priority: this process could not give it back (nice {nice} needs CAP_SYS_NICE or an RLIMIT_NICE of at least {needed})
     CannotRestore { nice: i32, needed: u64 },
+    /// the thread keeps its class: real-time priority {needed} needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least {needed}
+    CannotBoost { needed: i32 },
+    /// thread {tid} is not time-shared (scheduling class {policy}): it keeps its class
+    NotTimeShared { tid: Tid, policy: i32 },
+    /// setting thread {tid} to real-time priority {priority} failed: {source}
+    SetPolicy {
+        tid: Tid,
+        priority: i32,
+        source: io::Error,
+    },
 }
 
 /// Threads whose nice value was raised, and what it was: given back by [`Lowered::restore`]
@@ -79,6 +94,97 @@ impl Drop for Lowered {
     fn drop(&mut self) {
         self.give_back();
     }
+}
+
+/// The calling thread ahead of every time-shared thread on the host until dropped: the
+/// real-time FIFO class at its lowest priority. Threads it starts meanwhile do not inherit
+/// it (reset on fork), and the kernel's real-time throttling still leaves the others their
+/// share of each second, so a thread that never blocks cannot take the host.
+#[derive(Debug)]
+pub struct Boosted {
+    tid: Tid,
+}
+
+/// The real-time priority a boosted thread runs at: the lowest, enough to run before every
+/// time-shared thread, below the kernel's own real-time threads (interrupt handlers).
+pub const BOOST_PRIORITY: i32 = 1;
+
+/// Puts the calling thread in the real-time FIFO class ([`Boosted`]), if this process may
+/// (CAP_SYS_NICE, or an RLIMIT_RTPRIO of at least [`BOOST_PRIORITY`]). Dropping the guard
+/// gives it back its time-shared class, with the nice value it had.
+pub fn boost_current() -> Result<Boosted, PriorityError> {
+    let tid = current_tid();
+    let policy = policy_of(tid)?;
+    if policy != libc::SCHED_OTHER {
+        return Err(PriorityError::NotTimeShared { tid, policy });
+    }
+    if !has_cap_sys_nice() && rlimit_rtprio() < u64::from(BOOST_PRIORITY.unsigned_abs()) {
+        return Err(PriorityError::CannotBoost {
+            needed: BOOST_PRIORITY,
+        });
+    }
+    set_policy(
+        tid,
+        libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+        BOOST_PRIORITY,
+    )?;
+    Ok(Boosted { tid })
+}
+
+impl Boosted {
+    /// What the thread runs as while boosted.
+    pub fn describe(&self) -> String {
+        format!("real-time FIFO at priority {BOOST_PRIORITY}")
+    }
+}
+
+impl Drop for Boosted {
+    fn drop(&mut self) {
+        if let Err(e) = set_policy(self.tid, libc::SCHED_OTHER, 0) {
+            tracing::warn!("giving a migration thread its time-shared class back: {e}");
+        }
+    }
+}
+
+fn policy_of(tid: Tid) -> Result<i32, PriorityError> {
+    // SAFETY: sched_getscheduler reads a thread's scheduling class and touches no memory.
+    let p = unsafe { libc::sched_getscheduler(tid) };
+    if p < 0 {
+        return Err(PriorityError::Get {
+            tid,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // A class read back carries no reset-on-fork flag's meaning for the comparison.
+    Ok(p & !libc::SCHED_RESET_ON_FORK)
+}
+
+fn set_policy(tid: Tid, policy: i32, priority: i32) -> Result<(), PriorityError> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: sched_setscheduler reads the one sched_param we pass and changes only the
+    // thread's scheduling class.
+    if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
+        return Err(PriorityError::SetPolicy {
+            tid,
+            priority,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn rlimit_rtprio() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_RTPRIO, &mut r) } != 0 {
+        return 0;
+    }
+    r.rlim_cur
 }
 
 /// The calling thread's kernel id.
@@ -168,6 +274,33 @@ mod tests {
         assert_eq!(rlimit_for(0), 20);
         assert_eq!(rlimit_for(-20), 40);
         assert_eq!(rlimit_for(19), 1);
+    }
+
+    /// The calling thread goes first while boosted, and comes back to its class and nice
+    /// value after; a thread it starts meanwhile is time-shared.
+    #[test]
+    fn boosts_and_gives_back() {
+        std::thread::spawn(|| {
+            let tid = current_tid();
+            let nice = nice_of(tid).unwrap();
+            match boost_current() {
+                Ok(b) => {
+                    assert_eq!(policy_of(tid).unwrap(), libc::SCHED_FIFO);
+                    let child = std::thread::spawn(|| policy_of(current_tid()).unwrap());
+                    assert_eq!(child.join().unwrap(), libc::SCHED_OTHER);
+                    drop(b);
+                    assert_eq!(policy_of(tid).unwrap(), libc::SCHED_OTHER);
+                    assert_eq!(nice_of(tid).unwrap(), nice);
+                }
+                Err(PriorityError::CannotBoost { .. }) => {
+                    println!("SKIPPED: this process may not use real-time priority");
+                    assert_eq!(policy_of(tid).unwrap(), libc::SCHED_OTHER);
+                }
+                Err(e) => panic!("{e}"),
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     /// A thread's nice value goes up and comes back, whether restored or dropped.

@@ -189,7 +189,11 @@ impl CodecTuner {
                 return None;
             }
             self.pending = None;
-            let paid = rate >= before * CODEC_KEEP;
+            // Sending raw gives up the operator's codec: it stays only when it moved more.
+            let paid = match step {
+                CodecStep::HoldRaw => rate >= before * RAW_GAIN,
+                _ => rate >= before * CODEC_KEEP,
+            };
             self.raw_pays = (step == CodecStep::HoldRaw) == paid;
             if !paid {
                 self.quiet_until = now + CODEC_BACKOFF_S;
@@ -242,9 +246,12 @@ pub const CPU_ROOM: f64 = 0.75;
 pub const LINK_SLACK: f64 = 0.75;
 /// After a change, the codec policy measures the drain this long before it judges it.
 pub const CODEC_JUDGE_S: f64 = 1.5;
-/// A change that left the drain moving less guest RAM per second than this share of before
-/// is undone.
+/// Compressing again is undone when the drain then moves less guest RAM per second than
+/// this share of before.
 pub const CODEC_KEEP: f64 = 0.97;
+/// Holding a migration raw is undone unless the drain then moves this much more guest RAM
+/// per second than before: within the noise, the operator's codec stays.
+pub const RAW_GAIN: f64 = 1.05;
 /// After undoing a change, the codec policy waits this long before the next.
 pub const CODEC_BACKOFF_S: f64 = 5.0;
 
@@ -658,14 +665,24 @@ mod tests {
             Some((CodecStep::Release, "did not pay"))
         );
         assert_eq!(t.decide(4.0, 0.97, 0.5, 100.0), None);
-        // Later it tries again; this time it pays and stays.
+        // Later it tries again; moving as much is not enough: undone.
         assert!(!t.raw_pays());
         assert_eq!(
             t.decide(7.0, 0.97, 0.5, 100.0).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
         assert_eq!(
-            t.decide(8.6, 0.97, 0.6, 120.0).map(|d| d.0),
+            t.decide(8.6, 0.97, 0.5, 103.0),
+            Some((CodecStep::Release, "did not pay"))
+        );
+        assert!(!t.raw_pays());
+        // Again later; this time it pays and stays.
+        assert_eq!(
+            t.decide(14.0, 0.97, 0.5, 100.0).map(|d| d.0),
+            Some(CodecStep::HoldRaw)
+        );
+        assert_eq!(
+            t.decide(15.6, 0.97, 0.6, 120.0).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
         assert!(
@@ -674,7 +691,7 @@ mod tests {
         );
         t.not_made();
         assert_eq!(
-            t.decide(8.7, 0.80, 0.6, 120.0),
+            t.decide(15.7, 0.80, 0.6, 120.0),
             None,
             "in between: as it is"
         );

@@ -358,6 +358,9 @@ struct Flight {
     switched: bool,
     /// Held raw by the host-wide codec policy.
     held_raw: bool,
+    /// The codec policy has chosen for it (held or released): "raw paid" applies only to
+    /// migrations it has not, or it would undo its own releases.
+    codec_chosen: bool,
 }
 
 pub struct Run<'a> {
@@ -689,6 +692,7 @@ impl<'a> Run<'a> {
             paced: pace,
             switched: false,
             held_raw: false,
+            codec_chosen: false,
         });
         self.peak = self.peak.max(self.moving());
     }
@@ -1030,6 +1034,7 @@ impl<'a> Run<'a> {
         let raw = step == crate::cpu::CodecStep::HoldRaw;
         let name = &self.s.vms[self.flights[i].job.vm].name;
         self.flights[i].held_raw = raw;
+        self.flights[i].codec_chosen = true;
         let held = self.flights.iter().filter(|f| f.held_raw).count();
         let Some((report, _)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) else {
             return;
@@ -1060,7 +1065,7 @@ impl<'a> Run<'a> {
         }
         for i in 0..self.flights.len() {
             let f = &self.flights[i];
-            if f.switched || f.held_raw {
+            if f.switched || f.held_raw || f.codec_chosen {
                 continue;
             }
             let name = &self.s.vms[f.job.vm].name;
@@ -1068,6 +1073,7 @@ impl<'a> Run<'a> {
                 continue;
             }
             self.flights[i].held_raw = true;
+            self.flights[i].codec_chosen = true;
             let held = self.flights.iter().filter(|f| f.held_raw).count();
             if let Some((report, _)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
                 *report.held_raw.entry("raw paid".into()).or_default() += 1;

@@ -19,6 +19,12 @@ pub struct Phases {
     pub sync_ms: u64,
     pub switchover_ms: u64,
     pub cleanup_ms: u64,
+    /// Of the switchover: from the pause until the guest was still and its state captured,
+    /// and until the last frame left (the rest is the destination's, to its Confirm).
+    #[serde(default)]
+    pub switchover_captured_ms: u64,
+    #[serde(default)]
+    pub switchover_sent_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -5,9 +5,10 @@
 //!   it has none the pages leave at the link's rate instead of the rate a fair share of a core
 //!   allows. The priority comes back before the pause, and whenever the migration ends, which
 //!   is why it is only lowered where this process may raise it again.
-//! - While the VM is paused, the migration's thread goes first ([`boost_current`]): the
-//!   downtime is its last round and the state, and every other guest and migration on the
-//!   host competes with it for the cores.
+//! - While the VM is paused, the migration's thread goes first ([`boost_current`]), and the
+//!   vCPUs while they stop and give their state ([`boost`]): the downtime is the pause, the
+//!   last round and the state, and every other guest and migration on the host competes
+//!   with them for the cores.
 use std::io;
 
 /// One thread's kernel id.
@@ -96,43 +97,52 @@ impl Drop for Lowered {
     }
 }
 
-/// The calling thread ahead of every time-shared thread on the host until dropped: the
-/// real-time FIFO class at its lowest priority. Threads it starts meanwhile do not inherit
-/// it (reset on fork), and the kernel's real-time throttling still leaves the others their
-/// share of each second, so a thread that never blocks cannot take the host.
+/// Threads ahead of every time-shared thread on the host until dropped: the real-time FIFO
+/// class at its lowest priority. Threads they start meanwhile do not inherit it (reset on
+/// fork), and the kernel's real-time throttling still leaves the others their share of each
+/// second, so a thread that never blocks cannot take the host.
 #[derive(Debug)]
 pub struct Boosted {
-    tid: Tid,
+    tids: Vec<Tid>,
 }
 
 /// The real-time priority a boosted thread runs at: the lowest, enough to run before every
 /// time-shared thread, below the kernel's own real-time threads (interrupt handlers).
 pub const BOOST_PRIORITY: i32 = 1;
 
-/// Puts the calling thread in the real-time FIFO class ([`Boosted`]), if this process may
-/// (CAP_SYS_NICE, or an RLIMIT_RTPRIO of at least [`BOOST_PRIORITY`]). Dropping the guard
-/// gives it back its time-shared class, with the nice value it had.
+/// Puts the calling thread in the real-time FIFO class ([`Boosted`]).
 pub fn boost_current() -> Result<Boosted, PriorityError> {
-    let tid = current_tid();
-    let policy = policy_of(tid)?;
-    if policy != libc::SCHED_OTHER {
-        return Err(PriorityError::NotTimeShared { tid, policy });
-    }
+    boost(&[current_tid()])
+}
+
+/// Puts `tids` (time-shared threads) in the real-time FIFO class ([`Boosted`]), if this
+/// process may (CAP_SYS_NICE, or an RLIMIT_RTPRIO of at least [`BOOST_PRIORITY`]).
+/// Dropping the guard gives them back their time-shared class, with the nice values they
+/// had. On an error nothing stays changed.
+pub fn boost(tids: &[Tid]) -> Result<Boosted, PriorityError> {
     if !has_cap_sys_nice() && rlimit_rtprio() < u64::from(BOOST_PRIORITY.unsigned_abs()) {
         return Err(PriorityError::CannotBoost {
             needed: BOOST_PRIORITY,
         });
     }
-    set_policy(
-        tid,
-        libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
-        BOOST_PRIORITY,
-    )?;
-    Ok(Boosted { tid })
+    let mut boosted = Boosted { tids: Vec::new() };
+    for &tid in tids {
+        let policy = policy_of(tid)?;
+        if policy != libc::SCHED_OTHER {
+            return Err(PriorityError::NotTimeShared { tid, policy });
+        }
+        set_policy(
+            tid,
+            libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+            BOOST_PRIORITY,
+        )?;
+        boosted.tids.push(tid);
+    }
+    Ok(boosted)
 }
 
 impl Boosted {
-    /// What the thread runs as while boosted.
+    /// What the threads run as while boosted.
     pub fn describe(&self) -> String {
         format!("real-time FIFO at priority {BOOST_PRIORITY}")
     }
@@ -140,8 +150,13 @@ impl Boosted {
 
 impl Drop for Boosted {
     fn drop(&mut self) {
-        if let Err(e) = set_policy(self.tid, libc::SCHED_OTHER, 0) {
-            tracing::warn!("giving a migration thread its time-shared class back: {e}");
+        for &tid in &self.tids {
+            match set_policy(tid, libc::SCHED_OTHER, 0) {
+                Ok(()) => {}
+                Err(PriorityError::SetPolicy { source, .. })
+                    if source.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => tracing::warn!("giving a thread its time-shared class back: {e}"),
+            }
         }
     }
 }
@@ -301,6 +316,31 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// Other threads of this process go first while boosted, and come back after.
+    #[test]
+    fn boosts_other_threads_and_gives_them_back() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(current_tid()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        match boost(&[tid]) {
+            Ok(b) => {
+                assert_eq!(policy_of(tid).unwrap(), libc::SCHED_FIFO);
+                drop(b);
+                assert_eq!(policy_of(tid).unwrap(), libc::SCHED_OTHER);
+            }
+            Err(PriorityError::CannotBoost { .. }) => {
+                println!("SKIPPED: this process may not use real-time priority");
+            }
+            Err(e) => panic!("{e}"),
+        }
+        stop_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     /// A thread's nice value goes up and comes back, whether restored or dropped.

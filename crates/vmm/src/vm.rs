@@ -608,6 +608,21 @@ impl Vm {
         Ok(nice)
     }
 
+    /// The vCPU threads go first while they stop or give their state (the downtime waits for
+    /// them, behind every other guest's vCPUs on a busy host), until the guard drops; None
+    /// where this process may not.
+    fn vcpus_first(&self) -> Option<priority::Boosted> {
+        let tids: Vec<Tid> = self
+            .vcpus
+            .iter()
+            .map(|v| v.tid.load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .collect();
+        priority::boost(&tids)
+            .inspect_err(|e| tracing::debug!("the vCPUs keep their class while they stop: {e}"))
+            .ok()
+    }
+
     /// The vCPUs get the priority back that [`Self::yield_vcpus`] took.
     pub fn unyield_vcpus(&mut self) {
         if let Some(l) = self.yielded.take() {
@@ -629,6 +644,7 @@ impl Vm {
             RunState::Running => {}
         }
         let t = std::time::Instant::now();
+        let first = self.vcpus_first();
         for v in &self.vcpus {
             let _ = v.requests.send(VcpuRequest::Pause);
             if let Some(t) = &v.thread {
@@ -636,6 +652,7 @@ impl Vm {
             }
         }
         self.wait_all(|e| matches!(e, VcpuEvent::Paused(_)), "pause")?;
+        drop(first);
         self.state = RunState::Paused;
         let vcpus_us = t.elapsed().as_micros();
         // The guest is still: the devices finish what it asked of them.
@@ -674,6 +691,8 @@ impl Vm {
             return Err(VmError::NotPaused(self.state));
         }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        // Held until the vCPUs have all answered.
+        let _first = self.vcpus_first();
         for v in &self.vcpus {
             let (tx, rx) = channel();
             let _ = v.requests.send(VcpuRequest::Capture(tx));

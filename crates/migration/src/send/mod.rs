@@ -1392,6 +1392,8 @@ impl<'a> Session<'a> {
         self.report.rounds.push(last);
         self.report.downtime_ms = downtime;
         self.report.phases.switchover_ms = downtime;
+        self.report.phases.switchover_captured_ms = captured_ms as u64;
+        self.report.phases.switchover_sent_ms = sent_ms as u64;
         Ok(())
     }
 

@@ -37,11 +37,16 @@ pub(super) struct Compressor {
 impl Compressor {
     /// The next batch's codec: the policy's, unless the migration is held raw.
     pub fn choose(&mut self) -> Choice {
-        if self.hold_raw.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.held_raw() {
             self.stats.batches_held_raw += 1;
             return Choice::Raw;
         }
         self.policy.choose()
+    }
+
+    /// Whether the migration is held raw now.
+    pub fn held_raw(&self) -> bool {
+        self.hold_raw.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// One worker per core; `cap`: the migration's bandwidth cap in bits/s, if any.

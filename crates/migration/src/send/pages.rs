@@ -584,7 +584,8 @@ impl<'a> PageSender<'a> {
 
     /// Feeds the codec policy the link's rate (compressed path only).
     fn meter_link(&mut self) -> Result<(), MigrationError> {
-        if !matches!(self.path, PagePath::Compressed { .. }) {
+        // Held raw, the policy's choice is not asked for: no flush per batch to measure for it.
+        if !matches!(&self.path, PagePath::Compressed { workers, .. } if !workers.held_raw()) {
             return Ok(());
         }
         if self.streams.is_empty() {

@@ -251,7 +251,7 @@ pub const CODEC_JUDGE_S: f64 = 1.5;
 pub const CODEC_KEEP: f64 = 0.97;
 /// Holding a migration raw is undone unless the drain then moves this much more guest RAM
 /// per second than before: within the noise, the operator's codec stays.
-pub const RAW_GAIN: f64 = 1.05;
+pub const RAW_GAIN: f64 = 1.10;
 /// After undoing a change, the codec policy waits this long before the next.
 pub const CODEC_BACKOFF_S: f64 = 5.0;
 
@@ -672,7 +672,7 @@ mod tests {
             Some(CodecStep::HoldRaw)
         );
         assert_eq!(
-            t.decide(8.6, 0.97, 0.5, 103.0),
+            t.decide(8.6, 0.97, 0.5, 108.0),
             Some((CodecStep::Release, "did not pay"))
         );
         assert!(!t.raw_pays());

@@ -1,6 +1,7 @@
 //! How many migrations run at once: a fixed number, or `auto`, which adds one while the
-//! aggregate throughput (guest RAM sent per second) still grows by [`GAIN`] and steps back from the one that did not
-//! help (a saturated link split further only stretches every migration and its downtime).
+//! aggregate throughput (guest RAM sent per second) still grows by [`GAIN`] (doubles the
+//! window after a step that raised it by [`FAST_GAIN`]) and steps back from the step that did
+//! not help (a saturated link split further only stretches every migration and its downtime).
 //! Pure: the run feeds it what it measured.
 use serde::Serialize;
 
@@ -38,6 +39,10 @@ impl std::fmt::Display for Concurrency {
 
 /// A level must raise the aggregate throughput by this much to be kept.
 pub const GAIN: f64 = 1.10;
+/// A level that raised it by this much doubles the window next (as slow start does): on a
+/// host whose cores, not its links, hold the drain back, each migration more takes a share
+/// from the guests, and a drain of a few VMs is over before one-by-one steps get there.
+pub const FAST_GAIN: f64 = 1.30;
 /// After the window changes, throughput is not measured for this long (slow start).
 pub const SETTLE_S: f64 = 0.3;
 /// Throughput at a level is measured over this long, with the window full throughout.
@@ -49,8 +54,9 @@ pub const AUTO_MAX: usize = 16;
 pub struct Window {
     mode: Concurrency,
     level: usize,
-    /// Throughput measured at the level below, bytes/s.
+    /// Throughput measured at the level before the last step, bytes/s, and that level.
     below: Option<f64>,
+    from: usize,
     settled: bool,
 }
 
@@ -88,6 +94,7 @@ impl Window {
             mode,
             level,
             below: None,
+            from: level,
             settled: matches!(mode, Concurrency::Fixed(_)),
         }
     }
@@ -106,17 +113,21 @@ impl Window {
         }
         match self.below {
             Some(b) if rate < b * GAIN => {
-                // The last one added did not pay: back to the level below, for good.
-                self.level = (self.level - 1).max(1);
+                // The last step did not pay: back to where it came from, for good.
+                self.level = self.from.max(1);
                 self.settled = true;
             }
             _ if self.level >= AUTO_MAX => {
                 self.settled = true;
                 return false;
             }
-            _ => {
+            below => {
+                // A step that paid well says the bottleneck is far: the next doubles.
+                let far = below.is_some_and(|b| rate >= b * FAST_GAIN);
+                let step = if far { self.level } else { 1 };
                 self.below = Some(rate);
-                self.level += 1;
+                self.from = self.level;
+                self.level = (self.level + step).min(AUTO_MAX);
             }
         }
         true
@@ -150,13 +161,15 @@ mod tests {
         assert!(!w.observe(0.5, 100.0), "not measured long enough");
         assert!(w.observe(1.0, 100.0));
         assert_eq!(w.limit(), 2);
-        assert!(w.observe(1.0, 190.0), "+90%: keep going");
+        assert!(w.observe(1.0, 120.0), "+20%: one more");
         assert_eq!(w.limit(), 3);
-        assert!(w.observe(1.0, 195.0), "+3%: the link is full");
-        assert_eq!(w.limit(), 2);
+        assert!(w.observe(1.0, 200.0), "+67%: the bottleneck is far, double");
+        assert_eq!(w.limit(), 6);
+        assert!(w.observe(1.0, 205.0), "+3%: the link is full");
+        assert_eq!(w.limit(), 3, "back to where the last step came from");
         assert!(w.settled());
         assert!(!w.observe(5.0, 1000.0), "settled for good");
-        assert_eq!(w.limit(), 2);
+        assert_eq!(w.limit(), 3);
     }
 
     #[test]

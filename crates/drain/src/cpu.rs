@@ -172,6 +172,9 @@ pub struct CodecTuner {
     /// The last change judged was a migration held raw, and it paid: migrations that start
     /// now start raw.
     raw_pays: bool,
+    /// When it was first asked (the drain's migrations moving): no change until their rate
+    /// has settled, or the first would be judged against their slow start.
+    first_asked: Option<f64>,
 }
 
 impl CodecTuner {
@@ -184,6 +187,10 @@ impl CodecTuner {
         link: f64,
         rate: f64,
     ) -> Option<(CodecStep, &'static str)> {
+        let first = *self.first_asked.get_or_insert(now);
+        if now - first < CODEC_JUDGE_S {
+            return None;
+        }
         if let Some((t0, step, before)) = self.pending {
             if now - t0 < CODEC_JUDGE_S {
                 return None;
@@ -244,7 +251,8 @@ pub const LINK_FULL: f64 = 0.90;
 pub const CPU_ROOM: f64 = 0.75;
 /// Below this share of the link in use, with the cores busy, the drain is CPU-bound.
 pub const LINK_SLACK: f64 = 0.75;
-/// After a change, the codec policy measures the drain this long before it judges it.
+/// After a change, the codec policy measures the drain this long before it judges it; it
+/// makes none this long after the drain's migrations start moving.
 pub const CODEC_JUDGE_S: f64 = 1.5;
 /// Compressing again is undone when the drain then moves less guest RAM per second than
 /// this share of before.
@@ -653,6 +661,9 @@ mod tests {
     #[test]
     fn a_codec_change_that_moves_less_is_undone_and_the_policy_waits() {
         let mut t = CodecTuner::default();
+        // Nothing while the migrations' rate settles (measured from the first question).
+        assert_eq!(t.decide(-1.5, 0.97, 0.5, 10.0), None);
+        assert_eq!(t.decide(-0.5, 0.97, 0.5, 50.0), None);
         // Cores full, link not: one migration raw.
         assert_eq!(
             t.decide(0.0, 0.97, 0.5, 100.0),

@@ -191,15 +191,7 @@ fn set_policy(tid: Tid, policy: i32, priority: i32) -> Result<(), PriorityError>
 }
 
 fn rlimit_rtprio() -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_RTPRIO, &mut r) } != 0 {
-        return 0;
-    }
-    r.rlim_cur
+    soft_limit(libc::RLIMIT_RTPRIO)
 }
 
 /// The calling thread's kernel id.
@@ -249,12 +241,17 @@ fn rlimit_for(nice: i32) -> u64 {
 }
 
 fn rlimit_nice() -> u64 {
+    soft_limit(libc::RLIMIT_NICE)
+}
+
+/// This process's soft limit of `resource` (0 when it cannot be read).
+fn soft_limit(resource: libc::__rlimit_resource_t) -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one rlimit into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut r) } != 0 {
+    if unsafe { libc::getrlimit(resource, &mut r) } != 0 {
         return 0;
     }
     r.rlim_cur

@@ -596,13 +596,7 @@ impl Vm {
     /// guest they move when cores are short. Returns the vCPUs' nice value from now.
     pub fn yield_vcpus(&mut self, by: i32) -> Result<i32, PriorityError> {
         self.unyield_vcpus();
-        let tids: Vec<Tid> = self
-            .vcpus
-            .iter()
-            .map(|v| v.tid.load(Ordering::Relaxed))
-            .filter(|&t| t != 0)
-            .collect();
-        let lowered = priority::lower(&tids, by)?;
+        let lowered = priority::lower(&self.vcpu_tids(), by)?;
         let nice = lowered.nice().unwrap_or(0);
         self.yielded = Some(lowered);
         Ok(nice)
@@ -612,15 +606,18 @@ impl Vm {
     /// them, behind every other guest's vCPUs on a busy host), until the guard drops; None
     /// where this process may not.
     fn vcpus_first(&self) -> Option<priority::Boosted> {
-        let tids: Vec<Tid> = self
-            .vcpus
+        priority::boost(&self.vcpu_tids())
+            .inspect_err(|e| tracing::debug!("the vCPUs keep their class while they stop: {e}"))
+            .ok()
+    }
+
+    /// The kernel ids of the vCPU threads that have started.
+    fn vcpu_tids(&self) -> Vec<Tid> {
+        self.vcpus
             .iter()
             .map(|v| v.tid.load(Ordering::Relaxed))
             .filter(|&t| t != 0)
-            .collect();
-        priority::boost(&tids)
-            .inspect_err(|e| tracing::debug!("the vCPUs keep their class while they stop: {e}"))
-            .ok()
+            .collect()
     }
 
     /// The vCPUs get the priority back that [`Self::yield_vcpus`] took.

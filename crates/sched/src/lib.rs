@@ -315,16 +315,36 @@ mod tests {
         .unwrap();
     }
 
+    /// A thread of this process that waits until stopped.
+    struct Parked {
+        tid: Tid,
+        stop: std::sync::mpsc::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Parked {
+        fn start() -> Self {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                tx.send(current_tid()).unwrap();
+                let _ = stop_rx.recv();
+            });
+            let tid = rx.recv().unwrap();
+            Parked { tid, stop, thread }
+        }
+
+        fn stop(self) {
+            self.stop.send(()).unwrap();
+            self.thread.join().unwrap();
+        }
+    }
+
     /// Other threads of this process go first while boosted, and come back after.
     #[test]
     fn boosts_other_threads_and_gives_them_back() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            tx.send(current_tid()).unwrap();
-            let _ = stop_rx.recv();
-        });
-        let tid = rx.recv().unwrap();
+        let parked = Parked::start();
+        let tid = parked.tid;
         match boost(&[tid]) {
             Ok(b) => {
                 assert_eq!(policy_of(tid).unwrap(), libc::SCHED_FIFO);
@@ -336,20 +356,14 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         }
-        stop_tx.send(()).unwrap();
-        t.join().unwrap();
+        parked.stop();
     }
 
     /// A thread's nice value goes up and comes back, whether restored or dropped.
     #[test]
     fn lowers_and_gives_back() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            tx.send(current_tid()).unwrap();
-            let _ = stop_rx.recv();
-        });
-        let tid = rx.recv().unwrap();
+        let parked = Parked::start();
+        let tid = parked.tid;
         let before = nice_of(tid).unwrap();
         match lower(&[tid], 5) {
             Ok(l) => {
@@ -363,7 +377,6 @@ mod tests {
             Err(PriorityError::CannotRestore { .. }) => assert_eq!(nice_of(tid).unwrap(), before),
             Err(e) => panic!("{e}"),
         }
-        stop_tx.send(()).unwrap();
-        t.join().unwrap();
+        parked.stop();
     }
 }

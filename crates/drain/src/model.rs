@@ -7,7 +7,7 @@
 use migration::sample::VmSample;
 use serde::Serialize;
 
-use crate::plan::{simulate_with_cpu, SimJob};
+use crate::plan::{migration_rate, simulate_with_cpu, SimJob};
 use crate::predict::VmFacts;
 
 /// A drain to predict.
@@ -39,20 +39,29 @@ pub fn wire_bytes(s: &Scenario) -> f64 {
     jobs(s).iter().map(|j| j.bytes).sum()
 }
 
-/// Each VM's migration, with its bytes at its share of the link when all run at once.
+/// Each VM's migration, with its bytes at its rate when all run at once: its share of the
+/// link, or of the cores where they give less.
 fn jobs(s: &Scenario) -> Vec<SimJob> {
-    let share = s.link / s.concurrency.clamp(1, s.vms.len().max(1)) as f64;
+    let n = s.concurrency.clamp(1, s.vms.len().max(1)) as f64;
+    let model = s.cpu.as_ref().map(|c| &c.model);
     s.vms
         .iter()
-        .map(|v| SimJob {
-            dest: 0,
-            bytes: v.wire_bytes(share, s.compressed) * s.framing,
-            cpu: s.cpu.as_ref().map_or([0.0; 2], |c| c.cost_per_byte()),
-            threads: s.cpu.as_ref().map_or([1.0; 2], |c| c.threads),
-            yields: s
-                .cpu
-                .as_ref()
-                .map_or(0.0, |c| c.yields(v.vcpus, s.vcpu_yield)),
+        .map(|v| {
+            let job = SimJob {
+                dest: 0,
+                bytes: 0.0,
+                cpu: s.cpu.as_ref().map_or([0.0; 2], |c| c.cost_per_byte()),
+                threads: s.cpu.as_ref().map_or([1.0; 2], |c| c.threads),
+                yields: s
+                    .cpu
+                    .as_ref()
+                    .map_or(0.0, |c| c.yields(v.vcpus, s.vcpu_yield)),
+            };
+            let rate = migration_rate(Some(s.link), false, n, &job, model);
+            SimJob {
+                bytes: v.wire_bytes(rate, s.compressed) * s.framing,
+                ..job
+            }
         })
         .collect()
 }

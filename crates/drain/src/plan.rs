@@ -41,6 +41,9 @@ pub struct DestFacts {
     pub room: u64,
     /// What its link carries, bytes/s (measured; None: not measured).
     pub rate: Option<f64>,
+    /// The probe was held back by the cores, not the link ([`held_by_cores`]): the link
+    /// carries at least `rate`, and how much more is not known.
+    pub rate_is_floor: bool,
     /// It has a bridge for VMs' NICs.
     pub bridge: bool,
     /// Disk images of this drain it cannot open, and why.
@@ -49,6 +52,19 @@ pub struct DestFacts {
     pub copy_room: Option<u64>,
     /// The CPU features it offers guests (None: unknown, not checked).
     pub cpu_features: Option<std::collections::BTreeSet<String>>,
+}
+
+/// A probe thread runnable (on a core or waiting for one) this share of the time or more was
+/// held back by the cores: a thread the link holds back sleeps until the socket takes more.
+pub const CORES_HELD_PROBE: f64 = 0.9;
+
+/// Whether a link probe was held back by the cores, from its sending and receiving threads'
+/// runnable shares (unknown counts as not).
+pub fn held_by_cores(sender: Option<f64>, receiver: Option<f64>) -> bool {
+    [sender, receiver]
+        .into_iter()
+        .flatten()
+        .any(|s| s >= CORES_HELD_PROBE)
 }
 
 /// What a VM's devices need of a destination: a bridge for its NICs, its disks reachable.
@@ -298,6 +314,15 @@ impl CpuModel {
         t
     }
 
+    /// The rate one of `n` like migrations (`job` stands for them) moves at by the cores
+    /// (∞: the cores do not limit it).
+    pub fn rate_of_like(&self, job: &SimJob, n: usize) -> f64 {
+        let moving = vec![job; n.max(1)];
+        (0..self.pools.len())
+            .map(|p| self.rate(job, p, &moving))
+            .fold(f64::INFINITY, f64::min)
+    }
+
     /// The rate `job` can move at by pool `p`'s cores, with `moving` the jobs moving bytes:
     /// the scheduler gives each runnable thread an even share, so its threads get their
     /// share of the cores against the other migrations' and the guests' vCPUs.
@@ -366,6 +391,40 @@ impl PlanCpu {
     /// Core-seconds per byte on the wire, source and destination.
     pub fn cost_per_byte(&self) -> [f64; 2] {
         self.cost_s_per_gb.map(|c| c / 1e9)
+    }
+}
+
+/// What one of `n` like migrations to a destination moves at (`job` stands for them): its
+/// share of the link, and no faster than its threads' share of the cores pays for. A link
+/// known only as a floor (the cores held its probe back) carries what the cores send.
+/// ∞ when neither is known.
+pub fn migration_rate(
+    link: Option<f64>,
+    floor: bool,
+    n: f64,
+    job: &SimJob,
+    cpu: Option<&CpuModel>,
+) -> f64 {
+    let n = n.max(1.0);
+    let link = link.map_or(f64::INFINITY, |r| r / n);
+    // A small count of migrations; `as` saturates.
+    #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+    let cores = cpu.map_or(f64::INFINITY, |c| c.rate_of_like(job, n.ceil() as usize));
+    if floor && cores.is_finite() {
+        cores
+    } else {
+        link.min(cores)
+    }
+}
+
+/// A destination's link as [`simulate_with_cpu`] takes it: a floor is no limit where the
+/// cores bound the migrations (`job` stands for them), as they held its probe back.
+pub fn sim_link(d: &DestFacts, job: &SimJob, cpu: Option<&CpuModel>) -> f64 {
+    let cores_bound = cpu.is_some_and(|c| c.rate_of_like(job, 1).is_finite());
+    if d.rate_is_floor && cores_bound {
+        f64::INFINITY
+    } else {
+        d.rate.unwrap_or(1.0)
     }
 }
 
@@ -501,6 +560,63 @@ fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_whose_thread_was_always_runnable_was_held_by_the_cores() {
+        assert!(held_by_cores(Some(0.4), Some(0.97)));
+        assert!(held_by_cores(Some(0.95), None));
+        assert!(!held_by_cores(Some(0.4), Some(0.5)));
+        assert!(!held_by_cores(None, None));
+    }
+
+    #[test]
+    fn a_link_known_only_as_a_floor_carries_what_the_cores_send() {
+        let cpu = CpuModel {
+            pools: vec![2.0],
+            contenders: vec![0.0],
+            source: 0,
+            dests: vec![0],
+        };
+        // One core-second per GB on each side: one migration's two threads get both cores.
+        let job = SimJob {
+            cpu: [1e-9, 1e-9],
+            threads: [1.0, 1.0],
+            ..SimJob::default()
+        };
+        let cores = cpu.rate_of_like(&job, 1);
+        assert!((cores - 1e9).abs() < 1.0, "{cores}");
+        // Known: the link's share, or the cores' where they give less.
+        assert_eq!(migration_rate(Some(4e8), false, 2.0, &job, Some(&cpu)), 2e8);
+        assert!((migration_rate(Some(8e9), false, 1.0, &job, Some(&cpu)) - 1e9).abs() < 1.0);
+        // A floor: the cores, faster or slower than the probe.
+        assert!((migration_rate(Some(4e8), true, 1.0, &job, Some(&cpu)) - 1e9).abs() < 1.0);
+        assert!((migration_rate(Some(8e9), true, 1.0, &job, Some(&cpu)) - 1e9).abs() < 1.0);
+        // Without the cores' costs, the floor is all that is known.
+        assert_eq!(migration_rate(Some(4e8), true, 2.0, &job, None), 2e8);
+        let floor = DestFacts {
+            name: "b".into(),
+            room: 1 << 30,
+            rate: Some(4e8),
+            rate_is_floor: true,
+            bridge: false,
+            unreachable: Vec::new(),
+            copy_room: None,
+            cpu_features: None,
+        };
+        assert_eq!(sim_link(&floor, &job, Some(&cpu)), f64::INFINITY);
+        assert_eq!(sim_link(&floor, &job, None), 4e8);
+        // So a drain over it is predicted at the cores' rate, and says the cores bound it.
+        let jobs = [SimJob { bytes: 2e9, ..job }];
+        let (t, bounds) = simulate_with_cpu(
+            &jobs,
+            &[sim_link(&floor, &job, Some(&cpu))],
+            1,
+            1,
+            Some(&cpu),
+        );
+        assert!((t - (2.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6, "{t}");
+        assert_eq!(bounds, [Bound::Cpu]);
+    }
     use migration::sample::VmSample;
 
     fn vm(name: &str, mib: u64, dirty_pages_per_s: f64) -> VmFacts {
@@ -571,6 +687,7 @@ mod tests {
             name: "B".into(),
             room: 400 << 20,
             rate: None,
+            rate_is_floor: false,
             bridge: false,
             unreachable: Vec::new(),
             copy_room: None,
@@ -600,6 +717,7 @@ mod tests {
             name: n.into(),
             room: 64 << 30,
             rate: Some(gbit * 1e9 / 8.0),
+            rate_is_floor: false,
             bridge: false,
             unreachable: Vec::new(),
             copy_room: None,
@@ -624,6 +742,7 @@ mod tests {
             name: n.into(),
             room: 1 << 30,
             rate: None,
+            rate_is_floor: false,
             bridge: false,
             unreachable: Vec::new(),
             copy_room: None,
@@ -653,6 +772,7 @@ mod tests {
             name: n.into(),
             room: 150 << 20,
             rate: None,
+            rate_is_floor: false,
             bridge: false,
             unreachable: Vec::new(),
             copy_room: None,
@@ -676,6 +796,7 @@ mod tests {
             name: n.into(),
             room: 1 << 30,
             rate: None,
+            rate_is_floor: false,
             bridge,
             unreachable,
             copy_room: None,

@@ -76,6 +76,9 @@ pub struct PlanSummary {
     pub concurrency_used: usize,
     /// Per destination: what its link carried when probed, bits/s.
     pub link_bits_per_s: Vec<Option<f64>>,
+    /// Per destination: the cores, not the link, held its probe back (the link carries at
+    /// least that much; the model takes the cores as the bound).
+    pub link_is_floor: Vec<bool>,
     pub eta_s: Option<f64>,
     /// What the model expects the migrations to put on the wire (references for pages a
     /// destination's cache holds, deltas for re-sent pages, compression), bytes.
@@ -321,9 +324,18 @@ impl DrainReport {
             .destinations
             .iter()
             .zip(&self.plan.link_bits_per_s)
-            .map(|(d, r)| match r {
-                Some(r) => format!("{d} {:.2} Gbit/s", r / 1e9),
-                None => format!("{d} unmeasured"),
+            .zip(
+                self.plan
+                    .link_is_floor
+                    .iter()
+                    .chain(std::iter::repeat(&false)),
+            )
+            .map(|((d, r), floor)| match (r, floor) {
+                (Some(r), false) => format!("{d} {:.2} Gbit/s", r / 1e9),
+                (Some(r), true) => {
+                    format!("{d} ≥ {:.2} Gbit/s (the cores held the probe)", r / 1e9)
+                }
+                (None, _) => format!("{d} unmeasured"),
             })
             .collect();
         s += &format!(
@@ -428,6 +440,7 @@ mod tests {
             concurrency: "auto".into(),
             concurrency_used: 2,
             link_bits_per_s: vec![Some(1e9)],
+            link_is_floor: vec![false],
             eta_s: Some(12.5),
             wire_bytes_predicted: Some(900 << 20),
             cpu: None,
@@ -455,6 +468,7 @@ mod tests {
             concurrency: "1".into(),
             concurrency_used: 1,
             link_bits_per_s: vec![Some(1e9)],
+            link_is_floor: vec![false],
             eta_s: Some(20.0),
             wire_bytes_predicted: None,
             cpu: None,

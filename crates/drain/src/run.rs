@@ -125,13 +125,32 @@ impl Planned {
         {
             d.rate = rate;
         }
+        let model = cpu.as_ref().map(|c| &c.model);
+        // A migration to `d` as the cores see it: the VMs' mean vCPUs yield to it.
+        let mean_vcpus =
+            s.vms.iter().map(|v| f64::from(v.vcpus)).sum::<f64>() / s.vms.len().max(1) as f64;
+        let like = |d: usize| SimJob {
+            dest: d,
+            bytes: 0.0,
+            cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
+            threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
+            yields: cpu
+                .as_ref()
+                .map_or(0.0, |c| c.yields(1, yields) * mean_vcpus),
+        };
+        // What a migration to `d` moves at while `per` go there at once.
+        let rate_at = |d: usize, per: f64| {
+            let f = &dest_facts[d];
+            plan::migration_rate(f.rate, f.rate_is_floor, per, &like(d), model)
+        };
         // A migration's share of its link, for telling hot VMs apart.
         let per_dest = (window as f64 / s.dests.len() as f64).max(1.0);
-        let share = |d: usize| dest_facts[d].rate.map_or(f64::INFINITY, |r| r / per_dest);
-        let first_share = dest_facts
-            .first()
-            .and_then(|d| d.rate)
-            .map_or(f64::INFINITY, |r| r / per_dest);
+        let share = |d: usize| rate_at(d, per_dest);
+        let first_share = if dest_facts.is_empty() {
+            f64::INFINITY
+        } else {
+            share(0)
+        };
         let placed: Vec<usize> = (0..s.vms.len()).filter(|i| placement[*i].is_ok()).collect();
         let placed_vms: Vec<_> = placed.iter().map(|i| s.vms[*i].clone()).collect();
         let order: Vec<usize> = plan::order(&placed_vms, o.order, first_share, compressed)
@@ -179,24 +198,22 @@ impl Planned {
                 })
                 .collect()
         });
-        let sim = jobs.as_ref().map(|jobs| {
-            let links: Vec<f64> = dest_facts.iter().map(|d| d.rate.unwrap_or(1.0)).collect();
-            let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
-            let model = cpu.as_ref().map(|c| &c.model);
-            plan::simulate_with_cpu(jobs, &links, window, inbound, model)
-        });
+        let links: Vec<f64> = (0..dest_facts.len())
+            .map(|d| plan::sim_link(&dest_facts[d], &like(d), model))
+            .collect();
+        let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
+        let sim = jobs
+            .as_ref()
+            .map(|jobs| plan::simulate_with_cpu(jobs, &links, window, inbound, model));
         let first_window = match (&jobs, o.concurrency) {
             (Some(_), Concurrency::Auto) => {
-                let links: Vec<f64> = dest_facts.iter().map(|d| d.rate.unwrap_or(1.0)).collect();
-                let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
-                let model = cpu.as_ref().map(|c| &c.model);
                 let eta = |w: usize| {
                     let per = (w as f64 / s.dests.len() as f64).max(1.0);
                     let jobs: Vec<SimJob> = order
                         .iter()
                         .filter_map(|i| {
                             let d = *placement[*i].as_ref().ok()?;
-                            let share = links[d] / per;
+                            let share = rate_at(d, per);
                             Some(SimJob {
                                 dest: d,
                                 bytes: vms[*i].wire_bytes(share, compressed) + disk_bytes(*i, d),
@@ -245,6 +262,7 @@ impl Planned {
                 .iter()
                 .map(|d| d.facts.rate.map(|r| r * 8.0))
                 .collect(),
+            link_is_floor: s.dests.iter().map(|d| d.facts.rate_is_floor).collect(),
             eta_s: self.eta_s,
             // Finite and non-negative; `as` saturates.
             #[allow(clippy::cast_sign_loss)]

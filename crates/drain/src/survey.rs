@@ -124,6 +124,7 @@ fn destination(d: &crate::Destination) -> Result<Dest, DrainError> {
             name: cap.name,
             room: cap.room,
             rate: None,
+            rate_is_floor: false,
             bridge: cap.bridge.is_some(),
             unreachable: Vec::new(),
             copy_room: cap.copy_room,
@@ -143,6 +144,7 @@ fn member(m: &crate::Member) -> Dest {
             name: m.name.clone(),
             room: m.room,
             rate: None,
+            rate_is_floor: false,
             bridge: m.bridge,
             unreachable: Vec::new(),
             // Copies need its disk directory's free space, which only its agent knows.
@@ -183,7 +185,8 @@ pub fn probe_streams(c: Concurrency, dests: usize, paths: usize) -> usize {
 }
 
 /// Measures each destination's link from the source's agent, one at a time (so they do not
-/// share a NIC while measured). A failed probe leaves the rate unknown and says so.
+/// share a NIC while measured), and whether the cores rather than the link held the probe
+/// back. A failed probe leaves the rate unknown and says so.
 fn probe_links(o: &DrainOptions, source: &HostClient, dests: &mut [Dest]) {
     let n = dests.len();
     for d in dests {
@@ -193,7 +196,11 @@ fn probe_links(o: &DrainOptions, source: &HostClient, dests: &mut [Dest]) {
             .waiting(Duration::from_millis(o.probe_ms * 2 + 15_000))
             .probe(paths, o.probe_ms, u16::try_from(streams).unwrap_or(1));
         match probe {
-            Ok(r) => d.facts.rate = Some(r.bits_per_s / 8.0),
+            Ok(r) => {
+                d.facts.rate = Some(r.bits_per_s / 8.0);
+                d.facts.rate_is_floor =
+                    crate::plan::held_by_cores(r.sender_runnable, r.receiver_runnable);
+            }
             Err(e) => tracing::warn!("could not measure the link to {}: {e}", d.name),
         }
     }

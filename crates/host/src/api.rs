@@ -174,6 +174,13 @@ fn one_stream() -> u16 {
 pub struct ProbeResult {
     /// What the link carried, as TCP acknowledged it.
     pub bits_per_s: f64,
+    /// The sending streams' mean share of the probe on a core or waiting for one (None: not
+    /// known). Near 1 on either end, the cores held the probe back and the link carries more.
+    #[serde(default)]
+    pub sender_runnable: Option<f64>,
+    /// The receiving streams' share, as the receiver reported it.
+    #[serde(default)]
+    pub receiver_runnable: Option<f64>,
 }
 
 /// A typed client of one host agent.

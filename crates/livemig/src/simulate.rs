@@ -136,6 +136,7 @@ fn facts(name: &str, room: u64, nic_bits: u64) -> DestFacts {
         name: name.to_string(),
         room,
         rate: Some(nic_bits as f64 / 8.0),
+        rate_is_floor: false,
         bridge: true,
         unreachable: Vec::new(),
         copy_room: None,

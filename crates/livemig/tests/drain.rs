@@ -528,8 +528,9 @@ fn kvm_agent_refuses_a_source_outside_the_cluster() {
     }
 }
 
-/// A link probe through the agent's API: two streams measure; more streams than a probe may
-/// run, or none, are refused with a 400 that says so, and the agent goes on serving.
+/// A link probe through the agent's API: two streams measure, and both ends say how their
+/// threads spent it; more streams than a probe may run, or none, are refused with a 400 that
+/// says so, and the agent goes on serving.
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_agent_probe_takes_two_streams_and_refuses_too_many() {
@@ -540,6 +541,9 @@ fn kvm_agent_probe_takes_two_streams_and_refuses_too_many() {
     let paths = || vec![(None, listen_b.clone())];
     let two = client.probe(paths(), 300, 2).unwrap();
     assert!(two.bits_per_s > 0.0, "{}", two.bits_per_s);
+    for share in [two.sender_runnable, two.receiver_runnable] {
+        assert!(share.is_some_and(|s| (0.0..=1.0).contains(&s)), "{two:?}");
+    }
     for streams in [0, 5] {
         let e = client.probe(paths(), 300, streams).unwrap_err().to_string();
         assert!(e.contains("400") && e.contains("probe streams"), "{e}");

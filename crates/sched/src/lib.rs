@@ -1,4 +1,4 @@
-//! Threads' scheduling priority.
+//! Threads' scheduling: their priority, and how they spent their time.
 //!
 //! - While a VM is being migrated its vCPUs can yield the CPU to the migration's own threads
 //!   (a higher nice value, [`lower`]): when the host has idle cores nothing changes, and when
@@ -10,6 +10,9 @@
 //!   last round and the state, and every other guest and migration on the host competes
 //!   with them for the cores.
 use std::io;
+
+mod times;
+pub use times::ThreadTimes;
 
 /// One thread's kernel id.
 pub type Tid = libc::pid_t;

@@ -437,6 +437,25 @@ impl Connection {
         Ok(ShutdownHandle(self.socket.try_clone()?, self.info.clone()))
     }
 
+    /// Ends what this side sends (under TLS a close_notify first), keeping the other
+    /// direction open: the peer reads to its end and may still answer.
+    pub fn close_write(&mut self) -> io::Result<()> {
+        self.writer.flush()?;
+        if let Io::Tls(t) = &self.writer.get_ref().inner {
+            match &mut *locks::lock(t) {
+                TlsStream::Client(s) => {
+                    s.conn.send_close_notify();
+                    s.flush()?;
+                }
+                TlsStream::Server(s) => {
+                    s.conn.send_close_notify();
+                    s.flush()?;
+                }
+            }
+        }
+        self.socket.shutdown(std::net::Shutdown::Write)
+    }
+
     /// Closes both directions at once (the peer sees EOF; our pending reads fail).
     pub fn shutdown(&self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);

@@ -219,6 +219,34 @@ fn members_of_one_cluster_talk_over_mutual_tls() {
 }
 
 #[test]
+fn a_side_that_closes_its_writes_still_reads_the_answer() {
+    let (_d, a, b, _) = credentials();
+    for (client, server) in [(tls(&a), tls(&b)), (Security::Insecure, Security::Insecure)] {
+        let l = Listener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept_raw().unwrap();
+            let mut c = Connection::accept(s, &server, Duration::from_secs(5)).unwrap();
+            // Everything up to the peer's end, then an answer after it.
+            let mut got = Vec::new();
+            c.reader.read_to_end(&mut got).unwrap();
+            c.writer
+                .write_all(&(got.len() as u32).to_le_bytes())
+                .unwrap();
+            c.writer.flush().unwrap();
+            got
+        });
+        let mut c = connect(&addr, Duration::from_secs(5), &client).unwrap();
+        c.writer.write_all(&[7u8; 100_000]).unwrap();
+        c.close_write().unwrap();
+        let mut n = [0u8; 4];
+        c.reader.read_exact(&mut n).unwrap();
+        assert_eq!(u32::from_le_bytes(n), 100_000);
+        assert_eq!(t.join().unwrap(), vec![7u8; 100_000]);
+    }
+}
+
+#[test]
 fn a_peer_without_a_cluster_certificate_is_refused_on_both_sides() {
     let (_d, a, b, x) = credentials();
     // A client with a foreign certificate: the server refuses it.

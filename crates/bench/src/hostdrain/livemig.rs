@@ -248,6 +248,7 @@ impl LivemigHosts {
             cpu: r.plan.cpu.clone(),
             vcpu_yield,
             path_bps: r.plan.link_bits_per_s.first().copied().flatten(),
+            path_is_floor: r.plan.link_is_floor.first().copied().unwrap_or(false),
             detail: serde_json::to_value(r).unwrap_or_default(),
         }
     }

@@ -289,6 +289,8 @@ pub struct DrainOutcome {
     /// What the path carried, bits/s, probed just before with the VMs running (the link,
     /// or the machine, whichever gives out first).
     pub path_bps: Option<f64>,
+    /// The cores, not the link, held the drain's probe back: `path_bps` is a floor.
+    pub path_is_floor: bool,
     /// The VMM's own account (livemig's drain report).
     pub detail: serde_json::Value,
 }
@@ -525,9 +527,13 @@ impl Bench<'_> {
         let share = |p: &str| out.detail.pointer(p).and_then(serde_json::Value::as_f64);
         r.guests_cpu_before = share("/cpu/pools/0/before/guests");
         r.guests_cpu_during = share("/cpu/pools/0/during/guests");
-        let link = out.path_bps.map_or(self.goodput(&route.name()).0, |p| {
-            p.min(self.goodput(&route.name()).0)
-        });
+        // The probe under the drain's load, unless the cores held it back: then the link is
+        // what the bench measured of it alone, and the model's cores bound the migrations.
+        let goodput = self.goodput(&route.name()).0;
+        let link = match out.path_bps {
+            Some(p) if !out.path_is_floor => p.min(goodput),
+            _ => goodput,
+        };
         r.predicted_makespan_ms = (predict(cfg, out, link) * 1e3) as u64;
         r.predicted_wire_bytes = model::wire_bytes(&scenario(cfg, out, link)) as u64;
         r.model_error = (r.makespan_ms as f64 - r.predicted_makespan_ms as f64) / secs / 1e3;

@@ -211,6 +211,7 @@ impl Drainer for QemuHosts {
             vcpu_yield: false,
             vms,
             path_bps: None,
+            path_is_floor: false,
             detail: serde_json::Value::Null,
         })
     }

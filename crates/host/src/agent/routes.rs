@@ -546,13 +546,17 @@ impl Agent {
 
     fn probe(&self, r: &ProbeRequest) -> Reply {
         let window = Duration::from_millis(r.ms);
-        let bits =
+        let m =
             crate::probe::probe_paths(&r.paths, usize::from(r.streams), window, &self.cfg.security)
                 .map_err(|e| match e {
                     crate::probe::ProbeError::Streams { .. } => (400, e.to_string()),
                     e => (502, e.to_string()),
                 })?;
-        Ok(json!(ProbeResult { bits_per_s: bits }))
+        Ok(json!(ProbeResult {
+            bits_per_s: m.bits_per_s,
+            sender_runnable: m.sender_runnable,
+            receiver_runnable: m.receiver_runnable,
+        }))
     }
 }
 

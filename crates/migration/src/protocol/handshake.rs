@@ -129,6 +129,55 @@ pub fn write_probe_hello(w: &mut impl Write) -> Result<(), ProtocolError> {
     Ok(w.flush()?)
 }
 
+/// What a link probe's receiver says of it: the bytes it read, over how long, and how its
+/// thread spent that time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub bytes: u64,
+    pub wall: std::time::Duration,
+    pub times: sched::ThreadTimes,
+}
+
+impl ProbeReport {
+    /// The share of the probe the receiving thread was on a core or waiting for one.
+    pub fn runnable_share(&self) -> f64 {
+        self.times.runnable_share(self.wall)
+    }
+}
+
+/// The receiver's last word on a probe, after the prober closed its side.
+pub fn write_probe_report(w: &mut impl Write, r: &ProbeReport) -> Result<(), ProtocolError> {
+    let ns = |d: std::time::Duration| U64::new(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let wire = ProbeReportWire {
+        magic: PROBE_REPORT_MAGIC,
+        reserved: [0; 4],
+        bytes: U64::new(r.bytes),
+        wall_ns: ns(r.wall),
+        on_cpu_ns: ns(r.times.on_cpu),
+        waiting_ns: ns(r.times.waiting),
+    };
+    w.write_all(wire.as_bytes())?;
+    Ok(w.flush()?)
+}
+
+/// Reads a probe receiver's report (times beyond its wall time are cut to it).
+pub fn read_probe_report(r: &mut impl Read) -> Result<ProbeReport, ProtocolError> {
+    let h: ProbeReportWire = read_header(r, "a probe's report")?;
+    if h.magic != PROBE_REPORT_MAGIC {
+        return Err(ProtocolError::BadMagic(h.magic));
+    }
+    let wall = std::time::Duration::from_nanos(h.wall_ns.get());
+    let cut = |ns: U64| std::time::Duration::from_nanos(ns.get()).min(wall);
+    Ok(ProbeReport {
+        bytes: h.bytes.get(),
+        wall,
+        times: sched::ThreadTimes {
+            on_cpu: cut(h.on_cpu_ns),
+            waiting: cut(h.waiting_ns),
+        },
+    })
+}
+
 /// Reads the destination's answer to our hello.
 pub fn read_hello_reply(r: &mut impl Read, ours: &Hello) -> Result<(), ProtocolError> {
     let h: HelloWire = read_header(r, "the handshake reply")?;

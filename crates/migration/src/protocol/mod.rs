@@ -14,6 +14,7 @@ use zerocopy::{FromBytes, IntoBytes};
 pub const MAGIC: [u8; 4] = *b"LVMG";
 const DATA_MAGIC: [u8; 4] = *b"LVMD";
 const PROBE_MAGIC: [u8; 4] = *b"LVMP";
+const PROBE_REPORT_MAGIC: [u8; 4] = *b"LVMR";
 pub const VERSION: u16 = 4;
 pub const HELLO_LEN: usize = std::mem::size_of::<HelloWire>();
 pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();

@@ -675,3 +675,33 @@ fn a_remade_links_resume_names_the_pages_still_owed_and_the_verdict_follows_done
     bad[8] = 7;
     assert!(decode(Kind::PostcopyResume, &bad).is_err());
 }
+
+#[test]
+fn a_probe_report_round_trips_and_a_wrong_or_short_one_is_an_error() {
+    use std::time::Duration;
+    let report = ProbeReport {
+        bytes: 123_456,
+        wall: Duration::from_millis(1000),
+        times: sched::ThreadTimes {
+            on_cpu: Duration::from_millis(300),
+            waiting: Duration::from_millis(600),
+        },
+    };
+    let mut b = Vec::new();
+    write_probe_report(&mut b, &report).unwrap();
+    let got = read_probe_report(&mut Cursor::new(&b)).unwrap();
+    assert_eq!(got, report);
+    assert!((got.runnable_share() - 0.9).abs() < 1e-9);
+    // Times beyond the wall time are cut to it.
+    let mut long = b.clone();
+    long[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    let got = read_probe_report(&mut Cursor::new(&long)).unwrap();
+    assert_eq!(got.times.on_cpu, got.wall);
+    let mut wrong = b.clone();
+    wrong[0] = b'X';
+    assert!(matches!(
+        read_probe_report(&mut Cursor::new(&wrong)),
+        Err(ProtocolError::BadMagic(_))
+    ));
+    assert!(read_probe_report(&mut Cursor::new(&b[..20])).is_err());
+}

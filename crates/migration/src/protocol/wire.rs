@@ -28,6 +28,19 @@ pub struct DataHelloWire {
     pub(super) session: U64,
 }
 
+/// A link probe's receiver's last word, once the prober has closed its side: how its thread
+/// spent the probe.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct ProbeReportWire {
+    pub(super) magic: [u8; 4],
+    pub(super) reserved: [u8; 4],
+    pub(super) bytes: U64,
+    pub(super) wall_ns: U64,
+    pub(super) on_cpu_ns: U64,
+    pub(super) waiting_ns: U64,
+}
+
 /// The header in front of every frame.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
 #[repr(C)]

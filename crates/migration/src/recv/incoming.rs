@@ -171,16 +171,19 @@ const MAX_PROBE_TIME: Duration = Duration::from_secs(30);
 /// Memory a probe lands its bytes in, freed and refilled in turn.
 const PROBE_LANDING: u64 = 64 << 20;
 
-/// Writes a probe's bytes into a memfd until the prober stops or [`MAX_PROBE_TIME`]; every
-/// [`PROBE_LANDING`] bytes the pages are freed, so each write allocates, as guest RAM does.
+/// Writes a probe's bytes into a memfd until the prober closes its side or
+/// [`MAX_PROBE_TIME`]; every [`PROBE_LANDING`] bytes the pages are freed, so each write
+/// allocates, as guest RAM does. At the prober's close, says how this thread spent the probe:
+/// whether the cores or the link held it back is for the prober to tell.
 fn land_probe(conn: &mut Connection) -> Result<(), MigrationError> {
     let ram = GuestRam::new(PROBE_LANDING)?;
-    let start = Instant::now();
+    let (start, times) = (Instant::now(), sched::ThreadTimes::current());
     let mut buf = vec![0u8; 256 << 10];
-    let mut off = 0;
+    let (mut off, mut bytes) = (0, 0);
     while start.elapsed() < MAX_PROBE_TIME {
         let n = match std::io::Read::read(&mut conn.reader, &mut buf) {
-            Ok(0) | Err(_) => return Ok(()),
+            Ok(0) => break,
+            Err(_) => return Ok(()),
             Ok(n) => n,
         };
         if off + n as u64 > PROBE_LANDING {
@@ -189,8 +192,20 @@ fn land_probe(conn: &mut Connection) -> Result<(), MigrationError> {
         }
         ram.write_at(off, &buf[..n])?;
         off += n as u64;
+        bytes += n as u64;
     }
-    Ok(())
+    let Some(spent) = times.zip(sched::ThreadTimes::current()) else {
+        return Ok(());
+    };
+    let report = crate::protocol::ProbeReport {
+        bytes,
+        wall: start.elapsed(),
+        times: spent.1.since(&spent.0),
+    };
+    Ok(crate::protocol::write_probe_report(
+        &mut conn.writer,
+        &report,
+    )?)
 }
 
 pub struct Incoming {

@@ -339,7 +339,9 @@ impl CpuModel {
         };
         let guests = (self.contenders.get(p).copied().unwrap_or(0.0) - yielding).max(0.0);
         let threads = threads.max(1e-9);
-        self.pools[p].max(0.0) * threads / (guests + all.max(threads)) / cost
+        // A thread runs on one core at a time, however many are idle.
+        let cores = (self.pools[p].max(0.0) * threads / (guests + all.max(threads))).min(threads);
+        cores / cost
     }
 }
 
@@ -604,6 +606,12 @@ mod tests {
             cpu_features: None,
         };
         assert_eq!(sim_link(&floor, &job, Some(&cpu)), f64::INFINITY);
+        // On a host of many idle cores, a migration's two threads take two of them.
+        let big = CpuModel {
+            pools: vec![32.0],
+            ..cpu.clone()
+        };
+        assert!((big.rate_of_like(&job, 1) - 1e9).abs() < 1.0);
         assert_eq!(sim_link(&floor, &job, None), 4e8);
         // So a drain over it is predicted at the cores' rate, and says the cores bound it.
         let jobs = [SimJob { bytes: 2e9, ..job }];

@@ -7,7 +7,7 @@
 use migration::sample::VmSample;
 use serde::Serialize;
 
-use crate::plan::{migration_rate, simulate_with_cpu, SimJob};
+use crate::plan::{migration_rate, simulate_refined, SimJob};
 use crate::predict::VmFacts;
 
 /// A drain to predict.
@@ -27,16 +27,23 @@ pub struct Scenario {
     pub vcpu_yield: bool,
 }
 
-/// The predicted makespan, seconds. Each migration's resent bytes are those of its share of
-/// the link when all run at once.
+/// The predicted makespan, seconds. Each migration's resent bytes are those of the rate the
+/// simulation gives it.
 pub fn makespan(s: &Scenario) -> f64 {
-    let cpu = s.cpu.as_ref().map(|c| c.model.clone());
-    simulate_with_cpu(&jobs(s), &[s.link], s.concurrency, usize::MAX, cpu.as_ref()).0
+    simulated(s).0
 }
 
 /// The bytes the scenario's migrations are predicted to put on the wire.
 pub fn wire_bytes(s: &Scenario) -> f64 {
-    jobs(s).iter().map(|j| j.bytes).sum()
+    simulated(s).1.iter().map(|j| j.bytes).sum()
+}
+
+/// The scenario simulated, each migration's bytes at the rate the simulation gives it.
+fn simulated(s: &Scenario) -> (f64, Vec<SimJob>) {
+    let cpu = s.cpu.as_ref().map(|c| &c.model);
+    let bytes = |i: usize, rate: f64| s.vms[i].wire_bytes(rate, s.compressed) * s.framing;
+    let (t, _, jobs) = simulate_refined(&jobs(s), bytes, &[s.link], s.concurrency, usize::MAX, cpu);
+    (t, jobs)
 }
 
 /// Each VM's migration, with its bytes at its rate when all run at once: its share of the

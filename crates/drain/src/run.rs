@@ -180,52 +180,47 @@ impl Planned {
                 Err(_) => false,
             })
             .collect();
-        // Every migration in order, with the bytes the model expects it to send (links known).
-        let jobs: Option<Vec<SimJob>> = dest_facts.iter().all(|d| d.rate.is_some()).then(|| {
-            order
-                .iter()
-                .filter_map(|i| {
-                    let d = *placement[*i].as_ref().ok()?;
-                    Some(SimJob {
-                        dest: d,
-                        bytes: vms[*i].wire_bytes(share(d), compressed) + disk_bytes(*i, d),
-                        cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
-                        threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
-                        yields: cpu
-                            .as_ref()
-                            .map_or(0.0, |c| c.yields(vms[*i].vcpus, yields)),
+        // The placed VMs in order, and their destinations.
+        let placed: Vec<(usize, usize)> = order
+            .iter()
+            .filter_map(|i| Some((*i, *placement[*i].as_ref().ok()?)))
+            .collect();
+        // A migration's bytes at `rate`, the VM's and its copied disks'.
+        let bytes = |k: usize, rate: f64| {
+            let (i, d) = placed[k];
+            vms[i].wire_bytes(rate, compressed) + disk_bytes(i, d)
+        };
+        // Every migration in order, with the bytes the model expects it to send when `per`
+        // go to each destination at once (links known).
+        let jobs_at = |per: f64| -> Option<Vec<SimJob>> {
+            dest_facts.iter().all(|d| d.rate.is_some()).then(|| {
+                (0..placed.len())
+                    .map(|k| {
+                        let (i, d) = placed[k];
+                        SimJob {
+                            dest: d,
+                            bytes: bytes(k, rate_at(d, per)),
+                            cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
+                            threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
+                            yields: cpu.as_ref().map_or(0.0, |c| c.yields(vms[i].vcpus, yields)),
+                        }
                     })
-                })
-                .collect()
-        });
+                    .collect()
+            })
+        };
         let links: Vec<f64> = (0..dest_facts.len())
             .map(|d| plan::sim_link(&dest_facts[d], &like(d), model))
             .collect();
         let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
-        let sim = jobs
-            .as_ref()
-            .map(|jobs| plan::simulate_with_cpu(jobs, &links, window, inbound, model));
-        let first_window = match (&jobs, o.concurrency) {
+        let simulate = |jobs: &[SimJob], window: usize| {
+            plan::simulate_refined(jobs, bytes, &links, window, inbound, model)
+        };
+        let sim = jobs_at(per_dest).map(|jobs| simulate(&jobs, window));
+        let first_window = match (&sim, o.concurrency) {
             (Some(_), Concurrency::Auto) => {
                 let eta = |w: usize| {
                     let per = (w as f64 / s.dests.len() as f64).max(1.0);
-                    let jobs: Vec<SimJob> = order
-                        .iter()
-                        .filter_map(|i| {
-                            let d = *placement[*i].as_ref().ok()?;
-                            let share = rate_at(d, per);
-                            Some(SimJob {
-                                dest: d,
-                                bytes: vms[*i].wire_bytes(share, compressed) + disk_bytes(*i, d),
-                                cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
-                                threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
-                                yields: cpu
-                                    .as_ref()
-                                    .map_or(0.0, |c| c.yields(vms[*i].vcpus, yields)),
-                            })
-                        })
-                        .collect();
-                    plan::simulate_with_cpu(&jobs, &links, w, inbound, model).0
+                    jobs_at(per).map_or(f64::INFINITY, |jobs| simulate(&jobs, w).0)
                 };
                 crate::window::first_level(eta, order.len())
             }
@@ -233,9 +228,8 @@ impl Planned {
         };
         // The jobs are the placed VMs in order.
         let mut bounds = vec![None; s.vms.len()];
-        if let Some((_, b)) = &sim {
-            let placed = order.iter().filter(|i| placement[**i].is_ok());
-            for (i, bound) in placed.zip(b) {
+        if let Some((_, b, _)) = &sim {
+            for ((i, _), bound) in placed.iter().zip(b) {
                 bounds[*i] = Some(*bound);
             }
         }
@@ -244,8 +238,8 @@ impl Planned {
             placement,
             predicted,
             postcopy,
-            eta_s: sim.map(|s| s.0),
-            wire_bytes: jobs.map(|j| j.iter().map(|x| x.bytes).sum()),
+            eta_s: sim.as_ref().map(|s| s.0),
+            wire_bytes: sim.map(|s| s.2.iter().map(|x| x.bytes).sum()),
             cpu,
             bounds,
             first_window,

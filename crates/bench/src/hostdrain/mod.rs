@@ -527,11 +527,12 @@ impl Bench<'_> {
         let share = |p: &str| out.detail.pointer(p).and_then(serde_json::Value::as_f64);
         r.guests_cpu_before = share("/cpu/pools/0/before/guests");
         r.guests_cpu_during = share("/cpu/pools/0/during/guests");
-        // The probe under the drain's load, unless the cores held it back: then the link is
-        // what the bench measured of it alone, and the model's cores bound the migrations.
+        // The probe under the drain's load, unless the cores held it back and the model
+        // knows what they cost: then the link is what the bench measured of it alone, and
+        // the cores bound the migrations (as the drain's plan takes it).
         let goodput = self.goodput(&route.name()).0;
         let link = match out.path_bps {
-            Some(p) if !out.path_is_floor => p.min(goodput),
+            Some(p) if !out.path_is_floor || out.cpu.is_none() => p.min(goodput),
             _ => goodput,
         };
         r.predicted_makespan_ms = (predict(cfg, out, link) * 1e3) as u64;

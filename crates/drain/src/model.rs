@@ -112,6 +112,7 @@ pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) 
             fingerprint: Vec::new(),
             // How SQL Server rewrites its pages is not known here: resent whole.
             delta_ratio: None,
+            copy_delta_ratio: None,
         }),
         delta: false,
         cached: 0.0,

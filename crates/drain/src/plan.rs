@@ -728,6 +728,7 @@ mod tests {
                 window_ms: 0,
                 fingerprint: Vec::new(),
                 delta_ratio: None,
+                copy_delta_ratio: None,
             }),
             delta: false,
             cached: 0.0,

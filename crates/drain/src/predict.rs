@@ -13,7 +13,8 @@ pub struct VmFacts {
     /// From `POST /vms/NAME/sample`; None: assume all of its memory, no dirtying.
     pub sample: Option<VmSample>,
     /// Its migration sends re-sent pages as deltas (tcp and compressed, unless turned off):
-    /// they cost the sample's [`VmSample::delta_ratio`] of a page.
+    /// they cost the sample's [`VmSample::delta_ratio`] of a page, and the copy's pages its
+    /// [`VmSample::copy_delta_ratio`] uncompressed.
     pub delta: bool,
     /// Share of its non-zero pages the destination will hold when it arrives (dedup across
     /// the drain's VMs, [`crate::cache::expect_hits`]): they go as references.
@@ -64,7 +65,18 @@ impl VmFacts {
         // A page goes whole unless the destination's cache or the VM's own earlier pages
         // hold its content.
         let whole = (1.0 - self.cached.clamp(0.0, 1.0)) * (1.0 - self.self_dup.clamp(0.0, 1.0));
-        data * whole * self.ratio(compressed) + data * (1.0 - whole) / 4096.0 * REF_BYTES
+        data * whole * self.copy_ratio(compressed) + data * (1.0 - whole) / 4096.0 * REF_BYTES
+    }
+
+    /// What a page of the copy costs on the wire, per byte of it: compressed if the transport
+    /// compresses, else as a delta against the zero page when the migration sends deltas.
+    fn copy_ratio(&self, compressed: bool) -> f64 {
+        match &self.sample {
+            Some(s) if self.delta && !compressed => {
+                s.copy_delta_ratio.map_or(1.0, |r| r.clamp(0.0, 1.0))
+            }
+            _ => self.ratio(compressed),
+        }
     }
 
     fn ratio(&self, compressed: bool) -> f64 {
@@ -240,6 +252,7 @@ mod tests {
                 window_ms: 0,
                 fingerprint: Vec::new(),
                 delta_ratio: None,
+                copy_delta_ratio: None,
             }),
             delta: false,
             cached: 0.0,
@@ -372,10 +385,28 @@ mod tests {
         let unknown = VmFacts {
             sample: whole.sample.clone().map(|s| VmSample {
                 delta_ratio: None,
+                copy_delta_ratio: None,
                 ..s
             }),
             ..deltas
         };
         assert_eq!(unknown.dirtied_in(0.5, true), w);
+    }
+
+    #[test]
+    fn a_copy_with_deltas_sends_sparse_pages_as_their_changed_blocks() {
+        let mut whole = vm(1 << 30, 0.0, 0.5, 0.0);
+        if let Some(s) = whole.sample.as_mut() {
+            s.copy_delta_ratio = Some(0.25);
+        }
+        let deltas = VmFacts {
+            delta: true,
+            ..whole.clone()
+        };
+        let gib = (1u64 << 30) as f64;
+        assert_eq!(whole.first_pass_bytes(false), gib);
+        assert_eq!(deltas.first_pass_bytes(false), 0.25 * gib);
+        // Compressed, the zstd ratio counts (it already finds the zeros of a sparse page).
+        assert_eq!(deltas.first_pass_bytes(true), 0.5 * gib);
     }
 }

@@ -433,6 +433,7 @@ mod tests {
             zero_fraction: 0.25,
             compress_ratio: 0.5,
             delta_ratio: Some(0.04),
+            copy_delta_ratio: None,
             ..Default::default()
         };
         let plan = PlanSummary {

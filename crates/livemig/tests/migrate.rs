@@ -804,7 +804,13 @@ fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
     );
     let r = check_report(&report);
     assert!(r["throttle_pct_max"].as_u64().unwrap() >= 20, "{r}");
-    assert_eq!(r["stop_reason"], "converged", "{r}");
+    // It converged, or reached the highest throttle and switched over as it stood (how far
+    // a 99% throttle shrinks a round depends on how fast this machine runs the guest).
+    let stop = r["stop_reason"].as_str().unwrap();
+    assert!(
+        stop == "converged" || (stop == "stalled" && r["throttle_pct_max"] == 99),
+        "{r}"
+    );
 
     // Without auto-converge the same guest stalls and switches over as it stands.
     let port2 = free_port();
@@ -830,7 +836,20 @@ fn kvm_auto_converge_throttles_a_guest_that_outruns_the_link() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = check_report(&report2);
-    assert_eq!(r["throttle_pct_max"], 0, "{r}");
-    assert_eq!(r["stop_reason"], "stalled", "{r}");
+    let unthrottled = check_report(&report2);
+    assert_eq!(unthrottled["throttle_pct_max"], 0, "{unthrottled}");
+    assert_eq!(unthrottled["stop_reason"], "stalled", "{unthrottled}");
+    // The throttle is what shrank the rounds: what the pause took is a fraction of what it
+    // takes unthrottled.
+    let last_round = |r: &serde_json::Value| {
+        r["rounds"]
+            .as_array()
+            .and_then(|a| a.last())
+            .and_then(|x| x["pages"].as_u64())
+            .unwrap()
+    };
+    assert!(
+        last_round(&r) * 4 < last_round(&unthrottled),
+        "throttled {r}\nunthrottled {unthrottled}"
+    );
 }

@@ -44,6 +44,12 @@ pub struct VmSample {
     /// in the window and again later. None: no page was seen written twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_ratio: Option<f64>,
+    /// What a sampled non-zero page costs in the copy when the migration sends deltas, per
+    /// byte of it: a page never sent is encoded against the zero page the destination holds
+    /// (its changed blocks, or the whole page when more would change), so a sparse page goes
+    /// cheaply. None: not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_delta_ratio: Option<f64>,
 }
 
 /// Bytes at the start of a page that decide whether it is in a fingerprint.
@@ -77,7 +83,7 @@ pub fn sample(
     };
     let extents = data_extents(ram.backing_file(), ram.size()).map_err(MigrationError::Extents)?;
     let touched: u64 = extents.iter().map(|(s, e)| e - s).sum();
-    let (zero_fraction, compress_ratio) = content(&ram, &extents, touched)?;
+    let c = content(&ram, &extents, touched)?;
     // The fingerprint reads every touched page: while the window waits for the guest to
     // write, not after it.
     let (fingerprint, d) = std::thread::scope(|sc| {
@@ -94,14 +100,15 @@ pub fn sample(
     Ok(VmSample {
         memory_bytes: memory,
         touched_bytes: touched,
-        zero_fraction,
-        compress_ratio,
+        zero_fraction: c.zero_fraction,
+        compress_ratio: c.compress_ratio,
         dirty_pages_per_s: d.rate,
         dirty_set_pages: d.set,
         dirty_set_half_pages: d.half_set,
         window_ms: window.as_millis() as u64,
         fingerprint,
         delta_ratio: d.delta_ratio,
+        copy_delta_ratio: c.copy_delta_ratio,
     })
 }
 
@@ -285,19 +292,34 @@ fn popcount(bitmaps: &[Vec<u64>]) -> u64 {
 
 /// Reads pages spread evenly over the touched extents: the zero share, and how the rest
 /// compresses.
+/// What the sampled touched pages hold.
+struct Content {
+    zero_fraction: f64,
+    compress_ratio: f64,
+    copy_delta_ratio: Option<f64>,
+}
+
 fn content(
     ram: &ram::GuestRam,
     extents: &[(u64, u64)],
     touched: u64,
-) -> Result<(f64, f64), MigrationError> {
+) -> Result<Content, MigrationError> {
     let pages = touched / PAGE_SIZE;
     if pages == 0 {
-        return Ok((1.0, 1.0));
+        return Ok(Content {
+            zero_fraction: 1.0,
+            compress_ratio: 1.0,
+            copy_delta_ratio: None,
+        });
     }
     let step = (pages / SAMPLE_PAGES).max(1);
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    let (mut zero, mut seen, mut raw, mut packed) = (0u64, 0u64, 0usize, 0usize);
+    let (mut zero, mut seen, mut raw, mut packed, mut in_copy) = (0u64, 0u64, 0usize, 0usize, 0);
     let mut out = Vec::new();
+    // The copy encodes a page never sent against the zero page; the key only hides which
+    // blocks collide, and a fresh one does as well here.
+    let key = crate::delta::sketch_key();
+    let zero_page = crate::delta::Sketch::of(&[0u8; PAGE], &key);
     let mut index = 0u64;
     for &(s, e) in extents {
         let mut off = s;
@@ -310,18 +332,24 @@ fn content(
                 } else if compress(Codec::Zstd, &page, &mut out).is_ok() {
                     raw += page.len();
                     packed += out.len().min(page.len());
+                    let now = crate::delta::Sketch::of(&page, &key);
+                    in_copy += if zero_page.encode(&now, &page, &mut out) {
+                        crate::protocol::DELTA_HEAD_LEN + out.len()
+                    } else {
+                        page.len()
+                    };
                 }
             }
             index += 1;
             off += PAGE_SIZE;
         }
     }
-    let ratio = if raw > 0 {
-        packed as f64 / raw as f64
-    } else {
-        1.0
-    };
-    Ok((zero as f64 / seen.max(1) as f64, ratio))
+    let per_byte = |b: usize| if raw > 0 { b as f64 / raw as f64 } else { 1.0 };
+    Ok(Content {
+        zero_fraction: zero as f64 / seen.max(1) as f64,
+        compress_ratio: per_byte(packed),
+        copy_delta_ratio: (raw > 0).then(|| per_byte(in_copy)),
+    })
 }
 
 #[cfg(test)]
@@ -364,6 +392,23 @@ mod tests {
         let want = (one_word + PAGE + empty) as f64 / (3 * PAGE) as f64;
         let got = probe.ratio(&ram).unwrap().unwrap();
         assert!((got - want).abs() < 1e-9, "{got} against {want}");
+    }
+
+    #[test]
+    fn a_sparse_page_costs_its_changed_blocks_in_a_copy_with_deltas() {
+        let ram = ram::GuestRam::new(64 << 20).unwrap();
+        // Page 0 holds one word, page 1 is full, page 2 stays zero.
+        ram.write_at(64, &[7u8; 8]).unwrap();
+        ram.write_at(PAGE_SIZE, &[9u8; PAGE]).unwrap();
+        let c = content(&ram, &[(0, 3 * PAGE_SIZE)], 3 * PAGE_SIZE).unwrap();
+        assert!((c.zero_fraction - 1.0 / 3.0).abs() < 1e-9);
+        // One 256-byte block and its run head, against a whole page.
+        let sparse = crate::protocol::DELTA_HEAD_LEN + 4 + 256;
+        let want = (sparse + PAGE) as f64 / (2 * PAGE) as f64;
+        let got = c.copy_delta_ratio.unwrap();
+        assert!((got - want).abs() < 1e-9, "{got} against {want}");
+        let none = content(&ram, &[(2 * PAGE_SIZE, 3 * PAGE_SIZE)], PAGE_SIZE).unwrap();
+        assert_eq!(none.copy_delta_ratio, None);
     }
 
     #[test]

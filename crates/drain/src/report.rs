@@ -441,7 +441,7 @@ mod tests {
             concurrency: "auto".into(),
             concurrency_used: 2,
             link_bits_per_s: vec![Some(1e9)],
-            link_is_floor: vec![false],
+            link_is_floor: vec![true],
             eta_s: Some(12.5),
             wire_bytes_predicted: Some(900 << 20),
             cpu: None,
@@ -458,6 +458,10 @@ mod tests {
         );
         assert!(line("idle2").contains(" - "), "{t}");
         assert!(t.contains("ETA 12.5 s, 900 MiB on the wire"), "{t}");
+        assert!(
+            t.contains("links: b ≥ 1.00 Gbit/s (the cores held the probe)"),
+            "{t}"
+        );
         assert!(!t.contains("post-copy"), "nothing goes post-copy: {t}");
     }
 

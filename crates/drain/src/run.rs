@@ -143,7 +143,7 @@ impl Planned {
             let f = &dest_facts[d];
             plan::migration_rate(f.rate, f.rate_is_floor, per, &like(d), model)
         };
-        // A migration's share of its link, for telling hot VMs apart.
+        // A migration's rate (its share of the link or of the cores), for telling hot VMs apart.
         let per_dest = (window as f64 / s.dests.len() as f64).max(1.0);
         let share = |d: usize| rate_at(d, per_dest);
         let first_share = if dest_facts.is_empty() {

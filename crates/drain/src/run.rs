@@ -126,18 +126,18 @@ impl Planned {
             d.rate = rate;
         }
         let model = cpu.as_ref().map(|c| &c.model);
-        // A migration to `d` as the cores see it: the VMs' mean vCPUs yield to it.
-        let mean_vcpus =
-            s.vms.iter().map(|v| f64::from(v.vcpus)).sum::<f64>() / s.vms.len().max(1) as f64;
-        let like = |d: usize| SimJob {
+        // A migration to `d` as the cores see it, of a VM with `vcpus` that yield to it.
+        let job_to = |d: usize, vcpus: f64| SimJob {
             dest: d,
             bytes: 0.0,
             cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
             threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
-            yields: cpu
-                .as_ref()
-                .map_or(0.0, |c| c.yields(1, yields) * mean_vcpus),
+            yields: cpu.as_ref().map_or(0.0, |c| c.yields(1, yields) * vcpus),
         };
+        // One that stands for them all: the VMs' mean vCPUs.
+        let mean_vcpus =
+            s.vms.iter().map(|v| f64::from(v.vcpus)).sum::<f64>() / s.vms.len().max(1) as f64;
+        let like = |d: usize| job_to(d, mean_vcpus);
         // What a migration to `d` moves at while `per` go there at once.
         let rate_at = |d: usize, per: f64| {
             let f = &dest_facts[d];
@@ -198,11 +198,8 @@ impl Planned {
                     .map(|k| {
                         let (i, d) = placed[k];
                         SimJob {
-                            dest: d,
                             bytes: bytes(k, rate_at(d, per)),
-                            cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
-                            threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
-                            yields: cpu.as_ref().map_or(0.0, |c| c.yields(vms[i].vcpus, yields)),
+                            ..job_to(d, f64::from(vms[i].vcpus))
                         }
                     })
                     .collect()

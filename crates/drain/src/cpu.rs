@@ -502,13 +502,21 @@ impl Meter {
             .collect()
     }
 
+    /// Of its VMs' sampled dirty rate, the share their guests keep while they move by
+    /// `transport`, as the source learnt it; None before a drain showed it.
+    pub fn dirty_ratio(&self, transport: &str) -> Option<f64> {
+        self.first[0].costs.0.get(transport)?.dirty_rate_ratio
+    }
+
     /// Tells every host what the drain's migrations cost: the VMM threads' CPU on the source
-    /// and on the destinations since the drain started, over `wire` bytes by `transport`.
-    pub fn teach(&self, transport: &str, wire: u64) {
+    /// and on the destinations since the drain started, over `wire` bytes by `transport`;
+    /// and the share of their dirty rate its guests kept, `dirty_ratio`, when it showed.
+    pub fn teach(&self, transport: &str, wire: u64, dirty_ratio: Option<f64>) {
         let Some(start) = &self.start else { return };
-        let Some(lesson) = lesson(start, &self.last, transport, wire) else {
+        let Some(mut lesson) = lesson(start, &self.last, transport, wire) else {
             return;
         };
+        lesson.dirty_rate_ratio = dirty_ratio;
         for c in &self.clients {
             if let Err(e) = c.learn_cpu(&lesson) {
                 tracing::warn!(
@@ -558,6 +566,7 @@ pub fn lesson(
         source_s: took(0)?,
         destination_s: (1..end.len()).filter_map(took).sum(),
         bytes_on_wire: wire,
+        dirty_rate_ratio: None,
     })
 }
 
@@ -717,6 +726,7 @@ mod tests {
             source_s_per_gb: 1.5,
             destination_s_per_gb: 0.5,
             drains: 3,
+            dirty_rate_ratio: None,
         };
         assert_eq!(cost_per_byte(Some(&c), true, true), Some(2.0 / 1e9));
         assert_eq!(cost_per_byte(Some(&c), true, false), Some(1.5 / 1e9));

@@ -132,6 +132,14 @@ pub fn drain(o: &DrainOptions) -> Result<DrainReport, DrainError> {
     if let Some(m) = cpu.as_mut() {
         m.started();
     }
+    if let Some(r) = cpu
+        .as_ref()
+        .and_then(|m| m.dirty_ratio(run::transport_name(o)))
+    {
+        for v in &mut survey.vms {
+            v.dirty_ratio = r;
+        }
+    }
     let planned = run::Planned::make(o, &survey, cpu.as_ref());
     if o.dry_run {
         return Ok(planned.dry_report(o, &survey));

@@ -121,6 +121,7 @@ pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) 
         needs: Default::default(),
         // The reference (Hyper-V) has no post-copy.
         postcopy: migration::policy::PostcopyMode::Off,
+        dirty_ratio: 1.0,
     }
 }
 

@@ -736,6 +736,7 @@ mod tests {
             vcpus: 1,
             needs: Default::default(),
             postcopy: migration::policy::PostcopyMode::Off,
+            dirty_ratio: 1.0,
         }
     }
 

@@ -83,6 +83,9 @@ pub struct PlanSummary {
     /// What the model expects the migrations to put on the wire (references for pages a
     /// destination's cache holds, deltas for re-sent pages, compression), bytes.
     pub wire_bytes_predicted: Option<u64>,
+    /// Of the VMs' sampled dirty rates, the share the model takes their guests to keep while
+    /// they move: what the source learnt of its drains by this transport, 1 before it had.
+    pub dirty_ratio: f64,
     /// The hosts' cores as the model took them (None: the source had not learnt what the
     /// transport costs).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -443,6 +446,7 @@ mod tests {
             link_bits_per_s: vec![Some(1e9)],
             link_is_floor: vec![true],
             eta_s: Some(12.5),
+            dirty_ratio: 1.0,
             wire_bytes_predicted: Some(900 << 20),
             cpu: None,
         };
@@ -475,6 +479,7 @@ mod tests {
             link_bits_per_s: vec![Some(1e9)],
             link_is_floor: vec![false],
             eta_s: Some(20.0),
+            dirty_ratio: 1.0,
             wire_bytes_predicted: None,
             cpu: None,
         };

@@ -258,6 +258,8 @@ impl Planned {
             // Finite and non-negative; `as` saturates.
             #[allow(clippy::cast_sign_loss)]
             wire_bytes_predicted: self.wire_bytes.map(|b| b as u64),
+            // The survey gave every VM the one the source learnt.
+            dirty_ratio: s.vms.first().map_or(1.0, |v| v.dirty_ratio),
             cpu: self.cpu.clone(),
         }
     }
@@ -479,10 +481,12 @@ impl CpuWatch {
         self.governor.as_ref().map(|g| g.budget as u64)
     }
 
-    /// The report, once the hosts have learnt what the drain's `wire` bytes cost them.
-    fn report(mut self, o: &DrainOptions, wire: u64) -> crate::cpu::CpuReport {
+    /// The report, once the hosts have learnt what the drain's `wire` bytes cost them and
+    /// how its `vms`' guests kept their pace.
+    fn report(mut self, o: &DrainOptions, wire: u64, vms: &[VmOutcome]) -> crate::cpu::CpuReport {
         let pools = self.meter.report();
-        self.meter.teach(transport_name(o), wire);
+        let dirty = crate::predict::drain_dirty_ratio(&dirty_ratios(vms));
+        self.meter.teach(transport_name(o), wire, dirty);
         crate::cpu::CpuReport {
             pools,
             reserve_cpu_pct: o.budget.reserve_cpu.map(|r| r * 100.0),
@@ -490,6 +494,21 @@ impl CpuWatch {
             codec: self.codec.map(|c| c.0),
         }
     }
+}
+
+/// What each VM moved by pre-copy shows of its guest's pace while it moved (its first sync
+/// round resent what the guest dirtied during the copy), with its sampled rate as weight.
+fn dirty_ratios(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
+    vms.iter()
+        .filter(|v| v.status == Status::Moved && !v.postcopy)
+        .filter_map(|v| {
+            let (s, r) = (v.sample.as_ref()?, v.report.as_ref()?);
+            let (copy, first) = (r.rounds.first()?, r.rounds.get(1)?);
+            let secs = copy.ms as f64 / 1e3;
+            let ratio = crate::predict::implied_dirty_ratio(s, secs, first.pages as f64)?;
+            Some((ratio, s.dirty_pages_per_s))
+        })
+        .collect()
 }
 
 /// A migration's threads that are busy when the cores hold it back, on the source and on
@@ -513,7 +532,7 @@ fn busy_threads(o: &DrainOptions, source_cores: usize) -> [f64; 2] {
 }
 
 /// The drain's transport, as reports and learnt costs name it.
-fn transport_name(o: &DrainOptions) -> &'static str {
+pub(crate) fn transport_name(o: &DrainOptions) -> &'static str {
     o.request
         .transport
         .map_or("tcp", migration::protocol::Transport::name)
@@ -616,7 +635,7 @@ impl<'a> Run<'a> {
         r.survey_ms = self.survey_ms;
         r.wall_ms = wall_ms;
         r.dedup_cache_bytes = self.caches.iter().flatten().map(|c| c.bytes).sum();
-        r.cpu = self.cpu.map(|c| c.report(self.o, r.bytes_on_wire));
+        r.cpu = self.cpu.map(|c| c.report(self.o, r.bytes_on_wire, &r.vms));
         if let Some(line) = r.cpu.as_ref().map(crate::cpu::CpuReport::line) {
             r.summary += &line;
         }

@@ -302,6 +302,8 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
                     .request
                     .postcopy
                     .unwrap_or(migration::policy::DEFAULT_POSTCOPY),
+                // Known once the source's learnt costs are read.
+                dirty_ratio: 1.0,
             }
         })
         .collect()

@@ -49,6 +49,11 @@ pub struct CpuCost {
     pub destination_s_per_gb: f64,
     /// Drains it was learned from.
     pub drains: u64,
+    /// Of the dirty rate its VMs were sampled at, the share their guests kept while their
+    /// own migrations ran (the migrations take the cores, and their vCPUs yield to them): as
+    /// the pages their first sync rounds resent imply. None until a drain has shown it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_rate_ratio: Option<f64>,
 }
 
 /// What a drain's migrations cost, to learn from (`POST /cpu/costs`).
@@ -58,6 +63,9 @@ pub struct Learn {
     pub source_s: f64,
     pub destination_s: f64,
     pub bytes_on_wire: u64,
+    /// The drain's [`CpuCost::dirty_rate_ratio`], when its migrations showed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_rate_ratio: Option<f64>,
 }
 
 /// Longest transport name learnt from.
@@ -71,21 +79,29 @@ const LEARN_WEIGHT: f64 = 0.3;
 const MAX_TRANSPORTS: usize = 32;
 
 impl CpuCosts {
-    /// Learns from one migration's report: its CPU on both sides over its bytes on the wire.
-    pub fn learn(&mut self, transport: &str, source_s: f64, destination_s: f64, wire: u64) {
+    /// Learns from one drain: its migrations' CPU on both sides over their bytes on the wire,
+    /// and what their guests kept of their dirty rate.
+    pub fn learn(&mut self, l: &Learn) {
         let sane = |s: f64| s.is_finite() && s >= 0.0;
-        if wire < LEARN_FROM_BYTES || !sane(source_s) || !sane(destination_s) {
+        if l.bytes_on_wire < LEARN_FROM_BYTES || !sane(l.source_s) || !sane(l.destination_s) {
             return;
         }
-        if !self.0.contains_key(transport) && self.0.len() >= MAX_TRANSPORTS {
+        if !self.0.contains_key(&l.transport) && self.0.len() >= MAX_TRANSPORTS {
             return;
         }
-        let gb = wire as f64 / 1e9;
-        let c = self.0.entry(transport.to_string()).or_default();
+        let gb = l.bytes_on_wire as f64 / 1e9;
+        let c = self.0.entry(l.transport.clone()).or_default();
         let w = if c.drains == 0 { 1.0 } else { LEARN_WEIGHT };
-        c.source_s_per_gb += w * (source_s / gb - c.source_s_per_gb);
-        c.destination_s_per_gb += w * (destination_s / gb - c.destination_s_per_gb);
+        c.source_s_per_gb += w * (l.source_s / gb - c.source_s_per_gb);
+        c.destination_s_per_gb += w * (l.destination_s / gb - c.destination_s_per_gb);
         c.drains += 1;
+        if let Some(r) = l.dirty_rate_ratio.filter(|r| r.is_finite()) {
+            let r = r.clamp(0.0, 1.0);
+            c.dirty_rate_ratio = Some(match c.dirty_rate_ratio {
+                Some(was) => was + LEARN_WEIGHT * (r - was),
+                None => r,
+            });
+        }
     }
 
     /// What was learned, from `path` (nothing when it is missing or not ours).
@@ -168,8 +184,7 @@ impl CpuMeter {
         if l.transport.len() > MAX_TRANSPORT_NAME {
             return;
         }
-        self.costs
-            .learn(&l.transport, l.source_s, l.destination_s, l.bytes_on_wire);
+        self.costs.learn(l);
         if let Some(p) = &self.costs_path {
             if let Err(e) = self.costs.save(p) {
                 tracing::warn!("could not keep the CPU costs at {}: {e}", p.display());
@@ -346,13 +361,27 @@ mod tests {
     #[test]
     fn costs_are_learned_from_big_migrations_only_and_survive_a_restart() {
         let mut c = CpuCosts::default();
-        c.learn("tcp", 2.0, 1.0, 1_000_000_000);
-        c.learn("tcp", 4.0, 1.0, 1_000_000_000);
+        let drain = |transport: &str, source_s: f64, wire: u64, ratio: Option<f64>| Learn {
+            transport: transport.into(),
+            source_s,
+            destination_s: 1.0,
+            bytes_on_wire: wire,
+            dirty_rate_ratio: ratio,
+        };
+        c.learn(&drain("tcp", 2.0, 1_000_000_000, None));
+        c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.5)));
+        c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(f64::NAN)));
+        c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.25)));
         let tcp = c.0["tcp"];
-        assert!((tcp.source_s_per_gb - 2.6).abs() < 1e-9, "{tcp:?}");
-        assert_eq!(tcp.drains, 2);
-        c.learn("direct", 1.0, 1.0, 1 << 20);
-        c.learn("direct", f64::NAN, 1.0, 1 << 30);
+        assert!((tcp.source_s_per_gb - 3.314).abs() < 1e-9, "{tcp:?}");
+        assert_eq!(tcp.drains, 4);
+        // The ratio from the drains that showed one: 0.5, then 0.3 of the way to 0.25.
+        assert!(
+            (tcp.dirty_rate_ratio.unwrap() - 0.425).abs() < 1e-9,
+            "{tcp:?}"
+        );
+        c.learn(&drain("direct", 1.0, 1 << 20, Some(0.5)));
+        c.learn(&drain("direct", f64::NAN, 1 << 30, Some(0.5)));
         assert!(!c.0.contains_key("direct"));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("cpu-costs.json");

@@ -155,6 +155,7 @@ fn vm(name: String, memory: u64) -> VmFacts {
         vcpus: 1,
         needs: Needs::default(),
         postcopy: migration::policy::PostcopyMode::Off,
+        dirty_ratio: 1.0,
     }
 }
 

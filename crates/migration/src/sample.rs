@@ -38,10 +38,13 @@ pub struct VmSample {
     /// pages: how a drain learns whether dedup across its VMs can pay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fingerprint: Vec<u64>,
-    /// What a page the guest writes again costs as a delta against its earlier version, per
-    /// byte of the page (delta encoding's wire cost, [`crate::delta::encode`], or the whole
-    /// page when no delta fits): measured on up to [`DELTA_PROBE_PAGES`] pages written early
-    /// in the window and again later. None: no page was seen written twice.
+    /// What a page the guest writes after it was sent costs as a delta, per byte of the page,
+    /// as the engine sends it: against the version sent ([`crate::delta::encode`]) when the
+    /// guest wrote the page often enough for the engine to keep it, else as the 256-byte
+    /// blocks that changed ([`crate::delta::Sketch`]), or whole when no delta fits. Measured
+    /// on up to [`DELTA_PROBE_PAGES`] touched pages kept at the window's start, spread evenly
+    /// (a round resends every page written once as well as the hot ones). None: the guest
+    /// wrote none of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_ratio: Option<f64>,
     /// What a sampled non-zero page costs in the copy when the migration sends deltas, per
@@ -66,8 +69,8 @@ pub const FETCH_EVERY: Duration = Duration::from_millis(50);
 /// Pages read for the compressibility and zero estimates.
 const SAMPLE_PAGES: u64 = 512;
 
-/// Pages written early in the window whose earlier version is kept for the delta estimate.
-pub const DELTA_PROBE_PAGES: usize = 512;
+/// Touched pages whose version at the window's start is kept for the delta estimate.
+pub const DELTA_PROBE_PAGES: u64 = 4096;
 
 /// Samples `vm` for `window` (the dirty rate needs the guest running meanwhile). The dirty log
 /// must be free: not while a migration runs.
@@ -88,7 +91,7 @@ pub fn sample(
     // write, not after it.
     let (fingerprint, d) = std::thread::scope(|sc| {
         let keys = fingerprint.then(|| sc.spawn(|| content_keys(&ram, &extents)));
-        let d = dirtying(&dirty, &ram, window);
+        let d = dirtying(&dirty, &ram, &extents, window);
         let keys = match keys {
             // A panic there is this thread's to carry on.
             Some(k) => k.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
@@ -144,62 +147,71 @@ struct Dirtying {
     delta_ratio: Option<f64>,
 }
 
-/// Pages dirtied in the window's first period, with their content then: the base versions
-/// the delta estimate encodes the later ones against.
+/// Touched pages, spread evenly, with their content at the window's start: the versions
+/// the delta estimate encodes what the guest wrote since against.
 struct DeltaProbe {
     offsets: Vec<u64>,
     content: Vec<u8>,
-    /// Which of them the guest wrote again afterwards.
-    rewritten: Vec<bool>,
+    /// In how many of the window's periods the guest wrote each.
+    written: Vec<u8>,
 }
 
 impl DeltaProbe {
-    /// Up to [`DELTA_PROBE_PAGES`] of `maps`' dirty pages, spread evenly over them.
-    fn take(ram: &ram::GuestRam, maps: &[DirtyBitmap]) -> Result<Self, MigrationError> {
-        let count: u64 = maps.iter().map(DirtyBitmap::count).sum();
-        let step = usize::try_from(count / DELTA_PROBE_PAGES as u64)
-            .unwrap_or(usize::MAX)
-            .max(1);
-        let mut offsets: Vec<u64> = maps
+    /// Up to [`DELTA_PROBE_PAGES`] of the `touched` bytes in `extents`, spread evenly.
+    fn take(
+        ram: &ram::GuestRam,
+        extents: &[(u64, u64)],
+        touched: u64,
+    ) -> Result<Self, MigrationError> {
+        let step = (touched / PAGE_SIZE).div_ceil(DELTA_PROBE_PAGES).max(1);
+        let offsets: Vec<u64> = extents
             .iter()
-            .flat_map(DirtyBitmap::pages)
-            .step_by(step)
-            .take(DELTA_PROBE_PAGES)
+            .flat_map(|&(s, e)| (s..e).step_by(PAGE))
+            .step_by(usize::try_from(step).unwrap_or(usize::MAX))
+            .take(usize::try_from(DELTA_PROBE_PAGES).unwrap_or(usize::MAX))
             .collect();
-        offsets.sort_unstable();
         let mut content = vec![0u8; offsets.len() * PAGE];
         for (off, page) in offsets.iter().zip(content.chunks_exact_mut(PAGE)) {
             ram.read_at(*off, page)?;
         }
-        let rewritten = vec![false; offsets.len()];
+        let written = vec![0; offsets.len()];
         Ok(DeltaProbe {
             offsets,
             content,
-            rewritten,
+            written,
         })
     }
 
-    /// Marks the probed pages dirty in `maps` (a later period's log).
+    /// Counts the probed pages one period's log (`maps`) shows written.
     fn mark(&mut self, maps: &[DirtyBitmap]) {
         for page in maps.iter().flat_map(DirtyBitmap::pages) {
             if let Ok(i) = self.offsets.binary_search(&page) {
-                self.rewritten[i] = true;
+                self.written[i] = self.written[i].saturating_add(1);
             }
         }
     }
 
-    /// Wire bytes per page byte of the rewritten pages sent as deltas against their probed
-    /// versions (a whole page where no delta fits); None when none was rewritten.
+    /// Wire bytes per page byte of the written pages sent as deltas, as the engine's cache
+    /// would send them: a page written in more than one period is one the engine sees hot
+    /// and keeps, so it goes as XOR runs against its old version; one written once goes as
+    /// its changed blocks. A whole page where no delta fits. None when none was written.
     fn ratio(&self, ram: &ram::GuestRam) -> Result<Option<f64>, MigrationError> {
         let (mut pages, mut bytes) = (0usize, 0usize);
         let (mut now, mut delta) = (vec![0u8; PAGE], Vec::new());
+        let key = crate::delta::sketch_key();
         for (i, old) in self.content.chunks_exact(PAGE).enumerate() {
-            if !self.rewritten[i] {
+            if self.written[i] == 0 {
                 continue;
             }
             ram.read_at(self.offsets[i], &mut now)?;
             pages += 1;
-            bytes += if crate::delta::encode(old, &now, &mut delta) {
+            let fits = if self.written[i] > 1 {
+                crate::delta::encode(old, &now, &mut delta)
+            } else {
+                let was = crate::delta::Sketch::of(old, &key);
+                was.encode(&crate::delta::Sketch::of(&now, &key), &now, &mut delta)
+            };
+            bytes += if fits {
                 crate::protocol::DELTA_HEAD_LEN + delta.len()
             } else {
                 PAGE
@@ -216,6 +228,7 @@ const PAGE: usize = PAGE_SIZE as usize;
 fn dirtying(
     dirty: &std::sync::Mutex<dyn migratable::DirtyLog>,
     ram: &ram::GuestRam,
+    extents: &[(u64, u64)],
     window: Duration,
 ) -> Result<Dirtying, MigrationError> {
     {
@@ -227,11 +240,19 @@ fn dirtying(
         }
         d.start()?;
     }
+    // Kept once the log runs: what the guest writes from here on is both logged and new.
+    let touched = extents.iter().map(|(s, e)| e - s).sum();
+    let mut probe = match DeltaProbe::take(ram, extents, touched) {
+        Ok(p) => p,
+        Err(e) => {
+            locks::lock(dirty).stop()?;
+            return Err(e);
+        }
+    };
     let t = Instant::now();
     let mut union: Vec<Vec<u64>> = Vec::new();
     let mut counted = 0u64;
     let mut half_set = None;
-    let mut probe: Option<DeltaProbe> = None;
     let result: Result<(), MigrationError> = loop {
         std::thread::sleep(FETCH_EVERY.min(window));
         let mut d = locks::lock(dirty);
@@ -243,13 +264,7 @@ fn dirtying(
             break Err(e.into());
         }
         drop(d);
-        match &mut probe {
-            Some(p) => p.mark(&maps),
-            None => match DeltaProbe::take(ram, &maps) {
-                Ok(p) => probe = Some(p),
-                Err(e) => break Err(e),
-            },
-        }
+        probe.mark(&maps);
         for (i, m) in maps.iter().enumerate() {
             counted += m.count();
             if union.len() <= i {
@@ -270,10 +285,7 @@ fn dirtying(
     locks::lock(dirty).stop()?;
     result?;
     let set = popcount(&union);
-    let delta_ratio = match probe {
-        Some(p) => p.ratio(ram)?,
-        None => None,
-    };
+    let delta_ratio = probe.ratio(ram)?;
     Ok(Dirtying {
         rate: counted as f64 / secs.max(1e-3),
         set,
@@ -374,24 +386,59 @@ mod tests {
     }
 
     #[test]
-    fn a_rewritten_page_costs_its_delta_and_one_past_deltas_costs_a_page() {
+    fn a_written_page_costs_what_the_engine_sends_of_it() {
         let ram = ram::GuestRam::new(64 << 20).unwrap();
         for p in 0..8 {
             ram.write_at(p * PAGE_SIZE, &[p as u8 + 1; PAGE]).unwrap();
         }
-        let mut probe = DeltaProbe::take(&ram, &[bitmap(&[1, 2, 3, 5])]).unwrap();
-        assert_eq!(probe.offsets, [1, 2, 3, 5].map(|p| p * PAGE_SIZE));
-        // Page 1 gets one new word, page 2 all new words; page 3 is written with what it held,
-        // page 5 is not written again, page 6 was not probed.
+        let mut probe = DeltaProbe::take(&ram, &[(0, 8 * PAGE_SIZE)], 8 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            probe.offsets,
+            (0..8).map(|p| p * PAGE_SIZE).collect::<Vec<_>>()
+        );
+        // Page 1 gets one new word in two periods (hot: the engine keeps it, XOR runs);
+        // page 3 one new word once (its changed block); page 2 all new words; page 5 is
+        // written with what it held; page 9 was not probed; the others are not written.
         ram.write_at(PAGE_SIZE + 64, &[0xee; 8]).unwrap();
+        ram.write_at(3 * PAGE_SIZE + 64, &[0xee; 8]).unwrap();
         ram.write_at(2 * PAGE_SIZE, &[0x55; PAGE]).unwrap();
-        probe.mark(&[bitmap(&[1, 2, 3, 6])]);
-        assert_eq!(probe.rewritten, [true, true, true, false]);
-        let one_word = crate::protocol::DELTA_HEAD_LEN + 4 + 8;
-        let empty = crate::protocol::DELTA_HEAD_LEN;
-        let want = (one_word + PAGE + empty) as f64 / (3 * PAGE) as f64;
+        probe.mark(&[bitmap(&[1, 2, 3, 5, 9])]);
+        probe.mark(&[bitmap(&[1])]);
+        assert_eq!(probe.written, [0, 2, 1, 1, 0, 1, 0, 0]);
+        let head = crate::protocol::DELTA_HEAD_LEN;
+        let (xor_word, block) = (head + 4 + 8, head + 4 + 256);
+        let want = (xor_word + PAGE + block + head) as f64 / (4 * PAGE) as f64;
         let got = probe.ratio(&ram).unwrap().unwrap();
         assert!((got - want).abs() < 1e-9, "{got} against {want}");
+    }
+
+    #[test]
+    fn the_delta_probe_spreads_over_the_touched_pages() {
+        let ram = ram::GuestRam::new(128 << 20).unwrap();
+        let pages = 3 * DELTA_PROBE_PAGES;
+        let extents = [
+            (0, pages / 2 * PAGE_SIZE),
+            (pages * PAGE_SIZE, 2 * pages * PAGE_SIZE),
+        ];
+        let touched = extents.iter().map(|(s, e)| e - s).sum();
+        let probe = DeltaProbe::take(&ram, &extents, touched).unwrap();
+        let n = probe.offsets.len() as u64;
+        assert!(
+            n <= DELTA_PROBE_PAGES && n * 5 >= DELTA_PROBE_PAGES * 4,
+            "{n}"
+        );
+        assert!(probe.offsets.windows(2).all(|w| w[0] < w[1]));
+        assert!(probe
+            .offsets
+            .iter()
+            .all(|o| extents.iter().any(|(s, e)| s <= o && o < e)));
+        // Both extents are probed, in proportion to their size.
+        let first = probe
+            .offsets
+            .iter()
+            .filter(|&&o| o < pages * PAGE_SIZE)
+            .count() as u64;
+        assert!(first * 3 >= n - 3 && first * 3 <= n + 3, "{first} of {n}");
     }
 
     #[test]
@@ -412,12 +459,12 @@ mod tests {
     }
 
     #[test]
-    fn nothing_written_twice_says_nothing() {
+    fn nothing_written_says_nothing() {
         let ram = ram::GuestRam::new(64 << 20).unwrap();
-        let mut probe = DeltaProbe::take(&ram, &[bitmap(&[0, 9])]).unwrap();
+        let mut probe = DeltaProbe::take(&ram, &[(0, 8 * PAGE_SIZE)], 8 * PAGE_SIZE).unwrap();
         probe.mark(&[bitmap(&[10])]);
         assert_eq!(probe.ratio(&ram).unwrap(), None);
-        let none = DeltaProbe::take(&ram, &[bitmap(&[])]).unwrap();
+        let none = DeltaProbe::take(&ram, &[], 0).unwrap();
         assert_eq!(none.ratio(&ram).unwrap(), None);
     }
 }

@@ -128,6 +128,8 @@ impl LivemigHosts {
                 // QEMU sends every page it holds twice whole.
                 self_dup: 0.0,
                 vcpus: 1,
+                // QEMU's vCPUs do not yield to its migrations.
+                dirty_ratio: 1.0,
                 ..v.clone()
             })
             .collect();
@@ -223,6 +225,7 @@ impl LivemigHosts {
                 needs: Default::default(),
                 // As the drain's migrations ran: hybrid, unless their report says otherwise.
                 postcopy: migration::policy::DEFAULT_POSTCOPY,
+                dirty_ratio: r.plan.dirty_ratio,
             })
             .collect();
         if r.dedup_cache_bytes > 0 {

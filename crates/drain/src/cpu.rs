@@ -179,13 +179,15 @@ pub struct CodecTuner {
 
 impl CodecTuner {
     /// At `now` (seconds), with the busiest pool `busy`, the links `link` full and `rate`
-    /// bytes/s of guest RAM moving: the change to make, if any, and why.
+    /// bytes/s of guest RAM moving, `raw_ceiling` the most it could move with one more
+    /// migration raw ([`raw_ceiling`]): the change to make, if any, and why.
     pub fn decide(
         &mut self,
         now: f64,
         busy: f64,
         link: f64,
         rate: f64,
+        raw_ceiling: f64,
     ) -> Option<(CodecStep, &'static str)> {
         let first = *self.first_asked.get_or_insert(now);
         if now - first < CODEC_JUDGE_S {
@@ -215,7 +217,8 @@ impl CodecTuner {
             return None;
         }
         let (step, why) = codec_step(busy, link);
-        if step == CodecStep::Keep {
+        // Sending raw could not pay: the links carry less than compression moves.
+        if step == CodecStep::Keep || step == CodecStep::HoldRaw && raw_ceiling < rate * RAW_GAIN {
             return None;
         }
         self.pending = Some((now, step, rate));
@@ -230,6 +233,18 @@ impl CodecTuner {
     /// Whether migrations that start now should go raw: sending raw is what paid last.
     pub fn raw_pays(&self) -> bool {
         self.raw_pays
+    }
+}
+
+/// The most guest RAM per second a drain over links that carry `links` bytes/s could move
+/// with one more of its `moving` migrations raw, `held` of them raw already: once none
+/// compresses, what the links carry. While others still compress, the cores a raw one frees
+/// may speed them up: no bound (∞).
+pub fn raw_ceiling(links: f64, moving: usize, held: usize) -> f64 {
+    if moving == held + 1 {
+        links
+    } else {
+        f64::INFINITY
     }
 }
 
@@ -671,38 +686,42 @@ mod tests {
     fn a_codec_change_that_moves_less_is_undone_and_the_policy_waits() {
         let mut t = CodecTuner::default();
         // Nothing while the migrations' rate settles (measured from the first question).
-        assert_eq!(t.decide(-1.5, 0.97, 0.5, 10.0), None);
-        assert_eq!(t.decide(-0.5, 0.97, 0.5, 50.0), None);
+        assert_eq!(t.decide(-1.5, 0.97, 0.5, 10.0, f64::INFINITY), None);
+        assert_eq!(t.decide(-0.5, 0.97, 0.5, 50.0, f64::INFINITY), None);
         // Cores full, link not: one migration raw.
         assert_eq!(
-            t.decide(0.0, 0.97, 0.5, 100.0),
+            t.decide(0.0, 0.97, 0.5, 100.0, f64::INFINITY),
             Some((CodecStep::HoldRaw, "cores full, link not"))
         );
-        assert_eq!(t.decide(1.0, 0.97, 0.5, 80.0), None, "judged after 1.5 s");
+        assert_eq!(
+            t.decide(1.0, 0.97, 0.5, 80.0, f64::INFINITY),
+            None,
+            "judged after 1.5 s"
+        );
         // It moved less: undone, then quiet for 5 s.
         assert_eq!(
-            t.decide(1.6, 0.97, 0.5, 80.0),
+            t.decide(1.6, 0.97, 0.5, 80.0, f64::INFINITY),
             Some((CodecStep::Release, "did not pay"))
         );
-        assert_eq!(t.decide(4.0, 0.97, 0.5, 100.0), None);
+        assert_eq!(t.decide(4.0, 0.97, 0.5, 100.0, f64::INFINITY), None);
         // Later it tries again; moving as much is not enough: undone.
         assert!(!t.raw_pays());
         assert_eq!(
-            t.decide(7.0, 0.97, 0.5, 100.0).map(|d| d.0),
+            t.decide(7.0, 0.97, 0.5, 100.0, f64::INFINITY).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
         assert_eq!(
-            t.decide(8.6, 0.97, 0.5, 108.0),
+            t.decide(8.6, 0.97, 0.5, 108.0, f64::INFINITY),
             Some((CodecStep::Release, "did not pay"))
         );
         assert!(!t.raw_pays());
         // Again later; this time it pays and stays.
         assert_eq!(
-            t.decide(14.0, 0.97, 0.5, 100.0).map(|d| d.0),
+            t.decide(14.0, 0.97, 0.5, 100.0, f64::INFINITY).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
         assert_eq!(
-            t.decide(15.6, 0.97, 0.6, 120.0).map(|d| d.0),
+            t.decide(15.6, 0.97, 0.6, 120.0, f64::INFINITY).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
         assert!(
@@ -711,9 +730,26 @@ mod tests {
         );
         t.not_made();
         assert_eq!(
-            t.decide(15.7, 0.80, 0.6, 120.0),
+            t.decide(15.7, 0.80, 0.6, 120.0, f64::INFINITY),
             None,
             "in between: as it is"
+        );
+    }
+
+    #[test]
+    fn no_migration_goes_raw_where_the_links_carry_less_than_compression_moves() {
+        // The one migration compressing, over a 120 MB/s link: raw moves at most 120.
+        assert_eq!(raw_ceiling(120.0, 1, 0), 120.0);
+        // The last of two: the same.
+        assert_eq!(raw_ceiling(120.0, 2, 1), 120.0);
+        // One of two: the cores it frees may speed the other.
+        assert_eq!(raw_ceiling(120.0, 2, 0), f64::INFINITY);
+        let mut t = CodecTuner::default();
+        assert_eq!(t.decide(-1.5, 0.97, 0.5, 150.0, 120.0), None);
+        assert_eq!(t.decide(0.0, 0.97, 0.5, 150.0, 120.0), None, "cannot pay");
+        assert_eq!(
+            t.decide(0.1, 0.97, 0.5, 150.0, 1200.0).map(|d| d.0),
+            Some(CodecStep::HoldRaw)
         );
     }
 

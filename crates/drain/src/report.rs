@@ -373,6 +373,12 @@ impl DrainReport {
             None => "cpu: not in the plan (the source has not yet learnt what this transport costs)\n"
                 .to_string(),
         };
+        if self.plan.dirty_ratio < 1.0 {
+            s += &format!(
+                "guests dirty at {:.0}% of their sampled rate while they move (learnt from earlier drains)\n",
+                self.plan.dirty_ratio * 100.0
+            );
+        }
         if let Some(p) = self.postcopy_line() {
             s += &format!("{p}\n");
         }
@@ -446,7 +452,7 @@ mod tests {
             link_bits_per_s: vec![Some(1e9)],
             link_is_floor: vec![true],
             eta_s: Some(12.5),
-            dirty_ratio: 1.0,
+            dirty_ratio: 0.25,
             wire_bytes_predicted: Some(900 << 20),
             cpu: None,
         };
@@ -467,6 +473,10 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("post-copy"), "nothing goes post-copy: {t}");
+        assert!(
+            t.contains("guests dirty at 25% of their sampled rate"),
+            "{t}"
+        );
     }
 
     /// A VM the model says moves by post-copy is marked so, and the plan states the risk.

@@ -106,7 +106,7 @@ impl Planned {
         let cpu = meter.and_then(|m| {
             m.plan(
                 o.budget.reserve_cpu,
-                transport_name(o),
+                &cost_key(&o.request),
                 busy_threads(o, m.source().cores),
             )
         });
@@ -424,10 +424,10 @@ impl CpuWatch {
     fn new(o: &DrainOptions, s: &Survey, meter: crate::cpu::Meter) -> Self {
         let governor = o.budget.reserve_cpu.map(|reserve| {
             let src = meter.source();
-            let transport = transport_name(o);
+            let transport = cost_key(&o.request);
             // Both sides' cost where the source shares its cores with a destination.
             let shared = meter.pools().first().is_some_and(|p| p.len() > 1);
-            let cost = crate::cpu::cost_per_byte(src.costs.0.get(transport), true, shared);
+            let cost = crate::cpu::cost_per_byte(src.costs.0.get(&transport), true, shared);
             let links: f64 = s.dests.iter().filter_map(|d| d.facts.rate).sum::<f64>() * 8.0;
             let ceiling = o.budget.max_bandwidth.map_or(
                 if links > 0.0 {
@@ -486,7 +486,7 @@ impl CpuWatch {
     fn report(mut self, o: &DrainOptions, wire: u64, vms: &[VmOutcome]) -> crate::cpu::CpuReport {
         let pools = self.meter.report();
         let dirty = crate::predict::drain_dirty_ratio(&dirty_ratios(vms));
-        self.meter.teach(transport_name(o), wire, dirty);
+        self.meter.teach(&cost_key(&o.request), wire, dirty);
         crate::cpu::CpuReport {
             pools,
             reserve_cpu_pct: o.budget.reserve_cpu.map(|r| r * 100.0),
@@ -511,18 +511,17 @@ fn dirty_ratios(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Page streams per migration: one per address pair of `--network`, or `--channels`.
+fn page_streams(r: &MigrateRequest) -> usize {
+    let pairs = r.network.as_deref().map_or(0, |n| n.split(',').count());
+    pairs.max(usize::from(r.channels.unwrap_or(0))).max(1)
+}
+
 /// A migration's threads that are busy when the cores hold it back, on the source and on
 /// the destination: one per page stream (the control connection's when it has none), and
 /// on the source the compressed transport's workers, one per core.
 fn busy_threads(o: &DrainOptions, source_cores: usize) -> [f64; 2] {
-    let pairs = o
-        .request
-        .network
-        .as_deref()
-        .map_or(0, |n| n.split(',').count());
-    let streams = pairs
-        .max(usize::from(o.request.channels.unwrap_or(0)))
-        .max(1) as f64;
+    let streams = page_streams(&o.request) as f64;
     let workers = if o.request.transport == Some(migration::protocol::Transport::Compressed) {
         source_cores as f64
     } else {
@@ -531,11 +530,18 @@ fn busy_threads(o: &DrainOptions, source_cores: usize) -> [f64; 2] {
     [streams + workers, streams]
 }
 
-/// The drain's transport, as reports and learnt costs name it.
-pub(crate) fn transport_name(o: &DrainOptions) -> &'static str {
-    o.request
+/// What the hosts learn a drain's costs under: its transport, and `+multichannel` when its
+/// migrations run more than one page stream (each stream's threads add their own cost per
+/// byte).
+pub(crate) fn cost_key(r: &MigrateRequest) -> String {
+    let transport = r
         .transport
-        .map_or("tcp", migration::protocol::Transport::name)
+        .map_or("tcp", migration::protocol::Transport::name);
+    if page_streams(r) > 1 {
+        format!("{transport}+multichannel")
+    } else {
+        transport.to_string()
+    }
 }
 
 /// A governor's ceiling when no link was measured and no `--max-bandwidth` given, bits/s.
@@ -1017,13 +1023,16 @@ impl<'a> Run<'a> {
         if links <= 0.0 {
             return;
         }
-        self.start_raw_where_it_pays(busy);
         let (wire, ram) = self.rates();
+        let ceiling = self.raw_ceiling(links);
+        if ceiling >= ram * crate::cpu::RAW_GAIN {
+            self.start_raw_where_it_pays(busy);
+        }
         let now = self.t0.elapsed().as_secs_f64();
         let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) else {
             return;
         };
-        let Some((step, why)) = c.1.decide(now, busy, wire / links, ram) else {
+        let Some((step, why)) = c.1.decide(now, busy, wire / links, ram, ceiling) else {
             return;
         };
         let ratio = |f: &Flight| {
@@ -1079,6 +1088,21 @@ impl<'a> Run<'a> {
             if raw { "sends raw" } else { "compresses again" },
             busy * 100.0
         ));
+    }
+
+    /// The most guest RAM per second the drain could move with one more migration raw over
+    /// `links` bytes/s ([`crate::cpu::raw_ceiling`]); unbounded where a link is known only as
+    /// a floor.
+    fn raw_ceiling(&self, links: f64) -> f64 {
+        let moving: Vec<&Flight> = self.flights.iter().filter(|f| !f.switched).collect();
+        if moving
+            .iter()
+            .any(|f| self.s.dests[f.job.dest].facts.rate_is_floor)
+        {
+            return f64::INFINITY;
+        }
+        let held = moving.iter().filter(|f| f.held_raw).count();
+        crate::cpu::raw_ceiling(links, moving.len(), held)
     }
 
     /// While sending raw is what paid last, a migration that started since goes raw too.
@@ -1165,5 +1189,33 @@ fn refusal(e: &ApiError) -> String {
     match e {
         ApiError::Refused { message, .. } => message.clone(),
         e => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration::protocol::Transport;
+
+    #[test]
+    fn costs_are_learnt_per_transport_with_multichannel_apart() {
+        let tcp = MigrateRequest::default();
+        assert_eq!(cost_key(&tcp), "tcp");
+        let direct = MigrateRequest {
+            transport: Some(Transport::Direct),
+            ..Default::default()
+        };
+        assert_eq!(cost_key(&direct), "direct");
+        let two_nics = MigrateRequest {
+            network: Some("10.0.0.1>10.0.0.2,10.0.1.1>10.0.1.2".into()),
+            ..direct.clone()
+        };
+        assert_eq!(cost_key(&two_nics), "direct+multichannel");
+        let channels = MigrateRequest {
+            channels: Some(4),
+            ..direct
+        };
+        assert_eq!(cost_key(&channels), "direct+multichannel");
+        assert_eq!(page_streams(&channels), 4);
     }
 }

@@ -190,6 +190,14 @@ fn kvm_drain_measures_the_hosts_cpu_and_learns_what_its_migrations_cost() {
     // Nothing was learnt before this drain; both hosts have learnt it now, so the drain back
     // plans with what a compressed byte costs their cores.
     assert!(r["plan"]["cpu"].is_null(), "{r}");
+    // With them, what its guests kept of their pace while they moved, which the drain back
+    // plans with.
+    let costs = std::fs::read(d.path().join("b").join("cpu-costs.json")).unwrap();
+    let costs: Value = serde_json::from_slice(&costs).unwrap();
+    let kept = costs["compressed"]["dirty_rate_ratio"]
+        .as_f64()
+        .unwrap_or(-1.0);
+    assert!(kept > 0.0 && kept <= 1.0, "{costs}");
     let back = d.path().join("back.json");
     let (ok, text, r) = run_drain(&b, &a, &back, &["--transport", "compressed"]);
     assert!(ok, "{text}");
@@ -202,6 +210,7 @@ fn kvm_drain_measures_the_hosts_cpu_and_learns_what_its_migrations_cost() {
         r["plan"]["cpu"]["pool_cores"][0].as_f64() > Some(0.0),
         "{r}"
     );
+    assert_eq!(r["plan"]["dirty_ratio"].as_f64(), Some(kept), "{r}");
     for v in r["vms"].as_array().unwrap() {
         assert_eq!(v["status"], "moved", "{v}");
         assert_eq!(v["guest_verified"], true, "{v}");

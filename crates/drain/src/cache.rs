@@ -98,6 +98,12 @@ pub fn wanted(o: &DrainOptions) -> bool {
         && o.request.transport != Some(Transport::Direct)
 }
 
+/// Whether the VMs going to a destination, with these fingerprints, are worth a cache there
+/// (their memory repeats across them, or was not sampled), when the drain wants caches.
+pub fn worth_one(o: &DrainOptions, fingerprints: &[Option<&[u64]>]) -> bool {
+    wanted(o) && !shared_share(fingerprints).is_some_and(|f| f < MIN_SHARED)
+}
+
 /// Opens a cache on every destination with VMs planned whose memory repeats across them (or
 /// was not sampled) and room to spare; a destination that refuses goes without (said in the
 /// log).
@@ -117,7 +123,7 @@ pub fn open(o: &DrainOptions, s: &Survey, planned: &Planned) -> Vec<Option<Cache
                 .vms_to(d)
                 .map(|v| s.vms[v].sample.as_ref().map(|x| &x.fingerprint[..]))
                 .collect();
-            if shared_share(&fps).is_some_and(|f| f < MIN_SHARED) {
+            if !worth_one(o, &fps) {
                 tracing::info!("{}: its VMs share no memory; no page cache", dest.name);
                 return None;
             }

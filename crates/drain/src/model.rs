@@ -25,6 +25,9 @@ pub struct Scenario {
     pub cpu: Option<crate::plan::PlanCpu>,
     /// The guests yield to their migrations (the default).
     pub vcpu_yield: bool,
+    /// The destination keeps a page cache for the drain: the first VM (`vms` are in the
+    /// drain's order) runs alone until its copy is done.
+    pub cache: bool,
 }
 
 /// The predicted makespan, seconds. Each migration's resent bytes are those of the rate the
@@ -53,7 +56,8 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
     let model = s.cpu.as_ref().map(|c| &c.model);
     s.vms
         .iter()
-        .map(|v| {
+        .enumerate()
+        .map(|(i, v)| {
             let job = SimJob {
                 dest: 0,
                 bytes: 0.0,
@@ -63,6 +67,11 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
                     .cpu
                     .as_ref()
                     .map_or(0.0, |c| c.yields(v.vcpus, s.vcpu_yield)),
+                seeds: if s.cache && i == 0 {
+                    v.first_pass_bytes(s.compressed) * s.framing
+                } else {
+                    0.0
+                },
             };
             let rate = migration_rate(Some(s.link), false, n, &job, model);
             SimJob {
@@ -171,6 +180,7 @@ pub fn references(compress_ratio: f64, dirty_mb_s: f64, concurrency: usize) -> V
                         framing: 1.0,
                         cpu: None,
                         vcpu_yield: true,
+                        cache: false,
                     }),
                 });
             };
@@ -201,6 +211,7 @@ mod tests {
             framing: 1.0,
             cpu: None,
             vcpu_yield: true,
+            cache: false,
         };
         let t = makespan(&s);
         let bytes = (8u64 << 30) as f64;

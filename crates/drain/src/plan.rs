@@ -287,6 +287,9 @@ pub struct SimJob {
     /// Runnable vCPUs that stop competing for the source's cores while it moves (its guest
     /// yields to its migration).
     pub yields: f64,
+    /// Bytes it sends before another migration to its destination may start (its copy, when
+    /// it is the first to a destination's page cache and fills it); 0: none.
+    pub seeds: f64,
 }
 
 /// The cores the drain's migrations may use: per pool (the hosts of one kernel), core-seconds
@@ -562,7 +565,9 @@ fn run_simulation(
                 if a.overhead > 0.0 {
                     a.overhead
                 } else {
-                    a.left / r
+                    // Until it ends, or until it has seeded its destination's cache.
+                    let seeding = seeding_left(&jobs[a.job], a);
+                    (if seeding > 0.0 { seeding } else { a.left }) / r
                 }
             })
             .fold(f64::INFINITY, f64::min);
@@ -586,6 +591,14 @@ struct Active {
     left: f64,
 }
 
+/// Bytes `a` (moving `job`) still sends before the others to its destination may start.
+fn seeding_left(job: &SimJob, a: &Active) -> f64 {
+    if job.seeds <= 0.0 || a.left <= 1e-6 {
+        return 0.0;
+    }
+    (job.seeds.min(job.bytes) - (job.bytes - a.left)).max(0.0)
+}
+
 /// Starts pending jobs, in order, while the window and their destination allow.
 fn admit(
     jobs: &[SimJob],
@@ -597,11 +610,10 @@ fn admit(
     let mut skipped = std::collections::VecDeque::new();
     while active.len() < window {
         let Some(j) = pending.pop_front() else { break };
-        let on_dest = active
-            .iter()
-            .filter(|a| jobs[a.job].dest == jobs[j].dest)
-            .count();
-        if on_dest < per_dest {
+        let on_dest = || active.iter().filter(|a| jobs[a.job].dest == jobs[j].dest);
+        // None starts while the first to its destination's cache fills it.
+        let seeding = on_dest().any(|a| seeding_left(&jobs[a.job], a) > 1e-6);
+        if on_dest().count() < per_dest && !seeding {
             active.push(Active {
                 job: j,
                 overhead: crate::predict::OVERHEAD_S,
@@ -655,6 +667,44 @@ mod tests {
             (t - 2.0 * (11.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6,
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_first_migration_to_a_cache_runs_alone_until_its_copy_is_done() {
+        // 4 cores, nothing else on them; a GB costs a core-second on each side and each side
+        // has one thread: one migration alone moves 1 GB/s, two at once 1 GB/s each. The link
+        // does not limit.
+        let cpu = CpuModel {
+            pools: vec![4.0],
+            contenders: vec![0.0],
+            source: 0,
+            dests: vec![0, 0],
+        };
+        let job = SimJob {
+            bytes: 1e9,
+            cpu: [1e-9, 1e-9],
+            threads: [1.0, 1.0],
+            ..SimJob::default()
+        };
+        let o = crate::predict::OVERHEAD_S;
+        let run = |jobs: &[SimJob]| simulate_with_cpu(jobs, &[1e12, 1e12], 2, 2, Some(&cpu)).0;
+        // Without a cache: both at once.
+        let t = run(&[job, job]);
+        assert!((t - (o + 1.0)).abs() < 1e-6, "{t}");
+        // The first fills the cache with its first 0.8 GB, alone; then the second starts (and
+        // pays its overhead while the first sends 0.15 GB more); they share 0.05 s; the
+        // second's last 0.95 GB go alone.
+        let seeding = SimJob {
+            seeds: 0.8e9,
+            ..job
+        };
+        let t = run(&[seeding, job]);
+        let want = o + 0.8 + o + 0.05 + 0.95;
+        assert!((t - want).abs() < 1e-6, "{t} against {want}");
+        // A migration to another destination does not wait.
+        let elsewhere = SimJob { dest: 1, ..job };
+        let t = run(&[seeding, elsewhere]);
+        assert!((t - (o + 1.0)).abs() < 1e-6, "{t}");
     }
 
     #[test]
@@ -988,6 +1038,7 @@ mod tests {
             cpu: [0.01, 0.01],
             threads: [1.0, 1.0],
             yields: 0.0,
+            seeds: 0.0,
         };
         let pool = |pools: Vec<f64>, dests| CpuModel {
             pools,

@@ -133,6 +133,7 @@ impl Planned {
             cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
             threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
             yields: cpu.as_ref().map_or(0.0, |c| c.yields(1, yields) * vcpus),
+            seeds: 0.0,
         };
         // One that stands for them all: the VMs' mean vCPUs.
         let mean_vcpus =
@@ -185,6 +186,20 @@ impl Planned {
             .iter()
             .filter_map(|i| Some((*i, *placement[*i].as_ref().ok()?)))
             .collect();
+        // Per destination, the migration that fills its page cache, alone (the first there,
+        // where the drain opens one).
+        let seeder: Vec<Option<usize>> = (0..dest_facts.len())
+            .map(|d| {
+                let fps: Vec<Option<&[u64]>> = placed
+                    .iter()
+                    .filter(|(_, to)| *to == d)
+                    .map(|(i, _)| s.vms[*i].sample.as_ref().map(|x| &x.fingerprint[..]))
+                    .collect();
+                crate::cache::worth_one(o, &fps)
+                    .then(|| placed.iter().position(|(_, to)| *to == d))
+                    .flatten()
+            })
+            .collect();
         // A migration's bytes at `rate`, the VM's and its copied disks'.
         let bytes = |k: usize, rate: f64| {
             let (i, d) = placed[k];
@@ -197,8 +212,14 @@ impl Planned {
                 (0..placed.len())
                     .map(|k| {
                         let (i, d) = placed[k];
+                        let seeds = if seeder[d] == Some(k) {
+                            vms[i].first_pass_bytes(compressed) + disk_bytes(i, d)
+                        } else {
+                            0.0
+                        };
                         SimJob {
                             bytes: bytes(k, rate_at(d, per)),
+                            seeds,
                             ..job_to(d, f64::from(vms[i].vcpus))
                         }
                     })

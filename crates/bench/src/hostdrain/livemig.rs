@@ -206,8 +206,10 @@ impl LivemigHosts {
                 throttle_pct_max: v.report.as_ref().map(|x| x.throttle_pct_max),
             })
             .collect();
-        let mut facts: Vec<VmFacts> = r
-            .vms
+        // In the order the drain started them (its plan's), as the model runs them.
+        let mut by_start: Vec<&drain::report::VmOutcome> = r.vms.iter().collect();
+        by_start.sort_by_key(|v| v.start_ms.unwrap_or(u64::MAX));
+        let mut facts: Vec<VmFacts> = by_start
             .iter()
             .map(|v| VmFacts {
                 name: v.name.clone(),
@@ -228,15 +230,10 @@ impl LivemigHosts {
                 dirty_ratio: r.plan.dirty_ratio,
             })
             .collect();
-        if r.dedup_cache_bytes > 0 {
+        let cache = r.dedup_cache_bytes > 0;
+        if cache {
             // One destination: its cache served the VMs in the order they started.
-            let mut by_start: Vec<usize> = (0..facts.len()).collect();
-            by_start.sort_by_key(|&i| r.vms[i].start_ms.unwrap_or(u64::MAX));
-            let mut going: Vec<VmFacts> = by_start.iter().map(|&i| facts[i].clone()).collect();
-            drain::cache::expect_hits(&mut going);
-            for (i, v) in by_start.into_iter().zip(going) {
-                facts[i] = v;
-            }
+            drain::cache::expect_hits(&mut facts);
         }
         for f in facts.iter().filter(|f| f.sample.is_some()) {
             self.facts.insert(f.name.clone(), f.clone());
@@ -252,6 +249,7 @@ impl LivemigHosts {
             vcpu_yield,
             path_bps: r.plan.link_bits_per_s.first().copied().flatten(),
             path_is_floor: r.plan.link_is_floor.first().copied().unwrap_or(false),
+            cache,
             detail: serde_json::to_value(r).unwrap_or_default(),
         }
     }

@@ -291,6 +291,9 @@ pub struct DrainOutcome {
     pub path_bps: Option<f64>,
     /// The cores, not the link, held the drain's probe back: `path_bps` is a floor.
     pub path_is_floor: bool,
+    /// The destination kept a page cache for the drain (`facts` are in the drain's order:
+    /// the first filled it, alone).
+    pub cache: bool,
     /// The VMM's own account (livemig's drain report).
     pub detail: serde_json::Value,
 }
@@ -624,6 +627,7 @@ fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
         framing: 1.0,
         cpu: out.cpu.clone(),
         vcpu_yield: out.vcpu_yield,
+        cache: out.cache,
     }
 }
 

@@ -212,6 +212,7 @@ impl Drainer for QemuHosts {
             vms,
             path_bps: None,
             path_is_floor: false,
+            cache: false,
             detail: serde_json::Value::Null,
         })
     }

@@ -134,7 +134,7 @@ pub fn drain(o: &DrainOptions) -> Result<DrainReport, DrainError> {
     }
     if let Some(r) = cpu
         .as_ref()
-        .and_then(|m| m.dirty_ratio(&run::cost_key(&o.request)))
+        .and_then(|m| m.dirty_ratio(&run::drain_cost_key(o, &survey)))
     {
         for v in &mut survey.vms {
             v.dirty_ratio = r;

@@ -87,6 +87,8 @@ pub struct Planned {
     pub bounds: Vec<Option<plan::Bound>>,
     /// Where `auto` starts: the model's smallest level near its best (1 when it cannot say).
     pub first_window: usize,
+    /// What the hosts learn this drain's costs under ([`drain_cost_key`]).
+    pub cost_key: String,
 }
 
 impl Planned {
@@ -103,10 +105,11 @@ impl Planned {
     pub fn make(o: &DrainOptions, s: &Survey, meter: Option<&crate::cpu::Meter>) -> Self {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
         let yields = o.request.vcpu_yield != Some(false);
+        let key = drain_cost_key(o, s);
         let cpu = meter.and_then(|m| {
             m.plan(
                 o.budget.reserve_cpu,
-                &cost_key(&o.request),
+                &key,
                 busy_threads(o, m.source().cores),
             )
         });
@@ -261,6 +264,7 @@ impl Planned {
             cpu,
             bounds,
             first_window,
+            cost_key: key,
         }
     }
 
@@ -435,6 +439,8 @@ pub struct Run<'a> {
 /// governor when `--reserve-cpu` asks for one.
 struct CpuWatch {
     meter: crate::cpu::Meter,
+    /// What the hosts learn the drain's costs under.
+    key: String,
     governor: Option<crate::cpu::Governor>,
     last: Instant,
     /// The host-wide codec policy, in a compressed drain: what it did, and its tuner.
@@ -442,13 +448,13 @@ struct CpuWatch {
 }
 
 impl CpuWatch {
-    fn new(o: &DrainOptions, s: &Survey, meter: crate::cpu::Meter) -> Self {
+    fn new(o: &DrainOptions, s: &Survey, meter: crate::cpu::Meter, key: String) -> Self {
         let governor = o.budget.reserve_cpu.map(|reserve| {
             let src = meter.source();
-            let transport = cost_key(&o.request);
+            let transport = &key;
             // Both sides' cost where the source shares its cores with a destination.
             let shared = meter.pools().first().is_some_and(|p| p.len() > 1);
-            let cost = crate::cpu::cost_per_byte(src.costs.0.get(&transport), true, shared);
+            let cost = crate::cpu::cost_per_byte(src.costs.0.get(transport), true, shared);
             let links: f64 = s.dests.iter().filter_map(|d| d.facts.rate).sum::<f64>() * 8.0;
             let ceiling = o.budget.max_bandwidth.map_or(
                 if links > 0.0 {
@@ -463,6 +469,7 @@ impl CpuWatch {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
         CpuWatch {
             meter,
+            key,
             governor,
             last: Instant::now(),
             codec: compressed.then(|| {
@@ -507,7 +514,7 @@ impl CpuWatch {
     fn report(mut self, o: &DrainOptions, wire: u64, vms: &[VmOutcome]) -> crate::cpu::CpuReport {
         let pools = self.meter.report();
         let dirty = crate::predict::drain_dirty_ratio(&dirty_ratios(vms));
-        self.meter.teach(&cost_key(&o.request), wire, dirty);
+        self.meter.teach(&self.key, wire, dirty);
         crate::cpu::CpuReport {
             pools,
             reserve_cpu_pct: o.budget.reserve_cpu.map(|r| r * 100.0),
@@ -551,18 +558,39 @@ fn busy_threads(o: &DrainOptions, source_cores: usize) -> [f64; 2] {
     [streams + workers, streams]
 }
 
-/// What the hosts learn a drain's costs under: its transport, and `+multichannel` when its
+/// What the hosts learn a drain's costs under: its transport, `+multichannel` when its
 /// migrations run more than one page stream (each stream's threads add their own cost per
-/// byte).
-pub(crate) fn cost_key(r: &MigrateRequest) -> String {
-    let transport = r
+/// byte), `+cache` when it keeps page caches on its destinations (a reference carries a page
+/// in a few bytes on the wire, and the destination copies it from the cache: the cores'
+/// work per byte on the wire is another).
+pub(crate) fn cost_key(r: &MigrateRequest, caches: bool) -> String {
+    let mut key = r
         .transport
-        .map_or("tcp", migration::protocol::Transport::name);
+        .map_or("tcp", migration::protocol::Transport::name)
+        .to_string();
     if page_streams(r) > 1 {
-        format!("{transport}+multichannel")
-    } else {
-        transport.to_string()
+        key += "+multichannel";
     }
+    if caches {
+        key += "+cache";
+    }
+    key
+}
+
+/// [`cost_key`] for this drain: with caches where the plan's VMs for a destination are
+/// worth one ([`crate::cache::worth_one`]), placed as the plan places them.
+pub(crate) fn drain_cost_key(o: &DrainOptions, s: &Survey) -> String {
+    let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
+    let dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
+    let placement = plan::place(&s.vms, &dest_facts, o.copies_disks(), compressed);
+    let caches = (0..s.dests.len()).any(|d| {
+        let fps: Vec<Option<&[u64]>> = (0..s.vms.len())
+            .filter(|i| placement[*i] == Ok(d))
+            .map(|i| s.vms[i].sample.as_ref().map(|x| &x.fingerprint[..]))
+            .collect();
+        !fps.is_empty() && crate::cache::worth_one(o, &fps)
+    });
+    cost_key(&o.request, caches)
 }
 
 /// A governor's ceiling when no link was measured and no `--max-bandwidth` given, bits/s.
@@ -612,7 +640,7 @@ impl<'a> Run<'a> {
             ended: std::sync::mpsc::channel(),
             caches: crate::cache::open(o, s, planned),
             seeded: vec![false; s.dests.len()],
-            cpu: cpu.map(|m| CpuWatch::new(o, s, m)),
+            cpu: cpu.map(|m| CpuWatch::new(o, s, m, planned.cost_key.clone())),
         }
     }
 
@@ -1219,24 +1247,31 @@ mod tests {
     use migration::protocol::Transport;
 
     #[test]
-    fn costs_are_learnt_per_transport_with_multichannel_apart() {
+    fn costs_are_learnt_per_transport_with_multichannel_and_caches_apart() {
         let tcp = MigrateRequest::default();
-        assert_eq!(cost_key(&tcp), "tcp");
+        assert_eq!(cost_key(&tcp, false), "tcp");
+        assert_eq!(cost_key(&tcp, true), "tcp+cache");
         let direct = MigrateRequest {
             transport: Some(Transport::Direct),
             ..Default::default()
         };
-        assert_eq!(cost_key(&direct), "direct");
+        assert_eq!(cost_key(&direct, false), "direct");
         let two_nics = MigrateRequest {
             network: Some("10.0.0.1>10.0.0.2,10.0.1.1>10.0.1.2".into()),
             ..direct.clone()
         };
-        assert_eq!(cost_key(&two_nics), "direct+multichannel");
+        assert_eq!(cost_key(&two_nics, false), "direct+multichannel");
         let channels = MigrateRequest {
             channels: Some(4),
             ..direct
         };
-        assert_eq!(cost_key(&channels), "direct+multichannel");
+        assert_eq!(cost_key(&channels, false), "direct+multichannel");
+        let compressed = MigrateRequest {
+            transport: Some(Transport::Compressed),
+            channels: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(cost_key(&compressed, true), "compressed+multichannel+cache");
         assert_eq!(page_streams(&channels), 4);
     }
 }

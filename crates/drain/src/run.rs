@@ -105,7 +105,9 @@ impl Planned {
     pub fn make(o: &DrainOptions, s: &Survey, meter: Option<&crate::cpu::Meter>) -> Self {
         let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
         let yields = o.request.vcpu_yield != Some(false);
-        let key = drain_cost_key(o, s);
+        let placement = place(o, s);
+        let cached = cached_dests(o, s, &placement);
+        let key = cost_key(&o.request, cached.contains(&true));
         let cpu = meter.and_then(|m| {
             m.plan(
                 o.budget.reserve_cpu,
@@ -113,21 +115,11 @@ impl Planned {
                 busy_threads(o, m.source().cores),
             )
         });
-        let mut dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
-        let placement = plan::place(&s.vms, &dest_facts, o.copies_disks(), compressed);
         let window = match o.concurrency {
             Concurrency::Fixed(n) => n,
             Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
         };
-        // The links as the budget will let the drain use them.
-        let per_dest = vec![window.div_ceil(s.dests.len().max(1)).max(1); s.dests.len()];
-        let links: Vec<Option<f64>> = dest_facts.iter().map(|d| d.rate).collect();
-        for (d, rate) in dest_facts
-            .iter_mut()
-            .zip(crate::pace::budgeted(&o.budget, &per_dest, &links))
-        {
-            d.rate = rate;
-        }
+        let dest_facts = budgeted_facts(o, s, window);
         let model = cpu.as_ref().map(|c| &c.model);
         // A migration to `d` as the cores see it, of a VM with `vcpus` that yield to it.
         let job_to = |d: usize, vcpus: f64| SimJob {
@@ -189,16 +181,10 @@ impl Planned {
             .iter()
             .filter_map(|i| Some((*i, *placement[*i].as_ref().ok()?)))
             .collect();
-        // Per destination, the migration that fills its page cache, alone (the first there,
-        // where the drain opens one).
-        let seeder: Vec<Option<usize>> = (0..dest_facts.len())
+        // Per destination, the migration that fills its page cache, alone (the first there).
+        let seeder: Vec<Option<usize>> = (0..cached.len())
             .map(|d| {
-                let fps: Vec<Option<&[u64]>> = placed
-                    .iter()
-                    .filter(|(_, to)| *to == d)
-                    .map(|(i, _)| s.vms[*i].sample.as_ref().map(|x| &x.fingerprint[..]))
-                    .collect();
-                crate::cache::worth_one(o, &fps)
+                cached[d]
                     .then(|| placed.iter().position(|(_, to)| *to == d))
                     .flatten()
             })
@@ -247,13 +233,9 @@ impl Planned {
             }
             _ => 1,
         };
-        // The jobs are the placed VMs in order.
-        let mut bounds = vec![None; s.vms.len()];
-        if let Some((_, b, _)) = &sim {
-            for ((i, _), bound) in placed.iter().zip(b) {
-                bounds[*i] = Some(*bound);
-            }
-        }
+        let bounds = sim.as_ref().map_or(vec![None; s.vms.len()], |(_, b, _)| {
+            by_vm(&placed, b, s.vms.len())
+        });
         Planned {
             order,
             placement,
@@ -577,20 +559,60 @@ pub(crate) fn cost_key(r: &MigrateRequest, caches: bool) -> String {
     key
 }
 
-/// [`cost_key`] for this drain: with caches where the plan's VMs for a destination are
-/// worth one ([`crate::cache::worth_one`]), placed as the plan places them.
+/// What held each of `n` VMs back, from the simulation's `bounds` of the `placed` VMs (in
+/// order, with their destinations); None for those not placed.
+fn by_vm(placed: &[(usize, usize)], bounds: &[plan::Bound], n: usize) -> Vec<Option<plan::Bound>> {
+    let mut out = vec![None; n];
+    for ((i, _), bound) in placed.iter().zip(bounds) {
+        out[*i] = Some(*bound);
+    }
+    out
+}
+
+/// [`cost_key`] for this drain, with the page caches its plan keeps.
 pub(crate) fn drain_cost_key(o: &DrainOptions, s: &Survey) -> String {
+    let cached = cached_dests(o, s, &place(o, s));
+    cost_key(&o.request, cached.contains(&true))
+}
+
+/// Where each VM goes, as the plan places them.
+fn place(o: &DrainOptions, s: &Survey) -> Vec<Result<usize, plan::NoRoom>> {
     let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
     let dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
-    let placement = plan::place(&s.vms, &dest_facts, o.copies_disks(), compressed);
-    let caches = (0..s.dests.len()).any(|d| {
-        let fps: Vec<Option<&[u64]>> = (0..s.vms.len())
-            .filter(|i| placement[*i] == Ok(d))
-            .map(|i| s.vms[i].sample.as_ref().map(|x| &x.fingerprint[..]))
-            .collect();
-        !fps.is_empty() && crate::cache::worth_one(o, &fps)
-    });
-    cost_key(&o.request, caches)
+    plan::place(&s.vms, &dest_facts, o.copies_disks(), compressed)
+}
+
+/// Per destination, whether the drain keeps a page cache there: the VMs `placement` sends
+/// there are worth one ([`crate::cache::worth_one`]).
+fn cached_dests(
+    o: &DrainOptions,
+    s: &Survey,
+    placement: &[Result<usize, plan::NoRoom>],
+) -> Vec<bool> {
+    (0..s.dests.len())
+        .map(|d| {
+            let fps: Vec<Option<&[u64]>> = (0..s.vms.len())
+                .filter(|i| placement[*i] == Ok(d))
+                .map(|i| s.vms[i].sample.as_ref().map(|x| &x.fingerprint[..]))
+                .collect();
+            !fps.is_empty() && crate::cache::worth_one(o, &fps)
+        })
+        .collect()
+}
+
+/// The destinations' facts with their links as the budget lets the drain use them, `window`
+/// migrations at once spread over them.
+fn budgeted_facts(o: &DrainOptions, s: &Survey, window: usize) -> Vec<plan::DestFacts> {
+    let mut facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
+    let per_dest = vec![window.div_ceil(s.dests.len().max(1)).max(1); s.dests.len()];
+    let links: Vec<Option<f64>> = facts.iter().map(|d| d.rate).collect();
+    for (d, rate) in facts
+        .iter_mut()
+        .zip(crate::pace::budgeted(&o.budget, &per_dest, &links))
+    {
+        d.rate = rate;
+    }
+    facts
 }
 
 /// A governor's ceiling when no link was measured and no `--max-bandwidth` given, bits/s.

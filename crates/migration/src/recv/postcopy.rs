@@ -545,11 +545,24 @@ impl Postcopy {
         if self.shared.stop.swap(true, Ordering::SeqCst) {
             return;
         }
-        for r in self.shared.views.iter().flatten() {
+        let views = || self.shared.views.iter().flatten();
+        for r in views() {
+            if let Err(e) = self
+                .shared
+                .uffd
+                .unregister(r.host_addr as *mut _, r.range.len as usize)
+            {
+                tracing::warn!("post-copy: unregistering guest RAM: {e}");
+            }
+        }
+        // The unregistration wakes the faults queued when it starts, but a fault taken under
+        // the VMA's own lock can queue after that wake-up and before the range stops being
+        // registered; nothing would wake it then.
+        for r in views() {
             let _ = self
                 .shared
                 .uffd
-                .unregister(r.host_addr as *mut _, r.range.len as usize);
+                .wake(r.host_addr as *mut _, r.range.len as usize);
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -662,7 +675,8 @@ impl Shared {
             }
             Err(e) => return Err(failed("placing a page", e)),
         };
-        for a in addrs {
+        // A refused copy wakes no one, so the first view is woken too.
+        for a in std::iter::once(first).filter(|_| !placed).chain(addrs) {
             let _ = self.uffd.wake(a as *mut _, len);
         }
         Ok(placed)

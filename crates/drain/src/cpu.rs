@@ -518,20 +518,33 @@ impl Meter {
     }
 
     /// Of its VMs' sampled dirty rate, the share their guests keep while they move by
-    /// `transport`, as the source learnt it; None before a drain showed it.
-    pub fn dirty_ratio(&self, transport: &str) -> Option<f64> {
-        self.first[0].costs.0.get(transport)?.dirty_rate_ratio
+    /// `transport`, `concurrency` at once when it is fixed, as the source learnt it: of drains
+    /// at that level when it knows it, or of them all; None before a drain showed it.
+    pub fn dirty_ratio(&self, transport: &str, concurrency: Option<usize>) -> Option<f64> {
+        self.first[0]
+            .costs
+            .0
+            .get(transport)?
+            .dirty_ratio_at(concurrency)
+    }
+
+    /// Of a compressed migration's workers, how many are busy while its sending thread is,
+    /// as the source learnt it of drains by `transport`; None before one showed it.
+    pub fn busy_workers(&self, transport: &str) -> Option<f64> {
+        self.first[0].costs.0.get(transport)?.busy_workers
     }
 
     /// Tells every host what the drain's migrations cost: the VMM threads' CPU on the source
     /// and on the destinations since the drain started, over `wire` bytes by `transport`;
-    /// and the share of their dirty rate its guests kept, `dirty_ratio`, when it showed.
-    pub fn teach(&self, transport: &str, wire: u64, dirty_ratio: Option<f64>) {
+    /// and what its migrations showed of their guests' pace and their workers.
+    pub fn teach(&self, transport: &str, wire: u64, shown: Shown) {
         let Some(start) = &self.start else { return };
         let Some(mut lesson) = lesson(start, &self.last, transport, wire) else {
             return;
         };
-        lesson.dirty_rate_ratio = dirty_ratio;
+        lesson.dirty_rate_ratio = shown.dirty_ratio;
+        lesson.concurrency = shown.concurrency.and_then(|n| u16::try_from(n).ok());
+        lesson.busy_workers = shown.busy_workers;
         for c in &self.clients {
             if let Err(e) = c.learn_cpu(&lesson) {
                 tracing::warn!(
@@ -563,6 +576,35 @@ impl Meter {
     }
 }
 
+/// Of a compressed migration's `workers` (one per core of the source), how many are busy
+/// while its sending threads are: the workers' CPU over the busiest thread's, taking the
+/// workers' as even and each of the `streams` page streams' as an even share of the sending
+/// threads'. `cpu`: each migration's (workers', sending threads') core-seconds. The mean over
+/// them, weighted by their CPU; None when there is none.
+pub fn busy_workers(cpu: &[(f64, f64)], streams: usize, workers: usize) -> Option<f64> {
+    let (mut sum, mut weight) = (0.0, 0.0);
+    for &(codec, sending) in cpu {
+        let busiest = (sending / streams.max(1) as f64).max(codec / workers.max(1) as f64);
+        if !(busiest > 0.0 && codec >= 0.0 && (codec + sending).is_finite()) {
+            continue;
+        }
+        sum += codec / busiest * (codec + sending);
+        weight += codec + sending;
+    }
+    (weight > 0.0).then(|| sum / weight)
+}
+
+/// What a drain's migrations showed besides their cost, for the hosts to learn.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Shown {
+    /// Of their sampled dirty rate, the share their guests kept while they moved.
+    pub dirty_ratio: Option<f64>,
+    /// How many moved at once, when the drain fixed it.
+    pub concurrency: Option<usize>,
+    /// Of a compressed migration's workers, how many were busy while its sending thread was.
+    pub busy_workers: Option<f64>,
+}
+
 /// What a drain's migrations cost each side: the VMM threads' core-seconds from `start` to
 /// `end`, on the source (first) and on the destinations. What the VMs' own device threads
 /// take is in it: the survey's reading before is the sampling's, not theirs at rest.
@@ -582,6 +624,8 @@ pub fn lesson(
         destination_s: (1..end.len()).filter_map(took).sum(),
         bytes_on_wire: wire,
         dirty_rate_ratio: None,
+        concurrency: None,
+        busy_workers: None,
     })
 }
 
@@ -754,6 +798,21 @@ mod tests {
     }
 
     #[test]
+    fn workers_count_as_busy_as_their_share_of_the_sending_threads_work() {
+        // Sending took 2 s, its 2 workers 1 s between them: each busy a quarter of the time.
+        assert_eq!(busy_workers(&[(1.0, 2.0)], 1, 2), Some(0.5));
+        // The workers are the busiest: both always, the sender less.
+        assert_eq!(busy_workers(&[(4.0, 1.0)], 1, 2), Some(2.0));
+        // Two page streams share the sending: each took 1 s, as each worker did.
+        assert_eq!(busy_workers(&[(2.0, 2.0)], 2, 2), Some(2.0));
+        // Weighted by CPU: (0.5 x 3 + 2 x 5) / 8.
+        let mean = busy_workers(&[(1.0, 2.0), (4.0, 1.0)], 1, 2).unwrap();
+        assert!((mean - 11.5 / 8.0).abs() < 1e-12, "{mean}");
+        assert_eq!(busy_workers(&[], 1, 2), None);
+        assert_eq!(busy_workers(&[(0.0, 0.0), (f64::NAN, 1.0)], 1, 2), None);
+    }
+
+    #[test]
     fn a_known_cost_sets_the_first_budget() {
         // 2 cores, half for migrations, 2 core-seconds per GB: 0.5 GB/s = 4 Gbit/s.
         let g = Governor::new(0.5, 2, Some(2.0 / 1e9), 1e10);
@@ -762,7 +821,7 @@ mod tests {
             source_s_per_gb: 1.5,
             destination_s_per_gb: 0.5,
             drains: 3,
-            dirty_rate_ratio: None,
+            ..CpuCost::default()
         };
         assert_eq!(cost_per_byte(Some(&c), true, true), Some(2.0 / 1e9));
         assert_eq!(cost_per_byte(Some(&c), true, false), Some(1.5 / 1e9));

@@ -134,7 +134,7 @@ pub fn drain(o: &DrainOptions) -> Result<DrainReport, DrainError> {
     }
     if let Some(r) = cpu
         .as_ref()
-        .and_then(|m| m.dirty_ratio(&run::drain_cost_key(o, &survey)))
+        .and_then(|m| m.dirty_ratio(&run::drain_cost_key(o, &survey), o.concurrency.fixed()))
     {
         for v in &mut survey.vms {
             v.dirty_ratio = r;

@@ -356,7 +356,7 @@ impl DrainReport {
         );
         s += &match &self.plan.cpu {
             Some(c) => format!(
-                "cpu: {} cores for migrations against {} guest vCPUs runnable; a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination\n",
+                "cpu: {} cores for migrations against {} guest vCPUs runnable; a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination, where a migration keeps {:.1} and {:.1} threads busy\n",
                 c.pool_cores
                     .iter()
                     .map(|x| format!("{x:.2}"))
@@ -368,7 +368,9 @@ impl DrainReport {
                     .collect::<Vec<_>>()
                     .join("+"),
                 c.cost_s_per_gb[0],
-                c.cost_s_per_gb[1]
+                c.cost_s_per_gb[1],
+                c.threads[0],
+                c.threads[1]
             ),
             None => "cpu: not in the plan (the source has not yet learnt what this transport costs)\n"
                 .to_string(),

@@ -112,7 +112,7 @@ impl Planned {
             m.plan(
                 o.budget.reserve_cpu,
                 &key,
-                busy_threads(o, m.source().cores),
+                busy_threads(o, m.source().cores, m.busy_workers(&key)),
             )
         });
         let window = match o.concurrency {
@@ -495,8 +495,16 @@ impl CpuWatch {
     /// how its `vms`' guests kept their pace.
     fn report(mut self, o: &DrainOptions, wire: u64, vms: &[VmOutcome]) -> crate::cpu::CpuReport {
         let pools = self.meter.report();
-        let dirty = crate::predict::drain_dirty_ratio(&dirty_ratios(vms));
-        self.meter.teach(&self.key, wire, dirty);
+        let shown = crate::cpu::Shown {
+            dirty_ratio: crate::predict::drain_dirty_ratio(&dirty_ratios(vms)),
+            concurrency: o.concurrency.fixed(),
+            busy_workers: crate::cpu::busy_workers(
+                &compressed_cpu(vms),
+                page_streams(&o.request),
+                self.meter.source().cores,
+            ),
+        };
+        self.meter.teach(&self.key, wire, shown);
         crate::cpu::CpuReport {
             pools,
             reserve_cpu_pct: o.budget.reserve_cpu.map(|r| r * 100.0),
@@ -521,6 +529,20 @@ fn dirty_ratios(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Each compressed migration's CPU: its workers', and its sending threads' (the source's
+/// other migration threads).
+fn compressed_cpu(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
+    vms.iter()
+        .filter_map(|v| v.report.as_ref())
+        .filter_map(|r| {
+            Some((
+                r.compression.as_ref()?.codec_cpu_seconds,
+                r.cpu_seconds.source,
+            ))
+        })
+        .collect()
+}
+
 /// Page streams per migration: one per address pair of `--network`, or `--channels`.
 fn page_streams(r: &MigrateRequest) -> usize {
     let pairs = r.network.as_deref().map_or(0, |n| n.split(',').count());
@@ -529,11 +551,12 @@ fn page_streams(r: &MigrateRequest) -> usize {
 
 /// A migration's threads that are busy when the cores hold it back, on the source and on
 /// the destination: one per page stream (the control connection's when it has none), and
-/// on the source the compressed transport's workers, one per core.
-fn busy_threads(o: &DrainOptions, source_cores: usize) -> [f64; 2] {
+/// on the source the compressed transport's workers busy alongside them: as many as the
+/// source learnt (`busy_workers`), or all of them, one per core.
+fn busy_threads(o: &DrainOptions, source_cores: usize, busy_workers: Option<f64>) -> [f64; 2] {
     let streams = page_streams(&o.request) as f64;
     let workers = if o.request.transport == Some(migration::protocol::Transport::Compressed) {
-        source_cores as f64
+        busy_workers.unwrap_or(source_cores as f64)
     } else {
         0.0
     };

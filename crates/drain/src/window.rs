@@ -28,6 +28,16 @@ impl std::str::FromStr for Concurrency {
     }
 }
 
+impl Concurrency {
+    /// The number, when it is fixed.
+    pub fn fixed(self) -> Option<usize> {
+        match self {
+            Concurrency::Fixed(n) => Some(n),
+            Concurrency::Auto => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Concurrency {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

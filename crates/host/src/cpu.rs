@@ -41,7 +41,7 @@ pub struct CpuUsage {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CpuCosts(pub BTreeMap<String, CpuCost>);
 
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CpuCost {
     /// Source core-seconds per GB on the wire.
     pub source_s_per_gb: f64,
@@ -54,6 +54,26 @@ pub struct CpuCost {
     /// the pages their first sync rounds resent imply. None until a drain has shown it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_rate_ratio: Option<f64>,
+    /// The same, learnt apart for each `--concurrency N` drains ran at: alone, a moving guest
+    /// keeps more of its pace than among several migrations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dirty_rate_ratio_at: BTreeMap<u16, f64>,
+    /// Of a compressed migration's workers, how many are busy while its sending thread is
+    /// (pages that go as references, deltas or zeros leave them idle): its workers' CPU over
+    /// the busiest of its threads'. None until a compressed drain has shown it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_workers: Option<f64>,
+}
+
+impl CpuCost {
+    /// The share of their dirty rate guests keep while they move `concurrency` at once (when
+    /// fixed): as drains at that level showed, or drains at any.
+    pub fn dirty_ratio_at(&self, concurrency: Option<usize>) -> Option<f64> {
+        concurrency
+            .and_then(|n| u16::try_from(n).ok())
+            .and_then(|n| self.dirty_rate_ratio_at.get(&n).copied())
+            .or(self.dirty_rate_ratio)
+    }
 }
 
 /// What a drain's migrations cost, to learn from (`POST /cpu/costs`).
@@ -66,6 +86,12 @@ pub struct Learn {
     /// The drain's [`CpuCost::dirty_rate_ratio`], when its migrations showed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_rate_ratio: Option<f64>,
+    /// The drain's `--concurrency N`, when it was fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u16>,
+    /// The drain's [`CpuCost::busy_workers`], when its migrations compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_workers: Option<f64>,
 }
 
 /// Longest transport name learnt from.
@@ -75,6 +101,10 @@ const MAX_TRANSPORT_NAME: usize = 64;
 const LEARN_FROM_BYTES: u64 = 64 << 20;
 /// Weight of the newest drain in what is learned.
 const LEARN_WEIGHT: f64 = 0.3;
+/// At most this many concurrency levels are remembered per transport.
+const MAX_LEVELS: usize = 16;
+/// More compression workers than this are not believed.
+const MAX_WORKERS: f64 = 1024.0;
 /// At most this many transports are remembered (the names come from reports).
 const MAX_TRANSPORTS: usize = 32;
 
@@ -95,13 +125,23 @@ impl CpuCosts {
         c.source_s_per_gb += w * (l.source_s / gb - c.source_s_per_gb);
         c.destination_s_per_gb += w * (l.destination_s / gb - c.destination_s_per_gb);
         c.drains += 1;
-        if let Some(r) = l.dirty_rate_ratio.filter(|r| r.is_finite()) {
-            let r = r.clamp(0.0, 1.0);
-            c.dirty_rate_ratio = Some(match c.dirty_rate_ratio {
-                Some(was) => was + LEARN_WEIGHT * (r - was),
-                None => r,
-            });
+        let learnt = |was: Option<f64>, now: Option<f64>, max: f64| match (was, now) {
+            (Some(was), Some(r)) if r.is_finite() => {
+                Some(was + LEARN_WEIGHT * (r.clamp(0.0, max) - was))
+            }
+            (None, Some(r)) if r.is_finite() => Some(r.clamp(0.0, max)),
+            (was, _) => was,
+        };
+        c.dirty_rate_ratio = learnt(c.dirty_rate_ratio, l.dirty_rate_ratio, 1.0);
+        if let Some(n) = l.concurrency {
+            let known = c.dirty_rate_ratio_at.get(&n).copied();
+            if known.is_some() || c.dirty_rate_ratio_at.len() < MAX_LEVELS {
+                if let Some(r) = learnt(known, l.dirty_rate_ratio, 1.0) {
+                    c.dirty_rate_ratio_at.insert(n, r);
+                }
+            }
         }
+        c.busy_workers = learnt(c.busy_workers, l.busy_workers, MAX_WORKERS);
     }
 
     /// What was learned, from `path` (nothing when it is missing or not ours).
@@ -367,12 +407,14 @@ mod tests {
             destination_s: 1.0,
             bytes_on_wire: wire,
             dirty_rate_ratio: ratio,
+            concurrency: Some(1),
+            busy_workers: ratio.map(|r| r * 4.0),
         };
         c.learn(&drain("tcp", 2.0, 1_000_000_000, None));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.5)));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(f64::NAN)));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.25)));
-        let tcp = c.0["tcp"];
+        let tcp = c.0["tcp"].clone();
         assert!((tcp.source_s_per_gb - 3.314).abs() < 1e-9, "{tcp:?}");
         assert_eq!(tcp.drains, 4);
         // The ratio from the drains that showed one: 0.5, then 0.3 of the way to 0.25.
@@ -380,6 +422,34 @@ mod tests {
             (tcp.dirty_rate_ratio.unwrap() - 0.425).abs() < 1e-9,
             "{tcp:?}"
         );
+        assert!((tcp.busy_workers.unwrap() - 1.7).abs() < 1e-9, "{tcp:?}");
+        // Each level apart: at 1 as above; at 4 only its own drain.
+        assert_eq!(tcp.dirty_rate_ratio_at[&1], tcp.dirty_rate_ratio.unwrap());
+        c.learn(&Learn {
+            concurrency: Some(4),
+            ..drain("tcp", 4.0, 1_000_000_000, Some(0.2))
+        });
+        let tcp = &c.0["tcp"];
+        assert_eq!(tcp.dirty_rate_ratio_at[&4], 0.2);
+        assert!(
+            (tcp.dirty_rate_ratio_at[&1] - 0.425).abs() < 1e-9,
+            "{tcp:?}"
+        );
+        assert_eq!(tcp.dirty_ratio_at(Some(4)), Some(0.2));
+        assert_eq!(
+            tcp.dirty_ratio_at(Some(2)),
+            tcp.dirty_rate_ratio,
+            "not seen: all"
+        );
+        assert_eq!(tcp.dirty_ratio_at(None), tcp.dirty_rate_ratio);
+        // A drain that names too many levels is remembered only by the first 16.
+        for n in 0..100 {
+            c.learn(&Learn {
+                concurrency: Some(100 + n),
+                ..drain("web", 1.0, 1_000_000_000, Some(0.5))
+            });
+        }
+        assert_eq!(c.0["web"].dirty_rate_ratio_at.len(), MAX_LEVELS);
         c.learn(&drain("direct", 1.0, 1 << 20, Some(0.5)));
         c.learn(&drain("direct", f64::NAN, 1 << 30, Some(0.5)));
         assert!(!c.0.contains_key("direct"));

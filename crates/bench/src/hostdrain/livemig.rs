@@ -195,10 +195,15 @@ impl LivemigHosts {
                 start_ms: v.start_ms.unwrap_or(0),
                 end_ms: v.end_ms.unwrap_or(0),
                 downtime_ms: v.report.as_ref().map(|x| x.downtime_ms),
-                cpu_seconds: v
+                cpu_seconds: v.report.as_ref().map(|x| {
+                    x.cpu_seconds.source
+                        + x.cpu_seconds.destination
+                        + x.compression.as_ref().map_or(0.0, |c| c.codec_cpu_seconds)
+                }),
+                codec_cpu_seconds: v
                     .report
                     .as_ref()
-                    .map(|x| x.cpu_seconds.source + x.cpu_seconds.destination),
+                    .and_then(|x| Some(x.compression.as_ref()?.codec_cpu_seconds)),
                 moved: v.status == drain::Status::Moved,
                 verified: v.guest_verified,
                 error: v.error.clone().filter(|_| v.status != drain::Status::Moved),

@@ -269,6 +269,9 @@ pub struct VmRun {
     /// The most its guest was throttled (auto-converge), percent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub throttle_pct_max: Option<u8>,
+    /// Of its CPU, what its compression workers took (livemig's compressed transport).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec_cpu_seconds: Option<f64>,
 }
 
 /// What a VMM says about one drain.

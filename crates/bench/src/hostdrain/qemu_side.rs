@@ -88,6 +88,7 @@ impl QemuHosts {
             error: None,
             stop_reason: None,
             throttle_pct_max: None,
+            codec_cpu_seconds: None,
         };
         let Some(mut src) = locks::lock(&self.vms[i]).take() else {
             run.error = Some("no QEMU for it".into());

@@ -150,13 +150,29 @@ fn migrate_with(
     std::thread::sleep(Duration::from_millis(run_ms));
     let mut opts = options(&to, security);
     tune(&mut opts);
+    let watch = watchdog(Duration::from_secs(300));
     let result = migration::migrate(&*source, &opts, &|_| {});
     let dest = rx.join().unwrap();
+    drop(watch);
     Moved {
         result,
         source,
         dest,
     }
+}
+
+/// Ends the whole test process, saying so, unless dropped within `limit`: a migration that
+/// hangs fails here, not at the CI's own deadline with nothing said.
+fn watchdog(limit: Duration) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("{name}: the migration and its receiver did not end within {limit:?}");
+            std::process::abort();
+        }
+    });
+    tx
 }
 
 fn migrate(w: &Workload, tune: impl FnOnce(&mut MigrateOptions)) -> Moved {
@@ -526,6 +542,7 @@ fn post_copy_through(fault: LinkFault, dest_timeout: Duration) -> (Moved, Vec<St
     opts.postcopy = migration::policy::PostcopyMode::After(0);
     opts.max_bandwidth = Some(100_000_000);
     let phases = Mutex::new(Vec::<String>::new());
+    let _watch = watchdog(Duration::from_secs(300));
     let result = migration::migrate(&*source, &opts, &|p| {
         if p.phase == "postcopy" {
             trigger.store(true, Ordering::SeqCst);
@@ -590,6 +607,7 @@ fn a_cancel_in_the_copy_leaves_the_vm_running_here_and_it_moves_after() {
         cancel.request("the operator changed their mind").unwrap();
     });
     let t = Instant::now();
+    let _watch = watchdog(Duration::from_secs(300));
     let result = migration::migrate(&*source, &opts, &|_| {});
     canceller.join().unwrap();
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
@@ -610,6 +628,7 @@ fn a_cancel_in_the_copy_leaves_the_vm_running_here_and_it_moves_after() {
         FakeFactory::default(),
         Duration::from_secs(2),
     );
+    let _watch = watchdog(Duration::from_secs(300));
     let result = migration::migrate(&*source, &options(&to, Security::Insecure), &|_| {});
     let m = Moved {
         result,
@@ -680,6 +699,7 @@ fn fails_through(fault: Fault, streams: u16) -> (Moved, Duration) {
     opts.channels = streams;
     opts.max_bandwidth = Some(200_000_000);
     let t = Instant::now();
+    let _watch = watchdog(Duration::from_secs(300));
     let result = migration::migrate(&*source, &opts, &|_| {});
     let took = t.elapsed();
     let dest = rx.join().unwrap();
@@ -757,6 +777,7 @@ fn a_destination_lost_at_the_switchover_leaves_the_vm_paused_and_says_why() {
     });
     let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, &busy(), true)));
     std::thread::sleep(Duration::from_millis(100));
+    let _watch = watchdog(Duration::from_secs(300));
     let result = migration::migrate(&*source, &options(&to, Security::Insecure), &|_| {});
     dst.join().unwrap();
     assert_eq!(got_state.load(Ordering::SeqCst), 1);
@@ -783,6 +804,7 @@ fn state_sections_unknown_to_the_destination_are_refused_before_the_source_stops
     let mut vm = FakeVm::start(MEMORY, &busy(), true);
     vm.extra_section = Some(SectionId::new("virtio-net", 1));
     let source = Arc::new(Mutex::new(vm));
+    let _watch = watchdog(Duration::from_secs(300));
     let result = migration::migrate(&*source, &options(&to, Security::Insecure), &|_| {});
     let dest = rx.join().unwrap();
     let e = result.as_ref().unwrap_err().to_string();

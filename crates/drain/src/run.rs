@@ -698,6 +698,9 @@ impl<'a> Run<'a> {
             if self.o.interrupted.load(Ordering::SeqCst) && !self.interrupted {
                 self.interrupt();
             }
+            // Before starting more: a migration past its switchover frees its slot now, not
+            // a tick later.
+            self.watch();
             if !self.interrupted {
                 self.start_more();
             }
@@ -705,7 +708,6 @@ impl<'a> Run<'a> {
             if self.flights.is_empty() && (self.interrupted || nothing_left) {
                 break;
             }
-            self.watch();
             self.tune_window();
             self.watch_cpu();
             self.repace();

@@ -225,6 +225,52 @@ fn kvm_a_guest_writing_faster_than_the_link_converges_by_the_mirror() {
     );
 }
 
+/// A VM with a copied disk moves by post-copy: the disk's last blocks, taken at the pause,
+/// reach the destination between the pages named ahead and the rest, and the guest verifies
+/// its memory and its disk there.
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_root),
+    ignore = "needs /dev/kvm and root (userfaultfd for kernel faults)"
+)]
+fn root_a_disk_vm_moves_by_post_copy_with_its_last_blocks() {
+    let d = tempfile::tempdir().unwrap();
+    let exe = livemig_exe();
+    let img = image(&d.path().join("a"), 2);
+    let vm = disk_vm(
+        &exe,
+        None,
+        d.path(),
+        &img,
+        "idle,disk=2000,disk_blocks=4096",
+    );
+    let port = free_port();
+    let _next = receiver(&exe, None, d.path(), "b", &local(port), &d.path().join("b"));
+    let path = d.path().join("r.json");
+    let out = migrate_to(
+        &vm.api,
+        &local(port),
+        &[
+            "--storage",
+            "copy",
+            "--postcopy-after",
+            "0",
+            "--report",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&path).unwrap_or_default()
+    );
+    let r = verified_with_disk(&path);
+    assert_eq!(r["stop_reason"], "postcopy", "{r}");
+    assert!(r["disks"][0]["dirtied_bytes"].as_u64() > Some(0), "{r}");
+}
+
 /// After a migration that failed: the source runs on its complete image and holds it, its
 /// guest writes on; the next receiver on `disks` takes the retry, which verifies, and leaves
 /// nothing but the copy in `disks`.

@@ -95,7 +95,11 @@ impl ReceiveMigrationState {
                 (S::ReceivingMemory { vm, rounds: 0 }, Step::Extents(e))
             }
             (s @ S::ReceivingMemory { .. }, f) if is_pages(&f) => (s, page_step(f)),
-            (s @ S::ReceivingMemory { .. }, Frame::DiskBlocks(d)) => (s, Step::Disk(d)),
+            // In post-copy the disks' last blocks come after the pause, between the owed
+            // pages named ahead and the rest.
+            (s @ (S::ReceivingMemory { .. } | S::OwedAhead { .. }), Frame::DiskBlocks(d)) => {
+                (s, Step::Disk(d))
+            }
             (s @ (S::ReceivingMemory { .. } | S::OwedAhead { .. }), Frame::Paused) => {
                 (s, Step::Paused)
             }
@@ -272,7 +276,7 @@ impl PushState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::VerifyOutcome;
+    use crate::protocol::{FrameReader, FrameWriter, VerifyOutcome};
 
     fn vm() -> VmConfig {
         VmConfig::new(64 << 20, 1)
@@ -373,6 +377,20 @@ mod tests {
         refuses(s2, Frame::State(state_for(vm())));
         let (s, step) = s.next(Frame::Paused).unwrap();
         assert!(matches!(step, Step::Paused));
+        // The copied disks' last blocks, taken at the pause.
+        let mut disk = Vec::new();
+        let run = crate::protocol::DiskRun {
+            offset: 0,
+            len: 512,
+            zero: true,
+        };
+        FrameWriter::new(&mut disk)
+            .send_disk_blocks(0, None, &[run], 0, &[])
+            .unwrap();
+        let mut frames = FrameReader::new(&disk[..]);
+        let (s, step) = s.next(frames.next_frame().unwrap()).unwrap();
+        assert!(matches!(step, Step::Disk(d) if d.runs == [run]));
+        assert_eq!(s.name(), "owed-ahead");
         let mut owed = Owed::new(vm().memory);
         owed.mark(8192);
         owed.last = true;

@@ -174,12 +174,11 @@ fn kvm_a_disk_moves_with_its_vm_between_hosts_that_share_no_storage() {
     );
 }
 
-/// A guest that writes its disk faster than the capped link carries: the policy mirrors its
-/// writes, the migration converges and verifies, and the report says how long writes were
-/// held.
-#[test]
-#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
-fn kvm_a_guest_writing_faster_than_the_link_converges_by_the_mirror() {
+/// A VM whose guest writes 2,000 disk blocks a second moves with `--storage copy` and
+/// `extra` to a receiver; the migration must succeed (a failure names its cause: what the
+/// migration said, and its report if it wrote one). Its stdout, and its report, which says
+/// the guest verified its memory and disk on the destination.
+fn busy_disk_vm_moves(extra: &[&str]) -> (String, serde_json::Value) {
     let d = tempfile::tempdir().unwrap();
     let exe = livemig_exe();
     let img = image(&d.path().join("a"), 2);
@@ -193,36 +192,31 @@ fn kvm_a_guest_writing_faster_than_the_link_converges_by_the_mirror() {
     let port = free_port();
     let _next = receiver(&exe, None, d.path(), "b", &local(port), &d.path().join("b"));
     let path = d.path().join("r.json");
-    let out = migrate_to(
-        &vm.api,
-        &local(port),
-        &[
-            "--storage",
-            "copy",
-            "--max-bandwidth",
-            "16Mbit",
-            "--report",
-            path.to_str().unwrap(),
-        ],
-    );
-    // What the migration said, and its report if it wrote one: a failure names its cause.
+    let mut args = vec!["--storage", "copy", "--report", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = migrate_to(&vm.api, &local(port), &args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
-        "{}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        "{stdout}{}\n{}",
         String::from_utf8_lossy(&out.stderr),
         std::fs::read_to_string(&path).unwrap_or_default()
     );
-    let r = verified_with_disk(&path);
+    (stdout, verified_with_disk(&path))
+}
+
+/// A guest that writes its disk faster than the capped link carries: the policy mirrors its
+/// writes, the migration converges and verifies, and the report says how long writes were
+/// held.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn kvm_a_guest_writing_faster_than_the_link_converges_by_the_mirror() {
+    let (stdout, r) = busy_disk_vm_moves(&["--max-bandwidth", "16Mbit"]);
     let disk = &r["disks"][0];
     assert_eq!(disk["sync"], "mirror", "{disk}");
     assert!(disk["stalled_writes"].as_u64().unwrap() > 0, "{disk}");
     assert!(r["write_stall_ms"].as_f64().unwrap() > 0.0, "{r}");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("held by the mirror"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(stdout.contains("held by the mirror"), "{stdout}");
 }
 
 /// A VM with a copied disk moves by post-copy: the disk's last blocks, taken at the pause,
@@ -234,39 +228,7 @@ fn kvm_a_guest_writing_faster_than_the_link_converges_by_the_mirror() {
     ignore = "needs /dev/kvm and root (userfaultfd for kernel faults)"
 )]
 fn root_a_disk_vm_moves_by_post_copy_with_its_last_blocks() {
-    let d = tempfile::tempdir().unwrap();
-    let exe = livemig_exe();
-    let img = image(&d.path().join("a"), 2);
-    let vm = disk_vm(
-        &exe,
-        None,
-        d.path(),
-        &img,
-        "idle,disk=2000,disk_blocks=4096",
-    );
-    let port = free_port();
-    let _next = receiver(&exe, None, d.path(), "b", &local(port), &d.path().join("b"));
-    let path = d.path().join("r.json");
-    let out = migrate_to(
-        &vm.api,
-        &local(port),
-        &[
-            "--storage",
-            "copy",
-            "--postcopy-after",
-            "0",
-            "--report",
-            path.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(&path).unwrap_or_default()
-    );
-    let r = verified_with_disk(&path);
+    let (_, r) = busy_disk_vm_moves(&["--postcopy-after", "0"]);
     assert_eq!(r["stop_reason"], "postcopy", "{r}");
     assert!(r["disks"][0]["dirtied_bytes"].as_u64() > Some(0), "{r}");
 }

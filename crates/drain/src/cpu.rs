@@ -534,6 +534,12 @@ impl Meter {
         self.first[0].costs.0.get(transport)?.busy_workers
     }
 
+    /// A migration's setup (besides moving pages and disks), as the source learnt it of
+    /// drains by `transport`; None before one showed it.
+    pub fn setup_s(&self, transport: &str) -> Option<f64> {
+        self.first[0].costs.0.get(transport)?.setup_s
+    }
+
     /// Tells every host what the drain's migrations cost: the VMM threads' CPU on the source
     /// and on the destinations since the drain started, over `wire` bytes by `transport`;
     /// and what its migrations showed of their guests' pace and their workers.
@@ -545,6 +551,7 @@ impl Meter {
         lesson.dirty_rate_ratio = shown.dirty_ratio;
         lesson.concurrency = shown.concurrency.and_then(|n| u16::try_from(n).ok());
         lesson.busy_workers = shown.busy_workers;
+        lesson.setup_s = shown.setup_s;
         for c in &self.clients {
             if let Err(e) = c.learn_cpu(&lesson) {
                 tracing::warn!(
@@ -603,6 +610,8 @@ pub struct Shown {
     pub concurrency: Option<usize>,
     /// Of a compressed migration's workers, how many were busy while its sending thread was.
     pub busy_workers: Option<f64>,
+    /// Their mean setup: what they took besides moving pages and disks, s.
+    pub setup_s: Option<f64>,
 }
 
 /// What a drain's migrations cost each side: the VMM threads' core-seconds from `start` to
@@ -626,6 +635,7 @@ pub fn lesson(
         dirty_rate_ratio: None,
         concurrency: None,
         busy_workers: None,
+        setup_s: None,
     })
 }
 

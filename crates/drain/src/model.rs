@@ -28,6 +28,8 @@ pub struct Scenario {
     /// The destination keeps a page cache for the drain: the first VM (`vms` are in the
     /// drain's order) runs alone until its copy is done.
     pub cache: bool,
+    /// Seconds each migration takes beyond its bytes ([`crate::predict::overhead`]).
+    pub overhead: f64,
 }
 
 /// The predicted makespan, seconds. Each migration's resent bytes are those of the rate the
@@ -72,6 +74,7 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
                 } else {
                     0.0
                 },
+                overhead: s.overhead,
             };
             let rate = migration_rate(Some(s.link), false, n, &job, model);
             SimJob {
@@ -181,6 +184,7 @@ pub fn references(compress_ratio: f64, dirty_mb_s: f64, concurrency: usize) -> V
                         cpu: None,
                         vcpu_yield: true,
                         cache: false,
+                        overhead: crate::predict::OVERHEAD_S,
                     }),
                 });
             };
@@ -212,6 +216,7 @@ mod tests {
             cpu: None,
             vcpu_yield: true,
             cache: false,
+            overhead: crate::predict::OVERHEAD_S,
         };
         let t = makespan(&s);
         let bytes = (8u64 << 30) as f64;

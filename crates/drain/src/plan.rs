@@ -275,7 +275,7 @@ fn no_room(vm: &VmFacts, dests: &[DestFacts], left: &[u64]) -> NoRoom {
 }
 
 /// One migration for [`simulate`]: its destination and the bytes it puts on the wire.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct SimJob {
     pub dest: usize,
     pub bytes: f64,
@@ -290,6 +290,23 @@ pub struct SimJob {
     /// Bytes it sends before another migration to its destination may start (its copy, when
     /// it is the first to a destination's page cache and fills it); 0: none.
     pub seeds: f64,
+    /// Seconds it takes before it moves bytes ([`crate::predict::overhead`]).
+    pub overhead: f64,
+}
+
+impl Default for SimJob {
+    /// No bytes, no CPU known, and the overhead of a migration no drain has shown.
+    fn default() -> Self {
+        SimJob {
+            dest: 0,
+            bytes: 0.0,
+            cpu: [0.0; 2],
+            threads: [0.0; 2],
+            yields: 0.0,
+            seeds: 0.0,
+            overhead: crate::predict::OVERHEAD_S,
+        }
+    }
 }
 
 /// The cores the drain's migrations may use: per pool (the hosts of one kernel), core-seconds
@@ -616,7 +633,7 @@ fn admit(
         if on_dest().count() < per_dest && !seeding {
             active.push(Active {
                 job: j,
-                overhead: crate::predict::OVERHEAD_S,
+                overhead: jobs[j].overhead,
                 left: jobs[j].bytes,
             });
         } else {
@@ -1037,8 +1054,7 @@ mod tests {
             bytes: 100.0,
             cpu: [0.01, 0.01],
             threads: [1.0, 1.0],
-            yields: 0.0,
-            seeds: 0.0,
+            ..SimJob::default()
         };
         let pool = |pools: Vec<f64>, dests| CpuModel {
             pools,

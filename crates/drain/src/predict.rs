@@ -94,8 +94,22 @@ pub fn self_dup_share(fingerprint: &[u64]) -> f64 {
 /// where-and-hash.
 const REF_BYTES: f64 = (8 + migration::protocol::REF_HEAD_LEN) as f64;
 
-/// Fixed cost of one migration beyond its bytes (connect, prepare, switchover).
-pub const OVERHEAD_S: f64 = 0.15;
+/// What a drain takes between one migration's end and the next one's start (it looks at
+/// its migrations' progress this often).
+pub const DRAIN_GAP_S: f64 = 0.10;
+/// A migration's setup when no drain has shown it (connect, prepare, switchover).
+pub const SETUP_S: f64 = 0.05;
+/// Fixed cost of one migration in a drain beyond its bytes, when nothing was learnt.
+pub const OVERHEAD_S: f64 = DRAIN_GAP_S + SETUP_S;
+
+/// Fixed cost of one migration in a drain beyond its bytes: the drain's gap and the setup
+/// the source learnt its migrations take ([`OVERHEAD_S`] before it learnt one).
+pub fn overhead(setup_s: Option<f64>) -> f64 {
+    DRAIN_GAP_S
+        + setup_s
+            .filter(|s| s.is_finite())
+            .map_or(SETUP_S, |s| s.max(0.0))
+}
 /// The engine stops at 60 rounds; the model never goes further.
 const MAX_MODEL_ROUNDS: usize = 64;
 
@@ -246,7 +260,12 @@ impl VmFacts {
 
     /// Seconds to move it alone at `rate` bytes/s.
     pub fn predict_secs(&self, rate: f64, compressed: bool) -> f64 {
-        OVERHEAD_S + self.wire_bytes(rate, compressed) / rate.max(1.0)
+        self.predict_secs_after(OVERHEAD_S, rate, compressed)
+    }
+
+    /// Seconds to move it alone at `rate` bytes/s, after `overhead` seconds ([`overhead`]).
+    pub fn predict_secs_after(&self, overhead: f64, rate: f64, compressed: bool) -> f64 {
+        overhead + self.wire_bytes(rate, compressed) / rate.max(1.0)
     }
 }
 

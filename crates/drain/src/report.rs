@@ -86,6 +86,10 @@ pub struct PlanSummary {
     /// Of the VMs' sampled dirty rates, the share the model takes their guests to keep while
     /// they move: what the source learnt of its drains by this transport, 1 before it had.
     pub dirty_ratio: f64,
+    /// Seconds the model gives each migration beyond its bytes: the drain's gap between
+    /// migrations and the setup the source learnt its migrations take.
+    #[serde(default)]
+    pub overhead_s: f64,
     /// The hosts' cores as the model took them (None: the source had not learnt what the
     /// transport costs).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -375,6 +379,12 @@ impl DrainReport {
             None => "cpu: not in the plan (the source has not yet learnt what this transport costs)\n"
                 .to_string(),
         };
+        if self.plan.overhead_s != crate::predict::OVERHEAD_S {
+            s += &format!(
+                "each migration takes {:.0} ms besides its bytes: connecting, the destination's build, the switchover, the drain starting the next (learnt from earlier drains)\n",
+                self.plan.overhead_s * 1e3
+            );
+        }
         if self.plan.dirty_ratio < 1.0 {
             s += &format!(
                 "guests dirty at {:.0}% of their sampled rate while they move (learnt from earlier drains)\n",
@@ -456,6 +466,7 @@ mod tests {
             eta_s: Some(12.5),
             dirty_ratio: 0.25,
             wire_bytes_predicted: Some(900 << 20),
+            overhead_s: crate::predict::OVERHEAD_S,
             cpu: None,
         };
         let vms = vec![planned("sql1", Some(sample)), planned("idle2", None)];
@@ -493,6 +504,7 @@ mod tests {
             eta_s: Some(20.0),
             dirty_ratio: 1.0,
             wire_bytes_predicted: None,
+            overhead_s: crate::predict::OVERHEAD_S,
             cpu: None,
         };
         let hot = VmOutcome {

@@ -89,6 +89,8 @@ pub struct Planned {
     pub first_window: usize,
     /// What the hosts learn this drain's costs under ([`drain_cost_key`]).
     pub cost_key: String,
+    /// Seconds each migration takes beyond its bytes ([`crate::predict::overhead`]).
+    pub overhead_s: f64,
 }
 
 impl Planned {
@@ -108,6 +110,7 @@ impl Planned {
         let placement = place(o, s);
         let cached = cached_dests(o, s, &placement);
         let key = cost_key(&o.request, cached.contains(&true));
+        let overhead = crate::predict::overhead(meter.and_then(|m| m.setup_s(&key)));
         let cpu = meter.and_then(|m| {
             m.plan(
                 o.budget.reserve_cpu,
@@ -129,6 +132,7 @@ impl Planned {
             threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
             yields: cpu.as_ref().map_or(0.0, |c| c.yields(1, yields) * vcpus),
             seeds: 0.0,
+            overhead,
         };
         // One that stands for them all: the VMs' mean vCPUs.
         let mean_vcpus =
@@ -164,9 +168,10 @@ impl Planned {
         };
         let predicted = (0..s.vms.len())
             .map(|i| match &placement[i] {
-                Ok(d) if share(*d).is_finite() => {
-                    Some(vms[i].predict_secs(share(*d), compressed) + disk_bytes(i, *d) / share(*d))
-                }
+                Ok(d) if share(*d).is_finite() => Some(
+                    vms[i].predict_secs_after(overhead, share(*d), compressed)
+                        + disk_bytes(i, *d) / share(*d),
+                ),
                 _ => None,
             })
             .collect();
@@ -247,6 +252,7 @@ impl Planned {
             bounds,
             first_window,
             cost_key: key,
+            overhead_s: overhead,
         }
     }
 
@@ -267,6 +273,7 @@ impl Planned {
             wire_bytes_predicted: self.wire_bytes.map(|b| b as u64),
             // The survey gave every VM the one the source learnt.
             dirty_ratio: s.vms.first().map_or(1.0, |v| v.dirty_ratio),
+            overhead_s: self.overhead_s,
             cpu: self.cpu.clone(),
         }
     }
@@ -503,6 +510,7 @@ impl CpuWatch {
                 page_streams(&o.request),
                 self.meter.source().cores,
             ),
+            setup_s: mean_setup_s(vms),
         };
         self.meter.teach(&self.key, wire, shown);
         crate::cpu::CpuReport {
@@ -527,6 +535,29 @@ fn dirty_ratios(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
             Some((ratio, s.dirty_pages_per_s))
         })
         .collect()
+}
+
+/// What the moved VMs' migrations took besides moving pages and disks (connecting, the
+/// destination's build and its cache's keys, the switchover), s: their mean. Post-copy's
+/// are left out (their pages move after the switchover). None when none moved.
+fn mean_setup_s(vms: &[VmOutcome]) -> Option<f64> {
+    let setups: Vec<f64> = vms
+        .iter()
+        .filter(|v| v.status == Status::Moved && !v.postcopy)
+        .filter_map(|v| v.report.as_ref())
+        .map(setup_s)
+        .collect();
+    (!setups.is_empty()).then(|| setups.iter().sum::<f64>() / setups.len() as f64)
+}
+
+/// What a migration took besides its copy, its sync rounds and its disks' bulk copy, s.
+fn setup_s(r: &Report) -> f64 {
+    let p = &r.phases;
+    let moving = p
+        .copy_ms
+        .saturating_add(p.sync_ms)
+        .saturating_add(r.disk_ms);
+    r.total_ms.saturating_sub(moving) as f64 / 1e3
 }
 
 /// Each compressed migration's CPU: its workers', and its sending threads' (the source's
@@ -1292,6 +1323,30 @@ fn refusal(e: &ApiError) -> String {
 mod tests {
     use super::*;
     use migration::protocol::Transport;
+
+    #[test]
+    fn a_migrations_setup_is_what_it_took_besides_moving_pages_and_disks() {
+        let mut r = Report {
+            total_ms: 2_460,
+            disk_ms: 100,
+            ..Default::default()
+        };
+        r.phases.copy_ms = 2_066;
+        r.phases.sync_ms = 27;
+        assert!((setup_s(&r) - 0.267).abs() < 1e-9);
+        // Phases that add up to more than the whole (clocks apart): no setup, not less.
+        r.phases.copy_ms = u64::MAX;
+        assert_eq!(setup_s(&r), 0.0);
+        // Learnt: the drain's gap and the setup; the default before.
+        let gap = crate::predict::DRAIN_GAP_S;
+        assert_eq!(crate::predict::overhead(None), crate::predict::OVERHEAD_S);
+        assert!((crate::predict::overhead(Some(0.267)) - (gap + 0.267)).abs() < 1e-12);
+        assert_eq!(
+            crate::predict::overhead(Some(f64::NAN)),
+            crate::predict::OVERHEAD_S
+        );
+        assert_eq!(crate::predict::overhead(Some(-1.0)), gap);
+    }
 
     #[test]
     fn costs_are_learnt_per_transport_with_multichannel_and_caches_apart() {

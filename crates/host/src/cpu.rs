@@ -63,6 +63,11 @@ pub struct CpuCost {
     /// the busiest of its threads'. None until a compressed drain has shown it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub busy_workers: Option<f64>,
+    /// Seconds a migration spends besides moving its pages and disks: connecting, the
+    /// destination building the VM (and telling the keys of its page cache), the
+    /// switchover. The mean over a drain's migrations; None until a drain has shown it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_s: Option<f64>,
 }
 
 impl CpuCost {
@@ -92,6 +97,9 @@ pub struct Learn {
     /// The drain's [`CpuCost::busy_workers`], when its migrations compressed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub busy_workers: Option<f64>,
+    /// The drain's [`CpuCost::setup_s`], when its migrations showed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_s: Option<f64>,
 }
 
 /// Longest transport name learnt from.
@@ -105,6 +113,8 @@ const LEARN_WEIGHT: f64 = 0.3;
 const MAX_LEVELS: usize = 16;
 /// More compression workers than this are not believed.
 const MAX_WORKERS: f64 = 1024.0;
+/// A migration's setup longer than this is not believed, s.
+const MAX_SETUP_S: f64 = 60.0;
 /// At most this many transports are remembered (the names come from reports).
 const MAX_TRANSPORTS: usize = 32;
 
@@ -142,6 +152,7 @@ impl CpuCosts {
             }
         }
         c.busy_workers = learnt(c.busy_workers, l.busy_workers, MAX_WORKERS);
+        c.setup_s = learnt(c.setup_s, l.setup_s, MAX_SETUP_S);
     }
 
     /// What was learned, from `path` (nothing when it is missing or not ours).
@@ -409,6 +420,7 @@ mod tests {
             dirty_rate_ratio: ratio,
             concurrency: Some(1),
             busy_workers: ratio.map(|r| r * 4.0),
+            setup_s: ratio.map(|r| r * 200.0),
         };
         c.learn(&drain("tcp", 2.0, 1_000_000_000, None));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.5)));
@@ -423,6 +435,9 @@ mod tests {
             "{tcp:?}"
         );
         assert!((tcp.busy_workers.unwrap() - 1.7).abs() < 1e-9, "{tcp:?}");
+        // A setup past a minute is not believed: 100 s is taken as 60, then 0.3 of the way
+        // to 50.
+        assert!((tcp.setup_s.unwrap() - 57.0).abs() < 1e-9, "{tcp:?}");
         // Each level apart: at 1 as above; at 4 only its own drain.
         assert_eq!(tcp.dirty_rate_ratio_at[&1], tcp.dirty_rate_ratio.unwrap());
         c.learn(&Learn {

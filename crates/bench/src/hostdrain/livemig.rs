@@ -255,6 +255,7 @@ impl LivemigHosts {
             path_bps: r.plan.link_bits_per_s.first().copied().flatten(),
             path_is_floor: r.plan.link_is_floor.first().copied().unwrap_or(false),
             cache,
+            overhead_s: r.plan.overhead_s,
             detail: serde_json::to_value(r).unwrap_or_default(),
         }
     }

@@ -297,6 +297,8 @@ pub struct DrainOutcome {
     /// The destination kept a page cache for the drain (`facts` are in the drain's order:
     /// the first filled it, alone).
     pub cache: bool,
+    /// Seconds each migration takes beyond its bytes, as the drain's plan took it.
+    pub overhead_s: f64,
     /// The VMM's own account (livemig's drain report).
     pub detail: serde_json::Value,
 }
@@ -631,6 +633,7 @@ fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
         cpu: out.cpu.clone(),
         vcpu_yield: out.vcpu_yield,
         cache: out.cache,
+        overhead: out.overhead_s,
     }
 }
 

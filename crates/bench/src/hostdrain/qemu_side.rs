@@ -214,6 +214,7 @@ impl Drainer for QemuHosts {
             path_bps: None,
             path_is_floor: false,
             cache: false,
+            overhead_s: drain::predict::OVERHEAD_S,
             detail: serde_json::Value::Null,
         })
     }

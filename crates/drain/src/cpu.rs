@@ -484,7 +484,7 @@ impl Meter {
                 })
             })
             .collect();
-        Some(PlanCpu::new(
+        let plan = PlanCpu::new(
             CpuModel {
                 pools: cores,
                 contenders,
@@ -494,7 +494,8 @@ impl Meter {
             [cost.source_s_per_gb, cost.destination_s_per_gb],
             threads,
             per_vcpu,
-        ))
+        );
+        Some(plan.with_fit(cost.fit.as_ref().and_then(host::cpu::CostFit::per_gb)))
     }
 
     /// Reads again; per pool, the shares since the reading before.
@@ -552,6 +553,7 @@ impl Meter {
         lesson.concurrency = shown.concurrency.and_then(|n| u16::try_from(n).ok());
         lesson.busy_workers = shown.busy_workers;
         lesson.setup_s = shown.setup_s;
+        lesson.migrations = shown.migrations;
         for c in &self.clients {
             if let Err(e) = c.learn_cpu(&lesson) {
                 tracing::warn!(
@@ -602,7 +604,7 @@ pub fn busy_workers(cpu: &[(f64, f64)], streams: usize, workers: usize) -> Optio
 }
 
 /// What a drain's migrations showed besides their cost, for the hosts to learn.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Shown {
     /// Of their sampled dirty rate, the share their guests kept while they moved.
     pub dirty_ratio: Option<f64>,
@@ -612,6 +614,8 @@ pub struct Shown {
     pub busy_workers: Option<f64>,
     /// Their mean setup: what they took besides moving pages and disks, s.
     pub setup_s: Option<f64>,
+    /// Each one's own CPU, bytes on the wire and RAM landed.
+    pub migrations: Vec<host::cpu::MigrationCpu>,
 }
 
 /// What a drain's migrations cost each side: the VMM threads' core-seconds from `start` to
@@ -636,6 +640,7 @@ pub fn lesson(
         concurrency: None,
         busy_workers: None,
         setup_s: None,
+        migrations: Vec::new(),
     })
 }
 

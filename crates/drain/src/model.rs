@@ -77,8 +77,14 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
                 overhead: s.overhead,
             };
             let rate = migration_rate(Some(s.link), false, n, &job, model);
+            let wire = v.wire_bytes(rate, s.compressed) * s.framing;
+            let landed = v.landed_bytes(rate, s.compressed);
             SimJob {
-                bytes: v.wire_bytes(rate, s.compressed) * s.framing,
+                bytes: wire,
+                cpu: s
+                    .cpu
+                    .as_ref()
+                    .map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
                 ..job
             }
         })

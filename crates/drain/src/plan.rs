@@ -381,6 +381,10 @@ pub struct PlanCpu {
     pub threads: [f64; 2],
     /// What one vCPU of the source's pool adds to its runnable guests, on average.
     pub runnable_per_vcpu: f64,
+    /// Per side, core-seconds per GB on the wire and per GB of RAM landed, as the source
+    /// learnt them of its migrations' own CPU ([`host::cpu::CostFit`]); None before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_fit_s_per_gb: Option<[(f64, f64); 2]>,
 }
 
 impl PlanCpu {
@@ -397,6 +401,16 @@ impl PlanCpu {
             cost_s_per_gb,
             threads,
             runnable_per_vcpu,
+            cost_fit_s_per_gb: None,
+        }
+    }
+
+    /// With what the source learnt of how its migrations' CPU splits between the wire and
+    /// the RAM they land.
+    pub fn with_fit(self, fit: Option<[(f64, f64); 2]>) -> Self {
+        PlanCpu {
+            cost_fit_s_per_gb: fit,
+            ..self
         }
     }
 
@@ -413,6 +427,18 @@ impl PlanCpu {
     /// Core-seconds per byte on the wire, source and destination.
     pub fn cost_per_byte(&self) -> [f64; 2] {
         self.cost_s_per_gb.map(|c| c / 1e9)
+    }
+
+    /// Core-seconds per byte on the wire of a migration that puts `wire` bytes on it and
+    /// lands `landed` bytes of RAM: a page sent as a reference costs the cores a page's work
+    /// for a few bytes on the wire. [`Self::cost_per_byte`] before the split was learnt.
+    pub fn cost_per_byte_of(&self, wire: f64, landed: f64) -> [f64; 2] {
+        match self.cost_fit_s_per_gb {
+            Some(fit) if wire > 0.0 && landed.is_finite() => {
+                fit.map(|(a, b)| (a + b * landed.max(0.0) / wire) / 1e9)
+            }
+            _ => self.cost_per_byte(),
+        }
     }
 }
 
@@ -1041,6 +1067,23 @@ mod tests {
         // A per-destination limit of one serialises them.
         let limited = simulate(&[job(0), job(0)], &[100.0], 2, 1);
         assert!(limited > one_link);
+    }
+
+    #[test]
+    fn a_migration_of_references_costs_the_cores_more_per_byte_on_the_wire() {
+        let plan = PlanCpu::new(CpuModel::default(), [4.0, 2.0], [1.0; 2], 0.0);
+        // Before the split is learnt: the transport's cost per byte on the wire.
+        assert_eq!(plan.cost_per_byte_of(1e9, 4e9), [4e-9, 2e-9]);
+        // Source 1 + 0.5 per GB landed, destination 0 + 1: a migration that lands 4 GB for
+        // 1 GB on the wire costs 3 and 4 core-s per GB on the wire; one that sends every
+        // page whole, 1.5 and 1.
+        let plan = plan.with_fit(Some([(1.0, 0.5), (0.0, 1.0)]));
+        let refs = plan.cost_per_byte_of(1e9, 4e9);
+        assert!((refs[0] - 3e-9).abs() < 1e-18 && (refs[1] - 4e-9).abs() < 1e-18);
+        let whole = plan.cost_per_byte_of(2e9, 2e9);
+        assert!((whole[0] - 1.5e-9).abs() < 1e-18 && (whole[1] - 1e-9).abs() < 1e-18);
+        // Nothing on the wire: the transport's.
+        assert_eq!(plan.cost_per_byte_of(0.0, 1e9), [4e-9, 2e-9]);
     }
 
     #[test]

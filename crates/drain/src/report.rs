@@ -379,6 +379,12 @@ impl DrainReport {
             None => "cpu: not in the plan (the source has not yet learnt what this transport costs)\n"
                 .to_string(),
         };
+        if let Some([(sa, sb), (da, db)]) = self.plan.cpu.as_ref().and_then(|c| c.cost_fit_s_per_gb)
+        {
+            s += &format!(
+                "cpu per migration (learnt from their own): {sa:.2} core-s per GB on the wire + {sb:.2} per GB of RAM landed on the source, {da:.2} + {db:.2} on the destination\n"
+            );
+        }
         if self.plan.overhead_s != crate::predict::OVERHEAD_S {
             s += &format!(
                 "each migration takes {:.0} ms besides its bytes: connecting, the destination's build, the switchover, the drain starting the next (learnt from earlier drains)\n",

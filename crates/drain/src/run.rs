@@ -211,9 +211,15 @@ impl Planned {
                         } else {
                             0.0
                         };
+                        let rate = rate_at(d, per);
+                        let wire = bytes(k, rate);
+                        let landed = vms[i].landed_bytes(rate, compressed) + disk_bytes(i, d);
                         SimJob {
-                            bytes: bytes(k, rate_at(d, per)),
+                            bytes: wire,
                             seeds,
+                            cpu: cpu
+                                .as_ref()
+                                .map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
                             ..job_to(d, f64::from(vms[i].vcpus))
                         }
                     })
@@ -511,6 +517,7 @@ impl CpuWatch {
                 self.meter.source().cores,
             ),
             setup_s: mean_setup_s(vms),
+            migrations: migrations_cpu(vms),
         };
         self.meter.teach(&self.key, wire, shown);
         crate::cpu::CpuReport {
@@ -548,6 +555,29 @@ fn mean_setup_s(vms: &[VmOutcome]) -> Option<f64> {
         .map(setup_s)
         .collect();
     (!setups.is_empty()).then(|| setups.iter().sum::<f64>() / setups.len() as f64)
+}
+
+/// Each moved VM's migration's own CPU, with its bytes on the wire and the RAM (and disks)
+/// it landed.
+fn migrations_cpu(vms: &[VmOutcome]) -> Vec<host::cpu::MigrationCpu> {
+    vms.iter()
+        .filter(|v| v.status == Status::Moved)
+        .filter_map(|v| v.report.as_ref())
+        .map(|r| {
+            let p = &r.pages;
+            let pages = p.normal + p.compressed + p.raw_fallback + p.delta + p.dedup + p.dedup_host;
+            let codec = r.compression.as_ref().map_or(0.0, |c| c.codec_cpu_seconds);
+            host::cpu::MigrationCpu {
+                wire_gb: r.bytes_on_wire as f64 / 1e9,
+                landed_gb: pages
+                    .saturating_mul(migration::protocol::PAGE as u64)
+                    .saturating_add(r.disk_bytes) as f64
+                    / 1e9,
+                source_s: r.cpu_seconds.source + codec,
+                destination_s: r.cpu_seconds.destination,
+            }
+        })
+        .collect()
 }
 
 /// What a migration took besides its copy, its sync rounds and its disks' bulk copy, s.

@@ -68,7 +68,130 @@ pub struct CpuCost {
     /// switchover. The mean over a drain's migrations; None until a drain has shown it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup_s: Option<f64>,
+    /// How a migration's CPU splits between its bytes on the wire and the RAM it lands (a
+    /// page that goes as a reference costs a few bytes on the wire and a page's work on
+    /// both sides). None until a drain has shown its migrations' own CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit: Option<CostFit>,
 }
+
+/// Least squares over the migrations drains showed (older drains weighted down): a
+/// migration's CPU on each side as `a` core-seconds per GB on the wire plus `b` per GB of RAM
+/// it lands, times what the side's VMM threads took over the migrations' own (`scale`: the
+/// devices' and the agents' threads, which the migrations' reports do not count).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CostFit {
+    /// Σ w², Σ w·r, Σ r² over the migrations (w: GB on the wire, r: GB of RAM landed).
+    pub ww: f64,
+    pub wr: f64,
+    pub rr: f64,
+    /// Per side (source, destination): Σ w·y and Σ r·y (y: the migration's core-seconds).
+    pub wy: [f64; 2],
+    pub ry: [f64; 2],
+    pub scale: [f64; 2],
+}
+
+/// One migration's CPU, as its report gives it.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrationCpu {
+    /// GB it put on the wire, and of RAM (and disk) it landed on the destination.
+    pub wire_gb: f64,
+    pub landed_gb: f64,
+    /// Core-seconds its threads took: on the source (compression workers included) and on
+    /// the destination.
+    pub source_s: f64,
+    pub destination_s: f64,
+}
+
+/// Two predictors this close to each other (their correlation's square) cannot be told
+/// apart: the cost goes all on the wire's bytes.
+const COLLINEAR: f64 = 0.998;
+
+impl CostFit {
+    /// Per side, (core-seconds per GB on the wire, per GB of RAM landed), scaled to the VMM
+    /// threads' CPU: both non-negative. None before a migration was learnt from.
+    pub fn per_gb(&self) -> Option<[(f64, f64); 2]> {
+        if !(self.ww > 0.0 && self.ww.is_finite()) {
+            return None;
+        }
+        Some([0, 1].map(|s| {
+            let (wy, ry) = (self.wy[s], self.ry[s]);
+            let wire_only = || (wy / self.ww, 0.0);
+            let det = self.ww * self.rr - self.wr * self.wr;
+            let (a, b) = if self.rr <= 0.0 || det <= (1.0 - COLLINEAR) * self.ww * self.rr {
+                wire_only()
+            } else {
+                let a = (wy * self.rr - ry * self.wr) / det;
+                let b = (self.ww * ry - self.wr * wy) / det;
+                if a < 0.0 {
+                    (0.0, ry / self.rr)
+                } else if b < 0.0 {
+                    wire_only()
+                } else {
+                    (a, b)
+                }
+            };
+            let k = self.scale[s];
+            let ok = |x: f64| if x.is_finite() { (x * k).max(0.0) } else { 0.0 };
+            (ok(a), ok(b))
+        }))
+    }
+
+    /// Adds a drain's migrations, the older ones weighted down by `keep`; `vmm_s`: what
+    /// each side's VMM threads took over the drain.
+    fn learn(&mut self, keep: f64, m: &[MigrationCpu], vmm_s: [f64; 2], first: bool) {
+        let sane = |x: f64| x.is_finite() && x >= 0.0;
+        let m: Vec<&MigrationCpu> = m
+            .iter()
+            .filter(|c| {
+                sane(c.wire_gb) && sane(c.landed_gb) && sane(c.source_s) && sane(c.destination_s)
+            })
+            .filter(|c| c.wire_gb > 0.0)
+            .collect();
+        if m.is_empty() {
+            return;
+        }
+        let own = [
+            m.iter().map(|c| c.source_s).sum::<f64>(),
+            m.iter().map(|c| c.destination_s).sum::<f64>(),
+        ];
+        for v in [&mut self.ww, &mut self.wr, &mut self.rr] {
+            *v *= keep;
+        }
+        for s in 0..2 {
+            self.wy[s] *= keep;
+            self.ry[s] *= keep;
+        }
+        for c in m {
+            let (w, r) = (c.wire_gb, c.landed_gb);
+            self.ww += w * w;
+            self.wr += w * r;
+            self.rr += r * r;
+            for (s, y) in [c.source_s, c.destination_s].into_iter().enumerate() {
+                self.wy[s] += w * y;
+                self.ry[s] += r * y;
+            }
+        }
+        for s in 0..2 {
+            if own[s] > 0.0 && vmm_s[s] > 0.0 && vmm_s[s].is_finite() {
+                let k = (vmm_s[s] / own[s]).clamp(MIN_SCALE, MAX_SCALE);
+                self.scale[s] = if first {
+                    k
+                } else {
+                    self.scale[s] + LEARN_WEIGHT * (k - self.scale[s])
+                };
+            } else if first {
+                self.scale[s] = 1.0;
+            }
+        }
+    }
+}
+
+/// The VMM threads' CPU over the migrations' own is believed between these.
+const MIN_SCALE: f64 = 0.5;
+const MAX_SCALE: f64 = 4.0;
+/// At most this many migrations of a drain are learnt from.
+const MAX_MIGRATIONS: usize = 256;
 
 impl CpuCost {
     /// The share of their dirty rate guests keep while they move `concurrency` at once (when
@@ -100,6 +223,9 @@ pub struct Learn {
     /// The drain's [`CpuCost::setup_s`], when its migrations showed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup_s: Option<f64>,
+    /// Its migrations' own CPU, for [`CpuCost::fit`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<MigrationCpu>,
 }
 
 /// Longest transport name learnt from.
@@ -153,6 +279,16 @@ impl CpuCosts {
         }
         c.busy_workers = learnt(c.busy_workers, l.busy_workers, MAX_WORKERS);
         c.setup_s = learnt(c.setup_s, l.setup_s, MAX_SETUP_S);
+        if !l.migrations.is_empty() {
+            let first = c.fit.is_none();
+            let m = &l.migrations[..l.migrations.len().min(MAX_MIGRATIONS)];
+            c.fit.get_or_insert_with(CostFit::default).learn(
+                1.0 - LEARN_WEIGHT,
+                m,
+                [l.source_s, l.destination_s],
+                first,
+            );
+        }
     }
 
     /// What was learned, from `path` (nothing when it is missing or not ours).
@@ -410,6 +546,48 @@ mod tests {
     }
 
     #[test]
+    fn a_migrations_cpu_splits_between_its_wire_bytes_and_the_ram_it_lands() {
+        // Source: 1 core-s per GB on the wire and 2 per GB landed; destination: 3 per GB
+        // landed only. The VMM threads took 1.5 times the migrations' own CPU on the
+        // source, as much on the destination.
+        let m = |w: f64, r: f64| MigrationCpu {
+            wire_gb: w,
+            landed_gb: r,
+            source_s: w + 2.0 * r,
+            destination_s: 3.0 * r,
+        };
+        let drain = vec![m(0.5, 1.0), m(0.1, 1.0), m(1.0, 1.0), m(0.2, 0.4)];
+        let own = |f: fn(&MigrationCpu) -> f64| drain.iter().map(f).sum::<f64>();
+        let lesson = Learn {
+            transport: "tcp+cache".into(),
+            source_s: 1.5 * own(|c| c.source_s),
+            destination_s: own(|c| c.destination_s),
+            bytes_on_wire: 1_800_000_000,
+            dirty_rate_ratio: None,
+            concurrency: None,
+            busy_workers: None,
+            setup_s: None,
+            migrations: drain.clone(),
+        };
+        let mut c = CpuCosts::default();
+        c.learn(&lesson);
+        let fit = c.0["tcp+cache"].fit.clone().unwrap();
+        let [(a, b), (a2, b2)] = fit.per_gb().unwrap();
+        assert!((a - 1.5).abs() < 1e-9 && (b - 3.0).abs() < 1e-9, "{a} {b}");
+        assert!(a2.abs() < 1e-9 && (b2 - 3.0).abs() < 1e-9, "{a2} {b2}");
+        // Every page on the wire whole: the two cannot be told apart, the wire takes it all
+        // (the VMM threads' CPU unknown: the migrations' own).
+        let mut whole = CostFit::default();
+        whole.learn(0.7, &[m(1.0, 1.0), m(2.0, 2.0)], [0.0; 2], true);
+        let [(a, b), _] = whole.per_gb().unwrap();
+        assert!((a - 3.0).abs() < 1e-9 && b == 0.0, "{a} {b}");
+        // Nothing sane: nothing learnt.
+        let mut none = CostFit::default();
+        none.learn(0.7, &[m(f64::NAN, 1.0), m(0.0, 1.0)], [1.0; 2], true);
+        assert_eq!(none.per_gb(), None);
+    }
+
+    #[test]
     fn costs_are_learned_from_big_migrations_only_and_survive_a_restart() {
         let mut c = CpuCosts::default();
         let drain = |transport: &str, source_s: f64, wire: u64, ratio: Option<f64>| Learn {
@@ -421,6 +599,7 @@ mod tests {
             concurrency: Some(1),
             busy_workers: ratio.map(|r| r * 4.0),
             setup_s: ratio.map(|r| r * 200.0),
+            migrations: Vec::new(),
         };
         c.learn(&drain("tcp", 2.0, 1_000_000_000, None));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.5)));

@@ -495,7 +495,10 @@ impl Meter {
             threads,
             per_vcpu,
         );
-        Some(plan.with_fit(cost.fit.as_ref().and_then(host::cpu::CostFit::per_gb)))
+        Some(
+            plan.with_fit(cost.fit.as_ref().and_then(host::cpu::CostFit::per_gb))
+                .with_verify(cost.verify_s_per_gb),
+        )
     }
 
     /// Reads again; per pool, the shares since the reading before.
@@ -553,6 +556,7 @@ impl Meter {
         lesson.concurrency = shown.concurrency.and_then(|n| u16::try_from(n).ok());
         lesson.busy_workers = shown.busy_workers;
         lesson.setup_s = shown.setup_s;
+        lesson.verify_s_per_gb = shown.verify_s_per_gb;
         lesson.migrations = shown.migrations;
         for c in &self.clients {
             if let Err(e) = c.learn_cpu(&lesson) {
@@ -614,6 +618,8 @@ pub struct Shown {
     pub busy_workers: Option<f64>,
     /// Their mean setup: what they took besides moving pages and disks, s.
     pub setup_s: Option<f64>,
+    /// How long their guests checked their memory after the switchover, s per GB touched.
+    pub verify_s_per_gb: Option<f64>,
     /// Each one's own CPU, bytes on the wire and RAM landed.
     pub migrations: Vec<host::cpu::MigrationCpu>,
 }
@@ -640,6 +646,7 @@ pub fn lesson(
         concurrency: None,
         busy_workers: None,
         setup_s: None,
+        verify_s_per_gb: None,
         migrations: Vec::new(),
     })
 }

@@ -75,6 +75,10 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
                     0.0
                 },
                 overhead: s.overhead,
+                verify: s
+                    .cpu
+                    .as_ref()
+                    .map_or([0.0; 2], |c| c.verify_of(v.touched_bytes(), v.vcpus, 0)),
             };
             let rate = migration_rate(Some(s.link), false, n, &job, model);
             let wire = v.wire_bytes(rate, s.compressed) * s.framing;

@@ -292,6 +292,9 @@ pub struct SimJob {
     pub seeds: f64,
     /// Seconds it takes before it moves bytes ([`crate::predict::overhead`]).
     pub overhead: f64,
+    /// After its switchover, its guest checks its memory for this many seconds, with this
+    /// many more vCPUs runnable on its destination's pool than before the drain (0: none).
+    pub verify: [f64; 2],
 }
 
 impl Default for SimJob {
@@ -305,6 +308,7 @@ impl Default for SimJob {
             yields: 0.0,
             seeds: 0.0,
             overhead: crate::predict::OVERHEAD_S,
+            verify: [0.0; 2],
         }
     }
 }
@@ -321,6 +325,16 @@ pub struct CpuModel {
 }
 
 impl CpuModel {
+    /// The vCPUs the guests in `verifying` (job, seconds left) add to pool `p`.
+    fn verifying(&self, p: usize, jobs: &[SimJob], verifying: &[(usize, f64)]) -> f64 {
+        verifying
+            .iter()
+            .map(|&(j, _)| &jobs[j])
+            .filter(|j| self.dests.get(j.dest) == Some(&p))
+            .map(|j| j.verify[1])
+            .sum()
+    }
+
     /// What `job` takes of pool `p`: core-seconds per byte, and busy threads.
     fn take(&self, job: &SimJob, p: usize) -> (f64, f64) {
         let on = |pool: Option<&usize>| pool == Some(&p);
@@ -339,14 +353,16 @@ impl CpuModel {
     pub fn rate_of_like(&self, job: &SimJob, n: usize) -> f64 {
         let moving = vec![job; n.max(1)];
         (0..self.pools.len())
-            .map(|p| self.rate(job, p, &moving))
+            .map(|p| self.rate(job, p, &moving, 0.0))
             .fold(f64::INFINITY, f64::min)
     }
 
-    /// The rate `job` can move at by pool `p`'s cores, with `moving` the jobs moving bytes:
-    /// the scheduler gives each runnable thread an even share, so its threads get their
-    /// share of the cores against the other migrations' and the guests' vCPUs.
-    fn rate(&self, job: &SimJob, p: usize, moving: &[&SimJob]) -> f64 {
+    /// The rate `job` can move at by pool `p`'s cores, with `moving` the jobs moving bytes
+    /// and `verifying` vCPUs runnable there beyond the guests' before the drain (moved
+    /// guests checking their memory): the scheduler gives each runnable thread an even
+    /// share, so its threads get their share of the cores against the other migrations' and
+    /// the guests' vCPUs.
+    fn rate(&self, job: &SimJob, p: usize, moving: &[&SimJob], verifying: f64) -> f64 {
         let (cost, threads) = self.take(job, p);
         if cost <= 0.0 {
             return f64::INFINITY;
@@ -357,7 +373,8 @@ impl CpuModel {
         } else {
             0.0
         };
-        let guests = (self.contenders.get(p).copied().unwrap_or(0.0) - yielding).max(0.0);
+        let guests = (self.contenders.get(p).copied().unwrap_or(0.0) - yielding).max(0.0)
+            + verifying.max(0.0);
         let threads = threads.max(1e-9);
         // A thread runs on one core at a time, however many are idle.
         let cores = (self.pools[p].max(0.0) * threads / (guests + all.max(threads))).min(threads);
@@ -385,6 +402,10 @@ pub struct PlanCpu {
     /// learnt them of its migrations' own CPU ([`host::cpu::CostFit`]); None before.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost_fit_s_per_gb: Option<[(f64, f64); 2]>,
+    /// Seconds a moved guest checks its memory after its switchover, per GB it touched, as
+    /// the source learnt it; None before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_s_per_gb: Option<f64>,
 }
 
 impl PlanCpu {
@@ -402,7 +423,34 @@ impl PlanCpu {
             threads,
             runnable_per_vcpu,
             cost_fit_s_per_gb: None,
+            verify_s_per_gb: None,
         }
+    }
+
+    /// With how long moved guests check their memory, as the source learnt it.
+    pub fn with_verify(self, verify_s_per_gb: Option<f64>) -> Self {
+        PlanCpu {
+            verify_s_per_gb,
+            ..self
+        }
+    }
+
+    /// A moved guest's check of its memory ([`SimJob::verify`]): how long, for `touched`
+    /// bytes, and the vCPUs it adds to its destination's pool: all of its `vcpus`, less what
+    /// they took of it before the drain when the destination shares the source's cores.
+    pub fn verify_of(&self, touched: f64, vcpus: u8, dest: usize) -> [f64; 2] {
+        let Some(per_gb) = self.verify_s_per_gb.filter(|v| v.is_finite() && *v > 0.0) else {
+            return [0.0; 2];
+        };
+        let before = if self.model.dests.get(dest) == Some(&self.model.source) {
+            self.runnable_per_vcpu.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        [
+            per_gb * touched.max(0.0) / 1e9,
+            f64::from(vcpus) * (1.0 - before),
+        ]
     }
 
     /// With what the source learnt of how its migrations' CPU splits between the wire and
@@ -556,6 +604,8 @@ fn run_simulation(
     let mut pending: std::collections::VecDeque<usize> = (0..jobs.len()).collect();
     let mut active: Vec<Active> = Vec::new();
     let mut now = 0.0;
+    // Moved guests checking their memory: (job, seconds left).
+    let mut verifying: Vec<(usize, f64)> = Vec::new();
     // Per job, seconds under each bound.
     let mut held = vec![[0.0f64; 2]; jobs.len()];
     loop {
@@ -589,7 +639,7 @@ fn run_simulation(
                 let link = links.get(job.dest).copied().unwrap_or(1.0).max(1.0) / n as f64;
                 let cores = cpu.map_or(f64::INFINITY, |c| {
                     (0..c.pools.len())
-                        .map(|p| c.rate(job, p, &moving))
+                        .map(|p| c.rate(job, p, &moving, c.verifying(p, jobs, &verifying)))
                         .fold(f64::INFINITY, f64::min)
                 });
                 if cores < link {
@@ -613,14 +663,24 @@ fn run_simulation(
                     (if seeding > 0.0 { seeding } else { a.left }) / r
                 }
             })
-            .fold(f64::INFINITY, f64::min);
+            .fold(f64::INFINITY, f64::min)
+            .min(verifying.iter().map(|v| v.1).fold(f64::INFINITY, f64::min));
         now += dt;
+        for v in &mut verifying {
+            v.1 -= dt;
+        }
+        verifying.retain(|v| v.1 > 1e-9);
         for (a, (r, bound)) in active.iter_mut().zip(rates) {
             if a.overhead > 0.0 {
                 a.overhead -= dt;
             } else {
                 a.left -= r * dt;
                 held[a.job][usize::from(*bound == Bound::Cpu)] += dt;
+            }
+        }
+        for a in active.iter().filter(|a| a.overhead <= 1e-9 && a.left <= 1e-6) {
+            if jobs[a.job].verify[0] > 0.0 {
+                verifying.push((a.job, jobs[a.job].verify[0]));
             }
         }
         active.retain(|a| a.overhead > 1e-9 || a.left > 1e-6);
@@ -1045,6 +1105,48 @@ mod tests {
         let mut b = web.clone();
         b.name = "web2".into();
         vec![web.clone(), b]
+    }
+
+    #[test]
+    fn a_moved_guest_checking_its_memory_slows_the_next_migration() {
+        // One core shared by source and destination, nothing else on it; 100 bytes per
+        // migration at 0.01 core-s per byte on both sides: 100 B/s alone, 1 s each.
+        let job = SimJob {
+            bytes: 100.0,
+            cpu: [0.005, 0.005],
+            threads: [1.0, 1.0],
+            overhead: 0.0,
+            ..SimJob::default()
+        };
+        let model = CpuModel {
+            pools: vec![1.0],
+            contenders: vec![0.0],
+            source: 0,
+            dests: vec![0],
+        };
+        let (t, _) = simulate_with_cpu(&[job, job], &[1e9], 1, 1, Some(&model));
+        assert!((t - 2.0).abs() < 1e-6, "{t}");
+        // The first guest checks itself for 1 s with a vCPU: the second migration's two
+        // threads get 2/3 of the core meanwhile (66.7 B/s for 1 s), then all of it.
+        let checks = SimJob {
+            verify: [1.0, 1.0],
+            ..job
+        };
+        let (t, _) = simulate_with_cpu(&[checks, checks], &[1e9], 1, 1, Some(&model));
+        let second = 1.0 + (100.0 - 200.0 / 3.0) / 100.0;
+        assert!((t - (1.0 + second)).abs() < 1e-6, "{t}");
+        // Where the learnt time is known, the plan gives a guest its check.
+        let plan = PlanCpu::new(model, [1.0; 2], [1.0; 2], 0.25).with_verify(Some(2.0));
+        assert_eq!(plan.verify_of(5e8, 2, 0), [1.0, 1.5]);
+        let other = PlanCpu {
+            model: CpuModel {
+                dests: vec![1],
+                ..plan.model.clone()
+            },
+            ..plan.clone()
+        };
+        assert_eq!(other.verify_of(5e8, 2, 0), [1.0, 2.0], "all of its vCPUs");
+        assert_eq!(plan.with_verify(None).verify_of(5e8, 2, 0), [0.0; 2]);
     }
 
     #[test]

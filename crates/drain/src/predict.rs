@@ -253,6 +253,13 @@ impl VmFacts {
         (total, false)
     }
 
+    /// Bytes of RAM its guest has touched: the sample's, or all of its memory.
+    pub fn touched_bytes(&self) -> f64 {
+        self.sample
+            .as_ref()
+            .map_or(self.memory, |s| s.touched_bytes) as f64
+    }
+
     /// Bytes of RAM its migration lands on the destination at `rate` bytes/s (on the wire):
     /// its touched non-zero pages, whole or as references, and the pages it sends again.
     pub fn landed_bytes(&self, rate: f64, compressed: bool) -> f64 {

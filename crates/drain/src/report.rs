@@ -47,6 +47,10 @@ pub struct VmOutcome {
     /// Since the drain's start.
     pub start_ms: Option<u64>,
     pub end_ms: Option<u64>,
+    /// From its switchover until its migration ended: its guest checking its memory on the
+    /// destination (livemig's workload guest does), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_ms: Option<u64>,
     pub predicted_s: Option<f64>,
     /// What the model says held its migration back: its share of the link or of the cores.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -441,6 +445,7 @@ mod tests {
             attempts: 0,
             start_ms: None,
             end_ms: None,
+            verify_ms: None,
             predicted_s: Some(3.25),
             bound: None,
             postcopy: false,

@@ -133,6 +133,7 @@ impl Planned {
             yields: cpu.as_ref().map_or(0.0, |c| c.yields(1, yields) * vcpus),
             seeds: 0.0,
             overhead,
+            verify: [0.0; 2],
         };
         // One that stands for them all: the VMs' mean vCPUs.
         let mean_vcpus =
@@ -220,6 +221,9 @@ impl Planned {
                             cpu: cpu
                                 .as_ref()
                                 .map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
+                            verify: cpu.as_ref().map_or([0.0; 2], |c| {
+                                c.verify_of(vms[i].touched_bytes(), vms[i].vcpus, d)
+                            }),
                             ..job_to(d, f64::from(vms[i].vcpus))
                         }
                     })
@@ -311,6 +315,7 @@ impl Planned {
                 attempts: 0,
                 start_ms: None,
                 end_ms: None,
+            verify_ms: None,
                 predicted_s: self.predicted[i],
                 bound: self.bounds[i],
                 postcopy: self.postcopy[i] && self.placement[i].is_ok(),
@@ -331,6 +336,7 @@ impl Planned {
             attempts: 0,
             start_ms: None,
             end_ms: None,
+            verify_ms: None,
             predicted_s: None,
             bound: None,
             postcopy: false,
@@ -517,6 +523,7 @@ impl CpuWatch {
                 self.meter.source().cores,
             ),
             setup_s: mean_setup_s(vms),
+            verify_s_per_gb: verify_s_per_gb(vms),
             migrations: migrations_cpu(vms),
         };
         self.meter.teach(&self.key, wire, shown);
@@ -555,6 +562,19 @@ fn mean_setup_s(vms: &[VmOutcome]) -> Option<f64> {
         .map(setup_s)
         .collect();
     (!setups.is_empty()).then(|| setups.iter().sum::<f64>() / setups.len() as f64)
+}
+
+/// How long the moved guests checked their memory after their switchover, over what they
+/// had touched: s per GB. None when none moved by pre-copy with a sample.
+fn verify_s_per_gb(vms: &[VmOutcome]) -> Option<f64> {
+    let (mut secs, mut gb) = (0.0, 0.0);
+    for v in vms.iter().filter(|v| v.status == Status::Moved && !v.postcopy) {
+        if let (Some(ms), Some(s)) = (v.verify_ms, &v.sample) {
+            secs += ms as f64 / 1e3;
+            gb += s.touched_bytes as f64 / 1e9;
+        }
+    }
+    (gb > 0.0).then(|| secs / gb)
 }
 
 /// Each moved VM's migration's own CPU, with its bytes on the wire and the RAM (and disks)
@@ -970,6 +990,7 @@ impl<'a> Run<'a> {
         let out = &mut self.outcomes[job.vm];
         out.status = Status::Moved;
         out.end_ms = Some(end);
+        out.verify_ms = report.as_ref().map(|_| now.saturating_sub(end));
         out.error = None;
         let msg = match (&report, resolved) {
             (Some(r), _) => {

@@ -73,6 +73,11 @@ pub struct CpuCost {
     /// both sides). None until a drain has shown its migrations' own CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fit: Option<CostFit>,
+    /// Seconds a moved guest spent checking its memory after its switchover (livemig's
+    /// workload guest does; others take none), per GB it had touched. None until a drain
+    /// has shown it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_s_per_gb: Option<f64>,
 }
 
 /// Least squares over the migrations drains showed (older drains weighted down): a
@@ -223,6 +228,9 @@ pub struct Learn {
     /// The drain's [`CpuCost::setup_s`], when its migrations showed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup_s: Option<f64>,
+    /// The drain's [`CpuCost::verify_s_per_gb`], when its guests showed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_s_per_gb: Option<f64>,
     /// Its migrations' own CPU, for [`CpuCost::fit`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub migrations: Vec<MigrationCpu>,
@@ -239,6 +247,8 @@ const LEARN_WEIGHT: f64 = 0.3;
 const MAX_LEVELS: usize = 16;
 /// More compression workers than this are not believed.
 const MAX_WORKERS: f64 = 1024.0;
+/// A guest's check of its memory slower than this is not believed, s per GB.
+const MAX_VERIFY_S_PER_GB: f64 = 600.0;
 /// A migration's setup longer than this is not believed, s.
 const MAX_SETUP_S: f64 = 60.0;
 /// At most this many transports are remembered (the names come from reports).
@@ -279,6 +289,7 @@ impl CpuCosts {
         }
         c.busy_workers = learnt(c.busy_workers, l.busy_workers, MAX_WORKERS);
         c.setup_s = learnt(c.setup_s, l.setup_s, MAX_SETUP_S);
+        c.verify_s_per_gb = learnt(c.verify_s_per_gb, l.verify_s_per_gb, MAX_VERIFY_S_PER_GB);
         if !l.migrations.is_empty() {
             let first = c.fit.is_none();
             let m = &l.migrations[..l.migrations.len().min(MAX_MIGRATIONS)];
@@ -567,6 +578,7 @@ mod tests {
             concurrency: None,
             busy_workers: None,
             setup_s: None,
+            verify_s_per_gb: None,
             migrations: drain.clone(),
         };
         let mut c = CpuCosts::default();
@@ -599,6 +611,7 @@ mod tests {
             concurrency: Some(1),
             busy_workers: ratio.map(|r| r * 4.0),
             setup_s: ratio.map(|r| r * 200.0),
+            verify_s_per_gb: ratio,
             migrations: Vec::new(),
         };
         c.learn(&drain("tcp", 2.0, 1_000_000_000, None));
@@ -617,6 +630,7 @@ mod tests {
         // A setup past a minute is not believed: 100 s is taken as 60, then 0.3 of the way
         // to 50.
         assert!((tcp.setup_s.unwrap() - 57.0).abs() < 1e-9, "{tcp:?}");
+        assert!((tcp.verify_s_per_gb.unwrap() - 0.425).abs() < 1e-9, "{tcp:?}");
         // Each level apart: at 1 as above; at 4 only its own drain.
         assert_eq!(tcp.dirty_rate_ratio_at[&1], tcp.dirty_rate_ratio.unwrap());
         c.learn(&Learn {

@@ -678,7 +678,10 @@ fn run_simulation(
                 held[a.job][usize::from(*bound == Bound::Cpu)] += dt;
             }
         }
-        for a in active.iter().filter(|a| a.overhead <= 1e-9 && a.left <= 1e-6) {
+        for a in active
+            .iter()
+            .filter(|a| a.overhead <= 1e-9 && a.left <= 1e-6)
+        {
             if jobs[a.job].verify[0] > 0.0 {
                 verifying.push((a.job, jobs[a.job].verify[0]));
             }

@@ -477,7 +477,7 @@ mod tests {
             eta_s: Some(12.5),
             dirty_ratio: 0.25,
             wire_bytes_predicted: Some(900 << 20),
-            overhead_s: crate::predict::OVERHEAD_S,
+            overhead_s: 0.4,
             cpu: None,
         };
         let vms = vec![planned("sql1", Some(sample)), planned("idle2", None)];
@@ -492,6 +492,10 @@ mod tests {
         );
         assert!(line("idle2").contains(" - "), "{t}");
         assert!(t.contains("ETA 12.5 s, 900 MiB on the wire"), "{t}");
+        assert!(
+            t.contains("each migration takes 400 ms besides its bytes"),
+            "a learnt setup: {t}"
+        );
         assert!(
             t.contains("links: b ≥ 1.00 Gbit/s (the cores held the probe)"),
             "{t}"

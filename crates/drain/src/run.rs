@@ -111,13 +111,7 @@ impl Planned {
         let cached = cached_dests(o, s, &placement);
         let key = cost_key(&o.request, cached.contains(&true));
         let overhead = crate::predict::overhead(meter.and_then(|m| m.setup_s(&key)));
-        let cpu = meter.and_then(|m| {
-            m.plan(
-                o.budget.reserve_cpu,
-                &key,
-                busy_threads(o, m.source().cores, m.busy_workers(&key)),
-            )
-        });
+        let cpu = meter.and_then(|m| plan_cpu(o, m, &key));
         let window = match o.concurrency {
             Concurrency::Fixed(n) => n,
             Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
@@ -187,14 +181,7 @@ impl Planned {
             .iter()
             .filter_map(|i| Some((*i, *placement[*i].as_ref().ok()?)))
             .collect();
-        // Per destination, the migration that fills its page cache, alone (the first there).
-        let seeder: Vec<Option<usize>> = (0..cached.len())
-            .map(|d| {
-                cached[d]
-                    .then(|| placed.iter().position(|(_, to)| *to == d))
-                    .flatten()
-            })
-            .collect();
+        let seeder = seeders(&cached, &placed);
         // A migration's bytes at `rate`, the VM's and its copied disks'.
         let bytes = |k: usize, rate: f64| {
             let (i, d) = placed[k];
@@ -315,7 +302,7 @@ impl Planned {
                 attempts: 0,
                 start_ms: None,
                 end_ms: None,
-            verify_ms: None,
+                verify_ms: None,
                 predicted_s: self.predicted[i],
                 bound: self.bounds[i],
                 postcopy: self.postcopy[i] && self.placement[i].is_ok(),
@@ -551,6 +538,25 @@ fn dirty_ratios(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The CPU side of the plan: the pools' cores and what the source learnt of `key`'s costs
+/// and busy threads. None before it learnt them.
+fn plan_cpu(o: &DrainOptions, m: &crate::cpu::Meter, key: &str) -> Option<plan::PlanCpu> {
+    let threads = busy_threads(o, m.source().cores, m.busy_workers(key));
+    m.plan(o.budget.reserve_cpu, key, threads)
+}
+
+/// Per destination, which of the `placed` migrations (VM, destination, in order) fills its
+/// page cache, alone: the first there, where it keeps one (`cached`).
+fn seeders(cached: &[bool], placed: &[(usize, usize)]) -> Vec<Option<usize>> {
+    (0..cached.len())
+        .map(|d| {
+            cached[d]
+                .then(|| placed.iter().position(|(_, to)| *to == d))
+                .flatten()
+        })
+        .collect()
+}
+
 /// What the moved VMs' migrations took besides moving pages and disks (connecting, the
 /// destination's build and its cache's keys, the switchover), s: their mean. Post-copy's
 /// are left out (their pages move after the switchover). None when none moved.
@@ -568,7 +574,10 @@ fn mean_setup_s(vms: &[VmOutcome]) -> Option<f64> {
 /// had touched: s per GB. None when none moved by pre-copy with a sample.
 fn verify_s_per_gb(vms: &[VmOutcome]) -> Option<f64> {
     let (mut secs, mut gb) = (0.0, 0.0);
-    for v in vms.iter().filter(|v| v.status == Status::Moved && !v.postcopy) {
+    for v in vms
+        .iter()
+        .filter(|v| v.status == Status::Moved && !v.postcopy)
+    {
         if let (Some(ms), Some(s)) = (v.verify_ms, &v.sample) {
             secs += ms as f64 / 1e3;
             gb += s.touched_bytes as f64 / 1e9;

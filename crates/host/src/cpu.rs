@@ -630,7 +630,10 @@ mod tests {
         // A setup past a minute is not believed: 100 s is taken as 60, then 0.3 of the way
         // to 50.
         assert!((tcp.setup_s.unwrap() - 57.0).abs() < 1e-9, "{tcp:?}");
-        assert!((tcp.verify_s_per_gb.unwrap() - 0.425).abs() < 1e-9, "{tcp:?}");
+        assert!(
+            (tcp.verify_s_per_gb.unwrap() - 0.425).abs() < 1e-9,
+            "{tcp:?}"
+        );
         // Each level apart: at 1 as above; at 4 only its own drain.
         assert_eq!(tcp.dirty_rate_ratio_at[&1], tcp.dirty_rate_ratio.unwrap());
         c.learn(&Learn {

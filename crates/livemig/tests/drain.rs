@@ -198,6 +198,16 @@ fn kvm_drain_measures_the_hosts_cpu_and_learns_what_its_migrations_cost() {
         .as_f64()
         .unwrap_or(-1.0);
     assert!(kept > 0.0 && kept <= 1.0, "{costs}");
+    // And what its migrations took besides their pages, how long its guests checked
+    // themselves, and how their own CPU splits between the wire and the RAM they landed.
+    let learnt = &costs["compressed"];
+    let setup = learnt["setup_s"].as_f64().unwrap_or(-1.0);
+    assert!(setup > 0.0 && setup < 60.0, "{costs}");
+    assert!(learnt["verify_s_per_gb"].as_f64() > Some(0.0), "{costs}");
+    assert!(learnt["fit"]["ww"].as_f64() > Some(0.0), "{costs}");
+    for v in r["vms"].as_array().unwrap() {
+        assert!(v["verify_ms"].as_u64().is_some(), "{v}");
+    }
     let back = d.path().join("back.json");
     let (ok, text, r) = run_drain(&b, &a, &back, &["--transport", "compressed"]);
     assert!(ok, "{text}");
@@ -211,6 +221,19 @@ fn kvm_drain_measures_the_hosts_cpu_and_learns_what_its_migrations_cost() {
         "{r}"
     );
     assert_eq!(r["plan"]["dirty_ratio"].as_f64(), Some(kept), "{r}");
+    assert!(
+        (r["plan"]["overhead_s"].as_f64().unwrap_or(0.0) - (0.1 + setup)).abs() < 1e-9,
+        "{r}"
+    );
+    let fit = &r["plan"]["cpu"]["cost_fit_s_per_gb"];
+    assert!(
+        fit[0][0].as_f64() >= Some(0.0) && fit[1][1].as_f64() >= Some(0.0),
+        "{r}"
+    );
+    assert!(
+        r["plan"]["cpu"]["verify_s_per_gb"].as_f64() > Some(0.0),
+        "{r}"
+    );
     for v in r["vms"].as_array().unwrap() {
         assert_eq!(v["status"], "moved", "{v}");
         assert_eq!(v["guest_verified"], true, "{v}");

@@ -587,11 +587,12 @@ fn verify_s_per_gb(vms: &[VmOutcome]) -> Option<f64> {
 }
 
 /// Each moved VM's migration's own CPU, with its bytes on the wire and the RAM (and disks)
-/// it landed.
+/// it landed: as many as a host learns from.
 fn migrations_cpu(vms: &[VmOutcome]) -> Vec<host::cpu::MigrationCpu> {
     vms.iter()
         .filter(|v| v.status == Status::Moved)
         .filter_map(|v| v.report.as_ref())
+        .take(host::cpu::MAX_MIGRATIONS)
         .map(|r| {
             let p = &r.pages;
             let pages = p.normal + p.compressed + p.raw_fallback + p.delta + p.dedup + p.dedup_host;

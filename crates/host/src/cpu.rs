@@ -142,9 +142,11 @@ impl CostFit {
         }))
     }
 
-    /// Adds a drain's migrations, the older ones weighted down by `keep`; `vmm_s`: what
-    /// each side's VMM threads took over the drain.
-    fn learn(&mut self, keep: f64, m: &[MigrationCpu], vmm_s: [f64; 2], first: bool) {
+    /// Adds a drain's migrations with weight `w` (the older ones weighted down by `1 - w`,
+    /// the new ones counting `w / LEARN_WEIGHT` each); `vmm_s`: what each side's VMM threads
+    /// took over the drain.
+    fn learn(&mut self, w: f64, m: &[MigrationCpu], vmm_s: [f64; 2], first: bool) {
+        let (keep, new) = (1.0 - w, w / LEARN_WEIGHT);
         let sane = |x: f64| x.is_finite() && x >= 0.0;
         let m: Vec<&MigrationCpu> = m
             .iter()
@@ -168,13 +170,13 @@ impl CostFit {
             self.ry[s] *= keep;
         }
         for c in m {
-            let (w, r) = (c.wire_gb, c.landed_gb);
-            self.ww += w * w;
-            self.wr += w * r;
-            self.rr += r * r;
+            let (x, r) = (c.wire_gb, c.landed_gb);
+            self.ww += new * x * x;
+            self.wr += new * x * r;
+            self.rr += new * r * r;
             for (s, y) in [c.source_s, c.destination_s].into_iter().enumerate() {
-                self.wy[s] += w * y;
-                self.ry[s] += r * y;
+                self.wy[s] += new * x * y;
+                self.ry[s] += new * r * y;
             }
         }
         for s in 0..2 {
@@ -183,7 +185,7 @@ impl CostFit {
                 self.scale[s] = if first {
                     k
                 } else {
-                    self.scale[s] + LEARN_WEIGHT * (k - self.scale[s])
+                    self.scale[s] + w * (k - self.scale[s])
                 };
             } else if first {
                 self.scale[s] = 1.0;
@@ -196,7 +198,7 @@ impl CostFit {
 const MIN_SCALE: f64 = 0.5;
 const MAX_SCALE: f64 = 4.0;
 /// At most this many migrations of a drain are learnt from.
-const MAX_MIGRATIONS: usize = 256;
+pub const MAX_MIGRATIONS: usize = 256;
 
 impl CpuCost {
     /// The share of their dirty rate guests keep while they move `concurrency` at once (when
@@ -247,6 +249,22 @@ const LEARN_WEIGHT: f64 = 0.3;
 const MAX_LEVELS: usize = 16;
 /// More compression workers than this are not believed.
 const MAX_WORKERS: f64 = 1024.0;
+/// A drain whose migrations cost more than this many times what was learnt, or less than its
+/// inverse, is taken as an outlier (a host still busy with what came before it: the first
+/// drain after its VMs booted has cost twice the next ones).
+const OUTLIER: f64 = 1.5;
+/// ... and moves what is learnt this much only.
+const OUTLIER_WEIGHT: f64 = 0.1;
+
+/// The weight of a drain that cost `now` core-seconds per GB, where `learnt` was learnt.
+fn cost_weight(now: f64, learnt: f64) -> f64 {
+    if learnt > 0.0 && (now > learnt * OUTLIER || now * OUTLIER < learnt) {
+        OUTLIER_WEIGHT
+    } else {
+        LEARN_WEIGHT
+    }
+}
+
 /// A guest's check of its memory slower than this is not believed, s per GB.
 const MAX_VERIFY_S_PER_GB: f64 = 600.0;
 /// A migration's setup longer than this is not believed, s.
@@ -267,7 +285,14 @@ impl CpuCosts {
         }
         let gb = l.bytes_on_wire as f64 / 1e9;
         let c = self.0.entry(l.transport.clone()).or_default();
-        let w = if c.drains == 0 { 1.0 } else { LEARN_WEIGHT };
+        let w = if c.drains == 0 {
+            1.0
+        } else {
+            cost_weight(
+                (l.source_s + l.destination_s) / gb,
+                c.source_s_per_gb + c.destination_s_per_gb,
+            )
+        };
         c.source_s_per_gb += w * (l.source_s / gb - c.source_s_per_gb);
         c.destination_s_per_gb += w * (l.destination_s / gb - c.destination_s_per_gb);
         c.drains += 1;
@@ -294,7 +319,7 @@ impl CpuCosts {
             let first = c.fit.is_none();
             let m = &l.migrations[..l.migrations.len().min(MAX_MIGRATIONS)];
             c.fit.get_or_insert_with(CostFit::default).learn(
-                1.0 - LEARN_WEIGHT,
+                if first { LEARN_WEIGHT } else { w },
                 m,
                 [l.source_s, l.destination_s],
                 first,
@@ -557,6 +582,34 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_that_cost_far_more_or_less_than_was_learnt_moves_it_a_little() {
+        let drain = |source_s: f64| Learn {
+            transport: "tcp".into(),
+            source_s,
+            destination_s: 1.0,
+            bytes_on_wire: 1_000_000_000,
+            dirty_rate_ratio: None,
+            concurrency: None,
+            busy_workers: None,
+            setup_s: None,
+            verify_s_per_gb: None,
+            migrations: Vec::new(),
+        };
+        let mut c = CpuCosts::default();
+        c.learn(&drain(2.0));
+        // 7 core-s per GB against 3 learnt: a tenth of the way.
+        c.learn(&drain(6.0));
+        assert!((c.0["tcp"].source_s_per_gb - 2.4).abs() < 1e-9, "{c:?}");
+        // 1.2 against 3.4: the same.
+        c.learn(&drain(0.2));
+        assert!((c.0["tcp"].source_s_per_gb - 2.18).abs() < 1e-9, "{c:?}");
+        // Within half as much again: 0.3 of the way.
+        c.learn(&drain(3.18));
+        assert!((c.0["tcp"].source_s_per_gb - 2.48).abs() < 1e-9, "{c:?}");
+        assert_eq!(cost_weight(1.0, 0.0), LEARN_WEIGHT, "nothing learnt yet");
+    }
+
+    #[test]
     fn a_migrations_cpu_splits_between_its_wire_bytes_and_the_ram_it_lands() {
         // Source: 1 core-s per GB on the wire and 2 per GB landed; destination: 3 per GB
         // landed only. The VMM threads took 1.5 times the migrations' own CPU on the
@@ -590,12 +643,17 @@ mod tests {
         // Every page on the wire whole: the two cannot be told apart, the wire takes it all
         // (the VMM threads' CPU unknown: the migrations' own).
         let mut whole = CostFit::default();
-        whole.learn(0.7, &[m(1.0, 1.0), m(2.0, 2.0)], [0.0; 2], true);
+        whole.learn(LEARN_WEIGHT, &[m(1.0, 1.0), m(2.0, 2.0)], [0.0; 2], true);
         let [(a, b), _] = whole.per_gb().unwrap();
         assert!((a - 3.0).abs() < 1e-9 && b == 0.0, "{a} {b}");
         // Nothing sane: nothing learnt.
         let mut none = CostFit::default();
-        none.learn(0.7, &[m(f64::NAN, 1.0), m(0.0, 1.0)], [1.0; 2], true);
+        none.learn(
+            LEARN_WEIGHT,
+            &[m(f64::NAN, 1.0), m(0.0, 1.0)],
+            [1.0; 2],
+            true,
+        );
         assert_eq!(none.per_gb(), None);
     }
 
@@ -614,12 +672,12 @@ mod tests {
             verify_s_per_gb: ratio,
             migrations: Vec::new(),
         };
-        c.learn(&drain("tcp", 2.0, 1_000_000_000, None));
+        c.learn(&drain("tcp", 3.0, 1_000_000_000, None));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.5)));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(f64::NAN)));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.25)));
         let tcp = c.0["tcp"].clone();
-        assert!((tcp.source_s_per_gb - 3.314).abs() < 1e-9, "{tcp:?}");
+        assert!((tcp.source_s_per_gb - 3.657).abs() < 1e-9, "{tcp:?}");
         assert_eq!(tcp.drains, 4);
         // The ratio from the drains that showed one: 0.5, then 0.3 of the way to 0.25.
         assert!(

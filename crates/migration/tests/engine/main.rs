@@ -734,7 +734,9 @@ fn a_destination_that_stalls_in_the_copy_times_out_within_the_peer_timeout() {
 #[test]
 fn a_page_stream_that_stalls_times_out_and_the_vm_runs_here() {
     let (m, took) = fails_through(Fault::StallAfter(2 << 20), 2);
-    assert!(took < Duration::from_secs(4), "{took:?}");
+    // As above: the socket buffers' drain, then the 2 s peer timeout (a loaded CI machine
+    // took 4.009 s).
+    assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(m.result.is_err());
 }
 

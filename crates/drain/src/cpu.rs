@@ -642,12 +642,7 @@ pub fn lesson(
         source_s: took(0)?,
         destination_s: (1..end.len()).filter_map(took).sum(),
         bytes_on_wire: wire,
-        dirty_rate_ratio: None,
-        concurrency: None,
-        busy_workers: None,
-        setup_s: None,
-        verify_s_per_gb: None,
-        migrations: Vec::new(),
+        ..host::cpu::Learn::default()
     })
 }
 

@@ -212,7 +212,7 @@ impl CpuCost {
 }
 
 /// What a drain's migrations cost, to learn from (`POST /cpu/costs`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Learn {
     pub transport: String,
     pub source_s: f64,
@@ -588,12 +588,7 @@ mod tests {
             source_s,
             destination_s: 1.0,
             bytes_on_wire: 1_000_000_000,
-            dirty_rate_ratio: None,
-            concurrency: None,
-            busy_workers: None,
-            setup_s: None,
-            verify_s_per_gb: None,
-            migrations: Vec::new(),
+            ..Learn::default()
         };
         let mut c = CpuCosts::default();
         c.learn(&drain(2.0));
@@ -627,12 +622,8 @@ mod tests {
             source_s: 1.5 * own(|c| c.source_s),
             destination_s: own(|c| c.destination_s),
             bytes_on_wire: 1_800_000_000,
-            dirty_rate_ratio: None,
-            concurrency: None,
-            busy_workers: None,
-            setup_s: None,
-            verify_s_per_gb: None,
             migrations: drain.clone(),
+            ..Learn::default()
         };
         let mut c = CpuCosts::default();
         c.learn(&lesson);

@@ -35,45 +35,93 @@ pub fn shared_share(fingerprints: &[Option<&[u64]>]) -> Option<f64> {
     })
 }
 
+/// What a VM going to a destination with a page cache can expect there.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Expected {
+    /// The share of its fingerprint keys an earlier VM brought.
+    pub hits: f64,
+    /// Per byte of them, what its pages the cache will not hold cost: zstd-compressed, and
+    /// in a copy with deltas (from its fingerprint pages no earlier VM brought). None when
+    /// fewer than [`MIN_PRICED`] of them were priced.
+    pub whole_costs: Option<[f64; 2]>,
+}
+
+/// Fewer priced pages than this say too little of what the rest cost.
+pub const MIN_PRICED: usize = 16;
+
+/// A VM's fingerprint keys and, when its sample has them, what each page costs.
+pub type Fingerprint<'a> = (&'a [u64], &'a [[u16; 2]]);
+
+/// A VM's fingerprint, from its sample.
+pub fn fingerprint_of(s: &migration::sample::VmSample) -> Fingerprint<'_> {
+    (&s.fingerprint, &s.fingerprint_costs)
+}
+
 /// For VMs going, in this order, to one destination with a page cache: the share of each
 /// one's fingerprint keys an earlier one had, whose pages are in the cache by the time it
-/// goes (the first one to a cache runs alone until its copy is done, [`waits_for_seed`]).
-/// An unsampled VM expects none and adds none.
-pub fn hits_in_order(fingerprints: &[Option<&[u64]>]) -> Vec<f64> {
+/// goes (the first one to a cache runs alone until its copy is done, [`waits_for_seed`]),
+/// and what its other pages cost. An unsampled VM expects none and adds none.
+pub fn hits_in_order(fingerprints: &[Option<Fingerprint>]) -> Vec<Expected> {
     let mut held = std::collections::HashSet::<u64>::new();
     fingerprints
         .iter()
         .map(|fp| {
-            let Some(fp) = fp else {
-                return 0.0;
+            let Some((keys, costs)) = fp else {
+                return Expected::default();
             };
-            let mine: std::collections::HashSet<u64> = fp.iter().copied().collect();
-            let hits = mine.iter().filter(|k| held.contains(k)).count();
-            held.extend(mine.iter().copied());
-            if mine.is_empty() {
-                0.0
-            } else {
-                hits as f64 / mine.len() as f64
+            // Costs that do not go with every key (a sample without them) are left out.
+            let priced = costs.len() == keys.len();
+            let mine: std::collections::HashMap<u64, Option<[u16; 2]>> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (*k, costs.get(i).copied().filter(|_| priced)))
+                .collect();
+            let hits = mine.keys().filter(|k| held.contains(k)).count();
+            let whole: Vec<[u16; 2]> = mine
+                .iter()
+                .filter(|(k, _)| !held.contains(k))
+                .filter_map(|(_, c)| *c)
+                .collect();
+            held.extend(mine.keys().copied());
+            Expected {
+                hits: if mine.is_empty() {
+                    0.0
+                } else {
+                    hits as f64 / mine.len() as f64
+                },
+                whole_costs: per_byte(&whole),
             }
         })
         .collect()
 }
 
-/// Sets [`VmFacts::cached`] of `vms` (all bound for one destination, in the order they go)
-/// as a page cache there would serve them: none when their memory repeats too little for
-/// [`open`] to ask for one.
+/// Bytes per byte of page of `costs` (see [`Expected::whole_costs`]).
+fn per_byte(costs: &[[u16; 2]]) -> Option<[f64; 2]> {
+    if costs.len() < MIN_PRICED {
+        return None;
+    }
+    let bytes = (costs.len() * 4096) as f64;
+    let sum = |i: usize| costs.iter().map(|c| f64::from(c[i])).sum::<f64>() / bytes;
+    Some([sum(0).min(1.0), sum(1).min(1.0)])
+}
+
+/// Sets [`VmFacts::cached`] and [`VmFacts::whole_costs`] of `vms` (all bound for one
+/// destination, in the order they go) as a page cache there would serve them: none when
+/// their memory repeats too little for [`open`] to ask for one.
 pub fn expect_hits(vms: &mut [VmFacts]) {
-    let fps: Vec<Option<&[u64]>> = vms
+    let fps: Vec<Option<Fingerprint>> = vms
         .iter()
-        .map(|v| v.sample.as_ref().map(|x| &x.fingerprint[..]))
+        .map(|v| v.sample.as_ref().map(fingerprint_of))
         .collect();
-    let hits = if shared_share(&fps).is_some_and(|f| f < MIN_SHARED) {
-        vec![0.0; vms.len()]
+    let keys: Vec<Option<&[u64]>> = fps.iter().map(|f| f.map(|f| f.0)).collect();
+    let expected = if shared_share(&keys).is_some_and(|f| f < MIN_SHARED) {
+        vec![Expected::default(); vms.len()]
     } else {
         hits_in_order(&fps)
     };
-    for (v, h) in vms.iter_mut().zip(hits) {
-        v.cached = h;
+    for (v, e) in vms.iter_mut().zip(expected) {
+        v.cached = e.hits;
+        v.whole_costs = e.whole_costs;
     }
 }
 
@@ -172,14 +220,49 @@ mod tests {
 
     #[test]
     fn a_vm_expects_the_keys_earlier_vms_brought() {
-        let (a, b, c) = ([1u64, 2, 3, 4], [3u64, 4, 5, 6], [1u64, 2, 5, 6]);
-        let hits = hits_in_order(&[Some(&a), Some(&b), None, Some(&c)]);
-        assert_eq!(hits, vec![0.0, 0.5, 0.0, 1.0]);
+        const A: [u64; 4] = [1, 2, 3, 4];
+        let (a, b, c) = (&A, &[3u64, 4, 5, 6], &[1u64, 2, 5, 6]);
+        let fp = |k: &'static [u64]| Some((k, &[][..]));
+        let hits = |e: Vec<Expected>| e.iter().map(|e| e.hits).collect::<Vec<_>>();
+        assert_eq!(
+            hits(hits_in_order(&[fp(a), fp(b), None, fp(c)])),
+            vec![0.0, 0.5, 0.0, 1.0]
+        );
         // One image: every VM after the first finds its OS pages there.
-        assert_eq!(hits_in_order(&[Some(&a), Some(&a)]), vec![0.0, 1.0]);
-        assert!(hits_in_order(&[Some(&[]), Some(&a)])
+        assert_eq!(hits(hits_in_order(&[fp(a), fp(a)])), vec![0.0, 1.0]);
+        assert!(hits(hits_in_order(&[fp(&[]), fp(a)]))
             .iter()
             .all(|h| *h == 0.0));
+    }
+
+    #[test]
+    fn the_pages_that_still_go_whole_are_priced_from_their_own_keys() {
+        // The shared pages (keys 0..32) compress to a quarter and go whole in a copy; the
+        // second VM's own (100..132) compress to an eighth and go as deltas of 512 bytes.
+        let shared: Vec<u64> = (0..32).collect();
+        let own: Vec<u64> = shared
+            .iter()
+            .chain(&(100..132).collect::<Vec<_>>())
+            .copied()
+            .collect();
+        let first_costs = [[1024u16, 4096]; 32];
+        let second_costs: Vec<[u16; 2]> = (0..64)
+            .map(|i| if i < 32 { [1024, 4096] } else { [512, 512] })
+            .collect();
+        let e = hits_in_order(&[
+            Some((&shared[..], &first_costs[..])),
+            Some((&own[..], &second_costs[..])),
+        ]);
+        assert_eq!(e[0].hits, 0.0);
+        assert_eq!(e[0].whole_costs, Some([0.25, 1.0]));
+        assert_eq!(e[1].hits, 0.5);
+        assert_eq!(e[1].whole_costs, Some([0.125, 0.125]));
+        // Too few priced pages, or costs that do not go with the keys, price nothing.
+        let few = hits_in_order(&[Some((&shared[..8], &first_costs[..8]))]);
+        assert_eq!(few[0].whole_costs, None);
+        let torn = hits_in_order(&[Some((&own[..], &first_costs[..]))]);
+        assert_eq!(torn[0].whole_costs, None);
+        assert_eq!(torn[0].hits, 0.0);
     }
 
     #[test]

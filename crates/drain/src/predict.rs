@@ -19,6 +19,10 @@ pub struct VmFacts {
     /// Share of its non-zero pages the destination will hold when it arrives (dedup across
     /// the drain's VMs, [`crate::cache::expect_hits`]): they go as references.
     pub cached: f64,
+    /// Per byte, what its pages that go whole cost in the copy: zstd-compressed, and as
+    /// deltas against the zero page; priced from its fingerprint pages the cache will not
+    /// hold ([`crate::cache::expect_hits`]). None: the sample's ratios, over all its pages.
+    pub whole_costs: Option<[f64; 2]>,
     /// Share of its non-zero pages whose content another of its pages has: they go as
     /// references within the VM when its migration dedups ([`self_dup_share`]).
     pub self_dup: f64,
@@ -130,8 +134,11 @@ impl VmFacts {
     /// What a page of the copy costs on the wire, per byte of it: compressed if the transport
     /// compresses, else as a delta against the zero page when the migration sends deltas.
     fn copy_ratio(&self, compressed: bool) -> f64 {
-        match &self.sample {
-            Some(s) if self.delta && !compressed => {
+        let sent_whole = self.sample.as_ref().and(self.whole_costs);
+        match (&self.sample, sent_whole) {
+            (Some(_), Some([packed, _])) if compressed => packed.clamp(0.0, 1.0),
+            (Some(_), Some([_, in_copy])) if self.delta => in_copy.clamp(0.0, 1.0),
+            (Some(s), None) if self.delta && !compressed => {
                 s.copy_delta_ratio.map_or(1.0, |r| r.clamp(0.0, 1.0))
             }
             _ => self.ratio(compressed),
@@ -341,11 +348,13 @@ mod tests {
                 dirty_set_half_pages: 0,
                 window_ms: 0,
                 fingerprint: Vec::new(),
+                fingerprint_costs: Vec::new(),
                 delta_ratio: None,
                 copy_delta_ratio: None,
             }),
             delta: false,
             cached: 0.0,
+            whole_costs: None,
             self_dup: 0.0,
             vcpus: 1,
             needs: Default::default(),
@@ -520,6 +529,28 @@ mod tests {
         assert_eq!(half.first_pass_bytes(false), (1u64 << 28) as f64 + refs);
         let all = VmFacts { cached: 1.0, ..v };
         assert_eq!(all.first_pass_bytes(true), 2.0 * refs);
+    }
+
+    #[test]
+    fn the_pages_that_go_whole_cost_what_their_own_keys_say() {
+        // The sample says half compresses away over all its pages; the pages the cache will
+        // not hold compress to a quarter and go as deltas of an eighth.
+        let v = VmFacts {
+            cached: 0.5,
+            whole_costs: Some([0.25, 0.125]),
+            ..vm(1 << 30, 0.5, 0.5, 0.0)
+        };
+        let refs = (1u64 << 17) as f64 / 2.0 * REF_BYTES;
+        let whole = (1u64 << 28) as f64;
+        assert_eq!(v.first_pass_bytes(true), whole * 0.25 + refs);
+        assert_eq!(
+            v.first_pass_bytes(false),
+            whole + refs,
+            "raw without deltas"
+        );
+        let deltas = VmFacts { delta: true, ..v };
+        assert_eq!(deltas.first_pass_bytes(false), whole * 0.125 + refs);
+        assert_eq!(deltas.first_pass_bytes(true), whole * 0.25 + refs);
     }
 
     #[test]

@@ -52,6 +52,13 @@ pub struct VmOutcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_ms: Option<u64>,
     pub predicted_s: Option<f64>,
+    /// Bytes the model expects its migration to put on the wire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_wire_bytes: Option<u64>,
+    /// The share of its non-zero pages the model expects its destination's page cache to
+    /// hold when it arrives (sent as references).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_hits_expected: Option<f64>,
     /// What the model says held its migration back: its share of the link or of the cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bound: Option<crate::plan::Bound>,
@@ -447,6 +454,8 @@ mod tests {
             end_ms: None,
             verify_ms: None,
             predicted_s: Some(3.25),
+            predicted_wire_bytes: None,
+            cache_hits_expected: None,
             bound: None,
             postcopy: false,
             sample,

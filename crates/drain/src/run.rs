@@ -75,6 +75,10 @@ pub struct Planned {
     pub order: Vec<usize>,
     pub placement: Vec<Result<usize, crate::plan::NoRoom>>,
     pub predicted: Vec<Option<f64>>,
+    /// Per VM, the bytes the model expects its migration to put on the wire.
+    pub wire: Vec<Option<f64>>,
+    /// Per VM, the share of its pages the model expects its destination's page cache to hold.
+    pub cache_hits: Vec<Option<f64>>,
     /// Whether the model says it will move by post-copy (its pre-copy would not converge at
     /// its share of the link, or post-copy was asked for).
     pub postcopy: Vec<bool>,
@@ -141,11 +145,8 @@ impl Planned {
         // A migration's rate (its share of the link or of the cores), for telling hot VMs apart.
         let per_dest = (window as f64 / s.dests.len() as f64).max(1.0);
         let share = |d: usize| rate_at(d, per_dest);
-        let first_share = if dest_facts.is_empty() {
-            f64::INFINITY
-        } else {
-            share(0)
-        };
+        let first_share = (!dest_facts.is_empty()).then(|| share(0));
+        let first_share = first_share.unwrap_or(f64::INFINITY);
         let placed: Vec<usize> = (0..s.vms.len()).filter(|i| placement[*i].is_ok()).collect();
         let placed_vms: Vec<_> = placed.iter().map(|i| s.vms[*i].clone()).collect();
         let order: Vec<usize> = plan::order(&placed_vms, o.order, first_share, compressed)
@@ -235,13 +236,22 @@ impl Planned {
             }
             _ => 1,
         };
-        let bounds = sim.as_ref().map_or(vec![None; s.vms.len()], |(_, b, _)| {
-            by_vm(&placed, b, s.vms.len())
-        });
+        let n = s.vms.len();
+        let (bounds, wire) = sim
+            .as_ref()
+            .map_or((vec![None; n], vec![None; n]), |(_, b, j)| {
+                let bytes = j.iter().map(|x| x.bytes);
+                (
+                    by_vm(&placed, b.iter().copied(), n),
+                    by_vm(&placed, bytes, n),
+                )
+            });
         Planned {
+            cache_hits: cache_hits_by_vm(&vms, &placement, &cached),
             order,
             placement,
             predicted,
+            wire,
             postcopy,
             eta_s: sim.as_ref().map(|s| s.0),
             wire_bytes: sim.map(|s| s.2.iter().map(|x| x.bytes).sum()),
@@ -304,6 +314,10 @@ impl Planned {
                 end_ms: None,
                 verify_ms: None,
                 predicted_s: self.predicted[i],
+                // Finite and non-negative; `as` saturates.
+                #[allow(clippy::cast_sign_loss)]
+                predicted_wire_bytes: self.wire[i].map(|b| b as u64),
+                cache_hits_expected: self.cache_hits[i],
                 bound: self.bounds[i],
                 postcopy: self.postcopy[i] && self.placement[i].is_ok(),
                 sample: v.sample.clone(),
@@ -325,6 +339,8 @@ impl Planned {
             end_ms: None,
             verify_ms: None,
             predicted_s: None,
+            predicted_wire_bytes: None,
+            cache_hits_expected: None,
             bound: None,
             postcopy: false,
             sample: None,
@@ -675,12 +691,29 @@ pub(crate) fn cost_key(r: &MigrateRequest, caches: bool) -> String {
 
 /// What held each of `n` VMs back, from the simulation's `bounds` of the `placed` VMs (in
 /// order, with their destinations); None for those not placed.
-fn by_vm(placed: &[(usize, usize)], bounds: &[plan::Bound], n: usize) -> Vec<Option<plan::Bound>> {
+fn by_vm<T: Clone>(
+    placed: &[(usize, usize)],
+    per_job: impl IntoIterator<Item = T>,
+    n: usize,
+) -> Vec<Option<T>> {
     let mut out = vec![None; n];
-    for ((i, _), bound) in placed.iter().zip(bounds) {
-        out[*i] = Some(*bound);
+    for ((i, _), x) in placed.iter().zip(per_job) {
+        out[*i] = Some(x);
     }
     out
+}
+
+/// Per VM, the share of its pages the model expects its destination's page cache to hold
+/// (None when it goes to a destination without one, or nowhere).
+fn cache_hits_by_vm(
+    vms: &[crate::predict::VmFacts],
+    placement: &[Result<usize, plan::NoRoom>],
+    cached: &[bool],
+) -> Vec<Option<f64>> {
+    vms.iter()
+        .zip(placement)
+        .map(|(v, d)| d.as_ref().ok().filter(|d| cached[**d]).map(|_| v.cached))
+        .collect()
 }
 
 /// [`cost_key`] for this drain, with the page caches its plan keeps.

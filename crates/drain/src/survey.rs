@@ -290,6 +290,7 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
                 delta: o.request.sends_deltas(),
                 // Known once the order is (crate::cache::expect_hits).
                 cached: 0.0,
+                whole_costs: None,
                 self_dup,
                 vcpus: v.vcpus,
                 needs: crate::plan::Needs {

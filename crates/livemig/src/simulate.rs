@@ -151,6 +151,7 @@ fn vm(name: String, memory: u64) -> VmFacts {
         sample: None,
         delta: false,
         cached: 0.0,
+        whole_costs: None,
         self_dup: 0.0,
         vcpus: 1,
         needs: Needs::default(),

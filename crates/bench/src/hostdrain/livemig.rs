@@ -125,6 +125,7 @@ impl LivemigHosts {
             .map(|v| VmFacts {
                 delta: false,
                 cached: 0.0,
+                whole_costs: None,
                 // QEMU sends every page it holds twice whole.
                 self_dup: 0.0,
                 vcpus: 1,
@@ -222,6 +223,7 @@ impl LivemigHosts {
                 sample: v.sample.clone(),
                 delta,
                 cached: 0.0,
+                whole_costs: None,
                 self_dup: v
                     .sample
                     .as_ref()
@@ -256,9 +258,30 @@ impl LivemigHosts {
             path_is_floor: r.plan.link_is_floor.first().copied().unwrap_or(false),
             cache,
             overhead_s: r.plan.overhead_s,
-            detail: serde_json::to_value(r).unwrap_or_default(),
+            detail: without_fingerprints(serde_json::to_value(r).unwrap_or_default()),
         }
     }
+}
+
+/// A drain report as JSON with its VMs' fingerprints counted, not listed: they are most of
+/// its bytes, and each VM's `cache_hits_expected` already says what the model made of them.
+fn without_fingerprints(mut report: serde_json::Value) -> serde_json::Value {
+    let vms = report
+        .get_mut("vms")
+        .and_then(serde_json::Value::as_array_mut);
+    for v in vms.into_iter().flatten() {
+        if let Some(s) = v
+            .get_mut("sample")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            let keys = s
+                .remove("fingerprint")
+                .and_then(|k| Some(k.as_array()?.len()));
+            s.remove("fingerprint_costs");
+            s.insert("fingerprint_keys".into(), keys.unwrap_or(0).into());
+        }
+    }
+    report
 }
 
 /// Each VM is sampled this long before its drain (the order and the model need it).
@@ -288,5 +311,29 @@ impl Drainer for LivemigHosts {
         let dedup = opts.request.dedup != Some(false)
             && opts.request.transport != Some(migration::protocol::Transport::Direct);
         Ok(self.outcome(&r, opts.request.sends_deltas(), dedup))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_keeps_its_samples_but_counts_their_fingerprints() {
+        let report = serde_json::json!({
+            "vms": [
+                {"name": "a", "sample": {"touched_bytes": 8192, "fingerprint": [1, 2, 3],
+                    "fingerprint_costs": [[1, 2], [3, 4], [5, 6]]}},
+                {"name": "b", "sample": null},
+            ],
+            "makespan_ms": 10,
+        });
+        let out = without_fingerprints(report);
+        assert_eq!(
+            out["vms"][0]["sample"],
+            serde_json::json!({"touched_bytes": 8192, "fingerprint_keys": 3})
+        );
+        assert!(out["vms"][1]["sample"].is_null());
+        assert_eq!(out["makespan_ms"], 10);
     }
 }

@@ -249,9 +249,10 @@ const LEARN_WEIGHT: f64 = 0.3;
 const MAX_LEVELS: usize = 16;
 /// More compression workers than this are not believed.
 const MAX_WORKERS: f64 = 1024.0;
-/// A drain whose migrations cost more than this many times what was learnt, or less than its
-/// inverse, is taken as an outlier (a host still busy with what came before it: the first
-/// drain after its VMs booted has cost twice the next ones).
+/// A drain whose migrations cost a side more than this many times what was learnt, or less
+/// than its inverse, is taken as an outlier there (a host still busy with what came before
+/// it: the first drain after its VMs booted has cost one destination three times the next
+/// ones, and its source no more).
 const OUTLIER: f64 = 1.5;
 /// ... and moves what is learnt this much only.
 const OUTLIER_WEIGHT: f64 = 0.1;
@@ -285,16 +286,19 @@ impl CpuCosts {
         }
         let gb = l.bytes_on_wire as f64 / 1e9;
         let c = self.0.entry(l.transport.clone()).or_default();
-        let w = if c.drains == 0 {
-            1.0
+        let [ws, wd] = if c.drains == 0 {
+            [1.0; 2]
         } else {
-            cost_weight(
-                (l.source_s + l.destination_s) / gb,
-                c.source_s_per_gb + c.destination_s_per_gb,
-            )
+            [
+                cost_weight(l.source_s / gb, c.source_s_per_gb),
+                cost_weight(l.destination_s / gb, c.destination_s_per_gb),
+            ]
         };
-        c.source_s_per_gb += w * (l.source_s / gb - c.source_s_per_gb);
-        c.destination_s_per_gb += w * (l.destination_s / gb - c.destination_s_per_gb);
+        c.source_s_per_gb += ws * (l.source_s / gb - c.source_s_per_gb);
+        c.destination_s_per_gb += wd * (l.destination_s / gb - c.destination_s_per_gb);
+        // The fit learns both sides from the same migrations: as little as the side that
+        // was an outlier.
+        let w = ws.min(wd);
         c.drains += 1;
         let learnt = |was: Option<f64>, now: Option<f64>, max: f64| match (was, now) {
             (Some(was), Some(r)) if r.is_finite() => {
@@ -602,6 +606,18 @@ mod tests {
         c.learn(&drain(3.18));
         assert!((c.0["tcp"].source_s_per_gb - 2.48).abs() < 1e-9, "{c:?}");
         assert_eq!(cost_weight(1.0, 0.0), LEARN_WEIGHT, "nothing learnt yet");
+        // Each side is judged apart: a destination at three times what it cost (and a
+        // source as before) moves the destination's a tenth of the way, the source's 0.3.
+        let mut c = CpuCosts::default();
+        let both = |source_s: f64, destination_s: f64| Learn {
+            destination_s,
+            ..drain(source_s)
+        };
+        c.learn(&both(2.0, 1.0));
+        c.learn(&both(2.2, 3.0));
+        let t = &c.0["tcp"];
+        assert!((t.source_s_per_gb - 2.06).abs() < 1e-9, "{t:?}");
+        assert!((t.destination_s_per_gb - 1.2).abs() < 1e-9, "{t:?}");
     }
 
     #[test]

@@ -236,21 +236,8 @@ impl CodecTuner {
     }
 }
 
-/// Guest RAM a drain moves per byte it would put on the wire raw, from `ram` bytes/s of guest
-/// RAM sent and `raw_wire` bytes/s on the wire plus what compression kept off it: references
-/// to the destination's cache, deltas and zero pages cost little raw too, so the links carry
-/// more RAM than bytes. 1 when nothing was measured.
-pub fn ram_per_raw_byte(ram: f64, raw_wire: f64) -> f64 {
-    let r = ram / raw_wire;
-    if r.is_finite() && r > 0.0 {
-        r
-    } else {
-        1.0
-    }
-}
-
-/// The most guest RAM per second a drain over links that carry `links` bytes/s of guest RAM
-/// raw ([`ram_per_raw_byte`] times their rate) could move with one more of its `moving` migrations raw, `held` of them raw already: once none
+/// The most guest RAM per second a drain over links that carry `links` bytes/s could move
+/// with one more of its `moving` migrations raw, `held` of them raw already: once none
 /// compresses, what the links carry. While others still compress, the cores a raw one frees
 /// may speed them up: no bound (∞).
 pub fn raw_ceiling(links: f64, moving: usize, held: usize) -> f64 {
@@ -818,12 +805,6 @@ mod tests {
         assert_eq!(raw_ceiling(120.0, 2, 1), 120.0);
         // One of two: the cores it frees may speed the other.
         assert_eq!(raw_ceiling(120.0, 2, 0), f64::INFINITY);
-        // Half the RAM it sends goes as references to the destination's cache (48 bytes a
-        // page, raw or compressed): raw, the link carries about twice as much RAM as bytes.
-        let refs = ram_per_raw_byte(240.0, 120.0 + 120.0 / 4096.0 * 48.0);
-        assert!((refs - 1.977).abs() < 1e-3, "{refs}");
-        assert_eq!(ram_per_raw_byte(0.0, 0.0), 1.0, "nothing measured");
-        assert_eq!(ram_per_raw_byte(100.0, 0.0), 1.0);
         let mut t = CodecTuner::default();
         assert_eq!(t.decide(-1.5, 0.97, 0.5, 150.0, 120.0), None);
         assert_eq!(t.decide(0.0, 0.97, 0.5, 150.0, 120.0), None, "cannot pay");

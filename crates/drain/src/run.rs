@@ -43,17 +43,6 @@ const PAGE: u64 = 4096;
 /// Window `auto` is assumed to settle at per destination, for the ETA.
 pub(crate) const AUTO_ETA_WINDOW: usize = 2;
 
-/// A drain's aggregate bytes/s over the last [`MEASURE_S`].
-#[derive(Clone, Copy, Debug, Default)]
-struct Rates {
-    /// On the links.
-    wire: f64,
-    /// Of guest RAM sent (references, deltas and compression make it more than the wire's).
-    ram: f64,
-    /// Kept off the links by compression.
-    compress_saved: f64,
-}
-
 /// The survey's facts with the page-cache hits each VM can expect when the VMs go in `order`
 /// (none when the drain uses no caches).
 fn with_cache_hits(
@@ -428,13 +417,11 @@ pub struct Run<'a> {
     full_since: Option<Instant>,
     /// When the window last dropped below full.
     not_full_since: Option<Instant>,
-    /// (when, bytes on the wire so far, guest RAM sent so far, bytes compression kept off
-    /// the wire so far): the aggregate throughput on the links, and the drain's progress
-    /// (which compression and references make larger).
-    wire: VecDeque<(Instant, u64, u64, u64)>,
-    /// Guest RAM the migrations that ended had sent, and the bytes compression saved them.
+    /// (when, bytes on the wire so far, guest RAM sent so far): the aggregate throughput on
+    /// the links, and the drain's progress (which compression and references make larger).
+    wire: VecDeque<(Instant, u64, u64)>,
+    /// Guest RAM the migrations that ended had sent.
     sent_done: u64,
-    saved_done: u64,
     wire_done: u64,
     ram_done: u64,
     peak: usize,
@@ -815,7 +802,6 @@ impl<'a> Run<'a> {
             wire_done: 0,
             ram_done: 0,
             sent_done: 0,
-            saved_done: 0,
             peak: 0,
             interrupted: false,
             view: View::new(o.show, total),
@@ -974,7 +960,6 @@ impl<'a> Run<'a> {
         for f in done {
             self.seeded[f.job.dest] = true;
             self.sent_done += f.last.as_ref().map_or(0, |p| p.pages_sent * PAGE);
-            self.saved_done += f.last.as_ref().map_or(0, |p| p.compress_saved);
             let result = f.worker.join().unwrap_or_else(|_| {
                 Err(ApiError::BadResponse {
                     path: self.o.from.clone(),
@@ -1137,7 +1122,6 @@ impl<'a> Run<'a> {
         let mut wire = self.wire_done;
         let mut ram = self.ram_done;
         let mut sent = self.sent_done;
-        let mut saved = self.saved_done;
         for f in &mut self.flights {
             let name = &self.s.vms[f.job.vm].name;
             if let Ok(Some(p)) = self.s.client.progress(name) {
@@ -1150,11 +1134,10 @@ impl<'a> Run<'a> {
                 wire += p.bytes_on_wire;
                 ram += p.bytes_on_wire.min(p.ram_bytes);
                 sent += p.pages_sent * PAGE;
-                saved += p.compress_saved;
             }
         }
         let now = Instant::now();
-        self.wire.push_back((now, wire, sent, saved));
+        self.wire.push_back((now, wire, sent));
         while self
             .wire
             .front()
@@ -1162,29 +1145,28 @@ impl<'a> Run<'a> {
         {
             self.wire.pop_front();
         }
-        let Rates { wire: rate, .. } = self.rates();
+        let (rate, _) = self.rates();
         self.view.total(ram, rate);
     }
 
-    /// Aggregate bytes/s over the last [`MEASURE_S`].
-    fn rates(&self) -> Rates {
-        let Some(&(t1, w1, s1, c1)) = self.wire.back() else {
-            return Rates::default();
+    /// Aggregate bytes/s over the last [`MEASURE_S`]: on the wire, and of guest RAM sent.
+    fn rates(&self) -> (f64, f64) {
+        let Some(&(t1, w1, s1)) = self.wire.back() else {
+            return (0.0, 0.0);
         };
         let from = self
             .wire
             .iter()
             .find(|(t, ..)| t1.duration_since(*t).as_secs_f64() <= MEASURE_S);
         match from {
-            Some(&(t0, w0, s0, c0)) if t1 > t0 => {
-                let per_s = |a: u64, b: u64| a.saturating_sub(b) as f64 / (t1 - t0).as_secs_f64();
-                Rates {
-                    wire: per_s(w1, w0),
-                    ram: per_s(s1, s0),
-                    compress_saved: per_s(c1, c0),
-                }
+            Some(&(t0, w0, s0)) if t1 > t0 => {
+                let dt = (t1 - t0).as_secs_f64();
+                (
+                    w1.saturating_sub(w0) as f64 / dt,
+                    s1.saturating_sub(s0) as f64 / dt,
+                )
             }
-            _ => Rates::default(),
+            _ => (0.0, 0.0),
         }
     }
 
@@ -1212,7 +1194,7 @@ impl<'a> Run<'a> {
         let since = *self.full_since.get_or_insert_with(Instant::now);
         if self
             .window
-            .observe(since.elapsed().as_secs_f64(), self.rates().ram)
+            .observe(since.elapsed().as_secs_f64(), self.rates().1)
         {
             self.full_since = None;
             self.view.line(&format!(
@@ -1262,13 +1244,8 @@ impl<'a> Run<'a> {
         if links <= 0.0 {
             return;
         }
-        let Rates {
-            wire,
-            ram,
-            compress_saved,
-        } = self.rates();
-        let per_raw_byte = crate::cpu::ram_per_raw_byte(ram, wire + compress_saved);
-        let ceiling = self.raw_ceiling(links * per_raw_byte);
+        let (wire, ram) = self.rates();
+        let ceiling = self.raw_ceiling(links);
         if ceiling >= ram * crate::cpu::RAW_GAIN {
             self.start_raw_where_it_pays(busy);
         }
@@ -1334,9 +1311,9 @@ impl<'a> Run<'a> {
         ));
     }
 
-    /// The most guest RAM per second the drain could move with one more migration raw, where
-    /// the links would carry `links` bytes/s of guest RAM raw ([`crate::cpu::raw_ceiling`]);
-    /// unbounded where a link is known only as a floor.
+    /// The most guest RAM per second the drain could move with one more migration raw over
+    /// `links` bytes/s ([`crate::cpu::raw_ceiling`]); unbounded where a link is known only as
+    /// a floor.
     fn raw_ceiling(&self, links: f64) -> f64 {
         let moving: Vec<&Flight> = self.flights.iter().filter(|f| !f.switched).collect();
         if moving

@@ -173,10 +173,6 @@ pub struct Progress {
     pub pages_sent: u64,
     pub ram_bytes: u64,
     pub last_round_pages: u64,
-    /// Bytes compression has kept off the wire so far (raw less compressed, over the
-    /// batches that went compressed): what sending them raw would have added.
-    #[serde(default)]
-    pub compress_saved: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -1025,7 +1021,6 @@ impl<'a> Session<'a> {
                 c.told = Instant::now();
                 self.prog.pages_sent = c.base + c.sent;
                 self.prog.bytes_on_wire = self.wire.sent();
-                self.prog.compress_saved = self.sender.compress_saved();
                 (self.progress)(&self.prog);
             }
         }
@@ -1257,7 +1252,6 @@ impl<'a> Session<'a> {
         self.prog.round = self.round;
         self.prog.last_round_pages = r.pages;
         self.prog.bytes_on_wire = self.wire.sent();
-        self.prog.compress_saved = self.sender.compress_saved();
         (self.progress)(&self.prog);
         Ok(r)
     }

@@ -609,17 +609,6 @@ impl<'a> PageSender<'a> {
         self.link.finish()
     }
 
-    /// Bytes compression has kept off the wire so far (0 on other paths).
-    pub fn compress_saved(&self) -> u64 {
-        match &self.path {
-            PagePath::Compressed { workers, .. } => workers
-                .stats
-                .raw_bytes
-                .saturating_sub(workers.stats.compressed_bytes),
-            _ => 0,
-        }
-    }
-
     /// What the compressed path did, with its workers' CPU; None on other paths.
     pub fn compression_report(&mut self) -> Option<CompressionReport> {
         match &mut self.path {

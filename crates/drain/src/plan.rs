@@ -406,6 +406,10 @@ pub struct PlanCpu {
     /// the source learnt it; None before.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify_s_per_gb: Option<f64>,
+    /// What migrations cost at this drain's concurrency against the costs learnt over all
+    /// (`cost_ratio_at` of the source's costs; 1 when it has not seen the level): already
+    /// in the costs above.
+    pub cost_ratio: f64,
 }
 
 impl PlanCpu {
@@ -424,6 +428,23 @@ impl PlanCpu {
             runnable_per_vcpu,
             cost_fit_s_per_gb: None,
             verify_s_per_gb: None,
+            cost_ratio: 1.0,
+        }
+    }
+
+    /// With the costs at `ratio` times those learnt (what migrations cost at this drain's
+    /// concurrency); as they were where `ratio` is not a positive number.
+    pub fn at_ratio(self, ratio: f64) -> Self {
+        if !(ratio.is_finite() && ratio > 0.0) {
+            return self;
+        }
+        PlanCpu {
+            cost_s_per_gb: self.cost_s_per_gb.map(|c| c * ratio),
+            cost_fit_s_per_gb: self
+                .cost_fit_s_per_gb
+                .map(|f| f.map(|(a, b)| (a * ratio, b * ratio))),
+            cost_ratio: ratio,
+            ..self
         }
     }
 
@@ -1191,6 +1212,16 @@ mod tests {
         assert!((whole[0] - 1.5e-9).abs() < 1e-18 && (whole[1] - 1e-9).abs() < 1e-18);
         // Nothing on the wire: the transport's.
         assert_eq!(plan.cost_per_byte_of(0.0, 1e9), [4e-9, 2e-9]);
+        // At a concurrency whose drains cost 0.75 of the rest: every cost is 0.75 of it.
+        let one = plan.clone().at_ratio(0.75);
+        assert_eq!(one.cost_ratio, 0.75);
+        assert_eq!(one.cost_s_per_gb, [3.0, 1.5]);
+        let refs = one.cost_per_byte_of(1e9, 4e9);
+        assert!((refs[0] - 2.25e-9).abs() < 1e-18 && (refs[1] - 3e-9).abs() < 1e-18);
+        // Nothing sane: as it was.
+        let same = plan.clone().at_ratio(f64::NAN).at_ratio(0.0);
+        assert_eq!(same.cost_s_per_gb, plan.cost_s_per_gb);
+        assert_eq!(same.cost_ratio, 1.0);
     }
 
     #[test]

@@ -390,6 +390,21 @@ impl DrainReport {
             None => "cpu: not in the plan (the source has not yet learnt what this transport costs)\n"
                 .to_string(),
         };
+        s += &self.learnt_lines();
+        if let Some(p) = self.postcopy_line() {
+            s += &format!("{p}\n");
+        }
+        for v in self.vms.iter().filter(|v| v.status.left_behind()) {
+            if let Some(e) = &v.error {
+                s += &format!("{} stays on {}: {e}\n", v.name, self.source);
+            }
+        }
+        s
+    }
+
+    /// What the plan took from earlier drains, a line each (none before any).
+    fn learnt_lines(&self) -> String {
+        let mut s = String::new();
         if let Some([(sa, sb), (da, db)]) = self.plan.cpu.as_ref().and_then(|c| c.cost_fit_s_per_gb)
         {
             s += &format!(
@@ -408,13 +423,17 @@ impl DrainReport {
                 self.plan.dirty_ratio * 100.0
             );
         }
-        if let Some(p) = self.postcopy_line() {
-            s += &format!("{p}\n");
-        }
-        for v in self.vms.iter().filter(|v| v.status.left_behind()) {
-            if let Some(e) = &v.error {
-                s += &format!("{} stays on {}: {e}\n", v.name, self.source);
-            }
+        if let Some(r) = self
+            .plan
+            .cpu
+            .as_ref()
+            .map(|c| c.cost_ratio)
+            .filter(|r| *r != 1.0)
+        {
+            s += &format!(
+                "cpu at this concurrency: {:.0}% of what migrations cost over all levels (learnt from earlier drains at it; in the costs above)\n",
+                r * 100.0
+            );
         }
         s
     }
@@ -512,6 +531,23 @@ mod tests {
         assert!(!t.contains("post-copy"), "nothing goes post-copy: {t}");
         assert!(
             t.contains("guests dirty at 25% of their sampled rate"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("cpu at this concurrency"),
+            "no CPU in the plan: {t}"
+        );
+        // A level whose drains cost 85% of the rest says so.
+        let cpu = crate::plan::PlanCpu::new(Default::default(), [2.0, 3.0], [1.0; 2], 0.5);
+        let mut r = r;
+        r.plan.cpu = Some(cpu.at_ratio(0.85));
+        let t = r.plan_table();
+        assert!(
+            t.contains("cpu at this concurrency: 85% of what migrations cost"),
+            "{t}"
+        );
+        assert!(
+            t.contains("costs 1.70 core-s on the source and 2.55"),
             "{t}"
         );
     }

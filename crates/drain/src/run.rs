@@ -236,16 +236,7 @@ impl Planned {
             }
             _ => 1,
         };
-        let n = s.vms.len();
-        let (bounds, wire) = sim
-            .as_ref()
-            .map_or((vec![None; n], vec![None; n]), |(_, b, j)| {
-                let bytes = j.iter().map(|x| x.bytes);
-                (
-                    by_vm(&placed, b.iter().copied(), n),
-                    by_vm(&placed, bytes, n),
-                )
-            });
+        let (bounds, wire) = per_vm(&placed, sim.as_ref(), s.vms.len());
         Planned {
             cache_hits: cache_hits_by_vm(&vms, &placement, &cached),
             order,
@@ -558,7 +549,7 @@ fn dirty_ratios(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
 /// and busy threads. None before it learnt them.
 fn plan_cpu(o: &DrainOptions, m: &crate::cpu::Meter, key: &str) -> Option<plan::PlanCpu> {
     let threads = busy_threads(o, m.source().cores, m.busy_workers(key));
-    m.plan(o.budget.reserve_cpu, key, threads)
+    m.plan(o.budget.reserve_cpu, key, threads, o.concurrency.fixed())
 }
 
 /// Per destination, which of the `placed` migrations (VM, destination, in order) fills its
@@ -701,6 +692,20 @@ fn by_vm<T: Clone>(
         out[*i] = Some(x);
     }
     out
+}
+
+/// Per VM of `n`, from the simulation of the `placed` migrations: what held its migration
+/// back, and its bytes on the wire (None for those not placed, or not simulated).
+#[allow(clippy::type_complexity)]
+fn per_vm(
+    placed: &[(usize, usize)],
+    sim: Option<&(f64, Vec<plan::Bound>, Vec<SimJob>)>,
+    n: usize,
+) -> (Vec<Option<plan::Bound>>, Vec<Option<f64>>) {
+    sim.map_or((vec![None; n], vec![None; n]), |(_, b, j)| {
+        let bytes = j.iter().map(|x| x.bytes);
+        (by_vm(placed, b.iter().copied(), n), by_vm(placed, bytes, n))
+    })
 }
 
 /// Per VM, the share of its pages the model expects its destination's page cache to hold

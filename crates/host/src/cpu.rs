@@ -78,6 +78,11 @@ pub struct CpuCost {
     /// has shown it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_s_per_gb: Option<f64>,
+    /// For each `--concurrency N` drains ran at, what they cost per GB on the wire (both
+    /// sides) over what had been learnt before each: migrations at once contend for the
+    /// cores' caches and each other's locks, so one at a time costs less per byte.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cost_ratio_at: BTreeMap<u16, f64>,
 }
 
 /// Least squares over the migrations drains showed (older drains weighted down): a
@@ -201,6 +206,15 @@ const MAX_SCALE: f64 = 4.0;
 pub const MAX_MIGRATIONS: usize = 256;
 
 impl CpuCost {
+    /// What migrations cost `concurrency` at once (when fixed) against the costs learnt: as
+    /// drains at that level showed, 1 when none did.
+    pub fn cost_ratio_at(&self, concurrency: Option<usize>) -> f64 {
+        concurrency
+            .and_then(|n| u16::try_from(n).ok())
+            .and_then(|n| self.cost_ratio_at.get(&n).copied())
+            .unwrap_or(1.0)
+    }
+
     /// The share of their dirty rate guests keep while they move `concurrency` at once (when
     /// fixed): as drains at that level showed, or drains at any.
     pub fn dirty_ratio_at(&self, concurrency: Option<usize>) -> Option<f64> {
@@ -245,6 +259,9 @@ const MAX_TRANSPORT_NAME: usize = 64;
 const LEARN_FROM_BYTES: u64 = 64 << 20;
 /// Weight of the newest drain in what is learned.
 const LEARN_WEIGHT: f64 = 0.3;
+/// A level's cost against the learnt one is believed between these.
+const MIN_RATIO: f64 = 0.5;
+const MAX_RATIO: f64 = 2.0;
 /// At most this many concurrency levels are remembered per transport.
 const MAX_LEVELS: usize = 16;
 /// More compression workers than this are not believed.
@@ -294,11 +311,20 @@ impl CpuCosts {
                 cost_weight(l.destination_s / gb, c.destination_s_per_gb),
             ]
         };
+        // The fit and the level's ratio learn both sides together: as little as the side
+        // that was an outlier.
+        let w = ws.min(wd);
+        let was = c.source_s_per_gb + c.destination_s_per_gb;
+        if let Some(n) = l.concurrency.filter(|_| c.drains > 0 && was > 0.0) {
+            let ratio = ((l.source_s + l.destination_s) / gb / was).clamp(MIN_RATIO, MAX_RATIO);
+            let known = c.cost_ratio_at.get(&n).copied();
+            if known.is_some() || c.cost_ratio_at.len() < MAX_LEVELS {
+                let r = known.map_or(ratio, |k| k + w * (ratio - k));
+                c.cost_ratio_at.insert(n, r);
+            }
+        }
         c.source_s_per_gb += ws * (l.source_s / gb - c.source_s_per_gb);
         c.destination_s_per_gb += wd * (l.destination_s / gb - c.destination_s_per_gb);
-        // The fit learns both sides from the same migrations: as little as the side that
-        // was an outlier.
-        let w = ws.min(wd);
         c.drains += 1;
         let learnt = |was: Option<f64>, now: Option<f64>, max: f64| match (was, now) {
             (Some(was), Some(r)) if r.is_finite() => {
@@ -618,6 +644,36 @@ mod tests {
         let t = &c.0["tcp"];
         assert!((t.source_s_per_gb - 2.06).abs() < 1e-9, "{t:?}");
         assert!((t.destination_s_per_gb - 1.2).abs() < 1e-9, "{t:?}");
+    }
+
+    #[test]
+    fn each_concurrency_learns_what_it_costs_against_the_rest() {
+        let drain = |n: u16, source_s: f64| Learn {
+            transport: "tcp".into(),
+            source_s,
+            destination_s: 1.0,
+            bytes_on_wire: 1_000_000_000,
+            concurrency: Some(n),
+            ..Learn::default()
+        };
+        let mut c = CpuCosts::default();
+        // The first drain sets the costs: no level's ratio from it.
+        c.learn(&drain(2, 3.0));
+        assert!(c.0["tcp"].cost_ratio_at.is_empty());
+        // One at a time: 3 core-s per GB against 4 learnt.
+        c.learn(&drain(1, 2.0));
+        let t = &c.0["tcp"];
+        assert!((t.cost_ratio_at(Some(1)) - 0.75).abs() < 1e-9, "{t:?}");
+        assert_eq!(t.cost_ratio_at(Some(4)), 1.0, "no drain at 4");
+        assert_eq!(t.cost_ratio_at(None), 1.0, "auto");
+        // Again at 1: 3 against 3.7 learnt by then, 0.3 of the way.
+        c.learn(&drain(1, 2.0));
+        let want = 0.75 + LEARN_WEIGHT * (3.0 / 3.7 - 0.75);
+        let got = c.0["tcp"].cost_ratio_at(Some(1));
+        assert!((got - want).abs() < 1e-9, "{got} against {want}");
+        // A ratio past the believable is taken at its bound.
+        c.learn(&drain(8, 40.0));
+        assert_eq!(c.0["tcp"].cost_ratio_at(Some(8)), MAX_RATIO);
     }
 
     #[test]

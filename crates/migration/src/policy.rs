@@ -79,12 +79,7 @@ impl ConvergencePolicy {
         since: usize,
         elapsed: Duration,
     ) -> Decision {
-        let eta = if bytes_per_sec > 0.0 {
-            remaining_bytes as f64 / bytes_per_sec
-        } else {
-            f64::INFINITY
-        };
-        if eta + self.switchover_overhead.as_secs_f64() <= self.downtime_target.as_secs_f64() {
+        if self.fits(remaining_bytes, bytes_per_sec) {
             return Decision::Converged;
         }
         // Once throttled, one round that does not shrink is enough to step up: rounds are long
@@ -115,6 +110,22 @@ impl ConvergencePolicy {
 }
 
 impl ConvergencePolicy {
+    /// Whether `remaining_bytes` at `bytes_per_sec` go out, with the switchover's own work,
+    /// within the downtime target.
+    pub fn fits(&self, remaining_bytes: u64, bytes_per_sec: f64) -> bool {
+        let eta = if bytes_per_sec > 0.0 {
+            remaining_bytes as f64 / bytes_per_sec
+        } else {
+            f64::INFINITY
+        };
+        eta + self.switchover_overhead.as_secs_f64() <= self.downtime_target.as_secs_f64()
+    }
+
+    /// Rounds that may still go out after pre-copy converged, before the pause, when the guest
+    /// wrote more than fits while the destination caught up: a destination slower than the
+    /// guest's writes must not hold the pause off for ever.
+    pub const CATCH_UP_ROUNDS: u32 = 3;
+
     /// After a stall at throttle `current`: the next throttle, or None to switch over as it
     /// stands (auto-converge off, or already at its maximum).
     pub fn next_throttle(&self, current: u8) -> Option<u8> {

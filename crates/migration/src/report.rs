@@ -25,6 +25,10 @@ pub struct Phases {
     pub switchover_captured_ms: u64,
     #[serde(default)]
     pub switchover_sent_ms: u64,
+    /// Before the pause: the destination placing every round sent, and the rounds that went
+    /// while the guest wrote more than the pause could carry.
+    #[serde(default)]
+    pub catch_up_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -168,6 +172,10 @@ pub struct Report {
     /// sent while paused.
     pub rounds: Vec<Round>,
     pub stop_reason: String,
+    /// Rounds sent after pre-copy converged, because the guest wrote more than the downtime
+    /// allows while the destination caught up (see `phases.catch_up_ms`).
+    #[serde(default)]
+    pub catch_up_rounds: u32,
     /// The highest vCPU throttle auto-converge applied (percent of time asleep); 0 = none.
     #[serde(default)]
     pub throttle_pct_max: u8,
@@ -430,6 +438,12 @@ impl Report {
             rounds.join(", "),
             self.stop_reason
         );
+        if self.catch_up_rounds > 0 {
+            s += &format!(
+                "  {} round(s) more while the destination caught up ({} ms before the pause): the guest wrote more than the downtime allows meanwhile\n",
+                self.catch_up_rounds, self.phases.catch_up_ms
+            );
+        }
         if let Some(p) = &self.postcopy {
             s += &format!(
                 "  post-copy ({}): {} pages owed at the resume; {} faults (p50 {} us, p99 {} us, max {} us), {} pages asked for, {} pushed; complete {} ms after the resume\n",

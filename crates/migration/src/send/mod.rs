@@ -831,6 +831,8 @@ struct Session<'a> {
     round: u32,
     /// Dirty pages fetched (and, without manual protect, cleared from the log) but not sent.
     unsent: Vec<DirtyBitmap>,
+    /// Pre-copy stopped because the rest fit the downtime target (not on a limit or stall).
+    converged: bool,
     /// The disks that move with the VM (`--storage copy`).
     disks: Option<disks::DiskCopy>,
     /// Post-copy's link, when it may happen, and how to make it again.
@@ -921,6 +923,7 @@ impl<'a> Session<'a> {
             per_page: PAGE_SIZE,
             round: 0,
             unsent: Vec::new(),
+            converged: false,
             disks: None,
             link: None,
             redial: None,
@@ -1223,9 +1226,39 @@ impl<'a> Session<'a> {
                 break Decision::Converged;
             }
         };
+        self.converged = decision == Decision::Converged;
         self.report.stop_reason = format!("{decision:?}").to_lowercase();
         self.report.phases.sync_ms = t_sync.elapsed().as_millis() as u64;
         Ok(None)
+    }
+
+    /// Before the pause, the destination places every round sent. A busy destination takes
+    /// its time, and the guest writes on meanwhile: once pre-copy converged, the pages are
+    /// counted again, and while they no longer fit the downtime another round goes first
+    /// (at most [`policy::ConvergencePolicy::CATCH_UP_ROUNDS`]).
+    fn catch_up(&mut self) -> Result<(), MigrationError> {
+        let t = Instant::now();
+        self.wait_caught_up()?;
+        let mut rounds = 0;
+        while self.converged && rounds < policy::ConvergencePolicy::CATCH_UP_ROUNDS {
+            let bitmaps = self.fetch_dirty()?;
+            let pages: u64 = bitmaps.iter().map(DirtyBitmap::count).sum();
+            let remaining = pages
+                .saturating_mul(self.per_page)
+                .saturating_add(self.disk_dirty());
+            if self.opts.policy.fits(remaining, self.bw) {
+                self.unsent = bitmaps;
+                break;
+            }
+            rounds += 1;
+            self.round += 1;
+            let r = self.sync_round(&bitmaps)?;
+            self.report.rounds.push(r);
+            self.wait_caught_up()?;
+        }
+        self.report.catch_up_rounds = rounds;
+        self.report.phases.catch_up_ms = t.elapsed().as_millis() as u64;
+        Ok(())
     }
 
     /// One sync round: re-arm tracking for the pages about to be read, then send them.
@@ -1345,7 +1378,7 @@ impl<'a> Session<'a> {
     /// resumes. Before the last frame leaves, any failure resumes the VM here (the guard);
     /// after it, the VM stays paused unless the confirmation arrives.
     fn switchover(&mut self, guard: &mut SourceGuard) -> Result<(), MigrationError> {
-        self.wait_caught_up()?;
+        self.catch_up()?;
         // The page streams end before the pause: the paused last round is small and goes on
         // the control connection, so stream hand-offs stay out of the downtime.
         self.sender.finish_streams()?;

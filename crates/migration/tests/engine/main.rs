@@ -187,6 +187,10 @@ fn an_idle_vm_moves_whole_in_one_copy() {
     assert!(r.pages.normal >= 4096, "{:?}", r.pages);
     assert!(r.rounds.len() >= 2, "the copy and the paused round");
     assert_eq!(r.rounds[1..].iter().map(|r| r.pages).sum::<u64>(), 0);
+    assert_eq!(
+        r.catch_up_rounds, 0,
+        "nothing was written while it caught up"
+    );
 }
 
 /// From the pause until the guest runs again, the migration's thread on each side runs in
@@ -528,6 +532,109 @@ fn forward_unless(
     }
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Until when [`slow_answers_proxy`] holds answers back; not yet while None.
+type SlowUntil = Arc<Mutex<Option<Instant>>>;
+
+/// A proxy to `to` whose answers (destination to source) read before `until` arrive `delay`
+/// late, as from a destination that takes that long to place what it is sent. Its address.
+fn slow_answers_proxy(to: String, delay: Duration, until: SlowUntil) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let Ok(up) = TcpStream::connect(&to) else {
+                return;
+            };
+            let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            let until = until.clone();
+            std::thread::spawn(move || forward_unless(c, up, None));
+            std::thread::spawn(move || forward_late(up2, c2, delay, until));
+        }
+    });
+    addr
+}
+
+/// Forwards what `from` sends, what it reads before `until` `delay` after it came, in order,
+/// until either side closes.
+fn forward_late(mut from: TcpStream, mut to: TcpStream, delay: Duration, until: SlowUntil) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let closing = to.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for (due, data) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&data).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(k @ 1..) = from.read(&mut buf) {
+        let now = Instant::now();
+        let slow = until.lock().unwrap().is_some_and(|u| now < u);
+        let due = if slow { now + delay } else { now };
+        if tx.send((due, buf[..k].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = closing.shutdown(std::net::Shutdown::Both);
+}
+
+/// Pre-copy converges, then the source waits for a destination slow to place the last rounds
+/// before it pauses, while the guest writes on: what it wrote meanwhile is counted again and
+/// goes in a round before the pause, not in the pause.
+#[test]
+fn pages_written_while_the_destination_catches_up_go_before_the_pause() {
+    let (to, rx) = receiver(
+        Security::Insecure,
+        FakeFactory::default(),
+        Duration::from_secs(5),
+    );
+    // The destination answers 600 ms late for the first 300 ms of the sync rounds.
+    let until = SlowUntil::default();
+    let via = slow_answers_proxy(to, Duration::from_millis(600), until.clone());
+    // 100 pages a second: 60 while the source waits, where the pause (20 ms, less its own
+    // 8 ms, at 50 Mbit/s) carries 18.
+    let w = Workload {
+        filled: 512,
+        hot_start: 0,
+        hot: 512,
+        rate: 100,
+        ..Workload::default()
+    };
+    let source = Arc::new(Mutex::new(FakeVm::start(MEMORY, &w, true)));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut opts = options(&via, Security::Insecure);
+    opts.peer_timeout = Duration::from_secs(5);
+    opts.max_bandwidth = Some(50_000_000);
+    let _watch = watchdog(Duration::from_secs(300));
+    let result = migration::migrate(&*source, &opts, &|p| {
+        let mut u = until.lock().unwrap();
+        if p.phase == "sync" && u.is_none() {
+            *u = Some(Instant::now() + Duration::from_millis(300));
+        }
+    });
+    let m = Moved {
+        result,
+        source,
+        dest: rx.join().unwrap(),
+    };
+    m.assert_moved_whole();
+    let r = m.report();
+    assert_eq!(r.stop_reason, "converged", "{}", r.summary());
+    assert_eq!(r.catch_up_rounds, 1, "{}", r.summary());
+    assert!(r.phases.catch_up_ms >= 300, "{:?}", r.phases);
+    let paused = r.rounds.last().unwrap();
+    assert!(
+        paused.pages <= 18,
+        "the pause carried {} pages: {:?}",
+        paused.pages,
+        r.rounds
+    );
 }
 
 /// A post-copy migration of a busy guest through [`link_proxy`], whose fault comes as the

@@ -557,6 +557,7 @@ impl Meter {
         };
         lesson.dirty_rate_ratio = shown.dirty_ratio;
         lesson.concurrency = shown.concurrency.and_then(|n| u16::try_from(n).ok());
+        lesson.peak_concurrency = u16::try_from(shown.peak).ok().filter(|&n| n > 0);
         lesson.busy_workers = shown.busy_workers;
         lesson.setup_s = shown.setup_s;
         lesson.verify_s_per_gb = shown.verify_s_per_gb;
@@ -617,6 +618,8 @@ pub struct Shown {
     pub dirty_ratio: Option<f64>,
     /// How many moved at once, when the drain fixed it.
     pub concurrency: Option<usize>,
+    /// The most that moved at once.
+    pub peak: usize,
     /// Of a compressed migration's workers, how many were busy while its sending thread was.
     pub busy_workers: Option<f64>,
     /// Their mean setup: what they took besides moving pages and disks, s.

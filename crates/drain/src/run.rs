@@ -506,11 +506,18 @@ impl CpuWatch {
 
     /// The report, once the hosts have learnt what the drain's `wire` bytes cost them and
     /// how its `vms`' guests kept their pace.
-    fn report(mut self, o: &DrainOptions, wire: u64, vms: &[VmOutcome]) -> crate::cpu::CpuReport {
+    fn report(
+        mut self,
+        o: &DrainOptions,
+        wire: u64,
+        vms: &[VmOutcome],
+        peak: usize,
+    ) -> crate::cpu::CpuReport {
         let pools = self.meter.report();
         let shown = crate::cpu::Shown {
             dirty_ratio: crate::predict::drain_dirty_ratio(&dirty_ratios(vms)),
             concurrency: o.concurrency.fixed(),
+            peak,
             busy_workers: crate::cpu::busy_workers(
                 &compressed_cpu(vms),
                 page_streams(&o.request),
@@ -866,7 +873,9 @@ impl<'a> Run<'a> {
         r.survey_ms = self.survey_ms;
         r.wall_ms = wall_ms;
         r.dedup_cache_bytes = self.caches.iter().flatten().map(|c| c.bytes).sum();
-        r.cpu = self.cpu.map(|c| c.report(self.o, r.bytes_on_wire, &r.vms));
+        r.cpu = self
+            .cpu
+            .map(|c| c.report(self.o, r.bytes_on_wire, &r.vms, self.peak));
         if let Some(line) = r.cpu.as_ref().map(crate::cpu::CpuReport::line) {
             r.summary += &line;
         }

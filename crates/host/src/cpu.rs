@@ -662,16 +662,21 @@ mod tests {
         assert!((t.destination_s_per_gb - 1.2).abs() < 1e-9, "{t:?}");
     }
 
-    #[test]
-    fn each_concurrency_learns_what_it_costs_against_the_rest() {
-        let drain = |n: u16, source_s: f64| Learn {
+    /// A tcp drain of 1 GB at `--concurrency n` that cost `source_s` core-seconds on the
+    /// source and 1 on the destination.
+    fn drain(n: u16, source_s: f64) -> Learn {
+        Learn {
             transport: "tcp".into(),
             source_s,
             destination_s: 1.0,
             bytes_on_wire: 1_000_000_000,
             concurrency: Some(n),
             ..Learn::default()
-        };
+        }
+    }
+
+    #[test]
+    fn each_concurrency_learns_what_it_costs_against_the_rest() {
         let mut c = CpuCosts::default();
         // The first drain sets the costs: no level's ratio from it.
         c.learn(&drain(2, 3.0));
@@ -696,14 +701,6 @@ mod tests {
     /// cost: each teaches the costs over all levels at its own level's ratio.
     #[test]
     fn drains_at_a_busy_level_leave_what_one_at_a_time_costs() {
-        let drain = |n: u16, source_s: f64| Learn {
-            transport: "tcp".into(),
-            source_s,
-            destination_s: 1.0,
-            bytes_on_wire: 1_000_000_000,
-            concurrency: Some(n),
-            ..Learn::default()
-        };
         let predicted = |c: &CpuCosts, n: usize| {
             let t = &c.0["tcp"];
             (t.source_s_per_gb + t.destination_s_per_gb) * t.cost_ratio_at(Some(n))

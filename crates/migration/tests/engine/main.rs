@@ -540,6 +540,21 @@ type SlowUntil = Arc<Mutex<Option<Instant>>>;
 /// A proxy to `to` whose answers (destination to source) read before `until` arrive `delay`
 /// late, as from a destination that takes that long to place what it is sent. Its address.
 fn slow_answers_proxy(to: String, delay: Duration, until: SlowUntil) -> String {
+    proxy_by(
+        to,
+        |c, up| forward_unless(c, up, None),
+        move |up, c| forward_late(up, c, delay, until.clone()),
+    )
+}
+
+/// A proxy to `to` that forwards each connection's bytes towards `to` with `out` and its
+/// answers with `back` (each given where from, where to), on threads of their own; its
+/// address.
+fn proxy_by(
+    to: String,
+    out: impl Fn(TcpStream, TcpStream) + Clone + Send + 'static,
+    back: impl Fn(TcpStream, TcpStream) + Clone + Send + 'static,
+) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
@@ -548,9 +563,9 @@ fn slow_answers_proxy(to: String, delay: Duration, until: SlowUntil) -> String {
                 return;
             };
             let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
-            let until = until.clone();
-            std::thread::spawn(move || forward_unless(c, up, None));
-            std::thread::spawn(move || forward_late(up2, c2, delay, until));
+            let (out, back) = (out.clone(), back.clone());
+            std::thread::spawn(move || out(c, up));
+            std::thread::spawn(move || back(up2, c2));
         }
     });
     addr
@@ -756,19 +771,11 @@ enum Fault {
 
 /// A proxy to `to` that applies `fault` to every connection; its address.
 fn proxy(to: String, fault: Fault) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let Ok(up) = TcpStream::connect(&to) else {
-                return;
-            };
-            let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
-            std::thread::spawn(move || forward(c, up, fault));
-            std::thread::spawn(move || forward(up2, c2, Fault::CutAfter(u64::MAX)));
-        }
-    });
-    addr
+    proxy_by(
+        to,
+        move |c, up| forward(c, up, fault),
+        |up, c| forward(up, c, Fault::CutAfter(u64::MAX)),
+    )
 }
 
 fn forward(mut from: TcpStream, mut to: TcpStream, fault: Fault) {

@@ -1150,6 +1150,16 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// The pages in `bitmaps`, and what sending them and the disks' dirty blocks would put on
+    /// the wire at the bytes per page measured.
+    fn remaining(&self, bitmaps: &[DirtyBitmap]) -> (u64, u64) {
+        let pages: u64 = bitmaps.iter().map(DirtyBitmap::count).sum();
+        let bytes = pages
+            .saturating_mul(self.per_page)
+            .saturating_add(self.disk_dirty());
+        (pages, bytes)
+    }
+
     /// The pages written since the last fetch, and those a fetch found but no round sent.
     fn fetch_dirty(&mut self) -> Result<Vec<DirtyBitmap>, MigrationError> {
         let mut maps = locks::lock(&self.dirty).fetch()?;
@@ -1174,10 +1184,7 @@ impl<'a> Session<'a> {
         let (mut throttle, mut throttled_since) = (0u8, 0usize);
         let decision = loop {
             let bitmaps = self.fetch_dirty()?;
-            let dirty_pages: u64 = bitmaps.iter().map(DirtyBitmap::count).sum();
-            let remaining = dirty_pages
-                .saturating_mul(self.per_page)
-                .saturating_add(self.disk_dirty());
+            let (dirty_pages, remaining) = self.remaining(&bitmaps);
             let d = self.opts.policy.decide(
                 remaining,
                 self.bw,
@@ -1242,11 +1249,7 @@ impl<'a> Session<'a> {
         let mut rounds = 0;
         while self.converged && rounds < policy::ConvergencePolicy::CATCH_UP_ROUNDS {
             let bitmaps = self.fetch_dirty()?;
-            let pages: u64 = bitmaps.iter().map(DirtyBitmap::count).sum();
-            let remaining = pages
-                .saturating_mul(self.per_page)
-                .saturating_add(self.disk_dirty());
-            if self.opts.policy.fits(remaining, self.bw) {
+            if self.opts.policy.fits(self.remaining(&bitmaps).1, self.bw) {
                 self.unsent = bitmaps;
                 break;
             }

@@ -51,6 +51,9 @@ fn bench_drain_smoke_has_every_row_verified() {
         assert!(r["predicted_makespan_ms"].as_u64().unwrap() > 0, "{r}");
         assert!(r["model_error"].as_f64().unwrap().is_finite(), "{r}");
         assert_eq!(r["timeline"].as_array().unwrap().len(), 3, "{r}");
+        // Each transport starts from fresh guests (and they all move and verify again).
+        let fresh = peer == "livemig" && !config.contains("unoptimised");
+        assert_eq!(r["fresh_guests"], fresh, "{peer} {config}: {r}");
         assert!(
             stdout.contains(&format!("{peer:<7} {config}")),
             "{config} not printed:\n{stdout}"

@@ -11,7 +11,7 @@ use drain::{Budget, Destination, DrainOptions, DrainReport};
 use host::child::{AgentProcess, Livemig};
 use host::RunRequest;
 
-use super::{Config, DrainBenchOptions, DrainOutcome, Drainer, How, VmRun};
+use super::{Config, DrainBenchOptions, DrainOutcome, Drainer, How, VmRun, VmSpec};
 use crate::testbed::Testbed;
 use crate::{step, BenchError, Route};
 
@@ -25,6 +25,7 @@ pub struct LivemigHosts {
     b: AgentProcess,
     request: migration::MigrateRequest,
     dedup_cache: u64,
+    vms: Vec<VmSpec>,
     /// What sampling found of each VM, kept from the drain that sampled it.
     facts: HashMap<String, VmFacts>,
 }
@@ -70,15 +71,17 @@ impl LivemigHosts {
             b: agent("b", &tb.host_b)?,
             request: o.request.clone(),
             dedup_cache: o.dedup_cache,
+            vms: o.vms.clone(),
             facts: HashMap::new(),
         };
-        hosts.boot(o)?;
+        hosts.boot()?;
         Ok(hosts)
     }
 
-    fn boot(&self, o: &DrainBenchOptions) -> Result<(), BenchError> {
+    /// Starts every VM on A and waits for each guest's first heartbeat.
+    fn boot(&self) -> Result<(), BenchError> {
         let client = self.a.client().waiting(Duration::from_secs(90));
-        for v in &o.vms {
+        for v in &self.vms {
             let c = &v.content;
             let mut args = vec![
                 "--workload".into(),
@@ -297,6 +300,21 @@ impl Drainer for LivemigHosts {
     fn on_a(&self) -> bool {
         let n = |a: &AgentProcess| a.client().list().map_or(0, |l| l.len());
         n(&self.a) >= n(&self.b)
+    }
+
+    fn fresh_guests(&mut self) -> Result<(), BenchError> {
+        for agent in [&self.a, &self.b] {
+            let client = agent.client();
+            let running = client
+                .list()
+                .map_err(|e| step("listing the VMs")(e.to_string()))?;
+            for v in running {
+                client
+                    .stop(&v.name)
+                    .map_err(|e| step(format!("stopping VM {}", v.name))(e.to_string()))?;
+            }
+        }
+        self.boot()
     }
 
     fn drain(&mut self, cfg: &Config, route: &Route) -> Result<DrainOutcome, BenchError> {

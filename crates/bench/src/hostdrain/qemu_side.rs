@@ -168,6 +168,12 @@ impl Drainer for QemuHosts {
         sides.iter().filter(|a| **a).count() * 2 >= sides.len()
     }
 
+    fn fresh_guests(&mut self) -> Result<(), BenchError> {
+        Err(step("booting QEMU's VMs afresh")(
+            "QEMU's VMs boot once per bench, before its first row",
+        ))
+    }
+
     fn drain(&mut self, cfg: &Config, route: &Route) -> Result<DrainOutcome, BenchError> {
         let How::Qemu(mode) = cfg.how else {
             return Err(step("bench")("not a QEMU configuration"));

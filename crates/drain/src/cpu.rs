@@ -500,7 +500,8 @@ impl Meter {
         Some(
             plan.with_fit(cost.fit.as_ref().and_then(host::cpu::CostFit::per_gb))
                 .with_verify(cost.verify_s_per_gb)
-                .at_ratio(cost.cost_ratio_at(concurrency)),
+                .at_ratio(cost.cost_ratio_at(concurrency))
+                .with_level_ratios(cost.cost_ratio_at.clone()),
         )
     }
 

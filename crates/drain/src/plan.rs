@@ -1,5 +1,6 @@
 //! The plan of a drain, as pure policy: where each VM goes (never overcommitting a
 //! destination), in which order they leave, and how long that should take.
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -410,6 +411,10 @@ pub struct PlanCpu {
     /// (`cost_ratio_at` of the source's costs; 1 when it has not seen the level): already
     /// in the costs above.
     pub cost_ratio: f64,
+    /// The same ratio for each concurrency drains ran at, to price the plan at another
+    /// level ([`Self::at_level`]): where an `auto` drain settled.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cost_ratio_at: BTreeMap<u16, f64>,
 }
 
 impl PlanCpu {
@@ -429,6 +434,37 @@ impl PlanCpu {
             cost_fit_s_per_gb: None,
             verify_s_per_gb: None,
             cost_ratio: 1.0,
+            cost_ratio_at: BTreeMap::new(),
+        }
+    }
+
+    /// With the ratios learnt for each level (`cost_ratio_at` of the source's costs).
+    pub fn with_level_ratios(self, cost_ratio_at: BTreeMap<u16, f64>) -> Self {
+        PlanCpu {
+            cost_ratio_at,
+            ..self
+        }
+    }
+
+    /// Priced for `concurrency` migrations at once rather than the plan's level: the costs
+    /// at that level's ratio where drains showed it, the mean over all levels where not.
+    pub fn at_level(self, concurrency: usize) -> Self {
+        let ratio = u16::try_from(concurrency)
+            .ok()
+            .and_then(|n| self.cost_ratio_at.get(&n).copied())
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .unwrap_or(1.0);
+        let current = Some(self.cost_ratio)
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .unwrap_or(1.0);
+        let rescale = |c: f64| c * ratio / current;
+        PlanCpu {
+            cost_s_per_gb: self.cost_s_per_gb.map(rescale),
+            cost_fit_s_per_gb: self
+                .cost_fit_s_per_gb
+                .map(|f| f.map(|(a, b)| (rescale(a), rescale(b)))),
+            cost_ratio: ratio,
+            ..self
         }
     }
 
@@ -1173,6 +1209,36 @@ mod tests {
         };
         assert_eq!(other.verify_of(5e8, 2, 0), [1.0, 2.0], "all of its vCPUs");
         assert_eq!(plan.with_verify(None).verify_of(5e8, 2, 0), [0.0; 2]);
+    }
+
+    #[test]
+    fn a_plan_prices_its_cpu_at_the_level_an_auto_drain_settled_at() {
+        let model = CpuModel {
+            pools: vec![2.0],
+            contenders: vec![0.0],
+            source: 0,
+            dests: vec![0],
+        };
+        let ratios = BTreeMap::from([(1, 0.9), (4, 1.1)]);
+        let auto = PlanCpu::new(model, [2.0, 3.0], [1.0; 2], 0.5)
+            .with_fit(Some([(1.0, 1.0), (2.0, 0.5)]))
+            .with_level_ratios(ratios.clone());
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        let at4 = auto.clone().at_level(4);
+        assert!(close(at4.cost_s_per_gb[0], 2.2) && close(at4.cost_s_per_gb[1], 3.3));
+        let fit = at4.cost_fit_s_per_gb.unwrap();
+        assert!(close(fit[0].0, 1.1) && close(fit[1].1, 0.55), "{fit:?}");
+        assert!(close(at4.cost_ratio, 1.1));
+        // A level no drain ran at costs the mean over all.
+        assert_eq!(auto.clone().at_level(3).cost_s_per_gb, auto.cost_s_per_gb);
+        // A plan already at one level's ratio goes to another's, not on top of it.
+        let one = auto.at_ratio(0.9);
+        let moved = one.at_level(4);
+        assert!(
+            close(moved.cost_s_per_gb[0], 2.2),
+            "{:?}",
+            moved.cost_s_per_gb
+        );
     }
 
     #[test]

@@ -647,15 +647,20 @@ pub fn predict(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> f64 {
 }
 
 /// A drain's VMs as the model takes them: over the path's rate at the concurrency its window
-/// settled at.
+/// settled at, their CPU priced at that level.
 fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
+    let concurrency = out.concurrency_used.max(1);
+    let cpu = out.cpu.clone().map(|c| match cfg.concurrency {
+        Concurrency::Auto => c.at_level(concurrency),
+        Concurrency::Fixed(_) => c,
+    });
     Scenario {
         vms: out.facts.clone(),
         link: goodput_bps / 8.0,
-        concurrency: out.concurrency_used.max(1),
+        concurrency,
         compressed: cfg.compressed(),
         framing: 1.0,
-        cpu: out.cpu.clone(),
+        cpu,
         vcpu_yield: out.vcpu_yield,
         cache: out.cache,
         overhead: out.overhead_s,

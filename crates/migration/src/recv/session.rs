@@ -115,9 +115,18 @@ impl Incoming {
                 .set_read_timeout(None)
                 .map_err(MigrationError::socket("setting the read timeout"))?;
         }
+        let t_cache = Instant::now();
         let cache = self.host_cache_for(&prep)?;
         if let Some(c) = &cache {
-            out.send_cache_keys(&c.keys())?;
+            let index_ms = t_cache.elapsed().as_millis();
+            let keys = c.keys();
+            out.send_cache_keys(&keys)?;
+            tracing::debug!(
+                index_ms,
+                keys_ms = t_cache.elapsed().as_millis() - index_ms,
+                keys = keys.len(),
+                "prepare here: the host's page cache indexed, its keys sent"
+            );
         }
         if let Some(why) = prep.postcopy.then(postcopy::unavailable).flatten() {
             out.send(Kind::NoPostcopy, why.as_bytes())?;

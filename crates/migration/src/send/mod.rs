@@ -940,7 +940,13 @@ impl<'a> Session<'a> {
     fn preamble(&mut self, pre: Preamble) -> Result<(), MigrationError> {
         self.input.expect_seq(pre.frames);
         if let Some(keys) = pre.keys {
+            let t = Instant::now();
             self.sender.set_host_keys(&keys);
+            tracing::debug!(
+                keys = keys.len() / crate::host_cache::KEY_LEN,
+                took_ms = t.elapsed().as_millis(),
+                "the destination host's cache keys taken"
+            );
         }
         if let Some(why) = pre.no_postcopy {
             match self.postcopy {

@@ -647,11 +647,12 @@ pub fn predict(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> f64 {
 }
 
 /// A drain's VMs as the model takes them: over the path's rate at the concurrency its window
-/// settled at, their CPU priced at that level.
+/// settled at, their CPU priced at the most it ran at once (an `auto` window can settle
+/// above what the VMs left let it run).
 fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
     let concurrency = out.concurrency_used.max(1);
     let cpu = out.cpu.clone().map(|c| match cfg.concurrency {
-        Concurrency::Auto => c.at_level(concurrency),
+        Concurrency::Auto => c.at_level(out.peak.clamp(1, concurrency)),
         Concurrency::Fixed(_) => c,
     });
     Scenario {

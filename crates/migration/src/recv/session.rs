@@ -115,19 +115,7 @@ impl Incoming {
                 .set_read_timeout(None)
                 .map_err(MigrationError::socket("setting the read timeout"))?;
         }
-        let t_cache = Instant::now();
-        let cache = self.host_cache_for(&prep)?;
-        if let Some(c) = &cache {
-            let index_ms = t_cache.elapsed().as_millis();
-            let keys = c.keys();
-            out.send_cache_keys(&keys)?;
-            tracing::debug!(
-                index_ms,
-                keys_ms = t_cache.elapsed().as_millis() - index_ms,
-                keys = keys.len(),
-                "prepare here: the host's page cache indexed, its keys sent"
-            );
-        }
+        let cache = self.host_cache_for(&prep, &mut out)?;
         if let Some(why) = prep.postcopy.then(postcopy::unavailable).flatten() {
             out.send(Kind::NoPostcopy, why.as_bytes())?;
         }
@@ -262,16 +250,29 @@ impl Incoming {
     }
 
     /// The host's page cache, when the Config names the one this receiver was given.
-    fn host_cache_for(
+    /// The host's page cache, when the source asked for the one this receiver was given,
+    /// with its keys sent to the source.
+    fn host_cache_for<W: Write>(
         &self,
         prep: &Prepare,
+        out: &mut FrameWriter<W>,
     ) -> Result<Option<cache::CacheSession>, MigrationError> {
-        match (&self.opts.host_cache, prep.host_cache) {
-            (Some((id, path)), Some(asked)) if *id == asked => {
-                Ok(Some(cache::CacheSession::open(path)?))
-            }
-            _ => Ok(None),
-        }
+        let path = match (&self.opts.host_cache, prep.host_cache) {
+            (Some((id, path)), Some(asked)) if *id == asked => path,
+            _ => return Ok(None),
+        };
+        let t = Instant::now();
+        let cache = cache::CacheSession::open(path)?;
+        let index_ms = t.elapsed().as_millis();
+        let keys = cache.keys();
+        out.send_cache_keys(&keys)?;
+        tracing::debug!(
+            index_ms,
+            keys_ms = t.elapsed().as_millis() - index_ms,
+            keys = keys.len(),
+            "prepare here: the host's page cache indexed, its keys sent"
+        );
+        Ok(Some(cache))
     }
 }
 

@@ -457,15 +457,7 @@ impl PlanCpu {
         let current = Some(self.cost_ratio)
             .filter(|r| r.is_finite() && *r > 0.0)
             .unwrap_or(1.0);
-        let rescale = |c: f64| c * ratio / current;
-        PlanCpu {
-            cost_s_per_gb: self.cost_s_per_gb.map(rescale),
-            cost_fit_s_per_gb: self
-                .cost_fit_s_per_gb
-                .map(|f| f.map(|(a, b)| (rescale(a), rescale(b)))),
-            cost_ratio: ratio,
-            ..self
-        }
+        self.repriced(ratio / current, ratio)
     }
 
     /// With the costs at `ratio` times those learnt (what migrations cost at this drain's
@@ -474,11 +466,16 @@ impl PlanCpu {
         if !(ratio.is_finite() && ratio > 0.0) {
             return self;
         }
+        self.repriced(ratio, ratio)
+    }
+
+    /// With every cost `by` times what it is, at level ratio `ratio`.
+    fn repriced(self, by: f64, ratio: f64) -> Self {
         PlanCpu {
-            cost_s_per_gb: self.cost_s_per_gb.map(|c| c * ratio),
+            cost_s_per_gb: self.cost_s_per_gb.map(|c| c * by),
             cost_fit_s_per_gb: self
                 .cost_fit_s_per_gb
-                .map(|f| f.map(|(a, b)| (a * ratio, b * ratio))),
+                .map(|f| f.map(|(a, b)| (a * by, b * by))),
             cost_ratio: ratio,
             ..self
         }

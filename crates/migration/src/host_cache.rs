@@ -31,6 +31,12 @@ const OFF_NEXT: usize = 16;
 
 pub type Hash = [u8; 32];
 
+/// Maps and sets keyed by page hashes: a seeded fast hasher. The keys are BLAKE3 hashes of
+/// page contents, which a peer cannot steer onto one bucket of a hasher whose seed it does not
+/// know, and SipHash made indexing a full cache twice as slow.
+pub type FastState = foldhash::fast::RandomState;
+pub type HashIndex = HashMap<Hash, u64, FastState>;
+
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum CacheError {
     /// a page cache of {0} bytes holds no page or more than 4 GiB
@@ -159,15 +165,31 @@ impl HostCache {
     }
 
     /// The ready slots by hash (the first of equal ones).
-    pub fn index(&self) -> Result<HashMap<Hash, u64>, CacheError> {
+    pub fn index(&self) -> Result<HashIndex, CacheError> {
         let taken = self
             .word(OFF_NEXT)?
             .load(Ordering::Acquire)
-            .min(self.capacity);
-        let mut out = HashMap::with_capacity(taken as usize);
-        for slot in 0..taken {
-            if let Some(h) = self.hash_of(slot)? {
-                out.entry(h).or_insert(slot);
+            .min(self.capacity) as usize;
+        // Which slots are ready first (each flag read with Acquire, so the hash written before
+        // it is visible to every read after), then their hashes in one copy of the table.
+        let ready: Vec<bool> = (0..taken)
+            .map(|slot| {
+                Ok(self
+                    .word(HEADER + slot * ENTRY + 32)?
+                    .load(Ordering::Acquire)
+                    == 1)
+            })
+            .collect::<Result<_, CacheError>>()?;
+        let mut table = vec![0u8; taken * ENTRY];
+        self.map
+            .get_slice(HEADER, table.len())?
+            .copy_to(&mut table[..]);
+        let mut out = HashIndex::with_capacity_and_hasher(taken, FastState::default());
+        for (slot, entry) in table.chunks_exact(ENTRY).enumerate() {
+            if ready[slot] {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&entry[..32]);
+                out.entry(h).or_insert(slot as u64);
             }
         }
         Ok(out)

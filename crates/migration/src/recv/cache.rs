@@ -1,17 +1,16 @@
 //! A receiver's use of its host's page cache in a drain ([`crate::host_cache`]): the keys it
 //! tells the source, the pages it places from the cache (only those whose content hashes to
 //! the reference), and the pages of its own copy it adds for the migrations after it.
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::host_cache::{key, CacheError, Hash, HostCache, KEY_LEN};
+use crate::host_cache::{key, CacheError, Hash, HashIndex, HostCache, KEY_LEN};
 
 pub(crate) struct CacheSession {
     cache: HostCache,
     /// The cache's ready pages when the migration started, and those it added since.
-    index: Mutex<HashMap<Hash, u64>>,
+    index: Mutex<HashIndex>,
     /// Pages are added only during the copy: later rounds re-send pages the guest writes.
     filling: AtomicBool,
     added: AtomicU64,

@@ -9,7 +9,7 @@
 //! one of them goes as a reference to the cache.
 use std::collections::{HashMap, HashSet};
 
-use crate::host_cache::{key, KEY_LEN};
+use crate::host_cache::{key, FastState, KEY_LEN};
 use crate::protocol::RefTo;
 
 /// Targets kept at most: about 100 bytes each (two maps), so 2 Mi targets (8 GiB of distinct
@@ -32,7 +32,7 @@ pub fn pays(looked: u64, found: u64, host_cache: bool) -> bool {
 
 #[derive(Default)]
 pub(super) struct Dedup {
-    by_hash: HashMap<Hash, u64>,
+    by_hash: HashMap<Hash, u64, FastState>,
     by_off: HashMap<u64, Hash>,
     /// Pages queued whole and not yet targets, with their content: a page queued again (or
     /// forgotten) before its batch was written leaves, so it never becomes a stale target.
@@ -44,7 +44,7 @@ pub(super) struct Dedup {
     /// Written, waiting for their round's end (page streams).
     round: Vec<(Hash, u64)>,
     /// Keys of the pages in the destination host's cache.
-    host: HashSet<[u8; KEY_LEN]>,
+    host: HashSet<[u8; KEY_LEN], FastState>,
     looked: u64,
     found: u64,
 }
@@ -52,10 +52,13 @@ pub(super) struct Dedup {
 impl Dedup {
     /// The destination host's cache holds pages with these keys.
     pub fn set_host_keys(&mut self, keys: &[u8]) {
-        self.host = keys
-            .chunks_exact(KEY_LEN)
-            .filter_map(|k| k.try_into().ok())
-            .collect();
+        let mut host =
+            HashSet::with_capacity_and_hasher(keys.len() / KEY_LEN, FastState::default());
+        host.extend(
+            keys.chunks_exact(KEY_LEN)
+                .filter_map(|k| <[u8; KEY_LEN]>::try_from(k).ok()),
+        );
+        self.host = host;
     }
 
     /// `page` goes out at `off`: where the destination already holds this content, with its

@@ -282,6 +282,25 @@ mod tests {
     }
 
     #[test]
+    fn the_index_leaves_out_slots_still_being_written_and_keeps_the_first_of_equal_pages() {
+        let c = HostCache::create(8 * (PAGE + ENTRY) as u64).unwrap();
+        let (a, b) = (page(1), page(2));
+        let (ha, hb) = (*blake3::hash(&a).as_bytes(), *blake3::hash(&b).as_bytes());
+        c.insert(&a, &ha).unwrap();
+        // Another receiver reserved slot 1 and is writing it: its hash is there, not its flag.
+        let slot = c.word(OFF_NEXT).unwrap().fetch_add(1, Ordering::AcqRel);
+        c.map
+            .get_slice(HEADER + slot as usize * ENTRY, 32)
+            .unwrap()
+            .copy_from(&hb[..]);
+        c.insert(&a, &ha).unwrap();
+        let idx = HostCache::open(&c.path()).unwrap().index().unwrap();
+        assert_eq!(idx.len(), 1, "{idx:?}");
+        assert_eq!(idx[&ha], 0);
+        assert!(!idx.contains_key(&hb));
+    }
+
+    #[test]
     fn a_full_cache_takes_nothing_more() {
         let c = HostCache::create(3 * (PAGE + ENTRY) as u64).unwrap();
         assert_eq!(c.capacity(), 3);

@@ -640,21 +640,25 @@ impl Bench<'_> {
 }
 
 /// The model's makespan for a drain, seconds: its survey, then the drain of its VMs' facts
-/// over the path's measured rate at the concurrency its window settled at (`auto` passes
-/// through others briefly; the peak also counts migrations only verifying).
+/// over the path's measured rate at the concurrency its window settled at ([`scenario`]:
+/// `auto` passes through others briefly; its peak also counts migrations only verifying, so
+/// it bounds the level rather than replacing it).
 pub fn predict(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> f64 {
     out.survey_s + model::makespan(&scenario(cfg, out, goodput_bps))
 }
 
 /// A drain's VMs as the model takes them: over the path's rate at the concurrency its window
-/// settled at, their CPU priced at the most it ran at once (an `auto` window can settle
-/// above what the VMs left let it run).
+/// settled at, or for `auto` the most it ran at once where that is less (a window can settle
+/// above what the VMs left let it run), their CPU priced at that level.
 fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
-    let concurrency = out.concurrency_used.max(1);
-    let cpu = out.cpu.clone().map(|c| match cfg.concurrency {
-        Concurrency::Auto => c.at_level(out.peak.clamp(1, concurrency)),
-        Concurrency::Fixed(_) => c,
-    });
+    let used = out.concurrency_used.max(1);
+    let (concurrency, cpu) = match cfg.concurrency {
+        Concurrency::Auto => {
+            let n = used.min(out.peak.max(1));
+            (n, out.cpu.clone().map(|c| c.at_level(n)))
+        }
+        Concurrency::Fixed(_) => (used, out.cpu.clone()),
+    };
     Scenario {
         vms: out.facts.clone(),
         link: goodput_bps / 8.0,

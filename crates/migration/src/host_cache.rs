@@ -31,9 +31,9 @@ const OFF_NEXT: usize = 16;
 
 pub type Hash = [u8; 32];
 
-/// Maps and sets keyed by page hashes: a seeded fast hasher. The keys are BLAKE3 hashes of
-/// page contents, which a peer cannot steer onto one bucket of a hasher whose seed it does not
-/// know, and SipHash made indexing a full cache twice as slow.
+/// Maps and sets keyed by page hashes: a seeded fast hasher rather than SipHash, which a
+/// full cache's index spends much of its time in. The keys are BLAKE3 hashes of page
+/// contents, which a peer cannot steer onto one bucket of a hasher whose seed it does not know.
 pub type FastState = foldhash::fast::RandomState;
 pub type HashIndex = HashMap<Hash, u64, FastState>;
 

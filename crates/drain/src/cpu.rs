@@ -161,8 +161,9 @@ impl Governor {
 
 /// The host-wide codec policy over time: each change [`codec_step`] asks for is judged by
 /// what the drain then moves (guest RAM per second), and undone when it moved less (the
-/// seed's saw-tooth, measured rather than assumed). Pure: the run feeds it the time, the
-/// cores, the links and the rate.
+/// seed's saw-tooth, measured rather than assumed). The drain's rate jumps whenever a
+/// migration starts or ends, so a change is made and judged only while the same migrations
+/// move. Pure: the run feeds it what it reads ([`CodecSample`]).
 #[derive(Clone, Debug, Default)]
 pub struct CodecTuner {
     /// The change under judgement: when, which, and the rate before it.
@@ -172,40 +173,59 @@ pub struct CodecTuner {
     /// The last change judged was a migration held raw, and it paid: migrations that start
     /// now start raw.
     raw_pays: bool,
-    /// When it was first asked (the drain's migrations moving): no change until their rate
-    /// has settled, or the first would be judged against their slow start.
-    first_asked: Option<f64>,
+    /// The migrations moving, and since when: no change until their rate has settled, or
+    /// it would be judged against a start or an end.
+    moving: Vec<u64>,
+    moving_since: f64,
+}
+
+/// What the codec policy reads at one moment of a compressed drain.
+#[derive(Clone, Debug)]
+pub struct CodecSample<'a> {
+    /// Seconds since the drain began.
+    pub now: f64,
+    /// The busiest pool's share of its cores in use.
+    pub busy: f64,
+    /// The share of the links the drain fills.
+    pub link: f64,
+    /// Guest RAM moving, bytes/s.
+    pub rate: f64,
+    /// The most it could move with one more migration raw ([`raw_ceiling`]).
+    pub raw_ceiling: f64,
+    /// The migrations moving (any stable id each).
+    pub moving: &'a [u64],
+    /// The least time, seconds, any of them has left at its pace: a change that could not
+    /// be judged before one ends is not made.
+    pub least_left: f64,
 }
 
 impl CodecTuner {
-    /// At `now` (seconds), with the busiest pool `busy`, the links `link` full and `rate`
-    /// bytes/s of guest RAM moving, `raw_ceiling` the most it could move with one more
-    /// migration raw ([`raw_ceiling`]): the change to make, if any, and why.
-    pub fn decide(
-        &mut self,
-        now: f64,
-        busy: f64,
-        link: f64,
-        rate: f64,
-        raw_ceiling: f64,
-    ) -> Option<(CodecStep, &'static str)> {
-        let first = *self.first_asked.get_or_insert(now);
-        if now - first < CODEC_JUDGE_S {
+    /// The change to make now, if any, and why.
+    pub fn decide(&mut self, at: &CodecSample) -> Option<(CodecStep, &'static str)> {
+        if self.moving != at.moving {
+            self.moving = at.moving.to_vec();
+            self.moving_since = at.now;
+            // A change under judgement cannot be judged any more: the operator's codec.
+            if let Some((_, CodecStep::HoldRaw, _)) = self.pending.take() {
+                return Some((CodecStep::Release, "migrations changed"));
+            }
+        }
+        if at.now - self.moving_since < CODEC_JUDGE_S {
             return None;
         }
         if let Some((t0, step, before)) = self.pending {
-            if now - t0 < CODEC_JUDGE_S {
+            if at.now - t0 < CODEC_JUDGE_S {
                 return None;
             }
             self.pending = None;
             // Sending raw gives up the operator's codec: it stays only when it moved more.
             let paid = match step {
-                CodecStep::HoldRaw => rate >= before * RAW_GAIN,
-                _ => rate >= before * CODEC_KEEP,
+                CodecStep::HoldRaw => at.rate >= before * RAW_GAIN,
+                _ => at.rate >= before * CODEC_KEEP,
             };
             self.raw_pays = (step == CodecStep::HoldRaw) == paid;
             if !paid {
-                self.quiet_until = now + CODEC_BACKOFF_S;
+                self.quiet_until = at.now + CODEC_BACKOFF_S;
                 let undo = match step {
                     CodecStep::HoldRaw => CodecStep::Release,
                     _ => CodecStep::HoldRaw,
@@ -213,15 +233,17 @@ impl CodecTuner {
                 return Some((undo, "did not pay"));
             }
         }
-        if now < self.quiet_until {
+        if at.now < self.quiet_until || at.least_left < CODEC_JUDGE_S {
             return None;
         }
-        let (step, why) = codec_step(busy, link);
+        let (step, why) = codec_step(at.busy, at.link);
         // Sending raw could not pay: the links carry less than compression moves.
-        if step == CodecStep::Keep || step == CodecStep::HoldRaw && raw_ceiling < rate * RAW_GAIN {
+        if step == CodecStep::Keep
+            || step == CodecStep::HoldRaw && at.raw_ceiling < at.rate * RAW_GAIN
+        {
             return None;
         }
-        self.pending = Some((now, step, rate));
+        self.pending = Some((at.now, step, at.rate));
         Some((step, why))
     }
 
@@ -750,46 +772,60 @@ mod tests {
         assert_eq!(codec_step(0.95, 0.80).0, CodecStep::Keep);
     }
 
+    /// What the tuner reads at `now` with the cores `busy`, the link `link` full and `rate`
+    /// moving, the same two migrations moving, neither near its end.
+    fn sample(now: f64, busy: f64, link: f64, rate: f64) -> CodecSample<'static> {
+        CodecSample {
+            now,
+            busy,
+            link,
+            rate,
+            raw_ceiling: f64::INFINITY,
+            moving: &[1, 2],
+            least_left: 10.0,
+        }
+    }
+
     #[test]
     fn a_codec_change_that_moves_less_is_undone_and_the_policy_waits() {
         let mut t = CodecTuner::default();
         // Nothing while the migrations' rate settles (measured from the first question).
-        assert_eq!(t.decide(-1.5, 0.97, 0.5, 10.0, f64::INFINITY), None);
-        assert_eq!(t.decide(-0.5, 0.97, 0.5, 50.0, f64::INFINITY), None);
+        assert_eq!(t.decide(&sample(-1.5, 0.97, 0.5, 10.0)), None);
+        assert_eq!(t.decide(&sample(-0.5, 0.97, 0.5, 50.0)), None);
         // Cores full, link not: one migration raw.
         assert_eq!(
-            t.decide(0.0, 0.97, 0.5, 100.0, f64::INFINITY),
+            t.decide(&sample(0.0, 0.97, 0.5, 100.0)),
             Some((CodecStep::HoldRaw, "cores full, link not"))
         );
         assert_eq!(
-            t.decide(1.0, 0.97, 0.5, 80.0, f64::INFINITY),
+            t.decide(&sample(1.0, 0.97, 0.5, 80.0)),
             None,
             "judged after 1.5 s"
         );
         // It moved less: undone, then quiet for 5 s.
         assert_eq!(
-            t.decide(1.6, 0.97, 0.5, 80.0, f64::INFINITY),
+            t.decide(&sample(1.6, 0.97, 0.5, 80.0)),
             Some((CodecStep::Release, "did not pay"))
         );
-        assert_eq!(t.decide(4.0, 0.97, 0.5, 100.0, f64::INFINITY), None);
+        assert_eq!(t.decide(&sample(4.0, 0.97, 0.5, 100.0)), None);
         // Later it tries again; moving as much is not enough: undone.
         assert!(!t.raw_pays());
         assert_eq!(
-            t.decide(7.0, 0.97, 0.5, 100.0, f64::INFINITY).map(|d| d.0),
+            t.decide(&sample(7.0, 0.97, 0.5, 100.0)).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
         assert_eq!(
-            t.decide(8.6, 0.97, 0.5, 108.0, f64::INFINITY),
+            t.decide(&sample(8.6, 0.97, 0.5, 108.0)),
             Some((CodecStep::Release, "did not pay"))
         );
         assert!(!t.raw_pays());
         // Again later; this time it pays and stays.
         assert_eq!(
-            t.decide(14.0, 0.97, 0.5, 100.0, f64::INFINITY).map(|d| d.0),
+            t.decide(&sample(14.0, 0.97, 0.5, 100.0)).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
         assert_eq!(
-            t.decide(15.6, 0.97, 0.6, 120.0, f64::INFINITY).map(|d| d.0),
+            t.decide(&sample(15.6, 0.97, 0.6, 120.0)).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
         assert!(
@@ -798,10 +834,56 @@ mod tests {
         );
         t.not_made();
         assert_eq!(
-            t.decide(15.7, 0.80, 0.6, 120.0, f64::INFINITY),
+            t.decide(&sample(15.7, 0.80, 0.6, 120.0)),
             None,
             "in between: as it is"
         );
+    }
+
+    #[test]
+    fn a_codec_change_is_made_and_judged_only_while_the_same_migrations_move() {
+        let mut t = CodecTuner::default();
+        let two = sample(0.0, 0.97, 0.5, 100.0);
+        assert_eq!(t.decide(&two), None);
+        // A third starts: its rate has to settle again.
+        let three = |now, rate| CodecSample {
+            moving: &[1, 2, 3],
+            ..sample(now, 0.97, 0.5, rate)
+        };
+        assert_eq!(t.decide(&three(1.4, 100.0)), None);
+        assert_eq!(t.decide(&three(2.0, 100.0)), None, "settling");
+        assert_eq!(
+            t.decide(&three(2.9, 100.0)).map(|d| d.0),
+            Some(CodecStep::HoldRaw)
+        );
+        // One ends before the hold is judged: the drain's rate jumps, but the hold is not
+        // what moved it. Undone, and raw has not paid.
+        let two_of_three = |now, rate| CodecSample {
+            moving: &[1, 3],
+            ..sample(now, 0.97, 0.5, rate)
+        };
+        assert_eq!(
+            t.decide(&two_of_three(3.5, 150.0)),
+            Some((CodecStep::Release, "migrations changed"))
+        );
+        assert!(!t.raw_pays());
+        assert_eq!(t.decide(&two_of_three(4.0, 150.0)), None, "settling");
+        // Settled, but one of them ends within the time a change is judged over: none made.
+        let ending = CodecSample {
+            least_left: 1.0,
+            ..two_of_three(5.1, 150.0)
+        };
+        assert_eq!(t.decide(&ending), None);
+        assert_eq!(
+            t.decide(&two_of_three(5.2, 150.0)).map(|d| d.0),
+            Some(CodecStep::HoldRaw)
+        );
+        // Judged over the same two: it paid.
+        assert_eq!(
+            t.decide(&two_of_three(6.8, 170.0)).map(|d| d.0),
+            Some(CodecStep::HoldRaw)
+        );
+        assert!(t.raw_pays());
     }
 
     #[test]
@@ -813,10 +895,14 @@ mod tests {
         // One of two: the cores it frees may speed the other.
         assert_eq!(raw_ceiling(120.0, 2, 0), f64::INFINITY);
         let mut t = CodecTuner::default();
-        assert_eq!(t.decide(-1.5, 0.97, 0.5, 150.0, 120.0), None);
-        assert_eq!(t.decide(0.0, 0.97, 0.5, 150.0, 120.0), None, "cannot pay");
+        let over = |now, raw_ceiling| CodecSample {
+            raw_ceiling,
+            ..sample(now, 0.97, 0.5, 150.0)
+        };
+        assert_eq!(t.decide(&over(-1.5, 120.0)), None);
+        assert_eq!(t.decide(&over(0.0, 120.0)), None, "cannot pay");
         assert_eq!(
-            t.decide(0.1, 0.97, 0.5, 150.0, 1200.0).map(|d| d.0),
+            t.decide(&over(0.1, 1200.0)).map(|d| d.0),
             Some(CodecStep::HoldRaw)
         );
     }

@@ -392,6 +392,8 @@ struct Flight {
     /// The codec policy has chosen for it (held or released): "raw paid" applies only to
     /// migrations it has not, or it would undo its own releases.
     codec_chosen: bool,
+    /// Its codec change is the one under judgement: undoing it undoes this one.
+    judged: bool,
 }
 
 pub struct Run<'a> {
@@ -961,6 +963,7 @@ impl<'a> Run<'a> {
             switched: false,
             held_raw: false,
             codec_chosen: false,
+            judged: false,
         });
         self.peak = self.peak.max(self.moving());
     }
@@ -1263,47 +1266,74 @@ impl<'a> Run<'a> {
         if ceiling >= ram * crate::cpu::RAW_GAIN {
             self.start_raw_where_it_pays(busy);
         }
-        let now = self.t0.elapsed().as_secs_f64();
+        let moving: Vec<u64> = self
+            .flights
+            .iter()
+            .filter(|f| !f.switched)
+            .map(|f| f.session)
+            .collect();
+        let sample = crate::cpu::CodecSample {
+            now: self.t0.elapsed().as_secs_f64(),
+            busy,
+            link: wire / links,
+            rate: ram,
+            raw_ceiling: ceiling,
+            moving: &moving,
+            least_left: self.least_left(ram),
+        };
         let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) else {
             return;
         };
-        let Some((step, why)) = c.1.decide(now, busy, wire / links, ram, ceiling) else {
+        let Some((step, why)) = c.1.decide(&sample) else {
             return;
         };
+        let made = self.codec_pick(step, why).filter(|&i| {
+            let raw = step == crate::cpu::CodecStep::HoldRaw;
+            let name = &self.s.vms[self.flights[i].job.vm].name;
+            self.s.client.codec(name, raw).is_ok()
+        });
+        match made {
+            Some(i) => self.codec_made(i, step, why, busy),
+            None => {
+                if let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
+                    c.1.not_made();
+                }
+            }
+        }
+    }
+
+    /// Which migration a codec step changes: an undo, the one under judgement; otherwise
+    /// the least compressible moving one to hold, the most compressible held one to release.
+    fn codec_pick(&self, step: crate::cpu::CodecStep, why: &str) -> Option<usize> {
+        let moving = |f: &&Flight| !f.switched;
+        if matches!(why, "did not pay" | "migrations changed") {
+            return self.flights.iter().position(|f| f.judged && !f.switched);
+        }
         let ratio = |f: &Flight| {
             self.s.vms[f.job.vm]
                 .sample
                 .as_ref()
                 .map_or(1.0, |s| s.compress_ratio)
         };
-        let pick = match step {
-            crate::cpu::CodecStep::HoldRaw => self
-                .flights
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| !f.switched && !f.held_raw)
+        let candidates = self.flights.iter().enumerate().filter(|(_, f)| moving(f));
+        match step {
+            crate::cpu::CodecStep::HoldRaw => candidates
+                .filter(|(_, f)| !f.held_raw)
                 .max_by(|a, b| ratio(a.1).total_cmp(&ratio(b.1))),
-            crate::cpu::CodecStep::Release => self
-                .flights
-                .iter()
-                .enumerate()
+            crate::cpu::CodecStep::Release => candidates
                 .filter(|(_, f)| f.held_raw)
                 .min_by(|a, b| ratio(a.1).total_cmp(&ratio(b.1))),
             crate::cpu::CodecStep::Keep => None,
         }
-        .map(|(i, _)| i);
-        let made = pick.filter(|&i| {
-            let raw = step == crate::cpu::CodecStep::HoldRaw;
-            let name = &self.s.vms[self.flights[i].job.vm].name;
-            self.s.client.codec(name, raw).is_ok()
-        });
-        let Some(i) = made else {
-            if let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
-                c.1.not_made();
-            }
-            return;
-        };
+        .map(|(i, _)| i)
+    }
+
+    /// Records a codec change made to migration `i`, in the flights, the report and the view.
+    fn codec_made(&mut self, i: usize, step: crate::cpu::CodecStep, why: &str, busy: f64) {
         let raw = step == crate::cpu::CodecStep::HoldRaw;
+        for (j, f) in self.flights.iter_mut().enumerate() {
+            f.judged = j == i;
+        }
         let name = &self.s.vms[self.flights[i].job.vm].name;
         self.flights[i].held_raw = raw;
         self.flights[i].codec_chosen = true;
@@ -1323,6 +1353,28 @@ impl<'a> Run<'a> {
             if raw { "sends raw" } else { "compresses again" },
             busy * 100.0
         ));
+    }
+
+    /// The least time, seconds, any moving migration has left of its copy (the pages its
+    /// sample found not zero), each moving an even share of the drain's `rate` of guest RAM
+    /// sent: past its copy, it is about to end.
+    fn least_left(&self, rate: f64) -> f64 {
+        let moving = self.moving();
+        if moving == 0 || rate <= 0.0 {
+            return 0.0;
+        }
+        let pace = rate / moving as f64;
+        self.flights
+            .iter()
+            .filter(|f| !f.switched)
+            .map(|f| {
+                let vm = &self.s.vms[f.job.vm];
+                let zero = vm.sample.as_ref().map_or(0.0, |s| s.zero_fraction);
+                let copy = vm.memory as f64 * (1.0 - zero.clamp(0.0, 1.0));
+                let sent = f.last.as_ref().map_or(0, |p| p.pages_sent * PAGE);
+                (copy - sent as f64).max(0.0) / pace
+            })
+            .fold(f64::INFINITY, f64::min)
     }
 
     /// The most guest RAM per second the drain could move with one more migration raw over

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod echo;
 pub mod guest_rate;
 pub mod hostdrain;
+pub mod hostmem;
 pub mod mechanisms;
 pub mod netns;
 pub mod peer;

@@ -408,7 +408,12 @@ pub fn bench_drain(o: &DrainBenchOptions) -> Result<DrainBenchReport, BenchError
     };
     let ui = Ui::new(3 + 2 + configs.len() as u64 + qemu.len() as u64);
     let mut notes = Vec::new();
+    let reporting = crate::hostmem::Reporting::read();
     let result = run_all(o, &tb, &ui, &dir, &configs, &qemu, &mut notes);
+    notes.extend(crate::hostmem::note(
+        reporting,
+        crate::hostmem::Reporting::read(),
+    ));
     ui.finish();
     if !existed && !o.keep_testbed {
         if let Err(e) = tb.down() {

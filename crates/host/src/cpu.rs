@@ -307,9 +307,24 @@ impl CpuCosts {
         }
         let gb = l.bytes_on_wire as f64 / 1e9;
         let c = self.0.entry(l.transport.clone()).or_default();
-        // What is learnt over all levels takes this drain's costs at its level's ratio as
-        // known before it: else drains at a busy level raise what one at a time is predicted
-        // to cost, and the order drains come in moves every prediction.
+        let was = c.source_s_per_gb + c.destination_s_per_gb;
+        // A level seen for the first time learns its ratio before anything else: the first
+        // drain's level is where the costs are learnt (1), a later one's is its costs against
+        // them. Else its first drain moves what every other level is predicted to cost by
+        // its own level's difference, and the level it came at is priced as they are.
+        if let Some(n) = l.concurrency.filter(|n| !c.cost_ratio_at.contains_key(n)) {
+            if c.cost_ratio_at.len() < MAX_LEVELS && (c.drains == 0 || was > 0.0) {
+                let ratio = if c.drains == 0 {
+                    1.0
+                } else {
+                    ((l.source_s + l.destination_s) / gb / was).clamp(MIN_RATIO, MAX_RATIO)
+                };
+                c.cost_ratio_at.insert(n, ratio);
+            }
+        }
+        // What is learnt over all levels takes this drain's costs at its level's ratio: else
+        // drains at a busy level raise what one at a time is predicted to cost, and the
+        // order drains come in moves every prediction.
         let level = c.cost_ratio_at(l.concurrency.or(l.peak_concurrency).map(usize::from));
         let (source, destination) = (l.source_s / level, l.destination_s / level);
         let [ws, wd] = if c.drains == 0 {
@@ -323,13 +338,10 @@ impl CpuCosts {
         // The fit and the level's ratio learn both sides together: as little as the side
         // that was an outlier.
         let w = ws.min(wd);
-        let was = c.source_s_per_gb + c.destination_s_per_gb;
         if let Some(n) = l.concurrency.filter(|_| c.drains > 0 && was > 0.0) {
             let ratio = ((l.source_s + l.destination_s) / gb / was).clamp(MIN_RATIO, MAX_RATIO);
-            let known = c.cost_ratio_at.get(&n).copied();
-            if known.is_some() || c.cost_ratio_at.len() < MAX_LEVELS {
-                let r = known.map_or(ratio, |k| k + w * (ratio - k));
-                c.cost_ratio_at.insert(n, r);
+            if let Some(k) = c.cost_ratio_at.get_mut(&n) {
+                *k += w * (ratio - *k);
             }
         }
         c.source_s_per_gb += ws * (source / gb - c.source_s_per_gb);
@@ -678,18 +690,21 @@ mod tests {
     #[test]
     fn each_concurrency_learns_what_it_costs_against_the_rest() {
         let mut c = CpuCosts::default();
-        // The first drain sets the costs: no level's ratio from it.
+        // The first drain sets the costs, at its level.
         c.learn(&drain(2, 3.0));
-        assert!(c.0["tcp"].cost_ratio_at.is_empty());
-        // One at a time: 3 core-s per GB against 4 learnt.
+        assert_eq!(c.0["tcp"].cost_ratio_at.get(&2), Some(&1.0));
+        // One at a time: 3 core-s per GB against 4 learnt. Its level's ratio is learnt
+        // first, so what the levels share stays at 4.
         c.learn(&drain(1, 2.0));
         let t = &c.0["tcp"];
         assert!((t.cost_ratio_at(Some(1)) - 0.75).abs() < 1e-9, "{t:?}");
+        let base = t.source_s_per_gb + t.destination_s_per_gb;
+        assert!((base - 4.0).abs() < 1e-9, "{t:?}");
         assert_eq!(t.cost_ratio_at(Some(4)), 1.0, "no drain at 4");
         assert_eq!(t.cost_ratio_at(None), 1.0, "auto");
-        // Again at 1: 3 against 3.7 learnt by then, 0.3 of the way.
-        c.learn(&drain(1, 2.0));
-        let want = 0.75 + LEARN_WEIGHT * (3.0 / 3.7 - 0.75);
+        // Again at 1, 2.5 core-s per GB: 0.3 of the way from 0.75 to 2.5 against 4.
+        c.learn(&drain(1, 1.5));
+        let want = 0.75 + LEARN_WEIGHT * (2.5 / 4.0 - 0.75);
         let got = c.0["tcp"].cost_ratio_at(Some(1));
         assert!((got - want).abs() < 1e-9, "{got} against {want}");
         // A ratio past the believable is taken at its bound.

@@ -16,10 +16,6 @@ pub struct Reporting {
     pub reported_kib: u64,
 }
 
-/// Blocks above this order do not exist on x86-64 (`MAX_PAGE_ORDER`): an order above it
-/// reports nothing.
-const MAX_PAGE_ORDER: u32 = 10;
-
 impl Reporting {
     /// Reads it from sysfs; None where the kernel has none (no balloon, or too old).
     pub fn read() -> Option<Reporting> {
@@ -38,11 +34,6 @@ impl Reporting {
             order: u32::try_from(num("page_reporting_order")?).ok()?,
             reported_kib: num("reported_kib")?,
         })
-    }
-
-    /// Whether free memory is being handed back at all.
-    pub fn active(&self) -> bool {
-        self.order <= MAX_PAGE_ORDER
     }
 }
 
@@ -80,12 +71,6 @@ mod tests {
                 reported_kib: 1 << 20
             }
         );
-        assert!(before.active());
-        assert!(!Reporting {
-            order: 11,
-            ..before
-        }
-        .active());
         assert_eq!(note(Some(before), Some(before)), None, "nothing reported");
         assert_eq!(note(None, Some(before)), None);
         let after = Reporting {

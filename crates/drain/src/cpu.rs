@@ -207,7 +207,7 @@ impl CodecTuner {
             self.moving_since = at.now;
             // A change under judgement cannot be judged any more: the operator's codec.
             if let Some((_, CodecStep::HoldRaw, _)) = self.pending.take() {
-                return Some((CodecStep::Release, "migrations changed"));
+                return Some((CodecStep::Release, SET_CHANGED));
             }
         }
         if at.now - self.moving_since < CODEC_JUDGE_S {
@@ -230,7 +230,7 @@ impl CodecTuner {
                     CodecStep::HoldRaw => CodecStep::Release,
                     _ => CodecStep::HoldRaw,
                 };
-                return Some((undo, "did not pay"));
+                return Some((undo, NOT_PAID));
             }
         }
         if at.now < self.quiet_until || at.least_left < CODEC_JUDGE_S {
@@ -256,6 +256,16 @@ impl CodecTuner {
     pub fn raw_pays(&self) -> bool {
         self.raw_pays
     }
+}
+
+/// Why a change is undone: it did not move more, or the migrations it was judged over changed.
+pub const NOT_PAID: &str = "did not pay";
+pub const SET_CHANGED: &str = "migrations changed";
+
+/// Whether a step [`CodecTuner::decide`] gave for `why` undoes the change under judgement
+/// (and so applies to the migration that change was made to).
+pub fn undoes(why: &str) -> bool {
+    why == NOT_PAID || why == SET_CHANGED
 }
 
 /// The most guest RAM per second a drain over links that carry `links` bytes/s could move

@@ -1305,8 +1305,7 @@ impl<'a> Run<'a> {
     /// Which migration a codec step changes: an undo, the one under judgement; otherwise
     /// the least compressible moving one to hold, the most compressible held one to release.
     fn codec_pick(&self, step: crate::cpu::CodecStep, why: &str) -> Option<usize> {
-        let moving = |f: &&Flight| !f.switched;
-        if matches!(why, "did not pay" | "migrations changed") {
+        if crate::cpu::undoes(why) {
             return self.flights.iter().position(|f| f.judged && !f.switched);
         }
         let ratio = |f: &Flight| {
@@ -1315,7 +1314,7 @@ impl<'a> Run<'a> {
                 .as_ref()
                 .map_or(1.0, |s| s.compress_ratio)
         };
-        let candidates = self.flights.iter().enumerate().filter(|(_, f)| moving(f));
+        let candidates = self.flights.iter().enumerate().filter(|(_, f)| !f.switched);
         match step {
             crate::cpu::CodecStep::HoldRaw => candidates
                 .filter(|(_, f)| !f.held_raw)

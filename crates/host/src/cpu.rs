@@ -308,17 +308,19 @@ impl CpuCosts {
         let gb = l.bytes_on_wire as f64 / 1e9;
         let c = self.0.entry(l.transport.clone()).or_default();
         let was = c.source_s_per_gb + c.destination_s_per_gb;
+        // This drain's cost against what was learnt (None: nothing was).
+        let measured = (c.drains > 0 && was > 0.0)
+            .then(|| ((l.source_s + l.destination_s) / gb / was).clamp(MIN_RATIO, MAX_RATIO));
         // A level seen for the first time learns its ratio before anything else: the first
         // drain's level is where the costs are learnt (1), a later one's is its costs against
         // them. Else its first drain moves what every other level is predicted to cost by
         // its own level's difference, and the level it came at is priced as they are.
         if let Some(n) = l.concurrency.filter(|n| !c.cost_ratio_at.contains_key(n)) {
-            if c.cost_ratio_at.len() < MAX_LEVELS && (c.drains == 0 || was > 0.0) {
-                let ratio = if c.drains == 0 {
-                    1.0
-                } else {
-                    ((l.source_s + l.destination_s) / gb / was).clamp(MIN_RATIO, MAX_RATIO)
-                };
+            let first = (c.drains == 0).then_some(1.0);
+            if let Some(ratio) = first
+                .or(measured)
+                .filter(|_| c.cost_ratio_at.len() < MAX_LEVELS)
+            {
                 c.cost_ratio_at.insert(n, ratio);
             }
         }
@@ -338,8 +340,7 @@ impl CpuCosts {
         // The fit and the level's ratio learn both sides together: as little as the side
         // that was an outlier.
         let w = ws.min(wd);
-        if let Some(n) = l.concurrency.filter(|_| c.drains > 0 && was > 0.0) {
-            let ratio = ((l.source_s + l.destination_s) / gb / was).clamp(MIN_RATIO, MAX_RATIO);
+        if let (Some(n), Some(ratio)) = (l.concurrency, measured) {
             if let Some(k) = c.cost_ratio_at.get_mut(&n) {
                 *k += w * (ratio - *k);
             }

@@ -44,6 +44,12 @@ pub enum PriorityError {
         priority: i32,
         source: io::Error,
     },
+    /// setting a thread just started to scheduling class {policy} at priority {priority} failed: {source}
+    SetSpawnedPolicy {
+        policy: i32,
+        priority: i32,
+        source: io::Error,
+    },
 }
 
 /// Threads whose nice value was raised, and what it was: given back by [`Lowered::restore`]
@@ -142,6 +148,81 @@ pub fn boost(tids: &[Tid]) -> Result<Boosted, PriorityError> {
         boosted.tids.push(tid);
     }
     Ok(boosted)
+}
+
+/// Threads just spawned, boosted like [`Boosted`] by their pthread handle: their kernel ids
+/// are not known until they run, which is what a caller waiting for them waits for.
+#[derive(Debug)]
+pub struct BoostedSpawned {
+    threads: Vec<libc::pthread_t>,
+}
+
+/// Puts threads of this process that were just spawned in the real-time FIFO class until the
+/// guard drops ([`BoostedSpawned`]), if this process may; for a moment when only they stand
+/// between a paused VM and its downtime's end (vCPU threads starting paused).
+///
+/// # Safety
+///
+/// Every handle must be of a thread of this process that is not joined or detached before
+/// the guard drops (its `JoinHandle` is kept meanwhile).
+pub unsafe fn boost_spawned(threads: &[libc::pthread_t]) -> Result<BoostedSpawned, PriorityError> {
+    if !has_cap_sys_nice() && rlimit_rtprio() < u64::from(BOOST_PRIORITY.unsigned_abs()) {
+        return Err(PriorityError::CannotBoost {
+            needed: BOOST_PRIORITY,
+        });
+    }
+    let mut boosted = BoostedSpawned {
+        threads: Vec::new(),
+    };
+    for &t in threads {
+        // SAFETY: the caller keeps `t` a live, unjoined thread of this process.
+        unsafe {
+            set_thread_policy(
+                t,
+                libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+                BOOST_PRIORITY,
+            )
+        }?;
+        boosted.threads.push(t);
+    }
+    Ok(boosted)
+}
+
+impl Drop for BoostedSpawned {
+    fn drop(&mut self) {
+        for &t in &self.threads {
+            // SAFETY: `boost_spawned`'s caller keeps every thread unjoined while this lives.
+            if let Err(e) = unsafe { set_thread_policy(t, libc::SCHED_OTHER, 0) } {
+                tracing::warn!("giving a thread its time-shared class back: {e}");
+            }
+        }
+    }
+}
+
+/// Sets a thread's class by its pthread handle.
+///
+/// # Safety
+///
+/// `t` must be a thread of this process, not joined or detached.
+unsafe fn set_thread_policy(
+    t: libc::pthread_t,
+    policy: i32,
+    priority: i32,
+) -> Result<(), PriorityError> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: the caller keeps `t` valid; pthread_setschedparam reads the one sched_param we
+    // pass and changes only that thread's scheduling class.
+    let rc = unsafe { libc::pthread_setschedparam(t, policy, &param) };
+    if rc != 0 {
+        return Err(PriorityError::SetSpawnedPolicy {
+            policy,
+            priority,
+            source: io::Error::from_raw_os_error(rc),
+        });
+    }
+    Ok(())
 }
 
 impl Boosted {
@@ -316,6 +397,39 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// A thread boosted as it starts runs in the real-time class until the guard drops, then
+    /// time-shared again.
+    #[test]
+    fn a_thread_just_spawned_is_boosted_by_its_handle_and_given_back() {
+        use std::os::unix::thread::JoinHandleExt;
+        let (ask, asked) = std::sync::mpsc::channel::<()>();
+        let (tell, told) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            while asked.recv().is_ok() {
+                let _ = tell.send(policy_of(current_tid()).unwrap());
+            }
+        });
+        let policy = |ask: &std::sync::mpsc::Sender<()>| {
+            ask.send(()).unwrap();
+            told.recv().unwrap()
+        };
+        // SAFETY: `t` is joined only after the guard dropped.
+        match unsafe { boost_spawned(&[t.as_pthread_t()]) } {
+            Ok(b) => {
+                assert_eq!(policy(&ask), libc::SCHED_FIFO);
+                drop(b);
+                assert_eq!(policy(&ask), libc::SCHED_OTHER);
+            }
+            Err(PriorityError::CannotBoost { .. }) => {
+                println!("SKIPPED: this process may not use real-time priority");
+                assert_eq!(policy(&ask), libc::SCHED_OTHER);
+            }
+            Err(e) => panic!("{e}"),
+        }
+        drop(ask);
+        t.join().unwrap();
     }
 
     /// A thread of this process that waits until stopped.

@@ -1,6 +1,7 @@
 //! `livemig testbed up|down|status`: two hosts as network namespaces with the reference NIC
 //! layout: a management link (unshaped), two 1 GbE and two 10 GbE links, each a veth pair
-//! shaped with tc tbf on both ends; and the VM network: an L2 segment on 10.77.9.0/24, a
+//! shaped with tc tbf on both ends (pfifo_fast's priority bands behind it, as a host queues);
+//! and the VM network: an L2 segment on 10.77.9.0/24, a
 //! bridge on each host (`vmbr0`, for the taps of its VMs) joined over a link of their own,
 //! with a third namespace, the client, on it at 10.77.9.1. Idempotent; `down` removes
 //! everything `up` made.
@@ -250,6 +251,8 @@ impl Testbed {
                                 "dev",
                                 dev,
                                 "root",
+                                "handle",
+                                "1:",
                                 "tbf",
                                 "rate",
                                 &format!("{bps}bit"),
@@ -257,6 +260,22 @@ impl Testbed {
                                 &burst.to_string(),
                                 "latency",
                                 "50ms",
+                            ],
+                        )?;
+                        // Behind the shaper, a host's queue: Linux's classic default, whose
+                        // bands send what a socket marks interactive first.
+                        run(
+                            "tc",
+                            &[
+                                "-n",
+                                ns,
+                                "qdisc",
+                                "replace",
+                                "dev",
+                                dev,
+                                "parent",
+                                "1:1",
+                                "pfifo_fast",
                             ],
                         )?;
                     }

@@ -22,6 +22,15 @@ pub(crate) fn link_handles(
         .collect()
 }
 
+/// A post-copy connection whose frames a faulting vCPU waits for (the asks, the answers)
+/// goes ahead of bulk data on the link, the push's included; where it cannot, it goes as it
+/// can.
+pub(crate) fn expedite(c: &transport::Connection, what: &str) {
+    if let Err(e) = c.expedite() {
+        tracing::debug!("post-copy's {what} keep their class on the wire: {e}");
+    }
+}
+
 /// A link that fails in post-copy is made again within this many peer timeouts; past them,
 /// the VM is lost.
 pub const RECOVERY_TIMEOUTS: u32 = 6;

@@ -46,6 +46,49 @@ fn connect_from_binds_the_local_address() {
     drop(c);
 }
 
+/// The traffic class a socket's IPv6 headers carry.
+fn tclass_v6(s: &TcpStream) -> u32 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, which lives across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            (&raw mut v).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    u32::try_from(v).unwrap()
+}
+
+#[test]
+fn an_expedited_connection_marks_its_packets_as_signalling_and_still_carries_data() {
+    for at in ["127.0.0.1:0", "[::1]:0"] {
+        let Ok(l) = Listener::bind(at) else {
+            println!("SKIPPED {at}: no such loopback here");
+            continue;
+        };
+        let addr = l.local_addr().unwrap().to_string();
+        let mut c = connect(&addr, Duration::from_secs(5), &Security::Insecure).unwrap();
+        let mut server = l.accept().unwrap();
+        c.shutdown_handle().unwrap().expedite().unwrap();
+        let sock = socket2::SockRef::from(&c.socket);
+        assert_eq!(sock.priority().unwrap(), INTERACTIVE_PRIORITY, "{at}");
+        match c.socket.local_addr().unwrap() {
+            SocketAddr::V4(_) => assert_eq!(sock.tos_v4().unwrap(), SIGNALLING_TOS),
+            SocketAddr::V6(_) => assert_eq!(tclass_v6(&c.socket), SIGNALLING_TOS),
+        }
+        c.writer.write_all(b"paused").unwrap();
+        c.writer.flush().unwrap();
+        let mut b = [0u8; 6];
+        server.reader.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"paused");
+    }
+}
+
 #[test]
 fn zero_copy_sends_arrive_intact_and_complete() {
     let l = Listener::bind("127.0.0.1:0").unwrap();

@@ -89,6 +89,7 @@ impl Link {
                 .map_err(MigrationError::socket("setting the peer timeout"))?;
         }
         let [requests, replies, push] = conns;
+        crate::postcopy::expedite(&requests, "asks");
         replies
             .set_read_timeout(None)
             .map_err(MigrationError::socket("setting the read timeout"))?;

@@ -311,7 +311,15 @@ fn receive_memory<R: DirectRead, W: Write>(
                 })
             })
             .collect();
-        let r = control_loop((input, out), state, dst, transport, &barrier, disks);
+        let r = control_loop(
+            (input, out),
+            state,
+            dst,
+            transport,
+            &barrier,
+            control,
+            disks,
+        );
         if r.is_err() {
             barrier.abort();
             handles.iter().for_each(ShutdownHandle::shutdown);
@@ -358,6 +366,7 @@ fn control_loop<R: DirectRead, W: Write>(
     dst: Dest<'_>,
     transport: Transport,
     streams: &RoundBarrier,
+    control: &ShutdownHandle,
     mut disks: Option<&mut disks::DiskSink>,
 ) -> Result<Memory, MigrationError> {
     let mut first = None;
@@ -365,6 +374,7 @@ fn control_loop<R: DirectRead, W: Write>(
     let mut scratch = Vec::new();
     let mut rounds = 0;
     let mut populate = None;
+    let mut t_paused = None;
     loop {
         let (next, step) = state.next(input.next_frame()?)?;
         state = next;
@@ -411,9 +421,8 @@ fn control_loop<R: DirectRead, W: Write>(
                 }
             },
             Step::Paused => {
-                first = crate::go_first()
-                    .inspect_err(|why| tracing::debug!("the switchover keeps its priority: {why}"))
-                    .ok();
+                t_paused = Some(Instant::now());
+                first = switchover_first(control);
             }
             Step::RoundEnd(r) => {
                 // What the copies hold is made durable off the switchover.
@@ -439,9 +448,25 @@ fn control_loop<R: DirectRead, W: Write>(
                 tracing::debug!("allocated {mib} MiB of guest RAM ahead of its pages");
             }
             stats.rounds = rounds;
+            tracing::debug!(
+                received_ms = t_paused.map(|t| t.elapsed().as_millis()),
+                "switchover here: the paused round and the state received"
+            );
             return Ok((*state, stats, owed, first));
         }
     }
+}
+
+/// From the source's Paused to the Confirm, this thread goes first on the cores and its
+/// answers go first on the wire; where this host allows neither, the switchover goes as it
+/// can.
+fn switchover_first(control: &ShutdownHandle) -> Option<sched::Boosted> {
+    if let Err(e) = control.expedite() {
+        tracing::debug!("the switchover's answers keep their class on the wire: {e}");
+    }
+    crate::go_first()
+        .inspect_err(|why| tracing::debug!("the switchover keeps its priority: {why}"))
+        .ok()
 }
 
 /// Post-copy's link, which comes after the page streams: asks, answers, push.

@@ -1,6 +1,7 @@
 //! Compression workers for the `compressed` page path, pipelined with sending: the sender
 //! copies pages and writes frames while workers compress the batches in flight. Which codec,
 //! or none, is the [`CodecPolicy`]'s decision; this only carries it out and measures.
+use std::collections::VecDeque;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -31,6 +32,9 @@ pub(super) struct Compressor {
     workers: Vec<std::thread::JoinHandle<f64>>,
     in_flight: usize,
     max_in_flight: usize,
+    /// Batches compressed on the sending thread, in order ([`Self::compress_here`]).
+    ready: VecDeque<Job>,
+    here: bool,
     pub stats: CompressionReport,
 }
 
@@ -78,12 +82,26 @@ impl Compressor {
             workers,
             in_flight: 0,
             max_in_flight: 2 * n,
+            ready: VecDeque::new(),
+            here: false,
             stats: CompressionReport::default(),
         })
     }
 
-    /// Hands a batch to the workers.
-    pub fn submit(&mut self, job: Job) -> Result<(), MigrationError> {
+    /// From now on, batches are compressed on the sending thread: while the VM is paused
+    /// that thread goes first, and the workers would wait behind every guest and other
+    /// migration on a busy host. Call it with no batch in flight.
+    pub fn compress_here(&mut self) {
+        self.here = true;
+    }
+
+    /// Hands a batch to the workers (or compresses it now, [`Self::compress_here`]).
+    pub fn submit(&mut self, mut job: Job) -> Result<(), MigrationError> {
+        if self.here {
+            encode(&mut job);
+            self.ready.push_back(job);
+            return Ok(());
+        }
         let gone = || MigrationError::Thread {
             what: "compression worker",
             source: std::io::Error::other("the workers are gone"),
@@ -100,6 +118,9 @@ impl Compressor {
     /// A finished batch: waiting for one when `wait` (or when the pipeline is full), else
     /// only if one is ready.
     pub fn finished(&mut self, wait: bool) -> Result<Option<Job>, MigrationError> {
+        if let Some(job) = self.ready.pop_front() {
+            return Ok(Some(job));
+        }
         if self.in_flight == 0 {
             return Ok(None);
         }
@@ -151,16 +172,61 @@ fn work(jobs: &Mutex<std::sync::mpsc::Receiver<Job>>, done: &std::sync::mpsc::Se
     loop {
         let job = locks::lock(jobs).recv();
         let Ok(mut job) = job else { break };
-        if let Choice::Compress(c) = job.choice {
-            let t = Instant::now();
-            if codec::compress(c, &job.data, &mut job.out).is_err() {
-                job.choice = Choice::Raw;
-            }
-            job.secs = t.elapsed().as_secs_f64();
-        }
+        encode(&mut job);
         if done.send(job).is_err() {
             break;
         }
     }
     thread_cpu_seconds() - cpu0
+}
+
+/// Compresses a job's batch with its codec (raw if that fails), timed.
+fn encode(job: &mut Job) {
+    if let Choice::Compress(c) = job.choice {
+        let t = Instant::now();
+        if codec::compress(c, &job.data, &mut job.out).is_err() {
+            job.choice = Choice::Raw;
+        }
+        job.secs = t.elapsed().as_secs_f64();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Codec;
+
+    fn job(id: u64, data: Vec<u8>) -> Job {
+        Job {
+            id,
+            head: Vec::new(),
+            data,
+            pages: 1,
+            out: Vec::new(),
+            choice: Choice::Compress(Codec::Lz4),
+            secs: 0.0,
+        }
+    }
+
+    /// Once the VM is paused, a batch is compressed before `submit` returns, on the calling
+    /// thread, and comes back in order without waiting for a worker.
+    #[test]
+    fn while_paused_batches_are_compressed_on_the_sending_thread_in_order() {
+        let mut c = Compressor::start(None, Arc::default()).unwrap();
+        c.compress_here();
+        let pages: Vec<Vec<u8>> = (0..3u8).map(|b| vec![b; 4096]).collect();
+        for (id, p) in pages.iter().enumerate() {
+            c.submit(job(id as u64, p.clone())).unwrap();
+        }
+        assert_eq!(c.in_flight, 0, "nothing went to the workers");
+        for (id, p) in pages.iter().enumerate() {
+            let j = c.finished(false).unwrap().expect("compressed already");
+            assert_eq!(j.id, id as u64);
+            assert!(j.out.len() < p.len());
+            let mut back = Vec::new();
+            codec::decompress(Codec::Lz4, &j.out, p.len(), &mut back).unwrap();
+            assert_eq!(&back, p);
+        }
+        assert!(c.finished(true).unwrap().is_none());
+    }
 }

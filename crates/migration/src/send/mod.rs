@@ -1368,6 +1368,11 @@ impl<'a> Session<'a> {
             }
             Err(why) => format!("not raised: {why}"),
         };
+        // The last round, the state and the Confirm do not queue behind other transfers'
+        // data on the link.
+        if let Err(e) = self.control.expedite() {
+            tracing::debug!("the switchover's frames keep their class on the wire: {e}");
+        }
         let t_pause = Instant::now();
         let state = {
             let mut g = locks::lock(self.vm);
@@ -1377,6 +1382,7 @@ impl<'a> Session<'a> {
         };
         self.sender.control_out().send(Kind::Paused, &[])?;
         self.sender.flush_control()?;
+        self.sender.paused();
         if let Some(w) = &mut self.writes {
             w.paused();
         }

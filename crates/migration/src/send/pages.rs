@@ -219,6 +219,14 @@ impl<'a> PageSender<'a> {
         }
     }
 
+    /// The VM is paused: what is left goes from this thread alone, which goes first
+    /// ([`super::compress::Compressor::compress_here`]).
+    pub fn paused(&mut self) {
+        if let PagePath::Compressed { workers, .. } = &mut self.path {
+            workers.compress_here();
+        }
+    }
+
     /// The pages held back; from now on nothing is.
     pub fn take_deferred(&mut self) -> Vec<u64> {
         self.written = None;

@@ -97,6 +97,7 @@ pub(super) fn dial(
     let conns: [Connection; 3] = conns
         .try_into()
         .map_err(|_| MigrationError::Postcopy("a link of three connections".into()))?;
+    crate::postcopy::expedite(&conns[1], "answers");
     Ok(Link::of(conns))
 }
 

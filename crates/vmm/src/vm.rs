@@ -614,7 +614,8 @@ impl Vm {
 
     /// The vCPU threads just spawned go first until they wait, paused (a restored VM's
     /// downtime waits for them, behind every other guest's vCPUs on a busy host); they run
-    /// no guest code meanwhile. None where this process may not.
+    /// no guest code meanwhile. None where this process may not. The guard must drop before
+    /// any vCPU thread is joined: only `start_vcpus` takes it, and drops it as it returns.
     fn starting_first(&self) -> Option<priority::BoostedSpawned> {
         use std::os::unix::thread::JoinHandleExt;
         let threads: Vec<_> = self
@@ -622,8 +623,8 @@ impl Vm {
             .iter()
             .filter_map(|v| v.thread.as_ref().map(JoinHandleExt::as_pthread_t))
             .collect();
-        // SAFETY: the handles stay in `self.vcpus`, unjoined, while the guard lives: it is
-        // dropped in `start_vcpus`, which joins nothing.
+        // SAFETY: the handles stay in `self.vcpus`, unjoined, while the guard lives: its only
+        // taker, `start_vcpus`, joins nothing and drops it before returning.
         unsafe { priority::boost_spawned(&threads) }
             .inspect_err(|e| tracing::debug!("the vCPUs start time-shared: {e}"))
             .ok()

@@ -43,14 +43,24 @@ impl Populate {
         })
     }
 
-    /// Stops the worker (the pages have all arrived) and says how much it allocated.
-    pub fn finish(mut self) -> u64 {
-        self.stop_and_join()
+    /// Tells the worker to stop after its current chunk, without waiting for it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 
-    fn stop_and_join(&mut self) -> u64 {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    /// Stops the worker and waits for it (before nothing may fill a page any more).
+    pub fn finish(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop();
+        if let Some(mib) = self.thread.take().and_then(|t| t.join().ok()) {
+            tracing::debug!(
+                "allocated {} MiB of guest RAM ahead of its pages",
+                mib >> 20
+            );
+        }
     }
 }
 

@@ -127,7 +127,7 @@ impl Incoming {
             ram: prepared.ram(),
             cache: cache.as_ref(),
         };
-        let (vm_state, mut stats, owed, first) = receive_memory(
+        let (vm_state, mut stats, owed, held) = receive_memory(
             (&mut input, &mut out),
             state,
             dst,
@@ -171,7 +171,7 @@ impl Incoming {
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
         // The guest runs: the downtime is over (threads started meanwhile did not inherit it).
-        drop(first);
+        drop(held);
         let outcome = match (postcopy, relink) {
             (Some((pc, link)), Some(slot)) => {
                 // The verdict goes over post-copy's link, which may have moved to another
@@ -338,24 +338,28 @@ fn receive_memory<R: DirectRead, W: Write>(
             }
         }
         // The stream that failed first says why better than the control connection it closed.
-        let (vm_state, control_stats, owed, first) = match (r, first_err) {
+        let (vm_state, control_stats, owed, held) = match (r, first_err) {
             (Ok(v), None) => v,
             (_, Some(e)) | (Err(e), None) => return Err(e),
         };
         stats.add(&control_stats);
         stats.rounds = control_stats.rounds;
-        Ok((vm_state, stats, owed, first))
+        Ok((vm_state, stats, owed, held))
     })
 }
 
 /// What the memory phase leaves: the paused source's state, the figures, the pages it still
-/// owes (post-copy), and this thread's priority while the VM is paused.
-type Memory = (
-    Snapshot,
-    ReceiveStats,
-    Option<Box<Owed>>,
-    Option<sched::Boosted>,
-);
+/// owes (post-copy), and what the switchover holds until the guest runs.
+type Memory = (Snapshot, ReceiveStats, Option<Box<Owed>>, Held);
+
+/// What is held from the source's Paused until the guest runs here, then let go: this
+/// thread's priority, and the allocation ahead, told to stop but joined only then (it is
+/// time-shared; the downtime must not wait for its last chunk).
+#[derive(Default)]
+struct Held {
+    first: Option<sched::Boosted>,
+    _populate: Option<populate::Populate>,
+}
 
 /// The control connection after Ready: the state machine until Complete.
 /// Every round's end is answered with RoundDone once its pages are in place, here and on
@@ -369,7 +373,7 @@ fn control_loop<R: DirectRead, W: Write>(
     control: &ShutdownHandle,
     mut disks: Option<&mut disks::DiskSink>,
 ) -> Result<Memory, MigrationError> {
-    let mut first = None;
+    let mut held = Held::default();
     let mut stats = ReceiveStats::default();
     let mut scratch = Vec::new();
     let mut rounds = 0;
@@ -422,7 +426,7 @@ fn control_loop<R: DirectRead, W: Write>(
             },
             Step::Paused => {
                 t_paused = Some(Instant::now());
-                first = switchover_first(control);
+                held.first = switchover_first(control);
             }
             Step::RoundEnd(r) => {
                 // What the copies hold is made durable off the switchover.
@@ -443,16 +447,17 @@ fn control_loop<R: DirectRead, W: Write>(
             owed,
         } = state
         {
-            if let Some(p) = populate {
-                let mib = p.finish() >> 20;
-                tracing::debug!("allocated {mib} MiB of guest RAM ahead of its pages");
+            // Every page is here: allocating ahead has nothing left to win.
+            if let Some(p) = &populate {
+                p.stop();
             }
+            held._populate = populate;
             stats.rounds = rounds;
             tracing::debug!(
                 received_ms = t_paused.map(|t| t.elapsed().as_millis()),
                 "switchover here: the paused round and the state received"
             );
-            return Ok((*state, stats, owed, first));
+            return Ok((*state, stats, owed, held));
         }
     }
 }

@@ -241,43 +241,18 @@ impl Testbed {
                     Some(bps) => {
                         // Burst: at least one timer tick's worth at this rate, or tbf caps low.
                         let burst = (bps / 8 / 100).max(64 * 1024);
-                        run(
-                            "tc",
+                        let (rate, burst) = (format!("{bps}bit"), burst.to_string());
+                        qdisc(
+                            ns,
+                            dev,
                             &[
-                                "-n",
-                                ns,
-                                "qdisc",
-                                "replace",
-                                "dev",
-                                dev,
-                                "root",
-                                "handle",
-                                "1:",
-                                "tbf",
-                                "rate",
-                                &format!("{bps}bit"),
-                                "burst",
-                                &burst.to_string(),
-                                "latency",
-                                "50ms",
+                                "root", "handle", "1:", "tbf", "rate", &rate, "burst", &burst,
+                                "latency", "50ms",
                             ],
                         )?;
                         // Behind the shaper, a host's queue: Linux's classic default, whose
                         // bands send what a socket marks interactive first.
-                        run(
-                            "tc",
-                            &[
-                                "-n",
-                                ns,
-                                "qdisc",
-                                "replace",
-                                "dev",
-                                dev,
-                                "parent",
-                                "1:1",
-                                "pfifo_fast",
-                            ],
-                        )?;
+                        qdisc(ns, dev, &["parent", "1:1", "pfifo_fast"])?;
                     }
                     None => {
                         let _ = run("tc", &["-n", ns, "qdisc", "del", "dev", dev, "root"]);
@@ -338,6 +313,13 @@ fn require_root() -> Result<(), TestbedError> {
         return Err(TestbedError::NotRoot);
     }
     Ok(())
+}
+
+/// `tc qdisc replace` on `dev` in namespace `ns`, with `spec` after the device.
+fn qdisc(ns: &str, dev: &str, spec: &[&str]) -> Result<(), TestbedError> {
+    let mut args = vec!["-n", ns, "qdisc", "replace", "dev", dev];
+    args.extend_from_slice(spec);
+    run("tc", &args).map(drop)
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<String, TestbedError> {

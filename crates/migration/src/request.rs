@@ -94,6 +94,11 @@ pub struct MigrateRequest {
     /// the switchover's outcome is unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<u64>,
+    /// How a compressed migration's batches go from the first: `raw` holds them raw (a drain
+    /// whose model says the cores, not the link, would hold it back compressed), `auto` (the
+    /// default) lets its codec policy choose. `PATCH /vm/migration` changes it later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<crate::api::CodecMode>,
 }
 
 /// Why a request cannot become a migration.
@@ -266,6 +271,10 @@ impl MigrateRequest {
         o.origin.clone_from(&self.origin);
         o.generation = self.generation;
         o.session = self.session;
+        o.hold_raw.store(
+            self.codec == Some(crate::api::CodecMode::Raw),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let Some(n) = &self.network {
             o.network = parse_network(n)?;
         }
@@ -295,6 +304,29 @@ mod tests {
         assert!(o.policy.auto_converge.is_none());
         assert_eq!(o.network.len(), 2);
         assert_eq!(o.network[1].1, "10.0.2.2");
+        assert!(!o.hold_raw.load(std::sync::atomic::Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_compressed_migration_asked_to_start_raw_holds_its_batches_raw_from_the_first() {
+        let r: MigrateRequest =
+            serde_json::from_str(r#"{"to":"a:1","transport":"compressed","codec":"raw"}"#).unwrap();
+        assert_eq!(r.codec, Some(crate::api::CodecMode::Raw));
+        assert!(r
+            .options()
+            .unwrap()
+            .hold_raw
+            .load(std::sync::atomic::Ordering::Relaxed));
+        let auto = MigrateRequest {
+            codec: Some(crate::api::CodecMode::Auto),
+            ..r
+        };
+        assert!(!auto
+            .options()
+            .unwrap()
+            .hold_raw
+            .load(std::sync::atomic::Ordering::Relaxed));
+        assert!(serde_json::from_str::<MigrateRequest>(r#"{"to":"a:1","codec":"zip"}"#).is_err());
     }
 
     #[test]

@@ -588,6 +588,8 @@ impl Meter {
         let Some(mut lesson) = lesson(start, &self.last, transport, wire) else {
             return;
         };
+        lesson.source_s *= shown.vmm_share[0];
+        lesson.destination_s *= shown.vmm_share[1];
         lesson.dirty_rate_ratio = shown.dirty_ratio;
         lesson.concurrency = shown.concurrency.and_then(|n| u16::try_from(n).ok());
         lesson.peak_concurrency = u16::try_from(shown.peak).ok().filter(|&n| n > 0);
@@ -661,6 +663,28 @@ pub struct Shown {
     pub verify_s_per_gb: Option<f64>,
     /// Each one's own CPU, bytes on the wire and RAM landed.
     pub migrations: Vec<host::cpu::MigrationCpu>,
+    /// Per side, the share of the drain's VMM threads' CPU that is theirs: 1 unless some of
+    /// the drain's migrations are not taught (those a compressed drain started raw), then
+    /// what the taught ones took of all the migrations' own CPU.
+    pub vmm_share: [f64; 2],
+}
+
+/// Per side, the share of `all` migrations' own CPU that `taught` took: 1 where none took any.
+pub fn vmm_share(taught: &[host::cpu::MigrationCpu], all: &[host::cpu::MigrationCpu]) -> [f64; 2] {
+    let side = |m: &[host::cpu::MigrationCpu], s: usize| -> f64 {
+        m.iter()
+            .map(|c| if s == 0 { c.source_s } else { c.destination_s })
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .sum()
+    };
+    [0, 1].map(|s| {
+        let of = side(all, s);
+        if of > 0.0 {
+            (side(taught, s) / of).clamp(0.0, 1.0)
+        } else {
+            1.0
+        }
+    })
 }
 
 /// What a drain's migrations cost each side: the VMM threads' core-seconds from `start` to
@@ -946,5 +970,27 @@ mod tests {
         assert_eq!(cost_per_byte(Some(&c), true, true), Some(2.0 / 1e9));
         assert_eq!(cost_per_byte(Some(&c), true, false), Some(1.5 / 1e9));
         assert_eq!(cost_per_byte(None, true, true), None);
+    }
+
+    #[test]
+    fn a_drains_lesson_counts_the_vmm_share_of_the_migrations_it_teaches() {
+        let m = |source_s, destination_s| host::cpu::MigrationCpu {
+            wire_gb: 0.2,
+            landed_gb: 0.5,
+            source_s,
+            destination_s,
+        };
+        let all = [m(3.0, 1.0), m(1.0, 1.0), m(0.0, 2.0)];
+        // The first taught, the other two started raw: 3 of 4 core-s on the source, 1 of 4
+        // on the destination.
+        assert_eq!(vmm_share(&all[..1], &all), [0.75, 0.25]);
+        assert_eq!(vmm_share(&all, &all), [1.0, 1.0]);
+        assert_eq!(vmm_share(&[], &all), [0.0, 0.0]);
+        // Nothing measured: the whole.
+        assert_eq!(vmm_share(&[], &[]), [1.0, 1.0]);
+        assert_eq!(
+            vmm_share(&[m(f64::NAN, 1.0)], &[m(f64::NAN, 1.0)]),
+            [1.0, 1.0]
+        );
     }
 }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod pace;
 pub mod plan;
 pub mod predict;
+pub mod pricing;
 pub mod report;
 pub mod resolve;
 pub mod run;

@@ -30,6 +30,31 @@ pub struct Scenario {
     pub cache: bool,
     /// Seconds each migration takes beyond its bytes ([`crate::predict::overhead`]).
     pub overhead: f64,
+    /// Per VM (as `vms`; empty: none), whether a compressed drain sends it raw, at the costs
+    /// of `raw_cpu` (tcp's, as the plan priced it).
+    pub raw: Vec<bool>,
+    pub raw_cpu: Option<crate::plan::PlanCpu>,
+}
+
+impl Scenario {
+    /// Whether VM `i` is sent raw.
+    fn raw(&self, i: usize) -> bool {
+        self.raw.get(i).copied().unwrap_or(false)
+    }
+
+    /// Whether VM `i`'s migration compresses.
+    fn compresses(&self, i: usize) -> bool {
+        self.compressed && !self.raw(i)
+    }
+
+    /// The costs VM `i`'s migration is priced at.
+    fn cpu_of(&self, i: usize) -> Option<&crate::plan::PlanCpu> {
+        if self.raw(i) {
+            self.raw_cpu.as_ref().or(self.cpu.as_ref())
+        } else {
+            self.cpu.as_ref()
+        }
+    }
 }
 
 /// The predicted makespan, seconds. Each migration's resent bytes are those of the rate the
@@ -46,7 +71,7 @@ pub fn wire_bytes(s: &Scenario) -> f64 {
 /// The scenario simulated, each migration's bytes at the rate the simulation gives it.
 fn simulated(s: &Scenario) -> (f64, Vec<SimJob>) {
     let cpu = s.cpu.as_ref().map(|c| &c.model);
-    let bytes = |i: usize, rate: f64| s.vms[i].wire_bytes(rate, s.compressed) * s.framing;
+    let bytes = |i: usize, rate: f64| s.vms[i].wire_bytes(rate, s.compresses(i)) * s.framing;
     let (t, _, jobs) = simulate_refined(&jobs(s), bytes, &[s.link], s.concurrency, usize::MAX, cpu);
     (t, jobs)
 }
@@ -60,35 +85,27 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
         .iter()
         .enumerate()
         .map(|(i, v)| {
+            let (cpu, compressed) = (s.cpu_of(i), s.compresses(i));
             let job = SimJob {
                 dest: 0,
                 bytes: 0.0,
-                cpu: s.cpu.as_ref().map_or([0.0; 2], |c| c.cost_per_byte()),
-                threads: s.cpu.as_ref().map_or([1.0; 2], |c| c.threads),
-                yields: s
-                    .cpu
-                    .as_ref()
-                    .map_or(0.0, |c| c.yields(v.vcpus, s.vcpu_yield)),
+                cpu: cpu.map_or([0.0; 2], |c| c.cost_per_byte()),
+                threads: cpu.map_or([1.0; 2], |c| c.threads),
+                yields: cpu.map_or(0.0, |c| c.yields(v.vcpus, s.vcpu_yield)),
                 seeds: if s.cache && i == 0 {
-                    v.first_pass_bytes(s.compressed) * s.framing
+                    v.first_pass_bytes(compressed) * s.framing
                 } else {
                     0.0
                 },
                 overhead: s.overhead,
-                verify: s
-                    .cpu
-                    .as_ref()
-                    .map_or([0.0; 2], |c| c.verify_of(v.touched_bytes(), v.vcpus, 0)),
+                verify: cpu.map_or([0.0; 2], |c| c.verify_of(v.touched_bytes(), v.vcpus, 0)),
             };
             let rate = migration_rate(Some(s.link), false, n, &job, model);
-            let wire = v.wire_bytes(rate, s.compressed) * s.framing;
-            let landed = v.landed_bytes(rate, s.compressed);
+            let wire = v.wire_bytes(rate, compressed) * s.framing;
+            let landed = v.landed_bytes(rate, compressed);
             SimJob {
                 bytes: wire,
-                cpu: s
-                    .cpu
-                    .as_ref()
-                    .map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
+                cpu: cpu.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
                 ..job
             }
         })
@@ -197,6 +214,8 @@ pub fn references(compress_ratio: f64, dirty_mb_s: f64, concurrency: usize) -> V
                         vcpu_yield: true,
                         cache: false,
                         overhead: crate::predict::OVERHEAD_S,
+                        raw: Vec::new(),
+                        raw_cpu: None,
                     }),
                 });
             };
@@ -229,6 +248,8 @@ mod tests {
             vcpu_yield: true,
             cache: false,
             overhead: crate::predict::OVERHEAD_S,
+            raw: Vec::new(),
+            raw_cpu: None,
         };
         let t = makespan(&s);
         let bytes = (8u64 << 30) as f64;

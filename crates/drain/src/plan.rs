@@ -610,6 +610,32 @@ pub fn simulate_with_cpu(
     (o.makespan, o.bounds)
 }
 
+/// A compressed drain's migration goes raw only when the drain then ends sooner by at least
+/// this share of the migration's own predicted time: within the model's error, the
+/// operator's codec stays.
+pub const RAW_PLAN_GAIN: f64 = 0.10;
+
+/// Which of a compressed drain's `own.len()` migrations go raw (each moved alone takes
+/// `own[k]` seconds compressed): one at a time, in order, each kept raw when the drain's
+/// makespan (`eta` of which go raw) then ends at least [`RAW_PLAN_GAIN`] of its own time
+/// sooner. Raw trades link bytes for cores, so a migration goes raw where the cores, not the
+/// link, would hold the drain back; the one that fills a page cache first usually stays
+/// compressed, as its pages cross whole.
+pub fn choose_raw(own: &[f64], eta: impl Fn(&[bool]) -> f64) -> Vec<bool> {
+    let mut raw = vec![false; own.len()];
+    let mut best = eta(&raw);
+    for (k, secs) in own.iter().enumerate() {
+        raw[k] = true;
+        let t = eta(&raw);
+        if t.is_finite() && t < best - RAW_PLAN_GAIN * secs.max(0.0) {
+            best = t;
+        } else {
+            raw[k] = false;
+        }
+    }
+    raw
+}
+
 /// How often [`simulate_refined`] re-estimates the jobs' bytes.
 const REFINE: usize = 3;
 
@@ -1342,5 +1368,46 @@ mod tests {
             (two - (5.0 + crate::predict::OVERHEAD_S)).abs() < 1e-6,
             "{two}"
         );
+    }
+
+    #[test]
+    fn a_compressed_drain_sends_raw_what_the_cores_would_hold_back_and_only_that() {
+        // Compressed: 50 bytes at 0.04 core-s each, on one core: 25 B/s, 2 s. Raw: 100 bytes
+        // at 0.005: the link's.
+        let pool = CpuModel {
+            pools: vec![1.0],
+            contenders: vec![0.0],
+            source: 0,
+            dests: vec![0],
+        };
+        let packed = SimJob {
+            bytes: 50.0,
+            cpu: [0.04, 0.0],
+            threads: [1.0, 1.0],
+            overhead: 0.0,
+            ..SimJob::default()
+        };
+        let raw = SimJob {
+            bytes: 100.0,
+            cpu: [0.005, 0.0],
+            ..packed
+        };
+        let pool = &pool;
+        let eta = |link: f64| {
+            move |r: &[bool]| {
+                let jobs: Vec<SimJob> = r.iter().map(|&r| if r { raw } else { packed }).collect();
+                simulate_with_cpu(&jobs, &[link], 1, 4, Some(pool)).0
+            }
+        };
+        // A 100 B/s link: raw takes 1 s against 2, for each.
+        assert_eq!(choose_raw(&[2.0, 2.0], eta(100.0)), [true, true]);
+        // A 10 B/s link: raw would take 10 s; compression is what the drain needs.
+        assert_eq!(choose_raw(&[2.0, 2.0], eta(10.0)), [false, false]);
+        // 52 B/s: raw ends 0.08 s sooner each, under 10% of a 2 s migration: compressed.
+        assert_eq!(choose_raw(&[2.0, 2.0], eta(52.0)), [false, false]);
+        assert_eq!(choose_raw(&[0.5, 2.0], eta(52.0)), [true, false]);
+        // Nothing known: nothing changes.
+        assert_eq!(choose_raw(&[2.0], |_| f64::INFINITY), [false]);
+        assert!(choose_raw(&[], eta(100.0)).is_empty());
     }
 }

@@ -67,6 +67,10 @@ pub struct VmOutcome {
     /// either host loses the VM.
     #[serde(default)]
     pub postcopy: bool,
+    /// Its compressed migration started raw (planned: will start raw): the model said the
+    /// drain would end sooner.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started_raw: bool,
     /// What sampling the VM before the drain found.
     pub sample: Option<migration::sample::VmSample>,
     pub error: Option<String>,
@@ -105,6 +109,10 @@ pub struct PlanSummary {
     /// transport costs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<crate::plan::PlanCpu>,
+    /// What the VMs a compressed drain starts raw were priced at: the costs the source
+    /// learnt of tcp (None when none starts raw).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw: Option<crate::pricing::RawCosts>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -320,6 +328,11 @@ impl DrainReport {
             } else {
                 to
             };
+            let to = if v.started_raw {
+                format!("{to} raw")
+            } else {
+                to
+            };
             s += &format!(
                 "{:>2} {:<16} {:>6}M {:>8} {:>5} {:>8} {:>10} {:>5} {:<12} {:>9} {:>5}\n",
                 i + 1,
@@ -391,6 +404,19 @@ impl DrainReport {
                 .to_string(),
         };
         s += &self.learnt_lines();
+        if let Some(r) = &self.plan.raw {
+            s += &format!(
+                "raw: {} start raw, the drain ending sooner as the model prices them at tcp's {:.2} and {:.2} core-s per GB\n",
+                self.vms
+                    .iter()
+                    .filter(|v| v.started_raw)
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.cpu.cost_s_per_gb[0],
+                r.cpu.cost_s_per_gb[1],
+            );
+        }
         if let Some(p) = self.postcopy_line() {
             s += &format!("{p}\n");
         }
@@ -476,6 +502,7 @@ mod tests {
             predicted_wire_bytes: None,
             cache_hits_expected: None,
             bound: None,
+            started_raw: false,
             postcopy: false,
             sample,
             error: None,
@@ -507,8 +534,16 @@ mod tests {
             wire_bytes_predicted: Some(900 << 20),
             overhead_s: 0.4,
             cpu: None,
+            raw: Some(crate::pricing::RawCosts {
+                cpu: crate::plan::PlanCpu::new(Default::default(), [1.5, 1.25], [1.0; 2], 0.5),
+                dirty_ratio: None,
+            }),
         };
-        let vms = vec![planned("sql1", Some(sample)), planned("idle2", None)];
+        let raw = VmOutcome {
+            started_raw: true,
+            ..planned("idle2", None)
+        };
+        let vms = vec![planned("sql1", Some(sample)), raw];
         let r = DrainReport::new("a".into(), vec!["b".into()], plan, vms, 0, 0, false);
         let t = r.plan_table();
         let line = |n: &str| t.lines().find(|l| l.contains(n)).unwrap().to_string();
@@ -519,6 +554,14 @@ mod tests {
             "{t}"
         );
         assert!(line("idle2").contains(" - "), "{t}");
+        assert!(
+            line("idle2").contains(" raw") && !line("sql1").contains(" raw"),
+            "{t}"
+        );
+        assert!(
+            t.contains("raw: idle2 start raw") && t.contains("tcp's 1.50 and 1.25 core-s per GB"),
+            "{t}"
+        );
         assert!(t.contains("ETA 12.5 s, 900 MiB on the wire"), "{t}");
         assert!(
             t.contains("each migration takes 400 ms besides its bytes"),
@@ -566,6 +609,7 @@ mod tests {
             wire_bytes_predicted: None,
             overhead_s: crate::predict::OVERHEAD_S,
             cpu: None,
+            raw: None,
         };
         let hot = VmOutcome {
             postcopy: true,

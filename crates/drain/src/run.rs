@@ -14,6 +14,7 @@ use unixhttp::ApiError;
 
 use crate::pace::paces;
 use crate::plan::{self, SimJob};
+use crate::pricing::{Pricing, RawCosts};
 use crate::report::{DrainReport, PlanSummary, Status, VmOutcome};
 use crate::survey::Survey;
 use crate::view::View;
@@ -36,6 +37,8 @@ fn busy_backoff(times: u32) -> Duration {
         .min(Duration::from_secs(10))
 }
 
+/// Why a migration the plan started raw sends raw, in the report.
+const MODEL_RAW: &str = "the model: sooner raw";
 /// A slot refilled within this long still counts as a full window for `auto`.
 const REFILL_GRACE: Duration = Duration::from_millis(250);
 /// A page of guest RAM, as progress counts pages.
@@ -45,7 +48,7 @@ pub(crate) const AUTO_ETA_WINDOW: usize = 2;
 
 /// The survey's facts with the page-cache hits each VM can expect when the VMs go in `order`
 /// (none when the drain uses no caches).
-fn with_cache_hits(
+pub(crate) fn with_cache_hits(
     o: &DrainOptions,
     s: &Survey,
     order: &[usize],
@@ -95,6 +98,11 @@ pub struct Planned {
     pub cost_key: String,
     /// Seconds each migration takes beyond its bytes ([`crate::predict::overhead`]).
     pub overhead_s: f64,
+    /// Per VM, whether its migration starts raw: the drain compresses, and the model says
+    /// the drain ends sooner with it sent raw ([`plan::choose_raw`]).
+    pub raw: Vec<bool>,
+    /// What those sent raw were priced at (None when none is).
+    pub raw_costs: Option<RawCosts>,
 }
 
 impl Planned {
@@ -109,146 +117,51 @@ impl Planned {
     }
 
     pub fn make(o: &DrainOptions, s: &Survey, meter: Option<&crate::cpu::Meter>) -> Self {
-        let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
-        let yields = o.request.vcpu_yield != Some(false);
         let placement = place(o, s);
         let cached = cached_dests(o, s, &placement);
         let key = cost_key(&o.request, cached.contains(&true));
         let overhead = crate::predict::overhead(meter.and_then(|m| m.setup_s(&key)));
         let cpu = meter.and_then(|m| plan_cpu(o, m, &key));
+        let raw_costs = meter.and_then(|m| raw_costs(o, m, cached.contains(&true)));
         let window = match o.concurrency {
             Concurrency::Fixed(n) => n,
             Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
         };
-        let dest_facts = budgeted_facts(o, s, window);
-        let model = cpu.as_ref().map(|c| &c.model);
-        // A migration to `d` as the cores see it, of a VM with `vcpus` that yield to it.
-        let job_to = |d: usize, vcpus: f64| SimJob {
-            dest: d,
-            bytes: 0.0,
-            cpu: cpu.as_ref().map_or([0.0; 2], plan::PlanCpu::cost_per_byte),
-            threads: cpu.as_ref().map_or([1.0; 2], |c| c.threads),
-            yields: cpu.as_ref().map_or(0.0, |c| c.yields(1, yields) * vcpus),
-            seeds: 0.0,
+        let p = Pricing::new(
+            o,
+            s,
+            &placement,
+            &cached,
+            cpu.clone(),
+            raw_costs.clone(),
             overhead,
-            verify: [0.0; 2],
-        };
-        // One that stands for them all: the VMs' mean vCPUs.
-        let mean_vcpus =
-            s.vms.iter().map(|v| f64::from(v.vcpus)).sum::<f64>() / s.vms.len().max(1) as f64;
-        let like = |d: usize| job_to(d, mean_vcpus);
-        // What a migration to `d` moves at while `per` go there at once.
-        let rate_at = |d: usize, per: f64| {
-            let f = &dest_facts[d];
-            plan::migration_rate(f.rate, f.rate_is_floor, per, &like(d), model)
-        };
-        // A migration's rate (its share of the link or of the cores), for telling hot VMs apart.
-        let per_dest = (window as f64 / s.dests.len() as f64).max(1.0);
-        let share = |d: usize| rate_at(d, per_dest);
-        let first_share = (!dest_facts.is_empty()).then(|| share(0));
-        let first_share = first_share.unwrap_or(f64::INFINITY);
-        let placed: Vec<usize> = (0..s.vms.len()).filter(|i| placement[*i].is_ok()).collect();
-        let placed_vms: Vec<_> = placed.iter().map(|i| s.vms[*i].clone()).collect();
-        let order: Vec<usize> = plan::order(&placed_vms, o.order, first_share, compressed)
-            .into_iter()
-            .map(|k| placed[k])
-            .collect();
-        let vms = with_cache_hits(o, s, &order, &placement);
-        // A VM whose disks are copied sends them too, first (at its share of the link).
-        let disk_bytes = |i: usize, d: usize| -> f64 {
-            if plan::must_copy(&s.vms[i].needs, &dest_facts[d]) {
-                s.vms[i].needs.disk_bytes as f64
-            } else {
-                0.0
-            }
-        };
-        let predicted = (0..s.vms.len())
-            .map(|i| match &placement[i] {
-                Ok(d) if share(*d).is_finite() => Some(
-                    vms[i].predict_secs_after(overhead, share(*d), compressed)
-                        + disk_bytes(i, *d) / share(*d),
-                ),
-                _ => None,
-            })
-            .collect();
-        let postcopy = (0..s.vms.len())
-            .map(|i| match &placement[i] {
-                Ok(d) => vms[i].moves_by_postcopy(share(*d), compressed),
-                Err(_) => false,
-            })
-            .collect();
-        // The placed VMs in order, and their destinations.
-        let placed: Vec<(usize, usize)> = order
-            .iter()
-            .filter_map(|i| Some((*i, *placement[*i].as_ref().ok()?)))
-            .collect();
-        let seeder = seeders(&cached, &placed);
-        // A migration's bytes at `rate`, the VM's and its copied disks'.
-        let bytes = |k: usize, rate: f64| {
-            let (i, d) = placed[k];
-            vms[i].wire_bytes(rate, compressed) + disk_bytes(i, d)
-        };
-        // Every migration in order, with the bytes the model expects it to send when `per`
-        // go to each destination at once (links known).
-        let jobs_at = |per: f64| -> Option<Vec<SimJob>> {
-            dest_facts.iter().all(|d| d.rate.is_some()).then(|| {
-                (0..placed.len())
-                    .map(|k| {
-                        let (i, d) = placed[k];
-                        let seeds = if seeder[d] == Some(k) {
-                            vms[i].first_pass_bytes(compressed) + disk_bytes(i, d)
-                        } else {
-                            0.0
-                        };
-                        let rate = rate_at(d, per);
-                        let wire = bytes(k, rate);
-                        let landed = vms[i].landed_bytes(rate, compressed) + disk_bytes(i, d);
-                        SimJob {
-                            bytes: wire,
-                            seeds,
-                            cpu: cpu
-                                .as_ref()
-                                .map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
-                            verify: cpu.as_ref().map_or([0.0; 2], |c| {
-                                c.verify_of(vms[i].touched_bytes(), vms[i].vcpus, d)
-                            }),
-                            ..job_to(d, f64::from(vms[i].vcpus))
-                        }
-                    })
-                    .collect()
-            })
-        };
-        let links: Vec<f64> = (0..dest_facts.len())
-            .map(|d| plan::sim_link(&dest_facts[d], &like(d), model))
-            .collect();
-        let inbound = s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1);
-        let simulate = |jobs: &[SimJob], window: usize| {
-            plan::simulate_refined(jobs, bytes, &links, window, inbound, model)
-        };
-        let sim = jobs_at(per_dest).map(|jobs| simulate(&jobs, window));
+            window,
+        );
+        let raw = p.choose_raw(window);
+        let sim = p.simulate(window, &raw);
         let first_window = match (&sim, o.concurrency) {
             (Some(_), Concurrency::Auto) => {
-                let eta = |w: usize| {
-                    let per = (w as f64 / s.dests.len() as f64).max(1.0);
-                    jobs_at(per).map_or(f64::INFINITY, |jobs| simulate(&jobs, w).0)
-                };
-                crate::window::first_level(eta, order.len())
+                let eta = |w: usize| p.simulate(w, &raw).map_or(f64::INFINITY, |s| s.0);
+                crate::window::first_level(eta, p.order.len())
             }
             _ => 1,
         };
-        let (bounds, wire) = per_vm(&placed, sim.as_ref(), s.vms.len());
+        let (bounds, wire) = per_vm(&p.placed, sim.as_ref(), s.vms.len());
+        let raw = p.by_vm(&raw);
         Planned {
-            cache_hits: cache_hits_by_vm(&vms, &placement, &cached),
-            order,
+            cache_hits: cache_hits_by_vm(p.vms(), &placement, &cached),
+            order: p.order.clone(),
+            predicted: p.predicted(&placement, &raw),
+            postcopy: p.postcopy(&placement, &raw),
             placement,
-            predicted,
             wire,
-            postcopy,
             eta_s: sim.as_ref().map(|s| s.0),
             wire_bytes: sim.map(|s| s.2.iter().map(|x| x.bytes).sum()),
             cpu,
             bounds,
             first_window,
+            raw_costs: raw_costs.filter(|_| raw.contains(&true)),
+            raw,
             cost_key: key,
             overhead_s: overhead,
         }
@@ -273,6 +186,7 @@ impl Planned {
             dirty_ratio: s.vms.first().map_or(1.0, |v| v.dirty_ratio),
             overhead_s: self.overhead_s,
             cpu: self.cpu.clone(),
+            raw: self.raw_costs.clone(),
         }
     }
 
@@ -311,6 +225,7 @@ impl Planned {
                 cache_hits_expected: self.cache_hits[i],
                 bound: self.bounds[i],
                 postcopy: self.postcopy[i] && self.placement[i].is_ok(),
+                started_raw: planned == Status::Planned && self.raw[i],
                 sample: v.sample.clone(),
                 error: self.placement[i].as_ref().err().map(ToString::to_string),
                 earlier_errors: Vec::new(),
@@ -334,6 +249,7 @@ impl Planned {
             cache_hits_expected: None,
             bound: None,
             postcopy: false,
+            started_raw: false,
             sample: None,
             error: Some(why.clone()),
             earlier_errors: Vec::new(),
@@ -516,6 +432,17 @@ impl CpuWatch {
         peak: usize,
     ) -> crate::cpu::CpuReport {
         let pools = self.meter.report();
+        // What a migration started raw shows is not what the drain's codec costs: the hosts
+        // learn from the others, and their share of the VMM threads' CPU.
+        let all = migrations_cpu(vms);
+        let raw_wire: u64 = vms
+            .iter()
+            .filter(|v| v.started_raw)
+            .filter_map(|v| v.report.as_ref())
+            .map(|r| r.bytes_on_wire)
+            .sum();
+        let vms: Vec<VmOutcome> = vms.iter().filter(|v| !v.started_raw).cloned().collect();
+        let vms = &vms[..];
         let shown = crate::cpu::Shown {
             dirty_ratio: crate::predict::drain_dirty_ratio(&dirty_ratios(vms)),
             concurrency: o.concurrency.fixed(),
@@ -528,8 +455,10 @@ impl CpuWatch {
             setup_s: mean_setup_s(vms),
             verify_s_per_gb: verify_s_per_gb(vms),
             migrations: migrations_cpu(vms),
+            vmm_share: crate::cpu::vmm_share(&migrations_cpu(vms), &all),
         };
-        self.meter.teach(&self.key, wire, shown);
+        self.meter
+            .teach(&self.key, wire.saturating_sub(raw_wire), shown);
         crate::cpu::CpuReport {
             pools,
             reserve_cpu_pct: o.budget.reserve_cpu.map(|r| r * 100.0),
@@ -557,13 +486,33 @@ fn dirty_ratios(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
 /// The CPU side of the plan: the pools' cores and what the source learnt of `key`'s costs
 /// and busy threads. None before it learnt them.
 fn plan_cpu(o: &DrainOptions, m: &crate::cpu::Meter, key: &str) -> Option<plan::PlanCpu> {
-    let threads = busy_threads(o, m.source().cores, m.busy_workers(key));
+    let threads = busy_threads(&o.request, m.source().cores, m.busy_workers(key));
     m.plan(o.budget.reserve_cpu, key, threads, o.concurrency.fixed())
+}
+
+/// What sending a compressed drain's VM raw costs, as the source learnt it of tcp drains with
+/// the same page streams and caches (`cached`). None when the drain does not compress or
+/// the source has not learnt it.
+fn raw_costs(o: &DrainOptions, m: &crate::cpu::Meter, cached: bool) -> Option<RawCosts> {
+    use migration::protocol::Transport;
+    if o.request.transport != Some(Transport::Compressed) {
+        return None;
+    }
+    let tcp = MigrateRequest {
+        transport: Some(Transport::Tcp),
+        ..o.request.clone()
+    };
+    let key = cost_key(&tcp, cached);
+    let threads = busy_threads(&tcp, m.source().cores, None);
+    Some(RawCosts {
+        cpu: m.plan(o.budget.reserve_cpu, &key, threads, o.concurrency.fixed())?,
+        dirty_ratio: m.dirty_ratio(&key, o.concurrency.fixed()),
+    })
 }
 
 /// Per destination, which of the `placed` migrations (VM, destination, in order) fills its
 /// page cache, alone: the first there, where it keeps one (`cached`).
-fn seeders(cached: &[bool], placed: &[(usize, usize)]) -> Vec<Option<usize>> {
+pub(crate) fn seeders(cached: &[bool], placed: &[(usize, usize)]) -> Vec<Option<usize>> {
     (0..cached.len())
         .map(|d| {
             cached[d]
@@ -660,9 +609,9 @@ fn page_streams(r: &MigrateRequest) -> usize {
 /// the destination: one per page stream (the control connection's when it has none), and
 /// on the source the compressed transport's workers busy alongside them: as many as the
 /// source learnt (`busy_workers`), or all of them, one per core.
-fn busy_threads(o: &DrainOptions, source_cores: usize, busy_workers: Option<f64>) -> [f64; 2] {
-    let streams = page_streams(&o.request) as f64;
-    let workers = if o.request.transport == Some(migration::protocol::Transport::Compressed) {
+fn busy_threads(r: &MigrateRequest, source_cores: usize, busy_workers: Option<f64>) -> [f64; 2] {
+    let streams = page_streams(r) as f64;
+    let workers = if r.transport == Some(migration::protocol::Transport::Compressed) {
         busy_workers.unwrap_or(source_cores as f64)
     } else {
         0.0
@@ -763,7 +712,7 @@ fn cached_dests(
 
 /// The destinations' facts with their links as the budget lets the drain use them, `window`
 /// migrations at once spread over them.
-fn budgeted_facts(o: &DrainOptions, s: &Survey, window: usize) -> Vec<plan::DestFacts> {
+pub(crate) fn budgeted_facts(o: &DrainOptions, s: &Survey, window: usize) -> Vec<plan::DestFacts> {
     let mut facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
     let per_dest = vec![window.div_ceil(s.dests.len().max(1)).max(1); s.dests.len()];
     let links: Vec<Option<f64>> = facts.iter().map(|d| d.rate).collect();
@@ -926,6 +875,7 @@ impl<'a> Run<'a> {
         let mut counts = self.in_flight_per_dest();
         counts[job.dest] += 1;
         let pace = self.pace_for(job.dest, &counts);
+        let raw = self.planned.raw[job.vm];
         let storage = if plan::must_copy(&vm.needs, &dest.facts) {
             migration::Storage::Copy
         } else {
@@ -938,6 +888,7 @@ impl<'a> Run<'a> {
             lease_ms: Some(LEASE.as_millis() as u64),
             max_bandwidth: pace.or(self.o.request.max_bandwidth),
             host_cache: self.caches[job.dest].as_ref().map(|c| c.id),
+            codec: raw.then_some(migration::api::CodecMode::Raw),
             ..self.o.request.clone()
         };
         let client = self.s.client.waiting(Duration::from_secs(7 * 24 * 3600));
@@ -950,6 +901,7 @@ impl<'a> Run<'a> {
         });
         let out = &mut self.outcomes[job.vm];
         out.attempts = job.attempt;
+        out.started_raw = raw;
         out.start_ms
             .get_or_insert(self.t0.elapsed().as_millis() as u64);
         self.view
@@ -961,11 +913,25 @@ impl<'a> Run<'a> {
             last: None,
             paced: pace,
             switched: false,
-            held_raw: false,
-            codec_chosen: false,
+            held_raw: raw,
+            codec_chosen: raw,
             judged: false,
         });
+        if raw {
+            self.started_raw(&vm.name);
+        }
         self.peak = self.peak.max(self.moving());
+    }
+
+    /// Counts a migration the plan started raw, in the report and the view.
+    fn started_raw(&mut self, name: &str) {
+        let held = self.flights.iter().filter(|f| f.held_raw).count();
+        if let Some((report, _)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
+            *report.held_raw.entry(MODEL_RAW.into()).or_default() += 1;
+            report.most_held = report.most_held.max(held);
+        }
+        self.view
+            .line(&format!("drain: {name} sends raw ({MODEL_RAW})"));
     }
 
     /// Settles every migration that ended.

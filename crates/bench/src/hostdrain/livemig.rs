@@ -237,9 +237,13 @@ impl LivemigHosts {
                 needs: Default::default(),
                 // As the drain's migrations ran: hybrid, unless their report says otherwise.
                 postcopy: migration::policy::DEFAULT_POSTCOPY,
-                dirty_ratio: r.plan.dirty_ratio,
+                dirty_ratio: match (&r.plan.raw, v.started_raw) {
+                    (Some(raw), true) => raw.dirty_ratio.unwrap_or(r.plan.dirty_ratio),
+                    _ => r.plan.dirty_ratio,
+                },
             })
             .collect();
+        let raw = by_start.iter().map(|v| v.started_raw).collect();
         let cache = r.dedup_cache_bytes > 0;
         if cache {
             // One destination: its cache served the VMs in the order they started.
@@ -261,6 +265,8 @@ impl LivemigHosts {
             path_is_floor: r.plan.link_is_floor.first().copied().unwrap_or(false),
             cache,
             overhead_s: r.plan.overhead_s,
+            raw,
+            raw_cpu: r.plan.raw.as_ref().map(|x| x.cpu.clone()),
             detail: without_fingerprints(serde_json::to_value(r).unwrap_or_default()),
         }
     }

@@ -310,6 +310,10 @@ pub struct DrainOutcome {
     pub cache: bool,
     /// Seconds each migration takes beyond its bytes, as the drain's plan took it.
     pub overhead_s: f64,
+    /// Per VM as `facts`, whether the compressed drain started it raw, and what its plan
+    /// priced those at (livemig).
+    pub raw: Vec<bool>,
+    pub raw_cpu: Option<drain::plan::PlanCpu>,
     /// The VMM's own account (livemig's drain report).
     pub detail: serde_json::Value,
 }
@@ -657,12 +661,13 @@ pub fn predict(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> f64 {
 /// above what the VMs left let it run), their CPU priced at that level.
 fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
     let used = out.concurrency_used.max(1);
-    let (concurrency, cpu) = match cfg.concurrency {
-        Concurrency::Auto => {
-            let n = used.min(out.peak.max(1));
-            (n, out.cpu.clone().map(|c| c.at_level(n)))
-        }
-        Concurrency::Fixed(_) => (used, out.cpu.clone()),
+    let (concurrency, auto) = match cfg.concurrency {
+        Concurrency::Auto => (used.min(out.peak.max(1)), true),
+        Concurrency::Fixed(_) => (used, false),
+    };
+    let priced = |c: &Option<drain::plan::PlanCpu>| {
+        c.clone()
+            .map(|c| if auto { c.at_level(concurrency) } else { c })
     };
     Scenario {
         vms: out.facts.clone(),
@@ -670,10 +675,12 @@ fn scenario(cfg: &Config, out: &DrainOutcome, goodput_bps: f64) -> Scenario {
         concurrency,
         compressed: cfg.compressed(),
         framing: 1.0,
-        cpu,
+        cpu: priced(&out.cpu),
         vcpu_yield: out.vcpu_yield,
         cache: out.cache,
         overhead: out.overhead_s,
+        raw: out.raw.clone(),
+        raw_cpu: priced(&out.raw_cpu),
     }
 }
 

@@ -221,6 +221,8 @@ impl Drainer for QemuHosts {
             path_is_floor: false,
             cache: false,
             overhead_s: drain::predict::OVERHEAD_S,
+            raw: Vec::new(),
+            raw_cpu: None,
             detail: serde_json::Value::Null,
         })
     }

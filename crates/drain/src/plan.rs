@@ -613,7 +613,7 @@ pub fn simulate_with_cpu(
 /// A compressed drain's migration goes raw only when the drain then ends sooner by at least
 /// this share of the migration's own predicted time: within the model's error, the
 /// operator's codec stays.
-pub const RAW_PLAN_GAIN: f64 = 0.10;
+pub const RAW_PLAN_GAIN: f64 = 0.05;
 
 /// Which of a compressed drain's `own.len()` migrations go raw (each moved alone takes
 /// `own[k]` seconds compressed): one at a time, in order, each kept raw when the drain's
@@ -1403,9 +1403,9 @@ mod tests {
         assert_eq!(choose_raw(&[2.0, 2.0], eta(100.0)), [true, true]);
         // A 10 B/s link: raw would take 10 s; compression is what the drain needs.
         assert_eq!(choose_raw(&[2.0, 2.0], eta(10.0)), [false, false]);
-        // 52 B/s: raw ends 0.08 s sooner each, under 10% of a 2 s migration: compressed.
+        // 52 B/s: raw ends 0.08 s sooner each, under 5% of a 2 s migration: compressed.
         assert_eq!(choose_raw(&[2.0, 2.0], eta(52.0)), [false, false]);
-        assert_eq!(choose_raw(&[0.5, 2.0], eta(52.0)), [true, false]);
+        assert_eq!(choose_raw(&[1.0, 2.0], eta(52.0)), [true, false]);
         // Nothing known: nothing changes.
         assert_eq!(choose_raw(&[2.0], |_| f64::INFINITY), [false]);
         assert!(choose_raw(&[], eta(100.0)).is_empty());

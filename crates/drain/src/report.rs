@@ -404,18 +404,8 @@ impl DrainReport {
                 .to_string(),
         };
         s += &self.learnt_lines();
-        if let Some(r) = &self.plan.raw {
-            s += &format!(
-                "raw: {} start raw, the drain ending sooner as the model prices them at tcp's {:.2} and {:.2} core-s per GB\n",
-                self.vms
-                    .iter()
-                    .filter(|v| v.started_raw)
-                    .map(|v| v.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                r.cpu.cost_s_per_gb[0],
-                r.cpu.cost_s_per_gb[1],
-            );
+        if let Some(r) = self.raw_line() {
+            s += &format!("{r}\n");
         }
         if let Some(p) = self.postcopy_line() {
             s += &format!("{p}\n");
@@ -462,6 +452,23 @@ impl DrainReport {
             );
         }
         s
+    }
+
+    /// The VMs a compressed drain starts raw, and the costs that priced them; None when none.
+    fn raw_line(&self) -> Option<String> {
+        let r = self.plan.raw.as_ref()?;
+        let names: Vec<&str> = self
+            .vms
+            .iter()
+            .filter(|v| v.started_raw)
+            .map(|v| v.name.as_str())
+            .collect();
+        Some(format!(
+            "raw: {} start raw, the drain ending sooner as the model prices them at tcp's {:.2} and {:.2} core-s per GB",
+            names.join(", "),
+            r.cpu.cost_s_per_gb[0],
+            r.cpu.cost_s_per_gb[1],
+        ))
     }
 
     /// The VMs that go (or went) by post-copy, and what that risks; None when none does.

@@ -94,6 +94,8 @@ pub enum AdmitError {
     Name(#[from] vms::BadName),
     /// a VM named {name} is already on host {host}
     NameTaken { name: String, host: String },
+    /// an earlier migration of {name} is still arriving on host {host}: its receiver gives up within its accept window if no source comes
+    StillArriving { name: String, host: String },
     /// host {host} already takes {inbound} incoming migrations (--max-inbound {max})
     Busy {
         host: String,
@@ -129,7 +131,22 @@ impl AdmitError {
     /// Whether a later attempt may succeed without anything changing but time: the host
     /// takes too many migrations at once (a source is told the destination is busy).
     pub fn is_busy(&self) -> bool {
-        matches!(self, AdmitError::Busy { .. })
+        matches!(
+            self,
+            AdmitError::Busy { .. } | AdmitError::StillArriving { .. }
+        )
+    }
+
+    /// Why a VM named `name` cannot come to `host`, where a VM of that name is in `phase`:
+    /// for now while an earlier migration of it still arrives (an attempt its source gave up
+    /// on leaves a receiver waiting until its accept window ends), else for good.
+    fn name_taken(name: &str, host: &str, phase: &vms::Phase, inbound: bool) -> Self {
+        let (name, host) = (name.to_string(), host.to_string());
+        if inbound && *phase == vms::Phase::Arriving {
+            AdmitError::StillArriving { name, host }
+        } else {
+            AdmitError::NameTaken { name, host }
+        }
     }
 }
 
@@ -462,11 +479,8 @@ impl Agent {
     ) -> Result<(), AdmitError> {
         vms::check_name(name)?;
         let host = &self.cfg.name;
-        if vms.contains_key(name) {
-            return Err(AdmitError::NameTaken {
-                name: name.into(),
-                host: host.clone(),
-            });
+        if let Some(e) = vms.get(name) {
+            return Err(AdmitError::name_taken(name, host, &e.phase, inbound));
         }
         if inbound && self.cordoned() {
             return Err(AdmitError::Cordoned { host: host.clone() });
@@ -525,5 +539,22 @@ impl Running {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_still_arriving_turns_a_migration_away_for_now_and_a_running_one_for_good() {
+        let arriving = AdmitError::name_taken("sql3", "a", &vms::Phase::Arriving, true);
+        assert!(arriving.is_busy(), "{arriving}");
+        assert!(arriving.to_string().contains("still arriving on host a"));
+        let running = AdmitError::name_taken("sql3", "a", &vms::Phase::Running, true);
+        assert!(!running.is_busy());
+        assert_eq!(running.to_string(), "a VM named sql3 is already on host a");
+        // Creating a VM (not a migration) under a name that arrives: taken.
+        assert!(!AdmitError::name_taken("sql3", "a", &vms::Phase::Arriving, false).is_busy());
     }
 }

@@ -454,15 +454,19 @@ impl DrainReport {
         s
     }
 
+    /// The names of the VMs `pick` picks.
+    fn names_where(&self, pick: impl Fn(&VmOutcome) -> bool) -> Vec<&str> {
+        self.vms
+            .iter()
+            .filter(|v| pick(v))
+            .map(|v| v.name.as_str())
+            .collect()
+    }
+
     /// The VMs a compressed drain starts raw, and the costs that priced them; None when none.
     fn raw_line(&self) -> Option<String> {
         let r = self.plan.raw.as_ref()?;
-        let names: Vec<&str> = self
-            .vms
-            .iter()
-            .filter(|v| v.started_raw)
-            .map(|v| v.name.as_str())
-            .collect();
+        let names = self.names_where(|v| v.started_raw);
         Some(format!(
             "raw: {} start raw, the drain ending sooner as the model prices them at tcp's {:.2} and {:.2} core-s per GB",
             names.join(", "),
@@ -473,12 +477,7 @@ impl DrainReport {
 
     /// The VMs that go (or went) by post-copy, and what that risks; None when none does.
     fn postcopy_line(&self) -> Option<String> {
-        let names: Vec<&str> = self
-            .vms
-            .iter()
-            .filter(|v| v.postcopy)
-            .map(|v| v.name.as_str())
-            .collect();
+        let names = self.names_where(|v| v.postcopy);
         (!names.is_empty()).then(|| {
             format!(
                 "post-copy for {}: {}",

@@ -443,6 +443,7 @@ impl CpuWatch {
             .sum();
         let vms: Vec<VmOutcome> = vms.iter().filter(|v| !v.started_raw).cloned().collect();
         let vms = &vms[..];
+        let taught = migrations_cpu(vms);
         let shown = crate::cpu::Shown {
             dirty_ratio: crate::predict::drain_dirty_ratio(&dirty_ratios(vms)),
             concurrency: o.concurrency.fixed(),
@@ -454,8 +455,8 @@ impl CpuWatch {
             ),
             setup_s: mean_setup_s(vms),
             verify_s_per_gb: verify_s_per_gb(vms),
-            migrations: migrations_cpu(vms),
-            vmm_share: crate::cpu::vmm_share(&migrations_cpu(vms), &all),
+            vmm_share: crate::cpu::vmm_share(&taught, &all),
+            migrations: taught,
         };
         self.meter
             .teach(&self.key, wire.saturating_sub(raw_wire), shown);
@@ -923,13 +924,18 @@ impl<'a> Run<'a> {
         self.peak = self.peak.max(self.moving());
     }
 
-    /// Counts a migration the plan started raw, in the report and the view.
-    fn started_raw(&mut self, name: &str) {
+    /// Counts a migration held raw for `why` in the codec report, and the most held at once.
+    fn count_held(&mut self, why: &str) {
         let held = self.flights.iter().filter(|f| f.held_raw).count();
         if let Some((report, _)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
-            *report.held_raw.entry(MODEL_RAW.into()).or_default() += 1;
+            *report.held_raw.entry(why.into()).or_default() += 1;
             report.most_held = report.most_held.max(held);
         }
+    }
+
+    /// Counts a migration the plan started raw, in the report and the view.
+    fn started_raw(&mut self, name: &str) {
+        self.count_held(MODEL_RAW);
         self.view
             .line(&format!("drain: {name} sends raw ({MODEL_RAW})"));
     }
@@ -1378,11 +1384,7 @@ impl<'a> Run<'a> {
             }
             self.flights[i].held_raw = true;
             self.flights[i].codec_chosen = true;
-            let held = self.flights.iter().filter(|f| f.held_raw).count();
-            if let Some((report, _)) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
-                *report.held_raw.entry("raw paid".into()).or_default() += 1;
-                report.most_held = report.most_held.max(held);
-            }
+            self.count_held("raw paid");
             self.view.line(&format!(
                 "drain: {name} sends raw (raw paid; busy {:.0}%)",
                 busy * 100.0

@@ -473,14 +473,15 @@ impl Meter {
     /// The cores the drain's migrations may use and what a byte costs them, for the plan:
     /// per pool, its cores less what other processes took before the drain, at most `1 - reserve` of them (`--reserve-cpu`, as the governor holds it),
     /// shared with the guest vCPUs that were runnable before; `threads`: a migration's busy
-    /// threads on each side; the costs as drains `concurrency` at once (when fixed) showed
-    /// them against the rest. None until the source has learnt what `transport` costs.
+    /// threads on each side; the costs as drains `level` at once showed them against the
+    /// rest ([`host::cpu::level_ratio`]). None until the source has learnt what `transport`
+    /// costs.
     pub fn plan(
         &self,
         reserve: Option<f64>,
         transport: &str,
         threads: [f64; 2],
-        concurrency: Option<usize>,
+        level: usize,
     ) -> Option<PlanCpu> {
         let cost = self.first[0].costs.0.get(transport)?;
         let start = self.start.as_ref()?;
@@ -532,7 +533,7 @@ impl Meter {
         Some(
             plan.with_fit(cost.fit.as_ref().and_then(host::cpu::CostFit::per_gb))
                 .with_verify(cost.verify_s_per_gb)
-                .at_ratio(cost.cost_ratio_at(concurrency))
+                .at_ratio(cost.cost_ratio_at(Some(level)))
                 .with_level_ratios(cost.cost_ratio_at.clone()),
         )
     }

@@ -447,13 +447,9 @@ impl PlanCpu {
     }
 
     /// Priced for `concurrency` migrations at once rather than the plan's level: the costs
-    /// at that level's ratio where drains showed it, the mean over all levels where not.
+    /// at that level's ratio as drains showed it ([`host::cpu::level_ratio`]).
     pub fn at_level(self, concurrency: usize) -> Self {
-        let ratio = u16::try_from(concurrency)
-            .ok()
-            .and_then(|n| self.cost_ratio_at.get(&n).copied())
-            .filter(|r| r.is_finite() && *r > 0.0)
-            .unwrap_or(1.0);
+        let ratio = host::cpu::level_ratio(&self.cost_ratio_at, concurrency);
         let current = Some(self.cost_ratio)
             .filter(|r| r.is_finite() && *r > 0.0)
             .unwrap_or(1.0);
@@ -1252,8 +1248,10 @@ mod tests {
         let fit = at4.cost_fit_s_per_gb.unwrap();
         assert!(close(fit[0].0, 1.1) && close(fit[1].1, 0.55), "{fit:?}");
         assert!(close(at4.cost_ratio, 1.1));
-        // A level no drain ran at costs the mean over all.
-        assert_eq!(auto.clone().at_level(3).cost_s_per_gb, auto.cost_s_per_gb);
+        // A level no drain ran at costs what its neighbours show.
+        let at3 = auto.clone().at_level(3);
+        assert!(close(at3.cost_s_per_gb[0], 2.0 * (0.9 + 0.2 * 2.0 / 3.0)));
+        assert!(close(auto.clone().at_level(8).cost_ratio, 1.1));
         // A plan already at one level's ratio goes to another's, not on top of it.
         let one = auto.at_ratio(0.9);
         let moved = one.at_level(4);

@@ -19,6 +19,7 @@ pub struct RawCosts {
 /// A simulated drain: its makespan, what held each migration back, and each as last priced.
 pub type Simulated = (f64, Vec<Bound>, Vec<SimJob>);
 
+#[derive(Clone)]
 pub struct Pricing<'a> {
     s: &'a Survey,
     /// The VMs' facts with the page-cache hits their order gives them; and the same as
@@ -84,9 +85,7 @@ impl<'a> Pricing<'a> {
             inbound: s.dests.iter().map(|d| d.max_inbound).min().unwrap_or(1),
             per_dest: (window as f64 / s.dests.len() as f64).max(1.0),
         };
-        p.links = (0..p.dest_facts.len())
-            .map(|d| plan::sim_link(&p.dest_facts[d], &p.like(d, false), p.model()))
-            .collect();
+        p.links = p.sim_links();
         p.order = p.order(o, placement);
         p.vms = crate::run::with_cache_hits(o, s, &p.order, placement);
         p.raw_vms = p.vms.clone();
@@ -100,6 +99,25 @@ impl<'a> Pricing<'a> {
             .collect();
         p.seeder = crate::run::seeders(cached, &p.placed);
         p
+    }
+
+    /// The same drain priced `level` migrations at once: its costs, and raw's, at that
+    /// level's ratio ([`PlanCpu::at_level`]).
+    pub fn at_level(&self, level: usize) -> Self {
+        let mut p = Pricing {
+            cpu: self.cpu.clone().map(|c| c.at_level(level)),
+            raw: self.raw.clone().map(|c| c.at_level(level)),
+            ..self.clone()
+        };
+        p.links = p.sim_links();
+        p
+    }
+
+    /// The links as the simulation takes them, at these costs.
+    fn sim_links(&self) -> Vec<f64> {
+        (0..self.dest_facts.len())
+            .map(|d| plan::sim_link(&self.dest_facts[d], &self.like(d, false), self.model()))
+            .collect()
     }
 
     /// The placed VMs in the order `o` asks for, hot VMs (those that dirty faster than their

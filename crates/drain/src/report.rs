@@ -447,7 +447,7 @@ impl DrainReport {
             .filter(|r| *r != 1.0)
         {
             s += &format!(
-                "cpu at this concurrency: {:.0}% of what migrations cost over all levels (learnt from earlier drains at it; in the costs above)\n",
+                "cpu at the plan's concurrency: {:.0}% of what migrations cost over all levels (learnt from earlier drains at it or the levels around it; in the costs above)\n",
                 r * 100.0
             );
         }
@@ -583,7 +583,7 @@ mod tests {
             "{t}"
         );
         assert!(
-            !t.contains("cpu at this concurrency"),
+            !t.contains("cpu at the plan's concurrency"),
             "no CPU in the plan: {t}"
         );
         // A level whose drains cost 85% of the rest says so.
@@ -592,7 +592,7 @@ mod tests {
         r.plan.cpu = Some(cpu.at_ratio(0.85));
         let t = r.plan_table();
         assert!(
-            t.contains("cpu at this concurrency: 85% of what migrations cost"),
+            t.contains("cpu at the plan's concurrency: 85% of what migrations cost"),
             "{t}"
         );
         assert!(

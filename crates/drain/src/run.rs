@@ -121,12 +121,12 @@ impl Planned {
         let cached = cached_dests(o, s, &placement);
         let key = cost_key(&o.request, cached.contains(&true));
         let overhead = crate::predict::overhead(meter.and_then(|m| m.setup_s(&key)));
-        let cpu = meter.and_then(|m| plan_cpu(o, m, &key));
-        let raw_costs = meter.and_then(|m| raw_costs(o, m, cached.contains(&true)));
         let window = match o.concurrency {
             Concurrency::Fixed(n) => n,
             Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
         };
+        let cpu = meter.and_then(|m| plan_cpu(o, m, &key, window));
+        let raw_costs = meter.and_then(|m| raw_costs(o, m, cached.contains(&true), window));
         let p = Pricing::new(
             o,
             s,
@@ -141,7 +141,10 @@ impl Planned {
         let sim = p.simulate(window, &raw);
         let first_window = match (&sim, o.concurrency) {
             (Some(_), Concurrency::Auto) => {
-                let eta = |w: usize| p.simulate(w, &raw).map_or(f64::INFINITY, |s| s.0);
+                let eta = |w: usize| {
+                    let at = p.at_level(w).simulate(w, &raw);
+                    at.map_or(f64::INFINITY, |s| s.0)
+                };
                 crate::window::first_level(eta, p.order.len())
             }
             _ => 1,
@@ -485,16 +488,26 @@ fn dirty_ratios(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
 }
 
 /// The CPU side of the plan: the pools' cores and what the source learnt of `key`'s costs
-/// and busy threads. None before it learnt them.
-fn plan_cpu(o: &DrainOptions, m: &crate::cpu::Meter, key: &str) -> Option<plan::PlanCpu> {
+/// and busy threads, `level` migrations at once. None before it learnt them.
+fn plan_cpu(
+    o: &DrainOptions,
+    m: &crate::cpu::Meter,
+    key: &str,
+    level: usize,
+) -> Option<plan::PlanCpu> {
     let threads = busy_threads(&o.request, m.source().cores, m.busy_workers(key));
-    m.plan(o.budget.reserve_cpu, key, threads, o.concurrency.fixed())
+    m.plan(o.budget.reserve_cpu, key, threads, level)
 }
 
-/// What sending a compressed drain's VM raw costs, as the source learnt it of tcp drains with
-/// the same page streams and caches (`cached`). None when the drain does not compress or
-/// the source has not learnt it.
-fn raw_costs(o: &DrainOptions, m: &crate::cpu::Meter, cached: bool) -> Option<RawCosts> {
+/// What sending a compressed drain's VM raw costs, `level` migrations at once, as the source
+/// learnt it of tcp drains with the same page streams and caches (`cached`). None when the
+/// drain does not compress or the source has not learnt it.
+fn raw_costs(
+    o: &DrainOptions,
+    m: &crate::cpu::Meter,
+    cached: bool,
+    level: usize,
+) -> Option<RawCosts> {
     use migration::protocol::Transport;
     if o.request.transport != Some(Transport::Compressed) {
         return None;
@@ -506,7 +519,7 @@ fn raw_costs(o: &DrainOptions, m: &crate::cpu::Meter, cached: bool) -> Option<Ra
     let key = cost_key(&tcp, cached);
     let threads = busy_threads(&tcp, m.source().cores, None);
     Some(RawCosts {
-        cpu: m.plan(o.budget.reserve_cpu, &key, threads, o.concurrency.fixed())?,
+        cpu: m.plan(o.budget.reserve_cpu, &key, threads, level)?,
         dirty_ratio: m.dirty_ratio(&key, o.concurrency.fixed()),
     })
 }

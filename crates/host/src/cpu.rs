@@ -206,13 +206,10 @@ const MAX_SCALE: f64 = 4.0;
 pub const MAX_MIGRATIONS: usize = 256;
 
 impl CpuCost {
-    /// What migrations cost `concurrency` at once (when fixed) against the costs learnt: as
-    /// drains at that level showed, 1 when none did.
+    /// What migrations cost `concurrency` at once (when fixed) against the costs learnt
+    /// ([`level_ratio`]); 1 when it is not fixed.
     pub fn cost_ratio_at(&self, concurrency: Option<usize>) -> f64 {
-        concurrency
-            .and_then(|n| u16::try_from(n).ok())
-            .and_then(|n| self.cost_ratio_at.get(&n).copied())
-            .unwrap_or(1.0)
+        concurrency.map_or(1.0, |n| level_ratio(&self.cost_ratio_at, n))
     }
 
     /// The share of their dirty rate guests keep while they move `concurrency` at once (when
@@ -222,6 +219,25 @@ impl CpuCost {
             .and_then(|n| u16::try_from(n).ok())
             .and_then(|n| self.dirty_rate_ratio_at.get(&n).copied())
             .or(self.dirty_rate_ratio)
+    }
+}
+
+/// What migrations cost `n` at once against the costs learnt, of the ratios drains showed
+/// per level (`at`): that level's where they ran at it; between two levels they ran at, on
+/// the line between theirs; below or above them all, the nearest's; 1 before any. Not the
+/// mean over all levels for a level no drain ran at: what is learnt over all levels is
+/// what they cost at their own ratios, so the ratios need not gather around 1.
+pub fn level_ratio(at: &BTreeMap<u16, f64>, n: usize) -> f64 {
+    let sane = |r: &f64| r.is_finite() && *r > 0.0;
+    let n = u16::try_from(n).unwrap_or(u16::MAX);
+    let below = at.range(..=n).rev().find(|(_, r)| sane(r));
+    let above = at.range(n..).find(|(_, r)| sane(r));
+    match (below, above) {
+        (Some((&a, &ra)), Some((&b, &rb))) if b > a => {
+            ra + (rb - ra) * f64::from(n - a) / f64::from(b - a)
+        }
+        (Some((_, &r)), _) | (None, Some((_, &r))) => r,
+        (None, None) => 1.0,
     }
 }
 
@@ -701,7 +717,10 @@ mod tests {
         assert!((t.cost_ratio_at(Some(1)) - 0.75).abs() < 1e-9, "{t:?}");
         let base = t.source_s_per_gb + t.destination_s_per_gb;
         assert!((base - 4.0).abs() < 1e-9, "{t:?}");
-        assert_eq!(t.cost_ratio_at(Some(4)), 1.0, "no drain at 4");
+        assert!(
+            (t.cost_ratio_at(Some(4)) - 1.0).abs() < 1e-9,
+            "no drain at 4: at 2's"
+        );
         assert_eq!(t.cost_ratio_at(None), 1.0, "auto");
         // Again at 1, 2.5 core-s per GB: 0.3 of the way from 0.75 to 2.5 against 4.
         c.learn(&drain(1, 1.5));
@@ -711,6 +730,27 @@ mod tests {
         // A ratio past the believable is taken at its bound.
         c.learn(&drain(8, 40.0));
         assert_eq!(c.0["tcp"].cost_ratio_at(Some(8)), MAX_RATIO);
+    }
+
+    #[test]
+    fn a_level_no_drain_ran_at_costs_what_its_neighbours_show() {
+        let at = BTreeMap::from([(1, 0.8), (2, 0.7), (4, 0.9)]);
+        let close = |n: usize, want: f64| {
+            let got = level_ratio(&at, n);
+            assert!((got - want).abs() < 1e-9, "at {n}: {got} against {want}");
+        };
+        close(1, 0.8);
+        close(2, 0.7);
+        close(3, 0.8);
+        close(4, 0.9);
+        close(16, 0.9);
+        close(0, 0.8);
+        close(usize::MAX, 0.9);
+        assert_eq!(level_ratio(&BTreeMap::new(), 3), 1.0);
+        // A ratio that is not a cost (from a file) is passed over.
+        let odd = BTreeMap::from([(1, f64::NAN), (2, 0.7), (4, -1.0)]);
+        assert!((level_ratio(&odd, 3) - 0.7).abs() < 1e-9);
+        assert!((level_ratio(&odd, 1) - 0.7).abs() < 1e-9);
     }
 
     /// Drains at one level after another do not move what the others are predicted to

@@ -314,6 +314,11 @@ fn kvm_a_migration_between_member_agents_takes_the_clusters_settings() {
     // Stopped, its name is free again.
     b.client().stop("vm1").unwrap();
     assert_eq!(owner(&e, "vm1"), None);
+    let log = b.stderr.text();
+    assert!(
+        !log.contains("VM failed"),
+        "a VM stopped when asked did not fail: {log}"
+    );
     run_vm(&a, "vm1");
     assert_eq!(owner(&e, "vm1"), Some(("a".into(), 1)));
 }

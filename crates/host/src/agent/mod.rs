@@ -356,8 +356,9 @@ impl Agent {
                         e.phase = Phase::Failed(why);
                     }
                 }
-                // A migrating VM's process ends when it has moved: its route decides.
-                Phase::Migrating { .. } | Phase::Failed(_) => {}
+                // A migrating VM's process ends when it has moved, a stopping one's when
+                // it was told to: their routes decide.
+                Phase::Migrating { .. } | Phase::Stopping | Phase::Failed(_) => {}
             }
         }
         for (name, fate) in gone {

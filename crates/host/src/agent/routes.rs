@@ -308,8 +308,19 @@ impl Agent {
     }
 
     fn stop(&self, name: &str) -> Reply {
-        let stoppable = |p: &Phase| !matches!(p, Phase::Migrating { .. } | Phase::Arriving);
-        let api = self.api_if(name, stoppable, "stop")?;
+        let api = {
+            let mut vms = locks::lock(&self.vms);
+            let e = vms.get_mut(name).ok_or_else(|| not_found(name))?;
+            if matches!(e.phase, Phase::Migrating { .. } | Phase::Arriving) {
+                return Err((
+                    409,
+                    format!("cannot stop {name}: it is {}", describe(&e.phase)),
+                ));
+            }
+            // Its exit from here on is the one asked for.
+            e.phase = Phase::Stopping;
+            e.api()
+        };
         let _ = vmm::api::Client::new(&api)
             .with_timeout(Duration::from_secs(5))
             .shutdown();

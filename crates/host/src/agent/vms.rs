@@ -41,6 +41,8 @@ pub(super) enum Phase {
     /// Its migration's switchover outcome is unknown: paused here until the destination
     /// says whether it runs there (then `resume` or `discard`).
     Unresolved(String),
+    /// Asked to stop: its process's exit is expected, not a failure.
+    Stopping,
     Failed(String),
 }
 
@@ -53,6 +55,7 @@ impl Phase {
             Phase::Arriving => "incoming",
             Phase::Migrating { .. } => "migrating",
             Phase::Unresolved(_) => "unresolved",
+            Phase::Stopping => "stopping",
             Phase::Failed(_) => "failed",
         }
     }

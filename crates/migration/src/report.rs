@@ -25,10 +25,36 @@ pub struct Phases {
     pub switchover_captured_ms: u64,
     #[serde(default)]
     pub switchover_sent_ms: u64,
+    /// The destination's side, by its clock from when it read the Paused: until the last
+    /// round and the state were in, the state loaded, and its Confirm about to leave (the
+    /// rest of the downtime is the wire's and the wait for the cores on either side).
+    #[serde(default)]
+    pub switchover_received_ms: f64,
+    #[serde(default)]
+    pub switchover_loaded_ms: f64,
+    #[serde(default)]
+    pub switchover_confirming_ms: f64,
     /// Before the pause: the destination placing every round sent, and the rounds that went
     /// while the guest wrote more than the pause could carry.
     #[serde(default)]
     pub catch_up_ms: u64,
+}
+
+impl Phases {
+    /// Where the downtime went, both sides; empty when the destination did not say.
+    fn switchover_line(&self) -> String {
+        if self.switchover_confirming_ms <= 0.0 {
+            return String::new();
+        }
+        format!(
+            "  switchover: state captured at {} ms, last frame out at {} ms; the destination had it all {:.1} ms, had loaded it {:.1} ms and confirmed {:.1} ms after it read the pause\n",
+            self.switchover_captured_ms,
+            self.switchover_sent_ms,
+            self.switchover_received_ms,
+            self.switchover_loaded_ms,
+            self.switchover_confirming_ms
+        )
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -409,6 +435,7 @@ impl Report {
             self.phases.switchover_ms,
             self.phases.cleanup_ms
         );
+        s += &self.phases.switchover_line();
         for d in &self.disks {
             s += &format!(
                 "  {} copied ({} MiB of {} MiB allocated, {} MiB in all) in {} ms; then {} ({}); {} MiB sent again; guest writes: {} held by the mirror for {:.1} ms in all, the longest write {:.1} ms, {:.0}/s during against {:.0}/s before\n",

@@ -115,6 +115,16 @@ impl<W: Write> FrameWriter<W> {
         self.send_round_marker(Kind::RoundDone, r)
     }
 
+    /// The Confirm, with the destination's side of the switchover.
+    pub fn send_confirm(&mut self, c: Confirmed) -> Result<(), ProtocolError> {
+        let wire = ConfirmWire {
+            received_us: U32::new(c.received_us),
+            loaded_us: U32::new(c.loaded_us),
+            confirming_us: U32::new(c.confirming_us),
+        };
+        self.send(Kind::Confirm, wire.as_bytes())
+    }
+
     fn send_round_marker(&mut self, kind: Kind, r: RoundEnd) -> Result<(), ProtocolError> {
         let wire = RoundEndWire {
             round: U32::new(r.round),

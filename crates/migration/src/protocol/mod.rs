@@ -15,7 +15,7 @@ pub const MAGIC: [u8; 4] = *b"LVMG";
 const DATA_MAGIC: [u8; 4] = *b"LVMD";
 const PROBE_MAGIC: [u8; 4] = *b"LVMP";
 const PROBE_REPORT_MAGIC: [u8; 4] = *b"LVMR";
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 pub const HELLO_LEN: usize = std::mem::size_of::<HelloWire>();
 pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
 pub const PAGE: usize = 4096;
@@ -209,13 +209,9 @@ impl Kind {
     pub fn max_len(self) -> usize {
         const BATCH: usize = COUNT_LEN + MAX_BATCH_PAGES * (ENTRY_LEN + PAGE);
         match self {
-            Kind::Ready
-            | Kind::Done
-            | Kind::Confirm
-            | Kind::PostcopyEnd
-            | Kind::OwedPlaced
-            | Kind::Paused => 0,
+            Kind::Ready | Kind::Done | Kind::PostcopyEnd | Kind::OwedPlaced | Kind::Paused => 0,
             Kind::RoundEnd | Kind::RoundDone => std::mem::size_of::<RoundEndWire>(),
+            Kind::Confirm => std::mem::size_of::<ConfirmWire>(),
             Kind::Config | Kind::Verified | Kind::Abort | Kind::Busy | Kind::Redirect => 64 << 10,
             Kind::Pages | Kind::PagesDirect | Kind::PostcopyPages => BATCH,
             Kind::Postcopy | Kind::PostcopyResume => {
@@ -245,7 +241,7 @@ pub enum ProtocolError {
     Closed,
     /// bad magic {0:02x?}: the peer is not livemig
     BadMagic([u8; 4]),
-    /// protocol version {theirs} is not supported (this livemig speaks 4)
+    /// protocol version {theirs} is not supported (this livemig speaks 5)
     Version { theirs: u16 },
     /// transport {0} is not supported by the destination
     TransportUnsupported(u8),

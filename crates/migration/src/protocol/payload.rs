@@ -76,6 +76,17 @@ pub struct Redirect {
     pub port: u16,
 }
 
+/// How the destination spent the switchover, from when it read the source's Paused: until
+/// the last round and the state were in (`received`), the state loaded into the VM built
+/// (`loaded`), and the Confirm about to leave, the cluster's commit included (`confirming`).
+/// Microseconds; where the destination saw no Paused, from the last frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Confirmed {
+    pub received_us: u32,
+    pub loaded_us: u32,
+    pub confirming_us: u32,
+}
+
 /// The end of a round: its number and how many pages it had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RoundEnd {
@@ -299,7 +310,7 @@ pub enum Frame<'a> {
     RoundEnd(RoundEnd),
     State(Box<migratable::Snapshot>),
     Done,
-    Confirm,
+    Confirm(Confirmed),
     Verified(VerifyOutcome),
     Redirect(Redirect),
     /// Keys of the pages in the destination host's cache, [`crate::host_cache::KEY_LEN`]
@@ -336,7 +347,7 @@ impl Frame<'_> {
             Frame::RoundEnd(_) => Kind::RoundEnd,
             Frame::State(_) => Kind::State,
             Frame::Done => Kind::Done,
-            Frame::Confirm => Kind::Confirm,
+            Frame::Confirm(_) => Kind::Confirm,
             Frame::Verified(_) => Kind::Verified,
             Frame::Redirect(_) => Kind::Redirect,
             Frame::CacheKeys(_) => Kind::CacheKeys,
@@ -364,7 +375,15 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame<'_>, ProtocolError> {
         Kind::Config => Frame::Config(serde_json::from_slice(payload).map_err(json)?),
         Kind::Ready => Frame::Ready,
         Kind::Done => Frame::Done,
-        Kind::Confirm => Frame::Confirm,
+        Kind::Confirm => {
+            let w = ConfirmWire::read_from_bytes(payload)
+                .map_err(|_| bad(format!("{} bytes, expected 12", payload.len())))?;
+            Frame::Confirm(Confirmed {
+                received_us: w.received_us.get(),
+                loaded_us: w.loaded_us.get(),
+                confirming_us: w.confirming_us.get(),
+            })
+        }
         Kind::Pages => {
             let (head, data) = BatchHead::parse(payload, kind)?;
             Frame::Pages { head, data }

@@ -41,6 +41,7 @@ fn headers_have_their_wire_sizes() {
     assert_eq!(HEADER_LEN, 24);
     assert_eq!(std::mem::size_of::<CompressedHeader>(), 8);
     assert_eq!(std::mem::size_of::<RoundEndWire>(), 12);
+    assert_eq!(std::mem::size_of::<ConfirmWire>(), 12);
     assert_eq!(ENTRY_LEN, 8);
 }
 
@@ -95,6 +96,12 @@ fn every_kind_encodes_and_decodes_here() {
     })
     .unwrap();
     w.send_round_done(RoundEnd { round: 7, pages: 3 }).unwrap();
+    let times = Confirmed {
+        received_us: 1_500,
+        loaded_us: 2_250,
+        confirming_us: u32::MAX,
+    };
+    w.send_confirm(times).unwrap();
     w.send_cache_keys(&[[1; 16], [2; 16]]).unwrap();
     w.send_verified(&VerifyOutcome {
         ok: true,
@@ -139,6 +146,10 @@ fn every_kind_encodes_and_decodes_here() {
         f => panic!("{:?}", f.kind()),
     }
     match r.next_frame().unwrap() {
+        Frame::Confirm(c) => assert_eq!(c, times),
+        f => panic!("{:?}", f.kind()),
+    }
+    match r.next_frame().unwrap() {
         Frame::CacheKeys(k) => assert_eq!(k.len(), 32),
         f => panic!("{:?}", f.kind()),
     }
@@ -164,6 +175,14 @@ fn every_kind_encodes_and_decodes_here() {
             ..
         })
     ));
+    // So is a Confirm without the destination's times, or with part of them.
+    for len in [0, 11] {
+        let bad = frames(&[(Kind::Confirm, vec![0; len])]);
+        assert!(
+            FrameReader::new(Cursor::new(bad)).next_frame().is_err(),
+            "{len}"
+        );
+    }
     let bad = frames(&[(Kind::Config, b"{\"vm\":1}".to_vec())]);
     assert!(FrameReader::new(Cursor::new(bad)).next_frame().is_err());
     // Keys are whole or the frame is malformed.

@@ -72,6 +72,16 @@ pub(super) struct RoundEndWire {
     pub(super) pages: U64,
 }
 
+/// A Confirm's payload: the destination's side of the switchover, in µs from when it read
+/// the source's Paused.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub(super) struct ConfirmWire {
+    pub(super) received_us: U32,
+    pub(super) loaded_us: U32,
+    pub(super) confirming_us: U32,
+}
+
 /// One extent of an Extents frame: memfd offsets `[start, end)`.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
 #[repr(C)]

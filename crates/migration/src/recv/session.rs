@@ -19,8 +19,8 @@ use super::{cache, incoming, populate, Events, Incoming, Pending, ReceiveEvent, 
 use super::{check_config, check_extents, fits_here, ReceiveMigrationState, Step};
 use crate::policy::{self, Landing};
 use crate::protocol::{
-    self, DirectRead, FrameReader, FrameWriter, Kind, Owed, Prepare, ProtocolError, Transport,
-    VerifyOutcome,
+    self, Confirmed, DirectRead, FrameReader, FrameWriter, Kind, Owed, Prepare, ProtocolError,
+    Transport, VerifyOutcome,
 };
 use crate::{thread_cpu_seconds, MigrationError};
 
@@ -152,10 +152,16 @@ impl Incoming {
         if let Some(d) = disks {
             d.keep();
         }
-        let loaded_ms = t_done.elapsed().as_millis();
+        let since = held.paused.unwrap_or(t_done);
+        let loaded = since.elapsed();
         self.tell(&ReceiveEvent::Confirming);
         let committed = self.commit(&prep)?;
-        let confirmed = out.send(Kind::Confirm, &[]).and_then(|()| out.flush());
+        let times = Confirmed {
+            received_us: micros(t_done - since),
+            loaded_us: micros(loaded),
+            confirming_us: micros(since.elapsed()),
+        };
+        let confirmed = out.send_confirm(times).and_then(|()| out.flush());
         match confirmed {
             // Owned here now: the source learns it from the cluster if not from us.
             Err(e) if committed => {
@@ -163,11 +169,7 @@ impl Incoming {
             }
             r => r?,
         }
-        tracing::debug!(
-            loaded_ms,
-            confirmed_ms = t_done.elapsed().as_millis(),
-            "switchover here: everything received, state loaded, confirmed"
-        );
+        tracing::debug!(?times, "switchover here: received, loaded, confirmed");
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
         // The guest runs: the downtime is over (threads started meanwhile did not inherit it).
@@ -357,6 +359,9 @@ type Memory = (Snapshot, ReceiveStats, Option<Box<Owed>>, Held);
 /// time-shared; the downtime must not wait for its last chunk).
 #[derive(Default)]
 struct Held {
+    /// When the source's Paused was read: the destination's share of the downtime counts
+    /// from here.
+    paused: Option<Instant>,
     first: Option<sched::Boosted>,
     _populate: Option<populate::Populate>,
 }
@@ -378,7 +383,6 @@ fn control_loop<R: DirectRead, W: Write>(
     let mut scratch = Vec::new();
     let mut rounds = 0;
     let mut populate = None;
-    let mut t_paused = None;
     loop {
         let (next, step) = state.next(input.next_frame()?)?;
         state = next;
@@ -425,7 +429,7 @@ fn control_loop<R: DirectRead, W: Write>(
                 }
             },
             Step::Paused => {
-                t_paused = Some(Instant::now());
+                held.paused = Some(Instant::now());
                 held.first = switchover_first(control);
             }
             Step::RoundEnd(r) => {
@@ -454,7 +458,7 @@ fn control_loop<R: DirectRead, W: Write>(
             held._populate = populate;
             stats.rounds = rounds;
             tracing::debug!(
-                received_ms = t_paused.map(|t| t.elapsed().as_millis()),
+                received_ms = held.paused.map(|t| t.elapsed().as_millis()),
                 "switchover here: the paused round and the state received"
             );
             return Ok((*state, stats, owed, held));
@@ -472,6 +476,11 @@ fn switchover_first(control: &ShutdownHandle) -> Option<sched::Boosted> {
     crate::go_first()
         .inspect_err(|why| tracing::debug!("the switchover keeps its priority: {why}"))
         .ok()
+}
+
+/// A duration in whole microseconds, as a Confirm carries them (at most about 71 minutes).
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// Post-copy's link, which comes after the page streams: asks, answers, push.

@@ -461,7 +461,7 @@ mod tests {
     fn receiving_memory_refuses_config_done_and_answers() {
         refuses(receiving(), prepare());
         refuses(receiving(), Frame::Done);
-        refuses(receiving(), Frame::Confirm);
+        refuses(receiving(), Frame::Confirm(Default::default()));
         refuses(receiving(), verified());
     }
 

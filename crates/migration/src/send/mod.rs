@@ -1329,8 +1329,9 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// The destination's Confirm, after the paused round's RoundDone if one comes; anything
-    /// else leaves the outcome unknown (the VM may run there).
+    /// The destination's Confirm, after the paused round's RoundDone if one comes, with its
+    /// side of the switchover for the report; anything else leaves the outcome unknown (the
+    /// VM may run there).
     fn await_confirm(&mut self) -> Result<(), MigrationError> {
         let answer = loop {
             match self.input.next_frame() {
@@ -1339,7 +1340,14 @@ impl<'a> Session<'a> {
             }
         };
         match answer {
-            Ok(Frame::Confirm) => Ok(()),
+            Ok(Frame::Confirm(times)) => {
+                let ms = |us: u32| f64::from(us) / 1e3;
+                let p = &mut self.report.phases;
+                p.switchover_received_ms = ms(times.received_us);
+                p.switchover_loaded_ms = ms(times.loaded_us);
+                p.switchover_confirming_ms = ms(times.confirming_us);
+                Ok(())
+            }
             Ok(f) => Err(MigrationError::OutcomeUnknown(format!(
                 "{:?} instead of Confirm",
                 f.kind()

@@ -191,6 +191,17 @@ fn an_idle_vm_moves_whole_in_one_copy() {
         r.catch_up_rounds, 0,
         "nothing was written while it caught up"
     );
+    // The destination says where its side of the downtime went, in order, and within it.
+    let p = &r.phases;
+    assert!(
+        0.0 < p.switchover_confirming_ms
+            && p.switchover_received_ms <= p.switchover_loaded_ms
+            && p.switchover_loaded_ms <= p.switchover_confirming_ms
+            && p.switchover_confirming_ms <= r.downtime_ms as f64 + 1.0,
+        "{p:?}, downtime {} ms",
+        r.downtime_ms
+    );
+    assert!(r.summary().contains("confirmed"), "{}", r.summary());
 }
 
 /// From the pause until the guest runs again, the migration's thread on each side runs in

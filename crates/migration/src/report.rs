@@ -34,6 +34,11 @@ pub struct Phases {
     pub switchover_loaded_ms: f64,
     #[serde(default)]
     pub switchover_confirming_ms: f64,
+    /// From the destination's Confirm leaving to the guest running there (it records that
+    /// the VM runs there, synced, first): the guest's pause beyond `switchover_ms`, as the
+    /// destination's verdict tells it.
+    #[serde(default)]
+    pub switchover_resumed_ms: f64,
     /// Before the pause: the destination placing every round sent, and the rounds that went
     /// while the guest wrote more than the pause could carry.
     #[serde(default)]
@@ -47,12 +52,13 @@ impl Phases {
             return String::new();
         }
         format!(
-            "  switchover: state captured at {} ms, last frame out at {} ms; the destination had it all {:.1} ms, had loaded it {:.1} ms and confirmed {:.1} ms after it read the pause\n",
+            "  switchover: state captured at {} ms, last frame out at {} ms; the destination had it all {:.1} ms, had loaded it {:.1} ms and confirmed {:.1} ms after it read the pause, and ran the guest {:.1} ms after its Confirm\n",
             self.switchover_captured_ms,
             self.switchover_sent_ms,
             self.switchover_received_ms,
             self.switchover_loaded_ms,
-            self.switchover_confirming_ms
+            self.switchover_confirming_ms,
+            self.switchover_resumed_ms
         )
     }
 }

@@ -152,6 +152,7 @@ fn traffic() -> Vec<Vec<u8>> {
             verifiable: true,
             detail: "VERIFY OK pages=1".into(),
             cpu_seconds: 0.1,
+            resumed_ms: 0.0,
         })
         .unwrap();
     answers.send_abort("no room").unwrap();

@@ -109,6 +109,10 @@ pub struct VerifyOutcome {
     pub verifiable: bool,
     /// CPU the destination's migration threads used.
     pub cpu_seconds: f64,
+    /// From the Confirm leaving to the guest's vCPUs running, ms: the guest's pause beyond
+    /// the downtime the source measures (the record that the VM runs here is synced first).
+    #[serde(default)]
+    pub resumed_ms: f64,
 }
 
 /// A batch head (count + entries), checked for shape: count within the limit, entries whole,

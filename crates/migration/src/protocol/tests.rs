@@ -108,6 +108,7 @@ fn every_kind_encodes_and_decodes_here() {
         verifiable: true,
         detail: "VERIFY OK pages=3".into(),
         cpu_seconds: 0.5,
+        resumed_ms: 0.25,
     })
     .unwrap();
     let mut b = PageBatch::default();
@@ -154,7 +155,7 @@ fn every_kind_encodes_and_decodes_here() {
         f => panic!("{:?}", f.kind()),
     }
     match r.next_frame().unwrap() {
-        Frame::Verified(v) => assert!(v.ok && v.detail.contains("pages=3")),
+        Frame::Verified(v) => assert!(v.ok && v.detail.contains("pages=3") && v.resumed_ms == 0.25),
         f => panic!("{:?}", f.kind()),
     }
     match r.next_frame().unwrap() {
@@ -675,6 +676,7 @@ fn a_remade_links_resume_names_the_pages_still_owed_and_the_verdict_follows_done
         detail: "VERIFY OK".into(),
         verifiable: true,
         cpu_seconds: 0.0,
+        resumed_ms: 0.0,
     })
     .unwrap();
     assert_eq!(w.seq(), 3);

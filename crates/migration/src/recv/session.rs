@@ -170,8 +170,10 @@ impl Incoming {
             r => r?,
         }
         tracing::debug!(?times, "switchover here: received, loaded, confirmed");
+        let t_confirmed = Instant::now();
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
+        let resumed_ms = t_confirmed.elapsed().as_secs_f64() * 1e3;
         // The guest runs: the downtime is over (threads started meanwhile did not inherit it).
         drop(held);
         let outcome = match (postcopy, relink) {
@@ -180,7 +182,13 @@ impl Incoming {
                 // network; the control connection is done with.
                 let cpu = || thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds;
                 let doorway = pc.doorway(prep.streams, opts.peer_timeout);
-                verify_in_postcopy(&mut vm, (pc, link), (slot, doorway), opts, cpu)?;
+                verify_in_postcopy(
+                    &mut vm,
+                    (pc, link),
+                    (slot, doorway),
+                    opts,
+                    (cpu, resumed_ms),
+                )?;
                 drop(cache);
                 return Ok((vm, stats));
             }
@@ -188,6 +196,7 @@ impl Incoming {
         };
         let outcome = VerifyOutcome {
             cpu_seconds: thread_cpu_seconds() - cpu0 + stats.stream_cpu_seconds,
+            resumed_ms,
             ..outcome
         };
         // The VM runs here now: a source gone before the verdict costs the report, not the VM.
@@ -521,7 +530,7 @@ fn verify_in_postcopy<V: Migratable>(
     (mut pc, link): (postcopy::Postcopy, postcopy::Link),
     (slot, doorway): (incoming::StreamSlot<'_>, postcopy::Doorway),
     opts: &super::ReceiveOptions,
-    cpu: impl Fn() -> f64,
+    (cpu, resumed_ms): (impl Fn() -> f64, f64),
 ) -> Result<(), MigrationError> {
     pc.resumed(vm.guest_writes());
     let verdict = Mutex::new(None);
@@ -534,6 +543,7 @@ fn verify_in_postcopy<V: Migratable>(
         let outcome = verify(vm, opts.verify_timeout);
         *locks::lock(verdict) = Some(VerifyOutcome {
             cpu_seconds: cpu(),
+            resumed_ms,
             ..outcome
         });
         let done = push
@@ -642,5 +652,6 @@ fn verify(vm: &mut impl Migratable, timeout: Duration) -> VerifyOutcome {
         detail,
         verifiable,
         cpu_seconds: 0.0,
+        resumed_ms: 0.0,
     }
 }

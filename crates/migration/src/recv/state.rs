@@ -311,6 +311,7 @@ mod tests {
             verifiable: true,
             detail: String::new(),
             cpu_seconds: 0.0,
+            resumed_ms: 0.0,
         })
     }
 

@@ -1807,6 +1807,7 @@ impl<'a> Session<'a> {
             destination: verified.as_ref().map_or(0.0, |v| v.cpu_seconds),
         };
         r.guest_verified = verified.as_ref().is_ok_and(|v| v.ok && v.verifiable);
+        r.phases.switchover_resumed_ms = verified.as_ref().map_or(0.0, |v| v.resumed_ms);
         r.verification = match &verified {
             Ok(v) if !v.verifiable => Verification::NotVerifiable,
             Ok(v) if v.ok => Verification::Verified,

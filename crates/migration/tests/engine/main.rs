@@ -197,7 +197,8 @@ fn an_idle_vm_moves_whole_in_one_copy() {
         0.0 < p.switchover_confirming_ms
             && p.switchover_received_ms <= p.switchover_loaded_ms
             && p.switchover_loaded_ms <= p.switchover_confirming_ms
-            && p.switchover_confirming_ms <= r.downtime_ms as f64 + 1.0,
+            && p.switchover_confirming_ms <= r.downtime_ms as f64 + 1.0
+            && p.switchover_resumed_ms > 0.0,
         "{p:?}, downtime {} ms",
         r.downtime_ms
     );

@@ -153,23 +153,7 @@ impl Incoming {
             d.keep();
         }
         let since = held.paused.unwrap_or(t_done);
-        let loaded = since.elapsed();
-        self.tell(&ReceiveEvent::Confirming);
-        let committed = self.commit(&prep)?;
-        let times = Confirmed {
-            received_us: micros(t_done - since),
-            loaded_us: micros(loaded),
-            confirming_us: micros(since.elapsed()),
-        };
-        let confirmed = out.send_confirm(times).and_then(|()| out.flush());
-        match confirmed {
-            // Owned here now: the source learns it from the cluster if not from us.
-            Err(e) if committed => {
-                tracing::warn!("the Confirm did not reach the source ({e}); the VM runs here");
-            }
-            r => r?,
-        }
-        tracing::debug!(?times, "switchover here: received, loaded, confirmed");
+        self.confirm(&mut out, &prep, since, (t_done - since, since.elapsed()))?;
         let t_confirmed = Instant::now();
         self.tell(&ReceiveEvent::Running);
         vm.resume()?;
@@ -225,6 +209,33 @@ impl Incoming {
             "committed: the cluster names this host the VM's owner"
         );
         Ok(true)
+    }
+
+    /// Commits (in a cluster) and confirms, with the destination's side of the switchover
+    /// from `since` (the Paused): `received` and `loaded` so far, and the Confirm now.
+    fn confirm<W: Write>(
+        &self,
+        out: &mut FrameWriter<W>,
+        prep: &Prepare,
+        since: Instant,
+        (received, loaded): (Duration, Duration),
+    ) -> Result<(), MigrationError> {
+        self.tell(&ReceiveEvent::Confirming);
+        let committed = self.commit(prep)?;
+        let times = Confirmed {
+            received_us: micros(received),
+            loaded_us: micros(loaded),
+            confirming_us: micros(since.elapsed()),
+        };
+        match out.send_confirm(times).and_then(|()| out.flush()) {
+            // Owned here now: the source learns it from the cluster if not from us.
+            Err(e) if committed => {
+                tracing::warn!("the Confirm did not reach the source ({e}); the VM runs here");
+            }
+            r => r?,
+        }
+        tracing::debug!(?times, "switchover here: received, loaded, confirmed");
+        Ok(())
     }
 
     /// The source's Config, checked and admitted by this host (nothing is allocated before).

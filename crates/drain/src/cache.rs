@@ -44,6 +44,9 @@ pub struct Expected {
     /// in a copy with deltas (from its fingerprint pages no earlier VM brought). None when
     /// fewer than [`MIN_PRICED`] of them were priced.
     pub whole_costs: Option<[f64; 2]>,
+    /// Of those pages, the share a copy with deltas sends whole
+    /// ([`crate::predict::whole_in_copy`]).
+    pub whole_in_copy: Option<f64>,
 }
 
 /// Fewer priced pages than this say too little of what the rest cost.
@@ -90,6 +93,7 @@ pub fn hits_in_order(fingerprints: &[Option<Fingerprint>]) -> Vec<Expected> {
                     hits as f64 / mine.len() as f64
                 },
                 whole_costs: per_byte(&whole),
+                whole_in_copy: crate::predict::whole_in_copy(&whole),
             }
         })
         .collect()
@@ -122,6 +126,7 @@ pub fn expect_hits(vms: &mut [VmFacts]) {
     for (v, e) in vms.iter_mut().zip(expected) {
         v.cached = e.hits;
         v.whole_costs = e.whole_costs;
+        v.whole_in_copy = e.whole_in_copy;
     }
 }
 
@@ -255,8 +260,10 @@ mod tests {
         ]);
         assert_eq!(e[0].hits, 0.0);
         assert_eq!(e[0].whole_costs, Some([0.25, 1.0]));
+        assert_eq!(e[0].whole_in_copy, Some(1.0), "no delta fits its pages");
         assert_eq!(e[1].hits, 0.5);
         assert_eq!(e[1].whole_costs, Some([0.125, 0.125]));
+        assert_eq!(e[1].whole_in_copy, Some(0.0), "all go as deltas");
         // Too few priced pages, or costs that do not go with the keys, price nothing.
         let few = hits_in_order(&[Some((&shared[..8], &first_costs[..8]))]);
         assert_eq!(few[0].whole_costs, None);

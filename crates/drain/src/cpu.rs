@@ -575,6 +575,11 @@ impl Meter {
         self.first[0].costs.0.get(transport)?.busy_workers
     }
 
+    /// The same per share of a migration's pages compressed; None before a drain showed it.
+    pub fn workers_per_share(&self, transport: &str) -> Option<f64> {
+        self.first[0].costs.0.get(transport)?.workers_per_share
+    }
+
     /// A migration's setup (besides moving pages and disks), as the source learnt it of
     /// drains by `transport`; None before one showed it.
     pub fn setup_s(&self, transport: &str) -> Option<f64> {
@@ -595,6 +600,7 @@ impl Meter {
         lesson.concurrency = shown.concurrency.and_then(|n| u16::try_from(n).ok());
         lesson.peak_concurrency = u16::try_from(shown.peak).ok().filter(|&n| n > 0);
         lesson.busy_workers = shown.busy_workers;
+        lesson.workers_per_share = shown.workers_per_share;
         lesson.setup_s = shown.setup_s;
         lesson.verify_s_per_gb = shown.verify_s_per_gb;
         lesson.migrations = shown.migrations;
@@ -629,21 +635,66 @@ impl Meter {
     }
 }
 
-/// Of a compressed migration's `workers` (one per core of the source), how many are busy
-/// while its sending threads are: the workers' CPU over the busiest thread's, taking the
-/// workers' as even and each of the `streams` page streams' as an even share of the sending
-/// threads'. `cpu`: each migration's (workers', sending threads') core-seconds. The mean over
-/// them, weighted by their CPU; None when there is none.
-pub fn busy_workers(cpu: &[(f64, f64)], streams: usize, workers: usize) -> Option<f64> {
-    let (mut sum, mut weight) = (0.0, 0.0);
-    for &(codec, sending) in cpu {
-        let busiest = (sending / streams.max(1) as f64).max(codec / workers.max(1) as f64);
-        if !(busiest > 0.0 && codec >= 0.0 && (codec + sending).is_finite()) {
-            continue;
-        }
-        sum += codec / busiest * (codec + sending);
-        weight += codec + sending;
+/// One compressed migration's CPU, as its report gives it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CodecCpu {
+    /// Core-seconds its compression workers took, and its sending threads.
+    pub codec_s: f64,
+    pub sending_s: f64,
+    /// Of the pages it sent, the share its workers compressed (the rest went as references,
+    /// deltas, zeros, or raw while the codec was held back).
+    pub compressed_share: f64,
+}
+
+impl CodecCpu {
+    /// Of its `workers`, how many were busy while its sending threads were: the workers' CPU
+    /// over the busiest thread's, taking the workers' as even and each of the `streams` page
+    /// streams' as an even share of the sending threads'. None when it took no CPU.
+    fn busy(&self, streams: usize, workers: usize) -> Option<f64> {
+        let busiest =
+            (self.sending_s / streams.max(1) as f64).max(self.codec_s / workers.max(1) as f64);
+        let sane =
+            busiest > 0.0 && self.codec_s >= 0.0 && (self.codec_s + self.sending_s).is_finite();
+        sane.then(|| self.codec_s / busiest)
     }
+
+    fn weight(&self) -> f64 {
+        self.codec_s + self.sending_s
+    }
+}
+
+/// Of compressed migrations' `workers` (one per core of the source), how many are busy
+/// while their sending threads are ([`CodecCpu::busy`]): the mean, weighted by their CPU;
+/// None when there is none.
+pub fn busy_workers(cpu: &[CodecCpu], streams: usize, workers: usize) -> Option<f64> {
+    weighted_mean(
+        cpu.iter()
+            .filter_map(|c| Some((c.busy(streams, workers)?, c.weight()))),
+    )
+}
+
+/// A migration whose workers were this busy, of all of them, is taken as short of workers:
+/// it shows only a floor of what its pages would keep busy.
+const ALL_BUSY: f64 = 0.95;
+/// A migration that compressed less of its pages than this says little of what they cost.
+const MIN_COMPRESSED_SHARE: f64 = 0.05;
+
+/// Compressed migrations' busy workers per share of their pages compressed: the mean over
+/// those that left some of their `workers` idle, weighted by their CPU; None when none did.
+pub fn workers_per_share(cpu: &[CodecCpu], streams: usize, workers: usize) -> Option<f64> {
+    weighted_mean(cpu.iter().filter_map(|c| {
+        let busy = c.busy(streams, workers)?;
+        let share = c.compressed_share;
+        let telling = busy < ALL_BUSY * workers as f64 && share >= MIN_COMPRESSED_SHARE;
+        (telling && share <= 1.0).then(|| (busy / share, c.weight()))
+    }))
+}
+
+/// The mean of `(value, weight)`s; None when their weights add to nothing.
+fn weighted_mean(of: impl Iterator<Item = (f64, f64)>) -> Option<f64> {
+    let (sum, weight) = of
+        .filter(|(v, w)| v.is_finite() && w.is_finite() && *w > 0.0)
+        .fold((0.0, 0.0), |(s, t), (v, w)| (s + v * w, t + w));
     (weight > 0.0).then(|| sum / weight)
 }
 
@@ -658,6 +709,8 @@ pub struct Shown {
     pub peak: usize,
     /// Of a compressed migration's workers, how many were busy while its sending thread was.
     pub busy_workers: Option<f64>,
+    /// The same per share of its pages compressed ([`workers_per_share`]).
+    pub workers_per_share: Option<f64>,
     /// Their mean setup: what they took besides moving pages and disks, s.
     pub setup_s: Option<f64>,
     /// How long their guests checked their memory after the switchover, s per GB touched.
@@ -944,17 +997,49 @@ mod tests {
 
     #[test]
     fn workers_count_as_busy_as_their_share_of_the_sending_threads_work() {
+        let cpu = |codec_s: f64, sending_s: f64| CodecCpu {
+            codec_s,
+            sending_s,
+            compressed_share: 1.0,
+        };
         // Sending took 2 s, its 2 workers 1 s between them: each busy a quarter of the time.
-        assert_eq!(busy_workers(&[(1.0, 2.0)], 1, 2), Some(0.5));
+        assert_eq!(busy_workers(&[cpu(1.0, 2.0)], 1, 2), Some(0.5));
         // The workers are the busiest: both always, the sender less.
-        assert_eq!(busy_workers(&[(4.0, 1.0)], 1, 2), Some(2.0));
+        assert_eq!(busy_workers(&[cpu(4.0, 1.0)], 1, 2), Some(2.0));
         // Two page streams share the sending: each took 1 s, as each worker did.
-        assert_eq!(busy_workers(&[(2.0, 2.0)], 2, 2), Some(2.0));
+        assert_eq!(busy_workers(&[cpu(2.0, 2.0)], 2, 2), Some(2.0));
         // Weighted by CPU: (0.5 x 3 + 2 x 5) / 8.
-        let mean = busy_workers(&[(1.0, 2.0), (4.0, 1.0)], 1, 2).unwrap();
+        let mean = busy_workers(&[cpu(1.0, 2.0), cpu(4.0, 1.0)], 1, 2).unwrap();
         assert!((mean - 11.5 / 8.0).abs() < 1e-12, "{mean}");
         assert_eq!(busy_workers(&[], 1, 2), None);
-        assert_eq!(busy_workers(&[(0.0, 0.0), (f64::NAN, 1.0)], 1, 2), None);
+        assert_eq!(
+            busy_workers(&[cpu(0.0, 0.0), cpu(f64::NAN, 1.0)], 1, 2),
+            None
+        );
+    }
+
+    #[test]
+    fn busy_workers_are_learnt_per_share_of_pages_compressed_where_some_were_idle() {
+        let cpu = |codec_s: f64, sending_s: f64, compressed_share: f64| CodecCpu {
+            codec_s,
+            sending_s,
+            compressed_share,
+        };
+        // 1 of 2 workers busy while a quarter of the pages were compressed: 4 per share.
+        assert_eq!(workers_per_share(&[cpu(1.0, 1.0, 0.25)], 1, 2), Some(4.0));
+        // Both busy: it shows only that there were too few, and teaches nothing.
+        assert_eq!(workers_per_share(&[cpu(4.0, 1.0, 0.9)], 1, 2), None);
+        // Nor does a migration that compressed next to nothing, or a share past all.
+        assert_eq!(workers_per_share(&[cpu(0.1, 1.0, 0.01)], 1, 2), None);
+        assert_eq!(workers_per_share(&[cpu(1.0, 1.0, 1.5)], 1, 2), None);
+        // Weighted by CPU: (4 x 2 + 2 x 6) / 8.
+        let mean = workers_per_share(
+            &[cpu(1.0, 1.0, 0.25), cpu(4.0, 1.0, 0.9), cpu(3.0, 3.0, 0.5)],
+            1,
+            2,
+        )
+        .unwrap();
+        assert!((mean - 20.0 / 8.0).abs() < 1e-12, "{mean}");
     }
 
     #[test]

@@ -157,6 +157,7 @@ pub fn reference_vm(name: &str, gib: u64, compress_ratio: f64, dirty_mb_s: f64) 
         delta: false,
         cached: 0.0,
         whole_costs: None,
+        whole_in_copy: None,
         self_dup: 0.0,
         vcpus: 1,
         needs: Default::default(),

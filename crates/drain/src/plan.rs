@@ -415,6 +415,12 @@ pub struct PlanCpu {
     /// level ([`Self::at_level`]): where an `auto` drain settled.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub cost_ratio_at: BTreeMap<u16, f64>,
+    /// A compressed migration's busy workers per share of its pages they compress, and its
+    /// workers: each migration's busy threads on the source, where [`Self::threads`] has
+    /// the drain's mean. None where the drain does not compress or the source has not
+    /// learnt it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers_per_share: Option<(f64, f64)>,
 }
 
 impl PlanCpu {
@@ -435,6 +441,30 @@ impl PlanCpu {
             verify_s_per_gb: None,
             cost_ratio: 1.0,
             cost_ratio_at: BTreeMap::new(),
+            workers_per_share: None,
+        }
+    }
+
+    /// With a compressed migration's busy `workers` on the source taken as `per_share` of
+    /// each share of its pages they compress, when the source learnt it.
+    pub fn with_workers(self, per_share: Option<f64>, workers: f64) -> Self {
+        let sane = |k: &f64| k.is_finite() && *k > 0.0 && workers > 0.0;
+        PlanCpu {
+            workers_per_share: per_share.filter(sane).map(|k| (k, workers)),
+            ..self
+        }
+    }
+
+    /// The busy threads of a migration whose workers compress `compressed_share` of its
+    /// pages: on the source its page streams' (the destination's) and as many workers as that
+    /// share keeps busy, at most all of them; the drain's mean before that was learnt.
+    pub fn threads_of(&self, compressed_share: f64) -> [f64; 2] {
+        match self.workers_per_share {
+            Some((per_share, workers)) if compressed_share.is_finite() => {
+                let busy = (per_share * compressed_share.clamp(0.0, 1.0)).min(workers);
+                [self.threads[1] + busy, self.threads[1]]
+            }
+            _ => self.threads,
         }
     }
 
@@ -966,6 +996,7 @@ mod tests {
             delta: false,
             cached: 0.0,
             whole_costs: None,
+            whole_in_copy: None,
             self_dup: 0.0,
             vcpus: 1,
             needs: Default::default(),
@@ -1282,6 +1313,28 @@ mod tests {
         // A per-destination limit of one serialises them.
         let limited = simulate(&[job(0), job(0)], &[100.0], 2, 1);
         assert!(limited > one_link);
+    }
+
+    #[test]
+    fn a_migration_keeps_as_many_workers_busy_as_its_pages_compressed_ask() {
+        let mean = PlanCpu::new(CpuModel::default(), [4.0, 2.0], [2.7, 1.0], 0.0);
+        // Before the source learnt it, every migration has the drain's mean.
+        assert_eq!(mean.threads_of(0.1), [2.7, 1.0]);
+        let per = mean.clone().with_workers(Some(3.5), 2.0);
+        // A fifth of its pages compressed keeps 0.7 workers busy; most of them, all 2.
+        let [source, destination] = per.threads_of(0.2);
+        assert!(
+            (source - 1.7).abs() < 1e-9 && destination == 1.0,
+            "{source}"
+        );
+        assert_eq!(per.threads_of(0.9), [3.0, 1.0]);
+        assert_eq!(per.threads_of(0.0), [1.0, 1.0]);
+        assert_eq!(per.threads_of(f64::NAN), [2.7, 1.0]);
+        // Nonsense learnt is not believed.
+        assert_eq!(
+            mean.with_workers(Some(-1.0), 2.0).threads_of(0.2),
+            [2.7, 1.0]
+        );
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub struct VmFacts {
     /// deltas against the zero page; priced from its fingerprint pages the cache will not
     /// hold ([`crate::cache::expect_hits`]). None: the sample's ratios, over all its pages.
     pub whole_costs: Option<[f64; 2]>,
+    /// Of its pages that go whole, the share a copy with deltas sends as the page (the rest
+    /// go as deltas against the zero page): [`whole_in_copy`] of those the destination's
+    /// cache will not hold ([`crate::cache::expect_hits`]). None: of all its sampled pages.
+    pub whole_in_copy: Option<f64>,
     /// Share of its non-zero pages whose content another of its pages has: they go as
     /// references within the VM when its migration dedups ([`self_dup_share`]).
     pub self_dup: f64,
@@ -114,6 +118,15 @@ pub fn overhead(setup_s: Option<f64>) -> f64 {
             .filter(|s| s.is_finite())
             .map_or(SETUP_S, |s| s.max(0.0))
 }
+/// Of sampled pages with these costs ([`VmSample::fingerprint_costs`]), the share a copy
+/// with deltas sends as the page: no delta against the zero page fits. None when fewer than
+/// [`crate::cache::MIN_PRICED`] were priced.
+pub fn whole_in_copy(costs: &[[u16; 2]]) -> Option<f64> {
+    let page = migration::protocol::PAGE;
+    let whole = costs.iter().filter(|c| usize::from(c[1]) >= page).count();
+    (costs.len() >= crate::cache::MIN_PRICED).then(|| whole as f64 / costs.len() as f64)
+}
+
 /// The engine stops at 60 rounds; the model never goes further.
 const MAX_MODEL_ROUNDS: usize = 64;
 
@@ -283,6 +296,30 @@ impl VmFacts {
         data + resent
     }
 
+    /// Of the pages its compressed migration lands at `rate` bytes/s, the share its workers
+    /// compress: the copy's pages that go whole (not as references, zeros, or deltas against
+    /// the zero page). What the rounds resend is taken to go as deltas.
+    pub fn compressed_share(&self, rate: f64) -> f64 {
+        let Some(s) = &self.sample else {
+            return 1.0;
+        };
+        let data = s.touched_bytes as f64 * (1.0 - s.zero_fraction.clamp(0.0, 1.0));
+        let whole = (1.0 - self.cached.clamp(0.0, 1.0)) * (1.0 - self.self_dup.clamp(0.0, 1.0));
+        let in_copy = if self.delta {
+            self.whole_in_copy
+                .or_else(|| whole_in_copy(&s.fingerprint_costs))
+                .map_or(1.0, |w| w.clamp(0.0, 1.0))
+        } else {
+            1.0
+        };
+        let landed = self.landed_bytes(rate, true);
+        if landed > 0.0 {
+            (data * whole * in_copy / landed).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+
     /// Bytes its migration puts on the wire at `rate` bytes/s.
     pub fn wire_bytes(&self, rate: f64, compressed: bool) -> f64 {
         self.first_pass_bytes(compressed) + self.resend_bytes(rate, compressed)
@@ -355,12 +392,54 @@ mod tests {
             delta: false,
             cached: 0.0,
             whole_costs: None,
+            whole_in_copy: None,
             self_dup: 0.0,
             vcpus: 1,
             needs: Default::default(),
             postcopy: PostcopyMode::Off,
             dirty_ratio: 1.0,
         }
+    }
+
+    #[test]
+    fn the_workers_compress_the_copys_pages_that_go_whole() {
+        // No dirtying: what lands is the touched non-zero RAM. Half of it the cache holds,
+        // and of the rest half goes as deltas against the zero page: a quarter is compressed.
+        let v = VmFacts {
+            delta: true,
+            cached: 0.5,
+            whole_in_copy: Some(0.5),
+            ..vm(1 << 30, 0.25, 0.5, 0.0)
+        };
+        assert!((v.compressed_share(1e8) - 0.25).abs() < 1e-9);
+        // Without deltas every page that goes whole is compressed.
+        let plain = VmFacts {
+            delta: false,
+            ..v.clone()
+        };
+        assert!((plain.compressed_share(1e8) - 0.5).abs() < 1e-9);
+        // Unknown for the pages the cache will not hold: from all of its sampled pages, here
+        // three of four sparse enough for a delta.
+        let mut sampled = VmFacts {
+            whole_in_copy: None,
+            ..v.clone()
+        };
+        let costs = [[100, 300], [100, 4096], [100, 200], [100, 1000]];
+        sampled.sample.as_mut().unwrap().fingerprint_costs = costs.repeat(8);
+        assert!((sampled.compressed_share(1e8) - 0.125).abs() < 1e-9);
+        // A guest that dirties lands its resent pages as deltas: a smaller share.
+        let busy = VmFacts {
+            dirty_ratio: 1.0,
+            ..vm(1 << 30, 0.25, 0.5, 20_000.0)
+        };
+        assert!(busy.compressed_share(1e8) < 1.0);
+        assert!(busy.compressed_share(1e8) > 0.5);
+    }
+
+    #[test]
+    fn a_page_goes_whole_in_a_copy_with_deltas_where_no_delta_fits() {
+        assert_eq!(whole_in_copy(&[[1, 4096], [1, 12]].repeat(8)), Some(0.5));
+        assert_eq!(whole_in_copy(&[[1, 4096]; 15]), None, "too few priced");
     }
 
     #[test]

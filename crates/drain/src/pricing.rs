@@ -263,12 +263,17 @@ impl<'a> Pricing<'a> {
         let rate = self.rate_at(d, per, raw);
         let wire = self.bytes(k, rate, raw);
         let landed = v.landed_bytes(rate, self.compresses(raw)) + self.disk_bytes(i, d);
+        let like = self.job_to(d, f64::from(v.vcpus), raw);
         SimJob {
             bytes: wire,
             seeds,
             cpu: c.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
             verify: c.map_or([0.0; 2], |c| c.verify_of(v.touched_bytes(), v.vcpus, d)),
-            ..self.job_to(d, f64::from(v.vcpus), raw)
+            threads: match c {
+                Some(c) if self.compresses(raw) => c.threads_of(v.compressed_share(rate)),
+                _ => like.threads,
+            },
+            ..like
         }
     }
 

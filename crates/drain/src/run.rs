@@ -447,15 +447,14 @@ impl CpuWatch {
         let vms: Vec<VmOutcome> = vms.iter().filter(|v| !v.started_raw).cloned().collect();
         let vms = &vms[..];
         let taught = migrations_cpu(vms);
+        let codec = compressed_cpu(vms);
+        let (streams, cores) = (page_streams(&o.request), self.meter.source().cores);
         let shown = crate::cpu::Shown {
             dirty_ratio: crate::predict::drain_dirty_ratio(&dirty_ratios(vms)),
             concurrency: o.concurrency.fixed(),
             peak,
-            busy_workers: crate::cpu::busy_workers(
-                &compressed_cpu(vms),
-                page_streams(&o.request),
-                self.meter.source().cores,
-            ),
+            busy_workers: crate::cpu::busy_workers(&codec, streams, cores),
+            workers_per_share: crate::cpu::workers_per_share(&codec, streams, cores),
             setup_s: mean_setup_s(vms),
             verify_s_per_gb: verify_s_per_gb(vms),
             vmm_share: crate::cpu::vmm_share(&taught, &all),
@@ -495,8 +494,14 @@ fn plan_cpu(
     key: &str,
     level: usize,
 ) -> Option<plan::PlanCpu> {
-    let threads = busy_threads(&o.request, m.source().cores, m.busy_workers(key));
-    m.plan(o.budget.reserve_cpu, key, threads, level)
+    let cores = m.source().cores;
+    let threads = busy_threads(&o.request, cores, m.busy_workers(key));
+    let cpu = m.plan(o.budget.reserve_cpu, key, threads, level)?;
+    Some(if compresses(&o.request) {
+        cpu.with_workers(m.workers_per_share(key), cores as f64)
+    } else {
+        cpu
+    })
 }
 
 /// What sending a compressed drain's VM raw costs, `level` migrations at once, as the source
@@ -573,8 +578,7 @@ fn migrations_cpu(vms: &[VmOutcome]) -> Vec<host::cpu::MigrationCpu> {
         .filter_map(|v| v.report.as_ref())
         .take(host::cpu::MAX_MIGRATIONS)
         .map(|r| {
-            let p = &r.pages;
-            let pages = p.normal + p.compressed + p.raw_fallback + p.delta + p.dedup + p.dedup_host;
+            let pages = r.pages.landed();
             let codec = r.compression.as_ref().map_or(0.0, |c| c.codec_cpu_seconds);
             host::cpu::MigrationCpu {
                 wire_gb: r.bytes_on_wire as f64 / 1e9,
@@ -599,18 +603,24 @@ fn setup_s(r: &Report) -> f64 {
     r.total_ms.saturating_sub(moving) as f64 / 1e3
 }
 
-/// Each compressed migration's CPU: its workers', and its sending threads' (the source's
-/// other migration threads).
-fn compressed_cpu(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
+/// Each compressed migration's CPU: its workers', its sending threads' (the source's other
+/// migration threads), and the share of its pages the workers compressed.
+fn compressed_cpu(vms: &[VmOutcome]) -> Vec<crate::cpu::CodecCpu> {
     vms.iter()
         .filter_map(|v| v.report.as_ref())
         .filter_map(|r| {
-            Some((
-                r.compression.as_ref()?.codec_cpu_seconds,
-                r.cpu_seconds.source,
-            ))
+            Some(crate::cpu::CodecCpu {
+                codec_s: r.compression.as_ref()?.codec_cpu_seconds,
+                sending_s: r.cpu_seconds.source,
+                compressed_share: r.pages.compressed_share(),
+            })
         })
         .collect()
+}
+
+/// Whether `r`'s migrations go by the compressed transport.
+fn compresses(r: &MigrateRequest) -> bool {
+    r.transport == Some(migration::protocol::Transport::Compressed)
 }
 
 /// Page streams per migration: one per address pair of `--network`, or `--channels`.
@@ -625,7 +635,7 @@ fn page_streams(r: &MigrateRequest) -> usize {
 /// source learnt (`busy_workers`), or all of them, one per core.
 fn busy_threads(r: &MigrateRequest, source_cores: usize, busy_workers: Option<f64>) -> [f64; 2] {
     let streams = page_streams(r) as f64;
-    let workers = if r.transport == Some(migration::protocol::Transport::Compressed) {
+    let workers = if compresses(r) {
         busy_workers.unwrap_or(source_cores as f64)
     } else {
         0.0

@@ -291,6 +291,7 @@ fn sample_vms(o: &DrainOptions, source: &HostClient, vms: Vec<VmInfo>) -> Vec<Vm
                 // Known once the order is (crate::cache::expect_hits).
                 cached: 0.0,
                 whole_costs: None,
+                whole_in_copy: None,
                 self_dup,
                 vcpus: v.vcpus,
                 needs: crate::plan::Needs {

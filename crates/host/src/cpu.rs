@@ -63,6 +63,12 @@ pub struct CpuCost {
     /// the busiest of its threads'. None until a compressed drain has shown it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub busy_workers: Option<f64>,
+    /// The same per share of a migration's pages its workers compress: a migration whose
+    /// pages mostly go as references or deltas keeps fewer of them busy than one whose
+    /// pages go whole. Learnt of the migrations that left some workers idle (the others
+    /// show only that there were too few); None until a compressed drain has shown it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_per_share: Option<f64>,
     /// Seconds a migration spends besides moving its pages and disks: connecting, the
     /// destination building the VM (and telling the keys of its page cache), the
     /// switchover. The mean over a drain's migrations; None until a drain has shown it.
@@ -261,6 +267,9 @@ pub struct Learn {
     /// The drain's [`CpuCost::busy_workers`], when its migrations compressed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub busy_workers: Option<f64>,
+    /// The drain's [`CpuCost::workers_per_share`], when its migrations showed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_per_share: Option<f64>,
     /// The drain's [`CpuCost::setup_s`], when its migrations showed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup_s: Option<f64>,
@@ -381,6 +390,7 @@ impl CpuCosts {
             }
         }
         c.busy_workers = learnt(c.busy_workers, l.busy_workers, MAX_WORKERS);
+        c.workers_per_share = learnt(c.workers_per_share, l.workers_per_share, MAX_WORKERS);
         c.setup_s = learnt(c.setup_s, l.setup_s, MAX_SETUP_S);
         c.verify_s_per_gb = learnt(c.verify_s_per_gb, l.verify_s_per_gb, MAX_VERIFY_S_PER_GB);
         if !l.migrations.is_empty() {
@@ -855,6 +865,7 @@ mod tests {
             concurrency: Some(1),
             peak_concurrency: Some(1),
             busy_workers: ratio.map(|r| r * 4.0),
+            workers_per_share: ratio.map(|r| r * 8.0),
             setup_s: ratio.map(|r| r * 200.0),
             verify_s_per_gb: ratio,
             migrations: Vec::new(),
@@ -875,6 +886,10 @@ mod tests {
             "{tcp:?}"
         );
         assert!((tcp.busy_workers.unwrap() - 1.7).abs() < 1e-9, "{tcp:?}");
+        assert!(
+            (tcp.workers_per_share.unwrap() - 3.4).abs() < 1e-9,
+            "{tcp:?}"
+        );
         // A setup past a minute is not believed: 100 s is taken as 60, then 0.3 of the way
         // to 50.
         assert!((tcp.setup_s.unwrap() - 57.0).abs() < 1e-9, "{tcp:?}");

@@ -152,6 +152,7 @@ fn vm(name: String, memory: u64) -> VmFacts {
         delta: false,
         cached: 0.0,
         whole_costs: None,
+        whole_in_copy: None,
         self_dup: 0.0,
         vcpus: 1,
         needs: Needs::default(),

@@ -101,6 +101,18 @@ impl PageCounts {
         self.dedup_host += o.dedup_host;
     }
 
+    /// Non-zero pages landed on the destination: whole, compressed, as deltas or references.
+    pub fn landed(&self) -> u64 {
+        let whole = self.normal + self.compressed + self.raw_fallback;
+        whole + self.delta + self.dedup + self.dedup_host
+    }
+
+    /// Of the pages landed, the share the compressed transport's workers compressed (or
+    /// tried to: those that went raw as no smaller).
+    pub fn compressed_share(&self) -> f64 {
+        (self.compressed + self.raw_fallback) as f64 / self.landed().max(1) as f64
+    }
+
     /// Page bytes references did not send: (within this VM, from the host's cache).
     pub fn dedup_bytes_saved(&self) -> (u64, u64) {
         let per = (crate::protocol::PAGE - crate::protocol::REF_HEAD_LEN - 8) as u64;

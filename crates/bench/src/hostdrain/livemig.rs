@@ -129,6 +129,7 @@ impl LivemigHosts {
                 delta: false,
                 cached: 0.0,
                 whole_costs: None,
+                whole_in_copy: None,
                 // QEMU sends every page it holds twice whole.
                 self_dup: 0.0,
                 vcpus: 1,
@@ -227,6 +228,7 @@ impl LivemigHosts {
                 delta,
                 cached: 0.0,
                 whole_costs: None,
+                whole_in_copy: None,
                 self_dup: v
                     .sample
                     .as_ref()

@@ -43,7 +43,8 @@ const MODEL_RAW: &str = "the model: sooner raw";
 const REFILL_GRACE: Duration = Duration::from_millis(250);
 /// A page of guest RAM, as progress counts pages.
 const PAGE: u64 = 4096;
-/// Window `auto` is assumed to settle at per destination, for the ETA.
+/// Window per destination `auto` is priced at before the model chooses where it starts
+/// (which migrations go raw, the link probe's streams); its ETA is at that start.
 pub(crate) const AUTO_ETA_WINDOW: usize = 2;
 
 /// The survey's facts with the page-cache hits each VM can expect when the VMs go in `order`
@@ -138,16 +139,15 @@ impl Planned {
             window,
         );
         let raw = p.choose_raw(window);
-        let sim = p.simulate(window, &raw);
-        let first_window = match (&sim, o.concurrency) {
-            (Some(_), Concurrency::Auto) => {
-                let eta = |w: usize| {
-                    let at = p.at_level(w).simulate(w, &raw);
-                    at.map_or(f64::INFINITY, |s| s.0)
-                };
-                crate::window::first_level(eta, p.order.len())
+        // `auto` is priced where the model starts it: the level it takes as good as the best.
+        let (sim, first_window) = match o.concurrency {
+            Concurrency::Auto => {
+                let at = |w: usize| p.at_level(w).simulate(w, &raw);
+                let eta = |w: usize| at(w).map_or(f64::INFINITY, |s| s.0);
+                let first = crate::window::first_level(eta, p.order.len());
+                (at(first), first)
             }
-            _ => 1,
+            Concurrency::Fixed(_) => (p.simulate(window, &raw), 1),
         };
         let (bounds, wire) = per_vm(&p.placed, sim.as_ref(), s.vms.len());
         let raw = p.by_vm(&raw);
@@ -274,7 +274,7 @@ impl Planned {
         outcomes.sort_by_key(|v| rank(&v.name));
         let used = match o.concurrency {
             Concurrency::Fixed(n) => n,
-            Concurrency::Auto => AUTO_ETA_WINDOW * s.dests.len(),
+            Concurrency::Auto => self.first_window,
         };
         DrainReport::new(
             s.source.clone(),

@@ -86,11 +86,16 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
         .enumerate()
         .map(|(i, v)| {
             let (cpu, compressed) = (s.cpu_of(i), s.compresses(i));
+            let threads = match cpu {
+                Some(c) if compressed => c.threads_of(v.compressed_share(s.link / n)),
+                Some(c) => c.threads,
+                None => [1.0; 2],
+            };
             let job = SimJob {
                 dest: 0,
                 bytes: 0.0,
                 cpu: cpu.map_or([0.0; 2], |c| c.cost_per_byte()),
-                threads: cpu.map_or([1.0; 2], |c| c.threads),
+                threads,
                 yields: cpu.map_or(0.0, |c| c.yields(v.vcpus, s.vcpu_yield)),
                 seeds: if s.cache && i == 0 {
                     v.first_pass_bytes(compressed) * s.framing
@@ -258,6 +263,44 @@ mod tests {
             (t - crate::predict::OVERHEAD_S - bytes / s.link).abs() < 1e-6,
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_compressed_vm_whose_pages_go_as_references_keeps_fewer_workers_busy() {
+        // Cores, not the 10 GbE link, hold a compressed migration back: one core for both
+        // sides, a core-second per GB. Its threads share it with 1 busy guest vCPU.
+        let model = crate::plan::CpuModel {
+            pools: vec![1.0],
+            contenders: vec![1.0],
+            source: 0,
+            dests: vec![0],
+        };
+        let cpu = crate::plan::PlanCpu::new(model, [1.0, 0.0], [3.0, 1.0], 0.0);
+        let mut vm = reference_vm("sql", 1, 0.5, 0.0);
+        vm.cached = 0.9;
+        let s = Scenario {
+            vms: vec![vm],
+            link: 10e9 / 8.0,
+            concurrency: 1,
+            compressed: true,
+            framing: 1.0,
+            cpu: Some(cpu.clone()),
+            vcpu_yield: false,
+            cache: false,
+            overhead: 0.0,
+            raw: Vec::new(),
+            raw_cpu: None,
+        };
+        // At the drain's mean its 4 threads (2 workers, a sending and a receiving thread)
+        // take 4/5 of the core; a tenth of its pages compressed keeps 0.35 of the 2 workers
+        // busy: 2.35 threads take 2.35/3.35 of it.
+        let mean = makespan(&s);
+        let per_vm = makespan(&Scenario {
+            cpu: Some(cpu.with_workers(Some(3.5), 2.0)),
+            ..s
+        });
+        let expected = (4.0 / 5.0) / (2.35 / 3.35);
+        assert!((per_vm / mean - expected).abs() < 0.01, "{per_vm} {mean}");
     }
 
     #[test]

@@ -307,8 +307,15 @@ fn configure(peer: &str) -> impl Fn(io::Error) -> TransportError + '_ {
 }
 
 impl Connection {
-    fn new(socket: TcpStream, io_r: Io, io_w: Io, tls: bool) -> Result<Self, TransportError> {
-        let peer = socket.peer_addr().map_err(configure("?"))?;
+    /// `peer`: read when the connection opened; a peer that has reset since has no address
+    /// to read, and its connection fails at its first read, naming it.
+    fn new(
+        socket: TcpStream,
+        peer: SocketAddr,
+        io_r: Io,
+        io_w: Io,
+        tls: bool,
+    ) -> Result<Self, TransportError> {
         socket
             .set_nodelay(true)
             .map_err(configure(&peer.to_string()))?;
@@ -347,17 +354,16 @@ impl Connection {
     }
 
     /// A plain connection over `socket`.
-    fn plain(socket: TcpStream) -> Result<Self, TransportError> {
-        let peer = socket.peer_addr().map_or("?".into(), |p| p.to_string());
-        let clone = || socket.try_clone().map_err(configure(&peer));
+    fn plain(socket: TcpStream, peer: SocketAddr) -> Result<Self, TransportError> {
+        let clone = || socket.try_clone().map_err(configure(&peer.to_string()));
         let (r, w) = (Io::Plain(clone()?), Io::Plain(clone()?));
-        Self::new(socket, r, w, false)
+        Self::new(socket, peer, r, w, false)
     }
 
     /// Wraps an established TLS session.
-    fn over_tls(socket: TcpStream, t: TlsStream) -> Result<Self, TransportError> {
+    fn over_tls(socket: TcpStream, peer: SocketAddr, t: TlsStream) -> Result<Self, TransportError> {
         let t = Arc::new(Mutex::new(t));
-        Self::new(socket, Io::Tls(t.clone()), Io::Tls(t), true)
+        Self::new(socket, peer, Io::Tls(t.clone()), Io::Tls(t), true)
     }
 
     /// The server side of a new connection: TLS (if `security` asks for it) completed within
@@ -369,7 +375,8 @@ impl Connection {
         security: &Security,
         timeout: Duration,
     ) -> Result<Self, TransportError> {
-        let peer = socket.peer_addr().map_or("?".into(), |p| p.to_string());
+        let addr = socket.peer_addr().map_err(configure("?"))?;
+        let peer = addr.to_string();
         let speaks_tls = first_byte(&socket, timeout, &peer)? == TLS_HANDSHAKE_RECORD;
         let tell = |status| {
             let _ = (&socket).write_all(&mismatch::notice(status));
@@ -380,7 +387,7 @@ impl Connection {
                 tell(mismatch::NO_TLS);
                 Err(TransportError::TlsPeer { peer })
             }
-            Security::Insecure => Self::plain(socket),
+            Security::Insecure => Self::plain(socket, addr),
             Security::Tls(_) if !speaks_tls => {
                 tell(mismatch::TLS_REQUIRED);
                 Err(TransportError::PlaintextPeer { peer })
@@ -394,7 +401,7 @@ impl Connection {
                     .map_err(|e| hs(e.to_string()))?;
                 let s = handshake(rustls::StreamOwned::new(conn, socket), timeout, &peer)?;
                 let sock = s.sock.try_clone().map_err(configure(&peer))?;
-                Self::over_tls(sock, TlsStream::Server(s))
+                Self::over_tls(sock, addr, TlsStream::Server(s))
             }
         }
     }
@@ -746,10 +753,10 @@ fn client(
     timeout: Duration,
     security: &Security,
 ) -> Result<Connection, TransportError> {
-    let Security::Tls(t) = security else {
-        return Connection::plain(socket);
-    };
     let peer = socket.peer_addr().map_err(configure("?"))?;
+    let Security::Tls(t) = security else {
+        return Connection::plain(socket, peer);
+    };
     let hs = |why: String| TransportError::Handshake {
         peer: peer.to_string(),
         why,
@@ -762,7 +769,7 @@ fn client(
     first_flight_answered(&mut s, timeout, &peer.to_string())?;
     let s = handshake(s, timeout, &peer.to_string())?;
     let sock = s.sock.try_clone().map_err(configure(&peer.to_string()))?;
-    Connection::over_tls(sock, TlsStream::Client(s))
+    Connection::over_tls(sock, peer, TlsStream::Client(s))
 }
 
 /// Closes a connection from another thread (to unblock its reader or writer), and reads its
@@ -894,8 +901,8 @@ impl Listener {
 
     /// Accepts one plain connection (tests and tools; migrations go through a dispatcher).
     pub fn accept(&self) -> Result<Connection, TransportError> {
-        let (s, _) = self.accept_raw()?;
-        Connection::plain(s)
+        let (s, peer) = self.accept_raw()?;
+        Connection::plain(s, peer)
     }
 }
 

@@ -384,7 +384,7 @@ impl DrainReport {
         );
         s += &match &self.plan.cpu {
             Some(c) => format!(
-                "cpu: {} cores for migrations against {} guest vCPUs runnable; a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination, where a migration keeps {:.1} and {:.1} threads busy\n",
+                "cpu: {} cores for migrations against {} guest vCPUs runnable; a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination, where a migration keeps {:.1} and {:.1} threads busy{}\n",
                 c.pool_cores
                     .iter()
                     .map(|x| format!("{x:.2}"))
@@ -398,7 +398,10 @@ impl DrainReport {
                 c.cost_s_per_gb[0],
                 c.cost_s_per_gb[1],
                 c.threads[0],
-                c.threads[1]
+                c.threads[1],
+                c.workers_per_share.map_or(String::new(), |(k, most)| format!(
+                    " on the mean (each compressed one its page streams' and {k:.1} workers per share of its pages they compress, at most {most:.0})"
+                ))
             ),
             None => "cpu: not in the plan (the source has not yet learnt what this transport costs)\n"
                 .to_string(),
@@ -589,7 +592,7 @@ mod tests {
         // A level whose drains cost 85% of the rest says so.
         let cpu = crate::plan::PlanCpu::new(Default::default(), [2.0, 3.0], [1.0; 2], 0.5);
         let mut r = r;
-        r.plan.cpu = Some(cpu.at_ratio(0.85));
+        r.plan.cpu = Some(cpu.clone().at_ratio(0.85));
         let t = r.plan_table();
         assert!(
             t.contains("cpu at the plan's concurrency: 85% of what migrations cost"),
@@ -597,6 +600,14 @@ mod tests {
         );
         assert!(
             t.contains("costs 1.70 core-s on the source and 2.55"),
+            "{t}"
+        );
+        assert!(!t.contains("per share of its pages"), "{t}");
+        // A compressed drain whose source learnt its workers per share says how it prices them.
+        r.plan.cpu = Some(cpu.with_workers(Some(3.5), 2.0));
+        let t = r.plan_table();
+        assert!(
+            t.contains("and 3.5 workers per share of its pages they compress, at most 2"),
             "{t}"
         );
     }

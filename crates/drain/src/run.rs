@@ -93,8 +93,8 @@ pub struct Planned {
     pub cpu: Option<plan::PlanCpu>,
     /// Per VM, what the model says held its migration back.
     pub bounds: Vec<Option<plan::Bound>>,
-    /// Where `auto` starts: the model's smallest level near its best (1 when it cannot say).
-    pub first_window: usize,
+    /// For `auto`, the model's makespan at each level from 1 (empty otherwise).
+    pub level_etas: Vec<f64>,
     /// What the hosts learn this drain's costs under ([`drain_cost_key`]).
     pub cost_key: String,
     /// Seconds each migration takes beyond its bytes ([`crate::predict::overhead`]).
@@ -140,14 +140,17 @@ impl Planned {
         );
         let raw = p.choose_raw(window);
         // `auto` is priced where the model starts it: the level it takes as good as the best.
-        let (sim, first_window) = match o.concurrency {
+        let (sim, level_etas) = match o.concurrency {
             Concurrency::Auto => {
                 let at = |w: usize| p.at_level(w).simulate(w, &raw);
-                let eta = |w: usize| at(w).map_or(f64::INFINITY, |s| s.0);
-                let first = crate::window::first_level(eta, p.order.len());
-                (at(first), first)
+                let levels = p.order.len().clamp(1, crate::window::AUTO_MAX);
+                let etas: Vec<f64> = (1..=levels)
+                    .map(|w| at(w).map_or(f64::INFINITY, |s| s.0))
+                    .collect();
+                let first = crate::window::first_level(|w| etas[w - 1], levels);
+                (at(first), etas)
             }
-            Concurrency::Fixed(_) => (p.simulate(window, &raw), 1),
+            Concurrency::Fixed(_) => (p.simulate(window, &raw), Vec::new()),
         };
         let (bounds, wire) = per_vm(&p.placed, sim.as_ref(), s.vms.len());
         let raw = p.by_vm(&raw);
@@ -162,7 +165,7 @@ impl Planned {
             wire_bytes: sim.map(|s| s.2.iter().map(|x| x.bytes).sum()),
             cpu,
             bounds,
-            first_window,
+            level_etas,
             raw_costs: raw_costs.filter(|_| raw.contains(&true)),
             raw,
             cost_key: key,
@@ -274,7 +277,7 @@ impl Planned {
         outcomes.sort_by_key(|v| rank(&v.name));
         let used = match o.concurrency {
             Concurrency::Fixed(n) => n,
-            Concurrency::Auto => self.first_window,
+            Concurrency::Auto => Window::guided(o.concurrency, self.level_etas.clone()).limit(),
         };
         DrainReport::new(
             s.source.clone(),
@@ -782,7 +785,7 @@ impl<'a> Run<'a> {
             retry: Vec::new(),
             flights: Vec::new(),
             outcomes: planned.outcomes(s, Status::Cancelled),
-            window: Window::starting(o.concurrency, planned.first_window),
+            window: Window::guided(o.concurrency, planned.level_etas.clone()),
             full_since: None,
             not_full_since: None,
             wire: VecDeque::new(),

@@ -2,6 +2,7 @@
 //! aggregate throughput (guest RAM sent per second) still grows by [`GAIN`] (doubles the
 //! window after a step that raised it by [`FAST_GAIN`]) and steps back from the step that did
 //! not help (a saturated link split further only stretches every migration and its downtime).
+//! A step that neither proved a gain nor lost follows the drain's model, when it has one.
 //! Pure: the run feeds it what it measured.
 use serde::Serialize;
 
@@ -68,6 +69,8 @@ pub struct Window {
     below: Option<f64>,
     from: usize,
     settled: bool,
+    /// The model's makespan at each level from 1 (empty: it cannot say).
+    etas: Vec<f64>,
 }
 
 /// A level within this share of the model's best makespan is as good as the best: `auto`
@@ -106,7 +109,24 @@ impl Window {
             below: None,
             from: level,
             settled: matches!(mode, Concurrency::Fixed(_)),
+            etas: Vec::new(),
         }
+    }
+
+    /// `auto` from where the model starts it ([`first_level`] of its makespan at each level
+    /// from 1, `etas`), which it follows where a step's throughput says nothing either way.
+    pub fn guided(mode: Concurrency, etas: Vec<f64>) -> Self {
+        let first = first_level(|c| etas.get(c - 1).copied().unwrap_or(f64::NAN), etas.len());
+        Window {
+            etas,
+            ..Self::starting(mode, first)
+        }
+    }
+
+    /// Whether the model says `level` ends the drain sooner than `than`.
+    fn model_prefers(&self, level: usize, than: usize) -> bool {
+        let eta = |l: usize| l.checked_sub(1).and_then(|i| self.etas.get(i)).copied();
+        matches!((eta(level), eta(than)), (Some(a), Some(b)) if a < b)
     }
 
     /// Migrations that may be in flight now.
@@ -122,6 +142,24 @@ impl Window {
             return false;
         }
         match self.below {
+            // Within the noise (no loss, less than the gain that proves a step): the model
+            // decides. It climbs on while it says the next level ends sooner, and stays
+            // where it says this one ends sooner than the last.
+            Some(b)
+                if rate < b * GAIN
+                    && rate >= b
+                    && self.model_prefers(self.level + 1, self.level) =>
+            {
+                self.below = Some(rate);
+                self.from = self.level;
+                self.level = (self.level + 1).min(AUTO_MAX);
+            }
+            Some(b)
+                if rate < b * GAIN && rate >= b && self.model_prefers(self.level, self.from) =>
+            {
+                self.settled = true;
+                return false;
+            }
             Some(b) if rate < b * GAIN => {
                 // The last step did not pay: back to where it came from, for good.
                 self.level = self.from.max(1);
@@ -206,6 +244,39 @@ mod tests {
         assert!(w.observe(1.0, 101.0));
         assert_eq!(w.limit(), 3, "back to where it started, not below");
         assert_eq!(Window::starting(Concurrency::Fixed(2), 5).limit(), 2);
+    }
+
+    #[test]
+    fn where_a_step_neither_pays_nor_loses_auto_follows_the_model() {
+        // The model: 20 s alone, then 11.9, 11.8, 11.7 and 12.5. It starts at 2 (within 2%
+        // of the best).
+        let etas = vec![20.0, 11.9, 11.8, 11.7, 12.5];
+        let mut w = Window::guided(Concurrency::Auto, etas.clone());
+        assert_eq!(w.limit(), 2);
+        assert!(w.observe(1.0, 100.0));
+        assert_eq!(w.limit(), 3);
+        // +4%: no proof, no loss; the model says 4 ends sooner still: on to 4.
+        assert!(w.observe(1.0, 104.0));
+        assert_eq!(w.limit(), 4);
+        // +1% again: the model says 5 ends later, 4 sooner than 3: it stays.
+        assert!(!w.observe(1.0, 105.0));
+        assert_eq!(w.limit(), 4);
+        assert!(w.settled());
+        // A step that lost throughput goes back whatever the model says.
+        let mut w = Window::guided(Concurrency::Auto, etas.clone());
+        w.observe(1.0, 100.0);
+        assert!(w.observe(1.0, 99.0));
+        assert_eq!(w.limit(), 2);
+        // Without the model, a step short of the gain goes back.
+        let mut w = Window::starting(Concurrency::Auto, 2);
+        w.observe(1.0, 100.0);
+        w.observe(1.0, 104.0);
+        assert_eq!(w.limit(), 2);
+        // Where the model prefers the level the step came from, back too.
+        let mut w = Window::guided(Concurrency::Auto, vec![20.0, 11.0, 11.5]);
+        w.observe(1.0, 100.0);
+        w.observe(1.0, 104.0);
+        assert_eq!(w.limit(), 2);
     }
 
     #[test]

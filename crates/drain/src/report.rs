@@ -113,6 +113,20 @@ pub struct PlanSummary {
     /// learnt of tcp (None when none starts raw).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw: Option<crate::pricing::RawCosts>,
+    /// For `auto`, the model's makespan at each level from 1 (after the survey): where it
+    /// starts, and which way it leans where a step's throughput says nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub level_etas_s: Vec<f64>,
+}
+
+/// A change of `auto`'s window.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct WindowStep {
+    /// Since the drain began.
+    pub at_ms: u64,
+    pub level: usize,
+    /// Where it stays.
+    pub settled: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -144,6 +158,9 @@ pub struct DrainReport {
     pub ram_moved_bytes: u64,
     pub ram_moved_per_s: f64,
     pub peak_concurrency: usize,
+    /// `auto`'s window as it changed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub window_steps: Vec<WindowStep>,
     pub moved: usize,
     pub left_behind: Vec<String>,
     pub interrupted: bool,
@@ -193,6 +210,7 @@ impl DrainReport {
             ram_moved_bytes,
             ram_moved_per_s: ram_moved_bytes as f64 / (makespan_ms.max(1) as f64 / 1e3),
             peak_concurrency,
+            window_steps: Vec::new(),
             moved: moved.len(),
             left_behind: vms
                 .iter()
@@ -382,6 +400,16 @@ impl DrainReport {
                 .wire_bytes_predicted
                 .map_or(String::new(), |b| format!(", {} MiB on the wire", b >> 20))
         );
+        if !self.plan.level_etas_s.is_empty() {
+            let etas: Vec<String> = self
+                .plan
+                .level_etas_s
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("{}: {t:.1} s", i + 1))
+                .collect();
+            s += &format!("auto: the model's ETA at each level: {}\n", etas.join(", "));
+        }
         s += &match &self.plan.cpu {
             Some(c) => format!(
                 "cpu: {} cores for migrations against {} guest vCPUs runnable; a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination, where a migration keeps {:.1} and {:.1} threads busy{}\n",
@@ -547,6 +575,7 @@ mod tests {
                 cpu: crate::plan::PlanCpu::new(Default::default(), [1.5, 1.25], [1.0; 2], 0.5),
                 dirty_ratio: None,
             }),
+            level_etas_s: vec![20.0, 12.5, 12.4],
         };
         let raw = VmOutcome {
             started_raw: true,
@@ -555,6 +584,10 @@ mod tests {
         let vms = vec![planned("sql1", Some(sample)), raw];
         let r = DrainReport::new("a".into(), vec!["b".into()], plan, vms, 0, 0, false);
         let t = r.plan_table();
+        assert!(
+            t.contains("auto: the model's ETA at each level: 1: 20.0 s, 2: 12.5 s, 3: 12.4 s"),
+            "{t}"
+        );
         let line = |n: &str| t.lines().find(|l| l.contains(n)).unwrap().to_string();
         assert!(line("DELTA").contains("PREDICTED"), "{t}");
         let sql = line("sql1");
@@ -627,6 +660,7 @@ mod tests {
             overhead_s: crate::predict::OVERHEAD_S,
             cpu: None,
             raw: None,
+            level_etas_s: Vec::new(),
         };
         let hot = VmOutcome {
             postcopy: true,

@@ -193,6 +193,7 @@ impl Planned {
             overhead_s: self.overhead_s,
             cpu: self.cpu.clone(),
             raw: self.raw_costs.clone(),
+            level_etas_s: self.level_etas.clone(),
         }
     }
 
@@ -329,6 +330,8 @@ pub struct Run<'a> {
     flights: Vec<Flight>,
     outcomes: Vec<VmOutcome>,
     window: Window,
+    /// `auto`'s changes, for the report.
+    window_steps: Vec<crate::report::WindowStep>,
     full_since: Option<Instant>,
     /// When the window last dropped below full.
     not_full_since: Option<Instant>,
@@ -786,6 +789,7 @@ impl<'a> Run<'a> {
             flights: Vec::new(),
             outcomes: planned.outcomes(s, Status::Cancelled),
             window: Window::guided(o.concurrency, planned.level_etas.clone()),
+            window_steps: Vec::new(),
             full_since: None,
             not_full_since: None,
             wire: VecDeque::new(),
@@ -850,6 +854,7 @@ impl<'a> Run<'a> {
         );
         r.survey_ms = self.survey_ms;
         r.wall_ms = wall_ms;
+        r.window_steps = self.window_steps;
         r.dedup_cache_bytes = self.caches.iter().flatten().map(|c| c.bytes).sum();
         r.cpu = self
             .cpu
@@ -1212,6 +1217,11 @@ impl<'a> Run<'a> {
             .observe(since.elapsed().as_secs_f64(), self.rates().1)
         {
             self.full_since = None;
+            self.window_steps.push(crate::report::WindowStep {
+                at_ms: self.t0.elapsed().as_millis() as u64,
+                level: self.window.limit(),
+                settled: self.window.settled(),
+            });
             self.view.line(&format!(
                 "drain: concurrency {}{}",
                 self.window.limit(),

@@ -400,17 +400,41 @@ impl DrainReport {
                 .wire_bytes_predicted
                 .map_or(String::new(), |b| format!(", {} MiB on the wire", b >> 20))
         );
-        if !self.plan.level_etas_s.is_empty() {
-            let etas: Vec<String> = self
-                .plan
-                .level_etas_s
-                .iter()
-                .enumerate()
-                .map(|(i, t)| format!("{}: {t:.1} s", i + 1))
-                .collect();
-            s += &format!("auto: the model's ETA at each level: {}\n", etas.join(", "));
+        s += &self.level_etas_line();
+        s += &self.cpu_line();
+        s += &self.learnt_lines();
+        if let Some(r) = self.raw_line() {
+            s += &format!("{r}\n");
         }
-        s += &match &self.plan.cpu {
+        if let Some(p) = self.postcopy_line() {
+            s += &format!("{p}\n");
+        }
+        for v in self.vms.iter().filter(|v| v.status.left_behind()) {
+            if let Some(e) = &v.error {
+                s += &format!("{} stays on {}: {e}\n", v.name, self.source);
+            }
+        }
+        s
+    }
+
+    /// For `auto`, the model's ETA at each level.
+    fn level_etas_line(&self) -> String {
+        if self.plan.level_etas_s.is_empty() {
+            return String::new();
+        }
+        let etas: Vec<String> = self
+            .plan
+            .level_etas_s
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{}: {t:.1} s", i + 1))
+            .collect();
+        format!("auto: the model's ETA at each level: {}\n", etas.join(", "))
+    }
+
+    /// The cores as the plan took them.
+    fn cpu_line(&self) -> String {
+        match &self.plan.cpu {
             Some(c) => format!(
                 "cpu: {} cores for migrations against {} guest vCPUs runnable; a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination, where a migration keeps {:.1} and {:.1} threads busy{}\n",
                 c.pool_cores
@@ -433,20 +457,7 @@ impl DrainReport {
             ),
             None => "cpu: not in the plan (the source has not yet learnt what this transport costs)\n"
                 .to_string(),
-        };
-        s += &self.learnt_lines();
-        if let Some(r) = self.raw_line() {
-            s += &format!("{r}\n");
         }
-        if let Some(p) = self.postcopy_line() {
-            s += &format!("{p}\n");
-        }
-        for v in self.vms.iter().filter(|v| v.status.left_behind()) {
-            if let Some(e) = &v.error {
-                s += &format!("{} stays on {}: {e}\n", v.name, self.source);
-            }
-        }
-        s
     }
 
     /// What the plan took from earlier drains, a line each (none before any).

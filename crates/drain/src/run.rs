@@ -148,6 +148,12 @@ impl Planned {
                     .map(|w| at(w).map_or(f64::INFINITY, |s| s.0))
                     .collect();
                 let first = crate::window::first_level(|w| etas[w - 1], levels);
+                // Unpriced (a link unmeasured): it grows by measure alone, from 1.
+                let etas = if etas.iter().all(|t| t.is_finite()) {
+                    etas
+                } else {
+                    Vec::new()
+                };
                 (at(first), etas)
             }
             Concurrency::Fixed(_) => (p.simulate(window, &raw), Vec::new()),

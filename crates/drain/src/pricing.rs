@@ -61,7 +61,7 @@ impl<'a> Pricing<'a> {
         overhead: f64,
         window: usize,
     ) -> Self {
-        let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
+        let compressed = crate::run::compresses(&o.request);
         let (raw, raw_dirty) = match raw.filter(|_| compressed) {
             Some(r) => (Some(r.cpu), r.dirty_ratio),
             None => (None, None),

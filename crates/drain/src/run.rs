@@ -394,7 +394,7 @@ impl CpuWatch {
             );
             crate::cpu::Governor::new(reserve, src.cores, cost, ceiling)
         });
-        let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
+        let compressed = compresses(&o.request);
         CpuWatch {
             meter,
             key,
@@ -526,7 +526,7 @@ fn raw_costs(
     level: usize,
 ) -> Option<RawCosts> {
     use migration::protocol::Transport;
-    if o.request.transport != Some(Transport::Compressed) {
+    if !compresses(&o.request) {
         return None;
     }
     let tcp = MigrateRequest {
@@ -631,7 +631,7 @@ fn compressed_cpu(vms: &[VmOutcome]) -> Vec<crate::cpu::CodecCpu> {
 }
 
 /// Whether `r`'s migrations go by the compressed transport.
-fn compresses(r: &MigrateRequest) -> bool {
+pub(crate) fn compresses(r: &MigrateRequest) -> bool {
     r.transport == Some(migration::protocol::Transport::Compressed)
 }
 
@@ -723,7 +723,7 @@ pub(crate) fn drain_cost_key(o: &DrainOptions, s: &Survey) -> String {
 
 /// Where each VM goes, as the plan places them.
 fn place(o: &DrainOptions, s: &Survey) -> Vec<Result<usize, plan::NoRoom>> {
-    let compressed = o.request.transport == Some(migration::protocol::Transport::Compressed);
+    let compressed = compresses(&o.request);
     let dest_facts: Vec<_> = s.dests.iter().map(|d| d.facts.clone()).collect();
     plan::place(&s.vms, &dest_facts, o.copies_disks(), compressed)
 }

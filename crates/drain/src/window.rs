@@ -142,29 +142,7 @@ impl Window {
             return false;
         }
         match self.below {
-            // Within the noise (no loss, less than the gain that proves a step): the model
-            // decides. It climbs on while it says the next level ends sooner, and stays
-            // where it says this one ends sooner than the last.
-            Some(b)
-                if rate < b * GAIN
-                    && rate >= b
-                    && self.model_prefers(self.level + 1, self.level) =>
-            {
-                self.below = Some(rate);
-                self.from = self.level;
-                self.level = (self.level + 1).min(AUTO_MAX);
-            }
-            Some(b)
-                if rate < b * GAIN && rate >= b && self.model_prefers(self.level, self.from) =>
-            {
-                self.settled = true;
-                return false;
-            }
-            Some(b) if rate < b * GAIN => {
-                // The last step did not pay: back to where it came from, for good.
-                self.level = self.from.max(1);
-                self.settled = true;
-            }
+            Some(b) if rate < b * GAIN => return self.unproven(rate >= b, rate),
             _ if self.level >= AUTO_MAX => {
                 self.settled = true;
                 return false;
@@ -178,6 +156,25 @@ impl Window {
                 self.level = (self.level + step).min(AUTO_MAX);
             }
         }
+        true
+    }
+
+    /// The last step raised throughput less than [`GAIN`]. Where it lost none (`kept`),
+    /// that is within the noise and the model decides: on by one while it says the next
+    /// level ends sooner, here where it says this one ends sooner than the last. Else back
+    /// to where it came from, for good. Whether the limit changed.
+    fn unproven(&mut self, kept: bool, rate: f64) -> bool {
+        if kept && self.model_prefers(self.level + 1, self.level) {
+            self.below = Some(rate);
+            self.from = self.level;
+            self.level = (self.level + 1).min(AUTO_MAX);
+            return true;
+        }
+        self.settled = true;
+        if kept && self.model_prefers(self.level, self.from) {
+            return false;
+        }
+        self.level = self.from.max(1);
         true
     }
 

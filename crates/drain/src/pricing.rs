@@ -300,7 +300,7 @@ impl<'a> Pricing<'a> {
     /// Which placed migrations go raw, `window` at once ([`plan::choose_raw`]): none unless
     /// the drain compresses and the source learnt what raw costs.
     pub fn choose_raw(&self, window: usize) -> Vec<bool> {
-        if self.raw.is_none() || self.cpu.is_none() {
+        if !self.weighs_codecs() {
             return vec![false; self.placed.len()];
         }
         let own: Vec<f64> = self
@@ -314,6 +314,12 @@ impl<'a> Pricing<'a> {
         plan::choose_raw(&own, |raw| {
             self.simulate(window, raw).map_or(f64::INFINITY, |s| s.0)
         })
+    }
+
+    /// Whether the plan weighs each VM's codec: the drain compresses, and the source learnt
+    /// what its codec and raw cost.
+    pub fn weighs_codecs(&self) -> bool {
+        self.raw.is_some() && self.cpu.is_some()
     }
 
     /// `raw` per placed migration as per VM of the survey.

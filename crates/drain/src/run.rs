@@ -102,6 +102,9 @@ pub struct Planned {
     /// Per VM, whether its migration starts raw: the drain compresses, and the model says
     /// the drain ends sooner with it sent raw ([`plan::choose_raw`]).
     pub raw: Vec<bool>,
+    /// The plan weighed each VM's codec ([`Pricing::weighs_codecs`]): what paid for one
+    /// migration at run time does not override its choice for the next.
+    pub codecs_chosen: bool,
     /// What those sent raw were priced at (None when none is).
     pub raw_costs: Option<RawCosts>,
 }
@@ -174,6 +177,7 @@ impl Planned {
             level_etas,
             raw_costs: raw_costs.filter(|_| raw.contains(&true)),
             raw,
+            codecs_chosen: p.weighs_codecs(),
             cost_key: key,
             overhead_s: overhead,
         }
@@ -318,8 +322,8 @@ struct Flight {
     switched: bool,
     /// Held raw by the host-wide codec policy.
     held_raw: bool,
-    /// The codec policy has chosen for it (held or released): "raw paid" applies only to
-    /// migrations it has not, or it would undo its own releases.
+    /// The codec policy (held or released) or the plan has chosen for it: "raw paid" applies
+    /// only to migrations neither has, or it would undo their choices.
     codec_chosen: bool,
     /// Its codec change is the one under judgement: undoing it undoes this one.
     judged: bool,
@@ -952,7 +956,7 @@ impl<'a> Run<'a> {
             paced: pace,
             switched: false,
             held_raw: raw,
-            codec_chosen: raw,
+            codec_chosen: raw || self.planned.codecs_chosen,
             judged: false,
         });
         if raw {

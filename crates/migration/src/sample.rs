@@ -18,7 +18,8 @@ pub struct VmSample {
     pub touched_bytes: u64,
     /// Of the touched pages sampled, the share that is zero (sent as flags).
     pub zero_fraction: f64,
-    /// Compressed bytes per raw byte over the sampled non-zero pages (zstd).
+    /// Compressed bytes per raw byte over the sampled non-zero pages, as the copy packs them:
+    /// zstd over runs of neighbouring pages.
     pub compress_ratio: f64,
     /// Pages the guest dirtied per second during the sample window, counted every
     /// [`FETCH_EVERY`] (a page written in two periods counts twice): the rate a short
@@ -38,7 +39,8 @@ pub struct VmSample {
     /// pages: how a drain learns whether dedup across its VMs can pay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fingerprint: Vec<u64>,
-    /// What each fingerprint page, in turn, costs in bytes: zstd-compressed, and in a copy
+    /// What each fingerprint page, in turn, costs in bytes: zstd-compressed (packed alone,
+    /// scaled by what packing with its neighbours gained over the sampled runs), and in a copy
     /// with deltas (against the zero page; the whole page when no delta fits). The pages a
     /// destination's cache will hold are the ones another VM shares, and they compress
     /// unlike the rest, so a drain prices the pages that still go whole from these.
@@ -74,8 +76,10 @@ pub const MAX_FINGERPRINT: usize = 16384;
 /// The dirty log is read this often during a sample.
 pub const FETCH_EVERY: Duration = Duration::from_millis(50);
 
-/// Pages read for the compressibility and zero estimates.
-const SAMPLE_PAGES: u64 = 512;
+/// Runs of contiguous pages read for the zero, compressibility and copy-delta estimates,
+/// and the pages in each: the copy compresses neighbours together.
+const SAMPLE_RUNS: u64 = 256;
+const RUN_PAGES: u64 = 16;
 
 /// Touched pages whose version at the window's start is kept for the delta estimate.
 pub const DELTA_PROBE_PAGES: u64 = 4096;
@@ -94,20 +98,22 @@ pub fn sample(
     };
     let extents = data_extents(ram.backing_file(), ram.size()).map_err(MigrationError::Extents)?;
     let touched: u64 = extents.iter().map(|(s, e)| e - s).sum();
-    let c = content(&ram, &extents, touched)?;
-    // The fingerprint reads every touched page: while the window waits for the guest to
+    // The content and the fingerprint read pages while the window waits for the guest to
     // write, not after it.
-    let (fingerprint, d) = std::thread::scope(|sc| {
+    let (c, fingerprint, d) = std::thread::scope(|sc| {
+        let c = sc.spawn(|| content(&ram, &extents, touched));
         let keys = fingerprint.then(|| sc.spawn(|| content_keys(&ram, &extents)));
         let d = dirtying(&dirty, &ram, &extents, window);
+        // A panic there is this thread's to carry on.
+        let c = c.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
         let keys = match keys {
-            // A panic there is this thread's to carry on.
             Some(k) => k.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
             None => Ok(Default::default()),
         };
-        (keys, d)
+        (c, keys, d)
     });
-    let ((fingerprint, fingerprint_costs), d) = (fingerprint?, d?);
+    let (c, (fingerprint, fingerprint_costs), d) = (c?, fingerprint?, d?);
+    let fingerprint_costs = batched(fingerprint_costs, c.batch_gain);
     Ok(VmSample {
         memory_bytes: memory,
         touched_bytes: touched,
@@ -155,6 +161,17 @@ fn content_keys(
         }
     }
     Ok((keys, costs))
+}
+
+/// Fingerprint pages' costs with their packed bytes as in the copy's batches: each page
+/// was packed alone, which `gain` corrects.
+fn batched(costs: Vec<[u16; 2]>, gain: f64) -> Vec<[u16; 2]> {
+    let gain = gain.clamp(0.0, 1.0);
+    costs
+        .into_iter()
+        // At most the page's own; `as` saturates.
+        .map(|[packed, in_copy]| [(f64::from(packed) * gain).round() as u16, in_copy])
+        .collect()
 }
 
 /// What a non-zero page costs a migration in bytes, as its copy sends it.
@@ -355,57 +372,105 @@ fn popcount(bitmaps: &[Vec<u64>]) -> u64 {
         .sum()
 }
 
-/// Reads pages spread evenly over the touched extents: the zero share, and how the rest
-/// compresses.
 /// What the sampled touched pages hold.
 struct Content {
     zero_fraction: f64,
+    /// As the copy compresses them: batches of contiguous pages.
     compress_ratio: f64,
+    /// What the batches packed to against the same pages packed one by one (as the
+    /// fingerprint prices them).
+    batch_gain: f64,
     copy_delta_ratio: Option<f64>,
 }
 
+/// Bytes of the sampled pages: non-zero, packed one by one, in batches, in a copy with deltas.
+#[derive(Default)]
+struct Tally {
+    zero: u64,
+    seen: u64,
+    raw: usize,
+    single: usize,
+    batched: usize,
+    in_copy: usize,
+}
+
+impl Tally {
+    /// Counts a run of contiguous pages: each alone, then its non-zero ones as one batch (the
+    /// copy batches neighbours, and pages compress better with theirs).
+    fn run(&mut self, pages: &[u8], pricer: &mut PagePricer, batch: &mut Vec<u8>) {
+        batch.clear();
+        for page in pages.chunks_exact(PAGE) {
+            self.seen += 1;
+            if is_zero(page) {
+                self.zero += 1;
+            } else if let Some([p, c]) = pricer.costs(page) {
+                self.raw += PAGE;
+                self.single += p;
+                self.in_copy += c;
+                batch.extend_from_slice(page);
+            }
+        }
+        if !batch.is_empty() {
+            self.batched += match compress(Codec::Zstd, batch, &mut pricer.out) {
+                Ok(()) => pricer.out.len().min(batch.len()),
+                Err(_) => batch.len(),
+            };
+        }
+    }
+
+    fn content(&self) -> Content {
+        let per_byte = |b: usize| {
+            if self.raw > 0 {
+                b as f64 / self.raw as f64
+            } else {
+                1.0
+            }
+        };
+        Content {
+            zero_fraction: self.zero as f64 / self.seen.max(1) as f64,
+            compress_ratio: per_byte(self.batched),
+            batch_gain: if self.single > 0 {
+                (self.batched as f64 / self.single as f64).min(1.0)
+            } else {
+                1.0
+            },
+            copy_delta_ratio: (self.raw > 0).then(|| per_byte(self.in_copy)),
+        }
+    }
+}
+
+/// Reads runs of contiguous pages spread evenly over the touched extents: the zero share,
+/// and how the rest compresses and goes in a copy with deltas.
 fn content(
     ram: &ram::GuestRam,
     extents: &[(u64, u64)],
     touched: u64,
 ) -> Result<Content, MigrationError> {
-    let pages = touched / PAGE_SIZE;
-    if pages == 0 {
+    let step = (touched / PAGE_SIZE / SAMPLE_RUNS).max(1);
+    let (mut tally, mut pricer) = (Tally::default(), PagePricer::new());
+    let (mut pages, mut batch) = (vec![0u8; RUN_PAGES as usize * PAGE], Vec::new());
+    let mut index = 0u64;
+    for &(s, e) in extents {
+        for off in (s..e).step_by(PAGE) {
+            if index.is_multiple_of(step) {
+                // Runs stay inside their extent and never overlap the next.
+                let n = RUN_PAGES.min(step).min((e - off) / PAGE_SIZE) as usize;
+                let run = &mut pages[..n * PAGE];
+                ram.read_at(off, run)?;
+                tally.run(run, &mut pricer, &mut batch);
+            }
+            index += 1;
+        }
+    }
+    if tally.seen == 0 {
         return Ok(Content {
             zero_fraction: 1.0,
             compress_ratio: 1.0,
+            batch_gain: 1.0,
             copy_delta_ratio: None,
         });
     }
-    let step = (pages / SAMPLE_PAGES).max(1);
-    let mut page = vec![0u8; PAGE];
-    let (mut zero, mut seen, mut raw, mut packed, mut in_copy) = (0u64, 0u64, 0usize, 0usize, 0);
-    let mut pricer = PagePricer::new();
-    let mut index = 0u64;
-    for &(s, e) in extents {
-        let mut off = s;
-        while off < e {
-            if index.is_multiple_of(step) {
-                ram.read_at(off, &mut page)?;
-                seen += 1;
-                if is_zero(&page) {
-                    zero += 1;
-                } else if let Some([p, c]) = pricer.costs(&page) {
-                    raw += page.len();
-                    packed += p;
-                    in_copy += c;
-                }
-            }
-            index += 1;
-            off += PAGE_SIZE;
-        }
-    }
-    let per_byte = |b: usize| if raw > 0 { b as f64 / raw as f64 } else { 1.0 };
-    Ok(Content {
-        zero_fraction: zero as f64 / seen.max(1) as f64,
-        compress_ratio: per_byte(packed),
-        copy_delta_ratio: (raw > 0).then(|| per_byte(in_copy)),
-    })
+    Ok(tally.content())
 }
 
 #[cfg(test)]
@@ -500,6 +565,52 @@ mod tests {
         assert!((got - want).abs() < 1e-9, "{got} against {want}");
         let none = content(&ram, &[(2 * PAGE_SIZE, 3 * PAGE_SIZE)], PAGE_SIZE).unwrap();
         assert_eq!(none.copy_delta_ratio, None);
+    }
+
+    /// `pages` pages from 0, each the same random page but for its stamp, or each random.
+    fn stamped(ram: &ram::GuestRam, pages: u64, alike: bool) {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut page = vec![0u8; PAGE];
+        for p in 0..pages {
+            if p == 0 || !alike {
+                for w in page.chunks_exact_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    w.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            page[..8].copy_from_slice(&(p + 1).to_le_bytes());
+            ram.write_at(p * PAGE_SIZE, &page).unwrap();
+        }
+    }
+
+    #[test]
+    fn neighbouring_pages_are_priced_as_the_copy_batches_them() {
+        let pages = SAMPLE_RUNS * RUN_PAGES * 2;
+        let touched = pages * PAGE_SIZE;
+        // Alike neighbours: each page alone does not compress, a run of them packs to
+        // about one page.
+        let ram = ram::GuestRam::new(64 << 20).unwrap();
+        stamped(&ram, pages, true);
+        let c = content(&ram, &[(0, touched)], touched).unwrap();
+        assert_eq!(c.zero_fraction, 0.0);
+        let run = 1.0 / RUN_PAGES as f64;
+        assert!(c.compress_ratio < 1.5 * run, "{}", c.compress_ratio);
+        assert!(c.batch_gain < 1.5 * run, "{}", c.batch_gain);
+        // Random neighbours gain nothing from each other.
+        let ram = ram::GuestRam::new(64 << 20).unwrap();
+        stamped(&ram, pages, false);
+        let c = content(&ram, &[(0, touched)], touched).unwrap();
+        assert!(c.compress_ratio > 0.99, "{}", c.compress_ratio);
+        assert!(c.batch_gain > 0.99, "{}", c.batch_gain);
+    }
+
+    #[test]
+    fn a_fingerprint_page_is_priced_at_what_its_batch_gains() {
+        let costs = batched(vec![[4000, 4096], [100, 300]], 0.5);
+        assert_eq!(costs, [[2000, 4096], [50, 300]]);
+        assert_eq!(batched(vec![[4000, 4096]], 2.0), [[4000, 4096]]);
     }
 
     #[test]

@@ -72,8 +72,8 @@ pub fn wire_bytes(s: &Scenario) -> f64 {
 fn simulated(s: &Scenario) -> (f64, Vec<SimJob>) {
     let cpu = s.cpu.as_ref().map(|c| &c.model);
     let bytes = |i: usize, rate: f64| s.vms[i].wire_bytes(rate, s.compresses(i)) * s.framing;
-    let (t, _, jobs) = simulate_refined(&jobs(s), bytes, &[s.link], s.concurrency, usize::MAX, cpu);
-    (t, jobs)
+    let sim = simulate_refined(&jobs(s), bytes, &[s.link], s.concurrency, usize::MAX, cpu);
+    (sim.makespan, sim.jobs)
 }
 
 /// Each VM's migration, with its bytes at its rate when all run at once: its share of the

@@ -677,7 +677,7 @@ pub fn simulate_refined(
     window: usize,
     per_dest: usize,
     cpu: Option<&CpuModel>,
-) -> (f64, Vec<Bound>, Vec<SimJob>) {
+) -> Simulated {
     let mut jobs = jobs.to_vec();
     let mut o = run_simulation(&jobs, links, window, per_dest, cpu);
     for _ in 0..REFINE {
@@ -688,15 +688,31 @@ pub fn simulate_refined(
         }
         o = run_simulation(&jobs, links, window, per_dest, cpu);
     }
-    (o.makespan, o.bounds, jobs)
+    Simulated {
+        makespan: o.makespan,
+        bounds: o.bounds,
+        jobs,
+        spans: o.spans,
+    }
 }
 
-/// A simulation's result: the makespan, what bound each job, and each job's mean rate while
-/// it moved bytes.
+/// A drain as the model sees it: its makespan, seconds; what bound each job; the jobs with
+/// the bytes they send at the rates they got; when each started and ended, seconds.
+#[derive(Clone, Debug)]
+pub struct Simulated {
+    pub makespan: f64,
+    pub bounds: Vec<Bound>,
+    pub jobs: Vec<SimJob>,
+    pub spans: Vec<[f64; 2]>,
+}
+
+/// A simulation's result: the makespan, what bound each job, each job's mean rate while it
+/// moved bytes, and when it started and ended.
 struct SimOutcome {
     makespan: f64,
     bounds: Vec<Bound>,
     rates: Vec<f64>,
+    spans: Vec<[f64; 2]>,
 }
 
 fn run_simulation(
@@ -714,8 +730,13 @@ fn run_simulation(
     let mut verifying: Vec<(usize, f64)> = Vec::new();
     // Per job, seconds under each bound.
     let mut held = vec![[0.0f64; 2]; jobs.len()];
+    let mut spans = vec![[0.0f64; 2]; jobs.len()];
     loop {
+        let was = active.len();
         admit(jobs, &mut pending, &mut active, window, per_dest);
+        for a in &active[was..] {
+            spans[a.job][0] = now;
+        }
         if active.is_empty() {
             let bounds = held
                 .iter()
@@ -730,6 +751,7 @@ fn run_simulation(
                 makespan: now,
                 bounds,
                 rates,
+                spans,
             };
         }
         let moving: Vec<&SimJob> = active
@@ -788,6 +810,7 @@ fn run_simulation(
             .iter()
             .filter(|a| a.overhead <= 1e-9 && a.left <= 1e-6)
         {
+            spans[a.job][1] = now;
             if jobs[a.job].verify[0] > 0.0 {
                 verifying.push((a.job, jobs[a.job].verify[0]));
             }
@@ -862,7 +885,8 @@ mod tests {
             bytes: bytes(0, 5.0),
             ..SimJob::default()
         };
-        let (t, _, jobs) = simulate_refined(&[guess, guess], bytes, &[10.0], 2, 2, None);
+        let sim = simulate_refined(&[guess, guess], bytes, &[10.0], 2, 2, None);
+        let (t, jobs) = (sim.makespan, sim.jobs);
         for j in &jobs {
             assert!((j.bytes - 120.0).abs() < 1e-6, "{jobs:?}");
         }
@@ -871,7 +895,8 @@ mod tests {
             "{t}"
         );
         // One at a time, each has the whole link: 110 bytes each, not the guess.
-        let (t, _, jobs) = simulate_refined(&[guess, guess], bytes, &[10.0], 1, 1, None);
+        let sim = simulate_refined(&[guess, guess], bytes, &[10.0], 1, 1, None);
+        let (t, jobs) = (sim.makespan, sim.jobs);
         for j in &jobs {
             assert!((j.bytes - 110.0).abs() < 1e-6, "{jobs:?}");
         }
@@ -1291,6 +1316,23 @@ mod tests {
             "{:?}",
             moved.cost_s_per_gb
         );
+    }
+
+    #[test]
+    fn the_simulation_says_when_each_migration_starts_and_ends() {
+        let job = SimJob {
+            bytes: 100.0,
+            overhead: 0.5,
+            ..SimJob::default()
+        };
+        let bytes = |_: usize, _: f64| 100.0;
+        // One at a time over a 100 B/s link: each takes its overhead and a second.
+        let serial = simulate_refined(&[job, job], bytes, &[100.0], 1, 1, None);
+        assert_eq!(serial.spans, [[0.0, 1.5], [1.5, 3.0]]);
+        assert_eq!(serial.makespan, 3.0);
+        // Both at once share it: they start together and end together.
+        let both = simulate_refined(&[job, job], bytes, &[100.0], 2, 2, None);
+        assert_eq!(both.spans, [[0.0, 2.5], [0.0, 2.5]]);
     }
 
     #[test]

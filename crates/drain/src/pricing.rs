@@ -2,7 +2,7 @@
 //! and what a byte costs the cores, by the drain's codec or raw (a compressed drain's VM
 //! the model sends raw, at the costs the source learnt for tcp), and the drain's makespan
 //! when they run so.
-use crate::plan::{self, Bound, CpuModel, DestFacts, NoRoom, PlanCpu, SimJob};
+use crate::plan::{self, CpuModel, DestFacts, NoRoom, PlanCpu, SimJob, Simulated};
 use crate::predict::VmFacts;
 use crate::survey::Survey;
 use crate::DrainOptions;
@@ -17,7 +17,6 @@ pub struct RawCosts {
 }
 
 /// A simulated drain: its makespan, what held each migration back, and each as last priced.
-pub type Simulated = (f64, Vec<Bound>, Vec<SimJob>);
 
 #[derive(Clone)]
 pub struct Pricing<'a> {
@@ -312,7 +311,7 @@ impl<'a> Pricing<'a> {
             })
             .collect();
         plan::choose_raw(&own, |raw| {
-            self.simulate(window, raw).map_or(f64::INFINITY, |s| s.0)
+            self.simulate(window, raw).map_or(f64::INFINITY, |s| s.makespan)
         })
     }
 

@@ -55,6 +55,10 @@ pub struct VmOutcome {
     /// Bytes the model expects its migration to put on the wire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_wire_bytes: Option<u64>,
+    /// When the model has its migration start and end, seconds from the first migration's
+    /// start (`start_ms` counts the survey before it as well).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_span_s: Option<[f64; 2]>,
     /// The share of its non-zero pages the model expects its destination's page cache to
     /// hold when it arrives (sent as references).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -548,6 +552,7 @@ mod tests {
             verify_ms: None,
             predicted_s: Some(3.25),
             predicted_wire_bytes: None,
+            predicted_span_s: None,
             cache_hits_expected: None,
             bound: None,
             started_raw: false,

@@ -13,7 +13,7 @@ use migration::{MigrateRequest, Progress, Report};
 use unixhttp::ApiError;
 
 use crate::pace::paces;
-use crate::plan::{self, SimJob};
+use crate::plan;
 use crate::pricing::{Pricing, RawCosts};
 use crate::report::{DrainReport, PlanSummary, Status, VmOutcome};
 use crate::survey::Survey;
@@ -81,6 +81,8 @@ pub struct Planned {
     pub predicted: Vec<Option<f64>>,
     /// Per VM, the bytes the model expects its migration to put on the wire.
     pub wire: Vec<Option<f64>>,
+    /// Per VM, when the model has its migration start and end, seconds from the first start.
+    pub spans: Vec<Option<[f64; 2]>>,
     /// Per VM, the share of its pages the model expects its destination's page cache to hold.
     pub cache_hits: Vec<Option<f64>>,
     /// Whether the model says it will move by post-copy (its pre-copy would not converge at
@@ -148,7 +150,7 @@ impl Planned {
                 let at = |w: usize| p.at_level(w).simulate(w, &raw);
                 let levels = p.order.len().clamp(1, crate::window::AUTO_MAX);
                 let etas: Vec<f64> = (1..=levels)
-                    .map(|w| at(w).map_or(f64::INFINITY, |s| s.0))
+                    .map(|w| at(w).map_or(f64::INFINITY, |s| s.makespan))
                     .collect();
                 let first = crate::window::first_level(|w| etas[w - 1], levels);
                 // Unpriced (a link unmeasured): it grows by measure alone, from 1.
@@ -161,7 +163,7 @@ impl Planned {
             }
             Concurrency::Fixed(_) => (p.simulate(window, &raw), Vec::new()),
         };
-        let (bounds, wire) = per_vm(&p.placed, sim.as_ref(), s.vms.len());
+        let by_vm = per_vm(&p.placed, sim.as_ref(), s.vms.len());
         let raw = p.by_vm(&raw);
         Planned {
             cache_hits: cache_hits_by_vm(p.vms(), &placement, &cached),
@@ -169,11 +171,12 @@ impl Planned {
             predicted: p.predicted(&placement, &raw),
             postcopy: p.postcopy(&placement, &raw),
             placement,
-            wire,
-            eta_s: sim.as_ref().map(|s| s.0),
-            wire_bytes: sim.map(|s| s.2.iter().map(|x| x.bytes).sum()),
+            wire: by_vm.wire,
+            spans: by_vm.spans,
+            eta_s: sim.as_ref().map(|s| s.makespan),
+            wire_bytes: sim.map(|s| s.jobs.iter().map(|x| x.bytes).sum()),
             cpu,
-            bounds,
+            bounds: by_vm.bounds,
             level_etas,
             raw_costs: raw_costs.filter(|_| raw.contains(&true)),
             raw,
@@ -239,6 +242,7 @@ impl Planned {
                 // Finite and non-negative; `as` saturates.
                 #[allow(clippy::cast_sign_loss)]
                 predicted_wire_bytes: self.wire[i].map(|b| b as u64),
+                predicted_span_s: self.spans[i],
                 cache_hits_expected: self.cache_hits[i],
                 bound: self.bounds[i],
                 postcopy: self.postcopy[i] && self.placement[i].is_ok(),
@@ -263,6 +267,7 @@ impl Planned {
             verify_ms: None,
             predicted_s: None,
             predicted_wire_bytes: None,
+            predicted_span_s: None,
             cache_hits_expected: None,
             bound: None,
             postcopy: false,
@@ -695,15 +700,26 @@ fn by_vm<T: Clone>(
 /// Per VM of `n`, from the simulation of the `placed` migrations: what held its migration
 /// back, and its bytes on the wire (None for those not placed, or not simulated).
 #[allow(clippy::type_complexity)]
-fn per_vm(
-    placed: &[(usize, usize)],
-    sim: Option<&(f64, Vec<plan::Bound>, Vec<SimJob>)>,
-    n: usize,
-) -> (Vec<Option<plan::Bound>>, Vec<Option<f64>>) {
-    sim.map_or((vec![None; n], vec![None; n]), |(_, b, j)| {
-        let bytes = j.iter().map(|x| x.bytes);
-        (by_vm(placed, b.iter().copied(), n), by_vm(placed, bytes, n))
-    })
+/// Per VM, what the simulation says of its migration.
+struct SimByVm {
+    bounds: Vec<Option<plan::Bound>>,
+    wire: Vec<Option<f64>>,
+    spans: Vec<Option<[f64; 2]>>,
+}
+
+fn per_vm(placed: &[(usize, usize)], sim: Option<&plan::Simulated>, n: usize) -> SimByVm {
+    match sim {
+        Some(s) => SimByVm {
+            bounds: by_vm(placed, s.bounds.iter().copied(), n),
+            wire: by_vm(placed, s.jobs.iter().map(|x| x.bytes), n),
+            spans: by_vm(placed, s.spans.iter().copied(), n),
+        },
+        None => SimByVm {
+            bounds: vec![None; n],
+            wire: vec![None; n],
+            spans: vec![None; n],
+        },
+    }
 }
 
 /// Per VM, the share of its pages the model expects its destination's page cache to hold

@@ -7,7 +7,6 @@ use migratable::DirtyBitmap;
 use ram::{data_extents, is_zero, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{compress, Codec};
 use crate::MigrationError;
 
 /// A VM, sampled.
@@ -180,6 +179,8 @@ struct PagePricer {
     /// blocks collide, and a fresh one does as well here.
     key: crate::delta::SketchKey,
     zero_page: crate::delta::Sketch,
+    /// None: no context could be made; nothing is priced.
+    zstd: Option<crate::codec::Zstd>,
     out: Vec<u8>,
 }
 
@@ -190,14 +191,22 @@ impl PagePricer {
         PagePricer {
             key,
             zero_page,
+            zstd: crate::codec::Zstd::new().ok(),
             out: Vec::new(),
         }
+    }
+
+    /// `input` zstd-compressed into `out`.
+    fn pack(&mut self, input: &[u8]) -> Option<usize> {
+        let zstd = self.zstd.as_mut()?;
+        zstd.compress(input, &mut self.out).ok()?;
+        Some(self.out.len())
     }
 
     /// Its bytes zstd-compressed (at most the page), and as a delta against the zero page
     /// (the page when no delta fits). None when compression failed.
     fn costs(&mut self, page: &[u8]) -> Option<[usize; 2]> {
-        compress(Codec::Zstd, page, &mut self.out).ok()?;
+        self.pack(page)?;
         let packed = self.out.len().min(page.len());
         let now = crate::delta::Sketch::of(page, &self.key);
         let in_copy = if self.zero_page.encode(&now, page, &mut self.out) {
@@ -411,10 +420,7 @@ impl Tally {
             }
         }
         if !batch.is_empty() {
-            self.batched += match compress(Codec::Zstd, batch, &mut pricer.out) {
-                Ok(()) => pricer.out.len().min(batch.len()),
-                Err(_) => batch.len(),
-            };
+            self.batched += pricer.pack(batch).map_or(batch.len(), |n| n.min(batch.len()));
         }
     }
 

@@ -125,8 +125,17 @@ impl Window {
 
     /// Whether the model says `level` ends the drain sooner than `than`.
     fn model_prefers(&self, level: usize, than: usize) -> bool {
-        let eta = |l: usize| l.checked_sub(1).and_then(|i| self.etas.get(i)).copied();
-        matches!((eta(level), eta(than)), (Some(a), Some(b)) if a < b)
+        matches!((self.eta(level), self.eta(than)), (Some(a), Some(b)) if a < b)
+    }
+
+    /// Whether the model has `level` end within [`FIRST_WITHIN`] of `than`, or sooner.
+    fn model_as_good(&self, level: usize, than: usize) -> bool {
+        matches!((self.eta(level), self.eta(than)), (Some(a), Some(b)) if a <= b * FIRST_WITHIN)
+    }
+
+    /// The model's makespan at `level` (None: it cannot say).
+    fn eta(&self, level: usize) -> Option<f64> {
+        level.checked_sub(1).and_then(|i| self.etas.get(i)).copied()
     }
 
     /// Migrations that may be in flight now.
@@ -161,8 +170,9 @@ impl Window {
 
     /// The last step raised throughput less than [`GAIN`]. Where it lost none (`kept`),
     /// that is within the noise and the model decides: on by one while it says the next
-    /// level ends sooner, here where it says this one ends sooner than the last. Else back
-    /// to where it came from, for good. Whether the limit changed.
+    /// level ends sooner, here where it says this one ends as soon as the last (within
+    /// [`FIRST_WITHIN`], its own resolution: the level measured to lose nothing stays).
+    /// Else back to where it came from, for good. Whether the limit changed.
     fn unproven(&mut self, kept: bool, rate: f64) -> bool {
         if kept && self.model_prefers(self.level + 1, self.level) {
             self.below = Some(rate);
@@ -171,7 +181,7 @@ impl Window {
             return true;
         }
         self.settled = true;
-        if kept && self.model_prefers(self.level, self.from) {
+        if kept && self.model_as_good(self.level, self.from) {
             return false;
         }
         self.level = self.from.max(1);
@@ -269,11 +279,18 @@ mod tests {
         w.observe(1.0, 100.0);
         w.observe(1.0, 104.0);
         assert_eq!(w.limit(), 2);
-        // Where the model prefers the level the step came from, back too.
+        // Where the model says the level the step came from ends sooner by more than its
+        // resolution, back too.
         let mut w = Window::guided(Concurrency::Auto, vec![20.0, 11.0, 11.5]);
         w.observe(1.0, 100.0);
         w.observe(1.0, 104.0);
         assert_eq!(w.limit(), 2);
+        // Within it, the level measured to lose nothing stays.
+        let mut w = Window::guided(Concurrency::Auto, vec![20.0, 11.0, 11.1]);
+        w.observe(1.0, 100.0);
+        assert!(!w.observe(1.0, 104.0));
+        assert_eq!(w.limit(), 3);
+        assert!(w.settled());
     }
 
     #[test]

@@ -311,7 +311,8 @@ impl<'a> Pricing<'a> {
             })
             .collect();
         plan::choose_raw(&own, |raw| {
-            self.simulate(window, raw).map_or(f64::INFINITY, |s| s.makespan)
+            self.simulate(window, raw)
+                .map_or(f64::INFINITY, |s| s.makespan)
         })
     }
 

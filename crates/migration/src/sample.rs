@@ -420,7 +420,9 @@ impl Tally {
             }
         }
         if !batch.is_empty() {
-            self.batched += pricer.pack(batch).map_or(batch.len(), |n| n.min(batch.len()));
+            self.batched += pricer
+                .pack(batch)
+                .map_or(batch.len(), |n| n.min(batch.len()));
         }
     }
 

@@ -164,11 +164,12 @@ fn content_keys(
 
 /// Fingerprint pages' costs with their packed bytes as in the copy's batches: each page
 /// was packed alone, which `gain` corrects.
+// Non-negative (`gain` is clamped) and at most the page's own cost; `as` saturates.
+#[allow(clippy::cast_sign_loss)]
 fn batched(costs: Vec<[u16; 2]>, gain: f64) -> Vec<[u16; 2]> {
     let gain = gain.clamp(0.0, 1.0);
     costs
         .into_iter()
-        // At most the page's own; `as` saturates.
         .map(|[packed, in_copy]| [(f64::from(packed) * gain).round() as u16, in_copy])
         .collect()
 }

@@ -63,11 +63,7 @@ pub fn compress(codec: Codec, input: &[u8], out: &mut Vec<u8>) -> std::io::Resul
             let n = lz4_flex::block::compress_into(input, out).map_err(std::io::Error::other)?;
             out.truncate(n);
         }
-        Codec::Zstd => {
-            out.resize(zstd::zstd_safe::compress_bound(input.len()), 0);
-            let n = zstd::bulk::compress_to_buffer(input, out, ZSTD_LEVEL)?;
-            out.truncate(n);
-        }
+        Codec::Zstd => Zstd::new()?.compress(input, out)?,
     }
     Ok(())
 }

@@ -75,8 +75,8 @@ pub const MAX_FINGERPRINT: usize = 16384;
 /// The dirty log is read this often during a sample.
 pub const FETCH_EVERY: Duration = Duration::from_millis(50);
 
-/// Runs of contiguous pages read for the zero, compressibility and copy-delta estimates,
-/// and the pages in each: the copy compresses neighbours together.
+/// Runs of neighbouring touched pages read for the zero, compressibility and copy-delta
+/// estimates, and the pages in each: the copy compresses neighbours together.
 const SAMPLE_RUNS: u64 = 256;
 const RUN_PAGES: u64 = 16;
 

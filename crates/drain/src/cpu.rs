@@ -5,6 +5,9 @@
 //! pure; [`Meter`] reads the agents.
 use host::cpu::{CpuCost, CpuUsage};
 
+use std::collections::BTreeMap;
+
+use crate::cores::Load;
 use crate::plan::{CpuModel, PlanCpu};
 use host::HostClient;
 use serde::Serialize;
@@ -498,13 +501,11 @@ impl Meter {
                 n * free.max(MIN_FREE)
             })
             .collect();
-        let mut contenders: Vec<f64> = before
+        let mut runnable: Vec<f64> = before
             .iter()
             .map(|b| b.unwrap_or_default().guests_runnable)
             .collect();
-        // What one vCPU of the source's pool adds to them, on average.
-        let vcpus: usize = self.pools[0].iter().map(|&i| start[i].vcpus).sum();
-        let per_vcpu = contenders[0] / vcpus.max(1) as f64;
+        let (mut guests, slots) = self.guests(start, &runnable);
         let pool_of = |host: usize| self.pools.iter().position(|p| p.contains(&host));
         let source = pool_of(0)?;
         let dests = self
@@ -514,7 +515,8 @@ impl Meter {
                 at.and_then(pool_of).unwrap_or_else(|| {
                     // Not reached from here: its cores are not known, and do not limit.
                     cores.push(f64::INFINITY);
-                    contenders.push(0.0);
+                    runnable.push(0.0);
+                    guests.push(Vec::new());
                     cores.len() - 1
                 })
             })
@@ -522,13 +524,14 @@ impl Meter {
         let plan = PlanCpu::new(
             CpuModel {
                 pools: cores,
-                contenders,
+                guests,
+                slots,
                 source,
                 dests,
             },
+            runnable,
             [cost.source_s_per_gb, cost.destination_s_per_gb],
             threads,
-            per_vcpu,
         );
         Some(
             plan.with_fit(cost.fit.as_ref().and_then(host::cpu::CostFit::per_gb))
@@ -536,6 +539,45 @@ impl Meter {
                 .at_ratio(cost.cost_ratio_at(Some(level)))
                 .with_level_ratios(cost.cost_ratio_at.clone()),
         )
+    }
+
+    /// Per pool, its guests' loads over the survey (from the first reading to `start`): each
+    /// VM read apart where its agent tells them, what the pool's vCPUs were runnable beyond
+    /// those as busy vCPUs (`runnable`, per pool); and which of the source pool's loads is
+    /// each of the source's VMs.
+    fn guests(
+        &self,
+        start: &[CpuUsage],
+        runnable: &[f64],
+    ) -> (Vec<Vec<Load>>, BTreeMap<String, usize>) {
+        let mut slots = BTreeMap::new();
+        let guests = self
+            .pools
+            .iter()
+            .zip(runnable)
+            .map(|(pool, &runnable)| {
+                let mut loads = Vec::new();
+                let mut read = 0.0;
+                for &h in pool {
+                    let (Some(a), Some(b)) = (self.first.get(h), start.get(h)) else {
+                        continue;
+                    };
+                    for (name, load, r) in vm_loads(a, b) {
+                        if h == 0 {
+                            slots.insert(name, loads.len());
+                        }
+                        read += r;
+                        loads.push(load);
+                    }
+                }
+                let rest = runnable - read;
+                if rest > UNREAD_RUNNABLE {
+                    loads.push(Load::busy(rest));
+                }
+                loads
+            })
+            .collect();
+        (guests, slots)
     }
 
     /// Reads again; per pool, the shares since the reading before.
@@ -763,6 +805,45 @@ pub fn lesson(
     })
 }
 
+/// Runnable vCPUs a pool's VMs read apart may leave unexplained (rounding, a VM that came or
+/// went) before the rest counts as busy vCPUs of its own.
+const UNREAD_RUNNABLE: f64 = 0.05;
+
+/// The VMs one host read apart in both readings (same process): name, load and runnable
+/// vCPUs between them; at most [`MAX_VMS`] of them.
+pub fn vm_loads(a: &CpuUsage, b: &CpuUsage) -> Vec<(String, Load, f64)> {
+    let secs = b.at_ms.saturating_sub(a.at_ms) as f64 / 1e3;
+    if secs <= 0.0 {
+        return Vec::new();
+    }
+    let before: std::collections::HashMap<(&str, u32), &host::cpu::VmCpu> = a
+        .vms
+        .iter()
+        .take(MAX_VMS)
+        .map(|v| ((v.name.as_str(), v.pid), v))
+        .collect();
+    b.vms
+        .iter()
+        .take(MAX_VMS)
+        .filter_map(|v| {
+            let was = before.get(&(v.name.as_str(), v.pid))?;
+            let ran = (v.run_s - was.run_s).max(0.0) / secs;
+            let runnable = (v.runnable_s - was.runnable_s).max(0.0) / secs;
+            let vcpus = v.vcpus.min(MAX_VCPUS) as f64;
+            Some((
+                v.name.clone(),
+                Load::measured(vcpus, ran, runnable),
+                runnable,
+            ))
+        })
+        .collect()
+}
+
+/// More vCPUs than a VM can have, and more VMs than a host runs: an agent that says so is
+/// not believed past them.
+const MAX_VCPUS: usize = 1024;
+const MAX_VMS: usize = 4096;
+
 fn read(clients: &[HostClient]) -> Option<Vec<CpuUsage>> {
     clients.iter().map(|c| c.cpu().ok()).collect()
 }
@@ -781,8 +862,44 @@ mod tests {
             vmm_s: vmm,
             guests_runnable_s: 0.0,
             vcpus: 0,
+            vms: Vec::new(),
             costs: Default::default(),
         }
+    }
+
+    #[test]
+    fn each_vm_is_read_apart_and_a_restarted_one_is_not_compared() {
+        let vm = |name: &str, pid: u32, run_s: f64, runnable_s: f64| host::cpu::VmCpu {
+            name: name.into(),
+            pid,
+            vcpus: 1,
+            run_s,
+            runnable_s,
+        };
+        let mut a = at("k", 1000, 0.0, 0.0, 0.0);
+        let mut b = at("k", 3000, 0.0, 0.0, 0.0);
+        a.vms = vec![
+            vm("sql", 1, 10.0, 20.0),
+            vm("web", 2, 5.0, 9.0),
+            vm("new", 3, 0.0, 0.0),
+        ];
+        // Over 2 s: sql runnable all the time; web a fifth of a core, runnable half the
+        // time; `new` restarted (another process).
+        b.vms = vec![
+            vm("sql", 1, 11.0, 22.0),
+            vm("web", 2, 5.4, 10.0),
+            vm("new", 4, 1.0, 2.0),
+        ];
+        let loads = vm_loads(&a, &b);
+        assert_eq!(loads.len(), 2);
+        assert_eq!(loads[0], ("sql".into(), Load::busy(1.0), 1.0));
+        let (name, web, runnable) = &loads[1];
+        assert_eq!((name.as_str(), *runnable), ("web", 0.5));
+        assert!((web.cap - 0.2).abs() < 1e-9 && web.weight == 1.0, "{web:?}");
+        // Readings out of order, or a lying agent: nothing, or bounded.
+        assert!(vm_loads(&b, &a).is_empty());
+        b.vms[0].vcpus = usize::MAX;
+        assert_eq!(vm_loads(&a, &b)[0].1.weight, MAX_VCPUS as f64);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! sample), [`plan`] (placement that never overcommits, order, ETA), [`window`] (how many
 //! migrations at once; `auto` grows while throughput does), [`pace`] (one bandwidth budget
 //! shared evenly), [`cpu`] (the hosts' cores: what guests and migrations take, and
-//! `--reserve-cpu`). Mechanism: [`survey`] (agents, links, samples), [`run`] (the sliding
+//! `--reserve-cpu`), [`cores`] (how the model shares a pool's cores between them). Mechanism: [`survey`] (agents, links, samples), [`run`] (the sliding
 //! window of migrations, retries, switchovers whose outcome is unknown, Ctrl-C), [`view`]
 //! (progress), [`report`] (what happened).
 use std::path::PathBuf;
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use migration::MigrateRequest;
 
 pub mod cache;
+pub mod cores;
 pub mod cpu;
 pub mod model;
 pub mod pace;

@@ -96,14 +96,18 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
                 bytes: 0.0,
                 cpu: cpu.map_or([0.0; 2], |c| c.cost_per_byte()),
                 threads,
-                yields: cpu.map_or(0.0, |c| c.yields(v.vcpus, s.vcpu_yield)),
                 seeds: if s.cache && i == 0 {
                     v.first_pass_bytes(compressed) * s.framing
                 } else {
                     0.0
                 },
                 overhead: s.overhead,
-                verify: cpu.map_or([0.0; 2], |c| c.verify_of(v.touched_bytes(), v.vcpus, 0)),
+                verify_s: cpu.map_or(0.0, |c| c.verify_of(v.touched_bytes())),
+                ..SimJob::default()
+            };
+            let job = match cpu {
+                Some(c) => c.with_guest(job, Some(&v.name), f64::from(v.vcpus), s.vcpu_yield),
+                None => job,
             };
             let rate = migration_rate(Some(s.link), false, n, &job, model);
             let wire = v.wire_bytes(rate, compressed) * s.framing;
@@ -269,13 +273,8 @@ mod tests {
     fn a_compressed_vm_whose_pages_go_as_references_keeps_fewer_workers_busy() {
         // Cores, not the 10 GbE link, hold a compressed migration back: one core for both
         // sides, a core-second per GB. Its threads share it with 1 busy guest vCPU.
-        let model = crate::plan::CpuModel {
-            pools: vec![1.0],
-            contenders: vec![1.0],
-            source: 0,
-            dests: vec![0],
-        };
-        let cpu = crate::plan::PlanCpu::new(model, [1.0, 0.0], [3.0, 1.0], 0.0);
+        let model = crate::plan::CpuModel::of_runnable(vec![1.0], &[1.0], 0, vec![0]);
+        let cpu = crate::plan::PlanCpu::new(model, vec![1.0], [1.0, 0.0], [3.0, 1.0]);
         let mut vm = reference_vm("sql", 1, 0.5, 0.0);
         vm.cached = 0.9;
         let s = Scenario {

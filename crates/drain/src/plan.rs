@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+pub use crate::cores::CpuModel;
+use crate::cores::{Guests, Load};
 use crate::predict::VmFacts;
 
 /// `--order`.
@@ -285,17 +287,21 @@ pub struct SimJob {
     pub cpu: [f64; 2],
     /// Its threads that are busy when the cores are what holds it back, on each side.
     pub threads: [f64; 2],
-    /// Runnable vCPUs that stop competing for the source's cores while it moves (its guest
-    /// yields to its migration).
-    pub yields: f64,
+    /// Its guest: which of the source's pool's guests ([`CpuModel::guest_of`]; None: a
+    /// like share of them all), what it asks of the cores, and its vCPUs.
+    pub guest: Option<usize>,
+    pub load: Load,
+    pub vcpus: f64,
+    /// Its guest yields its vCPUs to its migration while the migration moves bytes.
+    pub yields: bool,
     /// Bytes it sends before another migration to its destination may start (its copy, when
     /// it is the first to a destination's page cache and fills it); 0: none.
     pub seeds: f64,
     /// Seconds it takes before it moves bytes ([`crate::predict::overhead`]).
     pub overhead: f64,
-    /// After its switchover, its guest checks its memory for this many seconds, with this
-    /// many more vCPUs runnable on its destination's pool than before the drain (0: none).
-    pub verify: [f64; 2],
+    /// After its switchover, its guest checks its memory for this many seconds, every vCPU
+    /// busy (0: none).
+    pub verify_s: f64,
 }
 
 impl Default for SimJob {
@@ -306,80 +312,14 @@ impl Default for SimJob {
             bytes: 0.0,
             cpu: [0.0; 2],
             threads: [0.0; 2],
-            yields: 0.0,
+            guest: None,
+            load: Load::default(),
+            vcpus: 0.0,
+            yields: false,
             seeds: 0.0,
             overhead: crate::predict::OVERHEAD_S,
-            verify: [0.0; 2],
+            verify_s: 0.0,
         }
-    }
-}
-
-/// The cores the drain's migrations may use: per pool (the hosts of one kernel), core-seconds
-/// per second, and how many guest vCPUs compete for them; which pool the source is in, and
-/// each destination.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CpuModel {
-    pub pools: Vec<f64>,
-    pub contenders: Vec<f64>,
-    pub source: usize,
-    pub dests: Vec<usize>,
-}
-
-impl CpuModel {
-    /// The vCPUs the guests in `verifying` (job, seconds left) add to pool `p`.
-    fn verifying(&self, p: usize, jobs: &[SimJob], verifying: &[(usize, f64)]) -> f64 {
-        verifying
-            .iter()
-            .map(|&(j, _)| &jobs[j])
-            .filter(|j| self.dests.get(j.dest) == Some(&p))
-            .map(|j| j.verify[1])
-            .sum()
-    }
-
-    /// What `job` takes of pool `p`: core-seconds per byte, and busy threads.
-    fn take(&self, job: &SimJob, p: usize) -> (f64, f64) {
-        let on = |pool: Option<&usize>| pool == Some(&p);
-        let mut t = (0.0, 0.0);
-        if on(Some(&self.source)) {
-            t = (job.cpu[0], job.threads[0]);
-        }
-        if on(self.dests.get(job.dest)) {
-            t = (t.0 + job.cpu[1], t.1 + job.threads[1]);
-        }
-        t
-    }
-
-    /// The rate one of `n` like migrations (`job` stands for them) moves at by the cores
-    /// (∞: the cores do not limit it).
-    pub fn rate_of_like(&self, job: &SimJob, n: usize) -> f64 {
-        let moving = vec![job; n.max(1)];
-        (0..self.pools.len())
-            .map(|p| self.rate(job, p, &moving, 0.0))
-            .fold(f64::INFINITY, f64::min)
-    }
-
-    /// The rate `job` can move at by pool `p`'s cores, with `moving` the jobs moving bytes
-    /// and `verifying` vCPUs runnable there beyond the guests' before the drain (moved
-    /// guests checking their memory): the scheduler gives each runnable thread an even
-    /// share, so its threads get their share of the cores against the other migrations' and
-    /// the guests' vCPUs.
-    fn rate(&self, job: &SimJob, p: usize, moving: &[&SimJob], verifying: f64) -> f64 {
-        let (cost, threads) = self.take(job, p);
-        if cost <= 0.0 {
-            return f64::INFINITY;
-        }
-        let all: f64 = moving.iter().map(|j| self.take(j, p).1).sum();
-        let yielding: f64 = if p == self.source {
-            moving.iter().map(|j| j.yields).sum()
-        } else {
-            0.0
-        };
-        let guests = (self.contenders.get(p).copied().unwrap_or(0.0) - yielding).max(0.0)
-            + verifying.max(0.0);
-        let threads = threads.max(1e-9);
-        // A thread runs on one core at a time, however many are idle.
-        let cores = (self.pools[p].max(0.0) * threads / (guests + all.max(threads))).min(threads);
-        cores / cost
     }
 }
 
@@ -397,8 +337,10 @@ pub struct PlanCpu {
     pub cost_s_per_gb: [f64; 2],
     /// A migration's busy threads on each side.
     pub threads: [f64; 2],
-    /// What one vCPU of the source's pool adds to its runnable guests, on average.
-    pub runnable_per_vcpu: f64,
+    /// Per pool, the guests' vCPUs that were busy before the drain, and the cores the others
+    /// (those that slept part of the time) took.
+    pub guest_vcpus_busy: Vec<f64>,
+    pub guest_cores_light: Vec<f64>,
     /// Per side, core-seconds per GB on the wire and per GB of RAM landed, as the source
     /// learnt them of its migrations' own CPU ([`host::cpu::CostFit`]); None before.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -424,19 +366,26 @@ pub struct PlanCpu {
 }
 
 impl PlanCpu {
+    /// The plan's CPU side: `runnable`, per pool, the guest vCPUs runnable before the drain.
     pub fn new(
         model: CpuModel,
+        runnable: Vec<f64>,
         cost_s_per_gb: [f64; 2],
         threads: [f64; 2],
-        runnable_per_vcpu: f64,
     ) -> Self {
+        let sum = |busy: bool, of: fn(&Load) -> f64| -> Vec<f64> {
+            let pick = move |l: &&Load| (l.cap >= l.weight) == busy;
+            let pool = |g: &Vec<Load>| g.iter().filter(pick).map(of).sum();
+            model.guests.iter().map(pool).collect()
+        };
         PlanCpu {
             pool_cores: model.pools.clone(),
-            guest_vcpus_runnable: model.contenders.clone(),
+            guest_vcpus_runnable: runnable,
+            guest_vcpus_busy: sum(true, |l| l.weight),
+            guest_cores_light: sum(false, |l| l.cap),
             model,
             cost_s_per_gb,
             threads,
-            runnable_per_vcpu,
             cost_fit_s_per_gb: None,
             verify_s_per_gb: None,
             cost_ratio: 1.0,
@@ -515,22 +464,11 @@ impl PlanCpu {
         }
     }
 
-    /// A moved guest's check of its memory ([`SimJob::verify`]): how long, for `touched`
-    /// bytes, and the vCPUs it adds to its destination's pool: all of its `vcpus`, less what
-    /// they took of it before the drain when the destination shares the source's cores.
-    pub fn verify_of(&self, touched: f64, vcpus: u8, dest: usize) -> [f64; 2] {
-        let Some(per_gb) = self.verify_s_per_gb.filter(|v| v.is_finite() && *v > 0.0) else {
-            return [0.0; 2];
-        };
-        let before = if self.model.dests.get(dest) == Some(&self.model.source) {
-            self.runnable_per_vcpu.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        [
-            per_gb * touched.max(0.0) / 1e9,
-            f64::from(vcpus) * (1.0 - before),
-        ]
+    /// How long a moved guest checks its memory ([`SimJob::verify_s`]), for `touched` bytes.
+    pub fn verify_of(&self, touched: f64) -> f64 {
+        self.verify_s_per_gb
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .map_or(0.0, |per_gb| per_gb * touched.max(0.0) / 1e9)
     }
 
     /// With what the source learnt of how its migrations' CPU splits between the wire and
@@ -542,13 +480,16 @@ impl PlanCpu {
         }
     }
 
-    /// The runnable vCPUs a VM with `vcpus` takes off the source's contenders while it
-    /// moves, when its guest yields to its migration.
-    pub fn yields(&self, vcpus: u8, yielding: bool) -> f64 {
-        if yielding {
-            f64::from(vcpus) * self.runnable_per_vcpu
-        } else {
-            0.0
+    /// A migration of the source's VM `name` (None: one like them all) with `vcpus`, as the
+    /// cores see its guest ([`CpuModel::guest_of`]); `yields`: its vCPUs yield to it.
+    pub fn with_guest(&self, job: SimJob, name: Option<&str>, vcpus: f64, yields: bool) -> SimJob {
+        let (guest, load) = self.model.guest_of(name, vcpus);
+        SimJob {
+            guest,
+            load,
+            vcpus,
+            yields,
+            ..job
         }
     }
 
@@ -726,7 +667,8 @@ fn run_simulation(
     let mut pending: std::collections::VecDeque<usize> = (0..jobs.len()).collect();
     let mut active: Vec<Active> = Vec::new();
     let mut now = 0.0;
-    // Moved guests checking their memory: (job, seconds left).
+    // Moved guests, and those checking their memory: (job, seconds left).
+    let mut moved: Vec<usize> = Vec::new();
     let mut verifying: Vec<(usize, f64)> = Vec::new();
     // Per job, seconds under each bound.
     let mut held = vec![[0.0f64; 2]; jobs.len()];
@@ -754,11 +696,20 @@ fn run_simulation(
                 spans,
             };
         }
-        let moving: Vec<&SimJob> = active
+        let moving_ix: Vec<usize> = active
             .iter()
             .filter(|a| a.overhead <= 0.0)
-            .map(|a| &jobs[a.job])
+            .map(|a| a.job)
             .collect();
+        let moving: Vec<&SimJob> = moving_ix.iter().map(|&j| &jobs[j]).collect();
+        let at = Guests {
+            moving: &moving_ix,
+            moved: &moved,
+            verifying: &verifying,
+        };
+        let guests: Vec<Vec<Load>> = cpu.map_or(Vec::new(), |c| {
+            (0..c.pools.len()).map(|p| c.loads(p, jobs, at)).collect()
+        });
         let rates: Vec<(f64, Bound)> = active
             .iter()
             .map(|a| {
@@ -767,7 +718,7 @@ fn run_simulation(
                 let link = links.get(job.dest).copied().unwrap_or(1.0).max(1.0) / n as f64;
                 let cores = cpu.map_or(f64::INFINITY, |c| {
                     (0..c.pools.len())
-                        .map(|p| c.rate(job, p, &moving, c.verifying(p, jobs, &verifying)))
+                        .map(|p| c.rate(job, p, &moving, &guests[p]))
                         .fold(f64::INFINITY, f64::min)
                 });
                 if cores < link {
@@ -811,8 +762,9 @@ fn run_simulation(
             .filter(|a| a.overhead <= 1e-9 && a.left <= 1e-6)
         {
             spans[a.job][1] = now;
-            if jobs[a.job].verify[0] > 0.0 {
-                verifying.push((a.job, jobs[a.job].verify[0]));
+            moved.push(a.job);
+            if jobs[a.job].verify_s > 0.0 {
+                verifying.push((a.job, jobs[a.job].verify_s));
             }
         }
         active.retain(|a| a.overhead > 1e-9 || a.left > 1e-6);
@@ -911,12 +863,7 @@ mod tests {
         // 4 cores, nothing else on them; a GB costs a core-second on each side and each side
         // has one thread: one migration alone moves 1 GB/s, two at once 1 GB/s each. The link
         // does not limit.
-        let cpu = CpuModel {
-            pools: vec![4.0],
-            contenders: vec![0.0],
-            source: 0,
-            dests: vec![0, 0],
-        };
+        let cpu = CpuModel::of_runnable(vec![4.0], &[0.0], 0, vec![0, 0]);
         let job = SimJob {
             bytes: 1e9,
             cpu: [1e-9, 1e-9],
@@ -946,12 +893,7 @@ mod tests {
 
     #[test]
     fn a_link_known_only_as_a_floor_carries_what_the_cores_send() {
-        let cpu = CpuModel {
-            pools: vec![2.0],
-            contenders: vec![0.0],
-            source: 0,
-            dests: vec![0],
-        };
+        let cpu = CpuModel::of_runnable(vec![2.0], &[0.0], 0, vec![0]);
         // One core-second per GB on each side: one migration's two threads get both cores.
         let job = SimJob {
             cpu: [1e-9, 1e-9],
@@ -1255,47 +1197,30 @@ mod tests {
             overhead: 0.0,
             ..SimJob::default()
         };
-        let model = CpuModel {
-            pools: vec![1.0],
-            contenders: vec![0.0],
-            source: 0,
-            dests: vec![0],
-        };
+        let model = CpuModel::of_runnable(vec![1.0], &[0.0], 0, vec![0]);
         let (t, _) = simulate_with_cpu(&[job, job], &[1e9], 1, 1, Some(&model));
         assert!((t - 2.0).abs() < 1e-6, "{t}");
         // The first guest checks itself for 1 s with a vCPU: the second migration's two
         // threads get 2/3 of the core meanwhile (66.7 B/s for 1 s), then all of it.
         let checks = SimJob {
-            verify: [1.0, 1.0],
+            verify_s: 1.0,
+            vcpus: 1.0,
             ..job
         };
         let (t, _) = simulate_with_cpu(&[checks, checks], &[1e9], 1, 1, Some(&model));
         let second = 1.0 + (100.0 - 200.0 / 3.0) / 100.0;
         assert!((t - (1.0 + second)).abs() < 1e-6, "{t}");
         // Where the learnt time is known, the plan gives a guest its check.
-        let plan = PlanCpu::new(model, [1.0; 2], [1.0; 2], 0.25).with_verify(Some(2.0));
-        assert_eq!(plan.verify_of(5e8, 2, 0), [1.0, 1.5]);
-        let other = PlanCpu {
-            model: CpuModel {
-                dests: vec![1],
-                ..plan.model.clone()
-            },
-            ..plan.clone()
-        };
-        assert_eq!(other.verify_of(5e8, 2, 0), [1.0, 2.0], "all of its vCPUs");
-        assert_eq!(plan.with_verify(None).verify_of(5e8, 2, 0), [0.0; 2]);
+        let plan = PlanCpu::new(model, Vec::new(), [1.0; 2], [1.0; 2]).with_verify(Some(2.0));
+        assert_eq!(plan.verify_of(5e8), 1.0);
+        assert_eq!(plan.with_verify(None).verify_of(5e8), 0.0);
     }
 
     #[test]
     fn a_plan_prices_its_cpu_at_the_level_an_auto_drain_settled_at() {
-        let model = CpuModel {
-            pools: vec![2.0],
-            contenders: vec![0.0],
-            source: 0,
-            dests: vec![0],
-        };
+        let model = CpuModel::of_runnable(vec![2.0], &[0.0], 0, vec![0]);
         let ratios = BTreeMap::from([(1, 0.9), (4, 1.1)]);
-        let auto = PlanCpu::new(model, [2.0, 3.0], [1.0; 2], 0.5)
+        let auto = PlanCpu::new(model, Vec::new(), [2.0, 3.0], [1.0; 2])
             .with_fit(Some([(1.0, 1.0), (2.0, 0.5)]))
             .with_level_ratios(ratios.clone());
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
@@ -1359,7 +1284,7 @@ mod tests {
 
     #[test]
     fn a_migration_keeps_as_many_workers_busy_as_its_pages_compressed_ask() {
-        let mean = PlanCpu::new(CpuModel::default(), [4.0, 2.0], [2.7, 1.0], 0.0);
+        let mean = PlanCpu::new(CpuModel::default(), Vec::new(), [4.0, 2.0], [2.7, 1.0]);
         // Before the source learnt it, every migration has the drain's mean.
         assert_eq!(mean.threads_of(0.1), [2.7, 1.0]);
         let per = mean.clone().with_workers(Some(3.5), 2.0);
@@ -1381,7 +1306,7 @@ mod tests {
 
     #[test]
     fn a_migration_of_references_costs_the_cores_more_per_byte_on_the_wire() {
-        let plan = PlanCpu::new(CpuModel::default(), [4.0, 2.0], [1.0; 2], 0.0);
+        let plan = PlanCpu::new(CpuModel::default(), Vec::new(), [4.0, 2.0], [1.0; 2]);
         // Before the split is learnt: the transport's cost per byte on the wire.
         assert_eq!(plan.cost_per_byte_of(1e9, 4e9), [4e-9, 2e-9]);
         // Source 1 + 0.5 per GB landed, destination 0 + 1: a migration that lands 4 GB for
@@ -1447,10 +1372,7 @@ mod tests {
         // Six busy guest vCPUs on 2 cores: one migration's two threads get 2 x 2/8 = 0.5
         // core (25 B/s); two at once get 2 x 4/10 = 0.8 (20 B/s each, 40 in all): more at
         // once moves more, as on a host whose guests compete for the cores.
-        let busy = CpuModel {
-            contenders: vec![6.0],
-            ..pool(vec![2.0], vec![0])
-        };
+        let busy = CpuModel::of_runnable(vec![2.0], &[6.0], 0, vec![0]);
         let (one, _) = simulate_with_cpu(&[job, job], &[1000.0], 1, 4, Some(&busy));
         let (two, _) = simulate_with_cpu(&[job, job], &[1000.0], 2, 4, Some(&busy));
         assert!(
@@ -1467,12 +1389,7 @@ mod tests {
     fn a_compressed_drain_sends_raw_what_the_cores_would_hold_back_and_only_that() {
         // Compressed: 50 bytes at 0.04 core-s each, on one core: 25 B/s, 2 s. Raw: 100 bytes
         // at 0.005: the link's.
-        let pool = CpuModel {
-            pools: vec![1.0],
-            contenders: vec![0.0],
-            source: 0,
-            dests: vec![0],
-        };
+        let pool = CpuModel::of_runnable(vec![1.0], &[0.0], 0, vec![0]);
         let packed = SimJob {
             bytes: 50.0,
             cpu: [0.04, 0.0],

@@ -165,24 +165,29 @@ impl<'a> Pricing<'a> {
         self.compressed && !raw
     }
 
-    /// A migration to `d` as the cores see it, of a VM with `vcpus` that yield to it.
-    fn job_to(&self, d: usize, vcpus: f64, raw: bool) -> SimJob {
+    /// A migration to `d` as the cores see it, of VM `vm` (None: one like them all, with
+    /// their mean vCPUs).
+    fn job_to(&self, d: usize, vm: Option<&VmFacts>, raw: bool) -> SimJob {
         let c = self.costs(raw);
-        SimJob {
+        let job = SimJob {
             dest: d,
             bytes: 0.0,
             cpu: c.map_or([0.0; 2], PlanCpu::cost_per_byte),
             threads: c.map_or([1.0; 2], |c| c.threads),
-            yields: c.map_or(0.0, |c| c.yields(1, self.yields) * vcpus),
             seeds: 0.0,
             overhead: self.overhead,
-            verify: [0.0; 2],
+            ..SimJob::default()
+        };
+        let Some(c) = c else { return job };
+        match vm {
+            Some(v) => c.with_guest(job, Some(&v.name), f64::from(v.vcpus), self.yields),
+            None => c.with_guest(job, None, self.mean_vcpus, self.yields),
         }
     }
 
     /// One that stands for them all: the VMs' mean vCPUs.
     fn like(&self, d: usize, raw: bool) -> SimJob {
-        self.job_to(d, self.mean_vcpus, raw)
+        self.job_to(d, None, raw)
     }
 
     /// What a migration to `d` moves at while `per` go there at once.
@@ -262,12 +267,12 @@ impl<'a> Pricing<'a> {
         let rate = self.rate_at(d, per, raw);
         let wire = self.bytes(k, rate, raw);
         let landed = v.landed_bytes(rate, self.compresses(raw)) + self.disk_bytes(i, d);
-        let like = self.job_to(d, f64::from(v.vcpus), raw);
+        let like = self.job_to(d, Some(v), raw);
         SimJob {
             bytes: wire,
             seeds,
             cpu: c.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
-            verify: c.map_or([0.0; 2], |c| c.verify_of(v.touched_bytes(), v.vcpus, d)),
+            verify_s: c.map_or(0.0, |c| c.verify_of(v.touched_bytes())),
             threads: match c {
                 Some(c) if self.compresses(raw) => c.threads_of(v.compressed_share(rate)),
                 _ => like.threads,

@@ -436,21 +436,16 @@ impl DrainReport {
         format!("auto: the model's ETA at each level: {}\n", etas.join(", "))
     }
 
-    /// The cores as the plan took them.
+    /// The cores as the plan took them: per pool, and the guests there as the model shares
+    /// the cores with them.
     fn cpu_line(&self) -> String {
         match &self.plan.cpu {
             Some(c) => format!(
-                "cpu: {} cores for migrations against {} guest vCPUs runnable; a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination, where a migration keeps {:.1} and {:.1} threads busy{}\n",
-                c.pool_cores
-                    .iter()
-                    .map(|x| format!("{x:.2}"))
-                    .collect::<Vec<_>>()
-                    .join("+"),
-                c.guest_vcpus_runnable
-                    .iter()
-                    .map(|x| format!("{x:.1}"))
-                    .collect::<Vec<_>>()
-                    .join("+"),
+                "cpu: {} cores for migrations against {} guest vCPUs runnable (of which {} busy, the rest taking {} cores); a GB on the wire costs {:.2} core-s on the source and {:.2} on the destination, where a migration keeps {:.1} and {:.1} threads busy{}\n",
+                joined(&c.pool_cores, 2),
+                joined(&c.guest_vcpus_runnable, 1),
+                joined(&c.guest_vcpus_busy, 1),
+                joined(&c.guest_cores_light, 2),
                 c.cost_s_per_gb[0],
                 c.cost_s_per_gb[1],
                 c.threads[0],
@@ -534,6 +529,14 @@ impl DrainReport {
     }
 }
 
+/// Per pool figures, `+` between them.
+fn joined(xs: &[f64], decimals: usize) -> String {
+    xs.iter()
+        .map(|x| format!("{x:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,7 +591,12 @@ mod tests {
             overhead_s: 0.4,
             cpu: None,
             raw: Some(crate::pricing::RawCosts {
-                cpu: crate::plan::PlanCpu::new(Default::default(), [1.5, 1.25], [1.0; 2], 0.5),
+                cpu: crate::plan::PlanCpu::new(
+                    Default::default(),
+                    Vec::new(),
+                    [1.5, 1.25],
+                    [1.0; 2],
+                ),
                 dirty_ratio: None,
             }),
             level_etas_s: vec![20.0, 12.5, 12.4],
@@ -639,7 +647,7 @@ mod tests {
             "no CPU in the plan: {t}"
         );
         // A level whose drains cost 85% of the rest says so.
-        let cpu = crate::plan::PlanCpu::new(Default::default(), [2.0, 3.0], [1.0; 2], 0.5);
+        let cpu = crate::plan::PlanCpu::new(Default::default(), Vec::new(), [2.0, 3.0], [1.0; 2]);
         let mut r = r;
         r.plan.cpu = Some(cpu.clone().at_ratio(0.85));
         let t = r.plan_table();

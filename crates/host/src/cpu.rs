@@ -30,9 +30,26 @@ pub struct CpuUsage {
     pub vcpus: usize,
     /// Core-seconds the other threads of VM processes took (migrations in and out, devices).
     pub vmm_s: f64,
+    /// Each VM process's vCPU threads now, by the VM's name: what each guest takes of the
+    /// cores, which the sums above do not tell apart (a guest that sleeps most of the time
+    /// leaves the cores to others).
+    #[serde(default)]
+    pub vms: Vec<VmCpu>,
     /// What a migration sent from here cost, by transport.
     #[serde(default)]
     pub costs: CpuCosts,
+}
+
+/// One VM process's vCPU threads, as counters that only grow while the process lives.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VmCpu {
+    pub name: String,
+    /// The process: a reading of another process under the same name is not comparable.
+    pub pid: u32,
+    pub vcpus: usize,
+    /// Core-seconds its vCPU threads ran, and seconds they were runnable (ran or waited).
+    pub run_s: f64,
+    pub runnable_s: f64,
 }
 
 /// Core-seconds per GB on the wire that migrations took on each side, by transport (`tcp`,
@@ -455,12 +472,20 @@ impl CpuMeter {
         }
     }
 
-    /// Reads the counters, with `pids` the host's VM processes now.
-    pub fn read(&mut self, pids: &[u32]) -> CpuUsage {
+    /// Reads the counters, with `vms` the host's VM processes now (name, pid).
+    pub fn read(&mut self, vms: &[(String, u32)]) -> CpuUsage {
         let mut now = HashMap::new();
-        for &pid in pids {
-            if let Some(p) = process(pid) {
-                now.insert(pid, p);
+        let mut per_vm = Vec::new();
+        for (name, pid) in vms {
+            if let Some(p) = process(*pid) {
+                now.insert(*pid, p);
+                per_vm.push(VmCpu {
+                    name: name.clone(),
+                    pid: *pid,
+                    vcpus: p.vcpu_threads,
+                    run_s: p.vcpus_ran,
+                    runnable_s: p.vcpus_runnable,
+                });
             }
         }
         for (pid, p) in &now {
@@ -483,6 +508,7 @@ impl CpuMeter {
             guests_runnable_s: self.guests_runnable_s,
             vcpus,
             vmm_s: self.vmm_s,
+            vms: per_vm,
             costs: self.costs.clone(),
         }
     }
@@ -556,7 +582,9 @@ struct Process {
     total: f64,
     /// Core-seconds of its vCPU threads.
     vcpus: f64,
-    /// Seconds its vCPU threads were runnable, summed.
+    /// Seconds its vCPU threads ran (as the scheduler counts, finer than the ticks above)
+    /// and were runnable, summed.
+    vcpus_ran: f64,
     vcpus_runnable: f64,
     /// Its vCPU threads.
     vcpu_threads: usize,
@@ -586,20 +614,21 @@ fn process(pid: u32) -> Option<Process> {
             p.vcpu_threads += 1;
             p.vcpus += ticks / tps;
             let sched = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
-            p.vcpus_runnable += parse_schedstat(&sched);
+            let (ran, waited) = parse_schedstat(&sched);
+            p.vcpus_ran += ran;
+            p.vcpus_runnable += ran + waited;
         }
     }
     Some(p)
 }
 
-/// A thread's `schedstat` (`run_ns wait_ns slices`): seconds it ran or waited for a core.
-fn parse_schedstat(s: &str) -> f64 {
-    let ns: Vec<f64> = s
+/// A thread's `schedstat` (`run_ns wait_ns slices`): seconds it ran, and it waited for a core.
+fn parse_schedstat(s: &str) -> (f64, f64) {
+    let mut ns = s
         .split_whitespace()
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    ns.iter().sum::<f64>() / 1e9
+        .map(|x| x.parse::<f64>().unwrap_or(0.0));
+    let ran = ns.next().unwrap_or(0.0);
+    (ran / 1e9, ns.next().unwrap_or(0.0) / 1e9)
 }
 
 /// A thread's name and its user + system ticks from its `stat` line. The name is between the
@@ -631,8 +660,9 @@ mod tests {
 
     #[test]
     fn a_schedstat_gives_the_time_running_and_waiting() {
-        assert!((parse_schedstat("1500000000 500000000 42\n") - 2.0).abs() < 1e-9);
-        assert_eq!(parse_schedstat(""), 0.0);
+        assert_eq!(parse_schedstat("1500000000 500000000 42\n"), (1.5, 0.5));
+        assert_eq!(parse_schedstat(""), (0.0, 0.0));
+        assert_eq!(parse_schedstat("x y"), (0.0, 0.0));
     }
 
     #[test]
@@ -644,8 +674,8 @@ mod tests {
     #[test]
     fn this_process_is_read_its_ended_threads_count_and_counters_only_grow() {
         let mut m = CpuMeter::default();
-        let me = std::process::id();
-        let a = m.read(&[me]);
+        let me = [("me".to_string(), std::process::id())];
+        let a = m.read(&me);
         // Burn a little CPU on a (non-vCPU) thread that ends before the next reading.
         std::thread::spawn(|| {
             let t = std::time::Instant::now();
@@ -657,13 +687,50 @@ mod tests {
         })
         .join()
         .unwrap();
-        let b = m.read(&[me]);
+        let b = m.read(&me);
         assert!(b.vmm_s > a.vmm_s, "{a:?} then {b:?}");
         assert_eq!(b.guests_s, 0.0);
+        assert_eq!(b.vms.len(), 1);
+        assert_eq!((b.vms[0].name.as_str(), b.vms[0].vcpus), ("me", 0));
         assert!(b.cores >= 1 && b.at_ms >= a.at_ms && b.busy_s >= a.busy_s);
         // A process gone: nothing taken away.
         let c = m.read(&[]);
         assert_eq!(c.vmm_s, b.vmm_s);
+        assert!(c.vms.is_empty());
+        a_vms_vcpu_threads_are_read_on_their_own();
+    }
+
+    /// In the test above: another test's vCPU thread would be counted as its guest's.
+    fn a_vms_vcpu_threads_are_read_on_their_own() {
+        let mut m = CpuMeter::default();
+        let me = [("guest".to_string(), std::process::id())];
+        let (stop, ready) = (
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            std::sync::Arc::new(std::sync::Barrier::new(2)),
+        );
+        let (s, r) = (stop.clone(), ready.clone());
+        // A thread named as a vCPU thread, which burns CPU until told to stop.
+        let vcpu = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || {
+                r.wait();
+                let mut x = 0u64;
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = x.wrapping_mul(31).wrapping_add(7);
+                }
+                std::hint::black_box(x);
+            })
+            .unwrap();
+        ready.wait();
+        let a = m.read(&me);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let b = m.read(&me);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        vcpu.join().unwrap();
+        let (va, vb) = (&a.vms[0], &b.vms[0]);
+        assert_eq!((vb.vcpus, vb.pid), (1, std::process::id()));
+        assert!(vb.run_s > va.run_s, "{va:?} then {vb:?}");
+        assert!(vb.runnable_s - va.runnable_s >= vb.run_s - va.run_s - 1e-3);
     }
 
     #[test]

@@ -137,11 +137,11 @@ fn not_found(name: &str) -> (u16, String) {
 impl Agent {
     /// The CPU its VM processes (those arriving too) have taken so far, and the host's.
     pub(super) fn cpu_usage(&self) -> crate::cpu::CpuUsage {
-        let pids: Vec<u32> = locks::lock(&self.vms)
-            .values_mut()
-            .map(|e| e.proc.pid())
+        let vms: Vec<(String, u32)> = locks::lock(&self.vms)
+            .iter_mut()
+            .map(|(name, e)| (name.clone(), e.proc.pid()))
             .collect();
-        locks::lock(&self.cpu).read(&pids)
+        locks::lock(&self.cpu).read(&vms)
     }
 
     pub(super) fn list(&self) -> Vec<VmInfo> {

@@ -131,6 +131,8 @@ pub struct WindowStep {
     pub level: usize,
     /// Where it stays.
     pub settled: bool,
+    /// Guest RAM the drain moved per second at the level before, as measured for the step.
+    pub ram_per_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -1238,15 +1238,17 @@ impl<'a> Run<'a> {
         }
         self.not_full_since = None;
         let since = *self.full_since.get_or_insert_with(Instant::now);
+        let ram_per_s = self.rates().1;
         if self
             .window
-            .observe(since.elapsed().as_secs_f64(), self.rates().1)
+            .observe(since.elapsed().as_secs_f64(), ram_per_s)
         {
             self.full_since = None;
             self.window_steps.push(crate::report::WindowStep {
                 at_ms: self.t0.elapsed().as_millis() as u64,
                 level: self.window.limit(),
                 settled: self.window.settled(),
+                ram_per_s,
             });
             self.view.line(&format!(
                 "drain: concurrency {}{}",

@@ -50,6 +50,9 @@ impl std::fmt::Display for Concurrency {
 
 /// A level must raise the aggregate throughput by this much to be kept.
 pub const GAIN: f64 = 1.10;
+/// A level must lower it below this share of the level before to count as a loss: a
+/// measurement over [`MEASURE_S`] moves by more than that as migrations start and end.
+pub const LOSS: f64 = 0.95;
 /// A level that raised it by this much doubles the window next (as slow start does): on a
 /// host whose cores, not its links, hold the drain back, each migration more takes a share
 /// from the guests, and a drain of a few VMs is over before one-by-one steps get there.
@@ -151,7 +154,7 @@ impl Window {
             return false;
         }
         match self.below {
-            Some(b) if rate < b * GAIN => return self.unproven(rate >= b, rate),
+            Some(b) if rate < b * GAIN => return self.unproven(rate >= b * LOSS, rate),
             _ if self.level >= AUTO_MAX => {
                 self.settled = true;
                 return false;
@@ -168,8 +171,8 @@ impl Window {
         true
     }
 
-    /// The last step raised throughput less than [`GAIN`]. Where it lost none (`kept`),
-    /// that is within the noise and the model decides: on by one while it says the next
+    /// The last step raised throughput less than [`GAIN`]. Where it lost none beyond
+    /// [`LOSS`] (`kept`), that is within the noise and the model decides: on by one while it says the next
     /// level ends sooner, here where it says this one ends as soon as the last (within
     /// [`FIRST_WITHIN`], its own resolution: the level measured to lose nothing stays).
     /// Else back to where it came from, for good. Whether the limit changed.
@@ -248,7 +251,7 @@ mod tests {
         assert_eq!(w.limit(), 3);
         assert!(w.observe(1.0, 100.0));
         assert_eq!(w.limit(), 4);
-        assert!(w.observe(1.0, 101.0));
+        assert!(w.observe(1.0, 94.0));
         assert_eq!(w.limit(), 3, "back to where it started, not below");
         assert_eq!(Window::starting(Concurrency::Fixed(2), 5).limit(), 2);
     }
@@ -272,8 +275,13 @@ mod tests {
         // A step that lost throughput goes back whatever the model says.
         let mut w = Window::guided(Concurrency::Auto, etas.clone());
         w.observe(1.0, 100.0);
-        assert!(w.observe(1.0, 99.0));
+        assert!(w.observe(1.0, 94.0));
         assert_eq!(w.limit(), 2);
+        // One that lost less than a measurement's noise lost nothing: the model decides.
+        let mut w = Window::guided(Concurrency::Auto, etas.clone());
+        w.observe(1.0, 100.0);
+        assert!(w.observe(1.0, 96.0));
+        assert_eq!(w.limit(), 4);
         // Without the model, a step short of the gain goes back.
         let mut w = Window::starting(Concurrency::Auto, 2);
         w.observe(1.0, 100.0);

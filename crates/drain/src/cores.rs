@@ -201,11 +201,11 @@ impl CpuModel {
                 remove(&mut loads, jobs[j].guest, jobs[j].load);
             }
         }
+        let checking: std::collections::HashSet<usize> = at.verifying.iter().map(|v| v.0).collect();
         for &j in at.moved {
             let job = &jobs[j];
             if self.dests.get(job.dest) == Some(&p) {
-                let checking = at.verifying.iter().any(|v| v.0 == j);
-                loads.push(if checking {
+                loads.push(if checking.contains(&j) {
                     Load::busy(job.vcpus)
                 } else {
                     job.load

@@ -132,6 +132,7 @@ pub struct Guests<'a> {
 
 impl CpuModel {
     /// A model whose guests are known only as `runnable` vCPUs per pool, each busy.
+    #[cfg(test)]
     pub fn of_runnable(
         pools: Vec<f64>,
         runnable: &[f64],
@@ -145,13 +146,6 @@ impl CpuModel {
             source,
             dests,
         }
-    }
-
-    /// The guest vCPUs of pool `p` before the drain.
-    pub fn guest_vcpus(&self, p: usize) -> f64 {
-        self.guests
-            .get(p)
-            .map_or(0.0, |g| g.iter().map(|l| l.weight).sum())
     }
 
     /// The slot and load of the source's VM `name` with `vcpus`; one like the pool's

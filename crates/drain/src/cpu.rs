@@ -811,7 +811,7 @@ const UNREAD_RUNNABLE: f64 = 0.05;
 
 /// The VMs one host read apart in both readings (same process): name, load and runnable
 /// vCPUs between them; at most [`MAX_VMS`] of them.
-pub fn vm_loads(a: &CpuUsage, b: &CpuUsage) -> Vec<(String, Load, f64)> {
+fn vm_loads(a: &CpuUsage, b: &CpuUsage) -> Vec<(String, Load, f64)> {
     let secs = b.at_ms.saturating_sub(a.at_ms) as f64 / 1e3;
     if secs <= 0.0 {
         return Vec::new();

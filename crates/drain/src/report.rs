@@ -31,6 +31,15 @@ impl Status {
     }
 }
 
+/// A migration's cores in the model, on the source and on the destination.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PredictedCores {
+    /// Core-seconds per GB it puts on the wire.
+    pub cost_s_per_gb: [f64; 2],
+    /// Its threads busy while the cores hold it back.
+    pub threads: [f64; 2],
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct VmOutcome {
     pub name: String,
@@ -66,6 +75,10 @@ pub struct VmOutcome {
     /// What the model says held its migration back: its share of the link or of the cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bound: Option<crate::plan::Bound>,
+    /// What the model has its migration take of the cores on each side (None: the cores
+    /// were not in the model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_cores: Option<PredictedCores>,
     /// It moves by post-copy (planned: the model says its pre-copy would not converge at its
     /// share of the link; after the drain: its migration did). While post-copy runs, losing
     /// either host loses the VM.
@@ -560,6 +573,7 @@ mod tests {
             predicted_span_s: None,
             cache_hits_expected: None,
             bound: None,
+            predicted_cores: None,
             started_raw: false,
             postcopy: false,
             sample,

@@ -95,6 +95,8 @@ pub struct Planned {
     pub cpu: Option<plan::PlanCpu>,
     /// Per VM, what the model says held its migration back.
     pub bounds: Vec<Option<plan::Bound>>,
+    /// Per VM, what the model has its migration take of the cores.
+    pub cores: Vec<Option<crate::report::PredictedCores>>,
     /// For `auto`, the model's makespan at each level from 1 (empty otherwise).
     pub level_etas: Vec<f64>,
     /// What the hosts learn this drain's costs under ([`drain_cost_key`]).
@@ -177,6 +179,7 @@ impl Planned {
             wire_bytes: sim.map(|s| s.jobs.iter().map(|x| x.bytes).sum()),
             cpu,
             bounds: by_vm.bounds,
+            cores: by_vm.cores,
             level_etas,
             raw_costs: raw_costs.filter(|_| raw.contains(&true)),
             raw,
@@ -245,6 +248,7 @@ impl Planned {
                 predicted_span_s: self.spans[i],
                 cache_hits_expected: self.cache_hits[i],
                 bound: self.bounds[i],
+                predicted_cores: self.cores[i],
                 postcopy: self.postcopy[i] && self.placement[i].is_ok(),
                 started_raw: planned == Status::Planned && self.raw[i],
                 sample: v.sample.clone(),
@@ -270,6 +274,7 @@ impl Planned {
             predicted_span_s: None,
             cache_hits_expected: None,
             bound: None,
+            predicted_cores: None,
             postcopy: false,
             started_raw: false,
             sample: None,
@@ -697,27 +702,41 @@ fn by_vm<T: Clone>(
     out
 }
 
-/// Per VM of `n`, from the simulation of the `placed` migrations: what held its migration
-/// back, and its bytes on the wire (None for those not placed, or not simulated).
-#[allow(clippy::type_complexity)]
 /// Per VM, what the simulation says of its migration.
 struct SimByVm {
     bounds: Vec<Option<plan::Bound>>,
     wire: Vec<Option<f64>>,
     spans: Vec<Option<[f64; 2]>>,
+    cores: Vec<Option<crate::report::PredictedCores>>,
 }
 
+/// What the model has `job` take of the cores (None: the cores are not in the model).
+fn predicted_cores(job: &plan::SimJob) -> Option<crate::report::PredictedCores> {
+    (job.cpu != [0.0; 2]).then(|| crate::report::PredictedCores {
+        cost_s_per_gb: job.cpu.map(|c| c * 1e9),
+        threads: job.threads,
+    })
+}
+
+/// Per VM of `n`, from the simulation of the `placed` migrations: what held its migration
+/// back, its bytes on the wire, its span and its cores (None for those not placed, or not
+/// simulated).
 fn per_vm(placed: &[(usize, usize)], sim: Option<&plan::Simulated>, n: usize) -> SimByVm {
     match sim {
         Some(s) => SimByVm {
             bounds: by_vm(placed, s.bounds.iter().copied(), n),
             wire: by_vm(placed, s.jobs.iter().map(|x| x.bytes), n),
             spans: by_vm(placed, s.spans.iter().copied(), n),
+            cores: by_vm(placed, s.jobs.iter().map(predicted_cores), n)
+                .into_iter()
+                .map(Option::flatten)
+                .collect(),
         },
         None => SimByVm {
             bounds: vec![None; n],
             wire: vec![None; n],
             spans: vec![None; n],
+            cores: vec![None; n],
         },
     }
 }
@@ -1514,6 +1533,36 @@ fn refusal(e: &ApiError) -> String {
 mod tests {
     use super::*;
     use migration::protocol::Transport;
+
+    #[test]
+    fn each_placed_vm_reports_the_cores_the_model_gave_its_migration() {
+        let job = plan::SimJob {
+            bytes: 1e9,
+            cpu: [0.5e-9, 2e-9],
+            threads: [2.5, 1.0],
+            ..plan::SimJob::default()
+        };
+        let sim = plan::Simulated {
+            makespan: 2.0,
+            bounds: vec![plan::Bound::Cpu],
+            jobs: vec![job],
+            spans: vec![[0.0, 2.0]],
+        };
+        // Of two VMs, the second placed.
+        let by = per_vm(&[(1, 0)], Some(&sim), 2);
+        assert_eq!(by.cores[0], None);
+        let c = by.cores[1].expect("the placed VM's cores");
+        assert!((c.cost_s_per_gb[0] - 0.5).abs() < 1e-9 && (c.cost_s_per_gb[1] - 2.0).abs() < 1e-9);
+        assert_eq!(c.threads, [2.5, 1.0]);
+        assert_eq!(by.bounds[1], Some(plan::Bound::Cpu));
+        assert!(per_vm(&[(1, 0)], None, 2).cores.iter().all(Option::is_none));
+        // A plan without the cores reports none.
+        let linked = plan::Simulated {
+            jobs: vec![plan::SimJob::default()],
+            ..sim
+        };
+        assert_eq!(per_vm(&[(0, 0)], Some(&linked), 1).cores, [None]);
+    }
 
     #[test]
     fn a_migrations_setup_is_what_it_took_besides_moving_pages_and_disks() {

@@ -219,6 +219,13 @@ impl Ui {
         }
     }
 
+    /// Steps found on the way (a drain run again).
+    pub fn more(&self, steps: u64) {
+        if let Some(b) = &self.bar {
+            b.inc_length(steps);
+        }
+    }
+
     /// A callback for the byte sampler: the live amount and rate on the bar.
     pub fn live(&self, what: &str) -> impl Fn(Duration, u64) + Send + 'static {
         let bar = self.bar.clone();

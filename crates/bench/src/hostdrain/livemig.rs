@@ -305,6 +305,10 @@ impl Drainer for LivemigHosts {
         "livemig"
     }
 
+    fn learns_costs(&self) -> bool {
+        true
+    }
+
     fn on_a(&self) -> bool {
         let n = |a: &AgentProcess| a.client().list().map_or(0, |l| l.len());
         n(&self.a) >= n(&self.b)

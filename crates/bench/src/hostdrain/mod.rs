@@ -326,6 +326,10 @@ pub trait Drainer {
     /// Stops its VMs wherever they are and boots them again on host A.
     fn fresh_guests(&mut self) -> Result<(), BenchError>;
     fn drain(&mut self, cfg: &Config, route: &Route) -> Result<DrainOutcome, BenchError>;
+    /// Its source learns what drains cost its cores, and plans with that once it has.
+    fn learns_costs(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -454,12 +458,12 @@ fn run_all(
         ui.start("starting two host agents and the VMs");
         let mut hosts = livemig::LivemigHosts::start(o, tb, dir)?;
         ui.done(&format!("{} VMs running on host A", o.vms.len()));
-        bench.drains(&mut hosts, configs, &mut rows);
+        bench.drains(&mut hosts, configs, &mut rows, notes);
         hosts.facts()
     };
     if !qemu.is_empty() {
         match qemu_side::QemuHosts::start(o, tb, dir, facts.clone(), ui) {
-            Ok(mut q) => bench.drains(&mut q, qemu, &mut rows),
+            Ok(mut q) => bench.drains(&mut q, qemu, &mut rows, notes),
             Err(e) => notes.push(format!("QEMU rows not run: {e}")),
         }
     }
@@ -482,33 +486,59 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn drains(&self, d: &mut impl Drainer, configs: &[Config], rows: &mut Vec<DrainRow>) {
+    /// Each of `configs` drained once and measured; a drain whose source had not learnt what
+    /// it costs the cores (its plan had none: the first of its kind on the host) taught it,
+    /// and the row is the drain after it, as on a host that has drained before (`notes`
+    /// says so).
+    fn drains(
+        &self,
+        d: &mut impl Drainer,
+        configs: &[Config],
+        rows: &mut Vec<DrainRow>,
+        notes: &mut Vec<String>,
+    ) {
         for cfg in configs {
-            let what = format!("{} {} over {}", d.peer(), cfg.name, cfg.links.join("+"));
-            if cfg.fresh_guests {
-                self.ui
-                    .start(&format!("{} booting the VMs afresh", d.peer()));
-                if let Err(e) = d.fresh_guests() {
-                    rows.push(self.failed(d.peer(), cfg, String::new(), &e));
-                    continue;
-                }
-                self.ui.done("the VMs run afresh on host A");
+            let (mut row, unpriced) = self.drain_once(d, cfg);
+            if unpriced {
+                notes.push(format!(
+                    "{} {}: the first drain of its kind on the source, whose plan had no CPU costs; it taught them, and the row is the drain after it",
+                    d.peer(),
+                    cfg.name
+                ));
+                self.ui.more(1 + u64::from(cfg.fresh_guests));
+                row = self.drain_once(d, cfg).0;
             }
-            self.ui.start(&what);
-            let row = self.measure(d, cfg);
-            self.ui.done(&match &row.error {
-                None => table::line(&row),
-                Some(e) => format!("{what}: FAILED: {e}"),
-            });
             rows.push(row);
         }
     }
 
-    /// One drain from wherever the VMs are, with the interfaces counted around it.
-    fn measure(&self, d: &mut impl Drainer, cfg: &Config) -> DrainRow {
+    /// `cfg` drained once (from fresh guests when it says so), and whether its plan lacked
+    /// the cores because its source had not learnt their cost.
+    fn drain_once(&self, d: &mut impl Drainer, cfg: &Config) -> (DrainRow, bool) {
+        let what = format!("{} {} over {}", d.peer(), cfg.name, cfg.links.join("+"));
+        if cfg.fresh_guests {
+            self.ui
+                .start(&format!("{} booting the VMs afresh", d.peer()));
+            if let Err(e) = d.fresh_guests() {
+                return (self.failed(d.peer(), cfg, String::new(), &e), false);
+            }
+            self.ui.done("the VMs run afresh on host A");
+        }
+        self.ui.start(&what);
+        let (row, unpriced) = self.measure(d, cfg);
+        self.ui.done(&match &row.error {
+            None => table::line(&row),
+            Some(e) => format!("{what}: FAILED: {e}"),
+        });
+        (row, unpriced && d.learns_costs())
+    }
+
+    /// One drain from wherever the VMs are, with the interfaces counted around it; and
+    /// whether it moved VMs with no CPU in its plan.
+    fn measure(&self, d: &mut impl Drainer, cfg: &Config) -> (DrainRow, bool) {
         let route = match Route::new(self.tb, cfg.links, d.on_a()) {
             Ok(r) => r,
-            Err(e) => return self.failed(d.peer(), cfg, String::new(), &e),
+            Err(e) => return (self.failed(d.peer(), cfg, String::new(), &e), false),
         };
         let what = format!("{} {}", d.peer(), cfg.name);
         let sampler = TxSampler::start(
@@ -520,9 +550,15 @@ impl Bench<'_> {
         let out = d.drain(cfg, &route);
         let samples = sampler.finish();
         match (out, samples) {
-            (Ok(out), Ok(s)) => self.row(d.peer(), cfg, &route, &out, &s),
-            (Err(e), _) => self.failed(d.peer(), cfg, route.direction(), &e),
-            (_, Err(e)) => self.failed(d.peer(), cfg, route.direction(), &e.into()),
+            (Ok(out), Ok(s)) => {
+                let unpriced = out.cpu.is_none() && out.vms.iter().any(|v| v.moved);
+                (self.row(d.peer(), cfg, &route, &out, &s), unpriced)
+            }
+            (Err(e), _) => (self.failed(d.peer(), cfg, route.direction(), &e), false),
+            (_, Err(e)) => (
+                self.failed(d.peer(), cfg, route.direction(), &e.into()),
+                false,
+            ),
         }
     }
 

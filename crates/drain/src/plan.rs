@@ -577,30 +577,41 @@ pub fn simulate_with_cpu(
     (o.makespan, o.bounds)
 }
 
-/// A compressed drain's migration goes raw only when the drain then ends sooner by at least
-/// this share of the migration's own predicted time: within the model's error, the
-/// operator's codec stays.
+/// The model's error, as a share of a migration's own predicted time: a compressed drain's
+/// migration goes raw when the drain then ends sooner by more than this, or no later than
+/// this while it spares the cores (raw takes fewer core-seconds: the guests come first).
 pub const RAW_PLAN_GAIN: f64 = 0.05;
 
 /// Which of a compressed drain's `own.len()` migrations go raw (each moved alone takes
-/// `own[k]` seconds compressed): one at a time, in order, each kept raw when the drain's
-/// makespan (`eta` of which go raw) then ends at least [`RAW_PLAN_GAIN`] of its own time
-/// sooner. Raw trades link bytes for cores, so a migration goes raw where the cores, not the
-/// link, would hold the drain back; the one that fills a page cache first usually stays
-/// compressed, as its pages cross whole.
-pub fn choose_raw(own: &[f64], eta: impl Fn(&[bool]) -> f64) -> Vec<bool> {
+/// `own[k]` seconds compressed): one at a time, in order, each kept raw when the drain
+/// (`eta` of which go raw: its makespan and the migrations' core-seconds) then ends sooner
+/// by at least [`RAW_PLAN_GAIN`] of the migration's own time, or, within that of the
+/// soonest end so far, takes fewer core-seconds. Raw trades link bytes for cores, so a
+/// migration goes raw where the cores, not the link, hold the drain back (the seed's
+/// fallback to TCP when compression competes with the VMs for CPU); the one that fills a
+/// page cache first usually stays compressed, as its pages cross whole.
+pub fn choose_raw(own: &[f64], eta: impl Fn(&[bool]) -> (f64, f64)) -> Vec<bool> {
     let mut raw = vec![false; own.len()];
-    let mut best = eta(&raw);
+    let (mut best, mut cores) = eta(&raw);
     for (k, secs) in own.iter().enumerate() {
         raw[k] = true;
-        let t = eta(&raw);
-        if t.is_finite() && t < best - RAW_PLAN_GAIN * secs.max(0.0) {
-            best = t;
+        let (t, c) = eta(&raw);
+        let margin = RAW_PLAN_GAIN * secs.max(0.0);
+        let sooner = t < best - margin;
+        let spares = t <= best + margin && c < cores;
+        if t.is_finite() && (sooner || spares) {
+            best = best.min(t);
+            cores = c;
         } else {
             raw[k] = false;
         }
     }
     raw
+}
+
+/// What `jobs` take of the cores, core-seconds on both sides.
+pub fn core_seconds(jobs: &[SimJob]) -> f64 {
+    jobs.iter().map(|j| j.bytes * (j.cpu[0] + j.cpu[1])).sum()
 }
 
 /// How often [`simulate_refined`] re-estimates the jobs' bytes.
@@ -1406,18 +1417,23 @@ mod tests {
         let eta = |link: f64| {
             move |r: &[bool]| {
                 let jobs: Vec<SimJob> = r.iter().map(|&r| if r { raw } else { packed }).collect();
-                simulate_with_cpu(&jobs, &[link], 1, 4, Some(pool)).0
+                let t = simulate_with_cpu(&jobs, &[link], 1, 4, Some(pool)).0;
+                (t, core_seconds(&jobs))
             }
         };
         // A 100 B/s link: raw takes 1 s against 2, for each.
         assert_eq!(choose_raw(&[2.0, 2.0], eta(100.0)), [true, true]);
         // A 10 B/s link: raw would take 10 s; compression is what the drain needs.
         assert_eq!(choose_raw(&[2.0, 2.0], eta(10.0)), [false, false]);
-        // 52 B/s: raw ends 0.08 s sooner each, under 5% of a 2 s migration: compressed.
-        assert_eq!(choose_raw(&[2.0, 2.0], eta(52.0)), [false, false]);
-        assert_eq!(choose_raw(&[1.0, 2.0], eta(52.0)), [true, false]);
+        // 52 B/s: raw ends 0.08 s sooner each, under 5% of a 2 s migration, and takes a
+        // quarter of the cores: raw.
+        assert_eq!(choose_raw(&[2.0, 2.0], eta(52.0)), [true, true]);
+        // 48 B/s: raw ends 0.08 s later each; within 5% of the soonest end once, not twice.
+        assert_eq!(choose_raw(&[2.0, 2.0], eta(48.0)), [true, false]);
+        // 45 B/s: 0.22 s later, beyond the model's error: compressed.
+        assert_eq!(choose_raw(&[2.0, 2.0], eta(45.0)), [false, false]);
         // Nothing known: nothing changes.
-        assert_eq!(choose_raw(&[2.0], |_| f64::INFINITY), [false]);
+        assert_eq!(choose_raw(&[2.0], |_| (f64::INFINITY, 0.0)), [false]);
         assert!(choose_raw(&[], eta(100.0)).is_empty());
     }
 }

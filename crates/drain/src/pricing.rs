@@ -317,7 +317,9 @@ impl<'a> Pricing<'a> {
             .collect();
         plan::choose_raw(&own, |raw| {
             self.simulate(window, raw)
-                .map_or(f64::INFINITY, |s| s.makespan)
+                .map_or((f64::INFINITY, 0.0), |s| {
+                    (s.makespan, plan::core_seconds(&s.jobs))
+                })
         })
     }
 

@@ -32,7 +32,7 @@ impl Status {
 }
 
 /// A migration's cores in the model, on the source and on the destination.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct PredictedCores {
     /// Core-seconds per GB it puts on the wire.
     pub cost_s_per_gb: [f64; 2],
@@ -77,7 +77,7 @@ pub struct VmOutcome {
     pub bound: Option<crate::plan::Bound>,
     /// What the model has its migration take of the cores on each side (None: the cores
     /// were not in the model).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_cores: Option<PredictedCores>,
     /// It moves by post-copy (planned: the model says its pre-copy would not converge at its
     /// share of the link; after the drain: its migration did). While post-copy runs, losing

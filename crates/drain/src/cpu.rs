@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::cores::Load;
 use crate::plan::{CpuModel, PlanCpu};
+use crate::window::MEASURE_S;
 use host::HostClient;
 use serde::Serialize;
 
@@ -166,11 +167,14 @@ impl Governor {
 /// what the drain then moves (guest RAM per second), and undone when it moved less (the
 /// seed's saw-tooth, measured rather than assumed). The drain's rate jumps whenever a
 /// migration starts or ends, so a change is made and judged only while the same migrations
-/// move. Pure: the run feeds it what it reads ([`CodecSample`]).
+/// move. It decides and judges on means since the drain last changed ([`Span`]), not on one
+/// reading: a dip in one would make the cores look idle or a change look paid. Leaving the
+/// codec the plan gave a migration must move more; returning to it need not. Pure: the run
+/// feeds it what it reads ([`CodecSample`]) and says what it made of each step.
 #[derive(Clone, Debug, Default)]
 pub struct CodecTuner {
-    /// The change under judgement: when, which, and the rate before it.
-    pending: Option<(f64, CodecStep, f64)>,
+    /// The change under judgement.
+    pending: Option<Pending>,
     /// No change before this.
     quiet_until: f64,
     /// The last change judged was a migration held raw, and it paid: migrations that start
@@ -180,6 +184,58 @@ pub struct CodecTuner {
     /// it would be judged against a start or an end.
     moving: Vec<u64>,
     moving_since: f64,
+    /// The readings since the drain last changed.
+    span: Span,
+    /// When it was last asked.
+    now: f64,
+}
+
+/// A codec change under judgement.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    at: f64,
+    step: CodecStep,
+    /// It takes a migration away from the codec the plan gave it.
+    departs: bool,
+    /// The drain's mean guest RAM per second before it.
+    before: f64,
+}
+
+/// Means of the readings since the drain last changed (a migration started or ended, a
+/// codec changed), leaving out the first [`MEASURE_S`]: their rates still measure the drain
+/// before the change.
+#[derive(Clone, Copy, Debug, Default)]
+struct Span {
+    since: f64,
+    readings: u32,
+    busy: f64,
+    link: f64,
+    rate: f64,
+}
+
+impl Span {
+    fn restart(&mut self, now: f64) {
+        *self = Span {
+            since: now,
+            ..Span::default()
+        };
+    }
+
+    fn add(&mut self, at: &CodecSample) {
+        if at.now - self.since < MEASURE_S {
+            return;
+        }
+        self.readings += 1;
+        self.busy += at.busy;
+        self.link += at.link;
+        self.rate += at.rate;
+    }
+
+    /// (busy, link, rate) means; None before any reading counts.
+    fn means(&self) -> Option<(f64, f64, f64)> {
+        let n = f64::from(self.readings);
+        (self.readings > 0).then(|| (self.busy / n, self.link / n, self.rate / n))
+    }
 }
 
 /// What the codec policy reads at one moment of a compressed drain.
@@ -203,51 +259,62 @@ pub struct CodecSample<'a> {
 }
 
 impl CodecTuner {
-    /// The change to make now, if any, and why.
+    /// The change to make now, if any, and why. The caller makes it to one migration and
+    /// says so ([`Self::made`]), or says it could not ([`Self::not_made`]).
     pub fn decide(&mut self, at: &CodecSample) -> Option<(CodecStep, &'static str)> {
+        self.now = at.now;
         if self.moving != at.moving {
             self.moving = at.moving.to_vec();
             self.moving_since = at.now;
-            // A change under judgement cannot be judged any more: the operator's codec.
-            if let Some((_, CodecStep::HoldRaw, _)) = self.pending.take() {
-                return Some((CodecStep::Release, SET_CHANGED));
+            self.span.restart(at.now);
+            // A departure under judgement cannot be judged any more: back to the plan's.
+            if let Some(p) = self.pending.take().filter(|p| p.departs) {
+                return Some((p.step.undone(), SET_CHANGED));
             }
         }
+        self.span.add(at);
         if at.now - self.moving_since < CODEC_JUDGE_S {
             return None;
         }
-        if let Some((t0, step, before)) = self.pending {
-            if at.now - t0 < CODEC_JUDGE_S {
+        if let Some(p) = self.pending {
+            if at.now - p.at < CODEC_JUDGE_S {
                 return None;
             }
             self.pending = None;
-            // Sending raw gives up the operator's codec: it stays only when it moved more.
-            let paid = match step {
-                CodecStep::HoldRaw => at.rate >= before * RAW_GAIN,
-                _ => at.rate >= before * CODEC_KEEP,
-            };
-            self.raw_pays = (step == CodecStep::HoldRaw) == paid;
+            let after = self.span.means().map_or(0.0, |m| m.2);
+            let paid = after >= p.before * if p.departs { RAW_GAIN } else { CODEC_KEEP };
+            self.raw_pays = (p.step == CodecStep::HoldRaw) == paid;
             if !paid {
                 self.quiet_until = at.now + CODEC_BACKOFF_S;
-                let undo = match step {
-                    CodecStep::HoldRaw => CodecStep::Release,
-                    _ => CodecStep::HoldRaw,
-                };
-                return Some((undo, NOT_PAID));
+                return Some((p.step.undone(), NOT_PAID));
             }
         }
         if at.now < self.quiet_until || at.least_left < CODEC_JUDGE_S {
             return None;
         }
-        let (step, why) = codec_step(at.busy, at.link);
+        let (busy, link, rate) = self.span.means()?;
+        let (step, why) = codec_step(busy, link);
         // Sending raw could not pay: the links carry less than compression moves.
-        if step == CodecStep::Keep
-            || step == CodecStep::HoldRaw && at.raw_ceiling < at.rate * RAW_GAIN
+        if step == CodecStep::Keep || step == CodecStep::HoldRaw && at.raw_ceiling < rate * RAW_GAIN
         {
             return None;
         }
-        self.pending = Some((at.now, step, at.rate));
+        self.pending = Some(Pending {
+            at: at.now,
+            step,
+            departs: step == CodecStep::HoldRaw,
+            before: rate,
+        });
         Some((step, why))
+    }
+
+    /// The step it asked for was made: the drain changed. `departs`: it took the migration
+    /// away from the codec the plan gave it (so it stays only if the drain moves more).
+    pub fn made(&mut self, departs: bool) {
+        self.span.restart(self.now);
+        if let Some(p) = &mut self.pending {
+            p.departs = departs;
+        }
     }
 
     /// The change it asked for could not be made (no migration to change): nothing to judge.
@@ -291,6 +358,17 @@ pub enum CodecStep {
     /// One migration held raw compresses again: the link is full, or the cores have room.
     Release,
     Keep,
+}
+
+impl CodecStep {
+    /// The step that undoes this one.
+    fn undone(self) -> CodecStep {
+        match self {
+            CodecStep::HoldRaw => CodecStep::Release,
+            CodecStep::Release => CodecStep::HoldRaw,
+            CodecStep::Keep => CodecStep::Keep,
+        }
+    }
 }
 
 /// Above this share of its cores busy, a pool has none to spare for compression.
@@ -991,102 +1069,175 @@ mod tests {
         }
     }
 
+    /// Feeds the tuner `like`'s reading every 0.25 s (the run reads the hosts every
+    /// [`READ_EVERY_MS`]) from `from` until it asks for a step: when, which and why; None
+    /// when `to` came first.
+    fn until_step(
+        t: &mut CodecTuner,
+        from: f64,
+        to: f64,
+        like: &CodecSample,
+    ) -> Option<(f64, CodecStep, &'static str)> {
+        let mut now = from;
+        while now < to {
+            let at = CodecSample {
+                now,
+                ..like.clone()
+            };
+            if let Some((step, why)) = t.decide(&at) {
+                return Some((now, step, why));
+            }
+            now += 0.25;
+        }
+        None
+    }
+
+    const CPU_BOUND: &str = "cores full, link not";
+
     #[test]
     fn a_codec_change_that_moves_less_is_undone_and_the_policy_waits() {
         let mut t = CodecTuner::default();
-        // Nothing while the migrations' rate settles (measured from the first question).
-        assert_eq!(t.decide(&sample(-1.5, 0.97, 0.5, 10.0)), None);
-        assert_eq!(t.decide(&sample(-0.5, 0.97, 0.5, 50.0)), None);
-        // Cores full, link not: one migration raw.
+        let cpu_bound = |rate| sample(0.0, 0.97, 0.5, rate);
+        // Once the migrations' rate has settled (1.5 s): one migration raw.
         assert_eq!(
-            t.decide(&sample(0.0, 0.97, 0.5, 100.0)),
-            Some((CodecStep::HoldRaw, "cores full, link not"))
+            until_step(&mut t, 0.0, 20.0, &cpu_bound(100.0)),
+            Some((1.5, CodecStep::HoldRaw, CPU_BOUND))
         );
+        t.made(true);
+        // Judged 1.5 s later: it moved less. Undone, then quiet for 5 s.
         assert_eq!(
-            t.decide(&sample(1.0, 0.97, 0.5, 80.0)),
-            None,
-            "judged after 1.5 s"
+            until_step(&mut t, 1.75, 20.0, &cpu_bound(80.0)),
+            Some((3.0, CodecStep::Release, NOT_PAID))
         );
-        // It moved less: undone, then quiet for 5 s.
+        t.made(false);
         assert_eq!(
-            t.decide(&sample(1.6, 0.97, 0.5, 80.0)),
-            Some((CodecStep::Release, "did not pay"))
+            until_step(&mut t, 3.25, 20.0, &cpu_bound(100.0)),
+            Some((8.0, CodecStep::HoldRaw, CPU_BOUND))
         );
-        assert_eq!(t.decide(&sample(4.0, 0.97, 0.5, 100.0)), None);
-        // Later it tries again; moving as much is not enough: undone.
+        t.made(true);
         assert!(!t.raw_pays());
+        // Moving as much is not enough: undone.
         assert_eq!(
-            t.decide(&sample(7.0, 0.97, 0.5, 100.0)).map(|d| d.0),
-            Some(CodecStep::HoldRaw)
+            until_step(&mut t, 8.25, 20.0, &cpu_bound(108.0)),
+            Some((9.5, CodecStep::Release, NOT_PAID))
         );
-        assert_eq!(
-            t.decide(&sample(8.6, 0.97, 0.5, 108.0)),
-            Some((CodecStep::Release, "did not pay"))
-        );
+        t.made(false);
         assert!(!t.raw_pays());
-        // Again later; this time it pays and stays.
+        // Again later; this time it pays and stays, and the next is held at once.
         assert_eq!(
-            t.decide(&sample(14.0, 0.97, 0.5, 100.0)).map(|d| d.0),
-            Some(CodecStep::HoldRaw)
+            until_step(&mut t, 9.75, 20.0, &cpu_bound(100.0)),
+            Some((14.5, CodecStep::HoldRaw, CPU_BOUND))
         );
+        t.made(true);
+        let paid = sample(0.0, 0.97, 0.6, 120.0);
         assert_eq!(
-            t.decide(&sample(15.6, 0.97, 0.6, 120.0)).map(|d| d.0),
-            Some(CodecStep::HoldRaw)
+            until_step(&mut t, 14.75, 20.0, &paid),
+            Some((16.0, CodecStep::HoldRaw, CPU_BOUND))
         );
         assert!(
             t.raw_pays(),
             "the first hold paid: new migrations start raw"
         );
-        t.not_made();
+    }
+
+    #[test]
+    fn one_low_reading_neither_holds_a_migration_raw_nor_makes_raw_look_paid() {
+        let mut t = CodecTuner::default();
+        // Cores full, the link 80% full: as it is.
         assert_eq!(
-            t.decide(&sample(15.7, 0.80, 0.6, 120.0)),
-            None,
-            "in between: as it is"
+            until_step(&mut t, 0.0, 3.0, &sample(0.0, 0.97, 0.8, 100.0)),
+            None
+        );
+        // One reading of a dip: the link half full. The mean since the drain last changed
+        // is still over 75%.
+        assert_eq!(t.decide(&sample(3.0, 0.97, 0.5, 60.0)), None);
+        // CPU-bound for real: held raw.
+        assert_eq!(
+            until_step(&mut t, 3.25, 9.0, &sample(0.0, 0.97, 0.5, 100.0)),
+            Some((3.25, CodecStep::HoldRaw, CPU_BOUND))
+        );
+        t.made(true);
+        // The last reading after it is 15% up, the mean since it 5%: not enough.
+        assert_eq!(
+            until_step(&mut t, 3.5, 4.5, &sample(0.0, 0.97, 0.5, 100.0)),
+            None
+        );
+        assert_eq!(
+            t.decide(&sample(4.75, 0.97, 0.5, 115.0)),
+            Some((CodecStep::Release, NOT_PAID))
+        );
+    }
+
+    #[test]
+    fn leaving_the_plans_codec_must_pay_and_returning_to_it_need_not() {
+        let room = |rate| sample(0.0, 0.5, 0.5, rate);
+        // The cores have room: a held migration compresses again. The plan had sent it
+        // raw, so the drain must move 10% more.
+        let mut t = CodecTuner::default();
+        assert_eq!(
+            until_step(&mut t, 0.0, 9.0, &room(100.0)),
+            Some((1.5, CodecStep::Release, "cores have room"))
+        );
+        t.made(true);
+        assert_eq!(
+            until_step(&mut t, 1.75, 9.0, &room(105.0)),
+            Some((3.0, CodecStep::HoldRaw, NOT_PAID))
+        );
+        // The runtime policy had held it raw: compressing again returns it to the plan's
+        // codec and stays unless the drain moves less.
+        let mut t = CodecTuner::default();
+        assert_eq!(
+            until_step(&mut t, 0.0, 9.0, &room(100.0)).map(|s| s.0),
+            Some(1.5)
+        );
+        t.made(false);
+        assert_eq!(
+            until_step(&mut t, 1.75, 3.25, &room(98.0)),
+            Some((3.0, CodecStep::Release, "cores have room")),
+            "kept, and the next released"
         );
     }
 
     #[test]
     fn a_codec_change_is_made_and_judged_only_while_the_same_migrations_move() {
         let mut t = CodecTuner::default();
-        let two = sample(0.0, 0.97, 0.5, 100.0);
-        assert_eq!(t.decide(&two), None);
-        // A third starts: its rate has to settle again.
-        let three = |now, rate| CodecSample {
-            moving: &[1, 2, 3],
-            ..sample(now, 0.97, 0.5, rate)
+        let cpu_bound = |moving, rate| CodecSample {
+            moving,
+            ..sample(0.0, 0.97, 0.5, rate)
         };
-        assert_eq!(t.decide(&three(1.4, 100.0)), None);
-        assert_eq!(t.decide(&three(2.0, 100.0)), None, "settling");
         assert_eq!(
-            t.decide(&three(2.9, 100.0)).map(|d| d.0),
-            Some(CodecStep::HoldRaw)
+            until_step(&mut t, 0.0, 1.0, &cpu_bound(&[1, 2], 100.0)),
+            None
         );
+        // A third starts: its rate has to settle again.
+        assert_eq!(
+            until_step(&mut t, 1.0, 9.0, &cpu_bound(&[1, 2, 3], 100.0)),
+            Some((2.5, CodecStep::HoldRaw, CPU_BOUND))
+        );
+        t.made(true);
         // One ends before the hold is judged: the drain's rate jumps, but the hold is not
         // what moved it. Undone, and raw has not paid.
-        let two_of_three = |now, rate| CodecSample {
-            moving: &[1, 3],
-            ..sample(now, 0.97, 0.5, rate)
-        };
         assert_eq!(
-            t.decide(&two_of_three(3.5, 150.0)),
-            Some((CodecStep::Release, "migrations changed"))
+            until_step(&mut t, 2.75, 9.0, &cpu_bound(&[1, 3], 150.0)),
+            Some((2.75, CodecStep::Release, SET_CHANGED))
         );
+        t.made(false);
         assert!(!t.raw_pays());
-        assert_eq!(t.decide(&two_of_three(4.0, 150.0)), None, "settling");
         // Settled, but one of them ends within the time a change is judged over: none made.
         let ending = CodecSample {
             least_left: 1.0,
-            ..two_of_three(5.1, 150.0)
+            ..cpu_bound(&[1, 3], 150.0)
         };
-        assert_eq!(t.decide(&ending), None);
+        assert_eq!(until_step(&mut t, 3.0, 5.0, &ending), None);
         assert_eq!(
-            t.decide(&two_of_three(5.2, 150.0)).map(|d| d.0),
-            Some(CodecStep::HoldRaw)
+            until_step(&mut t, 5.0, 9.0, &cpu_bound(&[1, 3], 150.0)),
+            Some((5.0, CodecStep::HoldRaw, CPU_BOUND))
         );
+        t.made(true);
         // Judged over the same two: it paid.
         assert_eq!(
-            t.decide(&two_of_three(6.8, 170.0)).map(|d| d.0),
-            Some(CodecStep::HoldRaw)
+            until_step(&mut t, 5.25, 9.0, &cpu_bound(&[1, 3], 170.0)),
+            Some((6.5, CodecStep::HoldRaw, CPU_BOUND))
         );
         assert!(t.raw_pays());
     }
@@ -1100,15 +1251,18 @@ mod tests {
         // One of two: the cores it frees may speed the other.
         assert_eq!(raw_ceiling(120.0, 2, 0), f64::INFINITY);
         let mut t = CodecTuner::default();
-        let over = |now, raw_ceiling| CodecSample {
+        let over = |raw_ceiling| CodecSample {
             raw_ceiling,
-            ..sample(now, 0.97, 0.5, 150.0)
+            ..sample(0.0, 0.97, 0.5, 150.0)
         };
-        assert_eq!(t.decide(&over(-1.5, 120.0)), None);
-        assert_eq!(t.decide(&over(0.0, 120.0)), None, "cannot pay");
         assert_eq!(
-            t.decide(&over(0.1, 1200.0)).map(|d| d.0),
-            Some(CodecStep::HoldRaw)
+            until_step(&mut t, 0.0, 3.0, &over(120.0)),
+            None,
+            "cannot pay"
+        );
+        assert_eq!(
+            until_step(&mut t, 3.0, 9.0, &over(1200.0)),
+            Some((3.0, CodecStep::HoldRaw, CPU_BOUND))
         );
     }
 

@@ -332,6 +332,8 @@ struct Flight {
     switched: bool,
     /// Held raw by the host-wide codec policy.
     held_raw: bool,
+    /// The plan sent it raw: compressing it departs from the plan.
+    planned_raw: bool,
     /// The codec policy (held or released) or the plan has chosen for it: "raw paid" applies
     /// only to migrations neither has, or it would undo their choices.
     codec_chosen: bool,
@@ -991,6 +993,7 @@ impl<'a> Run<'a> {
             paced: pace,
             switched: false,
             held_raw: raw,
+            planned_raw: raw,
             codec_chosen: raw || self.planned.codecs_chosen,
             judged: false,
         });
@@ -1347,18 +1350,23 @@ impl<'a> Run<'a> {
             let name = &self.s.vms[self.flights[i].job.vm].name;
             self.s.client.codec(name, raw).is_ok()
         });
-        match made {
-            Some(i) => self.codec_made(i, step, why, busy),
-            None => {
-                if let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
-                    c.1.not_made();
-                }
+        let departs = made.is_some_and(|i| {
+            (step == crate::cpu::CodecStep::HoldRaw) != self.flights[i].planned_raw
+        });
+        if let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
+            match made {
+                Some(_) => c.1.made(departs),
+                None => c.1.not_made(),
             }
+        }
+        if let Some(i) = made {
+            self.codec_made(i, step, why, busy);
         }
     }
 
     /// Which migration a codec step changes: an undo, the one under judgement; otherwise
-    /// the least compressible moving one to hold, the most compressible held one to release.
+    /// the least compressible moving one to hold, the most compressible held one to release
+    /// (those the plan sent raw last: it priced them both ways).
     fn codec_pick(&self, step: crate::cpu::CodecStep, why: &str) -> Option<usize> {
         if crate::cpu::undoes(why) {
             return self.flights.iter().position(|f| f.judged && !f.switched);
@@ -1374,9 +1382,11 @@ impl<'a> Run<'a> {
             crate::cpu::CodecStep::HoldRaw => candidates
                 .filter(|(_, f)| !f.held_raw)
                 .max_by(|a, b| ratio(a.1).total_cmp(&ratio(b.1))),
-            crate::cpu::CodecStep::Release => candidates
-                .filter(|(_, f)| f.held_raw)
-                .min_by(|a, b| ratio(a.1).total_cmp(&ratio(b.1))),
+            crate::cpu::CodecStep::Release => {
+                candidates.filter(|(_, f)| f.held_raw).min_by(|a, b| {
+                    (a.1.planned_raw.cmp(&b.1.planned_raw)).then(ratio(a.1).total_cmp(&ratio(b.1)))
+                })
+            }
             crate::cpu::CodecStep::Keep => None,
         }
         .map(|(i, _)| i)

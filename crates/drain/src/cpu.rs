@@ -168,8 +168,7 @@ impl Governor {
 /// seed's saw-tooth, measured rather than assumed). The drain's rate jumps whenever a
 /// migration starts or ends, so a change is made and judged only while the same migrations
 /// move. It decides and judges on means since the drain last changed ([`Span`]), not on one
-/// reading: a dip in one would make the cores look idle or a change look paid. Leaving the
-/// codec the plan gave a migration must move more; returning to it need not. Pure: the run
+/// reading: a dip in one would make the link look free or a change look paid. Pure: the run
 /// feeds it what it reads ([`CodecSample`]) and says what it made of each step.
 #[derive(Clone, Debug, Default)]
 pub struct CodecTuner {
@@ -195,8 +194,6 @@ pub struct CodecTuner {
 struct Pending {
     at: f64,
     step: CodecStep,
-    /// It takes a migration away from the codec the plan gave it.
-    departs: bool,
     /// The drain's mean guest RAM per second before it.
     before: f64,
 }
@@ -267,9 +264,11 @@ impl CodecTuner {
             self.moving = at.moving.to_vec();
             self.moving_since = at.now;
             self.span.restart(at.now);
-            // A departure under judgement cannot be judged any more: back to the plan's.
-            if let Some(p) = self.pending.take().filter(|p| p.departs) {
-                return Some((p.step.undone(), SET_CHANGED));
+            // A hold under judgement cannot be judged any more: the operator's codec.
+            if let Some(p) = self.pending.take() {
+                if p.step == CodecStep::HoldRaw {
+                    return Some((CodecStep::Release, SET_CHANGED));
+                }
             }
         }
         self.span.add(at);
@@ -282,11 +281,19 @@ impl CodecTuner {
             }
             self.pending = None;
             let after = self.span.means().map_or(0.0, |m| m.2);
-            let paid = after >= p.before * if p.departs { RAW_GAIN } else { CODEC_KEEP };
+            // Sending raw gives up the operator's codec: it stays only when it moved more.
+            let paid = match p.step {
+                CodecStep::HoldRaw => after >= p.before * RAW_GAIN,
+                _ => after >= p.before * CODEC_KEEP,
+            };
             self.raw_pays = (p.step == CodecStep::HoldRaw) == paid;
             if !paid {
                 self.quiet_until = at.now + CODEC_BACKOFF_S;
-                return Some((p.step.undone(), NOT_PAID));
+                let undo = match p.step {
+                    CodecStep::HoldRaw => CodecStep::Release,
+                    _ => CodecStep::HoldRaw,
+                };
+                return Some((undo, NOT_PAID));
             }
         }
         if at.now < self.quiet_until || at.least_left < CODEC_JUDGE_S {
@@ -302,19 +309,14 @@ impl CodecTuner {
         self.pending = Some(Pending {
             at: at.now,
             step,
-            departs: step == CodecStep::HoldRaw,
             before: rate,
         });
         Some((step, why))
     }
 
-    /// The step it asked for was made: the drain changed. `departs`: it took the migration
-    /// away from the codec the plan gave it (so it stays only if the drain moves more).
-    pub fn made(&mut self, departs: bool) {
+    /// The step it asked for was made: the drain changed.
+    pub fn made(&mut self) {
         self.span.restart(self.now);
-        if let Some(p) = &mut self.pending {
-            p.departs = departs;
-        }
     }
 
     /// The change it asked for could not be made (no migration to change): nothing to judge.
@@ -360,17 +362,6 @@ pub enum CodecStep {
     Keep,
 }
 
-impl CodecStep {
-    /// The step that undoes this one.
-    fn undone(self) -> CodecStep {
-        match self {
-            CodecStep::HoldRaw => CodecStep::Release,
-            CodecStep::Release => CodecStep::HoldRaw,
-            CodecStep::Keep => CodecStep::Keep,
-        }
-    }
-}
-
 /// Above this share of its cores busy, a pool has none to spare for compression.
 pub const CPU_BOUND_BUSY: f64 = 0.90;
 /// ... unless the link is this full: then compression is what the drain needs.
@@ -406,6 +397,40 @@ pub fn codec_step(busy: f64, link: f64) -> (CodecStep, &'static str) {
     } else {
         (CodecStep::Keep, "")
     }
+}
+
+/// A migration of a compressed drain, as the codec policy picks among them.
+#[derive(Clone, Copy, Debug)]
+pub struct CodecCandidate {
+    /// Past its switchover: nothing left to change.
+    pub switched: bool,
+    pub held_raw: bool,
+    /// The plan sent it raw.
+    pub planned_raw: bool,
+    /// Its sample's compressed size over its pages' (1: incompressible).
+    pub ratio: f64,
+}
+
+/// Which migration `step` changes: the least compressible moving one to hold, the most
+/// compressible held one to release, the plan's raw ones last. One the plan sent raw is
+/// released only while others move beside it: alone, it fills its link as the plan
+/// expected when it priced it both ways ("link full" is no news), and compressing it only
+/// takes cores; beside others, the link it frees is theirs.
+pub fn pick(step: CodecStep, migrations: &[CodecCandidate]) -> Option<usize> {
+    let moving = migrations.iter().enumerate().filter(|(_, m)| !m.switched);
+    let alone = moving.clone().count() < 2;
+    match step {
+        CodecStep::HoldRaw => moving
+            .filter(|(_, m)| !m.held_raw)
+            .max_by(|a, b| a.1.ratio.total_cmp(&b.1.ratio)),
+        CodecStep::Release => moving
+            .filter(|(_, m)| m.held_raw && !(m.planned_raw && alone))
+            .min_by(|a, b| {
+                (a.1.planned_raw.cmp(&b.1.planned_raw)).then(a.1.ratio.total_cmp(&b.1.ratio))
+            }),
+        CodecStep::Keep => None,
+    }
+    .map(|(i, _)| i)
 }
 
 /// What the codec policy did in a drain.
@@ -1103,32 +1128,32 @@ mod tests {
             until_step(&mut t, 0.0, 20.0, &cpu_bound(100.0)),
             Some((1.5, CodecStep::HoldRaw, CPU_BOUND))
         );
-        t.made(true);
+        t.made();
         // Judged 1.5 s later: it moved less. Undone, then quiet for 5 s.
         assert_eq!(
             until_step(&mut t, 1.75, 20.0, &cpu_bound(80.0)),
             Some((3.0, CodecStep::Release, NOT_PAID))
         );
-        t.made(false);
+        t.made();
         assert_eq!(
             until_step(&mut t, 3.25, 20.0, &cpu_bound(100.0)),
             Some((8.0, CodecStep::HoldRaw, CPU_BOUND))
         );
-        t.made(true);
+        t.made();
         assert!(!t.raw_pays());
         // Moving as much is not enough: undone.
         assert_eq!(
             until_step(&mut t, 8.25, 20.0, &cpu_bound(108.0)),
             Some((9.5, CodecStep::Release, NOT_PAID))
         );
-        t.made(false);
+        t.made();
         assert!(!t.raw_pays());
         // Again later; this time it pays and stays, and the next is held at once.
         assert_eq!(
             until_step(&mut t, 9.75, 20.0, &cpu_bound(100.0)),
             Some((14.5, CodecStep::HoldRaw, CPU_BOUND))
         );
-        t.made(true);
+        t.made();
         let paid = sample(0.0, 0.97, 0.6, 120.0);
         assert_eq!(
             until_step(&mut t, 14.75, 20.0, &paid),
@@ -1156,7 +1181,7 @@ mod tests {
             until_step(&mut t, 3.25, 9.0, &sample(0.0, 0.97, 0.5, 100.0)),
             Some((3.25, CodecStep::HoldRaw, CPU_BOUND))
         );
-        t.made(true);
+        t.made();
         // The last reading after it is 15% up, the mean since it 5%: not enough.
         assert_eq!(
             until_step(&mut t, 3.5, 4.5, &sample(0.0, 0.97, 0.5, 100.0)),
@@ -1165,36 +1190,6 @@ mod tests {
         assert_eq!(
             t.decide(&sample(4.75, 0.97, 0.5, 115.0)),
             Some((CodecStep::Release, NOT_PAID))
-        );
-    }
-
-    #[test]
-    fn leaving_the_plans_codec_must_pay_and_returning_to_it_need_not() {
-        let room = |rate| sample(0.0, 0.5, 0.5, rate);
-        // The cores have room: a held migration compresses again. The plan had sent it
-        // raw, so the drain must move 10% more.
-        let mut t = CodecTuner::default();
-        assert_eq!(
-            until_step(&mut t, 0.0, 9.0, &room(100.0)),
-            Some((1.5, CodecStep::Release, "cores have room"))
-        );
-        t.made(true);
-        assert_eq!(
-            until_step(&mut t, 1.75, 9.0, &room(105.0)),
-            Some((3.0, CodecStep::HoldRaw, NOT_PAID))
-        );
-        // The runtime policy had held it raw: compressing again returns it to the plan's
-        // codec and stays unless the drain moves less.
-        let mut t = CodecTuner::default();
-        assert_eq!(
-            until_step(&mut t, 0.0, 9.0, &room(100.0)).map(|s| s.0),
-            Some(1.5)
-        );
-        t.made(false);
-        assert_eq!(
-            until_step(&mut t, 1.75, 3.25, &room(98.0)),
-            Some((3.0, CodecStep::Release, "cores have room")),
-            "kept, and the next released"
         );
     }
 
@@ -1214,14 +1209,14 @@ mod tests {
             until_step(&mut t, 1.0, 9.0, &cpu_bound(&[1, 2, 3], 100.0)),
             Some((2.5, CodecStep::HoldRaw, CPU_BOUND))
         );
-        t.made(true);
+        t.made();
         // One ends before the hold is judged: the drain's rate jumps, but the hold is not
         // what moved it. Undone, and raw has not paid.
         assert_eq!(
             until_step(&mut t, 2.75, 9.0, &cpu_bound(&[1, 3], 150.0)),
             Some((2.75, CodecStep::Release, SET_CHANGED))
         );
-        t.made(false);
+        t.made();
         assert!(!t.raw_pays());
         // Settled, but one of them ends within the time a change is judged over: none made.
         let ending = CodecSample {
@@ -1233,13 +1228,43 @@ mod tests {
             until_step(&mut t, 5.0, 9.0, &cpu_bound(&[1, 3], 150.0)),
             Some((5.0, CodecStep::HoldRaw, CPU_BOUND))
         );
-        t.made(true);
+        t.made();
         // Judged over the same two: it paid.
         assert_eq!(
             until_step(&mut t, 5.25, 9.0, &cpu_bound(&[1, 3], 170.0)),
             Some((6.5, CodecStep::HoldRaw, CPU_BOUND))
         );
         assert!(t.raw_pays());
+    }
+
+    #[test]
+    fn a_migration_the_plan_sent_raw_compresses_again_only_beside_others() {
+        let m = |held_raw, planned_raw, ratio| CodecCandidate {
+            switched: false,
+            held_raw,
+            planned_raw,
+            ratio,
+        };
+        let mut all = vec![
+            m(true, true, 0.3),
+            m(true, false, 0.5),
+            m(false, false, 0.9),
+            CodecCandidate {
+                switched: true,
+                ..m(false, false, 1.0)
+            },
+        ];
+        // The least compressible still moving goes raw; the held one the policy chose
+        // compresses again before the more compressible one the plan sent raw.
+        assert_eq!(pick(CodecStep::HoldRaw, &all), Some(2));
+        assert_eq!(pick(CodecStep::Release, &all), Some(1));
+        all[1].held_raw = false;
+        assert_eq!(pick(CodecStep::Release, &all), Some(0));
+        // Alone, the plan's raw one stays raw.
+        all[1].switched = true;
+        all[2].switched = true;
+        assert_eq!(pick(CodecStep::Release, &all), None);
+        assert_eq!(pick(CodecStep::Keep, &all), None);
     }
 
     #[test]

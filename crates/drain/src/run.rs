@@ -332,7 +332,7 @@ struct Flight {
     switched: bool,
     /// Held raw by the host-wide codec policy.
     held_raw: bool,
-    /// The plan sent it raw: compressing it departs from the plan.
+    /// The plan sent it raw: the codec policy leaves it so.
     planned_raw: bool,
     /// The codec policy (held or released) or the plan has chosen for it: "raw paid" applies
     /// only to migrations neither has, or it would undo their choices.
@@ -1350,12 +1350,9 @@ impl<'a> Run<'a> {
             let name = &self.s.vms[self.flights[i].job.vm].name;
             self.s.client.codec(name, raw).is_ok()
         });
-        let departs = made.is_some_and(|i| {
-            (step == crate::cpu::CodecStep::HoldRaw) != self.flights[i].planned_raw
-        });
         if let Some(c) = self.cpu.as_mut().and_then(|c| c.codec.as_mut()) {
             match made {
-                Some(_) => c.1.made(departs),
+                Some(_) => c.1.made(),
                 None => c.1.not_made(),
             }
         }
@@ -1365,31 +1362,25 @@ impl<'a> Run<'a> {
     }
 
     /// Which migration a codec step changes: an undo, the one under judgement; otherwise
-    /// the least compressible moving one to hold, the most compressible held one to release
-    /// (those the plan sent raw last: it priced them both ways).
+    /// as [`crate::cpu::pick`] says.
     fn codec_pick(&self, step: crate::cpu::CodecStep, why: &str) -> Option<usize> {
         if crate::cpu::undoes(why) {
             return self.flights.iter().position(|f| f.judged && !f.switched);
         }
-        let ratio = |f: &Flight| {
-            self.s.vms[f.job.vm]
-                .sample
-                .as_ref()
-                .map_or(1.0, |s| s.compress_ratio)
-        };
-        let candidates = self.flights.iter().enumerate().filter(|(_, f)| !f.switched);
-        match step {
-            crate::cpu::CodecStep::HoldRaw => candidates
-                .filter(|(_, f)| !f.held_raw)
-                .max_by(|a, b| ratio(a.1).total_cmp(&ratio(b.1))),
-            crate::cpu::CodecStep::Release => {
-                candidates.filter(|(_, f)| f.held_raw).min_by(|a, b| {
-                    (a.1.planned_raw.cmp(&b.1.planned_raw)).then(ratio(a.1).total_cmp(&ratio(b.1)))
-                })
-            }
-            crate::cpu::CodecStep::Keep => None,
-        }
-        .map(|(i, _)| i)
+        let candidates: Vec<crate::cpu::CodecCandidate> = self
+            .flights
+            .iter()
+            .map(|f| crate::cpu::CodecCandidate {
+                switched: f.switched,
+                held_raw: f.held_raw,
+                planned_raw: f.planned_raw,
+                ratio: self.s.vms[f.job.vm]
+                    .sample
+                    .as_ref()
+                    .map_or(1.0, |s| s.compress_ratio),
+            })
+            .collect();
+        crate::cpu::pick(step, &candidates)
     }
 
     /// Records a codec change made to migration `i`, in the flights, the report and the view.

@@ -3,7 +3,7 @@
 //! keeps the migrations under their share by lowering the drain's bandwidth budget when they
 //! take more and raising it when they take less. The policy ([`shares`], [`Governor`]) is
 //! pure; [`Meter`] reads the agents.
-use host::cpu::{CpuCost, CpuUsage};
+use host::cpu::{CpuCost, CpuCosts, CpuUsage};
 
 use std::collections::BTreeMap;
 
@@ -75,6 +75,27 @@ pub fn pools(readings: &[CpuUsage]) -> Vec<Vec<usize>> {
         }
     }
     out
+}
+
+/// What a cost key ([`crate::run::cost_key`]) ends with when the drain keeps page caches.
+pub const CACHE_SUFFIX: &str = "+cache";
+
+/// What the host learnt of drains of kind `key`; before any, of drains by the same
+/// transport with page caches where this one has none, or the other way round: a
+/// migration's CPU splits between its bytes on the wire and the RAM it lands, and that fit
+/// holds either way (a page that goes as a reference costs a page's work for a few bytes).
+/// A transport never drained is not guessed at.
+pub fn learnt<'c>(costs: &'c CpuCosts, key: &str) -> Option<&'c CpuCost> {
+    costs
+        .0
+        .get(key)
+        .or_else(|| costs.0.get(&other_caching(key)))
+}
+
+/// `key` with page caches where it has none, and without them where it has.
+fn other_caching(key: &str) -> String {
+    key.strip_suffix(CACHE_SUFFIX)
+        .map_or_else(|| format!("{key}{CACHE_SUFFIX}"), str::to_string)
 }
 
 /// What a migration by `transport` costs a pool, core-seconds per byte on the wire: the
@@ -589,7 +610,7 @@ impl Meter {
         threads: [f64; 2],
         level: usize,
     ) -> Option<PlanCpu> {
-        let cost = self.first[0].costs.0.get(transport)?;
+        let cost = learnt(&self.first[0].costs, transport)?;
         let start = self.start.as_ref()?;
         let before = self.per_pool(&self.first, start);
         let mut cores: Vec<f64> = self
@@ -707,28 +728,24 @@ impl Meter {
     /// `transport`, `concurrency` at once when it is fixed, as the source learnt it: of drains
     /// at that level when it knows it, or of them all; None before a drain showed it.
     pub fn dirty_ratio(&self, transport: &str, concurrency: Option<usize>) -> Option<f64> {
-        self.first[0]
-            .costs
-            .0
-            .get(transport)?
-            .dirty_ratio_at(concurrency)
+        learnt(&self.first[0].costs, transport)?.dirty_ratio_at(concurrency)
     }
 
     /// Of a compressed migration's workers, how many are busy while its sending thread is,
     /// as the source learnt it of drains by `transport`; None before one showed it.
     pub fn busy_workers(&self, transport: &str) -> Option<f64> {
-        self.first[0].costs.0.get(transport)?.busy_workers
+        learnt(&self.first[0].costs, transport)?.busy_workers
     }
 
     /// The same per share of a migration's pages compressed; None before a drain showed it.
     pub fn workers_per_share(&self, transport: &str) -> Option<f64> {
-        self.first[0].costs.0.get(transport)?.workers_per_share
+        learnt(&self.first[0].costs, transport)?.workers_per_share
     }
 
     /// A migration's setup (besides moving pages and disks), as the source learnt it of
     /// drains by `transport`; None before one showed it.
     pub fn setup_s(&self, transport: &str) -> Option<f64> {
-        self.first[0].costs.0.get(transport)?.setup_s
+        learnt(&self.first[0].costs, transport)?.setup_s
     }
 
     /// Tells every host what the drain's migrations cost: the VMM threads' CPU on the source
@@ -954,6 +971,39 @@ fn read(clients: &[HostClient]) -> Option<Vec<CpuUsage>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_of_a_new_kind_is_priced_as_its_transport_with_or_without_page_caches() {
+        let cost = |s: f64| CpuCost {
+            source_s_per_gb: s,
+            destination_s_per_gb: 1.0,
+            drains: 1,
+            ..CpuCost::default()
+        };
+        let mut costs = CpuCosts::default();
+        costs.0.insert("compressed+cache".into(), cost(9.0));
+        costs.0.insert("tcp".into(), cost(2.0));
+        let source = |costs: &CpuCosts, key: &str| learnt(costs, key).map(|c| c.source_s_per_gb);
+        assert_eq!(
+            source(&costs, "compressed"),
+            Some(9.0),
+            "learnt with caches"
+        );
+        assert_eq!(source(&costs, "tcp+cache"), Some(2.0), "learnt without");
+        assert_eq!(source(&costs, "compressed+cache"), Some(9.0));
+        assert_eq!(
+            source(&costs, "direct"),
+            None,
+            "another transport is not guessed at"
+        );
+        costs.0.insert("compressed".into(), cost(7.0));
+        assert_eq!(
+            source(&costs, "compressed"),
+            Some(7.0),
+            "its own, once learnt"
+        );
+        assert_eq!(source(&costs, "compressed+multichannel"), None);
+    }
 
     fn at(boot: &str, ms: u64, busy: f64, guests: f64, vmm: f64) -> CpuUsage {
         CpuUsage {

@@ -18,7 +18,7 @@ use crate::pricing::{Pricing, RawCosts};
 use crate::report::{DrainReport, PlanSummary, Status, VmOutcome};
 use crate::survey::Survey;
 use crate::view::View;
-use crate::window::{Concurrency, Window, MEASURE_S};
+use crate::window::{Concurrency, Window, MEASURE_S, SETTLE_S};
 use crate::DrainOptions;
 
 /// How often the run looks at its migrations (an ending migration wakes it at once).
@@ -298,7 +298,9 @@ impl Planned {
         outcomes.sort_by_key(|v| rank(&v.name));
         let used = match o.concurrency {
             Concurrency::Fixed(n) => n,
-            Concurrency::Auto => Window::guided(o.concurrency, self.level_etas.clone()).limit(),
+            Concurrency::Auto => Window::guided(o.concurrency, self.level_etas.clone())
+                .at_most(accepted_at_once(s))
+                .limit(),
         };
         DrainReport::new(
             s.source.clone(),
@@ -355,6 +357,9 @@ pub struct Run<'a> {
     /// `auto`'s changes, for the report.
     window_steps: Vec<crate::report::WindowStep>,
     full_since: Option<Instant>,
+    /// (when, guest RAM sent so far) once the window had been full for `SETTLE_S`: where
+    /// the level's mean throughput is measured from.
+    settle_mark: Option<(Instant, u64)>,
     /// When the window last dropped below full.
     not_full_since: Option<Instant>,
     /// (when, bytes on the wire so far, guest RAM sent so far): the aggregate throughput on
@@ -398,7 +403,8 @@ impl CpuWatch {
             let transport = &key;
             // Both sides' cost where the source shares its cores with a destination.
             let shared = meter.pools().first().is_some_and(|p| p.len() > 1);
-            let cost = crate::cpu::cost_per_byte(src.costs.0.get(transport), true, shared);
+            let cost =
+                crate::cpu::cost_per_byte(crate::cpu::learnt(&src.costs, transport), true, shared);
             let links: f64 = s.dests.iter().filter_map(|d| d.facts.rate).sum::<f64>() * 8.0;
             let ceiling = o.budget.max_bandwidth.map_or(
                 if links > 0.0 {
@@ -685,7 +691,7 @@ pub(crate) fn cost_key(r: &MigrateRequest, caches: bool) -> String {
         key += "+multichannel";
     }
     if caches {
-        key += "+cache";
+        key += crate::cpu::CACHE_SUFFIX;
     }
     key
 }
@@ -802,6 +808,11 @@ pub(crate) fn budgeted_facts(o: &DrainOptions, s: &Survey, window: usize) -> Vec
     facts
 }
 
+/// The most migrations the destinations take arriving at once.
+fn accepted_at_once(s: &Survey) -> usize {
+    s.dests.iter().map(|d| d.max_inbound).sum()
+}
+
 /// A governor's ceiling when no link was measured and no `--max-bandwidth` given, bits/s.
 const UNMEASURED_CEILING: f64 = 100e9;
 
@@ -835,9 +846,11 @@ impl<'a> Run<'a> {
             retry: Vec::new(),
             flights: Vec::new(),
             outcomes: planned.outcomes(s, Status::Cancelled),
-            window: Window::guided(o.concurrency, planned.level_etas.clone()),
+            window: Window::guided(o.concurrency, planned.level_etas.clone())
+                .at_most(accepted_at_once(s)),
             window_steps: Vec::new(),
             full_since: None,
+            settle_mark: None,
             not_full_since: None,
             wire: VecDeque::new(),
             wire_done: 0,
@@ -1213,7 +1226,15 @@ impl<'a> Run<'a> {
         {
             self.wire.pop_front();
         }
-        let (rate, _) = self.rates();
+        let (rate, ram_rate) = self.rates();
+        tracing::debug!(
+            t_ms = self.t0.elapsed().as_millis() as u64,
+            moving = self.moving(),
+            limit = self.window.limit(),
+            wire_per_s = rate,
+            ram_per_s = ram_rate,
+            "drain: rates"
+        );
         self.view.total(ram, rate);
     }
 
@@ -1238,13 +1259,26 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Guest RAM sent per second since the window had been full for [`SETTLE_S`] (None:
+    /// not that long yet).
+    fn level_rate(&mut self, full_for: f64) -> Option<f64> {
+        let &(t1, _, s1) = self.wire.back()?;
+        if full_for < SETTLE_S {
+            return None;
+        }
+        let &mut (t0, s0) = self.settle_mark.get_or_insert((t1, s1));
+        let dt = t1.duration_since(t0).as_secs_f64();
+        (dt > 0.0).then(|| s1.saturating_sub(s0) as f64 / dt)
+    }
+
     /// Migrations in flight that still move bytes (not yet switched over).
     fn moving(&self) -> usize {
         self.flights.iter().filter(|f| !f.switched).count()
     }
 
     /// `auto`: feeds the window how long it has been full and how much guest RAM the drain
-    /// sends per second (not wire bytes: compression and references send less for more).
+    /// has sent per second since it settled there (not wire bytes: compression and
+    /// references send less for more).
     fn tune_window(&mut self) {
         if self.window.settled() {
             return;
@@ -1255,17 +1289,22 @@ impl<'a> Run<'a> {
             let idle = *self.not_full_since.get_or_insert_with(Instant::now);
             if idle.elapsed() > REFILL_GRACE {
                 self.full_since = None;
+                self.settle_mark = None;
             }
             return;
         }
         self.not_full_since = None;
-        let since = *self.full_since.get_or_insert_with(Instant::now);
-        let ram_per_s = self.rates().1;
-        if self
-            .window
-            .observe(since.elapsed().as_secs_f64(), ram_per_s)
-        {
+        let full_for = self
+            .full_since
+            .get_or_insert_with(Instant::now)
+            .elapsed()
+            .as_secs_f64();
+        let Some(ram_per_s) = self.level_rate(full_for) else {
+            return;
+        };
+        if self.window.observe(full_for, ram_per_s) {
             self.full_since = None;
+            self.settle_mark = None;
             self.window_steps.push(crate::report::WindowStep {
                 at_ms: self.t0.elapsed().as_millis() as u64,
                 level: self.window.limit(),

@@ -50,9 +50,10 @@ impl std::fmt::Display for Concurrency {
 
 /// A level must raise the aggregate throughput by this much to be kept.
 pub const GAIN: f64 = 1.10;
-/// A level must lower it below this share of the level before to count as a loss: a
-/// measurement over [`MEASURE_S`] moves by more than that as migrations start and end.
-pub const LOSS: f64 = 0.95;
+/// A level must lower it below this share of the level before to count as a loss: guest
+/// RAM per second over [`MEASURE_S`] moves by ±10% from one measurement to the next with the
+/// window unchanged (each migration's rounds end with a burst of deltas).
+pub const LOSS: f64 = 0.90;
 /// A level that raised it by this much doubles the window next (as slow start does): on a
 /// host whose cores, not its links, hold the drain back, each migration more takes a share
 /// from the guests, and a drain of a few VMs is over before one-by-one steps get there.
@@ -61,6 +62,9 @@ pub const FAST_GAIN: f64 = 1.30;
 pub const SETTLE_S: f64 = 0.3;
 /// Throughput at a level is measured over this long, with the window full throughout.
 pub const MEASURE_S: f64 = 0.7;
+/// A level that reads as a loss is measured this long before the window goes back for good:
+/// a step up costs little while it is measured, going back costs the rest of the drain.
+pub const CONFIRM_S: f64 = 2.0 * MEASURE_S;
 /// `auto` never goes past this.
 pub const AUTO_MAX: usize = 16;
 
@@ -74,6 +78,8 @@ pub struct Window {
     settled: bool,
     /// The model's makespan at each level from 1 (empty: it cannot say).
     etas: Vec<f64>,
+    /// `auto` goes no further than this.
+    max: usize,
 }
 
 /// A level within this share of the model's best makespan is as good as the best: `auto`
@@ -113,6 +119,23 @@ impl Window {
             from: level,
             settled: matches!(mode, Concurrency::Fixed(_)),
             etas: Vec::new(),
+            max: AUTO_MAX,
+        }
+    }
+
+    /// `auto` no further than `max` at once (what the destinations accept arriving at
+    /// once): a level above it starts no migration more, so it can be neither measured nor
+    /// reported as the drain's.
+    pub fn at_most(self, max: usize) -> Self {
+        let max = max.clamp(1, AUTO_MAX);
+        match self.mode {
+            Concurrency::Auto => Window {
+                level: self.level.min(max),
+                from: self.from.min(max),
+                max,
+                ..self
+            },
+            Concurrency::Fixed(_) => self,
         }
     }
 
@@ -147,15 +170,17 @@ impl Window {
     }
 
     /// `full_for`: seconds the window has been full (in flight == limit) since it last
-    /// changed; `rate`: aggregate bytes/s over the last [`MEASURE_S`]. Returns whether the
-    /// limit changed (the run then starts counting `full_for` again).
+    /// changed; `rate`: the aggregate bytes/s since [`SETTLE_S`] into that (a mean over the
+    /// level's time, not one measurement). Returns whether the limit changed (the run then
+    /// starts counting `full_for` again).
     pub fn observe(&mut self, full_for: f64, rate: f64) -> bool {
         if self.settled || full_for < SETTLE_S + MEASURE_S {
             return false;
         }
         match self.below {
+            Some(b) if rate < b * LOSS && full_for < SETTLE_S + CONFIRM_S => return false,
             Some(b) if rate < b * GAIN => return self.unproven(rate >= b * LOSS, rate),
-            _ if self.level >= AUTO_MAX => {
+            _ if self.level >= self.max => {
                 self.settled = true;
                 return false;
             }
@@ -165,7 +190,7 @@ impl Window {
                 let step = if far { self.level } else { 1 };
                 self.below = Some(rate);
                 self.from = self.level;
-                self.level = (self.level + step).min(AUTO_MAX);
+                self.level = (self.level + step).min(self.max);
             }
         }
         true
@@ -177,10 +202,10 @@ impl Window {
     /// [`FIRST_WITHIN`], its own resolution: the level measured to lose nothing stays).
     /// Else back to where it came from, for good. Whether the limit changed.
     fn unproven(&mut self, kept: bool, rate: f64) -> bool {
-        if kept && self.model_prefers(self.level + 1, self.level) {
+        if kept && self.level < self.max && self.model_prefers(self.level + 1, self.level) {
             self.below = Some(rate);
             self.from = self.level;
-            self.level = (self.level + 1).min(AUTO_MAX);
+            self.level = (self.level + 1).min(self.max);
             return true;
         }
         self.settled = true;
@@ -272,15 +297,18 @@ mod tests {
         assert!(!w.observe(1.0, 105.0));
         assert_eq!(w.limit(), 4);
         assert!(w.settled());
-        // A step that lost throughput goes back whatever the model says.
+        // A step that lost throughput, measured long enough, goes back whatever the model
+        // says.
         let mut w = Window::guided(Concurrency::Auto, etas.clone());
         w.observe(1.0, 100.0);
-        assert!(w.observe(1.0, 94.0));
+        assert!(!w.observe(1.0, 85.0), "a loss is measured again");
+        assert!(w.observe(SETTLE_S + CONFIRM_S, 86.0));
         assert_eq!(w.limit(), 2);
+        assert!(w.settled());
         // One that lost less than a measurement's noise lost nothing: the model decides.
         let mut w = Window::guided(Concurrency::Auto, etas.clone());
         w.observe(1.0, 100.0);
-        assert!(w.observe(1.0, 96.0));
+        assert!(w.observe(1.0, 92.0));
         assert_eq!(w.limit(), 4);
         // Without the model, a step short of the gain goes back.
         let mut w = Window::starting(Concurrency::Auto, 2);
@@ -299,6 +327,44 @@ mod tests {
         assert!(!w.observe(1.0, 104.0));
         assert_eq!(w.limit(), 3);
         assert!(w.settled());
+    }
+
+    #[test]
+    fn a_level_that_reads_as_a_loss_is_judged_on_its_mean_over_twice_as_long() {
+        // The model: 2 to 5 alike; `auto` starts at 2 and steps to 3.
+        let etas = vec![20.0, 12.0, 12.0, 12.0, 12.0];
+        let mut w = Window::guided(Concurrency::Auto, etas);
+        assert!(w.observe(1.0, 100.0));
+        assert_eq!(w.limit(), 3);
+        // The first measurement at 3 reads 12% down: not yet a reason to go back for good.
+        assert!(!w.observe(SETTLE_S + MEASURE_S, 88.0));
+        assert!(!w.observe(SETTLE_S + 1.2, 89.0));
+        assert!(!w.settled());
+        // Over twice as long the mean is 5% down: within the noise, and the model has 3 as
+        // good as 2, so 3 stays.
+        assert!(!w.observe(SETTLE_S + CONFIRM_S, 95.0));
+        assert_eq!(w.limit(), 3);
+        assert!(w.settled());
+    }
+
+    #[test]
+    fn auto_never_steps_past_what_the_destinations_accept_at_once() {
+        // One destination that takes 4 arriving at once; the model has 4 to 6 alike.
+        let etas = vec![9.0, 5.7, 4.6, 4.1, 4.1, 4.1];
+        let mut w = Window::guided(Concurrency::Auto, etas.clone()).at_most(4);
+        assert_eq!(w.limit(), 4);
+        assert!(!w.observe(1.0, 100.0), "no level above to try");
+        assert_eq!(w.limit(), 4);
+        assert!(w.settled());
+        // Growing, it stops there too.
+        let mut w = Window::starting(Concurrency::Auto, 2).at_most(5);
+        assert!(w.observe(1.0, 100.0));
+        assert!(w.observe(1.0, 200.0), "far: it would double to 6");
+        assert_eq!(w.limit(), 5);
+        assert!(!w.observe(1.0, 400.0));
+        assert!(w.settled());
+        assert_eq!(Window::starting(Concurrency::Auto, 6).at_most(4).limit(), 4);
+        assert_eq!(Window::new(Concurrency::Fixed(6)).at_most(4).limit(), 6);
     }
 
     #[test]

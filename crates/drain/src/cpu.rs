@@ -611,6 +611,7 @@ impl Meter {
         level: usize,
     ) -> Option<PlanCpu> {
         let cost = learnt(&self.first[0].costs, transport)?;
+        let own = self.first[0].costs.0.contains_key(transport);
         let start = self.start.as_ref()?;
         let before = self.per_pool(&self.first, start);
         let mut cores: Vec<f64> = self
@@ -661,7 +662,8 @@ impl Meter {
             plan.with_fit(cost.fit.as_ref().and_then(host::cpu::CostFit::per_gb))
                 .with_verify(cost.verify_s_per_gb)
                 .at_ratio(cost.cost_ratio_at(Some(level)))
-                .with_level_ratios(cost.cost_ratio_at.clone()),
+                .with_level_ratios(cost.cost_ratio_at.clone())
+                .learnt_as((!own).then(|| other_caching(transport))),
         )
     }
 
@@ -1003,6 +1005,8 @@ mod tests {
             "its own, once learnt"
         );
         assert_eq!(source(&costs, "compressed+multichannel"), None);
+        assert_eq!(other_caching("tcp+multichannel"), "tcp+multichannel+cache");
+        assert_eq!(other_caching("tcp+multichannel+cache"), "tcp+multichannel");
     }
 
     fn at(boot: &str, ms: u64, busy: f64, guests: f64, vmm: f64) -> CpuUsage {

@@ -363,6 +363,10 @@ pub struct PlanCpu {
     /// learnt it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers_per_share: Option<(f64, f64)>,
+    /// The kind of drain these costs were learnt of, where the source has not learnt this
+    /// drain's own ([`crate::cpu::learnt`]: its transport with page caches, or without).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learnt_as: Option<String>,
 }
 
 impl PlanCpu {
@@ -391,6 +395,16 @@ impl PlanCpu {
             cost_ratio: 1.0,
             cost_ratio_at: BTreeMap::new(),
             workers_per_share: None,
+            learnt_as: None,
+        }
+    }
+
+    /// Priced with the costs learnt of drains of kind `key` rather than this one's (None:
+    /// its own).
+    pub fn learnt_as(self, key: Option<String>) -> Self {
+        PlanCpu {
+            learnt_as: key,
+            ..self
         }
     }
 

@@ -174,14 +174,14 @@ fn kvm_a_disk_moves_with_its_vm_between_hosts_that_share_no_storage() {
     );
 }
 
-/// A VM whose guest writes 2,000 disk blocks a second moves with `--storage copy` and
-/// `extra` to a receiver; the migration must succeed (a failure names its cause: what the
+/// A VM whose guest writes 2,000 disk blocks a second to an image with `data` MiB of data
+/// moves with `--storage copy` and `extra` to a receiver; the migration must succeed (a failure names its cause: what the
 /// migration said, and its report if it wrote one). Its stdout, and its report, which says
 /// the guest verified its memory and disk on the destination.
-fn busy_disk_vm_moves(extra: &[&str]) -> (String, serde_json::Value) {
+fn busy_disk_vm_moves(data: u64, extra: &[&str]) -> (String, serde_json::Value) {
     let d = tempfile::tempdir().unwrap();
     let exe = livemig_exe();
-    let img = image(&d.path().join("a"), 2);
+    let img = image(&d.path().join("a"), data);
     let vm = disk_vm(
         &exe,
         None,
@@ -207,11 +207,12 @@ fn busy_disk_vm_moves(extra: &[&str]) -> (String, serde_json::Value) {
 
 /// A guest that writes its disk faster than the capped link carries: the policy mirrors its
 /// writes, the migration converges and verifies, and the report says how long writes were
-/// held.
+/// held. Its vCPU keeps its priority (`--no-vcpu-yield`): on a busy host a yielding guest
+/// wrote too slowly to outrun even this link.
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_a_guest_writing_faster_than_the_link_converges_by_the_mirror() {
-    let (stdout, r) = busy_disk_vm_moves(&["--max-bandwidth", "16Mbit"]);
+    let (stdout, r) = busy_disk_vm_moves(2, &["--max-bandwidth", "16Mbit", "--no-vcpu-yield"]);
     let disk = &r["disks"][0];
     assert_eq!(disk["sync"], "mirror", "{disk}");
     assert!(disk["stalled_writes"].as_u64().unwrap() > 0, "{disk}");
@@ -221,14 +222,15 @@ fn kvm_a_guest_writing_faster_than_the_link_converges_by_the_mirror() {
 
 /// A VM with a copied disk moves by post-copy: the disk's last blocks, taken at the pause,
 /// reach the destination between the pages named ahead and the rest, and the guest verifies
-/// its memory and its disk there.
+/// its memory and its disk there. The bulk copy is long enough (16 MiB at 200 Mbit/s) for
+/// the guest to write behind it even where its vCPU gets little CPU.
 #[test]
 #[cfg_attr(
     any(no_kvm, no_root),
     ignore = "needs /dev/kvm and root (userfaultfd for kernel faults)"
 )]
 fn root_a_disk_vm_moves_by_post_copy_with_its_last_blocks() {
-    let (_, r) = busy_disk_vm_moves(&["--postcopy-after", "0"]);
+    let (_, r) = busy_disk_vm_moves(16, &["--postcopy-after", "0", "--max-bandwidth", "200Mbit"]);
     assert_eq!(r["stop_reason"], "postcopy", "{r}");
     assert!(r["disks"][0]["dirtied_bytes"].as_u64() > Some(0), "{r}");
 }

@@ -229,6 +229,49 @@ const MAX_SCALE: f64 = 4.0;
 pub const MAX_MIGRATIONS: usize = 256;
 
 impl CpuCost {
+    /// What the costs learnt so far expect drain `l` to cost each side at the ratio of 1,
+    /// core-seconds for its `gb` on the wire (None before any drain): as the fit prices its
+    /// migrations' bytes on the wire and RAM landed, once it was learnt. A drain whose pages
+    /// went mostly as references (a page's work each for a few bytes on the wire) costs more
+    /// per byte on the wire at any level: against the cost per byte, the level it ran at was
+    /// taken as the dearer one (docs/drain.md, "What a level of concurrency costs").
+    fn expected(&self, l: &Learn, gb: f64) -> Option<[f64; 2]> {
+        if self.drains == 0 {
+            return None;
+        }
+        let per_wire = [self.source_s_per_gb * gb, self.destination_s_per_gb * gb];
+        let sane = |m: &&MigrationCpu| {
+            m.wire_gb.is_finite()
+                && m.wire_gb > 0.0
+                && m.landed_gb.is_finite()
+                && m.landed_gb >= 0.0
+        };
+        let m: Vec<&MigrationCpu> = l
+            .migrations
+            .iter()
+            .take(MAX_MIGRATIONS)
+            .filter(sane)
+            .collect();
+        let wire: f64 = m.iter().map(|m| m.wire_gb).sum();
+        let by_fit = self
+            .fit
+            .as_ref()
+            .and_then(CostFit::per_gb)
+            .filter(|_| wire > 0.0)
+            .map(|fit| {
+                // Scaled to all the drain's bytes, where it named fewer migrations.
+                fit.map(|(a, b)| {
+                    m.iter()
+                        .map(|m| a * m.wire_gb + b * m.landed_gb)
+                        .sum::<f64>()
+                        * gb
+                        / wire
+                })
+            })
+            .filter(|e| e.iter().all(|v| v.is_finite()) && e[0] + e[1] > 0.0);
+        Some(by_fit.unwrap_or(per_wire))
+    }
+
     /// What migrations cost `concurrency` at once (when fixed) against the costs learnt
     /// ([`level_ratio`]); 1 when it is not fixed.
     pub fn cost_ratio_at(&self, concurrency: Option<usize>) -> f64 {
@@ -349,10 +392,12 @@ impl CpuCosts {
         }
         let gb = l.bytes_on_wire as f64 / 1e9;
         let c = self.0.entry(l.transport.clone()).or_default();
-        let was = c.source_s_per_gb + c.destination_s_per_gb;
+        let expected = c.expected(l, gb);
         // This drain's cost against what was learnt (None: nothing was).
-        let measured = (c.drains > 0 && was > 0.0)
-            .then(|| ((l.source_s + l.destination_s) / gb / was).clamp(MIN_RATIO, MAX_RATIO));
+        let measured = expected
+            .map(|[s, d]| s + d)
+            .filter(|e| *e > 0.0)
+            .map(|e| ((l.source_s + l.destination_s) / e).clamp(MIN_RATIO, MAX_RATIO));
         // A level seen for the first time learns its ratio before anything else: the first
         // drain's level is where the costs are learnt (1), a later one's is its costs against
         // them. Else its first drain moves what every other level is predicted to cost by
@@ -371,14 +416,9 @@ impl CpuCosts {
         // order drains come in moves every prediction.
         let level = c.cost_ratio_at(l.concurrency.or(l.peak_concurrency).map(usize::from));
         let (source, destination) = (l.source_s / level, l.destination_s / level);
-        let [ws, wd] = if c.drains == 0 {
-            [1.0; 2]
-        } else {
-            [
-                cost_weight(source / gb, c.source_s_per_gb),
-                cost_weight(destination / gb, c.destination_s_per_gb),
-            ]
-        };
+        let [ws, wd] = expected.map_or([1.0; 2], |[s, d]| {
+            [cost_weight(source, s), cost_weight(destination, d)]
+        });
         // The fit and the level's ratio learn both sides together: as little as the side
         // that was an outlier.
         let w = ws.min(wd);
@@ -807,6 +847,53 @@ mod tests {
         // A ratio past the believable is taken at its bound.
         c.learn(&drain(8, 40.0));
         assert_eq!(c.0["tcp"].cost_ratio_at(Some(8)), MAX_RATIO);
+    }
+
+    /// Drains at every level whose migrations cost the same per byte on the wire and per
+    /// byte landed learn a ratio of 1 at each, however their pages went: one whose pages went
+    /// mostly as references is not taken as a dearer level, one of whole pages as a cheaper.
+    #[test]
+    fn a_level_is_priced_against_what_its_migrations_bytes_cost() {
+        // Source: 1 core-s per GB on the wire, 2 per GB landed; destination: 3 per GB landed.
+        // Each migration as (MB on the wire, GB landed).
+        let drain = |n: u16, ms: &[(u32, f64)]| {
+            let migrations: Vec<MigrationCpu> = ms
+                .iter()
+                .map(|&(mb, r)| {
+                    let w = f64::from(mb) / 1e3;
+                    MigrationCpu {
+                        wire_gb: w,
+                        landed_gb: r,
+                        source_s: w + 2.0 * r,
+                        destination_s: 3.0 * r,
+                    }
+                })
+                .collect();
+            Learn {
+                transport: "compressed+cache".into(),
+                source_s: migrations.iter().map(|c| c.source_s).sum(),
+                destination_s: migrations.iter().map(|c| c.destination_s).sum(),
+                bytes_on_wire: ms.iter().map(|&(mb, _)| u64::from(mb)).sum::<u64>() * 1_000_000,
+                concurrency: Some(n),
+                migrations,
+                ..Learn::default()
+            }
+        };
+        let mut c = CpuCosts::default();
+        // One at a time over one image: the first VM's pages whole, the others' references.
+        c.learn(&drain(
+            1,
+            &[(1000, 1.0), (100, 1.0), (200, 1.0), (100, 0.8)],
+        ));
+        // Four at once: only the references went compressed (the rest raw, not taught).
+        c.learn(&drain(4, &[(100, 1.0), (50, 0.6)]));
+        // Two at once: whole pages.
+        c.learn(&drain(2, &[(1000, 1.0), (600, 0.6)]));
+        let t = &c.0["compressed+cache"];
+        for n in [1, 2, 4] {
+            let r = t.cost_ratio_at(Some(n));
+            assert!((r - 1.0).abs() < 0.02, "at {n}: {r}: {t:?}");
+        }
     }
 
     #[test]

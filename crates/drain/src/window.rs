@@ -86,6 +86,11 @@ pub struct Window {
 /// starts at the smallest such level (fewer at once: shorter migrations, shorter pauses).
 pub const FIRST_WITHIN: f64 = 1.02;
 
+/// A level measured to lose nothing stays unless the model has the level before it end sooner
+/// by more than this: the model's own error, which its preference between two neighbouring
+/// levels is often within (docs/drain.md, `auto`).
+pub const MODEL_ERROR: f64 = 1.10;
+
 /// Where `auto` starts: of the levels from 1 to `n` (the VMs) and at most [`AUTO_MAX`], the
 /// smallest whose makespan by the model (`eta`) is within [`FIRST_WITHIN`] of the best.
 pub fn first_level(eta: impl Fn(usize) -> f64, n: usize) -> usize {
@@ -154,9 +159,10 @@ impl Window {
         matches!((self.eta(level), self.eta(than)), (Some(a), Some(b)) if a < b)
     }
 
-    /// Whether the model has `level` end within [`FIRST_WITHIN`] of `than`, or sooner.
+    /// Whether the model has `level` end within its error ([`MODEL_ERROR`]) of `than`, or
+    /// sooner.
     fn model_as_good(&self, level: usize, than: usize) -> bool {
-        matches!((self.eta(level), self.eta(than)), (Some(a), Some(b)) if a <= b * FIRST_WITHIN)
+        matches!((self.eta(level), self.eta(than)), (Some(a), Some(b)) if a <= b * MODEL_ERROR)
     }
 
     /// The model's makespan at `level` (None: it cannot say).
@@ -199,7 +205,7 @@ impl Window {
     /// The last step raised throughput less than [`GAIN`]. Where it lost none beyond
     /// [`LOSS`] (`kept`), that is within the noise and the model decides: on by one while it says the next
     /// level ends sooner, here where it says this one ends as soon as the last (within
-    /// [`FIRST_WITHIN`], its own resolution: the level measured to lose nothing stays).
+    /// [`MODEL_ERROR`]: the level measured to lose nothing stays).
     /// Else back to where it came from, for good. Whether the limit changed.
     fn unproven(&mut self, kept: bool, rate: f64) -> bool {
         if kept && self.level < self.max && self.model_prefers(self.level + 1, self.level) {
@@ -316,13 +322,13 @@ mod tests {
         w.observe(1.0, 104.0);
         assert_eq!(w.limit(), 2);
         // Where the model says the level the step came from ends sooner by more than its
-        // resolution, back too.
-        let mut w = Window::guided(Concurrency::Auto, vec![20.0, 11.0, 11.5]);
+        // error, back too.
+        let mut w = Window::guided(Concurrency::Auto, vec![20.0, 11.0, 12.5]);
         w.observe(1.0, 100.0);
         w.observe(1.0, 104.0);
         assert_eq!(w.limit(), 2);
         // Within it, the level measured to lose nothing stays.
-        let mut w = Window::guided(Concurrency::Auto, vec![20.0, 11.0, 11.1]);
+        let mut w = Window::guided(Concurrency::Auto, vec![20.0, 11.0, 11.8]);
         w.observe(1.0, 100.0);
         assert!(!w.observe(1.0, 104.0));
         assert_eq!(w.limit(), 3);

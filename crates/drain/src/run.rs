@@ -146,24 +146,9 @@ impl Planned {
             window,
         );
         let raw = p.choose_raw(window);
-        // `auto` is priced where the model starts it: the level it takes as good as the best.
-        let (sim, level_etas) = match o.concurrency {
-            Concurrency::Auto => {
-                let at = |w: usize| p.at_level(w).simulate(w, &raw);
-                let levels = p.order.len().clamp(1, crate::window::AUTO_MAX);
-                let etas: Vec<f64> = (1..=levels)
-                    .map(|w| at(w).map_or(f64::INFINITY, |s| s.makespan))
-                    .collect();
-                let first = crate::window::first_level(|w| etas[w - 1], levels);
-                // Unpriced (a link unmeasured): it grows by measure alone, from 1.
-                let etas = if etas.iter().all(|t| t.is_finite()) {
-                    etas
-                } else {
-                    Vec::new()
-                };
-                (at(first), etas)
-            }
-            Concurrency::Fixed(_) => (p.simulate(window, &raw), Vec::new()),
+        let (sim, level_etas, raw) = match o.concurrency {
+            Concurrency::Auto => auto_priced(&p, raw, window, accepted_at_once(s)),
+            Concurrency::Fixed(_) => (p.simulate(window, &raw), Vec::new(), raw),
         };
         let by_vm = per_vm(&p.placed, sim.as_ref(), s.vms.len());
         let raw = p.by_vm(&raw);
@@ -811,6 +796,45 @@ pub(crate) fn budgeted_facts(o: &DrainOptions, s: &Survey, window: usize) -> Vec
 /// The most migrations the destinations take arriving at once.
 fn accepted_at_once(s: &Survey) -> usize {
     s.dests.iter().map(|d| d.max_inbound).sum()
+}
+
+/// `auto` priced where the model starts it (the level it takes as good as the best), with the
+/// model's makespan at each level from 1 and which VMs start raw: chosen again at the level
+/// it runs at when that is not the pricing `window` (a compressed drain at four at once sends
+/// fewer VMs raw than one priced at two).
+fn auto_priced(
+    p: &Pricing,
+    raw: Vec<bool>,
+    window: usize,
+    at_most: usize,
+) -> (Option<plan::Simulated>, Vec<f64>, Vec<bool>) {
+    let levels = p.order.len().clamp(1, crate::window::AUTO_MAX);
+    let etas_of = |raw: &[bool]| -> Vec<f64> {
+        (1..=levels)
+            .map(|w| {
+                p.at_level(w)
+                    .simulate(w, raw)
+                    .map_or(f64::INFINITY, |s| s.makespan)
+            })
+            .collect()
+    };
+    let mut etas = etas_of(&raw);
+    let mut raw = raw;
+    let runs_at = crate::window::runs_at(|w| etas[w - 1], levels, at_most);
+    if runs_at != window && p.weighs_codecs() {
+        let again = p.at_level(runs_at).choose_raw(runs_at);
+        if again != raw {
+            etas = etas_of(&again);
+            raw = again;
+        }
+    }
+    let first = crate::window::first_level(|w| etas[w - 1], levels);
+    let sim = p.at_level(first).simulate(first, &raw);
+    // Unpriced (a link unmeasured): it grows by measure alone, from 1.
+    if !etas.iter().all(|t| t.is_finite()) {
+        etas = Vec::new();
+    }
+    (sim, etas, raw)
 }
 
 /// A governor's ceiling when no link was measured and no `--max-bandwidth` given, bits/s.

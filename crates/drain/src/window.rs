@@ -106,6 +106,14 @@ pub fn first_level(eta: impl Fn(usize) -> f64, n: usize) -> usize {
         .map_or(1, |l| l.0)
 }
 
+/// The level `auto` runs at once the model started it ([`first_level`]): one more, as its
+/// first step always tries, within the `n` VMs and what the destinations accept at once.
+pub fn runs_at(eta: impl Fn(usize) -> f64, n: usize, at_most: usize) -> usize {
+    (first_level(eta, n) + 1)
+        .min(n.clamp(1, AUTO_MAX))
+        .min(at_most.max(1))
+}
+
 impl Window {
     pub fn new(mode: Concurrency) -> Self {
         Self::starting(mode, 1)
@@ -235,6 +243,16 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_runs_a_step_past_where_the_model_starts_it() {
+        let etas = [20.0, 12.0, 11.9, 12.5, 12.6, 12.6];
+        let eta = |c: usize| etas[c - 1];
+        assert_eq!(first_level(eta, 6), 2);
+        assert_eq!(runs_at(eta, 6, 16), 3);
+        assert_eq!(runs_at(eta, 2, 16), 2, "two VMs");
+        assert_eq!(runs_at(eta, 6, 2), 2, "the destinations take two at once");
+    }
 
     #[test]
     fn a_fixed_window_never_moves() {

@@ -106,12 +106,13 @@ pub fn first_level(eta: impl Fn(usize) -> f64, n: usize) -> usize {
         .map_or(1, |l| l.0)
 }
 
-/// The level `auto` runs at once the model started it ([`first_level`]): one more, as its
-/// first step always tries, within the `n` VMs and what the destinations accept at once.
+/// The level `auto` runs at once the model started it ([`first_level`]): where its first
+/// measurement takes it, within the `n` VMs and what the destinations accept at once.
 pub fn runs_at(eta: impl Fn(usize) -> f64, n: usize, at_most: usize) -> usize {
-    (first_level(eta, n) + 1)
-        .min(n.clamp(1, AUTO_MAX))
-        .min(at_most.max(1))
+    let etas = (1..=n.clamp(1, AUTO_MAX)).map(eta).collect();
+    let mut w = Window::guided(Concurrency::Auto, etas).at_most(at_most.min(n));
+    w.observe(SETTLE_S + MEASURE_S, 0.0);
+    w.limit()
 }
 
 impl Window {

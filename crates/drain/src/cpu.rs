@@ -1415,6 +1415,7 @@ mod tests {
             landed_gb: 0.5,
             source_s,
             destination_s,
+            ..host::cpu::MigrationCpu::default()
         };
         let all = [m(3.0, 1.0), m(1.0, 1.0), m(0.0, 2.0)];
         // The first taught, the other two started raw: 3 of 4 core-s on the source, 1 of 4

@@ -112,9 +112,10 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
             let rate = migration_rate(Some(s.link), false, n, &job, model);
             let wire = v.wire_bytes(rate, compressed) * s.framing;
             let landed = v.landed_bytes(rate, compressed);
+            let packed = v.compressed_bytes(rate, compressed);
             SimJob {
                 bytes: wire,
-                cpu: cpu.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
+                cpu: cpu.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed, packed)),
                 ..job
             }
         })

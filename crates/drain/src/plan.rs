@@ -341,10 +341,11 @@ pub struct PlanCpu {
     /// (those that slept part of the time) took.
     pub guest_vcpus_busy: Vec<f64>,
     pub guest_cores_light: Vec<f64>,
-    /// Per side, core-seconds per GB on the wire and per GB of RAM landed, as the source
-    /// learnt them of its migrations' own CPU ([`host::cpu::CostFit`]); None before.
+    /// Per side, core-seconds per GB on the wire, per GB of RAM landed and per GB
+    /// compressed, as the source learnt them of its migrations' own CPU
+    /// ([`host::cpu::CostFit`]); None before.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cost_fit_s_per_gb: Option<[(f64, f64); 2]>,
+    pub cost_fit_s_per_gb: Option<host::cpu::PerGb>,
     /// Seconds a moved guest checks its memory after its switchover, per GB it touched, as
     /// the source learnt it; None before.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -464,7 +465,7 @@ impl PlanCpu {
             cost_s_per_gb: self.cost_s_per_gb.map(|c| c * by),
             cost_fit_s_per_gb: self
                 .cost_fit_s_per_gb
-                .map(|f| f.map(|(a, b)| (a * by, b * by))),
+                .map(|f| f.map(|(a, b, c)| (a * by, b * by, c * by))),
             cost_ratio: ratio,
             ..self
         }
@@ -485,9 +486,9 @@ impl PlanCpu {
             .map_or(0.0, |per_gb| per_gb * touched.max(0.0) / 1e9)
     }
 
-    /// With what the source learnt of how its migrations' CPU splits between the wire and
-    /// the RAM they land.
-    pub fn with_fit(self, fit: Option<[(f64, f64); 2]>) -> Self {
+    /// With what the source learnt of how its migrations' CPU splits between the wire, the
+    /// RAM they land and the pages they compress.
+    pub fn with_fit(self, fit: Option<host::cpu::PerGb>) -> Self {
         PlanCpu {
             cost_fit_s_per_gb: fit,
             ..self
@@ -512,13 +513,16 @@ impl PlanCpu {
         self.cost_s_per_gb.map(|c| c / 1e9)
     }
 
-    /// Core-seconds per byte on the wire of a migration that puts `wire` bytes on it and
-    /// lands `landed` bytes of RAM: a page sent as a reference costs the cores a page's work
-    /// for a few bytes on the wire. [`Self::cost_per_byte`] before the split was learnt.
-    pub fn cost_per_byte_of(&self, wire: f64, landed: f64) -> [f64; 2] {
+    /// Core-seconds per byte on the wire of a migration that puts `wire` bytes on it, lands
+    /// `landed` bytes of RAM and compresses `compressed` of them: a page sent as a reference
+    /// costs the cores a page's work for a few bytes on the wire, a compressed one its
+    /// codec's work for fewer. [`Self::cost_per_byte`] before the split was learnt.
+    pub fn cost_per_byte_of(&self, wire: f64, landed: f64, compressed: f64) -> [f64; 2] {
         match self.cost_fit_s_per_gb {
-            Some(fit) if wire > 0.0 && landed.is_finite() => {
-                fit.map(|(a, b)| (a + b * landed.max(0.0) / wire) / 1e9)
+            Some(fit) if wire > 0.0 && landed.is_finite() && compressed.is_finite() => {
+                fit.map(|(a, b, c)| {
+                    (a + (b * landed.max(0.0) + c * compressed.max(0.0)) / wire) / 1e9
+                })
             }
             _ => self.cost_per_byte(),
         }
@@ -1246,7 +1250,7 @@ mod tests {
         let model = CpuModel::of_runnable(vec![2.0], &[0.0], 0, vec![0]);
         let ratios = BTreeMap::from([(1, 0.9), (4, 1.1)]);
         let auto = PlanCpu::new(model, Vec::new(), [2.0, 3.0], [1.0; 2])
-            .with_fit(Some([(1.0, 1.0), (2.0, 0.5)]))
+            .with_fit(Some([(1.0, 1.0, 0.0), (2.0, 0.5, 0.0)]))
             .with_level_ratios(ratios.clone());
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         let at4 = auto.clone().at_level(4);
@@ -1333,22 +1337,27 @@ mod tests {
     fn a_migration_of_references_costs_the_cores_more_per_byte_on_the_wire() {
         let plan = PlanCpu::new(CpuModel::default(), Vec::new(), [4.0, 2.0], [1.0; 2]);
         // Before the split is learnt: the transport's cost per byte on the wire.
-        assert_eq!(plan.cost_per_byte_of(1e9, 4e9), [4e-9, 2e-9]);
+        assert_eq!(plan.cost_per_byte_of(1e9, 4e9, 0.0), [4e-9, 2e-9]);
         // Source 1 + 0.5 per GB landed, destination 0 + 1: a migration that lands 4 GB for
         // 1 GB on the wire costs 3 and 4 core-s per GB on the wire; one that sends every
         // page whole, 1.5 and 1.
-        let plan = plan.with_fit(Some([(1.0, 0.5), (0.0, 1.0)]));
-        let refs = plan.cost_per_byte_of(1e9, 4e9);
+        let plan = plan.with_fit(Some([(1.0, 0.5, 3.0), (0.0, 1.0, 1.0)]));
+        let refs = plan.cost_per_byte_of(1e9, 4e9, 0.0);
         assert!((refs[0] - 3e-9).abs() < 1e-18 && (refs[1] - 4e-9).abs() < 1e-18);
-        let whole = plan.cost_per_byte_of(2e9, 2e9);
+        let whole = plan.cost_per_byte_of(2e9, 2e9, 0.0);
         assert!((whole[0] - 1.5e-9).abs() < 1e-18 && (whole[1] - 1e-9).abs() < 1e-18);
+        // Source 3 and destination 1 per GB compressed: 1 GB compressed of 2 landed for
+        // 1.2 GB on the wire costs (1.2 + 1 + 3) / 1.2 and (2 + 1) / 1.2 per GB on the wire.
+        let packed = plan.cost_per_byte_of(1.2e9, 2e9, 1e9);
+        assert!((packed[0] - 5.2e-9 / 1.2).abs() < 1e-18, "{packed:?}");
+        assert!((packed[1] - 3e-9 / 1.2).abs() < 1e-18, "{packed:?}");
         // Nothing on the wire: the transport's.
-        assert_eq!(plan.cost_per_byte_of(0.0, 1e9), [4e-9, 2e-9]);
+        assert_eq!(plan.cost_per_byte_of(0.0, 1e9, 0.0), [4e-9, 2e-9]);
         // At a concurrency whose drains cost 0.75 of the rest: every cost is 0.75 of it.
         let one = plan.clone().at_ratio(0.75);
         assert_eq!(one.cost_ratio, 0.75);
         assert_eq!(one.cost_s_per_gb, [3.0, 1.5]);
-        let refs = one.cost_per_byte_of(1e9, 4e9);
+        let refs = one.cost_per_byte_of(1e9, 4e9, 0.0);
         assert!((refs[0] - 2.25e-9).abs() < 1e-18 && (refs[1] - 3e-9).abs() < 1e-18);
         // Nothing sane: as it was.
         let same = plan.clone().at_ratio(f64::NAN).at_ratio(0.0);

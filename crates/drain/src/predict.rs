@@ -320,6 +320,16 @@ impl VmFacts {
         }
     }
 
+    /// Bytes of RAM its migration's workers compress at `rate` bytes/s, when it
+    /// `compressed` ([`Self::compressed_share`] of what it lands).
+    pub fn compressed_bytes(&self, rate: f64, compressed: bool) -> f64 {
+        if compressed {
+            self.landed_bytes(rate, true) * self.compressed_share(rate)
+        } else {
+            0.0
+        }
+    }
+
     /// Bytes its migration puts on the wire at `rate` bytes/s.
     pub fn wire_bytes(&self, rate: f64, compressed: bool) -> f64 {
         self.first_pass_bytes(compressed) + self.resend_bytes(rate, compressed)

@@ -267,11 +267,12 @@ impl<'a> Pricing<'a> {
         let rate = self.rate_at(d, per, raw);
         let wire = self.bytes(k, rate, raw);
         let landed = v.landed_bytes(rate, self.compresses(raw)) + self.disk_bytes(i, d);
+        let compressed = v.compressed_bytes(rate, self.compresses(raw));
         let like = self.job_to(d, Some(v), raw);
         SimJob {
             bytes: wire,
             seeds,
-            cpu: c.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed)),
+            cpu: c.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed, compressed)),
             verify_s: c.map_or(0.0, |c| c.verify_of(v.touched_bytes())),
             threads: match c {
                 Some(c) if self.compresses(raw) => c.threads_of(v.compressed_share(rate)),

@@ -477,10 +477,11 @@ impl DrainReport {
     /// What the plan took from earlier drains, a line each (none before any).
     fn learnt_lines(&self) -> String {
         let mut s = String::new();
-        if let Some([(sa, sb), (da, db)]) = self.plan.cpu.as_ref().and_then(|c| c.cost_fit_s_per_gb)
+        if let Some([(sa, sb, sc), (da, db, dc)]) =
+            self.plan.cpu.as_ref().and_then(|c| c.cost_fit_s_per_gb)
         {
             s += &format!(
-                "cpu per migration (learnt from their own): {sa:.2} core-s per GB on the wire + {sb:.2} per GB of RAM landed on the source, {da:.2} + {db:.2} on the destination\n"
+                "cpu per migration (learnt from their own): {sa:.2} core-s per GB on the wire + {sb:.2} per GB of RAM landed + {sc:.2} per GB compressed on the source, {da:.2} + {db:.2} + {dc:.2} on the destination\n"
             );
         }
         if self.plan.overhead_s != crate::predict::OVERHEAD_S {

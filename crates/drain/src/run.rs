@@ -599,12 +599,12 @@ fn migrations_cpu(vms: &[VmOutcome]) -> Vec<host::cpu::MigrationCpu> {
         .map(|r| {
             let pages = r.pages.landed();
             let codec = r.compression.as_ref().map_or(0.0, |c| c.codec_cpu_seconds);
+            let gb =
+                |pages: u64| pages.saturating_mul(migration::protocol::PAGE as u64) as f64 / 1e9;
             host::cpu::MigrationCpu {
                 wire_gb: r.bytes_on_wire as f64 / 1e9,
-                landed_gb: pages
-                    .saturating_mul(migration::protocol::PAGE as u64)
-                    .saturating_add(r.disk_bytes) as f64
-                    / 1e9,
+                landed_gb: gb(pages) + r.disk_bytes as f64 / 1e9,
+                compressed_gb: gb(r.pages.compressed),
                 source_s: r.cpu_seconds.source + codec,
                 destination_s: r.cpu_seconds.destination,
             }

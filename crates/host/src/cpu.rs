@@ -91,9 +91,10 @@ pub struct CpuCost {
     /// switchover. The mean over a drain's migrations; None until a drain has shown it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup_s: Option<f64>,
-    /// How a migration's CPU splits between its bytes on the wire and the RAM it lands (a
+    /// How a migration's CPU splits between its bytes on the wire, the RAM it lands (a
     /// page that goes as a reference costs a few bytes on the wire and a page's work on
-    /// both sides). None until a drain has shown its migrations' own CPU.
+    /// both sides) and the pages its workers compressed. None until a drain has shown its
+    /// migrations' own CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fit: Option<CostFit>,
     /// Seconds a moved guest spent checking its memory after its switchover (livemig's
@@ -110,19 +111,35 @@ pub struct CpuCost {
 
 /// Least squares over the migrations drains showed (older drains weighted down): a
 /// migration's CPU on each side as `a` core-seconds per GB on the wire plus `b` per GB of RAM
-/// it lands, times what the side's VMM threads took over the migrations' own (`scale`: the
-/// devices' and the agents' threads, which the migrations' reports do not count).
+/// it lands plus `c` per GB its workers compressed, none negative, times what the side's VMM
+/// threads took over the migrations' own (`scale`: the devices' and the agents' threads,
+/// which the migrations' reports do not count). A compressed page costs its codec's work for
+/// fewer bytes on the wire, so no sum of the first two prices a drain whose migrations
+/// compress some pages and send others raw.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CostFit {
     /// Σ w², Σ w·r, Σ r² over the migrations (w: GB on the wire, r: GB of RAM landed).
     pub ww: f64,
     pub wr: f64,
     pub rr: f64,
-    /// Per side (source, destination): Σ w·y and Σ r·y (y: the migration's core-seconds).
+    /// Σ w·c, Σ r·c, Σ c² (c: GB the workers compressed); 0 in fits learnt before them.
+    #[serde(default)]
+    pub wc: f64,
+    #[serde(default)]
+    pub rc: f64,
+    #[serde(default)]
+    pub cc: f64,
+    /// Per side (source, destination): Σ w·y, Σ r·y and Σ c·y (y: the migration's
+    /// core-seconds).
     pub wy: [f64; 2],
     pub ry: [f64; 2],
+    #[serde(default)]
+    pub cy: [f64; 2],
     pub scale: [f64; 2],
 }
+
+/// Per side, core-seconds per GB on the wire, per GB of RAM landed and per GB compressed.
+pub type PerGb = [(f64, f64, f64); 2];
 
 /// One migration's CPU, as its report gives it.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -130,43 +147,114 @@ pub struct MigrationCpu {
     /// GB it put on the wire, and of RAM (and disk) it landed on the destination.
     pub wire_gb: f64,
     pub landed_gb: f64,
+    /// GB of the pages it landed that its workers compressed.
+    #[serde(default)]
+    pub compressed_gb: f64,
     /// Core-seconds its threads took: on the source (compression workers included) and on
     /// the destination.
     pub source_s: f64,
     pub destination_s: f64,
 }
 
-/// Two predictors this close to each other (their correlation's square) cannot be told
-/// apart: the cost goes all on the wire's bytes.
+impl MigrationCpu {
+    /// Whether a drain's report of this migration is learnt from, and priced: every figure a
+    /// finite non-negative number, and bytes on the wire.
+    fn counts(&self) -> bool {
+        let sane = |x: f64| x.is_finite() && x >= 0.0;
+        [
+            self.wire_gb,
+            self.landed_gb,
+            self.compressed_gb,
+            self.source_s,
+            self.destination_s,
+        ]
+        .into_iter()
+        .all(sane)
+            && self.wire_gb > 0.0
+    }
+}
+
+/// A predictor this close to the others taken with it (the square of its multiple
+/// correlation with them) cannot be told apart from them: that set is not fitted.
 const COLLINEAR: f64 = 0.998;
 
+/// The regressors' sets tried, wire first: where two fit equally well (the same bytes
+/// counted twice), the earlier is taken.
+const SUBSETS: [&[usize]; 7] = [&[0, 1, 2], &[0, 1], &[0, 2], &[1, 2], &[0], &[1], &[2]];
+
+/// Least squares with no coefficient negative, from the regressors' Gram matrix and their
+/// moments with y: of the sets of regressors whose fit has none negative, the one that fits
+/// best (the largest βᵀ·Xᵀy, which is Σy² less the residual). All zero when none fits.
+fn non_negative_fit(gram: &[[f64; 3]; 3], moments: &[f64; 3]) -> [f64; 3] {
+    let mut best = ([0.0; 3], 0.0);
+    for set in SUBSETS {
+        let Some(beta) = fit_on(gram, moments, set) else {
+            continue;
+        };
+        let explained: f64 = set.iter().map(|&i| beta[i] * moments[i]).sum();
+        if explained > best.1 {
+            best = (beta, explained);
+        }
+    }
+    best.0
+}
+
+/// Least squares on the regressors `set` names (elimination on their Gram matrix): None
+/// where one is too close to the others ([`COLLINEAR`]), or a coefficient is negative.
+fn fit_on(gram: &[[f64; 3]; 3], moments: &[f64; 3], set: &[usize]) -> Option<[f64; 3]> {
+    let n = set.len();
+    let mut a = [[0.0; 4]; 3];
+    for (r, &i) in set.iter().enumerate() {
+        for (c, &j) in set.iter().enumerate() {
+            a[r][c] = gram[i][j];
+        }
+        a[r][n] = moments[i];
+    }
+    for p in 0..n {
+        // What is left of the pivot after the regressors before it: 1 − R² of its diagonal.
+        let diag = gram[set[p]][set[p]];
+        if !(diag > 0.0 && diag.is_finite() && a[p][p] > (1.0 - COLLINEAR) * diag) {
+            return None;
+        }
+        let pivot = a[p];
+        for row in a.iter_mut().take(n).skip(p + 1) {
+            let f = row[p] / pivot[p];
+            for (x, y) in row[p..=n].iter_mut().zip(&pivot[p..=n]) {
+                *x -= f * y;
+            }
+        }
+    }
+    let mut beta = [0.0; 3];
+    for p in (0..n).rev() {
+        let rest: f64 = (p + 1..n).map(|c| a[p][c] * beta[set[c]]).sum();
+        let x = (a[p][n] - rest) / a[p][p];
+        if !(x.is_finite() && x >= 0.0) {
+            return None;
+        }
+        beta[set[p]] = x;
+    }
+    Some(beta)
+}
+
 impl CostFit {
-    /// Per side, (core-seconds per GB on the wire, per GB of RAM landed), scaled to the VMM
-    /// threads' CPU: both non-negative. None before a migration was learnt from.
-    pub fn per_gb(&self) -> Option<[(f64, f64); 2]> {
+    /// Per side, (core-seconds per GB on the wire, per GB of RAM landed, per GB compressed),
+    /// scaled to the VMM threads' CPU: none negative. None before a migration was learnt
+    /// from.
+    pub fn per_gb(&self) -> Option<PerGb> {
         if !(self.ww > 0.0 && self.ww.is_finite()) {
             return None;
         }
+        let gram = [
+            [self.ww, self.wr, self.wc],
+            [self.wr, self.rr, self.rc],
+            [self.wc, self.rc, self.cc],
+        ];
         Some([0, 1].map(|s| {
-            let (wy, ry) = (self.wy[s], self.ry[s]);
-            let wire_only = || (wy / self.ww, 0.0);
-            let det = self.ww * self.rr - self.wr * self.wr;
-            let (a, b) = if self.rr <= 0.0 || det <= (1.0 - COLLINEAR) * self.ww * self.rr {
-                wire_only()
-            } else {
-                let a = (wy * self.rr - ry * self.wr) / det;
-                let b = (self.ww * ry - self.wr * wy) / det;
-                if a < 0.0 {
-                    (0.0, ry / self.rr)
-                } else if b < 0.0 {
-                    wire_only()
-                } else {
-                    (a, b)
-                }
-            };
+            let moments = [self.wy[s], self.ry[s], self.cy[s]];
+            let [a, b, c] = non_negative_fit(&gram, &moments);
             let k = self.scale[s];
             let ok = |x: f64| if x.is_finite() { (x * k).max(0.0) } else { 0.0 };
-            (ok(a), ok(b))
+            (ok(a), ok(b), ok(c))
         }))
     }
 
@@ -175,36 +263,49 @@ impl CostFit {
     /// took over the drain.
     fn learn(&mut self, w: f64, m: &[MigrationCpu], vmm_s: [f64; 2], first: bool) {
         let (keep, new) = (1.0 - w, w / LEARN_WEIGHT);
-        let sane = |x: f64| x.is_finite() && x >= 0.0;
-        let m: Vec<&MigrationCpu> = m
-            .iter()
-            .filter(|c| {
-                sane(c.wire_gb) && sane(c.landed_gb) && sane(c.source_s) && sane(c.destination_s)
-            })
-            .filter(|c| c.wire_gb > 0.0)
-            .collect();
+        let m: Vec<&MigrationCpu> = m.iter().filter(|c| c.counts()).collect();
         if m.is_empty() {
             return;
         }
+        // Learnt before the pages compressed were counted, its migrations read as if they
+        // compressed none: it starts again from the first drain that counts them.
+        let first = if self.cc == 0.0 && m.iter().any(|c| c.compressed_gb > 0.0) {
+            *self = CostFit::default();
+            true
+        } else {
+            first
+        };
         let own = [
             m.iter().map(|c| c.source_s).sum::<f64>(),
             m.iter().map(|c| c.destination_s).sum::<f64>(),
         ];
-        for v in [&mut self.ww, &mut self.wr, &mut self.rr] {
+        for v in [
+            &mut self.ww,
+            &mut self.wr,
+            &mut self.rr,
+            &mut self.wc,
+            &mut self.rc,
+            &mut self.cc,
+        ] {
             *v *= keep;
         }
         for s in 0..2 {
             self.wy[s] *= keep;
             self.ry[s] *= keep;
+            self.cy[s] *= keep;
         }
-        for c in m {
-            let (x, r) = (c.wire_gb, c.landed_gb);
+        for m in m {
+            let (x, r, c) = (m.wire_gb, m.landed_gb, m.compressed_gb);
             self.ww += new * x * x;
             self.wr += new * x * r;
             self.rr += new * r * r;
-            for (s, y) in [c.source_s, c.destination_s].into_iter().enumerate() {
+            self.wc += new * x * c;
+            self.rc += new * r * c;
+            self.cc += new * c * c;
+            for (s, y) in [m.source_s, m.destination_s].into_iter().enumerate() {
                 self.wy[s] += new * x * y;
                 self.ry[s] += new * r * y;
+                self.cy[s] += new * c * y;
             }
         }
         for s in 0..2 {
@@ -240,17 +341,11 @@ impl CpuCost {
             return None;
         }
         let per_wire = [self.source_s_per_gb * gb, self.destination_s_per_gb * gb];
-        let sane = |m: &&MigrationCpu| {
-            m.wire_gb.is_finite()
-                && m.wire_gb > 0.0
-                && m.landed_gb.is_finite()
-                && m.landed_gb >= 0.0
-        };
         let m: Vec<&MigrationCpu> = l
             .migrations
             .iter()
             .take(MAX_MIGRATIONS)
-            .filter(sane)
+            .filter(|c| c.counts())
             .collect();
         let wire: f64 = m.iter().map(|m| m.wire_gb).sum();
         let by_fit = self
@@ -260,9 +355,9 @@ impl CpuCost {
             .filter(|_| wire > 0.0)
             .map(|fit| {
                 // Scaled to all the drain's bytes, where it named fewer migrations.
-                fit.map(|(a, b)| {
+                fit.map(|(a, b, c)| {
                     m.iter()
-                        .map(|m| a * m.wire_gb + b * m.landed_gb)
+                        .map(|m| a * m.wire_gb + b * m.landed_gb + c * m.compressed_gb)
                         .sum::<f64>()
                         * gb
                         / wire
@@ -866,6 +961,7 @@ mod tests {
                         landed_gb: r,
                         source_s: w + 2.0 * r,
                         destination_s: 3.0 * r,
+                        ..MigrationCpu::default()
                     }
                 })
                 .collect();
@@ -973,6 +1069,7 @@ mod tests {
             landed_gb: r,
             source_s: w + 2.0 * r,
             destination_s: 3.0 * r,
+            ..MigrationCpu::default()
         };
         let drain = vec![m(0.5, 1.0), m(0.1, 1.0), m(1.0, 1.0), m(0.2, 0.4)];
         let own = |f: fn(&MigrationCpu) -> f64| drain.iter().map(f).sum::<f64>();
@@ -987,14 +1084,15 @@ mod tests {
         let mut c = CpuCosts::default();
         c.learn(&lesson);
         let fit = c.0["tcp+cache"].fit.clone().unwrap();
-        let [(a, b), (a2, b2)] = fit.per_gb().unwrap();
+        let [(a, b, c), (a2, b2, c2)] = fit.per_gb().unwrap();
         assert!((a - 1.5).abs() < 1e-9 && (b - 3.0).abs() < 1e-9, "{a} {b}");
         assert!(a2.abs() < 1e-9 && (b2 - 3.0).abs() < 1e-9, "{a2} {b2}");
+        assert!(c == 0.0 && c2 == 0.0, "nothing compressed: {c} {c2}");
         // Every page on the wire whole: the two cannot be told apart, the wire takes it all
         // (the VMM threads' CPU unknown: the migrations' own).
         let mut whole = CostFit::default();
         whole.learn(LEARN_WEIGHT, &[m(1.0, 1.0), m(2.0, 2.0)], [0.0; 2], true);
-        let [(a, b), _] = whole.per_gb().unwrap();
+        let [(a, b, _), _] = whole.per_gb().unwrap();
         assert!((a - 3.0).abs() < 1e-9 && b == 0.0, "{a} {b}");
         // Nothing sane: nothing learnt.
         let mut none = CostFit::default();
@@ -1005,6 +1103,86 @@ mod tests {
             true,
         );
         assert_eq!(none.per_gb(), None);
+    }
+
+    #[test]
+    fn a_compressed_page_costs_its_codec_whatever_it_saves_on_the_wire() {
+        // As a one-image drain showed them: the page cache's filler compresses most of its
+        // pages, followers send theirs as references and compress the rest, others go raw.
+        // Source: 0.5 core-s per GB on the wire, 1 per GB landed, 5 per GB compressed;
+        // destination: 1 per GB on the wire, 0.5 per GB landed, 1 per GB compressed.
+        let m = |w: f64, r: f64, c: f64| MigrationCpu {
+            wire_gb: w,
+            landed_gb: r,
+            compressed_gb: c,
+            source_s: 0.5 * w + r + 5.0 * c,
+            destination_s: w + 0.5 * r + c,
+        };
+        let drain = [
+            m(0.40, 0.77, 0.69),
+            m(0.14, 0.58, 0.24),
+            m(0.24, 0.53, 0.0),
+            m(0.10, 0.35, 0.16),
+            m(0.18, 0.50, 0.0),
+            m(0.10, 0.36, 0.16),
+        ];
+        let mut fit = CostFit::default();
+        fit.learn(LEARN_WEIGHT, &drain, [0.0; 2], true);
+        let [(a, b, c), (a2, b2, c2)] = fit.per_gb().unwrap();
+        let close = |x: f64, y: f64| (x - y).abs() < 1e-6;
+        assert!(
+            close(a, 0.5) && close(b, 1.0) && close(c, 5.0),
+            "{a} {b} {c}"
+        );
+        assert!(
+            close(a2, 1.0) && close(b2, 0.5) && close(c2, 1.0),
+            "{a2} {b2} {c2}"
+        );
+        // Without the pages compressed, the follower costs less than half what it does.
+        let mut blind = CostFit::default();
+        let no_c: Vec<MigrationCpu> = drain
+            .iter()
+            .map(|m| MigrationCpu {
+                compressed_gb: 0.0,
+                ..*m
+            })
+            .collect();
+        blind.learn(LEARN_WEIGHT, &no_c, [0.0; 2], true);
+        let [(a, b, _), _] = blind.per_gb().unwrap();
+        let follower = drain[1];
+        assert!(a * follower.wire_gb + b * follower.landed_gb < 0.8 * follower.source_s);
+        // A fit learnt before the pages compressed were counted reads as the two-way one,
+        // and starts again from the first drain that counts them.
+        let mut old: CostFit = serde_json::from_str(
+            r#"{"ww":1.0,"wr":1.0,"rr":2.0,"wy":[1.0,1.0],"ry":[3.0,1.0],"scale":[2.0,2.0]}"#,
+        )
+        .unwrap();
+        let [(a, b, c), _] = old.per_gb().unwrap();
+        assert!(close(a, 0.0) && close(b, 3.0) && c == 0.0, "{a} {b} {c}");
+        old.learn(0.3, &drain, [0.0; 2], false);
+        assert_eq!(old.per_gb(), fit.per_gb());
+    }
+
+    #[test]
+    fn a_fit_never_prices_a_byte_below_nothing() {
+        // Cost falls as the RAM landed grows: no negative price for it, the wire takes it.
+        let m = |w: f64, r: f64, y: f64| MigrationCpu {
+            wire_gb: w,
+            landed_gb: r,
+            source_s: y,
+            destination_s: y,
+            ..MigrationCpu::default()
+        };
+        let mut fit = CostFit::default();
+        fit.learn(
+            LEARN_WEIGHT,
+            &[m(1.0, 0.1, 2.0), m(1.0, 2.0, 1.0), m(2.0, 1.0, 3.0)],
+            [0.0; 2],
+            true,
+        );
+        for (a, b, c) in fit.per_gb().unwrap() {
+            assert!(a > 0.0 && b == 0.0 && c == 0.0, "{a} {b} {c}");
+        }
     }
 
     #[test]

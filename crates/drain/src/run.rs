@@ -642,8 +642,8 @@ fn compressed_cpu(vms: &[VmOutcome]) -> Vec<crate::cpu::CodecCpu> {
 /// Whether a migration the plan starts `raw` goes by plain tcp rather than by its drain's
 /// compressed transport held raw: where the drain moves one at a time, nothing moves beside
 /// it, so the codec policy never releases it to compress, and tcp sends its pages without
-/// the codec's pipeline (which held raw still copies each batch through it: 6% longer and
-/// 9-12% more CPU on each side than the same VM by tcp, docs/drain.md).
+/// the codec's pipeline, which held raw still passes each batch through (docs/drain.md,
+/// "Which VMs start raw").
 pub(crate) fn by_tcp(raw: bool, r: &MigrateRequest, concurrency: Concurrency) -> bool {
     raw && compresses(r) && concurrency == Concurrency::Fixed(1)
 }
@@ -1053,7 +1053,7 @@ impl<'a> Run<'a> {
             by_tcp,
         });
         if raw {
-            self.started_raw(&vm.name);
+            self.started_raw(&vm.name, by_tcp);
         }
         self.peak = self.peak.max(self.moving());
     }
@@ -1068,10 +1068,11 @@ impl<'a> Run<'a> {
     }
 
     /// Counts a migration the plan started raw, in the report and the view.
-    fn started_raw(&mut self, name: &str) {
+    fn started_raw(&mut self, name: &str, by_tcp: bool) {
         self.count_held(MODEL_RAW);
+        let how = if by_tcp { "goes by tcp" } else { "sends raw" };
         self.view
-            .line(&format!("drain: {name} sends raw ({MODEL_RAW})"));
+            .line(&format!("drain: {name} {how} ({MODEL_RAW})"));
     }
 
     /// Settles every migration that ended.

@@ -358,6 +358,14 @@ pub struct PlanCpu {
     /// level ([`Self::at_level`]): where an `auto` drain settled.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub cost_ratio_at: BTreeMap<u16, f64>,
+    /// How much longer than their threads' share of the cores gives them compressing
+    /// migrations take where the cores hold them back, at this drain's concurrency
+    /// (`span_ratio_at` of the source's costs; 1 before): a codec's pipeline waits on
+    /// itself, so [`Self::threads_of`] weighs their threads over it.
+    pub span_ratio: f64,
+    /// The same for each concurrency drains ran at ([`Self::at_level`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub span_ratio_at: BTreeMap<u16, f64>,
     /// A compressed migration's busy workers per share of its pages they compress, and its
     /// workers: each migration's busy threads on the source, where [`Self::threads`] has
     /// the drain's mean. None where the drain does not compress or the source has not
@@ -395,6 +403,8 @@ impl PlanCpu {
             verify_s_per_gb: None,
             cost_ratio: 1.0,
             cost_ratio_at: BTreeMap::new(),
+            span_ratio: 1.0,
+            span_ratio_at: BTreeMap::new(),
             workers_per_share: None,
             learnt_as: None,
         }
@@ -421,14 +431,29 @@ impl PlanCpu {
 
     /// The busy threads of a migration whose workers compress `compressed_share` of its
     /// pages: on the source its page streams' (the destination's) and as many workers as that
-    /// share keeps busy, at most all of them; the drain's mean before that was learnt.
+    /// share keeps busy, at most all of them; the drain's mean before that was learnt. Each
+    /// weighs [`Self::span_ratio`] less: what a codec's pipeline takes of its share.
     pub fn threads_of(&self, compressed_share: f64) -> [f64; 2] {
-        match self.workers_per_share {
+        let threads = match self.workers_per_share {
             Some((per_share, workers)) if compressed_share.is_finite() => {
                 let busy = (per_share * compressed_share.clamp(0.0, 1.0)).min(workers);
                 [self.threads[1] + busy, self.threads[1]]
             }
             _ => self.threads,
+        };
+        let slower = Some(self.span_ratio)
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .unwrap_or(1.0);
+        threads.map(|t| t / slower)
+    }
+
+    /// With how much longer compressing migrations take than their share of the cores
+    /// gives them, per level (`span_ratio_at` of the source's costs), at `level`.
+    pub fn with_span_ratios(self, span_ratio_at: BTreeMap<u16, f64>, level: usize) -> Self {
+        PlanCpu {
+            span_ratio: host::cpu::level_ratio(&span_ratio_at, level),
+            span_ratio_at,
+            ..self
         }
     }
 
@@ -441,13 +466,17 @@ impl PlanCpu {
     }
 
     /// Priced for `concurrency` migrations at once rather than the plan's level: the costs
-    /// at that level's ratio as drains showed it ([`host::cpu::level_ratio`]).
+    /// at that level's ratio as drains showed it ([`host::cpu::level_ratio`]), and its
+    /// compressing migrations' span ratio.
     pub fn at_level(self, concurrency: usize) -> Self {
         let ratio = host::cpu::level_ratio(&self.cost_ratio_at, concurrency);
         let current = Some(self.cost_ratio)
             .filter(|r| r.is_finite() && *r > 0.0)
             .unwrap_or(1.0);
-        self.repriced(ratio / current, ratio)
+        PlanCpu {
+            span_ratio: host::cpu::level_ratio(&self.span_ratio_at, concurrency),
+            ..self.repriced(ratio / current, ratio)
+        }
     }
 
     /// With the costs at `ratio` times those learnt (what migrations cost at this drain's
@@ -1331,6 +1360,29 @@ mod tests {
             mean.with_workers(Some(-1.0), 2.0).threads_of(0.2),
             [2.7, 1.0]
         );
+    }
+
+    #[test]
+    fn a_compressing_migration_weighs_its_threads_over_its_levels_span_ratio() {
+        let ratios = BTreeMap::from([(1, 1.25), (4, 1.0)]);
+        let plan = PlanCpu::new(CpuModel::default(), Vec::new(), [4.0, 2.0], [3.0, 1.0])
+            .with_workers(Some(2.0), 2.0)
+            .with_span_ratios(ratios, 1);
+        assert_eq!(plan.span_ratio, 1.25);
+        // Half its pages compressed keep one worker busy: 2 threads and 1, over 1.25.
+        assert_eq!(plan.threads_of(0.5), [1.6, 0.8]);
+        // At 4 at once the drains showed none; at 2, on the line between 1 and 4.
+        assert_eq!(plan.clone().at_level(4).threads_of(0.5), [2.0, 1.0]);
+        let at2 = plan.clone().at_level(2).span_ratio;
+        assert!((at2 - (1.25 - 0.25 / 3.0)).abs() < 1e-9, "{at2}");
+        // Before any drain showed it, and where nonsense was learnt, the threads as they are.
+        let none = plan.clone().with_span_ratios(BTreeMap::new(), 1);
+        assert_eq!(none.threads_of(0.5), [2.0, 1.0]);
+        let nan = PlanCpu {
+            span_ratio: f64::NAN,
+            ..none
+        };
+        assert_eq!(nan.threads_of(0.5), [2.0, 1.0]);
     }
 
     #[test]

@@ -297,11 +297,27 @@ impl VmFacts {
     }
 
     /// Of the pages its compressed migration lands at `rate` bytes/s, the share its workers
-    /// compress: the copy's pages that go whole (not as references, zeros, or deltas against
-    /// the zero page). What the rounds resend is taken to go as deltas.
+    /// compress ([`Self::compressed_bytes`]).
     pub fn compressed_share(&self, rate: f64) -> f64 {
+        let landed = self.landed_bytes(rate, true);
+        if landed > 0.0 {
+            self.compressed_bytes(rate, true) / landed
+        } else {
+            0.0
+        }
+    }
+
+    /// Bytes of RAM its migration's workers compress at `rate` bytes/s, when it
+    /// `compressed`: the copy's pages that go whole (not as references, zeros, or deltas
+    /// against the zero page), at most what it lands. What the rounds resend is taken to go
+    /// as deltas.
+    pub fn compressed_bytes(&self, rate: f64, compressed: bool) -> f64 {
+        if !compressed {
+            return 0.0;
+        }
+        let landed = self.landed_bytes(rate, true);
         let Some(s) = &self.sample else {
-            return 1.0;
+            return landed;
         };
         let data = s.touched_bytes as f64 * (1.0 - s.zero_fraction.clamp(0.0, 1.0));
         let whole = (1.0 - self.cached.clamp(0.0, 1.0)) * (1.0 - self.self_dup.clamp(0.0, 1.0));
@@ -312,22 +328,7 @@ impl VmFacts {
         } else {
             1.0
         };
-        let landed = self.landed_bytes(rate, true);
-        if landed > 0.0 {
-            (data * whole * in_copy / landed).clamp(0.0, 1.0)
-        } else {
-            0.0
-        }
-    }
-
-    /// Bytes of RAM its migration's workers compress at `rate` bytes/s, when it
-    /// `compressed` ([`Self::compressed_share`] of what it lands).
-    pub fn compressed_bytes(&self, rate: f64, compressed: bool) -> f64 {
-        if compressed {
-            self.landed_bytes(rate, true) * self.compressed_share(rate)
-        } else {
-            0.0
-        }
+        (data * whole * in_copy).min(landed).max(0.0)
     }
 
     /// Bytes its migration puts on the wire at `rate` bytes/s.

@@ -134,9 +134,11 @@ pub fn refuses(n: &Needs, d: &DestFacts, copy_left: Option<Option<u64>>) -> Opti
     }
 }
 
-/// The order VMs leave in: indices into `vms`. `share`: the link bytes/s one migration
-/// gets, for telling hot VMs apart (auto).
-pub fn order(vms: &[VmFacts], how: Order, share: f64, compressed: bool) -> Vec<usize> {
+/// The order VMs leave in: indices into `vms`, each sent compressed where `compressed`
+/// (per VM) says. `share`: the link bytes/s one migration gets, for telling hot VMs apart
+/// (auto).
+pub fn order(vms: &[VmFacts], how: Order, share: f64, compressed: &[bool]) -> Vec<usize> {
+    let compressed = |i: &usize| compressed.get(*i).copied().unwrap_or(false);
     let mut idx: Vec<usize> = (0..vms.len()).collect();
     let name = |i: &usize| vms[*i].name.clone();
     match how {
@@ -154,13 +156,13 @@ pub fn order(vms: &[VmFacts], how: Order, share: f64, compressed: bool) -> Vec<u
                 .then(name(a).cmp(&name(b)))
         }),
         Order::Auto => {
-            let t = |i: &usize| vms[*i].predict_secs(share, compressed);
+            let t = |i: &usize| vms[*i].predict_secs(share, compressed(i));
             let (mut cold, mut hot): (Vec<usize>, Vec<usize>) = idx
                 .into_iter()
-                .partition(|i| !vms[*i].is_hot(share, compressed));
+                .partition(|i| !vms[*i].is_hot(share, compressed(i)));
             cold.sort_by(|a, b| t(b).total_cmp(&t(a)).then(name(a).cmp(&name(b))));
             // The least hot of the hot first: each later one finds more of the link free.
-            let d = |i: &usize| vms[*i].dirty_bytes_per_s(compressed);
+            let d = |i: &usize| vms[*i].dirty_bytes_per_s(compressed(i));
             hot.sort_by(|a, b| d(a).total_cmp(&d(b)).then(name(a).cmp(&name(b))));
             cold.extend(hot);
             idx = cold;
@@ -1044,20 +1046,32 @@ mod tests {
         ];
         let share = 100e6;
         assert_eq!(
-            names(&vms, &order(&vms, Order::Name, share, false)),
+            names(&vms, &order(&vms, Order::Name, share, &[])),
             ["a", "b", "c", "hot"]
         );
         assert_eq!(
-            names(&vms, &order(&vms, Order::Largest, share, false)),
+            names(&vms, &order(&vms, Order::Largest, share, &[])),
             ["hot", "a", "c", "b"]
         );
         assert_eq!(
-            names(&vms, &order(&vms, Order::Smallest, share, false)),
+            names(&vms, &order(&vms, Order::Smallest, share, &[])),
             ["b", "c", "a", "hot"]
         );
         assert_eq!(
-            names(&vms, &order(&vms, Order::Auto, share, false)),
+            names(&vms, &order(&vms, Order::Auto, share, &[])),
             ["a", "c", "b", "hot"]
+        );
+        // Longest first as each is sent: "a" compressed (half its bytes) is shorter than "c"
+        // sent raw.
+        let both = [vm("c", 256, 0.0), vm("a", 384, 0.0)];
+        assert_eq!(
+            names(&both, &order(&both, Order::Auto, share, &[false, true])),
+            ["c", "a"],
+            "c's 256 MiB raw take longer than a's 384 compressed to half"
+        );
+        assert_eq!(
+            names(&both, &order(&both, Order::Auto, share, &[false, false])),
+            ["a", "c"]
         );
     }
 

@@ -34,6 +34,8 @@ pub struct Pricing<'a> {
     dest_facts: Vec<DestFacts>,
     cpu: Option<PlanCpu>,
     raw: Option<PlanCpu>,
+    /// The share of their dirty rate guests keep sent raw, where the source learnt it.
+    raw_dirty: Option<f64>,
     compressed: bool,
     yields: bool,
     overhead: f64,
@@ -75,6 +77,7 @@ impl<'a> Pricing<'a> {
             dest_facts: crate::run::budgeted_facts(o, s, window),
             cpu,
             raw,
+            raw_dirty: None,
             compressed,
             yields: o.request.vcpu_yield != Some(false),
             overhead,
@@ -85,19 +88,51 @@ impl<'a> Pricing<'a> {
             per_dest: (window as f64 / s.dests.len() as f64).max(1.0),
         };
         p.links = p.sim_links();
-        p.order = p.order(o, placement);
-        p.vms = crate::run::with_cache_hits(o, s, &p.order, placement);
-        p.raw_vms = p.vms.clone();
-        if let Some(r) = raw_dirty {
-            p.raw_vms.iter_mut().for_each(|v| v.dirty_ratio = r);
+        p.raw_dirty = raw_dirty;
+        let compressed = vec![p.compressed; s.vms.len()];
+        p.in_order(o, placement, cached, &compressed);
+        p
+    }
+
+    /// The placed VMs in the order `o` asks for, each priced as `compressed` (per VM of
+    /// the survey) says it goes, with the page-cache hits and seeders that order gives.
+    fn in_order(
+        &mut self,
+        o: &DrainOptions,
+        placement: &[Result<usize, NoRoom>],
+        cached: &[bool],
+        compressed: &[bool],
+    ) {
+        self.order = self.order(o, placement, compressed);
+        self.vms = crate::run::with_cache_hits(o, self.s, &self.order, placement);
+        self.raw_vms = self.vms.clone();
+        if let Some(r) = self.raw_dirty {
+            self.raw_vms.iter_mut().for_each(|v| v.dirty_ratio = r);
         }
-        p.placed = p
+        self.placed = self
             .order
             .iter()
             .filter_map(|i| Some((*i, *placement[*i].as_ref().ok()?)))
             .collect();
-        p.seeder = crate::run::seeders(cached, &p.placed);
-        p
+        self.seeder = crate::run::seeders(cached, &self.placed);
+    }
+
+    /// The same drain with the placed migrations `raw` says go raw ordered as they go (the
+    /// longest first is longest as sent): the order was chosen before the codecs were, as
+    /// if every VM compressed. `raw` as it maps to the new order.
+    pub fn ordered_as_sent(
+        &self,
+        o: &DrainOptions,
+        placement: &[Result<usize, NoRoom>],
+        cached: &[bool],
+        raw: &[bool],
+    ) -> (Self, Vec<bool>) {
+        let by_vm = self.by_vm(raw);
+        let compressed: Vec<bool> = by_vm.iter().map(|r| self.compressed && !r).collect();
+        let mut p = self.clone();
+        p.in_order(o, placement, cached, &compressed);
+        let raw = p.placed.iter().map(|(i, _)| by_vm[*i]).collect();
+        (p, raw)
     }
 
     /// The same drain priced `level` migrations at once: its costs, and raw's, at that
@@ -120,18 +155,24 @@ impl<'a> Pricing<'a> {
     }
 
     /// The placed VMs in the order `o` asks for, hot VMs (those that dirty faster than their
-    /// share of the link carries) last.
-    fn order(&self, o: &DrainOptions, placement: &[Result<usize, NoRoom>]) -> Vec<usize> {
+    /// share of the link carries) last; each priced as `compressed` (per VM) says.
+    fn order(
+        &self,
+        o: &DrainOptions,
+        placement: &[Result<usize, NoRoom>],
+        compressed: &[bool],
+    ) -> Vec<usize> {
         let placed: Vec<usize> = (0..self.s.vms.len())
             .filter(|i| placement[*i].is_ok())
             .collect();
         let placed_vms: Vec<_> = placed.iter().map(|i| self.s.vms[*i].clone()).collect();
+        let codecs: Vec<bool> = placed.iter().map(|i| compressed[*i]).collect();
         let first_share = if self.dest_facts.is_empty() {
             f64::INFINITY
         } else {
             self.share(0, false)
         };
-        plan::order(&placed_vms, o.order, first_share, self.compressed)
+        plan::order(&placed_vms, o.order, first_share, &codecs)
             .into_iter()
             .map(|k| placed[k])
             .collect()

@@ -146,6 +146,11 @@ impl Planned {
             window,
         );
         let raw = p.choose_raw(window);
+        let (p, raw) = if raw.contains(&true) {
+            p.ordered_as_sent(o, &placement, &cached, &raw)
+        } else {
+            (p, raw)
+        };
         let (sim, level_etas, raw) = match o.concurrency {
             Concurrency::Auto => auto_priced(&p, raw, window, accepted_at_once(s)),
             Concurrency::Fixed(_) => (p.simulate(window, &raw), Vec::new(), raw),

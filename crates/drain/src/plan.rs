@@ -363,7 +363,7 @@ pub struct PlanCpu {
     /// How much longer than their threads' share of the cores gives them compressing
     /// migrations take where the cores hold them back, at this drain's concurrency
     /// (`span_ratio_at` of the source's costs; 1 before): a codec's pipeline waits on
-    /// itself, so [`Self::threads_of`] weighs their threads over it.
+    /// itself, so the model spends their share at this many times their cost ([`Self::paced`]).
     pub span_ratio: f64,
     /// The same for each concurrency drains ran at ([`Self::at_level`]).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -433,20 +433,25 @@ impl PlanCpu {
 
     /// The busy threads of a migration whose workers compress `compressed_share` of its
     /// pages: on the source its page streams' (the destination's) and as many workers as that
-    /// share keeps busy, at most all of them; the drain's mean before that was learnt. Each
-    /// weighs [`Self::span_ratio`] less: what a codec's pipeline takes of its share.
+    /// share keeps busy, at most all of them; the drain's mean before that was learnt.
     pub fn threads_of(&self, compressed_share: f64) -> [f64; 2] {
-        let threads = match self.workers_per_share {
+        match self.workers_per_share {
             Some((per_share, workers)) if compressed_share.is_finite() => {
                 let busy = (per_share * compressed_share.clamp(0.0, 1.0)).min(workers);
                 [self.threads[1] + busy, self.threads[1]]
             }
             _ => self.threads,
-        };
+        }
+    }
+
+    /// What a byte costs a migration (`cost`, core-seconds per byte on each side) as the
+    /// model spends its share of the cores: a compressing one's [`Self::span_ratio`] times
+    /// it, what a codec's pipeline waiting on itself leaves of that share.
+    pub fn paced(&self, cost: [f64; 2], compressing: bool) -> [f64; 2] {
         let slower = Some(self.span_ratio)
-            .filter(|r| r.is_finite() && *r > 0.0)
+            .filter(|r| compressing && r.is_finite() && *r > 0.0)
             .unwrap_or(1.0);
-        threads.map(|t| t / slower)
+        cost.map(|c| c * slower)
     }
 
     /// With how much longer compressing migrations take than their share of the cores
@@ -1377,26 +1382,31 @@ mod tests {
     }
 
     #[test]
-    fn a_compressing_migration_weighs_its_threads_over_its_levels_span_ratio() {
+    fn a_compressing_migration_spends_its_share_at_its_levels_span_ratio() {
         let ratios = BTreeMap::from([(1, 1.25), (4, 1.0)]);
         let plan = PlanCpu::new(CpuModel::default(), Vec::new(), [4.0, 2.0], [3.0, 1.0])
-            .with_workers(Some(2.0), 2.0)
             .with_span_ratios(ratios, 1);
         assert_eq!(plan.span_ratio, 1.25);
-        // Half its pages compressed keep one worker busy: 2 threads and 1, over 1.25.
-        assert_eq!(plan.threads_of(0.5), [1.6, 0.8]);
+        assert_eq!(plan.paced([4.0, 2.0], true), [5.0, 2.5]);
+        assert_eq!(
+            plan.paced([4.0, 2.0], false),
+            [4.0, 2.0],
+            "raw: as it costs"
+        );
+        // Its threads as they are: the ratio is in what their share moves.
+        assert_eq!(plan.threads_of(0.5), [3.0, 1.0]);
         // At 4 at once the drains showed none; at 2, on the line between 1 and 4.
-        assert_eq!(plan.clone().at_level(4).threads_of(0.5), [2.0, 1.0]);
+        assert_eq!(plan.clone().at_level(4).paced([4.0, 2.0], true), [4.0, 2.0]);
         let at2 = plan.clone().at_level(2).span_ratio;
         assert!((at2 - (1.25 - 0.25 / 3.0)).abs() < 1e-9, "{at2}");
-        // Before any drain showed it, and where nonsense was learnt, the threads as they are.
+        // Before any drain showed it, and where nonsense was learnt, the cost as it is.
         let none = plan.clone().with_span_ratios(BTreeMap::new(), 1);
-        assert_eq!(none.threads_of(0.5), [2.0, 1.0]);
+        assert_eq!(none.paced([4.0, 2.0], true), [4.0, 2.0]);
         let nan = PlanCpu {
             span_ratio: f64::NAN,
             ..none
         };
-        assert_eq!(nan.threads_of(0.5), [2.0, 1.0]);
+        assert_eq!(nan.paced([4.0, 2.0], true), [4.0, 2.0]);
     }
 
     #[test]

@@ -666,7 +666,6 @@ impl Meter {
                 .with_verify(cost.verify_s_per_gb)
                 .at_ratio(cost.cost_ratio_at(Some(level)))
                 .with_level_ratios(cost.cost_ratio_at.clone())
-                .with_span_ratios(cost.span_ratio_at.clone(), level)
                 .learnt_as((!own).then(|| other_caching(transport))),
         )
     }
@@ -772,7 +771,6 @@ impl Meter {
         lesson.setup_s = shown.setup_s;
         lesson.verify_s_per_gb = shown.verify_s_per_gb;
         lesson.migrations = shown.migrations;
-        lesson.span_ratio = shown.span_ratio;
         for c in &self.clients {
             if let Err(e) = c.learn_cpu(&lesson) {
                 tracing::warn!(
@@ -859,34 +857,6 @@ pub fn workers_per_share(cpu: &[CodecCpu], streams: usize, workers: usize) -> Op
     }))
 }
 
-/// A migration whose workers compressed this share of its pages counts as compressing, for
-/// [`span_ratio`]: the rest went as references, zeros or deltas, which no codec waits on.
-pub const COMPRESSING_SHARE: f64 = 0.3;
-
-/// How much longer than the plan gave them compressing migrations bound by the cores took:
-/// the median of their `(taken, simulated)` spans' ratios, times the ratio the plan `used`
-/// (what it learnt before, which it already shared the cores by). None when none did, or
-/// the plan's ratio is no positive number.
-pub fn span_ratio(spans: &[(f64, f64)], used: f64) -> Option<f64> {
-    let mut ratios: Vec<f64> = spans
-        .iter()
-        .filter(|(taken, sim)| *taken > 0.0 && *sim > 0.0)
-        .map(|(taken, sim)| taken / sim)
-        .filter(|r| r.is_finite())
-        .collect();
-    if ratios.is_empty() || !(used.is_finite() && used > 0.0) {
-        return None;
-    }
-    ratios.sort_by(f64::total_cmp);
-    let mid = ratios.len() / 2;
-    let median = if ratios.len().is_multiple_of(2) {
-        (ratios[mid - 1] + ratios[mid]) / 2.0
-    } else {
-        ratios[mid]
-    };
-    Some(median * used)
-}
-
 /// The mean of `(value, weight)`s; None when their weights add to nothing.
 fn weighted_mean(of: impl Iterator<Item = (f64, f64)>) -> Option<f64> {
     let (sum, weight) = of
@@ -914,9 +884,6 @@ pub struct Shown {
     pub verify_s_per_gb: Option<f64>,
     /// Each one's own CPU, bytes on the wire and RAM landed.
     pub migrations: Vec<host::cpu::MigrationCpu>,
-    /// How much longer than the model's share of the cores gave them the compressing ones
-    /// bound by the cores took, times the ratio the plan used ([`span_ratio`]).
-    pub span_ratio: Option<f64>,
     /// Per side, the share of the drain's VMM threads' CPU that is theirs: 1 unless some of
     /// the drain's migrations are not taught (those a compressed drain started raw), then
     /// what the taught ones took of all the migrations' own CPU.
@@ -1386,26 +1353,6 @@ mod tests {
             until_step(&mut t, 3.0, 9.0, &over(1200.0)),
             Some((3.0, CodecStep::HoldRaw, CPU_BOUND))
         );
-    }
-
-    #[test]
-    fn compressing_migrations_show_the_median_of_how_much_longer_they_took() {
-        // Taken against simulated: 1.2, 1.5, 1.3 — the plan had shared the cores at 1.1.
-        let spans = [(6.0, 5.0), (3.0, 2.0), (6.5, 5.0)];
-        let r = span_ratio(&spans, 1.1).unwrap();
-        assert!((r - 1.3 * 1.1).abs() < 1e-9, "{r}");
-        // An even count: between the middle two; nonsense spans are left out.
-        let even = [
-            (1.0, 1.0),
-            (2.0, 1.0),
-            (f64::NAN, 1.0),
-            (1.0, 0.0),
-            (-1.0, 1.0),
-        ];
-        assert_eq!(span_ratio(&even, 1.0), Some(1.5));
-        assert_eq!(span_ratio(&[], 1.0), None, "none compressed");
-        assert_eq!(span_ratio(&spans, f64::NAN), None);
-        assert_eq!(span_ratio(&spans, 0.0), None);
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
             let job = SimJob {
                 dest: 0,
                 bytes: 0.0,
-                cpu: cpu.map_or([0.0; 2], |c| c.paced(c.cost_per_byte(), compressed)),
+                cpu: cpu.map_or([0.0; 2], |c| c.cost_per_byte()),
                 threads,
                 seeds: if s.cache && i == 0 {
                     v.first_pass_bytes(compressed) * s.framing
@@ -115,9 +115,7 @@ fn jobs(s: &Scenario) -> Vec<SimJob> {
             let packed = v.compressed_bytes(rate, compressed);
             SimJob {
                 bytes: wire,
-                cpu: cpu.map_or([0.0; 2], |c| {
-                    c.paced(c.cost_per_byte_of(wire, landed, packed), compressed)
-                }),
+                cpu: cpu.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed, packed)),
                 ..job
             }
         })

@@ -360,14 +360,6 @@ pub struct PlanCpu {
     /// level ([`Self::at_level`]): where an `auto` drain settled.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub cost_ratio_at: BTreeMap<u16, f64>,
-    /// How much longer than their threads' share of the cores gives them compressing
-    /// migrations take where the cores hold them back, at this drain's concurrency
-    /// (`span_ratio_at` of the source's costs; 1 before): a codec's pipeline waits on
-    /// itself, so the model spends their share at this many times their cost ([`Self::paced`]).
-    pub span_ratio: f64,
-    /// The same for each concurrency drains ran at ([`Self::at_level`]).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub span_ratio_at: BTreeMap<u16, f64>,
     /// A compressed migration's busy workers per share of its pages they compress, and its
     /// workers: each migration's busy threads on the source, where [`Self::threads`] has
     /// the drain's mean. None where the drain does not compress or the source has not
@@ -405,8 +397,6 @@ impl PlanCpu {
             verify_s_per_gb: None,
             cost_ratio: 1.0,
             cost_ratio_at: BTreeMap::new(),
-            span_ratio: 1.0,
-            span_ratio_at: BTreeMap::new(),
             workers_per_share: None,
             learnt_as: None,
         }
@@ -444,26 +434,6 @@ impl PlanCpu {
         }
     }
 
-    /// What a byte costs a migration (`cost`, core-seconds per byte on each side) as the
-    /// model spends its share of the cores: a compressing one's [`Self::span_ratio`] times
-    /// it, what a codec's pipeline waiting on itself leaves of that share.
-    pub fn paced(&self, cost: [f64; 2], compressing: bool) -> [f64; 2] {
-        let slower = Some(self.span_ratio)
-            .filter(|r| compressing && r.is_finite() && *r > 0.0)
-            .unwrap_or(1.0);
-        cost.map(|c| c * slower)
-    }
-
-    /// With how much longer compressing migrations take than their share of the cores
-    /// gives them, per level (`span_ratio_at` of the source's costs), at `level`.
-    pub fn with_span_ratios(self, span_ratio_at: BTreeMap<u16, f64>, level: usize) -> Self {
-        PlanCpu {
-            span_ratio: host::cpu::level_ratio(&span_ratio_at, level),
-            span_ratio_at,
-            ..self
-        }
-    }
-
     /// With the ratios learnt for each level (`cost_ratio_at` of the source's costs).
     pub fn with_level_ratios(self, cost_ratio_at: BTreeMap<u16, f64>) -> Self {
         PlanCpu {
@@ -473,17 +443,13 @@ impl PlanCpu {
     }
 
     /// Priced for `concurrency` migrations at once rather than the plan's level: the costs
-    /// at that level's ratio as drains showed it ([`host::cpu::level_ratio`]), and its
-    /// compressing migrations' span ratio.
+    /// at that level's ratio as drains showed it ([`host::cpu::level_ratio`]).
     pub fn at_level(self, concurrency: usize) -> Self {
         let ratio = host::cpu::level_ratio(&self.cost_ratio_at, concurrency);
         let current = Some(self.cost_ratio)
             .filter(|r| r.is_finite() && *r > 0.0)
             .unwrap_or(1.0);
-        PlanCpu {
-            span_ratio: host::cpu::level_ratio(&self.span_ratio_at, concurrency),
-            ..self.repriced(ratio / current, ratio)
-        }
+        self.repriced(ratio / current, ratio)
     }
 
     /// With the costs at `ratio` times those learnt (what migrations cost at this drain's
@@ -1379,34 +1345,6 @@ mod tests {
             mean.with_workers(Some(-1.0), 2.0).threads_of(0.2),
             [2.7, 1.0]
         );
-    }
-
-    #[test]
-    fn a_compressing_migration_spends_its_share_at_its_levels_span_ratio() {
-        let ratios = BTreeMap::from([(1, 1.25), (4, 1.0)]);
-        let plan = PlanCpu::new(CpuModel::default(), Vec::new(), [4.0, 2.0], [3.0, 1.0])
-            .with_span_ratios(ratios, 1);
-        assert_eq!(plan.span_ratio, 1.25);
-        assert_eq!(plan.paced([4.0, 2.0], true), [5.0, 2.5]);
-        assert_eq!(
-            plan.paced([4.0, 2.0], false),
-            [4.0, 2.0],
-            "raw: as it costs"
-        );
-        // Its threads as they are: the ratio is in what their share moves.
-        assert_eq!(plan.threads_of(0.5), [3.0, 1.0]);
-        // At 4 at once the drains showed none; at 2, on the line between 1 and 4.
-        assert_eq!(plan.clone().at_level(4).paced([4.0, 2.0], true), [4.0, 2.0]);
-        let at2 = plan.clone().at_level(2).span_ratio;
-        assert!((at2 - (1.25 - 0.25 / 3.0)).abs() < 1e-9, "{at2}");
-        // Before any drain showed it, and where nonsense was learnt, the cost as it is.
-        let none = plan.clone().with_span_ratios(BTreeMap::new(), 1);
-        assert_eq!(none.paced([4.0, 2.0], true), [4.0, 2.0]);
-        let nan = PlanCpu {
-            span_ratio: f64::NAN,
-            ..none
-        };
-        assert_eq!(nan.paced([4.0, 2.0], true), [4.0, 2.0]);
     }
 
     #[test]

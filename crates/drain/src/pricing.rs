@@ -77,7 +77,7 @@ impl<'a> Pricing<'a> {
             dest_facts: crate::run::budgeted_facts(o, s, window),
             cpu,
             raw,
-            raw_dirty,
+            raw_dirty: None,
             compressed,
             yields: o.request.vcpu_yield != Some(false),
             overhead,
@@ -88,6 +88,7 @@ impl<'a> Pricing<'a> {
             per_dest: (window as f64 / s.dests.len() as f64).max(1.0),
         };
         p.links = p.sim_links();
+        p.raw_dirty = raw_dirty;
         let compressed = vec![p.compressed; s.vms.len()];
         p.in_order(o, placement, cached, &compressed);
         p
@@ -212,9 +213,7 @@ impl<'a> Pricing<'a> {
         let job = SimJob {
             dest: d,
             bytes: 0.0,
-            cpu: c.map_or([0.0; 2], |c| {
-                c.paced(c.cost_per_byte(), self.compresses(raw))
-            }),
+            cpu: c.map_or([0.0; 2], PlanCpu::cost_per_byte),
             threads: c.map_or([1.0; 2], |c| c.threads),
             seeds: 0.0,
             overhead: self.overhead,
@@ -314,10 +313,7 @@ impl<'a> Pricing<'a> {
         SimJob {
             bytes: wire,
             seeds,
-            cpu: c.map_or([0.0; 2], |c| {
-                let cost = c.cost_per_byte_of(wire, landed, compressed);
-                c.paced(cost, self.compresses(raw))
-            }),
+            cpu: c.map_or([0.0; 2], |c| c.cost_per_byte_of(wire, landed, compressed)),
             verify_s: c.map_or(0.0, |c| c.verify_of(v.touched_bytes())),
             threads: match c {
                 Some(c) if self.compresses(raw) => c.threads_of(v.compressed_share(rate)),

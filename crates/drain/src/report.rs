@@ -508,17 +508,6 @@ impl DrainReport {
                 r * 100.0
             );
         }
-        if let Some(r) = self
-            .plan
-            .cpu
-            .as_ref()
-            .map(|c| c.span_ratio)
-            .filter(|r| *r != 1.0)
-        {
-            s += &format!(
-                "compressing migrations the cores hold back take {r:.2} times what their threads' share of the cores gives them at the plan's concurrency: the model spends their share at that many times their cost (learnt from earlier drains at it or the levels around it)\n"
-            );
-        }
         s
     }
 

@@ -386,14 +386,10 @@ struct CpuWatch {
     last: Instant,
     /// The host-wide codec policy, in a compressed drain: what it did, and its tuner.
     codec: Option<(crate::cpu::CodecReport, crate::cpu::CodecTuner)>,
-    /// The span ratio the plan shared the cores to compressing migrations by
-    /// ([`plan::PlanCpu::span_ratio`]).
-    span_ratio: f64,
 }
 
 impl CpuWatch {
-    fn new(o: &DrainOptions, s: &Survey, meter: crate::cpu::Meter, planned: &Planned) -> Self {
-        let key = planned.cost_key.clone();
+    fn new(o: &DrainOptions, s: &Survey, meter: crate::cpu::Meter, key: String) -> Self {
         let governor = o.budget.reserve_cpu.map(|reserve| {
             let src = meter.source();
             let transport = &key;
@@ -417,7 +413,6 @@ impl CpuWatch {
             meter,
             key,
             governor,
-            span_ratio: planned.cpu.as_ref().map_or(1.0, |c| c.span_ratio),
             last: Instant::now(),
             codec: compressed.then(|| {
                 (
@@ -490,11 +485,6 @@ impl CpuWatch {
             verify_s_per_gb: verify_s_per_gb(vms),
             vmm_share: crate::cpu::vmm_share(&taught, &all),
             migrations: taught,
-            span_ratio: o
-                .concurrency
-                .fixed()
-                .filter(|_| compresses(&o.request))
-                .and_then(|_| crate::cpu::span_ratio(&compressing_spans(vms), self.span_ratio)),
         };
         self.meter
             .teach(&self.key, wire.saturating_sub(raw_wire), shown);
@@ -637,26 +627,6 @@ fn setup_s(r: &Report) -> f64 {
         .saturating_add(p.sync_ms)
         .saturating_add(r.disk_ms);
     r.total_ms.saturating_sub(moving) as f64 / 1e3
-}
-
-/// The moved VMs whose workers compressed most of their pages where the plan had the
-/// cores hold them back: each one's span, taken and simulated, s.
-fn compressing_spans(vms: &[VmOutcome]) -> Vec<(f64, f64)> {
-    vms.iter()
-        .filter(|v| v.status == Status::Moved && !v.postcopy && !v.started_raw)
-        .filter(|v| v.bound == Some(plan::Bound::Cpu))
-        .filter(|v| {
-            v.report.as_ref().is_some_and(|r| {
-                r.compression.is_some()
-                    && r.pages.compressed_share() >= crate::cpu::COMPRESSING_SHARE
-            })
-        })
-        .filter_map(|v| {
-            let [from, to] = v.predicted_span_s?;
-            let taken = v.end_ms?.checked_sub(v.start_ms?)?;
-            Some((taken as f64 / 1e3, to - from))
-        })
-        .collect()
 }
 
 /// Each compressed migration's CPU: its workers', its sending threads' (the source's other
@@ -933,7 +903,7 @@ impl<'a> Run<'a> {
             ended: std::sync::mpsc::channel(),
             caches: crate::cache::open(o, s, planned),
             seeded: vec![false; s.dests.len()],
-            cpu: cpu.map(|m| CpuWatch::new(o, s, m, planned)),
+            cpu: cpu.map(|m| CpuWatch::new(o, s, m, planned.cost_key.clone())),
         }
     }
 
@@ -1681,55 +1651,6 @@ mod tests {
             ..sim
         };
         assert_eq!(per_vm(&[(0, 0)], Some(&linked), 1).cores, [None]);
-    }
-
-    #[test]
-    fn a_drain_learns_its_span_ratio_from_the_vms_that_compressed_where_the_cores_held_them() {
-        let vm = |bound, compressed: u64, raw: bool, taken_ms: u64| {
-            let mut report = Report {
-                compression: Some(Default::default()),
-                ..Default::default()
-            };
-            report.pages.compressed = compressed;
-            report.pages.dedup_host = 100 - compressed;
-            VmOutcome {
-                name: "vm".into(),
-                memory: 1 << 30,
-                destination: Some("b".into()),
-                disks_copied: None,
-                status: Status::Moved,
-                guest_verified: true,
-                attempts: 1,
-                start_ms: Some(1_000),
-                end_ms: Some(1_000 + taken_ms),
-                verify_ms: None,
-                predicted_s: None,
-                predicted_wire_bytes: None,
-                predicted_span_s: Some([0.5, 2.5]),
-                cache_hits_expected: None,
-                bound: Some(bound),
-                predicted_cores: None,
-                postcopy: false,
-                started_raw: raw,
-                sample: None,
-                error: None,
-                earlier_errors: Vec::new(),
-                busy_retries: 0,
-                report: Some(report),
-            }
-        };
-        let vms = [
-            vm(plan::Bound::Cpu, 90, false, 2_600),
-            vm(plan::Bound::Cpu, 10, false, 9_000),
-            vm(plan::Bound::Link, 90, false, 9_000),
-            vm(plan::Bound::Cpu, 90, true, 9_000),
-        ];
-        // Only the first: it compressed most of its pages, the cores held it, it went as
-        // planned; 2.6 s where the plan gave it 2.
-        assert_eq!(compressing_spans(&vms), [(2.6, 2.0)]);
-        let mut plain = vms[0].clone();
-        plain.report.as_mut().unwrap().compression = None;
-        assert!(compressing_spans(&[plain]).is_empty(), "not compressed");
     }
 
     #[test]

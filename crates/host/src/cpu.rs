@@ -107,13 +107,6 @@ pub struct CpuCost {
     /// cores' caches and each other's locks, so one at a time costs less per byte.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub cost_ratio_at: BTreeMap<u16, f64>,
-    /// For each `--concurrency N` drains ran at, how much longer than the model's share of
-    /// the cores gave them the migrations took that compressed where the cores held them
-    /// back: a codec's pipeline (sender, workers, receiver) waits on itself, so its threads
-    /// take less than their weight of the cores. The model shares them the cores at their
-    /// weight over it; 1 (not learnt) before.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub span_ratio_at: BTreeMap<u16, f64>,
 }
 
 /// Least squares over the migrations drains showed (older drains weighted down): a
@@ -380,13 +373,6 @@ impl CpuCost {
         concurrency.map_or(1.0, |n| level_ratio(&self.cost_ratio_at, n))
     }
 
-    /// How much longer than the model's share of the cores gives them compressing migrations
-    /// bound by the cores take `concurrency` at once (when fixed), as drains showed it
-    /// ([`level_ratio`]); 1 when it is not fixed.
-    pub fn span_ratio_at(&self, concurrency: Option<usize>) -> f64 {
-        concurrency.map_or(1.0, |n| level_ratio(&self.span_ratio_at, n))
-    }
-
     /// The share of their dirty rate guests keep while they move `concurrency` at once (when
     /// fixed): as drains at that level showed, or drains at any.
     pub fn dirty_ratio_at(&self, concurrency: Option<usize>) -> Option<f64> {
@@ -448,10 +434,6 @@ pub struct Learn {
     /// Its migrations' own CPU, for [`CpuCost::fit`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub migrations: Vec<MigrationCpu>,
-    /// The drain's [`CpuCost::span_ratio_at`] its level, when its compressing migrations
-    /// showed it: what they took over what the plan gave them, times the ratio it used.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub span_ratio: Option<f64>,
 }
 
 /// Longest transport name learnt from.
@@ -557,14 +539,6 @@ impl CpuCosts {
                 if let Some(r) = learnt(known, l.dirty_rate_ratio, 1.0) {
                     c.dirty_rate_ratio_at.insert(n, r);
                 }
-            }
-        }
-        if let (Some(n), Some(r)) = (l.concurrency, l.span_ratio.filter(|r| r.is_finite())) {
-            let r = r.clamp(MIN_RATIO, MAX_RATIO);
-            let known = c.span_ratio_at.get(&n).copied();
-            if known.is_some() || c.span_ratio_at.len() < MAX_LEVELS {
-                let k = known.map_or(r, |k| k + LEARN_WEIGHT * (r - k));
-                c.span_ratio_at.insert(n, k);
             }
         }
         c.busy_workers = learnt(c.busy_workers, l.busy_workers, MAX_WORKERS);
@@ -1085,52 +1059,6 @@ mod tests {
         assert!((t.source_s_per_gb - base).abs() < 1e-9, "{t:?}");
     }
 
-    /// Compressing migrations that took longer than the plan gave them teach their level how
-    /// much; a level nothing showed it at is priced as its neighbours.
-    #[test]
-    fn compressing_migrations_teach_their_level_how_much_longer_they_take() {
-        let mut c = CpuCosts::default();
-        let drain = |concurrency: Option<u16>, span_ratio: Option<f64>| Learn {
-            transport: "compressed".into(),
-            source_s: 4.0,
-            destination_s: 1.0,
-            bytes_on_wire: 1_000_000_000,
-            concurrency,
-            span_ratio,
-            ..Learn::default()
-        };
-        c.learn(&drain(Some(1), Some(1.3)));
-        c.learn(&drain(Some(4), Some(1.0)));
-        let t = &c.0["compressed"];
-        assert_eq!(
-            t.span_ratio_at(Some(1)),
-            1.3,
-            "the first drain at a level sets it"
-        );
-        assert!(
-            (t.span_ratio_at(Some(2)) - 1.2).abs() < 1e-9,
-            "between 1 and 4"
-        );
-        assert_eq!(
-            t.span_ratio_at(None),
-            1.0,
-            "auto is priced at the level it runs at"
-        );
-        // Then each moves it 0.3 of the way, believed between 0.5 and 2; an auto drain, one
-        // that showed none and a NaN teach nothing.
-        c.learn(&drain(Some(1), Some(1.0)));
-        c.learn(&drain(None, Some(2.0)));
-        c.learn(&drain(Some(1), None));
-        c.learn(&drain(Some(1), Some(f64::NAN)));
-        c.learn(&drain(Some(4), Some(9.0)));
-        let t = &c.0["compressed"];
-        assert!((t.span_ratio_at(Some(1)) - 1.21).abs() < 1e-9, "{t:?}");
-        assert!((t.span_ratio_at(Some(4)) - 1.3).abs() < 1e-9, "{t:?}");
-        let before = CpuCosts::default().0.get("compressed").cloned();
-        assert_eq!(before.map(|t| t.span_ratio_at(Some(1))), None);
-        assert_eq!(CpuCost::default().span_ratio_at(Some(1)), 1.0, "not learnt");
-    }
-
     #[test]
     fn a_migrations_cpu_splits_between_its_wire_bytes_and_the_ram_it_lands() {
         // Source: 1 core-s per GB on the wire and 2 per GB landed; destination: 3 per GB
@@ -1273,7 +1201,6 @@ mod tests {
             setup_s: ratio.map(|r| r * 200.0),
             verify_s_per_gb: ratio,
             migrations: Vec::new(),
-            span_ratio: None,
         };
         c.learn(&drain("tcp", 3.0, 1_000_000_000, None));
         c.learn(&drain("tcp", 4.0, 1_000_000_000, Some(0.5)));

@@ -301,7 +301,7 @@ impl VmFacts {
     pub fn compressed_share(&self, rate: f64) -> f64 {
         let landed = self.landed_bytes(rate, true);
         if landed > 0.0 {
-            self.compressed_bytes(rate, true) / landed
+            self.compressed_of(landed) / landed
         } else {
             0.0
         }
@@ -312,10 +312,15 @@ impl VmFacts {
     /// against the zero page), at most what it lands. What the rounds resend is taken to go
     /// as deltas.
     pub fn compressed_bytes(&self, rate: f64, compressed: bool) -> f64 {
-        if !compressed {
-            return 0.0;
+        if compressed {
+            self.compressed_of(self.landed_bytes(rate, true))
+        } else {
+            0.0
         }
-        let landed = self.landed_bytes(rate, true);
+    }
+
+    /// Of `landed` bytes its compressed migration lands, those its workers compress.
+    fn compressed_of(&self, landed: f64) -> f64 {
         let Some(s) = &self.sample else {
             return landed;
         };

@@ -77,7 +77,7 @@ impl<'a> Pricing<'a> {
             dest_facts: crate::run::budgeted_facts(o, s, window),
             cpu,
             raw,
-            raw_dirty: None,
+            raw_dirty,
             compressed,
             yields: o.request.vcpu_yield != Some(false),
             overhead,
@@ -88,7 +88,6 @@ impl<'a> Pricing<'a> {
             per_dest: (window as f64 / s.dests.len() as f64).max(1.0),
         };
         p.links = p.sim_links();
-        p.raw_dirty = raw_dirty;
         let compressed = vec![p.compressed; s.vms.len()];
         p.in_order(o, placement, cached, &compressed);
         p

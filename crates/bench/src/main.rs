@@ -34,7 +34,8 @@ enum Cmd {
     Postcopy(PostcopyArgs),
     /// Drain N VMs between the testbed's hosts once per configuration (tcp at concurrency 2,
     /// the unoptimised row; then tcp, compressed, direct and direct + multichannel at the
-    /// concurrencies asked for), QEMU beside it with --peer qemu; prints the table with the
+    /// concurrencies asked for, a level's transports one after the other, each from freshly
+    /// booted guests), QEMU beside it with --peer qemu; prints the table with the
     /// drain-time model's prediction for each row and the reference's scenarios; writes
     /// bench.json and bench.png.
     Drain(DrainBenchArgs),

@@ -1,6 +1,7 @@
 //! `livemig bench drain`: the host-drain comparison. N VMs start on host A and are drained
 //! A→B, B→A, ... once per configuration (the unoptimised tcp at concurrency 2, then each
-//! transport on its reference links at the concurrencies asked for), measured alike for
+//! transport on its reference links at the concurrencies asked for, one level at a time with
+//! its transports side by side, each from freshly booted guests), measured alike for
 //! livemig (host agents and `livemig drain`) and QEMU (two concurrent migrations over QMP, as
 //! libvirt and KubeVirt drain). Every row carries the drain-time model's prediction and
 //! error; the model also predicts the reference's scenarios.
@@ -165,11 +166,11 @@ const TWO_TEN_G: &[&str] = &["10g-1", "10g-2"];
 /// What drains ran at before anyone tuned them (Hyper-V's and KubeVirt's default of 2).
 pub const UNOPTIMISED: &str = "tcp c2 (unoptimised)";
 
-/// livemig's configurations: the unoptimised row, then each transport on its reference
-/// links at each concurrency and order asked for.
-/// The drains livemig runs: the unoptimised one, then each of `transports` (all when empty)
-/// at each concurrency and order.
-/// With `reserve_cpu` (percent), each of those again for each reserve.
+/// livemig's configurations as the table shows them: the unoptimised row, then each of
+/// `transports` (all when empty) on its reference links at each concurrency and order asked
+/// for; with `reserve_cpu` (percent), each of those again for each reserve. Every row but
+/// the unoptimised one starts from freshly booted guests. [`run_order`] is the order they run
+/// in.
 pub fn livemig_configs(
     concurrency: &[Concurrency],
     orders: &[Order],
@@ -201,7 +202,6 @@ pub fn livemig_configs(
     ];
     let wanted = |name: &str| transports.is_empty() || transports.iter().any(|t| t == name);
     for (name, t, links) in runs.into_iter().filter(|r| wanted(r.0)) {
-        let first = out.len();
         for c in concurrency {
             for o in orders {
                 let c_name = match c {
@@ -222,15 +222,38 @@ pub fn livemig_configs(
                         concurrency: *c,
                         order: *o,
                         reserve_cpu: *r,
-                        fresh_guests: false,
+                        fresh_guests: true,
                     });
                 }
             }
         }
-        // Each transport's first row on guests as young as every other transport's.
-        if let Some(c) = out.get_mut(first) {
-            c.fresh_guests = true;
+    }
+    out
+}
+
+/// The order the bench runs `configs` in (indices into them): the first as it comes, then
+/// one level (concurrency, order and reserve) at a time, its transports side by side, first
+/// to last at one level and last to first at the next. A later row of one bench run is slower
+/// on some hosts whatever it drains (docs/drain.md): rows that are compared with each other
+/// run one after the other, neither always first.
+pub fn run_order(configs: &[Config]) -> Vec<usize> {
+    let level = |i: usize| {
+        let c = &configs[i];
+        (c.concurrency, c.order, c.reserve_cpu.map(f64::to_bits))
+    };
+    let mut levels = Vec::new();
+    for i in 1..configs.len() {
+        if !levels.contains(&level(i)) {
+            levels.push(level(i));
         }
+    }
+    let mut out: Vec<usize> = (0..configs.len().min(1)).collect();
+    for (n, l) in levels.into_iter().enumerate() {
+        let mut side_by_side: Vec<usize> = (1..configs.len()).filter(|&i| level(i) == l).collect();
+        if n % 2 == 1 {
+            side_by_side.reverse();
+        }
+        out.extend(side_by_side);
     }
     out
 }
@@ -414,7 +437,8 @@ pub fn bench_drain(o: &DrainBenchOptions) -> Result<DrainBenchReport, BenchError
     } else {
         Vec::new()
     };
-    let ui = Ui::new(3 + 2 + configs.len() as u64 + qemu.len() as u64);
+    let boots = configs.iter().filter(|c| c.fresh_guests).count();
+    let ui = Ui::new(3 + 2 + (configs.len() + boots + qemu.len()) as u64);
     let mut notes = Vec::new();
     let reporting = crate::hostmem::Reporting::read();
     let result = run_all(o, &tb, &ui, &dir, &configs, &qemu, &mut notes);
@@ -486,10 +510,10 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// Each of `configs` drained once and measured; a drain whose source had not learnt what
-    /// it costs the cores (its plan had none: the first of its kind on the host) taught it,
-    /// and the row is the drain after it, as on a host that has drained before (`notes`
-    /// says so).
+    /// Each of `configs` drained once, in [`run_order`], and measured; their rows join `rows`
+    /// in the order of `configs`. A drain whose source had not learnt what it costs the cores
+    /// (its plan had none: the first of its kind on the host) taught it, and the row is the
+    /// drain after it, as on a host that has drained before (`notes` says so).
     fn drains(
         &self,
         d: &mut impl Drainer,
@@ -497,7 +521,9 @@ impl Bench<'_> {
         rows: &mut Vec<DrainRow>,
         notes: &mut Vec<String>,
     ) {
-        for cfg in configs {
+        let mut measured: Vec<(usize, DrainRow)> = Vec::with_capacity(configs.len());
+        for i in run_order(configs) {
+            let cfg = &configs[i];
             let (mut row, unpriced) = self.drain_once(d, cfg);
             if unpriced {
                 notes.push(format!(
@@ -508,8 +534,10 @@ impl Bench<'_> {
                 self.ui.more(1 + u64::from(cfg.fresh_guests));
                 row = self.drain_once(d, cfg).0;
             }
-            rows.push(row);
+            measured.push((i, row));
         }
+        measured.sort_by_key(|(i, _)| *i);
+        rows.extend(measured.into_iter().map(|(_, row)| row));
     }
 
     /// `cfg` drained once (from fresh guests when it says so), and whether its plan lacked
@@ -815,33 +843,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_transports_first_row_starts_from_fresh_guests() {
+    fn every_optimised_row_starts_from_fresh_guests() {
+        let c = [Concurrency::Fixed(1), Concurrency::Auto];
+        let configs = livemig_configs(&c, &[Order::Name], &[], &[]);
+        assert_eq!(configs.len(), 1 + 4 * 2);
+        assert!(
+            !configs[0].fresh_guests,
+            "the unoptimised row runs first, as booted"
+        );
+        assert!(configs[1..].iter().all(|c| c.fresh_guests));
+    }
+
+    fn names(configs: &[Config], order: &[usize]) -> Vec<String> {
+        order.iter().map(|&i| configs[i].name.clone()).collect()
+    }
+
+    #[test]
+    fn a_levels_transports_run_side_by_side_first_to_last_then_last_to_first() {
         let c = [
             Concurrency::Fixed(1),
             Concurrency::Fixed(4),
             Concurrency::Auto,
         ];
         let configs = livemig_configs(&c, &[Order::Name], &[], &[]);
-        let fresh: Vec<&str> = configs
-            .iter()
-            .filter(|c| c.fresh_guests)
-            .map(|c| c.name.as_str())
-            .collect();
+        let shown: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(&shown[..3], [UNOPTIMISED, "tcp c1", "tcp c4"]);
+        let run = run_order(&configs);
         assert_eq!(
-            fresh,
+            names(&configs, &run),
             [
+                UNOPTIMISED,
                 "tcp c1",
                 "compressed c1",
                 "direct c1",
-                "direct+multichannel c1"
+                "direct+multichannel c1",
+                "direct+multichannel c4",
+                "direct c4",
+                "compressed c4",
+                "tcp c4",
+                "tcp auto",
+                "compressed auto",
+                "direct auto",
+                "direct+multichannel auto",
             ]
         );
-        assert_eq!(configs.len(), 1 + 4 * 3);
         let only = livemig_configs(&c, &[Order::Name], &["compressed".into()], &[]);
-        assert!(
-            !only[0].fresh_guests,
-            "the unoptimised row runs first, as booted"
+        assert_eq!(run_order(&only), [0, 1, 2, 3]);
+        let reserves = livemig_configs(&c[..1], &[Order::Name], &["tcp".into()], &[0.0, 50.0]);
+        assert_eq!(
+            names(&reserves, &run_order(&reserves)),
+            [UNOPTIMISED, "tcp c1", "tcp c1 cpu50"]
         );
-        assert!(only[1].fresh_guests && only[1].name == "compressed c1");
+        assert_eq!(run_order(&qemu_configs()), [0, 1, 2]);
+        assert!(run_order(&[]).is_empty());
     }
 }

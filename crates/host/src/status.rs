@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 pub enum Incoming {
     Listening { port: u16 },
     Receiving { session: u64, name: Option<String> },
-    Confirming,
     Running,
     Failed { error: String },
 }
@@ -27,11 +26,6 @@ impl Incoming {
             error: error.to_string(),
         }
     }
-    /// Whether the source may have been told the VM is here.
-    pub fn confirmed(&self) -> bool {
-        matches!(self, Incoming::Confirming | Incoming::Running)
-    }
-
     /// Whether the VM may have run on this host.
     pub fn may_have_run(&self) -> bool {
         *self == Incoming::Running
@@ -49,8 +43,8 @@ impl StatusFile {
 
     /// Replaces the file with `s`. Only `running` is synced (the file, then its directory):
     /// it is the one milestone an agent reads after a crash to prove the VM never ran here.
-    /// A sync waits for the file system's journal, and with it for the host's other writes
-    /// (90-220 ms seen under a drain); `confirming` is written in the downtime, unsynced.
+    /// A sync waits for the file system's journal, and with it for the host's other writes:
+    /// nothing is written between the pause and the Confirm (docs/drain.md).
     pub fn write(&self, s: &Incoming) -> std::io::Result<()> {
         let tmp = self.0.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp)?;
@@ -70,9 +64,8 @@ impl StatusFile {
         serde_json::from_slice(&std::fs::read(&self.0).ok()?).ok()
     }
 
-    /// The receiver's milestones into this file. A milestone that cannot be recorded stops
-    /// the process before it confirms: an unrecorded confirmation would break the agent's
-    /// proof.
+    /// The receiver's milestones into this file. `running` that cannot be recorded stops the
+    /// process before the vCPUs start: a VM that ran unrecorded would break the agent's proof.
     pub fn events(&self) -> Events {
         let f = self.clone();
         Events(Arc::new(move |e: &ReceiveEvent| {
@@ -81,7 +74,6 @@ impl StatusFile {
                     session: *session,
                     name: name.clone(),
                 },
-                ReceiveEvent::Confirming => Incoming::Confirming,
                 ReceiveEvent::Running => Incoming::Running,
             };
             if let Err(err) = f.write(&s) {
@@ -89,7 +81,7 @@ impl StatusFile {
                     "livemig: recording {s:?} in {} failed: {err}",
                     f.0.display()
                 );
-                if s.confirmed() {
+                if s.may_have_run() {
                     std::process::exit(3);
                 }
             }
@@ -108,7 +100,7 @@ mod tests {
         assert_eq!(f.read(), None);
         f.write(&Incoming::listening(7001)).unwrap();
         assert_eq!(f.read(), Some(Incoming::Listening { port: 7001 }));
-        (f.events().0)(&ReceiveEvent::Confirming);
-        assert!(f.read().unwrap().confirmed());
+        (f.events().0)(&ReceiveEvent::Running);
+        assert!(f.read().unwrap().may_have_run());
     }
 }

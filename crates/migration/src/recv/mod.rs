@@ -28,14 +28,14 @@ pub type Received<F> = <<F as VmFactory>::Prepared as PreparedVm>::Vm;
 /// Largest VM we agree to build for a peer.
 pub const MAX_MEMORY: u64 = 1 << 40;
 
-/// Milestones of an incoming migration, for whoever watches it (a host agent). `Confirming`
-/// is told before the Confirm goes out, `Running` before the vCPUs start: a receiver that is
-/// gone without having recorded `Running` never ran the VM, which is what lets a source whose
-/// switchover's outcome is unknown resume safely.
+/// Milestones of an incoming migration, for whoever watches it (a host agent). `Running` is
+/// told before the vCPUs start: a receiver that is gone without having recorded it never ran
+/// the VM, which is what lets a source whose switchover's outcome is unknown resume safely.
+/// Nothing is told between the pause and the Confirm: a watcher that records a milestone
+/// (a file) would put its file system's waits into the downtime.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReceiveEvent {
     Receiving { session: u64, name: Option<String> },
-    Confirming,
     Running,
 }
 

@@ -220,7 +220,6 @@ impl Incoming {
         since: Instant,
         (received, loaded): (Duration, Duration),
     ) -> Result<(), MigrationError> {
-        self.tell(&ReceiveEvent::Confirming);
         let committed = self.commit(prep)?;
         let times = Confirmed {
             received_us: micros(received),

@@ -237,6 +237,9 @@ pub fn livemig_configs(
 /// on some hosts whatever it drains (docs/drain.md): rows that are compared with each other
 /// run one after the other, neither always first.
 pub fn run_order(configs: &[Config]) -> Vec<usize> {
+    if configs.is_empty() {
+        return Vec::new();
+    }
     let level = |i: usize| {
         let c = &configs[i];
         (c.concurrency, c.order, c.reserve_cpu.map(f64::to_bits))
@@ -247,7 +250,7 @@ pub fn run_order(configs: &[Config]) -> Vec<usize> {
             levels.push(level(i));
         }
     }
-    let mut out: Vec<usize> = (0..configs.len().min(1)).collect();
+    let mut out = vec![0];
     for (n, l) in levels.into_iter().enumerate() {
         let mut side_by_side: Vec<usize> = (1..configs.len()).filter(|&i| level(i) == l).collect();
         if n % 2 == 1 {

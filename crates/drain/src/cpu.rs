@@ -269,6 +269,8 @@ pub struct CodecSample<'a> {
     pub rate: f64,
     /// The most it could move with one more migration raw ([`raw_ceiling`]).
     pub raw_ceiling: f64,
+    /// Guest RAM per second the plan expects of the migrations moving (∞: it does not say).
+    pub planned: f64,
     /// The migrations moving (any stable id each).
     pub moving: &'a [u64],
     /// The least time, seconds, any of them has left at its pace: a change that could not
@@ -322,9 +324,7 @@ impl CodecTuner {
         }
         let (busy, link, rate) = self.span.means()?;
         let (step, why) = codec_step(busy, link);
-        // Sending raw could not pay: the links carry less than compression moves.
-        if step == CodecStep::Keep || step == CodecStep::HoldRaw && at.raw_ceiling < rate * RAW_GAIN
-        {
+        if step == CodecStep::Keep || step == CodecStep::HoldRaw && !raw_may_pay(at, rate) {
             return None;
         }
         self.pending = Some(Pending {
@@ -349,6 +349,14 @@ impl CodecTuner {
     pub fn raw_pays(&self) -> bool {
         self.raw_pays
     }
+}
+
+/// Whether holding one more migration raw may move more than the drain's `rate` does: the
+/// links carry more than compression moves, and the drain has fallen behind its plan. The
+/// plan priced each codec with the cores in view, so cores full and a link not full is
+/// what it chose while the drain moves what it expected.
+fn raw_may_pay(at: &CodecSample, rate: f64) -> bool {
+    at.raw_ceiling >= rate * RAW_GAIN && rate < at.planned * ON_PLAN
 }
 
 /// Why a change is undone: it did not move more, or the migrations it was judged over changed.
@@ -402,6 +410,9 @@ pub const CODEC_KEEP: f64 = 0.97;
 pub const RAW_GAIN: f64 = 1.10;
 /// After undoing a change, the codec policy waits this long before the next.
 pub const CODEC_BACKOFF_S: f64 = 5.0;
+/// A drain moving this share of the guest RAM per second its plan expected, or more, is on
+/// plan (the model's own tolerance): the codec policy holds none of it raw.
+pub const ON_PLAN: f64 = 0.90;
 
 /// The host-wide codec policy (the seed's "Live Migration will switch to TCP/IP if
 /// compression is contending for resources"): `busy` is the busiest pool's share of its
@@ -1146,6 +1157,7 @@ mod tests {
             link,
             rate,
             raw_ceiling: f64::INFINITY,
+            planned: f64::INFINITY,
             moving: &[1, 2],
             least_left: 10.0,
         }
@@ -1352,6 +1364,24 @@ mod tests {
         assert_eq!(
             until_step(&mut t, 3.0, 9.0, &over(1200.0)),
             Some((3.0, CodecStep::HoldRaw, CPU_BOUND))
+        );
+    }
+
+    #[test]
+    fn no_migration_goes_raw_while_the_drain_moves_what_its_plan_expected() {
+        let mut t = CodecTuner::default();
+        // Cores full, link half used, 100 MB/s of guest RAM moving.
+        let planned = |planned| CodecSample {
+            planned,
+            ..sample(0.0, 0.97, 0.5, 100.0)
+        };
+        // The plan expected 105 (or 111: within its tolerance): compressing is its choice.
+        assert_eq!(until_step(&mut t, 0.0, 3.0, &planned(105.0)), None);
+        assert_eq!(until_step(&mut t, 3.0, 6.0, &planned(111.0)), None);
+        // It expected 125: the drain has fallen behind, and raw may pay.
+        assert_eq!(
+            until_step(&mut t, 6.0, 9.0, &planned(125.0)),
+            Some((6.0, CodecStep::HoldRaw, CPU_BOUND))
         );
     }
 

@@ -678,6 +678,19 @@ pub struct Simulated {
     pub spans: Vec<[f64; 2]>,
 }
 
+/// Per job of `sim`, how long it moves bytes (its span less its overhead) and its bytes on
+/// the wire per second then; None where it moves nothing.
+pub fn moving(sim: &Simulated) -> Vec<Option<(f64, f64)>> {
+    sim.spans
+        .iter()
+        .zip(&sim.jobs)
+        .map(|(span, job)| {
+            let secs = span[1] - span[0] - job.overhead;
+            (secs > 0.0 && job.bytes > 0.0).then(|| (secs, job.bytes / secs))
+        })
+        .collect()
+}
+
 /// A simulation's result: the makespan, what bound each job, each job's mean rate while it
 /// moved bytes, and when it started and ended.
 struct SimOutcome {
@@ -1301,6 +1314,14 @@ mod tests {
         // Both at once share it: they start together and end together.
         let both = simulate_refined(&[job, job], bytes, &[100.0], 2, 2, None);
         assert_eq!(both.spans, [[0.0, 2.5], [0.0, 2.5]]);
+        // Each moves for 2 s of its span, at 50 B/s; one that sends nothing, never.
+        assert_eq!(moving(&both), [Some((2.0, 50.0)), Some((2.0, 50.0))]);
+        let nothing = Simulated {
+            jobs: vec![SimJob { bytes: 0.0, ..job }],
+            spans: vec![[0.0, 0.5]],
+            ..both
+        };
+        assert_eq!(moving(&nothing), [None]);
     }
 
     #[test]

@@ -342,6 +342,19 @@ impl<'a> Pricing<'a> {
         ))
     }
 
+    /// Per placed migration of `sim` (with `raw`), the guest RAM per second the plan expects
+    /// it to send while it moves: what it lands at its pace on the wire over those seconds
+    /// (None where the simulation has it move nothing).
+    pub fn ram_rates(&self, sim: &Simulated, raw: &[bool]) -> Vec<Option<f64>> {
+        (self.placed.iter().zip(raw).zip(plan::moving(sim)))
+            .map(|(((i, _), raw), moving)| {
+                let (secs, pace) = moving?;
+                let v = self.facts(*i, *raw);
+                Some(v.landed_bytes(pace, self.compresses(*raw)) / secs)
+            })
+            .collect()
+    }
+
     /// Which placed migrations go raw, `window` at once ([`plan::choose_raw`]): none unless
     /// the drain compresses and the source learnt what raw costs.
     pub fn choose_raw(&self, window: usize) -> Vec<bool> {

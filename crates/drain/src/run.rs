@@ -83,6 +83,8 @@ pub struct Planned {
     pub wire: Vec<Option<f64>>,
     /// Per VM, when the model has its migration start and end, seconds from the first start.
     pub spans: Vec<Option<[f64; 2]>>,
+    /// Per VM, the guest RAM per second the model has its migration send while it moves.
+    pub ram_rates: Vec<Option<f64>>,
     /// Per VM, the share of its pages the model expects its destination's page cache to hold.
     pub cache_hits: Vec<Option<f64>>,
     /// Whether the model says it will move by post-copy (its pre-copy would not converge at
@@ -155,6 +157,12 @@ impl Planned {
             Concurrency::Auto => auto_priced(&p, raw, window, accepted_at_once(s)),
             Concurrency::Fixed(_) => (p.simulate(window, &raw), Vec::new(), raw),
         };
+        let ram_rates = sim.as_ref().map_or(vec![None; s.vms.len()], |sim| {
+            by_vm(&p.placed, p.ram_rates(sim, &raw), s.vms.len())
+                .into_iter()
+                .map(Option::flatten)
+                .collect()
+        });
         let by_vm = per_vm(&p.placed, sim.as_ref(), s.vms.len());
         let raw = p.by_vm(&raw);
         Planned {
@@ -165,6 +173,7 @@ impl Planned {
             placement,
             wire: by_vm.wire,
             spans: by_vm.spans,
+            ram_rates,
             eta_s: sim.as_ref().map(|s| s.makespan),
             wire_bytes: sim.map(|s| s.jobs.iter().map(|x| x.bytes).sum()),
             cpu,
@@ -1423,6 +1432,7 @@ impl<'a> Run<'a> {
             link: wire / links,
             rate: ram,
             raw_ceiling: ceiling,
+            planned: self.planned_ram_rate(),
             moving: &moving,
             least_left: self.least_left(ram),
         };
@@ -1496,6 +1506,16 @@ impl<'a> Run<'a> {
             if raw { "sends raw" } else { "compresses again" },
             busy * 100.0
         ));
+    }
+
+    /// Guest RAM per second the plan expects of the migrations moving now (∞ where it
+    /// expects nothing of one: the codec policy then reads the cores and the links alone).
+    fn planned_ram_rate(&self) -> f64 {
+        self.flights
+            .iter()
+            .filter(|f| !f.switched)
+            .map(|f| self.planned.ram_rates[f.job.vm].unwrap_or(f64::INFINITY))
+            .sum()
     }
 
     /// The least time, seconds, any moving migration has left of its copy (the pages its

@@ -148,6 +148,19 @@ pub struct WindowStep {
     pub ram_per_s: f64,
 }
 
+/// Where a drain's time before its first migration went, milliseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct SurveyTook {
+    /// Asking the agents what they run and can take, and which disks they reach.
+    pub agents_ms: u64,
+    /// Measuring the links (`--probe-ms`, and the streams' setup).
+    pub probe_ms: u64,
+    /// Sampling the VMs (`--sample-ms`, and reading what they hold).
+    pub sample_ms: u64,
+    /// Planning: placement, order, codecs and the model's makespan at each level.
+    pub plan_ms: u64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct DrainReport {
     pub source: String,
@@ -157,6 +170,8 @@ pub struct DrainReport {
     pub makespan_ms: u64,
     /// Of the makespan, the survey before the first migration (agents, probes, samples).
     pub survey_ms: u64,
+    /// What the survey's steps took, and the plan after them.
+    pub survey: SurveyTook,
     /// Until the drain ended: the makespan, then the last guests' verify on the destination.
     pub wall_ms: u64,
     pub downtime_ms_sum: u64,
@@ -214,6 +229,7 @@ impl DrainReport {
             plan,
             makespan_ms,
             survey_ms: 0,
+            survey: SurveyTook::default(),
             wall_ms: makespan_ms,
             downtime_ms_sum: reports().map(|r| r.downtime_ms).sum(),
             downtime_ms_max: reports().map(|r| r.downtime_ms).max().unwrap_or(0),
@@ -243,6 +259,19 @@ impl DrainReport {
         };
         r.summary = r.human();
         r
+    }
+
+    /// Where the time before the first migration went, as a line of the summary.
+    pub fn survey_line(&self) -> String {
+        let (t, s) = (&self.survey, |ms: u64| ms as f64 / 1e3);
+        format!(
+            "\nbefore the first migration: {:.1} s (agents {:.1} s, links {:.1} s, samples {:.1} s, plan {:.1} s)",
+            s(self.survey_ms),
+            s(t.agents_ms),
+            s(t.probe_ms),
+            s(t.sample_ms),
+            s(t.plan_ms)
+        )
     }
 
     /// Whether every VM moved (and verified).
@@ -709,6 +738,20 @@ mod tests {
         };
         let vms = vec![hot, planned("web1", None)];
         let r = DrainReport::new("a".into(), vec!["b".into()], plan, vms, 0, 0, false);
+        let survey = DrainReport {
+            survey_ms: 2_600,
+            survey: SurveyTook {
+                agents_ms: 120,
+                probe_ms: 1_240,
+                sample_ms: 1_150,
+                plan_ms: 40,
+            },
+            ..r.clone()
+        };
+        assert_eq!(
+            survey.survey_line(),
+            "\nbefore the first migration: 2.6 s (agents 0.1 s, links 1.2 s, samples 1.1 s, plan 0.0 s)"
+        );
         let t = r.plan_table();
         let line = |n: &str| t.lines().find(|l| l.contains(n)).unwrap().to_string();
         assert!(line("stress1").contains("b post-copy"), "{t}");

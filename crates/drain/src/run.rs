@@ -113,6 +113,8 @@ pub struct Planned {
     pub codecs_chosen: bool,
     /// What those sent raw were priced at (None when none is).
     pub raw_costs: Option<RawCosts>,
+    /// How long planning took, milliseconds.
+    pub took_ms: u64,
 }
 
 impl Planned {
@@ -127,6 +129,7 @@ impl Planned {
     }
 
     pub fn make(o: &DrainOptions, s: &Survey, meter: Option<&crate::cpu::Meter>) -> Self {
+        let t0 = std::time::Instant::now();
         let placement = place(o, s);
         let cached = cached_dests(o, s, &placement);
         let key = cost_key(&o.request, cached.contains(&true));
@@ -185,6 +188,7 @@ impl Planned {
             codecs_chosen: p.weighs_codecs(),
             cost_key: key,
             overhead_s: overhead,
+            took_ms: t0.elapsed().as_millis() as u64,
         }
     }
 
@@ -962,6 +966,11 @@ impl<'a> Run<'a> {
             self.interrupted,
         );
         r.survey_ms = self.survey_ms;
+        r.survey = crate::report::SurveyTook {
+            plan_ms: self.planned.took_ms,
+            ..self.s.took
+        };
+        r.summary += &r.survey_line();
         r.wall_ms = wall_ms;
         r.window_steps = self.window_steps;
         r.dedup_cache_bytes = self.caches.iter().flatten().map(|c| c.bytes).sum();

@@ -33,9 +33,13 @@ pub struct Survey {
     pub dests: Vec<Dest>,
     /// The hosts' CPU, read from the survey's start (None: an agent did not say).
     pub cpu: Option<crate::cpu::Meter>,
+    /// What each of its steps took.
+    pub took: crate::report::SurveyTook,
 }
 
 pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
+    let mut took = crate::report::SurveyTook::default();
+    let step = std::time::Instant::now();
     let client = HostClient::new(&o.from);
     let src = |source| DrainError::Source {
         path: o.from.clone(),
@@ -58,13 +62,20 @@ pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
         o.to.iter()
             .map(destination)
             .collect::<Result<Vec<_>, _>>()?;
+    took.agents_ms = ms_since(step);
+    let step = std::time::Instant::now();
     if o.probe_ms > 0 {
         probe_links(o, &client, &mut dests);
     }
+    took.probe_ms = ms_since(step);
+    let step = std::time::Instant::now();
     // The guests' share before the drain is read over the sampling, not the probe's load.
     let cpu = meter(&source, &client, &dests);
     let vms = sample_vms(o, &client, running);
+    took.sample_ms = ms_since(step);
+    let step = std::time::Instant::now();
     reach_disks(&vms, &mut dests);
+    took.agents_ms += ms_since(step);
     Ok(Survey {
         source,
         client,
@@ -72,7 +83,12 @@ pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
         skipped,
         dests,
         cpu,
+        took,
     })
+}
+
+fn ms_since(t: std::time::Instant) -> u64 {
+    t.elapsed().as_millis() as u64
 }
 
 /// Starts reading the CPU of the source and of every destination this process reaches.

@@ -2,7 +2,7 @@
 //! carries (a probe from the source's agent), and how each VM behaves (sampled from its
 //! dirty log). Mechanism only; the plan decides.
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use host::{HostClient, VmInfo};
 
@@ -38,8 +38,7 @@ pub struct Survey {
 }
 
 pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
-    let mut took = crate::report::SurveyTook::default();
-    let step = std::time::Instant::now();
+    let (started, mut took) = (Instant::now(), crate::report::SurveyTook::default());
     let client = HostClient::new(&o.from);
     let src = |source| DrainError::Source {
         path: o.from.clone(),
@@ -62,20 +61,18 @@ pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
         o.to.iter()
             .map(destination)
             .collect::<Result<Vec<_>, _>>()?;
-    took.agents_ms = ms_since(step);
-    let step = std::time::Instant::now();
+    took.agents_ms = ms_since(started);
     if o.probe_ms > 0 {
-        probe_links(o, &client, &mut dests);
+        timed(&mut took.probe_ms, || probe_links(o, &client, &mut dests));
     }
-    took.probe_ms = ms_since(step);
-    let step = std::time::Instant::now();
     // The guests' share before the drain is read over the sampling, not the probe's load.
-    let cpu = meter(&source, &client, &dests);
-    let vms = sample_vms(o, &client, running);
-    took.sample_ms = ms_since(step);
-    let step = std::time::Instant::now();
-    reach_disks(&vms, &mut dests);
-    took.agents_ms += ms_since(step);
+    let (cpu, vms) = timed(&mut took.sample_ms, || {
+        (
+            meter(&source, &client, &dests),
+            sample_vms(o, &client, running),
+        )
+    });
+    timed(&mut took.agents_ms, || reach_disks(&vms, &mut dests));
     Ok(Survey {
         source,
         client,
@@ -87,8 +84,16 @@ pub fn survey(o: &DrainOptions) -> Result<Survey, DrainError> {
     })
 }
 
-fn ms_since(t: std::time::Instant) -> u64 {
+fn ms_since(t: Instant) -> u64 {
     t.elapsed().as_millis() as u64
+}
+
+/// `f`'s result, adding the milliseconds it took to `ms`.
+fn timed<T>(ms: &mut u64, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = f();
+    *ms += ms_since(started);
+    out
 }
 
 /// Starts reading the CPU of the source and of every destination this process reaches.
